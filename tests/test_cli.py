@@ -1,0 +1,99 @@
+"""Section 9: the command line as a user meets it: the course's commands and bad input."""
+
+import os
+
+import pytest
+
+from conftest import REPO, run_script
+
+BAD_INPUTS = [
+    (["--input_files", "does_not_exist.txt"], "not found"),
+    (["--input_files", "{empty}"], "empty"),
+    (["--input_files", "{latin1}"], "not valid UTF-8"),
+    (["--input_files", "{binary}"], "binary"),
+    (["--input_files", "{folder}"], "is a directory"),
+    (["--input_dir", "{no_txt_folder}"], "no .txt"),
+    (["--input_dir", "missing_dir"], "not a directory"),
+    (["--block_size", "3", "--kgram_k", "3"], "--block_size (3) must be larger than --kgram_k"),
+    (["--models", "gru"], "unknown model 'gru'"),
+    (["--kgram_variant", "trigram"], "unknown --kgram_variant"),
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--epochs", "-1"], "--epochs must be positive"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    (["--device_id", "tpu"], "--device_id"),
+    (["--tinystories_weight", "1.5"], "--tinystories_weight"),
+    (["--batch_size", "many"], "invalid int value"),
+    (["--run_name", "../escape"], "plain file name"),
+    (["--prompt", "word " * 80, "--block_size", "16"], "longer than --block_size"),
+]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "no_txt_folder").mkdir()
+    (tmp_path / "no_txt_folder" / "a.md").write_text("x")
+    return {name: str(tmp_path / file) for name, file in [
+        ("empty", "empty.txt"), ("latin1", "latin1.txt"), ("binary", "binary.txt"),
+        ("folder", "folder"), ("no_txt_folder", "no_txt_folder")]}
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a)[:40] for a, _ in BAD_INPUTS])
+def test_bad_input_gives_one_line_status_2_and_touches_nothing(run_main, tmp_path, bad_files,
+                                                               argv, message):
+    artefacts = tmp_path / "artefacts"
+    artefacts.mkdir()
+    (artefacts / "earlier_run.json").write_text('{"keep": true}')
+    argv = [a.format(**bad_files) for a in argv]
+    status, out, err = run_main(*argv, artefacts=artefacts)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pico-llm: error:"), err
+    assert message in lines[0]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in artefacts.iterdir()) == ["earlier_run.json"]
+    assert (artefacts / "earlier_run.json").read_text() == '{"keep": true}'
+
+
+def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
+    result = run_script("--input_files", str(tmp_path / "nope.txt"), "--device_id", "cpu",
+                        "--artefacts_dir", str(tmp_path / "a"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"pico-llm: error: input file not found: {tmp_path / 'nope.txt'}"]
+    assert not (tmp_path / "a").exists()
+
+
+def test_help_documents_every_flag_the_readme_uses():
+    help_text = run_script("--help").stdout
+    readme_lines = (REPO / "README.md").read_text().splitlines()
+    import re
+    flags = {flag for line in readme_lines if "pip " not in line and "pytest" not in line
+             for flag in re.findall(r"(--[a-z_]+)\b", line)}
+    assert len(flags) > 30
+    for flag in flags:
+        assert re.search(re.escape(flag) + r"\b", help_text), flag
+
+
+def test_cuda_request_without_cuda_falls_back_to_cpu(pico, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert pico.resolve_device("cuda:0").type == "cpu"
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_course_sanity_command_runs(tmp_path):
+    result = run_script("--tinystories_weight", "0.0", "--input_files", "3seqs.txt",
+                        "--block_size", "32", "--kgram_k", "2", "--embed_size", "64",
+                        "--max_steps_per_epoch", "1", "--device_id", "cpu",
+                        "--artefacts_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert "run log written to" in result.stdout
+    assert len(list(tmp_path.glob("*.json"))) == 1

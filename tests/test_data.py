@@ -1,0 +1,183 @@
+"""Section 3: data sources, token cache, splits, epochs and batches."""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+
+def args_for(pico, *argv):
+    return pico.parse_args(list(argv))
+
+
+def test_input_file_lines_are_examples(pico, tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("first line\n\n   \nsecond line  \n", encoding="utf-8")
+    assert pico.read_text_lines(path) == ["first line", "second line"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    (b"", "empty"),
+    (b"\n  \n", "empty"),
+    (b"caf\xe9\n", "not valid UTF-8"),
+    (b"\x00\x01\x02binary", "binary"),
+])
+def test_bad_input_files_raise_user_errors(pico, tmp_path, content, message):
+    path = tmp_path / "input.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(pico.UserError, match=message):
+        pico.read_text_lines(path)
+
+
+def test_input_dir_is_searched_recursively_for_txt(pico, tmp_path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "sub" / "deeper" / "b.txt").write_text("beta\ngamma\n")
+    (tmp_path / "sub" / "ignored.md").write_text("not text data\n")
+    args = args_for(pico, "--input_dir", str(tmp_path))
+    assert sorted(pico.load_custom_examples(args)) == ["alpha", "beta", "gamma"]
+
+
+def test_input_dir_without_txt_files_is_a_user_error(pico, tmp_path):
+    (tmp_path / "notes.md").write_text("x\n")
+    with pytest.raises(pico.UserError, match="no .txt"):
+        pico.load_custom_examples(args_for(pico, "--input_dir", str(tmp_path)))
+
+
+def test_limit_custom_examples(pico, tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(10)))
+    args = args_for(pico, "--input_files", str(path), "--limit_custom_examples", "3")
+    assert pico.load_custom_examples(args) == ["line 0", "line 1", "line 2"]
+
+
+def test_default_source_is_the_shipped_custom_corpus(pico):
+    examples = pico.load_custom_examples(args_for(pico))
+    assert len(examples) >= 180
+
+
+def test_token_cache_is_reused_without_retokenizing(pico, gpt2, tmp_path):
+    texts = ["one two three", "four five"]
+    first = pico.tokenize_examples(texts, gpt2, tmp_path)
+
+    class NoEncoding:
+        name, vocab_size, eot_id = gpt2.name, gpt2.vocab_size, gpt2.eot_id
+
+        def encode_batch(self, texts):
+            raise AssertionError("the cache should have been used")
+
+    second = pico.tokenize_examples(texts, NoEncoding(), tmp_path)
+    assert isinstance(second.tokens, np.memmap)
+    assert np.array_equal(first.tokens, second.tokens)
+    assert list(second.example(0)) == gpt2.encode("one two three") + [gpt2.eot_id]
+    # another tokenizer or other content gets its own cache entry
+    pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    pico.tokenize_examples(texts + ["six"], gpt2, tmp_path)
+    assert len(list(tmp_path.glob("*.tokens.npy"))) == 3
+
+
+def test_split_is_deterministic_disjoint_and_complete(pico):
+    train, test = pico.split_indices(100, 0.1, seed=7)
+    again_train, again_test = pico.split_indices(100, 0.1, seed=7)
+    assert np.array_equal(train, again_train) and np.array_equal(test, again_test)
+    assert len(test) == 10 and not set(train) & set(test)
+    assert sorted(set(train) | set(test)) == list(range(100))
+    assert not np.array_equal(pico.split_indices(100, 0.1, seed=8)[1], test)
+
+
+def make_data(pico, gpt2, texts, block_size=16, seed=0, test_fraction=0.0):
+    examples = pico.tokenize_examples(texts, gpt2, None)
+    train, test = pico.split_indices(len(examples), test_fraction, seed)
+    source = pico.DataSource("custom", examples, train, test)
+    return pico.TrainingData([source], [1.0], block_size, gpt2.eot_id, seed)
+
+
+def test_an_epoch_visits_every_training_example_once(pico, gpt2):
+    texts = [f"example number {i}" for i in range(23)]
+    data = make_data(pico, gpt2, texts)
+    for _ in range(2):
+        slots = data.epoch_order()
+        assert sorted(index for _, index in slots) == list(range(23))
+    assert data.steps_per_epoch(5, None) == 5 and data.steps_per_epoch(5, 2) == 2
+    seen = [int(b.inputs.shape[1]) for b in data.train_batches(5, None)]
+    assert seen == [5, 5, 5, 5, 3]
+
+
+def test_mixed_sources_follow_the_weight(pico, gpt2):
+    custom = pico.tokenize_examples([f"c {i}" for i in range(500)], gpt2, None)
+    stories = pico.tokenize_examples([f"s {i}" for i in range(500)], gpt2, None)
+    sources = [pico.DataSource("custom", custom, np.arange(500), np.arange(0)),
+               pico.DataSource("tinystories", stories, np.arange(500), np.arange(0))]
+    data = pico.TrainingData(sources, [0.2, 0.8], 8, gpt2.eot_id, 0)
+    from_stories = sum(source == 1 for source, _ in data.epoch_order()) / 1000
+    assert 0.75 < from_stories < 0.85
+
+
+def test_batches_are_seq_len_by_batch_and_mask_padding(pico, gpt2):
+    batch = pico.make_batch([np.array([1, 2, 3, 4, 5]), np.array([7, 8])], block_size=16, pad_id=99)
+    assert batch.inputs.shape == (4, 2) and batch.targets.shape == (4, 2)
+    assert batch.inputs[:, 0].tolist() == [1, 2, 3, 4]
+    assert batch.targets[:, 0].tolist() == [2, 3, 4, 5]
+    assert batch.mask[:, 1].tolist() == [True, False, False, False]
+    assert batch.num_target_tokens == 5
+
+
+def test_examples_are_truncated_to_the_block_size(pico):
+    batch = pico.make_batch([np.arange(100)], block_size=8, pad_id=0)
+    assert batch.inputs.shape == (8, 1) and batch.targets[-1, 0] == 8
+
+
+def test_padding_never_enters_the_loss(pico):
+    torch.manual_seed(0)
+    model = pico.LSTMSeqModel(vocab_size=50, embed_size=8, hidden_size=8)
+    short = np.array([1, 2, 3])
+    padded_a = pico.make_batch([short, np.arange(10)], block_size=16, pad_id=0)
+    padded_b = pico.make_batch([short, np.arange(10)], block_size=16, pad_id=49)
+    alone = pico.make_batch([short], block_size=16, pad_id=0)
+    loss_a = pico.sequence_loss(model, padded_a, reduction="sum")
+    loss_b = pico.sequence_loss(model, padded_b, reduction="sum")
+    assert torch.allclose(loss_a, loss_b)
+    long_alone = pico.make_batch([np.arange(10)], block_size=16, pad_id=0)
+    expected = (pico.sequence_loss(model, alone, reduction="sum")
+                + pico.sequence_loss(model, long_alone, reduction="sum"))
+    assert torch.allclose(loss_a, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".parquet"])
+def test_tinystories_loads_a_local_copy_through_datasets(pico, tmp_path, suffix):
+    stories = ["Tom saw a red ball.", "Sue liked to sing.", "The cat slept."]
+    path = tmp_path / f"stories{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories))
+    elif suffix == ".txt":
+        path.write_text("\n".join(stories) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": stories}), path)
+    assert pico.load_tinystories(2, str(path)) == stories[:2]
+
+
+def test_tinystories_mixes_into_training_data(pico, gpt2, tmp_path):
+    path = tmp_path / "stories.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Story {i}."}) + "\n" for i in range(20)))
+    custom = tmp_path / "custom.txt"
+    custom.write_text("".join(f"custom {i}\n" for i in range(20)))
+    args = args_for(pico, "--input_files", str(custom), "--tinystories_weight", "0.5",
+                    "--tinystories_path", str(path), "--cache_dir", str(tmp_path / "c"))
+    data = pico.load_training_data(args, gpt2)
+    assert [s.name for s in data.sources] == ["custom", "tinystories"]
+    assert data.num_train_examples == 36
+
+
+def test_unreachable_hub_fails_fast_naming_the_local_option(pico, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(pico.UserError, match="--tinystories_path"):
+        pico.load_tinystories(10, None)
+    assert time.perf_counter() - started < 10

@@ -1,0 +1,115 @@
+"""Section 7: sampling rules, KV cache and carried state."""
+
+import collections
+
+import pytest
+import torch
+
+from test_models import VOCAB, all_tiny_models
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_p(pico):
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])
+    logits = probs.log()
+    expectations = {0.3: {0}, 0.5: {0}, 0.6: {0, 1}, 0.79: {0, 1}, 0.85: {0, 1, 2},
+                    0.95: {0, 1, 2, 3}, 1.0: {0, 1, 2, 3, 4}}
+    for p, allowed in expectations.items():
+        kept = pico.nucleus_probabilities(logits, p)[0]
+        assert {i for i in range(5) if kept[i] > 0} == allowed, p
+        assert kept.sum().item() == pytest.approx(1.0)
+        mass = sum(probs[0, i].item() for i in allowed)
+        for i in allowed:
+            assert kept[i].item() == pytest.approx(probs[0, i].item() / mass)
+
+
+def test_nucleus_sampling_frequencies_follow_the_renormalized_nucleus(pico):
+    logits = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().expand(20000, 4)
+    draws = pico.nucleus_sampling(logits, 0.7, torch.Generator().manual_seed(0))
+    counts = collections.Counter(draws.tolist())
+    assert set(counts) == {0, 1}
+    assert counts[0] / 20000 == pytest.approx(0.5 / 0.8, abs=0.015)
+
+
+def test_nucleus_works_on_unsorted_rows_independently(pico):
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    kept = pico.nucleus_probabilities(logits, 0.5)
+    assert kept[0].tolist() == [0.0, 1.0, 0.0] and kept[1].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_top_k_and_temperature_change_the_distribution(pico):
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert torch.isinf(pico.top_k_filter(logits, 2)[0, 2:]).all()
+    generator = torch.Generator().manual_seed(0)
+    rule = pico.SamplingRule(temperature=1.0, top_k=2, top_p=1.0)
+    draws = {int(pico.sample_next_token(logits, rule, generator)) for _ in range(200)}
+    assert draws == {0, 1}
+    hot = pico.SamplingRule(temperature=100.0)
+    cold = pico.SamplingRule(temperature=0.05)
+    hot_draws = {int(pico.sample_next_token(logits, hot, generator)) for _ in range(300)}
+    cold_draws = {int(pico.sample_next_token(logits, cold, generator)) for _ in range(300)}
+    assert hot_draws == {0, 1, 2, 3} and cold_draws == {0}
+    assert int(pico.sample_next_token(logits, pico.SamplingRule(temperature=0))) == 0
+
+
+@pytest.fixture(scope="module")
+def models(pico):
+    torch.manual_seed(0)
+    return all_tiny_models(pico)
+
+
+@pytest.mark.parametrize("new_tokens", [6, 40])  # 40 runs past the block size of 16
+def test_cached_generation_equals_recomputation(pico, models, new_tokens):
+    rule = pico.SamplingRule(temperature=0)
+    for name, model in models.items():
+        prompt = [3, 1, 4, 1, 5]
+        cached = pico.generate_ids(model, prompt, new_tokens, rule, use_cache=True)
+        uncached = pico.generate_ids(model, prompt, new_tokens, rule, use_cache=False)
+        assert cached == uncached, name
+        assert len(cached) == len(prompt) + new_tokens
+
+
+def test_incremental_logits_match_the_full_forward(pico, models):
+    tokens = torch.randint(0, VOCAB, (12, 2))
+    for name, model in models.items():
+        model.eval()
+        full = model(tokens)
+        logits, state = model.forward_incremental(tokens[:7], None)
+        for t in range(7, 12):
+            logits, state = model.forward_incremental(tokens[t: t + 1], state)
+            assert torch.allclose(logits[-1], full[t], atol=1e-4), (name, t)
+
+
+def test_sampling_is_reproducible_with_a_seed(pico, models):
+    model = models["pico"]
+    rule = pico.SamplingRule(top_p=1.0)
+    first = pico.generate_ids(model, [1, 2], 10, rule, seed=5)
+    assert first == pico.generate_ids(model, [1, 2], 10, rule, seed=5)
+    assert first != pico.generate_ids(model, [1, 2], 10, rule, seed=6)
+
+
+def test_generation_stops_at_end_of_text(pico):
+    class AlwaysEnd(torch.nn.Module):
+        def forward_incremental(self, tokens, state):
+            logits = torch.zeros(tokens.shape[0], tokens.shape[1], 5)
+            logits[..., 4] = 10.0
+            return logits, state
+
+    ids = pico.generate_ids(AlwaysEnd(), [1], 10, pico.SamplingRule(temperature=0), eot_id=4)
+    assert ids == [1, 4]
+
+
+def test_generate_text_returns_prompt_plus_continuation(pico, gpt2):
+    torch.manual_seed(0)
+    args = pico.parse_args(["--d_model", "32", "--n_heads", "2", "--n_blocks", "1"])
+    model = pico.build_model("transformer", args, gpt2.vocab_size)
+    result = pico.generate_text(model, gpt2, "Hello", 5, pico.SamplingRule(temperature=0))
+    assert result.text.startswith("Hello") and result.text == "Hello" + result.new_text
+    assert result.num_prompt_tokens == 1
+
+
+def test_sampling_rules_are_the_starters_plus_the_configured_one(pico):
+    labels = [r.label for r in pico.sampling_rules(pico.parse_args([]))]
+    assert labels == ["greedy", "top-p 0.95", "top-p 1"]
+    custom = pico.sampling_rules(pico.parse_args(["--top_p", "0.5", "--top_k", "10",
+                                                  "--temperature", "0.7"]))
+    assert custom[-1] == pico.SamplingRule(0.7, 10, 0.5) and len(custom) == 4

@@ -1,0 +1,226 @@
+"""Sections 4 and 5: building blocks and models, checked against references and exact properties."""
+
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB = 40
+
+
+def tiny_args(pico, *extra):
+    return pico.parse_args(["--block_size", "16", "--embed_size", "16", "--d_model", "32",
+                            "--n_heads", "4", "--n_blocks", "2", *extra])
+
+
+def all_tiny_models(pico):
+    """One tiny model of every kind and preset (reduced width through the override flags)."""
+    models = {}
+    for variant in ("onehot", "embedding", "conv"):
+        models[f"kgram_{variant}"] = pico.build_model(
+            "kgram_mlp_seq", tiny_args(pico, "--kgram_variant", variant), VOCAB)
+    models["lstm"] = pico.build_model("lstm_seq", tiny_args(pico, "--lstm_layers", "2"), VOCAB)
+    for preset in pico.TRANSFORMER_PRESETS:
+        kv = ["--n_kv_heads", "2"] if preset == "Llama3-lite" else []
+        models[preset] = pico.build_model(
+            "transformer", tiny_args(pico, "--transformer_variant", preset, *kv), VOCAB)
+    return models
+
+
+@pytest.fixture(scope="module")
+def models(pico):
+    return all_tiny_models(pico)
+
+
+def test_every_model_maps_seq_batch_tokens_to_seq_batch_vocab_logits(models):
+    tokens = torch.randint(0, VOCAB, (12, 3))
+    for name, model in models.items():
+        assert model(tokens).shape == (12, 3, VOCAB), name
+
+
+def test_every_model_is_causal(models):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (10, 2))
+    changed = tokens.clone()
+    changed[6:] = (changed[6:] + 1) % VOCAB
+    for name, model in models.items():
+        model.eval()
+        before, after = model(tokens), model(changed)
+        assert torch.allclose(before[:6], after[:6], atol=1e-5), name
+        assert not torch.allclose(before[6:], after[6:]), name
+
+
+def test_kgram_window_is_the_k_tokens_ending_at_the_current_one(pico):
+    torch.manual_seed(0)
+    model = pico.KGramMLPSeqModel(VOCAB, k=3, embed_size=8).eval()
+    tokens = torch.randint(0, VOCAB, (10, 1))
+    logits = model(tokens)
+    for position_changed, affected in ((7, {7, 8, 9}), (2, {2, 3, 4})):
+        changed = tokens.clone()
+        changed[position_changed] = (changed[position_changed] + 1) % VOCAB
+        differs = {t for t in range(10) if not torch.allclose(model(changed)[t], logits[t])}
+        assert differs == affected
+
+
+def test_kgram_onehot_equals_a_linear_layer_on_concatenated_one_hots(pico):
+    torch.manual_seed(0)
+    k, embed = 3, 8
+    model = pico.KGramMLPSeqModel(VOCAB, k=k, embed_size=embed, variant="onehot").eval()
+    tokens = torch.randint(0, VOCAB, (9, 2))
+    padded = torch.cat([torch.full((k - 1, 2), VOCAB), tokens])        # padding id = VOCAB
+    windows = padded.unfold(0, k, 1)                                     # (T, B, k)
+    one_hot = F.one_hot(windows, VOCAB + 1).float().flatten(-2)          # (T, B, k * (V + 1))
+    first_layer = one_hot @ model.onehot_weight + model.onehot_bias      # explicit matmul
+    expected = model.unembedding(model.mlp(first_layer))
+    assert torch.allclose(model(tokens), expected, atol=1e-5)
+
+
+def test_kgram_chunking_does_not_change_the_result(pico):
+    torch.manual_seed(0)
+    whole = pico.KGramMLPSeqModel(VOCAB, k=3, embed_size=8, variant="conv")
+    chunked = pico.KGramMLPSeqModel(VOCAB, k=3, embed_size=8, variant="conv", chunk_size=4)
+    chunked.load_state_dict(whole.state_dict())
+    tokens = torch.randint(0, VOCAB, (11, 2))
+    assert torch.allclose(whole(tokens), chunked(tokens), atol=1e-6)
+
+
+def test_rmsnorm_matches_torch(pico):
+    torch.manual_seed(0)
+    ours, reference = pico.RMSNorm(16, eps=1e-5), nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(16))
+        reference.weight.copy_(ours.weight)
+    x = torch.randn(4, 5, 16) * 3
+    assert torch.allclose(ours(x), reference(x), atol=1e-5)
+    assert ours(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_rope_makes_scores_depend_only_on_position_difference(pico):
+    torch.manual_seed(0)
+    rope = pico.RotaryEmbedding(8, theta=10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(query_position, key_position):
+        rq = rope.rotate(q, *rope.angles(torch.tensor([query_position])))
+        rk = rope.rotate(k, *rope.angles(torch.tensor([key_position])))
+        return float((rq * rk).sum())
+
+    assert score(5, 3) == pytest.approx(score(12, 10), abs=1e-5)
+    assert score(5, 3) != pytest.approx(score(5, 4), abs=1e-3)
+    assert score(0, 0) == pytest.approx(float((q * k).sum()), abs=1e-6)
+
+
+def test_rope_rotates_adjacent_pairs_by_position_times_frequency(pico):
+    rope = pico.RotaryEmbedding(4, theta=100.0)
+    x = torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 1, 1, 4)
+    out = rope.rotate(x, *rope.angles(torch.tensor([3]))).flatten()
+    for pair in range(2):
+        angle = 3 * 100.0 ** (-2 * pair / 4)
+        assert out[2 * pair].item() == pytest.approx(math.cos(angle), abs=1e-6)
+        assert out[2 * pair + 1].item() == pytest.approx(math.sin(angle), abs=1e-6)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_sdpa_attention_matches_the_math_path(pico, n_kv_heads):
+    torch.manual_seed(0)
+    fast = pico.CausalSelfAttention(32, 4, n_kv_heads, bias=False, dropout=0.0, impl="sdpa")
+    math_path = pico.CausalSelfAttention(32, 4, n_kv_heads, bias=False, dropout=0.0, impl="math")
+    math_path.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 7, 32)
+    assert torch.allclose(fast(x, None), math_path(x, None), atol=1e-5)
+
+
+def test_math_attention_weights_are_causal_and_normalized(pico):
+    torch.manual_seed(0)
+    attention = pico.CausalSelfAttention(16, 2, 2, bias=False, dropout=0.0, impl="math")
+    attention.record_attention = True
+    attention(torch.randn(1, 5, 16), None)
+    weights = attention.last_attention[0]                      # (H, T, S)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 5))
+    assert torch.all(weights.triu(diagonal=1) == 0)
+
+
+def test_swiglu_is_w2_of_silu_w1_times_w3(pico):
+    torch.manual_seed(0)
+    ffn = pico.FeedForward(8, 16, "swiglu", bias=False, dropout=0.0)
+    x = torch.randn(3, 8)
+    expected = ffn.w2(F.silu(ffn.w1(x)) * ffn.w3(x))
+    assert torch.allclose(ffn(x), expected)
+    assert pico.default_ffn_width(1024, "swiglu") == 2752
+    assert pico.default_ffn_width(128, "gelu") == 512
+
+
+@pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite"])
+def test_presets_fill_the_documented_fields(pico, preset):
+    config = pico.transformer_config_from_args(pico.parse_args(["--transformer_variant", preset]),
+                                               "transformer", 50257)
+    expected = {
+        "minGPT": dict(d_model=384, n_heads=6, n_blocks=6, ffn="gelu", d_ff=1536, pos_emb="learned",
+                       tie_weights=True),
+        "GPT2-small": dict(d_model=768, n_heads=12, n_blocks=8, norm="layernorm", d_ff=3072,
+                           pos_emb="learned", tie_weights=True),
+        "GPT-oss": dict(d_model=512, n_heads=8, n_blocks=8, pos_emb="rope", ffn="swiglu", d_ff=2048,
+                        norm="rmsnorm", tie_weights=False),
+        "Llama3-lite": dict(d_model=1024, n_heads=16, n_blocks=8, pos_emb="rope", ffn="swiglu",
+                            norm="rmsnorm", tie_weights=False),
+        "pico": dict(n_blocks=3),
+    }[preset]
+    for field, value in expected.items():
+        assert getattr(config, field) == value, field
+    if preset == "Llama3-lite":
+        assert config.n_kv_heads < config.n_heads
+
+
+def test_flags_override_preset_fields(pico):
+    args = pico.parse_args(["--transformer_variant", "GPT-oss", "--d_model", "64", "--n_heads", "2",
+                            "--pos_emb", "learned", "--tie_weights", "true"])
+    config = pico.transformer_config_from_args(args, "transformer", 100)
+    assert (config.d_model, config.n_heads, config.pos_emb, config.tie_weights) == (64, 2, "learned", True)
+    assert config.d_ff == pico.default_ffn_width(64, "swiglu")
+    model = pico.TransformerModel(config)
+    assert model.unembedding.weight is model.token_embedding.weight
+
+
+def test_enable_transformer_gptoss_adds_the_gptoss_model(pico):
+    args = pico.parse_args(["--models", "lstm_seq", "--enable_transformer_gptoss"])
+    assert args.models == ["lstm_seq", "transformer_gptoss"]
+    assert pico.transformer_config_from_args(args, "transformer_gptoss", 10).d_model == 512
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--d_model", "30", "--n_heads", "4"], "must divide --d_model"),
+    (["--n_heads", "4", "--n_kv_heads", "3"], "must divide --n_heads"),
+    (["--n_blocks", "11"], "between 1 and 10"),
+    (["--n_blocks", "0"], "positive"),
+    (["--d_model", "12", "--n_heads", "4"], "even head size"),
+    (["--transformer_variant", "gpt5"], "unknown --transformer_variant"),
+])
+def test_invalid_transformer_configs_are_user_errors(pico, flags, message):
+    with pytest.raises(pico.UserError, match=message):
+        pico.parse_args(["--models", "transformer", *flags])
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "none", "rope"])
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_transformer_options_build_and_run(pico, pos_emb, norm_position):
+    args = tiny_args(pico, "--pos_emb", pos_emb, "--norm_position", norm_position, "--ffn", "silu")
+    model = pico.build_model("transformer", args, VOCAB)
+    assert model(torch.randint(0, VOCAB, (16, 2))).shape == (16, 2, VOCAB)
+
+
+def test_parameter_counts_match_a_hand_count(pico):
+    config = pico.TransformerConfig(vocab_size=100, block_size=8, d_model=16, n_heads=2, n_blocks=1,
+                                    ffn="gelu", d_ff=64, norm="layernorm", pos_emb="learned",
+                                    tie_weights=True, bias=True)
+    model = pico.TransformerModel(config)
+    embeddings = 100 * 16 + 8 * 16
+    attention = 4 * (16 * 16 + 16)
+    ffn = 16 * 64 + 64 + 64 * 16 + 16
+    norms = 3 * 2 * 16
+    assert pico.count_parameters(model) == embeddings + attention + ffn + norms
+    flops = pico.training_flops_per_token(model, 8)
+    matmul_weights = 4 * 16 * 16 + 2 * 16 * 64 + 100 * 16
+    assert flops == 6 * matmul_weights + 12 * 1 * 16 * 8

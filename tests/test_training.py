@@ -1,0 +1,167 @@
+"""Sections 6 and 8: loss, optimisation, training runs and the run log."""
+
+import json
+import math
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import REPO
+
+
+def test_softmax_and_cross_entropy_match_torch_and_survive_large_logits(pico):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 11) * 5
+    logits[0, 0, 0] = 1e4                               # exp overflows without the max shift
+    targets = torch.randint(0, 11, (3, 4))
+    assert torch.allclose(pico.softmax(logits), torch.softmax(logits, -1), atol=1e-6)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert torch.allclose(pico.cross_entropy(logits, targets), expected, atol=1e-5)
+    assert torch.isfinite(pico.cross_entropy(logits, targets))
+
+
+def test_chunked_linear_cross_entropy_matches_autograd(pico):
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 30)
+    hidden = torch.randn(5, 3, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (5, 3))
+    mask = torch.rand(5, 3) > 0.3
+    weights = mask.float() / mask.sum()
+    loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
+    loss.backward()
+    ours = (hidden.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
+    hidden.grad = None
+    layer.zero_grad()
+    reference = pico.masked_cross_entropy(layer(hidden), targets, mask)
+    reference.backward()
+    assert torch.allclose(loss, reference, atol=1e-6)
+    for mine, theirs in zip(ours, (hidden.grad, layer.weight.grad, layer.bias.grad)):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+
+
+def test_gradient_clipping_matches_torch(pico):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))]
+    reference = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, r in zip(params, reference):
+        p.grad = torch.randn_like(p) * 10
+        r.grad = p.grad.clone()
+    norm = pico.gradient_clipping(params, 1.0)
+    torch_norm = nn.utils.clip_grad_norm_(reference, 1.0)
+    assert norm == pytest.approx(float(torch_norm), rel=1e-5)
+    for p, r in zip(params, reference):
+        assert torch.allclose(p.grad, r.grad, atol=1e-6)
+    small = [nn.Parameter(torch.zeros(2))]
+    small[0].grad = torch.tensor([0.1, 0.1])
+    pico.gradient_clipping(small, 1.0)
+    assert small[0].grad.tolist() == pytest.approx([0.1, 0.1])
+
+
+def test_scratch_adamw_matches_torch_over_many_steps(pico):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    twin = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    twin.load_state_dict(model.state_dict())
+    ours = pico.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    theirs = torch.optim.AdamW(twin.parameters(), lr=3e-3, weight_decay=0.1)
+    for step in range(200):
+        x, y = torch.randn(16, 6), torch.randn(16, 3)
+        for net, optimizer in ((model, ours), (twin, theirs)):
+            optimizer.zero_grad()
+            F.mse_loss(net(x), y).backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_cosine_schedule_warms_up_decays_and_floors(pico):
+    schedule = lambda it: pico.get_lr_cosine_schedule(it, 1.0, 0.1, 10, 110)
+    assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.5)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.55)
+    assert schedule(110) == pytest.approx(0.1) and schedule(500) == 0.1
+    values = [schedule(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_get_batch_takes_random_windows_with_shifted_targets(pico, tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16)
+    np.save(tmp_path / "t.npy", tokens)
+    mapped = np.load(tmp_path / "t.npy", mmap_mode="r")
+    inputs, targets = pico.get_batch(mapped, 8, 16, "cpu", np.random.default_rng(0))
+    assert inputs.shape == targets.shape == (16, 8) and inputs.dtype == torch.long
+    assert torch.equal(targets[:-1], inputs[1:]) and torch.equal(targets, inputs + 1)
+    assert len(set(inputs[0].tolist())) > 1
+
+
+def learning_rate_run(pico, *flags):
+    return pico.parse_args(["--learning_rate", "1.0", "--warmup_steps", "4", *flags])
+
+
+def test_learning_rate_schedules(pico):
+    constant = learning_rate_run(pico, "--lr_schedule", "constant")
+    assert [pico.learning_rate_at(s, 20, constant) for s in (0, 3, 10)] == [0.25, 1.0, 1.0]
+    cosine = learning_rate_run(pico, "--lr_schedule", "cosine", "--min_lr_ratio", "0.1")
+    assert pico.learning_rate_at(0, 20, cosine) == 0.25
+    assert pico.learning_rate_at(19, 20, cosine) == pytest.approx(0.1)
+
+
+TINY_RUN = ["--input_files", str(REPO / "3seqs.txt"), "--limit_custom_examples", "60",
+            "--block_size", "16", "--embed_size", "16", "--d_model", "32", "--n_heads", "2",
+            "--n_blocks", "1", "--max_steps_per_epoch", "3", "--epochs", "2", "--batch_size", "4",
+            "--max_new_tokens", "4", "--tokenizer", "char", "--quiet"]
+
+
+def test_a_run_writes_a_valid_run_log(pico, run_main, tmp_path):
+    status, out, err = run_main(*TINY_RUN, "--run_name", "tiny")
+    assert status == 0, err
+    log = pico.load_runlog(tmp_path / "artefacts" / "tiny.json")
+    jsonschema.validate(log, pico.RUNLOG_JSON_SCHEMA)
+    assert log["status"] == "finished" and set(log["models"]) == {"kgram_mlp_seq", "lstm_seq",
+                                                                  "transformer"}
+    for record in log["models"].values():
+        assert [h["step"] for h in record["history"]] == list(range(1, 7))
+        assert [t["epoch"] for t in record["test_history"]] == [1, 2]
+        seen = [h["tokens_seen"] for h in record["history"]]
+        assert all(a < b for a, b in zip(seen, seen[1:])) and record["final"]["tokens_per_s"] > 0
+        assert {s["rule"] for s in record["samples"]} == {"greedy", "top-p 0.95", "top-p 1"}
+        assert record["final"]["test_loss"] == record["test_history"][-1]["test_loss"]
+    assert "run log written to" in out and not list((tmp_path / "artefacts").glob("*.tmp"))
+
+
+def test_two_runs_with_the_same_seed_give_identical_losses(run_main, tmp_path, pico):
+    for name in ("a", "b"):
+        assert run_main(*TINY_RUN, "--run_name", name)[0] == 0
+    logs = [pico.load_runlog(tmp_path / "artefacts" / f"{n}.json") for n in ("a", "b")]
+    for model in logs[0]["models"]:
+        losses = [[h["train_loss"] for h in log["models"][model]["history"]] for log in logs]
+        assert losses[0] == losses[1]
+
+
+def test_default_run_names_never_overwrite(pico):
+    args = pico.parse_args([])
+    first = pico.choose_run_path(args)
+    first.parent.mkdir(exist_ok=True)
+    first.write_text("{}")
+    try:
+        assert pico.choose_run_path(args) != first
+    finally:
+        first.unlink()
+
+
+@pytest.mark.slow
+def test_kgram_mlp_learns_to_count(run_main, tmp_path, pico):
+    """The course's sanity check: trained on 3seqs.txt, the embedding k-gram MLP continues
+    "0 1 2 3 4" with " 5 6 7 8" (about 30 s on a 2-core CPU)."""
+    status, out, err = run_main("--input_files", str(REPO / "3seqs.txt"), "--block_size", "32",
+                                "--kgram_k", "2", "--embed_size", "64", "--models", "kgram_mlp_seq",
+                                "--max_steps_per_epoch", "100", "--prompt", "0 1 2 3 4",
+                                "--max_new_tokens", "4", "--run_name", "count", "--quiet")
+    assert status == 0, err
+    samples = pico.load_runlog(tmp_path / "artefacts" / "count.json")["models"]["kgram_mlp_seq"]["samples"]
+    greedy = [s["text"] for s in samples if s["rule"] == "greedy"][-1]
+    assert greedy == "0 1 2 3 4 5 6 7 8"
