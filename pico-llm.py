@@ -29,7 +29,10 @@ Contents (the section banners below carry the same numbers):
     6. Loss and optimisation (cross-entropy, AdamW, schedule, clipping)
     7. Generation (sampling rules, KV cache / carried state, generate_text)
     8. Training and evaluation (train_one_model, evaluate, RunLog)
-    9. main()
+    9. Checkpoints and fault tolerance
+   10. Experiments (sweeps, benchmark, accounting)
+   11. Distributed training (torchrun / DDP)
+   12. main()
 """
 
 from __future__ import annotations
@@ -1871,7 +1874,22 @@ def model_record(name: str, model: nn.Module, args: argparse.Namespace) -> dict:
 
 
 # =============================================================================
-# 9. main()
+# 9. Checkpoints and fault tolerance
+# =============================================================================
+
+
+# =============================================================================
+# 10. Experiments (sweeps, benchmark, accounting)
+# =============================================================================
+
+
+# =============================================================================
+# 11. Distributed training (torchrun / DDP)
+# =============================================================================
+
+
+# =============================================================================
+# 12. main()
 # =============================================================================
 
 
@@ -1912,30 +1930,54 @@ def summary_table(records: dict) -> str:
     return "\n".join(lines)
 
 
+def prepare_data(args: argparse.Namespace):
+    """The tokenizer and the tokenized, split training data the flags describe."""
+    tokenizer = build_tokenizer(args.tokenizer)
+    prompt_tokens = len(tokenizer.encode(args.prompt))
+    if prompt_tokens > args.block_size:
+        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than --block_size "
+                        f"{args.block_size}; shorten it or raise --block_size")
+    data = load_training_data(args, tokenizer)
+    if not args.quiet:
+        for source in data.sources:
+            print(f"data: {source.name}: {len(source.examples)} examples ({len(source.train)} train, "
+                  f"{len(source.test)} test), {int(source.examples.offsets[-1]):,} tokens "
+                  f"[{tokenizer.name}]")
+    return tokenizer, data
+
+
+def data_summary(tokenizer, data: TrainingData) -> dict:
+    return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "sources": {s.name: {"examples": len(s.examples), "train": len(s.train),
+                                 "test": len(s.test), "tokens": int(s.examples.offsets[-1]),
+                                 "bytes": s.examples.num_bytes} for s in data.sources}}
+
+
+def train_models(args: argparse.Namespace, device: torch.device, tokenizer, data: TrainingData,
+                 runlog: RunLog | None) -> dict:
+    """Build and train every model in args.models; returns {name: record}."""
+    records = {}
+    for name in args.models:
+        model = build_model(name, args, tokenizer.vocab_size).to(device)
+        record = model_record(name, model, args)
+        if runlog is not None:
+            runlog.add_model(name, record)
+        if not args.quiet:
+            print(f"model {name}: {record['parameters']:,} parameters, "
+                  f"{record['training_flops_per_token'] / 1e6:,.1f} MFLOP per training token")
+        train_one_model(name, model, data, args, device, tokenizer, record, runlog)
+        records[name] = record
+    return records
+
+
 def run_training(args: argparse.Namespace) -> int:
+    """The main job: train the models, print a summary, write the run log."""
     device = resolve_device(args.device_id)
     run_path = choose_run_path(args)
     check_writable_directory(run_path.parent, "--artefacts_dir")
-    tokenizer = build_tokenizer(args.tokenizer)
-    if len(tokenizer.encode(args.prompt)) > args.block_size:
-        raise UserError(f"--prompt is {len(tokenizer.encode(args.prompt))} tokens, longer than "
-                        f"--block_size {args.block_size}; shorten it or raise --block_size")
-    data = load_training_data(args, tokenizer)
-    data_info = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-                 "sources": {s.name: {"examples": len(s.examples), "train": len(s.train),
-                                      "test": len(s.test), "tokens": int(s.examples.offsets[-1]),
-                                      "bytes": s.examples.num_bytes} for s in data.sources}}
-    if not args.quiet:
-        for source_name, info in data_info["sources"].items():
-            print(f"data: {source_name}: {info['examples']} examples ({info['train']} train, "
-                  f"{info['test']} test), {info['tokens']:,} tokens [{tokenizer.name}]")
-    runlog = RunLog(run_path, args, device, data_info)
-    for name in args.models:
-        model = build_model(name, args, tokenizer.vocab_size).to(device)
-        record = runlog.add_model(name, model_record(name, model, args))
-        print(f"model {name}: {record['parameters']:,} parameters, "
-              f"{record['training_flops_per_token'] / 1e6:,.1f} MFLOP per training token")
-        train_one_model(name, model, data, args, device, tokenizer, record, runlog)
+    tokenizer, data = prepare_data(args)
+    runlog = RunLog(run_path, args, device, data_summary(tokenizer, data))
+    train_models(args, device, tokenizer, data, runlog)
     runlog.data["status"] = "finished"
     runlog.write()
     print()
@@ -1944,13 +1986,18 @@ def run_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Each mode of the script is one function; training is the default."""
+    return run_training(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             args = parse_args(argv)
         except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
             return int(exit_request.code or 0)
-        return run_training(args)
+        return run_command(args)
     except UserError as error:
         print(f"pico-llm: error: {error}", file=sys.stderr)
         return 2
