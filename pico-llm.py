@@ -167,6 +167,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     tf.add_argument("--attention_impl", choices=("sdpa", "math"), default="sdpa",
                     help="scaled_dot_product_attention (fast) or the explicit softmax formula")
     tf.add_argument("--dropout", type=float, default=None, help="dropout probability")
+    tf.add_argument("--accounting", nargs="?", const="configured", default=None, metavar="WHAT",
+                    help="print parameters, FLOPs and training memory per component instead of "
+                         "training, at --block_size tokens and --batch_size examples: configured "
+                         "(the --transformer_variant with overrides), a preset name, "
+                         "gpt2-small|medium|large|xl, or all")
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=1, help="passes over the training examples")
@@ -1221,6 +1226,90 @@ def training_flops_per_token(model: nn.Module, context_length: int) -> int:
     return int(flops)
 
 
+# GPT-2's published shapes (Radford et al., 2019), for accounting only: they exceed
+# the course's 10-block cap, so they are never built for training here.
+GPT2_SHAPES = {
+    "gpt2-small": dict(n_blocks=12, d_model=768, n_heads=12),
+    "gpt2-medium": dict(n_blocks=24, d_model=1024, n_heads=16),
+    "gpt2-large": dict(n_blocks=36, d_model=1280, n_heads=20),
+    "gpt2-xl": dict(n_blocks=48, d_model=1600, n_heads=25),
+}
+
+
+def gpt2_shape_config(name: str, context_length: int = 1024) -> TransformerConfig:
+    return TransformerConfig(vocab_size=50257, block_size=context_length, ffn="gelu",
+                             norm="layernorm", pos_emb="learned", tie_weights=True, bias=True,
+                             d_ff=4 * GPT2_SHAPES[name]["d_model"], **GPT2_SHAPES[name])
+
+
+def transformer_accounting(config: TransformerConfig, context_length: int) -> dict:
+    """Where a Transformer's parameters, compute and training memory go.
+
+    Returns per component: parameters, and forward FLOPs for one sequence of
+    `context_length` tokens (2 FLOPs per multiply-add); plus fp32 training memory
+    with AdamW in bytes: weights, gradients, the two moment buffers, and the
+    activations autograd keeps per example (a standard itemization that counts
+    every saved intermediate once; fused kernels save less).
+    """
+    c, T = config, context_length
+    d, L, V, F_ = c.d_model, c.n_blocks, c.vocab_size, c.d_ff
+    kv_width = c.n_kv_heads * c.head_dim
+    bias = 1 if c.bias else 0
+    norm_params = {"rmsnorm": d, "layernorm": d * (1 + bias), "none": 0}[c.norm]
+    ffn_matrices = 3 if c.ffn == "swiglu" else 2
+    attention_params = d * (d + 2 * kv_width) + d * d + bias * (2 * d + 2 * kv_width)
+    ffn_params = ffn_matrices * d * F_ + bias * ((ffn_matrices - 1) * F_ + d)
+    final_norm = norm_params if c.norm_position == "pre" else 0
+    parameters = {
+        "token_embedding": V * d,
+        "position_embedding": c.block_size * d if c.pos_emb == "learned" else 0,
+        "attention": L * attention_params,
+        "feed_forward": L * ffn_params,
+        "norms": L * 2 * norm_params + final_norm,
+        "unembedding": 0 if c.tie_weights else V * d,
+    }
+    flops = {
+        "attention_projections": L * 2 * T * (d * (d + 2 * kv_width) + d * d),
+        "attention_scores_and_mix": L * 2 * 2 * T * T * d,   # Q K^T, then weights @ V
+        "feed_forward": L * 2 * T * ffn_matrices * d * F_,
+        "unembedding": 2 * T * d * V,
+    }
+    per_block_activations = (2 * T * d               # inputs of the two norms
+                             + T * (d + 2 * kv_width)  # q, k, v
+                             + 2 * c.n_heads * T * T   # scores and softmax
+                             + 2 * T * d               # attention output, output projection
+                             + T * F_ * (3 if c.ffn == "swiglu" else 2) + T * d)  # FFN
+    activation_floats = L * per_block_activations + T * d + 2 * T * V  # final norm, logits, softmax
+    total_parameters = sum(parameters.values())
+    memory = {
+        "parameters": 4 * total_parameters,
+        "gradients": 4 * total_parameters,
+        "adamw_state": 8 * total_parameters,
+        "activations_per_example": 4 * activation_floats,
+    }
+    return {"parameters": parameters, "total_parameters": total_parameters,
+            "forward_flops_per_sequence": flops, "total_forward_flops": sum(flops.values()),
+            "context_length": T, "training_memory_bytes": memory}
+
+
+def format_accounting(name: str, account: dict, batch_size: int) -> str:
+    """A readable table of one model's accounting."""
+    total_p, total_f = account["total_parameters"], account["total_forward_flops"]
+    lines = [f"{name}: {total_p:,} parameters; forward {total_f / 1e9:,.2f} GFLOP per "
+             f"{account['context_length']}-token sequence (training about 3x)"]
+    for component, count in account["parameters"].items():
+        lines.append(f"  params  {component:<26} {count:>15,}  {100 * count / total_p:5.1f}%")
+    for component, count in account["forward_flops_per_sequence"].items():
+        lines.append(f"  flops   {component:<26} {count / 1e9:>13,.2f} G  {100 * count / total_f:5.1f}%")
+    memory = account["training_memory_bytes"]
+    fixed = memory["parameters"] + memory["gradients"] + memory["adamw_state"]
+    for component, size in memory.items():
+        lines.append(f"  memory  {component:<26} {size / 2**30:>13,.3f} GiB")
+    total = fixed + batch_size * memory["activations_per_example"]
+    lines.append(f"  memory  {'total at batch ' + str(batch_size):<26} {total / 2**30:>13,.3f} GiB")
+    return "\n".join(lines)
+
+
 # =============================================================================
 # 6. Loss and optimisation
 # =============================================================================
@@ -1986,8 +2075,37 @@ def run_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_accounting(args: argparse.Namespace) -> int:
+    """--accounting: where parameters, compute and memory go, without training."""
+    what = args.accounting
+    if what == "all":
+        names = list(TRANSFORMER_PRESETS) + list(GPT2_SHAPES)
+    elif what == "configured" or what in GPT2_SHAPES:
+        names = [what]
+    elif what.lower() in (preset.lower() for preset in TRANSFORMER_PRESETS):
+        names = [find_preset(what)]
+    else:
+        raise UserError(f"unknown --accounting {what!r}; use configured, all, a preset "
+                        f"({', '.join(TRANSFORMER_PRESETS)}) or {', '.join(GPT2_SHAPES)}")
+    vocab_size = build_tokenizer(args.tokenizer).vocab_size
+    for name in names:
+        if name in GPT2_SHAPES:
+            config = gpt2_shape_config(name, args.block_size)
+        else:
+            preset_args = argparse.Namespace(**{**vars(args), "transformer_variant": (
+                args.transformer_variant if name == "configured" else name)})
+            config = transformer_config_from_args(preset_args, "transformer", vocab_size)
+        label = f"{args.transformer_variant} (configured)" if name == "configured" else name
+        print(format_accounting(label, transformer_accounting(config, args.block_size),
+                                args.batch_size))
+        print()
+    return 0
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Each mode of the script is one function; training is the default."""
+    if args.accounting:
+        return run_accounting(args)
     return run_training(args)
 
 
@@ -2004,6 +2122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pico-llm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""Resource accounting (section 5): parameters, FLOPs and memory per component."""
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite"])
+@pytest.mark.parametrize("extra", [[], ["--norm_position", "post", "--tie_weights", "false"],
+                                   ["--pos_emb", "learned", "--norm", "layernorm", "--ffn", "gelu"]])
+def test_accounted_parameters_equal_the_built_model(pico, preset, extra):
+    args = pico.parse_args(["--transformer_variant", preset, "--d_model", "64", "--n_heads", "4",
+                            "--n_blocks", "2", "--block_size", "32", *extra])
+    config = pico.transformer_config_from_args(args, "transformer", 300)
+    account = pico.transformer_accounting(config, 32)
+    assert account["total_parameters"] == pico.count_parameters(pico.TransformerModel(config))
+    assert sum(account["parameters"].values()) == account["total_parameters"]
+
+
+def test_gpt2_small_has_its_published_parameter_count(pico):
+    account = pico.transformer_accounting(pico.gpt2_shape_config("gpt2-small"), 1024)
+    assert account["total_parameters"] == 124_439_808
+
+
+def test_forward_flops_match_a_counted_forward_pass(pico):
+    """Count the multiply-adds of every matmul in a real forward pass with torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    args = pico.parse_args(["--d_model", "64", "--n_heads", "4", "--n_blocks", "2",
+                            "--block_size", "32", "--attention_impl", "math"])
+    config = pico.transformer_config_from_args(args, "transformer", 300)
+    model = pico.TransformerModel(config)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 300, (32, 1)))
+    accounted = pico.transformer_accounting(config, 32)["total_forward_flops"]
+    assert counter.get_total_flops() == accounted
+
+
+def test_memory_grows_with_context_and_adamw_doubles_the_weights(pico):
+    config = pico.gpt2_shape_config("gpt2-small")
+    short, long = (pico.transformer_accounting(config, t)["training_memory_bytes"] for t in (256, 1024))
+    assert long["activations_per_example"] > 4 * short["activations_per_example"] * 0.9
+    assert short["adamw_state"] == 2 * short["parameters"] == 2 * short["gradients"]
+
+
+def test_accounting_command_prints_every_preset_and_gpt2_shape(run_main):
+    status, out, err = run_main("--accounting", "all")
+    assert status == 0, err
+    for name in ("pico", "Llama3-lite", "gpt2-small", "gpt2-xl"):
+        assert f"{name}:" in out
+    assert run_main("--accounting", "gpt9")[0] == 2
