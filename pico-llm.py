@@ -179,6 +179,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--weight_decay", type=float, default=0.01,
                        help="AdamW weight decay (matrices and embeddings only)")
+    train.add_argument("--optimizer", choices=("torch", "scratch"), default="torch",
+                       help="AdamW implementation: PyTorch's fused/foreach kernel (fast) or the "
+                            "written-out AdamW of section 6 (same updates)")
     train.add_argument("--grad_clip", type=float, default=1.0,
                        help="clip the global gradient L2 norm to this (0 = off)")
     train.add_argument("--lr_schedule", choices=("constant", "cosine"), default="cosine",
@@ -1477,7 +1480,7 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.de
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    if getattr(args, "optimizer", "torch") == "scratch":
+    if args.optimizer == "scratch":
         return AdamW(groups, lr=args.learning_rate)
     fast = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
     return torch.optim.AdamW(groups, lr=args.learning_rate, **fast)

@@ -165,3 +165,13 @@ def test_kgram_mlp_learns_to_count(run_main, tmp_path, pico):
     samples = pico.load_runlog(tmp_path / "artefacts" / "count.json")["models"]["kgram_mlp_seq"]["samples"]
     greedy = [s["text"] for s in samples if s["rule"] == "greedy"][-1]
     assert greedy == "0 1 2 3 4 5 6 7 8"
+
+
+def test_scratch_and_torch_optimizers_train_to_the_same_losses(run_main, tmp_path, pico):
+    for optimizer in ("torch", "scratch"):
+        status, _, err = run_main(*TINY_RUN, "--models", "lstm_seq", "--optimizer", optimizer,
+                                  "--run_name", optimizer)
+        assert status == 0, err
+    losses = [[h["train_loss"] for h in pico.load_runlog(tmp_path / "artefacts" / f"{o}.json")
+               ["models"]["lstm_seq"]["history"]] for o in ("torch", "scratch")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
