@@ -38,21 +38,27 @@ Contents (the section banners below carry the same numbers):
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import datetime
 import hashlib
+import heapq
 import json
 import math
+import multiprocessing
 import os
 import platform
 import socket
 import sys
 import tempfile
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import regex
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -286,9 +292,6 @@ END_OF_TEXT = "<|endoftext|>"
 
 def load_gpt2_encoding(ranks_path: Path = GPT2_RANKS_PATH):
     """Build tiktoken's GPT-2 (r50k_base) encoding from the shipped ranks file."""
-    import tiktoken
-    import base64
-
     try:
         raw = Path(ranks_path).read_bytes()
     except OSError as error:
@@ -361,14 +364,506 @@ class ByteTokenizer:
         return lengths
 
 
-def parse_tokenizer_spec(spec: str) -> str:
+# --- 2.2 Byte-level BPE, trained on the user's corpus ------------------------
+# The vocabulary starts with the 256 single bytes, so any text (emoji, CJK,
+# broken UTF-8) is representable; each merge glues the most frequent adjacent
+# pair into a new token. Tokenizer(vocab, merges) encodes with any such
+# vocabulary, GPT-2's own included (gpt2_vocab_and_merges gives the same ids
+# as tiktoken); tiktoken_encoding_from_bpe is the fast path for a trained one.
+
+PAT_RE = regex.compile(GPT2_PATTERN)
+# A non-space then a space character: PAT always ends a pre-token between the two.
+# REVERSE makes search() return the last occurrence, which encode_iterable wants.
+SPACE_AFTER_TEXT_RE = regex.compile(r"\S\s", regex.REVERSE)
+
+# Interned single-byte tokens, so a pre-token of n bytes doesn't allocate n new objects.
+BYTE_TOKENS = [bytes([b]) for b in range(256)]
+
+
+def special_tokens_regex(special_tokens, capture=False):
+    """Regex matching any special token; longest first, so that when one special token
+    is a prefix of another ("<|eot|>" vs "<|eot|><|eot|>") the longer one wins."""
+    if not special_tokens:
+        return None
+    alternatives = "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
+    return regex.compile(f"({alternatives})" if capture else alternatives)
+
+
+# --- Pre-tokenization (parallel over byte ranges of the file)
+
+def count_pretokens(text, special_tokens):
+    """Counter {pre-token bytes: count} of a text. The text is first cut at the special
+    tokens (which are dropped), so no pre-token, hence no merge, ever contains one."""
+    splitter = special_tokens_regex(special_tokens)
+    pieces = splitter.split(text) if splitter else [text]
+    counts = Counter()
+    for piece in pieces:
+        counts.update(PAT_RE.findall(piece))  # count str first: encode each distinct one once
+    return Counter({word.encode("utf-8"): n for word, n in counts.items()})
+
+
+def count_pretokens_in_chunk(job):
+    """Worker: count the pre-tokens of bytes [start, end) of the file, reading only those.
+    Boundaries sit where a character starts, so they never cut a UTF-8 character in two."""
+    path, start, end, special_tokens = job
+    with open(path, "rb") as f:
+        f.seek(start)
+        text = f.read(end - start).decode("utf-8", errors="replace")
+    return count_pretokens(text, special_tokens)
+
+
+def find_chunk_boundaries(path, num_chunks, split_token=None, window=4096):
+    """Byte offsets [0, ..., file_size] cutting the file into about num_chunks pieces
+    that can be pre-tokenized independently with the same result as the whole file.
+
+    With a special token, each boundary is moved forward to the next occurrence of it
+    (text is split there anyway). Without one, it moves to the next newline that follows
+    a printable non-space ASCII byte: PAT always ends a pre-token between a non-space
+    and a space character and has no look-behind, so cutting there changes nothing
+    (a plain newline is not safe: "a\\n\\n b" pre-tokenizes as "\\n\\n", " b").
+    Only small windows are read, never the whole file."""
+    if split_token:
+        token = split_token.encode("utf-8")
+        window = max(window, 2 * len(token))
+        overlap, offset = len(token) - 1, 0
+        find = lambda buf: buf.find(token)
+    else:
+        newline_after_text = regex.compile(rb"[\x21-\x7e]\n")
+        overlap, offset = 1, 1  # the boundary is the newline, after the printable byte
+        find = lambda buf: (m.start() if (m := newline_after_text.search(buf)) else -1)
+
+    file_size = os.path.getsize(path)
+    boundaries = [0]
+    with open(path, "rb") as f:
+        for i in range(1, num_chunks):
+            pos = max(file_size * i // num_chunks, boundaries[-1])
+            while True:
+                f.seek(pos)
+                buf = f.read(window)
+                if len(buf) <= overlap:  # reached the end of the file: no more boundary
+                    pos = file_size
+                    break
+                at = find(buf)
+                if at >= 0:
+                    pos += at + offset
+                    break
+                pos += len(buf) - overlap  # keep an overlap so a token across windows is found
+            boundaries.append(pos)
+    boundaries.append(file_size)
+    return sorted(set(boundaries))
+
+
+def pretokenize_file(path, special_tokens, num_workers=None, min_chunk_bytes=1 << 20):
+    """Counter of the pre-tokens of a file, counted chunk by chunk (in parallel if the
+    file has several chunks), so that no process ever holds the whole file."""
+    num_workers = num_workers or min(os.cpu_count() or 1, 8)
+    file_size = os.path.getsize(path)
+    # ~4 chunks per worker balances the load; chunks of at most ~64 MB bound the memory.
+    num_chunks = max(num_workers * 4, file_size // (64 << 20))
+    num_chunks = max(1, min(num_chunks, file_size // max(min_chunk_bytes, 1)))
+    # Assumes no other special token contains the first one after its own start
+    # (e.g. "x<|endoftext|>"): a boundary there would cut that longer token in two.
+    split_token = special_tokens[0] if special_tokens else None
+    boundaries = find_chunk_boundaries(path, num_chunks, split_token)
+    jobs = [(path, start, end, special_tokens) for start, end in zip(boundaries, boundaries[1:])]
+    counts = Counter()
+    if num_workers == 1 or len(jobs) <= 1:  # small file: a process pool costs more than it saves
+        for job in jobs:
+            counts.update(count_pretokens_in_chunk(job))
+        return counts
+    with multiprocessing.Pool(min(num_workers, len(jobs))) as pool:
+        for chunk_counts in pool.imap_unordered(count_pretokens_in_chunk, jobs):
+            counts.update(chunk_counts)  # merged as they come: only a few chunks in memory
+    return counts
+
+
+# --- Learning the merges
+
+class MaxPair:
+    """Heap key: heapq pops the smallest item, and we want the lexicographically
+    greatest pair among pairs of equal count, so the byte comparison is reversed."""
+    __slots__ = ("pair",)
+
+    def __init__(self, pair):
+        self.pair = pair
+
+    def __lt__(self, other):
+        return self.pair > other.pair
+
+    def __eq__(self, other):
+        return self.pair == other.pair
+
+
+def merge_pair(symbols, pair, merged):
+    """Replace every occurrence of pair in the list symbols by merged, left to right."""
+    first, second = pair
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def pop_best_pair(heap, pair_counts):
+    """Pop the most frequent pair (ties: greatest bytes). Entries are never removed when a
+    count changes, a new one is pushed; stale ones are skipped here (lazy deletion)."""
+    while heap:
+        neg_count, key = heapq.heappop(heap)
+        if pair_counts.get(key.pair, 0) == -neg_count:
+            return key.pair
+    return None
+
+
+def learn_merges(pretoken_counts, num_merges):
+    """The BPE loop: repeatedly merge the most frequent adjacent pair within pre-tokens.
+
+    Counts live in pair_counts and are updated incrementally: merging a pair only changes
+    the pre-tokens that contain it, found through the index pair -> {pre-token ids}."""
+    words = [[BYTE_TOKENS[b] for b in word] for word in pretoken_counts]
+    freqs = list(pretoken_counts.values())
+    pair_counts, words_with_pair = defaultdict(int), defaultdict(set)
+    for word_id, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[word_id]
+            words_with_pair[pair].add(word_id)
+    heap = [(-count, MaxPair(pair)) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges = []
+    while len(merges) < num_merges:
+        pair = pop_best_pair(heap, pair_counts)
+        if pair is None:  # every pre-token is a single token: nothing left to merge
+            break
+        merges.append(pair)
+        merged = pair[0] + pair[1]
+        delta = defaultdict(int)  # net change of each pair count caused by this merge
+        for word_id in words_with_pair.pop(pair):
+            old = words[word_id]
+            new = merge_pair(old, pair, merged)
+            if len(new) == len(old):  # stale index entry: the pair left this word earlier
+                continue
+            for p in zip(old, old[1:]):
+                delta[p] -= freqs[word_id]
+            for p in zip(new, new[1:]):
+                delta[p] += freqs[word_id]
+                words_with_pair[p].add(word_id)
+            words[word_id] = new
+        for p, change in delta.items():
+            if change == 0:
+                continue
+            count = pair_counts[p] + change
+            if count > 0:
+                pair_counts[p] = count
+                heapq.heappush(heap, (-count, MaxPair(p)))
+            else:
+                del pair_counts[p]
+        if len(heap) > 4 * len(pair_counts) + 10_000:  # drop stale entries once in a while
+            heap = [(-c, MaxPair(p)) for p, c in pair_counts.items()]
+            heapq.heapify(heap)
+    return merges
+
+
+def train_bpe(input_path, vocab_size, special_tokens, num_workers=None, min_chunk_bytes=1 << 20):
+    """Train a byte-level BPE on a text file.
+
+    Returns vocab {id: bytes} (ids 0..255 the bytes, then the special tokens, then one id
+    per merge, in merge order) and merges [(left bytes, right bytes), ...] in merge order.
+    Stops early, with a smaller vocab, if no pair is left to merge."""
+    special_tokens = list(special_tokens or [])
+    num_merges = vocab_size - 256 - len(special_tokens)
+    if num_merges < 0:
+        raise ValueError(f"vocab_size must be at least {256 + len(special_tokens)}")
+    counts = pretokenize_file(input_path, special_tokens, num_workers, min_chunk_bytes)
+    merges = learn_merges(counts, num_merges)
+    vocab = {i: BYTE_TOKENS[i] for i in range(256)}
+    for token in special_tokens:
+        vocab[len(vocab)] = token.encode("utf-8")
+    for first, second in merges:
+        vocab[len(vocab)] = first + second
+    return vocab, merges
+
+
+# --- The BPE Tokenizer
+
+def assign_special_ids(vocab, special_tokens):
+    """{special token: id}: its id in vocab if present, else a new id after the last one."""
+    ids_of_bytes = {b: i for i, b in sorted(vocab.items(), reverse=True)}  # smallest id wins
+    special_ids, next_id = {}, max(vocab) + 1
+    for token in special_tokens or []:
+        if token.encode("utf-8") in ids_of_bytes:
+            special_ids[token] = ids_of_bytes[token.encode("utf-8")]
+        else:
+            special_ids[token], next_id = next_id, next_id + 1
+    return special_ids
+
+
+class Tokenizer:
+    """Encodes text with a BPE given as vocab {id: bytes} plus ordered merges.
+
+    Ids come from the vocab, whatever they are (GPT-2's don't follow merge order); the
+    merges only give the priority: within a pre-token, the earliest merge applies first."""
+    CACHE_LIMIT = 100_000
+
+    def __init__(self, vocab, merges, special_tokens=None):
+        self.special_ids = assign_special_ids(vocab, special_tokens)
+        self.vocab = dict(vocab)
+        for token, token_id in self.special_ids.items():
+            self.vocab[token_id] = token.encode("utf-8")
+        self.merge_ranks = {}
+        for rank, pair in enumerate(merges):
+            self.merge_ranks.setdefault(tuple(pair), rank)
+        # bytes -> id for ordinary tokens; if two ids share the same bytes, the smaller wins
+        special = set(self.special_ids.values())
+        self.ids_of_bytes = {b: i for i, b in sorted(self.vocab.items(), reverse=True)
+                             if i not in special}
+        self.special_re = special_tokens_regex(self.special_ids, capture=True)
+        self.max_special_len = max(map(len, self.special_ids), default=0)
+        self.cache = {}  # pre-token str -> ids: natural text repeats its words a lot
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def bpe(self, pretoken):
+        """Ids of one pre-token: apply the lowest-ranked merge present, until none applies."""
+        symbols = [BYTE_TOKENS[b] for b in pretoken.encode("utf-8")]
+        while len(symbols) > 1:
+            pairs = zip(symbols, symbols[1:])
+            pair = min(pairs, key=lambda p: self.merge_ranks.get(p, float("inf")))
+            if pair not in self.merge_ranks:
+                break
+            symbols = merge_pair(symbols, pair, pair[0] + pair[1])
+        return [self.ids_of_bytes[s] for s in symbols]
+
+    def encode_ordinary(self, text):
+        """Encode text that contains no special tokens."""
+        ids = []
+        for pretoken in PAT_RE.findall(text):
+            if pretoken not in self.cache:
+                if len(self.cache) >= self.CACHE_LIMIT:  # bounded memory on endless streams
+                    self.cache.clear()
+                self.cache[pretoken] = self.bpe(pretoken)
+            ids.extend(self.cache[pretoken])
+        return ids
+
+    def encode(self, text):
+        """Ids of text; special tokens in it become their own ids (longest match first)."""
+        if not self.special_re:
+            return self.encode_ordinary(text)
+        ids = []
+        # split() with a capture group alternates: ordinary text, special token, ordinary...
+        for i, part in enumerate(self.special_re.split(text)):
+            ids.extend([self.special_ids[part]] if i % 2 else self.encode_ordinary(part))
+        return ids
+
+    def safe_cut(self, text):
+        """The last position p found such that encode(text[:p]) + encode(rest) equals encode of
+        text[:p] + rest whatever rest follows, or 0 if none is known yet.
+
+        p must sit between a non-space and a space character (PAT ends a pre-token there
+        and has no look-behind), must not fall inside a special token, and must be far
+        enough from the end that any special token starting before p is fully visible."""
+        end = len(text) - max(self.max_special_len, 2) + 2  # search "\S\s" within text[:end]
+        match = SPACE_AFTER_TEXT_RE.search(text, 0, max(end, 0))
+        if not match:
+            return 0
+        cut = match.start() + 1
+        if self.special_re:
+            for special in self.special_re.finditer(text, 0, cut + self.max_special_len):
+                if special.start() < cut < special.end():
+                    return special.start()
+        return cut
+
+    def encode_iterable(self, iterable):
+        """Lazily yield the ids of "".join(iterable) (e.g. an open file, line by line),
+        holding only a small buffer: text is encoded up to the last safe cut point."""
+        buffer = ""
+        for chunk in iterable:
+            buffer += chunk
+            cut = self.safe_cut(buffer)
+            if cut:
+                yield from self.encode(buffer[:cut])
+                buffer = buffer[cut:]
+        yield from self.encode(buffer)
+
+    def decode(self, ids):
+        """Text of the ids; byte sequences that aren't valid UTF-8 become U+FFFD."""
+        return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    def save(self, vocab_path, merges_path):
+        """JSON files, bytes as hex strings (lossless, readable enough):
+        vocab {"id": "hex", ...} and merges [["hex", "hex"], ...] in merge order.
+        Special tokens are stored in the vocab; pass their strings again to from_files."""
+        merges = sorted(self.merge_ranks, key=self.merge_ranks.get)
+        atomic_write_json(Path(vocab_path), {str(i): b.hex() for i, b in sorted(self.vocab.items())})
+        atomic_write_json(Path(merges_path), [[a.hex(), b.hex()] for a, b in merges])
+
+    @property
+    def merges(self) -> list[tuple[bytes, bytes]]:
+        return sorted(self.merge_ranks, key=self.merge_ranks.get)
+
+    @classmethod
+    def from_files(cls, vocab_path, merges_path, special_tokens=None):
+        """Load a Tokenizer written by save()."""
+        with open(vocab_path) as f:
+            vocab = {int(i): bytes.fromhex(h) for i, h in json.load(f).items()}
+        with open(merges_path) as f:
+            merges = [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in json.load(f)]
+        return cls(vocab, merges, special_tokens)
+
+
+# --- GPT-2 and tiktoken
+
+def load_tiktoken_ranks(path):
+    """{token bytes: rank} from a tiktoken file, one "base64(token) rank" per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def recover_merge(token, ranks):
+    """The pair that created token: run BPE on its bytes with only the tokens ranked
+    below it (as tiktoken would: leftmost lowest rank first) until two parts remain."""
+    parts = [BYTE_TOKENS[b] for b in token]
+    while len(parts) > 2:
+        best, best_rank = None, ranks[token]
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best, best_rank = i, rank
+        if best is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"no merge creates {token!r}: not a BPE vocabulary")
+    return parts[0], parts[1]
+
+
+def gpt2_vocab_and_merges(ranks_path):
+    """GPT-2's vocab {id: bytes} (ids = ranks, plus 50256 = <|endoftext|>) and its merges
+    in priority order, rebuilt from the r50k_base ranks file."""
+    ranks = load_tiktoken_ranks(ranks_path)
+    vocab = {rank: token for token, rank in ranks.items()}
+    vocab[len(ranks)] = b"<|endoftext|>"
+    tokens_by_rank = sorted(ranks, key=ranks.get)
+    merges = [recover_merge(token, ranks) for token in tokens_by_rank if len(token) > 1]
+    return vocab, merges
+
+
+def tiktoken_encoding_from_bpe(vocab, merges, special_tokens, name):
+    """A tiktoken.Encoding (Rust, much faster) giving the same ids as Tokenizer.
+
+    tiktoken has no merge list: it ranks a pair by the id of the concatenated bytes and
+    uses the id as the rank. So the id of each merge's result must grow with merge order
+    (true for train_bpe and GPT-2; checked). Ids may have gaps (the special tokens at
+    256.. in train_bpe's vocab): ranks only need to be ordered. If two merges produce the
+    same bytes, the first id is kept, as Tokenizer does (the later id is never emitted).
+    Caveat: with overlapping special tokens, tiktoken does not promise longest-first."""
+    special_ids = assign_special_ids(vocab, special_tokens)
+    special = set(special_ids.values())
+    # reversed so that, for bytes made by two merges, the first (smallest) id wins
+    ranks = {b: i for i, b in sorted(vocab.items(), reverse=True) if i not in special}
+    if any(BYTE_TOKENS[b] not in ranks for b in range(256)):
+        raise ValueError("every single byte must be in the vocab")
+    last_rank, seen = -1, set()
+    for first, second in merges:
+        merged = first + second
+        if merged not in seen:  # a duplicate result keeps its first rank
+            seen.add(merged)
+            if ranks[merged] <= last_rank:
+                raise ValueError("the ids of merge results must increase with merge order")
+            last_rank = ranks[merged]
+    return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=special_ids)
+
+
+# --- 2.3 Choosing a tokenizer ------------------------------------------------
+
+
+class TrainedBPETokenizer:
+    """--tokenizer bpe:N: a byte-level BPE with N ids trained on this run's own text.
+
+    Encoding runs through tiktoken (same ids as Tokenizer.encode, much faster).
+    A small vocabulary makes the output layer, and so CPU training, much cheaper.
+    """
+
+    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
+                 requested_size: int) -> None:
+        self.name = f"bpe:{requested_size}"
+        self.bpe = Tokenizer(vocab, merges, [END_OF_TEXT])
+        self.encoding = tiktoken_encoding_from_bpe(vocab, merges, [END_OF_TEXT], self.name)
+        self.vocab_size = max(self.bpe.vocab) + 1
+        self.eot_id = self.bpe.special_ids[END_OF_TEXT]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.bpe.decode([i for i in ids if i in self.bpe.vocab])
+
+    def token_byte_lengths(self) -> np.ndarray:
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token_id, token in self.bpe.vocab.items():
+            lengths[token_id] = 0 if token_id == self.eot_id else len(token)
+        return lengths
+
+    def save(self, directory: Path) -> None:
+        self.bpe.save(directory / "vocab.json", directory / "merges.json")
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | None) -> TrainedBPETokenizer:
+    """Train (or reuse from the cache) a BPE on `texts`, separated by <|endoftext|> so no
+    merge crosses from one example into the next."""
+    digest = hashlib.sha256(f"bpe:{vocab_size}".encode())
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\x00")
+    cached = cache_dir / f"bpe-{digest.hexdigest()[:24]}" if cache_dir else None
+    if cached is not None and (cached / "merges.json").exists():
+        loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
+        return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus = Path(scratch) / "corpus.txt"
+        corpus.write_text(END_OF_TEXT.join(texts), encoding="utf-8")
+        vocab, merges = train_bpe(corpus, vocab_size, [END_OF_TEXT])
+    tokenizer = TrainedBPETokenizer(vocab, merges, vocab_size)
+    if cached is not None:
+        try:
+            tokenizer.save(cached)
+        except OSError as error:
+            print(f"pico-llm: note: trained tokenizer not cached ({error.strerror})", file=sys.stderr)
+    return tokenizer
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
+    """'gpt2' | 'char' | 'bpe:N' -> (kind, N); UserError otherwise."""
     if spec in ("gpt2", "char"):
-        return spec
-    raise UserError(f"unknown --tokenizer {spec!r}; choose gpt2 or char")
+        return spec, 0
+    kind, _, size = spec.partition(":")
+    if kind == "bpe" and size.isdigit() and int(size) >= 257:
+        return "bpe", int(size)
+    raise UserError(f"unknown --tokenizer {spec!r}; choose gpt2, char or bpe:N with N >= 257 "
+                    "(256 bytes + <|endoftext|>)")
 
 
-def build_tokenizer(spec: str):
-    return GPT2Tokenizer() if parse_tokenizer_spec(spec) == "gpt2" else ByteTokenizer()
+def build_tokenizer(spec: str, training_texts: list[str] | None = None,
+                    cache_dir: Path | None = None):
+    kind, size = parse_tokenizer_spec(spec)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        return ByteTokenizer()
+    return train_bpe_tokenizer(training_texts or [], size, cache_dir)
 
 
 # =============================================================================
@@ -645,43 +1140,72 @@ class TrainingData:
             positions[source_index] += 1
         return slots
 
-    def train_batches(self, batch_size: int, max_steps: int | None) -> Iterator[Batch]:
+    def train_step_slots(self, batch_size: int, max_steps: int | None) -> Iterator[list[tuple[int, int]]]:
+        """The (source, example) slots of each optimizer step of one epoch."""
         slots = self.epoch_order()
         for step in range(self.steps_per_epoch(batch_size, max_steps)):
-            chunk = slots[step * batch_size: (step + 1) * batch_size]
-            yield self._batch(chunk)
+            yield slots[step * batch_size: (step + 1) * batch_size]
 
-    def test_batches(self, batch_size: int) -> Iterator[Batch]:
-        slots = [(i, int(e)) for i, source in enumerate(self.sources) for e in source.test]
+    def train_batches(self, batch_size: int, max_steps: int | None) -> Iterator[Batch]:
+        for slots in self.train_step_slots(batch_size, max_steps):
+            yield self.batch_of(slots)
+
+    def test_slots(self) -> list[tuple[int, int]]:
+        return [(i, int(e)) for i, source in enumerate(self.sources) for e in source.test]
+
+    def test_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """Test batches; with several ranks, each evaluates its own share."""
+        slots = self.test_slots()[rank::world_size]
         for start in range(0, len(slots), batch_size):
-            yield self._batch(slots[start: start + batch_size])
+            yield self.batch_of(slots[start: start + batch_size])
 
     @property
     def has_test_set(self) -> bool:
         return any(len(source.test) for source in self.sources)
 
-    def _batch(self, slots: list[tuple[int, int]]) -> Batch:
+    def batch_of(self, slots: list[tuple[int, int]]) -> Batch:
         sequences = [self.sources[s].examples.example(e) for s, e in slots]
         return make_batch(sequences, self.block_size, self.pad_id)
 
+    def target_tokens(self, slots: list[tuple[int, int]]) -> int:
+        """How many real (unpadded) targets the batch of these slots holds."""
+        offsets = [self.sources[s].examples.offsets for s, _ in slots]
+        return sum(min(int(o[e + 1] - o[e]), self.block_size + 1) - 1
+                   for o, (_, e) in zip(offsets, slots))
 
-def load_training_data(args: argparse.Namespace, tokenizer) -> TrainingData:
-    """Read, tokenize (cached) and split every source the flags name."""
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    sources, weights = [], []
-    custom_texts = load_custom_examples(args) if args.tinystories_weight < 1.0 else []
-    if custom_texts:
-        examples = tokenize_examples(custom_texts, tokenizer, cache_dir)
-        train, test = split_indices(len(examples), args.test_fraction, args.seed)
-        sources.append(DataSource("custom", examples, train, test))
-        weights.append(1.0 - args.tinystories_weight)
+
+@dataclasses.dataclass
+class SourceTexts:
+    """The raw examples of one source, its sampling weight and its fixed split."""
+
+    name: str
+    texts: list[str]
+    weight: float
+    train: np.ndarray
+    test: np.ndarray
+
+
+def read_sources(args: argparse.Namespace) -> list[SourceTexts]:
+    """Every source the flags name, read and split (the split needs only the count)."""
+    named = []
+    if args.tinystories_weight < 1.0:
+        named.append(("custom", load_custom_examples(args), 1.0 - args.tinystories_weight))
     if args.tinystories_weight > 0:
-        stories = load_tinystories(args.tinystories_max_stories, args.tinystories_path)
-        examples = tokenize_examples(stories, tokenizer, cache_dir)
-        train, test = split_indices(len(examples), args.test_fraction, args.seed)
-        sources.append(DataSource("tinystories", examples, train, test))
-        weights.append(args.tinystories_weight)
-    return TrainingData(sources, weights, args.block_size, tokenizer.eot_id, args.seed)
+        named.append(("tinystories", load_tinystories(args.tinystories_max_stories,
+                                                      args.tinystories_path),
+                      args.tinystories_weight))
+    return [SourceTexts(name, texts, weight, *split_indices(len(texts), args.test_fraction, args.seed))
+            for name, texts, weight in named]
+
+
+def load_training_data(args: argparse.Namespace, tokenizer,
+                       sources: list[SourceTexts]) -> TrainingData:
+    """Tokenize (cached) every source."""
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    tokenized = [DataSource(source.name, tokenize_examples(source.texts, tokenizer, cache_dir),
+                            source.train, source.test) for source in sources]
+    return TrainingData(tokenized, [source.weight for source in sources], args.block_size,
+                        tokenizer.eot_id, args.seed)
 
 
 # =============================================================================
@@ -1978,6 +2502,91 @@ def model_record(name: str, model: nn.Module, args: argparse.Namespace) -> dict:
 # =============================================================================
 # 11. Distributed training (torchrun / DDP)
 # =============================================================================
+# `torchrun --nproc_per_node=N pico-llm.py ...` starts N copies of this script
+# with RANK, LOCAL_RANK and WORLD_SIZE set. Each copy (rank) trains a replica
+# wrapped in DistributedDataParallel, which averages gradients across ranks
+# during backward. --batch_size is the global batch: the examples of one
+# optimizer step, split across ranks and --grad_accum_steps micro-batches, so
+# the learning rate means the same thing on 1 process or 64.
+
+
+@dataclasses.dataclass
+class Distributed:
+    """Where this process sits in the job (rank 0 of 1 for a plain run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        """This rank's disjoint share: every world_size-th item from `rank`."""
+        return items[self.rank::self.world_size]
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum of `values` over all ranks (identity on one process)."""
+        if not self.enabled:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def setup_distributed(args: argparse.Namespace) -> Distributed:
+    """Join the torchrun job if there is one: gloo on CPUs, NCCL with one GPU per rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = args.device_id.startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        args.device_id = f"cuda:{local_rank}"
+    else:
+        args.device_id = "cpu"
+    # A rank that fails ends the job: the others give up after the timeout instead of hanging.
+    dist.init_process_group("nccl" if use_cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
+    return Distributed(dist.get_rank(), world_size, local_rank)
+
+
+def teardown_distributed(context: Distributed) -> None:
+    if context.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class NextTokenLoss(nn.Module):
+    """A model and its loss in one module, so DistributedDataParallel, which hooks
+    `forward`, sees the whole computation that produces gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                position_weights: torch.Tensor) -> torch.Tensor:
+        """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
+        return linear_cross_entropy(self.model.features(inputs), self.model.unembedding,
+                                    targets, position_weights)
+
+
+def wrap_for_training(model: nn.Module, context: Distributed, device: torch.device) -> nn.Module:
+    loss_module = NextTokenLoss(model)
+    if not context.enabled:
+        return loss_module
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(loss_module,
+                                   device_ids=[device.index] if device.type == "cuda" else None)
+
 
 
 # =============================================================================
@@ -2023,13 +2632,17 @@ def summary_table(records: dict) -> str:
 
 
 def prepare_data(args: argparse.Namespace):
-    """The tokenizer and the tokenized, split training data the flags describe."""
-    tokenizer = build_tokenizer(args.tokenizer)
+    """The tokenizer and the tokenized, split training data the flags describe.
+    A bpe:N tokenizer is trained on the training split only, never the test set."""
+    sources = read_sources(args)
+    training_texts = [source.texts[i] for source in sources for i in source.train]
+    tokenizer = build_tokenizer(args.tokenizer, training_texts,
+                                Path(args.cache_dir) if args.cache_dir else None)
     prompt_tokens = len(tokenizer.encode(args.prompt))
     if prompt_tokens > args.block_size:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than --block_size "
                         f"{args.block_size}; shorten it or raise --block_size")
-    data = load_training_data(args, tokenizer)
+    data = load_training_data(args, tokenizer, sources)
     if not args.quiet:
         for source in data.sources:
             print(f"data: {source.name}: {len(source.examples)} examples ({len(source.train)} train, "
@@ -2069,6 +2682,11 @@ def run_training(args: argparse.Namespace) -> int:
     check_writable_directory(run_path.parent, "--artefacts_dir")
     tokenizer, data = prepare_data(args)
     runlog = RunLog(run_path, args, device, data_summary(tokenizer, data))
+    if isinstance(tokenizer, TrainedBPETokenizer):  # the run's ids mean nothing without it
+        tokenizer_dir = run_path.with_suffix(".tokenizer")
+        tokenizer.save(tokenizer_dir)
+        runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
+                                                  str(tokenizer_dir / "merges.json")]
     train_models(args, device, tokenizer, data, runlog)
     runlog.data["status"] = "finished"
     runlog.write()
@@ -2090,7 +2708,8 @@ def run_accounting(args: argparse.Namespace) -> int:
     else:
         raise UserError(f"unknown --accounting {what!r}; use configured, all, a preset "
                         f"({', '.join(TRANSFORMER_PRESETS)}) or {', '.join(GPT2_SHAPES)}")
-    vocab_size = build_tokenizer(args.tokenizer).vocab_size
+    kind, size = parse_tokenizer_spec(args.tokenizer)
+    vocab_size = size if kind == "bpe" else build_tokenizer(args.tokenizer).vocab_size
     for name in names:
         if name in GPT2_SHAPES:
             config = gpt2_shape_config(name, args.block_size)

@@ -170,7 +170,7 @@ def test_tinystories_mixes_into_training_data(pico, gpt2, tmp_path):
     custom.write_text("".join(f"custom {i}\n" for i in range(20)))
     args = args_for(pico, "--input_files", str(custom), "--tinystories_weight", "0.5",
                     "--tinystories_path", str(path), "--cache_dir", str(tmp_path / "c"))
-    data = pico.load_training_data(args, gpt2)
+    data = pico.load_training_data(args, gpt2, pico.read_sources(args))
     assert [s.name for s in data.sources] == ["custom", "tinystories"]
     assert data.num_train_examples == 36
 
