@@ -180,7 +180,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                          "gpt2-small|medium|large|xl, or all")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=1, help="passes over the training examples")
+    train.add_argument("--epochs", type=int, default=12, help="passes over the training examples")
     train.add_argument("--batch_size", type=int, default=16, help="examples per step")
     train.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--weight_decay", type=float, default=0.01,
