@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -195,6 +196,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup_steps", type=int, default=10, help="linear warm-up steps")
     train.add_argument("--min_lr_ratio", type=float, default=0.1,
                        help="cosine schedule ends at learning_rate * this")
+    train.add_argument("--grad_accum_steps", type=int, default=1,
+                       help="split each step's --batch_size examples into this many micro-batches "
+                            "(same update, less memory); under torchrun the ranks share them too")
+    train.add_argument("--dist_timeout", type=float, default=300.0,
+                       help="torchrun: seconds a rank waits in a collective before the job fails")
     train.add_argument("--max_steps_per_epoch", type=int, default=None,
                        help="stop each epoch after this many steps")
     train.add_argument("--seed", type=int, default=1337, help="seed for data order, init, sampling")
@@ -246,7 +252,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.kgram_variant not in KGRAM_VARIANTS:
         raise UserError(f"unknown --kgram_variant {args.kgram_variant!r}; "
                         f"choose from {', '.join(KGRAM_VARIANTS)}")
-    for name in ("epochs", "batch_size", "block_size", "kgram_k", "embed_size", "lstm_layers",
+    for name in ("epochs", "batch_size", "grad_accum_steps", "dist_timeout", "block_size", "kgram_k", "embed_size", "lstm_layers",
                  "max_steps_per_epoch", "max_new_tokens", "limit_custom_examples",
                  "tinystories_max_stories", "log_interval"):
         positive(name)
@@ -2342,9 +2348,10 @@ def check_writable_directory(directory: Path, flag: str) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device,
-             token_bytes: torch.Tensor) -> dict:
+             token_bytes: torch.Tensor, context: "Distributed | None" = None) -> dict:
     """Per-token test loss in nats, and bits per byte (total nats / UTF-8 bytes of the
-    predicted text / ln 2), which compares fairly across tokenizers."""
+    predicted text / ln 2), which compares fairly across tokenizers. Under torchrun each
+    rank passes its share of the batches and the totals are summed over ranks."""
     was_training = model.training
     model.eval()
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
@@ -2355,6 +2362,10 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device,
         total_tokens += batch.num_target_tokens
         total_bytes += int(token_bytes[batch.targets][batch.mask].sum())
     model.train(was_training)
+    if context is not None:
+        total_nats, total_tokens, total_bytes = context.sum([total_nats, total_tokens, total_bytes],
+                                                            device)
+        total_tokens, total_bytes = int(total_tokens), int(total_bytes)
     return {"test_loss": total_nats / max(total_tokens, 1),
             "test_bits_per_byte": total_nats / max(total_bytes, 1) / math.log(2),
             "test_tokens": total_tokens}
@@ -2364,7 +2375,6 @@ def autocast_context(device: torch.device):
     """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slower on most CPUs)."""
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    import contextlib
     return contextlib.nullcontext()
 
 
@@ -2388,25 +2398,32 @@ def say(message: str, bar=None) -> None:
 
 
 def train_one_model(name: str, model: nn.Module, data: TrainingData, args: argparse.Namespace,
-                    device: torch.device, tokenizer, record: dict, runlog: RunLog | None) -> dict:
-    """Train `model` for args.epochs epochs, evaluating after each; fills `record`."""
+                    device: torch.device, tokenizer, record: dict, runlog: RunLog | None,
+                    context: "Distributed | None" = None) -> dict:
+    """Train `model` for args.epochs epochs, evaluating after each; fills `record`.
+    Under torchrun every rank runs this; only rank 0 prints, samples and writes."""
+    context = context or Distributed()
+    loss_model = wrap_for_training(model, context, device)
     optimizer = build_optimizer(model, args, device)
     steps_per_epoch = data.steps_per_epoch(args.batch_size, args.max_steps_per_epoch)
     total_steps = steps_per_epoch * args.epochs
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
-    bar = progress_bar(total_steps, name, args.quiet)
+    bar = progress_bar(total_steps, name, args.quiet or not context.is_main)
     step, tokens_seen, train_time = 0, 0, 0.0
     started = time.perf_counter()
     model.train()
     for epoch in range(1, args.epochs + 1):
-        for batch in data.train_batches(args.batch_size, args.max_steps_per_epoch):
+        for slots in data.train_step_slots(args.batch_size, args.max_steps_per_epoch):
             step_started = time.perf_counter()
             lr = learning_rate_at(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = training_step(model, optimizer, batch.to(device), args.grad_clip)
+            micro_batches = rank_micro_batches(data, slots, args.grad_accum_steps, context, device)
+            step_tokens = data.target_tokens(slots)
+            loss = training_step(loss_model, optimizer, micro_batches, step_tokens, args.grad_clip,
+                                 context)
             step += 1
-            tokens_seen += batch.num_target_tokens
+            tokens_seen += step_tokens
             train_time += time.perf_counter() - step_started
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"{name}: loss became {loss} at step {step} (lr {lr:.3g}); "
@@ -2421,10 +2438,12 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, args: argpa
             if not args.quiet and (step % args.log_interval == 0 or step == total_steps):
                 say(f"[{name}] epoch {epoch} step {step}/{total_steps} loss {loss:.4f} "
                     f"lr {lr:.2e} {tokens_seen / train_time:,.0f} tok/s", bar)
-            if args.sample_interval and step % args.sample_interval == 0 and step < total_steps:
+            if (args.sample_interval and step % args.sample_interval == 0 and step < total_steps
+                    and context.is_main):
                 record_samples(model, tokenizer, args, device, step, record, bar)
         if data.has_test_set:
-            result = evaluate(model, data.test_batches(args.batch_size), device, token_bytes)
+            batches = data.test_batches(args.batch_size, context.rank, context.world_size)
+            result = evaluate(model, batches, device, token_bytes, context)
             record["test_history"].append({"epoch": epoch, "step": step, **result})
             if not args.quiet:
                 say(f"[{name}] epoch {epoch} test loss {result['test_loss']:.4f} "
@@ -2433,21 +2452,49 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, args: argpa
             runlog.write()
     if bar is not None:
         bar.close()
-    record_samples(model, tokenizer, args, device, step, record, None, final=True)
+    if context.is_main:
+        record_samples(model, tokenizer, args, device, step, record, None, final=True)
     record["final"] = final_summary(record, train_time, time.perf_counter() - started)
     return record["final"]
 
 
-def training_step(model: nn.Module, optimizer, batch: Batch, grad_clip: float) -> float:
-    """One optimizer update on one batch; returns the batch's mean train loss."""
-    with autocast_context(batch.inputs.device):
-        loss = sequence_loss(model, batch)
+def rank_micro_batches(data: TrainingData, slots: list[tuple[int, int]], accumulation: int,
+                       context: "Distributed", device: torch.device) -> list[tuple[Batch, bool]]:
+    """This rank's share of one step's examples, as `accumulation` micro-batches.
+
+    Returns (batch, active) pairs. Every rank runs the same number of micro-batches
+    (DDP needs each rank in each gradient sync); a rank whose share is empty at the
+    end of an epoch runs a stand-in batch with active=False, which weighs nothing."""
+    share = context.shard(slots)
+    pieces = [share[i::accumulation] for i in range(accumulation)]
+    return [(data.batch_of(piece or slots[:1]).to(device), bool(piece)) for piece in pieces]
+
+
+def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Batch, bool]],
+                  step_tokens: int, grad_clip: float, context: "Distributed | None" = None) -> float:
+    """One optimizer update; returns the step's mean train loss over all its tokens.
+
+    Each position's loss weighs 1 / step_tokens (the real targets of the whole step,
+    over all ranks and micro-batches), so the update is the same token mean whatever
+    the split. DDP averages gradients over ranks, so each rank scales by world_size.
+    Only the last micro-batch synchronises gradients across ranks.
+    """
+    context = context or Distributed()
+    scale = context.world_size / max(step_tokens, 1)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    local_loss = 0.0
+    for index, (batch, active) in enumerate(micro_batches):
+        weights = batch.mask.float() * (scale if active else 0.0)
+        last = index == len(micro_batches) - 1
+        with (contextlib.nullcontext() if last or not context.enabled else loss_model.no_sync()):
+            with autocast_context(batch.inputs.device):
+                loss = loss_model(batch.inputs, batch.targets, weights)
+            loss.backward()
+        local_loss += loss.item()
     if grad_clip > 0:
-        gradient_clipping(model.parameters(), grad_clip)
+        gradient_clipping(loss_model.parameters(), grad_clip)
     optimizer.step()
-    return loss.item()
+    return context.sum([local_loss], batch.inputs.device)[0] / context.world_size
 
 
 def final_summary(record: dict, train_time: float, wall_time: float) -> dict:
@@ -2659,7 +2706,7 @@ def data_summary(tokenizer, data: TrainingData) -> dict:
 
 
 def train_models(args: argparse.Namespace, device: torch.device, tokenizer, data: TrainingData,
-                 runlog: RunLog | None) -> dict:
+                 runlog: RunLog | None, context: "Distributed | None" = None) -> dict:
     """Build and train every model in args.models; returns {name: record}."""
     records = {}
     for name in args.models:
@@ -2670,30 +2717,41 @@ def train_models(args: argparse.Namespace, device: torch.device, tokenizer, data
         if not args.quiet:
             print(f"model {name}: {record['parameters']:,} parameters, "
                   f"{record['training_flops_per_token'] / 1e6:,.1f} MFLOP per training token")
-        train_one_model(name, model, data, args, device, tokenizer, record, runlog)
+        train_one_model(name, model, data, args, device, tokenizer, record, runlog, context)
         records[name] = record
     return records
 
 
 def run_training(args: argparse.Namespace) -> int:
-    """The main job: train the models, print a summary, write the run log."""
-    device = resolve_device(args.device_id)
-    run_path = choose_run_path(args)
-    check_writable_directory(run_path.parent, "--artefacts_dir")
-    tokenizer, data = prepare_data(args)
-    runlog = RunLog(run_path, args, device, data_summary(tokenizer, data))
-    if isinstance(tokenizer, TrainedBPETokenizer):  # the run's ids mean nothing without it
-        tokenizer_dir = run_path.with_suffix(".tokenizer")
-        tokenizer.save(tokenizer_dir)
-        runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
-                                                  str(tokenizer_dir / "merges.json")]
-    train_models(args, device, tokenizer, data, runlog)
-    runlog.data["status"] = "finished"
-    runlog.write()
-    print()
-    print(summary_table(runlog.data["models"]))
-    print(f"\nrun log written to {run_path}")
-    return 0
+    """The main job: train the models, print a summary, write the run log.
+    Under torchrun, rank 0 alone prints and writes."""
+    context = setup_distributed(args)
+    try:
+        if not context.is_main:
+            args.quiet = True
+        device = resolve_device(args.device_id)
+        run_path = choose_run_path(args)
+        check_writable_directory(run_path.parent, "--artefacts_dir")
+        tokenizer, data = prepare_data(args)
+        runlog = RunLog(run_path, args, device, data_summary(tokenizer, data)) if context.is_main else None
+        if runlog is not None and isinstance(tokenizer, TrainedBPETokenizer):
+            tokenizer_dir = run_path.with_suffix(".tokenizer")  # the run's ids mean nothing without it
+            tokenizer.save(tokenizer_dir)
+            runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
+                                                      str(tokenizer_dir / "merges.json")]
+        if runlog is not None:
+            runlog.data["distributed"] = {"world_size": context.world_size,
+                                          "grad_accum_steps": args.grad_accum_steps}
+        train_models(args, device, tokenizer, data, runlog, context)
+        if runlog is not None:
+            runlog.data["status"] = "finished"
+            runlog.write()
+            print()
+            print(summary_table(runlog.data["models"]))
+            print(f"\nrun log written to {run_path}")
+        return 0
+    finally:
+        teardown_distributed(context)
 
 
 def run_accounting(args: argparse.Namespace) -> int:
@@ -2739,7 +2797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(exit_request.code or 0)
         return run_command(args)
     except UserError as error:
-        print(f"pico-llm: error: {error}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"pico-llm: error{rank}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pico-llm: interrupted", file=sys.stderr)

@@ -1,0 +1,67 @@
+"""Section 11: data-parallel training with torchrun (gloo on CPU)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SCRIPT
+
+TINY = ["--input_files", str(REPO / "3seqs.txt"), "--limit_custom_examples", "120",
+        "--tokenizer", "char", "--models", "lstm_seq,transformer", "--block_size", "24",
+        "--d_model", "32", "--n_heads", "2", "--n_blocks", "1", "--embed_size", "32",
+        "--batch_size", "6", "--max_steps_per_epoch", "4", "--epochs", "2", "--device_id", "cpu",
+        "--quiet", "--run_name", "run"]
+
+
+def losses(pico, path):
+    log = pico.load_runlog(path)
+    return {name: [h["train_loss"] for h in record["history"]] + [record["final"]["test_loss"]]
+            for name, record in log["models"].items()}
+
+
+def test_rank_shares_are_disjoint_and_cover_the_step(pico):
+    slots = [(0, i) for i in range(7)]
+    shares = [pico.Distributed(rank, 3).shard(slots) for rank in range(3)]
+    assert sorted(sum(shares, [])) == slots
+    assert not set(shares[0]) & set(shares[1])
+
+
+def test_gradient_accumulation_gives_the_same_updates(run_main, tmp_path, pico):
+    for steps in ("1", "3"):
+        status, _, err = run_main(*TINY, "--grad_accum_steps", steps, "--run_name", f"accum{steps}")
+        assert status == 0, err
+    one, three = (losses(pico, tmp_path / "artefacts" / f"accum{s}.json") for s in ("1", "3"))
+    for name in one:
+        assert three[name] == pytest.approx(one[name], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_and_write_once(pico, tmp_path):
+    """torchrun with 2 CPU ranks and the same global batch reproduces the 1-process losses."""
+    single = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--artefacts_dir",
+                             str(tmp_path / "one"), "--cache_dir", str(tmp_path / "cache")],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(SCRIPT), *TINY, "--artefacts_dir",
+                             str(tmp_path / "two"), "--cache_dir", str(tmp_path / "cache")],
+                            capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.count("run log written to") == 1
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["run.json"]
+    log = pico.load_runlog(tmp_path / "two" / "run.json")
+    assert log["distributed"]["world_size"] == 2
+    one, two = losses(pico, tmp_path / "one" / "run.json"), losses(pico, tmp_path / "two" / "run.json")
+    for name in one:
+        assert two[name] == pytest.approx(one[name], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_an_error_on_the_ranks_ends_the_job_with_its_message(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(SCRIPT), *TINY, "--input_files",
+                             str(tmp_path / "missing.txt"), "--artefacts_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "pico-llm: error (rank 0): input file not found" in result.stderr
