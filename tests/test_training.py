@@ -187,3 +187,15 @@ def test_pico_transformer_beats_the_lstm_on_the_custom_corpus_at_equal_budget(ru
              pico.load_runlog(tmp_path / "artefacts" / "race.json")["models"].items()}
     assert final["transformer"]["steps"] == final["lstm_seq"]["steps"]
     assert final["transformer"]["test_loss"] < final["lstm_seq"]["test_loss"]
+
+
+@pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite"])
+def test_every_preset_trains_and_generates_at_reduced_width(run_main, tmp_path, pico, preset):
+    kv_heads = ["--n_kv_heads", "2"] if preset == "Llama3-lite" else []
+    status, _, err = run_main(*TINY_RUN, "--models", "transformer", "--transformer_variant", preset,
+                              "--d_model", "32", "--n_heads", "4", *kv_heads, "--run_name", preset)
+    assert status == 0, err
+    record = pico.load_runlog(tmp_path / "artefacts" / f"{preset}.json")["models"]["transformer"]
+    losses = [h["train_loss"] for h in record["history"]]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert record["samples"] and all(s["text"].startswith(s["prompt"]) for s in record["samples"])
