@@ -299,20 +299,15 @@ END_OF_TEXT = "<|endoftext|>"
 def load_gpt2_encoding(ranks_path: Path = GPT2_RANKS_PATH):
     """Build tiktoken's GPT-2 (r50k_base) encoding from the shipped ranks file."""
     try:
-        raw = Path(ranks_path).read_bytes()
+        digest = hashlib.sha256(Path(ranks_path).read_bytes()).hexdigest()
     except OSError as error:
         raise UserError(f"cannot read the GPT-2 ranks file {ranks_path}: {error.strerror}; "
                         "restore data/gpt2.tiktoken from the repository") from None
-    digest = hashlib.sha256(raw).hexdigest()
     if digest != GPT2_RANKS_SHA256:
         raise UserError(f"{ranks_path} has sha256 {digest[:12]}..., expected {GPT2_RANKS_SHA256[:12]}...; "
                         "restore data/gpt2.tiktoken from the repository")
-    ranks = {}
-    for line in raw.splitlines():
-        if line:
-            token_b64, rank = line.split()
-            ranks[base64.b64decode(token_b64)] = int(rank)
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN,
+                             mergeable_ranks=load_tiktoken_ranks(ranks_path),
                              special_tokens={END_OF_TEXT: 50256}, explicit_n_vocab=50257)
 
 
@@ -1864,10 +1859,15 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     as max + log(sum(exp(x - max))). Computed in float32.
     """
     logits = logits.float()
-    maximum = logits.amax(dim=-1, keepdim=True)
-    log_sum_exp = maximum.squeeze(-1) + (logits - maximum).exp().sum(dim=-1).log()
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return log_sum_exp - target_logit
+    return log_sum_exp(logits) - target_logit
+
+
+def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(x))) over the last dimension, as max + log(sum(exp(x - max)))
+    so that large logits do not overflow. (..., V) -> (...)."""
+    maximum = logits.amax(dim=-1, keepdim=True)
+    return maximum.squeeze(-1) + (logits - maximum).exp().sum(dim=-1).log()
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -1908,11 +1908,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             y = targets[start: start + chunk_size]
             w = position_weights[start: start + chunk_size].float()
             logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
-            log_sum_exp = logits.logsumexp(dim=-1)                              # (n,)
-            nats = log_sum_exp - logits.gather(1, y[:, None]).squeeze(1)
+            normalizer = log_sum_exp(logits)                                    # (n,)
+            nats = normalizer - logits.gather(1, y[:, None]).squeeze(1)
             total += (nats * w).sum()
             if wants_grad:
-                grad_logits = logits.sub_(log_sum_exp[:, None]).exp_()          # softmax, in place
+                grad_logits = logits.sub_(normalizer[:, None]).exp_()           # softmax, in place
                 grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
                 grad_logits.mul_(w[:, None])
                 grad_logits = grad_logits.to(weight.dtype)
