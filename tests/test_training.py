@@ -131,6 +131,8 @@ def test_a_run_writes_a_valid_run_log(pico, run_main, tmp_path):
         assert {s["rule"] for s in record["samples"]} == {"greedy", "top-p 0.95", "top-p 1"}
         assert record["final"]["test_loss"] == record["test_history"][-1]["test_loss"]
     assert "run log written to" in out and not list((tmp_path / "artefacts").glob("*.tmp"))
+    mode = (tmp_path / "artefacts" / "tiny.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~pico.current_umask()  # readable like any file the user writes
 
 
 def test_two_runs_with_the_same_seed_give_identical_losses(run_main, tmp_path, pico):

@@ -26,10 +26,17 @@ def three_sequence_lines(num_lines: int = NUM_LINES) -> list[str]:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Write beside the target, then rename over it, so readers never see a half-written file."""
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as temp_file:
-        temp_file.write(text)
-    os.replace(temp_name, path)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as temp_file:
+            temp_file.write(text)
+        os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; a data file should be world-readable
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.remove(temp_name)
+        raise
 
 
 def main() -> None:
