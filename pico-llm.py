@@ -1986,10 +1986,11 @@ class SweepScale:
 
 
 SWEEP_SCALES = {
-    "full": SweepScale("full", None, batch_size=16, block_size=64, width=64, steps=40,
-                       budget_epochs=3, overfit_examples=40, overfit_epochs=30,
-                       overfit_checkpoints=5, architecture_width=96, architecture_max_blocks=4,
-                       sampling_steps=120, samples_per_rule=5, max_new_tokens=60,
+    "full": SweepScale("full", None, batch_size=16, block_size=64, width=64, steps=300,
+                       budget_epochs=3, overfit_examples=40, overfit_epochs=100,
+                       overfit_checkpoints=5, architecture_width=96,
+                       architecture_max_blocks=MAX_TRANSFORMER_BLOCKS, sampling_steps=800,
+                       samples_per_rule=5, max_new_tokens=60,
                        custom_sizes=(3, 63, 123, 185)),
     "tiny": SweepScale("tiny", 30, batch_size=4, block_size=16, width=16, steps=2,
                        budget_epochs=1, overfit_examples=6, overfit_epochs=3,
@@ -2042,7 +2043,9 @@ class SweepLog:
         points = []
         if path.exists():
             earlier = load_sweep(path)
-            if earlier["sweep"] == sweep and earlier["scale"] == scale.name:
+            # Points are keyed by their own settings; the shared ones must match too.
+            same_scale = earlier["config"]["scale"] == json.loads(json.dumps(dataclasses.asdict(scale)))
+            if earlier["sweep"] == sweep and same_scale:
                 points = earlier["points"]
         self.data = {
             "schema_version": SWEEP_SCHEMA_VERSION,
