@@ -225,6 +225,31 @@ def build_arg_parser() -> argparse.ArgumentParser:
                      help="name of the run log artefacts/<run_name>.json (default: time + models)")
     out.add_argument("--artefacts_dir", default=str(REPO_DIR / "artefacts"),
                      help="directory for JSON run logs")
+
+    experiments = parser.add_argument_group("experiments (section 10)")
+    experiments.add_argument("--sweep", choices=("presentation", "custom_data", "budget", "overfit",
+                                                 "hyperparams", "kgram_variants", "architectures",
+                                                 "sampling"), default=None,
+                             help="run one sweep into artefacts/sweep_<name>.json, or every sweep "
+                                  "(presentation); finished points are skipped when started again")
+    experiments.add_argument("--sweep_scale", choices=("full", "tiny"), default="full",
+                             help="sweep size: full (the presentation) or tiny (seconds, for tests)")
+    experiments.add_argument("--custom_sweep_log", default=None, metavar="PATH",
+                             help="run the custom-data size sweep into this JSON file")
+    experiments.add_argument("--custom_sweep_sizes", default=None, metavar="N,N,...",
+                             help="training examples per point of the custom-data sweep "
+                                  "(default 3,63,123,185 at full scale)")
+    experiments.add_argument("--collect_transformer_metrics", action="store_true",
+                             help="run the architectures sweep: every Transformer preset (reduced "
+                                  "width), the LSTM and the k-gram MLP, measured in this run")
+    experiments.add_argument("--attention_maps", action="store_true",
+                             help="after training, write each Transformer's attention weights for "
+                                  "--prompt to artefacts/attention_<model>.json")
+    experiments.add_argument("--monosemantic_enabled", action="store_true",
+                             help="after training, cluster the token embeddings (k-means) and print "
+                                  "a greedy sample with each token's cluster and nearest neighbours")
+    experiments.add_argument("--monosemantic_clusters", type=int, default=8,
+                             help="k of the k-means over token embeddings")
     return parser
 
 
@@ -267,6 +292,8 @@ def validate_args(args: argparse.Namespace) -> None:
                  "kgram_chunk_size", "num_inner_mlp_layers", "top_k"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.monosemantic_clusters <= 0:
+        raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if not 0.0 <= args.tinystories_weight <= 1.0:
@@ -2553,6 +2580,619 @@ def model_record(name: str, model: nn.Module, args: argparse.Namespace) -> dict:
 # =============================================================================
 
 
+# --- 10.1 Sweeps ------------------------------------------------------------------
+# A sweep trains models at several settings through the same train_one_model as
+# the main job and writes one JSON file, artefacts/sweep_<name>.json, rewritten
+# atomically after every point. A point is keyed by its model and settings, so a
+# sweep started again skips the points it already finished. `--sweep presentation`
+# runs all of them with the character tokenizer and small widths (SWEEP_SCALES);
+# `--sweep_scale tiny` shrinks every sweep to seconds for the tests.
+
+SWEEP_SCHEMA_VERSION = 1
+SWEEP_NAMES = ("custom_data", "budget", "overfit", "hyperparams", "kgram_variants",
+               "architectures", "sampling")
+
+SWEEP_JSON_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "pico-llm sweep",
+    "type": "object",
+    "required": ["schema_version", "kind", "sweep", "scale", "created", "status", "config",
+                 "environment", "points"],
+    "properties": {
+        "schema_version": {"const": SWEEP_SCHEMA_VERSION},
+        "kind": {"const": "sweep"},
+        "sweep": {"enum": list(SWEEP_NAMES)},
+        "scale": {"type": "string"},
+        "status": {"enum": ["running", "finished"]},
+        "config": {"type": "object", "required": ["tokenizer", "scale", "args"]},
+        "environment": {"type": "object", "required": ["torch", "python", "device", "threads"]},
+        "points": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["key", "model", "settings", "train_loss", "test_loss",
+                             "tokens_per_s", "wall_time_s"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "model": {"type": "string"},
+                    "settings": {"type": "object"},
+                    "parameters": {"type": "integer", "minimum": 1},
+                    "train_loss": {"type": ["number", "null"]},
+                    "test_loss": {"type": ["number", "null"]},
+                    "tokens_per_s": {"type": "number", "minimum": 0},
+                    "wall_time_s": {"type": "number", "minimum": 0},
+                    "epochs": {"type": "array"},
+                    "samples": {"type": "array"},
+                    "diversity": {"type": "object"},
+                },
+            },
+        },
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepScale:
+    """How big every sweep is. Widths are embed_size (k-gram, LSTM) and d_model."""
+
+    name: str
+    limit_examples: int | None   # None = the whole corpus
+    batch_size: int
+    block_size: int
+    width: int
+    steps: int                   # optimizer steps per point (custom data, grid, k-gram, presets)
+    budget_epochs: int
+    overfit_examples: int
+    overfit_epochs: int
+    overfit_checkpoints: int
+    architecture_width: int      # 96: every preset's head count divides it, RoPE head sizes even
+    architecture_max_blocks: int
+    sampling_steps: int
+    samples_per_rule: int
+    max_new_tokens: int
+    custom_sizes: tuple[int, ...]
+    test_fraction: float = 0.2
+    tokenizer: str = "char"      # 257 ids: the output layer stays cheap on a CPU
+
+
+SWEEP_SCALES = {
+    "full": SweepScale("full", None, batch_size=16, block_size=64, width=64, steps=300,
+                       budget_epochs=3, overfit_examples=40, overfit_epochs=100,
+                       overfit_checkpoints=5, architecture_width=96,
+                       architecture_max_blocks=MAX_TRANSFORMER_BLOCKS, sampling_steps=800,
+                       samples_per_rule=5, max_new_tokens=60,
+                       custom_sizes=(3, 63, 123, 185)),
+    "tiny": SweepScale("tiny", 30, batch_size=4, block_size=16, width=16, steps=2,
+                       budget_epochs=1, overfit_examples=6, overfit_epochs=3,
+                       overfit_checkpoints=2, architecture_width=96, architecture_max_blocks=1,
+                       sampling_steps=2, samples_per_rule=2, max_new_tokens=8,
+                       custom_sizes=(3, 8, 16)),
+}
+
+SAMPLING_SWEEP_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.5),
+                        SamplingRule(top_p=0.8), SamplingRule(top_p=0.95), SamplingRule(top_p=1.0),
+                        SamplingRule(temperature=0.7, top_p=1.0),
+                        SamplingRule(temperature=1.3, top_p=1.0))
+
+
+def diversity_metrics(texts: list[str], repeat_n: int = 3) -> dict:
+    """Word-level diversity of generated texts. distinct_n (Li et al., 2016): distinct
+    n-grams / all n-grams, pooled over the texts (1 = nothing repeats). The repeated
+    fraction: share of a text's n-grams already seen earlier in that same text, which
+    is high when generation loops ("the cat the cat the cat")."""
+    def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+        return [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+
+    word_lists = [text.split() for text in texts]
+    metrics = {}
+    for n in (1, 2):
+        grams = [gram for words in word_lists for gram in ngrams(words, n)]
+        metrics[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    repeated = total = 0
+    for words in word_lists:
+        seen: set[tuple[str, ...]] = set()
+        for gram in ngrams(words, repeat_n):
+            total += 1
+            repeated += gram in seen
+            seen.add(gram)
+    metrics[f"repeated_{repeat_n}gram_fraction"] = repeated / total if total else 0.0
+    return metrics
+
+
+def point_key(model: str, settings: dict) -> str:
+    return json.dumps({"model": model, **settings}, sort_keys=True)
+
+
+class SweepLog:
+    """One sweep's JSON file. Points already in a file of the same sweep and scale are
+    kept (and skipped by `done`); the file is rewritten atomically after every point."""
+
+    def __init__(self, path: Path, sweep: str, scale: SweepScale, args: argparse.Namespace,
+                 device: torch.device) -> None:
+        self.path = path
+        points = []
+        if path.exists():
+            earlier = load_sweep(path)
+            # Points are keyed by their own settings; the shared ones must match too.
+            same_scale = earlier["config"]["scale"] == json.loads(json.dumps(dataclasses.asdict(scale)))
+            if earlier["sweep"] == sweep and same_scale:
+                points = earlier["points"]
+        self.data = {
+            "schema_version": SWEEP_SCHEMA_VERSION,
+            "kind": "sweep",
+            "sweep": sweep,
+            "scale": scale.name,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "status": "running",
+            "config": {"tokenizer": scale.tokenizer, "scale": dataclasses.asdict(scale),
+                       "args": {key: value for key, value in vars(args).items()}},
+            "environment": environment_info(device),
+            "points": points,
+        }
+        self.skipped = 0
+
+    def done(self, model: str, settings: dict) -> bool:
+        key = point_key(model, settings)
+        finished = any(point["key"] == key for point in self.data["points"])
+        self.skipped += finished
+        return finished
+
+    def add(self, model: str, settings: dict, result: dict) -> None:
+        self.data["points"].append({"key": point_key(model, settings), "model": model,
+                                    "settings": settings, **result})
+        self.write()
+        say(f"[sweep {self.data['sweep']}] {model} {settings}: train {result['train_loss']:.3f} "
+            f"test {result['test_loss'] if result['test_loss'] is not None else float('nan'):.3f} "
+            f"({result['wall_time_s']:.1f} s)")
+
+    def finish(self) -> None:
+        self.data["status"] = "finished"
+        self.write()
+
+    def write(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def load_sweep(path: Path | str) -> dict:
+    """Read a sweep file and check its kind and schema version (the notebook uses this)."""
+    with open(path, encoding="utf-8") as handle:
+        sweep = json.load(handle)
+    if sweep.get("kind") != "sweep" or sweep.get("schema_version") != SWEEP_SCHEMA_VERSION:
+        raise UserError(f"{path}: not a sweep file of schema {SWEEP_SCHEMA_VERSION} "
+                        f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r})")
+    return sweep
+
+
+def with_settings(args: argparse.Namespace, **overrides) -> argparse.Namespace:
+    settings = argparse.Namespace(**vars(args))
+    for name, value in overrides.items():
+        setattr(settings, name, value)
+    return settings
+
+
+def sweep_base_args(args: argparse.Namespace, scale: SweepScale) -> argparse.Namespace:
+    """The user's flags (data, seed, device, prompt) with the scale's sizes on top."""
+    return with_settings(args, tokenizer=scale.tokenizer, batch_size=scale.batch_size,
+                         block_size=scale.block_size, embed_size=scale.width, d_model=scale.width,
+                         transformer_variant="pico", limit_custom_examples=scale.limit_examples,
+                         max_new_tokens=scale.max_new_tokens, quiet=True, sample_interval=0,
+                         warmup_steps=min(args.warmup_steps, max(1, scale.steps // 4)))
+
+
+def sweep_data(args: argparse.Namespace, tokenizer, num_train: int | None = None) -> TrainingData:
+    """The custom examples split once into train and a fixed test set (args.test_fraction,
+    args.seed); num_train keeps a random but nested subset of the training examples, so
+    every corpus size is scored on the same test examples."""
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    examples = tokenize_examples(load_custom_examples(args), tokenizer, cache_dir)
+    train, test = split_indices(len(examples), args.test_fraction, args.seed)
+    if num_train is not None:
+        train = np.sort(np.random.default_rng(args.seed).permutation(train)[:num_train])
+    return TrainingData([DataSource("custom", examples, train, test)], [1.0], args.block_size,
+                        tokenizer.eot_id, args.seed)
+
+
+def with_step_budget(args: argparse.Namespace, data: TrainingData, steps: int) -> argparse.Namespace:
+    """Epochs and steps per epoch that add up to about `steps` optimizer steps."""
+    per_epoch = data.steps_per_epoch(args.batch_size, None)
+    return with_settings(args, epochs=max(1, round(steps / per_epoch)),
+                         max_steps_per_epoch=min(per_epoch, steps))
+
+
+def train_sweep_model(label: str, model_name: str, args: argparse.Namespace, device: torch.device,
+                      tokenizer, data: TrainingData, runlog: RunLog | None = None):
+    """Build `model_name` from args and train it with train_one_model; (model, record)."""
+    model = build_model(model_name, args, tokenizer.vocab_size).to(device)
+    record = model_record(label, model, args)
+    if runlog is not None:
+        runlog.add_model(label, record)
+    train_one_model(label, model, data, args, device, tokenizer, record, runlog)
+    return model, record
+
+
+def point_result(record: dict, data: TrainingData) -> dict:
+    final = record["final"]
+    return {"parameters": record["parameters"], "train_loss": final["train_loss"],
+            "test_loss": final["test_loss"], "test_bits_per_byte": final["test_bits_per_byte"],
+            "tokens_per_s": final["tokens_per_s"], "wall_time_s": final["wall_time_s"],
+            "steps": final["steps"], "train_examples": int(data.num_train_examples)}
+
+
+def epoch_losses(record: dict) -> list[dict]:
+    """Mean train loss of each epoch beside that epoch's test loss."""
+    rows = []
+    for test in record["test_history"]:
+        losses = [h["train_loss"] for h in record["history"] if h["epoch"] == test["epoch"]]
+        rows.append({"epoch": test["epoch"], "step": test["step"],
+                     "train_loss": sum(losses) / len(losses), "test_loss": test["test_loss"]})
+    return rows
+
+
+def new_text(sample: dict) -> str:
+    return sample["text"][len(sample["prompt"]):]
+
+
+def sweep_custom_data(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Final train and test loss per corpus size, at a fixed step budget, LSTM vs Transformer."""
+    sizes = parse_sizes(base.custom_sweep_sizes) if base.custom_sweep_sizes else scale.custom_sizes
+    args = with_settings(base, test_fraction=scale.test_fraction)
+    for model_name in ("lstm_seq", "transformer"):
+        for size in sizes:
+            settings = {"train_examples": size}
+            if log.done(model_name, settings):
+                continue
+            data = sweep_data(args, tokenizer, num_train=size)
+            point_args = with_step_budget(args, data, scale.steps)
+            _, record = train_sweep_model(model_name, model_name, point_args, device, tokenizer, data)
+            log.add(model_name, settings, point_result(record, data))
+
+
+def sweep_budget(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Train and test loss after 1, 3 or 6 steps per epoch, at a 60/40 train/test split."""
+    args = with_settings(base, test_fraction=0.4, epochs=scale.budget_epochs)
+    data = sweep_data(args, tokenizer)
+    for model_name in ("kgram_mlp_seq", "lstm_seq", "transformer"):
+        for steps_per_epoch in (1, 3, 6):
+            settings = {"max_steps_per_epoch": steps_per_epoch, "epochs": scale.budget_epochs}
+            if log.done(model_name, settings):
+                continue
+            point_args = with_settings(args, max_steps_per_epoch=steps_per_epoch)
+            _, record = train_sweep_model(model_name, model_name, point_args, device, tokenizer, data)
+            log.add(model_name, settings, point_result(record, data))
+
+
+def sweep_overfit(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """A small training subset for many epochs: the train/test gap opens, and generations
+    at checkpoints start to quote the training text (their diversity falls)."""
+    args = with_settings(base, test_fraction=scale.test_fraction, batch_size=8,
+                         epochs=scale.overfit_epochs, max_steps_per_epoch=None,
+                         lr_schedule="constant")
+    data = sweep_data(args, tokenizer, num_train=scale.overfit_examples)
+    steps_per_epoch = data.steps_per_epoch(args.batch_size, None)
+    args.sample_interval = steps_per_epoch * max(1, scale.overfit_epochs // scale.overfit_checkpoints)
+    for model_name in ("lstm_seq", "transformer"):
+        settings = {"train_examples": scale.overfit_examples, "epochs": scale.overfit_epochs}
+        if log.done(model_name, settings):
+            continue
+        _, record = train_sweep_model(model_name, model_name, args, device, tokenizer, data)
+        checkpoints = []
+        for step in sorted({sample["step"] for sample in record["samples"]}):
+            samples = [s for s in record["samples"] if s["step"] == step]
+            checkpoints.append({"step": step, "epoch": math.ceil(step / steps_per_epoch),
+                                "samples": [{"rule": s["rule"], "text": s["text"]} for s in samples],
+                                "diversity": diversity_metrics([new_text(s) for s in samples])})
+        log.add(model_name, settings, {**point_result(record, data), "epochs": epoch_losses(record),
+                                       "checkpoints": checkpoints})
+
+
+def hyperparameter_grid(scale: SweepScale) -> list[tuple[str, dict]]:
+    """Three small 2-D grids (one heatmap each): LSTM width x layers, Transformer heads x
+    blocks, Transformer learning rate x block size."""
+    half_width, half_block = scale.width // 2, scale.block_size // 2
+    grid = [("lstm_seq", {"embed_size": e, "lstm_layers": n})
+            for e in (half_width, scale.width) for n in (1, 2)]
+    grid += [("transformer", {"n_heads": h, "n_blocks": b}) for h in (2, 4) for b in (1, 2)]
+    grid += [("transformer", {"learning_rate": lr, "block_size": bs})
+             for lr in (1e-3, 3e-3, 1e-2) for bs in (half_block, scale.block_size)]
+    return grid
+
+
+def sweep_hyperparams(log: SweepLog, base, scale, device, tokenizer) -> None:
+    args = with_settings(base, test_fraction=scale.test_fraction)
+    for model_name, settings in hyperparameter_grid(scale):
+        if log.done(model_name, settings):
+            continue
+        point_args = with_settings(args, **settings)
+        if model_name == "lstm_seq":
+            point_args.d_model = None
+        data = sweep_data(point_args, tokenizer)
+        point_args = with_step_budget(point_args, data, scale.steps)
+        _, record = train_sweep_model(model_name, model_name, point_args, device, tokenizer, data)
+        log.add(model_name, settings, point_result(record, data))
+
+
+def sweep_kgram_variants(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """One-hot, embedding and convolutional k-gram contexts at equal settings."""
+    args = with_settings(base, test_fraction=scale.test_fraction)
+    data = sweep_data(args, tokenizer)
+    args = with_step_budget(args, data, scale.steps)
+    for variant in KGRAM_VARIANTS:
+        settings = {"kgram_variant": variant, "kgram_k": args.kgram_k}
+        if log.done("kgram_mlp_seq", settings):
+            continue
+        point_args = with_settings(args, kgram_variant=variant)
+        _, record = train_sweep_model("kgram_mlp_seq", "kgram_mlp_seq", point_args, device,
+                                      tokenizer, data)
+        log.add("kgram_mlp_seq", settings, point_result(record, data))
+
+
+def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Every Transformer preset at a reduced width (and at most architecture_max_blocks
+    blocks), plus the LSTM and the k-gram MLP, all trained and measured in this run.
+    Their per-step histories go to a run log beside the sweep, for the loss curves."""
+    args = with_settings(base, test_fraction=scale.test_fraction)
+    data = sweep_data(args, tokenizer)
+    args = with_step_budget(args, data, scale.steps)
+    run_path = log.path.with_name(log.path.stem + "_run.json")
+    runlog = RunLog(run_path, args, device, data_summary(tokenizer, data))
+    if run_path.exists() and log.data["points"]:
+        runlog.data["models"] = load_runlog(run_path)["models"]
+    candidates = [(preset, "transformer", {"transformer_variant": preset})
+                  for preset in TRANSFORMER_PRESETS]
+    candidates += [("lstm_seq", "lstm_seq", {}), ("kgram_mlp_seq", "kgram_mlp_seq", {})]
+    for label, model_name, overrides in candidates:
+        settings = dict(overrides)
+        if model_name == "transformer":
+            preset = TRANSFORMER_PRESETS[overrides["transformer_variant"]]
+            settings.update(d_model=scale.architecture_width,
+                            n_blocks=min(preset["n_blocks"], scale.architecture_max_blocks))
+        if log.done(label, settings):
+            continue
+        point_args = with_settings(args, **settings)
+        _, record = train_sweep_model(label, model_name, point_args, device, tokenizer, data, runlog)
+        runlog.write()
+        log.add(label, settings, {**point_result(record, data), "config": record["config"],
+                                  "training_flops_per_token": record["training_flops_per_token"],
+                                  "run_log": run_path.name})
+    runlog.data["status"] = "finished"
+    runlog.write()
+
+
+def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """One trained Transformer, sampled with each rule of SAMPLING_SWEEP_RULES several
+    times (seeds seed, seed+1, ...). It also gives the attention maps and the
+    embedding clusters of the presentation."""
+    args = with_settings(base, test_fraction=scale.test_fraction)
+    data = sweep_data(args, tokenizer)
+    args = with_step_budget(args, data, scale.sampling_steps)
+    directory = log.path.parent
+    pending = [rule for rule in SAMPLING_SWEEP_RULES
+               if not log.done("transformer", dataclasses.asdict(rule))]
+    if not pending and (directory / "attention_transformer.json").exists():
+        return
+    model, record = train_sweep_model("transformer", "transformer", args, device, tokenizer, data)
+    trained = point_result(record, data)
+    for rule in pending:
+        started = time.perf_counter()
+        samples = [generate_text(model, tokenizer, args.prompt, args.max_new_tokens, rule,
+                                 seed=args.seed + index, device=device)
+                   for index in range(scale.samples_per_rule)]
+        elapsed = time.perf_counter() - started
+        generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in samples)
+        log.add("transformer", dataclasses.asdict(rule), {
+            **trained, "label": rule.label, "tokens_per_s": generated / max(elapsed, 1e-9),
+            "wall_time_s": round(elapsed, 4), "training_wall_time_s": trained["wall_time_s"],
+            "samples": [s.text for s in samples],
+            "diversity": diversity_metrics([s.new_text for s in samples])})
+    write_attention_maps(model, "transformer", tokenizer, args.prompt, directory, device)
+    write_embedding_clusters(model, "transformer", tokenizer, data, args, directory, device)
+
+
+SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": sweep_overfit,
+          "hyperparams": sweep_hyperparams, "kgram_variants": sweep_kgram_variants,
+          "architectures": sweep_architectures, "sampling": sweep_sampling}
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--custom_sweep_sizes {text!r}: expected comma-separated integers") from None
+    if not sizes or min(sizes) <= 0:
+        raise UserError(f"--custom_sweep_sizes {text!r}: expected positive integers")
+    return sizes
+
+
+def run_sweeps(args: argparse.Namespace) -> int:
+    """--sweep NAME|presentation, --custom_sweep_log PATH, --collect_transformer_metrics."""
+    device = resolve_device(args.device_id)
+    if args.custom_sweep_sizes:
+        parse_sizes(args.custom_sweep_sizes)
+    directory = Path(args.artefacts_dir)
+    check_writable_directory(directory, "--artefacts_dir")
+    names = list(SWEEP_NAMES) if args.sweep == "presentation" else [args.sweep] if args.sweep else []
+    paths = {name: directory / f"sweep_{name}.json" for name in names}
+    if args.custom_sweep_log:
+        paths["custom_data"] = Path(args.custom_sweep_log)
+        check_writable_directory(paths["custom_data"].parent, "--custom_sweep_log")
+    if args.collect_transformer_metrics:
+        paths.setdefault("architectures", directory / "sweep_architectures.json")
+    scale = SWEEP_SCALES[args.sweep_scale]
+    base = sweep_base_args(args, scale)
+    # The sweep's models are tiny: for them a second thread costs more in synchronisation
+    # than it gains (generation ran 40x faster with one thread on a busy 2-core CPU).
+    torch.set_num_threads(1)
+    tokenizer = build_tokenizer(scale.tokenizer)
+    started = time.perf_counter()
+    for name, path in paths.items():
+        sweep_started = time.perf_counter()
+        log = SweepLog(path, name, scale, base, device)
+        SWEEPS[name](log, base, scale, device, tokenizer)
+        log.data["wall_time_s"] = round(time.perf_counter() - sweep_started, 2)
+        log.finish()
+        print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "
+              f"in {log.data['wall_time_s']:.0f} s -> {path}")
+    print(f"sweeps finished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+# Interpretability inside 10.1: attention maps and k-means clusters of token embeddings.
+
+
+@torch.no_grad()
+def attention_maps(model: TransformerModel, token_ids: list[int], device) -> list[list]:
+    """Attention weights of every layer and head for one prompt: [layer][head][query][key]."""
+    attentions = [block.attention for block in model.blocks]
+    for attention in attentions:
+        attention.record_attention = True
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.tensor(token_ids, dtype=torch.long, device=device).unsqueeze(1))  # (T, 1)
+        return [attention.last_attention[0].float().cpu().tolist() for attention in attentions]
+    finally:
+        for attention in attentions:
+            attention.record_attention, attention.last_attention = False, None
+        model.train(was_training)
+
+
+def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, directory: Path,
+                         device) -> Path | None:
+    """artefacts/attention_<name>.json with the prompt's tokens and their attention maps."""
+    if not isinstance(model, TransformerModel):
+        return None
+    ids = tokenizer.encode(prompt)[: model.config.block_size]
+    path = directory / f"attention_{name}.json"
+    atomic_write_json(path, {"kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION,
+                             "model": name, "prompt": prompt,
+                             "tokens": [tokenizer.decode([i]) for i in ids],
+                             "layers": attention_maps(model, ids, device)})
+    return path
+
+
+def kmeans(points: torch.Tensor, k: int, iterations: int = 30, seed: int = 0):
+    """Lloyd's k-means. points (N, D) -> (assignment (N,), centroids (k, D))."""
+    generator = torch.Generator().manual_seed(seed)
+    centroids = points[torch.randperm(len(points), generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        assignment = torch.cdist(points, centroids).argmin(dim=1)
+        for cluster in range(len(centroids)):
+            members = points[assignment == cluster]
+            if len(members):
+                centroids[cluster] = members.mean(dim=0)
+    return torch.cdist(points, centroids).argmin(dim=1), centroids
+
+
+def token_embeddings(model: nn.Module) -> torch.Tensor:
+    """(vocab, dim): the input embedding table, or the unembedding rows (one-hot k-gram)."""
+    for attribute in ("token_embedding", "embedding"):
+        table = getattr(model, attribute, None)
+        if isinstance(table, nn.Embedding):
+            return table.weight[: model.vocab_size].detach().float().cpu()
+    return model.unembedding.weight.detach().float().cpu()
+
+
+def embedding_clusters(model: nn.Module, tokenizer, data: TrainingData, text_ids: list[int],
+                       num_prompt_tokens: int, clusters: int, seed: int, neighbours: int = 3) -> dict:
+    """k-means over the embeddings of the tokens the training data uses, and for each
+    token of `text_ids` its cluster and nearest neighbours (cosine similarity). The
+    annotated text marks every token with its cluster, generated ones also with their
+    neighbours: `e[c3 a|o|i]`."""
+    used = np.unique(np.concatenate([np.asarray(s.examples.tokens) for s in data.sources]))
+    used = torch.from_numpy(used.astype(np.int64))
+    vectors = token_embeddings(model)[used]
+    assignment, _ = kmeans(vectors, min(clusters, len(used)), seed=seed)
+    cluster_of = {int(t): int(c) for t, c in zip(used, assignment)}
+    normalized = F.normalize(vectors, dim=1)
+    label = lambda token_id: tokenizer.decode([int(token_id)]) or "<eot>"  # noqa: E731
+    annotated, tokens = [], []
+    for position, token_id in enumerate(text_ids):
+        if token_id not in cluster_of:
+            continue
+        row = int((used == token_id).nonzero()[0, 0])
+        similarity = normalized @ normalized[row]
+        similarity[row] = -2.0
+        nearest = [label(used[i]) for i in similarity.topk(min(neighbours, len(used) - 1)).indices]
+        generated = position >= num_prompt_tokens
+        tokens.append({"token": label(token_id), "cluster": cluster_of[token_id],
+                       "neighbours": nearest, "generated": generated})
+        annotated.append(f"{label(token_id)}[c{cluster_of[token_id]}"
+                         + (" " + "|".join(nearest) if generated else "") + "]")
+    members = {c: [label(t) for t, tc in cluster_of.items() if tc == c]
+               for c in sorted(set(cluster_of.values()))}
+    return {"clusters": {str(c): m for c, m in members.items()}, "tokens": tokens,
+            "annotated": "".join(annotated)}
+
+
+def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: TrainingData,
+                             args: argparse.Namespace, directory: Path, device) -> Path:
+    """artefacts/monosemantic_<name>.json; prints the annotated greedy sample."""
+    sample = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+                           SamplingRule(temperature=0.0), seed=args.seed, device=device)
+    result = embedding_clusters(model, tokenizer, data, sample.token_ids, sample.num_prompt_tokens,
+                                args.monosemantic_clusters, args.seed)
+    path = directory / f"monosemantic_{name}.json"
+    atomic_write_json(path, {"kind": "monosemantic", "schema_version": SWEEP_SCHEMA_VERSION,
+                             "model": name, "text": sample.text, **result})
+    say(f"[{name}] embedding clusters: " + "; ".join(
+        f"c{c}: {''.join(m[:12])!r}" for c, m in result["clusters"].items()))
+    say(f"[{name}] greedy sample, each token with [its cluster and, if generated, nearest "
+        f"neighbours]: {result['annotated']}")
+    return path
+
+
+def interpret_models(args: argparse.Namespace, device, tokenizer, data: TrainingData,
+                     models: dict) -> None:
+    """--attention_maps and --monosemantic_enabled after a normal training run."""
+    directory = Path(args.artefacts_dir)
+    for name, model in models.items():
+        if args.attention_maps:
+            path = write_attention_maps(model, name, tokenizer, args.prompt, directory, device)
+            if path is not None:
+                print(f"attention maps of {name} written to {path}")
+        if args.monosemantic_enabled:
+            write_embedding_clusters(model, name, tokenizer, data, args, directory, device)
+
+
+# The terminal's loss plot, printed after a normal run.
+
+
+def ascii_loss_plot(records: dict, width: int = 60, height: int = 12) -> str:
+    """Train loss (lower-case letter, averaged per column) and test loss (upper case)
+    of every model against its training step, as text for the terminal."""
+    series = [(chr(ord("a") + index), name,
+               [(h["step"], h["train_loss"]) for h in record["history"]],
+               [(t["step"], t["test_loss"]) for t in record["test_history"]])
+              for index, (name, record) in enumerate(records.items())]
+    points = [p for _, _, train, test in series for p in train + test if math.isfinite(p[1])]
+    if not points:
+        return "(no losses to plot)"
+    max_step = max(step for step, _ in points)
+    low, high = min(loss for _, loss in points), max(loss for _, loss in points)
+    span = (high - low) or 1.0
+    grid = [[" "] * width for _ in range(height)]
+    column = lambda step: min(width - 1, round((step - 1) / max(max_step - 1, 1) * (width - 1)))  # noqa: E731
+    row = lambda loss: min(height - 1, round((high - loss) / span * (height - 1)))  # noqa: E731
+    for mark, _, train, test in series:
+        columns: dict[int, list[float]] = {}
+        for step, loss in train:
+            if math.isfinite(loss):
+                columns.setdefault(column(step), []).append(loss)
+        for col, losses in columns.items():
+            grid[row(sum(losses) / len(losses))][col] = mark
+        for step, loss in test:
+            if math.isfinite(loss):
+                grid[row(loss)][column(step)] = mark.upper()
+    lines = [" " * 8 + " |" + "".join(cells) for cells in grid]
+    lines[0] = f"{high:8.3f} |" + "".join(grid[0])
+    lines[-1] = f"{low:8.3f} |" + "".join(grid[-1])
+    lines.append(" " * 9 + "+" + "-" * width)
+    lines.append(" " * 10 + f"step 1{'':{max(width - 12 - len(str(max_step)), 1)}}step {max_step}")
+    lines.append("loss: " + ", ".join(f"{mark}/{mark.upper()} = {name} train/test"
+                                      for mark, name, _, _ in series))
+    return "\n".join(lines)
+
+
 # =============================================================================
 # 11. Distributed training (torchrun / DDP)
 # =============================================================================
@@ -2713,8 +3353,10 @@ def data_summary(tokenizer, data: TrainingData) -> dict:
 
 
 def train_models(args: argparse.Namespace, device: torch.device, tokenizer, data: TrainingData,
-                 runlog: RunLog | None, context: "Distributed | None" = None) -> dict:
-    """Build and train every model in args.models; returns {name: record}."""
+                 runlog: RunLog | None, context: "Distributed | None" = None,
+                 trained_models: dict | None = None) -> dict:
+    """Build and train every model in args.models; returns {name: record}. The trained
+    modules go into `trained_models` when given (for the interpretability flags)."""
     records = {}
     for name in args.models:
         model = build_model(name, args, tokenizer.vocab_size).to(device)
@@ -2726,6 +3368,8 @@ def train_models(args: argparse.Namespace, device: torch.device, tokenizer, data
                   f"{record['training_flops_per_token'] / 1e6:,.1f} MFLOP per training token")
         train_one_model(name, model, data, args, device, tokenizer, record, runlog, context)
         records[name] = record
+        if trained_models is not None:
+            trained_models[name] = model
     return records
 
 
@@ -2749,12 +3393,16 @@ def run_training(args: argparse.Namespace) -> int:
         if runlog is not None:
             runlog.data["distributed"] = {"world_size": context.world_size,
                                           "grad_accum_steps": args.grad_accum_steps}
-        train_models(args, device, tokenizer, data, runlog, context)
+        models: dict = {}
+        train_models(args, device, tokenizer, data, runlog, context, models)
         if runlog is not None:
             runlog.data["status"] = "finished"
             runlog.write()
             print()
             print(summary_table(runlog.data["models"]))
+            print()
+            print(ascii_loss_plot(runlog.data["models"]))
+            interpret_models(args, device, tokenizer, data, models)
             print(f"\nrun log written to {run_path}")
         return 0
     finally:
@@ -2793,6 +3441,8 @@ def run_command(args: argparse.Namespace) -> int:
     """Each mode of the script is one function; training is the default."""
     if args.accounting:
         return run_accounting(args)
+    if args.sweep or args.custom_sweep_log or args.collect_transformer_metrics:
+        return run_sweeps(args)
     return run_training(args)
 
 

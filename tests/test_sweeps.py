@@ -1,0 +1,134 @@
+"""Section 10.1: sweeps, their JSON files and resume, diversity metrics, the terminal loss
+plot, and the interpretability tools (attention maps, k-means over embeddings)."""
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+WORDS = "the fox the lantern a harbor boat rain wind garden robot cat sock".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """40 short lines of made-up text, one example per line."""
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    lines = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(6 + i % 5)) + "."
+             for i in range(40)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_diversity_metrics_on_hand_made_strings(pico):
+    metrics = pico.diversity_metrics(["a b c d", "a b e f"])
+    assert metrics["distinct_1"] == pytest.approx(6 / 8)        # a, b repeat across texts
+    assert metrics["distinct_2"] == pytest.approx(5 / 6)        # "a b" twice
+    assert metrics["repeated_3gram_fraction"] == 0.0            # nothing repeats inside a text
+    looping = pico.diversity_metrics(["x y z x y z x y z"])
+    assert looping["distinct_1"] == pytest.approx(3 / 9)
+    assert looping["repeated_3gram_fraction"] == pytest.approx(4 / 7)  # 7 trigrams, 3 distinct
+    assert pico.diversity_metrics(["", "one"]) == {
+        "distinct_1": 1.0, "distinct_2": 0.0, "repeated_3gram_fraction": 0.0}
+
+
+def test_tiny_sweep_writes_a_valid_sweep_file(pico, run_main, tmp_path, tiny_corpus):
+    status, out, _ = run_main("--sweep", "budget", "--sweep_scale", "tiny",
+                              "--input_files", str(tiny_corpus))
+    assert status == 0
+    sweep = pico.load_sweep(tmp_path / "artefacts" / "sweep_budget.json")
+    jsonschema.validate(sweep, pico.SWEEP_JSON_SCHEMA)
+    assert sweep["status"] == "finished" and sweep["config"]["tokenizer"] == "char"
+    assert {p["model"] for p in sweep["points"]} == {"kgram_mlp_seq", "lstm_seq", "transformer"}
+    assert sorted({p["settings"]["max_steps_per_epoch"] for p in sweep["points"]}) == [1, 3, 6]
+    for point in sweep["points"]:
+        assert point["tokens_per_s"] > 0 and point["test_loss"] > 0
+    assert "sweep budget: 9 points (0 already done)" in out
+
+
+def test_an_interrupted_sweep_skips_the_points_it_finished(pico, run_main, tmp_path, tiny_corpus):
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    assert run_main(*argv)[0] == 0
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    sweep = json.loads(path.read_text())
+    finished = sweep["points"][:2]
+    sweep["points"], sweep["status"] = finished, "running"     # as if killed after two points
+    path.write_text(json.dumps(sweep))
+    status, out, _ = run_main(*argv)
+    assert status == 0 and "3 points (2 already done)" in out
+    resumed = pico.load_sweep(path)
+    assert resumed["points"][:2] == finished                   # not retrained
+    assert [p["settings"]["kgram_variant"] for p in resumed["points"]] == ["onehot", "embedding", "conv"]
+
+
+def test_custom_sweep_log_and_sizes(pico, run_main, tmp_path, tiny_corpus):
+    log = tmp_path / "elsewhere" / "sizes.json"
+    status, _, _ = run_main("--custom_sweep_log", str(log), "--custom_sweep_sizes", "2,5",
+                            "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    assert status == 0
+    sweep = pico.load_sweep(log)
+    assert sweep["sweep"] == "custom_data"
+    assert sorted((p["model"], p["train_examples"]) for p in sweep["points"]) == [
+        ("lstm_seq", 2), ("lstm_seq", 5), ("transformer", 2), ("transformer", 5)]
+    assert len({p["test_loss"] is not None for p in sweep["points"]}) == 1
+    status, _, err = run_main("--custom_sweep_log", str(log), "--custom_sweep_sizes", "2,x")
+    assert status == 2 and "--custom_sweep_sizes" in err
+
+
+def test_load_sweep_rejects_a_run_log(pico, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"kind": "run", "schema_version": 1}))
+    with pytest.raises(pico.UserError, match="not a sweep file"):
+        pico.load_sweep(path)
+
+
+def test_ascii_loss_plot_marks_train_and_test_of_each_model(pico):
+    records = {name: {"history": [{"step": s, "train_loss": start - s * 0.1} for s in range(1, 21)],
+                      "test_history": [{"step": 20, "test_loss": start - 2.5}]}
+               for name, start in (("lstm_seq", 5.0), ("transformer", 4.0))}
+    plot = pico.ascii_loss_plot(records, width=40, height=10)
+    lines = plot.splitlines()
+    assert lines[0].startswith("   4.900 |") and lines[9].startswith("   1.500 |")
+    assert "a" in lines[0] and "B" in lines[9]                 # highest train, lowest test
+    assert "a/A = lstm_seq train/test" in plot and "b/B = transformer train/test" in plot
+    assert pico.ascii_loss_plot({}) == "(no losses to plot)"
+
+
+def test_kmeans_separates_two_obvious_clusters(pico):
+    torch.manual_seed(0)
+    points = torch.cat([torch.randn(20, 3) * 0.1, torch.randn(20, 3) * 0.1 + 5])
+    assignment, centroids = pico.kmeans(points, 2)
+    assert len(set(assignment[:20].tolist())) == 1 and len(set(assignment[20:].tolist())) == 1
+    assert assignment[0] != assignment[20]
+    assert sorted(centroids.norm(dim=1).round().tolist())[0] == 0.0
+
+
+def test_attention_maps_are_causal_distributions(pico):
+    args = pico.parse_args(["--tokenizer", "char", "--d_model", "32", "--n_heads", "2",
+                            "--n_blocks", "2", "--block_size", "16"])
+    model = pico.build_model("transformer", args, 257)
+    maps = torch.tensor(pico.attention_maps(model, list(b"hello"), "cpu"))  # (layers, H, T, T)
+    assert maps.shape == (2, 2, 5, 5)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 5))
+    assert torch.all(maps.triu(diagonal=1) == 0)
+    assert all(not block.attention.record_attention for block in model.blocks)
+
+
+def test_a_normal_run_prints_the_loss_plot_and_writes_interpretability_files(run_main, tmp_path,
+                                                                              tiny_corpus):
+    status, out, _ = run_main("--input_files", str(tiny_corpus), "--tokenizer", "char",
+                              "--models", "lstm_seq,transformer", "--block_size", "16",
+                              "--d_model", "32", "--embed_size", "32", "--max_steps_per_epoch", "2",
+                              "--max_new_tokens", "5", "--quiet", "--attention_maps",
+                              "--monosemantic_enabled", "--monosemantic_clusters", "4")
+    assert status == 0
+    assert "a/A = lstm_seq train/test" in out and "step 1" in out
+    artefacts = tmp_path / "artefacts"
+    attention = json.loads((artefacts / "attention_transformer.json").read_text())
+    assert attention["tokens"][:4] == ["O", "n", "c", "e"] and len(attention["layers"]) == 3
+    assert not (artefacts / "attention_lstm_seq.json").exists()
+    clusters = json.loads((artefacts / "monosemantic_lstm_seq.json").read_text())
+    assert len(clusters["clusters"]) == 4
+    generated = [t for t in clusters["tokens"] if t["generated"]]
+    assert all(len(t["neighbours"]) == 3 for t in generated)
+    assert "each token with [its cluster" in out
