@@ -229,7 +229,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     experiments = parser.add_argument_group("experiments (section 10)")
     experiments.add_argument("--sweep", choices=("presentation", "custom_data", "budget", "overfit",
                                                  "hyperparams", "kgram_variants", "architectures",
-                                                 "sampling"), default=None,
+                                                 "sampling", "ablations", "learning_rate",
+                                                 "batch_size"), default=None,
                              help="run one sweep into artefacts/sweep_<name>.json, or every sweep "
                                   "(presentation); finished points are skipped when started again")
     experiments.add_argument("--sweep_scale", choices=("full", "tiny"), default="full",
@@ -2413,7 +2414,17 @@ def autocast_context(device: torch.device):
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or exploded (see has_diverged)."""
+
+    def __init__(self, message: str, step: int = 0) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def has_diverged(loss: float, vocab_size: int) -> bool:
+    """Non-finite, or over 3x the loss of guessing uniformly (ln vocab): a fresh model
+    starts near ln vocab, so only a blow-up gets that far."""
+    return not math.isfinite(loss) or loss > 3 * math.log(vocab_size)
 
 
 def progress_bar(total: int, description: str, quiet: bool):
@@ -2459,9 +2470,9 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, args: argpa
             step += 1
             tokens_seen += step_tokens
             train_time += time.perf_counter() - step_started
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"{name}: loss became {loss} at step {step} (lr {lr:.3g}); "
-                                       "lower --learning_rate or raise --warmup_steps")
+            if has_diverged(loss, tokenizer.vocab_size):
+                raise TrainingDiverged(f"{name}: loss became {loss:.4g} at step {step} (lr {lr:.3g}); "
+                                       "lower --learning_rate or raise --warmup_steps", step)
             record["history"].append({
                 "step": step, "epoch": epoch, "train_loss": loss, "lr": lr,
                 "tokens_seen": tokens_seen, "elapsed_s": round(time.perf_counter() - started, 4),
@@ -2590,7 +2601,7 @@ def model_record(name: str, model: nn.Module, args: argparse.Namespace) -> dict:
 
 SWEEP_SCHEMA_VERSION = 1
 SWEEP_NAMES = ("custom_data", "budget", "overfit", "hyperparams", "kgram_variants",
-               "architectures", "sampling")
+               "architectures", "sampling", "ablations", "learning_rate", "batch_size")
 
 SWEEP_JSON_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -2619,8 +2630,9 @@ SWEEP_JSON_SCHEMA = {
                     "parameters": {"type": "integer", "minimum": 1},
                     "train_loss": {"type": ["number", "null"]},
                     "test_loss": {"type": ["number", "null"]},
-                    "tokens_per_s": {"type": "number", "minimum": 0},
+                    "tokens_per_s": {"type": ["number", "null"], "minimum": 0},
                     "wall_time_s": {"type": "number", "minimum": 0},
+                    "diverged": {"type": "boolean"},
                     "epochs": {"type": "array"},
                     "samples": {"type": "array"},
                     "diversity": {"type": "object"},
@@ -2651,6 +2663,8 @@ class SweepScale:
     samples_per_rule: int
     max_new_tokens: int
     custom_sizes: tuple[int, ...]
+    learning_rates: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     test_fraction: float = 0.2
     tokenizer: str = "char"      # 257 ids: the output layer stays cheap on a CPU
 
@@ -2666,7 +2680,7 @@ SWEEP_SCALES = {
                        budget_epochs=1, overfit_examples=6, overfit_epochs=3,
                        overfit_checkpoints=2, architecture_width=96, architecture_max_blocks=1,
                        sampling_steps=2, samples_per_rule=2, max_new_tokens=8,
-                       custom_sizes=(3, 8, 16)),
+                       custom_sizes=(3, 8, 16), learning_rates=(1e-3, 1e4), batch_sizes=(1, 4)),
 }
 
 SAMPLING_SWEEP_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.5),
@@ -2741,8 +2755,10 @@ class SweepLog:
         self.data["points"].append({"key": point_key(model, settings), "model": model,
                                     "settings": settings, **result})
         self.write()
-        say(f"[sweep {self.data['sweep']}] {model} {settings}: train {result['train_loss']:.3f} "
-            f"test {result['test_loss'] if result['test_loss'] is not None else float('nan'):.3f} "
+        outcome = ("diverged" if result.get("diverged") else
+                   f"train {result['train_loss']:.3f} test "
+                   f"{result['test_loss'] if result['test_loss'] is not None else float('nan'):.3f}")
+        say(f"[sweep {self.data['sweep']}] {model} {settings}: {outcome} "
             f"({result['wall_time_s']:.1f} s)")
 
     def finish(self) -> None:
@@ -2988,9 +3004,77 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
     write_embedding_clusters(model, "transformer", tokenizer, data, args, directory, device)
 
 
+# Ablations of the pico Transformer (pre-norm RMSNorm, RoPE, SwiGLU): one change each.
+ABLATIONS = {
+    "baseline": {},
+    "no normalization": {"norm": "none"},
+    "post-norm": {"norm_position": "post"},
+    "no position embedding (NoPE)": {"pos_emb": "none"},
+    "learned positions": {"pos_emb": "learned"},
+    "SiLU MLP (no gate)": {"ffn": "silu"},
+}
+
+
+def sweep_ablations(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """The pico Transformer with one component changed at a time, at equal budget."""
+    args = with_settings(base, test_fraction=scale.test_fraction)
+    data = sweep_data(args, tokenizer)
+    args = with_step_budget(args, data, scale.steps)
+    for label, overrides in ABLATIONS.items():
+        settings = {"ablation": label, **overrides}
+        if not log.done("transformer", settings):
+            _, record = train_sweep_model("transformer", "transformer",
+                                          with_settings(args, **overrides), device, tokenizer, data)
+            log.add("transformer", settings, point_result(record, data))
+
+
+def train_or_diverge(log: SweepLog, model_name: str, settings: dict, args, device, tokenizer,
+                     data: TrainingData) -> None:
+    """One sweep point; a run whose loss explodes is stopped and recorded as diverged."""
+    started = time.perf_counter()
+    try:
+        _, record = train_sweep_model(model_name, model_name, args, device, tokenizer, data)
+    except TrainingDiverged as error:
+        log.add(model_name, settings, {"diverged": True, "diverged_at_step": error.step,
+                                       "train_loss": None, "test_loss": None, "tokens_per_s": None,
+                                       "wall_time_s": round(time.perf_counter() - started, 3)})
+        return
+    log.add(model_name, settings, {"diverged": False, **point_result(record, data)})
+
+
+def sweep_learning_rate(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Transformer learning rates from too small to diverging (constant schedule, no
+    clipping, so the large rates really blow up and are marked as diverged)."""
+    args = with_settings(base, test_fraction=scale.test_fraction, lr_schedule="constant",
+                         grad_clip=0.0)
+    data = sweep_data(args, tokenizer)
+    args = with_step_budget(args, data, scale.steps)
+    for learning_rate in scale.learning_rates:
+        settings = {"learning_rate": learning_rate}
+        if not log.done("transformer", settings):
+            train_or_diverge(log, "transformer", settings,
+                             with_settings(args, learning_rate=learning_rate), device, tokenizer, data)
+
+
+def sweep_batch_size(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Batch sizes from 1 upward at an equal number of training examples (so smaller
+    batches take more, noisier steps), same learning rate."""
+    args = with_settings(base, test_fraction=scale.test_fraction)
+    data = sweep_data(args, tokenizer)
+    examples = scale.steps * scale.batch_size
+    for batch_size in scale.batch_sizes:
+        settings = {"batch_size": batch_size, "examples": examples}
+        if not log.done("transformer", settings):
+            point_args = with_step_budget(with_settings(args, batch_size=batch_size), data,
+                                          max(1, examples // batch_size))
+            train_or_diverge(log, "transformer", settings, point_args, device, tokenizer, data)
+
+
 SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": sweep_overfit,
           "hyperparams": sweep_hyperparams, "kgram_variants": sweep_kgram_variants,
-          "architectures": sweep_architectures, "sampling": sweep_sampling}
+          "architectures": sweep_architectures, "sampling": sweep_sampling,
+          "ablations": sweep_ablations, "learning_rate": sweep_learning_rate,
+          "batch_size": sweep_batch_size}
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 from conftest import REPO
 
 FIGURES = {"loss_curves", "throughput", "overfitting", "custom_data", "budget", "hyperparams",
-           "sampling_diversity", "attention_transformer"}
+           "sampling_diversity", "attention_transformer", "ablations", "learning_rate_batch_size"}
 
 
 def execute_notebook(artefacts, monkeypatch):

@@ -132,3 +132,46 @@ def test_a_normal_run_prints_the_loss_plot_and_writes_interpretability_files(run
     generated = [t for t in clusters["tokens"] if t["generated"]]
     assert all(len(t["neighbours"]) == 3 for t in generated)
     assert "each token with [its cluster" in out
+
+
+@pytest.mark.parametrize("sweep, expected", [
+    ("ablations", 6), ("learning_rate", 2), ("batch_size", 2)])
+def test_issue7_sweeps_write_their_points(pico, run_main, tmp_path, tiny_corpus, sweep, expected):
+    status, out, err = run_main("--sweep", sweep, "--sweep_scale", "tiny",
+                                "--input_files", str(tiny_corpus))
+    assert status == 0, err
+    result = pico.load_sweep(tmp_path / "artefacts" / f"sweep_{sweep}.json")
+    jsonschema.validate(result, pico.SWEEP_JSON_SCHEMA)
+    assert len(result["points"]) == expected
+    if sweep == "ablations":
+        changes = {p["settings"]["ablation"]: p["settings"] for p in result["points"]}
+        assert changes["post-norm"]["norm_position"] == "post"
+        assert changes["no position embedding (NoPE)"]["pos_emb"] == "none"
+        assert all(p["test_bits_per_byte"] > 0 for p in result["points"])
+    if sweep == "batch_size":
+        steps = {p["settings"]["batch_size"]: p["steps"] for p in result["points"]}
+        assert steps[1] == 4 * steps[4]          # equal examples: 4x the steps at batch 1
+
+
+def test_a_diverging_learning_rate_is_recorded_not_raised(pico, tmp_path, tiny_corpus):
+    args = pico.parse_args(["--input_files", str(tiny_corpus), "--tokenizer", "char",
+                            "--models", "transformer", "--d_model", "32", "--n_heads", "2",
+                            "--learning_rate", "3.0", "--grad_clip", "0", "--lr_schedule",
+                            "constant", "--warmup_steps", "0", "--epochs", "3", "--quiet",
+                            "--cache_dir", str(tmp_path / "cache")])
+    tokenizer = pico.ByteTokenizer()
+    data = pico.sweep_data(args, tokenizer)
+    scale = pico.SWEEP_SCALES["tiny"]
+    log = pico.SweepLog(tmp_path / "lr.json", "learning_rate", scale, args, torch.device("cpu"))
+    pico.train_or_diverge(log, "transformer", {"learning_rate": 3.0}, args, torch.device("cpu"),
+                          tokenizer, data)
+    point = log.data["points"][0]
+    assert point["diverged"] is True and point["train_loss"] is None
+    assert point["diverged_at_step"] >= 2
+
+
+def test_has_diverged(pico):
+    import math
+    assert pico.has_diverged(float("nan"), 100) and pico.has_diverged(float("inf"), 100)
+    assert pico.has_diverged(3 * math.log(100) + 0.1, 100)
+    assert not pico.has_diverged(math.log(100) + 1, 100)

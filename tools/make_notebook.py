@@ -101,9 +101,10 @@ if architectures:
                  f"{config['ffn']}, {config['norm']}, {config['pos_emb']}" if "d_model" in config
                  else settings_text(config))
         rows.append([point["model"], f"{point['parameters']:,}", shape, fmt(point["train_loss"]),
-                     fmt(point["test_loss"]), f"{point['tokens_per_s']:,.0f}",
-                     fmt(point["wall_time_s"], 1)])
-    table(["model", "parameters", "shape", "train loss", "test loss", "tokens/s", "seconds"], rows)
+                     fmt(point["test_loss"]), fmt(point.get("test_bits_per_byte")),
+                     f"{point['tokens_per_s']:,.0f}", fmt(point["wall_time_s"], 1)])
+    table(["model", "parameters", "shape", "train loss", "test loss", "test bits/byte", "tokens/s",
+           "seconds"], rows)
     print("environment:", architectures["environment"])
     print("tokenizer:", architectures["config"]["tokenizer"])"""),
     ("markdown", "## The data"),
@@ -237,6 +238,68 @@ if kgram:
           [[p["settings"]["kgram_variant"], f"{p['parameters']:,}", fmt(p["train_loss"]),
             fmt(p["test_loss"]), f"{p['tokens_per_s']:,.0f}", fmt(p["wall_time_s"], 1)]
            for p in kgram["points"]])"""),
+    ("markdown", """\
+## Ablations: what each Transformer component buys
+
+The pico Transformer (pre-norm RMSNorm, RoPE, SwiGLU) with one component changed at a time,
+all at the same step budget. Test loss in nats per token and in bits per byte (total nats over
+the test text's UTF-8 bytes / ln 2), which compares fairly across tokenizers."""),
+    ("code", """\
+ablations = load("sweep_ablations.json", "sweep")
+if ablations:
+    points = ablations["points"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    labels = [p["settings"]["ablation"] for p in points]
+    ax.barh(labels, [p["test_loss"] for p in points],
+            color=["C2" if label == "baseline" else "C0" for label in labels])
+    ax.invert_yaxis()
+    ax.set(xlabel="test loss (nats per token; lower is better)", title="Ablations at equal budget")
+    low = min(p["test_loss"] for p in points)
+    ax.set_xlim(low * 0.95, max(p["test_loss"] for p in points) * 1.02)
+    save(fig, "ablations")
+    table(["change", "train loss", "test loss", "test bits/byte", "tokens/s"],
+          [[p["settings"]["ablation"], fmt(p["train_loss"]), fmt(p["test_loss"]),
+            fmt(p["test_bits_per_byte"]), f"{p['tokens_per_s']:,.0f}"] for p in points])"""),
+    ("markdown", """\
+## Learning rate and batch size
+
+Left: the Transformer's test loss against a constant learning rate, without gradient clipping.
+Runs whose loss exploded were stopped early and are marked with a cross at the top. Right: batch
+sizes from 1 upward, all seeing the same number of training examples."""),
+    ("code", """\
+rates = load("sweep_learning_rate.json", "sweep")
+batches = load("sweep_batch_size.json", "sweep")
+if rates or batches:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    if rates:
+        ok = [p for p in rates["points"] if not p.get("diverged")]
+        bad = [p for p in rates["points"] if p.get("diverged")]
+        ax = axes[0]
+        ax.plot([p["settings"]["learning_rate"] for p in ok], [p["test_loss"] for p in ok], "o-",
+                label="test loss")
+        ax.plot([p["settings"]["learning_rate"] for p in ok], [p["train_loss"] for p in ok], "o:",
+                label="train loss")
+        top = max([p["test_loss"] for p in ok], default=1.0)
+        ax.plot([p["settings"]["learning_rate"] for p in bad], [top] * len(bad), "rx", ms=10,
+                label="diverged (stopped)")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="final loss", title="Learning-rate sweep")
+        ax.legend(fontsize=8)
+    if batches:
+        points = sorted(batches["points"], key=lambda p: p["settings"]["batch_size"])
+        ax = axes[1]
+        x = [p["settings"]["batch_size"] for p in points]
+        ax.plot(x, [p["test_loss"] for p in points], "o-", label="test loss")
+        ax.plot(x, [p["train_loss"] for p in points], "o:", label="train loss")
+        twin = ax.twinx()
+        twin.plot(x, [p["tokens_per_s"] for p in points], "s--", color="C3", label="tokens/s")
+        twin.set_ylabel("training tokens / s", color="C3")
+        ax.set(xscale="log", xlabel="batch size", ylabel="final loss",
+               title=f"Batch size at {points[0]['settings']['examples']} examples")
+        ax.set_xticks(x, [str(b) for b in x])
+        ax.minorticks_off()
+        ax.legend(fontsize=8, loc="upper center")
+    fig.tight_layout()
+    save(fig, "learning_rate_batch_size")"""),
     ("markdown", """\
 ## Sampling: top-p and temperature
 
