@@ -2170,18 +2170,15 @@ def load_checkpoint(path: Path, flag: str) -> dict:
         with warnings.catch_warnings():  # torch warns about old pickle protocols on stderr
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise UserError(f"{path} is not a readable checkpoint ({error}); "
-                            "use another checkpoint") from None
+    except Exception as error:  # damaged files raise UnpicklingError, RuntimeError, EOFError, ...
         culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        raise UserError(f"refused to load {path}: unpickling it could run code "
-                        f"({culprit.group(1) if culprit else 'objects other than tensors'}); "
-                        "load only checkpoints pico-llm wrote") from None
-    except Exception as error:  # damaged files raise RuntimeError, EOFError, KeyError, ...
-        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {reason}); "
-                        "use an earlier checkpoint") from None
+        if culprit:
+            raise UserError(f"refused to load {path}: unpickling it would run code "
+                            f"({culprit.group(1)}); load only checkpoints pico-llm wrote") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        reason = (detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__)
+        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt or not from "
+                        f"pico-llm: {reason[:120]}); use an earlier checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a pico-llm checkpoint; give a .pt file written with --save_dir")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
