@@ -44,15 +44,22 @@ import dataclasses
 import datetime
 import hashlib
 import heapq
+import io
 import json
 import math
 import multiprocessing
 import os
+import pickle
 import platform
+import random
+import re
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -84,6 +91,7 @@ class UserError(Exception):
 MODEL_NAMES = ("kgram_mlp_seq", "lstm_seq", "transformer", "transformer_gptoss")
 KGRAM_VARIANTS = ("onehot", "embedding", "conv")
 MAX_TRANSFORMER_BLOCKS = 10  # the course project asks for 2 to 10 blocks
+MAX_NEW_TOKENS_LIMIT = 100_000  # beyond this a typo, not a wish: minutes of CPU per sample
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -226,6 +234,35 @@ def build_arg_parser() -> argparse.ArgumentParser:
     out.add_argument("--artefacts_dir", default=str(REPO_DIR / "artefacts"),
                      help="directory for JSON run logs")
 
+    ckpt = parser.add_argument_group("checkpoints (section 9)")
+    ckpt.add_argument("--save_dir", default=None,
+                      help="write checkpoints to DIR/<model>/step_NNNNNN.pt (at the end of each "
+                           "model's training, every --checkpoint_every steps, and on Ctrl-C)")
+    ckpt.add_argument("--checkpoint_every", type=int, default=0,
+                      help="also checkpoint every N steps (0 = only at the end and on Ctrl-C)")
+    ckpt.add_argument("--keep_checkpoints", type=int, default=3,
+                      help="keep the newest K checkpoints of each model")
+    ckpt.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                      help="continue from the newest checkpoints in --save_dir, or from PATH "
+                           "(a save directory or one checkpoint file); give the same flags")
+    ckpt.add_argument("--generate", action="store_true",
+                      help="no training: continue --prompt with the model in --checkpoint")
+    ckpt.add_argument("--checkpoint", default=None, metavar="PATH",
+                      help="checkpoint file that --generate reads")
+    ckpt.add_argument("--skip_nonfinite", type=int, default=0,
+                      help="skip up to N steps whose loss or gradients are NaN/inf "
+                           "(0 = stop at the first)")
+    ckpt.add_argument("--early_stop_patience", type=int, default=0,
+                      help="stop when the test loss has not improved for N epochs (0 = off)")
+    ckpt.add_argument("--early_stop_min_delta", type=float, default=0.0,
+                      help="a test-loss decrease smaller than this is no improvement")
+    ckpt.add_argument("--plateau_patience", type=int, default=0,
+                      help="multiply the learning rate by --plateau_factor after N epochs "
+                           "without test-loss improvement (0 = off)")
+    ckpt.add_argument("--plateau_factor", type=float, default=0.5,
+                      help="learning-rate factor on a plateau, in (0, 1)")
+    ckpt.add_argument("--lr_min", type=float, default=0.0,
+                      help="reduce-on-plateau never takes the peak learning rate below this")
     experiments = parser.add_argument_group("experiments (section 10)")
     experiments.add_argument("--sweep", choices=("presentation", "custom_data", "budget", "overfit",
                                                  "hyperparams", "kgram_variants", "architectures",
@@ -295,6 +332,11 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.monosemantic_clusters <= 0:
         raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
+    if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} is too large; "
+                        f"use at most {MAX_NEW_TOKENS_LIMIT}")
+    if not args.prompt:
+        raise UserError("--prompt is empty; give some text to continue, e.g. --prompt 'Once'")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if not 0.0 <= args.tinystories_weight <= 1.0:
@@ -307,6 +349,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     parse_tokenizer_spec(args.tokenizer)
+    validate_checkpoint_args(args)
     for name in args.models:
         if name.startswith("transformer"):
             transformer_config_from_args(args, name, vocab_size=256)  # validates the fields
@@ -1151,7 +1194,7 @@ class TrainingData:
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.block_size = block_size
         self.pad_id = pad_id
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
     @property
     def num_train_examples(self) -> int:
@@ -1161,29 +1204,34 @@ class TrainingData:
         steps = math.ceil(self.num_train_examples / batch_size)
         return min(steps, max_steps) if max_steps else steps
 
-    def epoch_order(self) -> list[tuple[int, int]]:
-        """(source index, example index) for every slot of one epoch."""
-        choices = self.rng.choice(len(self.sources), size=self.num_train_examples, p=self.weights)
-        orders = [list(self.rng.permutation(source.train)) for source in self.sources]
+    def epoch_order(self, epoch: int = 1) -> list[tuple[int, int]]:
+        """(source index, example index) for every slot of 1-based `epoch`. The shuffle
+        depends only on (seed, epoch), so a resumed run sees the same batches."""
+        rng = np.random.default_rng([self.seed, epoch])
+        choices = rng.choice(len(self.sources), size=self.num_train_examples, p=self.weights)
+        orders = [list(rng.permutation(source.train)) for source in self.sources]
         positions = [0] * len(self.sources)
         slots = []
         for source_index in choices:
             order = orders[source_index]
             if positions[source_index] == len(order):
-                order[:] = self.rng.permutation(self.sources[source_index].train)
+                order[:] = rng.permutation(self.sources[source_index].train)
                 positions[source_index] = 0
             slots.append((int(source_index), int(order[positions[source_index]])))
             positions[source_index] += 1
         return slots
 
-    def train_step_slots(self, batch_size: int, max_steps: int | None) -> Iterator[list[tuple[int, int]]]:
-        """The (source, example) slots of each optimizer step of one epoch."""
-        slots = self.epoch_order()
-        for step in range(self.steps_per_epoch(batch_size, max_steps)):
+    def train_step_slots(self, batch_size: int, max_steps: int | None, epoch: int = 1,
+                         skip: int = 0) -> Iterator[list[tuple[int, int]]]:
+        """The (source, example) slots of each optimizer step of `epoch`, after the first
+        `skip` steps (already trained on before a resume)."""
+        slots = self.epoch_order(epoch)
+        for step in range(skip, self.steps_per_epoch(batch_size, max_steps)):
             yield slots[step * batch_size: (step + 1) * batch_size]
 
-    def train_batches(self, batch_size: int, max_steps: int | None) -> Iterator[Batch]:
-        for slots in self.train_step_slots(batch_size, max_steps):
+    def train_batches(self, batch_size: int, max_steps: int | None, epoch: int = 1,
+                      skip: int = 0) -> Iterator[Batch]:
+        for slots in self.train_step_slots(batch_size, max_steps, epoch, skip):
             yield self.batch_of(slots)
 
     def test_slots(self) -> list[tuple[int, int]]:
@@ -2246,7 +2294,7 @@ RUNLOG_JSON_SCHEMA = {
         "kind": {"const": "run"},
         "run_name": {"type": "string"},
         "created": {"type": "string"},
-        "status": {"enum": ["running", "finished", "failed"]},
+        "status": {"enum": ["running", "finished", "failed", "interrupted"]},
         "args": {"type": "object"},
         "environment": {
             "type": "object",
@@ -2343,7 +2391,11 @@ class RunLog:
         return record
 
     def write(self) -> None:
-        atomic_write_json(self.path, self.data)
+        try:
+            atomic_write_json(self.path, self.data)
+        except OSError as error:
+            raise UserError(f"cannot write run log {self.path}: {error.strerror}; free disk "
+                            "space or choose another --artefacts_dir") from None
 
 
 def load_runlog(path: Path | str) -> dict:
@@ -2357,13 +2409,14 @@ def load_runlog(path: Path | str) -> dict:
 
 
 def choose_run_path(args: argparse.Namespace) -> Path:
-    """artefacts/<run_name>.json; a default name never reuses an existing file."""
+    """artefacts/<run_name>.json; a default name never reuses an existing file, and holds
+    the process id, so two runs starting in the same second cannot pick the same name."""
     directory = Path(args.artefacts_dir)
     if args.run_name:
         if any(ch in args.run_name for ch in "/\\") or args.run_name.startswith("."):
             raise UserError(f"--run_name {args.run_name!r} must be a plain file name")
         return directory / f"{args.run_name}.json"
-    stem = time.strftime("%Y%m%d-%H%M%S") + "_" + "+".join(args.models)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-p{os.getpid()}_{'+'.join(args.models)}"
     path, counter = directory / f"{stem}.json", 2
     while path.exists():
         path, counter = directory / f"{stem}-{counter}.json", counter + 1
@@ -2414,7 +2467,8 @@ def autocast_context(device: torch.device):
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite, or exploded (see has_diverged)."""
+    """The loss or the gradient norm became NaN or infinite, or the loss exploded
+    (see has_diverged)."""
 
     def __init__(self, message: str, step: int = 0) -> None:
         super().__init__(message)
@@ -2443,64 +2497,98 @@ def say(message: str, bar=None) -> None:
 
 
 def train_one_model(name: str, model: nn.Module, data: TrainingData, args: argparse.Namespace,
-                    device: torch.device, tokenizer, record: dict, runlog: RunLog | None,
+                    device: torch.device, tokenizer, record: dict, runlog: RunLog | None, *,
+                    checkpoints: CheckpointSeries | None = None,
+                    resume_from: tuple[Path, dict] | None = None,
+                    stop: StopRequest | None = None,
                     context: "Distributed | None" = None) -> dict:
     """Train `model` for args.epochs epochs, evaluating after each; fills `record`.
+
+    resume_from (path, checkpoint) continues where that checkpoint stopped; checkpoints
+    saves every --checkpoint_every steps and at the end; stop (set by Ctrl-C or SIGTERM)
+    ends training after the current step with a checkpoint (TrainingInterrupted).
     Under torchrun every rank runs this; only rank 0 prints, samples and writes."""
     context = context or Distributed()
-    loss_model = wrap_for_training(model, context, device)
     optimizer = build_optimizer(model, args, device)
+    progress = TrainingProgress()
+    if resume_from is not None:
+        progress = restore_training_state(resume_from[1], resume_from[0], model, optimizer,
+                                          record, tokenizer)
+    run = ModelTraining(name, model, optimizer, progress, args, tokenizer, record, runlog,
+                        checkpoints if context.is_main else None,
+                        wrap_for_training(model, context, device), context)
     steps_per_epoch = data.steps_per_epoch(args.batch_size, args.max_steps_per_epoch)
     total_steps = steps_per_epoch * args.epochs
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
-    bar = progress_bar(total_steps, name, args.quiet or not context.is_main)
-    step, tokens_seen, train_time = 0, 0, 0.0
-    started = time.perf_counter()
+    bar = progress_bar(total_steps, name, args.quiet)
+    if bar is not None:
+        bar.update(progress.step)
+    started = time.perf_counter() - progress.elapsed_s
     model.train()
-    for epoch in range(1, args.epochs + 1):
-        for slots in data.train_step_slots(args.batch_size, args.max_steps_per_epoch):
+    while progress.epoch <= args.epochs and not progress.finished:
+        epoch = progress.epoch
+        for slots in data.train_step_slots(args.batch_size, args.max_steps_per_epoch, epoch,
+                                           skip=progress.batches_done):
             step_started = time.perf_counter()
-            lr = learning_rate_at(step, total_steps, args)
+            lr = learning_rate_at(progress.step, total_steps, args) * progress.lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            progress.step += 1
+            progress.batches_done += 1
             micro_batches = rank_micro_batches(data, slots, args.grad_accum_steps, context, device)
             step_tokens = data.target_tokens(slots)
-            loss = training_step(loss_model, optimizer, micro_batches, step_tokens, args.grad_clip,
-                                 context)
-            step += 1
-            tokens_seen += step_tokens
-            train_time += time.perf_counter() - step_started
-            if has_diverged(loss, tokenizer.vocab_size):
-                raise TrainingDiverged(f"{name}: loss became {loss:.4g} at step {step} (lr {lr:.3g}); "
-                                       "lower --learning_rate or raise --warmup_steps", step)
-            record["history"].append({
-                "step": step, "epoch": epoch, "train_loss": loss, "lr": lr,
-                "tokens_seen": tokens_seen, "elapsed_s": round(time.perf_counter() - started, 4),
-                "tokens_per_s": tokens_seen / train_time})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-            if not args.quiet and (step % args.log_interval == 0 or step == total_steps):
-                say(f"[{name}] epoch {epoch} step {step}/{total_steps} loss {loss:.4f} "
-                    f"lr {lr:.2e} {tokens_seen / train_time:,.0f} tok/s", bar)
-            if (args.sample_interval and step % args.sample_interval == 0 and step < total_steps
-                    and context.is_main):
-                record_samples(model, tokenizer, args, device, step, record, bar)
+            loss = run.train_step(micro_batches, step_tokens, lr, bar)
+            progress.train_time_s += time.perf_counter() - step_started
+            progress.elapsed_s = time.perf_counter() - started
+            if loss is not None:
+                progress.tokens_seen += step_tokens
+                log_step(run, epoch, loss, lr, total_steps, bar)
+            run.after_step(stop)
         if data.has_test_set:
             batches = data.test_batches(args.batch_size, context.rank, context.world_size)
             result = evaluate(model, batches, device, token_bytes, context)
-            record["test_history"].append({"epoch": epoch, "step": step, **result})
+            record["test_history"].append({"epoch": epoch, "step": progress.step, **result})
             if not args.quiet:
                 say(f"[{name}] epoch {epoch} test loss {result['test_loss']:.4f} "
                     f"({result['test_bits_per_byte']:.3f} bits/byte)", bar)
+            change = after_evaluation(progress, result["test_loss"], args)
+            if change:
+                say(f"[{name}] {change}", bar)
+            if progress.finished:
+                record["stopped_early_after_epoch"] = epoch
+        progress.epoch, progress.batches_done = epoch + 1, 0
         if runlog is not None:
             runlog.write()
+        run.stop_if_requested(stop)
     if bar is not None:
         bar.close()
     if context.is_main:
-        record_samples(model, tokenizer, args, device, step, record, None, final=True)
-    record["final"] = final_summary(record, train_time, time.perf_counter() - started)
+        record_samples(model, tokenizer, args, device, progress.step, record, None, final=True)
+    progress.finished = True
+    record["final"] = final_summary(record, progress.train_time_s, time.perf_counter() - started)
+    run.stop_if_requested(stop)
+    run.save_checkpoint()
     return record["final"]
+
+
+def log_step(run: ModelTraining, epoch: int, loss: float, lr: float, total_steps: int, bar) -> None:
+    """Append one step to the history; print it, and samples, at their intervals."""
+    progress, args, step = run.progress, run.args, run.progress.step
+    tokens_per_s = progress.tokens_seen / max(progress.train_time_s, 1e-9)
+    run.record["history"].append({
+        "step": step, "epoch": epoch, "train_loss": loss, "lr": lr,
+        "tokens_seen": progress.tokens_seen, "elapsed_s": round(progress.elapsed_s, 4),
+        "tokens_per_s": tokens_per_s})
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    if not args.quiet and (step % args.log_interval == 0 or step == total_steps):
+        say(f"[{run.name}] epoch {epoch} step {step}/{total_steps} loss {loss:.4f} "
+            f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s", bar)
+    if (args.sample_interval and step % args.sample_interval == 0 and step < total_steps
+            and run.context.is_main):
+        record_samples(run.model, run.tokenizer, args, next(run.model.parameters()).device,
+                       step, run.record, bar)
 
 
 def rank_micro_batches(data: TrainingData, slots: list[tuple[int, int]], accumulation: int,
@@ -2522,7 +2610,8 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
     Each position's loss weighs 1 / step_tokens (the real targets of the whole step,
     over all ranks and micro-batches), so the update is the same token mean whatever
     the split. DDP averages gradients over ranks, so each rank scales by world_size.
-    Only the last micro-batch synchronises gradients across ranks.
+    Only the last micro-batch synchronises gradients across ranks. Raises
+    NonFiniteStep, before updating anything, when the loss or gradient norm is NaN or inf.
     """
     context = context or Distributed()
     scale = context.world_size / max(step_tokens, 1)
@@ -2536,10 +2625,15 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
                 loss = loss_model(batch.inputs, batch.targets, weights)
             loss.backward()
         local_loss += loss.item()
-    if grad_clip > 0:
-        gradient_clipping(loss_model.parameters(), grad_clip)
+    step_loss = context.sum([local_loss], batch.inputs.device)[0] / context.world_size
+    if not math.isfinite(step_loss):
+        raise NonFiniteStep("loss", step_loss)
+    # an infinite limit only measures the norm, so a bad gradient is caught without clipping
+    grad_norm = gradient_clipping(loss_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if not math.isfinite(grad_norm):
+        raise NonFiniteStep("gradient norm", grad_norm)
     optimizer.step()
-    return context.sum([local_loss], batch.inputs.device)[0] / context.world_size
+    return step_loss
 
 
 def final_summary(record: dict, train_time: float, wall_time: float) -> dict:
@@ -2584,6 +2678,415 @@ def model_record(name: str, model: nn.Module, args: argparse.Namespace) -> dict:
 # =============================================================================
 # 9. Checkpoints and fault tolerance
 # =============================================================================
+# A checkpoint holds everything needed to continue one model's training
+# exactly: weights, optimizer moments, progress (step, epoch, batches done in
+# the epoch, plateau state), every RNG state, the flags, the tokenizer's
+# identity and the model's run-log record so far. It contains only tensors and
+# plain Python values, so it loads with torch.load(weights_only=True), which
+# refuses any pickle that would run code. Files are written atomically, so a
+# kill at any moment leaves the previous checkpoint intact.
+
+CHECKPOINT_FORMAT = "pico-llm checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
+
+# Flags that change what is printed, saved or sampled, never the training
+# arithmetic, so a resumed run may set them differently.
+FLAGS_FREE_ON_RESUME = frozenset({
+    "models", "enable_transformer_gptoss", "device_id", "attention_impl", "quiet",
+    "log_interval", "sample_interval", "prompt", "max_new_tokens", "temperature", "top_k",
+    "top_p", "run_name", "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every",
+    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint"})
+
+
+def validate_checkpoint_args(args: argparse.Namespace) -> None:
+    """The checkpoint group's flags and their combinations (called by validate_args)."""
+    for name in ("checkpoint_every", "skip_nonfinite", "early_stop_patience", "plateau_patience"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.keep_checkpoints < 1:
+        raise UserError(f"--keep_checkpoints must be at least 1, got {args.keep_checkpoints}")
+    for name in ("early_stop_min_delta", "plateau_factor", "lr_min"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name} must be a finite number >= 0, got {value}")
+    if not 0.0 < args.plateau_factor < 1.0:
+        raise UserError(f"--plateau_factor must be in (0, 1), got {args.plateau_factor}")
+    if args.lr_min > args.learning_rate:
+        raise UserError(f"--lr_min ({args.lr_min}) must not exceed --learning_rate "
+                        f"({args.learning_rate})")
+    if (args.early_stop_patience or args.plateau_patience) and args.test_fraction == 0:
+        raise UserError("--early_stop_patience and --plateau_patience watch the test loss; "
+                        "set --test_fraction above 0")
+    if args.generate and not args.checkpoint:
+        raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir)")
+    if args.checkpoint and not args.generate:
+        raise UserError("--checkpoint is read by --generate; to continue training use --resume")
+    if args.generate and (args.resume is not None or args.save_dir):
+        raise UserError("--generate does not train; drop --resume and --save_dir")
+    if args.resume == "" and not args.save_dir:
+        raise UserError("--resume without a path resumes from --save_dir; "
+                        "pass --save_dir DIR or --resume PATH")
+    if args.checkpoint_every and not (args.save_dir or args.resume):
+        raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
+
+
+@dataclasses.dataclass
+class TrainingProgress:
+    """Where one model's training stands; stored in every checkpoint."""
+
+    step: int = 0                  # optimizer steps taken, skipped non-finite ones included
+    epoch: int = 1                 # the 1-based epoch in progress
+    batches_done: int = 0          # batches of `epoch` already trained on
+    tokens_seen: int = 0
+    train_time_s: float = 0.0      # seconds inside training steps
+    elapsed_s: float = 0.0         # wall-clock seconds since training started
+    nonfinite_steps: int = 0       # steps skipped under --skip_nonfinite
+    lr_scale: float = 1.0          # reduce-on-plateau factor applied to the schedule
+    best_test_loss: float = math.inf
+    epochs_without_improvement: int = 0
+    finished: bool = False         # trained all epochs or stopped early
+
+
+class NonFiniteStep(Exception):
+    """training_step found a NaN or infinite loss or gradient norm and did not update."""
+
+    def __init__(self, quantity: str, value: float) -> None:
+        super().__init__(f"{quantity} became {value}")
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after writing a checkpoint and the run log;
+    main() prints the message and exits with 128 + the signal number."""
+
+    def __init__(self, signal_number: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
+
+
+class StopRequest:
+    """Turns the first SIGINT or SIGTERM into a request to stop after the current step,
+    so that a checkpoint can be written; a second signal acts at once, as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signals live there only
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        self.signal_number = number
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def checkpoint_step(path: Path) -> int:
+    match = CHECKPOINT_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else -1
+
+
+class CheckpointSeries:
+    """One model's checkpoints, <save_dir>/<model>/step_000123.pt; keeps the newest `keep`."""
+
+    def __init__(self, save_dir: Path, model_name: str, keep: int) -> None:
+        self.save_dir = Path(save_dir)
+        self.directory = self.save_dir / model_name
+        self.keep = keep
+        self.last_saved = self.latest()
+
+    def paths(self) -> list[Path]:
+        """Complete checkpoints, oldest first (an interrupted write leaves only a dot-file)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted((p for p in self.directory.iterdir() if checkpoint_step(p) >= 0),
+                      key=checkpoint_step)
+
+    def latest(self) -> Path | None:
+        paths = self.paths()
+        return paths[-1] if paths else None
+
+    def save(self, payload: dict) -> Path:
+        """Write atomically, then delete all but the newest `keep` checkpoints."""
+        path = self.directory / f"step_{payload['progress']['step']:06d}.pt"
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        try:
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError as error:
+            raise UserError(f"cannot write checkpoint {path}: {error.strerror}; free disk space or "
+                            f"choose another --save_dir (last good checkpoint: "
+                            f"{self.last_saved or 'none'})") from None
+        self.last_saved = path
+        for old in self.paths()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """The flags as plain values, the only kind weights_only loading accepts."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+    return {key: plain(value) for key, value in vars(args).items()}
+
+
+def rng_states() -> dict:
+    """Every random-number generator's state, as tensors and plain values."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "python": random.getstate()}
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy_state = states["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"],
+                         numpy_state["cached_gaussian"]))
+    version, internal_state, gauss = states["python"]
+    random.setstate((version, tuple(internal_state), gauss))
+
+
+def tokenizer_identity(args: argparse.Namespace, tokenizer) -> dict:
+    return {"spec": args.tokenizer, "name": tokenizer.name, "vocab_size": tokenizer.vocab_size}
+
+
+def load_checkpoint(path: Path, flag: str) -> dict:
+    """A checkpoint file, loaded without running any code in it; UserError otherwise."""
+    if not path.exists():
+        raise UserError(f"{flag} {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a checkpoint file such as "
+                        f"{path / 'lstm_seq' / 'step_000100.pt'}")
+    try:
+        with warnings.catch_warnings():  # torch warns about old pickle protocols on stderr
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # damaged files raise UnpicklingError, RuntimeError, EOFError, ...
+        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if culprit:
+            raise UserError(f"refused to load {path}: unpickling it would run code "
+                            f"({culprit.group(1)}); load only checkpoints pico-llm wrote") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        reason = (detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__)
+        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt or not from "
+                        f"pico-llm: {reason[:120]}); use an earlier checkpoint") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a pico-llm checkpoint; give a .pt file written with --save_dir")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} is checkpoint version {checkpoint.get('version')!r}; "
+                        f"this pico-llm reads version {CHECKPOINT_VERSION}")
+    return checkpoint
+
+
+def checkpoint_directory(args: argparse.Namespace) -> Path | None:
+    """Where checkpoints go: --save_dir, or else the directory --resume reads."""
+    if args.save_dir:
+        return Path(args.save_dir)
+    if args.resume:
+        source = Path(args.resume)
+        return source.parent.parent if source.is_file() else source
+    return None
+
+
+def resume_checkpoints(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
+    """{model name: (path, checkpoint)} for each model --resume continues, checked against
+    the flags before anything is written. Models without a checkpoint start afresh."""
+    if args.resume is None:
+        return {}
+    source = Path(args.resume or args.save_dir)
+    if source.is_file():
+        checkpoint = load_checkpoint(source, "--resume")
+        name = checkpoint["model_name"]
+        if args.models != [name]:
+            raise UserError(f"--resume {source} holds model {name}, but --models is "
+                            f"{','.join(args.models)}; pass --models {name}, or --resume the "
+                            "whole --save_dir")
+        found = {name: (source, checkpoint)}
+    elif source.is_dir():
+        found = {}
+        for name in args.models:
+            latest = CheckpointSeries(source, name, keep=1).latest()
+            if latest is not None:
+                found[name] = (latest, load_checkpoint(latest, "--resume"))
+        if not found:
+            raise UserError(f"--resume {source}: no checkpoints of {', '.join(args.models)} "
+                            "there; check --save_dir and --models, or drop --resume")
+    else:
+        raise UserError(f"--resume {source} does not exist; give a --save_dir or a checkpoint file")
+    for path, checkpoint in found.values():
+        check_same_flags(checkpoint, path, args)
+    return found
+
+
+def check_same_flags(checkpoint: dict, path: Path, args: argparse.Namespace) -> None:
+    """A resumed run must compute what the interrupted one would have: same flags."""
+    stored, current = checkpoint["args"], plain_args(args)
+    differences = [f"--{key} {stored[key]!r} there, {current[key]!r} now"
+                   for key in sorted(stored.keys() & current.keys())
+                   if key not in FLAGS_FREE_ON_RESUME and stored[key] != current[key]]
+    if differences:
+        raise UserError(f"{path} was trained with other flags ({'; '.join(differences)}); "
+                        "resume with the same flags, or start afresh without --resume")
+
+
+def load_model_weights(model: nn.Module, checkpoint: dict, path: Path, tokenizer) -> None:
+    """Copy a checkpoint's weights into `model`; UserError naming what does not fit."""
+    stored_vocab = checkpoint["tokenizer"]["vocab_size"]
+    if stored_vocab != tokenizer.vocab_size:
+        raise UserError(f"{path} has a {stored_vocab}-token vocabulary ({checkpoint['tokenizer']['name']}), "
+                        f"the tokenizer here has {tokenizer.vocab_size} ({tokenizer.name})")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:200]
+        raise UserError(f"{path} does not fit a {checkpoint['model_name']} built from these flags "
+                        f"({detail})") from None
+
+
+def restore_training_state(checkpoint: dict, path: Path, model: nn.Module, optimizer,
+                           record: dict, tokenizer) -> TrainingProgress:
+    """Weights, optimizer, RNG states and the run-log record so far; returns the progress."""
+    load_model_weights(model, checkpoint, path, tokenizer)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    record.update(checkpoint["record"])
+    restore_rng_states(checkpoint["rng"])
+    return TrainingProgress(**checkpoint["progress"])
+
+
+def after_evaluation(progress: TrainingProgress, test_loss: float, args: argparse.Namespace) -> str | None:
+    """Early stopping and reduce-on-plateau from an epoch's test loss; returns a note on
+    what changed. A gain below --early_stop_min_delta counts as no improvement."""
+    if test_loss < progress.best_test_loss - args.early_stop_min_delta:
+        progress.best_test_loss = test_loss
+        progress.epochs_without_improvement = 0
+        return None
+    progress.epochs_without_improvement += 1
+    stalled = progress.epochs_without_improvement
+    if args.early_stop_patience and stalled >= args.early_stop_patience:
+        progress.finished = True
+        return f"no test-loss improvement for {stalled} epoch(s): stopping early"
+    if args.plateau_patience and stalled % args.plateau_patience == 0:
+        progress.lr_scale = max(progress.lr_scale * args.plateau_factor,
+                                args.lr_min / args.learning_rate)
+        return f"test loss on a plateau for {stalled} epoch(s): learning rate x{progress.lr_scale:.3g}"
+    return None
+
+
+@dataclasses.dataclass
+class ModelTraining:
+    """One model's training state and where it goes: what a checkpoint captures."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    progress: TrainingProgress
+    args: argparse.Namespace
+    tokenizer: object
+    record: dict
+    runlog: "RunLog | None"
+    checkpoints: CheckpointSeries | None    # None on every rank but 0
+    loss_model: nn.Module                   # NextTokenLoss(model), DDP-wrapped under torchrun
+    context: "Distributed"
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints.save({
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_name": self.name,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "progress": dataclasses.asdict(self.progress), "rng": rng_states(),
+            "args": plain_args(self.args), "tokenizer": tokenizer_identity(self.args, self.tokenizer),
+            "record": self.record})
+
+    def train_step(self, micro_batches: list[tuple[Batch, bool]], step_tokens: int, lr: float,
+                   bar) -> float | None:
+        """training_step, or None when it was non-finite and --skip_nonfinite allows a skip.
+        A finite loss that exploded (has_diverged) stops training as well."""
+        try:
+            loss = training_step(self.loss_model, self.optimizer, micro_batches, step_tokens,
+                                 self.args.grad_clip, self.context)
+        except NonFiniteStep as problem:
+            self.progress.nonfinite_steps += 1
+            if self.progress.nonfinite_steps > self.args.skip_nonfinite:
+                self.fail(f"{problem} at step {self.progress.step} (lr {lr:.3g})")
+            self.record.setdefault("skipped_steps", []).append(self.progress.step)
+            say(f"[{self.name}] step {self.progress.step} skipped: {problem} "
+                f"({self.progress.nonfinite_steps} of --skip_nonfinite {self.args.skip_nonfinite})", bar)
+            return None
+        if has_diverged(loss, self.tokenizer.vocab_size):
+            self.fail(f"loss exploded to {loss:.4g} at step {self.progress.step} (lr {lr:.3g})")
+        return loss
+
+    def fail(self, what: str):
+        """Stop on a non-finite step; the last checkpoint written stays the newest."""
+        self.write_runlog("failed")
+        kept = self.checkpoints.last_saved if self.checkpoints else None
+        raise TrainingDiverged(f"{self.name}: {what}; lower --learning_rate, raise --warmup_steps "
+                               "or allow skips with --skip_nonfinite N; last good checkpoint: "
+                               f"{kept or 'none (pass --save_dir)'}", self.progress.step)
+
+    def after_step(self, stop: StopRequest | None) -> None:
+        every = self.args.checkpoint_every
+        if every and self.progress.step % every == 0:
+            self.save_checkpoint()
+        self.stop_if_requested(stop)
+
+    def stop_if_requested(self, stop: StopRequest | None) -> None:
+        """On a pending signal: checkpoint, run log, and a message on how to resume."""
+        if stop is None or stop.signal_number is None:
+            return
+        saved = self.save_checkpoint()
+        self.write_runlog("interrupted")
+        written = f"checkpoint {saved}" if saved else "no checkpoint (pass --save_dir DIR to resume runs)"
+        if self.runlog is not None:
+            written += f", run log {self.runlog.path}"
+        how = (f"; to resume, rerun the same command with --resume {self.checkpoints.save_dir}"
+               if saved else "")
+        raise TrainingInterrupted(stop.signal_number,
+                                  f"interrupted by {signal.Signals(stop.signal_number).name} at "
+                                  f"step {self.progress.step} of {self.name}; wrote {written}{how}")
+
+    def write_runlog(self, status: str) -> None:
+        if self.runlog is not None:
+            self.runlog.data["status"] = status
+            self.runlog.write()
+
+
+def run_generation(args: argparse.Namespace) -> int:
+    """--generate: continue --prompt with a checkpoint's model, using the sampling flags."""
+    path = Path(args.checkpoint)
+    checkpoint = load_checkpoint(path, "--checkpoint")
+    trained = argparse.Namespace(**{**vars(parse_args([])), **checkpoint["args"]})
+    tokenizer = build_tokenizer(checkpoint["tokenizer"]["spec"])
+    model = build_model(checkpoint["model_name"], trained, tokenizer.vocab_size)
+    load_model_weights(model, checkpoint, path, tokenizer)
+    prompt_tokens = len(tokenizer.encode(args.prompt))
+    if prompt_tokens > trained.block_size:
+        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than the checkpoint's "
+                        f"--block_size {trained.block_size}; shorten it")
+    device = resolve_device(args.device_id)
+    rule = SamplingRule(args.temperature, args.top_k, args.top_p)
+    sample = generate_text(model.to(device), tokenizer, args.prompt, args.max_new_tokens, rule,
+                           seed=args.seed, device=device)
+    print(sample.text)
+    return 0
 
 
 # =============================================================================
@@ -3437,20 +3940,32 @@ def data_summary(tokenizer, data: TrainingData) -> dict:
 
 
 def train_models(args: argparse.Namespace, device: torch.device, tokenizer, data: TrainingData,
-                 runlog: RunLog | None, context: "Distributed | None" = None,
-                 trained_models: dict | None = None) -> dict:
-    """Build and train every model in args.models; returns {name: record}. The trained
-    modules go into `trained_models` when given (for the interpretability flags)."""
+                 runlog: RunLog | None, *, context: "Distributed | None" = None,
+                 trained_models: dict | None = None, resume_points: dict | None = None,
+                 stop: StopRequest | None = None) -> dict:
+    """Build and train every model in args.models, continuing those in resume_points
+    ({name: (path, checkpoint)}); returns {name: record}. The trained modules go into
+    `trained_models` when given (for the interpretability flags)."""
     records = {}
+    save_dir = checkpoint_directory(args)
     for name in args.models:
         model = build_model(name, args, tokenizer.vocab_size).to(device)
         record = model_record(name, model, args)
         if runlog is not None:
             runlog.add_model(name, record)
-        if not args.quiet:
-            print(f"model {name}: {record['parameters']:,} parameters, "
-                  f"{record['training_flops_per_token'] / 1e6:,.1f} MFLOP per training token")
-        train_one_model(name, model, data, args, device, tokenizer, record, runlog, context)
+        resume_from = (resume_points or {}).get(name)
+        if resume_from is not None and resume_from[1]["progress"]["finished"]:
+            record.update(resume_from[1]["record"])
+            if not args.quiet:
+                print(f"model {name}: finished in {resume_from[0]}, not retrained")
+        else:
+            if not args.quiet:
+                print(f"model {name}: {record['parameters']:,} parameters, "
+                      f"{record['training_flops_per_token'] / 1e6:,.1f} MFLOP per training token")
+            series = CheckpointSeries(save_dir, name, args.keep_checkpoints) if save_dir else None
+            train_one_model(name, model, data, args, device, tokenizer, record, runlog,
+                            checkpoints=series, resume_from=resume_from, stop=stop,
+                            context=context)
         records[name] = record
         if trained_models is not None:
             trained_models[name] = model
@@ -3467,6 +3982,10 @@ def run_training(args: argparse.Namespace) -> int:
         device = resolve_device(args.device_id)
         run_path = choose_run_path(args)
         check_writable_directory(run_path.parent, "--artefacts_dir")
+        save_dir = checkpoint_directory(args)
+        if save_dir is not None:
+            check_writable_directory(save_dir, "--save_dir")
+        resume_points = resume_checkpoints(args)
         tokenizer, data = prepare_data(args)
         runlog = RunLog(run_path, args, device, data_summary(tokenizer, data)) if context.is_main else None
         if runlog is not None and isinstance(tokenizer, TrainedBPETokenizer):
@@ -3478,7 +3997,9 @@ def run_training(args: argparse.Namespace) -> int:
             runlog.data["distributed"] = {"world_size": context.world_size,
                                           "grad_accum_steps": args.grad_accum_steps}
         models: dict = {}
-        train_models(args, device, tokenizer, data, runlog, context, models)
+        with StopRequest() as stop:
+            train_models(args, device, tokenizer, data, runlog, context=context,
+                         trained_models=models, resume_points=resume_points, stop=stop)
         if runlog is not None:
             runlog.data["status"] = "finished"
             runlog.write()
@@ -3525,6 +4046,8 @@ def run_command(args: argparse.Namespace) -> int:
     """Each mode of the script is one function; training is the default."""
     if args.accounting:
         return run_accounting(args)
+    if args.generate:
+        return run_generation(args)
     if args.sweep or args.custom_sweep_log or args.collect_transformer_metrics:
         return run_sweeps(args)
     return run_training(args)
@@ -3541,6 +4064,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"pico-llm: error{rank}: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as interruption:
+        print(f"pico-llm: {interruption}", file=sys.stderr)
+        return interruption.exit_status
     except KeyboardInterrupt:
         print("pico-llm: interrupted", file=sys.stderr)
         return 130

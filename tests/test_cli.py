@@ -27,6 +27,17 @@ BAD_INPUTS = [
     (["--batch_size", "many"], "invalid int value"),
     (["--run_name", "../escape"], "plain file name"),
     (["--prompt", "word " * 80, "--block_size", "16"], "longer than --block_size"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--max_new_tokens", "10000000"], "--max_new_tokens 10000000 is too large"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+    (["--checkpoint_every", "-1", "--save_dir", "ckpt"], "--checkpoint_every must not be negative"),
+    (["--skip_nonfinite", "-2"], "--skip_nonfinite must not be negative"),
+    (["--plateau_factor", "1.5"], "--plateau_factor must be in (0, 1)"),
+    (["--lr_min", "nan"], "--lr_min must be a finite number"),
+    (["--lr_min", "1.0"], "--lr_min (1.0) must not exceed --learning_rate"),
+    (["--early_stop_min_delta", "-1"], "--early_stop_min_delta must be a finite number >= 0"),
+    (["--early_stop_patience", "2", "--test_fraction", "0"], "set --test_fraction above 0"),
+    (["--keep_checkpoints", "-3"], "--keep_checkpoints must be at least 1"),
 ]
 
 

@@ -1,0 +1,380 @@
+"""Section 9: checkpoints, resume, signals, non-finite steps, plateaus and bad checkpoints."""
+
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, SCRIPT
+
+TINY = ["--input_files", str(REPO / "3seqs.txt"), "--limit_custom_examples", "60",
+        "--block_size", "16", "--embed_size", "16", "--max_steps_per_epoch", "3", "--epochs", "2",
+        "--batch_size", "4", "--max_new_tokens", "4", "--tokenizer", "char", "--quiet",
+        "--device_id", "cpu"]
+TWO_MODELS = ["--models", "kgram_mlp_seq,lstm_seq"]
+
+
+def losses(log: dict) -> dict:
+    return {name: [h["train_loss"] for h in record["history"]]
+            for name, record in log["models"].items()}
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pico, tmp_path_factory):
+    """The run log of a two-model run that nothing interrupts."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert pico.main([*TINY, *TWO_MODELS, "--artefacts_dir", str(root), "--cache_dir",
+                      str(root / "cache"), "--run_name", "full"]) == 0
+    return pico.load_runlog(root / "full.json")
+
+
+@pytest.mark.parametrize("interrupt_at_call", [3, 5, 8])
+def test_an_interrupted_and_resumed_run_gives_the_same_losses(pico, run_main, tmp_path, monkeypatch,
+                                                               uninterrupted, interrupt_at_call):
+    """Call 3 ends epoch 1 before its evaluation, 5 is mid epoch 2 of the k-gram model,
+    8 is mid epoch 1 of the LSTM (after the k-gram model finished)."""
+    calls, real_step = [], pico.training_step
+
+    def step_then_ctrl_c(*args):
+        loss = real_step(*args)
+        calls.append(loss)
+        if len(calls) == interrupt_at_call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(pico, "training_step", step_then_ctrl_c)
+    save = tmp_path / "ckpt"
+    status, out, err = run_main(*TINY, *TWO_MODELS, "--save_dir", str(save), "--run_name", "cut")
+    assert status == 130
+    assert f"--resume {save}" in one_error_line(err)
+    assert pico.load_runlog(tmp_path / "artefacts" / "cut.json")["status"] == "interrupted"
+    monkeypatch.setattr(pico, "training_step", real_step)
+    status, out, err = run_main(*TINY, *TWO_MODELS, "--save_dir", str(save), "--resume",
+                                "--run_name", "resumed")
+    assert status == 0, err
+    resumed = pico.load_runlog(tmp_path / "artefacts" / "resumed.json")
+    assert resumed["status"] == "finished"
+    assert losses(resumed) == losses(uninterrupted)
+    for name, record in uninterrupted["models"].items():
+        assert resumed["models"][name]["test_history"] == record["test_history"]
+        assert [h["step"] for h in resumed["models"][name]["history"]] == list(range(1, 7))
+
+
+def test_the_newest_checkpoints_are_kept_and_hold_plain_data(pico, run_main, tmp_path):
+    save = tmp_path / "ckpt"
+    status, _, err = run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save),
+                              "--checkpoint_every", "1", "--keep_checkpoints", "2")
+    assert status == 0, err
+    assert sorted(p.name for p in (save / "lstm_seq").iterdir()) == ["step_000005.pt",
+                                                                     "step_000006.pt"]
+    checkpoint = torch.load(save / "lstm_seq" / "step_000006.pt", weights_only=True)
+    assert checkpoint["progress"]["finished"] and checkpoint["progress"]["step"] == 6
+    assert checkpoint["tokenizer"] == {"spec": "char", "name": "char", "vocab_size": 257}
+    assert checkpoint["args"]["block_size"] == 16 and set(checkpoint["rng"]) >= {"torch", "numpy"}
+    assert [h["step"] for h in checkpoint["record"]["history"]] == list(range(1, 7))
+
+
+def test_generate_from_a_checkpoint_repeats_the_runs_greedy_sample(pico, run_main, tmp_path):
+    save = tmp_path / "ckpt"
+    assert run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save), "--run_name", "r")[0] == 0
+    samples = pico.load_runlog(tmp_path / "artefacts" / "r.json")["models"]["lstm_seq"]["samples"]
+    greedy = [s["text"] for s in samples if s["rule"] == "greedy"][-1]
+    status, out, err = run_main("--generate", "--checkpoint", str(save / "lstm_seq" / "step_000006.pt"),
+                                "--prompt", "Once upon a time", "--temperature", "0",
+                                "--max_new_tokens", "4")
+    assert status == 0, err
+    assert out == greedy + "\n"
+
+
+class RunsCode:
+    """Unpickling this would create a file: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+@pytest.mark.parametrize("flags", [["--generate", "--checkpoint"], [*TINY, "--resume"]],
+                         ids=["generate", "resume"])
+def test_a_checkpoint_that_would_run_code_is_refused(run_main, tmp_path, writer, flags):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    payload = {"format": "pico-llm checkpoint", "model": RunsCode(marker)}
+    if writer == "torch.save":
+        torch.save(payload, evil)
+    else:
+        evil.write_bytes(pickle.dumps(payload))
+    status, _, err = run_main(*flags, str(evil))
+    assert status == 2
+    # torch's own format names the callable; a bare pickle fails on its first opcode
+    expected = "refused to load" if writer == "torch.save" else "not a readable checkpoint"
+    assert expected in one_error_line(err)
+    assert not marker.exists()
+
+
+def nan_on_training_call(pico, monkeypatch, bad_call: int):
+    """Make the loss of the bad_call-th training forward pass NaN."""
+    real_forward, calls = pico.NextTokenLoss.forward, []
+
+    def forward(self, inputs, targets, position_weights):
+        value = real_forward(self, inputs, targets, position_weights)
+        calls.append(1)
+        return value * float("nan") if len(calls) == bad_call else value
+
+    monkeypatch.setattr(pico.NextTokenLoss, "forward", forward)
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pico, run_main, tmp_path,
+                                                                           monkeypatch):
+    nan_on_training_call(pico, monkeypatch, 3)
+    save = tmp_path / "ckpt"
+    status, _, err = run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save),
+                              "--checkpoint_every", "1", "--run_name", "nan")
+    assert status == 2
+    line = one_error_line(err)
+    assert "loss became nan at step 3 (lr " in line and "step_000002.pt" in line
+    assert sorted(p.name for p in (save / "lstm_seq").iterdir())[-1] == "step_000002.pt"
+    assert pico.load_runlog(tmp_path / "artefacts" / "nan.json")["status"] == "failed"
+
+
+def test_skip_nonfinite_skips_a_bad_step_and_finishes(pico, run_main, tmp_path, monkeypatch):
+    nan_on_training_call(pico, monkeypatch, 3)
+    status, out, err = run_main(*TINY, "--models", "lstm_seq", "--skip_nonfinite", "1",
+                                "--run_name", "skip")
+    assert status == 0, err
+    record = pico.load_runlog(tmp_path / "artefacts" / "skip.json")["models"]["lstm_seq"]
+    assert record["skipped_steps"] == [3]
+    assert [h["step"] for h in record["history"]] == [1, 2, 4, 5, 6]
+    assert "step 3 skipped: loss became nan" in out
+
+
+def test_training_step_refuses_an_infinite_gradient_without_updating(pico):
+    model = pico.LSTMSeqModel(vocab_size=5, embed_size=4, hidden_size=4)
+    first = next(model.parameters())
+    first.register_hook(lambda grad: grad * float("inf"))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    batch = pico.make_batch([torch.tensor([0, 1, 2, 1]).numpy()], 8, 0)
+    with pytest.raises(pico.NonFiniteStep, match="gradient norm became"):
+        pico.training_step(pico.NextTokenLoss(model), optimizer, [(batch, True)],
+                           batch.num_target_tokens, grad_clip=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_early_stopping_ends_training_when_the_test_loss_stalls(pico, run_main, tmp_path):
+    status, _, err = run_main(*TINY, "--models", "kgram_mlp_seq", "--epochs", "5",
+                              "--early_stop_patience", "1", "--early_stop_min_delta", "10",
+                              "--run_name", "early")
+    assert status == 0, err
+    record = pico.load_runlog(tmp_path / "artefacts" / "early.json")["models"]["kgram_mlp_seq"]
+    assert [t["epoch"] for t in record["test_history"]] == [1, 2]
+    assert record["stopped_early_after_epoch"] == 2 and len(record["history"]) == 6
+
+
+def test_a_plateau_lowers_the_learning_rate_down_to_lr_min(pico, run_main, tmp_path):
+    status, _, err = run_main(*TINY, "--models", "kgram_mlp_seq", "--epochs", "4",
+                              "--plateau_patience", "1", "--plateau_factor", "0.5",
+                              "--early_stop_min_delta", "10", "--lr_schedule", "constant",
+                              "--warmup_steps", "0", "--learning_rate", "0.004", "--lr_min", "0.0015",
+                              "--run_name", "plateau")
+    assert status == 0, err
+    history = pico.load_runlog(tmp_path / "artefacts" / "plateau.json")["models"]["kgram_mlp_seq"]["history"]
+    per_epoch = {h["epoch"]: h["lr"] for h in history}
+    assert per_epoch == pytest.approx({1: 0.004, 2: 0.004, 3: 0.002, 4: 0.0015})
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_last_checkpoint(pico, run_main, tmp_path,
+                                                                     monkeypatch):
+    real_write, saves = pico.atomic_write_bytes, []
+
+    def disk_fills_after_one_checkpoint(path, data):
+        if path.suffix == ".pt":
+            saves.append(path)
+            if len(saves) > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(pico, "atomic_write_bytes", disk_fills_after_one_checkpoint)
+    save = tmp_path / "ckpt"
+    status, _, err = run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save),
+                              "--checkpoint_every", "1")
+    assert status == 2
+    line = one_error_line(err)
+    assert "cannot write checkpoint" in line and "No space left" in line and "step_000001.pt" in line
+    assert [p.name for p in (save / "lstm_seq").iterdir()] == ["step_000001.pt"]
+    pico.load_checkpoint(save / "lstm_seq" / "step_000001.pt", "--resume")
+
+
+def test_default_run_names_of_two_processes_differ_even_in_the_same_second(pico, monkeypatch):
+    args = pico.parse_args(["--artefacts_dir", "/nonexistent"])
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20250101-000000")
+    first = pico.choose_run_path(args)
+    monkeypatch.setattr(os, "getpid", lambda: 424242)
+    assert pico.choose_run_path(args) != first
+
+
+def test_a_second_ctrl_c_interrupts_at_once(pico):
+    with pico.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal_number == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; this gives it one
+
+
+def start_long_run(tmp_path, *extra):
+    """A training subprocess with thousands of steps, logging every step."""
+    argv = [a for a in TINY if a not in ("--quiet",)]
+    argv[argv.index("--epochs") + 1] = "1000"
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *argv, "--models", "lstm_seq", "--log_interval", "1",
+         "--save_dir", str(tmp_path / "ckpt"), "--artefacts_dir", str(tmp_path / "artefacts"),
+         "--cache_dir", str(tmp_path / "cache"), "--run_name", "long", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_first_step(process) -> None:
+    """Read the run's output until it logs a training step (a resumed run starts past 1)."""
+    for line in process.stdout:
+        if " step " in line:
+            return
+    pytest.fail("the run ended before its first step: " + process.stderr.read())
+
+
+@pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(pico, tmp_path,
+                                                                               signal_number, status):
+    process = start_long_run(tmp_path)
+    wait_for_first_step(process)
+    process.send_signal(signal_number)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == status
+    assert "--resume" in one_error_line(err)
+    saved = list((tmp_path / "ckpt" / "lstm_seq").glob("step_*.pt"))
+    assert len(saved) == 1
+    checkpoint = pico.load_checkpoint(saved[0], "--resume")
+    log = pico.load_runlog(tmp_path / "artefacts" / "long.json")
+    assert log["status"] == "interrupted"
+    assert len(log["models"]["lstm_seq"]["history"]) == checkpoint["progress"]["step"] >= 1
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_every_file_valid(pico, tmp_path):
+    """Kill a checkpointing run 5 times at random moments, resuming each time: every
+    checkpoint and run log on disk stays loadable; only hidden temporary files may be left."""
+    rng = random.Random(6)
+    for attempt in range(5):
+        resume = ["--resume"] if list(tmp_path.glob("ckpt/lstm_seq/step_*.pt")) else []
+        process = start_long_run(tmp_path, "--checkpoint_every", "1", "--keep_checkpoints", "2",
+                                 *resume)
+        wait_for_first_step(process)
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.kill()
+        process.communicate(timeout=60)
+        files = [p for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts]
+        for path in files:
+            if path.name.startswith("."):
+                assert path.name.endswith(".tmp"), path
+            elif path.suffix == ".pt":
+                pico.load_checkpoint(path, "--resume")
+            else:
+                json.loads(path.read_text())
+    steps = sorted(int(p.stem[5:]) for p in tmp_path.glob("ckpt/lstm_seq/step_*.pt"))
+    assert len(steps) == 2 and steps[-1] >= 5
+
+
+# --- bad input: one line, status 2, no traceback, no file changed -------------------------
+CHECKPOINT_RUN = [*TINY, "--models", "kgram_mlp_seq", "--epochs", "1", "--max_steps_per_epoch", "2"]
+LONG_PROMPT = "word " * 40
+
+BAD_CHECKPOINT_INPUTS = [
+    (["--resume", "{truncated}"], "not a readable checkpoint (truncated, corrupt"),
+    (["--resume", "{random_bytes}"], "not a readable checkpoint"),
+    (["--resume", "{text}"], "not a readable checkpoint"),
+    (["--resume", "{evil}"], "refused to load"),
+    (["--resume", "{not_pico}"], "not a pico-llm checkpoint"),
+    (["--resume", "{empty_save}"], "no checkpoints of kgram_mlp_seq"),
+    (["--resume", "{save}/missing"], "does not exist"),
+    (["--resume"], "--resume without a path resumes from --save_dir"),
+    (["--resume", "{ckpt}", "--models", "lstm_seq"], "holds model kgram_mlp_seq"),
+    (["--resume", "{ckpt}", "--block_size", "24"], "--block_size 16 there, 24 now"),
+    (["--resume", "{ckpt}", "--tokenizer", "gpt2"], "--tokenizer 'char' there, 'gpt2' now"),
+    (["--resume", "{save}", "--embed_size", "32"], "--embed_size 16 there, 32 now"),
+    (["--resume", "{save}", "--seed", "1"], "--seed 1337 there, 1 now"),
+    (["--resume", "{save}", "--epochs", "3"], "--epochs 1 there, 3 now"),
+    (["--save_dir", "{text}"], "is not a directory"),
+    (["--checkpoint_every", "5"], "--checkpoint_every needs --save_dir"),
+    (["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1"),
+    (["--generate"], "--generate needs --checkpoint"),
+    (["--checkpoint", "{ckpt}"], "--checkpoint is read by --generate"),
+    (["--generate", "--checkpoint", "{folder}"], "is a directory"),
+    (["--generate", "--checkpoint", "{save}/nope.pt"], "does not exist"),
+    (["--generate", "--checkpoint", "{evil}"], "refused to load"),
+    (["--generate", "--checkpoint", "{truncated}"], "not a readable checkpoint"),
+    (["--generate", "--checkpoint", "{ckpt}", "--resume", "{save}"], "--generate does not train"),
+    (["--generate", "--checkpoint", "{ckpt}", "--prompt", LONG_PROMPT],
+     "longer than the checkpoint's --block_size 16"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained_save_dir(pico, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    assert pico.main([*CHECKPOINT_RUN, "--save_dir", str(root / "save"), "--artefacts_dir",
+                      str(root / "artefacts"), "--cache_dir", str(root / "cache")]) == 0
+    return root / "save"
+
+
+@pytest.fixture
+def bad_checkpoints(tmp_path, trained_save_dir):
+    save = tmp_path / "save"
+    shutil.copytree(trained_save_dir, save)
+    ckpt = save / "kgram_mlp_seq" / "step_000002.pt"
+    good = ckpt.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "random_bytes.pt").write_bytes(random.Random(0).randbytes(5000))
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    torch.save({"format": "pico-llm checkpoint", "model": RunsCode(tmp_path / "pwned")},
+               tmp_path / "evil.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "not_pico.pt")
+    (tmp_path / "empty_save").mkdir()
+    (tmp_path / "folder").mkdir()
+    names = ["truncated", "random_bytes", "text", "evil", "not_pico"]
+    return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
+            "folder": str(tmp_path / "folder"),
+            **{name: str(tmp_path / f"{name}.pt") for name in names}}
+
+
+def snapshot(directory) -> dict:
+    return {str(p): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("argv, message", BAD_CHECKPOINT_INPUTS,
+                         ids=[" ".join(a)[:40] for a, _ in BAD_CHECKPOINT_INPUTS])
+def test_bad_checkpoint_input_gives_one_line_status_2_and_changes_nothing(
+        run_main, tmp_path, bad_checkpoints, argv, message):
+    before = snapshot(tmp_path)
+    argv = [a.format(**bad_checkpoints) for a in argv]
+    status, out, err = run_main(*CHECKPOINT_RUN, *argv)
+    assert status == 2
+    line = one_error_line(err)
+    assert line.startswith("pico-llm: error:") and message in line
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "pwned").exists()
