@@ -1273,34 +1273,65 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, position_weights, chunk_size: int):
-        """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,)."""
+        """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,).
+
+        Matmuls run in the autocast dtype when autocast is on (bf16 on a GPU), the softmax
+        always in float32. One logits buffer is reused for every chunk and every step is
+        in place: a fresh (chunk x vocab) tensor per operation costs page faults and
+        memory passes comparable to the matmuls themselves on a CPU."""
         wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        hidden_dtype = hidden.dtype
-        hidden = hidden.to(weight.dtype)
-        grad_hidden = torch.empty_like(hidden) if wants_grad else None
-        grad_weight = torch.zeros_like(weight) if wants_grad else None
-        grad_bias = torch.zeros_like(bias) if wants_grad and bias is not None else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start: start + chunk_size]                               # (n, d)
-            y = targets[start: start + chunk_size]
-            w = position_weights[start: start + chunk_size].float()
-            logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
-            log_sum_exp = logits.logsumexp(dim=-1)                              # (n,)
-            nats = log_sum_exp - logits.gather(1, y[:, None]).squeeze(1)
-            total += (nats * w).sum()
-            if wants_grad:
-                grad_logits = logits.sub_(log_sum_exp[:, None]).exp_()          # softmax, in place
-                grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
-                grad_logits.mul_(w[:, None])
-                grad_logits = grad_logits.to(weight.dtype)
-                grad_hidden[start: start + chunk_size] = grad_logits @ weight
-                grad_weight.addmm_(grad_logits.t(), h)
-                if grad_bias is not None:
-                    grad_bias += grad_logits.sum(dim=0)
+        device_type = hidden.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type)
+                         if torch.is_autocast_enabled(device_type) else weight.dtype)
+        with torch.autocast(device_type, enabled=False):
+            h_all = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            rows = min(chunk_size, hidden.shape[0])
+            logits_buffer = torch.empty(rows, weight.shape[0], device=hidden.device,
+                                        dtype=torch.float32)
+            low_precision = compute_dtype != torch.float32
+            matmul_buffer = torch.empty_like(logits_buffer, dtype=compute_dtype) if low_precision else logits_buffer
+            grad_hidden = torch.empty_like(h_all) if wants_grad else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad else None
+            grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
+                         if wants_grad and bias is not None else None)
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = h_all[start: start + chunk_size]                                # (n, d)
+                n = h.shape[0]
+                y = targets[start: start + chunk_size]
+                position_weight = position_weights[start: start + chunk_size].float()
+                mm_out = matmul_buffer[:n]
+                if b is None:
+                    torch.mm(h, w.t(), out=mm_out)                                  # (n, V)
+                else:
+                    torch.addmm(b, h, w.t(), out=mm_out)
+                logits = logits_buffer[:n]
+                if low_precision:
+                    logits.copy_(mm_out)
+                target_logit = logits.gather(1, y[:, None]).squeeze(1)              # (n,)
+                maximum = logits.amax(dim=-1)
+                probabilities = logits.sub_(maximum[:, None]).exp_()                # unnormalised
+                sum_exp = probabilities.sum(dim=-1)
+                log_sum_exp = maximum + sum_exp.log()
+                total += ((log_sum_exp - target_logit) * position_weight).sum()
+                if wants_grad:
+                    # d loss / d logits = weight * (softmax - onehot), in place.
+                    grad_logits = probabilities.mul_((position_weight / sum_exp)[:, None])
+                    grad_logits[torch.arange(n, device=y.device), y] -= position_weight
+                    if low_precision:
+                        grad_logits = mm_out.copy_(grad_logits)
+                    torch.mm(grad_logits, w, out=grad_hidden[start: start + n])
+                    if low_precision:
+                        grad_weight += (grad_logits.t() @ h).float()
+                    else:
+                        grad_weight.addmm_(grad_logits.t(), h)
+                    if grad_bias is not None:
+                        grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
         if wants_grad:
-            ctx.save_for_backward(grad_hidden.to(hidden_dtype), grad_weight,
-                                  *(() if grad_bias is None else (grad_bias,)))
+            ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+                                  *(() if grad_bias is None else (grad_bias.to(bias.dtype),)))
         ctx.has_bias = grad_bias is not None
         return total
 
