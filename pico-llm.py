@@ -288,6 +288,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                   "a greedy sample with each token's cluster and nearest neighbours")
     experiments.add_argument("--monosemantic_clusters", type=int, default=8,
                              help="k of the k-means over token embeddings")
+    bench = parser.add_argument_group("benchmark and speed (section 10)")
+    bench.add_argument("--benchmark", action="store_true",
+                       help="measure matmul ceiling, training tokens/s and MFU, generation, "
+                            "tokenization and memory; writes artefacts/benchmark.json")
+    bench.add_argument("--benchmark_quick", action="store_true",
+                       help="--benchmark at tiny sizes (seconds; used by the tests)")
+    bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                       help="training precision: bf16 autocast or fp32 (default: bfloat16 on "
+                            "CUDA, float32 elsewhere)")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile each model's features (worth it on GPUs)")
     return parser
 
 
@@ -400,6 +411,35 @@ class GPT2Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(list(ids))
+
+    ENCODE_GROUP_BYTES = 64 * 1024
+
+    def encode_examples(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """All texts' ids, each text followed by <|endoftext|>, flat, with start offsets
+        (len(texts) + 1); None when a text itself contains "<|endoftext|>".
+
+        tiktoken's threads pay off on large pieces of work, not on many short lines, so
+        consecutive texts are joined with the <|endoftext|> marker into ~64 KB groups.
+        tiktoken splits at special tokens before its regex runs, so each text encodes
+        exactly as it would alone."""
+        if any(END_OF_TEXT in text for text in texts):
+            return None
+        groups, current, current_bytes = [], [], 0
+        for text in texts:
+            current.append(text)
+            current_bytes += len(text)
+            if current_bytes >= self.ENCODE_GROUP_BYTES:
+                groups.append(current)
+                current, current_bytes = [], 0
+        if current:
+            groups.append(current)
+        joined = [END_OF_TEXT.join(group) + END_OF_TEXT for group in groups]
+        id_lists = self.encoding.encode_batch(joined, num_threads=os.cpu_count() or 1,
+                                              allowed_special={END_OF_TEXT})
+        tokens = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in id_lists] or
+                                [np.zeros(0, dtype=np.int64)])
+        ends = np.flatnonzero(tokens == self.eot_id) + 1
+        return tokens, np.concatenate([[0], ends]).astype(np.int64)
 
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each id stands for (0 for <|endoftext|>), for bits per byte."""
@@ -1109,14 +1149,18 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         if tokens_path.exists() and offsets_path.exists():
             return TokenizedExamples(np.load(tokens_path, mmap_mode="r"),
                                      np.load(offsets_path), num_bytes)
-    id_lists = tokenizer.encode_batch(texts)
-    lengths = np.array([len(ids) + 1 for ids in id_lists], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    tokens = np.empty(int(offsets[-1]), dtype=dtype)
-    for index, ids in enumerate(id_lists):
-        tokens[offsets[index]: offsets[index + 1] - 1] = ids
-        tokens[offsets[index + 1] - 1] = tokenizer.eot_id
+    flat = tokenizer.encode_examples(texts) if hasattr(tokenizer, "encode_examples") else None
+    if flat is not None:  # the fast path: one flat array, no list per example
+        tokens, offsets = flat[0].astype(dtype), flat[1]
+    else:
+        id_lists = tokenizer.encode_batch(texts)
+        lengths = np.array([len(ids) + 1 for ids in id_lists], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        tokens = np.empty(int(offsets[-1]), dtype=dtype)
+        for index, ids in enumerate(id_lists):
+            tokens[offsets[index]: offsets[index + 1] - 1] = ids
+            tokens[offsets[index + 1] - 1] = tokenizer.eot_id
     if cache_dir is not None:
         try:
             atomic_write_bytes(tokens_path, _npy_bytes(tokens))
@@ -1155,8 +1199,11 @@ class Batch:
     mask: torch.Tensor
 
     def to(self, device: torch.device) -> "Batch":
-        non_blocking = device.type == "cuda"
-        return Batch(*(t.to(device, non_blocking=non_blocking)
+        """On CUDA, copy from pinned (page-locked) host memory without blocking, so the
+        copy overlaps the previous step's GPU work."""
+        if device.type != "cuda":
+            return Batch(*(t.to(device) for t in (self.inputs, self.targets, self.mask)))
+        return Batch(*((t.pin_memory() if t.device.type == "cpu" else t).to(device, non_blocking=True)
                        for t in (self.inputs, self.targets, self.mask)))
 
     @property
@@ -1978,34 +2025,65 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, position_weights, chunk_size: int):
-        """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,)."""
+        """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,).
+
+        Matmuls run in the autocast dtype when autocast is on (bf16 on a GPU), the softmax
+        always in float32. One logits buffer is reused for every chunk and every step is
+        in place: a fresh (chunk x vocab) tensor per operation costs page faults and
+        memory passes comparable to the matmuls themselves on a CPU."""
         wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        hidden_dtype = hidden.dtype
-        hidden = hidden.to(weight.dtype)
-        grad_hidden = torch.empty_like(hidden) if wants_grad else None
-        grad_weight = torch.zeros_like(weight) if wants_grad else None
-        grad_bias = torch.zeros_like(bias) if wants_grad and bias is not None else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start: start + chunk_size]                               # (n, d)
-            y = targets[start: start + chunk_size]
-            w = position_weights[start: start + chunk_size].float()
-            logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
-            normalizer = log_sum_exp(logits)                                    # (n,)
-            nats = normalizer - logits.gather(1, y[:, None]).squeeze(1)
-            total += (nats * w).sum()
-            if wants_grad:
-                grad_logits = logits.sub_(normalizer[:, None]).exp_()           # softmax, in place
-                grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
-                grad_logits.mul_(w[:, None])
-                grad_logits = grad_logits.to(weight.dtype)
-                grad_hidden[start: start + chunk_size] = grad_logits @ weight
-                grad_weight.addmm_(grad_logits.t(), h)
-                if grad_bias is not None:
-                    grad_bias += grad_logits.sum(dim=0)
+        device_type = hidden.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type)
+                         if torch.is_autocast_enabled(device_type) else weight.dtype)
+        with torch.autocast(device_type, enabled=False):
+            h_all = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            rows = min(chunk_size, hidden.shape[0])
+            logits_buffer = torch.empty(rows, weight.shape[0], device=hidden.device,
+                                        dtype=torch.float32)
+            low_precision = compute_dtype != torch.float32
+            matmul_buffer = torch.empty_like(logits_buffer, dtype=compute_dtype) if low_precision else logits_buffer
+            grad_hidden = torch.empty_like(h_all) if wants_grad else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad else None
+            grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
+                         if wants_grad and bias is not None else None)
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = h_all[start: start + chunk_size]                                # (n, d)
+                n = h.shape[0]
+                y = targets[start: start + chunk_size]
+                position_weight = position_weights[start: start + chunk_size].float()
+                mm_out = matmul_buffer[:n]
+                if b is None:
+                    torch.mm(h, w.t(), out=mm_out)                                  # (n, V)
+                else:
+                    torch.addmm(b, h, w.t(), out=mm_out)
+                logits = logits_buffer[:n]
+                if low_precision:
+                    logits.copy_(mm_out)
+                target_logit = logits.gather(1, y[:, None]).squeeze(1)              # (n,)
+                maximum = logits.amax(dim=-1)
+                probabilities = logits.sub_(maximum[:, None]).exp_()                # unnormalised
+                sum_exp = probabilities.sum(dim=-1)
+                log_sum_exp = maximum + sum_exp.log()
+                total += ((log_sum_exp - target_logit) * position_weight).sum()
+                if wants_grad:
+                    # d loss / d logits = weight * (softmax - onehot), in place.
+                    grad_logits = probabilities.mul_((position_weight / sum_exp)[:, None])
+                    grad_logits[torch.arange(n, device=y.device), y] -= position_weight
+                    if low_precision:
+                        grad_logits = mm_out.copy_(grad_logits)
+                    torch.mm(grad_logits, w, out=grad_hidden[start: start + n])
+                    if low_precision:
+                        grad_weight += (grad_logits.t() @ h).float()
+                    else:
+                        grad_weight.addmm_(grad_logits.t(), h)
+                    if grad_bias is not None:
+                        grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
         if wants_grad:
-            ctx.save_for_backward(grad_hidden.to(hidden_dtype), grad_weight,
-                                  *(() if grad_bias is None else (grad_bias,)))
+            ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+                                  *(() if grad_bias is None else (grad_bias.to(bias.dtype),)))
         ctx.has_bias = grad_bias is not None
         return total
 
@@ -2436,7 +2514,8 @@ def check_writable_directory(directory: Path, flag: str) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device,
-             token_bytes: torch.Tensor, context: "Distributed | None" = None) -> dict:
+             token_bytes: torch.Tensor, context: "Distributed | None" = None,
+             dtype: str | None = None) -> dict:
     """Per-token test loss in nats, and bits per byte (total nats / UTF-8 bytes of the
     predicted text / ln 2), which compares fairly across tokenizers. Under torchrun each
     rank passes its share of the batches and the totals are summed over ranks."""
@@ -2445,7 +2524,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device,
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     for batch in batches:
         batch = batch.to(device)
-        with autocast_context(device):
+        with autocast_context(device, dtype):
             total_nats += float(sequence_loss(model, batch, reduction="sum"))
         total_tokens += batch.num_target_tokens
         total_bytes += int(token_bytes[batch.targets][batch.mask].sum())
@@ -2459,10 +2538,17 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device,
             "test_tokens": total_tokens}
 
 
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slower on most CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def resolve_dtype(dtype: str | None, device: torch.device) -> str:
+    """--dtype: bfloat16 on CUDA and float32 elsewhere unless given."""
+    return dtype or ("bfloat16" if device.type == "cuda" else "float32")
+
+
+def autocast_context(device: torch.device, dtype: str | None = None):
+    """bf16 autocast (weights and optimizer stay fp32) or plain fp32. Default per
+    resolve_dtype: fp32 on the CPU, where fp32 training is the reference (and bf16
+    only pays off on CPUs with bf16 matrix units)."""
+    if resolve_dtype(dtype, device) == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -2546,7 +2632,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, args: argpa
             run.after_step(stop)
         if data.has_test_set:
             batches = data.test_batches(args.batch_size, context.rank, context.world_size)
-            result = evaluate(model, batches, device, token_bytes, context)
+            result = evaluate(model, batches, device, token_bytes, context, args.dtype)
             record["test_history"].append({"epoch": epoch, "step": progress.step, **result})
             if not args.quiet:
                 say(f"[{name}] epoch {epoch} test loss {result['test_loss']:.4f} "
@@ -2604,7 +2690,8 @@ def rank_micro_batches(data: TrainingData, slots: list[tuple[int, int]], accumul
 
 
 def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Batch, bool]],
-                  step_tokens: int, grad_clip: float, context: "Distributed | None" = None) -> float:
+                  step_tokens: int, grad_clip: float, context: "Distributed | None" = None,
+                  dtype: str | None = None) -> float:
     """One optimizer update; returns the step's mean train loss over all its tokens.
 
     Each position's loss weighs 1 / step_tokens (the real targets of the whole step,
@@ -2612,6 +2699,7 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
     the split. DDP averages gradients over ranks, so each rank scales by world_size.
     Only the last micro-batch synchronises gradients across ranks. Raises
     NonFiniteStep, before updating anything, when the loss or gradient norm is NaN or inf.
+    dtype: None, "float32" or "bfloat16" (see autocast_context).
     """
     context = context or Distributed()
     scale = context.world_size / max(step_tokens, 1)
@@ -2621,7 +2709,7 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
         weights = batch.mask.float() * (scale if active else 0.0)
         last = index == len(micro_batches) - 1
         with (contextlib.nullcontext() if last or not context.enabled else loss_model.no_sync()):
-            with autocast_context(batch.inputs.device):
+            with autocast_context(batch.inputs.device, dtype):
                 loss = loss_model(batch.inputs, batch.targets, weights)
             loss.backward()
         local_loss += loss.item()
@@ -3021,7 +3109,7 @@ class ModelTraining:
         A finite loss that exploded (has_diverged) stops training as well."""
         try:
             loss = training_step(self.loss_model, self.optimizer, micro_batches, step_tokens,
-                                 self.args.grad_clip, self.context)
+                                 self.args.grad_clip, self.context, self.args.dtype)
         except NonFiniteStep as problem:
             self.progress.nonfinite_steps += 1
             if self.progress.nonfinite_steps > self.args.skip_nonfinite:
@@ -3780,6 +3868,408 @@ def ascii_loss_plot(records: dict, width: int = 60, height: int = 12) -> str:
     return "\n".join(lines)
 
 
+# --- 10.2 Benchmark
+# `--benchmark` measures, in one run so that ratios hold on a noisy machine, the
+# machine's matmul ceiling and what pico-llm makes of it: training tokens/s and MFU
+# through the real training_step, the vectorized k-gram model against the course
+# starter's per-position loop, generation with and without KV cache / carried state,
+# tokenization MB/s, and peak memory while training from a 100M-token memmap.
+# Every figure is the median of several timed repeats after warm-up.
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
+GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSizes:
+    """How big each measurement is; `quick` keeps the same code paths at tiny sizes."""
+
+    repeats: int = 5
+    warmup: int = 1
+    gpt2_vocab_size: int = 50257      # the configs "with the GPT-2 vocabulary"
+    small_vocab_size: int = 4096
+    matmul_size: int = 2048
+    batch_size: int = 16
+    kgram_block_size: int = 32
+    transformer_block_size: int = 128
+    starter_batch_size: int = 16
+    generation_tokens: int = 200
+    generation_block_size: int = 256   # >= prompt + 200, so the window never slides
+    generation_repeats: int = 3
+    tokenize_mb: float = 20.0
+    rss_tokens: int = 100_000_000
+    rss_steps: int = 3
+
+    @classmethod
+    def quick(cls) -> "BenchmarkSizes":
+        return cls(repeats=2, warmup=1, gpt2_vocab_size=512, small_vocab_size=128, matmul_size=256, batch_size=2, kgram_block_size=8,
+                   transformer_block_size=16, starter_batch_size=2, generation_tokens=8,
+                   generation_block_size=32, generation_repeats=2, tokenize_mb=0.2,
+                   rss_tokens=1_000_000, rss_steps=1)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(function, repeats: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of `function()` over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Sustained GFLOP/s of a square (size x size) @ (size x size) matmul (2 size^3 FLOPs)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    calls = max(1, int(2e10 / (2 * size ** 3)) if device.type == "cuda" else 4)
+    seconds = median_seconds(lambda: [a @ b for _ in range(calls)], repeats, 1, device)
+    return 2 * size ** 3 * calls / seconds / 1e9
+
+
+def datasheet_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """--compile: torch.compile the part training runs (features; the chunked loss stays eager)."""
+    model.features = torch.compile(model.features)
+    return model
+
+
+def random_batch(vocab_size: int, block_size: int, batch_size: int, seed: int) -> Batch:
+    """Uniform random tokens: a step costs the same whatever the tokens are."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (block_size + 1, batch_size), generator=generator)
+    return Batch(tokens[:-1].contiguous(), tokens[1:].contiguous(),
+                 torch.ones(block_size, batch_size, dtype=torch.bool))
+
+
+def benchmark_model_args(model_name: str, block_size: int, batch_size: int,
+                         extra: Sequence[str] = ()) -> argparse.Namespace:
+    """The Namespace the real command line would give for one benchmark config."""
+    return parse_args(["--models", model_name, "--block_size", str(block_size),
+                       "--batch_size", str(batch_size), *extra])
+
+
+def benchmark_configs(sizes: BenchmarkSizes) -> list[dict]:
+    """The standard configs (issue 5): name, model, vocabulary and flags."""
+    small = ["--kgram_k", "3", "--embed_size", "64"]
+    transformer = ["--transformer_variant", "pico", "--n_blocks", "4", "--n_heads", "4",
+                   "--d_model", "256"]
+    return [
+        dict(name="kgram_mlp", model="kgram_mlp_seq", vocab_size=sizes.gpt2_vocab_size,
+             block_size=sizes.kgram_block_size, flags=small + ["--kgram_variant", "embedding"]),
+        dict(name="lstm", model="lstm_seq", vocab_size=sizes.gpt2_vocab_size,
+             block_size=sizes.kgram_block_size,
+             flags=small),
+        dict(name="transformer", model="transformer", vocab_size=sizes.gpt2_vocab_size,
+             block_size=sizes.transformer_block_size, flags=transformer),
+        dict(name="transformer_vocab4096", model="transformer", vocab_size=sizes.small_vocab_size,
+             block_size=sizes.transformer_block_size, flags=transformer),
+    ]
+
+
+def build_benchmark_model(config: dict, sizes: BenchmarkSizes, device: torch.device,
+                          block_size: int | None = None):
+    args = benchmark_model_args(config["model"], block_size or config["block_size"],
+                                sizes.batch_size, config["flags"])
+    return build_model(config["model"], args, config["vocab_size"]).to(device), args
+
+
+def benchmark_training(config: dict, sizes: BenchmarkSizes, device: torch.device, dtype: str,
+                       ceiling_gflops: float, compile_it: bool) -> dict:
+    """Tokens/s and MFU of the real training step (training_step, AdamW) on random batches."""
+    model, args = build_benchmark_model(config, sizes, device)
+    if compile_it:
+        compile_model(model)
+    optimizer = build_optimizer(model, args, device)
+    batch = random_batch(config["vocab_size"], args.block_size, sizes.batch_size, args.seed).to(device)
+    loss_model, step_tokens = NextTokenLoss(model), batch.num_target_tokens
+    seconds = median_seconds(lambda: training_step(loss_model, optimizer, [(batch, True)], step_tokens,
+                                                   args.grad_clip, dtype=dtype),
+                             sizes.repeats, sizes.warmup, device)
+    tokens_per_s = args.block_size * sizes.batch_size / seconds
+    flops_per_token = training_flops_per_token(model, args.block_size)
+    return {"model": config["model"], "vocab_size": config["vocab_size"],
+            "block_size": args.block_size, "batch_size": sizes.batch_size,
+            "parameters": count_parameters(model), "training_flops_per_token": flops_per_token,
+            "step_s": seconds, "tokens_per_s": tokens_per_s,
+            "achieved_gflops": flops_per_token * tokens_per_s / 1e9,
+            "mfu": flops_per_token * tokens_per_s / (ceiling_gflops * 1e9)}
+
+
+def starter_kgram_loop_logits(model: KGramMLPSeqModel, tokens: torch.Tensor) -> torch.Tensor:
+    """The course starter's k-gram forward, kept as a small reference: for every example
+    and every position, build that position's k-token context and run the MLP on it
+    alone. Same weights and outputs as model(tokens); tokens (T, B) -> logits (T, B, V).
+    Only the benchmark uses it, to show what vectorizing is worth."""
+    assert model.variant == "embedding", "the reference loop is written for the embedding variant"
+    T, B = tokens.shape
+    padded = torch.cat([model._padding_context(tokens), tokens], dim=0)   # (k-1+T, B)
+    columns = []
+    for b in range(B):
+        rows = []
+        for t in range(T):
+            context = padded[t: t + model.k, b]                            # (k,)
+            features = model.context_proj(model.embedding(context).flatten())
+            rows.append(model.unembedding(model.mlp(features)))           # (V,)
+        columns.append(torch.stack(rows))                                 # (T, V)
+    return torch.stack(columns, dim=1)                                    # (T, B, V)
+
+
+def benchmark_kgram_vs_starter(sizes: BenchmarkSizes, device: torch.device) -> dict:
+    """Forward + backward tokens/s of the starter's loop against the vectorized model,
+    same model, same batch (the loop with full-logits cross-entropy, as the starter)."""
+    config = benchmark_configs(sizes)[0]
+    model, args = build_benchmark_model(config, sizes, device)
+    batch = random_batch(config["vocab_size"], args.block_size, sizes.starter_batch_size,
+                         args.seed).to(device)
+
+    def starter_step():
+        model.zero_grad(set_to_none=True)
+        logits = starter_kgram_loop_logits(model, batch.inputs)
+        masked_cross_entropy(logits, batch.targets, batch.mask).backward()
+
+    def vectorized_step():
+        model.zero_grad(set_to_none=True)
+        sequence_loss(model, batch).backward()
+
+    tokens = args.block_size * sizes.starter_batch_size
+    starter = tokens / median_seconds(starter_step, max(2, sizes.repeats // 2), 1, device)
+    vectorized = tokens / median_seconds(vectorized_step, sizes.repeats, sizes.warmup, device)
+    return {"measured": "forward + backward", "block_size": args.block_size,
+            "batch_size": sizes.starter_batch_size, "starter_loop_tokens_per_s": starter,
+            "vectorized_tokens_per_s": vectorized, "kgram_vs_starter_loop": vectorized / starter}
+
+
+def benchmark_generation(sizes: BenchmarkSizes, device: torch.device) -> dict:
+    """Seconds to generate `generation_tokens` greedy tokens from a 4-token prompt with
+    use_cache True (KV cache / carried LSTM state) and False (re-read the context)."""
+    results = {"new_tokens": sizes.generation_tokens, "prompt_tokens": 4,
+               "transformer_block_size": sizes.generation_block_size}
+    prompt = [i % sizes.gpt2_vocab_size for i in (464, 3797, 3332, 319)]  # "The cat sat on"
+    configs = {c["name"]: c for c in benchmark_configs(sizes)}
+    for key, config, block in (("transformer", configs["transformer"], sizes.generation_block_size),
+                               ("lstm", configs["lstm"], None)):
+        model, _ = build_benchmark_model(config, sizes, device, block)
+        timings = {}
+        for use_cache in (True, False):
+            def generate(num_tokens=sizes.generation_tokens):
+                generate_ids(model, prompt, num_tokens, SamplingRule(0.0), use_cache=use_cache,
+                             device=device)
+
+            generate(8)  # warm-up; a full recompute run costs tens of seconds on a CPU
+            repeats = sizes.generation_repeats if use_cache else max(2, sizes.generation_repeats - 1)
+            timings[use_cache] = median_seconds(generate, repeats, 0, device)
+        results[f"{key}_cached_tokens_per_s"] = sizes.generation_tokens / timings[True]
+        results[f"{key}_recompute_tokens_per_s"] = sizes.generation_tokens / timings[False]
+    results["kv_cache_vs_recompute"] = (results["transformer_cached_tokens_per_s"]
+                                        / results["transformer_recompute_tokens_per_s"])
+    results["lstm_state_vs_recompute"] = (results["lstm_cached_tokens_per_s"]
+                                          / results["lstm_recompute_tokens_per_s"])
+    return results
+
+
+def synthetic_corpus(num_bytes: float, seed: int = 0) -> list[str]:
+    """Short story-like lines (5 to 80 words) of about `num_bytes` UTF-8 bytes in all."""
+    words = ("Once upon a time there was a little girl named Lily . She loved to play outside "
+             "with her dog , Max ! The sun was warm and the sky was blue ? They found 3 red "
+             "apples and 42 shiny stones near the café ; it's a naïve dream , don't you think").split()
+    rng = np.random.default_rng(seed)
+    texts, total = [], 0
+    while total < num_bytes:
+        line = " ".join(rng.choice(words, int(rng.integers(5, 81))))
+        texts.append(line)
+        total += len(line.encode("utf-8"))
+    return texts
+
+
+def benchmark_tokenization(sizes: BenchmarkSizes, device: torch.device) -> dict:
+    """MB/s of the data path (tokenize_examples, no cache) on many short examples, and,
+    for comparison, of tiktoken's encode_batch called with one document per example."""
+    texts = synthetic_corpus(sizes.tokenize_mb * 1e6)
+    megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    tokenizer = GPT2Tokenizer()
+    data_path = median_seconds(lambda: tokenize_examples(texts, tokenizer, None),
+                               sizes.repeats, 1, device)
+    per_example = median_seconds(lambda: tokenizer.encode_batch(texts), sizes.repeats, 1, device)
+    return {"megabytes": megabytes, "examples": len(texts),
+            "tokenize_mb_per_s": megabytes / data_path,
+            "encode_batch_per_example_mb_per_s": megabytes / per_example}
+
+
+def write_random_token_memmap(path: Path, num_tokens: int, vocab_size: int, seed: int) -> None:
+    """A uint16 .npy of random ids, written a slice at a time (never whole in memory)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(num_tokens,))
+    rng = np.random.default_rng(seed)
+    for start in range(0, num_tokens, 1 << 24):
+        stop = min(start + (1 << 24), num_tokens)
+        array[start: stop] = rng.integers(0, vocab_size, stop - start, dtype=np.uint16)
+    array.flush()
+    del array
+
+
+def memmap_training_probe(token_path: str, steps: int, block_size: int, batch_size: int,
+                          vocab_size: int) -> dict:
+    """Run in a fresh process: train the standard Transformer a few steps on get_batch
+    windows of a memory-mapped token file; returns the process's peak RSS."""
+    import resource
+
+    device = torch.device("cpu")
+    tokens = np.load(token_path, mmap_mode="r")
+    config = benchmark_configs(BenchmarkSizes())[2]
+    args = benchmark_model_args(config["model"], block_size, batch_size, config["flags"])
+    model = build_model(config["model"], args, vocab_size)
+    optimizer = build_optimizer(model, args, device)
+    rng = np.random.default_rng(args.seed)
+    loss_model = NextTokenLoss(model)
+    for _ in range(steps):
+        inputs, targets = get_batch(tokens, batch_size, block_size, device, rng)
+        batch = Batch(inputs, targets, torch.ones_like(inputs, dtype=torch.bool))
+        training_step(loss_model, optimizer, [(batch, True)], batch.num_target_tokens, args.grad_clip)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"peak_rss_gb": peak_kb * 1024 / 1e9, "memmapped": isinstance(tokens, np.memmap)}
+
+
+def benchmark_memmap_rss(sizes: BenchmarkSizes) -> dict:
+    """Peak resident memory of training from a token cache of `rss_tokens` tokens,
+    measured in a fresh subprocess so this process's memory does not count."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="pico-bench-") as directory:
+        token_path = Path(directory) / "tokens.npy"
+        write_random_token_memmap(token_path, sizes.rss_tokens, sizes.gpt2_vocab_size, seed=0)
+        probe = ("import importlib.util, json, sys\n"
+                 f"spec = importlib.util.spec_from_file_location('pico_llm', {str(Path(__file__))!r})\n"
+                 "pico = importlib.util.module_from_spec(spec); sys.modules['pico_llm'] = pico\n"
+                 "spec.loader.exec_module(pico)\n"
+                 f"print(json.dumps(pico.memmap_training_probe({str(token_path)!r}, {sizes.rss_steps}, "
+                 f"{sizes.transformer_block_size}, {sizes.batch_size}, {sizes.gpt2_vocab_size})))\n")
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"memory probe failed: {result.stderr.strip()[-500:]}")
+        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        file_gb = token_path.stat().st_size / 1e9
+    return {"tokens": sizes.rss_tokens, "token_file_gb": file_gb, "steps": sizes.rss_steps,
+            "model": "transformer", "memmapped": measured["memmapped"],
+            "peak_rss_gb_100m_tokens": measured["peak_rss_gb"]}
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """--benchmark: measure, print a table, write artefacts/benchmark.json."""
+    device = resolve_device(args.device_id)
+    dtype = resolve_dtype(args.dtype, device)
+    sizes = BenchmarkSizes.quick() if args.benchmark_quick else BenchmarkSizes()
+    out_path = Path(args.artefacts_dir) / "benchmark.json"
+    check_writable_directory(out_path.parent, "--artefacts_dir")
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+
+    def note(message: str) -> None:
+        if not args.quiet:
+            print(f"benchmark: {message} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    ceiling = {"matmul_gflops": matmul_gflops(device, torch.float32, sizes.matmul_size, sizes.repeats)}
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        ceiling["matmul_gflops_bf16"] = matmul_gflops(device, torch.bfloat16, sizes.matmul_size,
+                                                      sizes.repeats)
+    training_ceiling = ceiling.get("matmul_gflops_bf16", ceiling["matmul_gflops"]) \
+        if dtype == "bfloat16" else ceiling["matmul_gflops"]
+    peak = datasheet_peak_tflops(device)
+    note(f"matmul ceiling {ceiling['matmul_gflops']:.1f} GFLOP/s fp32")
+    training = {}
+    for config in benchmark_configs(sizes):
+        training[config["name"]] = benchmark_training(config, sizes, device, dtype,
+                                                      training_ceiling, args.compile)
+        if peak is not None:
+            training[config["name"]]["mfu_vs_datasheet_peak"] = (
+                training[config["name"]]["achieved_gflops"] / (peak * 1e3))
+        note(f"trained {config['name']}")
+    starter = benchmark_kgram_vs_starter(sizes, device)
+    note("k-gram vs starter loop")
+    generation = benchmark_generation(sizes, device)
+    note("generation")
+    tokenization = benchmark_tokenization(sizes, device)
+    note("tokenization")
+    memory = benchmark_memmap_rss(sizes)
+    note("memory")
+    report = {
+        "kind": "benchmark",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.benchmark_quick,
+        "dtype": dtype,
+        "environment": environment_info(device),
+        "sizes": dataclasses.asdict(sizes),
+        "datasheet_bf16_peak_tflops": peak if peak is not None else "unknown peak",
+        "mfu_reference": f"measured {dtype} matmul ceiling",
+        "matmul_gflops": ceiling["matmul_gflops"],
+        **({"matmul_gflops_bf16": ceiling["matmul_gflops_bf16"]}
+           if "matmul_gflops_bf16" in ceiling else {}),
+        "transformer_mfu": training["transformer"]["mfu"],
+        "kgram_vs_starter_loop": starter["kgram_vs_starter_loop"],
+        "kv_cache_vs_recompute": generation["kv_cache_vs_recompute"],
+        "lstm_state_vs_recompute": generation["lstm_state_vs_recompute"],
+        "tokenize_mb_per_s": tokenization["tokenize_mb_per_s"],
+        "peak_rss_gb_100m_tokens": memory["peak_rss_gb_100m_tokens"],
+        "training": training,
+        "kgram_starter_loop": starter,
+        "generation": generation,
+        "tokenization": tokenization,
+        "memory": memory,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    atomic_write_json(out_path, report)
+    print(benchmark_table(report))
+    print(f"\nbenchmark written to {out_path}")
+    return 0
+
+
+def benchmark_table(report: dict) -> str:
+    env = report["environment"]
+    peak = report["datasheet_bf16_peak_tflops"]
+    lines = [f"device {env['device']} ({env['device_name']}), {env['threads']} threads, "
+             f"dtype {report['dtype']}, datasheet peak: "
+             + (f"{peak:g} TFLOP/s bf16" if isinstance(peak, float) else peak),
+             f"matmul ceiling {report['matmul_gflops']:.1f} GFLOP/s fp32"
+             + (f", {report['matmul_gflops_bf16']:.1f} bf16" if "matmul_gflops_bf16" in report else ""),
+             "",
+             f"{'config':<24} {'params':>11} {'MFLOP/tok':>10} {'tokens/s':>10} {'GFLOP/s':>8} {'MFU':>6}"]
+    for name, row in report["training"].items():
+        lines.append(f"{name:<24} {row['parameters']:>11,} {row['training_flops_per_token'] / 1e6:>10.1f} "
+                     f"{row['tokens_per_s']:>10,.0f} {row['achieved_gflops']:>8.1f} {row['mfu']:>6.1%}")
+    starter, generation = report["kgram_starter_loop"], report["generation"]
+    tokens, memory = report["tokenization"], report["memory"]
+    lines += ["",
+              f"k-gram vectorized vs starter loop (fwd+bwd): {report['kgram_vs_starter_loop']:.0f}x "
+              f"({starter['vectorized_tokens_per_s']:,.0f} vs {starter['starter_loop_tokens_per_s']:,.0f} tokens/s)",
+              f"Transformer KV cache vs recompute, {generation['new_tokens']} tokens: "
+              f"{report['kv_cache_vs_recompute']:.1f}x ({generation['transformer_cached_tokens_per_s']:,.0f} vs "
+              f"{generation['transformer_recompute_tokens_per_s']:,.0f} tokens/s)",
+              f"LSTM carried state vs recompute, {generation['new_tokens']} tokens: "
+              f"{report['lstm_state_vs_recompute']:.1f}x ({generation['lstm_cached_tokens_per_s']:,.0f} vs "
+              f"{generation['lstm_recompute_tokens_per_s']:,.0f} tokens/s)",
+              f"tokenization (tokenize_examples, {tokens['megabytes']:.1f} MB in {tokens['examples']:,} "
+              f"examples): {report['tokenize_mb_per_s']:.1f} MB/s "
+              f"(encode_batch per example: {tokens['encode_batch_per_example_mb_per_s']:.1f} MB/s)",
+              f"peak RSS training from a {memory['tokens']:,}-token memmap ({memory['token_file_gb']:.2f} GB): "
+              f"{report['peak_rss_gb_100m_tokens']:.2f} GB",
+              f"elapsed {report['elapsed_s']:.0f} s"]
+    return "\n".join(lines)
+
+
 # =============================================================================
 # 11. Distributed training (torchrun / DDP)
 # =============================================================================
@@ -3950,6 +4440,8 @@ def train_models(args: argparse.Namespace, device: torch.device, tokenizer, data
     save_dir = checkpoint_directory(args)
     for name in args.models:
         model = build_model(name, args, tokenizer.vocab_size).to(device)
+        if args.compile:
+            compile_model(model)
         record = model_record(name, model, args)
         if runlog is not None:
             runlog.add_model(name, record)
@@ -4050,6 +4542,8 @@ def run_command(args: argparse.Namespace) -> int:
         return run_generation(args)
     if args.sweep or args.custom_sweep_log or args.collect_transformer_metrics:
         return run_sweeps(args)
+    if args.benchmark or args.benchmark_quick:
+        return run_benchmark(args)
     return run_training(args)
 
 

@@ -1,0 +1,65 @@
+"""Section 10.2: the benchmark runs end to end and writes every figure (speed is never asserted)."""
+
+import json
+import math
+
+import torch
+
+HEADLINE_KEYS = ("transformer_mfu", "kgram_vs_starter_loop", "kv_cache_vs_recompute",
+                 "lstm_state_vs_recompute", "tokenize_mb_per_s", "peak_rss_gb_100m_tokens",
+                 "matmul_gflops")
+
+
+def positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_benchmark_writes_every_key_as_a_positive_finite_number(run_main, tmp_path):
+    status, out, err = run_main("--benchmark_quick", "--quiet")
+    assert status == 0, err
+    report = json.loads((tmp_path / "artefacts" / "benchmark.json").read_text())
+    for key in HEADLINE_KEYS:
+        assert positive_finite(report[key]), (key, report.get(key))
+    assert set(report["training"]) == {"kgram_mlp", "lstm", "transformer", "transformer_vocab4096"}
+    for name, row in report["training"].items():
+        assert positive_finite(row["tokens_per_s"]) and positive_finite(row["mfu"]), name
+    assert report["memory"]["memmapped"] is True
+    assert report["environment"]["device"] == "cpu"
+    assert report["datasheet_bf16_peak_tflops"] == "unknown peak"
+    assert report["sizes"]["rss_tokens"] > 0
+    assert "matmul ceiling" in out and "benchmark written to" in out
+
+
+def test_starter_kgram_loop_gives_the_vectorized_models_logits(pico):
+    torch.manual_seed(0)
+    model = pico.KGramMLPSeqModel(vocab_size=23, k=3, embed_size=8, variant="embedding")
+    tokens = torch.randint(0, 23, (7, 2))
+    assert torch.allclose(pico.starter_kgram_loop_logits(model, tokens), model(tokens), atol=1e-5)
+
+
+def test_grouped_gpt2_encoding_equals_one_document_per_example(gpt2, pico):
+    texts = ["Once upon a time.", "it's 42!", "  spaced  ", "café naïve", "x" * 70000, "\nnew line\n"]
+    tokens, offsets = gpt2.encode_examples(texts)
+    for index, text in enumerate(texts):
+        assert tokens[offsets[index]: offsets[index + 1]].tolist() == gpt2.encode(text) + [gpt2.eot_id]
+    assert gpt2.encode_examples(["a <|endoftext|> b"]) is None  # falls back to encode_batch
+    examples = pico.tokenize_examples(["a <|endoftext|> b", "c"], gpt2, None)
+    assert examples.example(0).tolist() == gpt2.encode("a <|endoftext|> b") + [gpt2.eot_id]
+
+
+def test_bfloat16_autocast_chunked_loss_stays_close_to_float32(pico):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (9,))
+    weights = torch.full((9,), 1 / 9)
+    reference = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
+    reference.backward()
+    reference_grad = hidden.grad.clone()
+    hidden.grad = None
+    with pico.autocast_context(torch.device("cpu"), "bfloat16"):
+        loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
+    loss.backward()
+    assert abs(loss.item() - reference.item()) < 0.05
+    assert torch.allclose(hidden.grad, reference_grad, atol=0.02)
+    assert hidden.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
