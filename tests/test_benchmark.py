@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 HEADLINE_KEYS = ("transformer_mfu", "kgram_vs_starter_loop", "kv_cache_vs_recompute",
@@ -30,9 +31,10 @@ def test_quick_benchmark_writes_every_key_as_a_positive_finite_number(run_main, 
     assert "matmul ceiling" in out and "benchmark written to" in out
 
 
-def test_starter_kgram_loop_gives_the_vectorized_models_logits(pico):
+@pytest.mark.parametrize("variant", ["onehot", "embedding"])
+def test_starter_kgram_loop_gives_the_vectorized_models_logits(pico, variant):
     torch.manual_seed(0)
-    model = pico.KGramMLPSeqModel(vocab_size=23, k=3, embed_size=8, variant="embedding")
+    model = pico.KGramMLPSeqModel(vocab_size=23, k=3, embed_size=8, variant=variant)
     tokens = torch.randint(0, 23, (7, 2))
     assert torch.allclose(pico.starter_kgram_loop_logits(model, tokens), model(tokens), atol=1e-5)
 
