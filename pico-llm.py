@@ -22,15 +22,16 @@ whole context for each new token.
 
 Contents (the section banners below carry the same numbers):
     1. Command line and configuration
-    2. Tokenizers (offline GPT-2 BPE through tiktoken, byte-level characters)
+    2. Tokenizers: 2.1 GPT-2 through tiktoken (offline) and UTF-8 bytes,
+                   2.2 byte-level BPE trained on your corpus, 2.3 choosing one
     3. Data (text files, TinyStories, token cache, splits, batches with masks)
     4. Building blocks (RMSNorm, rotary embedding, attention, feed-forward)
-    5. Models (k-gram MLP, LSTM, Transformer and its preset table)
+    5. Models (k-gram MLP, LSTM, Transformer, its preset table, resource accounting)
     6. Loss and optimisation (cross-entropy, AdamW, schedule, clipping)
     7. Generation (sampling rules, KV cache / carried state, generate_text)
     8. Training and evaluation (train_one_model, evaluate, RunLog)
     9. Checkpoints and fault tolerance
-   10. Experiments (sweeps, benchmark, accounting)
+   10. Experiments: 10.1 sweeps and interpretability, 10.2 benchmark
    11. Distributed training (torchrun / DDP)
    12. main()
 """
@@ -369,6 +370,7 @@ def validate_args(args: argparse.Namespace) -> None:
 # =============================================================================
 # 2. Tokenizers
 # =============================================================================
+# --- 2.1 GPT-2 through tiktoken, and UTF-8 bytes ------------------------------
 # GPT-2's byte-pair encoding runs through tiktoken. Its merge ranks ship in
 # data/gpt2.tiktoken so nothing is downloaded; the hash below is r50k_base's.
 
@@ -3178,7 +3180,7 @@ def run_generation(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
-# 10. Experiments (sweeps, benchmark, accounting)
+# 10. Experiments (sweeps, interpretability, benchmark)
 # =============================================================================
 
 
@@ -3865,7 +3867,7 @@ def ascii_loss_plot(records: dict, width: int = 60, height: int = 12) -> str:
     return "\n".join(lines)
 
 
-# --- 10.2 Benchmark
+# --- 10.2 Benchmark ----------------------------------------------------------------
 # `--benchmark` measures, in one run so that ratios hold on a noisy machine, the
 # machine's matmul ceiling and what pico-llm makes of it: training tokens/s and MFU
 # through the real training_step, the vectorized k-gram model against the course
