@@ -2954,7 +2954,22 @@ def restore_rng_states(states: dict) -> None:
 
 
 def tokenizer_identity(args: argparse.Namespace, tokenizer) -> dict:
-    return {"spec": args.tokenizer, "name": tokenizer.name, "vocab_size": tokenizer.vocab_size}
+    """What a checkpoint needs to turn its ids back into text. A trained BPE travels
+    whole (bytes as hex, plain types that weights_only loading accepts)."""
+    identity = {"spec": args.tokenizer, "name": tokenizer.name, "vocab_size": tokenizer.vocab_size}
+    if isinstance(tokenizer, TrainedBPETokenizer):
+        identity["bpe_vocab"] = {str(i): token.hex() for i, token in tokenizer.bpe.vocab.items()}
+        identity["bpe_merges"] = [[a.hex(), b.hex()] for a, b in tokenizer.bpe.merges]
+    return identity
+
+
+def tokenizer_from_identity(identity: dict):
+    """The tokenizer a checkpoint was trained with."""
+    if "bpe_merges" not in identity:
+        return build_tokenizer(identity["spec"])
+    vocab = {int(i): bytes.fromhex(token) for i, token in identity["bpe_vocab"].items()}
+    merges = [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in identity["bpe_merges"]]
+    return TrainedBPETokenizer(vocab, merges, parse_tokenizer_spec(identity["spec"])[1])
 
 
 def load_checkpoint(path: Path, flag: str) -> dict:
@@ -3164,7 +3179,7 @@ def run_generation(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     checkpoint = load_checkpoint(path, "--checkpoint")
     trained = argparse.Namespace(**{**vars(parse_args([])), **checkpoint["args"]})
-    tokenizer = build_tokenizer(checkpoint["tokenizer"]["spec"])
+    tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
     model = build_model(checkpoint["model_name"], trained, tokenizer.vocab_size)
     load_model_weights(model, checkpoint, path, tokenizer)
     prompt_tokens = len(tokenizer.encode(args.prompt))
@@ -3318,11 +3333,13 @@ class SweepLog:
                  device: torch.device) -> None:
         self.path = path
         points = []
+        data_sha256 = examples_fingerprint(load_custom_examples(args))
         if path.exists():
             earlier = load_sweep(path)
-            # Points are keyed by their own settings; the shared ones must match too.
+            # Points are keyed by their own settings; the scale and the data must match too.
             same_scale = earlier["config"]["scale"] == json.loads(json.dumps(dataclasses.asdict(scale)))
-            if earlier["sweep"] == sweep and same_scale:
+            same_data = earlier["config"].get("data_sha256") == data_sha256
+            if earlier["sweep"] == sweep and same_scale and same_data:
                 points = earlier["points"]
         self.data = {
             "schema_version": SWEEP_SCHEMA_VERSION,
@@ -3332,6 +3349,7 @@ class SweepLog:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "status": "running",
             "config": {"tokenizer": scale.tokenizer, "scale": dataclasses.asdict(scale),
+                       "data_sha256": data_sha256,
                        "args": {key: value for key, value in vars(args).items()}},
             "environment": environment_info(device),
             "points": points,
@@ -3360,6 +3378,14 @@ class SweepLog:
 
     def write(self) -> None:
         atomic_write_json(self.path, self.data)
+
+
+def examples_fingerprint(texts: list[str]) -> str:
+    """sha256 of the examples, so a sweep resumes only on the data it started with."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\x00")
+    return digest.hexdigest()
 
 
 def load_sweep(path: Path | str) -> dict:

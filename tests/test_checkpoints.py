@@ -101,6 +101,24 @@ def test_generate_from_a_checkpoint_repeats_the_runs_greedy_sample(pico, run_mai
     assert out == greedy + "\n"
 
 
+def test_a_bpe_checkpoint_carries_its_tokenizer(pico, run_main, tmp_path):
+    save = tmp_path / "ckpt"
+    argv = [a if a != "char" else "bpe:300" for a in TINY]
+    assert "bpe:300" in argv
+    status, _, err = run_main(*argv, "--models", "lstm_seq", "--save_dir", str(save),
+                              "--run_name", "b")
+    assert status == 0, err
+    samples = pico.load_runlog(tmp_path / "artefacts" / "b.json")["models"]["lstm_seq"]["samples"]
+    greedy = [s["text"] for s in samples if s["rule"] == "greedy"][-1]
+    import shutil
+    shutil.rmtree(tmp_path / "cache")            # generation must not need the training cache
+    status, out, err = run_main("--generate", "--checkpoint", str(save / "lstm_seq" / "step_000006.pt"),
+                                "--prompt", "Once upon a time", "--temperature", "0",
+                                "--max_new_tokens", "4")
+    assert status == 0, err
+    assert out == greedy + "\n"
+
+
 class RunsCode:
     """Unpickling this would create a file: what a malicious checkpoint does."""
 

@@ -45,11 +45,14 @@ def test_two_gloo_ranks_match_one_process_and_write_once(pico, tmp_path):
     assert single.returncode == 0, single.stderr
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node=2", str(SCRIPT), *TINY, "--artefacts_dir",
-                             str(tmp_path / "two"), "--cache_dir", str(tmp_path / "cache")],
+                             str(tmp_path / "two"), "--cache_dir", str(tmp_path / "cache"),
+                             "--save_dir", str(tmp_path / "ckpt"), "--keep_checkpoints", "10"],
                             capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     assert double.stdout.count("run log written to") == 1
     assert [p.name for p in (tmp_path / "two").iterdir()] == ["run.json"]
+    for model in ("lstm_seq", "transformer"):      # rank 0 alone writes checkpoints
+        assert [p.name for p in (tmp_path / "ckpt" / model).iterdir()] == ["step_000008.pt"]
     log = pico.load_runlog(tmp_path / "two" / "run.json")
     assert log["distributed"]["world_size"] == 2
     one, two = losses(pico, tmp_path / "one" / "run.json"), losses(pico, tmp_path / "two" / "run.json")

@@ -175,3 +175,13 @@ def test_has_diverged(pico):
     assert pico.has_diverged(float("nan"), 100) and pico.has_diverged(float("inf"), 100)
     assert pico.has_diverged(3 * math.log(100) + 0.1, 100)
     assert not pico.has_diverged(math.log(100) + 1, 100)
+
+
+def test_a_sweep_on_changed_data_does_not_reuse_old_points(pico, run_main, tmp_path, tiny_corpus):
+    copy = tmp_path / "corpus.txt"
+    copy.write_text(tiny_corpus.read_text())
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(copy))
+    assert run_main(*argv)[0] == 0
+    copy.write_text("a brand new first line about the harbor.\n" + tiny_corpus.read_text())
+    status, out, _ = run_main(*argv)
+    assert status == 0 and "3 points (0 already done)" in out
