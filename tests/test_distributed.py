@@ -68,3 +68,25 @@ def test_an_error_on_the_ranks_ends_the_job_with_its_message(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "pico-llm: error (rank 0): input file not found" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_a_different_number_of_ranks(pico, tmp_path):
+    """One process trains and checkpoints every 3 steps; two gloo ranks resume from the
+    step-3 checkpoint and reproduce the one-process losses of steps 4 to 8."""
+    tiny = [a if a != "lstm_seq,transformer" else "lstm_seq" for a in TINY]
+    common = [*tiny, "--cache_dir", str(tmp_path / "cache"), "--save_dir", str(tmp_path / "ckpt"),
+              "--checkpoint_every", "3", "--keep_checkpoints", "10"]
+    single = subprocess.run([sys.executable, str(SCRIPT), *common, "--artefacts_dir",
+                             str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    checkpoint = tmp_path / "ckpt" / "lstm_seq" / "step_000003.pt"
+    assert checkpoint.exists()
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node=2", str(SCRIPT), *common, "--resume", str(checkpoint),
+                              "--save_dir", str(tmp_path / "ckpt2"), "--artefacts_dir",
+                              str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one, two = losses(pico, tmp_path / "one" / "run.json"), losses(pico, tmp_path / "two" / "run.json")
+    assert len(two["lstm_seq"]) == len(one["lstm_seq"])        # the whole history, from step 1
+    assert two["lstm_seq"] == pytest.approx(one["lstm_seq"], rel=1e-4)
