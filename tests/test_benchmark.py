@@ -65,3 +65,15 @@ def test_bfloat16_autocast_chunked_loss_stays_close_to_float32(pico):
     assert abs(loss.item() - reference.item()) < 0.05
     assert torch.allclose(hidden.grad, reference_grad, atol=0.02)
     assert hidden.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compile_trains_to_the_same_losses(run_main, tmp_path, pico):
+    """--compile (torch.compile of the model's features) changes speed, not results."""
+    from test_training import TINY_RUN
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        status, _, err = run_main(*TINY_RUN, "--models", "transformer", "--run_name", name, *extra)
+        assert status == 0, err
+    eager, compiled = ([h["train_loss"] for h in pico.load_runlog(tmp_path / "artefacts" / f"{n}.json")
+                        ["models"]["transformer"]["history"]] for n in ("eager", "compiled"))
+    assert compiled == pytest.approx(eager, rel=1e-4)
