@@ -50,7 +50,6 @@ import json
 import math
 import multiprocessing
 import os
-import pickle
 import platform
 import random
 import re

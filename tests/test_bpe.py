@@ -1,8 +1,6 @@
 """Section 2.2: byte-level BPE (training, Tokenizer, GPT-2 equivalence, tiktoken fast path)."""
-import os
 import itertools
 import random
-import sys
 import time
 from collections import Counter
 

@@ -1,6 +1,4 @@
-"""Section 9: the command line as a user meets it: the course's commands and bad input."""
-
-import os
+"""Section 12 (main): the command line as a user meets it: the course's commands and bad input."""
 
 import pytest
 

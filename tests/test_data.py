@@ -1,6 +1,5 @@
 """Section 3: data sources, token cache, splits, epochs and batches."""
 
-import argparse
 import json
 import time
 

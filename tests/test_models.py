@@ -1,6 +1,5 @@
 """Sections 4 and 5: building blocks and models, checked against references and exact properties."""
 
-import argparse
 import math
 
 import pytest

@@ -1,8 +1,5 @@
 """Sections 6 and 8: loss, optimisation, training runs and the run log."""
 
-import json
-import math
-
 import jsonschema
 import numpy as np
 import pytest
