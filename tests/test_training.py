@@ -158,7 +158,7 @@ def test_kgram_mlp_learns_to_count(run_main, tmp_path, pico):
     "0 1 2 3 4" with " 5 6 7 8" (about 30 s on a 2-core CPU)."""
     status, out, err = run_main("--input_files", str(REPO / "3seqs.txt"), "--block_size", "32",
                                 "--kgram_k", "2", "--embed_size", "64", "--models", "kgram_mlp_seq",
-                                "--max_steps_per_epoch", "100", "--prompt", "0 1 2 3 4",
+                                "--epochs", "1", "--max_steps_per_epoch", "100", "--prompt", "0 1 2 3 4",
                                 "--max_new_tokens", "4", "--run_name", "count", "--quiet")
     assert status == 0, err
     samples = pico.load_runlog(tmp_path / "artefacts" / "count.json")["models"]["kgram_mlp_seq"]["samples"]
