@@ -2103,15 +2103,28 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
                                     targets.flatten(), position_weights.flatten(), chunk_size)
 
 
-def sequence_loss(model: nn.Module, batch: "Batch", reduction: str = "mean") -> torch.Tensor:
-    """The masked next-token loss of `model` on `batch` (mean or sum over real targets).
+class NextTokenLoss(nn.Module):
+    """A model and its masked next-token loss in one module: what training calls, and
+    what DistributedDataParallel (which hooks `forward`) wraps under torchrun. It goes
+    through the model's features and unembedding, so the full logits are never built."""
 
-    Equal to masked_cross_entropy(model(batch.inputs), ...), but through the
-    model's features and unembedding so the full logits are never built."""
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                position_weights: torch.Tensor) -> torch.Tensor:
+        """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
+        return linear_cross_entropy(self.model.features(inputs), self.model.unembedding,
+                                    targets, position_weights)
+
+
+def sequence_loss(model: nn.Module, batch: "Batch", reduction: str = "mean") -> torch.Tensor:
+    """The masked next-token loss of `model` on `batch` (mean or sum over real targets),
+    equal to masked_cross_entropy(model(batch.inputs), ...)."""
     mask = batch.mask.float()
     weights = mask / mask.sum().clamp(min=1) if reduction == "mean" else mask
-    return linear_cross_entropy(model.features(batch.inputs), model.unembedding,
-                                batch.targets, weights)
+    return NextTokenLoss(model)(batch.inputs, batch.targets, weights)
 
 
 @torch.no_grad()
@@ -4373,21 +4386,6 @@ def setup_distributed(args: argparse.Namespace) -> Distributed:
 def teardown_distributed(context: Distributed) -> None:
     if context.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-class NextTokenLoss(nn.Module):
-    """A model and its loss in one module, so DistributedDataParallel, which hooks
-    `forward`, sees the whole computation that produces gradients."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
-                position_weights: torch.Tensor) -> torch.Tensor:
-        """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
-        return linear_cross_entropy(self.model.features(inputs), self.model.unembedding,
-                                    targets, position_weights)
 
 
 def wrap_for_training(model: nn.Module, context: Distributed, device: torch.device) -> nn.Module:
