@@ -43,6 +43,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import heapq
 import io
@@ -297,6 +298,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                        help="training precision: bf16 autocast or fp32 (default: bfloat16 on "
                             "CUDA, float32 elsewhere)")
+    bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
+                       help="kernel for float32 linear layers on the CPU: oneDNN (about 2x "
+                            "PyTorch's default MKL on AMD CPUs; used only where this build has "
+                            "it) or torch (PyTorch's default)")
     bench.add_argument("--compile", action="store_true",
                        help="torch.compile each model's features (worth it on GPUs)")
     return parser
@@ -1343,8 +1348,103 @@ def load_training_data(args: argparse.Namespace, tokenizer,
 # =============================================================================
 # 4. Building blocks
 # =============================================================================
-# The pieces a Transformer is made of, each written out. Shapes use B = batch,
-# T = new tokens, S = tokens attended to (cache + new), H = heads, D = head size.
+# The pieces a Transformer is made of, each written out. # Shapes use B = batch, T = new tokens, S = tokens attended to (cache + new),
+# H = heads, D = head size.
+#
+# Every linear layer goes through `linear()` below. On a CPU in float32, PyTorch sends
+# matmuls to MKL, which on AMD processors runs its AVX2 code (about half the machine's
+# AVX-512 peak) and is slower still for one-row products such as a token being
+# generated. oneDNN, which PyTorch also ships, reaches the peak on the same machine
+# (`--benchmark` measures both). `--cpu_matmul onednn` (the default) routes float32 CPU
+# linears through oneDNN with the gradient written out below; `--cpu_matmul torch`
+# keeps PyTorch's default. GPUs, autocast and torch.compile always use PyTorch's own.
+
+CPU_MATMUL_KERNELS = ("onednn", "torch")
+_cpu_matmul = {"kernel": "onednn"}
+
+
+def set_cpu_matmul(kernel: str) -> None:
+    """Choose the kernel for float32 CPU linears: "onednn" (when this build has it) or "torch"."""
+    if kernel not in CPU_MATMUL_KERNELS:
+        raise UserError(f"unknown --cpu_matmul {kernel!r}; choose from {', '.join(CPU_MATMUL_KERNELS)}")
+    _cpu_matmul["kernel"] = kernel
+
+
+@contextlib.contextmanager
+def cpu_matmul(kernel: str):
+    """Use `kernel` for float32 CPU linears inside the block (the benchmark compares them)."""
+    previous = _cpu_matmul["kernel"]
+    set_cpu_matmul(kernel)
+    try:
+        yield
+    finally:
+        _cpu_matmul["kernel"] = previous
+
+
+def cpu_matmul_kernel() -> str:
+    """The kernel float32 CPU linears use now: "onednn" only if chosen and available."""
+    return "onednn" if _cpu_matmul["kernel"] == "onednn" and onednn_available() else "torch"
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """True when this PyTorch build has oneDNN's linear op and it agrees with F.linear.
+    The op is internal to PyTorch (its compiler uses it), so check rather than assume."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        a, w = torch.randn(3, 8), torch.randn(5, 8)
+        return (torch.backends.mkldnn.is_available()
+                and torch.allclose(op(a, w, None, "none", [], ""), a @ w.t(), atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def onednn_matmul(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ w.T (+ bias) by oneDNN: a (N, k), w (M, k) -> (N, M). Strided views are fine."""
+    return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """y = x @ W.T + b with oneDNN for the forward and both gradients.
+    x (N, in), W (out, in), b (out,) or None -> y (N, out)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_matmul(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = onednn_matmul(grad_y, weight.t()) if ctx.needs_input_grad[0] else None  # (N, in)
+        grad_w = onednn_matmul(grad_y.t(), x.t()) if ctx.needs_input_grad[1] else None   # (out, in)
+        grad_b = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T should go through oneDNN: x (..., in), weight (out, in)."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and cpu_matmul_kernel() == "onednn")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through the fastest kernel for the device: (..., in) -> (..., out)."""
+    if not uses_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])                                       # (N, in)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    y = OneDNNLinear.apply(rows, weight, bias) if needs_grad else onednn_matmul(rows, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) whose product goes through `linear()`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -1442,10 +1542,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.out_proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.dropout = dropout
         self.impl = impl
         self.last_attention: torch.Tensor | None = None  # (B, H, T, S), kept when record_attention
@@ -1512,9 +1612,9 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float) -> None:
         super().__init__()
         self.kind = kind
-        self.w1 = nn.Linear(d_model, d_ff, bias=bias)
-        self.w3 = nn.Linear(d_model, d_ff, bias=bias) if kind == "swiglu" else None
-        self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.w1 = Linear(d_model, d_ff, bias=bias)
+        self.w3 = Linear(d_model, d_ff, bias=bias) if kind == "swiglu" else None
+        self.w2 = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d_model) -> (B, T, d_model)
@@ -1571,15 +1671,15 @@ class KGramMLPSeqModel(nn.Module):
             self.onehot_bias = nn.Parameter(torch.zeros(embed_size))
         elif variant == "embedding":
             self.embedding = nn.Embedding(table_size, embed_size)
-            self.context_proj = nn.Linear(k * embed_size, embed_size)
+            self.context_proj = Linear(k * embed_size, embed_size)
         else:
             self.embedding = nn.Embedding(table_size, embed_size)
             self.conv = nn.Conv1d(embed_size, embed_size, kernel_size=k)
         layers: list[nn.Module] = [nn.SiLU()]
         for _ in range(num_inner_layers):
-            layers += [nn.Linear(embed_size, embed_size), nn.SiLU()]
+            layers += [Linear(embed_size, embed_size), nn.SiLU()]
         self.mlp = nn.Sequential(*layers)
-        self.unembedding = nn.Linear(embed_size, vocab_size)
+        self.unembedding = Linear(embed_size, vocab_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.unembedding(self.features(tokens))
@@ -1634,7 +1734,7 @@ class LSTMSeqModel(nn.Module):
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, embed_size)
         self.lstm = nn.LSTM(embed_size, hidden_size, num_layers=num_layers)
-        self.unembedding = nn.Linear(hidden_size, vocab_size)
+        self.unembedding = Linear(hidden_size, vocab_size)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.unembedding(self.features(tokens))
@@ -1791,7 +1891,7 @@ class TransformerModel(nn.Module):
         # Post-norm blocks already end in a norm; a final norm belongs to pre-norm stacks.
         self.final_norm = make_norm(config.norm if config.norm_position == "pre" else "none",
                                     config.d_model, config.bias)
-        self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.unembedding = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_weights:
             self.unembedding.weight = self.token_embedding.weight
         self.apply(self._init_weights)
@@ -2029,9 +2129,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,).
 
         Matmuls run in the autocast dtype when autocast is on (bf16 on a GPU), the softmax
-        always in float32. One logits buffer is reused for every chunk and every step is
-        in place: a fresh (chunk x vocab) tensor per operation costs page faults and
-        memory passes comparable to the matmuls themselves on a CPU."""
+        always in float32. Every step on the logits is in place (with torch's kernels one
+        logits buffer serves every chunk): a fresh (chunk x vocab) tensor per operation
+        costs page faults and memory passes comparable to the matmuls themselves on a CPU."""
         wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         device_type = hidden.device.type
         compute_dtype = (torch.get_autocast_dtype(device_type)
@@ -2040,9 +2140,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             h_all = hidden.to(compute_dtype)
             w = weight.to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
+            # oneDNN allocates its output; chunks of 128 rows stay below glibc's 32 MB mmap
+            # ceiling, so the allocator reuses that memory instead of faulting it in again.
+            onednn = uses_onednn(h_all, w)
+            chunk_size = min(chunk_size, 128) if onednn else chunk_size
             rows = min(chunk_size, hidden.shape[0])
-            logits_buffer = torch.empty(rows, weight.shape[0], device=hidden.device,
-                                        dtype=torch.float32)
+            logits_buffer = torch.empty(0 if onednn else rows, weight.shape[0],
+                                        device=hidden.device, dtype=torch.float32)
             low_precision = compute_dtype != torch.float32
             matmul_buffer = torch.empty_like(logits_buffer, dtype=compute_dtype) if low_precision else logits_buffer
             grad_hidden = torch.empty_like(h_all) if wants_grad else None
@@ -2055,14 +2159,17 @@ class LinearCrossEntropy(torch.autograd.Function):
                 n = h.shape[0]
                 y = targets[start: start + chunk_size]
                 position_weight = position_weights[start: start + chunk_size].float()
-                mm_out = matmul_buffer[:n]
-                if b is None:
-                    torch.mm(h, w.t(), out=mm_out)                                  # (n, V)
-                else:
-                    torch.addmm(b, h, w.t(), out=mm_out)
                 logits = logits_buffer[:n]
-                if low_precision:
-                    logits.copy_(mm_out)
+                if onednn:
+                    logits = onednn_matmul(h, w, b)                                 # (n, V)
+                else:
+                    mm_out = matmul_buffer[:n]
+                    if b is None:
+                        torch.mm(h, w.t(), out=mm_out)                              # (n, V)
+                    else:
+                        torch.addmm(b, h, w.t(), out=mm_out)
+                    if low_precision:
+                        logits.copy_(mm_out)
                 target_logit = logits.gather(1, y[:, None]).squeeze(1)              # (n,)
                 maximum = logits.amax(dim=-1)
                 probabilities = logits.sub_(maximum[:, None]).exp_()                # unnormalised
@@ -2075,7 +2182,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_logits[torch.arange(n, device=y.device), y] -= position_weight
                     if low_precision:
                         grad_logits = mm_out.copy_(grad_logits)
-                    torch.mm(grad_logits, w, out=grad_hidden[start: start + n])
+                    if onednn:
+                        grad_hidden[start: start + n] = onednn_matmul(grad_logits, w.t())
+                    else:
+                        torch.mm(grad_logits, w, out=grad_hidden[start: start + n])
                     if low_precision:
                         grad_weight += (grad_logits.t() @ h).float()
                     else:
@@ -2181,13 +2291,14 @@ class AdamW(torch.optim.Optimizer):
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device):
     """AdamW with decay on matrices and embeddings only; norms' gains and biases are
-    not pulled towards zero. PyTorch's fused (CUDA) or foreach kernel by default."""
+    not pulled towards zero. PyTorch's fused kernel on CUDA and CPU (one pass over the
+    parameters; on a 2-core CPU 7x faster than the foreach kernel at 16M parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     if args.optimizer == "scratch":
         return AdamW(groups, lr=args.learning_rate)
-    fast = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    fast = dict(fused=True) if device.type in ("cuda", "cpu") else dict(foreach=True)
     return torch.optim.AdamW(groups, lr=args.learning_rate, **fast)
 
 
@@ -3964,13 +4075,29 @@ def median_seconds(function, repeats: int, warmup: int, device: torch.device) ->
     return float(np.median(times))
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
-    """Sustained GFLOP/s of a square (size x size) @ (size x size) matmul (2 size^3 FLOPs)."""
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int,
+                  kernel: str = "torch") -> float:
+    """Sustained GFLOP/s of a square (size x size) matmul (2 size^3 FLOPs) by PyTorch's
+    default kernel ("torch") or by oneDNN ("onednn", CPU float32)."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
+    product = (lambda: onednn_matmul(a, b)) if kernel == "onednn" else (lambda: a @ b)
     calls = max(1, int(2e10 / (2 * size ** 3)) if device.type == "cuda" else 4)
-    seconds = median_seconds(lambda: [a @ b for _ in range(calls)], repeats, 1, device)
+    seconds = median_seconds(lambda: [product() for _ in range(calls)], repeats, 1, device)
     return 2 * size ** 3 * calls / seconds / 1e9
+
+
+def matmul_ceiling(device: torch.device, sizes: "BenchmarkSizes") -> dict:
+    """The machine's float32 ceiling: the best of the kernels PyTorch offers here, each
+    reported (MFU against a slower kernel's figure would flatter the training numbers)."""
+    kernels = ["torch"] + (["onednn"] if device.type == "cpu" and onednn_available() else [])
+    by_kernel = {kernel: matmul_gflops(device, torch.float32, sizes.matmul_size, sizes.repeats, kernel)
+                 for kernel in kernels}
+    ceiling = {"matmul_gflops": max(by_kernel.values()), "matmul_gflops_by_kernel": by_kernel}
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        ceiling["matmul_gflops_bf16"] = matmul_gflops(device, torch.bfloat16, sizes.matmul_size,
+                                                      sizes.repeats)
+    return ceiling
 
 
 def datasheet_peak_tflops(device: torch.device) -> float | None:
@@ -4232,10 +4359,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"benchmark: {message} ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    ceiling = {"matmul_gflops": matmul_gflops(device, torch.float32, sizes.matmul_size, sizes.repeats)}
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        ceiling["matmul_gflops_bf16"] = matmul_gflops(device, torch.bfloat16, sizes.matmul_size,
-                                                      sizes.repeats)
+    ceiling = matmul_ceiling(device, sizes)
     training_ceiling = ceiling.get("matmul_gflops_bf16", ceiling["matmul_gflops"]) \
         if dtype == "bfloat16" else ceiling["matmul_gflops"]
     peak = datasheet_peak_tflops(device)
@@ -4248,6 +4372,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
             training[config["name"]]["mfu_vs_datasheet_peak"] = (
                 training[config["name"]]["achieved_gflops"] / (peak * 1e3))
         note(f"trained {config['name']}")
+    if device.type == "cpu" and cpu_matmul_kernel() == "onednn":
+        # The same Transformer through PyTorch's default kernels: what --cpu_matmul buys.
+        config = next(c for c in benchmark_configs(sizes) if c["name"] == "transformer")
+        with cpu_matmul("torch"):
+            training["transformer_torch_matmul"] = benchmark_training(
+                config, sizes, device, dtype, training_ceiling, args.compile)
+        note("trained transformer with --cpu_matmul torch")
     starter = benchmark_kgram_vs_starter(sizes, device)
     note("k-gram vs starter loop")
     generation = benchmark_generation(sizes, device)
@@ -4266,6 +4397,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "datasheet_bf16_peak_tflops": peak if peak is not None else "unknown peak",
         "mfu_reference": f"measured {dtype} matmul ceiling",
         "matmul_gflops": ceiling["matmul_gflops"],
+        "matmul_gflops_by_kernel": ceiling["matmul_gflops_by_kernel"],
+        "cpu_matmul": cpu_matmul_kernel(),
         **({"matmul_gflops_bf16": ceiling["matmul_gflops_bf16"]}
            if "matmul_gflops_bf16" in ceiling else {}),
         "transformer_mfu": training["transformer"]["mfu"],
@@ -4293,8 +4426,10 @@ def benchmark_table(report: dict) -> str:
     lines = [f"device {env['device']} ({env['device_name']}), {env['threads']} threads, "
              f"dtype {report['dtype']}, datasheet peak: "
              + (f"{peak:g} TFLOP/s bf16" if isinstance(peak, float) else peak),
-             f"matmul ceiling {report['matmul_gflops']:.1f} GFLOP/s fp32"
-             + (f", {report['matmul_gflops_bf16']:.1f} bf16" if "matmul_gflops_bf16" in report else ""),
+             f"matmul ceiling {report['matmul_gflops']:.1f} GFLOP/s fp32 ("
+             + ", ".join(f"{kernel} {gflops:.1f}" for kernel, gflops in report["matmul_gflops_by_kernel"].items())
+             + ")" + (f", {report['matmul_gflops_bf16']:.1f} bf16" if "matmul_gflops_bf16" in report else "")
+             + f"; CPU linears: {report['cpu_matmul']}",
              "",
              f"{'config':<24} {'params':>11} {'MFLOP/tok':>10} {'tokens/s':>10} {'GFLOP/s':>8} {'MFU':>6}"]
     for name, row in report["training"].items():
@@ -4591,7 +4726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parse_args(argv)
         except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
             return int(exit_request.code or 0)
-        return run_command(args)
+        with cpu_matmul(args.cpu_matmul):
+            return run_command(args)
     except UserError as error:
         rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"pico-llm: error{rank}: {error}", file=sys.stderr)

@@ -21,7 +21,13 @@ def test_quick_benchmark_writes_every_key_as_a_positive_finite_number(run_main, 
     report = json.loads((tmp_path / "artefacts" / "benchmark.json").read_text())
     for key in HEADLINE_KEYS:
         assert positive_finite(report[key]), (key, report.get(key))
-    assert set(report["training"]) == {"kgram_mlp", "lstm", "transformer", "transformer_vocab4096"}
+    standard = {"kgram_mlp", "lstm", "transformer", "transformer_vocab4096"}
+    # On a CPU with oneDNN the Transformer is also timed through torch's kernels, for comparison.
+    assert set(report["training"]) == standard | ({"transformer_torch_matmul"}
+                                                  if report["cpu_matmul"] == "onednn" else set())
+    by_kernel = report["matmul_gflops_by_kernel"]
+    assert set(by_kernel) == {"torch", report["cpu_matmul"]}
+    assert report["matmul_gflops"] == max(by_kernel.values())  # MFU against the best kernel
     for name, row in report["training"].items():
         assert positive_finite(row["tokens_per_s"]) and positive_finite(row["mfu"]), name
     assert report["memory"]["memmapped"] is True

@@ -21,6 +21,7 @@ BAD_INPUTS = [
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
     (["--device_id", "tpu"], "--device_id"),
+    (["--cpu_matmul", "blas"], "invalid choice: 'blas'"),
     (["--tinystories_weight", "1.5"], "--tinystories_weight"),
     (["--batch_size", "many"], "invalid int value"),
     (["--run_name", "../escape"], "plain file name"),

@@ -223,3 +223,86 @@ def test_parameter_counts_match_a_hand_count(pico):
     flops = pico.training_flops_per_token(model, 8)
     matmul_weights = 4 * 16 * 16 + 2 * 16 * 64 + 100 * 16
     assert flops == 6 * matmul_weights + 12 * 1 * 16 * 8
+
+
+# --- float32 CPU linears through oneDNN (section 4) ---------------------------------
+
+def test_onednn_ships_with_the_pinned_cpu_wheel(pico):
+    """requirements.txt pins a PyTorch whose x86-64 CPU build carries oneDNN; if a new pin
+    loses it, training silently drops to half speed, so say so here."""
+    import platform
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert pico.onednn_available()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_torch_values_and_gradients(pico, bias):
+    if not pico.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    torch.manual_seed(0)
+    layer = pico.Linear(24, 40, bias=bias)
+    x = torch.randn(3, 7, 24).transpose(0, 1).requires_grad_()    # (7, 3, 24), not contiguous
+    grad_y = torch.randn(7, 3, 40)
+    results = {}
+    for kernel in ("onednn", "torch"):
+        layer.zero_grad()
+        x.grad = None
+        with pico.cpu_matmul(kernel):
+            y = layer(x)
+        y.backward(grad_y)
+        results[kernel] = [y.detach(), x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else [])
+    assert results["onednn"][0].shape == (7, 3, 40)
+    for ours, theirs in zip(results["onednn"], results["torch"]):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_linear_uses_onednn_only_when_chosen_and_float32_on_the_cpu(pico, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pico.OneDNNLinear, "apply", lambda *a: calls.append(a) or F.linear(*a))
+    monkeypatch.setattr(pico, "onednn_available", lambda: True)
+    layer = pico.Linear(4, 3)
+    x = torch.randn(2, 4)
+    layer(x)
+    assert len(calls) == 1
+    with pico.cpu_matmul("torch"):
+        layer(x)
+    layer.double()(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.float()(x)
+    monkeypatch.setattr(pico, "onednn_available", lambda: False)
+    layer(x)
+    assert len(calls) == 1 and pico.cpu_matmul_kernel() == "torch"
+    with pytest.raises(pico.UserError, match="--cpu_matmul"):
+        pico.set_cpu_matmul("blas")
+
+
+def test_kernels_give_the_same_chunked_loss_and_gradients_past_one_chunk(pico):
+    """With oneDNN the chunked loss uses 128-row chunks; 300 positions span three."""
+    torch.manual_seed(0)
+    layer = pico.Linear(16, 70)
+    hidden = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 70, (300,))
+    weights = torch.rand(300)
+    results = {}
+    for kernel in ("onednn", "torch"):
+        hidden.grad = None
+        layer.zero_grad()
+        with pico.cpu_matmul(kernel):
+            loss = pico.linear_cross_entropy(hidden, layer, targets, weights)
+        loss.backward()
+        results[kernel] = (loss.detach(), hidden.grad, layer.weight.grad, layer.bias.grad)
+    for ours, theirs in zip(*results.values()):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_give_a_transformer_the_same_gradients(pico):
+    model = pico.build_model("transformer", tiny_args(pico), VOCAB)
+    tokens = torch.randint(0, VOCAB, (13, 2))
+    grads = {}
+    for kernel in ("onednn", "torch"):
+        model.zero_grad()
+        with pico.cpu_matmul(kernel):
+            pico.masked_cross_entropy(model(tokens[:-1]), tokens[1:], torch.ones(12, 2)).backward()
+        grads[kernel] = [p.grad.clone() for p in model.parameters()]
+    for ours, theirs in zip(*grads.values()):
+        assert torch.allclose(ours, theirs, atol=1e-5)
