@@ -30,6 +30,7 @@ def test_quick_benchmark_writes_every_key_as_a_positive_finite_number(run_main, 
     assert report["matmul_gflops"] == max(by_kernel.values())  # MFU against the best kernel
     for name, row in report["training"].items():
         assert positive_finite(row["tokens_per_s"]) and positive_finite(row["mfu"]), name
+    assert positive_finite(report["generation"]["kv_cache_vs_recompute_last_position"])
     assert report["memory"]["memmapped"] is True
     assert report["environment"]["device"] == "cpu"
     assert report["datasheet_bf16_peak_tflops"] == "unknown peak"

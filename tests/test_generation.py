@@ -68,6 +68,15 @@ def test_cached_generation_equals_recomputation(pico, models, new_tokens):
         assert len(cached) == len(prompt) + new_tokens
 
 
+def test_the_benchmarks_last_position_recompute_generates_the_same_tokens(pico, models):
+    """Section 10.2 times this baseline; it must be the same greedy generation."""
+    rule = pico.SamplingRule(temperature=0)
+    for name in ("pico", "Llama3-lite"):
+        prompt = [3, 1, 4]
+        expected = pico.generate_ids(models[name], prompt, 10, rule, use_cache=False)
+        assert pico.greedy_recompute_last_position(models[name], prompt, 10, "cpu") == expected
+
+
 def test_incremental_logits_match_the_full_forward(pico, models):
     tokens = torch.randint(0, VOCAB, (12, 2))
     for name, model in models.items():

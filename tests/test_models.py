@@ -306,3 +306,13 @@ def test_kernels_give_a_transformer_the_same_gradients(pico):
         grads[kernel] = [p.grad.clone() for p in model.parameters()]
     for ours, theirs in zip(*grads.values()):
         assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_onednn_gets_row_or_column_major_matrices_only(pico):
+    m = torch.randn(6, 10)
+    assert pico.dense(m) is m and pico.dense(m.t()).data_ptr() == m.data_ptr()
+    sliced = m[:, :4]                         # rows 10 long that look 4 long
+    assert pico.dense(sliced).is_contiguous() and torch.equal(pico.dense(sliced), sliced)
+    if pico.onednn_available():
+        a = torch.randn(6, 3)
+        assert torch.allclose(pico.onednn_matmul(a.t(), sliced.t()), a.t() @ sliced, atol=1e-5)
