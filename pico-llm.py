@@ -1444,7 +1444,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])                                       # (N, in)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
     y = OneDNNLinear.apply(rows, weight, bias) if needs_grad else onednn_matmul(rows, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -4053,6 +4054,7 @@ class BenchmarkSizes:
     generation_tokens: int = 200
     generation_block_size: int = 256   # >= prompt + 200, so the window never slides
     generation_repeats: int = 3
+    bandwidth_mb: float = 1024.0
     tokenize_mb: float = 20.0
     rss_tokens: int = 100_000_000
     rss_steps: int = 3
@@ -4061,7 +4063,7 @@ class BenchmarkSizes:
     def quick(cls) -> "BenchmarkSizes":
         return cls(repeats=2, warmup=1, gpt2_vocab_size=512, small_vocab_size=128, matmul_size=256, batch_size=2, kgram_block_size=8,
                    transformer_block_size=16, starter_batch_size=2, generation_tokens=8,
-                   generation_block_size=32, generation_repeats=2, tokenize_mb=0.2,
+                   generation_block_size=32, generation_repeats=2, bandwidth_mb=64.0, tokenize_mb=0.2,
                    rss_tokens=1_000_000, rss_steps=1)
 
 
@@ -4094,6 +4096,13 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int, repeats: 
     calls = max(1, int(2e10 / (2 * size ** 3)) if device.type == "cuda" else 4)
     seconds = median_seconds(lambda: [product() for _ in range(calls)], repeats, 1, device)
     return 2 * size ** 3 * calls / seconds / 1e9
+
+
+def memory_gb_per_s(device: torch.device, megabytes: float, repeats: int) -> float:
+    """Sustained read bandwidth: summing a float32 tensor far larger than the caches."""
+    data = torch.ones(int(megabytes * 1e6 / 4), device=device)
+    seconds = median_seconds(lambda: data.sum(), repeats, 1, device)
+    return data.numel() * 4 / seconds / 1e9
 
 
 def matmul_ceiling(device: torch.device, sizes: "BenchmarkSizes") -> dict:
@@ -4257,11 +4266,13 @@ def greedy_recompute_last_position(model: nn.Module, prompt_ids: list[int], num_
 
 
 def benchmark_generation(sizes: BenchmarkSizes, device: torch.device) -> dict:
-    """Seconds to generate `generation_tokens` greedy tokens from a 4-token prompt with
+    """Tokens/s generating `generation_tokens` greedy tokens from a 4-token prompt with
     use_cache True (KV cache / carried LSTM state) and False (re-read the context, the
     starter's way: logits at every position, the last one used). For the Transformer
     also against a recompute that unembeds only the last position: with GPT-2's
-    vocabulary most of the starter-style recompute is spent on logits it throws away."""
+    vocabulary most of the starter-style recompute is spent on logits it throws away.
+    The ways are timed in turn within each repeat, so a slow spell of a shared machine
+    falls on all of them rather than on one."""
     results = {"new_tokens": sizes.generation_tokens, "prompt_tokens": 4,
                "transformer_block_size": sizes.generation_block_size}
     prompt = [i % sizes.gpt2_vocab_size for i in (464, 3797, 3332, 319)]  # "The cat sat on"
@@ -4269,21 +4280,24 @@ def benchmark_generation(sizes: BenchmarkSizes, device: torch.device) -> dict:
     for key, config, block in (("transformer", configs["transformer"], sizes.generation_block_size),
                                ("lstm", configs["lstm"], None)):
         model, _ = build_benchmark_model(config, sizes, device, block)
-        timings = {}
-        for use_cache in (True, False):
-            def generate(num_tokens=sizes.generation_tokens):
-                generate_ids(model, prompt, num_tokens, SamplingRule(0.0), use_cache=use_cache,
-                             device=device)
 
-            generate(8)  # warm-up; a full recompute run costs tens of seconds on a CPU
-            repeats = sizes.generation_repeats if use_cache else max(2, sizes.generation_repeats - 1)
-            timings[use_cache] = median_seconds(generate, repeats, 0, device)
-        results[f"{key}_cached_tokens_per_s"] = sizes.generation_tokens / timings[True]
-        results[f"{key}_recompute_tokens_per_s"] = sizes.generation_tokens / timings[False]
+        def generate(use_cache: bool, num_tokens: int = sizes.generation_tokens):
+            generate_ids(model, prompt, num_tokens, SamplingRule(0.0), use_cache=use_cache,
+                         device=device)
+
+        ways = {"cached": lambda: generate(True), "recompute": lambda: generate(False)}
         if key == "transformer":
-            seconds = median_seconds(lambda: greedy_recompute_last_position(
-                model, prompt, sizes.generation_tokens, device), 2, 0, device)
-            results["transformer_recompute_last_position_tokens_per_s"] = sizes.generation_tokens / seconds
+            ways["recompute_last_position"] = lambda: greedy_recompute_last_position(
+                model, prompt, sizes.generation_tokens, device)
+            results["transformer_weight_bytes"] = sum(p.numel() * p.element_size()
+                                                      for p in model.parameters())
+        generate(True, 8), generate(False, 8)  # warm-up
+        seconds = {way: [] for way in ways}
+        for _ in range(sizes.generation_repeats):
+            for way, run in ways.items():
+                seconds[way].append(median_seconds(run, 1, 0, device))
+        for way, times in seconds.items():
+            results[f"{key}_{way}_tokens_per_s"] = sizes.generation_tokens / float(np.median(times))
     results["kv_cache_vs_recompute"] = (results["transformer_cached_tokens_per_s"]
                                         / results["transformer_recompute_tokens_per_s"])
     results["kv_cache_vs_recompute_last_position"] = (
@@ -4337,8 +4351,6 @@ def memmap_training_probe(token_path: str, steps: int, block_size: int, batch_si
                           vocab_size: int) -> dict:
     """Run in a fresh process: train the standard Transformer a few steps on get_batch
     windows of a memory-mapped token file; returns the process's peak RSS."""
-    import resource
-
     device = torch.device("cpu")
     tokens = np.load(token_path, mmap_mode="r")
     config = benchmark_configs(BenchmarkSizes())[2]
@@ -4351,8 +4363,20 @@ def memmap_training_probe(token_path: str, steps: int, block_size: int, batch_si
         inputs, targets = get_batch(tokens, batch_size, block_size, device, rng)
         batch = Batch(inputs, targets, torch.ones_like(inputs, dtype=torch.bool))
         training_step(loss_model, optimizer, [(batch, True)], batch.num_target_tokens, args.grad_clip)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"peak_rss_gb": peak_kb * 1024 / 1e9, "memmapped": isinstance(tokens, np.memmap)}
+    return {"peak_rss_gb": peak_rss_bytes() / 1e9, "memmapped": isinstance(tokens, np.memmap)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process's own
+    address space; getrusage's ru_maxrss survives fork and exec, so a child started by a
+    large parent would report the parent's size (on Linux it is the fallback only)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+    except (OSError, AttributeError):
+        import resource
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def benchmark_memmap_rss(sizes: BenchmarkSizes) -> dict:
@@ -4416,6 +4440,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
     starter = benchmark_kgram_vs_starter(sizes, device)
     note("k-gram vs starter loop")
     generation = benchmark_generation(sizes, device)
+    # A cached batch-1 step reads every weight once, so weight bytes x tokens/s over the
+    # memory's bandwidth says how close generation is to its bound, as MFU does for training.
+    generation["memory_gb_per_s"] = memory_gb_per_s(device, sizes.bandwidth_mb, sizes.repeats)
+    generation["transformer_cached_bandwidth_utilisation"] = (
+        generation["transformer_weight_bytes"] * generation["transformer_cached_tokens_per_s"]
+        / (generation["memory_gb_per_s"] * 1e9))
     note("generation")
     tokenization = benchmark_tokenization(sizes, device)
     note("tokenization")
@@ -4480,6 +4510,9 @@ def benchmark_table(report: dict) -> str:
               f"Transformer KV cache vs recompute, {generation['new_tokens']} tokens: "
               f"{report['kv_cache_vs_recompute']:.1f}x ({generation['transformer_cached_tokens_per_s']:,.0f} vs "
               f"{generation['transformer_recompute_tokens_per_s']:,.0f} tokens/s)",
+              f"Transformer cached step: {generation['transformer_weight_bytes'] / 1e6:.0f} MB of weights "
+              f"per token at {generation['memory_gb_per_s']:.1f} GB/s measured read bandwidth: "
+              f"{generation['transformer_cached_bandwidth_utilisation']:.0%} of the memory bound",
               f"Transformer KV cache vs recompute unembedding only the last position: "
               f"{generation['kv_cache_vs_recompute_last_position']:.1f}x "
               f"({generation['transformer_recompute_last_position_tokens_per_s']:,.0f} tokens/s)",

@@ -30,7 +30,11 @@ def test_quick_benchmark_writes_every_key_as_a_positive_finite_number(run_main, 
     assert report["matmul_gflops"] == max(by_kernel.values())  # MFU against the best kernel
     for name, row in report["training"].items():
         assert positive_finite(row["tokens_per_s"]) and positive_finite(row["mfu"]), name
-    assert positive_finite(report["generation"]["kv_cache_vs_recompute_last_position"])
+    generation = report["generation"]
+    for key in ("kv_cache_vs_recompute_last_position", "memory_gb_per_s",
+                "transformer_cached_bandwidth_utilisation"):
+        assert positive_finite(generation[key]), key
+    assert generation["transformer_weight_bytes"] == 4 * report["training"]["transformer"]["parameters"]
     assert report["memory"]["memmapped"] is True
     assert report["environment"]["device"] == "cpu"
     assert report["datasheet_bf16_peak_tflops"] == "unknown peak"
@@ -84,3 +88,22 @@ def test_compile_trains_to_the_same_losses(run_main, tmp_path, pico):
     eager, compiled = ([h["train_loss"] for h in pico.load_runlog(tmp_path / "artefacts" / f"{n}.json")
                         ["models"]["transformer"]["history"]] for n in ("eager", "compiled"))
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents(pico):
+    """getrusage's ru_maxrss survives fork + exec, so the memory probe (a child process) once
+    reported the benchmark's own size; peak_rss_bytes must not."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from conftest import SCRIPT
+    held = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this (parent) process
+    probe = ("import importlib.util, sys\n"
+             f"spec = importlib.util.spec_from_file_location('pico_llm', {str(SCRIPT)!r})\n"
+             "pico = importlib.util.module_from_spec(spec); sys.modules['pico_llm'] = pico\n"
+             "spec.loader.exec_module(pico)\nprint(pico.peak_rss_bytes())\n")
+    child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert 0 < int(child.stdout.split()[-1]) < held.nbytes
+    assert pico.peak_rss_bytes() >= held.nbytes
