@@ -4744,6 +4744,10 @@ def run_training(args: argparse.Namespace) -> int:
             print(ascii_loss_plot(runlog.data["models"]))
             interpret_models(args, device, tokenizer, data, models)
             print(f"\nrun log written to {run_path}")
+        if context.enabled:
+            # Every rank reaches destroy_process_group together, as PyTorch asks, rather
+            # than the others tearing down while rank 0 still writes the log and samples.
+            torch.distributed.barrier()
         return 0
     finally:
         teardown_distributed(context)
