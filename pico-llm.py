@@ -2170,11 +2170,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 n = h.shape[0]
                 y = targets[start: start + chunk_size]
                 position_weight = position_weights[start: start + chunk_size].float()
-                logits = logits_buffer[:n]
                 if onednn:
                     logits = onednn_matmul(h, w, b)                                 # (n, V)
                 else:
-                    mm_out = matmul_buffer[:n]
+                    logits, mm_out = logits_buffer[:n], matmul_buffer[:n]
                     if b is None:
                         torch.mm(h, w.t(), out=mm_out)                              # (n, V)
                     else:
