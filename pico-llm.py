@@ -2636,6 +2636,14 @@ def choose_run_path(args: argparse.Namespace) -> Path:
     return path
 
 
+def check_run_log_is_new(run_path: Path, args: argparse.Namespace) -> None:
+    """An explicit --run_name never replaces an earlier run's log, unless this run resumes
+    (its log then carries the earlier history on)."""
+    if run_path.exists() and not args.resume:
+        raise UserError(f"run log {run_path} already exists; choose another --run_name, "
+                        "delete that file to replace it, or continue the run with --resume")
+
+
 def check_writable_directory(directory: Path, flag: str) -> None:
     """Fail before training, not after it, when results could not be saved."""
     existing = directory
@@ -3171,6 +3179,25 @@ def resume_checkpoints(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]
     for path, checkpoint in found.values():
         check_same_flags(checkpoint, path, args)
     return found
+
+
+def check_checkpoints_are_ours(save_dir: Path | None, args: argparse.Namespace,
+                               resume_points: dict[str, tuple[Path, dict]]) -> None:
+    """A run writes into <save_dir>/<model>/ only when that directory holds no checkpoints or
+    this run continues them: a fresh run there would replace another run's step files and
+    prune the rest."""
+    if save_dir is None:
+        return
+    for name in args.models:
+        series = CheckpointSeries(save_dir, name, keep=1)
+        latest = series.latest()
+        resumed = resume_points.get(name)
+        if latest is None or (resumed is not None
+                              and resumed[0].parent.resolve() == series.directory.resolve()):
+            continue
+        raise UserError(f"--save_dir {save_dir} already holds checkpoints of {name} "
+                        f"({latest.name}) from another run; continue them with --resume "
+                        f"{save_dir}, or choose another --save_dir")
 
 
 def check_same_flags(checkpoint: dict, path: Path, args: argparse.Namespace) -> None:
@@ -4721,6 +4748,9 @@ def run_training(args: argparse.Namespace) -> int:
         if save_dir is not None:
             check_writable_directory(save_dir, "--save_dir")
         resume_points = resume_checkpoints(args)
+        if context.is_main:  # rank 0 alone writes; the others stop when it does
+            check_run_log_is_new(run_path, args)
+            check_checkpoints_are_ours(save_dir, args, resume_points)
         tokenizer, data = prepare_data(args)
         runlog = RunLog(run_path, args, device, data_summary(tokenizer, data)) if context.is_main else None
         if runlog is not None and isinstance(tokenizer, TrainedBPETokenizer):

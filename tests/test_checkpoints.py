@@ -301,7 +301,7 @@ def test_sigkill_at_random_moments_leaves_every_file_valid(pico, tmp_path):
     for attempt in range(5):
         resume = ["--resume"] if list(tmp_path.glob("ckpt/lstm_seq/step_*.pt")) else []
         process = start_long_run(tmp_path, "--checkpoint_every", "1", "--keep_checkpoints", "2",
-                                 *resume)
+                                 "--run_name", f"long{attempt}", *resume)  # a log never replaced
         wait_for_first_step(process)
         time.sleep(rng.uniform(0.0, 1.5))
         process.kill()
@@ -338,6 +338,9 @@ BAD_CHECKPOINT_INPUTS = [
     (["--resume", "{save}", "--seed", "1"], "--seed 1337 there, 1 now"),
     (["--resume", "{save}", "--epochs", "3"], "--epochs 1 there, 3 now"),
     (["--save_dir", "{text}"], "is not a directory"),
+    (["--save_dir", "{save}"], "already holds checkpoints of kgram_mlp_seq (step_000002.pt)"),
+    (["--save_dir", "{save}", "--resume", "{other_save}"], "already holds checkpoints"),
+    (["--run_name", "earlier"], "earlier.json already exists"),
     (["--checkpoint_every", "5"], "--checkpoint_every needs --save_dir"),
     (["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1"),
     (["--generate"], "--generate needs --checkpoint"),
@@ -374,8 +377,12 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "not_pico.pt")
     (tmp_path / "empty_save").mkdir()
     (tmp_path / "folder").mkdir()
+    shutil.copytree(trained_save_dir, tmp_path / "other_save")
+    (tmp_path / "artefacts").mkdir()
+    (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
     names = ["truncated", "random_bytes", "text", "evil", "not_pico"]
     return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
+            "other_save": str(tmp_path / "other_save"),
             "folder": str(tmp_path / "folder"),
             **{name: str(tmp_path / f"{name}.pt") for name in names}}
 
