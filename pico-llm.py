@@ -1349,8 +1349,8 @@ def load_training_data(args: argparse.Namespace, tokenizer,
 # =============================================================================
 # 4. Building blocks
 # =============================================================================
-# The pieces a Transformer is made of, each written out. # Shapes use B = batch, T = new tokens, S = tokens attended to (cache + new),
-# H = heads, D = head size.
+# The pieces a Transformer is made of, each written out. Shapes use B = batch,
+# T = new tokens, S = tokens attended to (cache + new), H = heads, D = head size.
 #
 # Every linear layer goes through `linear()` below. On a CPU in float32, PyTorch sends
 # matmuls to MKL, which on AMD processors runs its AVX2 code (about half the machine's
