@@ -300,9 +300,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="training precision: bf16 autocast or fp32 (default: bfloat16 on "
                             "CUDA, float32 elsewhere)")
     bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
-                       help="kernel for float32 linear layers on the CPU: oneDNN (about 2x "
-                            "PyTorch's default MKL on AMD CPUs; used only where this build has "
-                            "it) or torch (PyTorch's default)")
+                       help="kernel for float32 linear layers on the CPU: oneDNN (used only "
+                            "where this PyTorch build has it; 2x PyTorch's default on the AMD "
+                            "EPYC measured in the README) or torch (PyTorch's default, MKL)")
     bench.add_argument("--compile", action="store_true",
                        help="torch.compile each model's features (worth it on GPUs)")
     return parser
@@ -2155,11 +2155,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             # ceiling, so the allocator reuses that memory instead of faulting it in again.
             onednn = uses_onednn(h_all, w)
             chunk_size = min(chunk_size, 128) if onednn else chunk_size
-            rows = min(chunk_size, hidden.shape[0])
-            logits_buffer = torch.empty(0 if onednn else rows, weight.shape[0],
-                                        device=hidden.device, dtype=torch.float32)
             low_precision = compute_dtype != torch.float32
-            matmul_buffer = torch.empty_like(logits_buffer, dtype=compute_dtype) if low_precision else logits_buffer
+            if not onednn:  # torch's kernels write into buffers reused by every chunk
+                rows = min(chunk_size, hidden.shape[0])
+                logits_buffer = torch.empty(rows, weight.shape[0], device=hidden.device,
+                                            dtype=torch.float32)
+                matmul_buffer = (torch.empty_like(logits_buffer, dtype=compute_dtype)
+                                 if low_precision else logits_buffer)
             grad_hidden = torch.empty_like(h_all) if wants_grad else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad else None
             grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
