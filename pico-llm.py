@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import functools
@@ -1394,8 +1395,10 @@ def onednn_available() -> bool:
     try:
         op = torch.ops.mkldnn._linear_pointwise
         a, w = torch.randn(3, 8), torch.randn(5, 8)
+        c = torch.randn(3, 5)
         return (torch.backends.mkldnn.is_available()
-                and torch.allclose(op(a, w, None, "none", [], ""), a @ w.t(), atol=1e-5))
+                and torch.allclose(op(a, w, None, "none", [], ""), a @ w.t(), atol=1e-5)
+                and torch.allclose(op.binary(a, c, w, None, "add"), a @ w.t() + c, atol=1e-5))
     except (AttributeError, RuntimeError):
         return False
 
@@ -1403,6 +1406,22 @@ def onednn_available() -> bool:
 def onednn_matmul(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ w.T (+ bias) by oneDNN: a (N, k), w (M, k) -> (N, M)."""
     return torch.ops.mkldnn._linear_pointwise(dense(a), dense(w), bias, "none", [], "")
+
+
+def onednn_matmul_add(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a @ w.T + c by oneDNN, the sum done as the product is written (no extra pass over
+    c): a (N, k), w (M, k), c (N, M) -> a new (N, M). oneDNN cannot write into c itself."""
+    return torch.ops.mkldnn._linear_pointwise.binary(dense(a), c, dense(w), None, "add")
+
+
+def onednn_weight_gradient(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad_y.T @ x, a linear layer's weight gradient: grad_y (N, out), x (N, in) -> (out, in).
+    oneDNN runs this long-sum product fastest with the smaller of out and in as the rows
+    of its result (measured 2.2 vs 3.1 ms at N=2048, 256 -> 704), so for a widening layer
+    it computes x.T @ grad_y and returns its transpose (a column-major view)."""
+    if grad_y.shape[1] <= x.shape[1]:
+        return onednn_matmul(grad_y.t(), x.t())                                   # (out, in)
+    return onednn_matmul(x.t(), grad_y.t()).t()                                   # (in, out).T
 
 
 def dense(matrix: torch.Tensor) -> torch.Tensor:
@@ -1428,7 +1447,7 @@ class OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad_x = onednn_matmul(grad_y, weight.t()) if ctx.needs_input_grad[0] else None  # (N, in)
-        grad_w = onednn_matmul(grad_y.t(), x.t()) if ctx.needs_input_grad[1] else None   # (out, in)
+        grad_w = onednn_weight_gradient(grad_y, x) if ctx.needs_input_grad[1] else None  # (out, in)
         grad_b = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
@@ -1456,6 +1475,27 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt() parameters, from glibc's malloc.h
+_freed_memory = {"kept": False}
+
+
+def keep_freed_memory() -> bool:
+    """Ask the C allocator to keep freed blocks under 1 GiB for reuse. Returns whether it did.
+
+    glibc serves blocks over 32 MB with fresh mmap()s and unmaps them on free, so an op
+    that allocates a 100 MB logits chunk each step pays 25,000 page faults each time
+    (about 25 ms per 100 MB on the benchmark machine); oneDNN always allocates its
+    output, so reusing our own buffers cannot avoid it. Raising glibc's mmap and trim
+    thresholds serves such blocks from the heap and keeps them there when freed. Peak
+    memory is unchanged; memory once used is returned to the OS when the process ends.
+    Elsewhere than glibc (macOS, musl) it does nothing and returns False."""
+    if not _freed_memory["kept"] and sys.platform.startswith("linux"):
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)    # the process's C library
+        _freed_memory["kept"] = bool(mallopt and mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
+                                     and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1)
+    return _freed_memory["kept"]
 
 
 class RMSNorm(nn.Module):
@@ -2125,6 +2165,34 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
+def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, position_weights: torch.Tensor,
+                          with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sum_i w_i * CE(logits_i, y_i) and, with_gradient, d loss / d logits = w * (softmax - onehot).
+    logits (n, V) float32, targets and position_weights w (n,) -> (scalar, (n, V) or None).
+
+    CE = logsumexp(x) - x[y], and logsumexp(x) = max + log(sum(exp(x - max))). PyTorch's
+    softmax kernel computes exp(x - max) / sum faster than its exp alone (6 vs 9 ms at
+    512 x 50257 here), and the largest softmax, at the max, is 1 / sum, so
+    logsumexp = max(x) - log(max(softmax)), which never underflows."""
+    maximum = logits.amax(dim=-1)                                           # (n,)
+    probabilities = torch.softmax(logits, dim=-1)                           # (n, V)
+    log_sum_exp = maximum - probabilities.amax(dim=-1).log()
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    total = ((log_sum_exp - target_logit) * position_weights).sum()
+    if not with_gradient:
+        return total, None
+    grad_logits = probabilities.mul_(position_weights[:, None])              # w * softmax
+    grad_logits[torch.arange(len(targets), device=targets.device), targets] -= position_weights
+    return total, grad_logits
+
+
+def loss_chunk_rows(requested: int, onednn: bool) -> int:
+    """Positions per chunk of the chunked loss. oneDNN allocates each chunk's logits
+    afresh; unless the allocator keeps freed memory (keep_freed_memory), a chunk must
+    stay under glibc's 32 MB mmap threshold (128 x 50257 floats) to avoid page faults."""
+    return min(requested, 128) if onednn and not _freed_memory["kept"] else requested
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Weighted sum of cross-entropies of `hidden @ weight.T + bias`, computed a chunk of
     positions at a time so the (positions x vocab) logits never exist in full.
@@ -2140,9 +2208,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,).
 
         Matmuls run in the autocast dtype when autocast is on (bf16 on a GPU), the softmax
-        always in float32. Every step on the logits is in place (with torch's kernels one
-        logits buffer serves every chunk): a fresh (chunk x vocab) tensor per operation
-        costs page faults and memory passes comparable to the matmuls themselves on a CPU."""
+        always in float32."""
         wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         device_type = hidden.device.type
         compute_dtype = (torch.get_autocast_dtype(device_type)
@@ -2151,63 +2217,23 @@ class LinearCrossEntropy(torch.autograd.Function):
             h_all = hidden.to(compute_dtype)
             w = weight.to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
-            # oneDNN allocates its output; chunks of 128 rows stay below glibc's 32 MB mmap
-            # ceiling, so the allocator reuses that memory instead of faulting it in again.
             onednn = uses_onednn(h_all, w)
-            chunk_size = min(chunk_size, 128) if onednn else chunk_size
-            low_precision = compute_dtype != torch.float32
-            if not onednn:  # torch's kernels write into buffers reused by every chunk
-                rows = min(chunk_size, hidden.shape[0])
-                logits_buffer = torch.empty(rows, weight.shape[0], device=hidden.device,
-                                            dtype=torch.float32)
-                matmul_buffer = (torch.empty_like(logits_buffer, dtype=compute_dtype)
-                                 if low_precision else logits_buffer)
-            grad_hidden = torch.empty_like(h_all) if wants_grad else None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_grad else None
-            grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
-                         if wants_grad and bias is not None else None)
+            head = (OneDNNHeadChunks if onednn else TorchHeadChunks)(
+                h_all, w, b, loss_chunk_rows(chunk_size, onednn), wants_grad)
             total = hidden.new_zeros((), dtype=torch.float32)
-            for start in range(0, hidden.shape[0], chunk_size):
-                h = h_all[start: start + chunk_size]                                # (n, d)
-                n = h.shape[0]
-                y = targets[start: start + chunk_size]
-                position_weight = position_weights[start: start + chunk_size].float()
-                if onednn:
-                    logits = onednn_matmul(h, w, b)                                 # (n, V)
-                else:
-                    logits, mm_out = logits_buffer[:n], matmul_buffer[:n]
-                    if b is None:
-                        torch.mm(h, w.t(), out=mm_out)                              # (n, V)
-                    else:
-                        torch.addmm(b, h, w.t(), out=mm_out)
-                    if low_precision:
-                        logits.copy_(mm_out)
-                target_logit = logits.gather(1, y[:, None]).squeeze(1)              # (n,)
-                maximum = logits.amax(dim=-1)
-                probabilities = logits.sub_(maximum[:, None]).exp_()                # unnormalised
-                sum_exp = probabilities.sum(dim=-1)
-                log_sum_exp = maximum + sum_exp.log()
-                total += ((log_sum_exp - target_logit) * position_weight).sum()
+            for start in range(0, hidden.shape[0], head.rows):
+                end = min(start + head.rows, hidden.shape[0])
+                chunk_total, grad_logits = softmax_cross_entropy(
+                    head.logits(start, end), targets[start: end],                # (n, V) float32
+                    position_weights[start: end].float(), wants_grad)
+                total += chunk_total
                 if wants_grad:
-                    # d loss / d logits = weight * (softmax - onehot), in place.
-                    grad_logits = probabilities.mul_((position_weight / sum_exp)[:, None])
-                    grad_logits[torch.arange(n, device=y.device), y] -= position_weight
-                    if low_precision:
-                        grad_logits = mm_out.copy_(grad_logits)
-                    if onednn:
-                        grad_hidden[start: start + n] = onednn_matmul(grad_logits, w.t())
-                    else:
-                        torch.mm(grad_logits, w, out=grad_hidden[start: start + n])
-                    if low_precision:
-                        grad_weight += (grad_logits.t() @ h).float()
-                    else:
-                        grad_weight.addmm_(grad_logits.t(), h)
-                    if grad_bias is not None:
-                        grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
+                    head.add_gradients(start, end, grad_logits)
         if wants_grad:
-            ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+            grad_weight, grad_bias = head.weight_and_bias_gradients()
+            ctx.save_for_backward(head.grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
                                   *(() if grad_bias is None else (grad_bias.to(bias.dtype),)))
-        ctx.has_bias = grad_bias is not None
+        ctx.has_bias = wants_grad and bias is not None
         return total
 
     @staticmethod
@@ -2217,8 +2243,94 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total, grad_weight * grad_total, grad_bias, None, None, None
 
 
+class TorchHeadChunks:
+    """The output layer's products for LinearCrossEntropy with PyTorch's kernels (GPUs,
+    autocast, --cpu_matmul torch). Every product writes into buffers made once and
+    reused by every chunk: h (N, d), w (V, d), b (V,) or None."""
+
+    def __init__(self, h, w, b, rows: int, wants_grad: bool) -> None:
+        self.h, self.w, self.b, self.rows = h, w, b, rows
+        self.low_precision = w.dtype != torch.float32
+        self.logits_buffer = torch.empty(min(rows, len(h)), len(w), device=h.device,
+                                         dtype=torch.float32)
+        self.matmul_buffer = (torch.empty_like(self.logits_buffer, dtype=w.dtype)
+                              if self.low_precision else self.logits_buffer)
+        self.grad_hidden = torch.empty_like(h) if wants_grad else None
+        self.grad_weight = torch.zeros_like(w, dtype=torch.float32) if wants_grad else None
+        self.grad_bias = torch.zeros_like(b, dtype=torch.float32) if wants_grad and b is not None else None
+
+    def logits(self, start: int, end: int) -> torch.Tensor:
+        """(n, V) float32 logits of positions start..end-1, in the reused buffer."""
+        h = self.h[start: end]
+        logits, mm_out = self.logits_buffer[:len(h)], self.matmul_buffer[:len(h)]
+        if self.b is None:
+            torch.mm(h, self.w.t(), out=mm_out)
+        else:
+            torch.addmm(self.b, h, self.w.t(), out=mm_out)
+        return logits.copy_(mm_out) if self.low_precision else logits
+
+    def add_gradients(self, start: int, end: int, grad_logits: torch.Tensor) -> None:
+        """Given d loss / d logits (n, V) of those positions."""
+        h = self.h[start: end]
+        if self.low_precision:
+            grad_logits = self.matmul_buffer[:len(h)].copy_(grad_logits)
+        torch.mm(grad_logits, self.w, out=self.grad_hidden[start: end])
+        if self.low_precision:
+            self.grad_weight += (grad_logits.t() @ h).float()
+        else:
+            self.grad_weight.addmm_(grad_logits.t(), h)
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
+
+    def weight_and_bias_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.grad_weight, self.grad_bias
+
+
+class OneDNNHeadChunks:
+    """The output layer's products for LinearCrossEntropy with oneDNN (float32 CPU).
+    oneDNN allocates every output (keep_freed_memory makes that cheap) and cannot add
+    into an existing tensor in place, so the weight gradient is carried as a running
+    sum, grad_weight.T (d, V) = h.T @ grad_logits + previous: oneDNN's fastest layout
+    for this product (362 vs 237 GFLOP/s for grad_logits.T @ h at 512 x 50257 x 256).
+    Where freed memory is not kept, each new sum would fault its pages in again, so
+    the weight gradient is added in place by PyTorch's kernel instead. grad_hidden =
+    grad_logits @ w reads a row-major copy of w.T, made once per step (31 vs 37 ms a
+    chunk of 512 positions with w itself)."""
+
+    def __init__(self, h, w, b, rows: int, wants_grad: bool) -> None:
+        self.h, self.w, self.b, self.rows = h, w, b, rows
+        self.w_t = w.t().contiguous() if wants_grad else None                # (d, V)
+        self.grad_hidden = torch.empty_like(h) if wants_grad else None
+        self.grad_weight_t = None                                           # (d, V) running sum
+        self.grad_weight = (torch.zeros_like(w) if wants_grad and not _freed_memory["kept"]
+                            else None)                                      # (V, d) in place
+        self.grad_bias = torch.zeros_like(b) if wants_grad and b is not None else None
+
+    def logits(self, start: int, end: int) -> torch.Tensor:
+        return onednn_matmul(self.h[start: end], self.w, self.b)           # (n, V)
+
+    def add_gradients(self, start: int, end: int, grad_logits: torch.Tensor) -> None:
+        h = self.h[start: end]                                              # (n, d)
+        self.grad_hidden[start: end] = onednn_matmul(grad_logits, self.w_t)   # (n, d)
+        if self.grad_weight is not None:
+            self.grad_weight.addmm_(grad_logits.t(), h)
+        elif self.grad_weight_t is None:
+            self.grad_weight_t = onednn_matmul(h.t(), grad_logits.t())
+        else:
+            self.grad_weight_t = onednn_matmul_add(h.t(), grad_logits.t(), self.grad_weight_t)
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits.sum(dim=0)
+
+    def weight_and_bias_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.grad_weight is not None:
+            return self.grad_weight, self.grad_bias
+        grad_weight = (self.grad_weight_t.t().contiguous() if self.grad_weight_t is not None
+                       else torch.zeros_like(self.w))                       # no positions
+        return grad_weight, self.grad_bias
+
+
 def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.Tensor,
-                         position_weights: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+                         position_weights: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
     """sum_i position_weights[i] * CE(layer(hidden[i]), targets[i]) over positions i.
     hidden (..., d), targets and position_weights (...)."""
     return LinearCrossEntropy.apply(hidden.flatten(0, -2), layer.weight, layer.bias,
@@ -4379,7 +4491,9 @@ def write_random_token_memmap(path: Path, num_tokens: int, vocab_size: int, seed
 def memmap_training_probe(token_path: str, steps: int, block_size: int, batch_size: int,
                           vocab_size: int) -> dict:
     """Run in a fresh process: train the standard Transformer a few steps on get_batch
-    windows of a memory-mapped token file; returns the process's peak RSS."""
+    windows of a memory-mapped token file; returns the process's peak RSS. Memory is
+    managed as in a real run (keep_freed_memory, as main() does)."""
+    keep_freed_memory()
     device = torch.device("cpu")
     tokens = np.load(token_path, mmap_mode="r")
     config = benchmark_configs(BenchmarkSizes())[2]
@@ -4832,6 +4946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parse_args(argv)
         except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
             return int(exit_request.code or 0)
+        keep_freed_memory()
         with cpu_matmul(args.cpu_matmul):
             return run_command(args)
     except UserError as error:

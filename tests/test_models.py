@@ -276,8 +276,12 @@ def test_linear_uses_onednn_only_when_chosen_and_float32_on_the_cpu(pico, monkey
         pico.set_cpu_matmul("blas")
 
 
-def test_kernels_give_the_same_chunked_loss_and_gradients_past_one_chunk(pico):
-    """With oneDNN the chunked loss uses 128-row chunks; 300 positions span three."""
+@pytest.mark.parametrize("freed_memory_kept", [True, False])
+def test_kernels_give_the_same_chunked_loss_and_gradients_past_one_chunk(pico, monkeypatch,
+                                                                       freed_memory_kept):
+    """300 positions in 128-row chunks span three. With freed memory kept, oneDNN carries
+    the weight gradient as a transposed running sum; without, it adds in place."""
+    monkeypatch.setitem(pico._freed_memory, "kept", freed_memory_kept)
     torch.manual_seed(0)
     layer = pico.Linear(16, 70)
     hidden = torch.randn(300, 16, requires_grad=True)
@@ -288,7 +292,7 @@ def test_kernels_give_the_same_chunked_loss_and_gradients_past_one_chunk(pico):
         hidden.grad = None
         layer.zero_grad()
         with pico.cpu_matmul(kernel):
-            loss = pico.linear_cross_entropy(hidden, layer, targets, weights)
+            loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=128)
         loss.backward()
         results[kernel] = (loss.detach(), hidden.grad, layer.weight.grad, layer.bias.grad)
     for ours, theirs in zip(*results.values()):
@@ -306,6 +310,18 @@ def test_kernels_give_a_transformer_the_same_gradients(pico):
         grads[kernel] = [p.grad.clone() for p in model.parameters()]
     for ours, theirs in zip(*grads.values()):
         assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_onednn_weight_gradient_and_fused_sum_match_torch(pico):
+    if not pico.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    torch.manual_seed(0)
+    x = torch.randn(50, 12)
+    for width in (5, 30):                     # narrowing and widening layers take different layouts
+        grad_y = torch.randn(50, width)
+        assert torch.allclose(pico.onednn_weight_gradient(grad_y, x), grad_y.t() @ x, atol=1e-5)
+    a, w, c = torch.randn(6, 4), torch.randn(9, 4), torch.randn(6, 9)
+    assert torch.allclose(pico.onednn_matmul_add(a, w, c), a @ w.t() + c, atol=1e-5)
 
 
 def test_onednn_gets_row_or_column_major_matrices_only(pico):
