@@ -41,6 +41,7 @@ def test_chunked_linear_cross_entropy_matches_autograd(pico):
 
 
 def test_softmax_cross_entropy_matches_autograd_even_where_a_softmax_underflows(pico):
+    """Also checks that torch.softmax may write over its own input."""
     torch.manual_seed(0)
     logits = torch.randn(6, 40) * 3
     logits[0, 7] = 300.0                      # softmax of every other token in row 0 is 0 in float32
@@ -49,11 +50,23 @@ def test_softmax_cross_entropy_matches_autograd_even_where_a_softmax_underflows(
     reference_logits = logits.clone().requires_grad_()
     reference = (F.cross_entropy(reference_logits, targets, reduction="none") * weights).sum()
     reference.backward()
-    total, grad_logits = pico.softmax_cross_entropy(logits, targets, weights, with_gradient=True)
+    loss_only, no_gradient = pico.softmax_cross_entropy_(logits.clone(), targets, weights,
+                                                         with_gradient=False)
+    assert no_gradient is None and torch.allclose(loss_only, reference, rtol=1e-5)
+    total, grad_logits = pico.softmax_cross_entropy_(logits, targets, weights, with_gradient=True)
     assert torch.isfinite(total) and torch.allclose(total, reference, rtol=1e-5)
     assert torch.allclose(grad_logits, reference_logits.grad, atol=1e-6)
-    loss_only, no_gradient = pico.softmax_cross_entropy(logits, targets, weights, with_gradient=False)
-    assert no_gradient is None and torch.allclose(loss_only, reference, rtol=1e-5)
+    assert grad_logits.data_ptr() == logits.data_ptr()        # written over the logits
+
+
+def test_chunked_loss_refuses_a_second_backward_through_the_same_graph(pico):
+    """Its backward scales the saved gradients in place; a second pass must not reuse them."""
+    layer = nn.Linear(8, 11)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    loss = pico.linear_cross_entropy(hidden, layer, torch.randint(0, 11, (5,)), torch.ones(5))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
 
 
 def test_keep_freed_memory_serves_a_large_block_again_without_page_faults(pico):
