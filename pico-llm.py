@@ -2297,13 +2297,10 @@ class OneDNNHeadChunks:
     sum, grad_weight.T (d, V) = h.T @ grad_logits + previous: oneDNN's fastest layout
     for this product (362 vs 237 GFLOP/s for grad_logits.T @ h at 512 x 50257 x 256).
     Where freed memory is not kept, each new sum would fault its pages in again, so
-    the weight gradient is added in place by PyTorch's kernel instead. grad_hidden =
-    grad_logits @ w reads a row-major copy of w.T, made once per step (31 vs 37 ms a
-    chunk of 512 positions with w itself)."""
+    the weight gradient is added in place by PyTorch's kernel instead."""
 
     def __init__(self, h, w, b, rows: int, wants_grad: bool) -> None:
         self.h, self.w, self.b, self.rows = h, w, b, rows
-        self.w_t = w.t().contiguous() if wants_grad else None                # (d, V)
         self.grad_hidden = torch.empty_like(h) if wants_grad else None
         self.grad_weight_t = None                                           # (d, V) running sum
         self.grad_weight = (torch.zeros_like(w) if wants_grad and not _freed_memory["kept"]
@@ -2315,7 +2312,7 @@ class OneDNNHeadChunks:
 
     def add_gradients(self, start: int, end: int, grad_logits: torch.Tensor) -> None:
         h = self.h[start: end]                                              # (n, d)
-        self.grad_hidden[start: end] = onednn_matmul(grad_logits, self.w_t)   # (n, d)
+        self.grad_hidden[start: end] = onednn_matmul(grad_logits, self.w.t())  # (n, d)
         if self.grad_weight is not None:
             self.grad_weight.addmm_(grad_logits.t(), h)
         elif self.grad_weight_t is None:
