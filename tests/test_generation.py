@@ -88,6 +88,17 @@ def test_incremental_logits_match_the_full_forward(pico, models):
             assert torch.allclose(logits[-1], full[t], atol=1e-4), (name, t)
 
 
+def test_lstm_step_equations_match_nn_lstm_over_two_layers(pico):
+    torch.manual_seed(0)
+    model = pico.LSTMSeqModel(VOCAB, embed_size=6, hidden_size=5, num_layers=2).eval()
+    tokens = torch.randint(0, VOCAB, (4, 3))
+    _, state = model.forward_incremental(tokens[:3], None)                # nn.LSTM over the prompt
+    logits, (h, c) = model.forward_incremental(tokens[3:], state)          # one step: the equations
+    expected_hidden, (expected_h, expected_c) = model.lstm(model.embedding(tokens[3:]), state)
+    assert torch.allclose(logits, model.unembedding(expected_hidden), atol=1e-6)
+    assert torch.allclose(h, expected_h, atol=1e-6) and torch.allclose(c, expected_c, atol=1e-6)
+
+
 def test_sampling_is_reproducible_with_a_seed(pico, models):
     model = models["pico"]
     rule = pico.SamplingRule(top_p=1.0)
