@@ -107,3 +107,19 @@ def test_peak_rss_of_a_child_is_its_own_not_its_parents(pico):
     assert child.returncode == 0, child.stderr
     assert 0 < int(child.stdout.split()[-1]) < held.nbytes
     assert pico.peak_rss_bytes() >= held.nbytes
+
+
+def test_peak_rss_falls_back_to_getrusage_without_proc(pico, monkeypatch):
+    """Where /proc/self/status cannot be read (macOS), the figure comes from ru_maxrss,
+    kilobytes on Linux and bytes on macOS."""
+    import resource
+    import sys
+
+    def no_proc(self, *args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(pico.Path, "read_text", no_proc)
+    scale = 1 if sys.platform == "darwin" else 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    reported = pico.peak_rss_bytes()
+    assert before <= reported <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -71,6 +71,19 @@ def test_an_error_on_the_ranks_ends_the_job_with_its_message(tmp_path):
 
 
 @pytest.mark.slow
+def test_ranks_refuse_to_replace_an_earlier_runs_log(tmp_path):
+    """Rank 0 alone writes, so rank 0 alone checks; torchrun then stops the other rank."""
+    earlier = tmp_path / "run.json"
+    earlier.write_text('{"an": "earlier run"}')
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(SCRIPT), *TINY, "--artefacts_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"pico-llm: error (rank 0): run log {earlier} already exists" in result.stderr
+    assert earlier.read_text() == '{"an": "earlier run"}'
+
+
+@pytest.mark.slow
 def test_a_checkpoint_resumes_on_a_different_number_of_ranks(pico, tmp_path):
     """One process trains and checkpoints every 3 steps; two gloo ranks resume from the
     step-3 checkpoint and reproduce the one-process losses of steps 4 to 8."""
