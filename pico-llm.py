@@ -2195,9 +2195,11 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
 def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, position_weights: torch.Tensor,
                            with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """sum_i w_i * CE(logits_i, y_i) and, with_gradient, d loss / d logits = w * (softmax - onehot),
-    written over the logits (in place: no second 100 MB-scale tensor per chunk).
-    logits (n, V) float32, targets and position_weights w (n,) -> (scalar, (n, V) or None).
+    """sum_i w_i * CE(logits_i, y_i) and, with_gradient, d CE_i / d logits_i = softmax - onehot,
+    written over the logits (in place: no second 100 MB-scale tensor per chunk). The weights
+    are left to the caller, which applies them on the d-wide side of its products (n x d
+    work rather than another pass over n x V). logits (n, V) float32, targets and
+    position_weights w (n,) -> (scalar, (n, V) or None).
 
     CE = logsumexp(x) - x[y], and logsumexp(x) = max + log(sum(exp(x - max))). PyTorch's
     softmax kernel computes exp(x - max) / sum faster than its exp alone (6 vs 9 ms at
@@ -2212,9 +2214,8 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, position
     total = ((log_sum_exp - target_logit) * position_weights).sum()
     if not with_gradient:
         return total, None
-    grad_logits = probabilities.mul_(position_weights[:, None])              # w * softmax
-    grad_logits[torch.arange(len(targets), device=targets.device), targets] -= position_weights
-    return total, grad_logits
+    probabilities[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    return total, probabilities                                             # softmax - onehot
 
 
 def loss_chunk_rows(requested: int, onednn: bool) -> int:
@@ -2231,7 +2232,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     With GPT-2's 50257-token vocabulary the output layer dominates a small model, and
     a fresh 100 MB-scale logits tensor every step costs as much in page faults as in
     arithmetic. The gradient is computed during the forward pass, chunk by chunk
-    (d loss / d logits = weight * (softmax - onehot)), and only scaled in backward.
+    (d loss / d logits = w * (softmax - onehot) for position weights w), and only scaled
+    in backward.
     """
 
     @staticmethod
@@ -2254,12 +2256,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = hidden.new_zeros((), dtype=torch.float32)
             for start in range(0, hidden.shape[0], head.rows):
                 end = min(start + head.rows, hidden.shape[0])
-                chunk_total, grad_logits = softmax_cross_entropy_(
-                    head.logits(start, end), targets[start: end],                # (n, V) float32
-                    position_weights[start: end].float(), wants_grad)
+                weights = position_weights[start: end].float()                    # (n,)
+                chunk_total, softmax_minus_onehot = softmax_cross_entropy_(
+                    head.logits(start, end), targets[start: end], weights, wants_grad)  # (n, V)
                 total += chunk_total
                 if wants_grad:
-                    head.add_gradients(start, end, grad_logits)
+                    head.add_gradients(start, end, softmax_minus_onehot, weights)
         if wants_grad:
             grad_weight, grad_bias = head.weight_and_bias_gradients()
             ctx.save_for_backward(head.grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
@@ -2302,18 +2304,23 @@ class TorchHeadChunks:
             torch.addmm(self.b, h, self.w.t(), out=mm_out)
         return logits.copy_(mm_out) if self.low_precision else logits
 
-    def add_gradients(self, start: int, end: int, grad_logits: torch.Tensor) -> None:
-        """Given d loss / d logits (n, V) of those positions."""
-        h = self.h[start: end]
-        if self.low_precision:
-            grad_logits = self.matmul_buffer[:len(h)].copy_(grad_logits)
-        torch.mm(grad_logits, self.w, out=self.grad_hidden[start: end])
-        if self.low_precision:
-            self.grad_weight += (grad_logits.t() @ h).float()
-        else:
-            self.grad_weight.addmm_(grad_logits.t(), h)
+    def add_gradients(self, start: int, end: int, softmax_minus_onehot: torch.Tensor,
+                      weights: torch.Tensor) -> None:
+        """Given softmax - onehot (n, V) and position weights (n,) of those positions:
+        d loss / d logits is weights[:, None] * softmax_minus_onehot, applied as n x d work."""
+        grad = softmax_minus_onehot
         if self.grad_bias is not None:
-            self.grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
+            self.grad_bias += weights @ grad                                 # (V,)
+        weighted_h = self.h[start: end] * weights[:, None].to(self.h.dtype)  # (n, d)
+        if self.low_precision:
+            grad = self.matmul_buffer[:len(grad)].copy_(grad)
+        grad_hidden = self.grad_hidden[start: end]
+        torch.mm(grad, self.w, out=grad_hidden)
+        grad_hidden.mul_(weights[:, None])
+        if self.low_precision:
+            self.grad_weight += (grad.t() @ weighted_h).float()
+        else:
+            self.grad_weight.addmm_(grad.t(), weighted_h)
 
     def weight_and_bias_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.grad_weight, self.grad_bias
@@ -2339,17 +2346,21 @@ class OneDNNHeadChunks:
     def logits(self, start: int, end: int) -> torch.Tensor:
         return onednn_matmul(self.h[start: end], self.w, self.b)           # (n, V)
 
-    def add_gradients(self, start: int, end: int, grad_logits: torch.Tensor) -> None:
-        h = self.h[start: end]                                              # (n, d)
-        self.grad_hidden[start: end] = onednn_matmul(grad_logits, self.w.t())  # (n, d)
+    def add_gradients(self, start: int, end: int, softmax_minus_onehot: torch.Tensor,
+                      weights: torch.Tensor) -> None:
+        """As TorchHeadChunks.add_gradients: the weights scale n x d tensors only."""
+        grad = softmax_minus_onehot                                         # (n, V)
+        weighted_h = self.h[start: end] * weights[:, None]                  # (n, d)
+        torch.mul(onednn_matmul(grad, self.w.t()), weights[:, None],
+                  out=self.grad_hidden[start: end])                         # (n, d)
         if self.grad_weight is not None:
-            self.grad_weight.addmm_(grad_logits.t(), h)
+            self.grad_weight.addmm_(grad.t(), weighted_h)
         elif self.grad_weight_t is None:
-            self.grad_weight_t = onednn_matmul(h.t(), grad_logits.t())
+            self.grad_weight_t = onednn_matmul(weighted_h.t(), grad.t())
         else:
-            self.grad_weight_t = onednn_matmul_add(h.t(), grad_logits.t(), self.grad_weight_t)
+            self.grad_weight_t = onednn_matmul_add(weighted_h.t(), grad.t(), self.grad_weight_t)
         if self.grad_bias is not None:
-            self.grad_bias += grad_logits.sum(dim=0)
+            self.grad_bias += weights @ grad                                # (V,)
 
     def weight_and_bias_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.grad_weight is not None:
