@@ -3642,12 +3642,15 @@ def point_key(model: str, settings: dict) -> str:
 
 class SweepLog:
     """One sweep's JSON file. Points already in a file of the same sweep and scale are
-    kept (and skipped by `done`); the file is rewritten atomically after every point."""
+    kept (and skipped by `done`), with the file's creation time and the wall time spent
+    on it so far; the file is rewritten atomically after every point."""
 
     def __init__(self, path: Path, sweep: str, scale: SweepScale, args: argparse.Namespace,
                  device: torch.device) -> None:
         self.path = path
         points = []
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.earlier_wall_time_s = 0.0
         data_sha256 = examples_fingerprint(load_custom_examples(args))
         if path.exists():
             earlier = load_sweep(path)
@@ -3655,13 +3658,14 @@ class SweepLog:
             same_scale = earlier["config"]["scale"] == json.loads(json.dumps(dataclasses.asdict(scale)))
             same_data = earlier["config"].get("data_sha256") == data_sha256
             if earlier["sweep"] == sweep and same_scale and same_data:
-                points = earlier["points"]
+                points, created = earlier["points"], earlier["created"]
+                self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
         self.data = {
             "schema_version": SWEEP_SCHEMA_VERSION,
             "kind": "sweep",
             "sweep": sweep,
             "scale": scale.name,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": created,
             "status": "running",
             "config": {"tokenizer": scale.tokenizer, "scale": dataclasses.asdict(scale),
                        "data_sha256": data_sha256,
@@ -4043,10 +4047,11 @@ def run_sweeps(args: argparse.Namespace) -> int:
         sweep_started = time.perf_counter()
         log = SweepLog(path, name, scale, base, device)
         SWEEPS[name](log, base, scale, device, tokenizer)
-        log.data["wall_time_s"] = round(time.perf_counter() - sweep_started, 2)
+        this_run_s = time.perf_counter() - sweep_started
+        log.data["wall_time_s"] = round(log.earlier_wall_time_s + this_run_s, 2)   # all runs
         log.finish()
         print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "
-              f"in {log.data['wall_time_s']:.0f} s -> {path}")
+              f"in {this_run_s:.0f} s -> {path}")
     print(f"sweeps finished in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -53,12 +53,15 @@ def test_an_interrupted_sweep_skips_the_points_it_finished(pico, run_main, tmp_p
     sweep = json.loads(path.read_text())
     finished = sweep["points"][:2]
     sweep["points"], sweep["status"] = finished, "running"     # as if killed after two points
+    sweep["created"], sweep["wall_time_s"] = "2026-01-01T00:00:00+00:00", 1000.0
     path.write_text(json.dumps(sweep))
     status, out, _ = run_main(*argv)
     assert status == 0 and "3 points (2 already done)" in out
     resumed = pico.load_sweep(path)
     assert resumed["points"][:2] == finished                   # not retrained
     assert [p["settings"]["kgram_variant"] for p in resumed["points"]] == ["onehot", "embedding", "conv"]
+    # The file keeps its creation time and counts the earlier run's time with this one's.
+    assert resumed["created"] == "2026-01-01T00:00:00+00:00" and resumed["wall_time_s"] > 1000.0
 
 
 def test_custom_sweep_log_and_sizes(pico, run_main, tmp_path, tiny_corpus):
