@@ -45,6 +45,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import faulthandler
 import functools
 import hashlib
 import heapq
@@ -4986,6 +4987,16 @@ def run_command(args: argparse.Namespace) -> int:
     return run_training(args)
 
 
+def enable_crash_tracebacks() -> None:
+    """A crash in native code (SIGSEGV, SIGABRT, ...) prints every thread's Python stack on
+    stderr rather than ending the process without a word. Needs a real stderr file (tests
+    that capture stderr in memory have none)."""
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
@@ -4993,6 +5004,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
             return int(exit_request.code or 0)
         keep_freed_memory()
+        enable_crash_tracebacks()
         with cpu_matmul(args.cpu_matmul):
             return run_command(args)
     except UserError as error:

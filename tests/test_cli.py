@@ -109,3 +109,21 @@ def test_the_course_sanity_command_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "run log written to" in result.stdout
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_a_crash_in_native_code_prints_the_python_stack(tmp_path):
+    """main() enables faulthandler, so SIGABRT (as from a C++ std::terminate) shows where
+    Python was; a captured in-memory stderr (these tests' run_main) must not break main()."""
+    import subprocess
+    import sys
+    from conftest import SCRIPT
+    probe = ("import importlib.util, os, signal, sys\n"
+             f"spec = importlib.util.spec_from_file_location('pico_llm', {str(SCRIPT)!r})\n"
+             "pico = importlib.util.module_from_spec(spec); sys.modules['pico_llm'] = pico\n"
+             "spec.loader.exec_module(pico)\n"
+             "pico.main(['--accounting', 'pico'])\n"
+             "def crash_here():\n    os.kill(os.getpid(), signal.SIGABRT)\n"
+             "crash_here()\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Fatal Python error: Aborted" in result.stderr and "crash_here" in result.stderr
