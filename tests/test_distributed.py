@@ -103,3 +103,20 @@ def test_a_checkpoint_resumes_on_a_different_number_of_ranks(pico, tmp_path):
     one, two = losses(pico, tmp_path / "one" / "run.json"), losses(pico, tmp_path / "two" / "run.json")
     assert len(two["lstm_seq"]) == len(one["lstm_seq"])        # the whole history, from step 1
     assert two["lstm_seq"] == pytest.approx(one["lstm_seq"], rel=1e-4)
+
+
+def test_a_rank_leaves_with_its_status_and_its_output_flushed():
+    """Under torchrun a rank ends with os._exit (skipping C++ teardown that sometimes aborted)
+    and must still deliver its buffered output and its exit status."""
+    import os
+    probe = ("import importlib.util, sys\n"
+             f"spec = importlib.util.spec_from_file_location('pico_llm', {str(SCRIPT)!r})\n"
+             "pico = importlib.util.module_from_spec(spec); sys.modules['pico_llm'] = pico\n"
+             "spec.loader.exec_module(pico)\n"
+             "print('buffered, no newline', end='')\n"
+             "pico.exit_process(3)\n"
+             "print('never reached')\n")
+    for world_size in ("2", "1"):
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "WORLD_SIZE": world_size})
+        assert result.returncode == 3 and result.stdout == "buffered, no newline"
