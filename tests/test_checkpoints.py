@@ -315,7 +315,9 @@ def test_sigkill_at_random_moments_leaves_every_file_valid(pico, tmp_path):
             else:
                 json.loads(path.read_text())
     steps = sorted(int(p.stem[5:]) for p in tmp_path.glob("ckpt/lstm_seq/step_*.pt"))
-    assert len(steps) == 2 and steps[-1] >= 5
+    # A checkpoint is written before the oldest is deleted (never fewer than --keep_checkpoints
+    # good ones), so a kill between the two leaves one extra: 2 or 3 files, both fine.
+    assert len(steps) in (2, 3) and steps[-1] >= 5
 
 
 # --- bad input: one line, status 2, no traceback, no file changed -------------------------
