@@ -25,10 +25,11 @@ Contents (the section banners below carry the same numbers):
     2. Tokenizers: 2.1 GPT-2 through tiktoken (offline) and UTF-8 bytes,
                    2.2 byte-level BPE trained on your corpus, 2.3 choosing one
     3. Data (text files, TinyStories, token cache, splits, batches with masks)
-    4. Building blocks (linear layers on the fastest CPU kernel, RMSNorm, rotary
-                       embedding, attention, feed-forward)
+    4. Building blocks (linear layers on the fastest CPU kernel, freed memory kept
+                       for reuse, RMSNorm, rotary embedding, attention, feed-forward)
     5. Models (k-gram MLP, LSTM, Transformer, its preset table, resource accounting)
-    6. Loss and optimisation (cross-entropy, AdamW, schedule, clipping)
+    6. Loss and optimisation (cross-entropy, the chunked output-layer loss, AdamW,
+                              schedule, clipping)
     7. Generation (sampling rules, KV cache / carried state, generate_text)
     8. Training and evaluation (train_one_model, evaluate, RunLog)
     9. Checkpoints and fault tolerance
