@@ -4759,9 +4759,14 @@ class Distributed:
         return tensor.tolist()
 
 
+def launched_world_size() -> int:
+    """How many ranks torchrun started (its WORLD_SIZE); 1 for a plain `python pico-llm.py`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_distributed(args: argparse.Namespace) -> Distributed:
     """Join the torchrun job if there is one: gloo on CPUs, NCCL with one GPU per rank."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         return Distributed()
     import torch.distributed as dist
@@ -5009,7 +5014,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with cpu_matmul(args.cpu_matmul):
             return run_command(args)
     except UserError as error:
-        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        rank = f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
         print(f"pico-llm: error{rank}: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as interruption:
@@ -5029,7 +5034,7 @@ def exit_process(status: int) -> None:
     run in three, a rank ended cleanly and then died in C++ teardown during interpreter
     shutdown ("terminate called without an active exception", SIGABRT, no Python frame left
     on the stack), and torchrun reported the whole job as failed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
