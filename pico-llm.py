@@ -2195,29 +2195,45 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
-def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, position_weights: torch.Tensor,
-                           with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """sum_i w_i * CE(logits_i, y_i) and, with_gradient, d CE_i / d logits_i = softmax - onehot,
-    written over the logits (in place: no second 100 MB-scale tensor per chunk). The weights
-    are left to the caller, which applies them on the d-wide side of its products (n x d
-    work rather than another pass over n x V). logits (n, V) float32, targets and
-    position_weights w (n,) -> (scalar, (n, V) or None).
+# -log(p) of a float32 probability p is exact to ~1e-7 down to p = 1e-30; float32's normal
+# numbers end near 1e-38, and the softmax of a target 104 nats below its row maximum is 0.
+UNTRUSTED_SOFTMAX_LOSS = -math.log(1e-30)                                   # 69.08 nats
 
-    CE = logsumexp(x) - x[y], and logsumexp(x) = max + log(sum(exp(x - max))). PyTorch's
-    softmax kernel computes exp(x - max) / sum faster than its exp alone (6 vs 9 ms at
-    512 x 50257 here), and the largest softmax, at the max, is 1 / sum, so
-    logsumexp = max(x) - log(max(softmax)), which never underflows. On the CPU the softmax
-    writes over its input (its kernel reads each row before writing it; the tests check the
-    result); a GPU, where that is unverified here, gets a fresh tensor from its cache."""
-    maximum = logits.amax(dim=-1)                                           # (n,)
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+
+def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor,
+                           with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position CE(logits_i, y_i) and, with_gradient, d CE_i / d logits_i = softmax - onehot,
+    written over the logits (in place: no second 100 MB-scale tensor per chunk).
+    logits (n, V) float32, targets (n,) -> ((n,), (n, V) or None).
+
+    CE_i = -log softmax(logits_i)[y_i]: the loss is read off the softmax the gradient needs
+    anyway, with no logsumexp pass over the (n, V) logits (two amax passes cost 5.5 of a
+    k-gram step's 59 ms here). PyTorch's softmax kernel computes exp(x - max) / sum faster than
+    its exp alone. A loss above UNTRUSTED_SOFTMAX_LOSS (target probability under 1e-30, where
+    float32 runs out of precision and then underflows to 0, giving inf) is not exact: the
+    caller recomputes those rows from their logits (exact_cross_entropy_where_untrusted),
+    since these have been overwritten here. On the CPU the softmax writes over its input (its
+    kernel reads each row before writing it; the tests check the result); a GPU, where that is
+    unverified here, gets a fresh tensor from its cache."""
     probabilities = torch.softmax(logits, dim=-1, out=logits if logits.is_cpu else None)  # (n, V)
-    log_sum_exp = maximum - probabilities.amax(dim=-1).log()
-    total = ((log_sum_exp - target_logit) * position_weights).sum()
+    losses = probabilities.gather(1, targets[:, None]).squeeze(1).log().neg_()           # (n,)
     if not with_gradient:
-        return total, None
+        return losses, None
     probabilities[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-    return total, probabilities                                             # softmax - onehot
+    return losses, probabilities                                                        # softmax - onehot
+
+
+def exact_cross_entropy_where_untrusted(losses: torch.Tensor, hidden: torch.Tensor,
+                                        weight: torch.Tensor, bias: torch.Tensor | None,
+                                        targets: torch.Tensor) -> None:
+    """Recompute in place, as logsumexp(x) - x[y] from their logits, the losses that
+    softmax_cross_entropy_ could not give exactly: the rare confidently wrong positions.
+    losses, targets (N,); hidden (N, d); weight (V, d); bias (V,) or None."""
+    rows = (losses > UNTRUSTED_SOFTMAX_LOSS).nonzero().squeeze(1)          # NaN stays NaN
+    if len(rows):
+        logits = F.linear(hidden[rows].float(), weight.float(),
+                          None if bias is None else bias.float())           # (r, V)
+        losses[rows] = torch.logsumexp(logits, -1) - logits.gather(1, targets[rows, None]).squeeze(1)
 
 
 def loss_chunk_rows(requested: int, onednn: bool) -> int:
@@ -2255,15 +2271,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             onednn = uses_onednn(h_all, w)
             head = (OneDNNHeadChunks if onednn else TorchHeadChunks)(
                 h_all, w, b, loss_chunk_rows(chunk_size, onednn), wants_grad)
-            total = hidden.new_zeros((), dtype=torch.float32)
+            losses = hidden.new_empty(hidden.shape[0], dtype=torch.float32)       # (N,)
             for start in range(0, hidden.shape[0], head.rows):
                 end = min(start + head.rows, hidden.shape[0])
-                weights = position_weights[start: end].float()                    # (n,)
-                chunk_total, softmax_minus_onehot = softmax_cross_entropy_(
-                    head.logits(start, end), targets[start: end], weights, wants_grad)  # (n, V)
-                total += chunk_total
+                losses[start: end], softmax_minus_onehot = softmax_cross_entropy_(
+                    head.logits(start, end), targets[start: end], wants_grad)          # (n, V)
                 if wants_grad:
-                    head.add_gradients(start, end, softmax_minus_onehot, weights)
+                    head.add_gradients(start, end, softmax_minus_onehot,
+                                       position_weights[start: end].float())
+            exact_cross_entropy_where_untrusted(losses, h_all, w, b, targets)
+            total = losses @ position_weights.float()
         if wants_grad:
             grad_weight, grad_bias = head.weight_and_bias_gradients()
             ctx.save_for_backward(head.grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
@@ -2273,11 +2290,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        """Scales the saved gradients in place (no second copy of a 50 MB weight gradient);
-        a second backward through the same graph is refused by autograd's version check."""
+        """Scales the saved gradients in place (no second copy of a 50 MB weight gradient;
+        oneDNN's transposed one is written out row-major by the same pass); a second backward
+        through the same graph is refused by autograd's version check."""
         grad_hidden, grad_weight, *grad_bias = ctx.saved_tensors
         grad_bias = grad_bias[0].mul_(grad_total) if ctx.has_bias else None
-        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total), grad_bias, None, None, None
+        return grad_hidden.mul_(grad_total), scaled_(grad_weight, grad_total), grad_bias, None, None, None
 
 
 class TorchHeadChunks:
@@ -2357,19 +2375,38 @@ class OneDNNHeadChunks:
                   out=self.grad_hidden[start: end])                         # (n, d)
         if self.grad_weight is not None:
             self.grad_weight.addmm_(grad.t(), weighted_h)
-        elif self.grad_weight_t is None:
-            self.grad_weight_t = onednn_matmul(weighted_h.t(), grad.t())
+            if self.grad_bias is not None:
+                self.grad_bias += weights @ grad                            # (V,)
+            return
+        if self.b is not None:
+            # A column of weights makes the product's last row the bias gradient,
+            # sum_i w_i grad_i, at no extra cost (a pass of its own takes 4 ms at 512 x 50257).
+            weighted_h = torch.cat([weighted_h, weights[:, None]], dim=1)   # (n, d + 1)
+        if self.grad_weight_t is None:
+            self.grad_weight_t = onednn_matmul(weighted_h.t(), grad.t())    # (d [+ 1], V)
         else:
             self.grad_weight_t = onednn_matmul_add(weighted_h.t(), grad.t(), self.grad_weight_t)
-        if self.grad_bias is not None:
-            self.grad_bias += weights @ grad                                # (V,)
 
     def weight_and_bias_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight gradient (V, d), here a column-major view that LinearCrossEntropy's
+        backward writes out row-major as it scales it; the bias gradient (V,) or None."""
         if self.grad_weight is not None:
             return self.grad_weight, self.grad_bias
-        grad_weight = (self.grad_weight_t.t().contiguous() if self.grad_weight_t is not None
-                       else torch.zeros_like(self.w))                       # no positions
-        return grad_weight, self.grad_bias
+        if self.grad_weight_t is None:                                      # no positions
+            return torch.zeros_like(self.w), (None if self.b is None else torch.zeros_like(self.b))
+        if self.b is None:
+            return self.grad_weight_t.t(), None
+        return self.grad_weight_t[:-1].t(), self.grad_weight_t[-1]
+
+
+def scaled_(gradient: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """gradient * scale: in place when row-major; a transposed view is written out row-major
+    in the same pass (PyTorch's multiply transposes twice as fast as its copy: 5.6 vs 9.6 ms
+    for 50257 x 256 here), so the weight gradient has its parameter's layout."""
+    if gradient.is_contiguous():
+        return gradient.mul_(scale)
+    return torch.mul(gradient, scale, out=torch.empty(gradient.shape, dtype=gradient.dtype,
+                                                      device=gradient.device))
 
 
 def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.Tensor,
