@@ -4269,7 +4269,7 @@ class BenchmarkSizes:
     """How big each measurement is; `quick` keeps the same code paths at tiny sizes."""
 
     repeats: int = 5
-    warmup: int = 1
+    warmup: int = 3   # untimed calls first: the allocator's heap grows over the first 3 steps
     gpt2_vocab_size: int = 50257      # the configs "with the GPT-2 vocabulary"
     small_vocab_size: int = 4096
     matmul_size: int = 2048
