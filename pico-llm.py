@@ -2331,7 +2331,8 @@ class TorchHeadChunks:
         grad = softmax_minus_onehot
         if self.grad_bias is not None:
             self.grad_bias += weights @ grad                                 # (V,)
-        weighted_h = self.h[start: end] * weights[:, None].to(self.h.dtype)  # (n, d)
+        # weighted in float32, rounded once to the matmul dtype (not the weights first)
+        weighted_h = (self.h[start: end].float() * weights[:, None]).to(self.h.dtype)  # (n, d)
         if self.low_precision:
             grad = self.matmul_buffer[:len(grad)].copy_(grad)
         grad_hidden = self.grad_hidden[start: end]
