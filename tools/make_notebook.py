@@ -17,7 +17,7 @@ CELLS = [
 # pico-llm: a presentation walkthrough
 
 Every number and figure below is read from the JSON files that
-`python pico-llm.py --sweep presentation` writes into `artefacts/` (about seven minutes on a
+`python pico-llm.py --sweep presentation` writes into `artefacts/` (six to seven minutes on a
 2-core CPU, character tokenizer, small widths). Nothing here is typed in by hand. A missing
 file shows a note and the notebook goes on; figures are saved as PNG into
 `artefacts/figures/`."""),
