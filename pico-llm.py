@@ -3192,12 +3192,17 @@ class TrainingInterrupted(Exception):
 
 class StopRequest:
     """Turns the first SIGINT or SIGTERM into a request to stop after the current step,
-    so that a checkpoint can be written; a second signal acts at once, as usual."""
+    so that a checkpoint can be written; a second signal acts at once, as usual.
+
+    Under torchrun a second signal is not a second request: Ctrl-C reaches each rank from
+    the terminal and again from torchrun, which forwards it (and kills the ranks itself if
+    they have not left 30 s later)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_acts_at_once: bool = True) -> None:
         self.signal_number: int | None = None
+        self.repeat_acts_at_once = repeat_acts_at_once
         self._previous: dict = {}
 
     def __enter__(self) -> "StopRequest":
@@ -3211,9 +3216,10 @@ class StopRequest:
                 signal.signal(number, handler)
 
     def _handle(self, number: int, frame) -> None:
-        self.signal_number = number
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.signal_number = self.signal_number or number
+        if self.repeat_acts_at_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -3509,9 +3515,22 @@ class ModelTraining:
         self.stop_if_requested(stop)
 
     def stop_if_requested(self, stop: StopRequest | None) -> None:
-        """On a pending signal: checkpoint, run log, and a message on how to resume."""
-        if stop is None or stop.signal_number is None:
+        """On a pending signal: checkpoint, run log, and a message on how to resume.
+
+        Under torchrun the ranks decide together (one all-reduce, every rank calls this at
+        the same points): a signal may reach one rank only, or reach the ranks on either
+        side of this check, and a rank that stopped alone would leave the others waiting
+        in their next all-reduce until --dist_timeout."""
+        if stop is None:
             return
+        device = next(self.model.parameters()).device
+        signal_number = self.context.maximum(stop.signal_number or 0, device)
+        if not signal_number:
+            return
+        interrupted = f"interrupted by {signal.Signals(signal_number).name} at step {self.progress.step}"
+        if not self.context.is_main:
+            raise TrainingInterrupted(signal_number, f"rank {self.context.rank} {interrupted} of "
+                                      f"{self.name}, with every rank; rank 0 writes the checkpoint")
         saved = self.save_checkpoint()
         self.write_runlog("interrupted")
         written = f"checkpoint {saved}" if saved else "no checkpoint (pass --save_dir DIR to resume runs)"
@@ -3519,9 +3538,7 @@ class ModelTraining:
             written += f", run log {self.runlog.path}"
         how = (f"; to resume, rerun the same command with --resume {self.checkpoints.save_dir}"
                if saved else "")
-        raise TrainingInterrupted(stop.signal_number,
-                                  f"interrupted by {signal.Signals(stop.signal_number).name} at "
-                                  f"step {self.progress.step} of {self.name}; wrote {written}{how}")
+        raise TrainingInterrupted(signal_number, f"{interrupted} of {self.name}; wrote {written}{how}")
 
     def write_runlog(self, status: str) -> None:
         if self.runlog is not None:
@@ -4805,6 +4822,14 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
+    def maximum(self, value: int, device: torch.device) -> int:
+        """The largest of the ranks' `value` (itself on one process)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return int(tensor.item())
+
 
 def launched_world_size() -> int:
     """How many ranks torchrun started (its WORLD_SIZE); 1 for a plain `python pico-llm.py`."""
@@ -4978,7 +5003,7 @@ def run_training(args: argparse.Namespace) -> int:
             runlog.data["distributed"] = {"world_size": context.world_size,
                                           "grad_accum_steps": args.grad_accum_steps}
         models: dict = {}
-        with StopRequest() as stop:
+        with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
             train_models(args, device, tokenizer, data, runlog, context=context,
                          trained_models=models, resume_points=resume_points, stop=stop)
         if runlog is not None:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,62 @@ def test_a_rank_leaves_with_its_status_and_its_output_flushed():
         result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                 timeout=120, env={**os.environ, "WORLD_SIZE": world_size})
         assert result.returncode == 3 and result.stdout == "buffered, no newline"
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()   # state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("who", ["one rank", "the terminal's process group"])
+def test_a_signal_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(pico, tmp_path, who):
+    """A signal may reach one rank only (kill), or every rank twice, not at the same step:
+    Ctrl-C in a terminal signals the whole process group, torchrun included, which forwards
+    it to its ranks. Either way the ranks agree on one step, rank 0 checkpoints it, all leave."""
+    import os
+    import signal
+    import time
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("finds the ranks through Linux's /proc")
+    long_run = [a if a != "lstm_seq,transformer" else "lstm_seq" for a in TINY]
+    long_run[long_run.index("--epochs") + 1] = "500"            # far longer than the test waits
+    checkpoints = tmp_path / "ckpt" / "lstm_seq"
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node=2", str(SCRIPT), *long_run, "--artefacts_dir",
+                            str(tmp_path), "--save_dir", str(tmp_path / "ckpt"),
+                            "--checkpoint_every", "5", "--keep_checkpoints", "1000",
+                            "--dist_timeout", "60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)                # its own group, as a terminal's job
+    try:
+        deadline = time.monotonic() + 120
+        while not list(checkpoints.glob("step_*.pt")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(checkpoints.glob("step_*.pt")), "training never reached its first checkpoint"
+        if who == "one rank":
+            os.kill(max(child_pids(job.pid)), signal.SIGINT)
+        else:
+            os.killpg(job.pid, signal.SIGINT)
+        _, err = job.communicate(timeout=50)                     # under --dist_timeout: none waits
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+    stops = [line for line in err.splitlines() if "interrupted by SIGINT at step" in line]
+    assert len(stops) == 2, err[-3000:]                          # one line per rank
+    steps = {line.split(" at step ")[1].split()[0] for line in stops}
+    assert len(steps) == 1, stops                                # the same step on both ranks
+    step = int(steps.pop())
+    assert (checkpoints / f"step_{step:06d}.pt").exists()
+    assert "to resume, rerun the same command with --resume" in err
+    assert "rank 0 writes the checkpoint" in err                 # rank 1 does not claim to
+    assert pico.load_runlog(tmp_path / "run.json")["status"] == "interrupted"
