@@ -30,6 +30,8 @@ def test_quick_benchmark_writes_every_key_as_a_positive_finite_number(run_main, 
     assert report["matmul_gflops"] == max(by_kernel.values())  # MFU against the best kernel
     for name, row in report["training"].items():
         assert positive_finite(row["tokens_per_s"]) and positive_finite(row["mfu"]), name
+        # against the ceiling measured in turn with this config's steps
+        assert row["mfu"] == pytest.approx(row["achieved_gflops"] / row["ceiling_gflops"]), name
     generation = report["generation"]
     for key in ("kv_cache_vs_recompute_last_position", "memory_gb_per_s",
                 "transformer_cached_bandwidth_utilisation"):
