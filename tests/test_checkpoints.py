@@ -257,6 +257,18 @@ def test_a_second_ctrl_c_interrupts_at_once(pico):
             time.sleep(1)  # the handler runs between bytecodes; this gives it one
 
 
+def test_under_torchrun_a_repeated_signal_is_the_same_request(pico):
+    """Ctrl-C reaches a rank from the terminal and again from torchrun: one request."""
+    before = signal.getsignal(signal.SIGINT)
+    with pico.StopRequest(repeat_acts_at_once=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)                      # no KeyboardInterrupt, no termination
+        assert stop.signal_number == signal.SIGINT   # the first one is reported
+    assert signal.getsignal(signal.SIGINT) is before                       # restored on exit
+
+
 def start_long_run(tmp_path, *extra):
     """A training subprocess with thousands of steps, logging every step."""
     argv = [a for a in TINY if a not in ("--quiet",)]
