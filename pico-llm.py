@@ -5,8 +5,8 @@ It trains and compares small next-token models on a laptop CPU in minutes (and
 on a GPU at full speed): a k-gram MLP (one-hot, embedding or convolutional
 context), an LSTM, and decoder-only Transformers built from explicit blocks
 (RMSNorm, rotary embeddings, SwiGLU, causal attention) in the presets minGPT,
-GPT2-small, GPT-oss and Llama3-lite. Every run writes a JSON log into
-`artefacts/` that the companion notebook `pico_llm.ipynb` plots.
+GPT2-small, GPT-oss and Llama3-lite. Every run writes a JSON log that the
+companion notebook `pico_llm.ipynb` plots.
 
 Run it:
     pip install -r requirements.txt
@@ -20,22 +20,29 @@ position t predict token t+1. For generation every model also implements
 its KV cache and an LSTM carries its hidden state instead of re-reading the
 whole context for each new token.
 
+The file reads as a book. Part I is the lesson, top to bottom; it refers forward
+only to `speed_up` (Appendix A), the one switch to the fast kernels, and to the
+named points where the training loop calls Appendices B and C. Part II runs
+experiments with it; Part III holds the machinery.
+
 Contents (the section banners below carry the same numbers):
-    1. Command line and configuration
-    2. Tokenizers: 2.1 GPT-2 through tiktoken (offline) and UTF-8 bytes,
-                   2.2 byte-level BPE trained on your corpus, 2.3 choosing one
-    3. Data (text files, TinyStories, token cache, splits, batches with masks)
-    4. Building blocks (linear layers on the fastest CPU kernel, freed memory kept
-                       for reuse, RMSNorm, rotary embedding, attention, feed-forward)
-    5. Models (k-gram MLP, LSTM, Transformer, its preset table, resource accounting)
-    6. Loss and optimisation (cross-entropy, the chunked output-layer loss, AdamW,
-                              schedule, clipping)
-    7. Generation (sampling rules, KV cache / carried state, generate_text)
-    8. Training and evaluation (train_one_model, evaluate, RunLog)
-    9. Checkpoints and fault tolerance
-   10. Experiments: 10.1 sweeps and interpretability, 10.2 benchmark
-   11. Distributed training (torchrun / DDP)
-   12. main()
+  Part I. The lesson
+    1. Building blocks (RMSNorm, rotary embedding, attention, feed-forward)
+    2. Models: 2.1 k-gram MLP, 2.2 LSTM, 2.3 Transformer and its preset table
+    3. The loss (masked next-token cross-entropy on the logits)
+    4. Sampling and generation (greedy, temperature, top-k, nucleus; KV cache)
+    5. Training and evaluation (AdamW, schedule, clipping, the training loop)
+  Part II. Running experiments
+    6. Data and tokenizers: 6.1 tokenizers, 6.2 text sources, 6.3 token cache,
+       splits and batches
+    7. Run logs, sweeps and interpretability
+    8. The command line and main()
+  Part III. Appendices
+    A. Speed (oneDNN linears, freed memory kept, the chunked output-layer loss)
+    B. Fault tolerance (checkpoints, exact resume, signals, non-finite steps,
+       early stopping and reduce-on-plateau)
+    C. Distributed training (torchrun / DDP)
+    D. Training your own BPE tokenizer; resource accounting
 """
 
 from __future__ import annotations
@@ -78,8 +85,6 @@ import torch.nn.functional as F
 
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"
-DEFAULT_CUSTOM_CORPUS = DATA_DIR / "custom_corpus"
-RUNLOG_SCHEMA_VERSION = 1
 
 
 class UserError(Exception):
@@ -89,304 +94,1234 @@ class UserError(Exception):
     """
 
 
+# #############################################################################
+# PART I. THE LESSON
+# #############################################################################
+
 # =============================================================================
-# 1. Command line and configuration
+# 1. Building blocks
 # =============================================================================
+# The pieces a Transformer is made of, each written out. Shapes use B = batch,
+# T = new tokens, S = tokens attended to (cache + new), H = heads, D = head size.
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight.
+
+    Computed in float32 and cast back, so bf16 activations do not lose the mean.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, bias=bias)
+    return nn.Identity()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al., 2021, RoFormer).
+
+    Rotates each adjacent pair of dimensions (2i, 2i+1) of a query or key by the
+    angle position * theta^(-2i/D). The dot product of a rotated query and key
+    then depends only on their position difference. Positions are explicit, so
+    a KV cache rotates new tokens at their true position.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
+
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (T,) int -> cos, sin of shape (T, D/2)."""
+        angle = positions.float()[:, None] * self.inverse_frequency[None, :]
+        return angle.cos(), angle.sin()
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, T, D) -> the same shape, each (2i, 2i+1) pair rotated.
+
+        Read the pair (a, b) as the complex number a + ib: rotating it by an angle is
+        multiplying by cos + i sin, giving (a cos - b sin) + i (a sin + b cos). One complex
+        product does in a pass what the real formula does in six (with its backward, 0.15
+        vs 1.16 ms per training call here)."""
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # (B, H, T, D/2)
+        rotated = pairs * torch.complex(cos, sin)                          # (T, D/2) broadcast
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+
+
+def sinusoidal_position_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al. (2017) fixed positions: (T,) -> (T, dim), sin on even dims, cos on odd."""
+    frequency = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+    angle = positions.float()[:, None] * frequency[None, :]
+    return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :dim]
+
+
+class KVCache:
+    """Keys and values of one attention layer for the tokens seen so far.
+
+    Preallocated to the model's block size, so each new token writes in place.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, capacity: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.keys = torch.empty(batch, n_kv_heads, capacity, head_dim, device=device, dtype=dtype)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values: (B, H_kv, T, D) -> all cached (B, H_kv, S, D), S = length + T."""
+        end = self.length + keys.shape[2]
+        if end > self.keys.shape[2]:
+            raise RuntimeError(f"KV cache holds {self.keys.shape[2]} tokens; {end} requested")
+        self.keys[:, :, self.length: end] = keys
+        self.values[:, :, self.length: end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def causal_mask(num_new: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool, True where query i (at position S - T + i) may attend to key j."""
+    return torch.ones(num_new, num_keys, dtype=torch.bool, device=device).tril(
+        diagonal=num_keys - num_new)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with optional grouped-query attention.
+
+    With n_kv_heads < n_heads, each key/value head serves n_heads / n_kv_heads
+    query heads (Ainslie et al., 2023), shrinking the KV cache.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
+                 dropout: float, impl: str) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.dropout = dropout
+        self.impl = impl
+        self.last_attention: torch.Tensor | None = None  # (B, H, T, S), kept when record_attention
+        self.record_attention = False
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model). rope: (cos, sin) of the T new positions."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)                                                   # (B, Hkv, S, D)
+        dropout = self.dropout if self.training else 0.0
+        if self.impl == "math" or self.record_attention:
+            y = self._math_attention(q, k, v, past, dropout)
+        else:
+            y = self._sdpa_attention(q, k, v, past, dropout)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))                      # (B, T, d_model)
+
+    def _sdpa_attention(self, q, k, v, past: int, dropout: float) -> torch.Tensor:
+        """Fused kernel (flash attention on GPUs). The mask must know about the cache:
+        new token i sits at position past + i and may see keys 0..past + i."""
+        T, S = q.shape[2], k.shape[2]
+        gqa = self.n_kv_heads != self.n_heads
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                  enable_gqa=gqa)
+        mask = None if T == 1 else causal_mask(T, S, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              enable_gqa=gqa)
+
+    def _math_attention(self, q, k, v, past: int, dropout: float) -> torch.Tensor:
+        """The explicit formula softmax(Q K^T / sqrt(D) + causal mask) V."""
+        if self.n_kv_heads != self.n_heads:
+            repeats = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)                  # (B, H, T, S)
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        if self.record_attention:
+            self.last_attention = weights.detach()
+        weights = F.dropout(weights, p=dropout, training=dropout > 0)
+        return weights @ v                                                              # (B, H, T, D)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: GELU (tanh approximation, as GPT-2), SiLU, or SwiGLU.
+
+    SwiGLU (Shazeer, 2020) is w2(silu(w1 x) * w3 x): a gated MLP with three matrices.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.kind = kind
+        self.w1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.w3 = nn.Linear(d_model, d_ff, bias=bias) if kind == "swiglu" else None
+        self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d_model) -> (B, T, d_model)
+        if self.kind == "swiglu":
+            hidden = F.silu(self.w1(x)) * self.w3(x)
+        elif self.kind == "gelu":
+            hidden = F.gelu(self.w1(x), approximate="tanh")
+        else:
+            hidden = F.silu(self.w1(x))
+        return self.dropout(self.w2(hidden))
+
+
+def default_ffn_width(d_model: int, kind: str) -> int:
+    """4 d_model for plain MLPs; about 8/3 d_model (same parameter count) for SwiGLU,
+    rounded up to a multiple of 64 for efficient matrix shapes."""
+    if kind == "swiglu":
+        return 64 * math.ceil(8 * d_model / 3 / 64)
+    return 4 * d_model
+
+
+# =============================================================================
+# 2. Models
+# =============================================================================
+# Every model maps tokens (seq_len, batch) to logits (seq_len, batch, vocab),
+# and implements forward_incremental(tokens, state) -> (logits, state) for
+# generation: state=None starts from scratch. Each also exposes `features`
+# (the last hidden states) and `unembedding` (the output layer), so that
+# forward(tokens) = unembedding(features(tokens)); the fast loss of Appendix A
+# uses the two halves.
 
 MODEL_NAMES = ("kgram_mlp_seq", "lstm_seq", "transformer", "transformer_gptoss")
 KGRAM_VARIANTS = ("onehot", "embedding", "conv")
+
+# --- 2.1 k-gram MLP ------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class KGramConfig:
+    """The k-gram MLP's shape: context length k, context encoder, widths."""
+
+    k: int = 3
+    variant: str = "embedding"   # onehot | embedding | conv
+    embed_size: int = 128
+    num_inner_layers: int = 1    # hidden layers after the first
+    chunk_size: int = 0          # positions per chunk (bounds activation memory); 0 = all
+
+
+class KGramMLPSeqModel(nn.Module):
+    """Predicts each next token from the k tokens ending at the current one.
+
+    The logits at position t use tokens t-k+1..t. (The course starter's window
+    stopped at t-1, so it never saw the token it was continuing: an off-by-one
+    fixed here.) Positions before the start of the text read a dedicated padding
+    id (vocab_size), not a real token. All positions are computed at once.
+
+    Variants of the context encoder:
+      onehot    - a Linear layer on the k concatenated one-hot vectors, computed as
+                  a sum of k looked-up weight rows (embedding_bag), never building
+                  the (k * vocab)-wide one-hot input.
+      embedding - concatenated k token embeddings.
+      conv      - a causal 1-D convolution of width k over token embeddings.
+    """
+
+    def __init__(self, vocab_size: int, k: int = 3, embed_size: int = 128,
+                 num_inner_layers: int = 1, variant: str = "embedding", chunk_size: int = 0) -> None:
+        super().__init__()
+        self.vocab_size, self.k, self.variant, self.chunk_size = vocab_size, k, variant, chunk_size
+        self.pad_id = vocab_size
+        table_size = vocab_size + 1
+        if variant == "onehot":
+            # Row j * table_size + token holds the first-layer weights of slot j's one-hot input.
+            self.onehot_weight = nn.Parameter(torch.randn(k * table_size, embed_size) * 0.02)
+            self.onehot_bias = nn.Parameter(torch.zeros(embed_size))
+        elif variant == "embedding":
+            self.embedding = nn.Embedding(table_size, embed_size)
+            self.context_proj = nn.Linear(k * embed_size, embed_size)
+        else:
+            self.embedding = nn.Embedding(table_size, embed_size)
+            self.conv = nn.Conv1d(embed_size, embed_size, kernel_size=k)
+        layers: list[nn.Module] = [nn.SiLU()]
+        for _ in range(num_inner_layers):
+            layers += [nn.Linear(embed_size, embed_size), nn.SiLU()]
+        self.mlp = nn.Sequential(*layers)
+        self.unembedding = nn.Linear(embed_size, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.unembedding(self.features(tokens))
+
+    def features(self, tokens: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (T, B) -> last hidden layer (T, B, embed_size); state as below."""
+        if state is None:
+            state = self._padding_context(tokens)
+        padded = torch.cat([state, tokens], dim=0)                       # (k-1+T, B)
+        T = tokens.shape[0]
+        step = self.chunk_size or T
+        chunks = [self.mlp(self._encode_context(padded[start: start + step + self.k - 1]))
+                  for start in range(0, T, step)]
+        return torch.cat(chunks, dim=0)
+
+    def forward_incremental(self, tokens: torch.Tensor, state: torch.Tensor | None):
+        """tokens: (T, B); state: the previous k-1 tokens (k-1, B) or None.
+        Returns logits (T, B, vocab) and the new state."""
+        if state is None:
+            state = self._padding_context(tokens)
+        logits = self.unembedding(self.features(tokens, state))
+        return logits, torch.cat([state, tokens], dim=0)[tokens.shape[0]:]
+
+    def _padding_context(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(k-1, B) padding ids: what the window reads before the text starts."""
+        return torch.full((self.k - 1, tokens.shape[1]), self.pad_id, dtype=tokens.dtype,
+                          device=tokens.device)
+
+    def _encode_context(self, padded: torch.Tensor) -> torch.Tensor:
+        """(k-1+T, B) token ids -> (T, B, embed_size) context features."""
+        if self.variant == "conv":
+            embedded = self.embedding(padded).permute(1, 2, 0)              # (B, E, k-1+T)
+            return self.conv(embedded).permute(2, 0, 1)                     # (T, B, E)
+        windows = padded.unfold(0, self.k, 1)                                # (T, B, k)
+        if self.variant == "embedding":
+            return self.context_proj(self.embedding(windows).flatten(-2))   # (T, B, E)
+        slot_offsets = torch.arange(self.k, device=padded.device) * (self.vocab_size + 1)
+        rows = (windows + slot_offsets).flatten(0, 1)                        # (T*B, k)
+        summed = F.embedding_bag(rows, self.onehot_weight, mode="sum")       # (T*B, E)
+        return (summed + self.onehot_bias).view(*windows.shape[:2], -1)
+
+
+# --- 2.2 LSTM --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LSTMConfig:
+    """The LSTM's shape: embedding and hidden width (the same), stacked layers."""
+
+    embed_size: int = 128
+    num_layers: int = 1
+
+
+class LSTMSeqModel(nn.Module):
+    """Token embedding -> stacked LSTM (Hochreiter & Schmidhuber, 1997) -> unembedding.
+
+    For generation the (h, c) state is carried, so each new token costs one step.
+    """
+
+    def __init__(self, vocab_size: int, embed_size: int = 128, hidden_size: int = 128,
+                 num_layers: int = 1) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers=num_layers)
+        self.unembedding = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.unembedding(self.features(tokens))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (T, B) -> LSTM outputs (T, B, hidden)."""
+        return self.lstm(self.embedding(tokens))[0]
+
+    def forward_incremental(self, tokens: torch.Tensor, state):
+        """tokens: (T, B) -> logits (T, B, vocab), state (h, c) each (layers, B, hidden).
+        A single new token takes `step`: nn.LSTM's fused CPU kernel spends about 74 us
+        setting up for one time step, the equations written out about 20 (hidden 64)."""
+        x = self.embedding(tokens)                                          # (T, B, embed)
+        if tokens.shape[0] == 1 and state is not None:
+            hidden, state = self.step(x[0], state)
+            return self.unembedding(hidden)[None], state
+        hidden, state = self.lstm(x, state)                                 # (T, B, hidden)
+        return self.unembedding(hidden), state
+
+    def step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        """One time step through every layer, with nn.LSTM's weights (gates i, f, g, o):
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g),  h' = sigmoid(o) * tanh(c').
+        x (B, embed), state (h, c) each (layers, B, hidden) -> top h' (B, hidden), state."""
+        h, c = state
+        new_h, new_c = [], []
+        for layer in range(self.lstm.num_layers):
+            weights = [getattr(self.lstm, f"{name}_l{layer}")
+                       for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
+            gates = F.linear(x, weights[0], weights[1]) + F.linear(h[layer], weights[2], weights[3])
+            i, f, g, o = gates.chunk(4, dim=-1)                             # each (B, hidden)
+            new_c.append(torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g))
+            new_h.append(torch.sigmoid(o) * torch.tanh(new_c[-1]))
+            x = new_h[-1]
+        return x, (torch.stack(new_h), torch.stack(new_c))
+
+
+# --- 2.3 Transformer -------------------------------------------------------------
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """Every field of a decoder-only Transformer; presets fill it, flags override it."""
+
+    vocab_size: int = 0               # set from the tokenizer when the model is built
+    block_size: int = 64              # the longest context, in tokens
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None     # None = n_heads (plain multi-head attention)
+    n_blocks: int = 3
+    d_ff: int | None = None           # None = default_ffn_width(d_model, ffn)
+    ffn: str = "swiglu"
+    norm: str = "rmsnorm"
+    norm_position: str = "pre"
+    pos_emb: str = "rope"
+    rope_theta: float = 10000.0
+    tie_weights: bool = True
+    attention_impl: str = "sdpa"
+    dropout: float = 0.0
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.d_ff = self.d_ff or default_ffn_width(self.d_model, self.ffn)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# One table of presets (as in minGPT); a preset is only a set of config fields.
+TRANSFORMER_PRESETS: dict[str, dict] = {
+    # Small enough to train in a minute or two on a laptop CPU; used by the default run.
+    "pico": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
+                 pos_emb="rope", tie_weights=True),
+    # Karpathy's minGPT "gpt-mini"-like width with 6 blocks, GPT-2 style.
+    "minGPT": dict(d_model=384, n_heads=6, n_blocks=6, ffn="gelu", d_ff=1536, norm="layernorm",
+                   pos_emb="learned", tie_weights=True, bias=True),
+    # GPT-2 small (Radford et al., 2019) trimmed from 12 to 8 blocks.
+    "GPT2-small": dict(d_model=768, n_heads=12, n_blocks=8, ffn="gelu", d_ff=3072,
+                       norm="layernorm", pos_emb="learned", tie_weights=True, bias=True),
+    # The modern recipe used by open-weight models such as gpt-oss: RoPE, SwiGLU, RMSNorm.
+    "GPT-oss": dict(d_model=512, n_heads=8, n_blocks=8, ffn="swiglu", d_ff=2048, norm="rmsnorm",
+                    pos_emb="rope", tie_weights=False),
+    # Llama 3 (Grattafiori et al., 2024) in miniature: grouped-query attention, theta 500000.
+    "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
+                        norm="rmsnorm", pos_emb="rope", rope_theta=500000.0, tie_weights=False),
+}
+
+
+TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "ffn", "norm",
+                              "norm_position", "pos_emb", "rope_theta", "tie_weights", "dropout")
+
+
+def find_preset(name: str) -> str:
+    for preset in TRANSFORMER_PRESETS:
+        if preset.lower() == name.lower():
+            return preset
+    raise UserError(f"unknown --transformer_variant {name!r}; choose from "
+                    + ", ".join(TRANSFORMER_PRESETS))
+
+
 MAX_TRANSFORMER_BLOCKS = 10  # the course project asks for 2 to 10 blocks
-MAX_NEW_TOKENS_LIMIT = 100_000  # beyond this a typo, not a wish: minutes of CPU per sample
+
+def validate_transformer_config(config: TransformerConfig, preset: str = "") -> None:
+    where = f" (preset {preset})" if preset else ""
+    for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff"):
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
+    if config.d_model % config.n_heads:
+        raise UserError(f"--n_heads {config.n_heads} must divide --d_model {config.d_model}{where}")
+    if config.n_heads % config.n_kv_heads:
+        raise UserError(f"--n_kv_heads {config.n_kv_heads} must divide --n_heads {config.n_heads}{where}")
+    if not 1 <= config.n_blocks <= MAX_TRANSFORMER_BLOCKS:
+        raise UserError(f"--n_blocks must be between 1 and {MAX_TRANSFORMER_BLOCKS} "
+                        f"(the course caps Transformers at 10 blocks), got {config.n_blocks}")
+    if config.pos_emb == "rope" and config.head_dim % 2:
+        raise UserError(f"RoPE needs an even head size; d_model / n_heads = {config.head_dim}{where}")
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints the whole usage block on an error; we print one line."""
+class TransformerBlock(nn.Module):
+    """x + attn(norm(x)), then x + ffn(norm(x)) (pre-norm, as GPT-2 and Llama);
+    or norm(x + attn(x)), then norm(x + ffn(x)) (post-norm, as the 2017 Transformer)."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"pico-llm: error: {message} (see --help)\n")
-        raise SystemExit(2)
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attention_norm = make_norm(config.norm, config.d_model, config.bias)
+        self.attention = CausalSelfAttention(config.d_model, config.n_heads, config.n_kv_heads,
+                                             config.bias, config.dropout, config.attention_impl)
+        self.ffn_norm = make_norm(config.norm, config.d_model, config.bias)
+        self.ffn = FeedForward(config.d_model, config.d_ff, config.ffn, config.bias, config.dropout)
+        self.residual_dropout = nn.Dropout(config.dropout)
 
-
-def str_to_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
-        prog="pico-llm.py",
-        description="Train and compare small language models (k-gram MLP, LSTM, Transformer).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    data = parser.add_argument_group("data")
-    data.add_argument("--input_files", nargs="*", default=None,
-                      help="text files; each non-empty line is one training example "
-                           "(default: data/custom_corpus when no other source is given)")
-    data.add_argument("--input_dir", default=None,
-                      help="directory searched recursively for *.txt files (one example per line)")
-    data.add_argument("--limit_custom_examples", type=int, default=None,
-                      help="use at most this many examples from the custom files")
-    data.add_argument("--tinystories_weight", type=float, default=0.0,
-                      help="probability that a training example comes from TinyStories "
-                           "(0 skips it; the default keeps the run offline)")
-    data.add_argument("--tinystories_max_stories", type=int, default=20000,
-                      help="stream only this many TinyStories stories from the hub")
-    data.add_argument("--tinystories_path", default=None,
-                      help="local TinyStories copy (json, jsonl, parquet or txt) instead of the hub")
-    data.add_argument("--block_size", type=int, default=64,
-                      help="context length in tokens; longer examples are truncated")
-    data.add_argument("--test_fraction", type=float, default=0.1,
-                      help="fraction of examples held out as a fixed test set")
-    data.add_argument("--tokenizer", default="gpt2",
-                      help="gpt2 (tiktoken, shipped offline) or char (UTF-8 bytes)")
-    data.add_argument("--cache_dir", default=str(REPO_DIR / ".cache"),
-                      help="where tokenized data is cached, keyed by content and tokenizer")
-
-    models = parser.add_argument_group("models")
-    models.add_argument("--models", default="kgram_mlp_seq,lstm_seq,transformer",
-                        help=f"comma-separated models to train, from {', '.join(MODEL_NAMES)}")
-    models.add_argument("--kgram_k", type=int, default=3, help="k-gram context length in tokens")
-    models.add_argument("--kgram_variant", default="embedding",
-                        help=f"k-gram context encoder: {', '.join(KGRAM_VARIANTS)}")
-    models.add_argument("--kgram_chunk_size", type=int, default=0,
-                        help="k-gram: process this many positions at a time to bound activation "
-                             "memory (0 = all positions at once)")
-    models.add_argument("--num_inner_mlp_layers", type=int, default=1,
-                        help="k-gram: hidden layers after the first")
-    models.add_argument("--embed_size", type=int, default=128,
-                        help="embedding / hidden size of the k-gram MLP and the LSTM")
-    models.add_argument("--lstm_layers", type=int, default=1, help="stacked LSTM layers")
-
-    tf = parser.add_argument_group(
-        "transformer (a preset fills every field; a flag given here overrides it)")
-    tf.add_argument("--transformer_variant", default="pico",
-                    help="preset: " + ", ".join(TRANSFORMER_PRESETS))
-    tf.add_argument("--enable_transformer_gptoss", action="store_true",
-                    help="also train the GPT-oss preset (model name transformer_gptoss)")
-    tf.add_argument("--d_model", type=int, default=None, help="residual stream width")
-    tf.add_argument("--n_heads", type=int, default=None, help="attention heads")
-    tf.add_argument("--n_kv_heads", type=int, default=None,
-                    help="key/value heads (fewer than n_heads = grouped-query attention)")
-    tf.add_argument("--n_blocks", type=int, default=None, help="Transformer blocks (1 to 10)")
-    tf.add_argument("--d_ff", type=int, default=None, help="feed-forward hidden width")
-    tf.add_argument("--ffn", choices=("gelu", "swiglu", "silu"), default=None,
-                    help="feed-forward type")
-    tf.add_argument("--norm", choices=("rmsnorm", "layernorm", "none"), default=None,
-                    help="normalization layer")
-    tf.add_argument("--norm_position", choices=("pre", "post"), default=None,
-                    help="normalize before each sub-layer (pre) or after the residual add (post)")
-    tf.add_argument("--pos_emb", choices=("learned", "rope", "sinusoidal", "none"), default=None,
-                    help="position information (none = NoPE)")
-    tf.add_argument("--rope_theta", type=float, default=None, help="RoPE base frequency")
-    tf.add_argument("--tie_weights", type=str_to_bool, default=None, metavar="true|false",
-                    help="share the unembedding matrix with the token embedding")
-    tf.add_argument("--attention_impl", choices=("sdpa", "math"), default="sdpa",
-                    help="scaled_dot_product_attention (fast) or the explicit softmax formula")
-    tf.add_argument("--dropout", type=float, default=None, help="dropout probability")
-    tf.add_argument("--accounting", nargs="?", const="configured", default=None, metavar="WHAT",
-                    help="print parameters, FLOPs and training memory per component instead of "
-                         "training, at --block_size tokens and --batch_size examples: configured "
-                         "(the --transformer_variant with overrides), a preset name, "
-                         "gpt2-small|medium|large|xl, or all")
-
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=12, help="passes over the training examples")
-    train.add_argument("--batch_size", type=int, default=16, help="examples per step")
-    train.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
-    train.add_argument("--weight_decay", type=float, default=0.01,
-                       help="AdamW weight decay (matrices and embeddings only)")
-    train.add_argument("--optimizer", choices=("torch", "scratch"), default="torch",
-                       help="AdamW implementation: PyTorch's fused/foreach kernel (fast) or the "
-                            "written-out AdamW of section 6 (same updates)")
-    train.add_argument("--grad_clip", type=float, default=1.0,
-                       help="clip the global gradient L2 norm to this (0 = off)")
-    train.add_argument("--lr_schedule", choices=("constant", "cosine"), default="cosine",
-                       help="learning-rate schedule after warm-up")
-    train.add_argument("--warmup_steps", type=int, default=10, help="linear warm-up steps")
-    train.add_argument("--min_lr_ratio", type=float, default=0.1,
-                       help="cosine schedule ends at learning_rate * this")
-    train.add_argument("--grad_accum_steps", type=int, default=1,
-                       help="split each step's --batch_size examples into this many micro-batches "
-                            "(same update, less memory); under torchrun the ranks share them too")
-    train.add_argument("--dist_timeout", type=float, default=300.0,
-                       help="torchrun: seconds a rank waits in a collective before the job fails")
-    train.add_argument("--max_steps_per_epoch", type=int, default=None,
-                       help="stop each epoch after this many steps")
-    train.add_argument("--seed", type=int, default=1337, help="seed for data order, init, sampling")
-    train.add_argument("--device_id", default="cuda:0",
-                       help="cpu, mps or cuda:N (falls back to cpu when CUDA is absent)")
-    train.add_argument("--log_interval", type=int, default=10, help="print train loss every N steps")
-    train.add_argument("--quiet", action="store_true", help="no progress bars, fewer messages")
-
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--prompt", default="Once upon a time", help="prompt for the samples")
-    gen.add_argument("--max_new_tokens", type=int, default=20, help="tokens generated per sample")
-    gen.add_argument("--temperature", type=float, default=1.0,
-                     help="softmax temperature for sampling (0 = greedy)")
-    gen.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
-    gen.add_argument("--top_p", type=float, default=0.95,
-                     help="nucleus sampling mass for the configurable sample, in (0, 1]")
-    gen.add_argument("--sample_interval", type=int, default=0,
-                     help="also print samples every N training steps (0 = only at the end)")
-
-    out = parser.add_argument_group("output")
-    out.add_argument("--run_name", default=None,
-                     help="name of the run log artefacts/<run_name>.json (default: time + models)")
-    out.add_argument("--artefacts_dir", default=str(REPO_DIR / "artefacts"),
-                     help="directory for JSON run logs")
-
-    ckpt = parser.add_argument_group("checkpoints (section 9)")
-    ckpt.add_argument("--save_dir", default=None,
-                      help="write checkpoints to DIR/<model>/step_NNNNNN.pt (at the end of each "
-                           "model's training, every --checkpoint_every steps, and on Ctrl-C)")
-    ckpt.add_argument("--checkpoint_every", type=int, default=0,
-                      help="also checkpoint every N steps (0 = only at the end and on Ctrl-C)")
-    ckpt.add_argument("--keep_checkpoints", type=int, default=3,
-                      help="keep the newest K checkpoints of each model")
-    ckpt.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                      help="continue from the newest checkpoints in --save_dir, or from PATH "
-                           "(a save directory or one checkpoint file); give the same flags")
-    ckpt.add_argument("--generate", action="store_true",
-                      help="no training: continue --prompt with the model in --checkpoint")
-    ckpt.add_argument("--checkpoint", default=None, metavar="PATH",
-                      help="checkpoint file that --generate reads")
-    ckpt.add_argument("--skip_nonfinite", type=int, default=0,
-                      help="skip up to N steps whose loss or gradients are NaN/inf "
-                           "(0 = stop at the first)")
-    ckpt.add_argument("--early_stop_patience", type=int, default=0,
-                      help="stop when the test loss has not improved for N epochs (0 = off)")
-    ckpt.add_argument("--early_stop_min_delta", type=float, default=0.0,
-                      help="a test-loss decrease smaller than this is no improvement")
-    ckpt.add_argument("--plateau_patience", type=int, default=0,
-                      help="multiply the learning rate by --plateau_factor after N epochs "
-                           "without test-loss improvement (0 = off)")
-    ckpt.add_argument("--plateau_factor", type=float, default=0.5,
-                      help="learning-rate factor on a plateau, in (0, 1)")
-    ckpt.add_argument("--lr_min", type=float, default=0.0,
-                      help="reduce-on-plateau never takes the peak learning rate below this")
-    experiments = parser.add_argument_group("experiments (section 10)")
-    experiments.add_argument("--sweep", choices=("presentation", "custom_data", "budget", "overfit",
-                                                 "hyperparams", "kgram_variants", "architectures",
-                                                 "sampling", "ablations", "learning_rate",
-                                                 "batch_size"), default=None,
-                             help="run one sweep into artefacts/sweep_<name>.json, or every sweep "
-                                  "(presentation); finished points are skipped when started again")
-    experiments.add_argument("--sweep_scale", choices=("full", "tiny"), default="full",
-                             help="sweep size: full (the presentation) or tiny (seconds, for tests)")
-    experiments.add_argument("--custom_sweep_log", default=None, metavar="PATH",
-                             help="run the custom-data size sweep into this JSON file")
-    experiments.add_argument("--custom_sweep_sizes", default=None, metavar="N,N,...",
-                             help="training examples per point of the custom-data sweep "
-                                  "(default 3,63,123,185 at full scale)")
-    experiments.add_argument("--collect_transformer_metrics", action="store_true",
-                             help="run the architectures sweep: every Transformer preset (reduced "
-                                  "width), the LSTM and the k-gram MLP, measured in this run")
-    experiments.add_argument("--attention_maps", action="store_true",
-                             help="after training, write each Transformer's attention weights for "
-                                  "--prompt to artefacts/attention_<model>.json")
-    experiments.add_argument("--monosemantic_enabled", action="store_true",
-                             help="after training, cluster the token embeddings (k-means) and print "
-                                  "a greedy sample with each token's cluster and nearest neighbours")
-    experiments.add_argument("--monosemantic_clusters", type=int, default=8,
-                             help="k of the k-means over token embeddings")
-    bench = parser.add_argument_group("benchmark and speed (section 10)")
-    bench.add_argument("--benchmark", action="store_true",
-                       help="measure matmul ceiling, training tokens/s and MFU, generation, "
-                            "tokenization and memory; writes artefacts/benchmark.json")
-    bench.add_argument("--benchmark_quick", action="store_true",
-                       help="--benchmark at tiny sizes (seconds; used by the tests)")
-    bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                       help="training precision: bf16 autocast or fp32 (default: bfloat16 on "
-                            "CUDA, float32 elsewhere)")
-    bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
-                       help="kernel for float32 linear layers on the CPU: oneDNN (used only "
-                            "where this PyTorch build has it; 2x PyTorch's default on the AMD "
-                            "EPYC measured in the README) or torch (PyTorch's default, MKL)")
-    bench.add_argument("--compile", action="store_true",
-                       help="torch.compile each model's features (worth it on GPUs)")
-    return parser
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model)."""
+        if self.pre_norm:
+            x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, cache))
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attention_norm(x + self.residual_dropout(self.attention(x, rope, cache)))
+        return self.ffn_norm(x + self.ffn(x))
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and validate the command line; raises UserError on a bad combination."""
-    args = build_arg_parser().parse_args(argv)
-    args.models = [name.strip() for name in args.models.split(",") if name.strip()]
-    if args.enable_transformer_gptoss and "transformer_gptoss" not in args.models:
-        args.models.append("transformer_gptoss")
-    validate_args(args)
-    return args
+@dataclasses.dataclass
+class TransformerState:
+    """Generation state: one KV cache per block and the position of the next token."""
+
+    caches: list[KVCache]
+    position: int = 0
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    def positive(name: str) -> None:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive, got {value}")
+class TransformerModel(nn.Module):
+    """Decoder-only Transformer: token embedding (+ positions), n blocks, final norm,
+    unembedding (tied to the embedding or not)."""
 
-    if not args.models:
-        raise UserError("--models is empty; choose from " + ", ".join(MODEL_NAMES))
-    for name in args.models:
-        if name not in MODEL_NAMES:
-            raise UserError(f"unknown model {name!r} in --models; choose from {', '.join(MODEL_NAMES)}")
-    if args.kgram_variant not in KGRAM_VARIANTS:
-        raise UserError(f"unknown --kgram_variant {args.kgram_variant!r}; "
-                        f"choose from {', '.join(KGRAM_VARIANTS)}")
-    for name in ("epochs", "batch_size", "grad_accum_steps", "dist_timeout", "block_size", "kgram_k", "embed_size", "lstm_layers",
-                 "max_steps_per_epoch", "max_new_tokens", "limit_custom_examples",
-                 "tinystories_max_stories", "log_interval"):
-        positive(name)
-    for name in ("learning_rate", "weight_decay", "grad_clip", "temperature", "rope_theta",
-                 "test_fraction", "tinystories_weight", "min_lr_ratio"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise UserError(f"--{name} must be a finite number, got {value}")
-    if args.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
-    for name in ("weight_decay", "grad_clip", "temperature", "warmup_steps", "sample_interval",
-                 "kgram_chunk_size", "num_inner_mlp_layers", "top_k"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.monosemantic_clusters <= 0:
-        raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
-    if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
-        raise UserError(f"--max_new_tokens {args.max_new_tokens} is too large; "
-                        f"use at most {MAX_NEW_TOKENS_LIMIT}")
-    if not args.prompt:
-        raise UserError("--prompt is empty; give some text to continue, e.g. --prompt 'Once'")
-    if not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if not 0.0 <= args.tinystories_weight <= 1.0:
-        raise UserError(f"--tinystories_weight is a probability in [0, 1], got {args.tinystories_weight}")
-    if not 0.0 <= args.test_fraction < 1.0:
-        raise UserError(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
-    if "kgram_mlp_seq" in args.models and args.block_size <= args.kgram_k:
-        raise UserError(f"--block_size ({args.block_size}) must be larger than --kgram_k "
-                        f"({args.kgram_k})")
-    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    parse_tokenizer_spec(args.tokenizer)
-    validate_checkpoint_args(args)
-    for name in args.models:
-        if name.startswith("transformer"):
-            transformer_config_from_args(args, name, vocab_size=256)  # validates the fields
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = (nn.Embedding(config.block_size, config.d_model)
+                                   if config.pos_emb == "learned" else None)
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta)
+                       if config.pos_emb == "rope" else None)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_blocks))
+        # Post-norm blocks already end in a norm; a final norm belongs to pre-norm stacks.
+        self.final_norm = make_norm(config.norm if config.norm_position == "pre" else "none",
+                                    config.d_model, config.bias)
+        self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.unembedding.weight = self.token_embedding.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: residual projections shrink with depth so the stream stays O(1).
+        for name, parameter in self.named_parameters():
+            if name.endswith(("out_proj.weight", "w2.weight")):
+                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_blocks))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def max_context(self) -> int:
+        return self.config.block_size
+
+    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> TransformerState:
+        c = self.config
+        return TransformerState([KVCache(batch, c.n_kv_heads, c.block_size, c.head_dim, device, dtype)
+                                 for _ in range(c.n_blocks)])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.unembedding(self.features(tokens))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (T, B) -> final normalized residual stream (T, B, d_model)."""
+        return self._residual_stream(tokens, None)
+
+    def forward_incremental(self, tokens: torch.Tensor, state: TransformerState | None):
+        """tokens: (T, B) -> logits (T, B, vocab). New tokens sit after the cached ones
+        (positions state.position ..) and their keys/values join the cache."""
+        if state is None:
+            state = self.new_state(tokens.shape[1], tokens.device, self.token_embedding.weight.dtype)
+        return self.unembedding(self._residual_stream(tokens, state)), state
+
+    def _residual_stream(self, tokens: torch.Tensor, state: TransformerState | None) -> torch.Tensor:
+        idx = tokens.t()                                                   # (B, T)
+        B, T = idx.shape
+        start = state.position if state is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.token_embedding(idx)                                      # (B, T, d_model)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)
+        elif self.config.pos_emb == "sinusoidal":
+            x = x + sinusoidal_position_embedding(positions, self.config.d_model).to(x.dtype)
+        x = self.embedding_dropout(x)
+        rope = self.rotary.angles(positions) if self.rotary is not None else None
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, state.caches[layer] if state is not None else None)
+        if state is not None:
+            state.position = start + T
+        return self.final_norm(x).transpose(0, 1)                          # (T, B, d_model)
+
+
+def build_model(config: KGramConfig | LSTMConfig | TransformerConfig, vocab_size: int,
+                seed: int) -> nn.Module:
+    """The model a config describes, for a `vocab_size`-token vocabulary, initialised
+    from `seed` (the same seed gives the same weights)."""
+    torch.manual_seed(seed)
+    if isinstance(config, KGramConfig):
+        return KGramMLPSeqModel(vocab_size, config.k, config.embed_size, config.num_inner_layers,
+                                config.variant, config.chunk_size)
+    if isinstance(config, LSTMConfig):
+        return LSTMSeqModel(vocab_size, config.embed_size, config.embed_size, config.num_layers)
+    return TransformerModel(dataclasses.replace(config, vocab_size=vocab_size))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def training_flops_per_token(model: nn.Module, context_length: int) -> int:
+    """Training FLOPs per token: 6 N (forward 2 N, backward 4 N) over the N weights that
+    enter matrix multiplications, plus attention's 12 * layers * d_model * context
+    (Kaplan et al. 2020, PaLM appendix B). Embedding lookups are free; a tied
+    unembedding still costs its matmul, so it is counted once as a matmul."""
+    lookup_tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    lookup_tables.add(id(getattr(model, "onehot_weight", None)))  # one-hot rows are gathered
+    matmul_weights = {id(p): p.numel() for p in model.parameters()
+                      if id(p) not in lookup_tables and p.dim() >= 2}
+    unembedding = getattr(model, "unembedding", None)
+    if isinstance(unembedding, nn.Linear):
+        matmul_weights[id(unembedding.weight)] = unembedding.weight.numel()
+    flops = 6 * sum(matmul_weights.values())
+    if isinstance(model, TransformerModel):
+        flops += 12 * model.config.n_blocks * model.config.d_model * context_length
+    return int(flops)
 
 
 # =============================================================================
-# 2. Tokenizers
+# 3. The loss
 # =============================================================================
-# --- 2.1 GPT-2 through tiktoken, and UTF-8 bytes ------------------------------
-# GPT-2's byte-pair encoding runs through tiktoken. Its merge ranks ship in
-# data/gpt2.tiktoken so nothing is downloaded; the hash below is r50k_base's.
+# Next-token prediction is classification at every position: the logits at
+# position t score every vocabulary entry as token t+1, and the loss is the
+# cross-entropy of the true next token, -log softmax(logits)[target], in nats.
+# Padding positions (mask False) never count. Written out from the definitions
+# so each can be read and tested against PyTorch's own. Training runs this loss
+# unless Appendix A's chunked loss is switched on (the default, same values).
+
+def softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """exp(x - max) / sum(exp(x - max)): subtracting the max keeps exp from overflowing."""
+    shifted = logits - logits.amax(dim=dim, keepdim=True)
+    exponentials = shifted.exp()
+    return exponentials / exponentials.sum(dim=dim, keepdim=True)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats. logits (..., V), targets (...) -> (...).
+
+    -log softmax(x)[y] = logsumexp(x) - x[y], with logsumexp computed stably
+    as max + log(sum(exp(x - max))). Computed in float32.
+    """
+    logits = logits.float()
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return log_sum_exp(logits) - target_logit
+
+
+def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(x))) over the last dimension, as max + log(sum(exp(x - max)))
+    so that large logits do not overflow. (..., V) -> (...)."""
+    maximum = logits.amax(dim=-1, keepdim=True)
+    return maximum.squeeze(-1) + (logits - maximum).exp().sum(dim=-1).log()
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over any leading dimensions."""
+    return token_cross_entropy(logits, targets).mean()
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions where mask is True (padding excluded).
+    logits (T, B, V), targets (T, B), mask (T, B)."""
+    losses = token_cross_entropy(logits, targets)
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+class NextTokenLoss(nn.Module):
+    """A model and its next-token loss in one module: what training calls (and what
+    DistributedDataParallel, which hooks `forward`, wraps under torchrun).
+
+    Each position's cross-entropy is multiplied by its weight and the products summed.
+    With weights mask / (number of real targets), that is masked_cross_entropy: the mean
+    over real tokens. Training passes weights scaled to the whole optimizer step (section
+    5), so a step split into micro-batches or across processes gives the same update."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                position_weights: torch.Tensor) -> torch.Tensor:
+        """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
+        logits = self.model(inputs)                                        # (T, B, V)
+        return (token_cross_entropy(logits, targets) * position_weights).sum()
+
+
+def sequence_loss(model: nn.Module, batch: "Batch", reduction: str = "mean") -> torch.Tensor:
+    """The masked next-token loss of `model` on `batch`: the mean over real targets, or
+    their sum. Equal to masked_cross_entropy(model(batch.inputs), batch.targets, batch.mask)."""
+    mask = batch.mask.float()
+    weights = mask / mask.sum().clamp(min=1) if reduction == "mean" else mask
+    return NextTokenLoss(model)(batch.inputs, batch.targets, weights)
+
+
+# =============================================================================
+# 4. Sampling and generation
+# =============================================================================
+# A model gives logits for the next token; a sampling rule turns them into one
+# token (greedy: the most likely; otherwise drawn at random after temperature,
+# top-k and top-p filtering), which is appended and fed back in.
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row, set the rest to -inf. logits (B, V)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth_largest = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def nucleus_probabilities(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-p filtering (Holtzman et al., 2020). logits (B, V) -> probabilities (B, V).
+
+    Keeps the smallest set of most probable tokens whose cumulative probability
+    reaches p (the token that crosses p included), zeroes the rest, renormalizes.
+    """
+    probs = softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep_sorted = mass_before < p
+    keep_sorted[..., 0] = True                      # the most likely token always stays
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def nucleus_sampling(logits: torch.Tensor, p: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample one token per row from the top-p nucleus. logits (B, V) -> ids (B,)."""
+    probs = nucleus_probabilities(logits, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRule:
+    """How the next token is chosen. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def label(self) -> str:
+        if self.temperature == 0:
+            return "greedy"
+        parts = [f"top-p {self.top_p:g}"]
+        if self.top_k:
+            parts.append(f"top-k {self.top_k}")
+        if self.temperature != 1.0:
+            parts.append(f"T {self.temperature:g}")
+        return ", ".join(parts)
+
+
+def sample_next_token(logits: torch.Tensor, rule: SamplingRule,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,): temperature, then top-k, then top-p."""
+    if rule.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_k_filter(logits.float() / rule.temperature, rule.top_k)
+    return nucleus_sampling(logits, rule.top_p, generator)
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """What the samples printed during and after training continue, and how."""
+
+    prompt: str = "Once upon a time"
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.95
+    seed: int = 1337
+
+
+def window_start(num_tokens: int, start: int, max_context: int | None) -> int:
+    """First token of the context the model reads. A Transformer only knows
+    block_size positions: when the context would overflow, it slides forward to
+    keep the last half block, and the KV cache is rebuilt from those tokens.
+    Sliding by half a block (not one token) keeps most steps on the cache."""
+    if max_context is None or num_tokens - start <= max_context:
+        return start
+    return num_tokens - max(1, max_context // 2)
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str            # the prompt followed by the generated text
+    new_text: str
+    token_ids: list[int]  # prompt and generated ids
+    num_prompt_tokens: int
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, rule: SamplingRule,
+                 *, eot_id: int | None = None, seed: int | None = None, use_cache: bool = True,
+                 device: torch.device | str = "cpu") -> list[int]:
+    """Extend `prompt_ids` by up to max_new_tokens ids, stopping after eot_id.
+
+    use_cache=True feeds only each new token to forward_incremental (KV cache or
+    carried LSTM state); use_cache=False re-reads the whole context every token.
+    Both read exactly the same context, so greedy outputs are identical.
+    """
+    was_training = model.training
+    model.eval()
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ids = list(prompt_ids) or [eot_id if eot_id is not None else 0]
+    max_context = getattr(model, "max_context", None)
+    start = window_start(len(ids), 0, max_context)
+    state, pending = None, ids[start:]
+    for _ in range(max_new_tokens):
+        new_start = window_start(len(ids), start, max_context)
+        if new_start != start or not use_cache:
+            start, state, pending = new_start, None, ids[new_start:]
+        tokens = torch.tensor(pending, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
+        logits, state = model.forward_incremental(tokens, state)
+        next_id = int(sample_next_token(logits[-1], rule, generator)[0])
+        ids.append(next_id)
+        pending = [next_id]
+        if next_id == eot_id:
+            break
+    model.train(was_training)
+    return ids
+
+
+def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
+                  rule: SamplingRule = SamplingRule(), *, seed: int | None = None,
+                  use_cache: bool = True, device: torch.device | str = "cpu") -> Generation:
+    """Continue `prompt` with the model; one path for every model."""
+    prompt_ids = tokenizer.encode(prompt)
+    ids = generate_ids(model, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id, seed=seed,
+                       use_cache=use_cache, device=device)
+    new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
+    new_text = tokenizer.decode(new_ids)
+    return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
+
+
+STARTER_SAMPLING_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.95),
+                          SamplingRule(top_p=1.0))
+
+
+def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
+    """The starter's greedy / top-p 0.95 / top-p 1.0, plus the configured rule if it differs."""
+    configured = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
+    rules = list(STARTER_SAMPLING_RULES)
+    return rules if configured in rules else rules + [configured]
+
+
+# =============================================================================
+# 5. Training and evaluation
+# =============================================================================
+# One optimizer step: the loss of a batch, its gradient, clipping, AdamW. One
+# training run: steps over shuffled batches with a warm-up and a cosine learning
+# rate, and an evaluation on the held-out test set after every epoch. The loop
+# calls the appendices at named points: `speed_up` (A) picks the kernels and the
+# loss, `guard` (B) resumes, checkpoints, stops on a signal and deals with a
+# non-finite step, `context` (C) hands this process its share of each batch
+# under torchrun. Left at their defaults, B and C do nothing.
+
+@torch.no_grad()
+def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) -> float:
+    """Scale all gradients by max_norm / (norm + 1e-6) when their one global L2 norm
+    exceeds max_norm. Returns the norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if total_norm > max_l2_norm:
+        scale = max_l2_norm / (total_norm + 1e-6)
+        for grad in grads:
+            grad.mul_(scale)
+    return float(total_norm)
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), written out.
+
+    Per parameter, with gradient g at step t:
+        p <- p - lr * weight_decay * p                  (decay, independent of g)
+        m <- beta1 m + (1 - beta1) g,  v <- beta2 v + (1 - beta2) g^2
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    which is exactly the update of torch.optim.AdamW.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** t))
+        return loss
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """How a model is trained (the flags of the training group)."""
+
+    epochs: int = 12
+    batch_size: int = 16                 # examples per optimizer step (all ranks together)
+    learning_rate: float = 3e-3          # peak, after warm-up
+    weight_decay: float = 0.01
+    optimizer: str = "torch"             # torch (fused kernel) | scratch (section 5's AdamW)
+    grad_clip: float = 1.0               # global L2 norm; 0 = off
+    lr_schedule: str = "cosine"          # cosine | constant
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1            # the cosine ends at learning_rate * this
+    grad_accum_steps: int = 1            # micro-batches per step (same update, less memory)
+    max_steps_per_epoch: int | None = None
+    seed: int = 1337
+    dtype: str | None = None             # float32 | bfloat16; None = per device
+    log_interval: int = 10
+    sample_interval: int = 0             # also sample every N steps (0 = only at the end)
+    quiet: bool = False
+    # Appendix B: what to do about non-finite steps and a stalling test loss.
+    skip_nonfinite: int = 0
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
+    plateau_patience: int = 0
+    plateau_factor: float = 0.5
+    lr_min: float = 0.0
+
+
+def build_optimizer(model: nn.Module, training: TrainingConfig, device: torch.device):
+    """AdamW with decay on matrices and embeddings only; norms' gains and biases are
+    not pulled towards zero. PyTorch's fused kernel on CUDA and CPU (one pass over the
+    parameters; on a 2-core CPU 7x faster than the foreach kernel at 16M parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=training.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    if training.optimizer == "scratch":
+        return AdamW(groups, lr=training.learning_rate)
+    fast = dict(fused=True) if device.type in ("cuda", "cpu") else dict(foreach=True)
+    return torch.optim.AdamW(groups, lr=training.learning_rate, **fast)
+
+
+def get_lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
+                           cosine_cycle_iters: int) -> float:
+    """Linear warm-up from 0 to max_lr over warmup_iters, cosine decay to min_lr at
+    cosine_cycle_iters, then min_lr."""
+    if it < warmup_iters:
+        return max_lr * it / warmup_iters
+    if it <= cosine_cycle_iters:
+        progress = (it - warmup_iters) / max(cosine_cycle_iters - warmup_iters, 1)
+        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    return min_lr
+
+
+def learning_rate_at(step: int, total_steps: int, training: TrainingConfig) -> float:
+    """The learning rate for 0-based training step `step` (warm-up counts from step 1,
+    so the first update is not wasted at lr 0)."""
+    if training.lr_schedule == "cosine":
+        return get_lr_cosine_schedule(step + 1, training.learning_rate,
+                                      training.learning_rate * training.min_lr_ratio,
+                                      training.warmup_steps, total_steps)
+    warmup = min((step + 1) / training.warmup_steps, 1.0) if training.warmup_steps else 1.0
+    return training.learning_rate * warmup
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> str:
+    """--dtype: bfloat16 on CUDA and float32 elsewhere unless given."""
+    return dtype or ("bfloat16" if device.type == "cuda" else "float32")
+
+
+def autocast_context(device: torch.device, dtype: str | None = None):
+    """bf16 autocast (weights and optimizer stay fp32) or plain fp32. Default per
+    resolve_dtype: fp32 on the CPU, where fp32 training is the reference (and bf16
+    only pays off on CPUs with bf16 matrix units)."""
+    if resolve_dtype(dtype, device) == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class NonFiniteStep(Exception):
+    """training_step found a NaN or infinite loss or gradient norm and did not update."""
+
+    def __init__(self, quantity: str, value: float) -> None:
+        super().__init__(f"{quantity} became {value}")
+
+
+def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Batch, bool]],
+                  step_tokens: int, grad_clip: float, context: "Distributed | None" = None,
+                  dtype: str | None = None) -> float:
+    """One optimizer update; returns the step's mean train loss over all its tokens.
+
+    Each position's loss weighs 1 / step_tokens (the real targets of the whole step,
+    over all ranks and micro-batches), so the update is the same token mean whatever
+    the split. DDP averages gradients over ranks, so each rank scales by world_size.
+    Only the last micro-batch synchronises gradients across ranks. Raises
+    NonFiniteStep, before updating anything, when the loss or gradient norm is NaN or inf.
+    dtype: None, "float32" or "bfloat16" (see autocast_context).
+    """
+    context = context or Distributed()
+    scale = context.world_size / max(step_tokens, 1)
+    optimizer.zero_grad(set_to_none=True)
+    local_loss = 0.0
+    for index, (batch, active) in enumerate(micro_batches):
+        weights = batch.mask.float() * (scale if active else 0.0)
+        last = index == len(micro_batches) - 1
+        with (contextlib.nullcontext() if last or not context.enabled else loss_model.no_sync()):
+            with autocast_context(batch.inputs.device, dtype):
+                loss = loss_model(batch.inputs, batch.targets, weights)
+            loss.backward()
+        local_loss += loss.item()
+    step_loss = context.sum([local_loss], batch.inputs.device)[0] / context.world_size
+    if not math.isfinite(step_loss):
+        raise NonFiniteStep("loss", step_loss)
+    # an infinite limit only measures the norm, so a bad gradient is caught without clipping
+    grad_norm = gradient_clipping(loss_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if not math.isfinite(grad_norm):
+        raise NonFiniteStep("gradient norm", grad_norm)
+    optimizer.step()
+    return step_loss
+
+
+@torch.no_grad()
+def evaluate(loss_model: nn.Module, batches: Iterable[Batch], device: torch.device,
+             token_bytes: torch.Tensor, context: "Distributed | None" = None,
+             dtype: str | None = None) -> dict:
+    """Per-token test loss in nats, and bits per byte (total nats / UTF-8 bytes of the
+    predicted text / ln 2), which compares fairly across tokenizers. loss_model is a
+    NextTokenLoss (or Appendix A's chunked one). Under torchrun each rank passes its
+    share of the batches and the totals are summed over ranks."""
+    was_training = loss_model.training
+    loss_model.eval()
+    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        with autocast_context(device, dtype):
+            total_nats += float(loss_model(batch.inputs, batch.targets, batch.mask.float()))
+        total_tokens += batch.num_target_tokens
+        total_bytes += int(token_bytes[batch.targets][batch.mask].sum())
+    loss_model.train(was_training)
+    if context is not None:
+        total_nats, total_tokens, total_bytes = context.sum([total_nats, total_tokens, total_bytes],
+                                                            device)
+        total_tokens, total_bytes = int(total_tokens), int(total_bytes)
+    return {"test_loss": total_nats / max(total_tokens, 1),
+            "test_bits_per_byte": total_nats / max(total_bytes, 1) / math.log(2),
+            "test_tokens": total_tokens}
+
+
+@dataclasses.dataclass
+class TrainingProgress:
+    """Where one model's training stands; stored in every checkpoint."""
+
+    step: int = 0                  # optimizer steps taken, skipped non-finite ones included
+    epoch: int = 1                 # the 1-based epoch in progress
+    batches_done: int = 0          # batches of `epoch` already trained on
+    tokens_seen: int = 0
+    train_time_s: float = 0.0      # seconds inside training steps
+    elapsed_s: float = 0.0         # wall-clock seconds since training started
+    nonfinite_steps: int = 0       # steps skipped under --skip_nonfinite
+    lr_scale: float = 1.0          # reduce-on-plateau factor applied to the schedule
+    best_test_loss: float = math.inf
+    epochs_without_improvement: int = 0
+    finished: bool = False         # trained all epochs or stopped early
+
+
+def progress_bar(total: int, description: str, quiet: bool, done: int = 0):
+    """A tqdm bar on a terminal; None when quiet or when stderr is not a TTY."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc=description, leave=False, dynamic_ncols=True)
+
+
+def say(message: str, bar=None) -> None:
+    if bar is not None:
+        bar.write(message)
+    else:
+        print(message, flush=True)
+
+
+def train_one_model(name: str, model: nn.Module, data: TrainingData, training: TrainingConfig,
+                    sampling: SamplingConfig, device: torch.device, tokenizer, record: dict,
+                    runlog: "RunLog | None" = None, *, speed: "SpeedConfig | None" = None,
+                    guard: "FaultTolerance | None" = None,
+                    context: "Distributed | None" = None) -> dict:
+    """Train `model` for training.epochs epochs, evaluating on the test set after each;
+    fills `record` (this model's part of the run log) and returns its final summary."""
+    context = context or Distributed()                          # C: one process unless torchrun
+    guard = guard or FaultTolerance(name, training)             # B: by default, only stops
+    optimizer = build_optimizer(model, training, device)
+    progress = guard.start(model, optimizer, record, tokenizer)  # B: resume, or a fresh start
+    loss_model = speed_up(model, speed or SpeedConfig(), device)  # A: the fast-path switch
+    step_model = wrap_for_training(loss_model, context, device)  # C: DDP under torchrun
+    total_steps = data.steps_per_epoch(training.batch_size, training.max_steps_per_epoch) * training.epochs
+    token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
+    bar = progress_bar(total_steps, name, training.quiet, done=progress.step)
+    started = time.perf_counter() - progress.elapsed_s
+    model.train()
+    while progress.epoch <= training.epochs and not progress.finished:
+        epoch = progress.epoch
+        for slots in data.train_step_slots(training.batch_size, training.max_steps_per_epoch,
+                                           epoch, skip=progress.batches_done):
+            step_started = time.perf_counter()
+            lr = learning_rate_at(progress.step, total_steps, training) * progress.lr_scale
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            progress.step += 1
+            progress.batches_done += 1
+            micro_batches = rank_micro_batches(data, slots, training.grad_accum_steps, context, device)
+            step_tokens = data.target_tokens(slots)
+            try:
+                loss = training_step(step_model, optimizer, micro_batches, step_tokens,
+                                     training.grad_clip, context, training.dtype)
+                guard.check_loss(loss, lr)                      # B: an exploded loss stops the run
+            except NonFiniteStep as problem:
+                loss = guard.skip_step(problem, lr, bar)        # B: --skip_nonfinite, else stop
+            progress.train_time_s += time.perf_counter() - step_started
+            progress.elapsed_s = time.perf_counter() - started
+            if loss is not None:
+                progress.tokens_seen += step_tokens
+                log_step(name, record, progress, epoch, loss, lr, total_steps, training, bar)
+                if (training.sample_interval and progress.step % training.sample_interval == 0
+                        and progress.step < total_steps and context.is_main):
+                    record_samples(model, tokenizer, sampling, device, progress.step, record, bar,
+                                   quiet=training.quiet)
+            guard.after_step()                                  # B: checkpoint every N steps; signals
+        if data.has_test_set:
+            batches = data.test_batches(training.batch_size, context.rank, context.world_size)
+            result = evaluate(loss_model, batches, device, token_bytes, context, training.dtype)
+            record["test_history"].append({"epoch": epoch, "step": progress.step, **result})
+            if not training.quiet:
+                say(f"[{name}] epoch {epoch} test loss {result['test_loss']:.4f} "
+                    f"({result['test_bits_per_byte']:.3f} bits/byte)", bar)
+            guard.after_evaluation(result["test_loss"], bar)    # B: early stopping, plateau
+        progress.epoch, progress.batches_done = epoch + 1, 0
+        if runlog is not None:
+            runlog.write()
+        guard.stop_if_requested()                               # B: Ctrl-C or SIGTERM
+    if bar is not None:
+        bar.close()
+    if context.is_main:
+        record_samples(model, tokenizer, sampling, device, progress.step, record, None, final=True,
+                       quiet=training.quiet)
+    progress.finished = True
+    record["final"] = final_summary(record, progress.train_time_s, time.perf_counter() - started)
+    guard.stop_if_requested()
+    guard.save_checkpoint()
+    return record["final"]
+
+
+def log_step(name: str, record: dict, progress: TrainingProgress, epoch: int, loss: float,
+             lr: float, total_steps: int, training: TrainingConfig, bar) -> None:
+    """Append one step to the history; print it every training.log_interval steps."""
+    step = progress.step
+    tokens_per_s = progress.tokens_seen / max(progress.train_time_s, 1e-9)
+    record["history"].append({
+        "step": step, "epoch": epoch, "train_loss": loss, "lr": lr,
+        "tokens_seen": progress.tokens_seen, "elapsed_s": round(progress.elapsed_s, 4),
+        "tokens_per_s": tokens_per_s})
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    if not training.quiet and (step % training.log_interval == 0 or step == total_steps):
+        say(f"[{name}] epoch {epoch} step {step}/{total_steps} loss {loss:.4f} "
+            f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s", bar)
+
+
+def rank_micro_batches(data: TrainingData, slots: list[tuple[int, int]], accumulation: int,
+                       context: "Distributed", device: torch.device) -> list[tuple[Batch, bool]]:
+    """This rank's share of one step's examples, as `accumulation` micro-batches.
+
+    Returns (batch, active) pairs. Every rank runs the same number of micro-batches
+    (DDP needs each rank in each gradient sync); a rank whose share is empty at the
+    end of an epoch runs a stand-in batch with active=False, which weighs nothing."""
+    share = context.shard(slots)
+    pieces = [share[i::accumulation] for i in range(accumulation)]
+    return [(data.batch_of(piece or slots[:1]).to(device), bool(piece)) for piece in pieces]
+
+
+def final_summary(record: dict, train_time: float, wall_time: float) -> dict:
+    history, tests = record["history"], record["test_history"]
+    return {
+        "steps": len(history),
+        "train_loss": history[-1]["train_loss"] if history else None,
+        "test_loss": tests[-1]["test_loss"] if tests else None,
+        "test_bits_per_byte": tests[-1]["test_bits_per_byte"] if tests else None,
+        "tokens_seen": history[-1]["tokens_seen"] if history else 0,
+        "tokens_per_s": history[-1]["tokens_per_s"] if history else 0.0,
+        "train_time_s": round(train_time, 3),
+        "wall_time_s": round(wall_time, 3),
+    }
+
+
+def record_samples(model: nn.Module, tokenizer, sampling: SamplingConfig, device: torch.device,
+                   step: int, record: dict, bar, final: bool = False, quiet: bool = False) -> None:
+    """Generate from the prompt with each sampling rule; print and store the texts."""
+    if not quiet or final:
+        say(f"[{record['name']}] samples after step {step}:", bar)
+    for rule in sampling_rules(sampling):
+        sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
+                               seed=sampling.seed, device=device)
+        record["samples"].append({"step": step, "final": final, "rule": rule.label,
+                                  "prompt": sampling.prompt, "text": sample.text})
+        if not quiet or final:
+            say(f"    {rule.label:>12}: {sample.text!r}", bar)
+
+
+def model_record(name: str, model: nn.Module, config: KGramConfig | LSTMConfig | TransformerConfig,
+                 block_size: int) -> dict:
+    """This model's part of the run log, before training: its size and config."""
+    described = (dataclasses.asdict(model.config) if isinstance(model, TransformerModel) else
+                 {"kgram_k": config.k, "kgram_variant": config.variant,
+                  "embed_size": config.embed_size, "num_inner_mlp_layers": config.num_inner_layers}
+                 if isinstance(model, KGramMLPSeqModel) else
+                 {"embed_size": config.embed_size, "lstm_layers": config.num_layers})
+    return {"name": name, "parameters": count_parameters(model),
+            "training_flops_per_token": training_flops_per_token(model, block_size),
+            "config": described, "history": [], "test_history": [], "samples": []}
+
+
+# #############################################################################
+# PART II. RUNNING EXPERIMENTS
+# #############################################################################
+
+# =============================================================================
+# 6. Data and tokenizers
+# =============================================================================
+# --- 6.1 Tokenizers -----------------------------------------------------------------
+# A tokenizer turns text into ids and back: GPT-2's byte-pair encoding (through
+# tiktoken; its merge ranks ship in data/gpt2.tiktoken, so nothing is downloaded),
+# plain UTF-8 bytes, or a BPE trained on the run's own text (Appendix D). Each
+# has name, vocab_size, eot_id, encode, encode_batch, decode and token_byte_lengths.
 
 GPT2_RANKS_PATH = DATA_DIR / "gpt2.tiktoken"
-GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-END_OF_TEXT = "<|endoftext|>"
 
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+END_OF_TEXT = "<|endoftext|>"
 
 def load_gpt2_encoding(ranks_path: Path = GPT2_RANKS_PATH):
     """Build tiktoken's GPT-2 (r50k_base) encoding from the shipped ranks file."""
@@ -486,487 +1421,6 @@ class ByteTokenizer:
         return lengths
 
 
-# --- 2.2 Byte-level BPE, trained on the user's corpus ------------------------
-# The vocabulary starts with the 256 single bytes, so any text (emoji, CJK,
-# broken UTF-8) is representable; each merge glues the most frequent adjacent
-# pair into a new token. Tokenizer(vocab, merges) encodes with any such
-# vocabulary, GPT-2's own included (gpt2_vocab_and_merges gives the same ids
-# as tiktoken); tiktoken_encoding_from_bpe is the fast path for a trained one.
-
-PAT_RE = regex.compile(GPT2_PATTERN)
-# A non-space then a space character: PAT always ends a pre-token between the two.
-# REVERSE makes search() return the last occurrence, which encode_iterable wants.
-SPACE_AFTER_TEXT_RE = regex.compile(r"\S\s", regex.REVERSE)
-
-# Interned single-byte tokens, so a pre-token of n bytes doesn't allocate n new objects.
-BYTE_TOKENS = [bytes([b]) for b in range(256)]
-
-
-def special_tokens_regex(special_tokens, capture=False):
-    """Regex matching any special token; longest first, so that when one special token
-    is a prefix of another ("<|eot|>" vs "<|eot|><|eot|>") the longer one wins."""
-    if not special_tokens:
-        return None
-    alternatives = "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
-    return regex.compile(f"({alternatives})" if capture else alternatives)
-
-
-# --- Pre-tokenization (parallel over byte ranges of the file)
-
-def count_pretokens(text, special_tokens):
-    """Counter {pre-token bytes: count} of a text. The text is first cut at the special
-    tokens (which are dropped), so no pre-token, hence no merge, ever contains one."""
-    splitter = special_tokens_regex(special_tokens)
-    pieces = splitter.split(text) if splitter else [text]
-    counts = Counter()
-    for piece in pieces:
-        counts.update(PAT_RE.findall(piece))  # count str first: encode each distinct one once
-    return Counter({word.encode("utf-8"): n for word, n in counts.items()})
-
-
-def count_pretokens_in_chunk(job):
-    """Worker: count the pre-tokens of bytes [start, end) of the file, reading only those.
-    Boundaries sit where a character starts, so they never cut a UTF-8 character in two."""
-    path, start, end, special_tokens = job
-    with open(path, "rb") as f:
-        f.seek(start)
-        text = f.read(end - start).decode("utf-8", errors="replace")
-    return count_pretokens(text, special_tokens)
-
-
-def find_chunk_boundaries(path, num_chunks, split_token=None, window=4096):
-    """Byte offsets [0, ..., file_size] cutting the file into about num_chunks pieces
-    that can be pre-tokenized independently with the same result as the whole file.
-
-    With a special token, each boundary is moved forward to the next occurrence of it
-    (text is split there anyway). Without one, it moves to the next newline that follows
-    a printable non-space ASCII byte: PAT always ends a pre-token between a non-space
-    and a space character and has no look-behind, so cutting there changes nothing
-    (a plain newline is not safe: "a\\n\\n b" pre-tokenizes as "\\n\\n", " b").
-    Only small windows are read, never the whole file."""
-    if split_token:
-        token = split_token.encode("utf-8")
-        window = max(window, 2 * len(token))
-        overlap, offset = len(token) - 1, 0
-        find = lambda buf: buf.find(token)
-    else:
-        newline_after_text = regex.compile(rb"[\x21-\x7e]\n")
-        overlap, offset = 1, 1  # the boundary is the newline, after the printable byte
-        find = lambda buf: (m.start() if (m := newline_after_text.search(buf)) else -1)
-
-    file_size = os.path.getsize(path)
-    boundaries = [0]
-    with open(path, "rb") as f:
-        for i in range(1, num_chunks):
-            pos = max(file_size * i // num_chunks, boundaries[-1])
-            while True:
-                f.seek(pos)
-                buf = f.read(window)
-                if len(buf) <= overlap:  # reached the end of the file: no more boundary
-                    pos = file_size
-                    break
-                at = find(buf)
-                if at >= 0:
-                    pos += at + offset
-                    break
-                pos += len(buf) - overlap  # keep an overlap so a token across windows is found
-            boundaries.append(pos)
-    boundaries.append(file_size)
-    return sorted(set(boundaries))
-
-
-def pretokenize_file(path, special_tokens, num_workers=None, min_chunk_bytes=1 << 20):
-    """Counter of the pre-tokens of a file, counted chunk by chunk (in parallel if the
-    file has several chunks), so that no process ever holds the whole file."""
-    num_workers = num_workers or min(os.cpu_count() or 1, 8)
-    file_size = os.path.getsize(path)
-    # ~4 chunks per worker balances the load; chunks of at most ~64 MB bound the memory.
-    num_chunks = max(num_workers * 4, file_size // (64 << 20))
-    num_chunks = max(1, min(num_chunks, file_size // max(min_chunk_bytes, 1)))
-    # Assumes no other special token contains the first one after its own start
-    # (e.g. "x<|endoftext|>"): a boundary there would cut that longer token in two.
-    split_token = special_tokens[0] if special_tokens else None
-    boundaries = find_chunk_boundaries(path, num_chunks, split_token)
-    jobs = [(path, start, end, special_tokens) for start, end in zip(boundaries, boundaries[1:])]
-    counts = Counter()
-    if num_workers == 1 or len(jobs) <= 1:  # small file: a process pool costs more than it saves
-        for job in jobs:
-            counts.update(count_pretokens_in_chunk(job))
-        return counts
-    with multiprocessing.Pool(min(num_workers, len(jobs))) as pool:
-        for chunk_counts in pool.imap_unordered(count_pretokens_in_chunk, jobs):
-            counts.update(chunk_counts)  # merged as they come: only a few chunks in memory
-    return counts
-
-
-# --- Learning the merges
-
-class MaxPair:
-    """Heap key: heapq pops the smallest item, and we want the lexicographically
-    greatest pair among pairs of equal count, so the byte comparison is reversed."""
-    __slots__ = ("pair",)
-
-    def __init__(self, pair):
-        self.pair = pair
-
-    def __lt__(self, other):
-        return self.pair > other.pair
-
-    def __eq__(self, other):
-        return self.pair == other.pair
-
-
-def merge_pair(symbols, pair, merged):
-    """Replace every occurrence of pair in the list symbols by merged, left to right."""
-    first, second = pair
-    out, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
-            out.append(merged)
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return out
-
-
-def pop_best_pair(heap, pair_counts):
-    """Pop the most frequent pair (ties: greatest bytes). Entries are never removed when a
-    count changes, a new one is pushed; stale ones are skipped here (lazy deletion)."""
-    while heap:
-        neg_count, key = heapq.heappop(heap)
-        if pair_counts.get(key.pair, 0) == -neg_count:
-            return key.pair
-    return None
-
-
-def learn_merges(pretoken_counts, num_merges):
-    """The BPE loop: repeatedly merge the most frequent adjacent pair within pre-tokens.
-
-    Counts live in pair_counts and are updated incrementally: merging a pair only changes
-    the pre-tokens that contain it, found through the index pair -> {pre-token ids}."""
-    words = [[BYTE_TOKENS[b] for b in word] for word in pretoken_counts]
-    freqs = list(pretoken_counts.values())
-    pair_counts, words_with_pair = defaultdict(int), defaultdict(set)
-    for word_id, word in enumerate(words):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += freqs[word_id]
-            words_with_pair[pair].add(word_id)
-    heap = [(-count, MaxPair(pair)) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-
-    merges = []
-    while len(merges) < num_merges:
-        pair = pop_best_pair(heap, pair_counts)
-        if pair is None:  # every pre-token is a single token: nothing left to merge
-            break
-        merges.append(pair)
-        merged = pair[0] + pair[1]
-        delta = defaultdict(int)  # net change of each pair count caused by this merge
-        for word_id in words_with_pair.pop(pair):
-            old = words[word_id]
-            new = merge_pair(old, pair, merged)
-            if len(new) == len(old):  # stale index entry: the pair left this word earlier
-                continue
-            for p in zip(old, old[1:]):
-                delta[p] -= freqs[word_id]
-            for p in zip(new, new[1:]):
-                delta[p] += freqs[word_id]
-                words_with_pair[p].add(word_id)
-            words[word_id] = new
-        for p, change in delta.items():
-            if change == 0:
-                continue
-            count = pair_counts[p] + change
-            if count > 0:
-                pair_counts[p] = count
-                heapq.heappush(heap, (-count, MaxPair(p)))
-            else:
-                del pair_counts[p]
-        if len(heap) > 4 * len(pair_counts) + 10_000:  # drop stale entries once in a while
-            heap = [(-c, MaxPair(p)) for p, c in pair_counts.items()]
-            heapq.heapify(heap)
-    return merges
-
-
-def train_bpe(input_path, vocab_size, special_tokens, num_workers=None, min_chunk_bytes=1 << 20):
-    """Train a byte-level BPE on a text file.
-
-    Returns vocab {id: bytes} (ids 0..255 the bytes, then the special tokens, then one id
-    per merge, in merge order) and merges [(left bytes, right bytes), ...] in merge order.
-    Stops early, with a smaller vocab, if no pair is left to merge."""
-    special_tokens = list(special_tokens or [])
-    num_merges = vocab_size - 256 - len(special_tokens)
-    if num_merges < 0:
-        raise ValueError(f"vocab_size must be at least {256 + len(special_tokens)}")
-    counts = pretokenize_file(input_path, special_tokens, num_workers, min_chunk_bytes)
-    merges = learn_merges(counts, num_merges)
-    vocab = {i: BYTE_TOKENS[i] for i in range(256)}
-    for token in special_tokens:
-        vocab[len(vocab)] = token.encode("utf-8")
-    for first, second in merges:
-        vocab[len(vocab)] = first + second
-    return vocab, merges
-
-
-# --- The BPE Tokenizer
-
-def assign_special_ids(vocab, special_tokens):
-    """{special token: id}: its id in vocab if present, else a new id after the last one."""
-    ids_of_bytes = {b: i for i, b in sorted(vocab.items(), reverse=True)}  # smallest id wins
-    special_ids, next_id = {}, max(vocab) + 1
-    for token in special_tokens or []:
-        if token.encode("utf-8") in ids_of_bytes:
-            special_ids[token] = ids_of_bytes[token.encode("utf-8")]
-        else:
-            special_ids[token], next_id = next_id, next_id + 1
-    return special_ids
-
-
-class Tokenizer:
-    """Encodes text with a BPE given as vocab {id: bytes} plus ordered merges.
-
-    Ids come from the vocab, whatever they are (GPT-2's don't follow merge order); the
-    merges only give the priority: within a pre-token, the earliest merge applies first."""
-    CACHE_LIMIT = 100_000
-
-    def __init__(self, vocab, merges, special_tokens=None):
-        self.special_ids = assign_special_ids(vocab, special_tokens)
-        self.vocab = dict(vocab)
-        for token, token_id in self.special_ids.items():
-            self.vocab[token_id] = token.encode("utf-8")
-        self.merge_ranks = {}
-        for rank, pair in enumerate(merges):
-            self.merge_ranks.setdefault(tuple(pair), rank)
-        # bytes -> id for ordinary tokens; if two ids share the same bytes, the smaller wins
-        special = set(self.special_ids.values())
-        self.ids_of_bytes = {b: i for i, b in sorted(self.vocab.items(), reverse=True)
-                             if i not in special}
-        self.special_re = special_tokens_regex(self.special_ids, capture=True)
-        self.max_special_len = max(map(len, self.special_ids), default=0)
-        self.cache = {}  # pre-token str -> ids: natural text repeats its words a lot
-
-    @property
-    def vocab_size(self):
-        return len(self.vocab)
-
-    def bpe(self, pretoken):
-        """Ids of one pre-token: apply the lowest-ranked merge present, until none applies."""
-        symbols = [BYTE_TOKENS[b] for b in pretoken.encode("utf-8")]
-        while len(symbols) > 1:
-            pairs = zip(symbols, symbols[1:])
-            pair = min(pairs, key=lambda p: self.merge_ranks.get(p, float("inf")))
-            if pair not in self.merge_ranks:
-                break
-            symbols = merge_pair(symbols, pair, pair[0] + pair[1])
-        return [self.ids_of_bytes[s] for s in symbols]
-
-    def encode_ordinary(self, text):
-        """Encode text that contains no special tokens."""
-        ids = []
-        for pretoken in PAT_RE.findall(text):
-            if pretoken not in self.cache:
-                if len(self.cache) >= self.CACHE_LIMIT:  # bounded memory on endless streams
-                    self.cache.clear()
-                self.cache[pretoken] = self.bpe(pretoken)
-            ids.extend(self.cache[pretoken])
-        return ids
-
-    def encode(self, text):
-        """Ids of text; special tokens in it become their own ids (longest match first)."""
-        if not self.special_re:
-            return self.encode_ordinary(text)
-        ids = []
-        # split() with a capture group alternates: ordinary text, special token, ordinary...
-        for i, part in enumerate(self.special_re.split(text)):
-            ids.extend([self.special_ids[part]] if i % 2 else self.encode_ordinary(part))
-        return ids
-
-    def safe_cut(self, text):
-        """The last position p found such that encode(text[:p]) + encode(rest) equals encode of
-        text[:p] + rest whatever rest follows, or 0 if none is known yet.
-
-        p must sit between a non-space and a space character (PAT ends a pre-token there
-        and has no look-behind), must not fall inside a special token, and must be far
-        enough from the end that any special token starting before p is fully visible."""
-        end = len(text) - max(self.max_special_len, 2) + 2  # search "\S\s" within text[:end]
-        match = SPACE_AFTER_TEXT_RE.search(text, 0, max(end, 0))
-        if not match:
-            return 0
-        cut = match.start() + 1
-        if self.special_re:
-            for special in self.special_re.finditer(text, 0, cut + self.max_special_len):
-                if special.start() < cut < special.end():
-                    return special.start()
-        return cut
-
-    def encode_iterable(self, iterable):
-        """Lazily yield the ids of "".join(iterable) (e.g. an open file, line by line),
-        holding only a small buffer: text is encoded up to the last safe cut point."""
-        buffer = ""
-        for chunk in iterable:
-            buffer += chunk
-            cut = self.safe_cut(buffer)
-            if cut:
-                yield from self.encode(buffer[:cut])
-                buffer = buffer[cut:]
-        yield from self.encode(buffer)
-
-    def decode(self, ids):
-        """Text of the ids; byte sequences that aren't valid UTF-8 become U+FFFD."""
-        return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
-
-    def save(self, vocab_path, merges_path):
-        """JSON files, bytes as hex strings (lossless, readable enough):
-        vocab {"id": "hex", ...} and merges [["hex", "hex"], ...] in merge order.
-        Special tokens are stored in the vocab; pass their strings again to from_files."""
-        merges = sorted(self.merge_ranks, key=self.merge_ranks.get)
-        atomic_write_json(Path(vocab_path), {str(i): b.hex() for i, b in sorted(self.vocab.items())})
-        atomic_write_json(Path(merges_path), [[a.hex(), b.hex()] for a, b in merges])
-
-    @property
-    def merges(self) -> list[tuple[bytes, bytes]]:
-        return sorted(self.merge_ranks, key=self.merge_ranks.get)
-
-    @classmethod
-    def from_files(cls, vocab_path, merges_path, special_tokens=None):
-        """Load a Tokenizer written by save()."""
-        with open(vocab_path) as f:
-            vocab = {int(i): bytes.fromhex(h) for i, h in json.load(f).items()}
-        with open(merges_path) as f:
-            merges = [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in json.load(f)]
-        return cls(vocab, merges, special_tokens)
-
-
-# --- GPT-2 and tiktoken
-
-def load_tiktoken_ranks(path):
-    """{token bytes: rank} from a tiktoken file, one "base64(token) rank" per line."""
-    ranks = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def recover_merge(token, ranks):
-    """The pair that created token: run BPE on its bytes with only the tokens ranked
-    below it (as tiktoken would: leftmost lowest rank first) until two parts remain."""
-    parts = [BYTE_TOKENS[b] for b in token]
-    while len(parts) > 2:
-        best, best_rank = None, ranks[token]
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < best_rank:
-                best, best_rank = i, rank
-        if best is None:
-            break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
-    if len(parts) != 2:
-        raise ValueError(f"no merge creates {token!r}: not a BPE vocabulary")
-    return parts[0], parts[1]
-
-
-def gpt2_vocab_and_merges(ranks_path):
-    """GPT-2's vocab {id: bytes} (ids = ranks, plus 50256 = <|endoftext|>) and its merges
-    in priority order, rebuilt from the r50k_base ranks file."""
-    ranks = load_tiktoken_ranks(ranks_path)
-    vocab = {rank: token for token, rank in ranks.items()}
-    vocab[len(ranks)] = b"<|endoftext|>"
-    tokens_by_rank = sorted(ranks, key=ranks.get)
-    merges = [recover_merge(token, ranks) for token in tokens_by_rank if len(token) > 1]
-    return vocab, merges
-
-
-def tiktoken_encoding_from_bpe(vocab, merges, special_tokens, name):
-    """A tiktoken.Encoding (Rust, much faster) giving the same ids as Tokenizer.
-
-    tiktoken has no merge list: it ranks a pair by the id of the concatenated bytes and
-    uses the id as the rank. So the id of each merge's result must grow with merge order
-    (true for train_bpe and GPT-2; checked). Ids may have gaps (the special tokens at
-    256.. in train_bpe's vocab): ranks only need to be ordered. If two merges produce the
-    same bytes, the first id is kept, as Tokenizer does (the later id is never emitted).
-    Caveat: with overlapping special tokens, tiktoken does not promise longest-first."""
-    special_ids = assign_special_ids(vocab, special_tokens)
-    special = set(special_ids.values())
-    # reversed so that, for bytes made by two merges, the first (smallest) id wins
-    ranks = {b: i for i, b in sorted(vocab.items(), reverse=True) if i not in special}
-    if any(BYTE_TOKENS[b] not in ranks for b in range(256)):
-        raise ValueError("every single byte must be in the vocab")
-    last_rank, seen = -1, set()
-    for first, second in merges:
-        merged = first + second
-        if merged not in seen:  # a duplicate result keeps its first rank
-            seen.add(merged)
-            if ranks[merged] <= last_rank:
-                raise ValueError("the ids of merge results must increase with merge order")
-            last_rank = ranks[merged]
-    return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=special_ids)
-
-
-# --- 2.3 Choosing a tokenizer ------------------------------------------------
-
-
-class TrainedBPETokenizer:
-    """--tokenizer bpe:N: a byte-level BPE with N ids trained on this run's own text.
-
-    Encoding runs through tiktoken (same ids as Tokenizer.encode, much faster).
-    A small vocabulary makes the output layer, and so CPU training, much cheaper.
-    """
-
-    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
-                 requested_size: int) -> None:
-        self.name = f"bpe:{requested_size}"
-        self.bpe = Tokenizer(vocab, merges, [END_OF_TEXT])
-        self.encoding = tiktoken_encoding_from_bpe(vocab, merges, [END_OF_TEXT], self.name)
-        self.vocab_size = max(self.bpe.vocab) + 1
-        self.eot_id = self.bpe.special_ids[END_OF_TEXT]
-
-    def encode(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.bpe.decode([i for i in ids if i in self.bpe.vocab])
-
-    def token_byte_lengths(self) -> np.ndarray:
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        for token_id, token in self.bpe.vocab.items():
-            lengths[token_id] = 0 if token_id == self.eot_id else len(token)
-        return lengths
-
-    def save(self, directory: Path) -> None:
-        self.bpe.save(directory / "vocab.json", directory / "merges.json")
-
-
-def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | None) -> TrainedBPETokenizer:
-    """Train (or reuse from the cache) a BPE on `texts`, separated by <|endoftext|> so no
-    merge crosses from one example into the next."""
-    digest = hashlib.sha256(f"bpe:{vocab_size}".encode())
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\x00")
-    cached = cache_dir / f"bpe-{digest.hexdigest()[:24]}" if cache_dir else None
-    if cached is not None and (cached / "merges.json").exists():
-        loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
-        return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
-    with tempfile.TemporaryDirectory() as scratch:
-        corpus = Path(scratch) / "corpus.txt"
-        corpus.write_text(END_OF_TEXT.join(texts), encoding="utf-8")
-        vocab, merges = train_bpe(corpus, vocab_size, [END_OF_TEXT])
-    tokenizer = TrainedBPETokenizer(vocab, merges, vocab_size)
-    if cached is not None:
-        try:
-            tokenizer.save(cached)
-        except OSError as error:
-            print(f"pico-llm: note: trained tokenizer not cached ({error.strerror})", file=sys.stderr)
-    return tokenizer
-
-
 def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
     """'gpt2' | 'char' | 'bpe:N' -> (kind, N); UserError otherwise."""
     if spec in ("gpt2", "char"):
@@ -988,14 +1442,28 @@ def build_tokenizer(spec: str, training_texts: list[str] | None = None,
     return train_bpe_tokenizer(training_texts or [], size, cache_dir)
 
 
-# =============================================================================
-# 3. Data
-# =============================================================================
-# Sources give lists of example strings. They are tokenized once and cached on
-# disk as two .npy files (all ids concatenated, and each example's start
-# offset), memory-mapped on later runs. Examples are split into a fixed
-# train/test set, then batched as (seq_len, batch) tensors with a loss mask so
-# that padding never counts.
+# --- 6.2 Text sources -----------------------------------------------------------------
+# Custom text files hold one example per non-empty line; TinyStories comes from a
+# local copy or is streamed from the Hugging Face hub.
+
+DEFAULT_CUSTOM_CORPUS = DATA_DIR / "custom_corpus"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the examples come from, how they are tokenized, cut and split."""
+
+    input_files: list[str] | None = None
+    input_dir: str | None = None
+    limit_custom_examples: int | None = None
+    tinystories_weight: float = 0.0      # probability that an example comes from TinyStories
+    tinystories_max_stories: int = 20000
+    tinystories_path: str | None = None
+    block_size: int = 64                 # context length in tokens
+    test_fraction: float = 0.1
+    tokenizer: str = "gpt2"              # gpt2 | char | bpe:N
+    cache_dir: str | None = None
+    seed: int = 1337
 
 
 def read_text_lines(path: Path) -> list[str]:
@@ -1030,21 +1498,20 @@ def text_files_in(directory: Path) -> list[Path]:
     return files
 
 
-def load_custom_examples(args: argparse.Namespace) -> list[str]:
+def load_custom_examples(data: DataConfig) -> list[str]:
     """Examples from --input_files and --input_dir (or the shipped corpus)."""
-    paths = [Path(p) for p in (args.input_files or [])]
-    if args.input_dir:
-        paths += text_files_in(Path(args.input_dir))
-    if not paths and args.tinystories_weight < 1.0:
+    paths = [Path(p) for p in (data.input_files or [])]
+    if data.input_dir:
+        paths += text_files_in(Path(data.input_dir))
+    if not paths and data.tinystories_weight < 1.0:
         paths = text_files_in(DEFAULT_CUSTOM_CORPUS)
     examples = [line for path in paths for line in read_text_lines(path)]
-    if args.limit_custom_examples is not None:
-        examples = examples[: args.limit_custom_examples]
+    if data.limit_custom_examples is not None:
+        examples = examples[: data.limit_custom_examples]
     return examples
 
 
 TINYSTORIES_HUB_NAME = "roneneldan/TinyStories"
-
 
 def huggingface_hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether huggingface.co answers within a few seconds (datasets would hang longer)."""
@@ -1092,6 +1559,36 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
         raise UserError(f"TinyStories source {local_path or TINYSTORIES_HUB_NAME} has no 'text' records")
     return stories
 
+
+@dataclasses.dataclass
+class SourceTexts:
+    """The raw examples of one source, its sampling weight and its fixed split."""
+
+    name: str
+    texts: list[str]
+    weight: float
+    train: np.ndarray
+    test: np.ndarray
+
+
+def read_sources(data: DataConfig) -> list[SourceTexts]:
+    """Every source the config names, read and split (the split needs only the count)."""
+    named = []
+    if data.tinystories_weight < 1.0:
+        named.append(("custom", load_custom_examples(data), 1.0 - data.tinystories_weight))
+    if data.tinystories_weight > 0:
+        named.append(("tinystories", load_tinystories(data.tinystories_max_stories,
+                                                      data.tinystories_path),
+                      data.tinystories_weight))
+    return [SourceTexts(name, texts, weight, *split_indices(len(texts), data.test_fraction, data.seed))
+            for name, texts, weight in named]
+
+
+# --- 6.3 Token cache, splits and batches ----------------------------------------------
+# Tokenized examples are cached on disk as two .npy files (all ids concatenated,
+# and each example's start offset), memory-mapped on later runs. Examples are
+# split into a fixed train/test set, then batched as (seq_len, batch) tensors
+# with a loss mask so that padding never counts.
 
 @dataclasses.dataclass
 class TokenizedExamples:
@@ -1315,89 +1812,1612 @@ class TrainingData:
                    for o, (_, e) in zip(offsets, slots))
 
 
-@dataclasses.dataclass
-class SourceTexts:
-    """The raw examples of one source, its sampling weight and its fixed split."""
-
-    name: str
-    texts: list[str]
-    weight: float
-    train: np.ndarray
-    test: np.ndarray
-
-
-def read_sources(args: argparse.Namespace) -> list[SourceTexts]:
-    """Every source the flags name, read and split (the split needs only the count)."""
-    named = []
-    if args.tinystories_weight < 1.0:
-        named.append(("custom", load_custom_examples(args), 1.0 - args.tinystories_weight))
-    if args.tinystories_weight > 0:
-        named.append(("tinystories", load_tinystories(args.tinystories_max_stories,
-                                                      args.tinystories_path),
-                      args.tinystories_weight))
-    return [SourceTexts(name, texts, weight, *split_indices(len(texts), args.test_fraction, args.seed))
-            for name, texts, weight in named]
-
-
-def load_training_data(args: argparse.Namespace, tokenizer,
-                       sources: list[SourceTexts]) -> TrainingData:
+def load_training_data(data: DataConfig, tokenizer, sources: list[SourceTexts]) -> TrainingData:
     """Tokenize (cached) every source."""
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    cache_dir = Path(data.cache_dir) if data.cache_dir else None
     tokenized = [DataSource(source.name, tokenize_examples(source.texts, tokenizer, cache_dir),
                             source.train, source.test) for source in sources]
-    return TrainingData(tokenized, [source.weight for source in sources], args.block_size,
-                        tokenizer.eot_id, args.seed)
+    return TrainingData(tokenized, [source.weight for source in sources], data.block_size,
+                        tokenizer.eot_id, data.seed)
+
+
+def get_batch(tokens_1d: np.ndarray, batch_size: int, context_length: int, device,
+              rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniformly random windows of a (memory-mapped) token array.
+
+    Returns inputs and targets of shape (context_length, batch_size), targets
+    shifted by one token. Only the sampled windows are read from disk.
+    """
+    rng = rng or np.random.default_rng()
+    if len(tokens_1d) <= context_length:
+        raise ValueError(f"need more than {context_length} tokens, got {len(tokens_1d)}")
+    starts = rng.integers(0, len(tokens_1d) - context_length, size=batch_size)
+    windows = np.stack([np.asarray(tokens_1d[s: s + context_length + 1], dtype=np.int64)
+                        for s in starts])                                  # (B, T + 1)
+    windows = torch.from_numpy(windows).t()                                # (T + 1, B)
+    return (windows[:-1].contiguous().to(device), windows[1:].contiguous().to(device))
 
 
 # =============================================================================
-# 4. Building blocks
+# 7. Run logs, sweeps and interpretability
 # =============================================================================
-# The pieces a Transformer is made of, each written out. Shapes use B = batch,
-# T = new tokens, S = tokens attended to (cache + new), H = heads, D = head size.
-#
-# Every linear layer goes through `linear()` below. On a CPU in float32, PyTorch sends
-# matmuls to MKL, which on AMD processors runs its AVX2 code (about half the machine's
-# AVX-512 peak) and is slower still for one-row products such as a token being
-# generated. oneDNN, which PyTorch also ships, reaches the peak on the same machine
-# (`--benchmark` measures both). `--cpu_matmul onednn` (the default) routes float32 CPU
-# linears through oneDNN with the gradient written out below; `--cpu_matmul torch`
-# keeps PyTorch's default. GPUs, autocast and torch.compile always use PyTorch's own.
+# --- 7.1 Run logs ---------------------------------------------------------------------
+# Each run writes artefacts/runs/<run_name>.json, atomically, after every epoch;
+# the notebook reads it through load_runlog.
+
+RUNLOG_SCHEMA_VERSION = 1
+DEFAULT_ARTEFACTS_DIR = REPO_DIR / "artefacts" / "runs"   # artefacts/presentation holds the committed results
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    """Where the run log goes."""
+
+    run_name: str | None = None
+    artefacts_dir: str = str(DEFAULT_ARTEFACTS_DIR)
+
+
+def environment_info(device: torch.device) -> dict:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+class RunLog:
+    """Everything a run measured, rewritten atomically to artefacts/<run_name>.json
+    after every epoch, so a crash leaves the last complete version on disk."""
+
+    def __init__(self, path: Path, flags: dict, device: torch.device, data_info: dict) -> None:
+        self.path = path
+        self.data = {
+            "schema_version": RUNLOG_SCHEMA_VERSION,
+            "kind": "run",
+            "run_name": path.stem,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "status": "running",
+            "args": dict(flags),
+            "environment": environment_info(device),
+            "data": data_info,
+            "models": {},
+        }
+
+    def add_model(self, name: str, record: dict) -> dict:
+        self.data["models"][name] = record
+        return record
+
+    def write(self) -> None:
+        try:
+            atomic_write_json(self.path, self.data)
+        except OSError as error:
+            raise UserError(f"cannot write run log {self.path}: {error.strerror}; free disk "
+                            "space or choose another --artefacts_dir") from None
+
+
+def load_runlog(path: Path | str) -> dict:
+    """Read a run log and check its schema version (the notebook uses this too)."""
+    with open(path, encoding="utf-8") as handle:
+        log = json.load(handle)
+    if log.get("schema_version") != RUNLOG_SCHEMA_VERSION:
+        raise UserError(f"{path}: run log schema {log.get('schema_version')!r}, "
+                        f"this pico-llm reads {RUNLOG_SCHEMA_VERSION}")
+    return log
+
+
+def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
+    """<artefacts_dir>/<run_name>.json; a default name never reuses an existing file, and
+    holds the process id, so two runs starting in the same second cannot pick the same name."""
+    directory = Path(output.artefacts_dir)
+    if output.run_name:
+        if any(ch in output.run_name for ch in "/\\") or output.run_name.startswith("."):
+            raise UserError(f"--run_name {output.run_name!r} must be a plain file name")
+        return directory / f"{output.run_name}.json"
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-p{os.getpid()}_{'+'.join(model_names)}"
+    path, counter = directory / f"{stem}.json", 2
+    while path.exists():
+        path, counter = directory / f"{stem}-{counter}.json", counter + 1
+    return path
+
+
+def check_run_log_is_new(run_path: Path, resuming: bool) -> None:
+    """An explicit --run_name never replaces an earlier run's log, unless this run resumes
+    (its log then carries the earlier history on)."""
+    if run_path.exists() and not resuming:
+        raise UserError(f"run log {run_path} already exists; choose another --run_name, "
+                        "delete that file to replace it, or continue the run with --resume")
+
+
+def check_writable_directory(directory: Path, flag: str) -> None:
+    """Fail before training, not after it, when results could not be saved."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {directory} is not writable; choose another with {flag}")
+
+
+def summary_table(records: dict) -> str:
+    """One line per model: parameters, final losses, throughput."""
+    lines = [f"{'model':<20} {'params':>12} {'train loss':>11} {'test loss':>10} {'tok/s':>10}"]
+    for name, record in records.items():
+        final = record.get("final", {})
+        test = final.get("test_loss")
+        lines.append(f"{name:<20} {record['parameters']:>12,} {final.get('train_loss', float('nan')):>11.4f} "
+                     f"{test if test is not None else float('nan'):>10.4f} "
+                     f"{final.get('tokens_per_s', 0):>10,.0f}")
+    return "\n".join(lines)
+
+
+def ascii_loss_plot(records: dict, width: int = 60, height: int = 12) -> str:
+    """Train loss (lower-case letter, averaged per column) and test loss (upper case)
+    of every model against its training step, as text for the terminal."""
+    series = [(chr(ord("a") + index), name,
+               [(h["step"], h["train_loss"]) for h in record["history"]],
+               [(t["step"], t["test_loss"]) for t in record["test_history"]])
+              for index, (name, record) in enumerate(records.items())]
+    points = [p for _, _, train, test in series for p in train + test if math.isfinite(p[1])]
+    if not points:
+        return "(no losses to plot)"
+    max_step = max(step for step, _ in points)
+    low, high = min(loss for _, loss in points), max(loss for _, loss in points)
+    span = (high - low) or 1.0
+    grid = [[" "] * width for _ in range(height)]
+    column = lambda step: min(width - 1, round((step - 1) / max(max_step - 1, 1) * (width - 1)))  # noqa: E731
+    row = lambda loss: min(height - 1, round((high - loss) / span * (height - 1)))  # noqa: E731
+    for mark, _, train, test in series:
+        columns: dict[int, list[float]] = {}
+        for step, loss in train:
+            if math.isfinite(loss):
+                columns.setdefault(column(step), []).append(loss)
+        for col, losses in columns.items():
+            grid[row(sum(losses) / len(losses))][col] = mark
+        for step, loss in test:
+            if math.isfinite(loss):
+                grid[row(loss)][column(step)] = mark.upper()
+    lines = [" " * 8 + " |" + "".join(cells) for cells in grid]
+    lines[0] = f"{high:8.3f} |" + "".join(grid[0])
+    lines[-1] = f"{low:8.3f} |" + "".join(grid[-1])
+    lines.append(" " * 9 + "+" + "-" * width)
+    lines.append(" " * 10 + f"step 1{'':{max(width - 12 - len(str(max_step)), 1)}}step {max_step}")
+    lines.append("loss: " + ", ".join(f"{mark}/{mark.upper()} = {name} train/test"
+                                      for mark, name, _, _ in series))
+    return "\n".join(lines)
+
+
+# --- 7.2 Sweeps -------------------------------------------------------------------------
+# A sweep trains models at several settings through the same train_one_model as
+# the main job and writes one JSON file, sweep_<name>.json, rewritten atomically
+# after every point. A point is keyed by its model and settings, so a sweep
+# started again skips the points it already finished. `--sweep presentation`
+# runs all of them with the character tokenizer and small widths (SWEEP_SCALES);
+# `--sweep_scale tiny` shrinks every sweep to seconds for the tests.
+
+SWEEP_SCHEMA_VERSION = 1
+
+SWEEP_NAMES = ("custom_data", "budget", "overfit", "hyperparams", "kgram_variants",
+               "architectures", "sampling", "ablations", "learning_rate", "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepScale:
+    """How big every sweep is. Widths are embed_size (k-gram, LSTM) and d_model."""
+
+    name: str
+    limit_examples: int | None   # None = the whole corpus
+    batch_size: int
+    block_size: int
+    width: int
+    steps: int                   # optimizer steps per point (custom data, grid, k-gram, presets)
+    budget_epochs: int
+    overfit_examples: int
+    overfit_epochs: int
+    overfit_checkpoints: int
+    architecture_width: int      # 96: every preset's head count divides it, RoPE head sizes even
+    architecture_max_blocks: int
+    sampling_steps: int
+    samples_per_rule: int
+    max_new_tokens: int
+    custom_sizes: tuple[int, ...]
+    learning_rates: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    test_fraction: float = 0.2
+    tokenizer: str = "char"      # 257 ids: the output layer stays cheap on a CPU
+
+
+SWEEP_SCALES = {
+    "full": SweepScale("full", None, batch_size=16, block_size=64, width=64, steps=300,
+                       budget_epochs=3, overfit_examples=40, overfit_epochs=100,
+                       overfit_checkpoints=5, architecture_width=96,
+                       architecture_max_blocks=MAX_TRANSFORMER_BLOCKS, sampling_steps=800,
+                       samples_per_rule=5, max_new_tokens=60,
+                       custom_sizes=(3, 63, 123, 185)),
+    "tiny": SweepScale("tiny", 30, batch_size=4, block_size=16, width=16, steps=2,
+                       budget_epochs=1, overfit_examples=6, overfit_epochs=3,
+                       overfit_checkpoints=2, architecture_width=96, architecture_max_blocks=1,
+                       sampling_steps=2, samples_per_rule=2, max_new_tokens=8,
+                       custom_sizes=(3, 8, 16), learning_rates=(1e-3, 1e4), batch_sizes=(1, 4)),
+}
+
+
+SAMPLING_SWEEP_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.5),
+                        SamplingRule(top_p=0.8), SamplingRule(top_p=0.95), SamplingRule(top_p=1.0),
+                        SamplingRule(temperature=0.7, top_p=1.0),
+                        SamplingRule(temperature=1.3, top_p=1.0))
+
+
+def diversity_metrics(texts: list[str], repeat_n: int = 3) -> dict:
+    """Word-level diversity of generated texts. distinct_n (Li et al., 2016): distinct
+    n-grams / all n-grams, pooled over the texts (1 = nothing repeats). The repeated
+    fraction: share of a text's n-grams already seen earlier in that same text, which
+    is high when generation loops ("the cat the cat the cat")."""
+    def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+        return [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+
+    word_lists = [text.split() for text in texts]
+    metrics = {}
+    for n in (1, 2):
+        grams = [gram for words in word_lists for gram in ngrams(words, n)]
+        metrics[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    repeated = total = 0
+    for words in word_lists:
+        seen: set[tuple[str, ...]] = set()
+        for gram in ngrams(words, repeat_n):
+            total += 1
+            repeated += gram in seen
+            seen.add(gram)
+    metrics[f"repeated_{repeat_n}gram_fraction"] = repeated / total if total else 0.0
+    return metrics
+
+
+def point_key(model: str, settings: dict) -> str:
+    return json.dumps({"model": model, **settings}, sort_keys=True)
+
+
+class SweepLog:
+    """One sweep's JSON file. Points already in a file of the same sweep and scale are
+    kept (and skipped by `done`), with the file's creation time and the wall time spent
+    on it so far; the file is rewritten atomically after every point."""
+
+    def __init__(self, path: Path, sweep: str, scale: SweepScale, config: Config,
+                 device: torch.device) -> None:
+        self.path = path
+        points = []
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.earlier_wall_time_s = 0.0
+        data_sha256 = examples_fingerprint(load_custom_examples(config.data))
+        if path.exists():
+            earlier = load_sweep(path)
+            # Points are keyed by their own settings; the scale and the data must match too.
+            same_scale = earlier["config"]["scale"] == json.loads(json.dumps(dataclasses.asdict(scale)))
+            same_data = earlier["config"].get("data_sha256") == data_sha256
+            if earlier["sweep"] == sweep and same_scale and same_data:
+                points, created = earlier["points"], earlier["created"]
+                self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
+        self.data = {
+            "schema_version": SWEEP_SCHEMA_VERSION,
+            "kind": "sweep",
+            "sweep": sweep,
+            "scale": scale.name,
+            "created": created,
+            "status": "running",
+            "config": {"tokenizer": scale.tokenizer, "scale": dataclasses.asdict(scale),
+                       "data_sha256": data_sha256,
+                       "args": dict(config.flags)},
+            "environment": environment_info(device),
+            "points": points,
+        }
+        self.skipped = 0
+
+    def done(self, model: str, settings: dict) -> bool:
+        key = point_key(model, settings)
+        finished = any(point["key"] == key for point in self.data["points"])
+        self.skipped += finished
+        return finished
+
+    def add(self, model: str, settings: dict, result: dict) -> None:
+        self.data["points"].append({"key": point_key(model, settings), "model": model,
+                                    "settings": settings, **result})
+        self.write()
+        outcome = ("diverged" if result.get("diverged") else
+                   f"train {result['train_loss']:.3f} test "
+                   f"{result['test_loss'] if result['test_loss'] is not None else float('nan'):.3f}")
+        say(f"[sweep {self.data['sweep']}] {model} {settings}: {outcome} "
+            f"({result['wall_time_s']:.1f} s)")
+
+    def finish(self) -> None:
+        self.data["status"] = "finished"
+        self.write()
+
+    def write(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def examples_fingerprint(texts: list[str]) -> str:
+    """sha256 of the examples, so a sweep resumes only on the data it started with."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\x00")
+    return digest.hexdigest()
+
+
+def load_sweep(path: Path | str) -> dict:
+    """Read a sweep file and check its kind and schema version (the notebook uses this)."""
+    with open(path, encoding="utf-8") as handle:
+        sweep = json.load(handle)
+    if sweep.get("kind") != "sweep" or sweep.get("schema_version") != SWEEP_SCHEMA_VERSION:
+        raise UserError(f"{path}: not a sweep file of schema {SWEEP_SCHEMA_VERSION} "
+                        f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r})")
+    return sweep
+
+
+def sweep_base_config(config: Config, scale: SweepScale) -> Config:
+    """The user's flags (data, seed, device, prompt) with the scale's sizes on top."""
+    return with_flags(config, tokenizer=scale.tokenizer, batch_size=scale.batch_size,
+                      block_size=scale.block_size, embed_size=scale.width, d_model=scale.width,
+                      transformer_variant="pico", limit_custom_examples=scale.limit_examples,
+                      max_new_tokens=scale.max_new_tokens, quiet=True, sample_interval=0,
+                      warmup_steps=min(config.training.warmup_steps, max(1, scale.steps // 4)))
+
+
+def sweep_data(config: Config, tokenizer, num_train: int | None = None) -> TrainingData:
+    """The custom examples split once into train and a fixed test set (the config's
+    test_fraction and seed); num_train keeps a random but nested subset of the training
+    examples, so every corpus size is scored on the same test examples."""
+    data = config.data
+    cache_dir = Path(data.cache_dir) if data.cache_dir else None
+    examples = tokenize_examples(load_custom_examples(data), tokenizer, cache_dir)
+    train, test = split_indices(len(examples), data.test_fraction, data.seed)
+    if num_train is not None:
+        train = np.sort(np.random.default_rng(data.seed).permutation(train)[:num_train])
+    return TrainingData([DataSource("custom", examples, train, test)], [1.0], data.block_size,
+                        tokenizer.eot_id, data.seed)
+
+
+def with_step_budget(config: Config, data: TrainingData, steps: int) -> Config:
+    """Epochs and steps per epoch that add up to about `steps` optimizer steps."""
+    per_epoch = data.steps_per_epoch(config.training.batch_size, None)
+    return with_flags(config, epochs=max(1, round(steps / per_epoch)),
+                      max_steps_per_epoch=min(per_epoch, steps))
+
+
+def train_sweep_model(label: str, model_name: str, config: Config, device: torch.device,
+                      tokenizer, data: TrainingData, runlog: RunLog | None = None):
+    """Build `model_name` as the config says and train it with train_one_model;
+    returns (model, record)."""
+    model_config = config.models.config_of(model_name)
+    model = build_model(model_config, tokenizer.vocab_size, config.training.seed).to(device)
+    record = model_record(label, model, model_config, config.data.block_size)
+    if runlog is not None:
+        runlog.add_model(label, record)
+    train_one_model(label, model, data, config.training, config.sampling, device, tokenizer,
+                    record, runlog, speed=config.speed)
+    return model, record
+
+
+def point_result(record: dict, data: TrainingData) -> dict:
+    final = record["final"]
+    return {"parameters": record["parameters"], "train_loss": final["train_loss"],
+            "test_loss": final["test_loss"], "test_bits_per_byte": final["test_bits_per_byte"],
+            "tokens_per_s": final["tokens_per_s"], "wall_time_s": final["wall_time_s"],
+            "steps": final["steps"], "train_examples": int(data.num_train_examples)}
+
+
+def epoch_losses(record: dict) -> list[dict]:
+    """Mean train loss of each epoch beside that epoch's test loss."""
+    rows = []
+    for test in record["test_history"]:
+        losses = [h["train_loss"] for h in record["history"] if h["epoch"] == test["epoch"]]
+        rows.append({"epoch": test["epoch"], "step": test["step"],
+                     "train_loss": sum(losses) / len(losses), "test_loss": test["test_loss"]})
+    return rows
+
+
+def new_text(sample: dict) -> str:
+    return sample["text"][len(sample["prompt"]):]
+
+
+def sweep_custom_data(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Final train and test loss per corpus size, at a fixed step budget, LSTM vs Transformer."""
+    sizes = parse_sizes(base.experiments.custom_sweep_sizes) if base.experiments.custom_sweep_sizes else scale.custom_sizes
+    config = with_flags(base, test_fraction=scale.test_fraction)
+    for model_name in ("lstm_seq", "transformer"):
+        for size in sizes:
+            settings = {"train_examples": size}
+            if log.done(model_name, settings):
+                continue
+            data = sweep_data(config, tokenizer, num_train=size)
+            point = with_step_budget(config, data, scale.steps)
+            _, record = train_sweep_model(model_name, model_name, point, device, tokenizer, data)
+            log.add(model_name, settings, point_result(record, data))
+
+
+def sweep_budget(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Train and test loss after 1, 3 or 6 steps per epoch, at a 60/40 train/test split."""
+    config = with_flags(base, test_fraction=0.4, epochs=scale.budget_epochs)
+    data = sweep_data(config, tokenizer)
+    for model_name in ("kgram_mlp_seq", "lstm_seq", "transformer"):
+        for steps_per_epoch in (1, 3, 6):
+            settings = {"max_steps_per_epoch": steps_per_epoch, "epochs": scale.budget_epochs}
+            if log.done(model_name, settings):
+                continue
+            point = with_flags(config, max_steps_per_epoch=steps_per_epoch)
+            _, record = train_sweep_model(model_name, model_name, point, device, tokenizer, data)
+            log.add(model_name, settings, point_result(record, data))
+
+
+def sweep_overfit(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """A small training subset for many epochs: the train/test gap opens, and generations
+    at checkpoints start to quote the training text (their diversity falls)."""
+    config = with_flags(base, test_fraction=scale.test_fraction, batch_size=8,
+                        epochs=scale.overfit_epochs, max_steps_per_epoch=None,
+                        lr_schedule="constant")
+    data = sweep_data(config, tokenizer, num_train=scale.overfit_examples)
+    steps_per_epoch = data.steps_per_epoch(config.training.batch_size, None)
+    config = with_flags(config, sample_interval=steps_per_epoch * max(
+        1, scale.overfit_epochs // scale.overfit_checkpoints))
+    for model_name in ("lstm_seq", "transformer"):
+        settings = {"train_examples": scale.overfit_examples, "epochs": scale.overfit_epochs}
+        if log.done(model_name, settings):
+            continue
+        _, record = train_sweep_model(model_name, model_name, config, device, tokenizer, data)
+        checkpoints = []
+        for step in sorted({sample["step"] for sample in record["samples"]}):
+            samples = [s for s in record["samples"] if s["step"] == step]
+            checkpoints.append({"step": step, "epoch": math.ceil(step / steps_per_epoch),
+                                "samples": [{"rule": s["rule"], "text": s["text"]} for s in samples],
+                                "diversity": diversity_metrics([new_text(s) for s in samples])})
+        log.add(model_name, settings, {**point_result(record, data), "epochs": epoch_losses(record),
+                                       "checkpoints": checkpoints})
+
+
+def hyperparameter_grid(scale: SweepScale) -> list[tuple[str, dict]]:
+    """Three small 2-D grids (one heatmap each): LSTM width x layers, Transformer heads x
+    blocks, Transformer learning rate x block size."""
+    half_width, half_block = scale.width // 2, scale.block_size // 2
+    grid = [("lstm_seq", {"embed_size": e, "lstm_layers": n})
+            for e in (half_width, scale.width) for n in (1, 2)]
+    grid += [("transformer", {"n_heads": h, "n_blocks": b}) for h in (2, 4) for b in (1, 2)]
+    grid += [("transformer", {"learning_rate": lr, "block_size": bs})
+             for lr in (1e-3, 3e-3, 1e-2) for bs in (half_block, scale.block_size)]
+    return grid
+
+
+def sweep_hyperparams(log: SweepLog, base, scale, device, tokenizer) -> None:
+    config = with_flags(base, test_fraction=scale.test_fraction)
+    for model_name, settings in hyperparameter_grid(scale):
+        if log.done(model_name, settings):
+            continue
+        point = with_flags(config, **settings)
+        if model_name == "lstm_seq":
+            point = with_flags(point, d_model=None)
+        data = sweep_data(point, tokenizer)
+        point = with_step_budget(point, data, scale.steps)
+        _, record = train_sweep_model(model_name, model_name, point, device, tokenizer, data)
+        log.add(model_name, settings, point_result(record, data))
+
+
+def sweep_kgram_variants(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """One-hot, embedding and convolutional k-gram contexts at equal settings."""
+    config = with_flags(base, test_fraction=scale.test_fraction)
+    data = sweep_data(config, tokenizer)
+    config = with_step_budget(config, data, scale.steps)
+    for variant in KGRAM_VARIANTS:
+        settings = {"kgram_variant": variant, "kgram_k": config.models.kgram.k}
+        if log.done("kgram_mlp_seq", settings):
+            continue
+        point = with_flags(config, kgram_variant=variant)
+        _, record = train_sweep_model("kgram_mlp_seq", "kgram_mlp_seq", point, device,
+                                      tokenizer, data)
+        log.add("kgram_mlp_seq", settings, point_result(record, data))
+
+
+def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Every Transformer preset at a reduced width (and at most architecture_max_blocks
+    blocks), plus the LSTM and the k-gram MLP, all trained and measured in this run.
+    Their per-step histories go to a run log beside the sweep, for the loss curves."""
+    config = with_flags(base, test_fraction=scale.test_fraction)
+    data = sweep_data(config, tokenizer)
+    config = with_step_budget(config, data, scale.steps)
+    run_path = log.path.with_name(log.path.stem + "_run.json")
+    runlog = RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
+    if run_path.exists() and log.data["points"]:
+        runlog.data["models"] = load_runlog(run_path)["models"]
+    candidates = [(preset, "transformer", {"transformer_variant": preset})
+                  for preset in TRANSFORMER_PRESETS]
+    candidates += [("lstm_seq", "lstm_seq", {}), ("kgram_mlp_seq", "kgram_mlp_seq", {})]
+    for label, model_name, overrides in candidates:
+        settings = dict(overrides)
+        if model_name == "transformer":
+            preset = TRANSFORMER_PRESETS[overrides["transformer_variant"]]
+            settings.update(d_model=scale.architecture_width,
+                            n_blocks=min(preset["n_blocks"], scale.architecture_max_blocks))
+        if log.done(label, settings):
+            continue
+        point = with_flags(config, **settings)
+        _, record = train_sweep_model(label, model_name, point, device, tokenizer, data, runlog)
+        runlog.write()
+        log.add(label, settings, {**point_result(record, data), "config": record["config"],
+                                  "training_flops_per_token": record["training_flops_per_token"],
+                                  "run_log": run_path.name})
+    runlog.data["status"] = "finished"
+    runlog.write()
+
+
+def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """One trained Transformer, sampled with each rule of SAMPLING_SWEEP_RULES several
+    times (seeds seed, seed+1, ...). It also gives the attention maps and the
+    embedding clusters of the presentation."""
+    config = with_flags(base, test_fraction=scale.test_fraction)
+    data = sweep_data(config, tokenizer)
+    config = with_step_budget(config, data, scale.sampling_steps)
+    directory = log.path.parent
+    pending = [rule for rule in SAMPLING_SWEEP_RULES
+               if not log.done("transformer", dataclasses.asdict(rule))]
+    if not pending and (directory / "attention_transformer.json").exists():
+        return
+    model, record = train_sweep_model("transformer", "transformer", config, device, tokenizer, data)
+    trained = point_result(record, data)
+    for rule in pending:
+        started = time.perf_counter()
+        samples = [generate_text(model, tokenizer, config.sampling.prompt,
+                                 config.sampling.max_new_tokens, rule,
+                                 seed=config.training.seed + index, device=device)
+                   for index in range(scale.samples_per_rule)]
+        elapsed = time.perf_counter() - started
+        generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in samples)
+        log.add("transformer", dataclasses.asdict(rule), {
+            **trained, "label": rule.label, "tokens_per_s": generated / max(elapsed, 1e-9),
+            "wall_time_s": round(elapsed, 4), "training_wall_time_s": trained["wall_time_s"],
+            "samples": [s.text for s in samples],
+            "diversity": diversity_metrics([s.new_text for s in samples])})
+    write_attention_maps(model, "transformer", tokenizer, config.sampling.prompt, directory, device)
+    write_embedding_clusters(model, "transformer", tokenizer, data, config.sampling,
+                             config.experiments.monosemantic_clusters, directory, device)
+
+
+# Ablations of the pico Transformer (pre-norm RMSNorm, RoPE, SwiGLU): one change each.
+ABLATIONS = {
+    "baseline": {},
+    "no normalization": {"norm": "none"},
+    "post-norm": {"norm_position": "post"},
+    "no position embedding (NoPE)": {"pos_emb": "none"},
+    "learned positions": {"pos_emb": "learned"},
+    "SiLU MLP (no gate)": {"ffn": "silu"},
+}
+
+
+def sweep_ablations(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """The pico Transformer with one component changed at a time, at equal budget."""
+    config = with_flags(base, test_fraction=scale.test_fraction)
+    data = sweep_data(config, tokenizer)
+    config = with_step_budget(config, data, scale.steps)
+    for label, overrides in ABLATIONS.items():
+        settings = {"ablation": label, **overrides}
+        if not log.done("transformer", settings):
+            _, record = train_sweep_model("transformer", "transformer",
+                                          with_flags(config, **overrides), device, tokenizer, data)
+            log.add("transformer", settings, point_result(record, data))
+
+
+def train_or_diverge(log: SweepLog, model_name: str, settings: dict, config: Config, device,
+                     tokenizer, data: TrainingData) -> None:
+    """One sweep point; a run whose loss explodes is stopped and recorded as diverged."""
+    started = time.perf_counter()
+    try:
+        _, record = train_sweep_model(model_name, model_name, config, device, tokenizer, data)
+    except TrainingDiverged as error:
+        log.add(model_name, settings, {"diverged": True, "diverged_at_step": error.step,
+                                       "train_loss": None, "test_loss": None, "tokens_per_s": None,
+                                       "wall_time_s": round(time.perf_counter() - started, 3)})
+        return
+    log.add(model_name, settings, {"diverged": False, **point_result(record, data)})
+
+
+def sweep_learning_rate(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Transformer learning rates from too small to diverging (constant schedule, no
+    clipping, so the large rates really blow up and are marked as diverged)."""
+    config = with_flags(base, test_fraction=scale.test_fraction, lr_schedule="constant",
+                        grad_clip=0.0)
+    data = sweep_data(config, tokenizer)
+    config = with_step_budget(config, data, scale.steps)
+    for learning_rate in scale.learning_rates:
+        settings = {"learning_rate": learning_rate}
+        if not log.done("transformer", settings):
+            train_or_diverge(log, "transformer", settings,
+                             with_flags(config, learning_rate=learning_rate), device, tokenizer, data)
+
+
+def sweep_batch_size(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """Batch sizes from 1 upward at an equal number of training examples (so smaller
+    batches take more, noisier steps), same learning rate."""
+    config = with_flags(base, test_fraction=scale.test_fraction)
+    data = sweep_data(config, tokenizer)
+    examples = scale.steps * scale.batch_size
+    for batch_size in scale.batch_sizes:
+        settings = {"batch_size": batch_size, "examples": examples}
+        if not log.done("transformer", settings):
+            point = with_step_budget(with_flags(config, batch_size=batch_size), data,
+                                     max(1, examples // batch_size))
+            train_or_diverge(log, "transformer", settings, point, device, tokenizer, data)
+
+
+SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": sweep_overfit,
+          "hyperparams": sweep_hyperparams, "kgram_variants": sweep_kgram_variants,
+          "architectures": sweep_architectures, "sampling": sweep_sampling,
+          "ablations": sweep_ablations, "learning_rate": sweep_learning_rate,
+          "batch_size": sweep_batch_size}
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--custom_sweep_sizes {text!r}: expected comma-separated integers") from None
+    if not sizes or min(sizes) <= 0:
+        raise UserError(f"--custom_sweep_sizes {text!r}: expected positive integers")
+    return sizes
+
+
+def run_sweeps(config: Config) -> int:
+    """--sweep NAME|presentation, --custom_sweep_log PATH, --collect_transformer_metrics."""
+    device = resolve_device(config.device_id)
+    experiments = config.experiments
+    if experiments.custom_sweep_sizes:
+        parse_sizes(experiments.custom_sweep_sizes)
+    directory = Path(config.output.artefacts_dir)
+    check_writable_directory(directory, "--artefacts_dir")
+    names = (list(SWEEP_NAMES) if experiments.sweep == "presentation" else
+             [experiments.sweep] if experiments.sweep else [])
+    paths = {name: directory / f"sweep_{name}.json" for name in names}
+    if experiments.custom_sweep_log:
+        paths["custom_data"] = Path(experiments.custom_sweep_log)
+        check_writable_directory(paths["custom_data"].parent, "--custom_sweep_log")
+    if experiments.collect_transformer_metrics:
+        paths.setdefault("architectures", directory / "sweep_architectures.json")
+    scale = SWEEP_SCALES[experiments.sweep_scale]
+    base = sweep_base_config(config, scale)
+    tokenizer = build_tokenizer(scale.tokenizer)
+    started = time.perf_counter()
+    for name, path in paths.items():
+        sweep_started = time.perf_counter()
+        log = SweepLog(path, name, scale, base, device)
+        SWEEPS[name](log, base, scale, device, tokenizer)
+        this_run_s = time.perf_counter() - sweep_started
+        log.data["wall_time_s"] = round(log.earlier_wall_time_s + this_run_s, 2)   # all runs
+        log.finish()
+        print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "
+              f"in {this_run_s:.0f} s -> {path}")
+    print(f"sweeps finished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+# --- 7.3 Interpretability ----------------------------------------------------------------
+# Attention maps of a Transformer, and k-means clusters of token embeddings.
+
+@torch.no_grad()
+def attention_maps(model: TransformerModel, token_ids: list[int], device) -> list[list]:
+    """Attention weights of every layer and head for one prompt: [layer][head][query][key]."""
+    attentions = [block.attention for block in model.blocks]
+    for attention in attentions:
+        attention.record_attention = True
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.tensor(token_ids, dtype=torch.long, device=device).unsqueeze(1))  # (T, 1)
+        return [attention.last_attention[0].float().cpu().tolist() for attention in attentions]
+    finally:
+        for attention in attentions:
+            attention.record_attention, attention.last_attention = False, None
+        model.train(was_training)
+
+
+def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, directory: Path,
+                         device) -> Path | None:
+    """artefacts/attention_<name>.json with the prompt's tokens and their attention maps."""
+    if not isinstance(model, TransformerModel):
+        return None
+    ids = tokenizer.encode(prompt)[: model.config.block_size]
+    path = directory / f"attention_{name}.json"
+    atomic_write_json(path, {"kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION,
+                             "model": name, "prompt": prompt,
+                             "tokens": [tokenizer.decode([i]) for i in ids],
+                             "layers": attention_maps(model, ids, device)})
+    return path
+
+
+def kmeans(points: torch.Tensor, k: int, iterations: int = 30, seed: int = 0):
+    """Lloyd's k-means. points (N, D) -> (assignment (N,), centroids (k, D))."""
+    generator = torch.Generator().manual_seed(seed)
+    centroids = points[torch.randperm(len(points), generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        assignment = torch.cdist(points, centroids).argmin(dim=1)
+        for cluster in range(len(centroids)):
+            members = points[assignment == cluster]
+            if len(members):
+                centroids[cluster] = members.mean(dim=0)
+    return torch.cdist(points, centroids).argmin(dim=1), centroids
+
+
+def token_embeddings(model: nn.Module) -> torch.Tensor:
+    """(vocab, dim): the input embedding table, or the unembedding rows (one-hot k-gram)."""
+    for attribute in ("token_embedding", "embedding"):
+        table = getattr(model, attribute, None)
+        if isinstance(table, nn.Embedding):
+            return table.weight[: model.vocab_size].detach().float().cpu()
+    return model.unembedding.weight.detach().float().cpu()
+
+
+def embedding_clusters(model: nn.Module, tokenizer, data: TrainingData, text_ids: list[int],
+                       num_prompt_tokens: int, clusters: int, seed: int, neighbours: int = 3) -> dict:
+    """k-means over the embeddings of the tokens the training data uses, and for each
+    token of `text_ids` its cluster and nearest neighbours (cosine similarity). The
+    annotated text marks every token with its cluster, generated ones also with their
+    neighbours: `e[c3 a|o|i]`."""
+    used = np.unique(np.concatenate([np.asarray(s.examples.tokens) for s in data.sources]))
+    used = torch.from_numpy(used.astype(np.int64))
+    vectors = token_embeddings(model)[used]
+    assignment, _ = kmeans(vectors, min(clusters, len(used)), seed=seed)
+    cluster_of = {int(t): int(c) for t, c in zip(used, assignment)}
+    normalized = F.normalize(vectors, dim=1)
+    label = lambda token_id: tokenizer.decode([int(token_id)]) or "<eot>"  # noqa: E731
+    annotated, tokens = [], []
+    for position, token_id in enumerate(text_ids):
+        if token_id not in cluster_of:
+            continue
+        row = int((used == token_id).nonzero()[0, 0])
+        similarity = normalized @ normalized[row]
+        similarity[row] = -2.0
+        nearest = [label(used[i]) for i in similarity.topk(min(neighbours, len(used) - 1)).indices]
+        generated = position >= num_prompt_tokens
+        tokens.append({"token": label(token_id), "cluster": cluster_of[token_id],
+                       "neighbours": nearest, "generated": generated})
+        annotated.append(f"{label(token_id)}[c{cluster_of[token_id]}"
+                         + (" " + "|".join(nearest) if generated else "") + "]")
+    members = {c: [label(t) for t, tc in cluster_of.items() if tc == c]
+               for c in sorted(set(cluster_of.values()))}
+    return {"clusters": {str(c): m for c, m in members.items()}, "tokens": tokens,
+            "annotated": "".join(annotated)}
+
+
+def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: TrainingData,
+                             sampling: SamplingConfig, clusters: int, directory: Path,
+                             device) -> Path:
+    """<directory>/monosemantic_<name>.json; prints the annotated greedy sample."""
+    sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens,
+                           SamplingRule(temperature=0.0), seed=sampling.seed, device=device)
+    result = embedding_clusters(model, tokenizer, data, sample.token_ids, sample.num_prompt_tokens,
+                                clusters, sampling.seed)
+    path = directory / f"monosemantic_{name}.json"
+    atomic_write_json(path, {"kind": "monosemantic", "schema_version": SWEEP_SCHEMA_VERSION,
+                             "model": name, "text": sample.text, **result})
+    say(f"[{name}] embedding clusters: " + "; ".join(
+        f"c{c}: {''.join(m[:12])!r}" for c, m in result["clusters"].items()))
+    say(f"[{name}] greedy sample, each token with [its cluster and, if generated, nearest "
+        f"neighbours]: {result['annotated']}")
+    return path
+
+
+def interpret_models(config: Config, device, tokenizer, data: TrainingData, models: dict) -> None:
+    """--attention_maps and --monosemantic_enabled after a normal training run."""
+    directory, experiments = Path(config.output.artefacts_dir), config.experiments
+    for name, model in models.items():
+        if experiments.attention_maps:
+            path = write_attention_maps(model, name, tokenizer, config.sampling.prompt, directory,
+                                        device)
+            if path is not None:
+                print(f"attention maps of {name} written to {path}")
+        if experiments.monosemantic_enabled:
+            write_embedding_clusters(model, name, tokenizer, data, config.sampling,
+                                     experiments.monosemantic_clusters, directory, device)
+
+
+# =============================================================================
+# 8. The command line and main()
+# =============================================================================
+# argparse reads the flags in groups; main() turns them once into the config
+# objects above (Config), and every function from here on takes those.
+
+MAX_NEW_TOKENS_LIMIT = 100_000  # beyond this a typo, not a wish: minutes of CPU per sample
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on an error; we print one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"pico-llm: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def str_to_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default once, and "from the preset" where a preset fills it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            return text + (" (default: from the preset)" if action.dest in TRANSFORMER_OVERRIDE_FLAGS
+                           else "")
+        if action.default is False:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="pico-llm.py",
+        description="Train and compare small language models (k-gram MLP, LSTM, Transformer).",
+        formatter_class=HelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--input_files", nargs="*", default=None,
+                      help="text files; each non-empty line is one training example "
+                           "(default: data/custom_corpus when no other source is given)")
+    data.add_argument("--input_dir", default=None,
+                      help="directory searched recursively for *.txt files (one example per line)")
+    data.add_argument("--limit_custom_examples", type=int, default=None,
+                      help="use at most this many examples from the custom files")
+    data.add_argument("--tinystories_weight", type=float, default=0.0,
+                      help="probability that a training example comes from TinyStories "
+                           "(0 skips it; the default keeps the run offline)")
+    data.add_argument("--tinystories_max_stories", type=int, default=20000,
+                      help="stream only this many TinyStories stories from the hub")
+    data.add_argument("--tinystories_path", default=None,
+                      help="local TinyStories copy (json, jsonl, parquet or txt) instead of the hub")
+    data.add_argument("--block_size", type=int, default=64,
+                      help="context length in tokens; longer examples are truncated")
+    data.add_argument("--test_fraction", type=float, default=0.1,
+                      help="fraction of examples held out as a fixed test set")
+    data.add_argument("--tokenizer", default="gpt2",
+                      help="gpt2 (GPT-2's BPE through tiktoken, shipped offline), char (UTF-8 "
+                           "bytes) or bpe:N (a byte-level BPE with N ids trained on the training "
+                           "split, Appendix D)")
+    data.add_argument("--cache_dir", default=str(REPO_DIR / ".cache"),
+                      help="where tokenized data is cached, keyed by content and tokenizer")
+
+    models = parser.add_argument_group("models")
+    models.add_argument("--models", default="kgram_mlp_seq,lstm_seq,transformer",
+                        help=f"comma-separated models to train, from {', '.join(MODEL_NAMES)}")
+    models.add_argument("--kgram_k", type=int, default=3, help="k-gram context length in tokens")
+    models.add_argument("--kgram_variant", default="embedding",
+                        help=f"k-gram context encoder: {', '.join(KGRAM_VARIANTS)}")
+    models.add_argument("--kgram_chunk_size", type=int, default=0,
+                        help="k-gram: process this many positions at a time to bound activation "
+                             "memory (0 = all positions at once)")
+    models.add_argument("--num_inner_mlp_layers", type=int, default=1,
+                        help="k-gram: hidden layers after the first")
+    models.add_argument("--embed_size", type=int, default=128,
+                        help="embedding / hidden size of the k-gram MLP and the LSTM")
+    models.add_argument("--lstm_layers", type=int, default=1, help="stacked LSTM layers")
+
+    tf = parser.add_argument_group(
+        "transformer (a preset fills every field; a flag given here overrides it)")
+    tf.add_argument("--transformer_variant", default="pico",
+                    help="preset: " + ", ".join(TRANSFORMER_PRESETS))
+    tf.add_argument("--enable_transformer_gptoss", action="store_true",
+                    help="also train the GPT-oss preset (model name transformer_gptoss)")
+    tf.add_argument("--d_model", type=int, default=None, help="residual stream width")
+    tf.add_argument("--n_heads", type=int, default=None, help="attention heads")
+    tf.add_argument("--n_kv_heads", type=int, default=None,
+                    help="key/value heads (fewer than n_heads = grouped-query attention)")
+    tf.add_argument("--n_blocks", type=int, default=None,
+                    help="Transformer blocks (the course suggests 2 to 10)")
+    tf.add_argument("--d_ff", type=int, default=None, help="feed-forward hidden width")
+    tf.add_argument("--ffn", choices=("gelu", "swiglu", "silu"), default=None,
+                    help="feed-forward type")
+    tf.add_argument("--norm", choices=("rmsnorm", "layernorm", "none"), default=None,
+                    help="normalization layer")
+    tf.add_argument("--norm_position", choices=("pre", "post"), default=None,
+                    help="normalize before each sub-layer (pre) or after the residual add (post)")
+    tf.add_argument("--pos_emb", choices=("learned", "rope", "sinusoidal", "none"), default=None,
+                    help="position information (none = NoPE)")
+    tf.add_argument("--rope_theta", type=float, default=None, help="RoPE base frequency")
+    tf.add_argument("--tie_weights", type=str_to_bool, default=None, metavar="true|false",
+                    help="share the unembedding matrix with the token embedding")
+    tf.add_argument("--attention_impl", choices=("sdpa", "math"), default="sdpa",
+                    help="scaled_dot_product_attention (fast) or the explicit softmax formula")
+    tf.add_argument("--dropout", type=float, default=None, help="dropout probability")
+    tf.add_argument("--accounting", nargs="?", const="configured", default=None, metavar="WHAT",
+                    help="print parameters, FLOPs and training memory per component instead of "
+                         "training, at --block_size tokens and --batch_size examples: configured "
+                         "(the --transformer_variant with overrides), a preset name, "
+                         "gpt2-small|medium|large|xl, or all")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=12, help="passes over the training examples")
+    train.add_argument("--batch_size", type=int, default=16, help="examples per step")
+    train.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
+    train.add_argument("--weight_decay", type=float, default=0.01,
+                       help="AdamW weight decay (matrices and embeddings only)")
+    train.add_argument("--optimizer", choices=("torch", "scratch"), default="torch",
+                       help="AdamW implementation: PyTorch's fused/foreach kernel (fast) or the "
+                            "written-out AdamW of section 6 (same updates)")
+    train.add_argument("--grad_clip", type=float, default=1.0,
+                       help="clip the global gradient L2 norm to this (0 = off)")
+    train.add_argument("--lr_schedule", choices=("constant", "cosine"), default="cosine",
+                       help="learning-rate schedule after warm-up")
+    train.add_argument("--warmup_steps", type=int, default=10, help="linear warm-up steps")
+    train.add_argument("--min_lr_ratio", type=float, default=0.1,
+                       help="cosine schedule ends at learning_rate * this")
+    train.add_argument("--grad_accum_steps", type=int, default=1,
+                       help="split each step's --batch_size examples into this many micro-batches "
+                            "(same update, less memory); under torchrun the ranks share them too")
+    train.add_argument("--max_steps_per_epoch", type=int, default=None,
+                       help="stop each epoch after this many steps")
+    train.add_argument("--seed", type=int, default=1337, help="seed for data order, init, sampling")
+    train.add_argument("--device_id", default="cuda:0",
+                       help="cpu, mps or cuda:N (falls back to cpu when CUDA is absent)")
+    train.add_argument("--log_interval", type=int, default=10, help="print train loss every N steps")
+    train.add_argument("--quiet", action="store_true", help="no progress bars, fewer messages")
+
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--prompt", default="Once upon a time", help="prompt for the samples")
+    gen.add_argument("--max_new_tokens", type=int, default=20, help="tokens generated per sample")
+    gen.add_argument("--temperature", type=float, default=1.0,
+                     help="softmax temperature for sampling (0 = greedy)")
+    gen.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
+    gen.add_argument("--top_p", type=float, default=0.95,
+                     help="nucleus sampling mass for the configurable sample, in (0, 1]")
+    gen.add_argument("--sample_interval", type=int, default=0,
+                     help="also print samples every N training steps (0 = only at the end)")
+
+    out = parser.add_argument_group("run logs")
+    out.add_argument("--run_name", default=None,
+                     help="name of the run log <artefacts_dir>/<run_name>.json "
+                          "(default: time + models)")
+    out.add_argument("--artefacts_dir", default=str(DEFAULT_ARTEFACTS_DIR),
+                     help="directory for JSON run logs, sweeps and interpretability files "
+                          "(the committed presentation results stay in artefacts/presentation)")
+
+    ckpt = parser.add_argument_group("checkpoints and fault tolerance (Appendix B)")
+    ckpt.add_argument("--save_dir", default=None,
+                      help="write checkpoints to DIR/<model>/step_NNNNNN.pt (at the end of each "
+                           "model's training, every --checkpoint_every steps, and on Ctrl-C)")
+    ckpt.add_argument("--checkpoint_every", type=int, default=0,
+                      help="also checkpoint every N steps (0 = only at the end and on Ctrl-C)")
+    ckpt.add_argument("--keep_checkpoints", type=int, default=3,
+                      help="keep the newest K checkpoints of each model")
+    ckpt.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                      help="continue from the newest checkpoints in --save_dir, or from PATH "
+                           "(a save directory or one checkpoint file); give the same flags")
+    ckpt.add_argument("--generate", action="store_true",
+                      help="no training: continue --prompt with the model in --checkpoint")
+    ckpt.add_argument("--checkpoint", default=None, metavar="PATH",
+                      help="checkpoint file that --generate reads")
+    ckpt.add_argument("--skip_nonfinite", type=int, default=0,
+                      help="skip up to N steps whose loss or gradients are NaN/inf "
+                           "(0 = stop at the first)")
+    ckpt.add_argument("--early_stop_patience", type=int, default=0,
+                      help="stop when the test loss has not improved for N epochs (0 = off)")
+    ckpt.add_argument("--early_stop_min_delta", type=float, default=0.0,
+                      help="a test-loss decrease smaller than this is no improvement")
+    ckpt.add_argument("--plateau_patience", type=int, default=0,
+                      help="multiply the learning rate by --plateau_factor after N epochs "
+                           "without test-loss improvement (0 = off)")
+    ckpt.add_argument("--plateau_factor", type=float, default=0.5,
+                      help="learning-rate factor on a plateau, in (0, 1)")
+    ckpt.add_argument("--lr_min", type=float, default=0.0,
+                      help="reduce-on-plateau never takes the peak learning rate below this")
+    experiments = parser.add_argument_group("experiments (section 7)")
+    experiments.add_argument("--sweep", choices=("presentation", "custom_data", "budget", "overfit",
+                                                 "hyperparams", "kgram_variants", "architectures",
+                                                 "sampling", "ablations", "learning_rate",
+                                                 "batch_size"), default=None,
+                             help="run one sweep into artefacts/sweep_<name>.json, or every sweep "
+                                  "(presentation); finished points are skipped when started again")
+    experiments.add_argument("--sweep_scale", choices=("full", "tiny"), default="full",
+                             help="sweep size: full (the presentation) or tiny (seconds, for tests)")
+    experiments.add_argument("--custom_sweep_log", default=None, metavar="PATH",
+                             help="run the custom-data size sweep into this JSON file")
+    experiments.add_argument("--custom_sweep_sizes", default=None, metavar="N,N,...",
+                             help="training examples per point of the custom-data sweep "
+                                  "(default 3,63,123,185 at full scale)")
+    experiments.add_argument("--collect_transformer_metrics", action="store_true",
+                             help="run the architectures sweep: every Transformer preset (reduced "
+                                  "width), the LSTM and the k-gram MLP, measured in this run")
+    experiments.add_argument("--attention_maps", action="store_true",
+                             help="after training, write each Transformer's attention weights for "
+                                  "--prompt to artefacts/attention_<model>.json")
+    experiments.add_argument("--monosemantic_enabled", action="store_true",
+                             help="after training, cluster the token embeddings (k-means) and print "
+                                  "a greedy sample with each token's cluster and nearest neighbours")
+    experiments.add_argument("--monosemantic_clusters", type=int, default=8,
+                             help="k of the k-means over token embeddings")
+    dist = parser.add_argument_group("distributed training (Appendix C)")
+    dist.add_argument("--dist_timeout", type=float, default=300.0,
+                      help="torchrun: seconds a rank waits in a collective before the job fails")
+
+    bench = parser.add_argument_group("speed (Appendix A)")
+    bench.add_argument("--loss", choices=LOSS_KINDS, default="chunked",
+                       help="chunked: the output layer's loss a chunk of positions at a time, "
+                            "never building all logits (Appendix A); plain: cross-entropy on the "
+                            "model's logits (section 3). Same values")
+    bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                       help="training precision: bf16 autocast or fp32 (default: bfloat16 on "
+                            "CUDA, float32 elsewhere)")
+    bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
+                       help="kernel for float32 linear layers on the CPU: oneDNN (used only "
+                            "where this PyTorch build has it; 2x PyTorch's default on the AMD "
+                            "EPYC of docs/performance.md) or torch (PyTorch's default, MKL)")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile each model's features (worth it on GPUs)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the command line; raises UserError on a bad combination."""
+    args = build_arg_parser().parse_args(argv)
+    args.models = [name.strip() for name in args.models.split(",") if name.strip()]
+    if args.enable_transformer_gptoss and "transformer_gptoss" not in args.models:
+        args.models.append("transformer_gptoss")
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    def positive(name: str) -> None:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+
+    if not args.models:
+        raise UserError("--models is empty; choose from " + ", ".join(MODEL_NAMES))
+    for name in args.models:
+        if name not in MODEL_NAMES:
+            raise UserError(f"unknown model {name!r} in --models; choose from {', '.join(MODEL_NAMES)}")
+    if args.kgram_variant not in KGRAM_VARIANTS:
+        raise UserError(f"unknown --kgram_variant {args.kgram_variant!r}; "
+                        f"choose from {', '.join(KGRAM_VARIANTS)}")
+    for name in ("epochs", "batch_size", "grad_accum_steps", "dist_timeout", "block_size", "kgram_k", "embed_size", "lstm_layers",
+                 "max_steps_per_epoch", "max_new_tokens", "limit_custom_examples",
+                 "tinystories_max_stories", "log_interval"):
+        positive(name)
+    for name in ("learning_rate", "weight_decay", "grad_clip", "temperature", "rope_theta",
+                 "test_fraction", "tinystories_weight", "min_lr_ratio"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    for name in ("weight_decay", "grad_clip", "temperature", "warmup_steps", "sample_interval",
+                 "kgram_chunk_size", "num_inner_mlp_layers", "top_k"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.monosemantic_clusters <= 0:
+        raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
+    if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} is too large; "
+                        f"use at most {MAX_NEW_TOKENS_LIMIT}")
+    if not args.prompt:
+        raise UserError("--prompt is empty; give some text to continue, e.g. --prompt 'Once'")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not 0.0 <= args.tinystories_weight <= 1.0:
+        raise UserError(f"--tinystories_weight is a probability in [0, 1], got {args.tinystories_weight}")
+    if not 0.0 <= args.test_fraction < 1.0:
+        raise UserError(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
+    if "kgram_mlp_seq" in args.models and args.block_size <= args.kgram_k:
+        raise UserError(f"--block_size ({args.block_size}) must be larger than --kgram_k "
+                        f"({args.kgram_k})")
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    parse_tokenizer_spec(args.tokenizer)
+    validate_checkpoint_args(args)
+    for name in args.models:
+        if name.startswith("transformer"):
+            transformer_config_from_flags(vars(args), name)  # validates the fields
+
+
+def validate_checkpoint_args(args: argparse.Namespace) -> None:
+    """The checkpoint group's flags and their combinations (called by validate_args)."""
+    for name in ("checkpoint_every", "skip_nonfinite", "early_stop_patience", "plateau_patience"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.keep_checkpoints < 1:
+        raise UserError(f"--keep_checkpoints must be at least 1, got {args.keep_checkpoints}")
+    for name in ("early_stop_min_delta", "plateau_factor", "lr_min"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name} must be a finite number >= 0, got {value}")
+    if not 0.0 < args.plateau_factor < 1.0:
+        raise UserError(f"--plateau_factor must be in (0, 1), got {args.plateau_factor}")
+    if args.lr_min > args.learning_rate:
+        raise UserError(f"--lr_min ({args.lr_min}) must not exceed --learning_rate "
+                        f"({args.learning_rate})")
+    if (args.early_stop_patience or args.plateau_patience) and args.test_fraction == 0:
+        raise UserError("--early_stop_patience and --plateau_patience watch the test loss; "
+                        "set --test_fraction above 0")
+    if args.generate and not args.checkpoint:
+        raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir)")
+    if args.checkpoint and not args.generate:
+        raise UserError("--checkpoint is read by --generate; to continue training use --resume")
+    if args.generate and (args.resume is not None or args.save_dir):
+        raise UserError("--generate does not train; drop --resume and --save_dir")
+    if args.resume == "" and not args.save_dir:
+        raise UserError("--resume without a path resumes from --save_dir; "
+                        "pass --save_dir DIR or --resume PATH")
+    if args.checkpoint_every and not (args.save_dir or args.resume):
+        raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
+
+
+def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerConfig:
+    """The preset for `model_name` (--transformer_variant, or GPT-oss for transformer_gptoss),
+    with every explicitly given Transformer flag applied on top; UserError if invalid."""
+    preset = ("GPT-oss" if model_name == "transformer_gptoss"
+              else find_preset(flags["transformer_variant"]))
+    fields = dict(TRANSFORMER_PRESETS[preset])
+    for flag in TRANSFORMER_OVERRIDE_FLAGS:
+        if flags.get(flag) is not None:
+            fields[flag] = flags[flag]
+    if flags.get("d_model") is not None and flags.get("d_ff") is None:
+        fields.pop("d_ff", None)  # a preset's width belongs to its own d_model
+    config = TransformerConfig(block_size=flags["block_size"],
+                               attention_impl=flags["attention_impl"], **fields)
+    validate_transformer_config(config, preset)
+    return config
+
+
+def transformer_config_if_valid(flags: dict, model_name: str) -> TransformerConfig | None:
+    """As transformer_config_from_flags, but None for a Transformer that is not among the
+    models to train and that these flags do not describe validly (say --n_heads 6 with
+    the 512-wide GPT-oss preset, when only --transformer_variant minGPT is trained)."""
+    try:
+        return transformer_config_from_flags(flags, model_name)
+    except UserError:
+        if model_name in flags["models"]:
+            raise
+        return None
+
+
+@dataclasses.dataclass
+class ModelsConfig:
+    """The models to train, in order, and one config per model family."""
+
+    names: list[str]
+    kgram: KGramConfig
+    lstm: LSTMConfig
+    transformer: TransformerConfig | None         # the --transformer_variant preset, overridden
+    transformer_gptoss: TransformerConfig | None  # the GPT-oss preset with the same overrides
+
+    def config_of(self, name: str) -> KGramConfig | LSTMConfig | TransformerConfig:
+        config = {"kgram_mlp_seq": self.kgram, "lstm_seq": self.lstm,
+                  "transformer": self.transformer, "transformer_gptoss": self.transformer_gptoss}[name]
+        if config is None:
+            raise UserError(f"the Transformer flags do not describe a valid {name}")
+        return config
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """Sweeps and interpretability (section 7)."""
+
+    sweep: str | None = None
+    sweep_scale: str = "full"
+    custom_sweep_log: str | None = None
+    custom_sweep_sizes: str | None = None
+    collect_transformer_metrics: bool = False
+    attention_maps: bool = False
+    monosemantic_enabled: bool = False
+    monosemantic_clusters: int = 8
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a run is configured with, built once from the command line by main()."""
+
+    models: ModelsConfig
+    data: DataConfig
+    training: TrainingConfig
+    sampling: SamplingConfig
+    speed: SpeedConfig
+    checkpoints: CheckpointConfig
+    experiments: ExperimentConfig
+    output: OutputConfig
+    device_id: str = "cuda:0"
+    dist_timeout: float = 300.0
+    accounting: str | None = None            # --accounting WHAT: print, do not train
+    transformer_variant: str = "pico"
+    # The command line as plain values: written into run logs and checkpoints, and compared
+    # with a checkpoint's on --resume.
+    flags: dict = dataclasses.field(default_factory=dict)
+
+
+def section_config(cls, flags: dict, **renamed: str):
+    """An instance of the dataclass `cls` whose fields are the flags of the same name
+    (or, for a field in `renamed`, the flag named there)."""
+    return cls(**{field.name: flags[renamed.get(field.name, field.name)]
+                  for field in dataclasses.fields(cls)})
+
+
+def config_from_flags(flags: dict) -> Config:
+    """The config objects for a set of command-line values (every flag, as parse_args
+    gives them)."""
+    return Config(
+        models=ModelsConfig(
+            names=list(flags["models"]),
+            kgram=section_config(KGramConfig, flags, k="kgram_k", variant="kgram_variant",
+                                 num_inner_layers="num_inner_mlp_layers",
+                                 chunk_size="kgram_chunk_size"),
+            lstm=section_config(LSTMConfig, flags, num_layers="lstm_layers"),
+            transformer=transformer_config_if_valid(flags, "transformer"),
+            transformer_gptoss=transformer_config_if_valid(flags, "transformer_gptoss")),
+        data=section_config(DataConfig, flags),
+        training=section_config(TrainingConfig, flags),
+        sampling=section_config(SamplingConfig, flags),
+        speed=section_config(SpeedConfig, flags),
+        checkpoints=section_config(CheckpointConfig, flags),
+        experiments=section_config(ExperimentConfig, flags),
+        output=section_config(OutputConfig, flags),
+        device_id=flags["device_id"], dist_timeout=flags["dist_timeout"],
+        accounting=flags["accounting"], transformer_variant=flags["transformer_variant"],
+        flags=dict(flags))
+
+
+def with_flags(config: Config, **changes) -> Config:
+    """`config` with some command-line values changed (a sweep's point), through the same
+    checks as the command line: a point is what that command line would train."""
+    flags = {**config.flags, **changes}
+    validate_args(argparse.Namespace(**flags))
+    return config_from_flags(flags)
+
+
+def plain_flags(args: argparse.Namespace) -> dict:
+    """The parsed flags as plain values (str, int, float, bool, None, lists of them), the
+    only kinds a run log holds and a weights_only checkpoint loads."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+    return {key: plain(value) for key, value in vars(args).items()}
+
+
+def config_from_command_line(argv: Sequence[str] | None = None) -> Config:
+    """Parse and validate the command line, then build the config objects once."""
+    return config_from_flags(plain_flags(parse_args(argv)))
+
+def resolve_device(device_id: str) -> torch.device:
+    """cpu, mps or cuda:N; a CUDA request on a machine without CUDA falls back to cpu."""
+    try:
+        device = torch.device(device_id)
+    except RuntimeError:
+        raise UserError(f"unknown --device_id {device_id!r}; use cpu, mps or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print(f"pico-llm: note: CUDA is not available, using cpu instead of {device_id}",
+                  file=sys.stderr)
+            return torch.device("cpu")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device_id {device_id}: only {torch.cuda.device_count()} CUDA "
+                            "device(s) present")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("--device_id mps: Apple's MPS backend is not available here; use cpu")
+        return device
+    if device.type != "cpu":
+        raise UserError(f"unsupported --device_id {device_id!r}; use cpu, mps or cuda:N")
+    return device
+
+
+def prepare_data(data_config: DataConfig, prompt: str, quiet: bool):
+    """The tokenizer and the tokenized, split training data the config describes.
+    A bpe:N tokenizer is trained on the training split only, never the test set."""
+    sources = read_sources(data_config)
+    training_texts = [source.texts[i] for source in sources for i in source.train]
+    tokenizer = build_tokenizer(data_config.tokenizer, training_texts,
+                                Path(data_config.cache_dir) if data_config.cache_dir else None)
+    prompt_tokens = len(tokenizer.encode(prompt))
+    if prompt_tokens > data_config.block_size:
+        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than --block_size "
+                        f"{data_config.block_size}; shorten it or raise --block_size")
+    data = load_training_data(data_config, tokenizer, sources)
+    if not quiet:
+        for source in data.sources:
+            print(f"data: {source.name}: {len(source.examples)} examples ({len(source.train)} train, "
+                  f"{len(source.test)} test), {int(source.examples.offsets[-1]):,} tokens "
+                  f"[{tokenizer.name}]")
+    return tokenizer, data
+
+
+def data_summary(tokenizer, data: TrainingData) -> dict:
+    return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "sources": {s.name: {"examples": len(s.examples), "train": len(s.train),
+                                 "test": len(s.test), "tokens": int(s.examples.offsets[-1]),
+                                 "bytes": s.examples.num_bytes} for s in data.sources}}
+
+
+def train_models(config: Config, device: torch.device, tokenizer, data: TrainingData,
+                 runlog: RunLog | None, *, context: "Distributed | None" = None,
+                 trained_models: dict | None = None, resume_points: dict | None = None,
+                 stop: StopRequest | None = None) -> dict:
+    """Build and train every model of config.models, continuing those in resume_points
+    ({name: (path, checkpoint)}); returns {name: record}. The trained modules go into
+    `trained_models` when given (for the interpretability flags)."""
+    records = {}
+    training, save_dir = config.training, checkpoint_directory(config.checkpoints)
+    for name in config.models.names:
+        model_config = config.models.config_of(name)
+        model = build_model(model_config, tokenizer.vocab_size, training.seed).to(device)
+        record = model_record(name, model, model_config, config.data.block_size)
+        if runlog is not None:
+            runlog.add_model(name, record)
+        resume_from = (resume_points or {}).get(name)
+        if resume_from is not None and resume_from[1]["progress"]["finished"]:
+            record.update(resume_from[1]["record"])
+            if not training.quiet:
+                print(f"model {name}: finished in {resume_from[0]}, not retrained")
+        else:
+            if not training.quiet:
+                print(f"model {name}: {record['parameters']:,} parameters, "
+                      f"{record['training_flops_per_token'] / 1e6:,.1f} MFLOP per training token")
+            series = (CheckpointSeries(save_dir, name, config.checkpoints.keep_checkpoints)
+                      if save_dir else None)
+            guard = FaultTolerance(name, training, checkpoints=series, resume_from=resume_from,
+                                   checkpoint_every=config.checkpoints.checkpoint_every,
+                                   stop=stop, runlog=runlog, context=context, flags=config.flags,
+                                   tokenizer_spec=config.data.tokenizer)
+            train_one_model(name, model, data, training, config.sampling, device, tokenizer,
+                            record, runlog, speed=config.speed, guard=guard, context=context)
+        records[name] = record
+        if trained_models is not None:
+            trained_models[name] = model
+    return records
+
+
+def run_training(config: Config) -> int:
+    """The main job: train the models, print a summary, write the run log.
+    Under torchrun, rank 0 alone prints and writes."""
+    context, device_id = setup_distributed(config.device_id, config.dist_timeout)
+    try:
+        if not context.is_main:
+            config = dataclasses.replace(config, training=dataclasses.replace(config.training,
+                                                                              quiet=True))
+        device = resolve_device(device_id)
+        run_path = choose_run_path(config.output, config.models.names)
+        check_writable_directory(run_path.parent, "--artefacts_dir")
+        save_dir = checkpoint_directory(config.checkpoints)
+        if save_dir is not None:
+            check_writable_directory(save_dir, "--save_dir")
+        resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
+        if context.is_main:  # rank 0 alone writes; the others stop when it does
+            check_run_log_is_new(run_path, resuming=config.checkpoints.resume is not None)
+            check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
+        tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet)
+        runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
+                  if context.is_main else None)
+        if runlog is not None and isinstance(tokenizer, TrainedBPETokenizer):
+            tokenizer_dir = run_path.with_suffix(".tokenizer")  # the run's ids mean nothing without it
+            tokenizer.save(tokenizer_dir)
+            runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
+                                                      str(tokenizer_dir / "merges.json")]
+        if runlog is not None:
+            runlog.data["distributed"] = {"world_size": context.world_size,
+                                          "grad_accum_steps": config.training.grad_accum_steps}
+        models: dict = {}
+        with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
+            train_models(config, device, tokenizer, data, runlog, context=context,
+                         trained_models=models, resume_points=resume_points, stop=stop)
+        if runlog is not None:
+            runlog.data["status"] = "finished"
+            runlog.write()
+            print()
+            print(summary_table(runlog.data["models"]))
+            print()
+            print(ascii_loss_plot(runlog.data["models"]))
+            interpret_models(config, device, tokenizer, data, models)
+            print(f"\nrun log written to {run_path}")
+        if context.enabled:
+            # Every rank reaches destroy_process_group together, as PyTorch asks, rather
+            # than the others tearing down while rank 0 still writes the log and samples.
+            torch.distributed.barrier()
+        return 0
+    finally:
+        teardown_distributed(context)
+
+
+def run_generation(config: Config) -> int:
+    """--generate: continue --prompt with a checkpoint's model, using the sampling flags."""
+    path = Path(config.checkpoints.checkpoint)
+    checkpoint = load_checkpoint(path, "--checkpoint")
+    trained = config_from_flags({**plain_flags(parse_args([])), **checkpoint["args"]})
+    tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
+    model = build_model(trained.models.config_of(checkpoint["model_name"]), tokenizer.vocab_size,
+                        trained.training.seed)
+    load_model_weights(model, checkpoint, path, tokenizer)
+    sampling = config.sampling
+    prompt_tokens = len(tokenizer.encode(sampling.prompt))
+    if prompt_tokens > trained.data.block_size:
+        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than the checkpoint's "
+                        f"--block_size {trained.data.block_size}; shorten it")
+    device = resolve_device(config.device_id)
+    model = model.to(device)
+    speed_up(model, config.speed, device)   # generation uses the fast kernels too
+    rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
+    sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
+                           seed=sampling.seed, device=device)
+    print(sample.text)
+    return 0
+
+
+def run_accounting(config: Config) -> int:
+    """--accounting: where parameters, compute and memory go, without training."""
+    what, block_size = config.accounting, config.data.block_size
+    if what == "all":
+        names = list(TRANSFORMER_PRESETS) + list(GPT2_SHAPES)
+    elif what == "configured" or what in GPT2_SHAPES:
+        names = [what]
+    elif what.lower() in (preset.lower() for preset in TRANSFORMER_PRESETS):
+        names = [find_preset(what)]
+    else:
+        raise UserError(f"unknown --accounting {what!r}; use configured, all, a preset "
+                        f"({', '.join(TRANSFORMER_PRESETS)}) or {', '.join(GPT2_SHAPES)}")
+    kind, size = parse_tokenizer_spec(config.data.tokenizer)
+    vocab_size = size if kind == "bpe" else build_tokenizer(config.data.tokenizer).vocab_size
+    for name in names:
+        if name in GPT2_SHAPES:
+            transformer = gpt2_shape_config(name, block_size)
+        else:
+            preset = config.transformer_variant if name == "configured" else name
+            transformer = dataclasses.replace(
+                with_flags(config, transformer_variant=preset).models.config_of("transformer"),
+                vocab_size=vocab_size)
+        label = f"{config.transformer_variant} (configured)" if name == "configured" else name
+        print(format_accounting(label, transformer_accounting(transformer, block_size),
+                                config.training.batch_size))
+        print()
+    return 0
+
+
+def run_command(config: Config) -> int:
+    """Each mode of the script is one function; training is the default."""
+    experiments = config.experiments
+    if config.accounting:
+        return run_accounting(config)
+    if config.checkpoints.generate:
+        return run_generation(config)
+    if experiments.sweep or experiments.custom_sweep_log or experiments.collect_transformer_metrics:
+        return run_sweeps(config)
+    return run_training(config)
+
+
+def enable_crash_tracebacks() -> None:
+    """A crash in native code (SIGSEGV, SIGABRT, ...) prints every thread's Python stack on
+    stderr rather than ending the process without a word. Needs a real stderr file (tests
+    that capture stderr in memory have none)."""
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            config = config_from_command_line(argv)
+        except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
+            return int(exit_request.code or 0)
+        enable_crash_tracebacks()
+        return run_command(config)
+    except UserError as error:
+        rank = f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
+        print(f"pico-llm: error{rank}: {error}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as interruption:
+        print(f"pico-llm: {interruption}", file=sys.stderr)
+        return interruption.exit_status
+    except KeyboardInterrupt:
+        print("pico-llm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+def exit_process(status: int) -> None:
+    """Ends the process with `status`. A torchrun rank, whose work is done and whose files
+    are written and closed, leaves at once after flushing its output: about one full test
+    run in three, a rank ended cleanly and then died in C++ teardown during interpreter
+    shutdown ("terminate called without an active exception", SIGABRT, no Python frame left
+    on the stack), and torchrun reported the whole job as failed."""
+    if launched_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+# #############################################################################
+# PART III. APPENDICES
+# #############################################################################
+
+# =============================================================================
+# A. Speed
+# =============================================================================
+# What it adds: the same arithmetic as Part I, faster on a CPU. It matters when
+# the output layer dominates (GPT-2's 50257-token vocabulary on a small model)
+# and on AMD processors, where PyTorch's default float32 kernel (MKL) runs its
+# AVX2 code at about half the machine's AVX-512 peak. Three pieces, all switched
+# on in one place, `speed_up`, which the training loop calls:
+#   - linear layers through oneDNN (which PyTorch ships) for float32 on the CPU,
+#     with the gradient written out; 2x MKL's throughput on the benchmark machine;
+#   - the C allocator told to keep freed memory, so large per-step buffers do not
+#     fault their pages in again every step;
+#   - the chunked linear cross-entropy, which never builds the (positions x vocab)
+#     logits and computes the output layer's gradient during the forward pass.
+# `--loss plain --cpu_matmul torch` gives Part I's plain path; the tests check
+# that both give the same losses and gradients to float32 rounding.
+# Measurements: docs/performance.md.
 
 CPU_MATMUL_KERNELS = ("onednn", "torch")
-_cpu_matmul = {"kernel": "onednn"}
+LOSS_KINDS = ("chunked", "plain")
 
 
-def set_cpu_matmul(kernel: str) -> None:
-    """Choose the kernel for float32 CPU linears: "onednn" (when this build has it) or "torch"."""
-    if kernel not in CPU_MATMUL_KERNELS:
-        raise UserError(f"unknown --cpu_matmul {kernel!r}; choose from {', '.join(CPU_MATMUL_KERNELS)}")
-    _cpu_matmul["kernel"] = kernel
+@dataclasses.dataclass
+class SpeedConfig:
+    """Which kernels and which loss implementation training uses."""
+
+    loss: str = "chunked"          # chunked (this appendix) | plain (section 3)
+    cpu_matmul: str = "onednn"     # onednn | torch, for float32 linears on the CPU
+    compile: bool = False          # torch.compile the models' features (worth it on GPUs)
 
 
-@contextlib.contextmanager
-def cpu_matmul(kernel: str):
-    """Use `kernel` for float32 CPU linears inside the block (the benchmark compares them)."""
-    previous = _cpu_matmul["kernel"]
-    set_cpu_matmul(kernel)
-    try:
-        yield
-    finally:
-        _cpu_matmul["kernel"] = previous
+def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> NextTokenLoss:
+    """The one switch from Part I's plain path to the fast one. Returns the loss module
+    training calls: section 3's NextTokenLoss, or the chunked one of this appendix.
+
+    With cpu_matmul "onednn" on a CPU (and a PyTorch build that has oneDNN's op), the
+    model's nn.Linear layers become FastLinear in place: same parameters, same
+    state_dict, products through oneDNN; and the C allocator keeps freed memory for
+    reuse. Nothing changes on a GPU except the loss (and torch.compile if asked)."""
+    onednn = speed.cpu_matmul == "onednn" and device.type == "cpu" and onednn_available()
+    if onednn:
+        keep_freed_memory()
+        for module in model.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = FastLinear
+    if speed.compile:
+        compile_model(model)
+    return NextTokenLoss(model) if speed.loss == "plain" else ChunkedNextTokenLoss(model)
 
 
-def cpu_matmul_kernel() -> str:
-    """The kernel float32 CPU linears use now: "onednn" only if chosen and available."""
-    return "onednn" if _cpu_matmul["kernel"] == "onednn" and onednn_available() else "torch"
+class ChunkedNextTokenLoss(NextTokenLoss):
+    """NextTokenLoss through the model's features and its output layer, with the chunked
+    linear cross-entropy below: the same value, without the (positions x vocab) logits."""
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                position_weights: torch.Tensor) -> torch.Tensor:
+        """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
+        return linear_cross_entropy(self.model.features(inputs), self.model.unembedding,
+                                    targets, position_weights)
 
 
 @functools.cache
 def onednn_available() -> bool:
     """True when this PyTorch build has oneDNN's linear op and it agrees with F.linear.
-    The op is internal to PyTorch (its compiler uses it), so check rather than assume."""
+    The op is internal to PyTorch (its compiler uses it), so check rather than assume.
+    The probe draws from a generator of its own: drawing from the global one would shift
+    every later random number (a resumed run's dropout masks, say) by when it first ran."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
-        a, w = torch.randn(3, 8), torch.randn(5, 8)
-        c = torch.randn(3, 5)
+        generator = torch.Generator().manual_seed(0)
+        a, w, c = (torch.randn(*shape, generator=generator) for shape in ((3, 8), (5, 8), (3, 5)))
         return (torch.backends.mkldnn.is_available()
                 and torch.allclose(op(a, w, None, "none", [], ""), a @ w.t(), atol=1e-5)
                 and torch.allclose(op.binary(a, c, w, None, "add"), a @ w.t() + c, atol=1e-5))
@@ -1455,10 +3475,11 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x @ weight.T should go through oneDNN: x (..., in), weight (out, in)."""
+    """Whether a FastLinear's x @ weight.T can go through oneDNN: float32 on the CPU,
+    outside autocast and torch.compile (those keep PyTorch's own kernels).
+    x (..., in), weight (out, in)."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and cpu_matmul_kernel() == "onednn")
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -1472,16 +3493,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict) whose product goes through `linear()`."""
+class FastLinear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) whose product goes through `linear()`:
+    oneDNN for float32 on the CPU. speed_up turns a model's nn.Linear layers into these."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt() parameters, from glibc's malloc.h
-_freed_memory = {"kept": False}
 
+_freed_memory = {"kept": False}
 
 def keep_freed_memory() -> bool:
     """Ask the C allocator to keep freed blocks under 1 GiB for reuse. Returns whether it did.
@@ -1502,703 +3524,9 @@ def keep_freed_memory() -> bool:
     return _freed_memory["kept"]
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight.
-
-    Computed in float32 and cast back, so bf16 activations do not lose the mean.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
-
-
-def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
-    if kind == "rmsnorm":
-        return RMSNorm(dim)
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, bias=bias)
-    return nn.Identity()
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (Su et al., 2021, RoFormer).
-
-    Rotates each adjacent pair of dimensions (2i, 2i+1) of a query or key by the
-    angle position * theta^(-2i/D). The dot product of a rotated query and key
-    then depends only on their position difference. Positions are explicit, so
-    a KV cache rotates new tokens at their true position.
-    """
-
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
-        super().__init__()
-        inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
-
-    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,) int -> cos, sin of shape (T, D/2)."""
-        angle = positions.float()[:, None] * self.inverse_frequency[None, :]
-        return angle.cos(), angle.sin()
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, T, D) -> the same shape, each (2i, 2i+1) pair rotated.
-
-        Read the pair (a, b) as the complex number a + ib: rotating it by an angle is
-        multiplying by cos + i sin, giving (a cos - b sin) + i (a sin + b cos). One complex
-        product does in a pass what the real formula does in six (with its backward, 0.15
-        vs 1.16 ms per training call here)."""
-        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # (B, H, T, D/2)
-        rotated = pairs * torch.complex(cos, sin)                          # (T, D/2) broadcast
-        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
-
-
-def sinusoidal_position_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Vaswani et al. (2017) fixed positions: (T,) -> (T, dim), sin on even dims, cos on odd."""
-    frequency = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
-    angle = positions.float()[:, None] * frequency[None, :]
-    return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :dim]
-
-
-class KVCache:
-    """Keys and values of one attention layer for the tokens seen so far.
-
-    Preallocated to the model's block size, so each new token writes in place.
-    """
-
-    def __init__(self, batch: int, n_kv_heads: int, capacity: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.keys = torch.empty(batch, n_kv_heads, capacity, head_dim, device=device, dtype=dtype)
-        self.values = torch.empty_like(self.keys)
-        self.length = 0
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values: (B, H_kv, T, D) -> all cached (B, H_kv, S, D), S = length + T."""
-        end = self.length + keys.shape[2]
-        if end > self.keys.shape[2]:
-            raise RuntimeError(f"KV cache holds {self.keys.shape[2]} tokens; {end} requested")
-        self.keys[:, :, self.length: end] = keys
-        self.values[:, :, self.length: end] = values
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with optional grouped-query attention.
-
-    With n_kv_heads < n_heads, each key/value head serves n_heads / n_kv_heads
-    query heads (Ainslie et al., 2023), shrinking the KV cache.
-    """
-
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
-                 dropout: float, impl: str) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.out_proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.dropout = dropout
-        self.impl = impl
-        self.last_attention: torch.Tensor | None = None  # (B, H, T, S), kept when record_attention
-        self.record_attention = False
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """x: (B, T, d_model) -> (B, T, d_model). rope: (cos, sin) of the T new positions."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.append(k, v)                                                   # (B, Hkv, S, D)
-        dropout = self.dropout if self.training else 0.0
-        if self.impl == "math" or self.record_attention:
-            y = self._math_attention(q, k, v, past, dropout)
-        else:
-            y = self._sdpa_attention(q, k, v, past, dropout)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))                      # (B, T, d_model)
-
-    def _sdpa_attention(self, q, k, v, past: int, dropout: float) -> torch.Tensor:
-        """Fused kernel (flash attention on GPUs). The mask must know about the cache:
-        new token i sits at position past + i and may see keys 0..past + i."""
-        T, S = q.shape[2], k.shape[2]
-        gqa = self.n_kv_heads != self.n_heads
-        if past == 0:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                  enable_gqa=gqa)
-        mask = None if T == 1 else causal_mask(T, S, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              enable_gqa=gqa)
-
-    def _math_attention(self, q, k, v, past: int, dropout: float) -> torch.Tensor:
-        """The explicit formula softmax(Q K^T / sqrt(D) + causal mask) V."""
-        if self.n_kv_heads != self.n_heads:
-            repeats = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)                  # (B, H, T, S)
-        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        if self.record_attention:
-            self.last_attention = weights.detach()
-        weights = F.dropout(weights, p=dropout, training=dropout > 0)
-        return weights @ v                                                              # (B, H, T, D)
-
-
-def causal_mask(num_new: int, num_keys: int, device: torch.device) -> torch.Tensor:
-    """(T, S) bool, True where query i (at position S - T + i) may attend to key j."""
-    return torch.ones(num_new, num_keys, dtype=torch.bool, device=device).tril(
-        diagonal=num_keys - num_new)
-
-
-class FeedForward(nn.Module):
-    """Position-wise MLP: GELU (tanh approximation, as GPT-2), SiLU, or SwiGLU.
-
-    SwiGLU (Shazeer, 2020) is w2(silu(w1 x) * w3 x): a gated MLP with three matrices.
-    """
-
-    def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float) -> None:
-        super().__init__()
-        self.kind = kind
-        self.w1 = Linear(d_model, d_ff, bias=bias)
-        self.w3 = Linear(d_model, d_ff, bias=bias) if kind == "swiglu" else None
-        self.w2 = Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d_model) -> (B, T, d_model)
-        if self.kind == "swiglu":
-            hidden = F.silu(self.w1(x)) * self.w3(x)
-        elif self.kind == "gelu":
-            hidden = F.gelu(self.w1(x), approximate="tanh")
-        else:
-            hidden = F.silu(self.w1(x))
-        return self.dropout(self.w2(hidden))
-
-
-def default_ffn_width(d_model: int, kind: str) -> int:
-    """4 d_model for plain MLPs; about 8/3 d_model (same parameter count) for SwiGLU,
-    rounded up to a multiple of 64 for efficient matrix shapes."""
-    if kind == "swiglu":
-        return 64 * math.ceil(8 * d_model / 3 / 64)
-    return 4 * d_model
-
-
-# =============================================================================
-# 5. Models
-# =============================================================================
-# Every model maps tokens (seq_len, batch) to logits (seq_len, batch, vocab),
-# and implements forward_incremental(tokens, state) -> (logits, state) for
-# generation: state=None starts from scratch.
-
-
-class KGramMLPSeqModel(nn.Module):
-    """Predicts each next token from the k tokens ending at the current one.
-
-    The logits at position t use tokens t-k+1..t. (The course starter's window
-    stopped at t-1, so it never saw the token it was continuing: an off-by-one
-    fixed here.) Positions before the start of the text read a dedicated padding
-    id (vocab_size), not a real token. All positions are computed at once.
-
-    Variants of the context encoder:
-      onehot    - a Linear layer on the k concatenated one-hot vectors, computed as
-                  a sum of k looked-up weight rows (embedding_bag), never building
-                  the (k * vocab)-wide one-hot input.
-      embedding - concatenated k token embeddings.
-      conv      - a causal 1-D convolution of width k over token embeddings.
-    """
-
-    def __init__(self, vocab_size: int, k: int = 3, embed_size: int = 128,
-                 num_inner_layers: int = 1, variant: str = "embedding", chunk_size: int = 0) -> None:
-        super().__init__()
-        self.vocab_size, self.k, self.variant, self.chunk_size = vocab_size, k, variant, chunk_size
-        self.pad_id = vocab_size
-        table_size = vocab_size + 1
-        if variant == "onehot":
-            # Row j * table_size + token holds the first-layer weights of slot j's one-hot input.
-            self.onehot_weight = nn.Parameter(torch.randn(k * table_size, embed_size) * 0.02)
-            self.onehot_bias = nn.Parameter(torch.zeros(embed_size))
-        elif variant == "embedding":
-            self.embedding = nn.Embedding(table_size, embed_size)
-            self.context_proj = Linear(k * embed_size, embed_size)
-        else:
-            self.embedding = nn.Embedding(table_size, embed_size)
-            self.conv = nn.Conv1d(embed_size, embed_size, kernel_size=k)
-        layers: list[nn.Module] = [nn.SiLU()]
-        for _ in range(num_inner_layers):
-            layers += [Linear(embed_size, embed_size), nn.SiLU()]
-        self.mlp = nn.Sequential(*layers)
-        self.unembedding = Linear(embed_size, vocab_size)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.unembedding(self.features(tokens))
-
-    def features(self, tokens: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (T, B) -> last hidden layer (T, B, embed_size); state as below."""
-        if state is None:
-            state = self._padding_context(tokens)
-        padded = torch.cat([state, tokens], dim=0)                       # (k-1+T, B)
-        T = tokens.shape[0]
-        step = self.chunk_size or T
-        chunks = [self.mlp(self._encode_context(padded[start: start + step + self.k - 1]))
-                  for start in range(0, T, step)]
-        return torch.cat(chunks, dim=0)
-
-    def forward_incremental(self, tokens: torch.Tensor, state: torch.Tensor | None):
-        """tokens: (T, B); state: the previous k-1 tokens (k-1, B) or None.
-        Returns logits (T, B, vocab) and the new state."""
-        if state is None:
-            state = self._padding_context(tokens)
-        logits = self.unembedding(self.features(tokens, state))
-        return logits, torch.cat([state, tokens], dim=0)[tokens.shape[0]:]
-
-    def _padding_context(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(k-1, B) padding ids: what the window reads before the text starts."""
-        return torch.full((self.k - 1, tokens.shape[1]), self.pad_id, dtype=tokens.dtype,
-                          device=tokens.device)
-
-    def _encode_context(self, padded: torch.Tensor) -> torch.Tensor:
-        """(k-1+T, B) token ids -> (T, B, embed_size) context features."""
-        if self.variant == "conv":
-            embedded = self.embedding(padded).permute(1, 2, 0)              # (B, E, k-1+T)
-            return self.conv(embedded).permute(2, 0, 1)                     # (T, B, E)
-        windows = padded.unfold(0, self.k, 1)                                # (T, B, k)
-        if self.variant == "embedding":
-            return self.context_proj(self.embedding(windows).flatten(-2))   # (T, B, E)
-        slot_offsets = torch.arange(self.k, device=padded.device) * (self.vocab_size + 1)
-        rows = (windows + slot_offsets).flatten(0, 1)                        # (T*B, k)
-        summed = F.embedding_bag(rows, self.onehot_weight, mode="sum")       # (T*B, E)
-        return (summed + self.onehot_bias).view(*windows.shape[:2], -1)
-
-
-class LSTMSeqModel(nn.Module):
-    """Token embedding -> stacked LSTM (Hochreiter & Schmidhuber, 1997) -> unembedding.
-
-    For generation the (h, c) state is carried, so each new token costs one step.
-    """
-
-    def __init__(self, vocab_size: int, embed_size: int = 128, hidden_size: int = 128,
-                 num_layers: int = 1) -> None:
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.embedding = nn.Embedding(vocab_size, embed_size)
-        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers=num_layers)
-        self.unembedding = Linear(hidden_size, vocab_size)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.unembedding(self.features(tokens))
-
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (T, B) -> LSTM outputs (T, B, hidden)."""
-        return self.lstm(self.embedding(tokens))[0]
-
-    def forward_incremental(self, tokens: torch.Tensor, state):
-        """tokens: (T, B) -> logits (T, B, vocab), state (h, c) each (layers, B, hidden).
-        A single new token takes `step`: nn.LSTM's fused CPU kernel spends about 74 us
-        setting up for one time step, the equations written out about 20 (hidden 64)."""
-        x = self.embedding(tokens)                                          # (T, B, embed)
-        if tokens.shape[0] == 1 and state is not None:
-            hidden, state = self.step(x[0], state)
-            return self.unembedding(hidden)[None], state
-        hidden, state = self.lstm(x, state)                                 # (T, B, hidden)
-        return self.unembedding(hidden), state
-
-    def step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        """One time step through every layer, with nn.LSTM's weights (gates i, f, g, o):
-        c' = sigmoid(f) * c + sigmoid(i) * tanh(g),  h' = sigmoid(o) * tanh(c').
-        x (B, embed), state (h, c) each (layers, B, hidden) -> top h' (B, hidden), state."""
-        h, c = state
-        new_h, new_c = [], []
-        for layer in range(self.lstm.num_layers):
-            weights = [getattr(self.lstm, f"{name}_l{layer}")
-                       for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
-            gates = F.linear(x, weights[0], weights[1]) + F.linear(h[layer], weights[2], weights[3])
-            i, f, g, o = gates.chunk(4, dim=-1)                             # each (B, hidden)
-            new_c.append(torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g))
-            new_h.append(torch.sigmoid(o) * torch.tanh(new_c[-1]))
-            x = new_h[-1]
-        return x, (torch.stack(new_h), torch.stack(new_c))
-
-
-@dataclasses.dataclass
-class TransformerConfig:
-    """Every field of a decoder-only Transformer; presets fill it, flags override it."""
-
-    vocab_size: int
-    block_size: int
-    d_model: int = 128
-    n_heads: int = 4
-    n_kv_heads: int | None = None     # None = n_heads (plain multi-head attention)
-    n_blocks: int = 3
-    d_ff: int | None = None           # None = default_ffn_width(d_model, ffn)
-    ffn: str = "swiglu"
-    norm: str = "rmsnorm"
-    norm_position: str = "pre"
-    pos_emb: str = "rope"
-    rope_theta: float = 10000.0
-    tie_weights: bool = True
-    attention_impl: str = "sdpa"
-    dropout: float = 0.0
-    bias: bool = False
-
-    def __post_init__(self) -> None:
-        self.n_kv_heads = self.n_kv_heads or self.n_heads
-        self.d_ff = self.d_ff or default_ffn_width(self.d_model, self.ffn)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-
-# One table of presets (as in minGPT); a preset is only a set of config fields.
-TRANSFORMER_PRESETS: dict[str, dict] = {
-    # Small enough to train in a minute or two on a laptop CPU; used by the default run.
-    "pico": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
-                 pos_emb="rope", tie_weights=True),
-    # Karpathy's minGPT "gpt-mini"-like width with 6 blocks, GPT-2 style.
-    "minGPT": dict(d_model=384, n_heads=6, n_blocks=6, ffn="gelu", d_ff=1536, norm="layernorm",
-                   pos_emb="learned", tie_weights=True, bias=True),
-    # GPT-2 small (Radford et al., 2019) trimmed from 12 to 8 blocks.
-    "GPT2-small": dict(d_model=768, n_heads=12, n_blocks=8, ffn="gelu", d_ff=3072,
-                       norm="layernorm", pos_emb="learned", tie_weights=True, bias=True),
-    # The modern recipe used by open-weight models such as gpt-oss: RoPE, SwiGLU, RMSNorm.
-    "GPT-oss": dict(d_model=512, n_heads=8, n_blocks=8, ffn="swiglu", d_ff=2048, norm="rmsnorm",
-                    pos_emb="rope", tie_weights=False),
-    # Llama 3 (Grattafiori et al., 2024) in miniature: grouped-query attention, theta 500000.
-    "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
-                        norm="rmsnorm", pos_emb="rope", rope_theta=500000.0, tie_weights=False),
-}
-
-TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "ffn", "norm",
-                              "norm_position", "pos_emb", "rope_theta", "tie_weights", "dropout")
-
-
-def find_preset(name: str) -> str:
-    for preset in TRANSFORMER_PRESETS:
-        if preset.lower() == name.lower():
-            return preset
-    raise UserError(f"unknown --transformer_variant {name!r}; choose from "
-                    + ", ".join(TRANSFORMER_PRESETS))
-
-
-def transformer_config_from_args(args: argparse.Namespace, model_name: str,
-                                 vocab_size: int) -> TransformerConfig:
-    """The preset for `model_name`, with every explicitly given flag applied on top."""
-    preset = "GPT-oss" if model_name == "transformer_gptoss" else find_preset(args.transformer_variant)
-    fields = dict(TRANSFORMER_PRESETS[preset])
-    for flag in TRANSFORMER_OVERRIDE_FLAGS:
-        if getattr(args, flag, None) is not None:
-            fields[flag] = getattr(args, flag)
-    if args.d_model is not None and args.d_ff is None:
-        fields.pop("d_ff", None)  # a preset's width belongs to its own d_model
-    config = TransformerConfig(vocab_size=vocab_size, block_size=args.block_size,
-                               attention_impl=args.attention_impl, **fields)
-    validate_transformer_config(config, preset)
-    return config
-
-
-def validate_transformer_config(config: TransformerConfig, preset: str = "") -> None:
-    where = f" (preset {preset})" if preset else ""
-    for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff"):
-        if getattr(config, name) <= 0:
-            raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
-    if config.d_model % config.n_heads:
-        raise UserError(f"--n_heads {config.n_heads} must divide --d_model {config.d_model}{where}")
-    if config.n_heads % config.n_kv_heads:
-        raise UserError(f"--n_kv_heads {config.n_kv_heads} must divide --n_heads {config.n_heads}{where}")
-    if not 1 <= config.n_blocks <= MAX_TRANSFORMER_BLOCKS:
-        raise UserError(f"--n_blocks must be between 1 and {MAX_TRANSFORMER_BLOCKS} "
-                        f"(the course caps Transformers at 10 blocks), got {config.n_blocks}")
-    if config.pos_emb == "rope" and config.head_dim % 2:
-        raise UserError(f"RoPE needs an even head size; d_model / n_heads = {config.head_dim}{where}")
-
-
-class TransformerBlock(nn.Module):
-    """x + attn(norm(x)), then x + ffn(norm(x)) (pre-norm, as GPT-2 and Llama);
-    or norm(x + attn(x)), then norm(x + ffn(x)) (post-norm, as the 2017 Transformer)."""
-
-    def __init__(self, config: TransformerConfig) -> None:
-        super().__init__()
-        self.pre_norm = config.norm_position == "pre"
-        self.attention_norm = make_norm(config.norm, config.d_model, config.bias)
-        self.attention = CausalSelfAttention(config.d_model, config.n_heads, config.n_kv_heads,
-                                             config.bias, config.dropout, config.attention_impl)
-        self.ffn_norm = make_norm(config.norm, config.d_model, config.bias)
-        self.ffn = FeedForward(config.d_model, config.d_ff, config.ffn, config.bias, config.dropout)
-        self.residual_dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
-        """x: (B, T, d_model) -> (B, T, d_model)."""
-        if self.pre_norm:
-            x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, cache))
-            return x + self.ffn(self.ffn_norm(x))
-        x = self.attention_norm(x + self.residual_dropout(self.attention(x, rope, cache)))
-        return self.ffn_norm(x + self.ffn(x))
-
-
-@dataclasses.dataclass
-class TransformerState:
-    """Generation state: one KV cache per block and the position of the next token."""
-
-    caches: list[KVCache]
-    position: int = 0
-
-
-class TransformerModel(nn.Module):
-    """Decoder-only Transformer: token embedding (+ positions), n blocks, final norm,
-    unembedding (tied to the embedding or not)."""
-
-    def __init__(self, config: TransformerConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.vocab_size = config.vocab_size
-        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.position_embedding = (nn.Embedding(config.block_size, config.d_model)
-                                   if config.pos_emb == "learned" else None)
-        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta)
-                       if config.pos_emb == "rope" else None)
-        self.embedding_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_blocks))
-        # Post-norm blocks already end in a norm; a final norm belongs to pre-norm stacks.
-        self.final_norm = make_norm(config.norm if config.norm_position == "pre" else "none",
-                                    config.d_model, config.bias)
-        self.unembedding = Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_weights:
-            self.unembedding.weight = self.token_embedding.weight
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: residual projections shrink with depth so the stream stays O(1).
-        for name, parameter in self.named_parameters():
-            if name.endswith(("out_proj.weight", "w2.weight")):
-                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_blocks))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    @property
-    def max_context(self) -> int:
-        return self.config.block_size
-
-    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> TransformerState:
-        c = self.config
-        return TransformerState([KVCache(batch, c.n_kv_heads, c.block_size, c.head_dim, device, dtype)
-                                 for _ in range(c.n_blocks)])
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.unembedding(self.features(tokens))
-
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (T, B) -> final normalized residual stream (T, B, d_model)."""
-        return self._residual_stream(tokens, None)
-
-    def forward_incremental(self, tokens: torch.Tensor, state: TransformerState | None):
-        """tokens: (T, B) -> logits (T, B, vocab). New tokens sit after the cached ones
-        (positions state.position ..) and their keys/values join the cache."""
-        if state is None:
-            state = self.new_state(tokens.shape[1], tokens.device, self.token_embedding.weight.dtype)
-        return self.unembedding(self._residual_stream(tokens, state)), state
-
-    def _residual_stream(self, tokens: torch.Tensor, state: TransformerState | None) -> torch.Tensor:
-        idx = tokens.t()                                                   # (B, T)
-        B, T = idx.shape
-        start = state.position if state is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
-        positions = torch.arange(start, start + T, device=idx.device)
-        x = self.token_embedding(idx)                                      # (B, T, d_model)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(positions)
-        elif self.config.pos_emb == "sinusoidal":
-            x = x + sinusoidal_position_embedding(positions, self.config.d_model).to(x.dtype)
-        x = self.embedding_dropout(x)
-        rope = self.rotary.angles(positions) if self.rotary is not None else None
-        for layer, block in enumerate(self.blocks):
-            x = block(x, rope, state.caches[layer] if state is not None else None)
-        if state is not None:
-            state.position = start + T
-        return self.final_norm(x).transpose(0, 1)                          # (T, B, d_model)
-
-
-def build_model(model_name: str, args: argparse.Namespace, vocab_size: int) -> nn.Module:
-    """The model named on the command line, initialised from --seed."""
-    torch.manual_seed(args.seed)
-    if model_name == "kgram_mlp_seq":
-        return KGramMLPSeqModel(vocab_size, args.kgram_k, args.embed_size, args.num_inner_mlp_layers,
-                                args.kgram_variant, args.kgram_chunk_size)
-    if model_name == "lstm_seq":
-        return LSTMSeqModel(vocab_size, args.embed_size, args.embed_size, args.lstm_layers)
-    return TransformerModel(transformer_config_from_args(args, model_name, vocab_size))
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters, each shared tensor counted once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def training_flops_per_token(model: nn.Module, context_length: int) -> int:
-    """Training FLOPs per token: 6 N (forward 2 N, backward 4 N) over the N weights that
-    enter matrix multiplications, plus attention's 12 * layers * d_model * context
-    (Kaplan et al. 2020, PaLM appendix B). Embedding lookups are free; a tied
-    unembedding still costs its matmul, so it is counted once as a matmul."""
-    lookup_tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    lookup_tables.add(id(getattr(model, "onehot_weight", None)))  # one-hot rows are gathered
-    matmul_weights = {id(p): p.numel() for p in model.parameters()
-                      if id(p) not in lookup_tables and p.dim() >= 2}
-    unembedding = getattr(model, "unembedding", None)
-    if isinstance(unembedding, nn.Linear):
-        matmul_weights[id(unembedding.weight)] = unembedding.weight.numel()
-    flops = 6 * sum(matmul_weights.values())
-    if isinstance(model, TransformerModel):
-        flops += 12 * model.config.n_blocks * model.config.d_model * context_length
-    return int(flops)
-
-
-# GPT-2's published shapes (Radford et al., 2019), for accounting only: they exceed
-# the course's 10-block cap, so they are never built for training here.
-GPT2_SHAPES = {
-    "gpt2-small": dict(n_blocks=12, d_model=768, n_heads=12),
-    "gpt2-medium": dict(n_blocks=24, d_model=1024, n_heads=16),
-    "gpt2-large": dict(n_blocks=36, d_model=1280, n_heads=20),
-    "gpt2-xl": dict(n_blocks=48, d_model=1600, n_heads=25),
-}
-
-
-def gpt2_shape_config(name: str, context_length: int = 1024) -> TransformerConfig:
-    return TransformerConfig(vocab_size=50257, block_size=context_length, ffn="gelu",
-                             norm="layernorm", pos_emb="learned", tie_weights=True, bias=True,
-                             d_ff=4 * GPT2_SHAPES[name]["d_model"], **GPT2_SHAPES[name])
-
-
-def transformer_accounting(config: TransformerConfig, context_length: int) -> dict:
-    """Where a Transformer's parameters, compute and training memory go.
-
-    Returns per component: parameters, and forward FLOPs for one sequence of
-    `context_length` tokens (2 FLOPs per multiply-add); plus fp32 training memory
-    with AdamW in bytes: weights, gradients, the two moment buffers, and the
-    activations autograd keeps per example (a standard itemization that counts
-    every saved intermediate once; fused kernels save less).
-    """
-    c, T = config, context_length
-    d, L, V, F_ = c.d_model, c.n_blocks, c.vocab_size, c.d_ff
-    kv_width = c.n_kv_heads * c.head_dim
-    bias = 1 if c.bias else 0
-    norm_params = {"rmsnorm": d, "layernorm": d * (1 + bias), "none": 0}[c.norm]
-    ffn_matrices = 3 if c.ffn == "swiglu" else 2
-    attention_params = d * (d + 2 * kv_width) + d * d + bias * (2 * d + 2 * kv_width)
-    ffn_params = ffn_matrices * d * F_ + bias * ((ffn_matrices - 1) * F_ + d)
-    final_norm = norm_params if c.norm_position == "pre" else 0
-    parameters = {
-        "token_embedding": V * d,
-        "position_embedding": c.block_size * d if c.pos_emb == "learned" else 0,
-        "attention": L * attention_params,
-        "feed_forward": L * ffn_params,
-        "norms": L * 2 * norm_params + final_norm,
-        "unembedding": 0 if c.tie_weights else V * d,
-    }
-    flops = {
-        "attention_projections": L * 2 * T * (d * (d + 2 * kv_width) + d * d),
-        "attention_scores_and_mix": L * 2 * 2 * T * T * d,   # Q K^T, then weights @ V
-        "feed_forward": L * 2 * T * ffn_matrices * d * F_,
-        "unembedding": 2 * T * d * V,
-    }
-    per_block_activations = (2 * T * d               # inputs of the two norms
-                             + T * (d + 2 * kv_width)  # q, k, v
-                             + 2 * c.n_heads * T * T   # scores and softmax
-                             + 2 * T * d               # attention output, output projection
-                             + T * F_ * (3 if c.ffn == "swiglu" else 2) + T * d)  # FFN
-    activation_floats = L * per_block_activations + T * d + 2 * T * V  # final norm, logits, softmax
-    total_parameters = sum(parameters.values())
-    memory = {
-        "parameters": 4 * total_parameters,
-        "gradients": 4 * total_parameters,
-        "adamw_state": 8 * total_parameters,
-        "activations_per_example": 4 * activation_floats,
-    }
-    return {"parameters": parameters, "total_parameters": total_parameters,
-            "forward_flops_per_sequence": flops, "total_forward_flops": sum(flops.values()),
-            "context_length": T, "training_memory_bytes": memory}
-
-
-def format_accounting(name: str, account: dict, batch_size: int) -> str:
-    """A readable table of one model's accounting."""
-    total_p, total_f = account["total_parameters"], account["total_forward_flops"]
-    lines = [f"{name}: {total_p:,} parameters; forward {total_f / 1e9:,.2f} GFLOP per "
-             f"{account['context_length']}-token sequence (training about 3x)"]
-    for component, count in account["parameters"].items():
-        lines.append(f"  params  {component:<26} {count:>15,}  {100 * count / total_p:5.1f}%")
-    for component, count in account["forward_flops_per_sequence"].items():
-        lines.append(f"  flops   {component:<26} {count / 1e9:>13,.2f} G  {100 * count / total_f:5.1f}%")
-    memory = account["training_memory_bytes"]
-    fixed = memory["parameters"] + memory["gradients"] + memory["adamw_state"]
-    for component, size in memory.items():
-        lines.append(f"  memory  {component:<26} {size / 2**30:>13,.3f} GiB")
-    total = fixed + batch_size * memory["activations_per_example"]
-    lines.append(f"  memory  {'total at batch ' + str(batch_size):<26} {total / 2**30:>13,.3f} GiB")
-    return "\n".join(lines)
-
-
-# =============================================================================
-# 6. Loss and optimisation
-# =============================================================================
-# Written out from their definitions so each can be read and tested against
-# PyTorch's own; the training loop uses these.
-
-
-def softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """exp(x - max) / sum(exp(x - max)): subtracting the max keeps exp from overflowing."""
-    shifted = logits - logits.amax(dim=dim, keepdim=True)
-    exponentials = shifted.exp()
-    return exponentials / exponentials.sum(dim=dim, keepdim=True)
-
-
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood in nats. logits (..., V), targets (...) -> (...).
-
-    -log softmax(x)[y] = logsumexp(x) - x[y], with logsumexp computed stably
-    as max + log(sum(exp(x - max))). Computed in float32.
-    """
-    logits = logits.float()
-    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return log_sum_exp(logits) - target_logit
-
-
-def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
-    """log(sum(exp(x))) over the last dimension, as max + log(sum(exp(x - max)))
-    so that large logits do not overflow. (..., V) -> (...)."""
-    maximum = logits.amax(dim=-1, keepdim=True)
-    return maximum.squeeze(-1) + (logits - maximum).exp().sum(dim=-1).log()
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over any leading dimensions."""
-    return token_cross_entropy(logits, targets).mean()
-
-
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                         mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the positions where mask is True (padding excluded).
-    logits (T, B, V), targets (T, B), mask (T, B)."""
-    losses = token_cross_entropy(logits, targets)
-    return (losses * mask).sum() / mask.sum().clamp(min=1)
-
-
 # -log(p) of a float32 probability p is exact to ~1e-7 down to p = 1e-30; float32's normal
 # numbers end near 1e-38, and the softmax of a target 104 nats below its row maximum is 0.
 UNTRUSTED_SOFTMAX_LOSS = -math.log(1e-30)                                   # 69.08 nats
-
 
 def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor,
                            with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -2255,8 +3583,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, position_weights, chunk_size: int):
-        """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,).
+    def forward(ctx, hidden, weight, bias, targets, position_weights, chunk_size: int,
+                onednn: bool):
+        """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,);
+        onednn: whether the products may use oneDNN (where uses_onednn allows).
 
         Matmuls run in the autocast dtype when autocast is on (bf16 on a GPU), the softmax
         always in float32."""
@@ -2268,7 +3598,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             h_all = hidden.to(compute_dtype)
             w = weight.to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
-            onednn = uses_onednn(h_all, w)
+            onednn = onednn and uses_onednn(h_all, w)
             head = (OneDNNHeadChunks if onednn else TorchHeadChunks)(
                 h_all, w, b, loss_chunk_rows(chunk_size, onednn), wants_grad)
             losses = hidden.new_empty(hidden.shape[0], dtype=torch.float32)       # (N,)
@@ -2295,7 +3625,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         through the same graph is refused by autograd's version check."""
         grad_hidden, grad_weight, *grad_bias = ctx.saved_tensors
         grad_bias = grad_bias[0].mul_(grad_total) if ctx.has_bias else None
-        return grad_hidden.mul_(grad_total), scaled_(grad_weight, grad_total), grad_bias, None, None, None
+        return (grad_hidden.mul_(grad_total), scaled_(grad_weight, grad_total), grad_bias,
+                None, None, None, None)
 
 
 class TorchHeadChunks:
@@ -2413,707 +3744,38 @@ def scaled_(gradient: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.Tensor,
                          position_weights: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
     """sum_i position_weights[i] * CE(layer(hidden[i]), targets[i]) over positions i.
-    hidden (..., d), targets and position_weights (...)."""
+    hidden (..., d), targets and position_weights (...). The output layer's products use
+    oneDNN when the layer does (a FastLinear), PyTorch's kernels otherwise."""
     return LinearCrossEntropy.apply(hidden.flatten(0, -2), layer.weight, layer.bias,
-                                    targets.flatten(), position_weights.flatten(), chunk_size)
+                                    targets.flatten(), position_weights.flatten(), chunk_size,
+                                    isinstance(layer, FastLinear))
 
 
-class NextTokenLoss(nn.Module):
-    """A model and its masked next-token loss in one module: what training calls, and
-    what DistributedDataParallel (which hooks `forward`) wraps under torchrun. It goes
-    through the model's features and unembedding, so the full logits are never built."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
-                position_weights: torch.Tensor) -> torch.Tensor:
-        """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
-        return linear_cross_entropy(self.model.features(inputs), self.model.unembedding,
-                                    targets, position_weights)
-
-
-def sequence_loss(model: nn.Module, batch: "Batch", reduction: str = "mean") -> torch.Tensor:
-    """The masked next-token loss of `model` on `batch` (mean or sum over real targets),
-    equal to masked_cross_entropy(model(batch.inputs), ...)."""
-    mask = batch.mask.float()
-    weights = mask / mask.sum().clamp(min=1) if reduction == "mean" else mask
-    return NextTokenLoss(model)(batch.inputs, batch.targets, weights)
-
-
-@torch.no_grad()
-def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) -> float:
-    """Scale all gradients by max_norm / (norm + 1e-6) when their one global L2 norm
-    exceeds max_norm. Returns the norm before clipping."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    if total_norm > max_l2_norm:
-        scale = max_l2_norm / (total_norm + 1e-6)
-        for grad in grads:
-            grad.mul_(scale)
-    return float(total_norm)
-
-
-class AdamW(torch.optim.Optimizer):
-    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), written out.
-
-    Per parameter, with gradient g at step t:
-        p <- p - lr * weight_decay * p                  (decay, independent of g)
-        m <- beta1 m + (1 - beta1) g,  v <- beta2 v + (1 - beta2) g^2
-        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-    which is exactly the update of torch.optim.AdamW.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** t))
-        return loss
-
-
-def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device):
-    """AdamW with decay on matrices and embeddings only; norms' gains and biases are
-    not pulled towards zero. PyTorch's fused kernel on CUDA and CPU (one pass over the
-    parameters; on a 2-core CPU 7x faster than the foreach kernel at 16M parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    if args.optimizer == "scratch":
-        return AdamW(groups, lr=args.learning_rate)
-    fast = dict(fused=True) if device.type in ("cuda", "cpu") else dict(foreach=True)
-    return torch.optim.AdamW(groups, lr=args.learning_rate, **fast)
-
-
-def get_lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
-                           cosine_cycle_iters: int) -> float:
-    """Linear warm-up from 0 to max_lr over warmup_iters, cosine decay to min_lr at
-    cosine_cycle_iters, then min_lr."""
-    if it < warmup_iters:
-        return max_lr * it / warmup_iters
-    if it <= cosine_cycle_iters:
-        progress = (it - warmup_iters) / max(cosine_cycle_iters - warmup_iters, 1)
-        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-    return min_lr
-
-
-def learning_rate_at(step: int, total_steps: int, args: argparse.Namespace) -> float:
-    """The learning rate for 0-based training step `step` (warm-up counts from step 1,
-    so the first update is not wasted at lr 0)."""
-    if args.lr_schedule == "cosine":
-        return get_lr_cosine_schedule(step + 1, args.learning_rate,
-                                      args.learning_rate * args.min_lr_ratio,
-                                      args.warmup_steps, total_steps)
-    warmup = min((step + 1) / args.warmup_steps, 1.0) if args.warmup_steps else 1.0
-    return args.learning_rate * warmup
-
-
-def get_batch(tokens_1d: np.ndarray, batch_size: int, context_length: int, device,
-              rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniformly random windows of a (memory-mapped) token array.
-
-    Returns inputs and targets of shape (context_length, batch_size), targets
-    shifted by one token. Only the sampled windows are read from disk.
-    """
-    rng = rng or np.random.default_rng()
-    if len(tokens_1d) <= context_length:
-        raise ValueError(f"need more than {context_length} tokens, got {len(tokens_1d)}")
-    starts = rng.integers(0, len(tokens_1d) - context_length, size=batch_size)
-    windows = np.stack([np.asarray(tokens_1d[s: s + context_length + 1], dtype=np.int64)
-                        for s in starts])                                  # (B, T + 1)
-    windows = torch.from_numpy(windows).t()                                # (T + 1, B)
-    return (windows[:-1].contiguous().to(device), windows[1:].contiguous().to(device))
+def compile_model(model: nn.Module) -> nn.Module:
+    """--compile: torch.compile the part training runs (features; the chunked loss stays eager)."""
+    model.features = torch.compile(model.features)
+    return model
 
 
 # =============================================================================
-# 7. Generation
+# B. Fault tolerance
 # =============================================================================
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row, set the rest to -inf. logits (B, V)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth_largest = logits.topk(k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def nucleus_probabilities(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Top-p filtering (Holtzman et al., 2020). logits (B, V) -> probabilities (B, V).
-
-    Keeps the smallest set of most probable tokens whose cumulative probability
-    reaches p (the token that crosses p included), zeroes the rest, renormalizes.
-    """
-    probs = softmax(logits.float(), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep_sorted = mass_before < p
-    keep_sorted[..., 0] = True                      # the most likely token always stays
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    kept = probs * keep
-    return kept / kept.sum(dim=-1, keepdim=True)
-
-
-def nucleus_sampling(logits: torch.Tensor, p: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one token per row from the top-p nucleus. logits (B, V) -> ids (B,)."""
-    probs = nucleus_probabilities(logits, p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingRule:
-    """How the next token is chosen. temperature 0 means greedy (argmax)."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    @property
-    def label(self) -> str:
-        if self.temperature == 0:
-            return "greedy"
-        parts = [f"top-p {self.top_p:g}"]
-        if self.top_k:
-            parts.append(f"top-k {self.top_k}")
-        if self.temperature != 1.0:
-            parts.append(f"T {self.temperature:g}")
-        return ", ".join(parts)
-
-
-def sample_next_token(logits: torch.Tensor, rule: SamplingRule,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,): temperature, then top-k, then top-p."""
-    if rule.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = top_k_filter(logits.float() / rule.temperature, rule.top_k)
-    return nucleus_sampling(logits, rule.top_p, generator)
-
-
-def window_start(num_tokens: int, start: int, max_context: int | None) -> int:
-    """First token of the context the model reads. A Transformer only knows
-    block_size positions: when the context would overflow, it slides forward to
-    keep the last half block, and the KV cache is rebuilt from those tokens.
-    Sliding by half a block (not one token) keeps most steps on the cache."""
-    if max_context is None or num_tokens - start <= max_context:
-        return start
-    return num_tokens - max(1, max_context // 2)
-
-
-@dataclasses.dataclass
-class Generation:
-    text: str            # the prompt followed by the generated text
-    new_text: str
-    token_ids: list[int]  # prompt and generated ids
-    num_prompt_tokens: int
-
-
-@torch.no_grad()
-def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, rule: SamplingRule,
-                 *, eot_id: int | None = None, seed: int | None = None, use_cache: bool = True,
-                 device: torch.device | str = "cpu") -> list[int]:
-    """Extend `prompt_ids` by up to max_new_tokens ids, stopping after eot_id.
-
-    use_cache=True feeds only each new token to forward_incremental (KV cache or
-    carried LSTM state); use_cache=False re-reads the whole context every token.
-    Both read exactly the same context, so greedy outputs are identical.
-    """
-    was_training = model.training
-    model.eval()
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    ids = list(prompt_ids) or [eot_id if eot_id is not None else 0]
-    max_context = getattr(model, "max_context", None)
-    start = window_start(len(ids), 0, max_context)
-    state, pending = None, ids[start:]
-    for _ in range(max_new_tokens):
-        new_start = window_start(len(ids), start, max_context)
-        if new_start != start or not use_cache:
-            start, state, pending = new_start, None, ids[new_start:]
-        tokens = torch.tensor(pending, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
-        logits, state = model.forward_incremental(tokens, state)
-        next_id = int(sample_next_token(logits[-1], rule, generator)[0])
-        ids.append(next_id)
-        pending = [next_id]
-        if next_id == eot_id:
-            break
-    model.train(was_training)
-    return ids
-
-
-def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
-                  rule: SamplingRule = SamplingRule(), *, seed: int | None = None,
-                  use_cache: bool = True, device: torch.device | str = "cpu") -> Generation:
-    """Continue `prompt` with the model; one path for every model."""
-    prompt_ids = tokenizer.encode(prompt)
-    ids = generate_ids(model, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id, seed=seed,
-                       use_cache=use_cache, device=device)
-    new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
-    new_text = tokenizer.decode(new_ids)
-    return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
-
-
-STARTER_SAMPLING_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.95),
-                          SamplingRule(top_p=1.0))
-
-
-def sampling_rules(args: argparse.Namespace) -> list[SamplingRule]:
-    """The starter's greedy / top-p 0.95 / top-p 1.0, plus the flags' rule if it differs."""
-    configured = SamplingRule(args.temperature, args.top_k, args.top_p)
-    rules = list(STARTER_SAMPLING_RULES)
-    return rules if configured in rules else rules + [configured]
-
-
-# =============================================================================
-# 8. Training and evaluation
-# =============================================================================
-
-RUNLOG_JSON_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "pico-llm run log",
-    "type": "object",
-    "required": ["schema_version", "kind", "run_name", "created", "args", "environment", "data",
-                 "models"],
-    "properties": {
-        "schema_version": {"const": RUNLOG_SCHEMA_VERSION},
-        "kind": {"const": "run"},
-        "run_name": {"type": "string"},
-        "created": {"type": "string"},
-        "status": {"enum": ["running", "finished", "failed", "interrupted"]},
-        "args": {"type": "object"},
-        "environment": {
-            "type": "object",
-            "required": ["torch", "python", "device", "threads"],
-        },
-        "data": {
-            "type": "object",
-            "required": ["tokenizer", "vocab_size", "sources"],
-        },
-        "models": {
-            "type": "object",
-            "additionalProperties": {
-                "type": "object",
-                "required": ["parameters", "training_flops_per_token", "history", "test_history",
-                             "samples"],
-                "properties": {
-                    "parameters": {"type": "integer", "minimum": 1},
-                    "training_flops_per_token": {"type": "integer", "minimum": 0},
-                    "config": {"type": "object"},
-                    "history": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["step", "epoch", "train_loss", "lr", "tokens_seen",
-                                         "elapsed_s", "tokens_per_s"],
-                            "properties": {
-                                "step": {"type": "integer", "minimum": 1},
-                                "epoch": {"type": "integer", "minimum": 1},
-                                "train_loss": {"type": "number"},
-                                "lr": {"type": "number", "minimum": 0},
-                                "tokens_seen": {"type": "integer", "minimum": 0},
-                                "elapsed_s": {"type": "number", "minimum": 0},
-                                "tokens_per_s": {"type": "number", "minimum": 0},
-                            },
-                        },
-                    },
-                    "test_history": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["epoch", "step", "test_loss", "test_bits_per_byte",
-                                         "test_tokens"],
-                        },
-                    },
-                    "samples": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["step", "rule", "prompt", "text"],
-                        },
-                    },
-                    "final": {"type": "object"},
-                },
-            },
-        },
-    },
-}
-
-
-def environment_info(device: torch.device) -> dict:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-
-
-class RunLog:
-    """Everything a run measured, rewritten atomically to artefacts/<run_name>.json
-    after every epoch, so a crash leaves the last complete version on disk."""
-
-    def __init__(self, path: Path, args: argparse.Namespace, device: torch.device,
-                 data_info: dict) -> None:
-        self.path = path
-        self.data = {
-            "schema_version": RUNLOG_SCHEMA_VERSION,
-            "kind": "run",
-            "run_name": path.stem,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "status": "running",
-            "args": {key: value for key, value in vars(args).items()},
-            "environment": environment_info(device),
-            "data": data_info,
-            "models": {},
-        }
-
-    def add_model(self, name: str, record: dict) -> dict:
-        self.data["models"][name] = record
-        return record
-
-    def write(self) -> None:
-        try:
-            atomic_write_json(self.path, self.data)
-        except OSError as error:
-            raise UserError(f"cannot write run log {self.path}: {error.strerror}; free disk "
-                            "space or choose another --artefacts_dir") from None
-
-
-def load_runlog(path: Path | str) -> dict:
-    """Read a run log and check its schema version (the notebook uses this too)."""
-    with open(path, encoding="utf-8") as handle:
-        log = json.load(handle)
-    if log.get("schema_version") != RUNLOG_SCHEMA_VERSION:
-        raise UserError(f"{path}: run log schema {log.get('schema_version')!r}, "
-                        f"this pico-llm reads {RUNLOG_SCHEMA_VERSION}")
-    return log
-
-
-def choose_run_path(args: argparse.Namespace) -> Path:
-    """artefacts/<run_name>.json; a default name never reuses an existing file, and holds
-    the process id, so two runs starting in the same second cannot pick the same name."""
-    directory = Path(args.artefacts_dir)
-    if args.run_name:
-        if any(ch in args.run_name for ch in "/\\") or args.run_name.startswith("."):
-            raise UserError(f"--run_name {args.run_name!r} must be a plain file name")
-        return directory / f"{args.run_name}.json"
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-p{os.getpid()}_{'+'.join(args.models)}"
-    path, counter = directory / f"{stem}.json", 2
-    while path.exists():
-        path, counter = directory / f"{stem}-{counter}.json", counter + 1
-    return path
-
-
-def check_run_log_is_new(run_path: Path, args: argparse.Namespace) -> None:
-    """An explicit --run_name never replaces an earlier run's log, unless this run resumes
-    (its log then carries the earlier history on)."""
-    if run_path.exists() and not args.resume:
-        raise UserError(f"run log {run_path} already exists; choose another --run_name, "
-                        "delete that file to replace it, or continue the run with --resume")
-
-
-def check_writable_directory(directory: Path, flag: str) -> None:
-    """Fail before training, not after it, when results could not be saved."""
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{flag} {directory}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {directory} is not writable; choose another with {flag}")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device,
-             token_bytes: torch.Tensor, context: "Distributed | None" = None,
-             dtype: str | None = None) -> dict:
-    """Per-token test loss in nats, and bits per byte (total nats / UTF-8 bytes of the
-    predicted text / ln 2), which compares fairly across tokenizers. Under torchrun each
-    rank passes its share of the batches and the totals are summed over ranks."""
-    was_training = model.training
-    model.eval()
-    total_nats, total_tokens, total_bytes = 0.0, 0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        with autocast_context(device, dtype):
-            total_nats += float(sequence_loss(model, batch, reduction="sum"))
-        total_tokens += batch.num_target_tokens
-        total_bytes += int(token_bytes[batch.targets][batch.mask].sum())
-    model.train(was_training)
-    if context is not None:
-        total_nats, total_tokens, total_bytes = context.sum([total_nats, total_tokens, total_bytes],
-                                                            device)
-        total_tokens, total_bytes = int(total_tokens), int(total_bytes)
-    return {"test_loss": total_nats / max(total_tokens, 1),
-            "test_bits_per_byte": total_nats / max(total_bytes, 1) / math.log(2),
-            "test_tokens": total_tokens}
-
-
-def resolve_dtype(dtype: str | None, device: torch.device) -> str:
-    """--dtype: bfloat16 on CUDA and float32 elsewhere unless given."""
-    return dtype or ("bfloat16" if device.type == "cuda" else "float32")
-
-
-def autocast_context(device: torch.device, dtype: str | None = None):
-    """bf16 autocast (weights and optimizer stay fp32) or plain fp32. Default per
-    resolve_dtype: fp32 on the CPU, where fp32 training is the reference (and bf16
-    only pays off on CPUs with bf16 matrix units)."""
-    if resolve_dtype(dtype, device) == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class TrainingDiverged(UserError):
-    """The loss or the gradient norm became NaN or infinite, or the loss exploded
-    (see has_diverged)."""
-
-    def __init__(self, message: str, step: int = 0) -> None:
-        super().__init__(message)
-        self.step = step
-
-
-def has_diverged(loss: float, vocab_size: int) -> bool:
-    """Non-finite, or over 3x the loss of guessing uniformly (ln vocab): a fresh model
-    starts near ln vocab, so only a blow-up gets that far."""
-    return not math.isfinite(loss) or loss > 3 * math.log(vocab_size)
-
-
-def progress_bar(total: int, description: str, quiet: bool):
-    """A tqdm bar on a terminal; None when quiet or when stderr is not a TTY."""
-    if quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
-
-
-def say(message: str, bar=None) -> None:
-    if bar is not None:
-        bar.write(message)
-    else:
-        print(message, flush=True)
-
-
-def train_one_model(name: str, model: nn.Module, data: TrainingData, args: argparse.Namespace,
-                    device: torch.device, tokenizer, record: dict, runlog: RunLog | None, *,
-                    checkpoints: CheckpointSeries | None = None,
-                    resume_from: tuple[Path, dict] | None = None,
-                    stop: StopRequest | None = None,
-                    context: "Distributed | None" = None) -> dict:
-    """Train `model` for args.epochs epochs, evaluating after each; fills `record`.
-
-    resume_from (path, checkpoint) continues where that checkpoint stopped; checkpoints
-    saves every --checkpoint_every steps and at the end; stop (set by Ctrl-C or SIGTERM)
-    ends training after the current step with a checkpoint (TrainingInterrupted).
-    Under torchrun every rank runs this; only rank 0 prints, samples and writes."""
-    context = context or Distributed()
-    optimizer = build_optimizer(model, args, device)
-    progress = TrainingProgress()
-    if resume_from is not None:
-        progress = restore_training_state(resume_from[1], resume_from[0], model, optimizer,
-                                          record, tokenizer)
-    run = ModelTraining(name, model, optimizer, progress, args, tokenizer, record, runlog,
-                        checkpoints if context.is_main else None,
-                        wrap_for_training(model, context, device), context)
-    steps_per_epoch = data.steps_per_epoch(args.batch_size, args.max_steps_per_epoch)
-    total_steps = steps_per_epoch * args.epochs
-    token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
-    bar = progress_bar(total_steps, name, args.quiet)
-    if bar is not None:
-        bar.update(progress.step)
-    started = time.perf_counter() - progress.elapsed_s
-    model.train()
-    while progress.epoch <= args.epochs and not progress.finished:
-        epoch = progress.epoch
-        for slots in data.train_step_slots(args.batch_size, args.max_steps_per_epoch, epoch,
-                                           skip=progress.batches_done):
-            step_started = time.perf_counter()
-            lr = learning_rate_at(progress.step, total_steps, args) * progress.lr_scale
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            progress.step += 1
-            progress.batches_done += 1
-            micro_batches = rank_micro_batches(data, slots, args.grad_accum_steps, context, device)
-            step_tokens = data.target_tokens(slots)
-            loss = run.train_step(micro_batches, step_tokens, lr, bar)
-            progress.train_time_s += time.perf_counter() - step_started
-            progress.elapsed_s = time.perf_counter() - started
-            if loss is not None:
-                progress.tokens_seen += step_tokens
-                log_step(run, epoch, loss, lr, total_steps, bar)
-            run.after_step(stop)
-        if data.has_test_set:
-            batches = data.test_batches(args.batch_size, context.rank, context.world_size)
-            result = evaluate(model, batches, device, token_bytes, context, args.dtype)
-            record["test_history"].append({"epoch": epoch, "step": progress.step, **result})
-            if not args.quiet:
-                say(f"[{name}] epoch {epoch} test loss {result['test_loss']:.4f} "
-                    f"({result['test_bits_per_byte']:.3f} bits/byte)", bar)
-            change = after_evaluation(progress, result["test_loss"], args)
-            if change:
-                say(f"[{name}] {change}", bar)
-            if progress.finished:
-                record["stopped_early_after_epoch"] = epoch
-        progress.epoch, progress.batches_done = epoch + 1, 0
-        if runlog is not None:
-            runlog.write()
-        run.stop_if_requested(stop)
-    if bar is not None:
-        bar.close()
-    if context.is_main:
-        record_samples(model, tokenizer, args, device, progress.step, record, None, final=True)
-    progress.finished = True
-    record["final"] = final_summary(record, progress.train_time_s, time.perf_counter() - started)
-    run.stop_if_requested(stop)
-    run.save_checkpoint()
-    return record["final"]
-
-
-def log_step(run: ModelTraining, epoch: int, loss: float, lr: float, total_steps: int, bar) -> None:
-    """Append one step to the history; print it, and samples, at their intervals."""
-    progress, args, step = run.progress, run.args, run.progress.step
-    tokens_per_s = progress.tokens_seen / max(progress.train_time_s, 1e-9)
-    run.record["history"].append({
-        "step": step, "epoch": epoch, "train_loss": loss, "lr": lr,
-        "tokens_seen": progress.tokens_seen, "elapsed_s": round(progress.elapsed_s, 4),
-        "tokens_per_s": tokens_per_s})
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-    if not args.quiet and (step % args.log_interval == 0 or step == total_steps):
-        say(f"[{run.name}] epoch {epoch} step {step}/{total_steps} loss {loss:.4f} "
-            f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s", bar)
-    if (args.sample_interval and step % args.sample_interval == 0 and step < total_steps
-            and run.context.is_main):
-        record_samples(run.model, run.tokenizer, args, next(run.model.parameters()).device,
-                       step, run.record, bar)
-
-
-def rank_micro_batches(data: TrainingData, slots: list[tuple[int, int]], accumulation: int,
-                       context: "Distributed", device: torch.device) -> list[tuple[Batch, bool]]:
-    """This rank's share of one step's examples, as `accumulation` micro-batches.
-
-    Returns (batch, active) pairs. Every rank runs the same number of micro-batches
-    (DDP needs each rank in each gradient sync); a rank whose share is empty at the
-    end of an epoch runs a stand-in batch with active=False, which weighs nothing."""
-    share = context.shard(slots)
-    pieces = [share[i::accumulation] for i in range(accumulation)]
-    return [(data.batch_of(piece or slots[:1]).to(device), bool(piece)) for piece in pieces]
-
-
-def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Batch, bool]],
-                  step_tokens: int, grad_clip: float, context: "Distributed | None" = None,
-                  dtype: str | None = None) -> float:
-    """One optimizer update; returns the step's mean train loss over all its tokens.
-
-    Each position's loss weighs 1 / step_tokens (the real targets of the whole step,
-    over all ranks and micro-batches), so the update is the same token mean whatever
-    the split. DDP averages gradients over ranks, so each rank scales by world_size.
-    Only the last micro-batch synchronises gradients across ranks. Raises
-    NonFiniteStep, before updating anything, when the loss or gradient norm is NaN or inf.
-    dtype: None, "float32" or "bfloat16" (see autocast_context).
-    """
-    context = context or Distributed()
-    scale = context.world_size / max(step_tokens, 1)
-    optimizer.zero_grad(set_to_none=True)
-    local_loss = 0.0
-    for index, (batch, active) in enumerate(micro_batches):
-        weights = batch.mask.float() * (scale if active else 0.0)
-        last = index == len(micro_batches) - 1
-        with (contextlib.nullcontext() if last or not context.enabled else loss_model.no_sync()):
-            with autocast_context(batch.inputs.device, dtype):
-                loss = loss_model(batch.inputs, batch.targets, weights)
-            loss.backward()
-        local_loss += loss.item()
-    step_loss = context.sum([local_loss], batch.inputs.device)[0] / context.world_size
-    if not math.isfinite(step_loss):
-        raise NonFiniteStep("loss", step_loss)
-    # an infinite limit only measures the norm, so a bad gradient is caught without clipping
-    grad_norm = gradient_clipping(loss_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    if not math.isfinite(grad_norm):
-        raise NonFiniteStep("gradient norm", grad_norm)
-    optimizer.step()
-    return step_loss
-
-
-def final_summary(record: dict, train_time: float, wall_time: float) -> dict:
-    history, tests = record["history"], record["test_history"]
-    return {
-        "steps": len(history),
-        "train_loss": history[-1]["train_loss"] if history else None,
-        "test_loss": tests[-1]["test_loss"] if tests else None,
-        "test_bits_per_byte": tests[-1]["test_bits_per_byte"] if tests else None,
-        "tokens_seen": history[-1]["tokens_seen"] if history else 0,
-        "tokens_per_s": history[-1]["tokens_per_s"] if history else 0.0,
-        "train_time_s": round(train_time, 3),
-        "wall_time_s": round(wall_time, 3),
-    }
-
-
-def record_samples(model: nn.Module, tokenizer, args: argparse.Namespace, device: torch.device,
-                   step: int, record: dict, bar, final: bool = False) -> None:
-    """Generate from --prompt with each sampling rule; print and store the texts."""
-    if not args.quiet or final:
-        say(f"[{record['name']}] samples after step {step}:", bar)
-    for rule in sampling_rules(args):
-        sample = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, rule,
-                               seed=args.seed, device=device)
-        record["samples"].append({"step": step, "final": final, "rule": rule.label,
-                                  "prompt": args.prompt, "text": sample.text})
-        if not args.quiet or final:
-            say(f"    {rule.label:>12}: {sample.text!r}", bar)
-
-
-def model_record(name: str, model: nn.Module, args: argparse.Namespace) -> dict:
-    config = (dataclasses.asdict(model.config) if isinstance(model, TransformerModel) else
-              {"kgram_k": args.kgram_k, "kgram_variant": args.kgram_variant,
-               "embed_size": args.embed_size, "num_inner_mlp_layers": args.num_inner_mlp_layers}
-              if isinstance(model, KGramMLPSeqModel) else
-              {"embed_size": args.embed_size, "lstm_layers": args.lstm_layers})
-    return {"name": name, "parameters": count_parameters(model),
-            "training_flops_per_token": training_flops_per_token(model, args.block_size),
-            "config": config, "history": [], "test_history": [], "samples": []}
-
-
-# =============================================================================
-# 9. Checkpoints and fault tolerance
-# =============================================================================
-# A checkpoint holds everything needed to continue one model's training
-# exactly: weights, optimizer moments, progress (step, epoch, batches done in
-# the epoch, plateau state), every RNG state, the flags, the tokenizer's
-# identity and the model's run-log record so far. It contains only tensors and
-# plain Python values, so it loads with torch.load(weights_only=True), which
-# refuses any pickle that would run code. Files are written atomically, so a
-# kill at any moment leaves the previous checkpoint intact.
+# What it adds: a run that survives. A checkpoint holds everything needed to
+# continue one model's training exactly: weights, optimizer moments, progress
+# (step, epoch, batches done in the epoch, plateau state), every RNG state, the
+# flags, the tokenizer's identity and the model's run-log record so far. It
+# contains only tensors and plain Python values, so it loads with
+# torch.load(weights_only=True), which refuses any pickle that would run code.
+# Files are written atomically, so a kill at any moment leaves the previous
+# checkpoint intact. Ctrl-C or SIGTERM stops after the current step with a
+# checkpoint; a NaN or exploding loss stops the run (or skips the step); the test
+# loss can stop training early or lower the learning rate on a plateau.
+# It matters for long runs, shared machines and sweeps.
 
 CHECKPOINT_FORMAT = "pico-llm checkpoint"
+
 CHECKPOINT_VERSION = 1
+
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 
 # Flags that change what is printed, saved or sampled, never the training
@@ -3125,60 +3787,16 @@ FLAGS_FREE_ON_RESUME = frozenset({
     "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint"})
 
 
-def validate_checkpoint_args(args: argparse.Namespace) -> None:
-    """The checkpoint group's flags and their combinations (called by validate_args)."""
-    for name in ("checkpoint_every", "skip_nonfinite", "early_stop_patience", "plateau_patience"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.keep_checkpoints < 1:
-        raise UserError(f"--keep_checkpoints must be at least 1, got {args.keep_checkpoints}")
-    for name in ("early_stop_min_delta", "plateau_factor", "lr_min"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
-            raise UserError(f"--{name} must be a finite number >= 0, got {value}")
-    if not 0.0 < args.plateau_factor < 1.0:
-        raise UserError(f"--plateau_factor must be in (0, 1), got {args.plateau_factor}")
-    if args.lr_min > args.learning_rate:
-        raise UserError(f"--lr_min ({args.lr_min}) must not exceed --learning_rate "
-                        f"({args.learning_rate})")
-    if (args.early_stop_patience or args.plateau_patience) and args.test_fraction == 0:
-        raise UserError("--early_stop_patience and --plateau_patience watch the test loss; "
-                        "set --test_fraction above 0")
-    if args.generate and not args.checkpoint:
-        raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir)")
-    if args.checkpoint and not args.generate:
-        raise UserError("--checkpoint is read by --generate; to continue training use --resume")
-    if args.generate and (args.resume is not None or args.save_dir):
-        raise UserError("--generate does not train; drop --resume and --save_dir")
-    if args.resume == "" and not args.save_dir:
-        raise UserError("--resume without a path resumes from --save_dir; "
-                        "pass --save_dir DIR or --resume PATH")
-    if args.checkpoint_every and not (args.save_dir or args.resume):
-        raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
-
-
 @dataclasses.dataclass
-class TrainingProgress:
-    """Where one model's training stands; stored in every checkpoint."""
+class CheckpointConfig:
+    """Where checkpoints go and when (the checkpoint group's flags)."""
 
-    step: int = 0                  # optimizer steps taken, skipped non-finite ones included
-    epoch: int = 1                 # the 1-based epoch in progress
-    batches_done: int = 0          # batches of `epoch` already trained on
-    tokens_seen: int = 0
-    train_time_s: float = 0.0      # seconds inside training steps
-    elapsed_s: float = 0.0         # wall-clock seconds since training started
-    nonfinite_steps: int = 0       # steps skipped under --skip_nonfinite
-    lr_scale: float = 1.0          # reduce-on-plateau factor applied to the schedule
-    best_test_loss: float = math.inf
-    epochs_without_improvement: int = 0
-    finished: bool = False         # trained all epochs or stopped early
-
-
-class NonFiniteStep(Exception):
-    """training_step found a NaN or infinite loss or gradient norm and did not update."""
-
-    def __init__(self, quantity: str, value: float) -> None:
-        super().__init__(f"{quantity} became {value}")
+    save_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    resume: str | None = None        # "" = the newest checkpoints in save_dir; else a path
+    generate: bool = False           # --generate: no training, sample from `checkpoint`
+    checkpoint: str | None = None
 
 
 class TrainingInterrupted(Exception):
@@ -3220,6 +3838,161 @@ class StopRequest:
         if self.repeat_acts_at_once:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradient norm became NaN or infinite, or the loss exploded
+    (see has_diverged)."""
+
+    def __init__(self, message: str, step: int = 0) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def has_diverged(loss: float, vocab_size: int) -> bool:
+    """Non-finite, or over 3x the loss of guessing uniformly (ln vocab): a fresh model
+    starts near ln vocab, so only a blow-up gets that far."""
+    return not math.isfinite(loss) or loss > 3 * math.log(vocab_size)
+
+
+def after_evaluation(progress: TrainingProgress, test_loss: float, training: TrainingConfig) -> str | None:
+    """Early stopping and reduce-on-plateau from an epoch's test loss; returns a note on
+    what changed. A gain below --early_stop_min_delta counts as no improvement."""
+    if test_loss < progress.best_test_loss - training.early_stop_min_delta:
+        progress.best_test_loss = test_loss
+        progress.epochs_without_improvement = 0
+        return None
+    progress.epochs_without_improvement += 1
+    stalled = progress.epochs_without_improvement
+    if training.early_stop_patience and stalled >= training.early_stop_patience:
+        progress.finished = True
+        return f"no test-loss improvement for {stalled} epoch(s): stopping early"
+    if training.plateau_patience and stalled % training.plateau_patience == 0:
+        progress.lr_scale = max(progress.lr_scale * training.plateau_factor,
+                                training.lr_min / training.learning_rate)
+        return f"test loss on a plateau for {stalled} epoch(s): learning rate x{progress.lr_scale:.3g}"
+    return None
+
+
+class FaultTolerance:
+    """What the training loop (section 5) calls at its named points, for one model: start
+    (resume or start afresh), check_loss and skip_step (a step gone wrong), after_step
+    (periodic checkpoints, signals), after_evaluation (early stopping, plateau),
+    stop_if_requested and save_checkpoint. Made with only a name and a TrainingConfig, it
+    writes no checkpoint and watches no signal: it only stops a diverging run."""
+
+    def __init__(self, name: str, training: TrainingConfig, *,
+                 checkpoints: CheckpointSeries | None = None, checkpoint_every: int = 0,
+                 resume_from: tuple[Path, dict] | None = None, stop: StopRequest | None = None,
+                 runlog: "RunLog | None" = None, context: "Distributed | None" = None,
+                 flags: dict | None = None, tokenizer_spec: str = "") -> None:
+        self.name, self.training = name, training
+        self.context = context or Distributed()
+        self.checkpoints = checkpoints if self.context.is_main else None  # rank 0 writes
+        self.checkpoint_every = checkpoint_every
+        self.resume_from, self.stop, self.runlog = resume_from, stop, runlog
+        self.flags, self.tokenizer_spec = flags or {}, tokenizer_spec
+
+    def start(self, model: nn.Module, optimizer, record: dict, tokenizer) -> TrainingProgress:
+        """A fresh TrainingProgress, or, resuming, the checkpoint's: weights, optimizer
+        moments, the run-log record so far and every RNG state are restored with it."""
+        self.model, self.optimizer, self.record, self.tokenizer = model, optimizer, record, tokenizer
+        self.progress = TrainingProgress()
+        if self.resume_from is not None:
+            path, checkpoint = self.resume_from
+            load_model_weights(model, checkpoint, path, tokenizer)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            record.update(checkpoint["record"])
+            restore_rng_states(checkpoint["rng"])
+            self.progress = TrainingProgress(**checkpoint["progress"])
+            if not self.training.quiet:
+                print(f"[{self.name}] resuming from {path}: step {self.progress.step}, "
+                      f"epoch {self.progress.epoch}", flush=True)
+        return self.progress
+
+    def check_loss(self, loss: float, lr: float) -> None:
+        """A finite loss that exploded (has_diverged) stops training."""
+        if has_diverged(loss, self.tokenizer.vocab_size):
+            self.fail(f"loss exploded to {loss:.4g} at step {self.progress.step} (lr {lr:.3g}); "
+                      "lower --learning_rate or raise --warmup_steps")
+
+    def skip_step(self, problem: NonFiniteStep, lr: float, bar) -> None:
+        """A step whose loss or gradients were NaN or infinite, which training_step did not
+        apply: skipped while --skip_nonfinite allows, else training stops."""
+        progress = self.progress
+        progress.nonfinite_steps += 1
+        if progress.nonfinite_steps > self.training.skip_nonfinite:
+            self.fail(f"{problem} at step {progress.step} (lr {lr:.3g}); lower --learning_rate, "
+                      "raise --warmup_steps or allow skips with --skip_nonfinite N")
+        self.record.setdefault("skipped_steps", []).append(progress.step)
+        say(f"[{self.name}] step {progress.step} skipped: {problem} ({progress.nonfinite_steps} "
+            f"of --skip_nonfinite {self.training.skip_nonfinite})", bar)
+        return None
+
+    def fail(self, what: str):
+        """Stop training; the last checkpoint written stays the newest."""
+        self.write_runlog("failed")
+        if self.checkpoints is None:
+            kept = "none (pass --save_dir to keep checkpoints)"
+        else:
+            kept = self.checkpoints.last_saved or "none written yet"
+        raise TrainingDiverged(f"{self.name}: {what}; last good checkpoint: {kept}",
+                               self.progress.step)
+
+    def after_step(self) -> None:
+        every = self.checkpoint_every
+        if every and self.progress.step % every == 0:
+            self.save_checkpoint()
+        self.stop_if_requested()
+
+    def after_evaluation(self, test_loss: float, bar) -> None:
+        """Early stopping and reduce-on-plateau on this epoch's test loss."""
+        change = after_evaluation(self.progress, test_loss, self.training)
+        if change:
+            say(f"[{self.name}] {change}", bar)
+        if self.progress.finished:
+            self.record["stopped_early_after_epoch"] = self.progress.epoch
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints.save({
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_name": self.name,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "progress": dataclasses.asdict(self.progress), "rng": rng_states(),
+            "args": self.flags, "tokenizer": tokenizer_identity(self.tokenizer_spec, self.tokenizer),
+            "record": self.record})
+
+    def stop_if_requested(self) -> None:
+        """On a pending signal: checkpoint, run log, and a message on how to resume.
+
+        Under torchrun the ranks decide together (one all-reduce, every rank calls this at
+        the same points): a signal may reach one rank only, or reach the ranks on either
+        side of this check, and a rank that stopped alone would leave the others waiting
+        in their next all-reduce until --dist_timeout."""
+        if self.stop is None:
+            return
+        device = next(self.model.parameters()).device
+        signal_number = self.context.maximum(self.stop.signal_number or 0, device)
+        if not signal_number:
+            return
+        interrupted = f"interrupted by {signal.Signals(signal_number).name} at step {self.progress.step}"
+        if not self.context.is_main:
+            raise TrainingInterrupted(signal_number, f"rank {self.context.rank} {interrupted} of "
+                                      f"{self.name}, with every rank; rank 0 writes the checkpoint")
+        saved = self.save_checkpoint()
+        self.write_runlog("interrupted")
+        written = f"checkpoint {saved}" if saved else "no checkpoint (pass --save_dir DIR to resume runs)"
+        if self.runlog is not None:
+            written += f", run log {self.runlog.path}"
+        how = (f"; to resume, rerun the same command with --resume {self.checkpoints.save_dir}"
+               if saved else "")
+        raise TrainingInterrupted(signal_number, f"{interrupted} of {self.name}; wrote {written}{how}")
+
+    def write_runlog(self, status: str) -> None:
+        if self.runlog is not None:
+            self.runlog.data["status"] = status
+            self.runlog.write()
 
 
 def checkpoint_step(path: Path) -> int:
@@ -3264,15 +4037,6 @@ class CheckpointSeries:
         return path
 
 
-def plain_args(args: argparse.Namespace) -> dict:
-    """The flags as plain values, the only kind weights_only loading accepts."""
-    def plain(value):
-        if isinstance(value, (list, tuple)):
-            return [plain(item) for item in value]
-        return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
-    return {key: plain(value) for key, value in vars(args).items()}
-
-
 def rng_states() -> dict:
     """Every random-number generator's state, as tensors and plain values."""
     _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
@@ -3295,10 +4059,10 @@ def restore_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal_state), gauss))
 
 
-def tokenizer_identity(args: argparse.Namespace, tokenizer) -> dict:
+def tokenizer_identity(spec: str, tokenizer) -> dict:
     """What a checkpoint needs to turn its ids back into text. A trained BPE travels
     whole (bytes as hex, plain types that weights_only loading accepts)."""
-    identity = {"spec": args.tokenizer, "name": tokenizer.name, "vocab_size": tokenizer.vocab_size}
+    identity = {"spec": spec, "name": tokenizer.name, "vocab_size": tokenizer.vocab_size}
     if isinstance(tokenizer, TrainedBPETokenizer):
         identity["bpe_vocab"] = {str(i): token.hex() for i, token in tokenizer.bpe.vocab.items()}
         identity["bpe_merges"] = [[a.hex(), b.hex()] for a, b in tokenizer.bpe.merges]
@@ -3342,54 +4106,55 @@ def load_checkpoint(path: Path, flag: str) -> dict:
     return checkpoint
 
 
-def checkpoint_directory(args: argparse.Namespace) -> Path | None:
+def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
     """Where checkpoints go: --save_dir, or else the directory --resume reads."""
-    if args.save_dir:
-        return Path(args.save_dir)
-    if args.resume:
-        source = Path(args.resume)
+    if checkpoints.save_dir:
+        return Path(checkpoints.save_dir)
+    if checkpoints.resume:
+        source = Path(checkpoints.resume)
         return source.parent.parent if source.is_file() else source
     return None
 
 
-def resume_checkpoints(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
+def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
+                       flags: dict) -> dict[str, tuple[Path, dict]]:
     """{model name: (path, checkpoint)} for each model --resume continues, checked against
     the flags before anything is written. Models without a checkpoint start afresh."""
-    if args.resume is None:
+    if checkpoints.resume is None:
         return {}
-    source = Path(args.resume or args.save_dir)
+    source = Path(checkpoints.resume or checkpoints.save_dir)
     if source.is_file():
         checkpoint = load_checkpoint(source, "--resume")
         name = checkpoint["model_name"]
-        if args.models != [name]:
+        if model_names != [name]:
             raise UserError(f"--resume {source} holds model {name}, but --models is "
-                            f"{','.join(args.models)}; pass --models {name}, or --resume the "
+                            f"{','.join(model_names)}; pass --models {name}, or --resume the "
                             "whole --save_dir")
         found = {name: (source, checkpoint)}
     elif source.is_dir():
         found = {}
-        for name in args.models:
+        for name in model_names:
             latest = CheckpointSeries(source, name, keep=1).latest()
             if latest is not None:
                 found[name] = (latest, load_checkpoint(latest, "--resume"))
         if not found:
-            raise UserError(f"--resume {source}: no checkpoints of {', '.join(args.models)} "
+            raise UserError(f"--resume {source}: no checkpoints of {', '.join(model_names)} "
                             "there; check --save_dir and --models, or drop --resume")
     else:
         raise UserError(f"--resume {source} does not exist; give a --save_dir or a checkpoint file")
     for path, checkpoint in found.values():
-        check_same_flags(checkpoint, path, args)
+        check_same_flags(checkpoint, path, flags)
     return found
 
 
-def check_checkpoints_are_ours(save_dir: Path | None, args: argparse.Namespace,
+def check_checkpoints_are_ours(save_dir: Path | None, model_names: list[str],
                                resume_points: dict[str, tuple[Path, dict]]) -> None:
     """A run writes into <save_dir>/<model>/ only when that directory holds no checkpoints or
     this run continues them: a fresh run there would replace another run's step files and
     prune the rest."""
     if save_dir is None:
         return
-    for name in args.models:
+    for name in model_names:
         series = CheckpointSeries(save_dir, name, keep=1)
         latest = series.latest()
         resumed = resume_points.get(name)
@@ -3401,9 +4166,9 @@ def check_checkpoints_are_ours(save_dir: Path | None, args: argparse.Namespace,
                         f"{save_dir}, or choose another --save_dir")
 
 
-def check_same_flags(checkpoint: dict, path: Path, args: argparse.Namespace) -> None:
+def check_same_flags(checkpoint: dict, path: Path, flags: dict) -> None:
     """A resumed run must compute what the interrupted one would have: same flags."""
-    stored, current = checkpoint["args"], plain_args(args)
+    stored, current = checkpoint["args"], flags
     differences = [f"--{key} {stored[key]!r} there, {current[key]!r} now"
                    for key in sorted(stored.keys() & current.keys())
                    if key not in FLAGS_FREE_ON_RESUME and stored[key] != current[key]]
@@ -3426,1396 +4191,17 @@ def load_model_weights(model: nn.Module, checkpoint: dict, path: Path, tokenizer
                         f"({detail})") from None
 
 
-def restore_training_state(checkpoint: dict, path: Path, model: nn.Module, optimizer,
-                           record: dict, tokenizer) -> TrainingProgress:
-    """Weights, optimizer, RNG states and the run-log record so far; returns the progress."""
-    load_model_weights(model, checkpoint, path, tokenizer)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    record.update(checkpoint["record"])
-    restore_rng_states(checkpoint["rng"])
-    return TrainingProgress(**checkpoint["progress"])
-
-
-def after_evaluation(progress: TrainingProgress, test_loss: float, args: argparse.Namespace) -> str | None:
-    """Early stopping and reduce-on-plateau from an epoch's test loss; returns a note on
-    what changed. A gain below --early_stop_min_delta counts as no improvement."""
-    if test_loss < progress.best_test_loss - args.early_stop_min_delta:
-        progress.best_test_loss = test_loss
-        progress.epochs_without_improvement = 0
-        return None
-    progress.epochs_without_improvement += 1
-    stalled = progress.epochs_without_improvement
-    if args.early_stop_patience and stalled >= args.early_stop_patience:
-        progress.finished = True
-        return f"no test-loss improvement for {stalled} epoch(s): stopping early"
-    if args.plateau_patience and stalled % args.plateau_patience == 0:
-        progress.lr_scale = max(progress.lr_scale * args.plateau_factor,
-                                args.lr_min / args.learning_rate)
-        return f"test loss on a plateau for {stalled} epoch(s): learning rate x{progress.lr_scale:.3g}"
-    return None
-
-
-@dataclasses.dataclass
-class ModelTraining:
-    """One model's training state and where it goes: what a checkpoint captures."""
-
-    name: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    progress: TrainingProgress
-    args: argparse.Namespace
-    tokenizer: object
-    record: dict
-    runlog: "RunLog | None"
-    checkpoints: CheckpointSeries | None    # None on every rank but 0
-    loss_model: nn.Module                   # NextTokenLoss(model), DDP-wrapped under torchrun
-    context: "Distributed"
-
-    def save_checkpoint(self) -> Path | None:
-        if self.checkpoints is None:
-            return None
-        return self.checkpoints.save({
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_name": self.name,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "progress": dataclasses.asdict(self.progress), "rng": rng_states(),
-            "args": plain_args(self.args), "tokenizer": tokenizer_identity(self.args, self.tokenizer),
-            "record": self.record})
-
-    def train_step(self, micro_batches: list[tuple[Batch, bool]], step_tokens: int, lr: float,
-                   bar) -> float | None:
-        """training_step, or None when it was non-finite and --skip_nonfinite allows a skip.
-        A finite loss that exploded (has_diverged) stops training as well."""
-        try:
-            loss = training_step(self.loss_model, self.optimizer, micro_batches, step_tokens,
-                                 self.args.grad_clip, self.context, self.args.dtype)
-        except NonFiniteStep as problem:
-            self.progress.nonfinite_steps += 1
-            if self.progress.nonfinite_steps > self.args.skip_nonfinite:
-                self.fail(f"{problem} at step {self.progress.step} (lr {lr:.3g})")
-            self.record.setdefault("skipped_steps", []).append(self.progress.step)
-            say(f"[{self.name}] step {self.progress.step} skipped: {problem} "
-                f"({self.progress.nonfinite_steps} of --skip_nonfinite {self.args.skip_nonfinite})", bar)
-            return None
-        if has_diverged(loss, self.tokenizer.vocab_size):
-            self.fail(f"loss exploded to {loss:.4g} at step {self.progress.step} (lr {lr:.3g})")
-        return loss
-
-    def fail(self, what: str):
-        """Stop on a non-finite step; the last checkpoint written stays the newest."""
-        self.write_runlog("failed")
-        kept = self.checkpoints.last_saved if self.checkpoints else None
-        raise TrainingDiverged(f"{self.name}: {what}; lower --learning_rate, raise --warmup_steps "
-                               "or allow skips with --skip_nonfinite N; last good checkpoint: "
-                               f"{kept or 'none (pass --save_dir)'}", self.progress.step)
-
-    def after_step(self, stop: StopRequest | None) -> None:
-        every = self.args.checkpoint_every
-        if every and self.progress.step % every == 0:
-            self.save_checkpoint()
-        self.stop_if_requested(stop)
-
-    def stop_if_requested(self, stop: StopRequest | None) -> None:
-        """On a pending signal: checkpoint, run log, and a message on how to resume.
-
-        Under torchrun the ranks decide together (one all-reduce, every rank calls this at
-        the same points): a signal may reach one rank only, or reach the ranks on either
-        side of this check, and a rank that stopped alone would leave the others waiting
-        in their next all-reduce until --dist_timeout."""
-        if stop is None:
-            return
-        device = next(self.model.parameters()).device
-        signal_number = self.context.maximum(stop.signal_number or 0, device)
-        if not signal_number:
-            return
-        interrupted = f"interrupted by {signal.Signals(signal_number).name} at step {self.progress.step}"
-        if not self.context.is_main:
-            raise TrainingInterrupted(signal_number, f"rank {self.context.rank} {interrupted} of "
-                                      f"{self.name}, with every rank; rank 0 writes the checkpoint")
-        saved = self.save_checkpoint()
-        self.write_runlog("interrupted")
-        written = f"checkpoint {saved}" if saved else "no checkpoint (pass --save_dir DIR to resume runs)"
-        if self.runlog is not None:
-            written += f", run log {self.runlog.path}"
-        how = (f"; to resume, rerun the same command with --resume {self.checkpoints.save_dir}"
-               if saved else "")
-        raise TrainingInterrupted(signal_number, f"{interrupted} of {self.name}; wrote {written}{how}")
-
-    def write_runlog(self, status: str) -> None:
-        if self.runlog is not None:
-            self.runlog.data["status"] = status
-            self.runlog.write()
-
-
-def run_generation(args: argparse.Namespace) -> int:
-    """--generate: continue --prompt with a checkpoint's model, using the sampling flags."""
-    path = Path(args.checkpoint)
-    checkpoint = load_checkpoint(path, "--checkpoint")
-    trained = argparse.Namespace(**{**vars(parse_args([])), **checkpoint["args"]})
-    tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
-    model = build_model(checkpoint["model_name"], trained, tokenizer.vocab_size)
-    load_model_weights(model, checkpoint, path, tokenizer)
-    prompt_tokens = len(tokenizer.encode(args.prompt))
-    if prompt_tokens > trained.block_size:
-        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than the checkpoint's "
-                        f"--block_size {trained.block_size}; shorten it")
-    device = resolve_device(args.device_id)
-    rule = SamplingRule(args.temperature, args.top_k, args.top_p)
-    sample = generate_text(model.to(device), tokenizer, args.prompt, args.max_new_tokens, rule,
-                           seed=args.seed, device=device)
-    print(sample.text)
-    return 0
-
-
 # =============================================================================
-# 10. Experiments (sweeps, interpretability, benchmark)
+# C. Distributed training (torchrun / DDP)
 # =============================================================================
-
-
-# --- 10.1 Sweeps ------------------------------------------------------------------
-# A sweep trains models at several settings through the same train_one_model as
-# the main job and writes one JSON file, artefacts/sweep_<name>.json, rewritten
-# atomically after every point. A point is keyed by its model and settings, so a
-# sweep started again skips the points it already finished. `--sweep presentation`
-# runs all of them with the character tokenizer and small widths (SWEEP_SCALES);
-# `--sweep_scale tiny` shrinks every sweep to seconds for the tests.
-
-SWEEP_SCHEMA_VERSION = 1
-SWEEP_NAMES = ("custom_data", "budget", "overfit", "hyperparams", "kgram_variants",
-               "architectures", "sampling", "ablations", "learning_rate", "batch_size")
-
-SWEEP_JSON_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "pico-llm sweep",
-    "type": "object",
-    "required": ["schema_version", "kind", "sweep", "scale", "created", "status", "config",
-                 "environment", "points"],
-    "properties": {
-        "schema_version": {"const": SWEEP_SCHEMA_VERSION},
-        "kind": {"const": "sweep"},
-        "sweep": {"enum": list(SWEEP_NAMES)},
-        "scale": {"type": "string"},
-        "status": {"enum": ["running", "finished"]},
-        "config": {"type": "object", "required": ["tokenizer", "scale", "args"]},
-        "environment": {"type": "object", "required": ["torch", "python", "device", "threads"]},
-        "points": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["key", "model", "settings", "train_loss", "test_loss",
-                             "tokens_per_s", "wall_time_s"],
-                "properties": {
-                    "key": {"type": "string"},
-                    "model": {"type": "string"},
-                    "settings": {"type": "object"},
-                    "parameters": {"type": "integer", "minimum": 1},
-                    "train_loss": {"type": ["number", "null"]},
-                    "test_loss": {"type": ["number", "null"]},
-                    "tokens_per_s": {"type": ["number", "null"], "minimum": 0},
-                    "wall_time_s": {"type": "number", "minimum": 0},
-                    "diverged": {"type": "boolean"},
-                    "epochs": {"type": "array"},
-                    "samples": {"type": "array"},
-                    "diversity": {"type": "object"},
-                },
-            },
-        },
-    },
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepScale:
-    """How big every sweep is. Widths are embed_size (k-gram, LSTM) and d_model."""
-
-    name: str
-    limit_examples: int | None   # None = the whole corpus
-    batch_size: int
-    block_size: int
-    width: int
-    steps: int                   # optimizer steps per point (custom data, grid, k-gram, presets)
-    budget_epochs: int
-    overfit_examples: int
-    overfit_epochs: int
-    overfit_checkpoints: int
-    architecture_width: int      # 96: every preset's head count divides it, RoPE head sizes even
-    architecture_max_blocks: int
-    sampling_steps: int
-    samples_per_rule: int
-    max_new_tokens: int
-    custom_sizes: tuple[int, ...]
-    learning_rates: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
-    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    test_fraction: float = 0.2
-    tokenizer: str = "char"      # 257 ids: the output layer stays cheap on a CPU
-
-
-SWEEP_SCALES = {
-    "full": SweepScale("full", None, batch_size=16, block_size=64, width=64, steps=300,
-                       budget_epochs=3, overfit_examples=40, overfit_epochs=100,
-                       overfit_checkpoints=5, architecture_width=96,
-                       architecture_max_blocks=MAX_TRANSFORMER_BLOCKS, sampling_steps=800,
-                       samples_per_rule=5, max_new_tokens=60,
-                       custom_sizes=(3, 63, 123, 185)),
-    "tiny": SweepScale("tiny", 30, batch_size=4, block_size=16, width=16, steps=2,
-                       budget_epochs=1, overfit_examples=6, overfit_epochs=3,
-                       overfit_checkpoints=2, architecture_width=96, architecture_max_blocks=1,
-                       sampling_steps=2, samples_per_rule=2, max_new_tokens=8,
-                       custom_sizes=(3, 8, 16), learning_rates=(1e-3, 1e4), batch_sizes=(1, 4)),
-}
-
-SAMPLING_SWEEP_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.5),
-                        SamplingRule(top_p=0.8), SamplingRule(top_p=0.95), SamplingRule(top_p=1.0),
-                        SamplingRule(temperature=0.7, top_p=1.0),
-                        SamplingRule(temperature=1.3, top_p=1.0))
-
-
-def diversity_metrics(texts: list[str], repeat_n: int = 3) -> dict:
-    """Word-level diversity of generated texts. distinct_n (Li et al., 2016): distinct
-    n-grams / all n-grams, pooled over the texts (1 = nothing repeats). The repeated
-    fraction: share of a text's n-grams already seen earlier in that same text, which
-    is high when generation loops ("the cat the cat the cat")."""
-    def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-        return [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
-
-    word_lists = [text.split() for text in texts]
-    metrics = {}
-    for n in (1, 2):
-        grams = [gram for words in word_lists for gram in ngrams(words, n)]
-        metrics[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
-    repeated = total = 0
-    for words in word_lists:
-        seen: set[tuple[str, ...]] = set()
-        for gram in ngrams(words, repeat_n):
-            total += 1
-            repeated += gram in seen
-            seen.add(gram)
-    metrics[f"repeated_{repeat_n}gram_fraction"] = repeated / total if total else 0.0
-    return metrics
-
-
-def point_key(model: str, settings: dict) -> str:
-    return json.dumps({"model": model, **settings}, sort_keys=True)
-
-
-class SweepLog:
-    """One sweep's JSON file. Points already in a file of the same sweep and scale are
-    kept (and skipped by `done`), with the file's creation time and the wall time spent
-    on it so far; the file is rewritten atomically after every point."""
-
-    def __init__(self, path: Path, sweep: str, scale: SweepScale, args: argparse.Namespace,
-                 device: torch.device) -> None:
-        self.path = path
-        points = []
-        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self.earlier_wall_time_s = 0.0
-        data_sha256 = examples_fingerprint(load_custom_examples(args))
-        if path.exists():
-            earlier = load_sweep(path)
-            # Points are keyed by their own settings; the scale and the data must match too.
-            same_scale = earlier["config"]["scale"] == json.loads(json.dumps(dataclasses.asdict(scale)))
-            same_data = earlier["config"].get("data_sha256") == data_sha256
-            if earlier["sweep"] == sweep and same_scale and same_data:
-                points, created = earlier["points"], earlier["created"]
-                self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
-        self.data = {
-            "schema_version": SWEEP_SCHEMA_VERSION,
-            "kind": "sweep",
-            "sweep": sweep,
-            "scale": scale.name,
-            "created": created,
-            "status": "running",
-            "config": {"tokenizer": scale.tokenizer, "scale": dataclasses.asdict(scale),
-                       "data_sha256": data_sha256,
-                       "args": {key: value for key, value in vars(args).items()}},
-            "environment": environment_info(device),
-            "points": points,
-        }
-        self.skipped = 0
-
-    def done(self, model: str, settings: dict) -> bool:
-        key = point_key(model, settings)
-        finished = any(point["key"] == key for point in self.data["points"])
-        self.skipped += finished
-        return finished
-
-    def add(self, model: str, settings: dict, result: dict) -> None:
-        self.data["points"].append({"key": point_key(model, settings), "model": model,
-                                    "settings": settings, **result})
-        self.write()
-        outcome = ("diverged" if result.get("diverged") else
-                   f"train {result['train_loss']:.3f} test "
-                   f"{result['test_loss'] if result['test_loss'] is not None else float('nan'):.3f}")
-        say(f"[sweep {self.data['sweep']}] {model} {settings}: {outcome} "
-            f"({result['wall_time_s']:.1f} s)")
-
-    def finish(self) -> None:
-        self.data["status"] = "finished"
-        self.write()
-
-    def write(self) -> None:
-        atomic_write_json(self.path, self.data)
-
-
-def examples_fingerprint(texts: list[str]) -> str:
-    """sha256 of the examples, so a sweep resumes only on the data it started with."""
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\x00")
-    return digest.hexdigest()
-
-
-def load_sweep(path: Path | str) -> dict:
-    """Read a sweep file and check its kind and schema version (the notebook uses this)."""
-    with open(path, encoding="utf-8") as handle:
-        sweep = json.load(handle)
-    if sweep.get("kind") != "sweep" or sweep.get("schema_version") != SWEEP_SCHEMA_VERSION:
-        raise UserError(f"{path}: not a sweep file of schema {SWEEP_SCHEMA_VERSION} "
-                        f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r})")
-    return sweep
-
-
-def with_settings(args: argparse.Namespace, **overrides) -> argparse.Namespace:
-    settings = argparse.Namespace(**vars(args))
-    for name, value in overrides.items():
-        setattr(settings, name, value)
-    return settings
-
-
-def sweep_base_args(args: argparse.Namespace, scale: SweepScale) -> argparse.Namespace:
-    """The user's flags (data, seed, device, prompt) with the scale's sizes on top."""
-    return with_settings(args, tokenizer=scale.tokenizer, batch_size=scale.batch_size,
-                         block_size=scale.block_size, embed_size=scale.width, d_model=scale.width,
-                         transformer_variant="pico", limit_custom_examples=scale.limit_examples,
-                         max_new_tokens=scale.max_new_tokens, quiet=True, sample_interval=0,
-                         warmup_steps=min(args.warmup_steps, max(1, scale.steps // 4)))
-
-
-def sweep_data(args: argparse.Namespace, tokenizer, num_train: int | None = None) -> TrainingData:
-    """The custom examples split once into train and a fixed test set (args.test_fraction,
-    args.seed); num_train keeps a random but nested subset of the training examples, so
-    every corpus size is scored on the same test examples."""
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    examples = tokenize_examples(load_custom_examples(args), tokenizer, cache_dir)
-    train, test = split_indices(len(examples), args.test_fraction, args.seed)
-    if num_train is not None:
-        train = np.sort(np.random.default_rng(args.seed).permutation(train)[:num_train])
-    return TrainingData([DataSource("custom", examples, train, test)], [1.0], args.block_size,
-                        tokenizer.eot_id, args.seed)
-
-
-def with_step_budget(args: argparse.Namespace, data: TrainingData, steps: int) -> argparse.Namespace:
-    """Epochs and steps per epoch that add up to about `steps` optimizer steps."""
-    per_epoch = data.steps_per_epoch(args.batch_size, None)
-    return with_settings(args, epochs=max(1, round(steps / per_epoch)),
-                         max_steps_per_epoch=min(per_epoch, steps))
-
-
-def train_sweep_model(label: str, model_name: str, args: argparse.Namespace, device: torch.device,
-                      tokenizer, data: TrainingData, runlog: RunLog | None = None):
-    """Build `model_name` from args and train it with train_one_model; (model, record)."""
-    model = build_model(model_name, args, tokenizer.vocab_size).to(device)
-    record = model_record(label, model, args)
-    if runlog is not None:
-        runlog.add_model(label, record)
-    train_one_model(label, model, data, args, device, tokenizer, record, runlog)
-    return model, record
-
-
-def point_result(record: dict, data: TrainingData) -> dict:
-    final = record["final"]
-    return {"parameters": record["parameters"], "train_loss": final["train_loss"],
-            "test_loss": final["test_loss"], "test_bits_per_byte": final["test_bits_per_byte"],
-            "tokens_per_s": final["tokens_per_s"], "wall_time_s": final["wall_time_s"],
-            "steps": final["steps"], "train_examples": int(data.num_train_examples)}
-
-
-def epoch_losses(record: dict) -> list[dict]:
-    """Mean train loss of each epoch beside that epoch's test loss."""
-    rows = []
-    for test in record["test_history"]:
-        losses = [h["train_loss"] for h in record["history"] if h["epoch"] == test["epoch"]]
-        rows.append({"epoch": test["epoch"], "step": test["step"],
-                     "train_loss": sum(losses) / len(losses), "test_loss": test["test_loss"]})
-    return rows
-
-
-def new_text(sample: dict) -> str:
-    return sample["text"][len(sample["prompt"]):]
-
-
-def sweep_custom_data(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """Final train and test loss per corpus size, at a fixed step budget, LSTM vs Transformer."""
-    sizes = parse_sizes(base.custom_sweep_sizes) if base.custom_sweep_sizes else scale.custom_sizes
-    args = with_settings(base, test_fraction=scale.test_fraction)
-    for model_name in ("lstm_seq", "transformer"):
-        for size in sizes:
-            settings = {"train_examples": size}
-            if log.done(model_name, settings):
-                continue
-            data = sweep_data(args, tokenizer, num_train=size)
-            point_args = with_step_budget(args, data, scale.steps)
-            _, record = train_sweep_model(model_name, model_name, point_args, device, tokenizer, data)
-            log.add(model_name, settings, point_result(record, data))
-
-
-def sweep_budget(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """Train and test loss after 1, 3 or 6 steps per epoch, at a 60/40 train/test split."""
-    args = with_settings(base, test_fraction=0.4, epochs=scale.budget_epochs)
-    data = sweep_data(args, tokenizer)
-    for model_name in ("kgram_mlp_seq", "lstm_seq", "transformer"):
-        for steps_per_epoch in (1, 3, 6):
-            settings = {"max_steps_per_epoch": steps_per_epoch, "epochs": scale.budget_epochs}
-            if log.done(model_name, settings):
-                continue
-            point_args = with_settings(args, max_steps_per_epoch=steps_per_epoch)
-            _, record = train_sweep_model(model_name, model_name, point_args, device, tokenizer, data)
-            log.add(model_name, settings, point_result(record, data))
-
-
-def sweep_overfit(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """A small training subset for many epochs: the train/test gap opens, and generations
-    at checkpoints start to quote the training text (their diversity falls)."""
-    args = with_settings(base, test_fraction=scale.test_fraction, batch_size=8,
-                         epochs=scale.overfit_epochs, max_steps_per_epoch=None,
-                         lr_schedule="constant")
-    data = sweep_data(args, tokenizer, num_train=scale.overfit_examples)
-    steps_per_epoch = data.steps_per_epoch(args.batch_size, None)
-    args.sample_interval = steps_per_epoch * max(1, scale.overfit_epochs // scale.overfit_checkpoints)
-    for model_name in ("lstm_seq", "transformer"):
-        settings = {"train_examples": scale.overfit_examples, "epochs": scale.overfit_epochs}
-        if log.done(model_name, settings):
-            continue
-        _, record = train_sweep_model(model_name, model_name, args, device, tokenizer, data)
-        checkpoints = []
-        for step in sorted({sample["step"] for sample in record["samples"]}):
-            samples = [s for s in record["samples"] if s["step"] == step]
-            checkpoints.append({"step": step, "epoch": math.ceil(step / steps_per_epoch),
-                                "samples": [{"rule": s["rule"], "text": s["text"]} for s in samples],
-                                "diversity": diversity_metrics([new_text(s) for s in samples])})
-        log.add(model_name, settings, {**point_result(record, data), "epochs": epoch_losses(record),
-                                       "checkpoints": checkpoints})
-
-
-def hyperparameter_grid(scale: SweepScale) -> list[tuple[str, dict]]:
-    """Three small 2-D grids (one heatmap each): LSTM width x layers, Transformer heads x
-    blocks, Transformer learning rate x block size."""
-    half_width, half_block = scale.width // 2, scale.block_size // 2
-    grid = [("lstm_seq", {"embed_size": e, "lstm_layers": n})
-            for e in (half_width, scale.width) for n in (1, 2)]
-    grid += [("transformer", {"n_heads": h, "n_blocks": b}) for h in (2, 4) for b in (1, 2)]
-    grid += [("transformer", {"learning_rate": lr, "block_size": bs})
-             for lr in (1e-3, 3e-3, 1e-2) for bs in (half_block, scale.block_size)]
-    return grid
-
-
-def sweep_hyperparams(log: SweepLog, base, scale, device, tokenizer) -> None:
-    args = with_settings(base, test_fraction=scale.test_fraction)
-    for model_name, settings in hyperparameter_grid(scale):
-        if log.done(model_name, settings):
-            continue
-        point_args = with_settings(args, **settings)
-        if model_name == "lstm_seq":
-            point_args.d_model = None
-        data = sweep_data(point_args, tokenizer)
-        point_args = with_step_budget(point_args, data, scale.steps)
-        _, record = train_sweep_model(model_name, model_name, point_args, device, tokenizer, data)
-        log.add(model_name, settings, point_result(record, data))
-
-
-def sweep_kgram_variants(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """One-hot, embedding and convolutional k-gram contexts at equal settings."""
-    args = with_settings(base, test_fraction=scale.test_fraction)
-    data = sweep_data(args, tokenizer)
-    args = with_step_budget(args, data, scale.steps)
-    for variant in KGRAM_VARIANTS:
-        settings = {"kgram_variant": variant, "kgram_k": args.kgram_k}
-        if log.done("kgram_mlp_seq", settings):
-            continue
-        point_args = with_settings(args, kgram_variant=variant)
-        _, record = train_sweep_model("kgram_mlp_seq", "kgram_mlp_seq", point_args, device,
-                                      tokenizer, data)
-        log.add("kgram_mlp_seq", settings, point_result(record, data))
-
-
-def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """Every Transformer preset at a reduced width (and at most architecture_max_blocks
-    blocks), plus the LSTM and the k-gram MLP, all trained and measured in this run.
-    Their per-step histories go to a run log beside the sweep, for the loss curves."""
-    args = with_settings(base, test_fraction=scale.test_fraction)
-    data = sweep_data(args, tokenizer)
-    args = with_step_budget(args, data, scale.steps)
-    run_path = log.path.with_name(log.path.stem + "_run.json")
-    runlog = RunLog(run_path, args, device, data_summary(tokenizer, data))
-    if run_path.exists() and log.data["points"]:
-        runlog.data["models"] = load_runlog(run_path)["models"]
-    candidates = [(preset, "transformer", {"transformer_variant": preset})
-                  for preset in TRANSFORMER_PRESETS]
-    candidates += [("lstm_seq", "lstm_seq", {}), ("kgram_mlp_seq", "kgram_mlp_seq", {})]
-    for label, model_name, overrides in candidates:
-        settings = dict(overrides)
-        if model_name == "transformer":
-            preset = TRANSFORMER_PRESETS[overrides["transformer_variant"]]
-            settings.update(d_model=scale.architecture_width,
-                            n_blocks=min(preset["n_blocks"], scale.architecture_max_blocks))
-        if log.done(label, settings):
-            continue
-        point_args = with_settings(args, **settings)
-        _, record = train_sweep_model(label, model_name, point_args, device, tokenizer, data, runlog)
-        runlog.write()
-        log.add(label, settings, {**point_result(record, data), "config": record["config"],
-                                  "training_flops_per_token": record["training_flops_per_token"],
-                                  "run_log": run_path.name})
-    runlog.data["status"] = "finished"
-    runlog.write()
-
-
-def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """One trained Transformer, sampled with each rule of SAMPLING_SWEEP_RULES several
-    times (seeds seed, seed+1, ...). It also gives the attention maps and the
-    embedding clusters of the presentation."""
-    args = with_settings(base, test_fraction=scale.test_fraction)
-    data = sweep_data(args, tokenizer)
-    args = with_step_budget(args, data, scale.sampling_steps)
-    directory = log.path.parent
-    pending = [rule for rule in SAMPLING_SWEEP_RULES
-               if not log.done("transformer", dataclasses.asdict(rule))]
-    if not pending and (directory / "attention_transformer.json").exists():
-        return
-    model, record = train_sweep_model("transformer", "transformer", args, device, tokenizer, data)
-    trained = point_result(record, data)
-    for rule in pending:
-        started = time.perf_counter()
-        samples = [generate_text(model, tokenizer, args.prompt, args.max_new_tokens, rule,
-                                 seed=args.seed + index, device=device)
-                   for index in range(scale.samples_per_rule)]
-        elapsed = time.perf_counter() - started
-        generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in samples)
-        log.add("transformer", dataclasses.asdict(rule), {
-            **trained, "label": rule.label, "tokens_per_s": generated / max(elapsed, 1e-9),
-            "wall_time_s": round(elapsed, 4), "training_wall_time_s": trained["wall_time_s"],
-            "samples": [s.text for s in samples],
-            "diversity": diversity_metrics([s.new_text for s in samples])})
-    write_attention_maps(model, "transformer", tokenizer, args.prompt, directory, device)
-    write_embedding_clusters(model, "transformer", tokenizer, data, args, directory, device)
-
-
-# Ablations of the pico Transformer (pre-norm RMSNorm, RoPE, SwiGLU): one change each.
-ABLATIONS = {
-    "baseline": {},
-    "no normalization": {"norm": "none"},
-    "post-norm": {"norm_position": "post"},
-    "no position embedding (NoPE)": {"pos_emb": "none"},
-    "learned positions": {"pos_emb": "learned"},
-    "SiLU MLP (no gate)": {"ffn": "silu"},
-}
-
-
-def sweep_ablations(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """The pico Transformer with one component changed at a time, at equal budget."""
-    args = with_settings(base, test_fraction=scale.test_fraction)
-    data = sweep_data(args, tokenizer)
-    args = with_step_budget(args, data, scale.steps)
-    for label, overrides in ABLATIONS.items():
-        settings = {"ablation": label, **overrides}
-        if not log.done("transformer", settings):
-            _, record = train_sweep_model("transformer", "transformer",
-                                          with_settings(args, **overrides), device, tokenizer, data)
-            log.add("transformer", settings, point_result(record, data))
-
-
-def train_or_diverge(log: SweepLog, model_name: str, settings: dict, args, device, tokenizer,
-                     data: TrainingData) -> None:
-    """One sweep point; a run whose loss explodes is stopped and recorded as diverged."""
-    started = time.perf_counter()
-    try:
-        _, record = train_sweep_model(model_name, model_name, args, device, tokenizer, data)
-    except TrainingDiverged as error:
-        log.add(model_name, settings, {"diverged": True, "diverged_at_step": error.step,
-                                       "train_loss": None, "test_loss": None, "tokens_per_s": None,
-                                       "wall_time_s": round(time.perf_counter() - started, 3)})
-        return
-    log.add(model_name, settings, {"diverged": False, **point_result(record, data)})
-
-
-def sweep_learning_rate(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """Transformer learning rates from too small to diverging (constant schedule, no
-    clipping, so the large rates really blow up and are marked as diverged)."""
-    args = with_settings(base, test_fraction=scale.test_fraction, lr_schedule="constant",
-                         grad_clip=0.0)
-    data = sweep_data(args, tokenizer)
-    args = with_step_budget(args, data, scale.steps)
-    for learning_rate in scale.learning_rates:
-        settings = {"learning_rate": learning_rate}
-        if not log.done("transformer", settings):
-            train_or_diverge(log, "transformer", settings,
-                             with_settings(args, learning_rate=learning_rate), device, tokenizer, data)
-
-
-def sweep_batch_size(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """Batch sizes from 1 upward at an equal number of training examples (so smaller
-    batches take more, noisier steps), same learning rate."""
-    args = with_settings(base, test_fraction=scale.test_fraction)
-    data = sweep_data(args, tokenizer)
-    examples = scale.steps * scale.batch_size
-    for batch_size in scale.batch_sizes:
-        settings = {"batch_size": batch_size, "examples": examples}
-        if not log.done("transformer", settings):
-            point_args = with_step_budget(with_settings(args, batch_size=batch_size), data,
-                                          max(1, examples // batch_size))
-            train_or_diverge(log, "transformer", settings, point_args, device, tokenizer, data)
-
-
-SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": sweep_overfit,
-          "hyperparams": sweep_hyperparams, "kgram_variants": sweep_kgram_variants,
-          "architectures": sweep_architectures, "sampling": sweep_sampling,
-          "ablations": sweep_ablations, "learning_rate": sweep_learning_rate,
-          "batch_size": sweep_batch_size}
-
-
-def parse_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UserError(f"--custom_sweep_sizes {text!r}: expected comma-separated integers") from None
-    if not sizes or min(sizes) <= 0:
-        raise UserError(f"--custom_sweep_sizes {text!r}: expected positive integers")
-    return sizes
-
-
-def run_sweeps(args: argparse.Namespace) -> int:
-    """--sweep NAME|presentation, --custom_sweep_log PATH, --collect_transformer_metrics."""
-    device = resolve_device(args.device_id)
-    if args.custom_sweep_sizes:
-        parse_sizes(args.custom_sweep_sizes)
-    directory = Path(args.artefacts_dir)
-    check_writable_directory(directory, "--artefacts_dir")
-    names = list(SWEEP_NAMES) if args.sweep == "presentation" else [args.sweep] if args.sweep else []
-    paths = {name: directory / f"sweep_{name}.json" for name in names}
-    if args.custom_sweep_log:
-        paths["custom_data"] = Path(args.custom_sweep_log)
-        check_writable_directory(paths["custom_data"].parent, "--custom_sweep_log")
-    if args.collect_transformer_metrics:
-        paths.setdefault("architectures", directory / "sweep_architectures.json")
-    scale = SWEEP_SCALES[args.sweep_scale]
-    base = sweep_base_args(args, scale)
-    tokenizer = build_tokenizer(scale.tokenizer)
-    started = time.perf_counter()
-    for name, path in paths.items():
-        sweep_started = time.perf_counter()
-        log = SweepLog(path, name, scale, base, device)
-        SWEEPS[name](log, base, scale, device, tokenizer)
-        this_run_s = time.perf_counter() - sweep_started
-        log.data["wall_time_s"] = round(log.earlier_wall_time_s + this_run_s, 2)   # all runs
-        log.finish()
-        print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "
-              f"in {this_run_s:.0f} s -> {path}")
-    print(f"sweeps finished in {time.perf_counter() - started:.0f} s")
-    return 0
-
-
-# Interpretability inside 10.1: attention maps and k-means clusters of token embeddings.
-
-
-@torch.no_grad()
-def attention_maps(model: TransformerModel, token_ids: list[int], device) -> list[list]:
-    """Attention weights of every layer and head for one prompt: [layer][head][query][key]."""
-    attentions = [block.attention for block in model.blocks]
-    for attention in attentions:
-        attention.record_attention = True
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.tensor(token_ids, dtype=torch.long, device=device).unsqueeze(1))  # (T, 1)
-        return [attention.last_attention[0].float().cpu().tolist() for attention in attentions]
-    finally:
-        for attention in attentions:
-            attention.record_attention, attention.last_attention = False, None
-        model.train(was_training)
-
-
-def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, directory: Path,
-                         device) -> Path | None:
-    """artefacts/attention_<name>.json with the prompt's tokens and their attention maps."""
-    if not isinstance(model, TransformerModel):
-        return None
-    ids = tokenizer.encode(prompt)[: model.config.block_size]
-    path = directory / f"attention_{name}.json"
-    atomic_write_json(path, {"kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION,
-                             "model": name, "prompt": prompt,
-                             "tokens": [tokenizer.decode([i]) for i in ids],
-                             "layers": attention_maps(model, ids, device)})
-    return path
-
-
-def kmeans(points: torch.Tensor, k: int, iterations: int = 30, seed: int = 0):
-    """Lloyd's k-means. points (N, D) -> (assignment (N,), centroids (k, D))."""
-    generator = torch.Generator().manual_seed(seed)
-    centroids = points[torch.randperm(len(points), generator=generator)[:k]].clone()
-    for _ in range(iterations):
-        assignment = torch.cdist(points, centroids).argmin(dim=1)
-        for cluster in range(len(centroids)):
-            members = points[assignment == cluster]
-            if len(members):
-                centroids[cluster] = members.mean(dim=0)
-    return torch.cdist(points, centroids).argmin(dim=1), centroids
-
-
-def token_embeddings(model: nn.Module) -> torch.Tensor:
-    """(vocab, dim): the input embedding table, or the unembedding rows (one-hot k-gram)."""
-    for attribute in ("token_embedding", "embedding"):
-        table = getattr(model, attribute, None)
-        if isinstance(table, nn.Embedding):
-            return table.weight[: model.vocab_size].detach().float().cpu()
-    return model.unembedding.weight.detach().float().cpu()
-
-
-def embedding_clusters(model: nn.Module, tokenizer, data: TrainingData, text_ids: list[int],
-                       num_prompt_tokens: int, clusters: int, seed: int, neighbours: int = 3) -> dict:
-    """k-means over the embeddings of the tokens the training data uses, and for each
-    token of `text_ids` its cluster and nearest neighbours (cosine similarity). The
-    annotated text marks every token with its cluster, generated ones also with their
-    neighbours: `e[c3 a|o|i]`."""
-    used = np.unique(np.concatenate([np.asarray(s.examples.tokens) for s in data.sources]))
-    used = torch.from_numpy(used.astype(np.int64))
-    vectors = token_embeddings(model)[used]
-    assignment, _ = kmeans(vectors, min(clusters, len(used)), seed=seed)
-    cluster_of = {int(t): int(c) for t, c in zip(used, assignment)}
-    normalized = F.normalize(vectors, dim=1)
-    label = lambda token_id: tokenizer.decode([int(token_id)]) or "<eot>"  # noqa: E731
-    annotated, tokens = [], []
-    for position, token_id in enumerate(text_ids):
-        if token_id not in cluster_of:
-            continue
-        row = int((used == token_id).nonzero()[0, 0])
-        similarity = normalized @ normalized[row]
-        similarity[row] = -2.0
-        nearest = [label(used[i]) for i in similarity.topk(min(neighbours, len(used) - 1)).indices]
-        generated = position >= num_prompt_tokens
-        tokens.append({"token": label(token_id), "cluster": cluster_of[token_id],
-                       "neighbours": nearest, "generated": generated})
-        annotated.append(f"{label(token_id)}[c{cluster_of[token_id]}"
-                         + (" " + "|".join(nearest) if generated else "") + "]")
-    members = {c: [label(t) for t, tc in cluster_of.items() if tc == c]
-               for c in sorted(set(cluster_of.values()))}
-    return {"clusters": {str(c): m for c, m in members.items()}, "tokens": tokens,
-            "annotated": "".join(annotated)}
-
-
-def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: TrainingData,
-                             args: argparse.Namespace, directory: Path, device) -> Path:
-    """artefacts/monosemantic_<name>.json; prints the annotated greedy sample."""
-    sample = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
-                           SamplingRule(temperature=0.0), seed=args.seed, device=device)
-    result = embedding_clusters(model, tokenizer, data, sample.token_ids, sample.num_prompt_tokens,
-                                args.monosemantic_clusters, args.seed)
-    path = directory / f"monosemantic_{name}.json"
-    atomic_write_json(path, {"kind": "monosemantic", "schema_version": SWEEP_SCHEMA_VERSION,
-                             "model": name, "text": sample.text, **result})
-    say(f"[{name}] embedding clusters: " + "; ".join(
-        f"c{c}: {''.join(m[:12])!r}" for c, m in result["clusters"].items()))
-    say(f"[{name}] greedy sample, each token with [its cluster and, if generated, nearest "
-        f"neighbours]: {result['annotated']}")
-    return path
-
-
-def interpret_models(args: argparse.Namespace, device, tokenizer, data: TrainingData,
-                     models: dict) -> None:
-    """--attention_maps and --monosemantic_enabled after a normal training run."""
-    directory = Path(args.artefacts_dir)
-    for name, model in models.items():
-        if args.attention_maps:
-            path = write_attention_maps(model, name, tokenizer, args.prompt, directory, device)
-            if path is not None:
-                print(f"attention maps of {name} written to {path}")
-        if args.monosemantic_enabled:
-            write_embedding_clusters(model, name, tokenizer, data, args, directory, device)
-
-
-# The terminal's loss plot, printed after a normal run.
-
-
-def ascii_loss_plot(records: dict, width: int = 60, height: int = 12) -> str:
-    """Train loss (lower-case letter, averaged per column) and test loss (upper case)
-    of every model against its training step, as text for the terminal."""
-    series = [(chr(ord("a") + index), name,
-               [(h["step"], h["train_loss"]) for h in record["history"]],
-               [(t["step"], t["test_loss"]) for t in record["test_history"]])
-              for index, (name, record) in enumerate(records.items())]
-    points = [p for _, _, train, test in series for p in train + test if math.isfinite(p[1])]
-    if not points:
-        return "(no losses to plot)"
-    max_step = max(step for step, _ in points)
-    low, high = min(loss for _, loss in points), max(loss for _, loss in points)
-    span = (high - low) or 1.0
-    grid = [[" "] * width for _ in range(height)]
-    column = lambda step: min(width - 1, round((step - 1) / max(max_step - 1, 1) * (width - 1)))  # noqa: E731
-    row = lambda loss: min(height - 1, round((high - loss) / span * (height - 1)))  # noqa: E731
-    for mark, _, train, test in series:
-        columns: dict[int, list[float]] = {}
-        for step, loss in train:
-            if math.isfinite(loss):
-                columns.setdefault(column(step), []).append(loss)
-        for col, losses in columns.items():
-            grid[row(sum(losses) / len(losses))][col] = mark
-        for step, loss in test:
-            if math.isfinite(loss):
-                grid[row(loss)][column(step)] = mark.upper()
-    lines = [" " * 8 + " |" + "".join(cells) for cells in grid]
-    lines[0] = f"{high:8.3f} |" + "".join(grid[0])
-    lines[-1] = f"{low:8.3f} |" + "".join(grid[-1])
-    lines.append(" " * 9 + "+" + "-" * width)
-    lines.append(" " * 10 + f"step 1{'':{max(width - 12 - len(str(max_step)), 1)}}step {max_step}")
-    lines.append("loss: " + ", ".join(f"{mark}/{mark.upper()} = {name} train/test"
-                                      for mark, name, _, _ in series))
-    return "\n".join(lines)
-
-
-# --- 10.2 Benchmark ----------------------------------------------------------------
-# `--benchmark` measures, in one run so that ratios hold on a noisy machine, the
-# machine's matmul ceiling and what pico-llm makes of it: training tokens/s and MFU
-# through the real training_step, the vectorized k-gram model against the course
-# starter's per-position loop, generation with and without KV cache / carried state,
-# tokenization MB/s, and peak memory while training from a 100M-token memmap.
-# Every figure is the median of several timed repeats after warm-up.
-
-# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
-GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchmarkSizes:
-    """How big each measurement is; `quick` keeps the same code paths at tiny sizes."""
-
-    repeats: int = 5
-    warmup: int = 3   # untimed calls first: the allocator's heap grows over the first 3 steps
-    gpt2_vocab_size: int = 50257      # the configs "with the GPT-2 vocabulary"
-    small_vocab_size: int = 4096
-    matmul_size: int = 2048
-    batch_size: int = 16
-    kgram_block_size: int = 32
-    transformer_block_size: int = 128
-    starter_batch_size: int = 16
-    generation_tokens: int = 200
-    generation_block_size: int = 256   # >= prompt + 200, so the window never slides
-    generation_repeats: int = 3
-    bandwidth_mb: float = 1024.0
-    tokenize_mb: float = 20.0
-    rss_tokens: int = 100_000_000
-    rss_steps: int = 3
-
-    @classmethod
-    def quick(cls) -> "BenchmarkSizes":
-        return cls(repeats=2, warmup=1, gpt2_vocab_size=512, small_vocab_size=128, matmul_size=256, batch_size=2, kgram_block_size=8,
-                   transformer_block_size=16, starter_batch_size=2, generation_tokens=8,
-                   generation_block_size=32, generation_repeats=2, bandwidth_mb=64.0, tokenize_mb=0.2,
-                   rss_tokens=1_000_000, rss_steps=1)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(function, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of `function()` over `repeats` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        function()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
-
-
-def matmul_probe(device: torch.device, dtype: torch.dtype, size: int, kernel: str = "torch"):
-    """A function that measures, each time it is called, the GFLOP/s of a few square
-    (size x size) matmuls (2 size^3 FLOPs each) by PyTorch's default kernel ("torch") or
-    by oneDNN ("onednn", CPU float32)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    product = (lambda: onednn_matmul(a, b)) if kernel == "onednn" else (lambda: a @ b)
-    calls = max(1, int(2e10 / (2 * size ** 3)) if device.type == "cuda" else 4)
-    run = lambda: [product() for _ in range(calls)]
-    return lambda: 2 * size ** 3 * calls / median_seconds(run, 1, 0, device) / 1e9
-
-
-def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int,
-                  kernel: str = "torch") -> float:
-    """Sustained GFLOP/s of square matmuls: the median of `repeats` probes after one."""
-    probe = matmul_probe(device, dtype, size, kernel)
-    probe()
-    return float(np.median([probe() for _ in range(repeats)]))
-
-
-def memory_gb_per_s(device: torch.device, megabytes: float, repeats: int) -> float:
-    """Sustained read bandwidth: summing a float32 tensor far larger than the caches."""
-    data = torch.ones(int(megabytes * 1e6 / 4), device=device)
-    seconds = median_seconds(lambda: data.sum(), repeats, 1, device)
-    return data.numel() * 4 / seconds / 1e9
-
-
-def matmul_ceiling(device: torch.device, sizes: "BenchmarkSizes") -> dict:
-    """The machine's float32 ceiling: the best of the kernels PyTorch offers here, each
-    reported (MFU against a slower kernel's figure would flatter the training numbers)."""
-    kernels = ["torch"] + (["onednn"] if device.type == "cpu" and onednn_available() else [])
-    by_kernel = {kernel: matmul_gflops(device, torch.float32, sizes.matmul_size, sizes.repeats, kernel)
-                 for kernel in kernels}
-    ceiling = {"matmul_gflops": max(by_kernel.values()), "matmul_gflops_by_kernel": by_kernel}
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        ceiling["matmul_gflops_bf16"] = matmul_gflops(device, torch.bfloat16, sizes.matmul_size,
-                                                      sizes.repeats)
-    return ceiling
-
-
-def datasheet_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS.items() if key in name), None)
-
-
-def compile_model(model: nn.Module) -> nn.Module:
-    """--compile: torch.compile the part training runs (features; the chunked loss stays eager)."""
-    model.features = torch.compile(model.features)
-    return model
-
-
-def random_batch(vocab_size: int, block_size: int, batch_size: int, seed: int) -> Batch:
-    """Uniform random tokens: a step costs the same whatever the tokens are."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab_size, (block_size + 1, batch_size), generator=generator)
-    return Batch(tokens[:-1].contiguous(), tokens[1:].contiguous(),
-                 torch.ones(block_size, batch_size, dtype=torch.bool))
-
-
-def benchmark_model_args(model_name: str, block_size: int, batch_size: int,
-                         extra: Sequence[str] = ()) -> argparse.Namespace:
-    """The Namespace the real command line would give for one benchmark config."""
-    return parse_args(["--models", model_name, "--block_size", str(block_size),
-                       "--batch_size", str(batch_size), *extra])
-
-
-def benchmark_configs(sizes: BenchmarkSizes) -> list[dict]:
-    """The standard configs (issue 5): name, model, vocabulary and flags."""
-    small = ["--kgram_k", "3", "--embed_size", "64"]
-    transformer = ["--transformer_variant", "pico", "--n_blocks", "4", "--n_heads", "4",
-                   "--d_model", "256"]
-    return [
-        dict(name="kgram_mlp", model="kgram_mlp_seq", vocab_size=sizes.gpt2_vocab_size,
-             block_size=sizes.kgram_block_size, flags=small + ["--kgram_variant", "embedding"]),
-        dict(name="lstm", model="lstm_seq", vocab_size=sizes.gpt2_vocab_size,
-             block_size=sizes.kgram_block_size,
-             flags=small),
-        dict(name="transformer", model="transformer", vocab_size=sizes.gpt2_vocab_size,
-             block_size=sizes.transformer_block_size, flags=transformer),
-        dict(name="transformer_vocab4096", model="transformer", vocab_size=sizes.small_vocab_size,
-             block_size=sizes.transformer_block_size, flags=transformer),
-    ]
-
-
-def build_benchmark_model(config: dict, sizes: BenchmarkSizes, device: torch.device,
-                          block_size: int | None = None):
-    args = benchmark_model_args(config["model"], block_size or config["block_size"],
-                                sizes.batch_size, config["flags"])
-    return build_model(config["model"], args, config["vocab_size"]).to(device), args
-
-
-def benchmark_training(config: dict, sizes: BenchmarkSizes, device: torch.device, dtype: str,
-                       ceiling_probe, compile_it: bool) -> dict:
-    """Tokens/s and MFU of the real training step (training_step, AdamW) on random batches.
-
-    The ceiling is measured again in turn with the steps (ceiling_probe: matmul_probe of
-    the run's best kernel), a probe after each step, and MFU is taken against it: a slow
-    spell of a shared machine then falls on both sides of the ratio, not on one."""
-    model, args = build_benchmark_model(config, sizes, device)
-    if compile_it:
-        compile_model(model)
-    optimizer = build_optimizer(model, args, device)
-    batch = random_batch(config["vocab_size"], args.block_size, sizes.batch_size, args.seed).to(device)
-    loss_model, step_tokens = NextTokenLoss(model), batch.num_target_tokens
-    step = lambda: training_step(loss_model, optimizer, [(batch, True)], step_tokens,
-                                 args.grad_clip, dtype=dtype)
-    for _ in range(sizes.warmup):
-        step()
-    step_seconds, ceiling_gflops = [], []
-    for _ in range(sizes.repeats):
-        step_seconds.append(median_seconds(step, 1, 0, device))
-        ceiling_gflops.append(ceiling_probe())
-    seconds, ceiling = float(np.median(step_seconds)), float(np.median(ceiling_gflops))
-    tokens_per_s = args.block_size * sizes.batch_size / seconds
-    flops_per_token = training_flops_per_token(model, args.block_size)
-    return {"model": config["model"], "vocab_size": config["vocab_size"],
-            "block_size": args.block_size, "batch_size": sizes.batch_size,
-            "parameters": count_parameters(model), "training_flops_per_token": flops_per_token,
-            "step_s": seconds, "tokens_per_s": tokens_per_s,
-            "achieved_gflops": flops_per_token * tokens_per_s / 1e9,
-            "ceiling_gflops": ceiling, "mfu": flops_per_token * tokens_per_s / (ceiling * 1e9)}
-
-
-def starter_kgram_loop_logits(model: KGramMLPSeqModel, tokens: torch.Tensor) -> torch.Tensor:
-    """The course starter's k-gram forward, kept as a small reference: for every example
-    and every position, build that position's k-token context and run the MLP on it
-    alone. Same weights and outputs as model(tokens); tokens (T, B) -> logits (T, B, V).
-    For the one-hot variant it builds the (k * vocab)-wide one-hot input and multiplies
-    it by the first layer, as the starter did. Only the benchmark uses it, to show what
-    vectorizing is worth."""
-    T, B = tokens.shape
-    padded = torch.cat([model._padding_context(tokens), tokens], dim=0)   # (k-1+T, B)
-    columns = []
-    for b in range(B):
-        rows = []
-        for t in range(T):
-            context = padded[t: t + model.k, b]                            # (k,)
-            if model.variant == "onehot":
-                one_hot = F.one_hot(context, model.vocab_size + 1).float().flatten()
-                features = one_hot @ model.onehot_weight + model.onehot_bias
-            else:
-                features = model.context_proj(model.embedding(context).flatten())
-            rows.append(model.unembedding(model.mlp(features)))           # (V,)
-        columns.append(torch.stack(rows))                                 # (T, V)
-    return torch.stack(columns, dim=1)                                    # (T, B, V)
-
-
-def benchmark_kgram_vs_starter(sizes: BenchmarkSizes, device: torch.device) -> dict:
-    """Forward + backward tokens/s of the starter's per-position loop against the
-    vectorized model, same weights, same batch (the loop with full-logits cross-entropy,
-    as the starter). The headline uses the one-hot variant, the starter's own model;
-    the embedding variant is measured too. The two ways are timed in turn, rounds of one
-    loop step (seconds) and `repeats` vectorized steps (tens of ms), so a slow spell of a
-    shared machine falls on both rather than on one."""
-    config = benchmark_configs(sizes)[0]
-    results = {"measured": "forward + backward", "batch_size": sizes.starter_batch_size}
-    for variant in ("onehot", "embedding"):
-        flags = config["flags"] + ["--kgram_variant", variant]  # the later flag wins
-        model, args = build_benchmark_model({**config, "flags": flags}, sizes, device)
-        batch = random_batch(config["vocab_size"], args.block_size, sizes.starter_batch_size,
-                             args.seed).to(device)
-
-        def starter_step():
-            model.zero_grad(set_to_none=True)
-            logits = starter_kgram_loop_logits(model, batch.inputs)
-            masked_cross_entropy(logits, batch.targets, batch.mask).backward()
-
-        def vectorized_step():
-            model.zero_grad(set_to_none=True)
-            sequence_loss(model, batch).backward()
-
-        starter_step()                                                      # warm-up
-        for _ in range(sizes.warmup):
-            vectorized_step()
-        starter_times, vectorized_times = [], []
-        for _ in range(max(2, sizes.repeats // 2)):
-            starter_times.append(median_seconds(starter_step, 1, 0, device))
-            vectorized_times.append(median_seconds(vectorized_step, sizes.repeats, 0, device))
-        tokens = args.block_size * sizes.starter_batch_size
-        starter = tokens / float(np.median(starter_times))
-        vectorized = tokens / float(np.median(vectorized_times))
-        results.update({"block_size": args.block_size,
-                        f"{variant}_starter_loop_tokens_per_s": starter,
-                        f"{variant}_vectorized_tokens_per_s": vectorized,
-                        f"{variant}_vs_starter_loop": vectorized / starter})
-    results["kgram_vs_starter_loop"] = results["onehot_vs_starter_loop"]
-    return results
-
-
-@torch.no_grad()
-def greedy_recompute_last_position(model: nn.Module, prompt_ids: list[int], num_tokens: int,
-                                   device: torch.device) -> list[int]:
-    """Greedy generation that re-reads the whole context each token, as use_cache=False
-    does, but unembeds only the last position: the cheapest way to go without a cache.
-    The context must fit the model's block size (no sliding window here)."""
-    model.eval()
-    ids = list(prompt_ids)
-    for _ in range(num_tokens):
-        context = torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(1)   # (T, 1)
-        last_hidden = model.features(context)[-1]                                  # (1, d)
-        ids.append(int(model.unembedding(last_hidden).argmax(dim=-1)[0]))
-    return ids
-
-
-def benchmark_generation(sizes: BenchmarkSizes, device: torch.device) -> dict:
-    """Tokens/s generating `generation_tokens` greedy tokens from a 4-token prompt with
-    use_cache True (KV cache / carried LSTM state) and False (re-read the context, the
-    starter's way: logits at every position, the last one used). For the Transformer
-    also against a recompute that unembeds only the last position: with GPT-2's
-    vocabulary most of the starter-style recompute is spent on logits it throws away.
-    The ways are timed in turn within each repeat, so a slow spell of a shared machine
-    falls on all of them rather than on one."""
-    results = {"new_tokens": sizes.generation_tokens, "prompt_tokens": 4,
-               "transformer_block_size": sizes.generation_block_size}
-    prompt = [i % sizes.gpt2_vocab_size for i in (464, 3797, 3332, 319)]  # "The cat sat on"
-    configs = {c["name"]: c for c in benchmark_configs(sizes)}
-    for key, config, block in (("transformer", configs["transformer"], sizes.generation_block_size),
-                               ("lstm", configs["lstm"], None)):
-        model, _ = build_benchmark_model(config, sizes, device, block)
-
-        def generate(use_cache: bool, num_tokens: int = sizes.generation_tokens):
-            generate_ids(model, prompt, num_tokens, SamplingRule(0.0), use_cache=use_cache,
-                         device=device)
-
-        ways = {"cached": lambda: generate(True), "recompute": lambda: generate(False)}
-        if key == "transformer":
-            ways["recompute_last_position"] = lambda: greedy_recompute_last_position(
-                model, prompt, sizes.generation_tokens, device)
-            results["transformer_weight_bytes"] = sum(p.numel() * p.element_size()
-                                                      for p in model.parameters())
-        generate(True, 8), generate(False, 8)  # warm-up
-        seconds = {way: [] for way in ways}
-        for _ in range(sizes.generation_repeats):
-            for way, run in ways.items():
-                seconds[way].append(median_seconds(run, 1, 0, device))
-        for way, times in seconds.items():
-            results[f"{key}_{way}_tokens_per_s"] = sizes.generation_tokens / float(np.median(times))
-    results["kv_cache_vs_recompute"] = (results["transformer_cached_tokens_per_s"]
-                                        / results["transformer_recompute_tokens_per_s"])
-    results["kv_cache_vs_recompute_last_position"] = (
-        results["transformer_cached_tokens_per_s"]
-        / results["transformer_recompute_last_position_tokens_per_s"])
-    results["lstm_state_vs_recompute"] = (results["lstm_cached_tokens_per_s"]
-                                          / results["lstm_recompute_tokens_per_s"])
-    return results
-
-
-def synthetic_corpus(num_bytes: float, seed: int = 0) -> list[str]:
-    """Short story-like lines (5 to 80 words) of about `num_bytes` UTF-8 bytes in all."""
-    words = ("Once upon a time there was a little girl named Lily . She loved to play outside "
-             "with her dog , Max ! The sun was warm and the sky was blue ? They found 3 red "
-             "apples and 42 shiny stones near the café ; it's a naïve dream , don't you think").split()
-    rng = np.random.default_rng(seed)
-    texts, total = [], 0
-    while total < num_bytes:
-        line = " ".join(rng.choice(words, int(rng.integers(5, 81))))
-        texts.append(line)
-        total += len(line.encode("utf-8"))
-    return texts
-
-
-def benchmark_tokenization(sizes: BenchmarkSizes, device: torch.device) -> dict:
-    """MB/s of the data path (tokenize_examples, no cache) on many short examples, and,
-    for comparison, of tiktoken's encode_batch called with one document per example."""
-    texts = synthetic_corpus(sizes.tokenize_mb * 1e6)
-    megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    tokenizer = GPT2Tokenizer()
-    data_path = median_seconds(lambda: tokenize_examples(texts, tokenizer, None),
-                               sizes.repeats, 1, device)
-    per_example = median_seconds(lambda: tokenizer.encode_batch(texts), sizes.repeats, 1, device)
-    return {"megabytes": megabytes, "examples": len(texts),
-            "tokenize_mb_per_s": megabytes / data_path,
-            "encode_batch_per_example_mb_per_s": megabytes / per_example}
-
-
-def write_random_token_memmap(path: Path, num_tokens: int, vocab_size: int, seed: int) -> None:
-    """A uint16 .npy of random ids, written a slice at a time (never whole in memory)."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(num_tokens,))
-    rng = np.random.default_rng(seed)
-    for start in range(0, num_tokens, 1 << 24):
-        stop = min(start + (1 << 24), num_tokens)
-        array[start: stop] = rng.integers(0, vocab_size, stop - start, dtype=np.uint16)
-    array.flush()
-    del array
-
-
-def memmap_training_probe(token_path: str, steps: int, block_size: int, batch_size: int,
-                          vocab_size: int) -> dict:
-    """Run in a fresh process: train the standard Transformer a few steps on get_batch
-    windows of a memory-mapped token file; returns the process's peak RSS. Memory is
-    managed as in a real run (keep_freed_memory, as main() does)."""
-    keep_freed_memory()
-    device = torch.device("cpu")
-    tokens = np.load(token_path, mmap_mode="r")
-    config = benchmark_configs(BenchmarkSizes())[2]
-    args = benchmark_model_args(config["model"], block_size, batch_size, config["flags"])
-    model = build_model(config["model"], args, vocab_size)
-    optimizer = build_optimizer(model, args, device)
-    rng = np.random.default_rng(args.seed)
-    loss_model = NextTokenLoss(model)
-    for _ in range(steps):
-        inputs, targets = get_batch(tokens, batch_size, block_size, device, rng)
-        batch = Batch(inputs, targets, torch.ones_like(inputs, dtype=torch.bool))
-        training_step(loss_model, optimizer, [(batch, True)], batch.num_target_tokens, args.grad_clip)
-    return {"peak_rss_gb": peak_rss_bytes() / 1e9, "memmapped": isinstance(tokens, np.memmap)}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. Linux's VmHWM belongs to the process's own
-    address space; getrusage's ru_maxrss survives fork and exec, so a child started by a
-    large parent would report the parent's size (on Linux it is the fallback only)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
-    except (OSError, AttributeError):
-        import resource
-        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def benchmark_memmap_rss(sizes: BenchmarkSizes) -> dict:
-    """Peak resident memory of training from a token cache of `rss_tokens` tokens,
-    measured in a fresh subprocess so this process's memory does not count."""
-    import subprocess
-
-    with tempfile.TemporaryDirectory(prefix="pico-bench-") as directory:
-        token_path = Path(directory) / "tokens.npy"
-        write_random_token_memmap(token_path, sizes.rss_tokens, sizes.gpt2_vocab_size, seed=0)
-        probe = ("import importlib.util, json, sys\n"
-                 f"spec = importlib.util.spec_from_file_location('pico_llm', {str(Path(__file__))!r})\n"
-                 "pico = importlib.util.module_from_spec(spec); sys.modules['pico_llm'] = pico\n"
-                 "spec.loader.exec_module(pico)\n"
-                 f"print(json.dumps(pico.memmap_training_probe({str(token_path)!r}, {sizes.rss_steps}, "
-                 f"{sizes.transformer_block_size}, {sizes.batch_size}, {sizes.gpt2_vocab_size})))\n")
-        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"memory probe failed: {result.stderr.strip()[-500:]}")
-        measured = json.loads(result.stdout.strip().splitlines()[-1])
-        file_gb = token_path.stat().st_size / 1e9
-    return {"tokens": sizes.rss_tokens, "token_file_gb": file_gb, "steps": sizes.rss_steps,
-            "model": "transformer", "memmapped": measured["memmapped"],
-            "peak_rss_gb_100m_tokens": measured["peak_rss_gb"]}
-
-
-def run_benchmark(args: argparse.Namespace) -> int:
-    """--benchmark: measure, print a table, write artefacts/benchmark.json."""
-    device = resolve_device(args.device_id)
-    dtype = resolve_dtype(args.dtype, device)
-    sizes = BenchmarkSizes.quick() if args.benchmark_quick else BenchmarkSizes()
-    out_path = Path(args.artefacts_dir) / "benchmark.json"
-    check_writable_directory(out_path.parent, "--artefacts_dir")
-    torch.manual_seed(args.seed)
-    started = time.perf_counter()
-
-    def note(message: str) -> None:
-        if not args.quiet:
-            print(f"benchmark: {message} ({time.perf_counter() - started:.0f} s)", flush=True)
-
-    ceiling = matmul_ceiling(device, sizes)
-    by_kernel = ceiling["matmul_gflops_by_kernel"]
-    ceiling_probe = (matmul_probe(device, torch.bfloat16, sizes.matmul_size)
-                     if dtype == "bfloat16" and "matmul_gflops_bf16" in ceiling else
-                     matmul_probe(device, torch.float32, sizes.matmul_size,
-                                  max(by_kernel, key=by_kernel.get)))
-    peak = datasheet_peak_tflops(device)
-    note(f"matmul ceiling {ceiling['matmul_gflops']:.1f} GFLOP/s fp32")
-    training = {}
-    for config in benchmark_configs(sizes):
-        training[config["name"]] = benchmark_training(config, sizes, device, dtype,
-                                                      ceiling_probe, args.compile)
-        if peak is not None:
-            training[config["name"]]["mfu_vs_datasheet_peak"] = (
-                training[config["name"]]["achieved_gflops"] / (peak * 1e3))
-        note(f"trained {config['name']}")
-    if device.type == "cpu" and cpu_matmul_kernel() == "onednn":
-        # The same Transformer through PyTorch's default kernels: what --cpu_matmul buys.
-        config = next(c for c in benchmark_configs(sizes) if c["name"] == "transformer")
-        with cpu_matmul("torch"):
-            training["transformer_torch_matmul"] = benchmark_training(
-                config, sizes, device, dtype, ceiling_probe, args.compile)
-        note("trained transformer with --cpu_matmul torch")
-    starter = benchmark_kgram_vs_starter(sizes, device)
-    note("k-gram vs starter loop")
-    generation = benchmark_generation(sizes, device)
-    # A cached batch-1 step reads every weight once, so weight bytes x tokens/s over the
-    # memory's bandwidth says how close generation is to its bound, as MFU does for training.
-    generation["memory_gb_per_s"] = memory_gb_per_s(device, sizes.bandwidth_mb, sizes.repeats)
-    generation["transformer_cached_bandwidth_utilisation"] = (
-        generation["transformer_weight_bytes"] * generation["transformer_cached_tokens_per_s"]
-        / (generation["memory_gb_per_s"] * 1e9))
-    note("generation")
-    tokenization = benchmark_tokenization(sizes, device)
-    note("tokenization")
-    memory = benchmark_memmap_rss(sizes)
-    note("memory")
-    report = {
-        "kind": "benchmark",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.benchmark_quick,
-        "dtype": dtype,
-        "environment": environment_info(device),
-        "sizes": dataclasses.asdict(sizes),
-        "datasheet_bf16_peak_tflops": peak if peak is not None else "unknown peak",
-        "mfu_reference": f"{dtype} matmul ceiling, measured in turn with each config's steps",
-        "matmul_gflops": ceiling["matmul_gflops"],
-        "matmul_gflops_by_kernel": ceiling["matmul_gflops_by_kernel"],
-        "cpu_matmul": cpu_matmul_kernel(),
-        **({"matmul_gflops_bf16": ceiling["matmul_gflops_bf16"]}
-           if "matmul_gflops_bf16" in ceiling else {}),
-        "transformer_mfu": training["transformer"]["mfu"],
-        "kgram_vs_starter_loop": starter["kgram_vs_starter_loop"],
-        "kv_cache_vs_recompute": generation["kv_cache_vs_recompute"],
-        "lstm_state_vs_recompute": generation["lstm_state_vs_recompute"],
-        "tokenize_mb_per_s": tokenization["tokenize_mb_per_s"],
-        "peak_rss_gb_100m_tokens": memory["peak_rss_gb_100m_tokens"],
-        "training": training,
-        "kgram_starter_loop": starter,
-        "generation": generation,
-        "tokenization": tokenization,
-        "memory": memory,
-        "elapsed_s": time.perf_counter() - started,
-    }
-    atomic_write_json(out_path, report)
-    print(benchmark_table(report))
-    print(f"\nbenchmark written to {out_path}")
-    return 0
-
-
-def benchmark_table(report: dict) -> str:
-    env = report["environment"]
-    peak = report["datasheet_bf16_peak_tflops"]
-    lines = [f"device {env['device']} ({env['device_name']}), {env['threads']} threads, "
-             f"dtype {report['dtype']}, datasheet peak: "
-             + (f"{peak:g} TFLOP/s bf16" if isinstance(peak, float) else peak),
-             f"matmul ceiling {report['matmul_gflops']:.1f} GFLOP/s fp32 ("
-             + ", ".join(f"{kernel} {gflops:.1f}" for kernel, gflops in report["matmul_gflops_by_kernel"].items())
-             + ")" + (f", {report['matmul_gflops_bf16']:.1f} bf16" if "matmul_gflops_bf16" in report else "")
-             + f"; CPU linears: {report['cpu_matmul']}",
-             "",
-             f"{'config':<24} {'params':>11} {'MFLOP/tok':>10} {'tokens/s':>10} {'GFLOP/s':>8} "
-             f"{'ceiling':>8} {'MFU':>6}"]
-    for name, row in report["training"].items():
-        lines.append(f"{name:<24} {row['parameters']:>11,} {row['training_flops_per_token'] / 1e6:>10.1f} "
-                     f"{row['tokens_per_s']:>10,.0f} {row['achieved_gflops']:>8.1f} "
-                     f"{row['ceiling_gflops']:>8.1f} {row['mfu']:>6.1%}")
-    starter, generation = report["kgram_starter_loop"], report["generation"]
-    tokens, memory = report["tokenization"], report["memory"]
-    lines += ["",
-              f"k-gram vectorized vs the starter's loop (fwd+bwd), one-hot: "
-              f"{report['kgram_vs_starter_loop']:.0f}x ({starter['onehot_vectorized_tokens_per_s']:,.0f} vs "
-              f"{starter['onehot_starter_loop_tokens_per_s']:,.0f} tokens/s); embedding: "
-              f"{starter['embedding_vs_starter_loop']:.0f}x ({starter['embedding_vectorized_tokens_per_s']:,.0f} vs "
-              f"{starter['embedding_starter_loop_tokens_per_s']:,.0f} tokens/s)",
-              f"Transformer KV cache vs recompute, {generation['new_tokens']} tokens: "
-              f"{report['kv_cache_vs_recompute']:.1f}x ({generation['transformer_cached_tokens_per_s']:,.0f} vs "
-              f"{generation['transformer_recompute_tokens_per_s']:,.0f} tokens/s)",
-              f"Transformer cached step: {generation['transformer_weight_bytes'] / 1e6:.0f} MB of weights "
-              f"per token at {generation['memory_gb_per_s']:.1f} GB/s measured read bandwidth: "
-              f"{generation['transformer_cached_bandwidth_utilisation']:.0%} of the memory bound",
-              f"Transformer KV cache vs recompute unembedding only the last position: "
-              f"{generation['kv_cache_vs_recompute_last_position']:.1f}x "
-              f"({generation['transformer_recompute_last_position_tokens_per_s']:,.0f} tokens/s)",
-              f"LSTM carried state vs recompute, {generation['new_tokens']} tokens: "
-              f"{report['lstm_state_vs_recompute']:.1f}x ({generation['lstm_cached_tokens_per_s']:,.0f} vs "
-              f"{generation['lstm_recompute_tokens_per_s']:,.0f} tokens/s)",
-              f"tokenization (tokenize_examples, {tokens['megabytes']:.1f} MB in {tokens['examples']:,} "
-              f"examples): {report['tokenize_mb_per_s']:.1f} MB/s "
-              f"(encode_batch per example: {tokens['encode_batch_per_example_mb_per_s']:.1f} MB/s)",
-              f"peak RSS training from a {memory['tokens']:,}-token memmap ({memory['token_file_gb']:.2f} GB): "
-              f"{report['peak_rss_gb_100m_tokens']:.2f} GB",
-              f"elapsed {report['elapsed_s']:.0f} s"]
-    return "\n".join(lines)
-
-
-# =============================================================================
-# 11. Distributed training (torchrun / DDP)
-# =============================================================================
-# `torchrun --nproc_per_node=N pico-llm.py ...` starts N copies of this script
-# with RANK, LOCAL_RANK and WORLD_SIZE set. Each copy (rank) trains a replica
-# wrapped in DistributedDataParallel, which averages gradients across ranks
-# during backward. --batch_size is the global batch: the examples of one
-# optimizer step, split across ranks and --grad_accum_steps micro-batches, so
-# the learning rate means the same thing on 1 process or 64.
-
+# What it adds: one model trained by several processes (ranks), each on its share
+# of every batch, gradients averaged across ranks during backward. It matters
+# when one step's compute outweighs the gradient all-reduce: larger models and
+# batches on several GPUs. `torchrun --nproc_per_node=N pico-llm.py ...` starts N
+# copies of this script with RANK, LOCAL_RANK and WORLD_SIZE set. --batch_size is
+# the global batch: the examples of one optimizer step, split across ranks and
+# --grad_accum_steps micro-batches, so the learning rate means the same thing on
+# 1 process or 64.
 
 @dataclasses.dataclass
 class Distributed:
@@ -4859,24 +4245,24 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup_distributed(args: argparse.Namespace) -> Distributed:
-    """Join the torchrun job if there is one: gloo on CPUs, NCCL with one GPU per rank."""
+def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, str]:
+    """Join the torchrun job if there is one: gloo on CPUs, NCCL with one GPU per rank.
+    Returns this process's place and the device it trains on (cuda:LOCAL_RANK under
+    torchrun on GPUs)."""
     world_size = launched_world_size()
     if world_size == 1:
-        return Distributed()
+        return Distributed(), device_id
     import torch.distributed as dist
 
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = args.device_id.startswith("cuda") and torch.cuda.is_available()
+    use_cuda = device_id.startswith("cuda") and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        args.device_id = f"cuda:{local_rank}"
-    else:
-        args.device_id = "cpu"
     # A rank that fails ends the job: the others give up after the timeout instead of hanging.
     dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=args.dist_timeout))
-    return Distributed(dist.get_rank(), world_size, local_rank)
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return (Distributed(dist.get_rank(), world_size, local_rank),
+            f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
 def teardown_distributed(context: Distributed) -> None:
@@ -4884,8 +4270,10 @@ def teardown_distributed(context: Distributed) -> None:
         torch.distributed.destroy_process_group()
 
 
-def wrap_for_training(model: nn.Module, context: Distributed, device: torch.device) -> nn.Module:
-    loss_module = NextTokenLoss(model)
+def wrap_for_training(loss_module: nn.Module, context: Distributed,
+                      device: torch.device) -> nn.Module:
+    """The loss module as training calls it: itself, or wrapped in DistributedDataParallel
+    under torchrun, which then averages the gradients across ranks during backward."""
     if not context.enabled:
         return loss_module
     from torch.nn.parallel import DistributedDataParallel
@@ -4893,248 +4281,566 @@ def wrap_for_training(model: nn.Module, context: Distributed, device: torch.devi
                                    device_ids=[device.index] if device.type == "cuda" else None)
 
 
-
 # =============================================================================
-# 12. main()
+# D. Training your own BPE tokenizer; resource accounting
 # =============================================================================
+# What it adds: --tokenizer bpe:N trains a byte-level BPE with N ids on the run's
+# training split, and --accounting shows where a Transformer's parameters, FLOPs
+# and training memory go. A small vocabulary makes CPU training much cheaper;
+# accounting explains why.
+
+# --- D.1 Byte-level BPE -----------------------------------------------------------------
+
+PAT_RE = regex.compile(GPT2_PATTERN)
+
+# A non-space then a space character: PAT always ends a pre-token between the two.
+# REVERSE makes search() return the last occurrence, which encode_iterable wants.
+SPACE_AFTER_TEXT_RE = regex.compile(r"\S\s", regex.REVERSE)
+
+# Interned single-byte tokens, so a pre-token of n bytes doesn't allocate n new objects.
+BYTE_TOKENS = [bytes([b]) for b in range(256)]
+
+def special_tokens_regex(special_tokens, capture=False):
+    """Regex matching any special token; longest first, so that when one special token
+    is a prefix of another ("<|eot|>" vs "<|eot|><|eot|>") the longer one wins."""
+    if not special_tokens:
+        return None
+    alternatives = "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
+    return regex.compile(f"({alternatives})" if capture else alternatives)
 
 
-def resolve_device(device_id: str) -> torch.device:
-    """cpu, mps or cuda:N; a CUDA request on a machine without CUDA falls back to cpu."""
-    try:
-        device = torch.device(device_id)
-    except RuntimeError:
-        raise UserError(f"unknown --device_id {device_id!r}; use cpu, mps or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print(f"pico-llm: note: CUDA is not available, using cpu instead of {device_id}",
-                  file=sys.stderr)
-            return torch.device("cpu")
-        index = device.index or 0
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device_id {device_id}: only {torch.cuda.device_count()} CUDA "
-                            "device(s) present")
-        return torch.device("cuda", index)
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError("--device_id mps: Apple's MPS backend is not available here; use cpu")
-        return device
-    if device.type != "cpu":
-        raise UserError(f"unsupported --device_id {device_id!r}; use cpu, mps or cuda:N")
-    return device
+def count_pretokens(text, special_tokens):
+    """Counter {pre-token bytes: count} of a text. The text is first cut at the special
+    tokens (which are dropped), so no pre-token, hence no merge, ever contains one."""
+    splitter = special_tokens_regex(special_tokens)
+    pieces = splitter.split(text) if splitter else [text]
+    counts = Counter()
+    for piece in pieces:
+        counts.update(PAT_RE.findall(piece))  # count str first: encode each distinct one once
+    return Counter({word.encode("utf-8"): n for word, n in counts.items()})
 
 
-def summary_table(records: dict) -> str:
-    """One line per model: parameters, final losses, throughput."""
-    lines = [f"{'model':<20} {'params':>12} {'train loss':>11} {'test loss':>10} {'tok/s':>10}"]
-    for name, record in records.items():
-        final = record.get("final", {})
-        test = final.get("test_loss")
-        lines.append(f"{name:<20} {record['parameters']:>12,} {final.get('train_loss', float('nan')):>11.4f} "
-                     f"{test if test is not None else float('nan'):>10.4f} "
-                     f"{final.get('tokens_per_s', 0):>10,.0f}")
-    return "\n".join(lines)
+def count_pretokens_in_chunk(job):
+    """Worker: count the pre-tokens of bytes [start, end) of the file, reading only those.
+    Boundaries sit where a character starts, so they never cut a UTF-8 character in two."""
+    path, start, end, special_tokens = job
+    with open(path, "rb") as f:
+        f.seek(start)
+        text = f.read(end - start).decode("utf-8", errors="replace")
+    return count_pretokens(text, special_tokens)
 
 
-def prepare_data(args: argparse.Namespace):
-    """The tokenizer and the tokenized, split training data the flags describe.
-    A bpe:N tokenizer is trained on the training split only, never the test set."""
-    sources = read_sources(args)
-    training_texts = [source.texts[i] for source in sources for i in source.train]
-    tokenizer = build_tokenizer(args.tokenizer, training_texts,
-                                Path(args.cache_dir) if args.cache_dir else None)
-    prompt_tokens = len(tokenizer.encode(args.prompt))
-    if prompt_tokens > args.block_size:
-        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than --block_size "
-                        f"{args.block_size}; shorten it or raise --block_size")
-    data = load_training_data(args, tokenizer, sources)
-    if not args.quiet:
-        for source in data.sources:
-            print(f"data: {source.name}: {len(source.examples)} examples ({len(source.train)} train, "
-                  f"{len(source.test)} test), {int(source.examples.offsets[-1]):,} tokens "
-                  f"[{tokenizer.name}]")
-    return tokenizer, data
+def find_chunk_boundaries(path, num_chunks, split_token=None, window=4096):
+    """Byte offsets [0, ..., file_size] cutting the file into about num_chunks pieces
+    that can be pre-tokenized independently with the same result as the whole file.
 
-
-def data_summary(tokenizer, data: TrainingData) -> dict:
-    return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-            "sources": {s.name: {"examples": len(s.examples), "train": len(s.train),
-                                 "test": len(s.test), "tokens": int(s.examples.offsets[-1]),
-                                 "bytes": s.examples.num_bytes} for s in data.sources}}
-
-
-def train_models(args: argparse.Namespace, device: torch.device, tokenizer, data: TrainingData,
-                 runlog: RunLog | None, *, context: "Distributed | None" = None,
-                 trained_models: dict | None = None, resume_points: dict | None = None,
-                 stop: StopRequest | None = None) -> dict:
-    """Build and train every model in args.models, continuing those in resume_points
-    ({name: (path, checkpoint)}); returns {name: record}. The trained modules go into
-    `trained_models` when given (for the interpretability flags)."""
-    records = {}
-    save_dir = checkpoint_directory(args)
-    for name in args.models:
-        model = build_model(name, args, tokenizer.vocab_size).to(device)
-        if args.compile:
-            compile_model(model)
-        record = model_record(name, model, args)
-        if runlog is not None:
-            runlog.add_model(name, record)
-        resume_from = (resume_points or {}).get(name)
-        if resume_from is not None and resume_from[1]["progress"]["finished"]:
-            record.update(resume_from[1]["record"])
-            if not args.quiet:
-                print(f"model {name}: finished in {resume_from[0]}, not retrained")
-        else:
-            if not args.quiet:
-                print(f"model {name}: {record['parameters']:,} parameters, "
-                      f"{record['training_flops_per_token'] / 1e6:,.1f} MFLOP per training token")
-            series = CheckpointSeries(save_dir, name, args.keep_checkpoints) if save_dir else None
-            train_one_model(name, model, data, args, device, tokenizer, record, runlog,
-                            checkpoints=series, resume_from=resume_from, stop=stop,
-                            context=context)
-        records[name] = record
-        if trained_models is not None:
-            trained_models[name] = model
-    return records
-
-
-def run_training(args: argparse.Namespace) -> int:
-    """The main job: train the models, print a summary, write the run log.
-    Under torchrun, rank 0 alone prints and writes."""
-    context = setup_distributed(args)
-    try:
-        if not context.is_main:
-            args.quiet = True
-        device = resolve_device(args.device_id)
-        run_path = choose_run_path(args)
-        check_writable_directory(run_path.parent, "--artefacts_dir")
-        save_dir = checkpoint_directory(args)
-        if save_dir is not None:
-            check_writable_directory(save_dir, "--save_dir")
-        resume_points = resume_checkpoints(args)
-        if context.is_main:  # rank 0 alone writes; the others stop when it does
-            check_run_log_is_new(run_path, args)
-            check_checkpoints_are_ours(save_dir, args, resume_points)
-        tokenizer, data = prepare_data(args)
-        runlog = RunLog(run_path, args, device, data_summary(tokenizer, data)) if context.is_main else None
-        if runlog is not None and isinstance(tokenizer, TrainedBPETokenizer):
-            tokenizer_dir = run_path.with_suffix(".tokenizer")  # the run's ids mean nothing without it
-            tokenizer.save(tokenizer_dir)
-            runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
-                                                      str(tokenizer_dir / "merges.json")]
-        if runlog is not None:
-            runlog.data["distributed"] = {"world_size": context.world_size,
-                                          "grad_accum_steps": args.grad_accum_steps}
-        models: dict = {}
-        with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
-            train_models(args, device, tokenizer, data, runlog, context=context,
-                         trained_models=models, resume_points=resume_points, stop=stop)
-        if runlog is not None:
-            runlog.data["status"] = "finished"
-            runlog.write()
-            print()
-            print(summary_table(runlog.data["models"]))
-            print()
-            print(ascii_loss_plot(runlog.data["models"]))
-            interpret_models(args, device, tokenizer, data, models)
-            print(f"\nrun log written to {run_path}")
-        if context.enabled:
-            # Every rank reaches destroy_process_group together, as PyTorch asks, rather
-            # than the others tearing down while rank 0 still writes the log and samples.
-            torch.distributed.barrier()
-        return 0
-    finally:
-        teardown_distributed(context)
-
-
-def run_accounting(args: argparse.Namespace) -> int:
-    """--accounting: where parameters, compute and memory go, without training."""
-    what = args.accounting
-    if what == "all":
-        names = list(TRANSFORMER_PRESETS) + list(GPT2_SHAPES)
-    elif what == "configured" or what in GPT2_SHAPES:
-        names = [what]
-    elif what.lower() in (preset.lower() for preset in TRANSFORMER_PRESETS):
-        names = [find_preset(what)]
+    With a special token, each boundary is moved forward to the next occurrence of it
+    (text is split there anyway). Without one, it moves to the next newline that follows
+    a printable non-space ASCII byte: PAT always ends a pre-token between a non-space
+    and a space character and has no look-behind, so cutting there changes nothing
+    (a plain newline is not safe: "a\\n\\n b" pre-tokenizes as "\\n\\n", " b").
+    Only small windows are read, never the whole file."""
+    if split_token:
+        token = split_token.encode("utf-8")
+        window = max(window, 2 * len(token))
+        overlap, offset = len(token) - 1, 0
+        find = lambda buf: buf.find(token)
     else:
-        raise UserError(f"unknown --accounting {what!r}; use configured, all, a preset "
-                        f"({', '.join(TRANSFORMER_PRESETS)}) or {', '.join(GPT2_SHAPES)}")
-    kind, size = parse_tokenizer_spec(args.tokenizer)
-    vocab_size = size if kind == "bpe" else build_tokenizer(args.tokenizer).vocab_size
-    for name in names:
-        if name in GPT2_SHAPES:
-            config = gpt2_shape_config(name, args.block_size)
+        newline_after_text = regex.compile(rb"[\x21-\x7e]\n")
+        overlap, offset = 1, 1  # the boundary is the newline, after the printable byte
+        find = lambda buf: (m.start() if (m := newline_after_text.search(buf)) else -1)
+
+    file_size = os.path.getsize(path)
+    boundaries = [0]
+    with open(path, "rb") as f:
+        for i in range(1, num_chunks):
+            pos = max(file_size * i // num_chunks, boundaries[-1])
+            while True:
+                f.seek(pos)
+                buf = f.read(window)
+                if len(buf) <= overlap:  # reached the end of the file: no more boundary
+                    pos = file_size
+                    break
+                at = find(buf)
+                if at >= 0:
+                    pos += at + offset
+                    break
+                pos += len(buf) - overlap  # keep an overlap so a token across windows is found
+            boundaries.append(pos)
+    boundaries.append(file_size)
+    return sorted(set(boundaries))
+
+
+def pretokenize_file(path, special_tokens, num_workers=None, min_chunk_bytes=1 << 20):
+    """Counter of the pre-tokens of a file, counted chunk by chunk (in parallel if the
+    file has several chunks), so that no process ever holds the whole file."""
+    num_workers = num_workers or min(os.cpu_count() or 1, 8)
+    file_size = os.path.getsize(path)
+    # ~4 chunks per worker balances the load; chunks of at most ~64 MB bound the memory.
+    num_chunks = max(num_workers * 4, file_size // (64 << 20))
+    num_chunks = max(1, min(num_chunks, file_size // max(min_chunk_bytes, 1)))
+    # Assumes no other special token contains the first one after its own start
+    # (e.g. "x<|endoftext|>"): a boundary there would cut that longer token in two.
+    split_token = special_tokens[0] if special_tokens else None
+    boundaries = find_chunk_boundaries(path, num_chunks, split_token)
+    jobs = [(path, start, end, special_tokens) for start, end in zip(boundaries, boundaries[1:])]
+    counts = Counter()
+    if num_workers == 1 or len(jobs) <= 1:  # small file: a process pool costs more than it saves
+        for job in jobs:
+            counts.update(count_pretokens_in_chunk(job))
+        return counts
+    with multiprocessing.Pool(min(num_workers, len(jobs))) as pool:
+        for chunk_counts in pool.imap_unordered(count_pretokens_in_chunk, jobs):
+            counts.update(chunk_counts)  # merged as they come: only a few chunks in memory
+    return counts
+
+
+class MaxPair:
+    """Heap key: heapq pops the smallest item, and we want the lexicographically
+    greatest pair among pairs of equal count, so the byte comparison is reversed."""
+    __slots__ = ("pair",)
+
+    def __init__(self, pair):
+        self.pair = pair
+
+    def __lt__(self, other):
+        return self.pair > other.pair
+
+    def __eq__(self, other):
+        return self.pair == other.pair
+
+
+def merge_pair(symbols, pair, merged):
+    """Replace every occurrence of pair in the list symbols by merged, left to right."""
+    first, second = pair
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
+            out.append(merged)
+            i += 2
         else:
-            preset_args = argparse.Namespace(**{**vars(args), "transformer_variant": (
-                args.transformer_variant if name == "configured" else name)})
-            config = transformer_config_from_args(preset_args, "transformer", vocab_size)
-        label = f"{args.transformer_variant} (configured)" if name == "configured" else name
-        print(format_accounting(label, transformer_accounting(config, args.block_size),
-                                args.batch_size))
-        print()
-    return 0
+            out.append(symbols[i])
+            i += 1
+    return out
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Each mode of the script is one function; training is the default."""
-    if args.accounting:
-        return run_accounting(args)
-    if args.generate:
-        return run_generation(args)
-    if args.sweep or args.custom_sweep_log or args.collect_transformer_metrics:
-        return run_sweeps(args)
-    if args.benchmark or args.benchmark_quick:
-        return run_benchmark(args)
-    return run_training(args)
+def pop_best_pair(heap, pair_counts):
+    """Pop the most frequent pair (ties: greatest bytes). Entries are never removed when a
+    count changes, a new one is pushed; stale ones are skipped here (lazy deletion)."""
+    while heap:
+        neg_count, key = heapq.heappop(heap)
+        if pair_counts.get(key.pair, 0) == -neg_count:
+            return key.pair
+    return None
 
 
-def enable_crash_tracebacks() -> None:
-    """A crash in native code (SIGSEGV, SIGABRT, ...) prints every thread's Python stack on
-    stderr rather than ending the process without a word. Needs a real stderr file (tests
-    that capture stderr in memory have none)."""
-    try:
-        faulthandler.enable()
-    except (AttributeError, ValueError, io.UnsupportedOperation):
-        pass
+def learn_merges(pretoken_counts, num_merges):
+    """The BPE loop: repeatedly merge the most frequent adjacent pair within pre-tokens.
+
+    Counts live in pair_counts and are updated incrementally: merging a pair only changes
+    the pre-tokens that contain it, found through the index pair -> {pre-token ids}."""
+    words = [[BYTE_TOKENS[b] for b in word] for word in pretoken_counts]
+    freqs = list(pretoken_counts.values())
+    pair_counts, words_with_pair = defaultdict(int), defaultdict(set)
+    for word_id, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[word_id]
+            words_with_pair[pair].add(word_id)
+    heap = [(-count, MaxPair(pair)) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges = []
+    while len(merges) < num_merges:
+        pair = pop_best_pair(heap, pair_counts)
+        if pair is None:  # every pre-token is a single token: nothing left to merge
+            break
+        merges.append(pair)
+        merged = pair[0] + pair[1]
+        delta = defaultdict(int)  # net change of each pair count caused by this merge
+        for word_id in words_with_pair.pop(pair):
+            old = words[word_id]
+            new = merge_pair(old, pair, merged)
+            if len(new) == len(old):  # stale index entry: the pair left this word earlier
+                continue
+            for p in zip(old, old[1:]):
+                delta[p] -= freqs[word_id]
+            for p in zip(new, new[1:]):
+                delta[p] += freqs[word_id]
+                words_with_pair[p].add(word_id)
+            words[word_id] = new
+        for p, change in delta.items():
+            if change == 0:
+                continue
+            count = pair_counts[p] + change
+            if count > 0:
+                pair_counts[p] = count
+                heapq.heappush(heap, (-count, MaxPair(p)))
+            else:
+                del pair_counts[p]
+        if len(heap) > 4 * len(pair_counts) + 10_000:  # drop stale entries once in a while
+            heap = [(-c, MaxPair(p)) for p, c in pair_counts.items()]
+            heapq.heapify(heap)
+    return merges
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
+def train_bpe(input_path, vocab_size, special_tokens, num_workers=None, min_chunk_bytes=1 << 20):
+    """Train a byte-level BPE on a text file.
+
+    Returns vocab {id: bytes} (ids 0..255 the bytes, then the special tokens, then one id
+    per merge, in merge order) and merges [(left bytes, right bytes), ...] in merge order.
+    Stops early, with a smaller vocab, if no pair is left to merge."""
+    special_tokens = list(special_tokens or [])
+    num_merges = vocab_size - 256 - len(special_tokens)
+    if num_merges < 0:
+        raise ValueError(f"vocab_size must be at least {256 + len(special_tokens)}")
+    counts = pretokenize_file(input_path, special_tokens, num_workers, min_chunk_bytes)
+    merges = learn_merges(counts, num_merges)
+    vocab = {i: BYTE_TOKENS[i] for i in range(256)}
+    for token in special_tokens:
+        vocab[len(vocab)] = token.encode("utf-8")
+    for first, second in merges:
+        vocab[len(vocab)] = first + second
+    return vocab, merges
+
+
+def assign_special_ids(vocab, special_tokens):
+    """{special token: id}: its id in vocab if present, else a new id after the last one."""
+    ids_of_bytes = {b: i for i, b in sorted(vocab.items(), reverse=True)}  # smallest id wins
+    special_ids, next_id = {}, max(vocab) + 1
+    for token in special_tokens or []:
+        if token.encode("utf-8") in ids_of_bytes:
+            special_ids[token] = ids_of_bytes[token.encode("utf-8")]
+        else:
+            special_ids[token], next_id = next_id, next_id + 1
+    return special_ids
+
+
+class Tokenizer:
+    """Encodes text with a BPE given as vocab {id: bytes} plus ordered merges.
+
+    Ids come from the vocab, whatever they are (GPT-2's don't follow merge order); the
+    merges only give the priority: within a pre-token, the earliest merge applies first."""
+    CACHE_LIMIT = 100_000
+
+    def __init__(self, vocab, merges, special_tokens=None):
+        self.special_ids = assign_special_ids(vocab, special_tokens)
+        self.vocab = dict(vocab)
+        for token, token_id in self.special_ids.items():
+            self.vocab[token_id] = token.encode("utf-8")
+        self.merge_ranks = {}
+        for rank, pair in enumerate(merges):
+            self.merge_ranks.setdefault(tuple(pair), rank)
+        # bytes -> id for ordinary tokens; if two ids share the same bytes, the smaller wins
+        special = set(self.special_ids.values())
+        self.ids_of_bytes = {b: i for i, b in sorted(self.vocab.items(), reverse=True)
+                             if i not in special}
+        self.special_re = special_tokens_regex(self.special_ids, capture=True)
+        self.max_special_len = max(map(len, self.special_ids), default=0)
+        self.cache = {}  # pre-token str -> ids: natural text repeats its words a lot
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def bpe(self, pretoken):
+        """Ids of one pre-token: apply the lowest-ranked merge present, until none applies."""
+        symbols = [BYTE_TOKENS[b] for b in pretoken.encode("utf-8")]
+        while len(symbols) > 1:
+            pairs = zip(symbols, symbols[1:])
+            pair = min(pairs, key=lambda p: self.merge_ranks.get(p, float("inf")))
+            if pair not in self.merge_ranks:
+                break
+            symbols = merge_pair(symbols, pair, pair[0] + pair[1])
+        return [self.ids_of_bytes[s] for s in symbols]
+
+    def encode_ordinary(self, text):
+        """Encode text that contains no special tokens."""
+        ids = []
+        for pretoken in PAT_RE.findall(text):
+            if pretoken not in self.cache:
+                if len(self.cache) >= self.CACHE_LIMIT:  # bounded memory on endless streams
+                    self.cache.clear()
+                self.cache[pretoken] = self.bpe(pretoken)
+            ids.extend(self.cache[pretoken])
+        return ids
+
+    def encode(self, text):
+        """Ids of text; special tokens in it become their own ids (longest match first)."""
+        if not self.special_re:
+            return self.encode_ordinary(text)
+        ids = []
+        # split() with a capture group alternates: ordinary text, special token, ordinary...
+        for i, part in enumerate(self.special_re.split(text)):
+            ids.extend([self.special_ids[part]] if i % 2 else self.encode_ordinary(part))
+        return ids
+
+    def safe_cut(self, text):
+        """The last position p found such that encode(text[:p]) + encode(rest) equals encode of
+        text[:p] + rest whatever rest follows, or 0 if none is known yet.
+
+        p must sit between a non-space and a space character (PAT ends a pre-token there
+        and has no look-behind), must not fall inside a special token, and must be far
+        enough from the end that any special token starting before p is fully visible."""
+        end = len(text) - max(self.max_special_len, 2) + 2  # search "\S\s" within text[:end]
+        match = SPACE_AFTER_TEXT_RE.search(text, 0, max(end, 0))
+        if not match:
+            return 0
+        cut = match.start() + 1
+        if self.special_re:
+            for special in self.special_re.finditer(text, 0, cut + self.max_special_len):
+                if special.start() < cut < special.end():
+                    return special.start()
+        return cut
+
+    def encode_iterable(self, iterable):
+        """Lazily yield the ids of "".join(iterable) (e.g. an open file, line by line),
+        holding only a small buffer: text is encoded up to the last safe cut point."""
+        buffer = ""
+        for chunk in iterable:
+            buffer += chunk
+            cut = self.safe_cut(buffer)
+            if cut:
+                yield from self.encode(buffer[:cut])
+                buffer = buffer[cut:]
+        yield from self.encode(buffer)
+
+    def decode(self, ids):
+        """Text of the ids; byte sequences that aren't valid UTF-8 become U+FFFD."""
+        return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    def save(self, vocab_path, merges_path):
+        """JSON files, bytes as hex strings (lossless, readable enough):
+        vocab {"id": "hex", ...} and merges [["hex", "hex"], ...] in merge order.
+        Special tokens are stored in the vocab; pass their strings again to from_files."""
+        merges = sorted(self.merge_ranks, key=self.merge_ranks.get)
+        atomic_write_json(Path(vocab_path), {str(i): b.hex() for i, b in sorted(self.vocab.items())})
+        atomic_write_json(Path(merges_path), [[a.hex(), b.hex()] for a, b in merges])
+
+    @property
+    def merges(self) -> list[tuple[bytes, bytes]]:
+        return sorted(self.merge_ranks, key=self.merge_ranks.get)
+
+    @classmethod
+    def from_files(cls, vocab_path, merges_path, special_tokens=None):
+        """Load a Tokenizer written by save()."""
+        with open(vocab_path) as f:
+            vocab = {int(i): bytes.fromhex(h) for i, h in json.load(f).items()}
+        with open(merges_path) as f:
+            merges = [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in json.load(f)]
+        return cls(vocab, merges, special_tokens)
+
+
+def load_tiktoken_ranks(path):
+    """{token bytes: rank} from a tiktoken file, one "base64(token) rank" per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def recover_merge(token, ranks):
+    """The pair that created token: run BPE on its bytes with only the tokens ranked
+    below it (as tiktoken would: leftmost lowest rank first) until two parts remain."""
+    parts = [BYTE_TOKENS[b] for b in token]
+    while len(parts) > 2:
+        best, best_rank = None, ranks[token]
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best, best_rank = i, rank
+        if best is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"no merge creates {token!r}: not a BPE vocabulary")
+    return parts[0], parts[1]
+
+
+def gpt2_vocab_and_merges(ranks_path):
+    """GPT-2's vocab {id: bytes} (ids = ranks, plus 50256 = <|endoftext|>) and its merges
+    in priority order, rebuilt from the r50k_base ranks file."""
+    ranks = load_tiktoken_ranks(ranks_path)
+    vocab = {rank: token for token, rank in ranks.items()}
+    vocab[len(ranks)] = b"<|endoftext|>"
+    tokens_by_rank = sorted(ranks, key=ranks.get)
+    merges = [recover_merge(token, ranks) for token in tokens_by_rank if len(token) > 1]
+    return vocab, merges
+
+
+def tiktoken_encoding_from_bpe(vocab, merges, special_tokens, name):
+    """A tiktoken.Encoding (Rust, much faster) giving the same ids as Tokenizer.
+
+    tiktoken has no merge list: it ranks a pair by the id of the concatenated bytes and
+    uses the id as the rank. So the id of each merge's result must grow with merge order
+    (true for train_bpe and GPT-2; checked). Ids may have gaps (the special tokens at
+    256.. in train_bpe's vocab): ranks only need to be ordered. If two merges produce the
+    same bytes, the first id is kept, as Tokenizer does (the later id is never emitted).
+    Caveat: with overlapping special tokens, tiktoken does not promise longest-first."""
+    special_ids = assign_special_ids(vocab, special_tokens)
+    special = set(special_ids.values())
+    # reversed so that, for bytes made by two merges, the first (smallest) id wins
+    ranks = {b: i for i, b in sorted(vocab.items(), reverse=True) if i not in special}
+    if any(BYTE_TOKENS[b] not in ranks for b in range(256)):
+        raise ValueError("every single byte must be in the vocab")
+    last_rank, seen = -1, set()
+    for first, second in merges:
+        merged = first + second
+        if merged not in seen:  # a duplicate result keeps its first rank
+            seen.add(merged)
+            if ranks[merged] <= last_rank:
+                raise ValueError("the ids of merge results must increase with merge order")
+            last_rank = ranks[merged]
+    return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=special_ids)
+
+
+class TrainedBPETokenizer:
+    """--tokenizer bpe:N: a byte-level BPE with N ids trained on this run's own text.
+
+    Encoding runs through tiktoken (same ids as Tokenizer.encode, much faster).
+    A small vocabulary makes the output layer, and so CPU training, much cheaper.
+    """
+
+    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
+                 requested_size: int) -> None:
+        self.name = f"bpe:{requested_size}"
+        self.bpe = Tokenizer(vocab, merges, [END_OF_TEXT])
+        self.encoding = tiktoken_encoding_from_bpe(vocab, merges, [END_OF_TEXT], self.name)
+        self.vocab_size = max(self.bpe.vocab) + 1
+        self.eot_id = self.bpe.special_ids[END_OF_TEXT]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.bpe.decode([i for i in ids if i in self.bpe.vocab])
+
+    def token_byte_lengths(self) -> np.ndarray:
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token_id, token in self.bpe.vocab.items():
+            lengths[token_id] = 0 if token_id == self.eot_id else len(token)
+        return lengths
+
+    def save(self, directory: Path) -> None:
+        self.bpe.save(directory / "vocab.json", directory / "merges.json")
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | None) -> TrainedBPETokenizer:
+    """Train (or reuse from the cache) a BPE on `texts`, separated by <|endoftext|> so no
+    merge crosses from one example into the next."""
+    digest = hashlib.sha256(f"bpe:{vocab_size}".encode())
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\x00")
+    cached = cache_dir / f"bpe-{digest.hexdigest()[:24]}" if cache_dir else None
+    if cached is not None and (cached / "merges.json").exists():
+        loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
+        return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus = Path(scratch) / "corpus.txt"
+        corpus.write_text(END_OF_TEXT.join(texts), encoding="utf-8")
+        vocab, merges = train_bpe(corpus, vocab_size, [END_OF_TEXT])
+    tokenizer = TrainedBPETokenizer(vocab, merges, vocab_size)
+    if cached is not None:
         try:
-            args = parse_args(argv)
-        except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
-            return int(exit_request.code or 0)
-        keep_freed_memory()
-        enable_crash_tracebacks()
-        with cpu_matmul(args.cpu_matmul):
-            return run_command(args)
-    except UserError as error:
-        rank = f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
-        print(f"pico-llm: error{rank}: {error}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as interruption:
-        print(f"pico-llm: {interruption}", file=sys.stderr)
-        return interruption.exit_status
-    except KeyboardInterrupt:
-        print("pico-llm: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head` and closed early
-        sys.stdout = open(os.devnull, "w")
-        return 0
+            tokenizer.save(cached)
+        except OSError as error:
+            print(f"pico-llm: note: trained tokenizer not cached ({error.strerror})", file=sys.stderr)
+    return tokenizer
 
 
-def exit_process(status: int) -> None:
-    """Ends the process with `status`. A torchrun rank, whose work is done and whose files
-    are written and closed, leaves at once after flushing its output: about one full test
-    run in three, a rank ended cleanly and then died in C++ teardown during interpreter
-    shutdown ("terminate called without an active exception", SIGABRT, no Python frame left
-    on the stack), and torchrun reported the whole job as failed."""
-    if launched_world_size() > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+# --- D.2 Resource accounting ---------------------------------------------------------------
+
+# GPT-2's published shapes (Radford et al., 2019), for accounting only: they exceed
+# the course's 10-block cap, so they are never built for training here.
+GPT2_SHAPES = {
+    "gpt2-small": dict(n_blocks=12, d_model=768, n_heads=12),
+    "gpt2-medium": dict(n_blocks=24, d_model=1024, n_heads=16),
+    "gpt2-large": dict(n_blocks=36, d_model=1280, n_heads=20),
+    "gpt2-xl": dict(n_blocks=48, d_model=1600, n_heads=25),
+}
+
+
+def gpt2_shape_config(name: str, context_length: int = 1024) -> TransformerConfig:
+    return TransformerConfig(vocab_size=50257, block_size=context_length, ffn="gelu",
+                             norm="layernorm", pos_emb="learned", tie_weights=True, bias=True,
+                             d_ff=4 * GPT2_SHAPES[name]["d_model"], **GPT2_SHAPES[name])
+
+
+def transformer_accounting(config: TransformerConfig, context_length: int) -> dict:
+    """Where a Transformer's parameters, compute and training memory go.
+
+    Returns per component: parameters, and forward FLOPs for one sequence of
+    `context_length` tokens (2 FLOPs per multiply-add); plus fp32 training memory
+    with AdamW in bytes: weights, gradients, the two moment buffers, and the
+    activations autograd keeps per example (a standard itemization that counts
+    every saved intermediate once; fused kernels save less).
+    """
+    c, T = config, context_length
+    d, L, V, F_ = c.d_model, c.n_blocks, c.vocab_size, c.d_ff
+    kv_width = c.n_kv_heads * c.head_dim
+    bias = 1 if c.bias else 0
+    norm_params = {"rmsnorm": d, "layernorm": d * (1 + bias), "none": 0}[c.norm]
+    ffn_matrices = 3 if c.ffn == "swiglu" else 2
+    attention_params = d * (d + 2 * kv_width) + d * d + bias * (2 * d + 2 * kv_width)
+    ffn_params = ffn_matrices * d * F_ + bias * ((ffn_matrices - 1) * F_ + d)
+    final_norm = norm_params if c.norm_position == "pre" else 0
+    parameters = {
+        "token_embedding": V * d,
+        "position_embedding": c.block_size * d if c.pos_emb == "learned" else 0,
+        "attention": L * attention_params,
+        "feed_forward": L * ffn_params,
+        "norms": L * 2 * norm_params + final_norm,
+        "unembedding": 0 if c.tie_weights else V * d,
+    }
+    flops = {
+        "attention_projections": L * 2 * T * (d * (d + 2 * kv_width) + d * d),
+        "attention_scores_and_mix": L * 2 * 2 * T * T * d,   # Q K^T, then weights @ V
+        "feed_forward": L * 2 * T * ffn_matrices * d * F_,
+        "unembedding": 2 * T * d * V,
+    }
+    per_block_activations = (2 * T * d               # inputs of the two norms
+                             + T * (d + 2 * kv_width)  # q, k, v
+                             + 2 * c.n_heads * T * T   # scores and softmax
+                             + 2 * T * d               # attention output, output projection
+                             + T * F_ * (3 if c.ffn == "swiglu" else 2) + T * d)  # FFN
+    activation_floats = L * per_block_activations + T * d + 2 * T * V  # final norm, logits, softmax
+    total_parameters = sum(parameters.values())
+    memory = {
+        "parameters": 4 * total_parameters,
+        "gradients": 4 * total_parameters,
+        "adamw_state": 8 * total_parameters,
+        "activations_per_example": 4 * activation_floats,
+    }
+    return {"parameters": parameters, "total_parameters": total_parameters,
+            "forward_flops_per_sequence": flops, "total_forward_flops": sum(flops.values()),
+            "context_length": T, "training_memory_bytes": memory}
+
+
+def format_accounting(name: str, account: dict, batch_size: int) -> str:
+    """A readable table of one model's accounting."""
+    total_p, total_f = account["total_parameters"], account["total_forward_flops"]
+    lines = [f"{name}: {total_p:,} parameters; forward {total_f / 1e9:,.2f} GFLOP per "
+             f"{account['context_length']}-token sequence (training about 3x)"]
+    for component, count in account["parameters"].items():
+        lines.append(f"  params  {component:<26} {count:>15,}  {100 * count / total_p:5.1f}%")
+    for component, count in account["forward_flops_per_sequence"].items():
+        lines.append(f"  flops   {component:<26} {count / 1e9:>13,.2f} G  {100 * count / total_f:5.1f}%")
+    memory = account["training_memory_bytes"]
+    fixed = memory["parameters"] + memory["gradients"] + memory["adamw_state"]
+    for component, size in memory.items():
+        lines.append(f"  memory  {component:<26} {size / 2**30:>13,.3f} GiB")
+    total = fixed + batch_size * memory["activations_per_example"]
+    lines.append(f"  memory  {'total at batch ' + str(batch_size):<26} {total / 2**30:>13,.3f} GiB")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     exit_process(main())
+
+

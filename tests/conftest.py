@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "pico-llm.py"
+BENCHMARK = REPO / "tools" / "benchmark.py"
 
 
 def load_pico():
@@ -23,6 +24,23 @@ def load_pico():
 @pytest.fixture(scope="session")
 def pico():
     return load_pico()
+
+
+@pytest.fixture(scope="session")
+def bench(pico):
+    """tools/benchmark.py as a module (it loads pico-llm.py the same way)."""
+    if "pico_benchmark" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pico_benchmark", BENCHMARK)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["pico_benchmark"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["pico_benchmark"]
+
+
+@pytest.fixture(scope="session")
+def configure(pico):
+    """The Config a command line gives, built as main() builds it: configure("--epochs", "2")."""
+    return lambda *argv: pico.config_from_command_line(list(argv))
 
 
 @pytest.fixture(scope="session")

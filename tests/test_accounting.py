@@ -1,4 +1,4 @@
-"""Resource accounting (section 5): parameters, FLOPs and memory per component."""
+"""Resource accounting (Appendix D): parameters, FLOPs and memory per component."""
 
 import pytest
 import torch
@@ -7,10 +7,10 @@ import torch
 @pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite"])
 @pytest.mark.parametrize("extra", [[], ["--norm_position", "post", "--tie_weights", "false"],
                                    ["--pos_emb", "learned", "--norm", "layernorm", "--ffn", "gelu"]])
-def test_accounted_parameters_equal_the_built_model(pico, preset, extra):
-    args = pico.parse_args(["--transformer_variant", preset, "--d_model", "64", "--n_heads", "4",
-                            "--n_blocks", "2", "--block_size", "32", *extra])
-    config = pico.transformer_config_from_args(args, "transformer", 300)
+def test_accounted_parameters_equal_the_built_model(pico, configure, preset, extra):
+    config = configure("--transformer_variant", preset, "--d_model", "64", "--n_heads", "4",
+                       "--n_blocks", "2", "--block_size", "32", *extra).models.transformer
+    config = pico.dataclasses.replace(config, vocab_size=300)
     account = pico.transformer_accounting(config, 32)
     assert account["total_parameters"] == pico.count_parameters(pico.TransformerModel(config))
     assert sum(account["parameters"].values()) == account["total_parameters"]
@@ -21,15 +21,15 @@ def test_gpt2_small_has_its_published_parameter_count(pico):
     assert account["total_parameters"] == 124_439_808
 
 
-def test_forward_flops_match_a_counted_forward_pass(pico):
-    """Count the multiply-adds of every matmul in a real forward pass with torch's FLOP counter."""
+def test_forward_flops_match_a_counted_forward_pass(pico, configure):
+    """Count the multiply-adds of every matmul in a real forward pass with torch's FLOP counter
+    (it sees aten's matmuls: the plain model, not Appendix A's oneDNN linears)."""
     from torch.utils.flop_counter import FlopCounterMode
-    args = pico.parse_args(["--d_model", "64", "--n_heads", "4", "--n_blocks", "2",
-                            "--block_size", "32", "--attention_impl", "math"])
-    config = pico.transformer_config_from_args(args, "transformer", 300)
+    config = configure("--d_model", "64", "--n_heads", "4", "--n_blocks", "2",
+                       "--block_size", "32", "--attention_impl", "math").models.transformer
+    config = pico.dataclasses.replace(config, vocab_size=300)
     model = pico.TransformerModel(config)
-    # The FLOP counter sees aten's matmuls, not oneDNN's, so count through torch's kernels.
-    with pico.cpu_matmul("torch"), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         model(torch.randint(0, 300, (32, 1)))
     accounted = pico.transformer_accounting(config, 32)["total_forward_flops"]
     assert counter.get_total_flops() == accounted

@@ -1,4 +1,4 @@
-"""Section 10.2: the benchmark runs end to end and writes every figure (speed is never asserted)."""
+"""tools/benchmark.py: it runs end to end and writes every figure (speed is never asserted)."""
 
 import json
 import math
@@ -15,13 +15,15 @@ def positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_quick_benchmark_writes_every_key_as_a_positive_finite_number(run_main, tmp_path):
-    status, out, err = run_main("--benchmark_quick", "--quiet")
-    assert status == 0, err
-    report = json.loads((tmp_path / "artefacts" / "benchmark.json").read_text())
+def test_quick_benchmark_writes_every_key_as_a_positive_finite_number(bench, tmp_path, capsys):
+    status = bench.main(["--quick", "--quiet", "--device_id", "cpu",
+                             "--output", str(tmp_path / "benchmark.json")])
+    out = capsys.readouterr().out
+    assert status == 0
+    report = json.loads((tmp_path / "benchmark.json").read_text())
     for key in HEADLINE_KEYS:
         assert positive_finite(report[key]), (key, report.get(key))
-    standard = {"kgram_mlp", "lstm", "transformer", "transformer_vocab4096"}
+    standard = {"kgram_mlp", "lstm", "transformer", "transformer_vocab4096", "transformer_plain_path"}
     # On a CPU with oneDNN the Transformer is also timed through torch's kernels, for comparison.
     assert set(report["training"]) == standard | ({"transformer_torch_matmul"}
                                                   if report["cpu_matmul"] == "onednn" else set())
@@ -45,11 +47,12 @@ def test_quick_benchmark_writes_every_key_as_a_positive_finite_number(run_main, 
 
 
 @pytest.mark.parametrize("variant", ["onehot", "embedding"])
-def test_starter_kgram_loop_gives_the_vectorized_models_logits(pico, variant):
+def test_starter_kgram_loop_gives_the_vectorized_models_logits(pico, bench, variant):
     torch.manual_seed(0)
     model = pico.KGramMLPSeqModel(vocab_size=23, k=3, embed_size=8, variant=variant)
     tokens = torch.randint(0, 23, (7, 2))
-    assert torch.allclose(pico.starter_kgram_loop_logits(model, tokens), model(tokens), atol=1e-5)
+    assert torch.allclose(bench.starter_kgram_loop_logits(model, tokens), model(tokens),
+                          atol=1e-5)
 
 
 def test_grouped_gpt2_encoding_equals_one_document_per_example(gpt2, pico):
@@ -92,26 +95,26 @@ def test_compile_trains_to_the_same_losses(run_main, tmp_path, pico):
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
-def test_peak_rss_of_a_child_is_its_own_not_its_parents(pico):
+def test_peak_rss_of_a_child_is_its_own_not_its_parents(bench):
     """getrusage's ru_maxrss survives fork + exec, so the memory probe (a child process) once
     reported the benchmark's own size; peak_rss_bytes must not."""
     import subprocess
     import sys
 
     import numpy as np
-    from conftest import SCRIPT
+    from conftest import BENCHMARK
     held = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this (parent) process
     probe = ("import importlib.util, sys\n"
-             f"spec = importlib.util.spec_from_file_location('pico_llm', {str(SCRIPT)!r})\n"
-             "pico = importlib.util.module_from_spec(spec); sys.modules['pico_llm'] = pico\n"
-             "spec.loader.exec_module(pico)\nprint(pico.peak_rss_bytes())\n")
+             f"spec = importlib.util.spec_from_file_location('pico_benchmark', {str(BENCHMARK)!r})\n"
+             "bench = importlib.util.module_from_spec(spec); sys.modules['pico_benchmark'] = bench\n"
+             "spec.loader.exec_module(bench)\nprint(bench.peak_rss_bytes())\n")
     child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr
     assert 0 < int(child.stdout.split()[-1]) < held.nbytes
-    assert pico.peak_rss_bytes() >= held.nbytes
+    assert bench.peak_rss_bytes() >= held.nbytes
 
 
-def test_peak_rss_falls_back_to_getrusage_without_proc(pico, monkeypatch):
+def test_peak_rss_falls_back_to_getrusage_without_proc(bench, monkeypatch):
     """Where /proc/self/status cannot be read (macOS), the figure comes from ru_maxrss,
     kilobytes on Linux and bytes on macOS."""
     import resource
@@ -120,8 +123,8 @@ def test_peak_rss_falls_back_to_getrusage_without_proc(pico, monkeypatch):
     def no_proc(self, *args, **kwargs):
         raise OSError("no /proc here")
 
-    monkeypatch.setattr(pico.Path, "read_text", no_proc)
+    monkeypatch.setattr(bench.Path, "read_text", no_proc)
     scale = 1 if sys.platform == "darwin" else 1024
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    reported = pico.peak_rss_bytes()
+    reported = bench.peak_rss_bytes()
     assert before <= reported <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

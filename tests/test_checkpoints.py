@@ -1,4 +1,4 @@
-"""Section 9: checkpoints, resume, signals, non-finite steps, plateaus and bad checkpoints."""
+"""Appendix B: checkpoints, resume, signals, non-finite steps, plateaus and bad checkpoints."""
 
 import errno
 import json
@@ -75,6 +75,42 @@ def test_an_interrupted_and_resumed_run_gives_the_same_losses(pico, run_main, tm
         assert [h["step"] for h in resumed["models"][name]["history"]] == list(range(1, 7))
 
 
+DROPOUT_TRANSFORMER = ["--models", "transformer", "--d_model", "32", "--n_heads", "2",
+                       "--n_blocks", "2", "--dropout", "0.1"]
+
+
+def test_a_resumed_run_with_dropout_draws_the_same_random_numbers(pico, run_main, tmp_path,
+                                                                 monkeypatch):
+    """Dropout draws from the global generator, which a resume restores; nothing else may
+    draw from it in between (the oneDNN probe once did, on its first use after the restore).
+    The probe's cache is cleared so that it runs again in each of the three runs."""
+    pico.onednn_available.cache_clear()
+    assert run_main(*TINY, *DROPOUT_TRANSFORMER, "--run_name", "whole")[0] == 0
+    whole = pico.load_runlog(tmp_path / "artefacts" / "whole.json")
+    calls, real_step = [], pico.training_step
+
+    def step_then_ctrl_c(*args):
+        loss = real_step(*args)
+        calls.append(loss)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(pico, "training_step", step_then_ctrl_c)
+    save = tmp_path / "ckpt"
+    pico.onednn_available.cache_clear()
+    assert run_main(*TINY, *DROPOUT_TRANSFORMER, "--save_dir", str(save), "--run_name", "cut")[0] == 130
+    monkeypatch.setattr(pico, "training_step", real_step)
+    pico.onednn_available.cache_clear()
+    status, _, err = run_main(*TINY, *DROPOUT_TRANSFORMER, "--save_dir", str(save), "--resume",
+                              "--run_name", "resumed")
+    assert status == 0, err
+    resumed = pico.load_runlog(tmp_path / "artefacts" / "resumed.json")
+    assert losses(resumed) == losses(whole)
+    assert (resumed["models"]["transformer"]["test_history"]
+            == whole["models"]["transformer"]["test_history"])
+
+
 def test_the_newest_checkpoints_are_kept_and_hold_plain_data(pico, run_main, tmp_path):
     save = tmp_path / "ckpt"
     status, _, err = run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save),
@@ -149,14 +185,14 @@ def test_a_checkpoint_that_would_run_code_is_refused(run_main, tmp_path, writer,
 
 def nan_on_training_call(pico, monkeypatch, bad_call: int):
     """Make the loss of the bad_call-th training forward pass NaN."""
-    real_forward, calls = pico.NextTokenLoss.forward, []
+    real_forward, calls = pico.ChunkedNextTokenLoss.forward, []
 
     def forward(self, inputs, targets, position_weights):
         value = real_forward(self, inputs, targets, position_weights)
         calls.append(1)
         return value * float("nan") if len(calls) == bad_call else value
 
-    monkeypatch.setattr(pico.NextTokenLoss, "forward", forward)
+    monkeypatch.setattr(pico.ChunkedNextTokenLoss, "forward", forward)
 
 
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pico, run_main, tmp_path,
@@ -241,11 +277,11 @@ def test_a_full_disk_is_one_error_line_and_keeps_the_last_checkpoint(pico, run_m
 
 
 def test_default_run_names_of_two_processes_differ_even_in_the_same_second(pico, monkeypatch):
-    args = pico.parse_args(["--artefacts_dir", "/nonexistent"])
+    output = pico.OutputConfig(artefacts_dir="/nonexistent")
     monkeypatch.setattr(time, "strftime", lambda fmt: "20250101-000000")
-    first = pico.choose_run_path(args)
+    first = pico.choose_run_path(output, ["lstm_seq"])
     monkeypatch.setattr(os, "getpid", lambda: 424242)
-    assert pico.choose_run_path(args) != first
+    assert pico.choose_run_path(output, ["lstm_seq"]) != first
 
 
 def test_a_second_ctrl_c_interrupts_at_once(pico):

@@ -1,4 +1,4 @@
-"""Section 3: data sources, token cache, splits, epochs and batches."""
+"""Section 6: data sources, token cache, splits, epochs and batches."""
 
 import json
 import time
@@ -9,7 +9,8 @@ import torch
 
 
 def args_for(pico, *argv):
-    return pico.parse_args(list(argv))
+    """The DataConfig this command line gives."""
+    return pico.config_from_command_line(list(argv)).data
 
 
 def test_input_file_lines_are_examples(pico, tmp_path):

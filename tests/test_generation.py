@@ -68,13 +68,13 @@ def test_cached_generation_equals_recomputation(pico, models, new_tokens):
         assert len(cached) == len(prompt) + new_tokens
 
 
-def test_the_benchmarks_last_position_recompute_generates_the_same_tokens(pico, models):
-    """Section 10.2 times this baseline; it must be the same greedy generation."""
+def test_the_benchmarks_last_position_recompute_generates_the_same_tokens(pico, bench, models):
+    """tools/benchmark.py times this baseline; it must be the same greedy generation."""
     rule = pico.SamplingRule(temperature=0)
     for name in ("pico", "Llama3-lite"):
         prompt = [3, 1, 4]
         expected = pico.generate_ids(models[name], prompt, 10, rule, use_cache=False)
-        assert pico.greedy_recompute_last_position(models[name], prompt, 10, "cpu") == expected
+        assert bench.greedy_recompute_last_position(models[name], prompt, 10, "cpu") == expected
 
 
 def test_incremental_logits_match_the_full_forward(pico, models):
@@ -120,16 +120,16 @@ def test_generation_stops_at_end_of_text(pico):
 
 def test_generate_text_returns_prompt_plus_continuation(pico, gpt2):
     torch.manual_seed(0)
-    args = pico.parse_args(["--d_model", "32", "--n_heads", "2", "--n_blocks", "1"])
-    model = pico.build_model("transformer", args, gpt2.vocab_size)
+    model = pico.build_model(pico.TransformerConfig(d_model=32, n_heads=2, n_blocks=1),
+                             gpt2.vocab_size, seed=0)
     result = pico.generate_text(model, gpt2, "Hello", 5, pico.SamplingRule(temperature=0))
     assert result.text.startswith("Hello") and result.text == "Hello" + result.new_text
     assert result.num_prompt_tokens == 1
 
 
-def test_sampling_rules_are_the_starters_plus_the_configured_one(pico):
-    labels = [r.label for r in pico.sampling_rules(pico.parse_args([]))]
+def test_sampling_rules_are_the_starters_plus_the_configured_one(pico, configure):
+    labels = [r.label for r in pico.sampling_rules(configure().sampling)]
     assert labels == ["greedy", "top-p 0.95", "top-p 1"]
-    custom = pico.sampling_rules(pico.parse_args(["--top_p", "0.5", "--top_k", "10",
-                                                  "--temperature", "0.7"]))
+    custom = pico.sampling_rules(configure("--top_p", "0.5", "--top_k", "10",
+                                           "--temperature", "0.7").sampling)
     assert custom[-1] == pico.SamplingRule(0.7, 10, 0.5) and len(custom) == 4

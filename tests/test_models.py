@@ -10,22 +10,23 @@ import torch.nn.functional as F
 VOCAB = 40
 
 
-def tiny_args(pico, *extra):
-    return pico.parse_args(["--block_size", "16", "--embed_size", "16", "--d_model", "32",
-                            "--n_heads", "4", "--n_blocks", "2", *extra])
+def tiny_model(pico, model_name, *extra, vocab_size=VOCAB):
+    """`model_name` built as the command line with these flags (reduced widths) builds it."""
+    config = pico.config_from_command_line(
+        ["--block_size", "16", "--embed_size", "16", "--d_model", "32", "--n_heads", "4",
+         "--n_blocks", "2", *extra])
+    return pico.build_model(config.models.config_of(model_name), vocab_size, config.training.seed)
 
 
 def all_tiny_models(pico):
     """One tiny model of every kind and preset (reduced width through the override flags)."""
     models = {}
     for variant in ("onehot", "embedding", "conv"):
-        models[f"kgram_{variant}"] = pico.build_model(
-            "kgram_mlp_seq", tiny_args(pico, "--kgram_variant", variant), VOCAB)
-    models["lstm"] = pico.build_model("lstm_seq", tiny_args(pico, "--lstm_layers", "2"), VOCAB)
+        models[f"kgram_{variant}"] = tiny_model(pico, "kgram_mlp_seq", "--kgram_variant", variant)
+    models["lstm"] = tiny_model(pico, "lstm_seq", "--lstm_layers", "2")
     for preset in pico.TRANSFORMER_PRESETS:
         kv = ["--n_kv_heads", "2"] if preset == "Llama3-lite" else []
-        models[preset] = pico.build_model(
-            "transformer", tiny_args(pico, "--transformer_variant", preset, *kv), VOCAB)
+        models[preset] = tiny_model(pico, "transformer", "--transformer_variant", preset, *kv)
     return models
 
 
@@ -171,9 +172,8 @@ def test_swiglu_is_w2_of_silu_w1_times_w3(pico):
 
 
 @pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite"])
-def test_presets_fill_the_documented_fields(pico, preset):
-    config = pico.transformer_config_from_args(pico.parse_args(["--transformer_variant", preset]),
-                                               "transformer", 50257)
+def test_presets_fill_the_documented_fields(configure, preset):
+    config = configure("--transformer_variant", preset).models.transformer
     expected = {
         "minGPT": dict(d_model=384, n_heads=6, n_blocks=6, ffn="gelu", d_ff=1536, pos_emb="learned",
                        tie_weights=True),
@@ -191,20 +191,19 @@ def test_presets_fill_the_documented_fields(pico, preset):
         assert config.n_kv_heads < config.n_heads
 
 
-def test_flags_override_preset_fields(pico):
-    args = pico.parse_args(["--transformer_variant", "GPT-oss", "--d_model", "64", "--n_heads", "2",
-                            "--pos_emb", "learned", "--tie_weights", "true"])
-    config = pico.transformer_config_from_args(args, "transformer", 100)
+def test_flags_override_preset_fields(pico, configure):
+    config = configure("--transformer_variant", "GPT-oss", "--d_model", "64", "--n_heads", "2",
+                       "--pos_emb", "learned", "--tie_weights", "true").models.transformer
     assert (config.d_model, config.n_heads, config.pos_emb, config.tie_weights) == (64, 2, "learned", True)
     assert config.d_ff == pico.default_ffn_width(64, "swiglu")
-    model = pico.TransformerModel(config)
+    model = pico.build_model(config, 100, seed=0)
     assert model.unembedding.weight is model.token_embedding.weight
 
 
-def test_enable_transformer_gptoss_adds_the_gptoss_model(pico):
-    args = pico.parse_args(["--models", "lstm_seq", "--enable_transformer_gptoss"])
-    assert args.models == ["lstm_seq", "transformer_gptoss"]
-    assert pico.transformer_config_from_args(args, "transformer_gptoss", 10).d_model == 512
+def test_enable_transformer_gptoss_adds_the_gptoss_model(configure):
+    models = configure("--models", "lstm_seq", "--enable_transformer_gptoss").models
+    assert models.names == ["lstm_seq", "transformer_gptoss"]
+    assert models.config_of("transformer_gptoss").d_model == 512
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -223,8 +222,8 @@ def test_invalid_transformer_configs_are_user_errors(pico, flags, message):
 @pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "none", "rope"])
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_transformer_options_build_and_run(pico, pos_emb, norm_position):
-    args = tiny_args(pico, "--pos_emb", pos_emb, "--norm_position", norm_position, "--ffn", "silu")
-    model = pico.build_model("transformer", args, VOCAB)
+    model = tiny_model(pico, "transformer", "--pos_emb", pos_emb, "--norm_position", norm_position,
+                       "--ffn", "silu")
     assert model(torch.randint(0, VOCAB, (16, 2))).shape == (16, 2, VOCAB)
 
 
@@ -243,7 +242,7 @@ def test_parameter_counts_match_a_hand_count(pico):
     assert flops == 6 * matmul_weights + 12 * 1 * 16 * 8
 
 
-# --- float32 CPU linears through oneDNN (section 4) ---------------------------------
+# --- Appendix A: float32 CPU linears through oneDNN, switched on by speed_up -------------
 
 def test_onednn_ships_with_the_pinned_cpu_wheel(pico):
     """requirements.txt pins a PyTorch whose x86-64 CPU build carries oneDNN; if a new pin
@@ -258,15 +257,16 @@ def test_onednn_linear_matches_torch_values_and_gradients(pico, bias):
     if not pico.onednn_available():
         pytest.skip("this PyTorch build has no oneDNN linear")
     torch.manual_seed(0)
-    layer = pico.Linear(24, 40, bias=bias)
+    layer = nn.Linear(24, 40, bias=bias)
     x = torch.randn(3, 7, 24).transpose(0, 1).requires_grad_()    # (7, 3, 24), not contiguous
     grad_y = torch.randn(7, 3, 40)
     results = {}
-    for kernel in ("onednn", "torch"):
+    for kernel in ("torch", "onednn"):
         layer.zero_grad()
         x.grad = None
-        with pico.cpu_matmul(kernel):
-            y = layer(x)
+        if kernel == "onednn":
+            layer.__class__ = pico.FastLinear          # what speed_up does to every nn.Linear
+        y = layer(x)
         y.backward(grad_y)
         results[kernel] = [y.detach(), x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else [])
     assert results["onednn"][0].shape == (7, 3, 40)
@@ -274,24 +274,47 @@ def test_onednn_linear_matches_torch_values_and_gradients(pico, bias):
         assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-def test_linear_uses_onednn_only_when_chosen_and_float32_on_the_cpu(pico, monkeypatch):
+def test_fast_linear_uses_onednn_only_for_float32_on_the_cpu(pico, monkeypatch):
     calls = []
     monkeypatch.setattr(pico.OneDNNLinear, "apply", lambda *a: calls.append(a) or F.linear(*a))
-    monkeypatch.setattr(pico, "onednn_available", lambda: True)
-    layer = pico.Linear(4, 3)
+    layer = pico.FastLinear(4, 3)
     x = torch.randn(2, 4)
     layer(x)
     assert len(calls) == 1
-    with pico.cpu_matmul("torch"):
-        layer(x)
     layer.double()(x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer.float()(x)
-    monkeypatch.setattr(pico, "onednn_available", lambda: False)
-    layer(x)
-    assert len(calls) == 1 and pico.cpu_matmul_kernel() == "torch"
-    with pytest.raises(pico.UserError, match="--cpu_matmul"):
-        pico.set_cpu_matmul("blas")
+    nn.Linear(4, 3)(x)
+    assert len(calls) == 1
+
+
+def test_speed_up_is_the_one_switch_and_changes_no_parameter(pico, monkeypatch):
+    cpu = torch.device("cpu")
+    model = tiny_model(pico, "transformer")
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    plain = pico.speed_up(model, pico.SpeedConfig(loss="plain", cpu_matmul="torch"), cpu)
+    assert type(plain) is pico.NextTokenLoss
+    assert not any(isinstance(m, pico.FastLinear) for m in model.modules())
+    monkeypatch.setattr(pico, "onednn_available", lambda: True)
+    fast = pico.speed_up(model, pico.SpeedConfig(), cpu)
+    assert type(fast) is pico.ChunkedNextTokenLoss
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is pico.FastLinear for m in linears)
+    assert model.unembedding.weight is model.token_embedding.weight   # ties survive
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    monkeypatch.setattr(pico, "onednn_available", lambda: False)      # a build without oneDNN
+    other = tiny_model(pico, "lstm_seq")
+    pico.speed_up(other, pico.SpeedConfig(), cpu)
+    assert not any(isinstance(m, pico.FastLinear) for m in other.modules())
+
+
+def test_the_onednn_probe_leaves_the_global_random_generator_alone(pico):
+    pico.onednn_available.cache_clear()
+    torch.manual_seed(0)
+    pico.onednn_available()
+    after_probe = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after_probe)
 
 
 @pytest.mark.parametrize("freed_memory_kept", [True, False])
@@ -301,16 +324,17 @@ def test_kernels_give_the_same_chunked_loss_and_gradients_past_one_chunk(pico, m
     the weight gradient as a transposed running sum; without, it adds in place."""
     monkeypatch.setitem(pico._freed_memory, "kept", freed_memory_kept)
     torch.manual_seed(0)
-    layer = pico.Linear(16, 70)
+    layer = nn.Linear(16, 70)
     hidden = torch.randn(300, 16, requires_grad=True)
     targets = torch.randint(0, 70, (300,))
     weights = torch.rand(300)
     results = {}
-    for kernel in ("onednn", "torch"):
+    for kernel in ("torch", "onednn"):
         hidden.grad = None
         layer.zero_grad()
-        with pico.cpu_matmul(kernel):
-            loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=128)
+        if kernel == "onednn":
+            layer.__class__ = pico.FastLinear
+        loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=128)
         loss.backward()
         results[kernel] = (loss.detach(), hidden.grad, layer.weight.grad, layer.bias.grad)
     for ours, theirs in zip(*results.values()):
@@ -318,13 +342,12 @@ def test_kernels_give_the_same_chunked_loss_and_gradients_past_one_chunk(pico, m
 
 
 def test_kernels_give_a_transformer_the_same_gradients(pico):
-    model = pico.build_model("transformer", tiny_args(pico), VOCAB)
     tokens = torch.randint(0, VOCAB, (13, 2))
     grads = {}
     for kernel in ("onednn", "torch"):
-        model.zero_grad()
-        with pico.cpu_matmul(kernel):
-            pico.masked_cross_entropy(model(tokens[:-1]), tokens[1:], torch.ones(12, 2)).backward()
+        model = tiny_model(pico, "transformer")
+        pico.speed_up(model, pico.SpeedConfig(loss="plain", cpu_matmul=kernel), torch.device("cpu"))
+        pico.masked_cross_entropy(model(tokens[:-1]), tokens[1:], torch.ones(12, 2)).backward()
         grads[kernel] = [p.grad.clone() for p in model.parameters()]
     for ours, theirs in zip(*grads.values()):
         assert torch.allclose(ours, theirs, atol=1e-5)

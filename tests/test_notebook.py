@@ -1,7 +1,9 @@
 """The presentation notebook runs headless against fresh tiny artefacts, the committed
-artefacts, and no artefacts at all."""
+artefacts, no artefacts at all, and a student's own run log; the requirements install it."""
 
+import json
 import os
+import re
 import shutil
 
 import nbformat
@@ -9,17 +11,25 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO
+from schemas import runlog_schema
 
 FIGURES = {"loss_curves", "throughput", "overfitting", "custom_data", "budget", "hyperparams",
            "sampling_diversity", "attention_transformer", "ablations", "learning_rate_batch_size"}
 
 
-def execute_notebook(artefacts, monkeypatch):
-    monkeypatch.setenv("PICO_ARTEFACTS", str(artefacts))
+def execute_notebook(artefacts, run_log=None):
+    """Run the notebook with its parameter cell overridden, as papermill would; returns the
+    text of every output (streams, markdown and tables as HTML)."""
     notebook = nbformat.read(REPO / "pico_llm.ipynb", as_version=4)
+    parameters = next(index for index, cell in enumerate(notebook.cells)
+                      if "parameters" in cell.metadata.get("tags", []))
+    run_log_source = "None" if run_log is None else f"Path({str(run_log)!r})"
+    notebook.cells.insert(parameters + 1, nbformat.v4.new_code_cell(
+        f"ARTEFACTS_DIR = Path({str(artefacts)!r})\nRUN_LOG = {run_log_source}"))
     NotebookClient(notebook, timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO)}}).execute()
     return "\n".join(str(output.get("text", "")) + str(output.get("data", {}).get("text/markdown", ""))
+                     + str(output.get("data", {}).get("text/html", ""))
                      for cell in notebook.cells for output in cell.get("outputs", []))
 
 
@@ -32,31 +42,95 @@ def test_the_notebook_file_is_what_the_generator_writes():
     assert [c.source for c in written.cells] == [c.source for c in generator.build().cells]
 
 
-def test_notebook_runs_on_a_tiny_presentation_sweep(run_main, tmp_path, monkeypatch):
+def test_notebook_runs_on_a_tiny_presentation_sweep(run_main, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"line {i}: the robot met the cat {i % 7} times." for i in range(40)))
     artefacts = tmp_path / "artefacts"
     status, _, _ = run_main("--sweep", "presentation", "--sweep_scale", "tiny",
                             "--input_files", str(corpus))
     assert status == 0
-    text = execute_notebook(artefacts, monkeypatch)
+    text = execute_notebook(artefacts)
     assert "Note:" not in text
+    assert "`RUN_LOG` is None: set it" in text
     assert {p.stem for p in (artefacts / "figures").glob("*.png")} == FIGURES
 
 
-def test_notebook_runs_on_the_committed_artefacts(tmp_path, monkeypatch):
-    committed = REPO / "artefacts"
+def test_notebook_runs_on_the_committed_artefacts_and_plots_their_run_log(tmp_path):
+    committed = REPO / "artefacts" / "presentation"
     if not (committed / "sweep_sampling.json").exists():
         pytest.skip("no committed presentation artefacts")
-    copy = tmp_path / "artefacts"
+    copy = tmp_path / "presentation"
     shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("figures"))
-    text = execute_notebook(copy, monkeypatch)
+    text = execute_notebook(copy, run_log=copy / "sweep_architectures_run.json")
     assert "Note:" not in text
     assert FIGURES <= {p.stem for p in (copy / "figures").glob("*.png")}
+    assert "**sweep_architectures_run** (finished)" in text
+    assert (copy / "sweep_architectures_run_loss_curves.png").exists()
 
 
-def test_notebook_runs_without_artefacts_and_says_so(tmp_path, monkeypatch):
-    text = execute_notebook(tmp_path / "nothing_here", monkeypatch)
+def test_notebook_runs_without_artefacts_and_says_so(tmp_path):
+    text = execute_notebook(tmp_path / "nothing_here")
     assert "sweep_architectures.json` is missing" in text
     assert "no attention_*.json" in text
     assert not os.path.exists(tmp_path / "nothing_here" / "figures")
+
+
+def cut_short_run_log():
+    """A run log as pico-llm writes it when a run is interrupted after four steps: one
+    epoch's test loss, one sample, and no final summary."""
+    history = [{"step": step, "epoch": 1 + step // 3, "train_loss": 5.0 - step, "lr": 1e-3,
+                "tokens_seen": 64 * step, "elapsed_s": 0.1 * step, "tokens_per_s": 640.0}
+               for step in range(1, 5)]
+    return {
+        "schema_version": 1, "kind": "run", "run_name": "my_run", "status": "interrupted",
+        "created": "2025-01-01T00:00:00+00:00", "args": {},
+        "environment": {"torch": "2.13.0", "python": "3.11", "device": "cpu", "threads": 2},
+        "data": {"tokenizer": "char", "vocab_size": 257,
+                 "sources": {"custom": {"examples": 3, "train": 2, "test": 1}}},
+        "models": {"lstm_seq": {
+            "parameters": 1234, "training_flops_per_token": 7404,
+            "config": {"embed_size": 16, "lstm_layers": 1},
+            "history": history,
+            "test_history": [{"epoch": 1, "step": 2, "test_loss": 3.5, "test_bits_per_byte": 5.05,
+                              "test_tokens": 100}],
+            "samples": [{"step": 4, "final": False, "rule": "greedy", "prompt": "Once",
+                         "text": "Once upon a robot"}]}},
+    }
+
+
+def test_notebook_plots_a_run_log_that_was_cut_short(pico, tmp_path):
+    import jsonschema
+    log = cut_short_run_log()
+    jsonschema.validate(log, runlog_schema(pico))
+    run_log = tmp_path / "runs" / "my_run.json"
+    run_log.parent.mkdir()
+    run_log.write_text(json.dumps(log))
+    text = execute_notebook(tmp_path / "no_presentation", run_log=run_log)
+    assert "**my_run** (interrupted)" in text
+    assert "Once upon a robot" in text  # the samples table
+    summary = re.search(r"<th>lstm_seq</th>(.*?)</tr>", text.split("training time (s)")[1], re.S)
+    cells = [float(cell) for cell in re.findall(r"<td>(.*?)</td>", summary.group(1))]
+    # parameters, steps, last train loss, last test loss, its bits per byte, tokens/s, time
+    assert cells == [1234, 4, 1.0, 3.5, 5.05, 640, 0.4]
+    assert (tmp_path / "runs" / "my_run_loss_curves.png").exists()
+
+
+def test_notebook_reports_a_missing_run_log(tmp_path):
+    text = execute_notebook(tmp_path / "no_presentation", run_log=tmp_path / "runs" / "typo.json")
+    assert "typo.json` is missing; check the path" in text
+
+
+def requirement_names(path):
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            names |= requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(re.split(r"[<>=!~;\[ ]", line)[0].lower())
+    return names
+
+
+def test_the_requirements_install_what_the_notebook_needs():
+    names = requirement_names(REPO / "requirements.txt")
+    assert {"notebook", "nbconvert", "pandas", "matplotlib", "ipykernel"} <= names

@@ -1,4 +1,4 @@
-"""Section 10.1: sweeps, their JSON files and resume, diversity metrics, the terminal loss
+"""Section 7: sweeps, their JSON files and resume, diversity metrics, the terminal loss
 plot, and the interpretability tools (attention maps, k-means over embeddings)."""
 
 import json
@@ -6,6 +6,8 @@ import json
 import jsonschema
 import pytest
 import torch
+
+from schemas import sweep_schema
 
 WORDS = "the fox the lantern a harbor boat rain wind garden robot cat sock".split()
 
@@ -37,7 +39,7 @@ def test_tiny_sweep_writes_a_valid_sweep_file(pico, run_main, tmp_path, tiny_cor
                               "--input_files", str(tiny_corpus))
     assert status == 0
     sweep = pico.load_sweep(tmp_path / "artefacts" / "sweep_budget.json")
-    jsonschema.validate(sweep, pico.SWEEP_JSON_SCHEMA)
+    jsonschema.validate(sweep, sweep_schema(pico))
     assert sweep["status"] == "finished" and sweep["config"]["tokenizer"] == "char"
     assert {p["model"] for p in sweep["points"]} == {"kgram_mlp_seq", "lstm_seq", "transformer"}
     assert sorted({p["settings"]["max_steps_per_epoch"] for p in sweep["points"]}) == [1, 3, 6]
@@ -107,9 +109,8 @@ def test_kmeans_separates_two_obvious_clusters(pico):
 
 
 def test_attention_maps_are_causal_distributions(pico):
-    args = pico.parse_args(["--tokenizer", "char", "--d_model", "32", "--n_heads", "2",
-                            "--n_blocks", "2", "--block_size", "16"])
-    model = pico.build_model("transformer", args, 257)
+    config = pico.TransformerConfig(block_size=16, d_model=32, n_heads=2, n_blocks=2)
+    model = pico.build_model(config, 257, seed=0)
     maps = torch.tensor(pico.attention_maps(model, list(b"hello"), "cpu"))  # (layers, H, T, T)
     assert maps.shape == (2, 2, 5, 5)
     assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 5))
@@ -144,7 +145,7 @@ def test_issue7_sweeps_write_their_points(pico, run_main, tmp_path, tiny_corpus,
                                 "--input_files", str(tiny_corpus))
     assert status == 0, err
     result = pico.load_sweep(tmp_path / "artefacts" / f"sweep_{sweep}.json")
-    jsonschema.validate(result, pico.SWEEP_JSON_SCHEMA)
+    jsonschema.validate(result, sweep_schema(pico))
     assert len(result["points"]) == expected
     if sweep == "ablations":
         changes = {p["settings"]["ablation"]: p["settings"] for p in result["points"]}
@@ -157,16 +158,16 @@ def test_issue7_sweeps_write_their_points(pico, run_main, tmp_path, tiny_corpus,
 
 
 def test_a_diverging_learning_rate_is_recorded_not_raised(pico, tmp_path, tiny_corpus):
-    args = pico.parse_args(["--input_files", str(tiny_corpus), "--tokenizer", "char",
-                            "--models", "transformer", "--d_model", "32", "--n_heads", "2",
-                            "--learning_rate", "3.0", "--grad_clip", "0", "--lr_schedule",
-                            "constant", "--warmup_steps", "0", "--epochs", "3", "--quiet",
-                            "--cache_dir", str(tmp_path / "cache")])
+    config = pico.config_from_command_line([
+        "--input_files", str(tiny_corpus), "--tokenizer", "char", "--models", "transformer",
+        "--d_model", "32", "--n_heads", "2", "--learning_rate", "3.0", "--grad_clip", "0",
+        "--lr_schedule", "constant", "--warmup_steps", "0", "--epochs", "3", "--quiet",
+        "--cache_dir", str(tmp_path / "cache")])
     tokenizer = pico.ByteTokenizer()
-    data = pico.sweep_data(args, tokenizer)
+    data = pico.sweep_data(config, tokenizer)
     scale = pico.SWEEP_SCALES["tiny"]
-    log = pico.SweepLog(tmp_path / "lr.json", "learning_rate", scale, args, torch.device("cpu"))
-    pico.train_or_diverge(log, "transformer", {"learning_rate": 3.0}, args, torch.device("cpu"),
+    log = pico.SweepLog(tmp_path / "lr.json", "learning_rate", scale, config, torch.device("cpu"))
+    pico.train_or_diverge(log, "transformer", {"learning_rate": 3.0}, config, torch.device("cpu"),
                           tokenizer, data)
     point = log.data["points"][0]
     assert point["diverged"] is True and point["train_loss"] is None

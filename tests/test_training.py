@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import REPO
+from schemas import runlog_schema
 
 
 def test_softmax_and_cross_entropy_match_torch_and_survive_large_logits(pico):
@@ -65,7 +66,9 @@ def test_chunked_loss_recomputes_the_positions_whose_target_probability_underflo
     """A confidently wrong position (its target hundreds of nats below another token) keeps
     its exact loss and gradient; the others are unaffected."""
     torch.manual_seed(0)
-    layer = pico.Linear(8, 30)
+    layer = nn.Linear(8, 30)
+    if kernel == "onednn":
+        layer.__class__ = pico.FastLinear
     hidden = torch.randn(7, 8)
     targets = torch.randint(0, 30, (7,))
     wrong = (targets[2] + 1) % 30
@@ -73,8 +76,7 @@ def test_chunked_loss_recomputes_the_positions_whose_target_probability_underflo
         hidden[2] = 1000 * (layer.weight[wrong] - layer.weight[targets[2]])
     hidden.requires_grad_()
     weights = torch.rand(7)
-    with pico.cpu_matmul(kernel):
-        loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
+    loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
     loss.backward()
     ours = (loss.detach(), hidden.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
     hidden.grad = None
@@ -169,14 +171,11 @@ def test_get_batch_takes_random_windows_with_shifted_targets(pico, tmp_path):
     assert len(set(inputs[0].tolist())) > 1
 
 
-def learning_rate_run(pico, *flags):
-    return pico.parse_args(["--learning_rate", "1.0", "--warmup_steps", "4", *flags])
-
-
 def test_learning_rate_schedules(pico):
-    constant = learning_rate_run(pico, "--lr_schedule", "constant")
+    constant = pico.TrainingConfig(learning_rate=1.0, warmup_steps=4, lr_schedule="constant")
     assert [pico.learning_rate_at(s, 20, constant) for s in (0, 3, 10)] == [0.25, 1.0, 1.0]
-    cosine = learning_rate_run(pico, "--lr_schedule", "cosine", "--min_lr_ratio", "0.1")
+    cosine = pico.TrainingConfig(learning_rate=1.0, warmup_steps=4, lr_schedule="cosine",
+                                 min_lr_ratio=0.1)
     assert pico.learning_rate_at(0, 20, cosine) == 0.25
     assert pico.learning_rate_at(19, 20, cosine) == pytest.approx(0.1)
 
@@ -191,7 +190,7 @@ def test_a_run_writes_a_valid_run_log(pico, run_main, tmp_path):
     status, out, err = run_main(*TINY_RUN, "--run_name", "tiny")
     assert status == 0, err
     log = pico.load_runlog(tmp_path / "artefacts" / "tiny.json")
-    jsonschema.validate(log, pico.RUNLOG_JSON_SCHEMA)
+    jsonschema.validate(log, runlog_schema(pico))
     assert log["status"] == "finished" and set(log["models"]) == {"kgram_mlp_seq", "lstm_seq",
                                                                   "transformer"}
     for record in log["models"].values():
@@ -215,15 +214,11 @@ def test_two_runs_with_the_same_seed_give_identical_losses(run_main, tmp_path, p
         assert losses[0] == losses[1]
 
 
-def test_default_run_names_never_overwrite(pico):
-    args = pico.parse_args([])
-    first = pico.choose_run_path(args)
-    first.parent.mkdir(exist_ok=True)
+def test_default_run_names_never_overwrite(pico, tmp_path):
+    output = pico.OutputConfig(artefacts_dir=str(tmp_path))
+    first = pico.choose_run_path(output, ["lstm_seq"])
     first.write_text("{}")
-    try:
-        assert pico.choose_run_path(args) != first
-    finally:
-        first.unlink()
+    assert pico.choose_run_path(output, ["lstm_seq"]) != first
 
 
 @pytest.mark.slow
@@ -272,3 +267,46 @@ def test_every_preset_trains_and_generates_at_reduced_width(run_main, tmp_path, 
     losses = [h["train_loss"] for h in record["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert record["samples"] and all(s["text"].startswith(s["prompt"]) for s in record["samples"])
+
+
+@pytest.mark.parametrize("model_name", ["kgram_mlp_seq", "lstm_seq", "transformer"])
+def test_the_plain_and_the_fast_path_train_to_the_same_losses_and_weights(pico, configure,
+                                                                          model_name):
+    """Part I's path (cross-entropy on the logits, nn.Linear) and Appendix A's (chunked loss,
+    oneDNN linears), switched by speed_up alone: a few steps each way, same numbers."""
+    config = configure(*TINY_RUN, "--models", model_name, "--tokenizer", "char")
+    tokenizer = pico.build_tokenizer("char")
+    data = pico.load_training_data(config.data, tokenizer, pico.read_sources(config.data))
+    results = {}
+    for path, speed in (("plain", pico.SpeedConfig(loss="plain", cpu_matmul="torch")),
+                        ("fast", pico.SpeedConfig(loss="chunked", cpu_matmul="onednn"))):
+        model = pico.build_model(config.models.config_of(model_name), tokenizer.vocab_size, 0)
+        record = pico.model_record(model_name, model, config.models.config_of(model_name), 16)
+        pico.train_one_model(model_name, model, data, config.training, config.sampling,
+                             torch.device("cpu"), tokenizer, record, speed=speed)
+        results[path] = ([h["train_loss"] for h in record["history"]],
+                         [t["test_loss"] for t in record["test_history"]],
+                         [p.detach().clone() for p in model.parameters()])
+    plain, fast = results["plain"], results["fast"]
+    assert len(plain[0]) == 6
+    assert plain[0] == pytest.approx(fast[0], rel=1e-5) and plain[1] == pytest.approx(fast[1], rel=1e-5)
+    for ours, theirs in zip(plain[2], fast[2]):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_the_plain_and_the_chunked_loss_give_the_same_gradients(pico):
+    torch.manual_seed(0)
+    model = pico.build_model(pico.TransformerConfig(d_model=32, n_heads=2, n_blocks=2), 50, seed=0)
+    tokens = torch.randint(0, 50, (9, 3))
+    mask = torch.rand(8, 3) > 0.2
+    weights = mask.float() / mask.sum()
+    results = []
+    for loss_module in (pico.NextTokenLoss(model), pico.ChunkedNextTokenLoss(model)):
+        model.zero_grad()
+        loss = loss_module(tokens[:-1], tokens[1:], weights)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(results[0][0], pico.masked_cross_entropy(model(tokens[:-1]), tokens[1:], mask))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for ours, theirs in zip(results[0][1], results[1][1]):
+        assert torch.allclose(ours, theirs, atol=1e-6)
