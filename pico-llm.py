@@ -162,7 +162,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def sinusoidal_position_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Vaswani et al. (2017) fixed positions: (T,) -> (T, dim), sin on even dims, cos on odd."""
+    """Vaswani et al. (2017) fixed positions: (T,) -> (T, dim), sin on even dims, cos on odd.
+    Values lie in [-1, 1]; TransformerModel scales them to its embeddings' size."""
     frequency = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
     angle = positions.float()[:, None] * frequency[None, :]
     return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :dim]
@@ -494,6 +495,8 @@ class TransformerConfig:
         return self.d_model // self.n_heads
 
 
+EMBEDDING_INIT_STD = 0.02   # GPT-2's initial weight scale, for embeddings and linear layers
+
 # One table of presets (as in minGPT); a preset is only a set of config fields.
 TRANSFORMER_PRESETS: dict[str, dict] = {
     # Small enough to train in a minute or two on a laptop CPU; used by the default run.
@@ -605,7 +608,7 @@ class TransformerModel(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=EMBEDDING_INIT_STD)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -643,7 +646,11 @@ class TransformerModel(nn.Module):
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
         elif self.config.pos_emb == "sinusoidal":
-            x = x + sinusoidal_position_embedding(positions, self.config.d_model).to(x.dtype)
+            # Unit-amplitude sinusoids on embeddings of std 0.02 would drown the tokens (the
+            # 2017 Transformer scaled its embeddings up instead); at the embeddings' scale
+            # they start as learned positions do.
+            sinusoids = sinusoidal_position_embedding(positions, self.config.d_model)
+            x = x + EMBEDDING_INIT_STD * sinusoids.to(x.dtype)
         x = self.embedding_dropout(x)
         rope = self.rotary.angles(positions) if self.rotary is not None else None
         for layer, block in enumerate(self.blocks):
@@ -1443,8 +1450,14 @@ def build_tokenizer(spec: str, training_texts: list[str] | None = None,
 
 
 # --- 6.2 Text sources -----------------------------------------------------------------
-# Custom text files hold one example per non-empty line; TinyStories comes from a
-# local copy or is streamed from the Hugging Face hub.
+# Text comes from custom files and from TinyStories (a local copy, or streamed from
+# the Hugging Face hub), in one of two formats:
+#   lines   every non-empty line is one example, cut at --block_size + 1 tokens and
+#           ending in <|endoftext|>: the course's format (3seqs.txt holds one sequence a
+#           line). The model never sees across a line break.
+#   stream  every document (a file, a story) joins one token stream, documents separated
+#           by <|endoftext|>; training reads windows of --block_size + 1 tokens from it,
+#           so the model learns what follows a line. How nanoGPT and most trainers read text.
 
 DEFAULT_CUSTOM_CORPUS = DATA_DIR / "custom_corpus"
 
@@ -1459,9 +1472,10 @@ class DataConfig:
     tinystories_weight: float = 0.0      # probability that an example comes from TinyStories
     tinystories_max_stories: int = 20000
     tinystories_path: str | None = None
+    data_format: str = "auto"            # lines | stream | auto (see resolved_data_format)
     block_size: int = 64                 # context length in tokens
     test_fraction: float = 0.1
-    tokenizer: str = "gpt2"              # gpt2 | char | bpe:N
+    tokenizer: str = "char"              # char | gpt2 | bpe:N
     cache_dir: str | None = None
     seed: int = 1337
 
@@ -1498,14 +1512,64 @@ def text_files_in(directory: Path) -> list[Path]:
     return files
 
 
-def load_custom_examples(data: DataConfig) -> list[str]:
-    """Examples from --input_files and --input_dir (or the shipped corpus)."""
+DATA_FORMATS = ("auto", "lines", "stream")
+MIN_DOCUMENTS_FOR_HOLDOUT = 20   # fewer documents: each one's tail is its test text
+
+
+def resolved_data_format(data: DataConfig) -> str:
+    """"lines" or "stream". auto: lines for --input_files (the course's one-example-a-line
+    files), stream for --input_dir, the shipped corpus and TinyStories (running text)."""
+    if data.data_format != "auto":
+        return data.data_format
+    return "lines" if data.input_files else "stream"
+
+
+def custom_paths(data: DataConfig) -> list[Path]:
+    """The custom text files: --input_files, then --input_dir's, or else the shipped corpus."""
     paths = [Path(p) for p in (data.input_files or [])]
     if data.input_dir:
         paths += text_files_in(Path(data.input_dir))
     if not paths and data.tinystories_weight < 1.0:
         paths = text_files_in(DEFAULT_CUSTOM_CORPUS)
-    examples = [line for path in paths for line in read_text_lines(path)]
+    return paths
+
+
+def custom_documents(data: DataConfig) -> list[str]:
+    """Stream mode: one document per file, its non-empty lines joined by newlines; with
+    --limit_custom_examples N, only the first N lines of all files count."""
+    documents, budget = [], data.limit_custom_examples
+    for path in custom_paths(data):
+        lines = read_text_lines(path)
+        if budget is not None:
+            lines, budget = lines[:budget], budget - min(budget, len(lines))
+        if lines:
+            documents.append("\n".join(lines))
+    return documents
+
+
+def split_documents(documents: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Stream mode's fixed split into training and test text, given the seed. With many
+    documents (MIN_DOCUMENTS_FOR_HOLDOUT or more), whole documents are held out, as in
+    lines mode; with few (say six files), the last test_fraction of each document's lines
+    is its test text, so that every document is seen in training and tested on."""
+    if len(documents) >= MIN_DOCUMENTS_FOR_HOLDOUT:
+        train, test = split_indices(len(documents), test_fraction, seed)
+        return [documents[i] for i in train], [documents[i] for i in test]
+    heads, tails = [], []
+    for document in documents:
+        lines = document.split("\n")
+        num_test = int(round(len(lines) * test_fraction)) if test_fraction > 0 else 0
+        if test_fraction > 0 and len(lines) >= 2:
+            num_test = min(max(num_test, 1), len(lines) - 1)
+        heads.append("\n".join(lines[: len(lines) - num_test]))
+        if num_test:
+            tails.append("\n".join(lines[len(lines) - num_test:]))
+    return heads, tails
+
+
+def load_custom_examples(data: DataConfig) -> list[str]:
+    """Lines mode: the examples (lines) of --input_files and --input_dir (or the shipped corpus)."""
+    examples = [line for path in custom_paths(data) for line in read_text_lines(path)]
     if data.limit_custom_examples is not None:
         examples = examples[: data.limit_custom_examples]
     return examples
@@ -1562,7 +1626,9 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
 
 @dataclasses.dataclass
 class SourceTexts:
-    """The raw examples of one source, its sampling weight and its fixed split."""
+    """The raw texts of one source, its sampling weight and its fixed split: in lines mode
+    the examples; in stream mode the documents (or their heads and tails), the training
+    ones first, so that each part is one contiguous stretch of the token stream."""
 
     name: str
     texts: list[str]
@@ -1572,16 +1638,26 @@ class SourceTexts:
 
 
 def read_sources(data: DataConfig) -> list[SourceTexts]:
-    """Every source the config names, read and split (the split needs only the count)."""
+    """Every source the config names, read and split."""
+    stream = resolved_data_format(data) == "stream"
     named = []
     if data.tinystories_weight < 1.0:
-        named.append(("custom", load_custom_examples(data), 1.0 - data.tinystories_weight))
+        texts = custom_documents(data) if stream else load_custom_examples(data)
+        named.append(("custom", texts, 1.0 - data.tinystories_weight))
     if data.tinystories_weight > 0:
         named.append(("tinystories", load_tinystories(data.tinystories_max_stories,
                                                       data.tinystories_path),
                       data.tinystories_weight))
-    return [SourceTexts(name, texts, weight, *split_indices(len(texts), data.test_fraction, data.seed))
-            for name, texts, weight in named]
+    sources = []
+    for name, texts, weight in named:
+        if stream:
+            train, test = split_documents(texts, data.test_fraction, data.seed)
+            texts = train + test
+            split = (np.arange(len(train)), np.arange(len(train), len(texts)))
+        else:
+            split = split_indices(len(texts), data.test_fraction, data.seed)
+        sources.append(SourceTexts(name, texts, weight, *split))
+    return sources
 
 
 # --- 6.3 Token cache, splits and batches ----------------------------------------------
@@ -1606,6 +1682,53 @@ class TokenizedExamples:
 
     def example(self, index: int) -> np.ndarray:
         return self.tokens[self.offsets[index]: self.offsets[index + 1]]
+
+    def length(self, index: int) -> int:
+        return int(self.offsets[index + 1] - self.offsets[index])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+
+@dataclasses.dataclass
+class TokenWindows:
+    """Stream mode's examples: windows of a token stream. Window i is
+    tokens[starts[i]: ends[i]], at most block_size + 1 tokens, and windows follow each
+    other every block_size tokens (window i's last token is window i+1's first), so
+    every token of a stretch is a target exactly once. A window never crosses from one
+    stretch (the training part, the test part) into another."""
+
+    tokens: np.ndarray   # (total_tokens,), often memory-mapped
+    starts: np.ndarray   # (num_windows,) int64
+    ends: np.ndarray     # (num_windows,) int64
+    num_bytes: int
+
+    @classmethod
+    def over(cls, tokens: np.ndarray, stretches: list[tuple[int, int]], block_size: int,
+             num_bytes: int) -> tuple["TokenWindows", list[np.ndarray]]:
+        """Windows over each [start, end) stretch; returns them and each stretch's indices."""
+        starts, ends, indices = [], [], []
+        for begin, end in stretches:
+            first = sum(len(s) for s in starts)
+            window_starts = np.arange(begin, max(end - 1, begin), block_size, dtype=np.int64)
+            starts.append(window_starts)
+            ends.append(np.minimum(window_starts + block_size + 1, end))
+            indices.append(np.arange(first, first + len(window_starts)))
+        return cls(tokens, np.concatenate(starts), np.concatenate(ends), num_bytes), indices
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def example(self, index: int) -> np.ndarray:
+        return self.tokens[self.starts[index]: self.ends[index]]
+
+    def length(self, index: int) -> int:
+        return int(self.ends[index] - self.starts[index])
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -1743,8 +1866,9 @@ class TrainingData:
     """
 
     def __init__(self, sources: list[DataSource], weights: list[float], block_size: int,
-                 pad_id: int, seed: int) -> None:
+                 pad_id: int, seed: int, data_format: str = "lines") -> None:
         self.sources = sources
+        self.data_format = data_format        # lines: examples are lines; stream: windows
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.block_size = block_size
         self.pad_id = pad_id
@@ -1807,18 +1931,26 @@ class TrainingData:
 
     def target_tokens(self, slots: list[tuple[int, int]]) -> int:
         """How many real (unpadded) targets the batch of these slots holds."""
-        offsets = [self.sources[s].examples.offsets for s, _ in slots]
-        return sum(min(int(o[e + 1] - o[e]), self.block_size + 1) - 1
-                   for o, (_, e) in zip(offsets, slots))
+        return sum(min(self.sources[s].examples.length(e), self.block_size + 1) - 1
+                   for s, e in slots)
 
 
 def load_training_data(data: DataConfig, tokenizer, sources: list[SourceTexts]) -> TrainingData:
-    """Tokenize (cached) every source."""
+    """Tokenize (cached) every source; in stream mode, cut its stream into windows."""
     cache_dir = Path(data.cache_dir) if data.cache_dir else None
-    tokenized = [DataSource(source.name, tokenize_examples(source.texts, tokenizer, cache_dir),
-                            source.train, source.test) for source in sources]
+    tokenized = []
+    for source in sources:
+        examples = tokenize_examples(source.texts, tokenizer, cache_dir)
+        if resolved_data_format(data) == "lines":
+            tokenized.append(DataSource(source.name, examples, source.train, source.test))
+            continue
+        boundary = int(examples.offsets[len(source.train)])       # training text comes first
+        windows, (train, test) = TokenWindows.over(
+            examples.tokens, [(0, boundary), (boundary, examples.num_tokens)], data.block_size,
+            examples.num_bytes)
+        tokenized.append(DataSource(source.name, windows, train, test))
     return TrainingData(tokenized, [source.weight for source in sources], data.block_size,
-                        tokenizer.eot_id, data.seed)
+                        tokenizer.eot_id, data.seed, resolved_data_format(data))
 
 
 def get_batch(tokens_1d: np.ndarray, batch_size: int, context_length: int, device,
@@ -2168,17 +2300,15 @@ def sweep_base_config(config: Config, scale: SweepScale) -> Config:
 
 
 def sweep_data(config: Config, tokenizer, num_train: int | None = None) -> TrainingData:
-    """The custom examples split once into train and a fixed test set (the config's
-    test_fraction and seed); num_train keeps a random but nested subset of the training
-    examples, so every corpus size is scored on the same test examples."""
-    data = config.data
-    cache_dir = Path(data.cache_dir) if data.cache_dir else None
-    examples = tokenize_examples(load_custom_examples(data), tokenizer, cache_dir)
-    train, test = split_indices(len(examples), data.test_fraction, data.seed)
+    """The custom text (no TinyStories) split once into train and a fixed test set, in
+    the config's data format; num_train keeps a random but nested subset of the training
+    examples (lines, or stream windows), so every corpus size is scored on the same test set."""
+    custom = dataclasses.replace(config.data, tinystories_weight=0.0)
+    data = load_training_data(custom, tokenizer, read_sources(custom))
     if num_train is not None:
-        train = np.sort(np.random.default_rng(data.seed).permutation(train)[:num_train])
-    return TrainingData([DataSource("custom", examples, train, test)], [1.0], data.block_size,
-                        tokenizer.eot_id, data.seed)
+        source = data.sources[0]
+        source.train = np.sort(np.random.default_rng(custom.seed).permutation(source.train)[:num_train])
+    return data
 
 
 def with_step_budget(config: Config, data: TrainingData, steps: int) -> Config:
@@ -2390,6 +2520,7 @@ ABLATIONS = {
     "post-norm": {"norm_position": "post"},
     "no position embedding (NoPE)": {"pos_emb": "none"},
     "learned positions": {"pos_emb": "learned"},
+    "sinusoidal positions": {"pos_emb": "sinusoidal"},
     "SiLU MLP (no gate)": {"ffn": "silu"},
 }
 
@@ -2680,14 +2811,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="stream only this many TinyStories stories from the hub")
     data.add_argument("--tinystories_path", default=None,
                       help="local TinyStories copy (json, jsonl, parquet or txt) instead of the hub")
+    data.add_argument("--data_format", choices=DATA_FORMATS, default="auto",
+                      help="lines: each non-empty line is one example (the course's format); "
+                           "stream: each file or story joins one token stream that training "
+                           "reads in --block_size windows; auto: lines for --input_files, "
+                           "stream for --input_dir, the shipped corpus and TinyStories")
     data.add_argument("--block_size", type=int, default=64,
                       help="context length in tokens; longer examples are truncated")
     data.add_argument("--test_fraction", type=float, default=0.1,
                       help="fraction of examples held out as a fixed test set")
-    data.add_argument("--tokenizer", default="gpt2",
-                      help="gpt2 (GPT-2's BPE through tiktoken, shipped offline), char (UTF-8 "
-                           "bytes) or bpe:N (a byte-level BPE with N ids trained on the training "
-                           "split, Appendix D)")
+    data.add_argument("--tokenizer", default="char",
+                      help="char (UTF-8 bytes: 257 ids, a small output layer that trains fast "
+                           "on a CPU), gpt2 (GPT-2's 50257-id BPE through tiktoken, shipped "
+                           "offline; the course starter's) or bpe:N (a byte-level BPE with N "
+                           "ids trained on the training split, Appendix D)")
     data.add_argument("--cache_dir", default=str(REPO_DIR / ".cache"),
                       help="where tokenized data is cached, keyed by content and tokenizer")
 
@@ -3130,16 +3267,18 @@ def prepare_data(data_config: DataConfig, prompt: str, quiet: bool):
     data = load_training_data(data_config, tokenizer, sources)
     if not quiet:
         for source in data.sources:
-            print(f"data: {source.name}: {len(source.examples)} examples ({len(source.train)} train, "
-                  f"{len(source.test)} test), {int(source.examples.offsets[-1]):,} tokens "
+            kind = "windows" if data.data_format == "stream" else "examples"
+            print(f"data: {source.name}: {len(source.examples)} {kind} ({len(source.train)} train, "
+                  f"{len(source.test)} test), {source.examples.num_tokens:,} tokens "
                   f"[{tokenizer.name}]")
     return tokenizer, data
 
 
 def data_summary(tokenizer, data: TrainingData) -> dict:
     return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "data_format": data.data_format,
             "sources": {s.name: {"examples": len(s.examples), "train": len(s.train),
-                                 "test": len(s.test), "tokens": int(s.examples.offsets[-1]),
+                                 "test": len(s.test), "tokens": s.examples.num_tokens,
                                  "bytes": s.examples.num_bytes} for s in data.sources}}
 
 
@@ -3222,6 +3361,8 @@ def run_training(config: Config) -> int:
             print()
             print(ascii_loss_plot(runlog.data["models"]))
             interpret_models(config, device, tokenizer, data, models)
+            if save_dir is not None:
+                print(f"\ncheckpoints written to {save_dir}/<model>/ (continue with --resume)")
             print(f"\nrun log written to {run_path}")
         if context.enabled:
             # Every rank reaches destroy_process_group together, as PyTorch asks, rather

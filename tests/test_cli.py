@@ -104,6 +104,7 @@ def test_cuda_request_without_cuda_falls_back_to_cpu(pico, capsys):
 @pytest.mark.slow
 def test_the_course_sanity_command_runs(tmp_path):
     result = run_script("--tinystories_weight", "0.0", "--input_files", "3seqs.txt",
+                        "--tokenizer", "gpt2",
                         "--block_size", "32", "--kgram_k", "2", "--embed_size", "64",
                         "--max_steps_per_epoch", "1", "--device_id", "cpu",
                         "--artefacts_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"))

@@ -181,3 +181,77 @@ def test_unreachable_hub_fails_fast_naming_the_local_option(pico, monkeypatch):
     with pytest.raises(pico.UserError, match="--tinystories_path"):
         pico.load_tinystories(10, None)
     assert time.perf_counter() - started < 10
+
+
+# --- stream mode: documents as one token stream, read in windows ------------------------------
+
+def test_auto_data_format_is_lines_for_input_files_and_stream_otherwise(pico, tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("one\ntwo\n")
+    resolved = lambda *argv: pico.resolved_data_format(args_for(pico, *argv))  # noqa: E731
+    assert resolved("--input_files", str(path)) == "lines"
+    assert resolved("--input_dir", str(tmp_path)) == "stream"
+    assert resolved() == "stream"                                     # the shipped corpus
+    assert resolved("--input_files", str(path), "--data_format", "stream") == "stream"
+
+
+def test_few_documents_keep_their_tails_for_testing_many_are_held_out_whole(pico):
+    few = ["\n".join(f"doc{d} line{i}" for i in range(10)) for d in range(3)]
+    train, test = pico.split_documents(few, 0.2, seed=0)
+    assert [t.split("\n")[-1] for t in train] == ["doc0 line7", "doc1 line7", "doc2 line7"]
+    assert test == ["doc0 line8\ndoc0 line9", "doc1 line8\ndoc1 line9", "doc2 line8\ndoc2 line9"]
+    many = [f"story {i}" for i in range(50)]
+    train, test = pico.split_documents(many, 0.2, seed=0)
+    assert len(test) == 10 and sorted(train + test) == sorted(many)
+    assert (train, test) == pico.split_documents(many, 0.2, seed=0)     # fixed by the seed
+    assert pico.split_documents(many, 0.2, seed=1) != (train, test)
+
+
+def test_windows_make_every_token_of_a_stretch_a_target_once(pico):
+    tokens = np.arange(100)
+    windows, (first, second) = pico.TokenWindows.over(tokens, [(0, 37), (37, 100)], 8, 100)
+    for indices, (begin, end) in ((first, (0, 37)), (second, (37, 100))):
+        targets = [t for i in indices for t in windows.example(i)[1:].tolist()]
+        assert targets == list(range(begin + 1, end))                 # each once, in order
+        assert all(len(windows.example(i)) <= 9 for i in indices)
+    assert sum(windows.length(i) - 1 for i in range(len(windows))) == 98
+
+
+def test_stream_data_trains_on_windows_across_lines_and_tests_on_all_held_out_text(pico, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a", "b"):
+        (corpus / f"{name}.txt").write_text("".join(f"{name} line {i}\n" for i in range(40)))
+    config = args_for(pico, "--input_dir", str(corpus), "--block_size", "16",
+                      "--cache_dir", str(tmp_path / "cache"))
+    tokenizer = pico.ByteTokenizer()
+    data = pico.load_training_data(config, tokenizer, pico.read_sources(config))
+    assert data.data_format == "stream"
+    source = data.sources[0]
+    texts = pico.read_sources(config)[0]
+    train_text = "".join(t + "\x00" for t in texts.texts[:len(texts.train)])  # + one eot each
+    test_text = "".join(t + "\x00" for t in texts.texts[len(texts.train):])
+    assert data.target_tokens([(0, int(i)) for i in source.train]) == len(train_text) - 1
+    assert data.target_tokens([(0, int(i)) for i in source.test]) == len(test_text) - 1
+    window = source.examples.example(int(source.train[0]))
+    assert (window == ord("\n")).any()                                # windows cross line breaks
+    batches = list(data.train_batches(4, None, epoch=1))
+    assert sum(int(b.mask.sum()) for b in batches) == len(train_text) - 1  # an epoch: one pass
+
+
+def test_a_stream_run_records_its_format_and_samples_across_lines(pico, run_main, tmp_path):
+    """Lines of a play: a speaker's name, then a speech. In stream mode the model learns
+    that a name line is followed by more text."""
+    corpus = tmp_path / "plays"
+    corpus.mkdir()
+    lines = [("ROMEO." if i % 2 == 0 else "I speak of love and moonlight.") for i in range(400)]
+    (corpus / "play.txt").write_text("\n".join(lines) + "\n")
+    status, _, err = run_main("--input_dir", str(corpus), "--models", "lstm_seq", "--block_size", "32",
+                              "--embed_size", "64", "--epochs", "3", "--learning_rate", "0.01",
+                              "--prompt", "ROMEO.", "--max_new_tokens", "12", "--run_name", "play",
+                              "--quiet")
+    assert status == 0, err
+    log = pico.load_runlog(tmp_path / "artefacts" / "play.json")
+    assert log["data"]["data_format"] == "stream" and log["args"]["data_format"] == "auto"
+    greedy = [s["text"] for s in log["models"]["lstm_seq"]["samples"] if s["rule"] == "greedy"][-1]
+    assert greedy.startswith("ROMEO.\nI ")

@@ -139,7 +139,7 @@ def test_a_normal_run_prints_the_loss_plot_and_writes_interpretability_files(run
 
 
 @pytest.mark.parametrize("sweep, expected", [
-    ("ablations", 6), ("learning_rate", 2), ("batch_size", 2)])
+    ("ablations", 7), ("learning_rate", 2), ("batch_size", 2)])
 def test_issue7_sweeps_write_their_points(pico, run_main, tmp_path, tiny_corpus, sweep, expected):
     status, out, err = run_main("--sweep", sweep, "--sweep_scale", "tiny",
                                 "--input_files", str(tiny_corpus))

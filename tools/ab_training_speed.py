@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Training speed of two versions of pico-llm.py, measured in one process, in turn.
+
+    python tools/ab_training_speed.py OLD_REV            # e.g. a commit before a change
+    python tools/ab_training_speed.py OLD_REV --rounds 8 --model transformer
+
+Loads pico-llm.py as it was at OLD_REV (through `git show`) and as it is in the working
+tree, builds the benchmark's standard model with each (same flags, same seed, same random
+batch) and times one training step of each alternately, round after round, so that a slow
+spell of a shared machine falls on both. Prints each version's median step time, tokens/s
+and MFU against a float32 matmul ceiling probed between the rounds, and the ratio new/old.
+Versions before the lesson-first layout take the argparse namespace; both APIs are handled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
+    "transformer": ["--models", "transformer", "--transformer_variant", "pico", "--n_blocks", "4",
+                    "--n_heads", "4", "--d_model", "256", "--block_size", "128"],
+    "kgram_mlp_seq": ["--models", "kgram_mlp_seq", "--kgram_k", "3", "--embed_size", "64",
+                      "--kgram_variant", "embedding", "--block_size", "32"],
+    "lstm_seq": ["--models", "lstm_seq", "--embed_size", "64", "--block_size", "32"],
+}
+
+
+def load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_function(pico, model_name: str, vocab_size: int, batch_size: int):
+    """A closure running one real training step of `model_name` with this version's API."""
+    flags = CONFIGS[model_name] + ["--batch_size", str(batch_size), "--device_id", "cpu"]
+    device = torch.device("cpu")
+    if hasattr(pico, "config_from_command_line"):            # lesson-first layout
+        config = pico.config_from_command_line(flags)
+        model = pico.build_model(config.models.config_of(model_name), vocab_size, config.training.seed)
+        loss_model = pico.speed_up(model, config.speed, device)
+        optimizer = pico.build_optimizer(model, config.training, device)
+        block_size, grad_clip = config.data.block_size, config.training.grad_clip
+    else:                                                    # argparse namespace throughout
+        args = pico.parse_args(flags)
+        pico.keep_freed_memory()
+        pico.set_cpu_matmul(args.cpu_matmul)
+        model = pico.build_model(model_name, args, vocab_size)
+        loss_model = pico.NextTokenLoss(model)
+        optimizer = pico.build_optimizer(model, args, device)
+        block_size, grad_clip = args.block_size, args.grad_clip
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab_size, (block_size + 1, batch_size), generator=generator)
+    batch = pico.Batch(tokens[:-1].contiguous(), tokens[1:].contiguous(),
+                       torch.ones(block_size, batch_size, dtype=torch.bool))
+    flops = pico.training_flops_per_token(model, block_size)
+
+    def step() -> float:
+        started = time.perf_counter()
+        pico.training_step(loss_model, optimizer, [(batch, True)], batch.num_target_tokens, grad_clip)
+        return time.perf_counter() - started
+
+    return step, block_size * batch_size, flops
+
+
+def matmul_gflops(size: int = 2048) -> float:
+    """fp32 ceiling probe: the best of torch's and (if present) oneDNN's 2048^2 product."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = 0.0
+    for product in (lambda: a @ b, lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")):
+        try:
+            product()
+            started = time.perf_counter()
+            product()
+            best = max(best, 2 * size ** 3 / (time.perf_counter() - started) / 1e9)
+        except (AttributeError, RuntimeError):
+            pass
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("old_rev", help="git revision of the old pico-llm.py")
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="transformer")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--vocab_size", type=int, default=50257)
+    args = parser.parse_args()
+    old_source = subprocess.run(["git", "show", f"{args.old_rev}:pico-llm.py"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory() as directory:
+        old_path = Path(directory) / "pico_llm_old.py"
+        old_path.write_text(old_source)
+        versions = {"old": load(old_path, "pico_llm_old"), "new": load(REPO / "pico-llm.py", "pico_llm")}
+        steps = {name: step_function(pico, args.model, args.vocab_size, args.batch_size)
+                 for name, pico in versions.items()}
+        for name, (step, _, _) in steps.items():
+            for _ in range(3):                               # warm-up: the heap grows over 3 steps
+                step()
+        times, ceilings = {name: [] for name in steps}, []
+        for _ in range(args.rounds):
+            for name, (step, _, _) in steps.items():
+                times[name].append(step())
+            ceilings.append(matmul_gflops())
+    ceiling = statistics.median(ceilings)
+    print(f"{args.model}, batch {args.batch_size}, vocab {args.vocab_size}, {args.rounds} rounds in turn, "
+          f"{torch.get_num_threads()} threads; fp32 matmul ceiling {ceiling:.0f} GFLOP/s (median)")
+    rates = {}
+    for name, (step, tokens, flops) in steps.items():
+        seconds = statistics.median(times[name])
+        rates[name] = tokens / seconds
+        print(f"  {name} ({args.old_rev if name == 'old' else 'working tree'}): step {seconds * 1e3:.0f} ms, "
+              f"{rates[name]:,.0f} tokens/s, MFU {flops * rates[name] / (ceiling * 1e9):.1%}")
+    print(f"  new / old tokens/s: {rates['new'] / rates['old']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

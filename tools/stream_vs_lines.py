@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Lines or a token stream: the same Transformer, the same running text, the same CPU time.
+
+    python tools/stream_vs_lines.py                       # about 10 minutes on a 2-core CPU
+    python tools/stream_vs_lines.py --seconds 60 --corpus_dir DIR
+
+The running text is, by default, the documentation that ships with this Python: every
+docstring of the standard library (one file per module) and pydoc's topic pages, a few MB of
+English prose wrapped at about 72 columns, written into --corpus_dir. Each data format trains
+the pico Transformer (character tokens) for about --seconds of training time (steps are
+calibrated from a short first run of each), then both models are scored on the same held-out
+text: the stream test set, windows over the last tenth of each file. Each also reports its own
+format's test set, and samples from a prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+PICO_PATH = Path(__file__).resolve().parent.parent / "pico-llm.py"
+
+
+def load_pico():
+    spec = importlib.util.spec_from_file_location("pico_llm", PICO_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pico_llm"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_python_docs(directory: Path) -> int:
+    """The standard library's docstrings, one file per module, and pydoc's topics; bytes written."""
+    import pydoc_data.topics
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = 0
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        parts = path.relative_to(stdlib).parts
+        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        docs = [ast.get_docstring(node) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        text = "\n\n".join(d for d in docs if d and len(d) > 40)
+        if len(text) > 2000:
+            (directory / ("_".join(parts)[:-3] + ".txt")).write_text(text + "\n", encoding="utf-8")
+            written += len(text.encode("utf-8"))
+    topics = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    (directory / "pydoc_topics.txt").write_text(topics + "\n", encoding="utf-8")
+    return written + len(topics.encode("utf-8"))
+
+
+def train(pico, flags: list[str], steps_per_epoch: int | None, epochs: int):
+    """Train the pico Transformer as the command line with these flags would; returns
+    (config, tokenizer, data, model, record)."""
+    config = pico.config_from_command_line(flags + ["--epochs", str(epochs)] + (
+        ["--max_steps_per_epoch", str(steps_per_epoch)] if steps_per_epoch else []))
+    tokenizer = pico.build_tokenizer(config.data.tokenizer)
+    data = pico.load_training_data(config.data, tokenizer, pico.read_sources(config.data))
+    model_config = config.models.config_of("transformer")
+    model = pico.build_model(model_config, tokenizer.vocab_size, config.training.seed)
+    record = pico.model_record("transformer", model, model_config, config.data.block_size)
+    pico.train_one_model("transformer", model, data, config.training, config.sampling,
+                         torch.device("cpu"), tokenizer, record, speed=config.speed)
+    return config, tokenizer, data, model, record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus_dir", default="/tmp/pico-python-docs")
+    parser.add_argument("--seconds", type=float, default=240.0, help="training time per format")
+    parser.add_argument("--d_model", type=int, default=128)
+    parser.add_argument("--block_size", type=int, default=128)
+    args = parser.parse_args()
+    pico = load_pico()
+    corpus = Path(args.corpus_dir)
+    if not any(corpus.glob("*.txt")):
+        print(f"writing Python's documentation into {corpus}: "
+              f"{write_python_docs(corpus) / 1e6:.1f} MB")
+    common = ["--input_dir", str(corpus), "--models", "transformer", "--tokenizer", "char",
+              "--d_model", str(args.d_model), "--block_size", str(args.block_size),
+              "--batch_size", "16", "--lr_schedule", "constant", "--warmup_steps", "20",
+              "--prompt", "The", "--max_new_tokens", "300", "--quiet", "--device_id", "cpu",
+              "--cache_dir", str(corpus / ".cache")]
+    results = {}
+    for data_format in ("lines", "stream"):
+        flags = common + ["--data_format", data_format]
+        *_, calibration = train(pico, flags, 20, 1)
+        seconds_per_step = calibration["final"]["train_time_s"] / calibration["final"]["steps"]
+        steps = max(20, round(args.seconds / seconds_per_step))
+        started = time.perf_counter()
+        config, tokenizer, data, model, record = train(pico, flags, steps, 1)
+        results[data_format] = dict(config=config, tokenizer=tokenizer, data=data, model=model,
+                                    record=record, wall_s=time.perf_counter() - started)
+    stream = results["stream"]
+    token_bytes = torch.from_numpy(stream["tokenizer"].token_byte_lengths())
+    print(f"corpus {corpus}: {sum(p.stat().st_size for p in corpus.glob('*.txt')) / 1e6:.1f} MB in "
+          f"{len(list(corpus.glob('*.txt')))} files; pico Transformer d_model {args.d_model}, "
+          f"block {args.block_size}, batch 16, char tokens")
+    for data_format, result in results.items():
+        final = result["record"]["final"]
+        common_test = pico.evaluate(pico.NextTokenLoss(result["model"]),
+                                    stream["data"].test_batches(16), torch.device("cpu"), token_bytes)
+        greedy = [s["text"] for s in result["record"]["samples"] if s["rule"] == "top-p 0.95"][-1]
+        print(f"\n{data_format}: {final['steps']} steps, {final['train_time_s']:.0f} s training, "
+              f"{final['tokens_seen']:,} target tokens seen")
+        print(f"  own test set: {final['test_bits_per_byte']:.3f} bits/byte; "
+              f"held-out running text (stream test set): {common_test['test_bits_per_byte']:.3f} "
+              f"bits/byte")
+        print(f"  top-p 0.95 sample: {greedy.count(chr(10)) + 1} lines: {greedy[:240]!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
