@@ -47,6 +47,23 @@ Contents (the section banners below carry the same numbers):
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+
+def interrupted_while_starting(signal_number, frame) -> None:
+    """Ctrl-C while numpy and torch are still importing (seconds): one line, status 130,
+    and no traceback from the middle of a half-imported library."""
+    os.write(2, b"pico-llm: interrupted\n")
+    os._exit(128 + signal_number)
+
+
+# As a script (not when imported), unless Ctrl-C is ignored (a background job): main() takes
+# Ctrl-C over once the imports are done.
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
 import argparse
 import base64
 import contextlib
@@ -61,13 +78,10 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import platform
 import random
 import re
-import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -4841,6 +4855,8 @@ def format_accounting(name: str, account: dict, batch_size: int) -> str:
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     exit_process(main())
 
 
