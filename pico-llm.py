@@ -500,8 +500,10 @@ class TransformerConfig:
     bias: bool = False
 
     def __post_init__(self) -> None:
-        self.n_kv_heads = self.n_kv_heads or self.n_heads
-        self.d_ff = self.d_ff or default_ffn_width(self.d_model, self.ffn)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_ff is None:
+            self.d_ff = default_ffn_width(self.d_model, self.ffn)
 
     @property
     def head_dim(self) -> int:
@@ -2895,6 +2897,9 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in args.models:
         if name not in MODEL_NAMES:
             raise UserError(f"unknown model {name!r} in --models; choose from {', '.join(MODEL_NAMES)}")
+    repeated = sorted({name for name in args.models if args.models.count(name) > 1})
+    if repeated:  # each model has one record in the run log and one checkpoint series
+        raise UserError(f"--models names {', '.join(repeated)} more than once; name each model once")
     if args.kgram_variant not in KGRAM_VARIANTS:
         raise UserError(f"unknown --kgram_variant {args.kgram_variant!r}; "
                         f"choose from {', '.join(KGRAM_VARIANTS)}")
@@ -2909,6 +2914,18 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be a finite number, got {value}")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.rope_theta is not None and args.rope_theta <= 0:  # theta ** (-2i/D) needs theta > 0
+        raise UserError(f"--rope_theta must be positive, got {args.rope_theta}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise UserError(f"--min_lr_ratio is a fraction of --learning_rate in [0, 1], "
+                        f"got {args.min_lr_ratio}")
+    if not 0 <= args.seed < 2**64:  # what torch.manual_seed accepts
+        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+    ranks = launched_world_size()
+    if args.grad_accum_steps > args.batch_size // ranks:
+        shared = f" / {ranks} ranks" if ranks > 1 else ""
+        raise UserError(f"--grad_accum_steps ({args.grad_accum_steps}) must not exceed --batch_size "
+                        f"({args.batch_size}{shared}): each micro-batch needs an example")
     for name in ("weight_decay", "grad_clip", "temperature", "warmup_steps", "sample_interval",
                  "kgram_chunk_size", "num_inner_mlp_layers", "top_k"):
         if getattr(args, name) < 0:
@@ -2920,6 +2937,11 @@ def validate_args(args: argparse.Namespace) -> None:
                         f"use at most {MAX_NEW_TOKENS_LIMIT}")
     if not args.prompt:
         raise UserError("--prompt is empty; give some text to continue, e.g. --prompt 'Once'")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
+        raise UserError("--prompt is not valid UTF-8; check the terminal's encoding "
+                        "(e.g. LANG=C.UTF-8)") from None
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if not 0.0 <= args.tinystories_weight <= 1.0:
