@@ -1482,12 +1482,21 @@ class DataConfig:
     seed: int = 1337
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """Only regular files are read: a FIFO blocks until something writes to it, and a
+    device such as /dev/zero never ends."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise UserError(f"{what} {path} is not a regular file (a pipe, socket or device); "
+                        "give a file")
+
+
 def read_text_lines(path: Path) -> list[str]:
     """Non-empty, stripped lines of a UTF-8 text file; UserError on anything else."""
     if not path.exists():
         raise UserError(f"input file not found: {path}")
     if path.is_dir():
         raise UserError(f"{path} is a directory; pass directories with --input_dir")
+    check_regular_file(path, "input file")
     try:
         raw = path.read_bytes()
     except OSError as error:
@@ -1506,9 +1515,18 @@ def read_text_lines(path: Path) -> list[str]:
 
 
 def text_files_in(directory: Path) -> list[Path]:
+    """The *.txt files under `directory`, sorted; a subdirectory that cannot be read is an
+    error, not a directory without text files."""
     if not directory.is_dir():
         raise UserError(f"--input_dir {directory} is not a directory")
-    files = sorted(p for p in directory.rglob("*.txt") if p.is_file())
+
+    def unreadable(error: OSError):
+        raise UserError(f"--input_dir: cannot read {error.filename} ({error.strerror}); "
+                        "check its permissions")
+
+    files = sorted(Path(folder) / name
+                   for folder, _, names in os.walk(directory, onerror=unreadable)
+                   for name in names if name.endswith(".txt") and (Path(folder) / name).is_file())
     if not files:
         raise UserError(f"--input_dir {directory} contains no .txt files")
     return files
@@ -1544,36 +1562,46 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
     """The first `max_stories` TinyStories stories, from a local copy or streamed from the hub."""
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    # datasets logs a damaged file's error itself; ours is the one line the user sees
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    stories = []
     if local_path:
         path = Path(local_path)
         if not path.exists():
             raise UserError(f"--tinystories_path {path} does not exist")
+        check_regular_file(path, "--tinystories_path")
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}.get(
             path.suffix.lower())
         if builder is None:
             raise UserError(f"--tinystories_path {path}: expected .json, .jsonl, .parquet or .txt")
-        try:
+        try:  # the file is read while it is iterated, so a damaged one fails in the loop
             stream = datasets.load_dataset(builder, data_files=str(path), split="train",
                                            streaming=True)
+            read_stories(stream, max_stories, stories)
         except Exception as error:  # datasets raises many types for unreadable files
-            raise UserError(f"cannot load --tinystories_path {path}: {error}".splitlines()[0]) from None
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise UserError(f"cannot read --tinystories_path {path} as {builder}: "
+                            f"{reason[:160]}") from None
     else:
         if not huggingface_hub_reachable():
             raise UserError("cannot reach the Hugging Face hub for TinyStories; download it once "
                             "(e.g. TinyStories-valid.txt) and pass --tinystories_path FILE, "
                             "or use --tinystories_weight 0")
         stream = datasets.load_dataset(TINYSTORIES_HUB_NAME, split="train", streaming=True)
-    stories = []
+        read_stories(stream, max_stories, stories)
+    if not stories:
+        raise UserError(f"TinyStories source {local_path or TINYSTORIES_HUB_NAME} has no 'text' records")
+    return stories
+
+
+def read_stories(stream, max_stories: int, stories: list[str]) -> None:
+    """Append the non-empty 'text' of the stream's records to `stories`, up to max_stories."""
     for record in stream:
         text = (record.get("text") or "").strip()
         if text:
             stories.append(text)
         if len(stories) >= max_stories:
             break
-    if not stories:
-        raise UserError(f"TinyStories source {local_path or TINYSTORIES_HUB_NAME} has no 'text' records")
-    return stories
 
 
 @dataclasses.dataclass
@@ -4121,6 +4149,7 @@ def load_checkpoint(path: Path, flag: str) -> dict:
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a checkpoint file such as "
                         f"{path / 'lstm_seq' / 'step_000100.pt'}")
+    check_regular_file(path, flag)
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols on stderr
             warnings.simplefilter("ignore")
@@ -4148,6 +4177,7 @@ def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
         return Path(checkpoints.save_dir)
     if checkpoints.resume:
         source = Path(checkpoints.resume)
+        check_regular_file(source, "--resume")
         return source.parent.parent if source.is_file() else source
     return None
 
