@@ -4189,6 +4189,7 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
     if checkpoints.resume is None:
         return {}
     source = Path(checkpoints.resume or checkpoints.save_dir)
+    check_regular_file(source, "--resume")
     if source.is_file():
         checkpoint = load_checkpoint(source, "--resume")
         name = checkpoint["model_name"]
