@@ -64,6 +64,7 @@ def interrupted_while_starting(signal_number, frame) -> None:
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, interrupted_while_starting)
 
+import _compat_pickle
 import argparse
 import base64
 import contextlib
@@ -83,6 +84,7 @@ import random
 import re
 import socket
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
@@ -3838,7 +3840,11 @@ def compile_model(model: nn.Module) -> nn.Module:
 
 CHECKPOINT_FORMAT = "pico-llm checkpoint"
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2    # 2 adds "sha256"; version 1 files still load, unverified, with a note
+
+# What every checkpoint holds besides its format, version and checksum.
+CHECKPOINT_KEYS = ("model_name", "model", "optimizer", "progress", "rng", "args", "tokenizer",
+                   "record")
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 
@@ -4020,12 +4026,14 @@ class FaultTolerance:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoints is None:
             return None
-        return self.checkpoints.save({
+        payload = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_name": self.name,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "progress": dataclasses.asdict(self.progress), "rng": rng_states(),
             "args": self.flags, "tokenizer": tokenizer_identity(self.tokenizer_spec, self.tokenizer),
-            "record": self.record})
+            "record": self.record}
+        payload["sha256"] = checkpoint_digest(payload)
+        return self.checkpoints.save(payload)
 
     def stop_if_requested(self) -> None:
         """On a pending signal: checkpoint, run log, and a message on how to resume.
@@ -4142,8 +4150,55 @@ def tokenizer_from_identity(identity: dict):
     return TrainedBPETokenizer(vocab, merges, parse_tokenizer_spec(identity["spec"])[1])
 
 
-def load_checkpoint(path: Path, flag: str) -> dict:
-    """A checkpoint file, loaded without running any code in it; UserError otherwise."""
+def checkpoint_digest(payload: dict) -> str:
+    """sha256 over everything in a checkpoint but its "sha256": each tensor's dtype, shape
+    and bytes and each plain value's repr, in a fixed order. torch.load does not check the
+    CRC of the zip entries torch.save stores, so a flipped bit in the weights would
+    otherwise load without a word."""
+    digest = hashlib.sha256()
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)};".encode())
+            digest.update(flat.view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)};".encode())
+            for key in sorted(value, key=repr):
+                digest.update(f"{key!r}:".encode())
+                add(value[key])
+        elif isinstance(value, (list, tuple)):   # a tuple may come back as a list, or not
+            digest.update(f"sequence {len(value)};".encode())
+            for item in value:
+                add(item)
+        else:
+            digest.update(f"{value!r};".encode())
+
+    add({key: value for key, value in payload.items() if key != "sha256"})
+    return digest.hexdigest()
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint file that cannot be used as written (unreadable, incomplete, or its
+    contents no longer match its checksum); load_checkpoint names a good one to use instead."""
+
+
+def blocked_callable(message: str) -> str | None:
+    """The callable a weights_only load refused to import, as Python 3 names it
+    ("os.system", "subprocess.call"), from torch's message; None for other errors. Pickles
+    written with protocol 2 record Python 2 names (commands.call), and os.system is
+    posix.system on Linux and macOS."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if not found:
+        return None
+    module, _, name = found.group(1).rpartition(".")
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{'os' if module in ('posix', 'nt') else module}.{name}"
+
+
+def read_checkpoint(path: Path, flag: str) -> dict:
+    """A checkpoint file, loaded without running any code in it, and checked against its
+    checksum; UserError (DamagedCheckpoint for a damaged file) otherwise."""
     if not path.exists():
         raise UserError(f"{flag} {path} does not exist")
     if path.is_dir():
@@ -4155,20 +4210,53 @@ def load_checkpoint(path: Path, flag: str) -> dict:
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged files raise UnpicklingError, RuntimeError, EOFError, ...
-        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        culprit = blocked_callable(str(error))
         if culprit:
-            raise UserError(f"refused to load {path}: unpickling it would run code "
-                            f"({culprit.group(1)}); load only checkpoints pico-llm wrote") from None
+            raise UserError(f"refused to load {path}: unpickling it would call {culprit}, which "
+                            "runs code, so it was not loaded; load only checkpoints pico-llm "
+                            "wrote") from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-        reason = (detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__)
-        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt or not from "
-                        f"pico-llm: {reason[:120]}); use an earlier checkpoint") from None
+        reason = detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__
+        raise DamagedCheckpoint(f"{path} is not a readable checkpoint (truncated, corrupt or not "
+                                f"from pico-llm: {textwrap.shorten(reason, 120)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a pico-llm checkpoint; give a .pt file written with --save_dir")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path} is checkpoint version {checkpoint.get('version')!r}; "
-                        f"this pico-llm reads version {CHECKPOINT_VERSION}")
+    version = checkpoint.get("version")
+    if version not in (1, CHECKPOINT_VERSION):
+        raise UserError(f"{path} is checkpoint version {version!r}; "
+                        f"this pico-llm reads versions 1 and {CHECKPOINT_VERSION}")
+    missing = [key for key in CHECKPOINT_KEYS + (("sha256",) if version >= 2 else ())
+               if key not in checkpoint]
+    if missing:
+        raise DamagedCheckpoint(f"{path} is an incomplete checkpoint (it lacks {', '.join(missing)})")
+    if version == 1:
+        print(f"pico-llm: note: {path} predates checkpoint checksums (version 1); loaded "
+              "without an integrity check", file=sys.stderr)
+    elif checkpoint["sha256"] != checkpoint_digest(checkpoint):
+        raise DamagedCheckpoint(f"{path} is damaged: its contents no longer match the checksum "
+                                "written with it (a disk or copy error)")
     return checkpoint
+
+
+def load_checkpoint(path: Path, flag: str) -> dict:
+    """read_checkpoint; for a damaged step file, the error names the newest good checkpoint
+    before it in the same series, the one to continue from instead."""
+    try:
+        return read_checkpoint(path, flag)
+    except DamagedCheckpoint as damage:
+        step = checkpoint_step(path)
+        if step < 0:
+            raise UserError(f"{damage}; use another checkpoint") from None
+        series = CheckpointSeries(path.parent.parent, path.parent.name, keep=1)
+        for candidate in reversed([p for p in series.paths() if checkpoint_step(p) < step]):
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):   # a version-1 note
+                    read_checkpoint(candidate, flag)
+            except UserError:
+                continue
+            raise UserError(f"{damage}; the newest good checkpoint before it is {candidate}: "
+                            f"use {flag} {candidate}") from None
+        raise UserError(f"{damage}; no earlier checkpoint in {path.parent} is good") from None
 
 
 def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
