@@ -1700,8 +1700,17 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         tokens_path = cache_dir / f"{key}.tokens.npy"
         offsets_path = cache_dir / f"{key}.offsets.npy"
         if tokens_path.exists() and offsets_path.exists():
-            return TokenizedExamples(np.load(tokens_path, mmap_mode="r"),
-                                     np.load(offsets_path), num_bytes)
+            try:
+                cached = TokenizedExamples(np.load(tokens_path, mmap_mode="r"),
+                                           np.load(offsets_path), num_bytes)
+                problem = ("" if len(cached) == len(texts) and cached.offsets[-1] == len(cached.tokens)
+                           else "its sizes do not match")
+            except (OSError, ValueError, EOFError) as error:  # truncated or not a .npy file
+                problem = textwrap.shorten(str(error), 80) or type(error).__name__
+            if not problem:
+                return cached
+            print(f"pico-llm: note: token cache {tokens_path} is damaged ({problem}); "
+                  "rebuilding it", file=sys.stderr)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     flat = tokenizer.encode_examples(texts) if hasattr(tokenizer, "encode_examples") else None
     if flat is not None:  # the fast path: one flat array, no list per example
@@ -2128,25 +2137,37 @@ def point_key(model: str, settings: dict) -> str:
 
 
 class SweepLog:
-    """One sweep's JSON file. Points already in a file of the same sweep and scale are
-    kept (and skipped by `done`), with the file's creation time and the wall time spent
-    on it so far; the file is rewritten atomically after every point."""
+    """One sweep's JSON file. Points already in a file of the same sweep, scale and data
+    are kept (and skipped by `done`), with the file's creation time and the wall time spent
+    on it so far; the file is rewritten atomically after every point. A file of another
+    sweep, scale or data is refused, unless `overwrite` (--overwrite) starts afresh."""
 
     def __init__(self, path: Path, sweep: str, scale: SweepScale, config: Config,
-                 device: torch.device) -> None:
+                 device: torch.device, overwrite: bool = False) -> None:
         self.path = path
         points = []
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.earlier_wall_time_s = 0.0
         data_sha256 = examples_fingerprint(load_custom_examples(config.data))
-        if path.exists():
+        if path.exists() and not overwrite:
             earlier = load_sweep(path)
             # Points are keyed by their own settings; the scale and the data must match too.
             same_scale = earlier["config"]["scale"] == json.loads(json.dumps(dataclasses.asdict(scale)))
-            same_data = earlier["config"].get("data_sha256") == data_sha256
-            if earlier["sweep"] == sweep and same_scale and same_data:
-                points, created = earlier["points"], earlier["created"]
-                self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
+            if earlier["sweep"] != sweep:
+                other = f"the {earlier['sweep']} sweep"
+            elif not same_scale:
+                other = (f"the {sweep} sweep at scale {earlier['scale']}" if earlier["scale"] != scale.name
+                         else f"the {sweep} sweep at another version of scale {scale.name}")
+            elif earlier["config"].get("data_sha256") != data_sha256:
+                other = f"the {sweep} sweep on other data"
+            else:
+                other = None
+            if other:
+                raise UserError(f"{path} holds {len(earlier['points'])} points of {other}, not "
+                                f"of {sweep} at scale {scale.name} on this data; pass --overwrite "
+                                "to replace them, or move the file away")
+            points, created = earlier["points"], earlier["created"]
+            self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
         self.data = {
             "schema_version": SWEEP_SCHEMA_VERSION,
             "kind": "sweep",
@@ -2160,7 +2181,7 @@ class SweepLog:
             "environment": environment_info(device),
             "points": points,
         }
-        self.skipped = 0
+        self.skipped = self.added = 0
 
     def done(self, model: str, settings: dict) -> bool:
         key = point_key(model, settings)
@@ -2171,6 +2192,7 @@ class SweepLog:
     def add(self, model: str, settings: dict, result: dict) -> None:
         self.data["points"].append({"key": point_key(model, settings), "model": model,
                                     "settings": settings, **result})
+        self.added += 1
         self.write()
         outcome = ("diverged" if result.get("diverged") else
                    f"train {result['train_loss']:.3f} test "
@@ -2196,8 +2218,14 @@ def examples_fingerprint(texts: list[str]) -> str:
 
 def load_sweep(path: Path | str) -> dict:
     """Read a sweep file and check its kind and schema version (the notebook uses this)."""
-    with open(path, encoding="utf-8") as handle:
-        sweep = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            sweep = json.load(handle)
+    except (OSError, ValueError) as error:  # ValueError: truncated JSON, or not UTF-8
+        raise UserError(f"cannot read sweep file {path} ({textwrap.shorten(str(error), 80)}); "
+                        "move it away, or pass --overwrite to start that sweep afresh") from None
+    if not isinstance(sweep, dict):
+        sweep = {}
     if sweep.get("kind") != "sweep" or sweep.get("schema_version") != SWEEP_SCHEMA_VERSION:
         raise UserError(f"{path}: not a sweep file of schema {SWEEP_SCHEMA_VERSION} "
                         f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r})")
@@ -2531,16 +2559,22 @@ def run_sweeps(config: Config) -> int:
     scale = SWEEP_SCALES[experiments.sweep_scale]
     base = sweep_base_config(config, scale)
     tokenizer = build_tokenizer(scale.tokenizer)
+    # Every file is checked before the first sweep starts, not after hours of the others.
+    logs = {name: SweepLog(path, name, scale, base, device, experiments.overwrite)
+            for name, path in paths.items()}
     started = time.perf_counter()
-    for name, path in paths.items():
+    for name, log in logs.items():
         sweep_started = time.perf_counter()
-        log = SweepLog(path, name, scale, base, device)
         SWEEPS[name](log, base, scale, device, tokenizer)
         this_run_s = time.perf_counter() - sweep_started
         log.data["wall_time_s"] = round(log.earlier_wall_time_s + this_run_s, 2)   # all runs
         log.finish()
-        print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "
-              f"in {this_run_s:.0f} s -> {path}")
+        if log.added == 0 and log.skipped:
+            print(f"sweep {name}: all {len(log.data['points'])} points were already done; they "
+                  f"are in {log.path} (pass --overwrite to run the sweep afresh)")
+        else:
+            print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "
+                  f"in {this_run_s:.0f} s -> {log.path}")
     print(f"sweeps finished in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -2869,6 +2903,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                   "(presentation); finished points are skipped when started again")
     experiments.add_argument("--sweep_scale", choices=("full", "tiny"), default="full",
                              help="sweep size: full (the presentation) or tiny (seconds, for tests)")
+    experiments.add_argument("--overwrite", action="store_true",
+                             help="start the sweeps afresh, replacing their files (by default a "
+                                  "sweep continues its file, and a file of another scale or other "
+                                  "data is refused)")
     experiments.add_argument("--custom_sweep_log", default=None, metavar="PATH",
                              help="run the custom-data size sweep into this JSON file")
     experiments.add_argument("--custom_sweep_sizes", default=None, metavar="N,N,...",
@@ -3011,6 +3049,9 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
                         "set --test_fraction above 0")
     if args.generate and not args.checkpoint:
         raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir)")
+    if args.overwrite and not (args.sweep or args.custom_sweep_log or args.collect_transformer_metrics):
+        raise UserError("--overwrite replaces sweep files; use it with --sweep, --custom_sweep_log "
+                        "or --collect_transformer_metrics")
     if args.checkpoint and not args.generate:
         raise UserError("--checkpoint is read by --generate; to continue training use --resume")
     if args.generate and (args.resume is not None or args.save_dir):
@@ -3075,6 +3116,7 @@ class ExperimentConfig:
 
     sweep: str | None = None
     sweep_scale: str = "full"
+    overwrite: bool = False            # start sweeps afresh, replacing their files
     custom_sweep_log: str | None = None
     custom_sweep_sizes: str | None = None
     collect_transformer_metrics: bool = False
@@ -3854,7 +3896,7 @@ FLAGS_FREE_ON_RESUME = frozenset({
     "models", "enable_transformer_gptoss", "device_id", "attention_impl", "quiet",
     "log_interval", "sample_interval", "prompt", "max_new_tokens", "temperature", "top_k",
     "top_p", "run_name", "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every",
-    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint"})
+    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "overwrite"})
 
 
 @dataclasses.dataclass
@@ -4894,8 +4936,13 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
         digest.update(text.encode("utf-8") + b"\x00")
     cached = cache_dir / f"bpe-{digest.hexdigest()[:24]}" if cache_dir else None
     if cached is not None and (cached / "merges.json").exists():
-        loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
-        return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
+        try:
+            loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
+            return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
+        except (OSError, ValueError, KeyError, TypeError) as error:  # truncated JSON, bad hex, ...
+            problem = textwrap.shorten(str(error), 80) or type(error).__name__
+            print(f"pico-llm: note: BPE cache {cached} is damaged ({problem}); training the "
+                  "tokenizer again", file=sys.stderr)
     with tempfile.TemporaryDirectory() as scratch:
         corpus = Path(scratch) / "corpus.txt"
         corpus.write_text(END_OF_TEXT.join(texts), encoding="utf-8")
