@@ -71,6 +71,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import errno
 import faulthandler
 import functools
 import hashlib
@@ -1951,8 +1952,9 @@ class RunLog:
         try:
             atomic_write_json(self.path, self.data)
         except OSError as error:
-            raise UserError(f"cannot write run log {self.path}: {error.strerror}; free disk "
-                            "space or choose another --artefacts_dir") from None
+            advice = "free disk space or " if error.errno == errno.ENOSPC else ""
+            raise UserError(f"cannot write run log {self.path}: {error.strerror}; {advice}"
+                            "choose another --artefacts_dir") from None
 
 
 def load_runlog(path: Path | str) -> dict:
@@ -1965,6 +1967,10 @@ def load_runlog(path: Path | str) -> dict:
     return log
 
 
+# File names hold 255 bytes; a run log's temporary file adds 19 (.NAME.json.XXXXXXXX.tmp).
+MAX_RUN_NAME_BYTES = 200
+
+
 def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
     """<artefacts_dir>/<run_name>.json; a default name never reuses an existing file, and
     holds the process id, so two runs starting in the same second cannot pick the same name."""
@@ -1972,6 +1978,9 @@ def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
     if output.run_name:
         if any(ch in output.run_name for ch in "/\\") or output.run_name.startswith("."):
             raise UserError(f"--run_name {output.run_name!r} must be a plain file name")
+        length = len(os.fsencode(output.run_name))
+        if length > MAX_RUN_NAME_BYTES:
+            raise UserError(f"--run_name is {length} bytes long; use at most {MAX_RUN_NAME_BYTES}")
         return directory / f"{output.run_name}.json"
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-p{os.getpid()}_{'+'.join(model_names)}"
     path, counter = directory / f"{stem}.json", 2
@@ -1989,14 +1998,24 @@ def check_run_log_is_new(run_path: Path, resuming: bool) -> None:
 
 
 def check_writable_directory(directory: Path, flag: str) -> None:
-    """Fail before training, not after it, when results could not be saved."""
+    """Fail before training, not after it, when results could not be saved. A real file
+    (or, where the directory is still to be made, a directory) is created and removed in
+    the nearest existing ancestor: os.access says yes to root for /proc and /sys."""
     existing = directory
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{flag} {directory}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {directory} is not writable; choose another with {flag}")
+    try:
+        if existing == directory:
+            handle, probe = tempfile.mkstemp(dir=existing, prefix=".pico-llm-probe-")
+            os.close(handle)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".pico-llm-probe-"))
+    except OSError as error:
+        raise UserError(f"{flag} {directory} is not writable ({error.strerror}); choose another "
+                        f"with {flag}") from None
 
 
 def summary_table(records: dict) -> str:
@@ -4142,8 +4161,9 @@ class CheckpointSeries:
         try:
             atomic_write_bytes(path, buffer.getvalue())
         except OSError as error:
-            raise UserError(f"cannot write checkpoint {path}: {error.strerror}; free disk space or "
-                            f"choose another --save_dir (last good checkpoint: "
+            advice = "free disk space or " if error.errno == errno.ENOSPC else ""
+            raise UserError(f"cannot write checkpoint {path}: {error.strerror}; {advice}choose "
+                            f"another --save_dir (last good checkpoint: "
                             f"{self.last_saved or 'none'})") from None
         self.last_saved = path
         for old in self.paths()[:-self.keep]:
