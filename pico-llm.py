@@ -1342,6 +1342,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 END_OF_TEXT = "<|endoftext|>"
 
+GPT2_VOCAB_SIZE = 50257   # 50000 merges, 256 bytes and <|endoftext|>
+
 def load_gpt2_encoding(ranks_path: Path = GPT2_RANKS_PATH):
     """Build tiktoken's GPT-2 (r50k_base) encoding from the shipped ranks file."""
     try:
@@ -1354,7 +1356,7 @@ def load_gpt2_encoding(ranks_path: Path = GPT2_RANKS_PATH):
                         "restore data/gpt2.tiktoken from the repository")
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN,
                              mergeable_ranks=load_tiktoken_ranks(ranks_path),
-                             special_tokens={END_OF_TEXT: 50256}, explicit_n_vocab=50257)
+                             special_tokens={END_OF_TEXT: 50256}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
 class GPT2Tokenizer:
@@ -1449,6 +1451,12 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
         return "bpe", int(size)
     raise UserError(f"unknown --tokenizer {spec!r}; choose gpt2, char or bpe:N with N >= 257 "
                     "(256 bytes + <|endoftext|>)")
+
+
+def tokenizer_vocab_size(spec: str) -> int:
+    """The vocabulary size a --tokenizer spec gives (bpe:N: at most N), without building it."""
+    kind, size = parse_tokenizer_spec(spec)
+    return {"gpt2": GPT2_VOCAB_SIZE, "char": ByteTokenizer.vocab_size}.get(kind, size)
 
 
 def build_tokenizer(spec: str, training_texts: list[str] | None = None,
@@ -2726,6 +2734,8 @@ def interpret_models(config: Config, device, tokenizer, data: TrainingData, mode
 
 MAX_NEW_TOKENS_LIMIT = 100_000  # beyond this a typo, not a wish: minutes of CPU per sample
 
+MAX_BLOCK_SIZE = 1 << 24  # positions are float32 in RotaryEmbedding and the sinusoids: exact to 2**24
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on an error; we print one line."""
 
@@ -3035,6 +3045,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--tinystories_weight is a probability in [0, 1], got {args.tinystories_weight}")
     if not 0.0 <= args.test_fraction < 1.0:
         raise UserError(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
+    if args.block_size > MAX_BLOCK_SIZE:
+        raise UserError(f"--block_size {args.block_size:,} is beyond the {MAX_BLOCK_SIZE:,}-token "
+                        "limit (positions are float32 in the position encodings, exact up to 2**24)")
     if "kgram_mlp_seq" in args.models and args.block_size <= args.kgram_k:
         raise UserError(f"--block_size ({args.block_size}) must be larger than --kgram_k "
                         f"({args.kgram_k})")
@@ -3322,6 +3335,8 @@ def run_training(config: Config) -> int:
         save_dir = checkpoint_directory(config.checkpoints)
         if save_dir is not None:
             check_writable_directory(save_dir, "--save_dir")
+        check_models_fit_in_memory(config.models, tokenizer_vocab_size(config.data.tokenizer),
+                                   config.data.block_size, device)
         resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
         if context.is_main:  # rank 0 alone writes; the others stop when it does
             check_run_log_is_new(run_path, resuming=config.checkpoints.resume is not None)
@@ -3395,8 +3410,7 @@ def run_accounting(config: Config) -> int:
     else:
         raise UserError(f"unknown --accounting {what!r}; use configured, all, a preset "
                         f"({', '.join(TRANSFORMER_PRESETS)}) or {', '.join(GPT2_SHAPES)}")
-    kind, size = parse_tokenizer_spec(config.data.tokenizer)
-    vocab_size = size if kind == "bpe" else build_tokenizer(config.data.tokenizer).vocab_size
+    vocab_size = tokenizer_vocab_size(config.data.tokenizer)
     for name in names:
         if name in GPT2_SHAPES:
             transformer = gpt2_shape_config(name, block_size)
@@ -5042,6 +5056,69 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
     return {"parameters": parameters, "total_parameters": total_parameters,
             "forward_flops_per_sequence": flops, "total_forward_flops": sum(flops.values()),
             "context_length": T, "training_memory_bytes": memory}
+
+
+def parameter_count(config: KGramConfig | LSTMConfig | TransformerConfig, vocab_size: int) -> int:
+    """The parameters build_model would make, from the config alone (nothing is allocated)."""
+    if isinstance(config, TransformerConfig):
+        config = dataclasses.replace(config, vocab_size=vocab_size)
+        return transformer_accounting(config, config.block_size)["total_parameters"]
+    V, E = vocab_size, config.embed_size
+    unembedding = E * V + V
+    if isinstance(config, LSTMConfig):  # per layer: 4 gates x (input and hidden weights, 2 biases)
+        return V * E + config.num_layers * 4 * (2 * E * E + 2 * E) + unembedding
+    table = V + 1                       # the k-gram's padding id has a row of its own
+    context = {"onehot": config.k * table * E + E,
+               "embedding": table * E + config.k * E * E + E,
+               "conv": table * E + config.k * E * E + E}[config.variant]
+    return context + config.num_inner_layers * (E * E + E) + unembedding
+
+
+def memory_available(device: torch.device) -> int | None:
+    """Bytes this run may use at most: the GPU's memory, or the machine's physical memory
+    (capped by an address-space limit such as `ulimit -v`); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (AttributeError, ValueError, OSError, ImportError):  # not a POSIX system
+        return None
+    return available if limit == resource.RLIM_INFINITY else min(available, limit)
+
+
+def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_size: int,
+                               device: torch.device) -> None:
+    """Refuse, before any data is read, a model whose training state alone exceeds the
+    memory here: 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments)
+    and, for a Transformer, the KV cache of a sample at --block_size positions (fp32 keys
+    and values in every block). Activations are left out: they depend on the examples'
+    lengths."""
+    available = memory_available(device)
+    if available is None:
+        return
+    for name in models.names:
+        config = models.config_of(name)
+        parameters = parameter_count(config, vocab_size)
+        cache = 0
+        if isinstance(config, TransformerConfig):
+            cache = 2 * config.n_blocks * config.n_kv_heads * config.head_dim * block_size * 4
+        needed = 16 * parameters + cache
+        if needed <= available:
+            continue
+        if isinstance(config, KGramConfig):
+            sizes = f"--kgram_k ({config.k:,}) or --embed_size ({config.embed_size:,})"
+        elif isinstance(config, LSTMConfig):
+            sizes = f"--embed_size ({config.embed_size:,}) or --lstm_layers ({config.num_layers})"
+        elif cache > 16 * parameters or config.pos_emb == "learned":
+            sizes = f"--block_size ({block_size:,})"
+        else:
+            sizes = "--d_model, --n_blocks or --d_ff"
+        kv = f" and a {cache / 2**30:,.1f} GiB KV cache" if cache else ""
+        raise UserError(f"{name} needs about {needed / 2**30:,.1f} GiB ({parameters:,} parameters "
+                        f"at 16 bytes for training{kv}), more than the {available / 2**30:,.1f} GiB "
+                        f"of memory here; lower {sizes}")
 
 
 def format_accounting(name: str, account: dict, batch_size: int) -> str:
