@@ -93,6 +93,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs do not lock their --save_dir
+    fcntl = None
+
 import numpy as np
 import regex
 import tiktoken
@@ -1663,8 +1668,8 @@ class TokenizedExamples:
         return self.tokens[self.offsets[index]: self.offsets[index + 1]]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`."""
+def write_temporary_file(path: Path, data: bytes) -> Path:
+    """`data`, written and flushed to disk in a new file beside `path` (.NAME.XXXXXXXX.tmp)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -1673,10 +1678,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             temp_file.flush()
             os.fsync(temp_file.fileno())
         os.chmod(temp_name, 0o666 & ~current_umask())  # mkstemp makes files private (0600)
-        os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+    return Path(temp_name)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, then rename over `path`."""
+    temp = write_temporary_file(path, data)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_create_bytes(path: Path, data: bytes) -> None:
+    """As atomic_write_bytes, but only where no file has that name yet (FileExistsError
+    otherwise): link() fails when `path` exists, where a rename would replace it."""
+    temp = write_temporary_file(path, data)
+    try:
+        os.link(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def remove_stale_temporary_files(directory: Path, name_pattern: str) -> None:
+    """Delete the temporary files atomic_write_bytes left in `directory`, when a kill came
+    mid-write, for targets whose names match the regex `name_pattern`. Only for files this
+    run owns (see claim_directory): a live writer's temporary file would go too."""
+    stale = re.compile(rf"\.(?:{name_pattern})\.[a-z0-9_]{{8}}\.tmp")   # mkstemp's 8 characters
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if stale.fullmatch(path.name):
+                path.unlink(missing_ok=True)
 
 
 def current_umask() -> int:
@@ -1685,8 +1721,12 @@ def current_umask() -> int:
     return mask
 
 
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+    atomic_write_bytes(Path(path), json_bytes(obj))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -1935,8 +1975,9 @@ def environment_info(device: torch.device) -> dict:
 
 
 class RunLog:
-    """Everything a run measured, rewritten atomically to artefacts/<run_name>.json
-    after every epoch, so a crash leaves the last complete version on disk."""
+    """Everything a run measured, written atomically to artefacts/<run_name>.json when
+    training starts and after every epoch, so a crash leaves the last complete version on
+    disk."""
 
     def __init__(self, path: Path, flags: dict, device: torch.device, data_info: dict) -> None:
         self.path = path
@@ -1956,9 +1997,22 @@ class RunLog:
         self.data["models"][name] = record
         return record
 
-    def write(self) -> None:
+    def start(self, resuming: bool) -> None:
+        """The first write, before training. A new run creates its log only where no file
+        has that name yet, in one step, so of two runs started with one --run_name the
+        second is refused here; a resumed run carries its earlier log on."""
         try:
-            atomic_write_json(self.path, self.data)
+            self.write(create=not resuming)
+        except FileExistsError:
+            raise UserError(f"run log {self.path} already exists: another run with this "
+                            "--run_name started first; choose another --run_name") from None
+        remove_stale_temporary_files(self.path.parent, re.escape(self.path.name))
+
+    def write(self, create: bool = False) -> None:
+        try:
+            (atomic_create_bytes if create else atomic_write_bytes)(self.path, json_bytes(self.data))
+        except FileExistsError:
+            raise
         except OSError as error:
             advice = "free disk space or " if error.errno == errno.ENOSPC else ""
             raise UserError(f"cannot write run log {self.path}: {error.strerror}; {advice}"
@@ -3325,6 +3379,7 @@ def run_training(config: Config) -> int:
     """The main job: train the models, print a summary, write the run log.
     Under torchrun, rank 0 alone prints and writes."""
     context, device_id = setup_distributed(config.device_id, config.dist_timeout)
+    claims = contextlib.ExitStack()
     try:
         if not context.is_main:
             config = dataclasses.replace(config, training=dataclasses.replace(config.training,
@@ -3337,21 +3392,29 @@ def run_training(config: Config) -> int:
             check_writable_directory(save_dir, "--save_dir")
         check_models_fit_in_memory(config.models, tokenizer_vocab_size(config.data.tokenizer),
                                    config.data.block_size, device)
-        resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
+        resuming = config.checkpoints.resume is not None
         if context.is_main:  # rank 0 alone writes; the others stop when it does
-            check_run_log_is_new(run_path, resuming=config.checkpoints.resume is not None)
+            check_run_log_is_new(run_path, resuming)
+            if save_dir is not None:  # held until the run ends; checked again under it
+                claims.enter_context(claim_directory(save_dir, "--save_dir"))
+        resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
+        if context.is_main and save_dir is not None:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
+            for name in config.models.names:
+                remove_stale_temporary_files(save_dir / name, CHECKPOINT_NAME.pattern)
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
                   if context.is_main else None)
-        if runlog is not None and isinstance(tokenizer, TrainedBPETokenizer):
-            tokenizer_dir = run_path.with_suffix(".tokenizer")  # the run's ids mean nothing without it
-            tokenizer.save(tokenizer_dir)
-            runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
-                                                      str(tokenizer_dir / "merges.json")]
         if runlog is not None:
             runlog.data["distributed"] = {"world_size": context.world_size,
                                           "grad_accum_steps": config.training.grad_accum_steps}
+            tokenizer_dir = run_path.with_suffix(".tokenizer")  # the run's ids mean nothing without it
+            if isinstance(tokenizer, TrainedBPETokenizer):
+                runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
+                                                          str(tokenizer_dir / "merges.json")]
+            runlog.start(resuming)
+            if isinstance(tokenizer, TrainedBPETokenizer):
+                tokenizer.save(tokenizer_dir)
         models: dict = {}
         with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
             train_models(config, device, tokenizer, data, runlog, context=context,
@@ -3371,6 +3434,7 @@ def run_training(config: Config) -> int:
             torch.distributed.barrier()
         return 0
     finally:
+        claims.close()
         teardown_distributed(context)
 
 
@@ -4337,11 +4401,14 @@ def load_checkpoint(path: Path, flag: str) -> dict:
 
 def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
     """Where checkpoints go: --save_dir, or else the directory --resume reads."""
+    if checkpoints.resume is not None:
+        source = Path(checkpoints.resume or checkpoints.save_dir)
+        if not source.exists():
+            raise UserError(f"--resume {source} does not exist; give a --save_dir or a checkpoint file")
+        check_regular_file(source, "--resume")
     if checkpoints.save_dir:
         return Path(checkpoints.save_dir)
     if checkpoints.resume:
-        source = Path(checkpoints.resume)
-        check_regular_file(source, "--resume")
         return source.parent.parent if source.is_file() else source
     return None
 
@@ -4376,6 +4443,44 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
     for path, checkpoint in found.values():
         check_same_flags(checkpoint, path, flags)
     return found
+
+
+@contextlib.contextmanager
+def claim_directory(directory: Path, flag: str):
+    """Hold an exclusive lock on `directory` (made if missing) for the block, so that a
+    second run given the same directory is refused instead of writing over this run's
+    files. An flock belongs to the open directory and ends with the process, however it
+    ends, so a killed run leaves no stale claim and no lock file. Directories made here
+    are removed again if nothing was written into them."""
+    made = []
+    missing = directory
+    while not missing.exists():
+        made.append(missing)
+        missing = missing.parent
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(handle), os.stat(directory)):
+                break
+        except BlockingIOError:
+            os.close(handle)
+            raise UserError(f"{flag} {directory} is in use by another pico-llm run; wait for it "
+                            f"to finish, or choose another {flag}") from None
+        except FileNotFoundError:
+            pass
+        os.close(handle)  # the run that held it removed it meanwhile: claim the new one
+    try:
+        yield
+    finally:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:  # not empty: the run wrote into it
+                break
+        os.close(handle)
 
 
 def check_checkpoints_are_ours(save_dir: Path | None, model_names: list[str],
