@@ -2299,6 +2299,7 @@ def examples_fingerprint(texts: list[str]) -> str:
 
 def load_sweep(path: Path | str) -> dict:
     """Read a sweep file and check its kind and schema version (the notebook uses this)."""
+    check_regular_file(Path(path), "sweep file")
     try:
         with open(path, encoding="utf-8") as handle:
             sweep = json.load(handle)
