@@ -7,6 +7,7 @@ status 2, exactly one line on stderr, no traceback, and no file added, removed o
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -160,8 +161,9 @@ def ok(result):
     return result
 
 
-# --- 1. bare --resume with --run_name -------------------------------------------------------
+# --- resume: the same command plus --resume --------------------------------------------------
 
+@pytest.mark.slow
 def test_bare_resume_with_run_name_continues_the_run(ws):
     """A run killed after step 3 of 4 (its newest checkpoint deleted, as kill -9 before
     the step-4 checkpoint would leave it) continues with the same command plus --resume."""
@@ -175,8 +177,20 @@ def test_bare_resume_with_run_name_continues_the_run(ws):
     assert json.loads((ws.art / "r1.json").read_text())["status"] == "finished"
 
 
-# --- 2. concurrent runs claim their files -----------------------------------------------------
+def test_bare_resume_with_run_name_continues_the_run_in_process(run_main, ws):
+    command = [*TINY, "--epochs", "2", "--input_files", str(ws.corpus), "--run_name", "r1",
+               "--save_dir", str(ws.save), "--checkpoint_every", "1"]
+    assert run_main(*command, artefacts=ws.art)[0] == 0
+    (ws.save / "lstm_seq" / "step_000004.pt").unlink()
+    status, _, err = run_main(*command, "--resume", artefacts=ws.art)
+    assert status == 0, err
+    assert (ws.save / "lstm_seq" / "step_000004.pt").exists()
+    assert json.loads((ws.art / "r1.json").read_text())["status"] == "finished"
 
+
+# --- concurrent runs claim their files -------------------------------------------------------
+
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", ["run_name", "save_dir"])
 def test_two_runs_started_together_do_not_share_files(ws, shared):
     commands = []
@@ -202,7 +216,54 @@ def test_two_runs_started_together_do_not_share_files(ws, shared):
     assert_refused(loser, ("already", "in use", "another run", "locked"))
 
 
-# --- 3. a tiny sweep does not replace another scale's sweep file ----------------------------
+def test_a_run_is_refused_while_another_process_holds_its_save_dir(run_main, ws):
+    ws.save.mkdir()
+    hold = ("import fcntl, os, sys, time; handle = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(ws.save)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = ws.snapshot()
+        status, _, err = run_main(*TINY, "--input_files", str(ws.corpus), "--save_dir",
+                                  str(ws.save), artefacts=ws.art)
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "in use by another pico-llm run" in lines[0], err
+    assert before.changes() == []
+
+
+def test_a_claim_is_exclusive_and_a_directory_made_for_it_goes_if_nothing_was_written(pico, tmp_path):
+    save = tmp_path / "new" / "ckpt"
+    with pico.claim_directory(save, "--save_dir"):
+        assert save.is_dir()
+        with pytest.raises(pico.UserError, match="--save_dir .* is in use by another pico-llm run"):
+            with pico.claim_directory(save, "--save_dir"):
+                pass
+    assert not (tmp_path / "new").exists()       # no lock file, no directory left behind
+    with pico.claim_directory(save, "--save_dir"):
+        (save / "step_000001.pt").write_bytes(b"")
+    assert [p.name for p in save.iterdir()] == ["step_000001.pt"]
+    with pico.claim_directory(save, "--save_dir"):   # free again once the claim ends
+        pass
+
+
+def test_a_new_run_log_is_created_only_where_none_exists(pico, tmp_path):
+    path = tmp_path / "same.json"
+    first, second = (pico.RunLog(path, {"epochs": epochs}, torch.device("cpu"), {})
+                     for epochs in (1, 2))
+    first.start(resuming=False)
+    with pytest.raises(pico.UserError, match="same.json already exists: another run"):
+        second.start(resuming=False)
+    assert json.loads(path.read_text())["args"] == {"epochs": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["same.json"]   # no temporary file left
+    second.start(resuming=True)                                     # a resumed run carries it on
+    assert json.loads(path.read_text())["args"] == {"epochs": 2}
+
+
+# --- a sweep never replaces another scale's or other data's sweep file -----------------------
 
 def test_tiny_sweep_does_not_replace_a_full_scale_sweep_file(ws):
     ws.art.mkdir()
@@ -213,7 +274,7 @@ def test_tiny_sweep_does_not_replace_a_full_scale_sweep_file(ws):
     assert_refused(result, "sweep_custom_data.json", unchanged=before)
 
 
-# --- 4. special files -------------------------------------------------------------------------
+# --- only regular files are read -------------------------------------------------------------
 
 def test_fifo_as_input_file_is_refused(ws):
     fifo = ws.root / "fifo.txt"
@@ -237,7 +298,7 @@ def test_dev_zero_as_input_file_is_refused(ws):
     assert_refused(result, "/dev/zero", unchanged=before)
 
 
-# --- 5. one line instead of a traceback -------------------------------------------------------
+# --- one line instead of a traceback ---------------------------------------------------------
 
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 70)])
 def test_seed_out_of_range_is_one_line(ws, seed):
@@ -300,6 +361,32 @@ def test_checkpoint_missing_its_keys_is_one_line(ws):
                    "hollow.pt", unchanged=before)
 
 
+def test_a_truncated_token_cache_is_rebuilt_in_process(pico, tmp_path, capsys):
+    texts = ["the cat sat on the mat", "a dog ran far away"]
+    first = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    tokens = next(tmp_path.glob("*.tokens.npy"))
+    size = tokens.stat().st_size
+    tokens.write_bytes(tokens.read_bytes()[: size // 2])
+    again = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "token cache" in lines[0] and "rebuilding" in lines[0]
+    assert list(again.tokens) == list(first.tokens) and tokens.stat().st_size == size
+
+
+def test_a_truncated_bpe_cache_is_trained_again_in_process(pico, tmp_path, capsys):
+    texts = [f"the quick brown fox number {i} jumps" for i in range(50)]
+    first = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    merges = next(tmp_path.glob("bpe-*/merges.json"))
+    text = merges.read_text()
+    merges.write_text(text[: len(text) // 2])
+    again = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "BPE cache" in lines[0]
+    assert again.encode("number 7 jumps") == first.encode("number 7 jumps")
+    assert merges.read_text() == text
+
+
+@pytest.mark.slow
 def test_truncated_token_cache_is_rebuilt_with_a_note(ws):
     ok(run(*TINY, *ws.io(), "--run_name", "first", timeout=300))
     tokens = next(ws.cache.glob("*.tokens.npy"))
@@ -312,6 +399,7 @@ def test_truncated_token_cache_is_rebuilt_with_a_note(ws):
     assert tokens.stat().st_size == size
 
 
+@pytest.mark.slow
 def test_truncated_bpe_cache_is_rebuilt_with_a_note(ws):
     command = [*TINY, "--tokenizer", "bpe:300", *ws.io()]
     ok(run(*command, "--run_name", "first", timeout=300))
@@ -338,7 +426,7 @@ def test_truncated_sweep_file_is_refused_and_kept(ws):
     assert_refused(result, "sweep_custom_data.json", unchanged=before)
 
 
-# --- 6. stale temporary files are removed ----------------------------------------------------
+# --- stale temporary files are removed -------------------------------------------------------
 
 def plant(path: Path, age_s: float = 3600) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,6 +447,18 @@ def test_stale_temp_files_of_this_run_are_removed_on_start(ws):
     assert all(p.exists() for p in unrelated)
 
 
+def test_only_the_temporary_files_of_the_named_target_are_removed(pico, tmp_path):
+    removed = [".r1.json.a1b2c3d4.tmp", ".step_000002.pt.k3j4h5g6.tmp"]
+    kept = [".r1.json.x.json.a1b2c3d4.tmp",   # run "r1.json.x", whose live writer may own it
+            ".r10.json.a1b2c3d4.tmp", "r1.json", "step_000002.pt", "keep.tmp", "notes.txt"]
+    for name in removed + kept:
+        plant(tmp_path / name)
+    pico.remove_stale_temporary_files(tmp_path, re.escape("r1.json"))
+    pico.remove_stale_temporary_files(tmp_path, pico.CHECKPOINT_NAME.pattern)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+@pytest.mark.slow
 def test_stale_checkpoint_temp_files_are_removed_on_resume(ws):
     ok(run(*TINY, *ws.io(), "--save_dir", str(ws.save), timeout=300))
     stale = plant(ws.save / "lstm_seq" / ".step_000001.pt.zz9y8x7w.tmp")
@@ -368,7 +468,7 @@ def test_stale_checkpoint_temp_files_are_removed_on_resume(ws):
     assert unrelated.exists()
 
 
-# --- 7. checkpoint integrity -------------------------------------------------------------------
+# --- checkpoint integrity --------------------------------------------------------------------
 
 def flip_a_weight_byte(path: Path) -> None:
     """Flip one byte in the middle of the largest tensor's data inside torch.save's zip
@@ -384,9 +484,18 @@ def flip_a_weight_byte(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+@pytest.fixture(scope="module")
+def trained_save_dir(tmp_path_factory):
+    """A save dir with a 2-step run's checkpoints, trained once for the module."""
+    trained = Workspace(tmp_path_factory.mktemp("trained"))
+    ok(run(*TINY, *trained.io(), "--save_dir", str(trained.save), "--checkpoint_every", "1",
+           timeout=300))
+    return trained.save
+
+
 @pytest.fixture
-def two_checkpoints(ws):
-    ok(run(*TINY, *ws.io(), "--save_dir", str(ws.save), "--checkpoint_every", "1", timeout=300))
+def two_checkpoints(ws, trained_save_dir):
+    shutil.copytree(trained_save_dir, ws.save)
     newest = ws.save / "lstm_seq" / "step_000002.pt"
     assert newest.exists() and (ws.save / "lstm_seq" / "step_000001.pt").exists()
     flip_a_weight_byte(newest)
@@ -407,7 +516,20 @@ def test_flipped_byte_in_checkpoint_is_refused_by_resume(ws, two_checkpoints):
                    "step_000001.pt", unchanged=before)
 
 
-# --- 8. a checkpoint that would run code ------------------------------------------------------
+def test_a_version_1_checkpoint_loads_with_a_note(pico, ws, two_checkpoints, capsys):
+    older = ws.save / "lstm_seq" / "step_000001.pt"
+    checkpoint = torch.load(older, weights_only=True)
+    del checkpoint["sha256"]
+    checkpoint["version"] = 1
+    torch.save(checkpoint, older)
+    assert pico.load_checkpoint(older, "--checkpoint")["progress"]["step"] == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "predates checkpoint checksums" in lines[0]
+    with pytest.raises(pico.UserError, match="step_000002.pt is damaged.*before it is .*step_000001"):
+        pico.load_checkpoint(two_checkpoints, "--checkpoint")   # a version-1 file is still good
+
+
+# --- a checkpoint that would run code --------------------------------------------------------
 
 class Payload:
     def __init__(self, function, argument):
@@ -437,7 +559,7 @@ def test_checkpoint_that_runs_code_is_refused_with_a_clean_line(ws, callable_nam
     assert "weights_only" not in line and "truncated" not in line, describe(result)
 
 
-# --- 9. values accepted without validation ---------------------------------------------------
+# --- values validated before training --------------------------------------------------------
 
 @pytest.mark.parametrize("flags, keyword", [
     ([*TINY_TRANSFORMER, "--rope_theta", "0"], "rope_theta"),
@@ -454,7 +576,7 @@ def test_invalid_value_is_refused(ws, flags, keyword):
     assert_refused(result, keyword, unchanged=before)
 
 
-# --- 10. failures that only come after training ----------------------------------------------
+# --- outputs checked before training ---------------------------------------------------------
 
 VERBOSE = [a for a in TINY if a != "--quiet"]
 
@@ -475,7 +597,7 @@ def test_unwritable_output_fails_before_training(ws, flags, keyword):
     assert result.elapsed < 30, describe(result)
 
 
-# --- 11. messages ------------------------------------------------------------------------------
+# --- messages --------------------------------------------------------------------------------
 
 # lr 10 with clipping: a finite "loss exploded to 632.9 at step 2" (seed 1337, this corpus);
 # lr 100 or more turns the gradient norm into NaN instead.
