@@ -4464,15 +4464,13 @@ def claim_directory(directory: Path, flag: str):
         try:
             if fcntl is not None:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.path.samestat(os.fstat(handle), os.stat(directory)):
-                break
         except BlockingIOError:
             os.close(handle)
             raise UserError(f"{flag} {directory} is in use by another pico-llm run; wait for it "
                             f"to finish, or choose another {flag}") from None
-        except FileNotFoundError:
-            pass
-        os.close(handle)  # the run that held it removed it meanwhile: claim the new one
+        if directory.is_dir() and os.path.samestat(os.fstat(handle), os.stat(directory)):
+            break
+        os.close(handle)  # the run that held it removed it meanwhile: claim the one there now
     try:
         yield
     finally:
