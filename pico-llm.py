@@ -47,12 +47,31 @@ Contents (the section banners below carry the same numbers):
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+
+def interrupted_while_starting(signal_number, frame) -> None:
+    """Ctrl-C while numpy and torch are still importing (seconds): one line, status 130,
+    and no traceback from the middle of a half-imported library."""
+    os.write(2, b"pico-llm: interrupted\n")
+    os._exit(128 + signal_number)
+
+
+# As a script (not when imported), unless Ctrl-C is ignored (a background job): main() takes
+# Ctrl-C over once the imports are done.
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import _compat_pickle
 import argparse
 import base64
 import contextlib
 import ctypes
 import dataclasses
 import datetime
+import errno
 import faulthandler
 import functools
 import hashlib
@@ -61,20 +80,23 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import platform
 import random
 import re
-import signal
 import socket
-import sys
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs do not lock their --save_dir
+    fcntl = None
 
 import numpy as np
 import regex
@@ -487,8 +509,10 @@ class TransformerConfig:
     bias: bool = False
 
     def __post_init__(self) -> None:
-        self.n_kv_heads = self.n_kv_heads or self.n_heads
-        self.d_ff = self.d_ff or default_ffn_width(self.d_model, self.ffn)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_ff is None:
+            self.d_ff = default_ffn_width(self.d_model, self.ffn)
 
     @property
     def head_dim(self) -> int:
@@ -1330,6 +1354,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 END_OF_TEXT = "<|endoftext|>"
 
+GPT2_VOCAB_SIZE = 50257   # 50000 merges, 256 bytes and <|endoftext|>
+
 def load_gpt2_encoding(ranks_path: Path = GPT2_RANKS_PATH):
     """Build tiktoken's GPT-2 (r50k_base) encoding from the shipped ranks file."""
     try:
@@ -1342,7 +1368,7 @@ def load_gpt2_encoding(ranks_path: Path = GPT2_RANKS_PATH):
                         "restore data/gpt2.tiktoken from the repository")
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN,
                              mergeable_ranks=load_tiktoken_ranks(ranks_path),
-                             special_tokens={END_OF_TEXT: 50256}, explicit_n_vocab=50257)
+                             special_tokens={END_OF_TEXT: 50256}, explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 
 class GPT2Tokenizer:
@@ -1439,6 +1465,12 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
                     "(256 bytes + <|endoftext|>)")
 
 
+def tokenizer_vocab_size(spec: str) -> int:
+    """The vocabulary size a --tokenizer spec gives (bpe:N: at most N), without building it."""
+    kind, size = parse_tokenizer_spec(spec)
+    return {"gpt2": GPT2_VOCAB_SIZE, "char": ByteTokenizer.vocab_size}.get(kind, size)
+
+
 def build_tokenizer(spec: str, training_texts: list[str] | None = None,
                     cache_dir: Path | None = None):
     kind, size = parse_tokenizer_spec(spec)
@@ -1480,12 +1512,21 @@ class DataConfig:
     seed: int = 1337
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """Only regular files are read: a FIFO blocks until something writes to it, and a
+    device such as /dev/zero never ends."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise UserError(f"{what} {path} is not a regular file (a pipe, socket or device); "
+                        "give a file")
+
+
 def read_text_lines(path: Path) -> list[str]:
     """Non-empty, stripped lines of a UTF-8 text file; UserError on anything else."""
     if not path.exists():
         raise UserError(f"input file not found: {path}")
     if path.is_dir():
         raise UserError(f"{path} is a directory; pass directories with --input_dir")
+    check_regular_file(path, "input file")
     try:
         raw = path.read_bytes()
     except OSError as error:
@@ -1504,9 +1545,18 @@ def read_text_lines(path: Path) -> list[str]:
 
 
 def text_files_in(directory: Path) -> list[Path]:
+    """The *.txt files under `directory`, sorted; a subdirectory that cannot be read is an
+    error, not a directory without text files."""
     if not directory.is_dir():
         raise UserError(f"--input_dir {directory} is not a directory")
-    files = sorted(p for p in directory.rglob("*.txt") if p.is_file())
+
+    def unreadable(error: OSError):
+        raise UserError(f"--input_dir: cannot read {error.filename} ({error.strerror}); "
+                        "check its permissions")
+
+    files = sorted(Path(folder) / name
+                   for folder, _, names in os.walk(directory, onerror=unreadable)
+                   for name in names if name.endswith(".txt") and (Path(folder) / name).is_file())
     if not files:
         raise UserError(f"--input_dir {directory} contains no .txt files")
     return files
@@ -1592,36 +1642,46 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
     """The first `max_stories` TinyStories stories, from a local copy or streamed from the hub."""
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    # datasets logs a damaged file's error itself; ours is the one line the user sees
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    stories = []
     if local_path:
         path = Path(local_path)
         if not path.exists():
             raise UserError(f"--tinystories_path {path} does not exist")
+        check_regular_file(path, "--tinystories_path")
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}.get(
             path.suffix.lower())
         if builder is None:
             raise UserError(f"--tinystories_path {path}: expected .json, .jsonl, .parquet or .txt")
-        try:
+        try:  # the file is read while it is iterated, so a damaged one fails in the loop
             stream = datasets.load_dataset(builder, data_files=str(path), split="train",
                                            streaming=True)
+            read_stories(stream, max_stories, stories)
         except Exception as error:  # datasets raises many types for unreadable files
-            raise UserError(f"cannot load --tinystories_path {path}: {error}".splitlines()[0]) from None
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise UserError(f"cannot read --tinystories_path {path} as {builder}: "
+                            f"{reason[:160]}") from None
     else:
         if not huggingface_hub_reachable():
             raise UserError("cannot reach the Hugging Face hub for TinyStories; download it once "
                             "(e.g. TinyStories-valid.txt) and pass --tinystories_path FILE, "
                             "or use --tinystories_weight 0")
         stream = datasets.load_dataset(TINYSTORIES_HUB_NAME, split="train", streaming=True)
-    stories = []
+        read_stories(stream, max_stories, stories)
+    if not stories:
+        raise UserError(f"TinyStories source {local_path or TINYSTORIES_HUB_NAME} has no 'text' records")
+    return stories
+
+
+def read_stories(stream, max_stories: int, stories: list[str]) -> None:
+    """Append the non-empty 'text' of the stream's records to `stories`, up to max_stories."""
     for record in stream:
         text = (record.get("text") or "").strip()
         if text:
             stories.append(text)
         if len(stories) >= max_stories:
             break
-    if not stories:
-        raise UserError(f"TinyStories source {local_path or TINYSTORIES_HUB_NAME} has no 'text' records")
-    return stories
 
 
 @dataclasses.dataclass
@@ -1731,8 +1791,8 @@ class TokenWindows:
         return len(self.tokens)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`."""
+def write_temporary_file(path: Path, data: bytes) -> Path:
+    """`data`, written and flushed to disk in a new file beside `path` (.NAME.XXXXXXXX.tmp)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -1741,10 +1801,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             temp_file.flush()
             os.fsync(temp_file.fileno())
         os.chmod(temp_name, 0o666 & ~current_umask())  # mkstemp makes files private (0600)
-        os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+    return Path(temp_name)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, then rename over `path`."""
+    temp = write_temporary_file(path, data)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_create_bytes(path: Path, data: bytes) -> None:
+    """As atomic_write_bytes, but only where no file has that name yet (FileExistsError
+    otherwise): link() fails when `path` exists, where a rename would replace it."""
+    temp = write_temporary_file(path, data)
+    try:
+        os.link(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def remove_stale_temporary_files(directory: Path, name_pattern: str) -> None:
+    """Delete the temporary files atomic_write_bytes left in `directory`, when a kill came
+    mid-write, for targets whose names match the regex `name_pattern`. Only for files this
+    run owns (see claim_directory): a live writer's temporary file would go too."""
+    stale = re.compile(rf"\.(?:{name_pattern})\.[a-z0-9_]{{8}}\.tmp")   # mkstemp's 8 characters
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if stale.fullmatch(path.name):
+                path.unlink(missing_ok=True)
 
 
 def current_umask() -> int:
@@ -1753,8 +1844,12 @@ def current_umask() -> int:
     return mask
 
 
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+    atomic_write_bytes(Path(path), json_bytes(obj))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -1777,8 +1872,17 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         tokens_path = cache_dir / f"{key}.tokens.npy"
         offsets_path = cache_dir / f"{key}.offsets.npy"
         if tokens_path.exists() and offsets_path.exists():
-            return TokenizedExamples(np.load(tokens_path, mmap_mode="r"),
-                                     np.load(offsets_path), num_bytes)
+            try:
+                cached = TokenizedExamples(np.load(tokens_path, mmap_mode="r"),
+                                           np.load(offsets_path), num_bytes)
+                problem = ("" if len(cached) == len(texts) and cached.offsets[-1] == len(cached.tokens)
+                           else "its sizes do not match")
+            except (OSError, ValueError, EOFError) as error:  # truncated or not a .npy file
+                problem = textwrap.shorten(str(error), 80) or type(error).__name__
+            if not problem:
+                return cached
+            print(f"pico-llm: note: token cache {tokens_path} is damaged ({problem}); "
+                  "rebuilding it", file=sys.stderr)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     flat = tokenizer.encode_examples(texts) if hasattr(tokenizer, "encode_examples") else None
     if flat is not None:  # the fast path: one flat array, no list per example
@@ -2003,8 +2107,9 @@ def environment_info(device: torch.device) -> dict:
 
 
 class RunLog:
-    """Everything a run measured, rewritten atomically to artefacts/<run_name>.json
-    after every epoch, so a crash leaves the last complete version on disk."""
+    """Everything a run measured, written atomically to artefacts/<run_name>.json when
+    training starts and after every epoch, so a crash leaves the last complete version on
+    disk."""
 
     def __init__(self, path: Path, flags: dict, device: torch.device, data_info: dict) -> None:
         self.path = path
@@ -2024,12 +2129,26 @@ class RunLog:
         self.data["models"][name] = record
         return record
 
-    def write(self) -> None:
+    def start(self, resuming: bool) -> None:
+        """The first write, before training. A new run creates its log only where no file
+        has that name yet, in one step, so of two runs started with one --run_name the
+        second is refused here; a resumed run carries its earlier log on."""
         try:
-            atomic_write_json(self.path, self.data)
+            self.write(create=not resuming)
+        except FileExistsError:
+            raise UserError(f"run log {self.path} already exists: another run with this "
+                            "--run_name started first; choose another --run_name") from None
+        remove_stale_temporary_files(self.path.parent, re.escape(self.path.name))
+
+    def write(self, create: bool = False) -> None:
+        try:
+            (atomic_create_bytes if create else atomic_write_bytes)(self.path, json_bytes(self.data))
+        except FileExistsError:
+            raise
         except OSError as error:
-            raise UserError(f"cannot write run log {self.path}: {error.strerror}; free disk "
-                            "space or choose another --artefacts_dir") from None
+            advice = "free disk space or " if error.errno == errno.ENOSPC else ""
+            raise UserError(f"cannot write run log {self.path}: {error.strerror}; {advice}"
+                            "choose another --artefacts_dir") from None
 
 
 def load_runlog(path: Path | str) -> dict:
@@ -2042,6 +2161,10 @@ def load_runlog(path: Path | str) -> dict:
     return log
 
 
+# File names hold 255 bytes; a run log's temporary file adds 19 (.NAME.json.XXXXXXXX.tmp).
+MAX_RUN_NAME_BYTES = 200
+
+
 def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
     """<artefacts_dir>/<run_name>.json; a default name never reuses an existing file, and
     holds the process id, so two runs starting in the same second cannot pick the same name."""
@@ -2049,6 +2172,9 @@ def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
     if output.run_name:
         if any(ch in output.run_name for ch in "/\\") or output.run_name.startswith("."):
             raise UserError(f"--run_name {output.run_name!r} must be a plain file name")
+        length = len(os.fsencode(output.run_name))
+        if length > MAX_RUN_NAME_BYTES:
+            raise UserError(f"--run_name is {length} bytes long; use at most {MAX_RUN_NAME_BYTES}")
         return directory / f"{output.run_name}.json"
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-p{os.getpid()}_{'+'.join(model_names)}"
     path, counter = directory / f"{stem}.json", 2
@@ -2066,14 +2192,24 @@ def check_run_log_is_new(run_path: Path, resuming: bool) -> None:
 
 
 def check_writable_directory(directory: Path, flag: str) -> None:
-    """Fail before training, not after it, when results could not be saved."""
+    """Fail before training, not after it, when results could not be saved. A real file
+    (or, where the directory is still to be made, a directory) is created and removed in
+    the nearest existing ancestor: os.access says yes to root for /proc and /sys."""
     existing = directory
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{flag} {directory}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {directory} is not writable; choose another with {flag}")
+    try:
+        if existing == directory:
+            handle, probe = tempfile.mkstemp(dir=existing, prefix=".pico-llm-probe-")
+            os.close(handle)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".pico-llm-probe-"))
+    except OSError as error:
+        raise UserError(f"{flag} {directory} is not writable ({error.strerror}); choose another "
+                        f"with {flag}") from None
 
 
 def summary_table(records: dict) -> str:
@@ -2214,25 +2350,37 @@ def point_key(model: str, settings: dict) -> str:
 
 
 class SweepLog:
-    """One sweep's JSON file. Points already in a file of the same sweep and scale are
-    kept (and skipped by `done`), with the file's creation time and the wall time spent
-    on it so far; the file is rewritten atomically after every point."""
+    """One sweep's JSON file. Points already in a file of the same sweep, scale and data
+    are kept (and skipped by `done`), with the file's creation time and the wall time spent
+    on it so far; the file is rewritten atomically after every point. A file of another
+    sweep, scale or data is refused, unless `overwrite` (--overwrite) starts afresh."""
 
     def __init__(self, path: Path, sweep: str, scale: SweepScale, config: Config,
-                 device: torch.device) -> None:
+                 device: torch.device, overwrite: bool = False) -> None:
         self.path = path
         points = []
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.earlier_wall_time_s = 0.0
         data_sha256 = examples_fingerprint(load_custom_examples(config.data))
-        if path.exists():
+        if path.exists() and not overwrite:
             earlier = load_sweep(path)
             # Points are keyed by their own settings; the scale and the data must match too.
             same_scale = earlier["config"]["scale"] == json.loads(json.dumps(dataclasses.asdict(scale)))
-            same_data = earlier["config"].get("data_sha256") == data_sha256
-            if earlier["sweep"] == sweep and same_scale and same_data:
-                points, created = earlier["points"], earlier["created"]
-                self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
+            if earlier["sweep"] != sweep:
+                other = f"the {earlier['sweep']} sweep"
+            elif not same_scale:
+                other = (f"the {sweep} sweep at scale {earlier['scale']}" if earlier["scale"] != scale.name
+                         else f"the {sweep} sweep at another version of scale {scale.name}")
+            elif earlier["config"].get("data_sha256") != data_sha256:
+                other = f"the {sweep} sweep on other data"
+            else:
+                other = None
+            if other:
+                raise UserError(f"{path} holds {len(earlier['points'])} points of {other}, not "
+                                f"of {sweep} at scale {scale.name} on this data; pass --overwrite "
+                                "to replace them, or move the file away")
+            points, created = earlier["points"], earlier["created"]
+            self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
         self.data = {
             "schema_version": SWEEP_SCHEMA_VERSION,
             "kind": "sweep",
@@ -2246,7 +2394,7 @@ class SweepLog:
             "environment": environment_info(device),
             "points": points,
         }
-        self.skipped = 0
+        self.skipped = self.added = 0
 
     def done(self, model: str, settings: dict) -> bool:
         key = point_key(model, settings)
@@ -2257,6 +2405,7 @@ class SweepLog:
     def add(self, model: str, settings: dict, result: dict) -> None:
         self.data["points"].append({"key": point_key(model, settings), "model": model,
                                     "settings": settings, **result})
+        self.added += 1
         self.write()
         outcome = ("diverged" if result.get("diverged") else
                    f"train {result['train_loss']:.3f} test "
@@ -2282,8 +2431,15 @@ def examples_fingerprint(texts: list[str]) -> str:
 
 def load_sweep(path: Path | str) -> dict:
     """Read a sweep file and check its kind and schema version (the notebook uses this)."""
-    with open(path, encoding="utf-8") as handle:
-        sweep = json.load(handle)
+    check_regular_file(Path(path), "sweep file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            sweep = json.load(handle)
+    except (OSError, ValueError) as error:  # ValueError: truncated JSON, or not UTF-8
+        raise UserError(f"cannot read sweep file {path} ({textwrap.shorten(str(error), 80)}); "
+                        "move it away, or pass --overwrite to start that sweep afresh") from None
+    if not isinstance(sweep, dict):
+        sweep = {}
     if sweep.get("kind") != "sweep" or sweep.get("schema_version") != SWEEP_SCHEMA_VERSION:
         raise UserError(f"{path}: not a sweep file of schema {SWEEP_SCHEMA_VERSION} "
                         f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r})")
@@ -2616,16 +2772,22 @@ def run_sweeps(config: Config) -> int:
     scale = SWEEP_SCALES[experiments.sweep_scale]
     base = sweep_base_config(config, scale)
     tokenizer = build_tokenizer(scale.tokenizer)
+    # Every file is checked before the first sweep starts, not after hours of the others.
+    logs = {name: SweepLog(path, name, scale, base, device, experiments.overwrite)
+            for name, path in paths.items()}
     started = time.perf_counter()
-    for name, path in paths.items():
+    for name, log in logs.items():
         sweep_started = time.perf_counter()
-        log = SweepLog(path, name, scale, base, device)
         SWEEPS[name](log, base, scale, device, tokenizer)
         this_run_s = time.perf_counter() - sweep_started
         log.data["wall_time_s"] = round(log.earlier_wall_time_s + this_run_s, 2)   # all runs
         log.finish()
-        print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "
-              f"in {this_run_s:.0f} s -> {path}")
+        if log.added == 0 and log.skipped:
+            print(f"sweep {name}: all {len(log.data['points'])} points were already done; they "
+                  f"are in {log.path} (pass --overwrite to run the sweep afresh)")
+        else:
+            print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "
+                  f"in {this_run_s:.0f} s -> {log.path}")
     print(f"sweeps finished in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -2757,6 +2919,8 @@ def interpret_models(config: Config, device, tokenizer, data: TrainingData, mode
 # objects above (Config), and every function from here on takes those.
 
 MAX_NEW_TOKENS_LIMIT = 100_000  # beyond this a typo, not a wish: minutes of CPU per sample
+
+MAX_BLOCK_SIZE = 1 << 24  # positions are float32 in RotaryEmbedding and the sinusoids: exact to 2**24
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on an error; we print one line."""
@@ -2960,6 +3124,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                   "(presentation); finished points are skipped when started again")
     experiments.add_argument("--sweep_scale", choices=("full", "tiny"), default="full",
                              help="sweep size: full (the presentation) or tiny (seconds, for tests)")
+    experiments.add_argument("--overwrite", action="store_true",
+                             help="start the sweeps afresh, replacing their files (by default a "
+                                  "sweep continues its file, and a file of another scale or other "
+                                  "data is refused)")
     experiments.add_argument("--custom_sweep_log", default=None, metavar="PATH",
                              help="run the custom-data size sweep into this JSON file")
     experiments.add_argument("--custom_sweep_sizes", default=None, metavar="N,N,...",
@@ -3018,6 +3186,9 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in args.models:
         if name not in MODEL_NAMES:
             raise UserError(f"unknown model {name!r} in --models; choose from {', '.join(MODEL_NAMES)}")
+    repeated = sorted({name for name in args.models if args.models.count(name) > 1})
+    if repeated:  # each model has one record in the run log and one checkpoint series
+        raise UserError(f"--models names {', '.join(repeated)} more than once; name each model once")
     if args.kgram_variant not in KGRAM_VARIANTS:
         raise UserError(f"unknown --kgram_variant {args.kgram_variant!r}; "
                         f"choose from {', '.join(KGRAM_VARIANTS)}")
@@ -3032,6 +3203,18 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be a finite number, got {value}")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.rope_theta is not None and args.rope_theta <= 0:  # theta ** (-2i/D) needs theta > 0
+        raise UserError(f"--rope_theta must be positive, got {args.rope_theta}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise UserError(f"--min_lr_ratio is a fraction of --learning_rate in [0, 1], "
+                        f"got {args.min_lr_ratio}")
+    if not 0 <= args.seed < 2**64:  # what torch.manual_seed accepts
+        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+    ranks = launched_world_size()
+    if args.grad_accum_steps > args.batch_size // ranks:
+        shared = f" / {ranks} ranks" if ranks > 1 else ""
+        raise UserError(f"--grad_accum_steps ({args.grad_accum_steps}) must not exceed --batch_size "
+                        f"({args.batch_size}{shared}): each micro-batch needs an example")
     for name in ("weight_decay", "grad_clip", "temperature", "warmup_steps", "sample_interval",
                  "kgram_chunk_size", "num_inner_mlp_layers", "top_k"):
         if getattr(args, name) < 0:
@@ -3043,12 +3226,20 @@ def validate_args(args: argparse.Namespace) -> None:
                         f"use at most {MAX_NEW_TOKENS_LIMIT}")
     if not args.prompt:
         raise UserError("--prompt is empty; give some text to continue, e.g. --prompt 'Once'")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
+        raise UserError("--prompt is not valid UTF-8; check the terminal's encoding "
+                        "(e.g. LANG=C.UTF-8)") from None
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if not 0.0 <= args.tinystories_weight <= 1.0:
         raise UserError(f"--tinystories_weight is a probability in [0, 1], got {args.tinystories_weight}")
     if not 0.0 <= args.test_fraction < 1.0:
         raise UserError(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
+    if args.block_size > MAX_BLOCK_SIZE:
+        raise UserError(f"--block_size {args.block_size:,} is beyond the {MAX_BLOCK_SIZE:,}-token "
+                        "limit (positions are float32 in the position encodings, exact up to 2**24)")
     if "kgram_mlp_seq" in args.models and args.block_size <= args.kgram_k:
         raise UserError(f"--block_size ({args.block_size}) must be larger than --kgram_k "
                         f"({args.kgram_k})")
@@ -3082,6 +3273,9 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
                         "set --test_fraction above 0")
     if args.generate and not args.checkpoint:
         raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir)")
+    if args.overwrite and not (args.sweep or args.custom_sweep_log or args.collect_transformer_metrics):
+        raise UserError("--overwrite replaces sweep files; use it with --sweep, --custom_sweep_log "
+                        "or --collect_transformer_metrics")
     if args.checkpoint and not args.generate:
         raise UserError("--checkpoint is read by --generate; to continue training use --resume")
     if args.generate and (args.resume is not None or args.save_dir):
@@ -3146,6 +3340,7 @@ class ExperimentConfig:
 
     sweep: str | None = None
     sweep_scale: str = "full"
+    overwrite: bool = False            # start sweeps afresh, replacing their files
     custom_sweep_log: str | None = None
     custom_sweep_sizes: str | None = None
     collect_transformer_metrics: bool = False
@@ -3324,6 +3519,7 @@ def run_training(config: Config) -> int:
     """The main job: train the models, print a summary, write the run log.
     Under torchrun, rank 0 alone prints and writes."""
     context, device_id = setup_distributed(config.device_id, config.dist_timeout)
+    claims = contextlib.ExitStack()
     try:
         if not context.is_main:
             config = dataclasses.replace(config, training=dataclasses.replace(config.training,
@@ -3334,21 +3530,31 @@ def run_training(config: Config) -> int:
         save_dir = checkpoint_directory(config.checkpoints)
         if save_dir is not None:
             check_writable_directory(save_dir, "--save_dir")
-        resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
+        check_models_fit_in_memory(config.models, tokenizer_vocab_size(config.data.tokenizer),
+                                   config.data.block_size, device)
+        resuming = config.checkpoints.resume is not None
         if context.is_main:  # rank 0 alone writes; the others stop when it does
-            check_run_log_is_new(run_path, resuming=config.checkpoints.resume is not None)
+            check_run_log_is_new(run_path, resuming)
+            if save_dir is not None:  # held until the run ends; checked again under it
+                claims.enter_context(claim_directory(save_dir, "--save_dir"))
+        resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
+        if context.is_main and save_dir is not None:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
+            for name in config.models.names:
+                remove_stale_temporary_files(save_dir / name, CHECKPOINT_NAME.pattern)
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
                   if context.is_main else None)
-        if runlog is not None and isinstance(tokenizer, TrainedBPETokenizer):
-            tokenizer_dir = run_path.with_suffix(".tokenizer")  # the run's ids mean nothing without it
-            tokenizer.save(tokenizer_dir)
-            runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
-                                                      str(tokenizer_dir / "merges.json")]
         if runlog is not None:
             runlog.data["distributed"] = {"world_size": context.world_size,
                                           "grad_accum_steps": config.training.grad_accum_steps}
+            tokenizer_dir = run_path.with_suffix(".tokenizer")  # the run's ids mean nothing without it
+            if isinstance(tokenizer, TrainedBPETokenizer):
+                runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
+                                                          str(tokenizer_dir / "merges.json")]
+            runlog.start(resuming)
+            if isinstance(tokenizer, TrainedBPETokenizer):
+                tokenizer.save(tokenizer_dir)
         models: dict = {}
         with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
             train_models(config, device, tokenizer, data, runlog, context=context,
@@ -3370,6 +3576,7 @@ def run_training(config: Config) -> int:
             torch.distributed.barrier()
         return 0
     finally:
+        claims.close()
         teardown_distributed(context)
 
 
@@ -3409,8 +3616,7 @@ def run_accounting(config: Config) -> int:
     else:
         raise UserError(f"unknown --accounting {what!r}; use configured, all, a preset "
                         f"({', '.join(TRANSFORMER_PRESETS)}) or {', '.join(GPT2_SHAPES)}")
-    kind, size = parse_tokenizer_spec(config.data.tokenizer)
-    vocab_size = size if kind == "bpe" else build_tokenizer(config.data.tokenizer).vocab_size
+    vocab_size = tokenizer_vocab_size(config.data.tokenizer)
     for name in names:
         if name in GPT2_SHAPES:
             transformer = gpt2_shape_config(name, block_size)
@@ -3915,7 +4121,11 @@ def compile_model(model: nn.Module) -> nn.Module:
 
 CHECKPOINT_FORMAT = "pico-llm checkpoint"
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2    # 2 adds "sha256"; version 1 files still load, unverified, with a note
+
+# What every checkpoint holds besides its format, version and checksum.
+CHECKPOINT_KEYS = ("model_name", "model", "optimizer", "progress", "rng", "args", "tokenizer",
+                   "record")
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 
@@ -3925,7 +4135,7 @@ FLAGS_FREE_ON_RESUME = frozenset({
     "models", "enable_transformer_gptoss", "device_id", "attention_impl", "quiet",
     "log_interval", "sample_interval", "prompt", "max_new_tokens", "temperature", "top_k",
     "top_p", "run_name", "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every",
-    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint"})
+    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "overwrite"})
 
 
 @dataclasses.dataclass
@@ -4097,12 +4307,14 @@ class FaultTolerance:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoints is None:
             return None
-        return self.checkpoints.save({
+        payload = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_name": self.name,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "progress": dataclasses.asdict(self.progress), "rng": rng_states(),
             "args": self.flags, "tokenizer": tokenizer_identity(self.tokenizer_spec, self.tokenizer),
-            "record": self.record})
+            "record": self.record}
+        payload["sha256"] = checkpoint_digest(payload)
+        return self.checkpoints.save(payload)
 
     def stop_if_requested(self) -> None:
         """On a pending signal: checkpoint, run log, and a message on how to resume.
@@ -4169,8 +4381,9 @@ class CheckpointSeries:
         try:
             atomic_write_bytes(path, buffer.getvalue())
         except OSError as error:
-            raise UserError(f"cannot write checkpoint {path}: {error.strerror}; free disk space or "
-                            f"choose another --save_dir (last good checkpoint: "
+            advice = "free disk space or " if error.errno == errno.ENOSPC else ""
+            raise UserError(f"cannot write checkpoint {path}: {error.strerror}; {advice}choose "
+                            f"another --save_dir (last good checkpoint: "
                             f"{self.last_saved or 'none'})") from None
         self.last_saved = path
         for old in self.paths()[:-self.keep]:
@@ -4219,40 +4432,125 @@ def tokenizer_from_identity(identity: dict):
     return TrainedBPETokenizer(vocab, merges, parse_tokenizer_spec(identity["spec"])[1])
 
 
-def load_checkpoint(path: Path, flag: str) -> dict:
-    """A checkpoint file, loaded without running any code in it; UserError otherwise."""
+def checkpoint_digest(payload: dict) -> str:
+    """sha256 over everything in a checkpoint but its "sha256": each tensor's dtype, shape
+    and bytes and each plain value's repr, in a fixed order. torch.load does not check the
+    CRC of the zip entries torch.save stores, so a flipped bit in the weights would
+    otherwise load without a word."""
+    digest = hashlib.sha256()
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)};".encode())
+            digest.update(flat.view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)};".encode())
+            for key in sorted(value, key=repr):
+                digest.update(f"{key!r}:".encode())
+                add(value[key])
+        elif isinstance(value, (list, tuple)):   # a tuple may come back as a list, or not
+            digest.update(f"sequence {len(value)};".encode())
+            for item in value:
+                add(item)
+        else:
+            digest.update(f"{value!r};".encode())
+
+    add({key: value for key, value in payload.items() if key != "sha256"})
+    return digest.hexdigest()
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint file that cannot be used as written (unreadable, incomplete, or its
+    contents no longer match its checksum); load_checkpoint names a good one to use instead."""
+
+
+def blocked_callable(message: str) -> str | None:
+    """The callable a weights_only load refused to import, as Python 3 names it
+    ("os.system", "subprocess.call"), from torch's message; None for other errors. Pickles
+    written with protocol 2 record Python 2 names (commands.call), and os.system is
+    posix.system on Linux and macOS."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if not found:
+        return None
+    module, _, name = found.group(1).rpartition(".")
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{'os' if module in ('posix', 'nt') else module}.{name}"
+
+
+def read_checkpoint(path: Path, flag: str) -> dict:
+    """A checkpoint file, loaded without running any code in it, and checked against its
+    checksum; UserError (DamagedCheckpoint for a damaged file) otherwise."""
     if not path.exists():
         raise UserError(f"{flag} {path} does not exist")
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a checkpoint file such as "
                         f"{path / 'lstm_seq' / 'step_000100.pt'}")
+    check_regular_file(path, flag)
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols on stderr
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged files raise UnpicklingError, RuntimeError, EOFError, ...
-        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        culprit = blocked_callable(str(error))
         if culprit:
-            raise UserError(f"refused to load {path}: unpickling it would run code "
-                            f"({culprit.group(1)}); load only checkpoints pico-llm wrote") from None
+            raise UserError(f"refused to load {path}: unpickling it would call {culprit}, which "
+                            "runs code, so it was not loaded; load only checkpoints pico-llm "
+                            "wrote") from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-        reason = (detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__)
-        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt or not from "
-                        f"pico-llm: {reason[:120]}); use an earlier checkpoint") from None
+        reason = detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__
+        raise DamagedCheckpoint(f"{path} is not a readable checkpoint (truncated, corrupt or not "
+                                f"from pico-llm: {textwrap.shorten(reason, 120)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a pico-llm checkpoint; give a .pt file written with --save_dir")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path} is checkpoint version {checkpoint.get('version')!r}; "
-                        f"this pico-llm reads version {CHECKPOINT_VERSION}")
+    version = checkpoint.get("version")
+    if version not in (1, CHECKPOINT_VERSION):
+        raise UserError(f"{path} is checkpoint version {version!r}; "
+                        f"this pico-llm reads versions 1 and {CHECKPOINT_VERSION}")
+    missing = [key for key in CHECKPOINT_KEYS + (("sha256",) if version >= 2 else ())
+               if key not in checkpoint]
+    if missing:
+        raise DamagedCheckpoint(f"{path} is an incomplete checkpoint (it lacks {', '.join(missing)})")
+    if version == 1:
+        print(f"pico-llm: note: {path} predates checkpoint checksums (version 1); loaded "
+              "without an integrity check", file=sys.stderr)
+    elif checkpoint["sha256"] != checkpoint_digest(checkpoint):
+        raise DamagedCheckpoint(f"{path} is damaged: its contents no longer match the checksum "
+                                "written with it (a disk or copy error)")
     return checkpoint
+
+
+def load_checkpoint(path: Path, flag: str) -> dict:
+    """read_checkpoint; for a damaged step file, the error names the newest good checkpoint
+    before it in the same series, the one to continue from instead."""
+    try:
+        return read_checkpoint(path, flag)
+    except DamagedCheckpoint as damage:
+        step = checkpoint_step(path)
+        if step < 0:
+            raise UserError(f"{damage}; use another checkpoint") from None
+        series = CheckpointSeries(path.parent.parent, path.parent.name, keep=1)
+        for candidate in reversed([p for p in series.paths() if checkpoint_step(p) < step]):
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):   # a version-1 note
+                    read_checkpoint(candidate, flag)
+            except UserError:
+                continue
+            raise UserError(f"{damage}; the newest good checkpoint before it is {candidate}: "
+                            f"use {flag} {candidate}") from None
+        raise UserError(f"{damage}; no earlier checkpoint in {path.parent} is good") from None
 
 
 def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
     """Where checkpoints go: --save_dir, or else the directory --resume reads."""
+    if checkpoints.resume is not None:
+        source = Path(checkpoints.resume or checkpoints.save_dir)
+        if not source.exists():
+            raise UserError(f"--resume {source} does not exist; give a --save_dir or a checkpoint file")
+        check_regular_file(source, "--resume")
     if checkpoints.save_dir:
         return Path(checkpoints.save_dir)
     if checkpoints.resume:
-        source = Path(checkpoints.resume)
         return source.parent.parent if source.is_file() else source
     return None
 
@@ -4264,6 +4562,7 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
     if checkpoints.resume is None:
         return {}
     source = Path(checkpoints.resume or checkpoints.save_dir)
+    check_regular_file(source, "--resume")
     if source.is_file():
         checkpoint = load_checkpoint(source, "--resume")
         name = checkpoint["model_name"]
@@ -4286,6 +4585,42 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
     for path, checkpoint in found.values():
         check_same_flags(checkpoint, path, flags)
     return found
+
+
+@contextlib.contextmanager
+def claim_directory(directory: Path, flag: str):
+    """Hold an exclusive lock on `directory` (made if missing) for the block, so that a
+    second run given the same directory is refused instead of writing over this run's
+    files. An flock belongs to the open directory and ends with the process, however it
+    ends, so a killed run leaves no stale claim and no lock file. Directories made here
+    are removed again if nothing was written into them."""
+    made = []
+    missing = directory
+    while not missing.exists():
+        made.append(missing)
+        missing = missing.parent
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise UserError(f"{flag} {directory} is in use by another pico-llm run; wait for it "
+                            f"to finish, or choose another {flag}") from None
+        if directory.is_dir() and os.path.samestat(os.fstat(handle), os.stat(directory)):
+            break
+        os.close(handle)  # the run that held it removed it meanwhile: claim the one there now
+    try:
+        yield
+    finally:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:  # not empty: the run wrote into it
+                break
+        os.close(handle)
 
 
 def check_checkpoints_are_ours(save_dir: Path | None, model_names: list[str],
@@ -4880,8 +5215,13 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
         digest.update(text.encode("utf-8") + b"\x00")
     cached = cache_dir / f"bpe-{digest.hexdigest()[:24]}" if cache_dir else None
     if cached is not None and (cached / "merges.json").exists():
-        loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
-        return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
+        try:
+            loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
+            return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
+        except (OSError, ValueError, KeyError, TypeError) as error:  # truncated JSON, bad hex, ...
+            problem = textwrap.shorten(str(error), 80) or type(error).__name__
+            print(f"pico-llm: note: BPE cache {cached} is damaged ({problem}); training the "
+                  "tokenizer again", file=sys.stderr)
     with tempfile.TemporaryDirectory() as scratch:
         corpus = Path(scratch) / "corpus.txt"
         corpus.write_text(END_OF_TEXT.join(texts), encoding="utf-8")
@@ -4963,6 +5303,69 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
             "context_length": T, "training_memory_bytes": memory}
 
 
+def parameter_count(config: KGramConfig | LSTMConfig | TransformerConfig, vocab_size: int) -> int:
+    """The parameters build_model would make, from the config alone (nothing is allocated)."""
+    if isinstance(config, TransformerConfig):
+        config = dataclasses.replace(config, vocab_size=vocab_size)
+        return transformer_accounting(config, config.block_size)["total_parameters"]
+    V, E = vocab_size, config.embed_size
+    unembedding = E * V + V
+    if isinstance(config, LSTMConfig):  # per layer: 4 gates x (input and hidden weights, 2 biases)
+        return V * E + config.num_layers * 4 * (2 * E * E + 2 * E) + unembedding
+    table = V + 1                       # the k-gram's padding id has a row of its own
+    context = {"onehot": config.k * table * E + E,
+               "embedding": table * E + config.k * E * E + E,
+               "conv": table * E + config.k * E * E + E}[config.variant]
+    return context + config.num_inner_layers * (E * E + E) + unembedding
+
+
+def memory_available(device: torch.device) -> int | None:
+    """Bytes this run may use at most: the GPU's memory, or the machine's physical memory
+    (capped by an address-space limit such as `ulimit -v`); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (AttributeError, ValueError, OSError, ImportError):  # not a POSIX system
+        return None
+    return available if limit == resource.RLIM_INFINITY else min(available, limit)
+
+
+def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_size: int,
+                               device: torch.device) -> None:
+    """Refuse, before any data is read, a model whose training state alone exceeds the
+    memory here: 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments)
+    and, for a Transformer, the KV cache of a sample at --block_size positions (fp32 keys
+    and values in every block). Activations are left out: they depend on the examples'
+    lengths."""
+    available = memory_available(device)
+    if available is None:
+        return
+    for name in models.names:
+        config = models.config_of(name)
+        parameters = parameter_count(config, vocab_size)
+        cache = 0
+        if isinstance(config, TransformerConfig):
+            cache = 2 * config.n_blocks * config.n_kv_heads * config.head_dim * block_size * 4
+        needed = 16 * parameters + cache
+        if needed <= available:
+            continue
+        if isinstance(config, KGramConfig):
+            sizes = f"--kgram_k ({config.k:,}) or --embed_size ({config.embed_size:,})"
+        elif isinstance(config, LSTMConfig):
+            sizes = f"--embed_size ({config.embed_size:,}) or --lstm_layers ({config.num_layers})"
+        elif cache > 16 * parameters or config.pos_emb == "learned":
+            sizes = f"--block_size ({block_size:,})"
+        else:
+            sizes = "--d_model, --n_blocks or --d_ff"
+        kv = f" and a {cache / 2**30:,.1f} GiB KV cache" if cache else ""
+        raise UserError(f"{name} needs about {needed / 2**30:,.1f} GiB ({parameters:,} parameters "
+                        f"at 16 bytes for training{kv}), more than the {available / 2**30:,.1f} GiB "
+                        f"of memory here; lower {sizes}")
+
+
 def format_accounting(name: str, account: dict, batch_size: int) -> str:
     """A readable table of one model's accounting."""
     total_p, total_f = account["total_parameters"], account["total_forward_flops"]
@@ -4982,6 +5385,8 @@ def format_accounting(name: str, account: dict, batch_size: int) -> str:
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     exit_process(main())
 
 

@@ -48,3 +48,32 @@ def test_accounting_command_prints_every_preset_and_gpt2_shape(run_main):
     for name in ("pico", "Llama3-lite", "gpt2-small", "gpt2-xl"):
         assert f"{name}:" in out
     assert run_main("--accounting", "gpt9")[0] == 2
+
+
+@pytest.mark.parametrize("flags", [["--models", "kgram_mlp_seq", "--kgram_variant", "onehot"],
+                                   ["--models", "kgram_mlp_seq", "--kgram_variant", "embedding",
+                                    "--num_inner_mlp_layers", "2"],
+                                   ["--models", "kgram_mlp_seq", "--kgram_variant", "conv"],
+                                   ["--models", "lstm_seq", "--lstm_layers", "3"],
+                                   ["--models", "transformer", "--pos_emb", "learned"]],
+                         ids=["onehot", "embedding", "conv", "lstm", "transformer"])
+def test_parameters_counted_from_the_config_equal_the_built_model(pico, configure, flags):
+    models = configure(*flags, "--embed_size", "24", "--kgram_k", "4", "--d_model", "32",
+                       "--n_heads", "2", "--block_size", "16").models
+    config = models.config_of(models.names[0])
+    built = pico.build_model(config, vocab_size=300, seed=0)
+    assert pico.parameter_count(config, 300) == pico.count_parameters(built)
+
+
+def test_a_model_larger_than_memory_is_refused_naming_its_size_flag(pico, configure, monkeypatch):
+    monkeypatch.setattr(pico, "memory_available", lambda device: 8 << 30)
+    device = torch.device("cpu")
+    fits = configure("--models", "kgram_mlp_seq,lstm_seq,transformer").models
+    pico.check_models_fit_in_memory(fits, 50257, 64, device)
+    wide = configure("--models", "kgram_mlp_seq", "--kgram_k", "50000", "--block_size", "50001").models
+    with pytest.raises(pico.UserError, match=r"kgram_mlp_seq needs about .* lower --kgram_k \(50,000\)"):
+        pico.check_models_fit_in_memory(wide, 257, 50001, device)
+    # 2 (keys, values) x 3 blocks x 4 heads x 32 dims x 4 bytes = 3 KiB per position
+    long = configure("--models", "transformer", "--block_size", "4000000").models
+    with pytest.raises(pico.UserError, match=r"KV cache.*lower --block_size \(4,000,000\)"):
+        pico.check_models_fit_in_memory(long, 257, 4_000_000, device)

@@ -37,6 +37,8 @@ BAD_INPUTS = [
     (["--early_stop_min_delta", "-1"], "--early_stop_min_delta must be a finite number >= 0"),
     (["--early_stop_patience", "2", "--test_fraction", "0"], "set --test_fraction above 0"),
     (["--keep_checkpoints", "-3"], "--keep_checkpoints must be at least 1"),
+    (["--overwrite"], "--overwrite replaces sweep files"),
+    (["--models", "transformer", "--n_kv_heads", "0"], "--n_kv_heads must be positive"),
 ]
 
 

@@ -181,11 +181,26 @@ def test_has_diverged(pico):
     assert not pico.has_diverged(math.log(100) + 1, 100)
 
 
-def test_a_sweep_on_changed_data_does_not_reuse_old_points(pico, run_main, tmp_path, tiny_corpus):
+def test_a_sweep_on_changed_data_is_refused_unless_overwritten(pico, run_main, tmp_path, tiny_corpus):
+    """The old points were measured on other data: neither reused nor silently replaced."""
     copy = tmp_path / "corpus.txt"
     copy.write_text(tiny_corpus.read_text())
     argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(copy))
     assert run_main(*argv)[0] == 0
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    before = path.read_bytes()
     copy.write_text("a brand new first line about the harbor.\n" + tiny_corpus.read_text())
-    status, out, _ = run_main(*argv)
+    status, _, err = run_main(*argv)
+    assert status == 2 and "on other data" in err and "--overwrite" in err
+    assert path.read_bytes() == before
+    status, out, _ = run_main(*argv, "--overwrite")
     assert status == 0 and "3 points (0 already done)" in out
+
+
+def test_a_sweep_with_every_point_done_says_where_they_are(pico, run_main, tmp_path, tiny_corpus):
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    assert run_main(*argv)[0] == 0
+    status, out, _ = run_main(*argv)
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    assert status == 0 and f"all 3 points were already done; they are in {path}" in out
+    assert "--overwrite" in out

@@ -1,0 +1,665 @@
+"""Robustness: bad input is refused with one line (exit 2) and writes nothing; runs claim
+their files; caches heal; checkpoints are checked; failures come before training.
+
+Grouped by the kind of robustness each test pins down. Each bad-input test asserts: exit
+status 2, exactly one line on stderr, no traceback, and no file added, removed or changed.
+"""
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SCRIPT, run_script
+
+HANG_TIMEOUT = 60          # a command that should fail at once but hangs fails the test instead
+MEMORY_LIMIT = 4 << 30     # address-space cap for runs that would otherwise eat all memory
+
+TINY = ["--models", "lstm_seq", "--embed_size", "16", "--tokenizer", "char", "--block_size", "16",
+        "--epochs", "1", "--max_steps_per_epoch", "2", "--batch_size", "4", "--max_new_tokens", "4",
+        "--device_id", "cpu", "--quiet"]
+TINY_TRANSFORMER = ["--models", "transformer", "--d_model", "16", "--n_heads", "2", "--n_blocks", "1"]
+
+
+# --- shared helpers: "one-line error, exit 2, nothing written" -----------------------------
+
+class Snapshot:
+    """Every file (recursively, dot-files included) under some directories, with size and
+    modification time, so a test can assert that a refused command wrote nothing."""
+
+    def __init__(self, *directories: Path) -> None:
+        self.directories = [Path(d) for d in directories]
+        self.files = self.take()
+
+    def take(self) -> dict:
+        files = {}
+        for directory in self.directories:
+            if directory.is_dir():
+                for path in directory.rglob("*"):
+                    if path.is_file() or path.is_symlink():
+                        stat = path.lstat()
+                        files[str(path)] = (stat.st_size, stat.st_mtime_ns)
+            elif directory.exists():
+                stat = directory.lstat()
+                files[str(directory)] = (stat.st_size, stat.st_mtime_ns)
+        return files
+
+    def changes(self) -> list[str]:
+        now = self.take()
+        return ([f"new {p}" for p in sorted(now.keys() - self.files.keys())]
+                + [f"removed {p}" for p in sorted(self.files.keys() - now.keys())]
+                + [f"changed {p}" for p in sorted(now.keys() & self.files.keys())
+                   if now[p] != self.files[p]])
+
+
+def describe(result) -> str:
+    """What the command did, for assertion messages."""
+    err = result.stderr if isinstance(result.stderr, str) else result.stderr.decode("utf-8", "replace")
+    out = result.stdout if isinstance(result.stdout, str) else result.stdout.decode("utf-8", "replace")
+    lines = err.strip().splitlines()
+    elapsed = getattr(result, "elapsed", None)
+    return (f"exit {result.returncode}"
+            + (f" after {elapsed:.1f} s" if elapsed is not None else "")
+            + f"; stderr {len(lines)} line(s), first {lines[0] if lines else ''!r}"
+            + (f", last {lines[-1]!r}" if len(lines) > 1 else "")
+            + f"; stdout tail {out.strip()[-200:]!r}")
+
+
+def text_of(stream) -> str:
+    return stream if isinstance(stream, str) else stream.decode("utf-8", "replace")
+
+
+def assert_refused(result, *keywords, unchanged: Snapshot | None = None) -> str:
+    """Exit status 2, exactly one line on stderr, no traceback, every keyword in that line
+    (a tuple keyword: any one of its words), and nothing written under `unchanged`'s
+    directories. Returns the line."""
+    info = describe(result)
+    err = text_of(result.stderr)
+    assert "Traceback" not in err, info
+    assert result.returncode == 2, info
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, info
+    line = lines[0].lower()
+    for keyword in keywords:
+        choices = keyword if isinstance(keyword, tuple) else (keyword,)
+        assert any(choice.lower() in line for choice in choices), f"{choices} not in: {info}"
+    if unchanged is not None:
+        assert unchanged.changes() == [], info
+    return lines[0]
+
+
+def run(*argv, timeout=HANG_TIMEOUT, prefix=(), **kwargs):
+    """run_script, timed; a hang fails the test rather than blocking it. With kwargs
+    (bytes arguments, preexec_fn, a command prefix) it calls the script the same way itself."""
+    started = time.perf_counter()
+    try:
+        if prefix or kwargs or any(isinstance(a, bytes) for a in argv):
+            args = [*map(os.fsencode, prefix), os.fsencode(sys.executable), os.fsencode(str(SCRIPT)),
+                    *(a if isinstance(a, bytes) else os.fsencode(str(a)) for a in argv)]
+            result = subprocess.run(args, cwd=REPO, capture_output=True, timeout=timeout, **kwargs)
+        else:
+            result = run_script(*map(str, argv), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung: no exit within {timeout} s (pico-llm.py {' '.join(map(str, argv))})")
+    result.elapsed = time.perf_counter() - started
+    return result
+
+
+def limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def trained_before_failing(result) -> bool:
+    """Whether the run got as far as building a model (run without --quiet)."""
+    return "parameters" in text_of(result.stdout) or "test loss" in text_of(result.stdout)
+
+
+class Workspace:
+    """A private corpus, artefacts dir, cache dir and save dir."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.corpus = root / "corpus.txt"
+        words = "the cat sat on a mat and the dog ran far away in the sun".split()
+        self.corpus.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(8))
+                                         for i in range(40)) + "\n", encoding="utf-8")
+        self.art, self.cache, self.save = root / "artefacts", root / "cache", root / "ckpt"
+
+    def io(self, *, corpus=True) -> list[str]:
+        files = ["--input_files", str(self.corpus)] if corpus else []
+        return [*files, "--artefacts_dir", str(self.art), "--cache_dir", str(self.cache)]
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.art, self.cache, self.save)
+
+
+@pytest.fixture
+def ws(tmp_path):
+    return Workspace(tmp_path)
+
+
+def committed_sweep_file(name: str) -> Path:
+    """A full-scale sweep file shipped with the repository (artefacts/ or a subfolder)."""
+    for path in sorted((REPO / "artefacts").rglob(f"sweep_{name}.json")):
+        if json.loads(path.read_text(encoding="utf-8")).get("scale") == "full":
+            return path
+    pytest.skip(f"no committed full-scale sweep_{name}.json under artefacts/")
+
+
+def ok(result):
+    assert result.returncode == 0, describe(result)
+    return result
+
+
+# --- resume: the same command plus --resume --------------------------------------------------
+
+@pytest.mark.slow
+def test_bare_resume_with_run_name_continues_the_run(ws):
+    """A run killed after step 3 of 4 (its newest checkpoint deleted, as kill -9 before
+    the step-4 checkpoint would leave it) continues with the same command plus --resume."""
+    command = [*TINY, "--epochs", "2", *ws.io(), "--run_name", "r1", "--save_dir", str(ws.save),
+               "--checkpoint_every", "1"]
+    ok(run(*command, timeout=300))
+    (ws.save / "lstm_seq" / "step_000004.pt").unlink()
+    result = run(*command, "--resume", timeout=300)
+    assert result.returncode == 0, describe(result)
+    assert (ws.save / "lstm_seq" / "step_000004.pt").exists()
+    assert json.loads((ws.art / "r1.json").read_text())["status"] == "finished"
+
+
+def test_bare_resume_with_run_name_continues_the_run_in_process(run_main, ws):
+    command = [*TINY, "--epochs", "2", "--input_files", str(ws.corpus), "--run_name", "r1",
+               "--save_dir", str(ws.save), "--checkpoint_every", "1"]
+    assert run_main(*command, artefacts=ws.art)[0] == 0
+    (ws.save / "lstm_seq" / "step_000004.pt").unlink()
+    status, _, err = run_main(*command, "--resume", artefacts=ws.art)
+    assert status == 0, err
+    assert (ws.save / "lstm_seq" / "step_000004.pt").exists()
+    assert json.loads((ws.art / "r1.json").read_text())["status"] == "finished"
+
+
+# --- concurrent runs claim their files -------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", ["run_name", "save_dir"])
+def test_two_runs_started_together_do_not_share_files(ws, shared):
+    commands = []
+    for index in range(2):
+        name = "same" if shared == "run_name" else f"run{index}"
+        save = ws.save if shared == "save_dir" else ws.root / f"ckpt{index}"
+        commands.append([sys.executable, str(SCRIPT), *TINY, *ws.io(), "--run_name", name,
+                         "--save_dir", str(save)])
+    processes = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for c in commands]
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    statuses = sorted(r.returncode for r in results)
+    info = " | ".join(describe(r) for r in results)
+    assert statuses == [0, 2], info
+    loser = next(r for r in results if r.returncode == 2)
+    assert_refused(loser, ("already", "in use", "another run", "locked"))
+
+
+def test_a_run_is_refused_while_another_process_holds_its_save_dir(run_main, ws):
+    ws.save.mkdir()
+    hold = ("import fcntl, os, sys, time; handle = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(ws.save)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = ws.snapshot()
+        status, _, err = run_main(*TINY, "--input_files", str(ws.corpus), "--save_dir",
+                                  str(ws.save), artefacts=ws.art)
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "in use by another pico-llm run" in lines[0], err
+    assert before.changes() == []
+
+
+def test_a_claim_is_exclusive_and_a_directory_made_for_it_goes_if_nothing_was_written(pico, tmp_path):
+    save = tmp_path / "new" / "ckpt"
+    with pico.claim_directory(save, "--save_dir"):
+        assert save.is_dir()
+        with pytest.raises(pico.UserError, match="--save_dir .* is in use by another pico-llm run"):
+            with pico.claim_directory(save, "--save_dir"):
+                pass
+    assert not (tmp_path / "new").exists()       # no lock file, no directory left behind
+    with pico.claim_directory(save, "--save_dir"):
+        (save / "step_000001.pt").write_bytes(b"")
+    assert [p.name for p in save.iterdir()] == ["step_000001.pt"]
+    with pico.claim_directory(save, "--save_dir"):   # free again once the claim ends
+        pass
+
+
+def test_a_new_run_log_is_created_only_where_none_exists(pico, tmp_path):
+    path = tmp_path / "same.json"
+    first, second = (pico.RunLog(path, {"epochs": epochs}, torch.device("cpu"), {})
+                     for epochs in (1, 2))
+    first.start(resuming=False)
+    with pytest.raises(pico.UserError, match="same.json already exists: another run"):
+        second.start(resuming=False)
+    assert json.loads(path.read_text())["args"] == {"epochs": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["same.json"]   # no temporary file left
+    second.start(resuming=True)                                     # a resumed run carries it on
+    assert json.loads(path.read_text())["args"] == {"epochs": 2}
+
+
+# --- a sweep never replaces another scale's or other data's sweep file -----------------------
+
+def test_tiny_sweep_does_not_replace_a_full_scale_sweep_file(ws):
+    ws.art.mkdir()
+    shutil.copy2(committed_sweep_file("custom_data"), ws.art / "sweep_custom_data.json")
+    before = ws.snapshot()
+    result = run("--sweep", "custom_data", "--sweep_scale", "tiny", "--custom_sweep_sizes", "3",
+                 "--device_id", "cpu", *ws.io(corpus=False), timeout=300)
+    assert_refused(result, "sweep_custom_data.json", unchanged=before)
+
+
+# --- only regular files are read -------------------------------------------------------------
+
+def test_fifo_as_input_file_is_refused(ws):
+    fifo = ws.root / "fifo.txt"
+    os.mkfifo(fifo)
+    before = ws.snapshot()
+    assert_refused(run(*TINY, *ws.io(corpus=False), "--input_files", str(fifo)),
+                   str(fifo.name), unchanged=before)
+
+
+def test_fifo_as_checkpoint_is_refused(ws):
+    fifo = ws.root / "fifo.pt"
+    os.mkfifo(fifo)
+    before = ws.snapshot()
+    assert_refused(run("--generate", "--checkpoint", str(fifo), "--device_id", "cpu", *ws.io()),
+                   str(fifo.name), unchanged=before)
+
+
+def test_dev_zero_as_input_file_is_refused(ws):
+    before = ws.snapshot()
+    result = run(*TINY, *ws.io(corpus=False), "--input_files", "/dev/zero", preexec_fn=limit_memory)
+    assert_refused(result, "/dev/zero", unchanged=before)
+
+
+# --- one line instead of a traceback ---------------------------------------------------------
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 70)])
+def test_seed_out_of_range_is_one_line(ws, seed):
+    before = ws.snapshot()
+    assert_refused(run(*TINY, *ws.io(), "--seed", seed), "--seed", unchanged=before)
+
+
+def test_prompt_with_invalid_utf8_is_one_line(ws):
+    before = ws.snapshot()
+    result = run(*TINY, *ws.io(), "--prompt", b"abc\xff")
+    assert_refused(result, "--prompt", unchanged=before)
+
+
+def test_transformer_block_size_too_large_is_refused_before_training(ws):
+    before = ws.snapshot()
+    result = run(*[a for a in TINY if a != "--quiet"], *TINY_TRANSFORMER, "--block_size", "1000000000",
+                 *ws.io(), preexec_fn=limit_memory, timeout=300)
+    line = assert_refused(result, "block_size", unchanged=before)
+    assert "1000000000" in line.replace(",", "").replace("_", ""), line
+    assert not trained_before_failing(result), describe(result)
+
+
+def test_kgram_k_too_large_is_refused_before_training(ws):
+    before = ws.snapshot()
+    result = run("--models", "kgram_mlp_seq", "--kgram_k", "1000000", "--block_size", "1000001",
+                 "--tokenizer", "char", "--epochs", "1", "--max_steps_per_epoch", "2",
+                 "--batch_size", "4", "--device_id", "cpu", *ws.io(), preexec_fn=limit_memory,
+                 timeout=300)
+    line = assert_refused(result, "kgram_k", unchanged=before)
+    assert "1000000" in line.replace(",", "").replace("_", ""), line
+    assert not trained_before_failing(result), describe(result)
+
+
+@pytest.mark.parametrize("kind", ["malformed_json", "non_utf8_txt", "corrupt_parquet"])
+def test_bad_tinystories_file_is_one_line(ws, kind):
+    path = ws.root / {"malformed_json": "stories.json", "non_utf8_txt": "stories.txt",
+                      "corrupt_parquet": "stories.parquet"}[kind]
+    path.write_bytes({"malformed_json": b'{"text": "Once upon a time", ',
+                      "non_utf8_txt": b"Once upon a time\n\xff\xfe bad bytes\n",
+                      "corrupt_parquet": b"PAR1" + os.urandom(256)}[kind])
+    before = ws.snapshot()
+    result = run(*TINY, *ws.io(corpus=False), "--tinystories_weight", "1.0",
+                 "--tinystories_path", str(path), timeout=120)
+    assert_refused(result, path.name, unchanged=before)
+
+
+def test_non_utf8_input_file_is_one_line(ws):
+    bad = ws.root / "bad.txt"
+    bad.write_bytes(b"hello\n\xff\xfe world\n")
+    before = ws.snapshot()
+    assert_refused(run(*TINY, *ws.io(corpus=False), "--input_files", str(bad)), "bad.txt",
+                   unchanged=before)
+
+
+def test_checkpoint_missing_its_keys_is_one_line(ws):
+    path = ws.root / "hollow.pt"
+    torch.save({"format": "pico-llm checkpoint", "version": 1}, path)
+    before = ws.snapshot()
+    assert_refused(run("--generate", "--checkpoint", str(path), "--device_id", "cpu", *ws.io()),
+                   "hollow.pt", unchanged=before)
+
+
+def test_a_truncated_token_cache_is_rebuilt_in_process(pico, tmp_path, capsys):
+    texts = ["the cat sat on the mat", "a dog ran far away"]
+    first = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    tokens = next(tmp_path.glob("*.tokens.npy"))
+    size = tokens.stat().st_size
+    tokens.write_bytes(tokens.read_bytes()[: size // 2])
+    again = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "token cache" in lines[0] and "rebuilding" in lines[0]
+    assert list(again.tokens) == list(first.tokens) and tokens.stat().st_size == size
+
+
+def test_a_truncated_bpe_cache_is_trained_again_in_process(pico, tmp_path, capsys):
+    texts = [f"the quick brown fox number {i} jumps" for i in range(50)]
+    first = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    merges = next(tmp_path.glob("bpe-*/merges.json"))
+    text = merges.read_text()
+    merges.write_text(text[: len(text) // 2])
+    again = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "BPE cache" in lines[0]
+    assert again.encode("number 7 jumps") == first.encode("number 7 jumps")
+    assert merges.read_text() == text
+
+
+@pytest.mark.slow
+def test_truncated_token_cache_is_rebuilt_with_a_note(ws):
+    ok(run(*TINY, *ws.io(), "--run_name", "first", timeout=300))
+    tokens = next(ws.cache.glob("*.tokens.npy"))
+    size = tokens.stat().st_size
+    tokens.write_bytes(tokens.read_bytes()[: size // 2])
+    result = run(*TINY, *ws.io(), "--run_name", "second", timeout=300)
+    assert result.returncode == 0, describe(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cache" in lines[0] and "Traceback" not in result.stderr, describe(result)
+    assert tokens.stat().st_size == size
+
+
+@pytest.mark.slow
+def test_truncated_bpe_cache_is_rebuilt_with_a_note(ws):
+    command = [*TINY, "--tokenizer", "bpe:300", *ws.io()]
+    ok(run(*command, "--run_name", "first", timeout=300))
+    merges = next(ws.cache.glob("bpe-*/merges.json"))
+    text = merges.read_text()
+    merges.write_text(text[: len(text) // 2])
+    result = run(*command, "--run_name", "second", timeout=300)
+    assert result.returncode == 0, describe(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cache" in lines[0] and "Traceback" not in result.stderr, describe(result)
+    json.loads(merges.read_text())
+
+
+def test_truncated_sweep_file_is_refused_and_kept(ws):
+    """Decision: a sweep file holds finished points (minutes to hours of work), so a
+    corrupt one is refused with one line naming it, and left for the user to inspect or
+    delete; it is never silently replaced."""
+    ws.art.mkdir()
+    text = committed_sweep_file("custom_data").read_text()
+    (ws.art / "sweep_custom_data.json").write_text(text[: len(text) // 2])
+    before = ws.snapshot()
+    result = run("--sweep", "custom_data", "--sweep_scale", "tiny", "--custom_sweep_sizes", "3",
+                 "--device_id", "cpu", *ws.io(corpus=False), timeout=300)
+    assert_refused(result, "sweep_custom_data.json", unchanged=before)
+
+
+# --- stale temporary files are removed -------------------------------------------------------
+
+def plant(path: Path, age_s: float = 3600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"partial")
+    old = time.time() - age_s
+    os.utime(path, (old, old))
+    return path
+
+
+def test_stale_temp_files_of_this_run_are_removed_on_start(ws):
+    stale = [plant(ws.save / "lstm_seq" / ".step_000002.pt.k3j4h5g6.tmp"),
+             plant(ws.art / ".r1.json.a1b2c3d4.tmp")]
+    unrelated = [plant(ws.save / "lstm_seq" / "notes.txt"),
+                 plant(ws.art / ".other_run.json.a1b2c3d4.tmp"),
+                 plant(ws.art / "keep.tmp")]
+    ok(run(*TINY, *ws.io(), "--run_name", "r1", "--save_dir", str(ws.save), timeout=300))
+    assert [p.name for p in stale if p.exists()] == []
+    assert all(p.exists() for p in unrelated)
+
+
+def test_only_the_temporary_files_of_the_named_target_are_removed(pico, tmp_path):
+    removed = [".r1.json.a1b2c3d4.tmp", ".step_000002.pt.k3j4h5g6.tmp"]
+    kept = [".r1.json.x.json.a1b2c3d4.tmp",   # run "r1.json.x", whose live writer may own it
+            ".r10.json.a1b2c3d4.tmp", "r1.json", "step_000002.pt", "keep.tmp", "notes.txt"]
+    for name in removed + kept:
+        plant(tmp_path / name)
+    pico.remove_stale_temporary_files(tmp_path, re.escape("r1.json"))
+    pico.remove_stale_temporary_files(tmp_path, pico.CHECKPOINT_NAME.pattern)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+@pytest.mark.slow
+def test_stale_checkpoint_temp_files_are_removed_on_resume(ws):
+    ok(run(*TINY, *ws.io(), "--save_dir", str(ws.save), timeout=300))
+    stale = plant(ws.save / "lstm_seq" / ".step_000001.pt.zz9y8x7w.tmp")
+    unrelated = plant(ws.save / "lstm_seq" / "notes.txt")
+    ok(run(*TINY, *ws.io(), "--save_dir", str(ws.save), "--resume", timeout=300))
+    assert not stale.exists()
+    assert unrelated.exists()
+
+
+# --- checkpoint integrity --------------------------------------------------------------------
+
+def flip_a_weight_byte(path: Path) -> None:
+    """Flip one byte in the middle of the largest tensor's data inside torch.save's zip
+    (stored uncompressed; torch does not check the zip CRC, so only a checksum of our own notices it)."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename and
+                     not i.filename.endswith("serialization_id")), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_length = int.from_bytes(raw[entry.header_offset + 26: entry.header_offset + 28], "little")
+    extra_length = int.from_bytes(raw[entry.header_offset + 28: entry.header_offset + 30], "little")
+    start = entry.header_offset + 30 + name_length + extra_length
+    raw[start + entry.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def trained_save_dir(tmp_path_factory):
+    """A save dir with a 2-step run's checkpoints, trained once for the module."""
+    trained = Workspace(tmp_path_factory.mktemp("trained"))
+    ok(run(*TINY, *trained.io(), "--save_dir", str(trained.save), "--checkpoint_every", "1",
+           timeout=300))
+    return trained.save
+
+
+@pytest.fixture
+def two_checkpoints(ws, trained_save_dir):
+    shutil.copytree(trained_save_dir, ws.save)
+    newest = ws.save / "lstm_seq" / "step_000002.pt"
+    assert newest.exists() and (ws.save / "lstm_seq" / "step_000001.pt").exists()
+    flip_a_weight_byte(newest)
+    return newest
+
+
+def test_flipped_byte_in_checkpoint_is_refused_by_generate(ws, two_checkpoints):
+    before = ws.snapshot()
+    result = run("--generate", "--checkpoint", str(two_checkpoints), "--device_id", "cpu", *ws.io())
+    assert_refused(result, "step_000002.pt", ("checksum", "corrupt", "integrity", "damaged"),
+                   "step_000001.pt", unchanged=before)
+
+
+def test_flipped_byte_in_checkpoint_is_refused_by_resume(ws, two_checkpoints):
+    before = ws.snapshot()
+    result = run(*TINY, *ws.io(), "--save_dir", str(ws.save), "--resume", timeout=300)
+    assert_refused(result, "step_000002.pt", ("checksum", "corrupt", "integrity", "damaged"),
+                   "step_000001.pt", unchanged=before)
+
+
+def test_a_version_1_checkpoint_loads_with_a_note(pico, ws, two_checkpoints, capsys):
+    older = ws.save / "lstm_seq" / "step_000001.pt"
+    checkpoint = torch.load(older, weights_only=True)
+    del checkpoint["sha256"]
+    checkpoint["version"] = 1
+    torch.save(checkpoint, older)
+    assert pico.load_checkpoint(older, "--checkpoint")["progress"]["step"] == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "predates checkpoint checksums" in lines[0]
+    with pytest.raises(pico.UserError, match="step_000002.pt is damaged.*before it is .*step_000001"):
+        pico.load_checkpoint(two_checkpoints, "--checkpoint")   # a version-1 file is still good
+
+
+# --- a checkpoint that would run code --------------------------------------------------------
+
+class Payload:
+    def __init__(self, function, argument):
+        self.function, self.argument = function, argument
+
+    def __reduce__(self):
+        return self.function, (self.argument,)
+
+
+@pytest.mark.parametrize("callable_name", ["os.system", "subprocess.call", "subprocess.run"])
+def test_checkpoint_that_runs_code_is_refused_with_a_clean_line(ws, callable_name):
+    marker = ws.root / "ran"
+    function = {"os.system": os.system, "subprocess.call": subprocess.call,
+                "subprocess.run": subprocess.run}[callable_name]
+    argument = f"touch {marker}" if callable_name == "os.system" else ["touch", str(marker)]
+    path = ws.root / "evil.pt"
+    torch.save({"format": "pico-llm checkpoint", "version": 1, "x": Payload(function, argument)}, path)
+    before = ws.snapshot()
+    result = run("--generate", "--checkpoint", str(path), "--device_id", "cpu", *ws.io())
+    line = assert_refused(result, "evil.pt", "code", unchanged=before)
+    assert not marker.exists()
+    # names the callable (pickle records os.system as posix.system) ...
+    short = callable_name.split(".")[-1]
+    assert f".{short}" in line and ("subprocess" in line or "system" in line), describe(result)
+    # ... says it was not loaded, and is not torch's advice cut mid-sentence
+    assert "not loaded" in line.lower() or "refused" in line.lower(), describe(result)
+    assert "weights_only" not in line and "truncated" not in line, describe(result)
+
+
+# --- values validated before training --------------------------------------------------------
+
+@pytest.mark.parametrize("flags, keyword", [
+    ([*TINY_TRANSFORMER, "--rope_theta", "0"], "rope_theta"),
+    ([*TINY_TRANSFORMER, "--rope_theta", "-1"], "rope_theta"),
+    (["--min_lr_ratio", "-5"], "min_lr_ratio"),
+    ([*TINY_TRANSFORMER, "--d_ff", "0"], "d_ff"),
+    (["--models", "lstm_seq,lstm_seq"], "lstm_seq"),
+    (["--grad_accum_steps", "8"], "grad_accum_steps"),   # TINY has --batch_size 4
+], ids=["rope_theta_0", "rope_theta_-1", "min_lr_ratio_-5", "d_ff_0", "duplicate_models",
+        "grad_accum_gt_batch"])
+def test_invalid_value_is_refused(ws, flags, keyword):
+    before = ws.snapshot()
+    result = run(*TINY, *flags, *ws.io(), timeout=300)
+    assert_refused(result, keyword, unchanged=before)
+
+
+# --- outputs checked before training ---------------------------------------------------------
+
+VERBOSE = [a for a in TINY if a != "--quiet"]
+
+
+@pytest.mark.parametrize("flags, keyword", [
+    (["--run_name", "r" * 300], "run_name"),
+    (["--artefacts_dir", "/proc/pico"], "artefacts_dir"),
+    (["--artefacts_dir", "/sys/pico"], "artefacts_dir"),
+    (["--save_dir", "/proc/x"], "save_dir"),
+], ids=["run_name_300", "artefacts_proc", "artefacts_sys", "save_dir_proc"])
+def test_unwritable_output_fails_before_training(ws, flags, keyword):
+    before = ws.snapshot()
+    result = run(*VERBOSE, "--input_files", str(ws.corpus), "--cache_dir", str(ws.cache),
+                 *(["--artefacts_dir", str(ws.art)] if "--artefacts_dir" not in flags else []),
+                 *flags, timeout=300)
+    assert_refused(result, keyword, unchanged=before)
+    assert not trained_before_failing(result), describe(result)
+    assert result.elapsed < 30, describe(result)
+
+
+# --- messages --------------------------------------------------------------------------------
+
+# lr 10 with clipping: a finite "loss exploded to 632.9 at step 2" (seed 1337, this corpus);
+# lr 100 or more turns the gradient norm into NaN instead.
+DIVERGING = [*VERBOSE, *TINY_TRANSFORMER, "--learning_rate", "10", "--lr_schedule", "constant",
+             "--warmup_steps", "0", "--max_steps_per_epoch", "6"]
+
+
+def test_divergence_message_does_not_ask_for_save_dir_when_given(ws):
+    result = run(*DIVERGING, *ws.io(), "--save_dir", str(ws.save), timeout=300)
+    line = assert_refused(result, ("exploded", "became"))
+    assert "pass --save_dir" not in line, describe(result)
+
+
+def test_finite_explosion_does_not_suggest_skip_nonfinite(ws):
+    result = run(*DIVERGING, *ws.io(), timeout=300)
+    line = assert_refused(result, "exploded")
+    assert "skip_nonfinite" not in line, describe(result)
+
+
+def test_unreadable_input_dir_is_not_reported_as_empty(ws):
+    """chmod 000 binds root only without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, so under
+    root the script runs through setpriv with those capabilities dropped."""
+    locked = ws.root / "corpus"
+    locked.mkdir()
+    (locked / "a.txt").write_text("hello world\n")
+    locked.chmod(0)
+    prefix = ()
+    try:
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                pytest.skip("running as root and setpriv is missing: chmod 000 does not apply")
+            drop = "-dac_override,-dac_read_search"
+            prefix = (setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}")
+            probe = subprocess.run([*prefix, "ls", str(locked)], capture_output=True)
+            if probe.returncode == 0:
+                pytest.skip("cannot make a directory unreadable here")
+        elif os.access(locked, os.R_OK):
+            pytest.skip("cannot make a directory unreadable here")
+        before = ws.snapshot()
+        result = run(*TINY, "--input_dir", str(locked), *ws.io(corpus=False), prefix=prefix)
+        line = assert_refused(result, "corpus", ("permission", "cannot read", "not readable"),
+                              unchanged=before)
+        assert "no .txt files" not in line, describe(result)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_ctrl_c_during_start_up_prints_one_line(ws):
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, *ws.io()], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the imports (numpy, torch) take seconds
+    process.send_signal(signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=HANG_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("hung after SIGINT")
+    result = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    info = describe(result)
+    assert "Traceback" not in err, info
+    assert result.returncode == 130, info
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0], info
+    assert not ws.art.exists() and not ws.cache.exists(), info
