@@ -121,11 +121,11 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
-def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
+def make_norm(kind: str, dim: int, bias: bool, eps: float = 1e-5) -> nn.Module:
     if kind == "rmsnorm":
-        return RMSNorm(dim)
+        return RMSNorm(dim, eps)
     if kind == "layernorm":
-        return nn.LayerNorm(dim, bias=bias)
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
     return nn.Identity()
 
 
@@ -478,6 +478,7 @@ class TransformerConfig:
     ffn: str = "swiglu"
     norm: str = "rmsnorm"
     norm_position: str = "pre"
+    norm_eps: float = 1e-5            # the norms' epsilon: 1e-5 as GPT-2; Llama checkpoints use 1e-6
     pos_emb: str = "rope"
     rope_theta: float = 10000.0
     tie_weights: bool = True
@@ -551,10 +552,10 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
-        self.attention_norm = make_norm(config.norm, config.d_model, config.bias)
+        self.attention_norm = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
         self.attention = CausalSelfAttention(config.d_model, config.n_heads, config.n_kv_heads,
                                              config.bias, config.dropout, config.attention_impl)
-        self.ffn_norm = make_norm(config.norm, config.d_model, config.bias)
+        self.ffn_norm = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
         self.ffn = FeedForward(config.d_model, config.d_ff, config.ffn, config.bias, config.dropout)
         self.residual_dropout = nn.Dropout(config.dropout)
 
@@ -592,7 +593,7 @@ class TransformerModel(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_blocks))
         # Post-norm blocks already end in a norm; a final norm belongs to pre-norm stacks.
         self.final_norm = make_norm(config.norm if config.norm_position == "pre" else "none",
-                                    config.d_model, config.bias)
+                                    config.d_model, config.bias, config.norm_eps)
         self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_weights:
             self.unembedding.weight = self.token_embedding.weight
