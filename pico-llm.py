@@ -2689,10 +2689,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="context length in tokens; longer examples are truncated")
     data.add_argument("--test_fraction", type=float, default=0.1,
                       help="fraction of examples held out as a fixed test set")
-    data.add_argument("--tokenizer", default="gpt2",
+    data.add_argument("--tokenizer", default=None,
                       help="gpt2 (GPT-2's BPE through tiktoken, shipped offline), char (UTF-8 "
                            "bytes) or bpe:N (a byte-level BPE with N ids trained on the training "
-                           "split, Appendix D)")
+                           "split, Appendix D) (default: gpt2; with --init_from, the model's own)")
     data.add_argument("--cache_dir", default=str(REPO_DIR / ".cache"),
                       help="where tokenized data is cached, keyed by content and tokenizer")
 
@@ -2802,9 +2802,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="continue from the newest checkpoints in --save_dir, or from PATH "
                            "(a save directory or one checkpoint file); give the same flags")
     ckpt.add_argument("--generate", action="store_true",
-                      help="no training: continue --prompt with the model in --checkpoint")
+                      help="no training: continue --prompt with the model in --checkpoint (or "
+                           "--init_from)")
     ckpt.add_argument("--checkpoint", default=None, metavar="PATH",
-                      help="checkpoint file that --generate reads")
+                      help="checkpoint file that --generate reads (or --export_hf exports)")
     ckpt.add_argument("--skip_nonfinite", type=int, default=0,
                       help="skip up to N steps whose loss or gradients are NaN/inf "
                            "(0 = stop at the first)")
@@ -2847,6 +2848,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     dist = parser.add_argument_group("distributed training (Appendix C)")
     dist.add_argument("--dist_timeout", type=float, default=300.0,
                       help="torchrun: seconds a rank waits in a collective before the job fails")
+    hf = parser.add_argument_group(
+        "Hugging Face (Appendix E; needs the safetensors and tokenizers packages)")
+    hf.add_argument("--init_from", default=None, metavar="DIR|HUB_ID",
+                    help="start the transformer from a GPT-2 or Llama model in Hugging Face "
+                         "format (a directory with config.json and model.safetensors, or a hub "
+                         "id such as gpt2, downloaded when the hub is reachable) and train it "
+                         "(--models transformer) or --generate from it; its config.json sets "
+                         "the shape and its tokenizer the ids")
+    hf.add_argument("--export_hf", default=None, metavar="DIR",
+                    help="after training, write the transformer to the new directory DIR in "
+                         "Hugging Face format (GPT-2 or Llama family), for transformers' "
+                         "AutoModelForCausalLM.from_pretrained(DIR); with --checkpoint PATH, "
+                         "export that checkpoint without training")
 
     bench = parser.add_argument_group("speed (Appendix A)")
     bench.add_argument("--loss", choices=LOSS_KINDS, default="chunked",
@@ -2871,6 +2885,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     if args.enable_transformer_gptoss and "transformer_gptoss" not in args.models:
         args.models.append("transformer_gptoss")
+    if args.tokenizer is None and not args.init_from:  # --init_from brings its own
+        args.tokenizer = "gpt2"
     validate_args(args)
     return args
 
@@ -2922,8 +2938,10 @@ def validate_args(args: argparse.Namespace) -> None:
                         f"({args.kgram_k})")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    parse_tokenizer_spec(args.tokenizer)
+    if args.tokenizer is not None:
+        parse_tokenizer_spec(args.tokenizer)
     validate_checkpoint_args(args)
+    validate_huggingface_args(args)
     for name in args.models:
         if name.startswith("transformer"):
             transformer_config_from_flags(vars(args), name)  # validates the fields
@@ -2948,10 +2966,12 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if (args.early_stop_patience or args.plateau_patience) and args.test_fraction == 0:
         raise UserError("--early_stop_patience and --plateau_patience watch the test loss; "
                         "set --test_fraction above 0")
-    if args.generate and not args.checkpoint:
-        raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir)")
-    if args.checkpoint and not args.generate:
-        raise UserError("--checkpoint is read by --generate; to continue training use --resume")
+    if args.generate and not (args.checkpoint or args.init_from):
+        raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir) "
+                        "or --init_from DIR")
+    if args.checkpoint and not (args.generate or args.export_hf):
+        raise UserError("--checkpoint is read by --generate and --export_hf; to continue "
+                        "training use --resume")
     if args.generate and (args.resume is not None or args.save_dir):
         raise UserError("--generate does not train; drop --resume and --save_dir")
     if args.resume == "" and not args.save_dir:
@@ -3034,6 +3054,7 @@ class Config:
     checkpoints: CheckpointConfig
     experiments: ExperimentConfig
     output: OutputConfig
+    huggingface: HuggingFaceConfig
     device_id: str = "cuda:0"
     dist_timeout: float = 300.0
     accounting: str | None = None            # --accounting WHAT: print, do not train
@@ -3069,6 +3090,7 @@ def config_from_flags(flags: dict) -> Config:
         checkpoints=section_config(CheckpointConfig, flags),
         experiments=section_config(ExperimentConfig, flags),
         output=section_config(OutputConfig, flags),
+        huggingface=section_config(HuggingFaceConfig, flags),
         device_id=flags["device_id"], dist_timeout=flags["dist_timeout"],
         accounting=flags["accounting"], transformer_variant=flags["transformer_variant"],
         flags=dict(flags))
@@ -3121,13 +3143,15 @@ def resolve_device(device_id: str) -> torch.device:
     return device
 
 
-def prepare_data(data_config: DataConfig, prompt: str, quiet: bool):
-    """The tokenizer and the tokenized, split training data the config describes.
-    A bpe:N tokenizer is trained on the training split only, never the test set."""
+def prepare_data(data_config: DataConfig, prompt: str, quiet: bool, tokenizer=None):
+    """The tokenizer and the tokenized, split training data the config describes (or
+    tokenized with `tokenizer`, an imported model's). A bpe:N tokenizer is trained on the
+    training split only, never the test set."""
     sources = read_sources(data_config)
-    training_texts = [source.texts[i] for source in sources for i in source.train]
-    tokenizer = build_tokenizer(data_config.tokenizer, training_texts,
-                                Path(data_config.cache_dir) if data_config.cache_dir else None)
+    if tokenizer is None:
+        training_texts = [source.texts[i] for source in sources for i in source.train]
+        tokenizer = build_tokenizer(data_config.tokenizer, training_texts,
+                                    Path(data_config.cache_dir) if data_config.cache_dir else None)
     prompt_tokens = len(tokenizer.encode(prompt))
     if prompt_tokens > data_config.block_size:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than --block_size "
@@ -3151,20 +3175,25 @@ def data_summary(tokenizer, data: TrainingData) -> dict:
 def train_models(config: Config, device: torch.device, tokenizer, data: TrainingData,
                  runlog: RunLog | None, *, context: "Distributed | None" = None,
                  trained_models: dict | None = None, resume_points: dict | None = None,
-                 stop: StopRequest | None = None) -> dict:
+                 stop: StopRequest | None = None, initial_weights: dict | None = None) -> dict:
     """Build and train every model of config.models, continuing those in resume_points
-    ({name: (path, checkpoint)}); returns {name: record}. The trained modules go into
-    `trained_models` when given (for the interpretability flags)."""
+    ({name: (path, checkpoint)}) and starting those in initial_weights ({name: state
+    dict}, an imported model's) from those weights; returns {name: record}. The trained
+    modules go into `trained_models` when given (for the interpretability flags and export)."""
     records = {}
     training, save_dir = config.training, checkpoint_directory(config.checkpoints)
     for name in config.models.names:
         model_config = config.models.config_of(name)
-        model = build_model(model_config, tokenizer.vocab_size, training.seed).to(device)
+        model = build_model(model_config, tokenizer.vocab_size, training.seed)
+        if name in (initial_weights or {}):
+            model.load_state_dict(initial_weights[name])
+        model = model.to(device)
         record = model_record(name, model, model_config, config.data.block_size)
         if runlog is not None:
             runlog.add_model(name, record)
         resume_from = (resume_points or {}).get(name)
         if resume_from is not None and resume_from[1]["progress"]["finished"]:
+            load_model_weights(model, resume_from[1], resume_from[0], tokenizer)
             record.update(resume_from[1]["record"])
             if not training.quiet:
                 print(f"model {name}: finished in {resume_from[0]}, not retrained")
@@ -3177,7 +3206,7 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
             guard = FaultTolerance(name, training, checkpoints=series, resume_from=resume_from,
                                    checkpoint_every=config.checkpoints.checkpoint_every,
                                    stop=stop, runlog=runlog, context=context, flags=config.flags,
-                                   tokenizer_spec=config.data.tokenizer)
+                                   tokenizer_spec=config.data.tokenizer or tokenizer.name)
             train_one_model(name, model, data, training, config.sampling, device, tokenizer,
                             record, runlog, speed=config.speed, guard=guard, context=context)
         records[name] = record
@@ -3204,7 +3233,15 @@ def run_training(config: Config) -> int:
         if context.is_main:  # rank 0 alone writes; the others stop when it does
             check_run_log_is_new(run_path, resuming=config.checkpoints.resume is not None)
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
-        tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet)
+        export_dir = config.huggingface.export_hf
+        if export_dir:
+            check_export_directory(Path(export_dir))
+        tokenizer = initial_weights = None
+        if config.huggingface.init_from:  # Appendix E: the model's shape, tokenizer, weights
+            config, tokenizer, weights = init_from_hf(config, resume_points.get("transformer"))
+            initial_weights = {"transformer": weights} if weights is not None else None
+        tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
+                                       tokenizer)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
                   if context.is_main else None)
         if runlog is not None and isinstance(tokenizer, TrainedBPETokenizer):
@@ -3218,7 +3255,8 @@ def run_training(config: Config) -> int:
         models: dict = {}
         with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
             train_models(config, device, tokenizer, data, runlog, context=context,
-                         trained_models=models, resume_points=resume_points, stop=stop)
+                         trained_models=models, resume_points=resume_points, stop=stop,
+                         initial_weights=initial_weights)
         if runlog is not None:
             runlog.data["status"] = "finished"
             runlog.write()
@@ -3227,6 +3265,9 @@ def run_training(config: Config) -> int:
             print()
             print(ascii_loss_plot(runlog.data["models"]))
             interpret_models(config, device, tokenizer, data, models)
+            if export_dir:
+                exported = export_hf(models["transformer"], tokenizer, export_dir)
+                print(f"\nHugging Face model written to {exported}")
             print(f"\nrun log written to {run_path}")
         if context.enabled:
             # Every rank reaches destroy_process_group together, as PyTorch asks, rather
@@ -3238,19 +3279,23 @@ def run_training(config: Config) -> int:
 
 
 def run_generation(config: Config) -> int:
-    """--generate: continue --prompt with a checkpoint's model, using the sampling flags."""
-    path = Path(config.checkpoints.checkpoint)
-    checkpoint = load_checkpoint(path, "--checkpoint")
-    trained = config_from_flags({**plain_flags(parse_args([])), **checkpoint["args"]})
-    tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
-    model = build_model(trained.models.config_of(checkpoint["model_name"]), tokenizer.vocab_size,
-                        trained.training.seed)
-    load_model_weights(model, checkpoint, path, tokenizer)
+    """--generate: continue --prompt with a checkpoint's model (or, with --init_from, a
+    Hugging Face model's), using the sampling flags."""
+    if config.huggingface.init_from:
+        source = config.huggingface.init_from
+        model, tokenizer = import_hf(resolve_init_from(source))
+        check_tokenizer_fits(config.data.tokenizer, tokenizer, source)
+        context = model.config.block_size
+        limit = f"the {context} positions of --init_from {source}"
+    else:
+        model, tokenizer, trained = model_from_checkpoint(Path(config.checkpoints.checkpoint),
+                                                          "--checkpoint")
+        context = trained.data.block_size
+        limit = f"the checkpoint's --block_size {context}"
     sampling = config.sampling
     prompt_tokens = len(tokenizer.encode(sampling.prompt))
-    if prompt_tokens > trained.data.block_size:
-        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than the checkpoint's "
-                        f"--block_size {trained.data.block_size}; shorten it")
+    if prompt_tokens > context:
+        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than {limit}; shorten it")
     device = resolve_device(config.device_id)
     model = model.to(device)
     speed_up(model, config.speed, device)   # generation uses the fast kernels too
@@ -3297,6 +3342,8 @@ def run_command(config: Config) -> int:
         return run_accounting(config)
     if config.checkpoints.generate:
         return run_generation(config)
+    if config.checkpoints.checkpoint:  # validate_args lets --checkpoint through only to export
+        return run_export(config)
     if experiments.sweep or experiments.custom_sweep_log or experiments.collect_transformer_metrics:
         return run_sweeps(config)
     return run_training(config)
@@ -3789,7 +3836,7 @@ FLAGS_FREE_ON_RESUME = frozenset({
     "models", "enable_transformer_gptoss", "device_id", "attention_impl", "quiet",
     "log_interval", "sample_interval", "prompt", "max_new_tokens", "temperature", "top_k",
     "top_p", "run_name", "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every",
-    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint"})
+    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "export_hf"})
 
 
 @dataclasses.dataclass
@@ -3961,12 +4008,15 @@ class FaultTolerance:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoints is None:
             return None
-        return self.checkpoints.save({
+        payload = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_name": self.name,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "progress": dataclasses.asdict(self.progress), "rng": rng_states(),
             "args": self.flags, "tokenizer": tokenizer_identity(self.tokenizer_spec, self.tokenizer),
-            "record": self.record})
+            "record": self.record}
+        if isinstance(self.model, TransformerModel):  # an imported model's shape is in no flag
+            payload["transformer_config"] = dataclasses.asdict(self.model.config)
+        return self.checkpoints.save(payload)
 
     def stop_if_requested(self) -> None:
         """On a pending signal: checkpoint, run log, and a message on how to resume.
@@ -4066,16 +4116,23 @@ def restore_rng_states(states: dict) -> None:
 
 def tokenizer_identity(spec: str, tokenizer) -> dict:
     """What a checkpoint needs to turn its ids back into text. A trained BPE travels
-    whole (bytes as hex, plain types that weights_only loading accepts)."""
+    whole (bytes as hex, plain types that weights_only loading accepts), and so does an
+    imported model's tokenizer.json (Appendix E), as its JSON text."""
     identity = {"spec": spec, "name": tokenizer.name, "vocab_size": tokenizer.vocab_size}
     if isinstance(tokenizer, TrainedBPETokenizer):
         identity["bpe_vocab"] = {str(i): token.hex() for i, token in tokenizer.bpe.vocab.items()}
         identity["bpe_merges"] = [[a.hex(), b.hex()] for a, b in tokenizer.bpe.merges]
+    if isinstance(tokenizer, HFTokenizer):
+        identity["tokenizer_json"] = tokenizer.tokenizer.to_str()
+        identity["eot_id"] = tokenizer.eot_id
     return identity
 
 
 def tokenizer_from_identity(identity: dict):
     """The tokenizer a checkpoint was trained with."""
+    if "tokenizer_json" in identity:
+        return HFTokenizer.from_json(identity["tokenizer_json"], identity["vocab_size"],
+                                     identity["eot_id"], identity["name"])
     if "bpe_merges" not in identity:
         return build_tokenizer(identity["spec"])
     vocab = {int(i): bytes.fromhex(token) for i, token in identity["bpe_vocab"].items()}
@@ -4109,6 +4166,21 @@ def load_checkpoint(path: Path, flag: str) -> dict:
         raise UserError(f"{path} is checkpoint version {checkpoint.get('version')!r}; "
                         f"this pico-llm reads version {CHECKPOINT_VERSION}")
     return checkpoint
+
+
+def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Config]:
+    """(model with the checkpoint's weights, its tokenizer, the config it was trained with),
+    for --generate and --export_hf. A Transformer's shape comes from the checkpoint itself
+    where it holds one (an imported model's is in no flag), else from its flags."""
+    checkpoint = load_checkpoint(path, flag)
+    trained = config_from_flags({**plain_flags(parse_args([])), **checkpoint["args"]})
+    tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
+    stored = checkpoint.get("transformer_config")
+    model_config = (TransformerConfig(**stored) if stored is not None
+                    else trained.models.config_of(checkpoint["model_name"]))
+    model = build_model(model_config, tokenizer.vocab_size, trained.training.seed)
+    load_model_weights(model, checkpoint, path, tokenizer)
+    return model, tokenizer, trained
 
 
 def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
@@ -4870,6 +4942,14 @@ def hf_package(name: str, purpose: str):
                         "pip install -r requirements-core.txt") from None
 
 
+@dataclasses.dataclass
+class HuggingFaceConfig:
+    """This appendix's flags: where a Transformer starts from, where it is exported to."""
+
+    init_from: str | None = None     # a Hugging Face model directory or hub id
+    export_hf: str | None = None     # a new directory for the trained Transformer
+
+
 # --- E.1 Configs ------------------------------------------------------------------------
 
 def config_from_hf(hf: dict) -> TransformerConfig:
@@ -5381,6 +5461,106 @@ def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
                             f"{error.strerror or error}") from None
         raise
     return directory
+
+
+# --- E.6 The command line ----------------------------------------------------------------------
+# --init_from replaces the --transformer_variant preset: config.json sets the whole
+# architecture of the one model trained (--models transformer), so the flags that
+# would change it (--d_model, --pos_emb, ...) are refused rather than ignored;
+# --dropout, --attention_impl and --block_size (the training context, at most the
+# model's positions) still apply. The tokenizer is
+# the model's own; a --tokenizer that names another is refused. Checkpoints of the
+# run carry the model's config and tokenizer, so --resume and --generate need
+# neither the directory nor the hub again.
+
+def validate_huggingface_args(args: argparse.Namespace) -> None:
+    """The combinations --init_from and --export_hf accept (called by validate_args)."""
+    for flag in ("init_from", "export_hf"):
+        if getattr(args, flag) == "":
+            raise UserError(f"--{flag} is empty; give a directory")
+        if getattr(args, flag):  # checked now rather than after training
+            for package in ("safetensors.torch", "tokenizers"):
+                hf_package(package, f"--{flag}")
+    own = [f"--{flag}" for flag in ("init_from", "export_hf") if getattr(args, flag)]
+    other = [f"--{flag}" for flag in ("accounting", "sweep", "custom_sweep_log",
+                                      "collect_transformer_metrics") if getattr(args, flag)]
+    if own and other:
+        raise UserError(f"{other[0]} builds and reports on its own models; drop {own[0]}")
+    if args.init_from:
+        if args.checkpoint:
+            raise UserError("--init_from and --checkpoint both name the model to start from; "
+                            "give one")
+        if not args.generate and args.models != ["transformer"]:
+            raise UserError(f"--init_from starts one model, the transformer; pass --models "
+                            f"transformer (got {','.join(args.models)})")
+        shape_flags = [flag for flag in TRANSFORMER_OVERRIDE_FLAGS
+                       if flag != "dropout" and getattr(args, flag) is not None]
+        if args.transformer_variant != build_arg_parser().get_default("transformer_variant"):
+            shape_flags.insert(0, "transformer_variant")
+        if shape_flags:
+            raise UserError(f"--{shape_flags[0]} contradicts --init_from, whose config.json sets "
+                            f"the Transformer's shape; drop --{shape_flags[0]}")
+    if args.export_hf:
+        if args.generate:
+            raise UserError("--generate writes no model; drop --export_hf (without --generate, "
+                            "--checkpoint PATH --export_hf DIR exports a checkpoint)")
+        if args.checkpoint and (args.resume is not None or args.save_dir):
+            raise UserError("--checkpoint PATH --export_hf DIR exports without training; "
+                            "drop --resume and --save_dir")
+        if not (args.checkpoint or args.init_from):
+            if "transformer" not in args.models:
+                raise UserError("--export_hf writes the model named transformer; add it to "
+                                f"--models (got {','.join(args.models)})")
+            hf_family(transformer_config_from_flags(vars(args), "transformer"))
+
+
+def check_tokenizer_fits(spec: str | None, tokenizer, source: str) -> None:
+    """A --tokenizer given with --init_from must be the model's own: training or sampling
+    with other ids would read embeddings learned for other tokens."""
+    if spec is not None and spec != tokenizer.name:
+        own = ("GPT-2's 50257 ids (--tokenizer gpt2)" if isinstance(tokenizer, GPT2Tokenizer)
+               else f"the {tokenizer.vocab_size} ids of its own tokenizer.json")
+        raise UserError(f"--tokenizer {spec} does not fit --init_from {source}: its weights "
+                        f"learned {own}; drop --tokenizer")
+
+
+def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
+    """--init_from, for training: (config with the model's Transformer in place of the
+    preset, its tokenizer, its weights in pico-llm names). Resuming, the pico-llm checkpoint
+    holds the config and tokenizer, and its weights are loaded later with the optimizer's
+    state, so the weights returned are None and the Hugging Face model is not read again."""
+    spec, flags = config.huggingface.init_from, config.flags
+    path = weights = None
+    if resumed is not None and "transformer_config" in resumed[1]:
+        transformer = TransformerConfig(**resumed[1]["transformer_config"])
+        tokenizer = tokenizer_from_identity(resumed[1]["tokenizer"])
+    else:
+        path = resolve_init_from(spec)
+        transformer = config_from_hf(read_hf_config(path))
+        tokenizer = tokenizer_from_hf(path, transformer)
+    check_tokenizer_fits(config.data.tokenizer, tokenizer, spec)
+    if config.data.block_size > transformer.block_size:
+        raise UserError(f"--block_size {config.data.block_size} exceeds the "
+                        f"{transformer.block_size} positions of --init_from {spec}")
+    if path is not None:  # read last: the checks above fail without reading gigabytes
+        weights = state_dict_from_hf(transformer, read_hf_weights(path))
+    transformer = dataclasses.replace(transformer, attention_impl=flags["attention_impl"],
+                                      dropout=flags["dropout"] or 0.0)
+    models = dataclasses.replace(config.models, transformer=transformer)
+    return dataclasses.replace(config, models=models), tokenizer, weights
+
+
+def run_export(config: Config) -> int:
+    """--checkpoint PATH --export_hf DIR: write a checkpoint's Transformer in Hugging Face
+    format, without training."""
+    directory, path = Path(config.huggingface.export_hf), Path(config.checkpoints.checkpoint)
+    check_export_directory(directory)
+    model, tokenizer, _ = model_from_checkpoint(path, "--checkpoint")
+    if not isinstance(model, TransformerModel):
+        raise UserError(f"--checkpoint {path} holds no Transformer ({type(model).__name__}); "
+                        "--export_hf writes Transformers of the GPT-2 or Llama family")
+    print(f"Hugging Face model written to {export_hf(model, tokenizer, directory)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """Appendix E: Hugging Face interop, checked against transformers itself on tiny random GPT-2
 and Llama models built from configs (offline: nothing is downloaded)."""
 
+import ast
 import json
+import os
 import shutil
+import signal
+import sys
 import time
 
 import pytest
@@ -11,6 +15,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
+
+from conftest import SCRIPT  # noqa: E402
 
 PROMPT = [5, 17, 42, 7, 99, 3]
 
@@ -281,6 +287,14 @@ def test_hf_tokenizer_byte_lengths_count_utf8_bytes(pico, llama_dir):
     assert len(lengths) == 300 and lengths[256] == 0 and (lengths[:256] == 1).all()
 
 
+def test_hf_tokenizer_travels_in_a_checkpoint_identity(pico, llama_dir):
+    _, tokenizer = pico.import_hf(llama_dir)
+    identity = pico.tokenizer_identity(tokenizer.name, tokenizer)
+    again = pico.tokenizer_from_identity(identity)
+    assert (again.name, again.vocab_size, again.eot_id) == (tokenizer.name, 300, 256)
+    assert again.encode(TEXT) == tokenizer.encode(TEXT)
+
+
 # --- Refusals: one line that names the problem --------------------------------------------------
 
 def one_line_error(pico, match, function, *args):
@@ -391,3 +405,247 @@ def test_init_from_a_hub_id_downloads_safetensors_or_fails_in_one_line(pico, mon
     one_line_error(pico, "401 Client Error; download it once", pico.resolve_init_from,
                    "meta-llama/x")
 
+
+# --- E.6 The command line: fine-tune, resume, generate, export ----------------------------------
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "in" / "corpus.txt"
+    path.parent.mkdir()
+    path.write_text("".join(f"the cat {i} sat on the mat and the dog {i % 7} ran\n"
+                            for i in range(40)))
+    return path
+
+
+def fine_tune(corpus, *extra):
+    """Four steps of fine-tuning on 12 short lines: two epochs of two steps."""
+    return ["--models", "transformer", "--input_files", str(corpus), "--block_size", "24",
+            "--batch_size", "4", "--max_steps_per_epoch", "2", "--epochs", "2",
+            "--limit_custom_examples", "12", "--max_new_tokens", "2", "--learning_rate", "1e-3",
+            "--quiet", *extra]
+
+
+def latest_checkpoint(save_dir):
+    return sorted((save_dir / "transformer").glob("step_*.pt"))[-1]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fine_tuned_model_exports_with_the_logits_pico_computes(pico, run_main, tmp_path, corpus,
+                                                                family, gpt2_dir):
+    source = gpt2_dir if family == "gpt2" else make_llama_dir(pico, tmp_path / "llama")
+    imported, tokenizer = pico.import_hf(source)
+    status, out, err = run_main("--init_from", str(source), *fine_tune(corpus),
+                                "--save_dir", str(tmp_path / "ckpt"),
+                                "--export_hf", str(tmp_path / "out"), "--run_name", "tuned")
+    assert status == 0, err
+    assert f"Hugging Face model written to {tmp_path / 'out'}" in out
+    run = pico.load_runlog(tmp_path / "artefacts" / "tuned.json")
+    assert run["data"]["tokenizer"] == tokenizer.name
+    assert run["models"]["transformer"]["config"]["n_blocks"] == 2
+    tuned, tuned_tokenizer, _ = pico.model_from_checkpoint(latest_checkpoint(tmp_path / "ckpt"),
+                                                           "--checkpoint")
+    assert tuned_tokenizer.name == tokenizer.name
+    ids = random_ids(imported.config.vocab_size)
+    assert not torch.allclose(pico_logits(tuned, ids), pico_logits(imported, ids))  # it trained
+    check_same_model(pico, tuned, tmp_path / "out", imported.config.vocab_size)
+    reimported, reimported_tokenizer = pico.import_hf(tmp_path / "out")
+    torch.testing.assert_close(pico_logits(reimported, ids), pico_logits(tuned, ids))
+    assert reimported_tokenizer.encode("the cat sat") == tokenizer.encode("the cat sat")
+
+
+def test_generate_from_an_hf_directory_gives_the_greedy_tokens_of_transformers(
+        pico, run_main, gpt2_dir):
+    status, out, err = run_main("--generate", "--init_from", str(gpt2_dir), "--prompt", "Hello there",
+                                "--temperature", "0", "--max_new_tokens", "6")
+    assert status == 0, err
+    gpt2 = pico.GPT2Tokenizer()
+    prompt = gpt2.encode("Hello there")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=gpt2.eot_id)[0].tolist()
+    new = [i for i in expected[len(prompt):] if i != gpt2.eot_id]
+    assert out.rstrip("\n") == "Hello there" + gpt2.decode(new)
+
+
+def losses(run):
+    return [h["train_loss"] for h in run["models"]["transformer"]["history"]]
+
+
+def test_init_from_run_resumes_generates_and_exports_without_the_hf_directory(
+        pico, run_main, tmp_path, corpus, monkeypatch):
+    """The checkpoints of an --init_from run carry the model's config and tokenizer.json."""
+    source = make_llama_dir(pico, tmp_path / "llama")
+    assert run_main("--init_from", str(source), *fine_tune(corpus), "--run_name", "whole")[0] == 0
+    flags = ["--init_from", str(source), *fine_tune(corpus, "--save_dir", str(tmp_path / "ckpt"))]
+    calls, real_step = [], pico.training_step
+
+    def step_then_ctrl_c(*args):
+        calls.append(real_step(*args))
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return calls[-1]
+
+    monkeypatch.setattr(pico, "training_step", step_then_ctrl_c)
+    assert run_main(*flags, "--run_name", "cut")[0] == 130
+    monkeypatch.setattr(pico, "training_step", real_step)
+    shutil.rmtree(source)
+    status, _, err = run_main(*flags, "--resume", "--run_name", "resumed")
+    assert status == 0, err
+    artefacts = tmp_path / "artefacts"
+    assert losses(pico.load_runlog(artefacts / "resumed.json")) == losses(
+        pico.load_runlog(artefacts / "whole.json"))
+
+    checkpoint = latest_checkpoint(tmp_path / "ckpt")
+    status, out, err = run_main("--generate", "--checkpoint", str(checkpoint), "--prompt", "the cat",
+                                "--temperature", "0", "--max_new_tokens", "5")
+    assert status == 0, err
+    model, tokenizer, _ = pico.model_from_checkpoint(checkpoint, "--checkpoint")
+    greedy = pico.generate_text(model, tokenizer, "the cat", 5, pico.SamplingRule(temperature=0.0))
+    assert out.rstrip("\n") == greedy.text
+
+    status, out, err = run_main("--checkpoint", str(checkpoint), "--export_hf", str(tmp_path / "out"))
+    assert status == 0, err
+    check_same_model(pico, model, tmp_path / "out", 300)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert hf_tokenizer.encode("the cat") == tokenizer.encode("the cat")
+
+
+def test_a_finished_run_resumed_with_export_hf_exports_the_trained_weights(
+        pico, run_main, refused, tmp_path, corpus):
+    """Also: a checkpoint of another model is not exported."""
+    flags = fine_tune(corpus, "--tokenizer", "char", "--models", "lstm_seq,transformer",
+                      "--embed_size", "16", "--d_model", "32", "--n_heads", "2", "--n_blocks", "1",
+                      "--save_dir", str(tmp_path / "ckpt"))
+    assert run_main(*flags)[0] == 0
+    status, out, err = run_main(*flags, "--resume", "--export_hf", str(tmp_path / "out"))
+    assert status == 0, err
+    model, _, _ = pico.model_from_checkpoint(latest_checkpoint(tmp_path / "ckpt"), "--checkpoint")
+    check_same_model(pico, model, tmp_path / "out", 257)
+    lstm = sorted((tmp_path / "ckpt" / "lstm_seq").glob("step_*.pt"))[-1]
+    refused("holds no Transformer (LSTMSeqModel)", "--checkpoint", str(lstm),
+            "--export_hf", str(tmp_path / "lstm"))
+
+
+# --- E.6 The command line: bad input, one line each, nothing written ----------------------------
+
+def files_under(directory):
+    return {path for path in directory.rglob("*")}
+
+
+@pytest.fixture
+def refused(pico, run_main, tmp_path, capsys):
+    """Runs main(); checks exit status 2, one error line matching `match`, nothing written."""
+    def check(match, *argv):
+        capsys.readouterr()  # what the fixtures printed (transformers' progress bars)
+        before = files_under(tmp_path)
+        status, out, err = run_main(*argv)
+        lines = err.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert match in lines[0], lines[0]
+        assert files_under(tmp_path) == before
+        return lines[0]
+    return check
+
+
+def test_init_from_a_directory_without_config_json_is_refused(refused, tmp_path, corpus):
+    (tmp_path / "empty").mkdir()
+    refused("has no config.json", "--init_from", str(tmp_path / "empty"), *fine_tune(corpus))
+
+
+def test_init_from_an_unsupported_architecture_is_refused(refused, tmp_path, corpus):
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64).save_pretrained(tmp_path / "bert")
+    refused("model_type='bert' is not supported", "--init_from", str(tmp_path / "bert"),
+            *fine_tune(corpus))
+
+
+def test_init_from_mismatched_shapes_is_refused(refused, own_gpt2_dir, corpus, tmp_path):
+    state = load_file(own_gpt2_dir / "model.safetensors")
+    state["transformer.wpe.weight"] = torch.zeros(32, 32)
+    save_file(state, own_gpt2_dir / "model.safetensors", metadata={"format": "pt"})
+    refused("transformer.wpe.weight has shape (32, 32); config.json implies (64, 32)",
+            "--init_from", str(own_gpt2_dir), *fine_tune(corpus), "--export_hf",
+            str(tmp_path / "out"))
+
+
+def test_init_from_with_a_tokenizer_that_does_not_fit_is_refused(refused, pico, tmp_path, corpus,
+                                                                 gpt2_dir, llama_dir):
+    refused("--tokenizer char does not fit", "--init_from", str(gpt2_dir), *fine_tune(corpus),
+            "--tokenizer", "char")
+    refused("--tokenizer gpt2 does not fit", "--init_from", str(llama_dir), *fine_tune(corpus),
+            "--tokenizer", "gpt2")
+    refused("--tokenizer gpt2 does not fit", "--generate", "--init_from", str(llama_dir),
+            "--tokenizer", "gpt2")
+    (llama_dir / "tokenizer.json").unlink()
+    refused("has no tokenizer.json", "--init_from", str(llama_dir), *fine_tune(corpus))
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--d_model", "64"], "--d_model contradicts --init_from"),
+    (["--n_blocks", "12"], "--n_blocks contradicts --init_from"),
+    (["--tie_weights", "false"], "--tie_weights contradicts --init_from"),
+    (["--transformer_variant", "minGPT"], "--transformer_variant contradicts --init_from"),
+    (["--models", "lstm_seq,transformer"], "pass --models transformer"),
+    (["--enable_transformer_gptoss"], "pass --models transformer"),
+    (["--block_size", "100"], "--block_size 100 exceeds the 64 positions"),
+    (["--sweep", "budget"], "--sweep builds and reports on its own models"),
+    (["--accounting"], "--accounting builds and reports on its own models"),
+    (["--generate", "--checkpoint", "x.pt"], "give one"),
+])
+def test_init_from_flag_combinations_that_contradict_it_are_refused(refused, gpt2_dir, corpus,
+                                                                     flags, match):
+    refused(match, "--init_from", str(gpt2_dir), *fine_tune(corpus), *flags)
+
+
+def test_init_from_a_hub_id_offline_is_refused_within_seconds(refused, pico, monkeypatch, corpus):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    message = refused("the Hugging Face hub is unreachable", "--init_from", "gpt2",
+                      *fine_tune(corpus))
+    assert "--init_from DIR" in message and time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--pos_emb", "none"], "pos_emb=none has no transformers class"),
+    (["--norm_position", "post"], "norm_position=post has no transformers class"),
+    (["--ffn", "silu"], "ffn=silu has no transformers class"),
+    (["--pos_emb", "learned"], "norm=rmsnorm has no transformers class"),
+    (["--transformer_variant", "minGPT", "--n_kv_heads", "2"], "n_kv_heads=2"),
+    (["--models", "lstm_seq"], "--export_hf writes the model named transformer"),
+    (["--generate", "--checkpoint", "x.pt"], "--generate writes no model"),
+])
+def test_export_hf_of_a_model_transformers_cannot_load_is_refused_before_training(
+        refused, tmp_path, corpus, flags, match):
+    refused(match, *fine_tune(corpus, "--tokenizer", "char"), "--export_hf", str(tmp_path / "out"),
+            *flags)
+
+
+def test_export_hf_into_a_non_empty_directory_is_refused_before_training(refused, tmp_path, corpus):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    refused("already exists and is not empty", *fine_tune(corpus, "--tokenizer", "char"), "--export_hf",
+            str(tmp_path / "out"))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+
+HF_PACKAGES = ("transformers", "tokenizers", "safetensors", "safetensors.torch", "huggingface_hub")
+
+
+def test_pico_llm_imports_no_hugging_face_package_at_load_time():
+    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
+    loaded = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    loaded |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert not {name.split(".")[0] for name in loaded} & set(HF_PACKAGES)
+
+
+def test_pico_llm_trains_without_the_hugging_face_packages(run_main, monkeypatch, tmp_path, corpus):
+    """Without them the rest trains, and --export_hf names the missing package before training."""
+    for name in HF_PACKAGES:
+        monkeypatch.setitem(sys.modules, name, None)  # "import name" now raises ImportError
+    run = fine_tune(corpus, "--tokenizer", "char", "--models", "lstm_seq", "--embed_size", "16")
+    assert run_main(*run)[0] == 0
+    status, _, err = run_main(*run, "--export_hf", str(tmp_path / "out"))
+    assert (status, err) == (2, "pico-llm: error: --export_hf needs the safetensors package; "
+                                "pip install -r requirements-core.txt\n")
+    assert not (tmp_path / "out").exists()
