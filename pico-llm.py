@@ -43,6 +43,8 @@ Contents (the section banners below carry the same numbers):
        early stopping and reduce-on-plateau)
     C. Distributed training (torchrun / DDP)
     D. Training your own BPE tokenizer; resource accounting
+    E. Hugging Face interop (start from a GPT-2 or Llama model, export to
+       transformers)
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ import faulthandler
 import functools
 import hashlib
 import heapq
+import importlib
 import io
 import json
 import math
@@ -83,6 +86,7 @@ import multiprocessing
 import platform
 import random
 import re
+import shutil
 import socket
 import tempfile
 import textwrap
@@ -143,11 +147,11 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
-def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
+def make_norm(kind: str, dim: int, bias: bool, eps: float = 1e-5) -> nn.Module:
     if kind == "rmsnorm":
-        return RMSNorm(dim)
+        return RMSNorm(dim, eps)
     if kind == "layernorm":
-        return nn.LayerNorm(dim, bias=bias)
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
     return nn.Identity()
 
 
@@ -501,6 +505,7 @@ class TransformerConfig:
     ffn: str = "swiglu"
     norm: str = "rmsnorm"
     norm_position: str = "pre"
+    norm_eps: float = 1e-5            # the norms' epsilon: 1e-5 as GPT-2; Llama checkpoints use 1e-6
     pos_emb: str = "rope"
     rope_theta: float = 10000.0
     tie_weights: bool = True
@@ -578,10 +583,10 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
-        self.attention_norm = make_norm(config.norm, config.d_model, config.bias)
+        self.attention_norm = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
         self.attention = CausalSelfAttention(config.d_model, config.n_heads, config.n_kv_heads,
                                              config.bias, config.dropout, config.attention_impl)
-        self.ffn_norm = make_norm(config.norm, config.d_model, config.bias)
+        self.ffn_norm = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
         self.ffn = FeedForward(config.d_model, config.d_ff, config.ffn, config.bias, config.dropout)
         self.residual_dropout = nn.Dropout(config.dropout)
 
@@ -619,7 +624,7 @@ class TransformerModel(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_blocks))
         # Post-norm blocks already end in a norm; a final norm belongs to pre-norm stacks.
         self.final_norm = make_norm(config.norm if config.norm_position == "pre" else "none",
-                                    config.d_model, config.bias)
+                                    config.d_model, config.bias, config.norm_eps)
         self.unembedding = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_weights:
             self.unembedding.weight = self.token_embedding.weight
@@ -2984,11 +2989,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="context length in tokens; longer examples are truncated")
     data.add_argument("--test_fraction", type=float, default=0.1,
                       help="fraction of examples held out as a fixed test set")
-    data.add_argument("--tokenizer", default="char",
+    data.add_argument("--tokenizer", default=None,
                       help="char (UTF-8 bytes: 257 ids, a small output layer that trains fast "
                            "on a CPU), gpt2 (GPT-2's 50257-id BPE through tiktoken, shipped "
                            "offline; the course starter's) or bpe:N (a byte-level BPE with N "
-                           "ids trained on the training split, Appendix D)")
+                           "ids trained on the training split, Appendix D) (default: char; "
+                           "with --init_from, the model's own)")
     data.add_argument("--cache_dir", default=str(REPO_DIR / ".cache"),
                       help="where tokenized data is cached, keyed by content and tokenizer")
 
@@ -3098,9 +3104,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="continue from the newest checkpoints in --save_dir, or from PATH "
                            "(a save directory or one checkpoint file); give the same flags")
     ckpt.add_argument("--generate", action="store_true",
-                      help="no training: continue --prompt with the model in --checkpoint")
+                      help="no training: continue --prompt with the model in --checkpoint (or "
+                           "--init_from)")
     ckpt.add_argument("--checkpoint", default=None, metavar="PATH",
-                      help="checkpoint file that --generate reads")
+                      help="checkpoint file that --generate reads (or --export_hf exports)")
     ckpt.add_argument("--skip_nonfinite", type=int, default=0,
                       help="skip up to N steps whose loss or gradients are NaN/inf "
                            "(0 = stop at the first)")
@@ -3147,6 +3154,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     dist = parser.add_argument_group("distributed training (Appendix C)")
     dist.add_argument("--dist_timeout", type=float, default=300.0,
                       help="torchrun: seconds a rank waits in a collective before the job fails")
+    hf = parser.add_argument_group(
+        "Hugging Face (Appendix E; needs the safetensors and tokenizers packages)")
+    hf.add_argument("--init_from", default=None, metavar="DIR|HUB_ID",
+                    help="start the transformer from a GPT-2 or Llama model in Hugging Face "
+                         "format (a directory with config.json and model.safetensors, or a hub "
+                         "id such as gpt2, downloaded when the hub is reachable) and train it "
+                         "(--models transformer) or --generate from it; its config.json sets "
+                         "the shape and its tokenizer the ids")
+    hf.add_argument("--export_hf", default=None, metavar="DIR",
+                    help="after training, write the transformer to the new directory DIR in "
+                         "Hugging Face format (GPT-2 or Llama family), for transformers' "
+                         "AutoModelForCausalLM.from_pretrained(DIR); with --checkpoint PATH, "
+                         "export that checkpoint without training")
 
     bench = parser.add_argument_group("speed (Appendix A)")
     bench.add_argument("--loss", choices=LOSS_KINDS, default="chunked",
@@ -3171,6 +3191,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     if args.enable_transformer_gptoss and "transformer_gptoss" not in args.models:
         args.models.append("transformer_gptoss")
+    if args.tokenizer is None and not args.init_from:  # --init_from brings its own
+        args.tokenizer = "char"
     validate_args(args)
     return args
 
@@ -3245,8 +3267,10 @@ def validate_args(args: argparse.Namespace) -> None:
                         f"({args.kgram_k})")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    parse_tokenizer_spec(args.tokenizer)
+    if args.tokenizer is not None:
+        parse_tokenizer_spec(args.tokenizer)
     validate_checkpoint_args(args)
+    validate_huggingface_args(args)
     for name in args.models:
         if name.startswith("transformer"):
             transformer_config_from_flags(vars(args), name)  # validates the fields
@@ -3271,13 +3295,15 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if (args.early_stop_patience or args.plateau_patience) and args.test_fraction == 0:
         raise UserError("--early_stop_patience and --plateau_patience watch the test loss; "
                         "set --test_fraction above 0")
-    if args.generate and not args.checkpoint:
-        raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir)")
+    if args.generate and not (args.checkpoint or args.init_from):
+        raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir) "
+                        "or --init_from DIR")
     if args.overwrite and not (args.sweep or args.custom_sweep_log or args.collect_transformer_metrics):
         raise UserError("--overwrite replaces sweep files; use it with --sweep, --custom_sweep_log "
                         "or --collect_transformer_metrics")
-    if args.checkpoint and not args.generate:
-        raise UserError("--checkpoint is read by --generate; to continue training use --resume")
+    if args.checkpoint and not (args.generate or args.export_hf):
+        raise UserError("--checkpoint is read by --generate and --export_hf; to continue "
+                        "training use --resume")
     if args.generate and (args.resume is not None or args.save_dir):
         raise UserError("--generate does not train; drop --resume and --save_dir")
     if args.resume == "" and not args.save_dir:
@@ -3361,6 +3387,7 @@ class Config:
     checkpoints: CheckpointConfig
     experiments: ExperimentConfig
     output: OutputConfig
+    huggingface: HuggingFaceConfig
     device_id: str = "cuda:0"
     dist_timeout: float = 300.0
     accounting: str | None = None            # --accounting WHAT: print, do not train
@@ -3396,6 +3423,7 @@ def config_from_flags(flags: dict) -> Config:
         checkpoints=section_config(CheckpointConfig, flags),
         experiments=section_config(ExperimentConfig, flags),
         output=section_config(OutputConfig, flags),
+        huggingface=section_config(HuggingFaceConfig, flags),
         device_id=flags["device_id"], dist_timeout=flags["dist_timeout"],
         accounting=flags["accounting"], transformer_variant=flags["transformer_variant"],
         flags=dict(flags))
@@ -3448,13 +3476,15 @@ def resolve_device(device_id: str) -> torch.device:
     return device
 
 
-def prepare_data(data_config: DataConfig, prompt: str, quiet: bool):
-    """The tokenizer and the tokenized, split training data the config describes.
-    A bpe:N tokenizer is trained on the training split only, never the test set."""
+def prepare_data(data_config: DataConfig, prompt: str, quiet: bool, tokenizer=None):
+    """The tokenizer and the tokenized, split training data the config describes (or
+    tokenized with `tokenizer`, an imported model's). A bpe:N tokenizer is trained on the
+    training split only, never the test set."""
     sources = read_sources(data_config)
-    training_texts = [source.texts[i] for source in sources for i in source.train]
-    tokenizer = build_tokenizer(data_config.tokenizer, training_texts,
-                                Path(data_config.cache_dir) if data_config.cache_dir else None)
+    if tokenizer is None:
+        training_texts = [source.texts[i] for source in sources for i in source.train]
+        tokenizer = build_tokenizer(data_config.tokenizer, training_texts,
+                                    Path(data_config.cache_dir) if data_config.cache_dir else None)
     prompt_tokens = len(tokenizer.encode(prompt))
     if prompt_tokens > data_config.block_size:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than --block_size "
@@ -3480,20 +3510,25 @@ def data_summary(tokenizer, data: TrainingData) -> dict:
 def train_models(config: Config, device: torch.device, tokenizer, data: TrainingData,
                  runlog: RunLog | None, *, context: "Distributed | None" = None,
                  trained_models: dict | None = None, resume_points: dict | None = None,
-                 stop: StopRequest | None = None) -> dict:
+                 stop: StopRequest | None = None, initial_weights: dict | None = None) -> dict:
     """Build and train every model of config.models, continuing those in resume_points
-    ({name: (path, checkpoint)}); returns {name: record}. The trained modules go into
-    `trained_models` when given (for the interpretability flags)."""
+    ({name: (path, checkpoint)}) and starting those in initial_weights ({name: state
+    dict}, an imported model's) from those weights; returns {name: record}. The trained
+    modules go into `trained_models` when given (for the interpretability flags and export)."""
     records = {}
     training, save_dir = config.training, checkpoint_directory(config.checkpoints)
     for name in config.models.names:
         model_config = config.models.config_of(name)
-        model = build_model(model_config, tokenizer.vocab_size, training.seed).to(device)
+        model = build_model(model_config, tokenizer.vocab_size, training.seed)
+        if name in (initial_weights or {}):
+            model.load_state_dict(initial_weights[name])
+        model = model.to(device)
         record = model_record(name, model, model_config, config.data.block_size)
         if runlog is not None:
             runlog.add_model(name, record)
         resume_from = (resume_points or {}).get(name)
         if resume_from is not None and resume_from[1]["progress"]["finished"]:
+            load_model_weights(model, resume_from[1], resume_from[0], tokenizer)
             record.update(resume_from[1]["record"])
             if not training.quiet:
                 print(f"model {name}: finished in {resume_from[0]}, not retrained")
@@ -3506,7 +3541,7 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
             guard = FaultTolerance(name, training, checkpoints=series, resume_from=resume_from,
                                    checkpoint_every=config.checkpoints.checkpoint_every,
                                    stop=stop, runlog=runlog, context=context, flags=config.flags,
-                                   tokenizer_spec=config.data.tokenizer)
+                                   tokenizer_spec=config.data.tokenizer or tokenizer.name)
             train_one_model(name, model, data, training, config.sampling, device, tokenizer,
                             record, runlog, speed=config.speed, guard=guard, context=context)
         records[name] = record
@@ -3542,7 +3577,15 @@ def run_training(config: Config) -> int:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:
                 remove_stale_temporary_files(save_dir / name, CHECKPOINT_NAME.pattern)
-        tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet)
+        export_dir = config.huggingface.export_hf
+        if export_dir:
+            check_export_directory(Path(export_dir))
+        tokenizer = initial_weights = None
+        if config.huggingface.init_from:  # Appendix E: the model's shape, tokenizer, weights
+            config, tokenizer, weights = init_from_hf(config, resume_points.get("transformer"))
+            initial_weights = {"transformer": weights} if weights is not None else None
+        tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
+                                       tokenizer)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
                   if context.is_main else None)
         if runlog is not None:
@@ -3558,7 +3601,8 @@ def run_training(config: Config) -> int:
         models: dict = {}
         with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
             train_models(config, device, tokenizer, data, runlog, context=context,
-                         trained_models=models, resume_points=resume_points, stop=stop)
+                         trained_models=models, resume_points=resume_points, stop=stop,
+                         initial_weights=initial_weights)
         if runlog is not None:
             runlog.data["status"] = "finished"
             runlog.write()
@@ -3567,6 +3611,9 @@ def run_training(config: Config) -> int:
             print()
             print(ascii_loss_plot(runlog.data["models"]))
             interpret_models(config, device, tokenizer, data, models)
+            if export_dir:
+                exported = export_hf(models["transformer"], tokenizer, export_dir)
+                print(f"\nHugging Face model written to {exported}")
             if save_dir is not None:
                 print(f"\ncheckpoints written to {save_dir}/<model>/ (continue with --resume)")
             print(f"\nrun log written to {run_path}")
@@ -3581,19 +3628,23 @@ def run_training(config: Config) -> int:
 
 
 def run_generation(config: Config) -> int:
-    """--generate: continue --prompt with a checkpoint's model, using the sampling flags."""
-    path = Path(config.checkpoints.checkpoint)
-    checkpoint = load_checkpoint(path, "--checkpoint")
-    trained = config_from_flags({**plain_flags(parse_args([])), **checkpoint["args"]})
-    tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
-    model = build_model(trained.models.config_of(checkpoint["model_name"]), tokenizer.vocab_size,
-                        trained.training.seed)
-    load_model_weights(model, checkpoint, path, tokenizer)
+    """--generate: continue --prompt with a checkpoint's model (or, with --init_from, a
+    Hugging Face model's), using the sampling flags."""
+    if config.huggingface.init_from:
+        source = config.huggingface.init_from
+        model, tokenizer = import_hf(resolve_init_from(source))
+        check_tokenizer_fits(config.data.tokenizer, tokenizer, source)
+        context = model.config.block_size
+        limit = f"the {context} positions of --init_from {source}"
+    else:
+        model, tokenizer, trained = model_from_checkpoint(Path(config.checkpoints.checkpoint),
+                                                          "--checkpoint")
+        context = trained.data.block_size
+        limit = f"the checkpoint's --block_size {context}"
     sampling = config.sampling
     prompt_tokens = len(tokenizer.encode(sampling.prompt))
-    if prompt_tokens > trained.data.block_size:
-        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than the checkpoint's "
-                        f"--block_size {trained.data.block_size}; shorten it")
+    if prompt_tokens > context:
+        raise UserError(f"--prompt is {prompt_tokens} tokens, longer than {limit}; shorten it")
     device = resolve_device(config.device_id)
     model = model.to(device)
     speed_up(model, config.speed, device)   # generation uses the fast kernels too
@@ -3639,6 +3690,8 @@ def run_command(config: Config) -> int:
         return run_accounting(config)
     if config.checkpoints.generate:
         return run_generation(config)
+    if config.checkpoints.checkpoint:  # validate_args lets --checkpoint through only to export
+        return run_export(config)
     if experiments.sweep or experiments.custom_sweep_log or experiments.collect_transformer_metrics:
         return run_sweeps(config)
     return run_training(config)
@@ -4135,7 +4188,7 @@ FLAGS_FREE_ON_RESUME = frozenset({
     "models", "enable_transformer_gptoss", "device_id", "attention_impl", "quiet",
     "log_interval", "sample_interval", "prompt", "max_new_tokens", "temperature", "top_k",
     "top_p", "run_name", "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every",
-    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "overwrite"})
+    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "overwrite", "export_hf"})
 
 
 @dataclasses.dataclass
@@ -4313,6 +4366,8 @@ class FaultTolerance:
             "progress": dataclasses.asdict(self.progress), "rng": rng_states(),
             "args": self.flags, "tokenizer": tokenizer_identity(self.tokenizer_spec, self.tokenizer),
             "record": self.record}
+        if isinstance(self.model, TransformerModel):  # an imported model's shape is in no flag
+            payload["transformer_config"] = dataclasses.asdict(self.model.config)
         payload["sha256"] = checkpoint_digest(payload)
         return self.checkpoints.save(payload)
 
@@ -4415,16 +4470,23 @@ def restore_rng_states(states: dict) -> None:
 
 def tokenizer_identity(spec: str, tokenizer) -> dict:
     """What a checkpoint needs to turn its ids back into text. A trained BPE travels
-    whole (bytes as hex, plain types that weights_only loading accepts)."""
+    whole (bytes as hex, plain types that weights_only loading accepts), and so does an
+    imported model's tokenizer.json (Appendix E), as its JSON text."""
     identity = {"spec": spec, "name": tokenizer.name, "vocab_size": tokenizer.vocab_size}
     if isinstance(tokenizer, TrainedBPETokenizer):
         identity["bpe_vocab"] = {str(i): token.hex() for i, token in tokenizer.bpe.vocab.items()}
         identity["bpe_merges"] = [[a.hex(), b.hex()] for a, b in tokenizer.bpe.merges]
+    if isinstance(tokenizer, HFTokenizer):
+        identity["tokenizer_json"] = tokenizer.tokenizer.to_str()
+        identity["eot_id"] = tokenizer.eot_id
     return identity
 
 
 def tokenizer_from_identity(identity: dict):
     """The tokenizer a checkpoint was trained with."""
+    if "tokenizer_json" in identity:
+        return HFTokenizer.from_json(identity["tokenizer_json"], identity["vocab_size"],
+                                     identity["eot_id"], identity["name"])
     if "bpe_merges" not in identity:
         return build_tokenizer(identity["spec"])
     vocab = {int(i): bytes.fromhex(token) for i, token in identity["bpe_vocab"].items()}
@@ -4539,6 +4601,21 @@ def load_checkpoint(path: Path, flag: str) -> dict:
             raise UserError(f"{damage}; the newest good checkpoint before it is {candidate}: "
                             f"use {flag} {candidate}") from None
         raise UserError(f"{damage}; no earlier checkpoint in {path.parent} is good") from None
+
+
+def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Config]:
+    """(model with the checkpoint's weights, its tokenizer, the config it was trained with),
+    for --generate and --export_hf. A Transformer's shape comes from the checkpoint itself
+    where it holds one (an imported model's is in no flag), else from its flags."""
+    checkpoint = load_checkpoint(path, flag)
+    trained = config_from_flags({**plain_flags(parse_args([])), **checkpoint["args"]})
+    tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
+    stored = checkpoint.get("transformer_config")
+    model_config = (TransformerConfig(**stored) if stored is not None
+                    else trained.models.config_of(checkpoint["model_name"]))
+    model = build_model(model_config, tokenizer.vocab_size, trained.training.seed)
+    load_model_weights(model, checkpoint, path, tokenizer)
+    return model, tokenizer, trained
 
 
 def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
@@ -5382,6 +5459,652 @@ def format_accounting(name: str, account: dict, batch_size: int) -> str:
     total = fixed + batch_size * memory["activations_per_example"]
     lines.append(f"  memory  {'total at batch ' + str(batch_size):<26} {total / 2**30:>13,.3f} GiB")
     return "\n".join(lines)
+
+
+# =============================================================================
+# E. Hugging Face interop
+# =============================================================================
+# What it adds: models from and for the Hugging Face ecosystem. --init_from DIR
+# (or a hub id such as gpt2) starts the Transformer from a GPT-2 or Llama model
+# saved in Hugging Face format (config.json + model.safetensors) and fine-tunes
+# it, or --generate continues a prompt with it; --export_hf DIR writes a pico-llm
+# Transformer back, so that transformers.AutoModelForCausalLM.from_pretrained(DIR)
+# computes the same logits. Nothing new is computed here: GPT-2 is section 2.3's
+# Transformer with learned positions, LayerNorm, GELU and biases, and Llama the
+# one with RoPE, RMSNorm and SwiGLU. What differs is how tensors are named and
+# laid out, written down in one table per family. Reading and writing needs the
+# safetensors and tokenizers packages (huggingface_hub for hub ids), imported only
+# here, so the rest of pico-llm runs without them; transformers itself is needed
+# only by the tests that check the results against it.
+
+def hf_package(name: str, purpose: str):
+    """The optional package `name`, imported on first use; UserError if it is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{purpose} needs the {name.split('.')[0]} package; "
+                        "pip install -r requirements-core.txt") from None
+
+
+@dataclasses.dataclass
+class HuggingFaceConfig:
+    """This appendix's flags: where a Transformer starts from, where it is exported to."""
+
+    init_from: str | None = None     # a Hugging Face model directory or hub id
+    export_hf: str | None = None     # a new directory for the trained Transformer
+
+
+# --- E.1 Configs ------------------------------------------------------------------------
+
+def config_from_hf(hf: dict) -> TransformerConfig:
+    """A Hugging Face config.json (as a dict) -> TransformerConfig; UserError for anything
+    a pico-llm Transformer does not compute. Every size comes from the file."""
+    def setting(name, default=None, allowed=None):
+        value = hf.get(name)
+        value = default if value is None else value  # absent and null both mean the default
+        if value is None:
+            raise UserError(f"config.json has no {name}")
+        if allowed is not None and value not in allowed:
+            raise UserError(f"config.json: {name}={value!r} is not supported (pico-llm computes "
+                            f"{name}={allowed[0]!r})")
+        return value
+
+    def size(name, default=None):
+        value = setting(name, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"config.json: {name}={value!r} is not a positive integer")
+        return value
+
+    def heads_fit(d_model: int, n_heads: int, n_kv_heads: int) -> None:
+        if d_model % n_heads or n_heads % n_kv_heads:
+            raise UserError(f"config.json: a width of {d_model} with {n_heads} heads and "
+                            f"{n_kv_heads} key/value heads has no pico-llm equivalent")
+
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        setting("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh"))
+        setting("scale_attn_weights", True, (True,))
+        setting("scale_attn_by_inverse_layer_idx", False, (False,))
+        setting("add_cross_attention", False, (False,))
+        d_model, n_heads = size("n_embd"), size("n_head")
+        heads_fit(d_model, n_heads, n_heads)
+        return TransformerConfig(
+            vocab_size=size("vocab_size"), block_size=size("n_positions"), d_model=d_model,
+            n_heads=n_heads, n_blocks=size("n_layer"), d_ff=size("n_inner", 4 * d_model),
+            ffn="gelu", norm="layernorm", pos_emb="learned",
+            tie_weights=setting("tie_word_embeddings", True), bias=True,
+            norm_eps=float(setting("layer_norm_epsilon", 1e-5)))
+    if kind == "llama":
+        setting("hidden_act", "silu", ("silu",))
+        d_model, n_heads = size("hidden_size"), size("num_attention_heads")
+        n_kv_heads = size("num_key_value_heads", n_heads)
+        setting("head_dim", d_model // n_heads, (d_model // n_heads,))
+        heads_fit(d_model, n_heads, n_kv_heads)
+        if (d_model // n_heads) % 2:
+            raise UserError(f"config.json: RoPE needs an even head size, got {d_model // n_heads}")
+        bias = setting("attention_bias", False)
+        if setting("mlp_bias", False) != bias:  # pico-llm has one bias switch for every linear
+            raise UserError(f"config.json: attention_bias={bias} with mlp_bias={not bias} is not "
+                            "supported; pico-llm gives every linear a bias or none")
+        # transformers 5 writes rope_parameters; older files rope_theta and rope_scaling.
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise UserError(f"config.json: rope_type={rope_type!r} (RoPE scaling) is not supported; "
+                            "pico-llm computes the default RoPE")
+        return TransformerConfig(
+            vocab_size=size("vocab_size"), block_size=size("max_position_embeddings"),
+            d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
+            n_blocks=size("num_hidden_layers"), d_ff=size("intermediate_size"),
+            ffn="swiglu", norm="rmsnorm", pos_emb="rope",
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            tie_weights=setting("tie_word_embeddings", False), bias=bias,
+            norm_eps=float(setting("rms_norm_eps", 1e-6)))
+    raise UserError(f"config.json: model_type={kind!r} is not supported; pico-llm imports gpt2 "
+                    "and llama")
+
+
+# What each transformers class computes, in pico-llm settings; anything else has no class.
+HF_FAMILIES = {
+    "gpt2": dict(pos_emb="learned", norm="layernorm", norm_position="pre", ffn="gelu", bias=True),
+    "llama": dict(pos_emb="rope", norm="rmsnorm", norm_position="pre", ffn="swiglu"),
+}
+
+
+def hf_family(config: TransformerConfig) -> str:
+    """'gpt2' or 'llama': the transformers class that computes this config; UserError naming
+    the first setting that no class computes."""
+    family = {"learned": "gpt2", "rope": "llama"}.get(config.pos_emb)
+    if family is None:
+        raise UserError(f"--export_hf: pos_emb={config.pos_emb} has no transformers class; "
+                        "export needs pos_emb learned (GPT-2) or rope (Llama)")
+    for name, value in HF_FAMILIES[family].items():
+        if getattr(config, name) != value:
+            raise UserError(f"--export_hf: {name}={getattr(config, name)} has no transformers "
+                            f"class: pos_emb={config.pos_emb} exports as {family}, which needs "
+                            f"{name}={value}")
+    if family == "gpt2" and config.n_kv_heads != config.n_heads:
+        raise UserError(f"--export_hf: n_kv_heads={config.n_kv_heads} has no transformers class: "
+                        "GPT-2 has no grouped-query attention")
+    return family
+
+
+def config_to_hf(config: TransformerConfig, eot_id: int | None = None) -> dict:
+    """The config.json of a pico-llm Transformer; eot_id becomes bos and eos."""
+    common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_weights,
+                  bos_token_id=eot_id, eos_token_id=eot_id, dtype="float32")
+    if hf_family(config) == "gpt2":
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=config.d_model,
+                    n_head=config.n_heads, n_layer=config.n_blocks, n_inner=config.d_ff,
+                    n_positions=config.block_size, activation_function="gelu_new",
+                    layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout,
+                    embd_pdrop=config.dropout, attn_pdrop=config.dropout, **common)
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=config.d_model,
+                num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+                head_dim=config.head_dim, num_hidden_layers=config.n_blocks,
+                intermediate_size=config.d_ff, hidden_act="silu",
+                max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
+                rope_theta=config.rope_theta,  # transformers 4 reads this, 5 rope_parameters
+                rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta),
+                attention_bias=config.bias, mlp_bias=config.bias,
+                attention_dropout=config.dropout, **common)
+
+
+# --- E.2 Weights: one table per family --------------------------------------------------
+# Rows: (pico-llm name, Hugging Face name, layout). The layouts:
+#   copy      the same tensor.
+#   conv1d    GPT-2 stores its linear layers as Conv1D modules, whose weight is (in, out):
+#             the transpose of nn.Linear's (out, in).
+#   c_attn:i  GPT-2 computes q, k and v with one Conv1D, c_attn, of width 3 d_model: its
+#             weight's columns are [q | k | v] (after the transpose, rows), and part i is
+#             one of pico-llm's three projections.
+#   rope:q/k  Both apply the same rotations, but to different pairs of dimensions: pico-llm
+#             rotates adjacent dims (2i, 2i+1) of each head (section 1), Hugging Face's
+#             Llama dims (i, i + D/2) ("rotate_half"). Pair i turns at the same frequency in
+#             both, so permuting the rows of q_proj and k_proj within each head turns one
+#             model into the other: HF row r * D/2 + i becomes pico-llm row 2i + r.
+#             Attention scores are dot products of q and k, which the shared permutation
+#             leaves unchanged, so v and the output projection are copied as they are.
+# A weight's bias (where the model has biases) follows the same row with "bias".
+
+GPT2_TABLE = (
+    [("token_embedding.weight", "transformer.wte.weight", "copy"),
+     ("position_embedding.weight", "transformer.wpe.weight", "copy"),
+     ("final_norm.weight", "transformer.ln_f.weight", "copy"),
+     ("unembedding.weight", "lm_head.weight", "copy")],
+    "transformer.h.{}.",
+    [("attention_norm.weight", "ln_1.weight", "copy"),
+     ("attention.q_proj.weight", "attn.c_attn.weight", "c_attn:0"),
+     ("attention.k_proj.weight", "attn.c_attn.weight", "c_attn:1"),
+     ("attention.v_proj.weight", "attn.c_attn.weight", "c_attn:2"),
+     ("attention.out_proj.weight", "attn.c_proj.weight", "conv1d"),
+     ("ffn_norm.weight", "ln_2.weight", "copy"),
+     ("ffn.w1.weight", "mlp.c_fc.weight", "conv1d"),
+     ("ffn.w2.weight", "mlp.c_proj.weight", "conv1d")])
+
+LLAMA_TABLE = (
+    [("token_embedding.weight", "model.embed_tokens.weight", "copy"),
+     ("final_norm.weight", "model.norm.weight", "copy"),
+     ("unembedding.weight", "lm_head.weight", "copy")],
+    "model.layers.{}.",
+    [("attention_norm.weight", "input_layernorm.weight", "copy"),
+     ("attention.q_proj.weight", "self_attn.q_proj.weight", "rope:q"),
+     ("attention.k_proj.weight", "self_attn.k_proj.weight", "rope:k"),
+     ("attention.v_proj.weight", "self_attn.v_proj.weight", "copy"),
+     ("attention.out_proj.weight", "self_attn.o_proj.weight", "copy"),
+     ("ffn_norm.weight", "post_attention_layernorm.weight", "copy"),
+     ("ffn.w1.weight", "mlp.gate_proj.weight", "copy"),   # SwiGLU: w2(silu(w1 x) * w3 x)
+     ("ffn.w3.weight", "mlp.up_proj.weight", "copy"),
+     ("ffn.w2.weight", "mlp.down_proj.weight", "copy")])
+
+# Buffers some checkpoints carry that are not weights (GPT-2's causal mask, old RoPE caches).
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+def pico_tensors(config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """The state dict of a pico-llm Transformer for `config`, on the meta device (shapes only)."""
+    with torch.device("meta"):
+        return TransformerModel(config).state_dict()
+
+
+def name_map(config: TransformerConfig) -> list[tuple[str, str, str]]:
+    """(pico-llm name, HF name, layout) for every tensor this config's model stores once."""
+    top, block_prefix, block = {"gpt2": GPT2_TABLE, "llama": LLAMA_TABLE}[hf_family(config)]
+    rows = top + [(f"blocks.{i}.{pico_name}", block_prefix.format(i) + hf_name, layout)
+                  for i in range(config.n_blocks) for pico_name, hf_name, layout in block]
+    rows += [(p.removesuffix("weight") + "bias", h.removesuffix("weight") + "bias", layout)
+             for p, h, layout in rows]
+    present = pico_tensors(config)
+    return [row for row in rows if row[0] in present
+            and not (config.tie_weights and row[0] == "unembedding.weight")]
+
+
+def rope_rows_to_pico(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads * D, ...) rows in HF's order -> pico-llm's: row 2i + r of a head is HF row r * D/2 + i."""
+    return tensor.unflatten(0, (heads, 2, -1)).transpose(1, 2).flatten(0, 2)
+
+
+def rope_rows_to_hf(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of rope_rows_to_pico."""
+    return tensor.unflatten(0, (heads, -1, 2)).transpose(1, 2).flatten(0, 2)
+
+
+def to_pico(tensor: torch.Tensor, layout: str, config: TransformerConfig) -> torch.Tensor:
+    """One HF tensor (for c_attn, the whole stacked one) -> the pico-llm tensor of `layout`."""
+    kind, _, part = layout.partition(":")
+    if kind in ("conv1d", "c_attn") and tensor.dim() == 2:
+        tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in); biases stay as they are
+    if kind == "c_attn":
+        return tensor.chunk(3)[int(part)]
+    if kind == "rope":
+        return rope_rows_to_pico(tensor, config.n_heads if part == "q" else config.n_kv_heads)
+    return tensor
+
+
+def to_hf(tensor: torch.Tensor, layout: str, config: TransformerConfig) -> torch.Tensor:
+    """One pico-llm tensor -> its HF layout (for c_attn, the part to stack)."""
+    kind, _, part = layout.partition(":")
+    if kind == "rope":
+        return rope_rows_to_hf(tensor, config.n_heads if part == "q" else config.n_kv_heads)
+    if kind in ("conv1d", "c_attn") and tensor.dim() == 2:
+        return tensor.t()
+    return tensor
+
+
+def state_dict_to_hf(config: TransformerConfig, pico_state: dict) -> dict[str, torch.Tensor]:
+    """pico-llm state dict -> HF state dict (contiguous tensors; a tied unembedding is left
+    out, as transformers saves it)."""
+    hf_state = {}
+    for pico_name, hf_name, layout in name_map(config):
+        tensor = to_hf(pico_state[pico_name].detach(), layout, config)
+        if hf_name in hf_state:  # c_attn: q, k, v side by side, in table order
+            tensor = torch.cat([hf_state[hf_name], tensor], dim=-1)
+        hf_state[hf_name] = tensor
+    return {name: tensor.contiguous() for name, tensor in hf_state.items()}
+
+
+def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, torch.Tensor]:
+    """HF state dict -> pico-llm state dict in float32; UserError naming the first tensor
+    that is missing, has the wrong shape, or has no place in the model."""
+    if hf_family(config) == "gpt2":  # files saved by older transformers omit "transformer."
+        hf_state = {name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name:
+                    tensor for name, tensor in hf_state.items()}
+    expected = state_dict_to_hf(config, pico_tensors(config))
+    for name, tensor in expected.items():
+        if name not in hf_state:
+            raise UserError(f"the checkpoint has no tensor {name}, which config.json implies")
+        if hf_state[name].shape != tensor.shape:
+            raise UserError(f"checkpoint tensor {name} has shape {tuple(hf_state[name].shape)}; "
+                            f"config.json implies {tuple(tensor.shape)}")
+    unknown = [name for name in hf_state if name not in expected
+               and not name.endswith(IGNORED_SUFFIXES)
+               and not (config.tie_weights and name == "lm_head.weight")]
+    if unknown:
+        raise UserError(f"checkpoint tensor {unknown[0]} has no place in a pico-llm Transformer "
+                        f"({len(unknown)} such tensors)")
+    pico_state = {pico_name: to_pico(hf_state[hf_name].float(), layout, config).contiguous()
+                  for pico_name, hf_name, layout in name_map(config)}
+    if config.tie_weights:
+        pico_state["unembedding.weight"] = pico_state["token_embedding.weight"]
+    return pico_state
+
+
+# --- E.3 Model directories and the hub -----------------------------------------------------
+
+def read_hf_config(path: Path) -> dict:
+    """config.json of a Hugging Face model directory, as a dict."""
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json; expected a Hugging Face model directory")
+    try:
+        hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path / 'config.json'}: {error}".splitlines()[0]) from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{path / 'config.json'} is not a JSON object")
+    return hf_config
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory: model.safetensors, its shards, or pytorch_model.bin
+    (loaded with weights_only, which runs no code from the file)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = [path / shard for shard in sorted(set(
+            json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "pytorch_model.bin").is_file():
+        files = [path / "pytorch_model.bin"]
+    else:
+        raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
+    tensors = {}
+    for file in files:
+        try:
+            if file.suffix == ".bin":
+                tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+            else:
+                tensors.update(hf_package("safetensors.torch", "reading model.safetensors")
+                               .load_file(file))
+        except UserError:
+            raise
+        except Exception as error:  # missing shards, truncated files: many error types
+            reason = (str(error) or type(error).__name__).splitlines()[0]
+            raise UserError(f"cannot read {file}: {reason[:160]}") from None
+    return tensors
+
+
+def load_hf_directory(path) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
+    """A Hugging Face model directory -> (TransformerConfig, pico-llm state dict)."""
+    path = Path(path)
+    config = config_from_hf(read_hf_config(path))
+    return config, state_dict_from_hf(config, read_hf_weights(path))
+
+
+def import_hf(path) -> tuple[TransformerModel, object]:
+    """(model, tokenizer) from a Hugging Face model directory."""
+    config, state = load_hf_directory(path)
+    tokenizer = tokenizer_from_hf(path, config)
+    model = TransformerModel(config)
+    model.load_state_dict(state)
+    return model, tokenizer
+
+
+def hub_fallback(spec: str) -> str:
+    return (f"download it once where there is network (hf download {spec} config.json "
+            f"model.safetensors tokenizer.json --local-dir DIR) and pass --init_from DIR")
+
+
+def resolve_init_from(spec: str) -> Path:
+    """--init_from: a local Hugging Face model directory, or a hub id (e.g. gpt2) fetched
+    into the hub cache; without network, fails within seconds naming the directory form."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"--init_from {spec} is a file; pass a model directory or a hub id")
+    if not huggingface_hub_reachable():
+        raise UserError(f"--init_from {spec}: no such directory, and the Hugging Face hub is "
+                        f"unreachable; {hub_fallback(spec)}")
+    hub = hf_package("huggingface_hub", f"--init_from {spec} (a hub id)")
+    try:  # safetensors only: hub repos often hold the same weights in several formats
+        return Path(hub.snapshot_download(
+            spec, allow_patterns=["config.json", "tokenizer.json", "model*.safetensors*"]))
+    except Exception as error:  # the hub raises many types (unknown repo, gated, network)
+        reason = (str(error) or type(error).__name__).splitlines()[0]
+        raise UserError(f"--init_from {spec}: {reason}; {hub_fallback(spec)}") from None
+
+
+# --- E.4 Tokenizers ------------------------------------------------------------------------
+# A model's ids mean what its tokenizer made them mean. An imported GPT-2 uses
+# pico-llm's own GPT-2 tokenizer (the same 50257 ids); any other model brings its
+# tokenizer.json, read by the `tokenizers` package behind pico-llm's interface. On
+# export, pico-llm's tokenizers are written as tokenizer.json (byte-level BPE, GPT-2's
+# format) giving the same ids.
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as one printable character, so that a
+    vocabulary of byte strings can be written as JSON text."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(others)) for b in range(256)}
+
+
+BYTE_CHARS = bytes_to_unicode()
+
+
+def byte_text(token: bytes) -> str:
+    return "".join(BYTE_CHARS[b] for b in token)
+
+
+def byte_level_bpe(vocab: dict[int, bytes], merges, special_ids: dict[str, int]):
+    """A `tokenizers` byte-level BPE (GPT-2's format) with pico-llm's ids and merges."""
+    tokenizers = hf_package("tokenizers", "--export_hf")
+    specials = set(special_ids.values())
+    # reversed: when two ids hold the same bytes, the smaller one wins, as in pico-llm
+    texts = {byte_text(token): i for i, token in sorted(vocab.items(), reverse=True)
+             if i not in specials}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={**texts, **special_ids},  # special tokens keep their ids
+        merges=[(byte_text(a), byte_text(b)) for a, b in merges]))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    tokenizer.add_special_tokens([tokenizers.AddedToken(token, special=True)
+                                  for token in special_ids])
+    return tokenizer
+
+
+def tokenizer_to_hf(tokenizer):
+    """pico-llm tokenizer -> `tokenizers.Tokenizer` giving the same ids."""
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.tokenizer
+    if isinstance(tokenizer, GPT2Tokenizer):
+        vocab, merges = gpt2_vocab_and_merges(GPT2_RANKS_PATH)
+    elif isinstance(tokenizer, ByteTokenizer):
+        vocab, merges = {b: bytes([b]) for b in range(256)}, []
+    elif isinstance(tokenizer, TrainedBPETokenizer):
+        vocab, merges = tokenizer.bpe.vocab, tokenizer.bpe.merges
+    else:
+        raise UserError(f"tokenizer {tokenizer.name} has no Hugging Face export")
+    return byte_level_bpe(vocab, merges, {END_OF_TEXT: tokenizer.eot_id})
+
+
+class HFTokenizer:
+    """A tokenizer.json (Hugging Face `tokenizers`) behind pico-llm's tokenizer interface.
+    Like pico-llm's tokenizers, encode adds no BOS token. vocab_size is the model's
+    (embedding tables are often padded beyond the tokenizer's ids)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eot_id: int, name: str) -> None:
+        decoders = hf_package("tokenizers", "a tokenizer.json").decoders
+        self.tokenizer, self.vocab_size, self.eot_id, self.name = tokenizer, vocab_size, eot_id, name
+        self.byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+
+    @classmethod
+    def from_json(cls, text: str, vocab_size: int, eot_id: int, name: str) -> "HFTokenizer":
+        tokenizers = hf_package("tokenizers", "a tokenizer.json")
+        return cls(tokenizers.Tokenizer.from_str(text), vocab_size, eot_id, name)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """Bytes of text each id stands for (0 for special tokens), for bits per byte.
+        Byte-level BPE: one character per byte. SentencePiece: "▁" is a space, "<0x0A>" a byte."""
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        specials = {i for i, token in self.tokenizer.get_added_tokens_decoder().items()
+                    if token.special}
+        for token, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
+            if i not in specials:
+                byte_fallback = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+                lengths[i] = (len(token) if self.byte_level else 1 if byte_fallback
+                              else len(token.replace("▁", " ").encode("utf-8")))
+        return lengths
+
+
+def tokenizer_from_hf(path, config: TransformerConfig):
+    """The tokenizer of a Hugging Face model directory: pico-llm's own GPT-2 tokenizer when
+    the vocabulary is GPT-2's, otherwise tokenizer.json through `tokenizers`; UserError if
+    none fits the model."""
+    path = Path(path)
+    file = path / "tokenizer.json"
+    gpt2_sized = config.vocab_size == 50257
+    if not file.is_file():
+        if gpt2_sized and hf_family(config) == "gpt2":
+            return GPT2Tokenizer()
+        raise UserError(f"{path} has no tokenizer.json, and its {config.vocab_size}-token "
+                        "vocabulary is not GPT-2's 50257")
+    tokenizers = hf_package("tokenizers", "a tokenizer.json")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as error:  # tokenizers raises a bare Exception on bad files
+        raise UserError(f"cannot read {file}: {str(error).splitlines()[0][:160]}") from None
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if gpt2_sized and len(vocab) == 50257 and vocab == {
+            byte_text(token): rank for token, rank in load_tiktoken_ranks(GPT2_RANKS_PATH).items()
+            } | {END_OF_TEXT: 50256}:
+        return GPT2Tokenizer()  # the same ids, through tiktoken (faster)
+    if max(vocab.values()) >= config.vocab_size:
+        raise UserError(f"{file} has ids up to {max(vocab.values())}, but the model embeds only "
+                        f"{config.vocab_size} tokens")
+    eos = read_hf_config(path).get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    eot_id = eos if isinstance(eos, int) else vocab.get(END_OF_TEXT, vocab.get("</s>"))
+    if eot_id is None or not 0 <= eot_id < config.vocab_size:
+        raise UserError(f"{path}: config.json has no usable eos_token_id ({eos!r}) and {file} no "
+                        f"{END_OF_TEXT} or </s>")
+    return HFTokenizer(tokenizer, config.vocab_size, eot_id,
+                       "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12])
+
+
+# --- E.5 Export ------------------------------------------------------------------------------
+
+def check_export_directory(directory: Path) -> None:
+    """Export writes a new directory (or fills an empty one), never over anything."""
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"--export_hf {directory} already exists and is not empty; "
+                        "choose a new directory")
+    check_writable_directory(directory.parent, "--export_hf")
+
+
+def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
+    """Write config.json, model.safetensors and (with a tokenizer) tokenizer.json and
+    tokenizer_config.json into a new directory, atomically: a hidden temporary directory
+    beside it, renamed at the end, so a failure leaves nothing half-written."""
+    directory = Path(directory)
+    check_export_directory(directory)
+    config = model.config
+    hf_config = config_to_hf(config, tokenizer.eot_id if tokenizer is not None else None)
+    save_file = hf_package("safetensors.torch", "--export_hf").save_file
+    hf_state = {name: tensor.to("cpu", torch.float32).contiguous()
+                for name, tensor in state_dict_to_hf(config, model.state_dict()).items()}
+    hf_tokenizer = tokenizer_to_hf(tokenizer) if tokenizer is not None else None
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        save_file(hf_state, staging / "model.safetensors", metadata={"format": "pt"})
+        if hf_tokenizer is not None:
+            hf_tokenizer.save(str(staging / "tokenizer.json"))
+            eot = hf_tokenizer.id_to_token(tokenizer.eot_id)
+            (staging / "tokenizer_config.json").write_text(json.dumps(dict(
+                tokenizer_class="PreTrainedTokenizerFast", bos_token=eot, eos_token=eot,
+                model_max_length=config.block_size, clean_up_tokenization_spaces=False),
+                indent=2) + "\n")
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
+        os.rename(staging, directory)  # over an empty directory at most
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write --export_hf {directory}: "
+                            f"{error.strerror or error}") from None
+        raise
+    return directory
+
+
+# --- E.6 The command line ----------------------------------------------------------------------
+# --init_from replaces the --transformer_variant preset: config.json sets the whole
+# architecture of the one model trained (--models transformer), so the flags that
+# would change it (--d_model, --pos_emb, ...) are refused rather than ignored;
+# --dropout, --attention_impl and --block_size (the training context, at most the
+# model's positions) still apply. The tokenizer is
+# the model's own; a --tokenizer that names another is refused. Checkpoints of the
+# run carry the model's config and tokenizer, so --resume and --generate need
+# neither the directory nor the hub again.
+
+def validate_huggingface_args(args: argparse.Namespace) -> None:
+    """The combinations --init_from and --export_hf accept (called by validate_args)."""
+    for flag in ("init_from", "export_hf"):
+        if getattr(args, flag) == "":
+            raise UserError(f"--{flag} is empty; give a directory")
+        if getattr(args, flag):  # checked now rather than after training
+            for package in ("safetensors.torch", "tokenizers"):
+                hf_package(package, f"--{flag}")
+    own = [f"--{flag}" for flag in ("init_from", "export_hf") if getattr(args, flag)]
+    other = [f"--{flag}" for flag in ("accounting", "sweep", "custom_sweep_log",
+                                      "collect_transformer_metrics") if getattr(args, flag)]
+    if own and other:
+        raise UserError(f"{other[0]} builds and reports on its own models; drop {own[0]}")
+    if args.init_from:
+        if args.checkpoint:
+            raise UserError("--init_from and --checkpoint both name the model to start from; "
+                            "give one")
+        if not args.generate and args.models != ["transformer"]:
+            raise UserError(f"--init_from starts one model, the transformer; pass --models "
+                            f"transformer (got {','.join(args.models)})")
+        shape_flags = [flag for flag in TRANSFORMER_OVERRIDE_FLAGS
+                       if flag != "dropout" and getattr(args, flag) is not None]
+        if args.transformer_variant != build_arg_parser().get_default("transformer_variant"):
+            shape_flags.insert(0, "transformer_variant")
+        if shape_flags:
+            raise UserError(f"--{shape_flags[0]} contradicts --init_from, whose config.json sets "
+                            f"the Transformer's shape; drop --{shape_flags[0]}")
+    if args.export_hf:
+        if args.generate:
+            raise UserError("--generate writes no model; drop --export_hf (without --generate, "
+                            "--checkpoint PATH --export_hf DIR exports a checkpoint)")
+        if args.checkpoint and (args.resume is not None or args.save_dir):
+            raise UserError("--checkpoint PATH --export_hf DIR exports without training; "
+                            "drop --resume and --save_dir")
+        if not (args.checkpoint or args.init_from):
+            if "transformer" not in args.models:
+                raise UserError("--export_hf writes the model named transformer; add it to "
+                                f"--models (got {','.join(args.models)})")
+            hf_family(transformer_config_from_flags(vars(args), "transformer"))
+
+
+def check_tokenizer_fits(spec: str | None, tokenizer, source: str) -> None:
+    """A --tokenizer given with --init_from must be the model's own: training or sampling
+    with other ids would read embeddings learned for other tokens."""
+    if spec is not None and spec != tokenizer.name:
+        own = ("GPT-2's 50257 ids (--tokenizer gpt2)" if isinstance(tokenizer, GPT2Tokenizer)
+               else f"the {tokenizer.vocab_size} ids of its own tokenizer.json")
+        raise UserError(f"--tokenizer {spec} does not fit --init_from {source}: its weights "
+                        f"learned {own}; drop --tokenizer")
+
+
+def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
+    """--init_from, for training: (config with the model's Transformer in place of the
+    preset, its tokenizer, its weights in pico-llm names). Resuming, the pico-llm checkpoint
+    holds the config and tokenizer, and its weights are loaded later with the optimizer's
+    state, so the weights returned are None and the Hugging Face model is not read again."""
+    spec, flags = config.huggingface.init_from, config.flags
+    path = weights = None
+    if resumed is not None and "transformer_config" in resumed[1]:
+        transformer = TransformerConfig(**resumed[1]["transformer_config"])
+        tokenizer = tokenizer_from_identity(resumed[1]["tokenizer"])
+    else:
+        path = resolve_init_from(spec)
+        transformer = config_from_hf(read_hf_config(path))
+        tokenizer = tokenizer_from_hf(path, transformer)
+    check_tokenizer_fits(config.data.tokenizer, tokenizer, spec)
+    if config.data.block_size > transformer.block_size:
+        raise UserError(f"--block_size {config.data.block_size} exceeds the "
+                        f"{transformer.block_size} positions of --init_from {spec}")
+    if path is not None:  # read last: the checks above fail without reading gigabytes
+        weights = state_dict_from_hf(transformer, read_hf_weights(path))
+    transformer = dataclasses.replace(transformer, attention_impl=flags["attention_impl"],
+                                      dropout=flags["dropout"] or 0.0)
+    models = dataclasses.replace(config.models, transformer=transformer)
+    return dataclasses.replace(config, models=models), tokenizer, weights
+
+
+def run_export(config: Config) -> int:
+    """--checkpoint PATH --export_hf DIR: write a checkpoint's Transformer in Hugging Face
+    format, without training."""
+    directory, path = Path(config.huggingface.export_hf), Path(config.checkpoints.checkpoint)
+    check_export_directory(directory)
+    model, tokenizer, _ = model_from_checkpoint(path, "--checkpoint")
+    if not isinstance(model, TransformerModel):
+        raise UserError(f"--checkpoint {path} holds no Transformer ({type(model).__name__}); "
+                        "--export_hf writes Transformers of the GPT-2 or Llama family")
+    print(f"Hugging Face model written to {export_hf(model, tokenizer, directory)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,651 @@
+"""Appendix E: Hugging Face interop, checked against transformers itself on tiny random GPT-2
+and Llama models built from configs (offline: nothing is downloaded)."""
+
+import ast
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from conftest import SCRIPT  # noqa: E402
+
+PROMPT = [5, 17, 42, 7, 99, 3]
+
+
+def perturbed(model):
+    """Random init leaves norm weights at 1 and biases at 0, where a wrong mapping would hide."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
+def trained(model, steps=3, seed=0):
+    """A few AdamW steps on random tokens: every weight, norm and bias moves."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.config.vocab_size, (17, 4), generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logits = model(tokens[:-1])                                       # (T, B, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
+    """ids (T, B) as pico-llm takes them -> HF logits as (T, B, V); HF takes (B, T)."""
+    with torch.no_grad():
+        return hf_model(ids.t()).logits.transpose(0, 1)
+
+
+def pico_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids)
+
+
+def random_ids(vocab_size, seq_len=12, batch=2):
+    return torch.randint(0, vocab_size, (seq_len, batch), generator=torch.Generator().manual_seed(3))
+
+
+def save_hf(pico, model, directory, tokenizer=None):
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        pico.tokenizer_to_hf(tokenizer).save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(pico, tmp_path_factory):
+    """A 2-block GPT-2 with GPT-2's 50257-token vocabulary and no tokenizer files (shared by
+    the tests of this file: a test that changes it works on its own copy)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return save_hf(pico, perturbed(transformers.GPT2LMHeadModel(config)),
+                   tmp_path_factory.mktemp("hf") / "gpt2")
+
+
+@pytest.fixture
+def own_gpt2_dir(gpt2_dir, tmp_path):
+    return shutil.copytree(gpt2_dir, tmp_path / "gpt2")
+
+
+def make_llama_dir(pico, directory, tied=False, **overrides):
+    """A 2-block Llama with grouped-query attention (4 heads, 2 key/value heads), theta 5e5,
+    a 300-token embedding and, as tokenizer.json, pico-llm's byte tokenizer (eos 256)."""
+    torch.manual_seed(0)
+    settings = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=96, num_hidden_layers=2, vocab_size=300,
+                    max_position_embeddings=64, rope_theta=500000.0, tie_word_embeddings=tied,
+                    eos_token_id=256, bos_token_id=256)
+    config = transformers.LlamaConfig(**(settings | overrides))
+    model = perturbed(transformers.LlamaForCausalLM(config))
+    return save_hf(pico, model, directory, pico.ByteTokenizer())
+
+
+@pytest.fixture
+def llama_dir(pico, tmp_path):
+    return make_llama_dir(pico, tmp_path / "llama")
+
+
+# --- E.1-E.3 Import: pico-llm computes what transformers computes ---------------------------
+
+def check_same_model(pico, pico_model, directory, vocab_size):
+    """Same logits (to 1e-4) and the same 20 greedy tokens in both libraries."""
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = random_ids(vocab_size)
+    torch.testing.assert_close(pico_logits(pico_model, ids), hf_logits(hf_model, ids),
+                               atol=1e-4, rtol=1e-4)
+    greedy = pico.generate_ids(pico_model, PROMPT, 20, pico.SamplingRule(temperature=0.0),
+                               eot_id=hf_model.config.eos_token_id)
+    expected = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False,
+                                 pad_token_id=hf_model.config.eos_token_id)
+    assert greedy == expected[0].tolist()
+
+
+def test_gpt2_import_gives_hf_logits_greedy_tokens_and_gpt2_tokenizer(pico, gpt2_dir):
+    model, tokenizer = pico.import_hf(gpt2_dir)
+    assert model.config.norm == "layernorm" and model.config.pos_emb == "learned"
+    assert isinstance(tokenizer, pico.GPT2Tokenizer)
+    check_same_model(pico, model, gpt2_dir, 50257)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_import_gives_hf_logits_and_greedy_tokens(pico, tmp_path, tied):
+    directory = make_llama_dir(pico, tmp_path / "llama", tied)
+    model, tokenizer = pico.import_hf(directory)
+    config = model.config
+    assert (config.n_kv_heads, config.rope_theta, config.norm_eps, config.tie_weights) == (
+        2, 5e5, 1e-6, tied)
+    assert model.blocks[0].attention_norm.eps == 1e-6
+    assert isinstance(tokenizer, pico.HFTokenizer) and tokenizer.eot_id == 256
+    assert tokenizer.decode(tokenizer.encode("héllo wörld")) == "héllo wörld"
+    check_same_model(pico, model, directory, 300)
+
+
+def test_llama_with_biases_imports(pico, tmp_path):
+    directory = make_llama_dir(pico, tmp_path / "llama", attention_bias=True, mlp_bias=True)
+    model, _ = pico.import_hf(directory)
+    assert model.config.bias
+    check_same_model(pico, model, directory, 300)
+
+
+def test_imports_may_have_more_blocks_than_the_course_cap(pico, tmp_path):
+    directory = make_llama_dir(pico, tmp_path / "llama", num_hidden_layers=pico.MAX_TRANSFORMER_BLOCKS + 1)
+    model, _ = pico.import_hf(directory)
+    assert len(model.blocks) == pico.MAX_TRANSFORMER_BLOCKS + 1
+
+
+def test_rope_rows_permutation_round_trips(pico):
+    rows = torch.arange(4 * 8 * 3).reshape(32, 3).float()
+    assert torch.equal(pico.rope_rows_to_hf(pico.rope_rows_to_pico(rows, 4), 4), rows)
+    # within a head of 8 dims: pico-llm's pair (0, 1) is HF's dims (0, 4)
+    assert pico.rope_rows_to_pico(torch.arange(8), 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_pytorch_model_bin_and_old_gpt2_names_load(pico, tmp_path, gpt2_dir):
+    """The hub's gpt2 files name tensors without "transformer." and carry causal-mask buffers."""
+    state = load_file(gpt2_dir / "model.safetensors")
+    old = {name.removeprefix("transformer."): tensor for name, tensor in state.items()}
+    old["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
+    directory = tmp_path / "old"
+    directory.mkdir()
+    (directory / "config.json").write_text((gpt2_dir / "config.json").read_text())
+    torch.save(old, directory / "pytorch_model.bin")
+    model, _ = pico.import_hf(directory)
+    check_same_model(pico, model, gpt2_dir, 50257)
+
+
+def test_sharded_safetensors_load(pico, tmp_path, llama_dir):
+    state = load_file(llama_dir / "model.safetensors")
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, shard_names in halves.items():
+        save_file({name: state[name] for name in shard_names}, llama_dir / shard,
+                  metadata={"format": "pt"})
+    (llama_dir / "model.safetensors").unlink()
+    total_size = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    (llama_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total_size},
+         "weight_map": {name: shard for shard, ns in halves.items() for name in ns}}))
+    model, _ = pico.import_hf(llama_dir)
+    check_same_model(pico, model, llama_dir, 300)
+
+
+# --- E.5 Export: transformers computes what pico-llm computes ---------------------------------
+
+EXPORTABLE = {
+    "gpt2 tied": dict(ffn="gelu", norm="layernorm", pos_emb="learned", bias=True, tie_weights=True),
+    "gpt2 untied": dict(ffn="gelu", norm="layernorm", pos_emb="learned", bias=True,
+                        tie_weights=False),
+    "llama gqa untied": dict(n_kv_heads=2, tie_weights=False, rope_theta=5e5),
+    "llama tied bias": dict(tie_weights=True, bias=True),
+}
+
+
+@pytest.mark.parametrize("settings", EXPORTABLE.values(), ids=EXPORTABLE.keys())
+def test_exported_model_loads_in_transformers_with_the_same_logits(pico, tmp_path, settings):
+    torch.manual_seed(0)
+    config = pico.TransformerConfig(vocab_size=257, block_size=32, d_model=32, n_heads=4,
+                                    n_blocks=2, **settings)
+    model = trained(pico.TransformerModel(config))
+    pico.export_hf(model, pico.ByteTokenizer(), tmp_path / "out")
+    check_same_model(pico, model, tmp_path / "out", 257)
+    assert pico.config_from_hf(json.loads((tmp_path / "out/config.json").read_text())) == config
+
+
+def test_the_default_pico_transformer_exports(pico, tmp_path):
+    torch.manual_seed(0)
+    config = pico.TransformerConfig(vocab_size=257, block_size=32, **pico.TRANSFORMER_PRESETS["pico"])
+    model = perturbed(pico.TransformerModel(config))
+    pico.export_hf(model, pico.ByteTokenizer(), tmp_path / "out")
+    check_same_model(pico, model, tmp_path / "out", 257)
+
+
+REFUSED = {
+    "norm_position": dict(norm_position="post"),
+    "pos_emb=none": dict(pos_emb="none"),
+    "pos_emb=sinusoidal": dict(pos_emb="sinusoidal"),
+    "norm=none": dict(norm="none"),
+    "ffn=silu": dict(ffn="silu"),
+    "norm=rmsnorm": dict(pos_emb="learned", norm="rmsnorm", ffn="gelu", bias=True),
+    "n_kv_heads": dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True, n_kv_heads=2),
+    "bias=False": dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=False),
+}
+
+
+@pytest.mark.parametrize("setting", REFUSED)
+def test_export_refuses_settings_transformers_has_no_class_for(pico, tmp_path, setting):
+    config = pico.TransformerConfig(vocab_size=257, block_size=16, d_model=32, n_heads=4,
+                                    n_blocks=1, **REFUSED[setting])
+    with pytest.raises(pico.UserError, match=setting.split("=")[0]) as error:
+        pico.export_hf(pico.TransformerModel(config), None, tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_export_never_overwrites_a_non_empty_directory(pico, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    model = pico.TransformerModel(pico.TransformerConfig(vocab_size=257, block_size=16, d_model=32))
+    with pytest.raises(pico.UserError, match="not empty"):
+        pico.export_hf(model, None, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / "empty").mkdir()
+    pico.export_hf(model, None, tmp_path / "empty")  # an empty directory is fine
+    assert {p.name for p in (tmp_path / "empty").iterdir()} == {"config.json", "model.safetensors"}
+
+
+# --- E.4 Tokenizers in both directions ----------------------------------------------------------
+
+TEXT = "Hello world! It's 2024 —  naïve café, 東京.\n\n  spaces   and\ttabs 🙂 <|endoftext|>?"
+
+
+@pytest.fixture(scope="module")
+def tokenizers_to_export(pico):
+    texts = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 20
+    return {"gpt2": pico.GPT2Tokenizer(), "char": pico.ByteTokenizer(),
+            "bpe": pico.train_bpe_tokenizer(texts, 300, None)}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "char", "bpe"])
+def test_exported_tokenizer_gives_pico_ids_in_transformers(pico, tmp_path, tokenizers_to_export, name):
+    tokenizer = tokenizers_to_export[name]
+    directory = tmp_path / name
+    directory.mkdir()
+    pico.tokenizer_to_hf(tokenizer).save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    ordinary = TEXT.replace("<|endoftext|>", "")  # pico-llm encodes it as text, HF as one id
+    assert hf_tokenizer.encode(ordinary) == tokenizer.encode(ordinary)
+    assert hf_tokenizer.decode(tokenizer.encode(ordinary)) == tokenizer.decode(tokenizer.encode(ordinary))
+    assert hf_tokenizer.eos_token_id == tokenizer.eot_id
+
+
+def test_gpt2_tokenizer_json_is_recognised_as_gpt2(pico, own_gpt2_dir, tokenizers_to_export):
+    pico.tokenizer_to_hf(tokenizers_to_export["gpt2"]).save(str(own_gpt2_dir / "tokenizer.json"))
+    config, _ = pico.load_hf_directory(own_gpt2_dir)
+    assert isinstance(pico.tokenizer_from_hf(own_gpt2_dir, config), pico.GPT2Tokenizer)
+
+
+def test_hf_tokenizer_byte_lengths_count_utf8_bytes(pico, llama_dir):
+    _, tokenizer = pico.import_hf(llama_dir)
+    lengths = tokenizer.token_byte_lengths()
+    assert len(lengths) == 300 and lengths[256] == 0 and (lengths[:256] == 1).all()
+
+
+def test_hf_tokenizer_travels_in_a_checkpoint_identity(pico, llama_dir):
+    _, tokenizer = pico.import_hf(llama_dir)
+    identity = pico.tokenizer_identity(tokenizer.name, tokenizer)
+    again = pico.tokenizer_from_identity(identity)
+    assert (again.name, again.vocab_size, again.eot_id) == (tokenizer.name, 300, 256)
+    assert again.encode(TEXT) == tokenizer.encode(TEXT)
+
+
+# --- Refusals: one line that names the problem --------------------------------------------------
+
+def one_line_error(pico, match, function, *args):
+    with pytest.raises(pico.UserError, match=match) as error:
+        function(*args)
+    assert "\n" not in str(error.value)
+
+
+def test_directory_without_config_json_is_refused(pico, tmp_path):
+    one_line_error(pico, "no config.json", pico.load_hf_directory, tmp_path)
+
+
+def test_unsupported_architecture_is_refused(pico, tmp_path):
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64).save_pretrained(tmp_path)
+    one_line_error(pico, "model_type='bert'", pico.load_hf_directory, tmp_path)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     "rope_type='llama3'"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_parameters=None), "rope_type='linear'"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(head_dim=32), "head_dim=32"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_size=None), "no hidden_size"),
+    (dict(num_hidden_layers=0), "num_hidden_layers=0 is not a positive integer"),
+    (dict(num_key_value_heads=3), "3 key/value heads"),
+])
+def test_unsupported_llama_settings_are_refused(pico, llama_dir, change, match):
+    hf_config = json.loads((llama_dir / "config.json").read_text()) | change
+    one_line_error(pico, match, pico.config_from_hf,
+                   {k: v for k, v in hf_config.items() if v is not None})
+
+
+def test_unsupported_gpt2_activation_is_refused(pico, gpt2_dir):
+    hf_config = json.loads((gpt2_dir / "config.json").read_text()) | {"activation_function": "relu"}
+    one_line_error(pico, "activation_function='relu'", pico.config_from_hf, hf_config)
+
+
+def test_tensor_with_the_wrong_shape_is_named(pico, own_gpt2_dir):
+    state = load_file(own_gpt2_dir / "model.safetensors")
+    state["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(32, 100)
+    save_file(state, own_gpt2_dir / "model.safetensors", metadata={"format": "pt"})
+    one_line_error(pico, r"transformer\.h\.1\.mlp\.c_fc\.weight has shape \(32, 100\); config.json "
+                   r"implies \(32, 128\)", pico.load_hf_directory, own_gpt2_dir)
+
+
+def test_missing_and_unknown_tensors_are_named(pico, llama_dir):
+    state = load_file(llama_dir / "model.safetensors")
+    state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    save_file(state, llama_dir / "model.safetensors", metadata={"format": "pt"})
+    one_line_error(pico, "q_norm.weight has no place", pico.load_hf_directory, llama_dir)
+    del state["model.layers.0.self_attn.q_norm.weight"], state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, llama_dir / "model.safetensors", metadata={"format": "pt"})
+    one_line_error(pico, "no tensor model.layers.1.mlp.up_proj.weight", pico.load_hf_directory,
+                   llama_dir)
+
+
+def test_unreadable_weights_are_refused(pico, llama_dir):
+    (llama_dir / "model.safetensors").write_bytes(b"not safetensors")
+    one_line_error(pico, "cannot read .*model.safetensors", pico.load_hf_directory, llama_dir)
+
+
+def test_tokenizers_that_do_not_fit_are_refused(pico, tmp_path, llama_dir, gpt2_dir,
+                                                tokenizers_to_export):
+    (llama_dir / "tokenizer.json").unlink()
+    one_line_error(pico, "no tokenizer.json", pico.import_hf, llama_dir)
+    # a 300-token BPE for a model that embeds 257 tokens
+    small = tmp_path / "small"
+    torch.manual_seed(0)
+    pico.export_hf(pico.TransformerModel(pico.TransformerConfig(vocab_size=257, block_size=16)),
+                   None, small)
+    pico.tokenizer_to_hf(tokenizers_to_export["bpe"]).save(str(small / "tokenizer.json"))
+    one_line_error(pico, "embeds only 257 tokens", pico.import_hf, small)
+    # a GPT-2 with another vocabulary and no tokenizer.json
+    hf_config = json.loads((gpt2_dir / "config.json").read_text())
+    config = pico.config_from_hf(hf_config | {"vocab_size": 1000})
+    one_line_error(pico, "not GPT-2's 50257", pico.tokenizer_from_hf, gpt2_dir, config)
+
+
+# --- E.6 --init_from: directories and hub ids ---------------------------------------------------
+
+def test_init_from_a_directory_is_that_directory(pico, gpt2_dir):
+    assert pico.resolve_init_from(str(gpt2_dir)) == gpt2_dir
+
+
+def test_init_from_a_hub_id_offline_fails_fast_naming_the_directory_form(pico, monkeypatch):
+    monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: False)
+    start = time.perf_counter()
+    one_line_error(pico, r"--local-dir DIR\) and pass --init_from DIR", pico.resolve_init_from,
+                   "gpt2")
+    assert time.perf_counter() - start < 2
+
+
+def test_init_from_a_hub_id_downloads_safetensors_or_fails_in_one_line(pico, monkeypatch, tmp_path):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: True)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda spec, allow_patterns: calls.append(allow_patterns) or str(tmp_path))
+    assert pico.resolve_init_from("gpt2") == tmp_path
+    assert "model*.safetensors*" in calls[0]
+
+    def gated(spec, allow_patterns):
+        raise OSError("401 Client Error\nAccess to model meta-llama/x is restricted")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    one_line_error(pico, "401 Client Error; download it once", pico.resolve_init_from,
+                   "meta-llama/x")
+
+
+# --- E.6 The command line: fine-tune, resume, generate, export ----------------------------------
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "in" / "corpus.txt"
+    path.parent.mkdir()
+    path.write_text("".join(f"the cat {i} sat on the mat and the dog {i % 7} ran\n"
+                            for i in range(40)))
+    return path
+
+
+def fine_tune(corpus, *extra):
+    """Four steps of fine-tuning on 12 short lines: two epochs of two steps."""
+    return ["--models", "transformer", "--input_files", str(corpus), "--block_size", "24",
+            "--batch_size", "4", "--max_steps_per_epoch", "2", "--epochs", "2",
+            "--limit_custom_examples", "12", "--max_new_tokens", "2", "--learning_rate", "1e-3",
+            "--quiet", *extra]
+
+
+def latest_checkpoint(save_dir):
+    return sorted((save_dir / "transformer").glob("step_*.pt"))[-1]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fine_tuned_model_exports_with_the_logits_pico_computes(pico, run_main, tmp_path, corpus,
+                                                                family, gpt2_dir):
+    source = gpt2_dir if family == "gpt2" else make_llama_dir(pico, tmp_path / "llama")
+    imported, tokenizer = pico.import_hf(source)
+    status, out, err = run_main("--init_from", str(source), *fine_tune(corpus),
+                                "--save_dir", str(tmp_path / "ckpt"),
+                                "--export_hf", str(tmp_path / "out"), "--run_name", "tuned")
+    assert status == 0, err
+    assert f"Hugging Face model written to {tmp_path / 'out'}" in out
+    run = pico.load_runlog(tmp_path / "artefacts" / "tuned.json")
+    assert run["data"]["tokenizer"] == tokenizer.name
+    assert run["models"]["transformer"]["config"]["n_blocks"] == 2
+    tuned, tuned_tokenizer, _ = pico.model_from_checkpoint(latest_checkpoint(tmp_path / "ckpt"),
+                                                           "--checkpoint")
+    assert tuned_tokenizer.name == tokenizer.name
+    ids = random_ids(imported.config.vocab_size)
+    assert not torch.allclose(pico_logits(tuned, ids), pico_logits(imported, ids))  # it trained
+    check_same_model(pico, tuned, tmp_path / "out", imported.config.vocab_size)
+    reimported, reimported_tokenizer = pico.import_hf(tmp_path / "out")
+    torch.testing.assert_close(pico_logits(reimported, ids), pico_logits(tuned, ids))
+    assert reimported_tokenizer.encode("the cat sat") == tokenizer.encode("the cat sat")
+
+
+def test_generate_from_an_hf_directory_gives_the_greedy_tokens_of_transformers(
+        pico, run_main, gpt2_dir):
+    status, out, err = run_main("--generate", "--init_from", str(gpt2_dir), "--prompt", "Hello there",
+                                "--temperature", "0", "--max_new_tokens", "6")
+    assert status == 0, err
+    gpt2 = pico.GPT2Tokenizer()
+    prompt = gpt2.encode("Hello there")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=gpt2.eot_id)[0].tolist()
+    new = [i for i in expected[len(prompt):] if i != gpt2.eot_id]
+    assert out.rstrip("\n") == "Hello there" + gpt2.decode(new)
+
+
+def losses(run):
+    return [h["train_loss"] for h in run["models"]["transformer"]["history"]]
+
+
+def test_init_from_run_resumes_generates_and_exports_without_the_hf_directory(
+        pico, run_main, tmp_path, corpus, monkeypatch):
+    """The checkpoints of an --init_from run carry the model's config and tokenizer.json."""
+    source = make_llama_dir(pico, tmp_path / "llama")
+    assert run_main("--init_from", str(source), *fine_tune(corpus), "--run_name", "whole")[0] == 0
+    flags = ["--init_from", str(source), *fine_tune(corpus, "--save_dir", str(tmp_path / "ckpt"))]
+    calls, real_step = [], pico.training_step
+
+    def step_then_ctrl_c(*args):
+        calls.append(real_step(*args))
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return calls[-1]
+
+    monkeypatch.setattr(pico, "training_step", step_then_ctrl_c)
+    assert run_main(*flags, "--run_name", "cut")[0] == 130
+    monkeypatch.setattr(pico, "training_step", real_step)
+    shutil.rmtree(source)
+    status, _, err = run_main(*flags, "--resume", "--run_name", "resumed")
+    assert status == 0, err
+    artefacts = tmp_path / "artefacts"
+    assert losses(pico.load_runlog(artefacts / "resumed.json")) == losses(
+        pico.load_runlog(artefacts / "whole.json"))
+
+    checkpoint = latest_checkpoint(tmp_path / "ckpt")
+    status, out, err = run_main("--generate", "--checkpoint", str(checkpoint), "--prompt", "the cat",
+                                "--temperature", "0", "--max_new_tokens", "5")
+    assert status == 0, err
+    model, tokenizer, _ = pico.model_from_checkpoint(checkpoint, "--checkpoint")
+    greedy = pico.generate_text(model, tokenizer, "the cat", 5, pico.SamplingRule(temperature=0.0))
+    assert out.rstrip("\n") == greedy.text
+
+    status, out, err = run_main("--checkpoint", str(checkpoint), "--export_hf", str(tmp_path / "out"))
+    assert status == 0, err
+    check_same_model(pico, model, tmp_path / "out", 300)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert hf_tokenizer.encode("the cat") == tokenizer.encode("the cat")
+
+
+def test_a_finished_run_resumed_with_export_hf_exports_the_trained_weights(
+        pico, run_main, refused, tmp_path, corpus):
+    """Also: a checkpoint of another model is not exported."""
+    flags = fine_tune(corpus, "--tokenizer", "char", "--models", "lstm_seq,transformer",
+                      "--embed_size", "16", "--d_model", "32", "--n_heads", "2", "--n_blocks", "1",
+                      "--save_dir", str(tmp_path / "ckpt"))
+    assert run_main(*flags)[0] == 0
+    status, out, err = run_main(*flags, "--resume", "--export_hf", str(tmp_path / "out"))
+    assert status == 0, err
+    model, _, _ = pico.model_from_checkpoint(latest_checkpoint(tmp_path / "ckpt"), "--checkpoint")
+    check_same_model(pico, model, tmp_path / "out", 257)
+    lstm = sorted((tmp_path / "ckpt" / "lstm_seq").glob("step_*.pt"))[-1]
+    refused("holds no Transformer (LSTMSeqModel)", "--checkpoint", str(lstm),
+            "--export_hf", str(tmp_path / "lstm"))
+
+
+# --- E.6 The command line: bad input, one line each, nothing written ----------------------------
+
+def files_under(directory):
+    return {path for path in directory.rglob("*")}
+
+
+@pytest.fixture
+def refused(pico, run_main, tmp_path, capsys):
+    """Runs main(); checks exit status 2, one error line matching `match`, nothing written."""
+    def check(match, *argv):
+        capsys.readouterr()  # what the fixtures printed (transformers' progress bars)
+        before = files_under(tmp_path)
+        status, out, err = run_main(*argv)
+        lines = err.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert match in lines[0], lines[0]
+        assert files_under(tmp_path) == before
+        return lines[0]
+    return check
+
+
+def test_init_from_a_directory_without_config_json_is_refused(refused, tmp_path, corpus):
+    (tmp_path / "empty").mkdir()
+    refused("has no config.json", "--init_from", str(tmp_path / "empty"), *fine_tune(corpus))
+
+
+def test_init_from_an_unsupported_architecture_is_refused(refused, tmp_path, corpus):
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64).save_pretrained(tmp_path / "bert")
+    refused("model_type='bert' is not supported", "--init_from", str(tmp_path / "bert"),
+            *fine_tune(corpus))
+
+
+def test_init_from_mismatched_shapes_is_refused(refused, own_gpt2_dir, corpus, tmp_path):
+    state = load_file(own_gpt2_dir / "model.safetensors")
+    state["transformer.wpe.weight"] = torch.zeros(32, 32)
+    save_file(state, own_gpt2_dir / "model.safetensors", metadata={"format": "pt"})
+    refused("transformer.wpe.weight has shape (32, 32); config.json implies (64, 32)",
+            "--init_from", str(own_gpt2_dir), *fine_tune(corpus), "--export_hf",
+            str(tmp_path / "out"))
+
+
+def test_init_from_with_a_tokenizer_that_does_not_fit_is_refused(refused, pico, tmp_path, corpus,
+                                                                 gpt2_dir, llama_dir):
+    refused("--tokenizer char does not fit", "--init_from", str(gpt2_dir), *fine_tune(corpus),
+            "--tokenizer", "char")
+    refused("--tokenizer gpt2 does not fit", "--init_from", str(llama_dir), *fine_tune(corpus),
+            "--tokenizer", "gpt2")
+    refused("--tokenizer gpt2 does not fit", "--generate", "--init_from", str(llama_dir),
+            "--tokenizer", "gpt2")
+    (llama_dir / "tokenizer.json").unlink()
+    refused("has no tokenizer.json", "--init_from", str(llama_dir), *fine_tune(corpus))
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--d_model", "64"], "--d_model contradicts --init_from"),
+    (["--n_blocks", "12"], "--n_blocks contradicts --init_from"),
+    (["--tie_weights", "false"], "--tie_weights contradicts --init_from"),
+    (["--transformer_variant", "minGPT"], "--transformer_variant contradicts --init_from"),
+    (["--models", "lstm_seq,transformer"], "pass --models transformer"),
+    (["--enable_transformer_gptoss"], "pass --models transformer"),
+    (["--block_size", "100"], "--block_size 100 exceeds the 64 positions"),
+    (["--sweep", "budget"], "--sweep builds and reports on its own models"),
+    (["--accounting"], "--accounting builds and reports on its own models"),
+    (["--generate", "--checkpoint", "x.pt"], "give one"),
+])
+def test_init_from_flag_combinations_that_contradict_it_are_refused(refused, gpt2_dir, corpus,
+                                                                     flags, match):
+    refused(match, "--init_from", str(gpt2_dir), *fine_tune(corpus), *flags)
+
+
+def test_init_from_a_hub_id_offline_is_refused_within_seconds(refused, pico, monkeypatch, corpus):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    message = refused("the Hugging Face hub is unreachable", "--init_from", "gpt2",
+                      *fine_tune(corpus))
+    assert "--init_from DIR" in message and time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--pos_emb", "none"], "pos_emb=none has no transformers class"),
+    (["--norm_position", "post"], "norm_position=post has no transformers class"),
+    (["--ffn", "silu"], "ffn=silu has no transformers class"),
+    (["--pos_emb", "learned"], "norm=rmsnorm has no transformers class"),
+    (["--transformer_variant", "minGPT", "--n_kv_heads", "2"], "n_kv_heads=2"),
+    (["--models", "lstm_seq"], "--export_hf writes the model named transformer"),
+    (["--generate", "--checkpoint", "x.pt"], "--generate writes no model"),
+])
+def test_export_hf_of_a_model_transformers_cannot_load_is_refused_before_training(
+        refused, tmp_path, corpus, flags, match):
+    refused(match, *fine_tune(corpus, "--tokenizer", "char"), "--export_hf", str(tmp_path / "out"),
+            *flags)
+
+
+def test_export_hf_into_a_non_empty_directory_is_refused_before_training(refused, tmp_path, corpus):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    refused("already exists and is not empty", *fine_tune(corpus, "--tokenizer", "char"), "--export_hf",
+            str(tmp_path / "out"))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+
+HF_PACKAGES = ("transformers", "tokenizers", "safetensors", "safetensors.torch", "huggingface_hub")
+
+
+def test_pico_llm_imports_no_hugging_face_package_at_load_time():
+    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
+    loaded = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    loaded |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert not {name.split(".")[0] for name in loaded} & set(HF_PACKAGES)
+
+
+def test_pico_llm_trains_without_the_hugging_face_packages(run_main, monkeypatch, tmp_path, corpus):
+    """Without them the rest trains, and --export_hf names the missing package before training."""
+    for name in HF_PACKAGES:
+        monkeypatch.setitem(sys.modules, name, None)  # "import name" now raises ImportError
+    run = fine_tune(corpus, "--tokenizer", "char", "--models", "lstm_seq", "--embed_size", "16")
+    assert run_main(*run)[0] == 0
+    status, _, err = run_main(*run, "--export_hf", str(tmp_path / "out"))
+    assert (status, err) == (2, "pico-llm: error: --export_hf needs the safetensors package; "
+                                "pip install -r requirements-core.txt\n")
+    assert not (tmp_path / "out").exists()
