@@ -274,6 +274,11 @@ class KVCache:
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    @property
+    def bytes_held(self) -> int:
+        """Memory of the keys and values of the tokens it holds."""
+        return 2 * self.keys[:, :, :self.length].numel() * self.keys.element_size()
+
     def _slide(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys = torch.cat([self.keys[:, :, :self.length], keys], dim=2)        # (B, H_kv, S, D)
         values = torch.cat([self.values[:, :, :self.length], values], dim=2)
@@ -525,6 +530,10 @@ class LinearAttentionState:
     thousand tokens as after one; None before the first."""
 
     matrix: torch.Tensor | None = None
+
+    @property
+    def bytes_held(self) -> int:
+        return 0 if self.matrix is None else self.matrix.numel() * self.matrix.element_size()
 
 
 class LinearAttention(nn.Module):
@@ -2406,7 +2415,7 @@ def ascii_loss_plot(records: dict, width: int = 60, height: int = 12) -> str:
 SWEEP_SCHEMA_VERSION = 1
 
 SWEEP_NAMES = ("custom_data", "budget", "overfit", "hyperparams", "kgram_variants",
-               "architectures", "sampling", "ablations", "learning_rate", "batch_size")
+               "architectures", "sampling", "ablations", "learning_rate", "batch_size", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2429,6 +2438,8 @@ class SweepScale:
     samples_per_rule: int
     max_new_tokens: int
     custom_sizes: tuple[int, ...]
+    generation_contexts: tuple[int, ...]   # prompt lengths the attention sweep generates after
+    generation_new_tokens: int
     learning_rates: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     test_fraction: float = 0.2
@@ -2441,12 +2452,14 @@ SWEEP_SCALES = {
                        overfit_checkpoints=5, architecture_width=96,
                        architecture_max_blocks=8, sampling_steps=800,
                        samples_per_rule=5, max_new_tokens=60,
-                       custom_sizes=(3, 63, 123, 185)),
+                       custom_sizes=(3, 63, 123, 185),
+                       generation_contexts=(64, 128, 256, 512, 1024, 2048), generation_new_tokens=64),
     "tiny": SweepScale("tiny", 30, batch_size=4, block_size=16, width=16, steps=2,
                        budget_epochs=1, overfit_examples=6, overfit_epochs=3,
                        overfit_checkpoints=2, architecture_width=96, architecture_max_blocks=1,
                        sampling_steps=2, samples_per_rule=2, max_new_tokens=8,
-                       custom_sizes=(3, 8, 16), learning_rates=(1e-3, 1e4), batch_sizes=(1, 4)),
+                       custom_sizes=(3, 8, 16), generation_contexts=(16, 32), generation_new_tokens=4,
+                       learning_rates=(1e-3, 1e4), batch_sizes=(1, 4)),
 }
 
 
@@ -2725,7 +2738,9 @@ def sweep_kgram_variants(log: SweepLog, base, scale, device, tokenizer) -> None:
 def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
     """Every Transformer preset at a reduced width (and at most architecture_max_blocks
     blocks), plus the LSTM and the k-gram MLP, all trained and measured in this run.
-    Their per-step histories go to a run log beside the sweep, for the loss curves."""
+    Their per-step histories go to a run log beside the sweep, for the loss curves (and a
+    mixture of experts' expert usage); each preset's attention maps over the first test
+    example go to attention_<preset>.json (GPT-oss's sliding windows and sinks among them)."""
     config = with_flags(base, test_fraction=scale.test_fraction)
     data = sweep_data(config, tokenizer)
     config = with_step_budget(config, data, scale.steps)
@@ -2745,8 +2760,11 @@ def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
         if log.done(label, settings):
             continue
         point = with_flags(config, **settings)
-        _, record = train_sweep_model(label, model_name, point, device, tokenizer, data, runlog)
+        model, record = train_sweep_model(label, model_name, point, device, tokenizer, data, runlog)
         runlog.write()
+        source = data.sources[0]
+        text = tokenizer.decode(list(source.examples.example(source.test[0])[: data.block_size]))
+        write_attention_maps(model, label, tokenizer, text, log.path.parent, device)
         log.add(label, settings, {**point_result(record, data), "config": record["config"],
                                   "training_flops_per_token": record["training_flops_per_token"],
                                   "run_log": run_path.name})
@@ -2852,11 +2870,65 @@ def sweep_batch_size(log: SweepLog, base, scale, device, tokenizer) -> None:
             train_or_diverge(log, "transformer", settings, point, device, tokenizer, data)
 
 
+# The attention sweep's points: the pico Transformer with each kind of token mixing.
+ATTENTION_SWEEP_POINTS = {
+    "softmax": {"attention": "softmax"},
+    "linear": {"attention": "linear"},
+    "gated_linear, fixed decay (RetNet)": {"attention": "gated_linear",
+                                           "linear_attention_gate": "fixed"},
+    "gated_linear, data-dependent (GLA)": {"attention": "gated_linear",
+                                           "linear_attention_gate": "data"},
+}
+
+
+def sweep_attention(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """The pico Transformer with softmax, linear and gated linear attention: the loss at equal
+    budget, and how fast each generates against the context length. The trained weights go
+    into a model with a block long enough for the longest context (RoPE and linear attention
+    have no parameter tied to the block size), which then generates after prompts of each of
+    scale.generation_contexts tokens: the softmax KV cache grows with the context, the linear
+    state does not."""
+    config = with_flags(base, test_fraction=scale.test_fraction)
+    data = sweep_data(config, tokenizer)
+    config = with_step_budget(config, data, scale.steps)
+    longest = max(scale.generation_contexts) + scale.generation_new_tokens
+    for label, overrides in ATTENTION_SWEEP_POINTS.items():
+        settings = {"attention_kind": label, **overrides}
+        if log.done("transformer", settings):
+            continue
+        point = with_flags(config, **overrides)
+        model, record = train_sweep_model("transformer", "transformer", point, device, tokenizer, data)
+        long_block = build_model(with_flags(point, block_size=longest).models.config_of("transformer"),
+                                 tokenizer.vocab_size, point.training.seed).to(device)
+        long_block.load_state_dict(model.state_dict())
+        speeds = [generation_speed(long_block, context, scale.generation_new_tokens, device)
+                  for context in scale.generation_contexts]
+        log.add("transformer", settings, {**point_result(record, data), "generation": speeds})
+
+
+@torch.no_grad()
+def generation_speed(model: TransformerModel, context: int, new_tokens: int, device) -> dict:
+    """Greedy generation of `new_tokens` tokens one at a time through the model's cache after a
+    prompt of `context` random tokens: {"context", "tokens_per_s" (the new tokens only, the
+    prompt's forward pass untimed), "state_bytes" (what the caches hold at the end)}."""
+    model.eval()
+    prompt = torch.randint(0, model.vocab_size, (context, 1), device=device,
+                           generator=torch.Generator(device=device).manual_seed(context))
+    logits, state = model.forward_incremental(prompt, None)
+    started = time.perf_counter()
+    for _ in range(new_tokens):
+        logits, state = model.forward_incremental(logits[-1].argmax(dim=-1)[None], state)  # (1, 1)
+    int(logits[-1, 0].argmax())                   # waits for a GPU to finish
+    elapsed = time.perf_counter() - started
+    return {"context": context, "tokens_per_s": new_tokens / max(elapsed, 1e-9),
+            "state_bytes": sum(cache.bytes_held for cache in state.caches)}
+
+
 SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": sweep_overfit,
           "hyperparams": sweep_hyperparams, "kgram_variants": sweep_kgram_variants,
           "architectures": sweep_architectures, "sampling": sweep_sampling,
           "ablations": sweep_ablations, "learning_rate": sweep_learning_rate,
-          "batch_size": sweep_batch_size}
+          "batch_size": sweep_batch_size, "attention": sweep_attention}
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -2924,15 +2996,22 @@ def attention_maps(model: TransformerModel, token_ids: list[int], device) -> lis
 
 def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, directory: Path,
                          device) -> Path | None:
-    """artefacts/attention_<name>.json with the prompt's tokens and their attention maps."""
-    if not isinstance(model, TransformerModel):
+    """artefacts/attention_<name>.json with the prompt's tokens, their attention maps, and per
+    layer its sliding window (null: the whole context) and its sink logits (null: no sinks;
+    with sinks a row of weights sums to 1 minus the sink's share). Softmax attention only:
+    linear attention has no weights to show."""
+    if not isinstance(model, TransformerModel) or model.config.attention != "softmax":
         return None
     ids = tokenizer.encode(prompt)[: model.config.block_size]
+    attentions = [block.attention for block in model.blocks]
     path = directory / f"attention_{name}.json"
     atomic_write_json(path, {"kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION,
                              "model": name, "prompt": prompt,
                              "tokens": [tokenizer.decode([i]) for i in ids],
-                             "layers": attention_maps(model, ids, device)})
+                             "layers": attention_maps(model, ids, device),
+                             "windows": [attention.window for attention in attentions],
+                             "sinks": [None if attention.sinks is None else attention.sinks.tolist()
+                                       for attention in attentions]})
     return path
 
 
@@ -3246,10 +3325,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--lr_min", type=float, default=0.0,
                       help="reduce-on-plateau never takes the peak learning rate below this")
     experiments = parser.add_argument_group("experiments (section 7)")
-    experiments.add_argument("--sweep", choices=("presentation", "custom_data", "budget", "overfit",
-                                                 "hyperparams", "kgram_variants", "architectures",
-                                                 "sampling", "ablations", "learning_rate",
-                                                 "batch_size"), default=None,
+    experiments.add_argument("--sweep", choices=("presentation", *SWEEP_NAMES), default=None,
                              help="run one sweep into artefacts/sweep_<name>.json, or every sweep "
                                   "(presentation); finished points are skipped when started again")
     experiments.add_argument("--sweep_scale", choices=("full", "tiny"), default="full",
