@@ -4,7 +4,8 @@
 It trains and compares small next-token models on a laptop CPU in minutes (and
 on a GPU at full speed): a k-gram MLP (one-hot, embedding or convolutional
 context), an LSTM, and decoder-only Transformers built from explicit blocks
-(RMSNorm, rotary embeddings, SwiGLU, causal attention) in the presets minGPT,
+(RMSNorm, rotary embeddings, SwiGLU, causal attention with sinks and sliding
+windows, a mixture of experts, linear attention) in the presets minGPT,
 GPT2-small, GPT-oss and Llama3-lite. Every run writes a JSON log that the
 companion notebook `pico_llm.ipynb` plots.
 
@@ -27,7 +28,8 @@ experiments with it; Part III holds the machinery.
 
 Contents (the section banners below carry the same numbers):
   Part I. The lesson
-    1. Building blocks (RMSNorm, rotary embedding, attention, feed-forward)
+    1. Building blocks (RMSNorm, rotary embedding, attention, feed-forward,
+       mixture of experts, linear attention)
     2. Models: 2.1 k-gram MLP, 2.2 LSTM, 2.3 Transformer and its preset table
     3. The loss (masked next-token cross-entropy on the logits)
     4. Sampling and generation (greedy, temperature, top-k, nucleus; KV cache)
@@ -128,7 +130,8 @@ class UserError(Exception):
 # 1. Building blocks
 # =============================================================================
 # The pieces a Transformer is made of, each written out. Shapes use B = batch,
-# T = new tokens, S = tokens attended to (cache + new), H = heads, D = head size.
+# T = new tokens, S = tokens attended to (cache + new), H = heads, D = head size,
+# N = positions a feed-forward sees (B T), E = experts or a state's value width.
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight.
@@ -155,24 +158,52 @@ def make_norm(kind: str, dim: int, bias: bool, eps: float = 1e-5) -> nn.Module:
     return nn.Identity()
 
 
+def yarn_frequencies(head_dim: int, theta: float, factor: float, original_context: int,
+                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies theta^(-2i/D), (D/2,), and an attention factor: 1 and the plain
+    frequencies for factor 1, YaRN's (Peng et al., 2023, as GPT-oss uses it) for factor > 1.
+
+    A pair that turns more than beta_fast times over the original context keeps its frequency (it
+    saw every angle in training); one turning fewer than beta_slow times is slowed by `factor`, so
+    positions up to factor x original_context map to angles seen in training; a linear ramp blends
+    the pairs between. cos and sin are multiplied by the attention factor 0.1 ln(factor) + 1 (so
+    q.k by its square), sharpening attention to offset the longer context. As in GPT-oss the
+    scaling is static: it applies at every length, not only past original_context.
+    """
+    inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if factor == 1.0:
+        return inverse_frequency, 1.0
+
+    def pair_turning(rotations: float) -> float:  # the (fractional) pair that turns this many times
+        return head_dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(pair_turning(beta_fast), 0.0), min(pair_turning(beta_slow), head_dim - 1.0)
+    ramp = ((torch.arange(head_dim // 2) - low) / max(high - low, 1e-3)).clamp(0, 1)  # 0 keep, 1 slow
+    inverse_frequency = inverse_frequency * (1 - ramp) + inverse_frequency / factor * ramp
+    return inverse_frequency, 0.1 * math.log(factor) + 1.0
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al., 2021, RoFormer).
 
     Rotates each adjacent pair of dimensions (2i, 2i+1) of a query or key by the
     angle position * theta^(-2i/D). The dot product of a rotated query and key
     then depends only on their position difference. Positions are explicit, so
-    a KV cache rotates new tokens at their true position.
+    a KV cache rotates new tokens at their true position. yarn_factor > 1 takes
+    YaRN's frequencies (yarn_frequencies) for contexts longer than training's.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, yarn_factor: float = 1.0,
+                 yarn_original_context: int = 4096) -> None:
         super().__init__()
-        inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        inverse_frequency, self.attention_factor = yarn_frequencies(head_dim, theta, yarn_factor,
+                                                                    yarn_original_context)
         self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,) int -> cos, sin of shape (T, D/2)."""
+        """positions: (T,) int -> cos, sin of shape (T, D/2), times YaRN's attention factor."""
         angle = positions.float()[:, None] * self.inverse_frequency[None, :]
-        return angle.cos(), angle.sin()
+        return angle.cos() * self.attention_factor, angle.sin() * self.attention_factor
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -195,20 +226,73 @@ def sinusoidal_position_embedding(positions: torch.Tensor, dim: int) -> torch.Te
     return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :dim]
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) over the keys, in float32.
+
+    q: (..., H, T, D), k: (..., H, S, D) -> weights (..., H, T, S). mask: bool, broadcastable
+    to (..., H, T, S), True where a query may attend to a key. sinks: (H,), GPT-oss's attention
+    sinks: one logit per head that joins every softmax's denominator but brings no value, so a
+    head can put weight "nowhere" rather than spread a whole unit over the keys (its weights
+    then sum to less than 1). A query that may attend to no key (a fully masked row) gets zero
+    weights, as PyTorch's fused kernel gives such a row the output 0.
+    """
+    scores = ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).float()     # (..., H, T, S)
+    if mask is not None:
+        # A row of -inf has a NaN softmax and NaN gradients: fully masked rows see every key
+        # here and get zero weights below.
+        no_key = ~mask.any(dim=-1, keepdim=True)                               # (..., T, 1)
+        scores = scores.masked_fill(~(mask | no_key), float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(-1, 1, 1).expand(*scores.shape[:-1], 1)     # (..., H, T, 1)
+        weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    return weights if mask is None else weights.masked_fill(no_key, 0.0)
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 mask: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                                 dropout: float = 0.0) -> torch.Tensor:
+    """The attention formula written out: softmax(q k^T / sqrt(D) + mask) v, with dropout on the
+    weights. q: (..., H, T, D); k, v: (..., H, S, D) -> (..., H, T, D); mask and sinks as in
+    attention_weights. Equal to torch.nn.functional.scaled_dot_product_attention with the same
+    boolean attn_mask (which has no sinks)."""
+    weights = F.dropout(attention_weights(q, k, mask, sinks), p=dropout, training=dropout > 0)
+    return weights.to(v.dtype) @ v
+
+
+def causal_mask(num_new: int, num_keys: int, device: torch.device,
+                window: int | None = None) -> torch.Tensor:
+    """(T, S) bool, True where query i (at position S - T + i) may attend to key j: j <= S - T + i,
+    and with a sliding window also j > S - T + i - window (the last `window` tokens, itself
+    included, as transformers' sliding_window counts them)."""
+    ones = torch.ones(num_new, num_keys, dtype=torch.bool, device=device)
+    mask = ones.tril(diagonal=num_keys - num_new)
+    return mask if window is None else mask & ones.triu(diagonal=num_keys - num_new - window + 1)
+
+
 class KVCache:
     """Keys and values of one attention layer for the tokens seen so far.
 
-    Preallocated to the model's block size, so each new token writes in place.
+    Preallocated to the model's block size, so each new token writes in place. A sliding-window
+    layer keeps only its last window - 1 tokens between calls, all that a later query can see,
+    so its cache stays that size however long the text grows.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, capacity: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, window: int | None = None) -> None:
+        if window is not None:
+            capacity = min(capacity, window - 1)
         self.keys = torch.empty(batch, n_kv_heads, capacity, head_dim, device=device, dtype=dtype)
         self.values = torch.empty_like(self.keys)
         self.length = 0
+        self.window = window
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values: (B, H_kv, T, D) -> all cached (B, H_kv, S, D), S = length + T."""
+        """keys, values: (B, H_kv, T, D) -> the cached ones followed by these, (B, H_kv, S, D)."""
+        if self.window is not None:
+            return self._slide(keys, values)
         end = self.length + keys.shape[2]
         if end > self.keys.shape[2]:
             raise RuntimeError(f"KV cache holds {self.keys.shape[2]} tokens; {end} requested")
@@ -217,22 +301,35 @@ class KVCache:
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    @property
+    def bytes_held(self) -> int:
+        """Memory of the keys and values of the tokens it holds."""
+        return 2 * self.keys[:, :, :self.length].numel() * self.keys.element_size()
 
-def causal_mask(num_new: int, num_keys: int, device: torch.device) -> torch.Tensor:
-    """(T, S) bool, True where query i (at position S - T + i) may attend to key j."""
-    return torch.ones(num_new, num_keys, dtype=torch.bool, device=device).tril(
-        diagonal=num_keys - num_new)
+    def _slide(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """append for a sliding-window layer: the kept tokens and the new ones go to attention,
+        the last window - 1 of them stay."""
+        keys = torch.cat([self.keys[:, :, :self.length], keys], dim=2)        # (B, H_kv, S, D)
+        values = torch.cat([self.values[:, :, :self.length], values], dim=2)
+        self.length = min(keys.shape[2], self.keys.shape[2])
+        first = keys.shape[2] - self.length
+        self.keys[:, :, :self.length] = keys[:, :, first:]
+        self.values[:, :, :self.length] = values[:, :, first:]
+        return keys, values
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with optional grouped-query attention.
 
     With n_kv_heads < n_heads, each key/value head serves n_heads / n_kv_heads
-    query heads (Ainslie et al., 2023), shrinking the KV cache.
+    query heads (Ainslie et al., 2023), shrinking the KV cache. GPT-oss's two options:
+    `sinks`, one learned logit per head in the softmax's denominator (attention_weights),
+    and a sliding `window` (Beltagy et al., 2020): each token sees only the last `window`
+    tokens, itself included.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
-                 dropout: float, impl: str) -> None:
+                 dropout: float, impl: str, sinks: bool = False, window: int | None = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
@@ -240,10 +337,16 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        # Logits of 0 to start: as if each head had one more key, scoring 0, with a zero value.
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
+        self.window = window
         self.dropout = dropout
         self.impl = impl
         self.last_attention: torch.Tensor | None = None  # (B, H, T, S), kept when record_attention
         self.record_attention = False
+
+    def new_cache(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache(batch, self.n_kv_heads, capacity, self.head_dim, device, dtype, self.window)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -254,60 +357,74 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.append(k, v)                                                   # (B, Hkv, S, D)
         dropout = self.dropout if self.training else 0.0
-        if self.impl == "math" or self.record_attention:
-            y = self._math_attention(q, k, v, past, dropout)
+        # PyTorch's fused kernel has no sinks: a model with them takes the written-out path.
+        if self.impl == "math" or self.record_attention or self.sinks is not None:
+            y = self._math_attention(q, k, v, dropout)
         else:
-            y = self._sdpa_attention(q, k, v, past, dropout)
+            y = self._sdpa_attention(q, k, v, dropout)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))                      # (B, T, d_model)
 
-    def _sdpa_attention(self, q, k, v, past: int, dropout: float) -> torch.Tensor:
+    def _sdpa_attention(self, q, k, v, dropout: float) -> torch.Tensor:
         """Fused kernel (flash attention on GPUs). The mask must know about the cache:
-        new token i sits at position past + i and may see keys 0..past + i."""
+        new token i sits at position S - T + i. Without a window, T = S (no cache) is plain
+        causal attention and a single new token sees every key: no mask to build."""
         T, S = q.shape[2], k.shape[2]
         gqa = self.n_kv_heads != self.n_heads
-        if past == 0:
+        if self.window is None and T == S:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                   enable_gqa=gqa)
-        mask = None if T == 1 else causal_mask(T, S, q.device)
+        mask = None if self.window is None and T == 1 else causal_mask(T, S, q.device, self.window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               enable_gqa=gqa)
 
-    def _math_attention(self, q, k, v, past: int, dropout: float) -> torch.Tensor:
-        """The explicit formula softmax(Q K^T / sqrt(D) + causal mask) V."""
+    def _math_attention(self, q, k, v, dropout: float) -> torch.Tensor:
+        """The explicit formula, scaled_dot_product_attention above, each key/value head
+        repeated for the query heads it serves."""
         if self.n_kv_heads != self.n_heads:
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)                  # (B, H, T, S)
-        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        mask = causal_mask(q.shape[2], k.shape[2], q.device, self.window)               # (T, S)
         if self.record_attention:
-            self.last_attention = weights.detach()
-        weights = F.dropout(weights, p=dropout, training=dropout > 0)
-        return weights @ v                                                              # (B, H, T, D)
+            self.last_attention = attention_weights(q, k, mask, self.sinks).detach()
+        return scaled_dot_product_attention(q, k, v, mask, self.sinks, dropout)        # (B, H, T, D)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702,
+                   limit: float = 7.0) -> torch.Tensor:
+    """GPT-oss's expert activation: gate * sigmoid(alpha * gate) * (up + 1), gate clamped above
+    at `limit` and up to [-limit, limit]. x sigmoid(1.702 x) is the sigmoid approximation of GELU
+    (Hendrycks & Gimpel, 2016); the clamps bound what an expert can emit; with the + 1 an expert
+    whose up path is 0 is still a GELU-like MLP."""
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+GATED_FFNS = ("swiglu", "clamped_swiglu")   # feed-forwards with a gate matrix w3
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: GELU (tanh approximation, as GPT-2), SiLU, or SwiGLU.
+    """Position-wise MLP: GELU (tanh approximation, as GPT-2), SiLU, SwiGLU or clamped SwiGLU.
 
-    SwiGLU (Shazeer, 2020) is w2(silu(w1 x) * w3 x): a gated MLP with three matrices.
+    SwiGLU (Shazeer, 2020) is w2(silu(w1 x) * w3 x): a gated MLP with three matrices;
+    clamped SwiGLU (GPT-oss's experts) is w2(clamped_swiglu(w1 x, w3 x)).
     """
 
     def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float) -> None:
         super().__init__()
         self.kind = kind
         self.w1 = nn.Linear(d_model, d_ff, bias=bias)
-        self.w3 = nn.Linear(d_model, d_ff, bias=bias) if kind == "swiglu" else None
+        self.w3 = nn.Linear(d_model, d_ff, bias=bias) if kind in GATED_FFNS else None
         self.w2 = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d_model) -> (B, T, d_model)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_model) -> (..., d_model)
         if self.kind == "swiglu":
             hidden = F.silu(self.w1(x)) * self.w3(x)
+        elif self.kind == "clamped_swiglu":
+            hidden = clamped_swiglu(self.w1(x), self.w3(x))
         elif self.kind == "gelu":
             hidden = F.gelu(self.w1(x), approximate="tanh")
         else:
@@ -315,12 +432,214 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(hidden))
 
 
-def default_ffn_width(d_model: int, kind: str) -> int:
-    """4 d_model for plain MLPs; about 8/3 d_model (same parameter count) for SwiGLU,
-    rounded up to a multiple of 64 for efficient matrix shapes."""
+def default_ffn_width(d_model: int, kind: str, multiplier: float | None = None) -> int:
+    """The feed-forward width when a preset or flag gives none. 4 d_model for plain MLPs;
+    about 8/3 d_model for SwiGLU (the same parameters with its third matrix), rounded up to a
+    multiple of 64 for efficient matrix shapes; d_model for clamped SwiGLU, as GPT-oss's
+    experts. A SwiGLU with a `multiplier` follows Llama 3's rule (Meta's reference model.py):
+    int(multiplier * int(8 d_model / 3)) rounded up to a multiple of d_model / 4, which is what
+    Llama 3 8B's multiple_of (1024) is to its width (4096): 14336 there, 3584 at 1024 wide."""
+    if kind == "swiglu" and multiplier is not None:
+        multiple = max(d_model // 4, 1)
+        return multiple * math.ceil(int(multiplier * (8 * d_model // 3)) / multiple)
     if kind == "swiglu":
         return 64 * math.ceil(8 * d_model / 3 / 64)
-    return 4 * d_model
+    return d_model if kind == "clamped_swiglu" else 4 * d_model
+
+
+@dataclasses.dataclass
+class Routing:
+    """What a mixture-of-experts layer did with its N positions in its last forward."""
+
+    probabilities: torch.Tensor   # (N, E) softmax over all E router logits (with its gradient)
+    chosen: torch.Tensor          # (N, k) the experts each position went to
+
+    def load_balancing_loss(self, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Switch Transformer's auxiliary loss (Fedus et al., 2022, eq. 4) over the positions
+        where real (N,) is True (all by default): E * sum_e f_e P_e, with f_e the fraction of
+        positions that chose expert e (k choices each) and P_e e's mean router probability.
+        Only P carries a gradient; it pushes probability away from over-used experts. k when
+        the load is even, as transformers' load_balancing_loss_func counts top-k choices."""
+        N, E = self.probabilities.shape
+        weight = self.probabilities.new_ones(N) if real is None else real.float()   # (N,)
+        positions = weight.sum().clamp(min=1)
+        fraction = weight @ F.one_hot(self.chosen, E).sum(dim=1).float() / positions  # (E,)
+        probability = weight @ self.probabilities / positions                         # (E,)
+        return E * (fraction * probability).sum()
+
+
+class MixtureOfExperts(nn.Module):
+    """Sparse feed-forward (Shazeer et al., 2017), as GPT-oss: a linear router with bias scores
+    the E experts for each position, the top k run, and a softmax over those k logits weights
+    their outputs. A position pays for k experts while the layer holds E experts' parameters.
+
+    Same interface as FeedForward, x (..., d_model) -> (..., d_model). The routing of the last
+    call stays in `routing`, for the load-balancing loss (section 3); `usage` counts the choices
+    of training calls, padding positions included, for the run log (section 5).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, kind: str, n_experts: int, experts_per_token: int,
+                 bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.experts_per_token = experts_per_token
+        self.router = nn.Linear(d_model, n_experts, bias=True)
+        self.experts = nn.ModuleList(FeedForward(d_model, d_ff, kind, bias, dropout)
+                                     for _ in range(n_experts))
+        self.routing: Routing | None = None
+        self.usage: torch.Tensor | None = None          # (E,) choices since the run log read them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])                                    # (N, d_model)
+        logits = self.router(tokens)                                           # (N, E)
+        top_logits, chosen = logits.topk(self.experts_per_token, dim=-1)       # (N, k)
+        weights = torch.softmax(top_logits, dim=-1).flatten()                  # (N k,)
+        # The N k choices sorted by expert, so that each expert runs its positions as one batch
+        # (and the counts cost one device-to-host copy, not one per expert).
+        choices = chosen.flatten()                     # (N k,): entry n k + slot holds an expert
+        counts = torch.bincount(choices, minlength=len(self.experts))          # (E,)
+        out = torch.zeros_like(tokens)
+        for expert, picks in zip(self.experts, choices.argsort(stable=True).split(counts.tolist())):
+            # An expert that no position chose still runs, on zero rows, so that its parameters
+            # get a (zero) gradient, as DDP expects of every parameter.
+            position = picks // self.experts_per_token                         # (n,)
+            out.index_add_(0, position, (weights[picks, None] * expert(tokens[position])).to(out.dtype))
+        self.routing = Routing(torch.softmax(logits.float(), dim=-1), chosen)
+        if self.training:
+            self.usage = counts if self.usage is None else self.usage + counts
+        return out.view_as(x)
+
+
+# Linear attention: the causal mixing of the tokens, with a fixed-size state instead of a
+# cache that grows with every token (softmax attention's KV cache).
+
+LINEAR_ATTENTION_CHUNK = 16
+
+
+def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             log_decay: torch.Tensor, state: torch.Tensor,
+                             chunk_size: int = LINEAR_ATTENTION_CHUNK) -> tuple[torch.Tensor, ...]:
+    """Parallel (training) form of y_t = q_t S_t, S_t = diag(exp(log_decay_t)) S_{t-1} + k_t^T v_t.
+
+    q, k: (B, H, T, D); v: (B, H, T, E); log_decay: (B or 1, H, T, D or 1), <= 0; state: (B, H, D, E),
+    S before the first token -> y (B, H, T, E), S after the last. Within a chunk of C tokens the
+    sum over earlier tokens is written out as a (C, C, D) tensor; across chunks the state carries
+    it (Yang et al., 2024, GLA's chunkwise form). Decays enter only as exp(b_t - b_s) with s <= t,
+    never as exp(-b_s) alone, so nothing overflows however fast a head forgets. Chunks stay short
+    because b_t - b_s is a difference of running sums that grow along the chunk (measured, float32,
+    log decays down to -20 a token: a 37-token chunk 6e-5 off the recurrence, 16-token ones < 1e-5).
+    """
+    outputs = []
+    for start in range(0, q.shape[2], chunk_size):
+        qc, kc, vc, gc = (t[:, :, start:start + chunk_size] for t in (q, k, v, log_decay))
+        C = qc.shape[2]
+        b = gc.cumsum(dim=2)                                          # (B, H, C, D) log decay so far
+        from_state = (qc * b.exp()) @ state                           # (B, H, C, E) earlier chunks
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[..., None]
+        gap = (b[:, :, :, None] - b[:, :, None]).masked_fill(~causal, float("-inf"))  # (B, H, C, C, D)
+        scores = (qc[:, :, :, None] * kc[:, :, None] * gap.exp()).sum(-1)             # (B, H, C, C)
+        outputs.append(from_state + scores @ vc)
+        end = b[:, :, -1:]                                            # (B, H, 1, D) decay over the chunk
+        state = end.exp().transpose(-2, -1) * state + (kc * (end - b).exp()).transpose(-2, -1) @ vc
+    return torch.cat(outputs, dim=2), state
+
+
+def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               log_decay: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Recurrent (generation) form of the same, a token at a time; shapes as the chunked form."""
+    outputs = []
+    for t in range(q.shape[2]):
+        state = log_decay[:, :, t, :, None].exp() * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outputs.append(q[:, :, t, None, :] @ state)                   # (B, H, 1, E)
+    return torch.cat(outputs, dim=2), state
+
+
+@dataclasses.dataclass
+class LinearAttentionState:
+    """A linear-attention layer's generation state: the matrix S, (B, H, D, E), as big after a
+    thousand tokens as after one; None before the first."""
+
+    matrix: torch.Tensor | None = None
+
+    @property
+    def bytes_held(self) -> int:
+        return 0 if self.matrix is None else self.matrix.numel() * self.matrix.element_size()
+
+
+class LinearAttention(nn.Module):
+    """Causal attention as a recurrence over one (D, E) matrix per head, its whole state however
+    long the text (Katharopoulos et al., 2020): y_t = q_t S_t, S_t = diag(a_t) S_{t-1} + k_t^T v_t.
+    `gate` chooses the forget gate a_t:
+
+    - None, linear attention: a_t = 1, and scores phi(q).phi(k) with phi = elu + 1, positive,
+      normalized as softmax's are: y_t = sum_s phi(q_t).phi(k_s) v_s / sum_s phi(q_t).phi(k_s).
+      The denominator is the same prefix sum with v = 1: a column of ones appended to v carries it.
+    - "fixed", RetNet (Sun et al., 2023): a_t = gamma_h for head h, gamma_h = 1 - 2^(-5-h): head 0
+      looks back about 32 tokens, later heads further.
+    - "data", gated linear attention, GLA (Yang et al., 2024): a_t = sigmoid(W x_t)^(1/16) per head
+      and key dimension, W of rank 16: the token decides what to forget.
+    The gated kinds, as in both papers, normalize each head's output (RMSNorm) and gate it with
+    silu(W_g x) rather than divide by a key sum. Positions reach these layers only through the
+    forget gate (plain linear attention has none, like NoPE), so `rope` is accepted, as by any
+    attention, and not used.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
+                 gate: str | None = None) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.gate = n_heads, n_kv_heads, gate
+        self.head_dim = d_model // n_heads
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        if gate is not None:
+            self.output_gate = nn.Linear(d_model, d_model, bias=bias)
+            self.head_norm = RMSNorm(self.head_dim)
+        if gate == "fixed":
+            gamma = 1 - 2.0 ** (-5 - torch.arange(n_heads, dtype=torch.float32))
+            self.register_buffer("head_log_decay", gamma.log(), persistent=False)
+        if gate == "data":
+            self.forget_gate = nn.Sequential(nn.Linear(d_model, 16, bias=False), nn.Linear(16, d_model))
+
+    def new_cache(self, batch: int, capacity: int, device: torch.device,
+                  dtype: torch.dtype) -> LinearAttentionState:
+        return LinearAttentionState()
+
+    def forward(self, x: torch.Tensor, rope=None,
+                cache: LinearAttentionState | None = None) -> torch.Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model); a cache's state is continued and updated."""
+        B, T, _ = x.shape
+        H, D, repeats = self.n_heads, self.head_dim, self.n_heads // self.n_kv_heads
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)                              # (B, H, T, D)
+        k, v = (proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2).repeat_interleave(repeats, dim=1)
+                for proj in (self.k_proj, self.v_proj))                                  # (B, H, T, D)
+        if self.gate is None:
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)                  # (B, H, T, D + 1)
+            log_decay = q.new_zeros(1, 1, T, 1)
+        elif self.gate == "fixed":
+            q = q / math.sqrt(D)
+            log_decay = self.head_log_decay.view(1, H, 1, 1).expand(1, H, T, 1)
+        else:  # the 1/16 keeps a_t near 1 (slow forgetting) for any gate logit near 0
+            q = q / math.sqrt(D)
+            log_decay = F.logsigmoid(self.forget_gate(x).float()).view(B, T, H, D).transpose(1, 2) / 16
+        state = cache.matrix if cache is not None else None
+        if state is None:
+            state = q.new_zeros(B, H, D, v.shape[-1])                                     # (B, H, D, E)
+        if cache is not None and T == 1:
+            y, state = recurrent_linear_attention(q, k, v, log_decay, state)
+        else:
+            y, state = chunked_linear_attention(q, k, v, log_decay, state)
+        if cache is not None:
+            cache.matrix = state
+        if self.gate is None:
+            y = y[..., :-1] / y[..., -1:]                                                # (B, H, T, D)
+        else:
+            y = self.head_norm(y)
+        y = y.transpose(1, 2).reshape(B, T, H * D)                                  # (B, T, d_model)
+        if self.gate is not None:
+            y = y * F.silu(self.output_gate(x))
+        return self.out_proj(y)
 
 
 # =============================================================================
@@ -501,14 +820,24 @@ class TransformerConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None     # None = n_heads (plain multi-head attention)
     n_blocks: int = 3
-    d_ff: int | None = None           # None = default_ffn_width(d_model, ffn)
-    ffn: str = "swiglu"
+    d_ff: int | None = None           # None = default_ffn_width(d_model, ffn, ffn_dim_multiplier)
+    ffn: str = "swiglu"               # gelu | silu | swiglu | clamped_swiglu
+    ffn_dim_multiplier: float | None = None  # Llama 3's width rule for SwiGLU (default_ffn_width)
+    n_experts: int = 0                # > 0: a mixture of this many ffn experts (MixtureOfExperts)
+    experts_per_token: int = 2
+    router_aux_loss_coef: float = 0.01  # weight of the routers' load-balancing loss (section 3)
     norm: str = "rmsnorm"
     norm_position: str = "pre"
     norm_eps: float = 1e-5            # the norms' epsilon: 1e-5 as GPT-2; Llama checkpoints use 1e-6
     pos_emb: str = "rope"
     rope_theta: float = 10000.0
+    yarn_factor: float = 1.0          # > 1: YaRN's RoPE frequencies (yarn_frequencies)
+    yarn_original_context: int = 4096
     tie_weights: bool = True
+    attention: str = "softmax"        # softmax | linear | gated_linear (LinearAttention)
+    linear_attention_gate: str = "data"  # gated_linear's forget gate: fixed (RetNet) | data (GLA)
+    attention_sinks: bool = False     # softmax: a learned logit per head (GPT-oss)
+    sliding_window: int = 0           # softmax: > 0 = blocks 0, 2, 4, ... see this many tokens
     attention_impl: str = "sdpa"
     dropout: float = 0.0
     bias: bool = False
@@ -517,11 +846,15 @@ class TransformerConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
-            self.d_ff = default_ffn_width(self.d_model, self.ffn)
+            self.d_ff = default_ffn_width(self.d_model, self.ffn, self.ffn_dim_multiplier)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def window(self, block: int) -> int | None:
+        """GPT-oss's alternation: blocks 0, 2, 4, ... slide, blocks 1, 3, ... see the whole context."""
+        return self.sliding_window if self.sliding_window and block % 2 == 0 else None
 
 
 EMBEDDING_INIT_STD = 0.02   # GPT-2's initial weight scale, for embeddings and linear layers
@@ -531,23 +864,39 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     # Small enough to train in a minute or two on a laptop CPU; used by the default run.
     "pico": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
                  pos_emb="rope", tie_weights=True),
-    # Karpathy's minGPT "gpt-mini"-like width with 6 blocks, GPT-2 style.
-    "minGPT": dict(d_model=384, n_heads=6, n_blocks=6, ffn="gelu", d_ff=1536, norm="layernorm",
-                   pos_emb="learned", tie_weights=True, bias=True),
-    # GPT-2 small (Radford et al., 2019) trimmed from 12 to 8 blocks.
-    "GPT2-small": dict(d_model=768, n_heads=12, n_blocks=8, ffn="gelu", d_ff=3072,
-                       norm="layernorm", pos_emb="learned", tie_weights=True, bias=True),
-    # The modern recipe used by open-weight models such as gpt-oss: RoPE, SwiGLU, RMSNorm.
-    "GPT-oss": dict(d_model=512, n_heads=8, n_blocks=8, ffn="swiglu", d_ff=2048, norm="rmsnorm",
-                    pos_emb="rope", tie_weights=False),
-    # Llama 3 (Grattafiori et al., 2024) in miniature: grouped-query attention, theta 500000.
+    # minGPT's "gpt-mini" (Karpathy): 6 blocks of 6 heads, 192 wide, a GELU MLP 4x as wide,
+    # LayerNorm, learned positions, biases, an output layer of its own and dropout 0.1.
+    "minGPT": dict(d_model=192, n_heads=6, n_blocks=6, ffn="gelu", d_ff=768, norm="layernorm",
+                   pos_emb="learned", tie_weights=False, bias=True, dropout=0.1),
+    # GPT-2 small (Radford et al., 2019), dropout 0.1 as its config: 124,439,808 parameters
+    # with its 50257-token vocabulary at --block_size 1024.
+    "GPT2-small": dict(d_model=768, n_heads=12, n_blocks=12, ffn="gelu", d_ff=3072,
+                       norm="layernorm", pos_emb="learned", tie_weights=True, bias=True, dropout=0.1),
+    # gpt-oss (OpenAI, 2025) in miniature, its structure kept: a mixture of 8 clamped-SwiGLU
+    # experts as wide as the model, 2 per token; grouped-query attention with biases and sinks;
+    # blocks alternating a sliding window with full attention; RoPE theta 150000; untied output.
+    # The released 20B model: 2880 wide, 24 blocks, 32 experts (4 per token), a 128-token window,
+    # YaRN to 131072 tokens. The window here, 16, is a quarter of the default 64-token block.
+    "GPT-oss": dict(d_model=512, n_heads=8, n_kv_heads=2, n_blocks=8, ffn="clamped_swiglu",
+                    d_ff=512, n_experts=8, experts_per_token=2, attention_sinks=True,
+                    sliding_window=16, bias=True, norm="rmsnorm", pos_emb="rope",
+                    rope_theta=150000.0, tie_weights=False),
+    # Llama 3 (Grattafiori et al., 2024) in miniature: grouped-query attention, theta 500000,
+    # SwiGLU as wide as Llama 3's rule makes it (ffn_dim_multiplier 1.3, default_ffn_width).
     "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
-                        norm="rmsnorm", pos_emb="rope", rope_theta=500000.0, tie_weights=False),
+                        ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
+                        rope_theta=500000.0, tie_weights=False),
 }
 
 
-TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "ffn", "norm",
-                              "norm_position", "pos_emb", "rope_theta", "tie_weights", "dropout")
+TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "ffn",
+                              "n_experts", "experts_per_token", "router_aux_loss_coef", "norm",
+                              "norm_position", "pos_emb", "rope_theta", "yarn_factor",
+                              "yarn_original_context", "tie_weights", "attention",
+                              "linear_attention_gate", "attention_sinks", "sliding_window",
+                              "dropout")
+ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
+LINEAR_ATTENTION_GATES = ("fixed", "data")
 
 
 def find_preset(name: str) -> str:
@@ -558,40 +907,55 @@ def find_preset(name: str) -> str:
                     + ", ".join(TRANSFORMER_PRESETS))
 
 
-MAX_TRANSFORMER_BLOCKS = 10  # the course project asks for 2 to 10 blocks
-
 def validate_transformer_config(config: TransformerConfig, preset: str = "") -> None:
     where = f" (preset {preset})" if preset else ""
-    for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff"):
+    for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "yarn_original_context"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
+    for name in ("n_experts", "sliding_window", "router_aux_loss_coef"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name} must not be negative{where}, got {getattr(config, name)}")
     if config.d_model % config.n_heads:
         raise UserError(f"--n_heads {config.n_heads} must divide --d_model {config.d_model}{where}")
     if config.n_heads % config.n_kv_heads:
-        raise UserError(f"--n_kv_heads {config.n_kv_heads} must divide --n_heads {config.n_heads}{where}")
-    if not 1 <= config.n_blocks <= MAX_TRANSFORMER_BLOCKS:
-        raise UserError(f"--n_blocks must be between 1 and {MAX_TRANSFORMER_BLOCKS} "
-                        f"(the course caps Transformers at 10 blocks), got {config.n_blocks}")
+        raise UserError(f"--n_kv_heads {config.n_kv_heads} must divide --n_heads "
+                        f"{config.n_heads}{where}")
+    if config.n_experts and not 1 <= config.experts_per_token <= config.n_experts:
+        raise UserError(f"--experts_per_token must be between 1 and --n_experts "
+                        f"({config.n_experts}){where}, got {config.experts_per_token}")
+    if config.yarn_factor < 1:
+        raise UserError(f"--yarn_factor must be at least 1 (1 = plain RoPE), got {config.yarn_factor}")
     if config.pos_emb == "rope" and config.head_dim % 2:
         raise UserError(f"RoPE needs an even head size; d_model / n_heads = {config.head_dim}{where}")
 
 
 class TransformerBlock(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)) (pre-norm, as GPT-2 and Llama);
-    or norm(x + attn(x)), then norm(x + ffn(x)) (post-norm, as the 2017 Transformer)."""
+    or norm(x + attn(x)), then norm(x + ffn(x)) (post-norm, as the 2017 Transformer).
+    `index` counts from 0; with a sliding window the even blocks slide."""
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, index: int) -> None:
         super().__init__()
-        self.pre_norm = config.norm_position == "pre"
-        self.attention_norm = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
-        self.attention = CausalSelfAttention(config.d_model, config.n_heads, config.n_kv_heads,
-                                             config.bias, config.dropout, config.attention_impl)
-        self.ffn_norm = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
-        self.ffn = FeedForward(config.d_model, config.d_ff, config.ffn, config.bias, config.dropout)
-        self.residual_dropout = nn.Dropout(config.dropout)
+        c = config
+        self.pre_norm = c.norm_position == "pre"
+        self.attention_norm = make_norm(c.norm, c.d_model, c.bias, c.norm_eps)
+        if c.attention == "softmax":
+            self.attention = CausalSelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, c.dropout,
+                                                 c.attention_impl, c.attention_sinks, c.window(index))
+        else:
+            gate = c.linear_attention_gate if c.attention == "gated_linear" else None
+            self.attention = LinearAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, gate)
+        self.ffn_norm = make_norm(c.norm, c.d_model, c.bias, c.norm_eps)
+        if c.n_experts:
+            self.ffn = MixtureOfExperts(c.d_model, c.d_ff, c.ffn, c.n_experts, c.experts_per_token,
+                                        c.bias, c.dropout)
+        else:
+            self.ffn = FeedForward(c.d_model, c.d_ff, c.ffn, c.bias, c.dropout)
+        self.residual_dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
-        """x: (B, T, d_model) -> (B, T, d_model)."""
+    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model). cache: the attention's KVCache or
+        LinearAttentionState."""
         if self.pre_norm:
             x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, cache))
             return x + self.ffn(self.ffn_norm(x))
@@ -601,9 +965,10 @@ class TransformerBlock(nn.Module):
 
 @dataclasses.dataclass
 class TransformerState:
-    """Generation state: one KV cache per block and the position of the next token."""
+    """Generation state: one cache per block (a KVCache, or a LinearAttentionState) and the
+    position of the next token."""
 
-    caches: list[KVCache]
+    caches: list
     position: int = 0
 
 
@@ -618,10 +983,11 @@ class TransformerModel(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position_embedding = (nn.Embedding(config.block_size, config.d_model)
                                    if config.pos_emb == "learned" else None)
-        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.yarn_factor,
+                                       config.yarn_original_context)
                        if config.pos_emb == "rope" else None)
         self.embedding_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_blocks))
+        self.blocks = nn.ModuleList(TransformerBlock(config, index) for index in range(config.n_blocks))
         # Post-norm blocks already end in a norm; a final norm belongs to pre-norm stacks.
         self.final_norm = make_norm(config.norm if config.norm_position == "pre" else "none",
                                     config.d_model, config.bias, config.norm_eps)
@@ -646,9 +1012,8 @@ class TransformerModel(nn.Module):
         return self.config.block_size
 
     def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> TransformerState:
-        c = self.config
-        return TransformerState([KVCache(batch, c.n_kv_heads, c.block_size, c.head_dim, device, dtype)
-                                 for _ in range(c.n_blocks)])
+        return TransformerState([block.attention.new_cache(batch, self.config.block_size, device, dtype)
+                                 for block in self.blocks])
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.unembedding(self.features(tokens))
@@ -659,7 +1024,7 @@ class TransformerModel(nn.Module):
 
     def forward_incremental(self, tokens: torch.Tensor, state: TransformerState | None):
         """tokens: (T, B) -> logits (T, B, vocab). New tokens sit after the cached ones
-        (positions state.position ..) and their keys/values join the cache."""
+        (positions state.position ..) and join the caches."""
         if state is None:
             state = self.new_state(tokens.shape[1], tokens.device, self.token_embedding.weight.dtype)
         return self.unembedding(self._residual_stream(tokens, state)), state
@@ -711,7 +1076,10 @@ def training_flops_per_token(model: nn.Module, context_length: int) -> int:
     """Training FLOPs per token: 6 N (forward 2 N, backward 4 N) over the N weights that
     enter matrix multiplications, plus attention's 12 * layers * d_model * context
     (Kaplan et al. 2020, PaLM appendix B). Embedding lookups are free; a tied
-    unembedding still costs its matmul, so it is counted once as a matmul."""
+    unembedding still costs its matmul, so it is counted once as a matmul. A token
+    passes through k of a mixture's E experts, so experts count k / E of their weights;
+    linear attention reads and updates a head_dim-wide state where softmax attention
+    reads the whole context, so its term has head_dim in place of the context."""
     lookup_tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     lookup_tables.add(id(getattr(model, "onehot_weight", None)))  # one-hot rows are gathered
     matmul_weights = {id(p): p.numel() for p in model.parameters()
@@ -719,9 +1087,15 @@ def training_flops_per_token(model: nn.Module, context_length: int) -> int:
     unembedding = getattr(model, "unembedding", None)
     if isinstance(unembedding, nn.Linear):
         matmul_weights[id(unembedding.weight)] = unembedding.weight.numel()
+    for mixture in (m for m in model.modules() if isinstance(m, MixtureOfExperts)):
+        for p in mixture.experts.parameters():
+            if id(p) in matmul_weights:
+                matmul_weights[id(p)] *= mixture.experts_per_token / len(mixture.experts)
     flops = 6 * sum(matmul_weights.values())
     if isinstance(model, TransformerModel):
-        flops += 12 * model.config.n_blocks * model.config.d_model * context_length
+        c = model.config
+        mixed = context_length if c.attention == "softmax" else c.head_dim
+        flops += 12 * c.n_blocks * c.d_model * mixed
     return int(flops)
 
 
@@ -780,7 +1154,8 @@ class NextTokenLoss(nn.Module):
     Each position's cross-entropy is multiplied by its weight and the products summed.
     With weights mask / (number of real targets), that is masked_cross_entropy: the mean
     over real tokens. Training passes weights scaled to the whole optimizer step (section
-    5), so a step split into micro-batches or across processes gives the same update."""
+    5), so a step split into micro-batches or across processes gives the same update.
+    A mixture-of-experts model's routers add their load-balancing loss (router_balance_term)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -790,7 +1165,27 @@ class NextTokenLoss(nn.Module):
                 position_weights: torch.Tensor) -> torch.Tensor:
         """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
         logits = self.model(inputs)                                        # (T, B, V)
-        return (token_cross_entropy(logits, targets) * position_weights).sum()
+        nats = (token_cross_entropy(logits, targets) * position_weights).sum()
+        return nats + router_balance_term(self.model, position_weights)
+
+
+def router_balance_term(model: nn.Module, position_weights: torch.Tensor) -> torch.Tensor | float:
+    """What a mixture-of-experts model's routers add to the loss of the forward just run:
+    router_aux_loss_coef x the sum over its MixtureOfExperts layers of their load-balancing
+    loss over the positions with a weight, times the sum of the position weights. The loss is
+    thus weighed as the cross-entropy of those positions is: a step's weights sum to 1 over all
+    its micro-batches and ranks, so a step adds coef x the token-weighted mean of its
+    micro-batches' losses, each computed on its own positions (as Switch computes it on each
+    device). Returned as loss - loss.detach(): the gradient of the loss, the value 0, so that the
+    loss a step reports stays the cross-entropy, comparable with the test loss. 0 for a model
+    without experts. position_weights: (T, B)."""
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
+    if not layers:
+        return 0.0
+    real = position_weights.t().reshape(-1) > 0                 # (B T,): the order the layers see
+    balance = sum(layer.routing.load_balancing_loss(real) for layer in layers)
+    loss = model.config.router_aux_loss_coef * balance * position_weights.sum()
+    return loss - loss.detach()
 
 
 def sequence_loss(model: nn.Module, batch: "Batch", reduction: str = "mean") -> torch.Tensor:
@@ -1252,6 +1647,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
                 say(f"[{name}] epoch {epoch} test loss {result['test_loss']:.4f} "
                     f"({result['test_bits_per_byte']:.3f} bits/byte)", bar)
             guard.after_evaluation(result["test_loss"], bar)    # B: early stopping, plateau
+        record_expert_usage(model, record, epoch, context, device)
         progress.epoch, progress.batches_done = epoch + 1, 0
         if runlog is not None:
             runlog.write()
@@ -1323,6 +1719,24 @@ def record_samples(model: nn.Module, tokenizer, sampling: SamplingConfig, device
                                   "prompt": sampling.prompt, "text": sample.text})
         if not quiet or final:
             say(f"    {rule.label:>12}: {sample.text!r}", bar)
+
+
+def record_expert_usage(model: nn.Module, record: dict, epoch: int, context: "Distributed",
+                        device: torch.device) -> None:
+    """For a mixture-of-experts model, appends to record["expert_usage"] the epoch's
+    {"epoch", "fractions": [[share of the expert choices each expert took] per MoE layer]},
+    counted over every position routed in the epoch's training steps (padding included; after
+    a resume, the steps since) on all ranks; the layers' counts then start again."""
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts) and m.usage is not None]
+    if not layers:
+        return
+    counts = context.sum(torch.cat([layer.usage for layer in layers]).tolist(), device)
+    E = len(layers[0].experts)
+    rows = [counts[i: i + E] for i in range(0, len(counts), E)]
+    record.setdefault("expert_usage", []).append(
+        {"epoch": epoch, "fractions": [[count / max(sum(row), 1) for count in row] for row in rows]})
+    for layer in layers:
+        layer.usage = None
 
 
 def model_record(name: str, model: nn.Module, config: KGramConfig | LSTMConfig | TransformerConfig,
@@ -2276,7 +2690,7 @@ def ascii_loss_plot(records: dict, width: int = 60, height: int = 12) -> str:
 SWEEP_SCHEMA_VERSION = 1
 
 SWEEP_NAMES = ("custom_data", "budget", "overfit", "hyperparams", "kgram_variants",
-               "architectures", "sampling", "ablations", "learning_rate", "batch_size")
+               "architectures", "sampling", "ablations", "learning_rate", "batch_size", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2299,6 +2713,9 @@ class SweepScale:
     samples_per_rule: int
     max_new_tokens: int
     custom_sizes: tuple[int, ...]
+    generation_contexts: tuple[int, ...]   # prompt lengths the attention sweep generates after
+    generation_new_tokens: int
+    generation_batch: int        # sequences generated at once, as a server would
     learning_rates: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     test_fraction: float = 0.2
@@ -2309,14 +2726,17 @@ SWEEP_SCALES = {
     "full": SweepScale("full", None, batch_size=16, block_size=64, width=64, steps=300,
                        budget_epochs=3, overfit_examples=40, overfit_epochs=100,
                        overfit_checkpoints=5, architecture_width=96,
-                       architecture_max_blocks=MAX_TRANSFORMER_BLOCKS, sampling_steps=800,
+                       architecture_max_blocks=8, sampling_steps=800,
                        samples_per_rule=5, max_new_tokens=60,
-                       custom_sizes=(3, 63, 123, 185)),
+                       custom_sizes=(3, 63, 123, 185),
+                       generation_contexts=(64, 256, 1024, 2048, 4096), generation_new_tokens=64,
+                       generation_batch=16),
     "tiny": SweepScale("tiny", 30, batch_size=4, block_size=16, width=16, steps=2,
                        budget_epochs=1, overfit_examples=6, overfit_epochs=3,
                        overfit_checkpoints=2, architecture_width=96, architecture_max_blocks=1,
                        sampling_steps=2, samples_per_rule=2, max_new_tokens=8,
-                       custom_sizes=(3, 8, 16), learning_rates=(1e-3, 1e4), batch_sizes=(1, 4)),
+                       custom_sizes=(3, 8, 16), generation_contexts=(16, 32), generation_new_tokens=4,
+                       generation_batch=2, learning_rates=(1e-3, 1e4), batch_sizes=(1, 4)),
 }
 
 
@@ -2613,7 +3033,9 @@ def sweep_kgram_variants(log: SweepLog, base, scale, device, tokenizer) -> None:
 def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
     """Every Transformer preset at a reduced width (and at most architecture_max_blocks
     blocks), plus the LSTM and the k-gram MLP, all trained and measured in this run.
-    Their per-step histories go to a run log beside the sweep, for the loss curves."""
+    Their per-step histories go to a run log beside the sweep, for the loss curves (and a
+    mixture of experts' expert usage); each preset's attention maps over the first test
+    example go to attention_<preset>.json (GPT-oss's sliding windows and sinks among them)."""
     config = with_flags(base, test_fraction=scale.test_fraction)
     data = sweep_data(config, tokenizer)
     config = with_step_budget(config, data, scale.steps)
@@ -2633,8 +3055,11 @@ def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
         if log.done(label, settings):
             continue
         point = with_flags(config, **settings)
-        _, record = train_sweep_model(label, model_name, point, device, tokenizer, data, runlog)
+        model, record = train_sweep_model(label, model_name, point, device, tokenizer, data, runlog)
         runlog.write()
+        source = data.sources[0]
+        text = tokenizer.decode(list(source.examples.example(source.test[0])[: data.block_size]))
+        write_attention_maps(model, label, tokenizer, text, log.path.parent, device)
         log.add(label, settings, {**point_result(record, data), "config": record["config"],
                                   "training_flops_per_token": record["training_flops_per_token"],
                                   "run_log": run_path.name})
@@ -2741,11 +3166,69 @@ def sweep_batch_size(log: SweepLog, base, scale, device, tokenizer) -> None:
             train_or_diverge(log, "transformer", settings, point, device, tokenizer, data)
 
 
+# The attention sweep's points: the pico Transformer with each kind of token mixing.
+ATTENTION_SWEEP_POINTS = {
+    "softmax": {"attention": "softmax"},
+    "linear": {"attention": "linear"},
+    "gated_linear, fixed decay (RetNet)": {"attention": "gated_linear",
+                                           "linear_attention_gate": "fixed"},
+    "gated_linear, data-dependent (GLA)": {"attention": "gated_linear",
+                                           "linear_attention_gate": "data"},
+}
+
+
+def sweep_attention(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """The pico Transformer with softmax, linear and gated linear attention: the loss at equal
+    budget, and how fast each generates against the context length. The trained weights go
+    into a model with a block long enough for the longest context (RoPE and linear attention
+    have no parameter tied to the block size), which then generates scale.generation_batch
+    sequences at once after prompts of each of scale.generation_contexts tokens: every new
+    token reads a softmax KV cache as long as the context, a linear state of one size."""
+    config = with_flags(base, test_fraction=scale.test_fraction)
+    data = sweep_data(config, tokenizer)
+    config = with_step_budget(config, data, scale.steps)
+    longest = max(scale.generation_contexts) + scale.generation_new_tokens
+    for label, overrides in ATTENTION_SWEEP_POINTS.items():
+        settings = {"attention_kind": label, **overrides}
+        if log.done("transformer", settings):
+            continue
+        point = with_flags(config, **overrides)
+        model, record = train_sweep_model("transformer", "transformer", point, device, tokenizer, data)
+        long_block = build_model(with_flags(point, block_size=longest).models.config_of("transformer"),
+                                 tokenizer.vocab_size, point.training.seed).to(device)
+        long_block.load_state_dict(model.state_dict())
+        speeds = [generation_speed(long_block, context, scale.generation_new_tokens,
+                                   scale.generation_batch, device)
+                  for context in scale.generation_contexts]
+        log.add("transformer", settings, {**point_result(record, data), "generation": speeds})
+
+
+@torch.no_grad()
+def generation_speed(model: TransformerModel, context: int, new_tokens: int, batch: int,
+                     device) -> dict:
+    """Greedy generation of `new_tokens` tokens for each of `batch` sequences, one step at a
+    time through the model's cache, after prompts of `context` random tokens: {"context",
+    "batch", "tokens_per_s" (new tokens of all sequences per second; the prompts' forward pass
+    untimed), "state_bytes" (what the caches hold at the end)}."""
+    model.eval()
+    prompts = torch.randint(0, model.vocab_size, (context, batch), device=device,
+                            generator=torch.Generator(device=device).manual_seed(context))
+    logits, state = model.forward_incremental(prompts, None)
+    started = time.perf_counter()
+    for _ in range(new_tokens):
+        logits, state = model.forward_incremental(logits[-1].argmax(dim=-1)[None], state)  # (1, B)
+    int(logits[-1, 0].argmax())                   # waits for a GPU to finish
+    elapsed = time.perf_counter() - started
+    return {"context": context, "batch": batch,
+            "tokens_per_s": batch * new_tokens / max(elapsed, 1e-9),
+            "state_bytes": sum(cache.bytes_held for cache in state.caches)}
+
+
 SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": sweep_overfit,
           "hyperparams": sweep_hyperparams, "kgram_variants": sweep_kgram_variants,
           "architectures": sweep_architectures, "sampling": sweep_sampling,
           "ablations": sweep_ablations, "learning_rate": sweep_learning_rate,
-          "batch_size": sweep_batch_size}
+          "batch_size": sweep_batch_size, "attention": sweep_attention}
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -2819,15 +3302,22 @@ def attention_maps(model: TransformerModel, token_ids: list[int], device) -> lis
 
 def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, directory: Path,
                          device) -> Path | None:
-    """artefacts/attention_<name>.json with the prompt's tokens and their attention maps."""
-    if not isinstance(model, TransformerModel):
+    """artefacts/attention_<name>.json with the prompt's tokens, their attention maps, and per
+    layer its sliding window (null: the whole context) and its sink logits (null: no sinks;
+    with sinks a row of weights sums to 1 minus the sink's share). Softmax attention only:
+    linear attention has no weights to show."""
+    if not isinstance(model, TransformerModel) or model.config.attention != "softmax":
         return None
     ids = tokenizer.encode(prompt)[: model.config.block_size]
+    attentions = [block.attention for block in model.blocks]
     path = directory / f"attention_{name}.json"
     atomic_write_json(path, {"kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION,
                              "model": name, "prompt": prompt,
                              "tokens": [tokenizer.decode([i]) for i in ids],
-                             "layers": attention_maps(model, ids, device)})
+                             "layers": attention_maps(model, ids, device),
+                             "windows": [attention.window for attention in attentions],
+                             "sinks": [None if attention.sinks is None else attention.sinks.tolist()
+                                       for attention in attentions]})
     return path
 
 
@@ -3025,9 +3515,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     help="key/value heads (fewer than n_heads = grouped-query attention)")
     tf.add_argument("--n_blocks", type=int, default=None,
                     help="Transformer blocks (the course suggests 2 to 10)")
-    tf.add_argument("--d_ff", type=int, default=None, help="feed-forward hidden width")
-    tf.add_argument("--ffn", choices=("gelu", "swiglu", "silu"), default=None,
-                    help="feed-forward type")
+    tf.add_argument("--d_ff", type=int, default=None,
+                    help="feed-forward hidden width (of each expert, with --n_experts)")
+    tf.add_argument("--ffn", choices=("gelu", "swiglu", "silu", "clamped_swiglu"), default=None,
+                    help="feed-forward type (clamped_swiglu: GPT-oss's experts)")
+    tf.add_argument("--n_experts", type=int, default=None,
+                    help="mixture of experts: this many feed-forwards per block, a linear router "
+                         "picking --experts_per_token of them for each token (0 = one dense "
+                         "feed-forward)")
+    tf.add_argument("--experts_per_token", type=int, default=None,
+                    help="experts each token is routed to (top-k) (default: 2)")
+    tf.add_argument("--router_aux_loss_coef", type=float, default=None,
+                    help="weight of the Switch load-balancing loss added to the training loss of "
+                         "a mixture of experts (0 = off) (default: 0.01)")
     tf.add_argument("--norm", choices=("rmsnorm", "layernorm", "none"), default=None,
                     help="normalization layer")
     tf.add_argument("--norm_position", choices=("pre", "post"), default=None,
@@ -3035,8 +3535,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
     tf.add_argument("--pos_emb", choices=("learned", "rope", "sinusoidal", "none"), default=None,
                     help="position information (none = NoPE)")
     tf.add_argument("--rope_theta", type=float, default=None, help="RoPE base frequency")
+    tf.add_argument("--yarn_factor", type=float, default=None,
+                    help="YaRN: stretch RoPE to this many times --yarn_original_context "
+                         "(default: 1, plain RoPE)")
+    tf.add_argument("--yarn_original_context", type=int, default=None,
+                    help="YaRN: the context length the RoPE frequencies were trained for "
+                         "(default: 4096)")
     tf.add_argument("--tie_weights", type=str_to_bool, default=None, metavar="true|false",
                     help="share the unembedding matrix with the token embedding")
+    tf.add_argument("--attention", choices=ATTENTION_KINDS, default=None,
+                    help="token mixing: softmax attention (KV cache), or linear / gated_linear "
+                         "attention (a fixed-size state per layer) (default: softmax)")
+    tf.add_argument("--linear_attention_gate", choices=LINEAR_ATTENTION_GATES, default=None,
+                    help="gated_linear's forget gate: fixed per head (RetNet) or data-dependent "
+                         "(GLA) (default: data)")
+    tf.add_argument("--attention_sinks", type=str_to_bool, default=None, metavar="true|false",
+                    help="softmax attention: a learned logit per head in the softmax denominator "
+                         "(GPT-oss)")
+    tf.add_argument("--sliding_window", type=int, default=None,
+                    help="softmax attention: blocks 0, 2, 4, ... attend to only the last N tokens "
+                         "(0 = every block sees the whole context)")
     tf.add_argument("--attention_impl", choices=("sdpa", "math"), default="sdpa",
                     help="scaled_dot_product_attention (fast) or the explicit softmax formula")
     tf.add_argument("--dropout", type=float, default=None, help="dropout probability")
@@ -3123,10 +3641,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--lr_min", type=float, default=0.0,
                       help="reduce-on-plateau never takes the peak learning rate below this")
     experiments = parser.add_argument_group("experiments (section 7)")
-    experiments.add_argument("--sweep", choices=("presentation", "custom_data", "budget", "overfit",
-                                                 "hyperparams", "kgram_variants", "architectures",
-                                                 "sampling", "ablations", "learning_rate",
-                                                 "batch_size"), default=None,
+    experiments.add_argument("--sweep", choices=("presentation", *SWEEP_NAMES), default=None,
                              help="run one sweep into artefacts/sweep_<name>.json, or every sweep "
                                   "(presentation); finished points are skipped when started again")
     experiments.add_argument("--sweep_scale", choices=("full", "tiny"), default="full",
@@ -3219,7 +3734,8 @@ def validate_args(args: argparse.Namespace) -> None:
                  "tinystories_max_stories", "log_interval"):
         positive(name)
     for name in ("learning_rate", "weight_decay", "grad_clip", "temperature", "rope_theta",
-                 "test_fraction", "tinystories_weight", "min_lr_ratio"):
+                 "test_fraction", "tinystories_weight", "min_lr_ratio", "router_aux_loss_coef",
+                 "yarn_factor"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name} must be a finite number, got {value}")
@@ -3324,6 +3840,16 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
             fields[flag] = flags[flag]
     if flags.get("d_model") is not None and flags.get("d_ff") is None:
         fields.pop("d_ff", None)  # a preset's width belongs to its own d_model
+    attention = fields.get("attention", "softmax")
+    if attention != "softmax":
+        for flag in ("attention_sinks", "sliding_window"):
+            if flags.get(flag):
+                raise UserError(f"--{flag} is an option of softmax attention, not of "
+                                f"--attention {attention}")
+        fields.update(attention_sinks=False, sliding_window=0)  # a preset's, for softmax only
+    if flags.get("linear_attention_gate") is not None and attention != "gated_linear":
+        raise UserError(f"--linear_attention_gate is an option of --attention gated_linear, "
+                        f"not of {attention}")
     config = TransformerConfig(block_size=flags["block_size"],
                                attention_impl=flags["attention_impl"], **fields)
     validate_transformer_config(config, preset)
@@ -3804,8 +4330,9 @@ class ChunkedNextTokenLoss(NextTokenLoss):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
                 position_weights: torch.Tensor) -> torch.Tensor:
         """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
-        return linear_cross_entropy(self.model.features(inputs), self.model.unembedding,
+        nats = linear_cross_entropy(self.model.features(inputs), self.model.unembedding,
                                     targets, position_weights)
+        return nats + router_balance_term(self.model, position_weights)
 
 
 @functools.cache
@@ -3876,9 +4403,10 @@ class OneDNNLinear(torch.autograd.Function):
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a FastLinear's x @ weight.T can go through oneDNN: float32 on the CPU,
-    outside autocast and torch.compile (those keep PyTorch's own kernels).
+    outside autocast and torch.compile (those keep PyTorch's own kernels), not empty (an
+    expert no token chose gets zero rows; oneDNN has no primitive for them).
     x (..., in), weight (out, in)."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
@@ -5314,8 +5842,8 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
 
 # --- D.2 Resource accounting ---------------------------------------------------------------
 
-# GPT-2's published shapes (Radford et al., 2019), for accounting only: they exceed
-# the course's 10-block cap, so they are never built for training here.
+# GPT-2's published shapes (Radford et al., 2019), for accounting; gpt2-small is also the
+# GPT2-small preset.
 GPT2_SHAPES = {
     "gpt2-small": dict(n_blocks=12, d_model=768, n_heads=12),
     "gpt2-medium": dict(n_blocks=24, d_model=1024, n_heads=16),
@@ -5337,36 +5865,55 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
     `context_length` tokens (2 FLOPs per multiply-add); plus fp32 training memory
     with AdamW in bytes: weights, gradients, the two moment buffers, and the
     activations autograd keeps per example (a standard itemization that counts
-    every saved intermediate once; fused kernels save less).
+    every saved intermediate once; fused kernels save less). A mixture of experts
+    holds all E experts' parameters and spends the FLOPs of the k each token uses.
     """
     c, T = config, context_length
-    d, L, V, F_ = c.d_model, c.n_blocks, c.vocab_size, c.d_ff
-    kv_width = c.n_kv_heads * c.head_dim
+    d, L, V, F_, D = c.d_model, c.n_blocks, c.vocab_size, c.d_ff, c.head_dim
+    kv_width = c.n_kv_heads * D
     bias = 1 if c.bias else 0
     norm_params = {"rmsnorm": d, "layernorm": d * (1 + bias), "none": 0}[c.norm]
-    ffn_matrices = 3 if c.ffn == "swiglu" else 2
+    ffn_matrices = 3 if c.ffn in GATED_FFNS else 2
     attention_params = d * (d + 2 * kv_width) + d * d + bias * (2 * d + 2 * kv_width)
+    gate = c.linear_attention_gate if c.attention == "gated_linear" else None
+    if c.attention == "softmax" and c.attention_sinks:
+        attention_params += c.n_heads                       # one sink logit per head
+    if gate is not None:
+        attention_params += d * d + bias * d + D            # output gate, head norm
+    if gate == "data":
+        attention_params += d * 16 + 16 * d + d             # the rank-16 forget gate
     ffn_params = ffn_matrices * d * F_ + bias * ((ffn_matrices - 1) * F_ + d)
+    experts, active = max(c.n_experts, 1), c.experts_per_token if c.n_experts else 1
+    router_params = (d + 1) * c.n_experts if c.n_experts else 0
     final_norm = norm_params if c.norm_position == "pre" else 0
     parameters = {
         "token_embedding": V * d,
         "position_embedding": c.block_size * d if c.pos_emb == "learned" else 0,
         "attention": L * attention_params,
-        "feed_forward": L * ffn_params,
+        "feed_forward": L * (experts * ffn_params + router_params),
         "norms": L * 2 * norm_params + final_norm,
         "unembedding": 0 if c.tie_weights else V * d,
     }
+    # Softmax attention: Q K^T, then weights @ V, over the whole context (a sliding window's
+    # written-out form masks the scores, it does not skip them). Linear attention: the
+    # recurrent form's state update and read, 2 D E multiply-adds per token and head (E = D,
+    # plus the column of ones that carries plain linear attention's normalizer).
+    state_width = D + 1 if gate is None else D
+    mixing = (L * 2 * 2 * T * T * d if c.attention == "softmax" else L * 2 * 2 * T * d * state_width)
     flops = {
-        "attention_projections": L * 2 * T * (d * (d + 2 * kv_width) + d * d),
-        "attention_scores_and_mix": L * 2 * 2 * T * T * d,   # Q K^T, then weights @ V
-        "feed_forward": L * 2 * T * ffn_matrices * d * F_,
+        "attention_projections": L * 2 * T * (d * (d + 2 * kv_width) + d * d
+                                              + (d * d if gate is not None else 0)),
+        "attention_scores_and_mix": mixing,
+        "feed_forward": L * 2 * T * (active * ffn_matrices * d * F_ + d * c.n_experts),
         "unembedding": 2 * T * d * V,
     }
+    scores = (2 * c.n_heads * T * T if c.attention == "softmax"
+              else c.n_heads * T * LINEAR_ATTENTION_CHUNK * state_width)  # (C, C, D) per chunk
     per_block_activations = (2 * T * d               # inputs of the two norms
                              + T * (d + 2 * kv_width)  # q, k, v
-                             + 2 * c.n_heads * T * T   # scores and softmax
+                             + scores                  # scores and softmax
                              + 2 * T * d               # attention output, output projection
-                             + T * F_ * (3 if c.ffn == "swiglu" else 2) + T * d)  # FFN
+                             + active * T * F_ * (3 if c.ffn in GATED_FFNS else 2) + T * d)  # FFN
     activation_floats = L * per_block_activations + T * d + 2 * T * V  # final norm, logits, softmax
     total_parameters = sum(parameters.values())
     memory = {
@@ -5574,6 +6121,11 @@ HF_FAMILIES = {
 def hf_family(config: TransformerConfig) -> str:
     """'gpt2' or 'llama': the transformers class that computes this config; UserError naming
     the first setting that no class computes."""
+    for name, plain in (("attention", "softmax"), ("n_experts", 0), ("attention_sinks", False),
+                        ("sliding_window", 0), ("yarn_factor", 1.0)):
+        if getattr(config, name) != plain:   # GPT-oss's parts, linear attention: not exported
+            raise UserError(f"--export_hf: {name}={getattr(config, name)} has no GPT-2 or Llama "
+                            f"class in transformers; export needs {name}={plain}")
     family = {"learned": "gpt2", "rope": "llama"}.get(config.pos_emb)
     if family is None:
         raise UserError(f"--export_hf: pos_emb={config.pos_emb} has no transformers class; "

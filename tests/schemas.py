@@ -67,6 +67,18 @@ def runlog_schema(pico) -> dict:
                             },
                         },
                         "final": {"type": "object"},
+                        "expert_usage": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["epoch", "fractions"],
+                                "properties": {
+                                    "epoch": {"type": "integer", "minimum": 1},
+                                    "fractions": {"type": "array", "items": {
+                                        "type": "array", "items": {"type": "number", "minimum": 0}}},
+                                },
+                            },
+                        },
                     },
                 },
             },

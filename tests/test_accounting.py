@@ -6,7 +6,11 @@ import torch
 
 @pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite"])
 @pytest.mark.parametrize("extra", [[], ["--norm_position", "post", "--tie_weights", "false"],
-                                   ["--pos_emb", "learned", "--norm", "layernorm", "--ffn", "gelu"]])
+                                   ["--pos_emb", "learned", "--norm", "layernorm", "--ffn", "gelu"],
+                                   ["--n_experts", "3", "--ffn", "swiglu", "--attention_sinks", "true"],
+                                   ["--attention", "linear"],
+                                   ["--attention", "gated_linear", "--linear_attention_gate", "fixed"],
+                                   ["--attention", "gated_linear", "--n_experts", "0"]])
 def test_accounted_parameters_equal_the_built_model(pico, configure, preset, extra):
     config = configure("--transformer_variant", preset, "--d_model", "64", "--n_heads", "4",
                        "--n_blocks", "2", "--block_size", "32", *extra).models.transformer

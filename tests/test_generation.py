@@ -7,6 +7,8 @@ import torch
 
 from test_models import VOCAB, all_tiny_models
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_nucleus_keeps_the_smallest_set_reaching_p(pico):
     probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])

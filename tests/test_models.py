@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 VOCAB = 40
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny_model(pico, model_name, *extra, vocab_size=VOCAB):
     """`model_name` built as the command line with these flags (reduced widths) builds it."""
@@ -18,15 +20,24 @@ def tiny_model(pico, model_name, *extra, vocab_size=VOCAB):
     return pico.build_model(config.models.config_of(model_name), vocab_size, config.training.seed)
 
 
+ATTENTION_KINDS = {"": [], " linear": ["--attention", "linear"],
+                   " gated_linear fixed": ["--attention", "gated_linear", "--linear_attention_gate", "fixed"],
+                   " gated_linear data": ["--attention", "gated_linear", "--linear_attention_gate", "data"]}
+
+
 def all_tiny_models(pico):
-    """One tiny model of every kind and preset (reduced width through the override flags)."""
+    """One tiny model of every kind, and of every preset with every kind of attention (reduced
+    width through the override flags; GPT-oss's window of 4 slides within the 16-token block)."""
     models = {}
     for variant in ("onehot", "embedding", "conv"):
         models[f"kgram_{variant}"] = tiny_model(pico, "kgram_mlp_seq", "--kgram_variant", variant)
     models["lstm"] = tiny_model(pico, "lstm_seq", "--lstm_layers", "2")
     for preset in pico.TRANSFORMER_PRESETS:
-        kv = ["--n_kv_heads", "2"] if preset == "Llama3-lite" else []
-        models[preset] = tiny_model(pico, "transformer", "--transformer_variant", preset, *kv)
+        for kind, attention in ATTENTION_KINDS.items():
+            extra = {"Llama3-lite": ["--n_kv_heads", "2"],
+                     "GPT-oss": ["--sliding_window", "4"] if not attention else []}.get(preset, [])
+            models[preset + kind] = tiny_model(pico, "transformer", "--transformer_variant", preset,
+                                               *attention, *extra)
     return models
 
 
@@ -175,15 +186,17 @@ def test_swiglu_is_w2_of_silu_w1_times_w3(pico):
 def test_presets_fill_the_documented_fields(configure, preset):
     config = configure("--transformer_variant", preset).models.transformer
     expected = {
-        "minGPT": dict(d_model=384, n_heads=6, n_blocks=6, ffn="gelu", d_ff=1536, pos_emb="learned",
-                       tie_weights=True),
-        "GPT2-small": dict(d_model=768, n_heads=12, n_blocks=8, norm="layernorm", d_ff=3072,
-                           pos_emb="learned", tie_weights=True),
-        "GPT-oss": dict(d_model=512, n_heads=8, n_blocks=8, pos_emb="rope", ffn="swiglu", d_ff=2048,
-                        norm="rmsnorm", tie_weights=False),
+        "minGPT": dict(d_model=192, n_heads=6, n_blocks=6, ffn="gelu", d_ff=768, norm="layernorm",
+                       pos_emb="learned", tie_weights=False, bias=True, dropout=0.1),
+        "GPT2-small": dict(d_model=768, n_heads=12, n_blocks=12, norm="layernorm", d_ff=3072,
+                           pos_emb="learned", tie_weights=True, bias=True),
+        "GPT-oss": dict(d_model=512, n_heads=8, n_kv_heads=2, n_blocks=8, pos_emb="rope",
+                        ffn="clamped_swiglu", d_ff=512, n_experts=8, experts_per_token=2,
+                        attention_sinks=True, sliding_window=16, bias=True, rope_theta=150000.0,
+                        yarn_factor=1.0, norm="rmsnorm", tie_weights=False),
         "Llama3-lite": dict(d_model=1024, n_heads=16, n_blocks=8, pos_emb="rope", ffn="swiglu",
-                            norm="rmsnorm", tie_weights=False),
-        "pico": dict(n_blocks=3),
+                            d_ff=3584, norm="rmsnorm", tie_weights=False),
+        "pico": dict(n_blocks=3, attention="softmax", n_experts=0),
     }[preset]
     for field, value in expected.items():
         assert getattr(config, field) == value, field
@@ -195,7 +208,7 @@ def test_flags_override_preset_fields(pico, configure):
     config = configure("--transformer_variant", "GPT-oss", "--d_model", "64", "--n_heads", "2",
                        "--pos_emb", "learned", "--tie_weights", "true").models.transformer
     assert (config.d_model, config.n_heads, config.pos_emb, config.tie_weights) == (64, 2, "learned", True)
-    assert config.d_ff == pico.default_ffn_width(64, "swiglu")
+    assert config.d_ff == pico.default_ffn_width(64, "clamped_swiglu") == 64
     model = pico.build_model(config, 100, seed=0)
     assert model.unembedding.weight is model.token_embedding.weight
 
@@ -209,8 +222,14 @@ def test_enable_transformer_gptoss_adds_the_gptoss_model(configure):
 @pytest.mark.parametrize("flags, message", [
     (["--d_model", "30", "--n_heads", "4"], "must divide --d_model"),
     (["--n_heads", "4", "--n_kv_heads", "3"], "must divide --n_heads"),
-    (["--n_blocks", "11"], "between 1 and 10"),
     (["--n_blocks", "0"], "positive"),
+    (["--n_experts", "4", "--experts_per_token", "5"], r"between 1 and --n_experts \(4\)"),
+    (["--n_experts", "-1"], "must not be negative"),
+    (["--sliding_window", "-1"], "must not be negative"),
+    (["--attention", "linear", "--sliding_window", "8"], "an option of softmax attention"),
+    (["--attention", "gated_linear", "--attention_sinks", "true"], "an option of softmax attention"),
+    (["--linear_attention_gate", "fixed"], "an option of --attention gated_linear"),
+    (["--yarn_factor", "0.5"], "at least 1"),
     (["--d_model", "12", "--n_heads", "4"], "even head size"),
     (["--transformer_variant", "gpt5"], "unknown --transformer_variant"),
 ])

@@ -7,7 +7,9 @@ import jsonschema
 import pytest
 import torch
 
-from schemas import sweep_schema
+from schemas import runlog_schema, sweep_schema
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORDS = "the fox the lantern a harbor boat rain wind garden robot cat sock".split()
 
@@ -155,6 +157,48 @@ def test_issue7_sweeps_write_their_points(pico, run_main, tmp_path, tiny_corpus,
     if sweep == "batch_size":
         steps = {p["settings"]["batch_size"]: p["steps"] for p in result["points"]}
         assert steps[1] == 4 * steps[4]          # equal examples: 4x the steps at batch 1
+
+
+def test_attention_sweep_measures_loss_and_generation_speed_against_context(pico, run_main, tmp_path,
+                                                                            tiny_corpus):
+    status, out, err = run_main("--sweep", "attention", "--sweep_scale", "tiny",
+                                "--input_files", str(tiny_corpus))
+    assert status == 0, err
+    sweep = pico.load_sweep(tmp_path / "artefacts" / "sweep_attention.json")
+    jsonschema.validate(sweep, sweep_schema(pico))
+    points = {p["settings"]["attention_kind"]: p for p in sweep["points"]}
+    assert list(points) == list(pico.ATTENTION_SWEEP_POINTS)
+    scale = pico.SWEEP_SCALES["tiny"]
+    for kind, point in points.items():
+        assert point["test_loss"] > 0 and point["steps"] == sweep["points"][0]["steps"]
+        assert [g["context"] for g in point["generation"]] == list(scale.generation_contexts)
+        assert all(g["tokens_per_s"] > 0 for g in point["generation"])
+        held = [g["state_bytes"] for g in point["generation"]]
+        if kind == "softmax":   # keys and values of every token so far: 3 blocks, 4 heads of 4
+            assert held == [2 * 3 * scale.generation_batch * 4 * 4 * 4
+                            * (context + scale.generation_new_tokens)
+                            for context in scale.generation_contexts]
+        else:                   # one matrix per block and head, whatever the context
+            assert held[0] == held[-1] > 0
+
+
+def test_architectures_sweep_logs_expert_usage_and_the_presets_attention(pico, run_main, tmp_path,
+                                                                         tiny_corpus):
+    status, _, err = run_main("--sweep", "architectures", "--sweep_scale", "tiny",
+                              "--input_files", str(tiny_corpus))
+    assert status == 0, err
+    artefacts = tmp_path / "artefacts"
+    sweep = pico.load_sweep(artefacts / "sweep_architectures.json")
+    assert [p["model"] for p in sweep["points"]] == [*pico.TRANSFORMER_PRESETS, "lstm_seq", "kgram_mlp_seq"]
+    run = pico.load_runlog(artefacts / "sweep_architectures_run.json")
+    jsonschema.validate(run, runlog_schema(pico))
+    usage = run["models"]["GPT-oss"]["expert_usage"][-1]["fractions"]
+    assert len(usage) == 1 and len(usage[0]) == 8 and sum(usage[0]) == pytest.approx(1.0)
+    attention = json.loads((artefacts / "attention_GPT-oss.json").read_text())
+    assert attention["windows"] == [16] and len(attention["sinks"][0]) == 8
+    assert len(attention["tokens"]) == pico.SWEEP_SCALES["tiny"].block_size
+    pico_attention = json.loads((artefacts / "attention_pico.json").read_text())
+    assert pico_attention["windows"] == [None] and pico_attention["sinks"] == [None]
 
 
 def test_a_diverging_learning_rate_is_recorded_not_raised(pico, tmp_path, tiny_corpus):
