@@ -2440,6 +2440,7 @@ class SweepScale:
     custom_sizes: tuple[int, ...]
     generation_contexts: tuple[int, ...]   # prompt lengths the attention sweep generates after
     generation_new_tokens: int
+    generation_batch: int        # sequences generated at once, as a server would
     learning_rates: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     test_fraction: float = 0.2
@@ -2453,13 +2454,14 @@ SWEEP_SCALES = {
                        architecture_max_blocks=8, sampling_steps=800,
                        samples_per_rule=5, max_new_tokens=60,
                        custom_sizes=(3, 63, 123, 185),
-                       generation_contexts=(64, 128, 256, 512, 1024, 2048), generation_new_tokens=64),
+                       generation_contexts=(64, 256, 1024, 2048, 4096), generation_new_tokens=64,
+                       generation_batch=16),
     "tiny": SweepScale("tiny", 30, batch_size=4, block_size=16, width=16, steps=2,
                        budget_epochs=1, overfit_examples=6, overfit_epochs=3,
                        overfit_checkpoints=2, architecture_width=96, architecture_max_blocks=1,
                        sampling_steps=2, samples_per_rule=2, max_new_tokens=8,
                        custom_sizes=(3, 8, 16), generation_contexts=(16, 32), generation_new_tokens=4,
-                       learning_rates=(1e-3, 1e4), batch_sizes=(1, 4)),
+                       generation_batch=2, learning_rates=(1e-3, 1e4), batch_sizes=(1, 4)),
 }
 
 
@@ -2885,9 +2887,9 @@ def sweep_attention(log: SweepLog, base, scale, device, tokenizer) -> None:
     """The pico Transformer with softmax, linear and gated linear attention: the loss at equal
     budget, and how fast each generates against the context length. The trained weights go
     into a model with a block long enough for the longest context (RoPE and linear attention
-    have no parameter tied to the block size), which then generates after prompts of each of
-    scale.generation_contexts tokens: the softmax KV cache grows with the context, the linear
-    state does not."""
+    have no parameter tied to the block size), which then generates scale.generation_batch
+    sequences at once after prompts of each of scale.generation_contexts tokens: every new
+    token reads a softmax KV cache as long as the context, a linear state of one size."""
     config = with_flags(base, test_fraction=scale.test_fraction)
     data = sweep_data(config, tokenizer)
     config = with_step_budget(config, data, scale.steps)
@@ -2901,26 +2903,30 @@ def sweep_attention(log: SweepLog, base, scale, device, tokenizer) -> None:
         long_block = build_model(with_flags(point, block_size=longest).models.config_of("transformer"),
                                  tokenizer.vocab_size, point.training.seed).to(device)
         long_block.load_state_dict(model.state_dict())
-        speeds = [generation_speed(long_block, context, scale.generation_new_tokens, device)
+        speeds = [generation_speed(long_block, context, scale.generation_new_tokens,
+                                   scale.generation_batch, device)
                   for context in scale.generation_contexts]
         log.add("transformer", settings, {**point_result(record, data), "generation": speeds})
 
 
 @torch.no_grad()
-def generation_speed(model: TransformerModel, context: int, new_tokens: int, device) -> dict:
-    """Greedy generation of `new_tokens` tokens one at a time through the model's cache after a
-    prompt of `context` random tokens: {"context", "tokens_per_s" (the new tokens only, the
-    prompt's forward pass untimed), "state_bytes" (what the caches hold at the end)}."""
+def generation_speed(model: TransformerModel, context: int, new_tokens: int, batch: int,
+                     device) -> dict:
+    """Greedy generation of `new_tokens` tokens for each of `batch` sequences, one step at a
+    time through the model's cache, after prompts of `context` random tokens: {"context",
+    "batch", "tokens_per_s" (new tokens of all sequences per second; the prompts' forward pass
+    untimed), "state_bytes" (what the caches hold at the end)}."""
     model.eval()
-    prompt = torch.randint(0, model.vocab_size, (context, 1), device=device,
-                           generator=torch.Generator(device=device).manual_seed(context))
-    logits, state = model.forward_incremental(prompt, None)
+    prompts = torch.randint(0, model.vocab_size, (context, batch), device=device,
+                            generator=torch.Generator(device=device).manual_seed(context))
+    logits, state = model.forward_incremental(prompts, None)
     started = time.perf_counter()
     for _ in range(new_tokens):
-        logits, state = model.forward_incremental(logits[-1].argmax(dim=-1)[None], state)  # (1, 1)
+        logits, state = model.forward_incremental(logits[-1].argmax(dim=-1)[None], state)  # (1, B)
     int(logits[-1, 0].argmax())                   # waits for a GPU to finish
     elapsed = time.perf_counter() - started
-    return {"context": context, "tokens_per_s": new_tokens / max(elapsed, 1e-9),
+    return {"context": context, "batch": batch,
+            "tokens_per_s": batch * new_tokens / max(elapsed, 1e-9),
             "state_bytes": sum(cache.bytes_held for cache in state.caches)}
 
 

@@ -174,8 +174,9 @@ def test_attention_sweep_measures_loss_and_generation_speed_against_context(pico
         assert [g["context"] for g in point["generation"]] == list(scale.generation_contexts)
         assert all(g["tokens_per_s"] > 0 for g in point["generation"])
         held = [g["state_bytes"] for g in point["generation"]]
-        if kind == "softmax":   # keys and values of every token so far, 3 blocks of 4 heads of 4
-            assert held == [2 * 3 * 4 * 4 * 4 * (context + scale.generation_new_tokens)
+        if kind == "softmax":   # keys and values of every token so far: 3 blocks, 4 heads of 4
+            assert held == [2 * 3 * scale.generation_batch * 4 * 4 * 4
+                            * (context + scale.generation_new_tokens)
                             for context in scale.generation_contexts]
         else:                   # one matrix per block and head, whatever the context
             assert held[0] == held[-1] > 0
