@@ -280,6 +280,8 @@ class KVCache:
         return 2 * self.keys[:, :, :self.length].numel() * self.keys.element_size()
 
     def _slide(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """append for a sliding-window layer: the kept tokens and the new ones go to attention,
+        the last window - 1 of them stay."""
         keys = torch.cat([self.keys[:, :, :self.length], keys], dim=2)        # (B, H_kv, S, D)
         values = torch.cat([self.values[:, :, :self.length], values], dim=2)
         self.length = min(keys.shape[2], self.keys.shape[2])
