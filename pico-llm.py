@@ -3035,7 +3035,8 @@ def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
     blocks), plus the LSTM and the k-gram MLP, all trained and measured in this run.
     Their per-step histories go to a run log beside the sweep, for the loss curves (and a
     mixture of experts' expert usage); each preset's attention maps over the first test
-    example go to attention_<preset>.json (GPT-oss's sliding windows and sinks among them)."""
+    example go to architectures_attention_<preset>.json (GPT-oss's sliding windows and sinks
+    among them)."""
     config = with_flags(base, test_fraction=scale.test_fraction)
     data = sweep_data(config, tokenizer)
     config = with_step_budget(config, data, scale.steps)
@@ -3059,7 +3060,8 @@ def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
         runlog.write()
         source = data.sources[0]
         text = tokenizer.decode(list(source.examples.example(source.test[0])[: data.block_size]))
-        write_attention_maps(model, label, tokenizer, text, log.path.parent, device)
+        write_attention_maps(model, label, tokenizer, text, log.path.parent, device,
+                             file_prefix="architectures_attention")
         log.add(label, settings, {**point_result(record, data), "config": record["config"],
                                   "training_flops_per_token": record["training_flops_per_token"],
                                   "run_log": run_path.name})
@@ -3301,16 +3303,16 @@ def attention_maps(model: TransformerModel, token_ids: list[int], device) -> lis
 
 
 def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, directory: Path,
-                         device) -> Path | None:
-    """artefacts/attention_<name>.json with the prompt's tokens, their attention maps, and per
-    layer its sliding window (null: the whole context) and its sink logits (null: no sinks;
+                         device, file_prefix: str = "attention") -> Path | None:
+    """<directory>/<file_prefix>_<name>.json with the prompt's tokens, their attention maps, and
+    per layer its sliding window (null: the whole context) and its sink logits (null: no sinks;
     with sinks a row of weights sums to 1 minus the sink's share). Softmax attention only:
     linear attention has no weights to show."""
     if not isinstance(model, TransformerModel) or model.config.attention != "softmax":
         return None
     ids = tokenizer.encode(prompt)[: model.config.block_size]
     attentions = [block.attention for block in model.blocks]
-    path = directory / f"attention_{name}.json"
+    path = directory / f"{file_prefix}_{name}.json"
     atomic_write_json(path, {"kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION,
                              "model": name, "prompt": prompt,
                              "tokens": [tokenizer.decode([i]) for i in ids],

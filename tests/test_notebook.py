@@ -13,6 +13,8 @@ from nbclient import NotebookClient
 from conftest import REPO
 from schemas import runlog_schema
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # the sweeps run in this process
+
 FIGURES = {"loss_curves", "throughput", "overfitting", "custom_data", "budget", "hyperparams",
            "sampling_diversity", "attention_transformer", "ablations", "learning_rate_batch_size"}
 

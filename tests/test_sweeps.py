@@ -194,10 +194,10 @@ def test_architectures_sweep_logs_expert_usage_and_the_presets_attention(pico, r
     jsonschema.validate(run, runlog_schema(pico))
     usage = run["models"]["GPT-oss"]["expert_usage"][-1]["fractions"]
     assert len(usage) == 1 and len(usage[0]) == 8 and sum(usage[0]) == pytest.approx(1.0)
-    attention = json.loads((artefacts / "attention_GPT-oss.json").read_text())
+    attention = json.loads((artefacts / "architectures_attention_GPT-oss.json").read_text())
     assert attention["windows"] == [16] and len(attention["sinks"][0]) == 8
     assert len(attention["tokens"]) == pico.SWEEP_SCALES["tiny"].block_size
-    pico_attention = json.loads((artefacts / "attention_pico.json").read_text())
+    pico_attention = json.loads((artefacts / "architectures_attention_pico.json").read_text())
     assert pico_attention["windows"] == [None] and pico_attention["sinks"] == [None]
 
 
