@@ -4093,8 +4093,6 @@ def run_training(config: Config) -> int:
         save_dir = checkpoint_directory(config.checkpoints)
         if save_dir is not None:
             check_writable_directory(save_dir, "--save_dir")
-        check_models_fit_in_memory(config.models, tokenizer_vocab_size(config.data.tokenizer),
-                                   config.data.block_size, device)
         resuming = config.checkpoints.resume is not None
         if context.is_main:  # rank 0 alone writes; the others stop when it does
             check_run_log_is_new(run_path, resuming)
@@ -4112,6 +4110,8 @@ def run_training(config: Config) -> int:
         if config.huggingface.init_from:  # Appendix E: the model's shape, tokenizer, weights
             config, tokenizer, weights = init_from_hf(config, resume_points.get("transformer"))
             initial_weights = {"transformer": weights} if weights is not None else None
+        vocab_size = tokenizer.vocab_size if tokenizer else tokenizer_vocab_size(config.data.tokenizer)
+        check_models_fit_in_memory(config.models, vocab_size, config.data.block_size, device)
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
