@@ -2242,6 +2242,11 @@ def atomic_create_bytes(path: Path, data: bytes) -> None:
     temp = write_temporary_file(path, data)
     try:
         os.link(temp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links (FAT, some network file systems): claim the name, then fill it
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
 

@@ -263,6 +263,18 @@ def test_a_new_run_log_is_created_only_where_none_exists(pico, tmp_path):
     assert json.loads(path.read_text())["args"] == {"epochs": 2}
 
 
+def test_run_logs_are_created_exclusively_without_hard_links_too(pico, tmp_path, monkeypatch):
+    def no_hard_links(source, target):
+        raise PermissionError(1, "Operation not permitted")   # what FAT answers
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    path = tmp_path / "same.json"
+    pico.atomic_create_bytes(path, b"first\n")
+    with pytest.raises(FileExistsError):
+        pico.atomic_create_bytes(path, b"second\n")
+    assert path.read_bytes() == b"first\n" and [p.name for p in tmp_path.iterdir()] == ["same.json"]
+
+
 # --- a sweep never replaces another scale's or other data's sweep file -----------------------
 
 def test_tiny_sweep_does_not_replace_a_full_scale_sweep_file(ws):
