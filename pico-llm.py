@@ -3125,10 +3125,9 @@ def sweep_ablations(log: SweepLog, base, scale, device, tokenizer) -> None:
     config = with_step_budget(config, data, scale.steps)
     for label, overrides in ABLATIONS.items():
         settings = {"ablation": label, **overrides}
-        if not log.done("transformer", settings):
-            _, record = train_sweep_model("transformer", "transformer",
-                                          with_flags(config, **overrides), device, tokenizer, data)
-            log.add("transformer", settings, point_result(record, data))
+        if not log.done("transformer", settings):   # without norms a run may blow up
+            train_or_diverge(log, "transformer", settings, with_flags(config, **overrides), device,
+                             tokenizer, data)
 
 
 def train_or_diverge(log: SweepLog, model_name: str, settings: dict, config: Config, device,

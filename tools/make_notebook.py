@@ -39,9 +39,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import Normalize, PowerNorm, TwoSlopeNorm
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter
 
 FIGURES = ARTEFACTS_DIR / "figures"
 SWEEP_SCHEMA, RUNLOG_SCHEMA = 1, 1
@@ -230,6 +231,240 @@ if architectures:
                   f"{environment['threads']} threads"))
     save(fig, "throughput")"""),
     ("markdown", """\
+## New architectures
+
+Three ideas the newer presets bring, each measured in the sweeps: GPT-oss's mixture of experts
+(which experts the router picks), its alternation of sliding-window and full attention with a
+learned *sink* per head (a logit that takes part of each softmax's weight and brings no value),
+and linear attention, which replaces the growing KV cache by a state of fixed size."""),
+    ("markdown", """\
+### Expert usage per layer
+
+The share of GPT-oss's routing choices each expert took in the last epoch, per layer (each
+row sums to 1; a token counts once for each expert it is routed to). White is the even share,
+1 / number of experts; red experts take more than it, blue ones less. The counts are over every
+position the epoch's training steps routed, padding included."""),
+    ("code", """\
+gpt_oss = architectures_run["models"].get("GPT-oss") if architectures_run else None
+if architectures_run and not (gpt_oss and gpt_oss.get("expert_usage")):
+    note(f"`{ARTEFACTS_DIR / 'sweep_architectures_run.json'}` has no expert usage for GPT-oss; "
+         f"`python pico-llm.py --sweep architectures --artefacts_dir {ARTEFACTS_DIR}` records it.")
+elif gpt_oss:
+    usage, config = gpt_oss["expert_usage"], gpt_oss["config"]
+    shares = usage[-1]["fractions"]                                   # [layer][expert]
+    n_experts = config["n_experts"]
+    even = 1 / n_experts
+    norm = TwoSlopeNorm(vmin=0, vcenter=even, vmax=max(2 * even, *map(max, shares)))
+    fig, ax = plt.subplots(figsize=(0.75 * n_experts + 2.6, max(3.2, 0.5 * len(shares) + 1.6)),
+                           layout="constrained")
+    image = ax.imshow(shares, cmap="RdBu_r", norm=norm, aspect="auto")
+    for layer, row in enumerate(shares):
+        for expert, share in enumerate(row):
+            ax.text(expert, layer, f"{share:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(norm(share) - 0.5) > 0.35 else "black")
+    ax.set(xticks=range(n_experts), yticks=range(len(shares)), xlabel="expert",
+           ylabel="layer (block)",
+           title=(f"GPT-oss expert usage in epoch {usage[-1]['epoch']}: {n_experts} experts, "
+                  f"{config['experts_per_token']} per token\\n(white: the even share, {even:.1%})"))
+    colour_bar = fig.colorbar(image, ax=ax, format=PercentFormatter(1, decimals=1))
+    colour_bar.set_label("share of tokens routed")
+    colour_bar.set_ticks(sorted({0, even, 2 * even, norm.vmax}))
+    save(fig, "expert_usage")
+    display(Markdown("The busiest expert's share as a multiple of the even share "
+                     "(1 = perfectly balanced), per epoch and layer:"))
+    display(pd.DataFrame([{"epoch": entry["epoch"],
+                           **{f"layer {layer}": max(row) * n_experts
+                              for layer, row in enumerate(entry["fractions"])}}
+                          for entry in usage]).set_index("epoch"))"""),
+    ("markdown", """\
+### Sliding windows and attention sinks
+
+GPT-oss's even layers see only the last few tokens (a sliding window), its odd layers the whole
+context. Top: one head's attention over the first test example in a sliding layer beside a full
+one (rows: the query token, columns: the keys; keys left of the red line are outside the
+window). Because of the sink, a row of weights sums to less than 1. Bottom: per layer and head,
+the share of attention the sink took (1 minus a row's sum, averaged over the queries) beside the
+sink logit it learned. The sink's weight in a row is exp(logit) / (exp(logit) + the sum of
+exp(score) over the keys), so one logit takes a larger share where a head's scores are low."""),
+    ("code", """\
+HEAD = 0  # the head whose attention maps are drawn
+oss_maps = load(ARTEFACTS_DIR / "architectures_attention_GPT-oss.json", "attention",
+                remedy="`python pico-llm.py --sweep architectures --artefacts_dir "
+                       f"{ARTEFACTS_DIR}` writes it")
+if oss_maps:
+    layers, windows, sinks = oss_maps["layers"], oss_maps["windows"], oss_maps["sinks"]
+    tokens = ["␣" if t == " " else repr(t)[1:-1] for t in oss_maps["tokens"]]
+    n_tokens, n_heads = len(tokens), len(layers[0])
+    sink_share = [[1 - sum(map(sum, head)) / len(head) for head in layer] for layer in layers]
+    sliding = [layer for layer, window in enumerate(windows) if window is not None]
+    full = [layer for layer, window in enumerate(windows) if window is None]
+    shown = sliding[:1] + full[:1]  # the first sliding layer beside the first full one
+    fig = plt.figure(figsize=(12, 10.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.35, 1])
+    map_axes = top.subplots(1, 2)
+    peak = max(max(map(max, layers[layer][HEAD])) for layer in shown)
+    for ax, kind, of_kind in zip(map_axes, ("sliding-window", "full-attention"), (sliding, full)):
+        if not of_kind:
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"this model has no {kind} layer", ha="center", va="center")
+    for ax, layer in zip(map_axes, shown):
+        # A square-root scale: most weights are small, and the window's shape is in them.
+        image = ax.imshow(layers[layer][HEAD], cmap="Blues", norm=PowerNorm(0.5, 0, peak))
+        ax.set_xticks(range(n_tokens), tokens, fontsize=5)
+        ax.set_yticks(range(n_tokens), tokens, fontsize=5)
+        ax.set(xlabel="key token", ylabel="query token")
+        window = windows[layer]
+        if window is None:
+            ax.set_title(f"layer {layer}, head {HEAD}: full causal attention")
+        elif window >= n_tokens:
+            ax.set_title(f"layer {layer}, head {HEAD}: sliding window of {window} tokens\\n"
+                         f"(no narrower than the {n_tokens} tokens shown)")
+        else:
+            ax.set_title(f"layer {layer}, head {HEAD}: sliding window of {window} tokens")
+            edge = [(query - window + 0.5 + step, query - 0.5 + step)
+                    for query in range(window, n_tokens) for step in (0, 1)]
+            ax.plot(*zip(*edge), color="C3", lw=1)
+    top.colorbar(image, ax=map_axes.tolist(), shrink=0.8,
+                 label="attention weight (square-root scale;\\n"
+                       "a row sums to 1 minus the sink's share)")
+    top.suptitle(f"GPT-oss: attention over {oss_maps['prompt'][:60]!r}")
+    share_ax, logit_ax = bottom.subplots(1, 2)
+    positions = [layer * (n_heads + 1) + head for layer in range(len(layers))
+                 for head in range(n_heads)]
+    colours = ["C0" if windows[layer] is not None else "C1"
+               for layer in range(len(layers)) for head in range(n_heads)]
+    share_ax.bar(positions, [share for row in sink_share for share in row], color=colours)
+    with_sinks = [layer for layer, logits in enumerate(sinks) if logits is not None]
+    logit_ax.bar([layer * (n_heads + 1) + head for layer in with_sinks for head in range(n_heads)],
+                 [logit for layer in with_sinks for logit in sinks[layer]],
+                 color=["C0" if windows[layer] is not None else "C1"
+                        for layer in with_sinks for head in range(n_heads)])
+    logit_ax.axhline(0, color="black", lw=0.8)
+    share_ax.yaxis.set_major_formatter(PercentFormatter(1, decimals=0))
+    share_ax.set(ylabel="sink's share of attention (mean over queries)",
+                 title="Measured: 1 minus a row's sum")
+    logit_ax.set(ylabel="sink logit (on the scale of q·k / √d)",
+                 title="Learned: the sink's logit" + ("" if len(with_sinks) == len(layers) else
+                                                      " (layers without a sink: no bar)"))
+    for ax in (share_ax, logit_ax):
+        ax.set_xticks([layer * (n_heads + 1) + (n_heads - 1) / 2 for layer in range(len(layers))],
+                      [f"layer {layer}" for layer in range(len(layers))], fontsize=8)
+        ax.set_xlabel(f"layer; within a layer, heads 0 to {n_heads - 1} from left to right")
+        ax.grid(axis="y", alpha=0.3)
+    kinds = [Patch(color="C0", label="sliding-window layer"), Patch(color="C1", label="full layer")]
+    bottom.legend(handles=[kind for kind, layers_of_kind in zip(kinds, (sliding, full))
+                           if layers_of_kind],
+                  loc="outside lower center", ncol=2, frameon=False)
+    save(fig, "sliding_window_sinks")
+    display(pd.DataFrame([{"layer": layer, "window (tokens)": windows[layer] or "full",
+                           "sink share, mean over heads": sum(row) / n_heads,
+                           "sink share, largest head": max(row),
+                           "sink logit, mean over heads": (sum(sinks[layer]) / n_heads
+                                                           if sinks[layer] else None)}
+                          for layer, row in enumerate(sink_share)]).set_index("layer"))"""),
+    ("markdown", """\
+### Linear attention against softmax
+
+The pico Transformer with softmax, linear and gated linear attention, all trained for the same
+number of steps, then generating a batch of sequences after prompts of growing length. Softmax
+attention reads a KV cache that grows with the context; linear attention keeps one state of
+fixed size, so its speed and memory stay flat."""),
+    ("code", """\
+attention_sweep = load(ARTEFACTS_DIR / "sweep_attention.json", "sweep",
+                       remedy="`python pico-llm.py --sweep attention --artefacts_dir "
+                              f"{ARTEFACTS_DIR}` makes it")
+softmax = next((p for p in attention_sweep["points"]
+                if p["settings"]["attention_kind"] == "softmax"), None) if attention_sweep else None
+if attention_sweep and not softmax:
+    note("the attention sweep has no softmax point to compare against.")
+if softmax:
+    points = attention_sweep["points"]
+    kind_colour = {p["settings"]["attention_kind"]: f"C{index}" for index, p in enumerate(points)}
+    # Each kind its own marker, smaller in turn: lines that coincide (two linear states of one
+    # size) stay visible one inside the other.
+    kind_marker = {p["settings"]["attention_kind"]: (marker, 8 - 1.5 * index)
+                   for index, (p, marker) in enumerate(zip(points, "osD^v<>ph*"))}
+    display(pd.DataFrame([{"attention": p["settings"]["attention_kind"],
+                           "parameters": p["parameters"], "steps": p["steps"],
+                           f"train loss ({NATS})": p["train_loss"],
+                           f"test loss ({NATS})": p["test_loss"],
+                           f"test loss minus softmax's ({NATS})":
+                               p["test_loss"] - softmax["test_loss"],
+                           "training tokens/s": round(p["tokens_per_s"])}
+                          for p in points]).set_index("attention"))
+    fig, axes = plt.subplot_mosaic([["loss", "loss"], ["speed", "state"]], figsize=(12, 8),
+                                   height_ratios=[0.3 * len(points) + 0.3, 3],
+                                   layout="constrained")
+    ax = axes["loss"]
+    others = [p for p in points if p is not softmax]
+    changes = [p["test_loss"] - softmax["test_loss"] for p in others]
+    bars = ax.barh([p["settings"]["attention_kind"] for p in others], changes,
+                   color=[kind_colour[p["settings"]["attention_kind"]] for p in others])
+    reach = max(1e-4, *map(abs, changes))
+    decimals = max(3, 1 - math.floor(math.log10(reach)))  # enough to tell the bars apart
+    ax.bar_label(bars, [f"{change:+.{decimals}f} (= {p['test_loss']:.{decimals}f})"
+                        for change, p in zip(changes, others)], padding=3, fontsize=9)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlim(min(changes) - 0.45 * reach if min(changes) < 0 else -0.05 * reach,
+                max(changes) + 0.45 * reach if max(changes) > 0 else 0.05 * reach)
+    steps = sorted({p["steps"] for p in points})
+    ax.set(xlabel=f"test loss minus softmax's ({NATS}; right of 0 is worse)",
+           title=(f"(a) Test loss against softmax's {softmax['test_loss']:.3f} {NATS}, "
+                  + (f"all after {steps[0]} steps" if len(steps) == 1 else
+                     f"after {', '.join(map(str, steps))} steps")))
+    batch = softmax["generation"][0]["batch"]
+    for p in points:
+        kind, generation = p["settings"]["attention_kind"], p["generation"]
+        contexts = [g["context"] for g in generation]
+        marker, size = kind_marker[kind]
+        for panel, field in (("speed", "tokens_per_s"), ("state", "state_bytes")):
+            axes[panel].plot(contexts, [g[field] for g in generation], marker=marker,
+                             ms=max(size, 3), color=kind_colour[kind], label=kind)
+    ax = axes["speed"]
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+    reference = softmax["generation"][-1]
+    ends = sorted(((p["generation"][-1]["tokens_per_s"], p) for p in others
+                   if p["generation"][-1]["context"] == reference["context"]),
+                  key=lambda end: end[0])
+    label_y = []  # in axes fractions, at least 0.05 apart so that no two labels overlap
+    for speed, p in ends:
+        label_y.append(max(speed / ax.get_ylim()[1], label_y[-1] + 0.05 if label_y else 0))
+    for (speed, p), y in zip(ends, label_y):
+        ax.annotate(f"{speed / reference['tokens_per_s']:.2f}× softmax",
+                    (reference["context"], speed), xytext=(reference["context"] * 1.12, y),
+                    textcoords=ax.get_xaxis_transform(), va="center", fontsize=8,
+                    color=kind_colour[p["settings"]["attention_kind"]])
+    ax.set(ylabel=f"generated tokens per second (batch {batch})",
+           title=f"(b) Generation speed after a prompt (ratios at {reference['context']} tokens)")
+    ax = axes["state"]
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(FuncFormatter(
+        lambda value, _: next(f"{value / 2 ** (10 * power):g} {unit}" for power, unit in
+                              ((3, "GiB"), (2, "MiB"), (1, "KiB"), (0, "B"))
+                              if value >= 2 ** (10 * power) or power == 0)))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set(ylabel=f"bytes the caches hold after generating (batch {batch}; log2 scale)",
+           title="(c) Memory of the KV cache or the linear state")
+    contexts = [g["context"] for g in softmax["generation"]]
+    for ax in (axes["speed"], axes["state"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(contexts[0] / 1.3, contexts[-1] * 2.2)
+        ax.set_xlabel("prompt length (tokens, log2 scale)")
+        ax.grid(alpha=0.3)
+    fig.legend(*axes["speed"].get_legend_handles_labels(), loc="outside lower center",
+               ncol=len(points), frameon=False)
+    save(fig, "linear_attention")
+    for field, unit, title in (("tokens_per_s", 1, "Generated tokens per second"),
+                               ("state_bytes", 1024, "KiB the caches hold after generating")):
+        display(Markdown(f"{title} (batch {batch}), by prompt length:"))
+        display(pd.DataFrame([{"attention": p["settings"]["attention_kind"],
+                               **{f"{g['context']} tokens": g[field] / unit
+                                  for g in p["generation"]}}
+                              for p in points]).set_index("attention").round(1))"""),
+    ("markdown", """\
 ## Overfitting
 
 A small training subset for many epochs. The train loss keeps falling; the test loss stops
@@ -356,7 +591,10 @@ baseline = next((p for p in ablations["points"] if p["settings"]["ablation"] == 
 if ablations and not baseline:
     note("the ablation sweep has no baseline point to compare against.")
 if baseline:
-    points = [p for p in ablations["points"] if p is not baseline]
+    points = [p for p in ablations["points"] if p is not baseline and not p.get("diverged")]
+    diverged = [p["settings"]["ablation"] for p in ablations["points"] if p.get("diverged")]
+    if diverged:
+        note("diverged, so not plotted (the loss exploded during training): " + ", ".join(diverged))
     changes = [p["test_loss"] - baseline["test_loss"] for p in points]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(points) + 1.4))
     bars = ax.barh([p["settings"]["ablation"] for p in points], changes,
@@ -372,7 +610,7 @@ if baseline:
     display(pd.DataFrame([{"change": p["settings"]["ablation"], "train loss": p["train_loss"],
                            "test loss": p["test_loss"],
                            "test bits per byte": p["test_bits_per_byte"],
-                           "tokens/s": round(p["tokens_per_s"])}
+                           "tokens/s": round(p["tokens_per_s"]) if p["tokens_per_s"] else None}
                           for p in ablations["points"]]).set_index("change"))"""),
     ("markdown", """\
 ## Learning rate and batch size
