@@ -1067,38 +1067,6 @@ def build_model(config: KGramConfig | LSTMConfig | TransformerConfig, vocab_size
     return TransformerModel(dataclasses.replace(config, vocab_size=vocab_size))
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters, each shared tensor counted once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def training_flops_per_token(model: nn.Module, context_length: int) -> int:
-    """Training FLOPs per token: 6 N (forward 2 N, backward 4 N) over the N weights that
-    enter matrix multiplications, plus attention's 12 * layers * d_model * context
-    (Kaplan et al. 2020, PaLM appendix B). Embedding lookups are free; a tied
-    unembedding still costs its matmul, so it is counted once as a matmul. A token
-    passes through k of a mixture's E experts, so experts count k / E of their weights;
-    linear attention reads and updates a head_dim-wide state where softmax attention
-    reads the whole context, so its term has head_dim in place of the context."""
-    lookup_tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    lookup_tables.add(id(getattr(model, "onehot_weight", None)))  # one-hot rows are gathered
-    matmul_weights = {id(p): p.numel() for p in model.parameters()
-                      if id(p) not in lookup_tables and p.dim() >= 2}
-    unembedding = getattr(model, "unembedding", None)
-    if isinstance(unembedding, nn.Linear):
-        matmul_weights[id(unembedding.weight)] = unembedding.weight.numel()
-    for mixture in (m for m in model.modules() if isinstance(m, MixtureOfExperts)):
-        for p in mixture.experts.parameters():
-            if id(p) in matmul_weights:
-                matmul_weights[id(p)] *= mixture.experts_per_token / len(mixture.experts)
-    flops = 6 * sum(matmul_weights.values())
-    if isinstance(model, TransformerModel):
-        c = model.config
-        mixed = context_length if c.attention == "softmax" else c.head_dim
-        flops += 12 * c.n_blocks * c.d_model * mixed
-    return int(flops)
-
-
 # =============================================================================
 # 3. The loss
 # =============================================================================
@@ -1478,20 +1446,6 @@ def learning_rate_at(step: int, total_steps: int, training: TrainingConfig) -> f
     return training.learning_rate * warmup
 
 
-def resolve_dtype(dtype: str | None, device: torch.device) -> str:
-    """--dtype: bfloat16 on CUDA and float32 elsewhere unless given."""
-    return dtype or ("bfloat16" if device.type == "cuda" else "float32")
-
-
-def autocast_context(device: torch.device, dtype: str | None = None):
-    """bf16 autocast (weights and optimizer stay fp32) or plain fp32. Default per
-    resolve_dtype: fp32 on the CPU, where fp32 training is the reference (and bf16
-    only pays off on CPUs with bf16 matrix units)."""
-    if resolve_dtype(dtype, device) == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class NonFiniteStep(Exception):
     """training_step found a NaN or infinite loss or gradient norm and did not update."""
 
@@ -1578,21 +1532,6 @@ class TrainingProgress:
     finished: bool = False         # trained all epochs or stopped early
 
 
-def progress_bar(total: int, description: str, quiet: bool, done: int = 0):
-    """A tqdm bar on a terminal; None when quiet or when stderr is not a TTY."""
-    if quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=done, desc=description, leave=False, dynamic_ncols=True)
-
-
-def say(message: str, bar=None) -> None:
-    if bar is not None:
-        bar.write(message)
-    else:
-        print(message, flush=True)
-
-
 def train_one_model(name: str, model: nn.Module, data: TrainingData, training: TrainingConfig,
                     sampling: SamplingConfig, device: torch.device, tokenizer, record: dict,
                     runlog: "RunLog | None" = None, *, speed: "SpeedConfig | None" = None,
@@ -1664,23 +1603,6 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
     return record["final"]
 
 
-def log_step(name: str, record: dict, progress: TrainingProgress, epoch: int, loss: float,
-             lr: float, total_steps: int, training: TrainingConfig, bar) -> None:
-    """Append one step to the history; print it every training.log_interval steps."""
-    step = progress.step
-    tokens_per_s = progress.tokens_seen / max(progress.train_time_s, 1e-9)
-    record["history"].append({
-        "step": step, "epoch": epoch, "train_loss": loss, "lr": lr,
-        "tokens_seen": progress.tokens_seen, "elapsed_s": round(progress.elapsed_s, 4),
-        "tokens_per_s": tokens_per_s})
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-    if not training.quiet and (step % training.log_interval == 0 or step == total_steps):
-        say(f"[{name}] epoch {epoch} step {step}/{total_steps} loss {loss:.4f} "
-            f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s", bar)
-
-
 def rank_micro_batches(data: TrainingData, slots: list[tuple[int, int]], accumulation: int,
                        context: "Distributed", device: torch.device) -> list[tuple[Batch, bool]]:
     """This rank's share of one step's examples, as `accumulation` micro-batches.
@@ -1691,65 +1613,6 @@ def rank_micro_batches(data: TrainingData, slots: list[tuple[int, int]], accumul
     share = context.shard(slots)
     pieces = [share[i::accumulation] for i in range(accumulation)]
     return [(data.batch_of(piece or slots[:1]).to(device), bool(piece)) for piece in pieces]
-
-
-def final_summary(record: dict, train_time: float, wall_time: float) -> dict:
-    history, tests = record["history"], record["test_history"]
-    return {
-        "steps": len(history),
-        "train_loss": history[-1]["train_loss"] if history else None,
-        "test_loss": tests[-1]["test_loss"] if tests else None,
-        "test_bits_per_byte": tests[-1]["test_bits_per_byte"] if tests else None,
-        "tokens_seen": history[-1]["tokens_seen"] if history else 0,
-        "tokens_per_s": history[-1]["tokens_per_s"] if history else 0.0,
-        "train_time_s": round(train_time, 3),
-        "wall_time_s": round(wall_time, 3),
-    }
-
-
-def record_samples(model: nn.Module, tokenizer, sampling: SamplingConfig, device: torch.device,
-                   step: int, record: dict, bar, final: bool = False, quiet: bool = False) -> None:
-    """Generate from the prompt with each sampling rule; print and store the texts."""
-    if not quiet or final:
-        say(f"[{record['name']}] samples after step {step}:", bar)
-    for rule in sampling_rules(sampling):
-        sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
-                               seed=sampling.seed, device=device)
-        record["samples"].append({"step": step, "final": final, "rule": rule.label,
-                                  "prompt": sampling.prompt, "text": sample.text})
-        if not quiet or final:
-            say(f"    {rule.label:>12}: {sample.text!r}", bar)
-
-
-def record_expert_usage(model: nn.Module, record: dict, epoch: int, context: "Distributed",
-                        device: torch.device) -> None:
-    """For a mixture-of-experts model, appends to record["expert_usage"] the epoch's
-    {"epoch", "fractions": [[share of the expert choices each expert took] per MoE layer]},
-    counted over every position routed in the epoch's training steps (padding included; after
-    a resume, the steps since) on all ranks; the layers' counts then start again."""
-    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts) and m.usage is not None]
-    if not layers:
-        return
-    counts = context.sum(torch.cat([layer.usage for layer in layers]).tolist(), device)
-    E = len(layers[0].experts)
-    rows = [counts[i: i + E] for i in range(0, len(counts), E)]
-    record.setdefault("expert_usage", []).append(
-        {"epoch": epoch, "fractions": [[count / max(sum(row), 1) for count in row] for row in rows]})
-    for layer in layers:
-        layer.usage = None
-
-
-def model_record(name: str, model: nn.Module, config: KGramConfig | LSTMConfig | TransformerConfig,
-                 block_size: int) -> dict:
-    """This model's part of the run log, before training: its size and config."""
-    described = (dataclasses.asdict(model.config) if isinstance(model, TransformerModel) else
-                 {"kgram_k": config.k, "kgram_variant": config.variant,
-                  "embed_size": config.embed_size, "num_inner_mlp_layers": config.num_inner_layers}
-                 if isinstance(model, KGramMLPSeqModel) else
-                 {"embed_size": config.embed_size, "lstm_layers": config.num_layers})
-    return {"name": name, "parameters": count_parameters(model),
-            "training_flops_per_token": training_flops_per_token(model, block_size),
-            "config": described, "history": [], "test_history": [], "samples": []}
 
 
 # #############################################################################
@@ -2515,6 +2378,97 @@ class OutputConfig:
 
     run_name: str | None = None
     artefacts_dir: str = str(DEFAULT_ARTEFACTS_DIR)
+
+
+def progress_bar(total: int, description: str, quiet: bool, done: int = 0):
+    """A tqdm bar on a terminal; None when quiet or when stderr is not a TTY."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc=description, leave=False, dynamic_ncols=True)
+
+
+def say(message: str, bar=None) -> None:
+    if bar is not None:
+        bar.write(message)
+    else:
+        print(message, flush=True)
+
+
+def log_step(name: str, record: dict, progress: TrainingProgress, epoch: int, loss: float,
+             lr: float, total_steps: int, training: TrainingConfig, bar) -> None:
+    """Append one step to the history; print it every training.log_interval steps."""
+    step = progress.step
+    tokens_per_s = progress.tokens_seen / max(progress.train_time_s, 1e-9)
+    record["history"].append({
+        "step": step, "epoch": epoch, "train_loss": loss, "lr": lr,
+        "tokens_seen": progress.tokens_seen, "elapsed_s": round(progress.elapsed_s, 4),
+        "tokens_per_s": tokens_per_s})
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    if not training.quiet and (step % training.log_interval == 0 or step == total_steps):
+        say(f"[{name}] epoch {epoch} step {step}/{total_steps} loss {loss:.4f} "
+            f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s", bar)
+
+
+def final_summary(record: dict, train_time: float, wall_time: float) -> dict:
+    history, tests = record["history"], record["test_history"]
+    return {
+        "steps": len(history),
+        "train_loss": history[-1]["train_loss"] if history else None,
+        "test_loss": tests[-1]["test_loss"] if tests else None,
+        "test_bits_per_byte": tests[-1]["test_bits_per_byte"] if tests else None,
+        "tokens_seen": history[-1]["tokens_seen"] if history else 0,
+        "tokens_per_s": history[-1]["tokens_per_s"] if history else 0.0,
+        "train_time_s": round(train_time, 3),
+        "wall_time_s": round(wall_time, 3),
+    }
+
+
+def record_samples(model: nn.Module, tokenizer, sampling: SamplingConfig, device: torch.device,
+                   step: int, record: dict, bar, final: bool = False, quiet: bool = False) -> None:
+    """Generate from the prompt with each sampling rule; print and store the texts."""
+    if not quiet or final:
+        say(f"[{record['name']}] samples after step {step}:", bar)
+    for rule in sampling_rules(sampling):
+        sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
+                               seed=sampling.seed, device=device)
+        record["samples"].append({"step": step, "final": final, "rule": rule.label,
+                                  "prompt": sampling.prompt, "text": sample.text})
+        if not quiet or final:
+            say(f"    {rule.label:>12}: {sample.text!r}", bar)
+
+
+def record_expert_usage(model: nn.Module, record: dict, epoch: int, context: "Distributed",
+                        device: torch.device) -> None:
+    """For a mixture-of-experts model, appends to record["expert_usage"] the epoch's
+    {"epoch", "fractions": [[share of the expert choices each expert took] per MoE layer]},
+    counted over every position routed in the epoch's training steps (padding included; after
+    a resume, the steps since) on all ranks; the layers' counts then start again."""
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts) and m.usage is not None]
+    if not layers:
+        return
+    counts = context.sum(torch.cat([layer.usage for layer in layers]).tolist(), device)
+    E = len(layers[0].experts)
+    rows = [counts[i: i + E] for i in range(0, len(counts), E)]
+    record.setdefault("expert_usage", []).append(
+        {"epoch": epoch, "fractions": [[count / max(sum(row), 1) for count in row] for row in rows]})
+    for layer in layers:
+        layer.usage = None
+
+
+def model_record(name: str, model: nn.Module, config: KGramConfig | LSTMConfig | TransformerConfig,
+                 block_size: int) -> dict:
+    """This model's part of the run log, before training: its size and config."""
+    described = (dataclasses.asdict(model.config) if isinstance(model, TransformerModel) else
+                 {"kgram_k": config.k, "kgram_variant": config.variant,
+                  "embed_size": config.embed_size, "num_inner_mlp_layers": config.num_inner_layers}
+                 if isinstance(model, KGramMLPSeqModel) else
+                 {"embed_size": config.embed_size, "lstm_layers": config.num_layers})
+    return {"name": name, "parameters": count_parameters(model),
+            "training_flops_per_token": training_flops_per_token(model, block_size),
+            "config": described, "history": [], "test_history": [], "samples": []}
 
 
 def environment_info(device: torch.device) -> dict:
@@ -4329,6 +4283,20 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
     return NextTokenLoss(model) if speed.loss == "plain" else ChunkedNextTokenLoss(model)
 
 
+def resolve_dtype(dtype: str | None, device: torch.device) -> str:
+    """--dtype: bfloat16 on CUDA and float32 elsewhere unless given."""
+    return dtype or ("bfloat16" if device.type == "cuda" else "float32")
+
+
+def autocast_context(device: torch.device, dtype: str | None = None):
+    """bf16 autocast (weights and optimizer stay fp32) or plain fp32. Default per
+    resolve_dtype: fp32 on the CPU, where fp32 training is the reference (and bf16
+    only pays off on CPUs with bf16 matrix units)."""
+    if resolve_dtype(dtype, device) == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class ChunkedNextTokenLoss(NextTokenLoss):
     """NextTokenLoss through the model's features and its output layer, with the chunked
     linear cross-entropy below: the same value, without the (positions x vocab) logits."""
@@ -5847,6 +5815,38 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
 
 
 # --- D.2 Resource accounting ---------------------------------------------------------------
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def training_flops_per_token(model: nn.Module, context_length: int) -> int:
+    """Training FLOPs per token: 6 N (forward 2 N, backward 4 N) over the N weights that
+    enter matrix multiplications, plus attention's 12 * layers * d_model * context
+    (Kaplan et al. 2020, PaLM appendix B). Embedding lookups are free; a tied
+    unembedding still costs its matmul, so it is counted once as a matmul. A token
+    passes through k of a mixture's E experts, so experts count k / E of their weights;
+    linear attention reads and updates a head_dim-wide state where softmax attention
+    reads the whole context, so its term has head_dim in place of the context."""
+    lookup_tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    lookup_tables.add(id(getattr(model, "onehot_weight", None)))  # one-hot rows are gathered
+    matmul_weights = {id(p): p.numel() for p in model.parameters()
+                      if id(p) not in lookup_tables and p.dim() >= 2}
+    unembedding = getattr(model, "unembedding", None)
+    if isinstance(unembedding, nn.Linear):
+        matmul_weights[id(unembedding.weight)] = unembedding.weight.numel()
+    for mixture in (m for m in model.modules() if isinstance(m, MixtureOfExperts)):
+        for p in mixture.experts.parameters():
+            if id(p) in matmul_weights:
+                matmul_weights[id(p)] *= mixture.experts_per_token / len(mixture.experts)
+    flops = 6 * sum(matmul_weights.values())
+    if isinstance(model, TransformerModel):
+        c = model.config
+        mixed = context_length if c.attention == "softmax" else c.head_dim
+        flops += 12 * c.n_blocks * c.d_model * mixed
+    return int(flops)
+
 
 # GPT-2's published shapes (Radford et al., 2019), for accounting; gpt2-small is also the
 # GPT2-small preset.
