@@ -1,6 +1,6 @@
-"""Shared fixtures. pico-llm.py has a hyphen in its name, so it is loaded with importlib, once."""
+"""Shared fixtures. pico-llm.py has a hyphen in its name, so it is loaded with importlib, once,
+by the loader the tools use (tools/pico_module.py)."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,17 +8,32 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+TOOLS = REPO / "tools"
 SCRIPT = REPO / "pico-llm.py"
-BENCHMARK = REPO / "tools" / "benchmark.py"
+BENCHMARK = TOOLS / "benchmark.py"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+from pico_module import load_pico, load_script  # noqa: E402  (tools/ is on the path now)
 
 
-def load_pico():
-    if "pico_llm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pico_llm", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pico_llm"] = module  # dataclasses look their module up by name
-        spec.loader.exec_module(module)
-    return sys.modules["pico_llm"]
+def probe_loading(variable: str, path: Path, name: str) -> str:
+    """The first lines of a `python -c` probe: `variable = ` the script at `path`, loaded as
+    the module `name` by the same loader."""
+    return (f"import sys\nsys.path.insert(0, {str(TOOLS)!r})\nfrom pico_module import load_script\n"
+            f"{variable} = load_script({str(path)!r}, {name!r})\n")
+
+
+def plain_and_chunked_losses(pico, model, inputs, targets, weights) -> list:
+    """[(loss, [each parameter's gradient])] from one backward pass through Part I's
+    NextTokenLoss and one through Appendix A's ChunkedNextTokenLoss, in that order."""
+    results = []
+    for loss_module in (pico.NextTokenLoss(model), pico.ChunkedNextTokenLoss(model)):
+        model.zero_grad()
+        loss = loss_module(inputs, targets, weights)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    return results
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +44,7 @@ def pico():
 @pytest.fixture(scope="session")
 def bench(pico):
     """tools/benchmark.py as a module (it loads pico-llm.py the same way)."""
-    if "pico_benchmark" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pico_benchmark", BENCHMARK)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pico_benchmark"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["pico_benchmark"]
+    return load_script(BENCHMARK, "pico_benchmark")
 
 
 @pytest.fixture(scope="module")

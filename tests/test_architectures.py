@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import plain_and_chunked_losses
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 97
@@ -194,12 +196,7 @@ def test_the_router_loss_trains_without_changing_the_reported_loss_on_both_paths
     tokens = torch.randint(0, VOCAB, (9, 3))
     mask = torch.rand(8, 3) > 0.3
     weights = mask.float() / mask.sum() * 0.6        # this micro-batch's share of a step
-    results = []
-    for loss_module in (pico.NextTokenLoss(model), pico.ChunkedNextTokenLoss(model)):
-        model.zero_grad()
-        loss = loss_module(tokens[:-1], tokens[1:], weights)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    results = plain_and_chunked_losses(pico, model, tokens[:-1], tokens[1:], weights)
     model.zero_grad()
     cross_entropy = (pico.token_cross_entropy(model(tokens[:-1]), tokens[1:]) * weights).sum()
     real = weights.t().reshape(-1) > 0

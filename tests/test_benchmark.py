@@ -102,12 +102,9 @@ def test_peak_rss_of_a_child_is_its_own_not_its_parents(bench):
     import sys
 
     import numpy as np
-    from conftest import BENCHMARK
+    from conftest import BENCHMARK, probe_loading
     held = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this (parent) process
-    probe = ("import importlib.util, sys\n"
-             f"spec = importlib.util.spec_from_file_location('pico_benchmark', {str(BENCHMARK)!r})\n"
-             "bench = importlib.util.module_from_spec(spec); sys.modules['pico_benchmark'] = bench\n"
-             "spec.loader.exec_module(bench)\nprint(bench.peak_rss_bytes())\n")
+    probe = probe_loading("bench", BENCHMARK, "pico_benchmark") + "print(bench.peak_rss_bytes())\n"
     child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr
     assert 0 < int(child.stdout.split()[-1]) < held.nbytes

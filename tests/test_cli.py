@@ -120,11 +120,8 @@ def test_a_crash_in_native_code_prints_the_python_stack(tmp_path):
     Python was; a captured in-memory stderr (these tests' run_main) must not break main()."""
     import subprocess
     import sys
-    from conftest import SCRIPT
-    probe = ("import importlib.util, os, signal, sys\n"
-             f"spec = importlib.util.spec_from_file_location('pico_llm', {str(SCRIPT)!r})\n"
-             "pico = importlib.util.module_from_spec(spec); sys.modules['pico_llm'] = pico\n"
-             "spec.loader.exec_module(pico)\n"
+    from conftest import SCRIPT, probe_loading
+    probe = (probe_loading("pico", SCRIPT, "pico_llm") + "import os, signal\n"
              "pico.main(['--accounting', 'pico'])\n"
              "def crash_here():\n    os.kill(os.getpid(), signal.SIGABRT)\n"
              "crash_here()\n")

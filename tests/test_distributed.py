@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SCRIPT
+from conftest import REPO, SCRIPT, probe_loading
 
 TINY = ["--input_files", str(REPO / "3seqs.txt"), "--limit_custom_examples", "120",
         "--tokenizer", "char", "--models", "lstm_seq,transformer", "--block_size", "24",
@@ -110,10 +110,7 @@ def test_a_rank_leaves_with_its_status_and_its_output_flushed():
     """Under torchrun a rank ends with os._exit (skipping C++ teardown that sometimes aborted)
     and must still deliver its buffered output and its exit status."""
     import os
-    probe = ("import importlib.util, sys\n"
-             f"spec = importlib.util.spec_from_file_location('pico_llm', {str(SCRIPT)!r})\n"
-             "pico = importlib.util.module_from_spec(spec); sys.modules['pico_llm'] = pico\n"
-             "spec.loader.exec_module(pico)\n"
+    probe = (probe_loading("pico", SCRIPT, "pico_llm") +
              "print('buffered, no newline', end='')\n"
              "pico.exit_process(3)\n"
              "print('never reached')\n")

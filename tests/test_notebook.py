@@ -60,10 +60,7 @@ def execute_notebook(artefacts, run_log=None):
 
 
 def test_the_notebook_file_is_what_the_generator_writes():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_notebook", REPO / "tools" / "make_notebook.py")
-    generator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generator)
+    import make_notebook as generator          # tools/ is on the path (conftest.py)
     written = nbformat.read(REPO / "pico_llm.ipynb", as_version=4)
     assert [c.source for c in written.cells] == [c.source for c in generator.build().cells]
 

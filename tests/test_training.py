@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, plain_and_chunked_losses
 from schemas import runlog_schema
 
 
@@ -302,12 +302,7 @@ def test_the_plain_and_the_chunked_loss_give_the_same_gradients(pico):
     tokens = torch.randint(0, 50, (9, 3))
     mask = torch.rand(8, 3) > 0.2
     weights = mask.float() / mask.sum()
-    results = []
-    for loss_module in (pico.NextTokenLoss(model), pico.ChunkedNextTokenLoss(model)):
-        model.zero_grad()
-        loss = loss_module(tokens[:-1], tokens[1:], weights)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    results = plain_and_chunked_losses(pico, model, tokens[:-1], tokens[1:], weights)
     assert torch.allclose(results[0][0], pico.masked_cross_entropy(model(tokens[:-1]), tokens[1:], mask))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     for ours, theirs in zip(results[0][1], results[1][1]):

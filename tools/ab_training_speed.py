@@ -15,7 +15,6 @@ Versions before the lesson-first layout take the argparse namespace; both APIs a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from pico_module import load_pico, load_script
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
     "transformer": ["--models", "transformer", "--transformer_variant", "pico", "--n_blocks", "4",
@@ -33,14 +34,6 @@ CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
                       "--kgram_variant", "embedding", "--block_size", "32"],
     "lstm_seq": ["--models", "lstm_seq", "--embed_size", "64", "--block_size", "32"],
 }
-
-
-def load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def step_function(pico, model_name: str, vocab_size: int, batch_size: int):
@@ -103,7 +96,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as directory:
         old_path = Path(directory) / "pico_llm_old.py"
         old_path.write_text(old_source)
-        versions = {"old": load(old_path, "pico_llm_old"), "new": load(REPO / "pico-llm.py", "pico_llm")}
+        versions = {"old": load_script(old_path, "pico_llm_old"), "new": load_pico()}
         steps = {name: step_function(pico, args.model, args.vocab_size, args.batch_size)
                  for name, pico in versions.items()}
         for name, (step, _, _) in steps.items():

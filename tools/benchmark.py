@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import re
 import sys
@@ -32,18 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PICO_PATH = Path(__file__).resolve().parent.parent / "pico-llm.py"
-
-
-def load_pico():
-    """pico-llm.py as a module (its file name has a hyphen, so importlib, as the tests do)."""
-    if "pico_llm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pico_llm", PICO_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pico_llm"] = module  # dataclasses look their module up by name
-        spec.loader.exec_module(module)
-    return sys.modules["pico_llm"]
-
+from pico_module import TOOLS_DIR, load_pico
 
 pico = load_pico()
 
@@ -431,10 +419,10 @@ def benchmark_memmap_rss(sizes: BenchmarkSizes) -> dict:
     with tempfile.TemporaryDirectory(prefix="pico-bench-") as directory:
         token_path = Path(directory) / "tokens.npy"
         write_random_token_memmap(token_path, sizes.rss_tokens, sizes.gpt2_vocab_size, seed=0)
-        probe = ("import importlib.util, json, sys\n"
-                 f"spec = importlib.util.spec_from_file_location('pico_benchmark', {str(Path(__file__))!r})\n"
-                 "bench = importlib.util.module_from_spec(spec); sys.modules['pico_benchmark'] = bench\n"
-                 "spec.loader.exec_module(bench)\n"
+        probe = ("import json, sys\n"
+                 f"sys.path.insert(0, {str(TOOLS_DIR)!r})\n"
+                 "from pico_module import load_script\n"
+                 f"bench = load_script({str(Path(__file__))!r}, 'pico_benchmark')\n"
                  f"print(json.dumps(bench.memmap_training_probe({str(token_path)!r}, {sizes.rss_steps}, "
                  f"{sizes.transformer_block_size}, {sizes.batch_size}, {sizes.gpt2_vocab_size})))\n")
         result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

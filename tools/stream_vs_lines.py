@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
+import contextlib
+import io
 import sys
 import sysconfig
 import time
@@ -25,15 +26,7 @@ from pathlib import Path
 
 import torch
 
-PICO_PATH = Path(__file__).resolve().parent.parent / "pico-llm.py"
-
-
-def load_pico():
-    spec = importlib.util.spec_from_file_location("pico_llm", PICO_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pico_llm"] = module
-    spec.loader.exec_module(module)
-    return module
+from pico_module import load_pico
 
 
 def write_python_docs(directory: Path) -> int:
@@ -72,8 +65,9 @@ def train(pico, flags: list[str], steps_per_epoch: int | None, epochs: int):
     model_config = config.models.config_of("transformer")
     model = pico.build_model(model_config, tokenizer.vocab_size, config.training.seed)
     record = pico.model_record("transformer", model, model_config, config.data.block_size)
-    pico.train_one_model("transformer", model, data, config.training, config.sampling,
-                         torch.device("cpu"), tokenizer, record, speed=config.speed)
+    with contextlib.redirect_stdout(io.StringIO()):   # the samples are printed once, at the end
+        pico.train_one_model("transformer", model, data, config.training, config.sampling,
+                             torch.device("cpu"), tokenizer, record, speed=config.speed)
     return config, tokenizer, data, model, record
 
 

@@ -1,0 +1,34 @@
+"""pico-llm.py (and the tools) as Python modules.
+
+The script's file name has a hyphen, so `import pico-llm` is impossible: it is loaded with
+importlib instead. The tests (tests/conftest.py) and the tools share this one loader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+TOOLS_DIR = Path(__file__).resolve().parent
+PICO_PATH = TOOLS_DIR.parent / "pico-llm.py"
+
+
+def load_script(path: Path, name: str):
+    """The Python file at `path` as the module `name`, loaded once per name. It is registered
+    in sys.modules before it runs, because dataclasses look their module up by name."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]           # a failed load is not a loaded module
+            raise
+    return sys.modules[name]
+
+
+def load_pico():
+    """pico-llm.py as the module `pico_llm`."""
+    return load_script(PICO_PATH, "pico_llm")
