@@ -2406,7 +2406,7 @@ def log_step(name: str, record: dict, progress: TrainingProgress, epoch: int, lo
         "tokens_per_s": tokens_per_s})
     if bar is not None:
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)   # tqdm redraws at its own pace
     if not training.quiet and (step % training.log_interval == 0 or step == total_steps):
         say(f"[{name}] epoch {epoch} step {step}/{total_steps} loss {loss:.4f} "
             f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s", bar)
@@ -3274,11 +3274,19 @@ def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, di
     atomic_write_json(path, {"kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION,
                              "model": name, "prompt": prompt,
                              "tokens": [tokenizer.decode([i]) for i in ids],
-                             "layers": attention_maps(model, ids, device),
+                             "layers": rounded(attention_maps(model, ids, device), 5),
                              "windows": [attention.window for attention in attentions],
                              "sinks": [None if attention.sinks is None else attention.sinks.tolist()
                                        for attention in attentions]})
     return path
+
+
+def rounded(values, digits: int):
+    """Nested lists of floats rounded to `digits` decimals: attention weights to 1e-5 are
+    more than a plot resolves, in a third of the JSON."""
+    if isinstance(values, list):
+        return [rounded(value, digits) for value in values]
+    return round(values, digits)
 
 
 def kmeans(points: torch.Tensor, k: int, iterations: int = 30, seed: int = 0):
@@ -3417,10 +3425,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     data = parser.add_argument_group("data")
     data.add_argument("--input_files", nargs="*", default=None,
-                      help="text files; each non-empty line is one training example "
-                           "(default: data/custom_corpus when no other source is given)")
+                      help="text files; with --data_format lines (their default) each non-empty "
+                           "line is one training example (default: data/custom_corpus, read as "
+                           "a stream, when no other source is given)")
     data.add_argument("--input_dir", default=None,
-                      help="directory searched recursively for *.txt files (one example per line)")
+                      help="directory searched recursively for *.txt files (a stream of "
+                           "documents, one per file, unless --data_format lines)")
     data.add_argument("--limit_custom_examples", type=int, default=None,
                       help="use at most this many examples from the custom files")
     data.add_argument("--tinystories_weight", type=float, default=0.0,
@@ -3532,7 +3542,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="AdamW weight decay (matrices and embeddings only)")
     train.add_argument("--optimizer", choices=("torch", "scratch"), default="torch",
                        help="AdamW implementation: PyTorch's fused/foreach kernel (fast) or the "
-                            "written-out AdamW of section 6 (same updates)")
+                            "written-out AdamW of section 5 (same updates)")
     train.add_argument("--grad_clip", type=float, default=1.0,
                        help="clip the global gradient L2 norm to this (0 = off)")
     train.add_argument("--lr_schedule", choices=("constant", "cosine"), default="cosine",
@@ -3602,7 +3612,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="reduce-on-plateau never takes the peak learning rate below this")
     experiments = parser.add_argument_group("experiments (section 7)")
     experiments.add_argument("--sweep", choices=("presentation", *SWEEP_NAMES), default=None,
-                             help="run one sweep into artefacts/sweep_<name>.json, or every sweep "
+                             help="run one sweep into <artefacts_dir>/sweep_<name>.json, or every sweep "
                                   "(presentation); finished points are skipped when started again")
     experiments.add_argument("--sweep_scale", choices=("full", "tiny"), default="full",
                              help="sweep size: full (the presentation) or tiny (seconds, for tests)")
@@ -3620,10 +3630,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                   "width), the LSTM and the k-gram MLP, measured in this run")
     experiments.add_argument("--attention_maps", action="store_true",
                              help="after training, write each Transformer's attention weights for "
-                                  "--prompt to artefacts/attention_<model>.json")
+                                  "--prompt to <artefacts_dir>/attention_<model>.json")
     experiments.add_argument("--monosemantic_enabled", action="store_true",
-                             help="after training, cluster the token embeddings (k-means) and print "
-                                  "a greedy sample with each token's cluster and nearest neighbours")
+                             help="after training, cluster each model's token embeddings (k-means), "
+                                  "print a greedy sample with each token's cluster and nearest "
+                                  "neighbours, and write <artefacts_dir>/monosemantic_<model>.json")
     experiments.add_argument("--monosemantic_clusters", type=int, default=8,
                              help="k of the k-means over token embeddings")
     dist = parser.add_argument_group("distributed training (Appendix C)")

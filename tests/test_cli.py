@@ -91,7 +91,10 @@ def test_help_documents_every_flag_the_readme_uses():
     flags -= {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend",
               "--rdzv_endpoint", "--rdzv_id"}  # torchrun's own
     assert len(flags) > 30
+    from conftest import load_pico
+    options = load_pico().build_arg_parser()._option_string_actions   # every flag the parser takes
     for flag in flags:
+        assert flag in options, flag
         assert re.search(re.escape(flag) + r"\b", help_text), flag
 
 

@@ -127,6 +127,7 @@ def test_generate_text_returns_prompt_plus_continuation(pico, gpt2):
     result = pico.generate_text(model, gpt2, "Hello", 5, pico.SamplingRule(temperature=0))
     assert result.text.startswith("Hello") and result.text == "Hello" + result.new_text
     assert result.num_prompt_tokens == 1
+    assert len(result.token_ids) == 1 + 5 and result.new_text == gpt2.decode(result.token_ids[1:])
 
 
 def test_sampling_rules_are_the_starters_plus_the_configured_one(pico, configure):

@@ -241,9 +241,23 @@ def test_invalid_transformer_configs_are_user_errors(pico, flags, message):
 @pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "none", "rope"])
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_transformer_options_build_and_run(pico, pos_emb, norm_position):
+    """Each option builds what it names. Without positions, one block's attention sees the
+    context as a set: shuffling the tokens before the last leaves the last position's logits
+    as they were; every kind of position changes them. A final norm only in pre-norm stacks.
+    (Weights are drawn larger than at init, where a post-norm block barely mixes tokens.)"""
     model = tiny_model(pico, "transformer", "--pos_emb", pos_emb, "--norm_position", norm_position,
-                       "--ffn", "silu")
-    assert model(torch.randint(0, VOCAB, (16, 2))).shape == (16, 2, VOCAB)
+                       "--ffn", "silu", "--n_blocks", "1").eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    tokens = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:16, None]  # (16, 1)
+    shuffled = torch.cat([tokens[:-1].flip(0), tokens[-1:]])
+    assert model(tokens).shape == (16, 1, VOCAB)
+    order_blind = torch.allclose(model(tokens)[-1], model(shuffled)[-1], atol=1e-5)
+    assert order_blind == (pos_emb == "none")
+    assert all(block.pre_norm == (norm_position == "pre") for block in model.blocks)
+    assert isinstance(model.final_norm, torch.nn.Identity) == (norm_position == "post")
 
 
 def test_parameter_counts_match_a_hand_count(pico):
