@@ -18,9 +18,10 @@ CELLS = [
 
 Every number and figure below is read from JSON files; nothing is typed in by hand. The
 committed results live in `artefacts/presentation/`, made by
-`python pico-llm.py --sweep presentation --artefacts_dir artefacts/presentation` (six to seven
-minutes on a 2-core CPU, character tokenizer, small widths). A missing file shows a note and the
-notebook goes on; figures are saved as PNG into `artefacts/presentation/figures/`.
+`python pico-llm.py --sweep presentation --artefacts_dir artefacts/presentation --overwrite`
+(character tokenizer, small widths; the first table says how long each sweep took, and on what
+machine). A missing file shows a note and the notebook goes on; figures are saved as PNG into
+`artefacts/presentation/figures/`.
 
 To plot a run of your own, set `RUN_LOG` below to its run log (for example
 `artefacts/runs/<run>.json`); the last section, *Your run*, then shows its loss curves, final
@@ -47,7 +48,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter
 FIGURES = ARTEFACTS_DIR / "figures"
 SWEEP_SCHEMA, RUNLOG_SCHEMA = 1, 1
 NATS = "nats per token"
-MAKE_PRESENTATION = f"python pico-llm.py --sweep presentation --artefacts_dir {ARTEFACTS_DIR}"
+MAKE_PRESENTATION = f"python pico-llm.py --sweep presentation --artefacts_dir {ARTEFACTS_DIR} --overwrite"
 pd.set_option("display.precision", 3)
 pd.set_option("display.max_colwidth", 120)
 
@@ -162,6 +163,29 @@ def run_summary(run):
 
 architectures = load(ARTEFACTS_DIR / "sweep_architectures.json", "sweep")
 architectures_run = load(ARTEFACTS_DIR / "sweep_architectures_run.json", "run")"""),
+    ("markdown", """\
+## What was run
+
+Each sweep file records when it was made, on what machine, with how many threads, and how long
+its points took in all (`wall_time_s`, summed over every run that added points)."""),
+    ("code", """\
+inventory = []
+for path in sorted(ARTEFACTS_DIR.glob("sweep_*.json")):
+    sweep = load(path, "sweep")
+    if sweep and sweep.get("sweep"):
+        environment = sweep.get("environment", {})
+        inventory.append({"sweep": sweep["sweep"], "points": len(sweep["points"]),
+                          "minutes": round(sweep.get("wall_time_s", 0) / 60, 1),
+                          "made": sweep.get("created", "")[:10],
+                          "device": environment.get("device_name") or environment.get("device"),
+                          "cores": environment.get("cpu_count"), "threads": environment.get("threads")})
+if inventory:
+    inventory = pd.DataFrame(inventory).set_index("sweep")
+    display(inventory)
+    display(Markdown(f"{len(inventory)} sweeps, {inventory['minutes'].sum():.0f} minutes of "
+                     "training and measuring in all."))
+else:
+    note(f"no sweep files in `{ARTEFACTS_DIR}`; run `{MAKE_PRESENTATION}` to make them.")"""),
     ("markdown", """\
 ## The models and their parameters
 
