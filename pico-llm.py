@@ -2135,8 +2135,10 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1) + "\n").encode("utf-8")
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), json_bytes(obj))
+def atomic_write_json(path: Path, obj, compact: bool = False) -> None:
+    """`obj` as JSON, indented to be read, or compact (large arrays such as attention maps)."""
+    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8") if compact else json_bytes(obj)
+    atomic_write_bytes(Path(path), data)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -2682,10 +2684,11 @@ class SweepScale:
 
 
 SWEEP_SCALES = {
-    "full": SweepScale("full", None, batch_size=16, block_size=64, width=64, steps=300,
+    # full: the presentation, about half an hour on 2 CPU cores (the notebook's first table)
+    "full": SweepScale("full", None, batch_size=16, block_size=64, width=64, steps=250,
                        budget_epochs=3, overfit_examples=40, overfit_epochs=100,
                        overfit_checkpoints=5, architecture_width=96,
-                       architecture_max_blocks=8, sampling_steps=800,
+                       architecture_max_blocks=6, sampling_steps=800,
                        samples_per_rule=5, max_new_tokens=60,
                        custom_sizes=(3, 63, 123, 185),
                        generation_contexts=(64, 256, 1024, 2048, 4096), generation_new_tokens=64,
@@ -3092,7 +3095,8 @@ def train_or_diverge(log: SweepLog, model_name: str, settings: dict, config: Con
         _, record = train_sweep_model(model_name, model_name, config, device, tokenizer, data)
     except TrainingDiverged as error:
         log.add(model_name, settings, {"diverged": True, "diverged_at_step": error.step,
-                                       "train_loss": None, "test_loss": None, "tokens_per_s": None,
+                                       "train_loss": None, "test_loss": None,
+                                       "test_bits_per_byte": None, "tokens_per_s": None,
                                        "wall_time_s": round(time.perf_counter() - started, 3)})
         return
     log.add(model_name, settings, {"diverged": False, **point_result(record, data)})
@@ -3277,13 +3281,13 @@ def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, di
                              "layers": rounded(attention_maps(model, ids, device), 5),
                              "windows": [attention.window for attention in attentions],
                              "sinks": [None if attention.sinks is None else attention.sinks.tolist()
-                                       for attention in attentions]})
+                                       for attention in attentions]}, compact=True)
     return path
 
 
 def rounded(values, digits: int):
-    """Nested lists of floats rounded to `digits` decimals: attention weights to 1e-5 are
-    more than a plot resolves, in a third of the JSON."""
+    """Nested lists of floats rounded to `digits` decimals (attention weights to 1e-5 are
+    more than a plot resolves, in far fewer bytes)."""
     if isinstance(values, list):
         return [rounded(value, digits) for value in values]
     return round(values, digits)
@@ -4428,7 +4432,7 @@ def keep_freed_memory() -> bool:
     thresholds serves such blocks from the heap and keeps them there when freed. The
     cost is memory: freed blocks stay with the process until it ends, and a block can
     only be reused by requests that fit it, so peak RSS grows (the benchmark's 100M-token
-    probe: 0.97 GB before, 1.2-1.4 GB with this and the loss's larger chunks).
+    probe: 0.97 GB before, 1.1-1.4 GB with this and the loss's larger chunks).
     Elsewhere than glibc (macOS, musl) it does nothing and returns False."""
     if not _freed_memory["kept"] and sys.platform.startswith("linux"):
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)    # the process's C library

@@ -130,7 +130,9 @@ def test_a_normal_run_prints_the_loss_plot_and_writes_interpretability_files(run
     assert status == 0
     assert "a/A = lstm_seq train/test" in out and "step 1" in out
     artefacts = tmp_path / "artefacts"
-    attention = json.loads((artefacts / "attention_transformer.json").read_text())
+    written = (artefacts / "attention_transformer.json").read_text()
+    assert written.count("\n") == 1                             # compact: maps are large
+    attention = json.loads(written)
     assert attention["tokens"][:4] == ["O", "n", "c", "e"] and len(attention["layers"]) == 3
     last_row = attention["layers"][-1][0][-1]                 # the last query's weights, rounded
     assert sum(last_row) == pytest.approx(1.0, abs=1e-4) and all(round(w, 5) == w for w in last_row)

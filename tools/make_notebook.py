@@ -171,6 +171,8 @@ its points took in all (`wall_time_s`, summed over every run that added points).
     ("code", """\
 inventory = []
 for path in sorted(ARTEFACTS_DIR.glob("sweep_*.json")):
+    if path.stem.endswith("_run"):     # the architectures sweep's run log, not a sweep
+        continue
     sweep = load(path, "sweep")
     if sweep and sweep.get("sweep"):
         environment = sweep.get("environment", {})
@@ -618,7 +620,8 @@ if baseline:
     points = [p for p in ablations["points"] if p is not baseline and not p.get("diverged")]
     diverged = [p["settings"]["ablation"] for p in ablations["points"] if p.get("diverged")]
     if diverged:
-        note("diverged, so not plotted (the loss exploded during training): " + ", ".join(diverged))
+        display(Markdown("Diverged, so not plotted (the loss exploded during training): "
+                         + ", ".join(diverged) + "."))
     changes = [p["test_loss"] - baseline["test_loss"] for p in points]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(points) + 1.4))
     bars = ax.barh([p["settings"]["ablation"] for p in points], changes,
@@ -633,7 +636,7 @@ if baseline:
     save(fig, "ablations")
     display(pd.DataFrame([{"change": p["settings"]["ablation"], "train loss": p["train_loss"],
                            "test loss": p["test_loss"],
-                           "test bits per byte": p["test_bits_per_byte"],
+                           "test bits per byte": p.get("test_bits_per_byte"),
                            "tokens/s": round(p["tokens_per_s"]) if p["tokens_per_s"] else None}
                           for p in ablations["points"]]).set_index("change"))"""),
     ("markdown", """\
