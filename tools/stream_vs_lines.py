@@ -21,6 +21,7 @@ import argparse
 import ast
 import contextlib
 import io
+import math
 import sys
 import sysconfig
 import time
@@ -105,11 +106,15 @@ def main() -> int:
                 "stream": stream_flags}
     results = {}
     for data_format, flags in flags_of.items():
-        *_, calibration = train(pico, flags, 20, 1)
-        seconds_per_step = calibration["final"]["train_time_s"] / calibration["final"]["steps"]
+        # Time 40 steps, the first 10 (the allocator and kernels warming up) not counted.
+        _, _, data, _, calibration = train(pico, flags, 40, 1)
+        elapsed = [h["elapsed_s"] for h in calibration["history"]]
+        seconds_per_step = (elapsed[-1] - elapsed[9]) / (len(elapsed) - 10)
         steps = max(20, round(args.seconds / seconds_per_step))
+        # An epoch is one pass over the training text; the budget may take several.
+        epochs = math.ceil(steps / data.steps_per_epoch(16, None))
         started = time.perf_counter()
-        config, tokenizer, data, model, record = train(pico, flags, steps, 1)
+        config, tokenizer, data, model, record = train(pico, flags, math.ceil(steps / epochs), epochs)
         results[data_format] = dict(config=config, tokenizer=tokenizer, data=data, model=model,
                                     record=record, wall_s=time.perf_counter() - started)
     stream = results["stream"]
@@ -123,7 +128,8 @@ def main() -> int:
         common_test = pico.evaluate(pico.NextTokenLoss(result["model"]),
                                     stream["data"].test_batches(16), torch.device("cpu"), token_bytes)
         greedy = [s["text"] for s in result["record"]["samples"] if s["rule"] == "top-p 0.95"][-1]
-        print(f"\n{data_format}: {final['steps']} steps, {final['train_time_s']:.0f} s training, "
+        print(f"\n{data_format}: {final['steps']} steps in {result['config'].training.epochs} "
+              f"epoch(s), {final['train_time_s']:.0f} s training, "
               f"{final['tokens_seen']:,} target tokens seen")
         print(f"  own test set: {final['test_bits_per_byte']:.3f} bits/byte; "
               f"held-out running text (stream test set): {common_test['test_bits_per_byte']:.3f} "
