@@ -131,3 +131,18 @@ def test_a_crash_in_native_code_prints_the_python_stack(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "Fatal Python error: Aborted" in result.stderr and "crash_here" in result.stderr
+
+
+def test_the_readme_quotes_the_committed_main_job():
+    """The main job's figures in the README are those of its committed run log."""
+    import json
+    import re
+    readme = (REPO / "README.md").read_text()
+    run = json.loads((REPO / "artefacts" / "presentation" / "main_job.json").read_text())
+    quoted = re.search(r"reach ([\d.]+) \(k-gram\), ([\d.]+) \(LSTM\) and ([\d.]+) \(Transformer\)",
+                       readme)
+    assert quoted, "the README no longer quotes the main job's bits per byte"
+    measured = [run["models"][name]["final"]["test_bits_per_byte"]
+                for name in ("kgram_mlp_seq", "lstm_seq", "transformer")]
+    assert [float(q) for q in quoted.groups()] == [round(m, 2) for m in measured]
+    assert run["args"]["epochs"] == 12 and "after 12 epochs" in readme
