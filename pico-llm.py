@@ -37,16 +37,19 @@ Contents (the section banners below carry the same numbers):
   Part II. Running experiments
     6. Data and tokenizers: 6.1 tokenizers, 6.2 text sources, 6.3 token cache,
        splits and batches
-    7. Run logs, sweeps and interpretability
+    7. Run logs, sweeps and interpretability: 7.1 run logs, 7.2 sweeps,
+       7.3 interpretability
     8. The command line and main()
   Part III. Appendices
     A. Speed (oneDNN linears, freed memory kept, the chunked output-layer loss)
     B. Fault tolerance (checkpoints, exact resume, signals, non-finite steps,
        early stopping and reduce-on-plateau)
     C. Distributed training (torchrun / DDP)
-    D. Training your own BPE tokenizer; resource accounting
+    D. Training your own BPE tokenizer; resource accounting: D.1 byte-level BPE,
+       D.2 resource accounting
     E. Hugging Face interop (start from a GPT-2 or Llama model, export to
-       transformers)
+       transformers): E.1 configs, E.2 weights, E.3 model directories and the
+       hub, E.4 tokenizers, E.5 export, E.6 the command line
 """
 
 from __future__ import annotations
@@ -2131,14 +2134,14 @@ def current_umask() -> int:
     return mask
 
 
-def json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1) + "\n").encode("utf-8")
+def json_bytes(obj, compact: bool = False) -> bytes:
+    """`obj` as JSON, indented to be read, or compact (large arrays such as attention maps)."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+    return (text + "\n").encode("utf-8")
 
 
 def atomic_write_json(path: Path, obj, compact: bool = False) -> None:
-    """`obj` as JSON, indented to be read, or compact (large arrays such as attention maps)."""
-    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8") if compact else json_bytes(obj)
-    atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), json_bytes(obj, compact))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -81,7 +81,7 @@ def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-def test_help_documents_every_flag_the_readme_uses():
+def test_help_documents_every_flag_the_readme_uses(pico):
     help_text = run_script("--help").stdout
     readme_lines = (REPO / "README.md").read_text().splitlines()
     import re
@@ -91,8 +91,7 @@ def test_help_documents_every_flag_the_readme_uses():
     flags -= {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend",
               "--rdzv_endpoint", "--rdzv_id"}  # torchrun's own
     assert len(flags) > 30
-    from conftest import load_pico
-    options = load_pico().build_arg_parser()._option_string_actions   # every flag the parser takes
+    options = pico.build_arg_parser()._option_string_actions   # every flag the parser takes
     for flag in flags:
         assert flag in options, flag
         assert re.search(re.escape(flag) + r"\b", help_text), flag
@@ -146,3 +145,25 @@ def test_the_readme_quotes_the_committed_main_job():
                 for name in ("kgram_mlp_seq", "lstm_seq", "transformer")]
     assert [float(q) for q in quoted.groups()] == [round(m, 2) for m in measured]
     assert run["args"]["epochs"] == 12 and "after 12 epochs" in readme
+
+
+def test_the_table_of_contents_matches_the_section_banners_and_the_lesson_comes_first(pico):
+    """Every section and subsection banner of pico-llm.py is named in the docstring's
+    contents, in the same order, and Part I's lesson (sections 1 to 5) precedes the rest."""
+    import re
+    source = (REPO / "pico-llm.py").read_text()
+    lines = source.splitlines()
+    banners = []
+    for index, line in enumerate(lines):
+        if line.startswith("# ===") and index + 1 < len(lines):
+            heading = re.match(r"# ([1-9A-Z])\. ", lines[index + 1])
+            if heading:
+                banners.append(heading.group(1))
+        subsection = re.match(r"# --- ([0-9A-Z]\.[0-9]) ", line)
+        if subsection:
+            banners.append(subsection.group(1))
+    contents = pico.__doc__.split("Contents")[1]
+    listed = re.findall(r"(?m)(?:^ +([1-9A-Z])\. |\b([0-9A-Z]\.[0-9]) )", contents)
+    listed = [top or sub for top, sub in listed]
+    assert banners == listed
+    assert banners[:8] == ["1", "2", "2.1", "2.2", "2.3", "3", "4", "5"]

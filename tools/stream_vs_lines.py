@@ -11,8 +11,8 @@ the pico Transformer (character tokens) for about --seconds of training time (st
 calibrated from a short first run of each), then both models are scored on the same held-out
 text: the stream test set (whole files held out, or with fewer than 20 files the last tenth of
 each), which neither model trained on: lines mode reads only the stream split's training text,
-written one file per document into <corpus_dir>-training-text. Each also reports its own
-format's test set, and samples from a prompt.
+written one file per document into a temporary directory. Each also reports its own format's
+test set, and samples from a prompt.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import io
 import math
 import sys
 import sysconfig
-import time
+import tempfile
 from pathlib import Path
 
 import torch
@@ -95,28 +95,25 @@ def main() -> int:
     # documents stay unseen by both, lines mode trains on the stream split's training text.
     stream_flags = common + ["--input_dir", str(corpus), "--data_format", "stream"]
     source, = pico.read_sources(pico.config_from_command_line(stream_flags).data)
-    training_text = Path(str(corpus).rstrip("/") + "-training-text")
-    training_text.mkdir(parents=True, exist_ok=True)
-    for old in training_text.glob("*.txt"):
-        old.unlink()
-    for index in source.train:
-        (training_text / f"document_{index:05d}.txt").write_text(source.texts[index] + "\n",
-                                                                   encoding="utf-8")
-    flags_of = {"lines": common + ["--input_dir", str(training_text), "--data_format", "lines"],
-                "stream": stream_flags}
     results = {}
-    for data_format, flags in flags_of.items():
-        # Time 40 steps, the first 10 (the allocator and kernels warming up) not counted.
-        _, _, data, _, calibration = train(pico, flags, 40, 1)
-        elapsed = [h["elapsed_s"] for h in calibration["history"]]
-        seconds_per_step = (elapsed[-1] - elapsed[9]) / (len(elapsed) - 10)
-        steps = max(20, round(args.seconds / seconds_per_step))
-        # An epoch is one pass over the training text; the budget may take several.
-        epochs = math.ceil(steps / data.steps_per_epoch(16, None))
-        started = time.perf_counter()
-        config, tokenizer, data, model, record = train(pico, flags, math.ceil(steps / epochs), epochs)
-        results[data_format] = dict(config=config, tokenizer=tokenizer, data=data, model=model,
-                                    record=record, wall_s=time.perf_counter() - started)
+    with tempfile.TemporaryDirectory(prefix="pico-training-text-") as training_text:
+        for index in source.train:
+            (Path(training_text) / f"document_{index:05d}.txt").write_text(
+                source.texts[index] + "\n", encoding="utf-8")
+        flags_of = {"lines": common + ["--input_dir", training_text, "--data_format", "lines"],
+                    "stream": stream_flags}
+        for data_format, flags in flags_of.items():
+            # Time 40 steps, the first 10 (the allocator and kernels warming up) not counted.
+            _, _, data, _, calibration = train(pico, flags, 40, 1)
+            elapsed = [h["elapsed_s"] for h in calibration["history"]]
+            seconds_per_step = (elapsed[-1] - elapsed[9]) / (len(elapsed) - 10)
+            steps = max(20, round(args.seconds / seconds_per_step))
+            # An epoch is one pass over the training text; the budget may take several.
+            epochs = math.ceil(steps / data.steps_per_epoch(16, None))
+            config, tokenizer, data, model, record = train(pico, flags, math.ceil(steps / epochs),
+                                                           epochs)
+            results[data_format] = dict(config=config, tokenizer=tokenizer, data=data,
+                                        model=model, record=record)
     stream = results["stream"]
     token_bytes = torch.from_numpy(stream["tokenizer"].token_byte_lengths())
     print(f"corpus {corpus}: {sum(p.stat().st_size for p in corpus.glob('*.txt')) / 1e6:.1f} MB in "
@@ -127,14 +124,14 @@ def main() -> int:
         final = result["record"]["final"]
         common_test = pico.evaluate(pico.NextTokenLoss(result["model"]),
                                     stream["data"].test_batches(16), torch.device("cpu"), token_bytes)
-        greedy = [s["text"] for s in result["record"]["samples"] if s["rule"] == "top-p 0.95"][-1]
+        sample = [s["text"] for s in result["record"]["samples"] if s["rule"] == "top-p 0.95"][-1]
         print(f"\n{data_format}: {final['steps']} steps in {result['config'].training.epochs} "
               f"epoch(s), {final['train_time_s']:.0f} s training, "
               f"{final['tokens_seen']:,} target tokens seen")
         print(f"  own test set: {final['test_bits_per_byte']:.3f} bits/byte; "
               f"held-out running text (stream test set): {common_test['test_bits_per_byte']:.3f} "
               f"bits/byte")
-        print(f"  top-p 0.95 sample: {greedy.count(chr(10)) + 1} lines: {greedy[:240]!r}")
+        print(f"  top-p 0.95 sample: {sample.count(chr(10)) + 1} lines: {sample[:240]!r}")
     return 0
 
 
