@@ -332,10 +332,15 @@ class CausalSelfAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
-                 dropout: float, impl: str, sinks: bool = False, window: int | None = None) -> None:
+                 dropout: float, impl: str, sinks: bool = False, window: int | None = None,
+                 head_dim: int | None = None, qk_norm: bool = False, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        # QK-norm (Dehghani et al., 2023; Qwen3, the nanoGPT speedrun): each head's query and
+        # key are RMS-normalized before RoPE, so their dot products cannot grow without bound.
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
@@ -358,6 +363,8 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
         if cache is not None:
@@ -822,6 +829,7 @@ class TransformerConfig:
     d_model: int = 128
     n_heads: int = 4
     n_kv_heads: int | None = None     # None = n_heads (plain multi-head attention)
+    head_size: int = 0                # each head's width; 0 = d_model / n_heads
     n_blocks: int = 3
     d_ff: int | None = None           # None = default_ffn_width(d_model, ffn, ffn_dim_multiplier)
     ffn: str = "swiglu"               # gelu | silu | swiglu | clamped_swiglu
@@ -840,6 +848,7 @@ class TransformerConfig:
     attention: str = "softmax"        # softmax | linear | gated_linear (LinearAttention)
     linear_attention_gate: str = "data"  # gated_linear's forget gate: fixed (RetNet) | data (GLA)
     attention_sinks: bool = False     # softmax: a learned logit per head (GPT-oss)
+    qk_norm: bool = False             # softmax: RMSNorm on each head's query and key (Qwen3)
     sliding_window: int = 0           # softmax: > 0 = blocks 0, 2, 4, ... see this many tokens
     attention_impl: str = "sdpa"
     dropout: float = 0.0
@@ -853,7 +862,7 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
 
     def window(self, block: int) -> int | None:
         """GPT-oss's alternation: blocks 0, 2, 4, ... slide, blocks 1, 3, ... see the whole context."""
@@ -897,7 +906,7 @@ TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d
                               "norm_position", "pos_emb", "rope_theta", "yarn_factor",
                               "yarn_original_context", "tie_weights", "attention",
                               "linear_attention_gate", "attention_sinks", "sliding_window",
-                              "dropout")
+                              "qk_norm", "head_size", "dropout")
 ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
 LINEAR_ATTENTION_GATES = ("fixed", "data")
 
@@ -915,10 +924,10 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "yarn_original_context"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
-    for name in ("n_experts", "sliding_window", "router_aux_loss_coef"):
+    for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name} must not be negative{where}, got {getattr(config, name)}")
-    if config.d_model % config.n_heads:
+    if not config.head_size and config.d_model % config.n_heads:
         raise UserError(f"--n_heads {config.n_heads} must divide --d_model {config.d_model}{where}")
     if config.n_heads % config.n_kv_heads:
         raise UserError(f"--n_kv_heads {config.n_kv_heads} must divide --n_heads "
@@ -929,7 +938,7 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     if config.yarn_factor < 1:
         raise UserError(f"--yarn_factor must be at least 1 (1 = plain RoPE), got {config.yarn_factor}")
     if config.pos_emb == "rope" and config.head_dim % 2:
-        raise UserError(f"RoPE needs an even head size; d_model / n_heads = {config.head_dim}{where}")
+        raise UserError(f"RoPE needs an even head size, got {config.head_dim}{where}")
 
 
 class TransformerBlock(nn.Module):
@@ -944,7 +953,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = make_norm(c.norm, c.d_model, c.bias, c.norm_eps)
         if c.attention == "softmax":
             self.attention = CausalSelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, c.dropout,
-                                                 c.attention_impl, c.attention_sinks, c.window(index))
+                                                 c.attention_impl, c.attention_sinks, c.window(index),
+                                                 c.head_dim, c.qk_norm, c.norm_eps)
         else:
             gate = c.linear_attention_gate if c.attention == "gated_linear" else None
             self.attention = LinearAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, gate)
@@ -3532,6 +3542,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     tf.add_argument("--sliding_window", type=int, default=None,
                     help="softmax attention: blocks 0, 2, 4, ... attend to only the last N tokens "
                          "(0 = every block sees the whole context)")
+    tf.add_argument("--qk_norm", type=str_to_bool, default=None, metavar="true|false",
+                    help="softmax attention: RMS-normalize each head's query and key before RoPE "
+                         "(Qwen3, the nanoGPT speedrun) (default: false)")
+    tf.add_argument("--head_size", type=int, default=None,
+                    help="each attention head's width (default: 0 = d_model / n_heads)")
     tf.add_argument("--attention_impl", choices=("sdpa", "math"), default="sdpa",
                     help="scaled_dot_product_attention (fast) or the explicit softmax formula")
     tf.add_argument("--dropout", type=float, default=None, help="dropout probability")
@@ -3820,11 +3835,12 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
         fields.pop("d_ff", None)  # a preset's width belongs to its own d_model
     attention = fields.get("attention", "softmax")
     if attention != "softmax":
-        for flag in ("attention_sinks", "sliding_window"):
+        for flag in ("attention_sinks", "sliding_window", "qk_norm", "head_size"):
             if flags.get(flag):
                 raise UserError(f"--{flag} is an option of softmax attention, not of "
                                 f"--attention {attention}")
-        fields.update(attention_sinks=False, sliding_window=0)  # a preset's, for softmax only
+        fields.update(attention_sinks=False, sliding_window=0, qk_norm=False,
+                      head_size=0)  # a preset's, for softmax only
     if flags.get("linear_attention_gate") is not None and attention != "gated_linear":
         raise UserError(f"--linear_attention_gate is an option of --attention gated_linear, "
                         f"not of {attention}")
@@ -5862,7 +5878,7 @@ def training_flops_per_token(model: nn.Module, context_length: int) -> int:
     if isinstance(model, TransformerModel):
         c = model.config
         mixed = context_length if c.attention == "softmax" else c.head_dim
-        flops += 12 * c.n_blocks * c.d_model * mixed
+        flops += 12 * c.n_blocks * c.n_heads * c.head_dim * mixed
     return int(flops)
 
 
@@ -5894,14 +5910,16 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
     """
     c, T = config, context_length
     d, L, V, F_, D = c.d_model, c.n_blocks, c.vocab_size, c.d_ff, c.head_dim
-    kv_width = c.n_kv_heads * D
+    q_width, kv_width = c.n_heads * D, c.n_kv_heads * D   # q_width = d unless head_size is set
     bias = 1 if c.bias else 0
     norm_params = {"rmsnorm": d, "layernorm": d * (1 + bias), "none": 0}[c.norm]
     ffn_matrices = 3 if c.ffn in GATED_FFNS else 2
-    attention_params = d * (d + 2 * kv_width) + d * d + bias * (2 * d + 2 * kv_width)
+    attention_params = d * (q_width + 2 * kv_width) + q_width * d + bias * (q_width + 2 * kv_width + d)
     gate = c.linear_attention_gate if c.attention == "gated_linear" else None
     if c.attention == "softmax" and c.attention_sinks:
         attention_params += c.n_heads                       # one sink logit per head
+    if c.attention == "softmax" and c.qk_norm:
+        attention_params += 2 * D                           # the query and key norms' gains
     if gate is not None:
         attention_params += d * d + bias * d + D            # output gate, head norm
     if gate == "data":
@@ -5923,9 +5941,10 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
     # recurrent form's state update and read, 2 D E multiply-adds per token and head (E = D,
     # plus the column of ones that carries plain linear attention's normalizer).
     state_width = D + 1 if gate is None else D
-    mixing = (L * 2 * 2 * T * T * d if c.attention == "softmax" else L * 2 * 2 * T * d * state_width)
+    mixing = (L * 2 * 2 * T * T * q_width if c.attention == "softmax"
+              else L * 2 * 2 * T * d * state_width)
     flops = {
-        "attention_projections": L * 2 * T * (d * (d + 2 * kv_width) + d * d
+        "attention_projections": L * 2 * T * (d * (q_width + 2 * kv_width) + q_width * d
                                               + (d * d if gate is not None else 0)),
         "attention_scores_and_mix": mixing,
         "feed_forward": L * 2 * T * (active * ffn_matrices * d * F_ + d * c.n_experts),
@@ -5934,7 +5953,7 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
     scores = (2 * c.n_heads * T * T if c.attention == "softmax"
               else c.n_heads * T * LINEAR_ATTENTION_CHUNK * state_width)  # (C, C, D) per chunk
     per_block_activations = (2 * T * d               # inputs of the two norms
-                             + T * (d + 2 * kv_width)  # q, k, v
+                             + T * (q_width + 2 * kv_width)  # q, k, v
                              + scores                  # scores and softmax
                              + 2 * T * d               # attention output, output projection
                              + active * T * F_ * (3 if c.ffn in GATED_FFNS else 2) + T * d)  # FFN

@@ -10,7 +10,8 @@ import torch
                                    ["--n_experts", "3", "--ffn", "swiglu", "--attention_sinks", "true"],
                                    ["--attention", "linear"],
                                    ["--attention", "gated_linear", "--linear_attention_gate", "fixed"],
-                                   ["--attention", "gated_linear", "--n_experts", "0"]])
+                                   ["--attention", "gated_linear", "--n_experts", "0"],
+                                   ["--head_size", "24", "--qk_norm", "true"]])
 def test_accounted_parameters_equal_the_built_model(pico, configure, preset, extra):
     config = configure("--transformer_variant", preset, "--d_model", "64", "--n_heads", "4",
                        "--n_blocks", "2", "--block_size", "32", *extra).models.transformer
@@ -25,12 +26,13 @@ def test_gpt2_small_has_its_published_parameter_count(pico):
     assert account["total_parameters"] == 124_439_808
 
 
-def test_forward_flops_match_a_counted_forward_pass(pico, configure):
+@pytest.mark.parametrize("extra", [[], ["--head_size", "24", "--n_kv_heads", "2"]])
+def test_forward_flops_match_a_counted_forward_pass(pico, configure, extra):
     """Count the multiply-adds of every matmul in a real forward pass with torch's FLOP counter
     (it sees aten's matmuls: the plain model, not Appendix A's oneDNN linears)."""
     from torch.utils.flop_counter import FlopCounterMode
     config = configure("--d_model", "64", "--n_heads", "4", "--n_blocks", "2",
-                       "--block_size", "32", "--attention_impl", "math").models.transformer
+                       "--block_size", "32", "--attention_impl", "math", *extra).models.transformer
     config = pico.dataclasses.replace(config, vocab_size=300)
     model = pico.TransformerModel(config)
     with FlopCounterMode(display=False) as counter:

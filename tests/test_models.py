@@ -38,6 +38,8 @@ def all_tiny_models(pico):
                      "GPT-oss": ["--sliding_window", "4"] if not attention else []}.get(preset, [])
             models[preset + kind] = tiny_model(pico, "transformer", "--transformer_variant", preset,
                                                *attention, *extra)
+    models["pico qk_norm head_size 12"] = tiny_model(pico, "transformer", "--qk_norm", "true",
+                                                     "--head_size", "12", "--n_kv_heads", "2")
     return models
 
 
@@ -162,6 +164,34 @@ def test_sdpa_attention_matches_the_math_path(pico, n_kv_heads):
     assert torch.allclose(fast(x, None), math_path(x, None), atol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [None, 12])
+def test_qk_norm_normalizes_each_heads_query_and_key_before_rope(pico, head_dim):
+    """With QK-norm every head's query and key reach the scores with RMS 1 (gains start at 1),
+    however large the projections; the fused and written-out paths still agree, and a head
+    size apart from d_model / n_heads changes only the projections' widths."""
+    torch.manual_seed(0)
+    fast = pico.CausalSelfAttention(32, 4, 2, bias=False, dropout=0.0, impl="sdpa",
+                                    head_dim=head_dim, qk_norm=True)
+    math_path = pico.CausalSelfAttention(32, 4, 2, bias=False, dropout=0.0, impl="math",
+                                         head_dim=head_dim, qk_norm=True)
+    math_path.load_state_dict(fast.state_dict())
+    width = head_dim or 8
+    assert fast.q_proj.weight.shape == (4 * width, 32) and fast.k_proj.weight.shape == (2 * width, 32)
+    x = 100 * torch.randn(2, 7, 32)
+    seen = {}
+    fast.q_norm.register_forward_hook(lambda module, args, out: seen.setdefault("q", out))
+    fast.k_norm.register_forward_hook(lambda module, args, out: seen.setdefault("k", out))
+    out = fast(x, None)
+    assert out.shape == (2, 7, 32)
+    for name in "qk":
+        rms = seen[name].pow(2).mean(-1).sqrt()
+        assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
+    assert torch.allclose(out, math_path(x, None), atol=1e-4)
+    plain = pico.CausalSelfAttention(32, 4, 2, bias=False, dropout=0.0, impl="sdpa", head_dim=head_dim)
+    plain.load_state_dict(fast.state_dict(), strict=False)
+    assert not torch.allclose(plain(x, None), out, atol=1e-3)
+
+
 def test_math_attention_weights_are_causal_and_normalized(pico):
     torch.manual_seed(0)
     attention = pico.CausalSelfAttention(16, 2, 2, bias=False, dropout=0.0, impl="math")
@@ -228,6 +258,9 @@ def test_enable_transformer_gptoss_adds_the_gptoss_model(configure):
     (["--sliding_window", "-1"], "must not be negative"),
     (["--attention", "linear", "--sliding_window", "8"], "an option of softmax attention"),
     (["--attention", "gated_linear", "--attention_sinks", "true"], "an option of softmax attention"),
+    (["--attention", "linear", "--qk_norm", "true"], "an option of softmax attention"),
+    (["--head_size", "-2"], "must not be negative"),
+    (["--head_size", "7"], "even head size"),
     (["--linear_attention_gate", "fixed"], "an option of --attention gated_linear"),
     (["--yarn_factor", "0.5"], "at least 1"),
     (["--d_model", "12", "--n_heads", "4"], "even head size"),
