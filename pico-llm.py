@@ -162,7 +162,8 @@ def make_norm(kind: str, dim: int, bias: bool, eps: float = 1e-5) -> nn.Module:
 
 
 def yarn_frequencies(head_dim: int, theta: float, factor: float, original_context: int,
-                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> tuple[torch.Tensor, float]:
+                     beta_fast: float = 32.0, beta_slow: float = 1.0,
+                     truncate: bool = False) -> tuple[torch.Tensor, float]:
     """RoPE's inverse frequencies theta^(-2i/D), (D/2,), and an attention factor: 1 and the plain
     frequencies for factor 1, YaRN's (Peng et al., 2023, as GPT-oss uses it) for factor > 1.
 
@@ -171,7 +172,9 @@ def yarn_frequencies(head_dim: int, theta: float, factor: float, original_contex
     positions up to factor x original_context map to angles seen in training; a linear ramp blends
     the pairs between. cos and sin are multiplied by the attention factor 0.1 ln(factor) + 1 (so
     q.k by its square), sharpening attention to offset the longer context. As in GPT-oss the
-    scaling is static: it applies at every length, not only past original_context.
+    scaling is static: it applies at every length, not only past original_context. `truncate`
+    widens the ramp to whole pairs (floor of its start, ceiling of its end), as transformers'
+    YaRN does unless a config says truncate: false (GPT-oss's does).
     """
     inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     if factor == 1.0:
@@ -180,10 +183,46 @@ def yarn_frequencies(head_dim: int, theta: float, factor: float, original_contex
     def pair_turning(rotations: float) -> float:  # the (fractional) pair that turns this many times
         return head_dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low, high = max(pair_turning(beta_fast), 0.0), min(pair_turning(beta_slow), head_dim - 1.0)
+    low, high = pair_turning(beta_fast), pair_turning(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0.0), min(high, head_dim - 1.0)
     ramp = ((torch.arange(head_dim // 2) - low) / max(high - low, 1e-3)).clamp(0, 1)  # 0 keep, 1 slow
     inverse_frequency = inverse_frequency * (1 - ramp) + inverse_frequency / factor * ramp
     return inverse_frequency, 0.1 * math.log(factor) + 1.0
+
+
+def llama3_frequencies(head_dim: int, theta: float, factor: float, original_context: int,
+                       low_frequency_factor: float = 1.0, high_frequency_factor: float = 4.0
+                       ) -> torch.Tensor:
+    """Llama 3.1's RoPE frequencies (D/2,) for a context `factor` times original_context (Meta's
+    reference model.py, apply_scaling; Grattafiori et al., 2024). A pair whose wavelength
+    2 pi / frequency is shorter than original_context / high_frequency_factor keeps its frequency;
+    one longer than original_context / low_frequency_factor is slowed by `factor`; between them
+    the frequency blends the two, linearly in original_context / wavelength. Unlike YaRN's,
+    cos and sin keep their scale."""
+    inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    turns = original_context * inverse_frequency / (2 * math.pi)  # turns over the original context
+    blend = ((turns - low_frequency_factor) / (high_frequency_factor - low_frequency_factor)).clamp(0, 1)
+    return inverse_frequency / factor * (1 - blend) + inverse_frequency * blend
+
+
+ROPE_SCALINGS = ("yarn", "yarn_truncated", "llama3", "linear")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: str, factor: float,
+                     original_context: int) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies (D/2,) and cos/sin factor, for a context stretched `factor`
+    times past original_context in one of ROPE_SCALINGS: YaRN (yarn_frequencies, with or
+    without truncation), Llama 3.1's (llama3_frequencies), or linear position interpolation
+    (Chen et al., 2023: every frequency divided by `factor`). factor 1 is plain RoPE."""
+    if scaling in ("yarn", "yarn_truncated") or factor == 1.0:
+        return yarn_frequencies(head_dim, theta, factor, original_context,
+                                truncate=scaling == "yarn_truncated")
+    if scaling == "llama3":
+        return llama3_frequencies(head_dim, theta, factor, original_context), 1.0
+    inverse_frequency, _ = yarn_frequencies(head_dim, theta, 1.0, original_context)
+    return inverse_frequency / factor, 1.0
 
 
 class RotaryEmbedding(nn.Module):
@@ -193,14 +232,15 @@ class RotaryEmbedding(nn.Module):
     angle position * theta^(-2i/D). The dot product of a rotated query and key
     then depends only on their position difference. Positions are explicit, so
     a KV cache rotates new tokens at their true position. yarn_factor > 1 takes
-    YaRN's frequencies (yarn_frequencies) for contexts longer than training's.
+    YaRN's frequencies (yarn_frequencies), or another `scaling` (rope_frequencies), for
+    contexts longer than training's.
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0, yarn_factor: float = 1.0,
-                 yarn_original_context: int = 4096) -> None:
+                 yarn_original_context: int = 4096, scaling: str = "yarn") -> None:
         super().__init__()
-        inverse_frequency, self.attention_factor = yarn_frequencies(head_dim, theta, yarn_factor,
-                                                                    yarn_original_context)
+        inverse_frequency, self.attention_factor = rope_frequencies(
+            head_dim, theta, scaling, yarn_factor, yarn_original_context)
         self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,7 +373,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
                  dropout: float, impl: str, sinks: bool = False, window: int | None = None,
-                 head_dim: int | None = None, qk_norm: bool = False, norm_eps: float = 1e-5) -> None:
+                 head_dim: int | None = None, qk_norm: bool = False, norm_eps: float = 1e-5,
+                 qkv_bias: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
@@ -341,9 +382,10 @@ class CausalSelfAttention(nn.Module):
         # key are RMS-normalized before RoPE, so their dot products cannot grow without bound.
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        qkv_bias = bias or qkv_bias  # Qwen2 biases q, k and v but not the output projection
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         # Logits of 0 to start: as if each head had one more key, scoring 0, with a zero value.
         self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
@@ -844,6 +886,8 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     yarn_factor: float = 1.0          # > 1: YaRN's RoPE frequencies (yarn_frequencies)
     yarn_original_context: int = 4096
+    rope_scaling: str = "yarn"        # how yarn_factor > 1 stretches RoPE: ROPE_SCALINGS (imported models)
+    nope_interval: int = 0            # > 0: every nope_interval-th block has no RoPE (SmolLM3's NoPE)
     tie_weights: bool = True
     attention: str = "softmax"        # softmax | linear | gated_linear (LinearAttention)
     linear_attention_gate: str = "data"  # gated_linear's forget gate: fixed (RetNet) | data (GLA)
@@ -853,6 +897,7 @@ class TransformerConfig:
     attention_impl: str = "sdpa"
     dropout: float = 0.0
     bias: bool = False
+    qkv_bias: bool = False            # biases on the query, key and value projections alone (Qwen2)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -867,6 +912,10 @@ class TransformerConfig:
     def window(self, block: int) -> int | None:
         """GPT-oss's alternation: blocks 0, 2, 4, ... slide, blocks 1, 3, ... see the whole context."""
         return self.sliding_window if self.sliding_window and block % 2 == 0 else None
+
+    def uses_rope(self, block: int) -> bool:
+        """SmolLM3's NoPE layers: with nope_interval n, blocks n - 1, 2n - 1, ... rotate nothing."""
+        return self.pos_emb == "rope" and not (self.nope_interval and (block + 1) % self.nope_interval == 0)
 
 
 EMBEDDING_INIT_STD = 0.02   # GPT-2's initial weight scale, for embeddings and linear layers
@@ -924,9 +973,12 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "yarn_original_context"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
-    for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size"):
+    for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size", "nope_interval"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name} must not be negative{where}, got {getattr(config, name)}")
+    if config.rope_scaling not in ROPE_SCALINGS:
+        raise UserError(f"rope_scaling {config.rope_scaling!r}{where} is not one of "
+                        + ", ".join(ROPE_SCALINGS))
     if not config.head_size and config.d_model % config.n_heads:
         raise UserError(f"--n_heads {config.n_heads} must divide --d_model {config.d_model}{where}")
     if config.n_heads % config.n_kv_heads:
@@ -944,17 +996,19 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
 class TransformerBlock(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)) (pre-norm, as GPT-2 and Llama);
     or norm(x + attn(x)), then norm(x + ffn(x)) (post-norm, as the 2017 Transformer).
-    `index` counts from 0; with a sliding window the even blocks slide."""
+    `index` counts from 0; with a sliding window the even blocks slide; with nope_interval
+    some blocks ignore the rope they are given (TransformerConfig.uses_rope)."""
 
     def __init__(self, config: TransformerConfig, index: int) -> None:
         super().__init__()
         c = config
         self.pre_norm = c.norm_position == "pre"
+        self.uses_rope = c.uses_rope(index)
         self.attention_norm = make_norm(c.norm, c.d_model, c.bias, c.norm_eps)
         if c.attention == "softmax":
             self.attention = CausalSelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, c.dropout,
                                                  c.attention_impl, c.attention_sinks, c.window(index),
-                                                 c.head_dim, c.qk_norm, c.norm_eps)
+                                                 c.head_dim, c.qk_norm, c.norm_eps, c.qkv_bias)
         else:
             gate = c.linear_attention_gate if c.attention == "gated_linear" else None
             self.attention = LinearAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, gate)
@@ -969,6 +1023,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
         """x: (B, T, d_model) -> (B, T, d_model). cache: the attention's KVCache or
         LinearAttentionState."""
+        rope = rope if self.uses_rope else None
         if self.pre_norm:
             x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, cache))
             return x + self.ffn(self.ffn_norm(x))
@@ -997,7 +1052,7 @@ class TransformerModel(nn.Module):
         self.position_embedding = (nn.Embedding(config.block_size, config.d_model)
                                    if config.pos_emb == "learned" else None)
         self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.yarn_factor,
-                                       config.yarn_original_context)
+                                       config.yarn_original_context, config.rope_scaling)
                        if config.pos_emb == "rope" else None)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(config, index) for index in range(config.n_blocks))
@@ -4098,12 +4153,15 @@ def run_training(config: Config) -> int:
         export_dir = config.huggingface.export_hf
         if export_dir:
             check_export_directory(Path(export_dir))
-        tokenizer = initial_weights = None
-        if config.huggingface.init_from:  # Appendix E: the model's shape, tokenizer, weights
-            config, tokenizer, weights = init_from_hf(config, resume_points.get("transformer"))
-            initial_weights = {"transformer": weights} if weights is not None else None
+        tokenizer = initial_weights = hf_directory = None
+        if config.huggingface.init_from:  # Appendix E: the model's shape and tokenizer
+            config, tokenizer, hf_directory = init_from_hf(config, resume_points.get("transformer"))
         vocab_size = tokenizer.vocab_size if tokenizer else tokenizer_vocab_size(config.data.tokenizer)
-        check_models_fit_in_memory(config.models, vocab_size, config.data.block_size, device)
+        check_models_fit_in_memory(config.models, vocab_size, config.data.block_size, device,
+                                   config.huggingface.init_from)
+        if hf_directory is not None:  # its weights, read once the model is known to fit
+            initial_weights = {"transformer": load_hf_weights(hf_directory,
+                                                              config.models.transformer)}
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
@@ -5911,10 +5969,11 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
     c, T = config, context_length
     d, L, V, F_, D = c.d_model, c.n_blocks, c.vocab_size, c.d_ff, c.head_dim
     q_width, kv_width = c.n_heads * D, c.n_kv_heads * D   # q_width = d unless head_size is set
-    bias = 1 if c.bias else 0
+    bias, qkv_bias = (1 if c.bias else 0), (1 if c.bias or c.qkv_bias else 0)
     norm_params = {"rmsnorm": d, "layernorm": d * (1 + bias), "none": 0}[c.norm]
     ffn_matrices = 3 if c.ffn in GATED_FFNS else 2
-    attention_params = d * (q_width + 2 * kv_width) + q_width * d + bias * (q_width + 2 * kv_width + d)
+    attention_params = (d * (q_width + 2 * kv_width) + q_width * d
+                        + qkv_bias * (q_width + 2 * kv_width) + bias * d)
     gate = c.linear_attention_gate if c.attention == "gated_linear" else None
     if c.attention == "softmax" and c.attention_sinks:
         attention_params += c.n_heads                       # one sink logit per head
@@ -6001,12 +6060,12 @@ def memory_available(device: torch.device) -> int | None:
 
 
 def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_size: int,
-                               device: torch.device) -> None:
-    """Refuse, before any data is read, a model whose training state alone exceeds the
-    memory here: 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments)
-    and, for a Transformer, the KV cache of a sample at --block_size positions (fp32 keys
-    and values in every block). Activations are left out: they depend on the examples'
-    lengths."""
+                               device: torch.device, init_from: str | None = None) -> None:
+    """Refuse, before any data (or --init_from's weights) is read, a model whose training
+    state alone exceeds the memory here: 16 bytes per parameter (fp32 weights, gradients,
+    AdamW's two moments) and, for a Transformer, the KV cache of a sample at --block_size
+    positions (fp32 keys and values in every block). Activations are left out: they depend
+    on the examples' lengths."""
     available = memory_available(device)
     if available is None:
         return
@@ -6020,17 +6079,20 @@ def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_si
         if needed <= available:
             continue
         if isinstance(config, KGramConfig):
-            sizes = f"--kgram_k ({config.k:,}) or --embed_size ({config.embed_size:,})"
+            advice = f"lower --kgram_k ({config.k:,}) or --embed_size ({config.embed_size:,})"
         elif isinstance(config, LSTMConfig):
-            sizes = f"--embed_size ({config.embed_size:,}) or --lstm_layers ({config.num_layers})"
-        elif cache > 16 * parameters or config.pos_emb == "learned":
-            sizes = f"--block_size ({block_size:,})"
+            advice = (f"lower --embed_size ({config.embed_size:,}) or --lstm_layers "
+                      f"({config.num_layers})")
+        elif cache > 16 * parameters or (config.pos_emb == "learned" and not init_from):
+            advice = f"lower --block_size ({block_size:,})"
+        elif init_from:
+            advice = f"--init_from {init_from} is too large to train here; choose a smaller model"
         else:
-            sizes = "--d_model, --n_blocks or --d_ff"
+            advice = "lower --d_model, --n_blocks or --d_ff"
         kv = f" and a {cache / 2**30:,.1f} GiB KV cache" if cache else ""
         raise UserError(f"{name} needs about {needed / 2**30:,.1f} GiB ({parameters:,} parameters "
                         f"at 16 bytes for training{kv}), more than the {available / 2**30:,.1f} GiB "
-                        f"of memory here; lower {sizes}")
+                        f"of memory here; {advice}")
 
 
 def format_accounting(name: str, account: dict, batch_size: int) -> str:
@@ -6088,7 +6150,8 @@ class HuggingFaceConfig:
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """A Hugging Face config.json (as a dict) -> TransformerConfig; UserError for anything
-    a pico-llm Transformer does not compute. Every size comes from the file."""
+    a pico-llm Transformer does not compute. Every size comes from the file; a key the file
+    omits means what transformers' config class of that model_type assumes."""
     def setting(name, default=None, allowed=None):
         value = hf.get(name)
         value = default if value is None else value  # absent and null both mean the default
@@ -6124,60 +6187,160 @@ def config_from_hf(hf: dict) -> TransformerConfig:
             ffn="gelu", norm="layernorm", pos_emb="learned",
             tie_weights=setting("tie_word_embeddings", True), bias=True,
             norm_eps=float(setting("layer_norm_epsilon", 1e-5)))
-    if kind == "llama":
-        setting("hidden_act", "silu", ("silu",))
-        d_model, n_heads = size("hidden_size"), size("num_attention_heads")
-        n_kv_heads = size("num_key_value_heads", n_heads)
-        setting("head_dim", d_model // n_heads, (d_model // n_heads,))
+    if kind not in ROPE_FAMILY_DEFAULTS:
+        raise UserError(f"config.json: model_type={kind!r} is not supported; pico-llm imports "
+                        + ", ".join(["gpt2", *ROPE_FAMILY_DEFAULTS]))
+    defaults = ROPE_FAMILY_DEFAULTS[kind]
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method") if isinstance(
+            hf["quantization_config"], dict) else None
+        raise UserError(f"config.json: quantization_config (quant_method={method!r}) is not "
+                        "supported; pico-llm reads unquantized weights (use a bf16 or fp32 copy)")
+    setting("hidden_act", "silu", ("silu",))
+    d_model, n_heads, n_blocks = size("hidden_size"), size("num_attention_heads"), size(
+        "num_hidden_layers")
+    n_kv_heads = size("num_key_value_heads", n_heads)
+    head_dim = size("head_dim", defaults["head_dim"] or d_model // n_heads)
+    if n_heads % n_kv_heads:
         heads_fit(d_model, n_heads, n_kv_heads)
-        if (d_model // n_heads) % 2:
-            raise UserError(f"config.json: RoPE needs an even head size, got {d_model // n_heads}")
-        bias = setting("attention_bias", False)
-        if setting("mlp_bias", False) != bias:  # pico-llm has one bias switch for every linear
-            raise UserError(f"config.json: attention_bias={bias} with mlp_bias={not bias} is not "
-                            "supported; pico-llm gives every linear a bias or none")
-        # transformers 5 writes rope_parameters; older files rope_theta and rope_scaling.
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UserError(f"config.json: rope_type={rope_type!r} (RoPE scaling) is not supported; "
-                            "pico-llm computes the default RoPE")
-        return TransformerConfig(
-            vocab_size=size("vocab_size"), block_size=size("max_position_embeddings"),
-            d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
-            n_blocks=size("num_hidden_layers"), d_ff=size("intermediate_size"),
-            ffn="swiglu", norm="rmsnorm", pos_emb="rope",
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            tie_weights=setting("tie_word_embeddings", False), bias=bias,
-            norm_eps=float(setting("rms_norm_eps", 1e-6)))
-    raise UserError(f"config.json: model_type={kind!r} is not supported; pico-llm imports gpt2 "
-                    "and llama")
+    if head_dim % 2:
+        raise UserError(f"config.json: RoPE needs an even head size, got {head_dim}")
+    fields = dict(
+        vocab_size=size("vocab_size"), block_size=size("max_position_embeddings"),
+        d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, n_blocks=n_blocks,
+        head_size=0 if head_dim * n_heads == d_model else head_dim,
+        d_ff=size("intermediate_size"), ffn="swiglu", norm="rmsnorm", pos_emb="rope",
+        tie_weights=setting("tie_word_embeddings", defaults["tie_weights"]),
+        norm_eps=float(setting("rms_norm_eps", defaults["norm_eps"])),
+        **rope_from_hf(hf, defaults["rope_theta"]))
+    if kind in ("qwen2", "qwen3", "smollm3"):
+        setting("use_sliding_window", False, (False,))
+    if kind in ("llama", "smollm3"):
+        fields["bias"] = setting("attention_bias", False)
+        if setting("mlp_bias", False) != fields["bias"]:  # one bias switch for every linear
+            raise UserError(f"config.json: attention_bias={fields['bias']} with mlp_bias="
+                            f"{not fields['bias']} is not supported; pico-llm gives every "
+                            "linear a bias or none")
+    if kind == "smollm3":
+        interval = size("no_rope_layer_interval", 4)
+        every_interval = [int((i + 1) % interval != 0) for i in range(n_blocks)]
+        rope_layers = setting("no_rope_layers", every_interval)  # 1 = the layer uses RoPE
+        if rope_layers not in (every_interval, [1] * n_blocks):
+            raise UserError(f"config.json: no_rope_layers={rope_layers} is not supported; "
+                            f"pico-llm leaves out RoPE in every nope_interval-th block only")
+        fields["nope_interval"] = 0 if all(rope_layers) else interval
+    if kind == "qwen2":  # biased q, k and v; no other bias
+        fields["qkv_bias"] = True
+    if kind == "qwen3":
+        setting("attention_bias", False, (False,))
+        fields["qk_norm"] = True
+    if kind == "gpt_oss":
+        setting("attention_bias", True, (True,))
+        setting("swiglu_alpha", 1.702, (1.702,))  # fixed in clamped_swiglu
+        setting("swiglu_limit", 7.0, (7.0,))
+        window = hf.get("sliding_window") or 0
+        alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                       for i in range(n_blocks)]
+        layer_types = setting("layer_types", alternating)
+        if not window or "sliding_attention" not in layer_types:
+            window = 0
+        elif layer_types != alternating:
+            raise UserError(f"config.json: layer_types={layer_types} is not supported; "
+                            "pico-llm's blocks 0, 2, 4, ... slide, blocks 1, 3, ... do not")
+        fields.update(ffn="clamped_swiglu", bias=True, attention_sinks=True, sliding_window=window,
+                      n_experts=size("num_local_experts"),
+                      experts_per_token=size("num_experts_per_tok"),
+                      router_aux_loss_coef=float(setting("router_aux_loss_coef", 0.001)))
+    return TransformerConfig(**fields)
 
 
-# What each transformers class computes, in pico-llm settings; anything else has no class.
-HF_FAMILIES = {
-    "gpt2": dict(pos_emb="learned", norm="layernorm", norm_position="pre", ffn="gelu", bias=True),
-    "llama": dict(pos_emb="rope", norm="rmsnorm", norm_position="pre", ffn="swiglu"),
+def rope_from_hf(hf: dict, default_theta: float) -> dict:
+    """The RoPE fields of TransformerConfig from config.json: rope_parameters (transformers 5)
+    or rope_theta and rope_scaling (older files). Scalings: linear, llama3 and yarn
+    (rope_frequencies). dynamic (NTK) is the default RoPE up to max_position_embeddings, where
+    a pico-llm model's context ends, so it imports as the default."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    fields = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", default_theta))))
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UserError("config.json: partial_rotary_factor is not supported; pico-llm rotates "
+                        "whole heads")
+    fixed = {"default": {}, "dynamic": {}, "linear": {},
+             "llama3": dict(low_freq_factor=1.0, high_freq_factor=4.0),
+             "yarn": dict(beta_fast=32.0, beta_slow=1.0, attention_factor=None, mscale=None,
+                          mscale_all_dim=None)}
+    if kind not in fixed:
+        raise UserError(f"config.json: rope_type={kind!r} (RoPE scaling) is not supported; "
+                        "pico-llm computes " + ", ".join(fixed))
+    for name, value in fixed[kind].items():
+        if rope.get(name) not in (None, value):
+            raise UserError(f"config.json: {kind} RoPE with {name}={rope[name]!r} is not "
+                            f"supported (pico-llm computes {name}={value})")
+    if kind in ("default", "dynamic"):
+        return fields
+    factor = rope.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
+        raise UserError(f"config.json: {kind} RoPE needs a factor of at least 1, got {factor!r}")
+    truncated = kind == "yarn" and rope.get("truncate", True)
+    return fields | dict(
+        rope_scaling="yarn_truncated" if truncated else kind, yarn_factor=float(factor),
+        yarn_original_context=int(rope.get("original_max_position_embeddings")
+                                  or hf.get("max_position_embeddings") or 4096))
+
+
+def rope_to_hf(config: TransformerConfig) -> dict:
+    """rope_parameters for config.json: the inverse of rope_from_hf."""
+    if config.yarn_factor == 1.0:
+        return dict(rope_type="default", rope_theta=config.rope_theta)
+    kind = config.rope_scaling.removesuffix("_truncated")
+    extra = {"linear": {},
+             "llama3": dict(low_freq_factor=1.0, high_freq_factor=4.0),
+             "yarn": dict(beta_fast=32.0, beta_slow=1.0,
+                          truncate=config.rope_scaling == "yarn_truncated")}[kind]
+    return dict(rope_type=kind, rope_theta=config.rope_theta, factor=config.yarn_factor,
+                original_max_position_embeddings=config.yarn_original_context, **extra)
+
+
+# What transformers' config classes assume for keys a config.json omits.
+ROPE_FAMILY_DEFAULTS = {
+    "llama": dict(tie_weights=False, norm_eps=1e-6, rope_theta=10000.0, head_dim=None),
+    "qwen2": dict(tie_weights=False, norm_eps=1e-6, rope_theta=10000.0, head_dim=None),
+    "qwen3": dict(tie_weights=False, norm_eps=1e-6, rope_theta=10000.0, head_dim=128),
+    "smollm3": dict(tie_weights=True, norm_eps=1e-6, rope_theta=2000000.0, head_dim=None),
+    "gpt_oss": dict(tie_weights=False, norm_eps=1e-5, rope_theta=150000.0, head_dim=64),
 }
+
+# What each transformers class computes, in pico-llm settings (None: any value). A family is
+# chosen by the first of its marks a config has (hf_family); every other setting must then be
+# the family's, or the config has no class.
+ROPE_FAMILY = dict(pos_emb="rope", norm="rmsnorm", norm_position="pre", ffn="swiglu",
+                   attention="softmax", n_experts=0, attention_sinks=False, sliding_window=0,
+                   qk_norm=False, qkv_bias=False, nope_interval=0)
+HF_FAMILIES = {
+    "gpt2": ROPE_FAMILY | dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True,
+                               yarn_factor=1.0, head_size=0),
+    "gpt_oss": ROPE_FAMILY | dict(ffn="clamped_swiglu", n_experts=None, attention_sinks=True,
+                                  bias=True, sliding_window=None),
+    "qwen3": ROPE_FAMILY | dict(qk_norm=True, bias=False),
+    "qwen2": ROPE_FAMILY | dict(qkv_bias=True, bias=False),
+    "smollm3": ROPE_FAMILY | dict(nope_interval=None),
+    "llama": ROPE_FAMILY,
+}
+HF_FAMILY_MARKS = (("gpt2", "pos_emb", "learned"), ("gpt_oss", "n_experts", None),
+                   ("qwen3", "qk_norm", True), ("qwen2", "qkv_bias", True),
+                   ("smollm3", "nope_interval", None))
 
 
 def hf_family(config: TransformerConfig) -> str:
-    """'gpt2' or 'llama': the transformers class that computes this config; UserError naming
+    """The model_type of the transformers class that computes this config; UserError naming
     the first setting that no class computes."""
-    for name, plain in (("attention", "softmax"), ("n_experts", 0), ("attention_sinks", False),
-                        ("sliding_window", 0), ("yarn_factor", 1.0)):
-        if getattr(config, name) != plain:   # GPT-oss's parts, linear attention: not exported
-            raise UserError(f"--export_hf: {name}={getattr(config, name)} has no GPT-2 or Llama "
-                            f"class in transformers; export needs {name}={plain}")
-    family = {"learned": "gpt2", "rope": "llama"}.get(config.pos_emb)
-    if family is None:
-        raise UserError(f"--export_hf: pos_emb={config.pos_emb} has no transformers class; "
-                        "export needs pos_emb learned (GPT-2) or rope (Llama)")
+    family = next((name for name, field, mark in HF_FAMILY_MARKS
+                   if getattr(config, field) == mark or (mark is None and getattr(config, field))),
+                  "llama")
     for name, value in HF_FAMILIES[family].items():
-        if getattr(config, name) != value:
+        if value is not None and getattr(config, name) != value:
             raise UserError(f"--export_hf: {name}={getattr(config, name)} has no transformers "
-                            f"class: pos_emb={config.pos_emb} exports as {family}, which needs "
-                            f"{name}={value}")
+                            f"class: this model exports as {family}, which needs {name}={value}")
     if family == "gpt2" and config.n_kv_heads != config.n_heads:
         raise UserError(f"--export_hf: n_kv_heads={config.n_kv_heads} has no transformers class: "
                         "GPT-2 has no grouped-query attention")
@@ -6185,24 +6348,42 @@ def hf_family(config: TransformerConfig) -> str:
 
 
 def config_to_hf(config: TransformerConfig, eot_id: int | None = None) -> dict:
-    """The config.json of a pico-llm Transformer; eot_id becomes bos and eos."""
+    """The config.json of a pico-llm Transformer; eot_id becomes bos, eos and padding (which
+    some classes, SmolLM3's, would otherwise take to be an id of their released vocabulary)."""
+    family = hf_family(config)
     common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_weights,
-                  bos_token_id=eot_id, eos_token_id=eot_id, dtype="float32")
-    if hf_family(config) == "gpt2":
+                  bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id, dtype="float32")
+    if family == "gpt2":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=config.d_model,
                     n_head=config.n_heads, n_layer=config.n_blocks, n_inner=config.d_ff,
                     n_positions=config.block_size, activation_function="gelu_new",
                     layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout,
                     embd_pdrop=config.dropout, attn_pdrop=config.dropout, **common)
-    return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=config.d_model,
-                num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
-                head_dim=config.head_dim, num_hidden_layers=config.n_blocks,
-                intermediate_size=config.d_ff, hidden_act="silu",
-                max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
-                rope_theta=config.rope_theta,  # transformers 4 reads this, 5 rope_parameters
-                rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta),
-                attention_bias=config.bias, mlp_bias=config.bias,
-                attention_dropout=config.dropout, **common)
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                    "gpt_oss": "GptOssForCausalLM"}[family]
+    hf = dict(model_type=family, architectures=[architecture], hidden_size=config.d_model,
+              num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+              head_dim=config.head_dim, num_hidden_layers=config.n_blocks,
+              intermediate_size=config.d_ff, hidden_act="silu",
+              max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
+              rope_theta=config.rope_theta,  # transformers 4 reads this, 5 rope_parameters
+              rope_parameters=rope_to_hf(config), attention_dropout=config.dropout, **common)
+    if family in ("llama", "smollm3"):
+        hf.update(attention_bias=config.bias, mlp_bias=config.bias)
+    if family in ("qwen2", "qwen3", "smollm3"):
+        hf.update(use_sliding_window=False)
+    if family == "smollm3":
+        hf.update(no_rope_layer_interval=config.nope_interval,
+                  no_rope_layers=[int(config.uses_rope(i)) for i in range(config.n_blocks)])
+    if family == "gpt_oss":
+        hf.update(attention_bias=True, num_local_experts=config.n_experts,
+                  num_experts_per_tok=config.experts_per_token, swiglu_limit=7.0,
+                  router_aux_loss_coef=config.router_aux_loss_coef,
+                  sliding_window=config.sliding_window or None,
+                  layer_types=["sliding_attention" if config.window(i) else "full_attention"
+                               for i in range(config.n_blocks)])
+    return hf
 
 
 # --- E.2 Weights: one table per family --------------------------------------------------
@@ -6220,7 +6401,15 @@ def config_to_hf(config: TransformerConfig, eot_id: int | None = None) -> dict:
 #             model into the other: HF row r * D/2 + i becomes pico-llm row 2i + r.
 #             Attention scores are dot products of q and k, which the shared permutation
 #             leaves unchanged, so v and the output projection are copied as they are.
-# A weight's bias (where the model has biases) follows the same row with "bias".
+#   rope:norm Qwen3's query and key norms act on one head's D dims before the rotation:
+#             their gains take the same permutation, as one head.
+#   gate_up:i GPT-oss keeps a layer's E experts in 3-D tensors applied as x @ W + b:
+#             gate_up_proj (E, d_model, 2 d_ff) holds gate and up columns interleaved
+#             (gate 0, up 0, gate 1, ...); part i (0 gate = w1, 1 up = w3) of expert e is
+#             every other column, transposed to nn.Linear's (out, in).
+#   experts   down_proj (E, d_ff, d_model): expert e's w2, transposed.
+# A weight's bias (where the model has biases) follows the same row with "bias" (GPT-oss's
+# expert biases: "_bias"); {e} in a row stands for each expert.
 
 GPT2_TABLE = (
     [("token_embedding.weight", "transformer.wte.weight", "copy"),
@@ -6237,20 +6426,31 @@ GPT2_TABLE = (
      ("ffn.w1.weight", "mlp.c_fc.weight", "conv1d"),
      ("ffn.w2.weight", "mlp.c_proj.weight", "conv1d")])
 
-LLAMA_TABLE = (
-    [("token_embedding.weight", "model.embed_tokens.weight", "copy"),
-     ("final_norm.weight", "model.norm.weight", "copy"),
-     ("unembedding.weight", "lm_head.weight", "copy")],
-    "model.layers.{}.",
-    [("attention_norm.weight", "input_layernorm.weight", "copy"),
-     ("attention.q_proj.weight", "self_attn.q_proj.weight", "rope:q"),
-     ("attention.k_proj.weight", "self_attn.k_proj.weight", "rope:k"),
-     ("attention.v_proj.weight", "self_attn.v_proj.weight", "copy"),
-     ("attention.out_proj.weight", "self_attn.o_proj.weight", "copy"),
-     ("ffn_norm.weight", "post_attention_layernorm.weight", "copy"),
-     ("ffn.w1.weight", "mlp.gate_proj.weight", "copy"),   # SwiGLU: w2(silu(w1 x) * w3 x)
-     ("ffn.w3.weight", "mlp.up_proj.weight", "copy"),
-     ("ffn.w2.weight", "mlp.down_proj.weight", "copy")])
+LLAMA_TOP = [("token_embedding.weight", "model.embed_tokens.weight", "copy"),
+             ("final_norm.weight", "model.norm.weight", "copy"),
+             ("unembedding.weight", "lm_head.weight", "copy")]
+LLAMA_ATTENTION = [
+    ("attention_norm.weight", "input_layernorm.weight", "copy"),
+    ("attention.q_proj.weight", "self_attn.q_proj.weight", "rope:q"),
+    ("attention.k_proj.weight", "self_attn.k_proj.weight", "rope:k"),
+    ("attention.v_proj.weight", "self_attn.v_proj.weight", "copy"),
+    ("attention.out_proj.weight", "self_attn.o_proj.weight", "copy"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight", "copy")]
+LLAMA_MLP = [("ffn.w1.weight", "mlp.gate_proj.weight", "copy"),   # SwiGLU: w2(silu(w1 x) * w3 x)
+             ("ffn.w3.weight", "mlp.up_proj.weight", "copy"),
+             ("ffn.w2.weight", "mlp.down_proj.weight", "copy")]
+LLAMA_TABLE = (LLAMA_TOP, "model.layers.{}.", LLAMA_ATTENTION + LLAMA_MLP)
+QWEN3_TABLE = (LLAMA_TOP, "model.layers.{}.", LLAMA_ATTENTION + LLAMA_MLP + [
+    ("attention.q_norm.weight", "self_attn.q_norm.weight", "rope:norm"),
+    ("attention.k_norm.weight", "self_attn.k_norm.weight", "rope:norm")])
+GPT_OSS_TABLE = (LLAMA_TOP, "model.layers.{}.", LLAMA_ATTENTION + [
+    ("attention.sinks", "self_attn.sinks", "copy"),
+    ("ffn.router.weight", "mlp.router.weight", "copy"),
+    ("ffn.experts.{e}.w1.weight", "mlp.experts.gate_up_proj", "gate_up:0"),
+    ("ffn.experts.{e}.w3.weight", "mlp.experts.gate_up_proj", "gate_up:1"),
+    ("ffn.experts.{e}.w2.weight", "mlp.experts.down_proj", "experts")])
+WEIGHT_TABLES = {"gpt2": GPT2_TABLE, "llama": LLAMA_TABLE, "qwen2": LLAMA_TABLE,
+                 "smollm3": LLAMA_TABLE, "qwen3": QWEN3_TABLE, "gpt_oss": GPT_OSS_TABLE}
 
 # Buffers some checkpoints carry that are not weights (GPT-2's causal mask, old RoPE caches).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -6262,13 +6462,23 @@ def pico_tensors(config: TransformerConfig) -> dict[str, torch.Tensor]:
         return TransformerModel(config).state_dict()
 
 
+def bias_row(row: tuple[str, str, str]) -> tuple[str, str, str]:
+    pico_name, hf_name, layout = row
+    hf_bias = (hf_name.removesuffix("weight") + "bias" if hf_name.endswith(".weight")
+               else hf_name + "_bias")                     # GPT-oss: gate_up_proj_bias
+    return pico_name.removesuffix("weight") + "bias", hf_bias, layout
+
+
 def name_map(config: TransformerConfig) -> list[tuple[str, str, str]]:
-    """(pico-llm name, HF name, layout) for every tensor this config's model stores once."""
-    top, block_prefix, block = {"gpt2": GPT2_TABLE, "llama": LLAMA_TABLE}[hf_family(config)]
+    """(pico-llm name, HF name, layout) for every tensor this config's model stores once;
+    an expert's layout ends with its index (gate_up:0:3 is expert 3's gate)."""
+    top, block_prefix, block = WEIGHT_TABLES[hf_family(config)]
+    block = [(pico_name.format(e=e), hf_name, f"{layout}:{e}" if "{e}" in pico_name else layout)
+             for pico_name, hf_name, layout in block
+             for e in (range(config.n_experts) if "{e}" in pico_name else [None])]
     rows = top + [(f"blocks.{i}.{pico_name}", block_prefix.format(i) + hf_name, layout)
                   for i in range(config.n_blocks) for pico_name, hf_name, layout in block]
-    rows += [(p.removesuffix("weight") + "bias", h.removesuffix("weight") + "bias", layout)
-             for p, h, layout in rows]
+    rows += [bias_row(row) for row in rows]
     present = pico_tensors(config)
     return [row for row in rows if row[0] in present
             and not (config.tie_weights and row[0] == "unembedding.weight")]
@@ -6284,59 +6494,95 @@ def rope_rows_to_hf(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.unflatten(0, (heads, -1, 2)).transpose(1, 2).flatten(0, 2)
 
 
+def rope_heads(part: str, config: TransformerConfig) -> int:
+    return {"q": config.n_heads, "k": config.n_kv_heads, "norm": 1}[part]
+
+
 def to_pico(tensor: torch.Tensor, layout: str, config: TransformerConfig) -> torch.Tensor:
-    """One HF tensor (for c_attn, the whole stacked one) -> the pico-llm tensor of `layout`."""
+    """One HF tensor (for c_attn and experts, the whole stacked one) -> the pico-llm tensor
+    of `layout`."""
     kind, _, part = layout.partition(":")
     if kind in ("conv1d", "c_attn") and tensor.dim() == 2:
         tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in); biases stay as they are
     if kind == "c_attn":
         return tensor.chunk(3)[int(part)]
     if kind == "rope":
-        return rope_rows_to_pico(tensor, config.n_heads if part == "q" else config.n_kv_heads)
+        return rope_rows_to_pico(tensor, rope_heads(part, config))
+    if kind in ("gate_up", "experts"):
+        *half, expert = part.split(":")
+        tensor = tensor[int(expert)]                            # (d_model, 2 d_ff) or (2 d_ff,)
+        if kind == "gate_up":
+            tensor = tensor[..., int(half[0])::2]
+        return tensor.t() if tensor.dim() == 2 else tensor      # x @ W -> Linear (out, in)
     return tensor
 
 
 def to_hf(tensor: torch.Tensor, layout: str, config: TransformerConfig) -> torch.Tensor:
-    """One pico-llm tensor -> its HF layout (for c_attn, the part to stack)."""
+    """One pico-llm tensor -> its HF layout (for c_attn and experts, the part to join)."""
     kind, _, part = layout.partition(":")
     if kind == "rope":
-        return rope_rows_to_hf(tensor, config.n_heads if part == "q" else config.n_kv_heads)
-    if kind in ("conv1d", "c_attn") and tensor.dim() == 2:
+        return rope_rows_to_hf(tensor, rope_heads(part, config))
+    if kind in ("conv1d", "c_attn", "gate_up", "experts") and tensor.dim() == 2:
         return tensor.t()
     return tensor
+
+
+def join_hf(parts: list[torch.Tensor], layout: str) -> torch.Tensor:
+    """The parts of one HF tensor, in table order, as that tensor: c_attn's q, k, v side by
+    side; GPT-oss's experts stacked, gate_up's E gates then E ups interleaved."""
+    kind = layout.partition(":")[0]
+    if kind == "c_attn":
+        return torch.cat(parts, dim=-1)
+    if kind == "gate_up":
+        experts = len(parts) // 2
+        gates, ups = torch.stack(parts[:experts]), torch.stack(parts[experts:])
+        return torch.stack([gates, ups], dim=-1).flatten(-2)    # (E, ..., 2 d_ff)
+    if kind == "experts":
+        return torch.stack(parts)
+    return parts[0]
 
 
 def state_dict_to_hf(config: TransformerConfig, pico_state: dict) -> dict[str, torch.Tensor]:
     """pico-llm state dict -> HF state dict (contiguous tensors; a tied unembedding is left
     out, as transformers saves it)."""
-    hf_state = {}
+    parts: dict[str, tuple[str, list]] = {}
     for pico_name, hf_name, layout in name_map(config):
         tensor = to_hf(pico_state[pico_name].detach(), layout, config)
-        if hf_name in hf_state:  # c_attn: q, k, v side by side, in table order
-            tensor = torch.cat([hf_state[hf_name], tensor], dim=-1)
-        hf_state[hf_name] = tensor
-    return {name: tensor.contiguous() for name, tensor in hf_state.items()}
+        parts.setdefault(hf_name, (layout, []))[1].append(tensor)
+    return {name: join_hf(tensors, layout).contiguous() for name, (layout, tensors) in parts.items()}
 
 
-def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, torch.Tensor]:
-    """HF state dict -> pico-llm state dict in float32; UserError naming the first tensor
-    that is missing, has the wrong shape, or has no place in the model."""
-    if hf_family(config) == "gpt2":  # files saved by older transformers omit "transformer."
-        hf_state = {name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name:
-                    tensor for name, tensor in hf_state.items()}
+def check_hf_shapes(config: TransformerConfig, shapes: dict[str, tuple]) -> None:
+    """UserError naming the first tensor of a checkpoint (name -> shape) that is missing, has
+    the wrong shape, or has no place in the model."""
     expected = state_dict_to_hf(config, pico_tensors(config))
     for name, tensor in expected.items():
-        if name not in hf_state:
+        if name not in shapes:
             raise UserError(f"the checkpoint has no tensor {name}, which config.json implies")
-        if hf_state[name].shape != tensor.shape:
-            raise UserError(f"checkpoint tensor {name} has shape {tuple(hf_state[name].shape)}; "
+        if tuple(shapes[name]) != tuple(tensor.shape):
+            raise UserError(f"checkpoint tensor {name} has shape {tuple(shapes[name])}; "
                             f"config.json implies {tuple(tensor.shape)}")
-    unknown = [name for name in hf_state if name not in expected
+    unknown = [name for name in shapes if name not in expected
                and not name.endswith(IGNORED_SUFFIXES)
                and not (config.tie_weights and name == "lm_head.weight")]
     if unknown:
         raise UserError(f"checkpoint tensor {unknown[0]} has no place in a pico-llm Transformer "
                         f"({len(unknown)} such tensors)")
+
+
+def gpt2_names(config: TransformerConfig, names):
+    """Files saved by older transformers omit GPT-2's "transformer." prefix: name -> full name."""
+    if hf_family(config) != "gpt2":
+        return {name: name for name in names}
+    return {name: name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+            for name in names}
+
+
+def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, torch.Tensor]:
+    """HF state dict -> pico-llm state dict in float32; UserError naming the first tensor
+    that is missing, has the wrong shape, or has no place in the model."""
+    hf_state = {full: hf_state[name] for name, full in gpt2_names(config, hf_state).items()}
+    check_hf_shapes(config, {name: tensor.shape for name, tensor in hf_state.items()})
     pico_state = {pico_name: to_pico(hf_state[hf_name].float(), layout, config).contiguous()
                   for pico_name, hf_name, layout in name_map(config)}
     if config.tie_weights:
@@ -6359,9 +6605,8 @@ def read_hf_config(path: Path) -> dict:
     return hf_config
 
 
-def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model directory: model.safetensors, its shards, or pytorch_model.bin
-    (loaded with weights_only, which runs no code from the file)."""
+def hf_weight_files(path: Path) -> list[Path]:
+    """The weight files of a model directory: model.safetensors, its shards, or pytorch_model.bin."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = [path / shard for shard in sorted(set(
@@ -6372,8 +6617,36 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         files = [path / "pytorch_model.bin"]
     else:
         raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
+    return files
+
+
+def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
+    """name -> shape of every tensor of a model directory, from the safetensors headers alone
+    (a little-endian 8-byte length, then that many bytes of JSON), so that a model is checked
+    before gigabytes are read; None for pytorch_model.bin, which has no header."""
+    shapes = {}
+    for file in hf_weight_files(path):
+        if file.suffix == ".bin":
+            return None
+        try:
+            with open(file, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if length > file.stat().st_size - 8:
+                    raise ValueError("not a safetensors file (its header is longer than it)")
+                header = json.loads(f.read(length))
+            shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()
+                           if name != "__metadata__"})
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            reason = (str(error) or type(error).__name__).splitlines()[0]
+            raise UserError(f"cannot read {file}: {reason[:160]}") from None
+    return shapes
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory (pytorch_model.bin is loaded with weights_only, which
+    runs no code from the file)."""
     tensors = {}
-    for file in files:
+    for file in hf_weight_files(path):
         try:
             if file.suffix == ".bin":
                 tensors.update(torch.load(file, map_location="cpu", weights_only=True))
@@ -6388,11 +6661,21 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def load_hf_weights(path: Path, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """The pico-llm state dict of a model directory whose config.json gave `config`; the
+    tensors' names and shapes are checked from the headers before any is read."""
+    shapes = read_hf_shapes(path)
+    if shapes is not None:
+        check_hf_shapes(config, {gpt2_names(config, shapes)[name]: shape
+                                 for name, shape in shapes.items()})
+    return state_dict_from_hf(config, read_hf_weights(path))
+
+
 def load_hf_directory(path) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
     """A Hugging Face model directory -> (TransformerConfig, pico-llm state dict)."""
     path = Path(path)
     config = config_from_hf(read_hf_config(path))
-    return config, state_dict_from_hf(config, read_hf_weights(path))
+    return config, load_hf_weights(path, config)
 
 
 def import_hf(path) -> tuple[TransformerModel, object]:
@@ -6409,14 +6692,24 @@ def hub_fallback(spec: str) -> str:
             f"model.safetensors tokenizer.json --local-dir DIR) and pass --init_from DIR")
 
 
+# A hub id is org/name: two names joined by one slash, each starting with a letter or digit.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
 def resolve_init_from(spec: str) -> Path:
-    """--init_from: a local Hugging Face model directory, or a hub id (e.g. gpt2) fetched
-    into the hub cache; without network, fails within seconds naming the directory form."""
+    """--init_from: a local Hugging Face model directory, or a hub id fetched into the hub
+    cache. What exists is a path. What does not is a hub id only where it cannot be a path
+    one meant: org/name (HUB_ID; so no leading ./, / or ~, no second slash) with no
+    directory org here; anything else is a missing path, refused as one. Without network a
+    hub id fails within seconds naming the directory form."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise UserError(f"--init_from {spec} is a file; pass a model directory or a hub id")
+    if not HUB_ID.fullmatch(spec) or Path(spec.split("/")[0]).exists():
+        raise UserError(f"--init_from {spec}: no such directory (a hub id has the form "
+                        "org/name, such as Qwen/Qwen3-0.6B)")
     if not huggingface_hub_reachable():
         raise UserError(f"--init_from {spec}: no such directory, and the Hugging Face hub is "
                         f"unreachable; {hub_fallback(spec)}")
@@ -6665,11 +6958,13 @@ def check_tokenizer_fits(spec: str | None, tokenizer, source: str) -> None:
 
 def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
     """--init_from, for training: (config with the model's Transformer in place of the
-    preset, its tokenizer, its weights in pico-llm names). Resuming, the pico-llm checkpoint
-    holds the config and tokenizer, and its weights are loaded later with the optimizer's
-    state, so the weights returned are None and the Hugging Face model is not read again."""
+    preset, its tokenizer, the model directory whose weights to load). Only config.json and
+    the tokenizer are read here: main() checks that the model fits in memory before
+    load_hf_weights reads it. Resuming, the pico-llm checkpoint holds the config and
+    tokenizer, and its weights are loaded later with the optimizer's state, so the directory
+    returned is None and the Hugging Face model is not read again."""
     spec, flags = config.huggingface.init_from, config.flags
-    path = weights = None
+    path = None
     if resumed is not None and "transformer_config" in resumed[1]:
         transformer = TransformerConfig(**resumed[1]["transformer_config"])
         tokenizer = tokenizer_from_identity(resumed[1]["tokenizer"])
@@ -6681,12 +6976,10 @@ def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
     if config.data.block_size > transformer.block_size:
         raise UserError(f"--block_size {config.data.block_size} exceeds the "
                         f"{transformer.block_size} positions of --init_from {spec}")
-    if path is not None:  # read last: the checks above fail without reading gigabytes
-        weights = state_dict_from_hf(transformer, read_hf_weights(path))
     transformer = dataclasses.replace(transformer, attention_impl=flags["attention_impl"],
                                       dropout=flags["dropout"] or 0.0)
     models = dataclasses.replace(config.models, transformer=transformer)
-    return dataclasses.replace(config, models=models), tokenizer, weights
+    return dataclasses.replace(config, models=models), tokenizer, path
 
 
 def run_export(config: Config) -> int:

@@ -183,6 +183,158 @@ def test_sharded_safetensors_load(pico, tmp_path, llama_dir):
     model, _ = pico.import_hf(llama_dir)
     check_same_model(pico, model, llama_dir, 300)
 
+# --- E.1-E.2 The families people fine-tune: Llama 3.x, Qwen2/2.5, Qwen3, SmolLM3, GPT-oss ---------
+# Each built offline by transformers' own class from a small config (shapes chosen so that the
+# family's parts are all exercised), weights perturbed, saved with save_pretrained.
+
+SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+             num_hidden_layers=4, vocab_size=300, max_position_embeddings=64,
+             eos_token_id=256, bos_token_id=256, pad_token_id=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+FAMILIES = {
+    # Llama 3.2's shape: tied, theta 5e5, llama3 RoPE scaling (original context as short as the
+    # model's, so that the 8 head pairs span kept, blended and slowed frequencies)
+    "llama3.2": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
+    "llama linear": ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                          "rope_theta": 10000.0})),
+    "llama dynamic": ("LlamaConfig", dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0,
+                                                           "rope_theta": 10000.0})),
+    "llama yarn": ("LlamaConfig", dict(rope_parameters={  # truncate absent: true
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+        "original_max_position_embeddings": 64})),
+    "qwen2.5": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    # Qwen3: head_dim 32 with 4 heads on a width of 64 (as Qwen3-0.6B: 128 x 16 on 1024)
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2)),
+    # GPT-oss's released shape in miniature: head_dim independent of the width, alternating
+    # sliding and full layers, YaRN without truncation, biased router and experts, sinks
+    "gpt-oss": ("GptOssConfig", dict(head_dim=24, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=5, rope_parameters={
+                                         "rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                         "original_max_position_embeddings": 16})),
+}
+FAMILY_FIELDS = {  # what each must import as
+    "llama3.2": dict(rope_scaling="llama3", yarn_factor=8.0, tie_weights=True),
+    "llama linear": dict(rope_scaling="linear", yarn_factor=4.0),
+    "llama dynamic": dict(yarn_factor=1.0),
+    "llama yarn": dict(rope_scaling="yarn_truncated", yarn_factor=4.0),
+    "qwen2.5": dict(qkv_bias=True, bias=False, rope_theta=1e6),
+    "qwen3": dict(qk_norm=True, head_size=32, head_dim=32),
+    "smollm3": dict(nope_interval=2),
+    "gpt-oss": dict(n_experts=4, attention_sinks=True, sliding_window=5, head_dim=24,
+                    ffn="clamped_swiglu", rope_scaling="yarn", yarn_factor=8.0, bias=True),
+}
+
+
+def make_family_dir(pico, directory, family, tokenizer=None):
+    class_name, settings = FAMILIES[family]
+    config = getattr(transformers, class_name)(**(SMALL | settings))
+    torch.manual_seed(0)
+    model = perturbed(transformers.AutoModelForCausalLM.from_config(config))
+    if family == "gpt-oss":  # large enough that the experts' clamps at +-7 are reached
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "experts" in name:
+                    parameter.normal_(std=0.6)
+                elif "sinks" in name:
+                    parameter.normal_(std=1.0)
+    return save_hf(pico, model, directory, tokenizer or pico.ByteTokenizer())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_imports_with_hf_logits_and_greedy_tokens_and_exports_back(pico, tmp_path, family):
+    """Logits within 1e-4 of transformers' class, the same 20 cached greedy tokens as its
+    generate(), and an export that loads in transformers with the same logits and re-imports
+    to the same config."""
+    directory = make_family_dir(pico, tmp_path / "hf", family)
+    model, tokenizer = pico.import_hf(directory)
+    for name, value in FAMILY_FIELDS[family].items():
+        assert getattr(model.config, name) == value, name
+    check_same_model(pico, model, directory, 300)
+    model = trained(model)  # every weight moves before the way back
+    pico.export_hf(model, tokenizer, tmp_path / "out")
+    exported = json.loads((tmp_path / "out/config.json").read_text())
+    assert exported["model_type"] == json.loads((directory / "config.json").read_text())["model_type"]
+    check_same_model(pico, model, tmp_path / "out", 300)
+    assert pico.config_from_hf(exported) == model.config
+
+
+def test_smollm3_nope_blocks_ignore_positions(pico, tmp_path):
+    """With nope_interval 2, blocks 1 and 3 rotate nothing: pico-llm applies it per block."""
+    model, _ = pico.import_hf(make_family_dir(pico, tmp_path / "hf", "smollm3"))
+    assert [block.uses_rope for block in model.blocks] == [True, False, True, False]
+
+
+def test_llama3_frequencies_match_transformers(pico):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32,
+                                      rope_parameters=dict(LLAMA3_ROPE, factor=32.0,
+                                                           original_max_position_embeddings=8192))
+    expected, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config)
+    frequency = pico.llama3_frequencies(64, 500000.0, 32.0, 8192)
+    torch.testing.assert_close(frequency, expected, rtol=1e-6, atol=0)
+    assert attention_factor == 1.0
+    plain = pico.yarn_frequencies(64, 500000.0, 1.0, 8192)[0]
+    assert frequency[0] == plain[0] and frequency[-1] == plain[-1] / 32  # kept, slowed
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_truncation_matches_transformers(pico, truncate):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = transformers.LlamaConfig(hidden_size=512, num_attention_heads=8, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "truncate": truncate,
+        "original_max_position_embeddings": 512})
+    expected, expected_factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+    frequency, factor = pico.rope_frequencies(64, 10000.0, "yarn_truncated" if truncate else "yarn",
+                                              8.0, 512)
+    torch.testing.assert_close(frequency, expected, rtol=1e-6, atol=0)
+    assert factor == pytest.approx(expected_factor)
+    other, _ = pico.rope_frequencies(64, 10000.0, "yarn" if truncate else "yarn_truncated", 8.0, 512)
+    assert not torch.allclose(other, expected)  # the flag matters at this shape
+
+
+@pytest.mark.parametrize("family, change, match", [
+    ("gpt-oss", dict(swiglu_limit=5.0), "swiglu_limit=5.0"),
+    ("gpt-oss", dict(layer_types=["full_attention", "sliding_attention"] * 2), "layer_types="),
+    ("gpt-oss", dict(attention_bias=False), "attention_bias=False"),
+    ("smollm3", dict(no_rope_layers=[1, 0, 0, 1]), r"no_rope_layers=\[1, 0, 0, 1\]"),
+    ("smollm3", dict(use_sliding_window=True), "use_sliding_window=True"),
+    ("qwen3", dict(attention_bias=True), "attention_bias=True"),
+    ("qwen2.5", dict(use_sliding_window=True), "use_sliding_window=True"),
+])
+def test_family_settings_pico_llm_does_not_compute_are_refused(pico, tmp_path, family, change,
+                                                               match):
+    class_name, settings = FAMILIES[family]
+    hf_config = getattr(transformers, class_name)(**(SMALL | settings)).to_dict() | change
+    one_line_error(pico, match, pico.config_from_hf, hf_config)
+
+
+def test_released_gpt_oss_config_maps_onto_the_preset_shape(pico):
+    """openai/gpt-oss-20b's config.json (its keys and values, quantization left out): 64 heads of
+    64 on a width of 2880, alternating windows of 128, YaRN x32 untruncated."""
+    released = {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+        "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * 12,
+        "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+        "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8,
+        "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+        "rms_norm_eps": 1e-05, "rope_scaling": {
+            "beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+            "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128,
+        "swiglu_limit": 7.0, "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088}
+    config = pico.config_from_hf(released)
+    assert (config.head_dim, config.head_size, config.n_heads, config.n_kv_heads) == (64, 64, 64, 8)
+    assert (config.sliding_window, config.window(0), config.window(1)) == (128, 128, None)
+    assert (config.rope_scaling, config.yarn_factor, config.yarn_original_context) == ("yarn", 32.0, 4096)
+    assert (config.n_experts, config.experts_per_token, config.router_aux_loss_coef) == (32, 4, 0.9)
+    assert pico.parameter_count(config, config.vocab_size) == pytest.approx(20.9e9, rel=0.01)
+
+
 
 # --- E.5 Export: transformers computes what pico-llm computes ---------------------------------
 
@@ -314,11 +466,18 @@ def test_unsupported_architecture_is_refused(pico, tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     "rope_type='llama3'"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_parameters=None), "rope_type='linear'"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0}),
+     "rope_type='longrope'"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                           "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+                           "original_max_position_embeddings": 16}), "high_freq_factor=8.0"),
+    (dict(rope_scaling={"type": "yarn", "factor": 2.0, "attention_factor": 2.0},
+          rope_parameters=None), "attention_factor=2.0"),
+    (dict(rope_scaling={"type": "linear", "factor": 0.5}, rope_parameters=None), "factor of at least 1"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(quantization_config={"quant_method": "mxfp4"}), "quant_method='mxfp4'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    (dict(head_dim=32), "head_dim=32"),
+    (dict(head_dim=15), "even head size"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_size=None), "no hidden_size"),
     (dict(num_hidden_layers=0), "num_hidden_layers=0 is not a positive integer"),
@@ -386,7 +545,7 @@ def test_init_from_a_hub_id_offline_fails_fast_naming_the_directory_form(pico, m
     monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: False)
     start = time.perf_counter()
     one_line_error(pico, r"--local-dir DIR\) and pass --init_from DIR", pico.resolve_init_from,
-                   "gpt2")
+                   "openai-community/gpt2")
     assert time.perf_counter() - start < 2
 
 
@@ -396,7 +555,7 @@ def test_init_from_a_hub_id_downloads_safetensors_or_fails_in_one_line(pico, mon
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda spec, allow_patterns: calls.append(allow_patterns) or str(tmp_path))
-    assert pico.resolve_init_from("gpt2") == tmp_path
+    assert pico.resolve_init_from("openai-community/gpt2") == tmp_path
     assert "model*.safetensors*" in calls[0]
 
     def gated(spec, allow_patterns):
@@ -600,7 +759,7 @@ def test_init_from_flag_combinations_that_contradict_it_are_refused(refused, gpt
 def test_init_from_a_hub_id_offline_is_refused_within_seconds(refused, pico, monkeypatch, corpus):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    message = refused("the Hugging Face hub is unreachable", "--init_from", "gpt2",
+    message = refused("the Hugging Face hub is unreachable", "--init_from", "openai-community/gpt2",
                       *fine_tune(corpus))
     assert "--init_from DIR" in message and time.perf_counter() - start < 10
 
