@@ -6089,10 +6089,15 @@ def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_si
             advice = f"--init_from {init_from} is too large to train here; choose a smaller model"
         else:
             advice = "lower --d_model, --n_blocks or --d_ff"
-        kv = f" and a {cache / 2**30:,.1f} GiB KV cache" if cache else ""
-        raise UserError(f"{name} needs about {needed / 2**30:,.1f} GiB ({parameters:,} parameters "
-                        f"at 16 bytes for training{kv}), more than the {available / 2**30:,.1f} GiB "
+        kv = f" and a {memory_size(cache)} KV cache" if cache else ""
+        raise UserError(f"{name} needs about {memory_size(needed)} ({parameters:,} parameters "
+                        f"at 16 bytes for training{kv}), more than the {memory_size(available)} "
                         f"of memory here; {advice}")
+
+
+def memory_size(size: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
 
 
 def format_accounting(name: str, account: dict, batch_size: int) -> str:

@@ -447,6 +447,68 @@ def test_hf_tokenizer_travels_in_a_checkpoint_identity(pico, llama_dir):
     assert again.encode(TEXT) == tokenizer.encode(TEXT)
 
 
+# --- E.4 Tokenizers of the families: encode and decode as transformers' AutoTokenizer -----------
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_TEXTS = [
+    TEXT, "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>",
+    "text<|endoftext|>more text", "  leading and trailing spaces  ", "", "\n\n\n", "naïve 東京 🙂",
+    "the cat sat on the mat<|im_end|><|im_end|>"]
+
+
+def tiny_tokenizer(kind):
+    """A 300-token BPE trained with the tokenizers library: byte-level as GPT-2, Llama 3, Qwen
+    and SmolLM have it, or SentencePiece-style (Metaspace "▁", an <unk>) as Llama 2; with the
+    chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    texts = ["the cat sat on the mat", "the dog ran to the log", "What is 2 + 2? It is 4.",
+             "naïve café in 東京"] * 30
+    if kind == "byte-level":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=CHAT_SPECIALS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", *CHAT_SPECIALS])
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def save_tiny_tokenizer(directory, kind):
+    """tokenizer.json and tokenizer_config.json as transformers writes them, eos <|im_end|>;
+    config.json's eos_token_id set to match. Returns transformers' AutoTokenizer for it."""
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tokenizer(kind), eos_token="<|im_end|>", bos_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False).save_pretrained(directory)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    hf_config = json.loads((directory / "config.json").read_text())
+    hf_config["eos_token_id"] = hf_tokenizer.eos_token_id
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    return hf_tokenizer
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_model_tokenizer_encodes_and_decodes_as_transformers(pico, tmp_path, kind):
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    transformers.Qwen3Config(**(SMALL | FAMILIES["qwen3"][1])).save_pretrained(directory)
+    hf_tokenizer = save_tiny_tokenizer(directory, kind)
+    tokenizer = pico.tokenizer_from_hf(directory, pico.config_from_hf(
+        json.loads((directory / "config.json").read_text())))
+    assert tokenizer.eot_id == hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for text in TOKENIZER_TEXTS:
+        ids = tokenizer.encode(text)
+        assert ids == hf_tokenizer.encode(text, add_special_tokens=False), text
+        assert tokenizer.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True), text
+    specials = tokenizer.encode("<|im_start|>x<|im_end|>")
+    assert specials[0] == hf_tokenizer.convert_tokens_to_ids("<|im_start|>")  # one id, not text
+    assert specials[-1] == tokenizer.eot_id
+
+
 # --- Refusals: one line that names the problem --------------------------------------------------
 
 def one_line_error(pico, match, function, *args):
@@ -565,6 +627,40 @@ def test_init_from_a_hub_id_downloads_safetensors_or_fails_in_one_line(pico, mon
                    "meta-llama/x")
 
 
+@pytest.mark.parametrize("spec", ["gpt2", "no/such/dir", "./org/name", "/org/name", "~/org-xyz/name",
+                                  "org/name/", "../name"])
+def test_init_from_a_path_that_does_not_exist_is_a_missing_path_not_a_hub_id(pico, monkeypatch,
+                                                                               spec):
+    asked = []
+    monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: asked.append(spec))
+    one_line_error(pico, "no such directory", pico.resolve_init_from, spec)
+    assert asked == []
+
+
+def test_init_from_org_name_is_a_hub_id_unless_org_is_a_directory_here(pico, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: False)
+    one_line_error(pico, "the Hugging Face hub is unreachable", pico.resolve_init_from,
+                   "Qwen/Qwen3-0.6B")
+    (tmp_path / "Qwen").mkdir()
+    one_line_error(pico, "Qwen/Qwen3-0.6B: no such directory", pico.resolve_init_from,
+                   "Qwen/Qwen3-0.6B")
+
+
+def test_a_model_too_large_for_memory_is_refused_before_its_weights_are_read(
+        refused, pico, monkeypatch, tmp_path, corpus):
+    source = make_llama_dir(pico, tmp_path / "llama")
+    parameters = pico.count_parameters(pico.import_hf(source)[0])
+    reads = []
+    monkeypatch.setattr(pico, "read_hf_weights", lambda path: reads.append(path))
+    monkeypatch.setattr(pico, "memory_available", lambda device: 2**20)  # 1 MiB
+    message = refused("is too large to train here; choose a smaller model", "--init_from",
+                      str(source), *fine_tune(corpus))
+    assert f"transformer needs about {pico.memory_size(16 * parameters)}" in message
+    assert f"({parameters:,} parameters" in message and "than the 1.0 MiB" in message
+    assert reads == []
+
+
 # --- E.6 The command line: fine-tune, resume, generate, export ----------------------------------
 
 @pytest.fixture
@@ -630,10 +726,13 @@ def losses(run):
     return [h["train_loss"] for h in run["models"]["transformer"]["history"]]
 
 
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen3", marks=pytest.mark.slow),
+                                    pytest.param("gpt-oss", marks=pytest.mark.slow)])
 def test_init_from_run_resumes_generates_and_exports_without_the_hf_directory(
-        pico, run_main, tmp_path, corpus, monkeypatch):
+        pico, run_main, tmp_path, corpus, monkeypatch, family):
     """The checkpoints of an --init_from run carry the model's config and tokenizer.json."""
-    source = make_llama_dir(pico, tmp_path / "llama")
+    source = (make_llama_dir(pico, tmp_path / "llama") if family == "llama"
+              else make_family_dir(pico, tmp_path / "llama", family))
     assert run_main("--init_from", str(source), *fine_tune(corpus), "--run_name", "whole")[0] == 0
     flags = ["--init_from", str(source), *fine_tune(corpus, "--save_dir", str(tmp_path / "ckpt"))]
     calls, real_step = [], pico.training_step
@@ -667,6 +766,44 @@ def test_init_from_run_resumes_generates_and_exports_without_the_hf_directory(
     check_same_model(pico, model, tmp_path / "out", 300)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tokenizer.encode("the cat") == tokenizer.encode("the cat")
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_qwen3_with_its_own_tokenizer_end_to_end(pico, run_main, tmp_path):
+    """--init_from DIR --models transformer --input_dir my_text/ --epochs 1 trains in float32 on
+    the CPU, checkpoints, samples from the checkpoint, and exports a directory that transformers
+    loads with the checkpoint's logits and tokenizer."""
+    source = make_family_dir(pico, tmp_path / "qwen3", "qwen3")
+    save_tiny_tokenizer(source, "byte-level")
+    text = tmp_path / "my_text"
+    text.mkdir()
+    for name in ("a", "b"):
+        (text / f"{name}.txt").write_text("".join(
+            f"<|im_start|>user\nWhat is {i} + {i}?<|im_end|>\n<|im_start|>assistant\n{2 * i}"
+            f"<|im_end|>\n" for i in range(30)))
+    status, out, err = run_main("--init_from", str(source), "--models", "transformer", "--input_dir",
+                                str(text), "--epochs", "1", "--block_size", "32", "--batch_size", "4",
+                                "--max_new_tokens", "2", "--save_dir", str(tmp_path / "ckpt"),
+                                "--export_hf", str(tmp_path / "out"), "--run_name", "tuned", "--quiet")
+    assert status == 0, err
+    assert pico.resolve_dtype(None, torch.device("cpu")) == "float32"  # bf16 on CUDA only
+    assert pico.resolve_dtype(None, torch.device("cuda")) == "bfloat16"
+    checkpoint = latest_checkpoint(tmp_path / "ckpt")
+    model, tokenizer, _ = pico.model_from_checkpoint(checkpoint, "--checkpoint")
+    imported, _ = pico.import_hf(source)
+    ids = random_ids(300)
+    assert not torch.allclose(pico_logits(model, ids), pico_logits(imported, ids))  # it trained
+    check_same_model(pico, model, tmp_path / "out", 300)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for sample in TOKENIZER_TEXTS:
+        assert hf_tokenizer.encode(sample, add_special_tokens=False) == tokenizer.encode(sample)
+    status, out, err = run_main("--generate", "--checkpoint", str(checkpoint), "--prompt",
+                                "<|im_start|>user\nWhat is", "--temperature", "0",
+                                "--max_new_tokens", "5")
+    assert status == 0, err
+    greedy = pico.generate_text(model, tokenizer, "<|im_start|>user\nWhat is", 5,
+                                pico.SamplingRule(temperature=0.0))
+    assert out.rstrip("\n") == greedy.text.rstrip("\n")
 
 
 def test_a_finished_run_resumed_with_export_hf_exports_the_trained_weights(
