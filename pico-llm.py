@@ -47,8 +47,8 @@ Contents (the section banners below carry the same numbers):
     C. Distributed training (torchrun / DDP)
     D. Training your own BPE tokenizer; resource accounting: D.1 byte-level BPE,
        D.2 resource accounting
-    E. Hugging Face interop (start from a GPT-2 or Llama model, export to
-       transformers): E.1 configs, E.2 weights, E.3 model directories and the
+    E. Hugging Face interop (start from a GPT-2, Llama, Qwen, SmolLM or GPT-oss
+       model, export to transformers): E.1 configs, E.2 weights, E.3 model directories and the
        hub, E.4 tokenizers, E.5 export, E.6 the command line
 """
 
@@ -3720,14 +3720,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     hf = parser.add_argument_group(
         "Hugging Face (Appendix E; needs the safetensors and tokenizers packages)")
     hf.add_argument("--init_from", default=None, metavar="DIR|HUB_ID",
-                    help="start the transformer from a GPT-2 or Llama model in Hugging Face "
-                         "format (a directory with config.json and model.safetensors, or a hub "
-                         "id such as gpt2, downloaded when the hub is reachable) and train it "
+                    help="start the transformer from a GPT-2, Llama, Qwen2/3, SmolLM or "
+                         "GPT-oss model in Hugging Face format (a directory with config.json and "
+                         "model.safetensors, or a hub id org/name such as Qwen/Qwen3-0.6B, "
+                         "downloaded when the hub is reachable) and train it "
                          "(--models transformer) or --generate from it; its config.json sets "
                          "the shape and its tokenizer the ids")
     hf.add_argument("--export_hf", default=None, metavar="DIR",
                     help="after training, write the transformer to the new directory DIR in "
-                         "Hugging Face format (GPT-2 or Llama family), for transformers' "
+                         "Hugging Face format (the family that computes it: GPT-2, Llama, Qwen2, "
+                         "Qwen3, SmolLM3 or GPT-oss), for transformers' "
                          "AutoModelForCausalLM.from_pretrained(DIR); with --checkpoint PATH, "
                          "export that checkpoint without training")
 
@@ -6122,17 +6124,20 @@ def format_accounting(name: str, account: dict, batch_size: int) -> str:
 # E. Hugging Face interop
 # =============================================================================
 # What it adds: models from and for the Hugging Face ecosystem. --init_from DIR
-# (or a hub id such as gpt2) starts the Transformer from a GPT-2 or Llama model
-# saved in Hugging Face format (config.json + model.safetensors) and fine-tunes
-# it, or --generate continues a prompt with it; --export_hf DIR writes a pico-llm
-# Transformer back, so that transformers.AutoModelForCausalLM.from_pretrained(DIR)
-# computes the same logits. Nothing new is computed here: GPT-2 is section 2.3's
-# Transformer with learned positions, LayerNorm, GELU and biases, and Llama the
-# one with RoPE, RMSNorm and SwiGLU. What differs is how tensors are named and
-# laid out, written down in one table per family. Reading and writing needs the
-# safetensors and tokenizers packages (huggingface_hub for hub ids), imported only
-# here, so the rest of pico-llm runs without them; transformers itself is needed
-# only by the tests that check the results against it.
+# (or a hub id org/name) starts the Transformer from a model saved in Hugging Face
+# format (config.json + model.safetensors) and fine-tunes it, or --generate
+# continues a prompt with it; --export_hf DIR writes a pico-llm Transformer back, so
+# that transformers.AutoModelForCausalLM.from_pretrained(DIR) computes the same
+# logits. Nothing new is computed here: GPT-2 is section 2.3's Transformer with
+# learned positions, LayerNorm, GELU and biases; Llama (1-3.x, SmolLM2) the one with
+# RoPE, RMSNorm and SwiGLU; Qwen2/2.5 adds biases to q, k and v, Qwen3 QK-norm,
+# SmolLM3 blocks without RoPE, GPT-oss experts, sinks and sliding windows; long
+# contexts stretch RoPE (rope_frequencies). What differs is how config keys and
+# tensors are named and laid out, written down in one config map and one weight
+# table per family: a new family is a new table and a parity test. Reading and
+# writing needs the safetensors and tokenizers packages (huggingface_hub for hub
+# ids), imported only here, so the rest of pico-llm runs without them; transformers
+# itself is needed only by the tests that check the results against it.
 
 def hf_package(name: str, purpose: str):
     """The optional package `name`, imported on first use; UserError if it is missing."""
@@ -6995,7 +7000,7 @@ def run_export(config: Config) -> int:
     model, tokenizer, _ = model_from_checkpoint(path, "--checkpoint")
     if not isinstance(model, TransformerModel):
         raise UserError(f"--checkpoint {path} holds no Transformer ({type(model).__name__}); "
-                        "--export_hf writes Transformers of the GPT-2 or Llama family")
+                        "--export_hf writes Transformers")
     print(f"Hugging Face model written to {export_hf(model, tokenizer, directory)}")
     return 0
 

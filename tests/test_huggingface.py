@@ -358,9 +358,19 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(pico, tmp_pat
     assert pico.config_from_hf(json.loads((tmp_path / "out/config.json").read_text())) == config
 
 
-def test_the_default_pico_transformer_exports(pico, tmp_path):
+SMALL_PRESETS = {"pico": {}, "minGPT": dict(d_model=48, n_blocks=2),
+                 "GPT2-small": dict(d_model=48, n_blocks=2, d_ff=192),
+                 "GPT-oss": dict(d_model=64, n_blocks=4, d_ff=64, sliding_window=5),
+                 "Llama3-lite": dict(d_model=64, n_blocks=2)}
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
+def test_every_preset_exports(pico, tmp_path, preset):
+    """Each preset in miniature (its structure kept): GPT-2, Llama or GPT-oss in transformers."""
+    assert set(SMALL_PRESETS) == set(pico.TRANSFORMER_PRESETS)
     torch.manual_seed(0)
-    config = pico.TransformerConfig(vocab_size=257, block_size=32, **pico.TRANSFORMER_PRESETS["pico"])
+    config = pico.TransformerConfig(vocab_size=257, block_size=32, **(
+        pico.TRANSFORMER_PRESETS[preset] | SMALL_PRESETS[preset] | dict(dropout=0.0)))
     model = perturbed(pico.TransformerModel(config))
     pico.export_hf(model, pico.ByteTokenizer(), tmp_path / "out")
     check_same_model(pico, model, tmp_path / "out", 257)
@@ -375,6 +385,11 @@ REFUSED = {
     "norm=rmsnorm": dict(pos_emb="learned", norm="rmsnorm", ffn="gelu", bias=True),
     "n_kv_heads": dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True, n_kv_heads=2),
     "bias=False": dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=False),
+    "attention_sinks": dict(attention_sinks=True),          # sinks come with GPT-oss's experts
+    "sliding_window": dict(sliding_window=4),
+    "attention=linear": dict(attention="linear"),
+    "ffn=swiglu": dict(n_experts=4),                         # GPT-oss's experts are clamped
+    "bias=True": dict(qk_norm=True, bias=True),              # Qwen3 biases no linear
 }
 
 
