@@ -4212,7 +4212,9 @@ def run_generation(config: Config) -> int:
     Hugging Face model's), using the sampling flags."""
     if config.huggingface.init_from:
         source = config.huggingface.init_from
-        model, tokenizer = import_hf(resolve_init_from(source))
+        path = resolve_init_from(source)
+        check_fits_to_sample(config_from_hf(read_hf_config(path)), source)
+        model, tokenizer = import_hf(path)
         check_tokenizer_fits(config.data.tokenizer, tokenizer, source)
         context = model.config.block_size
         limit = f"the {context} positions of --init_from {source}"
@@ -6223,8 +6225,11 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         tie_weights=setting("tie_word_embeddings", defaults["tie_weights"]),
         norm_eps=float(setting("rms_norm_eps", defaults["norm_eps"])),
         **rope_from_hf(hf, defaults["rope_theta"]))
-    if kind in ("qwen2", "qwen3", "smollm3"):
+    if kind in ("qwen2", "qwen3", "smollm3"):  # their windows slide in other layers than GPT-oss's
         setting("use_sliding_window", False, (False,))
+        if "sliding_attention" in (hf.get("layer_types") or []):
+            raise UserError("config.json: layer_types with sliding_attention is not supported for "
+                            f"{kind}; pico-llm slides only GPT-oss's alternating layers")
     if kind in ("llama", "smollm3"):
         fields["bias"] = setting("attention_bias", False)
         if setting("mlp_bias", False) != fields["bias"]:  # one bias switch for every linear
@@ -6990,6 +6995,17 @@ def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
                                       dropout=flags["dropout"] or 0.0)
     models = dataclasses.replace(config.models, transformer=transformer)
     return dataclasses.replace(config, models=models), tokenizer, path
+
+
+def check_fits_to_sample(transformer: TransformerConfig, source: str) -> None:
+    """--generate --init_from: refuse, before reading them, weights that do not fit in memory
+    in float32 (4 bytes a parameter: they are loaded on the CPU first)."""
+    available = memory_available(torch.device("cpu"))
+    parameters = parameter_count(transformer, transformer.vocab_size)
+    if available is not None and 4 * parameters > available:
+        raise UserError(f"--init_from {source} needs about {memory_size(4 * parameters)} "
+                        f"({parameters:,} parameters in float32), more than the "
+                        f"{memory_size(available)} of memory here; choose a smaller model")
 
 
 def run_export(config: Config) -> int:

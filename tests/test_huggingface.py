@@ -303,6 +303,7 @@ def test_yarn_truncation_matches_transformers(pico, truncate):
     ("smollm3", dict(use_sliding_window=True), "use_sliding_window=True"),
     ("qwen3", dict(attention_bias=True), "attention_bias=True"),
     ("qwen2.5", dict(use_sliding_window=True), "use_sliding_window=True"),
+    ("qwen3", dict(layer_types=["sliding_attention"] * 4), "layer_types with sliding_attention"),
 ])
 def test_family_settings_pico_llm_does_not_compute_are_refused(pico, tmp_path, family, change,
                                                                match):
@@ -673,6 +674,10 @@ def test_a_model_too_large_for_memory_is_refused_before_its_weights_are_read(
                       str(source), *fine_tune(corpus))
     assert f"transformer needs about {pico.memory_size(16 * parameters)}" in message
     assert f"({parameters:,} parameters" in message and "than the 1.0 MiB" in message
+    assert reads == []
+    monkeypatch.setattr(pico, "memory_available", lambda device: 2**18)  # sampling needs 4 bytes
+    message = refused("choose a smaller model", "--generate", "--init_from", str(source))
+    assert f"needs about {pico.memory_size(4 * parameters)} ({parameters:,} parameters" in message
     assert reads == []
 
 
