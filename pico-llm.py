@@ -48,8 +48,8 @@ Contents (the section banners below carry the same numbers):
     D. Training your own BPE tokenizer; resource accounting: D.1 byte-level BPE,
        D.2 resource accounting
     E. Hugging Face interop (start from a GPT-2, Llama, Qwen, SmolLM or GPT-oss
-       model, export to transformers): E.1 configs, E.2 weights, E.3 model directories and the
-       hub, E.4 tokenizers, E.5 export, E.6 the command line
+       model, export to transformers): E.1 configs, E.2 weights, E.3 model
+       directories and the hub, E.4 tokenizers, E.5 export, E.6 the command line
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ def llama3_frequencies(head_dim: int, theta: float, factor: float, original_cont
     cos and sin keep their scale."""
     inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     turns = original_context * inverse_frequency / (2 * math.pi)  # turns over the original context
-    blend = ((turns - low_frequency_factor) / (high_frequency_factor - low_frequency_factor)).clamp(0, 1)
+    span = high_frequency_factor - low_frequency_factor
+    blend = ((turns - low_frequency_factor) / span).clamp(0, 1)   # 0 slowed, 1 kept
     return inverse_frequency / factor * (1 - blend) + inverse_frequency * blend
 
 
@@ -886,8 +887,8 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     yarn_factor: float = 1.0          # > 1: YaRN's RoPE frequencies (yarn_frequencies)
     yarn_original_context: int = 4096
-    rope_scaling: str = "yarn"        # how yarn_factor > 1 stretches RoPE: ROPE_SCALINGS (imported models)
-    nope_interval: int = 0            # > 0: every nope_interval-th block has no RoPE (SmolLM3's NoPE)
+    rope_scaling: str = "yarn"        # how yarn_factor > 1 stretches RoPE (rope_frequencies)
+    nope_interval: int = 0            # > 0: every nope_interval-th block has no RoPE (SmolLM3)
     tie_weights: bool = True
     attention: str = "softmax"        # softmax | linear | gated_linear (LinearAttention)
     linear_attention_gate: str = "data"  # gated_linear's forget gate: fixed (RetNet) | data (GLA)
@@ -915,7 +916,8 @@ class TransformerConfig:
 
     def uses_rope(self, block: int) -> bool:
         """SmolLM3's NoPE layers: with nope_interval n, blocks n - 1, 2n - 1, ... rotate nothing."""
-        return self.pos_emb == "rope" and not (self.nope_interval and (block + 1) % self.nope_interval == 0)
+        no_rope = self.nope_interval and (block + 1) % self.nope_interval == 0
+        return self.pos_emb == "rope" and not no_rope
 
 
 EMBEDDING_INIT_STD = 0.02   # GPT-2's initial weight scale, for embeddings and linear layers
@@ -973,7 +975,8 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "yarn_original_context"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
-    for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size", "nope_interval"):
+    for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size",
+                 "nope_interval"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name} must not be negative{where}, got {getattr(config, name)}")
     if config.rope_scaling not in ROPE_SCALINGS:
@@ -6214,7 +6217,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     n_kv_heads = size("num_key_value_heads", n_heads)
     head_dim = size("head_dim", defaults["head_dim"] or d_model // n_heads)
     if n_heads % n_kv_heads:
-        heads_fit(d_model, n_heads, n_kv_heads)
+        raise UserError(f"config.json: {n_heads} heads with {n_kv_heads} key/value heads has "
+                        "no pico-llm equivalent")
     if head_dim % 2:
         raise UserError(f"config.json: RoPE needs an even head size, got {head_dim}")
     fields = dict(
@@ -6564,7 +6568,8 @@ def state_dict_to_hf(config: TransformerConfig, pico_state: dict) -> dict[str, t
     for pico_name, hf_name, layout in name_map(config):
         tensor = to_hf(pico_state[pico_name].detach(), layout, config)
         parts.setdefault(hf_name, (layout, []))[1].append(tensor)
-    return {name: join_hf(tensors, layout).contiguous() for name, (layout, tensors) in parts.items()}
+    return {name: join_hf(tensors, layout).contiguous()
+            for name, (layout, tensors) in parts.items()}
 
 
 def check_hf_shapes(config: TransformerConfig, shapes: dict[str, tuple]) -> None:
@@ -6621,7 +6626,8 @@ def read_hf_config(path: Path) -> dict:
 
 
 def hf_weight_files(path: Path) -> list[Path]:
-    """The weight files of a model directory: model.safetensors, its shards, or pytorch_model.bin."""
+    """The weight files of a model directory: model.safetensors, its shards, or
+    pytorch_model.bin."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = [path / shard for shard in sorted(set(

@@ -252,6 +252,7 @@ def test_family_imports_with_hf_logits_and_greedy_tokens_and_exports_back(pico, 
     model, tokenizer = pico.import_hf(directory)
     for name, value in FAMILY_FIELDS[family].items():
         assert getattr(model.config, name) == value, name
+    assert pico.parameter_count(model.config, 300) == pico.count_parameters(model)  # memory check
     check_same_model(pico, model, directory, 300)
     model = trained(model)  # every weight moves before the way back
     pico.export_hf(model, tokenizer, tmp_path / "out")
