@@ -228,7 +228,7 @@ FAMILY_FIELDS = {  # what each must import as
 }
 
 
-def make_family_dir(pico, directory, family, tokenizer=None):
+def make_family_dir(pico, directory, family):
     class_name, settings = FAMILIES[family]
     config = getattr(transformers, class_name)(**(SMALL | settings))
     torch.manual_seed(0)
@@ -240,7 +240,7 @@ def make_family_dir(pico, directory, family, tokenizer=None):
                     parameter.normal_(std=0.6)
                 elif "sinks" in name:
                     parameter.normal_(std=1.0)
-    return save_hf(pico, model, directory, tokenizer or pico.ByteTokenizer())
+    return save_hf(pico, model, directory, pico.ByteTokenizer())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
