@@ -83,7 +83,7 @@ import faulthandler
 import functools
 import hashlib
 import heapq
-import importlib
+import importlib.util
 import io
 import json
 import math
@@ -3701,7 +3701,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "where this PyTorch build has it; 2x PyTorch's default on the AMD "
                             "EPYC of docs/performance.md) or torch (PyTorch's default, MKL)")
     bench.add_argument("--compile", action="store_true",
-                       help="torch.compile each model's features (worth it on GPUs)")
+                       help="torch.compile the model (on a GPU with its output layer and loss; "
+                            "worth it on GPUs, where it fuses kernels; slow to start on a CPU)")
     return parser
 
 
@@ -4325,6 +4326,9 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
             if type(module) is nn.Linear:
                 module.__class__ = FastLinear
     if speed.compile:
+        problem = compile_unavailable(device)
+        if problem:
+            raise UserError(f"--compile cannot run here: {problem}; drop --compile")
         compiled_loss = compile_for_training(model, device)
         if compiled_loss is not None:
             return compiled_loss
@@ -4755,6 +4759,18 @@ class StaticShapeMixtureOfExperts(MixtureOfExperts):
             counts = F.one_hot(chosen, len(self.experts)).sum(dim=(0, 1))      # (E,)
             self.usage = counts if self.usage is None else self.usage + counts
         return out.view_as(x)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot generate code for `device` here, or None: Inductor builds C++
+    with the system's compiler on a CPU and Triton kernels on a GPU."""
+    if device.type == "cpu":
+        if os.environ.get("CXX") or any(shutil.which(name) for name in ("g++", "clang++", "c++")):
+            return None
+        return "torch.compile needs a C++ compiler (g++ or clang++) on the PATH on a CPU"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile needs the triton package on a GPU (pip install triton)"
+    return None
 
 
 def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module | None:
