@@ -125,3 +125,66 @@ def test_peak_rss_falls_back_to_getrusage_without_proc(bench, monkeypatch):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     reported = bench.peak_rss_bytes()
     assert before <= reported <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+FAKE_NANOGPT = '''
+import dataclasses, torch, torch.nn as nn, torch.nn.functional as F
+@dataclasses.dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.wte, self.head = nn.Embedding(config.vocab_size, config.n_embd), nn.Linear(config.n_embd, config.vocab_size)
+    def forward(self, idx, targets=None):
+        logits = self.head(self.wte(idx))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas)
+'''
+
+
+def test_quick_gpt2_benchmark_times_pico_nanogpt_and_transformers(bench, tmp_path, capsys):
+    """--gpt2 at tiny size on the CPU: every training and decoding figure measured, nanoGPT's
+    model.py loaded from the directory given (a stand-in with its interface here)."""
+    (tmp_path / "nanogpt").mkdir()
+    (tmp_path / "nanogpt" / "model.py").write_text(FAKE_NANOGPT)
+    status = bench.main(["--gpt2", "--quick", "--quiet", "--device_id", "cpu", "--output",
+                         str(tmp_path / "gpt2.json"), "--nanogpt_dir", str(tmp_path / "nanogpt")])
+    assert status == 0
+    report = json.loads((tmp_path / "gpt2.json").read_text())
+    assert report["kind"] == "gpt2_benchmark" and report["datasheet_bf16_peak_tflops"] == "unknown peak"
+    training = report["training"]
+    assert set(training) == {"pico_eager", "nanogpt_eager", "pico_vs_nanogpt_eager"}  # no compile on a CPU
+    for name in ("pico_eager", "nanogpt_eager"):
+        row = training[name]
+        assert positive_finite(row["tokens_per_s"]) and positive_finite(row["mfu_vs_measured_ceiling"])
+        assert row["mfu_vs_datasheet_peak"] is None and row["peak_memory_gb"] is None
+    decoding = report["decoding"]
+    for way in ("pico_plain", "pico_static", "transformers"):
+        for dtype in ("fp32", "bf16"):
+            for batch in report["sizes"]["decode_batches"]:
+                assert positive_finite(decoding[f"{way}_{dtype}_batch{batch}_tokens_per_s"])
+    assert "benchmark written to" in capsys.readouterr().out
+
+
+def test_gpt2_benchmark_refuses_a_directory_without_nanogpt(bench, tmp_path, capsys):
+    status = bench.main(["--gpt2", "--quick", "--quiet", "--device_id", "cpu", "--output",
+                         str(tmp_path / "gpt2.json"), "--nanogpt_dir", str(tmp_path)])
+    assert status == 2 and "no model.py there" in capsys.readouterr().err
+    assert not (tmp_path / "gpt2.json").exists()
+
+
+def test_datasheet_peaks_are_known_for_h100_sxm_h200_a100_only(bench, monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for name, peak in (("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 PCIe", None),
+                       ("NVIDIA L4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert bench.datasheet_peak_tflops(cuda) == peak
