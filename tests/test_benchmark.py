@@ -2,9 +2,13 @@
 
 import json
 import math
+import os
+import subprocess
 
 import pytest
 import torch
+
+from conftest import REPO
 
 HEADLINE_KEYS = ("transformer_mfu", "kgram_vs_starter_loop", "kv_cache_vs_recompute",
                  "lstm_state_vs_recompute", "tokenize_mb_per_s", "peak_rss_gb_100m_tokens",
@@ -188,3 +192,37 @@ def test_datasheet_peaks_are_known_for_h100_sxm_h200_a100_only(bench, monkeypatc
                        ("NVIDIA L4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert bench.datasheet_peak_tflops(cuda) == peak
+
+
+GPU_CHECKS = REPO / "tools" / "gpu_checks.sh"
+
+
+def run_gpu_checks(*argv, steps: str, timeout: int = 900):
+    return subprocess.run(["bash", str(GPU_CHECKS), *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "STEPS": steps})
+
+
+def test_gpu_checks_records_each_step_and_refuses_bad_usage(tmp_path):
+    """The cuda-marked tests step at tiny size on the CPU: they skip, and the step is recorded."""
+    result = run_gpu_checks("--tiny", "--device", "cpu", str(tmp_path / "out"), steps="tests")
+    assert result.returncode == 0, result.stderr
+    name, status, seconds = (tmp_path / "out" / "summary.txt").read_text().split()
+    assert (name, status) == ("tests", "0") and int(seconds) >= 0
+    assert "skipped" in (tmp_path / "out" / "cuda_tests.log").read_text()
+    assert run_gpu_checks(str(tmp_path / "a"), str(tmp_path / "b"), steps="tests").returncode == 2
+    assert run_gpu_checks("--fast", str(tmp_path / "a"), steps="tests").returncode == 2
+
+
+@pytest.mark.slow
+def test_gpu_checks_runs_every_step_at_tiny_size_on_the_cpu(pico, tmp_path):
+    """What a GPU machine runs, at tiny size on the CPU: the GPT-2 benchmark report, GPT-oss's
+    eager and compiled run logs (the same losses), the tests, each with status 0."""
+    out = tmp_path / "out"
+    result = run_gpu_checks("--tiny", "--device", "cpu", str(out), steps="benchmark gptoss tests")
+    assert result.returncode == 0, result.stderr
+    summary = {line.split()[0]: line.split()[1] for line in (out / "summary.txt").read_text().splitlines()}
+    assert summary == {"benchmark": "0", "gptoss_eager": "0", "gptoss_compiled": "0", "tests": "0"}
+    assert json.loads((out / "gpt2_benchmark.json").read_text())["kind"] == "gpt2_benchmark"
+    eager, compiled = ([h["train_loss"] for h in pico.load_runlog(out / f"gptoss_{mode}.json")
+                        ["models"]["transformer"]["history"]] for mode in ("eager", "compiled"))
+    assert compiled == pytest.approx(eager, rel=1e-4)

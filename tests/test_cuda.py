@@ -53,7 +53,7 @@ def test_bf16_training_steps_are_finite_and_close_to_fp32(pico, preset):
     assert bf16 == pytest.approx(fp32, rel=2e-2)
 
 
-@pytest.mark.parametrize("preset", ["GPT2-small", "GPT-oss", "pico"])
+@pytest.mark.parametrize("preset", ["GPT2-small", "GPT-oss"])
 def test_compiled_training_equals_eager(pico, preset):
     """speed_up with compile on a GPU: model, output layer and loss in one compiled region."""
     eager_model, compiled_model = tiny(pico, preset), tiny(pico, preset)
@@ -64,8 +64,8 @@ def test_compiled_training_equals_eager(pico, preset):
     assert compiled == pytest.approx(eager, rel=2e-2)
 
 
-@pytest.mark.parametrize("preset", ["GPT2-small", "GPT-oss", "pico"])
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("preset, compile", [("GPT2-small", False), ("pico", False),
+                                             ("GPT-oss", False), ("GPT-oss", True)])
 def test_cuda_graph_decoding_equals_uncached_generation(pico, preset, compile):
     """The static decoder replaying a CUDA graph per token (prompt + 40 tokens runs past the
     32-token block, so the context slides and the cache is rebuilt) gives uncached greedy ids."""
