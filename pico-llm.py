@@ -41,7 +41,9 @@ Contents (the section banners below carry the same numbers):
        7.3 interpretability
     8. The command line and main()
   Part III. Appendices
-    A. Speed (oneDNN linears, freed memory kept, the chunked output-layer loss)
+    A. Speed (oneDNN linears, freed memory kept, the chunked output-layer loss):
+       A.1 compiled training (static shapes, real numbers), A.2 decoding on a GPU
+       (static shapes, CUDA graphs)
     B. Fault tolerance (checkpoints, exact resume, signals, non-finite steps,
        early stopping and reduce-on-plateau)
     C. Distributed training (torchrun / DDP)
@@ -4295,7 +4297,11 @@ def exit_process(status: int) -> None:
 #     logits and computes the output layer's gradient during the forward pass.
 # `--loss plain --cpu_matmul torch` gives Part I's plain path; the tests check
 # that both give the same losses and gradients to float32 rounding.
-# Measurements: docs/performance.md.
+# On a GPU, what matters is different: launches and host syncs, not arithmetic.
+# `--compile` compiles model, output layer and loss in one region (with static-shape
+# experts and real-arithmetic RoPE, which compilers need), and generation goes
+# through `decoding_model`: static-shape caches replayed as one CUDA graph a token.
+# Each is tested equal to Part I. Measurements: docs/performance.md.
 
 CPU_MATMUL_KERNELS = ("onednn", "torch")
 LOSS_KINDS = ("chunked", "plain")
@@ -4719,7 +4725,7 @@ def compile_model(model: nn.Module) -> nn.Module:
     return model
 
 
-# --- What compilers need: static shapes, real numbers ------------------------------
+# --- A.1 Compiled training: static shapes, real numbers ------------------------------
 # torch.compile (Inductor) turns a model into a few fused kernels, which is what a GPU needs
 # (eager GPT-2 small spends much of a step launching kernels); it needs code whose shapes do
 # not depend on the data and arithmetic it can generate code for. Two Part I pieces are not:
@@ -4788,7 +4794,7 @@ def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module | 
     return None
 
 
-# --- Decoding on a GPU: static shapes and CUDA graphs ------------------------------
+# --- A.2 Decoding on a GPU: static shapes and CUDA graphs ------------------------------
 # A cached step of a small model at batch 1 is a few hundred tiny kernels: on a GPU the host's
 # launches, not the arithmetic, set the pace (3-4 ms of launches per token for GPT-2 small).
 # A CUDA graph records one step's kernels once and replays them with a single launch, but only
