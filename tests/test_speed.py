@@ -105,3 +105,12 @@ def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch):
     assert status == 2
     assert "--compile cannot run here" in err and "C++ compiler" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_rope_ab_tool_times_both_formulations(capsys):
+    from conftest import TOOLS
+    from pico_module import load_script
+    ab_rope = load_script(TOOLS / "ab_rope.py", "pico_ab_rope")
+    assert ab_rope.main(["--shape", "2", "2", "8", "8", "--samples", "2", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "largest difference 0.0e+00" in out and "real / complex:" in out
