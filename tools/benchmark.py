@@ -525,8 +525,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "memory": memory,
         "elapsed_s": time.perf_counter() - started,
     }
+    return publish(report, benchmark_table(report), out_path)
+
+
+def publish(report: dict, table: str, out_path: Path) -> int:
+    """Write the JSON report atomically and print its table."""
     pico.atomic_write_json(out_path, report)
-    print(benchmark_table(report))
+    print(table)
     print(f"\nbenchmark written to {out_path}")
     return 0
 
@@ -796,10 +801,7 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
               "matmul_ceiling_gflops": ceiling, "matmul_ceiling_dtype": dtype,
               "training": training, "decoding": decoding,
               "elapsed_s": time.perf_counter() - started}
-    pico.atomic_write_json(out_path, report)
-    print(gpt2_table(report))
-    print(f"\nbenchmark written to {out_path}")
-    return 0
+    return publish(report, gpt2_table(report), out_path)
 
 
 def gpt2_table(report: dict) -> str:
