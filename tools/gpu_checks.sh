@@ -7,16 +7,17 @@
 #   NANOGPT_DIR=/path/to/nanoGPT tools/gpu_checks.sh OUT_DIR    # nanoGPT timed beside pico-llm
 #   tools/gpu_checks.sh --tiny --device cpu OUT_DIR   # every step at tiny size (how it is tested)
 #
-# Steps, in this order (STEPS="benchmark gptoss tests" by default; give fewer to run fewer):
+# Steps, run in the order STEPS names them (STEPS="benchmark gptoss tests" by default):
 #   benchmark  tools/benchmark.py --gpt2: GPT-2 small training eager/compiled (tokens/s, MFU,
 #              peak memory; nanoGPT too with NANOGPT_DIR), decoding against transformers
 #              -> gpt2_benchmark.json, benchmark.log
 #   gptoss     GPT-oss, 40 steps eager then with --compile -> gptoss_eager.json,
-#              gptoss_compiled.json (run logs: train time, losses), gptoss.log
+#              gptoss_compiled.json (run logs: train time, losses), gptoss_*.log
 #   tests      the tests marked cuda -> cuda_tests.log
+#   suite      (not by default: minutes) the fast suite with CUDA present -> fast_suite.log
 # summary.txt gets one line per step: name, exit status (124 = timed out), seconds.
 # Limits in seconds: BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT (90),
-# GPTOSS_COMPILED_TIMEOUT (200), TESTS_TIMEOUT (240).
+# GPTOSS_COMPILED_TIMEOUT (200), TESTS_TIMEOUT (240), SUITE_TIMEOUT (900).
 set -u
 
 TINY=0
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
         --device) DEVICE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         -*) echo "gpu_checks.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -85,6 +86,9 @@ for step in $STEPS; do
         tests)
             run_step tests "${TESTS_TIMEOUT:-240}" cuda_tests.log \
                 python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider ;;
+        suite)
+            run_step suite "${SUITE_TIMEOUT:-900}" fast_suite.log \
+                python -m pytest -q -m "not slow and not cuda" -p no:cacheprovider ;;
         *) echo "gpu_checks.sh: unknown step $step" >&2; exit 2 ;;
     esac
 done
