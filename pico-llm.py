@@ -41,7 +41,9 @@ Contents (the section banners below carry the same numbers):
        7.3 interpretability
     8. The command line and main()
   Part III. Appendices
-    A. Speed (oneDNN linears, freed memory kept, the chunked output-layer loss)
+    A. Speed (oneDNN linears, freed memory kept, the chunked output-layer loss):
+       A.1 compiled training (static shapes, real numbers), A.2 decoding on a GPU
+       (static shapes, CUDA graphs)
     B. Fault tolerance (checkpoints, exact resume, signals, non-finite steps,
        early stopping and reduce-on-plateau)
     C. Distributed training (torchrun / DDP)
@@ -83,7 +85,7 @@ import faulthandler
 import functools
 import hashlib
 import heapq
-import importlib
+import importlib.util
 import io
 import json
 import math
@@ -256,7 +258,10 @@ class RotaryEmbedding(nn.Module):
         Read the pair (a, b) as the complex number a + ib: rotating it by an angle is
         multiplying by cos + i sin, giving (a cos - b sin) + i (a sin + b cos). One complex
         product does in a pass what the real formula does in six (with its backward, 0.15
-        vs 1.16 ms per training call here)."""
+        vs 1.16 ms per training call here). Compilers cannot generate code for complex
+        numbers, so compiled code takes Appendix A's real formula (rotate_pairs_real)."""
+        if torch.compiler.is_compiling():
+            return rotate_pairs_real(x, cos, sin)
         pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # (B, H, T, D/2)
         rotated = pairs * torch.complex(cos, sin)                          # (T, D/2) broadcast
         return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
@@ -332,6 +337,11 @@ class KVCache:
         self.values = torch.empty_like(self.keys)
         self.length = 0
         self.window = window
+
+    # Which returned keys each new token may see: None, as append returns exactly the keys up
+    # to the newest token (causal_mask). Appendix A's static cache, which returns all its
+    # slots, gives a (T, S) mask instead.
+    attention_mask: torch.Tensor | None = None
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """keys, values: (B, H_kv, T, D) -> the cached ones followed by these, (B, H_kv, S, D)."""
@@ -410,22 +420,27 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
+        mask = None
         if cache is not None:
             k, v = cache.append(k, v)                                                   # (B, Hkv, S, D)
+            mask = cache.attention_mask                                                 # None or (T, S)
         dropout = self.dropout if self.training else 0.0
         # PyTorch's fused kernel has no sinks: a model with them takes the written-out path.
         if self.impl == "math" or self.record_attention or self.sinks is not None:
-            y = self._math_attention(q, k, v, dropout)
+            y = self._math_attention(q, k, v, dropout, mask)
         else:
-            y = self._sdpa_attention(q, k, v, dropout)
+            y = self._sdpa_attention(q, k, v, dropout, mask)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))                      # (B, T, d_model)
 
-    def _sdpa_attention(self, q, k, v, dropout: float) -> torch.Tensor:
+    def _sdpa_attention(self, q, k, v, dropout: float, mask=None) -> torch.Tensor:
         """Fused kernel (flash attention on GPUs). The mask must know about the cache:
         new token i sits at position S - T + i. Without a window, T = S (no cache) is plain
         causal attention and a single new token sees every key: no mask to build."""
         T, S = q.shape[2], k.shape[2]
         gqa = self.n_kv_heads != self.n_heads
+        if mask is not None:                                                   # the cache's own
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                  enable_gqa=gqa)
         if self.window is None and T == S:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                   enable_gqa=gqa)
@@ -433,13 +448,14 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               enable_gqa=gqa)
 
-    def _math_attention(self, q, k, v, dropout: float) -> torch.Tensor:
+    def _math_attention(self, q, k, v, dropout: float, mask=None) -> torch.Tensor:
         """The explicit formula, scaled_dot_product_attention above, each key/value head
         repeated for the query heads it serves."""
         if self.n_kv_heads != self.n_heads:
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        mask = causal_mask(q.shape[2], k.shape[2], q.device, self.window)               # (T, S)
+        if mask is None:
+            mask = causal_mask(q.shape[2], k.shape[2], q.device, self.window)           # (T, S)
         if self.record_attention:
             self.last_attention = attention_weights(q, k, mask, self.sinks).detach()
         return scaled_dot_product_attention(q, k, v, mask, self.sinks, dropout)        # (B, H, T, D)
@@ -1102,11 +1118,20 @@ class TransformerModel(nn.Module):
 
     def _residual_stream(self, tokens: torch.Tensor, state: TransformerState | None) -> torch.Tensor:
         idx = tokens.t()                                                   # (B, T)
-        B, T = idx.shape
+        T = idx.shape[1]
         start = state.position if state is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
         positions = torch.arange(start, start + T, device=idx.device)
+        x = self.residual_stream_at(idx, positions, state.caches if state is not None else None)
+        if state is not None:
+            state.position = start + T
+        return x
+
+    def residual_stream_at(self, idx: torch.Tensor, positions: torch.Tensor,
+                           caches: list | None) -> torch.Tensor:
+        """idx (B, T) at positions (T,), each block with its cache or none -> final normalized
+        residual stream (T, B, d_model)."""
         x = self.token_embedding(idx)                                      # (B, T, d_model)
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
@@ -1119,9 +1144,7 @@ class TransformerModel(nn.Module):
         x = self.embedding_dropout(x)
         rope = self.rotary.angles(positions) if self.rotary is not None else None
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, state.caches[layer] if state is not None else None)
-        if state is not None:
-            state.position = start + T
+            x = block(x, rope, caches[layer] if caches is not None else None)
         return self.final_norm(x).transpose(0, 1)                          # (T, B, d_model)
 
 
@@ -1371,8 +1394,9 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   use_cache: bool = True, device: torch.device | str = "cpu") -> Generation:
     """Continue `prompt` with the model; one path for every model."""
     prompt_ids = tokenizer.encode(prompt)
-    ids = generate_ids(model, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id, seed=seed,
-                       use_cache=use_cache, device=device)
+    # Appendix A's static decoder (CUDA graphs) on a GPU; the model itself elsewhere
+    ids = generate_ids(decoding_model(model, device), prompt_ids, max_new_tokens, rule,
+                       eot_id=tokenizer.eot_id, seed=seed, use_cache=use_cache, device=device)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
     new_text = tokenizer.decode(new_ids)
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
@@ -1401,18 +1425,20 @@ def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
 # under torchrun. Left at their defaults, B and C do nothing.
 
 @torch.no_grad()
-def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) -> float:
+def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) -> torch.Tensor:
     """Scale all gradients by max_norm / (norm + 1e-6) when their one global L2 norm
-    exceeds max_norm. Returns the norm before clipping."""
+    exceeds max_norm. Returns the norm before clipping, a 0-dim tensor: comparing it on the
+    host here would make the CPU wait for a GPU, so the scale is capped at 1 on the device
+    instead (torch.nn.utils.clip_grad_norm_'s way)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    if total_norm > max_l2_norm:
-        scale = max_l2_norm / (total_norm + 1e-6)
+    if math.isfinite(max_l2_norm):
+        scale = (max_l2_norm / (total_norm + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(scale)
-    return float(total_norm)
+    return total_norm
 
 
 class AdamW(torch.optim.Optimizer):
@@ -1547,12 +1573,15 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
             with autocast_context(batch.inputs.device, dtype):
                 loss = loss_model(batch.inputs, batch.targets, weights)
             loss.backward()
-        local_loss += loss.item()
+        local_loss = local_loss + loss.detach()    # a tensor: no wait for the device per micro-batch
+    # an infinite limit only measures the norm, so a bad gradient is caught without clipping
+    grad_norm = gradient_clipping(loss_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # The step's one wait for the device: both numbers in one copy, checked before the update.
+    local_loss, grad_norm = torch.stack([local_loss.float(),
+                                         grad_norm.to(local_loss.device).float()]).tolist()
     step_loss = context.sum([local_loss], batch.inputs.device)[0] / context.world_size
     if not math.isfinite(step_loss):
         raise NonFiniteStep("loss", step_loss)
-    # an infinite limit only measures the norm, so a bad gradient is caught without clipping
-    grad_norm = gradient_clipping(loss_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if not math.isfinite(grad_norm):
         raise NonFiniteStep("gradient norm", grad_norm)
     optimizer.step()
@@ -3749,7 +3778,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "where this PyTorch build has it; 2x PyTorch's default on the AMD "
                             "EPYC of docs/performance.md) or torch (PyTorch's default, MKL)")
     bench.add_argument("--compile", action="store_true",
-                       help="torch.compile each model's features (worth it on GPUs)")
+                       help="torch.compile the model (on a GPU with its output layer and loss; "
+                            "worth it on GPUs, where it fuses kernels; slow to start on a CPU)")
     return parser
 
 
@@ -4348,7 +4378,11 @@ def exit_process(status: int) -> None:
 #     logits and computes the output layer's gradient during the forward pass.
 # `--loss plain --cpu_matmul torch` gives Part I's plain path; the tests check
 # that both give the same losses and gradients to float32 rounding.
-# Measurements: docs/performance.md.
+# On a GPU, what matters is different: launches and host syncs, not arithmetic.
+# `--compile` compiles model, output layer and loss in one region (with static-shape
+# experts and real-arithmetic RoPE, which compilers need), and generation goes
+# through `decoding_model`: static-shape caches replayed as one CUDA graph a token.
+# Each is tested equal to Part I. Measurements: docs/performance.md.
 
 CPU_MATMUL_KERNELS = ("onednn", "torch")
 LOSS_KINDS = ("chunked", "plain")
@@ -4360,7 +4394,7 @@ class SpeedConfig:
 
     loss: str = "chunked"          # chunked (this appendix) | plain (section 3)
     cpu_matmul: str = "onednn"     # onednn | torch, for float32 linears on the CPU
-    compile: bool = False          # torch.compile the models' features (worth it on GPUs)
+    compile: bool = False          # torch.compile the model, with its loss on GPUs (compile_for_training)
 
 
 def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> NextTokenLoss:
@@ -4370,7 +4404,8 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
     With cpu_matmul "onednn" on a CPU (and a PyTorch build that has oneDNN's op), the
     model's nn.Linear layers become FastLinear in place: same parameters, same
     state_dict, products through oneDNN; and the C allocator keeps freed memory for
-    reuse. Nothing changes on a GPU except the loss (and torch.compile if asked)."""
+    reuse. Nothing changes on a GPU except the loss, and with speed.compile the model and
+    loss are compiled together (compile_for_training)."""
     onednn = speed.cpu_matmul == "onednn" and device.type == "cpu" and onednn_available()
     if onednn:
         keep_freed_memory()
@@ -4378,7 +4413,12 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
             if type(module) is nn.Linear:
                 module.__class__ = FastLinear
     if speed.compile:
-        compile_model(model)
+        problem = compile_unavailable(device)
+        if problem:
+            raise UserError(f"--compile cannot run here: {problem}; drop --compile")
+        compiled_loss = compile_for_training(model, device)
+        if compiled_loss is not None:
+            return compiled_loss
     return NextTokenLoss(model) if speed.loss == "plain" else ChunkedNextTokenLoss(model)
 
 
@@ -4529,8 +4569,8 @@ def keep_freed_memory() -> bool:
 # numbers end near 1e-38, and the softmax of a target 104 nats below its row maximum is 0.
 UNTRUSTED_SOFTMAX_LOSS = -math.log(1e-30)                                   # 69.08 nats
 
-def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor,
-                           with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, with_gradient: bool,
+                           in_place: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-position CE(logits_i, y_i) and, with_gradient, d CE_i / d logits_i = softmax - onehot,
     written over the logits (in place: no second 100 MB-scale tensor per chunk).
     logits (n, V) float32, targets (n,) -> ((n,), (n, V) or None).
@@ -4543,9 +4583,15 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor,
     caller recomputes those rows from their logits (exact_cross_entropy_where_untrusted),
     since these have been overwritten here. On the CPU the softmax writes over its input (its
     kernel reads each row before writing it; the tests check the result); a GPU, where that is
-    unverified here, gets a fresh tensor from its cache."""
-    probabilities = torch.softmax(logits, dim=-1, out=logits if logits.is_cpu else None)  # (n, V)
-    losses = probabilities.gather(1, targets[:, None]).squeeze(1).log().neg_()           # (n,)
+    unverified here, gets a fresh tensor from its cache (in_place None: per device). Not in
+    place, the logits survive and the losses are read off them exactly, logsumexp(x) - x[y]: no
+    rows to recompute, so no wait for the device to say which (a GPU's memory pass is cheap)."""
+    in_place = logits.is_cpu if in_place is None else in_place
+    probabilities = torch.softmax(logits, dim=-1, out=logits if in_place else None)       # (n, V)
+    if in_place:
+        losses = probabilities.gather(1, targets[:, None]).squeeze(1).log().neg_()       # (n,)
+    else:
+        losses = torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None]).squeeze(1)
     if not with_gradient:
         return losses, None
     probabilities[torch.arange(len(targets), device=targets.device), targets] -= 1.0
@@ -4610,7 +4656,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if wants_grad:
                     head.add_gradients(start, end, softmax_minus_onehot,
                                        position_weights[start: end].float())
-            exact_cross_entropy_where_untrusted(losses, h_all, w, b, targets)
+            if hidden.is_cpu:                   # elsewhere softmax_cross_entropy_ was exact
+                exact_cross_entropy_where_untrusted(losses, h_all, w, b, targets)
             total = losses @ position_weights.float()
         if wants_grad:
             grad_weight, grad_bias = head.weight_and_bias_gradients()
@@ -4753,9 +4800,215 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """--compile: torch.compile the part training runs (features; the chunked loss stays eager)."""
+    """--compile on a CPU: torch.compile the model's features; the chunked loss stays eager
+    (speed_up compiles the whole loss elsewhere)."""
     model.features = torch.compile(model.features)
     return model
+
+
+# --- A.1 Compiled training: static shapes, real numbers ------------------------------
+# torch.compile (Inductor) turns a model into a few fused kernels, which is what a GPU needs
+# (eager GPT-2 small spends much of a step launching kernels); it needs code whose shapes do
+# not depend on the data and arithmetic it can generate code for. Two Part I pieces are not:
+# the mixture of experts (each expert's share of the positions is known only once the router
+# ran) and RoPE's complex product. Their compiled forms follow; speed_up switches them on.
+
+
+def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RotaryEmbedding.rotate in real arithmetic: each pair (a, b) -> (a cos - b sin,
+    a sin + b cos). x (B, H, T, D), cos and sin (T, D/2) -> (B, H, T, D). The same float32
+    products as the complex form; compiled, one fused kernel. Eager on the CPU it is slower
+    than the complex one (docs/performance.md), so only compiled code takes it."""
+    pairs = x.float().unflatten(-1, (-1, 2))                                # (B, H, T, D/2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+class StaticShapeMixtureOfExperts(MixtureOfExperts):
+    """MixtureOfExperts with shapes that do not depend on the routing, for compiled code and
+    CUDA graphs: every expert runs on every position, weighted by the router's softmax over
+    the top k where it was chosen and by 0 elsewhere. The same output and gradients as the
+    sparse layer (a 0 weight adds exactly nothing), at E / k times its expert arithmetic: worth
+    it where kernel launches and host syncs, not arithmetic, bound the step (a GPU at small
+    width). speed_up turns a model's MixtureOfExperts into these when compiling."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])                                    # (N, d_model)
+        logits = self.router(tokens)                                           # (N, E)
+        top_logits, chosen = logits.topk(self.experts_per_token, dim=-1)       # (N, k)
+        gates = torch.zeros_like(logits, dtype=torch.float32).scatter(
+            1, chosen, torch.softmax(top_logits, dim=-1).float())             # (N, E), k nonzero
+        out = torch.zeros_like(tokens)
+        for index, expert in enumerate(self.experts):
+            out = out + (gates[:, index, None] * expert(tokens)).to(out.dtype)
+        self.routing = Routing(torch.softmax(logits.float(), dim=-1), chosen)
+        if self.training:
+            counts = F.one_hot(chosen, len(self.experts)).sum(dim=(0, 1))      # (E,)
+            self.usage = counts if self.usage is None else self.usage + counts
+        return out.view_as(x)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot generate code for `device` here, or None: Inductor builds C++
+    with the system's compiler on a CPU and Triton kernels on a GPU."""
+    if device.type == "cpu":
+        if os.environ.get("CXX") or any(shutil.which(name) for name in ("g++", "clang++", "c++")):
+            return None
+        return "torch.compile needs a C++ compiler (g++ or clang++) on the PATH on a CPU"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile needs the triton package on a GPU (pip install triton)"
+    return None
+
+
+def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module | None:
+    """--compile: the mixtures of experts made static, then on a GPU the whole loss module
+    compiled, model, output layer and Part I's cross-entropy in one region (nanoGPT's way:
+    Inductor fuses the float32 log-softmax into the logits' kernels), returned; on a CPU the
+    model's features compiled in place and None returned (the chunked loss, which exists to
+    spare a CPU's memory, stays eager)."""
+    for module in model.modules():
+        if type(module) is MixtureOfExperts:
+            module.__class__ = StaticShapeMixtureOfExperts
+    if device.type != "cpu":
+        return torch.compile(NextTokenLoss(model))
+    compile_model(model)
+    return None
+
+
+# --- A.2 Decoding on a GPU: static shapes and CUDA graphs ------------------------------
+# A cached step of a small model at batch 1 is a few hundred tiny kernels: on a GPU the host's
+# launches, not the arithmetic, set the pace (3-4 ms of launches per token for GPT-2 small).
+# A CUDA graph records one step's kernels once and replays them with a single launch, but only
+# a step whose shapes and memory addresses never change: here every cache is preallocated to
+# the block size, written in place at a position held in a device tensor, and attention runs
+# over all its slots with a mask for those not yet written (or outside a sliding window).
+
+
+class StaticKVCache:
+    """KVCache with fixed shapes: all `capacity` slots, keys and values written at the
+    positions of the new tokens (`positions`, (T,) on the device, set before each step), and
+    attention over every slot with attention_mask. Zero-filled, so that unwritten slots hold
+    numbers (weight 0 times NaN would still be NaN)."""
+
+    def __init__(self, attention: CausalSelfAttention, batch: int, capacity: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.keys = torch.zeros(batch, attention.n_kv_heads, capacity, attention.head_dim,
+                                device=device, dtype=dtype)                   # (B, H_kv, S, D)
+        self.values = torch.zeros_like(self.keys)
+        self.window = attention.window
+        self.key_positions = torch.arange(capacity, device=device)           # (S,)
+        self.positions = torch.zeros(1, dtype=torch.long, device=device)      # (T,)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values: (B, H_kv, T, D) -> every slot, (B, H_kv, S, D)."""
+        self.keys.index_copy_(2, self.positions, keys)
+        self.values.index_copy_(2, self.positions, values)
+        return self.keys, self.values
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(T, S) bool: key j is visible to the new token at position p when j <= p (and,
+        with a window, j > p - window), as causal_mask says of the plain cache."""
+        query, key = self.positions[:, None], self.key_positions[None, :]
+        visible = key <= query
+        return visible if self.window is None else visible & (key > query - self.window)
+
+
+class StaticDecoder(nn.Module):
+    """A softmax-attention TransformerModel's forward_incremental with static shapes, the same
+    interface, so generate_ids drives it as it drives the model: state is the next position (an
+    int; None starts again). It holds its own copy of the weights in `dtype` (bf16 weights are
+    read at half the bytes, with no cast per step), its mixtures of experts static
+    (StaticShapeMixtureOfExperts). A prompt (T > 1) runs eagerly; with `graphs` (CUDA), each
+    later single-token step replays one CUDA graph, recorded at the first such step; `compile`
+    runs torch.compile on that step first (fused kernels inside the graph). Returns the logits
+    of the last new token only, (1, B, V), which is all generation reads; they live in a buffer
+    the next step overwrites."""
+
+    def __init__(self, model: "TransformerModel", batch: int = 1, dtype: torch.dtype | None = None,
+                 graphs: bool = False, compile: bool = False) -> None:
+        super().__init__()
+        device = model.token_embedding.weight.device
+        dtype = dtype or model.token_embedding.weight.dtype
+        with torch.device("meta"):                    # no memory, no draws from the global RNG
+            twin = TransformerModel(model.config)
+        twin.to_empty(device=device)
+        twin.load_state_dict(model.state_dict())
+        for name, buffer in model.named_buffers():    # non-persistent ones too (RoPE's frequencies)
+            twin.get_buffer(name).copy_(buffer)
+        for parameter in twin.parameters():
+            parameter.data = parameter.data.to(dtype)
+        for module in twin.modules():
+            if type(module) is MixtureOfExperts:
+                module.__class__ = StaticShapeMixtureOfExperts
+        self.model = twin.eval()
+        self.max_context = model.config.block_size
+        self.caches = [StaticKVCache(block.attention, batch, self.max_context, device, dtype)
+                       for block in twin.blocks]
+        self.graphs, self.graph = graphs, None
+        self.step_function = torch.compile(self.step, dynamic=False) if compile else self.step
+        self.tokens = torch.zeros(1, batch, dtype=torch.long, device=device)  # (1, B) graph input
+        self.positions = torch.zeros(1, dtype=torch.long, device=device)      # (1,) graph input
+        self.logits = None                                                    # (B, V) graph output
+        self.eval()
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return isinstance(model, TransformerModel) and model.config.attention == "softmax"
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens (T, B) at positions (T,) -> logits of the last one, (B, V)."""
+        for cache in self.caches:
+            cache.positions = positions
+        hidden = self.model.residual_stream_at(tokens.t(), positions, self.caches)  # (T, B, d)
+        return self.model.unembedding(hidden[-1])
+
+    @torch.no_grad()
+    def forward_incremental(self, tokens: torch.Tensor, state: int | None):
+        start = state or 0
+        T = tokens.shape[0]
+        if start + T > self.max_context:
+            raise ValueError(f"{start + T} positions exceed block_size {self.max_context}")
+        if T > 1:
+            logits = self.step(tokens, torch.arange(start, start + T, device=tokens.device))
+            return logits[None], start + T
+        self.tokens.copy_(tokens)
+        self.positions.fill_(start)
+        if not self.graphs:
+            logits = self.step_function(self.tokens, self.positions)
+        elif self.graph is None:
+            logits = self.record_graph()
+        else:
+            self.graph.replay()
+            logits = self.logits
+        return logits[None], start + 1
+
+    def record_graph(self) -> torch.Tensor:
+        """Record the single-token step as a CUDA graph, after warm-up calls on a side stream
+        (compilation and the kernels' first-call setup must not be recorded). The warm-up steps
+        are this step itself, so they only write what it writes. Returns its logits."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.step_function(self.tokens, self.positions)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.step_function(self.tokens, self.positions)
+        self.graph.replay()
+        return self.logits
+
+
+def decoding_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Generation's one entry to this appendix: on a GPU, a softmax-attention Transformer decodes
+    through a StaticDecoder with CUDA graphs, in bf16 when the GPU supports it; every other
+    model and device gets the model itself (Part I's forward_incremental)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not StaticDecoder.supports(model):
+        return model
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return StaticDecoder(model, dtype=dtype, graphs=True)
 
 
 # =============================================================================
