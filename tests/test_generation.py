@@ -155,7 +155,7 @@ def test_static_decoder_equals_uncached_generation(pico, models, new_tokens):
         assert (pico.generate_ids(pico.StaticDecoder(model), prompt, 8, sampled, seed=3)
                 == pico.generate_ids(model, prompt, 8, sampled, seed=3)), name
         checked += 1
-    assert checked == len(pico.TRANSFORMER_PRESETS)
+    assert checked >= len(pico.TRANSFORMER_PRESETS)   # every preset, and any extra softmax model
 
 
 def test_static_decoder_leaves_the_model_and_global_random_state_alone(pico, models):
