@@ -2582,10 +2582,11 @@ class RunLog:
         instead of staying "running"; best effort, as the disk may be what failed."""
         if self.data["status"] not in ("running", "failed") or "error" in self.data:
             return
-        interrupted = isinstance(error, (KeyboardInterrupt, TrainingInterrupted))
-        self.data["status"] = "interrupted" if interrupted else "failed"
-        message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-        self.data["error"] = " ".join(message.split())[:500] or type(error).__name__
+        if isinstance(error, (KeyboardInterrupt, TrainingInterrupted)):
+            self.data["status"] = "interrupted"
+        else:
+            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            self.data["status"], self.data["error"] = "failed", " ".join(message.split())[:500]
         try:
             self.write()
         except UserError:
@@ -2634,7 +2635,7 @@ def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
 
 def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: Path | None) -> bool:
     """Whether this run may write `run_path`, given the checkpoints it resumes
-    ({model: (path, checkpoint)}, None for a new run) and its --save_dir (claimed by this run
+    ({model: (path, checkpoint)}, empty for a new run) and its --save_dir (claimed by this run
     already); UserError if not. Returns True where a new run replaces the log of a run that
     stopped before its first checkpoint and runs no more: the same command then just works.
     A finished run's log, a log whose run has checkpoints to --resume, and a running run's log
@@ -2659,8 +2660,8 @@ def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: P
             CheckpointSeries(earlier_save_dir, name, keep=1).latest() for name in models):
         raise UserError(refused)
     if run_is_alive(log, earlier_save_dir, save_dir):
-        raise UserError(f"run log {run_path} belongs to a run that is still running; wait for "
-                        "it to finish, or choose another --run_name")
+        raise UserError(f"run log {run_path} already exists and belongs to another run that is "
+                        "still running; wait for it to finish, or choose another --run_name")
     print(f"pico-llm: note: replacing run log {run_path}: its run stopped "
           f"({log.get('status')}) before writing a checkpoint", file=sys.stderr)
     return True

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import socket
@@ -318,9 +319,11 @@ def start_long_run(tmp_path, *extra):
 
 
 def wait_for_first_step(process) -> None:
-    """Read the run's output until it logs a training step (a resumed run starts past 1)."""
+    """Read the run's output until it logs a training step (a resumed run starts past 1; its
+    "resuming from ...: step N" line comes before its first step, seconds before on a busy
+    machine)."""
     for line in process.stdout:
-        if " step " in line:
+        if re.search(r"\] epoch \d+ step \d+/", line):
             return
     pytest.fail("the run ended before its first step: " + process.stderr.read())
 
