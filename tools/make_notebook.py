@@ -746,8 +746,8 @@ the keys it may see; ␣ is a space). The triangle is the causal mask."""),
     ("code", """\
 attention_files = sorted(ARTEFACTS_DIR.glob("attention_*.json")) if ARTEFACTS_DIR.is_dir() else []
 if not attention_files:
-    note(f"no attention_*.json in `{ARTEFACTS_DIR}`; `--sweep presentation` or `--attention_maps` "
-         "writes them.")
+    note(f"no attention_*.json in `{ARTEFACTS_DIR}`; `--sweep presentation` writes them (a run's "
+         "own, from `--attention_maps`, are shown under *Your run*).")
 for path in attention_files:
     maps = load(path, "attention")
     if maps:
