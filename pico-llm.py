@@ -1902,6 +1902,11 @@ def check_regular_file(path: Path, what: str) -> None:
                         "give a file")
 
 
+# A text file is read whole into memory, and held there about three times over (bytes, text,
+# lines) before it is tokenized; a larger file is refused before it is read.
+MAX_INPUT_FILE_BYTES = 2 << 30
+
+
 def read_text_lines(path: Path) -> list[str]:
     """Non-empty, stripped lines of a UTF-8 text file; UserError on anything else."""
     if not path.exists():
@@ -1909,6 +1914,11 @@ def read_text_lines(path: Path) -> list[str]:
     if path.is_dir():
         raise UserError(f"{path} is a directory; pass directories with --input_dir")
     check_regular_file(path, "input file")
+    size = path.stat().st_size
+    if size > MAX_INPUT_FILE_BYTES:
+        raise UserError(f"input file {path} is {size / 2**30:.1f} GiB, over the "
+                        f"{MAX_INPUT_FILE_BYTES / 2**30:g} GiB pico-llm reads into memory; train "
+                        f"on a part of it (e.g. head -n 1000000 {path} > part.txt)")
     try:
         raw = path.read_bytes()
     except OSError as error:
@@ -1936,9 +1946,15 @@ def text_files_in(directory: Path) -> list[Path]:
         raise UserError(f"--input_dir: cannot read {error.filename} ({error.strerror}); "
                         "check its permissions")
 
-    files = sorted(Path(folder) / name
-                   for folder, _, names in os.walk(directory, onerror=unreadable)
-                   for name in names if name.endswith(".txt") and (Path(folder) / name).is_file())
+    candidates = sorted(Path(folder) / name
+                        for folder, _, names in os.walk(directory, onerror=unreadable)
+                        for name in names if name.endswith(".txt"))
+    files = [path for path in candidates if path.is_file()]
+    skipped = [path for path in candidates if not path.is_file()]
+    if skipped:   # a FIFO would block the read, a device never end (see check_regular_file)
+        print(f"pico-llm: note: --input_dir: skipped {len(skipped)} .txt name(s) that are not "
+              f"regular files (pipes, sockets, devices or broken links), e.g. {skipped[0]}",
+              file=sys.stderr)
     if not files:
         raise UserError(f"--input_dir {directory} contains no .txt files")
     return files
@@ -2241,6 +2257,25 @@ def atomic_write_json(path: Path, obj, compact: bool = False) -> None:
     atomic_write_bytes(Path(path), json_bytes(obj, compact))
 
 
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write: the error itself, or the one that a Rust library
+    (safetensors, tokenizers) reports only as text, "... (os error 28)"; None otherwise."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if isinstance(error, Exception) and found:
+        number = int(found.group(1))
+        return OSError(number, os.strerror(number))
+    return None
+
+
+def cannot_write(what: str, error: OSError, elsewhere: str) -> UserError:
+    """The one line for a write that failed: what, the system's reason and what to do, which
+    on a full disk starts with freeing space."""
+    advice = "free disk space or " if error.errno == errno.ENOSPC else ""
+    return UserError(f"cannot write {what}: {error.strerror or error}; {advice}{elsewhere}")
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     import io
 
@@ -2266,6 +2301,7 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
                                            np.load(offsets_path), num_bytes)
                 problem = ("" if len(cached) == len(texts) and cached.offsets[-1] == len(cached.tokens)
                            else "its sizes do not match")
+                problem = problem or token_ids_problem(cached.tokens, tokenizer.vocab_size)
             except (OSError, ValueError, EOFError) as error:  # truncated or not a .npy file
                 problem = textwrap.shorten(str(error), 80) or type(error).__name__
             if not problem:
@@ -2291,6 +2327,18 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         except OSError as error:  # a cache we cannot write only costs time
             print(f"pico-llm: note: token cache not written ({error.strerror})", file=sys.stderr)
     return TokenizedExamples(tokens, offsets, num_bytes)
+
+
+def token_ids_problem(tokens: np.ndarray, vocab_size: int) -> str:
+    """What is wrong with cached ids that a model of `vocab_size` could not embed ("" if
+    nothing): a min and a max over the memory map (0.1 s for 200 million cached uint16 ids,
+    docs/performance.md), against an IndexError in the middle of training."""
+    if tokens.dtype.kind not in "ui":
+        return f"its ids are {tokens.dtype}, not integers"
+    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        return (f"its ids span {int(tokens.min())}..{int(tokens.max())}, outside the "
+                f"tokenizer's 0..{vocab_size - 1}")
+    return ""
 
 
 def split_indices(num_examples: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -2591,14 +2639,18 @@ class RunLog:
     training starts and after every epoch, so a crash leaves the last complete version on
     disk."""
 
-    def __init__(self, path: Path, flags: dict, device: torch.device, data_info: dict) -> None:
+    def __init__(self, path: Path, flags: dict, device: torch.device, data_info: dict,
+                 run_id: str | None = None) -> None:
         self.path = path
         self.data = {
             "schema_version": RUNLOG_SCHEMA_VERSION,
             "kind": "run",
             "run_name": path.stem,
+            # Which run this is, also in its checkpoints: a log is continued only by its own run.
+            "run_id": run_id or os.urandom(8).hex(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "status": "running",
+            "process": {"host": socket.gethostname(), "pid": os.getpid()},
             "args": dict(flags),
             "environment": environment_info(device),
             "data": data_info,
@@ -2609,16 +2661,33 @@ class RunLog:
         self.data["models"][name] = record
         return record
 
-    def start(self, resuming: bool) -> None:
+    def start(self, create: bool) -> None:
         """The first write, before training. A new run creates its log only where no file
         has that name yet, in one step, so of two runs started with one --run_name the
-        second is refused here; a resumed run carries its earlier log on."""
+        second is refused here; a resumed run carries its earlier log on, and a new run
+        replaces the log of a run that died before its first checkpoint (see
+        check_run_log_is_new)."""
         try:
-            self.write(create=not resuming)
+            self.write(create=create)
         except FileExistsError:
             raise UserError(f"run log {self.path} already exists: another run with this "
                             "--run_name started first; choose another --run_name") from None
         remove_stale_temporary_files(self.path.parent, re.escape(self.path.name))
+
+    def record_failure(self, error: BaseException) -> None:
+        """A run that stops on an error says so in its log, with the error in one line,
+        instead of staying "running"; best effort, as the disk may be what failed."""
+        if self.data["status"] not in ("running", "failed") or "error" in self.data:
+            return
+        if isinstance(error, (KeyboardInterrupt, TrainingInterrupted)):
+            self.data["status"] = "interrupted"
+        else:
+            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            self.data["status"], self.data["error"] = "failed", " ".join(message.split())[:500]
+        try:
+            self.write()
+        except UserError:
+            pass
 
     def write(self, create: bool = False) -> None:
         try:
@@ -2626,9 +2695,7 @@ class RunLog:
         except FileExistsError:
             raise
         except OSError as error:
-            advice = "free disk space or " if error.errno == errno.ENOSPC else ""
-            raise UserError(f"cannot write run log {self.path}: {error.strerror}; {advice}"
-                            "choose another --artefacts_dir") from None
+            raise cannot_write(f"run log {self.path}", error, "choose another --artefacts_dir") from None
 
 
 def load_runlog(path: Path | str) -> dict:
@@ -2663,12 +2730,86 @@ def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
     return path
 
 
-def check_run_log_is_new(run_path: Path, resuming: bool) -> None:
-    """An explicit --run_name never replaces an earlier run's log, unless this run resumes
-    (its log then carries the earlier history on)."""
-    if run_path.exists() and not resuming:
-        raise UserError(f"run log {run_path} already exists; choose another --run_name, "
-                        "delete that file to replace it, or continue the run with --resume")
+def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: Path | None) -> bool:
+    """Whether this run may write `run_path`, given the checkpoints it resumes
+    ({model: (path, checkpoint)}, empty for a new run) and its --save_dir (claimed by this run
+    already); UserError if not. Returns True where a new run replaces the log of a run that
+    stopped before its first checkpoint and runs no more: the same command then just works.
+    A finished run's log, a log whose run has checkpoints to --resume, and a running run's log
+    are never replaced; a resumed run continues only its own run's log."""
+    if not run_path.exists():
+        return False
+    try:
+        log = load_runlog(run_path)
+    except (OSError, ValueError, UserError):
+        log = None
+    if resume_points:
+        check_run_log_is_the_checkpoints(run_path, log, resume_points)
+        return False
+    refused = (f"run log {run_path} already exists; choose another --run_name, delete that file "
+               "to replace it, or continue the run with --resume")
+    if not isinstance(log, dict) or log.get("status") in (None, "finished"):
+        raise UserError(refused)
+    args = log.get("args", {})
+    earlier_save_dir = Path(args["save_dir"]) if args.get("save_dir") else None
+    models = list(log.get("models") or args.get("models") or [])
+    if earlier_save_dir is not None and any(
+            CheckpointSeries(earlier_save_dir, name, keep=1).latest() for name in models):
+        raise UserError(refused)
+    if run_is_alive(log, earlier_save_dir, save_dir):
+        raise UserError(f"run log {run_path} already exists and belongs to another run that is "
+                        "still running; wait for it to finish, or choose another --run_name")
+    print(f"pico-llm: note: replacing run log {run_path}: its run stopped "
+          f"({log.get('status')}) before writing a checkpoint", file=sys.stderr)
+    return True
+
+
+def run_is_alive(log: dict, earlier_save_dir: Path | None, save_dir: Path | None) -> bool:
+    """Whether the run of a run log still runs: one that holds its --save_dir (this run claimed
+    its own already), else one whose process lives on this host; a run elsewhere counts as alive."""
+    if earlier_save_dir is not None:
+        if save_dir is not None and earlier_save_dir.resolve() == save_dir.resolve():
+            return False   # this run holds it
+        if not earlier_save_dir.is_dir():
+            return False
+        try:
+            with claim_directory(earlier_save_dir, "--save_dir"):
+                return False
+        except UserError:
+            return True
+    process = log.get("process") or {}
+    if process.get("host") != socket.gethostname() or not isinstance(process.get("pid"), int):
+        return log.get("status") == "running"
+    try:
+        os.kill(process["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return log.get("status") == "running" and process["pid"] != os.getpid()
+
+
+def check_run_log_is_the_checkpoints(run_path: Path, log: dict | None, resume_points: dict) -> None:
+    """A resumed run writes its log over `run_path` only when that log records the run that
+    wrote the checkpoints it resumes (its run_id; for checkpoints from before run ids, its
+    --run_name and --artefacts_dir)."""
+    path, checkpoint = next(iter(resume_points.values()))
+    checkpoint_run = checkpoint.get("run_id")
+    if isinstance(log, dict):
+        if checkpoint_run is not None and log.get("run_id") == checkpoint_run:
+            return
+        args = checkpoint["args"]
+        if (checkpoint_run is None and args.get("run_name") == run_path.stem
+                and Path(args.get("artefacts_dir", "")).resolve() == run_path.parent.resolve()):
+            return
+    described = (f"the run started {log.get('created')} with --save_dir "
+                 f"{log.get('args', {}).get('save_dir')}" if isinstance(log, dict)
+                 else "no run log pico-llm can read")
+    written_by = checkpoint["args"].get("run_name")
+    raise UserError(f"run log {run_path} records another run ({described}) than the one whose "
+                    f"checkpoint {path} is resumed (run "
+                    f"{written_by if written_by else 'with a default name'}); resume with that "
+                    "run's --run_name, or a new --run_name")
 
 
 def check_writable_directory(directory: Path, flag: str) -> None:
@@ -2832,6 +2973,17 @@ def diversity_metrics(texts: list[str], repeat_n: int = 3) -> dict:
     return metrics
 
 
+# Flags that no sweep point depends on (where files go, what is printed, which sweeps run),
+# so a sweep file may be continued with them changed; any other flag must be what the file's
+# points were run with.
+SWEEP_FREE_FLAGS = frozenset({
+    "models", "enable_transformer_gptoss", "device_id", "quiet", "log_interval", "run_name",
+    "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every", "keep_checkpoints",
+    "generate", "checkpoint", "overwrite", "export_hf", "sweep", "sweep_scale",
+    "custom_sweep_log", "custom_sweep_sizes", "collect_transformer_metrics", "attention_maps",
+    "monosemantic_enabled", "dist_timeout"})
+
+
 def point_key(model: str, settings: dict) -> str:
     return json.dumps({"model": model, **settings}, sort_keys=True)
 
@@ -2860,12 +3012,15 @@ class SweepLog:
                          else f"the {sweep} sweep at another version of scale {scale.name}")
             elif earlier["config"].get("data_sha256") != data_sha256:
                 other = f"the {sweep} sweep on other data"
+            elif changed := flag_differences(earlier["config"].get("args", {}), config.flags,
+                                             SWEEP_FREE_FLAGS):
+                other = f"the {sweep} sweep run with other flags ({'; '.join(changed)})"
             else:
                 other = None
             if other:
                 raise UserError(f"{path} holds {len(earlier['points'])} points of {other}, not "
-                                f"of {sweep} at scale {scale.name} on this data; pass --overwrite "
-                                "to replace them, or move the file away")
+                                f"of {sweep} at scale {scale.name} on this data with these flags; "
+                                "pass --overwrite to replace them, or move the file away")
             points, created = earlier["points"], earlier["created"]
             self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
         self.data = {
@@ -2905,7 +3060,11 @@ class SweepLog:
         self.write()
 
     def write(self) -> None:
-        atomic_write_json(self.path, self.data)
+        try:
+            atomic_write_json(self.path, self.data)
+        except OSError as error:
+            raise cannot_write(f"sweep file {self.path}", error, "choose another "
+                               "--artefacts_dir") from None
 
 
 def examples_fingerprint(texts: list[str]) -> str:
@@ -3375,14 +3534,21 @@ def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, di
     ids = tokenizer.encode(prompt)[: model.config.block_size]
     attentions = [block.attention for block in model.blocks]
     path = directory / f"{file_prefix}_{name}.json"
-    atomic_write_json(path, {"kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION,
-                             "model": name, "prompt": prompt,
-                             "tokens": [tokenizer.decode([i]) for i in ids],
-                             "layers": rounded(attention_maps(model, ids, device), 5),
-                             "windows": [attention.window for attention in attentions],
-                             "sinks": [None if attention.sinks is None else attention.sinks.tolist()
-                                       for attention in attentions]}, compact=True)
+    write_interpretability_file(path, {
+        "kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION, "model": name,
+        "prompt": prompt, "tokens": [tokenizer.decode([i]) for i in ids],
+        "layers": rounded(attention_maps(model, ids, device), 5),
+        "windows": [attention.window for attention in attentions],
+        "sinks": [None if attention.sinks is None else attention.sinks.tolist()
+                  for attention in attentions]}, compact=True)
     return path
+
+
+def write_interpretability_file(path: Path, contents: dict, compact: bool = False) -> None:
+    try:
+        atomic_write_json(path, contents, compact)
+    except OSError as error:
+        raise cannot_write(str(path), error, "choose another --artefacts_dir") from None
 
 
 def rounded(values, digits: int):
@@ -3449,15 +3615,15 @@ def embedding_clusters(model: nn.Module, tokenizer, data: TrainingData, text_ids
 
 def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: TrainingData,
                              sampling: SamplingConfig, clusters: int, directory: Path,
-                             device) -> Path:
-    """<directory>/monosemantic_<name>.json; prints the annotated greedy sample."""
+                             device, file_prefix: str = "monosemantic") -> Path:
+    """<directory>/<file_prefix>_<name>.json; prints the annotated greedy sample."""
     sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens,
                            SamplingRule(temperature=0.0), seed=sampling.seed, device=device)
     result = embedding_clusters(model, tokenizer, data, sample.token_ids, sample.num_prompt_tokens,
                                 clusters, sampling.seed)
-    path = directory / f"monosemantic_{name}.json"
-    atomic_write_json(path, {"kind": "monosemantic", "schema_version": SWEEP_SCHEMA_VERSION,
-                             "model": name, "text": sample.text, **result})
+    path = directory / f"{file_prefix}_{name}.json"
+    write_interpretability_file(path, {"kind": "monosemantic", "schema_version": SWEEP_SCHEMA_VERSION,
+                                       "model": name, "text": sample.text, **result})
     say(f"[{name}] embedding clusters: " + "; ".join(
         f"c{c}: {''.join(m[:12])!r}" for c, m in result["clusters"].items()))
     say(f"[{name}] greedy sample, each token with [its cluster and, if generated, nearest "
@@ -3465,18 +3631,29 @@ def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: Train
     return path
 
 
-def interpret_models(config: Config, device, tokenizer, data: TrainingData, models: dict) -> None:
-    """--attention_maps and --monosemantic_enabled after a normal training run."""
-    directory, experiments = Path(config.output.artefacts_dir), config.experiments
+def interpret_models(config: Config, device, tokenizer, data: TrainingData, models: dict,
+                     runlog: RunLog) -> None:
+    """--attention_maps and --monosemantic_enabled after a normal training run: files named
+    after the run, <run_name>.attention_<model>.json and <run_name>.monosemantic_<model>.json
+    beside its log, which names them in each model's record ("attention_maps",
+    "monosemantic"), so a second run in the same --artefacts_dir never replaces them."""
+    directory, experiments = runlog.path.parent, config.experiments
+    run_name = runlog.path.stem
     for name, model in models.items():
+        record = runlog.data["models"][name]
         if experiments.attention_maps:
             path = write_attention_maps(model, name, tokenizer, config.sampling.prompt, directory,
-                                        device)
+                                        device, file_prefix=f"{run_name}.attention")
             if path is not None:
+                record["attention_maps"] = path.name
                 print(f"attention maps of {name} written to {path}")
         if experiments.monosemantic_enabled:
-            write_embedding_clusters(model, name, tokenizer, data, config.sampling,
-                                     experiments.monosemantic_clusters, directory, device)
+            path = write_embedding_clusters(model, name, tokenizer, data, config.sampling,
+                                            experiments.monosemantic_clusters, directory, device,
+                                            file_prefix=f"{run_name}.monosemantic")
+            record["monosemantic"] = path.name
+    if experiments.attention_maps or experiments.monosemantic_enabled:
+        runlog.write()
 
 
 # =============================================================================
@@ -3644,7 +3821,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                          "gpt2-small|medium|large|xl, or all")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=12, help="passes over the training examples")
+    train.add_argument("--epochs", type=int, default=12,
+                       help="passes over the training examples; with --resume it may change "
+                            "(as may --max_steps_per_epoch and --early_stop_*) to extend a run, "
+                            "the cosine schedule then recomputed for the new total from the step "
+                            "reached")
     train.add_argument("--batch_size", type=int, default=16, help="examples per step")
     train.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--weight_decay", type=float, default=0.01,
@@ -3665,8 +3846,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     train.add_argument("--max_steps_per_epoch", type=int, default=None,
                        help="stop each epoch after this many steps")
     train.add_argument("--seed", type=int, default=1337, help="seed for data order, init, sampling")
-    train.add_argument("--device_id", default="cuda:0",
-                       help="cpu, mps or cuda:N (falls back to cpu when CUDA is absent)")
+    train.add_argument("--device_id", default="auto",
+                       help="auto (CUDA if present, else Apple's MPS, else the CPU; the run's "
+                            "first line names the choice), cpu, mps or cuda:N (cuda:N falls back "
+                            "to cpu, with a note, when CUDA is absent)")
     train.add_argument("--log_interval", type=int, default=10, help="print train loss every N steps")
     train.add_argument("--quiet", action="store_true", help="no progress bars, fewer messages")
 
@@ -3699,7 +3882,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="keep the newest K checkpoints of each model")
     ckpt.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                       help="continue from the newest checkpoints in --save_dir, or from PATH "
-                           "(a save directory or one checkpoint file); give the same flags")
+                           "(a save directory or one checkpoint file); give the same flags, "
+                           "except that the training length (--epochs, --max_steps_per_epoch, "
+                           "--early_stop_*) may change, e.g. to train a finished run longer")
     ckpt.add_argument("--generate", action="store_true",
                       help="no training: continue --prompt with the model in --checkpoint (or "
                            "--init_from)")
@@ -3739,11 +3924,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                   "width), the LSTM and the k-gram MLP, measured in this run")
     experiments.add_argument("--attention_maps", action="store_true",
                              help="after training, write each Transformer's attention weights for "
-                                  "--prompt to <artefacts_dir>/attention_<model>.json")
+                                  "--prompt to <artefacts_dir>/<run_name>.attention_<model>.json")
     experiments.add_argument("--monosemantic_enabled", action="store_true",
                              help="after training, cluster each model's token embeddings (k-means), "
                                   "print a greedy sample with each token's cluster and nearest "
-                                  "neighbours, and write <artefacts_dir>/monosemantic_<model>.json")
+                                  "neighbours, and write "
+                                  "<artefacts_dir>/<run_name>.monosemantic_<model>.json")
     experiments.add_argument("--monosemantic_clusters", type=int, default=8,
                              help="k of the k-means over token embeddings")
     dist = parser.add_argument_group("distributed training (Appendix C)")
@@ -3998,7 +4184,7 @@ class Config:
     experiments: ExperimentConfig
     output: OutputConfig
     huggingface: HuggingFaceConfig
-    device_id: str = "cuda:0"
+    device_id: str = "auto"
     dist_timeout: float = 300.0
     accounting: str | None = None            # --accounting WHAT: print, do not train
     transformer_variant: str = "pico"
@@ -4062,11 +4248,18 @@ def config_from_command_line(argv: Sequence[str] | None = None) -> Config:
     return config_from_flags(plain_flags(parse_args(argv)))
 
 def resolve_device(device_id: str) -> torch.device:
-    """cpu, mps or cuda:N; a CUDA request on a machine without CUDA falls back to cpu."""
+    """auto (CUDA, else Apple's MPS, else the CPU), cpu, mps or cuda:N; an explicit CUDA
+    request on a machine without CUDA falls back to cpu with a note."""
+    if device_id == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
     try:
         device = torch.device(device_id)
     except RuntimeError:
-        raise UserError(f"unknown --device_id {device_id!r}; use cpu, mps or cuda:N") from None
+        raise UserError(f"unknown --device_id {device_id!r}; use auto, cpu, mps or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             print(f"pico-llm: note: CUDA is not available, using cpu instead of {device_id}",
@@ -4082,7 +4275,7 @@ def resolve_device(device_id: str) -> torch.device:
             raise UserError("--device_id mps: Apple's MPS backend is not available here; use cpu")
         return device
     if device.type != "cpu":
-        raise UserError(f"unsupported --device_id {device_id!r}; use cpu, mps or cuda:N")
+        raise UserError(f"unsupported --device_id {device_id!r}; use auto, cpu, mps or cuda:N")
     return device
 
 
@@ -4137,9 +4330,11 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
         if runlog is not None:
             runlog.add_model(name, record)
         resume_from = (resume_points or {}).get(name)
-        if resume_from is not None and resume_from[1]["progress"]["finished"]:
+        if resume_from is not None and nothing_left_to_train(
+                TrainingProgress(**resume_from[1]["progress"]), training):
             load_model_weights(model, resume_from[1], resume_from[0], tokenizer)
             record.update(resume_from[1]["record"])
+            record_length_changes(record, resume_from[1], config.flags)
             if not training.quiet:
                 print(f"model {name}: finished in {resume_from[0]}, not retrained")
         else:
@@ -4170,17 +4365,18 @@ def run_training(config: Config) -> int:
             config = dataclasses.replace(config, training=dataclasses.replace(config.training,
                                                                               quiet=True))
         device = resolve_device(device_id)
+        if context.is_main and not config.training.quiet:
+            print(f"device: {device}" + (" (--device_id auto)" if device_id == "auto" else ""))
         run_path = choose_run_path(config.output, config.models.names)
         check_writable_directory(run_path.parent, "--artefacts_dir")
         save_dir = checkpoint_directory(config.checkpoints)
         if save_dir is not None:
             check_writable_directory(save_dir, "--save_dir")
         resuming = config.checkpoints.resume is not None
-        if context.is_main:  # rank 0 alone writes; the others stop when it does
-            check_run_log_is_new(run_path, resuming)
-            if save_dir is not None:  # held until the run ends; checked again under it
-                claims.enter_context(claim_directory(save_dir, "--save_dir"))
+        if context.is_main and save_dir is not None:  # rank 0 alone writes; the others stop when it does
+            claims.enter_context(claim_directory(save_dir, "--save_dir"))   # held until the run ends
         resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
+        replace_run_log = context.is_main and check_run_log_is_new(run_path, resume_points, save_dir)
         if context.is_main and save_dir is not None:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:
@@ -4199,7 +4395,9 @@ def run_training(config: Config) -> int:
                                                               config.models.transformer)}
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
-        runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
+        resumed_run = next((checkpoint["run_id"] for _, checkpoint in resume_points.values()
+                            if checkpoint.get("run_id")), None)
+        runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data), resumed_run)
                   if context.is_main else None)
         if runlog is not None:
             runlog.data["distributed"] = {"world_size": context.world_size,
@@ -4208,14 +4406,19 @@ def run_training(config: Config) -> int:
             if isinstance(tokenizer, TrainedBPETokenizer):
                 runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
                                                           str(tokenizer_dir / "merges.json")]
-            runlog.start(resuming)
+            runlog.start(create=not (resuming or replace_run_log))
             if isinstance(tokenizer, TrainedBPETokenizer):
                 tokenizer.save(tokenizer_dir)
         models: dict = {}
-        with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
-            train_models(config, device, tokenizer, data, runlog, context=context,
-                         trained_models=models, resume_points=resume_points, stop=stop,
-                         initial_weights=initial_weights)
+        try:
+            with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
+                train_models(config, device, tokenizer, data, runlog, context=context,
+                             trained_models=models, resume_points=resume_points, stop=stop,
+                             initial_weights=initial_weights)
+        except BaseException as error:
+            if runlog is not None:
+                runlog.record_failure(error)
+            raise
         if runlog is not None:
             runlog.data["status"] = "finished"
             runlog.write()
@@ -4223,7 +4426,7 @@ def run_training(config: Config) -> int:
             print(summary_table(runlog.data["models"]))
             print()
             print(ascii_loss_plot(runlog.data["models"]))
-            interpret_models(config, device, tokenizer, data, models)
+            interpret_models(config, device, tokenizer, data, models, runlog)
             if export_dir:
                 exported = export_hf(models["transformer"], tokenizer, export_dir)
                 print(f"\nHugging Face model written to {exported}")
@@ -5044,6 +5247,13 @@ FLAGS_FREE_ON_RESUME = frozenset({
     "top_p", "run_name", "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every",
     "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "overwrite", "export_hf"})
 
+# Flags that set how long training goes on, which --resume may change to extend (or shorten) a
+# run: the change is recorded in the model's run-log record ("length_changes"), and the cosine
+# schedule is recomputed for the new total number of steps from the step reached (so the
+# learning rate jumps from where the old schedule stood to where the new one stands).
+TRAINING_LENGTH_FLAGS = ("epochs", "max_steps_per_epoch", "early_stop_patience",
+                         "early_stop_min_delta")
+
 
 @dataclasses.dataclass
 class CheckpointConfig:
@@ -5161,8 +5371,10 @@ class FaultTolerance:
             load_model_weights(model, checkpoint, path, tokenizer)
             optimizer.load_state_dict(checkpoint["optimizer"])
             record.update(checkpoint["record"])
+            record_length_changes(record, checkpoint, self.flags)
             restore_rng_states(checkpoint["rng"])
             self.progress = TrainingProgress(**checkpoint["progress"])
+            self.progress.finished = nothing_left_to_train(self.progress, self.training)
             if not self.training.quiet:
                 print(f"[{self.name}] resuming from {path}: step {self.progress.step}, "
                       f"epoch {self.progress.epoch}", flush=True)
@@ -5220,6 +5432,8 @@ class FaultTolerance:
             "progress": dataclasses.asdict(self.progress), "rng": rng_states(),
             "args": self.flags, "tokenizer": tokenizer_identity(self.tokenizer_spec, self.tokenizer),
             "record": self.record}
+        if self.runlog is not None:   # the run whose log may be continued from this checkpoint
+            payload["run_id"] = self.runlog.data["run_id"]
         if isinstance(self.model, TransformerModel):  # an imported model's shape is in no flag
             payload["transformer_config"] = dataclasses.asdict(self.model.config)
         payload["sha256"] = checkpoint_digest(payload)
@@ -5290,10 +5504,8 @@ class CheckpointSeries:
         try:
             atomic_write_bytes(path, buffer.getvalue())
         except OSError as error:
-            advice = "free disk space or " if error.errno == errno.ENOSPC else ""
-            raise UserError(f"cannot write checkpoint {path}: {error.strerror}; {advice}choose "
-                            f"another --save_dir (last good checkpoint: "
-                            f"{self.last_saved or 'none'})") from None
+            raise cannot_write(f"checkpoint {path}", error, "choose another --save_dir (last good "
+                               f"checkpoint: {self.last_saved or 'none'})") from None
         self.last_saved = path
         for old in self.paths()[:-self.keep]:
             old.unlink(missing_ok=True)
@@ -5384,13 +5596,13 @@ class DamagedCheckpoint(UserError):
 def blocked_callable(message: str) -> str | None:
     """The callable a weights_only load refused to import, as Python 3 names it
     ("os.system", "subprocess.call"), from torch's message; None for other errors. Pickles
-    written with protocol 2 record Python 2 names (commands.call), and os.system is
-    posix.system on Linux and macOS."""
+    written with protocol 2 record Python 2 names (commands.call), os.system is
+    posix.system on Linux and macOS, and torch names a builtin without its module ("eval")."""
     found = re.search(r"GLOBAL ([\w.]+)", message)
     if not found:
         return None
     module, _, name = found.group(1).rpartition(".")
-    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module) or "builtins"
     return f"{'os' if module in ('posix', 'nt') else module}.{name}"
 
 
@@ -5438,7 +5650,8 @@ def read_checkpoint(path: Path, flag: str) -> dict:
 
 def load_checkpoint(path: Path, flag: str) -> dict:
     """read_checkpoint; for a damaged step file, the error names the newest good checkpoint
-    before it in the same series, the one to continue from instead."""
+    before it in the same series, the one to continue from instead, or else the good ones
+    after it."""
     try:
         return read_checkpoint(path, flag)
     except DamagedCheckpoint as damage:
@@ -5446,15 +5659,27 @@ def load_checkpoint(path: Path, flag: str) -> dict:
         if step < 0:
             raise UserError(f"{damage}; use another checkpoint") from None
         series = CheckpointSeries(path.parent.parent, path.parent.name, keep=1)
-        for candidate in reversed([p for p in series.paths() if checkpoint_step(p) < step]):
-            try:
-                with contextlib.redirect_stderr(io.StringIO()):   # a version-1 note
-                    read_checkpoint(candidate, flag)
-            except UserError:
-                continue
-            raise UserError(f"{damage}; the newest good checkpoint before it is {candidate}: "
-                            f"use {flag} {candidate}") from None
-        raise UserError(f"{damage}; no earlier checkpoint in {path.parent} is good") from None
+        earlier = [p for p in reversed(series.paths()) if checkpoint_step(p) < step]
+        later = [p for p in series.paths() if checkpoint_step(p) > step]
+        before = next((p for p in earlier if is_good_checkpoint(p, flag)), None)
+        if before is not None:
+            raise UserError(f"{damage}; the newest good checkpoint before it is {before}: "
+                            f"use {flag} {before}") from None
+        good = [p for p in later if is_good_checkpoint(p, flag)]
+        if good:
+            raise UserError(f"{damage}; no earlier checkpoint in {path.parent} is good, but newer "
+                            f"ones are ({', '.join(p.name for p in good)}): use {flag} "
+                            f"{good[-1]}") from None
+        raise UserError(f"{damage}; no other checkpoint in {path.parent} is good") from None
+
+
+def is_good_checkpoint(path: Path, flag: str) -> bool:
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):   # a version-1 note
+            read_checkpoint(path, flag)
+    except UserError:
+        return False
+    return True
 
 
 def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Config]:
@@ -5573,15 +5798,41 @@ def check_checkpoints_are_ours(save_dir: Path | None, model_names: list[str],
                         f"{save_dir}, or choose another --save_dir")
 
 
+def flag_differences(stored: dict, current: dict, free: frozenset) -> list[str]:
+    """"--flag A there, B now" for each flag both sets hold, outside `free`, that differs."""
+    return [f"--{key} {stored[key]!r} there, {current[key]!r} now"
+            for key in sorted(stored.keys() & current.keys())
+            if key not in free and stored[key] != current[key]]
+
+
 def check_same_flags(checkpoint: dict, path: Path, flags: dict) -> None:
     """A resumed run must compute what the interrupted one would have: same flags."""
-    stored, current = checkpoint["args"], flags
-    differences = [f"--{key} {stored[key]!r} there, {current[key]!r} now"
-                   for key in sorted(stored.keys() & current.keys())
-                   if key not in FLAGS_FREE_ON_RESUME and stored[key] != current[key]]
+    differences = flag_differences(checkpoint["args"], flags,
+                                   FLAGS_FREE_ON_RESUME | frozenset(TRAINING_LENGTH_FLAGS))
     if differences:
         raise UserError(f"{path} was trained with other flags ({'; '.join(differences)}); "
                         "resume with the same flags, or start afresh without --resume")
+
+
+def nothing_left_to_train(progress: TrainingProgress, training: TrainingConfig) -> bool:
+    """Whether a checkpoint's model is done under these flags: finished, with no epoch left
+    in --epochs, or stopped early by a patience these flags still have."""
+    if not progress.finished:
+        return False
+    patience = training.early_stop_patience
+    return progress.epoch > training.epochs or progress.epochs_without_improvement >= patience > 0
+
+
+def record_length_changes(record: dict, checkpoint: dict, flags: dict) -> None:
+    """Appends to record["length_changes"] each TRAINING_LENGTH_FLAGS value this resumed run
+    changes, {"step", "flag", "old", "new"}, so the log says how the run came to its length."""
+    stored, step = checkpoint["args"], checkpoint["progress"]["step"]
+    record.setdefault("length_changes", []).extend(
+        {"step": step, "flag": flag, "old": stored[flag], "new": flags[flag]}
+        for flag in TRAINING_LENGTH_FLAGS
+        if flag in stored and flag in flags and stored[flag] != flags[flag])
+    if not record["length_changes"]:
+        del record["length_changes"]
 
 
 def load_model_weights(model: nn.Module, checkpoint: dict, path: Path, tokenizer) -> None:
@@ -5662,7 +5913,7 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
     import torch.distributed as dist
 
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = device_id.startswith("cuda") and torch.cuda.is_available()
+    use_cuda = (device_id == "auto" or device_id.startswith("cuda")) and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
     # A rank that fails ends the job: the others give up after the timeout instead of hanging.
@@ -6149,7 +6400,8 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
         try:
             loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
             return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
-        except (OSError, ValueError, KeyError, TypeError) as error:  # truncated JSON, bad hex, ...
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            # truncated JSON, bad hex, a list where an object belongs, ...
             problem = textwrap.shorten(str(error), 80) or type(error).__name__
             print(f"pico-llm: note: BPE cache {cached} is damaged ({problem}); training the "
                   "tokenizer again", file=sys.stderr)
@@ -7162,9 +7414,10 @@ def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
         os.rename(staging, directory)  # over an empty directory at most
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise UserError(f"cannot write --export_hf {directory}: "
-                            f"{error.strerror or error}") from None
+        failure = os_error_of(error)   # safetensors and tokenizers raise their own types
+        if failure is not None:
+            raise cannot_write(f"--export_hf {directory}", failure,
+                               "choose another --export_hf directory") from None
         raise
     return directory
 

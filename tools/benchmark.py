@@ -832,8 +832,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="the same code paths at tiny sizes (seconds; the tests use it)")
     parser.add_argument("--output", default=str(pico.DEFAULT_ARTEFACTS_DIR / "benchmark.json"),
                         help="where the JSON report goes")
-    parser.add_argument("--device_id", default="cuda:0",
-                        help="cpu, mps or cuda:N (falls back to cpu when CUDA is absent)")
+    parser.add_argument("--device_id", default="auto",
+                        help="auto (CUDA, else MPS, else cpu), cpu, mps or cuda:N, as pico-llm's flag")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="training precision (default: bfloat16 on CUDA, float32 elsewhere)")
     parser.add_argument("--cpu_matmul", choices=pico.CPU_MATMUL_KERNELS, default="onednn",
