@@ -93,6 +93,7 @@ import random
 import re
 import shutil
 import socket
+import statistics
 import tempfile
 import textwrap
 import threading
@@ -923,11 +924,12 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
                         ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
                         rope_theta=500000.0, tie_weights=False),
-    # The pico shape with the nanoGPT speedrun's building blocks that help at this scale
-    # (section 7's recipe sweep measures each); train it with --optimizer muon, as the speedrun.
-    "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="relu2", norm="rmsnorm",
+    # The pico preset with the nanoGPT speedrun's building blocks that helped at this scale in
+    # section 7's recipe sweep (ReLU² and zero-initialised projections did not); train it with
+    # --optimizer muon, as the speedrun does.
+    "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
                      pos_emb="rope", tie_weights=False, qk_norm=True, value_embeddings=True,
-                     unet_skips=True, zero_init_proj=True, logit_softcap=15.0),
+                     unet_skips=True, logit_softcap=15.0),
 }
 
 
@@ -1391,7 +1393,8 @@ def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
 # =============================================================================
 # 5. Training and evaluation
 # =============================================================================
-# One optimizer step: the loss of a batch, its gradient, clipping, AdamW. One
+# One optimizer step: the loss of a batch, its gradient, clipping, AdamW (or Muon
+# for the hidden matrices, as the nanoGPT speedrun trains them). One
 # training run: steps over shuffled batches with a warm-up and a cosine learning
 # rate, and an evaluation on the held-out test set after every epoch. The loop
 # calls the appendices at named points: `speed_up` (A) picks the kernels and the
@@ -2819,7 +2822,8 @@ def ascii_loss_plot(records: dict, width: int = 60, height: int = 12) -> str:
 SWEEP_SCHEMA_VERSION = 1
 
 SWEEP_NAMES = ("custom_data", "budget", "overfit", "hyperparams", "kgram_variants",
-               "architectures", "sampling", "ablations", "learning_rate", "batch_size", "attention")
+               "architectures", "sampling", "ablations", "learning_rate", "batch_size", "attention",
+               "recipe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3335,6 +3339,69 @@ def sweep_attention(log: SweepLog, base, scale, device, tokenizer) -> None:
         log.add("transformer", settings, {**point_result(record, data), "generation": speeds})
 
 
+# The recipe sweep's points: the nanoGPT recipe at the pico shape (GPT-2's LayerNorm, learned
+# positions, GELU MLP and tied output layer; no biases, nanoGPT's better option; AdamW), each
+# idea of the nanoGPT speedrun added to it alone, the pico preset (RMSNorm, RoPE, SwiGLU), and
+# the speedrun preset trained with Muon: everything together.
+NANOGPT_RECIPE = {"ffn": "gelu", "norm": "layernorm", "pos_emb": "learned", "tie_weights": True}
+RECIPE_SWEEP_POINTS = {
+    "nanoGPT recipe": NANOGPT_RECIPE,
+    "+ QK-norm": {**NANOGPT_RECIPE, "qk_norm": True},
+    "+ ReLU² MLP": {**NANOGPT_RECIPE, "ffn": "relu2"},
+    "+ logit soft-cap 15": {**NANOGPT_RECIPE, "logit_softcap": 15.0},
+    "+ zero-init projections": {**NANOGPT_RECIPE, "zero_init_proj": True},
+    "+ value embeddings": {**NANOGPT_RECIPE, "value_embeddings": True},
+    "+ U-net skips": {**NANOGPT_RECIPE, "unet_skips": True},
+    "+ Muon": {**NANOGPT_RECIPE, "optimizer": "muon"},
+    "pico preset": {},
+    "speedrun preset + Muon": {"transformer_variant": "speedrun", "optimizer": "muon"},
+}
+# Per sweep scale: training seconds per point, and the steps of each of the two short runs
+# that measure each point's speed.
+RECIPE_BUDGETS = {"full": (30.0, 20), "tiny": (0.5, 2)}
+
+
+def train_time_s(history_entry: dict) -> float:
+    """Seconds spent in training steps (evaluations excluded) up to a run-log history entry."""
+    return history_entry["tokens_seen"] / max(history_entry["tokens_per_s"], 1e-9)
+
+
+def sweep_recipe(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """The modern training recipe against nanoGPT's, at equal training time on running text
+    (stream mode). First every point's speed is measured: two short runs each, taken in turns
+    so that other load on the machine weighs on all points alike, the mean of their step
+    times (each run's first 3 steps left out as warm-up; the mean, not the median, because a
+    loaded machine's rare slow steps count in a run's time too). Each point then trains for as many
+    steps as the budget allows at its speed, evaluating on the held-out text after every pass
+    over the training text: its curve of held-out loss against training seconds and steps."""
+    seconds, calibration_steps = RECIPE_BUDGETS[scale.name]
+    config = with_flags(base, test_fraction=scale.test_fraction, data_format="stream")
+    data = sweep_data(config, tokenizer)
+    points = {label: ({"recipe": label, **overrides, "train_seconds": seconds},
+                      with_flags(config, **overrides))
+              for label, overrides in RECIPE_SWEEP_POINTS.items()}
+    points = {label: point for label, point in points.items() if not log.done("transformer", point[0])}
+    step_times = {label: [] for label in points}
+    for _ in range(2):
+        for label, (_, point) in points.items():
+            _, record = train_sweep_model(label, "transformer", with_step_budget(
+                point, data, calibration_steps + 3), device, tokenizer, data)
+            times = [train_time_s(h) for h in record["history"]]
+            step_times[label] += [after - before for before, after in zip(times[3:], times[4:])]
+    for label, (settings, point) in points.items():
+        seconds_per_step = statistics.fmean(step_times[label])
+        steps = max(1, round(seconds / seconds_per_step))
+        _, record = train_sweep_model(label, "transformer", with_step_budget(point, data, steps),
+                                      device, tokenizer, data)
+        times = {h["step"]: train_time_s(h) for h in record["history"]}
+        curve = [{"step": test["step"], "train_time_s": round(times[test["step"]], 3),
+                  "test_loss": test["test_loss"], "test_bits_per_byte": test["test_bits_per_byte"]}
+                 for test in record["test_history"]]
+        log.add("transformer", settings, {**point_result(record, data),
+                                          "calibrated_seconds_per_step": seconds_per_step,
+                                          "train_time_s": curve[-1]["train_time_s"], "curve": curve})
+
+
 @torch.no_grad()
 def generation_speed(model: TransformerModel, context: int, new_tokens: int, batch: int,
                      device) -> dict:
@@ -3360,7 +3427,7 @@ SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": s
           "hyperparams": sweep_hyperparams, "kgram_variants": sweep_kgram_variants,
           "architectures": sweep_architectures, "sampling": sweep_sampling,
           "ablations": sweep_ablations, "learning_rate": sweep_learning_rate,
-          "batch_size": sweep_batch_size, "attention": sweep_attention}
+          "batch_size": sweep_batch_size, "attention": sweep_attention, "recipe": sweep_recipe}
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -6350,7 +6417,8 @@ def hf_family(config: TransformerConfig) -> str:
     """'gpt2' or 'llama': the transformers class that computes this config; UserError naming
     the first setting that no class computes."""
     for name, plain in (("attention", "softmax"), ("n_experts", 0), ("attention_sinks", False),
-                        ("sliding_window", 0), ("yarn_factor", 1.0)):
+                        ("sliding_window", 0), ("yarn_factor", 1.0), ("value_embeddings", False),
+                        ("unet_skips", False), ("logit_softcap", 0.0)):
         if getattr(config, name) != plain:   # GPT-oss's parts, linear attention: not exported
             raise UserError(f"--export_hf: {name}={getattr(config, name)} has no GPT-2 or Llama "
                             f"class in transformers; export needs {name}={plain}")

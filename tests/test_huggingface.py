@@ -223,6 +223,10 @@ REFUSED = {
     "norm=rmsnorm": dict(pos_emb="learned", norm="rmsnorm", ffn="gelu", bias=True),
     "n_kv_heads": dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True, n_kv_heads=2),
     "bias=False": dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=False),
+    "ffn=relu2": dict(ffn="relu2"),
+    "value_embeddings": dict(value_embeddings=True),
+    "unet_skips": dict(unet_skips=True),
+    "logit_softcap": dict(logit_softcap=15.0),
 }
 
 

@@ -221,7 +221,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(pico, configure):
     muon, *adamw = optimizer.param_groups
     assert muon["muon"] and not any(group["muon"] for group in adamw)
     hidden = sorted(names[id(p)].rsplit(".", 2)[-2] for p in muon["params"])
-    assert hidden == sorted(["q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2"] * 3)
+    assert hidden == sorted(["q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2", "w3"] * 3)
     rest = {names[id(p)] for group in adamw for p in group["params"]}
     assert {"token_embedding.weight", "unembedding.weight", "value_embedding.weight",
             "skip_weights", "final_norm.weight"} <= rest
