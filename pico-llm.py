@@ -41,15 +41,17 @@ Contents (the section banners below carry the same numbers):
        7.3 interpretability
     8. The command line and main()
   Part III. Appendices
-    A. Speed (oneDNN linears, freed memory kept, the chunked output-layer loss)
+    A. Speed (oneDNN linears, freed memory kept, the chunked output-layer loss):
+       A.1 compiled training (static shapes, real numbers), A.2 decoding on a GPU
+       (static shapes, CUDA graphs)
     B. Fault tolerance (checkpoints, exact resume, signals, non-finite steps,
        early stopping and reduce-on-plateau)
     C. Distributed training (torchrun / DDP)
     D. Training your own BPE tokenizer; resource accounting: D.1 byte-level BPE,
        D.2 resource accounting
-    E. Hugging Face interop (start from a GPT-2 or Llama model, export to
-       transformers): E.1 configs, E.2 weights, E.3 model directories and the
-       hub, E.4 tokenizers, E.5 export, E.6 the command line
+    E. Hugging Face interop (start from a GPT-2, Llama, Qwen, SmolLM or GPT-oss
+       model, export to transformers): E.1 configs, E.2 weights, E.3 model
+       directories and the hub, E.4 tokenizers, E.5 export, E.6 the command line
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ import faulthandler
 import functools
 import hashlib
 import heapq
-import importlib
+import importlib.util
 import io
 import json
 import math
@@ -163,7 +165,8 @@ def make_norm(kind: str, dim: int, bias: bool, eps: float = 1e-5) -> nn.Module:
 
 
 def yarn_frequencies(head_dim: int, theta: float, factor: float, original_context: int,
-                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> tuple[torch.Tensor, float]:
+                     beta_fast: float = 32.0, beta_slow: float = 1.0,
+                     truncate: bool = False) -> tuple[torch.Tensor, float]:
     """RoPE's inverse frequencies theta^(-2i/D), (D/2,), and an attention factor: 1 and the plain
     frequencies for factor 1, YaRN's (Peng et al., 2023, as GPT-oss uses it) for factor > 1.
 
@@ -172,7 +175,9 @@ def yarn_frequencies(head_dim: int, theta: float, factor: float, original_contex
     positions up to factor x original_context map to angles seen in training; a linear ramp blends
     the pairs between. cos and sin are multiplied by the attention factor 0.1 ln(factor) + 1 (so
     q.k by its square), sharpening attention to offset the longer context. As in GPT-oss the
-    scaling is static: it applies at every length, not only past original_context.
+    scaling is static: it applies at every length, not only past original_context. `truncate`
+    widens the ramp to whole pairs (floor of its start, ceiling of its end), as transformers'
+    YaRN does unless a config says truncate: false (GPT-oss's does).
     """
     inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     if factor == 1.0:
@@ -181,10 +186,47 @@ def yarn_frequencies(head_dim: int, theta: float, factor: float, original_contex
     def pair_turning(rotations: float) -> float:  # the (fractional) pair that turns this many times
         return head_dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low, high = max(pair_turning(beta_fast), 0.0), min(pair_turning(beta_slow), head_dim - 1.0)
+    low, high = pair_turning(beta_fast), pair_turning(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0.0), min(high, head_dim - 1.0)
     ramp = ((torch.arange(head_dim // 2) - low) / max(high - low, 1e-3)).clamp(0, 1)  # 0 keep, 1 slow
     inverse_frequency = inverse_frequency * (1 - ramp) + inverse_frequency / factor * ramp
     return inverse_frequency, 0.1 * math.log(factor) + 1.0
+
+
+def llama3_frequencies(head_dim: int, theta: float, factor: float, original_context: int,
+                       low_frequency_factor: float = 1.0, high_frequency_factor: float = 4.0
+                       ) -> torch.Tensor:
+    """Llama 3.1's RoPE frequencies (D/2,) for a context `factor` times original_context (Meta's
+    reference model.py, apply_scaling; Grattafiori et al., 2024). A pair whose wavelength
+    2 pi / frequency is shorter than original_context / high_frequency_factor keeps its frequency;
+    one longer than original_context / low_frequency_factor is slowed by `factor`; between them
+    the frequency blends the two, linearly in original_context / wavelength. Unlike YaRN's,
+    cos and sin keep their scale."""
+    inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    turns = original_context * inverse_frequency / (2 * math.pi)  # turns over the original context
+    span = high_frequency_factor - low_frequency_factor
+    blend = ((turns - low_frequency_factor) / span).clamp(0, 1)   # 0 slowed, 1 kept
+    return inverse_frequency / factor * (1 - blend) + inverse_frequency * blend
+
+
+ROPE_SCALINGS = ("yarn", "yarn_truncated", "llama3", "linear")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: str, factor: float,
+                     original_context: int) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies (D/2,) and cos/sin factor, for a context stretched `factor`
+    times past original_context in one of ROPE_SCALINGS: YaRN (yarn_frequencies, with or
+    without truncation), Llama 3.1's (llama3_frequencies), or linear position interpolation
+    (Chen et al., 2023: every frequency divided by `factor`). factor 1 is plain RoPE."""
+    if scaling in ("yarn", "yarn_truncated") or factor == 1.0:
+        return yarn_frequencies(head_dim, theta, factor, original_context,
+                                truncate=scaling == "yarn_truncated")
+    if scaling == "llama3":
+        return llama3_frequencies(head_dim, theta, factor, original_context), 1.0
+    inverse_frequency, _ = yarn_frequencies(head_dim, theta, 1.0, original_context)
+    return inverse_frequency / factor, 1.0
 
 
 class RotaryEmbedding(nn.Module):
@@ -194,14 +236,15 @@ class RotaryEmbedding(nn.Module):
     angle position * theta^(-2i/D). The dot product of a rotated query and key
     then depends only on their position difference. Positions are explicit, so
     a KV cache rotates new tokens at their true position. yarn_factor > 1 takes
-    YaRN's frequencies (yarn_frequencies) for contexts longer than training's.
+    YaRN's frequencies (yarn_frequencies), or another `scaling` (rope_frequencies), for
+    contexts longer than training's.
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0, yarn_factor: float = 1.0,
-                 yarn_original_context: int = 4096) -> None:
+                 yarn_original_context: int = 4096, scaling: str = "yarn") -> None:
         super().__init__()
-        inverse_frequency, self.attention_factor = yarn_frequencies(head_dim, theta, yarn_factor,
-                                                                    yarn_original_context)
+        inverse_frequency, self.attention_factor = rope_frequencies(
+            head_dim, theta, scaling, yarn_factor, yarn_original_context)
         self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +259,10 @@ class RotaryEmbedding(nn.Module):
         Read the pair (a, b) as the complex number a + ib: rotating it by an angle is
         multiplying by cos + i sin, giving (a cos - b sin) + i (a sin + b cos). One complex
         product does in a pass what the real formula does in six (with its backward, 0.15
-        vs 1.16 ms per training call here)."""
+        vs 1.16 ms per training call here). Compilers cannot generate code for complex
+        numbers, so compiled code takes Appendix A's real formula (rotate_pairs_real)."""
+        if torch.compiler.is_compiling():
+            return rotate_pairs_real(x, cos, sin)
         pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # (B, H, T, D/2)
         rotated = pairs * torch.complex(cos, sin)                          # (T, D/2) broadcast
         return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
@@ -293,6 +339,11 @@ class KVCache:
         self.length = 0
         self.window = window
 
+    # Which returned keys each new token may see: None, as append returns exactly the keys up
+    # to the newest token (causal_mask). Appendix A's static cache, which returns all its
+    # slots, gives a (T, S) mask instead.
+    attention_mask: torch.Tensor | None = None
+
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """keys, values: (B, H_kv, T, D) -> the cached ones followed by these, (B, H_kv, S, D)."""
         if self.window is not None:
@@ -335,7 +386,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
                  dropout: float, impl: str, sinks: bool = False, window: int | None = None,
                  head_dim: int | None = None, qk_norm: bool = False, norm_eps: float = 1e-5,
-                 value_embeddings: bool = False) -> None:
+                 qkv_bias: bool = False, value_embeddings: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
@@ -343,9 +394,10 @@ class CausalSelfAttention(nn.Module):
         # key are RMS-normalized before RoPE, so their dot products cannot grow without bound.
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        qkv_bias = bias or qkv_bias  # Qwen2 biases q, k and v but not the output projection
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         # Value embeddings (the nanoGPT speedrun): how much of the token's value embedding
         # (TransformerModel.value_embedding) this block adds to its values.
@@ -376,22 +428,27 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
+        mask = None
         if cache is not None:
             k, v = cache.append(k, v)                                                   # (B, Hkv, S, D)
+            mask = cache.attention_mask                                                 # None or (T, S)
         dropout = self.dropout if self.training else 0.0
         # PyTorch's fused kernel has no sinks: a model with them takes the written-out path.
         if self.impl == "math" or self.record_attention or self.sinks is not None:
-            y = self._math_attention(q, k, v, dropout)
+            y = self._math_attention(q, k, v, dropout, mask)
         else:
-            y = self._sdpa_attention(q, k, v, dropout)
+            y = self._sdpa_attention(q, k, v, dropout, mask)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))                      # (B, T, d_model)
 
-    def _sdpa_attention(self, q, k, v, dropout: float) -> torch.Tensor:
+    def _sdpa_attention(self, q, k, v, dropout: float, mask=None) -> torch.Tensor:
         """Fused kernel (flash attention on GPUs). The mask must know about the cache:
         new token i sits at position S - T + i. Without a window, T = S (no cache) is plain
         causal attention and a single new token sees every key: no mask to build."""
         T, S = q.shape[2], k.shape[2]
         gqa = self.n_kv_heads != self.n_heads
+        if mask is not None:                                                   # the cache's own
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                  enable_gqa=gqa)
         if self.window is None and T == S:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                   enable_gqa=gqa)
@@ -399,13 +456,14 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               enable_gqa=gqa)
 
-    def _math_attention(self, q, k, v, dropout: float) -> torch.Tensor:
+    def _math_attention(self, q, k, v, dropout: float, mask=None) -> torch.Tensor:
         """The explicit formula, scaled_dot_product_attention above, each key/value head
         repeated for the query heads it serves."""
         if self.n_kv_heads != self.n_heads:
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        mask = causal_mask(q.shape[2], k.shape[2], q.device, self.window)               # (T, S)
+        if mask is None:
+            mask = causal_mask(q.shape[2], k.shape[2], q.device, self.window)           # (T, S)
         if self.record_attention:
             self.last_attention = attention_weights(q, k, mask, self.sinks).detach()
         return scaled_dot_product_attention(q, k, v, mask, self.sinks, dropout)        # (B, H, T, D)
@@ -865,6 +923,8 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     yarn_factor: float = 1.0          # > 1: YaRN's RoPE frequencies (yarn_frequencies)
     yarn_original_context: int = 4096
+    rope_scaling: str = "yarn"        # how yarn_factor > 1 stretches RoPE (rope_frequencies)
+    nope_interval: int = 0            # > 0: every nope_interval-th block has no RoPE (SmolLM3)
     tie_weights: bool = True
     attention: str = "softmax"        # softmax | linear | gated_linear (LinearAttention)
     linear_attention_gate: str = "data"  # gated_linear's forget gate: fixed (RetNet) | data (GLA)
@@ -879,6 +939,7 @@ class TransformerConfig:
     attention_impl: str = "sdpa"
     dropout: float = 0.0
     bias: bool = False
+    qkv_bias: bool = False            # biases on the query, key and value projections alone (Qwen2)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -893,6 +954,11 @@ class TransformerConfig:
     def window(self, block: int) -> int | None:
         """GPT-oss's alternation: blocks 0, 2, 4, ... slide, blocks 1, 3, ... see the whole context."""
         return self.sliding_window if self.sliding_window and block % 2 == 0 else None
+
+    def uses_rope(self, block: int) -> bool:
+        """SmolLM3's NoPE layers: with nope_interval n, blocks n - 1, 2n - 1, ... rotate nothing."""
+        no_rope = self.nope_interval and (block + 1) % self.nope_interval == 0
+        return self.pos_emb == "rope" and not no_rope
 
 
 EMBEDDING_INIT_STD = 0.02   # GPT-2's initial weight scale, for embeddings and linear layers
@@ -957,9 +1023,13 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "yarn_original_context"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
-    for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size", "logit_softcap"):
+    for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size",
+                 "nope_interval", "logit_softcap"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name} must not be negative{where}, got {getattr(config, name)}")
+    if config.rope_scaling not in ROPE_SCALINGS:
+        raise UserError(f"rope_scaling {config.rope_scaling!r}{where} is not one of "
+                        + ", ".join(ROPE_SCALINGS))
     if not config.head_size and config.d_model % config.n_heads:
         raise UserError(f"--n_heads {config.n_heads} must divide --d_model {config.d_model}{where}")
     if config.n_heads % config.n_kv_heads:
@@ -977,17 +1047,20 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
 class TransformerBlock(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)) (pre-norm, as GPT-2 and Llama);
     or norm(x + attn(x)), then norm(x + ffn(x)) (post-norm, as the 2017 Transformer).
-    `index` counts from 0; with a sliding window the even blocks slide."""
+    `index` counts from 0; with a sliding window the even blocks slide; with nope_interval
+    some blocks ignore the rope they are given (TransformerConfig.uses_rope)."""
 
     def __init__(self, config: TransformerConfig, index: int) -> None:
         super().__init__()
         c = config
         self.pre_norm = c.norm_position == "pre"
+        self.uses_rope = c.uses_rope(index)
         self.attention_norm = make_norm(c.norm, c.d_model, c.bias, c.norm_eps)
         if c.attention == "softmax":
             self.attention = CausalSelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, c.dropout,
                                                  c.attention_impl, c.attention_sinks, c.window(index),
-                                                 c.head_dim, c.qk_norm, c.norm_eps, c.value_embeddings)
+                                                 c.head_dim, c.qk_norm, c.norm_eps, c.qkv_bias,
+                                                 c.value_embeddings)
         else:
             gate = c.linear_attention_gate if c.attention == "gated_linear" else None
             self.attention = LinearAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, gate)
@@ -1002,6 +1075,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope, cache=None, value_embedding=None) -> torch.Tensor:
         """x: (B, T, d_model) -> (B, T, d_model). cache: the attention's KVCache or
         LinearAttentionState. value_embedding: (B, T, Hkv D) or None (CausalSelfAttention)."""
+        rope = rope if self.uses_rope else None
         extra = {} if value_embedding is None else {"value_embedding": value_embedding}
         if self.pre_norm:
             x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, cache, **extra))
@@ -1041,7 +1115,7 @@ class TransformerModel(nn.Module):
         self.position_embedding = (nn.Embedding(config.block_size, config.d_model)
                                    if config.pos_emb == "learned" else None)
         self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.yarn_factor,
-                                       config.yarn_original_context)
+                                       config.yarn_original_context, config.rope_scaling)
                        if config.pos_emb == "rope" else None)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.value_embedding = (nn.Embedding(config.vocab_size, config.n_kv_heads * config.head_dim)
@@ -1097,11 +1171,20 @@ class TransformerModel(nn.Module):
 
     def _residual_stream(self, tokens: torch.Tensor, state: TransformerState | None) -> torch.Tensor:
         idx = tokens.t()                                                   # (B, T)
-        B, T = idx.shape
+        T = idx.shape[1]
         start = state.position if state is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
         positions = torch.arange(start, start + T, device=idx.device)
+        x = self.residual_stream_at(idx, positions, state.caches if state is not None else None)
+        if state is not None:
+            state.position = start + T
+        return x
+
+    def residual_stream_at(self, idx: torch.Tensor, positions: torch.Tensor,
+                           caches: list | None) -> torch.Tensor:
+        """idx (B, T) at positions (T,), each block with its cache or none -> final normalized
+        residual stream (T, B, d_model)."""
         x = self.token_embedding(idx)                                      # (B, T, d_model)
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
@@ -1118,11 +1201,9 @@ class TransformerModel(nn.Module):
         for layer, block in enumerate(self.blocks):
             if self.skip_weights is not None and layer >= self.config.n_blocks - half:
                 x = x + self.skip_weights[layer - (self.config.n_blocks - half)] * skips.pop()
-            x = block(x, rope, state.caches[layer] if state is not None else None, value_embedding)
+            x = block(x, rope, caches[layer] if caches is not None else None, value_embedding)
             if self.skip_weights is not None and layer < half:
                 skips.append(x)
-        if state is not None:
-            state.position = start + T
         return self.final_norm(x).transpose(0, 1)                          # (T, B, d_model)
 
 
@@ -1372,8 +1453,9 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   use_cache: bool = True, device: torch.device | str = "cpu") -> Generation:
     """Continue `prompt` with the model; one path for every model."""
     prompt_ids = tokenizer.encode(prompt)
-    ids = generate_ids(model, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id, seed=seed,
-                       use_cache=use_cache, device=device)
+    # Appendix A's static decoder (CUDA graphs) on a GPU; the model itself elsewhere
+    ids = generate_ids(decoding_model(model, device), prompt_ids, max_new_tokens, rule,
+                       eot_id=tokenizer.eot_id, seed=seed, use_cache=use_cache, device=device)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
     new_text = tokenizer.decode(new_ids)
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
@@ -1403,18 +1485,20 @@ def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
 # under torchrun. Left at their defaults, B and C do nothing.
 
 @torch.no_grad()
-def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) -> float:
+def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) -> torch.Tensor:
     """Scale all gradients by max_norm / (norm + 1e-6) when their one global L2 norm
-    exceeds max_norm. Returns the norm before clipping."""
+    exceeds max_norm. Returns the norm before clipping, a 0-dim tensor: comparing it on the
+    host here would make the CPU wait for a GPU, so the scale is capped at 1 on the device
+    instead (torch.nn.utils.clip_grad_norm_'s way)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    if total_norm > max_l2_norm:
-        scale = max_l2_norm / (total_norm + 1e-6)
+    if math.isfinite(max_l2_norm):
+        scale = (max_l2_norm / (total_norm + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(scale)
-    return float(total_norm)
+    return total_norm
 
 
 class AdamW(torch.optim.Optimizer):
@@ -1647,12 +1731,15 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
             with autocast_context(batch.inputs.device, dtype):
                 loss = loss_model(batch.inputs, batch.targets, weights)
             loss.backward()
-        local_loss += loss.item()
+        local_loss = local_loss + loss.detach()    # a tensor: no wait for the device per micro-batch
+    # an infinite limit only measures the norm, so a bad gradient is caught without clipping
+    grad_norm = gradient_clipping(loss_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # The step's one wait for the device: both numbers in one copy, checked before the update.
+    local_loss, grad_norm = torch.stack([local_loss.float(),
+                                         grad_norm.to(local_loss.device).float()]).tolist()
     step_loss = context.sum([local_loss], batch.inputs.device)[0] / context.world_size
     if not math.isfinite(step_loss):
         raise NonFiniteStep("loss", step_loss)
-    # an infinite limit only measures the norm, so a bad gradient is caught without clipping
-    grad_norm = gradient_clipping(loss_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if not math.isfinite(grad_norm):
         raise NonFiniteStep("gradient norm", grad_norm)
     optimizer.step()
@@ -1973,6 +2060,11 @@ def check_regular_file(path: Path, what: str) -> None:
                         "give a file")
 
 
+# A text file is read whole into memory, and held there about three times over (bytes, text,
+# lines) before it is tokenized; a larger file is refused before it is read.
+MAX_INPUT_FILE_BYTES = 2 << 30
+
+
 def read_text_lines(path: Path) -> list[str]:
     """Non-empty, stripped lines of a UTF-8 text file; UserError on anything else."""
     if not path.exists():
@@ -1980,6 +2072,11 @@ def read_text_lines(path: Path) -> list[str]:
     if path.is_dir():
         raise UserError(f"{path} is a directory; pass directories with --input_dir")
     check_regular_file(path, "input file")
+    size = path.stat().st_size
+    if size > MAX_INPUT_FILE_BYTES:
+        raise UserError(f"input file {path} is {size / 2**30:.1f} GiB, over the "
+                        f"{MAX_INPUT_FILE_BYTES / 2**30:g} GiB pico-llm reads into memory; train "
+                        f"on a part of it (e.g. head -n 1000000 {path} > part.txt)")
     try:
         raw = path.read_bytes()
     except OSError as error:
@@ -2007,9 +2104,15 @@ def text_files_in(directory: Path) -> list[Path]:
         raise UserError(f"--input_dir: cannot read {error.filename} ({error.strerror}); "
                         "check its permissions")
 
-    files = sorted(Path(folder) / name
-                   for folder, _, names in os.walk(directory, onerror=unreadable)
-                   for name in names if name.endswith(".txt") and (Path(folder) / name).is_file())
+    candidates = sorted(Path(folder) / name
+                        for folder, _, names in os.walk(directory, onerror=unreadable)
+                        for name in names if name.endswith(".txt"))
+    files = [path for path in candidates if path.is_file()]
+    skipped = [path for path in candidates if not path.is_file()]
+    if skipped:   # a FIFO would block the read, a device never end (see check_regular_file)
+        print(f"pico-llm: note: --input_dir: skipped {len(skipped)} .txt name(s) that are not "
+              f"regular files (pipes, sockets, devices or broken links), e.g. {skipped[0]}",
+              file=sys.stderr)
     if not files:
         raise UserError(f"--input_dir {directory} contains no .txt files")
     return files
@@ -2312,6 +2415,25 @@ def atomic_write_json(path: Path, obj, compact: bool = False) -> None:
     atomic_write_bytes(Path(path), json_bytes(obj, compact))
 
 
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write: the error itself, or the one that a Rust library
+    (safetensors, tokenizers) reports only as text, "... (os error 28)"; None otherwise."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if isinstance(error, Exception) and found:
+        number = int(found.group(1))
+        return OSError(number, os.strerror(number))
+    return None
+
+
+def cannot_write(what: str, error: OSError, elsewhere: str) -> UserError:
+    """The one line for a write that failed: what, the system's reason and what to do, which
+    on a full disk starts with freeing space."""
+    advice = "free disk space or " if error.errno == errno.ENOSPC else ""
+    return UserError(f"cannot write {what}: {error.strerror or error}; {advice}{elsewhere}")
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     import io
 
@@ -2337,6 +2459,7 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
                                            np.load(offsets_path), num_bytes)
                 problem = ("" if len(cached) == len(texts) and cached.offsets[-1] == len(cached.tokens)
                            else "its sizes do not match")
+                problem = problem or token_ids_problem(cached.tokens, tokenizer.vocab_size)
             except (OSError, ValueError, EOFError) as error:  # truncated or not a .npy file
                 problem = textwrap.shorten(str(error), 80) or type(error).__name__
             if not problem:
@@ -2362,6 +2485,18 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         except OSError as error:  # a cache we cannot write only costs time
             print(f"pico-llm: note: token cache not written ({error.strerror})", file=sys.stderr)
     return TokenizedExamples(tokens, offsets, num_bytes)
+
+
+def token_ids_problem(tokens: np.ndarray, vocab_size: int) -> str:
+    """What is wrong with cached ids that a model of `vocab_size` could not embed ("" if
+    nothing): a min and a max over the memory map (0.1 s for 200 million cached uint16 ids,
+    docs/performance.md), against an IndexError in the middle of training."""
+    if tokens.dtype.kind not in "ui":
+        return f"its ids are {tokens.dtype}, not integers"
+    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        return (f"its ids span {int(tokens.min())}..{int(tokens.max())}, outside the "
+                f"tokenizer's 0..{vocab_size - 1}")
+    return ""
 
 
 def split_indices(num_examples: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -2662,14 +2797,18 @@ class RunLog:
     training starts and after every epoch, so a crash leaves the last complete version on
     disk."""
 
-    def __init__(self, path: Path, flags: dict, device: torch.device, data_info: dict) -> None:
+    def __init__(self, path: Path, flags: dict, device: torch.device, data_info: dict,
+                 run_id: str | None = None) -> None:
         self.path = path
         self.data = {
             "schema_version": RUNLOG_SCHEMA_VERSION,
             "kind": "run",
             "run_name": path.stem,
+            # Which run this is, also in its checkpoints: a log is continued only by its own run.
+            "run_id": run_id or os.urandom(8).hex(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "status": "running",
+            "process": {"host": socket.gethostname(), "pid": os.getpid()},
             "args": dict(flags),
             "environment": environment_info(device),
             "data": data_info,
@@ -2680,16 +2819,33 @@ class RunLog:
         self.data["models"][name] = record
         return record
 
-    def start(self, resuming: bool) -> None:
+    def start(self, create: bool) -> None:
         """The first write, before training. A new run creates its log only where no file
         has that name yet, in one step, so of two runs started with one --run_name the
-        second is refused here; a resumed run carries its earlier log on."""
+        second is refused here; a resumed run carries its earlier log on, and a new run
+        replaces the log of a run that died before its first checkpoint (see
+        check_run_log_is_new)."""
         try:
-            self.write(create=not resuming)
+            self.write(create=create)
         except FileExistsError:
             raise UserError(f"run log {self.path} already exists: another run with this "
                             "--run_name started first; choose another --run_name") from None
         remove_stale_temporary_files(self.path.parent, re.escape(self.path.name))
+
+    def record_failure(self, error: BaseException) -> None:
+        """A run that stops on an error says so in its log, with the error in one line,
+        instead of staying "running"; best effort, as the disk may be what failed."""
+        if self.data["status"] not in ("running", "failed") or "error" in self.data:
+            return
+        if isinstance(error, (KeyboardInterrupt, TrainingInterrupted)):
+            self.data["status"] = "interrupted"
+        else:
+            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            self.data["status"], self.data["error"] = "failed", " ".join(message.split())[:500]
+        try:
+            self.write()
+        except UserError:
+            pass
 
     def write(self, create: bool = False) -> None:
         try:
@@ -2697,9 +2853,7 @@ class RunLog:
         except FileExistsError:
             raise
         except OSError as error:
-            advice = "free disk space or " if error.errno == errno.ENOSPC else ""
-            raise UserError(f"cannot write run log {self.path}: {error.strerror}; {advice}"
-                            "choose another --artefacts_dir") from None
+            raise cannot_write(f"run log {self.path}", error, "choose another --artefacts_dir") from None
 
 
 def load_runlog(path: Path | str) -> dict:
@@ -2734,12 +2888,86 @@ def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
     return path
 
 
-def check_run_log_is_new(run_path: Path, resuming: bool) -> None:
-    """An explicit --run_name never replaces an earlier run's log, unless this run resumes
-    (its log then carries the earlier history on)."""
-    if run_path.exists() and not resuming:
-        raise UserError(f"run log {run_path} already exists; choose another --run_name, "
-                        "delete that file to replace it, or continue the run with --resume")
+def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: Path | None) -> bool:
+    """Whether this run may write `run_path`, given the checkpoints it resumes
+    ({model: (path, checkpoint)}, empty for a new run) and its --save_dir (claimed by this run
+    already); UserError if not. Returns True where a new run replaces the log of a run that
+    stopped before its first checkpoint and runs no more: the same command then just works.
+    A finished run's log, a log whose run has checkpoints to --resume, and a running run's log
+    are never replaced; a resumed run continues only its own run's log."""
+    if not run_path.exists():
+        return False
+    try:
+        log = load_runlog(run_path)
+    except (OSError, ValueError, UserError):
+        log = None
+    if resume_points:
+        check_run_log_is_the_checkpoints(run_path, log, resume_points)
+        return False
+    refused = (f"run log {run_path} already exists; choose another --run_name, delete that file "
+               "to replace it, or continue the run with --resume")
+    if not isinstance(log, dict) or log.get("status") in (None, "finished"):
+        raise UserError(refused)
+    args = log.get("args", {})
+    earlier_save_dir = Path(args["save_dir"]) if args.get("save_dir") else None
+    models = list(log.get("models") or args.get("models") or [])
+    if earlier_save_dir is not None and any(
+            CheckpointSeries(earlier_save_dir, name, keep=1).latest() for name in models):
+        raise UserError(refused)
+    if run_is_alive(log, earlier_save_dir, save_dir):
+        raise UserError(f"run log {run_path} already exists and belongs to another run that is "
+                        "still running; wait for it to finish, or choose another --run_name")
+    print(f"pico-llm: note: replacing run log {run_path}: its run stopped "
+          f"({log.get('status')}) before writing a checkpoint", file=sys.stderr)
+    return True
+
+
+def run_is_alive(log: dict, earlier_save_dir: Path | None, save_dir: Path | None) -> bool:
+    """Whether the run of a run log still runs: one that holds its --save_dir (this run claimed
+    its own already), else one whose process lives on this host; a run elsewhere counts as alive."""
+    if earlier_save_dir is not None:
+        if save_dir is not None and earlier_save_dir.resolve() == save_dir.resolve():
+            return False   # this run holds it
+        if not earlier_save_dir.is_dir():
+            return False
+        try:
+            with claim_directory(earlier_save_dir, "--save_dir"):
+                return False
+        except UserError:
+            return True
+    process = log.get("process") or {}
+    if process.get("host") != socket.gethostname() or not isinstance(process.get("pid"), int):
+        return log.get("status") == "running"
+    try:
+        os.kill(process["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return log.get("status") == "running" and process["pid"] != os.getpid()
+
+
+def check_run_log_is_the_checkpoints(run_path: Path, log: dict | None, resume_points: dict) -> None:
+    """A resumed run writes its log over `run_path` only when that log records the run that
+    wrote the checkpoints it resumes (its run_id; for checkpoints from before run ids, its
+    --run_name and --artefacts_dir)."""
+    path, checkpoint = next(iter(resume_points.values()))
+    checkpoint_run = checkpoint.get("run_id")
+    if isinstance(log, dict):
+        if checkpoint_run is not None and log.get("run_id") == checkpoint_run:
+            return
+        args = checkpoint["args"]
+        if (checkpoint_run is None and args.get("run_name") == run_path.stem
+                and Path(args.get("artefacts_dir", "")).resolve() == run_path.parent.resolve()):
+            return
+    described = (f"the run started {log.get('created')} with --save_dir "
+                 f"{log.get('args', {}).get('save_dir')}" if isinstance(log, dict)
+                 else "no run log pico-llm can read")
+    written_by = checkpoint["args"].get("run_name")
+    raise UserError(f"run log {run_path} records another run ({described}) than the one whose "
+                    f"checkpoint {path} is resumed (run "
+                    f"{written_by if written_by else 'with a default name'}); resume with that "
+                    "run's --run_name, or a new --run_name")
 
 
 def check_writable_directory(directory: Path, flag: str) -> None:
@@ -2904,6 +3132,17 @@ def diversity_metrics(texts: list[str], repeat_n: int = 3) -> dict:
     return metrics
 
 
+# Flags that no sweep point depends on (where files go, what is printed, which sweeps run),
+# so a sweep file may be continued with them changed; any other flag must be what the file's
+# points were run with.
+SWEEP_FREE_FLAGS = frozenset({
+    "models", "enable_transformer_gptoss", "device_id", "quiet", "log_interval", "run_name",
+    "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every", "keep_checkpoints",
+    "generate", "checkpoint", "overwrite", "export_hf", "sweep", "sweep_scale",
+    "custom_sweep_log", "custom_sweep_sizes", "collect_transformer_metrics", "attention_maps",
+    "monosemantic_enabled", "dist_timeout"})
+
+
 def point_key(model: str, settings: dict) -> str:
     return json.dumps({"model": model, **settings}, sort_keys=True)
 
@@ -2932,12 +3171,15 @@ class SweepLog:
                          else f"the {sweep} sweep at another version of scale {scale.name}")
             elif earlier["config"].get("data_sha256") != data_sha256:
                 other = f"the {sweep} sweep on other data"
+            elif changed := flag_differences(earlier["config"].get("args", {}), config.flags,
+                                             SWEEP_FREE_FLAGS):
+                other = f"the {sweep} sweep run with other flags ({'; '.join(changed)})"
             else:
                 other = None
             if other:
                 raise UserError(f"{path} holds {len(earlier['points'])} points of {other}, not "
-                                f"of {sweep} at scale {scale.name} on this data; pass --overwrite "
-                                "to replace them, or move the file away")
+                                f"of {sweep} at scale {scale.name} on this data with these flags; "
+                                "pass --overwrite to replace them, or move the file away")
             points, created = earlier["points"], earlier["created"]
             self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
         self.data = {
@@ -2977,7 +3219,11 @@ class SweepLog:
         self.write()
 
     def write(self) -> None:
-        atomic_write_json(self.path, self.data)
+        try:
+            atomic_write_json(self.path, self.data)
+        except OSError as error:
+            raise cannot_write(f"sweep file {self.path}", error, "choose another "
+                               "--artefacts_dir") from None
 
 
 def examples_fingerprint(texts: list[str]) -> str:
@@ -3510,14 +3756,21 @@ def write_attention_maps(model: nn.Module, name: str, tokenizer, prompt: str, di
     ids = tokenizer.encode(prompt)[: model.config.block_size]
     attentions = [block.attention for block in model.blocks]
     path = directory / f"{file_prefix}_{name}.json"
-    atomic_write_json(path, {"kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION,
-                             "model": name, "prompt": prompt,
-                             "tokens": [tokenizer.decode([i]) for i in ids],
-                             "layers": rounded(attention_maps(model, ids, device), 5),
-                             "windows": [attention.window for attention in attentions],
-                             "sinks": [None if attention.sinks is None else attention.sinks.tolist()
-                                       for attention in attentions]}, compact=True)
+    write_interpretability_file(path, {
+        "kind": "attention", "schema_version": SWEEP_SCHEMA_VERSION, "model": name,
+        "prompt": prompt, "tokens": [tokenizer.decode([i]) for i in ids],
+        "layers": rounded(attention_maps(model, ids, device), 5),
+        "windows": [attention.window for attention in attentions],
+        "sinks": [None if attention.sinks is None else attention.sinks.tolist()
+                  for attention in attentions]}, compact=True)
     return path
+
+
+def write_interpretability_file(path: Path, contents: dict, compact: bool = False) -> None:
+    try:
+        atomic_write_json(path, contents, compact)
+    except OSError as error:
+        raise cannot_write(str(path), error, "choose another --artefacts_dir") from None
 
 
 def rounded(values, digits: int):
@@ -3584,15 +3837,15 @@ def embedding_clusters(model: nn.Module, tokenizer, data: TrainingData, text_ids
 
 def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: TrainingData,
                              sampling: SamplingConfig, clusters: int, directory: Path,
-                             device) -> Path:
-    """<directory>/monosemantic_<name>.json; prints the annotated greedy sample."""
+                             device, file_prefix: str = "monosemantic") -> Path:
+    """<directory>/<file_prefix>_<name>.json; prints the annotated greedy sample."""
     sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens,
                            SamplingRule(temperature=0.0), seed=sampling.seed, device=device)
     result = embedding_clusters(model, tokenizer, data, sample.token_ids, sample.num_prompt_tokens,
                                 clusters, sampling.seed)
-    path = directory / f"monosemantic_{name}.json"
-    atomic_write_json(path, {"kind": "monosemantic", "schema_version": SWEEP_SCHEMA_VERSION,
-                             "model": name, "text": sample.text, **result})
+    path = directory / f"{file_prefix}_{name}.json"
+    write_interpretability_file(path, {"kind": "monosemantic", "schema_version": SWEEP_SCHEMA_VERSION,
+                                       "model": name, "text": sample.text, **result})
     say(f"[{name}] embedding clusters: " + "; ".join(
         f"c{c}: {''.join(m[:12])!r}" for c, m in result["clusters"].items()))
     say(f"[{name}] greedy sample, each token with [its cluster and, if generated, nearest "
@@ -3600,18 +3853,29 @@ def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: Train
     return path
 
 
-def interpret_models(config: Config, device, tokenizer, data: TrainingData, models: dict) -> None:
-    """--attention_maps and --monosemantic_enabled after a normal training run."""
-    directory, experiments = Path(config.output.artefacts_dir), config.experiments
+def interpret_models(config: Config, device, tokenizer, data: TrainingData, models: dict,
+                     runlog: RunLog) -> None:
+    """--attention_maps and --monosemantic_enabled after a normal training run: files named
+    after the run, <run_name>.attention_<model>.json and <run_name>.monosemantic_<model>.json
+    beside its log, which names them in each model's record ("attention_maps",
+    "monosemantic"), so a second run in the same --artefacts_dir never replaces them."""
+    directory, experiments = runlog.path.parent, config.experiments
+    run_name = runlog.path.stem
     for name, model in models.items():
+        record = runlog.data["models"][name]
         if experiments.attention_maps:
             path = write_attention_maps(model, name, tokenizer, config.sampling.prompt, directory,
-                                        device)
+                                        device, file_prefix=f"{run_name}.attention")
             if path is not None:
+                record["attention_maps"] = path.name
                 print(f"attention maps of {name} written to {path}")
         if experiments.monosemantic_enabled:
-            write_embedding_clusters(model, name, tokenizer, data, config.sampling,
-                                     experiments.monosemantic_clusters, directory, device)
+            path = write_embedding_clusters(model, name, tokenizer, data, config.sampling,
+                                            experiments.monosemantic_clusters, directory, device,
+                                            file_prefix=f"{run_name}.monosemantic")
+            record["monosemantic"] = path.name
+    if experiments.attention_maps or experiments.monosemantic_enabled:
+        runlog.write()
 
 
 # =============================================================================
@@ -3792,7 +4056,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                          "gpt2-small|medium|large|xl, or all")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=12, help="passes over the training examples")
+    train.add_argument("--epochs", type=int, default=12,
+                       help="passes over the training examples; with --resume it may change "
+                            "(as may --max_steps_per_epoch and --early_stop_*) to extend a run, "
+                            "the cosine schedule then recomputed for the new total from the step "
+                            "reached")
     train.add_argument("--batch_size", type=int, default=16, help="examples per step")
     train.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--weight_decay", type=float, default=0.01,
@@ -3815,8 +4083,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     train.add_argument("--max_steps_per_epoch", type=int, default=None,
                        help="stop each epoch after this many steps")
     train.add_argument("--seed", type=int, default=1337, help="seed for data order, init, sampling")
-    train.add_argument("--device_id", default="cuda:0",
-                       help="cpu, mps or cuda:N (falls back to cpu when CUDA is absent)")
+    train.add_argument("--device_id", default="auto",
+                       help="auto (CUDA if present, else Apple's MPS, else the CPU; the run's "
+                            "first line names the choice), cpu, mps or cuda:N (cuda:N falls back "
+                            "to cpu, with a note, when CUDA is absent)")
     train.add_argument("--log_interval", type=int, default=10, help="print train loss every N steps")
     train.add_argument("--quiet", action="store_true", help="no progress bars, fewer messages")
 
@@ -3849,7 +4119,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="keep the newest K checkpoints of each model")
     ckpt.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                       help="continue from the newest checkpoints in --save_dir, or from PATH "
-                           "(a save directory or one checkpoint file); give the same flags")
+                           "(a save directory or one checkpoint file); give the same flags, "
+                           "except that the training length (--epochs, --max_steps_per_epoch, "
+                           "--early_stop_*) may change, e.g. to train a finished run longer")
     ckpt.add_argument("--generate", action="store_true",
                       help="no training: continue --prompt with the model in --checkpoint (or "
                            "--init_from)")
@@ -3889,11 +4161,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                   "width), the LSTM and the k-gram MLP, measured in this run")
     experiments.add_argument("--attention_maps", action="store_true",
                              help="after training, write each Transformer's attention weights for "
-                                  "--prompt to <artefacts_dir>/attention_<model>.json")
+                                  "--prompt to <artefacts_dir>/<run_name>.attention_<model>.json")
     experiments.add_argument("--monosemantic_enabled", action="store_true",
                              help="after training, cluster each model's token embeddings (k-means), "
                                   "print a greedy sample with each token's cluster and nearest "
-                                  "neighbours, and write <artefacts_dir>/monosemantic_<model>.json")
+                                  "neighbours, and write "
+                                  "<artefacts_dir>/<run_name>.monosemantic_<model>.json")
     experiments.add_argument("--monosemantic_clusters", type=int, default=8,
                              help="k of the k-means over token embeddings")
     dist = parser.add_argument_group("distributed training (Appendix C)")
@@ -3902,14 +4175,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     hf = parser.add_argument_group(
         "Hugging Face (Appendix E; needs the safetensors and tokenizers packages)")
     hf.add_argument("--init_from", default=None, metavar="DIR|HUB_ID",
-                    help="start the transformer from a GPT-2 or Llama model in Hugging Face "
-                         "format (a directory with config.json and model.safetensors, or a hub "
-                         "id such as gpt2, downloaded when the hub is reachable) and train it "
+                    help="start the transformer from a GPT-2, Llama, Qwen2/3, SmolLM or "
+                         "GPT-oss model in Hugging Face format (a directory with config.json and "
+                         "model.safetensors, or a hub id org/name such as Qwen/Qwen3-0.6B, "
+                         "downloaded when the hub is reachable) and train it "
                          "(--models transformer) or --generate from it; its config.json sets "
                          "the shape and its tokenizer the ids")
     hf.add_argument("--export_hf", default=None, metavar="DIR",
                     help="after training, write the transformer to the new directory DIR in "
-                         "Hugging Face format (GPT-2 or Llama family), for transformers' "
+                         "Hugging Face format (the family that computes it: GPT-2, Llama, Qwen2, "
+                         "Qwen3, SmolLM3 or GPT-oss), for transformers' "
                          "AutoModelForCausalLM.from_pretrained(DIR); with --checkpoint PATH, "
                          "export that checkpoint without training")
 
@@ -3926,7 +4201,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "where this PyTorch build has it; 2x PyTorch's default on the AMD "
                             "EPYC of docs/performance.md) or torch (PyTorch's default, MKL)")
     bench.add_argument("--compile", action="store_true",
-                       help="torch.compile each model's features (worth it on GPUs)")
+                       help="torch.compile the model (on a GPU with its output layer and loss; "
+                            "worth it on GPUs, where it fuses kernels; slow to start on a CPU)")
     return parser
 
 
@@ -4145,7 +4421,7 @@ class Config:
     experiments: ExperimentConfig
     output: OutputConfig
     huggingface: HuggingFaceConfig
-    device_id: str = "cuda:0"
+    device_id: str = "auto"
     dist_timeout: float = 300.0
     accounting: str | None = None            # --accounting WHAT: print, do not train
     transformer_variant: str = "pico"
@@ -4209,11 +4485,18 @@ def config_from_command_line(argv: Sequence[str] | None = None) -> Config:
     return config_from_flags(plain_flags(parse_args(argv)))
 
 def resolve_device(device_id: str) -> torch.device:
-    """cpu, mps or cuda:N; a CUDA request on a machine without CUDA falls back to cpu."""
+    """auto (CUDA, else Apple's MPS, else the CPU), cpu, mps or cuda:N; an explicit CUDA
+    request on a machine without CUDA falls back to cpu with a note."""
+    if device_id == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
     try:
         device = torch.device(device_id)
     except RuntimeError:
-        raise UserError(f"unknown --device_id {device_id!r}; use cpu, mps or cuda:N") from None
+        raise UserError(f"unknown --device_id {device_id!r}; use auto, cpu, mps or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             print(f"pico-llm: note: CUDA is not available, using cpu instead of {device_id}",
@@ -4229,7 +4512,7 @@ def resolve_device(device_id: str) -> torch.device:
             raise UserError("--device_id mps: Apple's MPS backend is not available here; use cpu")
         return device
     if device.type != "cpu":
-        raise UserError(f"unsupported --device_id {device_id!r}; use cpu, mps or cuda:N")
+        raise UserError(f"unsupported --device_id {device_id!r}; use auto, cpu, mps or cuda:N")
     return device
 
 
@@ -4284,9 +4567,11 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
         if runlog is not None:
             runlog.add_model(name, record)
         resume_from = (resume_points or {}).get(name)
-        if resume_from is not None and resume_from[1]["progress"]["finished"]:
+        if resume_from is not None and nothing_left_to_train(
+                TrainingProgress(**resume_from[1]["progress"]), training):
             load_model_weights(model, resume_from[1], resume_from[0], tokenizer)
             record.update(resume_from[1]["record"])
+            record_length_changes(record, resume_from[1], config.flags)
             if not training.quiet:
                 print(f"model {name}: finished in {resume_from[0]}, not retrained")
         else:
@@ -4317,17 +4602,18 @@ def run_training(config: Config) -> int:
             config = dataclasses.replace(config, training=dataclasses.replace(config.training,
                                                                               quiet=True))
         device = resolve_device(device_id)
+        if context.is_main and not config.training.quiet:
+            print(f"device: {device}" + (" (--device_id auto)" if device_id == "auto" else ""))
         run_path = choose_run_path(config.output, config.models.names)
         check_writable_directory(run_path.parent, "--artefacts_dir")
         save_dir = checkpoint_directory(config.checkpoints)
         if save_dir is not None:
             check_writable_directory(save_dir, "--save_dir")
         resuming = config.checkpoints.resume is not None
-        if context.is_main:  # rank 0 alone writes; the others stop when it does
-            check_run_log_is_new(run_path, resuming)
-            if save_dir is not None:  # held until the run ends; checked again under it
-                claims.enter_context(claim_directory(save_dir, "--save_dir"))
+        if context.is_main and save_dir is not None:  # rank 0 alone writes; the others stop when it does
+            claims.enter_context(claim_directory(save_dir, "--save_dir"))   # held until the run ends
         resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
+        replace_run_log = context.is_main and check_run_log_is_new(run_path, resume_points, save_dir)
         if context.is_main and save_dir is not None:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:
@@ -4335,15 +4621,20 @@ def run_training(config: Config) -> int:
         export_dir = config.huggingface.export_hf
         if export_dir:
             check_export_directory(Path(export_dir))
-        tokenizer = initial_weights = None
-        if config.huggingface.init_from:  # Appendix E: the model's shape, tokenizer, weights
-            config, tokenizer, weights = init_from_hf(config, resume_points.get("transformer"))
-            initial_weights = {"transformer": weights} if weights is not None else None
+        tokenizer = initial_weights = hf_directory = None
+        if config.huggingface.init_from:  # Appendix E: the model's shape and tokenizer
+            config, tokenizer, hf_directory = init_from_hf(config, resume_points.get("transformer"))
         vocab_size = tokenizer.vocab_size if tokenizer else tokenizer_vocab_size(config.data.tokenizer)
-        check_models_fit_in_memory(config.models, vocab_size, config.data.block_size, device)
+        check_models_fit_in_memory(config.models, vocab_size, config.data.block_size, device,
+                                   config.huggingface.init_from)
+        if hf_directory is not None:  # its weights, read once the model is known to fit
+            initial_weights = {"transformer": load_hf_weights(hf_directory,
+                                                              config.models.transformer)}
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
-        runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
+        resumed_run = next((checkpoint["run_id"] for _, checkpoint in resume_points.values()
+                            if checkpoint.get("run_id")), None)
+        runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data), resumed_run)
                   if context.is_main else None)
         if runlog is not None:
             runlog.data["distributed"] = {"world_size": context.world_size,
@@ -4352,14 +4643,19 @@ def run_training(config: Config) -> int:
             if isinstance(tokenizer, TrainedBPETokenizer):
                 runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
                                                           str(tokenizer_dir / "merges.json")]
-            runlog.start(resuming)
+            runlog.start(create=not (resuming or replace_run_log))
             if isinstance(tokenizer, TrainedBPETokenizer):
                 tokenizer.save(tokenizer_dir)
         models: dict = {}
-        with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
-            train_models(config, device, tokenizer, data, runlog, context=context,
-                         trained_models=models, resume_points=resume_points, stop=stop,
-                         initial_weights=initial_weights)
+        try:
+            with StopRequest(repeat_acts_at_once=not context.enabled) as stop:
+                train_models(config, device, tokenizer, data, runlog, context=context,
+                             trained_models=models, resume_points=resume_points, stop=stop,
+                             initial_weights=initial_weights)
+        except BaseException as error:
+            if runlog is not None:
+                runlog.record_failure(error)
+            raise
         if runlog is not None:
             runlog.data["status"] = "finished"
             runlog.write()
@@ -4367,7 +4663,7 @@ def run_training(config: Config) -> int:
             print(summary_table(runlog.data["models"]))
             print()
             print(ascii_loss_plot(runlog.data["models"]))
-            interpret_models(config, device, tokenizer, data, models)
+            interpret_models(config, device, tokenizer, data, models, runlog)
             if export_dir:
                 exported = export_hf(models["transformer"], tokenizer, export_dir)
                 print(f"\nHugging Face model written to {exported}")
@@ -4389,7 +4685,9 @@ def run_generation(config: Config) -> int:
     Hugging Face model's), using the sampling flags."""
     if config.huggingface.init_from:
         source = config.huggingface.init_from
-        model, tokenizer = import_hf(resolve_init_from(source))
+        path = resolve_init_from(source)
+        check_fits_to_sample(config_from_hf(read_hf_config(path)), source)
+        model, tokenizer = import_hf(path)
         check_tokenizer_fits(config.data.tokenizer, tokenizer, source)
         context = model.config.block_size
         limit = f"the {context} positions of --init_from {source}"
@@ -4520,7 +4818,11 @@ def exit_process(status: int) -> None:
 #     logits and computes the output layer's gradient during the forward pass.
 # `--loss plain --cpu_matmul torch` gives Part I's plain path; the tests check
 # that both give the same losses and gradients to float32 rounding.
-# Measurements: docs/performance.md.
+# On a GPU, what matters is different: launches and host syncs, not arithmetic.
+# `--compile` compiles model, output layer and loss in one region (with static-shape
+# experts and real-arithmetic RoPE, which compilers need), and generation goes
+# through `decoding_model`: static-shape caches replayed as one CUDA graph a token.
+# Each is tested equal to Part I. Measurements: docs/performance.md.
 
 CPU_MATMUL_KERNELS = ("onednn", "torch")
 LOSS_KINDS = ("chunked", "plain")
@@ -4532,7 +4834,7 @@ class SpeedConfig:
 
     loss: str = "chunked"          # chunked (this appendix) | plain (section 3)
     cpu_matmul: str = "onednn"     # onednn | torch, for float32 linears on the CPU
-    compile: bool = False          # torch.compile the models' features (worth it on GPUs)
+    compile: bool = False          # torch.compile the model, with its loss on GPUs (compile_for_training)
 
 
 def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> NextTokenLoss:
@@ -4542,7 +4844,8 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
     With cpu_matmul "onednn" on a CPU (and a PyTorch build that has oneDNN's op), the
     model's nn.Linear layers become FastLinear in place: same parameters, same
     state_dict, products through oneDNN; and the C allocator keeps freed memory for
-    reuse. Nothing changes on a GPU except the loss (and torch.compile if asked)."""
+    reuse. Nothing changes on a GPU except the loss, and with speed.compile the model and
+    loss are compiled together (compile_for_training)."""
     onednn = speed.cpu_matmul == "onednn" and device.type == "cpu" and onednn_available()
     if onednn:
         keep_freed_memory()
@@ -4550,7 +4853,12 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
             if type(module) is nn.Linear:
                 module.__class__ = FastLinear
     if speed.compile:
-        compile_model(model)
+        problem = compile_unavailable(device)
+        if problem:
+            raise UserError(f"--compile cannot run here: {problem}; drop --compile")
+        compiled_loss = compile_for_training(model, device)
+        if compiled_loss is not None:
+            return compiled_loss
     return NextTokenLoss(model) if speed.loss == "plain" else ChunkedNextTokenLoss(model)
 
 
@@ -4703,8 +5011,8 @@ def keep_freed_memory() -> bool:
 # numbers end near 1e-38, and the softmax of a target 104 nats below its row maximum is 0.
 UNTRUSTED_SOFTMAX_LOSS = -math.log(1e-30)                                   # 69.08 nats
 
-def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor,
-                           with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, with_gradient: bool,
+                           in_place: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-position CE(logits_i, y_i) and, with_gradient, d CE_i / d logits_i = softmax - onehot,
     written over the logits (in place: no second 100 MB-scale tensor per chunk).
     logits (n, V) float32, targets (n,) -> ((n,), (n, V) or None).
@@ -4717,9 +5025,15 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor,
     caller recomputes those rows from their logits (exact_cross_entropy_where_untrusted),
     since these have been overwritten here. On the CPU the softmax writes over its input (its
     kernel reads each row before writing it; the tests check the result); a GPU, where that is
-    unverified here, gets a fresh tensor from its cache."""
-    probabilities = torch.softmax(logits, dim=-1, out=logits if logits.is_cpu else None)  # (n, V)
-    losses = probabilities.gather(1, targets[:, None]).squeeze(1).log().neg_()           # (n,)
+    unverified here, gets a fresh tensor from its cache (in_place None: per device). Not in
+    place, the logits survive and the losses are read off them exactly, logsumexp(x) - x[y]: no
+    rows to recompute, so no wait for the device to say which (a GPU's memory pass is cheap)."""
+    in_place = logits.is_cpu if in_place is None else in_place
+    probabilities = torch.softmax(logits, dim=-1, out=logits if in_place else None)       # (n, V)
+    if in_place:
+        losses = probabilities.gather(1, targets[:, None]).squeeze(1).log().neg_()       # (n,)
+    else:
+        losses = torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None]).squeeze(1)
     if not with_gradient:
         return losses, None
     probabilities[torch.arange(len(targets), device=targets.device), targets] -= 1.0
@@ -4792,7 +5106,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if wants_grad:
                     head.add_gradients(start, end, softmax_minus_onehot,
                                        position_weights[start: end].float())
-            exact_cross_entropy_where_untrusted(losses, h_all, w, b, targets, softcap)
+            if hidden.is_cpu:                   # elsewhere softmax_cross_entropy_ was exact
+                exact_cross_entropy_where_untrusted(losses, h_all, w, b, targets, softcap)
             total = losses @ position_weights.float()
         if wants_grad:
             grad_weight, grad_bias = head.weight_and_bias_gradients()
@@ -4936,9 +5251,215 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """--compile: torch.compile the part training runs (features; the chunked loss stays eager)."""
+    """--compile on a CPU: torch.compile the model's features; the chunked loss stays eager
+    (speed_up compiles the whole loss elsewhere)."""
     model.features = torch.compile(model.features)
     return model
+
+
+# --- A.1 Compiled training: static shapes, real numbers ------------------------------
+# torch.compile (Inductor) turns a model into a few fused kernels, which is what a GPU needs
+# (eager GPT-2 small spends much of a step launching kernels); it needs code whose shapes do
+# not depend on the data and arithmetic it can generate code for. Two Part I pieces are not:
+# the mixture of experts (each expert's share of the positions is known only once the router
+# ran) and RoPE's complex product. Their compiled forms follow; speed_up switches them on.
+
+
+def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RotaryEmbedding.rotate in real arithmetic: each pair (a, b) -> (a cos - b sin,
+    a sin + b cos). x (B, H, T, D), cos and sin (T, D/2) -> (B, H, T, D). The same float32
+    products as the complex form; compiled, one fused kernel. Eager on the CPU it is slower
+    than the complex one (docs/performance.md), so only compiled code takes it."""
+    pairs = x.float().unflatten(-1, (-1, 2))                                # (B, H, T, D/2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+class StaticShapeMixtureOfExperts(MixtureOfExperts):
+    """MixtureOfExperts with shapes that do not depend on the routing, for compiled code and
+    CUDA graphs: every expert runs on every position, weighted by the router's softmax over
+    the top k where it was chosen and by 0 elsewhere. The same output and gradients as the
+    sparse layer (a 0 weight adds exactly nothing), at E / k times its expert arithmetic: worth
+    it where kernel launches and host syncs, not arithmetic, bound the step (a GPU at small
+    width). speed_up turns a model's MixtureOfExperts into these when compiling."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])                                    # (N, d_model)
+        logits = self.router(tokens)                                           # (N, E)
+        top_logits, chosen = logits.topk(self.experts_per_token, dim=-1)       # (N, k)
+        gates = torch.zeros_like(logits, dtype=torch.float32).scatter(
+            1, chosen, torch.softmax(top_logits, dim=-1).float())             # (N, E), k nonzero
+        out = torch.zeros_like(tokens)
+        for index, expert in enumerate(self.experts):
+            out = out + (gates[:, index, None] * expert(tokens)).to(out.dtype)
+        self.routing = Routing(torch.softmax(logits.float(), dim=-1), chosen)
+        if self.training:
+            counts = F.one_hot(chosen, len(self.experts)).sum(dim=(0, 1))      # (E,)
+            self.usage = counts if self.usage is None else self.usage + counts
+        return out.view_as(x)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot generate code for `device` here, or None: Inductor builds C++
+    with the system's compiler on a CPU and Triton kernels on a GPU."""
+    if device.type == "cpu":
+        if os.environ.get("CXX") or any(shutil.which(name) for name in ("g++", "clang++", "c++")):
+            return None
+        return "torch.compile needs a C++ compiler (g++ or clang++) on the PATH on a CPU"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile needs the triton package on a GPU (pip install triton)"
+    return None
+
+
+def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module | None:
+    """--compile: the mixtures of experts made static, then on a GPU the whole loss module
+    compiled, model, output layer and Part I's cross-entropy in one region (nanoGPT's way:
+    Inductor fuses the float32 log-softmax into the logits' kernels), returned; on a CPU the
+    model's features compiled in place and None returned (the chunked loss, which exists to
+    spare a CPU's memory, stays eager)."""
+    for module in model.modules():
+        if type(module) is MixtureOfExperts:
+            module.__class__ = StaticShapeMixtureOfExperts
+    if device.type != "cpu":
+        return torch.compile(NextTokenLoss(model))
+    compile_model(model)
+    return None
+
+
+# --- A.2 Decoding on a GPU: static shapes and CUDA graphs ------------------------------
+# A cached step of a small model at batch 1 is a few hundred tiny kernels: on a GPU the host's
+# launches, not the arithmetic, set the pace (3-4 ms of launches per token for GPT-2 small).
+# A CUDA graph records one step's kernels once and replays them with a single launch, but only
+# a step whose shapes and memory addresses never change: here every cache is preallocated to
+# the block size, written in place at a position held in a device tensor, and attention runs
+# over all its slots with a mask for those not yet written (or outside a sliding window).
+
+
+class StaticKVCache:
+    """KVCache with fixed shapes: all `capacity` slots, keys and values written at the
+    positions of the new tokens (`positions`, (T,) on the device, set before each step), and
+    attention over every slot with attention_mask. Zero-filled, so that unwritten slots hold
+    numbers (weight 0 times NaN would still be NaN)."""
+
+    def __init__(self, attention: CausalSelfAttention, batch: int, capacity: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.keys = torch.zeros(batch, attention.n_kv_heads, capacity, attention.head_dim,
+                                device=device, dtype=dtype)                   # (B, H_kv, S, D)
+        self.values = torch.zeros_like(self.keys)
+        self.window = attention.window
+        self.key_positions = torch.arange(capacity, device=device)           # (S,)
+        self.positions = torch.zeros(1, dtype=torch.long, device=device)      # (T,)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values: (B, H_kv, T, D) -> every slot, (B, H_kv, S, D)."""
+        self.keys.index_copy_(2, self.positions, keys)
+        self.values.index_copy_(2, self.positions, values)
+        return self.keys, self.values
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(T, S) bool: key j is visible to the new token at position p when j <= p (and,
+        with a window, j > p - window), as causal_mask says of the plain cache."""
+        query, key = self.positions[:, None], self.key_positions[None, :]
+        visible = key <= query
+        return visible if self.window is None else visible & (key > query - self.window)
+
+
+class StaticDecoder(nn.Module):
+    """A softmax-attention TransformerModel's forward_incremental with static shapes, the same
+    interface, so generate_ids drives it as it drives the model: state is the next position (an
+    int; None starts again). It holds its own copy of the weights in `dtype` (bf16 weights are
+    read at half the bytes, with no cast per step), its mixtures of experts static
+    (StaticShapeMixtureOfExperts). A prompt (T > 1) runs eagerly; with `graphs` (CUDA), each
+    later single-token step replays one CUDA graph, recorded at the first such step; `compile`
+    runs torch.compile on that step first (fused kernels inside the graph). Returns the logits
+    of the last new token only, (1, B, V), which is all generation reads; they live in a buffer
+    the next step overwrites."""
+
+    def __init__(self, model: "TransformerModel", batch: int = 1, dtype: torch.dtype | None = None,
+                 graphs: bool = False, compile: bool = False) -> None:
+        super().__init__()
+        device = model.token_embedding.weight.device
+        dtype = dtype or model.token_embedding.weight.dtype
+        with torch.device("meta"):                    # no memory, no draws from the global RNG
+            twin = TransformerModel(model.config)
+        twin.to_empty(device=device)
+        twin.load_state_dict(model.state_dict())
+        for name, buffer in model.named_buffers():    # non-persistent ones too (RoPE's frequencies)
+            twin.get_buffer(name).copy_(buffer)
+        for parameter in twin.parameters():
+            parameter.data = parameter.data.to(dtype)
+        for module in twin.modules():
+            if type(module) is MixtureOfExperts:
+                module.__class__ = StaticShapeMixtureOfExperts
+        self.model = twin.eval()
+        self.max_context = model.config.block_size
+        self.caches = [StaticKVCache(block.attention, batch, self.max_context, device, dtype)
+                       for block in twin.blocks]
+        self.graphs, self.graph = graphs, None
+        self.step_function = torch.compile(self.step, dynamic=False) if compile else self.step
+        self.tokens = torch.zeros(1, batch, dtype=torch.long, device=device)  # (1, B) graph input
+        self.positions = torch.zeros(1, dtype=torch.long, device=device)      # (1,) graph input
+        self.logits = None                                                    # (B, V) graph output
+        self.eval()
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return isinstance(model, TransformerModel) and model.config.attention == "softmax"
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens (T, B) at positions (T,) -> logits of the last one, (B, V)."""
+        for cache in self.caches:
+            cache.positions = positions
+        hidden = self.model.residual_stream_at(tokens.t(), positions, self.caches)  # (T, B, d)
+        return self.model.logits(hidden[-1])
+
+    @torch.no_grad()
+    def forward_incremental(self, tokens: torch.Tensor, state: int | None):
+        start = state or 0
+        T = tokens.shape[0]
+        if start + T > self.max_context:
+            raise ValueError(f"{start + T} positions exceed block_size {self.max_context}")
+        if T > 1:
+            logits = self.step(tokens, torch.arange(start, start + T, device=tokens.device))
+            return logits[None], start + T
+        self.tokens.copy_(tokens)
+        self.positions.fill_(start)
+        if not self.graphs:
+            logits = self.step_function(self.tokens, self.positions)
+        elif self.graph is None:
+            logits = self.record_graph()
+        else:
+            self.graph.replay()
+            logits = self.logits
+        return logits[None], start + 1
+
+    def record_graph(self) -> torch.Tensor:
+        """Record the single-token step as a CUDA graph, after warm-up calls on a side stream
+        (compilation and the kernels' first-call setup must not be recorded). The warm-up steps
+        are this step itself, so they only write what it writes. Returns its logits."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.step_function(self.tokens, self.positions)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.step_function(self.tokens, self.positions)
+        self.graph.replay()
+        return self.logits
+
+
+def decoding_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Generation's one entry to this appendix: on a GPU, a softmax-attention Transformer decodes
+    through a StaticDecoder with CUDA graphs, in bf16 when the GPU supports it; every other
+    model and device gets the model itself (Part I's forward_incremental)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not StaticDecoder.supports(model):
+        return model
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return StaticDecoder(model, dtype=dtype, graphs=True)
 
 
 # =============================================================================
@@ -4973,6 +5494,13 @@ FLAGS_FREE_ON_RESUME = frozenset({
     "log_interval", "sample_interval", "prompt", "max_new_tokens", "temperature", "top_k",
     "top_p", "run_name", "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every",
     "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "overwrite", "export_hf"})
+
+# Flags that set how long training goes on, which --resume may change to extend (or shorten) a
+# run: the change is recorded in the model's run-log record ("length_changes"), and the cosine
+# schedule is recomputed for the new total number of steps from the step reached (so the
+# learning rate jumps from where the old schedule stood to where the new one stands).
+TRAINING_LENGTH_FLAGS = ("epochs", "max_steps_per_epoch", "early_stop_patience",
+                         "early_stop_min_delta")
 
 
 @dataclasses.dataclass
@@ -5091,8 +5619,10 @@ class FaultTolerance:
             load_model_weights(model, checkpoint, path, tokenizer)
             optimizer.load_state_dict(checkpoint["optimizer"])
             record.update(checkpoint["record"])
+            record_length_changes(record, checkpoint, self.flags)
             restore_rng_states(checkpoint["rng"])
             self.progress = TrainingProgress(**checkpoint["progress"])
+            self.progress.finished = nothing_left_to_train(self.progress, self.training)
             if not self.training.quiet:
                 print(f"[{self.name}] resuming from {path}: step {self.progress.step}, "
                       f"epoch {self.progress.epoch}", flush=True)
@@ -5150,6 +5680,8 @@ class FaultTolerance:
             "progress": dataclasses.asdict(self.progress), "rng": rng_states(),
             "args": self.flags, "tokenizer": tokenizer_identity(self.tokenizer_spec, self.tokenizer),
             "record": self.record}
+        if self.runlog is not None:   # the run whose log may be continued from this checkpoint
+            payload["run_id"] = self.runlog.data["run_id"]
         if isinstance(self.model, TransformerModel):  # an imported model's shape is in no flag
             payload["transformer_config"] = dataclasses.asdict(self.model.config)
         payload["sha256"] = checkpoint_digest(payload)
@@ -5220,10 +5752,8 @@ class CheckpointSeries:
         try:
             atomic_write_bytes(path, buffer.getvalue())
         except OSError as error:
-            advice = "free disk space or " if error.errno == errno.ENOSPC else ""
-            raise UserError(f"cannot write checkpoint {path}: {error.strerror}; {advice}choose "
-                            f"another --save_dir (last good checkpoint: "
-                            f"{self.last_saved or 'none'})") from None
+            raise cannot_write(f"checkpoint {path}", error, "choose another --save_dir (last good "
+                               f"checkpoint: {self.last_saved or 'none'})") from None
         self.last_saved = path
         for old in self.paths()[:-self.keep]:
             old.unlink(missing_ok=True)
@@ -5314,13 +5844,13 @@ class DamagedCheckpoint(UserError):
 def blocked_callable(message: str) -> str | None:
     """The callable a weights_only load refused to import, as Python 3 names it
     ("os.system", "subprocess.call"), from torch's message; None for other errors. Pickles
-    written with protocol 2 record Python 2 names (commands.call), and os.system is
-    posix.system on Linux and macOS."""
+    written with protocol 2 record Python 2 names (commands.call), os.system is
+    posix.system on Linux and macOS, and torch names a builtin without its module ("eval")."""
     found = re.search(r"GLOBAL ([\w.]+)", message)
     if not found:
         return None
     module, _, name = found.group(1).rpartition(".")
-    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module) or "builtins"
     return f"{'os' if module in ('posix', 'nt') else module}.{name}"
 
 
@@ -5368,7 +5898,8 @@ def read_checkpoint(path: Path, flag: str) -> dict:
 
 def load_checkpoint(path: Path, flag: str) -> dict:
     """read_checkpoint; for a damaged step file, the error names the newest good checkpoint
-    before it in the same series, the one to continue from instead."""
+    before it in the same series, the one to continue from instead, or else the good ones
+    after it."""
     try:
         return read_checkpoint(path, flag)
     except DamagedCheckpoint as damage:
@@ -5376,15 +5907,27 @@ def load_checkpoint(path: Path, flag: str) -> dict:
         if step < 0:
             raise UserError(f"{damage}; use another checkpoint") from None
         series = CheckpointSeries(path.parent.parent, path.parent.name, keep=1)
-        for candidate in reversed([p for p in series.paths() if checkpoint_step(p) < step]):
-            try:
-                with contextlib.redirect_stderr(io.StringIO()):   # a version-1 note
-                    read_checkpoint(candidate, flag)
-            except UserError:
-                continue
-            raise UserError(f"{damage}; the newest good checkpoint before it is {candidate}: "
-                            f"use {flag} {candidate}") from None
-        raise UserError(f"{damage}; no earlier checkpoint in {path.parent} is good") from None
+        earlier = [p for p in reversed(series.paths()) if checkpoint_step(p) < step]
+        later = [p for p in series.paths() if checkpoint_step(p) > step]
+        before = next((p for p in earlier if is_good_checkpoint(p, flag)), None)
+        if before is not None:
+            raise UserError(f"{damage}; the newest good checkpoint before it is {before}: "
+                            f"use {flag} {before}") from None
+        good = [p for p in later if is_good_checkpoint(p, flag)]
+        if good:
+            raise UserError(f"{damage}; no earlier checkpoint in {path.parent} is good, but newer "
+                            f"ones are ({', '.join(p.name for p in good)}): use {flag} "
+                            f"{good[-1]}") from None
+        raise UserError(f"{damage}; no other checkpoint in {path.parent} is good") from None
+
+
+def is_good_checkpoint(path: Path, flag: str) -> bool:
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):   # a version-1 note
+            read_checkpoint(path, flag)
+    except UserError:
+        return False
+    return True
 
 
 def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Config]:
@@ -5503,15 +6046,41 @@ def check_checkpoints_are_ours(save_dir: Path | None, model_names: list[str],
                         f"{save_dir}, or choose another --save_dir")
 
 
+def flag_differences(stored: dict, current: dict, free: frozenset) -> list[str]:
+    """"--flag A there, B now" for each flag both sets hold, outside `free`, that differs."""
+    return [f"--{key} {stored[key]!r} there, {current[key]!r} now"
+            for key in sorted(stored.keys() & current.keys())
+            if key not in free and stored[key] != current[key]]
+
+
 def check_same_flags(checkpoint: dict, path: Path, flags: dict) -> None:
     """A resumed run must compute what the interrupted one would have: same flags."""
-    stored, current = checkpoint["args"], flags
-    differences = [f"--{key} {stored[key]!r} there, {current[key]!r} now"
-                   for key in sorted(stored.keys() & current.keys())
-                   if key not in FLAGS_FREE_ON_RESUME and stored[key] != current[key]]
+    differences = flag_differences(checkpoint["args"], flags,
+                                   FLAGS_FREE_ON_RESUME | frozenset(TRAINING_LENGTH_FLAGS))
     if differences:
         raise UserError(f"{path} was trained with other flags ({'; '.join(differences)}); "
                         "resume with the same flags, or start afresh without --resume")
+
+
+def nothing_left_to_train(progress: TrainingProgress, training: TrainingConfig) -> bool:
+    """Whether a checkpoint's model is done under these flags: finished, with no epoch left
+    in --epochs, or stopped early by a patience these flags still have."""
+    if not progress.finished:
+        return False
+    patience = training.early_stop_patience
+    return progress.epoch > training.epochs or progress.epochs_without_improvement >= patience > 0
+
+
+def record_length_changes(record: dict, checkpoint: dict, flags: dict) -> None:
+    """Appends to record["length_changes"] each TRAINING_LENGTH_FLAGS value this resumed run
+    changes, {"step", "flag", "old", "new"}, so the log says how the run came to its length."""
+    stored, step = checkpoint["args"], checkpoint["progress"]["step"]
+    record.setdefault("length_changes", []).extend(
+        {"step": step, "flag": flag, "old": stored[flag], "new": flags[flag]}
+        for flag in TRAINING_LENGTH_FLAGS
+        if flag in stored and flag in flags and stored[flag] != flags[flag])
+    if not record["length_changes"]:
+        del record["length_changes"]
 
 
 def load_model_weights(model: nn.Module, checkpoint: dict, path: Path, tokenizer) -> None:
@@ -5592,7 +6161,7 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
     import torch.distributed as dist
 
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = device_id.startswith("cuda") and torch.cuda.is_available()
+    use_cuda = (device_id == "auto" or device_id.startswith("cuda")) and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
     # A rank that fails ends the job: the others give up after the timeout instead of hanging.
@@ -6079,7 +6648,8 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
         try:
             loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
             return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
-        except (OSError, ValueError, KeyError, TypeError) as error:  # truncated JSON, bad hex, ...
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            # truncated JSON, bad hex, a list where an object belongs, ...
             problem = textwrap.shorten(str(error), 80) or type(error).__name__
             print(f"pico-llm: note: BPE cache {cached} is damaged ({problem}); training the "
                   "tokenizer again", file=sys.stderr)
@@ -6159,10 +6729,11 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
     c, T = config, context_length
     d, L, V, F_, D = c.d_model, c.n_blocks, c.vocab_size, c.d_ff, c.head_dim
     q_width, kv_width = c.n_heads * D, c.n_kv_heads * D   # q_width = d unless head_size is set
-    bias = 1 if c.bias else 0
+    bias, qkv_bias = (1 if c.bias else 0), (1 if c.bias or c.qkv_bias else 0)
     norm_params = {"rmsnorm": d, "layernorm": d * (1 + bias), "none": 0}[c.norm]
     ffn_matrices = 3 if c.ffn in GATED_FFNS else 2
-    attention_params = d * (q_width + 2 * kv_width) + q_width * d + bias * (q_width + 2 * kv_width + d)
+    attention_params = (d * (q_width + 2 * kv_width) + q_width * d
+                        + qkv_bias * (q_width + 2 * kv_width) + bias * d)
     gate = c.linear_attention_gate if c.attention == "gated_linear" else None
     if c.attention == "softmax" and c.attention_sinks:
         attention_params += c.n_heads                       # one sink logit per head
@@ -6253,12 +6824,12 @@ def memory_available(device: torch.device) -> int | None:
 
 
 def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_size: int,
-                               device: torch.device) -> None:
-    """Refuse, before any data is read, a model whose training state alone exceeds the
-    memory here: 16 bytes per parameter (fp32 weights, gradients, AdamW's two moments)
-    and, for a Transformer, the KV cache of a sample at --block_size positions (fp32 keys
-    and values in every block). Activations are left out: they depend on the examples'
-    lengths."""
+                               device: torch.device, init_from: str | None = None) -> None:
+    """Refuse, before any data (or --init_from's weights) is read, a model whose training
+    state alone exceeds the memory here: 16 bytes per parameter (fp32 weights, gradients,
+    AdamW's two moments) and, for a Transformer, the KV cache of a sample at --block_size
+    positions (fp32 keys and values in every block). Activations are left out: they depend
+    on the examples' lengths."""
     available = memory_available(device)
     if available is None:
         return
@@ -6272,17 +6843,25 @@ def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_si
         if needed <= available:
             continue
         if isinstance(config, KGramConfig):
-            sizes = f"--kgram_k ({config.k:,}) or --embed_size ({config.embed_size:,})"
+            advice = f"lower --kgram_k ({config.k:,}) or --embed_size ({config.embed_size:,})"
         elif isinstance(config, LSTMConfig):
-            sizes = f"--embed_size ({config.embed_size:,}) or --lstm_layers ({config.num_layers})"
-        elif cache > 16 * parameters or config.pos_emb == "learned":
-            sizes = f"--block_size ({block_size:,})"
+            advice = (f"lower --embed_size ({config.embed_size:,}) or --lstm_layers "
+                      f"({config.num_layers})")
+        elif cache > 16 * parameters or (config.pos_emb == "learned" and not init_from):
+            advice = f"lower --block_size ({block_size:,})"
+        elif init_from:
+            advice = f"--init_from {init_from} is too large to train here; choose a smaller model"
         else:
-            sizes = "--d_model, --n_blocks or --d_ff"
-        kv = f" and a {cache / 2**30:,.1f} GiB KV cache" if cache else ""
-        raise UserError(f"{name} needs about {needed / 2**30:,.1f} GiB ({parameters:,} parameters "
-                        f"at 16 bytes for training{kv}), more than the {available / 2**30:,.1f} GiB "
-                        f"of memory here; lower {sizes}")
+            advice = "lower --d_model, --n_blocks or --d_ff"
+        kv = f" and a {memory_size(cache)} KV cache" if cache else ""
+        raise UserError(f"{name} needs about {memory_size(needed)} ({parameters:,} parameters "
+                        f"at 16 bytes for training{kv}), more than the {memory_size(available)} "
+                        f"of memory here; {advice}")
+
+
+def memory_size(size: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
 
 
 def format_accounting(name: str, account: dict, batch_size: int) -> str:
@@ -6307,17 +6886,20 @@ def format_accounting(name: str, account: dict, batch_size: int) -> str:
 # E. Hugging Face interop
 # =============================================================================
 # What it adds: models from and for the Hugging Face ecosystem. --init_from DIR
-# (or a hub id such as gpt2) starts the Transformer from a GPT-2 or Llama model
-# saved in Hugging Face format (config.json + model.safetensors) and fine-tunes
-# it, or --generate continues a prompt with it; --export_hf DIR writes a pico-llm
-# Transformer back, so that transformers.AutoModelForCausalLM.from_pretrained(DIR)
-# computes the same logits. Nothing new is computed here: GPT-2 is section 2.3's
-# Transformer with learned positions, LayerNorm, GELU and biases, and Llama the
-# one with RoPE, RMSNorm and SwiGLU. What differs is how tensors are named and
-# laid out, written down in one table per family. Reading and writing needs the
-# safetensors and tokenizers packages (huggingface_hub for hub ids), imported only
-# here, so the rest of pico-llm runs without them; transformers itself is needed
-# only by the tests that check the results against it.
+# (or a hub id org/name) starts the Transformer from a model saved in Hugging Face
+# format (config.json + model.safetensors) and fine-tunes it, or --generate
+# continues a prompt with it; --export_hf DIR writes a pico-llm Transformer back, so
+# that transformers.AutoModelForCausalLM.from_pretrained(DIR) computes the same
+# logits. Nothing new is computed here: GPT-2 is section 2.3's Transformer with
+# learned positions, LayerNorm, GELU and biases; Llama (1-3.x, SmolLM2) the one with
+# RoPE, RMSNorm and SwiGLU; Qwen2/2.5 adds biases to q, k and v, Qwen3 QK-norm,
+# SmolLM3 blocks without RoPE, GPT-oss experts, sinks and sliding windows; long
+# contexts stretch RoPE (rope_frequencies). What differs is how config keys and
+# tensors are named and laid out, written down in one config map and one weight
+# table per family: a new family is a new table and a parity test. Reading and
+# writing needs the safetensors and tokenizers packages (huggingface_hub for hub
+# ids), imported only here, so the rest of pico-llm runs without them; transformers
+# itself is needed only by the tests that check the results against it.
 
 def hf_package(name: str, purpose: str):
     """The optional package `name`, imported on first use; UserError if it is missing."""
@@ -6340,7 +6922,8 @@ class HuggingFaceConfig:
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """A Hugging Face config.json (as a dict) -> TransformerConfig; UserError for anything
-    a pico-llm Transformer does not compute. Every size comes from the file."""
+    a pico-llm Transformer does not compute. Every size comes from the file; a key the file
+    omits means what transformers' config class of that model_type assumes."""
     def setting(name, default=None, allowed=None):
         value = hf.get(name)
         value = default if value is None else value  # absent and null both mean the default
@@ -6376,61 +6959,165 @@ def config_from_hf(hf: dict) -> TransformerConfig:
             ffn="gelu", norm="layernorm", pos_emb="learned",
             tie_weights=setting("tie_word_embeddings", True), bias=True,
             norm_eps=float(setting("layer_norm_epsilon", 1e-5)))
-    if kind == "llama":
-        setting("hidden_act", "silu", ("silu",))
-        d_model, n_heads = size("hidden_size"), size("num_attention_heads")
-        n_kv_heads = size("num_key_value_heads", n_heads)
-        setting("head_dim", d_model // n_heads, (d_model // n_heads,))
-        heads_fit(d_model, n_heads, n_kv_heads)
-        if (d_model // n_heads) % 2:
-            raise UserError(f"config.json: RoPE needs an even head size, got {d_model // n_heads}")
-        bias = setting("attention_bias", False)
-        if setting("mlp_bias", False) != bias:  # pico-llm has one bias switch for every linear
-            raise UserError(f"config.json: attention_bias={bias} with mlp_bias={not bias} is not "
-                            "supported; pico-llm gives every linear a bias or none")
-        # transformers 5 writes rope_parameters; older files rope_theta and rope_scaling.
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UserError(f"config.json: rope_type={rope_type!r} (RoPE scaling) is not supported; "
-                            "pico-llm computes the default RoPE")
-        return TransformerConfig(
-            vocab_size=size("vocab_size"), block_size=size("max_position_embeddings"),
-            d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
-            n_blocks=size("num_hidden_layers"), d_ff=size("intermediate_size"),
-            ffn="swiglu", norm="rmsnorm", pos_emb="rope",
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            tie_weights=setting("tie_word_embeddings", False), bias=bias,
-            norm_eps=float(setting("rms_norm_eps", 1e-6)))
-    raise UserError(f"config.json: model_type={kind!r} is not supported; pico-llm imports gpt2 "
-                    "and llama")
+    if kind not in ROPE_FAMILY_DEFAULTS:
+        raise UserError(f"config.json: model_type={kind!r} is not supported; pico-llm imports "
+                        + ", ".join(["gpt2", *ROPE_FAMILY_DEFAULTS]))
+    defaults = ROPE_FAMILY_DEFAULTS[kind]
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method") if isinstance(
+            hf["quantization_config"], dict) else None
+        raise UserError(f"config.json: quantization_config (quant_method={method!r}) is not "
+                        "supported; pico-llm reads unquantized weights (use a bf16 or fp32 copy)")
+    setting("hidden_act", "silu", ("silu",))
+    d_model, n_heads, n_blocks = size("hidden_size"), size("num_attention_heads"), size(
+        "num_hidden_layers")
+    n_kv_heads = size("num_key_value_heads", n_heads)
+    head_dim = size("head_dim", defaults["head_dim"] or d_model // n_heads)
+    if n_heads % n_kv_heads:
+        raise UserError(f"config.json: {n_heads} heads with {n_kv_heads} key/value heads has "
+                        "no pico-llm equivalent")
+    if head_dim % 2:
+        raise UserError(f"config.json: RoPE needs an even head size, got {head_dim}")
+    fields = dict(
+        vocab_size=size("vocab_size"), block_size=size("max_position_embeddings"),
+        d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, n_blocks=n_blocks,
+        head_size=0 if head_dim * n_heads == d_model else head_dim,
+        d_ff=size("intermediate_size"), ffn="swiglu", norm="rmsnorm", pos_emb="rope",
+        tie_weights=setting("tie_word_embeddings", defaults["tie_weights"]),
+        norm_eps=float(setting("rms_norm_eps", defaults["norm_eps"])),
+        **rope_from_hf(hf, defaults["rope_theta"]))
+    if kind in ("qwen2", "qwen3", "smollm3"):  # their windows slide in other layers than GPT-oss's
+        setting("use_sliding_window", False, (False,))
+        if "sliding_attention" in (hf.get("layer_types") or []):
+            raise UserError("config.json: layer_types with sliding_attention is not supported for "
+                            f"{kind}; pico-llm slides only GPT-oss's alternating layers")
+    if kind in ("llama", "smollm3"):
+        fields["bias"] = setting("attention_bias", False)
+        if setting("mlp_bias", False) != fields["bias"]:  # one bias switch for every linear
+            raise UserError(f"config.json: attention_bias={fields['bias']} with mlp_bias="
+                            f"{not fields['bias']} is not supported; pico-llm gives every "
+                            "linear a bias or none")
+    if kind == "smollm3":
+        interval = size("no_rope_layer_interval", 4)
+        every_interval = [int((i + 1) % interval != 0) for i in range(n_blocks)]
+        rope_layers = setting("no_rope_layers", every_interval)  # 1 = the layer uses RoPE
+        if rope_layers not in (every_interval, [1] * n_blocks):
+            raise UserError(f"config.json: no_rope_layers={rope_layers} is not supported; "
+                            f"pico-llm leaves out RoPE in every nope_interval-th block only")
+        fields["nope_interval"] = 0 if all(rope_layers) else interval
+    if kind == "qwen2":  # biased q, k and v; no other bias
+        fields["qkv_bias"] = True
+    if kind == "qwen3":
+        setting("attention_bias", False, (False,))
+        fields["qk_norm"] = True
+    if kind == "gpt_oss":
+        setting("attention_bias", True, (True,))
+        setting("swiglu_alpha", 1.702, (1.702,))  # fixed in clamped_swiglu
+        setting("swiglu_limit", 7.0, (7.0,))
+        window = hf.get("sliding_window") or 0
+        alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                       for i in range(n_blocks)]
+        layer_types = setting("layer_types", alternating)
+        if not window or "sliding_attention" not in layer_types:
+            window = 0
+        elif layer_types != alternating:
+            raise UserError(f"config.json: layer_types={layer_types} is not supported; "
+                            "pico-llm's blocks 0, 2, 4, ... slide, blocks 1, 3, ... do not")
+        fields.update(ffn="clamped_swiglu", bias=True, attention_sinks=True, sliding_window=window,
+                      n_experts=size("num_local_experts"),
+                      experts_per_token=size("num_experts_per_tok"),
+                      router_aux_loss_coef=float(setting("router_aux_loss_coef", 0.001)))
+    return TransformerConfig(**fields)
 
 
-# What each transformers class computes, in pico-llm settings; anything else has no class.
-HF_FAMILIES = {
-    "gpt2": dict(pos_emb="learned", norm="layernorm", norm_position="pre", ffn="gelu", bias=True),
-    "llama": dict(pos_emb="rope", norm="rmsnorm", norm_position="pre", ffn="swiglu"),
+def rope_from_hf(hf: dict, default_theta: float) -> dict:
+    """The RoPE fields of TransformerConfig from config.json: rope_parameters (transformers 5)
+    or rope_theta and rope_scaling (older files). Scalings: linear, llama3 and yarn
+    (rope_frequencies). dynamic (NTK) is the default RoPE up to max_position_embeddings, where
+    a pico-llm model's context ends, so it imports as the default."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    fields = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", default_theta))))
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UserError("config.json: partial_rotary_factor is not supported; pico-llm rotates "
+                        "whole heads")
+    fixed = {"default": {}, "dynamic": {}, "linear": {},
+             "llama3": dict(low_freq_factor=1.0, high_freq_factor=4.0),
+             "yarn": dict(beta_fast=32.0, beta_slow=1.0, attention_factor=None, mscale=None,
+                          mscale_all_dim=None)}
+    if kind not in fixed:
+        raise UserError(f"config.json: rope_type={kind!r} (RoPE scaling) is not supported; "
+                        "pico-llm computes " + ", ".join(fixed))
+    for name, value in fixed[kind].items():
+        if rope.get(name) not in (None, value):
+            raise UserError(f"config.json: {kind} RoPE with {name}={rope[name]!r} is not "
+                            f"supported (pico-llm computes {name}={value})")
+    if kind in ("default", "dynamic"):
+        return fields
+    factor = rope.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
+        raise UserError(f"config.json: {kind} RoPE needs a factor of at least 1, got {factor!r}")
+    truncated = kind == "yarn" and rope.get("truncate", True)
+    return fields | dict(
+        rope_scaling="yarn_truncated" if truncated else kind, yarn_factor=float(factor),
+        yarn_original_context=int(rope.get("original_max_position_embeddings")
+                                  or hf.get("max_position_embeddings") or 4096))
+
+
+def rope_to_hf(config: TransformerConfig) -> dict:
+    """rope_parameters for config.json: the inverse of rope_from_hf."""
+    if config.yarn_factor == 1.0:
+        return dict(rope_type="default", rope_theta=config.rope_theta)
+    kind = config.rope_scaling.removesuffix("_truncated")
+    extra = {"linear": {},
+             "llama3": dict(low_freq_factor=1.0, high_freq_factor=4.0),
+             "yarn": dict(beta_fast=32.0, beta_slow=1.0,
+                          truncate=config.rope_scaling == "yarn_truncated")}[kind]
+    return dict(rope_type=kind, rope_theta=config.rope_theta, factor=config.yarn_factor,
+                original_max_position_embeddings=config.yarn_original_context, **extra)
+
+
+# What transformers' config classes assume for keys a config.json omits.
+ROPE_FAMILY_DEFAULTS = {
+    "llama": dict(tie_weights=False, norm_eps=1e-6, rope_theta=10000.0, head_dim=None),
+    "qwen2": dict(tie_weights=False, norm_eps=1e-6, rope_theta=10000.0, head_dim=None),
+    "qwen3": dict(tie_weights=False, norm_eps=1e-6, rope_theta=10000.0, head_dim=128),
+    "smollm3": dict(tie_weights=True, norm_eps=1e-6, rope_theta=2000000.0, head_dim=None),
+    "gpt_oss": dict(tie_weights=False, norm_eps=1e-5, rope_theta=150000.0, head_dim=64),
 }
+
+# What each transformers class computes, in pico-llm settings (None: any value). A family is
+# chosen by the first of its marks a config has (hf_family); every other setting must then be
+# the family's, or the config has no class.
+ROPE_FAMILY = dict(pos_emb="rope", norm="rmsnorm", norm_position="pre", ffn="swiglu",
+                   attention="softmax", n_experts=0, attention_sinks=False, sliding_window=0,
+                   qk_norm=False, qkv_bias=False, nope_interval=0, value_embeddings=False,
+                   unet_skips=False, logit_softcap=0.0)
+HF_FAMILIES = {
+    "gpt2": ROPE_FAMILY | dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True,
+                               yarn_factor=1.0, head_size=0),
+    "gpt_oss": ROPE_FAMILY | dict(ffn="clamped_swiglu", n_experts=None, attention_sinks=True,
+                                  bias=True, sliding_window=None),
+    "qwen3": ROPE_FAMILY | dict(qk_norm=True, bias=False),
+    "qwen2": ROPE_FAMILY | dict(qkv_bias=True, bias=False),
+    "smollm3": ROPE_FAMILY | dict(nope_interval=None),
+    "llama": ROPE_FAMILY,
+}
+HF_FAMILY_MARKS = (("gpt2", "pos_emb", "learned"), ("gpt_oss", "n_experts", None),
+                   ("qwen3", "qk_norm", True), ("qwen2", "qkv_bias", True),
+                   ("smollm3", "nope_interval", None))
 
 
 def hf_family(config: TransformerConfig) -> str:
-    """'gpt2' or 'llama': the transformers class that computes this config; UserError naming
+    """The model_type of the transformers class that computes this config; UserError naming
     the first setting that no class computes."""
-    for name, plain in (("attention", "softmax"), ("n_experts", 0), ("attention_sinks", False),
-                        ("sliding_window", 0), ("yarn_factor", 1.0), ("value_embeddings", False),
-                        ("unet_skips", False), ("logit_softcap", 0.0)):
-        if getattr(config, name) != plain:   # GPT-oss's parts, linear attention: not exported
-            raise UserError(f"--export_hf: {name}={getattr(config, name)} has no GPT-2 or Llama "
-                            f"class in transformers; export needs {name}={plain}")
-    family = {"learned": "gpt2", "rope": "llama"}.get(config.pos_emb)
-    if family is None:
-        raise UserError(f"--export_hf: pos_emb={config.pos_emb} has no transformers class; "
-                        "export needs pos_emb learned (GPT-2) or rope (Llama)")
+    family = next((name for name, field, mark in HF_FAMILY_MARKS
+                   if getattr(config, field) == mark or (mark is None and getattr(config, field))),
+                  "llama")
     for name, value in HF_FAMILIES[family].items():
-        if getattr(config, name) != value:
+        if value is not None and getattr(config, name) != value:
             raise UserError(f"--export_hf: {name}={getattr(config, name)} has no transformers "
-                            f"class: pos_emb={config.pos_emb} exports as {family}, which needs "
-                            f"{name}={value}")
+                            f"class: this model exports as {family}, which needs {name}={value}")
     if family == "gpt2" and config.n_kv_heads != config.n_heads:
         raise UserError(f"--export_hf: n_kv_heads={config.n_kv_heads} has no transformers class: "
                         "GPT-2 has no grouped-query attention")
@@ -6438,24 +7125,42 @@ def hf_family(config: TransformerConfig) -> str:
 
 
 def config_to_hf(config: TransformerConfig, eot_id: int | None = None) -> dict:
-    """The config.json of a pico-llm Transformer; eot_id becomes bos and eos."""
+    """The config.json of a pico-llm Transformer; eot_id becomes bos, eos and padding (which
+    some classes, SmolLM3's, would otherwise take to be an id of their released vocabulary)."""
+    family = hf_family(config)
     common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_weights,
-                  bos_token_id=eot_id, eos_token_id=eot_id, dtype="float32")
-    if hf_family(config) == "gpt2":
+                  bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id, dtype="float32")
+    if family == "gpt2":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=config.d_model,
                     n_head=config.n_heads, n_layer=config.n_blocks, n_inner=config.d_ff,
                     n_positions=config.block_size, activation_function="gelu_new",
                     layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout,
                     embd_pdrop=config.dropout, attn_pdrop=config.dropout, **common)
-    return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=config.d_model,
-                num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
-                head_dim=config.head_dim, num_hidden_layers=config.n_blocks,
-                intermediate_size=config.d_ff, hidden_act="silu",
-                max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
-                rope_theta=config.rope_theta,  # transformers 4 reads this, 5 rope_parameters
-                rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta),
-                attention_bias=config.bias, mlp_bias=config.bias,
-                attention_dropout=config.dropout, **common)
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                    "gpt_oss": "GptOssForCausalLM"}[family]
+    hf = dict(model_type=family, architectures=[architecture], hidden_size=config.d_model,
+              num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+              head_dim=config.head_dim, num_hidden_layers=config.n_blocks,
+              intermediate_size=config.d_ff, hidden_act="silu",
+              max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
+              rope_theta=config.rope_theta,  # transformers 4 reads this, 5 rope_parameters
+              rope_parameters=rope_to_hf(config), attention_dropout=config.dropout, **common)
+    if family in ("llama", "smollm3"):
+        hf.update(attention_bias=config.bias, mlp_bias=config.bias)
+    if family in ("qwen2", "qwen3", "smollm3"):
+        hf.update(use_sliding_window=False)
+    if family == "smollm3":
+        hf.update(no_rope_layer_interval=config.nope_interval,
+                  no_rope_layers=[int(config.uses_rope(i)) for i in range(config.n_blocks)])
+    if family == "gpt_oss":
+        hf.update(attention_bias=True, num_local_experts=config.n_experts,
+                  num_experts_per_tok=config.experts_per_token, swiglu_limit=7.0,
+                  router_aux_loss_coef=config.router_aux_loss_coef,
+                  sliding_window=config.sliding_window or None,
+                  layer_types=["sliding_attention" if config.window(i) else "full_attention"
+                               for i in range(config.n_blocks)])
+    return hf
 
 
 # --- E.2 Weights: one table per family --------------------------------------------------
@@ -6473,7 +7178,15 @@ def config_to_hf(config: TransformerConfig, eot_id: int | None = None) -> dict:
 #             model into the other: HF row r * D/2 + i becomes pico-llm row 2i + r.
 #             Attention scores are dot products of q and k, which the shared permutation
 #             leaves unchanged, so v and the output projection are copied as they are.
-# A weight's bias (where the model has biases) follows the same row with "bias".
+#   rope:norm Qwen3's query and key norms act on one head's D dims before the rotation:
+#             their gains take the same permutation, as one head.
+#   gate_up:i GPT-oss keeps a layer's E experts in 3-D tensors applied as x @ W + b:
+#             gate_up_proj (E, d_model, 2 d_ff) holds gate and up columns interleaved
+#             (gate 0, up 0, gate 1, ...); part i (0 gate = w1, 1 up = w3) of expert e is
+#             every other column, transposed to nn.Linear's (out, in).
+#   experts   down_proj (E, d_ff, d_model): expert e's w2, transposed.
+# A weight's bias (where the model has biases) follows the same row with "bias" (GPT-oss's
+# expert biases: "_bias"); {e} in a row stands for each expert.
 
 GPT2_TABLE = (
     [("token_embedding.weight", "transformer.wte.weight", "copy"),
@@ -6490,20 +7203,31 @@ GPT2_TABLE = (
      ("ffn.w1.weight", "mlp.c_fc.weight", "conv1d"),
      ("ffn.w2.weight", "mlp.c_proj.weight", "conv1d")])
 
-LLAMA_TABLE = (
-    [("token_embedding.weight", "model.embed_tokens.weight", "copy"),
-     ("final_norm.weight", "model.norm.weight", "copy"),
-     ("unembedding.weight", "lm_head.weight", "copy")],
-    "model.layers.{}.",
-    [("attention_norm.weight", "input_layernorm.weight", "copy"),
-     ("attention.q_proj.weight", "self_attn.q_proj.weight", "rope:q"),
-     ("attention.k_proj.weight", "self_attn.k_proj.weight", "rope:k"),
-     ("attention.v_proj.weight", "self_attn.v_proj.weight", "copy"),
-     ("attention.out_proj.weight", "self_attn.o_proj.weight", "copy"),
-     ("ffn_norm.weight", "post_attention_layernorm.weight", "copy"),
-     ("ffn.w1.weight", "mlp.gate_proj.weight", "copy"),   # SwiGLU: w2(silu(w1 x) * w3 x)
-     ("ffn.w3.weight", "mlp.up_proj.weight", "copy"),
-     ("ffn.w2.weight", "mlp.down_proj.weight", "copy")])
+LLAMA_TOP = [("token_embedding.weight", "model.embed_tokens.weight", "copy"),
+             ("final_norm.weight", "model.norm.weight", "copy"),
+             ("unembedding.weight", "lm_head.weight", "copy")]
+LLAMA_ATTENTION = [
+    ("attention_norm.weight", "input_layernorm.weight", "copy"),
+    ("attention.q_proj.weight", "self_attn.q_proj.weight", "rope:q"),
+    ("attention.k_proj.weight", "self_attn.k_proj.weight", "rope:k"),
+    ("attention.v_proj.weight", "self_attn.v_proj.weight", "copy"),
+    ("attention.out_proj.weight", "self_attn.o_proj.weight", "copy"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight", "copy")]
+LLAMA_MLP = [("ffn.w1.weight", "mlp.gate_proj.weight", "copy"),   # SwiGLU: w2(silu(w1 x) * w3 x)
+             ("ffn.w3.weight", "mlp.up_proj.weight", "copy"),
+             ("ffn.w2.weight", "mlp.down_proj.weight", "copy")]
+LLAMA_TABLE = (LLAMA_TOP, "model.layers.{}.", LLAMA_ATTENTION + LLAMA_MLP)
+QWEN3_TABLE = (LLAMA_TOP, "model.layers.{}.", LLAMA_ATTENTION + LLAMA_MLP + [
+    ("attention.q_norm.weight", "self_attn.q_norm.weight", "rope:norm"),
+    ("attention.k_norm.weight", "self_attn.k_norm.weight", "rope:norm")])
+GPT_OSS_TABLE = (LLAMA_TOP, "model.layers.{}.", LLAMA_ATTENTION + [
+    ("attention.sinks", "self_attn.sinks", "copy"),
+    ("ffn.router.weight", "mlp.router.weight", "copy"),
+    ("ffn.experts.{e}.w1.weight", "mlp.experts.gate_up_proj", "gate_up:0"),
+    ("ffn.experts.{e}.w3.weight", "mlp.experts.gate_up_proj", "gate_up:1"),
+    ("ffn.experts.{e}.w2.weight", "mlp.experts.down_proj", "experts")])
+WEIGHT_TABLES = {"gpt2": GPT2_TABLE, "llama": LLAMA_TABLE, "qwen2": LLAMA_TABLE,
+                 "smollm3": LLAMA_TABLE, "qwen3": QWEN3_TABLE, "gpt_oss": GPT_OSS_TABLE}
 
 # Buffers some checkpoints carry that are not weights (GPT-2's causal mask, old RoPE caches).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -6515,13 +7239,23 @@ def pico_tensors(config: TransformerConfig) -> dict[str, torch.Tensor]:
         return TransformerModel(config).state_dict()
 
 
+def bias_row(row: tuple[str, str, str]) -> tuple[str, str, str]:
+    pico_name, hf_name, layout = row
+    hf_bias = (hf_name.removesuffix("weight") + "bias" if hf_name.endswith(".weight")
+               else hf_name + "_bias")                     # GPT-oss: gate_up_proj_bias
+    return pico_name.removesuffix("weight") + "bias", hf_bias, layout
+
+
 def name_map(config: TransformerConfig) -> list[tuple[str, str, str]]:
-    """(pico-llm name, HF name, layout) for every tensor this config's model stores once."""
-    top, block_prefix, block = {"gpt2": GPT2_TABLE, "llama": LLAMA_TABLE}[hf_family(config)]
+    """(pico-llm name, HF name, layout) for every tensor this config's model stores once;
+    an expert's layout ends with its index (gate_up:0:3 is expert 3's gate)."""
+    top, block_prefix, block = WEIGHT_TABLES[hf_family(config)]
+    block = [(pico_name.format(e=e), hf_name, f"{layout}:{e}" if "{e}" in pico_name else layout)
+             for pico_name, hf_name, layout in block
+             for e in (range(config.n_experts) if "{e}" in pico_name else [None])]
     rows = top + [(f"blocks.{i}.{pico_name}", block_prefix.format(i) + hf_name, layout)
                   for i in range(config.n_blocks) for pico_name, hf_name, layout in block]
-    rows += [(p.removesuffix("weight") + "bias", h.removesuffix("weight") + "bias", layout)
-             for p, h, layout in rows]
+    rows += [bias_row(row) for row in rows]
     present = pico_tensors(config)
     return [row for row in rows if row[0] in present
             and not (config.tie_weights and row[0] == "unembedding.weight")]
@@ -6537,59 +7271,96 @@ def rope_rows_to_hf(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.unflatten(0, (heads, -1, 2)).transpose(1, 2).flatten(0, 2)
 
 
+def rope_heads(part: str, config: TransformerConfig) -> int:
+    return {"q": config.n_heads, "k": config.n_kv_heads, "norm": 1}[part]
+
+
 def to_pico(tensor: torch.Tensor, layout: str, config: TransformerConfig) -> torch.Tensor:
-    """One HF tensor (for c_attn, the whole stacked one) -> the pico-llm tensor of `layout`."""
+    """One HF tensor (for c_attn and experts, the whole stacked one) -> the pico-llm tensor
+    of `layout`."""
     kind, _, part = layout.partition(":")
     if kind in ("conv1d", "c_attn") and tensor.dim() == 2:
         tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in); biases stay as they are
     if kind == "c_attn":
         return tensor.chunk(3)[int(part)]
     if kind == "rope":
-        return rope_rows_to_pico(tensor, config.n_heads if part == "q" else config.n_kv_heads)
+        return rope_rows_to_pico(tensor, rope_heads(part, config))
+    if kind in ("gate_up", "experts"):
+        *half, expert = part.split(":")
+        tensor = tensor[int(expert)]                            # (d_model, 2 d_ff) or (2 d_ff,)
+        if kind == "gate_up":
+            tensor = tensor[..., int(half[0])::2]
+        return tensor.t() if tensor.dim() == 2 else tensor      # x @ W -> Linear (out, in)
     return tensor
 
 
 def to_hf(tensor: torch.Tensor, layout: str, config: TransformerConfig) -> torch.Tensor:
-    """One pico-llm tensor -> its HF layout (for c_attn, the part to stack)."""
+    """One pico-llm tensor -> its HF layout (for c_attn and experts, the part to join)."""
     kind, _, part = layout.partition(":")
     if kind == "rope":
-        return rope_rows_to_hf(tensor, config.n_heads if part == "q" else config.n_kv_heads)
-    if kind in ("conv1d", "c_attn") and tensor.dim() == 2:
+        return rope_rows_to_hf(tensor, rope_heads(part, config))
+    if kind in ("conv1d", "c_attn", "gate_up", "experts") and tensor.dim() == 2:
         return tensor.t()
     return tensor
+
+
+def join_hf(parts: list[torch.Tensor], layout: str) -> torch.Tensor:
+    """The parts of one HF tensor, in table order, as that tensor: c_attn's q, k, v side by
+    side; GPT-oss's experts stacked, gate_up's E gates then E ups interleaved."""
+    kind = layout.partition(":")[0]
+    if kind == "c_attn":
+        return torch.cat(parts, dim=-1)
+    if kind == "gate_up":
+        experts = len(parts) // 2
+        gates, ups = torch.stack(parts[:experts]), torch.stack(parts[experts:])
+        return torch.stack([gates, ups], dim=-1).flatten(-2)    # (E, ..., 2 d_ff)
+    if kind == "experts":
+        return torch.stack(parts)
+    return parts[0]
 
 
 def state_dict_to_hf(config: TransformerConfig, pico_state: dict) -> dict[str, torch.Tensor]:
     """pico-llm state dict -> HF state dict (contiguous tensors; a tied unembedding is left
     out, as transformers saves it)."""
-    hf_state = {}
+    parts: dict[str, tuple[str, list]] = {}
     for pico_name, hf_name, layout in name_map(config):
         tensor = to_hf(pico_state[pico_name].detach(), layout, config)
-        if hf_name in hf_state:  # c_attn: q, k, v side by side, in table order
-            tensor = torch.cat([hf_state[hf_name], tensor], dim=-1)
-        hf_state[hf_name] = tensor
-    return {name: tensor.contiguous() for name, tensor in hf_state.items()}
+        parts.setdefault(hf_name, (layout, []))[1].append(tensor)
+    return {name: join_hf(tensors, layout).contiguous()
+            for name, (layout, tensors) in parts.items()}
 
 
-def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, torch.Tensor]:
-    """HF state dict -> pico-llm state dict in float32; UserError naming the first tensor
-    that is missing, has the wrong shape, or has no place in the model."""
-    if hf_family(config) == "gpt2":  # files saved by older transformers omit "transformer."
-        hf_state = {name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name:
-                    tensor for name, tensor in hf_state.items()}
+def check_hf_shapes(config: TransformerConfig, shapes: dict[str, tuple]) -> None:
+    """UserError naming the first tensor of a checkpoint (name -> shape) that is missing, has
+    the wrong shape, or has no place in the model."""
     expected = state_dict_to_hf(config, pico_tensors(config))
     for name, tensor in expected.items():
-        if name not in hf_state:
+        if name not in shapes:
             raise UserError(f"the checkpoint has no tensor {name}, which config.json implies")
-        if hf_state[name].shape != tensor.shape:
-            raise UserError(f"checkpoint tensor {name} has shape {tuple(hf_state[name].shape)}; "
+        if tuple(shapes[name]) != tuple(tensor.shape):
+            raise UserError(f"checkpoint tensor {name} has shape {tuple(shapes[name])}; "
                             f"config.json implies {tuple(tensor.shape)}")
-    unknown = [name for name in hf_state if name not in expected
+    unknown = [name for name in shapes if name not in expected
                and not name.endswith(IGNORED_SUFFIXES)
                and not (config.tie_weights and name == "lm_head.weight")]
     if unknown:
         raise UserError(f"checkpoint tensor {unknown[0]} has no place in a pico-llm Transformer "
                         f"({len(unknown)} such tensors)")
+
+
+def gpt2_names(config: TransformerConfig, names):
+    """Files saved by older transformers omit GPT-2's "transformer." prefix: name -> full name."""
+    if hf_family(config) != "gpt2":
+        return {name: name for name in names}
+    return {name: name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+            for name in names}
+
+
+def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, torch.Tensor]:
+    """HF state dict -> pico-llm state dict in float32; UserError naming the first tensor
+    that is missing, has the wrong shape, or has no place in the model."""
+    hf_state = {full: hf_state[name] for name, full in gpt2_names(config, hf_state).items()}
+    check_hf_shapes(config, {name: tensor.shape for name, tensor in hf_state.items()})
     pico_state = {pico_name: to_pico(hf_state[hf_name].float(), layout, config).contiguous()
                   for pico_name, hf_name, layout in name_map(config)}
     if config.tie_weights:
@@ -6612,9 +7383,9 @@ def read_hf_config(path: Path) -> dict:
     return hf_config
 
 
-def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model directory: model.safetensors, its shards, or pytorch_model.bin
-    (loaded with weights_only, which runs no code from the file)."""
+def hf_weight_files(path: Path) -> list[Path]:
+    """The weight files of a model directory: model.safetensors, its shards, or
+    pytorch_model.bin."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = [path / shard for shard in sorted(set(
@@ -6625,8 +7396,36 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         files = [path / "pytorch_model.bin"]
     else:
         raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
+    return files
+
+
+def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
+    """name -> shape of every tensor of a model directory, from the safetensors headers alone
+    (a little-endian 8-byte length, then that many bytes of JSON), so that a model is checked
+    before gigabytes are read; None for pytorch_model.bin, which has no header."""
+    shapes = {}
+    for file in hf_weight_files(path):
+        if file.suffix == ".bin":
+            return None
+        try:
+            with open(file, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if length > file.stat().st_size - 8:
+                    raise ValueError("not a safetensors file (its header is longer than it)")
+                header = json.loads(f.read(length))
+            shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()
+                           if name != "__metadata__"})
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            reason = (str(error) or type(error).__name__).splitlines()[0]
+            raise UserError(f"cannot read {file}: {reason[:160]}") from None
+    return shapes
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory (pytorch_model.bin is loaded with weights_only, which
+    runs no code from the file)."""
     tensors = {}
-    for file in files:
+    for file in hf_weight_files(path):
         try:
             if file.suffix == ".bin":
                 tensors.update(torch.load(file, map_location="cpu", weights_only=True))
@@ -6641,11 +7440,21 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def load_hf_weights(path: Path, config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """The pico-llm state dict of a model directory whose config.json gave `config`; the
+    tensors' names and shapes are checked from the headers before any is read."""
+    shapes = read_hf_shapes(path)
+    if shapes is not None:
+        check_hf_shapes(config, {gpt2_names(config, shapes)[name]: shape
+                                 for name, shape in shapes.items()})
+    return state_dict_from_hf(config, read_hf_weights(path))
+
+
 def load_hf_directory(path) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
     """A Hugging Face model directory -> (TransformerConfig, pico-llm state dict)."""
     path = Path(path)
     config = config_from_hf(read_hf_config(path))
-    return config, state_dict_from_hf(config, read_hf_weights(path))
+    return config, load_hf_weights(path, config)
 
 
 def import_hf(path) -> tuple[TransformerModel, object]:
@@ -6662,14 +7471,24 @@ def hub_fallback(spec: str) -> str:
             f"model.safetensors tokenizer.json --local-dir DIR) and pass --init_from DIR")
 
 
+# A hub id is org/name: two names joined by one slash, each starting with a letter or digit.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
 def resolve_init_from(spec: str) -> Path:
-    """--init_from: a local Hugging Face model directory, or a hub id (e.g. gpt2) fetched
-    into the hub cache; without network, fails within seconds naming the directory form."""
+    """--init_from: a local Hugging Face model directory, or a hub id fetched into the hub
+    cache. What exists is a path. What does not is a hub id only where it cannot be a path
+    one meant: org/name (HUB_ID; so no leading ./, / or ~, no second slash) with no
+    directory org here; anything else is a missing path, refused as one. Without network a
+    hub id fails within seconds naming the directory form."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise UserError(f"--init_from {spec} is a file; pass a model directory or a hub id")
+    if not HUB_ID.fullmatch(spec) or Path(spec.split("/")[0]).exists():
+        raise UserError(f"--init_from {spec}: no such directory (a hub id has the form "
+                        "org/name, such as Qwen/Qwen3-0.6B)")
     if not huggingface_hub_reachable():
         raise UserError(f"--init_from {spec}: no such directory, and the Hugging Face hub is "
                         f"unreachable; {hub_fallback(spec)}")
@@ -6848,9 +7667,10 @@ def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
         os.rename(staging, directory)  # over an empty directory at most
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise UserError(f"cannot write --export_hf {directory}: "
-                            f"{error.strerror or error}") from None
+        failure = os_error_of(error)   # safetensors and tokenizers raise their own types
+        if failure is not None:
+            raise cannot_write(f"--export_hf {directory}", failure,
+                               "choose another --export_hf directory") from None
         raise
     return directory
 
@@ -6918,11 +7738,13 @@ def check_tokenizer_fits(spec: str | None, tokenizer, source: str) -> None:
 
 def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
     """--init_from, for training: (config with the model's Transformer in place of the
-    preset, its tokenizer, its weights in pico-llm names). Resuming, the pico-llm checkpoint
-    holds the config and tokenizer, and its weights are loaded later with the optimizer's
-    state, so the weights returned are None and the Hugging Face model is not read again."""
+    preset, its tokenizer, the model directory whose weights to load). Only config.json and
+    the tokenizer are read here: main() checks that the model fits in memory before
+    load_hf_weights reads it. Resuming, the pico-llm checkpoint holds the config and
+    tokenizer, and its weights are loaded later with the optimizer's state, so the directory
+    returned is None and the Hugging Face model is not read again."""
     spec, flags = config.huggingface.init_from, config.flags
-    path = weights = None
+    path = None
     if resumed is not None and "transformer_config" in resumed[1]:
         transformer = TransformerConfig(**resumed[1]["transformer_config"])
         tokenizer = tokenizer_from_identity(resumed[1]["tokenizer"])
@@ -6934,12 +7756,21 @@ def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
     if config.data.block_size > transformer.block_size:
         raise UserError(f"--block_size {config.data.block_size} exceeds the "
                         f"{transformer.block_size} positions of --init_from {spec}")
-    if path is not None:  # read last: the checks above fail without reading gigabytes
-        weights = state_dict_from_hf(transformer, read_hf_weights(path))
     transformer = dataclasses.replace(transformer, attention_impl=flags["attention_impl"],
                                       dropout=flags["dropout"] or 0.0)
     models = dataclasses.replace(config.models, transformer=transformer)
-    return dataclasses.replace(config, models=models), tokenizer, weights
+    return dataclasses.replace(config, models=models), tokenizer, path
+
+
+def check_fits_to_sample(transformer: TransformerConfig, source: str) -> None:
+    """--generate --init_from: refuse, before reading them, weights that do not fit in memory
+    in float32 (4 bytes a parameter: they are loaded on the CPU first)."""
+    available = memory_available(torch.device("cpu"))
+    parameters = parameter_count(transformer, transformer.vocab_size)
+    if available is not None and 4 * parameters > available:
+        raise UserError(f"--init_from {source} needs about {memory_size(4 * parameters)} "
+                        f"({parameters:,} parameters in float32), more than the "
+                        f"{memory_size(available)} of memory here; choose a smaller model")
 
 
 def run_export(config: Config) -> int:
@@ -6950,7 +7781,7 @@ def run_export(config: Config) -> int:
     model, tokenizer, _ = model_from_checkpoint(path, "--checkpoint")
     if not isinstance(model, TransformerModel):
         raise UserError(f"--checkpoint {path} holds no Transformer ({type(model).__name__}); "
-                        "--export_hf writes Transformers of the GPT-2 or Llama family")
+                        "--export_hf writes Transformers")
     print(f"Hugging Face model written to {export_hf(model, tokenizer, directory)}")
     return 0
 

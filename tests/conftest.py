@@ -95,3 +95,5 @@ def run_script(*argv, cwd=REPO, timeout=300):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs (tens of seconds); "
                                        "skip locally with -m 'not slow'")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); "
+                                       "run on a GPU machine with -m cuda")

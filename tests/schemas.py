@@ -14,7 +14,10 @@ def runlog_schema(pico) -> dict:
             "kind": {"const": "run"},
             "run_name": {"type": "string"},
             "created": {"type": "string"},
+            "run_id": {"type": "string"},
             "status": {"enum": ["running", "finished", "failed", "interrupted"]},
+            "error": {"type": "string"},
+            "process": {"type": "object", "required": ["host", "pid"]},
             "args": {"type": "object"},
             "environment": {
                 "type": "object",
@@ -67,6 +70,12 @@ def runlog_schema(pico) -> dict:
                             },
                         },
                         "final": {"type": "object"},
+                        "attention_maps": {"type": "string"},
+                        "monosemantic": {"type": "string"},
+                        "length_changes": {
+                            "type": "array",
+                            "items": {"type": "object", "required": ["step", "flag", "old", "new"]},
+                        },
                         "expert_usage": {
                             "type": "array",
                             "items": {

@@ -2,9 +2,13 @@
 
 import json
 import math
+import os
+import subprocess
 
 import pytest
 import torch
+
+from conftest import REPO
 
 HEADLINE_KEYS = ("transformer_mfu", "kgram_vs_starter_loop", "kv_cache_vs_recompute",
                  "lstm_state_vs_recompute", "tokenize_mb_per_s", "peak_rss_gb_100m_tokens",
@@ -125,3 +129,100 @@ def test_peak_rss_falls_back_to_getrusage_without_proc(bench, monkeypatch):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     reported = bench.peak_rss_bytes()
     assert before <= reported <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+FAKE_NANOGPT = '''
+import dataclasses, torch, torch.nn as nn, torch.nn.functional as F
+@dataclasses.dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.wte, self.head = nn.Embedding(config.vocab_size, config.n_embd), nn.Linear(config.n_embd, config.vocab_size)
+    def forward(self, idx, targets=None):
+        logits = self.head(self.wte(idx))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas)
+'''
+
+
+def test_quick_gpt2_benchmark_times_pico_nanogpt_and_transformers(bench, tmp_path, capsys):
+    """--gpt2 at tiny size on the CPU: every training and decoding figure measured, nanoGPT's
+    model.py loaded from the directory given (a stand-in with its interface here)."""
+    (tmp_path / "nanogpt").mkdir()
+    (tmp_path / "nanogpt" / "model.py").write_text(FAKE_NANOGPT)
+    status = bench.main(["--gpt2", "--quick", "--quiet", "--device_id", "cpu", "--output",
+                         str(tmp_path / "gpt2.json"), "--nanogpt_dir", str(tmp_path / "nanogpt")])
+    assert status == 0
+    report = json.loads((tmp_path / "gpt2.json").read_text())
+    assert report["kind"] == "gpt2_benchmark" and report["datasheet_bf16_peak_tflops"] == "unknown peak"
+    training = report["training"]
+    assert set(training) == {"pico_eager", "nanogpt_eager", "pico_vs_nanogpt_eager"}  # no compile on a CPU
+    for name in ("pico_eager", "nanogpt_eager"):
+        row = training[name]
+        assert positive_finite(row["tokens_per_s"]) and positive_finite(row["mfu_vs_measured_ceiling"])
+        assert row["mfu_vs_datasheet_peak"] is None and row["peak_memory_gb"] is None
+    decoding = report["decoding"]
+    for way in ("pico_plain", "pico_static", "transformers"):
+        for dtype in ("fp32", "bf16"):
+            for batch in report["sizes"]["decode_batches"]:
+                assert positive_finite(decoding[f"{way}_{dtype}_batch{batch}_tokens_per_s"])
+    assert "benchmark written to" in capsys.readouterr().out
+
+
+def test_gpt2_benchmark_refuses_a_directory_without_nanogpt(bench, tmp_path, capsys):
+    status = bench.main(["--gpt2", "--quick", "--quiet", "--device_id", "cpu", "--output",
+                         str(tmp_path / "gpt2.json"), "--nanogpt_dir", str(tmp_path)])
+    assert status == 2 and "no model.py there" in capsys.readouterr().err
+    assert not (tmp_path / "gpt2.json").exists()
+
+
+def test_datasheet_peaks_are_known_for_h100_sxm_h200_a100_only(bench, monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for name, peak in (("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 PCIe", None),
+                       ("NVIDIA L4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert bench.datasheet_peak_tflops(cuda) == peak
+
+
+GPU_CHECKS = REPO / "tools" / "gpu_checks.sh"
+
+
+def run_gpu_checks(*argv, steps: str, timeout: int = 900):
+    return subprocess.run(["bash", str(GPU_CHECKS), *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "STEPS": steps})
+
+
+def test_gpu_checks_records_each_step_and_refuses_bad_usage(tmp_path):
+    """The cuda-marked tests step at tiny size on the CPU: they skip, and the step is recorded."""
+    result = run_gpu_checks("--tiny", "--device", "cpu", str(tmp_path / "out"), steps="tests")
+    assert result.returncode == 0, result.stderr
+    name, status, seconds = (tmp_path / "out" / "summary.txt").read_text().split()
+    assert (name, status) == ("tests", "0") and int(seconds) >= 0
+    assert "skipped" in (tmp_path / "out" / "cuda_tests.log").read_text()
+    assert run_gpu_checks(str(tmp_path / "a"), str(tmp_path / "b"), steps="tests").returncode == 2
+    assert run_gpu_checks("--fast", str(tmp_path / "a"), steps="tests").returncode == 2
+
+
+@pytest.mark.slow
+def test_gpu_checks_runs_every_step_at_tiny_size_on_the_cpu(pico, tmp_path):
+    """What a GPU machine runs, at tiny size on the CPU: the GPT-2 benchmark report, GPT-oss's
+    eager and compiled run logs (the same losses), the tests, each with status 0."""
+    out = tmp_path / "out"
+    result = run_gpu_checks("--tiny", "--device", "cpu", str(out), steps="benchmark gptoss tests")
+    assert result.returncode == 0, result.stderr
+    summary = {line.split()[0]: line.split()[1] for line in (out / "summary.txt").read_text().splitlines()}
+    assert summary == {"benchmark": "0", "gptoss_eager": "0", "gptoss_compiled": "0", "tests": "0"}
+    assert json.loads((out / "gpt2_benchmark.json").read_text())["kind"] == "gpt2_benchmark"
+    eager, compiled = ([h["train_loss"] for h in pico.load_runlog(out / f"gptoss_{mode}.json")
+                        ["models"]["transformer"]["history"]] for mode in ("eager", "compiled"))
+    assert compiled == pytest.approx(eager, rel=1e-4)

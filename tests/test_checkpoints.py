@@ -5,8 +5,10 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -319,9 +321,11 @@ def start_long_run(tmp_path, *extra):
 
 
 def wait_for_first_step(process) -> None:
-    """Read the run's output until it logs a training step (a resumed run starts past 1)."""
+    """Read the run's output until it logs a training step (a resumed run starts past 1; its
+    "resuming from ...: step N" line comes before its first step, seconds before on a busy
+    machine)."""
     for line in process.stdout:
-        if " step " in line:
+        if re.search(r"\] epoch \d+ step \d+/", line):
             return
     pytest.fail("the run ended before its first step: " + process.stderr.read())
 
@@ -388,7 +392,7 @@ BAD_CHECKPOINT_INPUTS = [
     (["--resume", "{ckpt}", "--tokenizer", "gpt2"], "--tokenizer 'char' there, 'gpt2' now"),
     (["--resume", "{save}", "--embed_size", "32"], "--embed_size 16 there, 32 now"),
     (["--resume", "{save}", "--seed", "1"], "--seed 1337 there, 1 now"),
-    (["--resume", "{save}", "--epochs", "3"], "--epochs 1 there, 3 now"),
+    (["--resume", "{save}", "--learning_rate", "0.01"], "--learning_rate 0.003 there, 0.01 now"),
     (["--save_dir", "{text}"], "is not a directory"),
     (["--save_dir", "{save}"], "already holds checkpoints of kgram_mlp_seq (step_000002.pt)"),
     (["--save_dir", "{save}", "--resume", "{other_save}"], "already holds checkpoints"),
@@ -455,3 +459,158 @@ def test_bad_checkpoint_input_gives_one_line_status_2_and_changes_nothing(
     assert line.startswith("pico-llm: error:") and message in line
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "pwned").exists()
+
+
+# --- run logs on resume: continued only by their own run, extended, replaced after a death ----
+
+ONE_MODEL = [*TINY, "--models", "lstm_seq"]
+
+
+def test_resume_into_another_runs_log_is_refused_naming_both(pico, run_main, tmp_path):
+    artefacts = tmp_path / "artefacts"
+    assert run_main(*ONE_MODEL, "--run_name", "a", "--save_dir", str(tmp_path / "save_a"))[0] == 0
+    assert run_main(*ONE_MODEL, "--run_name", "b", "--save_dir", str(tmp_path / "save_b"),
+                    "--seed", "7")[0] == 0
+    before = (artefacts / "a.json").read_bytes()
+    status, _, err = run_main(*ONE_MODEL, "--run_name", "a", "--save_dir", str(tmp_path / "save_b"),
+                              "--seed", "7", "--resume")
+    assert status == 2
+    line = one_error_line(err)
+    assert "a.json" in line and str(tmp_path / "save_a") in line   # the log's run ...
+    assert "save_b" in line and "run b" in line                    # ... and the checkpoint's
+    assert (artefacts / "a.json").read_bytes() == before
+    status, _, err = run_main(*ONE_MODEL, "--run_name", "b", "--save_dir", str(tmp_path / "save_b"),
+                              "--seed", "7", "--resume")           # its own run continues it
+    assert status == 0, err
+
+
+def test_resuming_a_finished_run_with_more_epochs_trains_one_more_epoch(pico, run_main, tmp_path,
+                                                                        configure):
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    assert run_main(*ONE_MODEL, "--epochs", "1", "--save_dir", str(save), "--run_name", "r")[0] == 0
+    first = pico.load_runlog(log_path)["models"]["lstm_seq"]
+    status, _, err = run_main(*ONE_MODEL, "--epochs", "2", "--save_dir", str(save), "--run_name",
+                              "r", "--resume")
+    assert status == 0, err
+    log = pico.load_runlog(log_path)
+    record = log["models"]["lstm_seq"]
+    assert log["status"] == "finished" and log["args"]["epochs"] == 2
+    assert [(h["step"], h["epoch"]) for h in record["history"]] == [(1, 1), (2, 1), (3, 1),
+                                                                   (4, 2), (5, 2), (6, 2)]
+    assert record["history"][:3] == first["history"]
+    assert [t["epoch"] for t in record["test_history"]] == [1, 2]
+    assert record["length_changes"] == [{"step": 3, "flag": "epochs", "old": 1, "new": 2}]
+    assert record["final"]["steps"] == 6
+    # the cosine schedule, recomputed for 6 steps, from step 3 on
+    training = configure(*ONE_MODEL, "--epochs", "2").training
+    assert [h["lr"] for h in record["history"][3:]] == pytest.approx(
+        [pico.learning_rate_at(step, 6, training) for step in (3, 4, 5)])
+    assert (save / "lstm_seq" / "step_000006.pt").exists()
+    # the same length again: nothing left to train
+    status, out, err = run_main(*ONE_MODEL, "--epochs", "2", "--save_dir", str(save),
+                                "--run_name", "r", "--resume")
+    assert status == 0 and len(pico.load_runlog(log_path)["models"]["lstm_seq"]["history"]) == 6
+    # a flag that changes the model is still refused
+    status, _, err = run_main(*ONE_MODEL, "--epochs", "3", "--embed_size", "32", "--save_dir",
+                              str(save), "--run_name", "r", "--resume")
+    assert status == 2 and "--embed_size" in one_error_line(err)
+
+
+def test_an_early_stopped_run_resumed_without_early_stopping_trains_on(pico, run_main, tmp_path):
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    flags = [*ONE_MODEL, "--epochs", "4", "--save_dir", str(save), "--run_name", "r"]
+    assert run_main(*flags, "--early_stop_patience", "1", "--early_stop_min_delta", "100")[0] == 0
+    stopped = pico.load_runlog(log_path)["models"]["lstm_seq"]
+    assert stopped["stopped_early_after_epoch"] == 2 and len(stopped["history"]) == 6
+    status, _, err = run_main(*flags, "--resume")
+    assert status == 0, err
+    record = pico.load_runlog(log_path)["models"]["lstm_seq"]
+    assert [h["step"] for h in record["history"]] == list(range(1, 13))
+    assert {c["flag"] for c in record["length_changes"]} == {"early_stop_patience",
+                                                             "early_stop_min_delta"}
+
+
+def test_a_run_that_fails_says_so_in_its_log_with_the_error(pico, run_main, tmp_path, monkeypatch):
+    def broken_step(*args):
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setattr(pico, "training_step", broken_step)
+    with pytest.raises(RuntimeError):
+        run_main(*ONE_MODEL, "--run_name", "broken")
+    log = pico.load_runlog(tmp_path / "artefacts" / "broken.json")
+    assert log["status"] == "failed" and log["error"] == "RuntimeError: the device fell over"
+
+
+def full_disk_for_checkpoints(pico, monkeypatch):
+    real_write = pico.atomic_write_bytes
+
+    def write(path, data):
+        if path.suffix == ".pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(pico, "atomic_write_bytes", write)
+
+
+def test_the_same_command_after_a_death_before_the_first_checkpoint_just_works(
+        pico, run_main, tmp_path, monkeypatch):
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    command = [*ONE_MODEL, "--save_dir", str(save), "--run_name", "r", "--checkpoint_every", "1"]
+    full_disk_for_checkpoints(pico, monkeypatch)
+    status, _, err = run_main(*command)
+    assert status == 2 and "No space left on device" in one_error_line(err)
+    failed = pico.load_runlog(log_path)
+    assert failed["status"] == "failed" and "No space left on device" in failed["error"]
+    monkeypatch.undo()
+    status, _, err = run_main(*command)                          # the disk has room again
+    assert status == 0, err
+    assert "replacing run log" in err
+    assert pico.load_runlog(log_path)["status"] == "finished"
+    # a finished run's log is never replaced
+    status, _, err = run_main(*command)
+    assert status == 2 and "already exists" in one_error_line(err)
+
+
+def test_a_killed_runs_log_is_replaced_only_when_its_run_is_gone(pico, run_main, tmp_path):
+    """kill -9 leaves a log saying "running": the same command replaces it once no process
+    holds the run's --save_dir, and refuses while one does."""
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    command = [*ONE_MODEL, "--save_dir", str(save), "--run_name", "r"]
+    assert run_main(*command, "--epochs", "1")[0] == 0
+    killed = pico.load_runlog(log_path)
+    killed.update(status="running", created="2000-01-01T00:00:00+00:00")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
+    killed["process"]["pid"] = int(gone.stdout)                  # a process that has ended
+    shutil.rmtree(save)                                          # no checkpoint written yet
+    log_path.write_text(json.dumps(killed))
+    save.mkdir()
+    hold = ("import fcntl, os, sys, time; handle = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(save)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status, _, err = run_main(*command, "--save_dir", str(tmp_path / "elsewhere"))
+        assert status == 2 and "still running" in one_error_line(err)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads(log_path.read_text())["created"] == "2000-01-01T00:00:00+00:00"
+    status, _, err = run_main(*command)
+    assert status == 0, err
+    assert pico.load_runlog(log_path)["created"] != "2000-01-01T00:00:00+00:00"
+
+
+def test_a_run_without_save_dir_is_alive_while_its_process_is(pico):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        log = {"status": "running", "process": {"host": socket.gethostname(), "pid": sleeper.pid}}
+        assert pico.run_is_alive(log, None, None)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not pico.run_is_alive(log, None, None)                       # it has ended
+    assert not pico.run_is_alive({**log, "status": "failed"}, None, None)
+    elsewhere = {"status": "running", "process": {"host": "another-machine", "pid": 1}}
+    assert pico.run_is_alive(elsewhere, None, None)                   # cannot tell: assume so

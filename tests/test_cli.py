@@ -105,6 +105,34 @@ def test_cuda_request_without_cuda_falls_back_to_cpu(pico, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+def test_the_default_device_is_auto_cuda_then_mps_then_cpu(pico, configure, monkeypatch, capsys):
+    import torch
+    assert configure().device_id == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pico.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pico.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pico.resolve_device("auto") == torch.device("cuda", 0)
+    assert capsys.readouterr().err == ""          # a choice, not a fallback: no note
+
+
+def test_a_run_on_the_default_device_names_it_once_without_a_note(pico, tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("this machine has an accelerator")
+    status = pico.main(["--input_files", str(REPO / "3seqs.txt"), "--limit_custom_examples", "20",
+                        "--models", "lstm_seq", "--embed_size", "8", "--block_size", "16",
+                        "--epochs", "1", "--max_steps_per_epoch", "1", "--max_new_tokens", "2",
+                        "--artefacts_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "CUDA is not available" not in captured.err
+    assert captured.out.splitlines()[0] == "device: cpu (--device_id auto)"
+    assert captured.out.count("device: ") == 1
+
+
 @pytest.mark.slow
 def test_the_course_sanity_command_runs(tmp_path):
     result = run_script("--tinystories_weight", "0.0", "--input_files", "3seqs.txt",

@@ -136,3 +136,41 @@ def test_sampling_rules_are_the_starters_plus_the_configured_one(pico, configure
     custom = pico.sampling_rules(configure("--top_p", "0.5", "--top_k", "10",
                                            "--temperature", "0.7").sampling)
     assert custom[-1] == pico.SamplingRule(0.7, 10, 0.5) and len(custom) == 4
+
+
+@pytest.mark.parametrize("new_tokens", [6, 40])  # 40 runs past the block size of 16
+def test_static_decoder_equals_uncached_generation(pico, models, new_tokens):
+    """Appendix A's static-shape decoder (every cache slot, a mask, in-place writes at a device
+    position) gives the uncached greedy tokens for every softmax-attention preset, GPT-oss's
+    sliding window and sinks and its mixture of experts included; and draws the same sampled
+    tokens from the same seed."""
+    greedy, sampled = pico.SamplingRule(temperature=0), pico.SamplingRule(top_p=0.9)
+    checked = 0
+    for name, model in models.items():
+        if not pico.StaticDecoder.supports(model):
+            continue
+        prompt = [3, 1, 4, 1, 5]
+        uncached = pico.generate_ids(model, prompt, new_tokens, greedy, use_cache=False)
+        assert pico.generate_ids(pico.StaticDecoder(model), prompt, new_tokens, greedy) == uncached, name
+        assert (pico.generate_ids(pico.StaticDecoder(model), prompt, 8, sampled, seed=3)
+                == pico.generate_ids(model, prompt, 8, sampled, seed=3)), name
+        checked += 1
+    assert checked >= len(pico.TRANSFORMER_PRESETS)   # every preset, and any extra softmax model
+
+
+def test_static_decoder_leaves_the_model_and_global_random_state_alone(pico, models):
+    model = models["GPT-oss"]
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    decoder = pico.StaticDecoder(model, dtype=torch.bfloat16)
+    ids = pico.generate_ids(decoder, [3, 1, 4], 5, pico.SamplingRule(temperature=0))
+    assert len(ids) == 8 and torch.equal(rng, torch.random.get_rng_state())
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert all(type(m) is pico.MixtureOfExperts for m in model.modules()
+               if isinstance(m, pico.MixtureOfExperts))
+    assert {p.dtype for p in decoder.parameters()} == {torch.bfloat16}
+
+
+def test_decoding_model_is_the_model_itself_off_the_gpu(pico, models):
+    for model in models.values():
+        assert pico.decoding_model(model, "cpu") is model

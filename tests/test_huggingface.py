@@ -183,6 +183,160 @@ def test_sharded_safetensors_load(pico, tmp_path, llama_dir):
     model, _ = pico.import_hf(llama_dir)
     check_same_model(pico, model, llama_dir, 300)
 
+# --- E.1-E.2 The families people fine-tune: Llama 3.x, Qwen2/2.5, Qwen3, SmolLM3, GPT-oss ---------
+# Each built offline by transformers' own class from a small config (shapes chosen so that the
+# family's parts are all exercised), weights perturbed, saved with save_pretrained.
+
+SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+             num_hidden_layers=2, vocab_size=300, max_position_embeddings=64,
+             eos_token_id=256, bos_token_id=256, pad_token_id=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+FAMILIES = {
+    # Llama 3.2's shape: tied, theta 5e5, llama3 RoPE scaling (original context as short as the
+    # model's, so that the 8 head pairs span kept, blended and slowed frequencies)
+    "llama3.2": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
+    "llama linear": ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                          "rope_theta": 10000.0})),
+    "llama dynamic": ("LlamaConfig", dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0,
+                                                           "rope_theta": 10000.0})),
+    "llama yarn": ("LlamaConfig", dict(rope_parameters={  # truncate absent: true
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+        "original_max_position_embeddings": 64})),
+    "qwen2.5": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    # Qwen3: head_dim 32 with 4 heads on a width of 64 (as Qwen3-0.6B: 128 x 16 on 1024)
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2)),
+    # GPT-oss's released shape in miniature: head_dim independent of the width, alternating
+    # sliding and full layers, YaRN without truncation, biased router and experts, sinks
+    "gpt-oss": ("GptOssConfig", dict(head_dim=24, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=5, rope_parameters={
+                                         "rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                         "original_max_position_embeddings": 16})),
+}
+FAMILY_FIELDS = {  # what each must import as
+    "llama3.2": dict(rope_scaling="llama3", yarn_factor=8.0, tie_weights=True),
+    "llama linear": dict(rope_scaling="linear", yarn_factor=4.0),
+    "llama dynamic": dict(yarn_factor=1.0),
+    "llama yarn": dict(rope_scaling="yarn_truncated", yarn_factor=4.0),
+    "qwen2.5": dict(qkv_bias=True, bias=False, rope_theta=1e6),
+    "qwen3": dict(qk_norm=True, head_size=32, head_dim=32),
+    "smollm3": dict(nope_interval=2),
+    "gpt-oss": dict(n_experts=4, attention_sinks=True, sliding_window=5, head_dim=24,
+                    ffn="clamped_swiglu", rope_scaling="yarn", yarn_factor=8.0, bias=True),
+}
+
+
+def make_family_dir(pico, directory, family):
+    class_name, settings = FAMILIES[family]
+    config = getattr(transformers, class_name)(**(SMALL | settings))
+    torch.manual_seed(0)
+    model = perturbed(transformers.AutoModelForCausalLM.from_config(config))
+    if family == "gpt-oss":  # large enough that the experts' clamps at +-7 are reached
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "experts" in name:
+                    parameter.normal_(std=0.6)
+                elif "sinks" in name:
+                    parameter.normal_(std=1.0)
+    return save_hf(pico, model, directory, pico.ByteTokenizer())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_imports_with_hf_logits_and_greedy_tokens_and_exports_back(pico, tmp_path, family):
+    """Logits within 1e-4 of transformers' class, the same 20 cached greedy tokens as its
+    generate(), and an export that loads in transformers with the same logits and re-imports
+    to the same config."""
+    directory = make_family_dir(pico, tmp_path / "hf", family)
+    model, tokenizer = pico.import_hf(directory)
+    for name, value in FAMILY_FIELDS[family].items():
+        assert getattr(model.config, name) == value, name
+    assert pico.parameter_count(model.config, 300) == pico.count_parameters(model)  # memory check
+    check_same_model(pico, model, directory, 300)
+    model = trained(model)  # every weight moves before the way back
+    pico.export_hf(model, tokenizer, tmp_path / "out")
+    exported = json.loads((tmp_path / "out/config.json").read_text())
+    assert exported["model_type"] == json.loads((directory / "config.json").read_text())["model_type"]
+    check_same_model(pico, model, tmp_path / "out", 300)
+    assert pico.config_from_hf(exported) == model.config
+
+
+def test_smollm3_nope_blocks_ignore_positions(pico, tmp_path):
+    """With nope_interval 2, block 1 rotates nothing: pico-llm applies it per block."""
+    model, _ = pico.import_hf(make_family_dir(pico, tmp_path / "hf", "smollm3"))
+    assert [block.uses_rope for block in model.blocks] == [True, False]
+
+
+def test_llama3_frequencies_match_transformers(pico):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32,
+                                      rope_parameters=dict(LLAMA3_ROPE, factor=32.0,
+                                                           original_max_position_embeddings=8192))
+    expected, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config)
+    frequency = pico.llama3_frequencies(64, 500000.0, 32.0, 8192)
+    torch.testing.assert_close(frequency, expected, rtol=1e-6, atol=0)
+    assert attention_factor == 1.0
+    plain = pico.yarn_frequencies(64, 500000.0, 1.0, 8192)[0]
+    assert frequency[0] == plain[0] and frequency[-1] == plain[-1] / 32  # kept, slowed
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_truncation_matches_transformers(pico, truncate):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = transformers.LlamaConfig(hidden_size=512, num_attention_heads=8, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "truncate": truncate,
+        "original_max_position_embeddings": 512})
+    expected, expected_factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+    frequency, factor = pico.rope_frequencies(64, 10000.0, "yarn_truncated" if truncate else "yarn",
+                                              8.0, 512)
+    torch.testing.assert_close(frequency, expected, rtol=1e-6, atol=0)
+    assert factor == pytest.approx(expected_factor)
+    other, _ = pico.rope_frequencies(64, 10000.0, "yarn" if truncate else "yarn_truncated", 8.0, 512)
+    assert not torch.allclose(other, expected)  # the flag matters at this shape
+
+
+@pytest.mark.parametrize("family, change, match", [
+    ("gpt-oss", dict(swiglu_limit=5.0), "swiglu_limit=5.0"),
+    ("gpt-oss", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types="),
+    ("gpt-oss", dict(attention_bias=False), "attention_bias=False"),
+    ("smollm3", dict(no_rope_layers=[0, 1]), r"no_rope_layers=\[0, 1\]"),
+    ("smollm3", dict(use_sliding_window=True), "use_sliding_window=True"),
+    ("qwen3", dict(attention_bias=True), "attention_bias=True"),
+    ("qwen2.5", dict(use_sliding_window=True), "use_sliding_window=True"),
+    ("qwen3", dict(layer_types=["sliding_attention"] * 2), "layer_types with sliding_attention"),
+])
+def test_family_settings_pico_llm_does_not_compute_are_refused(pico, tmp_path, family, change,
+                                                               match):
+    class_name, settings = FAMILIES[family]
+    hf_config = getattr(transformers, class_name)(**(SMALL | settings)).to_dict() | change
+    one_line_error(pico, match, pico.config_from_hf, hf_config)
+
+
+def test_released_gpt_oss_config_maps_onto_the_preset_shape(pico):
+    """openai/gpt-oss-20b's config.json (its keys and values, quantization left out): 64 heads of
+    64 on a width of 2880, alternating windows of 128, YaRN x32 untruncated."""
+    released = {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+        "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * 12,
+        "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+        "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8,
+        "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+        "rms_norm_eps": 1e-05, "rope_scaling": {
+            "beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+            "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128,
+        "swiglu_limit": 7.0, "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088}
+    config = pico.config_from_hf(released)
+    assert (config.head_dim, config.head_size, config.n_heads, config.n_kv_heads) == (64, 64, 64, 8)
+    assert (config.sliding_window, config.window(0), config.window(1)) == (128, 128, None)
+    assert (config.rope_scaling, config.yarn_factor, config.yarn_original_context) == ("yarn", 32.0, 4096)
+    assert (config.n_experts, config.experts_per_token, config.router_aux_loss_coef) == (32, 4, 0.9)
+    assert pico.parameter_count(config, config.vocab_size) == pytest.approx(20.9e9, rel=0.01)
+
+
 
 # --- E.5 Export: transformers computes what pico-llm computes ---------------------------------
 
@@ -206,9 +360,21 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(pico, tmp_pat
     assert pico.config_from_hf(json.loads((tmp_path / "out/config.json").read_text())) == config
 
 
-def test_the_default_pico_transformer_exports(pico, tmp_path):
+SMALL_PRESETS = {"pico": {}, "minGPT": dict(d_model=48, n_blocks=2),
+                 "GPT2-small": dict(d_model=48, n_blocks=2, d_ff=192),
+                 "GPT-oss": dict(d_model=64, n_blocks=4, d_ff=64, sliding_window=5),
+                 "Llama3-lite": dict(d_model=64, n_blocks=2)}
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
+def test_every_preset_exports(pico, tmp_path, preset):
+    """Each preset in miniature (its structure kept): GPT-2, Llama or GPT-oss in transformers.
+    All but speedrun, whose value embeddings and U-net skips no transformers class computes
+    (its export is refused: test_export_refuses_settings_transformers_has_no_class_for)."""
+    assert set(SMALL_PRESETS) | {"speedrun"} == set(pico.TRANSFORMER_PRESETS)
     torch.manual_seed(0)
-    config = pico.TransformerConfig(vocab_size=257, block_size=32, **pico.TRANSFORMER_PRESETS["pico"])
+    config = pico.TransformerConfig(vocab_size=257, block_size=32, **(
+        pico.TRANSFORMER_PRESETS[preset] | SMALL_PRESETS[preset] | dict(dropout=0.0)))
     model = perturbed(pico.TransformerModel(config))
     pico.export_hf(model, pico.ByteTokenizer(), tmp_path / "out")
     check_same_model(pico, model, tmp_path / "out", 257)
@@ -223,6 +389,11 @@ REFUSED = {
     "norm=rmsnorm": dict(pos_emb="learned", norm="rmsnorm", ffn="gelu", bias=True),
     "n_kv_heads": dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True, n_kv_heads=2),
     "bias=False": dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=False),
+    "attention_sinks": dict(attention_sinks=True),          # sinks come with GPT-oss's experts
+    "sliding_window": dict(sliding_window=4),
+    "attention=linear": dict(attention="linear"),
+    "ffn=swiglu": dict(n_experts=4),                         # GPT-oss's experts are clamped
+    "bias=True": dict(qk_norm=True, bias=True),              # Qwen3 biases no linear
     "ffn=relu2": dict(ffn="relu2"),
     "value_embeddings": dict(value_embeddings=True),
     "unet_skips": dict(unet_skips=True),
@@ -299,6 +470,68 @@ def test_hf_tokenizer_travels_in_a_checkpoint_identity(pico, llama_dir):
     assert again.encode(TEXT) == tokenizer.encode(TEXT)
 
 
+# --- E.4 Tokenizers of the families: encode and decode as transformers' AutoTokenizer -----------
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_TEXTS = [
+    TEXT, "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>",
+    "text<|endoftext|>more text", "  leading and trailing spaces  ", "", "\n\n\n", "naïve 東京 🙂",
+    "the cat sat on the mat<|im_end|><|im_end|>"]
+
+
+def tiny_tokenizer(kind):
+    """A 300-token BPE trained with the tokenizers library: byte-level as GPT-2, Llama 3, Qwen
+    and SmolLM have it, or SentencePiece-style (Metaspace "▁", an <unk>) as Llama 2; with the
+    chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    texts = ["the cat sat on the mat", "the dog ran to the log", "What is 2 + 2? It is 4.",
+             "naïve café in 東京"] * 30
+    if kind == "byte-level":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=CHAT_SPECIALS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", *CHAT_SPECIALS])
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def save_tiny_tokenizer(directory, kind):
+    """tokenizer.json and tokenizer_config.json as transformers writes them, eos <|im_end|>;
+    config.json's eos_token_id set to match. Returns transformers' AutoTokenizer for it."""
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tokenizer(kind), eos_token="<|im_end|>", bos_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False).save_pretrained(directory)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    hf_config = json.loads((directory / "config.json").read_text())
+    hf_config["eos_token_id"] = hf_tokenizer.eos_token_id
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    return hf_tokenizer
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_model_tokenizer_encodes_and_decodes_as_transformers(pico, tmp_path, kind):
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    transformers.Qwen3Config(**(SMALL | FAMILIES["qwen3"][1])).save_pretrained(directory)
+    hf_tokenizer = save_tiny_tokenizer(directory, kind)
+    tokenizer = pico.tokenizer_from_hf(directory, pico.config_from_hf(
+        json.loads((directory / "config.json").read_text())))
+    assert tokenizer.eot_id == hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for text in TOKENIZER_TEXTS:
+        ids = tokenizer.encode(text)
+        assert ids == hf_tokenizer.encode(text, add_special_tokens=False), text
+        assert tokenizer.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True), text
+    specials = tokenizer.encode("<|im_start|>x<|im_end|>")
+    assert specials[0] == hf_tokenizer.convert_tokens_to_ids("<|im_start|>")  # one id, not text
+    assert specials[-1] == tokenizer.eot_id
+
+
 # --- Refusals: one line that names the problem --------------------------------------------------
 
 def one_line_error(pico, match, function, *args):
@@ -318,11 +551,18 @@ def test_unsupported_architecture_is_refused(pico, tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     "rope_type='llama3'"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_parameters=None), "rope_type='linear'"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0}),
+     "rope_type='longrope'"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                           "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+                           "original_max_position_embeddings": 16}), "high_freq_factor=8.0"),
+    (dict(rope_scaling={"type": "yarn", "factor": 2.0, "attention_factor": 2.0},
+          rope_parameters=None), "attention_factor=2.0"),
+    (dict(rope_scaling={"type": "linear", "factor": 0.5}, rope_parameters=None), "factor of at least 1"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(quantization_config={"quant_method": "mxfp4"}), "quant_method='mxfp4'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    (dict(head_dim=32), "head_dim=32"),
+    (dict(head_dim=15), "even head size"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_size=None), "no hidden_size"),
     (dict(num_hidden_layers=0), "num_hidden_layers=0 is not a positive integer"),
@@ -390,7 +630,7 @@ def test_init_from_a_hub_id_offline_fails_fast_naming_the_directory_form(pico, m
     monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: False)
     start = time.perf_counter()
     one_line_error(pico, r"--local-dir DIR\) and pass --init_from DIR", pico.resolve_init_from,
-                   "gpt2")
+                   "openai-community/gpt2")
     assert time.perf_counter() - start < 2
 
 
@@ -400,7 +640,7 @@ def test_init_from_a_hub_id_downloads_safetensors_or_fails_in_one_line(pico, mon
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda spec, allow_patterns: calls.append(allow_patterns) or str(tmp_path))
-    assert pico.resolve_init_from("gpt2") == tmp_path
+    assert pico.resolve_init_from("openai-community/gpt2") == tmp_path
     assert "model*.safetensors*" in calls[0]
 
     def gated(spec, allow_patterns):
@@ -408,6 +648,44 @@ def test_init_from_a_hub_id_downloads_safetensors_or_fails_in_one_line(pico, mon
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     one_line_error(pico, "401 Client Error; download it once", pico.resolve_init_from,
                    "meta-llama/x")
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "no/such/dir", "./org/name", "/org/name", "~/org-xyz/name",
+                                  "org/name/", "../name"])
+def test_init_from_a_path_that_does_not_exist_is_a_missing_path_not_a_hub_id(pico, monkeypatch,
+                                                                               spec):
+    asked = []
+    monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: asked.append(spec))
+    one_line_error(pico, "no such directory", pico.resolve_init_from, spec)
+    assert asked == []
+
+
+def test_init_from_org_name_is_a_hub_id_unless_org_is_a_directory_here(pico, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: False)
+    one_line_error(pico, "the Hugging Face hub is unreachable", pico.resolve_init_from,
+                   "Qwen/Qwen3-0.6B")
+    (tmp_path / "Qwen").mkdir()
+    one_line_error(pico, "Qwen/Qwen3-0.6B: no such directory", pico.resolve_init_from,
+                   "Qwen/Qwen3-0.6B")
+
+
+def test_a_model_too_large_for_memory_is_refused_before_its_weights_are_read(
+        refused, pico, monkeypatch, tmp_path, corpus):
+    source = make_llama_dir(pico, tmp_path / "llama")
+    parameters = pico.count_parameters(pico.import_hf(source)[0])
+    reads = []
+    monkeypatch.setattr(pico, "read_hf_weights", lambda path: reads.append(path))
+    monkeypatch.setattr(pico, "memory_available", lambda device: 2**20)  # 1 MiB
+    message = refused("is too large to train here; choose a smaller model", "--init_from",
+                      str(source), *fine_tune(corpus))
+    assert f"transformer needs about {pico.memory_size(16 * parameters)}" in message
+    assert f"({parameters:,} parameters" in message and "than the 1.0 MiB" in message
+    assert reads == []
+    monkeypatch.setattr(pico, "memory_available", lambda device: 2**18)  # sampling needs 4 bytes
+    message = refused("choose a smaller model", "--generate", "--init_from", str(source))
+    assert f"needs about {pico.memory_size(4 * parameters)} ({parameters:,} parameters" in message
+    assert reads == []
 
 
 # --- E.6 The command line: fine-tune, resume, generate, export ----------------------------------
@@ -475,10 +753,13 @@ def losses(run):
     return [h["train_loss"] for h in run["models"]["transformer"]["history"]]
 
 
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen3", marks=pytest.mark.slow),
+                                    pytest.param("gpt-oss", marks=pytest.mark.slow)])
 def test_init_from_run_resumes_generates_and_exports_without_the_hf_directory(
-        pico, run_main, tmp_path, corpus, monkeypatch):
+        pico, run_main, tmp_path, corpus, monkeypatch, family):
     """The checkpoints of an --init_from run carry the model's config and tokenizer.json."""
-    source = make_llama_dir(pico, tmp_path / "llama")
+    source = (make_llama_dir(pico, tmp_path / "llama") if family == "llama"
+              else make_family_dir(pico, tmp_path / "llama", family))
     assert run_main("--init_from", str(source), *fine_tune(corpus), "--run_name", "whole")[0] == 0
     flags = ["--init_from", str(source), *fine_tune(corpus, "--save_dir", str(tmp_path / "ckpt"))]
     calls, real_step = [], pico.training_step
@@ -512,6 +793,44 @@ def test_init_from_run_resumes_generates_and_exports_without_the_hf_directory(
     check_same_model(pico, model, tmp_path / "out", 300)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tokenizer.encode("the cat") == tokenizer.encode("the cat")
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_qwen3_with_its_own_tokenizer_end_to_end(pico, run_main, tmp_path):
+    """--init_from DIR --models transformer --input_dir my_text/ --epochs 1 trains in float32 on
+    the CPU, checkpoints, samples from the checkpoint, and exports a directory that transformers
+    loads with the checkpoint's logits and tokenizer."""
+    source = make_family_dir(pico, tmp_path / "qwen3", "qwen3")
+    save_tiny_tokenizer(source, "byte-level")
+    text = tmp_path / "my_text"
+    text.mkdir()
+    for name in ("a", "b"):
+        (text / f"{name}.txt").write_text("".join(
+            f"<|im_start|>user\nWhat is {i} + {i}?<|im_end|>\n<|im_start|>assistant\n{2 * i}"
+            f"<|im_end|>\n" for i in range(30)))
+    status, out, err = run_main("--init_from", str(source), "--models", "transformer", "--input_dir",
+                                str(text), "--epochs", "1", "--block_size", "32", "--batch_size", "4",
+                                "--max_new_tokens", "2", "--save_dir", str(tmp_path / "ckpt"),
+                                "--export_hf", str(tmp_path / "out"), "--run_name", "tuned", "--quiet")
+    assert status == 0, err
+    assert pico.resolve_dtype(None, torch.device("cpu")) == "float32"  # bf16 on CUDA only
+    assert pico.resolve_dtype(None, torch.device("cuda")) == "bfloat16"
+    checkpoint = latest_checkpoint(tmp_path / "ckpt")
+    model, tokenizer, _ = pico.model_from_checkpoint(checkpoint, "--checkpoint")
+    imported, _ = pico.import_hf(source)
+    ids = random_ids(300)
+    assert not torch.allclose(pico_logits(model, ids), pico_logits(imported, ids))  # it trained
+    check_same_model(pico, model, tmp_path / "out", 300)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for sample in TOKENIZER_TEXTS:
+        assert hf_tokenizer.encode(sample, add_special_tokens=False) == tokenizer.encode(sample)
+    status, out, err = run_main("--generate", "--checkpoint", str(checkpoint), "--prompt",
+                                "<|im_start|>user\nWhat is", "--temperature", "0",
+                                "--max_new_tokens", "5")
+    assert status == 0, err
+    greedy = pico.generate_text(model, tokenizer, "<|im_start|>user\nWhat is", 5,
+                                pico.SamplingRule(temperature=0.0))
+    assert out.rstrip("\n") == greedy.text.rstrip("\n")
 
 
 def test_a_finished_run_resumed_with_export_hf_exports_the_trained_weights(
@@ -604,7 +923,7 @@ def test_init_from_flag_combinations_that_contradict_it_are_refused(refused, gpt
 def test_init_from_a_hub_id_offline_is_refused_within_seconds(refused, pico, monkeypatch, corpus):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    message = refused("the Hugging Face hub is unreachable", "--init_from", "gpt2",
+    message = refused("the Hugging Face hub is unreachable", "--init_from", "openai-community/gpt2",
                       *fine_tune(corpus))
     assert "--init_from DIR" in message and time.perf_counter() - start < 10
 

@@ -144,6 +144,22 @@ def test_notebook_plots_a_run_log_that_was_cut_short(pico, tmp_path):
     assert (tmp_path / "runs" / "my_run_loss_curves.png").exists()
 
 
+def test_notebook_shows_the_attention_maps_and_clusters_a_run_log_names(run_main, tmp_path):
+    """A run's interpretability files carry its name; the notebook finds them through its log."""
+    status, _, err = run_main("--input_files", str(REPO / "3seqs.txt"), "--limit_custom_examples",
+                              "30", "--models", "transformer", "--block_size", "16", "--d_model",
+                              "16", "--n_blocks", "1", "--epochs", "1", "--max_steps_per_epoch",
+                              "1", "--max_new_tokens", "3", "--quiet", "--attention_maps",
+                              "--monosemantic_enabled", "--monosemantic_clusters", "2",
+                              "--run_name", "mine")
+    assert status == 0, err
+    run_log = tmp_path / "artefacts" / "mine.json"
+    text = execute_notebook(tmp_path / "no_presentation", run_log=run_log)
+    assert "**mine** (finished)" in text and "**transformer**: embedding clusters" in text
+    assert "mine.attention_transformer.json` is missing" not in text
+    assert (run_log.parent / "mine_attention_transformer.png").exists()
+
+
 def test_notebook_reports_a_missing_run_log(tmp_path):
     text = execute_notebook(tmp_path / "no_presentation", run_log=tmp_path / "runs" / "typo.json")
     assert "typo.json` is missing; check the path" in text

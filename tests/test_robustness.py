@@ -5,6 +5,7 @@ Grouped by the kind of robustness each test pins down. Each bad-input test asser
 status 2, exactly one line on stderr, no traceback, and no file added, removed or changed.
 """
 
+import errno
 import json
 import os
 import re
@@ -254,12 +255,12 @@ def test_a_new_run_log_is_created_only_where_none_exists(pico, tmp_path):
     path = tmp_path / "same.json"
     first, second = (pico.RunLog(path, {"epochs": epochs}, torch.device("cpu"), {})
                      for epochs in (1, 2))
-    first.start(resuming=False)
+    first.start(create=True)
     with pytest.raises(pico.UserError, match="same.json already exists: another run"):
-        second.start(resuming=False)
+        second.start(create=True)
     assert json.loads(path.read_text())["args"] == {"epochs": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["same.json"]   # no temporary file left
-    second.start(resuming=True)                                     # a resumed run carries it on
+    second.start(create=False)                                      # a resumed run carries it on
     assert json.loads(path.read_text())["args"] == {"epochs": 2}
 
 
@@ -675,3 +676,150 @@ def test_ctrl_c_during_start_up_prints_one_line(ws):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0], info
     assert not ws.art.exists() and not ws.cache.exists(), info
+
+
+# --- damaged caches and oversized input: rebuilt, or refused before reading ------------------
+
+def test_a_token_cache_with_ids_out_of_range_is_rebuilt(pico, tmp_path, capsys):
+    """Right sizes, wrong ids (another tokenizer's, or flipped bits): an embedding lookup
+    would fail with an IndexError mid-training; the cache is checked when opened instead."""
+    import numpy as np
+    texts = ["the cat sat on the mat", "a dog ran far away"]
+    first = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    tokens_path = next(tmp_path.glob("*.tokens.npy"))
+    bad = np.load(tokens_path)
+    bad[3] = 60000                                   # fits uint16, beyond the 257 char ids
+    np.save(tokens_path, bad)
+    again = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "token cache" in lines[0] and "60000" in lines[0], lines
+    assert list(again.tokens) == list(first.tokens)
+    assert list(np.load(tokens_path)) == list(first.tokens)
+
+
+@pytest.mark.parametrize("vocab", ["[]", "42", '"text"', "null"])
+def test_a_bpe_cache_whose_vocab_is_not_an_object_is_trained_again(pico, tmp_path, capsys, vocab):
+    texts = [f"the quick brown fox number {i} jumps" for i in range(50)]
+    first = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    vocab_path = next(tmp_path.glob("bpe-*/vocab.json"))
+    vocab_path.write_text(vocab)
+    again = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "BPE cache" in lines[0], lines
+    assert again.encode("number 7 jumps") == first.encode("number 7 jumps")
+    assert isinstance(json.loads(vocab_path.read_text()), dict)
+
+
+def test_an_input_file_larger_than_the_limit_is_refused_before_reading(pico, tmp_path, monkeypatch):
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as handle:             # sparse: 30 GiB long, no disk used
+        handle.truncate(30 << 30)
+    monkeypatch.setattr(Path, "read_bytes", refuse_to_read)      # refused before any read
+    with pytest.raises(pico.UserError) as error:
+        pico.read_text_lines(huge)
+    line = str(error.value)
+    assert "huge.txt" in line and "30.0 GiB" in line and "2 GiB" in line and "head -n" in line
+    small = tmp_path / "small.txt"
+    small.write_text("one line of text\n")
+    monkeypatch.setattr(pico, "MAX_INPUT_FILE_BYTES", 8)          # the limit is one constant
+    with pytest.raises(pico.UserError, match="small.txt is 0.0 GiB, over the"):
+        pico.read_text_lines(small)
+
+
+def refuse_to_read(self):
+    raise AssertionError(f"{self} was read")
+
+
+def test_a_fifo_inside_input_dir_is_skipped_with_a_note(pico, tmp_path, capsys):
+    (tmp_path / "story.txt").write_text("once upon a time\n")
+    os.mkfifo(tmp_path / "pipe.txt")
+    assert pico.text_files_in(tmp_path) == [tmp_path / "story.txt"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "pipe.txt" in lines[0] and "skipped 1" in lines[0], lines
+
+
+# --- checkpoints: what a refusal names --------------------------------------------------------
+
+def test_a_checkpoint_that_would_call_eval_names_builtins_eval(pico, tmp_path):
+    for function in (eval, exec):
+        path = tmp_path / f"{function.__name__}.pt"
+        torch.save({"format": "pico-llm checkpoint", "x": Payload(function, "1 + 1")}, path)
+        with pytest.raises(pico.UserError) as error:
+            pico.load_checkpoint(path, "--checkpoint")
+        assert f"would call builtins.{function.__name__}," in str(error.value)
+
+
+def test_a_damaged_checkpoint_with_only_newer_good_ones_names_them(pico, ws, trained_save_dir):
+    shutil.copytree(trained_save_dir, ws.save)
+    older = ws.save / "lstm_seq" / "step_000001.pt"
+    flip_a_weight_byte(older)
+    with pytest.raises(pico.UserError) as error:
+        pico.load_checkpoint(older, "--checkpoint")
+    line = str(error.value)
+    assert "step_000001.pt is damaged" in line and "no earlier checkpoint" in line
+    assert f"use --checkpoint {ws.save / 'lstm_seq' / 'step_000002.pt'}" in line, line
+
+
+# --- a full disk: one line, and no partial output --------------------------------------------
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("failure", ["OSError", "SafetensorError"])
+def test_a_full_disk_during_export_hf_is_one_line_and_leaves_nothing(pico, tmp_path, monkeypatch,
+                                                                      failure):
+    import safetensors.torch
+
+    def save_file(*args, **kwargs):
+        if failure == "OSError":
+            no_space()
+        from safetensors import SafetensorError  # what safetensors raises for a failed write
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    model = pico.TransformerModel(pico.TransformerConfig(vocab_size=257, block_size=16, d_model=32))
+    with pytest.raises(pico.UserError) as error:
+        pico.export_hf(model, pico.ByteTokenizer(), tmp_path / "out")
+    line = str(error.value)
+    assert "\n" not in line and "No space left on device" in line and "free disk space" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, target", [
+    (["--attention_maps", *TINY_TRANSFORMER], "attention_transformer"),
+    (["--monosemantic_enabled"], "monosemantic_lstm_seq"),
+])
+def test_a_full_disk_while_writing_interpretability_files_is_one_line(run_main, ws, monkeypatch,
+                                                                      pico, flags, target):
+    real_write = pico.atomic_write_bytes
+
+    def full_for_target(path, data):
+        if target in path.name:
+            no_space()
+        real_write(path, data)
+
+    monkeypatch.setattr(pico, "atomic_write_bytes", full_for_target)
+    status, _, err = run_main(*TINY, "--input_files", str(ws.corpus), *flags, artefacts=ws.art)
+    assert status == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and target in lines[0], err
+    assert not [p for p in ws.art.iterdir() if target in p.name]
+
+
+def test_a_full_disk_while_writing_a_sweep_file_is_one_line(run_main, ws, monkeypatch, pico):
+    real_write = pico.atomic_write_bytes
+
+    def full_for_sweeps(path, data):
+        if path.name.startswith("sweep_"):
+            no_space()
+        real_write(path, data)
+
+    monkeypatch.setattr(pico, "atomic_write_bytes", full_for_sweeps)
+    status, _, err = run_main("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files",
+                              str(ws.corpus), artefacts=ws.art)
+    assert status == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "sweep_kgram_variants" in lines[0]
+    assert not list(ws.art.glob("*sweep_*"))

@@ -126,22 +126,63 @@ def test_a_normal_run_prints_the_loss_plot_and_writes_interpretability_files(run
                               "--models", "lstm_seq,transformer", "--block_size", "16",
                               "--d_model", "32", "--embed_size", "32", "--max_steps_per_epoch", "2",
                               "--max_new_tokens", "5", "--quiet", "--attention_maps",
-                              "--monosemantic_enabled", "--monosemantic_clusters", "4")
+                              "--monosemantic_enabled", "--monosemantic_clusters", "4",
+                              "--run_name", "first")
     assert status == 0
     assert "a/A = lstm_seq train/test" in out and "step 1" in out
     artefacts = tmp_path / "artefacts"
-    written = (artefacts / "attention_transformer.json").read_text()
+    written = (artefacts / "first.attention_transformer.json").read_text()
     assert written.count("\n") == 1                             # compact: maps are large
     attention = json.loads(written)
     assert attention["tokens"][:4] == ["O", "n", "c", "e"] and len(attention["layers"]) == 3
     last_row = attention["layers"][-1][0][-1]                 # the last query's weights, rounded
     assert sum(last_row) == pytest.approx(1.0, abs=1e-4) and all(round(w, 5) == w for w in last_row)
-    assert not (artefacts / "attention_lstm_seq.json").exists()
-    clusters = json.loads((artefacts / "monosemantic_lstm_seq.json").read_text())
+    assert not (artefacts / "first.attention_lstm_seq.json").exists()
+    clusters = json.loads((artefacts / "first.monosemantic_lstm_seq.json").read_text())
     assert len(clusters["clusters"]) == 4
     generated = [t for t in clusters["tokens"] if t["generated"]]
     assert all(len(t["neighbours"]) == 3 for t in generated)
     assert "each token with [its cluster" in out
+    models = json.loads((artefacts / "first.json").read_text())["models"]
+    assert models["transformer"]["attention_maps"] == "first.attention_transformer.json"
+    assert "attention_maps" not in models["lstm_seq"]
+    assert models["lstm_seq"]["monosemantic"] == "first.monosemantic_lstm_seq.json"
+
+
+def test_a_second_run_with_interpretability_flags_keeps_the_first_runs_files(run_main, tmp_path,
+                                                                            tiny_corpus):
+    artefacts = tmp_path / "artefacts"
+    for run_name, prompt in (("one", "the fox"), ("two", "a cat")):
+        status, _, err = run_main("--input_files", str(tiny_corpus), "--models", "transformer",
+                                  "--block_size", "16", "--d_model", "16", "--n_blocks", "1",
+                                  "--max_steps_per_epoch", "1", "--epochs", "1",
+                                  "--max_new_tokens", "3", "--quiet", "--attention_maps",
+                                  "--monosemantic_enabled", "--monosemantic_clusters", "2",
+                                  "--prompt", prompt, "--run_name", run_name)
+        assert status == 0, err
+    for run_name, prompt in (("one", "the fox"), ("two", "a cat")):
+        record = json.loads((artefacts / f"{run_name}.json").read_text())["models"]["transformer"]
+        maps = json.loads((artefacts / record["attention_maps"]).read_text())
+        clusters = json.loads((artefacts / record["monosemantic"]).read_text())
+        assert maps["prompt"] == prompt and clusters["text"].startswith(prompt)
+
+
+def test_a_sweep_continued_with_other_flags_is_refused_and_keeps_its_file(run_main, tmp_path,
+                                                                         tiny_corpus):
+    """The file's points were run with its recorded flags: new values of a flag the points
+    depend on neither reuse them nor relabel them."""
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    assert run_main(*argv)[0] == 0
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    before = path.read_bytes()
+    for flag, value in (("--seed", "7"), ("--learning_rate", "0.01"), ("--weight_decay", "0.5")):
+        status, out, err = run_main(*argv, flag, value)
+        lines = err.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and "other flags" in lines[0], err
+        assert f"{flag} " in lines[0] and "--overwrite" in lines[0]
+        assert path.read_bytes() == before
+    status, out, _ = run_main(*argv, "--quiet", "--log_interval", "3")   # flags no point uses
+    assert status == 0 and "all 3 points were already done" in out
 
 
 @pytest.mark.parametrize("sweep, expected", [

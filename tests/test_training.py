@@ -61,6 +61,22 @@ def test_softmax_cross_entropy_matches_autograd_and_flags_an_underflowed_target(
     assert softmax_minus_onehot.data_ptr() == logits.data_ptr()        # written over the logits
 
 
+def test_softmax_cross_entropy_not_in_place_is_exact_without_recomputing(pico):
+    """The GPU's way (in_place False): the logits survive, every loss is exact, even one whose
+    target probability underflows, so the chunked loss never asks the device which rows to redo."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40) * 3
+    logits[0, 7] = 300.0
+    targets = torch.tensor([3, 1, 2, 3, 4, 5])
+    reference_logits = logits.clone().requires_grad_()
+    reference = F.cross_entropy(reference_logits, targets, reduction="none")
+    reference.sum().backward()
+    losses, softmax_minus_onehot = pico.softmax_cross_entropy_(logits.clone(), targets,
+                                                               with_gradient=True, in_place=False)
+    assert torch.allclose(losses, reference, rtol=1e-5) and losses[0] > 290
+    assert torch.allclose(softmax_minus_onehot, reference_logits.grad, atol=1e-6)
+
+
 @pytest.mark.parametrize("kernel", ["onednn", "torch"])
 def test_chunked_loss_recomputes_the_positions_whose_target_probability_underflowed(pico, kernel):
     """A confidently wrong position (its target hundreds of nats below another token) keeps
@@ -125,7 +141,7 @@ def test_gradient_clipping_matches_torch(pico):
         r.grad = p.grad.clone()
     norm = pico.gradient_clipping(params, 1.0)
     torch_norm = nn.utils.clip_grad_norm_(reference, 1.0)
-    assert norm == pytest.approx(float(torch_norm), rel=1e-5)
+    assert float(norm) == pytest.approx(float(torch_norm), rel=1e-5)
     for p, r in zip(params, reference):
         assert torch.allclose(p.grad, r.grad, atol=1e-6)
     small = [nn.Parameter(torch.zeros(2))]

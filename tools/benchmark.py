@@ -17,8 +17,11 @@ keeps the measured record.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import datetime
+import io
 import json
 import re
 import sys
@@ -31,12 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pico_module import TOOLS_DIR, load_pico
+from pico_module import TOOLS_DIR, load_pico, load_script
 
 pico = load_pico()
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
-GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, by a part of the name
+# torch.cuda.get_device_name gives ("H100 80GB HBM3" is the SXM part; the PCIe one is slower).
+# Any other GPU is measured against the matmul ceiling alone.
+GPU_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -520,8 +525,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "memory": memory,
         "elapsed_s": time.perf_counter() - started,
     }
+    return publish(report, benchmark_table(report), out_path)
+
+
+def publish(report: dict, table: str, out_path: Path) -> int:
+    """Write the JSON report atomically and print its table."""
     pico.atomic_write_json(out_path, report)
-    print(benchmark_table(report))
+    print(table)
     print(f"\nbenchmark written to {out_path}")
     return 0
 
@@ -572,6 +582,249 @@ def benchmark_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# --- GPT-2 small on a GPU: pico-llm against nanoGPT and transformers, in one run -------------
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Sizes:
+    """GPT-2 small's shape (12 blocks of 12 heads, 768 wide, 1024-token context, GPT-2's
+    vocabulary) at nanoGPT's batch of 16; `quick` keeps every code path at a tiny size."""
+
+    n_blocks: int = 12
+    n_heads: int = 12
+    d_model: int = 768
+    block_size: int = 1024
+    batch_size: int = 16
+    vocab_size: int = 50257
+    matmul_size: int = 8192
+    warmup: int = 3
+    repeats: int = 10
+    decode_prompt: int = 4
+    decode_tokens: int = 256
+    decode_batches: tuple[int, ...] = (1, 16)
+
+    @classmethod
+    def quick(cls) -> "GPT2Sizes":
+        return cls(n_blocks=2, n_heads=2, d_model=32, block_size=32, batch_size=2, vocab_size=256,
+                   matmul_size=256, warmup=1, repeats=2, decode_tokens=8, decode_batches=(1, 2))
+
+
+def gpt2_flags(sizes: GPT2Sizes) -> list[str]:
+    """pico-llm's GPT2-small preset at these sizes, without dropout (as nanoGPT's benchmark)."""
+    return ["--transformer_variant", "GPT2-small", "--n_blocks", str(sizes.n_blocks),
+            "--n_heads", str(sizes.n_heads), "--d_model", str(sizes.d_model),
+            "--d_ff", str(4 * sizes.d_model), "--dropout", "0"]
+
+
+def time_steps(step, sizes: GPT2Sizes, device: torch.device) -> dict:
+    """Median seconds of `step()` and the peak GPU memory it took (None on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_seconds(step, sizes.repeats, sizes.warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    return {"step_s": seconds, "peak_memory_gb": peak}
+
+
+def with_mfu(row: dict, tokens: int, flops_per_token: int, ceiling_gflops: float,
+             peak_tflops: float | None) -> dict:
+    """Adds tokens/s and MFU against the measured ceiling and, where known, the datasheet peak."""
+    tokens_per_s = tokens / row["step_s"]
+    achieved = flops_per_token * tokens_per_s / 1e9
+    return {**row, "tokens_per_s": tokens_per_s, "achieved_gflops": achieved,
+            "mfu_vs_measured_ceiling": achieved / ceiling_gflops,
+            "mfu_vs_datasheet_peak": None if peak_tflops is None else achieved / (peak_tflops * 1e3)}
+
+
+def pico_gpt2_training(sizes: GPT2Sizes, device: torch.device, dtype: str, compile: bool) -> dict:
+    """pico-llm's real training_step on its GPT2-small preset, speed_up as the training loop
+    applies it (compile: model, output layer and loss compiled together on a GPU)."""
+    config = {"name": "gpt2", "model": "transformer", "vocab_size": sizes.vocab_size,
+              "block_size": sizes.block_size, "flags": gpt2_flags(sizes)}
+    bench_sizes = dataclasses.replace(BenchmarkSizes(), batch_size=sizes.batch_size)
+    model, run, loss_model = build_benchmark_model(config, bench_sizes, device,
+                                                   speed=pico.SpeedConfig(compile=compile))
+    optimizer = pico.build_optimizer(model, run.training, device)
+    batch = random_batch(sizes.vocab_size, sizes.block_size, sizes.batch_size, 0).to(device)
+    step = lambda: pico.training_step(loss_model, optimizer, [(batch, True)],  # noqa: E731
+                                      batch.num_target_tokens, run.training.grad_clip, dtype=dtype)
+    return {**time_steps(step, sizes, device),
+            "flops_per_token": pico.training_flops_per_token(model, sizes.block_size)}
+
+
+def load_nanogpt(directory: Path):
+    """nanoGPT's model.py (its GPT and GPTConfig), loaded from a checkout given on the command
+    line; never copied into this repository."""
+    path = Path(directory) / "model.py"
+    if not path.is_file():
+        raise pico.UserError(f"--nanogpt_dir {directory}: no model.py there (a nanoGPT checkout)")
+    return load_script(path, "nanogpt_model")
+
+
+def nanogpt_training(nanogpt, sizes: GPT2Sizes, device: torch.device, dtype: str, compile: bool) -> dict:
+    """nanoGPT's train.py step at the same shape: its fused AdamW (configure_optimizers), bf16
+    autocast, gradient clipping at 1, and its loss read once a step (as pico-llm's step does)."""
+    config = nanogpt.GPTConfig(block_size=sizes.block_size, vocab_size=sizes.vocab_size,
+                               n_layer=sizes.n_blocks, n_head=sizes.n_heads, n_embd=sizes.d_model,
+                               dropout=0.0, bias=True)
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):       # its parameter-count prints
+        model = nanogpt.GPT(config).to(device)
+        optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+    forward = torch.compile(model) if compile else model
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, sizes.vocab_size, (sizes.batch_size, sizes.block_size + 1),
+                           generator=generator).to(device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def step():
+        with pico.autocast_context(device, dtype):
+            _, loss = forward(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return time_steps(step, sizes, device)
+
+
+@torch.no_grad()
+def decode_seconds(step_model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    """Seconds for greedy decoding of `new_tokens` after `prompt` (T, B) through a model's
+    forward_incremental (the KV cache), the next tokens fed back on the device."""
+    synchronize(device)
+    started = time.perf_counter()
+    logits, state = step_model.forward_incremental(prompt, None)
+    for _ in range(new_tokens - 1):
+        logits, state = step_model.forward_incremental(logits[-1].argmax(dim=-1)[None], state)
+    logits[-1].argmax(dim=-1).tolist()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def gpt2_decoding(sizes: GPT2Sizes, device: torch.device) -> dict:
+    """Greedy decode tokens/s at each batch size, fp32 and bf16: pico-llm's plain KV-cache path
+    (Part I), its static decoder (Appendix A; CUDA graphs on a GPU) and transformers'
+    GPT2LMHeadModel.generate, all with the same shape, prompt length and new tokens."""
+    run = benchmark_model_config("transformer", sizes.decode_prompt + sizes.decode_tokens, 1,
+                                 gpt2_flags(sizes))
+    model = pico.build_model(run.models.transformer, sizes.vocab_size, 0).to(device).eval()
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    results = {"prompt_tokens": sizes.decode_prompt, "new_tokens": sizes.decode_tokens}
+    graphs = device.type == "cuda"
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        plain = copy.deepcopy(model).to(dtype)          # learned positions: no float buffers to keep
+        hf = None
+        if transformers is not None:
+            hf_config = transformers.GPT2Config(
+                n_layer=sizes.n_blocks, n_head=sizes.n_heads, n_embd=sizes.d_model,
+                n_positions=sizes.decode_prompt + sizes.decode_tokens, vocab_size=sizes.vocab_size,
+                bos_token_id=0, eos_token_id=0)            # min_new_tokens keeps it from stopping
+            hf = transformers.GPT2LMHeadModel(hf_config).to(device, dtype).eval()
+        for batch in sizes.decode_batches:
+            prompt = torch.randint(0, sizes.vocab_size, (sizes.decode_prompt, batch),
+                                   generator=torch.Generator().manual_seed(batch)).to(device)
+            decoder = pico.StaticDecoder(model, batch=batch, dtype=dtype, graphs=graphs)
+            ways = {"pico_plain": lambda: decode_seconds(plain, prompt, sizes.decode_tokens, device),
+                    "pico_static": lambda: decode_seconds(decoder, prompt, sizes.decode_tokens, device)}
+            if hf is not None:
+                ways["transformers"] = lambda: timed_hf_generate(hf, prompt.t().contiguous(),
+                                                                 sizes.decode_tokens, device)
+            seconds = {way: [] for way in ways}
+            for way in ways.values():
+                way()                                                   # warm-up (graph recorded)
+            for _ in range(sizes.repeats // 2 + 1):
+                for way, run_way in ways.items():
+                    seconds[way].append(run_way())
+            for way, times in seconds.items():
+                results[f"{way}_{dtype_name}_batch{batch}_tokens_per_s"] = (
+                    batch * sizes.decode_tokens / float(np.median(times)))
+    if transformers is None:
+        results["transformers"] = "not installed"
+    return results
+
+
+@torch.no_grad()
+def timed_hf_generate(hf_model, input_ids: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    """Seconds for transformers' greedy generate of exactly `new_tokens` tokens; input_ids (B, T)."""
+    synchronize(device)
+    started = time.perf_counter()
+    hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def run_gpt2_benchmark(args: argparse.Namespace) -> int:
+    """GPT-2 small: training tokens/s, MFU (against the datasheet peak and a bf16 matmul
+    ceiling measured here) and peak memory, eager and compiled, for pico-llm and, given
+    --nanogpt_dir, nanoGPT; greedy decoding against transformers. Writes a JSON report."""
+    device = pico.resolve_device(args.device_id)
+    dtype = pico.resolve_dtype(args.dtype, device)
+    sizes = GPT2Sizes.quick() if args.quick else GPT2Sizes()
+    out_path = Path(args.output)
+    pico.check_writable_directory(out_path.parent, "--output")
+    nanogpt = load_nanogpt(Path(args.nanogpt_dir)) if args.nanogpt_dir else None
+    started = time.perf_counter()
+    note = (lambda message: None) if args.quiet else (
+        lambda message: print(f"benchmark: {message} ({time.perf_counter() - started:.0f} s)", flush=True))
+    matmul_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    ceiling = matmul_gflops(device, matmul_dtype, sizes.matmul_size, sizes.repeats)
+    peak = datasheet_peak_tflops(device)
+    note(f"{dtype} matmul ceiling {ceiling:.0f} GFLOP/s")
+    # Compiling costs minutes on a CPU: there only with --compile.
+    modes = {"eager": False, **({"compiled": True} if device.type == "cuda" or args.compile else {})}
+    tokens = sizes.block_size * sizes.batch_size
+    training = {}
+    for mode, compile in modes.items():
+        pico_row = pico_gpt2_training(sizes, device, dtype, compile)
+        flops_per_token = pico_row.pop("flops_per_token")
+        training[f"pico_{mode}"] = with_mfu(pico_row, tokens, flops_per_token, ceiling, peak)
+        note(f"pico-llm {mode} training")
+        if nanogpt is not None:
+            training[f"nanogpt_{mode}"] = with_mfu(
+                nanogpt_training(nanogpt, sizes, device, dtype, compile), tokens, flops_per_token,
+                ceiling, peak)
+            training[f"pico_vs_nanogpt_{mode}"] = (training[f"pico_{mode}"]["tokens_per_s"]
+                                                   / training[f"nanogpt_{mode}"]["tokens_per_s"])
+            note(f"nanoGPT {mode} training")
+    decoding = gpt2_decoding(sizes, device)
+    note("decoding")
+    report = {"kind": "gpt2_benchmark",
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "quick": args.quick, "dtype": dtype, "environment": pico.environment_info(device),
+              "sizes": dataclasses.asdict(sizes),
+              "datasheet_bf16_peak_tflops": peak if peak is not None else "unknown peak",
+              "matmul_ceiling_gflops": ceiling, "matmul_ceiling_dtype": dtype,
+              "training": training, "decoding": decoding,
+              "elapsed_s": time.perf_counter() - started}
+    return publish(report, gpt2_table(report), out_path)
+
+
+def gpt2_table(report: dict) -> str:
+    peak = report["datasheet_bf16_peak_tflops"]
+    lines = [f"GPT-2 small shape {report['sizes']['n_blocks']}x{report['sizes']['d_model']}, context "
+             f"{report['sizes']['block_size']}, batch {report['sizes']['batch_size']}, {report['dtype']}, "
+             f"on {report['environment']['device_name']}; matmul ceiling "
+             f"{report['matmul_ceiling_gflops']:,.0f} GFLOP/s; datasheet peak "
+             + (f"{peak:g} TFLOP/s" if isinstance(peak, float) else peak),
+             f"{'training':<18} {'tokens/s':>10} {'MFU/ceiling':>12} {'MFU/peak':>9} {'peak GB':>8}"]
+    for name, row in report["training"].items():
+        if isinstance(row, dict):
+            vs_peak = row["mfu_vs_datasheet_peak"]
+            memory = row["peak_memory_gb"]
+            lines.append(f"{name:<18} {row['tokens_per_s']:>10,.0f} {row['mfu_vs_measured_ceiling']:>12.1%} "
+                         + (f"{vs_peak:>9.1%}" if vs_peak is not None else f"{'-':>9}")
+                         + (f" {memory:>8.1f}" if memory is not None else f" {'-':>8}"))
+    lines.append("decoding, tokens/s: " + ", ".join(
+        f"{key.removesuffix('_tokens_per_s')} {value:,.0f}"
+        for key, value in report["decoding"].items() if key.endswith("_tokens_per_s")))
+    return "\n".join(lines)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tools/benchmark.py", description=__doc__.split("\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -579,13 +832,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="the same code paths at tiny sizes (seconds; the tests use it)")
     parser.add_argument("--output", default=str(pico.DEFAULT_ARTEFACTS_DIR / "benchmark.json"),
                         help="where the JSON report goes")
-    parser.add_argument("--device_id", default="cuda:0",
-                        help="cpu, mps or cuda:N (falls back to cpu when CUDA is absent)")
+    parser.add_argument("--device_id", default="auto",
+                        help="auto (CUDA, else MPS, else cpu), cpu, mps or cuda:N, as pico-llm's flag")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="training precision (default: bfloat16 on CUDA, float32 elsewhere)")
     parser.add_argument("--cpu_matmul", choices=pico.CPU_MATMUL_KERNELS, default="onednn",
                         help="kernel for float32 linears on the CPU, as pico-llm's flag")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--gpt2", action="store_true",
+                        help="instead: GPT-2 small at context 1024 (training eager and compiled, "
+                             "decoding against transformers' generate); for GPUs")
+    parser.add_argument("--nanogpt_dir", default=None,
+                        help="with --gpt2: a nanoGPT checkout whose model.py is timed beside pico-llm")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--quiet", action="store_true", help="no progress notes")
     return parser
@@ -594,7 +852,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
-        return run_benchmark(args)
+        return run_gpt2_benchmark(args) if args.gpt2 else run_benchmark(args)
     except pico.UserError as error:
         print(f"benchmark: error: {error}", file=sys.stderr)
         return 2

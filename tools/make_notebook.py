@@ -161,6 +161,32 @@ def run_summary(run):
     return pd.DataFrame(rows).set_index("model")
 
 
+def plot_attention(maps, figure_name, folder=FIGURES):
+    \"\"\"Every layer's and head's attention weights over the prompt, one panel each.\"\"\"
+    layers = maps["layers"]
+    tokens = ["␣" if t == " " else repr(t)[1:-1] for t in maps["tokens"]]
+    heads = len(layers[0])
+    fig, axes = plt.subplots(len(layers), heads, figsize=(2.3 * heads + 0.8, 2.3 * len(layers)),
+                             squeeze=False, layout="constrained")
+    for layer, row in enumerate(axes):
+        for head, ax in enumerate(row):
+            image = ax.imshow(layers[layer][head], cmap="Blues", vmin=0, vmax=1)
+            ax.set_xticks(range(len(tokens)), tokens, fontsize=6)
+            ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
+            ax.set_title(f"layer {layer} head {head}", fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6,
+                 label="attention weight (rows sum to 1)")
+    fig.suptitle(f"{maps['model']}: attention over {maps['prompt']!r}")
+    save(fig, figure_name, folder)
+
+
+def show_clusters(clusters):
+    \"\"\"The k-means clusters of the token embeddings, and the annotated greedy sample.\"\"\"
+    display(pd.DataFrame([{"cluster": c, "tokens": repr("".join(members))[1:-1]}
+                          for c, members in clusters["clusters"].items()]).set_index("cluster"))
+    print(clusters["annotated"])
+
+
 architectures = load(ARTEFACTS_DIR / "sweep_architectures.json", "sweep")
 architectures_run = load(ARTEFACTS_DIR / "sweep_architectures_run.json", "run")"""),
     ("markdown", """\
@@ -821,27 +847,12 @@ the keys it may see; ␣ is a space). The triangle is the causal mask."""),
     ("code", """\
 attention_files = sorted(ARTEFACTS_DIR.glob("attention_*.json")) if ARTEFACTS_DIR.is_dir() else []
 if not attention_files:
-    note(f"no attention_*.json in `{ARTEFACTS_DIR}`; `--sweep presentation` or `--attention_maps` "
-         "writes them.")
+    note(f"no attention_*.json in `{ARTEFACTS_DIR}`; `--sweep presentation` writes them (a run's "
+         "own, from `--attention_maps`, are shown under *Your run*).")
 for path in attention_files:
     maps = load(path, "attention")
-    if not maps:
-        continue
-    layers = maps["layers"]
-    tokens = ["␣" if t == " " else repr(t)[1:-1] for t in maps["tokens"]]
-    heads = len(layers[0])
-    fig, axes = plt.subplots(len(layers), heads, figsize=(2.3 * heads + 0.8, 2.3 * len(layers)),
-                             squeeze=False, layout="constrained")
-    for layer, row in enumerate(axes):
-        for head, ax in enumerate(row):
-            image = ax.imshow(layers[layer][head], cmap="Blues", vmin=0, vmax=1)
-            ax.set_xticks(range(len(tokens)), tokens, fontsize=6)
-            ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
-            ax.set_title(f"layer {layer} head {head}", fontsize=8)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6,
-                 label="attention weight (rows sum to 1)")
-    fig.suptitle(f"{maps['model']}: attention over {maps['prompt']!r}")
-    save(fig, f"attention_{maps['model']}")"""),
+    if maps:
+        plot_attention(maps, f"attention_{maps['model']}")"""),
     ("markdown", """\
 ## What the embeddings group together
 
@@ -850,15 +861,15 @@ each token carries its cluster (and, once generated, its nearest neighbours)."""
     ("code", """\
 clusters = load(ARTEFACTS_DIR / "monosemantic_transformer.json", "monosemantic")
 if clusters:
-    display(pd.DataFrame([{"cluster": c, "tokens": repr("".join(members))[1:-1]}
-                          for c, members in clusters["clusters"].items()]).set_index("cluster"))
-    print(clusters["annotated"])"""),
+    show_clusters(clusters)"""),
     ("markdown", """\
 ## Your run
 
 The run log named by `RUN_LOG` in the parameter cell: its loss curves (saved beside the run log
 as `<run>_loss_curves.png`), each model's final figures, and the samples it generated. A run
-that was cut short is plotted up to its last step."""),
+that was cut short is plotted up to its last step. The attention maps and embedding clusters
+of a run with `--attention_maps` or `--monosemantic_enabled` follow, from the files its log
+names."""),
     ("code", """\
 if RUN_LOG is None:
     display(Markdown("*`RUN_LOG` is None: set it in the parameter cell to plot your own run.*"))
@@ -878,7 +889,19 @@ else:
         display(pd.DataFrame([{"model": name, "step": s["step"], "rule": s["rule"],
                                "text": s["text"]}
                               for name, record in own["models"].items()
-                              for s in record["samples"]]))"""),
+                              for s in record["samples"]]))
+        for name, record in own["models"].items():
+            if record.get("attention_maps"):
+                maps = load(own_path.parent / record["attention_maps"], "attention",
+                            remedy="it is written beside the run log")
+                if maps:
+                    plot_attention(maps, f"{own_path.stem}_attention_{name}", own_path.parent)
+            if record.get("monosemantic"):
+                clusters = load(own_path.parent / record["monosemantic"], "monosemantic",
+                                remedy="it is written beside the run log")
+                if clusters:
+                    display(Markdown(f"**{name}**: embedding clusters"))
+                    show_clusters(clusters)"""),
 ]
 
 

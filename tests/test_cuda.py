@@ -1,0 +1,125 @@
+"""What only a GPU can check: bf16 training, compiled training, CUDA-graph decoding and the fused
+attention kernel on CUDA, and torchrun's NCCL backend. Marked `cuda`; skipped without CUDA
+(`python -m pytest -m cuda` on a GPU machine; tools/gpu_checks.sh runs them)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, SCRIPT, probe_loading
+from test_training import TINY_RUN
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEVICE = torch.device("cuda")
+VOCAB = 97
+# GPT-2's shape scaled down, with its learned positions and tied output; and GPT-oss's blocks
+# (grouped-query attention with sinks, a sliding window, a mixture of experts).
+SMALL = dict(d_model=64, n_heads=4, n_blocks=2, block_size=32)
+PRESETS = {"GPT2-small": dict(SMALL, d_ff=256, dropout=0.0),
+           "GPT-oss": dict(SMALL, n_kv_heads=2, d_ff=64, sliding_window=8),
+           "pico": SMALL}
+
+
+def tiny(pico, preset: str, seed: int = 0):
+    config = pico.TransformerConfig(**{**pico.TRANSFORMER_PRESETS[preset], **PRESETS[preset]})
+    return pico.build_model(config, VOCAB, seed).to(DEVICE)
+
+
+def random_batch(pico, seed: int, length: int = 32, batch: int = 4):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (length + 1, batch), generator=generator)
+    return pico.Batch(tokens[:-1], tokens[1:], torch.ones(length, batch, dtype=torch.bool)).to(DEVICE)
+
+
+def train_steps(pico, loss_model, model, steps: int, dtype: str) -> list[float]:
+    optimizer = pico.build_optimizer(model, pico.TrainingConfig(), DEVICE)
+    return [pico.training_step(loss_model, optimizer, [(random_batch(pico, step), True)], 128, 1.0,
+                               dtype=dtype) for step in range(steps)]
+
+
+@pytest.mark.parametrize("preset", ["GPT2-small", "GPT-oss"])
+def test_bf16_training_steps_are_finite_and_close_to_fp32(pico, preset):
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny(pico, preset)
+        losses[dtype] = train_steps(pico, pico.ChunkedNextTokenLoss(model), model, 3, dtype)
+    fp32, bf16 = losses["float32"], losses["bfloat16"]
+    assert all(map(torch.isfinite, map(torch.tensor, bf16)))
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+
+
+@pytest.mark.parametrize("preset", ["GPT2-small", "GPT-oss"])
+def test_compiled_training_equals_eager(pico, preset):
+    """speed_up with compile on a GPU: model, output layer and loss in one compiled region."""
+    eager_model, compiled_model = tiny(pico, preset), tiny(pico, preset)
+    eager = train_steps(pico, pico.NextTokenLoss(eager_model), eager_model, 4, "bfloat16")
+    loss = pico.speed_up(compiled_model, pico.SpeedConfig(compile=True), DEVICE)
+    assert isinstance(loss, torch._dynamo.eval_frame.OptimizedModule)
+    compiled = train_steps(pico, loss, compiled_model, 4, "bfloat16")
+    assert compiled == pytest.approx(eager, rel=2e-2)
+
+
+@pytest.mark.parametrize("preset, compile", [("GPT2-small", False), ("pico", False),
+                                             ("GPT-oss", False), ("GPT-oss", True)])
+def test_cuda_graph_decoding_equals_uncached_generation(pico, preset, compile):
+    """The static decoder replaying a CUDA graph per token (prompt + 40 tokens runs past the
+    32-token block, so the context slides and the cache is rebuilt) gives uncached greedy ids."""
+    model = tiny(pico, preset).eval()
+    greedy = pico.SamplingRule(temperature=0)
+    prompt = [3, 1, 4, 1, 5]
+    uncached = pico.generate_ids(model, prompt, 40, greedy, use_cache=False, device=DEVICE)
+    decoder = pico.StaticDecoder(model, graphs=True, compile=compile)
+    assert pico.generate_ids(decoder, prompt, 40, greedy, device=DEVICE) == uncached
+    assert decoder.graph is not None
+
+
+def test_generation_on_a_gpu_goes_through_the_bf16_cuda_graph_decoder(pico):
+    model = tiny(pico, "GPT2-small")
+    decoder = pico.decoding_model(model, DEVICE)
+    assert isinstance(decoder, pico.StaticDecoder) and decoder.graphs
+    assert {p.dtype for p in decoder.parameters()} == {torch.bfloat16}
+    ids = pico.generate_ids(decoder, [3, 1, 4], 20, pico.SamplingRule(temperature=0), device=DEVICE)
+    assert len(ids) == 23 and all(0 <= i < VOCAB for i in ids)
+
+
+def test_attention_runs_on_the_fused_kernels(pico):
+    """Training (causal, bf16) and static decoding (a mask over the cache) with only flash and
+    memory-efficient attention allowed: a fallback to the math kernel would raise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = tiny(pico, "GPT2-small")
+    batch = random_batch(pico, 0)
+    decoder = pico.StaticDecoder(model, dtype=torch.bfloat16, graphs=False)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        with pico.autocast_context(DEVICE, "bfloat16"):
+            loss = pico.NextTokenLoss(model)(batch.inputs, batch.targets, batch.mask.float() / 128)
+        loss.backward()
+        ids = pico.generate_ids(decoder, [3, 1, 4], 5, pico.SamplingRule(temperature=0), device=DEVICE)
+    assert torch.isfinite(loss) and len(ids) == 8
+
+
+def test_torchrun_on_a_gpu_joins_with_nccl_and_trains(pico, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    probe = tmp_path / "probe.py"
+    # One process is not distributed for pico-llm; a world of "2" makes it join the job
+    # (torchrun's own world is 1, so it does not wait for a second rank).
+    probe.write_text(probe_loading("pico", SCRIPT, "pico_llm")
+                     + "import torch.distributed as dist\npico.launched_world_size = lambda: 2\n"
+                       "context, device = pico.setup_distributed('cuda:0', 60)\n"
+                       "print(dist.get_backend(), device)\ndist.destroy_process_group()\n")
+    joined = subprocess.run([*torchrun, str(probe)], capture_output=True, text=True, timeout=300)
+    assert joined.returncode == 0, joined.stderr
+    assert "nccl cuda:0" in joined.stdout
+    trained = subprocess.run([*torchrun, str(SCRIPT), *TINY_RUN, "--models", "transformer",
+                              "--device_id", "cuda:0", "--artefacts_dir", str(tmp_path / "art"),
+                              "--cache_dir", str(tmp_path / "cache"), "--run_name", "gpu"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    log = json.loads((tmp_path / "art" / "gpu.json").read_text())
+    assert log["environment"]["device"] == "cuda:0"
+    history = log["models"]["transformer"]["history"]
+    assert history and all(map(torch.isfinite, map(torch.tensor, [h["train_loss"] for h in history])))

@@ -1,0 +1,116 @@
+"""Appendix A's compiled forms: each equal to the Part I piece it stands in for, and the
+compiled training step free of graph breaks, data-dependent shapes and per-step recompiles."""
+
+import functools
+
+import pytest
+import torch
+
+from test_models import VOCAB, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Every attention kind and the presets whose blocks differ (GPT-oss: window, sinks, experts).
+COMPILED_MODELS = {
+    "pico": ["--transformer_variant", "pico"],
+    "GPT2-small": ["--transformer_variant", "GPT2-small"],
+    "GPT-oss": ["--transformer_variant", "GPT-oss", "--sliding_window", "4"],
+    "linear": ["--transformer_variant", "pico", "--attention", "linear"],
+    "gated_linear": ["--transformer_variant", "pico", "--attention", "gated_linear"],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_rope_equals_the_complex_product(pico, dtype):
+    torch.manual_seed(0)
+    rotary = pico.RotaryEmbedding(16, theta=500.0)
+    x = torch.randn(2, 3, 7, 16).to(dtype)
+    cos, sin = rotary.angles(torch.arange(5, 12))
+    real, complex_ = pico.rotate_pairs_real(x, cos, sin), pico.RotaryEmbedding.rotate(x, cos, sin)
+    assert real.dtype == complex_.dtype == dtype
+    assert torch.allclose(real.float(), complex_.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_static_shape_experts_equal_the_sparse_layer(pico):
+    """Same output, gradients, routing and usage counts; the static layer runs every expert on
+    every position, weighted 0 where the router did not choose it."""
+    torch.manual_seed(0)
+    sparse = pico.MixtureOfExperts(16, 24, "clamped_swiglu", n_experts=4, experts_per_token=2,
+                                   bias=True, dropout=0.0)
+    static = pico.MixtureOfExperts(16, 24, "clamped_swiglu", 4, 2, True, 0.0)
+    static.load_state_dict(sparse.state_dict())
+    static.__class__ = pico.StaticShapeMixtureOfExperts
+    x = torch.randn(5, 3, 16)
+    outputs = []
+    for layer in (sparse, static):
+        layer.zero_grad()
+        y = layer(x)
+        (y.square().sum() + layer.routing.load_balancing_loss()).backward()
+        outputs.append((y, [p.grad for p in layer.parameters()], layer.routing.chosen, layer.usage))
+    (y1, g1, c1, u1), (y2, g2, c2, u2) = outputs
+    assert torch.allclose(y1, y2, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    assert torch.equal(c1, c2) and torch.equal(u1, u2) and u1.sum() == 15 * 2
+
+
+@pytest.mark.parametrize("name", COMPILED_MODELS)
+def test_compiled_training_loss_has_one_graph_and_no_breaks(pico, name):
+    """torch._dynamo.explain over what a GPU compiles (model, output layer and loss): any graph
+    break (a host sync such as .tolist(), a data-dependent shape, complex numbers) shows here."""
+    model = tiny_model(pico, "transformer", *COMPILED_MODELS[name])
+    for module in model.modules():
+        if type(module) is pico.MixtureOfExperts:
+            module.__class__ = pico.StaticShapeMixtureOfExperts
+    tokens = torch.randint(0, VOCAB, (16, 2))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(pico.NextTokenLoss(model))(tokens, tokens,
+                                                                 torch.full((16, 2), 1 / 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert "complex" not in explained.graphs[0].code           # Inductor has no complex codegen
+
+
+@pytest.mark.parametrize("name", [pytest.param("GPT-oss", marks=pytest.mark.slow), "gated_linear"])
+def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypatch, name):
+    """compile_for_training's GPU path (whole loss module compiled), traced on the CPU with the
+    aot_eager backend (no code generation, so seconds): the same losses as eager training, and
+    after the second step (the experts' usage counter exists from then on) no new graph."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    models = [tiny_model(pico, "transformer", *COMPILED_MODELS[name]) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = pico.compile_for_training(models[1], torch.device("cuda"))  # the device's branch
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    training = pico.TrainingConfig()
+    optimizers = [pico.build_optimizer(m, training, torch.device("cpu")) for m in models]
+    generator = torch.Generator().manual_seed(0)
+    losses, graphs = [[], []], []
+    for _ in range(4):
+        tokens = torch.randint(0, VOCAB, (17, 2), generator=generator)
+        batch = pico.Batch(tokens[:-1], tokens[1:], torch.ones(16, 2, dtype=torch.bool))
+        for index, loss_model in enumerate((pico.NextTokenLoss(models[0]), compiled)):
+            losses[index].append(pico.training_step(loss_model, optimizers[index], [(batch, True)],
+                                                    32, 1.0))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert graphs[1] == graphs[-1], graphs
+
+
+def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch):
+    from test_training import TINY_RUN
+    monkeypatch.setattr(pico.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    status, out, err = run_main(*TINY_RUN, "--models", "transformer", "--compile")
+    assert status == 2
+    assert "--compile cannot run here" in err and "C++ compiler" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_rope_ab_tool_times_both_formulations(capsys):
+    from conftest import TOOLS
+    from pico_module import load_script
+    ab_rope = load_script(TOOLS / "ab_rope.py", "pico_ab_rope")
+    assert ab_rope.main(["--shape", "2", "2", "8", "8", "--samples", "2", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "largest difference 0.0e+00" in out and "real / complex:" in out

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one call: each step under its own time limit, its output and
+# exit status written under the output directory, a failed or timed-out step not stopping the
+# next. Run from anywhere:
+#
+#   tools/gpu_checks.sh OUT_DIR                       # on a CUDA machine (~5-12 minutes)
+#   NANOGPT_DIR=/path/to/nanoGPT tools/gpu_checks.sh OUT_DIR    # nanoGPT timed beside pico-llm
+#   tools/gpu_checks.sh --tiny --device cpu OUT_DIR   # every step at tiny size (how it is tested)
+#
+# Steps, run in the order STEPS names them (STEPS="benchmark gptoss tests" by default):
+#   benchmark  tools/benchmark.py --gpt2: GPT-2 small training eager/compiled (tokens/s, MFU,
+#              peak memory; nanoGPT too with NANOGPT_DIR), decoding against transformers
+#              -> gpt2_benchmark.json, benchmark.log
+#   gptoss     GPT-oss, 40 steps eager then with --compile -> gptoss_eager.json,
+#              gptoss_compiled.json (run logs: train time, losses), gptoss_*.log
+#   tests      the tests marked cuda -> cuda_tests.log
+#   suite      (not by default: minutes) the fast suite with CUDA present -> fast_suite.log
+# summary.txt gets one line per step: name, exit status (124 = timed out), seconds.
+# Limits in seconds: BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT (90),
+# GPTOSS_COMPILED_TIMEOUT (200), TESTS_TIMEOUT (240), SUITE_TIMEOUT (900).
+set -u
+
+TINY=0
+DEVICE=cuda:0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --tiny) TINY=1; shift ;;
+        --device) DEVICE="$2"; shift 2 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -*) echo "gpu_checks.sh: unknown option $1" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+if [ $# -ne 1 ]; then
+    echo "usage: tools/gpu_checks.sh [--tiny] [--device cuda:0] OUT_DIR" >&2
+    exit 2
+fi
+OUT="$1"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$OUT" || exit 2
+OUT="$(cd "$OUT" && pwd)"
+cd "$REPO" || exit 2
+STEPS="${STEPS:-benchmark gptoss tests}"
+: > "$OUT/summary.txt"
+
+run_step() {  # name timeout log command...: run, time, record "name status seconds"
+    local name="$1" limit="$2" log="$3"
+    shift 3
+    local started status
+    started=$(date +%s)
+    timeout -k 15 "$limit" "$@" > "$OUT/$log" 2>&1
+    status=$?
+    echo "$name $status $(( $(date +%s) - started ))" >> "$OUT/summary.txt"
+}
+
+QUICK=()
+GPTOSS_SIZE=(--max_steps_per_epoch 40 --batch_size 16)
+if [ "$TINY" = 1 ]; then
+    QUICK=(--quick)
+    GPTOSS_SIZE=(--max_steps_per_epoch 3 --batch_size 4 --block_size 16 --d_model 32 --n_heads 2
+                 --n_kv_heads 1 --n_blocks 1 --d_ff 32 --n_experts 2 --sliding_window 4)
+fi
+
+for step in $STEPS; do
+    case "$step" in
+        benchmark)
+            NANOGPT=()
+            if [ -n "${NANOGPT_DIR:-}" ]; then NANOGPT=(--nanogpt_dir "$NANOGPT_DIR"); fi
+            run_step benchmark "${BENCHMARK_TIMEOUT:-360}" benchmark.log \
+                python tools/benchmark.py --gpt2 "${QUICK[@]}" --device_id "$DEVICE" \
+                --output "$OUT/gpt2_benchmark.json" "${NANOGPT[@]}" ;;
+        gptoss)
+            for mode in eager compiled; do
+                COMPILE=()
+                limit="${GPTOSS_EAGER_TIMEOUT:-90}"
+                if [ "$mode" = compiled ]; then COMPILE=(--compile); limit="${GPTOSS_COMPILED_TIMEOUT:-200}"; fi
+                run_step "gptoss_$mode" "$limit" "gptoss_$mode.log" \
+                    python pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
+                    --transformer_variant GPT-oss "${GPTOSS_SIZE[@]}" --epochs 1 --max_new_tokens 8 \
+                    --device_id "$DEVICE" --quiet --artefacts_dir "$OUT/gptoss" \
+                    --cache_dir "$OUT/gptoss/cache" --run_name "gptoss_$mode" "${COMPILE[@]}"
+                if [ -f "$OUT/gptoss/gptoss_$mode.json" ]; then
+                    cp "$OUT/gptoss/gptoss_$mode.json" "$OUT/gptoss_$mode.json"
+                fi
+            done ;;
+        tests)
+            run_step tests "${TESTS_TIMEOUT:-240}" cuda_tests.log \
+                python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider ;;
+        suite)
+            run_step suite "${SUITE_TIMEOUT:-900}" fast_suite.log \
+                python -m pytest -q -m "not slow and not cuda" -p no:cacheprovider ;;
+        *) echo "gpu_checks.sh: unknown step $step" >&2; exit 2 ;;
+    esac
+done
+cat "$OUT/summary.txt"
