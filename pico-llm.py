@@ -95,6 +95,7 @@ import random
 import re
 import shutil
 import socket
+import statistics
 import tempfile
 import textwrap
 import threading
@@ -385,7 +386,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
                  dropout: float, impl: str, sinks: bool = False, window: int | None = None,
                  head_dim: int | None = None, qk_norm: bool = False, norm_eps: float = 1e-5,
-                 qkv_bias: bool = False) -> None:
+                 qkv_bias: bool = False, value_embeddings: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
@@ -398,6 +399,9 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        # Value embeddings (the nanoGPT speedrun): how much of the token's value embedding
+        # (TransformerModel.value_embedding) this block adds to its values.
+        self.value_embedding_weight = nn.Parameter(torch.ones(1)) if value_embeddings else None
         # Logits of 0 to start: as if each head had one more key, scoring 0, with a zero value.
         self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
         self.window = window
@@ -410,12 +414,16 @@ class CausalSelfAttention(nn.Module):
         return KVCache(batch, self.n_kv_heads, capacity, self.head_dim, device, dtype, self.window)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """x: (B, T, d_model) -> (B, T, d_model). rope: (cos, sin) of the T new positions."""
+                cache: KVCache | None = None, value_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model). rope: (cos, sin) of the T new positions.
+        value_embedding: (B, T, Hkv D), the new tokens' value embeddings, or None."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x)                                                              # (B, T, Hkv D)
+        if self.value_embedding_weight is not None:
+            v = v + self.value_embedding_weight * value_embedding
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)               # (B, Hkv, T, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -475,10 +483,13 @@ GATED_FFNS = ("swiglu", "clamped_swiglu")   # feed-forwards with a gate matrix w
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: GELU (tanh approximation, as GPT-2), SiLU, SwiGLU or clamped SwiGLU.
+    """Position-wise MLP: GELU (tanh approximation, as GPT-2), SiLU, ReLU², SwiGLU or clamped
+    SwiGLU.
 
     SwiGLU (Shazeer, 2020) is w2(silu(w1 x) * w3 x): a gated MLP with three matrices;
-    clamped SwiGLU (GPT-oss's experts) is w2(clamped_swiglu(w1 x, w3 x)).
+    clamped SwiGLU (GPT-oss's experts) is w2(clamped_swiglu(w1 x, w3 x)). ReLU² (So et al.,
+    2021, "Primer"; the nanoGPT speedrun's MLP) is w2(relu(w1 x)^2): GELU's two matrices, a
+    cheaper activation, and sparse hidden units.
     """
 
     def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float) -> None:
@@ -496,6 +507,8 @@ class FeedForward(nn.Module):
             hidden = clamped_swiglu(self.w1(x), self.w3(x))
         elif self.kind == "gelu":
             hidden = F.gelu(self.w1(x), approximate="tanh")
+        elif self.kind == "relu2":
+            hidden = F.relu(self.w1(x)).square()
         else:
             hidden = F.silu(self.w1(x))
         return self.dropout(self.w2(hidden))
@@ -514,6 +527,13 @@ def default_ffn_width(d_model: int, kind: str, multiplier: float | None = None) 
     if kind == "swiglu":
         return 64 * math.ceil(8 * d_model / 3 / 64)
     return d_model if kind == "clamped_swiglu" else 4 * d_model
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """Logit soft-capping (Gemma 2; the nanoGPT speedrun, at 30 and later 15): cap tanh(logits /
+    cap) squashes every logit smoothly into (-cap, cap), so the model cannot buy lower loss with
+    ever larger logits; about the identity for |logits| << cap. cap 0 = off. (..., V) -> (..., V)."""
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 @dataclasses.dataclass
@@ -891,7 +911,7 @@ class TransformerConfig:
     head_size: int = 0                # each head's width; 0 = d_model / n_heads
     n_blocks: int = 3
     d_ff: int | None = None           # None = default_ffn_width(d_model, ffn, ffn_dim_multiplier)
-    ffn: str = "swiglu"               # gelu | silu | swiglu | clamped_swiglu
+    ffn: str = "swiglu"               # gelu | silu | relu2 | swiglu | clamped_swiglu
     ffn_dim_multiplier: float | None = None  # Llama 3's width rule for SwiGLU (default_ffn_width)
     n_experts: int = 0                # > 0: a mixture of this many ffn experts (MixtureOfExperts)
     experts_per_token: int = 2
@@ -911,6 +931,11 @@ class TransformerConfig:
     attention_sinks: bool = False     # softmax: a learned logit per head (GPT-oss)
     qk_norm: bool = False             # softmax: RMSNorm on each head's query and key (Qwen3)
     sliding_window: int = 0           # softmax: > 0 = blocks 0, 2, 4, ... see this many tokens
+    # The nanoGPT speedrun's building blocks (section 1 and TransformerModel), all off by default:
+    value_embeddings: bool = False    # softmax: a second token embedding added to every block's values
+    unet_skips: bool = False          # the first half's block outputs feed the second half's inputs
+    zero_init_proj: bool = False      # out_proj and w2 start at zero: every block starts as identity
+    logit_softcap: float = 0.0        # > 0: logits = cap tanh(logits / cap) (soft_cap)
     attention_impl: str = "sdpa"
     dropout: float = 0.0
     bias: bool = False
@@ -965,6 +990,12 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
                         ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
                         rope_theta=500000.0, tie_weights=False),
+    # The pico preset with the nanoGPT speedrun's building blocks that helped at this scale in
+    # section 7's recipe sweep (ReLU² and zero-initialised projections did not); train it with
+    # --optimizer muon, as the speedrun does.
+    "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
+                     pos_emb="rope", tie_weights=False, qk_norm=True, value_embeddings=True,
+                     unet_skips=True, logit_softcap=15.0),
 }
 
 
@@ -973,7 +1004,8 @@ TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d
                               "norm_position", "pos_emb", "rope_theta", "yarn_factor",
                               "yarn_original_context", "tie_weights", "attention",
                               "linear_attention_gate", "attention_sinks", "sliding_window",
-                              "qk_norm", "head_size", "dropout")
+                              "qk_norm", "head_size", "value_embeddings", "unet_skips",
+                              "zero_init_proj", "logit_softcap", "dropout")
 ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
 LINEAR_ATTENTION_GATES = ("fixed", "data")
 
@@ -992,7 +1024,7 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
         if getattr(config, name) <= 0:
             raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
     for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size",
-                 "nope_interval"):
+                 "nope_interval", "logit_softcap"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name} must not be negative{where}, got {getattr(config, name)}")
     if config.rope_scaling not in ROPE_SCALINGS:
@@ -1027,7 +1059,8 @@ class TransformerBlock(nn.Module):
         if c.attention == "softmax":
             self.attention = CausalSelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, c.dropout,
                                                  c.attention_impl, c.attention_sinks, c.window(index),
-                                                 c.head_dim, c.qk_norm, c.norm_eps, c.qkv_bias)
+                                                 c.head_dim, c.qk_norm, c.norm_eps, c.qkv_bias,
+                                                 c.value_embeddings)
         else:
             gate = c.linear_attention_gate if c.attention == "gated_linear" else None
             self.attention = LinearAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, gate)
@@ -1039,14 +1072,15 @@ class TransformerBlock(nn.Module):
             self.ffn = FeedForward(c.d_model, c.d_ff, c.ffn, c.bias, c.dropout)
         self.residual_dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache=None, value_embedding=None) -> torch.Tensor:
         """x: (B, T, d_model) -> (B, T, d_model). cache: the attention's KVCache or
-        LinearAttentionState."""
+        LinearAttentionState. value_embedding: (B, T, Hkv D) or None (CausalSelfAttention)."""
         rope = rope if self.uses_rope else None
+        extra = {} if value_embedding is None else {"value_embedding": value_embedding}
         if self.pre_norm:
-            x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, cache))
+            x = x + self.residual_dropout(self.attention(self.attention_norm(x), rope, cache, **extra))
             return x + self.ffn(self.ffn_norm(x))
-        x = self.attention_norm(x + self.residual_dropout(self.attention(x, rope, cache)))
+        x = self.attention_norm(x + self.residual_dropout(self.attention(x, rope, cache, **extra)))
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -1061,7 +1095,17 @@ class TransformerState:
 
 class TransformerModel(nn.Module):
     """Decoder-only Transformer: token embedding (+ positions), n blocks, final norm,
-    unembedding (tied to the embedding or not)."""
+    unembedding (tied to the embedding or not).
+
+    Three options from the nanoGPT speedrun (modded-nanogpt, Jordan et al., 2024), off by default:
+    value embeddings, a second embedding table whose rows every block adds (with a learned
+    weight) to its attention values: tokens' identities reach each layer's values directly
+    (the speedrun uses three tables shared by its first three and last three layers, mixed as
+    l0 v + l1 ve; here one table serves every block); U-net skips, the first half's block outputs
+    added with learned weights (starting at 1) to the inputs of the second half's blocks in
+    reverse order, block L-1-i receiving block i's output; and zero-initialised output
+    projections (out_proj and w2), so every block starts as the identity and the loss starts
+    at the embeddings' own prediction. Logit soft-capping is soft_cap on the logits."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -1074,7 +1118,10 @@ class TransformerModel(nn.Module):
                                        config.yarn_original_context, config.rope_scaling)
                        if config.pos_emb == "rope" else None)
         self.embedding_dropout = nn.Dropout(config.dropout)
+        self.value_embedding = (nn.Embedding(config.vocab_size, config.n_kv_heads * config.head_dim)
+                                if config.value_embeddings else None)
         self.blocks = nn.ModuleList(TransformerBlock(config, index) for index in range(config.n_blocks))
+        self.skip_weights = nn.Parameter(torch.ones(config.n_blocks // 2)) if config.unet_skips else None
         # Post-norm blocks already end in a norm; a final norm belongs to pre-norm stacks.
         self.final_norm = make_norm(config.norm if config.norm_position == "pre" else "none",
                                     config.d_model, config.bias, config.norm_eps)
@@ -1086,6 +1133,8 @@ class TransformerModel(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith(("out_proj.weight", "w2.weight")):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_blocks))
+                if config.zero_init_proj:
+                    nn.init.zeros_(parameter)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -1103,7 +1152,11 @@ class TransformerModel(nn.Module):
                                  for block in self.blocks])
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.unembedding(self.features(tokens))
+        return self.logits(self.features(tokens))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., d_model) -> (..., vocab): the unembedding, soft-capped if the config says so."""
+        return soft_cap(self.unembedding(features), self.config.logit_softcap)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (T, B) -> final normalized residual stream (T, B, d_model)."""
@@ -1114,7 +1167,7 @@ class TransformerModel(nn.Module):
         (positions state.position ..) and join the caches."""
         if state is None:
             state = self.new_state(tokens.shape[1], tokens.device, self.token_embedding.weight.dtype)
-        return self.unembedding(self._residual_stream(tokens, state)), state
+        return self.logits(self._residual_stream(tokens, state)), state
 
     def _residual_stream(self, tokens: torch.Tensor, state: TransformerState | None) -> torch.Tensor:
         idx = tokens.t()                                                   # (B, T)
@@ -1143,8 +1196,14 @@ class TransformerModel(nn.Module):
             x = x + EMBEDDING_INIT_STD * sinusoids.to(x.dtype)
         x = self.embedding_dropout(x)
         rope = self.rotary.angles(positions) if self.rotary is not None else None
+        value_embedding = self.value_embedding(idx) if self.value_embedding is not None else None
+        half, skips = self.config.n_blocks // 2, []                        # U-net skips
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, caches[layer] if caches is not None else None)
+            if self.skip_weights is not None and layer >= self.config.n_blocks - half:
+                x = x + self.skip_weights[layer - (self.config.n_blocks - half)] * skips.pop()
+            x = block(x, rope, caches[layer] if caches is not None else None, value_embedding)
+            if self.skip_weights is not None and layer < half:
+                skips.append(x)
         return self.final_norm(x).transpose(0, 1)                          # (T, B, d_model)
 
 
@@ -1416,7 +1475,8 @@ def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
 # =============================================================================
 # 5. Training and evaluation
 # =============================================================================
-# One optimizer step: the loss of a batch, its gradient, clipping, AdamW. One
+# One optimizer step: the loss of a batch, its gradient, clipping, AdamW (or Muon
+# for the hidden matrices, as the nanoGPT speedrun trains them). One
 # training run: steps over shuffled batches with a warm-up and a cosine learning
 # rate, and an evaluation on the held-out test set after every epoch. The loop
 # calls the appendices at named points: `speed_up` (A) picks the kernels and the
@@ -1459,22 +1519,100 @@ class AdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            self.adamw_step(group)
+        return loss
+
+    def adamw_step(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"]
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+            p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** t))
+
+
+# The quintic's coefficients (Keller Jordan's Muon): a large slope at 0 (3.4445) lifts small
+# singular values to about 1 in a few steps; the price is that they end anywhere in about
+# [0.68, 1.21] instead of converging to exactly 1, which costs the update nothing measurable.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """About U V^T for matrix = U S V^T (r, c): every singular value pushed towards 1.
+
+    Each step is X <- a X + b (X X^T) X + c (X X^T)^2 X, which applies the odd polynomial
+    p(s) = a s + b s^3 + c s^5 to every singular value and keeps the singular vectors.
+    Scaled to Frobenius norm 1 first, all singular values lie in [0, 1], where five
+    applications of p take any value above 3e-3 into [0.68, 1.21]. Only matmuls, so it
+    runs fast on a GPU (the reference runs it in bfloat16; float32 here, as the CPU has no
+    fast bfloat16). A wide product X X^T is the cheaper one, so a tall matrix is transposed."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = matrix.float() / (matrix.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.t()
+    for _ in range(steps):
+        gram = x @ x.t()                                                  # (r, r), r <= c
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.t() if tall else x).to(matrix.dtype)
+
+
+class Muon(AdamW):
+    """Muon (Jordan et al., 2024): momentum, then the update orthogonalized, for the hidden
+    weight matrices; section 5's AdamW for every group without "muon": True.
+
+    Per matrix W (r, c) with gradient g, momentum beta, in a group marked "muon":
+        m <- beta m + (1 - beta) g;  u = (1 - beta) g + beta m  (Nesterov)
+        W <- W - lr * weight_decay * W - lr * 0.2 sqrt(max(r, c)) newton_schulz_orthogonalize(u)
+    The orthogonalized update has every singular value about 1: each direction the gradient
+    spans moves by the same amount, so rare directions are not drowned by the dominant ones.
+    That geometry suits matrices that map a hidden vector to another, not embeddings (a row
+    per token: a lookup, not a map), the output layer, nor 1-D gains and biases; those stay
+    with AdamW. The scale 0.2 sqrt(max(r, c)) (Liu et al., 2025, "Muon is Scalable for LLM
+    Training") gives the update an RMS of 0.2 per entry, about AdamW's, so Muon shares AdamW's
+    learning rate, weight decay and schedule; Keller Jordan's max(1, r / c)^0.5 instead needs a
+    learning rate of its own (0.02 to 0.05). Under DDP every rank orthogonalizes the same
+    all-reduced gradient, so the ranks stay identical.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, **adamw) -> None:
+        super().__init__(params, lr=lr, **adamw)
+        for group in self.param_groups:
+            group.setdefault("muon", False)
+            group.setdefault("momentum", momentum)
+            group.setdefault("nesterov", nesterov)
+            group.setdefault("ns_steps", ns_steps)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            if not group["muon"]:
+                self.adamw_step(group)
+                continue
+            beta = group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                momentum = state["momentum_buffer"].lerp_(p.grad, 1 - beta)
+                update = p.grad.lerp(momentum, beta) if group["nesterov"] else momentum
+                update = newton_schulz_orthogonalize(update, group["ns_steps"])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** t))
+                p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
         return loss
 
 
@@ -1486,7 +1624,7 @@ class TrainingConfig:
     batch_size: int = 16                 # examples per optimizer step (all ranks together)
     learning_rate: float = 3e-3          # peak, after warm-up
     weight_decay: float = 0.01
-    optimizer: str = "torch"             # torch (fused kernel) | scratch (section 5's AdamW)
+    optimizer: str = "torch"             # torch (fused kernel) | scratch (section 5's AdamW) | muon
     grad_clip: float = 1.0               # global L2 norm; 0 = off
     lr_schedule: str = "cosine"          # cosine | constant
     warmup_steps: int = 10
@@ -1510,14 +1648,34 @@ class TrainingConfig:
 def build_optimizer(model: nn.Module, training: TrainingConfig, device: torch.device):
     """AdamW with decay on matrices and embeddings only; norms' gains and biases are
     not pulled towards zero. PyTorch's fused kernel on CUDA and CPU (one pass over the
-    parameters; on a 2-core CPU 7x faster than the foreach kernel at 16M parameters)."""
+    parameters; on a 2-core CPU 7x faster than the foreach kernel at 16M parameters).
+    --optimizer muon: Muon for the hidden matrices (muon_matrices), AdamW for the rest, one
+    learning rate for all (Muon's update is scaled to AdamW's size)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=training.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    if training.optimizer == "muon":
+        hidden = {id(p) for p in muon_matrices(model)}
+        muon_group = dict(params=[p for p in params if id(p) in hidden],
+                          weight_decay=training.weight_decay, muon=True)
+        groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in hidden]
+        return Muon([muon_group, *groups], lr=training.learning_rate)
     if training.optimizer == "scratch":
         return AdamW(groups, lr=training.learning_rate)
     fast = dict(fused=True) if device.type in ("cuda", "cpu") else dict(foreach=True)
     return torch.optim.AdamW(groups, lr=training.learning_rate, **fast)
+
+
+def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The 2-D weights Muon trains: every matrix except embedding tables and the output layer
+    (and, tied to it, the token embedding), whose rows belong to tokens, not to directions of
+    the hidden space."""
+    token_tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    unembedding = getattr(model, "unembedding", None)
+    if unembedding is not None:
+        token_tables.add(id(unembedding.weight))
+    return [p for p in model.parameters() if p.requires_grad and p.dim() == 2
+            and id(p) not in token_tables]
 
 
 def get_lr_cosine_schedule(it: int, max_lr: float, min_lr: float, warmup_iters: int,
@@ -2892,7 +3050,8 @@ def ascii_loss_plot(records: dict, width: int = 60, height: int = 12) -> str:
 SWEEP_SCHEMA_VERSION = 1
 
 SWEEP_NAMES = ("custom_data", "budget", "overfit", "hyperparams", "kgram_variants",
-               "architectures", "sampling", "ablations", "learning_rate", "batch_size", "attention")
+               "architectures", "sampling", "ablations", "learning_rate", "batch_size", "attention",
+               "recipe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3426,6 +3585,69 @@ def sweep_attention(log: SweepLog, base, scale, device, tokenizer) -> None:
         log.add("transformer", settings, {**point_result(record, data), "generation": speeds})
 
 
+# The recipe sweep's points: the nanoGPT recipe at the pico shape (GPT-2's LayerNorm, learned
+# positions, GELU MLP and tied output layer; no biases, nanoGPT's better option; AdamW), each
+# idea of the nanoGPT speedrun added to it alone, the pico preset (RMSNorm, RoPE, SwiGLU), and
+# the speedrun preset trained with Muon: everything together.
+NANOGPT_RECIPE = {"ffn": "gelu", "norm": "layernorm", "pos_emb": "learned", "tie_weights": True}
+RECIPE_SWEEP_POINTS = {
+    "nanoGPT recipe": NANOGPT_RECIPE,
+    "+ QK-norm": {**NANOGPT_RECIPE, "qk_norm": True},
+    "+ ReLU² MLP": {**NANOGPT_RECIPE, "ffn": "relu2"},
+    "+ logit soft-cap 15": {**NANOGPT_RECIPE, "logit_softcap": 15.0},
+    "+ zero-init projections": {**NANOGPT_RECIPE, "zero_init_proj": True},
+    "+ value embeddings": {**NANOGPT_RECIPE, "value_embeddings": True},
+    "+ U-net skips": {**NANOGPT_RECIPE, "unet_skips": True},
+    "+ Muon": {**NANOGPT_RECIPE, "optimizer": "muon"},
+    "pico preset": {},
+    "speedrun preset + Muon": {"transformer_variant": "speedrun", "optimizer": "muon"},
+}
+# Per sweep scale: training seconds per point, and the steps of each of the two short runs
+# that measure each point's speed.
+RECIPE_BUDGETS = {"full": (30.0, 20), "tiny": (0.5, 2)}
+
+
+def train_time_s(history_entry: dict) -> float:
+    """Seconds spent in training steps (evaluations excluded) up to a run-log history entry."""
+    return history_entry["tokens_seen"] / max(history_entry["tokens_per_s"], 1e-9)
+
+
+def sweep_recipe(log: SweepLog, base, scale, device, tokenizer) -> None:
+    """The modern training recipe against nanoGPT's, at equal training time on running text
+    (stream mode). First every point's speed is measured: two short runs each, taken in turns
+    so that other load on the machine weighs on all points alike, the mean of their step
+    times (each run's first 3 steps left out as warm-up; the mean, not the median, because a
+    loaded machine's rare slow steps count in a run's time too). Each point then trains for as many
+    steps as the budget allows at its speed, evaluating on the held-out text after every pass
+    over the training text: its curve of held-out loss against training seconds and steps."""
+    seconds, calibration_steps = RECIPE_BUDGETS[scale.name]
+    config = with_flags(base, test_fraction=scale.test_fraction, data_format="stream")
+    data = sweep_data(config, tokenizer)
+    points = {label: ({"recipe": label, **overrides, "train_seconds": seconds},
+                      with_flags(config, **overrides))
+              for label, overrides in RECIPE_SWEEP_POINTS.items()}
+    points = {label: point for label, point in points.items() if not log.done("transformer", point[0])}
+    step_times = {label: [] for label in points}
+    for _ in range(2):
+        for label, (_, point) in points.items():
+            _, record = train_sweep_model(label, "transformer", with_step_budget(
+                point, data, calibration_steps + 3), device, tokenizer, data)
+            times = [train_time_s(h) for h in record["history"]]
+            step_times[label] += [after - before for before, after in zip(times[3:], times[4:])]
+    for label, (settings, point) in points.items():
+        seconds_per_step = statistics.fmean(step_times[label])
+        steps = max(1, round(seconds / seconds_per_step))
+        _, record = train_sweep_model(label, "transformer", with_step_budget(point, data, steps),
+                                      device, tokenizer, data)
+        times = {h["step"]: train_time_s(h) for h in record["history"]}
+        curve = [{"step": test["step"], "train_time_s": round(times[test["step"]], 3),
+                  "test_loss": test["test_loss"], "test_bits_per_byte": test["test_bits_per_byte"]}
+                 for test in record["test_history"]]
+        log.add("transformer", settings, {**point_result(record, data),
+                                          "calibrated_seconds_per_step": seconds_per_step,
+                                          "train_time_s": curve[-1]["train_time_s"], "curve": curve})
+
+
 @torch.no_grad()
 def generation_speed(model: TransformerModel, context: int, new_tokens: int, batch: int,
                      device) -> dict:
@@ -3451,7 +3673,7 @@ SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": s
           "hyperparams": sweep_hyperparams, "kgram_variants": sweep_kgram_variants,
           "architectures": sweep_architectures, "sampling": sweep_sampling,
           "ablations": sweep_ablations, "learning_rate": sweep_learning_rate,
-          "batch_size": sweep_batch_size, "attention": sweep_attention}
+          "batch_size": sweep_batch_size, "attention": sweep_attention, "recipe": sweep_recipe}
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -3768,8 +3990,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     help="Transformer blocks (the course suggests 2 to 10)")
     tf.add_argument("--d_ff", type=int, default=None,
                     help="feed-forward hidden width (of each expert, with --n_experts)")
-    tf.add_argument("--ffn", choices=("gelu", "swiglu", "silu", "clamped_swiglu"), default=None,
-                    help="feed-forward type (clamped_swiglu: GPT-oss's experts)")
+    tf.add_argument("--ffn", choices=("gelu", "swiglu", "silu", "relu2", "clamped_swiglu"),
+                    default=None, help="feed-forward type (relu2: relu(x)^2, the nanoGPT speedrun's; "
+                                       "clamped_swiglu: GPT-oss's experts)")
     tf.add_argument("--n_experts", type=int, default=None,
                     help="mixture of experts: this many feed-forwards per block, a linear router "
                          "picking --experts_per_token of them for each token (0 = one dense "
@@ -3811,6 +4034,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
                          "(Qwen3, the nanoGPT speedrun) (default: false)")
     tf.add_argument("--head_size", type=int, default=None,
                     help="each attention head's width (default: 0 = d_model / n_heads)")
+    tf.add_argument("--value_embeddings", type=str_to_bool, default=None, metavar="true|false",
+                    help="softmax attention: a second token embedding added to every block's "
+                         "attention values (the nanoGPT speedrun) (default: false)")
+    tf.add_argument("--unet_skips", type=str_to_bool, default=None, metavar="true|false",
+                    help="add the first half's block outputs, with learned weights, to the second "
+                         "half's block inputs (the nanoGPT speedrun) (default: false)")
+    tf.add_argument("--zero_init_proj", type=str_to_bool, default=None, metavar="true|false",
+                    help="start attention output projections and MLP output matrices at zero "
+                         "(the nanoGPT speedrun) (default: false)")
+    tf.add_argument("--logit_softcap", type=float, default=None, metavar="C",
+                    help="logits = C tanh(logits / C) (Gemma 2, the nanoGPT speedrun; 0 = off) "
+                         "(default: 0)")
     tf.add_argument("--attention_impl", choices=("sdpa", "math"), default="sdpa",
                     help="scaled_dot_product_attention (fast) or the explicit softmax formula")
     tf.add_argument("--dropout", type=float, default=None, help="dropout probability")
@@ -3830,9 +4065,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--weight_decay", type=float, default=0.01,
                        help="AdamW weight decay (matrices and embeddings only)")
-    train.add_argument("--optimizer", choices=("torch", "scratch"), default="torch",
+    train.add_argument("--optimizer", choices=("torch", "scratch", "muon"), default="torch",
                        help="AdamW implementation: PyTorch's fused/foreach kernel (fast) or the "
-                            "written-out AdamW of section 5 (same updates)")
+                            "written-out AdamW of section 5 (same updates); or muon: Muon for the "
+                            "hidden weight matrices and the written-out AdamW for the rest, at the "
+                            "same learning rate (section 5)")
     train.add_argument("--grad_clip", type=float, default=1.0,
                        help="clip the global gradient L2 norm to this (0 = off)")
     train.add_argument("--lr_schedule", choices=("constant", "cosine"), default="cosine",
@@ -4111,12 +4348,12 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
         fields.pop("d_ff", None)  # a preset's width belongs to its own d_model
     attention = fields.get("attention", "softmax")
     if attention != "softmax":
-        for flag in ("attention_sinks", "sliding_window", "qk_norm", "head_size"):
+        for flag in ("attention_sinks", "sliding_window", "qk_norm", "head_size", "value_embeddings"):
             if flags.get(flag):
                 raise UserError(f"--{flag} is an option of softmax attention, not of "
                                 f"--attention {attention}")
-        fields.update(attention_sinks=False, sliding_window=0, qk_norm=False,
-                      head_size=0)  # a preset's, for softmax only
+        fields.update(attention_sinks=False, sliding_window=0, qk_norm=False, head_size=0,
+                      value_embeddings=False)  # a preset's, for softmax only
     if flags.get("linear_attention_gate") is not None and attention != "gated_linear":
         raise UserError(f"--linear_attention_gate is an option of --attention gated_linear, "
                         f"not of {attention}")
@@ -4647,7 +4884,9 @@ class ChunkedNextTokenLoss(NextTokenLoss):
                 position_weights: torch.Tensor) -> torch.Tensor:
         """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
         nats = linear_cross_entropy(self.model.features(inputs), self.model.unembedding,
-                                    targets, position_weights)
+                                    targets, position_weights,
+                                    softcap=(self.model.config.logit_softcap
+                                             if isinstance(self.model, TransformerModel) else 0.0))
         return nats + router_balance_term(self.model, position_weights)
 
 
@@ -4803,14 +5042,14 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, with_gra
 
 def exact_cross_entropy_where_untrusted(losses: torch.Tensor, hidden: torch.Tensor,
                                         weight: torch.Tensor, bias: torch.Tensor | None,
-                                        targets: torch.Tensor) -> None:
+                                        targets: torch.Tensor, softcap: float = 0.0) -> None:
     """Recompute in place, as logsumexp(x) - x[y] from their logits, the losses that
     softmax_cross_entropy_ could not give exactly: the rare confidently wrong positions.
     losses, targets (N,); hidden (N, d); weight (V, d); bias (V,) or None."""
     rows = (losses > UNTRUSTED_SOFTMAX_LOSS).nonzero().squeeze(1)          # NaN stays NaN
     if len(rows):
-        logits = F.linear(hidden[rows].float(), weight.float(),
-                          None if bias is None else bias.float())           # (r, V)
+        logits = soft_cap(F.linear(hidden[rows].float(), weight.float(),
+                                   None if bias is None else bias.float()), softcap)  # (r, V)
         losses[rows] = torch.logsumexp(logits, -1) - logits.gather(1, targets[rows, None]).squeeze(1)
 
 
@@ -4834,9 +5073,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, position_weights, chunk_size: int,
-                onednn: bool):
+                onednn: bool, softcap: float = 0.0):
         """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,);
-        onednn: whether the products may use oneDNN (where uses_onednn allows).
+        onednn: whether the products may use oneDNN (where uses_onednn allows); softcap: the
+        logits are soft_cap(logits, softcap), whose slope 1 - tanh^2 the gradient takes on.
 
         Matmuls run in the autocast dtype when autocast is on (bf16 on a GPU), the softmax
         always in float32."""
@@ -4854,13 +5094,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             losses = hidden.new_empty(hidden.shape[0], dtype=torch.float32)       # (N,)
             for start in range(0, hidden.shape[0], head.rows):
                 end = min(start + head.rows, hidden.shape[0])
+                logits = head.logits(start, end)                                      # (n, V)
+                if softcap:
+                    tanh = logits.div_(softcap).tanh_()
+                    slope = 1 - tanh.square() if wants_grad else None
+                    logits = tanh.mul_(softcap)
                 losses[start: end], softmax_minus_onehot = softmax_cross_entropy_(
-                    head.logits(start, end), targets[start: end], wants_grad)          # (n, V)
+                    logits, targets[start: end], wants_grad)                           # (n, V)
+                if wants_grad and softcap:
+                    softmax_minus_onehot.mul_(slope)                # d loss / d uncapped logits
                 if wants_grad:
                     head.add_gradients(start, end, softmax_minus_onehot,
                                        position_weights[start: end].float())
             if hidden.is_cpu:                   # elsewhere softmax_cross_entropy_ was exact
-                exact_cross_entropy_where_untrusted(losses, h_all, w, b, targets)
+                exact_cross_entropy_where_untrusted(losses, h_all, w, b, targets, softcap)
             total = losses @ position_weights.float()
         if wants_grad:
             grad_weight, grad_bias = head.weight_and_bias_gradients()
@@ -4877,7 +5124,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, *grad_bias = ctx.saved_tensors
         grad_bias = grad_bias[0].mul_(grad_total) if ctx.has_bias else None
         return (grad_hidden.mul_(grad_total), scaled_(grad_weight, grad_total), grad_bias,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class TorchHeadChunks:
@@ -4993,13 +5240,14 @@ def scaled_(gradient: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.Tensor,
-                         position_weights: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
-    """sum_i position_weights[i] * CE(layer(hidden[i]), targets[i]) over positions i.
-    hidden (..., d), targets and position_weights (...). The output layer's products use
-    oneDNN when the layer does (a FastLinear), PyTorch's kernels otherwise."""
+                         position_weights: torch.Tensor, chunk_size: int = 512,
+                         softcap: float = 0.0) -> torch.Tensor:
+    """sum_i position_weights[i] * CE(soft_cap(layer(hidden[i]), softcap), targets[i]) over
+    positions i. hidden (..., d), targets and position_weights (...). The output layer's
+    products use oneDNN when the layer does (a FastLinear), PyTorch's kernels otherwise."""
     return LinearCrossEntropy.apply(hidden.flatten(0, -2), layer.weight, layer.bias,
                                     targets.flatten(), position_weights.flatten(), chunk_size,
-                                    isinstance(layer, FastLinear))
+                                    isinstance(layer, FastLinear), softcap)
 
 
 def compile_model(model: nn.Module) -> nn.Module:
@@ -5164,7 +5412,7 @@ class StaticDecoder(nn.Module):
         for cache in self.caches:
             cache.positions = positions
         hidden = self.model.residual_stream_at(tokens.t(), positions, self.caches)  # (T, B, d)
-        return self.model.unembedding(hidden[-1])
+        return self.model.logits(hidden[-1])
 
     @torch.no_grad()
     def forward_incremental(self, tokens: torch.Tensor, state: int | None):
@@ -6491,6 +6739,8 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
         attention_params += c.n_heads                       # one sink logit per head
     if c.attention == "softmax" and c.qk_norm:
         attention_params += 2 * D                           # the query and key norms' gains
+    if c.attention == "softmax" and c.value_embeddings:
+        attention_params += 1                               # the value embedding's weight
     if gate is not None:
         attention_params += d * d + bias * d + D            # output gate, head norm
     if gate == "data":
@@ -6506,6 +6756,8 @@ def transformer_accounting(config: TransformerConfig, context_length: int) -> di
         "feed_forward": L * (experts * ffn_params + router_params),
         "norms": L * 2 * norm_params + final_norm,
         "unembedding": 0 if c.tie_weights else V * d,
+        "value_embedding": V * kv_width if c.value_embeddings else 0,
+        "unet_skip_weights": L // 2 if c.unet_skips else 0,
     }
     # Softmax attention: Q K^T, then weights @ V, over the whole context (a sliding window's
     # written-out form masks the scores, it does not skip them). Linear attention: the
@@ -6839,7 +7091,8 @@ ROPE_FAMILY_DEFAULTS = {
 # the family's, or the config has no class.
 ROPE_FAMILY = dict(pos_emb="rope", norm="rmsnorm", norm_position="pre", ffn="swiglu",
                    attention="softmax", n_experts=0, attention_sinks=False, sliding_window=0,
-                   qk_norm=False, qkv_bias=False, nope_interval=0)
+                   qk_norm=False, qkv_bias=False, nope_interval=0, value_embeddings=False,
+                   unet_skips=False, logit_softcap=0.0)
 HF_FAMILIES = {
     "gpt2": ROPE_FAMILY | dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True,
                                yarn_factor=1.0, head_size=0),

@@ -4,14 +4,16 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite"])
+@pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite", "speedrun"])
 @pytest.mark.parametrize("extra", [[], ["--norm_position", "post", "--tie_weights", "false"],
                                    ["--pos_emb", "learned", "--norm", "layernorm", "--ffn", "gelu"],
                                    ["--n_experts", "3", "--ffn", "swiglu", "--attention_sinks", "true"],
                                    ["--attention", "linear"],
                                    ["--attention", "gated_linear", "--linear_attention_gate", "fixed"],
                                    ["--attention", "gated_linear", "--n_experts", "0"],
-                                   ["--head_size", "24", "--qk_norm", "true"]])
+                                   ["--head_size", "24", "--qk_norm", "true"],
+                                   ["--ffn", "relu2", "--value_embeddings", "true", "--unet_skips",
+                                    "true", "--zero_init_proj", "true", "--logit_softcap", "30"]])
 def test_accounted_parameters_equal_the_built_model(pico, configure, preset, extra):
     config = configure("--transformer_variant", preset, "--d_model", "64", "--n_heads", "4",
                        "--n_blocks", "2", "--block_size", "32", *extra).models.transformer

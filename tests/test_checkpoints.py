@@ -81,13 +81,16 @@ DROPOUT_TRANSFORMER = ["--models", "transformer", "--d_model", "32", "--n_heads"
                        "--n_blocks", "2", "--dropout", "0.1"]
 
 
+@pytest.mark.parametrize("optimizer", ["torch", "muon"])
 def test_a_resumed_run_with_dropout_draws_the_same_random_numbers(pico, run_main, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, optimizer):
     """Dropout draws from the global generator, which a resume restores; nothing else may
     draw from it in between (the oneDNN probe once did, on its first use after the restore).
-    The probe's cache is cleared so that it runs again in each of the three runs."""
+    The probe's cache is cleared so that it runs again in each of the three runs. With Muon
+    the checkpoint also carries its momentum buffers and the AdamW moments of the rest."""
     pico.onednn_available.cache_clear()
-    assert run_main(*TINY, *DROPOUT_TRANSFORMER, "--run_name", "whole")[0] == 0
+    flags = [*TINY, *DROPOUT_TRANSFORMER, "--optimizer", optimizer]
+    assert run_main(*flags, "--run_name", "whole")[0] == 0
     whole = pico.load_runlog(tmp_path / "artefacts" / "whole.json")
     calls, real_step = [], pico.training_step
 
@@ -101,11 +104,10 @@ def test_a_resumed_run_with_dropout_draws_the_same_random_numbers(pico, run_main
     monkeypatch.setattr(pico, "training_step", step_then_ctrl_c)
     save = tmp_path / "ckpt"
     pico.onednn_available.cache_clear()
-    assert run_main(*TINY, *DROPOUT_TRANSFORMER, "--save_dir", str(save), "--run_name", "cut")[0] == 130
+    assert run_main(*flags, "--save_dir", str(save), "--run_name", "cut")[0] == 130
     monkeypatch.setattr(pico, "training_step", real_step)
     pico.onednn_available.cache_clear()
-    status, _, err = run_main(*TINY, *DROPOUT_TRANSFORMER, "--save_dir", str(save), "--resume",
-                              "--run_name", "resumed")
+    status, _, err = run_main(*flags, "--save_dir", str(save), "--resume", "--run_name", "resumed")
     assert status == 0, err
     resumed = pico.load_runlog(tmp_path / "artefacts" / "resumed.json")
     assert losses(resumed) == losses(whole)

@@ -38,15 +38,17 @@ def test_gradient_accumulation_gives_the_same_updates(run_main, tmp_path, pico):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process_and_write_once(pico, tmp_path):
-    """torchrun with 2 CPU ranks and the same global batch reproduces the 1-process losses."""
-    single = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--artefacts_dir",
+@pytest.mark.parametrize("optimizer", ["torch", "muon"])
+def test_two_gloo_ranks_match_one_process_and_write_once(pico, tmp_path, optimizer):
+    """torchrun with 2 CPU ranks and the same global batch reproduces the 1-process losses.
+    Muon orthogonalizes the all-reduced gradient, the same on every rank."""
+    single = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--optimizer", optimizer, "--artefacts_dir",
                              str(tmp_path / "one"), "--cache_dir", str(tmp_path / "cache")],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(SCRIPT), *TINY, "--artefacts_dir",
-                             str(tmp_path / "two"), "--cache_dir", str(tmp_path / "cache"),
+                             "--nproc_per_node=2", str(SCRIPT), *TINY, "--optimizer", optimizer,
+                             "--artefacts_dir", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "cache"),
                              "--save_dir", str(tmp_path / "ckpt"), "--keep_checkpoints", "10"],
                             capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]

@@ -368,8 +368,10 @@ SMALL_PRESETS = {"pico": {}, "minGPT": dict(d_model=48, n_blocks=2),
 
 @pytest.mark.parametrize("preset", SMALL_PRESETS)
 def test_every_preset_exports(pico, tmp_path, preset):
-    """Each preset in miniature (its structure kept): GPT-2, Llama or GPT-oss in transformers."""
-    assert set(SMALL_PRESETS) == set(pico.TRANSFORMER_PRESETS)
+    """Each preset in miniature (its structure kept): GPT-2, Llama or GPT-oss in transformers.
+    All but speedrun, whose value embeddings and U-net skips no transformers class computes
+    (its export is refused: test_export_refuses_settings_transformers_has_no_class_for)."""
+    assert set(SMALL_PRESETS) | {"speedrun"} == set(pico.TRANSFORMER_PRESETS)
     torch.manual_seed(0)
     config = pico.TransformerConfig(vocab_size=257, block_size=32, **(
         pico.TRANSFORMER_PRESETS[preset] | SMALL_PRESETS[preset] | dict(dropout=0.0)))
@@ -392,6 +394,10 @@ REFUSED = {
     "attention=linear": dict(attention="linear"),
     "ffn=swiglu": dict(n_experts=4),                         # GPT-oss's experts are clamped
     "bias=True": dict(qk_norm=True, bias=True),              # Qwen3 biases no linear
+    "ffn=relu2": dict(ffn="relu2"),
+    "value_embeddings": dict(value_embeddings=True),
+    "unet_skips": dict(unet_skips=True),
+    "logit_softcap": dict(logit_softcap=15.0),
 }
 
 

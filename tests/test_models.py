@@ -40,7 +40,15 @@ def all_tiny_models(pico):
                                                *attention, *extra)
     models["pico qk_norm head_size 12"] = tiny_model(pico, "transformer", "--qk_norm", "true",
                                                      "--head_size", "12", "--n_kv_heads", "2")
+    # The speedrun preset starts its blocks at zero; here they start random, so that the
+    # value embeddings and skips change the output the tests compare.
+    models["pico speedrun blocks"] = tiny_model(pico, "transformer", *SPEEDRUN_BLOCKS, "--n_blocks", "4",
+                                                "--n_kv_heads", "2")
     return models
+
+
+SPEEDRUN_BLOCKS = ["--ffn", "relu2", "--logit_softcap", "3", "--value_embeddings", "true",
+                   "--unet_skips", "true", "--qk_norm", "true"]
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +218,54 @@ def test_swiglu_is_w2_of_silu_w1_times_w3(pico):
     assert torch.allclose(ffn(x), expected)
     assert pico.default_ffn_width(1024, "swiglu") == 2752
     assert pico.default_ffn_width(128, "gelu") == 512
+
+
+def test_soft_cap_bounds_the_logits_and_leaves_small_ones_alone(pico):
+    logits = torch.tensor([-1000.0, -0.01, 0.0, 0.01, 1000.0])
+    capped = pico.soft_cap(logits, 15.0)
+    assert capped.abs().max() <= 15.0 and capped[0] == -capped[-1]
+    assert torch.allclose(capped[1:4], logits[1:4], atol=1e-6)
+    assert torch.equal(pico.soft_cap(logits, 0.0), logits)
+
+
+def test_relu2_is_w2_of_relu_w1_squared(pico):
+    torch.manual_seed(0)
+    ffn = pico.FeedForward(8, 16, "relu2", bias=False, dropout=0.0)
+    x = torch.randn(5, 8)
+    assert ffn.w3 is None
+    assert torch.allclose(ffn(x), ffn.w2(torch.clamp(ffn.w1(x), min=0) ** 2), atol=1e-6)
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity(pico):
+    model = tiny_model(pico, "transformer", "--zero_init_proj", "true", "--n_blocks", "3")
+    tokens = torch.randint(0, VOCAB, (10, 2))
+    embedded = model.token_embedding(tokens.t()).transpose(0, 1)
+    assert torch.allclose(model.features(tokens), model.final_norm(embedded), atol=1e-6)
+    assert all(p.abs().sum() == 0 for name, p in model.named_parameters()
+               if name.endswith(("out_proj.weight", "w2.weight")))
+
+
+@pytest.mark.parametrize("weights", ["skip_weights", "value_embedding_weight"])
+def test_speedrun_options_with_zero_weights_are_the_model_without_them(pico, weights):
+    """U-net skips with weights 0, or value embeddings mixed in at weight 0, give exactly the
+    model without them (same remaining weights): each option adds only its weighted term. The
+    skips connect block i's output to block L-1-i's input: with one weight nonzero, only
+    the blocks from that input on see a change."""
+    flag = {"skip_weights": "--unet_skips", "value_embedding_weight": "--value_embeddings"}[weights]
+    plain = tiny_model(pico, "transformer", "--n_blocks", "4")
+    extended = tiny_model(pico, "transformer", "--n_blocks", "4", flag, "true")
+    extended.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, p in extended.named_parameters():
+            if name.endswith(weights):
+                p.zero_()
+    tokens = torch.randint(0, VOCAB, (10, 2))
+    assert torch.allclose(extended(tokens), plain(tokens), atol=1e-6)
+    with torch.no_grad():
+        for name, p in extended.named_parameters():
+            if name.endswith(weights):
+                p.fill_(1.0)
+    assert not torch.allclose(extended(tokens), plain(tokens), atol=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite"])

@@ -22,7 +22,7 @@ FIGURES = {"loss_curves", "throughput", "overfitting", "custom_data", "budget", 
 # naming the file instead of the figure.
 NEW_FIGURES = {"expert_usage": "sweep_architectures_run.json",
                "sliding_window_sinks": "architectures_attention_GPT-oss.json",
-               "linear_attention": "sweep_attention.json"}
+               "linear_attention": "sweep_attention.json", "recipe": "sweep_recipe.json"}
 
 
 def new_figures_expected(artefacts):

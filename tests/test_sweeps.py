@@ -227,6 +227,31 @@ def test_attention_sweep_measures_loss_and_generation_speed_against_context(pico
             assert held[0] == held[-1] > 0
 
 
+def test_recipe_sweep_trains_every_recipe_for_the_same_time_with_a_curve(pico, run_main, tmp_path,
+                                                                       tiny_corpus):
+    """Each point's steps come from its own measured speed and the time budget; the curve is
+    the held-out loss after each pass, against the training seconds and steps so far."""
+    status, out, err = run_main("--sweep", "recipe", "--sweep_scale", "tiny",
+                                "--input_files", str(tiny_corpus))
+    assert status == 0, err
+    sweep = pico.load_sweep(tmp_path / "artefacts" / "sweep_recipe.json")
+    jsonschema.validate(sweep, sweep_schema(pico))
+    points = {p["settings"]["recipe"]: p for p in sweep["points"]}
+    assert list(points) == list(pico.RECIPE_SWEEP_POINTS)
+    budget = pico.RECIPE_BUDGETS["tiny"][0]
+    for label, point in points.items():
+        assert point["settings"]["train_seconds"] == budget
+        wanted = max(1, round(budget / point["calibrated_seconds_per_step"]))
+        per_pass = -(-point["train_examples"] // pico.SWEEP_SCALES["tiny"].batch_size)
+        assert abs(point["steps"] - wanted) <= per_pass / 2        # whole passes over the text
+        curve = point["curve"]
+        assert curve[-1]["step"] == point["steps"] and curve[-1]["test_loss"] == point["test_loss"]
+        assert [c["step"] for c in curve] == sorted({c["step"] for c in curve})
+        assert all(a["train_time_s"] < b["train_time_s"] for a, b in zip(curve, curve[1:]))
+    assert points["+ Muon"]["settings"]["optimizer"] == "muon"
+    assert points["speedrun preset + Muon"]["settings"]["transformer_variant"] == "speedrun"
+
+
 def test_architectures_sweep_logs_expert_usage_and_the_presets_attention(pico, run_main, tmp_path,
                                                                          tiny_corpus):
     status, _, err = run_main("--sweep", "architectures", "--sweep_scale", "tiny",

@@ -167,6 +167,84 @@ def test_scratch_adamw_matches_torch_over_many_steps(pico):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def quintic_applied_to_singular_values(matrix, steps=5):
+    """U q(S / |matrix|_F) V^T, with q the Newton-Schulz quintic applied `steps` times to each
+    singular value: the orthogonalization from its definition, through an SVD (float64)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    s = s / matrix.double().norm()
+    for _ in range(steps):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return (u * s) @ vh
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (96, 24), (24, 96)])
+def test_newton_schulz_pushes_every_singular_value_towards_one(pico, shape):
+    """The iteration is the quintic on the singular values, vectors kept; five steps take every
+    singular value above 3e-3 of the Frobenius norm into [0.68, 1.21] (a random square matrix
+    has a few smaller ones, which stay below)."""
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    orthogonalized = pico.newton_schulz_orthogonalize(matrix)
+    assert orthogonalized.shape == matrix.shape
+    assert torch.allclose(orthogonalized.double(), quintic_applied_to_singular_values(matrix), atol=1e-4)
+    before = torch.linalg.svdvals(matrix) / matrix.norm()
+    after = torch.linalg.svdvals(orthogonalized)
+    assert 0.68 <= after[before >= 3e-3].min() and after.max() <= 1.21
+    assert (before >= 3e-3).float().mean() > 0.8
+    if shape[0] != shape[1]:                     # rectangular: all of them, none near 0
+        assert 0.68 <= after.min()
+
+
+def test_muon_matches_the_published_update_and_adamw_for_the_rest(pico):
+    """Muon as Moonshot's paper writes it (momentum as a sum, Nesterov, U V^T from the SVD,
+    scaled by 0.2 sqrt(max(rows, cols)), decoupled weight decay), beside torch's AdamW for a
+    group not marked muon, over 20 steps of random gradients."""
+    torch.manual_seed(0)
+    matrices = [nn.Parameter(torch.randn(8, 5)), nn.Parameter(torch.randn(4, 12))]
+    bias = nn.Parameter(torch.randn(7))
+    lr, decay, mu = 0.01, 0.1, 0.95
+    optimizer = pico.Muon([dict(params=matrices, muon=True, weight_decay=decay),
+                           dict(params=[bias], weight_decay=0.0)], lr=lr)
+    reference = [m.detach().clone().double() for m in matrices]
+    buffers = [torch.zeros_like(r) for r in reference]
+    bias_twin = nn.Parameter(bias.detach().clone())
+    adamw = torch.optim.AdamW([bias_twin], lr=lr, weight_decay=0.0)
+    for step in range(20):
+        gradients = [torch.randn_like(m) for m in matrices]
+        for m, g in zip(matrices, gradients):
+            m.grad = g.clone()
+        bias.grad = torch.randn_like(bias)
+        bias_twin.grad = bias.grad.clone()
+        optimizer.step()
+        adamw.step()
+        for i, g in enumerate(gradients):
+            buffers[i] = mu * buffers[i] + g.double()
+            nesterov = g.double() + mu * buffers[i]
+            update = quintic_applied_to_singular_values(nesterov)
+            reference[i] = (reference[i] * (1 - lr * decay)
+                            - lr * 0.2 * max(g.shape) ** 0.5 * update)
+    for m, r in zip(matrices, reference):
+        assert torch.allclose(m.double(), r, atol=1e-5)
+    assert torch.allclose(bias, bias_twin, atol=1e-6)
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(pico, configure):
+    config = configure("--transformer_variant", "speedrun", "--d_model", "32", "--n_heads", "2",
+                       "--optimizer", "muon")
+    model = pico.build_model(config.models.transformer, 50, seed=0)
+    optimizer = pico.build_optimizer(model, config.training, torch.device("cpu"))
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon, *adamw = optimizer.param_groups
+    assert muon["muon"] and not any(group["muon"] for group in adamw)
+    hidden = sorted(names[id(p)].rsplit(".", 2)[-2] for p in muon["params"])
+    assert hidden == sorted(["q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2", "w3"] * 3)
+    rest = {names[id(p)] for group in adamw for p in group["params"]}
+    assert {"token_embedding.weight", "unembedding.weight", "value_embedding.weight",
+            "skip_weights", "final_norm.weight"} <= rest
+    assert len(muon["params"]) + len(rest) == len(names)
+    assert all(group["lr"] == config.training.learning_rate for group in optimizer.param_groups)
+
+
 def test_cosine_schedule_warms_up_decays_and_floors(pico):
     schedule = lambda it: pico.get_lr_cosine_schedule(it, 1.0, 0.1, 10, 110)
     assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.5)
@@ -312,9 +390,15 @@ def test_the_plain_and_the_fast_path_train_to_the_same_losses_and_weights(pico, 
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_the_plain_and_the_chunked_loss_give_the_same_gradients(pico):
+@pytest.mark.parametrize("softcap", [0.0, 0.5])
+def test_the_plain_and_the_chunked_loss_give_the_same_gradients(pico, softcap):
+    """With a soft cap as small as 0.5 every logit is capped, so a path that skipped the cap
+    (or its slope in the gradient) would differ."""
     torch.manual_seed(0)
-    model = pico.build_model(pico.TransformerConfig(d_model=32, n_heads=2, n_blocks=2), 50, seed=0)
+    config = pico.TransformerConfig(d_model=32, n_heads=2, n_blocks=2, logit_softcap=softcap)
+    model = pico.build_model(config, 50, seed=0)
+    with torch.no_grad():
+        model.unembedding.weight.mul_(50)        # logits of several units, well past a cap of 0.5
     tokens = torch.randint(0, 50, (9, 3))
     mask = torch.rand(8, 3) > 0.2
     weights = mask.float() / mask.sum()
