@@ -217,6 +217,36 @@ def test_windows_make_every_token_of_a_stretch_a_target_once(pico):
     assert sum(windows.length(i) - 1 for i in range(len(windows))) == 98
 
 
+def test_random_offsets_move_each_epochs_training_windows_within_their_stretch(pico):
+    """--random_offsets: every epoch reads other windows (drawn from the seed and the epoch, so
+    a resumed epoch reads the same ones), each as long as before and inside its own stretch;
+    test windows never move."""
+    tokens = np.arange(1000)
+    windows, (train, test) = pico.TokenWindows.over(tokens, [(0, 900), (900, 1000)], 16, 1000)
+    source = pico.DataSource("stream", windows, train, test)
+    data = pico.TrainingData([source], [1.0], 16, 0, seed=3, data_format="stream",
+                             random_offsets=True)
+
+    def epoch_windows(epoch):
+        first_batches = next(data.train_step_slots(len(train), None, epoch))
+        return {index: windows.example(index).tolist() for _, index in first_batches}
+
+    first, second = epoch_windows(1), epoch_windows(2)
+    assert first != second and epoch_windows(1) == first
+    for index, window in first.items():
+        assert len(window) == windows.length(index)                       # same length
+        assert window == list(range(window[0], window[0] + len(window)))  # contiguous text
+        assert 0 <= window[0] - windows.starts[index] < 16 and window[-1] < 900  # own stretch
+    assert len({w[0] % 16 for w in first.values()}) > 8                   # offsets vary
+    assert [windows.example(i).tolist() for i in test] == [
+        list(range(s, min(s + 17, 1000))) for s in range(900, 999, 16)]   # unmoved
+    plain = pico.TrainingData([pico.DataSource("stream", pico.TokenWindows.over(
+        tokens, [(0, 900), (900, 1000)], 16, 1000)[0], train, test)], [1.0], 16, 0, seed=3,
+        data_format="stream")
+    batch = plain.batch_of(next(plain.train_step_slots(4, None, 2)))
+    assert (batch.inputs[0] % 16 == 0).all()                              # off: block starts
+
+
 def test_stream_data_trains_on_windows_across_lines_and_tests_on_all_held_out_text(pico, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

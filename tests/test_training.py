@@ -341,6 +341,18 @@ def test_scratch_and_torch_optimizers_train_to_the_same_losses(run_main, tmp_pat
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_beta2_reaches_both_optimizers(pico, configure):
+    """--beta2 sets Adam's second-moment decay of the fused AdamW and of section 5's own."""
+    import torch
+    model = torch.nn.Linear(3, 2)
+    for optimizer in ("torch", "scratch"):
+        training = configure("--beta2", "0.99", "--optimizer", optimizer).training
+        built = pico.build_optimizer(model, training, torch.device("cpu"))
+        assert all(group["betas"] == (0.9, 0.99) for group in built.param_groups)
+    default = pico.build_optimizer(model, configure().training, torch.device("cpu"))
+    assert default.param_groups[0]["betas"] == (0.9, 0.999)
+
+
 @pytest.mark.slow
 def test_pico_transformer_beats_the_lstm_on_the_custom_corpus_at_equal_budget(run_main, tmp_path, pico):
     """Same data, steps, batch and learning rate: the Transformer's test loss is lower (~60 s)."""

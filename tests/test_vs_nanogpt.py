@@ -1,0 +1,39 @@
+"""tools/vs_nanogpt.py: pico-llm's side runs end to end without nanoGPT (speed is never asserted)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_pico_side_trains_the_nanogpt_shape_and_scores_held_out_text(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(10):        # file 5 is held out from both
+        (corpus / f"doc{index}.txt").write_text(
+            "".join(f"  Document {index} says line {line}.\n\n" for line in range(60)))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "vs_nanogpt.py"), "--nanogpt", str(tmp_path),
+         "--steps", "6", "--rounds", "1", "--warmup", "1", "--corpus_dir", str(corpus)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "running pico-llm's side only" in result.stdout        # no train.py in tmp_path
+    line, = [l for l in result.stdout.splitlines() if l.startswith("round 1 pico-llm")]
+    steps, held_out = re.search(r"(\d+) steps, .* held-out ([\d.]+) nats/char", line).groups()
+    assert int(steps) == 6 and 0 < float(held_out) < np.log(257) + 1   # near uniform at most
+    assert "nanoGPT" not in result.stdout.split("median")[-1]
+
+
+def test_held_out_windows_cover_the_text_once(monkeypatch):
+    sys.path.insert(0, str(REPO / "tools"))
+    import vs_nanogpt
+    ids = np.arange(200)
+    windows = vs_nanogpt.windows(ids, 64)
+    assert windows.shape == (3, 65)
+    assert windows[:, 1:].flatten().tolist() == list(range(1, 193))    # every target once
+    epochs, per_epoch, total = vs_nanogpt.total_steps(64 * 12 * 10 + 1, 25)
+    assert (epochs, per_epoch, total) == (3, 9, 27)                    # 10 steps a pass
