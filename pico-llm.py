@@ -990,9 +990,10 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
                         ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
                         rope_theta=500000.0, tie_weights=False),
-    # The pico preset with the nanoGPT speedrun's building blocks that helped at this scale in
-    # section 7's recipe sweep (ReLU² and zero-initialised projections did not); train it with
-    # --optimizer muon, as the speedrun does.
+    # The pico preset with the nanoGPT speedrun's building blocks: QK-norm, which helped alone in
+    # section 7's recipe sweep, and soft-capping, value embeddings and U-net skips, which helped
+    # in a first run of it and were within noise in the committed one (ReLU² and zero-initialised
+    # projections did not help). Train it with --optimizer muon, as the speedrun does.
     "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
                      pos_emb="rope", tie_weights=False, qk_norm=True, value_embeddings=True,
                      unet_skips=True, logit_softcap=15.0),
