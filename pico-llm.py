@@ -597,6 +597,11 @@ class MixtureOfExperts(nn.Module):
             self.usage = counts if self.usage is None else self.usage + counts
         return out.view_as(x)
 
+    def take_usage(self) -> torch.Tensor | None:
+        """The (E,) choices counted since the last call, or None if none; counting starts again."""
+        usage, self.usage = self.usage, None
+        return usage
+
 
 # Linear attention: the causal mixing of the tokens, with a fixed-size state instead of a
 # cache that grows with every token (softmax attention's KV cache).
@@ -1251,8 +1256,10 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
     """log(sum(exp(x))) over the last dimension, as max + log(sum(exp(x - max)))
-    so that large logits do not overflow. (..., V) -> (...)."""
-    maximum = logits.amax(dim=-1, keepdim=True)
+    so that large logits do not overflow. (..., V) -> (...). The max is only a shift: the
+    result does not depend on it, so its gradient is 0 and autograd is told not to trace it
+    (which would cost another pass over all the logits)."""
+    maximum = logits.amax(dim=-1, keepdim=True).detach()
     return maximum.squeeze(-1) + (logits - maximum).exp().sum(dim=-1).log()
 
 
@@ -1341,7 +1348,9 @@ def nucleus_probabilities(logits: torch.Tensor, p: float) -> torch.Tensor:
     """
     probs = softmax(logits.float(), dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # The mass of the tokens ranked above each one: the running sum shifted by one place
+    # (not cumsum - p, whose rounding can put a token that starts exactly at p inside).
+    mass_before = F.pad(sorted_probs.cumsum(dim=-1)[..., :-1], (1, 0))
     keep_sorted = mass_before < p
     keep_sorted[..., 0] = True                      # the most likely token always stays
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
@@ -1494,11 +1503,13 @@ def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) ->
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    # The global norm is the norm of the tensors' norms. torch._foreach_norm is
+    # [torch.linalg.vector_norm(g) for g in grads] (and _foreach_mul_ the loop of mul_ below)
+    # in one kernel launch for all the tensors, where a GPU would otherwise launch one each.
+    total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if math.isfinite(max_l2_norm):
         scale = (max_l2_norm / (total_norm + 1e-6)).clamp(max=1.0)
-        for grad in grads:
-            grad.mul_(scale)
+        torch._foreach_mul_(grads, scale)          # for grad in grads: grad.mul_(scale)
     return total_norm
 
 
@@ -2786,16 +2797,15 @@ def record_expert_usage(model: nn.Module, record: dict, epoch: int, context: "Di
     {"epoch", "fractions": [[share of the expert choices each expert took] per MoE layer]},
     counted over every position routed in the epoch's training steps (padding included; after
     a resume, the steps since) on all ranks; the layers' counts then start again."""
-    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts) and m.usage is not None]
-    if not layers:
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
+    usages = [layer.take_usage() for layer in layers]
+    if not layers or any(usage is None for usage in usages):
         return
-    counts = context.sum(torch.cat([layer.usage for layer in layers]).tolist(), device)
+    counts = context.sum(torch.cat(usages).tolist(), device)
     E = len(layers[0].experts)
     rows = [counts[i: i + E] for i in range(0, len(counts), E)]
     record.setdefault("expert_usage", []).append(
         {"epoch": epoch, "fractions": [[count / max(sum(row), 1) for count in row] for row in rows]})
-    for layer in layers:
-        layer.usage = None
 
 
 def model_record(name: str, model: nn.Module, config: KGramConfig | LSTMConfig | TransformerConfig,
@@ -4228,10 +4238,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
                          "export that checkpoint without training")
 
     bench = parser.add_argument_group("speed (Appendix A)")
-    bench.add_argument("--loss", choices=LOSS_KINDS, default="chunked",
+    bench.add_argument("--loss", choices=LOSS_KINDS, default="auto",
                        help="chunked: the output layer's loss a chunk of positions at a time, "
-                            "never building all logits (Appendix A); plain: cross-entropy on the "
-                            "model's logits (section 3). Same values")
+                            "never building all logits (Appendix A); fused: PyTorch's "
+                            "cross-entropy kernel (Appendix A); plain: section 3's written-out "
+                            "cross-entropy on the model's logits; auto: chunked on a CPU, fused "
+                            "on a GPU. Same values")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                        help="training precision: bf16 autocast or fp32 (default: bfloat16 on "
                             "CUDA, float32 elsewhere)")
@@ -4863,21 +4875,24 @@ def exit_process(status: int) -> None:
 #     logits and computes the output layer's gradient during the forward pass.
 # `--loss plain --cpu_matmul torch` gives Part I's plain path; the tests check
 # that both give the same losses and gradients to float32 rounding.
-# On a GPU, what matters is different: launches and host syncs, not arithmetic.
-# `--compile` compiles model, output layer and loss in one region (with static-shape
-# experts and real-arithmetic RoPE, which compilers need), and generation goes
-# through `decoding_model`: static-shape caches replayed as one CUDA graph a token.
+# On a GPU, what matters is different: passes over memory, launches and host syncs,
+# not arithmetic. The loss is PyTorch's fused cross-entropy (two passes over the
+# logits where the written-out formula makes six); `--compile` compiles model,
+# output layer and loss in one region (with static-shape experts and
+# real-arithmetic RoPE, which compilers need); and generation goes through
+# `decoding_model`: static-shape caches replayed as one CUDA graph a token.
 # Each is tested equal to Part I. Measurements: docs/performance.md.
 
 CPU_MATMUL_KERNELS = ("onednn", "torch")
-LOSS_KINDS = ("chunked", "plain")
+LOSS_KINDS = ("auto", "chunked", "fused", "plain")
 
 
 @dataclasses.dataclass
 class SpeedConfig:
     """Which kernels and which loss implementation training uses."""
 
-    loss: str = "chunked"          # chunked (this appendix) | plain (section 3)
+    loss: str = "auto"             # auto: chunked on a CPU, fused on a GPU | chunked | fused
+                                   # (this appendix) | plain (section 3)
     cpu_matmul: str = "onednn"     # onednn | torch, for float32 linears on the CPU
     compile: bool = False          # torch.compile the model, with its loss on GPUs (compile_for_training)
 
@@ -4889,8 +4904,9 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
     With cpu_matmul "onednn" on a CPU (and a PyTorch build that has oneDNN's op), the
     model's nn.Linear layers become FastLinear in place: same parameters, same
     state_dict, products through oneDNN; and the C allocator keeps freed memory for
-    reuse. Nothing changes on a GPU except the loss, and with speed.compile the model and
-    loss are compiled together (compile_for_training)."""
+    reuse. Nothing changes on a GPU except the loss (loss "auto": PyTorch's fused
+    cross-entropy, FusedNextTokenLoss), and with speed.compile the model and loss are
+    compiled together (compile_for_training)."""
     onednn = speed.cpu_matmul == "onednn" and device.type == "cpu" and onednn_available()
     if onednn:
         keep_freed_memory()
@@ -4901,10 +4917,19 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
         problem = compile_unavailable(device)
         if problem:
             raise UserError(f"--compile cannot run here: {problem}; drop --compile")
-        compiled_loss = compile_for_training(model, device)
+        compiled_loss = compile_for_training(model, device, loss_kind(speed.loss, device))
         if compiled_loss is not None:
             return compiled_loss
-    return NextTokenLoss(model) if speed.loss == "plain" else ChunkedNextTokenLoss(model)
+    return LOSS_MODULES[loss_kind(speed.loss, device)](model)
+
+
+def loss_kind(requested: str, device: torch.device) -> str:
+    """--loss auto: the chunked loss on a CPU (it spares memory and does the output layer's
+    gradient in the same pass), PyTorch's fused kernel on a GPU (where the logits fit and the
+    pass count, not the arithmetic, is what costs)."""
+    if requested != "auto":
+        return requested
+    return "chunked" if device.type == "cpu" else "fused"
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> str:
@@ -4933,6 +4958,25 @@ class ChunkedNextTokenLoss(NextTokenLoss):
                                     softcap=(self.model.config.logit_softcap
                                              if isinstance(self.model, TransformerModel) else 0.0))
         return nats + router_balance_term(self.model, position_weights)
+
+
+class FusedNextTokenLoss(NextTokenLoss):
+    """NextTokenLoss with PyTorch's own cross-entropy (F.cross_entropy): on a GPU one fused
+    kernel for the log-softmax forward and one backward, reading the (bf16) logits as they
+    are and accumulating in float32, where section 3's written-out formula makes a float32
+    copy and a pass per operation. Compiled, Inductor fuses it into the logits' kernels. The
+    same values as NextTokenLoss (to float32 rounding; the tests check it)."""
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                position_weights: torch.Tensor) -> torch.Tensor:
+        """inputs, targets, position_weights: (T, B) -> sum of weighted nats (a scalar)."""
+        logits = self.model(inputs)                                        # (T, B, V)
+        nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return (nats * position_weights.flatten()).sum() + router_balance_term(self.model,
+                                                                               position_weights)
+
+
+LOSS_MODULES = {"chunked": ChunkedNextTokenLoss, "fused": FusedNextTokenLoss, "plain": NextTokenLoss}
 
 
 @functools.cache
@@ -5340,8 +5384,29 @@ class StaticShapeMixtureOfExperts(MixtureOfExperts):
         self.routing = Routing(torch.softmax(logits.float(), dim=-1), chosen)
         if self.training:
             counts = F.one_hot(chosen, len(self.experts)).sum(dim=(0, 1))      # (E,)
-            self.usage = counts if self.usage is None else self.usage + counts
+            if self.usage is None:            # swapped in without static_experts: counts begin
+                self.usage = torch.zeros_like(counts)
+            self.usage += counts              # in place: the compiled graph never sees None
         return out.view_as(x)
+
+    def take_usage(self) -> torch.Tensor | None:
+        """As MixtureOfExperts.take_usage, but the counter is zeroed in place, never dropped
+        (a compiled step guards on it: a counter set back to None would recompile the model)."""
+        if self.usage is None or not self.usage.any():
+            return None
+        usage = self.usage.clone()
+        self.usage.zero_()
+        return usage
+
+
+def static_experts(model: nn.Module) -> None:
+    """Every MixtureOfExperts of `model` made a StaticShapeMixtureOfExperts in place (same
+    parameters), its usage counter a zero tensor from the start."""
+    for module in model.modules():
+        if type(module) is MixtureOfExperts:
+            module.__class__ = StaticShapeMixtureOfExperts
+            module.usage = torch.zeros(len(module.experts), dtype=torch.long,
+                                       device=module.router.weight.device)
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -5356,19 +5421,34 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module | None:
+def compile_for_training(model: nn.Module, device: torch.device, loss: str = "fused") -> nn.Module | None:
     """--compile: the mixtures of experts made static, then on a GPU the whole loss module
-    compiled, model, output layer and Part I's cross-entropy in one region (nanoGPT's way:
-    Inductor fuses the float32 log-softmax into the logits' kernels), returned; on a CPU the
-    model's features compiled in place and None returned (the chunked loss, which exists to
-    spare a CPU's memory, stays eager)."""
-    for module in model.modules():
-        if type(module) is MixtureOfExperts:
-            module.__class__ = StaticShapeMixtureOfExperts
+    compiled, model, output layer and cross-entropy in one region (nanoGPT's way: Inductor
+    fuses the float32 log-softmax into the logits' kernels), returned; `loss` "plain" compiles
+    section 3's written-out formula, any other kind PyTorch's (FusedNextTokenLoss). On a CPU
+    the model's features are compiled in place and None returned (the chunked loss, which
+    exists to spare a CPU's memory, stays eager)."""
+    static_experts(model)
     if device.type != "cpu":
-        return torch.compile(NextTokenLoss(model))
+        return CompiledTrainingLoss(NextTokenLoss(model) if loss == "plain" else FusedNextTokenLoss(model))
     compile_model(model)
     return None
+
+
+class CompiledTrainingLoss(nn.Module):
+    """A loss module compiled for training steps: with gradients on, the compiled region, its
+    shapes static (a step's batch is always the same shape; a shorter last batch gets its own
+    compilation rather than turning every later step's kernels into dynamic-shape ones); with
+    gradients off (evaluation, whose last batch is shorter still) the same module eagerly,
+    so evaluating does not compile the model a second and third time."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+        self.compiled = torch.compile(loss, dynamic=False)
+
+    def forward(self, *args) -> torch.Tensor:
+        return (self.compiled if torch.is_grad_enabled() else self.loss)(*args)
 
 
 # --- A.2 Decoding on a GPU: static shapes and CUDA graphs ------------------------------
@@ -5434,9 +5514,7 @@ class StaticDecoder(nn.Module):
             twin.get_buffer(name).copy_(buffer)
         for parameter in twin.parameters():
             parameter.data = parameter.data.to(dtype)
-        for module in twin.modules():
-            if type(module) is MixtureOfExperts:
-                module.__class__ = StaticShapeMixtureOfExperts
+        static_experts(twin)
         self.model = twin.eval()
         self.max_context = model.config.block_size
         self.caches = [StaticKVCache(block.attention, batch, self.max_context, device, dtype)

@@ -16,6 +16,12 @@ if str(TOOLS) not in sys.path:
 
 from pico_module import load_pico, load_script  # noqa: E402  (tools/ is on the path now)
 
+# A training run of seconds on the shipped corpus, for tests of the command line's paths.
+TINY_RUN = ["--input_files", str(REPO / "3seqs.txt"), "--limit_custom_examples", "60",
+            "--block_size", "16", "--embed_size", "16", "--d_model", "32", "--n_heads", "2",
+            "--n_blocks", "1", "--max_steps_per_epoch", "3", "--epochs", "2", "--batch_size", "4",
+            "--max_new_tokens", "4", "--tokenizer", "char", "--quiet"]
+
 
 def probe_loading(variable: str, path: Path, name: str) -> str:
     """The first lines of a `python -c` probe: `variable = ` the script at `path`, loaded as

@@ -90,7 +90,7 @@ def test_bfloat16_autocast_chunked_loss_stays_close_to_float32(pico):
 @pytest.mark.slow
 def test_compile_trains_to_the_same_losses(run_main, tmp_path, pico):
     """--compile (torch.compile of the model's features) changes speed, not results."""
-    from test_training import TINY_RUN
+    from conftest import TINY_RUN
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         status, _, err = run_main(*TINY_RUN, "--models", "transformer", "--run_name", name, *extra)
         assert status == 0, err
@@ -198,8 +198,11 @@ GPU_CHECKS = REPO / "tools" / "gpu_checks.sh"
 
 
 def run_gpu_checks(*argv, steps: str, timeout: int = 900):
+    """gpu_checks.sh as on a machine without a GPU (CUDA hidden where there is one: its cuda
+    tests skip, as these tests expect, rather than run for minutes)."""
     return subprocess.run(["bash", str(GPU_CHECKS), *argv], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "STEPS": steps})
+                          timeout=timeout, env={**os.environ, "STEPS": steps,
+                                                "CUDA_VISIBLE_DEVICES": ""})
 
 
 def test_gpu_checks_records_each_step_and_refuses_bad_usage(tmp_path):

@@ -362,7 +362,7 @@ def test_bpe_tokenizer_spec_is_validated():
 
 
 def test_a_bpe_run_saves_its_tokenizer_with_the_run_log(run_main, tmp_path):
-    from test_training import TINY_RUN
+    from conftest import TINY_RUN
     argv = [a if a != "char" else "bpe:300" for a in TINY_RUN]
     status, out, err = run_main(*argv, "--models", "transformer", "--run_name", "bpe")
     assert status == 0, err

@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SCRIPT, probe_loading
-from test_training import TINY_RUN
+from conftest import REPO, SCRIPT, TINY_RUN, probe_loading
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -54,12 +53,29 @@ def test_bf16_training_steps_are_finite_and_close_to_fp32(pico, preset):
 
 
 @pytest.mark.parametrize("preset", ["GPT2-small", "GPT-oss"])
+def test_fused_loss_on_a_gpu_equals_the_written_out_loss(pico, preset):
+    """The loss a GPU trains with (PyTorch's cross-entropy kernel) against section 3's formula,
+    in float32 on the GPU: the same value and gradients."""
+    model = tiny(pico, preset)
+    batch = random_batch(pico, 0)
+    results = []
+    for loss_module in (pico.NextTokenLoss(model), pico.FusedNextTokenLoss(model)):
+        model.zero_grad()
+        loss = loss_module(batch.inputs, batch.targets, batch.mask.float() / 128)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["GPT2-small", "GPT-oss"])
 def test_compiled_training_equals_eager(pico, preset):
     """speed_up with compile on a GPU: model, output layer and loss in one compiled region."""
     eager_model, compiled_model = tiny(pico, preset), tiny(pico, preset)
     eager = train_steps(pico, pico.NextTokenLoss(eager_model), eager_model, 4, "bfloat16")
     loss = pico.speed_up(compiled_model, pico.SpeedConfig(compile=True), DEVICE)
-    assert isinstance(loss, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(loss.compiled, torch._dynamo.eval_frame.OptimizedModule)
     compiled = train_steps(pico, loss, compiled_model, 4, "bfloat16")
     assert compiled == pytest.approx(eager, rel=2e-2)
 

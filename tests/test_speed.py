@@ -63,17 +63,47 @@ def test_compiled_training_loss_has_one_graph_and_no_breaks(pico, name):
             module.__class__ = pico.StaticShapeMixtureOfExperts
     tokens = torch.randint(0, VOCAB, (16, 2))
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(pico.NextTokenLoss(model))(tokens, tokens,
-                                                                 torch.full((16, 2), 1 / 32))
+    explained = torch._dynamo.explain(pico.FusedNextTokenLoss(model))(tokens, tokens,
+                                                                      torch.full((16, 2), 1 / 32))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     assert "complex" not in explained.graphs[0].code           # Inductor has no complex codegen
 
 
-@pytest.mark.parametrize("name", [pytest.param("GPT-oss", marks=pytest.mark.slow), "gated_linear"])
+@pytest.mark.parametrize("name", ["pico", "GPT-oss"])
+def test_fused_loss_equals_the_written_out_loss(pico, name):
+    """Appendix A's FusedNextTokenLoss (PyTorch's cross-entropy, what a GPU trains with) against
+    section 3's NextTokenLoss: the same weighted sum of nats and the same gradients, the
+    experts' load-balancing term included."""
+    model = tiny_model(pico, "transformer", *COMPILED_MODELS[name])
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (17, 3), generator=generator)
+    weights = torch.rand(16, 3, generator=generator) / 48
+    results = []
+    for loss_module in (pico.NextTokenLoss(model), pico.FusedNextTokenLoss(model)):
+        model.zero_grad()
+        loss = loss_module(tokens[:-1], tokens[1:], weights)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert fused == pytest.approx(plain, rel=1e-6)
+    for a, b in zip(plain_grads, fused_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_auto_is_chunked_on_a_cpu_and_fused_on_a_gpu(pico):
+    model = tiny_model(pico, "transformer")
+    assert type(pico.speed_up(model, pico.SpeedConfig(), torch.device("cpu"))) is pico.ChunkedNextTokenLoss
+    assert pico.loss_kind("auto", torch.device("cuda")) == "fused"
+    assert pico.loss_kind("plain", torch.device("cuda")) == "plain"
+    assert set(pico.LOSS_MODULES) | {"auto"} == set(pico.LOSS_KINDS)
+
+
+@pytest.mark.parametrize("name", ["GPT-oss", "gated_linear"])
 def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypatch, name):
     """compile_for_training's GPU path (whole loss module compiled), traced on the CPU with the
     aot_eager backend (no code generation, so seconds): the same losses as eager training, and
-    after the second step (the experts' usage counter exists from then on) no new graph."""
+    one graph from the first step on, also across the run log's reading of the experts' usage
+    (a compilation of GPT-oss costs a minute on a GPU)."""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     models = [tiny_model(pico, "transformer", *COMPILED_MODELS[name]) for _ in range(2)]
@@ -81,12 +111,15 @@ def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypat
     torch._dynamo.reset()
     counters.clear()
     compiled = pico.compile_for_training(models[1], torch.device("cuda"))  # the device's branch
-    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.compiled, torch._dynamo.eval_frame.OptimizedModule)
     training = pico.TrainingConfig()
     optimizers = [pico.build_optimizer(m, training, torch.device("cpu")) for m in models]
     generator = torch.Generator().manual_seed(0)
     losses, graphs = [[], []], []
-    for _ in range(4):
+    for step in range(4):
+        if step == 2:                                 # an epoch ends: the run log reads usage
+            for model in models:
+                pico.record_expert_usage(model, {}, 1, pico.Distributed(), torch.device("cpu"))
         tokens = torch.randint(0, VOCAB, (17, 2), generator=generator)
         batch = pico.Batch(tokens[:-1], tokens[1:], torch.ones(16, 2, dtype=torch.bool))
         for index, loss_model in enumerate((pico.NextTokenLoss(models[0]), compiled)):
@@ -94,11 +127,16 @@ def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypat
                                                     32, 1.0))
         graphs.append(counters["stats"]["unique_graphs"])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-    assert graphs[1] == graphs[-1], graphs
+    assert graphs[0] == graphs[-1], graphs
+    with torch.no_grad():       # evaluation, a shorter last batch too, runs the module eagerly
+        for length in (16, 5):
+            evaluated = compiled(tokens[:length], tokens[1:length + 1], torch.ones(length, 2))
+            assert torch.isfinite(evaluated)
+    assert counters["stats"]["unique_graphs"] == graphs[-1]
 
 
 def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch):
-    from test_training import TINY_RUN
+    from conftest import TINY_RUN
     monkeypatch.setattr(pico.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     status, out, err = run_main(*TINY_RUN, "--models", "transformer", "--compile")

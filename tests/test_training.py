@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO, plain_and_chunked_losses
+from conftest import REPO, TINY_RUN, plain_and_chunked_losses
 from schemas import runlog_schema
 
 
@@ -20,6 +20,25 @@ def test_softmax_and_cross_entropy_match_torch_and_survive_large_logits(pico):
     expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     assert torch.allclose(pico.cross_entropy(logits, targets), expected, atol=1e-5)
     assert torch.isfinite(pico.cross_entropy(logits, targets))
+
+
+def test_cross_entropy_gradient_is_softmax_minus_one_hot_without_tracing_the_max(pico):
+    """log_sum_exp detaches its max (a shift the result does not depend on): the gradient is
+    still softmax - one_hot, and autograd's graph holds no backward of the max."""
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 13) * 3).requires_grad_()
+    targets = torch.randint(0, 13, (5,))
+    loss = pico.token_cross_entropy(logits, targets).sum()
+    loss.backward()
+    expected = torch.softmax(logits.detach(), -1) - F.one_hot(targets, 13).float()
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+    def backward_names(node, seen):
+        if node is None or node in seen:
+            return set()
+        seen.add(node)
+        return {type(node).__name__}.union(*(backward_names(n, seen) for n, _ in node.next_functions))
+    assert not any("Amax" in name for name in backward_names(loss.grad_fn, set()))
 
 
 def test_chunked_linear_cross_entropy_matches_autograd(pico):
@@ -274,10 +293,6 @@ def test_learning_rate_schedules(pico):
     assert pico.learning_rate_at(19, 20, cosine) == pytest.approx(0.1)
 
 
-TINY_RUN = ["--input_files", str(REPO / "3seqs.txt"), "--limit_custom_examples", "60",
-            "--block_size", "16", "--embed_size", "16", "--d_model", "32", "--n_heads", "2",
-            "--n_blocks", "1", "--max_steps_per_epoch", "3", "--epochs", "2", "--batch_size", "4",
-            "--max_new_tokens", "4", "--tokenizer", "char", "--quiet"]
 
 
 def test_a_run_writes_a_valid_run_log(pico, run_main, tmp_path):

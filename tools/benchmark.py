@@ -601,11 +601,13 @@ class GPT2Sizes:
     decode_prompt: int = 4
     decode_tokens: int = 256
     decode_batches: tuple[int, ...] = (1, 16)
+    decode_repeats: int = 3        # timed runs of each way, interleaved, after one warm-up run
 
     @classmethod
     def quick(cls) -> "GPT2Sizes":
         return cls(n_blocks=2, n_heads=2, d_model=32, block_size=32, batch_size=2, vocab_size=256,
-                   matmul_size=256, warmup=1, repeats=2, decode_tokens=8, decode_batches=(1, 2))
+                   matmul_size=256, warmup=1, repeats=2, decode_tokens=8, decode_batches=(1, 2),
+                   decode_repeats=2)
 
 
 def gpt2_flags(sizes: GPT2Sizes) -> list[str]:
@@ -615,14 +617,42 @@ def gpt2_flags(sizes: GPT2Sizes) -> list[str]:
             "--d_ff", str(4 * sizes.d_model), "--dropout", "0"]
 
 
-def time_steps(step, sizes: GPT2Sizes, device: torch.device) -> dict:
-    """Median seconds of `step()` and the peak GPU memory it took (None on a CPU)."""
+def time_steps(step, sizes: GPT2Sizes, device: torch.device, profile: Path | None = None) -> dict:
+    """Median seconds of `step()`, the seconds of its first call (with compile: compilation
+    included) and the peak GPU memory it took (None on a CPU); with `profile`, then a
+    profile of 3 more steps written there (profile_table)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = median_seconds(step, sizes.repeats, sizes.warmup, device)
+    started = time.perf_counter()
+    step()                                          # compiled: the compilation is in this one
+    synchronize(device)
+    first_step_s = time.perf_counter() - started
+    seconds = median_seconds(step, sizes.repeats, max(sizes.warmup - 1, 0), device)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    return {"step_s": seconds, "peak_memory_gb": peak}
+    if profile is not None:
+        profile_table(step, device, profile)
+    return {"step_s": seconds, "first_step_s": first_step_s, "peak_memory_gb": peak}
+
+
+def profile_table(step, device: torch.device, path: Path, steps: int = 3) -> None:
+    """torch.profiler over `steps` calls of an already warm `step`: the operators and kernels
+    by their own device time (CPU time on a CPU), and the kernel launches per step, as text."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    events = profiler.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = sum(event.count for event in events
+                  if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    text = (f"{steps} steps; device kernels per step: {kernels / steps:.0f}\n"
+            + events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def with_mfu(row: dict, tokens: int, flops_per_token: int, ceiling_gflops: float,
@@ -635,7 +665,8 @@ def with_mfu(row: dict, tokens: int, flops_per_token: int, ceiling_gflops: float
             "mfu_vs_datasheet_peak": None if peak_tflops is None else achieved / (peak_tflops * 1e3)}
 
 
-def pico_gpt2_training(sizes: GPT2Sizes, device: torch.device, dtype: str, compile: bool) -> dict:
+def pico_gpt2_training(sizes: GPT2Sizes, device: torch.device, dtype: str, compile: bool,
+                       profile: Path | None = None) -> dict:
     """pico-llm's real training_step on its GPT2-small preset, speed_up as the training loop
     applies it (compile: model, output layer and loss compiled together on a GPU)."""
     config = {"name": "gpt2", "model": "transformer", "vocab_size": sizes.vocab_size,
@@ -647,7 +678,7 @@ def pico_gpt2_training(sizes: GPT2Sizes, device: torch.device, dtype: str, compi
     batch = random_batch(sizes.vocab_size, sizes.block_size, sizes.batch_size, 0).to(device)
     step = lambda: pico.training_step(loss_model, optimizer, [(batch, True)],  # noqa: E731
                                       batch.num_target_tokens, run.training.grad_clip, dtype=dtype)
-    return {**time_steps(step, sizes, device),
+    return {**time_steps(step, sizes, device, profile),
             "flops_per_token": pico.training_flops_per_token(model, sizes.block_size)}
 
 
@@ -660,7 +691,8 @@ def load_nanogpt(directory: Path):
     return load_script(path, "nanogpt_model")
 
 
-def nanogpt_training(nanogpt, sizes: GPT2Sizes, device: torch.device, dtype: str, compile: bool) -> dict:
+def nanogpt_training(nanogpt, sizes: GPT2Sizes, device: torch.device, dtype: str, compile: bool,
+                     profile: Path | None = None) -> dict:
     """nanoGPT's train.py step at the same shape: its fused AdamW (configure_optimizers), bf16
     autocast, gradient clipping at 1, and its loss read once a step (as pico-llm's step does)."""
     config = nanogpt.GPTConfig(block_size=sizes.block_size, vocab_size=sizes.vocab_size,
@@ -685,7 +717,7 @@ def nanogpt_training(nanogpt, sizes: GPT2Sizes, device: torch.device, dtype: str
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return time_steps(step, sizes, device)
+    return time_steps(step, sizes, device, profile)
 
 
 @torch.no_grad()
@@ -702,10 +734,13 @@ def decode_seconds(step_model, prompt: torch.Tensor, new_tokens: int, device: to
     return time.perf_counter() - started
 
 
-def gpt2_decoding(sizes: GPT2Sizes, device: torch.device) -> dict:
+def gpt2_decoding(sizes: GPT2Sizes, device: torch.device, measured=lambda results: None,
+                  note=lambda message: None) -> dict:
     """Greedy decode tokens/s at each batch size, fp32 and bf16: pico-llm's plain KV-cache path
     (Part I), its static decoder (Appendix A; CUDA graphs on a GPU) and transformers'
-    GPT2LMHeadModel.generate, all with the same shape, prompt length and new tokens."""
+    GPT2LMHeadModel.generate, all with the same shape, prompt length and new tokens; on a GPU
+    in bf16 also the static decoder compiled (torch.compile's kernels inside the graph).
+    `measured(results so far)` is called after each batch size."""
     run = benchmark_model_config("transformer", sizes.decode_prompt + sizes.decode_tokens, 1,
                                  gpt2_flags(sizes))
     model = pico.build_model(run.models.transformer, sizes.vocab_size, 0).to(device).eval()
@@ -730,18 +765,24 @@ def gpt2_decoding(sizes: GPT2Sizes, device: torch.device) -> dict:
             decoder = pico.StaticDecoder(model, batch=batch, dtype=dtype, graphs=graphs)
             ways = {"pico_plain": lambda: decode_seconds(plain, prompt, sizes.decode_tokens, device),
                     "pico_static": lambda: decode_seconds(decoder, prompt, sizes.decode_tokens, device)}
+            if graphs and dtype == torch.bfloat16:     # torch.compile's fused kernels in the graph
+                compiled = pico.StaticDecoder(model, batch=batch, dtype=dtype, graphs=True, compile=True)
+                ways["pico_static_compiled"] = lambda: decode_seconds(compiled, prompt,
+                                                                      sizes.decode_tokens, device)
             if hf is not None:
                 ways["transformers"] = lambda: timed_hf_generate(hf, prompt.t().contiguous(),
                                                                  sizes.decode_tokens, device)
             seconds = {way: [] for way in ways}
-            for way in ways.values():
+            for name, way in ways.items():
                 way()                                                   # warm-up (graph recorded)
-            for _ in range(sizes.repeats // 2 + 1):
+                note(f"decoding {dtype_name} batch {batch}: {name} warmed up")
+            for _ in range(sizes.decode_repeats):
                 for way, run_way in ways.items():
                     seconds[way].append(run_way())
             for way, times in seconds.items():
                 results[f"{way}_{dtype_name}_batch{batch}_tokens_per_s"] = (
                     batch * sizes.decode_tokens / float(np.median(times)))
+            measured(results)
     if transformers is None:
         results["transformers"] = "not installed"
     return results
@@ -778,29 +819,45 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
     # Compiling costs minutes on a CPU: there only with --compile.
     modes = {"eager": False, **({"compiled": True} if device.type == "cuda" or args.compile else {})}
     tokens = sizes.block_size * sizes.batch_size
-    training = {}
-    for mode, compile in modes.items():
-        pico_row = pico_gpt2_training(sizes, device, dtype, compile)
-        flops_per_token = pico_row.pop("flops_per_token")
-        training[f"pico_{mode}"] = with_mfu(pico_row, tokens, flops_per_token, ceiling, peak)
-        note(f"pico-llm {mode} training")
-        if nanogpt is not None:
-            training[f"nanogpt_{mode}"] = with_mfu(
-                nanogpt_training(nanogpt, sizes, device, dtype, compile), tokens, flops_per_token,
-                ceiling, peak)
-            training[f"pico_vs_nanogpt_{mode}"] = (training[f"pico_{mode}"]["tokens_per_s"]
-                                                   / training[f"nanogpt_{mode}"]["tokens_per_s"])
-            note(f"nanoGPT {mode} training")
-    decoding = gpt2_decoding(sizes, device)
-    note("decoding")
+    training, decoding = {}, {}
     report = {"kind": "gpt2_benchmark",
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "quick": args.quick, "dtype": dtype, "environment": pico.environment_info(device),
               "sizes": dataclasses.asdict(sizes),
               "datasheet_bf16_peak_tflops": peak if peak is not None else "unknown peak",
               "matmul_ceiling_gflops": ceiling, "matmul_ceiling_dtype": dtype,
-              "training": training, "decoding": decoding,
-              "elapsed_s": time.perf_counter() - started}
+              "training": training, "decoding": decoding}
+
+    def save() -> None:      # after each measurement: a run cut short keeps what it measured
+        pico.atomic_write_json(out_path, {**report, "elapsed_s": time.perf_counter() - started})
+    profile = (lambda who, mode: Path(args.profile) / f"profile_{who}_{mode}.txt") if args.profile \
+        else (lambda who, mode: None)
+    for mode, compile in modes.items():
+        try:
+            pico_row = pico_gpt2_training(sizes, device, dtype, compile, profile("pico", mode))
+        except Exception as error:   # noqa: BLE001  a failed configuration is a result too
+            training[f"pico_{mode}"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            note(f"pico-llm {mode} training failed: {error}")
+            continue
+        flops_per_token = pico_row.pop("flops_per_token")
+        training[f"pico_{mode}"] = with_mfu(pico_row, tokens, flops_per_token, ceiling, peak)
+        note(f"pico-llm {mode} training")
+        save()
+        if nanogpt is not None:
+            training[f"nanogpt_{mode}"] = with_mfu(
+                nanogpt_training(nanogpt, sizes, device, dtype, compile, profile("nanogpt", mode)),
+                tokens, flops_per_token, ceiling, peak)
+            training[f"pico_vs_nanogpt_{mode}"] = (training[f"pico_{mode}"]["tokens_per_s"]
+                                                   / training[f"nanogpt_{mode}"]["tokens_per_s"])
+            note(f"nanoGPT {mode} training")
+            save()
+    def measured(results: dict) -> None:
+        decoding.update(results)
+        note("decoding, one batch size")
+        save()
+
+    decoding.update(gpt2_decoding(sizes, device, measured, note))
+    report["elapsed_s"] = time.perf_counter() - started
     return publish(report, gpt2_table(report), out_path)
 
 
@@ -811,14 +868,18 @@ def gpt2_table(report: dict) -> str:
              f"on {report['environment']['device_name']}; matmul ceiling "
              f"{report['matmul_ceiling_gflops']:,.0f} GFLOP/s; datasheet peak "
              + (f"{peak:g} TFLOP/s" if isinstance(peak, float) else peak),
-             f"{'training':<18} {'tokens/s':>10} {'MFU/ceiling':>12} {'MFU/peak':>9} {'peak GB':>8}"]
+             f"{'training':<18} {'tokens/s':>10} {'MFU/ceiling':>12} {'MFU/peak':>9} {'peak GB':>8} "
+             f"{'1st step s':>10}"]
     for name, row in report["training"].items():
-        if isinstance(row, dict):
+        if isinstance(row, dict) and "error" in row:
+            lines.append(f"{name:<18} failed: {row['error']}")
+        elif isinstance(row, dict):
             vs_peak = row["mfu_vs_datasheet_peak"]
             memory = row["peak_memory_gb"]
             lines.append(f"{name:<18} {row['tokens_per_s']:>10,.0f} {row['mfu_vs_measured_ceiling']:>12.1%} "
                          + (f"{vs_peak:>9.1%}" if vs_peak is not None else f"{'-':>9}")
-                         + (f" {memory:>8.1f}" if memory is not None else f" {'-':>8}"))
+                         + (f" {memory:>8.1f}" if memory is not None else f" {'-':>8}")
+                         + f" {row['first_step_s']:>10.1f}")
     lines.append("decoding, tokens/s: " + ", ".join(
         f"{key.removesuffix('_tokens_per_s')} {value:,.0f}"
         for key, value in report["decoding"].items() if key.endswith("_tokens_per_s")))
@@ -844,6 +905,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "decoding against transformers' generate); for GPUs")
     parser.add_argument("--nanogpt_dir", default=None,
                         help="with --gpt2: a nanoGPT checkout whose model.py is timed beside pico-llm")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="with --gpt2: also write a torch.profiler table of each training step "
+                             "there (profile_<who>_<mode>.txt)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--quiet", action="store_true", help="no progress notes")
     return parser

@@ -10,11 +10,14 @@
 # Steps, run in the order STEPS names them (STEPS="benchmark gptoss tests" by default):
 #   benchmark  tools/benchmark.py --gpt2: GPT-2 small training eager/compiled (tokens/s, MFU,
 #              peak memory; nanoGPT too with NANOGPT_DIR), decoding against transformers
-#              -> gpt2_benchmark.json, benchmark.log
+#              -> gpt2_benchmark.json, benchmark.log, profile_<who>_<mode>.txt (torch.profiler)
 #   gptoss     GPT-oss, 40 steps eager then with --compile -> gptoss_eager.json,
-#              gptoss_compiled.json (run logs: train time, losses), gptoss_*.log
+#              gptoss_compiled.json (run logs: train time, losses), gptoss_*.log (with
+#              graph breaks and recompilations logged)
 #   tests      the tests marked cuda -> cuda_tests.log
-#   suite      (not by default: minutes) the fast suite with CUDA present -> fast_suite.log
+#   suite      (not by default: minutes) the fast suite with CUDA present, in SUITE_WORKERS
+#              processes (12) where pytest-xdist is installed, each test under TEST_TIMEOUT
+#              seconds (90) where pytest-timeout is -> fast_suite.log, one line per test
 # summary.txt gets one line per step: name, exit status (124 = timed out), seconds.
 # Limits in seconds: BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT (90),
 # GPTOSS_COMPILED_TIMEOUT (200), TESTS_TIMEOUT (240), SUITE_TIMEOUT (900).
@@ -68,14 +71,14 @@ for step in $STEPS; do
             if [ -n "${NANOGPT_DIR:-}" ]; then NANOGPT=(--nanogpt_dir "$NANOGPT_DIR"); fi
             run_step benchmark "${BENCHMARK_TIMEOUT:-360}" benchmark.log \
                 python tools/benchmark.py --gpt2 "${QUICK[@]}" --device_id "$DEVICE" \
-                --output "$OUT/gpt2_benchmark.json" "${NANOGPT[@]}" ;;
+                --output "$OUT/gpt2_benchmark.json" --profile "$OUT" "${NANOGPT[@]}" ;;
         gptoss)
             for mode in eager compiled; do
                 COMPILE=()
                 limit="${GPTOSS_EAGER_TIMEOUT:-90}"
                 if [ "$mode" = compiled ]; then COMPILE=(--compile); limit="${GPTOSS_COMPILED_TIMEOUT:-200}"; fi
                 run_step "gptoss_$mode" "$limit" "gptoss_$mode.log" \
-                    python pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
+                    env TORCH_LOGS="${TORCH_LOGS:-graph_breaks,recompiles}" python pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
                     --transformer_variant GPT-oss "${GPTOSS_SIZE[@]}" --epochs 1 --max_new_tokens 8 \
                     --device_id "$DEVICE" --quiet --artefacts_dir "$OUT/gptoss" \
                     --cache_dir "$OUT/gptoss/cache" --run_name "gptoss_$mode" "${COMPILE[@]}"
@@ -87,8 +90,14 @@ for step in $STEPS; do
             run_step tests "${TESTS_TIMEOUT:-240}" cuda_tests.log \
                 python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider ;;
         suite)
+            PARALLEL=()
+            if python -c "import xdist" 2>/dev/null; then PARALLEL+=(-n "${SUITE_WORKERS:-12}"); fi
+            if python -c "import pytest_timeout" 2>/dev/null; then
+                PARALLEL+=(--timeout "${TEST_TIMEOUT:-90}")
+            fi
             run_step suite "${SUITE_TIMEOUT:-900}" fast_suite.log \
-                python -m pytest -q -m "not slow and not cuda" -p no:cacheprovider ;;
+                env OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" python -m pytest -v -m "not slow and not cuda" \
+                -p no:cacheprovider --durations 25 "${PARALLEL[@]}" ;;
         *) echo "gpu_checks.sh: unknown step $step" >&2; exit 2 ;;
     esac
 done
