@@ -995,13 +995,13 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
                         ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
                         rope_theta=500000.0, tie_weights=False),
-    # The pico preset with the nanoGPT speedrun's building blocks: QK-norm, which helped alone in
-    # section 7's recipe sweep, and soft-capping, value embeddings and U-net skips, which helped
-    # in a first run of it and were within noise in the committed one (ReLU² and zero-initialised
-    # projections did not help). Train it with --optimizer muon, as the speedrun does.
+    # The pico preset with what helped of the nanoGPT speedrun's building blocks, trained as the
+    # preset is, with --optimizer muon (the idea that helped most in section 7's recipe sweep):
+    # QK-norm, 0.25 bits per byte lower held-out loss after 600 steps there; ReLU² and value
+    # embeddings, which helped alone on the nanoGPT recipe, added nothing on top of it
+    # (tools/recipe_ablation.py; docs/performance.md). The other blocks stay switches.
     "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
-                     pos_emb="rope", tie_weights=False, qk_norm=True, value_embeddings=True,
-                     unet_skips=True, logit_softcap=15.0),
+                     pos_emb="rope", tie_weights=True, qk_norm=True),
 }
 
 
@@ -3314,9 +3314,14 @@ def sweep_data(config: Config, tokenizer, num_train: int | None = None) -> Train
     return data
 
 
-def with_step_budget(config: Config, data: TrainingData, steps: int) -> Config:
-    """Epochs and steps per epoch that add up to about `steps` optimizer steps."""
+def with_step_budget(config: Config, data: TrainingData, steps: int,
+                     evaluations: int | None = None) -> Config:
+    """Epochs and steps per epoch that add up to about `steps` optimizer steps; with
+    `evaluations`, epochs short enough (a random share of a pass each) that the test set is
+    scored at least that many times, on a corpus that one run does not read through."""
     per_epoch = data.steps_per_epoch(config.training.batch_size, None)
+    if evaluations:
+        per_epoch = min(per_epoch, max(1, math.ceil(steps / evaluations)))
     return with_flags(config, epochs=max(1, round(steps / per_epoch)),
                       max_steps_per_epoch=min(per_epoch, steps))
 
@@ -3630,7 +3635,7 @@ def sweep_attention(log: SweepLog, base, scale, device, tokenizer) -> None:
 # The recipe sweep's points: the nanoGPT recipe at the pico shape (GPT-2's LayerNorm, learned
 # positions, GELU MLP and tied output layer; no biases, nanoGPT's better option; AdamW), each
 # idea of the nanoGPT speedrun added to it alone, the pico preset (RMSNorm, RoPE, SwiGLU), and
-# the speedrun preset trained with Muon: everything together.
+# the speedrun preset (the pico preset with QK-norm) trained with Muon: what helped, together.
 NANOGPT_RECIPE = {"ffn": "gelu", "norm": "layernorm", "pos_emb": "learned", "tie_weights": True}
 RECIPE_SWEEP_POINTS = {
     "nanoGPT recipe": NANOGPT_RECIPE,
@@ -3647,6 +3652,7 @@ RECIPE_SWEEP_POINTS = {
 # Per sweep scale: training seconds per point, and the steps of each of the two short runs
 # that measure each point's speed.
 RECIPE_BUDGETS = {"full": (30.0, 20), "tiny": (0.5, 2)}
+RECIPE_EVALUATIONS = 8   # at least this many points on each held-out curve
 
 
 def train_time_s(history_entry: dict) -> float:
@@ -3661,7 +3667,10 @@ def sweep_recipe(log: SweepLog, base, scale, device, tokenizer) -> None:
     times (each run's first 3 steps left out as warm-up; the mean, not the median, because a
     loaded machine's rare slow steps count in a run's time too). Each point then trains for as many
     steps as the budget allows at its speed, evaluating on the held-out text after every pass
-    over the training text: its curve of held-out loss against training seconds and steps."""
+    over the training text, or more often on a corpus too large for a pass to fit the budget
+    (RECIPE_EVALUATIONS): its curve of held-out loss against training seconds and steps. The
+    shipped 26 KB of text is read many times over in the budget on a fast machine, so the ideas'
+    effects mix with overfitting; docs/performance.md runs it on a larger running text."""
     seconds, calibration_steps = RECIPE_BUDGETS[scale.name]
     config = with_flags(base, test_fraction=scale.test_fraction, data_format="stream")
     data = sweep_data(config, tokenizer)
@@ -3679,7 +3688,8 @@ def sweep_recipe(log: SweepLog, base, scale, device, tokenizer) -> None:
     for label, (settings, point) in points.items():
         seconds_per_step = statistics.fmean(step_times[label])
         steps = max(1, round(seconds / seconds_per_step))
-        _, record = train_sweep_model(label, "transformer", with_step_budget(point, data, steps),
+        _, record = train_sweep_model(label, "transformer",
+                                      with_step_budget(point, data, steps, RECIPE_EVALUATIONS),
                                       device, tokenizer, data)
         times = {h["step"]: train_time_s(h) for h in record["history"]}
         curve = [{"step": test["step"], "train_time_s": round(times[test["step"]], 3),
@@ -4242,8 +4252,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="chunked: the output layer's loss a chunk of positions at a time, "
                             "never building all logits (Appendix A); fused: PyTorch's "
                             "cross-entropy kernel (Appendix A); plain: section 3's written-out "
-                            "cross-entropy on the model's logits; auto: chunked on a CPU, fused "
-                            "on a GPU. Same values")
+                            "cross-entropy on the model's logits; auto: chunked on a CPU for a "
+                            "vocabulary of 1024 or more, fused otherwise. Same values")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                        help="training precision: bf16 autocast or fp32 (default: bfloat16 on "
                             "CUDA, float32 elsewhere)")
@@ -4891,8 +4901,8 @@ LOSS_KINDS = ("auto", "chunked", "fused", "plain")
 class SpeedConfig:
     """Which kernels and which loss implementation training uses."""
 
-    loss: str = "auto"             # auto: chunked on a CPU, fused on a GPU | chunked | fused
-                                   # (this appendix) | plain (section 3)
+    loss: str = "auto"             # auto (loss_kind) | chunked | fused (this appendix) | plain
+                                   # (section 3)
     cpu_matmul: str = "onednn"     # onednn | torch, for float32 linears on the CPU
     compile: bool = False          # torch.compile the model, with its loss on GPUs (compile_for_training)
 
@@ -4904,9 +4914,9 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
     With cpu_matmul "onednn" on a CPU (and a PyTorch build that has oneDNN's op), the
     model's nn.Linear layers become FastLinear in place: same parameters, same
     state_dict, products through oneDNN; and the C allocator keeps freed memory for
-    reuse. Nothing changes on a GPU except the loss (loss "auto": PyTorch's fused
-    cross-entropy, FusedNextTokenLoss), and with speed.compile the model and loss are
-    compiled together (compile_for_training)."""
+    reuse. The loss "auto" is the chunked one or PyTorch's fused cross-entropy
+    (FusedNextTokenLoss), as loss_kind says. Nothing else changes on a GPU, and with
+    speed.compile the model and loss are compiled together (compile_for_training)."""
     onednn = speed.cpu_matmul == "onednn" and device.type == "cpu" and onednn_available()
     if onednn:
         keep_freed_memory()
@@ -4917,19 +4927,29 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
         problem = compile_unavailable(device)
         if problem:
             raise UserError(f"--compile cannot run here: {problem}; drop --compile")
-        compiled_loss = compile_for_training(model, device, loss_kind(speed.loss, device))
+        kind = loss_kind(speed.loss, device, getattr(model, "vocab_size", None))
+        compiled_loss = compile_for_training(model, device, kind)
         if compiled_loss is not None:
             return compiled_loss
-    return LOSS_MODULES[loss_kind(speed.loss, device)](model)
+    return LOSS_MODULES[loss_kind(speed.loss, device, getattr(model, "vocab_size", None))](model)
 
 
-def loss_kind(requested: str, device: torch.device) -> str:
-    """--loss auto: the chunked loss on a CPU (it spares memory and does the output layer's
-    gradient in the same pass), PyTorch's fused kernel on a GPU (where the logits fit and the
-    pass count, not the arithmetic, is what costs)."""
+# Below this vocabulary the chunked loss costs a CPU more than it saves (measured at nanoGPT's
+# character-level shape: PyTorch's loss 6% faster a step with 257 tokens, the chunked one 3%
+# faster with 2048 and 12% with GPT-2's 50257; docs/performance.md).
+CHUNKED_LOSS_MIN_VOCAB = 1024
+
+
+def loss_kind(requested: str, device: torch.device, vocab_size: int | None) -> str:
+    """--loss auto: on a CPU the chunked loss for a large vocabulary (it spares the memory of
+    the logits and does the output layer's gradient in the same pass), PyTorch's fused kernel
+    for a small one; on a GPU always the fused kernel (the logits fit, and the passes over
+    them, not the arithmetic, are what costs). vocab_size None (a module that is no whole
+    model) counts as large."""
     if requested != "auto":
         return requested
-    return "chunked" if device.type == "cpu" else "fused"
+    chunked = device.type == "cpu" and (vocab_size is None or vocab_size >= CHUNKED_LOSS_MIN_VOCAB)
+    return "chunked" if chunked else "fused"
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> str:

@@ -188,15 +188,19 @@ def test_a_checkpoint_that_would_run_code_is_refused(run_main, tmp_path, writer,
 
 
 def nan_on_training_call(pico, monkeypatch, bad_call: int):
-    """Make the loss of the bad_call-th training forward pass NaN."""
-    real_forward, calls = pico.ChunkedNextTokenLoss.forward, []
+    """Make the loss of the bad_call-th training forward pass NaN (whichever loss module
+    Appendix A's loss_kind chose)."""
+    calls = []
 
-    def forward(self, inputs, targets, position_weights):
-        value = real_forward(self, inputs, targets, position_weights)
-        calls.append(1)
-        return value * float("nan") if len(calls) == bad_call else value
+    def nan_at_bad_call(real_forward):
+        def forward(self, inputs, targets, position_weights):
+            value = real_forward(self, inputs, targets, position_weights)
+            calls.append(1)
+            return value * float("nan") if len(calls) == bad_call else value
+        return forward
 
-    monkeypatch.setattr(pico.ChunkedNextTokenLoss, "forward", forward)
+    for loss_class in (pico.ChunkedNextTokenLoss, pico.FusedNextTokenLoss):
+        monkeypatch.setattr(loss_class, "forward", nan_at_bad_call(loss_class.forward))
 
 
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pico, run_main, tmp_path,

@@ -363,15 +363,15 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(pico, tmp_pat
 SMALL_PRESETS = {"pico": {}, "minGPT": dict(d_model=48, n_blocks=2),
                  "GPT2-small": dict(d_model=48, n_blocks=2, d_ff=192),
                  "GPT-oss": dict(d_model=64, n_blocks=4, d_ff=64, sliding_window=5),
-                 "Llama3-lite": dict(d_model=64, n_blocks=2)}
+                 "Llama3-lite": dict(d_model=64, n_blocks=2), "speedrun": {}}
 
 
 @pytest.mark.parametrize("preset", SMALL_PRESETS)
 def test_every_preset_exports(pico, tmp_path, preset):
-    """Each preset in miniature (its structure kept): GPT-2, Llama or GPT-oss in transformers.
-    All but speedrun, whose value embeddings and U-net skips no transformers class computes
-    (its export is refused: test_export_refuses_settings_transformers_has_no_class_for)."""
-    assert set(SMALL_PRESETS) | {"speedrun"} == set(pico.TRANSFORMER_PRESETS)
+    """Each preset in miniature (its structure kept): GPT-2, Llama, Qwen3 (speedrun: QK-norm) or
+    GPT-oss in transformers. (Value embeddings and U-net skips, which no transformers class
+    computes, are refused: test_export_refuses_settings_transformers_has_no_class_for.)"""
+    assert set(SMALL_PRESETS) == set(pico.TRANSFORMER_PRESETS)
     torch.manual_seed(0)
     config = pico.TransformerConfig(vocab_size=257, block_size=32, **(
         pico.TRANSFORMER_PRESETS[preset] | SMALL_PRESETS[preset] | dict(dropout=0.0)))

@@ -90,11 +90,15 @@ def test_fused_loss_equals_the_written_out_loss(pico, name):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_loss_auto_is_chunked_on_a_cpu_and_fused_on_a_gpu(pico):
-    model = tiny_model(pico, "transformer")
-    assert type(pico.speed_up(model, pico.SpeedConfig(), torch.device("cpu"))) is pico.ChunkedNextTokenLoss
-    assert pico.loss_kind("auto", torch.device("cuda")) == "fused"
-    assert pico.loss_kind("plain", torch.device("cuda")) == "plain"
+def test_loss_auto_is_chunked_on_a_cpu_for_a_large_vocabulary_and_fused_otherwise(pico):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    large = tiny_model(pico, "transformer", vocab_size=pico.CHUNKED_LOSS_MIN_VOCAB)
+    small = tiny_model(pico, "transformer", vocab_size=pico.CHUNKED_LOSS_MIN_VOCAB - 1)
+    assert type(pico.speed_up(large, pico.SpeedConfig(), cpu)) is pico.ChunkedNextTokenLoss
+    assert type(pico.speed_up(small, pico.SpeedConfig(), cpu)) is pico.FusedNextTokenLoss
+    assert pico.loss_kind("auto", cuda, 50257) == "fused"
+    assert pico.loss_kind("plain", cuda, 50257) == "plain"
+    assert pico.loss_kind("chunked", cpu, 10) == "chunked"
     assert set(pico.LOSS_MODULES) | {"auto"} == set(pico.LOSS_KINDS)
 
 

@@ -252,6 +252,17 @@ def test_recipe_sweep_trains_every_recipe_for_the_same_time_with_a_curve(pico, r
     assert points["speedrun preset + Muon"]["settings"]["transformer_variant"] == "speedrun"
 
 
+def test_recipe_ablation_tool_trains_each_variant_on_the_given_text(tiny_corpus, capsys):
+    from pico_module import load_script
+    from conftest import TOOLS
+    ablation = load_script(TOOLS / "recipe_ablation.py", "recipe_ablation")
+    assert ablation.main(["--input_dir", str(tiny_corpus.parent), "--steps", "4",
+                          "--sweep_scale", "tiny"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "held-out bits per byte" in line]
+    assert [line.split(":")[0] for line in lines] == list(ablation.VARIANTS)
+    assert all(line.count(" after ") >= 2 for line in lines)
+
+
 def test_architectures_sweep_logs_expert_usage_and_the_presets_attention(pico, run_main, tmp_path,
                                                                          tiny_corpus):
     status, _, err = run_main("--sweep", "architectures", "--sweep_scale", "tiny",

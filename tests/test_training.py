@@ -249,6 +249,7 @@ def test_muon_matches_the_published_update_and_adamw_for_the_rest(pico):
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(pico, configure):
     config = configure("--transformer_variant", "speedrun", "--d_model", "32", "--n_heads", "2",
+                       "--value_embeddings", "true", "--unet_skips", "true", "--tie_weights", "false",
                        "--optimizer", "muon")
     model = pico.build_model(config.models.transformer, 50, seed=0)
     optimizer = pico.build_optimizer(model, config.training, torch.device("cpu"))

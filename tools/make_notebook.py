@@ -672,8 +672,7 @@ The nanoGPT recipe at the pico shape (LayerNorm, learned positions, a GELU MLP, 
 layer, AdamW), each idea of the nanoGPT speedrun added to it alone (QK-norm, a ReLU² MLP, logit
 soft-capping, zero-initialised output projections, value embeddings, U-net skips, the Muon
 optimizer), the pico preset (RMSNorm, RoPE, SwiGLU), and the `speedrun` preset (the pico preset
-with QK-norm, soft-capping, value embeddings, U-net skips and an untied output layer) trained
-with Muon. Every recipe trains for about the same number of seconds on running text (its steps
+with QK-norm, the block that helped on top of it with Muon) trained with Muon. Every recipe trains for about the same number of seconds on running text (its steps
 set from its speed measured beforehand, so a slower step buys fewer steps; on a shared machine
 the speed drifts, so the table also compares every recipe after the shortest run's time) and is
 evaluated on the held-out text after every pass. The figure plots held-out bits per byte against
