@@ -4882,15 +4882,17 @@ def exit_process(status: int) -> None:
 #   - the C allocator told to keep freed memory, so large per-step buffers do not
 #     fault their pages in again every step;
 #   - the chunked linear cross-entropy, which never builds the (positions x vocab)
-#     logits and computes the output layer's gradient during the forward pass.
+#     logits and computes the output layer's gradient during the forward pass
+#     (for a vocabulary under 1024, PyTorch's fused cross-entropy: `loss_kind`).
 # `--loss plain --cpu_matmul torch` gives Part I's plain path; the tests check
 # that both give the same losses and gradients to float32 rounding.
 # On a GPU, what matters is different: passes over memory, launches and host syncs,
-# not arithmetic. The loss is PyTorch's fused cross-entropy (two passes over the
-# logits where the written-out formula makes six); `--compile` compiles model,
-# output layer and loss in one region (with static-shape experts and
-# real-arithmetic RoPE, which compilers need); and generation goes through
-# `decoding_model`: static-shape caches replayed as one CUDA graph a token.
+# not arithmetic. The loss is PyTorch's fused cross-entropy (a kernel forward and
+# one backward, where the written-out formula makes a pass per operation);
+# `--compile` compiles model, output layer and loss in one region (with
+# static-shape experts and real-arithmetic RoPE, which compilers need); and
+# generation goes through `decoding_model`: static-shape caches replayed as one
+# CUDA graph a token.
 # Each is tested equal to Part I. Measurements: docs/performance.md.
 
 CPU_MATMUL_KERNELS = ("onednn", "torch")
