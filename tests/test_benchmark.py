@@ -4,6 +4,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -229,3 +230,27 @@ def test_gpu_checks_runs_every_step_at_tiny_size_on_the_cpu(pico, tmp_path):
     eager, compiled = ([h["train_loss"] for h in pico.load_runlog(out / f"gptoss_{mode}.json")
                         ["models"]["transformer"]["history"]] for mode in ("eager", "compiled"))
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+COMPILE_PRESETS = REPO / "tools" / "compile_presets.py"
+
+
+def test_compile_presets_refuses_an_unknown_config(tmp_path):
+    result = subprocess.run([sys.executable, str(COMPILE_PRESETS), "--configs", "pico,GPT-5",
+                             "--output", str(tmp_path / "out.json")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "GPT-5" in result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.slow
+def test_compile_presets_times_compiled_against_eager_at_tiny_size(tmp_path):
+    """The GPU tool at tiny size on the CPU: both runs of a preset finish, and the report has
+    the compilation's seconds and the compiled/eager speed ratio."""
+    result = subprocess.run([sys.executable, str(COMPILE_PRESETS), "--tiny", "--device_id", "cpu",
+                             "--steps", "6", "--configs", "pico", "--output", str(tmp_path / "out.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    row = json.loads((tmp_path / "out.json").read_text())["rows"]["pico"]
+    assert row["eager"]["steps"] == row["compiled"]["steps"] == 6
+    assert row["compile_s"] > 0 and row["compiled_vs_eager"] > 0

@@ -14,13 +14,17 @@
 #   gptoss     GPT-oss, 40 steps eager then with --compile -> gptoss_eager.json,
 #              gptoss_compiled.json (run logs: train time, losses), gptoss_*.log (with
 #              graph breaks and recompilations logged)
+#   presets    (not by default: minutes) tools/compile_presets.py: --compile against eager for
+#              every preset and attention kind, compilation seconds and steady tokens/s
+#              -> compile_presets.json, compile_presets.log
 #   tests      the tests marked cuda -> cuda_tests.log
 #   suite      (not by default: minutes) the fast suite with CUDA present, in SUITE_WORKERS
 #              processes (12) where pytest-xdist is installed, each test under TEST_TIMEOUT
 #              seconds (90) where pytest-timeout is -> fast_suite.log, one line per test
 # summary.txt gets one line per step: name, exit status (124 = timed out), seconds.
 # Limits in seconds: BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT (90),
-# GPTOSS_COMPILED_TIMEOUT (200), TESTS_TIMEOUT (240), SUITE_TIMEOUT (900).
+# GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run 150), TESTS_TIMEOUT (240),
+# SUITE_TIMEOUT (900).
 set -u
 
 TINY=0
@@ -29,7 +33,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
         --device) DEVICE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         -*) echo "gpu_checks.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -86,6 +90,10 @@ for step in $STEPS; do
                     cp "$OUT/gptoss/gptoss_$mode.json" "$OUT/gptoss_$mode.json"
                 fi
             done ;;
+        presets)
+            run_step presets "${PRESETS_TIMEOUT:-540}" compile_presets.log \
+                python tools/compile_presets.py --device_id "$DEVICE" --output "$OUT/compile_presets.json" \
+                "${QUICK[@]/--quick/--tiny}" ;;
         tests)
             run_step tests "${TESTS_TIMEOUT:-240}" cuda_tests.log \
                 python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider ;;

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""--compile against eager for every preset and attention kind: how long compilation takes
+(the first step's extra seconds) and the steady training speed each way, through pico-llm's
+own command line. For a GPU, where --compile is meant to pay:
+
+    python tools/compile_presets.py --device_id cuda:0 --output OUT.json     # a few minutes
+    python tools/compile_presets.py --tiny --device_id cpu --output OUT.json  # how it is tested
+
+Each run is a fresh process under its own time limit (--timeout), so that one slow compilation
+costs only its own row. From each run log's per-step history: the first step's seconds, and
+tokens/s over the steps after the first `--steps // 4` (the steady state). Writes a JSON report
+(atomically) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pico_module import PICO_PATH, load_pico
+
+# Every preset, and the attention kinds on the default preset.
+CONFIGS = {
+    "pico": ["--transformer_variant", "pico"],
+    "minGPT": ["--transformer_variant", "minGPT"],
+    "GPT2-small": ["--transformer_variant", "GPT2-small"],
+    "GPT-oss": ["--transformer_variant", "GPT-oss"],
+    "Llama3-lite": ["--transformer_variant", "Llama3-lite"],
+    "speedrun": ["--transformer_variant", "speedrun"],
+    "pico linear": ["--transformer_variant", "pico", "--attention", "linear"],
+    "pico gated_linear": ["--transformer_variant", "pico", "--attention", "gated_linear"],
+}
+TINY = ["--d_model", "32", "--n_heads", "2", "--n_kv_heads", "1", "--n_blocks", "1", "--d_ff", "32",
+        "--block_size", "16", "--batch_size", "2"]
+
+
+def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
+    """One training run of `args.steps` steps; its timings, or why there are none."""
+    label = f"{name.replace(' ', '_')}_{'compiled' if compile else 'eager'}"
+    command = [sys.executable, str(PICO_PATH), "--models", "transformer", *flags,
+               "--input_files", str(Path(PICO_PATH).parent / "3seqs.txt"), "--tokenizer", "char",
+               "--epochs", "1", "--max_steps_per_epoch", str(args.steps), "--max_new_tokens", "4",
+               "--device_id", args.device_id, "--quiet", "--run_name", label,
+               "--artefacts_dir", str(work), "--cache_dir", str(work / "cache"),
+               "--batch_size", str(args.batch_size), *(TINY if args.tiny else []),
+               *(["--compile"] if compile else [])]
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"not finished in {args.timeout} s"}
+    if result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
+        return {"error": f"exit {result.returncode}: {lines[-1][:300]}"}
+    history = json.loads((work / f"{label}.json").read_text())["models"]["transformer"]["history"]
+    warm = max(1, args.steps // 4)
+    steady = history[warm:]
+    tokens = steady[-1]["tokens_seen"] - history[warm - 1]["tokens_seen"]
+    seconds = steady[-1]["elapsed_s"] - history[warm - 1]["elapsed_s"]
+    return {"first_step_s": history[0]["elapsed_s"], "steady_tokens_per_s": tokens / max(seconds, 1e-9),
+            "steps": len(history), "process_s": time.perf_counter() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device_id", default="auto")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds for each run")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="comma-separated names among: " + ", ".join(CONFIGS))
+    parser.add_argument("--tiny", action="store_true", help="tiny widths (seconds; the tests)")
+    parser.add_argument("--output", required=True, help="where the JSON report goes")
+    args = parser.parse_args(argv)
+    names = args.configs.split(",")
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {', '.join(unknown)}")
+    pico = load_pico()
+    report = {"kind": "compile_presets", "device_id": args.device_id, "steps": args.steps,
+              "batch_size": args.batch_size, "tiny": args.tiny, "rows": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for name in names:
+            row = {mode: run(name, CONFIGS[name], mode == "compiled", args, Path(work))
+                   for mode in ("eager", "compiled")}
+            eager, compiled = row["eager"], row["compiled"]
+            if "error" not in eager and "error" not in compiled:
+                row["compile_s"] = compiled["first_step_s"] - eager["first_step_s"]
+                row["compiled_vs_eager"] = (compiled["steady_tokens_per_s"]
+                                            / eager["steady_tokens_per_s"])
+            report["rows"][name] = row
+            pico.atomic_write_json(Path(args.output), report)     # a cut-short run keeps its rows
+            print(f"{name:<18} " + (
+                f"compile {row['compile_s']:6.1f} s, eager {eager['steady_tokens_per_s']:>10,.0f} "
+                f"tokens/s, compiled {compiled['steady_tokens_per_s']:>10,.0f} ({row['compiled_vs_eager']:.2f}x)"
+                if "compile_s" in row else
+                f"eager: {eager.get('error', 'ok')}; compiled: {compiled.get('error', 'ok')}"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
