@@ -1460,11 +1460,12 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
 
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   rule: SamplingRule = SamplingRule(), *, seed: int | None = None,
-                  use_cache: bool = True, device: torch.device | str = "cpu") -> Generation:
-    """Continue `prompt` with the model; one path for every model."""
+                  use_cache: bool = True, device: torch.device | str = "cpu",
+                  compile: bool = False) -> Generation:
+    """Continue `prompt` with the model; one path for every model. compile: see decoding_model."""
     prompt_ids = tokenizer.encode(prompt)
     # Appendix A's static decoder (CUDA graphs) on a GPU; the model itself elsewhere
-    ids = generate_ids(decoding_model(model, device), prompt_ids, max_new_tokens, rule,
+    ids = generate_ids(decoding_model(model, device, compile), prompt_ids, max_new_tokens, rule,
                        eot_id=tokenizer.eot_id, seed=seed, use_cache=use_cache, device=device)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
     new_text = tokenizer.decode(new_ids)
@@ -4772,7 +4773,7 @@ def run_generation(config: Config) -> int:
     speed_up(model, config.speed, device)   # generation uses the fast kernels too
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
     sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
-                           seed=sampling.seed, device=device)
+                           seed=sampling.seed, device=device, compile=config.speed.compile)
     print(sample.text)
     return 0
 
@@ -5596,15 +5597,17 @@ class StaticDecoder(nn.Module):
         return self.logits
 
 
-def decoding_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+def decoding_model(model: nn.Module, device: torch.device | str, compile: bool = False) -> nn.Module:
     """Generation's one entry to this appendix: on a GPU, a softmax-attention Transformer decodes
-    through a StaticDecoder with CUDA graphs, in bf16 when the GPU supports it; every other
-    model and device gets the model itself (Part I's forward_incremental)."""
+    through a StaticDecoder with CUDA graphs, in bf16 when the GPU supports it, its step compiled
+    first with `compile` (--compile with --generate: seconds of compilation, then about 1.3x the
+    tokens/s, docs/performance.md); every other model and device gets the model itself (Part I's
+    forward_incremental)."""
     device = torch.device(device)
     if device.type != "cuda" or not StaticDecoder.supports(model):
         return model
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return StaticDecoder(model, dtype=dtype, graphs=True)
+    return StaticDecoder(model, dtype=dtype, graphs=True, compile=compile)
 
 
 # =============================================================================

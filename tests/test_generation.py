@@ -172,6 +172,21 @@ def test_static_decoder_leaves_the_model_and_global_random_state_alone(pico, mod
     assert {p.dtype for p in decoder.parameters()} == {torch.bfloat16}
 
 
+def test_decoding_model_on_a_gpu_is_the_graph_decoder_compiled_when_asked(pico, models, monkeypatch):
+    """What decoding_model builds for CUDA (the decoder itself is tested on a GPU in test_cuda):
+    the CUDA-graph StaticDecoder, its step compiled only with compile (--generate --compile)."""
+    built = []
+    monkeypatch.setattr(pico, "StaticDecoder", type("Recorder", (), {
+        "supports": staticmethod(lambda model: True),
+        "__init__": lambda self, model, **kwargs: built.append(kwargs)}))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    model = next(iter(models.values()))
+    pico.decoding_model(model, "cuda")
+    pico.decoding_model(model, "cuda", compile=True)
+    assert built == [dict(dtype=torch.bfloat16, graphs=True, compile=False),
+                     dict(dtype=torch.bfloat16, graphs=True, compile=True)]
+
+
 def test_decoding_model_is_the_model_itself_off_the_gpu(pico, models):
     for model in models.values():
         assert pico.decoding_model(model, "cpu") is model
