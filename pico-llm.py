@@ -41,7 +41,7 @@ Contents (the section banners below carry the same numbers):
        7.3 interpretability
     8. The command line and main()
   Part III. Appendices
-    A. Speed (oneDNN linears, freed memory kept, the chunked output-layer loss):
+    A. Speed (oneDNN linears, freed memory kept, the chunked or fused loss):
        A.1 compiled training (static shapes, real numbers), A.2 decoding on a GPU
        (static shapes, CUDA graphs)
     B. Fault tolerance (checkpoints, exact resume, signals, non-finite steps,
@@ -995,11 +995,9 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
                         ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
                         rope_theta=500000.0, tie_weights=False),
-    # The pico preset with what helped of the nanoGPT speedrun's building blocks, trained as the
-    # preset is, with --optimizer muon (the idea that helped most in section 7's recipe sweep):
-    # QK-norm, 0.25 bits per byte lower held-out loss after 600 steps there; ReLU² and value
-    # embeddings, which helped alone on the nanoGPT recipe, added nothing on top of it
-    # (tools/recipe_ablation.py; docs/performance.md). The other blocks stay switches.
+    # The pico preset with the speedrun block that helped on it under --optimizer muon (the idea
+    # that helped most in section 7's recipe sweep): QK-norm. The others stay switches
+    # (tools/recipe_ablation.py, docs/performance.md).
     "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
                      pos_emb="rope", tie_weights=True, qk_norm=True),
 }
@@ -4912,7 +4910,7 @@ class SpeedConfig:
 
 def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> NextTokenLoss:
     """The one switch from Part I's plain path to the fast one. Returns the loss module
-    training calls: section 3's NextTokenLoss, or the chunked one of this appendix.
+    training calls: section 3's NextTokenLoss, or this appendix's chunked or fused one.
 
     With cpu_matmul "onednn" on a CPU (and a PyTorch build that has oneDNN's op), the
     model's nn.Linear layers become FastLinear in place: same parameters, same
@@ -4926,20 +4924,20 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
         for module in model.modules():
             if type(module) is nn.Linear:
                 module.__class__ = FastLinear
+    kind = loss_kind(speed.loss, device, getattr(model, "vocab_size", None))
     if speed.compile:
         problem = compile_unavailable(device)
         if problem:
             raise UserError(f"--compile cannot run here: {problem}; drop --compile")
-        kind = loss_kind(speed.loss, device, getattr(model, "vocab_size", None))
         compiled_loss = compile_for_training(model, device, kind)
         if compiled_loss is not None:
             return compiled_loss
-    return LOSS_MODULES[loss_kind(speed.loss, device, getattr(model, "vocab_size", None))](model)
+    return LOSS_MODULES[kind](model)
 
 
 # Below this vocabulary the chunked loss costs a CPU more than it saves (measured at nanoGPT's
 # character-level shape: PyTorch's loss 6% faster a step with 257 tokens, the chunked one 3%
-# faster with 2048 and 12% with GPT-2's 50257; docs/performance.md).
+# faster with 2048 and 13% with GPT-2's 50257; docs/performance.md).
 CHUNKED_LOSS_MIN_VOCAB = 1024
 
 

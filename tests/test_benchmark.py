@@ -241,6 +241,12 @@ def test_compile_presets_refuses_an_unknown_config(tmp_path):
                             timeout=120)
     assert result.returncode == 2 and "GPT-5" in result.stderr
     assert not (tmp_path / "out.json").exists()
+    (tmp_path / "file").write_text("not a directory")
+    result = subprocess.run([sys.executable, str(COMPILE_PRESETS), "--configs", "pico",
+                             "--output", str(tmp_path / "file" / "out.json")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "--output" in result.stderr
 
 
 @pytest.mark.slow

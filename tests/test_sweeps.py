@@ -261,6 +261,9 @@ def test_recipe_ablation_tool_trains_each_variant_on_the_given_text(tiny_corpus,
     lines = [line for line in capsys.readouterr().out.splitlines() if "held-out bits per byte" in line]
     assert [line.split(":")[0] for line in lines] == list(ablation.VARIANTS)
     assert all(line.count(" after ") >= 2 for line in lines)
+    assert ablation.main(["--input_dir", str(tiny_corpus.parent / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "missing" in err
 
 
 def test_architectures_sweep_logs_expert_usage_and_the_presets_attention(pico, run_main, tmp_path,

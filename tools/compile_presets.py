@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--configs: unknown {', '.join(unknown)}")
     pico = load_pico()
+    try:
+        pico.check_writable_directory(Path(args.output).parent, "--output")
+    except pico.UserError as error:
+        print(f"compile_presets: error: {error}", file=sys.stderr)
+        return 2
     report = {"kind": "compile_presets", "device_id": args.device_id, "steps": args.steps,
               "batch_size": args.batch_size, "tiny": args.tiny, "rows": {}}
     with tempfile.TemporaryDirectory() as work:

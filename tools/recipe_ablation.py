@@ -12,6 +12,7 @@ figures.) A few minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -38,11 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     pico = load_pico()
     device = torch.device("cpu")
     scale = pico.SWEEP_SCALES[args.sweep_scale]
-    config = pico.config_from_command_line(["--input_dir", args.input_dir, "--device_id", "cpu"])
-    base = pico.with_flags(pico.sweep_base_config(config, scale), test_fraction=scale.test_fraction,
-                           data_format="stream")
-    tokenizer = pico.build_tokenizer(scale.tokenizer)
-    data = pico.sweep_data(base, tokenizer)
+    try:
+        config = pico.config_from_command_line(["--input_dir", args.input_dir, "--device_id", "cpu"])
+        base = pico.with_flags(pico.sweep_base_config(config, scale),
+                               test_fraction=scale.test_fraction, data_format="stream")
+        tokenizer = pico.build_tokenizer(scale.tokenizer)
+        data = pico.sweep_data(base, tokenizer)
+    except pico.UserError as error:
+        print(f"recipe_ablation: error: {error}", file=sys.stderr)
+        return 2
     for label, overrides in VARIANTS.items():
         run = pico.with_step_budget(pico.with_flags(base, **overrides), data, args.steps, 4)
         _, record = pico.train_sweep_model(label, "transformer", run, device, tokenizer, data)
