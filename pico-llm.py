@@ -1558,24 +1558,30 @@ class AdamW(torch.optim.Optimizer):
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5,
+                                dtype: torch.dtype | None = None) -> torch.Tensor:
     """About U V^T for matrix = U S V^T (r, c): every singular value pushed towards 1.
 
     Each step is X <- a X + b (X X^T) X + c (X X^T)^2 X, which applies the odd polynomial
     p(s) = a s + b s^3 + c s^5 to every singular value and keeps the singular vectors.
     Scaled to Frobenius norm 1 first, all singular values lie in [0, 1], where five
     applications of p take any value above 3e-3 into [0.68, 1.21]. Only matmuls, so it
-    runs fast on a GPU (the reference runs it in bfloat16; float32 here, as the CPU has no
-    fast bfloat16). A wide product X X^T is the cheaper one, so a tall matrix is transposed."""
+    runs fast on a GPU. dtype None: bfloat16 on a GPU, as the reference runs it (the result
+    need only be roughly orthogonal), float32 elsewhere (a CPU has no fast bfloat16). A wide
+    product X X^T is the cheaper one, so a tall matrix is transposed. A stack of matrices of
+    one shape, (N, r, c), is orthogonalized matrix by matrix in one batched product each."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    x = matrix.float() / (matrix.norm() + 1e-7)
-    tall = x.shape[0] > x.shape[1]
+    if dtype is None:
+        dtype = torch.bfloat16 if matrix.is_cuda else torch.float32
+    x = matrix.float()
+    x = (x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(dtype)
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.t()
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.t()                                                  # (r, r), r <= c
+        gram = x @ x.mT                                                   # (r, r), r <= c
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.t() if tall else x).to(matrix.dtype)
+    return (x.mT if tall else x).to(matrix.dtype)
 
 
 class Muon(AdamW):
@@ -1613,6 +1619,7 @@ class Muon(AdamW):
                 self.adamw_step(group)
                 continue
             beta = group["momentum"]
+            stacks = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -1621,9 +1628,18 @@ class Muon(AdamW):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 momentum = state["momentum_buffer"].lerp_(p.grad, 1 - beta)
                 update = p.grad.lerp(momentum, beta) if group["nesterov"] else momentum
-                update = newton_schulz_orthogonalize(update, group["ns_steps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+                key = p.shape if p.is_cuda else id(p)
+                stacks.setdefault(key, []).append((p, update))
+            # On a GPU the matrices of one shape are orthogonalized together, one stack: each
+            # product is then one launch for all of them, not one per matrix (GPT-2 small's 72
+            # matrices: 6 ms a step instead of 35). A CPU gains nothing from stacking (0.7x at
+            # GPT-2 small's size), so there each matrix is a stack of its own.
+            for pairs in stacks.values():
+                orthogonalized = newton_schulz_orthogonalize(torch.stack([u for _, u in pairs]),
+                                                             group["ns_steps"])
+                for (p, _), update in zip(pairs, orthogonalized):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
         return loss
 
 
