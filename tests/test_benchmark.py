@@ -220,12 +220,20 @@ def test_gpu_checks_records_each_step_and_refuses_bad_usage(tmp_path):
 @pytest.mark.slow
 def test_gpu_checks_runs_every_step_at_tiny_size_on_the_cpu(pico, tmp_path):
     """What a GPU machine runs, at tiny size on the CPU: the GPT-2 benchmark report, GPT-oss's
-    eager and compiled run logs (the same losses), the tests, each with status 0."""
+    eager and compiled run logs (the same losses), the same greedy text generated without and
+    with --compile from a saved checkpoint, the recipe comparison's report, the tests, each
+    with status 0."""
     out = tmp_path / "out"
-    result = run_gpu_checks("--tiny", "--device", "cpu", str(out), steps="benchmark gptoss tests")
+    result = run_gpu_checks("--tiny", "--device", "cpu", str(out),
+                            steps="benchmark gptoss generate recipe tests")
     assert result.returncode == 0, result.stderr
     summary = {line.split()[0]: line.split()[1] for line in (out / "summary.txt").read_text().splitlines()}
-    assert summary == {"benchmark": "0", "gptoss_eager": "0", "gptoss_compiled": "0", "tests": "0"}
+    assert summary == {"benchmark": "0", "gptoss_eager": "0", "gptoss_compiled": "0", "tests": "0",
+                       "generate_train": "0", "generate_plain": "0", "generate_compiled": "0",
+                       "recipe": "0"}
+    plain = (out / "generate_plain.txt").read_text()
+    assert plain.startswith("Once upon a time") and plain == (out / "generate_compiled.txt").read_text()
+    assert json.loads((out / "recipe_gpt2.json").read_text())["kind"] == "recipe_gpt2"
     assert json.loads((out / "gpt2_benchmark.json").read_text())["kind"] == "gpt2_benchmark"
     eager, compiled = ([h["train_loss"] for h in pico.load_runlog(out / f"gptoss_{mode}.json")
                         ["models"]["transformer"]["history"]] for mode in ("eager", "compiled"))

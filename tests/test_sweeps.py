@@ -7,6 +7,7 @@ import jsonschema
 import pytest
 import torch
 
+from conftest import REPO
 from schemas import runlog_schema, sweep_schema
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,6 +265,36 @@ def test_recipe_ablation_tool_trains_each_variant_on_the_given_text(tiny_corpus,
     assert ablation.main(["--input_dir", str(tiny_corpus.parent / "missing")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "missing" in err
+
+
+def test_recipe_at_gpt2_shape_tool_times_each_recipe_and_reads_the_crossing(tmp_path, capsys):
+    """tools/recipe_gpt2.py at tiny size on the CPU: every recipe trains for about the same
+    seconds with a held-out curve; the nanoGPT recipe reaches its own final loss at its last
+    point; the orthogonalization is timed both ways; a missing corpus is one line, status 2."""
+    from pico_module import load_script
+    from conftest import TOOLS
+    tool = load_script(TOOLS / "recipe_gpt2.py", "recipe_gpt2")
+    curve = [{"train_time_s": 1.0, "test_bits_per_byte": 4.0},
+             {"train_time_s": 2.0, "test_bits_per_byte": 3.0},
+             {"train_time_s": 3.0, "test_bits_per_byte": 2.0}]
+    assert tool.seconds_to_reach(curve, 2.5) == pytest.approx(2.5)
+    assert tool.seconds_to_reach(curve, 5.0) == 1.0 and tool.seconds_to_reach(curve, 1.0) is None
+    output = tmp_path / "recipe.json"
+    assert tool.main(["--tiny", "--device_id", "cpu", "--seconds", "0.3", "--input_dir",
+                      str(REPO / "data" / "custom_corpus"), "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert list(report["recipes"]) == list(tool.RECIPES)
+    assert set(report["orthogonalization_s"]) == {"float32", "bfloat16"}
+    for label, recipe in report["recipes"].items():
+        times = [point["train_time_s"] for point in recipe["curve"]]
+        assert len(times) >= 2 and times == sorted(times)
+    baseline = report["recipes"]["nanoGPT recipe"]
+    assert baseline["seconds_to_baseline_final"] == baseline["curve"][-1]["train_time_s"]
+    capsys.readouterr()
+    assert tool.main(["--input_dir", str(tmp_path / "missing"), "--output", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "missing" in err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_architectures_sweep_logs_expert_usage_and_the_presets_attention(pico, run_main, tmp_path,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """--compile against eager for every preset and attention kind: how long compilation takes
-(the first step's extra seconds) and the steady training speed each way, through pico-llm's
-own command line. For a GPU, where --compile is meant to pay:
+(the first step's extra seconds), the steady training speed each way, and the recompilations
+and graph breaks TORCH_LOGS reports, through pico-llm's own command line. For a GPU, where --compile is meant to pay:
 
     python tools/compile_presets.py --device_id cuda:0 --output OUT.json     # a few minutes
     python tools/compile_presets.py --tiny --device_id cpu --output OUT.json  # how it is tested
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,16 +25,17 @@ from pathlib import Path
 
 from pico_module import PICO_PATH, load_pico
 
-# Every preset, and the attention kinds on the default preset.
+# Every preset, and the attention kinds on the default preset; the ones least like the
+# GPT-2 step that tools/benchmark.py measures first, so that a run cut short has them.
 CONFIGS = {
+    "GPT-oss": ["--transformer_variant", "GPT-oss"],
+    "Llama3-lite": ["--transformer_variant", "Llama3-lite"],
+    "pico linear": ["--transformer_variant", "pico", "--attention", "linear"],
+    "pico gated_linear": ["--transformer_variant", "pico", "--attention", "gated_linear"],
+    "speedrun": ["--transformer_variant", "speedrun"],
     "pico": ["--transformer_variant", "pico"],
     "minGPT": ["--transformer_variant", "minGPT"],
     "GPT2-small": ["--transformer_variant", "GPT2-small"],
-    "GPT-oss": ["--transformer_variant", "GPT-oss"],
-    "Llama3-lite": ["--transformer_variant", "Llama3-lite"],
-    "speedrun": ["--transformer_variant", "speedrun"],
-    "pico linear": ["--transformer_variant", "pico", "--attention", "linear"],
-    "pico gated_linear": ["--transformer_variant", "pico", "--attention", "gated_linear"],
 }
 TINY = ["--d_model", "32", "--n_heads", "2", "--n_kv_heads", "1", "--n_blocks", "1", "--d_ff", "32",
         "--block_size", "16", "--batch_size", "2"]
@@ -50,8 +52,10 @@ def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
                "--batch_size", str(args.batch_size), *(TINY if args.tiny else []),
                *(["--compile"] if compile else [])]
     started = time.perf_counter()
+    env = {**os.environ, "TORCH_LOGS": "recompiles,graph_breaks"}   # counted below
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                                env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"not finished in {args.timeout} s"}
     if result.returncode != 0:
@@ -63,7 +67,9 @@ def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
     tokens = steady[-1]["tokens_seen"] - history[warm - 1]["tokens_seen"]
     seconds = steady[-1]["elapsed_s"] - history[warm - 1]["elapsed_s"]
     return {"first_step_s": history[0]["elapsed_s"], "steady_tokens_per_s": tokens / max(seconds, 1e-9),
-            "steps": len(history), "process_s": time.perf_counter() - started}
+            "steps": len(history), "process_s": time.perf_counter() - started,
+            "recompilations": result.stderr.count("Recompiling function"),
+            "graph_breaks": result.stderr.count("Graph break in user code")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             pico.atomic_write_json(Path(args.output), report)     # a cut-short run keeps its rows
             print(f"{name:<18} " + (
                 f"compile {row['compile_s']:6.1f} s, eager {eager['steady_tokens_per_s']:>10,.0f} "
-                f"tokens/s, compiled {compiled['steady_tokens_per_s']:>10,.0f} ({row['compiled_vs_eager']:.2f}x)"
+                f"tokens/s, compiled {compiled['steady_tokens_per_s']:>10,.0f} ({row['compiled_vs_eager']:.2f}x), "
+                f"{compiled['recompilations']} recompilations, {compiled['graph_breaks']} graph breaks"
                 if "compile_s" in row else
                 f"eager: {eager.get('error', 'ok')}; compiled: {compiled.get('error', 'ok')}"), flush=True)
     return 0

@@ -17,13 +17,22 @@
 #   presets    (not by default: minutes) tools/compile_presets.py: --compile against eager for
 #              every preset and attention kind, compilation seconds and steady tokens/s
 #              -> compile_presets.json, compile_presets.log
+#   generate   a pico model trained for 30 steps and saved, then --generate greedily from its
+#              checkpoint without and with --compile (the compiled CUDA-graph decoder)
+#              -> generate_plain.txt, generate_compiled.txt (the texts; equal expected),
+#              generate_*.log
+#   recipe     (not by default: minutes) tools/recipe_gpt2.py: the nanoGPT recipe against Muon
+#              and the speedrun blocks at GPT-2 small's shape, RECIPE_SECONDS (60) of training
+#              each, on the text in RECIPE_INPUT_DIR (else a docstring corpus written first)
+#              -> recipe_gpt2.json, recipe_gpt2.log
 #   tests      the tests marked cuda -> cuda_tests.log
 #   suite      (not by default: minutes) the fast suite with CUDA present, in SUITE_WORKERS
 #              processes (12) where pytest-xdist is installed, each test under TEST_TIMEOUT
 #              seconds (90) where pytest-timeout is -> fast_suite.log, one line per test
 # summary.txt gets one line per step: name, exit status (124 = timed out), seconds.
 # Limits in seconds: BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT (90),
-# GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run 150), TESTS_TIMEOUT (240),
+# GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run PRESET_RUN_TIMEOUT 150),
+# GENERATE_TIMEOUT (120 each of the three), RECIPE_TIMEOUT (420), TESTS_TIMEOUT (240),
 # SUITE_TIMEOUT (900).
 set -u
 
@@ -33,7 +42,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
         --device) DEVICE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         -*) echo "gpu_checks.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -62,8 +71,12 @@ run_step() {  # name timeout log command...: run, time, record "name status seco
 
 QUICK=()
 GPTOSS_SIZE=(--max_steps_per_epoch 40 --batch_size 16)
+GENERATE_SIZE=(--max_steps_per_epoch 30)
+RECIPE_SIZE=(--seconds "${RECIPE_SECONDS:-60}")
 if [ "$TINY" = 1 ]; then
     QUICK=(--quick)
+    GENERATE_SIZE=(--max_steps_per_epoch 3 --d_model 32 --n_heads 2 --n_blocks 1 --block_size 16)
+    RECIPE_SIZE=(--tiny --seconds 1)
     GPTOSS_SIZE=(--max_steps_per_epoch 3 --batch_size 4 --block_size 16 --d_model 32 --n_heads 2
                  --n_kv_heads 1 --n_blocks 1 --d_ff 32 --n_experts 2 --sliding_window 4)
 fi
@@ -93,7 +106,32 @@ for step in $STEPS; do
         presets)
             run_step presets "${PRESETS_TIMEOUT:-540}" compile_presets.log \
                 python tools/compile_presets.py --device_id "$DEVICE" --output "$OUT/compile_presets.json" \
-                "${QUICK[@]/--quick/--tiny}" ;;
+                --timeout "${PRESET_RUN_TIMEOUT:-150}" "${QUICK[@]/--quick/--tiny}" ;;
+        generate)
+            run_step generate_train "${GENERATE_TIMEOUT:-120}" generate_train.log \
+                python pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
+                "${GENERATE_SIZE[@]}" --epochs 1 --max_new_tokens 4 --device_id "$DEVICE" --quiet \
+                --artefacts_dir "$OUT/generate" --cache_dir "$OUT/generate/cache" \
+                --run_name generate --save_dir "$OUT/generate/checkpoints"
+            checkpoint=$(ls "$OUT"/generate/checkpoints/transformer/step_*.pt 2>/dev/null | tail -n 1)
+            for mode in plain compiled; do
+                COMPILE=()
+                if [ "$mode" = compiled ]; then COMPILE=(--compile); fi
+                run_step "generate_$mode" "${GENERATE_TIMEOUT:-120}" "generate_$mode.log" \
+                    bash -c 'python pico-llm.py "$@" > "$0"' "$OUT/generate_$mode.txt" --generate \
+                    --checkpoint "${checkpoint:-missing}" --prompt "Once upon a time" --temperature 0 \
+                    --max_new_tokens 40 --device_id "$DEVICE" "${COMPILE[@]}"
+            done ;;
+        recipe)
+            INPUT_DIR="${RECIPE_INPUT_DIR:-}"
+            if [ -z "$INPUT_DIR" ] && [ "$TINY" = 1 ]; then INPUT_DIR=data/custom_corpus; fi
+            if [ -z "$INPUT_DIR" ]; then
+                INPUT_DIR="$(mktemp -d)/corpus"     # tens of MB: not among the results
+                python tools/recipe_gpt2.py --write_corpus "$INPUT_DIR" > "$OUT/recipe_corpus.log" 2>&1
+            fi
+            run_step recipe "${RECIPE_TIMEOUT:-420}" recipe_gpt2.log \
+                python tools/recipe_gpt2.py --input_dir "$INPUT_DIR" --device_id "$DEVICE" \
+                --output "$OUT/recipe_gpt2.json" "${RECIPE_SIZE[@]}" ;;
         tests)
             run_step tests "${TESTS_TIMEOUT:-240}" cuda_tests.log \
                 python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider ;;

@@ -32,27 +32,35 @@ import torch
 from pico_module import load_pico
 
 
-def write_python_docs(directory: Path) -> int:
-    """The standard library's docstrings, one file per module, and pydoc's topics; bytes written."""
+def write_python_docs(directory: Path, packages: tuple[str, ...] = ()) -> int:
+    """The standard library's docstrings, one file per module, and pydoc's topics; with
+    `packages`, the docstrings of those installed packages too (the ones not installed are
+    left out). Bytes written."""
+    import importlib.util
     import pydoc_data.topics
 
     directory.mkdir(parents=True, exist_ok=True)
+    roots = [(Path(sysconfig.get_paths()["stdlib"]), "")]
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            roots.append((Path(list(spec.submodule_search_locations)[0]), package + "_"))
     written = 0
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.rglob("*.py")):
-        parts = path.relative_to(stdlib).parts
-        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        docs = [ast.get_docstring(node) for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        text = "\n\n".join(d for d in docs if d and len(d) > 40)
-        if len(text) > 2000:
-            (directory / ("_".join(parts)[:-3] + ".txt")).write_text(text + "\n", encoding="utf-8")
-            written += len(text.encode("utf-8"))
+    for root, prefix in roots:
+        for path in sorted(root.rglob("*.py")):
+            parts = path.relative_to(root).parts
+            if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in parts):
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            docs = [ast.get_docstring(node) for node in ast.walk(tree)
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            text = "\n\n".join(d for d in docs if d and len(d) > 40)
+            if len(text) > 2000:
+                (directory / (prefix + "_".join(parts)[:-3] + ".txt")).write_text(text + "\n", encoding="utf-8")
+                written += len(text.encode("utf-8"))
     topics = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
     (directory / "pydoc_topics.txt").write_text(topics + "\n", encoding="utf-8")
     return written + len(topics.encode("utf-8"))

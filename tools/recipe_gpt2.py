@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""The recipe sweep's question at GPT-2 small's shape, for a GPU: does the modern recipe reach
+the nanoGPT recipe's held-out loss sooner? Three recipes, each trained for the same seconds
+of training on running text (stream mode, character tokens, context 1024, batch 16, 12 blocks
+of 12 heads, 768 wide, bf16 on a GPU, eager):
+
+    nanoGPT recipe       the GPT2-small preset (GELU, LayerNorm, learned positions, tied
+                         output) without dropout, PyTorch's AdamW
+    + Muon               the same, Muon for the hidden matrices
+    speedrun + Muon      the speedrun preset's blocks (SwiGLU, RMSNorm, RoPE, QK-norm) at the
+                         same shape, with Muon
+
+The text is docstrings: `--write_corpus DIR` writes the standard library's and those of the
+installed torch, transformers, numpy, scipy, pandas and sympy (tens of MB where all are
+installed; a run of a minute per recipe reads less than one pass), then
+
+    python tools/recipe_gpt2.py --input_dir DIR --device_id cuda:0 --seconds 60 --output OUT.json
+    python tools/recipe_gpt2.py --tiny --device_id cpu --input_dir DIR --output OUT.json   # tests
+
+As `--sweep recipe` does, each recipe's seconds per step is measured first (a short run, its
+first 3 steps left out), then it trains for as many steps as --seconds allows, scoring the
+held-out text (2% of the files) RECIPE_EVALUATIONS times. Writes a JSON report (atomically):
+per recipe its curve of held-out bits per byte against training seconds, and the seconds it
+needed to reach the nanoGPT recipe's final loss (null if it did not); and first, what Muon's
+Newton-Schulz iterations cost a step over GPT-2 small's hidden matrices in float32 and in
+bfloat16 (which a GPU uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pico_module import load_pico
+from stream_vs_lines import write_python_docs
+
+PACKAGES = ("torch", "transformers", "numpy", "scipy", "pandas", "sympy")
+GPT2_SMALL = {"d_model": 768, "n_heads": 12, "n_blocks": 12}
+RECIPES = {
+    "nanoGPT recipe": {"transformer_variant": "GPT2-small", "dropout": 0.0},
+    "+ Muon": {"transformer_variant": "GPT2-small", "dropout": 0.0, "optimizer": "muon"},
+    "speedrun + Muon": {"transformer_variant": "speedrun", **GPT2_SMALL, "optimizer": "muon"},
+}
+TINY = {"d_model": 32, "n_heads": 2, "n_blocks": 2}
+CALIBRATION_STEPS = 10
+
+
+def seconds_to_reach(curve: list[dict], target: float) -> float | None:
+    """Training seconds at which the held-out curve first comes down to `target`, read
+    linearly between the two evaluations around the crossing; None if it never does."""
+    previous = None
+    for point in curve:
+        if point["test_bits_per_byte"] <= target:
+            if previous is None:
+                return point["train_time_s"]
+            share = ((previous["test_bits_per_byte"] - target)
+                     / (previous["test_bits_per_byte"] - point["test_bits_per_byte"]))
+            return previous["train_time_s"] + share * (point["train_time_s"] - previous["train_time_s"])
+        previous = point
+    return None
+
+
+def orthogonalization_seconds(pico, model, device, rounds: int = 5) -> dict:
+    """Seconds per optimizer step that Muon's Newton-Schulz iterations take over the model's
+    hidden matrices, in float32 and in bfloat16, the two timed in turns (median of rounds)."""
+    matrices = [torch.randn_like(p) for p in pico.muon_matrices(model)]
+    seconds = {"float32": [], "bfloat16": []}
+    for _ in range(rounds):
+        for name in seconds:
+            synchronize(device)
+            started = time.perf_counter()
+            for matrix in matrices:
+                pico.newton_schulz_orthogonalize(matrix, 5, getattr(torch, name))
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--write_corpus", metavar="DIR",
+                        help="write the docstring corpus into DIR and stop")
+    parser.add_argument("--input_dir", help="running text (a directory of .txt files)")
+    parser.add_argument("--device_id", default="auto")
+    parser.add_argument("--seconds", type=float, default=60.0, help="training seconds per recipe")
+    parser.add_argument("--learning_rate", type=float, default=6e-4,
+                        help="peak rate for every recipe (GPT-2 small's, as nanoGPT trains it)")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths and context (the tests)")
+    parser.add_argument("--output", help="where the JSON report goes")
+    args = parser.parse_args(argv)
+    if args.write_corpus:
+        written = write_python_docs(Path(args.write_corpus), PACKAGES)
+        print(f"{written / 1e6:.1f} MB of docstrings in {args.write_corpus}")
+        return 0
+    if not (args.input_dir and args.output):
+        parser.error("give --input_dir and --output (or --write_corpus DIR)")
+    pico = load_pico()
+    shape = ["--block_size", "32", "--batch_size", "4"] if args.tiny else ["--block_size", "1024",
+                                                                          "--batch_size", "16"]
+    try:
+        pico.check_writable_directory(Path(args.output).parent, "--output")
+        config = pico.config_from_command_line([
+            "--input_dir", args.input_dir, "--device_id", args.device_id, "--tokenizer", "char",
+            "--data_format", "stream", "--test_fraction", "0.02", "--models", "transformer",
+            "--learning_rate", str(args.learning_rate), "--warmup_steps", "50", "--beta2", "0.95",
+            "--max_new_tokens", "16", "--quiet", *shape])
+        device = pico.resolve_device(config.device_id)
+        tokenizer = pico.build_tokenizer(config.data.tokenizer)
+        data = pico.sweep_data(config, tokenizer)
+        points = {label: pico.with_flags(config, **{**overrides, **(TINY if args.tiny else {})})
+                  for label, overrides in RECIPES.items()}
+    except pico.UserError as error:
+        print(f"recipe_gpt2: error: {error}", file=sys.stderr)
+        return 2
+    report = {"kind": "recipe_gpt2", "device": str(device), "seconds": args.seconds,
+              "learning_rate": args.learning_rate, "tiny": args.tiny,
+              "train_tokens": int(data.num_train_examples) * config.data.block_size,
+              "recipes": {}}
+    hidden = pico.build_model(points["+ Muon"].models.transformer, tokenizer.vocab_size, 0).to(device)
+    report["orthogonalization_s"] = orthogonalization_seconds(pico, hidden, device)
+    del hidden
+    print("Muon's orthogonalization per step: " + ", ".join(
+        f"{name} {seconds * 1e3:.1f} ms" for name, seconds in report["orthogonalization_s"].items()),
+        flush=True)
+    for label, point in points.items():
+        _, record = pico.train_sweep_model(label, "transformer", pico.with_step_budget(
+            point, data, CALIBRATION_STEPS + 3), device, tokenizer, data)
+        times = [pico.train_time_s(h) for h in record["history"]]
+        seconds_per_step = statistics.fmean(after - before for before, after in zip(times[3:], times[4:]))
+        steps = max(1, round(args.seconds / seconds_per_step))
+        _, record = pico.train_sweep_model(label, "transformer", pico.with_step_budget(
+            point, data, steps, pico.RECIPE_EVALUATIONS), device, tokenizer, data)
+        times = {h["step"]: pico.train_time_s(h) for h in record["history"]}
+        curve = [{"step": test["step"], "train_time_s": round(times[test["step"]], 3),
+                  "test_bits_per_byte": test["test_bits_per_byte"]} for test in record["test_history"]]
+        report["recipes"][label] = {"parameters": record["parameters"],
+                                    "calibrated_seconds_per_step": seconds_per_step,
+                                    "tokens_per_s": record["final"]["tokens_per_s"], "curve": curve}
+        print(f"{label}: {curve[-1]['step']} steps in {curve[-1]['train_time_s']:.1f} s, "
+              f"{record['final']['tokens_per_s']:,.0f} tokens/s, held-out bits per byte "
+              + ", ".join(f"{p['test_bits_per_byte']:.3f}" for p in curve), flush=True)
+        pico.atomic_write_json(Path(args.output), report)   # a cut-short run keeps its recipes
+    recipes = report["recipes"]
+    target = recipes["nanoGPT recipe"]["curve"][-1]["test_bits_per_byte"]
+    baseline_s = recipes["nanoGPT recipe"]["curve"][-1]["train_time_s"]
+    for label, recipe in recipes.items():
+        recipe["seconds_to_baseline_final"] = seconds_to_reach(recipe["curve"], target)
+        reached = recipe["seconds_to_baseline_final"]
+        print(f"{label}: final {recipe['curve'][-1]['test_bits_per_byte']:.3f} bits per byte; "
+              + (f"the nanoGPT recipe's final {target:.3f} after {reached:.1f} s "
+                 f"({reached / baseline_s:.0%} of its time)" if reached is not None
+                 else f"did not reach the nanoGPT recipe's final {target:.3f}"))
+    pico.atomic_write_json(Path(args.output), report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
