@@ -284,7 +284,8 @@ def test_recipe_at_gpt2_shape_tool_times_each_recipe_and_reads_the_crossing(tmp_
                       str(REPO / "data" / "custom_corpus"), "--output", str(output)]) == 0
     report = json.loads(output.read_text())
     assert list(report["recipes"]) == list(tool.RECIPES)
-    assert set(report["orthogonalization_s"]) == {"float32", "bfloat16"}
+    assert set(report["orthogonalization_s"]) == {f"{dtype}, {way}" for dtype in ("float32", "bfloat16")
+                                                  for way in ("one at a time", "stacked")}
     for label, recipe in report["recipes"].items():
         times = [point["train_time_s"] for point in recipe["curve"]]
         assert len(times) >= 2 and times == sorted(times)

@@ -23,7 +23,7 @@ held-out text (2% of the files) RECIPE_EVALUATIONS times. Writes a JSON report (
 per recipe its curve of held-out bits per byte against training seconds, and the seconds it
 needed to reach the nanoGPT recipe's final loss (null if it did not); and first, what Muon's
 Newton-Schulz iterations cost a step over GPT-2 small's hidden matrices in float32 and in
-bfloat16 (which a GPU uses).
+bfloat16, one matrix at a time and stacked by shape (what a GPU uses: bfloat16, stacked).
 """
 
 from __future__ import annotations
@@ -67,15 +67,21 @@ def seconds_to_reach(curve: list[dict], target: float) -> float | None:
 
 def orthogonalization_seconds(pico, model, device, rounds: int = 5) -> dict:
     """Seconds per optimizer step that Muon's Newton-Schulz iterations take over the model's
-    hidden matrices, in float32 and in bfloat16, the two timed in turns (median of rounds)."""
+    hidden matrices: in float32 and in bfloat16, one matrix at a time and the matrices of one
+    shape stacked (as Muon does on a GPU); the four timed in turns, the median of `rounds`."""
     matrices = [torch.randn_like(p) for p in pico.muon_matrices(model)]
-    seconds = {"float32": [], "bfloat16": []}
+    by_shape = {}
+    for matrix in matrices:
+        by_shape.setdefault(matrix.shape, []).append(matrix)
+    ways = {"one at a time": lambda: [[m] for m in matrices], "stacked": lambda: by_shape.values()}
+    seconds = {f"{dtype}, {way}": [] for dtype in ("float32", "bfloat16") for way in ways}
     for _ in range(rounds):
         for name in seconds:
+            dtype, way = name.split(", ")
             synchronize(device)
             started = time.perf_counter()
-            for matrix in matrices:
-                pico.newton_schulz_orthogonalize(matrix, 5, getattr(torch, name))
+            for group in ways[way]():
+                pico.newton_schulz_orthogonalize(torch.stack(group), 5, getattr(torch, dtype))
             synchronize(device)
             seconds[name].append(time.perf_counter() - started)
     return {name: statistics.median(times) for name, times in seconds.items()}
