@@ -71,13 +71,22 @@ def test_fused_loss_on_a_gpu_equals_the_written_out_loss(pico, preset):
 
 @pytest.mark.parametrize("preset", ["GPT2-small", "GPT-oss"])
 def test_compiled_training_equals_eager(pico, preset):
-    """speed_up with compile on a GPU: model, output layer and loss in one compiled region."""
+    """speed_up with compile on a GPU: model, output layer and loss in one compiled region;
+    with experts (GPT-oss), each block compiled on its own."""
+    from torch._dynamo.utils import counters
     eager_model, compiled_model = tiny(pico, preset), tiny(pico, preset)
     eager = train_steps(pico, pico.NextTokenLoss(eager_model), eager_model, 4, "bfloat16")
+    torch._dynamo.reset()
+    counters.clear()
     loss = pico.speed_up(compiled_model, pico.SpeedConfig(compile=True), DEVICE)
-    assert isinstance(loss.compiled, torch._dynamo.eval_frame.OptimizedModule)
+    if preset == "GPT-oss":
+        assert type(loss) is pico.FusedNextTokenLoss            # the blocks are compiled instead
+    else:
+        assert isinstance(loss.compiled, torch._dynamo.eval_frame.OptimizedModule)
     compiled = train_steps(pico, loss, compiled_model, 4, "bfloat16")
     assert compiled == pytest.approx(eager, rel=2e-2)
+    kinds = len({block.attention.window for block in compiled_model.blocks}) if preset == "GPT-oss" else 1
+    assert counters["stats"]["unique_graphs"] == kinds          # no recompilation across steps
 
 
 @pytest.mark.parametrize("preset, compile", [("GPT2-small", False), ("pico", False),
