@@ -1009,7 +1009,7 @@ TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d
                               "yarn_original_context", "tie_weights", "attention",
                               "linear_attention_gate", "attention_sinks", "sliding_window",
                               "qk_norm", "head_size", "value_embeddings", "unet_skips",
-                              "zero_init_proj", "logit_softcap", "dropout")
+                              "zero_init_proj", "logit_softcap", "bias", "dropout")
 ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
 LINEAR_ATTENTION_GATES = ("fixed", "data")
 
@@ -4088,6 +4088,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                          "(default: 4096)")
     tf.add_argument("--tie_weights", type=str_to_bool, default=None, metavar="true|false",
                     help="share the unembedding matrix with the token embedding")
+    tf.add_argument("--bias", type=str_to_bool, default=None, metavar="true|false",
+                    help="biases in the linear layers and LayerNorms (GPT-2, minGPT; nanoGPT "
+                         "trains without)")
     tf.add_argument("--attention", choices=ATTENTION_KINDS, default=None,
                     help="token mixing: softmax attention (KV cache), or linear / gated_linear "
                          "attention (a fixed-size state per layer) (default: softmax)")

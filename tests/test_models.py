@@ -299,6 +299,15 @@ def test_flags_override_preset_fields(pico, configure):
     assert model.unembedding.weight is model.token_embedding.weight
 
 
+def test_bias_flag_removes_the_minGPT_presets_biases(pico, configure):
+    """--bias false: minGPT's shape as nanoGPT trains it, no bias in any linear layer or norm."""
+    for flag, expected in (("true", True), ("false", False)):
+        config = configure("--transformer_variant", "minGPT", "--bias", flag).models.transformer
+        model = pico.build_model(config, 100, seed=0)
+        biases = [name for name, _ in model.named_parameters() if name.endswith(".bias")]
+        assert config.bias is expected and bool(biases) is expected
+
+
 def test_enable_transformer_gptoss_adds_the_gptoss_model(configure):
     models = configure("--models", "lstm_seq", "--enable_transformer_gptoss").models
     assert models.names == ["lstm_seq", "transformer_gptoss"]

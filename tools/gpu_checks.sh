@@ -15,7 +15,8 @@
 #              gptoss_compiled.json (run logs: train time, losses), gptoss_*.log (with
 #              graph breaks and recompilations logged)
 #   presets    (not by default: minutes) tools/compile_presets.py: --compile against eager for
-#              every preset and attention kind, compilation seconds and steady tokens/s
+#              every preset and attention kind (or those in PRESET_CONFIGS, comma-separated),
+#              PRESET_STEPS (40) steps each, compilation seconds and steady tokens/s
 #              -> compile_presets.json, compile_presets.log
 #   generate   a pico model trained for 30 steps and saved, then --generate greedily from its
 #              checkpoint without and with --compile (the compiled CUDA-graph decoder)
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
         --device) DEVICE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
         -*) echo "gpu_checks.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -106,7 +107,8 @@ for step in $STEPS; do
         presets)
             run_step presets "${PRESETS_TIMEOUT:-540}" compile_presets.log \
                 python tools/compile_presets.py --device_id "$DEVICE" --output "$OUT/compile_presets.json" \
-                --timeout "${PRESET_RUN_TIMEOUT:-150}" "${QUICK[@]/--quick/--tiny}" ;;
+                --timeout "${PRESET_RUN_TIMEOUT:-150}" --steps "${PRESET_STEPS:-40}" \
+                ${PRESET_CONFIGS:+--configs "$PRESET_CONFIGS"} "${QUICK[@]/--quick/--tiny}" ;;
         generate)
             run_step generate_train "${GENERATE_TIMEOUT:-120}" generate_train.log \
                 python pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \

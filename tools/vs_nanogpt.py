@@ -11,7 +11,7 @@ train.py) only pico-llm's side runs.
 
 Both train the shape of nanoGPT's README for a CPU ("I only have a macbook": its
 train_shakespeare_char config with 4 blocks of 4 heads, 128 wide, context 64, batch 12,
-dropout 0, learning rate 1e-3 with 100 warm-up steps and a cosine to 1e-4, weight decay
+dropout 0, no biases, learning rate 1e-3 with 100 warm-up steps and a cosine to 1e-4, weight decay
 0.1, clipping at 1.0, Adam's beta2 0.99) on the same running text: the standard library's
 docstrings and pydoc's topics (tools/stream_vs_lines.py writes them; generated offline),
 every tenth file held out from both. pico-llm runs its command line (`pico-llm.py`, the
@@ -61,7 +61,7 @@ PICO_FLAGS = ["--models", "transformer", "--transformer_variant", "minGPT",
               "--n_blocks", str(SHAPE["n_layer"]), "--n_heads", str(SHAPE["n_head"]),
               "--d_model", str(SHAPE["n_embd"]), "--d_ff", str(4 * SHAPE["n_embd"]),
               "--block_size", str(SHAPE["block_size"]), "--batch_size", str(SHAPE["batch_size"]),
-              "--dropout", "0", "--tie_weights", "true", "--learning_rate", "1e-3",
+              "--dropout", "0", "--bias", "false", "--tie_weights", "true", "--learning_rate", "1e-3",
               "--min_lr_ratio", "0.1", "--warmup_steps", "100", "--weight_decay", "0.1",
               "--beta2", "0.99", "--grad_clip", "1.0", "--data_format", "stream",
               "--random_offsets", "--test_fraction", "0", "--tokenizer", "char",
