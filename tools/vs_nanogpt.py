@@ -4,6 +4,7 @@
     python tools/vs_nanogpt.py --nanogpt DIR                 # a few minutes on a 2-core CPU
     python tools/vs_nanogpt.py --nanogpt DIR --steps 8000 --rounds 1
     python tools/vs_nanogpt.py --steps 20 --rounds 1         # pico-llm's side only
+    python tools/vs_nanogpt.py --rounds 1 --seed 7 --pico_flags "--bias true"   # pico-llm variants
 
 DIR is a checkout of nanoGPT (github.com/karpathy/nanoGPT): its train.py and model.py are
 run from there, never copied into this repository. Without --nanogpt (or when DIR holds no
@@ -38,6 +39,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -103,10 +105,11 @@ def loop_tokens_per_s(step_seconds: list[float], warmup: int) -> float:
     return SHAPE["block_size"] * SHAPE["batch_size"] * len(timed) / sum(timed)
 
 
-def run_pico(work: Path, name: str, epochs: int, per_epoch: int, warmup: int) -> dict:
+def run_pico(work: Path, name: str, epochs: int, per_epoch: int, warmup: int, seed: int = 1337,
+             extra: list[str] = ()) -> dict:
     """pico-llm's command line; per-step times from its run log, weights from its checkpoint."""
-    flags = PICO_FLAGS + ["--input_files", str(work / "train.txt"), "--epochs", str(epochs),
-                          "--max_steps_per_epoch", str(per_epoch), "--seed", "1337",
+    flags = PICO_FLAGS + [*extra, "--input_files", str(work / "train.txt"), "--epochs", str(epochs),
+                          "--max_steps_per_epoch", str(per_epoch), "--seed", str(seed),
                           "--cache_dir", str(work / "cache"), "--artefacts_dir", str(work),
                           "--run_name", name, "--save_dir", str(work / name)]
     started = time.perf_counter()
@@ -190,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each, in turn")
     parser.add_argument("--warmup", type=int, default=20,
                         help="first steps of each run left out of its loop tokens/s")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="pico-llm's seed (nanoGPT's train.py fixes its own, 1337)")
+    parser.add_argument("--pico_flags", default="",
+                        help="more pico-llm flags, e.g. \"--bias true\" (the comparison's own "
+                             "come first, so these override them)")
     parser.add_argument("--corpus_dir", default="/tmp/pico-python-docs",
                         help="the running text (written there if it holds no .txt files)")
     args = parser.parse_args(argv)
@@ -221,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             for side in sides if round_index % 2 == 0 else sides[::-1]:
                 name = f"{'pico' if side == 'pico-llm' else 'nanogpt'}_{round_index}"
                 if side == "pico-llm":
-                    result = run_pico(work, name, epochs, per_epoch, warmup)
+                    result = run_pico(work, name, epochs, per_epoch, warmup, args.seed,
+                                      shlex.split(args.pico_flags))
                     result["held_out"] = pico_held_out(pico, result["checkpoint"], held_out_ids)
                 else:
                     result = run_nanogpt(nanogpt, work, name, steps)
