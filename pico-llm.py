@@ -1632,8 +1632,8 @@ class Muon(AdamW):
                 stacks.setdefault(key, []).append((p, update))
             # On a GPU the matrices of one shape are orthogonalized together, one stack: each
             # product is then one launch for all of them, not one per matrix (GPT-2 small's 72
-            # matrices: 6 ms a step instead of 35). A CPU gains nothing from stacking (0.7x at
-            # GPT-2 small's size), so there each matrix is a stack of its own.
+            # matrices: 6 ms a step instead of 35). A CPU gains nothing from stacking (0.7x to
+            # 1.3x, docs/performance.md), so there each matrix is a stack of its own.
             for pairs in stacks.values():
                 orthogonalized = newton_schulz_orthogonalize(torch.stack([u for _, u in pairs]),
                                                              group["ns_steps"])
