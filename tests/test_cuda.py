@@ -20,7 +20,7 @@ VOCAB = 97
 # (grouped-query attention with sinks, a sliding window, a mixture of experts).
 SMALL = dict(d_model=64, n_heads=4, n_blocks=2, block_size=32)
 PRESETS = {"GPT2-small": dict(SMALL, d_ff=256, dropout=0.0),
-           "GPT-oss": dict(SMALL, n_kv_heads=2, d_ff=64, sliding_window=8),
+           "GPT-oss": dict(SMALL, n_blocks=4, n_kv_heads=2, d_ff=64, sliding_window=8),
            "pico": SMALL}
 
 
@@ -150,10 +150,19 @@ def test_torchrun_on_a_gpu_joins_with_nccl_and_trains(pico, tmp_path):
     assert history and all(map(torch.isfinite, map(torch.tensor, [h["train_loss"] for h in history])))
 
 
-def test_muon_on_a_gpu_orthogonalizes_in_bfloat16_close_to_the_cpu(pico):
+def test_muon_on_a_gpu_orthogonalizes_in_bfloat16_close_to_the_cpu(pico, monkeypatch):
     """Muon's Newton-Schulz iteration runs in bfloat16 on a GPU, the matrices of one shape
     stacked (float32 on the CPU, one at a time): one step from the same weights and gradients
     lands within a few percent of the CPU's update, for each matrix."""
+    stacks = []
+    orthogonalize = pico.newton_schulz_orthogonalize
+
+    def recorded(matrix, *args):
+        stacks.append((matrix.device.type, tuple(matrix.shape)))
+        assert len(args) <= 1                                 # the dtype left to the device
+        return orthogonalize(matrix, *args)
+
+    monkeypatch.setattr(pico, "newton_schulz_orthogonalize", recorded)
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(*shape, generator=generator) for shape in [(64, 256), (64, 256), (96, 32)]]
     gradients = [torch.randn(w.shape, generator=generator) * scale for w, scale in zip(weights, (1, 10, 1))]
@@ -166,3 +175,7 @@ def test_muon_on_a_gpu_orthogonalizes_in_bfloat16_close_to_the_cpu(pico):
         updates.append([parameter.detach().cpu() - w for parameter, w in zip(parameters, weights)])
     for cpu, gpu in zip(*updates):
         assert gpu.norm() > 0 and (gpu - cpu).norm() / cpu.norm() < 0.06
+    assert sorted(shape for device, shape in stacks if device == "cuda") == [(1, 96, 32), (2, 64, 256)]
+    assert sorted(shape for device, shape in stacks if device == "cpu") == [(1, 64, 256)] * 2 + [(1, 96, 32)]
+    x = torch.randn(64, 256, generator=generator).to(DEVICE)     # bfloat16 unless told otherwise
+    assert not torch.equal(orthogonalize(x), orthogonalize(x, 5, torch.float32))

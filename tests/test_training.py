@@ -238,10 +238,14 @@ def test_newton_schulz_of_a_stack_is_each_matrix_on_its_own(pico):
             assert torch.allclose(result, pico.newton_schulz_orthogonalize(matrix), atol=1e-5)
 
 
-def test_muon_matches_the_published_update_and_adamw_for_the_rest(pico):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_muon_matches_the_published_update_and_adamw_for_the_rest(pico, monkeypatch, stacked):
     """Muon as Moonshot's paper writes it (momentum as a sum, Nesterov, U V^T from the SVD,
     scaled by 0.2 sqrt(max(rows, cols)), decoupled weight decay), beside torch's AdamW for a
-    group not marked muon, over 20 steps of random gradients."""
+    group not marked muon, over 20 steps of random gradients; also with the two matrices of
+    one shape orthogonalized as one stack, as on a GPU."""
+    if stacked:
+        monkeypatch.setattr(pico.Muon, "stack_key", staticmethod(lambda p: p.shape))
     torch.manual_seed(0)
     matrices = [nn.Parameter(torch.randn(8, 5)), nn.Parameter(torch.randn(4, 12)),
                 nn.Parameter(torch.randn(8, 5))]

@@ -18,8 +18,8 @@
 #              every preset and attention kind (or those in PRESET_CONFIGS, comma-separated),
 #              PRESET_STEPS (40) steps each, compilation seconds and steady tokens/s
 #              -> compile_presets.json, compile_presets.log
-#   generate   a pico model trained for 30 steps and saved, then --generate greedily from its
-#              checkpoint without and with --compile (the compiled CUDA-graph decoder)
+#   generate   (not by default) a pico model trained 30 steps and saved, then --generate
+#              greedily from its checkpoint without and with --compile (compiled graph decoder)
 #              -> generate_plain.txt, generate_compiled.txt (the texts; equal expected),
 #              generate_*.log
 #   recipe     (not by default: minutes) tools/recipe_gpt2.py: the nanoGPT recipe against Muon
