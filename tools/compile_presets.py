@@ -8,7 +8,8 @@ and graph breaks TORCH_LOGS reports, through pico-llm's own command line. For a 
 
 Each run is a fresh process under its own time limit (--timeout), so that one slow compilation
 costs only its own row. From each run log's per-step history: the first step's seconds, and
-tokens/s over the steps after the first `--steps // 4` (the steady state). Writes a JSON report
+tokens/s over the steps after the first `--steps // 4` (the steady state), in total and for the
+median step. Writes a JSON report
 (atomically) and prints a table.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,7 +68,13 @@ def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
     steady = history[warm:]
     tokens = steady[-1]["tokens_seen"] - history[warm - 1]["tokens_seen"]
     seconds = steady[-1]["elapsed_s"] - history[warm - 1]["elapsed_s"]
+    # The median step as well: a short run's total is moved by one slow step (a log line's
+    # sync, another process), its median step not.
+    step_seconds = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(history[warm - 1:], steady)]
+    step_tokens = [b["tokens_seen"] - a["tokens_seen"] for a, b in zip(history[warm - 1:], steady)]
+    median_tokens_per_s = statistics.median(t / max(s, 1e-9) for t, s in zip(step_tokens, step_seconds))
     return {"first_step_s": history[0]["elapsed_s"], "steady_tokens_per_s": tokens / max(seconds, 1e-9),
+            "median_step_tokens_per_s": median_tokens_per_s,
             "steps": len(history), "process_s": time.perf_counter() - started,
             "recompilations": result.stderr.count("Recompiling function"),
             "graph_breaks": result.stderr.count("Graph break in user code")}
@@ -104,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                 row["compile_s"] = compiled["first_step_s"] - eager["first_step_s"]
                 row["compiled_vs_eager"] = (compiled["steady_tokens_per_s"]
                                             / eager["steady_tokens_per_s"])
+                row["compiled_vs_eager_median_step"] = (compiled["median_step_tokens_per_s"]
+                                                        / eager["median_step_tokens_per_s"])
             report["rows"][name] = row
             pico.atomic_write_json(Path(args.output), report)     # a cut-short run keeps its rows
             print(f"{name:<18} " + (
                 f"compile {row['compile_s']:6.1f} s, eager {eager['steady_tokens_per_s']:>10,.0f} "
-                f"tokens/s, compiled {compiled['steady_tokens_per_s']:>10,.0f} ({row['compiled_vs_eager']:.2f}x), "
+                f"tokens/s, compiled {compiled['steady_tokens_per_s']:>10,.0f} ({row['compiled_vs_eager']:.2f}x; "
+                f"median step {row['compiled_vs_eager_median_step']:.2f}x), "
                 f"{compiled['recompilations']} recompilations, {compiled['graph_breaks']} graph breaks"
                 if "compile_s" in row else
                 f"eager: {eager.get('error', 'ok')}; compiled: {compiled.get('error', 'ok')}"), flush=True)
