@@ -33,7 +33,7 @@ Contents (the section banners below carry the same numbers):
     2. Models: 2.1 k-gram MLP, 2.2 LSTM, 2.3 Transformer and its preset table
     3. The loss (masked next-token cross-entropy on the logits)
     4. Sampling and generation (greedy, temperature, top-k, nucleus; KV cache)
-    5. Training and evaluation (AdamW, schedule, clipping, the training loop)
+    5. Training and evaluation (AdamW, Muon, schedule, clipping, the training loop)
   Part II. Running experiments
     6. Data and tokenizers: 6.1 tokenizers, 6.2 text sources, 6.3 token cache,
        splits and batches
@@ -42,8 +42,8 @@ Contents (the section banners below carry the same numbers):
     8. The command line and main()
   Part III. Appendices
     A. Speed (oneDNN linears, freed memory kept, the chunked or fused loss):
-       A.1 compiled training (static shapes, real numbers), A.2 decoding on a GPU
-       (static shapes, CUDA graphs)
+       A.1 compiled training (static shapes, real numbers, experts block by block),
+       A.2 decoding on a GPU (static shapes, CUDA graphs)
     B. Fault tolerance (checkpoints, exact resume, signals, non-finite steps,
        early stopping and reduce-on-plateau)
     C. Distributed training (torchrun / DDP)
@@ -1613,11 +1613,9 @@ class Muon(AdamW):
 
     @staticmethod
     def stack_key(p: torch.Tensor):
-        """Which matrices are orthogonalized together, as one stack. On a GPU those of one shape
-        (and dtype): each product is then one launch for all of them, not one per matrix (GPT-2
-        small's 72 matrices: 6 ms a step instead of 35). A CPU gains nothing consistent from
-        stacking (0.7x to 1.3x the speed of one at a time, docs/performance.md), so there each
-        matrix is a stack of its own."""
+        """Which matrices are orthogonalized together, as one stack: each alone on a CPU; on a
+        GPU those of one shape, so that each product is one launch for all of them (GPT-2
+        small's 72 matrices: 6 ms a step instead of 35; a CPU gains nothing, docs/performance.md)."""
         return (p.shape, p.dtype, p.device) if p.is_cuda else id(p)
 
     @torch.no_grad()

@@ -269,4 +269,4 @@ def test_compile_presets_times_compiled_against_eager_at_tiny_size(tmp_path):
     assert row["eager"]["steps"] == row["compiled"]["steps"] == 6
     assert row["compile_s"] > 0 and row["compiled_vs_eager"] > 0 and row["compiled_vs_eager_median_step"] > 0
     assert row["eager"]["recompilations"] == row["eager"]["graph_breaks"] == 0   # nothing compiled
-    assert row["compiled"]["graph_breaks"] == 0 and row["compiled"]["recompilations"] >= 0
+    assert row["compiled"]["graph_breaks"] == 0 and isinstance(row["compiled"]["recompilations"], int)

@@ -296,6 +296,11 @@ def test_recipe_at_gpt2_shape_tool_times_each_recipe_and_reads_the_crossing(tmp_
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "missing" in err
     assert not (tmp_path / "x.json").exists()
+    (tmp_path / "a_file").write_text("kept")
+    assert tool.main(["--write_corpus", str(tmp_path / "a_file" / "corpus")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "--write_corpus" in err
+    assert (tmp_path / "a_file").read_text() == "kept"
 
 
 def test_architectures_sweep_logs_expert_usage_and_the_presets_attention(pico, run_main, tmp_path,

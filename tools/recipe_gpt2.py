@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from benchmark import synchronize
 from pico_module import load_pico
 from stream_vs_lines import write_python_docs
 
@@ -87,11 +88,6 @@ def orthogonalization_seconds(pico, model, device, rounds: int = 5) -> dict:
     return {name: statistics.median(times) for name, times in seconds.items()}
 
 
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write_corpus", metavar="DIR",
@@ -105,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="where the JSON report goes")
     args = parser.parse_args(argv)
     if args.write_corpus:
-        written = write_python_docs(Path(args.write_corpus), PACKAGES)
+        try:
+            written = write_python_docs(Path(args.write_corpus), PACKAGES)
+        except OSError as error:
+            print(f"recipe_gpt2: error: --write_corpus {args.write_corpus}: {error.strerror or error}; "
+                  "give a writable directory", file=sys.stderr)
+            return 2
         print(f"{written / 1e6:.1f} MB of docstrings in {args.write_corpus}")
         return 0
     if not (args.input_dir and args.output):
