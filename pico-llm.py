@@ -483,8 +483,8 @@ GATED_FFNS = ("swiglu", "clamped_swiglu")   # feed-forwards with a gate matrix w
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: GELU (tanh approximation, as GPT-2), SiLU, ReLU², SwiGLU or clamped
-    SwiGLU.
+    """Position-wise MLP: GELU (tanh approximation, as GPT-2; gelu_exact: with erf, as
+    nanoGPT's nn.GELU()), SiLU, ReLU², SwiGLU or clamped SwiGLU.
 
     SwiGLU (Shazeer, 2020) is w2(silu(w1 x) * w3 x): a gated MLP with three matrices;
     clamped SwiGLU (GPT-oss's experts) is w2(clamped_swiglu(w1 x, w3 x)). ReLU² (So et al.,
@@ -507,6 +507,8 @@ class FeedForward(nn.Module):
             hidden = clamped_swiglu(self.w1(x), self.w3(x))
         elif self.kind == "gelu":
             hidden = F.gelu(self.w1(x), approximate="tanh")
+        elif self.kind == "gelu_exact":
+            hidden = F.gelu(self.w1(x))
         elif self.kind == "relu2":
             hidden = F.relu(self.w1(x)).square()
         else:
@@ -916,7 +918,7 @@ class TransformerConfig:
     head_size: int = 0                # each head's width; 0 = d_model / n_heads
     n_blocks: int = 3
     d_ff: int | None = None           # None = default_ffn_width(d_model, ffn, ffn_dim_multiplier)
-    ffn: str = "swiglu"               # gelu | silu | relu2 | swiglu | clamped_swiglu
+    ffn: str = "swiglu"               # gelu | gelu_exact | silu | relu2 | swiglu | clamped_swiglu
     ffn_dim_multiplier: float | None = None  # Llama 3's width rule for SwiGLU (default_ffn_width)
     n_experts: int = 0                # > 0: a mixture of this many ffn experts (MixtureOfExperts)
     experts_per_token: int = 2
@@ -4063,9 +4065,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     help="Transformer blocks (the course suggests 2 to 10)")
     tf.add_argument("--d_ff", type=int, default=None,
                     help="feed-forward hidden width (of each expert, with --n_experts)")
-    tf.add_argument("--ffn", choices=("gelu", "swiglu", "silu", "relu2", "clamped_swiglu"),
-                    default=None, help="feed-forward type (relu2: relu(x)^2, the nanoGPT speedrun's; "
-                                       "clamped_swiglu: GPT-oss's experts)")
+    tf.add_argument("--ffn", choices=("gelu", "gelu_exact", "swiglu", "silu", "relu2",
+                                      "clamped_swiglu"),
+                    default=None, help="feed-forward type (gelu: the tanh approximation, as GPT-2; "
+                                       "gelu_exact: with erf, as nanoGPT; relu2: relu(x)^2, the "
+                                       "nanoGPT speedrun's; clamped_swiglu: GPT-oss's experts)")
     tf.add_argument("--n_experts", type=int, default=None,
                     help="mixture of experts: this many feed-forwards per block, a linear router "
                          "picking --experts_per_token of them for each token (0 = one dense "
@@ -4898,7 +4902,8 @@ def exit_process(status: int) -> None:
 # AVX2 code at about half the machine's AVX-512 peak. Three pieces, all switched
 # on in one place, `speed_up`, which the training loop calls:
 #   - linear layers through oneDNN (which PyTorch ships) for float32 on the CPU,
-#     with the gradient written out; 2x MKL's throughput on the benchmark machine;
+#     with the gradients written out (the weight's by PyTorch's own product);
+#     2x MKL's throughput on the benchmark machine;
 #   - the C allocator told to keep freed memory, so large per-step buffers do not
 #     fault their pages in again every step;
 #   - the chunked linear cross-entropy, which never builds the (positions x vocab)
@@ -5049,14 +5054,14 @@ def onednn_matmul_add(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torc
     return torch.ops.mkldnn._linear_pointwise.binary(dense(a), c, dense(w), None, "add")
 
 
-def onednn_weight_gradient(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def weight_gradient(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """grad_y.T @ x, a linear layer's weight gradient: grad_y (N, out), x (N, in) -> (out, in).
-    oneDNN runs this long-sum product fastest with the smaller of out and in as the rows
-    of its result (measured 2.2 vs 3.1 ms at N=2048, 256 -> 704), so for a widening layer
-    it computes x.T @ grad_y and returns its transpose (a column-major view)."""
-    if grad_y.shape[1] <= x.shape[1]:
-        return onednn_matmul(grad_y.t(), x.t())                                   # (out, in)
-    return onednn_matmul(x.t(), grad_y.t()).t()                                   # (in, out).T
+    PyTorch's own product, not oneDNN's: the sum runs over N, the rows of both, so oneDNN's
+    linear op, which wants its left operand row-major, first copies a transposed one, while
+    PyTorch's kernel reads both where they lie. On the 2-core VM (two threads) oneDNN's way,
+    copy included, took 1.7x as long at 768 x 128 -> 128 and 2x at 2048 x 256 -> 256, and no
+    less at the other shapes measured (docs/performance.md)."""
+    return grad_y.t() @ x
 
 
 def dense(matrix: torch.Tensor) -> torch.Tensor:
@@ -5069,8 +5074,8 @@ def dense(matrix: torch.Tensor) -> torch.Tensor:
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """y = x @ W.T + b with oneDNN for the forward and both gradients.
-    x (N, in), W (out, in), b (out,) or None -> y (N, out)."""
+    """y = x @ W.T + b with oneDNN for the forward and the input's gradient (the weight's:
+    weight_gradient). x (N, in), W (out, in), b (out,) or None -> y (N, out)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -5082,7 +5087,7 @@ class OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad_x = onednn_matmul(grad_y, weight.t()) if ctx.needs_input_grad[0] else None  # (N, in)
-        grad_w = onednn_weight_gradient(grad_y, x) if ctx.needs_input_grad[1] else None  # (out, in)
+        grad_w = weight_gradient(grad_y, x) if ctx.needs_input_grad[1] else None  # (out, in)
         grad_b = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 

@@ -236,6 +236,20 @@ def test_relu2_is_w2_of_relu_w1_squared(pico):
     assert torch.allclose(ffn(x), ffn.w2(torch.clamp(ffn.w1(x), min=0) ** 2), atol=1e-6)
 
 
+def test_gelu_exact_is_the_erf_form_and_gelu_the_tanh_form(pico):
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    exact = pico.FeedForward(8, 16, "gelu_exact", bias=False, dropout=0.0)
+    hidden = exact.w1(x)
+    assert torch.allclose(exact(x), exact.w2(0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))),
+                          atol=1e-6)
+    tanh_form = pico.FeedForward(8, 16, "gelu", bias=False, dropout=0.0)
+    tanh_form.load_state_dict(exact.state_dict())
+    tanh_hidden = 0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden ** 3)))
+    assert torch.allclose(tanh_form(x), exact.w2(tanh_hidden), atol=1e-6)
+    assert not torch.equal(tanh_form(x), exact(x))
+
+
 def test_zero_init_proj_starts_every_block_as_the_identity(pico):
     model = tiny_model(pico, "transformer", "--zero_init_proj", "true", "--n_blocks", "3")
     tokens = torch.randint(0, VOCAB, (10, 2))
@@ -488,14 +502,14 @@ def test_kernels_give_a_transformer_the_same_gradients(pico):
         assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-def test_onednn_weight_gradient_and_fused_sum_match_torch(pico):
-    if not pico.onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN linear")
+def test_weight_gradient_and_onednn_fused_sum_match_torch(pico):
     torch.manual_seed(0)
     x = torch.randn(50, 12)
-    for width in (5, 30):                     # narrowing and widening layers take different layouts
+    for width in (5, 30):                     # narrowing and widening layers
         grad_y = torch.randn(50, width)
-        assert torch.allclose(pico.onednn_weight_gradient(grad_y, x), grad_y.t() @ x, atol=1e-5)
+        assert torch.allclose(pico.weight_gradient(grad_y, x), grad_y.t() @ x, atol=1e-5)
+    if not pico.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
     a, w, c = torch.randn(6, 4), torch.randn(9, 4), torch.randn(6, 9)
     assert torch.allclose(pico.onednn_matmul_add(a, w, c), a @ w.t() + c, atol=1e-5)
 

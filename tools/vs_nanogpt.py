@@ -12,14 +12,16 @@ train.py) only pico-llm's side runs.
 
 Both train the shape of nanoGPT's README for a CPU ("I only have a macbook": its
 train_shakespeare_char config with 4 blocks of 4 heads, 128 wide, context 64, batch 12,
-dropout 0, no biases, learning rate 1e-3 with 100 warm-up steps and a cosine to 1e-4, weight decay
-0.1, clipping at 1.0, Adam's beta2 0.99) on the same running text: the standard library's
-docstrings and pydoc's topics (tools/stream_vs_lines.py writes them; generated offline),
-every tenth file held out from both. pico-llm runs its command line (`pico-llm.py`, the
-whole training loop, the minGPT preset at that shape, --data_format stream, with its
---random_offsets so that an epoch's windows are not the last epoch's again) and nanoGPT its
-train.py, each as a fresh process, one after the other, --rounds times (the order swapped
-each round), so that a slow spell of a shared machine falls on both.
+dropout 0, no biases, the exact GELU (nn.GELU(), with erf), learning rate 1e-3 with 100
+warm-up steps and a cosine to 1e-4, weight decay 0.1, clipping at 1.0, Adam's beta2 0.99) on
+the same running text: the standard library's docstrings and pydoc's topics
+(tools/stream_vs_lines.py writes them; generated offline), every tenth file held out from
+both. pico-llm runs its command line (`pico-llm.py`, the whole training loop, the minGPT
+preset at that shape made nanoGPT's model with --bias false and --ffn gelu_exact,
+--data_format stream, with its --random_offsets so that an epoch's windows are not the last
+epoch's again) and nanoGPT its train.py, each as a fresh process, one after the other,
+--rounds times (the order swapped each round), so that a slow spell of a shared machine falls
+on both.
 
 Measured in the run and printed: each side's training-loop tokens/s (from the loop's own
 per-step times, the first --warmup steps not counted; pico-llm's run log, nanoGPT's
@@ -63,7 +65,7 @@ PICO_FLAGS = ["--models", "transformer", "--transformer_variant", "minGPT",
               "--n_blocks", str(SHAPE["n_layer"]), "--n_heads", str(SHAPE["n_head"]),
               "--d_model", str(SHAPE["n_embd"]), "--d_ff", str(4 * SHAPE["n_embd"]),
               "--block_size", str(SHAPE["block_size"]), "--batch_size", str(SHAPE["batch_size"]),
-              "--dropout", "0", "--bias", "false", "--tie_weights", "true", "--learning_rate", "1e-3",
+              "--dropout", "0", "--bias", "false", "--ffn", "gelu_exact", "--tie_weights", "true", "--learning_rate", "1e-3",
               "--min_lr_ratio", "0.1", "--warmup_steps", "100", "--weight_decay", "0.1",
               "--beta2", "0.99", "--grad_clip", "1.0", "--data_format", "stream",
               "--random_offsets", "--test_fraction", "0", "--tokenizer", "char",
