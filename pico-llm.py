@@ -2100,8 +2100,8 @@ def check_regular_file(path: Path, what: str) -> None:
 MAX_INPUT_FILE_BYTES = 2 << 30
 
 
-def read_text_lines(path: Path) -> list[str]:
-    """Non-empty, stripped lines of a UTF-8 text file; UserError on anything else."""
+def read_text(path: Path) -> str:
+    """The contents of a UTF-8 text file; UserError on anything else."""
     if not path.exists():
         raise UserError(f"input file not found: {path}")
     if path.is_dir():
@@ -2123,10 +2123,26 @@ def read_text_lines(path: Path) -> list[str]:
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not valid UTF-8 (bad byte at offset {error.start}); "
                         "re-save it as UTF-8") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return text
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """Lines mode's examples: the non-empty lines of a UTF-8 text file, stripped."""
+    lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not lines:
         raise UserError(f"{path} is empty (no non-blank lines)")
     return lines
+
+
+def read_document(path: Path) -> str:
+    """Stream mode's document: a UTF-8 text file's text as written, its indentation and the
+    blank lines between paragraphs kept (code and prose need both), with only line endings
+    made "\n", spaces at line ends dropped, and blank lines at the start and end."""
+    lines = [line.rstrip() for line in read_text(path).splitlines()]
+    document = "\n".join(lines).strip("\n")
+    if not document:
+        raise UserError(f"{path} is empty (no non-blank lines)")
+    return document
 
 
 def text_files_in(directory: Path) -> list[Path]:
@@ -2176,13 +2192,14 @@ def custom_paths(data: DataConfig) -> list[Path]:
 
 
 def custom_documents(data: DataConfig) -> list[str]:
-    """Stream mode: one document per file, its non-empty lines joined by newlines; with
-    --limit_custom_examples N, only the first N lines of all files count."""
+    """Stream mode: one document per file (read_document); with --limit_custom_examples N,
+    only the first N non-blank lines of all files count."""
     documents, budget = [], data.limit_custom_examples
     for path in custom_paths(data):
-        lines = read_text_lines(path)
+        lines = read_document(path).split("\n")
         if budget is not None:
-            lines, budget = lines[:budget], budget - min(budget, len(lines))
+            ends = [index + 1 for index, line in enumerate(lines) if line.strip()][:budget]
+            lines, budget = lines[: ends[-1] if ends else 0], budget - len(ends)
         if lines:
             documents.append("\n".join(lines))
     return documents
@@ -4016,7 +4033,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="local TinyStories copy (json, jsonl, parquet or txt) instead of the hub")
     data.add_argument("--data_format", choices=DATA_FORMATS, default="auto",
                       help="lines: each non-empty line is one example (the course's format); "
-                           "stream: each file or story joins one token stream that training "
+                           "stream: each file (as written, indentation and blank lines kept) or "
+                           "story joins one token stream that training "
                            "reads in --block_size windows; auto: lines for --input_files, "
                            "stream for --input_dir, the shipped corpus and TinyStories")
     data.add_argument("--random_offsets", action="store_true",

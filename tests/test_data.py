@@ -19,6 +19,21 @@ def test_input_file_lines_are_examples(pico, tmp_path):
     assert pico.read_text_lines(path) == ["first line", "second line"]
 
 
+def test_a_stream_document_keeps_indentation_and_paragraphs(pico, tmp_path):
+    path = tmp_path / "code.txt"
+    path.write_bytes(b"\n  \ndef f(x):\r\n    return x  \n\n\nA paragraph.\n\n")
+    assert pico.read_document(path) == "def f(x):\n    return x\n\n\nA paragraph."
+    config = args_for(pico, "--input_files", str(path), "--data_format", "stream")
+    assert pico.custom_documents(config) == ["def f(x):\n    return x\n\n\nA paragraph."]
+    second = tmp_path / "second.txt"
+    second.write_text("one\n\n  two\nthree\n")
+    limited = args_for(pico, "--input_files", str(path), str(second), "--data_format", "stream",
+                       "--limit_custom_examples", "5")
+    assert pico.custom_documents(limited) == ["def f(x):\n    return x\n\n\nA paragraph.",
+                                              "one\n\n  two"]  # the first 5 non-blank lines
+    assert pico.read_text_lines(path) == ["def f(x):", "return x", "A paragraph."]   # lines mode
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "not found"),
     (b"", "empty"),
@@ -30,8 +45,9 @@ def test_bad_input_files_raise_user_errors(pico, tmp_path, content, message):
     path = tmp_path / "input.txt"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(pico.UserError, match=message):
-        pico.read_text_lines(path)
+    for read in (pico.read_text_lines, pico.read_document):
+        with pytest.raises(pico.UserError, match=message):
+            read(path)
 
 
 def test_input_dir_is_searched_recursively_for_txt(pico, tmp_path):

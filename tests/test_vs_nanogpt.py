@@ -37,3 +37,20 @@ def test_held_out_windows_cover_the_text_once(monkeypatch):
     assert windows[:, 1:].flatten().tolist() == list(range(1, 193))    # every target once
     epochs, per_epoch, total = vs_nanogpt.total_steps(64 * 12 * 10 + 1, 25)
     assert (epochs, per_epoch, total) == (3, 9, 27)                    # 10 steps a pass
+
+
+def test_nanogpt_gets_the_characters_pico_llm_reads(pico, tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import vs_nanogpt
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(12):
+        (corpus / f"doc{index:02d}.txt").write_text(
+            f"\n\ndef f{index}(x):   \n    return x\n\n\nA paragraph {index}.\n\n")
+    train, held_out = vs_nanogpt.running_text(pico, corpus)
+    assert "def f5(" in held_out and "def f5(" not in train and "def f11(" in train
+    assert "\n    return x\n\n\nA paragraph 0." in train           # indentation, blank lines kept
+    (tmp_path / "train.txt").write_text(train + "\n")               # as the tool writes it
+    data = pico.config_from_command_line(["--input_files", str(tmp_path / "train.txt"),
+                                          "--data_format", "stream"]).data
+    assert pico.custom_documents(data) == [train]                   # what pico-llm trains on

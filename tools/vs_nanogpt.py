@@ -72,14 +72,17 @@ PICO_FLAGS = ["--models", "transformer", "--transformer_variant", "minGPT",
               "--device_id", "cpu", "--max_new_tokens", "20"]
 
 
-def running_text(corpus_dir: Path) -> tuple[str, str]:
-    """(training text, held-out text): every tenth file held out. Lines are stripped and blank
-    lines dropped, as pico-llm reads a file, so that both train on the same characters."""
+def running_text(pico, corpus_dir: Path) -> tuple[str, str]:
+    """(training text, held-out text): every tenth file held out, each file read as pico-llm's
+    stream mode reads a document (read_document), so that both train on the same characters."""
     if not any(corpus_dir.glob("*.txt")):
         write_python_docs(corpus_dir)
-    files = sorted(corpus_dir.glob("*.txt"))
-    documents = ["\n".join(line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                           if line.strip()) for path in files]
+    documents = []
+    for path in sorted(corpus_dir.glob("*.txt")):
+        try:
+            documents.append(pico.read_document(path))
+        except pico.UserError:                     # an empty file: no text, but keeps its place
+            documents.append("")
     train = [d for index, d in enumerate(documents) if d and index % 10 != 5]
     held_out = [d for index, d in enumerate(documents) if d and index % 10 == 5]
     return "\n".join(train), "\n".join(held_out)
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no train.py in {nanogpt}: running pico-llm's side only")
         nanogpt = None
     pico = load_pico()
-    train_text, held_out_text = running_text(Path(args.corpus_dir))
+    train_text, held_out_text = running_text(pico, Path(args.corpus_dir))
     train_ids, held_out_ids = token_ids(pico, train_text), token_ids(pico, held_out_text)
     epochs, per_epoch, steps = total_steps(len(train_ids), args.steps)
     warmup = min(args.warmup, steps // 2)
