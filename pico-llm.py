@@ -5404,10 +5404,24 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
                                     isinstance(layer, FastLinear), softcap)
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """--compile on a CPU: torch.compile the model's features; the chunked loss stays eager
-    (speed_up compiles the whole loss elsewhere)."""
-    model.features = torch.compile(model.features)
+def compiled_while_training(function):
+    """`function` compiled with static shapes for calls with gradients on (training steps,
+    whose batches all have one shape; a shorter last batch of an epoch gets a compilation of
+    its own), and run as it is with them off: evaluation (its shorter last batch too) and
+    generation compile nothing more. Compiling those as well cost a CPU two recompilations,
+    17 s, in a minGPT run whose training step compiled in 36 s (docs/performance.md)."""
+    compiled = torch.compile(function, dynamic=False)
+
+    def call(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else function)(*args, **kwargs)
+
+    return call
+
+
+def compile_model(model: nn.Module) -> None:
+    """--compile on a CPU: the model's features compiled for training, in place; the chunked
+    loss stays eager (on a GPU CompiledTrainingLoss compiles the whole loss module)."""
+    model.features = compiled_while_training(model.features)
     return model
 
 
@@ -5505,22 +5519,15 @@ def compile_for_training(model: nn.Module, device: torch.device, loss: str = "fu
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """Each Transformer block compiled on its own, in place, for training calls: compiled with
-    static shapes while gradients are on, the block itself while they are off (evaluation and
-    generation compile nothing more). A mixture of experts unrolls every expert into the
+    """Each Transformer block compiled on its own, in place, for training calls
+    (compiled_while_training). A mixture of experts unrolls every expert into the
     graph, so a whole GPT-oss is a large one to compile; its blocks repeat, and one compilation
     serves every block of a kind (with a sliding window or without): 39 s instead of 87 for
     GPT-oss on a 2-core CPU (docs/performance.md). The parameters and state_dict stay the
     block's own."""
     for block in model.blocks:
-        if "forward" in vars(block):                  # compiled already (speed_up called twice)
-            continue
-        compiled, eager = torch.compile(block.forward, dynamic=False), block.forward
-
-        def forward(*args, compiled=compiled, eager=eager, **kwargs):
-            return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
-
-        block.forward = forward
+        if "forward" not in vars(block):              # not compiled already (speed_up twice)
+            block.forward = compiled_while_training(block.forward)
 
 
 class CompiledTrainingLoss(nn.Module):

@@ -102,13 +102,15 @@ def test_loss_auto_is_chunked_on_a_cpu_for_a_large_vocabulary_and_fused_otherwis
     assert set(pico.LOSS_MODULES) | {"auto"} == set(pico.LOSS_KINDS)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize("name", ["GPT-oss", "gated_linear"])
-def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypatch, name):
-    """compile_for_training's GPU path (the whole loss module compiled; with experts, each
-    block), traced on the CPU with the aot_eager backend (no code generation, so seconds): the
-    same losses as eager training, and the same graphs from the first step on (one; with
-    experts, one per kind of block), also across the run log's reading of the experts' usage
-    (a compilation of GPT-oss costs a minute on a GPU)."""
+def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypatch, name, device):
+    """compile_for_training's paths (on a GPU the whole loss module compiled, on a CPU the
+    model's features; with experts, each block), traced on the CPU with the aot_eager backend
+    (no code generation, so seconds): the same losses as eager training, and the same graphs
+    from the first step on (one; with experts, one per kind of block), also across the run
+    log's reading of the experts' usage (a compilation of GPT-oss costs a minute on a GPU) and
+    through evaluation, which runs eagerly."""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     flags = COMPILED_MODELS[name] + (["--n_blocks", "4"] if name == "GPT-oss" else [])  # 2 kinds
@@ -116,9 +118,9 @@ def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypat
     models[1].load_state_dict(models[0].state_dict())
     torch._dynamo.reset()
     counters.clear()
-    compiled = pico.compile_for_training(models[1], torch.device("cuda"))  # the device's branch
+    compiled = pico.compile_for_training(models[1], torch.device(device))  # the device's branch
     experts = name == "GPT-oss"
-    if experts:                                       # the blocks compiled in place
+    if experts or device == "cpu":                    # the blocks or the features, in place
         assert compiled is None
         compiled = pico.FusedNextTokenLoss(models[1])
     else:
