@@ -2095,13 +2095,14 @@ def check_regular_file(path: Path, what: str) -> None:
                         "give a file")
 
 
-# A text file is read whole into memory, and held there about three times over (bytes, text,
-# lines) before it is tokenized; a larger file is refused before it is read.
+# A text file is read whole into memory, and held there a few times over (bytes, text, lines,
+# the joined document) before it is tokenized; a larger file is refused before it is read.
 MAX_INPUT_FILE_BYTES = 2 << 30
 
 
 def read_text(path: Path) -> str:
-    """The contents of a UTF-8 text file; UserError on anything else."""
+    """The contents of a UTF-8 text file (without a byte-order mark); UserError on anything
+    else."""
     if not path.exists():
         raise UserError(f"input file not found: {path}")
     if path.is_dir():
@@ -2123,7 +2124,7 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not valid UTF-8 (bad byte at offset {error.start}); "
                         "re-save it as UTF-8") from None
-    return text
+    return text.removeprefix("\ufeff")       # the byte-order mark some editors write first
 
 
 def read_text_lines(path: Path) -> list[str]:
@@ -2136,10 +2137,10 @@ def read_text_lines(path: Path) -> list[str]:
 
 def read_document(path: Path) -> str:
     """Stream mode's document: a UTF-8 text file's text as written, its indentation and the
-    blank lines between paragraphs kept (code and prose need both), with only line endings
-    made "\n", spaces at line ends dropped, and blank lines at the start and end."""
-    lines = [line.rstrip() for line in read_text(path).splitlines()]
-    document = "\n".join(lines).strip("\n")
+    blank lines between paragraphs kept (code and prose need both), with only its line
+    endings made "\n", white space at line ends dropped, and blank lines at the start and end."""
+    text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")
+    document = "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
     if not document:
         raise UserError(f"{path} is empty (no non-blank lines)")
     return document
@@ -2219,9 +2220,11 @@ def split_documents(documents: list[str], test_fraction: float, seed: int) -> tu
         num_test = int(round(len(lines) * test_fraction)) if test_fraction > 0 else 0
         if test_fraction > 0 and len(lines) >= 2:
             num_test = min(max(num_test, 1), len(lines) - 1)
-        heads.append("\n".join(lines[: len(lines) - num_test]))
+        # A cut next to a blank line leaves it to neither part (a document's first and last
+        # lines are never blank, so neither part is empty).
+        heads.append("\n".join(lines[: len(lines) - num_test]).strip("\n"))
         if num_test:
-            tails.append("\n".join(lines[len(lines) - num_test:]))
+            tails.append("\n".join(lines[len(lines) - num_test:]).strip("\n"))
     return heads, tails
 
 
@@ -2449,15 +2452,19 @@ def atomic_create_bytes(path: Path, data: bytes) -> None:
         temp.unlink(missing_ok=True)
 
 
-def remove_stale_temporary_files(directory: Path, name_pattern: str) -> None:
+def remove_stale_temporary_files(directory: Path, name_pattern: str,
+                                  older_than_s: float = 0.0) -> None:
     """Delete the temporary files atomic_write_bytes left in `directory`, when a kill came
-    mid-write, for targets whose names match the regex `name_pattern`. Only for files this
-    run owns (see claim_directory): a live writer's temporary file would go too."""
+    mid-write, for targets whose names match the regex `name_pattern` and last written over
+    `older_than_s` seconds ago. Only for files this run owns (see claim_directory), or with an
+    age no live writer's file has: a live writer's temporary file would go too."""
     stale = re.compile(rf"\.(?:{name_pattern})\.[a-z0-9_]{{8}}\.tmp")   # mkstemp's 8 characters
     if directory.is_dir():
         for path in directory.iterdir():
             if stale.fullmatch(path.name):
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - path.stat().st_mtime >= older_than_s:
+                        path.unlink(missing_ok=True)
 
 
 def current_umask() -> int:
@@ -2870,6 +2877,9 @@ def environment_info(device: torch.device) -> dict:
     }
 
 
+LIVE_WRITE_S = 300.0   # a temporary file younger than this may be a live writer's
+
+
 class RunLog:
     """Everything a run measured, written atomically to artefacts/<run_name>.json when
     training starts and after every epoch, so a crash leaves the last complete version on
@@ -2908,7 +2918,11 @@ class RunLog:
         except FileExistsError:
             raise UserError(f"run log {self.path} already exists: another run with this "
                             "--run_name started first; choose another --run_name") from None
-        remove_stale_temporary_files(self.path.parent, re.escape(self.path.name))
+        # A run started at the same moment with the same --run_name may be writing its own
+        # temporary log file (it will be refused once it tries to create the log): leave
+        # files that young alone.
+        remove_stale_temporary_files(self.path.parent, re.escape(self.path.name),
+                                     older_than_s=LIVE_WRITE_S)
 
     def record_failure(self, error: BaseException) -> None:
         """A run that stops on an error says so in its log, with the error in one line,
@@ -4023,7 +4037,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="directory searched recursively for *.txt files (a stream of "
                            "documents, one per file, unless --data_format lines)")
     data.add_argument("--limit_custom_examples", type=int, default=None,
-                      help="use at most this many examples from the custom files")
+                      help="use at most this many examples (lines mode) or non-blank lines "
+                           "(stream mode) from the custom files")
     data.add_argument("--tinystories_weight", type=float, default=0.0,
                       help="probability that a training example comes from TinyStories "
                            "(0 skips it; the default keeps the run offline)")
@@ -5077,8 +5092,8 @@ def weight_gradient(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     PyTorch's own product, not oneDNN's: the sum runs over N, the rows of both, so oneDNN's
     linear op, which wants its left operand row-major, first copies a transposed one, while
     PyTorch's kernel reads both where they lie. On the 2-core VM (two threads) oneDNN's way,
-    copy included, took 1.7x as long at 768 x 128 -> 128 and 2x at 2048 x 256 -> 256, and no
-    less at the other shapes measured (docs/performance.md)."""
+    copy included, took 1.7x as long at 768 x 128 -> 128 and 2x at 2048 x 256 -> 256, and
+    within 3% of PyTorch's at the widening and narrowing shapes measured (docs/performance.md)."""
     return grad_y.t() @ x
 
 
@@ -5404,13 +5419,14 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
                                     isinstance(layer, FastLinear), softcap)
 
 
-def compiled_while_training(function):
-    """`function` compiled with static shapes for calls with gradients on (training steps,
-    whose batches all have one shape; a shorter last batch of an epoch gets a compilation of
-    its own), and run as it is with them off: evaluation (its shorter last batch too) and
-    generation compile nothing more. Compiling those as well cost a CPU two recompilations,
-    17 s, in a minGPT run whose training step compiled in 36 s (docs/performance.md)."""
-    compiled = torch.compile(function, dynamic=False)
+def compiled_while_training(function, dynamic: bool | None):
+    """`function` compiled for calls with gradients on (training steps) and run as it is with
+    them off: evaluation (its shorter last batch too) and generation compile nothing more.
+    Compiling those as well cost a CPU two recompilations, 17 s, in a minGPT run whose
+    training step compiled in 36 s (docs/performance.md). dynamic: torch.compile's; None
+    compiles the first shape statically and a second one with dynamic shapes (lines mode's
+    batches are as long as their longest line, a different length each step)."""
+    compiled = torch.compile(function, dynamic=dynamic)
 
     def call(*args, **kwargs):
         return (compiled if torch.is_grad_enabled() else function)(*args, **kwargs)
@@ -5421,8 +5437,7 @@ def compiled_while_training(function):
 def compile_model(model: nn.Module) -> None:
     """--compile on a CPU: the model's features compiled for training, in place; the chunked
     loss stays eager (on a GPU CompiledTrainingLoss compiles the whole loss module)."""
-    model.features = compiled_while_training(model.features)
-    return model
+    model.features = compiled_while_training(model.features, dynamic=None)
 
 
 # --- A.1 Compiled training: static shapes, real numbers ------------------------------
@@ -5519,15 +5534,15 @@ def compile_for_training(model: nn.Module, device: torch.device, loss: str = "fu
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """Each Transformer block compiled on its own, in place, for training calls
-    (compiled_while_training). A mixture of experts unrolls every expert into the
+    """Each Transformer block compiled on its own, in place, for training calls, with static
+    shapes (compiled_while_training). A mixture of experts unrolls every expert into the
     graph, so a whole GPT-oss is a large one to compile; its blocks repeat, and one compilation
     serves every block of a kind (with a sliding window or without): 39 s instead of 87 for
     GPT-oss on a 2-core CPU (docs/performance.md). The parameters and state_dict stay the
     block's own."""
     for block in model.blocks:
         if "forward" not in vars(block):              # not compiled already (speed_up twice)
-            block.forward = compiled_while_training(block.forward)
+            block.forward = compiled_while_training(block.forward, dynamic=False)
 
 
 class CompiledTrainingLoss(nn.Module):

@@ -26,12 +26,26 @@ def test_a_stream_document_keeps_indentation_and_paragraphs(pico, tmp_path):
     config = args_for(pico, "--input_files", str(path), "--data_format", "stream")
     assert pico.custom_documents(config) == ["def f(x):\n    return x\n\n\nA paragraph."]
     second = tmp_path / "second.txt"
-    second.write_text("one\n\n  two\nthree\n")
-    limited = args_for(pico, "--input_files", str(path), str(second), "--data_format", "stream",
-                       "--limit_custom_examples", "5")
+    second.write_bytes("\ufeff\n    x = 1\n\n  two\fthree\nfour\n".encode())  # BOM; form feed
+    assert pico.read_document(second) == "    x = 1\n\n  two\fthree\nfour"
+    third = tmp_path / "third.txt"
+    third.write_text("beyond the limit\n")
+    limited = args_for(pico, "--input_files", str(path), str(second), str(third),
+                       "--data_format", "stream", "--limit_custom_examples", "5")
     assert pico.custom_documents(limited) == ["def f(x):\n    return x\n\n\nA paragraph.",
-                                              "one\n\n  two"]  # the first 5 non-blank lines
+                                              "    x = 1\n\n  two\fthree"]  # 5 non-blank lines
     assert pico.read_text_lines(path) == ["def f(x):", "return x", "A paragraph."]   # lines mode
+
+
+def test_a_few_documents_are_cut_between_lines_not_beside_a_blank_one(pico):
+    document = "p1\n\n\np2\np3\n\np4"
+    for fraction in (0.2, 0.3, 0.5, 0.7):
+        heads, tails = pico.split_documents([document], fraction, seed=0)
+        head, = heads
+        tail, = tails
+        assert head and tail and head.strip("\n") == head and tail.strip("\n") == tail
+        assert head.split("\n")[0] == "p1" and tail.split("\n")[-1] == "p4"
+        assert (head + "\n" + tail).replace("\n", "") == document.replace("\n", "")
 
 
 @pytest.mark.parametrize("content, message", [

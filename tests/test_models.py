@@ -502,14 +502,17 @@ def test_kernels_give_a_transformer_the_same_gradients(pico):
         assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-def test_weight_gradient_and_onednn_fused_sum_match_torch(pico):
-    torch.manual_seed(0)
-    x = torch.randn(50, 12)
-    for width in (5, 30):                     # narrowing and widening layers
-        grad_y = torch.randn(50, width)
-        assert torch.allclose(pico.weight_gradient(grad_y, x), grad_y.t() @ x, atol=1e-5)
+def test_onednn_linear_gradients_and_fused_sum_match_torch(pico):
     if not pico.onednn_available():
         pytest.skip("this PyTorch build has no oneDNN linear")
+    torch.manual_seed(0)
+    for width in (5, 30):                     # narrowing and widening layers
+        x, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((50, 12), (width, 12), (width,)))
+        grad_y = torch.randn(50, width)
+        ours = torch.autograd.grad(pico.OneDNNLinear.apply(x, w, b), (x, w, b), grad_y)
+        theirs = torch.autograd.grad(F.linear(x, w, b), (x, w, b), grad_y)
+        for mine, reference in zip(ours, theirs):
+            assert torch.allclose(mine, reference, atol=1e-5)
     a, w, c = torch.randn(6, 4), torch.randn(9, 4), torch.randn(6, 9)
     assert torch.allclose(pico.onednn_matmul_add(a, w, c), a @ w.t() + c, atol=1e-5)
 

@@ -471,6 +471,15 @@ def test_only_the_temporary_files_of_the_named_target_are_removed(pico, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
+def test_a_young_temporary_file_may_be_a_live_writers_and_stays(pico, tmp_path):
+    """Two runs started together with one --run_name: the one that creates the log first must
+    not delete the other's temporary file mid-write (that one is then refused, in one line)."""
+    young = plant(tmp_path / ".r1.json.a1b2c3d4.tmp", age_s=0)
+    old = plant(tmp_path / ".r1.json.e5f6g7h8.tmp", age_s=2 * pico.LIVE_WRITE_S)
+    pico.remove_stale_temporary_files(tmp_path, re.escape("r1.json"), older_than_s=pico.LIVE_WRITE_S)
+    assert young.exists() and not old.exists()
+
+
 @pytest.mark.slow
 def test_stale_checkpoint_temp_files_are_removed_on_resume(ws):
     ok(run(*TINY, *ws.io(), "--save_dir", str(ws.save), timeout=300))

@@ -151,6 +151,23 @@ def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypat
     assert counters["stats"]["unique_graphs"] == graphs[-1]
 
 
+def test_compiled_features_on_a_cpu_take_lines_modes_changing_lengths_in_two_graphs(pico, monkeypatch):
+    """Lines mode pads a batch to its longest line, so the length changes every step: the
+    CPU's compiled features compile the first length statically and then once for any length,
+    rather than once per length."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    model = tiny_model(pico, "transformer")
+    torch._dynamo.reset()
+    counters.clear()
+    assert pico.compile_for_training(model, torch.device("cpu")) is None
+    loss_model = pico.FusedNextTokenLoss(model)
+    for length in (16, 9, 12, 5, 14):
+        tokens = torch.randint(0, VOCAB, (length + 1, 2))
+        loss_model(tokens[:-1], tokens[1:], torch.ones(length, 2)).backward()
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
 def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch):
     from conftest import TINY_RUN
     monkeypatch.setattr(pico.shutil, "which", lambda name: None)

@@ -11,8 +11,10 @@ the pico Transformer (character tokens) for about --seconds of training time (st
 calibrated from a short first run of each), then both models are scored on the same held-out
 text: the stream test set (whole files held out, or with fewer than 20 files the last tenth of
 each), which neither model trained on: lines mode reads only the stream split's training text,
-written one file per document into a temporary directory. Each also reports its own format's
-test set, and samples from a prompt.
+written one file per document into a temporary directory. The held-out text keeps its
+indentation and blank lines, as stream mode reads a file; lines mode, which strips every line,
+never trains on either, and that is part of what the comparison measures. Each also reports
+its own format's test set, and samples from a prompt.
 """
 
 from __future__ import annotations
