@@ -7182,7 +7182,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
 
     kind = hf.get("model_type")
     if kind == "gpt2":
-        setting("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh"))
+        activation = setting("activation_function", "gelu_new",
+                             ("gelu_new", "gelu_pytorch_tanh", "gelu"))
         setting("scale_attn_weights", True, (True,))
         setting("scale_attn_by_inverse_layer_idx", False, (False,))
         setting("add_cross_attention", False, (False,))
@@ -7191,7 +7192,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         return TransformerConfig(
             vocab_size=size("vocab_size"), block_size=size("n_positions"), d_model=d_model,
             n_heads=n_heads, n_blocks=size("n_layer"), d_ff=size("n_inner", 4 * d_model),
-            ffn="gelu", norm="layernorm", pos_emb="learned",
+            ffn=GPT2_ACTIVATIONS[activation], norm="layernorm", pos_emb="learned",
             tie_weights=setting("tie_word_embeddings", True), bias=True,
             norm_eps=float(setting("layer_norm_epsilon", 1e-5)))
     if kind not in ROPE_FAMILY_DEFAULTS:
@@ -7328,8 +7329,11 @@ ROPE_FAMILY = dict(pos_emb="rope", norm="rmsnorm", norm_position="pre", ffn="swi
                    attention="softmax", n_experts=0, attention_sinks=False, sliding_window=0,
                    qk_norm=False, qkv_bias=False, nope_interval=0, value_embeddings=False,
                    unet_skips=False, logit_softcap=0.0)
+# GPT-2's activation_function values and the feed-forwards they are: "gelu_new" (what GPT-2
+# was trained with) and "gelu_pytorch_tanh" are the tanh approximation, "gelu" the exact form.
+GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 HF_FAMILIES = {
-    "gpt2": ROPE_FAMILY | dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True,
+    "gpt2": ROPE_FAMILY | dict(pos_emb="learned", norm="layernorm", ffn=None, bias=True,
                                yarn_factor=1.0, head_size=0),
     "gpt_oss": ROPE_FAMILY | dict(ffn="clamped_swiglu", n_experts=None, attention_sinks=True,
                                   bias=True, sliding_window=None),
@@ -7353,6 +7357,9 @@ def hf_family(config: TransformerConfig) -> str:
         if value is not None and getattr(config, name) != value:
             raise UserError(f"--export_hf: {name}={getattr(config, name)} has no transformers "
                             f"class: this model exports as {family}, which needs {name}={value}")
+    if family == "gpt2" and config.ffn not in ("gelu", "gelu_exact"):
+        raise UserError(f"--export_hf: ffn={config.ffn} has no transformers class: this model "
+                        "exports as gpt2, which needs ffn=gelu or gelu_exact")
     if family == "gpt2" and config.n_kv_heads != config.n_heads:
         raise UserError(f"--export_hf: n_kv_heads={config.n_kv_heads} has no transformers class: "
                         "GPT-2 has no grouped-query attention")
@@ -7368,7 +7375,8 @@ def config_to_hf(config: TransformerConfig, eot_id: int | None = None) -> dict:
     if family == "gpt2":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=config.d_model,
                     n_head=config.n_heads, n_layer=config.n_blocks, n_inner=config.d_ff,
-                    n_positions=config.block_size, activation_function="gelu_new",
+                    n_positions=config.block_size,
+                    activation_function="gelu" if config.ffn == "gelu_exact" else "gelu_new",
                     layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout,
                     embd_pdrop=config.dropout, attn_pdrop=config.dropout, **common)
     architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",

@@ -344,6 +344,8 @@ EXPORTABLE = {
     "gpt2 tied": dict(ffn="gelu", norm="layernorm", pos_emb="learned", bias=True, tie_weights=True),
     "gpt2 untied": dict(ffn="gelu", norm="layernorm", pos_emb="learned", bias=True,
                         tie_weights=False),
+    "gpt2 exact gelu": dict(ffn="gelu_exact", norm="layernorm", pos_emb="learned", bias=True,
+                            tie_weights=True),
     "llama gqa untied": dict(n_kv_heads=2, tie_weights=False, rope_theta=5e5),
     "llama tied bias": dict(tie_weights=True, bias=True),
 }
@@ -395,6 +397,7 @@ REFUSED = {
     "ffn=swiglu": dict(n_experts=4),                         # GPT-oss's experts are clamped
     "bias=True": dict(qk_norm=True, bias=True),              # Qwen3 biases no linear
     "ffn=relu2": dict(ffn="relu2"),
+    "ffn=silu (gpt2)": dict(pos_emb="learned", norm="layernorm", ffn="silu", bias=True),
     "value_embeddings": dict(value_embeddings=True),
     "unet_skips": dict(unet_skips=True),
     "logit_softcap": dict(logit_softcap=15.0),
