@@ -1835,7 +1835,8 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
     guard = guard or FaultTolerance(name, training)             # B: by default, only stops
     optimizer = build_optimizer(model, training, device)
     progress = guard.start(model, optimizer, record, tokenizer)  # B: resume, or a fresh start
-    loss_model = speed_up(model, speed or SpeedConfig(), device)  # A: the fast-path switch
+    loss_model = speed_up(model, speed or SpeedConfig(), device,   # A: the fast-path switch
+                          lengths_vary=data.data_format == "lines")
     step_model = wrap_for_training(loss_model, context, device)  # C: DDP under torchrun
     total_steps = data.steps_per_epoch(training.batch_size, training.max_steps_per_epoch) * training.epochs
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
@@ -4967,7 +4968,8 @@ class SpeedConfig:
     compile: bool = False          # torch.compile the model, with its loss on GPUs (compile_for_training)
 
 
-def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> NextTokenLoss:
+def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device,
+             lengths_vary: bool = False) -> NextTokenLoss:
     """The one switch from Part I's plain path to the fast one. Returns the loss module
     training calls: section 3's NextTokenLoss, or this appendix's chunked or fused one.
 
@@ -4976,7 +4978,9 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
     state_dict, products through oneDNN; and the C allocator keeps freed memory for
     reuse. The loss "auto" is the chunked one or PyTorch's fused cross-entropy
     (FusedNextTokenLoss), as loss_kind says. Nothing else changes on a GPU, and with
-    speed.compile the model and loss are compiled together (compile_for_training)."""
+    speed.compile the model and loss are compiled together (compile_for_training).
+    lengths_vary: the training batches' length changes from step to step (lines mode pads a
+    batch to its longest line), so compiled code must take any length."""
     onednn = speed.cpu_matmul == "onednn" and device.type == "cpu" and onednn_available()
     if onednn:
         keep_freed_memory()
@@ -4988,7 +4992,7 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device) -> Next
         problem = compile_unavailable(device)
         if problem:
             raise UserError(f"--compile cannot run here: {problem}; drop --compile")
-        compiled_loss = compile_for_training(model, device, kind)
+        compiled_loss = compile_for_training(model, device, kind, lengths_vary)
         if compiled_loss is not None:
             return compiled_loss
     return LOSS_MODULES[kind](model)
@@ -5420,12 +5424,11 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
 
 
 def compiled_while_training(function, dynamic: bool | None):
-    """`function` compiled for calls with gradients on (training steps) and run as it is with
-    them off: evaluation (its shorter last batch too) and generation compile nothing more.
-    Compiling those as well cost a CPU two recompilations, 17 s, in a minGPT run whose
-    training step compiled in 36 s (docs/performance.md). dynamic: torch.compile's; None
-    compiles the first shape statically and a second one with dynamic shapes (lines mode's
-    batches are as long as their longest line, a different length each step)."""
+    """`function` compiled for calls with gradients on (training steps; `dynamic` is
+    torch.compile's, as compile_for_training chooses it) and run as it is with them off:
+    evaluation (its shorter last batch too) and generation compile nothing more. Compiling
+    those as well cost a CPU two recompilations, 17 s, in a minGPT run whose training step
+    compiled in 36 s (docs/performance.md)."""
     compiled = torch.compile(function, dynamic=dynamic)
 
     def call(*args, **kwargs):
@@ -5434,10 +5437,10 @@ def compiled_while_training(function, dynamic: bool | None):
     return call
 
 
-def compile_model(model: nn.Module) -> None:
+def compile_model(model: nn.Module, dynamic: bool | None = False) -> None:
     """--compile on a CPU: the model's features compiled for training, in place; the chunked
     loss stays eager (on a GPU CompiledTrainingLoss compiles the whole loss module)."""
-    model.features = compiled_while_training(model.features, dynamic=None)
+    model.features = compiled_while_training(model.features, dynamic)
 
 
 # --- A.1 Compiled training: static shapes, real numbers ------------------------------
@@ -5515,47 +5518,53 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def compile_for_training(model: nn.Module, device: torch.device, loss: str = "fused") -> nn.Module | None:
+def compile_for_training(model: nn.Module, device: torch.device, loss: str = "fused",
+                         lengths_vary: bool = False) -> nn.Module | None:
     """--compile: the mixtures of experts made static, then on a GPU the whole loss module
     compiled, model, output layer and cross-entropy in one region (nanoGPT's way: Inductor
     fuses the float32 log-softmax into the logits' kernels), returned; `loss` "plain" compiles
     section 3's written-out formula, any other kind PyTorch's (FusedNextTokenLoss). On a CPU
     the model's features are compiled in place and None returned (the chunked loss, which
     exists to spare a CPU's memory, stays eager). A model with a mixture of experts has its
-    blocks compiled one by one instead (compile_blocks), on any device, and None returned."""
+    blocks compiled one by one instead (compile_blocks), on any device, and None returned.
+    Shapes are static: a step's batch has one shape, and an epoch's shorter last batch gets a
+    compilation of its own rather than turning every later step's kernels into dynamic-shape
+    ones. With lengths_vary (lines mode) the first length compiles statically and the second
+    with dynamic shapes, which then serve every length: not one compilation per length."""
+    dynamic = None if lengths_vary else False
     static_experts(model)
     if any(isinstance(module, MixtureOfExperts) for module in model.modules()):
-        compile_blocks(model)
+        compile_blocks(model, dynamic)
         return None
     if device.type != "cpu":
-        return CompiledTrainingLoss(NextTokenLoss(model) if loss == "plain" else FusedNextTokenLoss(model))
-    compile_model(model)
+        loss_module = NextTokenLoss(model) if loss == "plain" else FusedNextTokenLoss(model)
+        return CompiledTrainingLoss(loss_module, dynamic)
+    compile_model(model, dynamic)
     return None
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """Each Transformer block compiled on its own, in place, for training calls, with static
-    shapes (compiled_while_training). A mixture of experts unrolls every expert into the
+def compile_blocks(model: nn.Module, dynamic: bool | None = False) -> None:
+    """Each Transformer block compiled on its own, in place, for training calls
+    (compiled_while_training). A mixture of experts unrolls every expert into the
     graph, so a whole GPT-oss is a large one to compile; its blocks repeat, and one compilation
     serves every block of a kind (with a sliding window or without): 39 s instead of 87 for
     GPT-oss on a 2-core CPU (docs/performance.md). The parameters and state_dict stay the
     block's own."""
     for block in model.blocks:
         if "forward" not in vars(block):              # not compiled already (speed_up twice)
-            block.forward = compiled_while_training(block.forward, dynamic=False)
+            block.forward = compiled_while_training(block.forward, dynamic)
 
 
 class CompiledTrainingLoss(nn.Module):
-    """A loss module compiled for training steps: with gradients on, the compiled region, its
-    shapes static (a step's batch is always the same shape; a shorter last batch gets its own
-    compilation rather than turning every later step's kernels into dynamic-shape ones); with
-    gradients off (evaluation, whose last batch is shorter still) the same module eagerly,
-    so evaluating does not compile the model a second and third time."""
+    """A loss module compiled for training steps (torch.compile's `dynamic`, as
+    compile_for_training chooses it): with gradients on, the compiled region; with gradients
+    off (evaluation, whose last batch is shorter still) the same module eagerly, so evaluating
+    does not compile the model a second and third time."""
 
-    def __init__(self, loss: nn.Module) -> None:
+    def __init__(self, loss: nn.Module, dynamic: bool | None = False) -> None:
         super().__init__()
         self.loss = loss
-        self.compiled = torch.compile(loss, dynamic=False)
+        self.compiled = torch.compile(loss, dynamic=dynamic)
 
     def forward(self, *args) -> torch.Tensor:
         return (self.compiled if torch.is_grad_enabled() else self.loss)(*args)

@@ -151,21 +151,41 @@ def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypat
     assert counters["stats"]["unique_graphs"] == graphs[-1]
 
 
-def test_compiled_features_on_a_cpu_take_lines_modes_changing_lengths_in_two_graphs(pico, monkeypatch):
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("name", ["GPT-oss", "pico"])
+def test_compiled_training_takes_lines_modes_changing_lengths_in_two_graphs(pico, monkeypatch,
+                                                                           name, device):
     """Lines mode pads a batch to its longest line, so the length changes every step: the
-    CPU's compiled features compile the first length statically and then once for any length,
-    rather than once per length."""
+    compiled code takes the first length statically and then one graph for any length (one
+    per kind of block with experts), not one per length; the training loop says which data it
+    has (a stream's steps keep static shapes: the test above). (Linear attention's loop over
+    chunks still compiles each length of its own.)"""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    model = tiny_model(pico, "transformer")
+    flags = COMPILED_MODELS[name] + (["--n_blocks", "2"] if name == "GPT-oss" else [])
+    model = tiny_model(pico, "transformer", *flags)
     torch._dynamo.reset()
     counters.clear()
-    assert pico.compile_for_training(model, torch.device("cpu")) is None
-    loss_model = pico.FusedNextTokenLoss(model)
+    compiled = pico.compile_for_training(model, torch.device(device), lengths_vary=True)
+    loss_model = compiled or pico.FusedNextTokenLoss(model)
     for length in (16, 9, 12, 5, 14):
         tokens = torch.randint(0, VOCAB, (length + 1, 2))
         loss_model(tokens[:-1], tokens[1:], torch.ones(length, 2)).backward()
-    assert counters["stats"]["unique_graphs"] <= 2
+    kinds = 2 if name == "GPT-oss" else 1
+    assert counters["stats"]["unique_graphs"] <= 2 * kinds
+
+
+def test_the_training_loop_tells_compilation_whether_lengths_vary(pico, run_main, monkeypatch):
+    from conftest import TINY_RUN
+    seen = []
+    real = pico.speed_up
+    monkeypatch.setattr(pico, "speed_up", lambda *args, **kwargs: seen.append(
+        kwargs.get("lengths_vary")) or real(*args, **kwargs))
+    for data_format in ("lines", "stream"):
+        status, _, err = run_main(*TINY_RUN, "--models", "transformer", "--epochs", "1",
+                                  "--data_format", data_format)
+        assert status == 0, err
+    assert seen == [True, False]
 
 
 def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch):
