@@ -5423,26 +5423,6 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
                                     isinstance(layer, FastLinear), softcap)
 
 
-def compiled_while_training(function, dynamic: bool | None):
-    """`function` compiled for calls with gradients on (training steps; `dynamic` is
-    torch.compile's, as compile_for_training chooses it) and run as it is with them off:
-    evaluation (its shorter last batch too) and generation compile nothing more. Compiling
-    those as well cost a CPU two recompilations, 17 s, in a minGPT run whose training step
-    compiled in 36 s (docs/performance.md)."""
-    compiled = torch.compile(function, dynamic=dynamic)
-
-    def call(*args, **kwargs):
-        return (compiled if torch.is_grad_enabled() else function)(*args, **kwargs)
-
-    return call
-
-
-def compile_model(model: nn.Module, dynamic: bool | None = False) -> None:
-    """--compile on a CPU: the model's features compiled for training, in place; the chunked
-    loss stays eager (on a GPU CompiledTrainingLoss compiles the whole loss module)."""
-    model.features = compiled_while_training(model.features, dynamic)
-
-
 # --- A.1 Compiled training: static shapes, real numbers ------------------------------
 # torch.compile (Inductor) turns a model into a few fused kernels, which is what a GPU needs
 # (eager GPT-2 small spends much of a step launching kernels); it needs code whose shapes do
@@ -5504,6 +5484,26 @@ def static_experts(model: nn.Module) -> None:
             module.__class__ = StaticShapeMixtureOfExperts
             module.usage = torch.zeros(len(module.experts), dtype=torch.long,
                                        device=module.router.weight.device)
+
+
+def compiled_while_training(function, dynamic: bool | None):
+    """`function` compiled for calls with gradients on (training steps; `dynamic` is
+    torch.compile's, as compile_for_training chooses it) and run as it is with them off:
+    evaluation (its shorter last batch too) and generation compile nothing more. Compiling
+    those as well cost a CPU two recompilations, 17 s, in a minGPT run whose training step
+    compiled in 36 s (docs/performance.md)."""
+    compiled = torch.compile(function, dynamic=dynamic)
+
+    def call(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else function)(*args, **kwargs)
+
+    return call
+
+
+def compile_model(model: nn.Module, dynamic: bool | None = False) -> None:
+    """--compile on a CPU: the model's features compiled for training, in place; the chunked
+    loss stays eager (on a GPU CompiledTrainingLoss compiles the whole loss module)."""
+    model.features = compiled_while_training(model.features, dynamic)
 
 
 def compile_unavailable(device: torch.device) -> str | None:
