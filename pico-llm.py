@@ -2198,12 +2198,13 @@ def custom_documents(data: DataConfig) -> list[str]:
     only the first N non-blank lines of all files count."""
     documents, budget = [], data.limit_custom_examples
     for path in custom_paths(data):
-        lines = read_document(path).split("\n")
+        document = read_document(path)
         if budget is not None:
+            lines = document.split("\n")
             ends = [index + 1 for index, line in enumerate(lines) if line.strip()][:budget]
-            lines, budget = lines[: ends[-1] if ends else 0], budget - len(ends)
-        if lines:
-            documents.append("\n".join(lines))
+            document, budget = "\n".join(lines[: ends[-1] if ends else 0]), budget - len(ends)
+        if document:
+            documents.append(document)
     return documents
 
 
@@ -7341,6 +7342,7 @@ ROPE_FAMILY = dict(pos_emb="rope", norm="rmsnorm", norm_position="pre", ffn="swi
 # GPT-2's activation_function values and the feed-forwards they are: "gelu_new" (what GPT-2
 # was trained with) and "gelu_pytorch_tanh" are the tanh approximation, "gelu" the exact form.
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
+GPT2_ACTIVATION_OF = {"gelu": "gelu_new", "gelu_exact": "gelu"}      # what an export writes
 HF_FAMILIES = {
     "gpt2": ROPE_FAMILY | dict(pos_emb="learned", norm="layernorm", ffn=None, bias=True,
                                yarn_factor=1.0, head_size=0),
@@ -7366,9 +7368,9 @@ def hf_family(config: TransformerConfig) -> str:
         if value is not None and getattr(config, name) != value:
             raise UserError(f"--export_hf: {name}={getattr(config, name)} has no transformers "
                             f"class: this model exports as {family}, which needs {name}={value}")
-    if family == "gpt2" and config.ffn not in ("gelu", "gelu_exact"):
+    if family == "gpt2" and config.ffn not in GPT2_ACTIVATION_OF:
         raise UserError(f"--export_hf: ffn={config.ffn} has no transformers class: this model "
-                        "exports as gpt2, which needs ffn=gelu or gelu_exact")
+                        f"exports as gpt2, which needs ffn={' or '.join(GPT2_ACTIVATION_OF)}")
     if family == "gpt2" and config.n_kv_heads != config.n_heads:
         raise UserError(f"--export_hf: n_kv_heads={config.n_kv_heads} has no transformers class: "
                         "GPT-2 has no grouped-query attention")
@@ -7385,7 +7387,7 @@ def config_to_hf(config: TransformerConfig, eot_id: int | None = None) -> dict:
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=config.d_model,
                     n_head=config.n_heads, n_layer=config.n_blocks, n_inner=config.d_ff,
                     n_positions=config.block_size,
-                    activation_function="gelu" if config.ffn == "gelu_exact" else "gelu_new",
+                    activation_function=GPT2_ACTIVATION_OF[config.ffn],
                     layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout,
                     embd_pdrop=config.dropout, attn_pdrop=config.dropout, **common)
     architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
