@@ -171,6 +171,10 @@ def test_quick_gpt2_benchmark_times_pico_nanogpt_and_transformers(bench, tmp_pat
         row = training[name]
         assert positive_finite(row["tokens_per_s"]) and positive_finite(row["mfu_vs_measured_ceiling"])
         assert row["mfu_vs_datasheet_peak"] is None and row["peak_memory_gb"] is None
+    optimizer = report["optimizer"]
+    assert set(optimizer) == {"adamw_fused_step_s", "muon_loops_step_s", "muon_foreach_step_s",
+                              "muon_foreach_vs_loops"}
+    assert all(map(positive_finite, optimizer.values()))
     decoding = report["decoding"]
     for way in ("pico_plain", "pico_static", "transformers"):
         for dtype in ("fp32", "bf16"):

@@ -179,3 +179,24 @@ def test_muon_on_a_gpu_orthogonalizes_in_bfloat16_close_to_the_cpu(pico, monkeyp
     assert sorted(shape for device, shape in stacks if device == "cpu") == [(1, 64, 256)] * 2 + [(1, 96, 32)]
     x = torch.randn(64, 256, generator=generator).to(DEVICE)     # bfloat16 unless told otherwise
     assert not torch.equal(orthogonalize(x), orthogonalize(x, 5, torch.float32))
+
+
+def test_foreach_muon_on_a_gpu_takes_muons_steps(pico):
+    """Appendix A's ForeachMuon, which --optimizer muon takes on a GPU, against section 5's Muon
+    on the GPU: 5 steps from the same weights and gradients land on the same weights (to the
+    rounding of the fused multi-tensor kernels), over a tiny GPT-2's hidden matrices (stacked
+    by shape, bfloat16 Newton-Schulz) and the tensors AdamW takes."""
+    models = [tiny(pico, "GPT2-small", seed=0) for _ in range(2)]
+    training = pico.TrainingConfig(optimizer="muon")
+    optimizers = [pico.build_optimizer(model, training, DEVICE) for model in models]
+    assert all(type(optimizer) is pico.ForeachMuon for optimizer in optimizers)
+    optimizers[0].__class__ = pico.Muon                       # the same groups, section 5's loops
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        gradients = [torch.randn(p.shape, generator=generator).to(DEVICE) for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers):
+            for p, g in zip(model.parameters(), gradients):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """Sections 6 and 8: loss, optimisation, training runs and the run log."""
 
+import copy
 import jsonschema
 import numpy as np
 import pytest
@@ -274,6 +275,68 @@ def test_muon_matches_the_published_update_and_adamw_for_the_rest(pico, monkeypa
     for m, r in zip(matrices, reference):
         assert torch.allclose(m.double(), r, atol=1e-5)
     assert torch.allclose(bias, bias_twin, atol=1e-6)
+
+
+def muon_twins(pico, optimizer_class, seed: int = 0):
+    """Matrices of two shapes (two of one), two vectors and a table, and a Muon-kind optimizer
+    over them: the matrices marked muon, the rest AdamW's in two groups."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(8, 5), (4, 12), (8, 5), (7,), (6, 3), (3,)]
+    params = [nn.Parameter(torch.randn(*shape, generator=generator)) for shape in shapes]
+    optimizer = optimizer_class([dict(params=params[:3], muon=True, weight_decay=0.1),
+                                 dict(params=[params[4]], weight_decay=0.1),
+                                 dict(params=[params[3], params[5]], weight_decay=0.0)], lr=0.01)
+    return params, optimizer
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_foreach_muon_takes_the_steps_of_section_5s_muon(pico, monkeypatch, stacked):
+    """Appendix A's ForeachMuon (one _foreach_ call for all of a group's tensors) against
+    section 5's loops, 12 steps of random gradients: equal weights and equal state, including
+    steps where a tensor has no gradient (it then lags a step behind the others, so its bias
+    corrections differ) and, with `stacked`, matrices of one shape orthogonalized as one
+    stack, as on a GPU. A state dict taken from one continues in the other."""
+    if stacked:
+        monkeypatch.setattr(pico.Muon, "stack_key", staticmethod(lambda p: p.shape))
+    plain, plain_optimizer = muon_twins(pico, pico.Muon)
+    foreach, foreach_optimizer = muon_twins(pico, pico.ForeachMuon)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(12):
+        gradients = [torch.randn(p.shape, generator=generator) for p in plain]
+        skipped = {step % 5} if step in (3, 7) else set()     # a vector, then a matrix
+        for params in (plain, foreach):
+            for i, (p, g) in enumerate(zip(params, gradients)):
+                p.grad = None if i in skipped else g.clone()
+        plain_optimizer.step()
+        foreach_optimizer.step()
+        for a, b in zip(plain, foreach):
+            assert torch.equal(a, b), step
+    states = [plain_optimizer.state_dict(), foreach_optimizer.state_dict()]
+    assert states[0]["state"].keys() == states[1]["state"].keys()
+    for key, state in states[0]["state"].items():
+        assert state.keys() == states[1]["state"][key].keys()
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(states[1]["state"][key][k]))
+                   for k, v in state.items())
+    continued, continued_optimizer = muon_twins(pico, pico.ForeachMuon)
+    with torch.no_grad():
+        for p, q in zip(continued, plain):
+            p.copy_(q)
+    continued_optimizer.load_state_dict(copy.deepcopy(plain_optimizer.state_dict()))  # as from a file
+    for p, q, g in zip(plain, continued, [torch.randn(p.shape, generator=generator) for p in plain]):
+        p.grad, q.grad = g.clone(), g.clone()
+    plain_optimizer.step()
+    continued_optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(plain, continued))
+
+
+def test_build_optimizer_takes_foreach_muon_on_a_gpu_only(pico, configure):
+    """Which Muon --optimizer muon gets: section 5's loops on a CPU, Appendix A's foreach form on
+    a GPU (the choice only; the model need not be on that device to build it)."""
+    config = configure("--d_model", "32", "--n_heads", "2", "--optimizer", "muon")
+    model = pico.build_model(config.models.transformer, 50, seed=0)
+    on = {device: type(pico.build_optimizer(model, config.training, torch.device(device)))
+          for device in ("cpu", "cuda")}
+    assert on == {"cpu": pico.Muon, "cuda": pico.ForeachMuon}
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(pico, configure):

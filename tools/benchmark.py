@@ -682,6 +682,37 @@ def pico_gpt2_training(sizes: GPT2Sizes, device: torch.device, dtype: str, compi
             "flops_per_token": pico.training_flops_per_token(model, sizes.block_size)}
 
 
+def gpt2_optimizer_steps(sizes: GPT2Sizes, device: torch.device) -> dict:
+    """Seconds of an optimizer step alone over GPT-2 small's parameters (random gradients):
+    PyTorch's fused AdamW (--optimizer torch), section 5's Muon (its loops: a launch per tensor
+    and operation) and Appendix A's ForeachMuon (what --optimizer muon takes on a GPU), timed
+    in turns, the median of sizes.repeats rounds after sizes.warmup."""
+    run = benchmark_model_config("transformer", sizes.block_size, sizes.batch_size, gpt2_flags(sizes))
+    steps = {}
+    for name, kind, optimizer_class in (("adamw_fused", "torch", None), ("muon_loops", "muon", pico.Muon),
+                                        ("muon_foreach", "muon", pico.ForeachMuon)):
+        model = pico.build_model(run.models.transformer, sizes.vocab_size, 0).to(device)
+        optimizer = pico.build_optimizer(model, dataclasses.replace(run.training, optimizer=kind), device)
+        if optimizer_class is not None:
+            optimizer.__class__ = optimizer_class       # the same groups, this class's step
+        generator = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(device)
+        steps[name] = optimizer.step
+    seconds = {name: [] for name in steps}
+    for round_index in range(sizes.warmup + sizes.repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            started = time.perf_counter()
+            step()
+            synchronize(device)
+            if round_index >= sizes.warmup:
+                seconds[name].append(time.perf_counter() - started)
+    result = {f"{name}_step_s": float(np.median(times)) for name, times in seconds.items()}
+    result["muon_foreach_vs_loops"] = result["muon_loops_step_s"] / result["muon_foreach_step_s"]
+    return result
+
+
 def load_nanogpt(directory: Path):
     """nanoGPT's model.py (its GPT and GPTConfig), loaded from a checkout given on the command
     line; never copied into this repository."""
@@ -802,7 +833,8 @@ def timed_hf_generate(hf_model, input_ids: torch.Tensor, new_tokens: int, device
 def run_gpt2_benchmark(args: argparse.Namespace) -> int:
     """GPT-2 small: training tokens/s, MFU (against the datasheet peak and a bf16 matmul
     ceiling measured here) and peak memory, eager and compiled, for pico-llm and, given
-    --nanogpt_dir, nanoGPT; greedy decoding against transformers. Writes a JSON report."""
+    --nanogpt_dir, nanoGPT; an optimizer step alone (AdamW, Muon's two forms); greedy
+    decoding against transformers. Writes a JSON report."""
     device = pico.resolve_device(args.device_id)
     dtype = pico.resolve_dtype(args.dtype, device)
     sizes = GPT2Sizes.quick() if args.quick else GPT2Sizes()
@@ -851,6 +883,10 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
                                                    / training[f"nanogpt_{mode}"]["tokens_per_s"])
             note(f"nanoGPT {mode} training")
             save()
+    report["optimizer"] = gpt2_optimizer_steps(sizes, device)
+    note("optimizer steps")
+    save()
+
     def measured(results: dict) -> None:
         decoding.update(results)
         note("decoding, one batch size")
@@ -880,6 +916,11 @@ def gpt2_table(report: dict) -> str:
                          + (f"{vs_peak:>9.1%}" if vs_peak is not None else f"{'-':>9}")
                          + (f" {memory:>8.1f}" if memory is not None else f" {'-':>8}")
                          + f" {row['first_step_s']:>10.1f}")
+    if "optimizer" in report:
+        steps = report["optimizer"]
+        lines.append("optimizer step alone, ms: " + ", ".join(
+            f"{key.removesuffix('_step_s')} {value * 1e3:.1f}" for key, value in steps.items()
+            if key.endswith("_step_s")) + f" (Muon foreach {steps['muon_foreach_vs_loops']:.2f}x the loops)")
     lines.append("decoding, tokens/s: " + ", ".join(
         f"{key.removesuffix('_tokens_per_s')} {value:,.0f}"
         for key, value in report["decoding"].items() if key.endswith("_tokens_per_s")))
@@ -902,7 +943,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--gpt2", action="store_true",
                         help="instead: GPT-2 small at context 1024 (training eager and compiled, "
-                             "decoding against transformers' generate); for GPUs")
+                             "an optimizer step alone, decoding against transformers' generate); "
+                             "for GPUs")
     parser.add_argument("--nanogpt_dir", default=None,
                         help="with --gpt2: a nanoGPT checkout whose model.py is timed beside pico-llm")
     parser.add_argument("--profile", default=None, metavar="DIR",
