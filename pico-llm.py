@@ -1032,8 +1032,11 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
             raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
     for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size",
                  "nope_interval", "logit_softcap"):
-        if getattr(config, name) < 0:
+        if not getattr(config, name) >= 0:                   # NaN too
             raise UserError(f"--{name} must not be negative{where}, got {getattr(config, name)}")
+    if not math.isfinite(config.logit_softcap):
+        raise UserError(f"--logit_softcap must be a finite number (0 = off){where}, "
+                        f"got {config.logit_softcap}")
     if config.rope_scaling not in ROPE_SCALINGS:
         raise UserError(f"rope_scaling {config.rope_scaling!r}{where} is not one of "
                         + ", ".join(ROPE_SCALINGS))
@@ -1042,11 +1045,14 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     if config.n_heads % config.n_kv_heads:
         raise UserError(f"--n_kv_heads {config.n_kv_heads} must divide --n_heads "
                         f"{config.n_heads}{where}")
-    if config.n_experts and not 1 <= config.experts_per_token <= config.n_experts:
+    if config.experts_per_token < 1 or config.n_experts and config.experts_per_token > config.n_experts:
         raise UserError(f"--experts_per_token must be between 1 and --n_experts "
                         f"({config.n_experts}){where}, got {config.experts_per_token}")
     if config.yarn_factor < 1:
         raise UserError(f"--yarn_factor must be at least 1 (1 = plain RoPE), got {config.yarn_factor}")
+    if config.yarn_factor > 1 and config.pos_emb != "rope":
+        raise UserError(f"--yarn_factor stretches rotary embeddings, and --pos_emb is "
+                        f"{config.pos_emb}{where}; drop --yarn_factor or use --pos_emb rope")
     if config.pos_emb == "rope" and config.head_dim % 2:
         raise UserError(f"RoPE needs an even head size, got {config.head_dim}{where}")
 
@@ -1391,7 +1397,13 @@ def sample_next_token(logits: torch.Tensor, rule: SamplingRule,
     """logits (B, V) -> next ids (B,): temperature, then top-k, then top-p."""
     if rule.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_k_filter(logits.float() / rule.temperature, rule.top_k)
+    # Shifted so that the largest is 0 before dividing: the same probabilities, and a tiny
+    # temperature gives 0 and -inf (greedy) instead of inf - inf = NaN in the softmax. Below
+    # float32's smallest normal number a temperature would round to 0 (0 / 0 = NaN).
+    logits = logits.float()
+    temperature = max(rule.temperature, torch.finfo(torch.float32).tiny)
+    logits = top_k_filter((logits - logits.max(dim=-1, keepdim=True).values) / temperature,
+                          rule.top_k)
     return nucleus_sampling(logits, rule.top_p, generator)
 
 
@@ -2537,6 +2549,8 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
                                            np.load(offsets_path), num_bytes)
                 problem = ("" if len(cached) == len(texts) and cached.offsets[-1] == len(cached.tokens)
                            else "its sizes do not match")
+                if not problem and (cached.offsets[0] != 0 or np.any(np.diff(cached.offsets) < 1)):
+                    problem = "its example offsets do not increase"   # each example ends in eot
                 problem = problem or token_ids_problem(cached.tokens, tokenizer.vocab_size)
             except (OSError, ValueError, EOFError) as error:  # truncated or not a .npy file
                 problem = textwrap.shorten(str(error), 80) or type(error).__name__
@@ -2960,8 +2974,18 @@ class RunLog:
 
 def load_runlog(path: Path | str) -> dict:
     """Read a run log and check its schema version (the notebook uses this too)."""
-    with open(path, encoding="utf-8") as handle:
-        log = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            log = json.load(handle)
+    except (OSError, ValueError) as error:    # ValueError: truncated JSON, or not UTF-8
+        raise UserError(f"cannot read run log {path} ({textwrap.shorten(str(error), 80)})") from None
+    # The parts of a log that pico-llm reads back must have the types it wrote.
+    shapes = {"args": dict, "models": dict, "process": dict}
+    if not isinstance(log, dict) or any(not isinstance(log.get(key, kind()), kind)
+                                        for key, kind in shapes.items()) \
+            or not isinstance(log.get("args", {}).get("save_dir") or "", str):
+        raise UserError(f"{path} is not a pico-llm run log (a JSON object with its args, models "
+                        "and process)")
     if log.get("schema_version") != RUNLOG_SCHEMA_VERSION:
         raise UserError(f"{path}: run log schema {log.get('schema_version')!r}, "
                         f"this pico-llm reads {RUNLOG_SCHEMA_VERSION}")
@@ -3262,6 +3286,10 @@ class SweepLog:
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.earlier_wall_time_s = 0.0
         data_sha256 = examples_fingerprint(load_custom_examples(config.data))
+        check_regular_file(path, "sweep file")
+        if overwrite and path.exists() and not looks_like_a_sweep_file(path):
+            raise UserError(f"{path} is not a sweep file, and --overwrite replaces only sweep "
+                            "files; give the sweep another path")
         if path.exists() and not overwrite:
             earlier = load_sweep(path)
             # Points are keyed by their own settings; the scale and the data must match too.
@@ -3336,6 +3364,18 @@ def examples_fingerprint(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
+def looks_like_a_sweep_file(path: Path) -> bool:
+    """Whether `path` begins as SweepLog writes (a JSON object whose "kind" is "sweep" among
+    its first keys), so that --overwrite may replace it even cut short or of an older schema;
+    never a checkpoint, a run log or any other file."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(4096)
+    except OSError:
+        return False
+    return start.lstrip().startswith(b"{") and re.search(rb'"kind":\s*"sweep"', start) is not None
+
+
 def load_sweep(path: Path | str) -> dict:
     """Read a sweep file and check its kind and schema version (the notebook uses this)."""
     check_regular_file(Path(path), "sweep file")
@@ -3350,6 +3390,12 @@ def load_sweep(path: Path | str) -> dict:
     if sweep.get("kind") != "sweep" or sweep.get("schema_version") != SWEEP_SCHEMA_VERSION:
         raise UserError(f"{path}: not a sweep file of schema {SWEEP_SCHEMA_VERSION} "
                         f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r})")
+    points, config = sweep.get("points"), sweep.get("config")
+    if not (isinstance(points, list) and all(isinstance(point, dict) and "key" in point
+                                             for point in points)
+            and isinstance(config, dict) and isinstance(config.get("args", {}), dict)):
+        raise UserError(f"{path}: a sweep file whose points or config are not as pico-llm writes "
+                        "them; move it away, or pass --overwrite to start that sweep afresh")
     return sweep
 
 
@@ -3424,8 +3470,13 @@ def new_text(sample: dict) -> str:
 
 def sweep_custom_data(log: SweepLog, base, scale, device, tokenizer) -> None:
     """Final train and test loss per corpus size, at a fixed step budget, LSTM vs Transformer."""
-    sizes = parse_sizes(base.experiments.custom_sweep_sizes) if base.experiments.custom_sweep_sizes else scale.custom_sizes
+    given = base.experiments.custom_sweep_sizes
+    sizes = parse_sizes(given) if given is not None else scale.custom_sizes
     config = with_flags(base, test_fraction=scale.test_fraction)
+    available = len(sweep_data(config, tokenizer).sources[0].train)
+    if given is not None and max(sizes) > available:
+        raise UserError(f"--custom_sweep_sizes asks for {max(sizes):,} training examples; this "
+                        f"data has {available:,}: give sizes up to that")
     for model_name in ("lstm_seq", "transformer"):
         for size in sizes:
             settings = {"train_examples": size}
@@ -3802,7 +3853,7 @@ def run_sweeps(config: Config) -> int:
     """--sweep NAME|presentation, --custom_sweep_log PATH, --collect_transformer_metrics."""
     device = resolve_device(config.device_id)
     experiments = config.experiments
-    if experiments.custom_sweep_sizes:
+    if experiments.custom_sweep_sizes is not None:
         parse_sizes(experiments.custom_sweep_sizes)
     directory = Path(config.output.artefacts_dir)
     check_writable_directory(directory, "--artefacts_dir")
@@ -4346,10 +4397,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600
+# A million layers of 16 took 20 GB of Python objects and autograd's graph, which the memory
+# check (parameters only) does not see; a thousand is far deeper than a k-gram MLP trains.
+MAX_INNER_MLP_LAYERS = 1000
+
+
 def validate_args(args: argparse.Namespace) -> None:
     def positive(name: str) -> None:
         value = getattr(args, name)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:                  # NaN too
             raise UserError(f"--{name} must be positive, got {value}")
 
     if not args.models:
@@ -4369,10 +4426,13 @@ def validate_args(args: argparse.Namespace) -> None:
         positive(name)
     for name in ("learning_rate", "weight_decay", "grad_clip", "temperature", "rope_theta",
                  "test_fraction", "tinystories_weight", "min_lr_ratio", "router_aux_loss_coef",
-                 "yarn_factor"):
+                 "yarn_factor", "dist_timeout"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name} must be a finite number, got {value}")
+    if args.dist_timeout > MAX_DIST_TIMEOUT_S:
+        raise UserError(f"--dist_timeout is at most {MAX_DIST_TIMEOUT_S} seconds (a week), "
+                        f"got {args.dist_timeout}")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.rope_theta is not None and args.rope_theta <= 0:  # theta ** (-2i/D) needs theta > 0
@@ -4382,6 +4442,7 @@ def validate_args(args: argparse.Namespace) -> None:
                         f"got {args.min_lr_ratio}")
     if not 0 <= args.seed < 2**64:  # what torch.manual_seed accepts
         raise UserError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+    check_torchrun_environment()
     ranks = launched_world_size()
     if args.grad_accum_steps > args.batch_size // ranks:
         shared = f" / {ranks} ranks" if ranks > 1 else ""
@@ -4391,6 +4452,22 @@ def validate_args(args: argparse.Namespace) -> None:
                  "kgram_chunk_size", "num_inner_mlp_layers", "top_k"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.input_files is not None:
+        if not args.input_files:
+            raise UserError("--input_files names no file; give one or more, or drop the flag")
+        seen = {}
+        for name in args.input_files:   # a file twice: its lines in the test and training sets
+            if os.path.realpath(name) in seen:
+                raise UserError(f"--input_files names {seen[os.path.realpath(name)]} twice; "
+                                "name each file once")
+            seen[os.path.realpath(name)] = name
+    if args.run_name is not None and (not args.run_name.strip()
+                                      or any(ord(ch) < 32 or ord(ch) == 127 for ch in args.run_name)):
+        raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
+                        "no control characters")
+    if args.num_inner_mlp_layers > MAX_INNER_MLP_LAYERS:   # each a Python module and graph node
+        raise UserError(f"--num_inner_mlp_layers is at most {MAX_INNER_MLP_LAYERS}, got "
+                        f"{args.num_inner_mlp_layers}")
     if args.monosemantic_clusters <= 0:
         raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
     if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
@@ -4467,6 +4544,32 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
                         "pass --save_dir DIR or --resume PATH")
     if args.checkpoint_every and not (args.save_dir or args.resume):
         raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
+    validate_one_command(args)
+
+
+def validate_one_command(args: argparse.Namespace) -> None:
+    """One command a run: training (the default), --accounting, --generate, --export_hf from a
+    --checkpoint, or sweeps (--sweep, --custom_sweep_log and --collect_transformer_metrics,
+    which run together); a flag that only another command reads is refused, not ignored."""
+    sweeps = [flag for flag, given in (("--sweep", args.sweep), ("--custom_sweep_log", args.custom_sweep_log),
+                                       ("--collect_transformer_metrics", args.collect_transformer_metrics))
+              if given]
+    commands = [flag for flag, given in (("--accounting", args.accounting is not None),
+                                         ("--generate", args.generate),
+                                         ("--export_hf with --checkpoint", args.checkpoint and not args.generate),
+                                         (" ".join(sweeps), sweeps)) if given]
+    if len(commands) > 1:
+        raise UserError(f"{commands[0]} and {commands[1]} are two commands; run them one at a time")
+    if commands and (args.resume is not None or args.save_dir):
+        raise UserError(f"{commands[0]} keeps no checkpoints of its own; drop --resume and --save_dir")
+    if commands and (args.attention_maps or args.monosemantic_enabled):
+        raise UserError(f"--attention_maps and --monosemantic_enabled describe a training run's "
+                        f"models, and {commands[0]} trains none")
+    if args.attention_maps and not any(name.startswith("transformer") for name in args.models):
+        raise UserError("--attention_maps draws a Transformer's attention; add transformer to --models")
+    if args.custom_sweep_sizes is not None and not (args.custom_sweep_log or args.sweep in ("custom_data", "presentation")):
+        raise UserError("--custom_sweep_sizes sets the corpus sizes of the custom_data sweep; add "
+                        "--custom_sweep_log PATH or --sweep custom_data")
 
 
 def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerConfig:
@@ -4832,6 +4935,9 @@ def run_generation(config: Config) -> int:
         limit = f"the checkpoint's --block_size {context}"
     sampling = config.sampling
     prompt_tokens = len(tokenizer.encode(sampling.prompt))
+    if prompt_tokens == 0:
+        raise UserError(f"--prompt {textwrap.shorten(sampling.prompt, 40)!r} is no token at all "
+                        "in this model's tokenizer; give a prompt in its vocabulary")
     if prompt_tokens > context:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than {limit}; shorten it")
     device = resolve_device(config.device_id)
@@ -4905,7 +5011,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_crash_tracebacks()
         return run_command(config)
     except UserError as error:
-        rank = f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
+        rank = f" (rank {os.environ.get('RANK', '?')})" if launched_world_size() > 1 else ""
         print(f"pico-llm: error{rank}: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as interruption:
@@ -4917,6 +5023,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")
         return 0
+    except (MemoryError, RuntimeError) as error:
+        if not out_of_memory(error):
+            raise
+        print(f"pico-llm: error: out of memory ({textwrap.shorten(str(error), 100)}); lower "
+              "--batch_size or --block_size, or train a smaller model", file=sys.stderr)
+        return 2
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: Python's MemoryError, a GPU's
+    torch.OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(error))
 
 
 def exit_process(status: int) -> None:
@@ -6171,13 +6290,17 @@ def read_checkpoint(path: Path, flag: str) -> dict:
     if not path.exists():
         raise UserError(f"{flag} {path} does not exist")
     if path.is_dir():
-        raise UserError(f"{flag} {path} is a directory; give a checkpoint file such as "
-                        f"{path / 'lstm_seq' / 'step_000100.pt'}")
+        example = path / "lstm_seq" / "step_000100.pt" if not path.suffix == ".pt" else None
+        raise UserError(f"{flag} {path} is a directory; give a checkpoint file"
+                        + (f" such as {example}" if example else ""))
     check_regular_file(path, flag)
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols on stderr
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as error:
+        raise UserError(f"cannot read {flag} {path} ({error.strerror}); give a checkpoint "
+                        "this user may read") from None
     except Exception as error:  # damaged files raise UnpicklingError, RuntimeError, EOFError, ...
         culprit = blocked_callable(str(error))
         if culprit:
@@ -6458,8 +6581,49 @@ class Distributed:
 
 
 def launched_world_size() -> int:
-    """How many ranks torchrun started (its WORLD_SIZE); 1 for a plain `python pico-llm.py`."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """How many ranks torchrun started (its WORLD_SIZE); 1 for a plain `python pico-llm.py`
+    (and for a WORLD_SIZE that is not a count, which check_torchrun_environment refuses)."""
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    return max(int(size), 1) if size.isdigit() else 1
+
+
+def check_torchrun_environment() -> None:
+    """UserError unless the variables say either no torchrun (no WORLD_SIZE, or 1) or a rank
+    of a torchrun job: a WORLD_SIZE that counts processes, a RANK below it, a LOCAL_RANK, and
+    the address where the ranks meet (MASTER_ADDR, MASTER_PORT), all of which torchrun sets."""
+    size = os.environ.get("WORLD_SIZE")
+    if size is None:
+        return
+    hint = "start pico-llm with torchrun --nproc_per_node=N, or unset WORLD_SIZE"
+    if not size.strip().isdigit() or int(size) < 1:
+        raise UserError(f"WORLD_SIZE={size!r} is not a number of processes; {hint}")
+    world_size = int(size)
+    if world_size == 1:
+        return
+    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if not os.environ.get(name)]
+    if missing:
+        raise UserError(f"WORLD_SIZE={world_size} without {', '.join(missing)}; {hint}")
+    for name in ("RANK", "LOCAL_RANK"):
+        if not os.environ[name].strip().isdigit():
+            raise UserError(f"{name}={os.environ[name]!r} is not a rank (0, 1, ...); {hint}")
+    if int(os.environ["RANK"]) >= world_size:
+        raise UserError(f"RANK={os.environ['RANK']} is not below WORLD_SIZE={world_size}; {hint}")
+
+
+@contextlib.contextmanager
+def native_stderr_to(file):
+    """File descriptor 2, where C++ code writes, pointed at `file` for the block (Python's
+    sys.stderr too, flushed first, as it writes there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(file.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, str]:
@@ -6476,8 +6640,20 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
     if use_cuda:
         torch.cuda.set_device(local_rank)
     # A rank that fails ends the job: the others give up after the timeout instead of hanging.
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    # Until the ranks meet, torch's C++ layer logs every failed attempt to connect, with a C++
+    # stack, straight to file descriptor 2: held aside, and shown only if they do meet.
+    with tempfile.TemporaryFile() as native_log:
+        try:
+            with native_stderr_to(native_log):
+                dist.init_process_group("nccl" if use_cuda else "gloo",
+                                        timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as error:   # torch.distributed's errors are RuntimeErrors
+            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            raise UserError(f"cannot join the torchrun job at {where} "
+                            f"({textwrap.shorten(str(error), 120)}); start every rank with "
+                            "torchrun, or unset WORLD_SIZE") from None
+        native_log.seek(0)
+        sys.stderr.write(native_log.read().decode(errors="replace"))
     return (Distributed(dist.get_rank(), world_size, local_rank),
             f"cuda:{local_rank}" if use_cuda else "cpu")
 
@@ -6958,6 +7134,8 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
     if cached is not None and (cached / "merges.json").exists():
         try:
             loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
+            if not all(0 <= token_id < vocab_size for token_id in loaded.vocab):
+                raise ValueError(f"ids outside 0..{vocab_size - 1}")
             return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             # truncated JSON, bad hex, a list where an object belongs, ...
@@ -7936,6 +8114,8 @@ def tokenizer_from_hf(path, config: TransformerConfig):
             byte_text(token): rank for token, rank in load_tiktoken_ranks(GPT2_RANKS_PATH).items()
             } | {END_OF_TEXT: 50256}:
         return GPT2Tokenizer()  # the same ids, through tiktoken (faster)
+    if not vocab:
+        raise UserError(f"{file} has an empty vocabulary; give the model's own tokenizer.json")
     if max(vocab.values()) >= config.vocab_size:
         raise UserError(f"{file} has ids up to {max(vocab.values())}, but the model embeds only "
                         f"{config.vocab_size} tokens")
@@ -8109,6 +8289,10 @@ def run_export(config: Config) -> int:
 if __name__ == "__main__":
     if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    exit_process(main())
+    status = main()
+    # Done, and said so: a Ctrl-C still arriving (a key held down) must not break into the
+    # interpreter's shutdown with a traceback from an exit handler.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_process(status)
 
 

@@ -1,8 +1,11 @@
 """Section 12 (main): the command line as a user meets it: the course's commands and bad input."""
 
+import subprocess
+import sys
+
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, SCRIPT, run_script
 
 BAD_INPUTS = [
     (["--input_files", "does_not_exist.txt"], "not found"),
@@ -42,6 +45,26 @@ BAD_INPUTS = [
     (["--keep_checkpoints", "-3"], "--keep_checkpoints must be at least 1"),
     (["--overwrite"], "--overwrite replaces sweep files"),
     (["--models", "transformer", "--n_kv_heads", "0"], "--n_kv_heads must be positive"),
+    (["--models", "transformer", "--logit_softcap", "nan"], "--logit_softcap must not be negative"),
+    (["--models", "transformer", "--logit_softcap", "inf"], "--logit_softcap must be a finite number"),
+    (["--models", "transformer", "--pos_emb", "learned", "--yarn_factor", "4"],
+     "--yarn_factor stretches rotary embeddings"),
+    (["--models", "transformer", "--experts_per_token", "-1"], "--experts_per_token must be between 1"),
+    (["--dist_timeout", "nan"], "--dist_timeout must be positive"),
+    (["--dist_timeout", "1e300"], "--dist_timeout is at most"),
+    (["--num_inner_mlp_layers", "1000000"], "--num_inner_mlp_layers is at most 1000"),
+    (["--input_files"], "--input_files names no file"),
+    (["--input_files", "3seqs.txt", "./3seqs.txt"], "--input_files names 3seqs.txt twice"),
+    (["--run_name", ""], "must be a plain file name"),
+    (["--run_name", "a\nb"], "must be a plain file name"),
+    (["--sweep", "budget", "--accounting"], "--accounting and --sweep are two commands"),
+    (["--generate", "--checkpoint", "x.pt", "--sweep", "budget"], "--generate and --sweep are two commands"),
+    (["--sweep", "budget", "--save_dir", "ckpt"], "--sweep keeps no checkpoints of its own"),
+    (["--accounting", "--resume", "ckpt"], "--accounting keeps no checkpoints of its own"),
+    (["--generate", "--checkpoint", "x.pt", "--attention_maps"], "--generate trains none"),
+    (["--models", "lstm_seq", "--attention_maps"], "add transformer to --models"),
+    (["--custom_sweep_sizes", "3,5"], "--custom_sweep_sizes sets the corpus sizes"),
+    (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", ""], "expected positive integers"),
 ]
 
 
@@ -198,3 +221,46 @@ def test_the_table_of_contents_matches_the_section_banners_and_the_lesson_comes_
     listed = [top or sub for top, sub in listed]
     assert banners == listed
     assert banners[:8] == ["1", "2", "2.1", "2.2", "2.3", "3", "4", "5"]
+
+
+TORCHRUN_ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a number of processes"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not a number of processes"),
+    ({"WORLD_SIZE": "-1"}, "WORLD_SIZE='-1' is not a number of processes"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 without RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "without MASTER_ADDR, MASTER_PORT"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "abc", **TORCHRUN_ADDRESS}, "LOCAL_RANK='abc' is not a rank"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}, "RANK=5 is not below WORLD_SIZE=2"),
+], ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None)
+def test_torchrun_variables_torchrun_never_sets_are_one_line(run_main, monkeypatch, variables, message):
+    """WORLD_SIZE and its companions as torchrun sets them, or a one-line refusal that says
+    to start with torchrun, before anything starts (a plain run with WORLD_SIZE=1 is a plain run)."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    status, _, err = run_main("--models", "lstm_seq", "--epochs", "1", "--max_steps_per_epoch", "1")
+    assert status == 2 and err.count("\n") == 1 and message in err, err
+    assert "torchrun --nproc_per_node=N" in err
+
+
+def test_a_rank_that_cannot_reach_the_others_says_so_in_one_line(tmp_path):
+    """A rank started as torchrun would, whose peers never come: after --dist_timeout, one line
+    naming the address, not torch.distributed's traceback."""
+    import os
+    import socket
+    with socket.socket() as probe:                  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--models", "lstm_seq", "--device_id", "cpu",
+                             "--dist_timeout", "3", "--artefacts_dir", str(tmp_path / "art"),
+                             "--cache_dir", str(tmp_path / "cache")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot join the torchrun job at 127.0.0.1:{port}" in lines[0]

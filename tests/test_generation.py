@@ -54,6 +54,19 @@ def test_top_k_and_temperature_change_the_distribution(pico):
     assert int(pico.sample_next_token(logits, pico.SamplingRule(temperature=0))) == 0
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324])
+def test_a_vanishing_temperature_samples_the_most_likely_token(pico, temperature):
+    """Dividing raw logits by 1e-300 makes them +-inf and the softmax NaN; shifted by their
+    maximum first, they give the most likely token, as temperature 0 does, with top-k and top-p
+    as well."""
+    logits = torch.tensor([[2.0, 7.5, -1.0, 7.0], [0.0, -3.0, 1e4, 5.0]])
+    generator = torch.Generator().manual_seed(0)
+    for top_k, top_p in [(0, 1.0), (2, 0.9)]:
+        rule = pico.SamplingRule(temperature=temperature, top_k=top_k, top_p=top_p)
+        for _ in range(20):
+            assert pico.sample_next_token(logits, rule, generator).tolist() == [1, 2]
+
+
 @pytest.fixture(scope="module")
 def models(pico):
     torch.manual_seed(0)

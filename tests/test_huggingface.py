@@ -617,6 +617,11 @@ def test_tokenizers_that_do_not_fit_are_refused(pico, tmp_path, llama_dir, gpt2_
                    None, small)
     pico.tokenizer_to_hf(tokenizers_to_export["bpe"]).save(str(small / "tokenizer.json"))
     one_line_error(pico, "embeds only 257 tokens", pico.import_hf, small)
+    # a tokenizer.json whose vocabulary is empty
+    emptied = json.loads((small / "tokenizer.json").read_text())
+    emptied["model"]["vocab"], emptied["model"]["merges"], emptied["added_tokens"] = {}, [], []
+    (small / "tokenizer.json").write_text(json.dumps(emptied))
+    one_line_error(pico, "has an empty vocabulary", pico.import_hf, small)
     # a GPT-2 with another vocabulary and no tokenizer.json
     hf_config = json.loads((gpt2_dir / "config.json").read_text())
     config = pico.config_from_hf(hf_config | {"vocab_size": 1000})
@@ -975,3 +980,15 @@ def test_pico_llm_trains_without_the_hugging_face_packages(run_main, monkeypatch
     assert (status, err) == (2, "pico-llm: error: --export_hf needs the safetensors package; "
                                 "pip install -r requirements-core.txt\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_from_a_prompt_the_tokenizer_has_no_tokens_for_is_refused(refused, pico,
+                                                                          llama_dir):
+    """A tokenizer.json with a two-token vocabulary and no unknown token turns "zzz" into no
+    tokens at all: refused in one line, not a sample of nothing."""
+    tokenizer = json.loads((llama_dir / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"], tokenizer["model"]["merges"] = {"a": 0, "b": 1}, []
+    tokenizer["added_tokens"] = []
+    (llama_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    refused("is no token at all in this model's tokenizer", "--generate", "--init_from",
+            str(llama_dir), "--prompt", "zzz", "--max_new_tokens", "2")

@@ -399,6 +399,38 @@ def test_a_truncated_bpe_cache_is_trained_again_in_process(pico, tmp_path, capsy
     assert merges.read_text() == text
 
 
+def test_a_token_cache_whose_offsets_do_not_increase_is_rebuilt(pico, tmp_path, capsys):
+    """Offsets of the right count and total but out of order would cut examples wrongly (and
+    a stream's windows past their document): the cache is rebuilt, not used."""
+    texts = ["the cat sat on the mat", "a dog ran far away", "and back"]
+    first = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    offsets = next(tmp_path.glob("*.offsets.npy"))
+    import numpy as np
+    np.save(offsets, np.array([0, 30, 23, len(first.tokens)], dtype=np.int64))
+    again = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "offsets do not increase" in lines[0] and "rebuilding" in lines[0]
+    assert list(again.offsets) == list(first.offsets)
+
+
+@pytest.mark.parametrize("bad_id", ["99999999", "-1"])
+def test_a_bpe_cache_with_ids_outside_its_vocabulary_is_trained_again(pico, tmp_path, capsys,
+                                                                       bad_id):
+    """An id beyond the vocabulary's size would make an embedding table of that size (100M
+    rows: all the memory there is): the cache is trained again instead."""
+    texts = [f"the quick brown fox number {i} jumps" for i in range(50)]
+    first = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    vocab = next(tmp_path.glob("bpe-*/vocab.json"))
+    entries = json.loads(vocab.read_text())
+    last = max(entries, key=int)
+    entries[bad_id] = entries.pop(last)
+    vocab.write_text(json.dumps(entries))
+    again = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "BPE cache" in lines[0] and "ids outside 0..299" in lines[0]
+    assert again.vocab_size == first.vocab_size == 300
+
+
 @pytest.mark.slow
 def test_truncated_token_cache_is_rebuilt_with_a_note(ws):
     ok(run(*TINY, *ws.io(), "--run_name", "first", timeout=300))
@@ -832,3 +864,59 @@ def test_a_full_disk_while_writing_a_sweep_file_is_one_line(run_main, ws, monkey
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "No space left on device" in lines[0] and "sweep_kgram_variants" in lines[0]
     assert not list(ws.art.glob("*sweep_*"))
+
+
+@pytest.mark.parametrize("content", ['[1, 2]', '{"args": [1], "status": "running"}',
+                                     '{"args": {"save_dir": 5}, "models": 7, "status": "running"}',
+                                     '{"process": [1], "status": "running"}'])
+def test_a_run_log_of_another_shape_is_kept_with_one_line(pico, ws, capsys, content):
+    """A file in a run log's place whose parts have other types than pico-llm writes (edited,
+    or not a run log): a new run with that --run_name is refused in one line and the file
+    kept; resuming into it is refused too."""
+    ws.art.mkdir()
+    path = ws.art / "shaped.json"
+    path.write_text(content)
+    for extra in ([], ["--save_dir", str(ws.save), "--resume"]):
+        status = pico.main([*TINY, *ws.io(), "--run_name", "shaped", *extra])
+        err = capsys.readouterr().err
+        assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert path.read_text() == content
+    with pytest.raises(pico.UserError, match="is not a pico-llm run log"):
+        pico.load_runlog(path)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 32212275200 bytes."),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError()])
+def test_running_out_of_memory_while_training_is_one_line(pico, ws, capsys, monkeypatch, error):
+    """An allocation that fails mid-run (a block size whose activations do not fit, which
+    the memory check before training does not count): one line naming the flags to lower,
+    status 2, and the run log records the failure; any other error stays a traceback."""
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(pico, "train_models", fail)
+    status = pico.main([*TINY, *ws.io(), "--run_name", "oom"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith("pico-llm: error: out of memory") and "--batch_size or --block_size" in err
+    assert json.loads((ws.art / "oom.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(pico, "train_models", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        pico.main([*TINY, *ws.io(), "--run_name", "other"])
+
+
+def test_a_checkpoint_this_user_may_not_read_is_said_to_be_unreadable_not_corrupt(pico, tmp_path,
+                                                                                  monkeypatch):
+    """Permission denied is not damage: the line says so (root reads any file, so the denial is
+    simulated at torch.load)."""
+    path = tmp_path / "step_000001.pt"
+    path.write_bytes(b"PK")
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(pico.UserError) as refused:
+        pico.read_checkpoint(path, "--checkpoint")
+    assert not isinstance(refused.value, pico.DamagedCheckpoint)
+    assert str(refused.value).startswith(f"cannot read --checkpoint {path} (Permission denied)")

@@ -369,3 +369,54 @@ def test_a_sweep_with_every_point_done_says_where_they_are(pico, run_main, tmp_p
     path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
     assert status == 0 and f"all 3 points were already done; they are in {path}" in out
     assert "--overwrite" in out
+
+
+def test_overwrite_replaces_only_sweep_files(pico, run_main, tmp_path, tiny_corpus):
+    """--overwrite starts a sweep afresh over an earlier sweep file, even one cut short, but
+    never over another file given as the sweep's path: a checkpoint, a run log or any text
+    are left as they were, with a one-line refusal."""
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus),
+            "--overwrite")
+    strangers = {"model.pt": b"PK\x03\x04" + bytes(range(256)) * 8,
+                 "main_job.json": json.dumps({"schema_version": 3, "kind": "run", "models": {}}).encode(),
+                 "notes.txt": b"kind: sweep, but not a sweep file\n"}
+    for name, content in strangers.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        status, _, err = run_main(*argv, "--custom_sweep_log", str(path))
+        assert status == 2 and err.count("\n") == 1, err
+        assert "not a sweep file" in err and "--overwrite replaces only sweep files" in err
+        assert path.read_bytes() == content
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{\n  "schema_version": 1,\n  "kind": "sweep",\n  "sweep": "kgram_varia')
+    status, out, _ = run_main(*argv)
+    assert status == 0 and "3 points (0 already done)" in out
+    assert pico.load_sweep(path)["sweep"] == "kgram_variants"
+
+
+@pytest.mark.parametrize("change", [{"points": 5}, {"points": [1, 2]}, {"points": [{"model": "x"}]},
+                                    {"config": []}, {"config": {"args": [1]}}])
+def test_a_sweep_file_with_parts_of_other_types_is_refused_and_kept(pico, run_main, tmp_path,
+                                                                    tiny_corpus, change):
+    """A sweep file whose kind and schema are right but whose points or config are not as
+    SweepLog writes them (edited by hand): one line, the file kept."""
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    path.parent.mkdir(parents=True)
+    content = json.dumps({"schema_version": pico.SWEEP_SCHEMA_VERSION, "kind": "sweep",
+                          "sweep": "kgram_variants", "config": {}, "points": [], **change})
+    path.write_text(content)
+    status, _, err = run_main(*argv)
+    assert status == 2 and err.count("\n") == 1 and "not as pico-llm writes them" in err, err
+    assert path.read_text() == content
+
+
+def test_custom_sweep_sizes_beyond_the_data_are_refused_before_training(run_main, tmp_path, tiny_corpus):
+    """A corpus size the data does not have would be recorded as that size while training on
+    all there is: refused before the first point, nothing written."""
+    path = tmp_path / "custom.json"
+    status, _, err = run_main("--custom_sweep_log", str(path), "--sweep_scale", "tiny",
+                              "--input_files", str(tiny_corpus), "--custom_sweep_sizes", "3,1000000")
+    assert status == 2 and err.count("\n") == 1 and "asks for 1,000,000 training examples" in err, err
+    assert not path.exists()
