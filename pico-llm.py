@@ -2125,6 +2125,9 @@ def read_text(path: Path) -> str:
     """The contents of a UTF-8 text file (without a byte-order mark); UserError on anything
     else."""
     if not path.exists():
+        if path.is_symlink():                  # exists() follows links: a broken or looping one
+            raise UserError(f"input file {path} is a symbolic link to nothing readable (broken, "
+                            "or a loop); give the file it should point to")
         raise UserError(f"input file not found: {path}")
     if path.is_dir():
         raise UserError(f"{path} is a directory; pass directories with --input_dir")
@@ -2287,6 +2290,12 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
             path.suffix.lower())
         if builder is None:
             raise UserError(f"--tinystories_path {path}: expected .json, .jsonl, .parquet or .txt")
+        if builder == "text":      # as --input_files: text with NUL bytes is not text
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    if b"\x00" in chunk:
+                        raise UserError(f"--tinystories_path {path} looks binary (it contains NUL "
+                                        "bytes); give a UTF-8 text file")
         try:  # the file is read while it is iterated, so a damaged one fails in the loop
             stream = datasets.load_dataset(builder, data_files=str(path), split="train",
                                            streaming=True)
@@ -3086,9 +3095,12 @@ def check_run_log_is_the_checkpoints(run_path: Path, log: dict | None, resume_po
         if (checkpoint_run is None and args.get("run_name") == run_path.stem
                 and Path(args.get("artefacts_dir", "")).resolve() == run_path.parent.resolve()):
             return
+    if not isinstance(log, dict):
+        raise UserError(f"run log {run_path} is not one pico-llm can read (cut short or edited), "
+                        "so it cannot be continued; resume with a new --run_name, or move that "
+                        "file away")
     described = (f"the run started {log.get('created')} with --save_dir "
-                 f"{log.get('args', {}).get('save_dir')}" if isinstance(log, dict)
-                 else "no run log pico-llm can read")
+                 f"{log.get('args', {}).get('save_dir')}")
     written_by = checkpoint["args"].get("run_name")
     raise UserError(f"run log {run_path} records another run ({described}) than the one whose "
                     f"checkpoint {path} is resumed (run "
@@ -6487,10 +6499,20 @@ def flag_differences(stored: dict, current: dict, free: frozenset) -> list[str]:
             if key not in free and stored[key] != current[key]]
 
 
+# The model flags each kind of model reads: a checkpoint of one kind is not held to the others'.
+MODEL_FLAGS = {"kgram_mlp_seq": ("kgram_k", "kgram_variant", "kgram_chunk_size",
+                                 "num_inner_mlp_layers", "embed_size"),
+               "lstm_seq": ("embed_size", "lstm_layers"),
+               "transformer": ("transformer_variant", *TRANSFORMER_OVERRIDE_FLAGS),
+               "transformer_gptoss": TRANSFORMER_OVERRIDE_FLAGS}
+
+
 def check_same_flags(checkpoint: dict, path: Path, flags: dict) -> None:
-    """A resumed run must compute what the interrupted one would have: same flags."""
+    """A resumed run must compute what the interrupted one would have: same flags (of the
+    model flags, those the checkpoint's kind of model reads)."""
+    others = set().union(*MODEL_FLAGS.values()) - set(MODEL_FLAGS.get(checkpoint["model_name"], ()))
     differences = flag_differences(checkpoint["args"], flags,
-                                   FLAGS_FREE_ON_RESUME | frozenset(TRAINING_LENGTH_FLAGS))
+                                   FLAGS_FREE_ON_RESUME | frozenset(TRAINING_LENGTH_FLAGS) | others)
     if differences:
         raise UserError(f"{path} was trained with other flags ({'; '.join(differences)}); "
                         "resume with the same flags, or start afresh without --resume")

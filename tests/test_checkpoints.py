@@ -129,6 +129,31 @@ def test_the_newest_checkpoints_are_kept_and_hold_plain_data(pico, run_main, tmp
     assert [h["step"] for h in checkpoint["record"]["history"]] == list(range(1, 7))
 
 
+def test_a_resumed_checkpoint_is_held_to_its_own_kind_of_models_flags(pico, run_main, tmp_path):
+    """An LSTM's checkpoint resumes whatever the Transformer's flags say now (the LSTM reads
+    none of them), and is refused, naming only that flag, when one it reads changed."""
+    save = tmp_path / "ckpt"
+    first = ["--models", "lstm_seq", "--save_dir", str(save), "--run_name", "kinds"]
+    assert run_main(*TINY, *first, "--d_model", "32", "--n_blocks", "1")[0] == 0
+    resumed = [*first, "--resume", "--epochs", "3"]
+    status, _, err = run_main(*TINY, *resumed, "--embed_size", "32", "--d_model", "64")
+    assert status == 2 and "--embed_size 16 there, 32 now" in err and "--d_model" not in err, err
+    status, _, err = run_main(*TINY, *resumed, "--d_model", "64", "--transformer_variant", "minGPT")
+    assert status == 0, err
+
+
+def test_resuming_into_a_run_log_cut_short_says_it_cannot_be_continued(pico, run_main, tmp_path):
+    save = tmp_path / "ckpt"
+    first = [*TINY, "--models", "lstm_seq", "--save_dir", str(save), "--run_name", "cut"]
+    assert run_main(*first)[0] == 0
+    log = tmp_path / "artefacts" / "cut.json"
+    log.write_text(log.read_text()[:100])
+    status, _, err = run_main(*first, "--resume", "--epochs", "3")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "is not one pico-llm can read" in err and "resume with a new --run_name" in err
+    assert len(log.read_text()) == 100
+
+
 def test_generate_from_a_checkpoint_repeats_the_runs_greedy_sample(pico, run_main, tmp_path):
     save = tmp_path / "ckpt"
     assert run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save), "--run_name", "r")[0] == 0

@@ -13,6 +13,7 @@ BAD_INPUTS = [
     (["--input_files", "{latin1}"], "not valid UTF-8"),
     (["--input_files", "{binary}"], "binary"),
     (["--input_files", "{folder}"], "is a directory"),
+    (["--input_files", "{loop}"], "is a symbolic link to nothing readable"),
     (["--input_dir", "{no_txt_folder}"], "no .txt"),
     (["--input_dir", "missing_dir"], "not a directory"),
     (["--block_size", "3", "--kgram_k", "3"], "--block_size (3) must be larger than --kgram_k"),
@@ -76,9 +77,10 @@ def bad_files(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "no_txt_folder").mkdir()
     (tmp_path / "no_txt_folder" / "a.md").write_text("x")
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
     return {name: str(tmp_path / file) for name, file in [
         ("empty", "empty.txt"), ("latin1", "latin1.txt"), ("binary", "binary.txt"),
-        ("folder", "folder"), ("no_txt_folder", "no_txt_folder")]}
+        ("folder", "folder"), ("no_txt_folder", "no_txt_folder"), ("loop", "loop.txt")]}
 
 
 @pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a)[:40] for a, _ in BAD_INPUTS])
