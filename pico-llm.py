@@ -1045,9 +1045,10 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     if config.n_heads % config.n_kv_heads:
         raise UserError(f"--n_kv_heads {config.n_kv_heads} must divide --n_heads "
                         f"{config.n_heads}{where}")
-    if config.experts_per_token < 1 or config.n_experts and config.experts_per_token > config.n_experts:
-        raise UserError(f"--experts_per_token must be between 1 and --n_experts "
-                        f"({config.n_experts}){where}, got {config.experts_per_token}")
+    if not 1 <= config.experts_per_token <= (config.n_experts or config.experts_per_token):
+        bound = (f"between 1 and --n_experts ({config.n_experts})" if config.n_experts
+                 else "at least 1")
+        raise UserError(f"--experts_per_token must be {bound}{where}, got {config.experts_per_token}")
     if config.yarn_factor < 1:
         raise UserError(f"--yarn_factor must be at least 1 (1 = plain RoPE), got {config.yarn_factor}")
     if config.yarn_factor > 1 and config.pos_emb != "rope":
@@ -2987,7 +2988,8 @@ def load_runlog(path: Path | str) -> dict:
         with open(path, encoding="utf-8") as handle:
             log = json.load(handle)
     except (OSError, ValueError) as error:    # ValueError: truncated JSON, or not UTF-8
-        raise UserError(f"cannot read run log {path} ({textwrap.shorten(str(error), 80)})") from None
+        raise UserError(f"cannot read run log {path} "
+                        f"({textwrap.shorten(str(error), 80)})") from None
     # The parts of a log that pico-llm reads back must have the types it wrote.
     shapes = {"args": dict, "models": dict, "process": dict}
     if not isinstance(log, dict) or any(not isinstance(log.get(key, kind()), kind)
@@ -4473,8 +4475,8 @@ def validate_args(args: argparse.Namespace) -> None:
                 raise UserError(f"--input_files names {seen[os.path.realpath(name)]} twice; "
                                 "name each file once")
             seen[os.path.realpath(name)] = name
-    if args.run_name is not None and (not args.run_name.strip()
-                                      or any(ord(ch) < 32 or ord(ch) == 127 for ch in args.run_name)):
+    control = any(ord(ch) < 32 or ord(ch) == 127 for ch in args.run_name or "")
+    if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
                         "no control characters")
     if args.num_inner_mlp_layers > MAX_INNER_MLP_LAYERS:   # each a Python module and graph node
@@ -4563,23 +4565,29 @@ def validate_one_command(args: argparse.Namespace) -> None:
     """One command a run: training (the default), --accounting, --generate, --export_hf from a
     --checkpoint, or sweeps (--sweep, --custom_sweep_log and --collect_transformer_metrics,
     which run together); a flag that only another command reads is refused, not ignored."""
-    sweeps = [flag for flag, given in (("--sweep", args.sweep), ("--custom_sweep_log", args.custom_sweep_log),
-                                       ("--collect_transformer_metrics", args.collect_transformer_metrics))
-              if given]
-    commands = [flag for flag, given in (("--accounting", args.accounting is not None),
-                                         ("--generate", args.generate),
-                                         ("--export_hf with --checkpoint", args.checkpoint and not args.generate),
-                                         (" ".join(sweeps), sweeps)) if given]
+    sweeps = " ".join(flag for flag, given in (
+        ("--sweep", args.sweep), ("--custom_sweep_log", args.custom_sweep_log),
+        ("--collect_transformer_metrics", args.collect_transformer_metrics)) if given)
+    export = args.checkpoint and not args.generate
+    commands = [flag for flag, given in (
+        ("--accounting", args.accounting is not None), ("--generate", args.generate),
+        ("--export_hf with --checkpoint", export), (sweeps, sweeps)) if given]
     if len(commands) > 1:
         raise UserError(f"{commands[0]} and {commands[1]} are two commands; run them one at a time")
     if commands and (args.resume is not None or args.save_dir):
-        raise UserError(f"{commands[0]} keeps no checkpoints of its own; drop --resume and --save_dir")
+        raise UserError(f"{commands[0]} keeps no checkpoints of its own; drop --resume and "
+                        "--save_dir")
     if commands and (args.attention_maps or args.monosemantic_enabled):
         raise UserError(f"--attention_maps and --monosemantic_enabled describe a training run's "
                         f"models, and {commands[0]} trains none")
+    if commands and args.export_hf and not export:
+        raise UserError(f"--export_hf writes the model a training run or a --checkpoint gives, "
+                        f"and {commands[0]} gives none to write")
     if args.attention_maps and not any(name.startswith("transformer") for name in args.models):
-        raise UserError("--attention_maps draws a Transformer's attention; add transformer to --models")
-    if args.custom_sweep_sizes is not None and not (args.custom_sweep_log or args.sweep in ("custom_data", "presentation")):
+        raise UserError("--attention_maps draws a Transformer's attention; add transformer to "
+                        "--models")
+    custom_data_sweep = args.custom_sweep_log or args.sweep in ("custom_data", "presentation")
+    if args.custom_sweep_sizes is not None and not custom_data_sweep:
         raise UserError("--custom_sweep_sizes sets the corpus sizes of the custom_data sweep; add "
                         "--custom_sweep_log PATH or --sweep custom_data")
 

@@ -50,7 +50,7 @@ BAD_INPUTS = [
     (["--models", "transformer", "--logit_softcap", "inf"], "--logit_softcap must be a finite number"),
     (["--models", "transformer", "--pos_emb", "learned", "--yarn_factor", "4"],
      "--yarn_factor stretches rotary embeddings"),
-    (["--models", "transformer", "--experts_per_token", "-1"], "--experts_per_token must be between 1"),
+    (["--models", "transformer", "--experts_per_token", "-1"], "--experts_per_token must be at least 1"),
     (["--dist_timeout", "nan"], "--dist_timeout must be positive"),
     (["--dist_timeout", "1e300"], "--dist_timeout is at most"),
     (["--num_inner_mlp_layers", "1000000"], "--num_inner_mlp_layers is at most 1000"),
@@ -64,6 +64,8 @@ BAD_INPUTS = [
     (["--accounting", "--resume", "ckpt"], "--accounting keeps no checkpoints of its own"),
     (["--generate", "--checkpoint", "x.pt", "--attention_maps"], "--generate trains none"),
     (["--models", "lstm_seq", "--attention_maps"], "add transformer to --models"),
+    (["--sweep", "budget", "--export_hf", "out"], "--sweep gives none to write"),
+    (["--accounting", "--generate", "--checkpoint", "x.pt"], "--accounting and --generate are two commands"),
     (["--custom_sweep_sizes", "3,5"], "--custom_sweep_sizes sets the corpus sizes"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", ""], "expected positive integers"),
 ]
