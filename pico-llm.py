@@ -101,6 +101,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import unicodedata
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -1033,7 +1034,8 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size",
                  "nope_interval", "logit_softcap"):
         if not getattr(config, name) >= 0:                   # NaN too
-            raise UserError(f"--{name} must not be negative{where}, got {getattr(config, name)}")
+            kind = "be a number" if math.isnan(getattr(config, name)) else "not be negative"
+            raise UserError(f"--{name} must {kind}{where}, got {getattr(config, name)}")
     if not math.isfinite(config.logit_softcap):
         raise UserError(f"--logit_softcap must be a finite number (0 = off){where}, "
                         f"got {config.logit_softcap}")
@@ -3287,6 +3289,13 @@ def point_key(model: str, settings: dict) -> str:
     return json.dumps({"model": model, **settings}, sort_keys=True)
 
 
+def point_key_of(point: dict) -> str | None:
+    """The key a point written by SweepLog.add carries (None for one it could not have written)."""
+    if not isinstance(point.get("model"), str) or not isinstance(point.get("settings"), dict):
+        return None
+    return point_key(point["model"], point["settings"])
+
+
 class SweepLog:
     """One sweep's JSON file. Points already in a file of the same sweep, scale and data
     are kept (and skipped by `done`), with the file's creation time and the wall time spent
@@ -3405,9 +3414,12 @@ def load_sweep(path: Path | str) -> dict:
         raise UserError(f"{path}: not a sweep file of schema {SWEEP_SCHEMA_VERSION} "
                         f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r})")
     points, config = sweep.get("points"), sweep.get("config")
-    if not (isinstance(points, list) and all(isinstance(point, dict) and "key" in point
+    if not (isinstance(points, list) and all(isinstance(point, dict)
+                                             and point_key_of(point) is not None
+                                             and point.get("key") == point_key_of(point)
                                              for point in points)
-            and isinstance(config, dict) and isinstance(config.get("args", {}), dict)):
+            and isinstance(config, dict) and isinstance(config.get("scale"), dict)
+            and isinstance(config.get("args", {}), dict)):
         raise UserError(f"{path}: a sweep file whose points or config are not as pico-llm writes "
                         "them; move it away, or pass --overwrite to start that sweep afresh")
     return sweep
@@ -3854,11 +3866,11 @@ SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": s
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UserError(f"--custom_sweep_sizes {text!r}: expected comma-separated integers") from None
-    if not sizes or min(sizes) <= 0:
+    if not re.fullmatch(r"\s*[0-9]+\s*(,\s*[0-9]+\s*)*", text, flags=re.ASCII):
+        raise UserError(f"--custom_sweep_sizes {text!r}: expected positive integers, "
+                        "comma-separated (e.g. 100,300,1000)")
+    sizes = tuple(int(part) for part in text.split(","))
+    if min(sizes) <= 0:
         raise UserError(f"--custom_sweep_sizes {text!r}: expected positive integers")
     return sizes
 
@@ -4412,9 +4424,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600
-# A million layers of 16 took 20 GB of Python objects and autograd's graph, which the memory
-# check (parameters only) does not see; a thousand is far deeper than a k-gram MLP trains.
-MAX_INNER_MLP_LAYERS = 1000
+# A million k-gram MLP layers of 16 took 20 GB of Python objects and autograd's graph, which
+# the memory check (parameters only) does not see, and 100,000 LSTM layers never finished a
+# step; a thousand layers is far deeper than any of these models trains.
+MAX_LAYERS = 1000
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -4475,13 +4488,13 @@ def validate_args(args: argparse.Namespace) -> None:
                 raise UserError(f"--input_files names {seen[os.path.realpath(name)]} twice; "
                                 "name each file once")
             seen[os.path.realpath(name)] = name
-    control = any(ord(ch) < 32 or ord(ch) == 127 for ch in args.run_name or "")
+    control = any(unicodedata.category(ch).startswith("C") for ch in args.run_name or "")
     if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
-                        "no control characters")
-    if args.num_inner_mlp_layers > MAX_INNER_MLP_LAYERS:   # each a Python module and graph node
-        raise UserError(f"--num_inner_mlp_layers is at most {MAX_INNER_MLP_LAYERS}, got "
-                        f"{args.num_inner_mlp_layers}")
+                        "no control or formatting characters")
+    for name in ("num_inner_mlp_layers", "lstm_layers", "n_blocks"):  # each a module, graph nodes
+        if (getattr(args, name) or 0) > MAX_LAYERS:
+            raise UserError(f"--{name} is at most {MAX_LAYERS}, got {getattr(args, name)}")
     if args.monosemantic_clusters <= 0:
         raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
     if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
@@ -4574,6 +4587,8 @@ def validate_one_command(args: argparse.Namespace) -> None:
         ("--export_hf with --checkpoint", export), (sweeps, sweeps)) if given]
     if len(commands) > 1:
         raise UserError(f"{commands[0]} and {commands[1]} are two commands; run them one at a time")
+    if commands and launched_world_size() > 1:
+        raise UserError(f"{commands[0]} runs in one process; start it with python, not torchrun")
     if commands and (args.resume is not None or args.save_dir):
         raise UserError(f"{commands[0]} keeps no checkpoints of its own; drop --resume and "
                         "--save_dir")

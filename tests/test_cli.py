@@ -46,7 +46,7 @@ BAD_INPUTS = [
     (["--keep_checkpoints", "-3"], "--keep_checkpoints must be at least 1"),
     (["--overwrite"], "--overwrite replaces sweep files"),
     (["--models", "transformer", "--n_kv_heads", "0"], "--n_kv_heads must be positive"),
-    (["--models", "transformer", "--logit_softcap", "nan"], "--logit_softcap must not be negative"),
+    (["--models", "transformer", "--logit_softcap", "nan"], "--logit_softcap must be a number"),
     (["--models", "transformer", "--logit_softcap", "inf"], "--logit_softcap must be a finite number"),
     (["--models", "transformer", "--pos_emb", "learned", "--yarn_factor", "4"],
      "--yarn_factor stretches rotary embeddings"),
@@ -54,6 +54,12 @@ BAD_INPUTS = [
     (["--dist_timeout", "nan"], "--dist_timeout must be positive"),
     (["--dist_timeout", "1e300"], "--dist_timeout is at most"),
     (["--num_inner_mlp_layers", "1000000"], "--num_inner_mlp_layers is at most 1000"),
+    (["--models", "lstm_seq", "--lstm_layers", "100000"], "--lstm_layers is at most 1000"),
+    (["--models", "transformer", "--n_blocks", "5000"], "--n_blocks is at most 1000"),
+    (["--run_name", "\u202e"], "must be a plain file name"),
+    (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "3,,5"], "expected positive integers"),
+    (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "3_0"], "expected positive integers"),
+    (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "\u0663"], "expected positive integers"),
     (["--input_files"], "--input_files names no file"),
     (["--input_files", "3seqs.txt", "./3seqs.txt"], "--input_files names 3seqs.txt twice"),
     (["--run_name", ""], "must be a plain file name"),
@@ -268,3 +274,15 @@ def test_a_rank_that_cannot_reach_the_others_says_so_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"cannot join the torchrun job at 127.0.0.1:{port}" in lines[0]
+
+
+@pytest.mark.parametrize("command", [["--sweep", "budget", "--sweep_scale", "tiny"],
+                                     ["--generate", "--checkpoint", "x.pt"], ["--accounting"]])
+def test_commands_other_than_training_refuse_torchrun(run_main, monkeypatch, command):
+    """Only training splits its work across torchrun's ranks: a sweep, generation or accounting
+    under torchrun would run whole in every rank (every rank writing the same sweep file)."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}.items():
+        monkeypatch.setenv(name, value)
+    status, _, err = run_main(*command)
+    assert status == 2 and err.count("\n") == 1, err
+    assert "runs in one process; start it with python, not torchrun" in err

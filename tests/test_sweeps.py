@@ -396,7 +396,10 @@ def test_overwrite_replaces_only_sweep_files(pico, run_main, tmp_path, tiny_corp
 
 
 @pytest.mark.parametrize("change", [{"points": 5}, {"points": [1, 2]}, {"points": [{"model": "x"}]},
-                                    {"config": []}, {"config": {"args": [1]}}])
+                                    {"points": [{"key": ["unhashable"], "train_loss": "x"}]},
+                                    {"points": [{"key": "{}", "model": "lstm_seq", "settings": {}}]},
+                                    {"config": []}, {"config": {"scale": {}, "args": [1]}},
+                                    {"config": {"args": {}}}])
 def test_a_sweep_file_with_parts_of_other_types_is_refused_and_kept(pico, run_main, tmp_path,
                                                                     tiny_corpus, change):
     """A sweep file whose kind and schema are right but whose points or config are not as
@@ -405,7 +408,8 @@ def test_a_sweep_file_with_parts_of_other_types_is_refused_and_kept(pico, run_ma
     path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
     path.parent.mkdir(parents=True)
     content = json.dumps({"schema_version": pico.SWEEP_SCHEMA_VERSION, "kind": "sweep",
-                          "sweep": "kgram_variants", "config": {}, "points": [], **change})
+                          "sweep": "kgram_variants", "config": {"scale": {}, "args": {}},
+                          "points": [], **change})
     path.write_text(content)
     status, _, err = run_main(*argv)
     assert status == 2 and err.count("\n") == 1 and "not as pico-llm writes them" in err, err
