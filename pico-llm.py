@@ -4595,7 +4595,7 @@ def validate_one_command(args: argparse.Namespace) -> None:
     if commands and (args.attention_maps or args.monosemantic_enabled):
         raise UserError(f"--attention_maps and --monosemantic_enabled describe a training run's "
                         f"models, and {commands[0]} trains none")
-    if commands and args.export_hf and not export:
+    if commands and args.export_hf and not (export or args.generate):  # --generate: see E.6
         raise UserError(f"--export_hf writes the model a training run or a --checkpoint gives, "
                         f"and {commands[0]} gives none to write")
     if args.attention_maps and not any(name.startswith("transformer") for name in args.models):
