@@ -2993,10 +2993,9 @@ def load_runlog(path: Path | str) -> dict:
         raise UserError(f"cannot read run log {path} "
                         f"({textwrap.shorten(str(error), 80)})") from None
     # The parts of a log that pico-llm reads back must have the types it wrote.
-    shapes = {"args": dict, "models": dict, "process": dict}
-    if not isinstance(log, dict) or any(not isinstance(log.get(key, kind()), kind)
-                                        for key, kind in shapes.items()) \
-            or not isinstance(log.get("args", {}).get("save_dir") or "", str):
+    shaped = isinstance(log, dict) and all(isinstance(log.get(key, {}), dict)
+                                           for key in ("args", "models", "process"))
+    if not shaped or not isinstance(log.get("args", {}).get("save_dir") or "", str):
         raise UserError(f"{path} is not a pico-llm run log (a JSON object with its args, models "
                         "and process)")
     if log.get("schema_version") != RUNLOG_SCHEMA_VERSION:
@@ -3309,7 +3308,8 @@ class SweepLog:
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.earlier_wall_time_s = 0.0
         data_sha256 = examples_fingerprint(load_custom_examples(config.data))
-        check_regular_file(path, "sweep file")
+        if overwrite and path.exists():
+            check_regular_file(path, "sweep file")          # reading a FIFO's start would block
         if overwrite and path.exists() and not looks_like_a_sweep_file(path):
             raise UserError(f"{path} is not a sweep file, and --overwrite replaces only sweep "
                             "files; give the sweep another path")
@@ -3415,8 +3415,8 @@ def load_sweep(path: Path | str) -> dict:
                         f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r})")
     points, config = sweep.get("points"), sweep.get("config")
     if not (isinstance(points, list) and all(isinstance(point, dict)
-                                             and point_key_of(point) is not None
-                                             and point.get("key") == point_key_of(point)
+                                             and isinstance(point.get("key"), str)
+                                             and point["key"] == point_key_of(point)
                                              for point in points)
             and isinstance(config, dict) and isinstance(config.get("scale"), dict)
             and isinstance(config.get("args", {}), dict)):
@@ -3499,10 +3499,11 @@ def sweep_custom_data(log: SweepLog, base, scale, device, tokenizer) -> None:
     given = base.experiments.custom_sweep_sizes
     sizes = parse_sizes(given) if given is not None else scale.custom_sizes
     config = with_flags(base, test_fraction=scale.test_fraction)
-    available = len(sweep_data(config, tokenizer).sources[0].train)
-    if given is not None and max(sizes) > available:
-        raise UserError(f"--custom_sweep_sizes asks for {max(sizes):,} training examples; this "
-                        f"data has {available:,}: give sizes up to that")
+    if given is not None:
+        available = len(sweep_data(config, tokenizer).sources[0].train)
+        if max(sizes) > available:
+            raise UserError(f"--custom_sweep_sizes asks for {max(sizes):,} training examples; "
+                            f"this data has {available:,}: give sizes up to that")
     for model_name in ("lstm_seq", "transformer"):
         for size in sizes:
             settings = {"train_examples": size}
@@ -5914,7 +5915,8 @@ class ForeachMuon(Muon):
         grads = [p.grad for p in params]
         momentum = [self.state[p]["momentum_buffer"] for p in params]
         torch._foreach_lerp_(momentum, grads, 1 - group["momentum"])
-        updates = torch._foreach_lerp(grads, momentum, group["momentum"]) if group["nesterov"] else momentum
+        updates = (torch._foreach_lerp(grads, momentum, group["momentum"]) if group["nesterov"]
+                   else momentum)
         torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         stacks = {}
         for p, update in zip(params, updates):

@@ -2,6 +2,7 @@
 plot, and the interpretability tools (attention maps, k-means over embeddings)."""
 
 import json
+import os
 
 import jsonschema
 import pytest
@@ -387,6 +388,10 @@ def test_overwrite_replaces_only_sweep_files(pico, run_main, tmp_path, tiny_corp
         assert status == 2 and err.count("\n") == 1, err
         assert "not a sweep file" in err and "--overwrite replaces only sweep files" in err
         assert path.read_bytes() == content
+    fifo = tmp_path / "pipe.json"               # its start is never read: that would block
+    os.mkfifo(fifo)
+    status, _, err = run_main(*argv, "--custom_sweep_log", str(fifo))
+    assert status == 2 and err.count("\n") == 1 and "not a regular file" in err, err
     path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('{\n  "schema_version": 1,\n  "kind": "sweep",\n  "sweep": "kgram_varia')
