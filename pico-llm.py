@@ -625,7 +625,11 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     never as exp(-b_s) alone, so nothing overflows however fast a head forgets. Chunks stay short
     because b_t - b_s is a difference of running sums that grow along the chunk (measured, float32,
     log decays down to -20 a token: a 37-token chunk 6e-5 off the recurrence, 16-token ones < 1e-5).
+    Compiled code takes Appendix A's form without the loop (all_chunks_linear_attention): a loop
+    over the chunks compiles once for every length.
     """
+    if torch.compiler.is_compiling():
+        return all_chunks_linear_attention(q, k, v, log_decay, state, chunk_size)
     outputs = []
     for start in range(0, q.shape[2], chunk_size):
         qc, kc, vc, gc = (t[:, :, start:start + chunk_size] for t in (q, k, v, log_decay))
@@ -5591,9 +5595,10 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
 # --- A.1 Compiled training: static shapes, real numbers ------------------------------
 # torch.compile (Inductor) turns a model into a few fused kernels, which is what a GPU needs
 # (eager GPT-2 small spends much of a step launching kernels); it needs code whose shapes do
-# not depend on the data and arithmetic it can generate code for. Two Part I pieces are not:
+# not depend on the data and arithmetic it can generate code for. Three Part I pieces are not:
 # the mixture of experts (each expert's share of the positions is known only once the router
-# ran) and RoPE's complex product. Their compiled forms follow; speed_up switches them on.
+# ran), RoPE's complex product, and linear attention's loop over chunks (as many as the length
+# needs). Their compiled forms follow; speed_up switches them on.
 
 
 def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -5604,6 +5609,50 @@ def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     pairs = x.float().unflatten(-1, (-1, 2))                                # (B, H, T, D/2, 2)
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def segment_sums(x: torch.Tensor) -> torch.Tensor:
+    """x (..., N) -> (..., N, N): entry [n, m] is x[m+1] + ... + x[n] for m <= n (0 where
+    m = n) and -inf for m > n. Each entry adds only its own terms: a difference of two
+    running sums would lose the digits of a short sum taken after a long one."""
+    N = x.shape[-1]
+    before = torch.ones(N, N, dtype=torch.bool, device=x.device).tril(-1)   # [i, m]: m < i
+    sums = x[..., :, None].expand(*x.shape, N).masked_fill(~before, 0).cumsum(dim=-2)
+    return sums.masked_fill(before.T, float("-inf"))
+
+
+def all_chunks_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                log_decay: torch.Tensor, state: torch.Tensor,
+                                chunk_size: int = LINEAR_ATTENTION_CHUNK) -> tuple[torch.Tensor, ...]:
+    """chunked_linear_attention with every chunk at once, for compiled code: the same inputs
+    and results (to float32 rounding), and no Python loop over the chunks, whose count
+    torch.compile would otherwise fix in the graph (lines mode: one compilation per length).
+
+    The sequence is padded to N whole chunks of C with tokens that change nothing (k = v = 0,
+    no decay) and viewed as (B, H, N, C, .). Within each chunk, as before. Across chunks, the
+    state after chunk n sums what each chunk m <= n added (U_m), decayed by the chunks after
+    it: S_n = sum_m exp(L[n, m]) U_m, L = segment_sums of the chunks' total log decays, with
+    the carried-in state as a chunk before the first that adds S_0. That is one (N + 1) x
+    (N + 1) product per head and key dimension instead of a loop."""
+    T, C = q.shape[2], chunk_size
+    # contiguous first: padding by 0 keeps its input's strides, where a graph compiled for
+    # any length expects a contiguous result (a length of whole chunks failed in a view)
+    q, k, v, log_decay = (F.pad(t.contiguous(), (0, 0, 0, -T % C)) for t in (q, k, v, log_decay))
+    qc, kc, vc, gc = (t.unflatten(2, (-1, C)) for t in (q, k, v, log_decay))  # (B, H, N, C, .)
+    b = gc.cumsum(dim=3)                                          # (B, H, N, C, D) within a chunk
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[..., None]
+    gap = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~causal, float("-inf"))
+    scores = (qc[..., :, None, :] * kc[..., None, :, :] * gap.exp()).sum(-1)   # (B, H, N, C, C)
+    end = b[..., -1:, :]                                          # (B, H, N, 1, D) over each chunk
+    added = (kc * (end - b).exp()).transpose(-2, -1) @ vc         # (B, H, N, D, E) U_n
+    added = torch.cat([state[:, :, None], added], dim=2)          # (B, H, N + 1, D, E) S_0 first
+    decays = F.pad(end.squeeze(-2), (0, 0, 1, 0)).transpose(-2, -1)         # (B, H, D, N + 1)
+    weights = segment_sums(decays).exp()                          # (B, H, D, N + 1, N + 1)
+    states = torch.einsum("bhdnm,bhmde->bhnde", weights, added)   # (B, H, N + 1, D, E) at ends
+    y = (qc * b.exp()) @ states[:, :, :-1] + scores @ vc          # (B, H, N, C, E)
+    # the first T positions copied out: a slice would be contiguous for whole chunks only, and
+    # a graph for any length would be compiled once for each case
+    return y.flatten(2, 3).index_select(2, torch.arange(T, device=y.device)), states[:, :, -1]
 
 
 class StaticShapeMixtureOfExperts(MixtureOfExperts):

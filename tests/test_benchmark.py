@@ -274,3 +274,15 @@ def test_compile_presets_times_compiled_against_eager_at_tiny_size(tmp_path):
     assert row["compile_s"] > 0 and row["compiled_vs_eager"] > 0 and row["compiled_vs_eager_median_step"] > 0
     assert row["eager"]["recompilations"] == row["eager"]["graph_breaks"] == 0   # nothing compiled
     assert row["compiled"]["graph_breaks"] == 0 and isinstance(row["compiled"]["recompilations"], int)
+
+
+def test_ab_training_speed_passes_its_flags_to_both_versions(tmp_path):
+    """tools/ab_training_speed.py, tiny: both versions built with --flags (the block size
+    shows in the tokens a step: 8 x 2) and timed."""
+    command = [sys.executable, str(REPO / "tools" / "ab_training_speed.py"), "HEAD",
+               "--model", "lstm_seq", "--rounds", "1", "--vocab_size", "50", "--batch_size", "2",
+               "--flags", "--embed_size 8 --block_size 8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "lstm_seq --embed_size 8 --block_size 8, batch 2" in result.stdout
+    assert result.stdout.count("(16 tokens)") == 2 and "new / old tokens/s" in result.stdout

@@ -31,6 +31,37 @@ def test_real_rope_equals_the_complex_product(pico, dtype):
     assert torch.allclose(real.float(), complex_.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("gate", [None, "fixed", "data"])
+@pytest.mark.parametrize("length", [1, 5, 16, 37, 64])
+def test_all_chunks_at_once_equal_the_loop_over_chunks(pico, gate, length):
+    """Compiled code's linear attention (every chunk at once) against section 1's loop: the
+    same outputs, final state and gradients, for lengths shorter than a chunk, a whole number
+    of chunks and neither, and decays down to -5 a token."""
+    from test_architectures import random_recurrence
+    *tokens, state = random_recurrence(gate, T=length)
+    inputs = [t.clone().requires_grad_() for t in tokens] + [state]
+    results = []
+    for form in (pico.chunked_linear_attention, pico.all_chunks_linear_attention):
+        y, final = form(*inputs)
+        gradients = torch.autograd.grad((y.sin().sum() + final.cos().sum()), inputs[:4])
+        results.append((y, final, gradients))
+    (y1, s1, g1), (y2, s2, g2) = results
+    assert y2.shape == y1.shape == (2, 3, length, 5)
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2, s1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_segment_sums_add_each_stretch(pico):
+    x = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    sums = pico.segment_sums(x)
+    for n in range(4):
+        for m in range(4):
+            expected = x[m + 1:n + 1].sum() if m <= n else float("-inf")
+            assert sums[n, m] == expected, (n, m)
+
+
 def test_static_shape_experts_equal_the_sparse_layer(pico):
     """Same output, gradients, routing and usage counts; the static layer runs every expert on
     every position, weighted 0 where the router did not choose it."""
@@ -152,27 +183,27 @@ def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypat
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
-@pytest.mark.parametrize("name", ["GPT-oss", "pico"])
+@pytest.mark.parametrize("name", ["GPT-oss", "pico", "gated_linear"])
 def test_compiled_training_takes_lines_modes_changing_lengths_in_two_graphs(pico, monkeypatch,
                                                                            name, device):
     """Lines mode pads a batch to its longest line, so the length changes every step: the
     compiled code takes the first length statically and then one graph for any length (one
     per kind of block with experts), not one per length; the training loop says which data it
-    has (a stream's steps keep static shapes: the test above). (Linear attention's loop over
-    chunks still compiles each length of its own.)"""
+    has (a stream's steps keep static shapes: the test above). Linear attention's chunks
+    (16 tokens) take one graph more, for lengths of one chunk."""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     flags = COMPILED_MODELS[name] + (["--n_blocks", "2"] if name == "GPT-oss" else [])
-    model = tiny_model(pico, "transformer", *flags)
+    model = tiny_model(pico, "transformer", *flags, "--block_size", "64")
     torch._dynamo.reset()
     counters.clear()
     compiled = pico.compile_for_training(model, torch.device(device), lengths_vary=True)
     loss_model = compiled or pico.FusedNextTokenLoss(model)
-    for length in (16, 9, 12, 5, 14):
+    for length in (16, 9, 12, 5, 14, 40, 23, 64, 37):
         tokens = torch.randint(0, VOCAB, (length + 1, 2))
         loss_model(tokens[:-1], tokens[1:], torch.ones(length, 2)).backward()
     kinds = 2 if name == "GPT-oss" else 1
-    assert counters["stats"]["unique_graphs"] <= 2 * kinds
+    assert counters["stats"]["unique_graphs"] <= 2 * kinds + (name == "gated_linear")
 
 
 def test_the_training_loop_tells_compilation_whether_lengths_vary(pico, run_main, monkeypatch):

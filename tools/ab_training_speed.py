@@ -3,18 +3,22 @@
 
     python tools/ab_training_speed.py OLD_REV            # e.g. a commit before a change
     python tools/ab_training_speed.py OLD_REV --rounds 8 --model transformer
+    python tools/ab_training_speed.py OLD_REV --flags "--attention linear --compile"
 
 Loads pico-llm.py as it was at OLD_REV (through `git show`) and as it is in the working
 tree, builds the benchmark's standard model with each (same flags, same seed, same random
-batch) and times one training step of each alternately, round after round, so that a slow
-spell of a shared machine falls on both. Prints each version's median step time, tokens/s
-and MFU against a float32 matmul ceiling probed between the rounds, and the ratio new/old.
+batch; --flags adds command-line flags to both) and times one training step of each
+alternately, round after round, so that a slow spell of a shared machine falls on both.
+Prints each version's first step (with --compile, mostly compilation: the second version
+compiled may reuse some of the first's kernels), median step time, tokens/s and MFU against a
+float32 matmul ceiling probed between the rounds, and the ratio new/old.
 Versions before the lesson-first layout take the argparse namespace; both APIs are handled.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import subprocess
 import sys
@@ -36,9 +40,9 @@ CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
 }
 
 
-def step_function(pico, model_name: str, vocab_size: int, batch_size: int):
+def step_function(pico, model_name: str, vocab_size: int, batch_size: int, extra: list[str]):
     """A closure running one real training step of `model_name` with this version's API."""
-    flags = CONFIGS[model_name] + ["--batch_size", str(batch_size), "--device_id", "cpu"]
+    flags = CONFIGS[model_name] + ["--batch_size", str(batch_size), "--device_id", "cpu", *extra]
     device = torch.device("cpu")
     if hasattr(pico, "config_from_command_line"):            # lesson-first layout
         config = pico.config_from_command_line(flags)
@@ -90,6 +94,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--vocab_size", type=int, default=50257)
+    parser.add_argument("--flags", default="", help="more pico-llm flags for both versions, "
+                        "e.g. \"--attention linear --compile\"")
     args = parser.parse_args()
     old_source = subprocess.run(["git", "show", f"{args.old_rev}:pico-llm.py"], cwd=REPO,
                                 capture_output=True, text=True, check=True).stdout
@@ -97,10 +103,13 @@ def main() -> int:
         old_path = Path(directory) / "pico_llm_old.py"
         old_path.write_text(old_source)
         versions = {"old": load_script(old_path, "pico_llm_old"), "new": load_pico()}
-        steps = {name: step_function(pico, args.model, args.vocab_size, args.batch_size)
+        steps = {name: step_function(pico, args.model, args.vocab_size, args.batch_size,
+                                     shlex.split(args.flags))
                  for name, pico in versions.items()}
+        first = {}
         for name, (step, _, _) in steps.items():
-            for _ in range(3):                               # warm-up: the heap grows over 3 steps
+            first[name] = step()
+            for _ in range(2):                               # warm-up: the heap grows over 3 steps
                 step()
         times, ceilings = {name: [] for name in steps}, []
         for _ in range(args.rounds):
@@ -108,13 +117,14 @@ def main() -> int:
                 times[name].append(step())
             ceilings.append(matmul_gflops())
     ceiling = statistics.median(ceilings)
-    print(f"{args.model}, batch {args.batch_size}, vocab {args.vocab_size}, {args.rounds} rounds in turn, "
-          f"{torch.get_num_threads()} threads; fp32 matmul ceiling {ceiling:.0f} GFLOP/s (median)")
+    print(f"{args.model} {args.flags}, batch {args.batch_size}, vocab {args.vocab_size}, {args.rounds} "
+          f"rounds in turn, {torch.get_num_threads()} threads; fp32 matmul ceiling {ceiling:.0f} GFLOP/s (median)")
     rates = {}
     for name, (step, tokens, flops) in steps.items():
         seconds = statistics.median(times[name])
         rates[name] = tokens / seconds
-        print(f"  {name} ({args.old_rev if name == 'old' else 'working tree'}): step {seconds * 1e3:.0f} ms, "
+        print(f"  {name} ({args.old_rev if name == 'old' else 'working tree'}): first step "
+              f"{first[name]:.1f} s, step ({tokens} tokens) {seconds * 1e3:.0f} ms, "
               f"{rates[name]:,.0f} tokens/s, MFU {flops * rates[name] / (ceiling * 1e9):.1%}")
     print(f"  new / old tokens/s: {rates['new'] / rates['old']:.3f}")
     return 0
