@@ -2154,11 +2154,16 @@ def read_text(path: Path) -> str:
     return text.removeprefix("\ufeff")       # the byte-order mark some editors write first
 
 
+class BlankFileError(UserError):
+    """A text file with no non-blank line: refused where it was named (--input_files),
+    skipped where a folder holds it (--input_dir)."""
+
+
 def read_text_lines(path: Path) -> list[str]:
     """Lines mode's examples: the non-empty lines of a UTF-8 text file, stripped."""
     lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not lines:
-        raise UserError(f"{path} is empty (no non-blank lines)")
+        raise BlankFileError(f"{path} is empty (no non-blank lines)")
     return lines
 
 
@@ -2169,12 +2174,12 @@ def read_document(path: Path) -> str:
     text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")
     document = "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
     if not document:
-        raise UserError(f"{path} is empty (no non-blank lines)")
+        raise BlankFileError(f"{path} is empty (no non-blank lines)")
     return document
 
 
 def text_files_in(directory: Path) -> list[Path]:
-    """The *.txt files under `directory`, sorted; a subdirectory that cannot be read is an
+    """The *.txt names under `directory`, sorted; a subdirectory that cannot be read is an
     error, not a directory without text files."""
     if not directory.is_dir():
         raise UserError(f"--input_dir {directory} is not a directory")
@@ -2183,18 +2188,33 @@ def text_files_in(directory: Path) -> list[Path]:
         raise UserError(f"--input_dir: cannot read {error.filename} ({error.strerror}); "
                         "check its permissions")
 
-    candidates = sorted(Path(folder) / name
-                        for folder, _, names in os.walk(directory, onerror=unreadable)
-                        for name in names if name.endswith(".txt"))
-    files = [path for path in candidates if path.is_file()]
-    skipped = [path for path in candidates if not path.is_file()]
-    if skipped:   # a FIFO would block the read, a device never end (see check_regular_file)
-        print(f"pico-llm: note: --input_dir: skipped {len(skipped)} .txt name(s) that are not "
-              f"regular files (pipes, sockets, devices or broken links), e.g. {skipped[0]}",
-              file=sys.stderr)
-    if not files:
-        raise UserError(f"--input_dir {directory} contains no .txt files")
-    return files
+    return sorted(Path(folder) / name
+                  for folder, _, names in os.walk(directory, onerror=unreadable)
+                  for name in names if name.endswith(".txt"))
+
+
+def read_text_files_in(directory: Path, read) -> list:
+    """What `read` (read_text_lines or read_document) makes of each *.txt file under
+    `directory`. A name that is not a regular file (a FIFO would block the read, a device
+    never end) and a blank file (a folder of documents may well hold an empty one) are
+    skipped, counted in one note; a folder left with no text is refused in one line."""
+    texts, skipped = [], []
+    for path in text_files_in(directory):
+        if not path.is_file():
+            skipped.append(path)
+            continue
+        try:
+            texts.append(read(path))
+        except BlankFileError:
+            skipped.append(path)
+    reason = "blank, or not regular files such as pipes, devices or broken links"
+    if not texts:
+        raise UserError(f"--input_dir {directory} contains no .txt files"
+                        + (f" with text (skipped {len(skipped)}: {reason})" if skipped else ""))
+    if skipped:
+        print(f"pico-llm: note: --input_dir: skipped {len(skipped)} .txt file(s) ({reason}), "
+              f"e.g. {skipped[0]}", file=sys.stderr)
+    return texts
 
 
 DATA_FORMATS = ("auto", "lines", "stream")
@@ -2209,22 +2229,23 @@ def resolved_data_format(data: DataConfig) -> str:
     return "lines" if data.input_files else "stream"
 
 
-def custom_paths(data: DataConfig) -> list[Path]:
-    """The custom text files: --input_files, then --input_dir's, or else the shipped corpus."""
-    paths = [Path(p) for p in (data.input_files or [])]
+def read_custom_files(data: DataConfig, read) -> list:
+    """What `read` (read_text_lines or read_document) makes of each custom text file:
+    --input_files as named, then --input_dir's (read_text_files_in), or else the shipped
+    corpus's."""
+    texts = [read(Path(p)) for p in data.input_files or []]
     if data.input_dir:
-        paths += text_files_in(Path(data.input_dir))
-    if not paths and data.tinystories_weight < 1.0:
-        paths = text_files_in(DEFAULT_CUSTOM_CORPUS)
-    return paths
+        texts += read_text_files_in(Path(data.input_dir), read)
+    if not texts and data.tinystories_weight < 1.0:
+        texts = read_text_files_in(DEFAULT_CUSTOM_CORPUS, read)
+    return texts
 
 
 def custom_documents(data: DataConfig) -> list[str]:
     """Stream mode: one document per file (read_document); with --limit_custom_examples N,
     only the first N non-blank lines of all files count."""
     documents, budget = [], data.limit_custom_examples
-    for path in custom_paths(data):
-        document = read_document(path)
+    for document in read_custom_files(data, read_document):
         if budget is not None:
             lines = document.split("\n")
             ends = [index + 1 for index, line in enumerate(lines) if line.strip()][:budget]
@@ -2258,7 +2279,7 @@ def split_documents(documents: list[str], test_fraction: float, seed: int) -> tu
 
 def load_custom_examples(data: DataConfig) -> list[str]:
     """Lines mode: the examples (lines) of --input_files and --input_dir (or the shipped corpus)."""
-    examples = [line for path in custom_paths(data) for line in read_text_lines(path)]
+    examples = [line for lines in read_custom_files(data, read_text_lines) for line in lines]
     if data.limit_custom_examples is not None:
         examples = examples[: data.limit_custom_examples]
     return examples
@@ -4123,7 +4144,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                            "a stream, when no other source is given)")
     data.add_argument("--input_dir", default=None,
                       help="directory searched recursively for *.txt files (a stream of "
-                           "documents, one per file, unless --data_format lines)")
+                           "documents, one per file, unless --data_format lines); blank files "
+                           "and pipes are skipped")
     data.add_argument("--limit_custom_examples", type=int, default=None,
                       help="use at most this many examples (lines mode) or non-blank lines "
                            "(stream mode) from the custom files")
