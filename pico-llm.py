@@ -4182,7 +4182,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     models = parser.add_argument_group("models")
     models.add_argument("--models", default="kgram_mlp_seq,lstm_seq,transformer",
                         help=f"comma-separated models to train, from {', '.join(MODEL_NAMES)}")
-    models.add_argument("--kgram_k", type=int, default=3, help="k-gram context length in tokens")
+    models.add_argument("--kgram_k", type=int, default=3,
+                        help=f"k-gram context length in tokens, at most {MAX_KGRAM_K}")
     models.add_argument("--kgram_variant", default="embedding",
                         help=f"k-gram context encoder: {', '.join(KGRAM_VARIANTS)}")
     models.add_argument("--kgram_chunk_size", type=int, default=0,
@@ -4280,10 +4281,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=12,
-                       help="passes over the training examples; with --resume it may change "
-                            "(as may --max_steps_per_epoch and --early_stop_*) to extend a run, "
-                            "the cosine schedule then recomputed for the new total from the step "
-                            "reached")
+                       help=f"passes over the training examples, at most {MAX_EPOCHS:,}; with "
+                            "--resume it may change (as may --max_steps_per_epoch and "
+                            "--early_stop_*) to extend a run, the cosine schedule then recomputed "
+                            "for the new total from the step reached")
     train.add_argument("--batch_size", type=int, default=16, help="examples per step")
     train.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--weight_decay", type=float, default=0.01,
@@ -4451,6 +4452,15 @@ MAX_DIST_TIMEOUT_S = 7 * 24 * 3600
 # the memory check (parameters only) does not see, and 100,000 LSTM layers never finished a
 # step; a thousand layers is far deeper than any of these models trains.
 MAX_LAYERS = 1000
+# Each epoch adds a test-loss record (about 140 bytes) to the run log, which is rewritten whole
+# after every epoch: 10,000 epochs make a 1.4 MB log and some 7 GB of writes, a million 70 TB.
+# The course trains 12.
+MAX_EPOCHS = 10_000
+# Every position of a batch reads its k previous tokens (the embedding variant holds a
+# (T, B, k, embed_size) tensor of them), a cost the memory check (parameters only) does not
+# see: two steps on 3seqs.txt at --embed_size 16 took 22 s and 1.2 GB at k = 1024 against 7 s
+# and 0.4 GB at k = 3, and k = 100,000 ran out of memory. The course's default is 3.
+MAX_KGRAM_K = 1024
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -4515,9 +4525,11 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
                         "no control or formatting characters")
-    for name in ("num_inner_mlp_layers", "lstm_layers", "n_blocks"):  # each a module, graph nodes
-        if (getattr(args, name) or 0) > MAX_LAYERS:
-            raise UserError(f"--{name} is at most {MAX_LAYERS}, got {getattr(args, name)}")
+    limits = {"num_inner_mlp_layers": MAX_LAYERS, "lstm_layers": MAX_LAYERS, "n_blocks": MAX_LAYERS,
+              "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K}       # why each: at the constants
+    for name, limit in limits.items():
+        if (getattr(args, name) or 0) > limit:
+            raise UserError(f"--{name} is at most {limit}, got {getattr(args, name)}")
     if args.monosemantic_clusters <= 0:
         raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
     if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
