@@ -4832,6 +4832,8 @@ def prepare_data(data_config: DataConfig, prompt: str, quiet: bool, tokenizer=No
         training_texts = [source.texts[i] for source in sources for i in source.train]
         tokenizer = build_tokenizer(data_config.tokenizer, training_texts,
                                     Path(data_config.cache_dir) if data_config.cache_dir else None)
+    if isinstance(tokenizer, HFTokenizer):   # Appendix E: a model's own tokenizer.json
+        check_tokenizer_covers(tokenizer, [text for source in sources for text in source.texts])
     prompt_tokens = len(tokenizer.encode(prompt))
     if prompt_tokens > data_config.block_size:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than --block_size "
@@ -8171,6 +8173,32 @@ class HFTokenizer:
                 lengths[i] = (len(token) if self.byte_level else 1 if byte_fallback
                               else len(token.replace("▁", " ").encode("utf-8")))
         return lengths
+
+
+def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str]) -> None:
+    """A tokenizer.json whose vocabulary has no token for a character drops it without a word
+    (`tokenizers`' BPE with neither byte fallback nor an unknown token; with an unknown token
+    the character is lost all the same). Counted are the characters a text has and its
+    decoded tokens have not (the tokens' offsets cannot say which: `tokenizers` shifts them
+    where it drops one), white space aside (SentencePiece's decoders strip a leading space):
+    a note says how many, and most of the text lost is refused."""
+    lost = Counter()
+    for start in range(0, len(texts), 256):        # the ids of a few texts at a time in memory
+        batch = texts[start: start + 256]
+        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+            lost.update(Counter(text) - Counter(tokenizer.decode(ids)))
+    lost = Counter({character: n for character, n in lost.items() if not character.isspace()})
+    if not lost:
+        return
+    count, total = sum(lost.values()), sum(len(text) for text in texts)
+    share = (f"{count:,} of the text's {total:,} characters ({count / total:.1%}; e.g. "
+             + ", ".join(repr(character) for character, _ in lost.most_common(5)) + ")")
+    if count > total / 2:
+        raise UserError(f"the model's tokenizer.json has no token for {share}: it does not cover "
+                        "this text; fine-tune a model with a byte-level tokenizer (GPT-2's, Llama "
+                        "3's, Qwen's), or train from scratch with --tokenizer gpt2 or bpe:N")
+    print(f"pico-llm: note: the model's tokenizer.json has no token for {share}; training leaves "
+          "them out", file=sys.stderr)
 
 
 def tokenizer_from_hf(path, config: TransformerConfig):

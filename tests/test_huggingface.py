@@ -960,6 +960,33 @@ def test_export_hf_into_a_non_empty_directory_is_refused_before_training(refused
 
 
 
+def keep_only_tokens_for(directory, characters):
+    """Cut the directory's byte-level tokenizer.json down to `characters` (and <|endoftext|>),
+    with no unknown token: `tokenizers` then drops every other character without a word."""
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    tokenizer["model"]["vocab"] = {token: i for token, i in vocab.items() if token in characters}
+    tokenizer["model"]["merges"] = []
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+def test_fine_tuning_notes_the_characters_the_tokenizer_drops(run_main, capsys, llama_dir, corpus):
+    keep_only_tokens_for(llama_dir, "abcdefghijklmnopqrstuvwxyzĠ")       # no digits
+    capsys.readouterr()  # what the fixtures printed (transformers' progress bars)
+    status, _, err = run_main("--init_from", str(llama_dir), *fine_tune(corpus))
+    lines = corpus.read_text().splitlines()[:12]                    # --limit_custom_examples 12
+    digits, characters = sum(c.isdigit() for line in lines for c in line), sum(map(len, lines))
+    assert status == 0 and len(err.strip().splitlines()) == 1, err
+    assert f"no token for {digits} of the text's {characters} characters" in err, err
+    assert "'1'" in err and "'t'" not in err, err
+
+
+def test_fine_tuning_on_text_the_tokenizer_mostly_drops_is_refused(refused, llama_dir, corpus):
+    keep_only_tokens_for(llama_dir, "aĠ")
+    line = refused("does not cover this text", "--init_from", str(llama_dir), *fine_tune(corpus))
+    assert "'t'" in line and "--tokenizer gpt2 or bpe:N" in line, line
+
+
 HF_PACKAGES = ("transformers", "tokenizers", "safetensors", "safetensors.torch", "huggingface_hub")
 
 
