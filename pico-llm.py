@@ -8179,14 +8179,16 @@ def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str]) -> None:
     """A tokenizer.json whose vocabulary has no token for a character drops it without a word
     (`tokenizers`' BPE with neither byte fallback nor an unknown token; with an unknown token
     the character is lost all the same). Counted are the characters a text has and its
-    decoded tokens have not (the tokens' offsets cannot say which: `tokenizers` shifts them
-    where it drops one), white space aside (SentencePiece's decoders strip a leading space):
-    a note says how many, and most of the text lost is refused."""
+    tokens, decoded with the special ones (<|im_start|> in a chat text is one token), have not
+    (the tokens' offsets cannot say which: `tokenizers` shifts them where it drops one), white
+    space aside (SentencePiece's decoders strip a leading space): a note says how many, and
+    most of the text lost is refused."""
     lost = Counter()
     for start in range(0, len(texts), 256):        # the ids of a few texts at a time in memory
         batch = texts[start: start + 256]
         for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-            lost.update(Counter(text) - Counter(tokenizer.decode(ids)))
+            decoded = tokenizer.tokenizer.decode(ids, skip_special_tokens=False)
+            lost.update(Counter(text) - Counter(decoded))
     lost = Counter({character: n for character, n in lost.items() if not character.isspace()})
     if not lost:
         return

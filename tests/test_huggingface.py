@@ -535,6 +535,26 @@ def test_model_tokenizer_encodes_and_decodes_as_transformers(pico, tmp_path, kin
     assert specials[-1] == tokenizer.eot_id
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_only_characters_without_a_token_count_as_lost(pico, tmp_path, capsys, kind):
+    """Chat special tokens in the text are tokens, not lost characters; the Metaspace BPE
+    makes what its training text lacked (🙂, p) <unk>, and the note names them."""
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    transformers.Qwen3Config(**(SMALL | FAMILIES["qwen3"][1])).save_pretrained(directory)
+    save_tiny_tokenizer(directory, kind)
+    capsys.readouterr()
+    tokenizer = pico.tokenizer_from_hf(directory, pico.config_from_hf(
+        json.loads((directory / "config.json").read_text())))
+    pico.check_tokenizer_covers(tokenizer, TOKENIZER_TEXTS)
+    err = capsys.readouterr().err
+    if kind == "byte-level":
+        assert err == ""
+    else:
+        assert len(err.splitlines()) == 1 and "'🙂'" in err and "'p'" in err, err
+        assert "'t'" not in err and "'<'" not in err, err
+
+
 # --- Refusals: one line that names the problem --------------------------------------------------
 
 def one_line_error(pico, match, function, *args):
