@@ -2158,11 +2158,16 @@ def read_text(path: Path) -> str:
     return text.removeprefix("\ufeff")       # the byte-order mark some editors write first
 
 
+class BlankFileError(UserError):
+    """A text file with no non-blank line: refused where it was named (--input_files),
+    skipped where a folder holds it (--input_dir)."""
+
+
 def read_text_lines(path: Path) -> list[str]:
     """Lines mode's examples: the non-empty lines of a UTF-8 text file, stripped."""
     lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not lines:
-        raise UserError(f"{path} is empty (no non-blank lines)")
+        raise BlankFileError(f"{path} is empty (no non-blank lines)")
     return lines
 
 
@@ -2173,12 +2178,12 @@ def read_document(path: Path) -> str:
     text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")
     document = "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
     if not document:
-        raise UserError(f"{path} is empty (no non-blank lines)")
+        raise BlankFileError(f"{path} is empty (no non-blank lines)")
     return document
 
 
 def text_files_in(directory: Path) -> list[Path]:
-    """The *.txt files under `directory`, sorted; a subdirectory that cannot be read is an
+    """The *.txt names under `directory`, sorted; a subdirectory that cannot be read is an
     error, not a directory without text files."""
     if not directory.is_dir():
         raise UserError(f"--input_dir {directory} is not a directory")
@@ -2187,18 +2192,33 @@ def text_files_in(directory: Path) -> list[Path]:
         raise UserError(f"--input_dir: cannot read {error.filename} ({error.strerror}); "
                         "check its permissions")
 
-    candidates = sorted(Path(folder) / name
-                        for folder, _, names in os.walk(directory, onerror=unreadable)
-                        for name in names if name.endswith(".txt"))
-    files = [path for path in candidates if path.is_file()]
-    skipped = [path for path in candidates if not path.is_file()]
-    if skipped:   # a FIFO would block the read, a device never end (see check_regular_file)
-        print(f"pico-llm: note: --input_dir: skipped {len(skipped)} .txt name(s) that are not "
-              f"regular files (pipes, sockets, devices or broken links), e.g. {skipped[0]}",
-              file=sys.stderr)
-    if not files:
-        raise UserError(f"--input_dir {directory} contains no .txt files")
-    return files
+    return sorted(Path(folder) / name
+                  for folder, _, names in os.walk(directory, onerror=unreadable)
+                  for name in names if name.endswith(".txt"))
+
+
+def read_text_files_in(directory: Path, read) -> list:
+    """What `read` (read_text_lines or read_document) makes of each *.txt file under
+    `directory`. A name that is not a regular file (a FIFO would block the read, a device
+    never end) and a blank file (a folder of documents may well hold an empty one) are
+    skipped, counted in one note; a folder left with no text is refused in one line."""
+    texts, skipped = [], []
+    for path in text_files_in(directory):
+        if not path.is_file():
+            skipped.append(path)
+            continue
+        try:
+            texts.append(read(path))
+        except BlankFileError:
+            skipped.append(path)
+    reason = "blank, or not regular files such as pipes, devices or broken links"
+    if not texts:
+        raise UserError(f"--input_dir {directory} contains no .txt files"
+                        + (f" with text (skipped {len(skipped)}: {reason})" if skipped else ""))
+    if skipped:
+        print(f"pico-llm: note: --input_dir: skipped {len(skipped)} .txt file(s) ({reason}), "
+              f"e.g. {skipped[0]}", file=sys.stderr)
+    return texts
 
 
 DATA_FORMATS = ("auto", "lines", "stream")
@@ -2213,22 +2233,23 @@ def resolved_data_format(data: DataConfig) -> str:
     return "lines" if data.input_files else "stream"
 
 
-def custom_paths(data: DataConfig) -> list[Path]:
-    """The custom text files: --input_files, then --input_dir's, or else the shipped corpus."""
-    paths = [Path(p) for p in (data.input_files or [])]
+def read_custom_files(data: DataConfig, read) -> list:
+    """What `read` (read_text_lines or read_document) makes of each custom text file:
+    --input_files as named, then --input_dir's (read_text_files_in), or else the shipped
+    corpus's."""
+    texts = [read(Path(p)) for p in data.input_files or []]
     if data.input_dir:
-        paths += text_files_in(Path(data.input_dir))
-    if not paths and data.tinystories_weight < 1.0:
-        paths = text_files_in(DEFAULT_CUSTOM_CORPUS)
-    return paths
+        texts += read_text_files_in(Path(data.input_dir), read)
+    if not texts and data.tinystories_weight < 1.0:
+        texts = read_text_files_in(DEFAULT_CUSTOM_CORPUS, read)
+    return texts
 
 
 def custom_documents(data: DataConfig) -> list[str]:
     """Stream mode: one document per file (read_document); with --limit_custom_examples N,
     only the first N non-blank lines of all files count."""
     documents, budget = [], data.limit_custom_examples
-    for path in custom_paths(data):
-        document = read_document(path)
+    for document in read_custom_files(data, read_document):
         if budget is not None:
             lines = document.split("\n")
             ends = [index + 1 for index, line in enumerate(lines) if line.strip()][:budget]
@@ -2262,7 +2283,7 @@ def split_documents(documents: list[str], test_fraction: float, seed: int) -> tu
 
 def load_custom_examples(data: DataConfig) -> list[str]:
     """Lines mode: the examples (lines) of --input_files and --input_dir (or the shipped corpus)."""
-    examples = [line for path in custom_paths(data) for line in read_text_lines(path)]
+    examples = [line for lines in read_custom_files(data, read_text_lines) for line in lines]
     if data.limit_custom_examples is not None:
         examples = examples[: data.limit_custom_examples]
     return examples
@@ -4127,7 +4148,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                            "a stream, when no other source is given)")
     data.add_argument("--input_dir", default=None,
                       help="directory searched recursively for *.txt files (a stream of "
-                           "documents, one per file, unless --data_format lines)")
+                           "documents, one per file, unless --data_format lines); blank files "
+                           "and pipes are skipped")
     data.add_argument("--limit_custom_examples", type=int, default=None,
                       help="use at most this many examples (lines mode) or non-blank lines "
                            "(stream mode) from the custom files")
@@ -4164,7 +4186,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     models = parser.add_argument_group("models")
     models.add_argument("--models", default="kgram_mlp_seq,lstm_seq,transformer",
                         help=f"comma-separated models to train, from {', '.join(MODEL_NAMES)}")
-    models.add_argument("--kgram_k", type=int, default=3, help="k-gram context length in tokens")
+    models.add_argument("--kgram_k", type=int, default=3,
+                        help=f"k-gram context length in tokens, at most {MAX_KGRAM_K}")
     models.add_argument("--kgram_variant", default="embedding",
                         help=f"k-gram context encoder: {', '.join(KGRAM_VARIANTS)}")
     models.add_argument("--kgram_chunk_size", type=int, default=0,
@@ -4262,10 +4285,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=12,
-                       help="passes over the training examples; with --resume it may change "
-                            "(as may --max_steps_per_epoch and --early_stop_*) to extend a run, "
-                            "the cosine schedule then recomputed for the new total from the step "
-                            "reached")
+                       help=f"passes over the training examples, at most {MAX_EPOCHS:,}; with "
+                            "--resume it may change (as may --max_steps_per_epoch and "
+                            "--early_stop_*) to extend a run, the cosine schedule then recomputed "
+                            "for the new total from the step reached")
     train.add_argument("--batch_size", type=int, default=16, help="examples per step")
     train.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--weight_decay", type=float, default=0.01,
@@ -4433,6 +4456,15 @@ MAX_DIST_TIMEOUT_S = 7 * 24 * 3600
 # the memory check (parameters only) does not see, and 100,000 LSTM layers never finished a
 # step; a thousand layers is far deeper than any of these models trains.
 MAX_LAYERS = 1000
+# Each epoch adds a test-loss record (about 140 bytes) to the run log, which is rewritten whole
+# after every epoch: 10,000 epochs make a 1.4 MB log and some 7 GB of writes, a million 70 TB.
+# The course trains 12.
+MAX_EPOCHS = 10_000
+# Every position of a batch reads its k previous tokens (the embedding variant holds a
+# (T, B, k, embed_size) tensor of them), a cost the memory check (parameters only) does not
+# see: two steps on 3seqs.txt at --embed_size 16 took 22 s and 1.2 GB at k = 1024 against 7 s
+# and 0.4 GB at k = 3, and k = 100,000 ran out of memory. The course's default is 3.
+MAX_KGRAM_K = 1024
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -4497,9 +4529,11 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
                         "no control or formatting characters")
-    for name in ("num_inner_mlp_layers", "lstm_layers", "n_blocks"):  # each a module, graph nodes
-        if (getattr(args, name) or 0) > MAX_LAYERS:
-            raise UserError(f"--{name} is at most {MAX_LAYERS}, got {getattr(args, name)}")
+    limits = {"num_inner_mlp_layers": MAX_LAYERS, "lstm_layers": MAX_LAYERS, "n_blocks": MAX_LAYERS,
+              "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K}       # why each: at the constants
+    for name, limit in limits.items():
+        if (getattr(args, name) or 0) > limit:
+            raise UserError(f"--{name} is at most {limit}, got {getattr(args, name)}")
     if args.monosemantic_clusters <= 0:
         raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
     if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
@@ -4802,6 +4836,8 @@ def prepare_data(data_config: DataConfig, prompt: str, quiet: bool, tokenizer=No
         training_texts = [source.texts[i] for source in sources for i in source.train]
         tokenizer = build_tokenizer(data_config.tokenizer, training_texts,
                                     Path(data_config.cache_dir) if data_config.cache_dir else None)
+    if isinstance(tokenizer, HFTokenizer):   # Appendix E: a model's own tokenizer.json
+        check_tokenizer_covers(tokenizer, [text for source in sources for text in source.texts])
     prompt_tokens = len(tokenizer.encode(prompt))
     if prompt_tokens > data_config.block_size:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than --block_size "
@@ -8186,6 +8222,34 @@ class HFTokenizer:
                 lengths[i] = (len(token) if self.byte_level else 1 if byte_fallback
                               else len(token.replace("▁", " ").encode("utf-8")))
         return lengths
+
+
+def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str]) -> None:
+    """A tokenizer.json whose vocabulary has no token for a character drops it without a word
+    (`tokenizers`' BPE with neither byte fallback nor an unknown token; with an unknown token
+    the character is lost all the same). Counted are the characters a text has and its
+    tokens, decoded with the special ones (<|im_start|> in a chat text is one token), have not
+    (the tokens' offsets cannot say which: `tokenizers` shifts them where it drops one), white
+    space aside (SentencePiece's decoders strip a leading space): a note says how many, and
+    most of the text lost is refused."""
+    lost = Counter()
+    for start in range(0, len(texts), 256):        # the ids of a few texts at a time in memory
+        batch = texts[start: start + 256]
+        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+            decoded = tokenizer.tokenizer.decode(ids, skip_special_tokens=False)
+            lost.update(Counter(text) - Counter(decoded))
+    lost = Counter({character: n for character, n in lost.items() if not character.isspace()})
+    if not lost:
+        return
+    count, total = sum(lost.values()), sum(len(text) for text in texts)
+    share = (f"{count:,} of the text's {total:,} characters ({count / total:.1%}; e.g. "
+             + ", ".join(repr(character) for character, _ in lost.most_common(5)) + ")")
+    if count > total / 2:
+        raise UserError(f"the model's tokenizer.json has no token for {share}: it does not cover "
+                        "this text; fine-tune a model with a byte-level tokenizer (GPT-2's, Llama "
+                        "3's, Qwen's), or train from scratch with --tokenizer gpt2 or bpe:N")
+    print(f"pico-llm: note: the model's tokenizer.json has no token for {share}; training leaves "
+          "them out", file=sys.stderr)
 
 
 def tokenizer_from_hf(path, config: TransformerConfig):

@@ -78,9 +78,11 @@ def test_a_model_larger_than_memory_is_refused_naming_its_size_flag(pico, config
     device = torch.device("cpu")
     fits = configure("--models", "kgram_mlp_seq,lstm_seq,transformer").models
     pico.check_models_fit_in_memory(fits, 50257, 64, device)
-    wide = configure("--models", "kgram_mlp_seq", "--kgram_k", "50000", "--block_size", "50001").models
-    with pytest.raises(pico.UserError, match=r"kgram_mlp_seq needs about .* lower --kgram_k \(50,000\)"):
-        pico.check_models_fit_in_memory(wide, 257, 50001, device)
+    wide = configure("--models", "kgram_mlp_seq", "--kgram_k", "1000", "--embed_size", "1024",
+                     "--block_size", "1001").models                # 1000 x 1024 x 1024 weights
+    with pytest.raises(pico.UserError, match=r"kgram_mlp_seq needs about .* lower --kgram_k "
+                                             r"\(1,000\) or --embed_size \(1,024\)"):
+        pico.check_models_fit_in_memory(wide, 257, 1001, device)
     # 2 (keys, values) x 3 blocks x 4 heads x 32 dims x 4 bytes = 3 KiB per position
     long = configure("--models", "transformer", "--block_size", "4000000").models
     with pytest.raises(pico.UserError, match=r"KV cache.*lower --block_size \(4,000,000\)"):

@@ -73,6 +73,17 @@ def test_input_dir_is_searched_recursively_for_txt(pico, tmp_path):
     assert sorted(pico.load_custom_examples(args)) == ["alpha", "beta", "gamma"]
 
 
+def test_a_blank_file_in_input_dir_is_skipped_but_a_named_one_is_refused(pico, tmp_path, capsys):
+    """A folder of documents may well hold an empty one; a file named on its own may not be."""
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "b.txt").write_text(" \n")
+    for read, data_format in ((pico.load_custom_examples, "lines"), (pico.custom_documents, "stream")):
+        assert read(args_for(pico, "--input_dir", str(tmp_path), "--data_format", data_format)) == ["alpha"]
+        assert "skipped 1" in capsys.readouterr().err
+    with pytest.raises(pico.UserError, match="b.txt is empty"):
+        pico.load_custom_examples(args_for(pico, "--input_files", str(tmp_path / "b.txt")))
+
+
 def test_input_dir_without_txt_files_is_a_user_error(pico, tmp_path):
     (tmp_path / "notes.md").write_text("x\n")
     with pytest.raises(pico.UserError, match="no .txt"):

@@ -535,6 +535,26 @@ def test_model_tokenizer_encodes_and_decodes_as_transformers(pico, tmp_path, kin
     assert specials[-1] == tokenizer.eot_id
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_only_characters_without_a_token_count_as_lost(pico, tmp_path, capsys, kind):
+    """Chat special tokens in the text are tokens, not lost characters; the Metaspace BPE
+    makes what its training text lacked (🙂, p) <unk>, and the note names them."""
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    transformers.Qwen3Config(**(SMALL | FAMILIES["qwen3"][1])).save_pretrained(directory)
+    save_tiny_tokenizer(directory, kind)
+    capsys.readouterr()
+    tokenizer = pico.tokenizer_from_hf(directory, pico.config_from_hf(
+        json.loads((directory / "config.json").read_text())))
+    pico.check_tokenizer_covers(tokenizer, TOKENIZER_TEXTS)
+    err = capsys.readouterr().err
+    if kind == "byte-level":
+        assert err == ""
+    else:
+        assert len(err.splitlines()) == 1 and "'🙂'" in err and "'p'" in err, err
+        assert "'t'" not in err and "'<'" not in err, err
+
+
 # --- Refusals: one line that names the problem --------------------------------------------------
 
 def one_line_error(pico, match, function, *args):
@@ -958,6 +978,33 @@ def test_export_hf_into_a_non_empty_directory_is_refused_before_training(refused
             str(tmp_path / "out"))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
+
+
+def keep_only_tokens_for(directory, characters):
+    """Cut the directory's byte-level tokenizer.json down to `characters` (and <|endoftext|>),
+    with no unknown token: `tokenizers` then drops every other character without a word."""
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    tokenizer["model"]["vocab"] = {token: i for token, i in vocab.items() if token in characters}
+    tokenizer["model"]["merges"] = []
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+def test_fine_tuning_notes_the_characters_the_tokenizer_drops(run_main, capsys, llama_dir, corpus):
+    keep_only_tokens_for(llama_dir, "abcdefghijklmnopqrstuvwxyzĠ")       # no digits
+    capsys.readouterr()  # what the fixtures printed (transformers' progress bars)
+    status, _, err = run_main("--init_from", str(llama_dir), *fine_tune(corpus))
+    lines = corpus.read_text().splitlines()[:12]                    # --limit_custom_examples 12
+    digits, characters = sum(c.isdigit() for line in lines for c in line), sum(map(len, lines))
+    assert status == 0 and len(err.strip().splitlines()) == 1, err
+    assert f"no token for {digits} of the text's {characters} characters" in err, err
+    assert "'1'" in err and "'t'" not in err, err
+
+
+def test_fine_tuning_on_text_the_tokenizer_mostly_drops_is_refused(refused, llama_dir, corpus):
+    keep_only_tokens_for(llama_dir, "aĠ")
+    line = refused("does not cover this text", "--init_from", str(llama_dir), *fine_tune(corpus))
+    assert "'t'" in line and "--tokenizer gpt2 or bpe:N" in line, line
 
 
 HF_PACKAGES = ("transformers", "tokenizers", "safetensors", "safetensors.torch", "huggingface_hub")

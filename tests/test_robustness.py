@@ -772,12 +772,30 @@ def refuse_to_read(self):
     raise AssertionError(f"{self} was read")
 
 
-def test_a_fifo_inside_input_dir_is_skipped_with_a_note(pico, tmp_path, capsys):
+def test_a_fifo_and_blank_files_inside_input_dir_are_skipped_with_one_note(pico, tmp_path, capsys):
     (tmp_path / "story.txt").write_text("once upon a time\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "spaces.txt").write_text("  \n\t\n")
     os.mkfifo(tmp_path / "pipe.txt")
-    assert pico.text_files_in(tmp_path) == [tmp_path / "story.txt"]
+    assert pico.read_text_files_in(tmp_path, pico.read_text_lines) == [["once upon a time"]]
+    assert pico.read_text_files_in(tmp_path, pico.read_document) == ["once upon a time"]
+    for line in capsys.readouterr().err.strip().split("\n"):    # one note per read
+        assert "skipped 3 .txt file(s)" in line and "empty.txt" in line, line
+    os.remove(tmp_path / "spaces.txt")
+    pico.read_text_files_in(tmp_path, pico.read_document)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "pipe.txt" in lines[0] and "skipped 1" in lines[0], lines
+    assert len(lines) == 1 and "skipped 2" in lines[0], lines
+
+
+def test_an_input_dir_of_only_blank_files_and_a_fifo_is_refused_in_one_line(ws):
+    folder = ws.root / "documents"
+    folder.mkdir()
+    (folder / "empty.txt").write_text("")
+    (folder / "spaces.txt").write_text("\n   \n")
+    os.mkfifo(folder / "pipe.txt")
+    before = ws.snapshot()
+    result = run(*TINY, "--input_dir", str(folder), *ws.io(corpus=False))
+    assert_refused(result, "--input_dir", "no .txt files with text", "skipped 3", unchanged=before)
 
 
 # --- checkpoints: what a refusal names --------------------------------------------------------
