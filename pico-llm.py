@@ -2943,6 +2943,16 @@ class RunLog:
         self.data["models"][name] = record
         return record
 
+    def keep_models_of(self, earlier: dict) -> None:
+        """A resumed run continues the log of its own run (check_run_log_is_the_checkpoints),
+        which may record more models than this run's --models resumes: their records stay as
+        they are, in their places, and args.models names them all. The resumed models'
+        records are replaced in add_model by those their checkpoints carry."""
+        self.data["models"] = dict(earlier["models"])
+        args = self.data["args"]
+        args["models"] = [*self.data["models"], *(name for name in args["models"]
+                                                   if name not in self.data["models"])]
+
     def start(self, create: bool) -> None:
         """The first write, before training. A new run creates its log only where no file
         has that name yet, in one step, so of two runs started with one --run_name the
@@ -4916,6 +4926,8 @@ def run_training(config: Config) -> int:
             if isinstance(tokenizer, TrainedBPETokenizer):
                 runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
                                                           str(tokenizer_dir / "merges.json")]
+            if resuming and run_path.exists():
+                runlog.keep_models_of(load_runlog(run_path))
             runlog.start(create=not (resuming or replace_run_log))
             if isinstance(tokenizer, TrainedBPETokenizer):
                 tokenizer.save(tokenizer_dir)

@@ -643,3 +643,19 @@ def test_a_run_without_save_dir_is_alive_while_its_process_is(pico):
     assert not pico.run_is_alive({**log, "status": "failed"}, None, None)
     elsewhere = {"status": "running", "process": {"host": "another-machine", "pid": 1}}
     assert pico.run_is_alive(elsewhere, None, None)                   # cannot tell: assume so
+
+
+def test_resuming_some_of_a_runs_models_keeps_the_others_records(pico, run_main, tmp_path):
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    flags = [*TINY, "--save_dir", str(save), "--run_name", "r", "--epochs", "1"]
+    assert run_main(*flags, *TWO_MODELS)[0] == 0
+    before = pico.load_runlog(log_path)["models"]
+    status, _, err = run_main(*flags, "--models", "lstm_seq", "--epochs", "2", "--resume")
+    assert status == 0, err
+    log = pico.load_runlog(log_path)
+    assert list(log["models"]) == ["kgram_mlp_seq", "lstm_seq"]
+    assert log["args"]["models"] == ["kgram_mlp_seq", "lstm_seq"]
+    assert log["models"]["kgram_mlp_seq"] == before["kgram_mlp_seq"]          # untouched
+    assert len(log["models"]["lstm_seq"]["history"]) == 6                      # trained on
+    assert log["models"]["lstm_seq"]["history"][:3] == before["lstm_seq"]["history"]
+
