@@ -6379,10 +6379,12 @@ def read_checkpoint(path: Path, flag: str) -> dict:
     return checkpoint
 
 
-def load_checkpoint(path: Path, flag: str) -> dict:
+def load_checkpoint(path: Path, flag: str, newest_in: Path | None = None) -> dict:
     """read_checkpoint; for a damaged step file, the error names the newest good checkpoint
     before it in the same series, the one to continue from instead, or else the good ones
-    after it."""
+    after it. `newest_in`: the save directory that --resume read `path` from as its newest
+    checkpoint, where the way on is to move `path` aside (resuming one file would leave the
+    save directory's other models behind)."""
     try:
         return read_checkpoint(path, flag)
     except DamagedCheckpoint as damage:
@@ -6393,6 +6395,11 @@ def load_checkpoint(path: Path, flag: str) -> dict:
         earlier = [p for p in reversed(series.paths()) if checkpoint_step(p) < step]
         later = [p for p in series.paths() if checkpoint_step(p) > step]
         before = next((p for p in earlier if is_good_checkpoint(p, flag)), None)
+        if before is not None and newest_in is not None:
+            # A name that is no step_NNNNNN.pt is no checkpoint to --resume, nor pruned.
+            raise UserError(f"{damage}; the newest good checkpoint before it is {before.name}: "
+                            f"rename the damaged file (mv {path} {path}.damaged) and --resume "
+                            f"{newest_in} again") from None
         if before is not None:
             raise UserError(f"{damage}; the newest good checkpoint before it is {before}: "
                             f"use {flag} {before}") from None
@@ -6463,7 +6470,7 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
         for name in model_names:
             latest = CheckpointSeries(source, name, keep=1).latest()
             if latest is not None:
-                found[name] = (latest, load_checkpoint(latest, "--resume"))
+                found[name] = (latest, load_checkpoint(latest, "--resume", newest_in=source))
         if not found:
             raise UserError(f"--resume {source}: no checkpoints of {', '.join(model_names)} "
                             "there; check --save_dir and --models, or drop --resume")

@@ -659,3 +659,23 @@ def test_resuming_some_of_a_runs_models_keeps_the_others_records(pico, run_main,
     assert len(log["models"]["lstm_seq"]["history"]) == 6                      # trained on
     assert log["models"]["lstm_seq"]["history"][:3] == before["lstm_seq"]["history"]
 
+
+def test_a_damaged_newest_checkpoint_in_a_save_dir_says_how_to_resume_it(pico, run_main, tmp_path):
+    """The advice, followed to the letter, resumes every model of the save directory."""
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    flags = [*TINY, *TWO_MODELS, "--save_dir", str(save), "--run_name", "r", "--epochs", "1",
+             "--checkpoint_every", "1"]
+    assert run_main(*flags)[0] == 0
+    newest = save / "lstm_seq" / "step_000003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    status, _, err = run_main(*flags, "--epochs", "2", "--resume")
+    assert status == 2
+    line = one_error_line(err)
+    move = re.search(r"\(mv (\S+) (\S+)\) and --resume (\S+) again", line)
+    assert move and move.group(1) == str(newest) and move.group(3) == str(save), line
+    os.rename(move.group(1), move.group(2))
+    status, _, err = run_main(*flags, "--epochs", "2", "--resume")
+    assert status == 0, err
+    log = pico.load_runlog(log_path)
+    assert [h["step"] for h in log["models"]["lstm_seq"]["history"]] == [1, 2, 3, 4, 5, 6]
+    assert len(log["models"]["kgram_mlp_seq"]["history"]) == 6
