@@ -6376,6 +6376,14 @@ def read_checkpoint(path: Path, flag: str) -> dict:
     elif checkpoint["sha256"] != checkpoint_digest(checkpoint):
         raise DamagedCheckpoint(f"{path} is damaged: its contents no longer match the checksum "
                                 "written with it (a disk or copy error)")
+    # The checksum says the file is as written, not that this pico-llm wrote it.
+    misshapen = [key for key in (*CHECKPOINT_KEYS, "transformer_config") if key in checkpoint
+                 and not isinstance(checkpoint[key], str if key == "model_name" else dict)]
+    if misshapen or checkpoint["model_name"] not in MODEL_NAMES:
+        what = (f"its {misshapen[0]} is a {type(checkpoint[misshapen[0]]).__name__}" if misshapen
+                else f"model {checkpoint['model_name']!r}")
+        raise UserError(f"{path} was made by another pico-llm version, or is damaged ({what}); "
+                        "use a checkpoint this version wrote")
     return checkpoint
 
 
@@ -6425,14 +6433,34 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
     for --generate and --export_hf. A Transformer's shape comes from the checkpoint itself
     where it holds one (an imported model's is in no flag), else from its flags."""
     checkpoint = load_checkpoint(path, flag)
-    trained = config_from_flags({**plain_flags(parse_args([])), **checkpoint["args"]})
-    tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
-    stored = checkpoint.get("transformer_config")
-    model_config = (TransformerConfig(**stored) if stored is not None
-                    else trained.models.config_of(checkpoint["model_name"]))
+    trained, tokenizer, model_config = checkpoint_contents(path, checkpoint)
     model = build_model(model_config, tokenizer.vocab_size, trained.training.seed)
     load_model_weights(model, checkpoint, path, tokenizer)
     return model, tokenizer, trained
+
+
+def checkpoint_contents(path: Path, checkpoint: dict):
+    """(the config a checkpoint's model was trained with, its tokenizer, its model's config),
+    each checked as the command line's are. A checkpoint that another pico-llm version wrote
+    (a config field this one lacks, a flag it refuses) fails here in one line, wherever the
+    mismatch is. Flags that do not shape the model take this command's defaults."""
+    name = checkpoint["model_name"]
+    try:
+        flags = {**plain_flags(parse_args([])),
+                 **{key: value for key, value in checkpoint["args"].items()
+                    if key not in FLAGS_FREE_ON_RESUME}, "models": [name]}
+        validate_args(argparse.Namespace(**flags))
+        trained = config_from_flags(flags)
+        tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
+        stored = checkpoint.get("transformer_config")
+        model_config = TransformerConfig(**stored) if stored is not None else trained.models.config_of(name)
+        if isinstance(model_config, TransformerConfig):
+            validate_transformer_config(model_config)
+    except (UserError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as error:
+        raise UserError(f"{path} was made by another pico-llm version, or is damaged: its {name} "
+                        f"cannot be rebuilt ({textwrap.shorten(str(error), 120)}); use a "
+                        "checkpoint this version wrote") from None
+    return trained, tokenizer, model_config
 
 
 def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
@@ -8312,8 +8340,7 @@ def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
     spec, flags = config.huggingface.init_from, config.flags
     path = None
     if resumed is not None and "transformer_config" in resumed[1]:
-        transformer = TransformerConfig(**resumed[1]["transformer_config"])
-        tokenizer = tokenizer_from_identity(resumed[1]["tokenizer"])
+        _, tokenizer, transformer = checkpoint_contents(*resumed)
     else:
         path = resolve_init_from(spec)
         transformer = config_from_hf(read_hf_config(path))

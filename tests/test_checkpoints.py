@@ -679,3 +679,50 @@ def test_a_damaged_newest_checkpoint_in_a_save_dir_says_how_to_resume_it(pico, r
     log = pico.load_runlog(log_path)
     assert [h["step"] for h in log["models"]["lstm_seq"]["history"]] == [1, 2, 3, 4, 5, 6]
     assert len(log["models"]["kgram_mlp_seq"]["history"]) == 6
+
+
+@pytest.fixture(scope="module")
+def transformer_checkpoint(pico, tmp_path_factory):
+    root = tmp_path_factory.mktemp("transformer")
+    assert pico.main([*TINY, "--models", "transformer", "--d_model", "32", "--n_heads", "2",
+                      "--n_blocks", "1", "--epochs", "1", "--max_steps_per_epoch", "1",
+                      "--save_dir", str(root / "save"), "--artefacts_dir", str(root / "artefacts"),
+                      "--cache_dir", str(root / "cache")]) == 0
+    return torch.load(root / "save" / "transformer" / "step_000001.pt", weights_only=True)
+
+
+def changed_transformer_config(**fields):
+    return lambda checkpoint: checkpoint["transformer_config"].update(fields)
+
+
+# What a checkpoint of another pico-llm version (a field this one lacks), or one damaged before
+# its checksum was computed, may hold.
+CHECKPOINTS_OF_ANOTHER_VERSION = {
+    "unknown config field": changed_transformer_config(bogus=1),
+    "no heads": changed_transformer_config(n_heads=0),
+    "negative width": changed_transformer_config(d_model=-32),
+    "args a list": lambda checkpoint: checkpoint.update(args=[1]),
+    "block size a string": lambda checkpoint: checkpoint["args"].update(block_size="abc"),
+    "tokenizer a string": lambda checkpoint: checkpoint.update(tokenizer="char"),
+    "model a list": lambda checkpoint: checkpoint.update(model=[1]),
+    "config a string": lambda checkpoint: checkpoint.update(transformer_config="abc"),
+}
+
+
+@pytest.mark.parametrize("change", CHECKPOINTS_OF_ANOTHER_VERSION)
+@pytest.mark.parametrize("command", [["--generate"], ["--export_hf", "{tmp}/exported"]])
+def test_a_checkpoint_of_another_version_is_one_line_naming_it(pico, run_main, tmp_path,
+                                                               transformer_checkpoint, change,
+                                                               command):
+    checkpoint = {key: (dict(value) if isinstance(value, dict) else value)
+                  for key, value in transformer_checkpoint.items()}
+    CHECKPOINTS_OF_ANOTHER_VERSION[change](checkpoint)
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)   # it passes its checksum
+    path = tmp_path / "step_000001.pt"
+    torch.save(checkpoint, path)
+    status, _, err = run_main("--checkpoint", str(path),
+                              *[a.format(tmp=tmp_path) for a in command])
+    assert status == 2
+    line = one_error_line(err)
+    assert str(path) in line and "made by another pico-llm version, or is damaged" in line
+    assert not (tmp_path / "exported").exists()
