@@ -4105,6 +4105,13 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def user_path(text: str) -> str:
+    """The type of every path flag: ~ and ~user expanded, as the shell does only before a
+    word's first = (--save_dir=~/runs reaches pico-llm unexpanded). An unknown user stays as
+    written, a path that then does not exist."""
+    return os.path.expanduser(text)
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows each flag's default once, and "from the preset" where a preset fills it."""
 
@@ -4127,11 +4134,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--input_files", nargs="*", default=None,
+    data.add_argument("--input_files", type=user_path, nargs="*", default=None,
                       help="text files; with --data_format lines (their default) each non-empty "
                            "line is one training example (default: data/custom_corpus, read as "
                            "a stream, when no other source is given)")
-    data.add_argument("--input_dir", default=None,
+    data.add_argument("--input_dir", type=user_path, default=None,
                       help="directory searched recursively for *.txt files (a stream of "
                            "documents, one per file, unless --data_format lines)")
     data.add_argument("--limit_custom_examples", type=int, default=None,
@@ -4142,7 +4149,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                            "(0 skips it; the default keeps the run offline)")
     data.add_argument("--tinystories_max_stories", type=int, default=20000,
                       help="stream only this many TinyStories stories from the hub")
-    data.add_argument("--tinystories_path", default=None,
+    data.add_argument("--tinystories_path", type=user_path, default=None,
                       help="local TinyStories copy (json, jsonl, parquet or txt) instead of the hub")
     data.add_argument("--data_format", choices=DATA_FORMATS, default="auto",
                       help="lines: each non-empty line is one example (the course's format); "
@@ -4164,7 +4171,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                            "offline; the course starter's) or bpe:N (a byte-level BPE with N "
                            "ids trained on the training split, Appendix D) (default: char; "
                            "with --init_from, the model's own)")
-    data.add_argument("--cache_dir", default=str(REPO_DIR / ".cache"),
+    data.add_argument("--cache_dir", type=user_path, default=str(REPO_DIR / ".cache"),
                       help="where tokenized data is cached, keyed by content and tokenizer")
 
     models = parser.add_argument_group("models")
@@ -4319,19 +4326,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     out.add_argument("--run_name", default=None,
                      help="name of the run log <artefacts_dir>/<run_name>.json "
                           "(default: time + models)")
-    out.add_argument("--artefacts_dir", default=str(DEFAULT_ARTEFACTS_DIR),
+    out.add_argument("--artefacts_dir", type=user_path, default=str(DEFAULT_ARTEFACTS_DIR),
                      help="directory for JSON run logs, sweeps and interpretability files "
                           "(the committed presentation results stay in artefacts/presentation)")
 
     ckpt = parser.add_argument_group("checkpoints and fault tolerance (Appendix B)")
-    ckpt.add_argument("--save_dir", default=None,
+    ckpt.add_argument("--save_dir", type=user_path, default=None,
                       help="write checkpoints to DIR/<model>/step_NNNNNN.pt (at the end of each "
                            "model's training, every --checkpoint_every steps, and on Ctrl-C)")
     ckpt.add_argument("--checkpoint_every", type=int, default=0,
                       help="also checkpoint every N steps (0 = only at the end and on Ctrl-C)")
     ckpt.add_argument("--keep_checkpoints", type=int, default=3,
                       help="keep the newest K checkpoints of each model")
-    ckpt.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+    ckpt.add_argument("--resume", type=user_path, nargs="?", const="", default=None, metavar="PATH",
                       help="continue from the newest checkpoints in --save_dir, or from PATH "
                            "(a save directory or one checkpoint file); give the same flags, "
                            "except that the training length (--epochs, --max_steps_per_epoch, "
@@ -4339,7 +4346,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--generate", action="store_true",
                       help="no training: continue --prompt with the model in --checkpoint (or "
                            "--init_from)")
-    ckpt.add_argument("--checkpoint", default=None, metavar="PATH",
+    ckpt.add_argument("--checkpoint", type=user_path, default=None, metavar="PATH",
                       help="checkpoint file that --generate reads (or --export_hf exports)")
     ckpt.add_argument("--skip_nonfinite", type=int, default=0,
                       help="skip up to N steps whose loss or gradients are NaN/inf "
@@ -4365,7 +4372,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              help="start the sweeps afresh, replacing their files (by default a "
                                   "sweep continues its file, and a file of another scale or other "
                                   "data is refused)")
-    experiments.add_argument("--custom_sweep_log", default=None, metavar="PATH",
+    experiments.add_argument("--custom_sweep_log", type=user_path, default=None, metavar="PATH",
                              help="run the custom-data size sweep into this JSON file")
     experiments.add_argument("--custom_sweep_sizes", default=None, metavar="N,N,...",
                              help="training examples per point of the custom-data sweep "
@@ -4388,14 +4395,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="torchrun: seconds a rank waits in a collective before the job fails")
     hf = parser.add_argument_group(
         "Hugging Face (Appendix E; needs the safetensors and tokenizers packages)")
-    hf.add_argument("--init_from", default=None, metavar="DIR|HUB_ID",
+    hf.add_argument("--init_from", type=user_path, default=None, metavar="DIR|HUB_ID",
                     help="start the transformer from a GPT-2, Llama, Qwen2/3, SmolLM or "
                          "GPT-oss model in Hugging Face format (a directory with config.json and "
                          "model.safetensors, or a hub id org/name such as Qwen/Qwen3-0.6B, "
                          "downloaded when the hub is reachable) and train it "
                          "(--models transformer) or --generate from it; its config.json sets "
                          "the shape and its tokenizer the ids")
-    hf.add_argument("--export_hf", default=None, metavar="DIR",
+    hf.add_argument("--export_hf", type=user_path, default=None, metavar="DIR",
                     help="after training, write the transformer to the new directory DIR in "
                          "Hugging Face format (the family that computes it: GPT-2, Llama, Qwen2, "
                          "Qwen3, SmolLM3 or GPT-oss), for transformers' "
@@ -8073,7 +8080,7 @@ def resolve_init_from(spec: str) -> Path:
     one meant: org/name (HUB_ID; so no leading ./, / or ~, no second slash) with no
     directory org here; anything else is a missing path, refused as one. Without network a
     hub id fails within seconds naming the directory form."""
-    path = Path(spec).expanduser()
+    path = Path(spec)   # ~ expanded already (user_path)
     if path.is_dir():
         return path
     if path.exists():
