@@ -4579,7 +4579,7 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if args.overwrite and not (args.sweep or args.custom_sweep_log or args.collect_transformer_metrics):
         raise UserError("--overwrite replaces sweep files; use it with --sweep, --custom_sweep_log "
                         "or --collect_transformer_metrics")
-    if args.checkpoint and not (args.generate or args.export_hf):
+    if args.checkpoint and not args.generate and args.export_hf is None:   # "": said below
         raise UserError("--checkpoint is read by --generate and --export_hf; to continue "
                         "training use --resume")
     if args.generate and (args.resume is not None or args.save_dir):
@@ -4984,8 +4984,12 @@ def run_generation(config: Config) -> int:
         context = model.config.block_size
         limit = f"the {context} positions of --init_from {source}"
     else:
-        model, tokenizer, trained = model_from_checkpoint(Path(config.checkpoints.checkpoint),
-                                                          "--checkpoint")
+        path = Path(config.checkpoints.checkpoint)
+        model, tokenizer, trained = model_from_checkpoint(path, "--checkpoint")
+        own, named = trained.models.names, config.models.names
+        if named != own and named != build_arg_parser().get_default("models").split(","):
+            raise UserError(f"--checkpoint {path} holds model {own[0]}, the one --generate "
+                            f"samples; drop --models {','.join(named)}")
         context = trained.data.block_size
         limit = f"the checkpoint's --block_size {context}"
     sampling = config.sampling
@@ -6561,6 +6565,10 @@ def check_checkpoints_are_ours(save_dir: Path | None, model_names: list[str],
         return
     for name in model_names:
         series = CheckpointSeries(save_dir, name, keep=1)
+        if series.directory.exists() and not series.directory.is_dir():
+            raise UserError(f"--save_dir {save_dir}: {series.directory}, where {name}'s "
+                            "checkpoints go, is not a directory; move it away or choose another "
+                            "--save_dir")
         latest = series.latest()
         resumed = resume_points.get(name)
         if latest is None or (resumed is not None

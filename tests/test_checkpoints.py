@@ -437,6 +437,11 @@ BAD_CHECKPOINT_INPUTS = [
     (["--generate", "--checkpoint", "{ckpt}", "--resume", "{save}"], "--generate does not train"),
     (["--generate", "--checkpoint", "{ckpt}", "--prompt", LONG_PROMPT],
      "longer than the checkpoint's --block_size 16"),
+    (["--generate", "--checkpoint", "{ckpt}", "--models", "lstm_seq"],
+     "holds model kgram_mlp_seq, the one --generate samples; drop --models lstm_seq"),
+    (["--checkpoint", "{ckpt}", "--export_hf", ""], "--export_hf is empty"),
+    (["--save_dir", "{file_save}"], "file_save/kgram_mlp_seq, where kgram_mlp_seq's checkpoints "
+                                    "go, is not a directory"),
 ]
 
 
@@ -462,13 +467,15 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "not_pico.pt")
     (tmp_path / "empty_save").mkdir()
     (tmp_path / "folder").mkdir()
+    (tmp_path / "file_save").mkdir()
+    (tmp_path / "file_save" / "kgram_mlp_seq").write_text("a file, not a model's checkpoints\n")
     shutil.copytree(trained_save_dir, tmp_path / "other_save")
     (tmp_path / "artefacts").mkdir()
     (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
     names = ["truncated", "random_bytes", "text", "evil", "not_pico"]
     return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
             "other_save": str(tmp_path / "other_save"),
-            "folder": str(tmp_path / "folder"),
+            "folder": str(tmp_path / "folder"), "file_save": str(tmp_path / "file_save"),
             **{name: str(tmp_path / f"{name}.pt") for name in names}}
 
 
