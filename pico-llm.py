@@ -2517,6 +2517,30 @@ def atomic_write_json(path: Path, obj, compact: bool = False) -> None:
     atomic_write_bytes(Path(path), json_bytes(obj, compact))
 
 
+def begins_as(path: Path, kinds: Sequence[str]) -> bool:
+    """Whether `path` begins as a JSON object whose "kind", among its first keys, is one of
+    `kinds` (as the files pico-llm and its tools write do), read from its start alone: such a
+    file may be replaced by another of its kind even cut short."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(4096)
+    except OSError:
+        return False
+    kind = re.search(rb'"kind":\s*"([^"]*)"', start)
+    return start.lstrip().startswith(b"{") and kind is not None and kind.group(1).decode(
+        errors="replace") in kinds
+
+
+def check_replaceable_report(path: Path, kinds: Sequence[str], flag: str) -> None:
+    """A tool's report goes to a new file or over an earlier report of its own `kinds`,
+    never over anything else (a run log, committed results)."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give the report's file name")
+    if path.exists() and not begins_as(path, kinds):
+        raise UserError(f"{flag} {path} already exists and is no {kinds[0]} report, which is "
+                        f"all this writes over; choose another {flag}")
+
+
 def os_error_of(error: BaseException) -> OSError | None:
     """The OSError behind a failed write: the error itself, or the one that a Rust library
     (safetensors, tokenizers) reports only as text, "... (os error 28)"; None otherwise."""
@@ -3398,15 +3422,9 @@ def examples_fingerprint(texts: list[str]) -> str:
 
 
 def looks_like_a_sweep_file(path: Path) -> bool:
-    """Whether `path` begins as SweepLog writes (a JSON object whose "kind" is "sweep" among
-    its first keys), so that --overwrite may replace it even cut short or of an older schema;
-    never a checkpoint, a run log or any other file."""
-    try:
-        with open(path, "rb") as handle:
-            start = handle.read(4096)
-    except OSError:
-        return False
-    return start.lstrip().startswith(b"{") and re.search(rb'"kind":\s*"sweep"', start) is not None
+    """Whether `path` begins as SweepLog writes, so that --overwrite may replace it even cut
+    short or of an older schema; never a checkpoint, a run log or any other file."""
+    return begins_as(path, ("sweep",))
 
 
 def load_sweep(path: Path | str) -> dict:
