@@ -2542,6 +2542,30 @@ def atomic_write_json(path: Path, obj, compact: bool = False) -> None:
     atomic_write_bytes(Path(path), json_bytes(obj, compact))
 
 
+def begins_as(path: Path, kinds: Sequence[str]) -> bool:
+    """Whether `path` begins as a JSON object whose "kind", among its first keys, is one of
+    `kinds` (as the files pico-llm and its tools write do), read from its start alone: such a
+    file may be replaced by another of its kind even cut short."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(4096)
+    except OSError:
+        return False
+    kind = re.search(rb'"kind":\s*"([^"]*)"', start)
+    return start.lstrip().startswith(b"{") and kind is not None and kind.group(1).decode(
+        errors="replace") in kinds
+
+
+def check_replaceable_report(path: Path, kinds: Sequence[str], flag: str) -> None:
+    """A tool's report goes to a new file or over an earlier report of its own `kinds`,
+    never over anything else (a run log, committed results)."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give the report's file name")
+    if path.exists() and not begins_as(path, kinds):
+        raise UserError(f"{flag} {path} already exists and is no {kinds[0]} report, which is "
+                        f"all this writes over; choose another {flag}")
+
+
 def os_error_of(error: BaseException) -> OSError | None:
     """The OSError behind a failed write: the error itself, or the one that a Rust library
     (safetensors, tokenizers) reports only as text, "... (os error 28)"; None otherwise."""
@@ -2967,6 +2991,16 @@ class RunLog:
     def add_model(self, name: str, record: dict) -> dict:
         self.data["models"][name] = record
         return record
+
+    def keep_models_of(self, earlier: dict) -> None:
+        """A resumed run continues the log of its own run (check_run_log_is_the_checkpoints),
+        which may record more models than this run's --models resumes: their records stay as
+        they are, in their places, and args.models names them all. The resumed models'
+        records are replaced in add_model by those their checkpoints carry."""
+        self.data["models"] = dict(earlier["models"])
+        args = self.data["args"]
+        args["models"] = [*self.data["models"], *(name for name in args["models"]
+                                                   if name not in self.data["models"])]
 
     def start(self, create: bool) -> None:
         """The first write, before training. A new run creates its log only where no file
@@ -3413,15 +3447,9 @@ def examples_fingerprint(texts: list[str]) -> str:
 
 
 def looks_like_a_sweep_file(path: Path) -> bool:
-    """Whether `path` begins as SweepLog writes (a JSON object whose "kind" is "sweep" among
-    its first keys), so that --overwrite may replace it even cut short or of an older schema;
-    never a checkpoint, a run log or any other file."""
-    try:
-        with open(path, "rb") as handle:
-            start = handle.read(4096)
-    except OSError:
-        return False
-    return start.lstrip().startswith(b"{") and re.search(rb'"kind":\s*"sweep"', start) is not None
+    """Whether `path` begins as SweepLog writes, so that --overwrite may replace it even cut
+    short or of an older schema; never a checkpoint, a run log or any other file."""
+    return begins_as(path, ("sweep",))
 
 
 def load_sweep(path: Path | str) -> dict:
@@ -4120,6 +4148,13 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def user_path(text: str) -> str:
+    """The type of every path flag: ~ and ~user expanded, as the shell does only before a
+    word's first = (--save_dir=~/runs reaches pico-llm unexpanded). An unknown user stays as
+    written, a path that then does not exist."""
+    return os.path.expanduser(text)
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Shows each flag's default once, and "from the preset" where a preset fills it."""
 
@@ -4142,11 +4177,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--input_files", nargs="*", default=None,
+    data.add_argument("--input_files", type=user_path, nargs="*", default=None,
                       help="text files; with --data_format lines (their default) each non-empty "
                            "line is one training example (default: data/custom_corpus, read as "
                            "a stream, when no other source is given)")
-    data.add_argument("--input_dir", default=None,
+    data.add_argument("--input_dir", type=user_path, default=None,
                       help="directory searched recursively for *.txt files (a stream of "
                            "documents, one per file, unless --data_format lines); blank files "
                            "and pipes are skipped")
@@ -4158,7 +4193,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                            "(0 skips it; the default keeps the run offline)")
     data.add_argument("--tinystories_max_stories", type=int, default=20000,
                       help="stream only this many TinyStories stories from the hub")
-    data.add_argument("--tinystories_path", default=None,
+    data.add_argument("--tinystories_path", type=user_path, default=None,
                       help="local TinyStories copy (json, jsonl, parquet or txt) instead of the hub")
     data.add_argument("--data_format", choices=DATA_FORMATS, default="auto",
                       help="lines: each non-empty line is one example (the course's format); "
@@ -4180,7 +4215,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                            "offline; the course starter's) or bpe:N (a byte-level BPE with N "
                            "ids trained on the training split, Appendix D) (default: char; "
                            "with --init_from, the model's own)")
-    data.add_argument("--cache_dir", default=str(REPO_DIR / ".cache"),
+    data.add_argument("--cache_dir", type=user_path, default=str(REPO_DIR / ".cache"),
                       help="where tokenized data is cached, keyed by content and tokenizer")
 
     models = parser.add_argument_group("models")
@@ -4336,19 +4371,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     out.add_argument("--run_name", default=None,
                      help="name of the run log <artefacts_dir>/<run_name>.json "
                           "(default: time + models)")
-    out.add_argument("--artefacts_dir", default=str(DEFAULT_ARTEFACTS_DIR),
+    out.add_argument("--artefacts_dir", type=user_path, default=str(DEFAULT_ARTEFACTS_DIR),
                      help="directory for JSON run logs, sweeps and interpretability files "
                           "(the committed presentation results stay in artefacts/presentation)")
 
     ckpt = parser.add_argument_group("checkpoints and fault tolerance (Appendix B)")
-    ckpt.add_argument("--save_dir", default=None,
+    ckpt.add_argument("--save_dir", type=user_path, default=None,
                       help="write checkpoints to DIR/<model>/step_NNNNNN.pt (at the end of each "
                            "model's training, every --checkpoint_every steps, and on Ctrl-C)")
     ckpt.add_argument("--checkpoint_every", type=int, default=0,
                       help="also checkpoint every N steps (0 = only at the end and on Ctrl-C)")
     ckpt.add_argument("--keep_checkpoints", type=int, default=3,
                       help="keep the newest K checkpoints of each model")
-    ckpt.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+    ckpt.add_argument("--resume", type=user_path, nargs="?", const="", default=None, metavar="PATH",
                       help="continue from the newest checkpoints in --save_dir, or from PATH "
                            "(a save directory or one checkpoint file); give the same flags, "
                            "except that the training length (--epochs, --max_steps_per_epoch, "
@@ -4356,7 +4391,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--generate", action="store_true",
                       help="no training: continue --prompt with the model in --checkpoint (or "
                            "--init_from)")
-    ckpt.add_argument("--checkpoint", default=None, metavar="PATH",
+    ckpt.add_argument("--checkpoint", type=user_path, default=None, metavar="PATH",
                       help="checkpoint file that --generate reads (or --export_hf exports)")
     ckpt.add_argument("--skip_nonfinite", type=int, default=0,
                       help="skip up to N steps whose loss or gradients are NaN/inf "
@@ -4382,7 +4417,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              help="start the sweeps afresh, replacing their files (by default a "
                                   "sweep continues its file, and a file of another scale or other "
                                   "data is refused)")
-    experiments.add_argument("--custom_sweep_log", default=None, metavar="PATH",
+    experiments.add_argument("--custom_sweep_log", type=user_path, default=None, metavar="PATH",
                              help="run the custom-data size sweep into this JSON file")
     experiments.add_argument("--custom_sweep_sizes", default=None, metavar="N,N,...",
                              help="training examples per point of the custom-data sweep "
@@ -4405,14 +4440,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="torchrun: seconds a rank waits in a collective before the job fails")
     hf = parser.add_argument_group(
         "Hugging Face (Appendix E; needs the safetensors and tokenizers packages)")
-    hf.add_argument("--init_from", default=None, metavar="DIR|HUB_ID",
+    hf.add_argument("--init_from", type=user_path, default=None, metavar="DIR|HUB_ID",
                     help="start the transformer from a GPT-2, Llama, Qwen2/3, SmolLM or "
                          "GPT-oss model in Hugging Face format (a directory with config.json and "
                          "model.safetensors, or a hub id org/name such as Qwen/Qwen3-0.6B, "
                          "downloaded when the hub is reachable) and train it "
                          "(--models transformer) or --generate from it; its config.json sets "
                          "the shape and its tokenizer the ids")
-    hf.add_argument("--export_hf", default=None, metavar="DIR",
+    hf.add_argument("--export_hf", type=user_path, default=None, metavar="DIR",
                     help="after training, write the transformer to the new directory DIR in "
                          "Hugging Face format (the family that computes it: GPT-2, Llama, Qwen2, "
                          "Qwen3, SmolLM3 or GPT-oss), for transformers' "
@@ -4600,7 +4635,7 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if args.overwrite and not (args.sweep or args.custom_sweep_log or args.collect_transformer_metrics):
         raise UserError("--overwrite replaces sweep files; use it with --sweep, --custom_sweep_log "
                         "or --collect_transformer_metrics")
-    if args.checkpoint and not (args.generate or args.export_hf):
+    if args.checkpoint and not args.generate and args.export_hf is None:   # "": said below
         raise UserError("--checkpoint is read by --generate and --export_hf; to continue "
                         "training use --resume")
     if args.generate and (args.resume is not None or args.save_dir):
@@ -4956,6 +4991,8 @@ def run_training(config: Config) -> int:
             if isinstance(tokenizer, TrainedBPETokenizer):
                 runlog.data["data"]["tokenizer_files"] = [str(tokenizer_dir / "vocab.json"),
                                                           str(tokenizer_dir / "merges.json")]
+            if resuming and run_path.exists():
+                runlog.keep_models_of(load_runlog(run_path))
             runlog.start(create=not (resuming or replace_run_log))
             if isinstance(tokenizer, TrainedBPETokenizer):
                 tokenizer.save(tokenizer_dir)
@@ -5005,8 +5042,12 @@ def run_generation(config: Config) -> int:
         context = model.config.block_size
         limit = f"the {context} positions of --init_from {source}"
     else:
-        model, tokenizer, trained = model_from_checkpoint(Path(config.checkpoints.checkpoint),
-                                                          "--checkpoint")
+        path = Path(config.checkpoints.checkpoint)
+        model, tokenizer, trained = model_from_checkpoint(path, "--checkpoint")
+        own, named = trained.models.names, config.models.names
+        if named != own and named != build_arg_parser().get_default("models").split(","):
+            raise UserError(f"--checkpoint {path} holds model {own[0]}, the one --generate "
+                            f"samples; drop --models {','.join(named)}")
         context = trained.data.block_size
         limit = f"the checkpoint's --block_size {context}"
     sampling = config.sampling
@@ -6449,13 +6490,23 @@ def read_checkpoint(path: Path, flag: str) -> dict:
     elif checkpoint["sha256"] != checkpoint_digest(checkpoint):
         raise DamagedCheckpoint(f"{path} is damaged: its contents no longer match the checksum "
                                 "written with it (a disk or copy error)")
+    # The checksum says the file is as written, not that this pico-llm wrote it.
+    misshapen = [key for key in (*CHECKPOINT_KEYS, "transformer_config") if key in checkpoint
+                 and not isinstance(checkpoint[key], str if key == "model_name" else dict)]
+    if misshapen or checkpoint["model_name"] not in MODEL_NAMES:
+        what = (f"its {misshapen[0]} is a {type(checkpoint[misshapen[0]]).__name__}" if misshapen
+                else f"model {checkpoint['model_name']!r}")
+        raise UserError(f"{path} was made by another pico-llm version, or is damaged ({what}); "
+                        "use a checkpoint this version wrote")
     return checkpoint
 
 
-def load_checkpoint(path: Path, flag: str) -> dict:
+def load_checkpoint(path: Path, flag: str, newest_in: Path | None = None) -> dict:
     """read_checkpoint; for a damaged step file, the error names the newest good checkpoint
     before it in the same series, the one to continue from instead, or else the good ones
-    after it."""
+    after it. `newest_in`: the save directory that --resume read `path` from as its newest
+    checkpoint, where the way on is to move `path` aside (resuming one file would leave the
+    save directory's other models behind)."""
     try:
         return read_checkpoint(path, flag)
     except DamagedCheckpoint as damage:
@@ -6466,6 +6517,11 @@ def load_checkpoint(path: Path, flag: str) -> dict:
         earlier = [p for p in reversed(series.paths()) if checkpoint_step(p) < step]
         later = [p for p in series.paths() if checkpoint_step(p) > step]
         before = next((p for p in earlier if is_good_checkpoint(p, flag)), None)
+        if before is not None and newest_in is not None:
+            # A name that is no step_NNNNNN.pt is no checkpoint to --resume, nor pruned.
+            raise UserError(f"{damage}; the newest good checkpoint before it is {before.name}: "
+                            f"rename the damaged file (mv {path} {path}.damaged) and --resume "
+                            f"{newest_in} again") from None
         if before is not None:
             raise UserError(f"{damage}; the newest good checkpoint before it is {before}: "
                             f"use {flag} {before}") from None
@@ -6491,14 +6547,34 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
     for --generate and --export_hf. A Transformer's shape comes from the checkpoint itself
     where it holds one (an imported model's is in no flag), else from its flags."""
     checkpoint = load_checkpoint(path, flag)
-    trained = config_from_flags({**plain_flags(parse_args([])), **checkpoint["args"]})
-    tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
-    stored = checkpoint.get("transformer_config")
-    model_config = (TransformerConfig(**stored) if stored is not None
-                    else trained.models.config_of(checkpoint["model_name"]))
+    trained, tokenizer, model_config = checkpoint_contents(path, checkpoint)
     model = build_model(model_config, tokenizer.vocab_size, trained.training.seed)
     load_model_weights(model, checkpoint, path, tokenizer)
     return model, tokenizer, trained
+
+
+def checkpoint_contents(path: Path, checkpoint: dict):
+    """(the config a checkpoint's model was trained with, its tokenizer, its model's config),
+    each checked as the command line's are. A checkpoint that another pico-llm version wrote
+    (a config field this one lacks, a flag it refuses) fails here in one line, wherever the
+    mismatch is. Flags that do not shape the model take this command's defaults."""
+    name = checkpoint["model_name"]
+    try:
+        flags = {**plain_flags(parse_args([])),
+                 **{key: value for key, value in checkpoint["args"].items()
+                    if key not in FLAGS_FREE_ON_RESUME}, "models": [name]}
+        validate_args(argparse.Namespace(**flags))
+        trained = config_from_flags(flags)
+        tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
+        stored = checkpoint.get("transformer_config")
+        model_config = TransformerConfig(**stored) if stored is not None else trained.models.config_of(name)
+        if isinstance(model_config, TransformerConfig):
+            validate_transformer_config(model_config)
+    except (UserError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as error:
+        raise UserError(f"{path} was made by another pico-llm version, or is damaged: its {name} "
+                        f"cannot be rebuilt ({textwrap.shorten(str(error), 120)}); use a "
+                        "checkpoint this version wrote") from None
+    return trained, tokenizer, model_config
 
 
 def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
@@ -6536,7 +6612,7 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
         for name in model_names:
             latest = CheckpointSeries(source, name, keep=1).latest()
             if latest is not None:
-                found[name] = (latest, load_checkpoint(latest, "--resume"))
+                found[name] = (latest, load_checkpoint(latest, "--resume", newest_in=source))
         if not found:
             raise UserError(f"--resume {source}: no checkpoints of {', '.join(model_names)} "
                             "there; check --save_dir and --models, or drop --resume")
@@ -6592,6 +6668,10 @@ def check_checkpoints_are_ours(save_dir: Path | None, model_names: list[str],
         return
     for name in model_names:
         series = CheckpointSeries(save_dir, name, keep=1)
+        if series.directory.exists() and not series.directory.is_dir():
+            raise UserError(f"--save_dir {save_dir}: {series.directory}, where {name}'s "
+                            "checkpoints go, is not a directory; move it away or choose another "
+                            "--save_dir")
         latest = series.latest()
         resumed = resume_points.get(name)
         if latest is None or (resumed is not None
@@ -8111,7 +8191,7 @@ def resolve_init_from(spec: str) -> Path:
     one meant: org/name (HUB_ID; so no leading ./, / or ~, no second slash) with no
     directory org here; anything else is a missing path, refused as one. Without network a
     hub id fails within seconds naming the directory form."""
-    path = Path(spec).expanduser()
+    path = Path(spec)   # ~ expanded already (user_path)
     if path.is_dir():
         return path
     if path.exists():
@@ -8406,8 +8486,7 @@ def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
     spec, flags = config.huggingface.init_from, config.flags
     path = None
     if resumed is not None and "transformer_config" in resumed[1]:
-        transformer = TransformerConfig(**resumed[1]["transformer_config"])
-        tokenizer = tokenizer_from_identity(resumed[1]["tokenizer"])
+        _, tokenizer, transformer = checkpoint_contents(*resumed)
     else:
         path = resolve_init_from(spec)
         transformer = config_from_hf(read_hf_config(path))

@@ -286,3 +286,53 @@ def test_ab_training_speed_passes_its_flags_to_both_versions(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "lstm_seq --embed_size 8 --block_size 8, batch 2" in result.stdout
     assert result.stdout.count("(16 tokens)") == 2 and "new / old tokens/s" in result.stdout
+
+
+def compile_presets(*argv):
+    return subprocess.run([sys.executable, str(COMPILE_PRESETS), "--configs", "pico", "--tiny",
+                           "--device_id", "cpu", *argv], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def not_a_report(tmp_path):
+    """A file a report must never replace (a run log, say), and a directory."""
+    (tmp_path / "run.json").write_text('{"schema_version": 1, "kind": "run", "models": {}}\n')
+    (tmp_path / "folder").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "1"], "--steps must be at least 2, got 1"),
+    (["--timeout", "0"], "--timeout must be positive"),
+    (["--output", "{tmp}/folder"], "folder is a directory"),
+    (["--output", "{tmp}/run.json"], "run.json already exists and is no compile_presets report"),
+])
+def test_compile_presets_refuses_bad_input_in_one_line_before_running(not_a_report, argv, message):
+    argv = [a.format(tmp=not_a_report) for a in argv]
+    before = (not_a_report / "run.json").read_bytes()
+    result = compile_presets(*(argv if "--output" in argv
+                               else [*argv, "--output", str(not_a_report / "out.json")]))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert (not_a_report / "run.json").read_bytes() == before
+    assert not (not_a_report / "out.json").exists()
+
+
+def test_compile_presets_replaces_its_own_report_and_fails_when_no_config_ran(tmp_path):
+    output = tmp_path / "out.json"
+    output.write_text('{"kind": "compile_presets", "rows": {}}\n')   # an earlier report
+    result = compile_presets("--timeout", "0.01", "--output", str(output))
+    assert result.returncode == 1 and "no config ran both ways" in result.stderr
+    row = json.loads(output.read_text())["rows"]["pico"]
+    assert "not finished" in row["eager"]["error"] and "not finished" in row["compiled"]["error"]
+
+
+@pytest.mark.parametrize("name", ["run.json", "folder"])
+def test_the_benchmark_writes_over_no_file_but_its_own_report(bench, not_a_report, capsys, name):
+    before = (not_a_report / "run.json").read_bytes()
+    assert bench.main(["--quick", "--quiet", "--device_id", "cpu", "--output",
+                       str(not_a_report / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--output" in err and name in err
+    assert (not_a_report / "run.json").read_bytes() == before

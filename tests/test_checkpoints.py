@@ -437,6 +437,11 @@ BAD_CHECKPOINT_INPUTS = [
     (["--generate", "--checkpoint", "{ckpt}", "--resume", "{save}"], "--generate does not train"),
     (["--generate", "--checkpoint", "{ckpt}", "--prompt", LONG_PROMPT],
      "longer than the checkpoint's --block_size 16"),
+    (["--generate", "--checkpoint", "{ckpt}", "--models", "lstm_seq"],
+     "holds model kgram_mlp_seq, the one --generate samples; drop --models lstm_seq"),
+    (["--checkpoint", "{ckpt}", "--export_hf", ""], "--export_hf is empty"),
+    (["--save_dir", "{file_save}"], "file_save/kgram_mlp_seq, where kgram_mlp_seq's checkpoints "
+                                    "go, is not a directory"),
 ]
 
 
@@ -462,13 +467,15 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "not_pico.pt")
     (tmp_path / "empty_save").mkdir()
     (tmp_path / "folder").mkdir()
+    (tmp_path / "file_save").mkdir()
+    (tmp_path / "file_save" / "kgram_mlp_seq").write_text("a file, not a model's checkpoints\n")
     shutil.copytree(trained_save_dir, tmp_path / "other_save")
     (tmp_path / "artefacts").mkdir()
     (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
     names = ["truncated", "random_bytes", "text", "evil", "not_pico"]
     return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
             "other_save": str(tmp_path / "other_save"),
-            "folder": str(tmp_path / "folder"),
+            "folder": str(tmp_path / "folder"), "file_save": str(tmp_path / "file_save"),
             **{name: str(tmp_path / f"{name}.pt") for name in names}}
 
 
@@ -643,3 +650,86 @@ def test_a_run_without_save_dir_is_alive_while_its_process_is(pico):
     assert not pico.run_is_alive({**log, "status": "failed"}, None, None)
     elsewhere = {"status": "running", "process": {"host": "another-machine", "pid": 1}}
     assert pico.run_is_alive(elsewhere, None, None)                   # cannot tell: assume so
+
+
+def test_resuming_some_of_a_runs_models_keeps_the_others_records(pico, run_main, tmp_path):
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    flags = [*TINY, "--save_dir", str(save), "--run_name", "r", "--epochs", "1"]
+    assert run_main(*flags, *TWO_MODELS)[0] == 0
+    before = pico.load_runlog(log_path)["models"]
+    status, _, err = run_main(*flags, "--models", "lstm_seq", "--epochs", "2", "--resume")
+    assert status == 0, err
+    log = pico.load_runlog(log_path)
+    assert list(log["models"]) == ["kgram_mlp_seq", "lstm_seq"]
+    assert log["args"]["models"] == ["kgram_mlp_seq", "lstm_seq"]
+    assert log["models"]["kgram_mlp_seq"] == before["kgram_mlp_seq"]          # untouched
+    assert len(log["models"]["lstm_seq"]["history"]) == 6                      # trained on
+    assert log["models"]["lstm_seq"]["history"][:3] == before["lstm_seq"]["history"]
+
+
+def test_a_damaged_newest_checkpoint_in_a_save_dir_says_how_to_resume_it(pico, run_main, tmp_path):
+    """The advice, followed to the letter, resumes every model of the save directory."""
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    flags = [*TINY, *TWO_MODELS, "--save_dir", str(save), "--run_name", "r", "--epochs", "1",
+             "--checkpoint_every", "1"]
+    assert run_main(*flags)[0] == 0
+    newest = save / "lstm_seq" / "step_000003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    status, _, err = run_main(*flags, "--epochs", "2", "--resume")
+    assert status == 2
+    line = one_error_line(err)
+    move = re.search(r"\(mv (\S+) (\S+)\) and --resume (\S+) again", line)
+    assert move and move.group(1) == str(newest) and move.group(3) == str(save), line
+    os.rename(move.group(1), move.group(2))
+    status, _, err = run_main(*flags, "--epochs", "2", "--resume")
+    assert status == 0, err
+    log = pico.load_runlog(log_path)
+    assert [h["step"] for h in log["models"]["lstm_seq"]["history"]] == [1, 2, 3, 4, 5, 6]
+    assert len(log["models"]["kgram_mlp_seq"]["history"]) == 6
+
+
+@pytest.fixture(scope="module")
+def transformer_checkpoint(pico, tmp_path_factory):
+    root = tmp_path_factory.mktemp("transformer")
+    assert pico.main([*TINY, "--models", "transformer", "--d_model", "32", "--n_heads", "2",
+                      "--n_blocks", "1", "--epochs", "1", "--max_steps_per_epoch", "1",
+                      "--save_dir", str(root / "save"), "--artefacts_dir", str(root / "artefacts"),
+                      "--cache_dir", str(root / "cache")]) == 0
+    return torch.load(root / "save" / "transformer" / "step_000001.pt", weights_only=True)
+
+
+def changed_transformer_config(**fields):
+    return lambda checkpoint: checkpoint["transformer_config"].update(fields)
+
+
+# What a checkpoint of another pico-llm version (a field this one lacks), or one damaged before
+# its checksum was computed, may hold.
+CHECKPOINTS_OF_ANOTHER_VERSION = {
+    "unknown config field": changed_transformer_config(bogus=1),
+    "no heads": changed_transformer_config(n_heads=0),
+    "negative width": changed_transformer_config(d_model=-32),
+    "args a list": lambda checkpoint: checkpoint.update(args=[1]),
+    "block size a string": lambda checkpoint: checkpoint["args"].update(block_size="abc"),
+    "tokenizer a string": lambda checkpoint: checkpoint.update(tokenizer="char"),
+    "model a list": lambda checkpoint: checkpoint.update(model=[1]),
+    "config a string": lambda checkpoint: checkpoint.update(transformer_config="abc"),
+}
+
+
+@pytest.mark.parametrize("change", CHECKPOINTS_OF_ANOTHER_VERSION)
+@pytest.mark.parametrize("command", [["--generate"], ["--export_hf", "{tmp}/exported"]])
+def test_a_checkpoint_of_another_version_is_one_line_naming_it(pico, run_main, tmp_path,
+                                                               transformer_checkpoint, change,
+                                                               command):
+    checkpoint = {key: (dict(value) if isinstance(value, dict) else value)
+                  for key, value in transformer_checkpoint.items()}
+    CHECKPOINTS_OF_ANOTHER_VERSION[change](checkpoint)
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)   # it passes its checksum
+    path = tmp_path / "step_000001.pt"
+    torch.save(checkpoint, path)
+    status, _, err = run_main("--checkpoint", str(path),
+                              *[a.format(tmp=tmp_path) for a in command])
+    assert status == 2
+    line = one_error_line(err)
+    assert str(path) in line and "made by another pico-llm version, or is damaged" in line
+    assert not (tmp_path / "exported").exists()

@@ -290,3 +290,25 @@ def test_commands_other_than_training_refuse_torchrun(run_main, monkeypatch, com
     status, _, err = run_main(*command)
     assert status == 2 and err.count("\n") == 1, err
     assert "runs in one process; start it with python, not torchrun" in err
+
+
+PATH_FLAGS = {"input_files": "~/a.txt", "input_dir": "~/texts", "tinystories_path": "~/ts.jsonl",
+              "cache_dir": "~/cache", "artefacts_dir": "~/logs", "save_dir": "~/runs",
+              "resume": "~/runs", "export_hf": "~/out", "init_from": "~/model",
+              "checkpoint": "~/step_000001.pt", "custom_sweep_log": "~/sweep.json"}
+
+
+def test_a_tilde_starts_every_path_flag_at_home_also_after_an_equals_sign(pico, monkeypatch,
+                                                                          tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = pico.build_arg_parser()    # the flags alone, not their combinations
+    args = parser.parse_args([f"--{flag}={path}" for flag, path in PATH_FLAGS.items()])
+    for flag, path in PATH_FLAGS.items():
+        value = getattr(args, flag)
+        assert (value[0] if flag == "input_files" else value) == str(tmp_path / path[2:])
+
+
+def test_a_tilde_of_an_unknown_user_is_a_missing_path(run_main):
+    status, _, err = run_main("--init_from", "~no_such_user_here/model", "--generate")
+    assert status == 2 and err.count("\n") == 1
+    assert "--init_from ~no_such_user_here/model: no such directory" in err

@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -55,6 +57,48 @@ def test_the_notebook_file_is_what_the_generator_writes():
     import make_notebook as generator          # tools/ is on the path (conftest.py)
     written = nbformat.read(REPO / "pico_llm.ipynb", as_version=4)
     assert [c.source for c in written.cells] == [c.source for c in generator.build().cells]
+    assert written.metadata["pico_llm"] == generator.build().metadata["pico_llm"]
+
+
+MAKE_NOTEBOOK = REPO / "tools" / "make_notebook.py"
+
+
+def make_notebook(*argv):
+    return subprocess.run([sys.executable, str(MAKE_NOTEBOOK), *argv], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_make_notebook_reads_its_flags(tmp_path):
+    result = make_notebook("--help")
+    assert result.returncode == 0 and "--force" in result.stdout
+    result = make_notebook("--output", str(tmp_path / "x.ipynb"), "--nonsense")
+    assert result.returncode == 2 and "--nonsense" in result.stderr
+    assert not (tmp_path / "x.ipynb").exists()
+    result = make_notebook("--output", str(tmp_path / "x.ipynb"))
+    assert result.returncode == 0
+    assert (tmp_path / "x.ipynb").read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
+
+
+def test_make_notebook_keeps_a_users_edit_unless_forced(tmp_path):
+    import make_notebook as generator
+    notebook = tmp_path / "pico_llm.ipynb"
+    shutil.copy(REPO / "pico_llm.ipynb", notebook)
+    edited = notebook.read_text().replace("RUN_LOG = None", "RUN_LOG = Path(\\\"my_run.json\\\")")
+    assert edited != notebook.read_text()                        # as the README suggests
+    notebook.write_text(edited)
+    result = make_notebook("--output", str(notebook))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "has cells edited" in result.stderr and "--force" in result.stderr
+    assert notebook.read_text() == edited
+    assert make_notebook("--output", str(notebook), "--force").returncode == 0
+    assert notebook.read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
+    # A notebook this tool wrote from other cells (before an edit of the tool) is its own.
+    older = generator.build()
+    older.cells[0].source += "\n\nA sentence since removed."
+    older.metadata["pico_llm"]["generated_cells_sha256"] = generator.cells_digest(older)
+    nbformat.write(older, notebook)
+    assert make_notebook("--output", str(notebook)).returncode == 0
+    assert notebook.read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
 
 
 def test_notebook_runs_on_a_tiny_presentation_sweep(run_main, tmp_path):

@@ -958,6 +958,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
+        # Checked before minutes of measuring; the default --output is the previous report.
+        pico.check_replaceable_report(Path(args.output), ("benchmark", "gpt2_benchmark"), "--output")
         return run_gpt2_benchmark(args) if args.gpt2 else run_benchmark(args)
     except pico.UserError as error:
         print(f"benchmark: error: {error}", file=sys.stderr)

@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--configs: unknown {', '.join(unknown)}")
     pico = load_pico()
     try:
+        if args.steps < 2:   # the first step is timed apart (compilation), the rest together
+            raise pico.UserError(f"--steps must be at least 2, got {args.steps}")
+        if not args.timeout > 0:
+            raise pico.UserError(f"--timeout must be positive, got {args.timeout}")
         pico.check_writable_directory(Path(args.output).parent, "--output")
+        pico.check_replaceable_report(Path(args.output), ("compile_presets",), "--output")
     except pico.UserError as error:
         print(f"compile_presets: error: {error}", file=sys.stderr)
         return 2
@@ -123,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{compiled['recompilations']} recompilations, {compiled['graph_breaks']} graph breaks"
                 if "compile_s" in row else
                 f"eager: {eager.get('error', 'ok')}; compiled: {compiled.get('error', 'ok')}"), flush=True)
+    if not any("compile_s" in row for row in report["rows"].values()):
+        print(f"compile_presets: error: no config ran both ways; the errors are in {args.output}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

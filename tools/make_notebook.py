@@ -4,8 +4,16 @@
 The notebook is generated so that a review reads this file, not JSON. Run
 `python tools/make_notebook.py` after editing; outputs are left empty (the
 figures land in artefacts/presentation/figures/ when the notebook runs).
+A notebook whose cells someone edited since this tool wrote it (the README
+asks students to set RUN_LOG there) is replaced only with --force.
 """
 
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -914,9 +922,72 @@ def build() -> nbformat.NotebookNode:
         cell["id"] = f"cell-{index:02d}"  # stable ids keep the diff of a regenerated notebook small
         if cell.source.startswith("# Parameters:"):
             cell.metadata["tags"] = ["parameters"]  # where papermill-style tools inject values
+    # What this tool wrote, so that it can tell its own notebook from one edited since.
+    notebook.metadata["pico_llm"] = {"generated_cells_sha256": cells_digest(notebook)}
     return notebook
 
 
+def cells_digest(notebook: nbformat.NotebookNode) -> str:
+    """The cells' kinds and sources, what an edit changes (running the notebook adds
+    outputs, which it makes again)."""
+    cells = [[cell.cell_type, cell.source] for cell in notebook.cells]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
+
+
+def edits_in(path: Path, new: nbformat.NotebookNode) -> str | None:
+    """Why writing `new` over `path` would lose someone's work, or None: its cells are
+    neither those this tool last wrote into it nor `new`'s."""
+    try:
+        existing = nbformat.read(path, as_version=4)
+    except Exception as error:  # OSError, invalid JSON, not a notebook: nbformat raises several
+        return f"is not a notebook this tool can read ({str(error).splitlines()[0][:100]})"
+    recorded = existing.metadata.get("pico_llm", {}).get("generated_cells_sha256")
+    if cells_digest(existing) in (recorded, cells_digest(new)):
+        return None
+    return "has cells edited since this tool wrote it"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A temporary file beside `path`, renamed over it: a failure leaves the old notebook."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes it private (0600)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/make_notebook.py",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default=str(REPO / "pico_llm.ipynb"),
+                        help="where the notebook goes (default: the committed pico_llm.ipynb)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the notebook even where its cells were edited")
+    args = parser.parse_args(argv)
+    path, notebook = Path(args.output), build()
+    problem = edits_in(path, notebook) if path.exists() and not args.force else None
+    if problem:
+        print(f"make_notebook: error: {path} {problem}; move it away, or pass --force to "
+              "replace it", file=sys.stderr)
+        return 2
+    text = nbformat.writes(notebook)
+    try:
+        write_atomically(path, text if text.endswith("\n") else text + "\n")
+    except OSError as error:
+        print(f"make_notebook: error: cannot write {path} ({error.strerror}); choose another "
+              "--output", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 if __name__ == "__main__":
-    nbformat.write(build(), REPO / "pico_llm.ipynb")
-    print(f"wrote {REPO / 'pico_llm.ipynb'}")
+    sys.exit(main())
