@@ -7456,25 +7456,56 @@ class HuggingFaceConfig:
 
 # --- E.1 Configs ------------------------------------------------------------------------
 
+def json_type(value) -> str:
+    """The JSON type of a value json.loads returned, as messages name it."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), "null")
+
+
+def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = "",
+               integer: bool = False, above=None, at_least=None, at_most=None):
+    """config.json's value of `name` (absent and null both mean `default`), refused in one
+    line naming the key and the value unless it has the JSON type of the default (a string
+    is no boolean: "false" would count as true), is one of `allowed`, and, where bounds are
+    given, is a finite number (an integer with `integer`) within them: the bounds the
+    command line puts on the same setting. `prefix` names the object holding the key."""
+    value = hf.get(name)
+    value = default if value is None else value
+    key = prefix + name
+    if value is None:
+        raise UserError(f"config.json has no {key}")
+    bounds = {"above": above, "at least": at_least, "at most": at_most}
+    bounded = integer or any(bound is not None for bound in bounds.values())
+    expected = "number" if bounded else json_type(default) if default is not None else None
+    if expected and (json_type(value) != expected or integer and not isinstance(value, int)):
+        kind = "integer" if integer else expected
+        raise UserError(f"config.json: {key}={value!r} is not {'an' if kind[0] in 'aeiou' else 'a'} "
+                        f"{kind}")
+    if allowed is not None and value not in allowed:
+        raise UserError(f"config.json: {key}={value!r} is not supported (pico-llm computes "
+                        f"{key}={allowed[0]!r})")
+    if bounded:
+        limits = [f"{words} {bound}" for words, bound in bounds.items() if bound is not None]
+        within = ((above is None or value > above) and (at_least is None or value >= at_least)
+                  and (at_most is None or value <= at_most))
+        if not (within and (isinstance(value, int) or math.isfinite(value))):  # NaN is within none
+            raise UserError(f"config.json: {key}={value!r} must be "
+                            f"{'an integer' if integer else 'a finite number'} {' and '.join(limits)}")
+    return value
+
+
 def config_from_hf(hf: dict) -> TransformerConfig:
     """A Hugging Face config.json (as a dict) -> TransformerConfig; UserError for anything
     a pico-llm Transformer does not compute. Every size comes from the file; a key the file
     omits means what transformers' config class of that model_type assumes."""
-    def setting(name, default=None, allowed=None):
-        value = hf.get(name)
-        value = default if value is None else value  # absent and null both mean the default
-        if value is None:
-            raise UserError(f"config.json has no {name}")
-        if allowed is not None and value not in allowed:
-            raise UserError(f"config.json: {name}={value!r} is not supported (pico-llm computes "
-                            f"{name}={allowed[0]!r})")
-        return value
+    def setting(name, default=None, allowed=None, **bounds):
+        return hf_setting(hf, name, default, allowed, **bounds)
 
     def size(name, default=None):
-        value = setting(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"config.json: {name}={value!r} is not a positive integer")
-        return value
+        return hf_setting(hf, name, default, integer=True, above=0)
 
     def heads_fit(d_model: int, n_heads: int, n_kv_heads: int) -> None:
         if d_model % n_heads or n_heads % n_kv_heads:
@@ -7495,8 +7526,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
             n_heads=n_heads, n_blocks=size("n_layer"), d_ff=size("n_inner", 4 * d_model),
             ffn=GPT2_ACTIVATIONS[activation], norm="layernorm", pos_emb="learned",
             tie_weights=setting("tie_word_embeddings", True), bias=True,
-            norm_eps=float(setting("layer_norm_epsilon", 1e-5)))
-    if kind not in ROPE_FAMILY_DEFAULTS:
+            norm_eps=float(setting("layer_norm_epsilon", 1e-5, above=0)))
+    if not isinstance(kind, str) or kind not in ROPE_FAMILY_DEFAULTS:
         raise UserError(f"config.json: model_type={kind!r} is not supported; pico-llm imports "
                         + ", ".join(["gpt2", *ROPE_FAMILY_DEFAULTS]))
     defaults = ROPE_FAMILY_DEFAULTS[kind]
@@ -7521,11 +7552,11 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         head_size=0 if head_dim * n_heads == d_model else head_dim,
         d_ff=size("intermediate_size"), ffn="swiglu", norm="rmsnorm", pos_emb="rope",
         tie_weights=setting("tie_word_embeddings", defaults["tie_weights"]),
-        norm_eps=float(setting("rms_norm_eps", defaults["norm_eps"])),
+        norm_eps=float(setting("rms_norm_eps", defaults["norm_eps"], above=0)),
         **rope_from_hf(hf, defaults["rope_theta"]))
     if kind in ("qwen2", "qwen3", "smollm3"):  # their windows slide in other layers than GPT-oss's
         setting("use_sliding_window", False, (False,))
-        if "sliding_attention" in (hf.get("layer_types") or []):
+        if "sliding_attention" in setting("layer_types", []):
             raise UserError("config.json: layer_types with sliding_attention is not supported for "
                             f"{kind}; pico-llm slides only GPT-oss's alternating layers")
     if kind in ("llama", "smollm3"):
@@ -7551,7 +7582,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         setting("attention_bias", True, (True,))
         setting("swiglu_alpha", 1.702, (1.702,))  # fixed in clamped_swiglu
         setting("swiglu_limit", 7.0, (7.0,))
-        window = hf.get("sliding_window") or 0
+        window = setting("sliding_window", 0, integer=True, at_least=0)  # null: no window
         alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
                        for i in range(n_blocks)]
         layer_types = setting("layer_types", alternating)
@@ -7560,10 +7591,13 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         elif layer_types != alternating:
             raise UserError(f"config.json: layer_types={layer_types} is not supported; "
                             "pico-llm's blocks 0, 2, 4, ... slide, blocks 1, 3, ... do not")
+        n_experts = size("num_local_experts")
         fields.update(ffn="clamped_swiglu", bias=True, attention_sinks=True, sliding_window=window,
-                      n_experts=size("num_local_experts"),
-                      experts_per_token=size("num_experts_per_tok"),
-                      router_aux_loss_coef=float(setting("router_aux_loss_coef", 0.001)))
+                      n_experts=n_experts,
+                      experts_per_token=setting("num_experts_per_tok", integer=True, above=0,
+                                                at_most=n_experts),
+                      router_aux_loss_coef=float(setting("router_aux_loss_coef", 0.001,
+                                                         at_least=0)))
     return TransformerConfig(**fields)
 
 
@@ -7572,9 +7606,16 @@ def rope_from_hf(hf: dict, default_theta: float) -> dict:
     or rope_theta and rope_scaling (older files). Scalings: linear, llama3 and yarn
     (rope_frequencies). dynamic (NTK) is the default RoPE up to max_position_embeddings, where
     a pico-llm model's context ends, so it imports as the default."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    fields = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", default_theta))))
+    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf_setting(hf, where, {}) or {}
+
+    def setting(name, default=None, allowed=None, **bounds):
+        return hf_setting(rope, name, default, allowed, prefix=f"{where}.", **bounds)
+
+    kind = setting("rope_type", setting("type", "default"))
+    theta = (setting("rope_theta", above=0) if rope.get("rope_theta") is not None  # as --rope_theta
+             else hf_setting(hf, "rope_theta", default_theta, above=0))
+    fields = dict(rope_theta=float(theta))
     if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UserError("config.json: partial_rotary_factor is not supported; pico-llm rotates "
                         "whole heads")
@@ -7591,14 +7632,13 @@ def rope_from_hf(hf: dict, default_theta: float) -> dict:
                             f"supported (pico-llm computes {name}={value})")
     if kind in ("default", "dynamic"):
         return fields
-    factor = rope.get("factor")
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
-        raise UserError(f"config.json: {kind} RoPE needs a factor of at least 1, got {factor!r}")
-    truncated = kind == "yarn" and rope.get("truncate", True)
+    factor = setting("factor", at_least=1)  # as --yarn_factor
+    truncated = kind == "yarn" and setting("truncate", True)
     return fields | dict(
         rope_scaling="yarn_truncated" if truncated else kind, yarn_factor=float(factor),
-        yarn_original_context=int(rope.get("original_max_position_embeddings")
-                                  or hf.get("max_position_embeddings") or 4096))
+        yarn_original_context=setting("original_max_position_embeddings",
+                                      hf.get("max_position_embeddings") or 4096,
+                                      integer=True, above=0))
 
 
 def rope_to_hf(config: TransformerConfig) -> dict:
@@ -7921,7 +7961,7 @@ def read_hf_config(path: Path) -> dict:
         raise UserError(f"{path} has no config.json; expected a Hugging Face model directory")
     try:
         hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
         raise UserError(f"cannot read {path / 'config.json'}: {error}".splitlines()[0]) from None
     if not isinstance(hf_config, dict):
         raise UserError(f"{path / 'config.json'} is not a JSON object")
@@ -8168,7 +8208,8 @@ def tokenizer_from_hf(path, config: TransformerConfig):
                         f"{config.vocab_size} tokens")
     eos = read_hf_config(path).get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    eot_id = eos if isinstance(eos, int) else vocab.get(END_OF_TEXT, vocab.get("</s>"))
+    eot_id = (eos if isinstance(eos, int) and not isinstance(eos, bool)
+              else vocab.get(END_OF_TEXT, vocab.get("</s>")))
     if eot_id is None or not 0 <= eot_id < config.vocab_size:
         raise UserError(f"{path}: config.json has no usable eos_token_id ({eos!r}) and {file} no "
                         f"{END_OF_TEXT} or </s>")

@@ -313,6 +313,62 @@ def test_family_settings_pico_llm_does_not_compute_are_refused(pico, tmp_path, f
     one_line_error(pico, match, pico.config_from_hf, hf_config)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("family, change, match", [
+    ("llama yarn", dict(rms_norm_eps="abc"), "rms_norm_eps='abc' is not a number"),
+    ("llama yarn", dict(rms_norm_eps=[1]), r"rms_norm_eps=\[1\] is not a number"),
+    ("llama yarn", dict(rms_norm_eps=INF), "rms_norm_eps=inf must be a finite number above 0"),
+    ("llama yarn", dict(rms_norm_eps=-1.0), "rms_norm_eps=-1.0 must be a finite number above 0"),
+    ("llama yarn", dict(rms_norm_eps=NAN), "rms_norm_eps=nan must be"),
+    ("llama yarn", dict(rope_parameters="abc"), "rope_parameters='abc' is not an object"),
+    ("llama yarn", dict(rope_parameters=None, rope_scaling=[1]), r"rope_scaling=\[1\] is not"),
+    ("llama yarn", dict(model_type=["llama"]), r"model_type=\['llama'\] is not supported"),
+    ("llama yarn", dict(tie_word_embeddings="false"), "tie_word_embeddings='false' is not a boolean"),
+    ("llama yarn", dict(mlp_bias="yes"), "mlp_bias='yes' is not a boolean"),
+    ("qwen2.5", dict(layer_types=5), "layer_types=5 is not a list"),
+    ("gpt-oss", dict(layer_types=3), "layer_types=3 is not a list"),
+    ("gpt-oss", dict(sliding_window="5"), "sliding_window='5' is not an integer"),
+    ("gpt-oss", dict(sliding_window=5.5), "sliding_window=5.5 is not an integer"),
+    ("gpt-oss", dict(sliding_window=1e30), r"sliding_window=1e\+30 is not an integer"),
+    ("gpt-oss", dict(sliding_window=-5), "sliding_window=-5 must be an integer at least 0"),
+    ("gpt-oss", dict(num_experts_per_tok=8), "num_experts_per_tok=8 must be an integer above 0 "
+                                             "and at most 4"),
+    ("gpt-oss", dict(router_aux_loss_coef="x"), "router_aux_loss_coef='x' is not a number"),
+    ("gpt-oss", dict(router_aux_loss_coef=-1), "router_aux_loss_coef=-1 must be a finite number "
+                                               "at least 0"),
+] + [("llama yarn", dict(rope_parameters=FAMILIES["llama yarn"][1]["rope_parameters"] | bad), match)
+     for bad, match in [
+         (dict(rope_theta="x"), "rope_parameters.rope_theta='x' is not a number"),
+         (dict(rope_theta=True), "rope_parameters.rope_theta=True is not a number"),
+         *[(dict(rope_theta=theta), f"rope_parameters.rope_theta={theta} must be a finite number "
+                                    "above 0") for theta in (0, -5, NAN, INF)],
+         *[(dict(factor=factor), f"rope_parameters.factor={factor} must be a finite number at "
+                                 "least 1") for factor in (NAN, INF)],
+         (dict(original_max_position_embeddings="abc"),
+          "rope_parameters.original_max_position_embeddings='abc' is not an integer"),
+         (dict(original_max_position_embeddings=-64),
+          "rope_parameters.original_max_position_embeddings=-64 must be an integer above 0"),
+         (dict(truncate="false"), "rope_parameters.truncate='false' is not a boolean")]])
+def test_config_values_of_the_wrong_type_or_out_of_range_are_refused(pico, family, change, match):
+    """Each as the command line refuses the same setting, in one line naming key and value."""
+    class_name, settings = FAMILIES[family]
+    hf_config = getattr(transformers, class_name)(**(SMALL | settings)).to_dict() | change
+    one_line_error(pico, match, pico.config_from_hf, hf_config)
+
+
+def test_gpt2_epsilon_that_is_not_a_number_is_refused(pico, gpt2_dir):
+    hf_config = json.loads((gpt2_dir / "config.json").read_text()) | {"layer_norm_epsilon": "x"}
+    one_line_error(pico, "layer_norm_epsilon='x' is not a number", pico.config_from_hf, hf_config)
+
+
+def test_config_json_nested_too_deeply_is_refused(pico, tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100000 + "]" * 100000)
+    one_line_error(pico, "cannot read .*config.json: maximum recursion depth", pico.load_hf_directory,
+                   tmp_path)
+
+
 def test_released_gpt_oss_config_maps_onto_the_preset_shape(pico):
     """openai/gpt-oss-20b's config.json (its keys and values, quantization left out): 64 heads of
     64 on a width of 2880, alternating windows of 128, YaRN x32 untruncated."""
@@ -561,14 +617,15 @@ def test_unsupported_architecture_is_refused(pico, tmp_path):
                            "original_max_position_embeddings": 16}), "high_freq_factor=8.0"),
     (dict(rope_scaling={"type": "yarn", "factor": 2.0, "attention_factor": 2.0},
           rope_parameters=None), "attention_factor=2.0"),
-    (dict(rope_scaling={"type": "linear", "factor": 0.5}, rope_parameters=None), "factor of at least 1"),
+    (dict(rope_scaling={"type": "linear", "factor": 0.5}, rope_parameters=None),
+     "rope_scaling.factor=0.5 must be a finite number at least 1"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     (dict(quantization_config={"quant_method": "mxfp4"}), "quant_method='mxfp4'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(head_dim=15), "even head size"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_size=None), "no hidden_size"),
-    (dict(num_hidden_layers=0), "num_hidden_layers=0 is not a positive integer"),
+    (dict(num_hidden_layers=0), "num_hidden_layers=0 must be an integer above 0"),
     (dict(num_key_value_heads=3), "3 key/value heads"),
 ])
 def test_unsupported_llama_settings_are_refused(pico, llama_dir, change, match):
