@@ -6321,6 +6321,22 @@ def blocked_callable(message: str) -> str | None:
     return f"{'os' if module in ('posix', 'nt') else module}.{name}"
 
 
+def load_weights_only(path: Path):
+    """torch.load running no code from the file, and without torch's warning about newer
+    pickle protocols, which would add lines to a one-line error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unpickling_failure(error: Exception) -> str:
+    """Why load_weights_only failed, in a few words: torch's own message is paragraphs,
+    including advice to load with weights_only=False, which would run the file's code."""
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    reason = detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__
+    return textwrap.shorten(reason, 120)
+
+
 def read_checkpoint(path: Path, flag: str) -> dict:
     """A checkpoint file, loaded without running any code in it, and checked against its
     checksum; UserError (DamagedCheckpoint for a damaged file) otherwise."""
@@ -6332,9 +6348,7 @@ def read_checkpoint(path: Path, flag: str) -> dict:
                         + (f" such as {example}" if example else ""))
     check_regular_file(path, flag)
     try:
-        with warnings.catch_warnings():  # torch warns about old pickle protocols on stderr
-            warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights_only(path)
     except PermissionError as error:
         raise UserError(f"cannot read {flag} {path} ({error.strerror}); give a checkpoint "
                         "this user may read") from None
@@ -6344,10 +6358,8 @@ def read_checkpoint(path: Path, flag: str) -> dict:
             raise UserError(f"refused to load {path}: unpickling it would call {culprit}, which "
                             "runs code, so it was not loaded; load only checkpoints pico-llm "
                             "wrote") from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-        reason = detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__
         raise DamagedCheckpoint(f"{path} is not a readable checkpoint (truncated, corrupt or not "
-                                f"from pico-llm: {textwrap.shorten(reason, 120)})") from None
+                                f"from pico-llm: {unpickling_failure(error)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a pico-llm checkpoint; give a .pt file written with --save_dir")
     version = checkpoint.get("version")
@@ -7955,26 +7967,49 @@ def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, t
 
 # --- E.3 Model directories and the hub -----------------------------------------------------
 
+def read_json_object(file: Path) -> dict:
+    """A JSON file of a model directory that must hold an object, as a dict."""
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+        raise UserError(f"cannot read {file}: {error}".splitlines()[0]) from None
+    if not isinstance(document, dict):
+        raise UserError(f"{file} is not a JSON object")
+    return document
+
+
 def read_hf_config(path: Path) -> dict:
     """config.json of a Hugging Face model directory, as a dict."""
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json; expected a Hugging Face model directory")
-    try:
-        hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
-        raise UserError(f"cannot read {path / 'config.json'}: {error}".splitlines()[0]) from None
-    if not isinstance(hf_config, dict):
-        raise UserError(f"{path / 'config.json'} is not a JSON object")
-    return hf_config
+    return read_json_object(path / "config.json")
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The shards model.safetensors.index.json names (its weight_map: tensor name -> file).
+    Each must be a file name, so that nothing outside the model directory is read (no
+    directories, no ".."), and a regular file: a pipe would block the read forever."""
+    index = path / "model.safetensors.index.json"
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) for shard in weight_map.values()):
+        raise UserError(f"{index} has no weight_map from tensor names to shard file names")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if shard in ("", "..") or Path(shard).name != shard:
+            raise UserError(f"{index} names the shard {shard!r}, which is not a file name; "
+                            "shards lie beside the index")
+        if not (path / shard).is_file():
+            raise UserError(f"{index} names the shard {shard!r}, which is missing or not a "
+                            "regular file")
+    return [path / shard for shard in shards]
 
 
 def hf_weight_files(path: Path) -> list[Path]:
     """The weight files of a model directory: model.safetensors, its shards, or
     pytorch_model.bin."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = [path / shard for shard in sorted(set(
-            json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))]
+    if (path / "model.safetensors.index.json").is_file():
+        files = shard_files(path)
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     elif (path / "pytorch_model.bin").is_file():
@@ -8006,22 +8041,48 @@ def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
     return shapes
 
 
+def check_hf_tensors(file: Path, tensors) -> None:
+    """What a weight file holds must be named tensors (not, say, a training checkpoint with
+    the state dict nested inside) of a floating-point type (an integer or boolean tensor
+    would be cast to float silently: quantized weights read as nonsense) with finite values
+    (a NaN would only show as NaN logits)."""
+    if not isinstance(tensors, dict):
+        raise UserError(f"{file} holds a Python {type(tensors).__name__}, not a dict of tensor "
+                        "names to tensors")
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise UserError(f"{file} holds a Python {type(tensor).__name__} under {name!r}, not a "
+                            "tensor; it must be a flat dict of tensor names to tensors (a state "
+                            "dict)")
+        if name.endswith(IGNORED_SUFFIXES):  # buffers, not weights (GPT-2's mask may be bool)
+            continue
+        if not tensor.is_floating_point():
+            raise UserError(f"{file}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
+                            "pico-llm reads floating-point weights (use a bf16 or fp32 copy)")
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"{file}: tensor {name} holds NaN or infinite values; the model is "
+                            "broken (use another copy of its weights)")
+
+
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory (pytorch_model.bin is loaded with weights_only, which
-    runs no code from the file)."""
+    runs no code from the file), checked by check_hf_tensors."""
     tensors = {}
     for file in hf_weight_files(path):
         try:
             if file.suffix == ".bin":
-                tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+                loaded = load_weights_only(file)
             else:
-                tensors.update(hf_package("safetensors.torch", "reading model.safetensors")
-                               .load_file(file))
+                loaded = hf_package("safetensors.torch", "reading model.safetensors").load_file(file)
         except UserError:
             raise
         except Exception as error:  # missing shards, truncated files: many error types
-            reason = (str(error) or type(error).__name__).splitlines()[0]
-            raise UserError(f"cannot read {file}: {reason[:160]}") from None
+            culprit = blocked_callable(str(error))
+            reason = (f"unpickling it would call {culprit}, which runs code, so it was not loaded"
+                      if culprit else unpickling_failure(error))
+            raise UserError(f"cannot read {file}: {reason}") from None
+        check_hf_tensors(file, loaded)
+        tensors.update(loaded)
     return tensors
 
 

@@ -663,6 +663,99 @@ def test_unreadable_weights_are_refused(pico, llama_dir):
     one_line_error(pico, "cannot read .*model.safetensors", pico.load_hf_directory, llama_dir)
 
 
+def shard_in_two(llama_dir):
+    """llama_dir's weights as two shards and an index; returns the index's JSON."""
+    state = load_file(llama_dir / "model.safetensors")
+    (llama_dir / "model.safetensors").unlink()
+    names = sorted(state)
+    weight_map = {}
+    for shard, shard_names in (("a.safetensors", names[::2]), ("b.safetensors", names[1::2])):
+        save_file({name: state[name] for name in shard_names}, llama_dir / shard)
+        weight_map |= {name: shard for name in shard_names}
+    return {"metadata": {}, "weight_map": weight_map}
+
+
+@pytest.mark.parametrize("index, match", [
+    (b"{", "cannot read .*index.json: Expecting"),
+    (b"\xff\xfe", "cannot read .*index.json: 'utf-8' codec"),
+    (b"[]", "index.json is not a JSON object"),
+    (b"{}", "index.json has no weight_map"),
+    (b'{"weight_map": ["a"]}', "index.json has no weight_map"),
+    (b'{"weight_map": {"model.norm.weight": 5}}', "index.json has no weight_map"),
+])
+def test_malformed_shard_index_is_refused(pico, llama_dir, index, match):
+    shard_in_two(llama_dir)
+    (llama_dir / "model.safetensors.index.json").write_bytes(index)
+    one_line_error(pico, match, pico.load_hf_directory, llama_dir)
+
+
+@pytest.mark.parametrize("shard, match", [
+    ("/etc/passwd", "shard '/etc/passwd', which is not a file name"),
+    ("../llama/a.safetensors", "shard '../llama/a.safetensors', which is not a file name"),
+    ("..", "shard '..', which is not a file name"),
+    ("fifo.safetensors", "shard 'fifo.safetensors', which is missing or not a regular file"),
+    ("gone.safetensors", "shard 'gone.safetensors', which is missing or not a regular file"),
+])
+def test_shards_must_be_regular_files_beside_the_index(pico, llama_dir, shard, match):
+    """Nothing outside the model directory is read, and a pipe is not opened (it would block)."""
+    index = shard_in_two(llama_dir)
+    os.mkfifo(llama_dir / "fifo.safetensors")
+    index["weight_map"]["model.norm.weight"] = shard
+    (llama_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    one_line_error(pico, match, pico.load_hf_directory, llama_dir)
+
+
+def bin_dir(llama_dir, contents):
+    """llama_dir with its weights replaced by pytorch_model.bin holding `contents`."""
+    (llama_dir / "model.safetensors").unlink()
+    torch.save(contents, llama_dir / "pytorch_model.bin")
+    return llama_dir
+
+
+def test_pytorch_model_bin_that_is_not_a_flat_dict_of_tensors_is_refused(pico, llama_dir):
+    state = load_file(llama_dir / "model.safetensors")
+    bin_dir(llama_dir, {"state_dict": state})
+    one_line_error(pico, "bin holds a Python dict under 'state_dict', not a tensor",
+                   pico.load_hf_directory, llama_dir)
+    torch.save(state | {"model.norm.weight": "abc"}, llama_dir / "pytorch_model.bin")
+    one_line_error(pico, "bin holds a Python str under 'model.norm.weight'",
+                   pico.load_hf_directory, llama_dir)
+    torch.save([1], llama_dir / "pytorch_model.bin")
+    one_line_error(pico, "bin holds a Python list, not a dict", pico.load_hf_directory, llama_dir)
+
+
+def test_pytorch_model_bin_that_is_not_weights_only_is_refused_without_torch_advice(
+        pico, llama_dir, recwarn):
+    """One line: torch's warning about the pickle protocol stays off stderr, and its advice to
+    load with weights_only=False (which would run the file's code) is not repeated."""
+    import pickle
+    (llama_dir / "model.safetensors").unlink()
+    (llama_dir / "pytorch_model.bin").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(pico.UserError) as error:
+        pico.load_hf_directory(llama_dir)
+    assert "\n" not in str(error.value) and "weights_only" not in str(error.value)
+    assert "pytorch_model.bin: Unsupported operand" in str(error.value)
+    assert not [w for w in recwarn.list if "pickle protocol" in str(w.message)]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64])
+def test_weights_that_are_not_floating_point_are_refused(pico, llama_dir, dtype):
+    state = load_file(llama_dir / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"].to(dtype)
+    save_file(state, llama_dir / "model.safetensors")
+    one_line_error(pico, f"tensor model.norm.weight is {str(dtype).removeprefix('torch.')}; "
+                   "pico-llm reads floating-point weights", pico.load_hf_directory, llama_dir)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_with_non_finite_values_are_refused_naming_the_tensor(pico, llama_dir, value):
+    state = load_file(llama_dir / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 4] = value
+    save_file(state, llama_dir / "model.safetensors")
+    one_line_error(pico, "tensor model.layers.1.mlp.up_proj.weight holds NaN or infinite values",
+                   pico.load_hf_directory, llama_dir)
+
+
 def test_tokenizers_that_do_not_fit_are_refused(pico, tmp_path, llama_dir, gpt2_dir,
                                                 tokenizers_to_export):
     (llama_dir / "tokenizer.json").unlink()
