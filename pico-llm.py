@@ -8127,7 +8127,11 @@ def resolve_init_from(spec: str) -> Path:
     one meant: org/name (HUB_ID; so no leading ./, / or ~, no second slash) with no
     directory org here; anything else is a missing path, refused as one. Without network a
     hub id fails within seconds naming the directory form."""
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # ~name for a user this system does not know
+        raise UserError(f"--init_from {spec!r}: {spec.split('/')[0]} names no user's home "
+                        "directory here; give the model directory's path") from None
     if path.is_dir():
         return path
     if path.exists():
@@ -8280,9 +8284,29 @@ def tokenizer_from_hf(path, config: TransformerConfig):
 
 # --- E.5 Export ------------------------------------------------------------------------------
 
+# The longest file name most file systems hold, in bytes; export_hf's staging directory adds
+# 10 to the export's name (a dot before, a dot and mkdtemp's 8 characters after).
+NAME_MAX = 255
+
+
 def check_export_directory(directory: Path) -> None:
-    """Export writes a new directory (or fills an empty one), never over anything."""
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+    """Export writes a new directory (or fills an empty one), never over anything, under a
+    name the tokenizers package can write (it takes paths as UTF-8) and the file system holds."""
+    try:
+        str(directory).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"--export_hf {str(directory)!r} is not valid UTF-8; choose a UTF-8 "
+                        "name") from None
+    if len(os.fsencode(directory.name)) + 10 > NAME_MAX:
+        raise UserError(f"--export_hf {str(directory)!r}: the name {directory.name[:20]!r}... is "
+                        f"longer than the {NAME_MAX - 10} bytes an export's name may have; "
+                        "choose a shorter one")
+    try:
+        exists = directory.exists()
+    except OSError as error:  # a directory on the way with too long a name
+        raise UserError(f"--export_hf {str(directory)!r}: {error.strerror}; choose another "
+                        "directory") from None
+    if exists and (not directory.is_dir() or any(directory.iterdir())):
         raise UserError(f"--export_hf {directory} already exists and is not empty; "
                         "choose a new directory")
     check_writable_directory(directory.parent, "--export_hf")

@@ -482,6 +482,18 @@ def test_export_never_overwrites_a_non_empty_directory(pico, tmp_path):
     assert {p.name for p in (tmp_path / "empty").iterdir()} == {"config.json", "model.safetensors"}
 
 
+@pytest.mark.parametrize("name, match", [
+    ("ff\udcff", "is not valid UTF-8"),          # a byte 0xff in the name, as Python reads it
+    ("a" * 300, "longer than the 245 bytes"),
+    ("a" * 250, "longer than the 245 bytes"),    # fits, but not with the staging directory's dots
+    ("a" * 300 + "/out", "File name too long"),
+])
+def test_export_names_that_cannot_be_written_are_refused_before_writing(pico, tmp_path, name,
+                                                                         match):
+    one_line_error(pico, match, pico.check_export_directory, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- E.4 Tokenizers in both directions ----------------------------------------------------------
 
 TEXT = "Hello world! It's 2024 —  naïve café, 東京.\n\n  spaces   and\ttabs 🙂 <|endoftext|>?"
@@ -816,6 +828,11 @@ def test_init_from_a_path_that_does_not_exist_is_a_missing_path_not_a_hub_id(pic
     monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: asked.append(spec))
     one_line_error(pico, "no such directory", pico.resolve_init_from, spec)
     assert asked == []
+
+
+def test_init_from_the_home_of_an_unknown_user_is_refused(pico):
+    one_line_error(pico, "~no-such-user-pico names no user's home directory",
+                   pico.resolve_init_from, "~no-such-user-pico/x")
 
 
 def test_init_from_org_name_is_a_hub_id_unless_org_is_a_directory_here(pico, monkeypatch, tmp_path):
