@@ -1465,6 +1465,9 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
             start, state, pending = new_start, None, ids[new_start:]
         tokens = torch.tensor(pending, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
         logits, state = model.forward_incremental(tokens, state)
+        if not logits[-1].isfinite().all():  # else multinomial fails, or argmax picks id 0
+            raise UserError("the model produced non-finite logits (NaN or inf): its weights or "
+                            "settings are broken, so it cannot be sampled")
         next_id = int(sample_next_token(logits[-1], rule, generator)[0])
         ids.append(next_id)
         pending = [next_id]
