@@ -130,6 +130,14 @@ class UserError(Exception):
     """
 
 
+def quoted(path) -> str:
+    """A path (or any name a user typed) as an error message shows it: as given, unless it
+    holds a character such as a newline that would break the message's one line; then as
+    Python writes the string."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 # #############################################################################
 # PART I. THE LESSON
 # #############################################################################
@@ -7497,8 +7505,8 @@ def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = ""
     expected = "number" if bounded else json_type(default) if default is not None else None
     if expected and (json_type(value) != expected or integer and not isinstance(value, int)):
         kind = "integer" if integer else expected
-        raise UserError(f"config.json: {key}={value!r} is not {'an' if kind[0] in 'aeiou' else 'a'} "
-                        f"{kind}")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UserError(f"config.json: {key}={value!r} is not {article} {kind}")
     if allowed is not None and value not in allowed:
         raise UserError(f"config.json: {key}={value!r} is not supported (pico-llm computes "
                         f"{key}={allowed[0]!r})")
@@ -7507,8 +7515,8 @@ def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = ""
         within = ((above is None or value > above) and (at_least is None or value >= at_least)
                   and (at_most is None or value <= at_most))
         if not (within and (isinstance(value, int) or math.isfinite(value))):  # NaN is within none
-            raise UserError(f"config.json: {key}={value!r} must be "
-                            f"{'an integer' if integer else 'a finite number'} {' and '.join(limits)}")
+            kind = "an integer" if integer else "a finite number"
+            raise UserError(f"config.json: {key}={value!r} must be {kind} {' and '.join(limits)}")
     return value
 
 
@@ -7975,16 +7983,17 @@ def read_json_object(file: Path) -> dict:
     try:
         document = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
-        raise UserError(f"cannot read {file}: {error}".splitlines()[0]) from None
+        raise UserError(f"cannot read {quoted(file)}: {error}".splitlines()[0]) from None
     if not isinstance(document, dict):
-        raise UserError(f"{file} is not a JSON object")
+        raise UserError(f"{quoted(file)} is not a JSON object")
     return document
 
 
 def read_hf_config(path: Path) -> dict:
     """config.json of a Hugging Face model directory, as a dict."""
     if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json; expected a Hugging Face model directory")
+        raise UserError(f"{quoted(path)} has no config.json; expected a Hugging Face model "
+                        "directory")
     return read_json_object(path / "config.json")
 
 
@@ -7996,14 +8005,14 @@ def shard_files(path: Path) -> list[Path]:
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(
             isinstance(shard, str) for shard in weight_map.values()):
-        raise UserError(f"{index} has no weight_map from tensor names to shard file names")
+        raise UserError(f"{quoted(index)} has no weight_map from tensor names to shard file names")
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         if shard in ("", "..") or Path(shard).name != shard:
-            raise UserError(f"{index} names the shard {shard!r}, which is not a file name; "
+            raise UserError(f"{quoted(index)} names the shard {shard!r}, which is not a file name; "
                             "shards lie beside the index")
         if not (path / shard).is_file():
-            raise UserError(f"{index} names the shard {shard!r}, which is missing or not a "
+            raise UserError(f"{quoted(index)} names the shard {shard!r}, which is missing or not a "
                             "regular file")
     return [path / shard for shard in shards]
 
@@ -8018,7 +8027,7 @@ def hf_weight_files(path: Path) -> list[Path]:
     elif (path / "pytorch_model.bin").is_file():
         files = [path / "pytorch_model.bin"]
     else:
-        raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
+        raise UserError(f"{quoted(path)} has no model.safetensors or pytorch_model.bin")
     return files
 
 
@@ -8040,7 +8049,7 @@ def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
                            if name != "__metadata__"})
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
             reason = (str(error) or type(error).__name__).splitlines()[0]
-            raise UserError(f"cannot read {file}: {reason[:160]}") from None
+            raise UserError(f"cannot read {quoted(file)}: {reason[:160]}") from None
     return shapes
 
 
@@ -8050,21 +8059,22 @@ def check_hf_tensors(file: Path, tensors) -> None:
     would be cast to float silently: quantized weights read as nonsense) with finite values
     (a NaN would only show as NaN logits)."""
     if not isinstance(tensors, dict):
-        raise UserError(f"{file} holds a Python {type(tensors).__name__}, not a dict of tensor "
-                        "names to tensors")
+        raise UserError(f"{quoted(file)} holds a Python {type(tensors).__name__}, not a dict of "
+                        "tensor names to tensors")
     for name, tensor in tensors.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise UserError(f"{file} holds a Python {type(tensor).__name__} under {name!r}, not a "
-                            "tensor; it must be a flat dict of tensor names to tensors (a state "
-                            "dict)")
+            raise UserError(f"{quoted(file)} holds a Python {type(tensor).__name__} under "
+                            f"{name!r}, not a tensor; it must be a flat dict of tensor names to "
+                            "tensors (a state dict)")
         if name.endswith(IGNORED_SUFFIXES):  # buffers, not weights (GPT-2's mask may be bool)
             continue
         if not tensor.is_floating_point():
-            raise UserError(f"{file}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
-                            "pico-llm reads floating-point weights (use a bf16 or fp32 copy)")
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise UserError(f"{quoted(file)}: tensor {name} is {dtype}; pico-llm reads "
+                            "floating-point weights (use a bf16 or fp32 copy)")
         if not torch.isfinite(tensor).all():
-            raise UserError(f"{file}: tensor {name} holds NaN or infinite values; the model is "
-                            "broken (use another copy of its weights)")
+            raise UserError(f"{quoted(file)}: tensor {name} holds NaN or infinite values; the "
+                            "model is broken (use another copy of its weights)")
 
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -8076,14 +8086,15 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             if file.suffix == ".bin":
                 loaded = load_weights_only(file)
             else:
-                loaded = hf_package("safetensors.torch", "reading model.safetensors").load_file(file)
+                safetensors = hf_package("safetensors.torch", "reading model.safetensors")
+                loaded = safetensors.load_file(file)
         except UserError:
             raise
         except Exception as error:  # missing shards, truncated files: many error types
             culprit = blocked_callable(str(error))
             reason = (f"unpickling it would call {culprit}, which runs code, so it was not loaded"
                       if culprit else unpickling_failure(error))
-            raise UserError(f"cannot read {file}: {reason}") from None
+            raise UserError(f"cannot read {quoted(file)}: {reason}") from None
         check_hf_tensors(file, loaded)
         tensors.update(loaded)
     return tensors
@@ -8116,7 +8127,7 @@ def import_hf(path) -> tuple[TransformerModel, object]:
 
 
 def hub_fallback(spec: str) -> str:
-    return (f"download it once where there is network (hf download {spec} config.json "
+    return (f"download it once where there is network (hf download {quoted(spec)} config.json "
             f"model.safetensors tokenizer.json --local-dir DIR) and pass --init_from DIR")
 
 
@@ -8133,25 +8144,26 @@ def resolve_init_from(spec: str) -> Path:
     try:
         path = Path(spec).expanduser()
     except RuntimeError:  # ~name for a user this system does not know
-        raise UserError(f"--init_from {spec!r}: {spec.split('/')[0]} names no user's home "
+        user = spec.split("/")[0]
+        raise UserError(f"--init_from {quoted(spec)}: {quoted(user)} names no user's home "
                         "directory here; give the model directory's path") from None
     if path.is_dir():
         return path
     if path.exists():
-        raise UserError(f"--init_from {spec} is a file; pass a model directory or a hub id")
+        raise UserError(f"--init_from {quoted(spec)} is a file; pass a model directory or a hub id")
     if not HUB_ID.fullmatch(spec) or Path(spec.split("/")[0]).exists():
-        raise UserError(f"--init_from {spec}: no such directory (a hub id has the form "
+        raise UserError(f"--init_from {quoted(spec)}: no such directory (a hub id has the form "
                         "org/name, such as Qwen/Qwen3-0.6B)")
     if not huggingface_hub_reachable():
-        raise UserError(f"--init_from {spec}: no such directory, and the Hugging Face hub is "
-                        f"unreachable; {hub_fallback(spec)}")
-    hub = hf_package("huggingface_hub", f"--init_from {spec} (a hub id)")
+        raise UserError(f"--init_from {quoted(spec)}: no such directory, and the Hugging Face hub "
+                        f"is unreachable; {hub_fallback(spec)}")
+    hub = hf_package("huggingface_hub", f"--init_from {quoted(spec)} (a hub id)")
     try:  # safetensors only: hub repos often hold the same weights in several formats
         return Path(hub.snapshot_download(
             spec, allow_patterns=["config.json", "tokenizer.json", "model*.safetensors*"]))
     except Exception as error:  # the hub raises many types (unknown repo, gated, network)
         reason = (str(error) or type(error).__name__).splitlines()[0]
-        raise UserError(f"--init_from {spec}: {reason}; {hub_fallback(spec)}") from None
+        raise UserError(f"--init_from {quoted(spec)}: {reason}; {hub_fallback(spec)}") from None
 
 
 # --- E.4 Tokenizers ------------------------------------------------------------------------
@@ -8257,30 +8269,31 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     if not file.is_file():
         if gpt2_sized and hf_family(config) == "gpt2":
             return GPT2Tokenizer()
-        raise UserError(f"{path} has no tokenizer.json, and its {config.vocab_size}-token "
+        raise UserError(f"{quoted(path)} has no tokenizer.json, and its {config.vocab_size}-token "
                         "vocabulary is not GPT-2's 50257")
     tokenizers = hf_package("tokenizers", "a tokenizer.json")
     try:
         tokenizer = tokenizers.Tokenizer.from_file(str(file))
     except Exception as error:  # tokenizers raises a bare Exception on bad files
-        raise UserError(f"cannot read {file}: {str(error).splitlines()[0][:160]}") from None
+        raise UserError(f"cannot read {quoted(file)}: {str(error).splitlines()[0][:160]}") from None
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     if gpt2_sized and len(vocab) == 50257 and vocab == {
             byte_text(token): rank for token, rank in load_tiktoken_ranks(GPT2_RANKS_PATH).items()
             } | {END_OF_TEXT: 50256}:
         return GPT2Tokenizer()  # the same ids, through tiktoken (faster)
     if not vocab:
-        raise UserError(f"{file} has an empty vocabulary; give the model's own tokenizer.json")
+        raise UserError(f"{quoted(file)} has an empty vocabulary; give the model's own "
+                        "tokenizer.json")
     if max(vocab.values()) >= config.vocab_size:
-        raise UserError(f"{file} has ids up to {max(vocab.values())}, but the model embeds only "
-                        f"{config.vocab_size} tokens")
+        raise UserError(f"{quoted(file)} has ids up to {max(vocab.values())}, but the model "
+                        f"embeds only {config.vocab_size} tokens")
     eos = read_hf_config(path).get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
     eot_id = (eos if isinstance(eos, int) and not isinstance(eos, bool)
               else vocab.get(END_OF_TEXT, vocab.get("</s>")))
     if eot_id is None or not 0 <= eot_id < config.vocab_size:
-        raise UserError(f"{path}: config.json has no usable eos_token_id ({eos!r}) and {file} no "
-                        f"{END_OF_TEXT} or </s>")
+        raise UserError(f"{quoted(path)}: config.json has no usable eos_token_id ({eos!r}) and "
+                        f"{quoted(file)} no {END_OF_TEXT} or </s>")
     return HFTokenizer(tokenizer, config.vocab_size, eot_id,
                        "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12])
 
@@ -8298,19 +8311,19 @@ def check_export_directory(directory: Path) -> None:
     try:
         str(directory).encode("utf-8")
     except UnicodeEncodeError:
-        raise UserError(f"--export_hf {str(directory)!r} is not valid UTF-8; choose a UTF-8 "
+        raise UserError(f"--export_hf {quoted(directory)} is not valid UTF-8; choose a UTF-8 "
                         "name") from None
     if len(os.fsencode(directory.name)) + 10 > NAME_MAX:
-        raise UserError(f"--export_hf {str(directory)!r}: the name {directory.name[:20]!r}... is "
+        raise UserError(f"--export_hf {quoted(directory)}: the name {directory.name[:20]!r}... is "
                         f"longer than the {NAME_MAX - 10} bytes an export's name may have; "
                         "choose a shorter one")
     try:
         exists = directory.exists()
     except OSError as error:  # a directory on the way with too long a name
-        raise UserError(f"--export_hf {str(directory)!r}: {error.strerror}; choose another "
+        raise UserError(f"--export_hf {quoted(directory)}: {error.strerror}; choose another "
                         "directory") from None
     if exists and (not directory.is_dir() or any(directory.iterdir())):
-        raise UserError(f"--export_hf {directory} already exists and is not empty; "
+        raise UserError(f"--export_hf {quoted(directory)} already exists and is not empty; "
                         "choose a new directory")
     check_writable_directory(directory.parent, "--export_hf")
 
@@ -8345,7 +8358,7 @@ def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         failure = os_error_of(error)   # safetensors and tokenizers raise their own types
         if failure is not None:
-            raise cannot_write(f"--export_hf {directory}", failure,
+            raise cannot_write(f"--export_hf {quoted(directory)}", failure,
                                "choose another --export_hf directory") from None
         raise
     return directory
@@ -8408,8 +8421,8 @@ def check_tokenizer_fits(spec: str | None, tokenizer, source: str) -> None:
     if spec is not None and spec != tokenizer.name:
         own = ("GPT-2's 50257 ids (--tokenizer gpt2)" if isinstance(tokenizer, GPT2Tokenizer)
                else f"the {tokenizer.vocab_size} ids of its own tokenizer.json")
-        raise UserError(f"--tokenizer {spec} does not fit --init_from {source}: its weights "
-                        f"learned {own}; drop --tokenizer")
+        raise UserError(f"--tokenizer {quoted(spec)} does not fit --init_from {quoted(source)}: "
+                        f"its weights learned {own}; drop --tokenizer")
 
 
 def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
@@ -8431,7 +8444,7 @@ def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
     check_tokenizer_fits(config.data.tokenizer, tokenizer, spec)
     if config.data.block_size > transformer.block_size:
         raise UserError(f"--block_size {config.data.block_size} exceeds the "
-                        f"{transformer.block_size} positions of --init_from {spec}")
+                        f"{transformer.block_size} positions of --init_from {quoted(spec)}")
     transformer = dataclasses.replace(transformer, attention_impl=flags["attention_impl"],
                                       dropout=flags["dropout"] or 0.0)
     models = dataclasses.replace(config.models, transformer=transformer)
@@ -8444,7 +8457,7 @@ def check_fits_to_sample(transformer: TransformerConfig, source: str) -> None:
     available = memory_available(torch.device("cpu"))
     parameters = parameter_count(transformer, transformer.vocab_size)
     if available is not None and 4 * parameters > available:
-        raise UserError(f"--init_from {source} needs about {memory_size(4 * parameters)} "
+        raise UserError(f"--init_from {quoted(source)} needs about {memory_size(4 * parameters)} "
                         f"({parameters:,} parameters in float32), more than the "
                         f"{memory_size(available)} of memory here; choose a smaller model")
 
@@ -8456,8 +8469,8 @@ def run_export(config: Config) -> int:
     check_export_directory(directory)
     model, tokenizer, _ = model_from_checkpoint(path, "--checkpoint")
     if not isinstance(model, TransformerModel):
-        raise UserError(f"--checkpoint {path} holds no Transformer ({type(model).__name__}); "
-                        "--export_hf writes Transformers")
+        raise UserError(f"--checkpoint {quoted(path)} holds no Transformer "
+                        f"({type(model).__name__}); --export_hf writes Transformers")
     print(f"Hugging Face model written to {export_hf(model, tokenizer, directory)}")
     return 0
 

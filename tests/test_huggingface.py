@@ -325,7 +325,8 @@ NAN, INF = float("nan"), float("inf")
     ("llama yarn", dict(rope_parameters="abc"), "rope_parameters='abc' is not an object"),
     ("llama yarn", dict(rope_parameters=None, rope_scaling=[1]), r"rope_scaling=\[1\] is not"),
     ("llama yarn", dict(model_type=["llama"]), r"model_type=\['llama'\] is not supported"),
-    ("llama yarn", dict(tie_word_embeddings="false"), "tie_word_embeddings='false' is not a boolean"),
+    ("llama yarn", dict(tie_word_embeddings="false"),
+     "tie_word_embeddings='false' is not a boolean"),
     ("llama yarn", dict(mlp_bias="yes"), "mlp_bias='yes' is not a boolean"),
     ("qwen2.5", dict(layer_types=5), "layer_types=5 is not a list"),
     ("gpt-oss", dict(layer_types=3), "layer_types=3 is not a list"),
@@ -365,8 +366,8 @@ def test_gpt2_epsilon_that_is_not_a_number_is_refused(pico, gpt2_dir):
 
 def test_config_json_nested_too_deeply_is_refused(pico, tmp_path):
     (tmp_path / "config.json").write_text("[" * 100000 + "]" * 100000)
-    one_line_error(pico, "cannot read .*config.json: maximum recursion depth", pico.load_hf_directory,
-                   tmp_path)
+    one_line_error(pico, "cannot read .*config.json: maximum recursion depth",
+                   pico.load_hf_directory, tmp_path)
 
 
 def test_released_gpt_oss_config_maps_onto_the_preset_shape(pico):
@@ -833,6 +834,14 @@ def test_init_from_a_path_that_does_not_exist_is_a_missing_path_not_a_hub_id(pic
 def test_init_from_the_home_of_an_unknown_user_is_refused(pico):
     one_line_error(pico, "~no-such-user-pico names no user's home directory",
                    pico.resolve_init_from, "~no-such-user-pico/x")
+
+
+def test_paths_with_a_newline_are_quoted_so_that_an_error_stays_one_line(pico, tmp_path):
+    one_line_error(pico, r"--init_from 'org/na\\nme': no such directory", pico.resolve_init_from,
+                   "org/na\nme")
+    (tmp_path / "a\nb").mkdir()
+    one_line_error(pico, r"'.*a\\nb' has no config.json", pico.load_hf_directory,
+                   tmp_path / "a\nb")
 
 
 def test_init_from_org_name_is_a_hub_id_unless_org_is_a_directory_here(pico, monkeypatch, tmp_path):
