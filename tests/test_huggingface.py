@@ -334,6 +334,8 @@ NAN, INF = float("nan"), float("inf")
     ("gpt-oss", dict(sliding_window=5.5), "sliding_window=5.5 is not an integer"),
     ("gpt-oss", dict(sliding_window=1e30), r"sliding_window=1e\+30 is not an integer"),
     ("gpt-oss", dict(sliding_window=-5), "sliding_window=-5 must be an integer at least 0"),
+    ("gpt-oss", dict(sliding_window=10**30), f"sliding_window={10**30} must be an integer at "
+                                             "least 0 and at most 2147483647"),
     ("gpt-oss", dict(num_experts_per_tok=8), "num_experts_per_tok=8 must be an integer above 0 "
                                              "and at most 4"),
     ("gpt-oss", dict(router_aux_loss_coef="x"), "router_aux_loss_coef='x' is not a number"),
