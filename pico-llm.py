@@ -130,6 +130,14 @@ class UserError(Exception):
     """
 
 
+def quoted(path) -> str:
+    """A path (or any name a user typed) as an error message shows it: as given, unless it
+    holds a character such as a newline that would break the message's one line; then as
+    Python writes the string."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 # #############################################################################
 # PART I. THE LESSON
 # #############################################################################
@@ -1469,6 +1477,9 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
             start, state, pending = new_start, None, ids[new_start:]
         tokens = torch.tensor(pending, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
         logits, state = model.forward_incremental(tokens, state)
+        if not logits[-1].isfinite().all():  # else multinomial fails, or argmax picks id 0
+            raise UserError("the model produced non-finite logits (NaN or inf): its weights or "
+                            "settings are broken, so it cannot be sampled")
         next_id = int(sample_next_token(logits[-1], rule, generator)[0])
         ids.append(next_id)
         pending = [next_id]
@@ -6447,6 +6458,22 @@ def blocked_callable(message: str) -> str | None:
     return f"{'os' if module in ('posix', 'nt') else module}.{name}"
 
 
+def load_weights_only(path: Path):
+    """torch.load running no code from the file, and without torch's warning about newer
+    pickle protocols, which would add lines to a one-line error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unpickling_failure(error: Exception) -> str:
+    """Why load_weights_only failed, in a few words: torch's own message is paragraphs,
+    including advice to load with weights_only=False, which would run the file's code."""
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    reason = detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__
+    return textwrap.shorten(reason, 120)
+
+
 def read_checkpoint(path: Path, flag: str) -> dict:
     """A checkpoint file, loaded without running any code in it, and checked against its
     checksum; UserError (DamagedCheckpoint for a damaged file) otherwise."""
@@ -6458,9 +6485,7 @@ def read_checkpoint(path: Path, flag: str) -> dict:
                         + (f" such as {example}" if example else ""))
     check_regular_file(path, flag)
     try:
-        with warnings.catch_warnings():  # torch warns about old pickle protocols on stderr
-            warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights_only(path)
     except PermissionError as error:
         raise UserError(f"cannot read {flag} {path} ({error.strerror}); give a checkpoint "
                         "this user may read") from None
@@ -6470,10 +6495,8 @@ def read_checkpoint(path: Path, flag: str) -> dict:
             raise UserError(f"refused to load {path}: unpickling it would call {culprit}, which "
                             "runs code, so it was not loaded; load only checkpoints pico-llm "
                             "wrote") from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-        reason = detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__
         raise DamagedCheckpoint(f"{path} is not a readable checkpoint (truncated, corrupt or not "
-                                f"from pico-llm: {textwrap.shorten(reason, 120)})") from None
+                                f"from pico-llm: {unpickling_failure(error)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a pico-llm checkpoint; give a .pt file written with --save_dir")
     version = checkpoint.get("version")
@@ -7621,25 +7644,56 @@ class HuggingFaceConfig:
 
 # --- E.1 Configs ------------------------------------------------------------------------
 
+def json_type(value) -> str:
+    """The JSON type of a value json.loads returned, as messages name it."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), "null")
+
+
+def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = "",
+               integer: bool = False, above=None, at_least=None, at_most=None):
+    """config.json's value of `name` (absent and null both mean `default`), refused in one
+    line naming the key and the value unless it has the JSON type of the default (a string
+    is no boolean: "false" would count as true), is one of `allowed`, and, where bounds are
+    given, is a finite number (an integer with `integer`) within them: the bounds the
+    command line puts on the same setting. `prefix` names the object holding the key."""
+    value = hf.get(name)
+    value = default if value is None else value
+    key = prefix + name
+    if value is None:
+        raise UserError(f"config.json has no {key}")
+    bounds = {"above": above, "at least": at_least, "at most": at_most}
+    bounded = integer or any(bound is not None for bound in bounds.values())
+    expected = "number" if bounded else json_type(default) if default is not None else None
+    if expected and (json_type(value) != expected or integer and not isinstance(value, int)):
+        kind = "integer" if integer else expected
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UserError(f"config.json: {key}={value!r} is not {article} {kind}")
+    if allowed is not None and value not in allowed:
+        raise UserError(f"config.json: {key}={value!r} is not supported (pico-llm computes "
+                        f"{key}={allowed[0]!r})")
+    if bounded:
+        limits = [f"{words} {bound}" for words, bound in bounds.items() if bound is not None]
+        within = ((above is None or value > above) and (at_least is None or value >= at_least)
+                  and (at_most is None or value <= at_most))
+        if not (within and (isinstance(value, int) or math.isfinite(value))):  # NaN is within none
+            kind = "an integer" if integer else "a finite number"
+            raise UserError(f"config.json: {key}={value!r} must be {kind} {' and '.join(limits)}")
+    return value
+
+
 def config_from_hf(hf: dict) -> TransformerConfig:
     """A Hugging Face config.json (as a dict) -> TransformerConfig; UserError for anything
     a pico-llm Transformer does not compute. Every size comes from the file; a key the file
     omits means what transformers' config class of that model_type assumes."""
-    def setting(name, default=None, allowed=None):
-        value = hf.get(name)
-        value = default if value is None else value  # absent and null both mean the default
-        if value is None:
-            raise UserError(f"config.json has no {name}")
-        if allowed is not None and value not in allowed:
-            raise UserError(f"config.json: {name}={value!r} is not supported (pico-llm computes "
-                            f"{name}={allowed[0]!r})")
-        return value
+    def setting(name, default=None, allowed=None, **bounds):
+        return hf_setting(hf, name, default, allowed, **bounds)
 
     def size(name, default=None):
-        value = setting(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"config.json: {name}={value!r} is not a positive integer")
-        return value
+        return hf_setting(hf, name, default, integer=True, above=0)
 
     def heads_fit(d_model: int, n_heads: int, n_kv_heads: int) -> None:
         if d_model % n_heads or n_heads % n_kv_heads:
@@ -7660,8 +7714,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
             n_heads=n_heads, n_blocks=size("n_layer"), d_ff=size("n_inner", 4 * d_model),
             ffn=GPT2_ACTIVATIONS[activation], norm="layernorm", pos_emb="learned",
             tie_weights=setting("tie_word_embeddings", True), bias=True,
-            norm_eps=float(setting("layer_norm_epsilon", 1e-5)))
-    if kind not in ROPE_FAMILY_DEFAULTS:
+            norm_eps=float(setting("layer_norm_epsilon", 1e-5, above=0)))
+    if not isinstance(kind, str) or kind not in ROPE_FAMILY_DEFAULTS:
         raise UserError(f"config.json: model_type={kind!r} is not supported; pico-llm imports "
                         + ", ".join(["gpt2", *ROPE_FAMILY_DEFAULTS]))
     defaults = ROPE_FAMILY_DEFAULTS[kind]
@@ -7686,11 +7740,11 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         head_size=0 if head_dim * n_heads == d_model else head_dim,
         d_ff=size("intermediate_size"), ffn="swiglu", norm="rmsnorm", pos_emb="rope",
         tie_weights=setting("tie_word_embeddings", defaults["tie_weights"]),
-        norm_eps=float(setting("rms_norm_eps", defaults["norm_eps"])),
+        norm_eps=float(setting("rms_norm_eps", defaults["norm_eps"], above=0)),
         **rope_from_hf(hf, defaults["rope_theta"]))
     if kind in ("qwen2", "qwen3", "smollm3"):  # their windows slide in other layers than GPT-oss's
         setting("use_sliding_window", False, (False,))
-        if "sliding_attention" in (hf.get("layer_types") or []):
+        if "sliding_attention" in setting("layer_types", []):
             raise UserError("config.json: layer_types with sliding_attention is not supported for "
                             f"{kind}; pico-llm slides only GPT-oss's alternating layers")
     if kind in ("llama", "smollm3"):
@@ -7716,7 +7770,9 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         setting("attention_bias", True, (True,))
         setting("swiglu_alpha", 1.702, (1.702,))  # fixed in clamped_swiglu
         setting("swiglu_limit", 7.0, (7.0,))
-        window = hf.get("sliding_window") or 0
+        # null: no window; the bound is far past any context, and keeps the masks' integer
+        # arithmetic from overflowing
+        window = setting("sliding_window", 0, integer=True, at_least=0, at_most=2**31 - 1)
         alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
                        for i in range(n_blocks)]
         layer_types = setting("layer_types", alternating)
@@ -7725,10 +7781,13 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         elif layer_types != alternating:
             raise UserError(f"config.json: layer_types={layer_types} is not supported; "
                             "pico-llm's blocks 0, 2, 4, ... slide, blocks 1, 3, ... do not")
+        n_experts = size("num_local_experts")
         fields.update(ffn="clamped_swiglu", bias=True, attention_sinks=True, sliding_window=window,
-                      n_experts=size("num_local_experts"),
-                      experts_per_token=size("num_experts_per_tok"),
-                      router_aux_loss_coef=float(setting("router_aux_loss_coef", 0.001)))
+                      n_experts=n_experts,
+                      experts_per_token=setting("num_experts_per_tok", integer=True, above=0,
+                                                at_most=n_experts),
+                      router_aux_loss_coef=float(setting("router_aux_loss_coef", 0.001,
+                                                         at_least=0)))
     return TransformerConfig(**fields)
 
 
@@ -7737,9 +7796,16 @@ def rope_from_hf(hf: dict, default_theta: float) -> dict:
     or rope_theta and rope_scaling (older files). Scalings: linear, llama3 and yarn
     (rope_frequencies). dynamic (NTK) is the default RoPE up to max_position_embeddings, where
     a pico-llm model's context ends, so it imports as the default."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    fields = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", default_theta))))
+    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf_setting(hf, where, {}) or {}
+
+    def setting(name, default=None, allowed=None, **bounds):
+        return hf_setting(rope, name, default, allowed, prefix=f"{where}.", **bounds)
+
+    kind = setting("rope_type", setting("type", "default"))
+    theta = (setting("rope_theta", above=0) if rope.get("rope_theta") is not None  # as --rope_theta
+             else hf_setting(hf, "rope_theta", default_theta, above=0))
+    fields = dict(rope_theta=float(theta))
     if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UserError("config.json: partial_rotary_factor is not supported; pico-llm rotates "
                         "whole heads")
@@ -7756,14 +7822,13 @@ def rope_from_hf(hf: dict, default_theta: float) -> dict:
                             f"supported (pico-llm computes {name}={value})")
     if kind in ("default", "dynamic"):
         return fields
-    factor = rope.get("factor")
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
-        raise UserError(f"config.json: {kind} RoPE needs a factor of at least 1, got {factor!r}")
-    truncated = kind == "yarn" and rope.get("truncate", True)
+    factor = setting("factor", at_least=1)  # as --yarn_factor
+    truncated = kind == "yarn" and setting("truncate", True)
     return fields | dict(
         rope_scaling="yarn_truncated" if truncated else kind, yarn_factor=float(factor),
-        yarn_original_context=int(rope.get("original_max_position_embeddings")
-                                  or hf.get("max_position_embeddings") or 4096))
+        yarn_original_context=setting("original_max_position_embeddings",
+                                      hf.get("max_position_embeddings") or 4096,
+                                      integer=True, above=0))
 
 
 def rope_to_hf(config: TransformerConfig) -> dict:
@@ -8080,32 +8145,56 @@ def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, t
 
 # --- E.3 Model directories and the hub -----------------------------------------------------
 
+def read_json_object(file: Path) -> dict:
+    """A JSON file of a model directory that must hold an object, as a dict."""
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+        raise UserError(f"cannot read {quoted(file)}: {error}".splitlines()[0]) from None
+    if not isinstance(document, dict):
+        raise UserError(f"{quoted(file)} is not a JSON object")
+    return document
+
+
 def read_hf_config(path: Path) -> dict:
     """config.json of a Hugging Face model directory, as a dict."""
     if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json; expected a Hugging Face model directory")
-    try:
-        hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path / 'config.json'}: {error}".splitlines()[0]) from None
-    if not isinstance(hf_config, dict):
-        raise UserError(f"{path / 'config.json'} is not a JSON object")
-    return hf_config
+        raise UserError(f"{quoted(path)} has no config.json; expected a Hugging Face model "
+                        "directory")
+    return read_json_object(path / "config.json")
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The shards model.safetensors.index.json names (its weight_map: tensor name -> file).
+    Each must be a file name, so that nothing outside the model directory is read (no
+    directories, no ".."), and a regular file: a pipe would block the read forever."""
+    index = path / "model.safetensors.index.json"
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) for shard in weight_map.values()):
+        raise UserError(f"{quoted(index)} has no weight_map from tensor names to shard file names")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if shard in ("", "..") or Path(shard).name != shard:
+            raise UserError(f"{quoted(index)} names the shard {shard!r}, which is not a file name; "
+                            "shards lie beside the index")
+        if not (path / shard).is_file():
+            raise UserError(f"{quoted(index)} names the shard {shard!r}, which is missing or not a "
+                            "regular file")
+    return [path / shard for shard in shards]
 
 
 def hf_weight_files(path: Path) -> list[Path]:
     """The weight files of a model directory: model.safetensors, its shards, or
     pytorch_model.bin."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = [path / shard for shard in sorted(set(
-            json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))]
+    if (path / "model.safetensors.index.json").is_file():
+        files = shard_files(path)
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     elif (path / "pytorch_model.bin").is_file():
         files = [path / "pytorch_model.bin"]
     else:
-        raise UserError(f"{path} has no model.safetensors or pytorch_model.bin")
+        raise UserError(f"{quoted(path)} has no model.safetensors or pytorch_model.bin")
     return files
 
 
@@ -8127,26 +8216,54 @@ def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
                            if name != "__metadata__"})
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
             reason = (str(error) or type(error).__name__).splitlines()[0]
-            raise UserError(f"cannot read {file}: {reason[:160]}") from None
+            raise UserError(f"cannot read {quoted(file)}: {reason[:160]}") from None
     return shapes
+
+
+def check_hf_tensors(file: Path, tensors) -> None:
+    """What a weight file holds must be named tensors (not, say, a training checkpoint with
+    the state dict nested inside) of a floating-point type (an integer or boolean tensor
+    would be cast to float silently: quantized weights read as nonsense) with finite values
+    (a NaN would only show as NaN logits)."""
+    if not isinstance(tensors, dict):
+        raise UserError(f"{quoted(file)} holds a Python {type(tensors).__name__}, not a dict of "
+                        "tensor names to tensors")
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise UserError(f"{quoted(file)} holds a Python {type(tensor).__name__} under "
+                            f"{name!r}, not a tensor; it must be a flat dict of tensor names to "
+                            "tensors (a state dict)")
+        if name.endswith(IGNORED_SUFFIXES):  # buffers, not weights (GPT-2's mask may be bool)
+            continue
+        if not tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise UserError(f"{quoted(file)}: tensor {name} is {dtype}; pico-llm reads "
+                            "floating-point weights (use a bf16 or fp32 copy)")
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"{quoted(file)}: tensor {name} holds NaN or infinite values; the "
+                            "model is broken (use another copy of its weights)")
 
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory (pytorch_model.bin is loaded with weights_only, which
-    runs no code from the file)."""
+    runs no code from the file), checked by check_hf_tensors."""
     tensors = {}
     for file in hf_weight_files(path):
         try:
             if file.suffix == ".bin":
-                tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+                loaded = load_weights_only(file)
             else:
-                tensors.update(hf_package("safetensors.torch", "reading model.safetensors")
-                               .load_file(file))
+                safetensors = hf_package("safetensors.torch", "reading model.safetensors")
+                loaded = safetensors.load_file(file)
         except UserError:
             raise
         except Exception as error:  # missing shards, truncated files: many error types
-            reason = (str(error) or type(error).__name__).splitlines()[0]
-            raise UserError(f"cannot read {file}: {reason[:160]}") from None
+            culprit = blocked_callable(str(error))
+            reason = (f"unpickling it would call {culprit}, which runs code, so it was not loaded"
+                      if culprit else unpickling_failure(error))
+            raise UserError(f"cannot read {quoted(file)}: {reason}") from None
+        check_hf_tensors(file, loaded)
+        tensors.update(loaded)
     return tensors
 
 
@@ -8177,7 +8294,7 @@ def import_hf(path) -> tuple[TransformerModel, object]:
 
 
 def hub_fallback(spec: str) -> str:
-    return (f"download it once where there is network (hf download {spec} config.json "
+    return (f"download it once where there is network (hf download {quoted(spec)} config.json "
             f"model.safetensors tokenizer.json --local-dir DIR) and pass --init_from DIR")
 
 
@@ -8195,20 +8312,20 @@ def resolve_init_from(spec: str) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise UserError(f"--init_from {spec} is a file; pass a model directory or a hub id")
+        raise UserError(f"--init_from {quoted(spec)} is a file; pass a model directory or a hub id")
     if not HUB_ID.fullmatch(spec) or Path(spec.split("/")[0]).exists():
-        raise UserError(f"--init_from {spec}: no such directory (a hub id has the form "
+        raise UserError(f"--init_from {quoted(spec)}: no such directory (a hub id has the form "
                         "org/name, such as Qwen/Qwen3-0.6B)")
     if not huggingface_hub_reachable():
-        raise UserError(f"--init_from {spec}: no such directory, and the Hugging Face hub is "
-                        f"unreachable; {hub_fallback(spec)}")
-    hub = hf_package("huggingface_hub", f"--init_from {spec} (a hub id)")
+        raise UserError(f"--init_from {quoted(spec)}: no such directory, and the Hugging Face hub "
+                        f"is unreachable; {hub_fallback(spec)}")
+    hub = hf_package("huggingface_hub", f"--init_from {quoted(spec)} (a hub id)")
     try:  # safetensors only: hub repos often hold the same weights in several formats
         return Path(hub.snapshot_download(
             spec, allow_patterns=["config.json", "tokenizer.json", "model*.safetensors*"]))
     except Exception as error:  # the hub raises many types (unknown repo, gated, network)
         reason = (str(error) or type(error).__name__).splitlines()[0]
-        raise UserError(f"--init_from {spec}: {reason}; {hub_fallback(spec)}") from None
+        raise UserError(f"--init_from {quoted(spec)}: {reason}; {hub_fallback(spec)}") from None
 
 
 # --- E.4 Tokenizers ------------------------------------------------------------------------
@@ -8342,39 +8459,61 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     if not file.is_file():
         if gpt2_sized and hf_family(config) == "gpt2":
             return GPT2Tokenizer()
-        raise UserError(f"{path} has no tokenizer.json, and its {config.vocab_size}-token "
+        raise UserError(f"{quoted(path)} has no tokenizer.json, and its {config.vocab_size}-token "
                         "vocabulary is not GPT-2's 50257")
     tokenizers = hf_package("tokenizers", "a tokenizer.json")
     try:
         tokenizer = tokenizers.Tokenizer.from_file(str(file))
     except Exception as error:  # tokenizers raises a bare Exception on bad files
-        raise UserError(f"cannot read {file}: {str(error).splitlines()[0][:160]}") from None
+        raise UserError(f"cannot read {quoted(file)}: {str(error).splitlines()[0][:160]}") from None
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     if gpt2_sized and len(vocab) == 50257 and vocab == {
             byte_text(token): rank for token, rank in load_tiktoken_ranks(GPT2_RANKS_PATH).items()
             } | {END_OF_TEXT: 50256}:
         return GPT2Tokenizer()  # the same ids, through tiktoken (faster)
     if not vocab:
-        raise UserError(f"{file} has an empty vocabulary; give the model's own tokenizer.json")
+        raise UserError(f"{quoted(file)} has an empty vocabulary; give the model's own "
+                        "tokenizer.json")
     if max(vocab.values()) >= config.vocab_size:
-        raise UserError(f"{file} has ids up to {max(vocab.values())}, but the model embeds only "
-                        f"{config.vocab_size} tokens")
+        raise UserError(f"{quoted(file)} has ids up to {max(vocab.values())}, but the model "
+                        f"embeds only {config.vocab_size} tokens")
     eos = read_hf_config(path).get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    eot_id = eos if isinstance(eos, int) else vocab.get(END_OF_TEXT, vocab.get("</s>"))
+    eot_id = (eos if isinstance(eos, int) and not isinstance(eos, bool)
+              else vocab.get(END_OF_TEXT, vocab.get("</s>")))
     if eot_id is None or not 0 <= eot_id < config.vocab_size:
-        raise UserError(f"{path}: config.json has no usable eos_token_id ({eos!r}) and {file} no "
-                        f"{END_OF_TEXT} or </s>")
+        raise UserError(f"{quoted(path)}: config.json has no usable eos_token_id ({eos!r}) and "
+                        f"{quoted(file)} no {END_OF_TEXT} or </s>")
     return HFTokenizer(tokenizer, config.vocab_size, eot_id,
                        "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12])
 
 
 # --- E.5 Export ------------------------------------------------------------------------------
 
+# The longest file name most file systems hold, in bytes; export_hf's staging directory adds
+# 10 to the export's name (a dot before, a dot and mkdtemp's 8 characters after).
+NAME_MAX = 255
+
+
 def check_export_directory(directory: Path) -> None:
-    """Export writes a new directory (or fills an empty one), never over anything."""
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise UserError(f"--export_hf {directory} already exists and is not empty; "
+    """Export writes a new directory (or fills an empty one), never over anything, under a
+    name the tokenizers package can write (it takes paths as UTF-8) and the file system holds."""
+    try:
+        str(directory).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"--export_hf {quoted(directory)} is not valid UTF-8; choose a UTF-8 "
+                        "name") from None
+    if len(os.fsencode(directory.name)) + 10 > NAME_MAX:
+        raise UserError(f"--export_hf {quoted(directory)}: the name {directory.name[:20]!r}... is "
+                        f"longer than the {NAME_MAX - 10} bytes an export's name may have; "
+                        "choose a shorter one")
+    try:
+        exists = directory.exists()
+    except OSError as error:  # a directory on the way with too long a name
+        raise UserError(f"--export_hf {quoted(directory)}: {error.strerror}; choose another "
+                        "directory") from None
+    if exists and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"--export_hf {quoted(directory)} already exists and is not empty; "
                         "choose a new directory")
     check_writable_directory(directory.parent, "--export_hf")
 
@@ -8409,7 +8548,7 @@ def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         failure = os_error_of(error)   # safetensors and tokenizers raise their own types
         if failure is not None:
-            raise cannot_write(f"--export_hf {directory}", failure,
+            raise cannot_write(f"--export_hf {quoted(directory)}", failure,
                                "choose another --export_hf directory") from None
         raise
     return directory
@@ -8472,8 +8611,8 @@ def check_tokenizer_fits(spec: str | None, tokenizer, source: str) -> None:
     if spec is not None and spec != tokenizer.name:
         own = ("GPT-2's 50257 ids (--tokenizer gpt2)" if isinstance(tokenizer, GPT2Tokenizer)
                else f"the {tokenizer.vocab_size} ids of its own tokenizer.json")
-        raise UserError(f"--tokenizer {spec} does not fit --init_from {source}: its weights "
-                        f"learned {own}; drop --tokenizer")
+        raise UserError(f"--tokenizer {quoted(spec)} does not fit --init_from {quoted(source)}: "
+                        f"its weights learned {own}; drop --tokenizer")
 
 
 def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
@@ -8494,7 +8633,7 @@ def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
     check_tokenizer_fits(config.data.tokenizer, tokenizer, spec)
     if config.data.block_size > transformer.block_size:
         raise UserError(f"--block_size {config.data.block_size} exceeds the "
-                        f"{transformer.block_size} positions of --init_from {spec}")
+                        f"{transformer.block_size} positions of --init_from {quoted(spec)}")
     transformer = dataclasses.replace(transformer, attention_impl=flags["attention_impl"],
                                       dropout=flags["dropout"] or 0.0)
     models = dataclasses.replace(config.models, transformer=transformer)
@@ -8507,7 +8646,7 @@ def check_fits_to_sample(transformer: TransformerConfig, source: str) -> None:
     available = memory_available(torch.device("cpu"))
     parameters = parameter_count(transformer, transformer.vocab_size)
     if available is not None and 4 * parameters > available:
-        raise UserError(f"--init_from {source} needs about {memory_size(4 * parameters)} "
+        raise UserError(f"--init_from {quoted(source)} needs about {memory_size(4 * parameters)} "
                         f"({parameters:,} parameters in float32), more than the "
                         f"{memory_size(available)} of memory here; choose a smaller model")
 
@@ -8519,8 +8658,8 @@ def run_export(config: Config) -> int:
     check_export_directory(directory)
     model, tokenizer, _ = model_from_checkpoint(path, "--checkpoint")
     if not isinstance(model, TransformerModel):
-        raise UserError(f"--checkpoint {path} holds no Transformer ({type(model).__name__}); "
-                        "--export_hf writes Transformers")
+        raise UserError(f"--checkpoint {quoted(path)} holds no Transformer "
+                        f"({type(model).__name__}); --export_hf writes Transformers")
     print(f"Hugging Face model written to {export_hf(model, tokenizer, directory)}")
     return 0
 

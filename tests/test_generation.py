@@ -134,6 +134,19 @@ def test_generation_stops_at_end_of_text(pico):
     assert ids == [1, 4]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_model_that_computes_non_finite_logits_is_refused_in_one_line(pico, temperature, value):
+    """Not torch.multinomial's error, and not argmax's id 0 printed as if sampled."""
+    class Broken(torch.nn.Module):
+        def forward_incremental(self, tokens, state):
+            return torch.full((tokens.shape[0], tokens.shape[1], 5), value), state
+
+    with pytest.raises(pico.UserError, match="non-finite logits") as error:
+        pico.generate_ids(Broken(), [1], 3, pico.SamplingRule(temperature=temperature))
+    assert "\n" not in str(error.value)
+
+
 def test_generate_text_returns_prompt_plus_continuation(pico, gpt2):
     torch.manual_seed(0)
     model = pico.build_model(pico.TransformerConfig(d_model=32, n_heads=2, n_blocks=1),

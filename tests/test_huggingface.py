@@ -313,6 +313,65 @@ def test_family_settings_pico_llm_does_not_compute_are_refused(pico, tmp_path, f
     one_line_error(pico, match, pico.config_from_hf, hf_config)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("family, change, match", [
+    ("llama yarn", dict(rms_norm_eps="abc"), "rms_norm_eps='abc' is not a number"),
+    ("llama yarn", dict(rms_norm_eps=[1]), r"rms_norm_eps=\[1\] is not a number"),
+    ("llama yarn", dict(rms_norm_eps=INF), "rms_norm_eps=inf must be a finite number above 0"),
+    ("llama yarn", dict(rms_norm_eps=-1.0), "rms_norm_eps=-1.0 must be a finite number above 0"),
+    ("llama yarn", dict(rms_norm_eps=NAN), "rms_norm_eps=nan must be"),
+    ("llama yarn", dict(rope_parameters="abc"), "rope_parameters='abc' is not an object"),
+    ("llama yarn", dict(rope_parameters=None, rope_scaling=[1]), r"rope_scaling=\[1\] is not"),
+    ("llama yarn", dict(model_type=["llama"]), r"model_type=\['llama'\] is not supported"),
+    ("llama yarn", dict(tie_word_embeddings="false"),
+     "tie_word_embeddings='false' is not a boolean"),
+    ("llama yarn", dict(mlp_bias="yes"), "mlp_bias='yes' is not a boolean"),
+    ("qwen2.5", dict(layer_types=5), "layer_types=5 is not a list"),
+    ("gpt-oss", dict(layer_types=3), "layer_types=3 is not a list"),
+    ("gpt-oss", dict(sliding_window="5"), "sliding_window='5' is not an integer"),
+    ("gpt-oss", dict(sliding_window=5.5), "sliding_window=5.5 is not an integer"),
+    ("gpt-oss", dict(sliding_window=1e30), r"sliding_window=1e\+30 is not an integer"),
+    ("gpt-oss", dict(sliding_window=-5), "sliding_window=-5 must be an integer at least 0"),
+    ("gpt-oss", dict(sliding_window=10**30), f"sliding_window={10**30} must be an integer at "
+                                             "least 0 and at most 2147483647"),
+    ("gpt-oss", dict(num_experts_per_tok=8), "num_experts_per_tok=8 must be an integer above 0 "
+                                             "and at most 4"),
+    ("gpt-oss", dict(router_aux_loss_coef="x"), "router_aux_loss_coef='x' is not a number"),
+    ("gpt-oss", dict(router_aux_loss_coef=-1), "router_aux_loss_coef=-1 must be a finite number "
+                                               "at least 0"),
+] + [("llama yarn", dict(rope_parameters=FAMILIES["llama yarn"][1]["rope_parameters"] | bad), match)
+     for bad, match in [
+         (dict(rope_theta="x"), "rope_parameters.rope_theta='x' is not a number"),
+         (dict(rope_theta=True), "rope_parameters.rope_theta=True is not a number"),
+         *[(dict(rope_theta=theta), f"rope_parameters.rope_theta={theta} must be a finite number "
+                                    "above 0") for theta in (0, -5, NAN, INF)],
+         *[(dict(factor=factor), f"rope_parameters.factor={factor} must be a finite number at "
+                                 "least 1") for factor in (NAN, INF)],
+         (dict(original_max_position_embeddings="abc"),
+          "rope_parameters.original_max_position_embeddings='abc' is not an integer"),
+         (dict(original_max_position_embeddings=-64),
+          "rope_parameters.original_max_position_embeddings=-64 must be an integer above 0"),
+         (dict(truncate="false"), "rope_parameters.truncate='false' is not a boolean")]])
+def test_config_values_of_the_wrong_type_or_out_of_range_are_refused(pico, family, change, match):
+    """Each as the command line refuses the same setting, in one line naming key and value."""
+    class_name, settings = FAMILIES[family]
+    hf_config = getattr(transformers, class_name)(**(SMALL | settings)).to_dict() | change
+    one_line_error(pico, match, pico.config_from_hf, hf_config)
+
+
+def test_gpt2_epsilon_that_is_not_a_number_is_refused(pico, gpt2_dir):
+    hf_config = json.loads((gpt2_dir / "config.json").read_text()) | {"layer_norm_epsilon": "x"}
+    one_line_error(pico, "layer_norm_epsilon='x' is not a number", pico.config_from_hf, hf_config)
+
+
+def test_config_json_nested_too_deeply_is_refused(pico, tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100000 + "]" * 100000)
+    one_line_error(pico, "cannot read .*config.json: maximum recursion depth",
+                   pico.load_hf_directory, tmp_path)
+
+
 def test_released_gpt_oss_config_maps_onto_the_preset_shape(pico):
     """openai/gpt-oss-20b's config.json (its keys and values, quantization left out): 64 heads of
     64 on a width of 2880, alternating windows of 128, YaRN x32 untruncated."""
@@ -424,6 +483,18 @@ def test_export_never_overwrites_a_non_empty_directory(pico, tmp_path):
     (tmp_path / "empty").mkdir()
     pico.export_hf(model, None, tmp_path / "empty")  # an empty directory is fine
     assert {p.name for p in (tmp_path / "empty").iterdir()} == {"config.json", "model.safetensors"}
+
+
+@pytest.mark.parametrize("name, match", [
+    ("ff\udcff", "is not valid UTF-8"),          # a byte 0xff in the name, as Python reads it
+    ("a" * 300, "longer than the 245 bytes"),
+    ("a" * 250, "longer than the 245 bytes"),    # fits, but not with the staging directory's dots
+    ("a" * 300 + "/out", "File name too long"),
+])
+def test_export_names_that_cannot_be_written_are_refused_before_writing(pico, tmp_path, name,
+                                                                         match):
+    one_line_error(pico, match, pico.check_export_directory, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- E.4 Tokenizers in both directions ----------------------------------------------------------
@@ -581,14 +652,15 @@ def test_unsupported_architecture_is_refused(pico, tmp_path):
                            "original_max_position_embeddings": 16}), "high_freq_factor=8.0"),
     (dict(rope_scaling={"type": "yarn", "factor": 2.0, "attention_factor": 2.0},
           rope_parameters=None), "attention_factor=2.0"),
-    (dict(rope_scaling={"type": "linear", "factor": 0.5}, rope_parameters=None), "factor of at least 1"),
+    (dict(rope_scaling={"type": "linear", "factor": 0.5}, rope_parameters=None),
+     "rope_scaling.factor=0.5 must be a finite number at least 1"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     (dict(quantization_config={"quant_method": "mxfp4"}), "quant_method='mxfp4'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(head_dim=15), "even head size"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_size=None), "no hidden_size"),
-    (dict(num_hidden_layers=0), "num_hidden_layers=0 is not a positive integer"),
+    (dict(num_hidden_layers=0), "num_hidden_layers=0 must be an integer above 0"),
     (dict(num_key_value_heads=3), "3 key/value heads"),
 ])
 def test_unsupported_llama_settings_are_refused(pico, llama_dir, change, match):
@@ -624,6 +696,99 @@ def test_missing_and_unknown_tensors_are_named(pico, llama_dir):
 def test_unreadable_weights_are_refused(pico, llama_dir):
     (llama_dir / "model.safetensors").write_bytes(b"not safetensors")
     one_line_error(pico, "cannot read .*model.safetensors", pico.load_hf_directory, llama_dir)
+
+
+def shard_in_two(llama_dir):
+    """llama_dir's weights as two shards and an index; returns the index's JSON."""
+    state = load_file(llama_dir / "model.safetensors")
+    (llama_dir / "model.safetensors").unlink()
+    names = sorted(state)
+    weight_map = {}
+    for shard, shard_names in (("a.safetensors", names[::2]), ("b.safetensors", names[1::2])):
+        save_file({name: state[name] for name in shard_names}, llama_dir / shard)
+        weight_map |= {name: shard for name in shard_names}
+    return {"metadata": {}, "weight_map": weight_map}
+
+
+@pytest.mark.parametrize("index, match", [
+    (b"{", "cannot read .*index.json: Expecting"),
+    (b"\xff\xfe", "cannot read .*index.json: 'utf-8' codec"),
+    (b"[]", "index.json is not a JSON object"),
+    (b"{}", "index.json has no weight_map"),
+    (b'{"weight_map": ["a"]}', "index.json has no weight_map"),
+    (b'{"weight_map": {"model.norm.weight": 5}}', "index.json has no weight_map"),
+])
+def test_malformed_shard_index_is_refused(pico, llama_dir, index, match):
+    shard_in_two(llama_dir)
+    (llama_dir / "model.safetensors.index.json").write_bytes(index)
+    one_line_error(pico, match, pico.load_hf_directory, llama_dir)
+
+
+@pytest.mark.parametrize("shard, match", [
+    ("/etc/passwd", "shard '/etc/passwd', which is not a file name"),
+    ("../llama/a.safetensors", "shard '../llama/a.safetensors', which is not a file name"),
+    ("..", "shard '..', which is not a file name"),
+    ("fifo.safetensors", "shard 'fifo.safetensors', which is missing or not a regular file"),
+    ("gone.safetensors", "shard 'gone.safetensors', which is missing or not a regular file"),
+])
+def test_shards_must_be_regular_files_beside_the_index(pico, llama_dir, shard, match):
+    """Nothing outside the model directory is read, and a pipe is not opened (it would block)."""
+    index = shard_in_two(llama_dir)
+    os.mkfifo(llama_dir / "fifo.safetensors")
+    index["weight_map"]["model.norm.weight"] = shard
+    (llama_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    one_line_error(pico, match, pico.load_hf_directory, llama_dir)
+
+
+def bin_dir(llama_dir, contents):
+    """llama_dir with its weights replaced by pytorch_model.bin holding `contents`."""
+    (llama_dir / "model.safetensors").unlink()
+    torch.save(contents, llama_dir / "pytorch_model.bin")
+    return llama_dir
+
+
+def test_pytorch_model_bin_that_is_not_a_flat_dict_of_tensors_is_refused(pico, llama_dir):
+    state = load_file(llama_dir / "model.safetensors")
+    bin_dir(llama_dir, {"state_dict": state})
+    one_line_error(pico, "bin holds a Python dict under 'state_dict', not a tensor",
+                   pico.load_hf_directory, llama_dir)
+    torch.save(state | {"model.norm.weight": "abc"}, llama_dir / "pytorch_model.bin")
+    one_line_error(pico, "bin holds a Python str under 'model.norm.weight'",
+                   pico.load_hf_directory, llama_dir)
+    torch.save([1], llama_dir / "pytorch_model.bin")
+    one_line_error(pico, "bin holds a Python list, not a dict", pico.load_hf_directory, llama_dir)
+
+
+def test_pytorch_model_bin_that_is_not_weights_only_is_refused_without_torch_advice(
+        pico, llama_dir, recwarn):
+    """One line: torch's warning about the pickle protocol stays off stderr, and its advice to
+    load with weights_only=False (which would run the file's code) is not repeated."""
+    import pickle
+    (llama_dir / "model.safetensors").unlink()
+    (llama_dir / "pytorch_model.bin").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(pico.UserError) as error:
+        pico.load_hf_directory(llama_dir)
+    assert "\n" not in str(error.value) and "weights_only" not in str(error.value)
+    assert "pytorch_model.bin: Unsupported operand" in str(error.value)
+    assert not [w for w in recwarn.list if "pickle protocol" in str(w.message)]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64])
+def test_weights_that_are_not_floating_point_are_refused(pico, llama_dir, dtype):
+    state = load_file(llama_dir / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"].to(dtype)
+    save_file(state, llama_dir / "model.safetensors")
+    one_line_error(pico, f"tensor model.norm.weight is {str(dtype).removeprefix('torch.')}; "
+                   "pico-llm reads floating-point weights", pico.load_hf_directory, llama_dir)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_with_non_finite_values_are_refused_naming_the_tensor(pico, llama_dir, value):
+    state = load_file(llama_dir / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 4] = value
+    save_file(state, llama_dir / "model.safetensors")
+    one_line_error(pico, "tensor model.layers.1.mlp.up_proj.weight holds NaN or infinite values",
+                   pico.load_hf_directory, llama_dir)
 
 
 def test_tokenizers_that_do_not_fit_are_refused(pico, tmp_path, llama_dir, gpt2_dir,
@@ -686,6 +851,14 @@ def test_init_from_a_path_that_does_not_exist_is_a_missing_path_not_a_hub_id(pic
     monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: asked.append(spec))
     one_line_error(pico, "no such directory", pico.resolve_init_from, spec)
     assert asked == []
+
+
+def test_paths_with_a_newline_are_quoted_so_that_an_error_stays_one_line(pico, tmp_path):
+    one_line_error(pico, r"--init_from 'org/na\\nme': no such directory", pico.resolve_init_from,
+                   "org/na\nme")
+    (tmp_path / "a\nb").mkdir()
+    one_line_error(pico, r"'.*a\\nb' has no config.json", pico.load_hf_directory,
+                   tmp_path / "a\nb")
 
 
 def test_init_from_org_name_is_a_hub_id_unless_org_is_a_directory_here(pico, monkeypatch, tmp_path):
