@@ -1476,8 +1476,12 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
         if new_start != start or not use_cache:
             start, state, pending = new_start, None, ids[new_start:]
         tokens = torch.tensor(pending, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
+        read_afresh = state is None
         logits, state = model.forward_incremental(tokens, state)
-        if not logits[-1].isfinite().all():  # else multinomial fails, or argmax picks id 0
+        # A broken model (NaN weights) shows on its first logits: checked when the context is
+        # read afresh, not every token (the check waits for a GPU); else multinomial fails, or
+        # argmax picks id 0
+        if read_afresh and not logits[-1].isfinite().all():
             raise UserError("the model produced non-finite logits (NaN or inf): its weights or "
                             "settings are broken, so it cannot be sampled")
         next_id = int(sample_next_token(logits[-1], rule, generator)[0])
