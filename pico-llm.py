@@ -94,6 +94,7 @@ import multiprocessing
 import platform
 import random
 import re
+import shlex
 import shutil
 import socket
 import statistics
@@ -1478,10 +1479,10 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
         tokens = torch.tensor(pending, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
         read_afresh = state is None
         logits, state = model.forward_incremental(tokens, state)
-        # A broken model (NaN weights) shows on its first logits: checked when the context is
-        # read afresh, not every token (the check waits for a GPU); else multinomial fails, or
-        # argmax picks id 0
+        # A broken model (NaN weights) shows in its first logits, so those are checked, not
+        # every token's; unchecked, multinomial fails on them, or argmax picks id 0
         if read_afresh and not logits[-1].isfinite().all():
+            model.train(was_training)
             raise UserError("the model produced non-finite logits (NaN or inf): its weights or "
                             "settings are broken, so it cannot be sampled")
         next_id = int(sample_next_token(logits[-1], rule, generator)[0])
@@ -2646,6 +2647,8 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         for index, ids in enumerate(id_lists):
             tokens[offsets[index]: offsets[index + 1] - 1] = ids
             tokens[offsets[index + 1] - 1] = tokenizer.eot_id
+    if isinstance(tokenizer, HFTokenizer):   # Appendix E: a tokenizer.json may drop characters
+        check_tokenizer_covers(tokenizer, texts, tokens, offsets)
     if cache_dir is not None:
         try:
             atomic_write_bytes(tokens_path, _npy_bytes(tokens))
@@ -3012,7 +3015,7 @@ class RunLog:
         which may record more models than this run's --models resumes: their records stay as
         they are, in their places, and args.models names them all. The resumed models'
         records are replaced in add_model by those their checkpoints carry."""
-        self.data["models"] = dict(earlier["models"])
+        self.data["models"] = dict(earlier.get("models", {}))
         args = self.data["args"]
         args["models"] = [*self.data["models"], *(name for name in args["models"]
                                                    if name not in self.data["models"])]
@@ -4580,7 +4583,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
                         "no control or formatting characters")
     limits = {"num_inner_mlp_layers": MAX_LAYERS, "lstm_layers": MAX_LAYERS, "n_blocks": MAX_LAYERS,
-              "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K}       # why each: at the constants
+              "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K}  # why each: the MAX_ constants' comments
     for name, limit in limits.items():
         if (getattr(args, name) or 0) > limit:
             raise UserError(f"--{name} is at most {limit}, got {getattr(args, name)}")
@@ -4886,8 +4889,6 @@ def prepare_data(data_config: DataConfig, prompt: str, quiet: bool, tokenizer=No
         training_texts = [source.texts[i] for source in sources for i in source.train]
         tokenizer = build_tokenizer(data_config.tokenizer, training_texts,
                                     Path(data_config.cache_dir) if data_config.cache_dir else None)
-    if isinstance(tokenizer, HFTokenizer):   # Appendix E: a model's own tokenizer.json
-        check_tokenizer_covers(tokenizer, [text for source in sources for text in source.texts])
     prompt_tokens = len(tokenizer.encode(prompt))
     if prompt_tokens > data_config.block_size:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than --block_size "
@@ -5060,9 +5061,9 @@ def run_generation(config: Config) -> int:
         path = Path(config.checkpoints.checkpoint)
         model, tokenizer, trained = model_from_checkpoint(path, "--checkpoint")
         own, named = trained.models.names, config.models.names
-        if named != own and named != build_arg_parser().get_default("models").split(","):
-            raise UserError(f"--checkpoint {path} holds model {own[0]}, the one --generate "
-                            f"samples; drop --models {','.join(named)}")
+        if own[0] not in named and named != build_arg_parser().get_default("models").split(","):
+            raise UserError(f"--checkpoint {path} holds model {own[0]}, which --models "
+                            f"{','.join(named)} does not name; drop --models")
         context = trained.data.block_size
         limit = f"the checkpoint's --block_size {context}"
     sampling = config.sampling
@@ -5725,7 +5726,9 @@ def all_chunks_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     state after chunk n sums what each chunk m <= n added (U_m), decayed by the chunks after
     it: S_n = sum_m exp(L[n, m]) U_m, L = segment_sums of the chunks' total log decays, with
     the carried-in state as a chunk before the first that adds S_0. That is one (N + 1) x
-    (N + 1) product per head and key dimension instead of a loop."""
+    (N + 1) product per head and key dimension instead of a loop; its weights grow as N², but
+    stay within the memory of the within-chunk (C, C) terms up to N = C² chunks (4,096 tokens
+    at C = 16)."""
     T, C = q.shape[2], chunk_size
     # contiguous first: padding by 0 keeps its input's strides, where a graph compiled for
     # any length expects a contiguous result (a length of whole chunks failed in a view)
@@ -6547,7 +6550,8 @@ def load_checkpoint(path: Path, flag: str, newest_in: Path | None = None) -> dic
         if before is not None and newest_in is not None:
             # A name that is no step_NNNNNN.pt is no checkpoint to --resume, nor pruned.
             raise UserError(f"{damage}; the newest good checkpoint before it is {before.name}: "
-                            f"rename the damaged file (mv {path} {path}.damaged) and --resume "
+                            f"rename the damaged file (mv {shlex.quote(str(path))} "
+                            f"{shlex.quote(str(path) + '.damaged')}) and --resume "
                             f"{newest_in} again") from None
         if before is not None:
             raise UserError(f"{damage}; the newest good checkpoint before it is {before}: "
@@ -6581,27 +6585,43 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
 
 
 def checkpoint_contents(path: Path, checkpoint: dict):
-    """(the config a checkpoint's model was trained with, its tokenizer, its model's config),
-    each checked as the command line's are. A checkpoint that another pico-llm version wrote
-    (a config field this one lacks, a flag it refuses) fails here in one line, wherever the
-    mismatch is. Flags that do not shape the model take this command's defaults."""
+    """(the config a checkpoint's model was trained with, its tokenizer, its model's config).
+    Only what rebuilds the model is checked: the flags of a run (its length, limits this
+    version added since) are not the checkpoint's to meet. A checkpoint that another pico-llm
+    version wrote (a config field this one lacks, a size it cannot build) fails here in one
+    line. Flags that do not shape the model take this command's defaults."""
     name = checkpoint["model_name"]
     try:
         flags = {**plain_flags(parse_args([])),
                  **{key: value for key, value in checkpoint["args"].items()
                     if key not in FLAGS_FREE_ON_RESUME}, "models": [name]}
-        validate_args(argparse.Namespace(**flags))
         trained = config_from_flags(flags)
         tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
         stored = checkpoint.get("transformer_config")
         model_config = TransformerConfig(**stored) if stored is not None else trained.models.config_of(name)
-        if isinstance(model_config, TransformerConfig):
-            validate_transformer_config(model_config)
-    except (UserError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as error:
+        check_model_config(model_config)
+        if type(trained.data.block_size) is not int or trained.data.block_size < 1:  # generation's
+            raise UserError(f"block_size {trained.data.block_size!r} is not a positive integer")
+    except (UserError, TypeError, ValueError, KeyError) as error:   # the stored values' faults
         raise UserError(f"{path} was made by another pico-llm version, or is damaged: its {name} "
                         f"cannot be rebuilt ({textwrap.shorten(str(error), 120)}); use a "
                         "checkpoint this version wrote") from None
     return trained, tokenizer, model_config
+
+
+def check_model_config(config) -> None:
+    """UserError unless `config` (a model's, from a checkpoint) is one build_model can build:
+    a Transformer's as the command line checks it; a k-gram's or LSTM's sizes positive (a
+    chunk size may be 0: all positions at once) and of a known variant."""
+    if isinstance(config, TransformerConfig):
+        validate_transformer_config(config)
+        return
+    for field in dataclasses.fields(config):    # the annotations are strings (__future__)
+        value, smallest = getattr(config, field.name), 0 if field.name == "chunk_size" else 1
+        if field.type == "int" and (type(value) is not int or value < smallest):
+            raise UserError(f"{field.name} {value!r} is not an integer of at least {smallest}")
+    if isinstance(config, KGramConfig) and config.variant not in KGRAM_VARIANTS:
+        raise UserError(f"unknown k-gram variant {config.variant!r}")
 
 
 def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
@@ -7671,8 +7691,12 @@ def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = ""
         raise UserError(f"config.json has no {key}")
     bounds = {"above": above, "at least": at_least, "at most": at_most}
     bounded = integer or any(bound is not None for bound in bounds.values())
-    expected = "number" if bounded else json_type(default) if default is not None else None
-    if expected and (json_type(value) != expected or integer and not isinstance(value, int)):
+    if bounded:
+        expected = "number"
+    else:       # the default's type; with no default, any
+        expected = json_type(default) if default is not None else None
+    wrong_type = expected is not None and json_type(value) != expected
+    if wrong_type or (integer and not isinstance(value, int)):
         kind = "integer" if integer else expected
         article = "an" if kind[0] in "aeiou" else "a"
         raise UserError(f"config.json: {key}={value!r} is not {article} {kind}")
@@ -7801,7 +7825,7 @@ def rope_from_hf(hf: dict, default_theta: float) -> dict:
     (rope_frequencies). dynamic (NTK) is the default RoPE up to max_position_embeddings, where
     a pico-llm model's context ends, so it imports as the default."""
     where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    rope = hf_setting(hf, where, {}) or {}
+    rope = hf_setting(hf, where, {})
 
     def setting(name, default=None, allowed=None, **bounds):
         return hf_setting(rope, name, default, allowed, prefix=f"{where}.", **bounds)
@@ -7810,7 +7834,8 @@ def rope_from_hf(hf: dict, default_theta: float) -> dict:
     theta = (setting("rope_theta", above=0) if rope.get("rope_theta") is not None  # as --rope_theta
              else hf_setting(hf, "rope_theta", default_theta, above=0))
     fields = dict(rope_theta=float(theta))
-    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if factor is not None and factor != 1.0:                      # null: the default, 1
         raise UserError("config.json: partial_rotary_factor is not supported; pico-llm rotates "
                         "whole heads")
     fixed = {"default": {}, "dynamic": {}, "linear": {},
@@ -8425,20 +8450,23 @@ class HFTokenizer:
         return lengths
 
 
-def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str]) -> None:
-    """A tokenizer.json whose vocabulary has no token for a character drops it without a word
-    (`tokenizers`' BPE with neither byte fallback nor an unknown token; with an unknown token
-    the character is lost all the same). Counted are the characters a text has and its
-    tokens, decoded with the special ones (<|im_start|> in a chat text is one token), have not
-    (the tokens' offsets cannot say which: `tokenizers` shifts them where it drops one), white
-    space aside (SentencePiece's decoders strip a leading space): a note says how many, and
-    most of the text lost is refused."""
+def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str], tokens: np.ndarray,
+                           offsets: np.ndarray) -> None:
+    """Whether a tokenizer.json kept every character of `texts`, whose ids (each example's
+    ending in eot) tokenize_examples just made: a note if it dropped some, a refusal if it
+    dropped most. `tokenizers`' BPE without byte fallback drops a character it has no token
+    for, silently, or makes it <unk>, as lost. The check decodes each text's ids (special
+    tokens kept: <|im_start|> in a chat text is one token) and counts the characters the text
+    has and the decoding has not, both NFKC-normalized (Qwen's tokenizer composes accents)
+    and white space aside (SentencePiece's decoders strip a leading space)."""
     lost = Counter()
-    for start in range(0, len(texts), 256):        # the ids of a few texts at a time in memory
-        batch = texts[start: start + 256]
-        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-            decoded = tokenizer.tokenizer.decode(ids, skip_special_tokens=False)
-            lost.update(Counter(text) - Counter(decoded))
+    for start in range(0, len(texts), 256):        # a few texts' ids at a time as lists
+        ids = [tokens[offsets[i]: offsets[i + 1] - 1].tolist()
+               for i in range(start, min(start + 256, len(texts)))]
+        decoded = tokenizer.tokenizer.decode_batch(ids, skip_special_tokens=False)
+        for text, back in zip(texts[start: start + 256], decoded):
+            lost.update(Counter(unicodedata.normalize("NFKC", text))
+                        - Counter(unicodedata.normalize("NFKC", back)))
     lost = Counter({character: n for character, n in lost.items() if not character.isspace()})
     if not lost:
         return

@@ -336,3 +336,11 @@ def test_the_benchmark_writes_over_no_file_but_its_own_report(bench, not_a_repor
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--output" in err and name in err
     assert (not_a_report / "run.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("flag", ["--nanogpt_dir", "--profile"])
+def test_the_gpt2_benchmarks_flags_alone_are_refused(bench, tmp_path, capsys, flag):
+    assert bench.main(["--quick", "--device_id", "cpu", flag, str(tmp_path),
+                       "--output", str(tmp_path / "b.json")]) == 2
+    assert f"{flag} is read by the --gpt2 benchmark only" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()

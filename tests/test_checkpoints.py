@@ -438,7 +438,7 @@ BAD_CHECKPOINT_INPUTS = [
     (["--generate", "--checkpoint", "{ckpt}", "--prompt", LONG_PROMPT],
      "longer than the checkpoint's --block_size 16"),
     (["--generate", "--checkpoint", "{ckpt}", "--models", "lstm_seq"],
-     "holds model kgram_mlp_seq, the one --generate samples; drop --models lstm_seq"),
+     "holds model kgram_mlp_seq, which --models lstm_seq does not name; drop --models"),
     (["--checkpoint", "{ckpt}", "--export_hf", ""], "--export_hf is empty"),
     (["--save_dir", "{file_save}"], "file_save/kgram_mlp_seq, where kgram_mlp_seq's checkpoints "
                                     "go, is not a directory"),
@@ -451,6 +451,40 @@ def trained_save_dir(pico, tmp_path_factory):
     assert pico.main([*CHECKPOINT_RUN, "--save_dir", str(root / "save"), "--artefacts_dir",
                       str(root / "artefacts"), "--cache_dir", str(root / "cache")]) == 0
     return root / "save"
+
+
+@pytest.mark.parametrize("models", [["--models", "kgram_mlp_seq,lstm_seq"],
+                                    ["--enable_transformer_gptoss"]])
+def test_generate_takes_a_models_list_that_names_the_checkpoints_model(pico, trained_save_dir,
+                                                                       models, capsys):
+    """--models may still name the checkpoint's model among others (or be the default list,
+    widened by --enable_transformer_gptoss): only a list without it is refused (above)."""
+    ckpt = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    assert pico.main(["--generate", "--checkpoint", str(ckpt), *models, "--max_new_tokens", "2",
+                      "--device_id", "cpu"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, refused", [
+    ({"epochs": 20000, "kgram_k": 3, "dist_timeout": -1.0}, None),  # not the model's to meet
+    ({"kgram_k": 0}, "(k 0 is not an integer of at least 1)"),
+    ({"kgram_variant": "fourier"}, "unknown k-gram variant 'fourier'"),
+])
+def test_only_what_rebuilds_a_checkpoints_model_is_checked(pico, run_main, trained_save_dir,
+                                                            tmp_path, change, refused):
+    """A checkpoint's stored flags are held to what builds its model, not to every limit of
+    the command line (a later version's limits, a run's length): an older checkpoint stays
+    usable; sizes the model cannot have are refused in one line."""
+    checkpoint = torch.load(trained_save_dir / "kgram_mlp_seq" / "step_000002.pt",
+                            weights_only=True)
+    checkpoint["args"] = {**checkpoint["args"], **change}
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)
+    torch.save(checkpoint, tmp_path / "step_000002.pt")
+    status, out, err = run_main("--generate", "--checkpoint", str(tmp_path / "step_000002.pt"),
+                                "--max_new_tokens", "2", "--device_id", "cpu")
+    if refused is None:
+        assert status == 0, err
+    else:
+        assert status == 2 and refused in one_error_line(err)
 
 
 @pytest.fixture

@@ -142,9 +142,11 @@ def test_a_model_that_computes_non_finite_logits_is_refused_in_one_line(pico, te
         def forward_incremental(self, tokens, state):
             return torch.full((tokens.shape[0], tokens.shape[1], 5), value), state
 
+    model = Broken().train()
     with pytest.raises(pico.UserError, match="non-finite logits") as error:
-        pico.generate_ids(Broken(), [1], 3, pico.SamplingRule(temperature=temperature))
+        pico.generate_ids(model, [1], 3, pico.SamplingRule(temperature=temperature))
     assert "\n" not in str(error.value)
+    assert model.training                    # left as it was found
 
 
 def test_generate_text_returns_prompt_plus_continuation(pico, gpt2):

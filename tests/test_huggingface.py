@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+import unicodedata
 
 import pytest
 import torch
@@ -617,13 +618,33 @@ def test_only_characters_without_a_token_count_as_lost(pico, tmp_path, capsys, k
     capsys.readouterr()
     tokenizer = pico.tokenizer_from_hf(directory, pico.config_from_hf(
         json.loads((directory / "config.json").read_text())))
-    pico.check_tokenizer_covers(tokenizer, TOKENIZER_TEXTS)
+    pico.tokenize_examples(TOKENIZER_TEXTS, tokenizer, None)     # which checks what it made
     err = capsys.readouterr().err
     if kind == "byte-level":
         assert err == ""
     else:
         assert len(err.splitlines()) == 1 and "'🙂'" in err and "'p'" in err, err
         assert "'t'" not in err and "'<'" not in err, err
+
+
+def test_a_tokenizer_that_composes_accents_loses_no_characters(pico, tmp_path, capsys):
+    """Qwen's tokenizer.json normalizes text to NFC: decomposed accents (e + U+0301, Korean
+    jamo) come back composed, the same text, not lost characters."""
+    from tokenizers import Tokenizer, normalizers
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    transformers.Qwen3Config(**(SMALL | FAMILIES["qwen3"][1])).save_pretrained(directory)
+    save_tiny_tokenizer(directory, "byte-level")
+    saved = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    saved.normalizer = normalizers.NFC()
+    saved.save(str(directory / "tokenizer.json"))
+    tokenizer = pico.tokenizer_from_hf(directory, pico.config_from_hf(
+        json.loads((directory / "config.json").read_text())))
+    texts = [unicodedata.normalize("NFD", text) for text in ("café crème", "한국어 텍스트")] * 4
+    assert tokenizer.decode(tokenizer.encode(texts[0])) != texts[0]          # composed back
+    capsys.readouterr()
+    pico.tokenize_examples(texts, tokenizer, None)
+    assert capsys.readouterr().err == ""
 
 
 # --- Refusals: one line that names the problem --------------------------------------------------

@@ -960,6 +960,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Checked before minutes of measuring; the default --output is the previous report.
         pico.check_replaceable_report(Path(args.output), ("benchmark", "gpt2_benchmark"), "--output")
+        for flag in ("nanogpt_dir", "profile"):
+            if getattr(args, flag) is not None and not args.gpt2:
+                raise pico.UserError(f"--{flag} is read by the --gpt2 benchmark only; add --gpt2")
         return run_gpt2_benchmark(args) if args.gpt2 else run_benchmark(args)
     except pico.UserError as error:
         print(f"benchmark: error: {error}", file=sys.stderr)

@@ -948,7 +948,8 @@ def edits_in(path: Path, new: nbformat.NotebookNode) -> str | None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """A temporary file beside `path`, renamed over it: a failure leaves the old notebook."""
+    """A temporary file beside `path`, renamed over it: a failure leaves the old notebook.
+    (pico-llm's atomic_write_bytes does the same; this tool runs without importing torch.)"""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
