@@ -2577,6 +2577,8 @@ def check_replaceable_report(path: Path, kinds: Sequence[str], flag: str) -> Non
     never over anything else (a run log, committed results)."""
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give the report's file name")
+    if path.exists() and not path.is_file():     # reading a FIFO's start would block
+        raise UserError(f"{flag} {path} is not a regular file; give the report's file name")
     if path.exists() and not begins_as(path, kinds):
         raise UserError(f"{flag} {path} already exists and is no {kinds[0]} report, which is "
                         f"all this writes over; choose another {flag}")
@@ -4168,9 +4170,13 @@ def str_to_bool(text: str) -> bool:
 
 def user_path(text: str) -> str:
     """The type of every path flag: ~ and ~user expanded, as the shell does only before a
-    word's first = (--save_dir=~/runs reaches pico-llm unexpanded). An unknown user stays as
-    written, a path that then does not exist."""
-    return os.path.expanduser(text)
+    word's first = (--save_dir=~/runs reaches pico-llm unexpanded). ~name for a user this
+    system does not know is refused: written as it is, it would make a folder named ~name."""
+    path = os.path.expanduser(text)
+    if path.startswith("~"):
+        raise argparse.ArgumentTypeError(f"{text}: no user {text[1:].split('/')[0]!r} here "
+                                         "whose home ~ could mean; write the path out")
+    return path
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -5057,15 +5063,17 @@ def run_generation(config: Config) -> int:
         check_tokenizer_fits(config.data.tokenizer, tokenizer, source)
         context = model.config.block_size
         limit = f"the {context} positions of --init_from {source}"
+        where, own = f"--init_from {source}", "transformer"
     else:
         path = Path(config.checkpoints.checkpoint)
         model, tokenizer, trained = model_from_checkpoint(path, "--checkpoint")
-        own, named = trained.models.names, config.models.names
-        if own[0] not in named and named != build_arg_parser().get_default("models").split(","):
-            raise UserError(f"--checkpoint {path} holds model {own[0]}, which --models "
-                            f"{','.join(named)} does not name; drop --models")
         context = trained.data.block_size
         limit = f"the checkpoint's --block_size {context}"
+        where, own = f"--checkpoint {path}", trained.models.names[0]
+    named = config.models.names
+    if own not in named and named != build_arg_parser().get_default("models").split(","):
+        raise UserError(f"{where} holds model {own}, which --models {','.join(named)} does not "
+                        "name; drop --models")
     sampling = config.sampling
     prompt_tokens = len(tokenizer.encode(sampling.prompt))
     if prompt_tokens == 0:
@@ -6552,7 +6560,7 @@ def load_checkpoint(path: Path, flag: str, newest_in: Path | None = None) -> dic
             raise UserError(f"{damage}; the newest good checkpoint before it is {before.name}: "
                             f"rename the damaged file (mv {shlex.quote(str(path))} "
                             f"{shlex.quote(str(path) + '.damaged')}) and --resume "
-                            f"{newest_in} again") from None
+                            f"{shlex.quote(str(newest_in))} again") from None
         if before is not None:
             raise UserError(f"{damage}; the newest good checkpoint before it is {before}: "
                             f"use {flag} {before}") from None
@@ -6653,6 +6661,15 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
             raise UserError(f"--resume {source} holds model {name}, but --models is "
                             f"{','.join(model_names)}; pass --models {name}, or --resume the "
                             "whole --save_dir")
+        # Training on from an older step would write its steps over the newer checkpoints
+        # (and prune the one resumed from).
+        step = checkpoint["progress"].get("step")
+        newer = [path for path in CheckpointSeries(checkpoint_directory(checkpoints), name, 1).paths()
+                 if isinstance(step, int) and checkpoint_step(path) > step]
+        if newer:
+            raise UserError(f"--resume {source} is step {step}, but {newer[-1]} is newer and "
+                            "training on would write over it; move the newer checkpoints "
+                            "away, or give another --save_dir")
         found = {name: (source, checkpoint)}
     elif source.is_dir():
         found = {}

@@ -344,3 +344,9 @@ def test_the_gpt2_benchmarks_flags_alone_are_refused(bench, tmp_path, capsys, fl
                        "--output", str(tmp_path / "b.json")]) == 2
     assert f"{flag} is read by the --gpt2 benchmark only" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_a_report_never_replaces_a_fifo(pico, tmp_path):
+    os.mkfifo(tmp_path / "fifo")          # reading its start to find its kind would block
+    with pytest.raises(pico.UserError, match="is not a regular file"):
+        pico.check_replaceable_report(tmp_path / "fifo", ("benchmark",), "--output")

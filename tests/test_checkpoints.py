@@ -440,6 +440,8 @@ BAD_CHECKPOINT_INPUTS = [
     (["--generate", "--checkpoint", "{ckpt}", "--models", "lstm_seq"],
      "holds model kgram_mlp_seq, which --models lstm_seq does not name; drop --models"),
     (["--checkpoint", "{ckpt}", "--export_hf", ""], "--export_hf is empty"),
+    (["--resume", "{newer_save}/kgram_mlp_seq/step_000002.pt"],
+     "kgram_mlp_seq/step_000003.pt is newer and training on would write over it"),
     (["--save_dir", "{file_save}"], "file_save/kgram_mlp_seq, where kgram_mlp_seq's checkpoints "
                                     "go, is not a directory"),
 ]
@@ -504,11 +506,14 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     (tmp_path / "file_save").mkdir()
     (tmp_path / "file_save" / "kgram_mlp_seq").write_text("a file, not a model's checkpoints\n")
     shutil.copytree(trained_save_dir, tmp_path / "other_save")
+    shutil.copytree(trained_save_dir, tmp_path / "newer_save")     # a later step beside step 2
+    shutil.copy(save / "kgram_mlp_seq" / "step_000002.pt",
+                tmp_path / "newer_save" / "kgram_mlp_seq" / "step_000003.pt")
     (tmp_path / "artefacts").mkdir()
     (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
     names = ["truncated", "random_bytes", "text", "evil", "not_pico"]
     return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
-            "other_save": str(tmp_path / "other_save"),
+            "other_save": str(tmp_path / "other_save"), "newer_save": str(tmp_path / "newer_save"),
             "folder": str(tmp_path / "folder"), "file_save": str(tmp_path / "file_save"),
             **{name: str(tmp_path / f"{name}.pt") for name in names}}
 

@@ -308,7 +308,11 @@ def test_a_tilde_starts_every_path_flag_at_home_also_after_an_equals_sign(pico, 
         assert (value[0] if flag == "input_files" else value) == str(tmp_path / path[2:])
 
 
-def test_a_tilde_of_an_unknown_user_is_a_missing_path(run_main):
-    status, _, err = run_main("--init_from", "~no_such_user_here/model", "--generate")
+@pytest.mark.parametrize("flag", ["--init_from", "--export_hf", "--save_dir"])
+def test_a_tilde_of_an_unknown_user_is_refused(run_main, tmp_path, monkeypatch, flag):
+    """Not a folder named ~no_such_user_here made where the command runs."""
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(flag, "~no_such_user_here/model", "--generate")
     assert status == 2 and err.count("\n") == 1
-    assert "--init_from ~no_such_user_here/model: no such directory" in err
+    assert "no user 'no_such_user_here' here" in err
+    assert list(tmp_path.iterdir()) == []

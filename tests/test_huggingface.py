@@ -1121,6 +1121,8 @@ def test_init_from_with_a_tokenizer_that_does_not_fit_is_refused(refused, pico, 
             "--tokenizer", "gpt2")
     refused("--tokenizer gpt2 does not fit", "--generate", "--init_from", str(llama_dir),
             "--tokenizer", "gpt2")
+    refused("holds model transformer, which --models lstm_seq does not name", "--generate",
+            "--init_from", str(llama_dir), "--models", "lstm_seq")
     (llama_dir / "tokenizer.json").unlink()
     refused("has no tokenizer.json", "--init_from", str(llama_dir), *fine_tune(corpus))
 

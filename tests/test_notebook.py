@@ -223,3 +223,9 @@ def requirement_names(path):
 def test_the_requirements_install_what_the_notebook_needs():
     names = requirement_names(REPO / "requirements.txt")
     assert {"notebook", "nbconvert", "pandas", "matplotlib", "ipykernel"} <= names
+
+
+def test_make_notebook_refuses_an_output_that_is_no_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")          # reading it to look for edits would block
+    result = make_notebook("--output", str(tmp_path / "fifo"))
+    assert result.returncode == 2 and "is not a regular file" in result.stderr

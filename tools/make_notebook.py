@@ -974,7 +974,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace the notebook even where its cells were edited")
     args = parser.parse_args(argv)
     path, notebook = Path(args.output), build()
-    problem = edits_in(path, notebook) if path.exists() and not args.force else None
+    if path.exists() and not path.is_file():     # a directory; a FIFO would block the read
+        problem = "is not a regular file"
+    else:
+        problem = edits_in(path, notebook) if path.exists() and not args.force else None
     if problem:
         print(f"make_notebook: error: {path} {problem}; move it away, or pass --force to "
               "replace it", file=sys.stderr)
