@@ -6750,7 +6750,15 @@ def flag_differences(stored: dict, current: dict, free: frozenset) -> list[str]:
     """"--flag A there, B now" for each flag both sets hold, outside `free`, that differs."""
     return [f"--{key} {stored[key]!r} there, {current[key]!r} now"
             for key in sorted(stored.keys() & current.keys())
-            if key not in free and stored[key] != current[key]]
+            if key not in free and not same_setting(key, stored[key], current[key])]
+
+
+def same_setting(key: str, a, b) -> bool:
+    """Equal flag values; --init_from's the same directory however written (llama/ and
+    llama, ../x/llama): the model, not the spelling, is what a resumed run must keep."""
+    if key == "init_from" and isinstance(a, str) and isinstance(b, str):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
 
 
 # The model flags each kind of model reads: a checkpoint of one kind is not held to the others'.

@@ -772,3 +772,13 @@ def test_a_checkpoint_of_another_version_is_one_line_naming_it(pico, run_main, t
     line = one_error_line(err)
     assert str(path) in line and "made by another pico-llm version, or is damaged" in line
     assert not (tmp_path / "exported").exists()
+
+
+def test_init_from_is_the_same_directory_however_written(pico, tmp_path, monkeypatch):
+    (tmp_path / "models" / "llama").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models")
+    stored = {"init_from": str(tmp_path / "models" / "llama"), "seed": 1}
+    for spelling in ("llama/", "./llama", "../models/llama", str(tmp_path / "models" / "llama")):
+        assert pico.flag_differences(stored, {**stored, "init_from": spelling}, frozenset()) == []
+    assert pico.flag_differences(stored, {**stored, "init_from": "other"}, frozenset()) == [
+        f"--init_from {stored['init_from']!r} there, 'other' now"]
