@@ -42,7 +42,8 @@ Contents (the section banners below carry the same numbers):
     8. The command line and main()
   Part III. Appendices
     A. Speed (oneDNN linears, freed memory kept, the chunked or fused loss):
-       A.1 compiled training (static shapes, real numbers, experts block by block),
+       A.1 compiled training (static shapes, real numbers, experts block by block,
+       linear attention's chunks at once),
        A.2 decoding on a GPU (static shapes, CUDA graphs), A.3 Muon on a GPU (one
        launch per operation)
     B. Fault tolerance (checkpoints, exact resume, signals, non-finite steps,
