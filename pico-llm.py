@@ -1917,6 +1917,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
             guard.after_step()                                  # B: checkpoint every N steps; signals
         if data.has_test_set:
             batches = data.test_batches(training.batch_size, context.rank, context.world_size)
+            batches = guard.stoppable(batches)                  # B: Ctrl-C stops between batches
             result = evaluate(loss_model, batches, device, token_bytes, context, training.dtype)
             record["test_history"].append({"epoch": epoch, "step": progress.step, **result})
             if not training.quiet:
@@ -6092,8 +6093,8 @@ class ForeachMuon(Muon):
 # contains only tensors and plain Python values, so it loads with
 # torch.load(weights_only=True), which refuses any pickle that would run code.
 # Files are written atomically, so a kill at any moment leaves the previous
-# checkpoint intact. Ctrl-C or SIGTERM stops after the current step with a
-# checkpoint; a NaN or exploding loss stops the run (or skips the step); the test
+# checkpoint intact. Ctrl-C or SIGTERM stops after the current step (or test
+# batch) with a checkpoint; a NaN or exploding loss stops the run (or skips the step); the test
 # loss can stop training early or lower the learning rate on a plateau.
 # It matters for long runs, shared machines and sweeps.
 
@@ -6332,6 +6333,19 @@ class FaultTolerance:
         how = (f"; to resume, rerun the same command with --resume {self.checkpoints.save_dir}"
                if saved else "")
         raise TrainingInterrupted(signal_number, f"{interrupted} of {self.name}; wrote {written}{how}")
+
+    def stoppable(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """The epoch's test batches, checking for a signal before each, so that Ctrl-C does not
+        wait for a long evaluation (minutes on a big test set). The checkpoint it writes is the
+        one after the epoch's last step, which evaluation does not change, so a resume runs the
+        whole evaluation again and goes on as if uninterrupted.
+
+        One process only: under torchrun the ranks hold different numbers of test batches, so
+        they could not decide together at each one; they stop after the evaluation."""
+        for batch in batches:
+            if self.context.world_size == 1:
+                self.stop_if_requested()
+            yield batch
 
     def write_runlog(self, status: str) -> None:
         if self.runlog is not None:

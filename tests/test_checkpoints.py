@@ -77,6 +77,40 @@ def test_an_interrupted_and_resumed_run_gives_the_same_losses(pico, run_main, tm
         assert [h["step"] for h in resumed["models"][name]["history"]] == list(range(1, 7))
 
 
+def test_a_signal_during_evaluation_stops_it_and_the_resume_evaluates_again(
+        pico, run_main, tmp_path, monkeypatch, uninterrupted):
+    """Ctrl-C after the first test batch of epoch 1: the run stops before the next batch, not
+    after the whole evaluation, with the checkpoint of the epoch's last step; the resume
+    evaluates epoch 1 again and ends as the uninterrupted run did."""
+    real_evaluate, seen = pico.evaluate, []
+
+    def ctrl_c_after_one_test_batch(loss_model, batches, *args, **kwargs):
+        def batches_then_ctrl_c():
+            for batch in batches:
+                seen.append(batch)
+                yield batch
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(loss_model, batches_then_ctrl_c(), *args, **kwargs)
+
+    monkeypatch.setattr(pico, "evaluate", ctrl_c_after_one_test_batch)
+    save = tmp_path / "ckpt"
+    status, _, err = run_main(*TINY, *TWO_MODELS, "--save_dir", str(save), "--run_name", "cut")
+    assert status == 130 and "at step 3 of kgram_mlp_seq" in one_error_line(err)
+    one_batch_at_most = 4 * 16                            # --batch_size x --block_size targets
+    assert len(seen) == 1
+    assert uninterrupted["models"]["kgram_mlp_seq"]["test_history"][0]["test_tokens"] > one_batch_at_most
+    cut = pico.load_runlog(tmp_path / "artefacts" / "cut.json")["models"]["kgram_mlp_seq"]
+    assert cut["test_history"] == [] and len(cut["history"]) == 3
+    monkeypatch.setattr(pico, "evaluate", real_evaluate)
+    status, _, err = run_main(*TINY, *TWO_MODELS, "--save_dir", str(save), "--resume",
+                              "--run_name", "resumed")
+    assert status == 0, err
+    resumed = pico.load_runlog(tmp_path / "artefacts" / "resumed.json")
+    assert losses(resumed) == losses(uninterrupted)
+    for name, record in uninterrupted["models"].items():
+        assert resumed["models"][name]["test_history"] == record["test_history"]
+
+
 DROPOUT_TRANSFORMER = ["--models", "transformer", "--d_model", "32", "--n_heads", "2",
                        "--n_blocks", "2", "--dropout", "0.1"]
 
