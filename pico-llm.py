@@ -335,20 +335,23 @@ def causal_mask(num_new: int, num_keys: int, device: torch.device,
 
 
 class KVCache:
-    """Keys and values of one attention layer for the tokens seen so far.
+    """Keys and values of one attention layer for the tokens seen so far, at most `capacity`
+    (the model's block size).
 
-    Preallocated to the model's block size, so each new token writes in place. A sliding-window
+    Its room grows as a Python list's does, to twice what it held, so most new tokens are
+    written in place, and a model made for long texts (131,072 positions for Llama 3.2) holds
+    memory only for the tokens it has seen, not gigabytes for all it could. A sliding-window
     layer keeps only its last window - 1 tokens between calls, all that a later query can see,
-    so its cache stays that size however long the text grows.
+    so its cache is made that size and stays so however long the text grows.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, capacity: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype, window: int | None = None) -> None:
-        if window is not None:
-            capacity = min(capacity, window - 1)
-        self.keys = torch.empty(batch, n_kv_heads, capacity, head_dim, device=device, dtype=dtype)
+        room = 0 if window is None else min(capacity, window - 1)
+        self.keys = torch.empty(batch, n_kv_heads, room, head_dim, device=device, dtype=dtype)
         self.values = torch.empty_like(self.keys)
         self.length = 0
+        self.capacity = capacity
         self.window = window
 
     # Which returned keys each new token may see: None, as append returns exactly the keys up
@@ -361,12 +364,22 @@ class KVCache:
         if self.window is not None:
             return self._slide(keys, values)
         end = self.length + keys.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache holds {self.capacity} tokens; {end} requested")
         if end > self.keys.shape[2]:
-            raise RuntimeError(f"KV cache holds {self.keys.shape[2]} tokens; {end} requested")
+            self._grow(min(max(end, 2 * self.keys.shape[2]), self.capacity))
         self.keys[:, :, self.length: end] = keys
         self.values[:, :, self.length: end] = values
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def _grow(self, room: int) -> None:
+        """Move the cached keys and values into new tensors with `room` token slots."""
+        keys = self.keys.new_empty(*self.keys.shape[:2], room, self.keys.shape[3])
+        values = torch.empty_like(keys)
+        keys[:, :, :self.length] = self.keys[:, :, :self.length]
+        values[:, :, :self.length] = self.values[:, :, :self.length]
+        self.keys, self.values = keys, values
 
     @property
     def bytes_held(self) -> int:
@@ -1502,8 +1515,9 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     """Continue `prompt` with the model; one path for every model. compile: see decoding_model."""
     prompt_ids = tokenizer.encode(prompt)
     # Appendix A's static decoder (CUDA graphs) on a GPU; the model itself elsewhere
-    ids = generate_ids(decoding_model(model, device, compile), prompt_ids, max_new_tokens, rule,
-                       eot_id=tokenizer.eot_id, seed=seed, use_cache=use_cache, device=device)
+    decoder = decoding_model(model, device, compile, max(len(prompt_ids), 1) + max_new_tokens)
+    ids = generate_ids(decoder, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id,
+                       seed=seed, use_cache=use_cache, device=device)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
     new_text = tokenizer.decode(new_ids)
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
@@ -5937,10 +5951,12 @@ class StaticDecoder(nn.Module):
     later single-token step replays one CUDA graph, recorded at the first such step; `compile`
     runs torch.compile on that step first (fused kernels inside the graph). Returns the logits
     of the last new token only, (1, B, V), which is all generation reads; they live in a buffer
-    the next step overwrites."""
+    the next step overwrites. Its caches hold `capacity` positions (at most, and by default, the
+    block size): every step attends over all of them, so decoding sizes them to the text it
+    will write, not to a long-context model's 131,072 positions."""
 
     def __init__(self, model: "TransformerModel", batch: int = 1, dtype: torch.dtype | None = None,
-                 graphs: bool = False, compile: bool = False) -> None:
+                 graphs: bool = False, compile: bool = False, capacity: int | None = None) -> None:
         super().__init__()
         device = model.token_embedding.weight.device
         dtype = dtype or model.token_embedding.weight.dtype
@@ -5954,8 +5970,9 @@ class StaticDecoder(nn.Module):
             parameter.data = parameter.data.to(dtype)
         static_experts(twin)
         self.model = twin.eval()
-        self.max_context = model.config.block_size
-        self.caches = [StaticKVCache(block.attention, batch, self.max_context, device, dtype)
+        self.max_context = model.config.block_size    # where generate_ids slides its window
+        self.capacity = min(capacity or self.max_context, self.max_context)
+        self.caches = [StaticKVCache(block.attention, batch, self.capacity, device, dtype)
                        for block in twin.blocks]
         self.graphs, self.graph = graphs, None
         self.step_function = torch.compile(self.step, dynamic=False) if compile else self.step
@@ -5979,8 +5996,8 @@ class StaticDecoder(nn.Module):
     def forward_incremental(self, tokens: torch.Tensor, state: int | None):
         start = state or 0
         T = tokens.shape[0]
-        if start + T > self.max_context:
-            raise ValueError(f"{start + T} positions exceed block_size {self.max_context}")
+        if start + T > self.capacity:
+            raise ValueError(f"{start + T} positions exceed the decoder's {self.capacity}")
         if T > 1:
             logits = self.step(tokens, torch.arange(start, start + T, device=tokens.device))
             return logits[None], start + T
@@ -6012,17 +6029,18 @@ class StaticDecoder(nn.Module):
         return self.logits
 
 
-def decoding_model(model: nn.Module, device: torch.device | str, compile: bool = False) -> nn.Module:
+def decoding_model(model: nn.Module, device: torch.device | str, compile: bool = False,
+                   num_tokens: int | None = None) -> nn.Module:
     """Generation's one entry to this appendix: on a GPU, a softmax-attention Transformer decodes
     through a StaticDecoder with CUDA graphs, in bf16 when the GPU supports it, its step compiled
     first with `compile` (--compile with --generate: seconds of compilation, then about 1.3x the
-    tokens/s, docs/performance.md); every other model and device gets the model itself (Part I's
-    forward_incremental)."""
+    tokens/s, docs/performance.md), its caches sized to `num_tokens` (prompt and new tokens);
+    every other model and device gets the model itself (Part I's forward_incremental)."""
     device = torch.device(device)
     if device.type != "cuda" or not StaticDecoder.supports(model):
         return model
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return StaticDecoder(model, dtype=dtype, graphs=True, compile=compile)
+    return StaticDecoder(model, dtype=dtype, graphs=True, compile=compile, capacity=num_tokens)
 
 
 # --- A.3 Muon on a GPU: one launch per operation for all the tensors ---------------------------

@@ -542,3 +542,30 @@ def test_gpt_oss_logits_match_transformers_gpt_oss_past_the_sliding_window(pico,
                          "--sliding_window", "5", *yarn_flags)
     load_gpt_oss_state(model, hf_model.state_dict())
     compare_logits(model, hf_model)
+
+
+def test_the_kv_cache_grows_as_tokens_come_and_holds_them_all(pico):
+    """Room for twice what it held (a Python list's growth), up to its capacity: a model made
+    for 131,072 positions holds memory for the tokens seen, not for all it could see."""
+    cache = pico.KVCache(batch=1, n_kv_heads=2, capacity=10, head_dim=3, device="cpu",
+                         dtype=torch.float32)
+    keys = torch.randn(1, 2, 10, 3)
+    rooms = []
+    for start, end in [(0, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 10)]:
+        seen_keys, seen_values = cache.append(keys[:, :, start:end], -keys[:, :, start:end])
+        assert torch.equal(seen_keys, keys[:, :, :end]) and torch.equal(seen_values, -keys[:, :, :end])
+        rooms.append(cache.keys.shape[2])
+    assert rooms == [3, 6, 6, 6, 10, 10]
+    with pytest.raises(RuntimeError, match="holds 10 tokens; 11 requested"):
+        cache.append(keys[:, :, :1], keys[:, :, :1])
+
+
+def test_a_long_context_models_cache_holds_only_the_tokens_it_has_seen(pico):
+    config = pico.TransformerConfig(vocab_size=50, block_size=131_072, d_model=16, n_heads=2,
+                                    n_blocks=2, pos_emb="rope")
+    model = pico.TransformerModel(config).eval()
+    tokens = torch.randint(0, 50, (5, 1))
+    with torch.no_grad():
+        logits, state = model.forward_incremental(tokens, None)
+    assert torch.allclose(logits, model(tokens), atol=1e-5)
+    assert [cache.keys.shape[2] for cache in state.caches] == [5, 5]

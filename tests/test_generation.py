@@ -210,9 +210,31 @@ def test_decoding_model_on_a_gpu_is_the_graph_decoder_compiled_when_asked(pico, 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     model = next(iter(models.values()))
     pico.decoding_model(model, "cuda")
-    pico.decoding_model(model, "cuda", compile=True)
-    assert built == [dict(dtype=torch.bfloat16, graphs=True, compile=False),
-                     dict(dtype=torch.bfloat16, graphs=True, compile=True)]
+    pico.decoding_model(model, "cuda", compile=True, num_tokens=30)
+    assert built == [dict(dtype=torch.bfloat16, graphs=True, compile=False, capacity=None),
+                     dict(dtype=torch.bfloat16, graphs=True, compile=True, capacity=30)]
+
+
+def test_generate_text_sizes_the_static_decoders_caches_to_prompt_and_new_tokens(pico, monkeypatch):
+    """Every decoding step attends over all of a static cache's slots, so a model made for
+    131,072 positions must not get caches that long for a 12-token sample."""
+    tokenizer = pico.ByteTokenizer()
+    config = pico.TransformerConfig(vocab_size=tokenizer.vocab_size, block_size=131_072,
+                                    d_model=16, n_heads=2, n_blocks=2, pos_emb="rope")
+    model = pico.TransformerModel(config)
+    built = []
+
+    def decoder_on_the_cpu(model, device, compile=False, num_tokens=None):
+        built.append(pico.StaticDecoder(model, capacity=num_tokens))
+        return built[-1]
+
+    monkeypatch.setattr(pico, "decoding_model", decoder_on_the_cpu)
+    generation = pico.generate_text(model, tokenizer, "abcab", 7, pico.SamplingRule(temperature=0))
+    assert [cache.keys.shape[2] for cache in built[0].caches] == [5 + 7] * 2
+    assert generation.token_ids == pico.generate_ids(model, tokenizer.encode("abcab"), 7,
+                                                     pico.SamplingRule(temperature=0), use_cache=False)
+    with pytest.raises(ValueError, match="13 positions exceed the decoder's 12"):
+        built[0].forward_incremental(torch.zeros(1, 1, dtype=torch.long), 12)
 
 
 def test_decoding_model_is_the_model_itself_off_the_gpu(pico, models):
