@@ -4167,6 +4167,9 @@ MAX_NEW_TOKENS_LIMIT = 100_000  # beyond this a typo, not a wish: minutes of CPU
 
 MAX_BLOCK_SIZE = 1 << 24  # positions are float32 in RotaryEmbedding and the sinusoids: exact to 2**24
 
+DEFAULT_MODELS = "kgram_mlp_seq,lstm_seq,transformer"  # the course's three
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on an error; we print one line."""
 
@@ -4259,7 +4262,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="where tokenized data is cached, keyed by content and tokenizer")
 
     models = parser.add_argument_group("models")
-    models.add_argument("--models", default="kgram_mlp_seq,lstm_seq,transformer",
+    models.add_argument("--models", default=DEFAULT_MODELS,
                         help=f"comma-separated models to train, from {', '.join(MODEL_NAMES)}")
     models.add_argument("--kgram_k", type=int, default=3,
                         help=f"k-gram context length in tokens, at most {MAX_KGRAM_K}")
@@ -5087,7 +5090,7 @@ def run_generation(config: Config) -> int:
         limit = f"the checkpoint's --block_size {context}"
         where, own = f"--checkpoint {path}", trained.models.names[0]
     named = config.models.names
-    if own not in named and named != build_arg_parser().get_default("models").split(","):
+    if own not in named and named != DEFAULT_MODELS.split(","):
         raise UserError(f"{where} holds model {own}, which --models {','.join(named)} does not "
                         "name; drop --models")
     sampling = config.sampling
