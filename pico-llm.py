@@ -7781,8 +7781,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     def setting(name, default=None, allowed=None, **bounds):
         return hf_setting(hf, name, default, allowed, **bounds)
 
-    def size(name, default=None):
-        return hf_setting(hf, name, default, integer=True, above=0)
+    def size(name, default=None, at_most=None):
+        return hf_setting(hf, name, default, integer=True, above=0, at_most=at_most)
 
     def heads_fit(d_model: int, n_heads: int, n_kv_heads: int) -> None:
         if d_model % n_heads or n_heads % n_kv_heads:
@@ -7799,8 +7799,9 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         d_model, n_heads = size("n_embd"), size("n_head")
         heads_fit(d_model, n_heads, n_heads)
         return TransformerConfig(
-            vocab_size=size("vocab_size"), block_size=size("n_positions"), d_model=d_model,
-            n_heads=n_heads, n_blocks=size("n_layer"), d_ff=size("n_inner", 4 * d_model),
+            vocab_size=size("vocab_size"), block_size=size("n_positions", at_most=MAX_BLOCK_SIZE),
+            d_model=d_model, n_heads=n_heads, n_blocks=size("n_layer"),
+            d_ff=size("n_inner", 4 * d_model),
             ffn=GPT2_ACTIVATIONS[activation], norm="layernorm", pos_emb="learned",
             tie_weights=setting("tie_word_embeddings", True), bias=True,
             norm_eps=float(setting("layer_norm_epsilon", 1e-5, above=0)))
@@ -7824,7 +7825,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     if head_dim % 2:
         raise UserError(f"config.json: RoPE needs an even head size, got {head_dim}")
     fields = dict(
-        vocab_size=size("vocab_size"), block_size=size("max_position_embeddings"),
+        vocab_size=size("vocab_size"),
+        block_size=size("max_position_embeddings", at_most=MAX_BLOCK_SIZE),
         d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, n_blocks=n_blocks,
         head_size=0 if head_dim * n_heads == d_model else head_dim,
         d_ff=size("intermediate_size"), ffn="swiglu", norm="rmsnorm", pos_emb="rope",

@@ -340,6 +340,8 @@ NAN, INF = float("nan"), float("inf")
     ("gpt-oss", dict(num_experts_per_tok=8), "num_experts_per_tok=8 must be an integer above 0 "
                                              "and at most 4"),
     ("gpt-oss", dict(router_aux_loss_coef="x"), "router_aux_loss_coef='x' is not a number"),
+    ("qwen3", dict(max_position_embeddings=10**12), f"max_position_embeddings={10**12} must be an "
+                                                     "integer above 0 and at most 16777216"),
     ("gpt-oss", dict(router_aux_loss_coef=-1), "router_aux_loss_coef=-1 must be a finite number "
                                                "at least 0"),
 ] + [("llama yarn", dict(rope_parameters=FAMILIES["llama yarn"][1]["rope_parameters"] | bad), match)
@@ -365,6 +367,13 @@ def test_config_values_of_the_wrong_type_or_out_of_range_are_refused(pico, famil
 def test_gpt2_epsilon_that_is_not_a_number_is_refused(pico, gpt2_dir):
     hf_config = json.loads((gpt2_dir / "config.json").read_text()) | {"layer_norm_epsilon": "x"}
     one_line_error(pico, "layer_norm_epsilon='x' is not a number", pico.config_from_hf, hf_config)
+
+
+def test_gpt2_positions_beyond_what_float32_positions_count_are_refused(pico, gpt2_dir):
+    """Learned positions of 10**12 would be a terabyte-sized table: out of memory, not a limit."""
+    hf_config = json.loads((gpt2_dir / "config.json").read_text()) | {"n_positions": 2**24 + 1}
+    one_line_error(pico, f"n_positions={2**24 + 1} must be an integer above 0 and at most 16777216",
+                   pico.config_from_hf, hf_config)
 
 
 def test_config_json_nested_too_deeply_is_refused(pico, tmp_path):
