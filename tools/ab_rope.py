@@ -10,13 +10,12 @@ median milliseconds per call and the ratio. docs/performance.md keeps the measur
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from pico_module import load_pico
+from pico_module import OneLineErrorParser, load_pico
 
 pico = load_pico()
 
@@ -29,7 +28,7 @@ def milliseconds_per_call(rotate, x, cos, sin, calls: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/ab_rope.py", description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs=4, default=(16, 4, 64, 32),
                         metavar=("B", "H", "T", "D"), help="queries' shape (pico's, context 64)")
     parser.add_argument("--samples", type=int, default=7)

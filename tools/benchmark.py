@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pico_module import TOOLS_DIR, load_pico, load_script
+from pico_module import TOOLS_DIR, OneLineErrorParser, load_pico, load_script
 
 pico = load_pico()
 
@@ -928,8 +928,8 @@ def gpt2_table(report: dict) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py", description=__doc__.split("\n")[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(prog="tools/benchmark.py", description=__doc__.split("\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the same code paths at tiny sizes (seconds; the tests use it)")
     parser.add_argument("--output", default=str(pico.DEFAULT_ARTEFACTS_DIR / "benchmark.json"),

@@ -15,7 +15,6 @@ median step. Writes a JSON report
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pico_module import PICO_PATH, load_pico
+from pico_module import PICO_PATH, OneLineErrorParser, load_pico
 
 # Every preset, and the attention kinds on the default preset; the ones least like the
 # GPT-2 step that tools/benchmark.py measures first, so that a run cut short has them.
@@ -81,7 +80,7 @@ def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/compile_presets.py", description=__doc__.split("\n")[0])
     parser.add_argument("--device_id", default="auto")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch_size", type=int, default=16)

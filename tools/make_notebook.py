@@ -8,7 +8,6 @@ A notebook whose cells someone edited since this tool wrote it (the README
 asks students to set RUN_LOG there) is replaced only with --force.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -17,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import nbformat
+
+from pico_module import OneLineErrorParser
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -966,8 +967,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/make_notebook.py",
-                                     description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/make_notebook.py", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default=str(REPO / "pico_llm.ipynb"),
                         help="where the notebook goes (default: the committed pico_llm.ipynb)")
     parser.add_argument("--force", action="store_true",

@@ -1,11 +1,13 @@
-"""pico-llm.py (and the tools) as Python modules.
+"""pico-llm.py (and the tools) as Python modules, and the tools' command-line parser.
 
 The script's file name has a hyphen, so `import pico-llm` is impossible: it is loaded with
 importlib instead. The tests (tests/conftest.py) and the tools share this one loader.
+Nothing here imports torch: make_notebook.py and make_3seqs.py run without it.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -32,3 +34,12 @@ def load_script(path: Path, name: str):
 def load_pico():
     """pico-llm.py as the module `pico_llm`."""
     return load_script(PICO_PATH, "pico_llm")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on an error; the tools, as pico-llm.py, print one
+    line, named after the tool: prog="tools/benchmark.py" errs as "benchmark: error: ..."."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{Path(self.prog).stem}: error: {message} (see --help)\n")
+        raise SystemExit(2)

@@ -28,7 +28,6 @@ bfloat16, one matrix at a time and stacked by shape (what a GPU uses: bfloat16, 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmark import synchronize
-from pico_module import load_pico
+from pico_module import OneLineErrorParser, load_pico
 from stream_vs_lines import write_python_docs
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "pandas", "sympy")
@@ -89,7 +88,7 @@ def orthogonalization_seconds(pico, model, device, rounds: int = 5) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/recipe_gpt2.py", description=__doc__.split("\n")[0])
     parser.add_argument("--write_corpus", metavar="DIR",
                         help="write the docstring corpus into DIR and stop")
     parser.add_argument("--input_dir", help="running text (a directory of .txt files)")
