@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pico_module import OneLineErrorParser, load_pico, load_script
+from pico_module import OneLineErrorParser, load_pico, load_script, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
@@ -91,9 +91,9 @@ def main() -> int:
                                 description=__doc__.split("\n")[0])
     parser.add_argument("old_rev", help="git revision of the old pico-llm.py")
     parser.add_argument("--model", choices=sorted(CONFIGS), default="transformer")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--vocab_size", type=int, default=50257)
+    parser.add_argument("--rounds", type=positive_int, default=6)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--vocab_size", type=positive_int, default=50257)
     parser.add_argument("--flags", default="", help="more pico-llm flags for both versions, "
                         "e.g. \"--attention linear --compile\"")
     args = parser.parse_args()

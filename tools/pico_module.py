@@ -43,3 +43,25 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{Path(self.prog).stem}: error: {message} (see --help)\n")
         raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: an integer of at least 1 (0 rounds has no median)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for durations and rates: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
+    return value
