@@ -55,10 +55,15 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
      "--configs: unknown GPT-5"),
     ("make_3seqs", ["--out", "{tmp}/missing/3seqs.txt"], "cannot write {tmp}/missing/3seqs.txt"),
     ("recipe_ablation", ["--input_dir", "{tmp}", "--steps", "many"],
-     "argument --steps: invalid int value: 'many'"),
+     "argument --steps: expected an integer, got 'many'"),
     ("recipe_gpt2", ["--output", "{tmp}/out.json"], "give --input_dir and --output"),
-    ("stream_vs_lines", ["--seconds", "soon"], "argument --seconds: invalid float value: 'soon'"),
-    ("vs_nanogpt", ["--rounds", "two"], "argument --rounds: invalid int value: 'two'"),
+    ("stream_vs_lines", ["--seconds", "soon"], "argument --seconds: expected a number, got 'soon'"),
+    ("stream_vs_lines", ["--seconds", "nan"], "expected a finite number above 0, got nan"),
+    ("vs_nanogpt", ["--rounds", "two"], "argument --rounds: expected an integer, got 'two'"),
+    ("ab_rope", ["--samples", "0"], "argument --samples: expected at least 1, got 0"),
+    ("ab_training_speed", ["HEAD", "--rounds", "0"], "argument --rounds: expected at least 1, got 0"),
+    ("compile_presets", ["--timeout", "-1", "--output", "{tmp}/out.json"],
+     "argument --timeout: expected a finite number above 0, got -1"),
 ])
 def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     result = run_tool(name, argv, tmp_path)
