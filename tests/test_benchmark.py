@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -210,15 +211,35 @@ def run_gpu_checks(*argv, steps: str, timeout: int = 900):
                                                 "CUDA_VISIBLE_DEVICES": ""})
 
 
+def packed_log(out, name: str) -> str:
+    """A log that gpu_checks.sh packed into OUT/logs.tgz."""
+    with tarfile.open(out / "logs.tgz") as archive:
+        return archive.extractfile(f"logs/{name}").read().decode()
+
+
 def test_gpu_checks_records_each_step_and_refuses_bad_usage(tmp_path):
-    """The cuda-marked tests step at tiny size on the CPU: they skip, and the step is recorded."""
+    """The cuda-marked tests step at tiny size on the CPU: they skip, and the step is recorded;
+    the logs come back packed, beside the summary."""
     result = run_gpu_checks("--tiny", "--device", "cpu", str(tmp_path / "out"), steps="tests")
     assert result.returncode == 0, result.stderr
     name, status, seconds = (tmp_path / "out" / "summary.txt").read_text().split()
     assert (name, status) == ("tests", "0") and int(seconds) >= 0
-    assert "skipped" in (tmp_path / "out" / "cuda_tests.log").read_text()
+    assert "skipped" in packed_log(tmp_path / "out", "cuda_tests.log")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["logs.tgz", "summary.txt"]
     assert run_gpu_checks(str(tmp_path / "a"), str(tmp_path / "b"), steps="tests").returncode == 2
     assert run_gpu_checks("--fast", str(tmp_path / "a"), steps="tests").returncode == 2
+
+
+def test_gpu_checks_skips_the_steps_its_total_time_leaves_no_room_for(tmp_path):
+    """TOTAL_S bounds the whole call (a device call has a hard limit): a step with under 20 s
+    left is recorded as skipped, not started."""
+    result = subprocess.run(["bash", str(GPU_CHECKS), "--tiny", "--device", "cpu", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "STEPS": "tests benchmark", "TOTAL_S": "30",
+                                 "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "summary.txt").read_text().splitlines() == ["tests skipped 0",
+                                                                   "benchmark skipped 0"]
 
 
 @pytest.mark.slow
@@ -235,8 +256,9 @@ def test_gpu_checks_runs_every_step_at_tiny_size_on_the_cpu(pico, tmp_path):
     assert summary == {"benchmark": "0", "gptoss_eager": "0", "gptoss_compiled": "0", "tests": "0",
                        "generate_train": "0", "generate_plain": "0", "generate_compiled": "0",
                        "recipe": "0"}
-    plain = (out / "generate_plain.txt").read_text()
-    assert plain.startswith("Once upon a time") and plain == (out / "generate_compiled.txt").read_text()
+    plain = packed_log(out, "generate_plain.txt")
+    assert plain.startswith("Once upon a time") and plain == packed_log(out, "generate_compiled.txt")
+    assert len(list(out.iterdir())) <= 8           # what a device call brings back
     assert json.loads((out / "recipe_gpt2.json").read_text())["kind"] == "recipe_gpt2"
     assert json.loads((out / "gpt2_benchmark.json").read_text())["kind"] == "gpt2_benchmark"
     eager, compiled = ([h["train_loss"] for h in pico.load_runlog(out / f"gptoss_{mode}.json")

@@ -4,6 +4,7 @@ artefacts, no artefacts at all, and a student's own run log; the requirements in
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def test_the_notebook_file_is_what_the_generator_writes():
     written = nbformat.read(REPO / "pico_llm.ipynb", as_version=4)
     assert [c.source for c in written.cells] == [c.source for c in generator.build().cells]
     assert written.metadata["pico_llm"] == generator.build().metadata["pico_llm"]
+    code = [cell for cell in written.cells if cell.cell_type == "code"]
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
 
 
 MAKE_NOTEBOOK = REPO / "tools" / "make_notebook.py"
@@ -98,6 +101,33 @@ def test_make_notebook_keeps_a_users_edit_unless_forced(tmp_path):
     older.metadata["pico_llm"]["generated_cells_sha256"] = generator.cells_digest(older)
     nbformat.write(older, notebook)
     assert make_notebook("--output", str(notebook)).returncode == 0
+    assert notebook.read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
+
+
+def test_make_notebook_keeps_a_runs_outputs_unless_forced(tmp_path):
+    notebook = tmp_path / "pico_llm.ipynb"
+    shutil.copy(REPO / "pico_llm.ipynb", notebook)
+    assert make_notebook("--output", str(notebook)).returncode == 0      # its own, unchanged
+    assert notebook.read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
+    for output in ([nbformat.v4.new_output("stream", text="a figure's caption\n")], []):
+        ran = nbformat.read(REPO / "pico_llm.ipynb", as_version=4)
+        first_code = next(cell for cell in ran.cells if cell.cell_type == "code")
+        first_code.outputs, first_code.execution_count = output, 1
+        nbformat.write(ran, notebook)
+        before = notebook.read_bytes()
+        result = make_notebook("--output", str(notebook))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "holds the outputs of a run" in result.stderr and "--force" in result.stderr
+        assert notebook.read_bytes() == before
+    # The command the message suggests clears them; the notebook is then this tool's own.
+    clear = re.search(r"`jupyter nbconvert (.*?)`", result.stderr).group(1)
+    cleared = subprocess.run([sys.executable, "-m", "nbconvert", *shlex.split(clear)],
+                             capture_output=True, text=True, timeout=120)
+    assert cleared.returncode == 0, cleared.stderr
+    assert make_notebook("--output", str(notebook)).returncode == 0
+    assert notebook.read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
+    nbformat.write(ran, notebook)
+    assert make_notebook("--output", str(notebook), "--force").returncode == 0
     assert notebook.read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
 
 

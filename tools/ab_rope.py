@@ -10,13 +10,12 @@ median milliseconds per call and the ratio. docs/performance.md keeps the measur
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from pico_module import load_pico
+from pico_module import OneLineErrorParser, load_pico, positive_int
 
 pico = load_pico()
 
@@ -29,12 +28,12 @@ def milliseconds_per_call(rotate, x, cos, sin, calls: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", type=int, nargs=4, default=(16, 4, 64, 32),
+    parser = OneLineErrorParser(prog="tools/ab_rope.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=positive_int, nargs=4, default=(16, 4, 64, 32),
                         metavar=("B", "H", "T", "D"), help="queries' shape (pico's, context 64)")
-    parser.add_argument("--samples", type=int, default=7)
-    parser.add_argument("--calls", type=int, default=20, help="calls timed per sample")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=positive_int, default=7)
+    parser.add_argument("--calls", type=positive_int, default=20, help="calls timed per sample")
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)

@@ -17,7 +17,6 @@ Versions before the lesson-first layout take the argparse namespace; both APIs a
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pico_module import load_pico, load_script
+from pico_module import OneLineErrorParser, load_pico, load_script, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
@@ -88,17 +87,23 @@ def matmul_gflops(size: int = 2048) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/ab_training_speed.py",
+                                description=__doc__.split("\n")[0])
     parser.add_argument("old_rev", help="git revision of the old pico-llm.py")
     parser.add_argument("--model", choices=sorted(CONFIGS), default="transformer")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--vocab_size", type=int, default=50257)
+    parser.add_argument("--rounds", type=positive_int, default=6)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--vocab_size", type=positive_int, default=50257)
     parser.add_argument("--flags", default="", help="more pico-llm flags for both versions, "
                         "e.g. \"--attention linear --compile\"")
     args = parser.parse_args()
-    old_source = subprocess.run(["git", "show", f"{args.old_rev}:pico-llm.py"], cwd=REPO,
-                                capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(["git", "show", f"{args.old_rev}:pico-llm.py"], cwd=REPO,
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        reason = (shown.stderr.strip() or "git failed").splitlines()[0].removeprefix("fatal: ")
+        parser.error(f"no pico-llm.py at the git revision {args.old_rev!r} ({reason.rstrip('.')}); "
+                     "give a commit, branch or tag of this repository that has it")
+    old_source = shown.stdout
     with tempfile.TemporaryDirectory() as directory:
         old_path = Path(directory) / "pico_llm_old.py"
         old_path.write_text(old_source)

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import gc
 import io
 import json
 import re
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pico_module import TOOLS_DIR, load_pico, load_script
+from pico_module import TOOLS_DIR, OneLineErrorParser, load_pico, load_script
 
 pico = load_pico()
 
@@ -96,20 +97,25 @@ def median_seconds(function, repeats: int, warmup: int, device: torch.device) ->
 def matmul_probe(device: torch.device, dtype: torch.dtype, size: int, kernel: str = "torch"):
     """A function that measures, each time it is called, the GFLOP/s of a few square
     (size x size) matmuls (2 size^3 FLOPs each) by PyTorch's default kernel ("torch") or
-    by oneDNN ("onednn", CPU float32)."""
+    by oneDNN ("onednn", CPU float32). On a GPU, about 2e13 FLOPs a call (18 products at
+    8192, tens of milliseconds), so that one launch and one synchronization weigh little."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     product = (lambda: pico.onednn_matmul(a, b)) if kernel == "onednn" else (lambda: a @ b)
-    calls = max(1, int(2e10 / (2 * size ** 3)) if device.type == "cuda" else 4)
+    calls = min(max(1, int(2e13 / (2 * size ** 3))), 1000) if device.type == "cuda" else 4
     run = lambda: [product() for _ in range(calls)]
     return lambda: 2 * size ** 3 * calls / median_seconds(run, 1, 0, device) / 1e9
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int,
                   kernel: str = "torch") -> float:
-    """Sustained GFLOP/s of square matmuls: the median of `repeats` probes after one."""
+    """Sustained GFLOP/s of square matmuls: the median of `repeats` probes after a warm-up
+    (one probe; on a GPU, probes for half a second, so that its clocks rise from idle)."""
     probe = matmul_probe(device, dtype, size, kernel)
+    warm_until = time.perf_counter() + (0.5 if device.type == "cuda" else 0.0)
     probe()
+    while time.perf_counter() < warm_until:
+        probe()
     return float(np.median([probe() for _ in range(repeats)]))
 
 
@@ -622,6 +628,7 @@ def time_steps(step, sizes: GPT2Sizes, device: torch.device, profile: Path | Non
     included) and the peak GPU memory it took (None on a CPU); with `profile`, then a
     profile of 3 more steps written there (profile_table)."""
     if device.type == "cuda":
+        gc.collect()                                # what the last configuration left in cycles
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
@@ -928,8 +935,8 @@ def gpt2_table(report: dict) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py", description=__doc__.split("\n")[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(prog="tools/benchmark.py", description=__doc__.split("\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the same code paths at tiny sizes (seconds; the tests use it)")
     parser.add_argument("--output", default=str(pico.DEFAULT_ARTEFACTS_DIR / "benchmark.json"),

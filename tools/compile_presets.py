@@ -15,7 +15,6 @@ median step. Writes a JSON report
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pico_module import PICO_PATH, load_pico
+from pico_module import OneLineErrorParser, PICO_PATH, load_pico, positive_float, positive_int
 
 # Every preset, and the attention kinds on the default preset; the ones least like the
 # GPT-2 step that tools/benchmark.py measures first, so that a run cut short has them.
@@ -81,11 +80,11 @@ def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/compile_presets.py", description=__doc__.split("\n")[0])
     parser.add_argument("--device_id", default="auto")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--timeout", type=float, default=150.0, help="seconds for each run")
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--timeout", type=positive_float, default=150.0, help="seconds for each run")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated names among: " + ", ".join(CONFIGS))
     parser.add_argument("--tiny", action="store_true", help="tiny widths (seconds; the tests)")
@@ -99,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.steps < 2:   # the first step is timed apart (compilation), the rest together
             raise pico.UserError(f"--steps must be at least 2, got {args.steps}")
-        if not args.timeout > 0:
-            raise pico.UserError(f"--timeout must be positive, got {args.timeout}")
         pico.check_writable_directory(Path(args.output).parent, "--output")
         pico.check_replaceable_report(Path(args.output), ("compile_presets",), "--output")
     except pico.UserError as error:

@@ -3,11 +3,12 @@
 # exit status written under the output directory, a failed or timed-out step not stopping the
 # next. Run from anywhere:
 #
-#   tools/gpu_checks.sh OUT_DIR                       # on a CUDA machine (~5-12 minutes)
+#   tools/gpu_checks.sh OUT_DIR                       # on a CUDA machine (at most TOTAL_S)
 #   NANOGPT_DIR=/path/to/nanoGPT tools/gpu_checks.sh OUT_DIR    # nanoGPT timed beside pico-llm
 #   tools/gpu_checks.sh --tiny --device cpu OUT_DIR   # every step at tiny size (how it is tested)
 #
-# Steps, run in the order STEPS names them (STEPS="benchmark gptoss tests" by default):
+# Steps, run in the order STEPS names them (STEPS="tests gptoss benchmark" by default: the
+# cheapest verdict first):
 #   benchmark  tools/benchmark.py --gpt2: GPT-2 small training eager/compiled (tokens/s, MFU,
 #              peak memory; nanoGPT too with NANOGPT_DIR), decoding against transformers
 #              -> gpt2_benchmark.json, benchmark.log, profile_<who>_<mode>.txt (torch.profiler)
@@ -29,12 +30,16 @@
 #   tests      the tests marked cuda -> cuda_tests.log
 #   suite      (not by default: minutes) the fast suite with CUDA present, in SUITE_WORKERS
 #              processes (12) where pytest-xdist is installed, each test under TEST_TIMEOUT
-#              seconds (90) where pytest-timeout is -> fast_suite.log, one line per test
-# summary.txt gets one line per step: name, exit status (124 = timed out), seconds.
-# Limits in seconds: BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT (90),
-# GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run PRESET_RUN_TIMEOUT 150),
-# GENERATE_TIMEOUT (120 each of the three), RECIPE_TIMEOUT (420), TESTS_TIMEOUT (240),
-# SUITE_TIMEOUT (900).
+#              seconds where pytest-timeout is -> fast_suite.log, one line per test
+# summary.txt gets one line per step: name, exit status (124 = timed out, "skipped" when the
+# total time was spent), seconds. OUT_DIR ends with summary.txt, the JSON reports and logs.tgz
+# (every log, profile and generated text): at most 7 files, however many steps ran.
+# Limits in seconds: all steps together TOTAL_S (540; each step's limit is cut to what is left,
+# and a step with under 20 s left is skipped), BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT
+# (90), GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run PRESET_RUN_TIMEOUT 150),
+# GENERATE_TIMEOUT (120 each of the three), RECIPE_TIMEOUT (420, the corpus written first 120),
+# TESTS_TIMEOUT (240), SUITE_TIMEOUT (900); TEST_TIMEOUT (120) for each test where
+# pytest-timeout is installed.
 set -u
 
 TINY=0
@@ -43,7 +48,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
         --device) DEVICE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
         -*) echo "gpu_checks.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -57,15 +62,26 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"
 cd "$REPO" || exit 2
-STEPS="${STEPS:-benchmark gptoss tests}"
+STEPS="${STEPS:-tests gptoss benchmark}"
+DEADLINE=$(( $(date +%s) + ${TOTAL_S:-540} ))
+WORK="$(mktemp -d)"       # run logs and caches of the pico-llm runs: only their reports are kept
+LOGS="$OUT/logs"          # packed into logs.tgz at the end
+rm -rf "$LOGS" "$OUT/logs.tgz"
+mkdir -p "$LOGS" || exit 2
 : > "$OUT/summary.txt"
 
 run_step() {  # name timeout log command...: run, time, record "name status seconds"
     local name="$1" limit="$2" log="$3"
     shift 3
-    local started status
+    local started status left
     started=$(date +%s)
-    timeout -k 15 "$limit" "$@" > "$OUT/$log" 2>&1
+    left=$(( DEADLINE - started - 15 ))              # 15: the kill's grace after the limit
+    if [ "$left" -lt 20 ]; then
+        echo "$name skipped 0" >> "$OUT/summary.txt"
+        return
+    fi
+    if [ "$limit" -gt "$left" ]; then limit="$left"; fi
+    timeout -k 15 "$limit" "$@" > "$LOGS/$log" 2>&1
     status=$?
     echo "$name $status $(( $(date +%s) - started ))" >> "$OUT/summary.txt"
 }
@@ -82,6 +98,9 @@ if [ "$TINY" = 1 ]; then
                  --n_kv_heads 1 --n_blocks 1 --d_ff 32 --n_experts 2 --sliding_window 4)
 fi
 
+PER_TEST=()            # one hung test (a rendezvous, a compilation) is named, not the whole step
+if python -c "import pytest_timeout" 2>/dev/null; then PER_TEST=(--timeout "${TEST_TIMEOUT:-120}"); fi
+
 for step in $STEPS; do
     case "$step" in
         benchmark)
@@ -89,7 +108,7 @@ for step in $STEPS; do
             if [ -n "${NANOGPT_DIR:-}" ]; then NANOGPT=(--nanogpt_dir "$NANOGPT_DIR"); fi
             run_step benchmark "${BENCHMARK_TIMEOUT:-360}" benchmark.log \
                 python tools/benchmark.py --gpt2 "${QUICK[@]}" --device_id "$DEVICE" \
-                --output "$OUT/gpt2_benchmark.json" --profile "$OUT" "${NANOGPT[@]}" ;;
+                --output "$OUT/gpt2_benchmark.json" --profile "$LOGS" "${NANOGPT[@]}" ;;
         gptoss)
             for mode in eager compiled; do
                 COMPILE=()
@@ -98,10 +117,10 @@ for step in $STEPS; do
                 run_step "gptoss_$mode" "$limit" "gptoss_$mode.log" \
                     env TORCH_LOGS="${TORCH_LOGS:-graph_breaks,recompiles}" python pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
                     --transformer_variant GPT-oss "${GPTOSS_SIZE[@]}" --epochs 1 --max_new_tokens 8 \
-                    --device_id "$DEVICE" --quiet --artefacts_dir "$OUT/gptoss" \
-                    --cache_dir "$OUT/gptoss/cache" --run_name "gptoss_$mode" "${COMPILE[@]}"
-                if [ -f "$OUT/gptoss/gptoss_$mode.json" ]; then
-                    cp "$OUT/gptoss/gptoss_$mode.json" "$OUT/gptoss_$mode.json"
+                    --device_id "$DEVICE" --quiet --artefacts_dir "$WORK/gptoss" \
+                    --cache_dir "$WORK/gptoss/cache" --run_name "gptoss_$mode" "${COMPILE[@]}"
+                if [ -f "$WORK/gptoss/gptoss_$mode.json" ]; then
+                    cp "$WORK/gptoss/gptoss_$mode.json" "$OUT/gptoss_$mode.json"
                 fi
             done ;;
         presets)
@@ -113,14 +132,14 @@ for step in $STEPS; do
             run_step generate_train "${GENERATE_TIMEOUT:-120}" generate_train.log \
                 python pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
                 "${GENERATE_SIZE[@]}" --epochs 1 --max_new_tokens 4 --device_id "$DEVICE" --quiet \
-                --artefacts_dir "$OUT/generate" --cache_dir "$OUT/generate/cache" \
-                --run_name generate --save_dir "$OUT/generate/checkpoints"
-            checkpoint=$(ls "$OUT"/generate/checkpoints/transformer/step_*.pt 2>/dev/null | tail -n 1)
+                --artefacts_dir "$WORK/generate" --cache_dir "$WORK/generate/cache" \
+                --run_name generate --save_dir "$WORK/generate/checkpoints"
+            checkpoint=$(ls "$WORK"/generate/checkpoints/transformer/step_*.pt 2>/dev/null | tail -n 1)
             for mode in plain compiled; do
                 COMPILE=()
                 if [ "$mode" = compiled ]; then COMPILE=(--compile); fi
                 run_step "generate_$mode" "${GENERATE_TIMEOUT:-120}" "generate_$mode.log" \
-                    bash -c 'python pico-llm.py "$@" > "$0"' "$OUT/generate_$mode.txt" --generate \
+                    bash -c 'python pico-llm.py "$@" > "$0"' "$LOGS/generate_$mode.txt" --generate \
                     --checkpoint "${checkpoint:-missing}" --prompt "Once upon a time" --temperature 0 \
                     --max_new_tokens 40 --device_id "$DEVICE" "${COMPILE[@]}"
             done ;;
@@ -128,25 +147,25 @@ for step in $STEPS; do
             INPUT_DIR="${RECIPE_INPUT_DIR:-}"
             if [ -z "$INPUT_DIR" ] && [ "$TINY" = 1 ]; then INPUT_DIR=data/custom_corpus; fi
             if [ -z "$INPUT_DIR" ]; then
-                INPUT_DIR="$(mktemp -d)/corpus"     # tens of MB: not among the results
-                python tools/recipe_gpt2.py --write_corpus "$INPUT_DIR" > "$OUT/recipe_corpus.log" 2>&1
+                INPUT_DIR="$WORK/corpus"            # tens of MB: not among the results
+                run_step recipe_corpus "${RECIPE_CORPUS_TIMEOUT:-120}" recipe_corpus.log \
+                    python tools/recipe_gpt2.py --write_corpus "$INPUT_DIR"
             fi
             run_step recipe "${RECIPE_TIMEOUT:-420}" recipe_gpt2.log \
                 python tools/recipe_gpt2.py --input_dir "$INPUT_DIR" --device_id "$DEVICE" \
                 --output "$OUT/recipe_gpt2.json" "${RECIPE_SIZE[@]}" ;;
         tests)
             run_step tests "${TESTS_TIMEOUT:-240}" cuda_tests.log \
-                python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider ;;
+                python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider "${PER_TEST[@]}" ;;
         suite)
-            PARALLEL=()
+            PARALLEL=("${PER_TEST[@]}")
             if python -c "import xdist" 2>/dev/null; then PARALLEL+=(-n "${SUITE_WORKERS:-12}"); fi
-            if python -c "import pytest_timeout" 2>/dev/null; then
-                PARALLEL+=(--timeout "${TEST_TIMEOUT:-90}")
-            fi
             run_step suite "${SUITE_TIMEOUT:-900}" fast_suite.log \
                 env OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" python -m pytest -v -m "not slow and not cuda" \
                 -p no:cacheprovider --durations 25 "${PARALLEL[@]}" ;;
         *) echo "gpu_checks.sh: unknown step $step" >&2; exit 2 ;;
     esac
 done
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+rm -rf "$WORK"
 cat "$OUT/summary.txt"

@@ -8,10 +8,12 @@ A model that learns it must learn to count, to step by two, and to double.
     python tools/make_3seqs.py            # writes 3seqs.txt beside the repository root
 """
 
-import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+from pico_module import OneLineErrorParser
 
 NUM_LINES = 3333
 SEQUENCES = (
@@ -39,12 +41,18 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main() -> int:
+    parser = OneLineErrorParser(prog="tools/make_3seqs.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "3seqs.txt")
     args = parser.parse_args()
-    write_atomically(args.out, "".join(line + "\n" for line in three_sequence_lines()))
+    try:
+        write_atomically(args.out, "".join(line + "\n" for line in three_sequence_lines()))
+    except OSError as error:
+        print(f"make_3seqs: error: cannot write {args.out} ({error.strerror}); choose another --out",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,18 +5,21 @@ The notebook is generated so that a review reads this file, not JSON. Run
 `python tools/make_notebook.py` after editing; outputs are left empty (the
 figures land in artefacts/presentation/figures/ when the notebook runs).
 A notebook whose cells someone edited since this tool wrote it (the README
-asks students to set RUN_LOG there) is replaced only with --force.
+asks students to set RUN_LOG there), or that holds the outputs of a run, is
+replaced only with --force.
 """
 
-import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 import nbformat
+
+from pico_module import OneLineErrorParser
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -928,23 +931,34 @@ def build() -> nbformat.NotebookNode:
 
 
 def cells_digest(notebook: nbformat.NotebookNode) -> str:
-    """The cells' kinds and sources, what an edit changes (running the notebook adds
-    outputs, which it makes again)."""
+    """The cells' kinds and sources, what an edit changes (a run's outputs are looked at
+    apart, by work_lost_by_writing)."""
     cells = [[cell.cell_type, cell.source] for cell in notebook.cells]
     return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
 
 
-def edits_in(path: Path, new: nbformat.NotebookNode) -> str | None:
-    """Why writing `new` over `path` would lose someone's work, or None: its cells are
-    neither those this tool last wrote into it nor `new`'s."""
+MOVE_OR_FORCE = "move it away, or pass --force to replace it"
+
+
+def work_lost_by_writing(path: Path, new: nbformat.NotebookNode) -> str | None:
+    """Why writing `new` over `path` would lose someone's work, and what to do instead, or
+    None. Work is cells that are neither those this tool last wrote into it nor `new`'s, and
+    the outputs of a run (its figures and tables), which `new` is written without."""
     try:
         existing = nbformat.read(path, as_version=4)
     except Exception as error:  # OSError, invalid JSON, not a notebook: nbformat raises several
-        return f"is not a notebook this tool can read ({str(error).splitlines()[0][:100]})"
+        return (f"is not a notebook this tool can read ({str(error).splitlines()[0][:100]}); "
+                + MOVE_OR_FORCE)
     recorded = existing.metadata.get("pico_llm", {}).get("generated_cells_sha256")
-    if cells_digest(existing) in (recorded, cells_digest(new)):
-        return None
-    return "has cells edited since this tool wrote it"
+    if cells_digest(existing) not in (recorded, cells_digest(new)):
+        return f"has cells edited since this tool wrote it; {MOVE_OR_FORCE}"
+    if any(cell.cell_type == "code"
+           and (cell.get("outputs") or cell.get("execution_count") is not None)
+           for cell in existing.cells):
+        return ("holds the outputs of a run, which this tool would drop; clear them with "
+                f"`jupyter nbconvert --clear-output --inplace {shlex.quote(str(path))}`, "
+                + MOVE_OR_FORCE)
+    return None
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -966,21 +980,20 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/make_notebook.py",
-                                     description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/make_notebook.py", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default=str(REPO / "pico_llm.ipynb"),
                         help="where the notebook goes (default: the committed pico_llm.ipynb)")
     parser.add_argument("--force", action="store_true",
-                        help="replace the notebook even where its cells were edited")
+                        help="replace the notebook even where its cells were edited or it "
+                             "holds the outputs of a run")
     args = parser.parse_args(argv)
     path, notebook = Path(args.output), build()
     if path.exists() and not path.is_file():     # a directory; a FIFO would block the read
-        problem = "is not a regular file"
+        problem = "is not a regular file; move it away, or choose another --output"
     else:
-        problem = edits_in(path, notebook) if path.exists() and not args.force else None
+        problem = work_lost_by_writing(path, notebook) if path.exists() and not args.force else None
     if problem:
-        print(f"make_notebook: error: {path} {problem}; move it away, or pass --force to "
-              "replace it", file=sys.stderr)
+        print(f"make_notebook: error: {path} {problem}", file=sys.stderr)
         return 2
     text = nbformat.writes(notebook)
     try:

@@ -1,11 +1,13 @@
-"""pico-llm.py (and the tools) as Python modules.
+"""pico-llm.py (and the tools) as Python modules, and the tools' command-line parser.
 
 The script's file name has a hyphen, so `import pico-llm` is impossible: it is loaded with
 importlib instead. The tests (tests/conftest.py) and the tools share this one loader.
+Nothing here imports torch: make_notebook.py and make_3seqs.py run without it.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -32,3 +34,34 @@ def load_script(path: Path, name: str):
 def load_pico():
     """pico-llm.py as the module `pico_llm`."""
     return load_script(PICO_PATH, "pico_llm")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on an error; the tools, as pico-llm.py, print one
+    line, named after the tool: prog="tools/benchmark.py" errs as "benchmark: error: ..."."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{Path(self.prog).stem}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: an integer of at least 1 (0 rounds has no median)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for durations and rates: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
+    return value

@@ -11,12 +11,11 @@ figures.) A few minutes on a 2-core CPU.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from pico_module import load_pico
+from pico_module import OneLineErrorParser, load_pico, positive_int
 
 VARIANTS = {
     "pico + Muon": {"optimizer": "muon"},
@@ -31,9 +30,9 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/recipe_ablation.py", description=__doc__.split("\n")[0])
     parser.add_argument("--input_dir", required=True, help="running text, as --sweep recipe takes it")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=positive_int, default=600)
     parser.add_argument("--sweep_scale", default="full", choices=("full", "tiny"))
     args = parser.parse_args(argv)
     pico = load_pico()

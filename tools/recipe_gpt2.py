@@ -28,7 +28,6 @@ bfloat16, one matrix at a time and stacked by shape (what a GPU uses: bfloat16, 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmark import synchronize
-from pico_module import load_pico
+from pico_module import OneLineErrorParser, load_pico, positive_float
 from stream_vs_lines import write_python_docs
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "pandas", "sympy")
@@ -89,13 +88,13 @@ def orthogonalization_seconds(pico, model, device, rounds: int = 5) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/recipe_gpt2.py", description=__doc__.split("\n")[0])
     parser.add_argument("--write_corpus", metavar="DIR",
                         help="write the docstring corpus into DIR and stop")
     parser.add_argument("--input_dir", help="running text (a directory of .txt files)")
     parser.add_argument("--device_id", default="auto")
-    parser.add_argument("--seconds", type=float, default=60.0, help="training seconds per recipe")
-    parser.add_argument("--learning_rate", type=float, default=6e-4,
+    parser.add_argument("--seconds", type=positive_float, default=60.0, help="training seconds per recipe")
+    parser.add_argument("--learning_rate", type=positive_float, default=6e-4,
                         help="peak rate for every recipe (GPT-2 small's, as nanoGPT trains it)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and context (the tests)")
     parser.add_argument("--output", help="where the JSON report goes")

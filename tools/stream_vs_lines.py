@@ -19,7 +19,6 @@ its own format's test set, and samples from a prompt.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import io
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from pico_module import load_pico
+from pico_module import OneLineErrorParser, load_pico, positive_float, positive_int
 
 
 def write_python_docs(directory: Path, packages: tuple[str, ...] = ()) -> int:
@@ -85,11 +84,11 @@ def train(pico, flags: list[str], steps_per_epoch: int | None, epochs: int):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/stream_vs_lines.py", description=__doc__.split("\n")[0])
     parser.add_argument("--corpus_dir", default="/tmp/pico-python-docs")
-    parser.add_argument("--seconds", type=float, default=240.0, help="training time per format")
-    parser.add_argument("--d_model", type=int, default=128)
-    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--seconds", type=positive_float, default=240.0, help="training time per format")
+    parser.add_argument("--d_model", type=positive_int, default=128)
+    parser.add_argument("--block_size", type=positive_int, default=128)
     args = parser.parse_args()
     pico = load_pico()
     corpus = Path(args.corpus_dir)

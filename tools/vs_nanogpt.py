@@ -32,7 +32,6 @@ windows, computed here from each one's final checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -53,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pico_module import PICO_PATH, load_pico
+from pico_module import OneLineErrorParser, PICO_PATH, load_pico, positive_int
 from stream_vs_lines import write_python_docs
 
 # nanoGPT's README, "I only have a macbook", with its train_shakespeare_char config.
@@ -190,11 +189,11 @@ def nanogpt_held_out(nanogpt: Path, checkpoint: Path, ids: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/vs_nanogpt.py", description=__doc__.split("\n")[0])
     parser.add_argument("--nanogpt", default=None, metavar="DIR",
                         help="a nanoGPT checkout (train.py, model.py); without it only pico-llm runs")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps of each run")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each, in turn")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="training steps of each run")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="runs of each, in turn")
     parser.add_argument("--warmup", type=int, default=20,
                         help="first steps of each run left out of its loop tokens/s")
     parser.add_argument("--seed", type=int, default=1337,

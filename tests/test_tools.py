@@ -1,0 +1,71 @@
+"""The tools' command lines (tools/*.py): bad input gets one line on stderr, named after the
+tool, and exit status 2, as pico-llm.py's own; --help still prints the whole help."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TOOLS
+
+# Each tool with what its command line requires, so that the flag under test is what it reads.
+TOOL_ARGUMENTS = {
+    "ab_rope": [], "ab_training_speed": ["HEAD"], "benchmark": [],
+    "compile_presets": ["--output", "{tmp}/out.json"], "make_3seqs": ["--out", "{tmp}/3seqs.txt"],
+    "make_notebook": ["--output", "{tmp}/pico_llm.ipynb"],
+    "recipe_ablation": ["--input_dir", "{tmp}"], "recipe_gpt2": [], "stream_vs_lines": [],
+    "vs_nanogpt": [],
+}
+
+
+def run_tool(name, argv, tmp_path):
+    return subprocess.run([sys.executable, str(TOOLS / f"{name}.py"),
+                           *(a.format(tmp=tmp_path) for a in argv)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def assert_one_line_error(result, name, message):
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"{name}: error: ") and message in result.stderr, result.stderr
+
+
+def test_every_tool_with_a_command_line_is_checked_here():
+    assert set(TOOL_ARGUMENTS) == {path.stem for path in TOOLS.glob("*.py")
+                                   if "parse_args(" in path.read_text()}
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_ARGUMENTS))
+def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(name, tmp_path):
+    result = run_tool(name, [*TOOL_ARGUMENTS[name], "--no_such_flag"], tmp_path)
+    assert_one_line_error(result, name, "unrecognized arguments: --no_such_flag (see --help)")
+    assert list(tmp_path.iterdir()) == []
+    result = run_tool(name, ["--help"], tmp_path)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith(f"usage: tools/{name}.py") and "options:" in result.stdout
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("ab_rope", ["--shape", "2", "2"], "argument --shape: expected 4 arguments"),
+    ("ab_training_speed", ["HEAD", "--model", "gru"], "argument --model: invalid choice: 'gru'"),
+    ("ab_training_speed", ["no_such_rev"], "no pico-llm.py at the git revision 'no_such_rev' "
+                                           "(invalid object name 'no_such_rev')"),
+    ("benchmark", ["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    ("compile_presets", ["--configs", "GPT-5", "--output", "{tmp}/out.json"],
+     "--configs: unknown GPT-5"),
+    ("make_3seqs", ["--out", "{tmp}/missing/3seqs.txt"], "cannot write {tmp}/missing/3seqs.txt"),
+    ("recipe_ablation", ["--input_dir", "{tmp}", "--steps", "many"],
+     "argument --steps: expected an integer, got 'many'"),
+    ("recipe_gpt2", ["--output", "{tmp}/out.json"], "give --input_dir and --output"),
+    ("stream_vs_lines", ["--seconds", "soon"], "argument --seconds: expected a number, got 'soon'"),
+    ("stream_vs_lines", ["--seconds", "nan"], "expected a finite number above 0, got nan"),
+    ("vs_nanogpt", ["--rounds", "two"], "argument --rounds: expected an integer, got 'two'"),
+    ("ab_rope", ["--samples", "0"], "argument --samples: expected at least 1, got 0"),
+    ("ab_training_speed", ["HEAD", "--rounds", "0"], "argument --rounds: expected at least 1, got 0"),
+    ("compile_presets", ["--timeout", "-1", "--output", "{tmp}/out.json"],
+     "argument --timeout: expected a finite number above 0, got -1"),
+])
+def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
+    result = run_tool(name, argv, tmp_path)
+    assert_one_line_error(result, name, message.format(tmp=tmp_path))
+    assert list(tmp_path.iterdir()) == []
