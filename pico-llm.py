@@ -5335,10 +5335,11 @@ class ChunkedNextTokenLoss(NextTokenLoss):
 
 class FusedNextTokenLoss(NextTokenLoss):
     """NextTokenLoss with PyTorch's own cross-entropy (F.cross_entropy): on a GPU one fused
-    kernel for the log-softmax forward and one backward, reading the (bf16) logits as they
-    are and accumulating in float32, where section 3's written-out formula makes a float32
-    copy and a pass per operation. Compiled, Inductor fuses it into the logits' kernels. The
-    same values as NextTokenLoss (to float32 rounding; the tests check it)."""
+    kernel for the log-softmax forward and one backward, where section 3's written-out formula
+    takes a pass per operation. (Under bf16 autocast both read a float32 copy of the logits:
+    cross_entropy is among the operations autocast runs in float32.) Compiled, Inductor fuses
+    it into the logits' kernels. The same values as NextTokenLoss (to float32 rounding; the
+    tests check it)."""
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
                 position_weights: torch.Tensor) -> torch.Tensor:
@@ -5978,7 +5979,11 @@ class StaticDecoder(nn.Module):
         self.caches = [StaticKVCache(block.attention, batch, self.capacity, device, dtype)
                        for block in twin.blocks]
         self.graphs, self.graph = graphs, None
-        self.step_function = torch.compile(self.step, dynamic=False) if compile else self.step
+        # The class's function, called with the decoder: a bound method kept here would make a
+        # reference cycle, so a dropped decoder's weight copy and graph memory would wait for
+        # Python's cycle collector instead of going at once
+        step = StaticDecoder.step
+        self.step_function = torch.compile(step, dynamic=False) if compile else step
         self.tokens = torch.zeros(1, batch, dtype=torch.long, device=device)  # (1, B) graph input
         self.positions = torch.zeros(1, dtype=torch.long, device=device)      # (1,) graph input
         self.logits = None                                                    # (B, V) graph output
@@ -6007,7 +6012,7 @@ class StaticDecoder(nn.Module):
         self.tokens.copy_(tokens)
         self.positions.fill_(start)
         if not self.graphs:
-            logits = self.step_function(self.tokens, self.positions)
+            logits = self.step_function(self, self.tokens, self.positions)
         elif self.graph is None:
             logits = self.record_graph()
         else:
@@ -6023,11 +6028,11 @@ class StaticDecoder(nn.Module):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                self.step_function(self.tokens, self.positions)
+                self.step_function(self, self.tokens, self.positions)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.step_function(self.tokens, self.positions)
+            self.logits = self.step_function(self, self.tokens, self.positions)
         self.graph.replay()
         return self.logits
 

@@ -1,6 +1,8 @@
 """Section 7: sampling rules, KV cache and carried state."""
 
 import collections
+import gc
+import weakref
 
 import pytest
 import torch
@@ -198,6 +200,32 @@ def test_static_decoder_leaves_the_model_and_global_random_state_alone(pico, mod
     assert all(type(m) is pico.MixtureOfExperts for m in model.modules()
                if isinstance(m, pico.MixtureOfExperts))
     assert {p.dtype for p in decoder.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_dropped_static_decoder_is_freed_at_once(pico, models, compile):
+    """Its weight copy and (on a GPU) its graph's memory go when generation drops it, not when
+    Python's cycle collector next runs: nothing in it refers back to it."""
+    decoder = pico.StaticDecoder(models["minGPT"], compile=compile)
+    if not compile:
+        pico.generate_ids(decoder, [3, 1, 4], 3, pico.SamplingRule(temperature=0))
+    alive = weakref.ref(decoder)
+    gc.disable()
+    try:
+        del decoder
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.slow
+def test_the_compiled_static_decoder_equals_uncached_generation(pico, models):
+    """--generate --compile's decoder (on a GPU inside a CUDA graph; here its compiled step
+    alone, with Inductor's CPU kernels)."""
+    model, prompt, greedy = models["minGPT"], [3, 1, 4, 1, 5], pico.SamplingRule(temperature=0)
+    decoder = pico.StaticDecoder(model, compile=True)
+    assert (pico.generate_ids(decoder, prompt, 6, greedy)
+            == pico.generate_ids(model, prompt, 6, greedy, use_cache=False))
 
 
 def test_decoding_model_on_a_gpu_is_the_graph_decoder_compiled_when_asked(pico, models, monkeypatch):
