@@ -107,7 +107,7 @@ import unicodedata
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 try:
     import fcntl
@@ -2502,13 +2502,18 @@ class TokenWindows:
         return len(self.tokens)
 
 
-def write_temporary_file(path: Path, data: bytes) -> Path:
-    """`data`, written and flushed to disk in a new file beside `path` (.NAME.XXXXXXXX.tmp)."""
+def write_temporary_file(path: Path, data: bytes | Callable[[BinaryIO], object]) -> Path:
+    """`data`, written and flushed to disk in a new file beside `path` (.NAME.XXXXXXXX.tmp).
+    `data` is bytes, or a function that writes into the open file: torch.save and np.save
+    then stream to disk, rather than build a second copy of a checkpoint in memory first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as temp_file:
-            temp_file.write(data)
+            if callable(data):
+                data(temp_file)
+            else:
+                temp_file.write(data)
             temp_file.flush()
             os.fsync(temp_file.fileno())
         os.chmod(temp_name, 0o666 & ~current_umask())  # mkstemp makes files private (0600)
@@ -2518,8 +2523,9 @@ def write_temporary_file(path: Path, data: bytes) -> Path:
     return Path(temp_name)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`."""
+def atomic_write_bytes(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write to a temporary file in the same directory, then rename over `path`. `data`: as
+    write_temporary_file's."""
     temp = write_temporary_file(path, data)
     try:
         os.replace(temp, path)
@@ -2528,7 +2534,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_create_bytes(path: Path, data: bytes) -> None:
+def atomic_create_bytes(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     """As atomic_write_bytes, but only where no file has that name yet (FileExistsError
     otherwise): link() fails when `path` exists, where a rename would replace it."""
     temp = write_temporary_file(path, data)
@@ -2619,14 +2625,6 @@ def cannot_write(what: str, error: OSError, elsewhere: str) -> UserError:
     return UserError(f"cannot write {what}: {error.strerror or error}; {advice}{elsewhere}")
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> TokenizedExamples:
     """Tokenize `texts` once; later runs memory-map the cached ids (key: content + tokenizer)."""
     digest = hashlib.sha256(tokenizer.name.encode())
@@ -2669,8 +2667,8 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         check_tokenizer_covers(tokenizer, texts, tokens, offsets)
     if cache_dir is not None:
         try:
-            atomic_write_bytes(tokens_path, _npy_bytes(tokens))
-            atomic_write_bytes(offsets_path, _npy_bytes(offsets))
+            atomic_write_bytes(tokens_path, lambda file: np.save(file, tokens))
+            atomic_write_bytes(offsets_path, lambda file: np.save(file, offsets))
         except OSError as error:  # a cache we cannot write only costs time
             print(f"pico-llm: note: token cache not written ({error.strerror})", file=sys.stderr)
     return TokenizedExamples(tokens, offsets, num_bytes)
@@ -6407,10 +6405,8 @@ class CheckpointSeries:
     def save(self, payload: dict) -> Path:
         """Write atomically, then delete all but the newest `keep` checkpoints."""
         path = self.directory / f"step_{payload['progress']['step']:06d}.pt"
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
         try:
-            atomic_write_bytes(path, buffer.getvalue())
+            atomic_write_bytes(path, lambda file: torch.save(payload, file))
         except OSError as error:
             raise cannot_write(f"checkpoint {path}", error, "choose another --save_dir (last good "
                                f"checkpoint: {self.last_saved or 'none'})") from None
