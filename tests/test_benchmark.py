@@ -3,9 +3,11 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -240,6 +242,27 @@ def test_gpu_checks_skips_the_steps_its_total_time_leaves_no_room_for(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "summary.txt").read_text().splitlines() == ["tests skipped 0",
                                                                    "benchmark skipped 0"]
+
+
+def test_gpu_checks_cut_short_leaves_the_running_steps_log_and_the_earlier_ones_packed(tmp_path):
+    """A device call that ends mid-step (its time spent) brings back what OUT holds then: the
+    step in flight's log, and the earlier steps' logs in logs.tgz, in at most 8 files."""
+    process = subprocess.Popen(["bash", str(GPU_CHECKS), "--tiny", "--device", "cpu", str(tmp_path)],
+                               env={**os.environ, "STEPS": "tests benchmark",
+                                    "CUDA_VISIBLE_DEVICES": ""},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "benchmark.log").exists() and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert (tmp_path / "summary.txt").read_text().split()[:2] == ["tests", "0"]
+    assert "skipped" in packed_log(tmp_path, "cuda_tests.log")
+    assert (tmp_path / "benchmark.log").exists() and len(list(tmp_path.iterdir())) <= 8
 
 
 @pytest.mark.slow

@@ -32,8 +32,9 @@
 #              processes (12) where pytest-xdist is installed, each test under TEST_TIMEOUT
 #              seconds where pytest-timeout is -> fast_suite.log, one line per test
 # summary.txt gets one line per step: name, exit status (124 = timed out, "skipped" when the
-# total time was spent), seconds. OUT_DIR ends with summary.txt, the JSON reports and logs.tgz
-# (every log, profile and generated text): at most 7 files, however many steps ran.
+# total time was spent), seconds. OUT_DIR holds summary.txt, the JSON reports, logs.tgz (every
+# log, profile and generated text, packed again after each step) and the running step's log:
+# at most 8 files at any moment, however many steps ran or wherever the call is cut short.
 # Limits in seconds: all steps together TOTAL_S (540; each step's limit is cut to what is left,
 # and a step with under 20 s left is skipped), BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT
 # (90), GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run PRESET_RUN_TIMEOUT 150),
@@ -65,10 +66,14 @@ cd "$REPO" || exit 2
 STEPS="${STEPS:-tests gptoss benchmark}"
 DEADLINE=$(( $(date +%s) + ${TOTAL_S:-540} ))
 WORK="$(mktemp -d)"       # run logs and caches of the pico-llm runs: only their reports are kept
-LOGS="$OUT/logs"          # packed into logs.tgz at the end
-rm -rf "$LOGS" "$OUT/logs.tgz"
+LOGS="$WORK/logs"         # packed into OUT/logs.tgz after each step
+rm -f "$OUT/logs.tgz"
 mkdir -p "$LOGS" || exit 2
 : > "$OUT/summary.txt"
+
+pack_logs() {  # OUT/logs.tgz replaced whole, so a call cut short still brings the last one back
+    tar czf "$OUT/.logs.tgz.part" -C "$WORK" logs && mv -f "$OUT/.logs.tgz.part" "$OUT/logs.tgz"
+}
 
 run_step() {  # name timeout log command...: run, time, record "name status seconds"
     local name="$1" limit="$2" log="$3"
@@ -81,9 +86,11 @@ run_step() {  # name timeout log command...: run, time, record "name status seco
         return
     fi
     if [ "$limit" -gt "$left" ]; then limit="$left"; fi
-    timeout -k 15 "$limit" "$@" > "$LOGS/$log" 2>&1
+    timeout -k 15 "$limit" "$@" > "$OUT/$log" 2>&1   # in OUT while it runs, for a call cut short
     status=$?
     echo "$name $status $(( $(date +%s) - started ))" >> "$OUT/summary.txt"
+    mv "$OUT/$log" "$LOGS/$log"
+    pack_logs
 }
 
 QUICK=()
@@ -166,6 +173,6 @@ for step in $STEPS; do
         *) echo "gpu_checks.sh: unknown step $step" >&2; exit 2 ;;
     esac
 done
-tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+pack_logs
 rm -rf "$WORK"
 cat "$OUT/summary.txt"
