@@ -2625,9 +2625,22 @@ def cannot_write(what: str, error: OSError, elsewhere: str) -> UserError:
     return UserError(f"cannot write {what}: {error.strerror or error}; {advice}{elsewhere}")
 
 
+def load_cached_array(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """A cached .npy array; ValueError naming the file for one that is damaged or is no
+    regular file (reading a FIFO would wait forever)."""
+    try:
+        if not path.is_file():
+            raise ValueError("not a regular file")
+        return np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{path.name}: {str(error) or type(error).__name__}") from None
+
+
 def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> TokenizedExamples:
-    """Tokenize `texts` once; later runs memory-map the cached ids (key: content + tokenizer)."""
-    digest = hashlib.sha256(tokenizer.name.encode())
+    """Tokenize `texts` once; later runs memory-map the cached ids (key: content + tokenizer).
+    A trained BPE's name says only its size, and two trained on different splits share it: its
+    key is its merges' fingerprint."""
+    digest = hashlib.sha256(getattr(tokenizer, "fingerprint", tokenizer.name).encode())
     for text in texts:
         digest.update(text.encode("utf-8"))
         digest.update(b"\x00")
@@ -2638,18 +2651,18 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         offsets_path = cache_dir / f"{key}.offsets.npy"
         if tokens_path.exists() and offsets_path.exists():
             try:
-                cached = TokenizedExamples(np.load(tokens_path, mmap_mode="r"),
-                                           np.load(offsets_path), num_bytes)
+                cached = TokenizedExamples(load_cached_array(tokens_path, mmap_mode="r"),
+                                           load_cached_array(offsets_path), num_bytes)
                 problem = ("" if len(cached) == len(texts) and cached.offsets[-1] == len(cached.tokens)
                            else "its sizes do not match")
                 if not problem and (cached.offsets[0] != 0 or np.any(np.diff(cached.offsets) < 1)):
                     problem = "its example offsets do not increase"   # each example ends in eot
                 problem = problem or token_ids_problem(cached.tokens, tokenizer.vocab_size)
-            except (OSError, ValueError, EOFError) as error:  # truncated or not a .npy file
-                problem = textwrap.shorten(str(error), 80) or type(error).__name__
+            except ValueError as error:                     # truncated or not a .npy file
+                problem = textwrap.shorten(str(error), 100)
             if not problem:
                 return cached
-            print(f"pico-llm: note: token cache {tokens_path} is damaged ({problem}); "
+            print(f"pico-llm: note: token cache {cache_dir / key}.* is damaged ({problem}); "
                   "rebuilding it", file=sys.stderr)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     flat = tokenizer.encode_examples(texts) if hasattr(tokenizer, "encode_examples") else None
@@ -7421,6 +7434,8 @@ class TrainedBPETokenizer:
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
                  requested_size: int) -> None:
         self.name = f"bpe:{requested_size}"
+        self.fingerprint = f"{self.name}:" + hashlib.sha256(
+            b"".join(a + b"\x00" + b + b"\x01" for a, b in merges)).hexdigest()[:24]
         self.bpe = Tokenizer(vocab, merges, [END_OF_TEXT])
         self.encoding = tiktoken_encoding_from_bpe(vocab, merges, [END_OF_TEXT], self.name)
         self.vocab_size = max(self.bpe.vocab) + 1
@@ -7454,9 +7469,13 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
     cached = cache_dir / f"bpe-{digest.hexdigest()[:24]}" if cache_dir else None
     if cached is not None and (cached / "merges.json").exists():
         try:
+            if not all((cached / name).is_file() for name in ("vocab.json", "merges.json")):
+                raise ValueError("not regular files")          # reading a FIFO would wait forever
             loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
             if not all(0 <= token_id < vocab_size for token_id in loaded.vocab):
                 raise ValueError(f"ids outside 0..{vocab_size - 1}")
+            if len(loaded.vocab) != 256 + len(loaded.special_ids) + len(loaded.merges):
+                raise ValueError(f"{len(loaded.merges)} merges for {len(loaded.vocab)} ids")
             return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             # truncated JSON, bad hex, a list where an object belongs, ...
@@ -7468,6 +7487,10 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
         corpus.write_text(END_OF_TEXT.join(texts), encoding="utf-8")
         vocab, merges = train_bpe(corpus, vocab_size, [END_OF_TEXT])
     tokenizer = TrainedBPETokenizer(vocab, merges, vocab_size)
+    if tokenizer.vocab_size < vocab_size:                 # said once, when it is trained
+        print(f"pico-llm: note: the training text has pairs to merge for only "
+              f"{tokenizer.vocab_size:,} ids, so bpe:{vocab_size}'s vocabulary is that size",
+              file=sys.stderr)
     if cached is not None:
         try:
             tokenizer.save(cached)

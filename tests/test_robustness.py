@@ -454,8 +454,9 @@ def test_truncated_bpe_cache_is_rebuilt_with_a_note(ws):
     merges.write_text(text[: len(text) // 2])
     result = run(*command, "--run_name", "second", timeout=300)
     assert result.returncode == 0, describe(result)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cache" in lines[0] and "Traceback" not in result.stderr, describe(result)
+    lines = result.stderr.strip().splitlines()   # and, trained again, how many ids it has
+    assert "cache" in lines[0] and "Traceback" not in result.stderr, describe(result)
+    assert all(line.startswith("pico-llm: note: ") for line in lines), describe(result)
     json.loads(merges.read_text())
 
 
@@ -737,6 +738,67 @@ def test_a_token_cache_with_ids_out_of_range_is_rebuilt(pico, tmp_path, capsys):
     assert len(lines) == 1 and "token cache" in lines[0] and "60000" in lines[0], lines
     assert list(again.tokens) == list(first.tokens)
     assert list(np.load(tokens_path)) == list(first.tokens)
+
+
+@pytest.mark.parametrize("which", ["tokens", "offsets"])
+def test_a_fifo_in_the_token_cache_is_not_read_but_replaced(pico, tmp_path, capsys, which):
+    """Reading a FIFO waits for a writer forever; the note names the file that is wrong."""
+    texts = ["the cat sat on the mat", "a dog ran far away"]
+    first = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    path = next(tmp_path.glob(f"*.{which}.npy"))
+    path.unlink()
+    os.mkfifo(path)
+    again = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{path.name}: not a regular file" in lines[0], lines
+    assert list(again.tokens) == list(first.tokens) and path.is_file()
+
+
+def test_a_fifo_in_the_bpe_cache_is_not_read_but_replaced(pico, tmp_path, capsys):
+    texts = [f"the quick brown fox number {i} jumps" for i in range(50)]
+    first = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    merges = next(tmp_path.glob("bpe-*/merges.json"))
+    merges.unlink()
+    os.mkfifo(merges)
+    again = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "BPE cache" in lines[0] and "not regular files" in lines[0], lines
+    assert again.encode("number 7 jumps") == first.encode("number 7 jumps") and merges.is_file()
+
+
+def test_a_bpe_cache_with_merges_cut_at_a_json_boundary_is_trained_again(pico, tmp_path, capsys):
+    """Valid JSON, fewer merges than its vocabulary was built from: encoding would differ."""
+    texts = [f"the quick brown fox number {i} jumps" for i in range(50)]
+    first = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    merges = next(tmp_path.glob("bpe-*/merges.json"))
+    merges.write_text(json.dumps(json.loads(merges.read_text())[:-5]))
+    again = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "BPE cache" in lines[0] and "merges for 300 ids" in lines[0], lines
+    assert again.encode("number 7 jumps") == first.encode("number 7 jumps")
+
+
+def test_token_caches_of_two_bpes_of_one_size_are_kept_apart(pico, tmp_path):
+    """A BPE is trained on the training split, which --seed and --test_fraction change; its
+    name (bpe:300) is the same, its ids are not, and the cache must not mix them up."""
+    texts = ["the quick brown fox jumps over the lazy dog"] * 3
+    one = pico.train_bpe_tokenizer([f"ab{i} ab ab abc" for i in range(40)], 300, None)
+    other = pico.train_bpe_tokenizer([f"xy{i} xy xy xyz" for i in range(40)], 300, None)
+    assert one.name == other.name and one.fingerprint != other.fingerprint
+    first = pico.tokenize_examples(texts, one, tmp_path)
+    second = pico.tokenize_examples(texts, other, tmp_path)
+    assert list(first.tokens) == [i for t in texts for i in one.encode(t) + [one.eot_id]]
+    assert list(second.tokens) == [i for t in texts for i in other.encode(t) + [other.eot_id]]
+
+
+def test_a_bpe_smaller_than_asked_for_says_so_when_trained(pico, capsys, tmp_path):
+    tokenizer = pico.build_tokenizer("bpe:5000", ["the cat sat on the mat"] * 3, tmp_path)
+    assert tokenizer.vocab_size < 5000
+    note = capsys.readouterr().err.strip()
+    assert note == (f"pico-llm: note: the training text has pairs to merge for only "
+                    f"{tokenizer.vocab_size:,} ids, so bpe:5000's vocabulary is that size")
+    pico.build_tokenizer("bpe:5000", ["the cat sat on the mat"] * 3, tmp_path)   # from the cache
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("vocab", ["[]", "42", '"text"', "null"])
