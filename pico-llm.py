@@ -2088,12 +2088,18 @@ class ByteTokenizer:
         return lengths
 
 
+def is_count(text: str) -> bool:
+    """Whether `text` is a whole number written in the digits 0-9 (str.isdigit alone also
+    takes "²", which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
     """'gpt2' | 'char' | 'bpe:N' -> (kind, N); UserError otherwise."""
     if spec in ("gpt2", "char"):
         return spec, 0
     kind, _, size = spec.partition(":")
-    if kind == "bpe" and size.isdigit() and int(size) >= 257:
+    if kind == "bpe" and is_count(size) and int(size) >= 257:
         return "bpe", int(size)
     raise UserError(f"unknown --tokenizer {spec!r}; choose gpt2, char or bpe:N with N >= 257 "
                     "(256 bytes + <|endoftext|>)")
@@ -6918,7 +6924,7 @@ def launched_world_size() -> int:
     """How many ranks torchrun started (its WORLD_SIZE); 1 for a plain `python pico-llm.py`
     (and for a WORLD_SIZE that is not a count, which check_torchrun_environment refuses)."""
     size = os.environ.get("WORLD_SIZE", "1").strip()
-    return max(int(size), 1) if size.isdigit() else 1
+    return max(int(size), 1) if is_count(size) else 1
 
 
 def check_torchrun_environment() -> None:
@@ -6929,7 +6935,7 @@ def check_torchrun_environment() -> None:
     if size is None:
         return
     hint = "start pico-llm with torchrun --nproc_per_node=N, or unset WORLD_SIZE"
-    if not size.strip().isdigit() or int(size) < 1:
+    if not is_count(size.strip()) or int(size) < 1:
         raise UserError(f"WORLD_SIZE={size!r} is not a number of processes; {hint}")
     world_size = int(size)
     if world_size == 1:
@@ -6939,7 +6945,7 @@ def check_torchrun_environment() -> None:
     if missing:
         raise UserError(f"WORLD_SIZE={world_size} without {', '.join(missing)}; {hint}")
     for name in ("RANK", "LOCAL_RANK"):
-        if not os.environ[name].strip().isdigit():
+        if not is_count(os.environ[name].strip()):
             raise UserError(f"{name}={os.environ[name]!r} is not a rank (0, 1, ...); {hint}")
     if int(os.environ["RANK"]) >= world_size:
         raise UserError(f"RANK={os.environ['RANK']} is not below WORLD_SIZE={world_size}; {hint}")

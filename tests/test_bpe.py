@@ -356,7 +356,7 @@ def test_bpe_tokenizer_flag_trains_on_the_training_split_and_is_cached(tmp_path)
 
 def test_bpe_tokenizer_spec_is_validated():
     assert pico.parse_tokenizer_spec("bpe:500") == ("bpe", 500)
-    for bad in ("bpe:10", "bpe:", "bpe:abc", "wordpiece"):
+    for bad in ("bpe:10", "bpe:", "bpe:abc", "bpe:³⁰⁰", "wordpiece"):
         with pytest.raises(pico.UserError, match="--tokenizer"):
             pico.parse_tokenizer_spec(bad)
 

@@ -244,6 +244,8 @@ TORCHRUN_ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a number of processes"),
     ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not a number of processes"),
     ({"WORLD_SIZE": "-1"}, "WORLD_SIZE='-1' is not a number of processes"),
+    ({"WORLD_SIZE": "²"}, "WORLD_SIZE='²' is not a number of processes"),
+    ({"WORLD_SIZE": "2", "RANK": "²", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}, "RANK='²' is not a rank"),
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 without RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"),
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "without MASTER_ADDR, MASTER_PORT"),
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "abc", **TORCHRUN_ADDRESS}, "LOCAL_RANK='abc' is not a rank"),
