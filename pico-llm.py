@@ -4735,6 +4735,9 @@ def validate_one_command(args: argparse.Namespace) -> None:
     if args.attention_maps and not any(name.startswith("transformer") for name in args.models):
         raise UserError("--attention_maps draws a Transformer's attention; add transformer to "
                         "--models")
+    if args.attention_maps and args.attention not in (None, "softmax"):
+        raise UserError(f"--attention_maps draws softmax attention's weights, and --attention "
+                        f"{args.attention} has none to draw (it keeps a running state); drop one")
     custom_data_sweep = args.custom_sweep_log or args.sweep in ("custom_data", "presentation")
     if args.custom_sweep_sizes is not None and not custom_data_sweep:
         raise UserError("--custom_sweep_sizes sets the corpus sizes of the custom_data sweep; add "

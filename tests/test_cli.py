@@ -74,6 +74,8 @@ BAD_INPUTS = [
     (["--accounting", "--resume", "ckpt"], "--accounting keeps no checkpoints of its own"),
     (["--generate", "--checkpoint", "x.pt", "--attention_maps"], "--generate trains none"),
     (["--models", "lstm_seq", "--attention_maps"], "add transformer to --models"),
+    (["--models", "transformer", "--attention", "gated_linear", "--attention_maps"],
+     "--attention gated_linear has none to draw"),
     (["--sweep", "budget", "--export_hf", "out"], "--sweep gives none to write"),
     (["--accounting", "--generate", "--checkpoint", "x.pt"], "--accounting and --generate are two commands"),
     (["--custom_sweep_sizes", "3,5"], "--custom_sweep_sizes sets the corpus sizes"),
