@@ -5867,7 +5867,10 @@ def compile_unavailable(device: torch.device) -> str | None:
     """Why torch.compile cannot generate code for `device` here, or None: Inductor builds C++
     with the system's compiler on a CPU and Triton kernels on a GPU."""
     if device.type == "cpu":
-        if os.environ.get("CXX") or any(shutil.which(name) for name in ("g++", "clang++", "c++")):
+        chosen = os.environ.get("CXX", "").split()           # Inductor takes CXX first
+        if chosen and not shutil.which(chosen[0]):
+            return f"CXX={os.environ['CXX']!r} names no program that is here (unset CXX or fix it)"
+        if chosen or any(shutil.which(name) for name in ("g++", "clang++", "c++")):
             return None
         return "torch.compile needs a C++ compiler (g++ or clang++) on the PATH on a CPU"
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:

@@ -226,6 +226,10 @@ def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch):
     assert status == 2
     assert "--compile cannot run here" in err and "C++ compiler" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("CXX", "/nonexistent/g++")           # Inductor would try it, and fail
+    status, out, err = run_main(*TINY_RUN, "--models", "transformer", "--compile")
+    assert status == 2 and "CXX='/nonexistent/g++' names no program" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_rope_ab_tool_times_both_formulations(capsys):
