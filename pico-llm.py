@@ -4631,6 +4631,9 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} is at most {limit}, got {getattr(args, name)}")
     if args.monosemantic_clusters <= 0:
         raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
+    if args.tinystories_path and not args.tinystories_weight:
+        raise UserError("--tinystories_path is read only with --tinystories_weight above 0 (the "
+                        "share of examples from TinyStories); add it, or drop --tinystories_path")
     if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} is too large; "
                         f"use at most {MAX_NEW_TOKENS_LIMIT}")

@@ -74,6 +74,7 @@ BAD_INPUTS = [
     (["--accounting", "--resume", "ckpt"], "--accounting keeps no checkpoints of its own"),
     (["--generate", "--checkpoint", "x.pt", "--attention_maps"], "--generate trains none"),
     (["--models", "lstm_seq", "--attention_maps"], "add transformer to --models"),
+    (["--tinystories_path", "stories.txt"], "--tinystories_path is read only with --tinystories_weight"),
     (["--models", "transformer", "--attention", "gated_linear", "--attention_maps"],
      "--attention gated_linear has none to draw"),
     (["--sweep", "budget", "--export_hf", "out"], "--sweep gives none to write"),
