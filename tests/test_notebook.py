@@ -169,6 +169,46 @@ def test_notebook_runs_on_the_committed_artefacts_and_plots_their_run_log(tmp_pa
     assert (copy / "sweep_architectures_run_loss_curves.png").exists()
 
 
+def presentation_cut_to(points, folder):
+    """A copy of the committed presentation with every sweep cut to its first `points`
+    points and still running, as a sweep stopped part-way leaves its file."""
+    shutil.copytree(REPO / "artefacts" / "presentation", folder,
+                    ignore=shutil.ignore_patterns("figures"))
+    for path in folder.glob("sweep_*.json"):
+        sweep = json.loads(path.read_text())
+        if sweep["kind"] == "sweep":
+            sweep["points"], sweep["status"] = sweep["points"][:points], "running"
+            path.write_text(json.dumps(sweep))
+    return folder
+
+
+def test_notebook_notes_sweeps_stopped_after_their_first_point_and_nan_losses(tmp_path):
+    artefacts = presentation_cut_to(1, tmp_path / "presentation")
+    log = cut_short_run_log()
+    log["models"]["lstm_seq"]["history"][-1]["train_loss"] = float("nan")   # diverged
+    run_log = tmp_path / "my_run.json"
+    run_log.write_text(json.dumps(log))
+    text = execute_notebook(artefacts, run_log=run_log)   # raises if a cell fails
+    for sweep in ("attention", "ablations"):          # each compares points with a first one
+        assert (f"the {sweep} sweep has 1 point to show; this section needs 2 (the sweep is "
+                f"not finished: `python pico-llm.py --sweep {sweep} --artefacts_dir") in text
+    assert "NaN or infinite losses in my_run, not drawn: lstm_seq 1 of 5." in text
+    assert text.count("Note:") == 3
+    figures = {p.stem for p in (artefacts / "figures").glob("*.png")}
+    assert figures == (FIGURES | set(NEW_FIGURES)) - {"ablations", "linear_attention"}
+    assert (tmp_path / "my_run_loss_curves.png").exists()
+
+
+def test_notebook_notes_sweeps_without_points(pico, tmp_path):
+    artefacts = presentation_cut_to(0, tmp_path / "presentation")
+    text = execute_notebook(artefacts)
+    for sweep in pico.SWEEP_NAMES:
+        assert f"the {sweep} sweep has 0 points to show" in text, sweep
+    figures = {p.stem for p in (artefacts / "figures").glob("*.png")}
+    assert figures == {"loss_curves", "attention_transformer", "expert_usage",
+                       "sliding_window_sinks"}    # drawn from the run log and attention files
+
+
 def test_notebook_runs_without_artefacts_and_says_so(tmp_path):
     text = execute_notebook(tmp_path / "nothing_here")
     assert "sweep_architectures.json` is missing" in text
@@ -232,6 +272,15 @@ def test_notebook_shows_the_attention_maps_and_clusters_a_run_log_names(run_main
     assert "**mine** (finished)" in text and "**transformer**: embedding clusters" in text
     assert "mine.attention_transformer.json` is missing" not in text
     assert (run_log.parent / "mine_attention_transformer.png").exists()
+
+
+def test_notebook_notes_a_run_log_without_models(tmp_path):
+    log = cut_short_run_log()
+    log["models"], log["status"] = {}, "failed"   # it failed before building its first model
+    run_log = tmp_path / "my_run.json"
+    run_log.write_text(json.dumps(log))
+    text = execute_notebook(tmp_path / "no_presentation", run_log=run_log)
+    assert "**my_run** (failed)" in text and "my_run.json` has no model in it" in text
 
 
 def test_notebook_reports_a_missing_run_log(tmp_path):

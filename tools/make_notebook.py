@@ -31,7 +31,8 @@ Every number and figure below is read from JSON files; nothing is typed in by ha
 committed results live in `artefacts/presentation/`, made by
 `python pico-llm.py --sweep presentation --artefacts_dir artefacts/presentation --overwrite`
 (character tokenizer, small widths; the first table says how long each sweep took, and on what
-machine). A missing file shows a note and the notebook goes on; figures are saved as PNG into
+machine). A missing file, or a sweep with too few finite points to draw (one stopped part-way),
+shows a note and the notebook goes on; figures are saved as PNG into
 `artefacts/presentation/figures/`.
 
 To plot a run of your own, set `RUN_LOG` below to its run log (for example
@@ -87,7 +88,43 @@ def load(path, kind, remedy=f"run `{MAKE_PRESENTATION}` to make it"):
     return data
 
 
+def finite(value):
+    \"\"\"A number that is neither NaN nor infinite (a diverged run records None or NaN).\"\"\"
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def usable_points(sweep, *fields, needed=1):
+    \"\"\"The points of a loaded sweep (or None) that did not diverge and whose `fields` are
+    finite numbers. A note says how many were left out; when fewer than `needed` remain (a
+    sweep stopped part-way holds only the points it finished), it says so instead and the
+    list comes back empty, so that the section shows nothing else.\"\"\"
+    if not sweep:
+        return []
+    name = sweep.get("sweep", "")
+    trained = [p for p in sweep["points"] if not p.get("diverged")]
+    points = [p for p in trained if all(finite(p.get(field)) for field in fields)]
+    without = (f"{plural(len(trained) - len(points), 'point')} without a finite "
+               f"{' or '.join(fields)}")
+    if len(points) >= needed:
+        if len(points) < len(trained):
+            note(f"the {name} sweep has {without}, left out here.")
+        return points
+    left_out = []
+    if len(trained) < len(sweep["points"]):
+        left_out.append(f"{len(sweep['points']) - len(trained)} diverged")
+    if len(points) < len(trained):
+        left_out.append(without)
+    note(f"the {name} sweep has {plural(len(points), 'point')} to show"
+         + (f" ({', '.join(left_out)})" if left_out else "") + f"; this section needs {needed}"
+         + ("" if sweep.get("status") == "finished" else
+            f" (the sweep is not finished: `python pico-llm.py --sweep {name} --artefacts_dir "
+            f"{ARTEFACTS_DIR}` runs the rest of it)") + ".")
+    return []
+
+
 def save(fig, name, folder=FIGURES):
+    if fig is None:  # nothing to draw, and a note said why
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fig.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
@@ -118,7 +155,20 @@ def plural(count, noun):
 
 def plot_run_losses(run, title):
     \"\"\"Train loss per step (line) and test loss after each epoch (dots) from a run log,
-    one panel per model family, all panels on one loss axis.\"\"\"
+    one panel per model family, all panels on one loss axis. A NaN or infinite loss (a run
+    that diverged) cannot be drawn: a note counts them, and None comes back when no loss is
+    left to draw.\"\"\"
+    losses = {name: [h["train_loss"] for h in record["history"]]
+                    + [t["test_loss"] for t in record["test_history"]]
+              for name, record in run["models"].items()}
+    if not any(finite(loss) for values in losses.values() for loss in values):
+        note(f"the run log of {run['run_name']} has no finite loss to plot.")
+        return None
+    not_finite = {name: sum(not finite(loss) for loss in values) for name, values in losses.items()}
+    if any(not_finite.values()):
+        note(f"NaN or infinite losses in {run['run_name']}, not drawn: "
+             + ", ".join(f"{name} {count} of {len(losses[name])}"
+                         for name, count in not_finite.items() if count) + ".")
     families = {}
     for index, (name, record) in enumerate(run["models"].items()):
         family = model_family(record.get("config", {}))
@@ -239,13 +289,14 @@ def shape_text(config):
             f"{config['ffn']}, {config['norm']}, {config['pos_emb']}")
 
 
-if architectures:
+architecture_points = usable_points(architectures, "train_loss", "test_loss", "tokens_per_s")
+if architecture_points:
     display(pd.DataFrame([{
         "model": p["model"], "parameters": p["parameters"],
         "shape": shape_text(p.get("config", {})), "train loss": p["train_loss"],
         "test loss": p["test_loss"],
         "test bits per byte": p.get("test_bits_per_byte"), "tokens/s": round(p["tokens_per_s"]),
-        "seconds": p["wall_time_s"]} for p in architectures["points"]]).set_index("model"))
+        "seconds": p["wall_time_s"]} for p in architecture_points]).set_index("model"))
     print("environment:", architectures["environment"])
     print("tokenizer:", architectures["config"]["tokenizer"])"""),
     ("markdown", "## The data"),
@@ -271,8 +322,8 @@ if architectures_run:
 Training tokens per second, measured in the same run, on a log axis with the measured value
 written on each bar; each label gives the model's width and depth."""),
     ("code", """\
-if architectures:
-    points = architectures["points"]
+if architecture_points:
+    points = architecture_points
     scale, environment = architectures["config"]["scale"], architectures["environment"]
     fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(points) + 1.6))
     labels = [f"{p['model']}\\n({width_text(p.get('config', {}))})" for p in points]
@@ -436,12 +487,11 @@ fixed size, so its speed and memory stay flat."""),
 attention_sweep = load(ARTEFACTS_DIR / "sweep_attention.json", "sweep",
                        remedy="`python pico-llm.py --sweep attention --artefacts_dir "
                               f"{ARTEFACTS_DIR}` makes it")
-softmax = next((p for p in attention_sweep["points"]
-                if p["settings"]["attention_kind"] == "softmax"), None) if attention_sweep else None
-if attention_sweep and not softmax:
+points = usable_points(attention_sweep, "test_loss", "tokens_per_s", needed=2)
+softmax = next((p for p in points if p["settings"]["attention_kind"] == "softmax"), None)
+if points and not softmax:
     note("the attention sweep has no softmax point to compare against.")
 if softmax:
-    points = attention_sweep["points"]
     kind_colour = {p["settings"]["attention_kind"]: f"C{index}" for index, p in enumerate(points)}
     # Each kind its own marker, smaller in turn: lines that coincide (two linear states of one
     # size) stay visible one inside the other.
@@ -534,8 +584,8 @@ A small training subset for many epochs. The train loss keeps falling; the test 
 and turns up: the gap between them is what the model memorised."""),
     ("code", """\
 overfit = load(ARTEFACTS_DIR / "sweep_overfit.json", "sweep")
-if overfit:
-    points = overfit["points"]
+points = usable_points(overfit, "train_loss", "test_loss")
+if points:
     fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 3.6), squeeze=False,
                              sharey=True, layout="constrained")
     for ax, point in zip(axes[0], points):
@@ -561,11 +611,12 @@ if overfit:
 Final train and test loss against the number of training examples, at a fixed step budget and
 a fixed test set. With three examples the model memorises; more data closes the gap."""),
     ("code", """\
-custom = load(ARTEFACTS_DIR / "sweep_custom_data.json", "sweep")
+custom = usable_points(load(ARTEFACTS_DIR / "sweep_custom_data.json", "sweep"),
+                       "train_loss", "test_loss")
 if custom:
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for index, model in enumerate(sorted({p["model"] for p in custom["points"]})):
-        points = sorted((p for p in custom["points"] if p["model"] == model),
+    for index, model in enumerate(sorted({p["model"] for p in custom})):
+        points = sorted((p for p in custom if p["model"] == model),
                         key=lambda p: p["train_examples"])
         x = [p["train_examples"] for p in points]
         ax.plot(x, [p["train_loss"] for p in points], "o:", color=f"C{index}", label=f"{model} train")
@@ -579,12 +630,13 @@ if custom:
 
 The course starter's `--max_steps_per_epoch` at 1, 3 and 6 steps, 60/40 train/test split."""),
     ("code", """\
-budget = load(ARTEFACTS_DIR / "sweep_budget.json", "sweep")
+budget = usable_points(load(ARTEFACTS_DIR / "sweep_budget.json", "sweep"),
+                       "train_loss", "test_loss")
 if budget:
-    models = sorted({p["model"] for p in budget["points"]})
+    models = sorted({p["model"] for p in budget})
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for index, model in enumerate(models):
-        points = sorted((p for p in budget["points"] if p["model"] == model),
+        points = sorted((p for p in budget if p["model"] == model),
                         key=lambda p: p["settings"]["max_steps_per_epoch"])
         x = [p["settings"]["max_steps_per_epoch"] for p in points]
         ax.plot(x, [p["train_loss"] for p in points], "o:", color=f"C{index}", label=f"{model} train")
@@ -599,12 +651,12 @@ if budget:
 Three small grids, one heatmap each, all on one colour scale: final test loss in nats per token,
 darker is lower (better). The best cell of each grid is written in bold."""),
     ("code", """\
-hyper = load(ARTEFACTS_DIR / "sweep_hyperparams.json", "sweep")
+hyper = usable_points(load(ARTEFACTS_DIR / "sweep_hyperparams.json", "sweep"), "test_loss")
 if hyper:
     grids = {}
-    for point in hyper["points"]:
+    for point in hyper:
         grids.setdefault((point["model"], tuple(point["settings"])), []).append(point)
-    losses = [p["test_loss"] for p in hyper["points"] if p["test_loss"] is not None]
+    losses = [p["test_loss"] for p in hyper]
     colours = ScalarMappable(Normalize(min(losses), max(losses)), "viridis")
     fig, axes = plt.subplots(1, len(grids), figsize=(3.6 * len(grids) + 1.2, 3.6), squeeze=False,
                              layout="constrained")
@@ -613,9 +665,8 @@ if hyper:
         cols = sorted({p["settings"][col_name] for p in points})
         grid = [[float("nan")] * len(cols) for _ in rows]
         for p in points:
-            if p["test_loss"] is not None:
-                row, col = rows.index(p["settings"][row_name]), cols.index(p["settings"][col_name])
-                grid[row][col] = p["test_loss"]
+            row, col = rows.index(p["settings"][row_name]), cols.index(p["settings"][col_name])
+            grid[row][col] = p["test_loss"]
         best = min(value for row in grid for value in row if value == value)
         ax.imshow(grid, cmap=colours.cmap, norm=colours.norm)
         for i, row in enumerate(grid):
@@ -633,12 +684,13 @@ if hyper:
     save(fig, "hyperparams")"""),
     ("markdown", "## k-gram variants\n\nOne-hot, embedding and convolutional contexts at equal settings."),
     ("code", """\
-kgram = load(ARTEFACTS_DIR / "sweep_kgram_variants.json", "sweep")
+kgram = usable_points(load(ARTEFACTS_DIR / "sweep_kgram_variants.json", "sweep"),
+                      "train_loss", "test_loss", "tokens_per_s")
 if kgram:
     display(pd.DataFrame([{"variant": p["settings"]["kgram_variant"], "parameters": p["parameters"],
                            "train loss": p["train_loss"], "test loss": p["test_loss"],
                            "tokens/s": round(p["tokens_per_s"]), "seconds": p["wall_time_s"]}
-                          for p in kgram["points"]]).set_index("variant"))"""),
+                          for p in kgram]).set_index("variant"))"""),
     ("markdown", """\
 ## Ablations: what each Transformer component buys
 
@@ -649,12 +701,12 @@ byte (total nats over the test text's UTF-8 bytes / ln 2), which compares fairly
 tokenizers."""),
     ("code", """\
 ablations = load(ARTEFACTS_DIR / "sweep_ablations.json", "sweep")
-baseline = next((p for p in ablations["points"] if p["settings"]["ablation"] == "baseline"),
-                None) if ablations else None
-if ablations and not baseline:
+points = usable_points(ablations, "test_loss", needed=2)
+baseline = next((p for p in points if p["settings"]["ablation"] == "baseline"), None)
+if points and not baseline:
     note("the ablation sweep has no baseline point to compare against.")
 if baseline:
-    points = [p for p in ablations["points"] if p is not baseline and not p.get("diverged")]
+    points = [p for p in points if p is not baseline]
     diverged = [p["settings"]["ablation"] for p in ablations["points"] if p.get("diverged")]
     if diverged:
         display(Markdown("Diverged, so not plotted (the loss exploded during training): "
@@ -674,7 +726,8 @@ if baseline:
     display(pd.DataFrame([{"change": p["settings"]["ablation"], "train loss": p["train_loss"],
                            "test loss": p["test_loss"],
                            "test bits per byte": p.get("test_bits_per_byte"),
-                           "tokens/s": round(p["tokens_per_s"]) if p["tokens_per_s"] else None}
+                           "tokens/s": (round(p["tokens_per_s"]) if finite(p["tokens_per_s"])
+                                        else None)}
                           for p in ablations["points"]]).set_index("change"))"""),
     ("markdown", """\
 ## The modern recipe: what the nanoGPT speedrun's ideas buy at pico scale
@@ -720,9 +773,10 @@ def loss_at(curve, seconds):
 
 
 recipe = load(ARTEFACTS_DIR / "sweep_recipe.json", "sweep")
-recipes = {p["settings"]["recipe"]: p for p in recipe["points"]} if recipe else {}
+recipes = {p["settings"]["recipe"]: p
+           for p in usable_points(recipe, "test_bits_per_byte", "train_time_s")}
 reference = recipes.get("nanoGPT recipe")
-if recipe and not reference:
+if recipes and not reference:
     note("the recipe sweep has no nanoGPT recipe point to compare against.")
 if reference:
     target = reference["test_bits_per_byte"]
@@ -784,11 +838,12 @@ Runs whose loss exploded were stopped early and are marked with a cross at the t
 sizes from 1 upward, all seeing the same number of training examples."""),
     ("code", """\
 rates = load(ARTEFACTS_DIR / "sweep_learning_rate.json", "sweep")
-batches = load(ARTEFACTS_DIR / "sweep_batch_size.json", "sweep")
-if rates or batches:
+ok = usable_points(rates, "train_loss", "test_loss")
+batches = usable_points(load(ARTEFACTS_DIR / "sweep_batch_size.json", "sweep"),
+                        "train_loss", "test_loss", "tokens_per_s")
+if ok or batches:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
-    if rates:
-        ok = [p for p in rates["points"] if not p.get("diverged")]
+    if ok:
         bad = [p for p in rates["points"] if p.get("diverged")]
         ax = axes[0]
         ax.plot([p["settings"]["learning_rate"] for p in ok], [p["test_loss"] for p in ok], "o-",
@@ -803,7 +858,7 @@ if rates or batches:
                title="Learning-rate sweep")
         ax.legend(fontsize=8)
     if batches:
-        points = sorted(batches["points"], key=lambda p: p["settings"]["batch_size"])
+        points = sorted(batches, key=lambda p: p["settings"]["batch_size"])
         ax = axes[1]
         x = [p["settings"]["batch_size"] for p in points]
         ax.plot(x, [p["test_loss"] for p in points], "o-", label="test loss")
@@ -828,12 +883,13 @@ all n-grams (higher = more varied); repeated 3-grams: the share of a sample's 3-
 already produced (higher = looping). A measure that is zero for every rule is named below the
 figure instead of drawn."""),
     ("code", """\
-sampling = load(ARTEFACTS_DIR / "sweep_sampling.json", "sweep")
-if sampling:
-    points = sampling["points"]
-    names = {"distinct_1": "distinct-1", "distinct_2": "distinct-2",
-             "repeated_3gram_fraction": "repeated 3-grams"}
-    drawn = [m for m in names if any(p["diversity"][m] for p in points)]
+points = usable_points(load(ARTEFACTS_DIR / "sweep_sampling.json", "sweep"))
+names = {"distinct_1": "distinct-1", "distinct_2": "distinct-2",
+         "repeated_3gram_fraction": "repeated 3-grams"}
+drawn = [m for m in names if any(p["diversity"][m] for p in points)]
+if points and not drawn:
+    note("every diversity measure is 0 for every sampling rule (the samples hold no words).")
+if drawn:
     fig, ax = plt.subplots(figsize=(8.5, 3.8))
     width = 0.8 / len(drawn)
     for index, metric in enumerate(drawn):
@@ -877,9 +933,9 @@ if clusters:
 
 The run log named by `RUN_LOG` in the parameter cell: its loss curves (saved beside the run log
 as `<run>_loss_curves.png`), each model's final figures, and the samples it generated. A run
-that was cut short is plotted up to its last step. The attention maps and embedding clusters
-of a run with `--attention_maps` or `--monosemantic_enabled` follow, from the files its log
-names."""),
+that was cut short is plotted up to its last step; NaN losses are left out, with a note. The
+attention maps and embedding clusters of a run with `--attention_maps` or
+`--monosemantic_enabled` follow, from the files its log names."""),
     ("code", """\
 if RUN_LOG is None:
     display(Markdown("*`RUN_LOG` is None: set it in the parameter cell to plot your own run.*"))
@@ -893,6 +949,9 @@ else:
                          f"{own['created']}: {data['tokenizer']} tokenizer, vocabulary "
                          f"{data['vocab_size']}, {environment['device']}, "
                          f"{environment['threads']} threads"))
+    if own and not own["models"]:
+        note(f"`{own_path}` has no model in it: the run stopped before building one.")
+    elif own:
         save(plot_run_losses(own, f"Run {own['run_name']}: train and test loss"),
              f"{own_path.stem}_loss_curves", own_path.parent)
         display(run_summary(own))
