@@ -3389,11 +3389,35 @@ def diversity_metrics(texts: list[str], repeat_n: int = 3) -> dict:
 # so a sweep file may be continued with them changed; any other flag must be what the file's
 # points were run with.
 SWEEP_FREE_FLAGS = frozenset({
-    "models", "enable_transformer_gptoss", "device_id", "quiet", "log_interval", "run_name",
-    "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every", "keep_checkpoints",
-    "generate", "checkpoint", "overwrite", "export_hf", "sweep", "sweep_scale",
-    "custom_sweep_log", "custom_sweep_sizes", "collect_transformer_metrics", "attention_maps",
-    "monosemantic_enabled", "dist_timeout"})
+    "device_id", "quiet", "log_interval", "run_name", "artefacts_dir", "cache_dir", "save_dir",
+    "resume", "checkpoint_every", "keep_checkpoints", "generate", "checkpoint", "overwrite",
+    "export_hf", "sweep", "sweep_scale", "custom_sweep_log", "custom_sweep_sizes",
+    "collect_transformer_metrics", "attention_maps", "monosemantic_enabled", "dist_timeout"})
+
+# Flags whose value every sweep point sets itself, and where from. A value given for one would
+# be ignored, so it is refused; the sweep file records the scale and each point's steps instead.
+SWEEP_SET_FLAGS = {
+    **dict.fromkeys(("tokenizer", "block_size", "batch_size", "embed_size", "d_model",
+                     "transformer_variant", "limit_custom_examples", "test_fraction", "epochs",
+                     "max_steps_per_epoch", "max_new_tokens", "sample_interval"),
+                    "from --sweep_scale"),
+    "tinystories_weight": "sweeps train on the custom text alone",
+    "models": "each sweep trains its own models",
+    "enable_transformer_gptoss": "each sweep trains its own models",
+}
+
+
+def default_flags() -> dict:
+    """Every flag at its default, as config.flags holds it."""
+    return plain_flags(parse_args([]))
+
+
+def check_sweep_flags(config: Config, command: str) -> None:
+    """Refuse a flag that the sweeps set themselves, given with a value of its own."""
+    defaults = default_flags()
+    for flag, source in SWEEP_SET_FLAGS.items():
+        if config.flags[flag] != defaults[flag]:
+            raise UserError(f"{command} sets --{flag} itself ({source}); drop --{flag}")
 
 
 def point_key(model: str, settings: dict) -> str:
@@ -3408,27 +3432,37 @@ def point_key_of(point: dict) -> str | None:
 
 
 class SweepLog:
-    """One sweep's JSON file. Points already in a file of the same sweep, scale and data
-    are kept (and skipped by `done`), with the file's creation time and the wall time spent
-    on it so far; the file is rewritten atomically after every point. A file of another
-    sweep, scale or data is refused, unless `overwrite` (--overwrite) starts afresh."""
+    """One sweep's JSON file. Points already in a file of the same sweep, scale, data and
+    flags are kept (and skipped by `done`), with the file's creation time and the wall time
+    spent on it so far; the file is rewritten atomically after every point. A file of another
+    sweep, scale, data or flags is refused, unless `overwrite` (--overwrite) starts afresh; so
+    is a new sweep whose other files (files_beside) are already there. The architectures
+    sweep's run log is read here too, before any training."""
 
     def __init__(self, path: Path, sweep: str, scale: SweepScale, config: Config,
                  device: torch.device, overwrite: bool = False) -> None:
         self.path = path
+        self.run_path = run_log_beside(path) if sweep == "architectures" else None
+        self.earlier_run_models: dict = {}     # the run log's records of the kept points
         points = []
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.earlier_wall_time_s = 0.0
+        self.finished_before = False
         data_sha256 = examples_fingerprint(load_custom_examples(config.data))
         if overwrite and path.exists():
             check_regular_file(path, "sweep file")          # reading a FIFO's start would block
         if overwrite and path.exists() and not looks_like_a_sweep_file(path):
             raise UserError(f"{path} is not a sweep file, and --overwrite replaces only sweep "
                             "files; give the sweep another path")
+        if not path.exists() and not overwrite:
+            check_no_files_beside(sweep, path)
         if path.exists() and not overwrite:
             earlier = load_sweep(path)
             # Points are keyed by their own settings; the scale and the data must match too.
             same_scale = earlier["config"]["scale"] == json.loads(json.dumps(dataclasses.asdict(scale)))
+            # A flag the file does not record is newer than the file: its points ran with what
+            # is now that flag's default.
+            recorded = {**default_flags(), **earlier["config"].get("args", {})}
             if earlier["sweep"] != sweep:
                 other = f"the {earlier['sweep']} sweep"
             elif not same_scale:
@@ -3436,8 +3470,8 @@ class SweepLog:
                          else f"the {sweep} sweep at another version of scale {scale.name}")
             elif earlier["config"].get("data_sha256") != data_sha256:
                 other = f"the {sweep} sweep on other data"
-            elif changed := flag_differences(earlier["config"].get("args", {}), config.flags,
-                                             SWEEP_FREE_FLAGS):
+            elif changed := flag_differences(recorded, config.flags,
+                                             SWEEP_FREE_FLAGS | frozenset(SWEEP_SET_FLAGS)):
                 other = f"the {sweep} sweep run with other flags ({'; '.join(changed)})"
             else:
                 other = None
@@ -3447,6 +3481,9 @@ class SweepLog:
                                 "pass --overwrite to replace them, or move the file away")
             points, created = earlier["points"], earlier["created"]
             self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
+            self.finished_before = earlier.get("status") == "finished"
+            if self.run_path and points:
+                self.earlier_run_models = read_run_log_beside(self.run_path, path)
         self.data = {
             "schema_version": SWEEP_SCHEMA_VERSION,
             "kind": "sweep",
@@ -3456,7 +3493,8 @@ class SweepLog:
             "status": "running",
             "config": {"tokenizer": scale.tokenizer, "scale": dataclasses.asdict(scale),
                        "data_sha256": data_sha256,
-                       "args": dict(config.flags)},
+                       "args": {flag: value for flag, value in config.flags.items()
+                                if flag not in SWEEP_SET_FLAGS}},
             "environment": environment_info(device),
             "points": points,
         }
@@ -3508,17 +3546,22 @@ def looks_like_a_sweep_file(path: Path) -> bool:
 def load_sweep(path: Path | str) -> dict:
     """Read a sweep file and check its kind and schema version (the notebook uses this)."""
     check_regular_file(Path(path), "sweep file")
+    # --overwrite replaces a file that begins as a sweep file, and nothing else (a directory).
+    remedy = "move it away, or " + ("pass --overwrite to start that sweep afresh"
+                                    if looks_like_a_sweep_file(Path(path))
+                                    else "give the sweep another path")
     try:
         with open(path, encoding="utf-8") as handle:
             sweep = json.load(handle)
     except (OSError, ValueError) as error:  # ValueError: truncated JSON, or not UTF-8
         raise UserError(f"cannot read sweep file {path} ({textwrap.shorten(str(error), 80)}); "
-                        "move it away, or pass --overwrite to start that sweep afresh") from None
+                        f"{remedy}") from None
     if not isinstance(sweep, dict):
         sweep = {}
     if sweep.get("kind") != "sweep" or sweep.get("schema_version") != SWEEP_SCHEMA_VERSION:
         raise UserError(f"{path}: not a sweep file of schema {SWEEP_SCHEMA_VERSION} "
-                        f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r})")
+                        f"(kind {sweep.get('kind')!r}, schema {sweep.get('schema_version')!r}); "
+                        f"{remedy}")
     points, config = sweep.get("points"), sweep.get("config")
     if not (isinstance(points, list) and all(isinstance(point, dict)
                                              and isinstance(point.get("key"), str)
@@ -3528,7 +3571,61 @@ def load_sweep(path: Path | str) -> dict:
             and isinstance(config.get("args", {}), dict)):
         raise UserError(f"{path}: a sweep file whose points or config are not as pico-llm writes "
                         "them; move it away, or pass --overwrite to start that sweep afresh")
+    wall_time_s = sweep.get("wall_time_s", 0.0)     # absent until the sweep first finishes
+    for key, as_written in (("sweep", isinstance(sweep.get("sweep"), str)),
+                            ("scale", isinstance(sweep.get("scale"), str)),
+                            ("created", isinstance(sweep.get("created"), str)),
+                            ("wall_time_s", type(wall_time_s) in (int, float)
+                             and 0 <= wall_time_s < math.inf)):
+        if not as_written:
+            raise UserError(f"{path}: a sweep file whose {key!r} is not as pico-llm writes it; "
+                            "move it away, or pass --overwrite to start that sweep afresh")
     return sweep
+
+
+def run_log_beside(path: Path) -> Path:
+    """Where the architectures sweep keeps its points' per-step histories."""
+    return path.with_name(path.stem + "_run.json")
+
+
+def files_beside(sweep: str, path: Path) -> list[Path]:
+    """The files a sweep writes beside its sweep file `path`, which belong to that file's
+    points: the architectures sweep's run log and attention maps, the sampling sweep's
+    attention maps and embedding clusters."""
+    if sweep == "architectures":
+        return [run_log_beside(path), *(path.parent / f"architectures_attention_{preset}.json"
+                                        for preset in TRANSFORMER_PRESETS)]
+    if sweep == "sampling":
+        return [path.parent / "attention_transformer.json",
+                path.parent / "monosemantic_transformer.json"]
+    return []
+
+
+def check_no_files_beside(sweep: str, path: Path) -> None:
+    """A new sweep file's sweep would replace the files of an earlier one's points (whose
+    sweep file was moved away): refused, as the sweep file itself would be."""
+    found = [file for file in files_beside(sweep, path) if file.exists()]
+    if found:
+        more = f" and {len(found) - 1} more files" if len(found) > 1 else ""
+        raise UserError(f"{path.parent} holds {found[0].name}{more} of an earlier {sweep} sweep, "
+                        f"whose sweep file {path.name} is gone; move them away, or pass "
+                        "--overwrite to replace them")
+
+
+def read_run_log_beside(run_path: Path, path: Path) -> dict:
+    """The models recorded by the run log of the points in the sweep file `path` ({} when
+    the run log is gone, with a note: the curves of those points cannot be drawn again)."""
+    remedy = "restore it, or pass --overwrite to run the architectures sweep afresh"
+    if not run_path.exists():
+        print(f"pico-llm: note: run log {run_path}, the per-step histories of the points in "
+              f"{path.name}, is gone; {remedy}", file=sys.stderr)
+        return {}
+    try:
+        check_regular_file(run_path, "run log")
+        return load_runlog(run_path)["models"]
+    except UserError as error:
+        raise UserError(f"{error}; it holds the per-step histories of the points in "
+                        f"{path.name}: {remedy}") from None
 
 
 def sweep_base_config(config: Config, scale: SweepScale) -> Config:
@@ -3711,10 +3808,8 @@ def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
     config = with_flags(base, test_fraction=scale.test_fraction)
     data = sweep_data(config, tokenizer)
     config = with_step_budget(config, data, scale.steps)
-    run_path = log.path.with_name(log.path.stem + "_run.json")
-    runlog = RunLog(run_path, config.flags, device, data_summary(tokenizer, data))
-    if run_path.exists() and log.data["points"]:
-        runlog.data["models"] = load_runlog(run_path)["models"]
+    runlog = RunLog(log.run_path, config.flags, device, data_summary(tokenizer, data))
+    runlog.data["models"] = dict(log.earlier_run_models)
     candidates = [(preset, "transformer", {"transformer_variant": preset})
                   for preset in TRANSFORMER_PRESETS]
     candidates += [("lstm_seq", "lstm_seq", {}), ("kgram_mlp_seq", "kgram_mlp_seq", {})]
@@ -3735,9 +3830,10 @@ def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
                              file_prefix="architectures_attention")
         log.add(label, settings, {**point_result(record, data), "config": record["config"],
                                   "training_flops_per_token": record["training_flops_per_token"],
-                                  "run_log": run_path.name})
-    runlog.data["status"] = "finished"
-    runlog.write()
+                                  "run_log": log.run_path.name})
+    if log.added:           # a run that trained nothing leaves the run log as it was
+        runlog.data["status"] = "finished"
+        runlog.write()
 
 
 def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
@@ -3979,13 +4075,18 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     sizes = tuple(int(part) for part in text.split(","))
     if min(sizes) <= 0:
         raise UserError(f"--custom_sweep_sizes {text!r}: expected positive integers")
+    if len(set(sizes)) < len(sizes):
+        raise UserError(f"--custom_sweep_sizes {text!r}: give each size once")
     return sizes
 
 
 def run_sweeps(config: Config) -> int:
     """--sweep NAME|presentation, --custom_sweep_log PATH, --collect_transformer_metrics."""
-    device = resolve_device(config.device_id)
     experiments = config.experiments
+    check_sweep_flags(config, f"--sweep {experiments.sweep}" if experiments.sweep else
+                      "--custom_sweep_log" if experiments.custom_sweep_log else
+                      "--collect_transformer_metrics")
+    device = resolve_device(config.device_id)
     if experiments.custom_sweep_sizes is not None:
         parse_sizes(experiments.custom_sweep_sizes)
     directory = Path(config.output.artefacts_dir)
@@ -4009,8 +4110,9 @@ def run_sweeps(config: Config) -> int:
         sweep_started = time.perf_counter()
         SWEEPS[name](log, base, scale, device, tokenizer)
         this_run_s = time.perf_counter() - sweep_started
-        log.data["wall_time_s"] = round(log.earlier_wall_time_s + this_run_s, 2)   # all runs
-        log.finish()
+        if log.added or not log.finished_before:   # else the file stays as its points' run left it
+            log.data["wall_time_s"] = round(log.earlier_wall_time_s + this_run_s, 2)   # all runs
+            log.finish()
         if log.added == 0 and log.skipped:
             print(f"sweep {name}: all {len(log.data['points'])} points were already done; they "
                   f"are in {log.path} (pass --overwrite to run the sweep afresh)")

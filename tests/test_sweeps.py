@@ -429,3 +429,155 @@ def test_custom_sweep_sizes_beyond_the_data_are_refused_before_training(run_main
                               "--input_files", str(tiny_corpus), "--custom_sweep_sizes", "3,1000000")
     assert status == 2 and err.count("\n") == 1 and "asks for 1,000,000 training examples" in err, err
     assert not path.exists()
+
+
+def files_in(directory):
+    return {path.name: path.read_bytes() for path in directory.iterdir() if path.is_file()}
+
+
+def test_a_sweep_that_adds_no_points_writes_nothing(run_main, tmp_path, tiny_corpus):
+    """A finished sweep's files keep the flags, machine and times of the runs that made its
+    points: a run that finds every point done leaves them byte for byte, the architectures
+    sweep's run log included. A file cut off after its last point is only marked finished."""
+    argv = ("--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    for sweep in ("kgram_variants", "architectures"):
+        assert run_main("--sweep", sweep, *argv)[0] == 0
+    artefacts = tmp_path / "artefacts"
+    before = files_in(artefacts)
+    for sweep in ("kgram_variants", "architectures"):
+        status, out, _ = run_main("--sweep", sweep, *argv, "--log_interval", "3")
+        assert status == 0 and "points were already done" in out
+    assert files_in(artefacts) == before
+    path = artefacts / "sweep_kgram_variants.json"
+    path.write_text(path.read_text().replace('"status": "finished"', '"status": "running"'))
+    assert run_main("--sweep", "kgram_variants", *argv)[0] == 0
+    assert json.loads(path.read_text())["status"] == "finished"
+
+
+def test_a_flag_the_sweep_file_predates_is_held_to_its_default(run_main, tmp_path, tiny_corpus):
+    """A flag missing from a sweep file's args did not exist when its points ran, so they ran
+    with what is now its default: another value is refused, the default continues the file."""
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    assert run_main(*argv)[0] == 0
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    sweep = json.loads(path.read_text())
+    for flag in ("beta2", "qk_norm"):
+        del sweep["config"]["args"][flag]
+    path.write_text(json.dumps(sweep))
+    before = path.read_bytes()
+    status, _, err = run_main(*argv, "--beta2", "0.95", "--qk_norm", "true")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "--beta2 0.999 there, 0.95 now" in err and "--qk_norm None there, True now" in err
+    assert path.read_bytes() == before
+    status, out, _ = run_main(*argv, "--beta2", "0.999")
+    assert status == 0 and "all 3 points were already done" in out
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("sweep, kept", [("architectures", "sweep_architectures_run.json"),
+                                         ("sampling", "attention_transformer.json")])
+def test_a_new_sweep_refuses_to_replace_an_earlier_ones_files(run_main, tmp_path, tiny_corpus,
+                                                              sweep, kept):
+    """The files a sweep writes beside its sweep file belong to that file's points: moving
+    the sweep file away (as its refusal suggests) does not free them for a new run."""
+    argv = ("--sweep", sweep, "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    assert run_main(*argv)[0] == 0
+    artefacts = tmp_path / "artefacts"
+    (artefacts / f"sweep_{sweep}.json").rename(tmp_path / "moved.json")
+    before = files_in(artefacts)
+    status, _, err = run_main(*argv, "--seed", "7")
+    assert status == 2 and err.count("\n") == 1 and kept in err, err
+    assert "move them away" in err and "--overwrite" in err
+    assert files_in(artefacts) == before
+    status, _, err = run_main(*argv, "--seed", "7", "--overwrite")
+    assert status == 0, err
+    assert (artefacts / kept).read_bytes() != before[kept]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--tokenizer", "gpt2"), ("--block_size", "8"), ("--batch_size", "2"), ("--test_fraction", "0.5"),
+    ("--limit_custom_examples", "10"), ("--embed_size", "8"), ("--d_model", "32"),
+    ("--transformer_variant", "minGPT"), ("--epochs", "3"), ("--max_steps_per_epoch", "1"),
+    ("--tinystories_weight", "0.5"), ("--models", "lstm_seq")])
+def test_a_flag_every_sweep_point_sets_itself_is_refused(run_main, tmp_path, tiny_corpus, flag,
+                                                         value):
+    """The sweep's scale and design set these for every point: a value given would be
+    silently ignored, and recorded as if it had been used."""
+    status, _, err = run_main("--sweep", "kgram_variants", "--sweep_scale", "tiny",
+                              "--input_files", str(tiny_corpus), flag, value)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"--sweep kgram_variants sets {flag} itself" in err and f"drop {flag}" in err
+    assert not (tmp_path / "artefacts").exists()
+
+
+def test_a_sweep_file_records_only_the_flags_its_points_ran_with(pico, run_main, tmp_path,
+                                                                tiny_corpus):
+    """The flags a sweep sets itself are in its scale (test_fraction 0.2 there, while the
+    command line's default is 0.1), not among the args."""
+    assert run_main("--sweep", "kgram_variants", "--sweep_scale", "tiny",
+                    "--input_files", str(tiny_corpus), "--seed", "5")[0] == 0
+    sweep = pico.load_sweep(tmp_path / "artefacts" / "sweep_kgram_variants.json")
+    assert not set(sweep["config"]["args"]) & set(pico.SWEEP_SET_FLAGS)
+    assert sweep["config"]["args"]["seed"] == 5 and sweep["config"]["scale"]["test_fraction"] == 0.2
+
+
+def test_an_architectures_sweep_without_its_run_log_writes_none(run_main, tmp_path, tiny_corpus):
+    """The run log holds the finished points' loss curves: gone, it is not replaced by an
+    empty one (a note says what to do); damaged, it is refused with a remedy."""
+    argv = ("--sweep", "architectures", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    assert run_main(*argv)[0] == 0
+    run_log = tmp_path / "artefacts" / "sweep_architectures_run.json"
+    text = run_log.read_text()
+    run_log.unlink()
+    status, _, err = run_main(*argv)
+    assert status == 0 and err.count("\n") == 1 and "is gone" in err and "--overwrite" in err, err
+    assert not run_log.exists()
+    run_log.write_text(text[: len(text) // 2])
+    status, _, err = run_main(*argv)
+    assert status == 2 and err.count("\n") == 1 and "cannot read run log" in err, err
+    assert "restore it, or pass --overwrite" in err
+    assert run_log.read_text() == text[: len(text) // 2]
+
+
+@pytest.mark.parametrize("key, value", [("created", ...), ("sweep", ...), ("wall_time_s", None),
+                                        ("wall_time_s", "12 s")])
+def test_a_sweep_file_without_its_keys_is_refused_before_training(pico, run_main, tmp_path,
+                                                                  tiny_corpus, key, value):
+    """A sweep file edited by hand (... = the key removed) is checked when it is read, not
+    after its pending points have trained."""
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    path.parent.mkdir(parents=True)
+    sweep = {"schema_version": pico.SWEEP_SCHEMA_VERSION, "kind": "sweep", "sweep": "kgram_variants",
+             "scale": "tiny", "created": "2026-01-01T00:00:00+00:00", "status": "running",
+             "config": {"scale": {}, "args": {}}, "points": [], "wall_time_s": 3.0}
+    if value is ...:
+        del sweep[key]
+    else:
+        sweep[key] = value
+    path.write_text(json.dumps(sweep))
+    content = path.read_text()
+    status, _, err = run_main(*argv)
+    assert status == 2 and err.count("\n") == 1 and f"'{key}'" in err and str(path) in err, err
+    assert path.read_text() == content
+
+
+@pytest.mark.parametrize("kind", ["empty", "directory"])
+def test_an_unreadable_non_sweep_file_is_not_offered_overwrite(run_main, tmp_path, tiny_corpus,
+                                                               kind):
+    """--overwrite replaces only what begins as a sweep file, so the advice for an empty file
+    or a directory in a sweep file's place is another path."""
+    path = tmp_path / "custom.json"
+    path.mkdir() if kind == "directory" else path.write_text("")
+    argv = ("--custom_sweep_log", str(path), "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    status, _, err = run_main(*argv)
+    assert status == 2 and err.count("\n") == 1 and "another path" in err, err
+    assert "--overwrite" not in err
+
+
+def test_custom_sweep_sizes_given_twice_are_refused(run_main, tmp_path, tiny_corpus):
+    path = tmp_path / "custom.json"
+    status, _, err = run_main("--custom_sweep_log", str(path), "--sweep_scale", "tiny",
+                              "--input_files", str(tiny_corpus), "--custom_sweep_sizes", "3,3")
+    assert status == 2 and err.count("\n") == 1 and "give each size once" in err, err
+    assert not path.exists()
