@@ -349,7 +349,7 @@ def not_a_report(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "1"], "--steps must be at least 2, got 1"),
-    (["--timeout", "0"], "--timeout must be positive"),
+    (["--timeout", "0"], "argument --timeout: expected a finite number above 0, got 0"),
     (["--output", "{tmp}/folder"], "folder is a directory"),
     (["--output", "{tmp}/run.json"], "run.json already exists and is no compile_presets report"),
 ])
