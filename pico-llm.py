@@ -1515,7 +1515,9 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     """Continue `prompt` with the model; one path for every model. compile: see decoding_model."""
     prompt_ids = tokenizer.encode(prompt)
     # Appendix A's static decoder (CUDA graphs) on a GPU; the model itself elsewhere
-    decoder = decoding_model(model, device, compile, max(len(prompt_ids), 1) + max_new_tokens)
+    # its caches hold the prompt (an empty one starts from <|endoftext|>) and the new tokens
+    decoder = decoding_model(model, device, compile,
+                             num_tokens=max(len(prompt_ids), 1) + max_new_tokens)
     ids = generate_ids(decoder, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id,
                        seed=seed, use_cache=use_cache, device=device)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
@@ -2517,7 +2519,12 @@ def write_temporary_file(path: Path, data: bytes | Callable[[BinaryIO], object])
     try:
         with os.fdopen(handle, "wb") as temp_file:
             if callable(data):
-                data(temp_file)
+                try:
+                    data(temp_file)
+                except RuntimeError as error:   # torch.save's C++ writer wraps a full disk's
+                    if isinstance(error.__context__, OSError):   # OSError in its own error
+                        raise error.__context__ from None
+                    raise
             else:
                 temp_file.write(data)
             temp_file.flush()
@@ -2689,7 +2696,7 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
             atomic_write_bytes(tokens_path, lambda file: np.save(file, tokens))
             atomic_write_bytes(offsets_path, lambda file: np.save(file, offsets))
         except OSError as error:  # a cache we cannot write only costs time
-            print(f"pico-llm: note: token cache not written ({error.strerror})", file=sys.stderr)
+            print(f"pico-llm: note: token cache not written ({error.strerror or error})", file=sys.stderr)
     return TokenizedExamples(tokens, offsets, num_bytes)
 
 
@@ -3810,6 +3817,8 @@ def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
     config = with_step_budget(config, data, scale.steps)
     runlog = RunLog(log.run_path, config.flags, device, data_summary(tokenizer, data))
     runlog.data["models"] = dict(log.earlier_run_models)
+    if not log.data["points"]:   # the run log is written during the first point, before the
+        log.write()              # point joins the sweep file: a file that owns it comes first
     candidates = [(preset, "transformer", {"transformer_variant": preset})
                   for preset in TRANSFORMER_PRESETS]
     candidates += [("lstm_seq", "lstm_seq", {}), ("kgram_mlp_seq", "kgram_mlp_seq", {})]
@@ -3831,7 +3840,7 @@ def sweep_architectures(log: SweepLog, base, scale, device, tokenizer) -> None:
         log.add(label, settings, {**point_result(record, data), "config": record["config"],
                                   "training_flops_per_token": record["training_flops_per_token"],
                                   "run_log": log.run_path.name})
-    if log.added:           # a run that trained nothing leaves the run log as it was
+    if log.added or not log.finished_before:   # as run_sweeps finishes the sweep file
         runlog.data["status"] = "finished"
         runlog.write()
 
@@ -6268,7 +6277,8 @@ FLAGS_FREE_ON_RESUME = frozenset({
     "models", "enable_transformer_gptoss", "device_id", "attention_impl", "quiet",
     "log_interval", "sample_interval", "prompt", "max_new_tokens", "temperature", "top_k",
     "top_p", "run_name", "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every",
-    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "overwrite", "export_hf"})
+    "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "overwrite", "export_hf",
+    "attention_maps", "monosemantic_enabled", "monosemantic_clusters"})
 
 # Flags that set how long training goes on, which --resume may change to extend (or shorten) a
 # run: the change is recorded in the model's run-log record ("length_changes"), and the cosine
@@ -7552,7 +7562,7 @@ class TrainedBPETokenizer:
                  requested_size: int) -> None:
         self.name = f"bpe:{requested_size}"
         self.fingerprint = f"{self.name}:" + hashlib.sha256(
-            b"".join(a + b"\x00" + b + b"\x01" for a, b in merges)).hexdigest()[:24]
+            " ".join(f"{a.hex()}.{b.hex()}" for a, b in merges).encode()).hexdigest()[:24]
         self.bpe = Tokenizer(vocab, merges, [END_OF_TEXT])
         self.encoding = tiktoken_encoding_from_bpe(vocab, merges, [END_OF_TEXT], self.name)
         self.vocab_size = max(self.bpe.vocab) + 1

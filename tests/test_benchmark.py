@@ -233,7 +233,7 @@ def test_gpu_checks_records_each_step_and_refuses_bad_usage(tmp_path):
 
 
 def test_gpu_checks_skips_the_steps_its_total_time_leaves_no_room_for(tmp_path):
-    """TOTAL_S bounds the whole call (a device call has a hard limit): a step with under 20 s
+    """TOTAL_S bounds the whole run (a lent machine's time is fixed): a step with under 20 s
     left is recorded as skipped, not started."""
     result = subprocess.run(["bash", str(GPU_CHECKS), "--tiny", "--device", "cpu", str(tmp_path)],
                             capture_output=True, text=True, timeout=120,
@@ -242,11 +242,17 @@ def test_gpu_checks_skips_the_steps_its_total_time_leaves_no_room_for(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "summary.txt").read_text().splitlines() == ["tests skipped 0",
                                                                    "benchmark skipped 0"]
+    for bad in ("9m", "abc", "1e3"):
+        result = subprocess.run(["bash", str(GPU_CHECKS), "--tiny", str(tmp_path / "x")],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "STEPS": "tests", "TOTAL_S": bad})
+        assert result.returncode == 2 and result.stderr == (
+            f"gpu_checks.sh: TOTAL_S={bad} is not a number of seconds\n")
 
 
 def test_gpu_checks_cut_short_leaves_the_running_steps_log_and_the_earlier_ones_packed(tmp_path):
-    """A device call that ends mid-step (its time spent) brings back what OUT holds then: the
-    step in flight's log, and the earlier steps' logs in logs.tgz, in at most 8 files."""
+    """A run stopped from outside mid-step (a lent machine's time spent) leaves in OUT the step
+    in flight's log and the earlier steps' logs in logs.tgz."""
     process = subprocess.Popen(["bash", str(GPU_CHECKS), "--tiny", "--device", "cpu", str(tmp_path)],
                                env={**os.environ, "STEPS": "tests benchmark",
                                     "CUDA_VISIBLE_DEVICES": ""},
@@ -262,7 +268,7 @@ def test_gpu_checks_cut_short_leaves_the_running_steps_log_and_the_earlier_ones_
         process.wait()
     assert (tmp_path / "summary.txt").read_text().split()[:2] == ["tests", "0"]
     assert "skipped" in packed_log(tmp_path, "cuda_tests.log")
-    assert (tmp_path / "benchmark.log").exists() and len(list(tmp_path.iterdir())) <= 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmark.log", "logs.tgz", "summary.txt"]
 
 
 @pytest.mark.slow
@@ -281,7 +287,7 @@ def test_gpu_checks_runs_every_step_at_tiny_size_on_the_cpu(pico, tmp_path):
                        "recipe": "0"}
     plain = packed_log(out, "generate_plain.txt")
     assert plain.startswith("Once upon a time") and plain == packed_log(out, "generate_compiled.txt")
-    assert len(list(out.iterdir())) <= 8           # what a device call brings back
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".json") == ["logs.tgz", "summary.txt"]
     assert json.loads((out / "recipe_gpt2.json").read_text())["kind"] == "recipe_gpt2"
     assert json.loads((out / "gpt2_benchmark.json").read_text())["kind"] == "gpt2_benchmark"
     eager, compiled = ([h["train_loss"] for h in pico.load_runlog(out / f"gptoss_{mode}.json")

@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -148,6 +149,18 @@ def test_a_resumed_run_with_dropout_draws_the_same_random_numbers(pico, run_main
     assert losses(resumed) == losses(whole)
     assert (resumed["models"]["transformer"]["test_history"]
             == whole["models"]["transformer"]["test_history"])
+
+
+def test_output_only_flags_may_change_on_resume(pico, run_main, tmp_path):
+    """--attention_maps and the embedding clusters only write files after training: a run
+    made with them resumes without them (and a refused combination needs no dead end)."""
+    flags = [*TINY, "--models", "transformer", "--d_model", "16", "--n_heads", "2",
+             "--n_blocks", "1", "--save_dir", str(tmp_path / "ckpt")]
+    status, _, err = run_main(*flags, "--epochs", "1", "--attention_maps", "--monosemantic_enabled",
+                              "--run_name", "first")
+    assert status == 0, err
+    status, _, err = run_main(*flags, "--resume", "--run_name", "second")
+    assert status == 0, err
 
 
 def test_the_newest_checkpoints_are_kept_and_hold_plain_data(pico, run_main, tmp_path):
@@ -342,6 +355,24 @@ def test_a_full_disk_is_one_error_line_and_keeps_the_last_checkpoint(pico, run_m
     assert "cannot write checkpoint" in line and "No space left" in line and "step_000001.pt" in line
     assert [p.name for p in (save / "lstm_seq").iterdir()] == ["step_000001.pt"]
     pico.load_checkpoint(save / "lstm_seq" / "step_000001.pt", "--resume")
+
+
+def test_a_file_size_limit_hit_inside_torch_save_is_one_error_line(tmp_path):
+    """torch.save's writer reports the file's OSError inside a RuntimeError of its own; the
+    save must still end in the one line a full disk gets, not a traceback."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    argv = [a for a in TINY if a != "--quiet"]
+    result = subprocess.run([sys.executable, str(SCRIPT), *argv, "--models", "lstm_seq",
+                             "--save_dir", str(tmp_path / "ckpt"), "--checkpoint_every", "1",
+                             "--artefacts_dir", str(tmp_path / "art"), "--cache_dir", "",
+                             "--quiet"], capture_output=True, text=True, timeout=120,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result.stderr)
+    assert "cannot write checkpoint" in line and "File too large" in line
+    assert list((tmp_path / "ckpt" / "lstm_seq").iterdir()) == []      # no temporary file left
 
 
 def test_a_checkpoint_streams_to_disk_without_a_copy_in_memory(pico, tmp_path):

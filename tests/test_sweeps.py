@@ -435,7 +435,7 @@ def files_in(directory):
     return {path.name: path.read_bytes() for path in directory.iterdir() if path.is_file()}
 
 
-def test_a_sweep_that_adds_no_points_writes_nothing(run_main, tmp_path, tiny_corpus):
+def test_a_sweep_that_adds_no_points_writes_nothing(pico, run_main, tmp_path, tiny_corpus):
     """A finished sweep's files keep the flags, machine and times of the runs that made its
     points: a run that finds every point done leaves them byte for byte, the architectures
     sweep's run log included. A file cut off after its last point is only marked finished."""
@@ -448,10 +448,37 @@ def test_a_sweep_that_adds_no_points_writes_nothing(run_main, tmp_path, tiny_cor
         status, out, _ = run_main("--sweep", sweep, *argv, "--log_interval", "3")
         assert status == 0 and "points were already done" in out
     assert files_in(artefacts) == before
-    path = artefacts / "sweep_kgram_variants.json"
-    path.write_text(path.read_text().replace('"status": "finished"', '"status": "running"'))
-    assert run_main("--sweep", "kgram_variants", *argv)[0] == 0
-    assert json.loads(path.read_text())["status"] == "finished"
+    for sweep in ("kgram_variants", "architectures"):
+        for path in artefacts.glob(f"sweep_{sweep}*.json"):    # the run log too, cut off as well
+            path.write_text(path.read_text().replace('"status": "finished"', '"status": "running"'))
+        path = artefacts / f"sweep_{sweep}.json"
+        assert run_main("--sweep", sweep, *argv)[0] == 0
+        assert json.loads(path.read_text())["status"] == "finished"
+    run_log = pico.load_runlog(artefacts / "sweep_architectures_run.json")
+    assert run_log["status"] == "finished"     # as its sweep file, though no point was added
+
+
+def test_an_architectures_sweep_cut_short_in_its_first_point_continues(pico, run_main, tmp_path,
+                                                                      tiny_corpus, monkeypatch):
+    """Its run log is written during the first point, before the point joins the sweep file:
+    the sweep file is written when the sweep starts, so it owns that run log and the rerun
+    continues (and the run log ends finished)."""
+    argv = ("--sweep", "architectures", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    real_add = pico.SweepLog.add
+
+    def ctrl_c_instead(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pico.SweepLog, "add", ctrl_c_instead)
+    assert run_main(*argv)[0] == 130
+    artefacts = tmp_path / "artefacts"
+    assert pico.load_sweep(artefacts / "sweep_architectures.json")["points"] == []
+    assert (artefacts / "sweep_architectures_run.json").exists()
+    monkeypatch.setattr(pico.SweepLog, "add", real_add)
+    status, _, err = run_main(*argv)
+    assert status == 0, err
+    assert pico.load_sweep(artefacts / "sweep_architectures.json")["status"] == "finished"
+    assert pico.load_runlog(artefacts / "sweep_architectures_run.json")["status"] == "finished"
 
 
 def test_a_flag_the_sweep_file_predates_is_held_to_its_default(run_main, tmp_path, tiny_corpus):

@@ -32,9 +32,10 @@
 #              processes (12) where pytest-xdist is installed, each test under TEST_TIMEOUT
 #              seconds where pytest-timeout is -> fast_suite.log, one line per test
 # summary.txt gets one line per step: name, exit status (124 = timed out, "skipped" when the
-# total time was spent), seconds. OUT_DIR holds summary.txt, the JSON reports, logs.tgz (every
-# log, profile and generated text, packed again after each step) and the running step's log:
-# at most 8 files at any moment, however many steps ran or wherever the call is cut short.
+# total time was spent), seconds. OUT_DIR holds only summary.txt, the JSON reports (one per
+# step that writes one), logs.tgz (every log, profile and generated text, packed again after
+# each step) and the running step's log, so that a run stopped from outside at any moment
+# (a machine lent for a fixed time) leaves every finished step's log and the one in flight.
 # Limits in seconds: all steps together TOTAL_S (540; each step's limit is cut to what is left,
 # and a step with under 20 s left is skipped), BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT
 # (90), GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run PRESET_RUN_TIMEOUT 150),
@@ -58,6 +59,12 @@ if [ $# -ne 1 ]; then
     echo "usage: tools/gpu_checks.sh [--tiny] [--device cuda:0] OUT_DIR" >&2
     exit 2
 fi
+for limit in TOTAL_S BENCHMARK_TIMEOUT GPTOSS_EAGER_TIMEOUT GPTOSS_COMPILED_TIMEOUT PRESETS_TIMEOUT \
+             GENERATE_TIMEOUT RECIPE_TIMEOUT RECIPE_CORPUS_TIMEOUT TESTS_TIMEOUT SUITE_TIMEOUT; do
+    case "${!limit:-0}" in
+        *[!0-9]*) echo "gpu_checks.sh: $limit=${!limit} is not a number of seconds" >&2; exit 2 ;;
+    esac
+done
 OUT="$1"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$OUT" || exit 2
@@ -66,12 +73,13 @@ cd "$REPO" || exit 2
 STEPS="${STEPS:-tests gptoss benchmark}"
 DEADLINE=$(( $(date +%s) + ${TOTAL_S:-540} ))
 WORK="$(mktemp -d)"       # run logs and caches of the pico-llm runs: only their reports are kept
+trap 'rm -rf "$WORK"' EXIT
 LOGS="$WORK/logs"         # packed into OUT/logs.tgz after each step
 rm -f "$OUT/logs.tgz"
 mkdir -p "$LOGS" || exit 2
 : > "$OUT/summary.txt"
 
-pack_logs() {  # OUT/logs.tgz replaced whole, so a call cut short still brings the last one back
+pack_logs() {  # OUT/logs.tgz replaced whole, so a run stopped mid-step keeps the last one
     tar czf "$OUT/.logs.tgz.part" -C "$WORK" logs && mv -f "$OUT/.logs.tgz.part" "$OUT/logs.tgz"
 }
 
@@ -86,11 +94,11 @@ run_step() {  # name timeout log command...: run, time, record "name status seco
         return
     fi
     if [ "$limit" -gt "$left" ]; then limit="$left"; fi
-    timeout -k 15 "$limit" "$@" > "$OUT/$log" 2>&1   # in OUT while it runs, for a call cut short
+    timeout -k 15 "$limit" "$@" > "$OUT/$log" 2>&1   # in OUT while it runs, for a run stopped
     status=$?
     echo "$name $status $(( $(date +%s) - started ))" >> "$OUT/summary.txt"
-    mv "$OUT/$log" "$LOGS/$log"
-    pack_logs
+    cp "$OUT/$log" "$LOGS/$log"                         # left in OUT until it is in logs.tgz
+    pack_logs && rm -f "$OUT/$log"
 }
 
 QUICK=()
@@ -174,5 +182,4 @@ for step in $STEPS; do
     esac
 done
 pack_logs
-rm -rf "$WORK"
 cat "$OUT/summary.txt"

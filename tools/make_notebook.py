@@ -118,7 +118,7 @@ def usable_points(sweep, *fields, needed=1):
          + (f" ({', '.join(left_out)})" if left_out else "") + f"; this section needs {needed}"
          + ("" if sweep.get("status") == "finished" else
             f" (the sweep is not finished: `python pico-llm.py --sweep {name} --artefacts_dir "
-            f"{ARTEFACTS_DIR}` runs the rest of it)") + ".")
+            f"{ARTEFACTS_DIR}`, with the flags it was started with, runs the rest of it)") + ".")
     return []
 
 
