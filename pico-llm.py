@@ -3414,11 +3414,6 @@ SWEEP_SET_FLAGS = {
 }
 
 
-def default_flags() -> dict:
-    """Every flag at its default, as config.flags holds it."""
-    return plain_flags(parse_args([]))
-
-
 def check_sweep_flags(config: Config, command: str) -> None:
     """Refuse a flag that the sweeps set themselves, given with a value of its own."""
     defaults = default_flags()
@@ -5001,6 +4996,11 @@ def plain_flags(args: argparse.Namespace) -> dict:
             return [plain(item) for item in value]
         return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
     return {key: plain(value) for key, value in vars(args).items()}
+
+
+def default_flags() -> dict:
+    """Every flag at its default, as config.flags holds it."""
+    return plain_flags(parse_args([]))
 
 
 def config_from_command_line(argv: Sequence[str] | None = None) -> Config:
@@ -6777,7 +6777,7 @@ def checkpoint_contents(path: Path, checkpoint: dict):
     line. Flags that do not shape the model take this command's defaults."""
     name = checkpoint["model_name"]
     try:
-        flags = {**plain_flags(parse_args([])),
+        flags = {**default_flags(),
                  **{key: value for key, value in checkpoint["args"].items()
                     if key not in FLAGS_FREE_ON_RESUME}, "models": [name]}
         trained = config_from_flags(flags)

@@ -8,12 +8,10 @@ A model that learns it must learn to count, to step by two, and to double.
     python tools/make_3seqs.py            # writes 3seqs.txt beside the repository root
 """
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-from pico_module import OneLineErrorParser
+from pico_module import OneLineErrorParser, write_text_atomically
 
 NUM_LINES = 3333
 SEQUENCES = (
@@ -27,26 +25,12 @@ def three_sequence_lines(num_lines: int = NUM_LINES) -> list[str]:
     return [" ".join(SEQUENCES[i % len(SEQUENCES)]) for i in range(num_lines)]
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write beside the target, then rename over it, so readers never see a half-written file."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as temp_file:
-            temp_file.write(text)
-        os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; a data file should be world-readable
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.remove(temp_name)
-        raise
-
-
 def main() -> int:
     parser = OneLineErrorParser(prog="tools/make_3seqs.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "3seqs.txt")
     args = parser.parse_args()
     try:
-        write_atomically(args.out, "".join(line + "\n" for line in three_sequence_lines()))
+        write_text_atomically(args.out, "".join(line + "\n" for line in three_sequence_lines()))
     except OSError as error:
         print(f"make_3seqs: error: cannot write {args.out} ({error.strerror}); choose another --out",
               file=sys.stderr)

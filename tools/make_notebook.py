@@ -11,15 +11,13 @@ replaced only with --force.
 
 import hashlib
 import json
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
 
-from pico_module import OneLineErrorParser
+from pico_module import OneLineErrorParser, write_text_atomically
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1020,24 +1018,6 @@ def work_lost_by_writing(path: Path, new: nbformat.NotebookNode) -> str | None:
     return None
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """A temporary file beside `path`, renamed over it: a failure leaves the old notebook.
-    (pico-llm's atomic_write_bytes does the same; this tool runs without importing torch.)"""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes it private (0600)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="tools/make_notebook.py", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default=str(REPO / "pico_llm.ipynb"),
@@ -1056,7 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = nbformat.writes(notebook)
     try:
-        write_atomically(path, text if text.endswith("\n") else text + "\n")
+        write_text_atomically(path, text if text.endswith("\n") else text + "\n")
     except OSError as error:
         print(f"make_notebook: error: cannot write {path} ({error.strerror}); choose another "
               "--output", file=sys.stderr)

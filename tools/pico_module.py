@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 TOOLS_DIR = Path(__file__).resolve().parent
@@ -65,3 +67,22 @@ def positive_float(text: str) -> float:
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
     return value
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` in a temporary file beside `path`, renamed over it: a failure leaves the old file,
+    and readers never see half of the new one (pico-llm.py's atomic_write_bytes does the same;
+    the tools that write text run without importing torch)."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes it private (0600)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
