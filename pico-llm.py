@@ -64,16 +64,20 @@ import sys
 
 
 def interrupted_while_starting(signal_number, frame) -> None:
-    """Ctrl-C while numpy and torch are still importing (seconds): one line, status 130,
-    and no traceback from the middle of a half-imported library."""
-    os.write(2, b"pico-llm: interrupted\n")
+    """Ctrl-C or SIGTERM while numpy and torch are still importing (seconds): one line,
+    status 128 + the signal, and no traceback from the middle of a half-imported library."""
+    os.write(2, b"pico-llm: interrupted\n" if signal_number == signal.SIGINT
+             else b"pico-llm: terminated\n")
     os._exit(128 + signal_number)
 
 
-# As a script (not when imported), unless Ctrl-C is ignored (a background job): main() takes
-# Ctrl-C over once the imports are done.
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, interrupted_while_starting)
+# As a script (not when imported), unless a signal is ignored (Ctrl-C in a background job):
+# main() takes the signals over once the imports are done.
+if __name__ == "__main__":
+    for _number, _default in ((signal.SIGINT, signal.default_int_handler),
+                              (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(_number) is _default:
+            signal.signal(_number, interrupted_while_starting)
 
 import _compat_pickle
 import argparse
@@ -3084,7 +3088,7 @@ class RunLog:
         instead of staying "running"; best effort, as the disk may be what failed."""
         if self.data["status"] not in ("running", "failed") or "error" in self.data:
             return
-        if isinstance(error, (KeyboardInterrupt, TrainingInterrupted)):
+        if isinstance(error, (KeyboardInterrupt, Terminated, TrainingInterrupted)):
             self.data["status"] = "interrupted"
         else:
             message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
@@ -3850,7 +3854,14 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
     directory = log.path.parent
     pending = [rule for rule in SAMPLING_SWEEP_RULES
                if not log.done("transformer", dataclasses.asdict(rule))]
-    if not pending and (directory / "attention_transformer.json").exists():
+    draws_maps = config.models.transformer.attention == "softmax"
+    if not draws_maps:
+        print(f"pico-llm: note: --attention {config.models.transformer.attention} has no "
+              "attention weights to draw; the sampling sweep writes no attention map",
+              file=sys.stderr)
+    # Done when every rule's point is in, and so are the files written after them.
+    written_last = ["monosemantic_transformer.json"] + ["attention_transformer.json"] * draws_maps
+    if not pending and all((directory / name).exists() for name in written_last):
         return
     model, record = train_sweep_model("transformer", "transformer", config, device, tokenizer, data)
     trained = point_result(record, data)
@@ -5314,6 +5325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pico-llm: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("pico-llm: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")
         return 0
@@ -6309,6 +6323,17 @@ class TrainingInterrupted(Exception):
         self.exit_status = 128 + signal_number
 
 
+class Terminated(BaseException):
+    """SIGTERM where no training step is under way to finish (a sweep, tokenizing, sampling):
+    raised where the program stands, as Ctrl-C raises KeyboardInterrupt, so that temporary
+    files are removed and main() says so in one line. Training itself stops at a step's end
+    (StopRequest), and writes a checkpoint first."""
+
+
+def raise_terminated(signal_number, frame) -> None:
+    raise Terminated()
+
+
 class StopRequest:
     """Turns the first SIGINT or SIGTERM into a request to stop after the current step,
     so that a checkpoint can be written; a second signal acts at once, as usual.
@@ -6658,9 +6683,17 @@ def load_weights_only(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def unpickling_failure(error: Exception) -> str:
+def unpickling_failure(error: Exception, path: Path) -> str:
     """Why load_weights_only failed, in a few words: torch's own message is paragraphs,
     including advice to load with weights_only=False, which would run the file's code."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(2)
+    except OSError:
+        start = b""
+    if start[:1] == b"\x80" and start[1:] >= b"\x04":  # torch.save writes a zip archive, and
+        # reads a bare pickle only as its old format (protocol 2): "Unsupported operand 149"
+        return f"a plain Python pickle (protocol {start[1]}), not a file written by torch.save"
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
     reason = detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__
     return textwrap.shorten(reason, 120)
@@ -6688,7 +6721,7 @@ def read_checkpoint(path: Path, flag: str) -> dict:
                             "runs code, so it was not loaded; load only checkpoints pico-llm "
                             "wrote") from None
         raise DamagedCheckpoint(f"{path} is not a readable checkpoint (truncated, corrupt or not "
-                                f"from pico-llm: {unpickling_failure(error)})") from None
+                                f"from pico-llm: {unpickling_failure(error, path)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a pico-llm checkpoint; give a .pt file written with --save_dir")
     version = checkpoint.get("version")
@@ -6950,7 +6983,10 @@ def check_same_flags(checkpoint: dict, path: Path, flags: dict) -> None:
     """A resumed run must compute what the interrupted one would have: same flags (of the
     model flags, those the checkpoint's kind of model reads)."""
     others = set().union(*MODEL_FLAGS.values()) - set(MODEL_FLAGS.get(checkpoint["model_name"], ()))
-    differences = flag_differences(checkpoint["args"], flags,
+    stored = dict(checkpoint["args"])
+    if not stored.get("tinystories_weight"):    # a path without a weight was never read (and is
+        stored["tinystories_path"] = None       # now refused, so the run could not repeat it)
+    differences = flag_differences(stored, flags,
                                    FLAGS_FREE_ON_RESUME | frozenset(TRAINING_LENGTH_FLAGS) | others)
     if differences:
         raise UserError(f"{path} was trained with other flags ({'; '.join(differences)}); "
@@ -7087,6 +7123,9 @@ def native_stderr_to(file):
         os.close(saved)
 
 
+DIST_WAIT_NOTE_S = 10.0   # torchrun's ranks meet within seconds; a longer wait is said
+
+
 def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, str]:
     """Join the torchrun job if there is one: gloo on CPUs, NCCL with one GPU per rank.
     Returns this process's place and the device it trains on (cuda:LOCAL_RANK under
@@ -7102,17 +7141,29 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
         torch.cuda.set_device(local_rank)
     # A rank that fails ends the job: the others give up after the timeout instead of hanging.
     # Until the ranks meet, torch's C++ layer logs every failed attempt to connect, with a C++
-    # stack, straight to file descriptor 2: held aside, and shown only if they do meet.
+    # stack, straight to file descriptor 2: held aside, and shown only if they do meet. A wait
+    # of over DIST_WAIT_NOTE_S (the variables set by hand, without torchrun) is said at once.
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    terminal = os.dup(2)
+    waiting = threading.Timer(DIST_WAIT_NOTE_S, os.write, (terminal, (
+        f"pico-llm: note (rank {os.environ.get('RANK')}): waiting for the other ranks of "
+        f"WORLD_SIZE={world_size} at {where}; giving up after --dist_timeout {timeout_s:g} s. "
+        "Start every rank with torchrun, or unset WORLD_SIZE\n").encode()))
+    waiting.daemon = True
     with tempfile.TemporaryFile() as native_log:
         try:
+            waiting.start()
             with native_stderr_to(native_log):
                 dist.init_process_group("nccl" if use_cuda else "gloo",
                                         timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as error:   # torch.distributed's errors are RuntimeErrors
-            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             raise UserError(f"cannot join the torchrun job at {where} "
                             f"({textwrap.shorten(str(error), 120)}); start every rank with "
                             "torchrun, or unset WORLD_SIZE") from None
+        finally:
+            waiting.cancel()
+            waiting.join()
+            os.close(terminal)
         native_log.seek(0)
         sys.stderr.write(native_log.read().decode(errors="replace"))
     return (Distributed(dist.get_rank(), world_size, local_rank),
@@ -8503,7 +8554,7 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         except Exception as error:  # missing shards, truncated files: many error types
             culprit = blocked_callable(str(error))
             reason = (f"unpickling it would call {culprit}, which runs code, so it was not loaded"
-                      if culprit else unpickling_failure(error))
+                      if culprit else unpickling_failure(error, file))
             raise UserError(f"cannot read {quoted(file)}: {reason}") from None
         check_hf_tensors(file, loaded)
         tensors.update(loaded)
@@ -8913,6 +8964,8 @@ def run_export(config: Config) -> int:
 if __name__ == "__main__":
     if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is interrupted_while_starting:
+        signal.signal(signal.SIGTERM, raise_terminated)
     status = main()
     # Done, and said so: a Ctrl-C still arriving (a key held down) must not break into the
     # interpreter's shutdown with a traceback from an exit handler.

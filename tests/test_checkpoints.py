@@ -508,6 +508,7 @@ BAD_CHECKPOINT_INPUTS = [
     (["--resume", "{truncated}"], "not a readable checkpoint (truncated, corrupt"),
     (["--resume", "{random_bytes}"], "not a readable checkpoint"),
     (["--resume", "{text}"], "not a readable checkpoint"),
+    (["--resume", "{pickled}"], "a plain Python pickle (protocol 4), not a file written by torch.save"),
     (["--resume", "{evil}"], "refused to load"),
     (["--resume", "{not_pico}"], "not a pico-llm checkpoint"),
     (["--resume", "{empty_save}"], "no checkpoints of kgram_mlp_seq"),
@@ -598,6 +599,7 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     torch.save({"format": "pico-llm checkpoint", "model": RunsCode(tmp_path / "pwned")},
                tmp_path / "evil.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "not_pico.pt")
+    (tmp_path / "pickled.pt").write_bytes(pickle.dumps({"weights": [0.0]}, protocol=4))
     (tmp_path / "empty_save").mkdir()
     (tmp_path / "folder").mkdir()
     (tmp_path / "file_save").mkdir()
@@ -608,7 +610,7 @@ def bad_checkpoints(tmp_path, trained_save_dir):
                 tmp_path / "newer_save" / "kgram_mlp_seq" / "step_000003.pt")
     (tmp_path / "artefacts").mkdir()
     (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
-    names = ["truncated", "random_bytes", "text", "evil", "not_pico"]
+    names = ["truncated", "random_bytes", "text", "evil", "not_pico", "pickled"]
     return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
             "other_save": str(tmp_path / "other_save"), "newer_save": str(tmp_path / "newer_save"),
             "folder": str(tmp_path / "folder"), "file_save": str(tmp_path / "file_save"),
@@ -879,3 +881,21 @@ def test_init_from_is_the_same_directory_however_written(pico, tmp_path, monkeyp
         assert pico.flag_differences(stored, {**stored, "init_from": spelling}, frozenset()) == []
     assert pico.flag_differences(stored, {**stored, "init_from": "other"}, frozenset()) == [
         f"--init_from {stored['init_from']!r} there, 'other' now"]
+
+
+def test_a_checkpoint_that_stored_an_unread_tinystories_path_resumes_without_it(
+        pico, run_main, trained_save_dir, tmp_path):
+    """Older versions accepted --tinystories_path with a weight of 0, and never read it; the
+    path is now refused without a weight, so such a checkpoint resumes without the path."""
+    save = tmp_path / "save"
+    shutil.copytree(trained_save_dir, save)
+    path = save / "kgram_mlp_seq" / "step_000002.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert not checkpoint["args"]["tinystories_weight"]
+    checkpoint["args"]["tinystories_path"] = str(tmp_path / "TinyStories-valid.txt")
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)
+    torch.save(checkpoint, path)
+    status, _, err = run_main(*CHECKPOINT_RUN, "--epochs", "2", "--resume", str(save),
+                              "--save_dir", str(save))
+    assert status == 0, err
+    assert (save / "kgram_mlp_seq" / "step_000004.pt").exists()

@@ -179,3 +179,20 @@ def test_a_signal_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(
     assert "to resume, rerun the same command with --resume" in err
     assert "rank 0 writes the checkpoint" in err                 # rank 1 does not claim to
     assert pico.load_runlog(tmp_path / "run.json")["status"] == "interrupted"
+
+
+def test_a_rank_left_waiting_for_the_others_says_so_before_it_gives_up(pico, monkeypatch, capfd):
+    """torchrun's variables set by hand for one process: it waits --dist_timeout for ranks
+    that never come, and says so after DIST_WAIT_NOTE_S rather than in silence."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(pico, "DIST_WAIT_NOTE_S", 0.5)
+    with pytest.raises(pico.UserError, match="cannot join the torchrun job"):
+        pico.setup_distributed("cpu", timeout_s=3.0)
+    err = capfd.readouterr().err
+    assert "waiting for the other ranks of WORLD_SIZE=2" in err and "--dist_timeout 3 s" in err

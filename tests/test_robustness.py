@@ -702,22 +702,24 @@ def test_unreadable_input_dir_is_not_reported_as_empty(ws):
         locked.chmod(0o755)
 
 
-def test_ctrl_c_during_start_up_prints_one_line(ws):
+@pytest.mark.parametrize("signal_number, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                                        (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_start_up_prints_one_line(ws, signal_number, status, word):
     process = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, *ws.io()], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)  # the imports (numpy, torch) take seconds
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     try:
         out, err = process.communicate(timeout=HANG_TIMEOUT)
     except subprocess.TimeoutExpired:
         process.kill()
-        pytest.fail("hung after SIGINT")
+        pytest.fail(f"hung after signal {signal_number}")
     result = subprocess.CompletedProcess(process.args, process.returncode, out, err)
     info = describe(result)
     assert "Traceback" not in err, info
-    assert result.returncode == 130, info
+    assert result.returncode == status, info
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "interrupted" in lines[0], info
+    assert len(lines) == 1 and word in lines[0], info
     assert not ws.art.exists() and not ws.cache.exists(), info
 
 

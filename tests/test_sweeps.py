@@ -3,12 +3,15 @@ plot, and the interpretability tools (attention maps, k-means over embeddings)."
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import jsonschema
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, SCRIPT
 from schemas import runlog_schema, sweep_schema
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -608,3 +611,44 @@ def test_custom_sweep_sizes_given_twice_are_refused(run_main, tmp_path, tiny_cor
                               "--input_files", str(tiny_corpus), "--custom_sweep_sizes", "3,3")
     assert status == 2 and err.count("\n") == 1 and "give each size once" in err, err
     assert not path.exists()
+
+
+def test_a_sampling_sweep_with_linear_attention_says_it_draws_no_map_and_is_done_once(
+        run_main, tmp_path, tiny_corpus):
+    """Linear attention has no weights to draw: the sweep says so, writes the embedding
+    clusters alone, and a rerun finds it done rather than training its model again."""
+    argv = ("--sweep", "sampling", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus),
+            "--attention", "linear")
+    status, out, err = run_main(*argv)
+    assert status == 0, err
+    assert "writes no attention map" in err and err.count("\n") == 1, err
+    artefacts = tmp_path / "artefacts"
+    assert (artefacts / "monosemantic_transformer.json").exists()
+    assert not (artefacts / "attention_transformer.json").exists()
+    status, out, err = run_main(*argv)
+    assert status == 0 and "were already done" in out, out + err
+    assert "embedding clusters" not in out      # the model was not trained and sampled again
+
+
+def test_sigterm_during_a_sweep_says_so_in_one_line_and_leaves_its_files_valid(
+        pico, tmp_path, tiny_corpus):
+    """A sweep trains no checkpointed run, so SIGTERM stops it where it stands: one line,
+    status 143, no traceback, and the sweep file holds the points finished so far."""
+    artefacts = tmp_path / "artefacts"
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--sweep", "presentation", "--sweep_scale", "tiny",
+         "--input_files", str(tiny_corpus), "--artefacts_dir", str(artefacts),
+         "--cache_dir", str(tmp_path / "cache"), "--device_id", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("[sweep "):     # a point is in: the presentation has dozens more
+            break
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "pico-llm: terminated", err
+    sweeps = list(artefacts.glob("sweep_*.json"))
+    assert sweeps and not [p for p in artefacts.iterdir() if p.name.endswith(".tmp")]
+    for path in sweeps:
+        if not path.name.endswith("_run.json"):
+            assert pico.load_sweep(path)["points"]
