@@ -6326,8 +6326,8 @@ class TrainingInterrupted(Exception):
 class Terminated(BaseException):
     """SIGTERM where no training step is under way to finish (a sweep, tokenizing, sampling):
     raised where the program stands, as Ctrl-C raises KeyboardInterrupt, so that temporary
-    files are removed and main() says so in one line. Training itself stops at a step's end
-    (StopRequest), and writes a checkpoint first."""
+    files are removed and main() says so in one line (torchrun's ranks end at once, as by
+    default). Training itself stops at a step's end (StopRequest), with a checkpoint first."""
 
 
 def raise_terminated(signal_number, frame) -> None:
@@ -8965,7 +8965,10 @@ if __name__ == "__main__":
     if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGTERM) is interrupted_while_starting:
-        signal.signal(signal.SIGTERM, raise_terminated)
+        # A torchrun rank keeps the default (ending at once): torchrun sends SIGTERM to clean
+        # up after a failed rank, and a rank held in a collective would not see it for long.
+        signal.signal(signal.SIGTERM, raise_terminated if launched_world_size() == 1
+                      else signal.SIG_DFL)
     status = main()
     # Done, and said so: a Ctrl-C still arriving (a key held down) must not break into the
     # interpreter's shutdown with a traceback from an exit handler.
