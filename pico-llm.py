@@ -6688,11 +6688,12 @@ def unpickling_failure(error: Exception, path: Path) -> str:
     including advice to load with weights_only=False, which would run the file's code."""
     try:
         with open(path, "rb") as file:
-            start = file.read(2)
+            start = file.read(3)
     except OSError:
         start = b""
-    if start[:1] == b"\x80" and start[1:] >= b"\x04":  # torch.save writes a zip archive, and
-        # reads a bare pickle only as its old format (protocol 2): "Unsupported operand 149"
+    # torch.save writes a zip archive, and reads a bare pickle only as its old format (protocol
+    # 2): a bare pickle of protocol 4 or 5 fails on its FRAME opcode, "Unsupported operand 149"
+    if start in (b"\x80\x04\x95", b"\x80\x05\x95"):
         return f"a plain Python pickle (protocol {start[1]}), not a file written by torch.save"
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
     reason = detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__
