@@ -4677,6 +4677,10 @@ MAX_EPOCHS = 10_000
 # see: two steps on 3seqs.txt at --embed_size 16 took 22 s and 1.2 GB at k = 1024 against 7 s
 # and 0.4 GB at k = 3, and k = 100,000 ran out of memory. The course's default is 3.
 MAX_KGRAM_K = 1024
+# A mixture of experts runs its experts one after another (MixtureOfExperts): two steps at
+# --d_model 16 took 15 s with 128 experts and 34 s with 1,024, and 100,000 had not finished
+# two steps after two minutes. The largest released mixtures have a few hundred.
+MAX_EXPERTS = 1024
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -4742,7 +4746,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
                         "no control or formatting characters")
     limits = {"num_inner_mlp_layers": MAX_LAYERS, "lstm_layers": MAX_LAYERS, "n_blocks": MAX_LAYERS,
-              "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K}  # why each: the MAX_ constants' comments
+              "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K,
+              "n_experts": MAX_EXPERTS}  # why each: the MAX_ constants' comments
     for name, limit in limits.items():
         if (getattr(args, name) or 0) > limit:
             raise UserError(f"--{name} is at most {limit}, got {getattr(args, name)}")
@@ -4787,7 +4792,8 @@ def validate_args(args: argparse.Namespace) -> None:
     validate_huggingface_args(args)
     for name in args.models:
         if name.startswith("transformer"):
-            transformer_config_from_flags(vars(args), name)  # validates the fields
+            config = transformer_config_from_flags(vars(args), name)  # validates the fields
+            check_transformer_flags_are_read(vars(args), config)
 
 
 def validate_checkpoint_args(args: argparse.Namespace) -> None:
@@ -4890,6 +4896,29 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
                                attention_impl=flags["attention_impl"], **fields)
     validate_transformer_config(config, preset)
     return config
+
+
+def check_transformer_flags_are_read(flags: dict, config: TransformerConfig) -> None:
+    """A flag given for a part `config` lacks would be recorded in the run log and never read:
+    UserError, saying what would make it count. A flag at its "off" value asks for nothing."""
+    no_experts = not config.n_experts and "there are no experts; add --n_experts N"
+    if config.attention != "softmax":
+        no_rope = f"--attention {config.attention} uses no RoPE; use --attention softmax"
+    else:
+        no_rope = config.pos_emb != "rope" and f"--pos_emb {config.pos_emb} is not RoPE; use --pos_emb rope"
+    # (flag, its "off" value, why it would not be read, or False); --yarn_factor without RoPE
+    # positions is refused by validate_transformer_config, with linear attention here.
+    unread = [
+        ("experts_per_token", None, no_experts),
+        ("router_aux_loss_coef", 0, no_experts),
+        ("rope_theta", None, no_rope),
+        ("yarn_factor", 1, config.attention != "softmax" and no_rope),
+        ("yarn_original_context", None,
+         no_rope or config.yarn_factor <= 1 and "YaRN is off; add --yarn_factor above 1"),
+        ("unet_skips", False, config.n_blocks == 1 and "one block has no halves to join; raise --n_blocks")]
+    for flag, off, why in unread:
+        if why and flags.get(flag) not in (None, off):
+            raise UserError(f"--{flag} would be ignored: {why}, or drop --{flag}")
 
 
 def transformer_config_if_valid(flags: dict, model_name: str) -> TransformerConfig | None:

@@ -81,6 +81,18 @@ BAD_INPUTS = [
     (["--accounting", "--generate", "--checkpoint", "x.pt"], "--accounting and --generate are two commands"),
     (["--custom_sweep_sizes", "3,5"], "--custom_sweep_sizes sets the corpus sizes"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", ""], "expected positive integers"),
+    (["--models", "transformer", "--n_experts", "100000"], "--n_experts is at most 1024"),
+    (["--models", "transformer", "--experts_per_token", "3"],
+     "--experts_per_token would be ignored: there are no experts; add --n_experts N"),
+    (["--models", "transformer", "--router_aux_loss_coef", "0.5"], "--router_aux_loss_coef would be ignored"),
+    (["--models", "transformer", "--pos_emb", "learned", "--rope_theta", "500"],
+     "--rope_theta would be ignored: --pos_emb learned is not RoPE"),
+    (["--models", "transformer", "--yarn_original_context", "8"],
+     "--yarn_original_context would be ignored: YaRN is off"),
+    (["--models", "transformer", "--attention", "gated_linear", "--yarn_factor", "2"],
+     "--yarn_factor would be ignored: --attention gated_linear uses no RoPE"),
+    (["--models", "transformer", "--n_blocks", "1", "--unet_skips", "true"],
+     "--unet_skips would be ignored: one block has no halves to join"),
 ]
 
 
