@@ -1536,6 +1536,8 @@ STARTER_SAMPLING_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.95
 def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
     """The starter's greedy / top-p 0.95 / top-p 1.0, plus the configured rule if it differs."""
     configured = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
+    if configured.temperature == 0:  # greedy whatever top_k and top_p say: the starter's own
+        configured = STARTER_SAMPLING_RULES[0]
     rules = list(STARTER_SAMPLING_RULES)
     return rules if configured in rules else rules + [configured]
 
@@ -4763,6 +4765,10 @@ def validate_args(args: argparse.Namespace) -> None:
                         "(e.g. LANG=C.UTF-8)") from None
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+    top_p_given = args.top_p != build_arg_parser().get_default("top_p")
+    if args.temperature == 0 and (args.top_k or top_p_given):
+        raise UserError(f"--temperature 0 is greedy (always the most likely token), which "
+                        f"--{'top_k' if args.top_k else 'top_p'} cannot change; drop one")
     if not 0.0 <= args.tinystories_weight <= 1.0:
         raise UserError(f"--tinystories_weight is a probability in [0, 1], got {args.tinystories_weight}")
     if args.random_offsets and (args.data_format == "lines"

@@ -81,6 +81,8 @@ BAD_INPUTS = [
     (["--accounting", "--generate", "--checkpoint", "x.pt"], "--accounting and --generate are two commands"),
     (["--custom_sweep_sizes", "3,5"], "--custom_sweep_sizes sets the corpus sizes"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", ""], "expected positive integers"),
+    (["--temperature", "0", "--top_k", "5"], "--top_k cannot change; drop one"),
+    (["--temperature", "0", "--top_p", "0.5"], "--top_p cannot change; drop one"),
 ]
 
 
