@@ -4659,8 +4659,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     if args.enable_transformer_gptoss and "transformer_gptoss" not in args.models:
         args.models.append("transformer_gptoss")
-    if args.tokenizer is None and not args.init_from:  # --init_from brings its own
-        args.tokenizer = "char"
+    if args.tokenizer is None and not args.init_from and not args.generate:
+        args.tokenizer = "char"  # --init_from brings its own, --generate's checkpoint too
     validate_args(args)
     return args
 
@@ -5240,6 +5240,9 @@ def run_generation(config: Config) -> int:
         context = trained.data.block_size
         limit = f"the checkpoint's --block_size {context}"
         where, own = f"--checkpoint {path}", trained.models.names[0]
+        if config.data.tokenizer not in (None, tokenizer.name):
+            raise UserError(f"--tokenizer {config.data.tokenizer} does not fit {where}, whose "
+                            f"model was trained with --tokenizer {tokenizer.name}; drop --tokenizer")
     named = config.models.names
     if own not in named and named != DEFAULT_MODELS.split(","):
         raise UserError(f"{where} holds model {own}, which --models {','.join(named)} does not "
