@@ -4739,6 +4739,10 @@ def validate_args(args: argparse.Namespace) -> None:
                 raise UserError(f"--input_files names {seen[os.path.realpath(name)]} twice; "
                                 "name each file once")
             seen[os.path.realpath(name)] = name
+    for name in ("input_dir", "tinystories_path", "artefacts_dir", "save_dir", "checkpoint",
+                 "custom_sweep_log"):  # "" would be the current folder, or no path: ignored
+        if getattr(args, name) == "":
+            raise UserError(f"--{name} is empty; give a path, or drop the flag")
     control = any(unicodedata.category(ch).startswith("C") for ch in args.run_name or "")
     if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SCRIPT, run_script
+from conftest import REPO, SCRIPT, TINY_RUN, run_script
 
 BAD_INPUTS = [
     (["--input_files", "does_not_exist.txt"], "not found"),
@@ -83,6 +83,8 @@ BAD_INPUTS = [
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", ""], "expected positive integers"),
     (["--temperature", "0", "--top_k", "5"], "--top_k cannot change; drop one"),
     (["--temperature", "0", "--top_p", "0.5"], "--top_p cannot change; drop one"),
+    *[([flag, "", *TINY_RUN], f"{flag} is empty; give a path") for flag in (
+        "--input_dir", "--tinystories_path", "--save_dir", "--checkpoint", "--custom_sweep_log")],
 ]
 
 
@@ -124,6 +126,15 @@ def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"pico-llm: error: input file not found: {tmp_path / 'nope.txt'}"]
     assert not (tmp_path / "a").exists()
+
+
+def test_an_empty_artefacts_dir_is_refused_not_the_current_folder(tmp_path):
+    """--artefacts_dir "" would write the run log into the folder the run started in."""
+    result = run_script("--artefacts_dir", "", *TINY_RUN, "--device_id", "cpu", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pico-llm: error: --artefacts_dir is empty; give a path, or drop the flag"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_documents_every_flag_the_readme_uses(pico):
