@@ -5321,11 +5321,15 @@ def enable_crash_tracebacks() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prints_only = True   # done when its output is: --help, --accounting, --generate, and
+                         # --export_hf from a --checkpoint, which prints after writing
     try:
         try:
             config = config_from_command_line(argv)
         except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
             return int(exit_request.code or 0)
+        prints_only = bool(config.accounting or config.checkpoints.generate
+                            or config.checkpoints.checkpoint)
         enable_crash_tracebacks()
         return run_command(config)
     except UserError as error:
@@ -5343,7 +5347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGTERM
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")
-        return 0
+        if prints_only:       # head has all it asked for
+            return 0
+        with contextlib.suppress(OSError):   # stderr may be the same closed pipe
+            print("pico-llm: stopped: the output was closed (piped into head?) before the run "
+                  "finished; send it to a file, or through tail", file=sys.stderr)
+        return 128 + signal.SIGPIPE
     except (MemoryError, RuntimeError) as error:
         if not out_of_memory(error):
             raise

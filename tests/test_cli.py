@@ -137,6 +137,22 @@ def test_an_empty_artefacts_dir_is_refused_not_the_current_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_whose_output_is_closed_early_says_it_stopped(tmp_path):
+    """`pico-llm.py | head -1` stops the run at its next line: that is said on stderr and the
+    status is a closed pipe's (141), not 0 as if the run had finished."""
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *TINY_RUN, "--device_id", "cpu",
+                                "--artefacts_dir", str(tmp_path / "a"), "--cache_dir",
+                                str(tmp_path / "c")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline()
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 141
+    assert err.strip().splitlines() == [
+        "pico-llm: stopped: the output was closed (piped into head?) before the run finished; "
+        "send it to a file, or through tail"]
+
+
 def test_help_documents_every_flag_the_readme_uses(pico):
     help_text = run_script("--help").stdout
     readme_lines = (REPO / "README.md").read_text().splitlines()
