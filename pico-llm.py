@@ -1536,6 +1536,8 @@ STARTER_SAMPLING_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.95
 def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
     """The starter's greedy / top-p 0.95 / top-p 1.0, plus the configured rule if it differs."""
     configured = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
+    if configured.temperature == 0:  # greedy whatever top_k and top_p say: the starter's own
+        configured = STARTER_SAMPLING_RULES[0]
     rules = list(STARTER_SAMPLING_RULES)
     return rules if configured in rules else rules + [configured]
 
@@ -4657,8 +4659,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     if args.enable_transformer_gptoss and "transformer_gptoss" not in args.models:
         args.models.append("transformer_gptoss")
-    if args.tokenizer is None and not args.init_from:  # --init_from brings its own
-        args.tokenizer = "char"
+    if args.tokenizer is None and not args.init_from and not args.generate:
+        args.tokenizer = "char"  # --init_from brings its own, --generate's checkpoint too
     validate_args(args)
     return args
 
@@ -4741,6 +4743,10 @@ def validate_args(args: argparse.Namespace) -> None:
                 raise UserError(f"--input_files names {seen[os.path.realpath(name)]} twice; "
                                 "name each file once")
             seen[os.path.realpath(name)] = name
+    for name in ("input_dir", "tinystories_path", "artefacts_dir", "save_dir", "checkpoint",
+                 "custom_sweep_log"):  # "" would be the current folder, or no path: ignored
+        if getattr(args, name) == "":
+            raise UserError(f"--{name} is empty; give a path, or drop the flag")
     control = any(unicodedata.category(ch).startswith("C") for ch in args.run_name or "")
     if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
@@ -4768,6 +4774,10 @@ def validate_args(args: argparse.Namespace) -> None:
                         "(e.g. LANG=C.UTF-8)") from None
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+    top_p_given = args.top_p != build_arg_parser().get_default("top_p")
+    if args.temperature == 0 and (args.top_k or top_p_given):
+        raise UserError(f"--temperature 0 is greedy (always the most likely token), which "
+                        f"--{'top_k' if args.top_k else 'top_p'} cannot change; drop one")
     if not 0.0 <= args.tinystories_weight <= 1.0:
         raise UserError(f"--tinystories_weight is a probability in [0, 1], got {args.tinystories_weight}")
     if args.random_offsets and (args.data_format == "lines"
@@ -5263,6 +5273,9 @@ def run_generation(config: Config) -> int:
         context = trained.data.block_size
         limit = f"the checkpoint's --block_size {context}"
         where, own = f"--checkpoint {path}", trained.models.names[0]
+        if config.data.tokenizer not in (None, tokenizer.name):
+            raise UserError(f"--tokenizer {config.data.tokenizer} does not fit {where}, whose "
+                            f"model was trained with --tokenizer {tokenizer.name}; drop --tokenizer")
     named = config.models.names
     if own not in named and named != DEFAULT_MODELS.split(","):
         raise UserError(f"{where} holds model {own}, which --models {','.join(named)} does not "
@@ -5337,11 +5350,15 @@ def enable_crash_tracebacks() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prints_only = True   # done when its output is: --help, --accounting, --generate, and
+                         # --export_hf from a --checkpoint, which prints after writing
     try:
         try:
             config = config_from_command_line(argv)
         except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
             return int(exit_request.code or 0)
+        prints_only = bool(config.accounting or config.checkpoints.generate
+                            or config.checkpoints.checkpoint)
         enable_crash_tracebacks()
         return run_command(config)
     except UserError as error:
@@ -5359,7 +5376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGTERM
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")
-        return 0
+        if prints_only:       # head has all it asked for
+            return 0
+        with contextlib.suppress(OSError):   # stderr may be the same closed pipe
+            print("pico-llm: stopped: the output was closed (piped into head?) before the run "
+                  "finished; send it to a file, or through tail", file=sys.stderr)
+        return 128 + signal.SIGPIPE
     except (MemoryError, RuntimeError) as error:
         if not out_of_memory(error):
             raise

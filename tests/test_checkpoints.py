@@ -537,6 +537,8 @@ BAD_CHECKPOINT_INPUTS = [
      "longer than the checkpoint's --block_size 16"),
     (["--generate", "--checkpoint", "{ckpt}", "--models", "lstm_seq"],
      "holds model kgram_mlp_seq, which --models lstm_seq does not name; drop --models"),
+    (["--generate", "--checkpoint", "{ckpt}", "--tokenizer", "gpt2"],
+     "whose model was trained with --tokenizer char; drop --tokenizer"),
     (["--checkpoint", "{ckpt}", "--export_hf", ""], "--export_hf is empty"),
     (["--resume", "{newer_save}/kgram_mlp_seq/step_000002.pt"],
      "kgram_mlp_seq/step_000003.pt is newer and training on would write over it"),

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SCRIPT, run_script
+from conftest import REPO, SCRIPT, TINY_RUN, run_script
 
 BAD_INPUTS = [
     (["--input_files", "does_not_exist.txt"], "not found"),
@@ -93,6 +93,10 @@ BAD_INPUTS = [
      "--yarn_factor would be ignored: --attention gated_linear uses no RoPE"),
     (["--models", "transformer", "--n_blocks", "1", "--unet_skips", "true"],
      "--unet_skips would be ignored: one block has no halves to join"),
+    (["--temperature", "0", "--top_k", "5"], "--top_k cannot change; drop one"),
+    (["--temperature", "0", "--top_p", "0.5"], "--top_p cannot change; drop one"),
+    *[([flag, "", *TINY_RUN], f"{flag} is empty; give a path") for flag in (
+        "--input_dir", "--tinystories_path", "--save_dir", "--checkpoint", "--custom_sweep_log")],
 ]
 
 
@@ -134,6 +138,31 @@ def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"pico-llm: error: input file not found: {tmp_path / 'nope.txt'}"]
     assert not (tmp_path / "a").exists()
+
+
+def test_an_empty_artefacts_dir_is_refused_not_the_current_folder(tmp_path):
+    """--artefacts_dir "" would write the run log into the folder the run started in."""
+    result = run_script("--artefacts_dir", "", *TINY_RUN, "--device_id", "cpu", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pico-llm: error: --artefacts_dir is empty; give a path, or drop the flag"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_whose_output_is_closed_early_says_it_stopped(tmp_path):
+    """`pico-llm.py | head -1` stops the run at its next line: that is said on stderr and the
+    status is a closed pipe's (141), not 0 as if the run had finished."""
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *TINY_RUN, "--device_id", "cpu",
+                                "--artefacts_dir", str(tmp_path / "a"), "--cache_dir",
+                                str(tmp_path / "c")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline()
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 141
+    assert err.strip().splitlines() == [
+        "pico-llm: stopped: the output was closed (piped into head?) before the run finished; "
+        "send it to a file, or through tail"]
 
 
 def test_help_documents_every_flag_the_readme_uses(pico):

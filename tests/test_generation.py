@@ -169,6 +169,13 @@ def test_sampling_rules_are_the_starters_plus_the_configured_one(pico, configure
     assert custom[-1] == pico.SamplingRule(0.7, 10, 0.5) and len(custom) == 4
 
 
+def test_a_configured_greedy_rule_is_the_starters_greedy(pico, configure):
+    """--temperature 0 asks for greedy, which the starter's rules already sample: once, not
+    twice under the same label (with --top_p's default 0.95 it is another SamplingRule)."""
+    labels = [r.label for r in pico.sampling_rules(configure("--temperature", "0").sampling)]
+    assert labels == ["greedy", "top-p 0.95", "top-p 1"]
+
+
 @pytest.mark.parametrize("new_tokens", [6, 40])  # 40 runs past the block size of 16
 def test_static_decoder_equals_uncached_generation(pico, models, new_tokens):
     """Appendix A's static-shape decoder (every cache slot, a mask, in-place writes at a device
