@@ -5627,14 +5627,26 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+# oneDNN's product costs about 13 us a call more than PyTorch's (it prepares the weight each
+# time): a small product does not earn that back. Without gradients (evaluation, sampling),
+# products under both limits below go to PyTorch's kernel: 3x faster for one row of a 128 x 384
+# weight, 1.2x at 64 rows; from 2**23 multiply-adds, or a 2**18-entry weight (512 x 512), oneDNN
+# is as fast or faster (2x for one row of 768 x 3072). docs/performance.md has the table.
+SMALL_PRODUCT_MULTIPLY_ADDS, SMALL_WEIGHT_ENTRIES = 1 << 23, 1 << 18
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear through the fastest kernel for the device: (..., in) -> (..., out)."""
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])                                       # (N, in)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    y = OneDNNLinear.apply(rows, weight, bias) if needs_grad else onednn_matmul(rows, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        y = OneDNNLinear.apply(rows, weight, bias)
+    elif (weight.numel() < SMALL_WEIGHT_ENTRIES
+          and len(rows) * weight.numel() < SMALL_PRODUCT_MULTIPLY_ADDS):
+        return F.linear(x, weight, bias)
+    else:
+        y = onednn_matmul(rows, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

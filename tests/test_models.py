@@ -433,6 +433,26 @@ def test_fast_linear_uses_onednn_only_for_float32_on_the_cpu(pico, monkeypatch):
     assert len(calls) == 1
 
 
+def test_fast_linear_without_gradients_leaves_small_products_to_torch(pico, monkeypatch):
+    """Sampling and evaluation read small products (a row a token) where oneDNN's cost per
+    call outweighs its speed: those go to F.linear, larger ones to oneDNN, with equal values;
+    a product that needs gradients always takes oneDNN's autograd function."""
+    if not pico.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    calls = []
+    product = pico.onednn_matmul
+    monkeypatch.setattr(pico, "onednn_matmul", lambda *a: calls.append(a[0].shape) or product(*a))
+    torch.manual_seed(0)
+    small, large = pico.FastLinear(128, 384), pico.FastLinear(512, 512)
+    with torch.no_grad():
+        for layer, rows in ((small, 1), (small, 64), (large, 1), (small, 1024)):
+            x = torch.randn(rows, 1, layer.in_features)                    # (T, B, in)
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+    assert calls == [(1, 512), (1024, 128)]           # the 512 x 512 weight; 1024 rows x 128 x 384
+    small(torch.randn(1, 128)).sum().backward()       # with gradients: OneDNNLinear, whatever size
+    assert len(calls) == 3 and small.weight.grad is not None
+
+
 def test_speed_up_is_the_one_switch_and_changes_no_parameter(pico, monkeypatch):
     cpu = torch.device("cpu")
     model = tiny_model(pico, "transformer")
