@@ -5276,6 +5276,7 @@ def run_generation(config: Config) -> int:
         if config.data.tokenizer not in (None, tokenizer.name):
             raise UserError(f"--tokenizer {config.data.tokenizer} does not fit {where}, whose "
                             f"model was trained with --tokenizer {tokenizer.name}; drop --tokenizer")
+        check_model_flags_fit(config.flags, trained.flags, own, where, "--generate")
     named = config.models.names
     if own not in named and named != DEFAULT_MODELS.split(","):
         raise UserError(f"{where} holds model {own}, which --models {','.join(named)} does not "
@@ -6864,6 +6865,19 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
     model = build_model(model_config, tokenizer.vocab_size, trained.training.seed)
     load_model_weights(model, checkpoint, path, tokenizer)
     return model, tokenizer, trained
+
+
+def check_model_flags_fit(flags: dict, trained: dict, model_name: str, where: str,
+                          command: str) -> None:
+    """`command` takes a checkpoint's model as it was trained: a flag of its shape given here
+    (not at its default) with another value than the checkpoint's is refused, not ignored.
+    The training command with --generate added still works, its values being the same."""
+    defaults = default_flags()
+    for key in ("block_size", *MODEL_FLAGS.get(model_name, ())):
+        if (key in trained and flags[key] != defaults[key]
+                and not same_setting(key, trained[key], flags[key])):
+            raise UserError(f"{where} holds a model trained with --{key} {trained[key]!r}, and "
+                            f"{command} takes it as trained; drop --{key} {flags[key]!r}")
 
 
 def checkpoint_contents(path: Path, checkpoint: dict):
@@ -9017,7 +9031,9 @@ def run_export(config: Config) -> int:
     format, without training."""
     directory, path = Path(config.huggingface.export_hf), Path(config.checkpoints.checkpoint)
     check_export_directory(directory)
-    model, tokenizer, _ = model_from_checkpoint(path, "--checkpoint")
+    model, tokenizer, trained = model_from_checkpoint(path, "--checkpoint")
+    check_model_flags_fit(config.flags, trained.flags, trained.models.names[0],
+                          f"--checkpoint {quoted(path)}", "--export_hf")
     if not isinstance(model, TransformerModel):
         raise UserError(f"--checkpoint {quoted(path)} holds no Transformer "
                         f"({type(model).__name__}); --export_hf writes Transformers")

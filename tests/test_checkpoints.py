@@ -540,6 +540,12 @@ BAD_CHECKPOINT_INPUTS = [
     (["--generate", "--checkpoint", "{ckpt}", "--tokenizer", "gpt2"],
      "whose model was trained with --tokenizer char; drop --tokenizer"),
     (["--checkpoint", "{ckpt}", "--export_hf", ""], "--export_hf is empty"),
+    (["--generate", "--checkpoint", "{ckpt}", "--embed_size", "32"],
+     "holds a model trained with --embed_size 16, and --generate takes it as trained; drop --embed_size 32"),
+    (["--generate", "--checkpoint", "{ckpt}", "--kgram_k", "5"], "trained with --kgram_k 3"),
+    (["--generate", "--checkpoint", "{ckpt}", "--block_size", "24"], "trained with --block_size 16"),
+    (["--checkpoint", "{ckpt}", "--export_hf", "{folder}/hf", "--kgram_k", "5"],
+     "--export_hf takes it as trained; drop --kgram_k 5"),
     (["--resume", "{newer_save}/kgram_mlp_seq/step_000002.pt"],
      "kgram_mlp_seq/step_000003.pt is newer and training on would write over it"),
     (["--save_dir", "{file_save}"], "file_save/kgram_mlp_seq, where kgram_mlp_seq's checkpoints "
@@ -901,3 +907,11 @@ def test_a_checkpoint_that_stored_an_unread_tinystories_path_resumes_without_it(
                               "--save_dir", str(save))
     assert status == 0, err
     assert (save / "kgram_mlp_seq" / "step_000004.pt").exists()
+
+
+def test_generate_takes_the_training_command_with_the_same_model_flags(run_main, trained_save_dir):
+    """Model flags equal to the checkpoint's, as in the training command with --generate
+    added, are accepted: only a flag that differs is refused (above)."""
+    ckpt = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    status, out, err = run_main(*CHECKPOINT_RUN, "--generate", "--checkpoint", str(ckpt))
+    assert status == 0 and out.strip(), err
