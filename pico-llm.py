@@ -4395,7 +4395,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                            "ids trained on the training split, Appendix D) (default: char; "
                            "with --init_from, the model's own)")
     data.add_argument("--cache_dir", type=user_path, default=str(REPO_DIR / ".cache"),
-                      help="where tokenized data is cached, keyed by content and tokenizer")
+                      help="where tokenized data is cached, keyed by content and tokenizer "
+                           "('' caches nothing)")
 
     models = parser.add_argument_group("models")
     models.add_argument("--models", default=DEFAULT_MODELS,
@@ -4649,7 +4650,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "EPYC of docs/performance.md) or torch (PyTorch's default, MKL)")
     bench.add_argument("--compile", action="store_true",
                        help="torch.compile the model (on a GPU with its output layer and loss; "
-                            "worth it on GPUs, where it fuses kernels; slow to start on a CPU)")
+                            "worth it on GPUs, where it fuses kernels; slow to start on a CPU; "
+                            "with --generate, a softmax Transformer's decoding on a GPU)")
     return parser
 
 
@@ -5289,6 +5291,9 @@ def run_generation(config: Config) -> int:
     if prompt_tokens > context:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than {limit}; shorten it")
     device = resolve_device(config.device_id)
+    if config.speed.compile and not (device.type == "cuda" and StaticDecoder.supports(model)):
+        print("pico-llm: note: --compile compiles the decoding of a softmax-attention "
+              "Transformer on a GPU only; this model samples uncompiled", file=sys.stderr)
     model = model.to(device)
     speed_up(model, config.speed, device)   # generation uses the fast kernels too
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)

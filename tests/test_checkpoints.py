@@ -915,3 +915,13 @@ def test_generate_takes_the_training_command_with_the_same_model_flags(run_main,
     ckpt = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
     status, out, err = run_main(*CHECKPOINT_RUN, "--generate", "--checkpoint", str(ckpt))
     assert status == 0 and out.strip(), err
+
+
+def test_generate_compile_says_when_nothing_is_compiled(run_main, trained_save_dir):
+    """--generate --compile compiles a softmax Transformer's decoder on a GPU; elsewhere it
+    samples as without the flag, and says so rather than leave the flag silently unused."""
+    ckpt = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    status, out, err = run_main("--generate", "--checkpoint", str(ckpt), "--compile",
+                                "--max_new_tokens", "2")
+    assert status == 0 and out.strip(), err
+    assert "pico-llm: note: --compile compiles the decoding" in err and err.count("\n") == 1
