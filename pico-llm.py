@@ -4349,6 +4349,9 @@ class HelpFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
+DEFAULT_TOP_P = 0.95
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="pico-llm.py",
@@ -4542,7 +4545,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0,
                      help="softmax temperature for sampling (0 = greedy)")
     gen.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
-    gen.add_argument("--top_p", type=float, default=0.95,
+    gen.add_argument("--top_p", type=float, default=DEFAULT_TOP_P,
                      help="nucleus sampling mass for the configurable sample, in (0, 1]")
     gen.add_argument("--sample_interval", type=int, default=0,
                      help="also print samples every N training steps (0 = only at the end)")
@@ -4664,6 +4667,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.tokenizer is None and not args.init_from and not args.generate:
         args.tokenizer = "char"  # --init_from brings its own, --generate's checkpoint too
     validate_args(args)
+    # Only a fresh training run is held to this: a sweep's points change the model under the
+    # flags, and a resumed run or a checkpoint's model keeps the flags it was trained with.
+    if not (args.resume is not None or args.generate or args.checkpoint or args.sweep
+            or args.custom_sweep_log or args.collect_transformer_metrics):
+        check_transformer_flags_are_read(vars(args))
     return args
 
 
@@ -4776,7 +4784,7 @@ def validate_args(args: argparse.Namespace) -> None:
                         "(e.g. LANG=C.UTF-8)") from None
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
-    top_p_given = args.top_p != build_arg_parser().get_default("top_p")
+    top_p_given = args.top_p != DEFAULT_TOP_P
     if args.temperature == 0 and (args.top_k or top_p_given):
         raise UserError(f"--temperature 0 is greedy (always the most likely token), which "
                         f"--{'top_k' if args.top_k else 'top_p'} cannot change; drop one")
@@ -4804,8 +4812,7 @@ def validate_args(args: argparse.Namespace) -> None:
     validate_huggingface_args(args)
     for name in args.models:
         if name.startswith("transformer"):
-            config = transformer_config_from_flags(vars(args), name)  # validates the fields
-            check_transformer_flags_are_read(vars(args), config)
+            transformer_config_from_flags(vars(args), name)  # validates the fields
 
 
 def validate_checkpoint_args(args: argparse.Namespace) -> None:
@@ -4910,9 +4917,20 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
     return config
 
 
-def check_transformer_flags_are_read(flags: dict, config: TransformerConfig) -> None:
-    """A flag given for a part `config` lacks would be recorded in the run log and never read:
-    UserError, saying what would make it count. A flag at its "off" value asks for nothing."""
+def check_transformer_flags_are_read(flags: dict) -> None:
+    """A flag given for a part that no Transformer of the run has would be recorded in the run
+    log and never read: UserError, saying what would make it count."""
+    transformers = [transformer_config_from_flags(flags, name) for name in flags["models"]
+                    if name.startswith("transformer")]
+    unread = [unread_transformer_flags(flags, config) for config in transformers]
+    for flag, why in (unread[0] if unread else {}).items():
+        if all(flag in others for others in unread):
+            raise UserError(f"--{flag} would be ignored: {why}, or drop --{flag}")
+
+
+def unread_transformer_flags(flags: dict, config: TransformerConfig) -> dict[str, str]:
+    """{flag: why `config` does not read it} for each flag given for a part `config` lacks.
+    A flag at its "off" value asks for nothing."""
     no_experts = not config.n_experts and "there are no experts; add --n_experts N"
     if config.attention != "softmax":
         no_rope = f"--attention {config.attention} uses no RoPE; use --attention softmax"
@@ -4928,9 +4946,7 @@ def check_transformer_flags_are_read(flags: dict, config: TransformerConfig) -> 
         ("yarn_original_context", None,
          no_rope or config.yarn_factor <= 1 and "YaRN is off; add --yarn_factor above 1"),
         ("unet_skips", False, config.n_blocks == 1 and "one block has no halves to join; raise --n_blocks")]
-    for flag, off, why in unread:
-        if why and flags.get(flag) not in (None, off):
-            raise UserError(f"--{flag} would be ignored: {why}, or drop --{flag}")
+    return {flag: why for flag, off, why in unread if why and flags.get(flag) not in (None, off)}
 
 
 def transformer_config_if_valid(flags: dict, model_name: str) -> TransformerConfig | None:
@@ -5366,7 +5382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prints_only = bool(config.accounting or config.checkpoints.generate
                             or config.checkpoints.checkpoint)
         enable_crash_tracebacks()
-        return run_command(config)
+        status = run_command(config)
+        sys.stdout.flush()   # a closed pipe shows here, not in the interpreter's shutdown
+        return status
     except UserError as error:
         rank = f" (rank {os.environ.get('RANK', '?')})" if launched_world_size() > 1 else ""
         print(f"pico-llm: error{rank}: {error}", file=sys.stderr)
@@ -5645,14 +5663,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear through the fastest kernel for the device: (..., in) -> (..., out)."""
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1])                                       # (N, in)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        y = OneDNNLinear.apply(rows, weight, bias)
-    elif (weight.numel() < SMALL_WEIGHT_ENTRIES
-          and len(rows) * weight.numel() < SMALL_PRODUCT_MULTIPLY_ADDS):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if not needs_grad and (weight.numel() < SMALL_WEIGHT_ENTRIES and
+                           x.numel() // x.shape[-1] * weight.numel() < SMALL_PRODUCT_MULTIPLY_ADDS):
         return F.linear(x, weight, bias)
-    else:
-        y = onednn_matmul(rows, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])                                       # (N, in)
+    y = OneDNNLinear.apply(rows, weight, bias) if needs_grad else onednn_matmul(rows, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -6881,8 +6898,10 @@ def check_model_flags_fit(flags: dict, trained: dict, model_name: str, where: st
     for key in ("block_size", *MODEL_FLAGS.get(model_name, ())):
         if (key in trained and flags[key] != defaults[key]
                 and not same_setting(key, trained[key], flags[key])):
-            raise UserError(f"{where} holds a model trained with --{key} {trained[key]!r}, and "
-                            f"{command} takes it as trained; drop --{key} {flags[key]!r}")
+            was = (f"--{key} {trained[key]!r}" if trained[key] is not None
+                   else f"--{key} at its preset's value")
+            raise UserError(f"{where} holds a model trained with {was}, and {command} takes it "
+                            f"as trained; drop --{key} {flags[key]!r}")
 
 
 def checkpoint_contents(path: Path, checkpoint: dict):
@@ -7230,8 +7249,9 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
     terminal = os.dup(2)
     waiting = threading.Timer(DIST_WAIT_NOTE_S, os.write, (terminal, (
         f"pico-llm: note (rank {os.environ.get('RANK')}): waiting for the other ranks of "
-        f"WORLD_SIZE={world_size} at {where}; giving up after --dist_timeout {timeout_s:g} s. "
-        "Start every rank with torchrun, or unset WORLD_SIZE\n").encode()))
+        f"WORLD_SIZE={world_size} at {where}; giving up after --dist_timeout {timeout_s:g} s"
+        + ("" if os.environ.get("TORCHELASTIC_RUN_ID") else   # set by torchrun
+           ". Start every rank with torchrun, or unset WORLD_SIZE") + "\n").encode()))
     waiting.daemon = True
     with tempfile.TemporaryFile() as native_log:
         try:
@@ -7377,10 +7397,17 @@ def pretokenize_file(path, special_tokens, num_workers=None, min_chunk_bytes=1 <
         for job in jobs:
             counts.update(count_pretokens_in_chunk(job))
         return counts
-    with multiprocessing.Pool(min(num_workers, len(jobs))) as pool:
+    # Workers take SIGTERM's default (the pool ends them with it) and leave Ctrl-C to the
+    # parent, rather than inherit the parent's handlers and print a traceback each.
+    with multiprocessing.Pool(min(num_workers, len(jobs)), initializer=default_signals) as pool:
         for chunk_counts in pool.imap_unordered(count_pretokens_in_chunk, jobs):
             counts.update(chunk_counts)  # merged as they come: only a few chunks in memory
     return counts
+
+
+def default_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class MaxPair:
@@ -9058,6 +9085,7 @@ if __name__ == "__main__":
     # Done, and said so: a Ctrl-C still arriving (a key held down) must not break into the
     # interpreter's shutdown with a traceback from an exit handler.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     exit_process(status)
 
 

@@ -173,6 +173,20 @@ def test_parallel_pretokenization_matches_single_process(tmp_path):
         train_bpe(path, 400, [EOT], num_workers=1)
 
 
+def test_pool_workers_end_quietly_under_the_scripts_sigterm_handler(tmp_path, capfd):
+    """As a script, pico-llm turns SIGTERM into an exception; the pool ends its workers with
+    SIGTERM, so workers that inherited that handler each printed a traceback."""
+    import signal
+    path = write(tmp_path, "".join(english_like_text(500, seed=s) + EOT for s in range(8)))
+    previous = signal.signal(signal.SIGTERM, pico.raise_terminated)
+    try:
+        counts = pretokenize_file(path, [EOT], num_workers=2, min_chunk_bytes=1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert counts == pretokenize_file(path, [EOT], num_workers=1)
+    assert capfd.readouterr().err == ""
+
+
 def test_parallel_without_special_tokens_cuts_at_safe_newlines(tmp_path):
     # "\n\n " runs and spaces before newlines: a cut at an arbitrary newline would differ
     text = "".join(english_like_text(2000, seed=s) + "\n\n  x  \n \n" for s in range(30))

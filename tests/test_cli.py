@@ -362,3 +362,21 @@ def test_a_tilde_of_an_unknown_user_is_refused(run_main, tmp_path, monkeypatch, 
     assert status == 2 and err.count("\n") == 1
     assert "no user 'no_such_user_here' here" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["--enable_transformer_gptoss", "--experts_per_token", "4"],       # GPT-oss reads them
+    ["--transformer_variant", "minGPT", "--enable_transformer_gptoss", "--rope_theta", "1e6"],
+    ["--sweep", "ablations", "--rope_theta", "5000"],                  # its RoPE points read it
+    ["--sweep", "hyperparams", "--unet_skips", "true"],
+    ["--resume", "runs/a", "--save_dir", "runs/a", "--models", "transformer", "--pos_emb", "learned",
+     "--rope_theta", "500"],                                          # as an older version stored
+])
+def test_a_flag_some_transformer_of_the_run_reads_is_not_refused(pico, argv):
+    """The unread-flag check refuses a flag no Transformer of a fresh run reads; one read by
+    the run's other Transformer, by a sweep's points, or stored in a checkpoint passes."""
+    args = pico.parse_args(argv)
+    if args.sweep:      # each point passes the checks, whatever it changes under the flag
+        config = pico.config_from_flags(pico.plain_flags(args))
+        for change in ({"pos_emb": "learned"}, {"attention": "linear"}, {"n_blocks": 1}):
+            pico.with_flags(config, **change)
