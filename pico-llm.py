@@ -4672,6 +4672,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not (args.resume is not None or args.generate or args.checkpoint or args.sweep
             or args.custom_sweep_log or args.collect_transformer_metrics):
         check_transformer_flags_are_read(vars(args))
+        check_schedule_flags_are_read(args)
     return args
 
 
@@ -4928,6 +4929,19 @@ def check_transformer_flags_are_read(flags: dict) -> None:
             raise UserError(f"--{flag} would be ignored: {why}, or drop --{flag}")
 
 
+def check_schedule_flags_are_read(args: argparse.Namespace) -> None:
+    """The learning-rate flags of a schedule that is off: UserError rather than a value
+    recorded and never used (a flag at its default may be the user's or not: it passes)."""
+    default = build_arg_parser().get_default
+    if args.lr_schedule == "constant" and args.min_lr_ratio != default("min_lr_ratio"):
+        raise UserError("--min_lr_ratio would be ignored: --lr_schedule constant keeps the "
+                        "learning rate; use --lr_schedule cosine, or drop --min_lr_ratio")
+    for flag in ("plateau_factor", "lr_min"):
+        if not args.plateau_patience and getattr(args, flag) != default(flag):
+            raise UserError(f"--{flag} would be ignored: reduce-on-plateau is off; add "
+                            f"--plateau_patience N, or drop --{flag}")
+
+
 def unread_transformer_flags(flags: dict, config: TransformerConfig) -> dict[str, str]:
     """{flag: why `config` does not read it} for each flag given for a part `config` lacks.
     A flag at its "off" value asks for nothing."""
@@ -4945,7 +4959,9 @@ def unread_transformer_flags(flags: dict, config: TransformerConfig) -> dict[str
         ("yarn_factor", 1, config.attention != "softmax" and no_rope),
         ("yarn_original_context", None,
          no_rope or config.yarn_factor <= 1 and "YaRN is off; add --yarn_factor above 1"),
-        ("unet_skips", False, config.n_blocks == 1 and "one block has no halves to join; raise --n_blocks")]
+        ("unet_skips", False, config.n_blocks == 1 and "one block has no halves to join; raise --n_blocks"),
+        ("attention_impl", "sdpa", config.attention != "softmax" and
+         f"--attention {config.attention} has no softmax kernel to choose; use --attention softmax")]
     return {flag: why for flag, off, why in unread if why and flags.get(flag) not in (None, off)}
 
 

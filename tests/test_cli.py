@@ -93,6 +93,12 @@ BAD_INPUTS = [
      "--yarn_factor would be ignored: --attention gated_linear uses no RoPE"),
     (["--models", "transformer", "--n_blocks", "1", "--unet_skips", "true"],
      "--unet_skips would be ignored: one block has no halves to join"),
+    (["--models", "transformer", "--attention", "linear", "--attention_impl", "math"],
+     "--attention_impl would be ignored: --attention linear has no softmax kernel to choose"),
+    (["--lr_schedule", "constant", "--min_lr_ratio", "0.5"],
+     "--min_lr_ratio would be ignored: --lr_schedule constant keeps the learning rate"),
+    (["--lr_min", "0.001"], "--lr_min would be ignored: reduce-on-plateau is off"),
+    (["--plateau_factor", "0.3"], "--plateau_factor would be ignored: reduce-on-plateau is off"),
     (["--temperature", "0", "--top_k", "5"], "--top_k cannot change; drop one"),
     (["--temperature", "0", "--top_p", "0.5"], "--top_p cannot change; drop one"),
     *[([flag, "", *TINY_RUN], f"{flag} is empty; give a path") for flag in (
