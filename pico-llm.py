@@ -4670,7 +4670,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # Only a fresh training run is held to this: a sweep's points change the model under the
     # flags, and a resumed run or a checkpoint's model keeps the flags it was trained with.
     if not (args.resume is not None or args.generate or args.checkpoint or args.sweep
-            or args.custom_sweep_log or args.collect_transformer_metrics):
+            or args.custom_sweep_log or args.collect_transformer_metrics or args.accounting):
         check_transformer_flags_are_read(vars(args))
         check_schedule_flags_are_read(args)
     return args
@@ -4811,7 +4811,7 @@ def validate_args(args: argparse.Namespace) -> None:
         parse_tokenizer_spec(args.tokenizer)
     validate_checkpoint_args(args)
     validate_huggingface_args(args)
-    for name in args.models:
+    for name in args.models if not args.accounting else []:   # --accounting: its own presets'
         if name.startswith("transformer"):
             transformer_config_from_flags(vars(args), name)  # validates the fields
 
@@ -4972,7 +4972,7 @@ def transformer_config_if_valid(flags: dict, model_name: str) -> TransformerConf
     try:
         return transformer_config_from_flags(flags, model_name)
     except UserError:
-        if model_name in flags["models"]:
+        if model_name in flags["models"] and not flags.get("accounting"):  # which builds its own
             raise
         return None
 
@@ -5353,9 +5353,8 @@ def run_accounting(config: Config) -> int:
             transformer = gpt2_shape_config(name, block_size)
         else:
             preset = config.transformer_variant if name == "configured" else name
-            transformer = dataclasses.replace(
-                with_flags(config, transformer_variant=preset).models.config_of("transformer"),
-                vocab_size=vocab_size)
+            transformer = dataclasses.replace(transformer_config_from_flags(
+                {**config.flags, "transformer_variant": preset}, "transformer"), vocab_size=vocab_size)
         label = f"{config.transformer_variant} (configured)" if name == "configured" else name
         print(format_accounting(label, transformer_accounting(transformer, block_size),
                                 config.training.batch_size))
