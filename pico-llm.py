@@ -5396,6 +5396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(exit_request.code or 0)
         prints_only = bool(config.accounting or config.checkpoints.generate
                             or config.checkpoints.checkpoint)
+        if sys.stdout is None:    # started with file descriptor 1 closed (`>&-`)
+            raise UserError("standard output is closed, so nothing could be shown; send it to "
+                            "a terminal, a file, or /dev/null")
         enable_crash_tracebacks()
         status = run_command(config)
         sys.stdout.flush()   # a closed pipe shows here, not in the interpreter's shutdown

@@ -1,5 +1,6 @@
 """Section 12 (main): the command line as a user meets it: the course's commands and bad input."""
 
+import shlex
 import subprocess
 import sys
 
@@ -387,3 +388,17 @@ def test_a_flag_some_transformer_of_the_run_reads_is_not_refused(pico, argv):
         config = pico.config_from_flags(pico.plain_flags(args))
         for change in ({"pos_emb": "learned"}, {"attention": "linear"}, {"n_blocks": 1}):
             pico.with_flags(config, **change)
+
+
+@pytest.mark.parametrize("command", [["--accounting"], ["--epochs", "1"]])
+def test_a_closed_standard_output_is_refused_in_one_line(tmp_path, command):
+    """Started with `>&-`, Python has no sys.stdout: printing drops the text silently (a
+    sample from --generate was lost with status 0), and flushing it failed with a traceback."""
+    line = " ".join(shlex.quote(a) for a in [sys.executable, str(SCRIPT), *command,
+                                              "--artefacts_dir", str(tmp_path / "art")])
+    result = subprocess.run(["bash", "-c", line + " >&-"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("pico-llm: error: standard output is closed, so nothing "
+                                     "could be shown; send it to a terminal, a file, or /dev/null")
+    assert not (tmp_path / "art").exists()
