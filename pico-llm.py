@@ -4844,8 +4844,11 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if args.checkpoint and not args.generate and args.export_hf is None:   # "": said below
         raise UserError("--checkpoint is read by --generate and --export_hf; to continue "
                         "training use --resume")
-    if args.generate and (args.resume is not None or args.save_dir):
-        raise UserError("--generate does not train; drop --resume and --save_dir")
+    training_only = [flag for flag, given in (("--resume", args.resume is not None),
+                                              ("--save_dir", args.save_dir),
+                                              ("--checkpoint_every", args.checkpoint_every)) if given]
+    if args.generate and training_only:
+        raise UserError(f"--generate does not train; drop {' and '.join(training_only)}")
     if args.resume == "" and not args.save_dir:
         raise UserError("--resume without a path resumes from --save_dir; "
                         "pass --save_dir DIR or --resume PATH")
@@ -6911,7 +6914,7 @@ def check_model_flags_fit(flags: dict, trained: dict, model_name: str, where: st
                           command: str) -> None:
     """`command` takes a checkpoint's model as it was trained: a flag of its shape given here
     (not at its default) with another value than the checkpoint's is refused, not ignored.
-    The training command with --generate added still works, its values being the same."""
+    The training command with --generate added (and --save_dir dropped) still works."""
     defaults = default_flags()
     for key in ("block_size", *MODEL_FLAGS.get(model_name, ())):
         if (key in trained and flags[key] != defaults[key]

@@ -533,6 +533,8 @@ BAD_CHECKPOINT_INPUTS = [
     (["--generate", "--checkpoint", "{evil}"], "refused to load"),
     (["--generate", "--checkpoint", "{truncated}"], "not a readable checkpoint"),
     (["--generate", "--checkpoint", "{ckpt}", "--resume", "{save}"], "--generate does not train"),
+    (["--generate", "--checkpoint", "{ckpt}", "--save_dir", "{save}", "--checkpoint_every", "5"],
+     "--generate does not train; drop --save_dir and --checkpoint_every"),
     (["--generate", "--checkpoint", "{ckpt}", "--prompt", LONG_PROMPT],
      "longer than the checkpoint's --block_size 16"),
     (["--generate", "--checkpoint", "{ckpt}", "--models", "lstm_seq"],

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pico_module import TOOLS_DIR, OneLineErrorParser, load_pico, load_script
+from pico_module import TOOLS_DIR, OneLineErrorParser, load_pico, load_script, refuse_gpu_size_on_a_cpu
 
 pico = load_pico()
 
@@ -843,6 +843,8 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
     --nanogpt_dir, nanoGPT; an optimizer step alone (AdamW, Muon's two forms); greedy
     decoding against transformers. Writes a JSON report."""
     device = pico.resolve_device(args.device_id)
+    if not args.quick:
+        refuse_gpu_size_on_a_cpu(pico, device, "--quick", "--gpt2")
     dtype = pico.resolve_dtype(args.dtype, device)
     sizes = GPT2Sizes.quick() if args.quick else GPT2Sizes()
     out_path = Path(args.output)

@@ -86,3 +86,12 @@ def write_text_atomically(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def refuse_gpu_size_on_a_cpu(pico, device, small_flag: str, what: str) -> None:
+    """A GPU-sized measurement refused on a CPU, where GPT-2 small's shape takes minutes a
+    step: pico-llm's UserError (`device` as pico-llm resolved it), naming the small run."""
+    if device.type == "cpu":
+        raise pico.UserError(f"{what} is sized for a GPU (GPT-2 small takes minutes a step on "
+                             f"a CPU); add {small_flag} to try its code paths here, or run it "
+                             "where CUDA is")

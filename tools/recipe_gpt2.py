@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmark import synchronize
-from pico_module import OneLineErrorParser, load_pico, positive_float
+from pico_module import OneLineErrorParser, load_pico, positive_float, refuse_gpu_size_on_a_cpu
 from stream_vs_lines import write_python_docs
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "pandas", "sympy")
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             "--learning_rate", str(args.learning_rate), "--warmup_steps", "50", "--beta2", "0.95",
             "--max_new_tokens", "16", "--quiet", *shape])
         device = pico.resolve_device(config.device_id)
+        if not args.tiny:
+            refuse_gpu_size_on_a_cpu(pico, device, "--tiny", "recipe_gpt2.py")
         tokenizer = pico.build_tokenizer(config.data.tokenizer)
         data = pico.sweep_data(config, tokenizer)
         points = {label: pico.with_flags(config, **{**overrides, **(TINY if args.tiny else {})})
