@@ -296,7 +296,8 @@ def test_recipe_at_gpt2_shape_tool_times_each_recipe_and_reads_the_crossing(tmp_
     baseline = report["recipes"]["nanoGPT recipe"]
     assert baseline["seconds_to_baseline_final"] == baseline["curve"][-1]["train_time_s"]
     capsys.readouterr()
-    assert tool.main(["--input_dir", str(tmp_path / "missing"), "--output", str(tmp_path / "x.json")]) == 2
+    assert tool.main(["--tiny", "--device_id", "cpu", "--input_dir", str(tmp_path / "missing"),
+                      "--output", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "missing" in err
     assert not (tmp_path / "x.json").exists()
