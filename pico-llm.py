@@ -7427,6 +7427,7 @@ def pretokenize_file(path, special_tokens, num_workers=None, min_chunk_bytes=1 <
 
 
 def default_signals() -> None:
+    """A pool worker's signals: SIGTERM ends it, Ctrl-C is the parent's to handle."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -173,6 +173,22 @@ def test_a_run_whose_output_is_closed_early_says_it_stopped(tmp_path):
         "send it to a file, or through tail"]
 
 
+def test_a_closed_pipe_ends_a_printing_command_with_0_and_a_run_with_141(pico, monkeypatch,
+                                                                        capsys):
+    """`--accounting | head` has what it asked for (status 0, nothing said); a training run
+    cut off by its reader has not finished, and says so (141, as a shell reports SIGPIPE)."""
+    monkeypatch.setattr(sys, "stdout", sys.stdout)     # main() swaps in /dev/null; put back after
+    def reader_gone(config):
+        raise BrokenPipeError
+    monkeypatch.setattr(pico, "run_command", reader_gone)
+    assert pico.main(["--accounting"]) == 0
+    sys.stdout.close()
+    assert capsys.readouterr().err == ""
+    assert pico.main(["--epochs", "1", "--device_id", "cpu"]) == 141
+    sys.stdout.close()
+    assert "pico-llm: stopped: the output was closed" in capsys.readouterr().err
+
+
 def test_help_documents_every_flag_the_readme_uses(pico):
     help_text = run_script("--help").stdout
     readme_lines = (REPO / "README.md").read_text().splitlines()
