@@ -5389,9 +5389,28 @@ def enable_crash_tracebacks() -> None:
         pass
 
 
+def standard_error_is_closed() -> bool:
+    """Whether nothing can be written on stderr. Started with `2>&-`, Python has no
+    sys.stderr, or one on a descriptor 2 that a launcher reopened for reading (pyenv's shim
+    script leaves itself there): every message, the one-line errors included, would fail."""
+    if sys.stderr is None:
+        return True
+    if fcntl is None:
+        return False
+    try:
+        flags = fcntl.fcntl(sys.stderr.fileno(), fcntl.F_GETFL)
+    except (io.UnsupportedOperation, ValueError):  # an in-memory stream (tests capture so)
+        return False
+    except OSError:                                 # no such descriptor
+        return True
+    return flags & os.O_ACCMODE == os.O_RDONLY
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     prints_only = True   # done when its output is: --help, --accounting, --generate, and
                          # --export_hf from a --checkpoint, which prints after writing
+    if standard_error_is_closed():   # messages are lost, but the exit status still says
+        sys.stderr = open(os.devnull, "w")   # what happened (2 for bad input, not a crash's 1)
     try:
         try:
             config = config_from_command_line(argv)

@@ -418,3 +418,20 @@ def test_a_closed_standard_output_is_refused_in_one_line(tmp_path, command):
     assert result.stderr.strip() == ("pico-llm: error: standard output is closed, so nothing "
                                      "could be shown; send it to a terminal, a file, or /dev/null")
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("command, status", [(["--no_such_flag"], 2), (["--epochs", "-1"], 2),
+                                             (["--accounting"], 0)])
+def test_a_closed_standard_error_keeps_the_exit_status(tmp_path, command, status):
+    """Started with `2>&-`, the one-line error cannot be shown, but bad input still exits 2
+    (it crashed with 1 writing the message), and a command that works still prints."""
+    line = " ".join(shlex.quote(a) for a in [sys.executable, str(SCRIPT), *command,
+                                              "--artefacts_dir", str(tmp_path / "art")])
+    result = subprocess.run(["bash", "-c", line + " 2>&-"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == status
+    if status == 0:
+        assert "parameters" in result.stdout
+    else:                 # not on standard output either, where print(file=None) would go
+        assert result.stdout == ""
+    assert not (tmp_path / "art").exists()
