@@ -5334,8 +5334,18 @@ def run_generation(config: Config) -> int:
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
     sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
                            seed=sampling.seed, device=device, compile=config.speed.compile)
-    print(sample.text)
+    print(as_shown_on(sys.stdout, sample.text))
     return 0
+
+
+def as_shown_on(stream, text: str) -> str:
+    """`text` to write on `stream`: as it is into a file or a pipe; on a terminal, with the
+    control characters other than newline and tab written as escapes (\\x1b, \\r, ...), so
+    that a model's output cannot move the cursor, clear the screen or rewrite earlier lines."""
+    if not stream.isatty():
+        return text
+    return "".join(char if char in "\n\t" or unicodedata.category(char) != "Cc"
+                   else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 def run_accounting(config: Config) -> int:

@@ -1,5 +1,6 @@
 """Appendix B: checkpoints, resume, signals, non-finite steps, plateaus and bad checkpoints."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -212,6 +213,29 @@ def test_generate_from_a_checkpoint_repeats_the_runs_greedy_sample(pico, run_mai
                                 "--max_new_tokens", "4")
     assert status == 0, err
     assert out == greedy + "\n"
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_generate_escapes_control_characters_on_a_terminal_only(pico, run_main, tmp_path,
+                                                                monkeypatch, terminal):
+    """A model can emit any byte: on a terminal, an escape sequence or a carriage return in
+    its text would clear the screen or rewrite the line, so they are shown as escapes; into a
+    file or pipe the text goes as generated. Newlines and tabs stay as they are."""
+    save = tmp_path / "ckpt"
+    assert run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save), "--run_name", "r")[0] == 0
+    real = pico.generate_text
+
+    def with_controls(*args, **kwargs):
+        sample = real(*args, **kwargs)
+        return dataclasses.replace(sample, text=sample.text + "\x1b[2J\tdone\r\nnext\x07")
+
+    monkeypatch.setattr(pico, "generate_text", with_controls)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
+    status, out, err = run_main("--generate", "--checkpoint", str(save / "lstm_seq" / "step_000006.pt"),
+                                "--max_new_tokens", "2")
+    assert status == 0, err
+    tail = "\\x1b[2J\tdone\\r\nnext\\x07\n" if terminal else "\x1b[2J\tdone\r\nnext\x07\n"
+    assert out.endswith(tail), repr(out)
 
 
 def test_a_bpe_checkpoint_carries_its_tokenizer(pico, run_main, tmp_path):
