@@ -5,6 +5,7 @@ attention kernel on CUDA, and torchrun's NCCL backend. Marked `cuda`; skipped wi
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -101,6 +102,30 @@ def test_cuda_graph_decoding_equals_uncached_generation(pico, preset, compile):
     decoder = pico.StaticDecoder(model, graphs=True, compile=compile)
     assert pico.generate_ids(decoder, prompt, 40, greedy, device=DEVICE) == uncached
     assert decoder.graph is not None
+
+
+@pytest.mark.parametrize("preset, optimizer", [("GPT2-small", "torch"), ("pico", "torch"),
+                                               ("pico", "muon")])
+def test_a_training_step_waits_for_the_gpu_at_most_once(pico, preset, optimizer):
+    """The step's loss and gradient norm come back in one copy; nothing else in it (the
+    weighted loss, clipping, the fused AdamW, Muon's stacked iterations) makes the host wait
+    for the device, so the GPU is never idle while Python prepares the next step."""
+    model = tiny(pico, preset)
+    loss_model = pico.speed_up(model, pico.SpeedConfig(), DEVICE)   # the loss a GPU trains with
+    optimizer = pico.build_optimizer(model, pico.TrainingConfig(optimizer=optimizer), DEVICE)
+    batches = [random_batch(pico, seed) for seed in range(2)]
+    pico.training_step(loss_model, optimizer, [(batches[0], True)], 128, 1.0, dtype="bfloat16")
+    torch.cuda.synchronize()           # the first step made the optimizer's state
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pico.training_step(loss_model, optimizer, [(batches[1], True)], 128, 1.0,
+                               dtype="bfloat16")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) <= 1, waits
 
 
 def test_generation_on_a_gpu_goes_through_the_bf16_cuda_graph_decoder(pico):
