@@ -753,8 +753,9 @@ class LinearAttention(nn.Module):
             q = q / math.sqrt(D)
             log_decay = F.logsigmoid(self.forget_gate(x).float()).view(B, T, H, D).transpose(1, 2) / 16
         state = cache.matrix if cache is not None else None
-        if state is None:
-            state = q.new_zeros(B, H, D, v.shape[-1])                                     # (B, H, D, E)
+        if state is None:   # at least float32 (bf16 under autocast): it sums over the whole text
+            state = q.new_zeros(B, H, D, v.shape[-1],
+                                dtype=torch.promote_types(q.dtype, torch.float32))       # (B, H, D, E)
         if cache is not None and T == 1:
             y, state = recurrent_linear_attention(q, k, v, log_decay, state)
         else:
@@ -3867,7 +3868,7 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
         return
     model, record = train_sweep_model("transformer", "transformer", config, device, tokenizer, data)
     trained = point_result(record, data)
-    for rule in pending:
+    for rule in pending:   # timed as --generate runs: on a GPU, the decoder's setup included
         started = time.perf_counter()
         samples = [generate_text(model, tokenizer, config.sampling.prompt,
                                  config.sampling.max_new_tokens, rule,
@@ -4068,6 +4069,7 @@ def generation_speed(model: TransformerModel, context: int, new_tokens: int, bat
     prompts = torch.randint(0, model.vocab_size, (context, batch), device=device,
                             generator=torch.Generator(device=device).manual_seed(context))
     logits, state = model.forward_incremental(prompts, None)
+    int(logits[-1, 0].argmax())                   # the prompts' pass ends before the clock starts
     started = time.perf_counter()
     for _ in range(new_tokens):
         logits, state = model.forward_incremental(logits[-1].argmax(dim=-1)[None], state)  # (1, B)
@@ -4646,7 +4648,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "vocabulary of 1024 or more, fused otherwise. Same values")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                        help="training precision: bf16 autocast or fp32 (default: bfloat16 on "
-                            "CUDA, float32 elsewhere)")
+                            "a GPU with bf16 units, NVIDIA's since Ampere; float32 elsewhere)")
     bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
                        help="kernel for float32 linear layers on the CPU: oneDNN (used only "
                             "where this PyTorch build has it; 2x PyTorch's default on the AMD "
@@ -5579,8 +5581,15 @@ def loss_kind(requested: str, device: torch.device, vocab_size: int | None) -> s
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> str:
-    """--dtype: bfloat16 on CUDA and float32 elsewhere unless given."""
-    return dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    """--dtype: bfloat16 on a GPU with bf16 units and float32 elsewhere unless given."""
+    return dtype or ("bfloat16" if has_bf16_units(device) else "float32")
+
+
+def has_bf16_units(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU that computes in bf16 natively: compute capability 8.0
+    (Ampere) or later. Older ones (a T4, a V100) emulate bf16, more slowly than they compute
+    in float32; torch.cuda.is_bf16_supported() says yes for those too, and of the current GPU."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def autocast_context(device: torch.device, dtype: str | None = None):
@@ -6299,12 +6308,15 @@ class StaticDecoder(nn.Module):
         self.tokens.copy_(tokens)
         self.positions.fill_(start)
         if not self.graphs:
-            logits = self.step_function(self, self.tokens, self.positions)
-        elif self.graph is None:
-            logits = self.record_graph()
-        else:
-            self.graph.replay()
-            logits = self.logits
+            return self.step_function(self, self.tokens, self.positions)[None], start + 1
+        # Streams and graph launches go to the current GPU, which need not be this one: only
+        # torchrun's ranks set it, so --device_id cuda:1 leaves cuda:0 current.
+        with torch.cuda.device(self.tokens.device):
+            if self.graph is None:
+                logits = self.record_graph()
+            else:
+                self.graph.replay()
+                logits = self.logits
         return logits[None], start + 1
 
     def record_graph(self) -> torch.Tensor:
@@ -6318,7 +6330,9 @@ class StaticDecoder(nn.Module):
                 self.step_function(self, self.tokens, self.positions)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # a capture stream of this GPU: torch.cuda.graph's default one is made once, on the
+        # GPU current at the first recording in the process
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):
             self.logits = self.step_function(self, self.tokens, self.positions)
         self.graph.replay()
         return self.logits
@@ -6334,7 +6348,7 @@ def decoding_model(model: nn.Module, device: torch.device | str, compile: bool =
     device = torch.device(device)
     if device.type != "cuda" or not StaticDecoder.supports(model):
         return model
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    dtype = torch.bfloat16 if has_bf16_units(device) else torch.float32
     return StaticDecoder(model, dtype=dtype, graphs=True, compile=compile, capacity=num_tokens)
 
 
@@ -6718,10 +6732,12 @@ class CheckpointSeries:
 
 
 def rng_states() -> dict:
-    """Every random-number generator's state, as tensors and plain values."""
+    """Every random-number generator's state, as tensors and plain values. The GPUs' only
+    where this process has used CUDA: asking would start CUDA (a few hundred MB and a second
+    or two) in every CPU run on a machine with a GPU."""
     _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
             "python": random.getstate()}

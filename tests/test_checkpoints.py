@@ -238,6 +238,20 @@ def test_generate_escapes_control_characters_on_a_terminal_only(pico, run_main, 
     assert out.endswith(tail), repr(out)
 
 
+def test_checkpoints_ask_for_gpu_random_states_only_where_cuda_is_in_use(pico, monkeypatch):
+    """A CPU run on a machine with a GPU must not start CUDA to save its random states: a
+    context of a few hundred MB in every process (each test worker, each gloo rank)."""
+    def starts_cuda():
+        raise AssertionError("started CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", starts_cuda)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert pico.rng_states()["cuda"] == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(3, dtype=torch.uint8)])
+    assert len(pico.rng_states()["cuda"]) == 1
+
+
 def test_a_bpe_checkpoint_carries_its_tokenizer(pico, run_main, tmp_path):
     save = tmp_path / "ckpt"
     argv = [a if a != "char" else "bpe:300" for a in TINY]

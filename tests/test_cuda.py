@@ -128,6 +128,19 @@ def test_a_training_step_waits_for_the_gpu_at_most_once(pico, preset, optimizer)
     assert len(waits) <= 1, waits
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_cuda_graph_decoding_on_a_gpu_that_is_not_the_current_one(pico):
+    """--device_id cuda:1 leaves cuda:0 current: the graph must still be recorded and replayed
+    on the model's GPU (recorded on the current one's streams it came out empty, and every
+    replay returned the first token's logits again)."""
+    model = tiny(pico, "GPT2-small").to("cuda:1").eval()
+    greedy, prompt = pico.SamplingRule(temperature=0), [3, 1, 4, 1, 5]
+    assert torch.cuda.current_device() == 0
+    uncached = pico.generate_ids(model, prompt, 20, greedy, use_cache=False, device="cuda:1")
+    decoder = pico.StaticDecoder(model, graphs=True)
+    assert pico.generate_ids(decoder, prompt, 20, greedy, device="cuda:1") == uncached
+
+
 def test_generation_on_a_gpu_goes_through_the_bf16_cuda_graph_decoder(pico):
     model = tiny(pico, "GPT2-small")
     decoder = pico.decoding_model(model, DEVICE)

@@ -242,7 +242,7 @@ def test_decoding_model_on_a_gpu_is_the_graph_decoder_compiled_when_asked(pico, 
     monkeypatch.setattr(pico, "StaticDecoder", type("Recorder", (), {
         "supports": staticmethod(lambda model: True),
         "__init__": lambda self, model, **kwargs: built.append(kwargs)}))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(pico, "has_bf16_units", lambda device: device.type == "cuda")
     model = next(iter(models.values()))
     pico.decoding_model(model, "cuda")
     pico.decoding_model(model, "cuda", compile=True, num_tokens=30)

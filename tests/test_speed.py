@@ -239,3 +239,24 @@ def test_rope_ab_tool_times_both_formulations(capsys):
     assert ab_rope.main(["--shape", "2", "2", "8", "8", "--samples", "2", "--calls", "2"]) == 0
     out = capsys.readouterr().out
     assert "largest difference 0.0e+00" in out and "real / complex:" in out
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "float32"), ((8, 0), "bfloat16"),
+                                                  ((9, 0), "bfloat16")])
+def test_the_default_precision_is_bf16_only_on_gpus_with_bf16_units(pico, monkeypatch,
+                                                                     capability, expected):
+    """A T4 (7.5) or V100 (7.0) emulates bf16, more slowly than it runs float32: training and
+    the decoder stay in float32 there unless --dtype asks; Ampere (8.0) and later take bf16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    gpu = torch.device("cuda", 1)
+    assert pico.resolve_dtype(None, gpu) == expected
+    assert pico.resolve_dtype("float32", gpu) == "float32"
+    assert pico.resolve_dtype("bfloat16", gpu) == "bfloat16"
+    assert pico.resolve_dtype(None, torch.device("cpu")) == "float32"
+    built = []
+    monkeypatch.setattr(pico.StaticDecoder, "__init__",
+                        lambda self, model, **kwargs: built.append(kwargs["dtype"]))
+    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
+                                                    block_size=8), 11, 0)
+    pico.decoding_model(model, gpu)
+    assert built == [getattr(torch, expected)]

@@ -133,7 +133,7 @@ def matmul_ceiling(device: torch.device, sizes: "BenchmarkSizes") -> dict:
     by_kernel = {kernel: matmul_gflops(device, torch.float32, sizes.matmul_size, sizes.repeats, kernel)
                  for kernel in kernels}
     ceiling = {"matmul_gflops": max(by_kernel.values()), "matmul_gflops_by_kernel": by_kernel}
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if pico.has_bf16_units(device):
         ceiling["matmul_gflops_bf16"] = matmul_gflops(device, torch.bfloat16, sizes.matmul_size,
                                                       sizes.repeats)
     return ceiling
