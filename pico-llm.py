@@ -5035,6 +5035,9 @@ class Config:
     # The command line as plain values: written into run logs and checkpoints, and compared
     # with a checkpoint's on --resume.
     flags: dict = dataclasses.field(default_factory=dict)
+    # The flags written on main()'s command line, whatever their values (a flag typed at its
+    # default is still the user's word); empty for configs built otherwise (a sweep's points).
+    typed: frozenset = frozenset()
 
 
 def section_config(cls, flags: dict, **renamed: str):
@@ -5094,7 +5097,17 @@ def default_flags() -> dict:
 
 def config_from_command_line(argv: Sequence[str] | None = None) -> Config:
     """Parse and validate the command line, then build the config objects once."""
-    return config_from_flags(plain_flags(parse_args(argv)))
+    config = config_from_flags(plain_flags(parse_args(argv)))
+    return dataclasses.replace(config, typed=typed_flags(argv))
+
+
+def typed_flags(argv: Sequence[str] | None) -> frozenset:
+    """The names of the flags on a command line (that parse_args accepted), at any value."""
+    parser = build_arg_parser()
+    for action in parser._actions:        # a flag not on the command line sets nothing
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
+
 
 def resolve_device(device_id: str) -> torch.device:
     """auto (CUDA, else Apple's MPS, else the CPU), cpu, mps or cuda:N; an explicit CUDA
@@ -5315,7 +5328,7 @@ def run_generation(config: Config) -> int:
         if config.data.tokenizer not in (None, tokenizer.name):
             raise UserError(f"--tokenizer {config.data.tokenizer} does not fit {where}, whose "
                             f"model was trained with --tokenizer {tokenizer.name}; drop --tokenizer")
-        check_model_flags_fit(config.flags, trained.flags, own, where, "--generate")
+        check_model_flags_fit(config, trained.flags, own, where, "--generate")
     named = config.models.names
     if own not in named and named != DEFAULT_MODELS.split(","):
         raise UserError(f"{where} holds model {own}, which --models {','.join(named)} does not "
@@ -6955,15 +6968,16 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
     return model, tokenizer, trained
 
 
-def check_model_flags_fit(flags: dict, trained: dict, model_name: str, where: str,
+def check_model_flags_fit(config: Config, trained: dict, model_name: str, where: str,
                           command: str) -> None:
     """`command` takes a checkpoint's model as it was trained: a flag of its shape given here
-    (not at its default) with another value than the checkpoint's is refused, not ignored.
-    The training command with --generate added (and --save_dir dropped) still works."""
-    defaults = default_flags()
+    (typed, or away from its default) with another value than the checkpoint's is refused,
+    not ignored. The training command with --generate added (and --save_dir dropped) still
+    works."""
+    flags, defaults = config.flags, default_flags()
     for key in ("block_size", *MODEL_FLAGS.get(model_name, ())):
-        if (key in trained and flags[key] != defaults[key]
-                and not same_setting(key, trained[key], flags[key])):
+        given = key in config.typed or flags[key] != defaults[key]
+        if key in trained and given and not same_setting(key, trained[key], flags[key]):
             was = (f"--{key} {trained[key]!r}" if trained[key] is not None
                    else f"--{key} at its preset's value")
             raise UserError(f"{where} holds a model trained with {was}, and {command} takes it "
@@ -9131,7 +9145,7 @@ def run_export(config: Config) -> int:
     directory, path = Path(config.huggingface.export_hf), Path(config.checkpoints.checkpoint)
     check_export_directory(directory)
     model, tokenizer, trained = model_from_checkpoint(path, "--checkpoint")
-    check_model_flags_fit(config.flags, trained.flags, trained.models.names[0],
+    check_model_flags_fit(config, trained.flags, trained.models.names[0],
                           f"--checkpoint {quoted(path)}", "--export_hf")
     if not isinstance(model, TransformerModel):
         raise UserError(f"--checkpoint {quoted(path)} holds no Transformer "

@@ -584,6 +584,9 @@ BAD_CHECKPOINT_INPUTS = [
      "holds a model trained with --embed_size 16, and --generate takes it as trained; drop --embed_size 32"),
     (["--generate", "--checkpoint", "{ckpt}", "--kgram_k", "5"], "trained with --kgram_k 3"),
     (["--generate", "--checkpoint", "{ckpt}", "--block_size", "24"], "trained with --block_size 16"),
+    (["--generate", "--checkpoint", "{ckpt}", "--block_size", "64"],       # typed at its default
+     "trained with --block_size 16, and --generate takes it as trained; drop --block_size 64"),
+    (["--generate", "--checkpoint", "{ckpt}", "--embed_size=128"], "drop --embed_size 128"),
     (["--checkpoint", "{ckpt}", "--export_hf", "{folder}/hf", "--kgram_k", "5"],
      "--export_hf takes it as trained; drop --kgram_k 5"),
     (["--resume", "{newer_save}/kgram_mlp_seq/step_000002.pt"],
