@@ -1472,6 +1472,13 @@ class Generation:
     num_prompt_tokens: int
 
 
+def sampling_device(device: torch.device | str) -> torch.device:
+    """Where the next token is drawn: the model's device, except Apple's GPU (MPS), whose
+    multinomial in PyTorch 2.13 now and then draws a token of probability 0."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, rule: SamplingRule,
                  *, eot_id: int | None = None, seed: int | None = None, use_cache: bool = True,
@@ -1484,9 +1491,10 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
     """
     was_training = model.training
     model.eval()
+    draw_on = sampling_device(device)
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=draw_on).manual_seed(seed)
     ids = list(prompt_ids) or [eot_id if eot_id is not None else 0]
     max_context = getattr(model, "max_context", None)
     start = window_start(len(ids), 0, max_context)
@@ -1504,7 +1512,7 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
             model.train(was_training)
             raise UserError("the model produced non-finite logits (NaN or inf): its weights or "
                             "settings are broken, so it cannot be sampled")
-        next_id = int(sample_next_token(logits[-1], rule, generator)[0])
+        next_id = int(sample_next_token(logits[-1].to(draw_on), rule, generator)[0])
         ids.append(next_id)
         pending = [next_id]
         if next_id == eot_id:
@@ -4106,6 +4114,7 @@ def run_sweeps(config: Config) -> int:
                       "--custom_sweep_log" if experiments.custom_sweep_log else
                       "--collect_transformer_metrics")
     device = resolve_device(config.device_id)
+    check_dtype_fits(config.training.dtype, device)
     if experiments.custom_sweep_sizes is not None:
         parse_sizes(experiments.custom_sweep_sizes)
     directory = Path(config.output.artefacts_dir)
@@ -5227,6 +5236,7 @@ def run_training(config: Config) -> int:
             config = dataclasses.replace(config, training=dataclasses.replace(config.training,
                                                                               quiet=True))
         device = resolve_device(device_id)
+        check_dtype_fits(config.training.dtype, device)
         if context.is_main and not config.training.quiet:
             print(f"device: {device}" + (" (--device_id auto)" if device_id == "auto" else ""))
         run_path = choose_run_path(config.output, config.models.names)
@@ -5481,9 +5491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an allocation that failed: Python's MemoryError, a GPU's
-    torch.OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    torch.OutOfMemoryError, or a RuntimeError of the CPU's allocator ("can't allocate memory")
+    or Apple's GPU ("MPS backend out of memory")."""
     return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
-            or "can't allocate memory" in str(error))
+            or "can't allocate memory" in str(error) or "out of memory" in str(error))
 
 
 def exit_process(status: int) -> None:
@@ -5596,6 +5607,14 @@ def loss_kind(requested: str, device: torch.device, vocab_size: int | None) -> s
 def resolve_dtype(dtype: str | None, device: torch.device) -> str:
     """--dtype: bfloat16 on a GPU with bf16 units and float32 elsewhere unless given."""
     return dtype or ("bfloat16" if has_bf16_units(device) else "float32")
+
+
+def check_dtype_fits(dtype: str | None, device: torch.device) -> None:
+    """UserError for a precision that PyTorch 2.13 computes wrongly on `device`: on Apple's
+    GPU (MPS) its fused causal attention in bf16 lets some positions see later tokens."""
+    if dtype == "bfloat16" and device.type == "mps":
+        raise UserError("--dtype bfloat16 on Apple's GPU (MPS): PyTorch's causal attention "
+                        "there lets some positions see later tokens in bf16; use --dtype float32")
 
 
 def has_bf16_units(device: torch.device) -> bool:
@@ -6161,6 +6180,8 @@ def compile_unavailable(device: torch.device) -> str | None:
         return "torch.compile needs a C++ compiler (g++ or clang++) on the PATH on a CPU"
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "torch.compile needs the triton package on a GPU (pip install triton)"
+    if device.type == "mps":
+        return "torch.compile's code for Apple's GPU (MPS) is a prototype in PyTorch"
     return None
 
 
@@ -6753,13 +6774,17 @@ def rng_states() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-            "python": random.getstate()}
+            "python": random.getstate(),
+            # Apple's GPU has one generator of its own (dropout there draws from it)
+            **({"mps": torch.mps.get_rng_state()} if torch.backends.mps.is_available() else {})}
 
 
 def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
     numpy_state = states["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),
                          numpy_state["position"], numpy_state["has_gauss"],

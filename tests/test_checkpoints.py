@@ -252,6 +252,23 @@ def test_checkpoints_ask_for_gpu_random_states_only_where_cuda_is_in_use(pico, m
     assert len(pico.rng_states()["cuda"]) == 1
 
 
+def test_checkpoints_carry_the_apple_gpus_random_state(pico, monkeypatch):
+    """Dropout on Apple's GPU (MPS) draws from its own generator, which build_model's seeding
+    resets: unsaved, a resumed run would replay the first steps' dropout masks."""
+    state = torch.arange(8, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda *args: state)
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda new, *args: restored.append(new))
+    saved = pico.rng_states()
+    assert saved["mps"] is state
+    pico.restore_rng_states(saved)
+    assert restored == [state]
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    pico.restore_rng_states(saved)                     # written on a Mac, resumed elsewhere
+    assert restored == [state] and "mps" not in pico.rng_states()
+
+
 def test_a_bpe_checkpoint_carries_its_tokenizer(pico, run_main, tmp_path):
     save = tmp_path / "ckpt"
     argv = [a if a != "char" else "bpe:300" for a in TINY]

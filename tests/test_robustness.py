@@ -972,6 +972,8 @@ def test_a_run_log_of_another_shape_is_kept_with_one_line(pico, ws, capsys, cont
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
                  "allocate memory: you tried to allocate 32212275200 bytes."),
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 17.80 GB, other allocations: "
+                 "1.2 MB, max allowed: 18.13 GB). Tried to allocate 512.00 MB on private pool."),
     MemoryError()])
 def test_running_out_of_memory_while_training_is_one_line(pico, ws, capsys, monkeypatch, error):
     """An allocation that fails mid-run (a block size whose activations do not fit, which

@@ -260,3 +260,30 @@ def test_the_default_precision_is_bf16_only_on_gpus_with_bf16_units(pico, monkey
                                                     block_size=8), 11, 0)
     pico.decoding_model(model, gpu)
     assert built == [getattr(torch, expected)]
+
+
+def test_apple_gpu_refuses_what_pytorch_computes_wrongly_there(pico, run_main, monkeypatch):
+    """On Apple's GPU (MPS), PyTorch 2.13's causal attention in bf16 lets positions see later
+    tokens, and its compiler is a prototype: both refused in one line before any training.
+    float32, the default there, trains as it would."""
+    from conftest import TINY_RUN
+    mps = torch.device("mps")
+    assert pico.resolve_dtype(None, mps) == "float32"
+    pico.check_dtype_fits(None, mps)
+    pico.check_dtype_fits("float32", mps)
+    pico.check_dtype_fits("bfloat16", torch.device("cpu"))
+    assert "prototype" in pico.compile_unavailable(mps)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    for command in ([*TINY_RUN], ["--sweep", "budget", "--sweep_scale", "tiny"]):
+        status, out, err = run_main(*command, "--device_id", "mps", "--dtype", "bfloat16")
+        assert status == 2 and err.count("\n") == 1, err
+        assert "--dtype bfloat16 on Apple's GPU (MPS)" in err and "use --dtype float32" in err
+
+
+def test_apple_gpu_draws_tokens_on_the_cpu(pico):
+    """MPS's multinomial in PyTorch 2.13 now and then picks a token of probability 0, so a
+    Mac samples on the CPU; every other device samples where its model runs."""
+    assert pico.sampling_device("mps") == torch.device("cpu")
+    assert pico.sampling_device(torch.device("mps", 0)) == torch.device("cpu")
+    assert pico.sampling_device("cpu") == torch.device("cpu")
+    assert pico.sampling_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
