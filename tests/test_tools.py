@@ -69,8 +69,37 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("ab_training_speed", ["HEAD", "--rounds", "0"], "argument --rounds: expected at least 1, got 0"),
     ("compile_presets", ["--timeout", "-1", "--output", "{tmp}/out.json"],
      "argument --timeout: expected a finite number above 0, got -1"),
+    ("compile_presets", ["--timeout", "1e308", "--output", "{tmp}/out.json"],
+     "--timeout is at most 1000000 seconds (11 days), got 1e+308"),
+    ("compile_presets", ["--device_id", "gpu", "--output", "{tmp}/out.json"],
+     "unknown --device_id 'gpu'; use auto, cpu, mps or cuda:N"),
+    ("recipe_gpt2", ["--tiny", "--input_dir", str(REPO / "data" / "custom_corpus"),
+                     "--output", "{tmp}"], "--output {tmp} is a directory"),
+    ("vs_nanogpt", ["--pico_flags", '"--bias'], "--pico_flags '\"--bias': No closing quotation"),
+    ("vs_nanogpt", ["--pico_flags", "--d_model 0"], "--d_model must be positive"),
+    ("ab_training_speed", ["HEAD", "--flags", "'"], "--flags \"'\": No closing quotation"),
+    ("ab_training_speed", ["HEAD", "--flags", "--d_model 0"], "--d_model must be positive"),
 ])
 def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     result = run_tool(name, argv, tmp_path)
     assert_one_line_error(result, name, message.format(tmp=tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["stream_vs_lines", "vs_nanogpt"])
+def test_a_corpus_tool_refuses_a_file_or_too_little_text_as_its_corpus(name, tmp_path):
+    (tmp_path / "notes.txt").write_text("a few words\n")
+    result = run_tool(name, ["--corpus_dir", "{tmp}/notes.txt"], tmp_path)
+    assert_one_line_error(result, name, f"--corpus_dir {tmp_path}/notes.txt is not a directory")
+    result = run_tool(name, ["--corpus_dir", "{tmp}"], tmp_path)
+    assert_one_line_error(result, name, f"--corpus_dir {tmp_path} is too little text")
+    assert (tmp_path / "notes.txt").read_text() == "a few words\n"
+
+
+def test_recipe_gpt2_writes_over_no_file_but_its_own_report(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    result = run_tool("recipe_gpt2", ["--tiny", "--input_dir", str(REPO / "data" / "custom_corpus"),
+                                      "--output", "{tmp}/notes.txt"], tmp_path)
+    assert_one_line_error(result, "recipe_gpt2", "notes.txt already exists and is no recipe_gpt2 "
+                                                 "report, which is all this writes over")
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"

@@ -97,6 +97,16 @@ def main() -> int:
     parser.add_argument("--flags", default="", help="more pico-llm flags for both versions, "
                         "e.g. \"--attention linear --compile\"")
     args = parser.parse_args()
+    try:
+        extra = shlex.split(args.flags)
+    except ValueError as error:
+        parser.error(f"--flags {args.flags!r}: {error}")
+    pico = load_pico()
+    try:   # the new version's check of the flags both get, before the old one is loaded
+        pico.config_from_command_line(CONFIGS[args.model] + ["--device_id", "cpu", *extra])
+    except pico.UserError as error:
+        print(f"ab_training_speed: error: {error}", file=sys.stderr)
+        return 2
     shown = subprocess.run(["git", "show", f"{args.old_rev}:pico-llm.py"], cwd=REPO,
                            capture_output=True, text=True)
     if shown.returncode != 0:
@@ -107,9 +117,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as directory:
         old_path = Path(directory) / "pico_llm_old.py"
         old_path.write_text(old_source)
-        versions = {"old": load_script(old_path, "pico_llm_old"), "new": load_pico()}
-        steps = {name: step_function(pico, args.model, args.vocab_size, args.batch_size,
-                                     shlex.split(args.flags))
+        versions = {"old": load_script(old_path, "pico_llm_old"), "new": pico}
+        steps = {name: step_function(pico, args.model, args.vocab_size, args.batch_size, extra)
                  for name, pico in versions.items()}
         first = {}
         for name, (step, _, _) in steps.items():
