@@ -103,3 +103,13 @@ def test_recipe_gpt2_writes_over_no_file_but_its_own_report(tmp_path):
     assert_one_line_error(result, "recipe_gpt2", "notes.txt already exists and is no recipe_gpt2 "
                                                  "report, which is all this writes over")
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
+def test_recipe_gpt2_refuses_more_seconds_than_its_text_has_passes_for(tmp_path):
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("hello world\nthis is a line\n")
+    result = run_tool("recipe_gpt2", ["--tiny", "--device_id", "cpu", "--input_dir", "{tmp}/text",
+                                      "--seconds", "1e6", "--output", "{tmp}/out.json"], tmp_path)
+    assert_one_line_error(result, "recipe_gpt2", "/text is too little text for --seconds 1e+06 of "
+                                                 "nanoGPT recipe")
+    assert "add text or lower --seconds" in result.stderr
