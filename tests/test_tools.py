@@ -80,6 +80,8 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
      "--steps 1000000000 would read the text in --input_dir"),
     ("vs_nanogpt", ["--pico_flags", '"--bias'], "--pico_flags '\"--bias': No closing quotation"),
     ("vs_nanogpt", ["--pico_flags", "--d_model 0"], "--d_model must be positive"),
+    ("vs_nanogpt", ["--corpus_dir", str(REPO / "data" / "custom_corpus"), "--steps", "1000000000"],
+     "--steps 1000000000 would read the training text in --corpus_dir"),
     ("ab_training_speed", ["HEAD", "--flags", "'"], "--flags \"'\": No closing quotation"),
     ("ab_training_speed", ["HEAD", "--flags", "--d_model 0"], "--d_model must be positive"),
 ])

@@ -219,11 +219,15 @@ def main(argv: list[str] | None = None) -> int:
             raise pico.UserError(f"--corpus_dir {args.corpus_dir} is too little text: the held-out "
                                  "files (every tenth: the sixth, the 16th, ...) and the others need "
                                  f"{SHAPE['block_size']} bytes each at least; add files of text")
+        train_ids, held_out_ids = token_ids(pico, train_text), token_ids(pico, held_out_text)
+        epochs, per_epoch, steps = total_steps(len(train_ids), args.steps)
+        if epochs > pico.MAX_EPOCHS:
+            raise pico.UserError(f"--steps {args.steps} would read the training text in --corpus_dir "
+                                 f"{args.corpus_dir} more than {pico.MAX_EPOCHS} times, as pico-llm "
+                                 "never does; lower --steps or add text")
     except pico.UserError as error:
         print(f"vs_nanogpt: error: {error}", file=sys.stderr)
         return 2
-    train_ids, held_out_ids = token_ids(pico, train_text), token_ids(pico, held_out_text)
-    epochs, per_epoch, steps = total_steps(len(train_ids), args.steps)
     warmup = min(args.warmup, steps // 2)
     print(f"training text {len(train_text.encode()) / 1e6:.2f} MB, held-out {len(held_out_text.encode()) / 1e6:.2f} MB "
           f"({args.corpus_dir}); {steps} steps ({epochs} epoch(s) of {per_epoch} for pico-llm), "
