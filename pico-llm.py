@@ -4849,12 +4849,12 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
                                               ("--checkpoint_every", args.checkpoint_every)) if given]
     if args.generate and training_only:
         raise UserError(f"--generate does not train; drop {' and '.join(training_only)}")
+    if args.checkpoint_every and not (args.save_dir or args.resume):
+        raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
+    validate_one_command(args)     # first: a sweep's --resume is refused, not sent to --save_dir
     if args.resume == "" and not args.save_dir:
         raise UserError("--resume without a path resumes from --save_dir; "
                         "pass --save_dir DIR or --resume PATH")
-    if args.checkpoint_every and not (args.save_dir or args.resume):
-        raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
-    validate_one_command(args)
 
 
 def validate_one_command(args: argparse.Namespace) -> None:

@@ -73,6 +73,7 @@ BAD_INPUTS = [
     (["--generate", "--checkpoint", "x.pt", "--sweep", "budget"], "--generate and --sweep are two commands"),
     (["--sweep", "budget", "--save_dir", "ckpt"], "--sweep keeps no checkpoints of its own"),
     (["--accounting", "--resume", "ckpt"], "--accounting keeps no checkpoints of its own"),
+    (["--sweep", "budget", "--resume"], "--sweep keeps no checkpoints of its own; drop --resume"),
     (["--generate", "--checkpoint", "x.pt", "--attention_maps"], "--generate trains none"),
     (["--models", "lstm_seq", "--attention_maps"], "add transformer to --models"),
     (["--tinystories_path", "stories.txt"], "--tinystories_path is read only with --tinystories_weight"),
