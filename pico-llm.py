@@ -4838,9 +4838,13 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if args.generate and not (args.checkpoint or args.init_from):
         raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir) "
                         "or --init_from DIR")
-    if args.overwrite and not (args.sweep or args.custom_sweep_log or args.collect_transformer_metrics):
+    sweeping = args.sweep or args.custom_sweep_log or args.collect_transformer_metrics
+    if args.overwrite and not sweeping:
         raise UserError("--overwrite replaces sweep files; use it with --sweep, --custom_sweep_log "
                         "or --collect_transformer_metrics")
+    if args.sweep_scale != "full" and not sweeping:    # the default: not told apart from absent
+        raise UserError(f"--sweep_scale {args.sweep_scale} sizes sweeps, and this run is none; use "
+                        "it with --sweep, --custom_sweep_log or --collect_transformer_metrics")
     if args.checkpoint and not args.generate and args.export_hf is None:   # "": said below
         raise UserError("--checkpoint is read by --generate and --export_hf; to continue "
                         "training use --resume")

@@ -46,6 +46,7 @@ BAD_INPUTS = [
     (["--early_stop_patience", "2", "--test_fraction", "0"], "set --test_fraction above 0"),
     (["--keep_checkpoints", "-3"], "--keep_checkpoints must be at least 1"),
     (["--overwrite"], "--overwrite replaces sweep files"),
+    (["--sweep_scale", "tiny", *TINY_RUN], "--sweep_scale tiny sizes sweeps, and this run is none"),
     (["--models", "transformer", "--n_kv_heads", "0"], "--n_kv_heads must be positive"),
     (["--models", "transformer", "--logit_softcap", "nan"], "--logit_softcap must be a number"),
     (["--models", "transformer", "--logit_softcap", "inf"], "--logit_softcap must be a finite number"),
