@@ -4879,6 +4879,9 @@ def validate_one_command(args: argparse.Namespace) -> None:
     if commands and (args.resume is not None or args.save_dir):
         raise UserError(f"{commands[0]} keeps no checkpoints of its own; drop --resume and "
                         "--save_dir")
+    if commands and args.run_name is not None:
+        raise UserError(f"--run_name names a training run's log, and {commands[0]} writes none; "
+                        "drop --run_name")
     if commands and (args.attention_maps or args.monosemantic_enabled):
         raise UserError(f"--attention_maps and --monosemantic_enabled describe a training run's "
                         f"models, and {commands[0]} trains none")

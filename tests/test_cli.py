@@ -75,6 +75,8 @@ BAD_INPUTS = [
     (["--sweep", "budget", "--save_dir", "ckpt"], "--sweep keeps no checkpoints of its own"),
     (["--accounting", "--resume", "ckpt"], "--accounting keeps no checkpoints of its own"),
     (["--sweep", "budget", "--resume"], "--sweep keeps no checkpoints of its own; drop --resume"),
+    (["--sweep", "budget", "--run_name", "mine"], "--run_name names a training run's log, and --sweep"),
+    (["--accounting", "--run_name", "mine"], "and --accounting writes none; drop --run_name"),
     (["--generate", "--checkpoint", "x.pt", "--attention_maps"], "--generate trains none"),
     (["--models", "lstm_seq", "--attention_maps"], "add transformer to --models"),
     (["--tinystories_path", "stories.txt"], "--tinystories_path is read only with --tinystories_weight"),
