@@ -87,6 +87,8 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
      "--steps 1000000000 would read the training text in --corpus_dir"),
     ("ab_training_speed", ["HEAD", "--flags", "'"], "--flags \"'\": No closing quotation"),
     ("ab_training_speed", ["HEAD", "--flags", "--d_model 0"], "--d_model must be positive"),
+    ("ab_training_speed", ["HEAD", "--model", "lstm_seq", "--vocab_size", "1000000000000"],
+     "a training step of lstm_seq at --batch_size 16 and --vocab_size 1000000000000 does not fit"),
 ])
 def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     result = run_tool(name, argv, tmp_path)

@@ -118,13 +118,19 @@ def main() -> int:
         old_path = Path(directory) / "pico_llm_old.py"
         old_path.write_text(old_source)
         versions = {"old": load_script(old_path, "pico_llm_old"), "new": pico}
-        steps = {name: step_function(pico, args.model, args.vocab_size, args.batch_size, extra)
-                 for name, pico in versions.items()}
         first = {}
-        for name, (step, _, _) in steps.items():
-            first[name] = step()
-            for _ in range(2):                               # warm-up: the heap grows over 3 steps
-                step()
+        try:
+            steps = {name: step_function(version, args.model, args.vocab_size, args.batch_size,
+                                         extra) for name, version in versions.items()}
+            for name, (step, _, _) in steps.items():
+                first[name] = step()
+                for _ in range(2):                           # warm-up: the heap grows over 3 steps
+                    step()
+        except (RuntimeError, MemoryError) as error:
+            if not pico.out_of_memory(error):
+                raise
+            parser.error(f"a training step of {args.model} at --batch_size {args.batch_size} and "
+                         f"--vocab_size {args.vocab_size} does not fit in memory here")
         times, ceilings = {name: [] for name in steps}, []
         for _ in range(args.rounds):
             for name, (step, _, _) in steps.items():
