@@ -5238,6 +5238,10 @@ def run_training(config: Config) -> int:
         export_dir = config.huggingface.export_hf
         if export_dir:
             check_export_directory(Path(export_dir))
+            check_export_apart_from(Path(export_dir), {
+                "--artefacts_dir": [run_path.parent],
+                "--save_dir": [save_dir / name for name in config.models.names] if save_dir else [],
+                "--cache_dir": [Path(config.data.cache_dir)] if config.data.cache_dir else []})
         tokenizer = initial_weights = hf_directory = None
         if config.huggingface.init_from:  # Appendix E: the model's shape and tokenizer
             config, tokenizer, hf_directory = init_from_hf(config, resume_points.get("transformer"))
@@ -8971,6 +8975,17 @@ def check_export_directory(directory: Path) -> None:
         raise UserError(f"--export_hf {quoted(directory)} already exists and is not empty; "
                         "choose a new directory")
     check_writable_directory(directory.parent, "--export_hf")
+
+
+def check_export_apart_from(directory: Path, written: dict[str, list[Path]]) -> None:
+    """The export, written when training ends, needs its directory still new or empty then:
+    not one that the run writes into (per flag, the folders it writes files in), nor one
+    holding them."""
+    target = directory.resolve()
+    for flag, folders in written.items():
+        if any(target == folder.resolve() or target in folder.resolve().parents for folder in folders):
+            raise UserError(f"--export_hf {quoted(directory)} would hold the files this run writes "
+                            f"for {flag}; give the export a directory of its own")
 
 
 def export_hf(model: TransformerModel, tokenizer, directory) -> Path:

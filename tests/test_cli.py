@@ -83,6 +83,8 @@ BAD_INPUTS = [
     (["--models", "transformer", "--attention", "gated_linear", "--attention_maps"],
      "--attention gated_linear has none to draw"),
     (["--sweep", "budget", "--export_hf", "out"], "--sweep gives none to write"),
+    (["--models", "transformer", *TINY_RUN, "--save_dir", "{folder}/ckpt", "--export_hf", "{folder}/ckpt"],
+     "would hold the files this run writes for --save_dir; give the export a directory of its own"),
     (["--accounting", "--generate", "--checkpoint", "x.pt"], "--accounting and --generate are two commands"),
     (["--custom_sweep_sizes", "3,5"], "--custom_sweep_sizes sets the corpus sizes"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", ""], "expected positive integers"),
