@@ -4849,9 +4849,13 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if args.generate and not (args.checkpoint or args.init_from):
         raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir) "
                         "or --init_from DIR")
-    if args.overwrite and not (args.sweep or args.custom_sweep_log or args.collect_transformer_metrics):
+    sweeping = args.sweep or args.custom_sweep_log or args.collect_transformer_metrics
+    if args.overwrite and not sweeping:
         raise UserError("--overwrite replaces sweep files; use it with --sweep, --custom_sweep_log "
                         "or --collect_transformer_metrics")
+    if args.sweep_scale != "full" and not sweeping:    # the default: not told apart from absent
+        raise UserError(f"--sweep_scale {args.sweep_scale} sizes sweeps, and this run is none; use "
+                        "it with --sweep, --custom_sweep_log or --collect_transformer_metrics")
     if args.checkpoint and not args.generate and args.export_hf is None:   # "": said below
         raise UserError("--checkpoint is read by --generate and --export_hf; to continue "
                         "training use --resume")
@@ -4860,12 +4864,12 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
                                               ("--checkpoint_every", args.checkpoint_every)) if given]
     if args.generate and training_only:
         raise UserError(f"--generate does not train; drop {' and '.join(training_only)}")
+    if args.checkpoint_every and not (args.save_dir or args.resume):
+        raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
+    validate_one_command(args)     # first: a sweep's --resume is refused, not sent to --save_dir
     if args.resume == "" and not args.save_dir:
         raise UserError("--resume without a path resumes from --save_dir; "
                         "pass --save_dir DIR or --resume PATH")
-    if args.checkpoint_every and not (args.save_dir or args.resume):
-        raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
-    validate_one_command(args)
 
 
 def validate_one_command(args: argparse.Namespace) -> None:
@@ -4886,6 +4890,9 @@ def validate_one_command(args: argparse.Namespace) -> None:
     if commands and (args.resume is not None or args.save_dir):
         raise UserError(f"{commands[0]} keeps no checkpoints of its own; drop --resume and "
                         "--save_dir")
+    if commands and args.run_name is not None:
+        raise UserError(f"--run_name names a training run's log, and {commands[0]} writes none; "
+                        "drop --run_name")
     if commands and (args.attention_maps or args.monosemantic_enabled):
         raise UserError(f"--attention_maps and --monosemantic_enabled describe a training run's "
                         f"models, and {commands[0]} trains none")
@@ -5256,6 +5263,10 @@ def run_training(config: Config) -> int:
         export_dir = config.huggingface.export_hf
         if export_dir:
             check_export_directory(Path(export_dir))
+            check_export_apart_from(Path(export_dir), {
+                "--artefacts_dir": [run_path.parent],
+                "--save_dir": [save_dir / name for name in config.models.names] if save_dir else [],
+                "--cache_dir": [Path(config.data.cache_dir)] if config.data.cache_dir else []})
         tokenizer = initial_weights = hf_directory = None
         if config.huggingface.init_from:  # Appendix E: the model's shape and tokenizer
             config, tokenizer, hf_directory = init_from_hf(config, resume_points.get("transformer"))
@@ -9029,6 +9040,17 @@ def check_export_directory(directory: Path) -> None:
         raise UserError(f"--export_hf {quoted(directory)} already exists and is not empty; "
                         "choose a new directory")
     check_writable_directory(directory.parent, "--export_hf")
+
+
+def check_export_apart_from(directory: Path, written: dict[str, list[Path]]) -> None:
+    """The export, written when training ends, needs its directory still new or empty then:
+    not one that the run writes into (per flag, the folders it writes files in), nor one
+    holding them."""
+    target = directory.resolve()
+    for flag, folders in written.items():
+        if any(target == folder.resolve() or target in folder.resolve().parents for folder in folders):
+            raise UserError(f"--export_hf {quoted(directory)} would hold the files this run writes "
+                            f"for {flag}; give the export a directory of its own")
 
 
 def export_hf(model: TransformerModel, tokenizer, directory) -> Path:

@@ -397,6 +397,14 @@ def test_the_gpt2_benchmarks_flags_alone_are_refused(bench, tmp_path, capsys, fl
     assert not (tmp_path / "b.json").exists()
 
 
+def test_the_gpt2_benchmark_refuses_a_profile_folder_that_is_a_file(bench, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert bench.main(["--quick", "--gpt2", "--device_id", "cpu", "--profile",
+                       str(tmp_path / "notes.txt"), "--output", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--profile {tmp_path}/notes.txt" in err and "not a directory" in err
+    assert not (tmp_path / "b.json").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+
 def test_a_report_never_replaces_a_fifo(pico, tmp_path):
     os.mkfifo(tmp_path / "fifo")          # reading its start to find its kind would block
     with pytest.raises(pico.UserError, match="is not a regular file"):

@@ -288,6 +288,13 @@ def test_notebook_reports_a_missing_run_log(tmp_path):
     assert "typo.json` is missing; check the path" in text
 
 
+def test_notebook_skips_json_files_that_hold_no_object(tmp_path):
+    (tmp_path / "sweep_budget.json").write_text("[]")
+    (tmp_path / "my_run.json").write_text('"a string"')
+    text = execute_notebook(tmp_path, run_log=tmp_path / "my_run.json")
+    assert "sweep_budget.json` is not a sweep file of schema 1; skipped" in text
+    assert "my_run.json` is not a run file of schema 1; skipped" in text
+
 def requirement_names(path):
     names = set()
     for line in path.read_text().splitlines():

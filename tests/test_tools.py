@@ -66,11 +66,60 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("stream_vs_lines", ["--seconds", "nan"], "expected a finite number above 0, got nan"),
     ("vs_nanogpt", ["--rounds", "two"], "argument --rounds: expected an integer, got 'two'"),
     ("ab_rope", ["--samples", "0"], "argument --samples: expected at least 1, got 0"),
+    ("ab_rope", ["--shape", "1", "1", "4", "3"], "argument --shape: D, a head's width, must be even"),
+    ("ab_rope", ["--shape", *["10000"] * 4], "queries of 10,000,000,000,000,000 numbers do not fit"),
+    ("ab_rope", ["--threads", "100000"], "argument --threads: 100000 is more than the"),
     ("ab_training_speed", ["HEAD", "--rounds", "0"], "argument --rounds: expected at least 1, got 0"),
     ("compile_presets", ["--timeout", "-1", "--output", "{tmp}/out.json"],
      "argument --timeout: expected a finite number above 0, got -1"),
+    ("compile_presets", ["--timeout", "1e308", "--output", "{tmp}/out.json"],
+     "--timeout is at most 1000000 seconds (11 days), got 1e+308"),
+    ("compile_presets", ["--device_id", "gpu", "--output", "{tmp}/out.json"],
+     "unknown --device_id 'gpu'; use auto, cpu, mps or cuda:N"),
+    ("recipe_gpt2", ["--tiny", "--input_dir", str(REPO / "data" / "custom_corpus"),
+                     "--output", "{tmp}"], "--output {tmp} is a directory"),
+    ("recipe_ablation", ["--input_dir", str(REPO / "data" / "custom_corpus"), "--sweep_scale",
+                         "tiny", "--steps", "1000000000"],
+     "--steps 1000000000 would read the text in --input_dir"),
+    ("vs_nanogpt", ["--pico_flags", '"--bias'], "--pico_flags '\"--bias': No closing quotation"),
+    ("vs_nanogpt", ["--pico_flags", "--d_model 0"], "--d_model must be positive"),
+    ("vs_nanogpt", ["--corpus_dir", str(REPO / "data" / "custom_corpus"), "--steps", "1000000000"],
+     "--steps 1000000000 would read the training text in --corpus_dir"),
+    ("ab_training_speed", ["HEAD", "--flags", "'"], "--flags \"'\": No closing quotation"),
+    ("ab_training_speed", ["HEAD", "--flags", "--d_model 0"], "--d_model must be positive"),
+    ("ab_training_speed", ["HEAD", "--model", "lstm_seq", "--vocab_size", "1000000000000"],
+     "a training step of lstm_seq at --batch_size 16 and --vocab_size 1000000000000 does not fit"),
 ])
 def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     result = run_tool(name, argv, tmp_path)
     assert_one_line_error(result, name, message.format(tmp=tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["stream_vs_lines", "vs_nanogpt"])
+def test_a_corpus_tool_refuses_a_file_or_too_little_text_as_its_corpus(name, tmp_path):
+    (tmp_path / "notes.txt").write_text("a few words\n")
+    result = run_tool(name, ["--corpus_dir", "{tmp}/notes.txt"], tmp_path)
+    assert_one_line_error(result, name, f"--corpus_dir {tmp_path}/notes.txt is not a directory")
+    result = run_tool(name, ["--corpus_dir", "{tmp}"], tmp_path)
+    assert_one_line_error(result, name, f"--corpus_dir {tmp_path} is too little text")
+    assert (tmp_path / "notes.txt").read_text() == "a few words\n"
+
+
+def test_recipe_gpt2_writes_over_no_file_but_its_own_report(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    result = run_tool("recipe_gpt2", ["--tiny", "--input_dir", str(REPO / "data" / "custom_corpus"),
+                                      "--output", "{tmp}/notes.txt"], tmp_path)
+    assert_one_line_error(result, "recipe_gpt2", "notes.txt already exists and is no recipe_gpt2 "
+                                                 "report, which is all this writes over")
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
+def test_recipe_gpt2_refuses_more_seconds_than_its_text_has_passes_for(tmp_path):
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("hello world\nthis is a line\n")
+    result = run_tool("recipe_gpt2", ["--tiny", "--device_id", "cpu", "--input_dir", "{tmp}/text",
+                                      "--seconds", "1e6", "--output", "{tmp}/out.json"], tmp_path)
+    assert_one_line_error(result, "recipe_gpt2", "/text is too little text for --seconds 1e+06 of "
+                                                 "nanoGPT recipe")
+    assert "add text or lower --seconds" in result.stderr

@@ -10,6 +10,7 @@ median milliseconds per call and the ratio. docs/performance.md keeps the measur
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -35,10 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=positive_int, default=20, help="calls timed per sample")
     parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
+    B, H, T, D = args.shape
+    if D % 2:
+        parser.error(f"argument --shape: D, a head's width, must be even (RoPE turns pairs), got {D}")
+    if args.threads > (os.cpu_count() or 1):   # thousands of OpenMP threads fail to start
+        parser.error(f"argument --threads: {args.threads} is more than the {os.cpu_count()} CPUs here")
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
-    B, H, T, D = args.shape
-    x = torch.randn(B, H, T, D, generator=generator).requires_grad_()
+    try:
+        x = torch.randn(B, H, T, D, generator=generator).requires_grad_()
+    except RuntimeError:     # more memory than there is
+        parser.error(f"argument --shape: queries of {B * H * T * D:,} numbers do not fit in memory "
+                     "here; give a smaller shape")
     cos, sin = pico.RotaryEmbedding(D).angles(torch.arange(T))
     ways = {"complex": pico.RotaryEmbedding.rotate, "real": pico.rotate_pairs_real}
     difference = (ways["complex"](x, cos, sin) - ways["real"](x, cos, sin)).abs().max().item()

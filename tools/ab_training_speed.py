@@ -97,6 +97,16 @@ def main() -> int:
     parser.add_argument("--flags", default="", help="more pico-llm flags for both versions, "
                         "e.g. \"--attention linear --compile\"")
     args = parser.parse_args()
+    try:
+        extra = shlex.split(args.flags)
+    except ValueError as error:
+        parser.error(f"--flags {args.flags!r}: {error}")
+    pico = load_pico()
+    try:   # the new version's check of the flags both get, before the old one is loaded
+        pico.config_from_command_line(CONFIGS[args.model] + ["--device_id", "cpu", *extra])
+    except pico.UserError as error:
+        print(f"ab_training_speed: error: {error}", file=sys.stderr)
+        return 2
     shown = subprocess.run(["git", "show", f"{args.old_rev}:pico-llm.py"], cwd=REPO,
                            capture_output=True, text=True)
     if shown.returncode != 0:
@@ -107,15 +117,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as directory:
         old_path = Path(directory) / "pico_llm_old.py"
         old_path.write_text(old_source)
-        versions = {"old": load_script(old_path, "pico_llm_old"), "new": load_pico()}
-        steps = {name: step_function(pico, args.model, args.vocab_size, args.batch_size,
-                                     shlex.split(args.flags))
-                 for name, pico in versions.items()}
+        versions = {"old": load_script(old_path, "pico_llm_old"), "new": pico}
         first = {}
-        for name, (step, _, _) in steps.items():
-            first[name] = step()
-            for _ in range(2):                               # warm-up: the heap grows over 3 steps
-                step()
+        try:
+            steps = {name: step_function(version, args.model, args.vocab_size, args.batch_size,
+                                         extra) for name, version in versions.items()}
+            for name, (step, _, _) in steps.items():
+                first[name] = step()
+                for _ in range(2):                           # warm-up: the heap grows over 3 steps
+                    step()
+        except (RuntimeError, MemoryError) as error:
+            if not pico.out_of_memory(error):
+                raise
+            parser.error(f"a training step of {args.model} at --batch_size {args.batch_size} and "
+                         f"--vocab_size {args.vocab_size} does not fit in memory here")
         times, ceilings = {name: [] for name in steps}, []
         for _ in range(args.rounds):
             for name, (step, _, _) in steps.items():

@@ -849,6 +849,8 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
     sizes = GPT2Sizes.quick() if args.quick else GPT2Sizes()
     out_path = Path(args.output)
     pico.check_writable_directory(out_path.parent, "--output")
+    if args.profile is not None:   # else every measurement records the failed write as its result
+        pico.check_writable_directory(Path(args.profile), "--profile")
     nanogpt = load_nanogpt(Path(args.nanogpt_dir)) if args.nanogpt_dir else None
     started = time.perf_counter()
     note = (lambda message: None) if args.quiet else (

@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.steps < 2:   # the first step is timed apart (compilation), the rest together
             raise pico.UserError(f"--steps must be at least 2, got {args.steps}")
+        if args.timeout > 1e6:   # subprocess's wait overflows near 1e10 seconds
+            raise pico.UserError(f"--timeout is at most 1000000 seconds (11 days), got {args.timeout:g}")
+        pico.resolve_device(args.device_id)   # a bad one would fail every run, after minutes
         pico.check_writable_directory(Path(args.output).parent, "--output")
         pico.check_replaceable_report(Path(args.output), ("compile_presets",), "--output")
     except pico.UserError as error:

@@ -80,7 +80,7 @@ def load(path, kind, remedy=f"run `{MAKE_PRESENTATION}` to make it"):
         note(f"`{path}` could not be read ({error}).")
         return None
     expected = RUNLOG_SCHEMA if kind == "run" else SWEEP_SCHEMA
-    if data.get("kind") != kind or data.get("schema_version") != expected:
+    if not isinstance(data, dict) or (data.get("kind"), data.get("schema_version")) != (kind, expected):
         note(f"`{path}` is not a {kind} file of schema {expected}; skipped.")
         return None
     return data

@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                                test_fraction=scale.test_fraction, data_format="stream")
         tokenizer = pico.build_tokenizer(scale.tokenizer)
         data = pico.sweep_data(base, tokenizer)
+        if args.steps > pico.MAX_EPOCHS * data.steps_per_epoch(base.training.batch_size, None):
+            raise pico.UserError(f"--steps {args.steps} would read the text in --input_dir "
+                                 f"{args.input_dir} more than {pico.MAX_EPOCHS} times, as pico-llm "
+                                 "never does; lower --steps or add text")
     except pico.UserError as error:
         print(f"recipe_ablation: error: {error}", file=sys.stderr)
         return 2

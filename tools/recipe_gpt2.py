@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                           "--batch_size", "16"]
     try:
         pico.check_writable_directory(Path(args.output).parent, "--output")
+        pico.check_replaceable_report(Path(args.output), ("recipe_gpt2",), "--output")
         config = pico.config_from_command_line([
             "--input_dir", args.input_dir, "--device_id", args.device_id, "--tokenizer", "char",
             "--data_format", "stream", "--test_fraction", "0.02", "--models", "transformer",
@@ -146,8 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         times = [pico.train_time_s(h) for h in record["history"]]
         seconds_per_step = statistics.fmean(after - before for before, after in zip(times[3:], times[4:]))
         steps = max(1, round(args.seconds / seconds_per_step))
-        _, record = pico.train_sweep_model(label, "transformer", pico.with_step_budget(
-            point, data, steps, pico.RECIPE_EVALUATIONS), device, tokenizer, data)
+        try:
+            budget = pico.with_step_budget(point, data, steps, pico.RECIPE_EVALUATIONS)
+        except pico.UserError as error:     # more passes over a short text than pico-llm runs
+            print(f"recipe_gpt2: error: --input_dir {args.input_dir} is too little text for "
+                  f"--seconds {args.seconds:g} of {label} ({steps} steps: {error}); add text or "
+                  "lower --seconds", file=sys.stderr)
+            return 2
+        _, record = pico.train_sweep_model(label, "transformer", budget, device, tokenizer, data)
         times = {h["step"]: pico.train_time_s(h) for h in record["history"]}
         curve = [{"step": test["step"], "train_time_s": round(times[test["step"]], 3),
                   "test_bits_per_byte": test["test_bits_per_byte"]} for test in record["test_history"]]

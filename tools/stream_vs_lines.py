@@ -67,6 +67,22 @@ def write_python_docs(directory: Path, packages: tuple[str, ...] = ()) -> int:
     return written + len(topics.encode("utf-8"))
 
 
+def python_docs_unless_text_in(pico, directory: Path) -> None:
+    """Python's documentation written into `directory` (--corpus_dir) where it holds no .txt
+    files; a directory that is a file or cannot be written is pico-llm's UserError."""
+    if directory.exists() and not directory.is_dir():
+        raise pico.UserError(f"--corpus_dir {directory} is not a directory; give a directory of "
+                             ".txt files, or a new one to write Python's documentation into")
+    if not any(directory.glob("*.txt")):
+        try:
+            written = write_python_docs(directory)
+        except OSError as error:
+            raise pico.UserError(f"cannot write Python's documentation into --corpus_dir "
+                                 f"{directory}: {error.strerror or error}; give a writable "
+                                 "directory, or one of .txt files") from None
+        print(f"wrote Python's documentation into {directory}: {written / 1e6:.1f} MB")
+
+
 def train(pico, flags: list[str], steps_per_epoch: int | None, epochs: int):
     """Train the pico Transformer as the command line with these flags would; returns
     (config, tokenizer, data, model, record)."""
@@ -91,10 +107,17 @@ def main() -> int:
     parser.add_argument("--block_size", type=positive_int, default=128)
     args = parser.parse_args()
     pico = load_pico()
+    try:
+        return compare(pico, args)
+    except pico.UserError as error:
+        print(f"stream_vs_lines: error: {error}", file=sys.stderr)
+        return 2
+
+
+def compare(pico, args) -> int:
+    """Train and score both formats as the module docstring says; print the results."""
     corpus = Path(args.corpus_dir)
-    if not any(corpus.glob("*.txt")):
-        print(f"writing Python's documentation into {corpus}: "
-              f"{write_python_docs(corpus) / 1e6:.1f} MB")
+    python_docs_unless_text_in(pico, corpus)
     common = ["--models", "transformer", "--tokenizer", "char",
               "--d_model", str(args.d_model), "--block_size", str(args.block_size),
               "--batch_size", "16", "--lr_schedule", "constant", "--warmup_steps", "20",
@@ -115,6 +138,11 @@ def main() -> int:
             # Time 40 steps, the first 10 (the allocator and kernels warming up) not counted.
             _, _, data, _, calibration = train(pico, flags, 40, 1)
             elapsed = [h["elapsed_s"] for h in calibration["history"]]
+            if len(elapsed) < 11:
+                raise pico.UserError(
+                    f"--corpus_dir {corpus} is too little text to time: an epoch of {data_format} "
+                    f"mode is {len(elapsed)} step(s) of 16 windows of --block_size {args.block_size}, "
+                    "and timing needs 11; add text or lower --block_size")
             seconds_per_step = (elapsed[-1] - elapsed[9]) / (len(elapsed) - 10)
             steps = max(20, round(args.seconds / seconds_per_step))
             # An epoch is one pass over the training text; the budget may take several.

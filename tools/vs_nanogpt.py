@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from pico_module import OneLineErrorParser, PICO_PATH, load_pico, positive_int
-from stream_vs_lines import write_python_docs
+from stream_vs_lines import python_docs_unless_text_in
 
 # nanoGPT's README, "I only have a macbook", with its train_shakespeare_char config.
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
@@ -75,8 +75,7 @@ PICO_FLAGS = ["--models", "transformer", "--transformer_variant", "minGPT",
 def running_text(pico, corpus_dir: Path) -> tuple[str, str]:
     """(training text, held-out text): every tenth file held out, each file read as pico-llm's
     stream mode reads a document (read_document), so that both train on the same characters."""
-    if not any(corpus_dir.glob("*.txt")):
-        write_python_docs(corpus_dir)
+    python_docs_unless_text_in(pico, corpus_dir)
     documents = []
     for path in sorted(corpus_dir.glob("*.txt")):
         empty = not path.read_bytes().strip()      # no text, but it keeps its place
@@ -208,10 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     if nanogpt is not None and not (nanogpt / "train.py").is_file():
         print(f"no train.py in {nanogpt}: running pico-llm's side only")
         nanogpt = None
+    try:
+        extra = shlex.split(args.pico_flags)
+    except ValueError as error:
+        parser.error(f"--pico_flags {args.pico_flags!r}: {error}")
     pico = load_pico()
-    train_text, held_out_text = running_text(pico, Path(args.corpus_dir))
-    train_ids, held_out_ids = token_ids(pico, train_text), token_ids(pico, held_out_text)
-    epochs, per_epoch, steps = total_steps(len(train_ids), args.steps)
+    try:
+        pico.parse_args(PICO_FLAGS + extra + ["--input_files", "train.txt"])   # before minutes of work
+        train_text, held_out_text = running_text(pico, Path(args.corpus_dir))
+        if min(len(train_text.encode()), len(held_out_text.encode())) < SHAPE["block_size"]:
+            raise pico.UserError(f"--corpus_dir {args.corpus_dir} is too little text: the held-out "
+                                 "files (every tenth: the sixth, the 16th, ...) and the others need "
+                                 f"{SHAPE['block_size']} bytes each at least; add files of text")
+        train_ids, held_out_ids = token_ids(pico, train_text), token_ids(pico, held_out_text)
+        epochs, per_epoch, steps = total_steps(len(train_ids), args.steps)
+        if epochs > pico.MAX_EPOCHS:
+            raise pico.UserError(f"--steps {args.steps} would read the training text in --corpus_dir "
+                                 f"{args.corpus_dir} more than {pico.MAX_EPOCHS} times, as pico-llm "
+                                 "never does; lower --steps or add text")
+    except pico.UserError as error:
+        print(f"vs_nanogpt: error: {error}", file=sys.stderr)
+        return 2
     warmup = min(args.warmup, steps // 2)
     print(f"training text {len(train_text.encode()) / 1e6:.2f} MB, held-out {len(held_out_text.encode()) / 1e6:.2f} MB "
           f"({args.corpus_dir}); {steps} steps ({epochs} epoch(s) of {per_epoch} for pico-llm), "
@@ -233,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{'pico' if side == 'pico-llm' else 'nanogpt'}_{round_index}"
                 if side == "pico-llm":
                     result = run_pico(work, name, epochs, per_epoch, warmup, args.seed,
-                                      shlex.split(args.pico_flags))
+                                      extra)
                     result["held_out"] = pico_held_out(pico, result["checkpoint"], held_out_ids)
                 else:
                     result = run_nanogpt(nanogpt, work, name, steps)
