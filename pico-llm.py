@@ -5632,7 +5632,8 @@ def has_bf16_units(device: torch.device) -> bool:
     """Whether `device` is a CUDA GPU that computes in bf16 natively: compute capability 8.0
     (Ampere) or later. Older ones (a T4, a V100) emulate bf16, more slowly than they compute
     in float32; torch.cuda.is_bf16_supported() says yes for those too, and of the current GPU."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
 def autocast_context(device: torch.device, dtype: str | None = None):
@@ -8679,10 +8680,14 @@ def read_json_object(file: Path) -> dict:
 
 def read_hf_config(path: Path) -> dict:
     """config.json of a Hugging Face model directory, as a dict."""
-    if not (path / "config.json").is_file():
+    config = path / "config.json"
+    if not config.exists():
         raise UserError(f"{quoted(path)} has no config.json; expected a Hugging Face model "
                         "directory")
-    return read_json_object(path / "config.json")
+    if not config.is_file():     # a folder, or a pipe that would block the read
+        raise UserError(f"{quoted(config)} is not a regular file; expected a Hugging Face "
+                        "model's config.json")
+    return read_json_object(config)
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -9036,7 +9041,10 @@ def check_export_directory(directory: Path) -> None:
     except OSError as error:  # a directory on the way with too long a name
         raise UserError(f"--export_hf {quoted(directory)}: {error.strerror}; choose another "
                         "directory") from None
-    if exists and (not directory.is_dir() or any(directory.iterdir())):
+    if exists and not directory.is_dir():
+        raise UserError(f"--export_hf {quoted(directory)} is a file, not a directory; choose a "
+                        "new directory")
+    if exists and any(directory.iterdir()):
         raise UserError(f"--export_hf {quoted(directory)} already exists and is not empty; "
                         "choose a new directory")
     check_writable_directory(directory.parent, "--export_hf")

@@ -1044,8 +1044,7 @@ def test_fine_tuning_a_qwen3_with_its_own_tokenizer_end_to_end(pico, run_main, t
                                 "--max_new_tokens", "2", "--save_dir", str(tmp_path / "ckpt"),
                                 "--export_hf", str(tmp_path / "out"), "--run_name", "tuned", "--quiet")
     assert status == 0, err
-    assert pico.resolve_dtype(None, torch.device("cpu")) == "float32"  # bf16 on CUDA only
-    assert pico.resolve_dtype(None, torch.device("cuda")) == "bfloat16"
+    assert pico.resolve_dtype(None, torch.device("cpu")) == "float32"  # bf16 on GPUs only
     checkpoint = latest_checkpoint(tmp_path / "ckpt")
     model, tokenizer, _ = pico.model_from_checkpoint(checkpoint, "--checkpoint")
     imported, _ = pico.import_hf(source)
@@ -1104,6 +1103,12 @@ def refused(pico, run_main, tmp_path, capsys):
 def test_init_from_a_directory_without_config_json_is_refused(refused, tmp_path, corpus):
     (tmp_path / "empty").mkdir()
     refused("has no config.json", "--init_from", str(tmp_path / "empty"), *fine_tune(corpus))
+
+
+def test_init_from_with_a_config_json_that_is_a_folder_says_so(pico, tmp_path):
+    (tmp_path / "model" / "config.json").mkdir(parents=True)
+    one_line_error(pico, "config.json is not a regular file", pico.read_hf_config,
+                   tmp_path / "model")
 
 
 def test_init_from_an_unsupported_architecture_is_refused(refused, tmp_path, corpus):
@@ -1182,6 +1187,13 @@ def test_export_hf_into_a_non_empty_directory_is_refused_before_training(refused
     refused("already exists and is not empty", *fine_tune(corpus, "--tokenizer", "char"), "--export_hf",
             str(tmp_path / "out"))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_export_hf_onto_a_file_is_refused_as_a_file(refused, tmp_path, corpus):
+    (tmp_path / "notes.txt").write_text("mine")
+    refused("is a file, not a directory", *fine_tune(corpus, "--tokenizer", "char"), "--export_hf",
+            str(tmp_path / "notes.txt"))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 

@@ -247,6 +247,7 @@ def test_the_default_precision_is_bf16_only_on_gpus_with_bf16_units(pico, monkey
                                                                      capability, expected):
     """A T4 (7.5) or V100 (7.0) emulates bf16, more slowly than it runs float32: training and
     the decoder stay in float32 there unless --dtype asks; Ampere (8.0) and later take bf16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     gpu = torch.device("cuda", 1)
     assert pico.resolve_dtype(None, gpu) == expected
