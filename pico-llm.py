@@ -756,6 +756,7 @@ class LinearAttention(nn.Module):
         if state is None:   # at least float32 (bf16 under autocast): it sums over the whole text
             state = q.new_zeros(B, H, D, v.shape[-1],
                                 dtype=torch.promote_types(q.dtype, torch.float32))       # (B, H, D, E)
+        q, k, v = (t.to(state.dtype) for t in (q, k, v))   # a bf16 model's too: one dtype throughout
         if cache is not None and T == 1:
             y, state = recurrent_linear_attention(q, k, v, log_decay, state)
         else:
@@ -766,7 +767,7 @@ class LinearAttention(nn.Module):
             y = y[..., :-1] / y[..., -1:]                                                # (B, H, T, D)
         else:
             y = self.head_norm(y)
-        y = y.transpose(1, 2).reshape(B, T, H * D)                                  # (B, T, d_model)
+        y = y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype)                      # (B, T, d_model)
         if self.gate is not None:
             y = y * F.silu(self.output_gate(x))
         return self.out_proj(y)
@@ -1472,13 +1473,6 @@ class Generation:
     num_prompt_tokens: int
 
 
-def sampling_device(device: torch.device | str) -> torch.device:
-    """Where the next token is drawn: the model's device, except Apple's GPU (MPS), whose
-    multinomial in PyTorch 2.13 now and then draws a token of probability 0."""
-    device = torch.device(device)
-    return torch.device("cpu") if device.type == "mps" else device
-
-
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, rule: SamplingRule,
                  *, eot_id: int | None = None, seed: int | None = None, use_cache: bool = True,
@@ -1491,7 +1485,7 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
     """
     was_training = model.training
     model.eval()
-    draw_on = sampling_device(device)
+    draw_on = sampling_device(device)   # the model's device, bar one (Appendix A)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=draw_on).manual_seed(seed)
@@ -4864,9 +4858,9 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
                                               ("--checkpoint_every", args.checkpoint_every)) if given]
     if args.generate and training_only:
         raise UserError(f"--generate does not train; drop {' and '.join(training_only)}")
+    validate_one_command(args)     # first: a sweep's --resume is refused, not sent to --save_dir
     if args.checkpoint_every and not (args.save_dir or args.resume):
         raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
-    validate_one_command(args)     # first: a sweep's --resume is refused, not sent to --save_dir
     if args.resume == "" and not args.save_dir:
         raise UserError("--resume without a path resumes from --save_dir; "
                         "pass --save_dir DIR or --resume PATH")
@@ -4887,9 +4881,12 @@ def validate_one_command(args: argparse.Namespace) -> None:
         raise UserError(f"{commands[0]} and {commands[1]} are two commands; run them one at a time")
     if commands and launched_world_size() > 1:
         raise UserError(f"{commands[0]} runs in one process; start it with python, not torchrun")
-    if commands and (args.resume is not None or args.save_dir):
-        raise UserError(f"{commands[0]} keeps no checkpoints of its own; drop --resume and "
-                        "--save_dir")
+    checkpointing = [flag for flag, given in (("--resume", args.resume is not None),
+                                              ("--save_dir", args.save_dir),
+                                              ("--checkpoint_every", args.checkpoint_every)) if given]
+    if commands and checkpointing:
+        raise UserError(f"{commands[0]} keeps no checkpoints of its own; drop "
+                        f"{' and '.join(checkpointing)}")
     if commands and args.run_name is not None:
         raise UserError(f"--run_name names a training run's log, and {commands[0]} writes none; "
                         "drop --run_name")
@@ -5120,7 +5117,9 @@ def config_from_command_line(argv: Sequence[str] | None = None) -> Config:
 def typed_flags(argv: Sequence[str] | None) -> frozenset:
     """The names of the flags on a command line (that parse_args accepted), at any value."""
     parser = build_arg_parser()
-    for action in parser._actions:        # a flag not on the command line sets nothing
+    # argparse has no public list of what a command line set: parsed again with no defaults,
+    # only the flags written there get a value
+    for action in parser._actions:
         action.default = argparse.SUPPRESS
     return frozenset(vars(parser.parse_args(argv)))
 
@@ -5366,7 +5365,8 @@ def run_generation(config: Config) -> int:
         print("pico-llm: note: --compile compiles the decoding of a softmax-attention "
               "Transformer on a GPU only; this model samples uncompiled", file=sys.stderr)
     model = model.to(device)
-    speed_up(model, config.speed, device)   # generation uses the fast kernels too
+    # generation uses the fast kernels too; it compiles only through decoding_model's decoder
+    speed_up(model, dataclasses.replace(config.speed, compile=False), device)
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
     sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
                            seed=sampling.seed, device=device, compile=config.speed.compile)
@@ -5626,6 +5626,13 @@ def check_dtype_fits(dtype: str | None, device: torch.device) -> None:
     if dtype == "bfloat16" and device.type == "mps":
         raise UserError("--dtype bfloat16 on Apple's GPU (MPS): PyTorch's causal attention "
                         "there lets some positions see later tokens in bf16; use --dtype float32")
+
+
+def sampling_device(device: torch.device | str) -> torch.device:
+    """Where the next token is drawn: the model's device, except Apple's GPU (MPS), whose
+    multinomial in PyTorch 2.13 now and then draws a token of probability 0."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def has_bf16_units(device: torch.device) -> bool:

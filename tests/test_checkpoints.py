@@ -977,9 +977,16 @@ def test_generate_takes_the_training_command_with_the_same_model_flags(run_main,
     assert status == 0 and out.strip(), err
 
 
-def test_generate_compile_says_when_nothing_is_compiled(run_main, trained_save_dir):
+@pytest.mark.parametrize("compiler", [True, False])
+def test_generate_compile_says_when_nothing_is_compiled(pico, run_main, trained_save_dir,
+                                                       monkeypatch, compiler):
     """--generate --compile compiles a softmax Transformer's decoder on a GPU; elsewhere it
-    samples as without the flag, and says so rather than leave the flag silently unused."""
+    samples as without the flag, and says so rather than leave the flag silently unused; a
+    device that cannot compile at all (no C++ compiler here; Apple's GPU) samples too, and is
+    not then refused after that note."""
+    if not compiler:
+        monkeypatch.setattr(pico.shutil, "which", lambda name: None)
+        monkeypatch.delenv("CXX", raising=False)
     ckpt = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
     status, out, err = run_main("--generate", "--checkpoint", str(ckpt), "--compile",
                                 "--max_new_tokens", "2")

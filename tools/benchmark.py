@@ -948,7 +948,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device_id", default="auto",
                         help="auto (CUDA, else MPS, else cpu), cpu, mps or cuda:N, as pico-llm's flag")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="training precision (default: bfloat16 on CUDA, float32 elsewhere)")
+                        help="training precision (default: bfloat16 on a GPU with bf16 units, "
+                             "float32 elsewhere)")
     parser.add_argument("--cpu_matmul", choices=pico.CPU_MATMUL_KERNELS, default="onednn",
                         help="kernel for float32 linears on the CPU, as pico-llm's flag")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
