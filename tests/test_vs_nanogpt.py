@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,3 +55,24 @@ def test_nanogpt_gets_the_characters_pico_llm_reads(pico, tmp_path):
     data = pico.config_from_command_line(["--input_files", str(tmp_path / "train.txt"),
                                           "--data_format", "stream"]).data
     assert pico.custom_documents(data) == [train]                   # what pico-llm trains on
+
+
+def test_a_run_that_fails_midway_ends_the_comparison_in_one_line(monkeypatch, tmp_path, capsys):
+    """pico-llm (or nanoGPT) failing after the comparison started, out of memory say: one line
+    naming it and its status, not a CalledProcessError traceback."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import vs_nanogpt
+    failing = tmp_path / "failing.py"
+    failing.write_text("import sys\nsys.exit('pico-llm: error: out of memory')\n")
+    monkeypatch.setattr(vs_nanogpt, "PICO_PATH", failing)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(10):
+        (corpus / f"doc{index}.txt").write_text(f"Document {index} says a line.\n" * 60)
+    with pytest.raises(SystemExit) as stop:
+        vs_nanogpt.main(["--steps", "4", "--rounds", "1", "--corpus_dir", str(corpus)])
+    assert stop.value.code == ("vs_nanogpt: error: failing.py stopped with status 1 "
+                               "(its message is above)")
+    with pytest.raises(SystemExit) as stop:          # nanoGPT's words are captured: quoted
+        vs_nanogpt.run_or_stop([sys.executable, str(failing)], capture_output=True, text=True)
+    assert stop.value.code.endswith("status 1: pico-llm: error: out of memory")

@@ -107,6 +107,17 @@ def loop_tokens_per_s(step_seconds: list[float], warmup: int) -> float:
     return SHAPE["block_size"] * SHAPE["batch_size"] * len(timed) / sum(timed)
 
 
+def run_or_stop(command: list[str], **options) -> subprocess.CompletedProcess:
+    """subprocess.run; a program that fails ends the comparison with one line and status 1
+    (its own last line of stderr where that was captured, else above), not a traceback."""
+    result = subprocess.run(command, **options)
+    if result.returncode != 0:
+        said = (result.stderr or "").strip().splitlines()[-1:] if options.get("capture_output") else []
+        sys.exit(f"vs_nanogpt: error: {Path(command[1]).name} stopped with status "
+                 f"{result.returncode}" + (f": {said[0]}" if said else " (its message is above)"))
+    return result
+
+
 def run_pico(work: Path, name: str, epochs: int, per_epoch: int, warmup: int, seed: int = 1337,
              extra: list[str] = ()) -> dict:
     """pico-llm's command line; per-step times from its run log, weights from its checkpoint."""
@@ -115,7 +126,7 @@ def run_pico(work: Path, name: str, epochs: int, per_epoch: int, warmup: int, se
                           "--cache_dir", str(work / "cache"), "--artefacts_dir", str(work),
                           "--run_name", name, "--save_dir", str(work / name)]
     started = time.perf_counter()
-    subprocess.run([sys.executable, str(PICO_PATH), *flags], check=True, stdout=subprocess.DEVNULL)
+    run_or_stop([sys.executable, str(PICO_PATH), *flags], stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     history = json.loads((work / f"{name}.json").read_text())["models"]["transformer"]["history"]
     elapsed = [0.0] + [entry["elapsed_s"] for entry in history]
@@ -138,7 +149,7 @@ def run_nanogpt(nanogpt: Path, work: Path, name: str, steps: int) -> dict:
                "--dataset=pico", f"--out_dir={run_dir / 'out'}", f"--max_iters={steps}",
                f"--lr_decay_iters={steps}", f"--eval_interval={steps}"]
     started = time.perf_counter()
-    output = subprocess.run(command, cwd=run_dir, check=True, capture_output=True, text=True).stdout
+    output = run_or_stop(command, cwd=run_dir, capture_output=True, text=True).stdout
     wall = time.perf_counter() - started
     iterations = [(int(i), float(loss), float(ms)) for i, loss, ms in
                   re.findall(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms", output)]
