@@ -4853,17 +4853,22 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if args.checkpoint and not args.generate and args.export_hf is None:   # "": said below
         raise UserError("--checkpoint is read by --generate and --export_hf; to continue "
                         "training use --resume")
-    training_only = [flag for flag, given in (("--resume", args.resume is not None),
-                                              ("--save_dir", args.save_dir),
-                                              ("--checkpoint_every", args.checkpoint_every)) if given]
-    if args.generate and training_only:
-        raise UserError(f"--generate does not train; drop {' and '.join(training_only)}")
+    if args.generate and checkpoint_flags_given(args):
+        raise UserError(f"--generate does not train; drop {checkpoint_flags_given(args)}")
     validate_one_command(args)     # first: a sweep's --resume is refused, not sent to --save_dir
     if args.checkpoint_every and not (args.save_dir or args.resume):
         raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
     if args.resume == "" and not args.save_dir:
         raise UserError("--resume without a path resumes from --save_dir; "
                         "pass --save_dir DIR or --resume PATH")
+
+
+def checkpoint_flags_given(args: argparse.Namespace) -> str:
+    """The training run's checkpoint flags on this command line, as "--a and --b" ("" if none):
+    what a command that trains nothing is told to drop."""
+    return " and ".join(flag for flag, given in (
+        ("--resume", args.resume is not None), ("--save_dir", args.save_dir),
+        ("--checkpoint_every", args.checkpoint_every)) if given)
 
 
 def validate_one_command(args: argparse.Namespace) -> None:
@@ -4881,12 +4886,9 @@ def validate_one_command(args: argparse.Namespace) -> None:
         raise UserError(f"{commands[0]} and {commands[1]} are two commands; run them one at a time")
     if commands and launched_world_size() > 1:
         raise UserError(f"{commands[0]} runs in one process; start it with python, not torchrun")
-    checkpointing = [flag for flag, given in (("--resume", args.resume is not None),
-                                              ("--save_dir", args.save_dir),
-                                              ("--checkpoint_every", args.checkpoint_every)) if given]
-    if commands and checkpointing:
+    if commands and checkpoint_flags_given(args):
         raise UserError(f"{commands[0]} keeps no checkpoints of its own; drop "
-                        f"{' and '.join(checkpointing)}")
+                        f"{checkpoint_flags_given(args)}")
     if commands and args.run_name is not None:
         raise UserError(f"--run_name names a training run's log, and {commands[0]} writes none; "
                         "drop --run_name")
@@ -7014,14 +7016,13 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
 
 def check_model_flags_fit(config: Config, trained: dict, model_name: str, where: str,
                           command: str) -> None:
-    """`command` takes a checkpoint's model as it was trained: a flag of its shape given here
-    (typed, or away from its default) with another value than the checkpoint's is refused,
-    not ignored. The training command with --generate added (and --save_dir dropped) still
-    works."""
-    flags, defaults = config.flags, default_flags()
+    """`command` takes a checkpoint's model as it was trained: a flag of its shape typed here
+    with another value than the checkpoint's is refused, not ignored. The training command
+    with --generate added (and --save_dir dropped) still works."""
+    flags = config.flags
     for key in ("block_size", *MODEL_FLAGS.get(model_name, ())):
-        given = key in config.typed or flags[key] != defaults[key]
-        if key in trained and given and not same_setting(key, trained[key], flags[key]):
+        if (key in trained and key in config.typed
+                and not same_setting(key, trained[key], flags[key])):
             was = (f"--{key} {trained[key]!r}" if trained[key] is not None
                    else f"--{key} at its preset's value")
             raise UserError(f"{where} holds a model trained with {was}, and {command} takes it "

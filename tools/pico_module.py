@@ -95,3 +95,10 @@ def refuse_gpu_size_on_a_cpu(pico, device, small_flag: str, what: str) -> None:
         raise pico.UserError(f"{what} is sized for a GPU (GPT-2 small takes minutes a step on "
                              f"a CPU); add {small_flag} to try its code paths here, or run it "
                              "where CUDA is")
+
+
+def too_many_passes(pico, steps: int, text: str):
+    """pico-llm's UserError for a --steps that would read `text` (the flag that names it, and
+    its value) more often than pico-llm ever reads a training text (its --epochs limit)."""
+    return pico.UserError(f"--steps {steps} would read the {text} more than {pico.MAX_EPOCHS} "
+                          "times, as pico-llm never does; lower --steps or add text")

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from pico_module import OneLineErrorParser, load_pico, positive_int
+from pico_module import OneLineErrorParser, load_pico, positive_int, too_many_passes
 
 VARIANTS = {
     "pico + Muon": {"optimizer": "muon"},
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = pico.build_tokenizer(scale.tokenizer)
         data = pico.sweep_data(base, tokenizer)
         if args.steps > pico.MAX_EPOCHS * data.steps_per_epoch(base.training.batch_size, None):
-            raise pico.UserError(f"--steps {args.steps} would read the text in --input_dir "
-                                 f"{args.input_dir} more than {pico.MAX_EPOCHS} times, as pico-llm "
-                                 "never does; lower --steps or add text")
+            raise too_many_passes(pico, args.steps, f"text in --input_dir {args.input_dir}")
     except pico.UserError as error:
         print(f"recipe_ablation: error: {error}", file=sys.stderr)
         return 2

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pico_module import OneLineErrorParser, PICO_PATH, load_pico, positive_int
+from pico_module import OneLineErrorParser, PICO_PATH, load_pico, positive_int, too_many_passes
 from stream_vs_lines import python_docs_unless_text_in
 
 # nanoGPT's README, "I only have a macbook", with its train_shakespeare_char config.
@@ -233,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         train_ids, held_out_ids = token_ids(pico, train_text), token_ids(pico, held_out_text)
         epochs, per_epoch, steps = total_steps(len(train_ids), args.steps)
         if epochs > pico.MAX_EPOCHS:
-            raise pico.UserError(f"--steps {args.steps} would read the training text in --corpus_dir "
-                                 f"{args.corpus_dir} more than {pico.MAX_EPOCHS} times, as pico-llm "
-                                 "never does; lower --steps or add text")
+            raise too_many_passes(pico, args.steps,
+                                  f"training text in --corpus_dir {args.corpus_dir}")
     except pico.UserError as error:
         print(f"vs_nanogpt: error: {error}", file=sys.stderr)
         return 2
