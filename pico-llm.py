@@ -4677,7 +4677,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not (args.resume is not None or args.generate or args.checkpoint or args.sweep
             or args.custom_sweep_log or args.collect_transformer_metrics or args.accounting):
         check_transformer_flags_are_read(vars(args))
-        check_schedule_flags_are_read(args)
+        check_schedule_flags_are_read(args, typed_flags(argv))
     return args
 
 
@@ -4949,15 +4949,15 @@ def check_transformer_flags_are_read(flags: dict) -> None:
             raise UserError(f"--{flag} would be ignored: {why}, or drop --{flag}")
 
 
-def check_schedule_flags_are_read(args: argparse.Namespace) -> None:
-    """The learning-rate flags of a schedule that is off: UserError rather than a value
-    recorded and never used (a flag at its default may be the user's or not: it passes)."""
-    default = build_arg_parser().get_default
-    if args.lr_schedule == "constant" and args.min_lr_ratio != default("min_lr_ratio"):
+def check_schedule_flags_are_read(args: argparse.Namespace, typed: frozenset) -> None:
+    """The learning-rate flags of a schedule that is off, typed on the command line (`typed`,
+    at any value, the default's included): UserError rather than a value recorded and never
+    used."""
+    if args.lr_schedule == "constant" and "min_lr_ratio" in typed:
         raise UserError("--min_lr_ratio would be ignored: --lr_schedule constant keeps the "
                         "learning rate; use --lr_schedule cosine, or drop --min_lr_ratio")
     for flag in ("plateau_factor", "lr_min"):
-        if not args.plateau_patience and getattr(args, flag) != default(flag):
+        if not args.plateau_patience and flag in typed:
             raise UserError(f"--{flag} would be ignored: reduce-on-plateau is off; add "
                             f"--plateau_patience N, or drop --{flag}")
 

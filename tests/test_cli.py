@@ -111,6 +111,10 @@ BAD_INPUTS = [
     (["--lr_min", "0.001"], "--lr_min would be ignored: reduce-on-plateau is off"),
     (["--accounting", "GPT-oss", "--n_heads", "6"], "--n_heads 6 must divide --d_model 512 (preset GPT-oss)"),
     (["--plateau_factor", "0.3"], "--plateau_factor would be ignored: reduce-on-plateau is off"),
+    # typed at its default value, the flag is still the user's and still unread
+    (["--lr_schedule", "constant", "--min_lr_ratio", "0.1"],
+     "--min_lr_ratio would be ignored: --lr_schedule constant keeps the learning rate"),
+    (["--plateau_factor=0.5"], "--plateau_factor would be ignored: reduce-on-plateau is off"),
     (["--temperature", "0", "--top_k", "5"], "--top_k cannot change; drop one"),
     (["--temperature", "0", "--top_p", "0.5"], "--top_p cannot change; drop one"),
     *[([flag, "", *TINY_RUN], f"{flag} is empty; give a path") for flag in (

@@ -125,6 +125,21 @@ def test_sampling_is_reproducible_with_a_seed(pico, models):
     assert first != pico.generate_ids(model, [1, 2], 10, rule, seed=6)
 
 
+def test_tokens_are_drawn_where_sampling_device_says(pico, models, monkeypatch):
+    """generate_ids asks sampling_device where to draw (the CPU for Apple's GPU) and puts the
+    logits and the seeded generator there. A CPU has one device, so the test checks the
+    asking and the placing through stand-ins."""
+    asked, drawn = [], []
+    monkeypatch.setattr(pico, "sampling_device",
+                        lambda device: asked.append(torch.device(device)) or torch.device("cpu"))
+    real = pico.sample_next_token
+    monkeypatch.setattr(pico, "sample_next_token", lambda logits, rule, generator: drawn.append(
+        (logits.device, generator.device)) or real(logits, rule, generator))
+    pico.generate_ids(models["pico"], [1, 2], 3, pico.SamplingRule(), seed=5, device="cpu")
+    assert asked == [torch.device("cpu")]
+    assert drawn == [(torch.device("cpu"), torch.device("cpu"))] * 3
+
+
 def test_generation_stops_at_end_of_text(pico):
     class AlwaysEnd(torch.nn.Module):
         def forward_incremental(self, tokens, state):
