@@ -5,9 +5,9 @@ It trains and compares small next-token models on a laptop CPU in minutes (and
 on a GPU at full speed): a k-gram MLP (one-hot, embedding or convolutional
 context), an LSTM, and decoder-only Transformers built from explicit blocks
 (RMSNorm, rotary embeddings, SwiGLU, causal attention with sinks and sliding
-windows, a mixture of experts, linear attention) in the presets minGPT,
-GPT2-small, GPT-oss and Llama3-lite. Every run writes a JSON log that the
-companion notebook `pico_llm.ipynb` plots.
+windows, a mixture of experts, linear attention) in the presets pico (the
+default), minGPT, GPT2-small, GPT-oss, Llama3-lite and speedrun. Every run writes
+a JSON log that the companion notebook `pico_llm.ipynb` plots.
 
 Run it:
     pip install -r requirements.txt
@@ -21,18 +21,23 @@ position t predict token t+1. For generation every model also implements
 its KV cache and an LSTM carries its hidden state instead of re-reading the
 whole context for each new token.
 
-The file reads as a book. Part I is the lesson, top to bottom; it refers forward
-only to `speed_up` (Appendix A), the one switch to the fast kernels, and to the
-named points where the training loop calls Appendices B and C. Part II runs
+The file reads as a book. Part I is the lesson, top to bottom. Where it calls
+ahead, a comment names the place, and the lesson reads without following it:
+`speed_up` (Appendix A), the one switch to the fast kernels, and the few helpers
+it switches on (the compiled forms of A.1, the GPU decoder of A.2, autocast);
+the named points where the training loop calls Appendices B and C; and Part
+II's batches, data and run log, which the training loop uses. Part II runs
 experiments with it; Part III holds the machinery.
 
 Contents (the section banners below carry the same numbers):
   Part I. The lesson
-    1. Building blocks (RMSNorm, rotary embedding, attention, feed-forward,
-       mixture of experts, linear attention)
+    1. Building blocks: 1.1 norms, 1.2 positions (sinusoidal, rotary, and RoPE
+       stretched past training's context), 1.3 attention and the KV
+       cache, 1.4 feed-forward, 1.5 mixture of experts, 1.6 linear attention
     2. Models: 2.1 k-gram MLP, 2.2 LSTM, 2.3 Transformer and its preset table
     3. The loss (masked next-token cross-entropy on the logits)
-    4. Sampling and generation (greedy, temperature, top-k, nucleus; KV cache)
+    4. Sampling and generation (greedy, temperature, top-k, nucleus; each new
+       token through the KV cache or the LSTM's state)
     5. Training and evaluation (AdamW, Muon, schedule, clipping, the training loop)
   Part II. Running experiments
     6. Data and tokenizers: 6.1 tokenizers, 6.2 text sources, 6.3 token cache,
@@ -71,6 +76,7 @@ def interrupted_while_starting(signal_number, frame) -> None:
     os._exit(128 + signal_number)
 
 
+# Machinery (Appendix B's signals, which must start before the slow imports); skip to Part I.
 # As a script (not when imported), unless a signal is ignored (Ctrl-C in a background job):
 # main() takes the signals over once the imports are done.
 if __name__ == "__main__":
@@ -153,7 +159,9 @@ def quoted(path) -> str:
 # =============================================================================
 # The pieces a Transformer is made of, each written out. Shapes use B = batch,
 # T = new tokens, S = tokens attended to (cache + new), H = heads, D = head size,
-# N = positions a feed-forward sees (B T), E = experts or a state's value width.
+# N = positions a feed-forward sees (B T), E = experts, Dv = a value's width.
+
+# --- 1.1 Norms ------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight.
@@ -173,12 +181,66 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(kind: str, dim: int, bias: bool, eps: float = 1e-5) -> nn.Module:
+    """kind: rmsnorm | layernorm | none (the identity)."""
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps, bias=bias)
     return nn.Identity()
 
+
+# --- 1.2 Positions --------------------------------------------------------------------
+
+def sinusoidal_position_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al. (2017) fixed positions: (T,) -> (T, dim), sin on even dims, cos on odd.
+    Values lie in [-1, 1]; TransformerModel scales them to its embeddings' size."""
+    frequency = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+    angle = positions.float()[:, None] * frequency[None, :]
+    return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :dim]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al., 2021, RoFormer).
+
+    Rotates each adjacent pair of dimensions (2i, 2i+1) of a query or key by the
+    angle position * theta^(-2i/D). The dot product of a rotated query and key
+    then depends only on their position difference. Positions are explicit, so
+    a KV cache rotates new tokens at their true position. yarn_factor > 1 takes
+    YaRN's frequencies (yarn_frequencies), or another `scaling` (rope_frequencies), for
+    contexts longer than training's.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, yarn_factor: float = 1.0,
+                 yarn_original_context: int = 4096, scaling: str = "yarn") -> None:
+        super().__init__()
+        inverse_frequency, self.attention_factor = rope_frequencies(
+            head_dim, theta, scaling, yarn_factor, yarn_original_context)
+        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
+
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (T,) int -> cos, sin of shape (T, D/2), times YaRN's attention factor."""
+        angle = positions.float()[:, None] * self.inverse_frequency[None, :]
+        return angle.cos() * self.attention_factor, angle.sin() * self.attention_factor
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, T, D) -> the same shape, each (2i, 2i+1) pair rotated.
+
+        Read the pair (a, b) as the complex number a + ib: rotating it by an angle is
+        multiplying by cos + i sin, giving (a cos - b sin) + i (a sin + b cos). One complex
+        product does in a pass what that real formula does in six (3.7x faster, eager on a
+        CPU, with its backward). Compilers cannot generate code for complex numbers, and
+        Apple's GPU is young at them, so there the real formula runs (rotate_pairs_real,
+        Appendix A.1)."""
+        if torch.compiler.is_compiling() or x.device.type == "mps":
+            return rotate_pairs_real(x, cos, sin)
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # (B, H, T, D/2)
+        rotated = pairs * torch.complex(cos, sin)                          # (T, D/2) broadcast
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+
+
+# RoPE past the context a model was trained on: the frequencies of the long-context models
+# that Appendix E imports (GPT-oss's YaRN, Llama 3.1's scaling, linear interpolation).
 
 def yarn_frequencies(head_dim: int, theta: float, factor: float, original_context: int,
                      beta_fast: float = 32.0, beta_slow: float = 1.0,
@@ -245,52 +307,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: str, factor: float,
     return inverse_frequency / factor, 1.0
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (Su et al., 2021, RoFormer).
-
-    Rotates each adjacent pair of dimensions (2i, 2i+1) of a query or key by the
-    angle position * theta^(-2i/D). The dot product of a rotated query and key
-    then depends only on their position difference. Positions are explicit, so
-    a KV cache rotates new tokens at their true position. yarn_factor > 1 takes
-    YaRN's frequencies (yarn_frequencies), or another `scaling` (rope_frequencies), for
-    contexts longer than training's.
-    """
-
-    def __init__(self, head_dim: int, theta: float = 10000.0, yarn_factor: float = 1.0,
-                 yarn_original_context: int = 4096, scaling: str = "yarn") -> None:
-        super().__init__()
-        inverse_frequency, self.attention_factor = rope_frequencies(
-            head_dim, theta, scaling, yarn_factor, yarn_original_context)
-        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
-
-    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,) int -> cos, sin of shape (T, D/2), times YaRN's attention factor."""
-        angle = positions.float()[:, None] * self.inverse_frequency[None, :]
-        return angle.cos() * self.attention_factor, angle.sin() * self.attention_factor
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, T, D) -> the same shape, each (2i, 2i+1) pair rotated.
-
-        Read the pair (a, b) as the complex number a + ib: rotating it by an angle is
-        multiplying by cos + i sin, giving (a cos - b sin) + i (a sin + b cos). One complex
-        product does in a pass what the real formula does in six (with its backward, 0.15
-        vs 1.16 ms per training call here). Compilers cannot generate code for complex
-        numbers, so compiled code takes Appendix A's real formula (rotate_pairs_real)."""
-        if torch.compiler.is_compiling():
-            return rotate_pairs_real(x, cos, sin)
-        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # (B, H, T, D/2)
-        rotated = pairs * torch.complex(cos, sin)                          # (T, D/2) broadcast
-        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
-
-
-def sinusoidal_position_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Vaswani et al. (2017) fixed positions: (T,) -> (T, dim), sin on even dims, cos on odd.
-    Values lie in [-1, 1]; TransformerModel scales them to its embeddings' size."""
-    frequency = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
-    angle = positions.float()[:, None] * frequency[None, :]
-    return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :dim]
-
+# --- 1.3 Attention and the KV cache ---------------------------------------------------
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
                       sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -340,7 +357,8 @@ def causal_mask(num_new: int, num_keys: int, device: torch.device,
 
 class KVCache:
     """Keys and values of one attention layer for the tokens seen so far, at most `capacity`
-    (the model's block size).
+    (the model's block size). `append` returns what torch.cat([all keys so far, new keys],
+    dim=2) would; the rest of the class is memory management.
 
     Its room grows as a Python list's does, to twice what it held, so most new tokens are
     written in place, and a model made for long texts (131,072 positions for Llama 3.2) holds
@@ -413,7 +431,8 @@ class CausalSelfAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
-                 dropout: float, impl: str, sinks: bool = False, window: int | None = None,
+                 dropout: float, impl: str,   # impl: sdpa (PyTorch's fused kernel) | math (the formula)
+                 sinks: bool = False, window: int | None = None,
                  head_dim: int | None = None, qk_norm: bool = False, norm_eps: float = 1e-5,
                  qkv_bias: bool = False, value_embeddings: bool = False) -> None:
         super().__init__()
@@ -498,15 +517,7 @@ class CausalSelfAttention(nn.Module):
         return scaled_dot_product_attention(q, k, v, mask, self.sinks, dropout)        # (B, H, T, D)
 
 
-def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702,
-                   limit: float = 7.0) -> torch.Tensor:
-    """GPT-oss's expert activation: gate * sigmoid(alpha * gate) * (up + 1), gate clamped above
-    at `limit` and up to [-limit, limit]. x sigmoid(1.702 x) is the sigmoid approximation of GELU
-    (Hendrycks & Gimpel, 2016); the clamps bound what an expert can emit; with the + 1 an expert
-    whose up path is 0 is still a GELU-like MLP."""
-    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    return gate * torch.sigmoid(alpha * gate) * (up + 1)
-
+# --- 1.4 Feed-forward -----------------------------------------------------------------
 
 GATED_FFNS = ("swiglu", "clamped_swiglu")   # feed-forwards with a gate matrix w3
 
@@ -545,6 +556,16 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(hidden))
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702,
+                   limit: float = 7.0) -> torch.Tensor:
+    """GPT-oss's expert activation: gate * sigmoid(alpha * gate) * (up + 1), gate clamped above
+    at `limit` and up to [-limit, limit]. x sigmoid(1.702 x) is the sigmoid approximation of GELU
+    (Hendrycks & Gimpel, 2016); the clamps bound what an expert can emit; with the + 1 an expert
+    whose up path is 0 is still a GELU-like MLP."""
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
 def default_ffn_width(d_model: int, kind: str, multiplier: float | None = None) -> int:
     """The feed-forward width when a preset or flag gives none. 4 d_model for plain MLPs;
     about 8/3 d_model for SwiGLU (the same parameters with its third matrix), rounded up to a
@@ -560,33 +581,7 @@ def default_ffn_width(d_model: int, kind: str, multiplier: float | None = None) 
     return d_model if kind == "clamped_swiglu" else 4 * d_model
 
 
-def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    """Logit soft-capping (Gemma 2; the nanoGPT speedrun, at 30 and later 15): cap tanh(logits /
-    cap) squashes every logit smoothly into (-cap, cap), so the model cannot buy lower loss with
-    ever larger logits; about the identity for |logits| << cap. cap 0 = off. (..., V) -> (..., V)."""
-    return cap * torch.tanh(logits / cap) if cap else logits
-
-
-@dataclasses.dataclass
-class Routing:
-    """What a mixture-of-experts layer did with its N positions in its last forward."""
-
-    probabilities: torch.Tensor   # (N, E) softmax over all E router logits (with its gradient)
-    chosen: torch.Tensor          # (N, k) the experts each position went to
-
-    def load_balancing_loss(self, real: torch.Tensor | None = None) -> torch.Tensor:
-        """Switch Transformer's auxiliary loss (Fedus et al., 2022, eq. 4) over the positions
-        where real (N,) is True (all by default): E * sum_e f_e P_e, with f_e the fraction of
-        positions that chose expert e (k choices each) and P_e e's mean router probability.
-        Only P carries a gradient; it pushes probability away from over-used experts. k when
-        the load is even, as transformers' load_balancing_loss_func counts top-k choices."""
-        N, E = self.probabilities.shape
-        weight = self.probabilities.new_ones(N) if real is None else real.float()   # (N,)
-        positions = weight.sum().clamp(min=1)
-        fraction = weight @ F.one_hot(self.chosen, E).sum(dim=1).float() / positions  # (E,)
-        probability = weight @ self.probabilities / positions                         # (E,)
-        return E * (fraction * probability).sum()
-
+# --- 1.5 Mixture of experts -----------------------------------------------------------
 
 class MixtureOfExperts(nn.Module):
     """Sparse feed-forward (Shazeer et al., 2017), as GPT-oss: a linear router with bias scores
@@ -634,8 +629,31 @@ class MixtureOfExperts(nn.Module):
         return usage
 
 
-# Linear attention: the causal mixing of the tokens, with a fixed-size state instead of a
-# cache that grows with every token (softmax attention's KV cache).
+@dataclasses.dataclass
+class Routing:
+    """What a mixture-of-experts layer did with its N positions in its last forward."""
+
+    probabilities: torch.Tensor   # (N, E) softmax over all E router logits (with its gradient)
+    chosen: torch.Tensor          # (N, k) the experts each position went to
+
+    def load_balancing_loss(self, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Switch Transformer's auxiliary loss (Fedus et al., 2022, eq. 4) over the positions
+        where real (N,) is True (all by default): E * sum_e f_e P_e, with f_e the fraction of
+        positions that chose expert e (k choices each) and P_e e's mean router probability.
+        Only P carries a gradient; it pushes probability away from over-used experts. k when
+        the load is even, as transformers' load_balancing_loss_func counts top-k choices."""
+        N, E = self.probabilities.shape
+        weight = self.probabilities.new_ones(N) if real is None else real.float()   # (N,)
+        positions = weight.sum().clamp(min=1)
+        fraction = weight @ F.one_hot(self.chosen, E).sum(dim=1).float() / positions  # (E,)
+        probability = weight @ self.probabilities / positions                         # (E,)
+        return E * (fraction * probability).sum()
+
+
+# --- 1.6 Linear attention -------------------------------------------------------------
+
+# The causal mixing of the tokens with a state of fixed size, instead of a cache that grows
+# with every token (softmax attention's KV cache).
 
 LINEAR_ATTENTION_CHUNK = 16
 
@@ -645,8 +663,8 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              chunk_size: int = LINEAR_ATTENTION_CHUNK) -> tuple[torch.Tensor, ...]:
     """Parallel (training) form of y_t = q_t S_t, S_t = diag(exp(log_decay_t)) S_{t-1} + k_t^T v_t.
 
-    q, k: (B, H, T, D); v: (B, H, T, E); log_decay: (B or 1, H, T, D or 1), <= 0; state: (B, H, D, E),
-    S before the first token -> y (B, H, T, E), S after the last. Within a chunk of C tokens the
+    q, k: (B, H, T, D); v: (B, H, T, Dv); log_decay: (B or 1, H or 1, T, D or 1), <= 0; state: (B, H, D, Dv),
+    S before the first token -> y (B, H, T, Dv), S after the last. Within a chunk of C tokens the
     sum over earlier tokens is written out as a (C, C, D) tensor; across chunks the state carries
     it (Yang et al., 2024, GLA's chunkwise form). Decays enter only as exp(b_t - b_s) with s <= t,
     never as exp(-b_s) alone, so nothing overflows however fast a head forgets. Chunks stay short
@@ -662,7 +680,7 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         qc, kc, vc, gc = (t[:, :, start:start + chunk_size] for t in (q, k, v, log_decay))
         C = qc.shape[2]
         b = gc.cumsum(dim=2)                                          # (B, H, C, D) log decay so far
-        from_state = (qc * b.exp()) @ state                           # (B, H, C, E) earlier chunks
+        from_state = (qc * b.exp()) @ state                           # (B, H, C, Dv) earlier chunks
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[..., None]
         gap = (b[:, :, :, None] - b[:, :, None]).masked_fill(~causal, float("-inf"))  # (B, H, C, C, D)
         scores = (qc[:, :, :, None] * kc[:, :, None] * gap.exp()).sum(-1)             # (B, H, C, C)
@@ -678,13 +696,13 @@ def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     outputs = []
     for t in range(q.shape[2]):
         state = log_decay[:, :, t, :, None].exp() * state + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outputs.append(q[:, :, t, None, :] @ state)                   # (B, H, 1, E)
+        outputs.append(q[:, :, t, None, :] @ state)                   # (B, H, 1, Dv)
     return torch.cat(outputs, dim=2), state
 
 
 @dataclasses.dataclass
 class LinearAttentionState:
-    """A linear-attention layer's generation state: the matrix S, (B, H, D, E), as big after a
+    """A linear-attention layer's generation state: the matrix S, (B, H, D, Dv), as big after a
     thousand tokens as after one; None before the first."""
 
     matrix: torch.Tensor | None = None
@@ -695,7 +713,7 @@ class LinearAttentionState:
 
 
 class LinearAttention(nn.Module):
-    """Causal attention as a recurrence over one (D, E) matrix per head, its whole state however
+    """Causal attention as a recurrence over one (D, Dv) matrix per head, its whole state however
     long the text (Katharopoulos et al., 2020): y_t = q_t S_t, S_t = diag(a_t) S_{t-1} + k_t^T v_t.
     `gate` chooses the forget gate a_t:
 
@@ -753,9 +771,9 @@ class LinearAttention(nn.Module):
             q = q / math.sqrt(D)
             log_decay = F.logsigmoid(self.forget_gate(x).float()).view(B, T, H, D).transpose(1, 2) / 16
         state = cache.matrix if cache is not None else None
-        if state is None:   # at least float32 (bf16 under autocast): it sums over the whole text
+        if state is None:   # float32 even when q is bf16 (autocast): it sums over the whole text
             state = q.new_zeros(B, H, D, v.shape[-1],
-                                dtype=torch.promote_types(q.dtype, torch.float32))       # (B, H, D, E)
+                                dtype=torch.promote_types(q.dtype, torch.float32))       # (B, H, D, Dv)
         q, k, v = (t.to(state.dtype) for t in (q, k, v))   # a bf16 model's too: one dtype throughout
         if cache is not None and T == 1:
             y, state = recurrent_linear_attention(q, k, v, log_decay, state)
@@ -780,8 +798,9 @@ class LinearAttention(nn.Module):
 # and implements forward_incremental(tokens, state) -> (logits, state) for
 # generation: state=None starts from scratch. Each also exposes `features`
 # (the last hidden states) and `unembedding` (the output layer), so that
-# forward(tokens) = unembedding(features(tokens)); the fast loss of Appendix A
-# uses the two halves.
+# forward(tokens) = unembedding(features(tokens)), soft-capped where a
+# Transformer's config asks for it (logit_softcap); the fast losses of
+# Appendix A use the two halves.
 
 MODEL_NAMES = ("kgram_mlp_seq", "lstm_seq", "transformer", "transformer_gptoss")
 KGRAM_VARIANTS = ("onehot", "embedding", "conv")
@@ -847,7 +866,7 @@ class KGramMLPSeqModel(nn.Module):
             state = self._padding_context(tokens)
         padded = torch.cat([state, tokens], dim=0)                       # (k-1+T, B)
         T = tokens.shape[0]
-        step = self.chunk_size or T
+        step = self.chunk_size or T   # all T positions at once, or chunks of them (less memory)
         chunks = [self.mlp(self._encode_context(padded[start: start + step + self.k - 1]))
                   for start in range(0, T, step)]
         return torch.cat(chunks, dim=0)
@@ -868,14 +887,16 @@ class KGramMLPSeqModel(nn.Module):
     def _encode_context(self, padded: torch.Tensor) -> torch.Tensor:
         """(k-1+T, B) token ids -> (T, B, embed_size) context features."""
         if self.variant == "conv":
-            embedded = self.embedding(padded).permute(1, 2, 0)              # (B, E, k-1+T)
-            return self.conv(embedded).permute(2, 0, 1)                     # (T, B, E)
+            embedded = self.embedding(padded).permute(1, 2, 0)              # (B, embed, k-1+T)
+            return self.conv(embedded).permute(2, 0, 1)                     # (T, B, embed)
         windows = padded.unfold(0, self.k, 1)                                # (T, B, k)
         if self.variant == "embedding":
-            return self.context_proj(self.embedding(windows).flatten(-2))   # (T, B, E)
+            return self.context_proj(self.embedding(windows).flatten(-2))   # (T, B, embed)
+        # onehot: Linear(k (V+1) -> embed) of the k one-hot vectors laid end to end, computed
+        # without them: that product only adds up the k weight rows their ones select
         slot_offsets = torch.arange(self.k, device=padded.device) * (self.vocab_size + 1)
         rows = (windows + slot_offsets).flatten(0, 1)                        # (T*B, k)
-        summed = F.embedding_bag(rows, self.onehot_weight, mode="sum")       # (T*B, E)
+        summed = F.embedding_bag(rows, self.onehot_weight, mode="sum")       # (T*B, embed)
         return (summed + self.onehot_bias).view(*windows.shape[:2], -1)
 
 
@@ -913,8 +934,8 @@ class LSTMSeqModel(nn.Module):
 
     def forward_incremental(self, tokens: torch.Tensor, state):
         """tokens: (T, B) -> logits (T, B, vocab), state (h, c) each (layers, B, hidden).
-        A single new token takes `step`: nn.LSTM's fused CPU kernel spends about 74 us
-        setting up for one time step, the equations written out about 20 (hidden 64)."""
+        A single new token goes through `step`, the LSTM's equations written out (and, for
+        one time step, about 3x faster than nn.LSTM's call: 20 against 74 us at hidden 64)."""
         x = self.embedding(tokens)                                          # (T, B, embed)
         if tokens.shape[0] == 1 and state is not None:
             hidden, state = self.step(x[0], state)
@@ -1040,59 +1061,6 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
 }
 
 
-TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "ffn",
-                              "n_experts", "experts_per_token", "router_aux_loss_coef", "norm",
-                              "norm_position", "pos_emb", "rope_theta", "yarn_factor",
-                              "yarn_original_context", "tie_weights", "attention",
-                              "linear_attention_gate", "attention_sinks", "sliding_window",
-                              "qk_norm", "head_size", "value_embeddings", "unet_skips",
-                              "zero_init_proj", "logit_softcap", "bias", "dropout")
-ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
-LINEAR_ATTENTION_GATES = ("fixed", "data")
-
-
-def find_preset(name: str) -> str:
-    for preset in TRANSFORMER_PRESETS:
-        if preset.lower() == name.lower():
-            return preset
-    raise UserError(f"unknown --transformer_variant {name!r}; choose from "
-                    + ", ".join(TRANSFORMER_PRESETS))
-
-
-def validate_transformer_config(config: TransformerConfig, preset: str = "") -> None:
-    where = f" (preset {preset})" if preset else ""
-    for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "yarn_original_context"):
-        if getattr(config, name) <= 0:
-            raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
-    for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size",
-                 "nope_interval", "logit_softcap"):
-        if not getattr(config, name) >= 0:                   # NaN too
-            kind = "be a number" if math.isnan(getattr(config, name)) else "not be negative"
-            raise UserError(f"--{name} must {kind}{where}, got {getattr(config, name)}")
-    if not math.isfinite(config.logit_softcap):
-        raise UserError(f"--logit_softcap must be a finite number (0 = off){where}, "
-                        f"got {config.logit_softcap}")
-    if config.rope_scaling not in ROPE_SCALINGS:
-        raise UserError(f"rope_scaling {config.rope_scaling!r}{where} is not one of "
-                        + ", ".join(ROPE_SCALINGS))
-    if not config.head_size and config.d_model % config.n_heads:
-        raise UserError(f"--n_heads {config.n_heads} must divide --d_model {config.d_model}{where}")
-    if config.n_heads % config.n_kv_heads:
-        raise UserError(f"--n_kv_heads {config.n_kv_heads} must divide --n_heads "
-                        f"{config.n_heads}{where}")
-    if not 1 <= config.experts_per_token <= (config.n_experts or config.experts_per_token):
-        bound = (f"between 1 and --n_experts ({config.n_experts})" if config.n_experts
-                 else "at least 1")
-        raise UserError(f"--experts_per_token must be {bound}{where}, got {config.experts_per_token}")
-    if config.yarn_factor < 1:
-        raise UserError(f"--yarn_factor must be at least 1 (1 = plain RoPE), got {config.yarn_factor}")
-    if config.yarn_factor > 1 and config.pos_emb != "rope":
-        raise UserError(f"--yarn_factor stretches rotary embeddings, and --pos_emb is "
-                        f"{config.pos_emb}{where}; drop --yarn_factor or use --pos_emb rope")
-    if config.pos_emb == "rope" and config.head_dim % 2:
-        raise UserError(f"RoPE needs an even head size, got {config.head_dim}{where}")
-
-
 class TransformerBlock(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)) (pre-norm, as GPT-2 and Llama);
     or norm(x + attn(x)), then norm(x + ffn(x)) (post-norm, as the 2017 Transformer).
@@ -1106,10 +1074,11 @@ class TransformerBlock(nn.Module):
         self.uses_rope = c.uses_rope(index)
         self.attention_norm = make_norm(c.norm, c.d_model, c.bias, c.norm_eps)
         if c.attention == "softmax":
-            self.attention = CausalSelfAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, c.dropout,
-                                                 c.attention_impl, c.attention_sinks, c.window(index),
-                                                 c.head_dim, c.qk_norm, c.norm_eps, c.qkv_bias,
-                                                 c.value_embeddings)
+            self.attention = CausalSelfAttention(
+                c.d_model, c.n_heads, c.n_kv_heads, bias=c.bias, dropout=c.dropout,
+                impl=c.attention_impl, sinks=c.attention_sinks, window=c.window(index),
+                head_dim=c.head_dim, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
+                qkv_bias=c.qkv_bias, value_embeddings=c.value_embeddings)
         else:
             gate = c.linear_attention_gate if c.attention == "gated_linear" else None
             self.attention = LinearAttention(c.d_model, c.n_heads, c.n_kv_heads, c.bias, gate)
@@ -1142,19 +1111,27 @@ class TransformerState:
     position: int = 0
 
 
-class TransformerModel(nn.Module):
-    """Decoder-only Transformer: token embedding (+ positions), n blocks, final norm,
-    unembedding (tied to the embedding or not).
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """Logit soft-capping (Gemma 2; the nanoGPT speedrun, at 30 and later 15): cap tanh(logits /
+    cap) squashes every logit smoothly into (-cap, cap), so the model cannot buy lower loss with
+    ever larger logits; about the identity for |logits| << cap. cap 0 = off. (..., V) -> (..., V)."""
+    return cap * torch.tanh(logits / cap) if cap else logits
 
-    Three options from the nanoGPT speedrun (modded-nanogpt, Jordan et al., 2024), off by default:
-    value embeddings, a second embedding table whose rows every block adds (with a learned
-    weight) to its attention values: tokens' identities reach each layer's values directly
-    (the speedrun uses three tables shared by its first three and last three layers, mixed as
-    l0 v + l1 ve; here one table serves every block); U-net skips, the first half's block outputs
-    added with learned weights (starting at 1) to the inputs of the second half's blocks in
-    reverse order, block L-1-i receiving block i's output; and zero-initialised output
-    projections (out_proj and w2), so every block starts as the identity and the loss starts
-    at the embeddings' own prediction. Logit soft-capping is soft_cap on the logits."""
+
+class TransformerModel(nn.Module):
+    """Decoder-only Transformer, as GPT-2: token embedding (+ positions), n blocks, final
+    norm, unembedding (tied to the embedding or not). tokens (T, B) -> logits (T, B, vocab).
+
+    Options of the nanoGPT speedrun (modded-nanogpt, Jordan et al., 2024), off by default:
+    - value embeddings: a second embedding table whose rows every block adds, with a learned
+      weight, to its attention values, so each token's identity reaches every layer's values
+      (the speedrun has three tables, for its first and last three layers; here one serves all);
+    - U-net skips: the output of block i in the first half is added, with a learned weight
+      starting at 1, to the input of block L-1-i;
+    - zero-initialised output projections (out_proj and w2): every block starts as the
+      identity, and the loss starts at the embeddings' own prediction;
+    - logit soft-capping (soft_cap, in `logits`).
+    """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -1276,8 +1253,11 @@ def build_model(config: KGramConfig | LSTMConfig | TransformerConfig, vocab_size
 # position t score every vocabulary entry as token t+1, and the loss is the
 # cross-entropy of the true next token, -log softmax(logits)[target], in nats.
 # Padding positions (mask False) never count. Written out from the definitions
-# so each can be read and tested against PyTorch's own. Training runs this loss
-# unless Appendix A's chunked loss is switched on (the default, same values).
+# so each can be read and tested against PyTorch's own. Training calls this loss
+# through `speed_up` (Appendix A), which by default swaps in PyTorch's
+# F.cross_entropy, or on a CPU with a large vocabulary a chunked loss that never
+# holds all the logits at once; both give the same values (tested), and
+# `--loss plain` trains with this one.
 
 def softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x - max) / sum(exp(x - max)): subtracting the max keeps exp from overflowing."""
@@ -1320,14 +1300,12 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
 
 class NextTokenLoss(nn.Module):
-    """A model and its next-token loss in one module: what training calls (and what
-    DistributedDataParallel, which hooks `forward`, wraps under torchrun).
-
-    Each position's cross-entropy is multiplied by its weight and the products summed.
-    With weights mask / (number of real targets), that is masked_cross_entropy: the mean
-    over real tokens. Training passes weights scaled to the whole optimizer step (section
-    5), so a step split into micro-batches or across processes gives the same update.
-    A mixture-of-experts model's routers add their load-balancing loss (router_balance_term)."""
+    """A model and its next-token loss in one module: the sum over positions of weight x
+    cross-entropy. With weights mask / (number of real targets) that is masked_cross_entropy,
+    the mean over real tokens. (Section 5 passes weights scaled to the whole optimizer step,
+    so that a step split into micro-batches, or across processes, adds up to the same update;
+    under torchrun, DistributedDataParallel wraps this module's forward.) A mixture of
+    experts adds its routers' load-balancing loss (router_balance_term)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -1342,15 +1320,14 @@ class NextTokenLoss(nn.Module):
 
 
 def router_balance_term(model: nn.Module, position_weights: torch.Tensor) -> torch.Tensor | float:
-    """What a mixture-of-experts model's routers add to the loss of the forward just run:
-    router_aux_loss_coef x the sum over its MixtureOfExperts layers of their load-balancing
-    loss over the positions with a weight, times the sum of the position weights. The loss is
-    thus weighed as the cross-entropy of those positions is: a step's weights sum to 1 over all
-    its micro-batches and ranks, so a step adds coef x the token-weighted mean of its
-    micro-batches' losses, each computed on its own positions (as Switch computes it on each
-    device). Returned as loss - loss.detach(): the gradient of the loss, the value 0, so that the
-    loss a step reports stays the cross-entropy, comparable with the test loss. 0 for a model
-    without experts. position_weights: (T, B)."""
+    """router_aux_loss_coef x the routers' load-balancing loss (Routing) for the forward just
+    run, over the positions with a weight, weighed as the cross-entropy of those positions is
+    (times the sum of their weights). 0 for a model without experts. position_weights: (T, B).
+
+    Returned as loss - loss.detach(): its gradient counts, its value is 0, so the loss a step
+    reports stays the cross-entropy, comparable with the test loss. (A step's weights sum to 1
+    over its micro-batches and ranks, so a step adds coef x the token-weighted mean of their
+    balancing losses, each on its own positions, as Switch computes it on each device.)"""
     layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
     if not layers:
         return 0.0
@@ -1362,7 +1339,8 @@ def router_balance_term(model: nn.Module, position_weights: torch.Tensor) -> tor
 
 def sequence_loss(model: nn.Module, batch: "Batch", reduction: str = "mean") -> torch.Tensor:
     """The masked next-token loss of `model` on `batch`: the mean over real targets, or
-    their sum. Equal to masked_cross_entropy(model(batch.inputs), batch.targets, batch.mask)."""
+    their sum. Equal to masked_cross_entropy(model(batch.inputs), batch.targets, batch.mask).
+    (A convenience for tests and notebooks; training goes through training_step, section 5.)"""
     mask = batch.mask.float()
     weights = mask / mask.sum().clamp(min=1) if reduction == "mean" else mask
     return NextTokenLoss(model)(batch.inputs, batch.targets, weights)
@@ -1485,34 +1463,35 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
     """
     was_training = model.training
     model.eval()
-    draw_on = sampling_device(device)   # the model's device, bar one (Appendix A)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=draw_on).manual_seed(seed)
-    ids = list(prompt_ids) or [eot_id if eot_id is not None else 0]
-    max_context = getattr(model, "max_context", None)
-    start = window_start(len(ids), 0, max_context)
-    state, pending = None, ids[start:]
-    for _ in range(max_new_tokens):
-        new_start = window_start(len(ids), start, max_context)
-        if new_start != start or not use_cache:
-            start, state, pending = new_start, None, ids[new_start:]
-        tokens = torch.tensor(pending, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
-        read_afresh = state is None
-        logits, state = model.forward_incremental(tokens, state)
-        # A broken model (NaN weights) shows in its first logits, so those are checked, not
-        # every token's; unchecked, multinomial fails on them, or argmax picks id 0
-        if read_afresh and not logits[-1].isfinite().all():
-            model.train(was_training)
-            raise UserError("the model produced non-finite logits (NaN or inf): its weights or "
-                            "settings are broken, so it cannot be sampled")
-        next_id = int(sample_next_token(logits[-1].to(draw_on), rule, generator)[0])
-        ids.append(next_id)
-        pending = [next_id]
-        if next_id == eot_id:
-            break
-    model.train(was_training)
-    return ids
+    try:
+        draw_on = sampling_device(device)   # the model's device, except Apple's GPU (Appendix A)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=draw_on).manual_seed(seed)
+        ids = list(prompt_ids) or [eot_id if eot_id is not None else 0]
+        max_context = getattr(model, "max_context", None)
+        start = window_start(len(ids), 0, max_context)
+        state, pending = None, ids[start:]
+        for _ in range(max_new_tokens):
+            new_start = window_start(len(ids), start, max_context)
+            if new_start != start or not use_cache:
+                start, state, pending = new_start, None, ids[new_start:]
+            tokens = torch.tensor(pending, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
+            read_afresh = state is None
+            logits, state = model.forward_incremental(tokens, state)
+            # A broken model (NaN weights) shows in its first logits, so those are checked, not
+            # every token's; unchecked, multinomial fails on them, or argmax picks id 0
+            if read_afresh and not logits[-1].isfinite().all():
+                raise UserError("the model produced non-finite logits (NaN or inf): its weights or "
+                                "settings are broken, so it cannot be sampled")
+            next_id = int(sample_next_token(logits[-1].to(draw_on), rule, generator)[0])
+            ids.append(next_id)
+            pending = [next_id]
+            if next_id == eot_id:
+                break
+        return ids
+    finally:
+        model.train(was_training)
 
 
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
@@ -1521,8 +1500,8 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   compile: bool = False) -> Generation:
     """Continue `prompt` with the model; one path for every model. compile: see decoding_model."""
     prompt_ids = tokenizer.encode(prompt)
-    # Appendix A's static decoder (CUDA graphs) on a GPU; the model itself elsewhere
-    # its caches hold the prompt (an empty one starts from <|endoftext|>) and the new tokens
+    # On a GPU, Appendix A.2's CUDA-graph decoder; elsewhere the model itself. num_tokens sizes
+    # its caches: the prompt (an empty one becomes one <|endoftext|>) and the new tokens.
     decoder = decoding_model(model, device, compile,
                              num_tokens=max(len(prompt_ids), 1) + max_new_tokens)
     ids = generate_ids(decoder, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id,
@@ -1555,12 +1534,13 @@ def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
 # calls the appendices at named points: `speed_up` (A) picks the kernels and the
 # loss, `guard` (B) resumes, checkpoints, stops on a signal and deals with a
 # non-finite step, `context` (C) hands this process its share of each batch
-# under torchrun. Left at their defaults, B and C do nothing.
+# under torchrun. Left at their defaults, C does nothing and B only stops a run
+# whose loss explodes or becomes NaN.
 
 @torch.no_grad()
 def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) -> torch.Tensor:
-    """Scale all gradients by max_norm / (norm + 1e-6) when their one global L2 norm
-    exceeds max_norm. Returns the norm before clipping, a 0-dim tensor: comparing it on the
+    """Scale all gradients by max_l2_norm / (norm + 1e-6) when their one global L2 norm
+    exceeds max_l2_norm. Returns the norm before clipping, a 0-dim tensor: comparing it on the
     host here would make the CPU wait for a GPU, so the scale is capped at 1 on the device
     instead (torch.nn.utils.clip_grad_norm_'s way)."""
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -1634,11 +1614,12 @@ def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5,
     Each step is X <- a X + b (X X^T) X + c (X X^T)^2 X, which applies the odd polynomial
     p(s) = a s + b s^3 + c s^5 to every singular value and keeps the singular vectors.
     Scaled to Frobenius norm 1 first, all singular values lie in [0, 1], where five
-    applications of p take any value above 3e-3 into [0.68, 1.21]. Only matmuls, so it
-    runs fast on a GPU. dtype None: bfloat16 on a GPU, as the reference runs it (the result
-    need only be roughly orthogonal), float32 elsewhere (a CPU has no fast bfloat16). A wide
-    product X X^T is the cheaper one, so a tall matrix is transposed. A stack of matrices of
-    one shape, (N, r, c), is orthogonalized matrix by matrix in one batched product each."""
+    applications of p take any value above 3e-3 into [0.68, 1.21]. A wide product X X^T is
+    the cheaper one, so a tall matrix is transposed. Only matmuls, so it runs fast on a GPU:
+    dtype None is bfloat16 there, as the reference runs it (the result need only be roughly
+    orthogonal), float32 elsewhere (a CPU has no fast bfloat16); and a stack of matrices of
+    one shape, (N, r, c), is orthogonalized matrix by matrix in one batched product each
+    (Appendix A.3)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     if dtype is None:
         dtype = torch.bfloat16 if matrix.is_cuda else torch.float32
@@ -1680,13 +1661,6 @@ class Muon(AdamW):
             group.setdefault("nesterov", nesterov)
             group.setdefault("ns_steps", ns_steps)
 
-    @staticmethod
-    def stack_key(p: torch.Tensor):
-        """Which matrices are orthogonalized together, as one stack: each alone on a CPU; on a
-        GPU those of one shape, so that each product is one launch for all of them (GPT-2
-        small's 72 matrices: 6 ms a step instead of 35; a CPU gains nothing, docs/performance.md)."""
-        return (p.shape, p.dtype, p.device) if p.is_cuda else id(p)
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
@@ -1696,7 +1670,6 @@ class Muon(AdamW):
 
     def muon_step(self, group: dict) -> None:
         beta = group["momentum"]
-        stacks = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -1705,13 +1678,9 @@ class Muon(AdamW):
                 state["momentum_buffer"] = torch.zeros_like(p)
             momentum = state["momentum_buffer"].lerp_(p.grad, 1 - beta)
             update = p.grad.lerp(momentum, beta) if group["nesterov"] else momentum
-            stacks.setdefault(self.stack_key(p), []).append((p, update))
-        for pairs in stacks.values():
-            orthogonalized = newton_schulz_orthogonalize(torch.stack([u for _, u in pairs]),
-                                                         group["ns_steps"])
-            for (p, _), update in zip(pairs, orthogonalized):
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+            update = newton_schulz_orthogonalize(update, group["ns_steps"])
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
 
 
 @dataclasses.dataclass
@@ -1741,13 +1710,14 @@ class TrainingConfig:
     early_stop_min_delta: float = 0.0
     plateau_patience: int = 0
     plateau_factor: float = 0.5
-    lr_min: float = 0.0
+    lr_min: float = 0.0                  # reduce-on-plateau's floor (min_lr_ratio is the cosine's)
 
 
 def build_optimizer(model: nn.Module, training: TrainingConfig, device: torch.device):
     """AdamW with decay on matrices and embeddings only; norms' gains and biases are
-    not pulled towards zero. PyTorch's fused kernel on CUDA and CPU (one pass over the
-    parameters; on a 2-core CPU 7x faster than the foreach kernel at 16M parameters).
+    not pulled towards zero. PyTorch's fused kernel on CUDA, the CPU and Apple's GPU (one pass
+    over the parameters; on a 2-core CPU 7x faster than the foreach kernel at 16M parameters;
+    MPS has no foreach kernels, so foreach there is a loop over the tensors).
     beta2 0.999 averages squared gradients over ~1000 steps; small, noisy batches do better
     with a shorter memory (nanoGPT's character-level config uses 0.99, GPT-2 runs 0.95).
     --optimizer muon: Muon for the hidden matrices (muon_matrices), AdamW for the rest, one
@@ -1765,7 +1735,7 @@ def build_optimizer(model: nn.Module, training: TrainingConfig, device: torch.de
         return muon([muon_group, *groups], lr=training.learning_rate, betas=(0.9, training.beta2))
     if training.optimizer == "scratch":
         return AdamW(groups, lr=training.learning_rate, betas=(0.9, training.beta2))
-    fast = dict(fused=True) if device.type in ("cuda", "cpu") else dict(foreach=True)
+    fast = dict(fused=True) if device.type in ("cuda", "cpu", "mps") else dict(foreach=True)
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, training.beta2), **fast)
 
 
@@ -1830,8 +1800,8 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
     for index, (batch, active) in enumerate(micro_batches):
         weights = batch.mask.float() * (scale if active else 0.0)
         last = index == len(micro_batches) - 1
-        with (contextlib.nullcontext() if last or not context.enabled else loss_model.no_sync()):
-            with autocast_context(batch.inputs.device, dtype):
+        with context.gradient_sync(loss_model, last):             # C: ranks sync the last only
+            with autocast_context(batch.inputs.device, dtype):  # A: bf16 where it pays
                 loss = loss_model(batch.inputs, batch.targets, weights)
             loss.backward()
         local_loss = local_loss + loss.detach()    # a tensor: no wait for the device per micro-batch
@@ -1855,7 +1825,7 @@ def evaluate(loss_model: nn.Module, batches: Iterable[Batch], device: torch.devi
              dtype: str | None = None) -> dict:
     """Per-token test loss in nats, and bits per byte (total nats / UTF-8 bytes of the
     predicted text / ln 2), which compares fairly across tokenizers. loss_model is a
-    NextTokenLoss (or Appendix A's chunked one). Under torchrun each rank passes its
+    NextTokenLoss or one of Appendix A's. Under torchrun each rank passes its
     share of the batches and the totals are summed over ranks."""
     was_training = loss_model.training
     loss_model.eval()
@@ -1914,6 +1884,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
     model.train()
     while progress.epoch <= training.epochs and not progress.finished:
         epoch = progress.epoch
+        # slots: this step's examples, as (source, example) index pairs (section 6.3)
         for slots in data.train_step_slots(training.batch_size, training.max_steps_per_epoch,
                                            epoch, skip=progress.batches_done):
             step_started = time.perf_counter()
@@ -1929,7 +1900,8 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
                                      training.grad_clip, context, training.dtype)
                 guard.check_loss(loss, lr)                      # B: an exploded loss stops the run
             except NonFiniteStep as problem:
-                loss = guard.skip_step(problem, lr, bar)        # B: --skip_nonfinite, else stop
+                guard.skip_step(problem, lr, bar)               # B: --skip_nonfinite, else stop
+                loss = None                                     # a skipped step is not logged
             progress.train_time_s += time.perf_counter() - step_started
             progress.elapsed_s = time.perf_counter() - started
             if loss is not None:
@@ -4109,6 +4081,7 @@ def run_sweeps(config: Config) -> int:
                       "--collect_transformer_metrics")
     device = resolve_device(config.device_id)
     check_dtype_fits(config.training.dtype, device)
+    note_apple_gpu_defects(device)
     if experiments.custom_sweep_sizes is not None:
         parse_sizes(experiments.custom_sweep_sizes)
     directory = Path(config.output.artefacts_dir)
@@ -4910,6 +4883,61 @@ def validate_one_command(args: argparse.Namespace) -> None:
                         "--custom_sweep_log PATH or --sweep custom_data")
 
 
+# The Transformer flags: which override a preset's fields, and the checks on the result.
+
+TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "ffn",
+                              "n_experts", "experts_per_token", "router_aux_loss_coef", "norm",
+                              "norm_position", "pos_emb", "rope_theta", "yarn_factor",
+                              "yarn_original_context", "tie_weights", "attention",
+                              "linear_attention_gate", "attention_sinks", "sliding_window",
+                              "qk_norm", "head_size", "value_embeddings", "unet_skips",
+                              "zero_init_proj", "logit_softcap", "bias", "dropout")
+ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
+LINEAR_ATTENTION_GATES = ("fixed", "data")
+
+
+def find_preset(name: str) -> str:
+    for preset in TRANSFORMER_PRESETS:
+        if preset.lower() == name.lower():
+            return preset
+    raise UserError(f"unknown --transformer_variant {name!r}; choose from "
+                    + ", ".join(TRANSFORMER_PRESETS))
+
+
+def validate_transformer_config(config: TransformerConfig, preset: str = "") -> None:
+    where = f" (preset {preset})" if preset else ""
+    for name in ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d_ff", "yarn_original_context"):
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name} must be positive{where}, got {getattr(config, name)}")
+    for name in ("n_experts", "sliding_window", "router_aux_loss_coef", "head_size",
+                 "nope_interval", "logit_softcap"):
+        if not getattr(config, name) >= 0:                   # NaN too
+            kind = "be a number" if math.isnan(getattr(config, name)) else "not be negative"
+            raise UserError(f"--{name} must {kind}{where}, got {getattr(config, name)}")
+    if not math.isfinite(config.logit_softcap):
+        raise UserError(f"--logit_softcap must be a finite number (0 = off){where}, "
+                        f"got {config.logit_softcap}")
+    if config.rope_scaling not in ROPE_SCALINGS:
+        raise UserError(f"rope_scaling {config.rope_scaling!r}{where} is not one of "
+                        + ", ".join(ROPE_SCALINGS))
+    if not config.head_size and config.d_model % config.n_heads:
+        raise UserError(f"--n_heads {config.n_heads} must divide --d_model {config.d_model}{where}")
+    if config.n_heads % config.n_kv_heads:
+        raise UserError(f"--n_kv_heads {config.n_kv_heads} must divide --n_heads "
+                        f"{config.n_heads}{where}")
+    if not 1 <= config.experts_per_token <= (config.n_experts or config.experts_per_token):
+        bound = (f"between 1 and --n_experts ({config.n_experts})" if config.n_experts
+                 else "at least 1")
+        raise UserError(f"--experts_per_token must be {bound}{where}, got {config.experts_per_token}")
+    if config.yarn_factor < 1:
+        raise UserError(f"--yarn_factor must be at least 1 (1 = plain RoPE), got {config.yarn_factor}")
+    if config.yarn_factor > 1 and config.pos_emb != "rope":
+        raise UserError(f"--yarn_factor stretches rotary embeddings, and --pos_emb is "
+                        f"{config.pos_emb}{where}; drop --yarn_factor or use --pos_emb rope")
+    if config.pos_emb == "rope" and config.head_dim % 2:
+        raise UserError(f"RoPE needs an even head size, got {config.head_dim}{where}")
+
+
 def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerConfig:
     """The preset for `model_name` (--transformer_variant, or GPT-oss for transformer_gptoss),
     with every explicitly given Transformer flag applied on top; UserError if invalid."""
@@ -5245,6 +5273,8 @@ def run_training(config: Config) -> int:
                                                                               quiet=True))
         device = resolve_device(device_id)
         check_dtype_fits(config.training.dtype, device)
+        if context.is_main:
+            note_apple_gpu_defects(device)
         if context.is_main and not config.training.quiet:
             print(f"device: {device}" + (" (--device_id auto)" if device_id == "auto" else ""))
         run_path = choose_run_path(config.output, config.models.names)
@@ -5623,11 +5653,13 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> str:
 
 
 def check_dtype_fits(dtype: str | None, device: torch.device) -> None:
-    """UserError for a precision that PyTorch 2.13 computes wrongly on `device`: on Apple's
-    GPU (MPS) its fused causal attention in bf16 lets some positions see later tokens."""
+    """UserError for a precision that PyTorch has computed wrongly on `device`: on Apple's GPU
+    (MPS), its fused causal attention in bf16 let some positions see later tokens (reported
+    in 2.11 and 2.12, pytorch#195910; it runs where no gradient is kept, as in evaluation and
+    generation), and bf16 is still young there."""
     if dtype == "bfloat16" and device.type == "mps":
         raise UserError("--dtype bfloat16 on Apple's GPU (MPS): PyTorch's causal attention "
-                        "there lets some positions see later tokens in bf16; use --dtype float32")
+                        "there has let some positions see later tokens in bf16; use --dtype float32")
 
 
 def sampling_device(device: torch.device | str) -> torch.device:
@@ -5635,6 +5667,17 @@ def sampling_device(device: torch.device | str) -> torch.device:
     multinomial in PyTorch 2.13 now and then draws a token of probability 0."""
     device = torch.device(device)
     return torch.device("cpu") if device.type == "mps" else device
+
+
+def note_apple_gpu_defects(device: torch.device) -> None:
+    """A note for training on Apple's GPU with PyTorch before 2.14: there, float32 matrix
+    products whose left operand is a transposed view (every linear layer's weight gradient is
+    one) have been reported 10-30% off, depending on the allocator's state (pytorch#193487)."""
+    release = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if device.type == "mps" and release < (2, 14):
+        print(f"pico-llm: note: PyTorch {torch.__version__} is reported to compute some float32 "
+              "matrix products wrongly on Apple's GPU (pytorch#193487); for results to trust, "
+              "install torch 2.14 or later, or use --device_id cpu", file=sys.stderr)
 
 
 def has_bf16_units(device: torch.device) -> bool:
@@ -6065,14 +6108,16 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
 # not depend on the data and arithmetic it can generate code for. Three Part I pieces are not:
 # the mixture of experts (each expert's share of the positions is known only once the router
 # ran), RoPE's complex product, and linear attention's loop over chunks (as many as the length
-# needs). Their compiled forms follow; speed_up switches them on.
+# needs). Their compiled forms follow; Part I takes them while torch.compile traces it, which
+# speed_up starts under --compile.
 
 
 def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RotaryEmbedding.rotate in real arithmetic: each pair (a, b) -> (a cos - b sin,
     a sin + b cos). x (B, H, T, D), cos and sin (T, D/2) -> (B, H, T, D). The same float32
     products as the complex form; compiled, one fused kernel. Eager on the CPU it is slower
-    than the complex one (docs/performance.md), so only compiled code takes it."""
+    than the complex one (docs/performance.md), so only compiled code takes it, and Apple's
+    GPU, where complex arithmetic is young (its conjugates have had wrong-result bugs)."""
     pairs = x.float().unflatten(-1, (-1, 2))                                # (B, H, T, D/2, 2)
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
@@ -6422,6 +6467,14 @@ class ForeachMuon(Muon):
     once (torch._foreach_*): the same arithmetic in the same order, and the same state, so a
     checkpoint moves between the two (tested equal). build_optimizer takes it on a GPU."""
 
+    @staticmethod
+    def stack_key(p: torch.Tensor):
+        """Which matrices are orthogonalized together, as one stack: on a GPU those of one
+        shape, so that each product is one launch for all of them (GPT-2 small's 72 matrices:
+        6 ms a step instead of 35); elsewhere each alone (a CPU gains nothing,
+        docs/performance.md)."""
+        return (p.shape, p.dtype, p.device) if p.is_cuda else id(p)
+
     def adamw_step(self, group: dict) -> None:
         beta1, beta2 = group["betas"]
         by_step = {}                            # tensors at one step share the bias corrections
@@ -6458,10 +6511,13 @@ class ForeachMuon(Muon):
         for p, update in zip(params, updates):
             stacks.setdefault(self.stack_key(p), []).append((p, update))
         for pairs in stacks.values():                   # a stack holds matrices of one shape
-            stacked = [p for p, _ in pairs]
-            orthogonalized = newton_schulz_orthogonalize(torch.stack([u for _, u in pairs]),
-                                                         group["ns_steps"])
-            torch._foreach_add_(stacked, list(orthogonalized.unbind(0)),
+            stacked, matrices = [p for p, _ in pairs], [u for _, u in pairs]
+            if len(matrices) == 1:                      # alone, as section 5's Muon takes it
+                orthogonalized = [newton_schulz_orthogonalize(matrices[0], group["ns_steps"])]
+            else:
+                orthogonalized = newton_schulz_orthogonalize(torch.stack(matrices),
+                                                             group["ns_steps"]).unbind(0)
+            torch._foreach_add_(stacked, list(orthogonalized),
                                 alpha=-group["lr"] * 0.2 * math.sqrt(max(stacked[0].shape)))
 
 
@@ -7286,6 +7342,12 @@ class Distributed:
     def shard(self, items: list) -> list:
         """This rank's disjoint share: every world_size-th item from `rank`."""
         return items[self.rank::self.world_size]
+
+    def gradient_sync(self, step_model: nn.Module, last: bool):
+        """The context for one micro-batch's backward: DDP averages the gradients over the
+        ranks after the last micro-batch of a step only (no_sync before it); one process has
+        nothing to sync."""
+        return step_model.no_sync() if self.enabled and not last else contextlib.nullcontext()
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """Element-wise sum of `values` over all ranks (identity on one process)."""

@@ -316,7 +316,9 @@ def test_the_table_of_contents_matches_the_section_banners_and_the_lesson_comes_
     listed = re.findall(r"(?m)(?:^ +([1-9A-Z])\. |\b([0-9A-Z]\.[0-9]) )", contents)
     listed = [top or sub for top, sub in listed]
     assert banners == listed
-    assert banners[:8] == ["1", "2", "2.1", "2.2", "2.3", "3", "4", "5"]
+    lesson = banners[:banners.index("6")]
+    assert [b for b in lesson if "." not in b] == ["1", "2", "3", "4", "5"]
+    assert all(b.split(".")[0] in "12345" for b in lesson)
 
 
 TORCHRUN_ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}

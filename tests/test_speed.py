@@ -3,6 +3,9 @@ compiled training step free of graph breaks, data-dependent shapes and per-step 
 
 import functools
 
+import contextlib
+import io
+
 import pytest
 import torch
 
@@ -279,6 +282,40 @@ def test_apple_gpu_refuses_what_pytorch_computes_wrongly_there(pico, run_main, m
         status, out, err = run_main(*command, "--device_id", "mps", "--dtype", "bfloat16")
         assert status == 2 and err.count("\n") == 1, err
         assert "--dtype bfloat16 on Apple's GPU (MPS)" in err and "use --dtype float32" in err
+
+
+def test_apple_gpu_training_notes_what_pytorch_before_2_14_computes_wrongly_there(
+        pico, run_main, monkeypatch, tmp_path):
+    """Training on Apple's GPU with PyTorch before 2.14 notes its reported float32 matmul
+    defect there (pytorch#193487) once, for a run or a sweep; later releases and other
+    devices say nothing."""
+    from conftest import TINY_RUN
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for version, noted in [("2.13.0", True), ("2.9.1+cpu", True), ("2.14.0", False),
+                           ("2.15.0.dev20261201", False)]:
+        monkeypatch.setattr(torch, "__version__", version)
+        for device in ("mps", "cpu"):
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                pico.note_apple_gpu_defects(torch.device(device))
+            expected = noted and device == "mps"
+            assert err.getvalue().count("\n") == expected
+            assert ("pytorch#193487" in err.getvalue()) == expected
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    # Where the note is printed: a run stopped at once by an --artefacts_dir that is a file
+    (tmp_path / "a_file").write_text("")
+    for command in ([*TINY_RUN], ["--sweep", "budget", "--sweep_scale", "tiny"]):
+        status, _, err = run_main(*command, "--device_id", "auto", artefacts=tmp_path / "a_file")
+        assert status == 2 and "pytorch#193487" in err.splitlines()[0], err
+
+
+def test_apple_gpu_trains_with_the_fused_adamw(pico):
+    """PyTorch has a fused AdamW for MPS and no foreach kernels there (foreach is a loop over
+    the tensors on MPS); the CPU and CUDA take the fused one too."""
+    model = torch.nn.Linear(4, 4)
+    for device in ("mps", "cpu", "cuda"):
+        optimizer = pico.build_optimizer(model, pico.TrainingConfig(), torch.device(device))
+        assert optimizer.defaults["fused"] is True and not optimizer.defaults["foreach"]
 
 
 def test_apple_gpu_draws_tokens_on_the_cpu(pico):
