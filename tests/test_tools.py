@@ -83,10 +83,14 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
      "--steps 1000000000 would read the text in --input_dir"),
     ("vs_nanogpt", ["--pico_flags", '"--bias'], "--pico_flags '\"--bias': No closing quotation"),
     ("vs_nanogpt", ["--pico_flags", "--d_model 0"], "--d_model must be positive"),
+    ("vs_nanogpt", ["--pico_flags=--bogus 3"],
+     "--pico_flags: unrecognized arguments: --bogus 3; see python pico-llm.py --help"),
     ("vs_nanogpt", ["--corpus_dir", str(REPO / "data" / "custom_corpus"), "--steps", "1000000000"],
      "--steps 1000000000 would read the training text in --corpus_dir"),
     ("ab_training_speed", ["HEAD", "--flags", "'"], "--flags \"'\": No closing quotation"),
     ("ab_training_speed", ["HEAD", "--flags", "--d_model 0"], "--d_model must be positive"),
+    ("ab_training_speed", ["HEAD", "--flags=--d_model x"],
+     "--flags: argument --d_model: invalid int value: 'x'; see python pico-llm.py --help"),
     ("ab_training_speed", ["HEAD", "--model", "lstm_seq", "--vocab_size", "1000000000000"],
      "a training step of lstm_seq at --batch_size 16 and --vocab_size 1000000000000 does not fit"),
 ])
@@ -94,6 +98,13 @@ def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     result = run_tool(name, argv, tmp_path)
     assert_one_line_error(result, name, message.format(tmp=tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stream_vs_lines_names_its_own_flag_for_a_corpus_of_blank_files(tmp_path):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    result = run_tool("stream_vs_lines", ["--corpus_dir", "{tmp}"], tmp_path)
+    assert_one_line_error(result, "stream_vs_lines",
+                          f"--corpus_dir {tmp_path} contains no .txt files with text")
 
 
 @pytest.mark.parametrize("name", ["stream_vs_lines", "vs_nanogpt"])

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pico_module import OneLineErrorParser, load_pico, load_script, positive_int
+from pico_module import OneLineErrorParser, load_pico, load_script, pico_flags_checked, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
@@ -103,7 +103,8 @@ def main() -> int:
         parser.error(f"--flags {args.flags!r}: {error}")
     pico = load_pico()
     try:   # the new version's check of the flags both get, before the old one is loaded
-        pico.config_from_command_line(CONFIGS[args.model] + ["--device_id", "cpu", *extra])
+        pico_flags_checked(pico, lambda: pico.config_from_command_line(
+            CONFIGS[args.model] + ["--device_id", "cpu", *extra]), "--flags")
     except pico.UserError as error:
         print(f"ab_training_speed: error: {error}", file=sys.stderr)
         return 2

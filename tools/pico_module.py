@@ -8,7 +8,9 @@ Nothing here imports torch: make_notebook.py and make_3seqs.py run without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import os
 import sys
 import tempfile
@@ -45,6 +47,19 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{Path(self.prog).stem}: error: {message} (see --help)\n")
         raise SystemExit(2)
+
+
+def pico_flags_checked(pico, build, flag: str):
+    """build() (pico-llm's parse_args or config_from_command_line on flags a tool passes on
+    from its option `flag`), with pico-llm's argparse error for an unknown or malformed flag,
+    which would exit as "pico-llm: error", raised as pico-llm's UserError naming `flag`."""
+    with contextlib.redirect_stderr(io.StringIO()) as printed:
+        try:
+            return build()
+        except SystemExit:
+            said = printed.getvalue().strip().splitlines()
+            message = said[-1].removeprefix("pico-llm: error: ").removesuffix(" (see --help)")
+    raise pico.UserError(f"{flag}: {message}; see python pico-llm.py --help")
 
 
 def positive_int(text: str) -> int:

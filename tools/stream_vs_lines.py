@@ -126,7 +126,10 @@ def compare(pico, args) -> int:
     # Lines mode splits lines at random, stream mode whole documents: so that the held-out
     # documents stay unseen by both, lines mode trains on the stream split's training text.
     stream_flags = common + ["--input_dir", str(corpus), "--data_format", "stream"]
-    source, = pico.read_sources(pico.config_from_command_line(stream_flags).data)
+    try:
+        source, = pico.read_sources(pico.config_from_command_line(stream_flags).data)
+    except pico.UserError as error:   # pico-llm's --input_dir is this tool's --corpus_dir
+        raise pico.UserError(str(error).replace("--input_dir", "--corpus_dir")) from None
     results = {}
     with tempfile.TemporaryDirectory(prefix="pico-training-text-") as training_text:
         for index in source.train:

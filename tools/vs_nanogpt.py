@@ -52,7 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pico_module import OneLineErrorParser, PICO_PATH, load_pico, positive_int, too_many_passes
+from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, pico_flags_checked, positive_int,
+                         too_many_passes)
 from stream_vs_lines import python_docs_unless_text_in
 
 # nanoGPT's README, "I only have a macbook", with its train_shakespeare_char config.
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pico_flags {args.pico_flags!r}: {error}")
     pico = load_pico()
     try:
-        pico.parse_args(PICO_FLAGS + extra + ["--input_files", "train.txt"])   # before minutes of work
+        pico_flags_checked(pico, lambda: pico.parse_args(    # before minutes of work
+            PICO_FLAGS + extra + ["--input_files", "train.txt"]), "--pico_flags")
         train_text, held_out_text = running_text(pico, Path(args.corpus_dir))
         if min(len(train_text.encode()), len(held_out_text.encode())) < SHAPE["block_size"]:
             raise pico.UserError(f"--corpus_dir {args.corpus_dir} is too little text: the held-out "
