@@ -26,7 +26,7 @@ ahead, a comment names the place, and the lesson reads without following it:
 `speed_up` (Appendix A), the one switch to the fast kernels, and the few helpers
 it switches on (the compiled forms of A.1, the GPU decoder of A.2, autocast);
 the named points where the training loop calls Appendices B and C; and Part
-II's batches, data and run log, which the training loop uses. Part II runs
+II's training data and run log, which the training loop uses. Part II runs
 experiments with it; Part III holds the machinery.
 
 Contents (the section banners below carry the same numbers):
@@ -35,7 +35,8 @@ Contents (the section banners below carry the same numbers):
        stretched past training's context), 1.3 attention and the KV
        cache, 1.4 feed-forward, 1.5 mixture of experts, 1.6 linear attention
     2. Models: 2.1 k-gram MLP, 2.2 LSTM, 2.3 Transformer and its preset table
-    3. The loss (masked next-token cross-entropy on the logits)
+    3. The loss (a batch: inputs, targets one token on, mask; masked next-token
+       cross-entropy on the logits)
     4. Sampling and generation (greedy, temperature, top-k, nucleus; each new
        token through the KV cache or the LSTM's state)
     5. Training and evaluation (AdamW, Muon, schedule, clipping, the training loop)
@@ -1257,7 +1258,45 @@ def build_model(config: KGramConfig | LSTMConfig | TransformerConfig, vocab_size
 # through `speed_up` (Appendix A), which by default swaps in PyTorch's
 # F.cross_entropy, or on a CPU with a large vocabulary a chunked loss that never
 # holds all the logits at once; both give the same values (tested), and
-# `--loss plain` trains with this one.
+# `--loss plain` trains with this one. A batch holds the inputs, the targets (the
+# same tokens one position on) and the mask of real targets.
+
+@dataclasses.dataclass
+class Batch:
+    """A padded batch. inputs/targets: (seq_len, batch) int64; mask: (seq_len, batch) bool,
+    True where the target is a real token (padding never enters the loss)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        """On CUDA, copy from pinned (page-locked) host memory without blocking, so the
+        copy overlaps the previous step's GPU work."""
+        if device.type != "cuda":
+            return Batch(*(t.to(device) for t in (self.inputs, self.targets, self.mask)))
+        return Batch(*((t.pin_memory() if t.device.type == "cpu" else t).to(device, non_blocking=True)
+                       for t in (self.inputs, self.targets, self.mask)))
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def make_batch(sequences: list[np.ndarray], block_size: int, pad_id: int) -> Batch:
+    """Batch token sequences: each is truncated to block_size + 1 tokens, so the model
+    reads up to block_size inputs and predicts the next token at every position."""
+    pieces = [np.asarray(seq[: block_size + 1], dtype=np.int64) for seq in sequences]
+    seq_len = max(max(len(p) for p in pieces) - 1, 1)
+    padded = np.full((len(pieces), seq_len + 1), pad_id, dtype=np.int64)
+    valid = np.zeros((len(pieces), seq_len + 1), dtype=bool)
+    for row, piece in enumerate(pieces):
+        padded[row, : len(piece)] = piece
+        valid[row, : len(piece)] = True
+    tokens = torch.from_numpy(padded).t()  # (seq_len + 1, batch)
+    mask = torch.from_numpy(valid[:, 1:]).t().contiguous()
+    return Batch(tokens[:-1].contiguous(), tokens[1:].contiguous(), mask)
+
 
 def softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x - max) / sum(exp(x - max)): subtracting the max keeps exp from overflowing."""
@@ -2710,43 +2749,6 @@ class DataSource:
     examples: TokenizedExamples
     train: np.ndarray
     test: np.ndarray
-
-
-@dataclasses.dataclass
-class Batch:
-    """A padded batch. inputs/targets: (seq_len, batch) int64; mask: (seq_len, batch) bool,
-    True where the target is a real token (padding never enters the loss)."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    mask: torch.Tensor
-
-    def to(self, device: torch.device) -> "Batch":
-        """On CUDA, copy from pinned (page-locked) host memory without blocking, so the
-        copy overlaps the previous step's GPU work."""
-        if device.type != "cuda":
-            return Batch(*(t.to(device) for t in (self.inputs, self.targets, self.mask)))
-        return Batch(*((t.pin_memory() if t.device.type == "cpu" else t).to(device, non_blocking=True)
-                       for t in (self.inputs, self.targets, self.mask)))
-
-    @property
-    def num_target_tokens(self) -> int:
-        return int(self.mask.sum())
-
-
-def make_batch(sequences: list[np.ndarray], block_size: int, pad_id: int) -> Batch:
-    """Batch token sequences: each is truncated to block_size + 1 tokens, so the model
-    reads up to block_size inputs and predicts the next token at every position."""
-    pieces = [np.asarray(seq[: block_size + 1], dtype=np.int64) for seq in sequences]
-    seq_len = max(max(len(p) for p in pieces) - 1, 1)
-    padded = np.full((len(pieces), seq_len + 1), pad_id, dtype=np.int64)
-    valid = np.zeros((len(pieces), seq_len + 1), dtype=bool)
-    for row, piece in enumerate(pieces):
-        padded[row, : len(piece)] = piece
-        valid[row, : len(piece)] = True
-    tokens = torch.from_numpy(padded).t()  # (seq_len + 1, batch)
-    mask = torch.from_numpy(valid[:, 1:]).t().contiguous()
-    return Batch(tokens[:-1].contiguous(), tokens[1:].contiguous(), mask)
 
 
 class TrainingData:
