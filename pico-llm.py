@@ -1868,14 +1868,16 @@ def evaluate(loss_model: nn.Module, batches: Iterable[Batch], device: torch.devi
     share of the batches and the totals are summed over ranks."""
     was_training = loss_model.training
     loss_model.eval()
-    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    nats, counts = [], []                               # per batch; counts: tokens, bytes
     for batch in batches:
         batch = batch.to(device)
         with autocast_context(device, dtype):
-            total_nats += float(loss_model(batch.inputs, batch.targets, batch.mask.float()))
-        total_tokens += batch.num_target_tokens
-        total_bytes += int(token_bytes[batch.targets][batch.mask].sum())
+            nats.append(loss_model(batch.inputs, batch.targets, batch.mask.float()).float())
+        counts.append(torch.stack([batch.mask.sum(), (token_bytes[batch.targets] * batch.mask).sum()]))
     loss_model.train(was_training)
+    # Read once, at the end: a number read per batch would make the host wait for a GPU each time
+    total_nats = float(torch.stack(nats).cpu().double().sum()) if nats else 0.0
+    total_tokens, total_bytes = torch.stack(counts).sum(dim=0).tolist() if counts else (0, 0)
     if context is not None:
         total_nats, total_tokens, total_bytes = context.sum([total_nats, total_tokens, total_bytes],
                                                             device)
@@ -6309,8 +6311,8 @@ class CompiledTrainingLoss(nn.Module):
 # A cached step of a small model at batch 1 is a few hundred tiny kernels: on a GPU the host's
 # launches, not the arithmetic, set the pace (3-4 ms of launches per token for GPT-2 small).
 # A CUDA graph records one step's kernels once and replays them with a single launch, but only
-# a step whose shapes and memory addresses never change: here every cache is preallocated to
-# the block size, written in place at a position held in a device tensor, and attention runs
+# a step whose shapes and memory addresses never change: here every cache is preallocated (to
+# the prompt and new tokens, at most the block size), written in place at a position held in a device tensor, and attention runs
 # over all its slots with a mask for those not yet written (or outside a sliding window).
 
 

@@ -128,6 +128,26 @@ def test_a_training_step_waits_for_the_gpu_at_most_once(pico, preset, optimizer)
     assert len(waits) <= 1, waits
 
 
+def test_evaluation_waits_for_the_gpu_only_at_the_end(pico):
+    """evaluate keeps each batch's loss, tokens and bytes on the GPU and reads them once, after
+    the last batch, so the host queues every batch's work without waiting for the one before."""
+    loss_model = pico.speed_up(tiny(pico, "pico"), pico.SpeedConfig(), DEVICE)
+    token_bytes = torch.ones(VOCAB, dtype=torch.long, device=DEVICE)
+    batches = [random_batch(pico, seed) for seed in range(6)]
+    expected = pico.evaluate(loss_model, batches, DEVICE, token_bytes, dtype="bfloat16")
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = pico.evaluate(loss_model, batches, DEVICE, token_bytes, dtype="bfloat16")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) <= 2, waits                    # the losses, then the counts
+    assert result == expected and result["test_tokens"] == 6 * 32 * 4
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_cuda_graph_decoding_on_a_gpu_that_is_not_the_current_one(pico):
     """--device_id cuda:1 leaves cuda:0 current: the graph must still be recorded and replayed
