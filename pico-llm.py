@@ -23,10 +23,11 @@ whole context for each new token.
 
 The file reads as a book. Part I is the lesson, top to bottom. Where it calls
 ahead, a comment names the place, and the lesson reads without following it:
-`speed_up` (Appendix A), the one switch to the fast kernels, and the few helpers
-it switches on (the compiled forms of A.1, the GPU decoder of A.2, autocast);
-the named points where the training loop calls Appendices B and C; and Part
-II's training data and run log, which the training loop uses. Part II runs
+`speed_up` (Appendix A), the one switch to the fast kernels; the few helpers of
+Appendix A that the lesson's code calls where a device needs them (autocast, the
+GPU's decoder and Muon, where tokens are drawn, the compiled forms of RoPE and
+linear attention); the named points where the training loop calls Appendices B
+and C; and Part II's training data and run log, which the training loop uses. Part II runs
 experiments with it; Part III holds the machinery.
 
 Contents (the section banners below carry the same numbers):
@@ -358,8 +359,9 @@ def causal_mask(num_new: int, num_keys: int, device: torch.device,
 
 class KVCache:
     """Keys and values of one attention layer for the tokens seen so far, at most `capacity`
-    (the model's block size). `append` returns what torch.cat([all keys so far, new keys],
-    dim=2) would; the rest of the class is memory management.
+    (the model's block size). `append` returns the keys and values so far with the new ones
+    after them, as torch.cat along the tokens would (a sliding window's, its last window - 1
+    and the new ones); the rest of the class is memory management.
 
     Its room grows as a Python list's does, to twice what it held, so most new tokens are
     written in place, and a model made for long texts (131,072 positions for Llama 3.2) holds
@@ -800,8 +802,8 @@ class LinearAttention(nn.Module):
 # generation: state=None starts from scratch. Each also exposes `features`
 # (the last hidden states) and `unembedding` (the output layer), so that
 # forward(tokens) = unembedding(features(tokens)), soft-capped where a
-# Transformer's config asks for it (logit_softcap); the fast losses of
-# Appendix A use the two halves.
+# Transformer's config asks for it (logit_softcap); Appendix A's chunked loss
+# uses the two halves.
 
 MODEL_NAMES = ("kgram_mlp_seq", "lstm_seq", "transformer", "transformer_gptoss")
 KGRAM_VARIANTS = ("onehot", "embedding", "conv")
@@ -936,7 +938,7 @@ class LSTMSeqModel(nn.Module):
     def forward_incremental(self, tokens: torch.Tensor, state):
         """tokens: (T, B) -> logits (T, B, vocab), state (h, c) each (layers, B, hidden).
         A single new token goes through `step`, the LSTM's equations written out (and, for
-        one time step, about 3x faster than nn.LSTM's call: 20 against 74 us at hidden 64)."""
+        one time step, about 3.7x faster than nn.LSTM's call: 20 against 74 us at hidden 64)."""
         x = self.embedding(tokens)                                          # (T, B, embed)
         if tokens.shape[0] == 1 and state is not None:
             hidden, state = self.step(x[0], state)
@@ -1379,7 +1381,7 @@ def router_balance_term(model: nn.Module, position_weights: torch.Tensor) -> tor
 def sequence_loss(model: nn.Module, batch: "Batch", reduction: str = "mean") -> torch.Tensor:
     """The masked next-token loss of `model` on `batch`: the mean over real targets, or
     their sum. Equal to masked_cross_entropy(model(batch.inputs), batch.targets, batch.mask).
-    (A convenience for tests and notebooks; training goes through training_step, section 5.)"""
+    (A convenience for tests; training goes through training_step, section 5.)"""
     mask = batch.mask.float()
     weights = mask / mask.sum().clamp(min=1) if reduction == "mean" else mask
     return NextTokenLoss(model)(batch.inputs, batch.targets, weights)
@@ -1658,7 +1660,7 @@ def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5,
     dtype None is bfloat16 there, as the reference runs it (the result need only be roughly
     orthogonal), float32 elsewhere (a CPU has no fast bfloat16); and a stack of matrices of
     one shape, (N, r, c), is orthogonalized matrix by matrix in one batched product each
-    (Appendix A.3)."""
+    (Appendix A.3). "A GPU" here is CUDA's; Apple's GPU takes float32, one at a time."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     if dtype is None:
         dtype = torch.bfloat16 if matrix.is_cuda else torch.float32
@@ -1839,7 +1841,7 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
     for index, (batch, active) in enumerate(micro_batches):
         weights = batch.mask.float() * (scale if active else 0.0)
         last = index == len(micro_batches) - 1
-        with context.gradient_sync(loss_model, last):             # C: ranks sync the last only
+        with context.gradient_sync(loss_model, last):           # C: ranks sync the last only
             with autocast_context(batch.inputs.device, dtype):  # A: bf16 where it pays
                 loss = loss_model(batch.inputs, batch.targets, weights)
             loss.backward()
@@ -5658,9 +5660,9 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> str:
 
 def check_dtype_fits(dtype: str | None, device: torch.device) -> None:
     """UserError for a precision that PyTorch has computed wrongly on `device`: on Apple's GPU
-    (MPS), its fused causal attention in bf16 let some positions see later tokens (reported
-    in 2.11 and 2.12, pytorch#195910; it runs where no gradient is kept, as in evaluation and
-    generation), and bf16 is still young there."""
+    (MPS), the fused causal attention kernel in bf16 let some positions see later tokens
+    (reported in 2.11 and 2.12, pytorch#195910; that kernel runs where no gradient is kept,
+    as in evaluation and generation), and bf16 is still young there."""
     if dtype == "bfloat16" and device.type == "mps":
         raise UserError("--dtype bfloat16 on Apple's GPU (MPS): PyTorch's causal attention "
                         "there has let some positions see later tokens in bf16; use --dtype float32")
@@ -6113,7 +6115,7 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
 # the mixture of experts (each expert's share of the positions is known only once the router
 # ran), RoPE's complex product, and linear attention's loop over chunks (as many as the length
 # needs). Their compiled forms follow; Part I takes them while torch.compile traces it, which
-# speed_up starts under --compile.
+# speed_up starts under --compile. (Apple's GPU also takes the real RoPE formula, eagerly.)
 
 
 def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -6469,7 +6471,8 @@ def decoding_model(model: nn.Module, device: torch.device | str, compile: bool =
 class ForeachMuon(Muon):
     """Section 5's Muon, each element-wise operation applied to all of a group's tensors at
     once (torch._foreach_*): the same arithmetic in the same order, and the same state, so a
-    checkpoint moves between the two (tested equal). build_optimizer takes it on a GPU."""
+    checkpoint moves between the two (tested equal). build_optimizer takes it on an NVIDIA
+    GPU (CUDA)."""
 
     @staticmethod
     def stack_key(p: torch.Tensor):

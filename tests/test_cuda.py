@@ -209,9 +209,9 @@ def test_torchrun_on_a_gpu_joins_with_nccl_and_trains(pico, tmp_path):
 
 
 def test_muon_on_a_gpu_orthogonalizes_in_bfloat16_close_to_the_cpu(pico, monkeypatch):
-    """Muon's Newton-Schulz iteration runs in bfloat16 on a GPU, the matrices of one shape
-    stacked (float32 on the CPU, one at a time): one step from the same weights and gradients
-    lands within a few percent of the CPU's update, for each matrix."""
+    """A GPU's Muon (Appendix A.3's ForeachMuon) runs the Newton-Schulz iteration in bfloat16,
+    the matrices of one shape stacked (float32 on the CPU, one at a time): one step from the
+    same weights and gradients lands within a few percent of the CPU's update, each matrix."""
     stacks = []
     orthogonalize = pico.newton_schulz_orthogonalize
 
@@ -229,21 +229,24 @@ def test_muon_on_a_gpu_orthogonalizes_in_bfloat16_close_to_the_cpu(pico, monkeyp
         parameters = [torch.nn.Parameter(w.clone().to(device)) for w in weights]
         for parameter, gradient in zip(parameters, gradients):
             parameter.grad = gradient.clone().to(device)
-        pico.Muon([dict(params=parameters, muon=True, weight_decay=0.0)], lr=0.01).step()
+        pico.ForeachMuon([dict(params=parameters, muon=True, weight_decay=0.0)], lr=0.01).step()
         updates.append([parameter.detach().cpu() - w for parameter, w in zip(parameters, weights)])
     for cpu, gpu in zip(*updates):
         assert gpu.norm() > 0 and (gpu - cpu).norm() / cpu.norm() < 0.06
-    assert sorted(shape for device, shape in stacks if device == "cuda") == [(1, 96, 32), (2, 64, 256)]
-    assert sorted(shape for device, shape in stacks if device == "cpu") == [(1, 64, 256)] * 2 + [(1, 96, 32)]
+    assert sorted(shape for device, shape in stacks if device == "cuda") == [(2, 64, 256), (96, 32)]
+    assert sorted(shape for device, shape in stacks if device == "cpu") == [(64, 256)] * 2 + [(96, 32)]
     x = torch.randn(64, 256, generator=generator).to(DEVICE)     # bfloat16 unless told otherwise
     assert not torch.equal(orthogonalize(x), orthogonalize(x, 5, torch.float32))
 
 
-def test_foreach_muon_on_a_gpu_takes_muons_steps(pico):
+def test_foreach_muon_on_a_gpu_takes_muons_steps(pico, monkeypatch):
     """Appendix A's ForeachMuon, which --optimizer muon takes on a GPU, against section 5's Muon
     on the GPU: 5 steps from the same weights and gradients land on the same weights (to the
-    rounding of the fused multi-tensor kernels), over a tiny GPT-2's hidden matrices (stacked
-    by shape, bfloat16 Newton-Schulz) and the tensors AdamW takes."""
+    rounding of the fused multi-tensor kernels), over a tiny GPT-2's hidden matrices (bfloat16
+    Newton-Schulz) and the tensors AdamW takes. Each matrix is orthogonalized on its own, as
+    section 5's Muon does: a stack's batched product rounds as its own kernel does (the test
+    above compares the stacked one with the CPU's)."""
+    monkeypatch.setattr(pico.ForeachMuon, "stack_key", staticmethod(id))
     models = [tiny(pico, "GPT2-small", seed=0) for _ in range(2)]
     training = pico.TrainingConfig(optimizer="muon")
     optimizers = [pico.build_optimizer(model, training, DEVICE) for model in models]

@@ -100,6 +100,13 @@ def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name, argv", [("vs_nanogpt", ["--pico_flags=--help"]),
+                                        ("ab_training_speed", ["HEAD", "--flags=--help"])])
+def test_pico_llms_help_through_a_tool_is_printed_not_refused(name, argv, tmp_path):
+    result = run_tool(name, argv, tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("usage: pico-llm"), result.stderr
+
+
 def test_stream_vs_lines_names_its_own_flag_for_a_corpus_of_blank_files(tmp_path):
     (tmp_path / "blank.txt").write_text("\n  \n")
     result = run_tool("stream_vs_lines", ["--corpus_dir", "{tmp}"], tmp_path)

@@ -40,6 +40,17 @@ def test_held_out_windows_cover_the_text_once(monkeypatch):
     assert (epochs, per_epoch, total) == (3, 9, 27)                    # 10 steps a pass
 
 
+def test_the_comparisons_pico_flags_take_any_schedule_and_end_at_nanogpts_min_lr(pico):
+    """train.py's cosine ends at learning_rate / 10: pico-llm's too, and --pico_flags can
+    still choose a constant rate (an explicit --min_lr_ratio would then be refused unread)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import vs_nanogpt
+    for extra, ratio in ([], 0.1), (["--lr_schedule", "constant"], None):
+        config = pico.config_from_command_line([*vs_nanogpt.PICO_FLAGS, *extra,
+                                                "--input_files", "train.txt"])
+        assert ratio is None or config.training.min_lr_ratio == ratio
+
+
 def test_nanogpt_gets_the_characters_pico_llm_reads(pico, tmp_path):
     sys.path.insert(0, str(REPO / "tools"))
     import vs_nanogpt

@@ -56,8 +56,10 @@ def pico_flags_checked(pico, build, flag: str):
     with contextlib.redirect_stderr(io.StringIO()) as printed:
         try:
             return build()
-        except SystemExit:
-            said = printed.getvalue().strip().splitlines()
+        except SystemExit as stop:
+            if stop.code in (0, None):     # --help (printed) or --version: done
+                raise
+            said = printed.getvalue().strip().splitlines() or ["pico-llm: error: refused"]
             message = said[-1].removeprefix("pico-llm: error: ").removesuffix(" (see --help)")
     raise pico.UserError(f"{flag}: {message}; see python pico-llm.py --help")
 

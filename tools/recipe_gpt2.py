@@ -68,7 +68,7 @@ def seconds_to_reach(curve: list[dict], target: float) -> float | None:
 def orthogonalization_seconds(pico, model, device, rounds: int = 5) -> dict:
     """Seconds per optimizer step that Muon's Newton-Schulz iterations take over the model's
     hidden matrices: in float32 and in bfloat16, one matrix at a time and the matrices of one
-    shape stacked (as Muon does on a GPU); the four timed in turns, the median of `rounds`."""
+    shape stacked (as ForeachMuon does on a GPU); the four timed in turns, the median of `rounds`."""
     matrices = [torch.randn_like(p) for p in pico.muon_matrices(model)]
     by_shape = {}
     for matrix in matrices:

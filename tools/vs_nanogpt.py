@@ -66,8 +66,9 @@ PICO_FLAGS = ["--models", "transformer", "--transformer_variant", "minGPT",
               "--d_model", str(SHAPE["n_embd"]), "--d_ff", str(4 * SHAPE["n_embd"]),
               "--block_size", str(SHAPE["block_size"]), "--batch_size", str(SHAPE["batch_size"]),
               "--dropout", "0", "--bias", "false", "--ffn", "gelu_exact", "--tie_weights", "true",
-              "--learning_rate", "1e-3",
-              "--min_lr_ratio", "0.1", "--warmup_steps", "100", "--weight_decay", "0.1",
+              # pico-llm's default --min_lr_ratio, 0.1, is train.py's min_lr = learning_rate / 10;
+              # left to the default, --pico_flags "--lr_schedule constant" can turn it off
+              "--learning_rate", "1e-3", "--warmup_steps", "100", "--weight_decay", "0.1",
               "--beta2", "0.99", "--grad_clip", "1.0", "--data_format", "stream",
               "--random_offsets", "--test_fraction", "0", "--tokenizer", "char",
               "--device_id", "cpu", "--max_new_tokens", "20"]
