@@ -2212,6 +2212,8 @@ def read_text(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path} is UTF-16 (it starts with a byte-order mark); save it as UTF-8")
     if b"\x00" in raw:
         raise UserError(f"{path} looks binary (it contains NUL bytes); give a UTF-8 text file")
     try:
@@ -2410,8 +2412,12 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
 
 def read_stories(stream, max_stories: int, stories: list[str]) -> None:
     """Append the non-empty 'text' of the stream's records to `stories`, up to max_stories."""
-    for record in stream:
-        text = (record.get("text") or "").strip()
+    for number, record in enumerate(stream, start=1):
+        text = record.get("text") if isinstance(record, dict) else None
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"TinyStories record {number} has a 'text' that is not a string "
+                            f"({type(text).__name__}); each record needs a 'text' string")
+        text = (text or "").strip()
         if text:
             stories.append(text)
         if len(stories) >= max_stories:
@@ -4066,6 +4072,29 @@ SWEEPS = {"custom_data": sweep_custom_data, "budget": sweep_budget, "overfit": s
           "ablations": sweep_ablations, "learning_rate": sweep_learning_rate,
           "batch_size": sweep_batch_size, "attention": sweep_attention, "recipe": sweep_recipe}
 
+# The flags a sweep sets itself at every point it trains (besides SWEEP_SET_FLAGS, which all
+# sweeps set): a value given for one would be recorded and never read. A flag that some of
+# a sweep's points leave alone (--ffn for the ablations' baseline) is read, and passes.
+SWEPT_FLAGS = {
+    "overfit": ("lr_schedule",),
+    "kgram_variants": ("kgram_variant",),
+    "architectures": ("n_blocks",),
+    "sampling": ("temperature", "top_k", "top_p"),
+    "learning_rate": ("learning_rate", "lr_schedule", "grad_clip"),
+    "attention": ("attention",),
+}
+
+
+def check_swept_flags(config: Config, names: list[str]) -> None:
+    """Refuse a flag, typed or given a value of its own, that one of the sweeps `names` sets
+    itself at every point."""
+    defaults = default_flags()
+    for name in names:
+        for flag in SWEPT_FLAGS.get(name, ()):
+            if flag in config.typed or config.flags[flag] != defaults[flag]:
+                raise UserError(f"--sweep {name} sets --{flag} itself at each point (it is what "
+                                f"the sweep compares, or held fixed for it); drop --{flag}")
+
 
 def parse_sizes(text: str) -> tuple[int, ...]:
     if not re.fullmatch(r"\s*[0-9]+\s*(,\s*[0-9]+\s*)*", text, flags=re.ASCII):
@@ -4085,6 +4114,8 @@ def run_sweeps(config: Config) -> int:
     check_sweep_flags(config, f"--sweep {experiments.sweep}" if experiments.sweep else
                       "--custom_sweep_log" if experiments.custom_sweep_log else
                       "--collect_transformer_metrics")
+    if experiments.sweep != "presentation":   # the other sweeps of a presentation read them
+        check_swept_flags(config, [experiments.sweep] if experiments.sweep else [])
     device = resolve_device(config.device_id)
     check_dtype_fits(config.training.dtype, device)
     note_apple_gpu_defects(device)
@@ -4648,8 +4679,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     if args.enable_transformer_gptoss and "transformer_gptoss" not in args.models:
         args.models.append("transformer_gptoss")
-    if args.tokenizer is None and not args.init_from and not args.generate:
-        args.tokenizer = "char"  # --init_from brings its own, --generate's checkpoint too
+    if args.tokenizer is None and not (args.init_from or args.generate or args.checkpoint):
+        args.tokenizer = "char"  # --init_from brings its own, a --checkpoint too
     validate_args(args)
     # Only a fresh training run is held to this: a sweep's points change the model under the
     # flags, and a resumed run or a checkpoint's model keeps the flags it was trained with.
@@ -4742,6 +4773,9 @@ def validate_args(args: argparse.Namespace) -> None:
                  "custom_sweep_log"):  # "" would be the current folder, or no path: ignored
         if getattr(args, name) == "":
             raise UserError(f"--{name} is empty; give a path, or drop the flag")
+    if args.accounting == "":
+        raise UserError("--accounting is empty; give configured (what a bare --accounting "
+                        "reports), all, a preset name or a GPT-2 size")
     control = any(unicodedata.category(ch).startswith("C") for ch in args.run_name or "")
     if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
@@ -4754,9 +4788,13 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} is at most {limit}, got {getattr(args, name)}")
     if args.monosemantic_clusters <= 0:
         raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
-    if args.tinystories_path and not args.tinystories_weight:
-        raise UserError("--tinystories_path is read only with --tinystories_weight above 0 (the "
-                        "share of examples from TinyStories); add it, or drop --tinystories_path")
+    tinystories_flags = {"tinystories_path": args.tinystories_path,
+                         "tinystories_max_stories": (args.tinystories_max_stories !=
+                                                     DataConfig.tinystories_max_stories)}
+    for flag, given in tinystories_flags.items():
+        if given and not args.tinystories_weight:
+            raise UserError(f"--{flag} is read only with --tinystories_weight above 0 (the share "
+                            f"of examples from TinyStories); add it, or drop --{flag}")
     if args.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} is too large; "
                         f"use at most {MAX_NEW_TOKENS_LIMIT}")
@@ -4923,6 +4961,11 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     if not math.isfinite(config.logit_softcap):
         raise UserError(f"--logit_softcap must be a finite number (0 = off){where}, "
                         f"got {config.logit_softcap}")
+    if 0 < config.logit_softcap < 1:   # (-cap, cap) leaves no room to prefer a token, and
+        # logits / cap overflows for a tiny cap: training would fail on a NaN gradient
+        raise UserError(f"--logit_softcap {config.logit_softcap}{where} squashes every logit "
+                        "into less than one nat; use 0 (off) or a cap of at least 1 (the "
+                        "speedrun's is 15)")
     if config.rope_scaling not in ROPE_SCALINGS:
         raise UserError(f"rope_scaling {config.rope_scaling!r}{where} is not one of "
                         + ", ".join(ROPE_SCALINGS))
@@ -5288,6 +5331,9 @@ def run_training(config: Config) -> int:
         save_dir = checkpoint_directory(config.checkpoints)
         if save_dir is not None:
             check_writable_directory(save_dir, "--save_dir")
+            for name in config.models.names:   # a resumed run writes into these
+                if (save_dir / name).is_dir():
+                    check_writable_directory(save_dir / name, "--save_dir")
         resuming = config.checkpoints.resume is not None
         if context.is_main and save_dir is not None:  # rank 0 alone writes; the others stop when it does
             claims.enter_context(claim_directory(save_dir, "--save_dir"))   # held until the run ends
@@ -5383,14 +5429,8 @@ def run_generation(config: Config) -> int:
         context = trained.data.block_size
         limit = f"the checkpoint's --block_size {context}"
         where, own = f"--checkpoint {path}", trained.models.names[0]
-        if config.data.tokenizer not in (None, tokenizer.name):
-            raise UserError(f"--tokenizer {config.data.tokenizer} does not fit {where}, whose "
-                            f"model was trained with --tokenizer {tokenizer.name}; drop --tokenizer")
-        check_model_flags_fit(config, trained.flags, own, where, "--generate")
-    named = config.models.names
-    if own not in named and named != DEFAULT_MODELS.split(","):
-        raise UserError(f"{where} holds model {own}, which --models {','.join(named)} does not "
-                        "name; drop --models")
+        check_checkpoint_named(config, tokenizer, trained, where, "--generate")
+    check_models_named(config, own, where)
     sampling = config.sampling
     prompt_tokens = len(tokenizer.encode(sampling.prompt))
     if prompt_tokens == 0:
@@ -5531,11 +5571,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "finished; send it to a file, or through tail", file=sys.stderr)
         return 128 + signal.SIGPIPE
     except (MemoryError, RuntimeError) as error:
+        if str(error).startswith("Symlink loop from "):   # pathlib's resolve() of a looping path
+            path = str(error).removeprefix("Symlink loop from ").strip("'")
+            print(f"pico-llm: error: {PATH_ERRORS[errno.ELOOP].format(path=path)}", file=sys.stderr)
+            return 2
         if not out_of_memory(error):
             raise
         print(f"pico-llm: error: out of memory ({textwrap.shorten(str(error), 100)}); lower "
               "--batch_size or --block_size, or train a smaller model", file=sys.stderr)
         return 2
+    except OSError as error:   # a path given that no file system call can take
+        if error.errno not in PATH_ERRORS:
+            raise
+        path = quoted(error.filename if error.filename is not None else "a path given")
+        print(f"pico-llm: error: {PATH_ERRORS[error.errno].format(path=path)}", file=sys.stderr)
+        return 2
+
+
+# Errors of a path itself, whichever flag gave it and wherever it is first touched (Python's
+# Path.exists() answers False only for a path that is missing, and raises these).
+PATH_ERRORS = {
+    errno.ENAMETOOLONG: "{path}: a name in this path is longer than the file system allows; "
+                        "choose a shorter path",
+    errno.ELOOP: "{path}: a symbolic link on this path leads round in a loop; choose another path",
+    errno.EACCES: "{path}: permission denied (a folder on the way may not be searchable); choose "
+                  "a path you can read and write, or change its permissions",
+}
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -8797,6 +8858,10 @@ def hf_weight_files(path: Path) -> list[Path]:
     elif (path / "pytorch_model.bin").is_file():
         files = [path / "pytorch_model.bin"]
     else:
+        for name in ("model.safetensors", "pytorch_model.bin"):   # a folder, a pipe, a loop
+            if (path / name).exists() or (path / name).is_symlink():
+                raise UserError(f"{quoted(path / name)} is not a regular file; give the model's "
+                                "weights as a file")
         raise UserError(f"{quoted(path)} has no model.safetensors or pytorch_model.bin")
     return files
 
@@ -9162,6 +9227,8 @@ def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
                 tokenizer_class="PreTrainedTokenizerFast", bos_token=eot, eos_token=eot,
                 model_max_length=config.block_size, clean_up_tokenization_spaces=False),
                 indent=2) + "\n")
+        for file in staging.iterdir():   # safetensors writes its file private (0600)
+            os.chmod(file, 0o666 & ~current_umask())
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
         os.rename(staging, directory)  # over an empty directory at most
     except BaseException as error:
@@ -9260,6 +9327,25 @@ def init_from_hf(config: Config, resumed: tuple[Path, dict] | None):
     return dataclasses.replace(config, models=models), tokenizer, path
 
 
+def check_models_named(config: Config, own: str, where: str) -> None:
+    """--models, where given, must name the model `where` holds."""
+    named = config.models.names
+    if own not in named and named != DEFAULT_MODELS.split(","):
+        raise UserError(f"{where} holds model {own}, which --models {','.join(named)} does not "
+                        "name; drop --models")
+
+
+def check_checkpoint_named(config: Config, tokenizer, trained: Config, where: str,
+                           command: str) -> None:
+    """--generate or --export_hf from a checkpoint: the flags given for its tokenizer, model
+    and shape must be the ones it was trained with (it is taken as trained)."""
+    if config.data.tokenizer not in (None, tokenizer.name):
+        raise UserError(f"--tokenizer {config.data.tokenizer} does not fit {where}, whose "
+                        f"model was trained with --tokenizer {tokenizer.name}; drop --tokenizer")
+    check_model_flags_fit(config, trained.flags, trained.models.names[0], where, command)
+    check_models_named(config, trained.models.names[0], where)
+
+
 def check_fits_to_sample(transformer: TransformerConfig, source: str) -> None:
     """--generate --init_from: refuse, before reading them, weights that do not fit in memory
     in float32 (4 bytes a parameter: they are loaded on the CPU first)."""
@@ -9277,8 +9363,8 @@ def run_export(config: Config) -> int:
     directory, path = Path(config.huggingface.export_hf), Path(config.checkpoints.checkpoint)
     check_export_directory(directory)
     model, tokenizer, trained = model_from_checkpoint(path, "--checkpoint")
-    check_model_flags_fit(config, trained.flags, trained.models.names[0],
-                          f"--checkpoint {quoted(path)}", "--export_hf")
+    check_checkpoint_named(config, tokenizer, trained, f"--checkpoint {quoted(path)}",
+                           "--export_hf")
     if not isinstance(model, TransformerModel):
         raise UserError(f"--checkpoint {quoted(path)} holds no Transformer "
                         f"({type(model).__name__}); --export_hf writes Transformers")

@@ -606,6 +606,10 @@ BAD_CHECKPOINT_INPUTS = [
     (["--generate", "--checkpoint", "{ckpt}", "--embed_size=128"], "drop --embed_size 128"),
     (["--checkpoint", "{ckpt}", "--export_hf", "{folder}/hf", "--kgram_k", "5"],
      "--export_hf takes it as trained; drop --kgram_k 5"),
+    (["--checkpoint", "{ckpt}", "--export_hf", "{folder}/hf", "--models", "lstm_seq"],
+     "holds model kgram_mlp_seq, which --models lstm_seq does not name; drop --models"),
+    (["--checkpoint", "{ckpt}", "--export_hf", "{folder}/hf", "--tokenizer", "gpt2"],
+     "whose model was trained with --tokenizer char; drop --tokenizer"),
     (["--resume", "{newer_save}/kgram_mlp_seq/step_000002.pt"],
      "kgram_mlp_seq/step_000003.pt is newer and training on would write over it"),
     (["--save_dir", "{file_save}"], "file_save/kgram_mlp_seq, where kgram_mlp_seq's checkpoints "

@@ -13,6 +13,9 @@ BAD_INPUTS = [
     (["--input_files", "{empty}"], "empty"),
     (["--input_files", "{latin1}"], "not valid UTF-8"),
     (["--input_files", "{binary}"], "binary"),
+    (["--input_files", "{utf16}"], "is UTF-16 (it starts with a byte-order mark); save it as UTF-8"),
+    (["--tinystories_weight", "1", "--tinystories_path", "{numbers_json}"],
+     "TinyStories record 1 has a 'text' that is not a string (int)"),
     (["--input_files", "{folder}"], "is a directory"),
     (["--input_files", "{loop}"], "is a symbolic link to nothing readable"),
     (["--input_dir", "{no_txt_folder}"], "no .txt"),
@@ -87,6 +90,12 @@ BAD_INPUTS = [
     (["--models", "transformer", "--attention", "gated_linear", "--attention_maps"],
      "--attention gated_linear has none to draw"),
     (["--sweep", "budget", "--export_hf", "out"], "--sweep gives none to write"),
+    *[(["--sweep", sweep, flag, value], f"--sweep {sweep} sets {flag} itself at each point")
+      for sweep, flag, value in [("learning_rate", "--learning_rate", "0.1"),
+                                 ("attention", "--attention", "linear"),
+                                 ("kgram_variants", "--kgram_variant", "onehot"),
+                                 ("sampling", "--temperature", "0.5"), ("sampling", "--top_k", "5"),
+                                 ("overfit", "--lr_schedule", "cosine")]],
     (["--models", "transformer", *TINY_RUN, "--save_dir", "{folder}/ckpt", "--export_hf", "{folder}/ckpt"],
      "would hold the files this run writes for --save_dir; give the export a directory of its own"),
     (["--accounting", "--generate", "--checkpoint", "x.pt"], "--accounting and --generate are two commands"),
@@ -109,6 +118,11 @@ BAD_INPUTS = [
     (["--lr_schedule", "constant", "--min_lr_ratio", "0.5"],
      "--min_lr_ratio would be ignored: --lr_schedule constant keeps the learning rate"),
     (["--lr_min", "0.001"], "--lr_min would be ignored: reduce-on-plateau is off"),
+    (["--accounting", ""], "--accounting is empty; give configured"),
+    (["--models", "transformer", "--logit_softcap", "1e-300"],
+     "squashes every logit into less than one nat; use 0 (off) or a cap of at least 1"),
+    (["--tinystories_max_stories", "5"], "--tinystories_max_stories is read only with "
+                                         "--tinystories_weight above 0"),
     (["--accounting", "GPT-oss", "--n_heads", "6"], "--n_heads 6 must divide --d_model 512 (preset GPT-oss)"),
     (["--plateau_factor", "0.3"], "--plateau_factor would be ignored: reduce-on-plateau is off"),
     # typed at its default value, the flag is still the user's and still unread
@@ -127,13 +141,16 @@ def bad_files(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "utf16.txt").write_text("hello world\n", encoding="utf-16")
+    (tmp_path / "numbers.jsonl").write_text('{"text": 5}\n')
     (tmp_path / "folder").mkdir()
     (tmp_path / "no_txt_folder").mkdir()
     (tmp_path / "no_txt_folder" / "a.md").write_text("x")
     (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
     return {name: str(tmp_path / file) for name, file in [
         ("empty", "empty.txt"), ("latin1", "latin1.txt"), ("binary", "binary.txt"),
-        ("folder", "folder"), ("no_txt_folder", "no_txt_folder"), ("loop", "loop.txt")]}
+        ("folder", "folder"), ("no_txt_folder", "no_txt_folder"), ("loop", "loop.txt"),
+        ("utf16", "utf16.txt"), ("numbers_json", "numbers.jsonl")]}
 
 
 @pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a)[:40] for a, _ in BAD_INPUTS])

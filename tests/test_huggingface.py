@@ -449,6 +449,9 @@ def test_every_preset_exports(pico, tmp_path, preset):
     model = perturbed(pico.TransformerModel(config))
     pico.export_hf(model, pico.ByteTokenizer(), tmp_path / "out")
     check_same_model(pico, model, tmp_path / "out", 257)
+    # every file readable as the umask allows, the weights too (safetensors writes them 0600)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "out").iterdir()}
+    assert set(modes.values()) == {0o666 & ~pico.current_umask()}, modes
 
 
 REFUSED = {
@@ -1256,3 +1259,17 @@ def test_generate_from_a_prompt_the_tokenizer_has_no_tokens_for_is_refused(refus
     (llama_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
     refused("is no token at all in this model's tokenizer", "--generate", "--init_from",
             str(llama_dir), "--prompt", "zzz", "--max_new_tokens", "2")
+
+
+@pytest.mark.parametrize("kind", ["folder", "loop"])
+def test_weights_that_are_no_regular_file_are_named_as_such(pico, own_gpt2_dir, kind):
+    """A model.safetensors that is a folder or a looping link is there but unreadable: said
+    so, not "has no model.safetensors"."""
+    weights = own_gpt2_dir / "model.safetensors"
+    weights.unlink()
+    if kind == "folder":
+        weights.mkdir()
+    else:
+        weights.symlink_to(weights)
+    with pytest.raises(pico.UserError, match="model.safetensors is not a regular file"):
+        pico.hf_weight_files(own_gpt2_dir)

@@ -673,6 +673,57 @@ def test_finite_explosion_does_not_suggest_skip_nonfinite(ws):
     assert "skip_nonfinite" not in line, describe(result)
 
 
+def bound_by_permissions(probe: list[str], what: str) -> tuple[str, ...]:
+    """The command prefix under which file permissions bind this test's script: none for a
+    plain user; for root, setpriv dropping CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH. Skips
+    the test where `probe`, a command that permissions should make fail, still succeeds."""
+    prefix = ()
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip(f"running as root and setpriv is missing: cannot {what} here")
+        drop = "-dac_override,-dac_read_search"
+        prefix = (setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}")
+    if subprocess.run([*prefix, *probe], capture_output=True).returncode == 0:
+        pytest.skip(f"cannot {what} here")
+    return prefix
+
+
+def test_an_input_file_in_a_folder_that_cannot_be_searched_is_one_line(ws):
+    """Without search (x) permission on its folder a file cannot even be looked at: Python's
+    Path.exists() raises rather than saying False, and pico-llm answers in one line."""
+    folder = ws.root / "closed"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello world\n" * 50)
+    folder.chmod(0o600)
+    try:
+        prefix = bound_by_permissions(["cat", str(folder / "a.txt")], "close a folder")
+        before = ws.snapshot()
+        result = run(*TINY, *ws.io(corpus=False), "--input_files", str(folder / "a.txt"),
+                     prefix=prefix)
+        assert_refused(result, "a.txt", "permission denied", unchanged=before)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_resuming_into_a_read_only_model_folder_fails_before_training(ws):
+    """A resumed run writes its checkpoints into <save_dir>/<model>/: a folder it cannot write
+    is refused before training, as an unwritable --save_dir is, not after the first epoch."""
+    trained = run(*TINY, *ws.io(), "--save_dir", str(ws.save), timeout=300)
+    assert trained.returncode == 0, describe(trained)
+    model_dir = ws.save / "lstm_seq"
+    model_dir.chmod(0o555)
+    try:
+        prefix = bound_by_permissions(["touch", str(model_dir / "probe")], "make a folder read-only")
+        before = ws.snapshot()
+        result = run(*VERBOSE, *ws.io(), "--save_dir", str(ws.save), "--resume", "--epochs", "2",
+                     prefix=prefix, timeout=300)
+        assert_refused(result, "save_dir", unchanged=before)
+        assert not trained_before_failing(result), describe(result)
+    finally:
+        model_dir.chmod(0o755)
+
+
 def test_unreadable_input_dir_is_not_reported_as_empty(ws):
     """chmod 000 binds root only without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, so under
     root the script runs through setpriv with those capabilities dropped."""
@@ -680,19 +731,8 @@ def test_unreadable_input_dir_is_not_reported_as_empty(ws):
     locked.mkdir()
     (locked / "a.txt").write_text("hello world\n")
     locked.chmod(0)
-    prefix = ()
     try:
-        if os.geteuid() == 0:
-            setpriv = shutil.which("setpriv")
-            if setpriv is None:
-                pytest.skip("running as root and setpriv is missing: chmod 000 does not apply")
-            drop = "-dac_override,-dac_read_search"
-            prefix = (setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}")
-            probe = subprocess.run([*prefix, "ls", str(locked)], capture_output=True)
-            if probe.returncode == 0:
-                pytest.skip("cannot make a directory unreadable here")
-        elif os.access(locked, os.R_OK):
-            pytest.skip("cannot make a directory unreadable here")
+        prefix = bound_by_permissions(["ls", str(locked)], "make a directory unreadable")
         before = ws.snapshot()
         result = run(*TINY, "--input_dir", str(locked), *ws.io(corpus=False), prefix=prefix)
         line = assert_refused(result, "corpus", ("permission", "cannot read", "not readable"),
@@ -1005,3 +1045,23 @@ def test_a_checkpoint_this_user_may_not_read_is_said_to_be_unreadable_not_corrup
         pico.read_checkpoint(path, "--checkpoint")
     assert not isinstance(refused.value, pico.DamagedCheckpoint)
     assert str(refused.value).startswith(f"cannot read --checkpoint {path} (Permission denied)")
+
+
+@pytest.mark.parametrize("flag", ["--save_dir", "--artefacts_dir", "--input_files", "--input_dir",
+                                  "--resume", "--export_hf"])
+def test_a_path_no_file_system_call_can_take_is_one_line(run_main, tmp_path, flag):
+    """A name longer than the file system allows, or a symbolic link looping on the way: each
+    path flag answers in one line, before training, whichever check first touches the path
+    (Python's Path.exists() raises for these rather than saying False)."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path, says in [(tmp_path / ("c" * 300), "longer than"),
+                       (tmp_path / "loop" / "x", str(tmp_path / "loop"))]:
+        flags = [*TINY, *TINY_TRANSFORMER, flag, str(path)]
+        if flag not in ("--input_files", "--input_dir"):
+            flags += ["--input_files", str(REPO / "3seqs.txt")]
+        if flag == "--artefacts_dir":         # run_main's own comes last
+            status, _, err = run_main(*flags[:-4], *flags[-2:], artefacts=path)
+        else:
+            status, _, err = run_main(*flags)
+        assert status == 2 and err.count("\n") == 1 and says in err, err
+        assert "Traceback" not in err
