@@ -93,11 +93,95 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
      "--flags: argument --d_model: invalid int value: 'x'; see python pico-llm.py --help"),
     ("ab_training_speed", ["HEAD", "--model", "lstm_seq", "--vocab_size", "1000000000000"],
      "a training step of lstm_seq at --batch_size 16 and --vocab_size 1000000000000 does not fit"),
+    ("benchmark", ["--seed", "99999999999999999999999"],
+     "argument --seed: expected at most 18446744073709551615, got 99999999999999999999999"),
+    ("benchmark", ["--seed", "-1"], "argument --seed: expected at least 0, got -1"),
+    ("vs_nanogpt", ["--seed", "-1"], "argument --seed: expected at least 0, got -1"),
+    ("vs_nanogpt", ["--warmup", "-1"], "argument --warmup: expected at least 0, got -1"),
+    ("vs_nanogpt", ["--nanogpt", "{tmp}/nanoGPT"], "--nanogpt {tmp}/nanoGPT has no train.py (a "
+                                                   "nanoGPT checkout); drop --nanogpt to time"),
+    ("compile_presets", ["--configs", "pico,minGPT,pico", "--output", "{tmp}/out.json"],
+     "--configs names pico twice; name each once"),
 ])
 def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     result = run_tool(name, argv, tmp_path)
     assert_one_line_error(result, name, message.format(tmp=tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, flag", [
+    ("benchmark", "--output"), ("benchmark", "--profile"), ("benchmark", "--nanogpt_dir"),
+    ("compile_presets", "--output"), ("make_3seqs", "--out"), ("make_notebook", "--output"),
+    ("recipe_gpt2", "--output"), ("recipe_gpt2", "--write_corpus"),
+    ("stream_vs_lines", "--corpus_dir"), ("vs_nanogpt", "--corpus_dir"), ("vs_nanogpt", "--nanogpt"),
+])
+def test_a_tool_refuses_an_empty_path_rather_than_the_current_directory(name, flag, tmp_path):
+    result = run_tool(name, [*TOOL_ARGUMENTS[name], flag, ""], tmp_path)
+    assert_one_line_error(result, name, f"argument {flag}: is empty; give a path")
+
+
+def test_ab_training_speed_names_what_an_older_pico_llm_lacks(tmp_path):
+    if subprocess.run(["git", "cat-file", "-e", "83ec3ed"], cwd=REPO).returncode != 0:
+        pytest.skip("a clone without the first commit")
+    result = run_tool("ab_training_speed", ["83ec3ed", "--model", "lstm_seq"], tmp_path)
+    assert_one_line_error(result, "ab_training_speed", "pico-llm.py at 83ec3ed predates what this "
+                                                       "tool times: it has no keep_freed_memory")
+
+
+def test_make_3seqs_writes_over_its_own_corpus_or_an_empty_file_only(tmp_path):
+    (tmp_path / "results.json").write_text('{"loss": 1}\n')
+    result = run_tool("make_3seqs", ["--out", "{tmp}/results.json"], tmp_path)
+    assert_one_line_error(result, "make_3seqs", f"--out {tmp_path}/results.json already exists "
+                                                "and is not a 3seqs corpus; choose another --out")
+    assert (tmp_path / "results.json").read_text() == '{"loss": 1}\n'
+    (tmp_path / "3seqs.txt").write_text("")
+    for _ in range(2):             # into the empty file, then over its own corpus
+        assert run_tool("make_3seqs", ["--out", "{tmp}/3seqs.txt"], tmp_path).returncode == 0
+        assert (tmp_path / "3seqs.txt").read_bytes() == (REPO / "3seqs.txt").read_bytes()
+
+
+def test_recipe_gpt2_writes_its_corpus_as_a_new_directory_only(tmp_path):
+    (tmp_path / "os.txt").write_text("mine\n")
+    result = run_tool("recipe_gpt2", ["--write_corpus", "{tmp}"], tmp_path)
+    assert_one_line_error(result, "recipe_gpt2", f"--write_corpus {tmp_path} already exists and "
+                                                 "is not an empty directory; give a new directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["os.txt"]
+    assert (tmp_path / "os.txt").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("name", ["stream_vs_lines", "vs_nanogpt"])
+def test_a_corpus_tool_writes_python_docs_into_no_directory_of_other_files(name, tmp_path):
+    (tmp_path / "notes.md").write_text("mine\n")
+    result = run_tool(name, ["--corpus_dir", "{tmp}"], tmp_path)
+    assert_one_line_error(result, name, f"--corpus_dir {tmp_path} holds no .txt files, but other "
+                                        "files; give a directory of .txt files, or a new or empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.md"]
+
+
+def test_python_docs_appear_whole_or_not_at_all(monkeypatch, tmp_path):
+    import stream_vs_lines
+    failures = [KeyboardInterrupt()]
+
+    def write_one_file(directory, packages):
+        (directory / "os.txt").write_text("documentation\n")
+        if failures:
+            raise failures.pop()
+        return 14
+
+    monkeypatch.setattr(stream_vs_lines, "write_python_docs_into", write_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        stream_vs_lines.write_python_docs(tmp_path / "docs")
+    assert list(tmp_path.iterdir()) == []              # no half corpus, no temporary directory
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "os.txt").write_text("mine\n")
+    with pytest.raises(OSError):                       # a directory of files is never written into
+        stream_vs_lines.write_python_docs(tmp_path / "mine")
+    assert (tmp_path / "mine" / "os.txt").read_text() == "mine\n"
+    (tmp_path / "empty").mkdir()
+    for new in tmp_path / "empty", tmp_path / "new" / "docs":
+        assert stream_vs_lines.write_python_docs(new) == 14
+        assert (new / "os.txt").read_text() == "documentation\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "new"]
 
 
 @pytest.mark.parametrize("name, argv", [("vs_nanogpt", ["--pico_flags=--help"]),

@@ -13,6 +13,7 @@ Prints each version's first step (with --compile, mostly compilation: the second
 compiled may reuse some of the first's kernels), median step time, tokens/s and MFU against a
 float32 matmul ceiling probed between the rounds, and the ratio new/old.
 Versions before the lesson-first layout take the argparse namespace; both APIs are handled.
+A version older still, without a function this times it with, is refused, naming the function.
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def main() -> int:
                 raise
             parser.error(f"a training step of {args.model} at --batch_size {args.batch_size} and "
                          f"--vocab_size {args.vocab_size} does not fit in memory here")
+        except AttributeError as error:    # a function the old version does not have yet
+            if error.obj is not versions["old"]:
+                raise
+            parser.error(f"pico-llm.py at {args.old_rev} predates what this tool times: it has "
+                         f"no {error.name}; give a later revision")
         times, ceilings = {name: [] for name in steps}, []
         for _ in range(args.rounds):
             for name, (step, _, _) in steps.items():

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pico_module import TOOLS_DIR, OneLineErrorParser, load_pico, load_script, refuse_gpu_size_on_a_cpu
+from pico_module import (TOOLS_DIR, OneLineErrorParser, load_pico, load_script, path_text,
+                         refuse_gpu_size_on_a_cpu, seed_int)
 
 pico = load_pico()
 
@@ -943,7 +944,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the same code paths at tiny sizes (seconds; the tests use it)")
-    parser.add_argument("--output", default=str(pico.DEFAULT_ARTEFACTS_DIR / "benchmark.json"),
+    parser.add_argument("--output", type=path_text,
+                        default=str(pico.DEFAULT_ARTEFACTS_DIR / "benchmark.json"),
                         help="where the JSON report goes")
     parser.add_argument("--device_id", default="auto",
                         help="auto (CUDA, else MPS, else cpu), cpu, mps or cuda:N, as pico-llm's flag")
@@ -957,12 +959,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="instead: GPT-2 small at context 1024 (training eager and compiled, "
                              "an optimizer step alone, decoding against transformers' generate); "
                              "for GPUs")
-    parser.add_argument("--nanogpt_dir", default=None,
+    parser.add_argument("--nanogpt_dir", type=path_text, default=None,
                         help="with --gpt2: a nanoGPT checkout whose model.py is timed beside pico-llm")
-    parser.add_argument("--profile", default=None, metavar="DIR",
+    parser.add_argument("--profile", type=path_text, default=None, metavar="DIR",
                         help="with --gpt2: also write a torch.profiler table of each training step "
                              "there (profile_<who>_<mode>.txt)")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=seed_int, default=1337)
     parser.add_argument("--quiet", action="store_true", help="no progress notes")
     return parser
 

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pico_module import OneLineErrorParser, PICO_PATH, load_pico, positive_float, positive_int
+from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, path_text, positive_float,
+                         positive_int)
 
 # Every preset, and the attention kinds on the default preset; the ones least like the
 # GPT-2 step that tools/benchmark.py measures first, so that a run cut short has them.
@@ -88,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated names among: " + ", ".join(CONFIGS))
     parser.add_argument("--tiny", action="store_true", help="tiny widths (seconds; the tests)")
-    parser.add_argument("--output", required=True, help="where the JSON report goes")
+    parser.add_argument("--output", type=path_text, required=True, help="where the JSON report goes")
     args = parser.parse_args(argv)
     names = args.configs.split(",")
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {', '.join(unknown)}")
+    for name in names:   # the report keeps one row a config: a second would replace the first
+        if names.count(name) > 1:
+            parser.error(f"--configs names {name} twice; name each once")
     pico = load_pico()
     try:
         if args.steps < 2:   # the first step is timed apart (compilation), the rest together

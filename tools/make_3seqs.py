@@ -11,7 +11,7 @@ A model that learns it must learn to count, to step by two, and to double.
 import sys
 from pathlib import Path
 
-from pico_module import OneLineErrorParser, write_text_atomically
+from pico_module import OneLineErrorParser, path_text, write_text_atomically
 
 NUM_LINES = 3333
 SEQUENCES = (
@@ -25,14 +25,32 @@ def three_sequence_lines(num_lines: int = NUM_LINES) -> list[str]:
     return [" ".join(SEQUENCES[i % len(SEQUENCES)]) for i in range(num_lines)]
 
 
+def is_3seqs_corpus(path: Path) -> bool:
+    """Whether the regular file `path` is empty or begins as this tool's corpus, with its first
+    line (counting), read from its start alone: the files --out may write over."""
+    if not path.is_file():   # a directory, or a FIFO whose read would block
+        return False
+    first = (three_sequence_lines(1)[0] + "\n").encode()
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(first)) in (b"", first)
+    except OSError:
+        return False
+
+
 def main() -> int:
     parser = OneLineErrorParser(prog="tools/make_3seqs.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "3seqs.txt")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=path_text,
+                        default=str(Path(__file__).resolve().parent.parent / "3seqs.txt"))
+    out = Path(parser.parse_args().out)
+    if out.exists() and not is_3seqs_corpus(out):
+        print(f"make_3seqs: error: --out {out} already exists and is not a 3seqs corpus; choose "
+              "another --out (or delete it)", file=sys.stderr)
+        return 2
     try:
-        write_text_atomically(args.out, "".join(line + "\n" for line in three_sequence_lines()))
+        write_text_atomically(out, "".join(line + "\n" for line in three_sequence_lines()))
     except OSError as error:
-        print(f"make_3seqs: error: cannot write {args.out} ({error.strerror}); choose another --out",
+        print(f"make_3seqs: error: cannot write {out} ({error.strerror}); choose another --out",
               file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nbformat
 
-from pico_module import OneLineErrorParser, write_text_atomically
+from pico_module import OneLineErrorParser, path_text, write_text_atomically
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1024,7 +1024,7 @@ def work_lost_by_writing(path: Path, new: nbformat.NotebookNode) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="tools/make_notebook.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--output", default=str(REPO / "pico_llm.ipynb"),
+    parser.add_argument("--output", type=path_text, default=str(REPO / "pico_llm.ipynb"),
                         help="where the notebook goes (default: the committed pico_llm.ipynb)")
     parser.add_argument("--force", action="store_true",
                         help="replace the notebook even where its cells were edited or it "

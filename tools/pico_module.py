@@ -64,15 +64,40 @@ def pico_flags_checked(pico, build, flag: str):
     raise pico.UserError(f"{flag}: {message}; see python pico-llm.py --help")
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts and sizes: an integer of at least 1 (0 rounds has no median)."""
+def integer_between(text: str, minimum: int, maximum: int | None = None) -> int:
+    """`text` as an integer from `minimum` to `maximum` (None: no limit), or argparse's error."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"expected at most {maximum}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: an integer of at least 1 (0 rounds has no median)."""
+    return integer_between(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for a number of steps left out: an integer of at least 0."""
+    return integer_between(text, 0)
+
+
+def seed_int(text: str) -> int:
+    """argparse type for --seed: pico-llm's range, what torch.manual_seed takes (0 to 2**64 - 1)."""
+    return integer_between(text, 0, 2**64 - 1)
+
+
+def path_text(text: str) -> str:
+    """argparse type for a path to write or read: not empty (Path('') is the current directory,
+    where a tool would then write)."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return text
 
 
 def positive_float(text: str) -> float:
@@ -86,6 +111,12 @@ def positive_float(text: str) -> float:
     return value
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """`text` in a temporary file beside `path`, renamed over it: a failure leaves the old file,
     and readers never see half of the new one (pico-llm.py's atomic_write_bytes does the same;
@@ -96,9 +127,7 @@ def write_text_atomically(path: Path, text: str) -> None:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)   # mkstemp makes it private (0600)
+        os.chmod(temporary, 0o666 & ~current_umask())   # mkstemp makes it private (0600)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

@@ -10,9 +10,9 @@ of 12 heads, 768 wide, bf16 on a GPU, eager):
     speedrun + Muon      the speedrun preset's blocks (SwiGLU, RMSNorm, RoPE, QK-norm) at the
                          same shape, with Muon
 
-The text is docstrings: `--write_corpus DIR` writes the standard library's and those of the
-installed torch, transformers, numpy, scipy, pandas and sympy (tens of MB where all are
-installed; a run of a minute per recipe reads less than one pass), then
+The text is docstrings: `--write_corpus DIR` writes, as a new directory, the standard library's
+and those of the installed torch, transformers, numpy, scipy, pandas and sympy (tens of MB
+where all are installed; a run of a minute per recipe reads less than one pass), then
 
     python tools/recipe_gpt2.py --input_dir DIR --device_id cuda:0 --seconds 60 --output OUT.json
     python tools/recipe_gpt2.py --tiny --device_id cpu --input_dir DIR --output OUT.json   # tests
@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from benchmark import synchronize
-from pico_module import OneLineErrorParser, load_pico, positive_float, refuse_gpu_size_on_a_cpu
-from stream_vs_lines import write_python_docs
+from pico_module import (OneLineErrorParser, load_pico, path_text, positive_float,
+                         refuse_gpu_size_on_a_cpu)
+from stream_vs_lines import is_new_or_empty_directory, write_python_docs
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "pandas", "sympy")
 GPT2_SMALL = {"d_model": 768, "n_heads": 12, "n_blocks": 12}
@@ -89,22 +90,25 @@ def orthogonalization_seconds(pico, model, device, rounds: int = 5) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="tools/recipe_gpt2.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--write_corpus", metavar="DIR",
-                        help="write the docstring corpus into DIR and stop")
+    parser.add_argument("--write_corpus", metavar="DIR", type=path_text,
+                        help="write the docstring corpus as DIR (a new directory) and stop")
     parser.add_argument("--input_dir", help="running text (a directory of .txt files)")
     parser.add_argument("--device_id", default="auto")
     parser.add_argument("--seconds", type=positive_float, default=60.0, help="training seconds per recipe")
     parser.add_argument("--learning_rate", type=positive_float, default=6e-4,
                         help="peak rate for every recipe (GPT-2 small's, as nanoGPT trains it)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and context (the tests)")
-    parser.add_argument("--output", help="where the JSON report goes")
+    parser.add_argument("--output", type=path_text, help="where the JSON report goes")
     args = parser.parse_args(argv)
     if args.write_corpus:
+        if not is_new_or_empty_directory(Path(args.write_corpus)):
+            parser.error(f"--write_corpus {args.write_corpus} already exists and is not an empty "
+                         "directory; give a new directory")
         try:
             written = write_python_docs(Path(args.write_corpus), PACKAGES)
         except OSError as error:
             print(f"recipe_gpt2: error: --write_corpus {args.write_corpus}: {error.strerror or error}; "
-                  "give a writable directory", file=sys.stderr)
+                  "give a new directory where it can write", file=sys.stderr)
             return 2
         print(f"{written / 1e6:.1f} MB of docstrings in {args.write_corpus}")
         return 0

@@ -6,15 +6,16 @@
 
 The running text is, by default, the documentation that ships with this Python: every
 docstring of the standard library (one file per module) and pydoc's topic pages, a few MB of
-English prose wrapped at about 72 columns, written into --corpus_dir. Each data format trains
-the pico Transformer (character tokens) for about --seconds of training time (steps are
-calibrated from a short first run of each), then both models are scored on the same held-out
-text: the stream test set (whole files held out, or with fewer than 20 files the last tenth of
-each), which neither model trained on: lines mode reads only the stream split's training text,
-written one file per document into a temporary directory. The held-out text keeps its
-indentation and blank lines, as stream mode reads a file; lines mode, which strips every line,
-never trains on either, and that is part of what the comparison measures. Each also reports
-its own format's test set, and samples from a prompt.
+English prose wrapped at about 72 columns, written as --corpus_dir where that is a new or
+empty directory. Each data format trains the pico Transformer (character tokens) for about
+--seconds of training time (steps are calibrated from a short first run of each), then both
+models are scored on the same held-out text: the stream test set (whole files held out, or
+with fewer than 20 files the last tenth of each), which neither model trained on: lines mode
+reads only the stream split's training text, written one file per document into a temporary
+directory. The held-out text keeps its indentation and blank lines, as stream mode reads a
+file; lines mode, which strips every line, never trains on either, and that is part of what
+the comparison measures. Each also reports its own format's test set, and samples from a
+prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import ast
 import contextlib
 import io
 import math
+import os
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -30,17 +33,40 @@ from pathlib import Path
 
 import torch
 
-from pico_module import OneLineErrorParser, load_pico, positive_float, positive_int
+from pico_module import (OneLineErrorParser, current_umask, load_pico, path_text,
+                         positive_float, positive_int)
+
+
+def is_new_or_empty_directory(directory: Path) -> bool:
+    """Whether `directory` can be written into without touching a file that is there."""
+    return not directory.exists() or directory.is_dir() and not any(directory.iterdir())
 
 
 def write_python_docs(directory: Path, packages: tuple[str, ...] = ()) -> int:
     """The standard library's docstrings, one file per module, and pydoc's topics; with
     `packages`, the docstrings of those installed packages too (the ones not installed are
-    left out). Bytes written."""
+    left out), written as a new `directory` (or over an empty one). Bytes written.
+
+    The files go into a temporary directory beside it, renamed into place when all are
+    written: an interrupted write leaves no half corpus, and the rename fails (OSError) where
+    `directory` has gained a file meanwhile, so that no file is ever written over."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        written = write_python_docs_into(temporary, packages)
+        os.chmod(temporary, 0o777 & ~current_umask())   # mkdtemp makes it private (0700)
+        os.rename(temporary, directory)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return written
+
+
+def write_python_docs_into(directory: Path, packages: tuple[str, ...]) -> int:
+    """write_python_docs's files, written into the existing, empty `directory`."""
     import importlib.util
     import pydoc_data.topics
 
-    directory.mkdir(parents=True, exist_ok=True)
     roots = [(Path(sysconfig.get_paths()["stdlib"]), "")]
     for package in packages:
         spec = importlib.util.find_spec(package)
@@ -68,12 +94,17 @@ def write_python_docs(directory: Path, packages: tuple[str, ...] = ()) -> int:
 
 
 def python_docs_unless_text_in(pico, directory: Path) -> None:
-    """Python's documentation written into `directory` (--corpus_dir) where it holds no .txt
-    files; a directory that is a file or cannot be written is pico-llm's UserError."""
+    """Python's documentation written as `directory` (--corpus_dir) where it holds no .txt
+    files; a directory that is a file, holds other files or cannot be written is pico-llm's
+    UserError."""
     if directory.exists() and not directory.is_dir():
         raise pico.UserError(f"--corpus_dir {directory} is not a directory; give a directory of "
                              ".txt files, or a new one to write Python's documentation into")
     if not any(directory.glob("*.txt")):
+        if not is_new_or_empty_directory(directory):
+            raise pico.UserError(f"--corpus_dir {directory} holds no .txt files, but other files; "
+                                 "give a directory of .txt files, or a new or empty one to write "
+                                 "Python's documentation into")
         try:
             written = write_python_docs(directory)
         except OSError as error:
@@ -101,7 +132,7 @@ def train(pico, flags: list[str], steps_per_epoch: int | None, epochs: int):
 
 def main() -> int:
     parser = OneLineErrorParser(prog="tools/stream_vs_lines.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus_dir", default="/tmp/pico-python-docs")
+    parser.add_argument("--corpus_dir", type=path_text, default="/tmp/pico-python-docs")
     parser.add_argument("--seconds", type=positive_float, default=240.0, help="training time per format")
     parser.add_argument("--d_model", type=positive_int, default=128)
     parser.add_argument("--block_size", type=positive_int, default=128)

@@ -7,8 +7,8 @@
     python tools/vs_nanogpt.py --rounds 1 --seed 7 --pico_flags "--bias true"   # pico-llm variants
 
 DIR is a checkout of nanoGPT (github.com/karpathy/nanoGPT): its train.py and model.py are
-run from there, never copied into this repository. Without --nanogpt (or when DIR holds no
-train.py) only pico-llm's side runs.
+run from there, never copied into this repository. Without --nanogpt only pico-llm's side
+runs.
 
 Both train the shape of nanoGPT's README for a CPU ("I only have a macbook": its
 train_shakespeare_char config with 4 blocks of 4 heads, 128 wide, context 64, batch 12,
@@ -52,8 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, pico_flags_checked, positive_int,
-                         too_many_passes)
+from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, non_negative_int, path_text,
+                         pico_flags_checked, positive_int, seed_int, too_many_passes)
 from stream_vs_lines import python_docs_unless_text_in
 
 # nanoGPT's README, "I only have a macbook", with its train_shakespeare_char config.
@@ -202,24 +202,24 @@ def nanogpt_held_out(nanogpt: Path, checkpoint: Path, ids: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="tools/vs_nanogpt.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--nanogpt", default=None, metavar="DIR",
+    parser.add_argument("--nanogpt", type=path_text, default=None, metavar="DIR",
                         help="a nanoGPT checkout (train.py, model.py); without it only pico-llm runs")
     parser.add_argument("--steps", type=positive_int, default=1000, help="training steps of each run")
     parser.add_argument("--rounds", type=positive_int, default=2, help="runs of each, in turn")
-    parser.add_argument("--warmup", type=int, default=20,
+    parser.add_argument("--warmup", type=non_negative_int, default=20,
                         help="first steps of each run left out of its loop tokens/s")
-    parser.add_argument("--seed", type=int, default=1337,
+    parser.add_argument("--seed", type=seed_int, default=1337,
                         help="pico-llm's seed (nanoGPT's train.py fixes its own, 1337)")
     parser.add_argument("--pico_flags", default="",
                         help="more pico-llm flags, e.g. \"--bias true\" (the comparison's own "
                              "come first, so these override them)")
-    parser.add_argument("--corpus_dir", default="/tmp/pico-python-docs",
-                        help="the running text (written there if it holds no .txt files)")
+    parser.add_argument("--corpus_dir", type=path_text, default="/tmp/pico-python-docs",
+                        help="the running text (written there if it is new or empty)")
     args = parser.parse_args(argv)
     nanogpt = Path(args.nanogpt).resolve() if args.nanogpt else None
     if nanogpt is not None and not (nanogpt / "train.py").is_file():
-        print(f"no train.py in {nanogpt}: running pico-llm's side only")
-        nanogpt = None
+        parser.error(f"--nanogpt {args.nanogpt} has no train.py (a nanoGPT checkout); drop "
+                     "--nanogpt to time pico-llm alone")
     try:
         extra = shlex.split(args.pico_flags)
     except ValueError as error:
