@@ -7337,6 +7337,8 @@ def check_same_flags(checkpoint: dict, path: Path, flags: dict) -> None:
     stored = dict(checkpoint["args"])
     if not stored.get("tinystories_weight"):    # a path without a weight was never read (and is
         stored["tinystories_path"] = None       # now refused, so the run could not repeat it)
+    if not same_setting("init_from", stored.get("init_from"), flags.get("init_from")):
+        stored["tokenizer"] = flags.get("tokenizer")   # --init_from brings its own: one change
     differences = flag_differences(stored, flags,
                                    FLAGS_FREE_ON_RESUME | frozenset(TRAINING_LENGTH_FLAGS) | others)
     if differences:

@@ -996,3 +996,16 @@ def test_generate_compile_says_when_nothing_is_compiled(pico, run_main, trained_
                                 "--max_new_tokens", "2")
     assert status == 0 and out.strip(), err
     assert "pico-llm: note: --compile compiles the decoding" in err and err.count("\n") == 1
+
+
+def test_resuming_a_fine_tune_without_its_init_from_names_init_from_alone(pico):
+    """A run started with --init_from (which brings its tokenizer, so --tokenizer stayed None)
+    resumed without it differs in --init_from; the tokenizer that then defaults to char is a
+    consequence, not a second flag for the user to find."""
+    stored = {**pico.default_flags(), "models": ["transformer"], "init_from": "/models/llama",
+              "tokenizer": None}
+    now = {**pico.default_flags(), "models": ["transformer"]}
+    with pytest.raises(pico.UserError) as refused:
+        pico.check_same_flags({"model_name": "transformer", "args": stored}, pico.Path("step.pt"), now)
+    assert "--init_from '/models/llama' there, None now" in str(refused.value)
+    assert "--tokenizer" not in str(refused.value)
