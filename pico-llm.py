@@ -5422,15 +5422,15 @@ def run_generation(config: Config) -> int:
         check_tokenizer_fits(config.data.tokenizer, tokenizer, source)
         context = model.config.block_size
         limit = f"the {context} positions of --init_from {source}"
-        where, own = f"--init_from {source}", "transformer"
+        where = f"--init_from {source}"
+        check_models_named(config, "transformer", where)
     else:
         path = Path(config.checkpoints.checkpoint)
         model, tokenizer, trained = model_from_checkpoint(path, "--checkpoint")
         context = trained.data.block_size
         limit = f"the checkpoint's --block_size {context}"
-        where, own = f"--checkpoint {path}", trained.models.names[0]
+        where = f"--checkpoint {path}"
         check_checkpoint_named(config, tokenizer, trained, where, "--generate")
-    check_models_named(config, own, where)
     sampling = config.sampling
     prompt_tokens = len(tokenizer.encode(sampling.prompt))
     if prompt_tokens == 0:
@@ -5550,9 +5550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()   # a closed pipe shows here, not in the interpreter's shutdown
         return status
     except UserError as error:
-        rank = f" (rank {os.environ.get('RANK', '?')})" if launched_world_size() > 1 else ""
-        print(f"pico-llm: error{rank}: {error}", file=sys.stderr)
-        return 2
+        return error_line(str(error))
     except TrainingInterrupted as interruption:
         print(f"pico-llm: {interruption}", file=sys.stderr)
         return interruption.exit_status
@@ -5573,19 +5571,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as error:
         if str(error).startswith("Symlink loop from "):   # pathlib's resolve() of a looping path
             path = str(error).removeprefix("Symlink loop from ").strip("'")
-            print(f"pico-llm: error: {PATH_ERRORS[errno.ELOOP].format(path=path)}", file=sys.stderr)
-            return 2
+            return error_line(PATH_ERRORS[errno.ELOOP].format(path=path))
         if not out_of_memory(error):
             raise
-        print(f"pico-llm: error: out of memory ({textwrap.shorten(str(error), 100)}); lower "
-              "--batch_size or --block_size, or train a smaller model", file=sys.stderr)
-        return 2
+        return error_line(f"out of memory ({textwrap.shorten(str(error), 100)}); lower "
+                          "--batch_size or --block_size, or train a smaller model")
     except OSError as error:   # a path given that no file system call can take
         if error.errno not in PATH_ERRORS:
             raise
         path = quoted(error.filename if error.filename is not None else "a path given")
-        print(f"pico-llm: error: {PATH_ERRORS[error.errno].format(path=path)}", file=sys.stderr)
-        return 2
+        return error_line(PATH_ERRORS[error.errno].format(path=path))
+
+
+def error_line(message: str) -> int:
+    """Prints `message` as main()'s one error line (naming the rank under torchrun); the
+    exit status of bad input, 2."""
+    rank = f" (rank {os.environ.get('RANK', '?')})" if launched_world_size() > 1 else ""
+    print(f"pico-llm: error{rank}: {message}", file=sys.stderr)
+    return 2
 
 
 # Errors of a path itself, whichever flag gave it and wherever it is first touched (Python's
