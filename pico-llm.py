@@ -48,8 +48,9 @@ Contents (the section banners below carry the same numbers):
        7.3 interpretability
     8. The command line and main()
   Part III. Appendices
-    A. Speed (oneDNN linears, freed memory kept, the chunked or fused loss):
-       A.1 compiled training (static shapes, real numbers, experts block by block,
+    A. Speed (oneDNN linears, RoPE as complex products, freed memory kept, the
+       chunked or fused loss):
+       A.1 compiled training (static shapes, experts block by block,
        linear attention's chunks at once),
        A.2 decoding on a GPU (static shapes, CUDA graphs), A.3 Muon on a GPU (one
        launch per operation)
@@ -226,19 +227,14 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, T, D) -> the same shape, each (2i, 2i+1) pair rotated.
-
-        Read the pair (a, b) as the complex number a + ib: rotating it by an angle is
-        multiplying by cos + i sin, giving (a cos - b sin) + i (a sin + b cos). One complex
-        product does in a pass what that real formula does in six (3.7x faster, eager on a
-        CPU, with its backward). Compilers cannot generate code for complex numbers, and
-        Apple's GPU is young at them, so there the real formula runs (rotate_pairs_real,
-        Appendix A.1)."""
-        if torch.compiler.is_compiling() or x.device.type == "mps":
-            return rotate_pairs_real(x, cos, sin)
-        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # (B, H, T, D/2)
-        rotated = pairs * torch.complex(cos, sin)                          # (T, D/2) broadcast
-        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+        """x: (B, H, T, D), cos and sin: (T, D/2) -> (B, H, T, D), each pair (a, b) of
+        dimensions (2i, 2i+1) turned by its angle as a point of the plane is:
+        (a cos - b sin, a sin + b cos). In float32 whatever x's precision, for the angles'
+        sake. (Read as the complex number a + ib, the turn is a product with cos + i sin:
+        Appendix A's faster form, rotate_pairs_complex, which gives the same floats.)"""
+        pairs = x.float().unflatten(-1, (-1, 2))                                # (B, H, T, D/2, 2)
+        a, b = pairs[..., 0], pairs[..., 1]                                     # (B, H, T, D/2)
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 # RoPE past the context a model was trained on: the frequencies of the long-context models
@@ -458,6 +454,9 @@ class CausalSelfAttention(nn.Module):
         self.window = window
         self.dropout = dropout
         self.impl = impl
+        # How RoPE turns the queries and keys: section 1.2's formula; Appendix A's speed_up
+        # swaps in its complex product, which gives the same floats faster.
+        self.rotate = RotaryEmbedding.rotate
         self.last_attention: torch.Tensor | None = None  # (B, H, T, S), kept when record_attention
         self.record_attention = False
 
@@ -478,7 +477,7 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = RotaryEmbedding.rotate(q, *rope), RotaryEmbedding.rotate(k, *rope)
+            q, k = self.rotate(q, *rope), self.rotate(k, *rope)
         mask = None
         if cache is not None:
             k, v = cache.append(k, v)                                                   # (B, Hkv, S, D)
@@ -5633,23 +5632,25 @@ def exit_process(status: int) -> None:
 # What it adds: the same arithmetic as Part I, faster on a CPU. It matters when
 # the output layer dominates (GPT-2's 50257-token vocabulary on a small model)
 # and on AMD processors, where PyTorch's default float32 kernel (MKL) runs its
-# AVX2 code at about half the machine's AVX-512 peak. Three pieces, all switched
+# AVX2 code at about half the machine's AVX-512 peak. Four pieces, all switched
 # on in one place, `speed_up`, which the training loop calls:
 #   - linear layers through oneDNN (which PyTorch ships) for float32 on the CPU,
 #     with the gradients written out (the weight's by PyTorch's own product);
 #     2x MKL's throughput on the benchmark machine;
+#   - RoPE's turn of each pair as one complex product (the same floats);
 #   - the C allocator told to keep freed memory, so large per-step buffers do not
 #     fault their pages in again every step;
 #   - the chunked linear cross-entropy, which never builds the (positions x vocab)
 #     logits and computes the output layer's gradient during the forward pass
 #     (for a vocabulary under 1024, PyTorch's fused cross-entropy: `loss_kind`).
-# `--loss plain --cpu_matmul torch` gives Part I's plain path; the tests check
-# that both give the same losses and gradients to float32 rounding.
+# `--loss plain --cpu_matmul torch` gives Part I's plain path (RoPE's complex product aside,
+# which computes the very same floats); the tests check that both give the same losses and
+# gradients to float32 rounding.
 # On a GPU, what matters is different: passes over memory, launches and host syncs,
 # not arithmetic. The loss is PyTorch's fused cross-entropy (a kernel forward and
 # one backward, where the written-out formula makes a pass per operation);
 # `--compile` compiles model, output layer and loss in one region (with
-# static-shape experts and real-arithmetic RoPE, which compilers need); and
+# static-shape experts and section 1.2's real RoPE formula, which compilers need); and
 # generation goes through `decoding_model`: static-shape caches replayed as one
 # CUDA graph a token; and --optimizer muon updates each group's tensors together
 # (`ForeachMuon`, chosen in build_optimizer).
@@ -5677,9 +5678,10 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device,
     With cpu_matmul "onednn" on a CPU (and a PyTorch build that has oneDNN's op), the
     model's nn.Linear layers become FastLinear in place: same parameters, same
     state_dict, products through oneDNN; and the C allocator keeps freed memory for
-    reuse. The loss "auto" is the chunked one or PyTorch's fused cross-entropy
-    (FusedNextTokenLoss), as loss_kind says. Nothing else changes on a GPU, and with
-    speed.compile the model and loss are compiled together (compile_for_training).
+    reuse. On every device, attention turns RoPE's pairs with one complex product
+    (complex_rope; compiled code and Apple's GPU keep the real formula). The loss "auto" is
+    the chunked one or PyTorch's fused cross-entropy (FusedNextTokenLoss), as loss_kind
+    says. With speed.compile the model and loss are compiled together (compile_for_training).
     lengths_vary: the training batches' length changes from step to step (lines mode pads a
     batch to its longest line), so compiled code must take any length."""
     onednn = speed.cpu_matmul == "onednn" and device.type == "cpu" and onednn_available()
@@ -5688,6 +5690,7 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device,
         for module in model.modules():
             if type(module) is nn.Linear:
                 module.__class__ = FastLinear
+    complex_rope(model)
     kind = loss_kind(speed.loss, device, getattr(model, "vocab_size", None))
     if speed.compile:
         problem = compile_unavailable(device)
@@ -5904,6 +5907,28 @@ class FastLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def rotate_pairs_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RotaryEmbedding.rotate (section 1.2) as one complex product: each pair (a, b) read as
+    a + ib and multiplied by cos + i sin. The same floats as the real formula, forward and
+    backward (bit for bit where measured), in one pass where that makes six: 3.7x faster eager
+    on a CPU, up to a fifth of a small-vocabulary model's training step (docs/performance.md).
+    x (B, H, T, D), cos and sin (T, D/2) -> (B, H, T, D). Compilers cannot generate code for
+    complex numbers, and Apple's GPU is young at them (its conjugates have had wrong-result
+    bugs), so there the real formula runs; compiled, it is one fused kernel anyway."""
+    if torch.compiler.is_compiling() or x.device.type == "mps":
+        return RotaryEmbedding.rotate(x, cos, sin)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))        # (B, H, T, D/2)
+    rotated = pairs * torch.complex(cos, sin)                              # (T, D/2) broadcast
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+
+
+def complex_rope(model: nn.Module) -> None:
+    """Every attention layer of `model` turns its queries and keys with rotate_pairs_complex."""
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            module.rotate = rotate_pairs_complex
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt() parameters, from glibc's malloc.h
@@ -6172,25 +6197,14 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
                                     isinstance(layer, FastLinear), softcap)
 
 
-# --- A.1 Compiled training: static shapes, real numbers ------------------------------
+# --- A.1 Compiled training: static shapes ---------------------------------------------
 # torch.compile (Inductor) turns a model into a few fused kernels, which is what a GPU needs
 # (eager GPT-2 small spends much of a step launching kernels); it needs code whose shapes do
-# not depend on the data and arithmetic it can generate code for. Three Part I pieces are not:
-# the mixture of experts (each expert's share of the positions is known only once the router
-# ran), RoPE's complex product, and linear attention's loop over chunks (as many as the length
-# needs). Their compiled forms follow; Part I takes them while torch.compile traces it, which
-# speed_up starts under --compile. (Apple's GPU also takes the real RoPE formula, eagerly.)
-
-
-def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RotaryEmbedding.rotate in real arithmetic: each pair (a, b) -> (a cos - b sin,
-    a sin + b cos). x (B, H, T, D), cos and sin (T, D/2) -> (B, H, T, D). The same float32
-    products as the complex form; compiled, one fused kernel. Eager on the CPU it is slower
-    than the complex one (docs/performance.md), so only compiled code takes it, and Apple's
-    GPU, where complex arithmetic is young (its conjugates have had wrong-result bugs)."""
-    pairs = x.float().unflatten(-1, (-1, 2))                                # (B, H, T, D/2, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+# not depend on the data and arithmetic it can generate code for. Two Part I pieces are not
+# such code: the mixture of experts (each expert's share of the positions is known only once
+# the router ran) and linear attention's loop over chunks (as many as the length needs). Their
+# compiled forms follow; Part I takes them while torch.compile traces it, which speed_up starts
+# under --compile. (RoPE's complex product, above, likewise keeps the real formula there.)
 
 
 def segment_sums(x: torch.Tensor) -> torch.Tensor:

@@ -144,24 +144,6 @@ def test_rope_rotates_adjacent_pairs_by_position_times_frequency(pico):
         assert out[2 * pair + 1].item() == pytest.approx(math.sin(angle), abs=1e-6)
 
 
-def test_rope_values_and_gradients_match_the_real_rotation_formula(pico):
-    """rotate() multiplies complex numbers; check it against (a cos - b sin, a sin + b cos)
-    on a transposed (B, H, T, D) view, as attention passes it."""
-    torch.manual_seed(0)
-    rope = pico.RotaryEmbedding(8)
-    cos, sin = rope.angles(torch.arange(5))
-    x = torch.randn(2, 5, 3, 8).transpose(1, 2).requires_grad_()       # (B, H, T, D), not contiguous
-    grad_out = torch.randn(2, 3, 5, 8)
-    rope.rotate(x, cos, sin).backward(grad_out)
-    ours = x.grad.clone()
-    x.grad = None
-    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
-    expected = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-    expected.backward(grad_out)
-    assert torch.allclose(rope.rotate(x, cos, sin), expected, atol=1e-6)
-    assert torch.allclose(ours, x.grad, atol=1e-6)
-
-
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_sdpa_attention_matches_the_math_path(pico, n_kv_heads):
     torch.manual_seed(0)
@@ -457,8 +439,11 @@ def test_speed_up_is_the_one_switch_and_changes_no_parameter(pico, monkeypatch):
     cpu = torch.device("cpu")
     model = tiny_model(pico, "transformer")
     before = {name: p.clone() for name, p in model.state_dict().items()}
+    attention = [m for m in model.modules() if isinstance(m, pico.CausalSelfAttention)]
+    assert attention and all(m.rotate is pico.RotaryEmbedding.rotate for m in attention)
     plain = pico.speed_up(model, pico.SpeedConfig(loss="plain", cpu_matmul="torch"), cpu)
     assert type(plain) is pico.NextTokenLoss
+    assert all(m.rotate is pico.rotate_pairs_complex for m in attention)
     assert not any(isinstance(m, pico.FastLinear) for m in model.modules())
     monkeypatch.setattr(pico, "onednn_available", lambda: True)
     fast = pico.speed_up(model, pico.SpeedConfig(), cpu)

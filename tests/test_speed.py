@@ -24,14 +24,33 @@ COMPILED_MODELS = {
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_real_rope_equals_the_complex_product(pico, dtype):
+def test_the_complex_rope_product_equals_the_real_formula_and_its_gradient(pico, dtype):
+    """Appendix A's one complex product against section 1.2's (a cos - b sin, a sin + b cos),
+    on a transposed (B, H, T, D) view as attention passes it: values and gradients."""
     torch.manual_seed(0)
     rotary = pico.RotaryEmbedding(16, theta=500.0)
-    x = torch.randn(2, 3, 7, 16).to(dtype)
     cos, sin = rotary.angles(torch.arange(5, 12))
-    real, complex_ = pico.rotate_pairs_real(x, cos, sin), pico.RotaryEmbedding.rotate(x, cos, sin)
-    assert real.dtype == complex_.dtype == dtype
-    assert torch.allclose(real.float(), complex_.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    x = torch.randn(2, 7, 3, 16).to(dtype).transpose(1, 2).requires_grad_()   # (B, H, T, D)
+    grad_out = torch.randn(2, 3, 7, 16).to(dtype)
+    results = []
+    for rotate in (pico.RotaryEmbedding.rotate, pico.rotate_pairs_complex):
+        y = rotate(x, cos, sin)
+        results.append((y, *torch.autograd.grad(y, x, grad_out)))
+    (real, real_grad), (complex_, complex_grad) = results
+    assert real.dtype == complex_.dtype == complex_grad.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(real.float(), complex_.float(), atol=tolerance)
+    assert torch.allclose(real_grad.float(), complex_grad.float(), atol=tolerance)
+    assert not torch.allclose(real, x)                                          # it did turn
+
+
+def test_a_model_sped_up_gives_the_plain_models_logits(pico):
+    """speed_up's complex RoPE (with PyTorch's own matmul and loss) changes no logit."""
+    model = tiny_model(pico, "transformer", *COMPILED_MODELS["GPT-oss"]).eval()
+    tokens = torch.randint(0, VOCAB, (9, 2), generator=torch.Generator().manual_seed(0))
+    plain = model(tokens)
+    pico.speed_up(model, pico.SpeedConfig(loss="plain", cpu_matmul="torch"), torch.device("cpu"))
+    assert torch.allclose(model(tokens), plain, atol=1e-5)
 
 
 @pytest.mark.parametrize("gate", [None, "fixed", "data"])
@@ -242,6 +261,9 @@ def test_rope_ab_tool_times_both_formulations(capsys):
     assert ab_rope.main(["--shape", "2", "2", "8", "8", "--samples", "2", "--calls", "2"]) == 0
     out = capsys.readouterr().out
     assert "largest difference 0.0e+00" in out and "real / complex:" in out
+    assert ab_rope.main(["--step", "--vocab", "40", "--samples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "a vocabulary of 40" in out and out.count("ms a step") == 2 and "real / complex:" in out
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), "float32"), ((8, 0), "bfloat16"),
