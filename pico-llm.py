@@ -1847,10 +1847,11 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
         local_loss = local_loss + loss.detach()    # a tensor: no wait for the device per micro-batch
     # an infinite limit only measures the norm, so a bad gradient is caught without clipping
     grad_norm = gradient_clipping(loss_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    # The step's one wait for the device: both numbers in one copy, checked before the update.
-    local_loss, grad_norm = torch.stack([local_loss.float(),
-                                         grad_norm.to(local_loss.device).float()]).tolist()
-    step_loss = context.sum([local_loss], batch.inputs.device)[0] / context.world_size
+    # The step's one wait for the device: the loss summed over the ranks where it lies (C), then
+    # read with the gradient norm in one copy, both checked before the update.
+    summed_loss = context.sum_in_place(local_loss.float())
+    summed_loss, grad_norm = torch.stack([summed_loss, grad_norm.to(summed_loss.device).float()]).tolist()
+    step_loss = summed_loss / context.world_size
     if not math.isfinite(step_loss):
         raise NonFiniteStep("loss", step_loss)
     if not math.isfinite(grad_norm):
@@ -1876,7 +1877,8 @@ def evaluate(loss_model: nn.Module, batches: Iterable[Batch], device: torch.devi
             nats.append(loss_model(batch.inputs, batch.targets, batch.mask.float()).float())
         counts.append(torch.stack([batch.mask.sum(), (token_bytes[batch.targets] * batch.mask).sum()]))
     loss_model.train(was_training)
-    # Read once, at the end: a number read per batch would make the host wait for a GPU each time
+    # Read at the end, in two copies (the nats, the counts): a number read per batch would make
+    # the host wait for a GPU each time
     total_nats = float(torch.stack(nats).cpu().double().sum()) if nats else 0.0
     total_tokens, total_bytes = torch.stack(counts).sum(dim=0).tolist() if counts else (0, 0)
     if context is not None:
@@ -7435,6 +7437,13 @@ class Distributed:
         ranks after the last micro-batch of a step only (no_sync before it); one process has
         nothing to sync."""
         return step_model.no_sync() if self.enabled and not last else contextlib.nullcontext()
+
+    def sum_in_place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over all ranks, on its device: the host waits for nothing (NCCL
+        queues the all-reduce on the GPU's stream). The tensor itself on one process."""
+        if self.enabled:
+            torch.distributed.all_reduce(tensor)
+        return tensor
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """Element-wise sum of `values` over all ranks (identity on one process)."""

@@ -129,8 +129,8 @@ def test_a_training_step_waits_for_the_gpu_at_most_once(pico, preset, optimizer)
 
 
 def test_evaluation_waits_for_the_gpu_only_at_the_end(pico):
-    """evaluate keeps each batch's loss, tokens and bytes on the GPU and reads them once, after
-    the last batch, so the host queues every batch's work without waiting for the one before."""
+    """evaluate keeps each batch's loss, tokens and bytes on the GPU and reads them after the
+    last batch (two copies), so the host queues every batch's work without waiting for the one before."""
     loss_model = pico.speed_up(tiny(pico, "pico"), pico.SpeedConfig(), DEVICE)
     token_bytes = torch.ones(VOCAB, dtype=torch.long, device=DEVICE)
     batches = [random_batch(pico, seed) for seed in range(6)]

@@ -196,3 +196,33 @@ def test_a_rank_left_waiting_for_the_others_says_so_before_it_gives_up(pico, mon
         pico.setup_distributed("cpu", timeout_s=3.0)
     err = capfd.readouterr().err
     assert "waiting for the other ranks of WORLD_SIZE=2" in err and "--dist_timeout 3 s" in err
+
+
+def test_a_step_sums_its_loss_over_the_ranks_on_the_device_before_its_one_read(pico, monkeypatch):
+    """Under torchrun the step's loss is all-reduced where it lies and read with the gradient
+    norm in one copy; a sum through Python floats would wait for a GPU a second time."""
+    import copy
+    import torch
+    from test_models import VOCAB, tiny_model
+    reduced = []
+
+    def all_reduce(tensor, op=None):             # two ranks that saw the same batch
+        reduced.append((tensor.dtype, tensor.shape))
+        tensor.mul_(2)
+
+    def no_python_sum(self, values, device):
+        raise AssertionError("the step's loss went through Distributed.sum")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(pico.Distributed, "sum", no_python_sum)
+    model = tiny_model(pico, "transformer")
+    twin = copy.deepcopy(model)
+    tokens = torch.randint(0, VOCAB, (17, 4), generator=torch.Generator().manual_seed(0))
+    batch = pico.Batch(tokens[:-1], tokens[1:], torch.ones(16, 4, dtype=torch.bool))
+    losses = []
+    for step_model, context in ((model, pico.Distributed()), (twin, pico.Distributed(0, 2, 0))):
+        optimizer = pico.build_optimizer(step_model, pico.TrainingConfig(), torch.device("cpu"))
+        losses.append(pico.training_step(pico.NextTokenLoss(step_model), optimizer, [(batch, True)],
+                                         64 * context.world_size, 1.0, context))
+    assert reduced == [(torch.float32, torch.Size([]))]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
