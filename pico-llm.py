@@ -1537,13 +1537,14 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   rule: SamplingRule = SamplingRule(), *, seed: int | None = None,
                   use_cache: bool = True, device: torch.device | str = "cpu",
-                  compile: bool = False) -> Generation:
-    """Continue `prompt` with the model; one path for every model. compile: see decoding_model."""
+                  compile: bool = False, dtype: str | None = None) -> Generation:
+    """Continue `prompt` with the model; one path for every model. compile, dtype: see
+    decoding_model."""
     prompt_ids = tokenizer.encode(prompt)
     # On a GPU, Appendix A.2's CUDA-graph decoder; elsewhere the model itself. num_tokens sizes
     # its caches: the prompt (an empty one becomes one <|endoftext|>) and the new tokens.
     decoder = decoding_model(model, device, compile,
-                             num_tokens=max(len(prompt_ids), 1) + max_new_tokens)
+                             num_tokens=max(len(prompt_ids), 1) + max_new_tokens, dtype=dtype)
     ids = generate_ids(decoder, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id,
                        seed=seed, use_cache=use_cache, device=device)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
@@ -4661,8 +4662,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "cross-entropy on the model's logits; auto: chunked on a CPU for a "
                             "vocabulary of 1024 or more, fused otherwise. Same values")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                       help="training precision: bf16 autocast or fp32 (default: bfloat16 on "
-                            "a GPU with bf16 units, NVIDIA's since Ampere; float32 elsewhere)")
+                       help="training precision: bf16 autocast or fp32, and --generate's on a GPU "
+                            "(default: bfloat16 on a GPU with bf16 units, NVIDIA's since Ampere; "
+                            "float32 elsewhere)")
     bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
                        help="kernel for float32 linear layers on the CPU: oneDNN (used only "
                             "where this PyTorch build has it; 2x PyTorch's default on the AMD "
@@ -5440,7 +5442,9 @@ def run_generation(config: Config) -> int:
     if prompt_tokens > context:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than {limit}; shorten it")
     device = resolve_device(config.device_id)
-    if config.speed.compile and not (device.type == "cuda" and StaticDecoder.supports(model)):
+    if config.speed.compile and device.type == "cuda" and StaticDecoder.supports(model):
+        check_compile_available(device)
+    elif config.speed.compile:
         print("pico-llm: note: --compile compiles the decoding of a softmax-attention "
               "Transformer on a GPU only; this model samples uncompiled", file=sys.stderr)
     model = model.to(device)
@@ -5448,7 +5452,8 @@ def run_generation(config: Config) -> int:
     speed_up(model, dataclasses.replace(config.speed, compile=False), device)
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
     sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
-                           seed=sampling.seed, device=device, compile=config.speed.compile)
+                           seed=sampling.seed, device=device, compile=config.speed.compile,
+                           dtype=config.training.dtype)
     print(as_shown_on(sys.stdout, sample.text))
     return 0
 
@@ -5695,9 +5700,7 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device,
     complex_rope(model)
     kind = loss_kind(speed.loss, device, getattr(model, "vocab_size", None))
     if speed.compile:
-        problem = compile_unavailable(device)
-        if problem:
-            raise UserError(f"--compile cannot run here: {problem}; drop --compile")
+        check_compile_available(device)
         compiled_loss = compile_for_training(model, device, kind, lengths_vary)
         if compiled_loss is not None:
             return compiled_loss
@@ -6337,6 +6340,13 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def check_compile_available(device: torch.device) -> None:
+    """UserError naming what --compile lacks on `device` (compile_unavailable), if anything."""
+    problem = compile_unavailable(device)
+    if problem:
+        raise UserError(f"--compile cannot run here: {problem}; drop --compile")
+
+
 def compile_for_training(model: nn.Module, device: torch.device, loss: str = "fused",
                          lengths_vary: bool = False) -> nn.Module | None:
     """--compile: the mixtures of experts made static, then on a GPU the whole loss module
@@ -6449,6 +6459,8 @@ class StaticDecoder(nn.Module):
         with torch.device("meta"):                    # no memory, no draws from the global RNG
             twin = TransformerModel(model.config)
         twin.to_empty(device=device)
+        if model.config.tie_weights:                  # to_empty gave the two their own memory
+            twin.unembedding.weight = twin.token_embedding.weight
         twin.load_state_dict(model.state_dict())
         for name, buffer in model.named_buffers():    # non-persistent ones too (RoPE's frequencies)
             twin.get_buffer(name).copy_(buffer)
@@ -6525,17 +6537,18 @@ class StaticDecoder(nn.Module):
 
 
 def decoding_model(model: nn.Module, device: torch.device | str, compile: bool = False,
-                   num_tokens: int | None = None) -> nn.Module:
+                   num_tokens: int | None = None, dtype: str | None = None) -> nn.Module:
     """Generation's one entry to this appendix: on a GPU, a softmax-attention Transformer decodes
-    through a StaticDecoder with CUDA graphs, in bf16 when the GPU supports it, its step compiled
+    through a StaticDecoder with CUDA graphs, in `dtype` (float32 or bfloat16; by default bf16
+    when the GPU has bf16 units, resolve_dtype), its step compiled
     first with `compile` (--compile with --generate: seconds of compilation, then about 1.3x the
     tokens/s, docs/performance.md), its caches sized to `num_tokens` (prompt and new tokens);
     every other model and device gets the model itself (Part I's forward_incremental)."""
     device = torch.device(device)
     if device.type != "cuda" or not StaticDecoder.supports(model):
         return model
-    dtype = torch.bfloat16 if has_bf16_units(device) else torch.float32
-    return StaticDecoder(model, dtype=dtype, graphs=True, compile=compile, capacity=num_tokens)
+    return StaticDecoder(model, dtype=getattr(torch, resolve_dtype(dtype, device)), graphs=True,
+                         compile=compile, capacity=num_tokens)
 
 
 # --- A.3 Muon on a GPU: one launch per operation for all the tensors ---------------------------
@@ -7523,6 +7536,11 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = (device_id == "auto" or device_id.startswith("cuda")) and torch.cuda.is_available()
     if use_cuda:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise UserError(f"torchrun started local rank {local_rank} on a machine with {gpus} "
+                            f"CUDA device(s), one per rank; start at most --nproc_per_node={gpus}, "
+                            "or train on CPUs with --device_id cpu")
         torch.cuda.set_device(local_rank)
     # A rank that fails ends the job: the others give up after the timeout instead of hanging.
     # Until the ranks meet, torch's C++ layer logs every failed attempt to connect, with a C++

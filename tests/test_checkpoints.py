@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from importlib.util import find_spec as importlib_find
 
 import pytest
 import torch
@@ -623,6 +624,44 @@ def trained_save_dir(pico, tmp_path_factory):
     assert pico.main([*CHECKPOINT_RUN, "--save_dir", str(root / "save"), "--artefacts_dir",
                       str(root / "artefacts"), "--cache_dir", str(root / "cache")]) == 0
     return root / "save"
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
+def test_generate_decodes_in_the_precision_dtype_names(pico, run_main, trained_save_dir,
+                                                       monkeypatch, dtype):
+    """--generate --dtype sets the decoder's precision on a GPU (its default: bf16 where the
+    GPU has bf16 units), as it sets training's."""
+    asked = []
+
+    def decoding_model(model, device, compile=False, num_tokens=None, dtype=None):
+        asked.append(dtype)
+        return model
+
+    monkeypatch.setattr(pico, "decoding_model", decoding_model)
+    ckpt = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    flags = [] if dtype is None else ["--dtype", dtype]
+    status, out, err = run_main("--generate", "--checkpoint", str(ckpt), "--max_new_tokens", "2",
+                                *flags)
+    assert status == 0 and asked == [dtype], err
+
+
+def test_generate_compile_on_a_gpu_without_triton_says_so_in_one_line(pico, run_main, tmp_path,
+                                                                      monkeypatch):
+    """A Transformer's decoder compiles on a GPU only with Triton: without it, one line names
+    the package before any weight moves, as training's --compile does, not Inductor's trace."""
+    save = tmp_path / "save"
+    assert pico.main([*TINY, "--models", "transformer", "--epochs", "1", "--max_steps_per_epoch",
+                      "1", "--save_dir", str(save), "--artefacts_dir", str(tmp_path / "a"),
+                      "--cache_dir", str(tmp_path / "cache")]) == 0
+    checkpoint = next((save / "transformer").glob("*.pt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(pico.importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "triton" else importlib_find(name, *rest))
+    status, out, err = run_main("--generate", "--checkpoint", str(checkpoint), "--compile",
+                                "--device_id", "cuda:0", "--max_new_tokens", "2")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "--compile cannot run here: torch.compile needs the triton package on a GPU" in err
 
 
 @pytest.mark.parametrize("models", [["--models", "kgram_mlp_seq,lstm_seq"],

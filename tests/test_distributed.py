@@ -226,3 +226,18 @@ def test_a_step_sums_its_loss_over_the_ranks_on_the_device_before_its_one_read(p
                                          64 * context.world_size, 1.0, context))
     assert reduced == [(torch.float32, torch.Size([]))]
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_more_ranks_on_a_machine_than_it_has_gpus_are_refused_in_one_line(pico, monkeypatch):
+    """torchrun --nproc_per_node above the GPU count: the extra rank names the count, before
+    torch.cuda.set_device would fail with CUDA's own trace."""
+    import torch
+    for name, value in {"WORLD_SIZE": "3", "RANK": "2", "LOCAL_RANK": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device_id in ("auto", "cuda:0"):
+        with pytest.raises(pico.UserError, match=r"local rank 2 on a machine with 2 CUDA device"
+                                                 r".*--nproc_per_node=2, or train on CPUs"):
+            pico.setup_distributed(device_id, timeout_s=3.0)

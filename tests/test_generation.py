@@ -224,6 +224,19 @@ def test_static_decoder_leaves_the_model_and_global_random_state_alone(pico, mod
     assert {p.dtype for p in decoder.parameters()} == {torch.bfloat16}
 
 
+def test_static_decoder_keeps_tied_embeddings_as_one_tensor(pico, models):
+    """A model whose output layer is its token embedding gets a decoder holding one copy of it
+    (GPT-2's is 77 MB in bf16), still tied after the cast to bf16; an untied one keeps two."""
+    for name, model in models.items():
+        if not pico.StaticDecoder.supports(model):
+            continue
+        decoder = pico.StaticDecoder(model, dtype=torch.bfloat16).model
+        tied = decoder.unembedding.weight is decoder.token_embedding.weight
+        assert tied == model.config.tie_weights, name
+        assert torch.equal(decoder.unembedding.weight.float(),
+                           model.unembedding.weight.to(torch.bfloat16).float()), name
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_a_dropped_static_decoder_is_freed_at_once(pico, models, compile):
     """Its weight copy and (on a GPU) its graph's memory go when generation drops it, not when
@@ -261,8 +274,10 @@ def test_decoding_model_on_a_gpu_is_the_graph_decoder_compiled_when_asked(pico, 
     model = next(iter(models.values()))
     pico.decoding_model(model, "cuda")
     pico.decoding_model(model, "cuda", compile=True, num_tokens=30)
+    pico.decoding_model(model, "cuda", dtype="float32")                # --dtype float32
     assert built == [dict(dtype=torch.bfloat16, graphs=True, compile=False, capacity=None),
-                     dict(dtype=torch.bfloat16, graphs=True, compile=True, capacity=30)]
+                     dict(dtype=torch.bfloat16, graphs=True, compile=True, capacity=30),
+                     dict(dtype=torch.float32, graphs=True, compile=False, capacity=None)]
 
 
 def test_generate_text_sizes_the_static_decoders_caches_to_prompt_and_new_tokens(pico, monkeypatch):
@@ -274,7 +289,7 @@ def test_generate_text_sizes_the_static_decoders_caches_to_prompt_and_new_tokens
     model = pico.TransformerModel(config)
     built = []
 
-    def decoder_on_the_cpu(model, device, compile=False, num_tokens=None):
+    def decoder_on_the_cpu(model, device, compile=False, num_tokens=None, dtype=None):
         built.append(pico.StaticDecoder(model, capacity=num_tokens))
         return built[-1]
 

@@ -20,7 +20,9 @@
 #              PRESET_STEPS (40) steps each, compilation seconds and steady tokens/s
 #              -> compile_presets.json, compile_presets.log
 #   generate   (not by default) a pico model trained 30 steps and saved, then --generate
-#              greedily from its checkpoint without and with --compile (compiled graph decoder)
+#              greedily from its checkpoint without and with --compile (compiled graph decoder),
+#              both in float32 (in bf16, Inductor's fused kernels round differently and a greedy
+#              text may part from the eager one after some tokens)
 #              -> generate_plain.txt, generate_compiled.txt (the texts; equal expected),
 #              generate_*.log
 #   recipe     (not by default: minutes) tools/recipe_gpt2.py: the nanoGPT recipe against Muon
@@ -50,7 +52,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
         --device) DEVICE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^set -u/ {exit} NR > 1' "$0"; exit 0 ;;
         -*) echo "gpu_checks.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -156,7 +158,7 @@ for step in $STEPS; do
                 run_step "generate_$mode" "${GENERATE_TIMEOUT:-120}" "generate_$mode.log" \
                     bash -c 'python pico-llm.py "$@" > "$0"' "$LOGS/generate_$mode.txt" --generate \
                     --checkpoint "${checkpoint:-missing}" --prompt "Once upon a time" --temperature 0 \
-                    --max_new_tokens 40 --device_id "$DEVICE" "${COMPILE[@]}"
+                    --max_new_tokens 40 --dtype float32 --device_id "$DEVICE" "${COMPILE[@]}"
             done ;;
         recipe)
             INPUT_DIR="${RECIPE_INPUT_DIR:-}"
