@@ -495,7 +495,7 @@ class CausalSelfAttention(nn.Module):
         new token i sits at position S - T + i. Without a window, T = S (no cache) is plain
         causal attention and a single new token sees every key: no mask to build."""
         T, S = q.shape[2], k.shape[2]
-        gqa = self.n_kv_heads != self.n_heads
+        gqa = k.shape[1] != self.n_heads            # fewer key/value heads than query heads
         if mask is not None:                                                   # the cache's own
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                   enable_gqa=gqa)
@@ -509,8 +509,8 @@ class CausalSelfAttention(nn.Module):
     def _math_attention(self, q, k, v, dropout: float, mask=None) -> torch.Tensor:
         """The explicit formula, scaled_dot_product_attention above, each key/value head
         repeated for the query heads it serves."""
-        if self.n_kv_heads != self.n_heads:
-            repeats = self.n_heads // self.n_kv_heads
+        repeats = self.n_heads // k.shape[1]        # query heads per key/value head
+        if repeats > 1:
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         if mask is None:
             mask = causal_mask(q.shape[2], k.shape[2], q.device, self.window)           # (T, S)
@@ -6412,19 +6412,28 @@ class StaticKVCache:
     """KVCache with fixed shapes: all `capacity` slots, keys and values written at the
     positions of the new tokens (`positions`, (T,) on the device, set before each step), and
     attention over every slot with attention_mask. Zero-filled, so that unwritten slots hold
-    numbers (weight 0 times NaN would still be NaN)."""
+    numbers (weight 0 times NaN would still be NaN).
+
+    Under grouped-query attention each key/value head is stored once for every query head it
+    serves: of PyTorch's fused kernels, the one that takes a mask (memory-efficient attention)
+    takes no grouped queries, so a GPU would otherwise decode through the unfused math kernel,
+    which makes those copies anyway, every step."""
 
     def __init__(self, attention: CausalSelfAttention, batch: int, capacity: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        self.keys = torch.zeros(batch, attention.n_kv_heads, capacity, attention.head_dim,
-                                device=device, dtype=dtype)                   # (B, H_kv, S, D)
+        self.repeats = attention.n_heads // attention.n_kv_heads
+        self.keys = torch.zeros(batch, attention.n_heads, capacity, attention.head_dim,
+                                device=device, dtype=dtype)                   # (B, H, S, D)
         self.values = torch.zeros_like(self.keys)
         self.window = attention.window
         self.key_positions = torch.arange(capacity, device=device)           # (S,)
         self.positions = torch.zeros(1, dtype=torch.long, device=device)      # (T,)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values: (B, H_kv, T, D) -> every slot, (B, H_kv, S, D)."""
+        """keys, values: (B, H_kv, T, D) -> every slot, (B, H, S, D)."""
+        if self.repeats > 1:
+            keys, values = (keys.repeat_interleave(self.repeats, dim=1),
+                            values.repeat_interleave(self.repeats, dim=1))
         self.keys.index_copy_(2, self.positions, keys)
         self.values.index_copy_(2, self.positions, values)
         return self.keys, self.values

@@ -22,6 +22,7 @@ VOCAB = 97
 SMALL = dict(d_model=64, n_heads=4, n_blocks=2, block_size=32)
 PRESETS = {"GPT2-small": dict(SMALL, d_ff=256, dropout=0.0),
            "GPT-oss": dict(SMALL, n_blocks=4, n_kv_heads=2, d_ff=64, sliding_window=8),
+           "Llama3-lite": dict(SMALL, n_kv_heads=2, d_ff=128),   # grouped queries, no sinks
            "pico": SMALL}
 
 
@@ -172,11 +173,14 @@ def test_generation_on_a_gpu_goes_through_the_bf16_cuda_graph_decoder(pico):
     assert len(ids) == 23 and all(0 <= i < VOCAB for i in ids)
 
 
-def test_attention_runs_on_the_fused_kernels(pico):
+@pytest.mark.parametrize("preset", ["GPT2-small", "Llama3-lite"])
+def test_attention_runs_on_the_fused_kernels(pico, preset):
     """Training (causal, bf16) and static decoding (a mask over the cache) with only flash and
-    memory-efficient attention allowed: a fallback to the math kernel would raise."""
+    memory-efficient attention allowed: a fallback to the math kernel would raise. Llama3-lite's
+    grouped queries too: the static cache repeats their key/value heads, as the one fused kernel
+    that takes a mask needs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    model = tiny(pico, "GPT2-small")
+    model = tiny(pico, preset)
     batch = random_batch(pico, 0)
     decoder = pico.StaticDecoder(model, dtype=torch.bfloat16, graphs=False)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
