@@ -531,3 +531,25 @@ def test_the_plain_and_the_chunked_loss_give_the_same_gradients(pico, softcap):
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     for ours, theirs in zip(results[0][1], results[1][1]):
         assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name, flags", [("kgram_mlp_seq", []), ("lstm_seq", []),
+                                               ("transformer", []),
+                                               ("transformer", ["--attention", "gated_linear"])])
+def test_every_model_takes_a_bf16_autocast_step_close_to_float32(pico, model_name, flags):
+    """--dtype bfloat16 (the default on a GPU with bf16 units) for each kind of model, under
+    the CPU's autocast: a finite step loss within bf16's rounding of the float32 one."""
+    config = pico.config_from_command_line([*TINY_RUN, "--device_id", "cpu", *flags])
+    cpu = torch.device("cpu")
+    tokens = torch.randint(0, 40, (17, 4), generator=torch.Generator().manual_seed(0))
+    batch = pico.Batch(tokens[:-1], tokens[1:], torch.ones(16, 4, dtype=torch.bool))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        model = pico.build_model(config.models.config_of(model_name), 40, 0)
+        loss_model = pico.speed_up(model, config.speed, cpu)
+        optimizer = pico.build_optimizer(model, config.training, cpu)
+        losses[dtype] = pico.training_step(loss_model, optimizer, [(batch, True)], 64, 1.0,
+                                           dtype=dtype)
+    assert np.isfinite(losses["bfloat16"])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02), losses
+    assert losses["bfloat16"] != losses["float32"]                     # bf16 took effect
