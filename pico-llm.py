@@ -227,11 +227,11 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, T, D), cos and sin: (T, D/2) -> (B, H, T, D), each pair (a, b) of
-        dimensions (2i, 2i+1) turned by its angle as a point of the plane is:
+        """x: (B, H, T, D), cos and sin: (T, D/2) -> (B, H, T, D). Each pair (a, b) of
+        dimensions (2i, 2i+1), a point in the plane, is turned by its angle:
         (a cos - b sin, a sin + b cos). In float32 whatever x's precision, for the angles'
         sake. (Read as the complex number a + ib, the turn is a product with cos + i sin:
-        Appendix A's faster form, rotate_pairs_complex, which gives the same floats.)"""
+        Appendix A's faster form, rotate_pairs_complex, equal to float32 rounding.)"""
         pairs = x.float().unflatten(-1, (-1, 2))                                # (B, H, T, D/2, 2)
         a, b = pairs[..., 0], pairs[..., 1]                                     # (B, H, T, D/2)
         return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
@@ -455,7 +455,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.impl = impl
         # How RoPE turns the queries and keys: section 1.2's formula; Appendix A's speed_up
-        # swaps in its complex product, which gives the same floats faster.
+        # swaps in its complex product, equal to float32 rounding and faster.
         self.rotate = RotaryEmbedding.rotate
         self.last_attention: torch.Tensor | None = None  # (B, H, T, S), kept when record_attention
         self.record_attention = False
@@ -493,24 +493,25 @@ class CausalSelfAttention(nn.Module):
     def _sdpa_attention(self, q, k, v, dropout: float, mask=None) -> torch.Tensor:
         """Fused kernel (flash attention on GPUs). The mask must know about the cache:
         new token i sits at position S - T + i. Without a window, T = S (no cache) is plain
-        causal attention and a single new token sees every key: no mask to build."""
+        causal attention and a single new token sees every key: no mask to build. Grouped
+        queries under a mask go through attention_with_folded_groups, the same attention."""
         T, S = q.shape[2], k.shape[2]
-        gqa = k.shape[1] != self.n_heads            # fewer key/value heads than query heads
-        if mask is not None:                                                   # the cache's own
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                  enable_gqa=gqa)
-        if self.window is None and T == S:
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None and self.window is None and T == S:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                   enable_gqa=gqa)
-        mask = None if self.window is None and T == 1 else causal_mask(T, S, q.device, self.window)
+        if mask is None and not (self.window is None and T == 1):   # else the cache's own mask
+            mask = causal_mask(T, S, q.device, self.window)
+        if gqa and mask is not None:     # no fused kernel takes both: Appendix A.2 folds the groups
+            return attention_with_folded_groups(q, k, v, mask, dropout)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               enable_gqa=gqa)
 
     def _math_attention(self, q, k, v, dropout: float, mask=None) -> torch.Tensor:
         """The explicit formula, scaled_dot_product_attention above, each key/value head
         repeated for the query heads it serves."""
-        repeats = self.n_heads // k.shape[1]        # query heads per key/value head
-        if repeats > 1:
+        if self.n_kv_heads != self.n_heads:
+            repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         if mask is None:
             mask = causal_mask(q.shape[2], k.shape[2], q.device, self.window)           # (T, S)
@@ -4662,7 +4663,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "cross-entropy on the model's logits; auto: chunked on a CPU for a "
                             "vocabulary of 1024 or more, fused otherwise. Same values")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                       help="training precision: bf16 autocast or fp32, and --generate's on a GPU "
+                       help="training precision: bf16 autocast or fp32, and --generate's on an "
+                            "NVIDIA GPU "
                             "(default: bfloat16 on a GPU with bf16 units, NVIDIA's since Ampere; "
                             "float32 elsewhere)")
     bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
@@ -5644,15 +5646,14 @@ def exit_process(status: int) -> None:
 #   - linear layers through oneDNN (which PyTorch ships) for float32 on the CPU,
 #     with the gradients written out (the weight's by PyTorch's own product);
 #     2x MKL's throughput on the benchmark machine;
-#   - RoPE's turn of each pair as one complex product (the same floats);
+#   - RoPE's turn of each pair as one complex product (equal to float32 rounding);
 #   - the C allocator told to keep freed memory, so large per-step buffers do not
 #     fault their pages in again every step;
 #   - the chunked linear cross-entropy, which never builds the (positions x vocab)
 #     logits and computes the output layer's gradient during the forward pass
 #     (for a vocabulary under 1024, PyTorch's fused cross-entropy: `loss_kind`).
-# `--loss plain --cpu_matmul torch` gives Part I's plain path (RoPE's complex product aside,
-# which computes the very same floats); the tests check that both give the same losses and
-# gradients to float32 rounding.
+# `--loss plain --cpu_matmul torch` gives Part I's plain path (RoPE's complex product aside);
+# the tests check that both give the same losses and gradients to float32 rounding.
 # On a GPU, what matters is different: passes over memory, launches and host syncs,
 # not arithmetic. The loss is PyTorch's fused cross-entropy (a kernel forward and
 # one backward, where the written-out formula makes a pass per operation);
@@ -5916,8 +5917,9 @@ class FastLinear(nn.Linear):
 
 def rotate_pairs_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RotaryEmbedding.rotate (section 1.2) as one complex product: each pair (a, b) read as
-    a + ib and multiplied by cos + i sin. The same floats as the real formula, forward and
-    backward (bit for bit where measured), in one pass where that makes six: 3.7x faster eager
+    a + ib and multiplied by cos + i sin. The real formula's values to float32 rounding,
+    forward and backward (bit for bit at head widths that are multiples of 16, as every
+    preset's, on the machine measured), in one pass where that makes six: 3.7x faster eager
     on a CPU, up to a fifth of a small-vocabulary model's training step (docs/performance.md).
     x (B, H, T, D), cos and sin (T, D/2) -> (B, H, T, D). Compilers cannot generate code for
     complex numbers, and Apple's GPU is young at them (its conjugates have had wrong-result
@@ -6408,32 +6410,40 @@ class CompiledTrainingLoss(nn.Module):
 # over all its slots with a mask for those not yet written (or outside a sliding window).
 
 
+def attention_with_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 mask: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """Grouped-query attention under a mask, on a fused kernel. Of PyTorch's fused kernels,
+    flash attention takes grouped queries but no mask and the memory-efficient one a mask but
+    no grouped queries, so a masked grouped step (every static-cache step, a sliding window)
+    fell to the unfused math kernel, which also copies each key/value head for every query
+    head. Instead, each key/value head's G query heads are laid end to end along the query axis
+    as G T queries of one head, each row under its own mask row: the same rows of attention,
+    with no copies of the keys and values.
+    q (B, H, T, D), k and v (B, H_kv, S, D), mask (T, S) bool -> (B, H, T, D)."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]                          # query heads per key/value head, adjacent in q
+    y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, D), k, v,
+                                       attn_mask=mask.repeat(G, 1), dropout_p=dropout)
+    return y.reshape(B, H, T, D)        # GPU kernels may return (B, H_kv, G T, D) not contiguous
+
+
 class StaticKVCache:
     """KVCache with fixed shapes: all `capacity` slots, keys and values written at the
     positions of the new tokens (`positions`, (T,) on the device, set before each step), and
     attention over every slot with attention_mask. Zero-filled, so that unwritten slots hold
-    numbers (weight 0 times NaN would still be NaN).
-
-    Under grouped-query attention each key/value head is stored once for every query head it
-    serves: of PyTorch's fused kernels, the one that takes a mask (memory-efficient attention)
-    takes no grouped queries, so a GPU would otherwise decode through the unfused math kernel,
-    which makes those copies anyway, every step."""
+    numbers (weight 0 times NaN would still be NaN)."""
 
     def __init__(self, attention: CausalSelfAttention, batch: int, capacity: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        self.repeats = attention.n_heads // attention.n_kv_heads
-        self.keys = torch.zeros(batch, attention.n_heads, capacity, attention.head_dim,
-                                device=device, dtype=dtype)                   # (B, H, S, D)
+        self.keys = torch.zeros(batch, attention.n_kv_heads, capacity, attention.head_dim,
+                                device=device, dtype=dtype)                   # (B, H_kv, S, D)
         self.values = torch.zeros_like(self.keys)
         self.window = attention.window
         self.key_positions = torch.arange(capacity, device=device)           # (S,)
         self.positions = torch.zeros(1, dtype=torch.long, device=device)      # (T,)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values: (B, H_kv, T, D) -> every slot, (B, H, S, D)."""
-        if self.repeats > 1:
-            keys, values = (keys.repeat_interleave(self.repeats, dim=1),
-                            values.repeat_interleave(self.repeats, dim=1))
+        """keys, values: (B, H_kv, T, D) -> every slot, (B, H_kv, S, D)."""
         self.keys.index_copy_(2, self.positions, keys)
         self.values.index_copy_(2, self.positions, values)
         return self.keys, self.values
@@ -6476,6 +6486,7 @@ class StaticDecoder(nn.Module):
         for parameter in twin.parameters():
             parameter.data = parameter.data.to(dtype)
         static_experts(twin)
+        complex_rope(twin)                            # as speed_up gives the model
         self.model = twin.eval()
         self.max_context = model.config.block_size    # where generate_ids slides its window
         self.capacity = min(capacity or self.max_context, self.max_context)
@@ -6549,10 +6560,10 @@ def decoding_model(model: nn.Module, device: torch.device | str, compile: bool =
                    num_tokens: int | None = None, dtype: str | None = None) -> nn.Module:
     """Generation's one entry to this appendix: on a GPU, a softmax-attention Transformer decodes
     through a StaticDecoder with CUDA graphs, in `dtype` (float32 or bfloat16; by default bf16
-    when the GPU has bf16 units, resolve_dtype), its step compiled
-    first with `compile` (--compile with --generate: seconds of compilation, then about 1.3x the
-    tokens/s, docs/performance.md), its caches sized to `num_tokens` (prompt and new tokens);
-    every other model and device gets the model itself (Part I's forward_incremental)."""
+    when the GPU has bf16 units, resolve_dtype), its step compiled first with `compile`
+    (--compile with --generate: seconds of compilation, then about 1.3x the tokens/s,
+    docs/performance.md), its caches sized to `num_tokens` (prompt and new tokens); every
+    other model and device gets the model itself (Part I's forward_incremental)."""
     device = torch.device(device)
     if device.type != "cuda" or not StaticDecoder.supports(model):
         return model

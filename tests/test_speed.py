@@ -24,7 +24,8 @@ COMPILED_MODELS = {
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_complex_rope_product_equals_the_real_formula_and_its_gradient(pico, dtype):
+def test_the_complex_rope_product_equals_the_real_formula_and_its_gradient(pico, dtype,
+                                                                          monkeypatch):
     """Appendix A's one complex product against section 1.2's (a cos - b sin, a sin + b cos),
     on a transposed (B, H, T, D) view as attention passes it: values and gradients."""
     torch.manual_seed(0)
@@ -32,10 +33,14 @@ def test_the_complex_rope_product_equals_the_real_formula_and_its_gradient(pico,
     cos, sin = rotary.angles(torch.arange(5, 12))
     x = torch.randn(2, 7, 3, 16).to(dtype).transpose(1, 2).requires_grad_()   # (B, H, T, D)
     grad_out = torch.randn(2, 3, 7, 16).to(dtype)
-    results = []
+    results, complex_views = [], []
+    view_as_complex = torch.view_as_complex
+    monkeypatch.setattr(torch, "view_as_complex", lambda t: complex_views.append(t.shape) or
+                        view_as_complex(t))
     for rotate in (pico.RotaryEmbedding.rotate, pico.rotate_pairs_complex):
         y = rotate(x, cos, sin)
         results.append((y, *torch.autograd.grad(y, x, grad_out)))
+    assert complex_views == [(2, 3, 7, 8, 2)]         # the complex product did run, once
     (real, real_grad), (complex_, complex_grad) = results
     assert real.dtype == complex_.dtype == complex_grad.dtype == dtype
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
@@ -110,6 +115,7 @@ def test_compiled_training_loss_has_one_graph_and_no_breaks(pico, name):
     """torch._dynamo.explain over what a GPU compiles (model, output layer and loss): any graph
     break (a host sync such as .tolist(), a data-dependent shape, complex numbers) shows here."""
     model = tiny_model(pico, "transformer", *COMPILED_MODELS[name])
+    pico.complex_rope(model)                           # as speed_up leaves it before compiling
     for module in model.modules():
         if type(module) is pico.MixtureOfExperts:
             module.__class__ = pico.StaticShapeMixtureOfExperts
@@ -168,6 +174,7 @@ def test_compiled_training_steps_equal_eager_without_recompiling(pico, monkeypat
     flags = COMPILED_MODELS[name] + (["--n_blocks", "4"] if name == "GPT-oss" else [])  # 2 kinds
     models = [tiny_model(pico, "transformer", *flags) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
+    pico.complex_rope(models[1])                      # as speed_up leaves it before compiling
     torch._dynamo.reset()
     counters.clear()
     compiled = pico.compile_for_training(models[1], torch.device(device))  # the device's branch
@@ -216,6 +223,7 @@ def test_compiled_training_takes_lines_modes_changing_lengths_in_two_graphs(pico
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     flags = COMPILED_MODELS[name] + (["--n_blocks", "2"] if name == "GPT-oss" else [])
     model = tiny_model(pico, "transformer", *flags, "--block_size", "64")
+    pico.complex_rope(model)                          # as speed_up leaves it before compiling
     torch._dynamo.reset()
     counters.clear()
     compiled = pico.compile_for_training(model, torch.device(device), lengths_vary=True)
@@ -347,3 +355,49 @@ def test_apple_gpu_draws_tokens_on_the_cpu(pico):
     assert pico.sampling_device(torch.device("mps", 0)) == torch.device("cpu")
     assert pico.sampling_device("cpu") == torch.device("cpu")
     assert pico.sampling_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("T, S, window", [(1, 9, None), (5, 9, None), (7, 7, 3), (1, 9, 4)])
+def test_folded_query_groups_equal_grouped_query_attention(pico, T, S, window):
+    """Appendix A.2's fold (each key/value head's query heads laid along the query axis, so a
+    masked step can take a fused kernel) against PyTorch's grouped-query attention: values and
+    gradients, for a static cache's step, a prompt, and sliding windows."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 6, 8, generator=generator)[:, :T].transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, 3, S, 8, generator=generator).requires_grad_() for _ in range(2))
+    # q: (B, H = 6, T, D), not contiguous, as attention passes it; k, v: (B, H_kv = 3, S, D)
+    mask = pico.causal_mask(T, S, torch.device("cpu"), window)
+    results = []
+    for attention in (lambda: torch.nn.functional.scaled_dot_product_attention(
+                          q, k, v, attn_mask=mask, enable_gqa=True),
+                      lambda: pico.attention_with_folded_groups(q, k, v, mask)):
+        y = attention()
+        results.append((y, *torch.autograd.grad((y * torch.arange(8.0)).sum(), (q, k, v))))
+    for grouped, folded in zip(*results):
+        assert grouped.shape == folded.shape
+        assert torch.allclose(grouped, folded, atol=1e-6)
+
+
+def test_masked_grouped_query_steps_take_the_fold(pico, monkeypatch):
+    """Decoding a grouped-query model through the static decoder (a mask every step) and
+    training it with a sliding window: no fused-kernel call with both a mask and grouped
+    queries, which only the math kernel would take; the decoder's tokens are unchanged."""
+    import torch.nn.functional as F
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False):
+        calls.append((attn_mask is not None, q.shape[1] != k.shape[1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                    enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    model = tiny_model(pico, "transformer", "--transformer_variant", "Llama3-lite", "--n_kv_heads",
+                       "2", "--sliding_window", "4").eval()
+    greedy = pico.SamplingRule(temperature=0)
+    uncached = pico.generate_ids(model, [3, 1, 4, 1, 5], 12, greedy, use_cache=False)
+    assert pico.generate_ids(pico.StaticDecoder(model), [3, 1, 4, 1, 5], 12, greedy) == uncached
+    model.train()
+    tokens = torch.randint(0, VOCAB, (16, 2))
+    pico.NextTokenLoss(model)(tokens, tokens, torch.ones(16, 2)).backward()
+    assert (True, False) in calls and (True, True) not in calls
