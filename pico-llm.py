@@ -3116,7 +3116,32 @@ def load_runlog(path: Path | str) -> dict:
     if log.get("schema_version") != RUNLOG_SCHEMA_VERSION:
         raise UserError(f"{path}: run log schema {log.get('schema_version')!r}, "
                         f"this pico-llm reads {RUNLOG_SCHEMA_VERSION}")
+    for name, record in log.get("models", {}).items():
+        problem = model_record_problem(record)
+        if problem:
+            raise UserError(f"{path} is not a run log as pico-llm writes it: model {name!r} "
+                            f"{problem}")
     return log
+
+
+def model_record_problem(record) -> str | None:
+    """What in one model's run-log record the summary and the loss plot could not read, or
+    None: they read its parameters, each history entry's step and train loss, each
+    test_history entry's step and test loss, and the final summary."""
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not a record"
+    if not number(record.get("parameters")):
+        return "has no parameter count"
+    for series, loss in (("history", "train_loss"), ("test_history", "test_loss")):
+        entries = record.get(series)
+        if not isinstance(entries, list) or not all(
+                isinstance(entry, dict) and number(entry.get("step")) and number(entry.get(loss))
+                for entry in entries):
+            return f"has a {series} whose entries lack a step or a {loss}"
+    if not isinstance(record.get("final", {}), dict):
+        return "has a final summary that is no JSON object"
+    return None
 
 
 # File names hold 255 bytes; a run log's temporary file adds 19 (.NAME.json.XXXXXXXX.tmp).
@@ -3151,11 +3176,11 @@ def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: P
     if not run_path.exists():
         return False
     try:
-        log = load_runlog(run_path)
-    except (OSError, ValueError, UserError):
-        log = None
+        log, unreadable = load_runlog(run_path), None
+    except UserError as error:
+        log, unreadable = None, str(error)
     if resume_points:
-        check_run_log_is_the_checkpoints(run_path, log, resume_points)
+        check_run_log_is_the_checkpoints(run_path, log, resume_points, unreadable)
         return False
     refused = (f"run log {run_path} already exists; choose another --run_name, delete that file "
                "to replace it, or continue the run with --resume")
@@ -3200,10 +3225,11 @@ def run_is_alive(log: dict, earlier_save_dir: Path | None, save_dir: Path | None
     return log.get("status") == "running" and process["pid"] != os.getpid()
 
 
-def check_run_log_is_the_checkpoints(run_path: Path, log: dict | None, resume_points: dict) -> None:
+def check_run_log_is_the_checkpoints(run_path: Path, log: dict | None, resume_points: dict,
+                                     unreadable: str | None = None) -> None:
     """A resumed run writes its log over `run_path` only when that log records the run that
     wrote the checkpoints it resumes (its run_id; for checkpoints from before run ids, its
-    --run_name and --artefacts_dir)."""
+    --run_name and --artefacts_dir). log None: load_runlog refused it, saying `unreadable`."""
     path, checkpoint = next(iter(resume_points.values()))
     checkpoint_run = checkpoint.get("run_id")
     if isinstance(log, dict):
@@ -3214,9 +3240,8 @@ def check_run_log_is_the_checkpoints(run_path: Path, log: dict | None, resume_po
                 and Path(args.get("artefacts_dir", "")).resolve() == run_path.parent.resolve()):
             return
     if not isinstance(log, dict):
-        raise UserError(f"run log {run_path} is not one pico-llm can read (cut short or edited), "
-                        "so it cannot be continued; resume with a new --run_name, or move that "
-                        "file away")
+        raise UserError(f"{unreadable or f'run log {run_path} cannot be read'}, so it cannot be "
+                        "continued; resume with a new --run_name, or move that file away")
     described = (f"the run started {log.get('created')} with --save_dir "
                  f"{log.get('args', {}).get('save_dir')}")
     written_by = checkpoint["args"].get("run_name")
@@ -5291,11 +5316,14 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
         if runlog is not None:
             runlog.add_model(name, record)
         resume_from = (resume_points or {}).get(name)
-        if resume_from is not None and nothing_left_to_train(
-                TrainingProgress(**resume_from[1]["progress"]), training):
+        if resume_from is not None:
+            with unrestorable(resume_from[0], "progress"):
+                progress = progress_from(resume_from[1]["progress"])
+        if resume_from is not None and nothing_left_to_train(progress, training):
             load_model_weights(model, resume_from[1], resume_from[0], tokenizer)
-            record.update(resume_from[1]["record"])
-            record_length_changes(record, resume_from[1], config.flags)
+            with unrestorable(resume_from[0], "run-log record"):
+                record.update(resume_from[1]["record"])
+                record_length_changes(record, resume_from[1], config.flags)
             if not training.quiet:
                 print(f"model {name}: finished in {resume_from[0]}, not retrained")
         else:
@@ -5584,7 +5612,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return error_line(f"out of memory ({textwrap.shorten(str(error), 100)}); lower "
                           "--batch_size or --block_size, or train a smaller model")
-    except OSError as error:   # a path given that no file system call can take
+    except OSError as error:   # a path given that no file system call can take, or a full disk
+        if error.errno in FULL_DEVICE_ERRORS:     # `> /dev/full`, standard output on a full disk
+            sys.stdout = open(os.devnull, "w")    # else Python's exit would try the write again
+            what = quoted(error.filename) if error.filename else "the output"
+            return error_line(f"cannot write {what} ({error.strerror}); free some space, or "
+                              "send the output elsewhere")
         if error.errno not in PATH_ERRORS:
             raise
         path = quoted(error.filename if error.filename is not None else "a path given")
@@ -5608,6 +5641,12 @@ PATH_ERRORS = {
     errno.EACCES: "{path}: permission denied (a folder on the way may not be searchable); choose "
                   "a path you can read and write, or change its permissions",
 }
+
+
+# Writes that the device refuses: no space, a quota, a file too large, a failing disk. Files
+# that pico-llm writes say which flag to change (cannot_write); what reaches main() is mostly
+# standard output (a print on a full disk).
+FULL_DEVICE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -6808,11 +6847,15 @@ class FaultTolerance:
         if self.resume_from is not None:
             path, checkpoint = self.resume_from
             load_model_weights(model, checkpoint, path, tokenizer)
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            record.update(checkpoint["record"])
-            record_length_changes(record, checkpoint, self.flags)
-            restore_rng_states(checkpoint["rng"])
-            self.progress = TrainingProgress(**checkpoint["progress"])
+            with unrestorable(path, "optimizer state"):
+                optimizer.load_state_dict(checkpoint["optimizer"])
+            with unrestorable(path, "run-log record"):
+                record.update(checkpoint["record"])
+                record_length_changes(record, checkpoint, self.flags)
+            with unrestorable(path, "random generators' states"):
+                restore_rng_states(checkpoint["rng"])
+            with unrestorable(path, "progress"):
+                self.progress = progress_from(checkpoint["progress"])
             self.progress.finished = nothing_left_to_train(self.progress, self.training)
             if not self.training.quiet:
                 print(f"[{self.name}] resuming from {path}: step {self.progress.step}, "
@@ -6974,6 +7017,31 @@ def rng_states() -> dict:
             "python": random.getstate(),
             # Apple's GPU has one generator of its own (dropout there draws from it)
             **({"mps": torch.mps.get_rng_state()} if torch.backends.mps.is_available() else {})}
+
+
+@contextlib.contextmanager
+def unrestorable(path: Path, what: str):
+    """Turns a checkpoint part that its restore cannot take (a file of another pico-llm
+    version, or damaged behind a valid checksum) into one line naming the part."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+        detail = textwrap.shorten(" ".join(str(error).split()) or type(error).__name__, 80)
+        raise UserError(f"{path} was made by another pico-llm version, or is damaged: its "
+                        f"{what} cannot be restored ({detail}); resume from another checkpoint, "
+                        "or train without --resume") from None
+
+
+def progress_from(fields: dict) -> TrainingProgress:
+    """A checkpoint's TrainingProgress, each field of its default's type (a float field may
+    hold an int); TypeError naming the first that is not."""
+    progress = TrainingProgress(**fields)
+    for field in dataclasses.fields(progress):
+        value, kind = getattr(progress, field.name), type(field.default)
+        allowed = (int, float) if kind is float else (kind,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool):
+            raise TypeError(f"{field.name} is {value!r}, not a {kind.__name__}")
+    return progress
 
 
 def restore_rng_states(states: dict) -> None:

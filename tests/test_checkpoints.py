@@ -200,7 +200,8 @@ def test_resuming_into_a_run_log_cut_short_says_it_cannot_be_continued(pico, run
     log.write_text(log.read_text()[:100])
     status, _, err = run_main(*first, "--resume", "--epochs", "3")
     assert status == 2 and err.count("\n") == 1, err
-    assert "is not one pico-llm can read" in err and "resume with a new --run_name" in err
+    assert f"cannot read run log {log}" in err and "so it cannot be continued" in err
+    assert "resume with a new --run_name" in err
     assert len(log.read_text()) == 100
 
 
@@ -982,6 +983,41 @@ def test_a_checkpoint_of_another_version_is_one_line_naming_it(pico, run_main, t
     line = one_error_line(err)
     assert str(path) in line and "made by another pico-llm version, or is damaged" in line
     assert not (tmp_path / "exported").exists()
+
+
+# What a checkpoint's resume state (past the parts that rebuild the model) may hold when another
+# pico-llm version, or damage before its checksum was computed, made it.
+RESUME_STATES_OF_ANOTHER_VERSION = {
+    "optimizer state": lambda checkpoint: checkpoint.update(
+        optimizer={"state": {}, "param_groups": []}),
+    "random generators' states": lambda checkpoint: checkpoint.update(rng={}),
+    "random generators' states ": lambda checkpoint: checkpoint["rng"].update(
+        torch=torch.zeros(3, dtype=torch.uint8)),
+    "progress": lambda checkpoint: checkpoint["progress"].update(step="x"),
+    "progress ": lambda checkpoint: checkpoint["progress"].update(unknown=1),
+    "run-log record": lambda checkpoint: checkpoint["record"].update(length_changes=5),
+}
+
+
+@pytest.mark.parametrize("change", RESUME_STATES_OF_ANOTHER_VERSION)
+def test_resuming_a_checkpoint_whose_state_cannot_be_restored_is_one_line(
+        pico, run_main, tmp_path, transformer_checkpoint, change):
+    checkpoint = {key: (dict(value) if isinstance(value, dict) else value)
+                  for key, value in transformer_checkpoint.items()}
+    RESUME_STATES_OF_ANOTHER_VERSION[change](checkpoint)
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)   # it passes its checksum
+    path = tmp_path / "save" / "transformer" / "step_000001.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(checkpoint, path)
+    status, _, err = run_main(*TINY, "--models", "transformer", "--d_model", "32", "--n_heads",
+                              "2", "--n_blocks", "1", "--epochs", "2", "--max_steps_per_epoch",
+                              "1", "--resume", str(tmp_path / "save"), "--artefacts_dir",
+                              str(tmp_path / "artefacts"), "--cache_dir", str(tmp_path / "cache"))
+    assert status == 2, err
+    line = one_error_line(err)
+    assert str(path) in line and "made by another pico-llm version, or is damaged" in line
+    assert f"its {change.strip()} cannot be restored" in line
+    assert sorted(p.name for p in path.parent.iterdir()) == ["step_000001.pt"]
 
 
 def test_init_from_is_the_same_directory_however_written(pico, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -451,6 +452,23 @@ def test_a_closed_standard_output_is_refused_in_one_line(tmp_path, command):
     assert result.stderr.strip() == ("pico-llm: error: standard output is closed, so nothing "
                                      "could be shown; send it to a terminal, a file, or /dev/null")
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("command", [["--accounting"],
+                                     [*TINY_RUN, "--device_id", "cpu", "--models", "lstm_seq"]])
+def test_a_full_standard_output_is_one_line(pico, tmp_path, command):
+    """Standard output on a full disk (`> /dev/full`): one line naming it, exit 2, where the
+    write's OSError came out as a traceback with status 1."""
+    with open("/dev/full", "w") as full:
+        places = [] if "--accounting" in command else [
+            "--artefacts_dir", str(tmp_path / "art"), "--cache_dir", str(tmp_path / "cache"),
+            "--save_dir", str(tmp_path / "save")]
+        result = subprocess.run([sys.executable, str(SCRIPT), *command, *places],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("pico-llm: error: cannot write the output (No space left on "
+                             "device); free some space, or send the output elsewhere\n")
 
 
 @pytest.mark.parametrize("command, status", [(["--no_such_flag"], 2), (["--epochs", "-1"], 2),

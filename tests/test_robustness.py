@@ -1008,6 +1008,35 @@ def test_a_run_log_of_another_shape_is_kept_with_one_line(pico, ws, capsys, cont
         pico.load_runlog(path)
 
 
+@pytest.mark.parametrize("record", [7, {"name": "kgram_mlp_seq"},
+                                    {"parameters": 10, "history": 5, "test_history": []},
+                                    {"parameters": 10, "history": [{"step": 1}], "test_history": []},
+                                    {"parameters": 10, "history": [], "test_history": [],
+                                     "final": [1]}])
+def test_a_run_log_with_a_record_of_another_shape_is_refused_before_training(pico, ws, capsys,
+                                                                           record):
+    """An edited run log whose record of a model not being resumed has other types than
+    pico-llm writes: refused in one line when the run is resumed, not after training, when
+    the summary table read it; the log and the checkpoints are kept."""
+    command = [*TINY, "--models", "lstm_seq,kgram_mlp_seq", *ws.io(), "--run_name", "edited",
+               "--save_dir", str(ws.save)]
+    assert pico.main(command) == 0
+    capsys.readouterr()
+    path = ws.art / "edited.json"
+    log = json.loads(path.read_text())
+    log["models"]["kgram_mlp_seq"] = record
+    path.write_text(json.dumps(log))
+    before = ws.snapshot()
+    status = pico.main([*command, "--resume", "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "is not a run log as pico-llm writes it: model 'kgram_mlp_seq'" in err
+    assert "so it cannot be continued; resume with a new --run_name" in err
+    assert before.changes() == []
+    with pytest.raises(pico.UserError, match="model 'kgram_mlp_seq'"):
+        pico.load_runlog(path)
+
+
 @pytest.mark.parametrize("error", [
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
                  "allocate memory: you tried to allocate 32212275200 bytes."),
