@@ -3,6 +3,7 @@ tool, and exit status 2, as pico-llm.py's own; --help still prints the whole hel
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -225,3 +226,46 @@ def test_recipe_gpt2_refuses_more_seconds_than_its_text_has_passes_for(tmp_path)
     assert_one_line_error(result, "recipe_gpt2", "/text is too little text for --seconds 1e+06 of "
                                                  "nanoGPT recipe")
     assert "add text or lower --seconds" in result.stderr
+
+
+def test_run_tool_answers_a_closed_or_full_output_in_one_line(capsys, monkeypatch):
+    """Every tool's command runs its main() through run_tool: a pipe closed early stops it
+    with a line and 141, as pico-llm's runs; a full disk is one line and 2; any other OSError
+    stays the error it is."""
+    import errno
+    from pico_module import run_tool as run_main_of_tool
+    monkeypatch.setattr(sys, "stdout", sys.stdout)        # run_tool points it at /dev/null
+
+    def raising(error):
+        def main():
+            raise error
+        return main
+
+    assert run_main_of_tool(raising(BrokenPipeError()), "benchmark") == 141
+    assert capsys.readouterr().err == ("benchmark: stopped: the output was closed (piped into "
+                                       "head?) before it finished; send it to a file, or through tail\n")
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/results.json")
+    assert run_main_of_tool(raising(full), "benchmark") == 2
+    assert capsys.readouterr().err == ("benchmark: error: cannot write '/out/results.json' (No "
+                                       "space left on device); free some space, or send the "
+                                       "output elsewhere\n")
+    with pytest.raises(PermissionError):
+        run_main_of_tool(raising(PermissionError(errno.EPERM, "not permitted")), "benchmark")
+    assert run_main_of_tool(lambda: 0, "benchmark") == 0
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_tool_whose_standard_output_is_full_says_so_in_one_line(tmp_path):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(TOOLS / "ab_rope.py"), "--shape", "2", "2",
+                                 "8", "8", "--samples", "1", "--calls", "1"], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120, cwd=REPO)
+    assert_one_line_error(result, "ab_rope", "cannot write the output (No space left on device)")
+
+
+def test_recipe_ablation_refuses_text_too_short_to_hold_some_out(tmp_path):
+    (tmp_path / "a.txt").write_text("one line only\n")
+    result = run_tool("recipe_ablation", ["--input_dir", "{tmp}", "--sweep_scale", "tiny",
+                                          "--steps", "2"], tmp_path)
+    assert_one_line_error(result, "recipe_ablation", f"--input_dir {tmp_path} is too little text "
+                                                     "to hold some out for testing")

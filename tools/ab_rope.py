@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pico_module import OneLineErrorParser, load_pico, positive_int
+from pico_module import OneLineErrorParser, load_pico, positive_int, run_tool
 
 pico = load_pico()
 
@@ -118,4 +118,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_tool(main, "ab_rope"))

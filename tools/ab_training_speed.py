@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from pico_module import OneLineErrorParser, load_pico, load_script, pico_flags_checked, positive_int
+from pico_module import (OneLineErrorParser, load_pico, load_script, pico_flags_checked, positive_int,
+                         run_tool)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
@@ -158,4 +159,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "ab_training_speed"))

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pico_module import (TOOLS_DIR, OneLineErrorParser, load_pico, load_script, path_text,
-                         refuse_gpu_size_on_a_cpu, seed_int)
+                         refuse_gpu_size_on_a_cpu, run_tool, seed_int)
 
 pico = load_pico()
 
@@ -984,4 +984,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "benchmark"))

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, path_text, positive_float,
-                         positive_int)
+                         positive_int, run_tool)
 
 # Every preset, and the attention kinds on the default preset; the ones least like the
 # GPT-2 step that tools/benchmark.py measures first, so that a run cut short has them.
@@ -140,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "compile_presets"))

@@ -11,7 +11,7 @@ A model that learns it must learn to count, to step by two, and to double.
 import sys
 from pathlib import Path
 
-from pico_module import OneLineErrorParser, path_text, write_text_atomically
+from pico_module import OneLineErrorParser, path_text, run_tool, write_text_atomically
 
 NUM_LINES = 3333
 SEQUENCES = (
@@ -57,4 +57,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "make_3seqs"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nbformat
 
-from pico_module import OneLineErrorParser, path_text, write_text_atomically
+from pico_module import OneLineErrorParser, path_text, run_tool, write_text_atomically
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1050,4 +1050,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "make_notebook"))

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import io
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -109,6 +111,33 @@ def positive_float(text: str) -> float:
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
     return value
+
+
+# Writes the device refuses: no space, a quota, a file too large, a failing disk.
+FULL_DEVICE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def run_tool(main, prog: str) -> int:
+    """A tool's main() as its command line runs it, with pico-llm's answers when the output
+    fails: standard output closed early (piped into head) stops it with a line and status 141,
+    a full disk under a file it writes or under standard output is one line and status 2. The
+    Python exit then finds standard output on /dev/null and does not try the write again."""
+    try:
+        return main()
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")
+        with contextlib.suppress(OSError):          # stderr may be the same closed pipe
+            print(f"{prog}: stopped: the output was closed (piped into head?) before it "
+                  "finished; send it to a file, or through tail", file=sys.stderr)
+        return 128 + signal.SIGPIPE
+    except OSError as error:
+        if error.errno not in FULL_DEVICE_ERRORS:
+            raise
+        sys.stdout = open(os.devnull, "w")
+        what = f"'{error.filename}'" if error.filename else "the output"
+        print(f"{prog}: error: cannot write {what} ({error.strerror}); free some space, or send "
+              "the output elsewhere", file=sys.stderr)
+        return 2
 
 
 def current_umask() -> int:

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from pico_module import OneLineErrorParser, load_pico, positive_int, too_many_passes
+from pico_module import OneLineErrorParser, load_pico, positive_int, run_tool, too_many_passes
 
 VARIANTS = {
     "pico + Muon": {"optimizer": "muon"},
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                                test_fraction=scale.test_fraction, data_format="stream")
         tokenizer = pico.build_tokenizer(scale.tokenizer)
         data = pico.sweep_data(base, tokenizer)
+        if not data.has_test_set:   # the comparison is of held-out bits per byte
+            raise pico.UserError(f"--input_dir {args.input_dir} is too little text to hold some "
+                                 "out for testing; give more text")
         if args.steps > pico.MAX_EPOCHS * data.steps_per_epoch(base.training.batch_size, None):
             raise too_many_passes(pico, args.steps, f"text in --input_dir {args.input_dir}")
     except pico.UserError as error:
@@ -60,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_tool(main, "recipe_ablation"))

@@ -37,7 +37,7 @@ import torch
 
 from benchmark import synchronize
 from pico_module import (OneLineErrorParser, load_pico, path_text, positive_float,
-                         refuse_gpu_size_on_a_cpu)
+                         refuse_gpu_size_on_a_cpu, run_tool)
 from stream_vs_lines import is_new_or_empty_directory, write_python_docs
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "pandas", "sympy")
@@ -184,4 +184,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "recipe_gpt2"))

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from pico_module import (OneLineErrorParser, current_umask, load_pico, path_text,
-                         positive_float, positive_int)
+                         positive_float, positive_int, run_tool)
 
 
 def is_new_or_empty_directory(directory: Path) -> bool:
@@ -207,4 +207,4 @@ def compare(pico, args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "stream_vs_lines"))

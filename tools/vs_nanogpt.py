@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, non_negative_int, path_text,
-                         pico_flags_checked, positive_int, seed_int, too_many_passes)
+                         pico_flags_checked, positive_int, run_tool, seed_int,
+                         too_many_passes)
 from stream_vs_lines import python_docs_unless_text_in
 
 # nanoGPT's README, "I only have a macbook", with its train_shakespeare_char config.
@@ -295,4 +296,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "vs_nanogpt"))
