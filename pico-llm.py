@@ -127,12 +127,19 @@ try:
 except ImportError:  # Windows: runs do not lock their --save_dir
     fcntl = None
 
-import numpy as np
-import regex
-import tiktoken
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import numpy as np
+    import regex
+    import tiktoken
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ModuleNotFoundError as missing:      # a fresh machine: one line, as for any bad input
+    if __name__ != "__main__":
+        raise
+    print(f"pico-llm: error: the package {missing.name} is not installed; pip install -r "
+          "requirements.txt (GPU users: see README.md)", file=sys.stderr)
+    sys.exit(2)
 
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"
@@ -2383,6 +2390,8 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
         if not path.exists():
             raise UserError(f"--tinystories_path {path} does not exist")
         check_regular_file(path, "--tinystories_path")
+        if path.stat().st_size == 0:
+            raise UserError(f"--tinystories_path {path} is empty; give a file of stories")
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}.get(
             path.suffix.lower())
         if builder is None:
@@ -2729,7 +2738,9 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
             atomic_write_bytes(tokens_path, lambda file: np.save(file, tokens))
             atomic_write_bytes(offsets_path, lambda file: np.save(file, offsets))
         except OSError as error:  # a cache we cannot write only costs time
-            print(f"pico-llm: note: token cache not written ({error.strerror or error})", file=sys.stderr)
+            reason = (f"--cache_dir {quoted(cache_dir)} is not a folder" if not cache_dir.is_dir()
+                      else error.strerror or str(error))
+            print(f"pico-llm: note: token cache not written ({reason})", file=sys.stderr)
     return TokenizedExamples(tokens, offsets, num_bytes)
 
 
@@ -5628,7 +5639,8 @@ def error_line(message: str) -> int:
     """Prints `message` as main()'s one error line (naming the rank under torchrun); the
     exit status of bad input, 2."""
     rank = f" (rank {os.environ.get('RANK', '?')})" if launched_world_size() > 1 else ""
-    print(f"pico-llm: error{rank}: {message}", file=sys.stderr)
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")   # a path may hold a newline
+    print(f"pico-llm: error{rank}: {one_line}", file=sys.stderr)
     return 2
 
 
@@ -7150,6 +7162,8 @@ def unpickling_failure(error: Exception, path: Path) -> str:
     # 2): a bare pickle of protocol 4 or 5 fails on its FRAME opcode, "Unsupported operand 149"
     if start in (b"\x80\x04\x95", b"\x80\x05\x95"):
         return f"a plain Python pickle (protocol {start[1]}), not a file written by torch.save"
+    if start and not start.startswith((b"PK", b"\x80")):   # neither a zip archive nor a pickle
+        return "not a file written by torch.save"
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
     reason = detail.group(1) if detail else str(error).split("\n")[0] or type(error).__name__
     return textwrap.shorten(reason, 120)
@@ -8353,7 +8367,10 @@ def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_si
         needed = 16 * parameters + cache
         if needed <= available:
             continue
-        if isinstance(config, KGramConfig):
+        if not init_from and 16 * parameter_count(config, 256) + cache <= available:
+            advice = (f"its {vocab_size:,}-token vocabulary is what does not fit; choose a "
+                      "smaller --tokenizer")
+        elif isinstance(config, KGramConfig):
             advice = f"lower --kgram_k ({config.k:,}) or --embed_size ({config.embed_size:,})"
         elif isinstance(config, LSTMConfig):
             advice = (f"lower --embed_size ({config.embed_size:,}) or --lstm_layers "

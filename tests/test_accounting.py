@@ -87,3 +87,8 @@ def test_a_model_larger_than_memory_is_refused_naming_its_size_flag(pico, config
     long = configure("--models", "transformer", "--block_size", "4000000").models
     with pytest.raises(pico.UserError, match=r"KV cache.*lower --block_size \(4,000,000\)"):
         pico.check_models_fit_in_memory(long, 257, 4_000_000, device)
+    # a --tokenizer bpe:N asking for more ids than memory holds rows: the vocabulary is named
+    for models in (fits, configure("--models", "lstm_seq").models):
+        with pytest.raises(pico.UserError, match=r"its 99,999,999,999-token vocabulary is what "
+                                                 r"does not fit; choose a smaller --tokenizer"):
+            pico.check_models_fit_in_memory(models, 99_999_999_999, 64, device)

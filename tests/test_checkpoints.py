@@ -564,7 +564,8 @@ LONG_PROMPT = "word " * 40
 BAD_CHECKPOINT_INPUTS = [
     (["--resume", "{truncated}"], "not a readable checkpoint (truncated, corrupt"),
     (["--resume", "{random_bytes}"], "not a readable checkpoint"),
-    (["--resume", "{text}"], "not a readable checkpoint"),
+    (["--resume", "{text}"], "not a readable checkpoint (truncated, corrupt or not from "
+                             "pico-llm: not a file written by torch.save)"),
     (["--resume", "{pickled}"], "a plain Python pickle (protocol 4), not a file written by torch.save"),
     (["--resume", "{evil}"], "refused to load"),
     (["--resume", "{not_pico}"], "not a pico-llm checkpoint"),

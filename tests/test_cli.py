@@ -486,3 +486,30 @@ def test_a_closed_standard_error_keeps_the_exit_status(tmp_path, command, status
     else:                 # not on standard output either, where print(file=None) would go
         assert result.stdout == ""
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("argv", [["--generate", "--checkpoint", "{tmp}/no\nsuch.pt"],
+                                  ["--input_files", "{tmp}/a\nb.txt", "--epochs", "1"],
+                                  ["--input_dir", "{tmp}/no\nsuch", "--epochs", "1"]])
+def test_a_path_with_a_newline_in_it_still_gets_one_error_line(pico, tmp_path, capsys, argv):
+    """Whatever message names such a path, main() prints it on one line, the newline shown
+    as \\n (it had split the error in two)."""
+    status = pico.main([a.format(tmp=tmp_path) for a in argv]
+                       + ["--artefacts_dir", str(tmp_path / "art"), "--device_id", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("pico-llm: error: ") and "\\n" in err
+
+
+@pytest.mark.parametrize("package", ["numpy", "torch"])
+def test_a_missing_package_is_one_line_naming_the_install(package):
+    """Run on a machine without the requirements installed: one line and status 2, not the
+    import's traceback."""
+    probe = (f"import runpy, sys; sys.modules[{package!r}] = None; "
+             f"sys.argv = [{str(SCRIPT)!r}, '--help']; runpy.run_path({str(SCRIPT)!r}, "
+             "run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"pico-llm: error: the package {package} is not installed; pip "
+                             "install -r requirements.txt (GPU users: see README.md)\n")

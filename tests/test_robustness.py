@@ -345,18 +345,21 @@ def test_kgram_k_too_large_is_refused_before_training(ws):
     assert not trained_before_failing(result), describe(result)
 
 
-@pytest.mark.parametrize("kind", ["malformed_json", "non_utf8_txt", "nul_txt", "corrupt_parquet"])
+@pytest.mark.parametrize("kind", ["malformed_json", "non_utf8_txt", "nul_txt", "corrupt_parquet",
+                                  "empty_jsonl"])
 def test_bad_tinystories_file_is_one_line(ws, kind):
     path = ws.root / {"malformed_json": "stories.json", "non_utf8_txt": "stories.txt",
-                      "nul_txt": "stories.txt", "corrupt_parquet": "stories.parquet"}[kind]
+                      "nul_txt": "stories.txt", "corrupt_parquet": "stories.parquet",
+                      "empty_jsonl": "stories.jsonl"}[kind]
     path.write_bytes({"malformed_json": b'{"text": "Once upon a time", ',
                       "non_utf8_txt": b"Once upon a time\n\xff\xfe bad bytes\n",
                       "nul_txt": b"Once upon a time\n\x00\x01\x02 a binary part\n",
-                      "corrupt_parquet": b"PAR1" + os.urandom(256)}[kind])
+                      "corrupt_parquet": b"PAR1" + os.urandom(256), "empty_jsonl": b""}[kind])
     before = ws.snapshot()
     result = run(*TINY, *ws.io(corpus=False), "--tinystories_weight", "1.0",
                  "--tinystories_path", str(path), timeout=120)
-    assert_refused(result, path.name, unchanged=before)
+    line = assert_refused(result, path.name, unchanged=before)
+    assert "StopIteration" not in line
 
 
 def test_non_utf8_input_file_is_one_line(ws):
@@ -1094,3 +1097,17 @@ def test_a_path_no_file_system_call_can_take_is_one_line(run_main, tmp_path, fla
             status, _, err = run_main(*flags)
         assert status == 2 and err.count("\n") == 1 and says in err, err
         assert "Traceback" not in err
+
+
+def test_a_cache_dir_that_is_a_file_costs_the_cache_and_says_why(pico, ws, capsys):
+    """--cache_dir naming a file: the run trains without a token cache and its note says the
+    path is no folder (it said only "File exists"); the file is left as it was."""
+    ws.root.mkdir(exist_ok=True)
+    cache = ws.root / "not_a_folder"
+    cache.write_text("kept\n")
+    status = pico.main([*TINY, "--input_files", str(ws.corpus), "--artefacts_dir", str(ws.art),
+                        "--cache_dir", str(cache)])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert f"pico-llm: note: token cache not written (--cache_dir {cache} is not a folder)" in err
+    assert cache.read_text() == "kept\n"

@@ -103,6 +103,12 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
                                                    "nanoGPT checkout); drop --nanogpt to time"),
     ("compile_presets", ["--configs", "pico,minGPT,pico", "--output", "{tmp}/out.json"],
      "--configs names pico twice; name each once"),
+    ("compile_presets", ["--configs", "", "--output", "{tmp}/out.json"],
+     "--configs '' has an empty name; give names among: GPT-oss"),
+    ("ab_training_speed", ["HEAD", "--flags", "--compile"], "argument --flags: expected one "
+     "argument (a value that begins with '-' is written --flags=VALUE)"),
+    ("vs_nanogpt", ["--pico_flags", "--random_offsets"], "argument --pico_flags: expected one "
+     "argument (a value that begins with '-' is written --pico_flags=VALUE)"),
 ])
 def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     result = run_tool(name, argv, tmp_path)

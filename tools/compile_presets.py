@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=path_text, required=True, help="where the JSON report goes")
     args = parser.parse_args(argv)
     names = args.configs.split(",")
+    if not all(name.strip() for name in names):
+        parser.error(f"--configs {args.configs!r} has an empty name; give names among: "
+                     + ", ".join(CONFIGS))
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {', '.join(unknown)}")

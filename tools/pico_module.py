@@ -47,6 +47,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
     line, named after the tool: prog="tools/benchmark.py" errs as "benchmark: error: ..."."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.endswith("expected one argument"):   # e.g. --flags --compile: a value that
+            flag = message.split()[1].rstrip(":")       # looks like a flag is not taken as one
+            message += f" (a value that begins with '-' is written {flag}=VALUE)"
         sys.stderr.write(f"{Path(self.prog).stem}: error: {message} (see --help)\n")
         raise SystemExit(2)
 
