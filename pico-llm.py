@@ -3475,7 +3475,7 @@ class SweepLog:
 
     def __init__(self, path: Path, sweep: str, scale: SweepScale, config: Config,
                  device: torch.device, overwrite: bool = False) -> None:
-        self.path = path
+        self.path, self.sweep = path, sweep
         self.run_path = run_log_beside(path) if sweep == "architectures" else None
         self.earlier_run_models: dict = {}     # the run log's records of the kept points
         points = []
@@ -3558,9 +3558,9 @@ class SweepLog:
     def write(self) -> None:
         try:
             atomic_write_json(self.path, self.data)
-        except OSError as error:
-            raise cannot_write(f"sweep file {self.path}", error, "choose another "
-                               "--artefacts_dir") from None
+        except OSError as error:   # --custom_sweep_log names its own file; the others go there
+            flag = "--custom_sweep_log" if self.sweep == "custom_data" else "--artefacts_dir"
+            raise cannot_write(f"sweep file {self.path}", error, f"choose another {flag}") from None
 
 
 def examples_fingerprint(texts: list[str]) -> str:

@@ -975,7 +975,12 @@ def test_a_full_disk_while_writing_interpretability_files_is_one_line(run_main, 
     assert not [p for p in ws.art.iterdir() if target in p.name]
 
 
-def test_a_full_disk_while_writing_a_sweep_file_is_one_line(run_main, ws, monkeypatch, pico):
+@pytest.mark.parametrize("sweep, flag", [(["--sweep", "kgram_variants"], "--artefacts_dir"),
+                                         (["--custom_sweep_log", "{art}/sweep_custom.json",
+                                           "--custom_sweep_sizes", "20"], "--custom_sweep_log")])
+def test_a_full_disk_while_writing_a_sweep_file_is_one_line(run_main, ws, monkeypatch, pico,
+                                                            sweep, flag):
+    """One line naming the file and the flag that chose its place."""
     real_write = pico.atomic_write_bytes
 
     def full_for_sweeps(path, data):
@@ -984,11 +989,13 @@ def test_a_full_disk_while_writing_a_sweep_file_is_one_line(run_main, ws, monkey
         real_write(path, data)
 
     monkeypatch.setattr(pico, "atomic_write_bytes", full_for_sweeps)
-    status, _, err = run_main("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files",
-                              str(ws.corpus), artefacts=ws.art)
+    ws.art.mkdir()
+    status, _, err = run_main(*[a.format(art=ws.art) for a in sweep], "--sweep_scale", "tiny",
+                              "--input_files", str(ws.corpus), artefacts=ws.art)
     assert status == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "No space left on device" in lines[0] and "sweep_kgram_variants" in lines[0]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "sweep_" in lines[0], err
+    assert f"choose another {flag}" in lines[0]
     assert not list(ws.art.glob("*sweep_*"))
 
 
