@@ -2261,6 +2261,9 @@ def read_document(path: Path) -> str:
 def text_files_in(directory: Path) -> list[Path]:
     """The *.txt names under `directory`, sorted; a subdirectory that cannot be read is an
     error, not a directory without text files."""
+    if not directory.is_dir() and directory == DEFAULT_CUSTOM_CORPUS:   # no data flag was given
+        raise UserError(f"the shipped corpus {directory} is missing (an incomplete checkout?); "
+                        "restore it, or give --input_files or --input_dir")
     if not directory.is_dir():
         raise UserError(f"--input_dir {directory} is not a directory")
 

@@ -326,3 +326,15 @@ def test_a_stream_run_records_its_format_and_samples_across_lines(pico, run_main
     assert log["data"]["data_format"] == "stream" and log["args"]["data_format"] == "auto"
     greedy = [s["text"] for s in log["models"]["lstm_seq"]["samples"] if s["rule"] == "greedy"][-1]
     assert greedy.startswith("ROMEO.\nI ")
+
+
+def test_a_missing_shipped_corpus_is_named_as_such(pico, monkeypatch, tmp_path, capsys):
+    """No data flag and no data/custom_corpus (an incomplete checkout): the error names the
+    shipped corpus, not an --input_dir the user never gave."""
+    monkeypatch.setattr(pico, "DEFAULT_CUSTOM_CORPUS", tmp_path / "custom_corpus")
+    status = pico.main(["--models", "lstm_seq", "--epochs", "1", "--device_id", "cpu",
+                        "--artefacts_dir", str(tmp_path / "art"), "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"the shipped corpus {tmp_path / 'custom_corpus'} is missing" in err
+    assert "--input_dir" in err and "give --input_files or --input_dir" in err
