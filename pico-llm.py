@@ -3613,7 +3613,7 @@ def load_sweep(path: Path | str) -> dict:
                             ("scale", isinstance(sweep.get("scale"), str)),
                             ("created", isinstance(sweep.get("created"), str)),
                             ("wall_time_s", type(wall_time_s) in (int, float)
-                             and 0 <= wall_time_s < math.inf)):
+                             and 0 <= wall_time_s < 1e12)):   # seconds: 30,000 years
         if not as_written:
             raise UserError(f"{path}: a sweep file whose {key!r} is not as pico-llm writes it; "
                             "move it away, or pass --overwrite to start that sweep afresh")
@@ -3636,6 +3636,19 @@ def files_beside(sweep: str, path: Path) -> list[Path]:
         return [path.parent / "attention_transformer.json",
                 path.parent / "monosemantic_transformer.json"]
     return []
+
+
+def check_sweep_files_apart(paths: dict[str, Path]) -> None:
+    """UserError if --custom_sweep_log names a file that another sweep of the same run writes
+    (its sweep file, or a file beside it): the later write would replace the earlier results."""
+    custom = paths.get("custom_data")
+    if custom is None:
+        return
+    for sweep, path in paths.items():
+        if sweep != "custom_data" and custom.resolve() in {
+                written.resolve() for written in (path, *files_beside(sweep, path))}:
+            raise UserError(f"--custom_sweep_log {custom} is a file that the {sweep} sweep of "
+                            "this run writes; give --custom_sweep_log a path of its own")
 
 
 def check_no_files_beside(sweep: str, path: Path) -> None:
@@ -4173,6 +4186,7 @@ def run_sweeps(config: Config) -> int:
         check_writable_directory(paths["custom_data"].parent, "--custom_sweep_log")
     if experiments.collect_transformer_metrics:
         paths.setdefault("architectures", directory / "sweep_architectures.json")
+    check_sweep_files_apart(paths)
     scale = SWEEP_SCALES[experiments.sweep_scale]
     base = sweep_base_config(config, scale)
     tokenizer = build_tokenizer(scale.tokenizer)
@@ -9221,10 +9235,18 @@ class HFTokenizer:
         return cls(tokenizers.Tokenizer.from_str(text), vocab_size, eot_id, name)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        # The Rust library raises plain Exceptions: a WordLevel vocabulary without its
+        # unknown token cannot encode a word it lacks.
+        try:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        except Exception as error:
+            raise UserError(f"the model's tokenizer.json ({self.name}) cannot encode this text "
+                            f"({textwrap.shorten(str(error), 100)}); use a model whose "
+                            "tokenizer covers it") from None
+        return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -275,11 +275,14 @@ def test_a_run_on_the_default_device_names_it_once_without_a_note(pico, tmp_path
 
 @pytest.mark.slow
 def test_the_course_sanity_command_runs(tmp_path):
+    # About 3 minutes alone on a 2-core machine (the default Transformer over GPT-2's
+    # vocabulary, and 12 epochs); twice that allowed for a machine shared with other work.
     result = run_script("--tinystories_weight", "0.0", "--input_files", "3seqs.txt",
                         "--tokenizer", "gpt2",
                         "--block_size", "32", "--kgram_k", "2", "--embed_size", "64",
                         "--max_steps_per_epoch", "1", "--device_id", "cpu",
-                        "--artefacts_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"))
+                        "--artefacts_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"),
+                        timeout=600)
     assert result.returncode == 0, result.stderr
     assert "run log written to" in result.stdout
     assert len(list(tmp_path.glob("*.json"))) == 1

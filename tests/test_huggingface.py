@@ -1273,3 +1273,17 @@ def test_weights_that_are_no_regular_file_are_named_as_such(pico, own_gpt2_dir, 
         weights.symlink_to(weights)
     with pytest.raises(pico.UserError, match="model.safetensors is not a regular file"):
         pico.hf_weight_files(own_gpt2_dir)
+
+
+def test_a_tokenizer_json_that_cannot_encode_a_word_is_one_line(pico):
+    """A WordLevel tokenizer.json without its unknown token fails on a word it lacks with a
+    bare Exception from the Rust library: pico-llm's answer is a UserError naming it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "</s>": 2}))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = pico.HFTokenizer(word_level, vocab_size=8, eot_id=2, name="hf:test")
+    assert tokenizer.encode("a b a") == [0, 1, 0]
+    for encode in (lambda: tokenizer.encode("a cat"), lambda: tokenizer.encode_batch(["a", "cat"])):
+        with pytest.raises(pico.UserError, match=r"the model's tokenizer.json \(hf:test\) cannot "
+                                                 r"encode this text \(.*Missing \[UNK\]"):
+            encode()

@@ -571,7 +571,7 @@ def test_an_architectures_sweep_without_its_run_log_writes_none(run_main, tmp_pa
 
 
 @pytest.mark.parametrize("key, value", [("created", ...), ("sweep", ...), ("wall_time_s", None),
-                                        ("wall_time_s", "12 s")])
+                                        ("wall_time_s", "12 s"), ("wall_time_s", 10 ** 400)])
 def test_a_sweep_file_without_its_keys_is_refused_before_training(pico, run_main, tmp_path,
                                                                   tiny_corpus, key, value):
     """A sweep file edited by hand (... = the key removed) is checked when it is read, not
@@ -653,3 +653,21 @@ def test_sigterm_during_a_sweep_says_so_in_one_line_and_leaves_its_files_valid(
     for path in sweeps:
         if not path.name.endswith("_run.json"):
             assert pico.load_sweep(path)["points"]
+
+
+@pytest.mark.parametrize("sweep, name", [("kgram_variants", "sweep_kgram_variants.json"),
+                                         ("sampling", "attention_transformer.json"),
+                                         ("architectures", "sweep_architectures_run.json")])
+def test_a_custom_sweep_log_on_another_sweeps_file_is_refused_before_training(run_main, tmp_path,
+                                                                              sweep, name):
+    """--custom_sweep_log naming a file that the run's other sweep writes (its sweep file or a
+    file beside it): one line before any training, where the later write replaced the first
+    sweep's results."""
+    art = tmp_path / "artefacts"
+    art.mkdir()
+    status, _, err = run_main("--sweep", sweep, "--sweep_scale", "tiny", "--custom_sweep_log",
+                              str(art / name), "--custom_sweep_sizes", "3", artefacts=art)
+    assert status == 2 and err.count("\n") == 1, err
+    assert (f"--custom_sweep_log {art / name} is a file that the {sweep} sweep of this run "
+            "writes; give --custom_sweep_log a path of its own") in err
+    assert list(art.iterdir()) == []
