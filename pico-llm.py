@@ -3752,11 +3752,15 @@ def sweep_custom_data(log: SweepLog, base, scale, device, tokenizer) -> None:
     given = base.experiments.custom_sweep_sizes
     sizes = parse_sizes(given) if given is not None else scale.custom_sizes
     config = with_flags(base, test_fraction=scale.test_fraction)
-    if given is not None:
-        available = len(sweep_data(config, tokenizer).sources[0].train)
-        if max(sizes) > available:
-            raise UserError(f"--custom_sweep_sizes asks for {max(sizes):,} training examples; "
-                            f"this data has {available:,}: give sizes up to that")
+    available = len(sweep_data(config, tokenizer).sources[0].train)
+    if given is not None and max(sizes) > available:
+        raise UserError(f"--custom_sweep_sizes asks for {max(sizes):,} training examples; "
+                        f"this data has {available:,}: give sizes up to that")
+    if max(sizes) > available:    # the scale's sizes, for a small corpus: the sizes it has
+        sizes = [size for size in sizes if size < available] + [available]
+        print(f"pico-llm: note: this data has {available:,} training examples, so the "
+              f"custom_data sweep trains on {', '.join(f'{size:,}' for size in sizes)}",
+              file=sys.stderr)
     for model_name in ("lstm_seq", "transformer"):
         for size in sizes:
             settings = {"train_examples": size}
@@ -3792,8 +3796,8 @@ def sweep_overfit(log: SweepLog, base, scale, device, tokenizer) -> None:
     steps_per_epoch = data.steps_per_epoch(config.training.batch_size, None)
     config = with_flags(config, sample_interval=steps_per_epoch * max(
         1, scale.overfit_epochs // scale.overfit_checkpoints))
-    for model_name in ("lstm_seq", "transformer"):
-        settings = {"train_examples": scale.overfit_examples, "epochs": scale.overfit_epochs}
+    for model_name in ("lstm_seq", "transformer"):   # a small corpus may have fewer examples
+        settings = {"train_examples": len(data.sources[0].train), "epochs": scale.overfit_epochs}
         if log.done(model_name, settings):
             continue
         _, record = train_sweep_model(model_name, model_name, config, device, tokenizer, data)

@@ -671,3 +671,21 @@ def test_a_custom_sweep_log_on_another_sweeps_file_is_refused_before_training(ru
     assert (f"--custom_sweep_log {art / name} is a file that the {sweep} sweep of this run "
             "writes; give --custom_sweep_log a path of its own") in err
     assert list(art.iterdir()) == []
+
+
+def test_sweeps_on_a_corpus_smaller_than_their_sizes_record_the_examples_they_train_on(
+        pico, run_main, tmp_path):
+    """The custom_data and overfit sweeps' tiny sizes (3 to 16 examples) on a 3-line corpus
+    (2 for training): each point records the 2 it trained on, not a size the data lacks, and
+    the custom_data sweep says which sizes it kept."""
+    corpus = tmp_path / "three.txt"
+    corpus.write_text("the cat sat on the mat\nthe dog ran in the sun\na bird flew over the hill\n")
+    for sweep in ("custom_data", "overfit"):
+        status, _, err = run_main("--sweep", sweep, "--sweep_scale", "tiny", "--input_files",
+                                  str(corpus))
+        assert status == 0, err
+        points = json.loads((tmp_path / "artefacts" / f"sweep_{sweep}.json").read_text())["points"]
+        assert points and {p["settings"]["train_examples"] for p in points} == {2}
+        noted = ("pico-llm: note: this data has 2 training examples, so the custom_data sweep "
+                 "trains on 2\n")
+        assert (noted in err) == (sweep == "custom_data"), err
