@@ -5503,6 +5503,9 @@ def run_generation(config: Config) -> int:
                         "in this model's tokenizer; give a prompt in its vocabulary")
     if prompt_tokens > context:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than {limit}; shorten it")
+    note = prompt_coverage_note(tokenizer, sampling.prompt)
+    if note:
+        print(note, file=sys.stderr)
     device = resolve_device(config.device_id)
     if config.speed.compile and device.type == "cuda" and StaticDecoder.supports(model):
         check_compile_available(device)
@@ -5518,6 +5521,18 @@ def run_generation(config: Config) -> int:
                            dtype=config.training.dtype)
     print(as_shown_on(sys.stdout, sample.text))
     return 0
+
+
+def prompt_coverage_note(tokenizer, prompt: str) -> str | None:
+    """A note when the tokenizer drops or replaces part of the prompt (an imported model's
+    tokenizer.json without byte fallback, or with an unknown token), so that the printed text,
+    which begins with the whole prompt, does not pass for what the model read. Differences of
+    whitespace alone, which some tokenizers normalize, are not noted."""
+    read = tokenizer.decode(tokenizer.encode(prompt))
+    if "".join(read.split()) == "".join(prompt.split()):
+        return None
+    return (f"pico-llm: note: this model's tokenizer does not cover all of --prompt; the model "
+            f"reads {textwrap.shorten(read, 60, placeholder='...')!r}")
 
 
 def as_shown_on(stream, text: str) -> str:

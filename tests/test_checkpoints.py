@@ -628,6 +628,23 @@ def trained_save_dir(pico, tmp_path_factory):
     return root / "save"
 
 
+def test_generate_notes_a_prompt_its_tokenizer_does_not_cover(pico, run_main, trained_save_dir,
+                                                               monkeypatch):
+    """A tokenizer that drops part of the prompt (here the letter u, as an imported
+    tokenizer.json without byte fallback drops what it lacks): a note says what the model
+    reads; a prompt it covers, whitespace aside, gets none."""
+    assert pico.prompt_coverage_note(pico.ByteTokenizer(), "Once upon  a time") is None
+    decode = pico.ByteTokenizer.decode
+    monkeypatch.setattr(pico.ByteTokenizer, "decode",
+                        lambda self, ids: decode(self, ids).replace("u", ""))
+    ckpt = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    status, out, err = run_main("--generate", "--checkpoint", str(ckpt), "--max_new_tokens", "2",
+                                "--prompt", "Once upon a time")
+    assert status == 0 and out.startswith("Once upon a time"), err
+    assert err == ("pico-llm: note: this model's tokenizer does not cover all of --prompt; the "
+                   "model reads 'Once pon a time'\n")
+
+
 @pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
 def test_generate_decodes_in_the_precision_dtype_names(pico, run_main, trained_save_dir,
                                                        monkeypatch, dtype):
