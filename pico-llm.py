@@ -3491,6 +3491,11 @@ class SweepLog:
         if overwrite and path.exists() and not looks_like_a_sweep_file(path):
             raise UserError(f"{path} is not a sweep file, and --overwrite replaces only sweep "
                             "files; give the sweep another path")
+        for file in files_beside(sweep, path):   # written over as the sweep's points run
+            if file.exists() and not (file.is_file() and begins_as(file, SIDE_FILE_KINDS)):
+                raise UserError(f"{file} is not a file that a {sweep} sweep writes, and the "
+                                "sweep would write over it; move it away, or give the sweep "
+                                "another --artefacts_dir")
         if not path.exists() and not overwrite:
             check_no_files_beside(sweep, path)
         if path.exists() and not overwrite:
@@ -3649,6 +3654,11 @@ def check_sweep_files_apart(paths: dict[str, Path]) -> None:
                 written.resolve() for written in (path, *files_beside(sweep, path))}:
             raise UserError(f"--custom_sweep_log {custom} is a file that the {sweep} sweep of "
                             "this run writes; give --custom_sweep_log a path of its own")
+
+
+# What the files beside a sweep file begin as: the architectures sweep's run log, attention
+# maps, embedding clusters.
+SIDE_FILE_KINDS = ("run", "attention", "monosemantic")
 
 
 def check_no_files_beside(sweep: str, path: Path) -> None:

@@ -689,3 +689,22 @@ def test_sweeps_on_a_corpus_smaller_than_their_sizes_record_the_examples_they_tr
         noted = ("pico-llm: note: this data has 2 training examples, so the custom_data sweep "
                  "trains on 2\n")
         assert (noted in err) == (sweep == "custom_data"), err
+
+
+@pytest.mark.parametrize("sweep, name", [("sampling", "attention_transformer.json"),
+                                         ("sampling", "monosemantic_transformer.json"),
+                                         ("architectures", "sweep_architectures_run.json"),
+                                         ("architectures", "architectures_attention_pico.json")])
+def test_a_sweep_refuses_to_write_over_a_file_beside_it_that_it_did_not_write(
+        run_main, tmp_path, tiny_corpus, sweep, name):
+    """A user's own file under the name of one that a sweep writes beside its sweep file:
+    refused before training, with --overwrite too (which replaces only the sweep's files)."""
+    art = tmp_path / "artefacts"
+    art.mkdir()
+    (art / name).write_text('{"mine": 1}\n')
+    status, _, err = run_main("--sweep", sweep, "--sweep_scale", "tiny", "--input_files",
+                              str(tiny_corpus), "--overwrite", artefacts=art)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"{art / name} is not a file that a {sweep} sweep writes" in err
+    assert (art / name).read_text() == '{"mine": 1}\n'
+    assert sorted(p.name for p in art.iterdir()) == [name]
