@@ -295,6 +295,42 @@ def test_notebook_skips_json_files_that_hold_no_object(tmp_path):
     assert "sweep_budget.json` is not a sweep file of schema 1; skipped" in text
     assert "my_run.json` is not a run file of schema 1; skipped" in text
 
+def test_notebook_notes_files_edited_by_hand_and_draws_the_rest(tmp_path):
+    """A field deleted or given another type by hand stops only the section that reads it: a
+    note names the file and the error, and every other figure is still drawn."""
+    artefacts = presentation_cut_to(100, tmp_path / "presentation")
+
+    def edit(name, change):
+        data = json.loads((artefacts / name).read_text())
+        change(data)
+        (artefacts / name).write_text(json.dumps(data))
+
+    edits = {   # file: (the edit, the figure its section no longer draws)
+        "sweep_attention.json": (lambda d: d["points"][0].pop("generation"), "linear_attention"),
+        "sweep_overfit.json": (lambda d: d["points"][0].update(epochs="three"), "overfitting"),
+        "sweep_budget.json": (lambda d: d.update(points={"first": 1}), "budget"),
+        "sweep_recipe.json": (lambda d: d["points"][0].pop("curve"), "recipe"),
+        "sweep_architectures_run.json": (lambda d: d["models"]["GPT-oss"]["config"].pop("n_experts"),
+                                         "expert_usage"),
+        "architectures_attention_GPT-oss.json": (lambda d: d.update(layers=[]),
+                                                 "sliding_window_sinks"),
+        "monosemantic_transformer.json": (lambda d: d.update(clusters=[]), None),
+    }
+    for name, (change, _) in edits.items():
+        edit(name, change)
+    log = cut_short_run_log()
+    log["models"]["lstm_seq"]["samples"][0].pop("text")
+    run_log = tmp_path / "my_run.json"
+    run_log.write_text(json.dumps(log))
+    text = execute_notebook(artefacts, run_log=run_log)    # raises if a cell fails
+    for name in [*edits, "my_run.json"]:
+        assert re.search(rf"`[^`]*{re.escape(name)}` is not as pico-llm writes it \(", text), name
+    assert text.count("Note:") == len(edits) + 2     # the budget file's twice: the inventory too
+    figures = {p.stem for p in (artefacts / "figures").glob("*.png")}
+    assert figures == (FIGURES | set(NEW_FIGURES)) - {figure for _, figure in edits.values()}
+    assert (tmp_path / "my_run_loss_curves.png").exists()   # drawn before the samples table
+
+
 def requirement_names(path):
     names = set()
     for line in path.read_text().splitlines():
