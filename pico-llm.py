@@ -3477,8 +3477,9 @@ class SweepLog:
     sweep's run log is read here too, before any training."""
 
     def __init__(self, path: Path, sweep: str, scale: SweepScale, config: Config,
-                 device: torch.device, overwrite: bool = False) -> None:
-        self.path, self.sweep = path, sweep
+                 device: torch.device, overwrite: bool = False,
+                 flag: str = "--artefacts_dir") -> None:
+        self.path, self.sweep, self.flag = path, sweep, flag   # flag: the one that named path
         self.run_path = run_log_beside(path) if sweep == "architectures" else None
         self.earlier_run_models: dict = {}     # the run log's records of the kept points
         points = []
@@ -3566,9 +3567,9 @@ class SweepLog:
     def write(self) -> None:
         try:
             atomic_write_json(self.path, self.data)
-        except OSError as error:   # --custom_sweep_log names its own file; the others go there
-            flag = "--custom_sweep_log" if self.sweep == "custom_data" else "--artefacts_dir"
-            raise cannot_write(f"sweep file {self.path}", error, f"choose another {flag}") from None
+        except OSError as error:
+            raise cannot_write(f"sweep file {self.path}", error,
+                               f"choose another {self.flag}") from None
 
 
 def examples_fingerprint(texts: list[str]) -> str:
@@ -4204,8 +4205,20 @@ def run_sweeps(config: Config) -> int:
     scale = SWEEP_SCALES[experiments.sweep_scale]
     base = sweep_base_config(config, scale)
     tokenizer = build_tokenizer(scale.tokenizer)
+    flags = {name: "--custom_sweep_log" if name == "custom_data" and experiments.custom_sweep_log
+             else "--artefacts_dir" for name in paths}   # the flag that named each file
+    with contextlib.ExitStack() as claims:
+        for name, path in paths.items():   # held until the last sweep ends
+            claims.enter_context(claim_file(path, flags[name]))
+        run_sweep_logs(paths, flags, scale, base, device, tokenizer, experiments.overwrite)
+    return 0
+
+
+def run_sweep_logs(paths: dict[str, Path], flags: dict[str, str], scale: "SweepScale",
+                   base: "Config", device, tokenizer, overwrite: bool) -> None:
+    """Each sweep of `paths` in turn, adding its points to its file."""
     # Every file is checked before the first sweep starts, not after hours of the others.
-    logs = {name: SweepLog(path, name, scale, base, device, experiments.overwrite)
+    logs = {name: SweepLog(path, name, scale, base, device, overwrite, flags[name])
             for name, path in paths.items()}
     started = time.perf_counter()
     for name, log in logs.items():
@@ -4222,7 +4235,6 @@ def run_sweeps(config: Config) -> int:
             print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "
                   f"in {this_run_s:.0f} s -> {log.path}")
     print(f"sweeps finished in {time.perf_counter() - started:.0f} s")
-    return 0
 
 
 # --- 7.3 Interpretability ----------------------------------------------------------------
@@ -7435,11 +7447,7 @@ def claim_directory(directory: Path, flag: str):
     files. An flock belongs to the open directory and ends with the process, however it
     ends, so a killed run leaves no stale claim and no lock file. Directories made here
     are removed again if nothing was written into them."""
-    made = []
-    missing = directory
-    while not missing.exists():
-        made.append(missing)
-        missing = missing.parent
+    made = missing_directories(directory)
     while True:
         directory.mkdir(parents=True, exist_ok=True)
         handle = os.open(directory, os.O_RDONLY)
@@ -7456,12 +7464,67 @@ def claim_directory(directory: Path, flag: str):
     try:
         yield
     finally:
-        for path in made:
-            try:
-                path.rmdir()
-            except OSError:  # not empty: the run wrote into it
-                break
+        remove_if_empty(made)
         os.close(handle)
+
+
+def missing_directories(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def remove_if_empty(directories: list[Path]) -> None:
+    """Remove the directories that a claim made (deepest first), up to the first one that
+    something was written into."""
+    for path in directories:
+        try:
+            path.rmdir()
+        except OSError:
+            break
+
+
+@contextlib.contextmanager
+def claim_file(path: Path, flag: str):
+    """Hold an exclusive lock on `path` for the block, so that a second process given the same
+    file (two sweeps into one --artefacts_dir) is refused instead of the later writer replacing
+    the other's points. The file itself is replaced by each atomic write, so the lock is taken
+    on <path>.lock beside it, removed again at the end; one left by a killed process holds no
+    lock (an flock ends with its process) and is taken over."""
+    if fcntl is None:
+        yield
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    made = missing_directories(path.parent)
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise cannot_write(str(lock_path), error, f"choose another {flag}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            remove_if_empty(made)
+            raise UserError(f"{flag}: {path} is being written by another pico-llm process; wait "
+                            f"for it to finish, or choose another {flag}") from None
+        try:
+            if os.path.samestat(os.fstat(handle), os.stat(lock_path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(handle)  # the process that held it removed it meanwhile: claim the one there now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        os.close(handle)
+        remove_if_empty(made)
 
 
 def check_checkpoints_are_ours(save_dir: Path | None, model_names: list[str],

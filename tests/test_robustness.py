@@ -976,6 +976,7 @@ def test_a_full_disk_while_writing_interpretability_files_is_one_line(run_main, 
 
 
 @pytest.mark.parametrize("sweep, flag", [(["--sweep", "kgram_variants"], "--artefacts_dir"),
+                                         (["--sweep", "custom_data"], "--artefacts_dir"),
                                          (["--custom_sweep_log", "{art}/sweep_custom.json",
                                            "--custom_sweep_sizes", "20"], "--custom_sweep_log")])
 def test_a_full_disk_while_writing_a_sweep_file_is_one_line(run_main, ws, monkeypatch, pico,

@@ -708,3 +708,44 @@ def test_a_sweep_refuses_to_write_over_a_file_beside_it_that_it_did_not_write(
     assert f"{art / name} is not a file that a {sweep} sweep writes" in err
     assert (art / name).read_text() == '{"mine": 1}\n'
     assert sorted(p.name for p in art.iterdir()) == [name]
+
+
+def test_a_sweep_is_refused_while_another_process_writes_its_file(pico, run_main, tmp_path,
+                                                                   tiny_corpus):
+    """Two sweeps into one file would each write the points it holds, the later writer's
+    replacing the other's: the second is refused in one line, and the file is left as it was."""
+    art = tmp_path / "art"
+    art.mkdir()
+    path = art / "sweep_kgram_variants.json"
+    path.write_text("{}")   # whatever the other process has written so far
+    with pico.claim_file(path, "--artefacts_dir"):
+        status, _, err = run_main("--sweep", "kgram_variants", "--sweep_scale", "tiny",
+                                  "--input_files", str(tiny_corpus), "--overwrite",
+                                  artefacts=art)
+    assert status == 2 and err.count("\n") == 1, err
+    assert (f"--artefacts_dir: {path} is being written by another pico-llm process; wait for "
+            "it to finish, or choose another --artefacts_dir") in err
+    assert path.read_text() == "{}"
+    assert sorted(p.name for p in art.iterdir()) == ["sweep_kgram_variants.json"]   # no lock left
+
+
+def test_a_file_claim_is_exclusive_per_file_and_outlives_no_process(pico, tmp_path):
+    path, other = tmp_path / "sweep_budget.json", tmp_path / "sweep_overfit.json"
+    with pico.claim_file(path, "--artefacts_dir"):
+        with pytest.raises(pico.UserError, match="is being written by another pico-llm process"):
+            with pico.claim_file(path, "--artefacts_dir"):
+                pass
+        with pico.claim_file(other, "--artefacts_dir"):   # another sweep's file is free
+            pass
+    assert list(tmp_path.iterdir()) == []
+    with pico.claim_file(tmp_path / "new" / "sweep_budget.json", "--artefacts_dir"):
+        assert (tmp_path / "new").is_dir()
+    assert list(tmp_path.iterdir()) == []    # the folder made for it, empty, is gone again
+    # A lock file left by a process killed while it held the claim holds no lock any more.
+    holder = subprocess.run([sys.executable, "-c", "import fcntl, os, sys; fcntl.flock(os.open("
+                             "sys.argv[1], os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX); os._exit(9)",
+                             str(tmp_path / "sweep_budget.json.lock")])
+    assert holder.returncode == 9 and (tmp_path / "sweep_budget.json.lock").exists()
+    with pico.claim_file(path, "--artefacts_dir"):
+        pass
+    assert list(tmp_path.iterdir()) == []
