@@ -5521,8 +5521,9 @@ def run_generation(config: Config) -> int:
     sampling = config.sampling
     prompt_tokens = len(tokenizer.encode(sampling.prompt))
     if prompt_tokens == 0:
-        raise UserError(f"--prompt {textwrap.shorten(sampling.prompt, 40)!r} is no token at all "
-                        "in this model's tokenizer; give a prompt in its vocabulary")
+        shown = sampling.prompt if len(sampling.prompt) <= 40 else sampling.prompt[:37] + "..."
+        raise UserError(f"--prompt {shown!r} is no token at all in this model's tokenizer; "
+                        "give a prompt in its vocabulary")
     if prompt_tokens > context:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than {limit}; shorten it")
     note = prompt_coverage_note(tokenizer, sampling.prompt)
@@ -9186,13 +9187,21 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         except UserError:
             raise
         except Exception as error:  # missing shards, truncated files: many error types
-            culprit = blocked_callable(str(error))
-            reason = (f"unpickling it would call {culprit}, which runs code, so it was not loaded"
-                      if culprit else unpickling_failure(error, file))
-            raise UserError(f"cannot read {quoted(file)}: {reason}") from None
+            raise UserError(f"cannot read {quoted(file)}: {weights_file_failure(error, file)}; "
+                            "download or export the model again") from None
         check_hf_tensors(file, loaded)
         tensors.update(loaded)
     return tensors
+
+
+def weights_file_failure(error: Exception, file: Path) -> str:
+    """Why a model directory's weights file could not be read, in a few words."""
+    if file.suffix == ".bin":   # a pickle, read by load_weights_only
+        culprit = blocked_callable(str(error))
+        return (f"unpickling it would call {culprit}, which runs code, so it was not loaded"
+                if culprit else unpickling_failure(error, file))
+    detail = (str(error).splitlines() or [type(error).__name__])[0]
+    return f"not a whole safetensors file, truncated or damaged ({textwrap.shorten(detail, 100)})"
 
 
 def load_hf_weights(path: Path, config: TransformerConfig) -> dict[str, torch.Tensor]:
@@ -9395,6 +9404,9 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     path = Path(path)
     file = path / "tokenizer.json"
     gpt2_sized = config.vocab_size == 50257
+    if file.is_dir() or (file.exists() and not file.is_file()):
+        raise UserError(f"{quoted(file)} is not a file (a directory, pipe or device); move it "
+                        "away, or put the model's tokenizer.json there")
     if not file.is_file():
         if gpt2_sized and hf_family(config) == "gpt2":
             return GPT2Tokenizer()
@@ -9420,9 +9432,14 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     eos = eos[0] if isinstance(eos, list) and eos else eos
     eot_id = (eos if isinstance(eos, int) and not isinstance(eos, bool)
               else vocab.get(END_OF_TEXT, vocab.get("</s>")))
-    if eot_id is None or not 0 <= eot_id < config.vocab_size:
+    if eot_id is None:
         raise UserError(f"{quoted(path)}: config.json has no usable eos_token_id ({eos!r}) and "
                         f"{quoted(file)} no {END_OF_TEXT} or </s>")
+    if not 0 <= eot_id < config.vocab_size:
+        raise UserError(f"{quoted(path)}: the end-of-text id {eot_id} (config.json's "
+                        f"eos_token_id, or the tokenizer's) is not among the model's "
+                        f"{config.vocab_size} token ids; give config.json the eos_token_id of "
+                        "its tokenizer")
     return HFTokenizer(tokenizer, config.vocab_size, eot_id,
                        "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12])
 
@@ -9497,7 +9514,9 @@ def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
                 indent=2) + "\n")
         for file in staging.iterdir():   # safetensors writes its file private (0600)
             os.chmod(file, 0o666 & ~current_umask())
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
+        # mkdtemp makes it private (0700); an empty directory given for it keeps its own mode
+        os.chmod(staging, (directory.stat().st_mode & 0o7777) if directory.is_dir()
+                 else 0o777 & ~current_umask())
         os.rename(staging, directory)  # over an empty directory at most
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)

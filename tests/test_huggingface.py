@@ -494,8 +494,12 @@ def test_export_never_overwrites_a_non_empty_directory(pico, tmp_path):
         pico.export_hf(model, None, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     (tmp_path / "empty").mkdir()
+    os.chmod(tmp_path / "empty", 0o750)
     pico.export_hf(model, None, tmp_path / "empty")  # an empty directory is fine
     assert {p.name for p in (tmp_path / "empty").iterdir()} == {"config.json", "model.safetensors"}
+    assert (tmp_path / "empty").stat().st_mode & 0o7777 == 0o750     # and keeps its mode
+    pico.export_hf(model, None, tmp_path / "new")
+    assert (tmp_path / "new").stat().st_mode & 0o7777 == 0o777 & ~pico.current_umask()
 
 
 @pytest.mark.parametrize("name, match", [
@@ -665,6 +669,7 @@ def one_line_error(pico, match, function, *args):
     with pytest.raises(pico.UserError, match=match) as error:
         function(*args)
     assert "\n" not in str(error.value)
+    return str(error.value)
 
 
 def test_directory_without_config_json_is_refused(pico, tmp_path):
@@ -727,7 +732,13 @@ def test_missing_and_unknown_tensors_are_named(pico, llama_dir):
 
 
 def test_unreadable_weights_are_refused(pico, llama_dir):
-    (llama_dir / "model.safetensors").write_bytes(b"not safetensors")
+    weights = llama_dir / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])   # a download cut short
+    message = one_line_error(pico, "cannot read .*model.safetensors: not a whole safetensors "
+                             "file, truncated or damaged", pico.load_hf_directory, llama_dir)
+    assert "torch.save" not in message
+    weights.write_bytes(b"not safetensors")
     one_line_error(pico, "cannot read .*model.safetensors", pico.load_hf_directory, llama_dir)
 
 
@@ -835,6 +846,13 @@ def test_tokenizers_that_do_not_fit_are_refused(pico, tmp_path, llama_dir, gpt2_
                    None, small)
     pico.tokenizer_to_hf(tokenizers_to_export["bpe"]).save(str(small / "tokenizer.json"))
     one_line_error(pico, "embeds only 257 tokens", pico.import_hf, small)
+    # a tokenizer that fits, and an end-of-text id from another vocabulary (GPT-2's)
+    pico.tokenizer_to_hf(tokenizers_to_export["char"]).save(str(small / "tokenizer.json"))
+    hf_config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps(hf_config | {"eos_token_id": 50256}))
+    one_line_error(pico, "the end-of-text id 50256 .* is not among the model's 257 token ids",
+                   pico.import_hf, small)
+    (small / "config.json").write_text(json.dumps(hf_config))
     # a tokenizer.json whose vocabulary is empty
     emptied = json.loads((small / "tokenizer.json").read_text())
     emptied["model"]["vocab"], emptied["model"]["merges"], emptied["added_tokens"] = {}, [], []
@@ -1142,6 +1160,8 @@ def test_init_from_with_a_tokenizer_that_does_not_fit_is_refused(refused, pico, 
             "--init_from", str(llama_dir), "--models", "lstm_seq")
     (llama_dir / "tokenizer.json").unlink()
     refused("has no tokenizer.json", "--init_from", str(llama_dir), *fine_tune(corpus))
+    (llama_dir / "tokenizer.json").mkdir()
+    refused("tokenizer.json is not a file", "--init_from", str(llama_dir), *fine_tune(corpus))
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -1257,8 +1277,10 @@ def test_generate_from_a_prompt_the_tokenizer_has_no_tokens_for_is_refused(refus
     tokenizer["model"]["vocab"], tokenizer["model"]["merges"] = {"a": 0, "b": 1}, []
     tokenizer["added_tokens"] = []
     (llama_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
-    refused("is no token at all in this model's tokenizer", "--generate", "--init_from",
-            str(llama_dir), "--prompt", "zzz", "--max_new_tokens", "2")
+    refused("--prompt 'zzz' is no token at all in this model's tokenizer", "--generate",
+            "--init_from", str(llama_dir), "--prompt", "zzz", "--max_new_tokens", "2")
+    refused("--prompt '   ' is no token at all", "--generate", "--init_from", str(llama_dir),
+            "--prompt", "   ", "--max_new_tokens", "2")    # shown as given, not as ''
 
 
 @pytest.mark.parametrize("kind", ["folder", "loop"])
