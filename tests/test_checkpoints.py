@@ -1017,9 +1017,14 @@ RESUME_STATES_OF_ANOTHER_VERSION = {
 }
 
 
-@pytest.mark.parametrize("change", RESUME_STATES_OF_ANOTHER_VERSION)
+@pytest.mark.parametrize("change, epochs", [*((change, "2") for change in
+                                                RESUME_STATES_OF_ANOTHER_VERSION),
+                                              ("run-log record", "1"), ("progress", "1")])
 def test_resuming_a_checkpoint_whose_state_cannot_be_restored_is_one_line(
-        pico, run_main, tmp_path, transformer_checkpoint, change):
+        pico, run_main, tmp_path, transformer_checkpoint, change, epochs):
+    """--epochs 2 trains on from the checkpoint; --epochs 1 finds its model finished and
+    takes only its weights and run-log record (a path of its own)."""
+    assert transformer_checkpoint["progress"]["finished"]
     checkpoint = {key: (dict(value) if isinstance(value, dict) else value)
                   for key, value in transformer_checkpoint.items()}
     RESUME_STATES_OF_ANOTHER_VERSION[change](checkpoint)
@@ -1028,7 +1033,7 @@ def test_resuming_a_checkpoint_whose_state_cannot_be_restored_is_one_line(
     path.parent.mkdir(parents=True)
     torch.save(checkpoint, path)
     status, _, err = run_main(*TINY, "--models", "transformer", "--d_model", "32", "--n_heads",
-                              "2", "--n_blocks", "1", "--epochs", "2", "--max_steps_per_epoch",
+                              "2", "--n_blocks", "1", "--epochs", epochs, "--max_steps_per_epoch",
                               "1", "--resume", str(tmp_path / "save"), "--artefacts_dir",
                               str(tmp_path / "artefacts"), "--cache_dir", str(tmp_path / "cache"))
     assert status == 2, err

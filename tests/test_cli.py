@@ -1,5 +1,6 @@
 """Section 12 (main): the command line as a user meets it: the course's commands and bad input."""
 
+import os
 import shlex
 import subprocess
 import sys
@@ -472,6 +473,24 @@ def test_a_full_standard_output_is_one_line(pico, tmp_path, command):
     assert result.returncode == 2, result.stderr
     assert result.stderr == ("pico-llm: error: cannot write the output (No space left on "
                              "device); free some space, or send the output elsewhere\n")
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EDQUOT", "EFBIG", "EIO"])
+def test_a_full_disk_under_a_named_file_is_one_line_naming_it(pico, monkeypatch, capsys, errno_name):
+    """A write the device refuses that reaches main() with its file's name (one that no
+    cannot_write caught): one line naming the file, exit 2."""
+    import errno
+
+    def full(config):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)),
+                      "/data/out/report.json")
+
+    monkeypatch.setattr(pico, "run_command", full)
+    assert pico.main(["--accounting"]) == 2
+    assert capsys.readouterr().err == (
+        f"pico-llm: error: cannot write /data/out/report.json "
+        f"({os.strerror(getattr(errno, errno_name))}); free some space, or send the output "
+        "elsewhere\n")
 
 
 @pytest.mark.parametrize("command, status", [(["--no_such_flag"], 2), (["--epochs", "-1"], 2),
