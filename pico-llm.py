@@ -5409,6 +5409,8 @@ def run_training(config: Config) -> int:
                                                                               quiet=True))
         device = resolve_device(device_id)
         check_dtype_fits(config.training.dtype, device)
+        if config.speed.compile:   # before any model, tokens or hub download is read
+            check_compile_available(device)
         if context.is_main:
             note_apple_gpu_defects(device)
         if context.is_main and not config.training.quiet:

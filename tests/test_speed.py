@@ -248,7 +248,7 @@ def test_the_training_loop_tells_compilation_whether_lengths_vary(pico, run_main
     assert seen == [True, False]
 
 
-def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch):
+def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch, tmp_path):
     from conftest import TINY_RUN
     monkeypatch.setattr(pico.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
@@ -256,6 +256,7 @@ def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch):
     assert status == 2
     assert "--compile cannot run here" in err and "C++ compiler" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()    # said before the text is read and tokenized
     monkeypatch.setenv("CXX", "/nonexistent/g++")           # Inductor would try it, and fail
     status, out, err = run_main(*TINY_RUN, "--models", "transformer", "--compile")
     assert status == 2 and "CXX='/nonexistent/g++' names no program" in err
