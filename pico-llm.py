@@ -7461,6 +7461,8 @@ def claim_directory(directory: Path, flag: str):
             os.close(handle)
             raise UserError(f"{flag} {directory} is in use by another pico-llm run; wait for it "
                             f"to finish, or choose another {flag}") from None
+        except OSError:   # a file system without locks (some network mounts): no claim
+            pass
         if directory.is_dir() and os.path.samestat(os.fstat(handle), os.stat(directory)):
             break
         os.close(handle)  # the run that held it removed it meanwhile: claim the one there now
@@ -7495,19 +7497,24 @@ def claim_file(path: Path, flag: str):
     """Hold an exclusive lock on `path` for the block, so that a second process given the same
     file (two sweeps into one --artefacts_dir) is refused instead of the later writer replacing
     the other's points. The file itself is replaced by each atomic write, so the lock is taken
-    on <path>.lock beside it, removed again at the end; one left by a killed process holds no
-    lock (an flock ends with its process) and is taken over."""
+    on <path>.lock beside it (in its folder's real path, however the folder was reached),
+    removed again at the end; one left by a killed process holds no lock (an flock ends with
+    its process) and is taken over. A file system that has no locks (some network mounts)
+    gives no claim, as Windows does not."""
     if fcntl is None:
         yield
         return
-    lock_path = path.with_name(path.name + ".lock")
     made = missing_directories(path.parent)
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            lock_path = path.parent.resolve() / (path.name + ".lock")
+            # read-only: a lock file left by another user is still one this user can lock
+            handle = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as error:
-            raise cannot_write(str(lock_path), error, f"choose another {flag}") from None
+            remove_if_empty(made)
+            raise cannot_write(str(path.with_name(path.name + ".lock")), error,
+                               f"choose another {flag}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -7515,6 +7522,8 @@ def claim_file(path: Path, flag: str):
             remove_if_empty(made)
             raise UserError(f"{flag}: {path} is being written by another pico-llm process; wait "
                             f"for it to finish, or choose another {flag}") from None
+        except OSError:   # no locks on this file system
+            break
         try:
             if os.path.samestat(os.fstat(handle), os.stat(lock_path)):
                 break
@@ -9189,8 +9198,8 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         except UserError:
             raise
         except Exception as error:  # missing shards, truncated files: many error types
-            raise UserError(f"cannot read {quoted(file)}: {weights_file_failure(error, file)}; "
-                            "download or export the model again") from None
+            raise UserError(f"cannot read {quoted(file)}: {weights_file_failure(error, file)}"
+                            ) from None
         check_hf_tensors(file, loaded)
         tensors.update(loaded)
     return tensors
@@ -9201,9 +9210,11 @@ def weights_file_failure(error: Exception, file: Path) -> str:
     if file.suffix == ".bin":   # a pickle, read by load_weights_only
         culprit = blocked_callable(str(error))
         return (f"unpickling it would call {culprit}, which runs code, so it was not loaded"
-                if culprit else unpickling_failure(error, file))
-    detail = (str(error).splitlines() or [type(error).__name__])[0]
-    return f"not a whole safetensors file, truncated or damaged ({textwrap.shorten(detail, 100)})"
+                if culprit else f"{unpickling_failure(error, file)}; download or export the "
+                "model again")
+    detail = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return (f"not a whole safetensors file, truncated or damaged ({textwrap.shorten(detail, 100)});"
+            " download or export the model again")
 
 
 def load_hf_weights(path: Path, config: TransformerConfig) -> dict[str, torch.Tensor]:
@@ -9438,10 +9449,11 @@ def tokenizer_from_hf(path, config: TransformerConfig):
         raise UserError(f"{quoted(path)}: config.json has no usable eos_token_id ({eos!r}) and "
                         f"{quoted(file)} no {END_OF_TEXT} or </s>")
     if not 0 <= eot_id < config.vocab_size:
-        raise UserError(f"{quoted(path)}: the end-of-text id {eot_id} (config.json's "
-                        f"eos_token_id, or the tokenizer's) is not among the model's "
-                        f"{config.vocab_size} token ids; give config.json the eos_token_id of "
-                        "its tokenizer")
+        source = ("config.json's eos_token_id" if eot_id == eos else
+                  f"{quoted(file)}'s end-of-text token")
+        raise UserError(f"{quoted(path)}: the end-of-text id {eot_id} ({source}) is not among "
+                        f"the model's {config.vocab_size} token ids; give config.json the "
+                        "eos_token_id of the model's tokenizer")
     return HFTokenizer(tokenizer, config.vocab_size, eot_id,
                        "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12])
 
@@ -9516,11 +9528,14 @@ def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
                 indent=2) + "\n")
         for file in staging.iterdir():   # safetensors writes its file private (0600)
             os.chmod(file, 0o666 & ~current_umask())
-        # mkdtemp makes it private (0700); an empty directory given for it keeps its own mode
-        os.chmod(staging, (directory.stat().st_mode & 0o7777) if directory.is_dir()
+        # mkdtemp makes it private (0700); an empty directory given for it keeps its own mode,
+        # less any that would lock its owner out of the export
+        os.chmod(staging, (directory.stat().st_mode & 0o7777 | 0o700) if directory.is_dir()
                  else 0o777 & ~current_umask())
         os.rename(staging, directory)  # over an empty directory at most
     except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.chmod(staging, 0o700)   # its files can be removed whatever mode it was given
         shutil.rmtree(staging, ignore_errors=True)
         failure = os_error_of(error)   # safetensors and tokenizers raise their own types
         if failure is not None:

@@ -494,12 +494,15 @@ def test_export_never_overwrites_a_non_empty_directory(pico, tmp_path):
         pico.export_hf(model, None, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     (tmp_path / "empty").mkdir()
-    os.chmod(tmp_path / "empty", 0o750)
+    os.chmod(tmp_path / "empty", 0o751)
     pico.export_hf(model, None, tmp_path / "empty")  # an empty directory is fine
     assert {p.name for p in (tmp_path / "empty").iterdir()} == {"config.json", "model.safetensors"}
-    assert (tmp_path / "empty").stat().st_mode & 0o7777 == 0o750     # and keeps its mode
+    assert (tmp_path / "empty").stat().st_mode & 0o7777 == 0o751     # and keeps its mode
     pico.export_hf(model, None, tmp_path / "new")
     assert (tmp_path / "new").stat().st_mode & 0o7777 == 0o777 & ~pico.current_umask()
+    (tmp_path / "locked").mkdir(mode=0o500)
+    pico.export_hf(model, None, tmp_path / "locked")
+    assert (tmp_path / "locked").stat().st_mode & 0o7777 == 0o700   # its owner may use it
 
 
 @pytest.mark.parametrize("name, match", [

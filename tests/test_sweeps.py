@@ -749,3 +749,23 @@ def test_a_file_claim_is_exclusive_per_file_and_outlives_no_process(pico, tmp_pa
     with pico.claim_file(path, "--artefacts_dir"):
         pass
     assert list(tmp_path.iterdir()) == []
+    # A lock file that cannot be made: one line, and the folder made for it is gone again.
+    long_name = tmp_path / "new" / ("x" * 250 + ".json")      # its .lock is past NAME_MAX
+    with pytest.raises(pico.UserError, match="cannot write .*: File name too long"):
+        with pico.claim_file(long_name, "--artefacts_dir"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_system_without_locks_gives_no_claim_and_no_error(pico, tmp_path, monkeypatch):
+    import errno
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(pico.fcntl, "flock", no_locks)
+    with pico.claim_file(tmp_path / "sweep_budget.json", "--artefacts_dir"):
+        pass
+    with pico.claim_directory(tmp_path / "save", "--save_dir"):
+        pass
+    assert list(tmp_path.iterdir()) == []

@@ -78,7 +78,7 @@ def load(path, kind, remedy=f"run `{MAKE_PRESENTATION}` to make it"):
     except FileNotFoundError:
         note(f"`{path}` is missing; {remedy}.")
         return None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:   # RecursionError: nested too deep
         note(f"`{path}` could not be read ({error}).")
         return None
     expected = RUNLOG_SCHEMA if kind == "run" else SWEEP_SCHEMA
@@ -95,16 +95,17 @@ def load(path, kind, remedy=f"run `{MAKE_PRESENTATION}` to make it"):
 
 @contextmanager
 def drawn_from(*names):
-    \"\"\"Runs one section on the files it reads (named in ARTEFACTS_DIR, or by a whole path).
+    \"\"\"Runs one section on the files it reads (a name in ARTEFACTS_DIR, or a Path).
     pico-llm writes every field a section reads, but a file edited by hand may lack one or hold
     another type: the section then stops with a note naming its files and the error, and the
     notebook goes on to the next.\"\"\"
     try:
         yield
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as error:
+    except (ArithmeticError, AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
         plt.close("all")  # a figure drawn half-way is not shown
-        detail = (str(error).splitlines() or [""])[0][:160]
-        note(" and ".join(f"`{Path(ARTEFACTS_DIR, name)}`" for name in names)
+        detail = next((line for line in str(error).splitlines() if line.strip()), "")[:160]
+        note(" and ".join(f"`{ARTEFACTS_DIR / name if isinstance(name, str) else name}`"
+                          for name in names)
              + f" {'is' if len(names) == 1 else 'are'} not as pico-llm writes "
              f"{'it' if len(names) == 1 else 'them'} ({type(error).__name__}: {detail}; "
              "edited by hand?), so this section is skipped.")
@@ -112,7 +113,10 @@ def drawn_from(*names):
 
 def finite(value):
     \"\"\"A number that is neither NaN nor infinite (a diverged run records None or NaN).\"\"\"
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    try:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:   # an integer too large for a float (JSON allows any)
+        return False
 
 
 def usable_points(sweep, *fields, needed=1):
