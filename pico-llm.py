@@ -1963,7 +1963,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
                 if (training.sample_interval and progress.step % training.sample_interval == 0
                         and progress.step < total_steps and context.is_main):
                     record_samples(model, tokenizer, sampling, device, progress.step, record, bar,
-                                   quiet=training.quiet)
+                                   quiet=training.quiet, dtype=training.dtype)
             guard.after_step()                                  # B: checkpoint every N steps; signals
         if data.has_test_set:
             batches = data.test_batches(training.batch_size, context.rank, context.world_size)
@@ -1983,7 +1983,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
         bar.close()
     if context.is_main:
         record_samples(model, tokenizer, sampling, device, progress.step, record, None, final=True,
-                       quiet=training.quiet)
+                       quiet=training.quiet, dtype=training.dtype)
     progress.finished = True
     record["final"] = final_summary(record, progress.train_time_s, time.perf_counter() - started)
     guard.stop_if_requested()
@@ -2976,13 +2976,15 @@ def final_summary(record: dict, train_time: float, wall_time: float) -> dict:
 
 
 def record_samples(model: nn.Module, tokenizer, sampling: SamplingConfig, device: torch.device,
-                   step: int, record: dict, bar, final: bool = False, quiet: bool = False) -> None:
-    """Generate from the prompt with each sampling rule; print and store the texts."""
+                   step: int, record: dict, bar, final: bool = False, quiet: bool = False,
+                   dtype: str | None = None) -> None:
+    """Generate from the prompt with each sampling rule, in the training's precision `dtype`
+    (see decoding_model); print and store the texts."""
     if not quiet or final:
         say(f"[{record['name']}] samples after step {step}:", bar)
     for rule in sampling_rules(sampling):
         sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
-                               seed=sampling.seed, device=device)
+                               seed=sampling.seed, device=device, dtype=dtype)
         record["samples"].append({"step": step, "final": final, "rule": rule.label,
                                   "prompt": sampling.prompt, "text": sample.text})
         if not quiet or final:
@@ -3928,7 +3930,8 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
         started = time.perf_counter()
         samples = [generate_text(model, tokenizer, config.sampling.prompt,
                                  config.sampling.max_new_tokens, rule,
-                                 seed=config.training.seed + index, device=device)
+                                 seed=config.training.seed + index, device=device,
+                                 dtype=config.training.dtype)
                    for index in range(scale.samples_per_rule)]
         elapsed = time.perf_counter() - started
         generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in samples)
@@ -4742,8 +4745,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "cross-entropy on the model's logits; auto: chunked on a CPU for a "
                             "vocabulary of 1024 or more, fused otherwise. Same values")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                       help="training precision: bf16 autocast or fp32, and --generate's on an "
-                            "NVIDIA GPU "
+                       help="training precision: bf16 autocast or fp32, and its samples' and "
+                            "--generate's on an NVIDIA GPU "
                             "(default: bfloat16 on a GPU with bf16 units, NVIDIA's since Ampere; "
                             "float32 elsewhere)")
     bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",

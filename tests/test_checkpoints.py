@@ -664,6 +664,23 @@ def test_generate_decodes_in_the_precision_dtype_names(pico, run_main, trained_s
     assert status == 0 and asked == [dtype], err
 
 
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_training_samples_decode_in_the_training_precision(pico, run_main, monkeypatch, dtype):
+    """The samples a training run takes decode in its --dtype, as --generate's do."""
+    asked = []
+
+    def decoding_model(model, device, compile=False, num_tokens=None, dtype=None):
+        asked.append(dtype)
+        return model
+
+    monkeypatch.setattr(pico, "decoding_model", decoding_model)
+    flags = [] if dtype is None else ["--dtype", dtype]
+    status, _, err = run_main(*TINY, "--models", "lstm_seq", "--epochs", "1",
+                              "--max_steps_per_epoch", "1", *flags)
+    assert status == 0, err
+    assert len(asked) == 3 and set(asked) == {dtype}     # the starter's three sampling rules
+
+
 def test_generate_compile_on_a_gpu_without_triton_says_so_in_one_line(pico, run_main, tmp_path,
                                                                       monkeypatch):
     """A Transformer's decoder compiles on a GPU only with Triton: without it, one line names
