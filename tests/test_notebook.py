@@ -293,9 +293,11 @@ def test_notebook_reports_a_missing_run_log(tmp_path):
 def test_notebook_skips_json_files_that_hold_no_object(tmp_path):
     (tmp_path / "sweep_budget.json").write_text("[]")
     (tmp_path / "my_run.json").write_text('"a string"')
+    os.mkfifo(tmp_path / "sweep_ablations.json")        # read, it would wait for a writer
     text = execute_notebook(tmp_path, run_log=tmp_path / "my_run.json")
     assert "sweep_budget.json` is not a sweep file of schema 1; skipped" in text
     assert "my_run.json` is not a run file of schema 1; skipped" in text
+    assert "sweep_ablations.json` is not a regular file (a pipe, socket or device)" in text
 
 def test_notebook_notes_files_edited_by_hand_and_draws_the_rest(tmp_path):
     """A field deleted or given another type by hand stops only the section that reads it: a

@@ -73,6 +73,9 @@ def load(path, kind, remedy=f"run `{MAKE_PRESENTATION}` to make it"):
     \"\"\"One JSON file as a dict, or None with a visible note when it is missing or not
     the expected kind (sweep, run, attention, monosemantic) and schema version.\"\"\"
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):   # reading a pipe would wait
+        note(f"`{path}` is not a regular file (a pipe, socket or device); skipped.")
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
