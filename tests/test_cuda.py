@@ -177,8 +177,8 @@ def test_generation_on_a_gpu_goes_through_the_bf16_cuda_graph_decoder(pico):
 def test_attention_runs_on_the_fused_kernels(pico, preset):
     """Training (causal, bf16) and static decoding (a mask over the cache) with only flash and
     memory-efficient attention allowed: a fallback to the math kernel would raise. Llama3-lite's
-    grouped queries too: the static cache repeats their key/value heads, as the one fused kernel
-    that takes a mask needs."""
+    grouped queries too: under the static cache's mask they are folded along the query axis
+    (attention_with_folded_groups), as the one fused kernel that takes a mask needs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     model = tiny(pico, preset)
     batch = random_batch(pico, 0)
@@ -199,10 +199,11 @@ def test_torchrun_on_a_gpu_joins_with_nccl_and_trains(pico, tmp_path):
     probe.write_text(probe_loading("pico", SCRIPT, "pico_llm")
                      + "import torch.distributed as dist\npico.launched_world_size = lambda: 2\n"
                        "context, device = pico.setup_distributed('cuda:0', 60)\n"
-                       "print(dist.get_backend(), device)\ndist.destroy_process_group()\n")
+                       "print(dist.get_backend(), dist.get_backend(context.control_group), device)\n"
+                       "dist.destroy_process_group()\n")
     joined = subprocess.run([*torchrun, str(probe)], capture_output=True, text=True, timeout=300)
     assert joined.returncode == 0, joined.stderr
-    assert "nccl cuda:0" in joined.stdout
+    assert "nccl gloo cuda:0" in joined.stdout     # the stop decisions go through the CPU
     trained = subprocess.run([*torchrun, str(SCRIPT), *TINY_RUN, "--models", "transformer",
                               "--device_id", "cuda:0", "--artefacts_dir", str(tmp_path / "art"),
                               "--cache_dir", str(tmp_path / "cache"), "--run_name", "gpu"],
@@ -210,6 +211,22 @@ def test_torchrun_on_a_gpu_joins_with_nccl_and_trains(pico, tmp_path):
     assert trained.returncode == 0, trained.stderr
     log = json.loads((tmp_path / "art" / "gpu.json").read_text())
     assert log["environment"]["device"] == "cuda:0"
+    history = log["models"]["transformer"]["history"]
+    assert history and all(map(torch.isfinite, map(torch.tensor, [h["train_loss"] for h in history])))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_torchrun_on_two_gpus_trains_with_nccl(tmp_path):
+    """Two ranks on two GPUs: DDP, the step's on-device loss all-reduce, the stop decisions
+    through the CPU group and the final barrier, all under NCCL."""
+    trained = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", "2", str(SCRIPT), *TINY_RUN, "--models",
+                              "transformer", "--artefacts_dir", str(tmp_path / "art"),
+                              "--cache_dir", str(tmp_path / "cache"), "--run_name", "two"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    log = json.loads((tmp_path / "art" / "two.json").read_text())
+    assert log["environment"]["device"] == "cuda:0" and log["status"] == "finished"
     history = log["models"]["transformer"]["history"]
     assert history and all(map(torch.isfinite, map(torch.tensor, [h["train_loss"] for h in history])))
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, SCRIPT, probe_loading
 
@@ -241,3 +242,21 @@ def test_more_ranks_on_a_machine_than_it_has_gpus_are_refused_in_one_line(pico, 
         with pytest.raises(pico.UserError, match=r"local rank 2 on a machine with 2 CUDA device"
                                                  r".*--nproc_per_node=2, or train on CPUs"):
             pico.setup_distributed(device_id, timeout_s=3.0)
+
+
+def test_the_ranks_decide_to_stop_on_the_cpu_through_the_control_group(pico, monkeypatch):
+    """After every step the ranks agree whether a signal came (maximum): a CPU tensor through
+    the control group (gloo beside NCCL), so that the host does not wait for the GPU's queued
+    step as a device tensor's all-reduce and read would make it."""
+    seen = []
+
+    def all_reduce(tensor, op=None, group=None):
+        seen.append((tensor.device.type, group))
+        tensor.fill_(15)                       # another rank's SIGTERM
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    control = object()
+    context = pico.Distributed(rank=1, world_size=2, local_rank=1, control_group=control)
+    assert context.maximum(0) == 15
+    assert seen == [("cpu", control)]
+    assert pico.Distributed().maximum(2) == 2 and len(seen) == 1    # one process: no collective
