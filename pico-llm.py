@@ -1666,12 +1666,13 @@ def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5,
     applications of p take any value above 3e-3 into [0.68, 1.21]. A wide product X X^T is
     the cheaper one, so a tall matrix is transposed. Only matmuls, so it runs fast on a GPU:
     dtype None is bfloat16 there, as the reference runs it (the result need only be roughly
-    orthogonal), float32 elsewhere (a CPU has no fast bfloat16); and a stack of matrices of
+    orthogonal), on a GPU with bf16 units (has_bf16_units), float32 elsewhere (a CPU, or a T4
+    or V100, has no fast bfloat16); and a stack of matrices of
     one shape, (N, r, c), is orthogonalized matrix by matrix in one batched product each
     (Appendix A.3). "A GPU" here is CUDA's; Apple's GPU takes float32, one at a time."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     if dtype is None:
-        dtype = torch.bfloat16 if matrix.is_cuda else torch.float32
+        dtype = torch.bfloat16 if has_bf16_units(matrix.device) else torch.float32
     x = matrix.float()
     x = (x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(dtype)
     tall = x.shape[-2] > x.shape[-1]
@@ -5495,8 +5496,9 @@ def run_training(config: Config) -> int:
             print(f"\nrun log written to {run_path}")
         if context.enabled:
             # Every rank reaches destroy_process_group together, as PyTorch asks, rather
-            # than the others tearing down while rank 0 still writes the log and samples.
-            torch.distributed.barrier()
+            # than the others tearing down while rank 0 still writes the log and samples (on
+            # the control group, whose wait is not bounded by --dist_timeout).
+            torch.distributed.barrier(group=context.control_group)
         return 0
     finally:
         claims.close()
@@ -7657,8 +7659,10 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    # The ranks' small decisions (maximum) go through a CPU group (gloo), so that deciding
-    # after every step whether to stop costs no wait for a GPU; None: the default group.
+    # The ranks' agreements outside the steps go through a CPU group (gloo): whether to stop,
+    # after every step, costs no wait for a GPU; and its waits are bounded by CONTROL_WAIT, not
+    # --dist_timeout, for they are waits for rank 0's checkpoint and, at the end, its files
+    # (a rank that stopped is caught by the next step's all-reduce). None: the default group.
     control_group: object = None
 
     @property
@@ -7695,8 +7699,8 @@ class Distributed:
         return tensor.tolist()
 
     def maximum(self, value: int) -> int:
-        """The largest of the ranks' `value` (itself on one process), agreed on the CPU: on
-        GPUs through the control group, so the host does not wait for the step it has queued."""
+        """The largest of the ranks' `value` (itself on one process), agreed on the CPU through
+        the control group: on GPUs the host does not wait for the step it has queued."""
         if not self.enabled:
             return value
         tensor = torch.tensor([value], dtype=torch.int64)
@@ -7800,10 +7804,14 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
             os.close(terminal)
         native_log.seek(0)
         sys.stderr.write(native_log.read().decode(errors="replace"))
-    control = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-               if use_cuda else None)   # gloo is the default group's backend already
+    control = dist.new_group(backend="gloo", timeout=CONTROL_WAIT)
     return (Distributed(dist.get_rank(), world_size, local_rank, control),
             f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+# How long the ranks wait for rank 0 outside the steps: a large model's checkpoint on a slow
+# disk, the summary, interpretability files and export at the end.
+CONTROL_WAIT = datetime.timedelta(hours=12)
 
 
 def teardown_distributed(context: Distributed) -> None:
@@ -7818,7 +7826,9 @@ def wrap_for_training(loss_module: nn.Module, context: Distributed,
     if not context.enabled:
         return loss_module
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(loss_module,
+    # The buffers (RoPE's frequencies, retention's decays) never change: broadcast once, when
+    # DDP starts, not again before every forward.
+    return DistributedDataParallel(loss_module, broadcast_buffers=False,
                                    device_ids=[device.index] if device.type == "cuda" else None)
 
 

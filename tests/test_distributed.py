@@ -260,3 +260,47 @@ def test_the_ranks_decide_to_stop_on_the_cpu_through_the_control_group(pico, mon
     assert context.maximum(0) == 15
     assert seen == [("cpu", control)]
     assert pico.Distributed().maximum(2) == 2 and len(seen) == 1    # one process: no collective
+
+
+@pytest.mark.slow
+def test_the_ranks_wait_at_the_end_for_rank_0_longer_than_the_dist_timeout(tmp_path):
+    """Rank 0 alone writes the summary, interpretability files and export after training,
+    which may take longer than --dist_timeout: the others wait for it at the end all the same."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(probe_loading("pico", SCRIPT, "pico_llm") +
+                     "import os, sys, time\n"
+                     "real = pico.interpret_models\n"
+                     "def slow(*args, **kwargs):\n"
+                     "    time.sleep(10 if os.environ['RANK'] == '0' else 0)\n"
+                     "    return real(*args, **kwargs)\n"
+                     "pico.interpret_models = slow\n"
+                     "sys.exit(pico.main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(probe), *TINY, "--dist_timeout", "6",
+                             "--artefacts_dir", str(tmp_path / "art"),
+                             "--cache_dir", str(tmp_path / "cache")],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "art" / "run.json").exists()
+
+
+@pytest.mark.parametrize("attention", [{"attention": "softmax"}, {"attention": "linear"},
+                                       {"attention": "linear", "linear_attention_gate": "fixed"},
+                                       {"attention": "gated_linear"}])
+def test_no_model_changes_a_buffer_in_training_so_ddp_broadcasts_them_once(pico, attention):
+    """wrap_for_training has DDP broadcast the buffers when it starts, not before every forward:
+    right only while training changes none, which this checks for every preset."""
+    for preset in pico.TRANSFORMER_PRESETS:
+        config = pico.TransformerConfig(**{**pico.TRANSFORMER_PRESETS[preset], "d_model": 32,
+                                           "n_heads": 4, "n_kv_heads": None, "n_blocks": 2,
+                                           "block_size": 16, **attention})
+        model = pico.build_model(config, 50, 0)
+        assert any(True for _ in model.buffers()) or preset in ("GPT2-small", "minGPT")
+        before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        tokens = torch.randint(0, 50, (17, 2), generator=torch.Generator().manual_seed(0))
+        batch = pico.Batch(tokens[:-1], tokens[1:], torch.ones(16, 2, dtype=torch.bool))
+        optimizer = pico.build_optimizer(model, pico.TrainingConfig(), torch.device("cpu"))
+        pico.training_step(pico.NextTokenLoss(model), optimizer, [(batch, True)], 32, 1.0)
+        after = dict(model.named_buffers())
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[name], after[name]) for name in before), preset

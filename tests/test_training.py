@@ -553,3 +553,14 @@ def test_every_model_takes_a_bf16_autocast_step_close_to_float32(pico, model_nam
     assert np.isfinite(losses["bfloat16"])
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02), losses
     assert losses["bfloat16"] != losses["float32"]                     # bf16 took effect
+
+
+def test_newton_schulz_takes_bfloat16_only_where_the_device_has_bf16_units(pico, monkeypatch):
+    """Its default precision follows has_bf16_units: a GPU since Ampere computes in bf16, a T4
+    or V100 only emulates it (float32 there, as on a CPU)."""
+    matrix = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    in_float32 = pico.newton_schulz_orthogonalize(matrix, 5, torch.float32)
+    for units in (False, True):
+        monkeypatch.setattr(pico, "has_bf16_units", lambda device: units)
+        same = torch.equal(pico.newton_schulz_orthogonalize(matrix), in_float32)
+        assert same != units
