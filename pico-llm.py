@@ -5804,7 +5804,8 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device,
     model's nn.Linear layers become FastLinear in place: same parameters, same
     state_dict, products through oneDNN; and the C allocator keeps freed memory for
     reuse. On every device, attention turns RoPE's pairs with one complex product
-    (complex_rope; compiled code and Apple's GPU keep the real formula). The loss "auto" is
+    (complex_rope; compiled code and Apple's GPU keep the real formula); on CUDA an LSTM
+    computes in float32 under bf16 autocast (Float32LSTM). The loss "auto" is
     the chunked one or PyTorch's fused cross-entropy (FusedNextTokenLoss), as loss_kind
     says. With speed.compile the model and loss are compiled together (compile_for_training).
     lengths_vary: the training batches' length changes from step to step (lines mode pads a
@@ -5816,6 +5817,8 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device,
             if type(module) is nn.Linear:
                 module.__class__ = FastLinear
     complex_rope(model)
+    if device.type == "cuda":
+        float32_lstm(model)
     kind = loss_kind(speed.loss, device, getattr(model, "vocab_size", None))
     if speed.compile:
         check_compile_available(device)
@@ -5891,6 +5894,26 @@ def autocast_context(device: torch.device, dtype: str | None = None):
     if resolve_dtype(dtype, device) == "bfloat16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class Float32LSTM(nn.LSTM):
+    """nn.LSTM with CUDA's autocast off: under autocast, PyTorch's cast for cuDNN's LSTM kernel
+    takes float16 whatever dtype autocast names (bf16 here), and float16 without loss scaling
+    lets small gradients vanish. So on a GPU the LSTM computes in float32, its inputs cast up
+    (the layers around it still take bf16). The same parameters and state_dict; speed_up
+    swaps the class in on CUDA (float32_lstm)."""
+
+    def forward(self, input, hx=None):
+        hx = None if hx is None else tuple(h.float() for h in hx)
+        with torch.autocast("cuda", enabled=False):
+            return super().forward(input.float(), hx)
+
+
+def float32_lstm(model: nn.Module) -> None:
+    """Every nn.LSTM of `model` becomes a Float32LSTM, in place."""
+    for module in model.modules():
+        if type(module) is nn.LSTM:
+            module.__class__ = Float32LSTM
 
 
 class ChunkedNextTokenLoss(NextTokenLoss):

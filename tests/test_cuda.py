@@ -54,6 +54,21 @@ def test_bf16_training_steps_are_finite_and_close_to_fp32(pico, preset):
     assert bf16 == pytest.approx(fp32, rel=2e-2)
 
 
+def test_the_lstm_trains_in_float32_under_bf16_autocast_close_to_fp32(pico):
+    """speed_up's Float32LSTM keeps cuDNN's LSTM out of autocast, which would run it in float16:
+    its outputs are float32, and bf16 steps land close to float32 ones."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        model = pico.build_model(pico.LSTMConfig(embed_size=64, num_layers=2), VOCAB, 0).to(DEVICE)
+        loss_model = pico.speed_up(model, pico.SpeedConfig(), DEVICE)
+        assert type(model.lstm) is pico.Float32LSTM
+        with pico.autocast_context(DEVICE, "bfloat16"):
+            assert model.features(random_batch(pico, 0).inputs).dtype == torch.float32
+        losses[dtype] = train_steps(pico, loss_model, model, 3, dtype)
+    assert all(map(torch.isfinite, map(torch.tensor, losses["bfloat16"])))
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+
+
 @pytest.mark.parametrize("preset", ["GPT2-small", "GPT-oss"])
 def test_fused_loss_on_a_gpu_equals_the_written_out_loss(pico, preset):
     """The loss a GPU trains with (PyTorch's cross-entropy kernel) against section 3's formula,

@@ -402,3 +402,22 @@ def test_masked_grouped_query_steps_take_the_fold(pico, monkeypatch):
     tokens = torch.randint(0, VOCAB, (16, 2))
     pico.NextTokenLoss(model)(tokens, tokens, torch.ones(16, 2)).backward()
     assert (True, False) in calls and (True, True) not in calls
+
+
+def test_float32_lstm_is_the_lstm_with_the_same_parameters(pico):
+    """What speed_up swaps in on CUDA, where autocast would run cuDNN's LSTM in float16: the same
+    module, state_dict and outputs, computed in float32 from inputs of any float dtype."""
+    torch.manual_seed(0)
+    model = pico.LSTMSeqModel(40, embed_size=16, hidden_size=24, num_layers=2)
+    tokens = torch.randint(0, 40, (7, 3))
+    expected = model(tokens)
+    expected_cached, expected_state = model.forward_incremental(tokens, None)
+    keys = model.state_dict().keys()
+    pico.float32_lstm(model)
+    assert type(model.lstm) is pico.Float32LSTM and model.state_dict().keys() == keys
+    assert torch.equal(model(tokens), expected)
+    cached, state = model.forward_incremental(tokens, None)
+    assert torch.equal(cached, expected_cached)
+    assert all(torch.equal(a, b) for a, b in zip(state, expected_state))
+    out, (h, c) = model.lstm(torch.randn(5, 3, 16).bfloat16(), tuple(x.bfloat16() for x in state))
+    assert out.dtype == h.dtype == c.dtype == torch.float32
