@@ -6617,14 +6617,14 @@ class StaticDecoder(nn.Module):
         dtype = dtype or model.token_embedding.weight.dtype
         with torch.device("meta"):                    # no memory, no draws from the global RNG
             twin = TransformerModel(model.config)
+        for parameter in twin.parameters():           # made in `dtype`: never a float32 copy;
+            parameter.data = parameter.data.to(dtype)  # buffers (RoPE's) stay float32
         twin.to_empty(device=device)
         if model.config.tie_weights:                  # to_empty gave the two their own memory
             twin.unembedding.weight = twin.token_embedding.weight
-        twin.load_state_dict(model.state_dict())
+        twin.load_state_dict(model.state_dict())      # each weight cast as it is copied in
         for name, buffer in model.named_buffers():    # non-persistent ones too (RoPE's frequencies)
             twin.get_buffer(name).copy_(buffer)
-        for parameter in twin.parameters():
-            parameter.data = parameter.data.to(dtype)
         static_experts(twin)
         complex_rope(twin)                            # as speed_up gives the model
         self.model = twin.eval()

@@ -305,3 +305,27 @@ def test_generate_text_sizes_the_static_decoders_caches_to_prompt_and_new_tokens
 def test_decoding_model_is_the_model_itself_off_the_gpu(pico, models):
     for model in models.values():
         assert pico.decoding_model(model, "cpu") is model
+
+
+def test_a_bf16_static_decoder_never_holds_a_float32_copy_of_the_weights(pico, models):
+    """Its weights are made in bf16 and cast as they are copied in: the float32 memory it
+    allocates is the RoPE buffers' and the like, not a second float32 model (which, beside the
+    model itself, would not fit a 3B model's decoding on a 24 GB GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Float32Allocations(TorchDispatchMode):
+        bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (func.__name__.startswith(("empty", "new_empty")) and out.dtype == torch.float32
+                    and out.device.type != "meta"):           # meta tensors hold no memory
+                Float32Allocations.bytes += out.numel() * 4
+            return out
+
+    model = models["GPT-oss"]
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    with Float32Allocations():
+        decoder = pico.StaticDecoder(model, dtype=torch.bfloat16)
+    assert {p.dtype for p in decoder.parameters()} == {torch.bfloat16}
+    assert Float32Allocations.bytes < 0.05 * weights
