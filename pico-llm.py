@@ -1545,19 +1545,26 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   rule: SamplingRule = SamplingRule(), *, seed: int | None = None,
                   use_cache: bool = True, device: torch.device | str = "cpu",
-                  compile: bool = False, dtype: str | None = None) -> Generation:
+                  compile: bool = False, dtype: str | None = None,
+                  decoder: nn.Module | None = None) -> Generation:
     """Continue `prompt` with the model; one path for every model. compile, dtype: see
-    decoding_model."""
+    decoding_model; decoder: one it made for this prompt and length, used instead of a new one
+    (samples with several rules share one)."""
     prompt_ids = tokenizer.encode(prompt)
-    # On a GPU, Appendix A.2's CUDA-graph decoder; elsewhere the model itself. num_tokens sizes
-    # its caches: the prompt (an empty one becomes one <|endoftext|>) and the new tokens.
-    decoder = decoding_model(model, device, compile,
-                             num_tokens=max(len(prompt_ids), 1) + max_new_tokens, dtype=dtype)
+    if decoder is None:   # on a GPU, Appendix A.2's CUDA-graph decoder; elsewhere the model
+        decoder = decoding_model(model, device, compile, dtype=dtype,
+                                 num_tokens=decoded_tokens(prompt_ids, max_new_tokens))
     ids = generate_ids(decoder, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id,
                        seed=seed, use_cache=use_cache, device=device)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
     new_text = tokenizer.decode(new_ids)
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
+
+
+def decoded_tokens(prompt_ids: list[int], max_new_tokens: int) -> int:
+    """The positions a generation fills, which size a decoder's caches: the prompt (an empty one
+    becomes one <|endoftext|>) and the new tokens."""
+    return max(len(prompt_ids), 1) + max_new_tokens
 
 
 STARTER_SAMPLING_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.95),
@@ -2983,9 +2990,12 @@ def record_samples(model: nn.Module, tokenizer, sampling: SamplingConfig, device
     (see decoding_model); print and store the texts."""
     if not quiet or final:
         say(f"[{record['name']}] samples after step {step}:", bar)
+    # One decoder for every rule: on a GPU each new one copies the weights and records a graph.
+    decoder = decoding_model(model, device, dtype=dtype, num_tokens=decoded_tokens(
+        tokenizer.encode(sampling.prompt), sampling.max_new_tokens))
     for rule in sampling_rules(sampling):
         sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
-                               seed=sampling.seed, device=device, dtype=dtype)
+                               seed=sampling.seed, device=device, decoder=decoder)
         record["samples"].append({"step": step, "final": final, "rule": rule.label,
                                   "prompt": sampling.prompt, "text": sample.text})
         if not quiet or final:
