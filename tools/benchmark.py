@@ -41,8 +41,9 @@ from pico_module import (TOOLS_DIR, OneLineErrorParser, load_pico, load_script, 
 pico = load_pico()
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, by a part of the name
-# torch.cuda.get_device_name gives ("H100 80GB HBM3" is the SXM part; the PCIe one is slower).
-# Any other GPU is measured against the matmul ceiling alone.
+# torch.cuda.get_device_name gives, as whole words ("H100 80GB HBM3" is the SXM part; the PCIe
+# one is slower; "RTX A1000" is no A100). Any other GPU is measured against the matmul ceiling
+# alone, and so is every GPU in float32 (a bf16 peak says nothing of float32 steps).
 GPU_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -140,11 +141,20 @@ def matmul_ceiling(device: torch.device, sizes: "BenchmarkSizes") -> dict:
     return ceiling
 
 
-def datasheet_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
+def datasheet_peak_tflops(device: torch.device, dtype: str = "bfloat16") -> float | None:
+    """The bf16 peak of `device` for bf16 steps; None for float32 ones, a CPU or another GPU."""
+    if device.type != "cuda" or dtype != "bfloat16":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS.items() if key in name), None)
+    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS.items()
+                 if re.search(rf"\b{re.escape(key)}\b", name)), None)
+
+
+def peak_text(peak: float | None, device: torch.device, dtype: str) -> float | str:
+    """The report's datasheet peak: the number, or why there is none."""
+    if peak is not None:
+        return peak
+    return "none for float32" if device.type == "cuda" and dtype != "bfloat16" else "unknown peak"
 
 
 def random_batch(vocab_size: int, block_size: int, batch_size: int, seed: int) -> pico.Batch:
@@ -469,7 +479,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                      if dtype == "bfloat16" and "matmul_gflops_bf16" in ceiling else
                      matmul_probe(device, torch.float32, sizes.matmul_size,
                                   max(by_kernel, key=by_kernel.get)))
-    peak = datasheet_peak_tflops(device)
+    peak = datasheet_peak_tflops(device, dtype)
     note(f"matmul ceiling {ceiling['matmul_gflops']:.1f} GFLOP/s fp32")
     training = {}
     for config in benchmark_configs(sizes):
@@ -512,7 +522,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "dtype": dtype,
         "environment": pico.environment_info(device),
         "sizes": dataclasses.asdict(sizes),
-        "datasheet_bf16_peak_tflops": peak if peak is not None else "unknown peak",
+        "datasheet_bf16_peak_tflops": peak_text(peak, device, dtype),
         "mfu_reference": f"{dtype} matmul ceiling, measured in turn with each config's steps",
         "matmul_gflops": ceiling["matmul_gflops"],
         "matmul_gflops_by_kernel": ceiling["matmul_gflops_by_kernel"],
@@ -858,7 +868,7 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
         lambda message: print(f"benchmark: {message} ({time.perf_counter() - started:.0f} s)", flush=True))
     matmul_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     ceiling = matmul_gflops(device, matmul_dtype, sizes.matmul_size, sizes.repeats)
-    peak = datasheet_peak_tflops(device)
+    peak = datasheet_peak_tflops(device, dtype)
     note(f"{dtype} matmul ceiling {ceiling:.0f} GFLOP/s")
     # Compiling costs minutes on a CPU: there only with --compile.
     modes = {"eager": False, **({"compiled": True} if device.type == "cuda" or args.compile else {})}
@@ -868,7 +878,7 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "quick": args.quick, "dtype": dtype, "environment": pico.environment_info(device),
               "sizes": dataclasses.asdict(sizes),
-              "datasheet_bf16_peak_tflops": peak if peak is not None else "unknown peak",
+              "datasheet_bf16_peak_tflops": peak_text(peak, device, dtype),
               "matmul_ceiling_gflops": ceiling, "matmul_ceiling_dtype": dtype,
               "training": training, "decoding": decoding}
 
