@@ -1996,6 +1996,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
     record["final"] = final_summary(record, progress.train_time_s, time.perf_counter() - started)
     guard.stop_if_requested()
     guard.save_checkpoint()
+    context.barrier()                    # C: the others wait for rank 0's final checkpoint
     return record["final"]
 
 
@@ -5508,7 +5509,7 @@ def run_training(config: Config) -> int:
             # Every rank reaches destroy_process_group together, as PyTorch asks, rather
             # than the others tearing down while rank 0 still writes the log and samples (on
             # the control group, whose wait is not bounded by --dist_timeout).
-            torch.distributed.barrier(group=context.control_group)
+            context.barrier()
         return 0
     finally:
         claims.close()
@@ -5910,13 +5911,15 @@ class Float32LSTM(nn.LSTM):
     """nn.LSTM with CUDA's autocast off: under autocast, PyTorch's cast for cuDNN's LSTM kernel
     takes float16 whatever dtype autocast names (bf16 here), and float16 without loss scaling
     lets small gradients vanish. So on a GPU the LSTM computes in float32, its inputs cast up
-    (the layers around it still take bf16). The same parameters and state_dict; speed_up
+    (its weights' dtype; the layers around it still take bf16). The same parameters and
+    state_dict; speed_up
     swaps the class in on CUDA (float32_lstm)."""
 
     def forward(self, input, hx=None):
-        hx = None if hx is None else tuple(h.float() for h in hx)
+        dtype = self.weight_ih_l0.dtype   # float32 for a model trained under autocast
+        hx = None if hx is None else tuple(h.to(dtype) for h in hx)
         with torch.autocast("cuda", enabled=False):
-            return super().forward(input.float(), hx)
+            return super().forward(input.to(dtype), hx)
 
 
 def float32_lstm(model: nn.Module) -> None:
@@ -7046,10 +7049,13 @@ class FaultTolerance:
             return
         interrupted = f"interrupted by {signal.Signals(signal_number).name} at step {self.progress.step}"
         if not self.context.is_main:
+            # torchrun ends the job when a rank exits: not before rank 0's checkpoint is written
+            self.context.barrier()
             raise TrainingInterrupted(signal_number, f"rank {self.context.rank} {interrupted} of "
-                                      f"{self.name}, with every rank; rank 0 writes the checkpoint")
+                                      f"{self.name}, with every rank; rank 0 wrote the checkpoint")
         saved = self.save_checkpoint()
         self.write_runlog("interrupted")
+        self.context.barrier()
         written = f"checkpoint {saved}" if saved else "no checkpoint (pass --save_dir DIR to resume runs)"
         if self.runlog is not None:
             written += f", run log {self.runlog.path}"
@@ -7693,9 +7699,10 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     # The ranks' agreements outside the steps go through a CPU group (gloo): whether to stop,
-    # after every step, costs no wait for a GPU; and its waits are bounded by CONTROL_WAIT, not
-    # --dist_timeout, for they are waits for rank 0's checkpoint and, at the end, its files
-    # (a rank that stopped is caught by the next step's all-reduce). None: the default group.
+    # after every step, costs no wait for a GPU; and its waits are bounded by CONTROL_WAIT_S
+    # (or --dist_timeout if longer), for they are waits for rank 0's checkpoints and, at the
+    # end, its files (a rank that died is seen at once: its connections close). None: the
+    # default group.
     control_group: object = None
 
     @property
@@ -7730,6 +7737,17 @@ class Distributed:
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
+
+    def barrier(self) -> None:
+        """Every rank waits here for the others (on the control group): for rank 0's files."""
+        if not self.enabled:
+            return
+        try:
+            torch.distributed.barrier(group=self.control_group)
+        except RuntimeError as error:   # a rank that failed meanwhile: its own error says why
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", str(error))   # less gloo's source line
+            raise UserError(f"another rank stopped ({textwrap.shorten(detail, 100)}); its "
+                            "error says why") from None
 
     def maximum(self, value: int) -> int:
         """The largest of the ranks' `value` (itself on one process), agreed on the CPU through
@@ -7837,14 +7855,21 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
             os.close(terminal)
         native_log.seek(0)
         sys.stderr.write(native_log.read().decode(errors="replace"))
-    control = dist.new_group(backend="gloo", timeout=CONTROL_WAIT)
+    try:
+        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+            seconds=max(timeout_s, CONTROL_WAIT_S)))
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"the ranks at {where} joined, but cannot open their CPU group "
+                        f"({textwrap.shorten(str(error), 120)}); on several machines, set "
+                        "GLOO_SOCKET_IFNAME to the network interface they share") from None
     return (Distributed(dist.get_rank(), world_size, local_rank, control),
             f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-# How long the ranks wait for rank 0 outside the steps: a large model's checkpoint on a slow
-# disk, the summary, interpretability files and export at the end.
-CONTROL_WAIT = datetime.timedelta(hours=12)
+# How long the ranks wait for rank 0 outside the steps (a large model's checkpoint on a slow
+# disk; the summary, interpretability files and export at the end), unless --dist_timeout is
+# longer; also how long opening the CPU group may take.
+CONTROL_WAIT_S = 3600.0
 
 
 def teardown_distributed(context: Distributed) -> None:
@@ -7859,9 +7884,7 @@ def wrap_for_training(loss_module: nn.Module, context: Distributed,
     if not context.enabled:
         return loss_module
     from torch.nn.parallel import DistributedDataParallel
-    # The buffers (RoPE's frequencies, retention's decays) never change: broadcast once, when
-    # DDP starts, not again before every forward.
-    return DistributedDataParallel(loss_module, broadcast_buffers=False,
+    return DistributedDataParallel(loss_module,
                                    device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -198,7 +198,8 @@ def test_datasheet_peaks_are_known_for_h100_sxm_h200_a100_only(bench, monkeypatc
     for name, peak in (("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0),
                        ("NVIDIA H100 PCIe", None), ("NVIDIA L4", None),
-                       ("NVIDIA RTX A1000 6GB Laptop GPU", None)):
+                       ("NVIDIA RTX A1000 6GB Laptop GPU", None), ("NVIDIA GH200 480GB", 989.0),
+                       ("NVIDIA H200 NVL", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert bench.datasheet_peak_tflops(cuda) == peak, name
         assert bench.datasheet_peak_tflops(cuda, "float32") is None    # a bf16 peak, bf16 steps

@@ -40,11 +40,12 @@ from pico_module import (TOOLS_DIR, OneLineErrorParser, load_pico, load_script, 
 
 pico = load_pico()
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, by a part of the name
-# torch.cuda.get_device_name gives, as whole words ("H100 80GB HBM3" is the SXM part; the PCIe
-# one is slower; "RTX A1000" is no A100). Any other GPU is measured against the matmul ceiling
-# alone, and so is every GPU in float32 (a bf16 peak says nothing of float32 steps).
-GPU_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, by a pattern matching
+# whole words of the name torch.cuda.get_device_name gives ("H100 80GB HBM3" is the SXM part;
+# the PCIe one and the H200 NVL are slower; "RTX A1000" is no A100). Any other GPU is measured
+# against the matmul ceiling alone, and so is every GPU in float32 (a bf16 peak says nothing
+# of float32 steps).
+GPU_BF16_PEAK_TFLOPS = {r"H100 80GB HBM3": 989.0, r"G?H200(?! NVL)": 989.0, r"A100": 312.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ def datasheet_peak_tflops(device: torch.device, dtype: str = "bfloat16") -> floa
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS.items()
-                 if re.search(rf"\b{re.escape(key)}\b", name)), None)
+                 if re.search(rf"\b{key}\b", name)), None)
 
 
 def peak_text(peak: float | None, device: torch.device, dtype: str) -> float | str:
