@@ -4732,7 +4732,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              help="k of the k-means over token embeddings")
     dist = parser.add_argument_group("distributed training (Appendix C)")
     dist.add_argument("--dist_timeout", type=float, default=300.0,
-                      help="torchrun: seconds a rank waits in a collective before the job fails")
+                      help="torchrun: seconds a rank waits in a training collective before the "
+                           "job fails (waits for rank 0's files: an hour, or this if longer)")
     hf = parser.add_argument_group(
         "Hugging Face (Appendix E; needs the safetensors and tokenizers packages)")
     hf.add_argument("--init_from", type=user_path, default=None, metavar="DIR|HUB_ID",
