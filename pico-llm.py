@@ -6716,13 +6716,23 @@ def decoding_model(model: nn.Module, device: torch.device | str, compile: bool =
     through a StaticDecoder with CUDA graphs, in `dtype` (float32 or bfloat16; by default bf16
     when the GPU has bf16 units, resolve_dtype), its step compiled first with `compile`
     (--compile with --generate: seconds of compilation, then about 1.3x the tokens/s,
-    docs/performance.md), its caches sized to `num_tokens` (prompt and new tokens); every
-    other model and device gets the model itself (Part I's forward_incremental)."""
+    docs/performance.md), its caches sized to `num_tokens` (prompt and new tokens; compiled,
+    see compiled_capacity); every other model and device gets the model itself (Part I's
+    forward_incremental)."""
     device = torch.device(device)
     if device.type != "cuda" or not StaticDecoder.supports(model):
         return model
+    if compile and num_tokens is not None:
+        num_tokens = compiled_capacity(num_tokens, model.config.block_size)
     return StaticDecoder(model, dtype=getattr(torch, resolve_dtype(dtype, device)), graphs=True,
                          compile=compile, capacity=num_tokens)
+
+
+def compiled_capacity(num_tokens: int, block_size: int) -> int:
+    """The cache size a compiled decoder takes for `num_tokens`: the next power of two from 64,
+    at most the block size. Compiled code is made for one shape, and torch.compile gives up
+    after 8 of them in a process: a few sizes serve every text length."""
+    return min(2 ** math.ceil(math.log2(max(num_tokens, 64))), block_size)
 
 
 # --- A.3 Muon on a GPU: one launch per operation for all the tensors ---------------------------

@@ -329,3 +329,12 @@ def test_a_bf16_static_decoder_never_holds_a_float32_copy_of_the_weights(pico, m
         decoder = pico.StaticDecoder(model, dtype=torch.bfloat16)
     assert {p.dtype for p in decoder.parameters()} == {torch.bfloat16}
     assert Float32Allocations.bytes < 0.05 * weights
+
+
+def test_a_compiled_decoder_takes_a_few_cache_sizes_for_every_text_length(pico):
+    """torch.compile makes code per shape and stops after 8 shapes in a process: a compiled
+    decoder's caches come in powers of two from 64 up to the block size, each holding the text."""
+    sizes = {pico.compiled_capacity(n, 1024) for n in range(1, 1025)}
+    assert sizes == {64, 128, 256, 512, 1024}
+    assert all(n <= pico.compiled_capacity(n, 1024) for n in range(1, 1025))
+    assert pico.compiled_capacity(100, 96) == 96          # never past the block size
