@@ -271,12 +271,16 @@ def test_decoding_model_on_a_gpu_is_the_graph_decoder_compiled_when_asked(pico, 
         "supports": staticmethod(lambda model: True),
         "__init__": lambda self, model, **kwargs: built.append(kwargs)}))
     monkeypatch.setattr(pico, "has_bf16_units", lambda device: device.type == "cuda")
-    model = next(iter(models.values()))
+    model = next(m for m in models.values() if isinstance(m, pico.TransformerModel))
     pico.decoding_model(model, "cuda")
-    pico.decoding_model(model, "cuda", compile=True, num_tokens=30)
+    pico.decoding_model(model, "cuda", num_tokens=30)
+    pico.decoding_model(model, "cuda", compile=True, num_tokens=30)    # a size of compiled_capacity
     pico.decoding_model(model, "cuda", dtype="float32")                # --dtype float32
+    compiled = pico.compiled_capacity(30, model.config.block_size)
+    assert compiled == min(64, model.config.block_size)     # never past the block size
     assert built == [dict(dtype=torch.bfloat16, graphs=True, compile=False, capacity=None),
-                     dict(dtype=torch.bfloat16, graphs=True, compile=True, capacity=30),
+                     dict(dtype=torch.bfloat16, graphs=True, compile=False, capacity=30),
+                     dict(dtype=torch.bfloat16, graphs=True, compile=True, capacity=compiled),
                      dict(dtype=torch.float32, graphs=True, compile=False, capacity=None)]
 
 
