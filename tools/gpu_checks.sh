@@ -29,7 +29,7 @@
 #              and the speedrun blocks at GPT-2 small's shape, RECIPE_SECONDS (60) of training
 #              each, on the text in RECIPE_INPUT_DIR (else a docstring corpus written first)
 #              -> recipe_gpt2.json, recipe_gpt2.log
-#   tests      the tests marked cuda -> cuda_tests.log
+#   tests      the tests marked cuda, a line each, the slowest timed -> cuda_tests.log
 #   suite      (not by default: minutes) the fast suite with CUDA present, in SUITE_WORKERS
 #              processes (12) where pytest-xdist is installed, each test under TEST_TIMEOUT
 #              seconds where pytest-timeout is -> fast_suite.log, one line per test
@@ -173,7 +173,8 @@ for step in $STEPS; do
                 --output "$OUT/recipe_gpt2.json" "${RECIPE_SIZE[@]}" ;;
         tests)
             run_step tests "${TESTS_TIMEOUT:-240}" cuda_tests.log \
-                python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider "${PER_TEST[@]}" ;;
+                python -m pytest -v --durations=10 -m cuda tests/test_cuda.py -p no:cacheprovider \
+                "${PER_TEST[@]}" ;;   # a line per test: a step cut short still says which passed
         suite)
             PARALLEL=("${PER_TEST[@]}")
             if python -c "import xdist" 2>/dev/null; then PARALLEL+=(-n "${SUITE_WORKERS:-12}"); fi
