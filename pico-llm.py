@@ -1561,12 +1561,6 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
 
 
-def decoded_tokens(prompt_ids: list[int], max_new_tokens: int) -> int:
-    """The positions a generation fills, which size a decoder's caches: the prompt (an empty one
-    becomes one <|endoftext|>) and the new tokens."""
-    return max(len(prompt_ids), 1) + max_new_tokens
-
-
 STARTER_SAMPLING_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.95),
                           SamplingRule(top_p=1.0))
 
@@ -5911,10 +5905,9 @@ def autocast_context(device: torch.device, dtype: str | None = None):
 class Float32LSTM(nn.LSTM):
     """nn.LSTM with CUDA's autocast off: under autocast, PyTorch's cast for cuDNN's LSTM kernel
     takes float16 whatever dtype autocast names (bf16 here), and float16 without loss scaling
-    lets small gradients vanish. So on a GPU the LSTM computes in float32, its inputs cast up
-    (its weights' dtype; the layers around it still take bf16). The same parameters and
-    state_dict; speed_up
-    swaps the class in on CUDA (float32_lstm)."""
+    lets small gradients vanish. So on a GPU the LSTM computes in its weights' dtype (float32),
+    its inputs cast up; the layers around it still take bf16. The same parameters and
+    state_dict; speed_up swaps the class in on CUDA (float32_lstm)."""
 
     def forward(self, input, hx=None):
         dtype = self.weight_ih_l0.dtype   # float32 for a model trained under autocast
@@ -6726,6 +6719,12 @@ def decoding_model(model: nn.Module, device: torch.device | str, compile: bool =
         num_tokens = compiled_capacity(num_tokens, model.config.block_size)
     return StaticDecoder(model, dtype=getattr(torch, resolve_dtype(dtype, device)), graphs=True,
                          compile=compile, capacity=num_tokens)
+
+
+def decoded_tokens(prompt_ids: list[int], max_new_tokens: int) -> int:
+    """The positions a generation fills, which size a decoder's caches: the prompt (an empty one
+    becomes one <|endoftext|>) and the new tokens."""
+    return max(len(prompt_ids), 1) + max_new_tokens
 
 
 def compiled_capacity(num_tokens: int, block_size: int) -> int:

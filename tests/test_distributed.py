@@ -297,3 +297,23 @@ def test_a_rank_waiting_for_one_that_failed_says_so_in_one_line(pico, monkeypatc
                                              r"peer.*\); its error says why$"):
         pico.Distributed(rank=1, world_size=2, local_rank=1).barrier()
     pico.Distributed().barrier()               # one process: nothing to wait for
+
+
+def test_ranks_that_cannot_open_their_cpu_group_say_so_in_one_line(pico, monkeypatch):
+    """The ranks met (init_process_group) but the gloo group beside it cannot connect them (on
+    several machines, gloo on the wrong network interface): one line naming the setting."""
+    import torch.distributed as dist
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+
+    def new_group(**kwargs):
+        raise RuntimeError("Gloo connectFullMesh failed with ... no route to host")
+
+    monkeypatch.setattr(dist, "new_group", new_group)
+    with pytest.raises(pico.UserError, match=r"cannot open their CPU group \(Gloo connectFullMesh "
+                                             r"failed.*\); on several machines, set "
+                                             r"GLOO_SOCKET_IFNAME"):
+        pico.setup_distributed("cpu", timeout_s=3.0)
