@@ -137,8 +137,8 @@ try:
 except ModuleNotFoundError as missing:      # a fresh machine: one line, as for any bad input
     if __name__ != "__main__":
         raise
-    print(f"pico-llm: error: the package {missing.name} is not installed; pip install -r "
-          "requirements.txt (GPU users: see README.md)", file=sys.stderr)
+    sys.stderr.write(f"pico-llm: error: the package {missing.name} is not installed; pip "
+                     "install -r requirements.txt (GPU users: see README.md)\n")
     sys.exit(2)
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -2298,8 +2298,8 @@ def read_text_files_in(directory: Path, read) -> list:
         raise UserError(f"--input_dir {directory} contains no .txt files"
                         + (f" with text (skipped {len(skipped)}: {reason})" if skipped else ""))
     if skipped:
-        print(f"pico-llm: note: --input_dir: skipped {len(skipped)} .txt file(s) ({reason}), "
-              f"e.g. {skipped[0]}", file=sys.stderr)
+        warn(f"pico-llm: note: --input_dir: skipped {len(skipped)} .txt file(s) ({reason}), "
+             f"e.g. {skipped[0]}")
     return texts
 
 
@@ -2723,8 +2723,8 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
                 problem = textwrap.shorten(str(error), 100)
             if not problem:
                 return cached
-            print(f"pico-llm: note: token cache {cache_dir / key}.* is damaged ({problem}); "
-                  "rebuilding it", file=sys.stderr)
+            warn(f"pico-llm: note: token cache {cache_dir / key}.* is damaged ({problem}); "
+                 "rebuilding it")
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     flat = tokenizer.encode_examples(texts) if hasattr(tokenizer, "encode_examples") else None
     if flat is not None:  # the fast path: one flat array, no list per example
@@ -2746,7 +2746,7 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         except OSError as error:  # a cache we cannot write only costs time
             reason = (f"--cache_dir {quoted(cache_dir)} is not a folder" if not cache_dir.is_dir()
                       else error.strerror or str(error))
-            print(f"pico-llm: note: token cache not written ({reason})", file=sys.stderr)
+            warn(f"pico-llm: note: token cache not written ({reason})")
     return TokenizedExamples(tokens, offsets, num_bytes)
 
 
@@ -2938,6 +2938,14 @@ def progress_bar(total: int, description: str, quiet: bool, done: int = 0):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=done, desc=description, leave=False, dynamic_ncols=True)
+
+
+def warn(message: str) -> None:
+    """Writes `message` and its newline to standard error in one write. print() makes two (the
+    text, then the newline) when Python runs unbuffered (PYTHONUNBUFFERED, as in many
+    containers), and under torchrun two ranks speaking at once would run their lines together."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def say(message: str, bar=None) -> None:
@@ -3217,8 +3225,8 @@ def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: P
     if run_is_alive(log, earlier_save_dir, save_dir):
         raise UserError(f"run log {run_path} already exists and belongs to another run that is "
                         "still running; wait for it to finish, or choose another --run_name")
-    print(f"pico-llm: note: replacing run log {run_path}: its run stopped "
-          f"({log.get('status')}) before writing a checkpoint", file=sys.stderr)
+    warn(f"pico-llm: note: replacing run log {run_path}: its run stopped "
+         f"({log.get('status')}) before writing a checkpoint")
     return True
 
 
@@ -3686,8 +3694,8 @@ def read_run_log_beside(run_path: Path, path: Path) -> dict:
     the run log is gone, with a note: the curves of those points cannot be drawn again)."""
     remedy = "restore it, or pass --overwrite to run the architectures sweep afresh"
     if not run_path.exists():
-        print(f"pico-llm: note: run log {run_path}, the per-step histories of the points in "
-              f"{path.name}, is gone; {remedy}", file=sys.stderr)
+        warn(f"pico-llm: note: run log {run_path}, the per-step histories of the points in "
+             f"{path.name}, is gone; {remedy}")
         return {}
     try:
         check_regular_file(run_path, "run log")
@@ -3777,9 +3785,8 @@ def sweep_custom_data(log: SweepLog, base, scale, device, tokenizer) -> None:
                         f"this data has {available:,}: give sizes up to that")
     if max(sizes) > available:    # the scale's sizes, for a small corpus: the sizes it has
         sizes = [size for size in sizes if size < available] + [available]
-        print(f"pico-llm: note: this data has {available:,} training examples, so the "
-              f"custom_data sweep trains on {', '.join(f'{size:,}' for size in sizes)}",
-              file=sys.stderr)
+        warn(f"pico-llm: note: this data has {available:,} training examples, so the "
+             f"custom_data sweep trains on {', '.join(f'{size:,}' for size in sizes)}")
     for model_name in ("lstm_seq", "transformer"):
         for size in sizes:
             settings = {"train_examples": size}
@@ -3923,9 +3930,8 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
                if not log.done("transformer", dataclasses.asdict(rule))]
     draws_maps = config.models.transformer.attention == "softmax"
     if not draws_maps:
-        print(f"pico-llm: note: --attention {config.models.transformer.attention} has no "
-              "attention weights to draw; the sampling sweep writes no attention map",
-              file=sys.stderr)
+        warn(f"pico-llm: note: --attention {config.models.transformer.attention} has no "
+             "attention weights to draw; the sampling sweep writes no attention map")
     # Done when every rule's point is in, and so are the files written after them.
     written_last = ["monosemantic_transformer.json"] + ["attention_transformer.json"] * draws_maps
     if not pending and all((directory / name).exists() for name in written_last):
@@ -5312,8 +5318,7 @@ def resolve_device(device_id: str) -> torch.device:
         raise UserError(f"unknown --device_id {device_id!r}; use auto, cpu, mps or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            print(f"pico-llm: note: CUDA is not available, using cpu instead of {device_id}",
-                  file=sys.stderr)
+            warn(f"pico-llm: note: CUDA is not available, using cpu instead of {device_id}")
             return torch.device("cpu")
         index = device.index or 0
         if index >= torch.cuda.device_count():
@@ -5541,13 +5546,13 @@ def run_generation(config: Config) -> int:
         raise UserError(f"--prompt is {prompt_tokens} tokens, longer than {limit}; shorten it")
     note = prompt_coverage_note(tokenizer, sampling.prompt)
     if note:
-        print(note, file=sys.stderr)
+        warn(note)
     device = resolve_device(config.device_id)
     if config.speed.compile and device.type == "cuda" and StaticDecoder.supports(model):
         check_compile_available(device)
     elif config.speed.compile:
-        print("pico-llm: note: --compile compiles the decoding of a softmax-attention "
-              "Transformer on a GPU only; this model samples uncompiled", file=sys.stderr)
+        warn("pico-llm: note: --compile compiles the decoding of a softmax-attention "
+             "Transformer on a GPU only; this model samples uncompiled")
     model = model.to(device)
     # generation uses the fast kernels too; it compiles only through decoding_model's decoder
     speed_up(model, dataclasses.replace(config.speed, compile=False), device)
@@ -5671,21 +5676,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         return error_line(str(error))
     except TrainingInterrupted as interruption:
-        print(f"pico-llm: {interruption}", file=sys.stderr)
+        warn(f"pico-llm: {interruption}")
         return interruption.exit_status
     except KeyboardInterrupt:
-        print("pico-llm: interrupted", file=sys.stderr)
+        warn("pico-llm: interrupted")
         return 130
     except Terminated:
-        print("pico-llm: terminated", file=sys.stderr)
+        warn("pico-llm: terminated")
         return 128 + signal.SIGTERM
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")
         if prints_only:       # head has all it asked for
             return 0
         with contextlib.suppress(OSError):   # stderr may be the same closed pipe
-            print("pico-llm: stopped: the output was closed (piped into head?) before the run "
-                  "finished; send it to a file, or through tail", file=sys.stderr)
+            warn("pico-llm: stopped: the output was closed (piped into head?) before the run "
+                 "finished; send it to a file, or through tail")
         return 128 + signal.SIGPIPE
     except (MemoryError, RuntimeError) as error:
         if str(error).startswith("Symlink loop from "):   # pathlib's resolve() of a looping path
@@ -5712,7 +5717,7 @@ def error_line(message: str) -> int:
     exit status of bad input, 2."""
     rank = f" (rank {os.environ.get('RANK', '?')})" if launched_world_size() > 1 else ""
     one_line = message.replace("\r", "\\r").replace("\n", "\\n")   # a path may hold a newline
-    print(f"pico-llm: error{rank}: {one_line}", file=sys.stderr)
+    warn(f"pico-llm: error{rank}: {one_line}")
     return 2
 
 
@@ -5880,9 +5885,9 @@ def note_apple_gpu_defects(device: torch.device) -> None:
     one) have been reported 10-30% off, depending on the allocator's state (pytorch#193487)."""
     release = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
     if device.type == "mps" and release < (2, 14):
-        print(f"pico-llm: note: PyTorch {torch.__version__} is reported to compute some float32 "
-              "matrix products wrongly on Apple's GPU (pytorch#193487); for results to trust, "
-              "install torch 2.14 or later, or use --device_id cpu", file=sys.stderr)
+        warn(f"pico-llm: note: PyTorch {torch.__version__} is reported to compute some float32 "
+             "matrix products wrongly on Apple's GPU (pytorch#193487); for results to trust, "
+             "install torch 2.14 or later, or use --device_id cpu")
 
 
 def has_bf16_units(device: torch.device) -> bool:
@@ -7317,8 +7322,8 @@ def read_checkpoint(path: Path, flag: str) -> dict:
     if missing:
         raise DamagedCheckpoint(f"{path} is an incomplete checkpoint (it lacks {', '.join(missing)})")
     if version == 1:
-        print(f"pico-llm: note: {path} predates checkpoint checksums (version 1); loaded "
-              "without an integrity check", file=sys.stderr)
+        warn(f"pico-llm: note: {path} predates checkpoint checksums (version 1); loaded "
+             "without an integrity check")
     elif checkpoint["sha256"] != checkpoint_digest(checkpoint):
         raise DamagedCheckpoint(f"{path} is damaged: its contents no longer match the checksum "
                                 "written with it (a disk or copy error)")
@@ -8378,22 +8383,21 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             # truncated JSON, bad hex, a list where an object belongs, ...
             problem = textwrap.shorten(str(error), 80) or type(error).__name__
-            print(f"pico-llm: note: BPE cache {cached} is damaged ({problem}); training the "
-                  "tokenizer again", file=sys.stderr)
+            warn(f"pico-llm: note: BPE cache {cached} is damaged ({problem}); training the "
+                 "tokenizer again")
     with tempfile.TemporaryDirectory() as scratch:
         corpus = Path(scratch) / "corpus.txt"
         corpus.write_text(END_OF_TEXT.join(texts), encoding="utf-8")
         vocab, merges = train_bpe(corpus, vocab_size, [END_OF_TEXT])
     tokenizer = TrainedBPETokenizer(vocab, merges, vocab_size)
     if tokenizer.vocab_size < vocab_size:                 # said once, when it is trained
-        print(f"pico-llm: note: the training text has pairs to merge for only "
-              f"{tokenizer.vocab_size:,} ids, so bpe:{vocab_size}'s vocabulary is that size",
-              file=sys.stderr)
+        warn(f"pico-llm: note: the training text has pairs to merge for only "
+             f"{tokenizer.vocab_size:,} ids, so bpe:{vocab_size}'s vocabulary is that size")
     if cached is not None:
         try:
             tokenizer.save(cached)
         except OSError as error:
-            print(f"pico-llm: note: trained tokenizer not cached ({error.strerror})", file=sys.stderr)
+            warn(f"pico-llm: note: trained tokenizer not cached ({error.strerror})")
     return tokenizer
 
 
@@ -9491,8 +9495,8 @@ def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str], tokens: np.
         raise UserError(f"the model's tokenizer.json has no token for {share}: it does not cover "
                         "this text; fine-tune a model with a byte-level tokenizer (GPT-2's, Llama "
                         "3's, Qwen's), or train from scratch with --tokenizer gpt2 or bpe:N")
-    print(f"pico-llm: note: the model's tokenizer.json has no token for {share}; training leaves "
-          "them out", file=sys.stderr)
+    warn(f"pico-llm: note: the model's tokenizer.json has no token for {share}; training leaves "
+         "them out")
 
 
 def tokenizer_from_hf(path, config: TransformerConfig):

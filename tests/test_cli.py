@@ -222,6 +222,31 @@ def test_a_closed_pipe_ends_a_printing_command_with_0_and_a_run_with_141(pico, m
     assert "pico-llm: stopped: the output was closed" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("ending", ["bad input", "interrupted", "note and error"])
+def test_each_line_on_standard_error_goes_out_in_one_write(pico, monkeypatch, ending):
+    """Under torchrun every rank writes its stop or error line at once. Python run unbuffered
+    (PYTHONUNBUFFERED, as in many containers) makes print() two writes, the text and then the
+    newline, and two ranks' lines ran together; each line must be one write."""
+    import io
+    writes = []
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    def stops(config):
+        if ending == "interrupted":
+            raise pico.TrainingInterrupted(2, "interrupted by SIGINT at step 3 of lstm_seq")
+        pico.warn("pico-llm: note: a note first")
+        raise pico.UserError("a bad value\non two lines")
+    if ending != "bad input":
+        monkeypatch.setattr(pico, "run_command", stops)
+    status = pico.main(["--block_size", "0"] if ending == "bad input" else ["--epochs", "1"])
+    assert status == (130 if ending == "interrupted" else 2)
+    assert writes, "nothing was said"
+    assert all(text.endswith("\n") and text.count("\n") == 1 for text in writes), writes
+
+
 def test_help_documents_every_flag_the_readme_uses(pico):
     help_text = run_script("--help").stdout
     readme_lines = (REPO / "README.md").read_text().splitlines()
