@@ -1950,6 +1950,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
             progress.batches_done += 1
             micro_batches = rank_micro_batches(data, slots, training.grad_accum_steps, context, device)
             step_tokens = data.target_tokens(slots)
+            context.own_dropout_masks(training.seed, progress.step)  # C: a rank's own masks
             try:
                 loss = training_step(step_model, optimizer, micro_batches, step_tokens,
                                      training.grad_clip, context, training.dtype)
@@ -7752,6 +7753,15 @@ class Distributed:
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
+
+    def own_dropout_masks(self, seed: int, step: int) -> None:
+        """Before each step, a rank other than 0 seeds torch's generators (CPU and GPU) from
+        (seed, rank, step): every rank built its model from the same seed, so each would draw
+        rank 0's dropout masks for its own examples. Rank 0 draws on as one process does. Drawn
+        from the step alone, a resumed run's masks are the same again, on any number of ranks."""
+        if self.rank > 0:
+            state = np.random.SeedSequence([seed, self.rank, step]).generate_state(1, np.uint64)
+            torch.manual_seed(int(state[0]))
 
     def barrier(self) -> None:
         """Every rank waits here for the others (on the control group): for rank 0's files."""

@@ -317,3 +317,62 @@ def test_ranks_that_cannot_open_their_cpu_group_say_so_in_one_line(pico, monkeyp
                                              r"failed.*\); on several machines, set "
                                              r"GLOO_SOCKET_IFNAME"):
         pico.setup_distributed("cpu", timeout_s=3.0)
+
+
+def test_a_rank_other_than_0_draws_dropout_masks_of_its_own_from_the_step(pico):
+    """Every rank builds its model from one seed, so without a seed of its own each draws
+    rank 0's masks; drawn from (seed, rank, step), a resumed run draws the same again."""
+    def masks(rank, step):
+        torch.manual_seed(0)
+        pico.Distributed(rank=rank, world_size=3).own_dropout_masks(seed=7, step=step)
+        return torch.rand(8)
+    assert torch.equal(masks(1, 5), masks(1, 5))
+    assert not torch.equal(masks(1, 5), masks(2, 5))
+    assert not torch.equal(masks(1, 5), masks(1, 6))
+    assert torch.equal(masks(0, 5), masks(0, 9))          # rank 0 draws on as one process does
+    assert torch.equal(masks(0, 5), (torch.manual_seed(0), torch.rand(8))[1])
+
+
+@pytest.mark.parametrize("dropout", ["0.0", "0.3"])
+def test_training_on_a_rank_other_than_0_draws_other_dropout_masks(pico, configure, monkeypatch,
+                                                                   dropout):
+    """The training loop gives each rank its own masks: rank 1's losses differ from rank 0's
+    with dropout (the same weights, examples and seed), and equal them without."""
+    monkeypatch.setattr(pico.Distributed, "shard", lambda self, items: items)  # the same examples
+    config = configure(*TINY, "--models", "transformer", "--dropout", dropout)
+    tokenizer = pico.build_tokenizer("char")
+    data = pico.load_training_data(config.data, tokenizer, pico.read_sources(config.data))
+    history = {}
+    for rank in (0, 1, 1):
+        model = pico.build_model(config.models.config_of("transformer"), tokenizer.vocab_size, 0)
+        record = pico.model_record("transformer", model, config.models.config_of("transformer"),
+                                   24)
+        pico.train_one_model("transformer", model, data, config.training, config.sampling,
+                             torch.device("cpu"), tokenizer, record,
+                             context=pico.Distributed(rank=rank))  # world of 1: nothing to sync
+        history.setdefault(rank, []).append([h["train_loss"] for h in record["history"]])
+    assert history[1][0] == history[1][1]                    # the same masks each time
+    if dropout == "0.0":
+        assert history[0][0] == history[1][0]
+    else:
+        assert history[0][0][0] != history[1][0][0]
+
+
+@pytest.mark.slow
+def test_two_ranks_with_dropout_resume_to_the_same_losses(pico, tmp_path):
+    """Each rank's dropout masks come from the step, so two ranks resumed from step 3 train
+    steps 4 to 8 as the run that was never stopped did."""
+    common = [*TINY, "--models", "transformer", "--dropout", "0.3", "--cache_dir",
+              str(tmp_path / "cache"), "--checkpoint_every", "3", "--keep_checkpoints", "10"]
+    def torchrun(name, *extra):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", str(SCRIPT), *common, "--save_dir",
+                                 str(tmp_path / f"ckpt_{name}"), "--artefacts_dir",
+                                 str(tmp_path / name), *extra],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return losses(pico, tmp_path / name / "run.json")["transformer"]
+    whole = torchrun("whole")
+    resumed = torchrun("resumed", "--resume", str(tmp_path / "ckpt_whole" / "transformer" /
+                                                   "step_000003.pt"))
+    assert resumed == whole
