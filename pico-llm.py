@@ -501,10 +501,13 @@ class CausalSelfAttention(nn.Module):
         """Fused kernel (flash attention on GPUs). The mask must know about the cache:
         new token i sits at position S - T + i. Without a window, T = S (no cache) is plain
         causal attention and a single new token sees every key: no mask to build. Grouped
-        queries under a mask go through attention_with_folded_groups, the same attention."""
+        queries under a mask go through attention_with_folded_groups, the same attention, and so
+        do float32 ones on a GPU: flash attention, the one fused kernel that takes grouped
+        queries, takes no float32."""
         T, S = q.shape[2], k.shape[2]
         gqa = self.n_kv_heads != self.n_heads
-        if mask is None and self.window is None and T == S:
+        flash_refuses = gqa and q.is_cuda and q.dtype == torch.float32
+        if mask is None and self.window is None and T == S and not flash_refuses:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                   enable_gqa=gqa)
         if mask is None and not (self.window is None and T == 1):   # else the cache's own mask

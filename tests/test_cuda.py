@@ -188,18 +188,20 @@ def test_generation_on_a_gpu_goes_through_the_bf16_cuda_graph_decoder(pico):
     assert len(ids) == 23 and all(0 <= i < VOCAB for i in ids)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("preset", ["GPT2-small", "Llama3-lite"])
-def test_attention_runs_on_the_fused_kernels(pico, preset):
-    """Training (causal, bf16) and static decoding (a mask over the cache) with only flash and
+def test_attention_runs_on_the_fused_kernels(pico, preset, dtype):
+    """Training (causal) and static decoding (a mask over the cache) with only flash and
     memory-efficient attention allowed: a fallback to the math kernel would raise. Llama3-lite's
-    grouped queries too: under the static cache's mask they are folded along the query axis
-    (attention_with_folded_groups), as the one fused kernel that takes a mask needs."""
+    grouped queries too: under the static cache's mask, and in float32 (which flash attention
+    does not take), they are folded along the query axis (attention_with_folded_groups), as the
+    one fused kernel that takes a mask needs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     model = tiny(pico, preset)
     batch = random_batch(pico, 0)
-    decoder = pico.StaticDecoder(model, dtype=torch.bfloat16, graphs=False)
+    decoder = pico.StaticDecoder(model, dtype=getattr(torch, dtype), graphs=False)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        with pico.autocast_context(DEVICE, "bfloat16"):
+        with pico.autocast_context(DEVICE, dtype):
             loss = pico.NextTokenLoss(model)(batch.inputs, batch.targets, batch.mask.float() / 128)
         loss.backward()
         ids = pico.generate_ids(decoder, [3, 1, 4], 5, pico.SamplingRule(temperature=0), device=DEVICE)
