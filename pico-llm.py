@@ -3958,7 +3958,8 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
             "diversity": diversity_metrics([s.new_text for s in samples])})
     write_attention_maps(model, "transformer", tokenizer, config.sampling.prompt, directory, device)
     write_embedding_clusters(model, "transformer", tokenizer, data, config.sampling,
-                             config.experiments.monosemantic_clusters, directory, device)
+                             config.experiments.monosemantic_clusters, directory, device,
+                             dtype=config.training.dtype)
 
 
 # Ablations of the pico Transformer (pre-norm RMSNorm, RoPE, SwiGLU): one change each.
@@ -4368,10 +4369,13 @@ def embedding_clusters(model: nn.Module, tokenizer, data: TrainingData, text_ids
 
 def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: TrainingData,
                              sampling: SamplingConfig, clusters: int, directory: Path,
-                             device, file_prefix: str = "monosemantic") -> Path:
-    """<directory>/<file_prefix>_<name>.json; prints the annotated greedy sample."""
+                             device, file_prefix: str = "monosemantic",
+                             dtype: str | None = None) -> Path:
+    """<directory>/<file_prefix>_<name>.json; prints the annotated greedy sample, decoded in
+    `dtype` (the run's --dtype, as its samples are)."""
     sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens,
-                           SamplingRule(temperature=0.0), seed=sampling.seed, device=device)
+                           SamplingRule(temperature=0.0), seed=sampling.seed, device=device,
+                           dtype=dtype)
     result = embedding_clusters(model, tokenizer, data, sample.token_ids, sample.num_prompt_tokens,
                                 clusters, sampling.seed)
     path = directory / f"{file_prefix}_{name}.json"
@@ -4403,7 +4407,8 @@ def interpret_models(config: Config, device, tokenizer, data: TrainingData, mode
         if experiments.monosemantic_enabled:
             path = write_embedding_clusters(model, name, tokenizer, data, config.sampling,
                                             experiments.monosemantic_clusters, directory, device,
-                                            file_prefix=f"{run_name}.monosemantic")
+                                            file_prefix=f"{run_name}.monosemantic",
+                                            dtype=config.training.dtype)
             record["monosemantic"] = path.name
     if experiments.attention_maps or experiments.monosemantic_enabled:
         runlog.write()
