@@ -3135,6 +3135,7 @@ class RunLog:
 
 def load_runlog(path: Path | str) -> dict:
     """Read a run log and check its schema version (the notebook uses this too)."""
+    check_regular_file(Path(path), "run log")
     try:
         with open(path, encoding="utf-8") as handle:
             log = json.load(handle)
@@ -3198,6 +3199,21 @@ def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
     while path.exists():
         path, counter = directory / f"{stem}-{counter}.json", counter + 1
     return path
+
+
+def check_side_files_are_new(run_path: Path, config: "Config") -> None:
+    """The interpretability files a new run writes beside its log after training
+    (<run>.attention_<model>.json, <run>.monosemantic_<model>.json) must not be there yet:
+    whatever holds that name (an earlier run's maps, someone's file) would be replaced."""
+    kinds = [kind for kind, wanted in (("attention", config.experiments.attention_maps),
+                                       ("monosemantic", config.experiments.monosemantic_enabled))
+             if wanted]
+    for kind in kinds:
+        for name in config.models.names:
+            path = run_path.parent / f"{run_path.stem}.{kind}_{name}.json"
+            if path.exists() or path.is_symlink():
+                raise UserError(f"{path} already exists (an earlier run's, of this --run_name?); "
+                                "move it away, or choose another --run_name")
 
 
 def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: Path | None) -> bool:
@@ -3291,6 +3307,9 @@ def check_writable_directory(directory: Path, flag: str) -> None:
     the nearest existing ancestor: os.access says yes to root for /proc and /sys."""
     existing = directory
     while not existing.exists():
+        if existing.is_symlink():   # to a path that does not exist, or a loop: mkdir would fail
+            raise UserError(f"{flag} {directory}: {existing} is a symbolic link to nothing "
+                            f"(broken, or a loop); fix the link, or choose another {flag}")
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{flag} {directory}: {existing} is not a directory")
@@ -4431,8 +4450,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on an error; we print one line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"pico-llm: error: {message} (see --help)\n")
-        raise SystemExit(2)
+        raise SystemExit(error_line(f"{message} (see --help)"))
+
+    def print_help(self, file=None) -> None:
+        """As argparse's, but a failed write is not ignored: main() reports it (a full disk)."""
+        (file or sys.stdout).write(self.format_help())
 
 
 def str_to_bool(text: str) -> bool:
@@ -4552,11 +4574,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     help="Transformer blocks (the course suggests 2 to 10)")
     tf.add_argument("--d_ff", type=int, default=None,
                     help="feed-forward hidden width (of each expert, with --n_experts)")
-    tf.add_argument("--ffn", choices=("gelu", "gelu_exact", "swiglu", "silu", "relu2",
-                                      "clamped_swiglu"),
-                    default=None, help="feed-forward type (gelu: the tanh approximation, as GPT-2; "
-                                       "gelu_exact: with erf, as nanoGPT; relu2: relu(x)^2, the "
-                                       "nanoGPT speedrun's; clamped_swiglu: GPT-oss's experts)")
+    tf.add_argument("--ffn", choices=TRANSFORMER_CHOICES["ffn"], default=None,
+                    help="feed-forward type (gelu: the tanh approximation, as GPT-2; gelu_exact: "
+                         "with erf, as nanoGPT; relu2: relu(x)^2, the nanoGPT speedrun's; "
+                         "clamped_swiglu: GPT-oss's experts)")
     tf.add_argument("--n_experts", type=int, default=None,
                     help="mixture of experts: this many feed-forwards per block, a linear router "
                          "picking --experts_per_token of them for each token (0 = one dense "
@@ -4566,11 +4587,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     tf.add_argument("--router_aux_loss_coef", type=float, default=None,
                     help="weight of the Switch load-balancing loss added to the training loss of "
                          "a mixture of experts (0 = off) (default: 0.01)")
-    tf.add_argument("--norm", choices=("rmsnorm", "layernorm", "none"), default=None,
+    tf.add_argument("--norm", choices=TRANSFORMER_CHOICES["norm"], default=None,
                     help="normalization layer")
-    tf.add_argument("--norm_position", choices=("pre", "post"), default=None,
+    tf.add_argument("--norm_position", choices=TRANSFORMER_CHOICES["norm_position"],
+                    default=None,
                     help="normalize before each sub-layer (pre) or after the residual add (post)")
-    tf.add_argument("--pos_emb", choices=("learned", "rope", "sinusoidal", "none"), default=None,
+    tf.add_argument("--pos_emb", choices=TRANSFORMER_CHOICES["pos_emb"], default=None,
                     help="position information (none = NoPE)")
     tf.add_argument("--rope_theta", type=float, default=None, help="RoPE base frequency")
     tf.add_argument("--yarn_factor", type=float, default=None,
@@ -4613,7 +4635,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     tf.add_argument("--logit_softcap", type=float, default=None, metavar="C",
                     help="logits = C tanh(logits / C) (Gemma 2, the nanoGPT speedrun; 0 = off) "
                          "(default: 0)")
-    tf.add_argument("--attention_impl", choices=("sdpa", "math"), default="sdpa",
+    tf.add_argument("--attention_impl", choices=TRANSFORMER_CHOICES["attention_impl"],
+                    default="sdpa",
                     help="scaled_dot_product_attention (fast) or the explicit softmax formula")
     tf.add_argument("--dropout", type=float, default=None, help="dropout probability")
     tf.add_argument("--accounting", nargs="?", const="configured", default=None, metavar="WHAT",
@@ -5047,6 +5070,12 @@ TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d
                               "zero_init_proj", "logit_softcap", "bias", "dropout")
 ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
 LINEAR_ATTENTION_GATES = ("fixed", "data")
+# The Transformer fields that name one of a few kinds: the flags' choices, and a checkpoint's check.
+TRANSFORMER_CHOICES = {
+    "ffn": ("gelu", "gelu_exact", "swiglu", "silu", "relu2", "clamped_swiglu"),
+    "norm": ("rmsnorm", "layernorm", "none"), "norm_position": ("pre", "post"),
+    "pos_emb": ("learned", "rope", "sinusoidal", "none"), "attention": ATTENTION_KINDS,
+    "linear_attention_gate": LINEAR_ATTENTION_GATES, "attention_impl": ("sdpa", "math")}
 
 
 def find_preset(name: str) -> str:
@@ -5067,6 +5096,10 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
         if not getattr(config, name) >= 0:                   # NaN too
             kind = "be a number" if math.isnan(getattr(config, name)) else "not be negative"
             raise UserError(f"--{name} must {kind}{where}, got {getattr(config, name)}")
+    for name in ("sliding_window", "nope_interval"):   # positions are int64 in the masks
+        if getattr(config, name) > 2**31 - 1:
+            raise UserError(f"--{name} must be at most {2**31 - 1}{where} (0 = off), got "
+                            f"{getattr(config, name)}")
     if not math.isfinite(config.logit_softcap):
         raise UserError(f"--logit_softcap must be a finite number (0 = off){where}, "
                         f"got {config.logit_softcap}")
@@ -5452,6 +5485,8 @@ def run_training(config: Config) -> int:
             claims.enter_context(claim_directory(save_dir, "--save_dir"))   # held until the run ends
         resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
         replace_run_log = context.is_main and check_run_log_is_new(run_path, resume_points, save_dir)
+        if context.is_main and not resume_points:
+            check_side_files_are_new(run_path, config)
         if context.is_main and save_dir is not None:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:
@@ -5474,6 +5509,10 @@ def run_training(config: Config) -> int:
                                                               config.models.transformer)}
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
+        if config.training.grad_accum_steps > data.num_train_examples:  # micro-batches of nothing
+            raise UserError(f"--grad_accum_steps ({config.training.grad_accum_steps:,}) must not "
+                            f"exceed the {data.num_train_examples:,} training examples: each "
+                            "micro-batch needs one")
         resumed_run = next((checkpoint["run_id"] for _, checkpoint in resume_points.values()
                             if checkpoint.get("run_id")), None)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data), resumed_run)
@@ -5668,10 +5707,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                          # --export_hf from a --checkpoint, which prints after writing
     if standard_error_is_closed():   # messages are lost, but the exit status still says
         sys.stderr = open(os.devnull, "w")   # what happened (2 for bad input, not a crash's 1)
+    for stream in (sys.stdout, sys.stderr):  # a model's text on an ASCII or cp1252 console:
+        if hasattr(stream, "reconfigure"):   # escapes, not a UnicodeEncodeError after training
+            with contextlib.suppress(ValueError, OSError):    # closed by a caller, say
+                stream.reconfigure(errors="backslashreplace")
     try:
         try:
             config = config_from_command_line(argv)
         except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
+            if not exit_request.code:
+                sys.stdout.flush()          # the help, on a full disk: one line and status 2
             return int(exit_request.code or 0)
         prints_only = bool(config.accounting or config.checkpoints.generate
                             or config.checkpoints.checkpoint)
@@ -5707,7 +5752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return error_line(PATH_ERRORS[errno.ELOOP].format(path=path))
         if not out_of_memory(error):
             raise
-        return error_line(f"out of memory ({textwrap.shorten(str(error), 100)}); lower "
+        detail = textwrap.shorten(str(error), 100) or type(error).__name__
+        return error_line(f"out of memory ({detail}); lower "
                           "--batch_size or --block_size, or train a smaller model")
     except OSError as error:   # a path given that no file system call can take, or a full disk
         if error.errno in FULL_DEVICE_ERRORS:     # `> /dev/full`, standard output on a full disk
@@ -5726,7 +5772,10 @@ def error_line(message: str) -> int:
     exit status of bad input, 2."""
     rank = f" (rank {os.environ.get('RANK', '?')})" if launched_world_size() > 1 else ""
     one_line = message.replace("\r", "\\r").replace("\n", "\\n")   # a path may hold a newline
-    warn(f"pico-llm: error{rank}: {one_line}")
+    try:
+        warn(f"pico-llm: error{rank}: {one_line}")
+    except OSError:   # standard error on a full disk: the exit status still says what happened
+        sys.stderr = open(os.devnull, "w")
     return 2
 
 
@@ -7141,7 +7190,8 @@ class CheckpointSeries:
                                f"checkpoint: {self.last_saved or 'none'})") from None
         self.last_saved = path
         for old in self.paths()[:-self.keep]:
-            old.unlink(missing_ok=True)
+            if not old.is_dir():            # a folder so named is not a checkpoint of ours
+                old.unlink(missing_ok=True)
         return path
 
 
@@ -7181,6 +7231,13 @@ def progress_from(fields: dict) -> TrainingProgress:
         allowed = (int, float) if kind is float else (kind,)
         if not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool):
             raise TypeError(f"{field.name} is {value!r}, not a {kind.__name__}")
+        # counts and times are never negative, an epoch counts from 1, and reduce-on-plateau
+        # only ever shrinks the learning rate
+        smallest = 1 if field.name == "epoch" else 0
+        if kind in (int, float) and field.name != "best_test_loss" and not value >= smallest:
+            raise ValueError(f"{field.name} is {value!r}, below {smallest}")
+    if not 0 < progress.lr_scale <= 1:
+        raise ValueError(f"lr_scale is {progress.lr_scale!r}, not in (0, 1]")
     return progress
 
 
@@ -7301,7 +7358,8 @@ def read_checkpoint(path: Path, flag: str) -> dict:
     """A checkpoint file, loaded without running any code in it, and checked against its
     checksum; UserError (DamagedCheckpoint for a damaged file) otherwise."""
     if not path.exists():
-        raise UserError(f"{flag} {path} does not exist")
+        raise UserError(f"{flag} {path} " + ("is a symbolic link to nothing (broken, or a loop)"
+                                             if path.is_symlink() else "does not exist"))
     if path.is_dir():
         example = path / "lstm_seq" / "step_000100.pt" if not path.suffix == ".pt" else None
         raise UserError(f"{flag} {path} is a directory; give a checkpoint file"
@@ -7445,6 +7503,15 @@ def check_model_config(config) -> None:
     a Transformer's as the command line checks it; a k-gram's or LSTM's sizes positive (a
     chunk size may be 0: all positions at once) and of a known variant."""
     if isinstance(config, TransformerConfig):
+        for field in dataclasses.fields(config):   # the command line gives ints; a file may not
+            value = getattr(config, field.name)
+            if field.type in ("int", "int | None") and type(value) is not int:
+                raise UserError(f"{field.name} {value!r} is not an integer")
+        if config.block_size < 1:
+            raise UserError(f"block_size {config.block_size} is not positive")
+        for name, kinds in TRANSFORMER_CHOICES.items():
+            if getattr(config, name) not in kinds:
+                raise UserError(f"{name} {getattr(config, name)!r} is not one of {', '.join(kinds)}")
         validate_transformer_config(config)
         return
     for field in dataclasses.fields(config):    # the annotations are strings (__future__)
@@ -7460,7 +7527,9 @@ def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
     if checkpoints.resume is not None:
         source = Path(checkpoints.resume or checkpoints.save_dir)
         if not source.exists():
-            raise UserError(f"--resume {source} does not exist; give a --save_dir or a checkpoint file")
+            what = ("is a symbolic link to nothing (broken, or a loop)" if source.is_symlink()
+                    else "does not exist")
+            raise UserError(f"--resume {source} {what}; give a --save_dir or a checkpoint file")
         check_regular_file(source, "--resume")
     if checkpoints.save_dir:
         return Path(checkpoints.save_dir)
@@ -7565,8 +7634,9 @@ def claim_file(path: Path, flag: str):
     file (two sweeps into one --artefacts_dir) is refused instead of the later writer replacing
     the other's points. The file itself is replaced by each atomic write, so the lock is taken
     on <path>.lock beside it (in its folder's real path, however the folder was reached),
-    removed again at the end; one left by a killed process holds no lock (an flock ends with
-    its process) and is taken over. A file system that has no locks (some network mounts)
+    removed again at the end (if still empty, as pico-llm leaves it: a file of that name with
+    content is someone's, and stays); one left by a killed process holds no lock (an flock ends
+    with its process) and is taken over. A file system that has no locks (some network mounts)
     gives no claim, as Windows does not."""
     if fcntl is None:
         yield
@@ -7601,7 +7671,8 @@ def claim_file(path: Path, flag: str):
         yield
     finally:
         with contextlib.suppress(OSError):
-            lock_path.unlink()
+            if os.fstat(handle).st_size == 0:   # ours are empty: a file with content is not ours
+                lock_path.unlink()
         os.close(handle)
         remove_if_empty(made)
 
@@ -9261,7 +9332,8 @@ def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
                 header = json.loads(f.read(length))
             shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()
                            if name != "__metadata__"})
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError,
+                RecursionError) as error:   # RecursionError: a header nested too deep
             reason = (str(error) or type(error).__name__).splitlines()[0]
             raise UserError(f"cannot read {quoted(file)}: {reason[:160]}") from None
     return shapes
@@ -9453,7 +9525,11 @@ class HFTokenizer:
     @classmethod
     def from_json(cls, text: str, vocab_size: int, eot_id: int, name: str) -> "HFTokenizer":
         tokenizers = hf_package("tokenizers", "a tokenizer.json")
-        return cls(tokenizers.Tokenizer.from_str(text), vocab_size, eot_id, name)
+        try:
+            tokenizer = tokenizers.Tokenizer.from_str(text)
+        except Exception as error:    # the Rust library raises a plain Exception
+            raise ValueError(f"not a tokenizer.json ({error})") from None
+        return cls(tokenizer, vocab_size, eot_id, name)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]

@@ -627,8 +627,9 @@ def test_checkpoint_that_runs_code_is_refused_with_a_clean_line(ws, callable_nam
     ([*TINY_TRANSFORMER, "--d_ff", "0"], "d_ff"),
     (["--models", "lstm_seq,lstm_seq"], "lstm_seq"),
     (["--grad_accum_steps", "8"], "grad_accum_steps"),   # TINY has --batch_size 4
+    ([*TINY_TRANSFORMER, "--sliding_window", str(10 ** 29)], "sliding_window"),
 ], ids=["rope_theta_0", "rope_theta_-1", "min_lr_ratio_-5", "d_ff_0", "duplicate_models",
-        "grad_accum_gt_batch"])
+        "grad_accum_gt_batch", "sliding_window_huge"])
 def test_invalid_value_is_refused(ws, flags, keyword):
     before = ws.snapshot()
     result = run(*TINY, *flags, *ws.io(), timeout=300)
@@ -1119,3 +1120,165 @@ def test_a_cache_dir_that_is_a_file_costs_the_cache_and_says_why(pico, ws, capsy
     assert status == 0, err
     assert f"pico-llm: note: token cache not written (--cache_dir {cache} is not a folder)" in err
     assert cache.read_text() == "kept\n"
+
+
+# --- odd places and damaged values, met before they cost a run ------------------------------
+
+@pytest.mark.parametrize("flag", ["--save_dir", "--artefacts_dir"])
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_a_directory_flag_that_is_a_broken_symbolic_link_is_one_line(ws, flag, link):
+    """mkdir on a link to nothing fails with "File exists"; the link is named as what it is."""
+    target = ws.root / "links" / "here"
+    target.parent.mkdir()
+    if link == "dangling":
+        target.symlink_to(ws.root / "nowhere")
+    else:
+        (ws.root / "links" / "there").symlink_to(target)
+        target.symlink_to(ws.root / "links" / "there")
+    before = ws.snapshot()
+    io = ws.io() if flag == "--save_dir" else ["--input_files", str(ws.corpus), "--cache_dir",
+                                                str(ws.cache)]
+    result = run(*TINY, *io, flag, str(target), timeout=300)
+    assert_refused(result, flag, "symbolic link to nothing", unchanged=before)
+    assert target.is_symlink() and not target.exists()
+
+
+def test_standard_error_on_a_full_disk_still_ends_with_status_2(ws):
+    """The one line cannot be written there; the exit status still says bad input."""
+    for argv in (["--learning_rate", "nan"], ["--no_such_flag"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([sys.executable, str(SCRIPT), *argv], stderr=full,
+                                    stdout=subprocess.PIPE, timeout=HANG_TIMEOUT)
+        assert result.returncode == 2, argv
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_help_on_a_full_disk_is_not_reported_as_shown(ws, buffered):
+    """Whether Python buffers standard output or not (PYTHONUNBUFFERED), a help that could not
+    be written is said so, with status 2."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(SCRIPT), "--help"], stdout=full,
+                                stderr=subprocess.PIPE, timeout=HANG_TIMEOUT, text=True,
+                                env=env if buffered else {**env, "PYTHONUNBUFFERED": "1"})
+    result.stdout = ""                                     # it went to /dev/full
+    assert_refused(result, "cannot write the output")
+
+
+def test_generated_text_on_an_ascii_console_is_escaped_not_a_crash(ws, trained_save_dir):
+    """Python takes a console's encoding (PYTHONIOENCODING, a cp1252 console); a model's text
+    may hold any character, which is written as an escape instead."""
+    checkpoint = trained_save_dir / "lstm_seq" / "step_000002.pt"
+    result = run("--generate", "--checkpoint", str(checkpoint), "--prompt", "h\u00e9llo",
+                 "--max_new_tokens", "3", "--device_id", "cpu", *ws.io(corpus=False),
+                 env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, describe(result)
+    assert text_of(result.stdout).startswith("h\\xe9llo"), describe(result)
+
+
+def test_a_run_log_that_is_a_fifo_is_refused_not_read(pico, tmp_path):
+    """Reading a pipe waits for a writer that never comes."""
+    import threading
+    fifo = tmp_path / "run.json"
+    os.mkfifo(fifo)
+    said = []
+    def read():
+        try:
+            pico.load_runlog(fifo)
+        except pico.UserError as error:
+            said.append(str(error))
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(HANG_TIMEOUT)
+    if reader.is_alive():
+        with open(fifo, "w"):     # a writer that closes at once: the reader goes on, and fails
+            pass
+        pytest.fail("opened the pipe and waited for a writer")
+    assert said and "not a regular file" in said[0], said
+
+
+def test_a_deeply_nested_safetensors_header_is_one_line(pico, tmp_path):
+    header = b"[" * 100_000 + b"]" * 100_000
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(pico.UserError, match="cannot read"):
+        pico.read_hf_shapes(tmp_path)
+
+
+def test_pruning_checkpoints_passes_over_a_folder_named_like_one(pico, tmp_path):
+    series = pico.CheckpointSeries(tmp_path, "lstm_seq", keep=1)
+    (tmp_path / "lstm_seq").mkdir()
+    (tmp_path / "lstm_seq" / "step_000000.pt").mkdir()
+    for step in (1, 2):
+        series.save({"progress": {"step": step}})
+    assert sorted(p.name for p in (tmp_path / "lstm_seq").iterdir()) == ["step_000000.pt",
+                                                                         "step_000002.pt"]
+
+
+@pytest.mark.parametrize("content", ["", "my notes\n"])
+def test_a_lock_file_is_removed_at_the_end_only_if_it_is_as_pico_llm_leaves_it(pico, tmp_path,
+                                                                                 content):
+    """pico-llm's lock files are empty; a file of that name with content is someone's."""
+    lock = tmp_path / "sweep.json.lock"
+    lock.write_text(content)
+    with pico.claim_file(tmp_path / "sweep.json", "--custom_sweep_log"):
+        pass
+    assert lock.exists() == bool(content)
+    if content:
+        assert lock.read_text() == content
+
+
+@pytest.mark.parametrize("kind", ["attention", "monosemantic"])
+def test_a_new_run_does_not_replace_a_file_where_its_interpretability_file_goes(run_main, ws,
+                                                                                 kind):
+    """The run log is created exclusively; so the files beside it are checked before training."""
+    ws.art.mkdir()
+    there = ws.art / f"x.{kind}_transformer.json"
+    there.write_text('{"someone": "else"}')
+    flag = "--attention_maps" if kind == "attention" else "--monosemantic_enabled"
+    status, out, err = run_main(*TINY, *TINY_TRANSFORMER, "--input_files", str(ws.corpus),
+                                "--run_name", "x", flag, artefacts=ws.art)
+    assert status == 2 and f"{there} already exists" in err, err
+    assert there.read_text() == '{"someone": "else"}'
+    assert sorted(p.name for p in ws.art.iterdir()) == [there.name]
+
+
+@pytest.mark.parametrize("field, value", [("step", -5), ("epoch", 0), ("batches_done", -7),
+                                          ("lr_scale", -1.0), ("lr_scale", float("nan")),
+                                          ("tokens_seen", -1)])
+def test_a_checkpoints_progress_out_of_range_is_refused(pico, field, value):
+    """A negative step would be written as step_-00003.pt, a negative scale climb the loss."""
+    fields = {**pico.dataclasses.asdict(pico.TrainingProgress()), field: value}
+    with pytest.raises(ValueError, match=field):
+        pico.progress_from(fields)
+
+
+@pytest.mark.parametrize("change", [{"d_model": 16.0}, {"block_size": 0}, {"block_size": 16.5},
+                                    {"pos_emb": "bogus"}, {"attention": "bogus"}])
+def test_a_checkpoints_transformer_config_of_the_wrong_type_or_kind_is_refused(pico, change):
+    config = pico.TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_blocks=1,
+                                    block_size=16)
+    with pytest.raises(pico.UserError, match=next(iter(change))):
+        pico.check_model_config(pico.dataclasses.replace(config, **change))
+    pico.check_model_config(config)
+
+
+def test_a_stored_tokenizer_json_that_is_not_one_is_a_value_error(pico):
+    with pytest.raises(ValueError, match="not a tokenizer.json"):
+        pico.HFTokenizer.from_json("{bad", 10, 0, "broken")
+
+
+def test_more_micro_batches_than_training_examples_are_refused_before_training(run_main, ws):
+    """Each micro-batch needs an example; a typo of many digits in both flags had made a list
+    of that many micro-batches and run the machine out of memory."""
+    status, _, err = run_main(*TINY, "--input_files", str(ws.corpus), "--batch_size",
+                              str(10 ** 29), "--grad_accum_steps", str(10 ** 29), artefacts=ws.art)
+    assert status == 2 and "--grad_accum_steps" in err and "training examples" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--checkpoint"])
+def test_a_checkpoint_flag_naming_a_symbolic_link_loop_says_so(ws, flag):
+    loop = ws.root / "loop.pt"
+    loop.symlink_to(loop)
+    argv = ([*TINY, *ws.io(), "--resume", str(loop)] if flag == "--resume"
+            else ["--generate", "--checkpoint", str(loop), "--device_id", "cpu", *ws.io()])
+    assert_refused(run(*argv), flag, "symbolic link to nothing")
