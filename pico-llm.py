@@ -7485,7 +7485,12 @@ def checkpoint_contents(path: Path, checkpoint: dict):
                  **{key: value for key, value in checkpoint["args"].items()
                     if key not in FLAGS_FREE_ON_RESUME}, "models": [name]}
         trained = config_from_flags(flags)
-        tokenizer = tokenizer_from_identity(checkpoint["tokenizer"])
+        if not 0 <= trained.training.seed < 2**64:   # as the command line checks --seed
+            raise ValueError(f"seed {trained.training.seed} is out of range")
+        identity = checkpoint["tokenizer"]
+        if not isinstance(identity, dict) or type(identity.get("vocab_size")) is not int:
+            raise TypeError("its tokenizer has no vocabulary size")
+        tokenizer = tokenizer_from_identity(identity)
         stored = checkpoint.get("transformer_config")
         model_config = TransformerConfig(**stored) if stored is not None else trained.models.config_of(name)
         check_model_config(model_config)
@@ -8678,6 +8683,8 @@ def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_si
             advice = f"lower --block_size ({block_size:,})"
         elif init_from:
             advice = f"--init_from {init_from} is too large to train here; choose a smaller model"
+        elif config.head_size:       # heads of a width of their own, not d_model / n_heads
+            advice = f"lower --head_size ({config.head_size:,}), --d_model or --n_blocks"
         else:
             advice = "lower --d_model, --n_blocks or --d_ff"
         kv = f" and a {memory_size(cache)} KV cache" if cache else ""

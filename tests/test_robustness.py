@@ -1282,3 +1282,27 @@ def test_a_checkpoint_flag_naming_a_symbolic_link_loop_says_so(ws, flag):
     argv = ([*TINY, *ws.io(), "--resume", str(loop)] if flag == "--resume"
             else ["--generate", "--checkpoint", str(loop), "--device_id", "cpu", *ws.io()])
     assert_refused(run(*argv), flag, "symbolic link to nothing")
+
+
+@pytest.mark.parametrize("damage", ["seed", "vocab_size", "tokenizer"])
+def test_a_checkpoint_with_a_seed_or_tokenizer_it_cannot_have_is_one_line(pico, trained_save_dir,
+                                                                          damage):
+    """Values the command line would refuse, in a file behind a valid checksum (another
+    version's, or edited): one line naming the file, not a traceback from torch or tokenizers."""
+    path = trained_save_dir / "lstm_seq" / "step_000002.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    if damage == "seed":
+        checkpoint["args"]["seed"] = 2 ** 70
+    elif damage == "vocab_size":
+        del checkpoint["tokenizer"]["vocab_size"]
+    else:
+        checkpoint["tokenizer"] = ["char"]
+    with pytest.raises(pico.UserError, match="cannot be rebuilt"):
+        pico.checkpoint_contents(path, checkpoint)
+
+
+def test_heads_too_wide_to_fit_name_head_size(pico, configure):
+    config = configure("--models", "transformer", "--d_model", "16", "--n_heads", "2",
+                       "--n_blocks", "1", "--head_size", str(10 ** 9), "--tokenizer", "char")
+    with pytest.raises(pico.UserError, match="lower --head_size"):
+        pico.check_models_fit_in_memory(config.models, 256, 64, torch.device("cpu"))
