@@ -7275,6 +7275,8 @@ def tokenizer_from_identity(identity: dict):
         return HFTokenizer.from_json(identity["tokenizer_json"], identity["vocab_size"],
                                      identity["eot_id"], identity["name"])
     if "bpe_merges" not in identity:
+        if parse_tokenizer_spec(identity["spec"])[0] == "bpe":   # no texts here to train one
+            raise KeyError("its trained tokenizer's merges are missing")
         return build_tokenizer(identity["spec"])
     vocab = {int(i): bytes.fromhex(token) for i, token in identity["bpe_vocab"].items()}
     merges = [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in identity["bpe_merges"]]

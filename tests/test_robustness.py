@@ -1284,21 +1284,25 @@ def test_a_checkpoint_flag_naming_a_symbolic_link_loop_says_so(ws, flag):
     assert_refused(run(*argv), flag, "symbolic link to nothing")
 
 
-@pytest.mark.parametrize("damage", ["seed", "vocab_size", "tokenizer"])
+@pytest.mark.parametrize("damage", ["seed", "vocab_size", "tokenizer", "bpe_merges"])
 def test_a_checkpoint_with_a_seed_or_tokenizer_it_cannot_have_is_one_line(pico, trained_save_dir,
-                                                                          damage):
+                                                                          damage, capsys):
     """Values the command line would refuse, in a file behind a valid checksum (another
-    version's, or edited): one line naming the file, not a traceback from torch or tokenizers."""
+    version's, or edited): one line naming the file, not a traceback from torch or tokenizers.
+    A trained BPE without its merges is not trained again on no text (a note, then a mismatch)."""
     path = trained_save_dir / "lstm_seq" / "step_000002.pt"
     checkpoint = torch.load(path, weights_only=True)
     if damage == "seed":
         checkpoint["args"]["seed"] = 2 ** 70
     elif damage == "vocab_size":
         del checkpoint["tokenizer"]["vocab_size"]
-    else:
+    elif damage == "tokenizer":
         checkpoint["tokenizer"] = ["char"]
+    else:
+        checkpoint["tokenizer"] = {"spec": "bpe:300", "name": "bpe", "vocab_size": 300}
     with pytest.raises(pico.UserError, match="cannot be rebuilt"):
         pico.checkpoint_contents(path, checkpoint)
+    assert capsys.readouterr().err == ""
 
 
 def test_heads_too_wide_to_fit_name_head_size(pico, configure):
