@@ -1953,7 +1953,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
             progress.batches_done += 1
             micro_batches = rank_micro_batches(data, slots, training.grad_accum_steps, context, device)
             step_tokens = data.target_tokens(slots)
-            context.own_dropout_masks(training.seed, progress.step)  # C: a rank's own masks
+            context.own_dropout_masks(training.seed, progress.step, device)  # C: a rank's own
             try:
                 loss = training_step(step_model, optimizer, micro_batches, step_tokens,
                                      training.grad_clip, context, training.dtype)
@@ -2000,12 +2000,14 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
 
 def rank_micro_batches(data: TrainingData, slots: list[tuple[int, int]], accumulation: int,
                        context: "Distributed", device: torch.device) -> list[tuple[Batch, bool]]:
-    """This rank's share of one step's examples, as `accumulation` micro-batches.
+    """This rank's share of one step's examples, as `accumulation` micro-batches (as many as
+    the step has examples, if fewer).
 
     Returns (batch, active) pairs. Every rank runs the same number of micro-batches
     (DDP needs each rank in each gradient sync); a rank whose share is empty at the
     end of an epoch runs a stand-in batch with active=False, which weighs nothing."""
     share = context.shard(slots)
+    accumulation = min(accumulation, len(slots))   # no more micro-batches than examples
     pieces = [share[i::accumulation] for i in range(accumulation)]
     return [(data.batch_of(piece or slots[:1]).to(device), bool(piece)) for piece in pieces]
 
@@ -4454,7 +4456,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def print_help(self, file=None) -> None:
         """As argparse's, but a failed write is not ignored: main() reports it (a full disk)."""
-        (file or sys.stdout).write(self.format_help())
+        (file or sys.stdout or sys.stderr).write(self.format_help())   # stdout closed: stderr
 
 
 def str_to_bool(text: str) -> bool:
@@ -5484,9 +5486,9 @@ def run_training(config: Config) -> int:
         if context.is_main and save_dir is not None:  # rank 0 alone writes; the others stop when it does
             claims.enter_context(claim_directory(save_dir, "--save_dir"))   # held until the run ends
         resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
-        replace_run_log = context.is_main and check_run_log_is_new(run_path, resume_points, save_dir)
         if context.is_main and not resume_points:
             check_side_files_are_new(run_path, config)
+        replace_run_log = context.is_main and check_run_log_is_new(run_path, resume_points, save_dir)
         if context.is_main and save_dir is not None:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:
@@ -5509,10 +5511,6 @@ def run_training(config: Config) -> int:
                                                               config.models.transformer)}
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
-        if config.training.grad_accum_steps > data.num_train_examples:  # micro-batches of nothing
-            raise UserError(f"--grad_accum_steps ({config.training.grad_accum_steps:,}) must not "
-                            f"exceed the {data.num_train_examples:,} training examples: each "
-                            "micro-batch needs one")
         resumed_run = next((checkpoint["run_id"] for _, checkpoint in resume_points.values()
                             if checkpoint.get("run_id")), None)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data), resumed_run)
@@ -5715,7 +5713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             config = config_from_command_line(argv)
         except SystemExit as exit_request:  # argparse: --help, or a one-line usage error
-            if not exit_request.code:
+            if not exit_request.code and sys.stdout is not None:
                 sys.stdout.flush()          # the help, on a full disk: one line and status 2
             return int(exit_request.code or 0)
         prints_only = bool(config.accounting or config.checkpoints.generate
@@ -7173,8 +7171,8 @@ class CheckpointSeries:
         """Complete checkpoints, oldest first (an interrupted write leaves only a dot-file)."""
         if not self.directory.is_dir():
             return []
-        return sorted((p for p in self.directory.iterdir() if checkpoint_step(p) >= 0),
-                      key=checkpoint_step)
+        return sorted((p for p in self.directory.iterdir()   # a folder so named is not one
+                       if checkpoint_step(p) >= 0 and not p.is_dir()), key=checkpoint_step)
 
     def latest(self) -> Path | None:
         paths = self.paths()
@@ -7190,8 +7188,7 @@ class CheckpointSeries:
                                f"checkpoint: {self.last_saved or 'none'})") from None
         self.last_saved = path
         for old in self.paths()[:-self.keep]:
-            if not old.is_dir():            # a folder so named is not a checkpoint of ours
-                old.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
         return path
 
 
@@ -7276,7 +7273,7 @@ def tokenizer_from_identity(identity: dict):
                                      identity["eot_id"], identity["name"])
     if "bpe_merges" not in identity:
         if parse_tokenizer_spec(identity["spec"])[0] == "bpe":   # no texts here to train one
-            raise KeyError("its trained tokenizer's merges are missing")
+            raise ValueError("its trained tokenizer's merges are missing")
         return build_tokenizer(identity["spec"])
     vocab = {int(i): bytes.fromhex(token) for i, token in identity["bpe_vocab"].items()}
     merges = [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in identity["bpe_merges"]]
@@ -7840,14 +7837,20 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
-    def own_dropout_masks(self, seed: int, step: int) -> None:
-        """Before each step, a rank other than 0 seeds torch's generators (CPU and GPU) from
+    def own_dropout_masks(self, seed: int, step: int, device: torch.device) -> None:
+        """Before each step, a rank other than 0 seeds the CPU's generator and its device's from
         (seed, rank, step): every rank built its model from the same seed, so each would draw
         rank 0's dropout masks for its own examples. Rank 0 draws on as one process does. Drawn
         from the step alone, a resumed run's masks are the same again, on any number of ranks."""
-        if self.rank > 0:
-            state = np.random.SeedSequence([seed, self.rank, step]).generate_state(1, np.uint64)
-            torch.manual_seed(int(state[0]))
+        if self.rank == 0:
+            return
+        value = int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1, np.uint64)[0])
+        torch.default_generator.manual_seed(value)
+        if device.type == "cuda":       # this rank's GPU alone (torch.manual_seed seeds them all)
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(value)
+        elif device.type == "mps":
+            torch.mps.manual_seed(value)
 
     def barrier(self) -> None:
         """Every rank waits here for the others (on the control group): for rank 0's files."""

@@ -324,7 +324,7 @@ def test_a_rank_other_than_0_draws_dropout_masks_of_its_own_from_the_step(pico):
     rank 0's masks; drawn from (seed, rank, step), a resumed run draws the same again."""
     def masks(rank, step):
         torch.manual_seed(0)
-        pico.Distributed(rank=rank, world_size=3).own_dropout_masks(seed=7, step=step)
+        pico.Distributed(rank=rank, world_size=3).own_dropout_masks(7, step, torch.device("cpu"))
         return torch.rand(8)
     assert torch.equal(masks(1, 5), masks(1, 5))
     assert not torch.equal(masks(1, 5), masks(2, 5))

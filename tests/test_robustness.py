@@ -10,6 +10,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1208,10 +1209,12 @@ def test_pruning_checkpoints_passes_over_a_folder_named_like_one(pico, tmp_path)
     series = pico.CheckpointSeries(tmp_path, "lstm_seq", keep=1)
     (tmp_path / "lstm_seq").mkdir()
     (tmp_path / "lstm_seq" / "step_000000.pt").mkdir()
+    (tmp_path / "lstm_seq" / "step_000009.pt").mkdir()      # numbered past the steps saved
     for step in (1, 2):
         series.save({"progress": {"step": step}})
-    assert sorted(p.name for p in (tmp_path / "lstm_seq").iterdir()) == ["step_000000.pt",
-                                                                         "step_000002.pt"]
+    assert sorted(p.name for p in (tmp_path / "lstm_seq").iterdir()) == [
+        "step_000000.pt", "step_000002.pt", "step_000009.pt"]
+    assert series.latest().name == "step_000002.pt"
 
 
 @pytest.mark.parametrize("content", ["", "my notes\n"])
@@ -1244,6 +1247,7 @@ def test_a_new_run_does_not_replace_a_file_where_its_interpretability_file_goes(
 
 @pytest.mark.parametrize("field, value", [("step", -5), ("epoch", 0), ("batches_done", -7),
                                           ("lr_scale", -1.0), ("lr_scale", float("nan")),
+                                          ("lr_scale", 2.0),
                                           ("tokens_seen", -1)])
 def test_a_checkpoints_progress_out_of_range_is_refused(pico, field, value):
     """A negative step would be written as step_-00003.pt, a negative scale climb the loss."""
@@ -1267,12 +1271,22 @@ def test_a_stored_tokenizer_json_that_is_not_one_is_a_value_error(pico):
         pico.HFTokenizer.from_json("{bad", 10, 0, "broken")
 
 
-def test_more_micro_batches_than_training_examples_are_refused_before_training(run_main, ws):
-    """Each micro-batch needs an example; a typo of many digits in both flags had made a list
-    of that many micro-batches and run the machine out of memory."""
-    status, _, err = run_main(*TINY, "--input_files", str(ws.corpus), "--batch_size",
-                              str(10 ** 29), "--grad_accum_steps", str(10 ** 29), artefacts=ws.art)
-    assert status == 2 and "--grad_accum_steps" in err and "training examples" in err, err
+def test_a_step_makes_no_more_micro_batches_than_it_has_examples(pico, configure, ws):
+    """A typo of many digits in --batch_size and --grad_accum_steps had made a list of that many
+    micro-batches (stand-ins that weigh nothing) and run the machine out of memory; a step of
+    n examples makes at most n, the same update."""
+    config = configure(*TINY, "--input_files", str(ws.corpus))
+    tokenizer = pico.build_tokenizer("char")
+    data = pico.load_training_data(config.data, tokenizer, pico.read_sources(config.data))
+    slots = next(iter(data.train_step_slots(4, 1, 1, skip=0)))
+    batches = pico.rank_micro_batches(data, slots, 1000, pico.Distributed(), torch.device("cpu"))
+    assert len(slots) == 4 and len(batches) == 4 and all(active for _, active in batches)
+
+
+def test_help_with_standard_output_closed_goes_to_standard_error():
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(str(SCRIPT))} --help >&-",
+                            shell=True, capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert result.returncode == 0 and "usage: pico-llm.py" in result.stderr, describe(result)
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--checkpoint"])
