@@ -1953,7 +1953,7 @@ def train_one_model(name: str, model: nn.Module, data: TrainingData, training: T
             progress.batches_done += 1
             micro_batches = rank_micro_batches(data, slots, training.grad_accum_steps, context, device)
             step_tokens = data.target_tokens(slots)
-            context.own_dropout_masks(training.seed, progress.step, device)  # C: a rank's own
+            context.own_dropout_masks(training.seed, progress.step, device)  # C: per-rank dropout
             try:
                 loss = training_step(step_model, optimizer, micro_batches, step_tokens,
                                      training.grad_clip, context, training.dtype)
