@@ -3212,6 +3212,9 @@ def check_side_files_are_new(run_path: Path, config: "Config") -> None:
              if wanted]
     for kind in kinds:
         for name in config.models.names:
+            model = config.models.config_of(name)
+            if kind == "attention" and getattr(model, "attention", None) != "softmax":
+                continue                 # write_attention_maps: softmax Transformers only
             path = run_path.parent / f"{run_path.stem}.{kind}_{name}.json"
             if path.exists() or path.is_symlink():
                 raise UserError(f"{path} already exists (an earlier run's, of this --run_name?); "
@@ -3323,7 +3326,10 @@ def check_writable_directory(directory: Path, flag: str) -> None:
         else:
             os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".pico-llm-probe-"))
     except OSError as error:
-        raise UserError(f"{flag} {directory} is not writable ({error.strerror}); choose another "
+        # in a directory that exists, "no such file" means no file can be made there (/proc)
+        reason = (f"no file can be created in {existing}" if error.errno == errno.ENOENT
+                  else error.strerror)
+        raise UserError(f"{flag} {directory} is not writable ({reason}); choose another "
                         f"with {flag}") from None
 
 
@@ -7034,6 +7040,7 @@ class FaultTolerance:
             load_model_weights(model, checkpoint, path, tokenizer)
             with unrestorable(path, "optimizer state"):
                 optimizer.load_state_dict(checkpoint["optimizer"])
+                check_optimizer_state(optimizer)
             with unrestorable(path, "run-log record"):
                 record.update(checkpoint["record"])
                 record_length_changes(record, checkpoint, self.flags)
@@ -7051,7 +7058,8 @@ class FaultTolerance:
         """A finite loss that exploded (has_diverged) stops training."""
         if has_diverged(loss, self.tokenizer.vocab_size):
             self.fail(f"loss exploded to {loss:.4g} at step {self.progress.step} (lr {lr:.3g}); "
-                      "lower --learning_rate or raise --warmup_steps")
+                      + self.remedy(updated_before=self.progress.nonfinite_steps + 1 < self.progress.step,
+                                    advice="lower --learning_rate or raise --warmup_steps"))
 
     def skip_step(self, problem: NonFiniteStep, lr: float, bar) -> None:
         """A step whose loss or gradients were NaN or infinite, which training_step did not
@@ -7059,12 +7067,24 @@ class FaultTolerance:
         progress = self.progress
         progress.nonfinite_steps += 1
         if progress.nonfinite_steps > self.training.skip_nonfinite:
-            self.fail(f"{problem} at step {progress.step} (lr {lr:.3g}); lower --learning_rate, "
-                      "raise --warmup_steps or allow skips with --skip_nonfinite N")
+            self.fail(f"{problem} at step {progress.step} (lr {lr:.3g}); "
+                      + self.remedy(updated_before=progress.nonfinite_steps < progress.step,
+                                    advice="lower --learning_rate, raise --warmup_steps or allow "
+                                           "skips with --skip_nonfinite N"))
         self.record.setdefault("skipped_steps", []).append(progress.step)
         say(f"[{self.name}] step {progress.step} skipped: {problem} ({progress.nonfinite_steps} "
             f"of --skip_nonfinite {self.training.skip_nonfinite})", bar)
         return None
+
+    @staticmethod
+    def remedy(updated_before: bool, advice: str) -> str:
+        """What to change after a bad loss. Before any update the weights are as initialized
+        (or restored), so the learning rate cannot be the cause: the model's settings are."""
+        if updated_before:
+            return advice
+        return ("no update had been made yet, so the learning rate is not the cause: check "
+                "the model's settings (such as --rope_theta, --logit_softcap or "
+                "--router_aux_loss_coef) or try --dtype float32")
 
     def fail(self, what: str):
         """Stop training; the last checkpoint written stays the newest."""
@@ -7217,6 +7237,28 @@ def unrestorable(path: Path, what: str):
         raise UserError(f"{path} was made by another pico-llm version, or is damaged: its "
                         f"{what} cannot be restored ({detail}); resume from another checkpoint, "
                         "or train without --resume") from None
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """ValueError if a restored optimizer state lacks what a step reads (AdamW's step count
+    and moments, Muon's momentum), or holds a moment of another shape than its parameter:
+    load_state_dict checks only the sizes of the groups, and the first step would fail."""
+    for group in optimizer.param_groups:
+        needed = ("momentum_buffer",) if group.get("muon") else ("step", "exp_avg", "exp_avg_sq")
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue                          # no step has reached this parameter yet
+            for key in needed:
+                value = state.get(key)
+                if value is None:
+                    raise ValueError(f"a parameter's state has no {key}")
+                if key == "step":
+                    if not float(value) >= 0:
+                        raise ValueError(f"a parameter's step count is {float(value)}")
+                elif not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} has a {key} of {shape}")
 
 
 def progress_from(fields: dict) -> TrainingProgress:

@@ -165,6 +165,23 @@ def test_output_only_flags_may_change_on_resume(pico, run_main, tmp_path):
     assert status == 0, err
 
 
+def test_a_resumed_run_writes_over_its_own_interpretability_files(pico, run_main, tmp_path):
+    """A new run refuses a file where its attention maps go; the run that wrote them, resumed
+    for another epoch under the same --run_name, replaces them with its newer model's."""
+    flags = [*TINY, "--models", "transformer", "--d_model", "16", "--n_heads", "2",
+             "--n_blocks", "1", "--save_dir", str(tmp_path / "ckpt"), "--attention_maps",
+             "--monosemantic_enabled", "--run_name", "same"]
+    assert run_main(*flags, "--epochs", "1")[0] == 0
+    files = [tmp_path / "artefacts" / f"same.{kind}_transformer.json"
+             for kind in ("attention", "monosemantic")]
+    first = [path.read_text() for path in files]
+    status, _, err = run_main(*flags, "--epochs", "2", "--resume")
+    assert status == 0, err
+    assert pico.load_runlog(tmp_path / "artefacts" / "same.json")["models"]["transformer"][
+        "test_history"][-1]["epoch"] == 2
+    assert all(path.read_text() != before for path, before in zip(files, first))
+
+
 def test_the_newest_checkpoints_are_kept_and_hold_plain_data(pico, run_main, tmp_path):
     save = tmp_path / "ckpt"
     status, _, err = run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save),
@@ -1021,11 +1038,26 @@ def test_a_checkpoint_of_another_version_is_one_line_naming_it(pico, run_main, t
     assert not (tmp_path / "exported").exists()
 
 
+def changed_optimizer_moments(change):
+    """A change to the optimizer state of the checkpoint's first parameter (on a copy)."""
+    def apply(checkpoint):
+        optimizer = {"state": {index: dict(state) for index, state in
+                               checkpoint["optimizer"]["state"].items()},
+                     "param_groups": checkpoint["optimizer"]["param_groups"]}
+        change(next(iter(optimizer["state"].values())))
+        checkpoint.update(optimizer=optimizer)
+    return apply
+
+
 # What a checkpoint's resume state (past the parts that rebuild the model) may hold when another
 # pico-llm version, or damage before its checksum was computed, made it.
 RESUME_STATES_OF_ANOTHER_VERSION = {
     "optimizer state": lambda checkpoint: checkpoint.update(
         optimizer={"state": {}, "param_groups": []}),
+    # load_state_dict takes these; the first step would fail on them
+    "optimizer state ": changed_optimizer_moments(lambda state: state.pop("exp_avg")),
+    "optimizer state  ": changed_optimizer_moments(
+        lambda state: state.update(exp_avg_sq=torch.zeros(3))),
     "random generators' states": lambda checkpoint: checkpoint.update(rng={}),
     "random generators' states ": lambda checkpoint: checkpoint["rng"].update(
         torch=torch.zeros(3, dtype=torch.uint8)),

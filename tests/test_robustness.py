@@ -658,6 +658,15 @@ def test_unwritable_output_fails_before_training(ws, flags, keyword):
     assert result.elapsed < 30, describe(result)
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+def test_a_directory_that_makes_no_files_is_not_reported_as_missing(pico):
+    """/proc answers "no such file" to a new file in it, which said nothing about why."""
+    with pytest.raises(pico.UserError) as refused:
+        pico.check_writable_directory(Path("/proc/pico"), "--artefacts_dir")
+    assert "no file can be created in /proc)" in str(refused.value)
+    assert "No such file" not in str(refused.value)
+
+
 # --- messages --------------------------------------------------------------------------------
 
 # lr 10 with clipping: a finite "loss exploded to 632.9 at step 2" (seed 1337, this corpus);
@@ -676,6 +685,17 @@ def test_finite_explosion_does_not_suggest_skip_nonfinite(ws):
     result = run(*DIVERGING, *ws.io(), timeout=300)
     line = assert_refused(result, "exploded")
     assert "skip_nonfinite" not in line, describe(result)
+    assert "lower --learning_rate" in line, describe(result)       # it exploded after updates
+
+
+@pytest.mark.parametrize("flags", [["--logit_softcap", "1e300"],
+                                   ["--router_aux_loss_coef", "1e300", "--n_experts", "2"]])
+def test_a_loss_gone_wrong_before_any_update_is_not_blamed_on_the_learning_rate(ws, flags):
+    """The first step's loss is the initial model's: settings that make it NaN or infinite
+    are what to change."""
+    result = run(*VERBOSE, *TINY_TRANSFORMER, *flags, *ws.io(), timeout=300)
+    line = assert_refused(result, "at step 1 ", "learning rate is not the cause", flags[0])
+    assert "lower --learning_rate" not in line, describe(result)
 
 
 def bound_by_permissions(probe: list[str], what: str) -> tuple[str, ...]:
@@ -1245,6 +1265,20 @@ def test_a_new_run_does_not_replace_a_file_where_its_interpretability_file_goes(
     assert sorted(p.name for p in ws.art.iterdir()) == [there.name]
 
 
+def test_a_file_named_like_maps_no_model_of_the_run_writes_is_left_alone(run_main, ws):
+    """Attention maps are a softmax Transformer's; the LSTM of a run writes none, so a file
+    named like its maps is neither refused nor touched."""
+    ws.art.mkdir()
+    there = ws.art / "x.attention_lstm_seq.json"
+    there.write_text('{"someone": "else"}')
+    status, out, err = run_main(*TINY, *TINY_TRANSFORMER, "--models", "lstm_seq,transformer",
+                                "--input_files", str(ws.corpus), "--run_name", "x",
+                                "--attention_maps", artefacts=ws.art)
+    assert status == 0, err
+    assert there.read_text() == '{"someone": "else"}'
+    assert (ws.art / "x.attention_transformer.json").exists()
+
+
 @pytest.mark.parametrize("field, value", [("step", -5), ("epoch", 0), ("batches_done", -7),
                                           ("lr_scale", -1.0), ("lr_scale", float("nan")),
                                           ("lr_scale", 2.0),
@@ -1254,6 +1288,36 @@ def test_a_checkpoints_progress_out_of_range_is_refused(pico, field, value):
     fields = {**pico.dataclasses.asdict(pico.TrainingProgress()), field: value}
     with pytest.raises(ValueError, match=field):
         pico.progress_from(fields)
+
+
+def narrowed(key):
+    return lambda state: state.update({key: torch.zeros(2)})
+
+
+@pytest.mark.parametrize("optimizer, damage, message", [
+    ("torch", lambda state: state.pop("exp_avg"), "has no exp_avg"),
+    ("scratch", lambda state: state.pop("exp_avg_sq"), "has no exp_avg_sq"),
+    ("torch", narrowed("exp_avg_sq"), "of shape"),
+    ("scratch", narrowed("exp_avg"), "of shape"),
+    ("muon", narrowed("momentum_buffer"), "of shape"),
+    ("torch", lambda state: state.update(step=torch.tensor(-1.0)), "step count"),
+    ("scratch", lambda state: state.update(step=-1), "step count")])
+def test_an_optimizer_state_a_step_could_not_use_is_refused_when_restored(pico, optimizer,
+                                                                           damage, message):
+    """load_state_dict checks only the sizes of the groups: a missing moment failed at the
+    first step, one of another shape crashed the process (the fused AdamW)."""
+    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
+                                                    block_size=8), 20, 0)
+    training = pico.TrainingConfig(optimizer=optimizer)
+    optimizer = pico.build_optimizer(model, training, torch.device("cpu"))
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    restored = pico.build_optimizer(model, training, torch.device("cpu"))
+    restored.load_state_dict(optimizer.state_dict())
+    pico.check_optimizer_state(restored)               # as a step leaves it
+    damage(restored.state[pico.muon_matrices(model)[0]])    # a hidden matrix's state
+    with pytest.raises(ValueError, match=message):
+        pico.check_optimizer_state(restored)
 
 
 @pytest.mark.parametrize("change", [{"d_model": 16.0}, {"block_size": 0}, {"block_size": 16.5},
