@@ -21,14 +21,12 @@ position t predict token t+1. For generation every model also implements
 its KV cache and an LSTM carries its hidden state instead of re-reading the
 whole context for each new token.
 
-The file reads as a book. Part I is the lesson, top to bottom. Where it calls
-ahead, a comment names the place, and the lesson reads without following it:
-`speed_up` (Appendix A), the one switch to the fast kernels; the few helpers of
-Appendix A that the lesson's code calls where a device needs them (autocast, the
-GPU's decoder and Muon, where tokens are drawn, the compiled forms of RoPE and
-linear attention); the named points where the training loop calls Appendices B
-and C; and Part II's training data and run log, which the training loop uses. Part II runs
-experiments with it; Part III holds the machinery.
+The file reads as a book. Part I is the lesson: read it top to bottom. Where it
+calls ahead (to the fast kernels, switched on in one place, `speed_up`; to fault
+tolerance and distributed training, at named points of the training loop; to
+Part II's data and run log), a comment names the place, and you can read on
+without following it. Part II runs experiments; Part III, the appendices, holds
+the machinery.
 
 Contents (the section banners below carry the same numbers):
   Part I. The lesson
@@ -52,8 +50,8 @@ Contents (the section banners below carry the same numbers):
        chunked or fused loss):
        A.1 compiled training (static shapes, experts block by block,
        linear attention's chunks at once),
-       A.2 decoding on a GPU (static shapes, CUDA graphs), A.3 Muon on a GPU (one
-       launch per operation)
+       A.2 fused attention and decoding on a GPU (static shapes, CUDA graphs),
+       A.3 Muon on a GPU (one launch per operation)
     B. Fault tolerance (checkpoints, exact resume, signals, non-finite steps,
        early stopping and reduce-on-plateau)
     C. Distributed training (torchrun / DDP)
@@ -168,8 +166,11 @@ def quoted(path) -> str:
 # 1. Building blocks
 # =============================================================================
 # The pieces a Transformer is made of, each written out. Shapes use B = batch,
-# T = new tokens, S = tokens attended to (cache + new), H = heads, D = head size,
-# N = positions a feed-forward sees (B T), E = experts, Dv = a value's width.
+# T = new tokens, S = tokens attended to (cache + new), H = heads, Hkv = key/value
+# heads (grouped-query attention), D = head size, N = positions a feed-forward sees
+# (B T), E = experts, k = experts per token, C = a chunk's tokens, Dv = a value's
+# width, V = vocabulary. Inside a model the blocks work batch-first, (B, T, d_model),
+# as nanoGPT's do; the models themselves take (T, B) (section 2).
 
 # --- 1.1 Norms ------------------------------------------------------------------------
 
@@ -190,13 +191,18 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
+NORM_KINDS = ("rmsnorm", "layernorm", "none")
+
+
 def make_norm(kind: str, dim: int, bias: bool, eps: float = 1e-5) -> nn.Module:
     """kind: rmsnorm | layernorm | none (the identity)."""
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps, bias=bias)
-    return nn.Identity()
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm {kind!r} is not one of {', '.join(NORM_KINDS)}")
 
 
 # --- 1.2 Positions --------------------------------------------------------------------
@@ -388,7 +394,7 @@ class KVCache:
     attention_mask: torch.Tensor | None = None
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values: (B, H_kv, T, D) -> the cached ones followed by these, (B, H_kv, S, D)."""
+        """keys, values: (B, Hkv, T, D) -> the cached ones followed by these, (B, Hkv, S, D)."""
         if self.window is not None:
             return self._slide(keys, values)
         end = self.length + keys.shape[2]
@@ -417,7 +423,7 @@ class KVCache:
     def _slide(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """append for a sliding-window layer: the kept tokens and the new ones go to attention,
         the last window - 1 of them stay."""
-        keys = torch.cat([self.keys[:, :, :self.length], keys], dim=2)        # (B, H_kv, S, D)
+        keys = torch.cat([self.keys[:, :, :self.length], keys], dim=2)        # (B, Hkv, S, D)
         values = torch.cat([self.values[:, :, :self.length], values], dim=2)
         self.length = min(keys.shape[2], self.keys.shape[2])
         first = keys.shape[2] - self.length
@@ -472,8 +478,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None, value_embedding: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, d_model) -> (B, T, d_model). rope: (cos, sin) of the T new positions.
-        value_embedding: (B, T, Hkv D), the new tokens' value embeddings, or None."""
+        """x: (B, T, d_model) -> (B, T, d_model). rope: (cos, sin) of the T new positions,
+        each (T, D/2) (RotaryEmbedding.angles), or None: no rotation. value_embedding:
+        (B, T, Hkv D), the new tokens' value embeddings, or None."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -490,36 +497,16 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)                                                   # (B, Hkv, S, D)
             mask = cache.attention_mask                                                 # None or (T, S)
         dropout = self.dropout if self.training else 0.0
-        # PyTorch's fused kernel has no sinks: a model with them takes the written-out path.
         if self.impl == "math" or self.record_attention or self.sinks is not None:
             y = self._math_attention(q, k, v, dropout, mask)
-        else:
-            y = self._sdpa_attention(q, k, v, dropout, mask)
+        else:   # PyTorch's fused kernels: the same attention (tested), no sinks; Appendix A.2
+            y = fused_attention(q, k, v, dropout, mask, self.window)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))                      # (B, T, d_model)
-
-    def _sdpa_attention(self, q, k, v, dropout: float, mask=None) -> torch.Tensor:
-        """Fused kernel (flash attention on GPUs). The mask must know about the cache:
-        new token i sits at position S - T + i. Without a window, T = S (no cache) is plain
-        causal attention and a single new token sees every key: no mask to build. Grouped
-        queries under a mask go through attention_with_folded_groups, the same attention, and so
-        do float32 ones on a GPU: flash attention, the one fused kernel that takes grouped
-        queries, takes no float32."""
-        T, S = q.shape[2], k.shape[2]
-        gqa = self.n_kv_heads != self.n_heads
-        flash_refuses = gqa and q.is_cuda and q.dtype == torch.float32
-        if mask is None and self.window is None and T == S and not flash_refuses:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                  enable_gqa=gqa)
-        if mask is None and not (self.window is None and T == 1):   # else the cache's own mask
-            mask = causal_mask(T, S, q.device, self.window)
-        if gqa and mask is not None:     # no fused kernel takes both: Appendix A.2 folds the groups
-            return attention_with_folded_groups(q, k, v, mask, dropout)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              enable_gqa=gqa)
 
     def _math_attention(self, q, k, v, dropout: float, mask=None) -> torch.Tensor:
         """The explicit formula, scaled_dot_product_attention above, each key/value head
-        repeated for the query heads it serves."""
+        repeated for the query heads it serves. q (B, H, T, D), k and v (B, Hkv, S, D),
+        mask None (causal) or (T, S) bool -> (B, H, T, D)."""
         if self.n_kv_heads != self.n_heads:
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
@@ -532,6 +519,7 @@ class CausalSelfAttention(nn.Module):
 
 # --- 1.4 Feed-forward -----------------------------------------------------------------
 
+FFN_KINDS = ("gelu", "gelu_exact", "swiglu", "silu", "relu2", "clamped_swiglu")
 GATED_FFNS = ("swiglu", "clamped_swiglu")   # feed-forwards with a gate matrix w3
 
 
@@ -547,6 +535,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, kind: str, bias: bool, dropout: float) -> None:
         super().__init__()
+        if kind not in FFN_KINDS:
+            raise ValueError(f"ffn {kind!r} is not one of {', '.join(FFN_KINDS)}")
         self.kind = kind
         self.w1 = nn.Linear(d_model, d_ff, bias=bias)
         self.w3 = nn.Linear(d_model, d_ff, bias=bias) if kind in GATED_FFNS else None
@@ -564,7 +554,7 @@ class FeedForward(nn.Module):
             hidden = F.gelu(self.w1(x))
         elif self.kind == "relu2":
             hidden = F.relu(self.w1(x)).square()
-        else:
+        else:                                                  # silu
             hidden = F.silu(self.w1(x))
         return self.dropout(self.w2(hidden))
 
@@ -603,7 +593,8 @@ class MixtureOfExperts(nn.Module):
 
     Same interface as FeedForward, x (..., d_model) -> (..., d_model). The routing of the last
     call stays in `routing`, for the load-balancing loss (section 3); `usage` counts the choices
-    of training calls, padding positions included, for the run log (section 5).
+    of training calls, padding positions included, for the run log (record_expert_usage,
+    section 7.1).
     """
 
     def __init__(self, d_model: int, d_ff: int, kind: str, n_experts: int, experts_per_token: int,
@@ -807,8 +798,10 @@ class LinearAttention(nn.Module):
 # =============================================================================
 # 2. Models
 # =============================================================================
-# Every model maps tokens (seq_len, batch) to logits (seq_len, batch, vocab),
-# and implements forward_incremental(tokens, state) -> (logits, state) for
+# Every model maps tokens (seq_len, batch) to logits (seq_len, batch, vocab), as
+# the course code does (the Transformer turns to batch-first for its blocks on the
+# way in and back on the way out), and implements
+# forward_incremental(tokens, state) -> (logits, state) for
 # generation: state=None starts from scratch. Each also exposes `features`
 # (the last hidden states) and `unembedding` (the output layer), so that
 # forward(tokens) = unembedding(features(tokens)), soft-capped where a
@@ -975,9 +968,19 @@ class LSTMSeqModel(nn.Module):
 
 # --- 2.3 Transformer -------------------------------------------------------------
 
+ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
+LINEAR_ATTENTION_GATES = ("fixed", "data")
+# The Transformer fields that name one of a few kinds, and the kinds (the flags' choices too).
+TRANSFORMER_CHOICES = {
+    "ffn": FFN_KINDS, "norm": NORM_KINDS, "norm_position": ("pre", "post"),
+    "pos_emb": ("learned", "rope", "sinusoidal", "none"), "attention": ATTENTION_KINDS,
+    "linear_attention_gate": LINEAR_ATTENTION_GATES, "attention_impl": ("sdpa", "math")}
+
+
 @dataclasses.dataclass
 class TransformerConfig:
-    """Every field of a decoder-only Transformer; presets fill it, flags override it."""
+    """Every field of a decoder-only Transformer; presets fill it, flags override it.
+    ValueError for a kind not in TRANSFORMER_CHOICES: a typo would build another model."""
 
     vocab_size: int = 0               # set from the tokenizer when the model is built
     block_size: int = 64              # the longest context, in tokens
@@ -1018,6 +1021,9 @@ class TransformerConfig:
     qkv_bias: bool = False            # biases on the query, key and value projections alone (Qwen2)
 
     def __post_init__(self) -> None:
+        for field, kinds in TRANSFORMER_CHOICES.items():
+            if getattr(self, field) not in kinds:
+                raise ValueError(f"{field} {getattr(self, field)!r} is not one of {', '.join(kinds)}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
@@ -1068,7 +1074,8 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
                         rope_theta=500000.0, tie_weights=False),
     # The pico preset with the speedrun block that helped on it under --optimizer muon (the idea
     # that helped most in section 7's recipe sweep): QK-norm. The others stay switches
-    # (tools/recipe_ablation.py, docs/performance.md).
+    # (tools/recipe_ablation.py, docs/performance.md). A preset fixes the model, not the
+    # optimizer: the recipe also takes --optimizer muon.
     "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
                      pos_emb="rope", tie_weights=True, qk_norm=True),
 }
@@ -1209,6 +1216,8 @@ class TransformerModel(nn.Module):
         return self.logits(self._residual_stream(tokens, state)), state
 
     def _residual_stream(self, tokens: torch.Tensor, state: TransformerState | None) -> torch.Tensor:
+        """tokens (T, B), placed after the state's cached tokens (none without a state) ->
+        (T, B, d_model); the state's position moves on by T."""
         idx = tokens.t()                                                   # (B, T)
         T = idx.shape[1]
         start = state.position if state is not None else 0
@@ -1223,7 +1232,8 @@ class TransformerModel(nn.Module):
     def residual_stream_at(self, idx: torch.Tensor, positions: torch.Tensor,
                            caches: list | None) -> torch.Tensor:
         """idx (B, T) at positions (T,), each block with its cache or none -> final normalized
-        residual stream (T, B, d_model)."""
+        residual stream (T, B, d_model). (Appendix A.2's decoder calls it with caches and
+        positions of its own.)"""
         x = self.token_embedding(idx)                                      # (B, T, d_model)
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
@@ -1419,6 +1429,8 @@ def nucleus_probabilities(logits: torch.Tensor, p: float) -> torch.Tensor:
     reaches p (the token that crosses p included), zeroes the rest, renormalizes.
     """
     probs = softmax(logits.float(), dim=-1)
+    if p >= 1.0:       # every token: the running sum, rounded, could reach 1 before the tail
+        return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # The mass of the tokens ranked above each one: the running sum shifted by one place
     # (not cumsum - p, whose rounding can put a token that starts exactly at p inside).
@@ -1588,7 +1600,8 @@ def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
 # loss, `guard` (B) resumes, checkpoints, stops on a signal and deals with a
 # non-finite step, `context` (C) hands this process its share of each batch
 # under torchrun. Left at their defaults, C does nothing and B only stops a run
-# whose loss explodes or becomes NaN.
+# whose loss explodes or becomes NaN. `data` is section 6.3's TrainingData; log_step,
+# record_samples, record_expert_usage and final_summary write the run log (section 7.1).
 
 @torch.no_grad()
 def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) -> torch.Tensor:
@@ -1668,12 +1681,10 @@ def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5,
     p(s) = a s + b s^3 + c s^5 to every singular value and keeps the singular vectors.
     Scaled to Frobenius norm 1 first, all singular values lie in [0, 1], where five
     applications of p take any value above 3e-3 into [0.68, 1.21]. A wide product X X^T is
-    the cheaper one, so a tall matrix is transposed. Only matmuls, so it runs fast on a GPU:
-    dtype None is bfloat16 there, as the reference runs it (the result need only be roughly
-    orthogonal), on a GPU with bf16 units (has_bf16_units), float32 elsewhere (a CPU, or a T4
-    or V100, has no fast bfloat16); and a stack of matrices of
-    one shape, (N, r, c), is orthogonalized matrix by matrix in one batched product each
-    (Appendix A.3). "A GPU" here is CUDA's; Apple's GPU takes float32, one at a time."""
+    the cheaper one, so a tall matrix is transposed. Only matmuls, so it runs fast on a GPU.
+    dtype None: bfloat16 where the device computes it natively (has_bf16_units), as the
+    reference runs it (the result need only be roughly orthogonal), else float32. matrix may
+    also be a stack of one shape, (N, r, c), each orthogonalized alone (Appendix A.3)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     if dtype is None:
         dtype = torch.bfloat16 if has_bf16_units(matrix.device) else torch.float32
@@ -1794,13 +1805,14 @@ def build_optimizer(model: nn.Module, training: TrainingConfig, device: torch.de
 
 
 def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """The 2-D weights Muon trains: every matrix except embedding tables and the output layer
-    (and, tied to it, the token embedding), whose rows belong to tokens, not to directions of
-    the hidden space."""
+    """The 2-D weights Muon trains: every matrix except embedding tables (the one-hot k-gram's
+    first layer is one: a row per token) and the output layer (and, tied to it, the token
+    embedding), whose rows belong to tokens, not to directions of the hidden space."""
     token_tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    unembedding = getattr(model, "unembedding", None)
-    if unembedding is not None:
-        token_tables.add(id(unembedding.weight))
+    if getattr(model, "unembedding", None) is not None:
+        token_tables.add(id(model.unembedding.weight))
+    if getattr(model, "onehot_weight", None) is not None:
+        token_tables.add(id(model.onehot_weight))
     return [p for p in model.parameters() if p.requires_grad and p.dim() == 2
             and id(p) not in token_tables]
 
@@ -5076,14 +5088,6 @@ TRANSFORMER_OVERRIDE_FLAGS = ("d_model", "n_heads", "n_kv_heads", "n_blocks", "d
                               "linear_attention_gate", "attention_sinks", "sliding_window",
                               "qk_norm", "head_size", "value_embeddings", "unet_skips",
                               "zero_init_proj", "logit_softcap", "bias", "dropout")
-ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
-LINEAR_ATTENTION_GATES = ("fixed", "data")
-# The Transformer fields that name one of a few kinds: the flags' choices, and a checkpoint's check.
-TRANSFORMER_CHOICES = {
-    "ffn": ("gelu", "gelu_exact", "swiglu", "silu", "relu2", "clamped_swiglu"),
-    "norm": ("rmsnorm", "layernorm", "none"), "norm_position": ("pre", "post"),
-    "pos_emb": ("learned", "rope", "sinusoidal", "none"), "attention": ATTENTION_KINDS,
-    "linear_attention_gate": LINEAR_ATTENTION_GATES, "attention_impl": ("sdpa", "math")}
 
 
 def find_preset(name: str) -> str:
@@ -6615,13 +6619,40 @@ class CompiledTrainingLoss(nn.Module):
         return (self.compiled if torch.is_grad_enabled() else self.loss)(*args)
 
 
-# --- A.2 Decoding on a GPU: static shapes and CUDA graphs ------------------------------
+# --- A.2 Fused attention; decoding on a GPU: static shapes and CUDA graphs -------------
 # A cached step of a small model at batch 1 is a few hundred tiny kernels: on a GPU the host's
 # launches, not the arithmetic, set the pace (3-4 ms of launches per token for GPT-2 small).
 # A CUDA graph records one step's kernels once and replays them with a single launch, but only
 # a step whose shapes and memory addresses never change: here every cache is preallocated (to
 # the prompt and new tokens, at most the block size), written in place at a position held in a device tensor, and attention runs
 # over all its slots with a mask for those not yet written (or outside a sliding window).
+# First, which of PyTorch's fused attention kernels takes what: section 1.3's attention calls
+# fused_attention when training too.
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
+                    mask: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """CausalSelfAttention's attention on PyTorch's fused kernels (flash attention on GPUs),
+    equal to its _math_attention. q (B, H, T, D), k and v (B, Hkv, S, D), mask None or
+    (T, S) bool (a cache's own) -> (B, H, T, D).
+
+    The mask must know about the cache: new token i sits at position S - T + i. Without a
+    window, T = S (no cache) is plain causal attention and a single new token sees every key:
+    no mask to build. Grouped queries under a mask go through attention_with_folded_groups,
+    the same attention, and so do float32 ones on a GPU: flash attention, the one fused kernel
+    that takes grouped queries, takes no float32."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    flash_refuses = gqa and q.is_cuda and q.dtype == torch.float32
+    if mask is None and window is None and T == S and not flash_refuses:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                              enable_gqa=gqa)
+    if mask is None and not (window is None and T == 1):   # a single new token sees every key
+        mask = causal_mask(T, S, q.device, window)
+    if gqa and mask is not None:      # no fused kernel takes both: fold the groups
+        return attention_with_folded_groups(q, k, v, mask, dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                          enable_gqa=gqa)
 
 
 def attention_with_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -6633,12 +6664,12 @@ def attention_with_folded_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     head. Instead, each key/value head's G query heads are laid end to end along the query axis
     as G T queries of one head, each row under its own mask row: the same rows of attention,
     with no copies of the keys and values.
-    q (B, H, T, D), k and v (B, H_kv, S, D), mask (T, S) bool -> (B, H, T, D)."""
+    q (B, H, T, D), k and v (B, Hkv, S, D), mask (T, S) bool -> (B, H, T, D)."""
     B, H, T, D = q.shape
     G = H // k.shape[1]                          # query heads per key/value head, adjacent in q
     y = F.scaled_dot_product_attention(q.reshape(B, -1, G * T, D), k, v,
                                        attn_mask=mask.repeat(G, 1), dropout_p=dropout)
-    return y.reshape(B, H, T, D)        # GPU kernels may return (B, H_kv, G T, D) not contiguous
+    return y.reshape(B, H, T, D)        # GPU kernels may return (B, Hkv, G T, D) not contiguous
 
 
 class StaticKVCache:
@@ -6650,14 +6681,14 @@ class StaticKVCache:
     def __init__(self, attention: CausalSelfAttention, batch: int, capacity: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.keys = torch.zeros(batch, attention.n_kv_heads, capacity, attention.head_dim,
-                                device=device, dtype=dtype)                   # (B, H_kv, S, D)
+                                device=device, dtype=dtype)                   # (B, Hkv, S, D)
         self.values = torch.zeros_like(self.keys)
         self.window = attention.window
         self.key_positions = torch.arange(capacity, device=device)           # (S,)
         self.positions = torch.zeros(1, dtype=torch.long, device=device)      # (T,)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values: (B, H_kv, T, D) -> every slot, (B, H_kv, S, D)."""
+        """keys, values: (B, Hkv, T, D) -> every slot, (B, Hkv, S, D)."""
         self.keys.index_copy_(2, self.positions, keys)
         self.values.index_copy_(2, self.positions, values)
         return self.keys, self.values
@@ -7555,10 +7586,7 @@ def check_model_config(config) -> None:
                 raise UserError(f"{field.name} {value!r} is not an integer")
         if config.block_size < 1:
             raise UserError(f"block_size {config.block_size} is not positive")
-        for name, kinds in TRANSFORMER_CHOICES.items():
-            if getattr(config, name) not in kinds:
-                raise UserError(f"{name} {getattr(config, name)!r} is not one of {', '.join(kinds)}")
-        validate_transformer_config(config)
+        validate_transformer_config(config)    # its kinds were checked as it was made
         return
     for field in dataclasses.fields(config):    # the annotations are strings (__future__)
         value, smallest = getattr(config, field.name), 0 if field.name == "chunk_size" else 1

@@ -27,6 +27,15 @@ def test_nucleus_keeps_the_smallest_set_reaching_p(pico):
             assert kept[i].item() == pytest.approx(probs[0, i].item() / mass)
 
 
+def test_top_p_1_keeps_every_token_of_a_large_vocabulary(pico):
+    """The running sum of 50257 probabilities, rounded in float32, reaches 1 before the last
+    tokens: p = 1 (plain sampling) must keep them all the same."""
+    logits = torch.randn(64, 50257, generator=torch.Generator().manual_seed(0)) * 4
+    kept = pico.nucleus_probabilities(logits, 1.0)
+    assert (kept > 0).all()
+    assert torch.equal(kept, pico.softmax(logits.float(), dim=-1))
+
+
 def test_nucleus_sampling_frequencies_follow_the_renormalized_nucleus(pico):
     logits = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().expand(20000, 4)
     draws = pico.nucleus_sampling(logits, 0.7, torch.Generator().manual_seed(0))

@@ -1325,9 +1325,28 @@ def test_an_optimizer_state_a_step_could_not_use_is_refused_when_restored(pico, 
 def test_a_checkpoints_transformer_config_of_the_wrong_type_or_kind_is_refused(pico, change):
     config = pico.TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_blocks=1,
                                     block_size=16)
-    with pytest.raises(pico.UserError, match=next(iter(change))):
+    # a kind is checked as the config is made; a size by check_model_config
+    with pytest.raises((pico.UserError, ValueError), match=next(iter(change))):
         pico.check_model_config(pico.dataclasses.replace(config, **change))
     pico.check_model_config(config)
+
+
+@pytest.mark.parametrize("field, typo", [("norm", "layer_norm"), ("ffn", "relu"),
+                                         ("norm_position", "Pre"), ("pos_emb", "rotary"),
+                                         ("attention", "flash")])
+def test_a_transformer_config_with_a_kind_misspelled_is_refused_as_it_is_made(pico, field, typo):
+    """It had built another model without a word: no norms, a SiLU feed-forward, post-norm."""
+    with pytest.raises(ValueError, match=f"{field} '{typo}' is not one of"):
+        pico.TransformerConfig(**{field: typo})
+
+
+def test_a_norm_or_feed_forward_of_an_unknown_kind_is_refused(pico):
+    """Built alone, as a student might: an unknown norm had been the identity, an unknown
+    feed-forward SiLU."""
+    with pytest.raises(ValueError, match="norm 'layer_norm' is not one of"):
+        pico.make_norm("layer_norm", 8, bias=False)
+    with pytest.raises(ValueError, match="ffn 'relu' is not one of"):
+        pico.FeedForward(8, 16, "relu", bias=False, dropout=0.0)
 
 
 def test_a_stored_tokenizer_json_that_is_not_one_is_a_value_error(pico):

@@ -333,6 +333,22 @@ def test_foreach_muon_takes_the_steps_of_section_5s_muon(pico, monkeypatch, stac
                for p, q in zip(plain, continued))
 
 
+@pytest.mark.parametrize("variant", ["onehot", "embedding", "conv"])
+def test_muon_leaves_every_token_table_to_adamw(pico, variant):
+    """The one-hot k-gram's first layer is a table of rows looked up by token, as an
+    embedding is: AdamW's, not Muon's."""
+    model = pico.build_model(pico.KGramConfig(variant=variant), 50, 0)
+    muon = {name for name, p in model.named_parameters()
+            if any(p is q for q in pico.muon_matrices(model))}
+    assert "onehot_weight" not in muon and "embedding.weight" not in muon
+    assert "mlp.1.weight" in muon
+    transformer = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
+                                                          tie_weights=False), 50, 0)
+    muon = {name for name, p in transformer.named_parameters()
+            if any(p is q for q in pico.muon_matrices(transformer))}
+    assert muon and not any("embedding" in name or "unembedding" in name for name in muon)
+
+
 def test_build_optimizer_takes_foreach_muon_on_a_gpu_only(pico, configure):
     """Which Muon --optimizer muon gets: section 5's loops on a CPU, Appendix A's foreach form on
     a GPU (the choice only; the model need not be on that device to build it)."""
