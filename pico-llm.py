@@ -5948,7 +5948,7 @@ def sampling_device(device: torch.device | str) -> torch.device:
 def note_apple_gpu_defects(device: torch.device) -> None:
     """A note for training on Apple's GPU with PyTorch before 2.14: there, float32 matrix
     products whose left operand is a transposed view (every linear layer's weight gradient is
-    one) have been reported 10-30% off, depending on the allocator's state (pytorch#193487)."""
+    one) have been reported to PyTorch 10-30% off, depending on the allocator's state."""
     release = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
     if device.type == "mps" and release < (2, 14):
         warn(f"pico-llm: note: PyTorch {torch.__version__} is reported to compute some float32 "

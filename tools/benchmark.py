@@ -174,7 +174,7 @@ def benchmark_model_config(model_name: str, block_size: int, batch_size: int,
 
 
 def benchmark_configs(sizes: BenchmarkSizes) -> list[dict]:
-    """The standard configs (issue 5): name, model, vocabulary and flags."""
+    """The standard configs (those docs/performance.md reports): name, model, vocabulary and flags."""
     small = ["--kgram_k", "3", "--embed_size", "64"]
     transformer = ["--transformer_variant", "pico", "--n_blocks", "4", "--n_heads", "4",
                    "--d_model", "256"]

@@ -37,7 +37,7 @@
 # total time was spent), seconds. OUT_DIR holds only summary.txt, the JSON reports (one per
 # step that writes one), logs.tgz (every log, profile and generated text, packed again after
 # each step) and the running step's log, so that a run stopped from outside at any moment
-# (a machine lent for a fixed time) leaves every finished step's log and the one in flight.
+# (a job killed at a time limit, say) leaves every finished step's log and the one in flight.
 # Limits in seconds: all steps together TOTAL_S (540; each step's limit is cut to what is left,
 # and a step with under 20 s left is skipped), BENCHMARK_TIMEOUT (360), GPTOSS_EAGER_TIMEOUT
 # (90), GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run PRESET_RUN_TIMEOUT 150),
