@@ -22,10 +22,11 @@ its KV cache and an LSTM carries its hidden state instead of re-reading the
 whole context for each new token.
 
 The file reads as a book. Part I is the lesson: read it top to bottom. Where it
-calls ahead (to the fast kernels, switched on in one place, `speed_up`; to fault
-tolerance and distributed training, at named points of the training loop; to
-Part II's data and run log), a comment names the place, and you can read on
-without following it. Part II runs experiments; Part III, the appendices, holds
+calls ahead (to the fast kernels, switched on in one place, `speed_up`, and to the
+few helpers of Appendix A it calls where a device needs them, such as PyTorch's
+fused attention; to fault tolerance and distributed training, at named points of
+the training loop; to Part II's data and run log), a comment names the place, and
+you can read on without following it. Part II runs experiments; Part III, the appendices, holds
 the machinery.
 
 Contents (the section banners below carry the same numbers):
@@ -229,8 +230,12 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float = 10000.0, yarn_factor: float = 1.0,
                  yarn_original_context: int = 4096, scaling: str = "yarn") -> None:
         super().__init__()
-        inverse_frequency, self.attention_factor = rope_frequencies(
-            head_dim, theta, scaling, yarn_factor, yarn_original_context)
+        if yarn_factor == 1.0:   # plain RoPE: pair i turns theta^(-2i/D) radians a position
+            inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+            self.attention_factor = 1.0
+        else:                    # stretched past training's context (below)
+            inverse_frequency, self.attention_factor = rope_frequencies(
+                head_dim, theta, scaling, yarn_factor, yarn_original_context)
         self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -974,7 +979,8 @@ LINEAR_ATTENTION_GATES = ("fixed", "data")
 TRANSFORMER_CHOICES = {
     "ffn": FFN_KINDS, "norm": NORM_KINDS, "norm_position": ("pre", "post"),
     "pos_emb": ("learned", "rope", "sinusoidal", "none"), "attention": ATTENTION_KINDS,
-    "linear_attention_gate": LINEAR_ATTENTION_GATES, "attention_impl": ("sdpa", "math")}
+    "linear_attention_gate": LINEAR_ATTENTION_GATES, "attention_impl": ("sdpa", "math"),
+    "rope_scaling": ROPE_SCALINGS}
 
 
 @dataclasses.dataclass
@@ -1682,9 +1688,9 @@ def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5,
     Scaled to Frobenius norm 1 first, all singular values lie in [0, 1], where five
     applications of p take any value above 3e-3 into [0.68, 1.21]. A wide product X X^T is
     the cheaper one, so a tall matrix is transposed. Only matmuls, so it runs fast on a GPU.
-    dtype None: bfloat16 where the device computes it natively (has_bf16_units), as the
-    reference runs it (the result need only be roughly orthogonal), else float32. matrix may
-    also be a stack of one shape, (N, r, c), each orthogonalized alone (Appendix A.3)."""
+    dtype None: bfloat16 on a GPU with bf16 units (has_bf16_units), as the reference runs it
+    (the result need only be roughly orthogonal), else float32. matrix may also be a stack of
+    one shape, (N, r, c), each orthogonalized alone (Appendix A.3)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     if dtype is None:
         dtype = torch.bfloat16 if has_bf16_units(matrix.device) else torch.float32
@@ -5222,7 +5228,7 @@ def transformer_config_if_valid(flags: dict, model_name: str) -> TransformerConf
     the 512-wide GPT-oss preset, when only --transformer_variant minGPT is trained)."""
     try:
         return transformer_config_from_flags(flags, model_name)
-    except UserError:
+    except (UserError, ValueError):                  # ValueError: a kind no flag offers
         if model_name in flags["models"] and not flags.get("accounting"):  # which builds its own
             raise
         return None
@@ -7070,8 +7076,9 @@ class FaultTolerance:
             path, checkpoint = self.resume_from
             load_model_weights(model, checkpoint, path, tokenizer)
             with unrestorable(path, "optimizer state"):
+                settings = [set(group) for group in optimizer.param_groups]
                 optimizer.load_state_dict(checkpoint["optimizer"])
-                check_optimizer_state(optimizer)
+                check_optimizer_state(optimizer, settings)
             with unrestorable(path, "run-log record"):
                 record.update(checkpoint["record"])
                 record_length_changes(record, checkpoint, self.flags)
@@ -7107,15 +7114,18 @@ class FaultTolerance:
             f"of --skip_nonfinite {self.training.skip_nonfinite})", bar)
         return None
 
-    @staticmethod
-    def remedy(updated_before: bool, advice: str) -> str:
+    def remedy(self, updated_before: bool, advice: str) -> str:
         """What to change after a bad loss. Before any update the weights are as initialized
         (or restored), so the learning rate cannot be the cause: the model's settings are."""
         if updated_before:
             return advice
-        return ("no update had been made yet, so the learning rate is not the cause: check "
-                "the model's settings (such as --rope_theta, --logit_softcap or "
-                "--router_aux_loss_coef) or try --dtype float32")
+        settings = ("the model's settings (such as --rope_theta, --logit_softcap or "
+                    "--router_aux_loss_coef)" if isinstance(self.model, TransformerModel)
+                    else "the model's settings")
+        device = next(self.model.parameters()).device
+        if resolve_dtype(self.training.dtype, device) != "float32":
+            settings += " or try --dtype float32"
+        return f"no update had been made yet, so the learning rate is not the cause: check {settings}"
 
     def fail(self, what: str):
         """Stop training; the last checkpoint written stays the newest."""
@@ -7270,11 +7280,14 @@ def unrestorable(path: Path, what: str):
                         "or train without --resume") from None
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """ValueError if a restored optimizer state lacks what a step reads (AdamW's step count
-    and moments, Muon's momentum), or holds a moment of another shape than its parameter:
-    load_state_dict checks only the sizes of the groups, and the first step would fail."""
-    for group in optimizer.param_groups:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[set]) -> None:
+    """ValueError if a restored optimizer state lacks what a step reads (each group's
+    `settings`, the keys of the groups as built; AdamW's step count and moments, Muon's
+    momentum), or holds a moment of another shape than its parameter: load_state_dict checks
+    only the sizes of the groups, and the first step would fail."""
+    for group, keys in zip(optimizer.param_groups, settings):
+        if keys - set(group):
+            raise ValueError(f"a parameter group has no {', '.join(sorted(keys - set(group)))}")
         needed = ("momentum_buffer",) if group.get("muon") else ("step", "exp_avg", "exp_avg_sq")
         for p in group["params"]:
             state = optimizer.state.get(p)
@@ -7289,7 +7302,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                         raise ValueError(f"a parameter's step count is {float(value)}")
                 elif not isinstance(value, torch.Tensor) or value.shape != p.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise ValueError(f"a parameter of shape {tuple(p.shape)} has a {key} of {shape}")
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} has {key} of {shape}")
 
 
 def progress_from(fields: dict) -> TrainingProgress:

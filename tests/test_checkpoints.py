@@ -1010,6 +1010,7 @@ def changed_transformer_config(**fields):
 CHECKPOINTS_OF_ANOTHER_VERSION = {
     "unknown config field": changed_transformer_config(bogus=1),
     "no heads": changed_transformer_config(n_heads=0),
+    "a norm of another name": changed_transformer_config(norm="layer_norm"),
     "negative width": changed_transformer_config(d_model=-32),
     "args a list": lambda checkpoint: checkpoint.update(args=[1]),
     "block size a string": lambda checkpoint: checkpoint["args"].update(block_size="abc"),

@@ -7,6 +7,7 @@ status 2, exactly one line on stderr, no traceback, and no file added, removed o
 
 import errno
 import json
+import math
 import os
 import re
 import resource
@@ -698,6 +699,34 @@ def test_a_loss_gone_wrong_before_any_update_is_not_blamed_on_the_learning_rate(
     assert "lower --learning_rate" not in line, describe(result)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "transformer"])
+@pytest.mark.parametrize("step, skipped_before, blamed", [
+    (1, 0, False), (2, 1, False),     # the first loss, and a step after only skipped ones
+    (2, 0, True), (3, 1, True)])      # after an update
+def test_a_bad_loss_is_blamed_on_the_learning_rate_only_after_an_update(pico, kind, step,
+                                                                        skipped_before, blamed):
+    model = (pico.build_model(pico.LSTMConfig(embed_size=8), 20, 0) if kind == "lstm" else
+             pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1), 20, 0))
+    guard = pico.FaultTolerance("m", pico.TrainingConfig())
+    guard.model, guard.record, guard.tokenizer = model, {}, pico.build_tokenizer("char")
+    guard.progress = pico.TrainingProgress(step=step, nonfinite_steps=skipped_before)
+    for go_wrong in (lambda: guard.skip_step(pico.NonFiniteStep("loss", math.nan), 1e-3, None),
+                     lambda: guard.check_loss(1e6, 1e-3)):
+        with pytest.raises(pico.TrainingDiverged) as stopped:
+            go_wrong()
+        guard.progress.nonfinite_steps = skipped_before
+        line = str(stopped.value)
+        assert ("lower --learning_rate" in line) == blamed, line
+        assert ("learning rate is not the cause" in line) == (not blamed), line
+        # only a Transformer reads these flags; a CPU run is in float32 already
+        assert ("--rope_theta" in line) == (kind == "transformer" and not blamed), line
+        assert "--dtype float32" not in line, line
+    guard.training = pico.TrainingConfig(dtype="bfloat16")
+    with pytest.raises(pico.TrainingDiverged) as stopped:
+        guard.check_loss(1e6, 1e-3)
+    assert ("--dtype float32" in str(stopped.value)) == (not blamed)
+
+
 def bound_by_permissions(probe: list[str], what: str) -> tuple[str, ...]:
     """The command prefix under which file permissions bind this test's script: none for a
     plain user; for root, setpriv dropping CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH. Skips
@@ -1313,11 +1342,39 @@ def test_an_optimizer_state_a_step_could_not_use_is_refused_when_restored(pico, 
     sum(p.sum() for p in model.parameters()).backward()
     optimizer.step()
     restored = pico.build_optimizer(model, training, torch.device("cpu"))
+    settings = [set(group) for group in restored.param_groups]
     restored.load_state_dict(optimizer.state_dict())
-    pico.check_optimizer_state(restored)               # as a step leaves it
+    pico.check_optimizer_state(restored, settings)     # as a step leaves it
     damage(restored.state[pico.muon_matrices(model)[0]])    # a hidden matrix's state
     with pytest.raises(ValueError, match=message):
-        pico.check_optimizer_state(restored)
+        pico.check_optimizer_state(restored, settings)
+
+
+@pytest.mark.parametrize("group, setting", [(0, "momentum"), (0, "ns_steps"), (1, "betas"),
+                                            (2, "weight_decay")])
+def test_a_restored_optimizer_group_without_a_setting_a_step_reads_is_refused(pico, group,
+                                                                              setting):
+    """Muon's groups: its own (momentum, ns_steps), then AdamW's for the rest, whose 1-D
+    parameters' moments are checked as AdamW's are."""
+    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
+                                                    block_size=8), 20, 0)
+    training = pico.TrainingConfig(optimizer="muon")
+    optimizer = pico.build_optimizer(model, training, torch.device("cpu"))
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    del saved["param_groups"][group][setting]
+    restored = pico.build_optimizer(model, training, torch.device("cpu"))
+    settings = [set(g) for g in restored.param_groups]
+    restored.load_state_dict(saved)
+    with pytest.raises(ValueError, match=f"a parameter group has no {setting}"):
+        pico.check_optimizer_state(restored, settings)
+    intact = pico.build_optimizer(model, training, torch.device("cpu"))
+    intact.load_state_dict(optimizer.state_dict())
+    gain = next(p for p in model.parameters() if p.dim() == 1)      # an AdamW parameter
+    intact.state[gain].pop("exp_avg_sq")
+    with pytest.raises(ValueError, match="has no exp_avg_sq"):
+        pico.check_optimizer_state(intact, settings)
 
 
 @pytest.mark.parametrize("change", [{"d_model": 16.0}, {"block_size": 0}, {"block_size": 16.5},
@@ -1333,11 +1390,20 @@ def test_a_checkpoints_transformer_config_of_the_wrong_type_or_kind_is_refused(p
 
 @pytest.mark.parametrize("field, typo", [("norm", "layer_norm"), ("ffn", "relu"),
                                          ("norm_position", "Pre"), ("pos_emb", "rotary"),
-                                         ("attention", "flash")])
+                                         ("attention", "flash"), ("rope_scaling", "Yarn")])
 def test_a_transformer_config_with_a_kind_misspelled_is_refused_as_it_is_made(pico, field, typo):
     """It had built another model without a word: no norms, a SiLU feed-forward, post-norm."""
     with pytest.raises(ValueError, match=f"{field} '{typo}' is not one of"):
         pico.TransformerConfig(**{field: typo})
+
+
+def test_flags_of_a_kind_no_flag_offers_describe_no_transformer_for_a_run_without_one(pico):
+    """A checkpoint of an LSTM stores all the flags; a Transformer kind damaged there is not
+    the LSTM's to meet (the kind is a ValueError of TransformerConfig now)."""
+    flags = {**pico.default_flags(), "norm": "layer_norm", "models": ["lstm_seq"]}
+    assert pico.transformer_config_if_valid(flags, "transformer") is None
+    with pytest.raises(ValueError, match="norm 'layer_norm'"):
+        pico.transformer_config_if_valid({**flags, "models": ["transformer"]}, "transformer")
 
 
 def test_a_norm_or_feed_forward_of_an_unknown_kind_is_refused(pico):
