@@ -1361,7 +1361,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                          mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions where mask is True (padding excluded).
-    logits (T, B, V), targets (T, B), mask (T, B)."""
+    logits (T, B, V), targets (T, B), mask (T, B). The definition; training computes the
+    same through NextTokenLoss, weighted for a whole optimizer step."""
     losses = token_cross_entropy(logits, targets)
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
@@ -1402,15 +1403,6 @@ def router_balance_term(model: nn.Module, position_weights: torch.Tensor) -> tor
     balance = sum(layer.routing.load_balancing_loss(real) for layer in layers)
     loss = model.config.router_aux_loss_coef * balance * position_weights.sum()
     return loss - loss.detach()
-
-
-def sequence_loss(model: nn.Module, batch: "Batch", reduction: str = "mean") -> torch.Tensor:
-    """The masked next-token loss of `model` on `batch`: the mean over real targets, or
-    their sum. Equal to masked_cross_entropy(model(batch.inputs), batch.targets, batch.mask).
-    (A convenience for tests; training goes through training_step, section 5.)"""
-    mask = batch.mask.float()
-    weights = mask / mask.sum().clamp(min=1) if reduction == "mean" else mask
-    return NextTokenLoss(model)(batch.inputs, batch.targets, weights)
 
 
 # =============================================================================
