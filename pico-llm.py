@@ -1049,7 +1049,7 @@ class TransformerConfig:
         return self.pos_emb == "rope" and not no_rope
 
 
-EMBEDDING_INIT_STD = 0.02   # GPT-2's initial weight scale, for embeddings and linear layers
+INIT_STD = 0.02   # GPT-2's initial weight scale, for embeddings and linear layers
 
 # One table of presets (as in minGPT); a preset is only a set of config fields.
 TRANSFORMER_PRESETS: dict[str, dict] = {
@@ -1184,14 +1184,14 @@ class TransformerModel(nn.Module):
         # GPT-2's scaled init: residual projections shrink with depth so the stream stays O(1).
         for name, parameter in self.named_parameters():
             if name.endswith(("out_proj.weight", "w2.weight")):
-                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_blocks))
+                nn.init.normal_(parameter, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_blocks))
                 if config.zero_init_proj:
                     nn.init.zeros_(parameter)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=EMBEDDING_INIT_STD)
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -1248,7 +1248,7 @@ class TransformerModel(nn.Module):
             # 2017 Transformer scaled its embeddings up instead); at the embeddings' scale
             # they start as learned positions do.
             sinusoids = sinusoidal_position_embedding(positions, self.config.d_model)
-            x = x + EMBEDDING_INIT_STD * sinusoids.to(x.dtype)
+            x = x + INIT_STD * sinusoids.to(x.dtype)
         x = self.embedding_dropout(x)
         rope = self.rotary.angles(positions) if self.rotary is not None else None
         value_embedding = self.value_embedding(idx) if self.value_embedding is not None else None
