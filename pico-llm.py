@@ -26,8 +26,8 @@ calls ahead (to the fast kernels, switched on in one place, `speed_up`, and to t
 few helpers of Appendix A it calls where a device needs them, such as PyTorch's
 fused attention; to fault tolerance and distributed training, at named points of
 the training loop; to Part II's data and run log), a comment names the place, and
-you can read on without following it. Part II runs experiments; Part III, the appendices, holds
-the machinery.
+you can read on without following it. Part II runs experiments; Part III, the
+appendices, holds the machinery.
 
 Contents (the section banners below carry the same numbers):
   Part I. The lesson
@@ -216,6 +216,12 @@ def sinusoidal_position_embedding(positions: torch.Tensor, dim: int) -> torch.Te
     return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :dim]
 
 
+def rope_inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """theta^(-2i/D) for each pair i < D/2, (D/2,): the radians pair i turns per position,
+    from 1 (i = 0) down to about 1/theta, wavelengths from 2 pi to about 2 pi theta."""
+    return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al., 2021, RoFormer).
 
@@ -230,9 +236,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float = 10000.0, yarn_factor: float = 1.0,
                  yarn_original_context: int = 4096, scaling: str = "yarn") -> None:
         super().__init__()
-        if yarn_factor == 1.0:   # plain RoPE: pair i turns theta^(-2i/D) radians a position
-            inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-            self.attention_factor = 1.0
+        if yarn_factor == 1.0:   # plain RoPE
+            inverse_frequency, self.attention_factor = rope_inverse_frequencies(head_dim, theta), 1.0
         else:                    # stretched past training's context (below)
             inverse_frequency, self.attention_factor = rope_frequencies(
                 head_dim, theta, scaling, yarn_factor, yarn_original_context)
@@ -273,7 +278,7 @@ def yarn_frequencies(head_dim: int, theta: float, factor: float, original_contex
     widens the ramp to whole pairs (floor of its start, ceiling of its end), as transformers'
     YaRN does unless a config says truncate: false (GPT-oss's does).
     """
-    inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inverse_frequency = rope_inverse_frequencies(head_dim, theta)
     if factor == 1.0:
         return inverse_frequency, 1.0
 
@@ -298,7 +303,7 @@ def llama3_frequencies(head_dim: int, theta: float, factor: float, original_cont
     one longer than original_context / low_frequency_factor is slowed by `factor`; between them
     the frequency blends the two, linearly in original_context / wavelength. Unlike YaRN's,
     cos and sin keep their scale."""
-    inverse_frequency = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inverse_frequency = rope_inverse_frequencies(head_dim, theta)
     turns = original_context * inverse_frequency / (2 * math.pi)  # turns over the original context
     span = high_frequency_factor - low_frequency_factor
     blend = ((turns - low_frequency_factor) / span).clamp(0, 1)   # 0 slowed, 1 kept
@@ -319,8 +324,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: str, factor: float,
                                 truncate=scaling == "yarn_truncated")
     if scaling == "llama3":
         return llama3_frequencies(head_dim, theta, factor, original_context), 1.0
-    inverse_frequency, _ = yarn_frequencies(head_dim, theta, 1.0, original_context)
-    return inverse_frequency / factor, 1.0
+    return rope_inverse_frequencies(head_dim, theta) / factor, 1.0
 
 
 # --- 1.3 Attention and the KV cache ---------------------------------------------------
