@@ -1562,17 +1562,13 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   rule: SamplingRule = SamplingRule(), *, seed: int | None = None,
                   use_cache: bool = True, device: torch.device | str = "cpu",
-                  compile: bool = False, dtype: str | None = None,
                   decoder: nn.Module | None = None) -> Generation:
-    """Continue `prompt` with the model; one path for every model. compile, dtype: see
-    decoding_model; decoder: one it made for this prompt and length, used instead of a new one
-    (samples with several rules share one)."""
+    """Continue `prompt` with the model; one path for every model. decoder: what runs
+    forward_incremental in the model's place, by default the model itself (on a GPU the
+    run's callers pass Appendix A.2's prompt_decoder, the same outputs faster)."""
     prompt_ids = tokenizer.encode(prompt)
-    if decoder is None:   # on a GPU, Appendix A.2's CUDA-graph decoder; elsewhere the model
-        decoder = decoding_model(model, device, compile, dtype=dtype,
-                                 num_tokens=decoded_tokens(prompt_ids, max_new_tokens))
-    ids = generate_ids(decoder, prompt_ids, max_new_tokens, rule, eot_id=tokenizer.eot_id,
-                       seed=seed, use_cache=use_cache, device=device)
+    ids = generate_ids(model if decoder is None else decoder, prompt_ids, max_new_tokens, rule,
+                       eot_id=tokenizer.eot_id, seed=seed, use_cache=use_cache, device=device)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
     new_text = tokenizer.decode(new_ids)
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
@@ -3014,8 +3010,8 @@ def record_samples(model: nn.Module, tokenizer, sampling: SamplingConfig, device
     if not quiet or final:
         say(f"[{record['name']}] samples after step {step}:", bar)
     # One decoder for every rule: on a GPU each new one copies the weights and records a graph.
-    decoder = decoding_model(model, device, dtype=dtype, num_tokens=decoded_tokens(
-        tokenizer.encode(sampling.prompt), sampling.max_new_tokens))
+    decoder = prompt_decoder(model, tokenizer, sampling.prompt, sampling.max_new_tokens, device,
+                             dtype=dtype)
     for rule in sampling_rules(sampling):
         sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
                                seed=sampling.seed, device=device, decoder=decoder)
@@ -3985,10 +3981,11 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
     trained = point_result(record, data)
     for rule in pending:   # timed as --generate runs: on a GPU, the decoder's setup included
         started = time.perf_counter()
-        samples = [generate_text(model, tokenizer, config.sampling.prompt,
-                                 config.sampling.max_new_tokens, rule,
+        prompt, max_new_tokens = config.sampling.prompt, config.sampling.max_new_tokens
+        samples = [generate_text(model, tokenizer, prompt, max_new_tokens, rule,
                                  seed=config.training.seed + index, device=device,
-                                 dtype=config.training.dtype)
+                                 decoder=prompt_decoder(model, tokenizer, prompt, max_new_tokens,
+                                                        device, dtype=config.training.dtype))
                    for index in range(scale.samples_per_rule)]
         elapsed = time.perf_counter() - started
         generated = sum(len(s.token_ids) - s.num_prompt_tokens for s in samples)
@@ -4414,9 +4411,11 @@ def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: Train
                              dtype: str | None = None) -> Path:
     """<directory>/<file_prefix>_<name>.json; prints the annotated greedy sample, decoded in
     `dtype` (the run's --dtype, as its samples are)."""
+    decoder = prompt_decoder(model, tokenizer, sampling.prompt, sampling.max_new_tokens, device,
+                             dtype=dtype)
     sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens,
                            SamplingRule(temperature=0.0), seed=sampling.seed, device=device,
-                           dtype=dtype)
+                           decoder=decoder)
     result = embedding_clusters(model, tokenizer, data, sample.token_ids, sample.num_prompt_tokens,
                                 clusters, sampling.seed)
     path = directory / f"{file_prefix}_{name}.json"
@@ -5615,9 +5614,10 @@ def run_generation(config: Config) -> int:
     # generation uses the fast kernels too; it compiles only through decoding_model's decoder
     speed_up(model, dataclasses.replace(config.speed, compile=False), device)
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
+    decoder = prompt_decoder(model, tokenizer, sampling.prompt, sampling.max_new_tokens, device,
+                             compile=config.speed.compile, dtype=config.training.dtype)
     sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
-                           seed=sampling.seed, device=device, compile=config.speed.compile,
-                           dtype=config.training.dtype)
+                           seed=sampling.seed, device=device, decoder=decoder)
     print(as_shown_on(sys.stdout, sample.text))
     return 0
 
@@ -5855,7 +5855,7 @@ def exit_process(status: int) -> None:
 # one backward, where the written-out formula makes a pass per operation);
 # `--compile` compiles model, output layer and loss in one region (with
 # static-shape experts and section 1.2's real RoPE formula, which compilers need); and
-# generation goes through `decoding_model`: static-shape caches replayed as one
+# generation goes through `decoding_model` (`prompt_decoder`): static-shape caches replayed as one
 # CUDA graph a token; and --optimizer muon updates each group's tensors together
 # (`ForeachMuon`, chosen in build_optimizer).
 # Each is tested equal to Part I. Measurements: docs/performance.md.
@@ -6805,13 +6805,13 @@ class StaticDecoder(nn.Module):
 
 def decoding_model(model: nn.Module, device: torch.device | str, compile: bool = False,
                    num_tokens: int | None = None, dtype: str | None = None) -> nn.Module:
-    """Generation's one entry to this appendix: on a GPU, a softmax-attention Transformer decodes
-    through a StaticDecoder with CUDA graphs, in `dtype` (float32 or bfloat16; by default bf16
-    when the GPU has bf16 units, resolve_dtype), its step compiled first with `compile`
-    (--compile with --generate: seconds of compilation, then about 1.3x the tokens/s,
-    docs/performance.md), its caches sized to `num_tokens` (prompt and new tokens; compiled,
-    see compiled_capacity); every other model and device gets the model itself (Part I's
-    forward_incremental)."""
+    """Generation's one entry to this appendix (prompt_decoder sizes it to a text): on a GPU, a
+    softmax-attention Transformer decodes through a StaticDecoder with CUDA graphs, in `dtype`
+    (float32 or bfloat16; by default bf16 when the GPU has bf16 units, resolve_dtype), its step
+    compiled first with `compile` (--compile with --generate: seconds of compilation, then
+    about 1.3x the tokens/s, docs/performance.md), its caches sized to `num_tokens` (prompt and
+    new tokens; compiled, see compiled_capacity); every other model and device gets the model
+    itself (Part I's forward_incremental)."""
     device = torch.device(device)
     if device.type != "cuda" or not StaticDecoder.supports(model):
         return model
@@ -6825,6 +6825,15 @@ def decoded_tokens(prompt_ids: list[int], max_new_tokens: int) -> int:
     """The positions a generation fills, which size a decoder's caches: the prompt (an empty one
     becomes one <|endoftext|>) and the new tokens."""
     return max(len(prompt_ids), 1) + max_new_tokens
+
+
+def prompt_decoder(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
+                   device: torch.device | str, compile: bool = False,
+                   dtype: str | None = None) -> nn.Module:
+    """decoding_model sized to continue `prompt` by max_new_tokens: what section 4's
+    generate_text takes as its decoder (samples with several rules can share one)."""
+    return decoding_model(model, device, compile, dtype=dtype,
+                          num_tokens=decoded_tokens(tokenizer.encode(prompt), max_new_tokens))
 
 
 def compiled_capacity(num_tokens: int, block_size: int) -> int:

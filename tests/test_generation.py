@@ -293,7 +293,7 @@ def test_decoding_model_on_a_gpu_is_the_graph_decoder_compiled_when_asked(pico, 
                      dict(dtype=torch.float32, graphs=True, compile=False, capacity=None)]
 
 
-def test_generate_text_sizes_the_static_decoders_caches_to_prompt_and_new_tokens(pico, monkeypatch):
+def test_prompt_decoder_sizes_the_static_decoders_caches_to_prompt_and_new_tokens(pico, monkeypatch):
     """Every decoding step attends over all of a static cache's slots, so a model made for
     131,072 positions must not get caches that long for a 12-token sample."""
     tokenizer = pico.ByteTokenizer()
@@ -307,7 +307,9 @@ def test_generate_text_sizes_the_static_decoders_caches_to_prompt_and_new_tokens
         return built[-1]
 
     monkeypatch.setattr(pico, "decoding_model", decoder_on_the_cpu)
-    generation = pico.generate_text(model, tokenizer, "abcab", 7, pico.SamplingRule(temperature=0))
+    decoder = pico.prompt_decoder(model, tokenizer, "abcab", 7, "cuda")
+    generation = pico.generate_text(model, tokenizer, "abcab", 7, pico.SamplingRule(temperature=0),
+                                    decoder=decoder)
     assert [cache.keys.shape[2] for cache in built[0].caches] == [5 + 7] * 2
     assert generation.token_ids == pico.generate_ids(model, tokenizer.encode("abcab"), 7,
                                                      pico.SamplingRule(temperature=0), use_cache=False)

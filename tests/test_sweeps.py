@@ -158,19 +158,19 @@ def test_the_interpretability_greedy_sample_decodes_in_the_runs_dtype(run_main, 
                                                                       monkeypatch):
     """As the run's own samples do: on a GPU, --dtype bfloat16 decodes with bf16 weights."""
     dtypes = []
-    generate_text = pico.generate_text
-    def recording(*args, **kwargs):
-        if kwargs.get("decoder") is None:    # training's samples pass a decoder made in dtype
-            dtypes.append(kwargs.get("dtype"))
-        return generate_text(*args, **kwargs)
-    monkeypatch.setattr(pico, "generate_text", recording)
+
+    def decoding_model(model, device, compile=False, num_tokens=None, dtype=None):
+        dtypes.append(dtype)
+        return model
+
+    monkeypatch.setattr(pico, "decoding_model", decoding_model)
     status, _, err = run_main("--input_files", str(tiny_corpus), "--models", "transformer",
                               "--block_size", "16", "--d_model", "16", "--n_blocks", "1",
                               "--max_steps_per_epoch", "1", "--epochs", "1", "--max_new_tokens",
                               "3", "--quiet", "--monosemantic_enabled", "--monosemantic_clusters",
                               "2", "--dtype", "bfloat16")
     assert status == 0, err
-    assert dtypes and set(dtypes) == {"bfloat16"}
+    assert dtypes == ["bfloat16"] * 2    # the run's samples, then the greedy sample it clusters
 
 
 def test_a_second_run_with_interpretability_flags_keeps_the_first_runs_files(run_main, tmp_path,
