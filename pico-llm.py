@@ -2221,6 +2221,17 @@ def check_regular_file(path: Path, what: str) -> None:
 MAX_INPUT_FILE_BYTES = 2 << 30
 
 
+def read_without_waiting(path: Path) -> bytes:
+    """A file's bytes. Opened non-blocking, which changes nothing for a file on disk, so that a
+    kernel file that waits for data to come (/proc/kmsg) fails at once instead of hanging."""
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+        raw = handle.read()
+    if raw is None:        # nothing to read yet, and a non-blocking read does not wait for it
+        raise BlockingIOError(errno.EAGAIN, "it waits for data to be written, as a kernel file "
+                                            "does; give a file of text")
+    return raw
+
+
 def read_text(path: Path) -> str:
     """The contents of a UTF-8 text file (without a byte-order mark); UserError on anything
     else."""
@@ -2238,7 +2249,7 @@ def read_text(path: Path) -> str:
                         f"{MAX_INPUT_FILE_BYTES / 2**30:g} GiB pico-llm reads into memory; train "
                         f"on a part of it (e.g. head -n 1000000 {path} > part.txt)")
     try:
-        raw = path.read_bytes()
+        raw = read_without_waiting(path)
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror}") from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):

@@ -313,6 +313,18 @@ def test_dev_zero_as_input_file_is_refused(ws):
     assert_refused(result, "/dev/zero", unchanged=before)
 
 
+@pytest.mark.skipif(not os.access("/proc/kmsg", os.R_OK), reason="only root may read /proc/kmsg")
+def test_a_kernel_file_that_waits_for_data_is_not_waited_on(ws):
+    """/proc/kmsg is a regular file by its type, but a read waits for the kernel's next message.
+    With none queued it is refused at once, in one line; with some queued they are read (and
+    taken from the queue, as any reader of it takes them) like any text. Either way the run
+    ends: before, it waited forever."""
+    before = ws.snapshot()
+    result = run(*TINY, *ws.io(corpus=False), "--input_files", "/proc/kmsg")
+    if result.returncode != 0:
+        assert_refused(result, "/proc/kmsg", "waits for data", unchanged=before)
+
+
 # --- one line instead of a traceback ---------------------------------------------------------
 
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 70)])
