@@ -621,10 +621,12 @@ class MixtureOfExperts(nn.Module):
         logits = self.router(tokens)                                           # (N, E)
         top_logits, chosen = logits.topk(self.experts_per_token, dim=-1)       # (N, k)
         weights = torch.softmax(top_logits, dim=-1).flatten()                  # (N k,)
-        # The N k choices sorted by expert, so that each expert runs its positions as one batch
-        # (and the counts cost one device-to-host copy, not one per expert).
+        # The N k choices sorted by expert, so that each expert runs its positions as one batch.
+        # On a GPU, the split's sizes (counts.tolist()) are the one wait for the device: counted
+        # as a 1 added per choice, since torch.bincount would first read the ids' range too.
         choices = chosen.flatten()                     # (N k,): entry n k + slot holds an expert
-        counts = torch.bincount(choices, minlength=len(self.experts))          # (E,)
+        counts = choices.new_zeros(len(self.experts)).index_add_(0, choices,
+                                                                 torch.ones_like(choices))  # (E,)
         out = torch.zeros_like(tokens)
         for expert, picks in zip(self.experts, choices.argsort(stable=True).split(counts.tolist())):
             # An expert that no position chose still runs, on zero rows, so that its parameters
@@ -6551,8 +6553,9 @@ def compiled_while_training(function, dynamic: bool | None):
 
 
 def compile_model(model: nn.Module, dynamic: bool | None = False) -> None:
-    """--compile on a CPU: the model's features compiled for training, in place; the chunked
-    loss stays eager (on a GPU CompiledTrainingLoss compiles the whole loss module)."""
+    """--compile on a CPU, or with the chunked loss: the model's features compiled for training,
+    in place; the loss stays eager (on a GPU CompiledTrainingLoss compiles the whole loss
+    module)."""
     model.features = compiled_while_training(model.features, dynamic)
 
 
@@ -6585,20 +6588,26 @@ def compile_for_training(model: nn.Module, device: torch.device, loss: str = "fu
     """--compile: the mixtures of experts made static, then on a GPU the whole loss module
     compiled, model, output layer and cross-entropy in one region (nanoGPT's way: Inductor
     fuses the float32 log-softmax into the logits' kernels), returned; `loss` "plain" compiles
-    section 3's written-out formula, any other kind PyTorch's (FusedNextTokenLoss). On a CPU
-    the model's features are compiled in place and None returned (the chunked loss, which
-    exists to spare a CPU's memory, stays eager). A model with a mixture of experts has its
+    section 3's written-out formula, "fused" PyTorch's (FusedNextTokenLoss). On a CPU, and for
+    the chunked loss on any device, the model's features are compiled in place and None
+    returned (the chunked loss, which exists to spare the memory of the logits, stays eager:
+    compiled whole, the loss would hold them all). A model with a mixture of experts has its
     blocks compiled one by one instead (compile_blocks), on any device, and None returned.
     Shapes are static: a step's batch has one shape, and an epoch's shorter last batch gets a
     compilation of its own rather than turning every later step's kernels into dynamic-shape
     ones. With lengths_vary (lines mode) the first length compiles statically and the second
     with dynamic shapes, which then serve every length: not one compilation per length."""
+    # PyTorch keeps compiled code per function, at most 8 versions of one in a process, and
+    # every model's loss runs the same FusedNextTokenLoss.forward (every GPT-oss, the same
+    # TransformerBlock.forward): a sweep's ninth model would train uncompiled, with only a
+    # warning. Each run's model compiles afresh, and the models before it have finished.
+    torch.compiler.reset()
     dynamic = None if lengths_vary else False
     static_experts(model)
     if any(isinstance(module, MixtureOfExperts) for module in model.modules()):
         compile_blocks(model, dynamic)
         return None
-    if device.type != "cpu":
+    if device.type != "cpu" and loss != "chunked":
         loss_module = NextTokenLoss(model) if loss == "plain" else FusedNextTokenLoss(model)
         return CompiledTrainingLoss(loss_module, dynamic)
     compile_model(model, dynamic)

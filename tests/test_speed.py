@@ -110,6 +110,34 @@ def test_static_shape_experts_equal_the_sparse_layer(pico):
     assert torch.equal(c1, c2) and torch.equal(u1, u2) and u1.sum() == 15 * 2
 
 
+def test_eager_experts_read_nothing_back_but_the_split_sizes(pico):
+    """On a GPU, each eager mixture-of-experts layer makes the host wait once, for its experts'
+    batch sizes (counts.tolist(), which is no operator and not seen here). No operator in its
+    forward may wait too: torch.bincount reads the ids' range back first, .item() and
+    .nonzero() their results (operators that do so on a GPU, recorded on the CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    waiting = {"aten._local_scalar_dense", "aten.bincount", "aten.nonzero", "aten.masked_select",
+               "aten.is_nonzero", "aten.equal", "aten.unique_dim", "aten._unique2"}
+
+    class Operators(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    layer = pico.MixtureOfExperts(16, 24, "clamped_swiglu", n_experts=4, experts_per_token=2,
+                                  bias=True, dropout=0.0)
+    x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(0))
+    with Operators() as operators:
+        y = layer(x)
+    assert "aten.index_add_" in operators.seen and not waiting & set(operators.seen)
+    chosen = layer.routing.chosen.flatten()
+    assert torch.equal(layer.usage, torch.bincount(chosen, minlength=4)) and y.shape == x.shape
+
+
 @pytest.mark.parametrize("name", COMPILED_MODELS)
 def test_compiled_training_loss_has_one_graph_and_no_breaks(pico, name):
     """torch._dynamo.explain over what a GPU compiles (model, output layer and loss): any graph
@@ -233,6 +261,53 @@ def test_compiled_training_takes_lines_modes_changing_lengths_in_two_graphs(pico
         loss_model(tokens[:-1], tokens[1:], torch.ones(length, 2)).backward()
     kinds = 2 if name == "GPT-oss" else 1
     assert counters["stats"]["unique_graphs"] <= 2 * kinds + (name == "gated_linear")
+
+
+@pytest.mark.parametrize("name", ["pico", "GPT-oss"])
+def test_every_model_a_process_compiles_gets_compiled_code_of_its_own(pico, monkeypatch, name):
+    """A sweep compiles one model after another in one process. PyTorch keeps at most
+    recompile_limit versions (8) of a function's compiled code, and every model runs the same
+    loss's forward (every GPT-oss the same block's): the models past the limit would train
+    uncompiled, with only a warning. Here the limit is 2, and four widths each compile."""
+    compiled_graphs = []
+
+    def recording(graph_module, example_inputs):      # a backend: the traced graph, run as is
+        compiled_graphs.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    flags = COMPILED_MODELS[name] + (["--n_blocks", "4"] if name == "GPT-oss" else [])  # 2 kinds
+    counts = []
+    for width in (16, 24, 32, 40):
+        model = tiny_model(pico, "transformer", *flags, "--d_model", str(width))
+        pico.complex_rope(model)                      # as speed_up leaves it before compiling
+        before = len(compiled_graphs)
+        loss_model = (pico.compile_for_training(model, torch.device("cuda"))  # the GPU's branch
+                      or pico.FusedNextTokenLoss(model))
+        tokens = torch.randint(0, VOCAB, (17, 2))
+        loss_model(tokens[:-1], tokens[1:], torch.ones(16, 2)).backward()
+        counts.append(len(compiled_graphs) - before)
+    assert counts == [2 if name == "GPT-oss" else 1] * 4, counts   # GPT-oss: a graph a block kind
+
+
+def test_the_chunked_loss_compiled_on_a_gpu_stays_chunked(pico, monkeypatch):
+    """--compile --loss chunked on a GPU: as on a CPU, the model's features compiled and the
+    chunked loss run eagerly around them (compiled whole, the loss would hold all the logits
+    that the chunks exist to spare), the same loss as section 3's."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    models = [tiny_model(pico, "transformer", *COMPILED_MODELS["pico"]) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    pico.complex_rope(models[1])                      # as speed_up leaves it before compiling
+    counters.clear()
+    assert pico.compile_for_training(models[1], torch.device("cuda"), loss="chunked") is None
+    tokens = torch.randint(0, VOCAB, (17, 2))
+    losses = [loss_module(tokens[:-1], tokens[1:], torch.full((16, 2), 1 / 32))
+              for loss_module in (pico.NextTokenLoss(models[0]),
+                                  pico.ChunkedNextTokenLoss(models[1]))]   # what speed_up returns
+    assert counters["stats"]["unique_graphs"] == 1    # the features, compiled in place
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
 
 
 def test_the_training_loop_tells_compilation_whether_lengths_vary(pico, run_main, monkeypatch):
