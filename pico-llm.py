@@ -110,6 +110,7 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import statistics
 import tempfile
 import textwrap
@@ -7758,12 +7759,19 @@ def claim_file(path: Path, flag: str):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             lock_path = path.parent.resolve() / (path.name + ".lock")
-            # read-only: a lock file left by another user is still one this user can lock
-            handle = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            # read-only: a lock file left by another user is still one this user can lock;
+            # non-blocking: opening a FIFO of that name would otherwise wait for a writer
+            handle = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW
+                             | getattr(os, "O_NONBLOCK", 0), 0o644)
         except OSError as error:
             remove_if_empty(made)
             raise cannot_write(str(path.with_name(path.name + ".lock")), error,
                                f"choose another {flag}") from None
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            os.close(handle)
+            remove_if_empty(made)
+            raise UserError(f"{flag}: {path.name}.lock beside {path} is not a regular file (a "
+                            f"pipe, socket or device): remove it, or choose another {flag}")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1291,6 +1291,21 @@ def test_a_lock_file_is_removed_at_the_end_only_if_it_is_as_pico_llm_leaves_it(p
         assert lock.read_text() == content
 
 
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_lock_file_that_is_no_regular_file_is_refused_and_kept(ws, kind):
+    """Opening a FIFO named like the sweep's lock file waited for a writer forever; neither it
+    nor a folder of that name is pico-llm's to lock or remove."""
+    ws.art.mkdir()
+    lock = ws.art / "sweep_kgram_variants.json.lock"
+    os.mkfifo(lock) if kind == "fifo" else lock.mkdir()
+    before = ws.snapshot()
+    result = run("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--device_id", "cpu",
+                 *ws.io())
+    assert_refused(result, "sweep_kgram_variants.json.lock", ("not a regular file", "directory"),
+                   unchanged=before)
+    assert lock.exists() and lock.is_dir() == (kind == "directory")
+
+
 @pytest.mark.parametrize("kind", ["attention", "monosemantic"])
 def test_a_new_run_does_not_replace_a_file_where_its_interpretability_file_goes(run_main, ws,
                                                                                  kind):
