@@ -2425,6 +2425,9 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
         path = Path(local_path)
         if not path.exists():
             raise UserError(f"--tinystories_path {path} does not exist")
+        if path.is_dir():
+            raise UserError(f"--tinystories_path {path} is a directory; give one .json, .jsonl, "
+                            ".parquet or .txt file of stories")
         check_regular_file(path, "--tinystories_path")
         if path.stat().st_size == 0:
             raise UserError(f"--tinystories_path {path} is empty; give a file of stories")
