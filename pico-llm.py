@@ -3168,7 +3168,8 @@ def load_runlog(path: Path | str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             log = json.load(handle)
-    except (OSError, ValueError) as error:    # ValueError: truncated JSON, or not UTF-8
+    # ValueError: truncated JSON, or not UTF-8; RecursionError: nested too deeply
+    except (OSError, ValueError, RecursionError) as error:
         raise UserError(f"cannot read run log {path} "
                         f"({textwrap.shorten(str(error), 80)})") from None
     # The parts of a log that pico-llm reads back must have the types it wrote.
@@ -3670,7 +3671,8 @@ def load_sweep(path: Path | str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             sweep = json.load(handle)
-    except (OSError, ValueError) as error:  # ValueError: truncated JSON, or not UTF-8
+    # ValueError: truncated JSON, or not UTF-8; RecursionError: nested too deeply
+    except (OSError, ValueError, RecursionError) as error:
         raise UserError(f"cannot read sweep file {path} ({textwrap.shorten(str(error), 80)}); "
                         f"{remedy}") from None
     if not isinstance(sweep, dict):
@@ -8598,8 +8600,8 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
             if len(loaded.vocab) != 256 + len(loaded.special_ids) + len(loaded.merges):
                 raise ValueError(f"{len(loaded.merges)} merges for {len(loaded.vocab)} ids")
             return TrainedBPETokenizer(loaded.vocab, loaded.merges, vocab_size)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            # truncated JSON, bad hex, a list where an object belongs, ...
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+            # truncated JSON, bad hex, a list where an object belongs, nesting too deep, ...
             problem = textwrap.shorten(str(error), 80) or type(error).__name__
             warn(f"pico-llm: note: BPE cache {cached} is damaged ({problem}); training the "
                  "tokenizer again")

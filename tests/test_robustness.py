@@ -1262,6 +1262,26 @@ def test_a_run_log_that_is_a_fifo_is_refused_not_read(pico, tmp_path):
     assert said and "not a regular file" in said[0], said
 
 
+@pytest.mark.parametrize("reader", ["load_runlog", "load_sweep"])
+def test_a_run_log_or_sweep_file_nested_too_deeply_is_one_line(pico, tmp_path, reader):
+    """Python's JSON parser recurses once a level: 100,000 levels were a RecursionError."""
+    path = tmp_path / "nested.json"
+    path.write_text('{"kind": "sweep", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(pico.UserError, match="maximum recursion depth") as refused:
+        getattr(pico, reader)(path)
+    assert "\n" not in str(refused.value) and "nested.json" in str(refused.value)
+
+
+def test_a_bpe_cache_nested_too_deeply_is_trained_again(pico, tmp_path, capsys):
+    texts = ["the cat sat on the mat", "the dog sat on the log"] * 5
+    trained = pico.train_bpe_tokenizer(texts, 270, tmp_path)
+    (cached,) = tmp_path.glob("bpe-*")
+    (cached / "merges.json").write_text("[" * 100_000 + "]" * 100_000)
+    again = pico.train_bpe_tokenizer(texts, 270, tmp_path)
+    assert again.bpe.merges == trained.bpe.merges
+    assert "is damaged (maximum recursion depth" in capsys.readouterr().err
+
+
 def test_a_deeply_nested_safetensors_header_is_one_line(pico, tmp_path):
     header = b"[" * 100_000 + b"]" * 100_000
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
