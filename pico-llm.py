@@ -7612,7 +7612,7 @@ def checkpoint_contents(path: Path, checkpoint: dict):
         check_model_config(model_config)
         if type(trained.data.block_size) is not int or trained.data.block_size < 1:  # generation's
             raise UserError(f"block_size {trained.data.block_size!r} is not a positive integer")
-    except (UserError, TypeError, ValueError, KeyError) as error:   # the stored values' faults
+    except (UserError, TypeError, ValueError, KeyError, AttributeError) as error:  # stored faults
         raise UserError(f"{path} was made by another pico-llm version, or is damaged: its {name} "
                         f"cannot be rebuilt ({textwrap.shorten(str(error), 120)}); use a "
                         "checkpoint this version wrote") from None
@@ -7624,12 +7624,21 @@ def check_model_config(config) -> None:
     a Transformer's as the command line checks it; a k-gram's or LSTM's sizes positive (a
     chunk size may be 0: all positions at once) and of a known variant."""
     if isinstance(config, TransformerConfig):
-        for field in dataclasses.fields(config):   # the command line gives ints; a file may not
+        for field in dataclasses.fields(config):   # the command line gives numbers; a file may not
             value = getattr(config, field.name)
             if field.type in ("int", "int | None") and type(value) is not int:
                 raise UserError(f"{field.name} {value!r} is not an integer")
+            optional = value is None and field.type == "float | None"
+            if field.type in ("float", "float | None") and type(value) not in (int, float) \
+                    and not optional:
+                raise UserError(f"{field.name} {value!r} is not a number")
         if config.block_size < 1:
             raise UserError(f"block_size {config.block_size} is not positive")
+        if not 0 <= config.dropout < 1:      # as the command line checks --dropout
+            raise UserError(f"dropout {config.dropout} is not in [0, 1)")
+        if not (config.rope_theta > 0 and config.norm_eps > 0):   # and --rope_theta; NaN too
+            raise UserError(f"rope_theta {config.rope_theta} and norm_eps {config.norm_eps} "
+                            "must be positive")
         validate_transformer_config(config)    # its kinds were checked as it was made
         return
     for field in dataclasses.fields(config):    # the annotations are strings (__future__)

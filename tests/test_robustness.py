@@ -5,6 +5,7 @@ Grouped by the kind of robustness each test pins down. Each bad-input test asser
 status 2, exactly one line on stderr, no traceback, and no file added, removed or changed.
 """
 
+import dataclasses
 import errno
 import json
 import math
@@ -1497,22 +1498,34 @@ def test_a_checkpoint_flag_naming_a_symbolic_link_loop_says_so(ws, flag):
     assert_refused(run(*argv), flag, "symbolic link to nothing")
 
 
-@pytest.mark.parametrize("damage", ["seed", "vocab_size", "tokenizer", "bpe_merges"])
+@pytest.mark.parametrize("damage", ["seed", "vocab_size", "tokenizer", "bpe_merges", "bpe_vocab",
+                                    "spec", "dropout", "rope_theta", "norm_eps"])
 def test_a_checkpoint_with_a_seed_or_tokenizer_it_cannot_have_is_one_line(pico, trained_save_dir,
                                                                           damage, capsys):
     """Values the command line would refuse, in a file behind a valid checksum (another
-    version's, or edited): one line naming the file, not a traceback from torch or tokenizers.
-    A trained BPE without its merges is not trained again on no text (a note, then a mismatch)."""
+    version's, or edited): one line naming the file, not a traceback from torch, tokenizers or
+    the model's constructor. A trained BPE without its merges is not trained again on no text
+    (a note, then a mismatch)."""
     path = trained_save_dir / "lstm_seq" / "step_000002.pt"
     checkpoint = torch.load(path, weights_only=True)
+    transformer = dataclasses.asdict(pico.TransformerConfig())     # as an imported model stores
     if damage == "seed":
         checkpoint["args"]["seed"] = 2 ** 70
     elif damage == "vocab_size":
         del checkpoint["tokenizer"]["vocab_size"]
     elif damage == "tokenizer":
         checkpoint["tokenizer"] = ["char"]
-    else:
+    elif damage == "bpe_merges":
         checkpoint["tokenizer"] = {"spec": "bpe:300", "name": "bpe", "vocab_size": 300}
+    elif damage == "bpe_vocab":                                    # a list where ids map to hex
+        checkpoint["tokenizer"] = {"spec": "bpe:300", "name": "bpe", "vocab_size": 300,
+                                   "bpe_vocab": ["61"], "bpe_merges": []}
+    elif damage == "spec":
+        checkpoint["tokenizer"]["spec"] = None
+    else:
+        checkpoint["transformer_config"] = {**transformer, **{
+            "dropout": {"dropout": 2.0}, "rope_theta": {"rope_theta": "10000"},
+            "norm_eps": {"norm_eps": float("nan")}}[damage]}
     with pytest.raises(pico.UserError, match="cannot be rebuilt"):
         pico.checkpoint_contents(path, checkpoint)
     assert capsys.readouterr().err == ""
