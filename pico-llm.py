@@ -5465,7 +5465,7 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
         if resume_from is not None and nothing_left_to_train(progress, training):
             load_model_weights(model, resume_from[1], resume_from[0], tokenizer)
             with unrestorable(resume_from[0], "run-log record"):
-                record.update(resume_from[1]["record"])
+                restore_record(record, resume_from[1]["record"])
                 record_length_changes(record, resume_from[1], config.flags)
             if not training.quiet:
                 print(f"model {name}: finished in {resume_from[0]}, not retrained")
@@ -7111,7 +7111,7 @@ class FaultTolerance:
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 check_optimizer_state(optimizer, settings)
             with unrestorable(path, "run-log record"):
-                record.update(checkpoint["record"])
+                restore_record(record, checkpoint["record"])
                 record_length_changes(record, checkpoint, self.flags)
             with unrestorable(path, "random generators' states"):
                 restore_rng_states(checkpoint["rng"])
@@ -7309,6 +7309,21 @@ def unrestorable(path: Path, what: str):
         raise UserError(f"{path} was made by another pico-llm version, or is damaged: its "
                         f"{what} cannot be restored ({detail}); resume from another checkpoint, "
                         "or train without --resume") from None
+
+
+def restore_record(record: dict, stored) -> None:
+    """`record`, a model's fresh run-log record (model_record), takes a checkpoint's record of
+    the training so far. ValueError if what training appends to, or the summary reads back, is
+    not as pico-llm writes it (model_record_problem)."""
+    if not isinstance(stored, dict):
+        raise ValueError(f"it is a {type(stored).__name__}, not a record")
+    for key in ("history", "test_history", "samples"):
+        if not isinstance(stored.get(key, []), list):
+            raise ValueError(f"its {key} is a {type(stored[key]).__name__}, not a list")
+    record.update(stored)
+    problem = model_record_problem(record)
+    if problem:
+        raise ValueError(f"it {problem}")
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[set]) -> None:
