@@ -3787,15 +3787,16 @@ def sweep_data(config: Config, tokenizer, num_train: int | None = None) -> Train
 
 
 def with_step_budget(config: Config, data: TrainingData, steps: int,
-                     evaluations: int | None = None) -> Config:
-    """Epochs and steps per epoch that add up to about `steps` optimizer steps; with
-    `evaluations`, epochs short enough (a random share of a pass each) that the test set is
-    scored at least that many times, on a corpus that one run does not read through."""
+                     evaluations: int | None = None, at_least: bool = False) -> Config:
+    """Epochs and steps per epoch that add up to about `steps` optimizer steps (at_least: not
+    fewer); with `evaluations`, epochs short enough (a random share of a pass each) that the
+    test set is scored at least that many times, on a corpus that one run does not read
+    through."""
     per_epoch = data.steps_per_epoch(config.training.batch_size, None)
     if evaluations:
         per_epoch = min(per_epoch, max(1, math.ceil(steps / evaluations)))
-    return with_flags(config, epochs=max(1, round(steps / per_epoch)),
-                      max_steps_per_epoch=min(per_epoch, steps))
+    epochs = math.ceil(steps / per_epoch) if at_least else max(1, round(steps / per_epoch))
+    return with_flags(config, epochs=epochs, max_steps_per_epoch=min(per_epoch, steps))
 
 
 def train_sweep_model(label: str, model_name: str, config: Config, device: torch.device,
@@ -4165,6 +4166,9 @@ def sweep_recipe(log: SweepLog, base, scale, device, tokenizer) -> None:
     seconds, calibration_steps = RECIPE_BUDGETS[scale.name]
     config = with_flags(base, test_fraction=scale.test_fraction, data_format="stream")
     data = sweep_data(config, tokenizer)
+    if not data.has_test_set:        # each point's result is a curve of held-out loss
+        raise UserError("--sweep recipe compares curves of held-out loss, and the text is too "
+                        "short to hold any out; give more text (--input_files or --input_dir)")
     points = {label: ({"recipe": label, **overrides, "train_seconds": seconds},
                       with_flags(config, **overrides))
               for label, overrides in RECIPE_SWEEP_POINTS.items()}
@@ -4173,8 +4177,8 @@ def sweep_recipe(log: SweepLog, base, scale, device, tokenizer) -> None:
     for _ in range(2):
         for label, (_, point) in points.items():
             _, record = train_sweep_model(label, "transformer", with_step_budget(
-                point, data, calibration_steps + 3), device, tokenizer, data)
-            times = [train_time_s(h) for h in record["history"]]
+                point, data, calibration_steps + 4, at_least=True), device, tokenizer, data)
+            times = [train_time_s(h) for h in record["history"]]   # 3 warm-up steps, then timed
             step_times[label] += [after - before for before, after in zip(times[3:], times[4:])]
     for label, (settings, point) in points.items():
         seconds_per_step = statistics.fmean(step_times[label])

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import jsonschema
 import pytest
@@ -274,6 +275,29 @@ def test_recipe_sweep_trains_every_recipe_for_the_same_time_with_a_curve(pico, r
         assert all(a["train_time_s"] < b["train_time_s"] for a, b in zip(curve, curve[1:]))
     assert points["+ Muon"]["settings"]["optimizer"] == "muon"
     assert points["speedrun preset + Muon"]["settings"]["transformer_variant"] == "speedrun"
+
+
+@pytest.mark.parametrize("per_epoch", [1, 2, 3, 4, 5, 7, 20])
+def test_a_step_budget_that_must_be_met_makes_no_fewer_steps(pico, configure, per_epoch):
+    """The recipe sweep times a point's steps after 3 warm-up steps. On a text of 2 steps a
+    pass, its budget of 5 steps rounded to 2 passes made 4, and left no step to time."""
+    data = types.SimpleNamespace(steps_per_epoch=lambda batch_size, limit: per_epoch)
+    config = configure("--models", "transformer")
+    for steps in range(1, 25):
+        training = pico.with_step_budget(config, data, steps, at_least=True).training
+        made = training.epochs * training.max_steps_per_epoch
+        assert steps <= made < steps + per_epoch, (steps, made)
+
+
+def test_the_recipe_sweep_on_a_text_too_short_to_hold_out_is_one_line(run_main, tmp_path):
+    """Each recipe's result is a curve of held-out loss: with nothing held out there is none
+    (it was an IndexError after every point had trained)."""
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("just one line\n")
+    status, _, err = run_main("--sweep", "recipe", "--sweep_scale", "tiny", "--input_files",
+                              str(one_line))
+    assert status == 2 and err.count("\n") == 1 and "held-out loss" in err, err
+    assert not (tmp_path / "artefacts" / "sweep_recipe.json").exists()
 
 
 def test_recipe_ablation_tool_trains_each_variant_on_the_given_text(tiny_corpus, capsys):
