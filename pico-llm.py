@@ -4003,7 +4003,8 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
         started = time.perf_counter()
         prompt, max_new_tokens = config.sampling.prompt, config.sampling.max_new_tokens
         samples = [generate_text(model, tokenizer, prompt, max_new_tokens, rule,
-                                 seed=config.training.seed + index, device=device,
+                                 seed=(config.training.seed + index) % 2**64,  # a seed's range
+                                 device=device,
                                  decoder=prompt_decoder(model, tokenizer, prompt, max_new_tokens,
                                                         device, dtype=config.training.dtype))
                    for index in range(scale.samples_per_rule)]

@@ -277,6 +277,15 @@ def test_recipe_sweep_trains_every_recipe_for_the_same_time_with_a_curve(pico, r
     assert points["speedrun preset + Muon"]["settings"]["transformer_variant"] == "speedrun"
 
 
+def test_the_sampling_sweep_takes_the_largest_seed(pico, run_main, tmp_path, tiny_corpus):
+    """Its samples draw with seeds seed, seed + 1, ...: past 2**64 - 1, the largest seed a
+    generator takes, they wrap around (it was an overflow in torch.Generator)."""
+    status, _, err = run_main("--sweep", "sampling", "--sweep_scale", "tiny", "--input_files",
+                              str(tiny_corpus), "--seed", str(2**64 - 1))
+    assert status == 0, err
+    assert pico.load_sweep(tmp_path / "artefacts" / "sweep_sampling.json")["points"]
+
+
 @pytest.mark.parametrize("per_epoch", [1, 2, 3, 4, 5, 7, 20])
 def test_a_step_budget_that_must_be_met_makes_no_fewer_steps(pico, configure, per_epoch):
     """The recipe sweep times a point's steps after 3 warm-up steps. On a text of 2 steps a
