@@ -8053,6 +8053,11 @@ def check_torchrun_environment() -> None:
             raise UserError(f"{name}={os.environ[name]!r} is not a rank (0, 1, ...); {hint}")
     if int(os.environ["RANK"]) >= world_size:
         raise UserError(f"RANK={os.environ['RANK']} is not below WORLD_SIZE={world_size}; {hint}")
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"].strip()
+    if not (address.isascii() and address.isprintable()):    # bytes that are not UTF-8, too
+        raise UserError(f"MASTER_ADDR={address!r} is not a host name or address; {hint}")
+    if not is_count(port) or not 0 < int(port) < 65536:
+        raise UserError(f"MASTER_PORT={port!r} is not a port number (1 to 65535); {hint}")
 
 
 @contextlib.contextmanager

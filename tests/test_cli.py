@@ -381,6 +381,13 @@ TORCHRUN_ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "without MASTER_ADDR, MASTER_PORT"),
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "abc", **TORCHRUN_ADDRESS}, "LOCAL_RANK='abc' is not a rank"),
     ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}, "RANK=5 is not below WORLD_SIZE=2"),
+    # an address of bytes that are not UTF-8 was a traceback as the waiting note was made
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS, "MASTER_ADDR": "\udcff"},
+     "MASTER_ADDR='\\udcff' is not a host name"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS, "MASTER_PORT": "http"},
+     "MASTER_PORT='http' is not a port number"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS, "MASTER_PORT": "70000"},
+     "MASTER_PORT='70000' is not a port number"),
 ], ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None)
 def test_torchrun_variables_torchrun_never_sets_are_one_line(run_main, monkeypatch, variables, message):
     """WORLD_SIZE and its companions as torchrun sets them, or a one-line refusal that says
