@@ -3192,7 +3192,8 @@ def load_runlog(path: Path | str) -> dict:
 def model_record_problem(record) -> str | None:
     """What in one model's run-log record the summary and the loss plot could not read, or
     None: they read its parameters, each history entry's step and train loss, each
-    test_history entry's step and test loss, and the final summary."""
+    test_history entry's step and test loss, and the final summary (and training appends to
+    the samples too)."""
     number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
     if not isinstance(record, dict):
         return f"is a {type(record).__name__}, not a record"
@@ -3204,6 +3205,8 @@ def model_record_problem(record) -> str | None:
                 isinstance(entry, dict) and number(entry.get("step")) and number(entry.get(loss))
                 for entry in entries):
             return f"has a {series} whose entries lack a step or a {loss}"
+    if not isinstance(record.get("samples", []), list):
+        return "has samples that are no list"
     if not isinstance(record.get("final", {}), dict):
         return "has a final summary that is no JSON object"
     return None
@@ -7318,13 +7321,9 @@ def unrestorable(path: Path, what: str):
 
 def restore_record(record: dict, stored) -> None:
     """`record`, a model's fresh run-log record (model_record), takes a checkpoint's record of
-    the training so far. ValueError if what training appends to, or the summary reads back, is
-    not as pico-llm writes it (model_record_problem)."""
-    if not isinstance(stored, dict):
-        raise ValueError(f"it is a {type(stored).__name__}, not a record")
-    for key in ("history", "test_history", "samples"):
-        if not isinstance(stored.get(key, []), list):
-            raise ValueError(f"its {key} is a {type(stored[key]).__name__}, not a list")
+    the training so far (a dict: checked with the checkpoint's parts). ValueError if what
+    training appends to, or the summary reads back, is not as pico-llm writes it
+    (model_record_problem)."""
     record.update(stored)
     problem = model_record_problem(record)
     if problem:
