@@ -5471,10 +5471,7 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
             with unrestorable(resume_from[0], "progress"):
                 progress = progress_from(resume_from[1]["progress"])
         if resume_from is not None and nothing_left_to_train(progress, training):
-            load_model_weights(model, resume_from[1], resume_from[0], tokenizer)
-            with unrestorable(resume_from[0], "run-log record"):
-                restore_record(record, resume_from[1]["record"])
-                record_length_changes(record, resume_from[1], config.flags)
+            restore_checkpoint(*resume_from, model, record, tokenizer, training, config.flags)
             if not training.quiet:
                 print(f"model {name}: finished in {resume_from[0]}, not retrained")
         else:
@@ -5549,6 +5546,7 @@ def run_training(config: Config) -> int:
                                                               config.models.transformer)}
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
+        check_resume_points(config, resume_points, tokenizer)   # B: before any model trains
         resumed_run = next((checkpoint["run_id"] for _, checkpoint in resume_points.values()
                             if checkpoint.get("run_id")), None)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data), resumed_run)
@@ -7113,19 +7111,8 @@ class FaultTolerance:
         self.progress = TrainingProgress()
         if self.resume_from is not None:
             path, checkpoint = self.resume_from
-            load_model_weights(model, checkpoint, path, tokenizer)
-            with unrestorable(path, "optimizer state"):
-                settings = [set(group) for group in optimizer.param_groups]
-                optimizer.load_state_dict(checkpoint["optimizer"])
-                check_optimizer_state(optimizer, settings)
-            with unrestorable(path, "run-log record"):
-                restore_record(record, checkpoint["record"])
-                record_length_changes(record, checkpoint, self.flags)
-            with unrestorable(path, "random generators' states"):
-                restore_rng_states(checkpoint["rng"])
-            with unrestorable(path, "progress"):
-                self.progress = progress_from(checkpoint["progress"])
-            self.progress.finished = nothing_left_to_train(self.progress, self.training)
+            self.progress = restore_checkpoint(path, checkpoint, model, record, tokenizer,
+                                               self.training, self.flags, optimizer)
             if not self.training.quiet:
                 print(f"[{self.name}] resuming from {path}: step {self.progress.step}, "
                       f"epoch {self.progress.epoch}", flush=True)
@@ -7306,6 +7293,65 @@ def rng_states() -> dict:
             **({"mps": torch.mps.get_rng_state()} if torch.backends.mps.is_available() else {})}
 
 
+def restore_checkpoint(path: Path, checkpoint: dict, model: nn.Module, record: dict, tokenizer,
+                       training: TrainingConfig, flags: dict,
+                       optimizer: torch.optim.Optimizer | None = None) -> TrainingProgress:
+    """Put a checkpoint's state back into a freshly built model, its run-log `record` and, to
+    train on (`optimizer` given), the optimizer and every random generator; returns the
+    progress it holds. A model that has nothing left to train needs only its weights and its
+    record. UserError naming the first part that cannot be restored."""
+    with unrestorable(path, "progress"):
+        progress = progress_from(checkpoint["progress"])
+    progress.finished = nothing_left_to_train(progress, training)
+    load_model_weights(model, checkpoint, path, tokenizer)
+    with unrestorable(path, "run-log record"):
+        restore_record(record, checkpoint["record"])
+        record_length_changes(record, checkpoint, flags)
+    if optimizer is not None:
+        with unrestorable(path, "optimizer state"):
+            settings = [set(group) for group in optimizer.param_groups]
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            check_optimizer_state(optimizer, settings)
+        with unrestorable(path, "random generators' states"):
+            restore_rng_states(checkpoint["rng"])
+    return progress
+
+
+def check_resume_points(config: "Config", resume_points: dict[str, tuple[Path, dict]],
+                        tokenizer) -> None:
+    """Restore every checkpoint that --resume continues ({model: (path, checkpoint)}) once
+    before the first model trains, as restore_checkpoint will at its model's turn, so that one
+    that cannot be restored (another pico-llm version's, or damaged behind its checksum) stops
+    the run before the models ahead of it train, prune their checkpoints and rewrite the run
+    log. The models are built on PyTorch's meta device (shapes without memory; copying weights
+    into them does nothing), and every random generator is put back as it was. Weights that
+    are NaN or infinite are refused too: training would stop at its first step."""
+    saved = rng_states()
+    try:
+        for name, (path, checkpoint) in resume_points.items():
+            model_config = config.models.config_of(name)
+            with torch.device("meta"):
+                model = build_model(model_config, tokenizer.vocab_size, config.training.seed)
+            record = model_record(name, model, model_config, config.data.block_size)
+            with warnings.catch_warnings():   # "copying into a meta parameter is a no-op"
+                warnings.simplefilter("ignore")
+                with unrestorable(path, "progress"):
+                    finished = nothing_left_to_train(progress_from(checkpoint["progress"]),
+                                                     config.training)
+                optimizer = (None if finished else
+                             build_optimizer(model, config.training, torch.device("meta")))
+                restore_checkpoint(path, checkpoint, model, record, tokenizer, config.training,
+                                   config.flags, optimizer)
+            broken = [key for key, value in checkpoint["model"].items()
+                      if value.is_floating_point() and not torch.isfinite(value).all()]
+            if broken:
+                raise UserError(f"{path} holds NaN or infinite weights ({broken[0]}); the "
+                                "model is broken: resume from an earlier checkpoint, or train "
+                                "without --resume")
+    finally:
+        restore_rng_states(saved)
+
+
 @contextlib.contextmanager
 def unrestorable(path: Path, what: str):
     """Turns a checkpoint part that its restore cannot take (a file of another pico-llm
@@ -7347,8 +7393,8 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[set])
                 value = state.get(key)
                 if value is None:
                     raise ValueError(f"a parameter's state has no {key}")
-                if key == "step":
-                    if not float(value) >= 0:
+                if key == "step":   # (a dry run's count on the meta device holds no number)
+                    if not getattr(value, "is_meta", False) and not float(value) >= 0:
                         raise ValueError(f"a parameter's step count is {float(value)}")
                 elif not isinstance(value, torch.Tensor) or value.shape != p.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -7363,7 +7409,7 @@ def progress_from(fields: dict) -> TrainingProgress:
         value, kind = getattr(progress, field.name), type(field.default)
         allowed = (int, float) if kind is float else (kind,)
         if not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool):
-            raise TypeError(f"{field.name} is {value!r}, not a {kind.__name__}")
+            raise TypeError(f"{field.name} is {value!r}, not of type {kind.__name__}")
         # counts and times are never negative, an epoch counts from 1, and reduce-on-plateau
         # only ever shrinks the learning rate
         smallest = 1 if field.name == "epoch" else 0
@@ -7588,6 +7634,12 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
     where it holds one (an imported model's is in no flag), else from its flags."""
     checkpoint = load_checkpoint(path, flag)
     trained, tokenizer, model_config = checkpoint_contents(path, checkpoint)
+    # The shapes first, on the meta device (no memory): a model whose stored sizes do not fit
+    # the weights it holds is refused before it is built, however large those sizes say it is.
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # "copying into a meta parameter is a no-op"
+        load_model_weights(build_model(model_config, tokenizer.vocab_size, trained.training.seed),
+                           checkpoint, path, tokenizer)
     model = build_model(model_config, tokenizer.vocab_size, trained.training.seed)
     load_model_weights(model, checkpoint, path, tokenizer)
     return model, tokenizer, trained
@@ -7921,8 +7973,10 @@ def load_model_weights(model: nn.Module, checkpoint: dict, path: Path, tokenizer
                         f"the tokenizer here has {tokenizer.vocab_size} ({tokenizer.name})")
     try:
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:200]
+    except RuntimeError as error:   # "Error(s) in loading state_dict for X:\n\t<one>\n\t<two>"
+        problems = [line.strip() for line in str(error).split("\n\t")[1:]] or [str(error)]
+        detail = textwrap.shorten(problems[0].rstrip("."), 240) + (f"; and {len(problems) - 1} more"
+                                                       if len(problems) > 1 else "")
         raise UserError(f"{path} does not fit a {checkpoint['model_name']} built from these flags "
                         f"({detail})") from None
 

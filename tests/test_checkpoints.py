@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import json
+import math
 import os
 import pickle
 import random
@@ -1039,6 +1040,24 @@ def test_a_checkpoint_of_another_version_is_one_line_naming_it(pico, run_main, t
     assert not (tmp_path / "exported").exists()
 
 
+@pytest.mark.parametrize("command", [["--generate"], ["--export_hf", "{tmp}/exported"]])
+def test_sizes_that_do_not_fit_the_stored_weights_are_refused_before_the_model_is_built(
+        pico, run_main, tmp_path, transformer_checkpoint, command):
+    """A feed-forward layer 2**36 wide would need terabytes: its shape is compared with the
+    weights the file holds first, on the meta device."""
+    checkpoint = dict(transformer_checkpoint,
+                      transformer_config=dict(transformer_checkpoint["transformer_config"],
+                                              d_ff=2**36))
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)
+    path = tmp_path / "step_000001.pt"
+    torch.save(checkpoint, path)
+    status, _, err = run_main("--checkpoint", str(path), *[a.format(tmp=tmp_path) for a in command])
+    assert status == 2, err
+    line = one_error_line(err)
+    assert str(path) in line and "size mismatch for blocks.0." in line and "more)" in line
+    assert not (tmp_path / "exported").exists()
+
+
 def changed_optimizer_moments(change):
     """A change to the optimizer state of the checkpoint's first parameter (on a copy)."""
     def apply(checkpoint):
@@ -1099,6 +1118,38 @@ def test_resuming_a_checkpoint_whose_state_cannot_be_restored_is_one_line(
     assert str(path) in line and "made by another pico-llm version, or is damaged" in line
     assert f"its {change.strip()} cannot be restored" in line
     assert sorted(p.name for p in path.parent.iterdir()) == ["step_000001.pt"]
+
+
+def nan_weights(checkpoint):
+    checkpoint["model"] = {key: torch.full_like(value, math.nan) if value.is_floating_point()
+                           else value for key, value in checkpoint["model"].items()}
+
+
+@pytest.mark.parametrize("change", ["random generators' states", "optimizer state ", "progress",
+                                    "run-log record ", "NaN weights"])
+def test_a_checkpoint_that_cannot_be_restored_stops_the_run_before_any_model_trains(
+        pico, run_main, tmp_path, change):
+    """The second model's checkpoint is restored at its turn; one that cannot be is refused
+    before the first model trains on, prunes its checkpoints and rewrites the run log."""
+    flags = [*TINY, "--models", "lstm_seq,transformer", "--d_model", "32", "--n_heads", "2",
+             "--n_blocks", "1", "--max_steps_per_epoch", "1", "--checkpoint_every", "1",
+             "--keep_checkpoints", "1", "--save_dir", str(tmp_path / "save"), "--run_name", "r",
+             "--artefacts_dir", str(tmp_path / "artefacts"), "--cache_dir", str(tmp_path / "cache")]
+    assert pico.main([*flags, "--epochs", "1"]) == 0
+    path = tmp_path / "save" / "transformer" / "step_000001.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    (nan_weights if change == "NaN weights" else RESUME_STATES_OF_ANOTHER_VERSION[change])(checkpoint)
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)
+    torch.save(checkpoint, path)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}
+    status, _, err = run_main(*flags, "--epochs", "2", "--resume")
+    assert status == 2, err
+    line = one_error_line(err)
+    assert str(path) in line
+    assert ("NaN or infinite weights" if change == "NaN weights"
+            else f"its {change.strip()} cannot be restored") in line
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*")
+            if p.is_file() and "cache" not in p.parts} == files
 
 
 def test_init_from_is_the_same_directory_however_written(pico, tmp_path, monkeypatch):
