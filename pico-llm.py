@@ -2223,6 +2223,19 @@ def check_regular_file(path: Path, what: str) -> None:
 # the joined document) before it is tokenized; a larger file is refused before it is read.
 MAX_INPUT_FILE_BYTES = 2 << 30
 
+# pico-llm's JSON files (run logs, sweep files, tokenizers, a model's config) are megabytes;
+# json holds a file a few times over in memory, so a larger one is refused before it is read.
+MAX_JSON_FILE_BYTES = 512 << 20
+
+
+def check_json_size(path: Path) -> None:
+    """ValueError, which every reader of a JSON file here turns into its one line already, if
+    `path` is larger than any JSON file pico-llm reads."""
+    size = os.stat(path).st_size
+    if size > MAX_JSON_FILE_BYTES:
+        raise ValueError(f"it is {memory_size(size)}, more than the {memory_size(MAX_JSON_FILE_BYTES)} "
+                         "of any JSON file pico-llm reads")
+
 
 def read_without_waiting(path: Path) -> bytes:
     """A file's bytes. Opened non-blocking, which changes nothing for a file on disk, so that a
@@ -3166,6 +3179,7 @@ def load_runlog(path: Path | str) -> dict:
     """Read a run log and check its schema version (the notebook uses this too)."""
     check_regular_file(Path(path), "run log")
     try:
+        check_json_size(Path(path))
         with open(path, encoding="utf-8") as handle:
             log = json.load(handle)
     # ValueError: truncated JSON, or not UTF-8; RecursionError: nested too deeply
@@ -3672,6 +3686,7 @@ def load_sweep(path: Path | str) -> dict:
                                     if looks_like_a_sweep_file(Path(path))
                                     else "give the sweep another path")
     try:
+        check_json_size(Path(path))
         with open(path, encoding="utf-8") as handle:
             sweep = json.load(handle)
     # ValueError: truncated JSON, or not UTF-8; RecursionError: nested too deeply
@@ -8681,6 +8696,8 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
         try:
             if not all((cached / name).is_file() for name in ("vocab.json", "merges.json")):
                 raise ValueError("not regular files")          # reading a FIFO would wait forever
+            for name in ("vocab.json", "merges.json"):
+                check_json_size(cached / name)
             loaded = Tokenizer.from_files(cached / "vocab.json", cached / "merges.json", [END_OF_TEXT])
             if not all(0 <= token_id < vocab_size for token_id in loaded.vocab):
                 raise ValueError(f"ids outside 0..{vocab_size - 1}")
@@ -9478,6 +9495,7 @@ def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, t
 def read_json_object(file: Path) -> dict:
     """A JSON file of a model directory that must hold an object, as a dict."""
     try:
+        check_json_size(file)
         document = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
         raise UserError(f"cannot read {quoted(file)}: {error}".splitlines()[0]) from None
@@ -9549,6 +9567,8 @@ def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
                 length = int.from_bytes(f.read(8), "little")
                 if length > file.stat().st_size - 8:
                     raise ValueError("not a safetensors file (its header is longer than it)")
+                if length > MAX_JSON_FILE_BYTES:
+                    raise ValueError(f"its header is {memory_size(length)} of JSON")
                 header = json.loads(f.read(length))
             shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()
                            if name != "__metadata__"})
@@ -9830,6 +9850,7 @@ def tokenizer_from_hf(path, config: TransformerConfig):
                         "vocabulary is not GPT-2's 50257")
     tokenizers = hf_package("tokenizers", "a tokenizer.json")
     try:
+        check_json_size(file)
         tokenizer = tokenizers.Tokenizer.from_file(str(file))
     except Exception as error:  # tokenizers raises a bare Exception on bad files
         raise UserError(f"cannot read {quoted(file)}: {str(error).splitlines()[0][:160]}") from None

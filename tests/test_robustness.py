@@ -1290,6 +1290,33 @@ def test_a_deeply_nested_safetensors_header_is_one_line(pico, tmp_path):
         pico.read_hf_shapes(tmp_path)
 
 
+def test_json_files_larger_than_any_pico_llm_reads_are_refused_before_reading(
+        pico, tmp_path, monkeypatch, capsys):
+    """json holds a file a few times over in memory: a sparse 5 GB sweep file cost 10 GB before
+    its refusal. Each reader checks the size first (here against a limit of 64 bytes, and files
+    that would otherwise be read)."""
+    texts = ["the cat sat on the mat", "the dog sat on the log"] * 5
+    trained = pico.train_bpe_tokenizer(texts, 270, tmp_path)
+    monkeypatch.setattr(pico, "MAX_JSON_FILE_BYTES", 64)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"text": "x" * 100}))
+    for read in (pico.load_runlog, pico.load_sweep, pico.read_json_object):
+        with pytest.raises(pico.UserError, match="of any JSON file pico-llm reads"):
+            read(big)
+    (tmp_path / "model").mkdir()
+    big.rename(tmp_path / "model" / "tokenizer.json")
+    with pytest.raises(pico.UserError, match="of any JSON file pico-llm reads"):
+        pico.tokenizer_from_hf(tmp_path / "model", pico.TransformerConfig(vocab_size=300))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                         "__metadata__": {"x": "y" * 100}}).encode()
+    (tmp_path / "model" / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(pico.UserError, match="header is"):
+        pico.read_hf_shapes(tmp_path / "model")
+    assert pico.train_bpe_tokenizer(texts, 270, tmp_path).bpe.merges == trained.bpe.merges
+    assert "of any JSON file pico-llm reads" in capsys.readouterr().err
+
+
 def test_pruning_checkpoints_passes_over_a_folder_named_like_one(pico, tmp_path):
     series = pico.CheckpointSeries(tmp_path, "lstm_seq", keep=1)
     (tmp_path / "lstm_seq").mkdir()
