@@ -3266,13 +3266,22 @@ def check_side_files_are_new(run_path: Path, config: "Config") -> None:
                                 "move it away, or choose another --run_name")
 
 
-def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: Path | None) -> bool:
-    """Whether this run may write `run_path`, given the checkpoints it resumes
-    ({model: (path, checkpoint)}, empty for a new run) and its --save_dir (claimed by this run
-    already); UserError if not. Returns True where a new run replaces the log of a run that
-    stopped before its first checkpoint and runs no more: the same command then just works.
-    A finished run's log, a log whose run has checkpoints to --resume, and a running run's log
-    are never replaced; a resumed run continues only its own run's log."""
+# Flags that change where a run writes, what it prints, or how fast it goes, never what it
+# computes: a run that differs from a stopped run only in these is that run's command again.
+FLAGS_OF_THE_SAME_COMMAND = frozenset({"quiet", "device_id", "attention_impl", "cache_dir",
+                                       "run_name", "artefacts_dir", "save_dir",
+                                       "checkpoint_every", "keep_checkpoints"})
+
+
+def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: Path | None,
+                         flags: dict) -> bool:
+    """Whether this run (of these flags) may write `run_path`, given the checkpoints it
+    resumes ({model: (path, checkpoint)}, empty for a new run) and its --save_dir (claimed by
+    this run already); UserError if not. Returns True where the same command replaces the log
+    of a run that stopped before its first checkpoint and runs no more: the command then just
+    works. A finished run's log, a log whose run has checkpoints to --resume, a running run's
+    log and a stopped run's log of other flags (a diverged run's curve is a result) are never
+    replaced; a resumed run continues only its own run's log."""
     if not run_path.exists():
         return False
     try:
@@ -3295,6 +3304,11 @@ def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: P
     if run_is_alive(log, earlier_save_dir, save_dir):
         raise UserError(f"run log {run_path} already exists and belongs to another run that is "
                         "still running; wait for it to finish, or choose another --run_name")
+    differences = flag_differences(args, flags, FLAGS_OF_THE_SAME_COMMAND)
+    if differences:
+        raise UserError(f"run log {run_path} already exists: a run that stopped "
+                        f"({log.get('status')}) with other flags ({'; '.join(differences)[:200]}); "
+                        "choose another --run_name, or delete that file to replace it")
     warn(f"pico-llm: note: replacing run log {run_path}: its run stopped "
          f"({log.get('status')}) before writing a checkpoint")
     return True
@@ -5538,7 +5552,8 @@ def run_training(config: Config) -> int:
         resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
         if context.is_main and not resume_points:
             check_side_files_are_new(run_path, config)
-        replace_run_log = context.is_main and check_run_log_is_new(run_path, resume_points, save_dir)
+        replace_run_log = context.is_main and check_run_log_is_new(run_path, resume_points,
+                                                                   save_dir, config.flags)
         if context.is_main and save_dir is not None:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:

@@ -911,12 +911,34 @@ def test_the_same_command_after_a_death_before_the_first_checkpoint_just_works(
     assert status == 2 and "already exists" in one_error_line(err)
 
 
+def test_a_stopped_runs_log_is_not_replaced_by_another_command(pico, run_main, tmp_path,
+                                                                monkeypatch):
+    """A run that failed before its first checkpoint (a diverged curve is a result) is replaced
+    by its own command again, not by another experiment given the same --run_name."""
+    log_path = tmp_path / "artefacts" / "r.json"
+    command = [*ONE_MODEL, "--save_dir", str(tmp_path / "ckpt"), "--run_name", "r",
+               "--checkpoint_every", "1"]
+    full_disk_for_checkpoints(pico, monkeypatch)
+    assert run_main(*command)[0] == 2
+    monkeypatch.undo()
+    failed = log_path.read_bytes()
+    for other in (["--learning_rate", "0.01"], ["--models", "kgram_mlp_seq"]):
+        status, _, err = run_main(*command, *other)
+        assert status == 2, err
+        line = one_error_line(err)
+        assert "already exists" in line and f"--{other[0][2:]}" in line and "failed" in line
+        assert log_path.read_bytes() == failed
+    # what only changes where the run writes, or what it prints, is the same command
+    status, _, err = run_main(*command, "--save_dir", str(tmp_path / "elsewhere"), "--quiet")
+    assert status == 0 and "replacing run log" in err
+
+
 def test_a_killed_runs_log_is_replaced_only_when_its_run_is_gone(pico, run_main, tmp_path):
     """kill -9 leaves a log saying "running": the same command replaces it once no process
     holds the run's --save_dir, and refuses while one does."""
     save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
     command = [*ONE_MODEL, "--save_dir", str(save), "--run_name", "r"]
-    assert run_main(*command, "--epochs", "1")[0] == 0
+    assert run_main(*command)[0] == 0
     killed = pico.load_runlog(log_path)
     killed.update(status="running", created="2000-01-01T00:00:00+00:00")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
