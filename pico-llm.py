@@ -3221,8 +3221,12 @@ def model_record_problem(record) -> str | None:
             return f"has a {series} whose entries lack a step or a {loss}"
     if not isinstance(record.get("samples", []), list):
         return "has samples that are no list"
-    if not isinstance(record.get("final", {}), dict):
+    final = record.get("final", {})
+    if not isinstance(final, dict):
         return "has a final summary that is no JSON object"
+    for key in ("train_loss", "test_loss", "tokens_per_s"):     # a loss may be null: none yet
+        if key in final and not (number(final[key]) or (key != "tokens_per_s" and final[key] is None)):
+            return f"has a final {key} that is no number"
     return None
 
 
@@ -3397,8 +3401,9 @@ def summary_table(records: dict) -> str:
     lines = [f"{'model':<20} {'params':>12} {'train loss':>11} {'test loss':>10} {'tok/s':>10}"]
     for name, record in records.items():
         final = record.get("final", {})
-        test = final.get("test_loss")
-        lines.append(f"{name:<20} {record['parameters']:>12,} {final.get('train_loss', float('nan')):>11.4f} "
+        train, test = (final.get(key) for key in ("train_loss", "test_loss"))
+        lines.append(f"{name:<20} {record['parameters']:>12,} "
+                     f"{train if train is not None else float('nan'):>11.4f} "
                      f"{test if test is not None else float('nan'):>10.4f} "
                      f"{final.get('tokens_per_s', 0):>10,.0f}")
     return "\n".join(lines)

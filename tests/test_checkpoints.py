@@ -1112,13 +1112,16 @@ RESUME_STATES_OF_ANOTHER_VERSION = {
     "run-log record   ": lambda checkpoint: checkpoint["record"].update(history=[{"x": 1}]),
     "run-log record    ": lambda checkpoint: checkpoint["record"].update(parameters="many"),
     "run-log record     ": lambda checkpoint: checkpoint["record"].update(samples=3),
+    # the summary prints these as numbers
+    "run-log record      ": lambda checkpoint: checkpoint["record"].update(
+        final={**checkpoint["record"]["final"], "test_loss": "x"}),
 }
 
 
 @pytest.mark.parametrize("change, epochs", [*((change, "2") for change in
                                                 RESUME_STATES_OF_ANOTHER_VERSION),
                                               ("run-log record", "1"), ("run-log record ", "1"),
-                                              ("progress", "1")])
+                                              ("run-log record      ", "1"), ("progress", "1")])
 def test_resuming_a_checkpoint_whose_state_cannot_be_restored_is_one_line(
         pico, run_main, tmp_path, transformer_checkpoint, change, epochs):
     """--epochs 2 trains on from the checkpoint; --epochs 1 finds its model finished and
