@@ -7377,12 +7377,8 @@ def check_resume_points(config: "Config", resume_points: dict[str, tuple[Path, d
                              build_optimizer(model, config.training, torch.device("meta")))
                 restore_checkpoint(path, checkpoint, model, record, tokenizer, config.training,
                                    config.flags, optimizer)
-            broken = [key for key, value in checkpoint["model"].items()
-                      if value.is_floating_point() and not torch.isfinite(value).all()]
-            if broken:
-                raise UserError(f"{path} holds NaN or infinite weights ({broken[0]}); the "
-                                "model is broken: resume from an earlier checkpoint, or train "
-                                "without --resume")
+            check_finite_weights(path, checkpoint, "resume from an earlier checkpoint, or "
+                                                   "train without --resume")
     finally:
         restore_rng_states(saved)
 
@@ -7675,6 +7671,7 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
         warnings.simplefilter("ignore")        # "copying into a meta parameter is a no-op"
         load_model_weights(build_model(model_config, tokenizer.vocab_size, trained.training.seed),
                            checkpoint, path, tokenizer)
+    check_finite_weights(path, checkpoint, "use an earlier checkpoint")
     model = build_model(model_config, tokenizer.vocab_size, trained.training.seed)
     load_model_weights(model, checkpoint, path, tokenizer)
     return model, tokenizer, trained
@@ -7753,6 +7750,16 @@ def check_model_config(config) -> None:
             raise UserError(f"{field.name} {value!r} is not an integer of at least {smallest}")
     if isinstance(config, KGramConfig) and config.variant not in KGRAM_VARIANTS:
         raise UserError(f"unknown k-gram variant {config.variant!r}")
+
+
+def check_finite_weights(path: Path, checkpoint: dict, remedy: str) -> None:
+    """UserError if a checkpoint's weights hold NaN or infinity (a hand edit, or damage before
+    its checksum: training never saves a step it did not apply), whatever reads them next."""
+    broken = next((key for key, value in checkpoint["model"].items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if broken is not None:
+        raise UserError(f"{path} holds NaN or infinite weights ({broken}); the model is broken: "
+                        f"{remedy}")
 
 
 def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:

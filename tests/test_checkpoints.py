@@ -1080,6 +1080,21 @@ def test_sizes_that_do_not_fit_the_stored_weights_are_refused_before_the_model_i
     assert not (tmp_path / "exported").exists()
 
 
+@pytest.mark.parametrize("command", [["--generate"], ["--export_hf", "{tmp}/exported"]])
+def test_a_checkpoint_of_nan_weights_is_neither_sampled_nor_exported(
+        pico, run_main, tmp_path, transformer_checkpoint, command):
+    """--init_from refuses an export of NaN weights: --export_hf does not write one."""
+    checkpoint = dict(transformer_checkpoint)
+    nan_weights(checkpoint)
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)
+    path = tmp_path / "step_000001.pt"
+    torch.save(checkpoint, path)
+    status, _, err = run_main("--checkpoint", str(path), *[a.format(tmp=tmp_path) for a in command])
+    assert status == 2, err
+    assert "holds NaN or infinite weights" in one_error_line(err)
+    assert not (tmp_path / "exported").exists()
+
+
 def changed_optimizer_moments(change):
     """A change to the optimizer state of the checkpoint's first parameter (on a copy)."""
     def apply(checkpoint):
