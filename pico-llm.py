@@ -7773,8 +7773,8 @@ def checkpoint_directory(checkpoints: CheckpointConfig) -> Path | None:
         check_regular_file(source, "--resume")
     if checkpoints.save_dir:
         return Path(checkpoints.save_dir)
-    if checkpoints.resume:
-        return source.parent.parent if source.is_file() else source
+    if checkpoints.resume:   # <save_dir>/<model>/step_N.pt, or <save_dir> (resume_checkpoints)
+        return Path(os.path.abspath(source)).parent.parent if source.is_file() else source
     return None
 
 
@@ -7793,6 +7793,11 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
             raise UserError(f"--resume {source} holds model {name}, but --models is "
                             f"{','.join(model_names)}; pass --models {name}, or --resume the "
                             "whole --save_dir")
+        if not checkpoints.save_dir and Path(os.path.abspath(source)).parent.name != name:
+            # a file anywhere else (a download) has no <save_dir> for the run's next
+            # checkpoints: its grandparent folder may be anything, / or a home directory
+            raise UserError(f"--resume {source} is not in a <save_dir>/{name}/ folder, so the "
+                            "run has nowhere to write its checkpoints; add --save_dir DIR")
         # Training on from an older step would write its steps over the newer checkpoints
         # (and prune the one resumed from).
         step = checkpoint["progress"].get("step")

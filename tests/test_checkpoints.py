@@ -631,6 +631,8 @@ BAD_CHECKPOINT_INPUTS = [
      "holds model kgram_mlp_seq, which --models lstm_seq does not name; drop --models"),
     (["--checkpoint", "{ckpt}", "--export_hf", "{folder}/hf", "--tokenizer", "gpt2"],
      "whose model was trained with --tokenizer char; drop --tokenizer"),
+    (["--resume", "{ckpt_elsewhere}"], "is not in a <save_dir>/kgram_mlp_seq/ folder, so the "
+                                       "run has nowhere to write its checkpoints; add --save_dir"),
     (["--resume", "{newer_save}/kgram_mlp_seq/step_000002.pt"],
      "kgram_mlp_seq/step_000003.pt is newer and training on would write over it"),
     (["--save_dir", "{file_save}"], "file_save/kgram_mlp_seq, where kgram_mlp_seq's checkpoints "
@@ -774,12 +776,14 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     shutil.copytree(trained_save_dir, tmp_path / "newer_save")     # a later step beside step 2
     shutil.copy(save / "kgram_mlp_seq" / "step_000002.pt",
                 tmp_path / "newer_save" / "kgram_mlp_seq" / "step_000003.pt")
+    shutil.copy(ckpt, tmp_path / "folder" / "downloaded.pt")
     (tmp_path / "artefacts").mkdir()
     (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
     names = ["truncated", "random_bytes", "text", "evil", "not_pico", "pickled"]
     return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
             "other_save": str(tmp_path / "other_save"), "newer_save": str(tmp_path / "newer_save"),
             "folder": str(tmp_path / "folder"), "file_save": str(tmp_path / "file_save"),
+            "ckpt_elsewhere": str(tmp_path / "folder" / "downloaded.pt"),
             **{name: str(tmp_path / f"{name}.pt") for name in names}}
 
 
