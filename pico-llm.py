@@ -2361,10 +2361,27 @@ def resolved_data_format(data: DataConfig) -> str:
 def read_custom_files(data: DataConfig, read) -> list:
     """What `read` (read_text_lines or read_document) makes of each custom text file:
     --input_files as named, then --input_dir's (read_text_files_in), or else the shipped
-    corpus's."""
-    texts = [read(Path(p)) for p in data.input_files or []]
+    corpus's. One file under two names (a hard or symbolic link, a file of --input_dir also
+    named in --input_files) is refused: its lines would be in both the test and training sets."""
+    seen = {}                                     # (device, inode) -> the name first read
+
+    def read_once(path: Path):
+        try:
+            identity = (path.stat().st_dev, path.stat().st_ino)
+        except OSError:
+            return read(path)                     # which says what is wrong with it
+        if identity in seen:
+            twice = (f"{path} would be read twice (in --input_files, and in --input_dir)"
+                     if seen[identity] == path else
+                     f"{path} and {seen[identity]} are one file (a link, or the same file named "
+                     "twice)")
+            raise UserError(f"{twice}; give each file once")
+        seen[identity] = path
+        return read(path)
+
+    texts = [read_once(Path(p)) for p in data.input_files or []]
     if data.input_dir:
-        texts += read_text_files_in(Path(data.input_dir), read)
+        texts += read_text_files_in(Path(data.input_dir), read_once)
     if not texts and data.tinystories_weight < 1.0:
         texts = read_text_files_in(DEFAULT_CUSTOM_CORPUS, read)
     return texts

@@ -1,6 +1,7 @@
 """Section 6: data sources, token cache, splits, epochs and batches."""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -82,6 +83,24 @@ def test_a_blank_file_in_input_dir_is_skipped_but_a_named_one_is_refused(pico, t
         assert "skipped 1" in capsys.readouterr().err
     with pytest.raises(pico.UserError, match="b.txt is empty"):
         pico.load_custom_examples(args_for(pico, "--input_files", str(tmp_path / "b.txt")))
+
+
+@pytest.mark.parametrize("alias", ["hard link", "symbolic link", "named and in the folder"])
+def test_one_file_under_two_names_is_refused(pico, tmp_path, alias):
+    """Its lines would be in both the test and the training set."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("alpha\nbeta\n")
+    flags = ["--input_dir", str(tmp_path / "d")]
+    if alias == "hard link":
+        os.link(tmp_path / "d" / "a.txt", tmp_path / "b.txt")
+        flags = ["--input_files", str(tmp_path / "d" / "a.txt"), str(tmp_path / "b.txt")]
+    elif alias == "symbolic link":
+        (tmp_path / "d" / "b.txt").symlink_to("a.txt")
+    else:
+        flags += ["--input_files", str(tmp_path / "d" / "a.txt")]
+    for read, data_format in ((pico.load_custom_examples, "lines"), (pico.custom_documents, "stream")):
+        with pytest.raises(pico.UserError, match="give each file once"):
+            read(args_for(pico, *flags, "--data_format", data_format))
 
 
 def test_input_dir_without_txt_files_is_a_user_error(pico, tmp_path):
