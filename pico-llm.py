@@ -6641,7 +6641,12 @@ def compile_unavailable(device: torch.device) -> str | None:
 
 
 def check_compile_available(device: torch.device) -> None:
-    """UserError naming what --compile lacks on `device` (compile_unavailable), if anything."""
+    """UserError naming what --compile lacks on `device` (compile_unavailable), if anything,
+    or a cache folder named for its code (Inductor's and Triton's) that cannot be written."""
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", *(("TRITON_CACHE_DIR",) if device.type == "cuda"
+                                                   else ())):
+        if os.environ.get(variable):
+            check_writable_directory(Path(os.environ[variable]), variable)
     problem = compile_unavailable(device)
     if problem:
         raise UserError(f"--compile cannot run here: {problem}; drop --compile")

@@ -323,6 +323,25 @@ def test_the_training_loop_tells_compilation_whether_lengths_vary(pico, run_main
     assert seen == [True, False]
 
 
+def test_compile_with_a_cache_folder_that_cannot_be_written_is_one_line(
+        pico, run_main, monkeypatch, tmp_path):
+    """Inductor's cache on any device; Triton's, which only a GPU's kernels use, on a GPU."""
+    from conftest import TINY_RUN
+    (tmp_path / "a_file").write_text("not a folder\n")
+    unusable = tmp_path / "a_file" / "cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(unusable))
+    status, _, err = run_main(*TINY_RUN, "--models", "transformer", "--compile")
+    assert status == 2, err
+    assert f"TORCHINDUCTOR_CACHE_DIR {unusable}" in err and "is not a directory" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(unusable))
+    monkeypatch.setattr(pico, "compile_unavailable", lambda device: None)
+    with pytest.raises(pico.UserError, match="TRITON_CACHE_DIR .* is not a directory"):
+        pico.check_compile_available(torch.device("cuda"))
+    pico.check_compile_available(torch.device("cpu"))
+
+
 def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch, tmp_path):
     from conftest import TINY_RUN
     monkeypatch.setattr(pico.shutil, "which", lambda name: None)
