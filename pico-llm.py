@@ -5064,9 +5064,11 @@ def validate_args(args: argparse.Namespace) -> None:
         parse_tokenizer_spec(args.tokenizer)
     validate_checkpoint_args(args)
     validate_huggingface_args(args)
-    for name in args.models if not args.accounting else []:   # --accounting: its own presets'
-        if name.startswith("transformer"):
-            transformer_config_from_flags(vars(args), name)  # validates the fields
+    # Each Transformer's fields are validated; without one, the flags' values all the same (as
+    # the k-gram's and the LSTM's are in every run): a bad value is never recorded unread.
+    transformers = [name for name in args.models if name.startswith("transformer")]
+    for name in (transformers or ["transformer"]) if not args.accounting else []:  # --accounting:
+        transformer_config_from_flags(vars(args), name)      # its own presets'; validates
 
 
 def validate_checkpoint_args(args: argparse.Namespace) -> None:

@@ -63,6 +63,10 @@ BAD_INPUTS = [
     (["--num_inner_mlp_layers", "1000000"], "--num_inner_mlp_layers is at most 1000"),
     (["--models", "lstm_seq", "--lstm_layers", "100000"], "--lstm_layers is at most 1000"),
     (["--models", "transformer", "--n_blocks", "5000"], "--n_blocks is at most 1000"),
+    # a Transformer's flags are checked without one too, as the k-gram's are without a k-gram
+    (["--models", "lstm_seq", "--n_blocks", "5000"], "--n_blocks is at most 1000"),
+    (["--models", "lstm_seq", "--d_model", "-5"], "--d_model must be positive"),
+    (["--models", "kgram_mlp_seq", "--transformer_variant", "nope"], "unknown --transformer_variant"),
     (["--epochs", "10001"], "--epochs is at most 10000, got 10001"),
     (["--epochs", "1" + "0" * 30], "--epochs is at most 10000"),
     (["--models", "kgram_mlp_seq", "--kgram_k", "1025", "--block_size", "2048"],
