@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import time
 
 import numpy as np
@@ -226,6 +227,46 @@ def test_tinystories_loads_a_local_copy_through_datasets(pico, tmp_path, suffix)
         import pyarrow.parquet as pq
         pq.write_table(pa.table({"text": stories}), path)
     assert pico.load_tinystories(2, str(path)) == stories[:2]
+
+
+def reference_nesting_depth(text: str) -> int:
+    """JSON's nesting, byte by byte: brackets inside strings (and escaped quotes) do not count."""
+    deepest = depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def test_json_nesting_depth_skips_strings_across_chunk_boundaries(pico, tmp_path):
+    """Random documents whose strings hold brackets, quotes and runs of backslashes, read in
+    chunks that cut through all of them."""
+    rng = random.Random(0)
+
+    def document(level):
+        text = "".join(rng.choice('[]{}"\\ab') for _ in range(rng.randint(0, 6)))
+        if level > 5 or rng.random() < 0.3:
+            return text
+        if rng.random() < 0.5:
+            return [document(level + 1) for _ in range(rng.randint(0, 3))]
+        return {text + str(i): document(level + 1) for i in range(rng.randint(0, 3))}
+
+    path = tmp_path / "stories.json"
+    for _ in range(100):
+        text = json.dumps(document(0))
+        path.write_text(text)
+        for chunk_bytes in (1, 2, 3, 7, 1 << 22):
+            assert pico.json_nesting_depth(path, 10**9, chunk_bytes) == reference_nesting_depth(text)
+    path.write_text('{"text": "' + "[" * 5000 + '"}')            # deep only inside a string
+    assert pico.json_nesting_depth(path, 1000) == 1
 
 
 def test_tinystories_mixes_into_training_data(pico, gpt2, tmp_path):

@@ -360,19 +360,25 @@ def test_kgram_k_too_large_is_refused_before_training(ws):
     assert not trained_before_failing(result), describe(result)
 
 
+NESTED = b"[" * 20_000 + b"]" * 20_000     # pyarrow's JSON reader crashed on it (a segfault)
+
+
 @pytest.mark.parametrize("kind", ["malformed_json", "non_utf8_txt", "nul_txt", "corrupt_parquet",
-                                  "empty_jsonl", "directory"])
+                                  "empty_jsonl", "directory", "nested_json", "nested_jsonl"])
 def test_bad_tinystories_file_is_one_line(ws, kind):
     path = ws.root / {"malformed_json": "stories.json", "non_utf8_txt": "stories.txt",
                       "nul_txt": "stories.txt", "corrupt_parquet": "stories.parquet",
-                      "empty_jsonl": "stories.jsonl", "directory": "stories.txt"}[kind]
+                      "empty_jsonl": "stories.jsonl", "directory": "stories.txt",
+                      "nested_json": "stories.json", "nested_jsonl": "stories.jsonl"}[kind]
     if kind == "directory":
         path.mkdir()
     else:
         path.write_bytes({"malformed_json": b'{"text": "Once upon a time", ',
                           "non_utf8_txt": b"Once upon a time\n\xff\xfe bad bytes\n",
                           "nul_txt": b"Once upon a time\n\x00\x01\x02 a binary part\n",
-                          "corrupt_parquet": b"PAR1" + os.urandom(256), "empty_jsonl": b""}[kind])
+                          "corrupt_parquet": b"PAR1" + os.urandom(256), "empty_jsonl": b"",
+                          "nested_json": b'{"text": ' + NESTED + b"}",
+                          "nested_jsonl": b'{"text": "Once"}\n{"a": {"b": ' + NESTED + b"}}\n"}[kind])
     before = ws.snapshot()
     result = run(*TINY, *ws.io(corpus=False), "--tinystories_weight", "1.0",
                  "--tinystories_path", str(path), timeout=120)
