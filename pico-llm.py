@@ -91,6 +91,7 @@ import _compat_pickle
 import argparse
 import base64
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -7471,8 +7472,8 @@ def restore_record(record: dict, stored) -> None:
     """`record`, a model's fresh run-log record (model_record), takes a checkpoint's record of
     the training so far (a dict: checked with the checkpoint's parts). ValueError if what
     training appends to, or the summary reads back, is not as pico-llm writes it
-    (model_record_problem)."""
-    record.update(stored)
+    (model_record_problem). A copy: training appends to its lists, which stay the checkpoint's."""
+    record.update(copy.deepcopy(stored))
     problem = model_record_problem(record)
     if problem:
         raise ValueError(f"it {problem}")

@@ -858,6 +858,14 @@ def test_resuming_a_finished_run_with_more_epochs_trains_one_more_epoch(pico, ru
     status, _, err = run_main(*ONE_MODEL, "--epochs", "3", "--embed_size", "32", "--save_dir",
                               str(save), "--run_name", "r", "--resume")
     assert status == 2 and "--embed_size" in one_error_line(err)
+    # a second extension adds its one change to the first (restored twice: once checked
+    # before any model trains, once at the model's turn)
+    status, _, err = run_main(*ONE_MODEL, "--epochs", "3", "--save_dir", str(save), "--run_name",
+                              "r", "--resume")
+    assert status == 0, err
+    assert pico.load_runlog(log_path)["models"]["lstm_seq"]["length_changes"] == [
+        {"step": 3, "flag": "epochs", "old": 1, "new": 2},
+        {"step": 6, "flag": "epochs", "old": 2, "new": 3}]
 
 
 def test_an_early_stopped_run_resumed_without_early_stopping_trains_on(pico, run_main, tmp_path):
