@@ -7418,7 +7418,7 @@ def restore_checkpoint(path: Path, checkpoint: dict, model: nn.Module, record: d
         with unrestorable(path, "optimizer state"):
             settings = [set(group) for group in optimizer.param_groups]
             optimizer.load_state_dict(checkpoint["optimizer"])
-            check_optimizer_state(optimizer, settings)
+            check_optimizer_state(optimizer, settings, checkpoint["optimizer"])
         with unrestorable(path, "random generators' states"):
             restore_rng_states(checkpoint["rng"])
     return progress
@@ -7479,11 +7479,17 @@ def restore_record(record: dict, stored) -> None:
         raise ValueError(f"it {problem}")
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[set]) -> None:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[set],
+                          stored: dict) -> None:
     """ValueError if a restored optimizer state lacks what a step reads (each group's
     `settings`, the keys of the groups as built; AdamW's step count and moments, Muon's
-    momentum), or holds a moment of another shape than its parameter: load_state_dict checks
-    only the sizes of the groups, and the first step would fail."""
+    momentum), or holds a moment of another shape than its parameter, or a step count that is
+    negative or NaN: load_state_dict checks only the sizes of the groups, and the first step
+    would fail. The counts are read in `stored`, the state dict loaded: a fused optimizer moves
+    them to its parameters' device, which holds no numbers in check_resume_points (meta)."""
+    for state in stored["state"].values():
+        if "step" in state and not float(state["step"]) >= 0:
+            raise ValueError(f"a parameter's step count is {float(state['step'])}")
     for group, keys in zip(optimizer.param_groups, settings):
         if keys - set(group):
             raise ValueError(f"a parameter group has no {', '.join(sorted(keys - set(group)))}")
@@ -7496,10 +7502,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[set])
                 value = state.get(key)
                 if value is None:
                     raise ValueError(f"a parameter's state has no {key}")
-                if key == "step":   # (a dry run's count on the meta device holds no number)
-                    if not getattr(value, "is_meta", False) and not float(value) >= 0:
-                        raise ValueError(f"a parameter's step count is {float(value)}")
-                elif not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                if key != "step" and (not isinstance(value, torch.Tensor) or value.shape != p.shape):
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(f"a parameter of shape {tuple(p.shape)} has {key} of {shape}")
 

@@ -1127,6 +1127,8 @@ RESUME_STATES_OF_ANOTHER_VERSION = {
     "optimizer state ": changed_optimizer_moments(lambda state: state.pop("exp_avg")),
     "optimizer state  ": changed_optimizer_moments(
         lambda state: state.update(exp_avg_sq=torch.zeros(3))),
+    "optimizer state   ": changed_optimizer_moments(
+        lambda state: state.update(step=torch.tensor(-1.0))),
     "random generators' states": lambda checkpoint: checkpoint.update(rng={}),
     "random generators' states ": lambda checkpoint: checkpoint["rng"].update(
         torch=torch.zeros(3, dtype=torch.uint8)),
@@ -1177,8 +1179,9 @@ def nan_weights(checkpoint):
                            else value for key, value in checkpoint["model"].items()}
 
 
-@pytest.mark.parametrize("change", ["random generators' states", "optimizer state ", "progress",
-                                    "run-log record ", "NaN weights"])
+@pytest.mark.parametrize("change", ["random generators' states", "optimizer state ",
+                                    "optimizer state   ", "progress", "run-log record ",
+                                    "NaN weights"])
 def test_a_checkpoint_that_cannot_be_restored_stops_the_run_before_any_model_trains(
         pico, run_main, tmp_path, change):
     """The second model's checkpoint is restored at its turn; one that cannot be is refused
@@ -1202,6 +1205,34 @@ def test_a_checkpoint_that_cannot_be_restored_stops_the_run_before_any_model_tra
             else f"its {change.strip()} cannot be restored") in line
     assert {p: p.read_bytes() for p in tmp_path.rglob("*")
             if p.is_file() and "cache" not in p.parts} == files
+
+
+def test_the_check_before_training_leaves_every_generator_and_warning_filter_as_it_was(
+        pico, run_main, tmp_path, monkeypatch):
+    """It seeds model builds and restores each checkpoint's generators: all are put back, so a
+    model that starts afresh beside resumed ones draws what it would have drawn."""
+    flags = [*TINY, "--models", "lstm_seq,transformer", "--d_model", "32", "--n_heads", "2",
+             "--n_blocks", "1", "--max_steps_per_epoch", "1", "--save_dir", str(tmp_path / "save"),
+             "--artefacts_dir", str(tmp_path / "artefacts"), "--cache_dir", str(tmp_path / "cache")]
+    assert pico.main([*flags, "--epochs", "1", "--run_name", "r"]) == 0
+    check, seen = pico.check_resume_points, []
+
+    def checked(*args):
+        random.seed(5)
+        pico.np.random.seed(5)
+        torch.manual_seed(5)
+        before, filters = pico.rng_states(), list(pico.warnings.filters)
+        check(*args)
+        after = pico.rng_states()
+        seen.append(torch.equal(before["torch"], after["torch"])
+                    and torch.equal(before["numpy"]["keys"], after["numpy"]["keys"])
+                    and before["python"] == after["python"]
+                    and list(pico.warnings.filters) == filters)
+
+    monkeypatch.setattr(pico, "check_resume_points", checked)
+    status, _, err = run_main(*flags, "--epochs", "2", "--run_name", "r", "--resume")
+    assert status == 0, err
+    assert seen == [True]
 
 
 def test_init_from_is_the_same_directory_however_written(pico, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ Grouped by the kind of robustness each test pins down. Each bad-input test asser
 status 2, exactly one line on stderr, no traceback, and no file added, removed or changed.
 """
 
+import copy
 import dataclasses
 import errno
 import json
@@ -1414,24 +1415,35 @@ def narrowed(key):
     ("scratch", narrowed("exp_avg"), "of shape"),
     ("muon", narrowed("momentum_buffer"), "of shape"),
     ("torch", lambda state: state.update(step=torch.tensor(-1.0)), "step count"),
+    ("torch", lambda state: state.update(step=torch.tensor(float("nan"))), "step count"),
     ("scratch", lambda state: state.update(step=-1), "step count")])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_an_optimizer_state_a_step_could_not_use_is_refused_when_restored(pico, optimizer,
-                                                                           damage, message):
+                                                                           damage, message,
+                                                                           device):
     """load_state_dict checks only the sizes of the groups: a missing moment failed at the
-    first step, one of another shape crashed the process (the fused AdamW)."""
-    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
-                                                    block_size=8), 20, 0)
-    training = pico.TrainingConfig(optimizer=optimizer)
-    optimizer = pico.build_optimizer(model, training, torch.device("cpu"))
-    sum(p.sum() for p in model.parameters()).backward()
+    first step, one of another shape crashed the process (the fused AdamW). On the meta device
+    too, where --resume checks every checkpoint before training (and the fused AdamW moves the
+    step counts there)."""
+    config = pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1, block_size=8)
+    trained, training = pico.build_model(config, 20, 0), pico.TrainingConfig(optimizer=optimizer)
+    optimizer = pico.build_optimizer(trained, training, torch.device("cpu"))
+    sum(p.sum() for p in trained.parameters()).backward()
     optimizer.step()
-    restored = pico.build_optimizer(model, training, torch.device("cpu"))
+    saved = copy.deepcopy(optimizer.state_dict())
+    with torch.device(device):
+        model = pico.build_model(config, 20, 0)
+    restored = pico.build_optimizer(model, training, torch.device(device))
     settings = [set(group) for group in restored.param_groups]
-    restored.load_state_dict(optimizer.state_dict())
-    pico.check_optimizer_state(restored, settings)     # as a step leaves it
-    damage(restored.state[pico.muon_matrices(model)[0]])    # a hidden matrix's state
+    restored.load_state_dict(saved)
+    pico.check_optimizer_state(restored, settings, saved)     # as a step leaves it
+    index = {id(p): i for group, stored in zip(optimizer.param_groups, saved["param_groups"])
+             for p, i in zip(group["params"], stored["params"])}
+    damage(saved["state"][index[id(pico.muon_matrices(trained)[0])]])   # a hidden matrix's
+    restored = pico.build_optimizer(model, training, torch.device(device))
+    restored.load_state_dict(saved)
     with pytest.raises(ValueError, match=message):
-        pico.check_optimizer_state(restored, settings)
+        pico.check_optimizer_state(restored, settings, saved)
 
 
 @pytest.mark.parametrize("group, setting", [(0, "momentum"), (0, "ns_steps"), (1, "betas"),
@@ -1452,13 +1464,13 @@ def test_a_restored_optimizer_group_without_a_setting_a_step_reads_is_refused(pi
     settings = [set(g) for g in restored.param_groups]
     restored.load_state_dict(saved)
     with pytest.raises(ValueError, match=f"a parameter group has no {setting}"):
-        pico.check_optimizer_state(restored, settings)
+        pico.check_optimizer_state(restored, settings, saved)
     intact = pico.build_optimizer(model, training, torch.device("cpu"))
     intact.load_state_dict(optimizer.state_dict())
     gain = next(p for p in model.parameters() if p.dim() == 1)      # an AdamW parameter
     intact.state[gain].pop("exp_avg_sq")
     with pytest.raises(ValueError, match="has no exp_avg_sq"):
-        pico.check_optimizer_state(intact, settings)
+        pico.check_optimizer_state(intact, settings, optimizer.state_dict())
 
 
 @pytest.mark.parametrize("change", [{"d_model": 16.0}, {"block_size": 0}, {"block_size": 16.5},
