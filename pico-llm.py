@@ -2234,8 +2234,8 @@ def check_json_size(path: Path) -> None:
     `path` is larger than any JSON file pico-llm reads."""
     size = os.stat(path).st_size
     if size > MAX_JSON_FILE_BYTES:
-        raise ValueError(f"it is {memory_size(size)}, more than the {memory_size(MAX_JSON_FILE_BYTES)} "
-                         "of any JSON file pico-llm reads")
+        raise ValueError(f"it is {memory_size(size)}, more than the "
+                         f"{memory_size(MAX_JSON_FILE_BYTES)} of any JSON file pico-llm reads")
 
 
 def read_without_waiting(path: Path) -> bytes:
@@ -2368,9 +2368,12 @@ def read_custom_files(data: DataConfig, read) -> list:
 
     def read_once(path: Path):
         try:
-            identity = (path.stat().st_dev, path.stat().st_ino)
+            status = path.stat()
         except OSError:
             return read(path)                     # which says what is wrong with it
+        identity = (status.st_dev, status.st_ino)
+        if status.st_ino == 0:                    # a file system without inode numbers
+            return read(path)
         if identity in seen:
             twice = (f"{path} would be read twice (in --input_files, and in --input_dir)"
                      if seen[identity] == path else
@@ -2475,9 +2478,10 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
         if builder == "json":
             depth = json_nesting_depth(path, MAX_JSON_NESTING)
             if depth > MAX_JSON_NESTING:
-                raise UserError(f"--tinystories_path {path} nests JSON more than "
+                raise UserError(f"--tinystories_path {path} nests [ and {{ more than "
                                 f"{MAX_JSON_NESTING:,} levels deep, where records of stories "
-                                "need two; give a file of records with a 'text' string")
+                                "need two (is it JSON?); give a file of records with a 'text' "
+                                "string")
         try:  # the file is read while it is iterated, so a damaged one fails in the loop
             stream = datasets.load_dataset(builder, data_files=str(path), split="train",
                                            streaming=True)
@@ -2519,14 +2523,13 @@ def json_nesting_depth(path: Path, stop_above: int, chunk_bytes: int = 1 << 22) 
             data = escaping + chunk                # an odd run of backslashes from the chunk before
             b = np.frombuffer(data, np.uint8)
             quotes = np.flatnonzero(b == ord('"'))
-            # a quote after an odd run of backslashes is part of a string; the runs are short
-            run, going = np.zeros(len(quotes), np.int64), np.flatnonzero(quotes > 0)
-            while len(going):
-                at = quotes[going] - 1 - run[going]
-                backslash = (at >= 0) & (b[np.maximum(at, 0)] == ord("\\"))
-                going = going[backslash]
-                run[going] += 1
-            quotes = quotes[run % 2 == 0]
+            slashes = np.flatnonzero(b == ord("\\"))
+            if len(slashes):   # a quote after an odd run of backslashes is part of a string
+                first = np.diff(slashes, prepend=-2) != 1                # a run's first one
+                run_start = np.maximum.accumulate(np.where(first, np.arange(len(slashes)), 0))
+                last = np.maximum(np.searchsorted(slashes, quotes) - 1, 0)  # before each quote
+                run = np.where(slashes[last] == quotes - 1, last - run_start[last] + 1, 0)
+                quotes = quotes[run % 2 == 0]
             brackets = np.flatnonzero(step[b])
             # a bracket is inside a string after an odd number of quotes (and the one open)
             inside = (np.searchsorted(quotes, brackets) + in_string) % 2 == 1
@@ -3289,8 +3292,9 @@ def model_record_problem(record) -> str | None:
     final = record.get("final", {})
     if not isinstance(final, dict):
         return "has a final summary that is no JSON object"
-    for key in ("train_loss", "test_loss", "tokens_per_s"):     # a loss may be null: none yet
-        if key in final and not (number(final[key]) or (key != "tokens_per_s" and final[key] is None)):
+    for key in ("train_loss", "test_loss", "tokens_per_s"):
+        null_allowed = key != "tokens_per_s"          # a loss is null where none was measured
+        if key in final and not number(final[key]) and not (null_allowed and final[key] is None):
             return f"has a final {key} that is no number"
     return None
 
@@ -3376,7 +3380,8 @@ def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: P
     differences = flag_differences(args, flags, FLAGS_OF_THE_SAME_COMMAND)
     if differences:
         raise UserError(f"run log {run_path} already exists: a run that stopped "
-                        f"({log.get('status')}) with other flags ({'; '.join(differences)[:200]}); "
+                        f"({log.get('status')}) with other flags "
+                        f"({textwrap.shorten('; '.join(differences), 200)}); "
                         "choose another --run_name, or delete that file to replace it")
     warn(f"pico-llm: note: replacing run log {run_path}: its run stopped "
          f"({log.get('status')}) before writing a checkpoint")
@@ -3434,18 +3439,19 @@ def check_run_log_is_the_checkpoints(run_path: Path, log: dict | None, resume_po
                     "run's --run_name, or a new --run_name")
 
 
-def check_writable_directory(directory: Path, flag: str) -> None:
+def check_writable_directory(directory: Path, flag: str, remedy: str = "") -> None:
     """Fail before training, not after it, when results could not be saved. A real file
     (or, where the directory is still to be made, a directory) is created and removed in
     the nearest existing ancestor: os.access says yes to root for /proc and /sys."""
+    remedy = remedy or f"choose another with {flag}"
     existing = directory
     while not existing.exists():
         if existing.is_symlink():   # to a path that does not exist, or a loop: mkdir would fail
             raise UserError(f"{flag} {directory}: {existing} is a symbolic link to nothing "
-                            f"(broken, or a loop); fix the link, or choose another {flag}")
+                            f"(broken, or a loop); fix the link, or {remedy}")
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{flag} {directory}: {existing} is not a directory")
+        raise UserError(f"{flag} {directory}: {existing} is not a directory; {remedy}")
     try:
         if existing == directory:
             handle, probe = tempfile.mkstemp(dir=existing, prefix=".pico-llm-probe-")
@@ -3457,8 +3463,7 @@ def check_writable_directory(directory: Path, flag: str) -> None:
         # in a directory that exists, "no such file" means no file can be made there (/proc)
         reason = (f"no file can be created in {existing}" if error.errno == errno.ENOENT
                   else error.strerror)
-        raise UserError(f"{flag} {directory} is not writable ({reason}); choose another "
-                        f"with {flag}") from None
+        raise UserError(f"{flag} {directory} is not writable ({reason}); {remedy}") from None
 
 
 def summary_table(records: dict) -> str:
@@ -5112,11 +5117,13 @@ def validate_args(args: argparse.Namespace) -> None:
         parse_tokenizer_spec(args.tokenizer)
     validate_checkpoint_args(args)
     validate_huggingface_args(args)
-    # Each Transformer's fields are validated; without one, the flags' values all the same (as
-    # the k-gram's and the LSTM's are in every run): a bad value is never recorded unread.
+    # Each Transformer's fields are validated, and without one the flags' values all the same,
+    # as the k-gram's and the LSTM's are in every run: a bad value is never recorded unread.
+    # (--accounting reports its own presets.)
+    find_preset(args.transformer_variant)        # transformer_gptoss alone does not read it
     transformers = [name for name in args.models if name.startswith("transformer")]
-    for name in (transformers or ["transformer"]) if not args.accounting else []:  # --accounting:
-        transformer_config_from_flags(vars(args), name)      # its own presets'; validates
+    for name in [] if args.accounting else transformers or ["transformer"]:
+        transformer_config_from_flags(vars(args), name)
 
 
 def validate_checkpoint_args(args: argparse.Namespace) -> None:
@@ -6693,10 +6700,13 @@ def compile_unavailable(device: torch.device) -> str | None:
 def check_compile_available(device: torch.device) -> None:
     """UserError naming what --compile lacks on `device` (compile_unavailable), if anything,
     or a cache folder named for its code (Inductor's and Triton's) that cannot be written."""
-    for variable in ("TORCHINDUCTOR_CACHE_DIR", *(("TRITON_CACHE_DIR",) if device.type == "cuda"
-                                                   else ())):
+    variables = ["TORCHINDUCTOR_CACHE_DIR"]
+    if device.type == "cuda":                           # Triton's kernels are a GPU's only
+        variables.append("TRITON_CACHE_DIR")
+    for variable in variables:
         if os.environ.get(variable):
-            check_writable_directory(Path(os.environ[variable]), variable)
+            check_writable_directory(Path(os.environ[variable]), variable,
+                                     remedy=f"set {variable} to another folder, or unset it")
     problem = compile_unavailable(device)
     if problem:
         raise UserError(f"--compile cannot run here: {problem}; drop --compile")
@@ -8097,8 +8107,8 @@ def load_model_weights(model: nn.Module, checkpoint: dict, path: Path, tokenizer
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:   # "Error(s) in loading state_dict for X:\n\t<one>\n\t<two>"
         problems = [line.strip() for line in str(error).split("\n\t")[1:]] or [str(error)]
-        detail = textwrap.shorten(problems[0].rstrip("."), 240) + (f"; and {len(problems) - 1} more"
-                                                       if len(problems) > 1 else "")
+        more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
+        detail = textwrap.shorten(problems[0].rstrip("."), 240) + more
         raise UserError(f"{path} does not fit a {checkpoint['model_name']} built from these flags "
                         f"({detail})") from None
 

@@ -67,6 +67,8 @@ BAD_INPUTS = [
     (["--models", "lstm_seq", "--n_blocks", "5000"], "--n_blocks is at most 1000"),
     (["--models", "lstm_seq", "--d_model", "-5"], "--d_model must be positive"),
     (["--models", "kgram_mlp_seq", "--transformer_variant", "nope"], "unknown --transformer_variant"),
+    (["--models", "transformer_gptoss", "--transformer_variant", "nope"],
+     "unknown --transformer_variant"),
     (["--epochs", "10001"], "--epochs is at most 10000, got 10001"),
     (["--epochs", "1" + "0" * 30], "--epochs is at most 10000"),
     (["--models", "kgram_mlp_seq", "--kgram_k", "1025", "--block_size", "2048"],

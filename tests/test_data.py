@@ -267,6 +267,8 @@ def test_json_nesting_depth_skips_strings_across_chunk_boundaries(pico, tmp_path
             assert pico.json_nesting_depth(path, 10**9, chunk_bytes) == reference_nesting_depth(text)
     path.write_text('{"text": "' + "[" * 5000 + '"}')            # deep only inside a string
     assert pico.json_nesting_depth(path, 1000) == 1
+    path.write_text('[["' + "\\\\" * 100_000 + '\\"[["]]')   # long runs: counted at once
+    assert pico.json_nesting_depth(path, 1000) == 2
 
 
 def test_tinystories_mixes_into_training_data(pico, gpt2, tmp_path):

@@ -333,6 +333,7 @@ def test_compile_with_a_cache_folder_that_cannot_be_written_is_one_line(
     status, _, err = run_main(*TINY_RUN, "--models", "transformer", "--compile")
     assert status == 2, err
     assert f"TORCHINDUCTOR_CACHE_DIR {unusable}" in err and "is not a directory" in err
+    assert "set TORCHINDUCTOR_CACHE_DIR to another folder, or unset it" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(unusable))
