@@ -66,6 +66,7 @@ Contents (the section banners below carry the same numbers):
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
@@ -86,6 +87,15 @@ if __name__ == "__main__":
                               (signal.SIGTERM, signal.SIG_DFL)):
         if signal.getsignal(_number) is _default:
             signal.signal(_number, interrupted_while_starting)
+    # libgomp, the OpenMP library that importing torch loads, loops forever on a
+    # GOMP_CPU_AFFINITY it cannot read ("zz", "0:"), in native code, where no signal handler
+    # of Python's runs (nor Ctrl-C): one line instead. Its form: CPUs and ranges (N-M:stride).
+    _cpu = r"\d+(\s*-\s*\d+(\s*:\s*\d+)?)?"
+    _affinity = os.environ.get("GOMP_CPU_AFFINITY", "")
+    if not re.fullmatch(rf"[\s,]*({_cpu}([\s,]+{_cpu})*)?[\s,]*", _affinity):
+        sys.stderr.write(f"pico-llm: error: GOMP_CPU_AFFINITY={_affinity[:40]!r} is not a list of "
+                         "CPUs such as 0-3,6 or 0-7:2; fix it, or unset it\n")
+        sys.exit(2)
 
 import _compat_pickle
 import argparse
@@ -107,7 +117,6 @@ import math
 import multiprocessing
 import platform
 import random
-import re
 import shlex
 import shutil
 import socket
@@ -140,6 +149,14 @@ except ModuleNotFoundError as missing:      # a fresh machine: one line, as for 
         raise
     sys.stderr.write(f"pico-llm: error: the package {missing.name} is not installed; pip "
                      "install -r requirements.txt (GPU users: see README.md)\n")
+    sys.exit(2)
+except Exception as failed:   # a setting torch reads as it loads (TORCH_LOGS=bogus), a broken install
+    if __name__ != "__main__":
+        raise
+    reason = (str(failed).strip().splitlines() or [type(failed).__name__])[0]
+    sys.stderr.write(f"pico-llm: error: importing numpy and torch failed ({reason[:160]}); check "
+                     "the TORCH_* environment variables, or reinstall: pip install -r "
+                     "requirements.txt\n")
     sys.exit(2)
 
 REPO_DIR = Path(__file__).resolve().parent

@@ -819,6 +819,25 @@ def test_unreadable_input_dir_is_not_reported_as_empty(ws):
         locked.chmod(0o755)
 
 
+@pytest.mark.parametrize("variable, value, keywords", [
+    # libgomp, which importing torch loads, looped forever on it, deaf to SIGTERM and Ctrl-C
+    ("GOMP_CPU_AFFINITY", "0:", ("GOMP_CPU_AFFINITY", "not a list of CPUs")),
+    ("GOMP_CPU_AFFINITY", "zz", ("GOMP_CPU_AFFINITY", "not a list of CPUs")),
+    # torch raised a ValueError as it loaded: a traceback
+    ("TORCH_LOGS", "bogus", ("importing numpy and torch failed", "Invalid log settings"))])
+def test_an_environment_variable_that_breaks_importing_torch_is_one_line(ws, variable, value,
+                                                                          keywords):
+    before = ws.snapshot()
+    result = run(*TINY, *ws.io(), env={**os.environ, variable: value}, timeout=HANG_TIMEOUT)
+    assert_refused(result, *keywords, unchanged=before)
+
+
+def test_gomp_cpu_affinity_in_libgomps_own_forms_is_taken(ws):
+    for value in ("0", "0-1", "0 - 1, 0", "0-1:1", ""):
+        result = run("--help", env={**os.environ, "GOMP_CPU_AFFINITY": value})
+        assert result.returncode == 0, describe(result)
+
+
 @pytest.mark.parametrize("signal_number, status, word", [(signal.SIGINT, 130, "interrupted"),
                                                         (signal.SIGTERM, 143, "terminated")])
 def test_a_signal_during_start_up_prints_one_line(ws, signal_number, status, word):
