@@ -3330,12 +3330,30 @@ def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
         length = len(os.fsencode(output.run_name))
         if length > MAX_RUN_NAME_BYTES:
             raise UserError(f"--run_name is {length} bytes long; use at most {MAX_RUN_NAME_BYTES}")
+        reserved = reserved_artefact_name(output.run_name)
+        if reserved:
+            raise UserError(f"--run_name {output.run_name!r} is the name of {reserved} in "
+                            "--artefacts_dir; choose another --run_name")
         return directory / f"{output.run_name}.json"
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-p{os.getpid()}_{'+'.join(model_names)}"
     path, counter = directory / f"{stem}.json", 2
     while path.exists():
         path, counter = directory / f"{stem}-{counter}.json", counter + 1
     return path
+
+
+def reserved_artefact_name(stem: str) -> str | None:
+    """What else pico-llm writes as <artefacts_dir>/<stem>.json, or None: a run log of that
+    name would replace it, or be replaced by it, while both runs believe they wrote theirs
+    (the checks that a name is free happen when a run starts, the writes at its end)."""
+    if stem.startswith("sweep_"):
+        return "a sweep's file"
+    if re.search(r"\.(attention|monosemantic)_", stem):
+        return "another run's attention maps or embedding clusters"
+    if stem.startswith("architectures_attention_") or stem in ("attention_transformer",
+                                                                "monosemantic_transformer"):
+        return "a sweep's attention maps or embedding clusters"
+    return None
 
 
 def check_side_files_are_new(run_path: Path, config: "Config") -> None:

@@ -80,6 +80,10 @@ BAD_INPUTS = [
     (["--input_files"], "--input_files names no file"),
     (["--input_files", "3seqs.txt", "./3seqs.txt"], "--input_files names 3seqs.txt twice"),
     (["--run_name", ""], "must be a plain file name"),
+    # names of files that others write at their end: two runs at once would replace each other's
+    (["--run_name", "sweep_ablations"], "is the name of a sweep's file"),
+    (["--run_name", "r.attention_transformer"], "is the name of another run's attention maps"),
+    (["--run_name", "monosemantic_transformer"], "is the name of a sweep's attention maps"),
     (["--run_name", "a\nb"], "must be a plain file name"),
     (["--sweep", "budget", "--accounting"], "--accounting and --sweep are two commands"),
     (["--generate", "--checkpoint", "x.pt", "--sweep", "budget"], "--generate and --sweep are two commands"),
