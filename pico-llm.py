@@ -2841,7 +2841,11 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
     if cache_dir is not None:
         tokens_path = cache_dir / f"{key}.tokens.npy"
         offsets_path = cache_dir / f"{key}.offsets.npy"
-        if tokens_path.exists() and offsets_path.exists():
+        try:
+            found = tokens_path.exists() and offsets_path.exists()
+        except OSError:          # a path the file system refuses (too long): no cache, as below
+            found = False
+        if found:
             try:
                 cached = TokenizedExamples(load_cached_array(tokens_path, mmap_mode="r"),
                                            load_cached_array(offsets_path), num_bytes)
@@ -2875,8 +2879,11 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
             atomic_write_bytes(tokens_path, lambda file: np.save(file, tokens))
             atomic_write_bytes(offsets_path, lambda file: np.save(file, offsets))
         except OSError as error:  # a cache we cannot write only costs time
-            reason = (f"--cache_dir {quoted(cache_dir)} is not a folder" if not cache_dir.is_dir()
-                      else error.strerror or str(error))
+            # numpy reports a write cut short (a full disk) with no reason of the system's
+            reason = error.strerror or f"{error}: is the disk full?"
+            with contextlib.suppress(OSError):
+                if not cache_dir.is_dir():
+                    reason = f"--cache_dir {quoted(cache_dir)} is not a folder"
             warn(f"pico-llm: note: token cache not written ({reason})")
     return TokenizedExamples(tokens, offsets, num_bytes)
 
@@ -8863,7 +8870,11 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | Non
                  "tokenizer again")
     with tempfile.TemporaryDirectory() as scratch:
         corpus = Path(scratch) / "corpus.txt"
-        corpus.write_text(END_OF_TEXT.join(texts), encoding="utf-8")
+        try:
+            corpus.write_text(END_OF_TEXT.join(texts), encoding="utf-8")
+        except OSError as error:
+            raise cannot_write(f"the training text's copy for BPE training in {scratch}", error,
+                               "set TMPDIR to a folder with room") from None
         vocab, merges = train_bpe(corpus, vocab_size, [END_OF_TEXT])
     tokenizer = TrainedBPETokenizer(vocab, merges, vocab_size)
     if tokenizer.vocab_size < vocab_size:                 # said once, when it is trained

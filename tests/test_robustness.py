@@ -861,6 +861,27 @@ def test_a_signal_during_start_up_prints_one_line(ws, signal_number, status, wor
 
 # --- damaged caches and oversized input: rebuilt, or refused before reading ------------------
 
+def test_a_cache_dir_the_file_system_refuses_or_that_fills_up_only_costs_a_note(
+        pico, tmp_path, monkeypatch, capsys):
+    """The cache is optional: a path longer than the file system takes was an error before
+    tokenizing, and numpy's short write on a full disk said only "8304725 requested and
+    1048512 written"."""
+    deep = str(tmp_path)
+    while len(deep) < 4060:
+        deep = os.path.join(deep, "d" * 200)
+    os.makedirs(deep[:4060])
+    texts = ["the cat sat on the mat", "a dog ran far away"]
+    assert len(pico.tokenize_examples(texts, pico.ByteTokenizer(), Path(deep[:4060]))) == 2
+    assert "token cache not written (File name too long)" in capsys.readouterr().err
+
+    def short_write(path, write):
+        raise OSError("8304725 requested and 1048512 written")
+
+    monkeypatch.setattr(pico, "atomic_write_bytes", short_write)
+    assert len(pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)) == 2
+    assert "written: is the disk full?)" in capsys.readouterr().err
+
+
 def test_a_token_cache_with_ids_out_of_range_is_rebuilt(pico, tmp_path, capsys):
     """Right sizes, wrong ids (another tokenizer's, or flipped bits): an embedding lookup
     would fail with an IndexError mid-training; the cache is checked when opened instead."""
@@ -1297,6 +1318,21 @@ def test_a_run_log_or_sweep_file_nested_too_deeply_is_one_line(pico, tmp_path, r
     with pytest.raises(pico.UserError, match="maximum recursion depth") as refused:
         getattr(pico, reader)(path)
     assert "\n" not in str(refused.value) and "nested.json" in str(refused.value)
+
+
+def test_a_full_temporary_folder_during_bpe_training_names_it(pico, tmp_path, monkeypatch):
+    """The scratch copy of the text went unnamed, and the one line blamed standard output."""
+    write_text = pico.Path.write_text
+
+    def full(path, *args, **kwargs):
+        if path.name == "corpus.txt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(pico.Path, "write_text", full)
+    with pytest.raises(pico.UserError, match="BPE training in .*No space left on device; free "
+                                             "disk space or set TMPDIR to a folder with room"):
+        pico.train_bpe_tokenizer(["the cat sat on the mat"] * 5, 270, None)
 
 
 def test_a_bpe_cache_nested_too_deeply_is_trained_again(pico, tmp_path, capsys):
