@@ -5956,7 +5956,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def error_line(message: str) -> int:
     """Prints `message` as main()'s one error line (naming the rank under torchrun); the
     exit status of bad input, 2."""
-    rank = f" (rank {os.environ.get('RANK', '?')})" if launched_world_size() > 1 else ""
+    named = launched_world_size() > 1 and os.environ.get("RANK")   # unset: no rank to name
+    rank = f" (rank {os.environ['RANK']})" if named else ""
     one_line = message.replace("\r", "\\r").replace("\n", "\\n")   # a path may hold a newline
     try:
         warn(f"pico-llm: error{rank}: {one_line}")

@@ -123,6 +123,17 @@ def test_a_rank_leaves_with_its_status_and_its_output_flushed():
         assert result.returncode == 3 and result.stdout == "buffered, no newline"
 
 
+def test_an_error_names_the_rank_only_where_there_is_one(pico, monkeypatch, capsys):
+    """WORLD_SIZE set alone (no torchrun) has no rank: "(rank ?)" said nothing."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    assert pico.error_line("bad") == 2
+    assert capsys.readouterr().err == "pico-llm: error: bad\n"
+    monkeypatch.setenv("RANK", "1")
+    pico.error_line("bad")
+    assert capsys.readouterr().err == "pico-llm: error (rank 1): bad\n"
+
+
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is `pid` (Linux /proc)."""
     children = []
