@@ -5648,6 +5648,7 @@ def run_training(config: Config) -> int:
     context, device_id = setup_distributed(config.device_id, config.dist_timeout)
     claims = contextlib.ExitStack()
     try:
+        check_ranks_run_one_command(context, config.flags)
         if not context.is_main:
             config = dataclasses.replace(config, training=dataclasses.replace(config.training,
                                                                               quiet=True))
@@ -8361,6 +8362,26 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
                         "GLOO_SOCKET_IFNAME to the network interface they share") from None
     return (Distributed(dist.get_rank(), world_size, local_rank, control),
             f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def check_ranks_run_one_command(context: Distributed, flags: dict) -> None:
+    """UserError on every rank if the ranks were started with other flags (by hand, not by
+    torchrun, which gives each the same command): their steps and evaluations would issue
+    collectives that do not match, and gloo aborts the process. Flags of where a run writes or
+    what runs it (FLAGS_OF_THE_SAME_COMMAND: a rank's own --device_id) may differ."""
+    if not context.enabled:
+        return
+    mine = {key: value for key, value in flags.items() if key not in FLAGS_OF_THE_SAME_COMMAND}
+    everyone = [None] * context.world_size
+    torch.distributed.all_gather_object(everyone, mine, group=context.control_group)
+    for rank, theirs in enumerate(everyone):
+        differences = [f"--{key} {theirs.get(key)!r} there, {mine.get(key)!r} here"
+                       for key in sorted(theirs.keys() | mine.keys())
+                       if not same_setting(key, theirs.get(key), mine.get(key))]
+        if differences:
+            raise UserError(f"rank {rank} was started with other flags than rank "
+                            f"{context.rank} ({textwrap.shorten('; '.join(differences), 160)}); "
+                            "start every rank with the same command (torchrun does)")
 
 
 # How long the ranks wait for rank 0 outside the steps (a large model's checkpoint on a slow

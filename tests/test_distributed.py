@@ -123,6 +123,27 @@ def test_a_rank_leaves_with_its_status_and_its_output_flushed():
         assert result.returncode == 3 and result.stdout == "buffered, no newline"
 
 
+def test_ranks_started_with_other_flags_are_refused_before_they_train(pico, monkeypatch):
+    """By hand, without torchrun: their collectives would not match, and gloo aborted rank 0
+    (a C++ dump) while rank 1 ended in a traceback. A rank's own --device_id may differ."""
+    flags = vars(pico.parse_args(["--models", "lstm_seq", "--device_id", "cpu"]))
+    others = {**flags, "device_id": "cuda:1", "quiet": True}
+
+    def all_gather_object(everyone, mine, group=None):
+        assert group == "control"
+        everyone[:] = [mine, {key: value for key, value in others.items()
+                              if key not in pico.FLAGS_OF_THE_SAME_COMMAND}]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    context = pico.Distributed(rank=0, world_size=2, local_rank=0, control_group="control")
+    pico.check_ranks_run_one_command(context, flags)
+    others["max_steps_per_epoch"] = 5
+    with pytest.raises(pico.UserError, match=r"rank 1 was started with other flags than rank 0 "
+                                             r"\(--max_steps_per_epoch 5 there, None here\); "
+                                             r"start every rank with the same command"):
+        pico.check_ranks_run_one_command(context, flags)
+
+
 def test_an_error_names_the_rank_only_where_there_is_one(pico, monkeypatch, capsys):
     """WORLD_SIZE set alone (no torchrun) has no rank: "(rank ?)" said nothing."""
     monkeypatch.setenv("WORLD_SIZE", "2")
