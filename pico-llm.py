@@ -3329,7 +3329,8 @@ MAX_RUN_NAME_BYTES = 200
 
 def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
     """<artefacts_dir>/<run_name>.json; a default name never reuses an existing file, and
-    holds the process id, so two runs starting in the same second cannot pick the same name."""
+    holds the process id and two random bytes, so that two runs starting in the same second
+    do not pick the same name, in containers either (each may be process 1 of its own)."""
     directory = Path(output.artefacts_dir)
     if output.run_name:
         if any(ch in output.run_name for ch in "/\\") or output.run_name.startswith("."):
@@ -3342,7 +3343,8 @@ def choose_run_path(output: OutputConfig, model_names: list[str]) -> Path:
             raise UserError(f"--run_name {output.run_name!r} is the name of {reserved} in "
                             "--artefacts_dir; choose another --run_name")
         return directory / f"{output.run_name}.json"
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-p{os.getpid()}_{'+'.join(model_names)}"
+    stem = (f"{time.strftime('%Y%m%d-%H%M%S')}-p{os.getpid()}-{os.urandom(2).hex()}_"
+            + "+".join(model_names))
     path, counter = directory / f"{stem}.json", 2
     while path.exists():
         path, counter = directory / f"{stem}-{counter}.json", counter + 1

@@ -443,6 +443,18 @@ def test_default_run_names_never_overwrite(pico, tmp_path):
     assert pico.choose_run_path(output, ["lstm_seq"]) != first
 
 
+def test_default_run_names_differ_between_containers_started_in_one_second(pico, tmp_path,
+                                                                            monkeypatch):
+    """Two containers' runs are each process 1: the process id alone gave both one name, and
+    the second was refused for a --run_name it was never given (random bytes set them apart;
+    the same two would come once in 65,536 pairs)."""
+    monkeypatch.setattr(pico.os, "getpid", lambda: 1)
+    monkeypatch.setattr(pico.time, "strftime", lambda form: "20261206-120000")
+    output = pico.OutputConfig(artefacts_dir=str(tmp_path))
+    first, second = (pico.choose_run_path(output, ["lstm_seq"]) for _ in range(2))
+    assert first != second and first.name.startswith("20261206-120000-p1-")
+
+
 @pytest.mark.slow
 def test_one_hot_kgram_mlp_learns_to_count(run_main, tmp_path, pico):
     """The course's sanity check, as the README gives it: trained on 3seqs.txt with GPT-2's
