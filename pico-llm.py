@@ -7163,7 +7163,7 @@ class CheckpointConfig:
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped on SIGINT or SIGTERM after writing a checkpoint and the run log;
+    """Training stopped on SIGINT, SIGTERM or SIGHUP after writing a checkpoint and the run log;
     main() prints the message and exits with 128 + the signal number."""
 
     def __init__(self, signal_number: int, message: str) -> None:
@@ -7183,14 +7183,18 @@ def raise_terminated(signal_number, frame) -> None:
 
 
 class StopRequest:
-    """Turns the first SIGINT or SIGTERM into a request to stop after the current step,
-    so that a checkpoint can be written; a second signal acts at once, as usual.
+    """Turns the first SIGINT, SIGTERM or SIGHUP into a request to stop after the current
+    step, so that a checkpoint can be written; a second signal acts at once, as usual.
+    SIGHUP is a closed terminal (an ssh session that dropped): the run's output to it goes
+    nowhere from then on, as writing to a terminal that has gone fails; under nohup, which
+    ignores it, it stays ignored.
 
     Under torchrun a second signal is not a second request: Ctrl-C reaches each rank from
     the terminal and again from torchrun, which forwards it (and kills the ranks itself if
     they have not left 30 s later)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP")
+                                                 else ()))
 
     def __init__(self, repeat_acts_at_once: bool = True) -> None:
         self.signal_number: int | None = None
@@ -7199,7 +7203,9 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signals live there only
-            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS
+                              if number != getattr(signal, "SIGHUP", None)
+                              or signal.getsignal(number) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -7209,9 +7215,16 @@ class StopRequest:
 
     def _handle(self, number: int, frame) -> None:
         self.signal_number = self.signal_number or number
+        if number == getattr(signal, "SIGHUP", None):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for descriptor in (1, 2):
+                if os.isatty(descriptor):
+                    os.dup2(devnull, descriptor)
+            os.close(devnull)
         if self.repeat_acts_at_once:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for other in self._previous.keys() - {signal.SIGINT}:
+                signal.signal(other, signal.SIG_DFL)
 
 
 class TrainingDiverged(UserError):

@@ -511,6 +511,29 @@ def test_under_torchrun_a_repeated_signal_is_the_same_request(pico):
     assert signal.getsignal(signal.SIGINT) is before                       # restored on exit
 
 
+def test_a_hangup_silences_only_a_terminal_and_nohup_still_ignores_it(pico, monkeypatch):
+    """After SIGHUP the terminal is gone, and writing to it fails: standard output and error
+    go nowhere from then on where they were a terminal (a pipe or a file keeps them)."""
+    if not hasattr(signal, "SIGHUP"):
+        pytest.skip("no SIGHUP here")
+    moved, missed = [], []
+    monkeypatch.setattr(pico.os, "isatty", lambda descriptor: descriptor == 2)
+    monkeypatch.setattr(pico.os, "dup2", lambda source, target: moved.append(target))
+    before = signal.signal(signal.SIGHUP, lambda *frame: missed.append(1))   # not this process's end
+    try:
+        with pico.StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.5)
+        assert stop.signal_number == signal.SIGHUP and moved == [2] and not missed
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)                # as nohup starts it
+        with pico.StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.5)
+        assert stop.signal_number is None
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def start_long_run(tmp_path, *extra):
     """A training subprocess with thousands of steps, logging every step."""
     argv = [a for a in TINY if a not in ("--quiet",)]
@@ -532,7 +555,8 @@ def wait_for_first_step(process) -> None:
     pytest.fail("the run ended before its first step: " + process.stderr.read())
 
 
-@pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                                   (signal.SIGHUP, 129)])   # a dropped session
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(pico, tmp_path,
                                                                                signal_number, status):
     process = start_long_run(tmp_path)
