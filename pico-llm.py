@@ -150,7 +150,7 @@ except ModuleNotFoundError as missing:      # a fresh machine: one line, as for 
     sys.stderr.write(f"pico-llm: error: the package {missing.name} is not installed; pip "
                      "install -r requirements.txt (GPU users: see README.md)\n")
     sys.exit(2)
-except Exception as failed:   # a setting torch reads as it loads (TORCH_LOGS=bogus), a broken install
+except Exception as failed:  # a setting torch reads as it loads (TORCH_LOGS=bogus); a bad install
     if __name__ != "__main__":
         raise
     reason = (str(failed).strip().splitlines() or [type(failed).__name__])[0]
@@ -7571,7 +7571,9 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[set],
                 value = state.get(key)
                 if value is None:
                     raise ValueError(f"a parameter's state has no {key}")
-                if key != "step" and (not isinstance(value, torch.Tensor) or value.shape != p.shape):
+                if key == "step":
+                    continue                              # read in `stored`, above
+                if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(f"a parameter of shape {tuple(p.shape)} has {key} of {shape}")
 
