@@ -3483,11 +3483,19 @@ def check_run_log_is_the_checkpoints(run_path: Path, log: dict | None, resume_po
                     "run's --run_name, or a new --run_name")
 
 
-def check_writable_directory(directory: Path, flag: str, remedy: str = "") -> None:
+def check_writable_directory(directory: Path, flag: str, remedy: str = "",
+                             deepest: str = "") -> None:
     """Fail before training, not after it, when results could not be saved. A real file
     (or, where the directory is still to be made, a directory) is created and removed in
-    the nearest existing ancestor: os.access says yes to root for /proc and /sys."""
+    the nearest existing ancestor: os.access says yes to root for /proc and /sys. `deepest`:
+    the longest path a run writes under `directory`, which must be one the system takes (a
+    probe's shorter name passed where a checkpoint's then failed, after training)."""
     remedy = remedy or f"choose another with {flag}"
+    longest = len(os.fsencode(str(directory / deepest))) if deepest else 0
+    if longest >= PATH_MAX_BYTES:
+        raise UserError(f"{flag} {quoted(directory)} is too long a path for the files a run "
+                        f"writes there ({longest:,} bytes, as {deepest}, where the system takes "
+                        f"fewer than {PATH_MAX_BYTES:,}); {remedy}")
     existing = directory
     while not existing.exists():
         if existing.is_symlink():   # to a path that does not exist, or a loop: mkdir would fail
@@ -3508,6 +3516,11 @@ def check_writable_directory(directory: Path, flag: str, remedy: str = "") -> No
         reason = (f"no file can be created in {existing}" if error.errno == errno.ENOENT
                   else error.strerror)
         raise UserError(f"{flag} {directory} is not writable ({reason}); {remedy}") from None
+
+
+# The longest path, in bytes with its final NUL, that file calls take: PATH_MAX, 4096 on
+# Linux and 1024 on macOS.
+PATH_MAX_BYTES = 1024 if sys.platform == "darwin" else 4096
 
 
 def summary_table(records: dict) -> str:
@@ -5663,10 +5676,14 @@ def run_training(config: Config) -> int:
         if context.is_main and not config.training.quiet:
             print(f"device: {device}" + (" (--device_id auto)" if device_id == "auto" else ""))
         run_path = choose_run_path(config.output, config.models.names)
-        check_writable_directory(run_path.parent, "--artefacts_dir")
+        longest_name = max(config.models.names, key=len)
+        check_writable_directory(run_path.parent, "--artefacts_dir", deepest=max(   # the longest:
+            f".{run_path.stem}.monosemantic_{longest_name}.json.XXXXXXXX.tmp",    # a side file's
+            f"{run_path.stem}.tokenizer/.merges.json.XXXXXXXX.tmp", key=len))      # or BPE's
         save_dir = checkpoint_directory(config.checkpoints)
-        if save_dir is not None:
-            check_writable_directory(save_dir, "--save_dir")
+        if save_dir is not None:        # a checkpoint's temporary file, of a step up to 10**12
+            check_writable_directory(save_dir, "--save_dir",
+                                     deepest=f"{longest_name}/.step_{0:012d}.pt.XXXXXXXX.tmp")
             for name in config.models.names:   # a resumed run writes into these
                 if (save_dir / name).is_dir():
                     check_writable_directory(save_dir / name, "--save_dir")

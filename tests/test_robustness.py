@@ -882,6 +882,21 @@ def test_a_cache_dir_the_file_system_refuses_or_that_fills_up_only_costs_a_note(
     assert "written: is the disk full?)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--save_dir", "--artefacts_dir"])
+def test_a_folder_too_deep_for_the_files_a_run_writes_is_refused_before_training(ws, flag):
+    """The writability probe's short name fit where a checkpoint's temporary file, in its
+    model's folder, did not: the run trained, then failed at its first checkpoint."""
+    deep = str(ws.root)
+    while len(deep) < 4060:
+        deep = os.path.join(deep, "d" * 200)
+    os.makedirs(deep[:4060])
+    before = ws.snapshot()
+    result = run(*[a for a in TINY if a != "--quiet"], *ws.io(), "--run_name", "r",   # its log fits
+                 flag, deep[:4060])                                                 # (the last wins)
+    assert_refused(result, flag, "too long a path", unchanged=before)
+    assert not trained_before_failing(result), describe(result)
+
+
 def test_a_token_cache_with_ids_out_of_range_is_rebuilt(pico, tmp_path, capsys):
     """Right sizes, wrong ids (another tokenizer's, or flipped bits): an embedding lookup
     would fail with an IndexError mid-training; the cache is checked when opened instead."""
