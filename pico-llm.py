@@ -79,6 +79,18 @@ def interrupted_while_starting(signal_number, frame) -> None:
     os._exit(128 + signal_number)
 
 
+def gomp_cpu_affinity_readable(value: str) -> bool:
+    """Whether libgomp reads GOMP_CPU_AFFINITY: CPUs as C reads numbers (12, 0x1f, +3), alone
+    or as ranges N-M and N-M:stride (spaces around - and : allowed), separated by spaces or
+    commas. Split and checked item by item, in time linear in its length."""
+    number = r"\+?(?:0[xX][0-9a-fA-F]+|[0-9]+)"
+    text = " ".join(re.split(r"[ \t\n\v\f\r,]+", value)).strip()
+    for mark in "-:":
+        text = text.replace(f" {mark}", mark).replace(f"{mark} ", mark)
+    return all(re.fullmatch(rf"{number}(?:-{number}(?::{number})?)?", item, re.ASCII)
+               for item in text.split(" ") if item)
+
+
 # Machinery (Appendix B's signals, which must start before the slow imports); skip to Part I.
 # As a script (not when imported), unless a signal is ignored (Ctrl-C in a background job):
 # main() takes the signals over once the imports are done.
@@ -89,12 +101,11 @@ if __name__ == "__main__":
             signal.signal(_number, interrupted_while_starting)
     # libgomp, the OpenMP library that importing torch loads, loops forever on a
     # GOMP_CPU_AFFINITY it cannot read ("zz", "0:"), in native code, where no signal handler
-    # of Python's runs (nor Ctrl-C): one line instead. Its form: CPUs and ranges (N-M:stride).
-    _cpu = r"\d+(\s*-\s*\d+(\s*:\s*\d+)?)?"
-    _affinity = os.environ.get("GOMP_CPU_AFFINITY", "")
-    if not re.fullmatch(rf"[\s,]*({_cpu}([\s,]+{_cpu})*)?[\s,]*", _affinity):
-        sys.stderr.write(f"pico-llm: error: GOMP_CPU_AFFINITY={_affinity[:40]!r} is not a list of "
-                         "CPUs such as 0-3,6 or 0-7:2; fix it, or unset it\n")
+    # of Python's runs (nor Ctrl-C): one line instead.
+    if not gomp_cpu_affinity_readable(os.environ.get("GOMP_CPU_AFFINITY", "")):
+        sys.stderr.write(f"pico-llm: error: GOMP_CPU_AFFINITY="
+                         f"{os.environ['GOMP_CPU_AFFINITY'][:40]!r} is not a list of CPUs such "
+                         "as 0-3,6 or 0-7:2; fix it, or unset it\n")
         sys.exit(2)
 
 import _compat_pickle
@@ -3355,7 +3366,7 @@ def reserved_artefact_name(stem: str) -> str | None:
     """What else pico-llm writes as <artefacts_dir>/<stem>.json, or None: a run log of that
     name would replace it, or be replaced by it, while both runs believe they wrote theirs
     (the checks that a name is free happen when a run starts, the writes at its end)."""
-    if stem.startswith("sweep_"):
+    if stem in {f"sweep_{name}" for name in SWEEP_NAMES} | {"sweep_architectures_run"}:
         return "a sweep's file"
     if re.search(r"\.(attention|monosemantic)_", stem):
         return "another run's attention maps or embedding clusters"

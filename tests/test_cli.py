@@ -257,6 +257,14 @@ def test_each_line_on_standard_error_goes_out_in_one_write(pico, monkeypatch, en
     assert all(text.endswith("\n") and text.count("\n") == 1 for text in writes), writes
 
 
+def test_only_the_names_of_other_writers_files_are_reserved_for_run_logs(pico):
+    for stem in ("sweep_ablations", "sweep_architectures_run", "r.attention_transformer",
+                 "r.monosemantic_lstm_seq", "architectures_attention_pico"):
+        assert pico.reserved_artefact_name(stem), stem
+    for stem in ("sweep_lr3e-4", "my_sweep", "attention", "main_job", "r.attention"):
+        assert pico.reserved_artefact_name(stem) is None, stem
+
+
 def test_help_documents_every_flag_the_readme_uses(pico):
     help_text = run_script("--help").stdout
     readme_lines = (REPO / "README.md").read_text().splitlines()

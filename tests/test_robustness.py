@@ -823,6 +823,7 @@ def test_unreadable_input_dir_is_not_reported_as_empty(ws):
     # libgomp, which importing torch loads, looped forever on it, deaf to SIGTERM and Ctrl-C
     ("GOMP_CPU_AFFINITY", "0:", ("GOMP_CPU_AFFINITY", "not a list of CPUs")),
     ("GOMP_CPU_AFFINITY", "zz", ("GOMP_CPU_AFFINITY", "not a list of CPUs")),
+    ("GOMP_CPU_AFFINITY", "\u0663", ("GOMP_CPU_AFFINITY", "not a list of CPUs")),  # an Arabic 3
     # torch raised a ValueError as it loaded: a traceback
     ("TORCH_LOGS", "bogus", ("importing numpy and torch failed", "Invalid log settings"))])
 def test_an_environment_variable_that_breaks_importing_torch_is_one_line(ws, variable, value,
@@ -833,7 +834,7 @@ def test_an_environment_variable_that_breaks_importing_torch_is_one_line(ws, var
 
 
 def test_gomp_cpu_affinity_in_libgomps_own_forms_is_taken(ws):
-    for value in ("0", "0-1", "0 - 1, 0", "0-1:1", ""):
+    for value in ("0", "0-1", "0 - 1, 0", "0-1:1", "", "0x0", "+0"):   # C's numbers too
         result = run("--help", env={**os.environ, "GOMP_CPU_AFFINITY": value})
         assert result.returncode == 0, describe(result)
 
