@@ -2540,7 +2540,7 @@ def json_nesting_depth(path: Path, stop_above: int, chunk_bytes: int = 1 << 22) 
     """The deepest nesting of [ and { in a JSON (or JSON Lines) file, outside its strings;
     the scan stops once it passes `stop_above`. Read in chunks with numpy, and only the
     brackets and quotes looked at one by one: 0.6 s for 100 MB of stories on a 2-core CPU,
-    where a loop over the bytes in Python takes 5 s (docs/performance.md). What one
+    where a loop over the bytes in Python takes 4.6 s (docs/performance.md). What one
     chunk leaves open (the depth, a string, a run of backslashes) carries to the next."""
     step = np.zeros(256, np.int32)                 # +1 for an opening bracket, -1 a closing one
     step[[ord("["), ord("{")]], step[[ord("]"), ord("}")]] = 1, -1
@@ -7213,7 +7213,7 @@ def raise_terminated(signal_number, frame) -> None:
 class StopRequest:
     """Turns the first SIGINT, SIGTERM or SIGHUP into a request to stop after the current
     step, so that a checkpoint can be written; a second signal acts at once, as usual.
-    SIGHUP is a closed terminal (an ssh session that dropped): the run's output to it goes
+    SIGHUP is a closed terminal (a dropped ssh connection): the run's output to it goes
     nowhere from then on, as writing to a terminal that has gone fails; under nohup, which
     ignores it, it stays ignored.
 
@@ -7503,7 +7503,8 @@ def restore_checkpoint(path: Path, checkpoint: dict, model: nn.Module, record: d
     """Put a checkpoint's state back into a freshly built model, its run-log `record` and, to
     train on (`optimizer` given), the optimizer and every random generator; returns the
     progress it holds. A model that has nothing left to train needs only its weights and its
-    record. UserError naming the first part that cannot be restored."""
+    record (its optimizer is not restored). UserError naming the first part that cannot be
+    restored."""
     with unrestorable(path, "progress"):
         progress = progress_from(checkpoint["progress"])
     progress.finished = nothing_left_to_train(progress, training)
@@ -7511,7 +7512,7 @@ def restore_checkpoint(path: Path, checkpoint: dict, model: nn.Module, record: d
     with unrestorable(path, "run-log record"):
         restore_record(record, checkpoint["record"])
         record_length_changes(record, checkpoint, flags)
-    if optimizer is not None:
+    if optimizer is not None and not progress.finished:
         with unrestorable(path, "optimizer state"):
             settings = [set(group) for group in optimizer.param_groups]
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -7537,13 +7538,9 @@ def check_resume_points(config: "Config", resume_points: dict[str, tuple[Path, d
             with torch.device("meta"):
                 model = build_model(model_config, tokenizer.vocab_size, config.training.seed)
             record = model_record(name, model, model_config, config.data.block_size)
+            optimizer = build_optimizer(model, config.training, torch.device("meta"))
             with warnings.catch_warnings():   # "copying into a meta parameter is a no-op"
                 warnings.simplefilter("ignore")
-                with unrestorable(path, "progress"):
-                    finished = nothing_left_to_train(progress_from(checkpoint["progress"]),
-                                                     config.training)
-                optimizer = (None if finished else
-                             build_optimizer(model, config.training, torch.device("meta")))
                 restore_checkpoint(path, checkpoint, model, record, tokenizer, config.training,
                                    config.flags, optimizer)
             check_finite_weights(path, checkpoint, "resume from an earlier checkpoint, or "
