@@ -1432,9 +1432,9 @@ def router_balance_term(model: nn.Module, position_weights: torch.Tensor) -> tor
     reports stays the cross-entropy, comparable with the test loss. (A step's weights sum to 1
     over its micro-batches and ranks, so a step adds coef x the token-weighted mean of their
     balancing losses, each on its own positions, as Switch computes it on each device.)"""
+    if not isinstance(model, TransformerModel) or not model.config.n_experts:
+        return 0.0          # asked first: walking an LSTM's modules breaks a compiled graph
     layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
-    if not layers:
-        return 0.0
     real = position_weights.t().reshape(-1) > 0                 # (B T,): the order the layers see
     balance = sum(layer.routing.load_balancing_loss(real) for layer in layers)
     loss = model.config.router_aux_loss_coef * balance * position_weights.sum()

@@ -155,6 +155,18 @@ def test_compiled_training_loss_has_one_graph_and_no_breaks(pico, name):
     assert "complex" not in explained.graphs[0].code           # Inductor has no complex codegen
 
 
+def test_an_lstm_loss_breaks_its_compiled_graph_only_at_the_lstm(pico):
+    """Dynamo cannot trace nn.LSTM, so a compiled LSTM loss has one break; the loss's own code
+    (the experts' balancing term, which walked the model's modules, the LSTM's among them)
+    must add none."""
+    model = tiny_model(pico, "lstm_seq", "--lstm_layers", "2")
+    tokens = torch.randint(0, VOCAB, (17, 2))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(pico.FusedNextTokenLoss(model))(tokens[:-1], tokens[1:],
+                                                                      torch.full((16, 2), 1 / 32))
+    assert explained.graph_break_count == 1, explained.break_reasons
+
+
 @pytest.mark.parametrize("name", ["pico", "GPT-oss"])
 def test_fused_loss_equals_the_written_out_loss(pico, name):
     """Appendix A's FusedNextTokenLoss (PyTorch's cross-entropy, what a GPU trains with) against
