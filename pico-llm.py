@@ -122,6 +122,7 @@ import functools
 import hashlib
 import heapq
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -8440,11 +8441,19 @@ def teardown_distributed(context: Distributed) -> None:
 def wrap_for_training(loss_module: nn.Module, context: Distributed,
                       device: torch.device) -> nn.Module:
     """The loss module as training calls it: itself, or wrapped in DistributedDataParallel
-    under torchrun, which then averages the gradients across ranks during backward."""
+    under torchrun, which then averages the gradients across ranks during backward.
+    DistributedDataParallel would also send rank 0's buffers to every rank before each forward;
+    the models' buffers are constants every rank computes alike (RoPE's frequencies, linear
+    attention's decays; tested unchanged by training), so it sends none: a collective fewer
+    in every forward (docs/performance.md)."""
     if not context.enabled:
         return loss_module
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(loss_module,
+    # the switch is forward_sync_buffers from PyTorch 2.13, broadcast_buffers (deprecated) before
+    parameters = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in parameters
+                      else "broadcast_buffers": False}
+    return DistributedDataParallel(loss_module, **no_buffer_sync,
                                    device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -408,3 +408,34 @@ def test_two_ranks_with_dropout_resume_to_the_same_losses(pico, tmp_path):
     resumed = torchrun("resumed", "--resume", str(tmp_path / "ckpt_whole" / "transformer" /
                                                    "step_000003.pt"))
     assert resumed == whole
+
+
+def test_no_model_keeps_a_buffer_that_training_changes(pico):
+    """Under torchrun the wrapper sends no buffers from rank 0 before each forward: that holds
+    only while every buffer is a constant, made from the model's settings alone (each rank
+    builds the model from the same flags) and left as it was by training."""
+    import torch.distributed as dist
+    from test_models import VOCAB, all_tiny_models
+    tokens = torch.randint(0, VOCAB, (17, 2), generator=torch.Generator().manual_seed(0))
+    weights = torch.full((16, 2), 1 / 32)
+    models = {name: model for name, model in all_tiny_models(pico).items()
+              if any(True for _ in model.buffers())}
+    assert len(models) > 10                  # RoPE's frequencies, linear attention's decays
+    for name, model in models.items():
+        before = {key: buffer.clone() for key, buffer in model.named_buffers()}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        pico.NextTokenLoss(model)(tokens[:-1], tokens[1:], weights).backward()
+        optimizer.step()
+        for key, buffer in model.named_buffers():
+            assert torch.equal(buffer, before[key]), (name, key)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = pico.wrap_for_training(pico.NextTokenLoss(models["pico"]),
+                                         pico.Distributed(rank=0, world_size=2), torch.device("cpu"))
+        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        synced = []
+        wrapped._sync_buffers = lambda: synced.append(True)
+        wrapped(tokens[:-1], tokens[1:], weights).backward()
+        assert synced == []
+    finally:
+        dist.destroy_process_group()
