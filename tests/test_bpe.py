@@ -1,7 +1,6 @@
 """Section 2.2: byte-level BPE (training, Tokenizer, GPT-2 equivalence, tiktoken fast path)."""
 import itertools
 import random
-import time
 from collections import Counter
 
 import pytest
@@ -195,12 +194,18 @@ def test_parallel_without_special_tokens_cuts_at_safe_newlines(tmp_path):
     assert pretokenize_file(path, [], num_workers=2, min_chunk_bytes=2000) == count_pretokens(text, [])
 
 
-def test_training_speed_vocab_500(tmp_path):
+def test_a_vocabulary_of_500_on_100_kb_takes_every_merge_it_asks_for(tmp_path):
+    """256 bytes, the special token, then 243 merges, each a new token made of two earlier
+    ones, none of them repeated."""
     path = write(tmp_path, english_like_text(100_000))
-    start = time.perf_counter()
     vocab, merges = train_bpe(path, 500, [EOT])
-    print(f"\ntrain_bpe: vocab 500 on 100 KB in {time.perf_counter() - start:.3f} s")
-    assert len(vocab) == 500
+    assert len(vocab) == 500 and len(merges) == 500 - 256 - 1
+    assert vocab[256] == EOT.encode()
+    earlier = set(vocab[i] for i in range(256))
+    for index, (first, second) in enumerate(merges):
+        assert first in earlier and second in earlier, index
+        assert vocab[257 + index] == first + second not in earlier
+        earlier.add(first + second)
 
 
 # ----------------------------------------------------------------------------- tokenizer

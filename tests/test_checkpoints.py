@@ -482,6 +482,38 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_one(pico
     assert target.read_bytes() == b"new"
 
 
+@pytest.mark.parametrize("how", ["bytes", "writer"])
+def test_a_file_is_replaced_whole_after_its_new_contents_reach_the_disk(pico, tmp_path, monkeypatch,
+                                                                        how):
+    """atomic_write_bytes renames a finished file over the old one: a reader holding the old
+    file still reads it whole (a rewrite in place would change it under the reader), the name
+    points to a new file, and the new contents were flushed to the disk (fsync) before the
+    rename, so that a power cut cannot leave the name on an empty file."""
+    target = tmp_path / "run.json"
+    target.write_bytes(b"the previous run log")
+    events = []                                            # (call, inode of the file)
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("replace", os.stat(source).st_ino))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with open(target, "rb") as reader:
+        old_inode = os.fstat(reader.fileno()).st_ino
+        pico.atomic_write_bytes(target, b"new" if how == "bytes" else (lambda f: f.write(b"new")))
+        assert reader.read() == b"the previous run log"
+    assert target.read_bytes() == b"new" and target.stat().st_ino != old_inode
+    assert [call for call, _ in events] == ["fsync", "replace"]
+    assert events[0][1] == events[1][1] == target.stat().st_ino   # the file synced is the one renamed
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
 def test_default_run_names_of_two_processes_differ_even_in_the_same_second(pico, monkeypatch):
     output = pico.OutputConfig(artefacts_dir="/nonexistent")
     monkeypatch.setattr(time, "strftime", lambda fmt: "20250101-000000")
@@ -535,14 +567,17 @@ def test_a_hangup_silences_only_a_terminal_and_nohup_still_ignores_it(pico, monk
 
 
 def start_long_run(tmp_path, *extra):
-    """A training subprocess with thousands of steps, logging every step."""
+    """A training subprocess with thousands of steps, logging every step. It hears SIGHUP
+    even where the tests run under nohup, whose ignoring of it a child inherits (and a run
+    rightly keeps, test_a_hangup_silences_only_a_terminal_and_nohup_still_ignores_it)."""
     argv = [a for a in TINY if a not in ("--quiet",)]
     argv[argv.index("--epochs") + 1] = "1000"
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), *argv, "--models", "lstm_seq", "--log_interval", "1",
          "--save_dir", str(tmp_path / "ckpt"), "--artefacts_dir", str(tmp_path / "artefacts"),
          "--cache_dir", str(tmp_path / "cache"), "--run_name", "long", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
 
 
 def wait_for_first_step(process) -> None:
@@ -556,7 +591,7 @@ def wait_for_first_step(process) -> None:
 
 
 @pytest.mark.parametrize("signal_number, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
-                                                   (signal.SIGHUP, 129)])   # a dropped session
+                                                   (signal.SIGHUP, 129)])   # a dropped ssh connection
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(pico, tmp_path,
                                                                                signal_number, status):
     process = start_long_run(tmp_path)

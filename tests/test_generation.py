@@ -27,6 +27,16 @@ def test_nucleus_keeps_the_smallest_set_reaching_p(pico):
             assert kept[i].item() == pytest.approx(probs[0, i].item() / mass)
 
 
+def test_a_token_whose_higher_ranked_mass_is_exactly_p_stays_out_of_the_nucleus(pico):
+    """The nucleus ends with the token that crosses p: with four tokens of exactly 0.25 each
+    (softmax of zeros, exact in float32) and p = 0.5, two are kept; the third, whose tokens
+    above it hold exactly 0.5, is not."""
+    kept = pico.nucleus_probabilities(torch.zeros(1, 4), 0.5)[0]
+    assert sorted(kept.tolist(), reverse=True) == [0.5, 0.5, 0.0, 0.0]
+    kept = pico.nucleus_probabilities(torch.zeros(1, 4), 0.5000001)[0]
+    assert sorted(kept.tolist(), reverse=True) == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
+
+
 def test_top_p_1_keeps_every_token_of_a_large_vocabulary(pico):
     """The running sum of 50257 probabilities, rounded in float32, reaches 1 before the last
     tokens: p = 1 (plain sampling) must keep them all the same."""
@@ -65,6 +75,16 @@ def test_top_k_and_temperature_change_the_distribution(pico):
     assert int(pico.sample_next_token(logits, pico.SamplingRule(temperature=0))) == 0
 
 
+def test_top_k_1_always_draws_the_most_likely_token(pico):
+    """Keeping one token leaves nothing to chance, whatever the temperature or top-p."""
+    logits = torch.tensor([[1.0, 1.2, 0.9, 1.1], [0.5, 0.0, 0.4, 0.45]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature, top_p in [(1.0, 1.0), (5.0, 1.0), (2.0, 0.99)]:
+        rule = pico.SamplingRule(temperature=temperature, top_k=1, top_p=top_p)
+        draws = {tuple(pico.sample_next_token(logits, rule, generator).tolist()) for _ in range(100)}
+        assert draws == {(1, 0)}, rule
+
+
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324])
 def test_a_vanishing_temperature_samples_the_most_likely_token(pico, temperature):
     """Dividing raw logits by 1e-300 makes them +-inf and the softmax NaN; shifted by their
@@ -93,6 +113,32 @@ def test_cached_generation_equals_recomputation(pico, models, new_tokens):
         uncached = pico.generate_ids(model, prompt, new_tokens, rule, use_cache=False)
         assert cached == uncached, name
         assert len(cached) == len(prompt) + new_tokens
+
+
+def test_a_full_context_slides_by_half_a_block_and_the_cache_is_rebuilt_only_then(pico, models):
+    """Past the block size the context keeps its last half block (window_start), so the model
+    re-reads that half once and then decodes from its cache for half a block: 40 new tokens
+    after a 5-token prompt with a block of 16 rebuild the cache 4 times, reading 5 then 8
+    tokens, not once a token."""
+    assert pico.window_start(16, 0, 16) == 0                # it fits: nothing moves
+    assert pico.window_start(17, 0, 16) == 9                # 8 kept, the newest included
+    assert pico.window_start(20, 9, 16) == 9                # 11 of 16: still fits
+    assert pico.window_start(10, 0, None) == 0              # an LSTM reads everything
+    model = models["pico"]
+    reads = []
+    original = model.forward_incremental
+
+    def forward_incremental(tokens, state):
+        reads.append(tokens.shape[0])
+        return original(tokens, state)
+
+    model.forward_incremental = forward_incremental
+    try:
+        pico.generate_ids(model, [3, 1, 4, 1, 5], 40, pico.SamplingRule(temperature=0))
+    finally:
+        del model.forward_incremental
+    assert [n for n in reads if n > 1] == [5, 8, 8, 8, 8]
+    assert len(reads) == 40
 
 
 def test_the_benchmarks_last_position_recompute_generates_the_same_tokens(pico, bench, models):
@@ -220,6 +266,28 @@ def test_static_decoder_equals_uncached_generation(pico, models, new_tokens):
     assert checked >= len(pico.TRANSFORMER_PRESETS)   # every preset, and any extra softmax model
 
 
+def test_static_decoder_logits_match_the_full_forward_at_every_position(pico, models):
+    """Its logits, not only its greedy choices (a tiny random model's argmax seldom moves when
+    one cache slot too many is visible), against the full forward over the whole prefix, up to
+    the block size: a sliding window (GPT-oss's 4) must hide exactly what causal_mask hides."""
+    tokens = torch.randint(0, VOCAB, (16, 1), generator=torch.Generator().manual_seed(1))
+    checked = 0
+    for name, model in models.items():
+        if not pico.StaticDecoder.supports(model):
+            continue
+        model.eval()
+        with torch.no_grad():
+            full = model(tokens)                                       # (16, 1, V)
+        decoder = pico.StaticDecoder(model)
+        logits, state = decoder.forward_incremental(tokens[:3], None)
+        assert torch.allclose(logits[-1], full[2], atol=1e-5), name
+        for t in range(3, 16):
+            logits, state = decoder.forward_incremental(tokens[t:t + 1], state)
+            assert torch.allclose(logits[-1], full[t], atol=1e-5), (name, t)
+        checked += 1
+    assert checked >= len(pico.TRANSFORMER_PRESETS)
+
+
 def test_static_decoder_leaves_the_model_and_global_random_state_alone(pico, models):
     model = models["GPT-oss"]
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -236,6 +304,7 @@ def test_static_decoder_leaves_the_model_and_global_random_state_alone(pico, mod
 def test_static_decoder_keeps_tied_embeddings_as_one_tensor(pico, models):
     """A model whose output layer is its token embedding gets a decoder holding one copy of it
     (GPT-2's is 77 MB in bf16), still tied after the cast to bf16; an untied one keeps two."""
+    tying = set()
     for name, model in models.items():
         if not pico.StaticDecoder.supports(model):
             continue
@@ -244,6 +313,8 @@ def test_static_decoder_keeps_tied_embeddings_as_one_tensor(pico, models):
         assert tied == model.config.tie_weights, name
         assert torch.equal(decoder.unembedding.weight.float(),
                            model.unembedding.weight.to(torch.bfloat16).float()), name
+        tying.add(tied)
+    assert tying == {True, False}                    # both kinds were checked
 
 
 @pytest.mark.parametrize("compile", [False, True])

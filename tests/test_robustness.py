@@ -325,6 +325,8 @@ def test_a_kernel_file_that_waits_for_data_is_not_waited_on(ws):
     result = run(*TINY, *ws.io(corpus=False), "--input_files", "/proc/kmsg")
     if result.returncode != 0:
         assert_refused(result, "/proc/kmsg", "waits for data", unchanged=before)
+    else:                                       # messages were queued: read and trained on
+        assert "run log written to" in result.stdout
 
 
 # --- one line instead of a traceback ---------------------------------------------------------

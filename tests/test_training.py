@@ -97,10 +97,13 @@ def test_softmax_cross_entropy_not_in_place_is_exact_without_recomputing(pico):
     assert torch.allclose(softmax_minus_onehot, reference_logits.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("softcap", [0.0, 40.0])
 @pytest.mark.parametrize("kernel", ["onednn", "torch"])
-def test_chunked_loss_recomputes_the_positions_whose_target_probability_underflowed(pico, kernel):
-    """A confidently wrong position (its target hundreds of nats below another token) keeps
-    its exact loss and gradient; the others are unaffected."""
+def test_chunked_loss_recomputes_the_positions_whose_target_probability_underflowed(pico, kernel,
+                                                                                   softcap):
+    """A confidently wrong position (its target hundreds of nats below another token; with a
+    soft cap of 40, up to 2 x 40 nats) keeps its exact loss and gradient, the cap applied in
+    the recomputation too; the others are unaffected."""
     torch.manual_seed(0)
     layer = nn.Linear(8, 30)
     if kernel == "onednn":
@@ -112,14 +115,16 @@ def test_chunked_loss_recomputes_the_positions_whose_target_probability_underflo
         hidden[2] = 1000 * (layer.weight[wrong] - layer.weight[targets[2]])
     hidden.requires_grad_()
     weights = torch.rand(7)
-    loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
+    loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4,
+                                     softcap=softcap)
     loss.backward()
     ours = (loss.detach(), hidden.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
     hidden.grad = None
     layer.zero_grad()
-    per_position = F.cross_entropy(F.linear(hidden, layer.weight, layer.bias), targets,
-                                   reduction="none")
-    assert per_position[2] > 250                       # float32 softmax gives exactly 0 there
+    per_position = F.cross_entropy(pico.soft_cap(F.linear(hidden, layer.weight, layer.bias),
+                                                 softcap), targets, reduction="none")
+    # beyond what a float32 softmax can give exactly (0 for the target's probability at 250)
+    assert per_position[2] > (250 if not softcap else pico.UNTRUSTED_SOFTMAX_LOSS)
     (per_position @ weights).backward()
     for mine, theirs in zip(ours, (per_position @ weights, hidden.grad, layer.weight.grad,
                                    layer.bias.grad)):
@@ -592,3 +597,34 @@ def test_newton_schulz_takes_bfloat16_only_where_the_device_has_bf16_units(pico,
         monkeypatch.setattr(pico, "has_bf16_units", lambda device: units)
         same = torch.equal(pico.newton_schulz_orthogonalize(matrix), in_float32)
         assert same != units
+
+
+def test_evaluation_gives_nats_per_token_and_bits_per_byte_of_the_real_targets(pico):
+    """The test loss is the mean cross-entropy over real targets (padding left out), and bits
+    per byte divide the same nats by the UTF-8 bytes of those targets and by ln 2: computed
+    here from the logits, over two batches, with tokens of 1 to 3 bytes."""
+    import math
+
+    import torch.nn.functional as F
+    from test_models import VOCAB, tiny_model
+    generator = torch.Generator().manual_seed(0)
+    model = tiny_model(pico, "transformer").eval()
+    token_bytes = torch.randint(1, 4, (VOCAB,), generator=generator)
+    batches = []
+    for length in (9, 6):
+        tokens = torch.randint(0, VOCAB, (length + 1, 3), generator=generator)
+        mask = torch.ones(length, 3, dtype=torch.bool)
+        mask[length - 2:, 1] = False                               # a shorter row's padding
+        batches.append(pico.Batch(tokens[:-1], tokens[1:], mask))
+    nats = tokens_counted = bytes_counted = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch.inputs)
+            losses = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
+            nats += float(losses[batch.mask.flatten()].double().sum())
+            tokens_counted += int(batch.mask.sum())
+            bytes_counted += int(token_bytes[batch.targets][batch.mask].sum())
+    result = pico.evaluate(pico.NextTokenLoss(model), batches, torch.device("cpu"), token_bytes)
+    assert result["test_tokens"] == tokens_counted == 3 * 15 - 4
+    assert result["test_loss"] == pytest.approx(nats / tokens_counted, rel=1e-5)
+    assert result["test_bits_per_byte"] == pytest.approx(nats / bytes_counted / math.log(2), rel=1e-5)
