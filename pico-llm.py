@@ -2478,7 +2478,9 @@ def huggingface_hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
-    """The first `max_stories` TinyStories stories, from a local copy or streamed from the hub."""
+    """The first `max_stories` TinyStories stories, from a local copy or streamed from the hub.
+    A local .txt holds a story a line, or, as TinyStories' own TinyStories-valid.txt does,
+    stories of several lines with <|endoftext|> between them (stories_between_markers)."""
     import datasets
 
     # datasets logs a damaged file's error itself; ours is the one line the user sees
@@ -2498,12 +2500,16 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
             path.suffix.lower())
         if builder is None:
             raise UserError(f"--tinystories_path {path}: expected .json, .jsonl, .parquet or .txt")
+        separated = False          # stories between <|endoftext|> markers (TinyStories' .txt)
         if builder == "text":      # as --input_files: text with NUL bytes is not text
+            marker, tail = END_OF_TEXT.encode(), b""
             with open(path, "rb") as handle:
                 while chunk := handle.read(1 << 20):
                     if b"\x00" in chunk:
                         raise UserError(f"--tinystories_path {path} looks binary (it contains NUL "
                                         "bytes); give a UTF-8 text file")
+                    separated = separated or marker in tail + chunk   # a marker cut in two too
+                    tail = chunk[-(len(marker) - 1):]
         if builder == "json":
             depth = json_nesting_depth(path, MAX_JSON_NESTING)
             if depth > MAX_JSON_NESTING:
@@ -2514,7 +2520,8 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
         try:  # the file is read while it is iterated, so a damaged one fails in the loop
             stream = datasets.load_dataset(builder, data_files=str(path), split="train",
                                            streaming=True)
-            read_stories(stream, max_stories, stories)
+            read_stories(stories_between_markers(stream) if separated else stream, max_stories,
+                         stories)
         except Exception as error:  # datasets raises many types for unreadable files
             reason = " ".join(str(error).split()) or type(error).__name__
             raise UserError(f"cannot read --tinystories_path {path} as {builder}: "
@@ -2569,6 +2576,23 @@ def json_nesting_depth(path: Path, stop_above: int, chunk_bytes: int = 1 << 22) 
             trailing = len(data) - len(data.rstrip(b"\\"))
             escaping = b"\\" * (trailing % 2)
     return deepest
+
+
+def stories_between_markers(lines: Iterable[dict]) -> Iterator[dict]:
+    """A text file's lines (datasets' "text" records, one a line) regrouped into the stories
+    between <|endoftext|> markers, as TinyStories' own .txt files hold them: a story runs over
+    several lines, a marker line ends it. Read line by line, those files gave every line as a
+    story of its own and the markers as stories too. (A text without markers keeps a story a
+    line.) Yields {"text": story}, its lines joined by newlines."""
+    story: list[str] = []
+    for record in lines:
+        *ended, rest = record["text"].split(END_OF_TEXT)   # a marker may also end a line
+        for piece in ended:
+            yield {"text": "\n".join(story + [piece])}
+            story = []
+        story.append(rest)
+    if story:
+        yield {"text": "\n".join(story)}
 
 
 def read_stories(stream, max_stories: int, stories: list[str]) -> None:

@@ -229,6 +229,24 @@ def test_tinystories_loads_a_local_copy_through_datasets(pico, tmp_path, suffix)
     assert pico.load_tinystories(2, str(path)) == stories[:2]
 
 
+def test_tinystories_own_txt_gives_the_stories_between_its_markers(pico, tmp_path):
+    """TinyStories' .txt files: stories of several lines (a blank one among them), a line
+    <|endoftext|> after each; a marker may also end a line. Each story is one record, its
+    lines kept, and --tinystories_max_stories counts stories. A marker that the reader's
+    1 MiB chunks cut in two is found all the same."""
+    stories = ["Tom saw a red ball.\nHe kicked it.", "Sue liked to sing.\n\nShe sang all day.",
+               "The cat slept.", "The end came."]
+    path = tmp_path / "TinyStories-valid.txt"
+    text = (f"{stories[0]}\n<|endoftext|>\n{stories[1]}\n<|endoftext|>\n"
+            f"{stories[2]}<|endoftext|>{stories[3]}\n")
+    path.write_text(text)
+    assert pico.load_tinystories(10, str(path)) == stories
+    assert pico.load_tinystories(2, str(path)) == stories[:2]
+    cut = (1 << 20) - 5                          # the first marker straddles the chunk boundary
+    path.write_text("x" * (cut - 20) + " " * 20 + "<|endoftext|>\nThe end.\n")
+    assert pico.load_tinystories(10, str(path)) == ["x" * (cut - 20), "The end."]
+
+
 def reference_nesting_depth(text: str) -> int:
     """JSON's nesting, byte by byte: brackets inside strings (and escaped quotes) do not count."""
     deepest = depth = 0
