@@ -1,6 +1,7 @@
 """The tools' command lines (tools/*.py): bad input gets one line on stderr, named after the
 tool, and exit status 2, as pico-llm.py's own; --help still prints the whole help."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,10 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     result = run_tool(name, ["--help"], tmp_path)
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.startswith(f"usage: tools/{name}.py") and "options:" in result.stdout
+    # the description: the docstring's first sentence, whole (not its first line)
+    description = " ".join(result.stdout.split("\n\n")[1].split())
+    docstring = " ".join(ast.get_docstring(ast.parse((TOOLS / f"{name}.py").read_text())).split())
+    assert docstring.startswith(description) and description[-1] in ".?", description
 
 
 @pytest.mark.parametrize("name, argv, message", [

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pico_module import OneLineErrorParser, load_pico, positive_int, run_tool
+from pico_module import OneLineErrorParser, load_pico, positive_int, run_tool, tool_description
 
 pico = load_pico()
 
@@ -70,7 +70,7 @@ def step_milliseconds(vocab: int, samples: int, threads: int) -> dict[str, float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="tools/ab_rope.py", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/ab_rope.py", description=tool_description(__doc__))
     parser.add_argument("--shape", type=positive_int, nargs=4, default=(16, 4, 64, 32),
                         metavar=("B", "H", "T", "D"), help="queries' shape (pico's, context 64)")
     parser.add_argument("--samples", type=positive_int, default=7)

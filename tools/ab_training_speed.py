@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pico_module import (OneLineErrorParser, load_pico, load_script, pico_flags_checked, positive_int,
-                         run_tool)
+                         run_tool, tool_description)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
@@ -90,7 +90,7 @@ def matmul_gflops(size: int = 2048) -> float:
 
 def main() -> int:
     parser = OneLineErrorParser(prog="tools/ab_training_speed.py",
-                                description=__doc__.split("\n")[0])
+                                description=tool_description(__doc__))
     parser.add_argument("old_rev", help="git revision of the old pico-llm.py")
     parser.add_argument("--model", choices=sorted(CONFIGS), default="transformer")
     parser.add_argument("--rounds", type=positive_int, default=6)

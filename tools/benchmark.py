@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pico_module import (TOOLS_DIR, OneLineErrorParser, load_pico, load_script, path_text,
-                         refuse_gpu_size_on_a_cpu, run_tool, seed_int)
+                         refuse_gpu_size_on_a_cpu, run_tool, seed_int, tool_description)
 
 pico = load_pico()
 
@@ -951,7 +951,7 @@ def gpt2_table(report: dict) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="tools/benchmark.py", description=__doc__.split("\n")[1],
+    parser = OneLineErrorParser(prog="tools/benchmark.py", description=tool_description(__doc__),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the same code paths at tiny sizes (seconds; the tests use it)")

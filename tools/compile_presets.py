@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, path_text, positive_float,
-                         positive_int, run_tool)
+                         positive_int, run_tool, tool_description)
 
 # Every preset, and the attention kinds on the default preset; the ones least like the
 # GPT-2 step that tools/benchmark.py measures first, so that a run cut short has them.
@@ -81,7 +81,7 @@ def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="tools/compile_presets.py", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/compile_presets.py", description=tool_description(__doc__))
     parser.add_argument("--device_id", default="auto")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch_size", type=positive_int, default=16)

@@ -11,7 +11,8 @@ A model that learns it must learn to count, to step by two, and to double.
 import sys
 from pathlib import Path
 
-from pico_module import OneLineErrorParser, path_text, run_tool, write_text_atomically
+from pico_module import (OneLineErrorParser, path_text, run_tool, write_text_atomically,
+                         tool_description)
 
 NUM_LINES = 3333
 SEQUENCES = (
@@ -39,7 +40,7 @@ def is_3seqs_corpus(path: Path) -> bool:
 
 
 def main() -> int:
-    parser = OneLineErrorParser(prog="tools/make_3seqs.py", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="tools/make_3seqs.py", description=tool_description(__doc__))
     parser.add_argument("--out", type=path_text,
                         default=str(Path(__file__).resolve().parent.parent / "3seqs.txt"))
     out = Path(parser.parse_args().out)

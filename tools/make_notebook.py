@@ -17,7 +17,8 @@ from pathlib import Path
 
 import nbformat
 
-from pico_module import OneLineErrorParser, path_text, run_tool, write_text_atomically
+from pico_module import (OneLineErrorParser, path_text, run_tool, write_text_atomically,
+                         tool_description)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1083,7 +1084,7 @@ def work_lost_by_writing(path: Path, new: nbformat.NotebookNode) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="tools/make_notebook.py", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/make_notebook.py", description=tool_description(__doc__))
     parser.add_argument("--output", type=path_text, default=str(REPO / "pico_llm.ipynb"),
                         help="where the notebook goes (default: the committed pico_llm.ipynb)")
     parser.add_argument("--force", action="store_true",

@@ -13,6 +13,7 @@ import errno
 import importlib.util
 import io
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -40,6 +41,14 @@ def load_script(path: Path, name: str):
 def load_pico():
     """pico-llm.py as the module `pico_llm`."""
     return load_script(PICO_PATH, "pico_llm")
+
+
+def tool_description(doc: str) -> str:
+    """A tool's --help description: the first sentence of its docstring, on one line (a
+    docstring's first line may end mid-sentence)."""
+    text = " ".join(doc.split("\n\n")[0].split())
+    sentence = re.match(r".+?[.?](?=\s|$)", text)
+    return sentence.group(0) if sentence else text
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from pico_module import OneLineErrorParser, load_pico, positive_int, run_tool, too_many_passes
+from pico_module import (OneLineErrorParser, load_pico, positive_int, run_tool,
+                         too_many_passes, tool_description)
 
 VARIANTS = {
     "pico + Muon": {"optimizer": "muon"},
@@ -30,7 +31,7 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="tools/recipe_ablation.py", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/recipe_ablation.py", description=tool_description(__doc__))
     parser.add_argument("--input_dir", required=True, help="running text, as --sweep recipe takes it")
     parser.add_argument("--steps", type=positive_int, default=600)
     parser.add_argument("--sweep_scale", default="full", choices=("full", "tiny"))

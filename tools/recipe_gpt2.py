@@ -37,7 +37,7 @@ import torch
 
 from benchmark import synchronize
 from pico_module import (OneLineErrorParser, load_pico, path_text, positive_float,
-                         refuse_gpu_size_on_a_cpu, run_tool)
+                         refuse_gpu_size_on_a_cpu, run_tool, tool_description)
 from stream_vs_lines import is_new_or_empty_directory, write_python_docs
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "pandas", "sympy")
@@ -89,7 +89,7 @@ def orthogonalization_seconds(pico, model, device, rounds: int = 5) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="tools/recipe_gpt2.py", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/recipe_gpt2.py", description=tool_description(__doc__))
     parser.add_argument("--write_corpus", metavar="DIR", type=path_text,
                         help="write the docstring corpus as DIR (a new directory) and stop")
     parser.add_argument("--input_dir", help="running text (a directory of .txt files)")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from pico_module import (OneLineErrorParser, current_umask, load_pico, path_text,
-                         positive_float, positive_int, run_tool)
+                         positive_float, positive_int, run_tool, tool_description)
 
 
 def is_new_or_empty_directory(directory: Path) -> bool:
@@ -131,7 +131,7 @@ def train(pico, flags: list[str], steps_per_epoch: int | None, epochs: int):
 
 
 def main() -> int:
-    parser = OneLineErrorParser(prog="tools/stream_vs_lines.py", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/stream_vs_lines.py", description=tool_description(__doc__))
     parser.add_argument("--corpus_dir", type=path_text, default="/tmp/pico-python-docs")
     parser.add_argument("--seconds", type=positive_float, default=240.0, help="training time per format")
     parser.add_argument("--d_model", type=positive_int, default=128)

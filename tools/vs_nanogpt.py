@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, non_negative_int, path_text,
                          pico_flags_checked, positive_int, run_tool, seed_int,
-                         too_many_passes)
+                         too_many_passes, tool_description)
 from stream_vs_lines import python_docs_unless_text_in
 
 # nanoGPT's README, "I only have a macbook", with its train_shakespeare_char config.
@@ -202,7 +202,7 @@ def nanogpt_held_out(nanogpt: Path, checkpoint: Path, ids: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="tools/vs_nanogpt.py", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="tools/vs_nanogpt.py", description=tool_description(__doc__))
     parser.add_argument("--nanogpt", type=path_text, default=None, metavar="DIR",
                         help="a nanoGPT checkout (train.py, model.py); without it only pico-llm runs")
     parser.add_argument("--steps", type=positive_int, default=1000, help="training steps of each run")
