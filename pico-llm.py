@@ -2808,23 +2808,31 @@ def atomic_write_json(path: Path, obj, compact: bool = False) -> None:
     atomic_write_bytes(Path(path), json_bytes(obj, compact))
 
 
+def file_start(path: Path, size: int = 4096) -> bytes:
+    """The first `size` bytes of a file (b"" where it cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
+
+
 def begins_as(path: Path, kinds: Sequence[str]) -> bool:
     """Whether `path` begins as a JSON object whose "kind", among its first keys, is one of
     `kinds` (as the files pico-llm and its tools write do), read from its start alone: such a
     file may be replaced by another of its kind even cut short."""
-    try:
-        with open(path, "rb") as handle:
-            start = handle.read(4096)
-    except OSError:
-        return False
+    start = file_start(path)
     kind = re.search(rb'"kind":\s*"([^"]*)"', start)
     return start.lstrip().startswith(b"{") and kind is not None and kind.group(1).decode(
         errors="replace") in kinds
 
 
-def check_replaceable_report(path: Path, kinds: Sequence[str], flag: str) -> None:
+def check_replaceable_report(path: Path, kinds: Sequence[str], flag: str,
+                             small: tuple[str, bool] = ("quick", False)) -> None:
     """A tool's report goes to a new file or over an earlier report of its own `kinds`,
-    never over anything else (a run log, committed results)."""
+    never over anything else (a run log, committed results), nor a report at full size by one
+    at the tests' small size: small is (its flag, as the report names it, and whether it is
+    given), such as ("quick", True), for a smoke test must not wipe out minutes of measuring."""
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give the report's file name")
     if path.exists() and not path.is_file():     # reading a FIFO's start would block
@@ -2832,6 +2840,10 @@ def check_replaceable_report(path: Path, kinds: Sequence[str], flag: str) -> Non
     if path.exists() and not begins_as(path, kinds):
         raise UserError(f"{flag} {path} already exists and is no {kinds[0]} report, which is "
                         f"all this writes over; choose another {flag}")
+    name, given = small
+    if path.exists() and given and re.search(rb'"%s":\s*false' % name.encode(), file_start(path)):
+        raise UserError(f"{flag} {path} holds a full-size {kinds[0]} report, which a --{name} "
+                        f"one would replace; choose another {flag}, or move that file away")
 
 
 def os_error_of(error: BaseException) -> OSError | None:

@@ -418,3 +418,27 @@ def test_a_report_never_replaces_a_fifo(pico, tmp_path):
     os.mkfifo(tmp_path / "fifo")          # reading its start to find its kind would block
     with pytest.raises(pico.UserError, match="is not a regular file"):
         pico.check_replaceable_report(tmp_path / "fifo", ("benchmark",), "--output")
+
+
+@pytest.mark.parametrize("tool, flag, kind", [("benchmark", "--quick", "benchmark"),
+                                              ("compile_presets", "--tiny", "compile_presets")])
+def test_a_small_smoke_report_never_replaces_a_full_one(pico, tool, flag, kind, tmp_path):
+    """A report measured at full size (minutes, perhaps on a GPU, perhaps committed) is not
+    replaced by one at the tests' small size: refused before anything runs, the file kept.
+    A small report over a small one, and a full one over either, are fine."""
+    import json
+    import subprocess
+    import sys
+    from conftest import TOOLS
+    small = flag.removeprefix("--")
+    report = tmp_path / "report.json"
+    full = json.dumps({"kind": kind, "created": "2026-11-23", small: False}, indent=1)
+    report.write_text(full)
+    result = subprocess.run([sys.executable, str(TOOLS / f"{tool}.py"), flag, "--device_id", "cpu",
+                             "--output", str(report)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"holds a full-size {kind} report, which a {flag} one would replace" in result.stderr
+    assert report.read_text() == full
+    pico.check_replaceable_report(report, (kind,), "--output", (small, False))
+    report.write_text(full.replace("false", "true"))
+    pico.check_replaceable_report(report, (kind,), "--output", (small, True))

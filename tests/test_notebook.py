@@ -106,6 +106,19 @@ def test_make_notebook_keeps_a_users_edit_unless_forced(tmp_path):
     assert notebook.read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
 
 
+def test_make_notebook_never_replaces_a_file_that_is_no_notebook_even_forced(tmp_path):
+    """--force replaces a notebook's edits or outputs; a run log or a corpus given as --output
+    by mistake is refused either way, and the message does not offer --force."""
+    for name, content in (("main_job.json", '{"kind": "runlog"}\n'), ("corpus.txt", "a story\n")):
+        target = tmp_path / name
+        target.write_text(content)
+        for force in ([], ["--force"]):
+            result = make_notebook("--output", str(target), *force)
+            assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+            assert "is not a notebook this tool can read" in result.stderr
+            assert "--force" not in result.stderr and target.read_text() == content
+
+
 def test_make_notebook_keeps_a_runs_outputs_unless_forced(tmp_path):
     notebook = tmp_path / "pico_llm.ipynb"
     shutil.copy(REPO / "pico_llm.ipynb", notebook)

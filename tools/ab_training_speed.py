@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from pico_module import (OneLineErrorParser, load_pico, load_script, pico_flags_checked, positive_int,
-                         run_tool, tool_description)
+from pico_module import (OneLineErrorParser, check_flags_left_alone, load_pico, load_script,
+                         pico_flags_checked, positive_int, run_tool, tool_description)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the benchmark's standard configs (tools/benchmark.py)
@@ -107,6 +107,9 @@ def main() -> int:
     try:   # the new version's check of the flags both get, before the old one is loaded
         pico_flags_checked(pico, lambda: pico.config_from_command_line(
             CONFIGS[args.model] + ["--device_id", "cpu", *extra]), "--flags")
+        check_flags_left_alone(pico, CONFIGS[args.model] + ["--device_id", "cpu"], extra,
+                               ["models", "device_id"], "--flags",
+                               "it times --model on the CPU")
     except pico.UserError as error:
         print(f"ab_training_speed: error: {error}", file=sys.stderr)
         return 2

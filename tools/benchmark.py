@@ -984,7 +984,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
         # Checked before minutes of measuring; the default --output is the previous report.
-        pico.check_replaceable_report(Path(args.output), ("benchmark", "gpt2_benchmark"), "--output")
+        pico.check_replaceable_report(Path(args.output), ("benchmark", "gpt2_benchmark"), "--output",
+                                      ("quick", args.quick))
         for flag in ("nanogpt_dir", "profile"):
             if getattr(args, flag) is not None and not args.gpt2:
                 raise pico.UserError(f"--{flag} is read by the --gpt2 benchmark only; add --gpt2")

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             raise pico.UserError(f"--timeout is at most 1000000 seconds (11 days), got {args.timeout:g}")
         pico.resolve_device(args.device_id)   # a bad one would fail every run, after minutes
         pico.check_writable_directory(Path(args.output).parent, "--output")
-        pico.check_replaceable_report(Path(args.output), ("compile_presets",), "--output")
+        pico.check_replaceable_report(Path(args.output), ("compile_presets",), "--output",
+                                      ("tiny", args.tiny))
     except pico.UserError as error:
         print(f"compile_presets: error: {error}", file=sys.stderr)
         return 2

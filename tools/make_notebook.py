@@ -1062,15 +1062,18 @@ def cells_digest(notebook: nbformat.NotebookNode) -> str:
 MOVE_OR_FORCE = "move it away, or pass --force to replace it"
 
 
-def work_lost_by_writing(path: Path, new: nbformat.NotebookNode) -> str | None:
+def work_lost_by_writing(path: Path, new: nbformat.NotebookNode, force: bool) -> str | None:
     """Why writing `new` over `path` would lose someone's work, and what to do instead, or
     None. Work is cells that are neither those this tool last wrote into it nor `new`'s, and
-    the outputs of a run (its figures and tables), which `new` is written without."""
+    the outputs of a run (its figures and tables), which `new` is written without; with
+    `force` those go. A file that is no notebook (a run log, a corpus) is never replaced."""
     try:
         existing = nbformat.read(path, as_version=4)
     except Exception as error:  # OSError, invalid JSON, not a notebook: nbformat raises several
         return (f"is not a notebook this tool can read ({str(error).splitlines()[0][:100]}); "
-                + MOVE_OR_FORCE)
+                "choose another --output, or move it away")
+    if force:
+        return None
     recorded = existing.metadata.get("pico_llm", {}).get("generated_cells_sha256")
     if cells_digest(existing) not in (recorded, cells_digest(new)):
         return f"has cells edited since this tool wrote it; {MOVE_OR_FORCE}"
@@ -1095,7 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
     if path.exists() and not path.is_file():     # a directory; a FIFO would block the read
         problem = "is not a regular file; move it away, or choose another --output"
     else:
-        problem = work_lost_by_writing(path, notebook) if path.exists() and not args.force else None
+        problem = work_lost_by_writing(path, notebook, args.force) if path.exists() else None
     if problem:
         print(f"make_notebook: error: {path} {problem}", file=sys.stderr)
         return 2

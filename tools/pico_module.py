@@ -78,6 +78,20 @@ def pico_flags_checked(pico, build, flag: str):
     raise pico.UserError(f"{flag}: {message}; see python pico-llm.py --help")
 
 
+def check_flags_left_alone(pico, flags: list[str], extra: list[str], owned: list[str], flag: str,
+                           why: str) -> None:
+    """Refuses `extra` (pico-llm flags a tool passes on from its option `flag`, after its own
+    `flags`) where they change one of `owned`, the settings the tool makes itself (`why`):
+    they would be overridden without a word, or make pico-llm run another command."""
+    base = vars(pico.parse_args(flags))
+    given = vars(pico_flags_checked(pico, lambda: pico.parse_args(flags + extra), flag))
+    changed = [f"--{name}" for name in owned if given[name] != base[name]]
+    if changed:
+        one = len(changed) == 1
+        raise pico.UserError(f"{flag}: {', '.join(changed)} cannot be changed here ({why}); "
+                             f"drop {'it' if one else 'them'}")
+
+
 def integer_between(text: str, minimum: int, maximum: int | None = None) -> int:
     """`text` as an integer from `minimum` to `maximum` (None: no limit), or argparse's error."""
     try:

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                           "--batch_size", "16"]
     try:
         pico.check_writable_directory(Path(args.output).parent, "--output")
-        pico.check_replaceable_report(Path(args.output), ("recipe_gpt2",), "--output")
+        pico.check_replaceable_report(Path(args.output), ("recipe_gpt2",), "--output",
+                                      ("tiny", args.tiny))
         config = pico.config_from_command_line([
             "--input_dir", args.input_dir, "--device_id", args.device_id, "--tokenizer", "char",
             "--data_format", "stream", "--test_fraction", "0.02", "--models", "transformer",

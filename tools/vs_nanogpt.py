@@ -52,9 +52,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, non_negative_int, path_text,
-                         pico_flags_checked, positive_int, run_tool, seed_int,
-                         too_many_passes, tool_description)
+from pico_module import (OneLineErrorParser, PICO_PATH, check_flags_left_alone, load_pico,
+                         non_negative_int, path_text, pico_flags_checked, positive_int, run_tool,
+                         seed_int, too_many_passes, tool_description)
 from stream_vs_lines import python_docs_unless_text_in
 
 # nanoGPT's README, "I only have a macbook", with its train_shakespeare_char config.
@@ -119,6 +119,13 @@ def run_or_stop(command: list[str], **options) -> subprocess.CompletedProcess:
         sys.exit(f"vs_nanogpt: error: {Path(command[1]).name} stopped with status "
                  f"{result.returncode}" + (f": {said[0]}" if said else " (its message is above)"))
     return result
+
+
+# What run_pico sets after --pico_flags, and the flags that would make pico-llm do other
+# than train: refused in --pico_flags
+OWNED_FLAGS = ["models", "input_files", "input_dir", "epochs", "max_steps_per_epoch", "seed",
+               "cache_dir", "artefacts_dir", "run_name", "save_dir", "resume", "accounting",
+               "sweep", "generate", "checkpoint", "export_hf", "init_from"]
 
 
 def run_pico(work: Path, name: str, epochs: int, per_epoch: int, warmup: int, seed: int = 1337,
@@ -229,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pico_flags_checked(pico, lambda: pico.parse_args(    # before minutes of work
             PICO_FLAGS + extra + ["--input_files", "train.txt"]), "--pico_flags")
+        check_flags_left_alone(pico, PICO_FLAGS, extra, OWNED_FLAGS, "--pico_flags",
+                               "it trains pico-llm's transformer on --corpus_dir, with "
+                               "--steps, --seed and files of its own")
         train_text, held_out_text = running_text(pico, Path(args.corpus_dir))
         if min(len(train_text.encode()), len(held_out_text.encode())) < SHAPE["block_size"]:
             raise pico.UserError(f"--corpus_dir {args.corpus_dir} is too little text: the held-out "
