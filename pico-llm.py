@@ -4707,6 +4707,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on an error; we print one line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.endswith("expected one argument"):   # --temperature -inf, --prompt "-x":
+            flag = message.split()[1].rstrip(":")       # a value that looks like a flag
+            message += f" (a value that begins with '-' is written {flag}=VALUE)"
         raise SystemExit(error_line(f"{message} (see --help)"))
 
     def print_help(self, file=None) -> None:
@@ -5747,9 +5750,13 @@ def run_training(config: Config) -> int:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:
                 remove_stale_temporary_files(save_dir / name, CHECKPOINT_NAME.pattern)
-        export_dir = config.huggingface.export_hf
+        export_dir, init_from = config.huggingface.export_hf, config.huggingface.init_from
         if export_dir:
             check_export_directory(Path(export_dir))
+            if init_from and Path(init_from).is_dir() and Path(init_from).resolve() in (
+                    Path(export_dir).resolve().parents):
+                raise UserError(f"--export_hf {quoted(export_dir)} is inside the --init_from model "
+                                f"{quoted(init_from)}; give the export a directory of its own")
             check_export_apart_from(Path(export_dir), {
                 "--artefacts_dir": [run_path.parent],
                 "--save_dir": [save_dir / name for name in config.models.names] if save_dir else [],
@@ -7774,6 +7781,19 @@ def unpickling_failure(error: Exception, path: Path) -> str:
     return textwrap.shorten(reason, 120)
 
 
+def checkpoint_in_directory(path: Path) -> str:
+    """What to give instead of the directory `path`: its newest checkpoint (a model's folder),
+    the newest of its first model (a --save_dir), or --init_from (a Hugging Face model)."""
+    if (path / "config.json").is_file():
+        return "it looks like a Hugging Face model: load it with --init_from"
+    with contextlib.suppress(OSError):
+        for folder in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+            newest = CheckpointSeries(folder.parent, folder.name, keep=1).latest()
+            if newest is not None:
+                return f"give a checkpoint file, such as {newest}"
+    return "give a checkpoint file, <save_dir>/<model>/step_NNNNNN.pt"
+
+
 def read_checkpoint(path: Path, flag: str) -> dict:
     """A checkpoint file, loaded without running any code in it, and checked against its
     checksum; UserError (DamagedCheckpoint for a damaged file) otherwise."""
@@ -7781,9 +7801,7 @@ def read_checkpoint(path: Path, flag: str) -> dict:
         raise UserError(f"{flag} {path} " + ("is a symbolic link to nothing (broken, or a loop)"
                                              if path.is_symlink() else "does not exist"))
     if path.is_dir():
-        example = path / "lstm_seq" / "step_000100.pt" if not path.suffix == ".pt" else None
-        raise UserError(f"{flag} {path} is a directory; give a checkpoint file"
-                        + (f" such as {example}" if example else ""))
+        raise UserError(f"{flag} {path} is a directory; " + checkpoint_in_directory(path))
     check_regular_file(path, flag)
     try:
         checkpoint = load_weights_only(path)
@@ -9810,11 +9828,12 @@ def shard_files(path: Path) -> list[Path]:
 
 def hf_weight_files(path: Path) -> list[Path]:
     """The weight files of a model directory: model.safetensors, its shards, or
-    pytorch_model.bin."""
-    if (path / "model.safetensors.index.json").is_file():
-        files = shard_files(path)
-    elif (path / "model.safetensors").is_file():
+    pytorch_model.bin, looked for in transformers' order (one model.safetensors wins over a
+    shard index beside it)."""
+    if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        files = shard_files(path)
     elif (path / "pytorch_model.bin").is_file():
         files = [path / "pytorch_model.bin"]
     else:

@@ -665,6 +665,10 @@ BAD_CHECKPOINT_INPUTS = [
     (["--generate"], "--generate needs --checkpoint"),
     (["--checkpoint", "{ckpt}"], "--checkpoint is read by --generate"),
     (["--generate", "--checkpoint", "{folder}"], "is a directory"),
+    (["--generate", "--checkpoint", "{save}"],                # the newest checkpoint, named
+     "is a directory; give a checkpoint file, such as {save}/kgram_mlp_seq/step_000002.pt"),
+    (["--checkpoint", "{save}/kgram_mlp_seq", "--export_hf", "{folder}/hf"],
+     "is a directory; give a checkpoint file, such as {save}/kgram_mlp_seq/step_000002.pt"),
     (["--generate", "--checkpoint", "{save}/nope.pt"], "does not exist"),
     (["--generate", "--checkpoint", "{evil}"], "refused to load"),
     (["--generate", "--checkpoint", "{truncated}"], "not a readable checkpoint"),
@@ -860,7 +864,7 @@ def test_bad_checkpoint_input_gives_one_line_status_2_and_changes_nothing(
     status, out, err = run_main(*CHECKPOINT_RUN, *argv)
     assert status == 2
     line = one_error_line(err)
-    assert line.startswith("pico-llm: error:") and message in line
+    assert line.startswith("pico-llm: error:") and message.format(**bad_checkpoints) in line
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "pwned").exists()
 

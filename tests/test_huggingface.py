@@ -787,6 +787,16 @@ def test_shards_must_be_regular_files_beside_the_index(pico, llama_dir, shard, m
     one_line_error(pico, match, pico.load_hf_directory, llama_dir)
 
 
+def test_one_weights_file_wins_over_a_stale_shard_index_beside_it(pico, llama_dir):
+    """transformers loads model.safetensors where there is one, whatever index lies beside
+    it (left from an earlier, sharded download): so does --init_from."""
+    (llama_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.norm.weight": "gone.safetensors"}}))
+    assert pico.hf_weight_files(llama_dir) == [llama_dir / "model.safetensors"]
+    model, _ = pico.import_hf(llama_dir)
+    check_same_model(pico, model, llama_dir, 300)
+
+
 def bin_dir(llama_dir, contents):
     """llama_dir with its weights replaced by pytorch_model.bin holding `contents`."""
     (llama_dir / "model.safetensors").unlink()
@@ -871,6 +881,12 @@ def test_tokenizers_that_do_not_fit_are_refused(pico, tmp_path, llama_dir, gpt2_
 
 def test_init_from_a_directory_is_that_directory(pico, gpt2_dir):
     assert pico.resolve_init_from(str(gpt2_dir)) == gpt2_dir
+
+
+def test_a_hugging_face_directory_given_as_a_checkpoint_points_to_init_from(pico, gpt2_dir):
+    with pytest.raises(pico.UserError, match=r"is a directory; it looks like a Hugging Face "
+                                             r"model: load it with --init_from"):
+        pico.read_checkpoint(gpt2_dir, "--checkpoint")
 
 
 def test_init_from_a_hub_id_offline_fails_fast_naming_the_directory_form(pico, monkeypatch):
@@ -1213,6 +1229,13 @@ def test_export_hf_into_a_non_empty_directory_is_refused_before_training(refused
     refused("already exists and is not empty", *fine_tune(corpus, "--tokenizer", "char"), "--export_hf",
             str(tmp_path / "out"))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_export_hf_inside_the_model_it_starts_from_is_refused(refused, llama_dir, corpus):
+    """The imported model's directory (perhaps the hub's cache) is read, never written into."""
+    refused("is inside the --init_from model", "--init_from", str(llama_dir), *fine_tune(corpus),
+            "--export_hf", str(llama_dir / "fine-tuned"))
+    assert not (llama_dir / "fine-tuned").exists()
 
 
 def test_export_hf_onto_a_file_is_refused_as_a_file(refused, tmp_path, corpus):
