@@ -3778,6 +3778,15 @@ class SweepLog:
         if overwrite and path.exists() and not looks_like_a_sweep_file(path):
             raise UserError(f"{path} is not a sweep file, and --overwrite replaces only sweep "
                             "files; give the sweep another path")
+        earlier_scale = re.search(rb'"scale":\s*"([^"]*)"', file_start(path)) if overwrite else None
+        if earlier_scale and scale.name == "tiny" and earlier_scale.group(1) != b"tiny":
+            raise UserError(f"{path} holds a sweep at scale {earlier_scale.group(1).decode()}, "
+                            "which a tiny one (seconds, for the tests) never replaces, even with "
+                            f"--overwrite; move that file away, or give the sweep another {flag}")
+        if overwrite and path.exists():
+            replaced = [file.name for file in files_beside(sweep, path) if file.exists()]
+            warn(f"pico-llm: note: --overwrite replaces {path}"
+                 + (f" and, as its points run, {', '.join(replaced)} beside it" if replaced else ""))
         for file in files_beside(sweep, path):   # written over as the sweep's points run
             if file.exists() and not (file.is_file() and begins_as(file, SIDE_FILE_KINDS)):
                 raise UserError(f"{file} is not a file that a {sweep} sweep writes, and the "

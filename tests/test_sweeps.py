@@ -419,6 +419,25 @@ def test_a_sweep_on_changed_data_is_refused_unless_overwritten(pico, run_main, t
     assert status == 0 and "3 points (0 already done)" in out
 
 
+def test_a_tiny_sweep_never_replaces_a_full_scale_one_even_with_overwrite(pico, run_main, tmp_path,
+                                                                          tiny_corpus):
+    """Seconds of a test-sized sweep must not wipe out half an hour of full-scale points (the
+    committed results): refused, --overwrite or not; a full-scale sweep may replace it, and
+    --overwrite says what it replaces."""
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    assert run_main(*argv)[0] == 0
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    full = path.read_text().replace('"scale": "tiny"', '"scale": "full"', 1)
+    path.write_text(full)
+    status, _, err = run_main(*argv, "--overwrite")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "holds a sweep at scale full, which a tiny one (seconds, for the tests) never replaces" in err
+    assert path.read_text() == full
+    path.write_text(full.replace('"scale": "full"', '"scale": "tiny"', 1))
+    status, _, err = run_main(*argv, "--overwrite", "--seed", "7")
+    assert status == 0 and f"pico-llm: note: --overwrite replaces {path}" in err, err
+
+
 def test_a_sweep_with_every_point_done_says_where_they_are(pico, run_main, tmp_path, tiny_corpus):
     argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
     assert run_main(*argv)[0] == 0
