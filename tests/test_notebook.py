@@ -56,6 +56,46 @@ def execute_notebook(artefacts, run_log=None):
                      for cell in notebook.cells for output in cell.get("outputs", []))
 
 
+def notebook_helpers(artefacts):
+    """The namespace of the notebook's code cells, run in this process up to the one that
+    defines its plotting helpers, against `artefacts`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    notebook = nbformat.read(REPO / "pico_llm.ipynb", as_version=4)
+    namespace = {}
+    for cell in (cell for cell in notebook.cells if cell.cell_type == "code"):
+        exec(compile(cell.source, "cell", "exec"), namespace)
+        if "parameters" in cell.metadata.get("tags", []):
+            namespace["ARTEFACTS_DIR"] = artefacts
+        if "def plot_attention" in cell.source:
+            return namespace
+    raise AssertionError("no cell defines plot_attention")
+
+
+def test_attention_figures_keep_to_six_layers_and_eight_heads_labelled_at_the_edges(tmp_path):
+    """A 12 x 12 model's maps drew 144 panels, every one labelled with every token (58 s for a
+    57-token prompt): the figure keeps the first and last three layers and the first eight
+    heads, says which it leaves out, and writes the tokens along its bottom row and left
+    column only."""
+    import numpy as np
+    namespace = notebook_helpers(tmp_path)
+    figures = []
+    namespace["save"] = lambda fig, name, folder=None: figures.append(fig)
+    weights = np.tril(np.ones((20, 20)))
+    weights /= weights.sum(axis=1, keepdims=True)
+    maps = {"model": "big", "prompt": "p" * 20, "tokens": list("abcdefghijklmnopqrst"),
+            "layers": [[weights.tolist()] * 12] * 12}
+    namespace["plot_attention"](maps, "attention_big")
+    panels = [ax for ax in figures[0].axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels[::8]] == [f"layer {n} head 0" for n in (0, 1, 2, 9, 10, 11)]
+    assert len(panels) == 6 * 8
+    assert "(layers 3-8 and heads 8-11 not shown)" in figures[0].get_suptitle()
+    labelled_x = [ax for ax in panels if [t.get_text() for t in ax.get_xticklabels()]]
+    labelled_y = [ax for ax in panels if [t.get_text() for t in ax.get_yticklabels()]]
+    assert labelled_x == panels[-8:] and labelled_y == panels[::8]
+    assert [t.get_text() for t in labelled_x[0].get_xticklabels()] == maps["tokens"]
+
+
 def test_the_notebook_file_is_what_the_generator_writes():
     import make_notebook as generator          # tools/ is on the path (conftest.py)
     written = nbformat.read(REPO / "pico_llm.ipynb", as_version=4)

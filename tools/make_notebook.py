@@ -252,22 +252,36 @@ def run_summary(run):
     return pd.DataFrame(rows).set_index("model")
 
 
-def plot_attention(maps, figure_name, folder=FIGURES):
-    \"\"\"Every layer's and head's attention weights over the prompt, one panel each.\"\"\"
+def plot_attention(maps, figure_name, folder=FIGURES, max_layers=6, max_heads=8, max_labels=64):
+    \"\"\"Each layer's and head's attention weights over the prompt, one panel each: at most
+    the first and last max_layers // 2 layers and the first max_heads heads, the tokens
+    written along the bottom row and the left column (up to max_labels of them). Labels on
+    every panel took most of the time: 58 s for 12 x 12 heads over 57 tokens.\"\"\"
     layers = maps["layers"]
     tokens = ["␣" if t == " " else repr(t)[1:-1] for t in maps["tokens"]]
-    heads = len(layers[0])
-    fig, axes = plt.subplots(len(layers), heads, figsize=(2.3 * heads + 0.8, 2.3 * len(layers)),
+    shown_layers = list(range(len(layers)))
+    if len(layers) > max_layers:
+        shown_layers = shown_layers[:max_layers // 2] + shown_layers[-(max_layers // 2):]
+    heads = min(len(layers[0]), max_heads)
+    fig, axes = plt.subplots(len(shown_layers), heads,
+                             figsize=(2.3 * heads + 0.8, 2.3 * len(shown_layers)),
                              squeeze=False, layout="constrained")
-    for layer, row in enumerate(axes):
+    labels = tokens if len(tokens) <= max_labels else []
+    for layer, row in zip(shown_layers, axes):
         for head, ax in enumerate(row):
             image = ax.imshow(layers[layer][head], cmap="Blues", vmin=0, vmax=1)
-            ax.set_xticks(range(len(tokens)), tokens, fontsize=6)
-            ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
+            bottom, left = layer == shown_layers[-1], head == 0
+            ax.set_xticks(range(len(labels)) if bottom else [], labels if bottom else [], fontsize=6)
+            ax.set_yticks(range(len(labels)) if left else [], labels if left else [], fontsize=6)
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6,
                  label="attention weight (rows sum to 1)")
-    fig.suptitle(f"{maps['model']}: attention over {maps['prompt']!r}")
+    left_out = [f"layers {shown_layers[:max_layers // 2][-1] + 1}-{shown_layers[-max_layers // 2] - 1}"
+                if len(shown_layers) < len(layers) else "",
+                f"heads {heads}-{len(layers[0]) - 1}" if heads < len(layers[0]) else ""]
+    left_out = " and ".join(part for part in left_out if part)
+    fig.suptitle(f"{maps['model']}: attention over {maps['prompt']!r}"
+                 + (f" ({left_out} not shown)" if left_out else ""))
     save(fig, figure_name, folder)
 
 
