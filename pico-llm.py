@@ -2500,16 +2500,19 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
             path.suffix.lower())
         if builder is None:
             raise UserError(f"--tinystories_path {path}: expected .json, .jsonl, .parquet or .txt")
-        separated = False          # stories between <|endoftext|> markers (TinyStories' .txt)
+        separated = False          # stories between <|endoftext|> lines (TinyStories' .txt)?
         if builder == "text":      # as --input_files: text with NUL bytes is not text
-            marker, tail = END_OF_TEXT.encode(), b""
+            marker_line = re.compile(rb"\n" + re.escape(END_OF_TEXT.encode()) + rb"\r?\n")
+            tail = b"\n"           # the file's start is a line's start
             with open(path, "rb") as handle:
                 while chunk := handle.read(1 << 20):
                     if b"\x00" in chunk:
                         raise UserError(f"--tinystories_path {path} looks binary (it contains NUL "
                                         "bytes); give a UTF-8 text file")
-                    separated = separated or marker in tail + chunk   # a marker cut in two too
-                    tail = chunk[-(len(marker) - 1):]
+                    data = tail + chunk                  # a marker line cut in two by chunks too
+                    separated = separated or marker_line.search(data) is not None
+                    tail = data[-(len(END_OF_TEXT) + 2):]
+            separated = separated or marker_line.search(tail + b"\n") is not None   # last line
         if builder == "json":
             depth = json_nesting_depth(path, MAX_JSON_NESTING)
             if depth > MAX_JSON_NESTING:
@@ -2582,8 +2585,8 @@ def stories_between_markers(lines: Iterable[dict]) -> Iterator[dict]:
     """A text file's lines (datasets' "text" records, one a line) regrouped into the stories
     between <|endoftext|> markers, as TinyStories' own .txt files hold them: a story runs over
     several lines, a marker line ends it. Read line by line, those files gave every line as a
-    story of its own and the markers as stories too. (A text without markers keeps a story a
-    line.) Yields {"text": story}, its lines joined by newlines."""
+    story of its own and the markers as stories too. (A text with no marker on a line of its
+    own keeps a story a line.) Yields {"text": story}, its lines joined by newlines."""
     story: list[str] = []
     for record in lines:
         *ended, rest = record["text"].split(END_OF_TEXT)   # a marker may also end a line
@@ -3778,22 +3781,25 @@ class SweepLog:
         if overwrite and path.exists() and not looks_like_a_sweep_file(path):
             raise UserError(f"{path} is not a sweep file, and --overwrite replaces only sweep "
                             "files; give the sweep another path")
+        # A tiny sweep (seconds, for the tests) replaces no larger one's files, --overwrite or
+        # not: they may be the committed results.
         earlier_scale = re.search(rb'"scale":\s*"([^"]*)"', file_start(path)) if overwrite else None
         if earlier_scale and scale.name == "tiny" and earlier_scale.group(1) != b"tiny":
             raise UserError(f"{path} holds a sweep at scale {earlier_scale.group(1).decode()}, "
-                            "which a tiny one (seconds, for the tests) never replaces, even with "
-                            f"--overwrite; move that file away, or give the sweep another {flag}")
-        if overwrite and path.exists():
-            replaced = [file.name for file in files_beside(sweep, path) if file.exists()]
-            warn(f"pico-llm: note: --overwrite replaces {path}"
-                 + (f" and, as its points run, {', '.join(replaced)} beside it" if replaced else ""))
+                            "which a tiny one never replaces, even with --overwrite; move that "
+                            f"file away, or give the sweep another {flag}")
         for file in files_beside(sweep, path):   # written over as the sweep's points run
             if file.exists() and not (file.is_file() and begins_as(file, SIDE_FILE_KINDS)):
                 raise UserError(f"{file} is not a file that a {sweep} sweep writes, and the "
                                 "sweep would write over it; move it away, or give the sweep "
                                 "another --artefacts_dir")
         if not path.exists() and not overwrite:
-            check_no_files_beside(sweep, path)
+            check_no_files_beside(sweep, path, "pass --overwrite to replace them")
+        elif not path.exists() and scale.name == "tiny":
+            check_no_files_beside(sweep, path, f"give the sweep another {flag}")
+        replaced = [str(file) for file in [path, *files_beside(sweep, path)] if file.exists()]
+        self.overwrite_note = (f"pico-llm: note: --overwrite replaces {', '.join(replaced)}"
+                               if overwrite and replaced else None)   # said once all are checked
         if path.exists() and not overwrite:
             earlier = load_sweep(path)
             # Points are keyed by their own settings; the scale and the data must match too.
@@ -3959,15 +3965,14 @@ def check_sweep_files_apart(paths: dict[str, Path]) -> None:
 SIDE_FILE_KINDS = ("run", "attention", "monosemantic")
 
 
-def check_no_files_beside(sweep: str, path: Path) -> None:
+def check_no_files_beside(sweep: str, path: Path, remedy: str) -> None:
     """A new sweep file's sweep would replace the files of an earlier one's points (whose
     sweep file was moved away): refused, as the sweep file itself would be."""
     found = [file for file in files_beside(sweep, path) if file.exists()]
     if found:
         more = f" and {len(found) - 1} more files" if len(found) > 1 else ""
         raise UserError(f"{path.parent} holds {found[0].name}{more} of an earlier {sweep} sweep, "
-                        f"whose sweep file {path.name} is gone; move them away, or pass "
-                        "--overwrite to replace them")
+                        f"whose sweep file {path.name} is gone; move them away, or {remedy}")
 
 
 def read_run_log_beside(run_path: Path, path: Path) -> dict:
@@ -4523,6 +4528,9 @@ def run_sweep_logs(paths: dict[str, Path], flags: dict[str, str], scale: "SweepS
     # Every file is checked before the first sweep starts, not after hours of the others.
     logs = {name: SweepLog(path, name, scale, base, device, overwrite, flags[name])
             for name, path in paths.items()}
+    for log in logs.values():
+        if log.overwrite_note:
+            warn(log.overwrite_note)
     started = time.perf_counter()
     for name, log in logs.items():
         sweep_started = time.perf_counter()
@@ -4718,7 +4726,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.endswith("expected one argument"):   # --temperature -inf, --prompt "-x":
             flag = message.split()[1].rstrip(":")       # a value that looks like a flag
-            message += f" (a value that begins with '-' is written {flag}=VALUE)"
+            message += f" (give it one; a value that begins with '-' is written {flag}=VALUE)"
         raise SystemExit(error_line(f"{message} (see --help)"))
 
     def print_help(self, file=None) -> None:

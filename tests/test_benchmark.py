@@ -442,3 +442,16 @@ def test_a_small_smoke_report_never_replaces_a_full_one(pico, tool, flag, kind, 
     pico.check_replaceable_report(report, (kind,), "--output", (small, False))
     report.write_text(full.replace("false", "true"))
     pico.check_replaceable_report(report, (kind,), "--output", (small, True))
+
+
+def test_a_quick_benchmark_has_a_default_report_of_its_own(bench, tmp_path, monkeypatch):
+    """After a full run, `tools/benchmark.py --quick` as its docstring shows it must work: its
+    report goes to benchmark_quick.json, beside the full one, which it would not replace."""
+    import json
+    monkeypatch.setattr(bench.pico, "DEFAULT_ARTEFACTS_DIR", tmp_path)
+    (tmp_path / "benchmark.json").write_text(json.dumps({"kind": "benchmark", "quick": False}))
+    chosen = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda args: chosen.append(args.output) or 0)
+    assert bench.main(["--quick", "--device_id", "cpu"]) == 0
+    assert bench.main(["--device_id", "cpu"]) == 0
+    assert chosen == [str(tmp_path / "benchmark_quick.json"), str(tmp_path / "benchmark.json")]

@@ -12,8 +12,8 @@ from conftest import REPO, SCRIPT, TINY_RUN, run_script
 
 BAD_INPUTS = [
     (["--input_files", "does_not_exist.txt"], "not found"),
-    (["--prompt", "-x"], "argument --prompt: expected one argument (a value that begins with '-' "
-                         "is written --prompt=VALUE)"),
+    (["--prompt", "-x"], "argument --prompt: expected one argument (give it one; a value that "
+                         "begins with '-' is written --prompt=VALUE)"),
     (["--input_files", "{empty}"], "empty"),
     (["--input_files", "{latin1}"], "not valid UTF-8"),
     (["--input_files", "{binary}"], "binary"),

@@ -231,9 +231,9 @@ def test_tinystories_loads_a_local_copy_through_datasets(pico, tmp_path, suffix)
 
 def test_tinystories_own_txt_gives_the_stories_between_its_markers(pico, tmp_path):
     """TinyStories' .txt files: stories of several lines (a blank one among them), a line
-    <|endoftext|> after each; a marker may also end a line. Each story is one record, its
-    lines kept, and --tinystories_max_stories counts stories. A marker that the reader's
-    1 MiB chunks cut in two is found all the same."""
+    <|endoftext|> after each; in such a file a marker may also end a line. Each story is one
+    record, its lines kept, and --tinystories_max_stories counts stories. A marker line that
+    the reader's 1 MiB chunks cut in two is found all the same."""
     stories = ["Tom saw a red ball.\nHe kicked it.", "Sue liked to sing.\n\nShe sang all day.",
                "The cat slept.", "The end came."]
     path = tmp_path / "TinyStories-valid.txt"
@@ -243,8 +243,16 @@ def test_tinystories_own_txt_gives_the_stories_between_its_markers(pico, tmp_pat
     assert pico.load_tinystories(10, str(path)) == stories
     assert pico.load_tinystories(2, str(path)) == stories[:2]
     cut = (1 << 20) - 5                          # the first marker straddles the chunk boundary
-    path.write_text("x" * (cut - 20) + " " * 20 + "<|endoftext|>\nThe end.\n")
+    path.write_text("x" * (cut - 20) + " " * 19 + "\n<|endoftext|>\nThe end.\n")
     assert pico.load_tinystories(10, str(path)) == ["x" * (cut - 20), "The end."]
+    path.write_bytes(b"Once.\r\n<|endoftext|>\r\nTwice.\r\n<|endoftext|>")   # CRLF, marker last
+    assert pico.load_tinystories(10, str(path)) == ["Once.", "Twice."]
+    path.write_text("Once upon a time.\nThe end.\n<|endoftext|>")      # its one marker, last
+    assert pico.load_tinystories(10, str(path)) == ["Once upon a time.\nThe end."]
+    # A marker only inside a line is text, not a separator: a story a line, as ever
+    path.write_text("The token <|endoftext|> ends a text.\nTom saw a ball.\n")
+    assert pico.load_tinystories(10, str(path)) == ["The token <|endoftext|> ends a text.",
+                                                    "Tom saw a ball."]
 
 
 def reference_nesting_depth(text: str) -> int:

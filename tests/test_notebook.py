@@ -94,6 +94,16 @@ def test_attention_figures_keep_to_six_layers_and_eight_heads_labelled_at_the_ed
     labelled_y = [ax for ax in panels if [t.get_text() for t in ax.get_yticklabels()]]
     assert labelled_x == panels[-8:] and labelled_y == panels[::8]
     assert [t.get_text() for t in labelled_x[0].get_xticklabels()] == maps["tokens"]
+    for layers, heads, options, shown, note in [
+            (7, 9, {}, (0, 1, 2, 4, 5, 6), " (layer 3 and head 8 not shown)"),
+            (12, 4, {"max_layers": 5}, (0, 1, 2, 10, 11), " (layers 3-9 not shown)"),
+            (3, 4, {}, (0, 1, 2), "")]:
+        figures.clear()
+        namespace["plot_attention"]({**maps, "layers": [[weights.tolist()] * heads] * layers},
+                                    "attention_big", **options)
+        panels = [ax for ax in figures[0].axes if ax.get_title()]
+        assert [ax.get_title() for ax in panels[::min(heads, 8)]] == [f"layer {n} head 0" for n in shown]
+        assert figures[0].get_suptitle() == f"big: attention over {maps['prompt']!r}{note}"
 
 
 def test_the_notebook_file_is_what_the_generator_writes():

@@ -422,20 +422,29 @@ def test_a_sweep_on_changed_data_is_refused_unless_overwritten(pico, run_main, t
 def test_a_tiny_sweep_never_replaces_a_full_scale_one_even_with_overwrite(pico, run_main, tmp_path,
                                                                           tiny_corpus):
     """Seconds of a test-sized sweep must not wipe out half an hour of full-scale points (the
-    committed results): refused, --overwrite or not; a full-scale sweep may replace it, and
-    --overwrite says what it replaces."""
-    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    committed results), nor the files beside them: refused in one line, --overwrite or not.
+    --overwrite over a tiny sweep names every file it replaces, once all are checked."""
+    argv = ("--sweep", "sampling", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
     assert run_main(*argv)[0] == 0
-    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    artefacts = tmp_path / "artefacts"
+    path = artefacts / "sweep_sampling.json"
+    beside = [artefacts / "attention_transformer.json", artefacts / "monosemantic_transformer.json"]
     full = path.read_text().replace('"scale": "tiny"', '"scale": "full"', 1)
     path.write_text(full)
+    before = {file: file.read_bytes() for file in [path, *beside]}
     status, _, err = run_main(*argv, "--overwrite")
     assert status == 2 and err.count("\n") == 1, err
-    assert "holds a sweep at scale full, which a tiny one (seconds, for the tests) never replaces" in err
-    assert path.read_text() == full
+    assert "holds a sweep at scale full, which a tiny one never replaces, even with --overwrite" in err
+    path.unlink()                                  # its files beside it, without it
+    status, _, err = run_main(*argv, "--overwrite")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "attention_transformer.json and 1 more files of an earlier sampling sweep" in err
+    assert "--overwrite" not in err.split("move them away")[1]
+    assert {file: file.read_bytes() for file in beside} == {f: before[f] for f in beside}
     path.write_text(full.replace('"scale": "full"', '"scale": "tiny"', 1))
     status, _, err = run_main(*argv, "--overwrite", "--seed", "7")
-    assert status == 0 and f"pico-llm: note: --overwrite replaces {path}" in err, err
+    assert status == 0, err
+    assert f"pico-llm: note: --overwrite replaces {path}, {beside[0]}, {beside[1]}\n" in err, err
 
 
 def test_a_sweep_with_every_point_done_says_where_they_are(pico, run_main, tmp_path, tiny_corpus):

@@ -95,11 +95,12 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("vs_nanogpt", ["--corpus_dir", str(REPO / "data" / "custom_corpus"), "--steps", "1000000000"],
      "--steps 1000000000 would read the training text in --corpus_dir"),
     ("vs_nanogpt", ["--pico_flags=--models lstm_seq"],     # would end in a KeyError, late
-     "--pico_flags: --models cannot be changed here (it trains pico-llm's transformer"),
-    ("vs_nanogpt", ["--pico_flags=--accounting GPT2-small --seed 3"],
-     "--pico_flags: --seed, --accounting cannot be changed here"),
+     "--pico_flags: --models cannot be given here (it trains pico-llm's transformer"),
+    ("vs_nanogpt", ["--pico_flags=--accounting GPT2-small --seed 1337"],   # the default, too
+     "--pico_flags: --seed, --accounting cannot be given here"),
+    ("vs_nanogpt", ["--pico_flags=--tokenizer=gpt2"], "--pico_flags: --tokenizer cannot be given"),
     ("ab_training_speed", ["HEAD", "--flags=--models lstm_seq"],   # was timed as transformer
-     "--flags: --models cannot be changed here (it times --model on the CPU); drop it"),
+     "--flags: --models cannot be given here (it times --model on the CPU); drop it"),
     ("ab_training_speed", ["HEAD", "--flags", "'"], "--flags \"'\": No closing quotation"),
     ("ab_training_speed", ["HEAD", "--flags", "--d_model 0"], "--d_model must be positive"),
     ("ab_training_speed", ["HEAD", "--flags=--d_model x"],
@@ -118,9 +119,9 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("compile_presets", ["--configs", "", "--output", "{tmp}/out.json"],
      "--configs '' has an empty name; give names among: GPT-oss"),
     ("ab_training_speed", ["HEAD", "--flags", "--compile"], "argument --flags: expected one "
-     "argument (a value that begins with '-' is written --flags=VALUE)"),
+     "argument (give it one; a value that begins with '-' is written --flags=VALUE)"),
     ("vs_nanogpt", ["--pico_flags", "--random_offsets"], "argument --pico_flags: expected one "
-     "argument (a value that begins with '-' is written --pico_flags=VALUE)"),
+     "argument (give it one; a value that begins with '-' is written --pico_flags=VALUE)"),
 ])
 def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     result = run_tool(name, argv, tmp_path)

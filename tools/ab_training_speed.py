@@ -107,8 +107,7 @@ def main() -> int:
     try:   # the new version's check of the flags both get, before the old one is loaded
         pico_flags_checked(pico, lambda: pico.config_from_command_line(
             CONFIGS[args.model] + ["--device_id", "cpu", *extra]), "--flags")
-        check_flags_left_alone(pico, CONFIGS[args.model] + ["--device_id", "cpu"], extra,
-                               ["models", "device_id"], "--flags",
+        check_flags_left_alone(pico, extra, ["models", "device_id"], "--flags",
                                "it times --model on the CPU")
     except pico.UserError as error:
         print(f"ab_training_speed: error: {error}", file=sys.stderr)

@@ -955,9 +955,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the same code paths at tiny sizes (seconds; the tests use it)")
-    parser.add_argument("--output", type=path_text,
-                        default=str(pico.DEFAULT_ARTEFACTS_DIR / "benchmark.json"),
-                        help="where the JSON report goes")
+    parser.add_argument("--output", type=path_text, default=argparse.SUPPRESS,
+                        help="where the JSON report goes (default: artefacts/runs/benchmark.json, "
+                             "with --quick benchmark_quick.json)")
     parser.add_argument("--device_id", default="auto",
                         help="auto (CUDA, else MPS, else cpu), cpu, mps or cuda:N, as pico-llm's flag")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -982,6 +982,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
+    # a --quick run (seconds) never replaces a full one (minutes), so its report has a name
+    # of its own by default
+    args.output = getattr(args, "output", None) or str(pico.DEFAULT_ARTEFACTS_DIR / (
+        "benchmark_quick.json" if args.quick else "benchmark.json"))
     try:
         # Checked before minutes of measuring; the default --output is the previous report.
         pico.check_replaceable_report(Path(args.output), ("benchmark", "gpt2_benchmark"), "--output",

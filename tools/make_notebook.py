@@ -254,14 +254,15 @@ def run_summary(run):
 
 def plot_attention(maps, figure_name, folder=FIGURES, max_layers=6, max_heads=8, max_labels=64):
     \"\"\"Each layer's and head's attention weights over the prompt, one panel each: at most
-    the first and last max_layers // 2 layers and the first max_heads heads, the tokens
-    written along the bottom row and the left column (up to max_labels of them). Labels on
-    every panel took most of the time: 58 s for 12 x 12 heads over 57 tokens.\"\"\"
+    max_layers layers (the first and the last ones) and the first max_heads heads, the
+    tokens written along the bottom row and the left column when there are at most
+    max_labels of them. Labels on every panel took most of the time: 58 s for 12 x 12 heads
+    over 57 tokens.\"\"\"
     layers = maps["layers"]
     tokens = ["␣" if t == " " else repr(t)[1:-1] for t in maps["tokens"]]
-    shown_layers = list(range(len(layers)))
-    if len(layers) > max_layers:
-        shown_layers = shown_layers[:max_layers // 2] + shown_layers[-(max_layers // 2):]
+    first = (max_layers + 1) // 2                     # layers from the start; the rest the end
+    shown_layers = (list(range(len(layers))) if len(layers) <= max_layers else
+                    [*range(first), *range(len(layers) - (max_layers - first), len(layers))])
     heads = min(len(layers[0]), max_heads)
     fig, axes = plt.subplots(len(shown_layers), heads,
                              figsize=(2.3 * heads + 0.8, 2.3 * len(shown_layers)),
@@ -276,9 +277,12 @@ def plot_attention(maps, figure_name, folder=FIGURES, max_layers=6, max_heads=8,
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6,
                  label="attention weight (rows sum to 1)")
-    left_out = [f"layers {shown_layers[:max_layers // 2][-1] + 1}-{shown_layers[-max_layers // 2] - 1}"
-                if len(shown_layers) < len(layers) else "",
-                f"heads {heads}-{len(layers[0]) - 1}" if heads < len(layers[0]) else ""]
+
+    def span(word, start, end):                       # "layers 3-8", "layer 3", or nothing
+        return "" if start > end else f"{word} {start}" if start == end else f"{word}s {start}-{end}"
+
+    left_out = [span("layer", first, len(layers) - (max_layers - first) - 1)
+                if len(shown_layers) < len(layers) else "", span("head", heads, len(layers[0]) - 1)]
     left_out = " and ".join(part for part in left_out if part)
     fig.suptitle(f"{maps['model']}: attention over {maps['prompt']!r}"
                  + (f" ({left_out} not shown)" if left_out else ""))

@@ -58,7 +58,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.endswith("expected one argument"):   # e.g. --flags --compile: a value that
             flag = message.split()[1].rstrip(":")       # looks like a flag is not taken as one
-            message += f" (a value that begins with '-' is written {flag}=VALUE)"
+            message += f" (give it one; a value that begins with '-' is written {flag}=VALUE)"
         sys.stderr.write(f"{Path(self.prog).stem}: error: {message} (see --help)\n")
         raise SystemExit(2)
 
@@ -78,17 +78,17 @@ def pico_flags_checked(pico, build, flag: str):
     raise pico.UserError(f"{flag}: {message}; see python pico-llm.py --help")
 
 
-def check_flags_left_alone(pico, flags: list[str], extra: list[str], owned: list[str], flag: str,
-                           why: str) -> None:
-    """Refuses `extra` (pico-llm flags a tool passes on from its option `flag`, after its own
-    `flags`) where they change one of `owned`, the settings the tool makes itself (`why`):
-    they would be overridden without a word, or make pico-llm run another command."""
-    base = vars(pico.parse_args(flags))
-    given = vars(pico_flags_checked(pico, lambda: pico.parse_args(flags + extra), flag))
-    changed = [f"--{name}" for name in owned if given[name] != base[name]]
-    if changed:
-        one = len(changed) == 1
-        raise pico.UserError(f"{flag}: {', '.join(changed)} cannot be changed here ({why}); "
+def check_flags_left_alone(pico, extra: list[str], owned: list[str], flag: str, why: str) -> None:
+    """Refuses `extra` (pico-llm flags a tool passes on from its option `flag`) where they
+    give one of `owned`, the settings the tool makes itself (`why`), at any value: they would
+    be overridden without a word, or make pico-llm run another command."""
+    unset = object()     # argparse fills in defaults only where the namespace has no value
+    given = argparse.Namespace(**{name: unset for name in owned})
+    pico_flags_checked(pico, lambda: pico.build_arg_parser().parse_args(extra, given), flag)
+    named = [f"--{name}" for name in owned if getattr(given, name) is not unset]
+    if named:
+        one = len(named) == 1
+        raise pico.UserError(f"{flag}: {', '.join(named)} cannot be given here ({why}); "
                              f"drop {'it' if one else 'them'}")
 
 

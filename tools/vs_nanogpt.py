@@ -121,11 +121,13 @@ def run_or_stop(command: list[str], **options) -> subprocess.CompletedProcess:
     return result
 
 
-# What run_pico sets after --pico_flags, and the flags that would make pico-llm do other
-# than train: refused in --pico_flags
+# What run_pico sets after --pico_flags, what the held-out nats per character need (character
+# tokens of --corpus_dir's text), and the flags that would make pico-llm do other than train:
+# refused in --pico_flags
 OWNED_FLAGS = ["models", "input_files", "input_dir", "epochs", "max_steps_per_epoch", "seed",
                "cache_dir", "artefacts_dir", "run_name", "save_dir", "resume", "accounting",
-               "sweep", "generate", "checkpoint", "export_hf", "init_from"]
+               "sweep", "generate", "checkpoint", "export_hf", "init_from", "tokenizer",
+               "tinystories_weight", "tinystories_path"]
 
 
 def run_pico(work: Path, name: str, epochs: int, per_epoch: int, warmup: int, seed: int = 1337,
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pico_flags_checked(pico, lambda: pico.parse_args(    # before minutes of work
             PICO_FLAGS + extra + ["--input_files", "train.txt"]), "--pico_flags")
-        check_flags_left_alone(pico, PICO_FLAGS, extra, OWNED_FLAGS, "--pico_flags",
+        check_flags_left_alone(pico, extra, OWNED_FLAGS, "--pico_flags",
                                "it trains pico-llm's transformer on --corpus_dir, with "
                                "--steps, --seed and files of its own")
         train_text, held_out_text = running_text(pico, Path(args.corpus_dir))
