@@ -3781,8 +3781,8 @@ class SweepLog:
         if overwrite and path.exists() and not looks_like_a_sweep_file(path):
             raise UserError(f"{path} is not a sweep file, and --overwrite replaces only sweep "
                             "files; give the sweep another path")
-        # A tiny sweep (seconds, for the tests) replaces no larger one's files, --overwrite or
-        # not: they may be the committed results.
+        # A tiny sweep (seconds, for the tests) never replaces a larger one's file, --overwrite
+        # or not: it may hold the committed results.
         earlier_scale = re.search(rb'"scale":\s*"([^"]*)"', file_start(path)) if overwrite else None
         if earlier_scale and scale.name == "tiny" and earlier_scale.group(1) != b"tiny":
             raise UserError(f"{path} holds a sweep at scale {earlier_scale.group(1).decode()}, "
@@ -3794,9 +3794,7 @@ class SweepLog:
                                 "sweep would write over it; move it away, or give the sweep "
                                 "another --artefacts_dir")
         if not path.exists() and not overwrite:
-            check_no_files_beside(sweep, path, "pass --overwrite to replace them")
-        elif not path.exists() and scale.name == "tiny":
-            check_no_files_beside(sweep, path, f"give the sweep another {flag}")
+            check_no_files_beside(sweep, path)
         replaced = [str(file) for file in [path, *files_beside(sweep, path)] if file.exists()]
         self.overwrite_note = (f"pico-llm: note: --overwrite replaces {', '.join(replaced)}"
                                if overwrite and replaced else None)   # said once all are checked
@@ -3965,14 +3963,15 @@ def check_sweep_files_apart(paths: dict[str, Path]) -> None:
 SIDE_FILE_KINDS = ("run", "attention", "monosemantic")
 
 
-def check_no_files_beside(sweep: str, path: Path, remedy: str) -> None:
+def check_no_files_beside(sweep: str, path: Path) -> None:
     """A new sweep file's sweep would replace the files of an earlier one's points (whose
     sweep file was moved away): refused, as the sweep file itself would be."""
     found = [file for file in files_beside(sweep, path) if file.exists()]
     if found:
         more = f" and {len(found) - 1} more files" if len(found) > 1 else ""
         raise UserError(f"{path.parent} holds {found[0].name}{more} of an earlier {sweep} sweep, "
-                        f"whose sweep file {path.name} is gone; move them away, or {remedy}")
+                        f"whose sweep file {path.name} is gone; move them away, or pass "
+                        "--overwrite to replace them")
 
 
 def read_run_log_beside(run_path: Path, path: Path) -> dict:

@@ -422,8 +422,9 @@ def test_a_sweep_on_changed_data_is_refused_unless_overwritten(pico, run_main, t
 def test_a_tiny_sweep_never_replaces_a_full_scale_one_even_with_overwrite(pico, run_main, tmp_path,
                                                                           tiny_corpus):
     """Seconds of a test-sized sweep must not wipe out half an hour of full-scale points (the
-    committed results), nor the files beside them: refused in one line, --overwrite or not.
-    --overwrite over a tiny sweep names every file it replaces, once all are checked."""
+    committed results): refused in one line, --overwrite or not, the files beside it kept.
+    --overwrite names every file it replaces, the sweep's own and those beside it, once all
+    are checked."""
     argv = ("--sweep", "sampling", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
     assert run_main(*argv)[0] == 0
     artefacts = tmp_path / "artefacts"
@@ -435,12 +436,7 @@ def test_a_tiny_sweep_never_replaces_a_full_scale_one_even_with_overwrite(pico, 
     status, _, err = run_main(*argv, "--overwrite")
     assert status == 2 and err.count("\n") == 1, err
     assert "holds a sweep at scale full, which a tiny one never replaces, even with --overwrite" in err
-    path.unlink()                                  # its files beside it, without it
-    status, _, err = run_main(*argv, "--overwrite")
-    assert status == 2 and err.count("\n") == 1, err
-    assert "attention_transformer.json and 1 more files of an earlier sampling sweep" in err
-    assert "--overwrite" not in err.split("move them away")[1]
-    assert {file: file.read_bytes() for file in beside} == {f: before[f] for f in beside}
+    assert {file: file.read_bytes() for file in [path, *beside]} == before
     path.write_text(full.replace('"scale": "full"', '"scale": "tiny"', 1))
     status, _, err = run_main(*argv, "--overwrite", "--seed", "7")
     assert status == 0, err
@@ -602,6 +598,7 @@ def test_a_new_sweep_refuses_to_replace_an_earlier_ones_files(run_main, tmp_path
     assert files_in(artefacts) == before
     status, _, err = run_main(*argv, "--seed", "7", "--overwrite")
     assert status == 0, err
+    assert "pico-llm: note: --overwrite replaces " in err and str(artefacts / kept) in err
     assert (artefacts / kept).read_bytes() != before[kept]
 
 
