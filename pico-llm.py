@@ -6012,9 +6012,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         warn("pico-llm: interrupted")
         return 130
-    except Terminated:
-        warn("pico-llm: terminated")
-        return 128 + signal.SIGTERM
+    except Terminated as stop:
+        warn("pico-llm: " + ("terminated" if stop.signal_number == signal.SIGTERM else
+                             "hung up (the terminal closed)"))
+        return 128 + stop.signal_number
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")
         if prints_only:       # head has all it asked for
@@ -7260,14 +7261,31 @@ class TrainingInterrupted(Exception):
 
 
 class Terminated(BaseException):
-    """SIGTERM where no training step is under way to finish (a sweep, tokenizing, sampling):
-    raised where the program stands, as Ctrl-C raises KeyboardInterrupt, so that temporary
-    files are removed and main() says so in one line (torchrun's ranks end at once, as by
-    default). Training itself stops at a step's end (StopRequest), with a checkpoint first."""
+    """SIGTERM, or SIGHUP (the terminal closed), where no training step is under way to finish
+    (a sweep, tokenizing, sampling): raised where the program stands, as Ctrl-C raises
+    KeyboardInterrupt, so that temporary files are removed and main() says so in one line
+    (torchrun's ranks end at once, as by default). Training itself stops at a step's end
+    (StopRequest), with a checkpoint first."""
+
+    def __init__(self, signal_number: int = signal.SIGTERM) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
 
 
 def raise_terminated(signal_number, frame) -> None:
-    raise Terminated()
+    if signal_number == getattr(signal, "SIGHUP", None):
+        silence_closed_terminal()
+    raise Terminated(signal_number)
+
+
+def silence_closed_terminal() -> None:
+    """After SIGHUP the terminal is gone and a write to it fails: standard output and error,
+    where they are a terminal, go to /dev/null from then on (files and pipes stay)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for descriptor in (1, 2):
+        if os.isatty(descriptor):
+            os.dup2(devnull, descriptor)
+    os.close(devnull)
 
 
 class StopRequest:
@@ -7304,11 +7322,7 @@ class StopRequest:
     def _handle(self, number: int, frame) -> None:
         self.signal_number = self.signal_number or number
         if number == getattr(signal, "SIGHUP", None):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            for descriptor in (1, 2):
-                if os.isatty(descriptor):
-                    os.dup2(devnull, descriptor)
-            os.close(devnull)
+            silence_closed_terminal()
         if self.repeat_acts_at_once:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             for other in self._previous.keys() - {signal.SIGINT}:
@@ -8644,8 +8658,10 @@ def pretokenize_file(path, special_tokens, num_workers=None, min_chunk_bytes=1 <
 
 
 def default_signals() -> None:
-    """A pool worker's signals: SIGTERM ends it, Ctrl-C is the parent's to handle."""
+    """A pool worker's signals: SIGTERM (and SIGHUP) end it, Ctrl-C is the parent's to handle."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -10415,6 +10431,9 @@ if __name__ == "__main__":
         # up after a failed rank, and a rank held in a collective would not see it for long.
         signal.signal(signal.SIGTERM, raise_terminated if launched_world_size() == 1
                       else signal.SIG_DFL)
+    if (hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+            and launched_world_size() == 1):      # under nohup it stays ignored
+        signal.signal(signal.SIGHUP, raise_terminated)
     status = main()
     # Done, and said so: a Ctrl-C still arriving (a key held down) must not break into the
     # interpreter's shutdown with a traceback from an exit handler.

@@ -708,23 +708,29 @@ def test_a_sampling_sweep_with_linear_attention_says_it_draws_no_map_and_is_done
     assert "embedding clusters" not in out      # the model was not trained and sampled again
 
 
+@pytest.mark.parametrize("signal_number, status, said", [
+    (signal.SIGTERM, 143, "pico-llm: terminated"),
+    (signal.SIGHUP, 129, "pico-llm: hung up (the terminal closed)")])
 def test_sigterm_during_a_sweep_says_so_in_one_line_and_leaves_its_files_valid(
-        pico, tmp_path, tiny_corpus):
-    """A sweep trains no checkpointed run, so SIGTERM stops it where it stands: one line,
-    status 143, no traceback, and the sweep file holds the points finished so far."""
+        pico, tmp_path, tiny_corpus, signal_number, status, said):
+    """A sweep trains no checkpointed run, so SIGTERM, or SIGHUP from a closed terminal (it
+    had ended the process where it stood, leaving its temporary files), stops it where it
+    stands: one line, status 128 + the signal, no traceback, and the sweep file holds the
+    points finished so far."""
     artefacts = tmp_path / "artefacts"
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--sweep", "presentation", "--sweep_scale", "tiny",
          "--input_files", str(tiny_corpus), "--artefacts_dir", str(artefacts),
          "--cache_dir", str(tmp_path / "cache"), "--device_id", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))   # heard under nohup too
     for line in process.stdout:
         if line.startswith("[sweep "):     # a point is in: the presentation has dozens more
             break
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal_number)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 143, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "pico-llm: terminated", err
+    assert process.returncode == status, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == said, err
     sweeps = list(artefacts.glob("sweep_*.json"))
     assert sweeps and not [p for p in artefacts.iterdir() if p.name.endswith(".tmp")]
     for path in sweeps:
