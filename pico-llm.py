@@ -10439,6 +10439,8 @@ if __name__ == "__main__":
     # interpreter's shutdown with a traceback from an exit handler.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is raise_terminated:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     exit_process(status)
 
 
