@@ -2509,9 +2509,10 @@ def load_tinystories(max_stories: int, local_path: str | None) -> list[str]:
                     if b"\x00" in chunk:
                         raise UserError(f"--tinystories_path {path} looks binary (it contains NUL "
                                         "bytes); give a UTF-8 text file")
-                    data = tail + chunk                  # a marker line cut in two by chunks too
-                    separated = separated or marker_line.search(data) is not None
-                    tail = data[-(len(END_OF_TEXT) + 2):]
+                    if not separated:
+                        data = tail + chunk              # a marker line cut in two by chunks too
+                        separated = marker_line.search(data) is not None
+                        tail = data[-(len(END_OF_TEXT) + 2):]
             separated = separated or marker_line.search(tail + b"\n") is not None   # last line
         if builder == "json":
             depth = json_nesting_depth(path, MAX_JSON_NESTING)
@@ -6013,8 +6014,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warn("pico-llm: interrupted")
         return 130
     except Terminated as stop:
-        warn("pico-llm: " + ("terminated" if stop.signal_number == signal.SIGTERM else
-                             "hung up (the terminal closed)"))
+        warn("pico-llm: " + ("hung up (the terminal closed)" if stop.signal_number == HANGUP
+                             else "terminated"))
         return 128 + stop.signal_number
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")
@@ -7272,8 +7273,12 @@ class Terminated(BaseException):
         self.signal_number = signal_number
 
 
+# A closed terminal (a dropped ssh connection); None where there is no such signal (Windows)
+HANGUP = getattr(signal, "SIGHUP", None)
+
+
 def raise_terminated(signal_number, frame) -> None:
-    if signal_number == getattr(signal, "SIGHUP", None):
+    if signal_number == HANGUP:
         silence_closed_terminal()
     raise Terminated(signal_number)
 
@@ -7299,8 +7304,7 @@ class StopRequest:
     the terminal and again from torchrun, which forwards it (and kills the ranks itself if
     they have not left 30 s later)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP")
-                                                 else ()))
+    SIGNALS = tuple(number for number in (signal.SIGINT, signal.SIGTERM, HANGUP) if number)
 
     def __init__(self, repeat_acts_at_once: bool = True) -> None:
         self.signal_number: int | None = None
@@ -7310,8 +7314,7 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signals live there only
             self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS
-                              if number != getattr(signal, "SIGHUP", None)
-                              or signal.getsignal(number) is not signal.SIG_IGN}
+                              if number != HANGUP or signal.getsignal(number) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -7321,7 +7324,7 @@ class StopRequest:
 
     def _handle(self, number: int, frame) -> None:
         self.signal_number = self.signal_number or number
-        if number == getattr(signal, "SIGHUP", None):
+        if number == HANGUP:
             silence_closed_terminal()
         if self.repeat_acts_at_once:
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -8660,8 +8663,8 @@ def pretokenize_file(path, special_tokens, num_workers=None, min_chunk_bytes=1 <
 def default_signals() -> None:
     """A pool worker's signals: SIGTERM (and SIGHUP) end it, Ctrl-C is the parent's to handle."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if HANGUP and signal.getsignal(HANGUP) is not signal.SIG_IGN:
+        signal.signal(HANGUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -10431,16 +10434,15 @@ if __name__ == "__main__":
         # up after a failed rank, and a rank held in a collective would not see it for long.
         signal.signal(signal.SIGTERM, raise_terminated if launched_world_size() == 1
                       else signal.SIG_DFL)
-    if (hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
-            and launched_world_size() == 1):      # under nohup it stays ignored
-        signal.signal(signal.SIGHUP, raise_terminated)
+    if HANGUP and signal.getsignal(HANGUP) is signal.SIG_DFL and launched_world_size() == 1:
+        signal.signal(HANGUP, raise_terminated)        # under nohup it stays ignored
     status = main()
     # Done, and said so: a Ctrl-C still arriving (a key held down) must not break into the
     # interpreter's shutdown with a traceback from an exit handler.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is raise_terminated:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if HANGUP and signal.getsignal(HANGUP) is raise_terminated:
+        signal.signal(HANGUP, signal.SIG_DFL)
     exit_process(status)
 
 
