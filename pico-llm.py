@@ -5189,6 +5189,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
                         "no control or formatting characters")
+    if (args.run_name or "").lower().endswith(".json"):  # the log would be x.json.json
+        stem = args.run_name[:-len(".json")]
+        raise UserError(f"--run_name names the run, not its file: --run_name {stem} writes "
+                        f"{stem}.json")
     limits = {"num_inner_mlp_layers": MAX_LAYERS, "lstm_layers": MAX_LAYERS, "n_blocks": MAX_LAYERS,
               "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K,
               "n_experts": MAX_EXPERTS}  # why each: the MAX_ constants' comments

@@ -87,6 +87,7 @@ BAD_INPUTS = [
     (["--run_name", "r.attention_transformer"], "is the name of another run's attention maps"),
     (["--run_name", "monosemantic_transformer"], "is the name of a sweep's attention maps"),
     (["--run_name", "a\nb"], "must be a plain file name"),
+    (["--run_name", "baseline.json"], "--run_name baseline writes baseline.json"),
     (["--sweep", "budget", "--accounting"], "--accounting and --sweep are two commands"),
     (["--generate", "--checkpoint", "x.pt", "--sweep", "budget"], "--generate and --sweep are two commands"),
     (["--sweep", "budget", "--save_dir", "ckpt"], "--sweep keeps no checkpoints of its own"),
