@@ -2112,6 +2112,10 @@ class GPT2Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(list(ids))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for (part of a character, for some)."""
+        return self.encoding.decode_single_token_bytes(token_id)
+
     ENCODE_GROUP_BYTES = 64 * 1024
 
     def encode_examples(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -2169,6 +2173,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 256 else b""
 
     def token_byte_lengths(self) -> np.ndarray:
         lengths = np.ones(self.vocab_size, dtype=np.int64)
@@ -4626,6 +4633,25 @@ def token_embeddings(model: nn.Module) -> torch.Tensor:
     return model.unembedding.weight.detach().float().cpu()
 
 
+def token_label(tokenizer, token_id: int) -> str:
+    """One token as the clusters show it: its text, "<eot>" for the end of text, and a byte
+    that is part of a character (a byte-level tokenizer's lone first byte of "é") as <0xC3>,
+    where decoding the token alone gives U+FFFD, the same for every such byte."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text or "<eot>"
+    pieces, rest = [], tokenizer.token_bytes(token_id)
+    while rest:
+        try:
+            pieces.append(rest.decode("utf-8"))
+            break
+        except UnicodeDecodeError as error:
+            pieces.append(rest[:error.start].decode("utf-8"))
+            pieces.extend(f"<0x{byte:02X}>" for byte in rest[error.start:error.end])
+            rest = rest[error.end:]
+    return "".join(pieces)
+
+
 def embedding_clusters(model: nn.Module, tokenizer, data: TrainingData, text_ids: list[int],
                        num_prompt_tokens: int, clusters: int, seed: int, neighbours: int = 3) -> dict:
     """k-means over the embeddings of the tokens the training data uses, and for each
@@ -4638,7 +4664,7 @@ def embedding_clusters(model: nn.Module, tokenizer, data: TrainingData, text_ids
     assignment, _ = kmeans(vectors, min(clusters, len(used)), seed=seed)
     cluster_of = {int(t): int(c) for t, c in zip(used, assignment)}
     normalized = F.normalize(vectors, dim=1)
-    label = lambda token_id: tokenizer.decode([int(token_id)]) or "<eot>"  # noqa: E731
+    label = lambda token_id: token_label(tokenizer, int(token_id))  # noqa: E731
     annotated, tokens = [], []
     for position, token_id in enumerate(text_ids):
         if token_id not in cluster_of:
@@ -9000,6 +9026,9 @@ class TrainedBPETokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.bpe.decode([i for i in ids if i in self.bpe.vocab])
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.bpe.vocab.get(token_id, b"")
+
     def token_byte_lengths(self) -> np.ndarray:
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token_id, token in self.bpe.vocab.items():
@@ -10044,6 +10073,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 BYTE_CHARS = bytes_to_unicode()
+CHAR_BYTES = {char: byte for byte, char in BYTE_CHARS.items()}
 
 
 def byte_text(token: bytes) -> str:
@@ -10118,17 +10148,24 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of text one id stands for. Byte-level BPE: a character per byte
+        (BYTE_CHARS). SentencePiece: "▁" is a space, "<0x0A>" a byte."""
+        token = self.tokenizer.id_to_token(token_id) or ""   # None past the tokenizer's ids
+        if self.byte_level:
+            return bytes(CHAR_BYTES.get(char, 0x3F) for char in token)   # "?" for a stray one
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return bytes([int(token[3:5], 16)])
+        return token.replace("▁", " ").encode("utf-8")
+
     def token_byte_lengths(self) -> np.ndarray:
-        """Bytes of text each id stands for (0 for special tokens), for bits per byte.
-        Byte-level BPE: one character per byte. SentencePiece: "▁" is a space, "<0x0A>" a byte."""
+        """Bytes of text each id stands for (0 for special tokens), for bits per byte."""
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         specials = {i for i, token in self.tokenizer.get_added_tokens_decoder().items()
                     if token.special}
-        for token, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
+        for i in self.tokenizer.get_vocab(with_added_tokens=False).values():
             if i not in specials:
-                byte_fallback = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
-                lengths[i] = (len(token) if self.byte_level else 1 if byte_fallback
-                              else len(token.replace("▁", " ").encode("utf-8")))
+                lengths[i] = len(self.token_bytes(i))
         return lengths
 
 

@@ -609,6 +609,20 @@ def save_tiny_tokenizer(directory, kind):
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_model_tokenizer_gives_each_tokens_bytes(pico, tmp_path, kind):
+    """token_bytes (what bits per byte counts and the clusters label a lone byte with) from a
+    tokenizer.json: byte-level BPE's characters are bytes, SentencePiece's "▁" a space."""
+    tokenizer = pico.HFTokenizer(tiny_tokenizer(kind), vocab_size=310, eot_id=0, name="hf:test")
+    text = "naïve café in the mat"
+    spaced = text if kind == "byte-level" else " " + text   # Metaspace marks the first word too
+    assert b"".join(tokenizer.token_bytes(i) for i in tokenizer.encode(text)) == spaced.encode()
+    if kind == "byte-level":
+        lone = tokenizer.tokenizer.token_to_id(pico.BYTE_CHARS[0xC3])
+        assert pico.token_label(tokenizer, lone) == "<0xC3>"
+    assert tokenizer.token_bytes(305) == b""                # an id past the tokenizer's
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
 def test_model_tokenizer_encodes_and_decodes_as_transformers(pico, tmp_path, kind):
     directory = tmp_path / "hf"
     directory.mkdir()

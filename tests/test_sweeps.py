@@ -116,6 +116,20 @@ def test_kmeans_separates_two_obvious_clusters(pico):
     assert sorted(centroids.norm(dim=1).round().tolist())[0] == 0.0
 
 
+def test_embedding_clusters_label_a_lone_byte_by_its_value(pico):
+    """Byte tokens of "é" and "ü" are clustered as two tokens each, four labels apart, not as
+    one repeated U+FFFD."""
+    char = pico.ByteTokenizer()
+    examples = pico.tokenize_examples(["é ü é ü"] * 4, char, None)
+    source = pico.DataSource("custom", examples, *pico.split_indices(len(examples), 0.0, 0))
+    data = pico.TrainingData([source], [1.0], 8, char.eot_id, 0)
+    model = pico.build_model(pico.LSTMConfig(embed_size=8), 257, seed=0)
+    result = pico.embedding_clusters(model, char, data, char.encode("é"), 0, clusters=2, seed=0)
+    labels = sorted(label for members in result["clusters"].values() for label in members)
+    assert labels == [" ", "<0xA9>", "<0xBC>", "<0xC3>", "<eot>"]
+    assert result["annotated"].startswith("<0xC3>[c")
+
+
 def test_attention_maps_are_causal_distributions(pico):
     config = pico.TransformerConfig(block_size=16, d_model=32, n_heads=2, n_blocks=2)
     model = pico.build_model(config, 257, seed=0)

@@ -28,6 +28,27 @@ def test_gpt2_token_byte_lengths_sum_to_the_text_bytes(gpt2):
     assert lengths[gpt2.eot_id] == 0
 
 
+@pytest.mark.parametrize("kind", ["char", "gpt2", "bpe"])
+def test_token_bytes_join_into_the_text(pico, gpt2, tmp_path, kind):
+    text = "Once upon a time, a café served 日本 tea ☃."
+    tokenizer = {"char": pico.ByteTokenizer, "gpt2": lambda: gpt2, "bpe": lambda: pico.train_bpe_tokenizer(
+        [f"the café number {i} served tea" for i in range(30)], 300, tmp_path)}[kind]()
+    assert b"".join(tokenizer.token_bytes(i) for i in tokenizer.encode(text)) == text.encode("utf-8")
+
+
+def test_token_labels_show_a_lone_byte_of_a_character_as_its_bytes(pico, gpt2):
+    """The clusters label each token alone: a byte that is part of a character reads <0xC3>,
+    not U+FFFD, which every such byte would share; whole characters and the end of text read as
+    themselves."""
+    char = pico.ByteTokenizer()
+    assert [pico.token_label(char, i) for i in char.encode("é")] == ["<0xC3>", "<0xA9>"]
+    assert [pico.token_label(char, i) for i in (ord("a"), ord("\n"), char.eot_id)] == ["a", "\n", "<eot>"]
+    snowman = gpt2.encode(" ☃")                      # " " and two of its bytes, then the third
+    assert [pico.token_label(gpt2, i) for i in snowman] == [" <0xE2><0x98>", "<0x83>"]
+    assert [pico.token_label(gpt2, i) for i in gpt2.encode(" café")] == [" café"]
+    assert pico.token_label(gpt2, gpt2.encode("\ufffd")[0]) == "\ufffd"   # one that is U+FFFD
+
+
 def test_char_tokenizer_round_trips_utf8(pico):
     tokenizer = pico.ByteTokenizer()
     text = "héllo 🙂"
