@@ -104,6 +104,22 @@ def test_one_file_under_two_names_is_refused(pico, tmp_path, alias):
             read(args_for(pico, *flags, "--data_format", data_format))
 
 
+def test_files_without_inode_numbers_are_all_read(pico, tmp_path, monkeypatch):
+    """A file system that gives every file inode 0 (some network and FUSE ones) cannot tell
+    links apart, so its files are read, not all refused as one file."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"{name}\n")
+    real_stat = pico.Path.stat
+
+    def stat_without_inodes(path, *args, **kwargs):
+        status = real_stat(path, *args, **kwargs)
+        return os.stat_result((*status[:1], 0, *status[2:]))   # (mode, ino, dev, ...)
+
+    monkeypatch.setattr(pico.Path, "stat", stat_without_inodes)
+    args = args_for(pico, "--input_files", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
+    assert pico.load_custom_examples(args) == ["a.txt", "b.txt"]
+
+
 def test_input_dir_without_txt_files_is_a_user_error(pico, tmp_path):
     (tmp_path / "notes.md").write_text("x\n")
     with pytest.raises(pico.UserError, match="no .txt"):
