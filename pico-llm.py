@@ -5772,7 +5772,9 @@ def run_training(config: Config) -> int:
         if context.is_main:
             note_apple_gpu_defects(device)
         if context.is_main and not config.training.quiet:
-            print(f"device: {device}" + (" (--device_id auto)" if device_id == "auto" else ""))
+            ranks = (f" on rank 0, of {context.world_size} ranks ({torch.distributed.get_backend()})"
+                     if context.enabled else "")
+            print(f"device: {device}{ranks}" + (" (--device_id auto)" if device_id == "auto" else ""))
         run_path = choose_run_path(config.output, config.models.names)
         longest_name = max(config.models.names, key=len)
         check_writable_directory(run_path.parent, "--artefacts_dir", deepest=max(   # the longest:

@@ -123,6 +123,47 @@ def test_a_rank_leaves_with_its_status_and_its_output_flushed():
         assert result.returncode == 3 and result.stdout == "buffered, no newline"
 
 
+def ranks_by_hand(flags_of_rank, env_extra=None):
+    """Two processes started as torchrun starts its ranks (its variables set by hand), each
+    with its own flags; their (status, stdout, stderr)."""
+    import os
+    import socket
+    with socket.socket() as probe:              # a free port for the ranks to meet at
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = []
+    for rank, flags in enumerate(flags_of_rank):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        ranks.append(subprocess.Popen([sys.executable, str(SCRIPT), *flags, "--dist_timeout", "60"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [process.communicate(timeout=120) for process in ranks]
+    return [(process.returncode, *output) for process, output in zip(ranks, outputs)]
+
+
+def test_two_ranks_started_by_hand_with_other_flags_both_refuse(tmp_path):
+    """The check below between two real processes, one's --batch_size changed: each says which
+    flag differs and leaves with status 2, before either writes anything."""
+    results = ranks_by_hand([[*TINY, "--batch_size", batch, "--artefacts_dir", str(tmp_path)]
+                             for batch in ("6", "4")])
+    for rank, (status, _, err) in enumerate(results):
+        assert status == 2, err[-2000:]
+        assert f"pico-llm: error (rank {rank}): rank {1 - rank} was started with other flags" in err
+        assert "--batch_size" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_first_line_of_a_run_under_torchrun_names_its_ranks(tmp_path):
+    loud = [flag for flag in TINY if flag != "--quiet"]
+    flags = [*loud, "--models", "lstm_seq", "--epochs", "1", "--max_steps_per_epoch", "1",
+             "--artefacts_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")]
+    (status, out, err), (other_status, other_out, _) = ranks_by_hand([flags, flags])
+    assert status == other_status == 0, err[-2000:]
+    assert out.splitlines()[0] == "device: cpu on rank 0, of 2 ranks (gloo)"
+    assert other_out == ""                       # rank 0 alone prints
+
+
 def test_ranks_started_with_other_flags_are_refused_before_they_train(pico, monkeypatch):
     """By hand, without torchrun: their collectives would not match, and gloo aborted rank 0
     (a C++ dump) while rank 1 ended in a traceback. A rank's own --device_id may differ."""
