@@ -6185,7 +6185,7 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device,
     model's nn.Linear layers become FastLinear in place: same parameters, same
     state_dict, products through oneDNN; and the C allocator keeps freed memory for
     reuse. On every device, attention turns RoPE's pairs with one complex product
-    (complex_rope; compiled code and Apple's GPU keep the real formula); on CUDA an LSTM
+    (complex_rope; compiled code and Apple's GPU keep the real formula), and an LSTM
     computes in float32 under bf16 autocast (Float32LSTM). The loss "auto" is
     the chunked one or PyTorch's fused cross-entropy (FusedNextTokenLoss), as loss_kind
     says. With speed.compile the model and loss are compiled together (compile_for_training).
@@ -6198,8 +6198,7 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device,
             if type(module) is nn.Linear:
                 module.__class__ = FastLinear
     complex_rope(model)
-    if device.type == "cuda":
-        float32_lstm(model)
+    float32_lstm(model)
     kind = loss_kind(speed.loss, device, getattr(model, "vocab_size", None))
     if speed.compile:
         check_compile_available(device)
@@ -6278,16 +6277,17 @@ def autocast_context(device: torch.device, dtype: str | None = None):
 
 
 class Float32LSTM(nn.LSTM):
-    """nn.LSTM with CUDA's autocast off: under autocast, PyTorch's cast for cuDNN's LSTM kernel
-    takes float16 whatever dtype autocast names (bf16 here), and float16 without loss scaling
-    lets small gradients vanish. So on a GPU the LSTM computes in its weights' dtype (float32),
-    its inputs cast up; the layers around it still take bf16. The same parameters and
-    state_dict; speed_up swaps the class in on CUDA (float32_lstm)."""
+    """nn.LSTM with autocast off, computing in its weights' dtype (float32), its inputs cast
+    up; the layers around it still take bf16. Under autocast, PyTorch's cast for cuDNN's LSTM
+    kernel takes float16 whatever dtype autocast names (bf16 here), and float16 without loss
+    scaling lets small gradients vanish; on a CPU, oneDNN's bf16 LSTM exists only for AVX-512
+    (on an AVX2 processor it fails: "could not create a primitive descriptor"). The same
+    parameters and state_dict; speed_up swaps the class in on every device (float32_lstm)."""
 
     def forward(self, input, hx=None):
         dtype = self.weight_ih_l0.dtype   # float32 for a model trained under autocast
         hx = None if hx is None else tuple(h.to(dtype) for h in hx)
-        with torch.autocast("cuda", enabled=False):
+        with torch.autocast(input.device.type, enabled=False):
             return super().forward(input.to(dtype), hx)
 
 

@@ -512,8 +512,9 @@ def test_masked_grouped_query_steps_take_the_fold(pico, monkeypatch):
 
 
 def test_float32_lstm_is_the_lstm_with_the_same_parameters(pico):
-    """What speed_up swaps in on CUDA, where autocast would run cuDNN's LSTM in float16: the same
-    module, state_dict and outputs, computed in float32 from inputs of any float dtype."""
+    """What speed_up swaps in (autocast would run cuDNN's LSTM in float16, and oneDNN's bf16
+    LSTM fails on a CPU without AVX-512): the same module, state_dict and outputs, computed in
+    float32 from inputs of any float dtype, under autocast too."""
     torch.manual_seed(0)
     model = pico.LSTMSeqModel(40, embed_size=16, hidden_size=24, num_layers=2)
     tokens = torch.randint(0, 40, (7, 3))
@@ -528,3 +529,9 @@ def test_float32_lstm_is_the_lstm_with_the_same_parameters(pico):
     assert all(torch.equal(a, b) for a, b in zip(state, expected_state))
     out, (h, c) = model.lstm(torch.randn(5, 3, 16).bfloat16(), tuple(x.bfloat16() for x in state))
     assert out.dtype == h.dtype == c.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = model.lstm(torch.randn(5, 3, 16), state)
+        assert out.dtype == h.dtype == c.dtype == torch.float32
+    fresh = pico.LSTMSeqModel(40, embed_size=16, hidden_size=24, num_layers=2)
+    pico.speed_up(fresh, pico.SpeedConfig(), torch.device("cpu"))
+    assert type(fresh.lstm) is pico.Float32LSTM
