@@ -373,6 +373,24 @@ def test_bpe_tokenizer_flag_trains_on_the_training_split_and_is_cached(tmp_path)
     assert sum(lengths[i] for i in ids) == len("brown fox")
 
 
+def test_a_special_token_whose_bytes_the_vocabulary_holds_twice_takes_the_smaller_id():
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"<|eot|>", 300: b"<|eot|>"}
+    assert pico.assign_special_ids(vocab, ["<|eot|>"]) == {"<|eot|>": 256}
+
+
+def test_a_merge_listed_twice_keeps_its_first_rank():
+    """Only a merges file from elsewhere can list a pair twice; its first place is its rank."""
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"bc", 257: b"ab"}
+    tokenizer = pico.Tokenizer(vocab, [(b"b", b"c"), (b"a", b"b"), (b"b", b"c")])
+    assert tokenizer.encode("abc") == [97, 256]            # a, bc: (b, c) ranks first
+
+
+def test_chunk_boundaries_find_a_special_token_across_two_read_windows(tmp_path):
+    path = tmp_path / "text.bin"
+    path.write_bytes(b"x" * 100 + b"a" * 10 + b"<|eot|>" + b"b" * 83)
+    assert pico.find_chunk_boundaries(path, 2, "<|eot|>", window=14) == [0, 110, 200]
+
+
 def test_bpe_tokenizer_spec_is_validated():
     assert pico.parse_tokenizer_spec("bpe:500") == ("bpe", 500)
     for bad in ("bpe:10", "bpe:", "bpe:abc", "bpe:³⁰⁰", "wordpiece"):

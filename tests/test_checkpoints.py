@@ -259,6 +259,33 @@ def test_generate_escapes_control_characters_on_a_terminal_only(pico, run_main, 
     assert out.endswith(tail), repr(out)
 
 
+def test_the_digest_covers_tensor_shapes_and_key_names(pico):
+    """A bit flipped in a tensor's recorded shape or in a state_dict key must not pass."""
+    weights = torch.arange(6.0)
+    assert (pico.checkpoint_digest({"w": weights.reshape(2, 3)})
+            != pico.checkpoint_digest({"w": weights.reshape(3, 2)}))
+    assert pico.checkpoint_digest({"a": 1, "c": 2}) != pico.checkpoint_digest({"b": 1, "c": 2})
+
+
+def test_restoring_random_states_replays_every_generator(pico):
+    import numpy as np
+    saved = pico.rng_states()
+    first = (torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random())
+    pico.restore_rng_states(saved)
+    assert (torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()) == first
+
+
+def test_checkpoints_come_every_checkpoint_every_steps(pico):
+    """The fast tests checkpoint every step; every 3rd is steps 3 and 6 of 7, not 2 and 5."""
+    tolerance = pico.FaultTolerance("m", pico.TrainingConfig(), checkpoint_every=3)
+    saved = []
+    tolerance.save_checkpoint = lambda: saved.append(tolerance.progress.step)
+    for step in range(1, 8):
+        tolerance.progress = pico.TrainingProgress(step=step)
+        tolerance.after_step()
+    assert saved == [3, 6]
+
+
 def test_checkpoints_ask_for_gpu_random_states_only_where_cuda_is_in_use(pico, monkeypatch):
     """A CPU run on a machine with a GPU must not start CUDA to save its random states: a
     context of a few hundred MB in every process (each test worker, each gloo rank)."""

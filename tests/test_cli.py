@@ -402,6 +402,7 @@ TORCHRUN_ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "without MASTER_ADDR, MASTER_PORT"),
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "abc", **TORCHRUN_ADDRESS}, "LOCAL_RANK='abc' is not a rank"),
     ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}, "RANK=5 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}, "RANK=2 is not below WORLD_SIZE=2"),
     # an address of bytes that are not UTF-8 was a traceback as the waiting note was made
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS, "MASTER_ADDR": "\udcff"},
      "MASTER_ADDR='\\udcff' is not a host name"),

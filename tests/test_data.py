@@ -120,6 +120,39 @@ def test_files_without_inode_numbers_are_all_read(pico, tmp_path, monkeypatch):
     assert pico.load_custom_examples(args) == ["a.txt", "b.txt"]
 
 
+def test_get_batch_draws_every_window_the_array_holds(pico):
+    """Six tokens hold two windows of four inputs and their targets, starting at 0 and 1."""
+    inputs, targets = pico.get_batch(np.arange(6), 64, 4, "cpu", np.random.default_rng(0))
+    assert set(inputs[0].tolist()) == {0, 1}
+    assert torch.equal(targets[:-1], inputs[1:])
+
+
+def test_a_small_test_fraction_still_holds_out_one_example(pico):
+    train, test = pico.split_indices(10, 0.01, seed=0)
+    assert (len(train), len(test)) == (9, 1)
+    assert pico.split_indices(10, 0.0, seed=0)[1].size == 0
+
+
+def test_from_min_documents_for_holdout_whole_documents_are_held_out(pico):
+    """At MIN_DOCUMENTS_FOR_HOLDOUT documents a whole fifth is held out; one fewer, and each
+    document gives its last lines instead."""
+    count = pico.MIN_DOCUMENTS_FOR_HOLDOUT
+    documents = [f"doc {i} line a\ndoc {i} line b" for i in range(count)]
+    train, test = pico.split_documents(documents, 0.2, seed=0)
+    assert len(test) == round(0.2 * count) and sorted(train + test) == sorted(documents)
+    train, test = pico.split_documents(documents[:-1], 0.2, seed=0)
+    assert len(train) == len(test) == count - 1 and all(t.endswith("line b") for t in test)
+
+
+def test_each_rank_evaluates_its_own_share_of_the_test_set(pico, gpt2):
+    data = make_data(pico, gpt2, [f"example number {i}" for i in range(40)], test_fraction=0.25)
+    whole = [batch.inputs.t().tolist() for batch in data.test_batches(64)]
+    shares = [[row for batch in data.test_batches(2, rank, 2) for row in batch.inputs.t().tolist()]
+              for rank in (0, 1)]
+    assert len(shares[0]) + len(shares[1]) == len(whole[0]) == 10
+    assert sorted(shares[0] + shares[1]) == sorted(whole[0])
+
+
 def test_input_dir_without_txt_files_is_a_user_error(pico, tmp_path):
     (tmp_path / "notes.md").write_text("x\n")
     with pytest.raises(pico.UserError, match="no .txt"):

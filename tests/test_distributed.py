@@ -302,6 +302,25 @@ def test_a_step_sums_its_loss_over_the_ranks_on_the_device_before_its_one_read(p
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
+def test_a_stand_in_micro_batch_of_a_rank_with_nothing_left_adds_nothing(pico):
+    """A rank whose share of the epoch ran out still takes part in the step (DDP's all-reduce
+    needs every rank) with a stand-in batch marked inactive: its loss and gradient count 0."""
+    import torch
+    from test_models import VOCAB, tiny_model
+    tokens = torch.randint(0, VOCAB, (9, 2), generator=torch.Generator().manual_seed(0))
+    real = pico.Batch(tokens[:-1], tokens[1:], torch.ones(8, 2, dtype=torch.bool))
+    stand_in = pico.Batch(tokens[1:], tokens[:-1], torch.ones(8, 2, dtype=torch.bool))
+    results = []
+    for micro_batches in ([(real, True)], [(real, True), (stand_in, False)]):
+        model = tiny_model(pico, "lstm_seq")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = pico.training_step(pico.NextTokenLoss(model), optimizer, micro_batches, 16, 0.0)
+        results.append((loss, [p.grad.clone() for p in model.parameters()]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for alone, with_stand_in in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(with_stand_in, alone)
+
+
 def test_more_ranks_on_a_machine_than_it_has_gpus_are_refused_in_one_line(pico, monkeypatch):
     """torchrun --nproc_per_node above the GPU count: the extra rank names the count, before
     torch.cuda.set_device would fail with CUDA's own trace."""

@@ -161,6 +161,18 @@ def test_incremental_logits_match_the_full_forward(pico, models):
             assert torch.allclose(logits[-1], full[t], atol=1e-4), (name, t)
 
 
+def test_several_tokens_after_a_state_continue_from_it(pico, models):
+    """forward_incremental with a state and more than one new token (a prompt read in two
+    parts) gives the full forward's logits at each of them."""
+    tokens = torch.randint(0, VOCAB, (9, 2), generator=torch.Generator().manual_seed(1))
+    for name, model in models.items():
+        model.eval()
+        full = model(tokens)
+        _, state = model.forward_incremental(tokens[:4], None)
+        logits, _ = model.forward_incremental(tokens[4:], state)
+        torch.testing.assert_close(logits, full[4:], atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_lstm_step_equations_match_nn_lstm_over_two_layers(pico):
     torch.manual_seed(0)
     model = pico.LSTMSeqModel(VOCAB, embed_size=6, hidden_size=5, num_layers=2).eval()
