@@ -5099,8 +5099,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "float32 elsewhere)")
     bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
                        help="kernel for float32 linear layers on the CPU: oneDNN (used only "
-                            "where this PyTorch build has it; 2x PyTorch's default on the AMD "
-                            "EPYC of docs/performance.md) or torch (PyTorch's default, MKL)")
+                            "where this PyTorch build has it; 2x PyTorch's default on an AMD "
+                            "EPYC with AVX-512, about even on one without: docs/performance.md) "
+                            "or torch (PyTorch's default, MKL)")
     bench.add_argument("--compile", action="store_true",
                        help="torch.compile the model (on a GPU with its output layer and loss; "
                             "worth it on GPUs, where it fuses kernels; slow to start on a CPU; "

@@ -382,6 +382,16 @@ def test_rope_ab_tool_times_both_formulations(capsys):
     assert "a vocabulary of 40" in out and out.count("ms a step") == 2 and "real / complex:" in out
 
 
+def test_cpu_matmul_ab_tool_times_both_kernels_on_every_config(capsys):
+    from conftest import TOOLS
+    from pico_module import load_script
+    ab = load_script(TOOLS / "ab_cpu_matmul.py", "pico_ab_cpu_matmul")
+    assert ab.main(["--quick", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "product: oneDNN" in out and out.count("ms a step") == 7
+    assert "mainjob_transformer: oneDNN" in out and "transformer_vocab4096: oneDNN" in out
+
+
 @pytest.mark.parametrize("capability, expected", [((7, 5), "float32"), ((8, 0), "bfloat16"),
                                                   ((9, 0), "bfloat16")])
 def test_the_default_precision_is_bf16_only_on_gpus_with_bf16_units(pico, monkeypatch,

@@ -12,7 +12,7 @@ from conftest import REPO, TOOLS
 
 # Each tool with what its command line requires, so that the flag under test is what it reads.
 TOOL_ARGUMENTS = {
-    "ab_rope": [], "ab_training_speed": ["HEAD"], "benchmark": [],
+    "ab_cpu_matmul": [], "ab_rope": [], "ab_training_speed": ["HEAD"], "benchmark": [],
     "compile_presets": ["--output", "{tmp}/out.json"], "make_3seqs": ["--out", "{tmp}/3seqs.txt"],
     "make_notebook": ["--output", "{tmp}/pico_llm.ipynb"],
     "recipe_ablation": ["--input_dir", "{tmp}"], "recipe_gpt2": [], "stream_vs_lines": [],
@@ -53,6 +53,9 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
 
 
 @pytest.mark.parametrize("name, argv, message", [
+    ("ab_cpu_matmul", ["--configs", "lstm,nope"], "argument --configs: nope is not a config; choose from kgram_mlp, lstm"),
+    ("ab_cpu_matmul", ["--configs", ","], "argument --configs: names no config"),
+    ("ab_cpu_matmul", ["--rounds", "0"], "argument --rounds: expected at least 1, got 0"),
     ("ab_rope", ["--shape", "2", "2"], "argument --shape: expected 4 arguments"),
     ("ab_training_speed", ["HEAD", "--model", "gru"], "argument --model: invalid choice: 'gru'"),
     ("ab_training_speed", ["no_such_rev"], "no pico-llm.py at the git revision 'no_such_rev' "
