@@ -10157,7 +10157,7 @@ class HFTokenizer:
         token = self.tokenizer.id_to_token(token_id) or ""   # None past the tokenizer's ids
         if self.byte_level:
             return bytes(CHAR_BYTES.get(char, 0x3F) for char in token)   # "?" for a stray one
-        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
             return bytes([int(token[3:5], 16)])
         return token.replace("▁", " ").encode("utf-8")
 
