@@ -7360,9 +7360,20 @@ class StopRequest:
         if number == HANGUP:
             silence_closed_terminal()
         if self.repeat_acts_at_once:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            for other in self._previous.keys() - {signal.SIGINT}:
-                signal.signal(other, signal.SIG_DFL)
+            # A Python handler, not SIG_DFL: Python drops a signal that arrived before its
+            # handler was changed to a default ("ignored due to race condition"), as SIGTERM
+            # right after SIGINT was
+            for other in self._previous:
+                signal.signal(other, self._act_at_once)
+
+    @staticmethod
+    def _act_at_once(number: int, frame) -> None:
+        """A second signal: SIGINT as Python has it (KeyboardInterrupt), any other with the
+        system's default (the process ends, killed by it)."""
+        if number == signal.SIGINT:
+            signal.default_int_handler(number, frame)
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
 
 
 class TrainingDiverged(UserError):
@@ -7589,8 +7600,18 @@ class CheckpointSeries:
                                f"checkpoint: {self.last_saved or 'none'})") from None
         self.last_saved = path
         for old in self.paths()[:-self.keep]:
-            old.unlink(missing_ok=True)
+            if is_torch_save_file(old):   # a file that only has a checkpoint's name stays
+                old.unlink(missing_ok=True)
         return path
+
+
+def is_torch_save_file(path: Path) -> bool:
+    """Whether `path` begins as torch.save's files do (a zip archive's first entry)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def rng_states() -> dict:

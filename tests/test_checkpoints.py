@@ -197,6 +197,18 @@ def test_the_newest_checkpoints_are_kept_and_hold_plain_data(pico, run_main, tmp
     assert [h["step"] for h in checkpoint["record"]["history"]] == list(range(1, 7))
 
 
+def test_pruning_deletes_only_files_torch_saved(pico, tmp_path):
+    """A file that only has a checkpoint's name (notes kept beside them) is never pruned."""
+    series = pico.CheckpointSeries(tmp_path, "m", keep=1)
+    series.directory.mkdir()
+    notes = series.directory / "step_000000.pt"
+    notes.write_text("my notes on this run\n")
+    for step in (1, 2):
+        series.save({"progress": {"step": step}})
+    assert sorted(p.name for p in series.directory.iterdir()) == ["step_000000.pt", "step_000002.pt"]
+    assert notes.read_text() == "my notes on this run\n"
+
+
 def test_a_resumed_checkpoint_is_held_to_its_own_kind_of_models_flags(pico, run_main, tmp_path):
     """An LSTM's checkpoint resumes whatever the Transformer's flags say now (the LSTM reads
     none of them), and is refused, naming only that flag, when one it reads changed."""
@@ -557,6 +569,25 @@ def test_a_second_ctrl_c_interrupts_at_once(pico):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs between bytecodes; this gives it one
+
+
+def test_a_second_signal_arriving_with_the_first_ends_the_process(pico):
+    """SIGINT then SIGTERM at once (both waiting when Python runs the first's handler): the
+    second ends the process, killed by it, rather than being dropped with an "ignored due to
+    race condition" traceback."""
+    from conftest import probe_loading
+    probe = (probe_loading("pico", SCRIPT, "pico_llm") + "import os, signal\n"
+             "both = {signal.SIGINT, signal.SIGTERM}\n"
+             "with pico.StopRequest() as stop:\n"
+             "    signal.pthread_sigmask(signal.SIG_BLOCK, both)\n"
+             "    os.kill(os.getpid(), signal.SIGINT)\n"
+             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+             "    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)\n"
+             "    print('still running after', stop.signal_number)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == -signal.SIGTERM, (result.stdout, result.stderr)
+    assert result.stderr == "" and "still running" not in result.stdout
 
 
 def test_under_torchrun_a_repeated_signal_is_the_same_request(pico):
