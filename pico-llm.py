@@ -8327,7 +8327,14 @@ def record_length_changes(record: dict, checkpoint: dict, flags: dict) -> None:
 
 def load_model_weights(model: nn.Module, checkpoint: dict, path: Path, tokenizer) -> None:
     """Copy a checkpoint's weights into `model`; UserError naming what does not fit."""
-    stored_vocab = checkpoint["tokenizer"]["vocab_size"]
+    stored = checkpoint["tokenizer"]
+    here = tokenizer_identity(stored["spec"], tokenizer)
+    if "bpe_merges" in stored and (stored["bpe_merges"], stored["bpe_vocab"]) != (
+            here.get("bpe_merges"), here.get("bpe_vocab")):
+        raise UserError(f"{path}'s tokenizer ({stored['name']}) was trained on other text than "
+                        "this run's, so its ids stand for other tokens here; resume with the "
+                        "text it was trained on, or start a new run")
+    stored_vocab = stored["vocab_size"]
     if stored_vocab != tokenizer.vocab_size:
         raise UserError(f"{path} has a {stored_vocab}-token vocabulary ({checkpoint['tokenizer']['name']}), "
                         f"the tokenizer here has {tokenizer.vocab_size} ({tokenizer.name})")

@@ -347,6 +347,25 @@ def test_a_bpe_checkpoint_carries_its_tokenizer(pico, run_main, tmp_path):
     assert out == greedy + "\n"
 
 
+def test_a_bpe_run_resumes_only_on_the_text_its_tokenizer_was_trained_on(run_main, tmp_path):
+    """Its tokenizer is trained again from the text on --resume: from edited text, other merges
+    would give the same ids to other tokens, and the weights would be read as nonsense."""
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text((REPO / "3seqs.txt").read_text())
+    argv = [a if a != "char" else "bpe:300" for a in TINY]
+    argv[argv.index("--input_files") + 1] = str(corpus)
+    save = tmp_path / "ckpt"
+    common = [*argv, "--models", "lstm_seq", "--save_dir", str(save), "--run_name", "b"]
+    assert run_main(*common)[0] == 0
+    resume = [*common, "--resume", "--epochs", "3", "--run_name", "b2"]
+    corpus.write_text("\n".join(f"a quite different story, number {i}" for i in range(60)))
+    status, _, err = run_main(*resume)
+    assert status == 2 and "was trained on other text than this run's" in err, err
+    corpus.write_text((REPO / "3seqs.txt").read_text())
+    status, _, err = run_main(*resume)
+    assert status == 0, err
+
+
 class RunsCode:
     """Unpickling this would create a file: what a malicious checkpoint does."""
 
