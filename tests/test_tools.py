@@ -79,6 +79,7 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("ab_rope", ["--shape", "1", "1", "4", "3"], "argument --shape: D, a head's width, must be even"),
     ("ab_rope", ["--shape", *["10000"] * 4], "queries of 10,000,000,000,000,000 numbers do not fit"),
     ("ab_rope", ["--threads", "100000"], "argument --threads: 100000 is more than the"),
+    ("ab_rope", ["--step", "--vocab", "10000000000"], "argument --vocab: at most 262,144"),
     ("ab_training_speed", ["HEAD", "--rounds", "0"], "argument --rounds: expected at least 1, got 0"),
     ("compile_presets", ["--timeout", "-1", "--output", "{tmp}/out.json"],
      "argument --timeout: expected a finite number above 0, got -1"),
@@ -283,6 +284,46 @@ def test_a_tool_whose_standard_output_is_full_says_so_in_one_line(tmp_path):
                                  "8", "8", "--samples", "1", "--calls", "1"], stdout=full,
                                 stderr=subprocess.PIPE, text=True, timeout=120, cwd=REPO)
     assert_one_line_error(result, "ab_rope", "cannot write the output (No space left on device)")
+
+
+def test_recipe_gpt2_refuses_text_too_short_to_hold_some_out_before_training(tmp_path):
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("abc")
+    result = run_tool("recipe_gpt2", ["--tiny", "--device_id", "cpu", "--input_dir", "{tmp}/text",
+                                      "--output", "{tmp}/out.json"], tmp_path)
+    assert_one_line_error(result, "recipe_gpt2", "/text is too little text to hold any out")
+    assert result.stdout == ""                      # refused before any recipe trained
+
+
+def test_benchmark_refuses_a_nanogpt_dir_whose_model_py_is_not_nanogpts(tmp_path):
+    for source, message in (("def broken(:\n", "its model.py cannot be loaded (SyntaxError"),
+                            ("import no_such_module_here\n", "(ModuleNotFoundError"),
+                            ("x = 1\n", "its model.py has no GPT and GPTConfig")):
+        (tmp_path / "model.py").write_text(source)
+        result = run_tool("benchmark", ["--gpt2", "--quick", "--device_id", "cpu", "--nanogpt_dir",
+                                        "{tmp}", "--output", "{tmp}/out.json"], tmp_path)
+        assert_one_line_error(result, "benchmark", message)
+        assert not (tmp_path / "out.json").exists()
+
+
+def test_vs_nanogpt_passes_over_names_of_txt_files_that_are_not_files(tmp_path):
+    """As pico-llm's --input_dir does: a folder, a broken link or a pipe named *.txt is no text
+    (a pipe's read would wait for a writer)."""
+    import os
+    from conftest import TOOLS
+    from pico_module import load_pico, load_script
+    vs_nanogpt = load_script(TOOLS / "vs_nanogpt.py", "pico_vs_nanogpt")
+    for index in range(12):
+        (tmp_path / f"{index:02d}.txt").write_text(f"document {index}\n")
+    (tmp_path / "03.txt").unlink()
+    (tmp_path / "03.txt").mkdir()
+    (tmp_path / "04.txt").unlink()
+    (tmp_path / "04.txt").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "06.txt").unlink()
+    os.mkfifo(tmp_path / "06.txt")
+    train, held_out = vs_nanogpt.running_text(load_pico(), tmp_path)
+    assert held_out == "document 5"
+    assert train.split("\n") == [f"document {i}" for i in (0, 1, 2, 7, 8, 9, 10, 11)]
 
 
 def test_recipe_ablation_refuses_text_too_short_to_hold_some_out(tmp_path):

@@ -24,6 +24,7 @@ from pico_module import OneLineErrorParser, load_pico, positive_int, run_tool, t
 pico = load_pico()
 
 
+MAX_VOCAB = 262_144
 WAYS = {"complex": pico.rotate_pairs_complex, "real": pico.RotaryEmbedding.rotate}
 
 
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     B, H, T, D = args.shape
     if D % 2:
         parser.error(f"argument --shape: D, a head's width, must be even (RoPE turns pairs), got {D}")
+    if args.vocab > MAX_VOCAB:
+        parser.error(f"argument --vocab: at most {MAX_VOCAB:,} (the largest vocabularies in use; "
+                     f"each token costs the model about 8 KB with AdamW), got {args.vocab:,}")
     if args.threads > (os.cpu_count() or 1):   # thousands of OpenMP threads fail to start
         parser.error(f"argument --threads: {args.threads} is more than the {os.cpu_count()} CPUs here")
     torch.set_num_threads(args.threads)

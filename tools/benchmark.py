@@ -739,7 +739,15 @@ def load_nanogpt(directory: Path):
     path = Path(directory) / "model.py"
     if not path.is_file():
         raise pico.UserError(f"--nanogpt_dir {directory}: no model.py there (a nanoGPT checkout)")
-    return load_script(path, "nanogpt_model")
+    try:
+        module = load_script(path, "nanogpt_model")
+    except Exception as error:           # whatever a broken or foreign model.py raises
+        raise pico.UserError(f"--nanogpt_dir {directory}: its model.py cannot be loaded "
+                             f"({type(error).__name__}: {error}); give a nanoGPT checkout") from None
+    if not all(hasattr(module, name) for name in ("GPT", "GPTConfig")):
+        raise pico.UserError(f"--nanogpt_dir {directory}: its model.py has no GPT and GPTConfig; "
+                             "give a nanoGPT checkout")
+    return module
 
 
 def nanogpt_training(nanogpt, sizes: GPT2Sizes, device: torch.device, dtype: str, compile: bool,

@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             refuse_gpu_size_on_a_cpu(pico, device, "--tiny", "recipe_gpt2.py")
         tokenizer = pico.build_tokenizer(config.data.tokenizer)
         data = pico.sweep_data(config, tokenizer)
+        if not data.has_test_set:      # each recipe is scored on held-out text
+            raise pico.UserError(f"--input_dir {args.input_dir} is too little text to hold any "
+                                 "out for testing; add text")
         points = {label: pico.with_flags(config, **{**overrides, **(TINY if args.tiny else {})})
                   for label, overrides in RECIPES.items()}
     except pico.UserError as error:

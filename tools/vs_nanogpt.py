@@ -81,7 +81,9 @@ def running_text(pico, corpus_dir: Path) -> tuple[str, str]:
     python_docs_unless_text_in(pico, corpus_dir)
     documents = []
     for path in sorted(corpus_dir.glob("*.txt")):
-        empty = not path.read_bytes().strip()      # no text, but it keeps its place
+        # no text (or, as pico-llm skips them, no regular file: a folder, a pipe, a broken
+        # link), but it keeps its place
+        empty = not path.is_file() or not path.read_bytes().strip()
         documents.append("" if empty else pico.read_document(path))
     train = [d for index, d in enumerate(documents) if d and index % 10 != 5]
     held_out = [d for index, d in enumerate(documents) if d and index % 10 == 5]
