@@ -8127,6 +8127,10 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
             latest = CheckpointSeries(source, name, keep=1).latest()
             if latest is not None:
                 found[name] = (latest, load_checkpoint(latest, "--resume", newest_in=source))
+        if not found and source.name in model_names and CheckpointSeries(
+                source.parent, source.name, keep=1).latest() is not None:
+            raise UserError(f"--resume {source} is one model's folder of a --save_dir; give "
+                            f"that --save_dir, {source.parent}, or one checkpoint file in it")
         if not found:
             raise UserError(f"--resume {source}: no checkpoints of {', '.join(model_names)} "
                             "there; check --save_dir and --models, or drop --resume")

@@ -726,6 +726,8 @@ BAD_CHECKPOINT_INPUTS = [
     (["--resume", "{evil}"], "refused to load"),
     (["--resume", "{not_pico}"], "not a pico-llm checkpoint"),
     (["--resume", "{empty_save}"], "no checkpoints of kgram_mlp_seq"),
+    (["--resume", "{save}/kgram_mlp_seq"], "is one model's folder of a --save_dir; give that "
+                                            "--save_dir, {save}, or one checkpoint file in it"),
     (["--resume", "{save}/missing"], "does not exist"),
     (["--resume"], "--resume without a path resumes from --save_dir"),
     (["--resume", "{ckpt}", "--models", "lstm_seq"], "holds model kgram_mlp_seq"),
