@@ -3583,15 +3583,20 @@ PATH_MAX_BYTES = 1024 if sys.platform == "darwin" else 4096
 
 
 def summary_table(records: dict) -> str:
-    """One line per model: parameters, final losses, throughput."""
+    """One line per model: parameters, final losses, throughput; "-" for a loss not measured
+    (no held-out text: --test_fraction 0, or too little text), with a note saying so."""
     lines = [f"{'model':<20} {'params':>12} {'train loss':>11} {'test loss':>10} {'tok/s':>10}"]
+    loss = lambda value, width: f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"  # noqa: E731
+    untested = []
     for name, record in records.items():
         final = record.get("final", {})
         train, test = (final.get(key) for key in ("train_loss", "test_loss"))
-        lines.append(f"{name:<20} {record['parameters']:>12,} "
-                     f"{train if train is not None else float('nan'):>11.4f} "
-                     f"{test if test is not None else float('nan'):>10.4f} "
+        lines.append(f"{name:<20} {record['parameters']:>12,} {loss(train, 11)} {loss(test, 10)} "
                      f"{final.get('tokens_per_s', 0):>10,.0f}")
+        if final and test is None:
+            untested.append(name)
+    if untested:
+        lines.append(f"(test loss -: no held-out text to score {', '.join(untested)})")
     return "\n".join(lines)
 
 
