@@ -2415,7 +2415,8 @@ def read_custom_files(data: DataConfig, read) -> list:
                      if seen[identity] == path else
                      f"{path} and {seen[identity]} are one file (a link, or the same file named "
                      "twice)")
-            raise UserError(f"{twice}; give each file once")
+            raise UserError(f"{twice}; give each file once (a link inside --input_dir: move "
+                            "it out of the folder)")
         seen[identity] = path
         return read(path)
 

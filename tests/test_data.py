@@ -100,7 +100,8 @@ def test_one_file_under_two_names_is_refused(pico, tmp_path, alias):
     else:
         flags += ["--input_files", str(tmp_path / "d" / "a.txt")]
     for read, data_format in ((pico.load_custom_examples, "lines"), (pico.custom_documents, "stream")):
-        with pytest.raises(pico.UserError, match="give each file once"):
+        with pytest.raises(pico.UserError, match=r"give each file once \(a link inside --input_dir: "
+                                                 "move it out of the folder\\)"):
             read(args_for(pico, *flags, "--data_format", data_format))
 
 
