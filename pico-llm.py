@@ -2150,7 +2150,7 @@ class GPT2Tokenizer:
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token_id in range(self.vocab_size):
             if token_id != self.eot_id:
-                lengths[token_id] = len(self.encoding.decode_single_token_bytes(token_id))
+                lengths[token_id] = len(self.token_bytes(token_id))
         return lengths
 
 
@@ -8339,8 +8339,7 @@ def load_model_weights(model: nn.Module, checkpoint: dict, path: Path, tokenizer
     """Copy a checkpoint's weights into `model`; UserError naming what does not fit."""
     stored = checkpoint["tokenizer"]
     here = tokenizer_identity(stored["spec"], tokenizer)
-    if "bpe_merges" in stored and (stored["bpe_merges"], stored["bpe_vocab"]) != (
-            here.get("bpe_merges"), here.get("bpe_vocab")):
+    if stored.get("bpe_merges") not in (None, here.get("bpe_merges")):
         raise UserError(f"{path}'s tokenizer ({stored['name']}) was trained on other text than "
                         "this run's, so its ids stand for other tokens here; resume with the "
                         "text it was trained on, or start a new run")

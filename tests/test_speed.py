@@ -382,7 +382,7 @@ def test_rope_ab_tool_times_both_formulations(capsys):
     assert "a vocabulary of 40" in out and out.count("ms a step") == 2 and "real / complex:" in out
 
 
-def test_cpu_matmul_ab_tool_times_both_kernels_on_every_config(capsys):
+def test_cpu_matmul_ab_tool_times_both_kernels_on_every_config(capsys, monkeypatch):
     from conftest import TOOLS
     from pico_module import load_script
     ab = load_script(TOOLS / "ab_cpu_matmul.py", "pico_ab_cpu_matmul")
@@ -390,6 +390,10 @@ def test_cpu_matmul_ab_tool_times_both_kernels_on_every_config(capsys):
     out = capsys.readouterr().out
     assert "product: oneDNN" in out and out.count("ms a step") == 7
     assert "mainjob_transformer: oneDNN" in out and "transformer_vocab4096: oneDNN" in out
+    monkeypatch.setattr(ab.pico, "onednn_available", lambda: False)   # a build without it
+    with pytest.raises(SystemExit) as refused:
+        ab.main(["--quick"])
+    assert refused.value.code == 2 and "has no oneDNN linear op" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), "float32"), ((8, 0), "bfloat16"),

@@ -42,18 +42,15 @@ def configs(sizes: bench.BenchmarkSizes, quick: bool) -> dict[str, dict]:
 
 
 def matmul_gflops(size: int, rounds: int) -> dict[str, float]:
-    """Median GFLOP/s of a size x size float32 product by each kernel, in turn."""
-    generator = torch.Generator().manual_seed(0)
-    a, w = (torch.randn(size, size, generator=generator) for _ in range(2))
-    products = {"onednn": lambda: pico.onednn_matmul(a, w), "torch": lambda: torch.nn.functional.linear(a, w)}
+    """Median GFLOP/s of size x size float32 products by each kernel (the benchmark's probe),
+    in turn."""
+    probes = {kernel: bench.matmul_probe(CPU, torch.float32, size, kernel) for kernel in KERNELS}
+    for probe in probes.values():
+        probe()                                                            # warm-up
     rates = {kernel: [] for kernel in KERNELS}
-    for product in products.values():
-        product()                                                          # warm-up
     for _ in range(rounds):
-        for kernel, product in products.items():
-            started = time.perf_counter()
-            product()
-            rates[kernel].append(2 * size ** 3 / (time.perf_counter() - started) / 1e9)
+        for kernel, probe in probes.items():
+            rates[kernel].append(probe())
     return {kernel: statistics.median(values) for kernel, values in rates.items()}
 
 
