@@ -1569,22 +1569,26 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
         ids = list(prompt_ids) or [eot_id if eot_id is not None else 0]
         max_context = getattr(model, "max_context", None)
         start = window_start(len(ids), 0, max_context)
-        state, pending = None, ids[start:]
+        state = None
         for _ in range(max_new_tokens):
             new_start = window_start(len(ids), start, max_context)
             if new_start != start or not use_cache:
-                start, state, pending = new_start, None, ids[new_start:]
-            tokens = torch.tensor(pending, dtype=torch.long, device=device).unsqueeze(1)  # (T, 1)
+                start, state = new_start, None
             read_afresh = state is None
-            logits, state = model.forward_incremental(tokens, state)
+            if read_afresh:   # the whole window; otherwise only the token sampled last
+                tokens = torch.tensor(ids[start:], dtype=torch.long, device=device).unsqueeze(1)
+            logits, state = model.forward_incremental(tokens, state)   # tokens (T, 1)
             # A broken model (NaN weights) shows in its first logits, so those are checked, not
             # every token's; unchecked, multinomial fails on them, or argmax picks id 0
             if read_afresh and not logits[-1].isfinite().all():
                 raise UserError("the model produced non-finite logits (NaN or inf): its weights or "
                                 "settings are broken, so it cannot be sampled")
-            next_id = int(sample_next_token(logits[-1].to(draw_on), rule, generator)[0])
+            next_token = sample_next_token(logits[-1].to(draw_on), rule, generator)   # (1,)
+            # It goes back in as it is, already on the device; the host reads it only to keep
+            # the list and to stop at eot_id (on a GPU, the one wait for it per token)
+            tokens = next_token.view(1, 1).to(device)
+            next_id = int(next_token[0])
             ids.append(next_id)
-            pending = [next_id]
             if next_id == eot_id:
                 break
         return ids

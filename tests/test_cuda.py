@@ -164,6 +164,26 @@ def test_evaluation_waits_for_the_gpu_only_at_the_end(pico):
     assert result == expected and result["test_tokens"] == 6 * 32 * 4
 
 
+def test_cuda_graph_decoding_waits_for_the_gpu_once_per_token(pico):
+    """The host reads each sampled id (to keep it and to stop at end-of-text), and that is the
+    one wait: the id goes back into the graph's input on the GPU, not through a copy from a
+    Python list. The prompt adds two (its copy to the GPU and the check of its logits)."""
+    decoder = pico.StaticDecoder(tiny(pico, "GPT2-small").eval(), graphs=True)
+    greedy, prompt, new_tokens = pico.SamplingRule(temperature=0), [3, 1, 4], 20
+    expected = pico.generate_ids(decoder, prompt, new_tokens, greedy, device=DEVICE)  # records it
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            ids = pico.generate_ids(decoder, prompt, new_tokens, greedy, device=DEVICE)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert ids == expected
+    assert len(waits) <= new_tokens + 2, waits
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_cuda_graph_decoding_on_a_gpu_that_is_not_the_current_one(pico):
     """--device_id cuda:1 leaves cuda:0 current: the graph must still be recorded and replayed

@@ -141,6 +141,26 @@ def test_a_full_context_slides_by_half_a_block_and_the_cache_is_rebuilt_only_the
     assert len(reads) == 40
 
 
+def test_each_decoded_token_goes_back_in_as_the_tensor_sampled(pico, models, monkeypatch):
+    """Between cache rebuilds the model reads the sampled id as it came out of sampling, already
+    on the device: building it again from a Python list would be a blocking copy to a GPU for
+    every token. The host builds an input only when it reads a window afresh."""
+    model, sampled, fed = models["pico"], [], []
+    real_sample = pico.sample_next_token
+    monkeypatch.setattr(pico, "sample_next_token", lambda logits, rule, generator: sampled.append(
+        real_sample(logits, rule, generator)) or sampled[-1])
+    original = model.forward_incremental
+    monkeypatch.setattr(model, "forward_incremental",
+                        lambda tokens, state: fed.append(tokens) or original(tokens, state),
+                        raising=False)
+    pico.generate_ids(model, [3, 1, 4, 1, 5], 40, pico.SamplingRule(), seed=0)
+    afresh = [i for i, tokens in enumerate(fed) if tokens.shape[0] > 1]
+    assert afresh == [0, 12, 21, 30, 39]                    # the prompt, then each slide
+    for i, tokens in enumerate(fed):
+        if i not in afresh:
+            assert tokens.data_ptr() == sampled[i - 1].data_ptr(), i
+
+
 def test_the_benchmarks_last_position_recompute_generates_the_same_tokens(pico, bench, models):
     """tools/benchmark.py times this baseline; it must be the same greedy generation."""
     rule = pico.SamplingRule(temperature=0)
