@@ -2677,6 +2677,7 @@ class TokenizedExamples:
     tokens: np.ndarray   # (total_tokens,) uint16 or uint32, often memory-mapped
     offsets: np.ndarray  # (num_examples + 1,) int64
     num_bytes: int       # UTF-8 bytes of the source text
+    key: str = ""        # the cache's key: a digest of the texts and the tokenizer
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -2912,7 +2913,7 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         if found:
             try:
                 cached = TokenizedExamples(load_cached_array(tokens_path, mmap_mode="r"),
-                                           load_cached_array(offsets_path), num_bytes)
+                                           load_cached_array(offsets_path), num_bytes, key)
                 problem = ("" if len(cached) == len(texts) and cached.offsets[-1] == len(cached.tokens)
                            else "its sizes do not match")
                 if not problem and (cached.offsets[0] != 0 or np.any(np.diff(cached.offsets) < 1)):
@@ -2949,7 +2950,7 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
                 if not cache_dir.is_dir():
                     reason = f"--cache_dir {quoted(cache_dir)} is not a folder"
             warn(f"pico-llm: note: token cache not written ({reason})")
-    return TokenizedExamples(tokens, offsets, num_bytes)
+    return TokenizedExamples(tokens, offsets, num_bytes, key)
 
 
 def token_ids_problem(tokens: np.ndarray, vocab_size: int) -> str:
@@ -2995,8 +2996,9 @@ class TrainingData:
 
     def __init__(self, sources: list[DataSource], weights: list[float], block_size: int,
                  pad_id: int, seed: int, data_format: str = "lines",
-                 random_offsets: bool = False) -> None:
+                 random_offsets: bool = False, fingerprint: str = "") -> None:
         self.sources = sources
+        self.fingerprint = fingerprint        # of the texts and tokenizer: resume checks it (B)
         self.data_format = data_format        # lines: examples are lines; stream: windows
         self.random_offsets = random_offsets
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
@@ -3082,9 +3084,10 @@ class TrainingData:
 def load_training_data(data: DataConfig, tokenizer, sources: list[SourceTexts]) -> TrainingData:
     """Tokenize (cached) every source; in stream mode, cut its stream into windows."""
     cache_dir = Path(data.cache_dir) if data.cache_dir else None
-    tokenized = []
+    tokenized, fingerprint = [], hashlib.sha256()
     for source in sources:
         examples = tokenize_examples(source.texts, tokenizer, cache_dir)
+        fingerprint.update(f"{source.name}:{examples.key}\n".encode())
         if resolved_data_format(data) == "lines":
             tokenized.append(DataSource(source.name, examples, source.train, source.test))
             continue
@@ -3095,7 +3098,7 @@ def load_training_data(data: DataConfig, tokenizer, sources: list[SourceTexts]) 
         tokenized.append(DataSource(source.name, windows, train, test))
     return TrainingData(tokenized, [source.weight for source in sources], data.block_size,
                         tokenizer.eot_id, data.seed, resolved_data_format(data),
-                        data.random_offsets)
+                        data.random_offsets, fingerprint.hexdigest())
 
 
 def get_batch(tokens_1d: np.ndarray, batch_size: int, context_length: int, device,
@@ -5757,7 +5760,8 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
             guard = FaultTolerance(name, training, checkpoints=series, resume_from=resume_from,
                                    checkpoint_every=config.checkpoints.checkpoint_every,
                                    stop=stop, runlog=runlog, context=context, flags=config.flags,
-                                   tokenizer_spec=config.data.tokenizer or tokenizer.name)
+                                   tokenizer_spec=config.data.tokenizer or tokenizer.name,
+                                   data_fingerprint=data.fingerprint)
             train_one_model(name, model, data, training, config.sampling, device, tokenizer,
                             record, runlog, speed=config.speed, guard=guard, context=context)
         records[name] = record
@@ -5832,7 +5836,7 @@ def run_training(config: Config) -> int:
                                                               config.models.transformer)}
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
-        check_resume_points(config, resume_points, tokenizer)   # B: before any model trains
+        check_resume_points(config, resume_points, tokenizer, data)   # B: before any model trains
         resumed_run = next((checkpoint["run_id"] for _, checkpoint in resume_points.values()
                             if checkpoint.get("run_id")), None)
         runlog = (RunLog(run_path, config.flags, device, data_summary(tokenizer, data), resumed_run)
@@ -7431,13 +7435,15 @@ class FaultTolerance:
                  checkpoints: CheckpointSeries | None = None, checkpoint_every: int = 0,
                  resume_from: tuple[Path, dict] | None = None, stop: StopRequest | None = None,
                  runlog: "RunLog | None" = None, context: "Distributed | None" = None,
-                 flags: dict | None = None, tokenizer_spec: str = "") -> None:
+                 flags: dict | None = None, tokenizer_spec: str = "",
+                 data_fingerprint: str = "") -> None:
         self.name, self.training = name, training
         self.context = context or Distributed()
         self.checkpoints = checkpoints if self.context.is_main else None  # rank 0 writes
         self.checkpoint_every = checkpoint_every
         self.resume_from, self.stop, self.runlog = resume_from, stop, runlog
         self.flags, self.tokenizer_spec = flags or {}, tokenizer_spec
+        self.data_fingerprint = data_fingerprint    # TrainingData's: a resume checks it
 
     def start(self, model: nn.Module, optimizer, record: dict, tokenizer) -> TrainingProgress:
         """A fresh TrainingProgress, or, resuming, the checkpoint's: weights, optimizer
@@ -7523,6 +7529,8 @@ class FaultTolerance:
             "record": self.record}
         if self.runlog is not None:   # the run whose log may be continued from this checkpoint
             payload["run_id"] = self.runlog.data["run_id"]
+        if self.data_fingerprint:     # the text it trains on, which a resumed run must read too
+            payload["data_sha256"] = self.data_fingerprint
         if isinstance(self.model, TransformerModel):  # an imported model's shape is in no flag
             payload["transformer_config"] = dataclasses.asdict(self.model.config)
         payload["sha256"] = checkpoint_digest(payload)
@@ -7664,14 +7672,15 @@ def restore_checkpoint(path: Path, checkpoint: dict, model: nn.Module, record: d
 
 
 def check_resume_points(config: "Config", resume_points: dict[str, tuple[Path, dict]],
-                        tokenizer) -> None:
+                        tokenizer, data: TrainingData | None = None) -> None:
     """Restore every checkpoint that --resume continues ({model: (path, checkpoint)}) once
     before the first model trains, as restore_checkpoint will at its model's turn, so that one
     that cannot be restored (another pico-llm version's, or damaged behind its checksum) stops
     the run before the models ahead of it train, prune their checkpoints and rewrite the run
     log. The models are built on PyTorch's meta device (shapes without memory; copying weights
     into them does nothing), and every random generator is put back as it was. Weights that
-    are NaN or infinite are refused too: training would stop at its first step."""
+    are NaN or infinite are refused too: training would stop at its first step, and so is a
+    checkpoint of other training text than `data`'s (same flags, files changed since)."""
     saved = rng_states()
     try:
         for name, (path, checkpoint) in resume_points.items():
@@ -7686,6 +7695,7 @@ def check_resume_points(config: "Config", resume_points: dict[str, tuple[Path, d
                                    config.flags, optimizer)
             check_finite_weights(path, checkpoint, "resume from an earlier checkpoint, or "
                                                    "train without --resume")
+            check_same_data(path, checkpoint, data)
     finally:
         restore_rng_states(saved)
 
@@ -8337,6 +8347,17 @@ def record_length_changes(record: dict, checkpoint: dict, flags: dict) -> None:
         if flag in stored and flag in flags and stored[flag] != flags[flag])
     if not record["length_changes"]:
         del record["length_changes"]
+
+
+def check_same_data(path: Path, checkpoint: dict, data: TrainingData | None) -> None:
+    """Refuse to resume on text other than the checkpoint's: the flags match, but a file's
+    contents (or the TinyStories copy) changed since, so the resumed run would not be the run
+    it continues. Checkpoints written before they held the digest pass unchecked."""
+    stored = checkpoint.get("data_sha256")
+    if stored and data is not None and data.fingerprint and stored != data.fingerprint:
+        raise UserError(f"{path} was trained on other text than this run reads (a data file "
+                        "changed since); resume with the text it was trained on, or start a "
+                        "new run")
 
 
 def load_model_weights(model: nn.Module, checkpoint: dict, path: Path, tokenizer) -> None:

@@ -366,6 +366,26 @@ def test_a_bpe_run_resumes_only_on_the_text_its_tokenizer_was_trained_on(run_mai
     assert status == 0, err
 
 
+def test_a_run_resumes_only_on_the_text_it_was_trained_on(run_main, tmp_path):
+    """With the same flags a data file may still have changed: characters keep their ids, but
+    the resumed run would train on other examples than the run it continues."""
+    corpus = tmp_path / "stories.txt"
+    text = (REPO / "3seqs.txt").read_text()
+    corpus.write_text(text)
+    argv = list(TINY)
+    argv[argv.index("--input_files") + 1] = str(corpus)
+    common = [*argv, "--models", "lstm_seq", "--save_dir", str(tmp_path / "ckpt"), "--run_name", "c"]
+    assert run_main(*common)[0] == 0
+    resume = [*common, "--resume", "--epochs", "3", "--run_name", "c2"]
+    corpus.write_text(text.replace("1", "7", 1))              # one digit of the first example
+    status, _, err = run_main(*resume)
+    assert status == 2 and "was trained on other text than this run reads" in err, err
+    assert not (tmp_path / "artefacts" / "c2.json").exists()
+    corpus.write_text(text)
+    status, _, err = run_main(*resume)
+    assert status == 0, err
+
+
 class RunsCode:
     """Unpickling this would create a file: what a malicious checkpoint does."""
 
