@@ -21,11 +21,10 @@ position t predict token t+1. For generation every model also implements
 its KV cache and an LSTM carries its hidden state instead of re-reading the
 whole context for each new token.
 
-The file reads as a book. Part I is the lesson: read it top to bottom. Where it
-calls ahead (to the fast kernels, switched on in one place, `speed_up`, and to the
-few helpers of Appendix A it calls where a device needs them, such as PyTorch's
-fused attention; to fault tolerance and distributed training, at named points of
-the training loop; to Part II's data and run log), a comment names the place, and
+The file reads as a book. Part I is the lesson: read it top to bottom. It sometimes
+calls ahead: to Appendix A's fast kernels (through `speed_up`, and PyTorch's fused
+attention and AdamW, which are the defaults), to Appendices B and C at named points of
+the training loop, and to Part II's data and run log. Each call names where it leads;
 you can read on without following it. Part II runs experiments; Part III, the
 appendices, holds the machinery.
 
@@ -70,6 +69,9 @@ import re
 import signal
 import sys
 
+# Start-up machinery, needed before `import torch`: Appendix B's signal handling begins here,
+# and a GOMP_CPU_AFFINITY that would hang the import is refused. Skip to Part I.
+
 
 def interrupted_while_starting(signal_number, frame) -> None:
     """Ctrl-C or SIGTERM while numpy and torch are still importing (seconds): one line,
@@ -91,7 +93,6 @@ def gomp_cpu_affinity_readable(value: str) -> bool:
                for item in text.split(" ") if item)
 
 
-# Machinery (Appendix B's signals, which must start before the slow imports); skip to Part I.
 # As a script (not when imported), unless a signal is ignored (Ctrl-C in a background job):
 # main() takes the signals over once the imports are done.
 if __name__ == "__main__":
@@ -510,7 +511,9 @@ class CausalSelfAttention(nn.Module):
         # How RoPE turns the queries and keys: section 1.2's formula; Appendix A's speed_up
         # swaps in its complex product, equal to float32 rounding and faster.
         self.rotate = RotaryEmbedding.rotate
-        self.last_attention: torch.Tensor | None = None  # (B, H, T, S), kept when record_attention
+        # Section 7.3's attention maps set record_attention to keep the weights (B, H, T, S),
+        # which only the written-out formula has
+        self.last_attention: torch.Tensor | None = None
         self.record_attention = False
 
     def new_cache(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> KVCache:
@@ -538,6 +541,7 @@ class CausalSelfAttention(nn.Module):
             mask = cache.attention_mask                                                 # None or (T, S)
         dropout = self.dropout if self.training else 0.0
         if self.impl == "math" or self.record_attention or self.sinks is not None:
+            # (the fused kernel returns no weights and takes no sinks)
             y = self._math_attention(q, k, v, dropout, mask)
         else:   # PyTorch's fused kernels: the same attention (tested), no sinks; Appendix A.2
             y = fused_attention(q, k, v, dropout, mask, self.window)
@@ -653,8 +657,8 @@ class MixtureOfExperts(nn.Module):
         top_logits, chosen = logits.topk(self.experts_per_token, dim=-1)       # (N, k)
         weights = torch.softmax(top_logits, dim=-1).flatten()                  # (N k,)
         # The N k choices sorted by expert, so that each expert runs its positions as one batch.
-        # On a GPU, the split's sizes (counts.tolist()) are the one wait for the device: counted
-        # as a 1 added per choice, since torch.bincount would first read the ids' range too.
+        # (On a GPU, counts.tolist() is the one wait for the device: index_add_, not bincount,
+        # which would first wait to find the largest id.)
         choices = chosen.flatten()                     # (N k,): entry n k + slot holds an expert
         counts = choices.new_zeros(len(self.experts)).index_add_(0, choices,
                                                                  torch.ones_like(choices))  # (E,)
@@ -714,8 +718,9 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sum over earlier tokens is written out as a (C, C, D) tensor; across chunks the state carries
     it (Yang et al., 2024, GLA's chunkwise form). Decays enter only as exp(b_t - b_s) with s <= t,
     never as exp(-b_s) alone, so nothing overflows however fast a head forgets. Chunks stay short
-    because b_t - b_s is a difference of running sums that grow along the chunk (measured, float32,
-    log decays down to -20 a token: a 37-token chunk 6e-5 off the recurrence, 16-token ones < 1e-5).
+    because b_t - b_s is a difference of running sums that grow along the chunk, and float32's
+    error with them (log decays down to -20 a token: 16-token chunks within 1e-4 of the
+    recurrence in float64, 37-token ones up to 3e-4).
     Compiled code takes Appendix A's form without the loop (all_chunks_linear_attention): a loop
     over the chunks compiles once for every length.
     """
@@ -809,13 +814,14 @@ class LinearAttention(nn.Module):
         if self.gate is None:
             q, k = F.elu(q) + 1, F.elu(k) + 1
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)                  # (B, H, T, D + 1)
-            log_decay = q.new_zeros(1, 1, T, 1)
+            log_decay = q.new_zeros(1, 1, T, 1)                                      # (1, 1, T, 1): none
         elif self.gate == "fixed":
             q = q / math.sqrt(D)
-            log_decay = self.head_log_decay.view(1, H, 1, 1).expand(1, H, T, 1)
+            log_decay = self.head_log_decay.view(1, H, 1, 1).expand(1, H, T, 1)     # (1, H, T, 1)
         else:  # the 1/16 keeps a_t near 1 (slow forgetting) for any gate logit near 0
             q = q / math.sqrt(D)
             log_decay = F.logsigmoid(self.forget_gate(x).float()).view(B, T, H, D).transpose(1, 2) / 16
+            # (B, H, T, D): a decay per token and per key dimension
         state = cache.matrix if cache is not None else None
         if state is None:   # float32 even when q is bf16 (autocast): it sums over the whole text
             state = q.new_zeros(B, H, D, v.shape[-1],
@@ -866,6 +872,10 @@ class KGramConfig:
     num_inner_layers: int = 1    # hidden layers after the first
     chunk_size: int = 0          # positions per chunk (bounds activation memory); 0 = all
 
+    def __post_init__(self) -> None:   # a typo would build another model
+        if self.variant not in KGRAM_VARIANTS:
+            raise ValueError(f"variant {self.variant!r} is not one of {', '.join(KGRAM_VARIANTS)}")
+
 
 class KGramMLPSeqModel(nn.Module):
     """Predicts each next token from the k tokens ending at the current one.
@@ -873,7 +883,8 @@ class KGramMLPSeqModel(nn.Module):
     The logits at position t use tokens t-k+1..t. (The course starter's window
     stopped at t-1, so it never saw the token it was continuing: an off-by-one
     fixed here.) Positions before the start of the text read a dedicated padding
-    id (vocab_size), not a real token. All positions are computed at once.
+    id (vocab_size), not a real token. All positions are computed in one pass (or
+    chunk_size at a time, which bounds the activations' memory).
 
     Variants of the context encoder:
       onehot    - a Linear layer on the k concatenated one-hot vectors, computed as
@@ -982,8 +993,9 @@ class LSTMSeqModel(nn.Module):
 
     def forward_incremental(self, tokens: torch.Tensor, state):
         """tokens: (T, B) -> logits (T, B, vocab), state (h, c) each (layers, B, hidden).
-        A single new token goes through `step`, the LSTM's equations written out (and, for
-        one time step, about 3.7x faster than nn.LSTM's call: 20 against 74 us at hidden 64)."""
+        A single new token goes through `step`, the LSTM's equations written out (for one
+        time step faster than nn.LSTM's call, which spends longer setting up than computing:
+        docs/performance.md)."""
         x = self.embedding(tokens)                                          # (T, B, embed)
         if tokens.shape[0] == 1 and state is not None:
             hidden, state = self.step(x[0], state)
@@ -1018,6 +1030,9 @@ TRANSFORMER_CHOICES = {
     "pos_emb": ("learned", "rope", "sinusoidal", "none"), "attention": ATTENTION_KINDS,
     "linear_attention_gate": LINEAR_ATTENTION_GATES, "attention_impl": ("sdpa", "math"),
     "rope_scaling": ROPE_SCALINGS}
+# What only softmax attention has: linear attention keeps no sinks, window or per-head norms.
+SOFTMAX_ATTENTION_OPTIONS = ("attention_sinks", "sliding_window", "qk_norm", "head_size",
+                             "value_embeddings")
 
 
 @dataclasses.dataclass
@@ -1067,6 +1082,10 @@ class TransformerConfig:
         for field, kinds in TRANSFORMER_CHOICES.items():
             if getattr(self, field) not in kinds:
                 raise ValueError(f"{field} {getattr(self, field)!r} is not one of {', '.join(kinds)}")
+        softmax_only = [name for name in SOFTMAX_ATTENTION_OPTIONS if getattr(self, name)]
+        if self.attention != "softmax" and softmax_only:   # linear attention would ignore them
+            raise ValueError(f"{', '.join(softmax_only)}: options of softmax attention, not of "
+                             f"{self.attention} attention")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
@@ -1116,7 +1135,7 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
                         ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
                         rope_theta=500000.0, tie_weights=False),
     # The pico preset with the speedrun block that helped on it under --optimizer muon (the idea
-    # that helped most in section 7's recipe sweep): QK-norm. The others stay switches
+    # that helped most in section 7.2's recipe sweep, RECIPE_SWEEP_POINTS): QK-norm. The others stay switches
     # (tools/recipe_ablation.py, docs/performance.md). A preset fixes the model, not the
     # optimizer: the recipe also takes --optimizer muon.
     "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
@@ -1252,8 +1271,9 @@ class TransformerModel(nn.Module):
         return self._residual_stream(tokens, None)
 
     def forward_incremental(self, tokens: torch.Tensor, state: TransformerState | None):
-        """tokens: (T, B) -> logits (T, B, vocab). New tokens sit after the cached ones
-        (positions state.position ..) and join the caches."""
+        """tokens: (T, B), state or None -> logits (T, B, vocab) and the state (a
+        TransformerState: each block's cache and the next position). New tokens sit after the
+        cached ones (positions state.position ..) and join the caches."""
         if state is None:
             state = self.new_state(tokens.shape[1], tokens.device, self.token_embedding.weight.dtype)
         return self.logits(self._residual_stream(tokens, state)), state
@@ -1324,7 +1344,10 @@ def build_model(config: KGramConfig | LSTMConfig | TransformerConfig, vocab_size
 # F.cross_entropy, or on a CPU with a large vocabulary a chunked loss that never
 # holds all the logits at once; both give the same values (tested), and
 # `--loss plain` trains with this one. A batch holds the inputs, the targets (the
-# same tokens one position on) and the mask of real targets.
+# same tokens one position on) and the mask of real targets. `softmax` and
+# `cross_entropy` are the textbook definitions (sampling, section 4, uses the first);
+# training reads token_cross_entropy through NextTokenLoss, and masked_cross_entropy
+# is the definition NextTokenLoss is tested against.
 
 @dataclasses.dataclass
 class Batch:
@@ -1353,14 +1376,14 @@ def make_batch(sequences: list[np.ndarray], block_size: int, pad_id: int) -> Bat
     reads up to block_size inputs and predicts the next token at every position."""
     pieces = [np.asarray(seq[: block_size + 1], dtype=np.int64) for seq in sequences]
     seq_len = max(max(len(p) for p in pieces) - 1, 1)
-    padded = np.full((len(pieces), seq_len + 1), pad_id, dtype=np.int64)
-    valid = np.zeros((len(pieces), seq_len + 1), dtype=bool)
+    padded = np.full((len(pieces), seq_len + 1), pad_id, dtype=np.int64)   # (batch, seq_len + 1)
+    valid = np.zeros((len(pieces), seq_len + 1), dtype=bool)               # True: a real token
     for row, piece in enumerate(pieces):
         padded[row, : len(piece)] = piece
         valid[row, : len(piece)] = True
-    tokens = torch.from_numpy(padded).t()  # (seq_len + 1, batch)
-    mask = torch.from_numpy(valid[:, 1:]).t().contiguous()
-    return Batch(tokens[:-1].contiguous(), tokens[1:].contiguous(), mask)
+    tokens = torch.from_numpy(padded).t()                    # (seq_len + 1, batch): the models' layout
+    mask = torch.from_numpy(valid[:, 1:]).t().contiguous()   # (seq_len, batch): target t is real
+    return Batch(tokens[:-1].contiguous(), tokens[1:].contiguous(), mask)   # each (seq_len, batch)
 
 
 def softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -1636,7 +1659,8 @@ def sampling_rules(sampling: SamplingConfig) -> list[SamplingRule]:
 # non-finite step, `context` (C) hands this process its share of each batch
 # under torchrun. Left at their defaults, C does nothing and B only stops a run
 # whose loss explodes or becomes NaN. `data` is section 6.3's TrainingData; log_step,
-# record_samples, record_expert_usage and final_summary write the run log (section 7.1).
+# record_samples, record_expert_usage and final_summary write the run log, and say and
+# progress_bar the console (section 7.1).
 
 @torch.no_grad()
 def gradient_clipping(parameters: Iterable[nn.Parameter], max_l2_norm: float) -> torch.Tensor:
@@ -1717,7 +1741,7 @@ def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5,
     Scaled to Frobenius norm 1 first, all singular values lie in [0, 1], where five
     applications of p take any value above 3e-3 into [0.68, 1.21]. A wide product X X^T is
     the cheaper one, so a tall matrix is transposed. Only matmuls, so it runs fast on a GPU.
-    dtype None: bfloat16 on a GPU with bf16 units (has_bf16_units), as the reference runs it
+    dtype None: bfloat16 on a GPU with bf16 units (has_bf16_units, Appendix A), as the reference runs it
     (the result need only be roughly orthogonal), else float32. matrix may also be a stack of
     one shape, (N, r, c), each orthogonalized alone (Appendix A.3)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
@@ -1746,7 +1770,8 @@ class Muon(AdamW):
     That geometry suits matrices that map a hidden vector to another, not embeddings (a row
     per token: a lookup, not a map), the output layer, nor 1-D gains and biases; those stay
     with AdamW. The scale 0.2 sqrt(max(r, c)) (Liu et al., 2025, "Muon is Scalable for LLM
-    Training") gives the update an RMS of 0.2 per entry, about AdamW's, so Muon shares AdamW's
+    Training") gives an exactly orthogonal update an RMS of 0.2 per entry (0.17 to 0.19 after
+    the five quintic steps below), about AdamW's, so Muon shares AdamW's
     learning rate, weight decay and schedule; Keller Jordan's max(1, r / c)^0.5 instead needs a
     learning rate of its own (0.02 to 0.05). Under DDP every rank orthogonalizes the same
     all-reduced gradient, so the ranks stay identical.
@@ -1816,7 +1841,8 @@ class TrainingConfig:
 def build_optimizer(model: nn.Module, training: TrainingConfig, device: torch.device):
     """AdamW with decay on matrices and embeddings only; norms' gains and biases are
     not pulled towards zero. PyTorch's fused kernel on CUDA, the CPU and Apple's GPU (one pass
-    over the parameters; on a 2-core CPU 7x faster than the foreach kernel at 16M parameters;
+    over the parameters; on a CPU several times faster than the foreach kernel,
+    docs/performance.md;
     MPS has no foreach kernels, so foreach there is a loop over the tensors).
     beta2 0.999 averages squared gradients over ~1000 steps; small, noisy batches do better
     with a shorter memory (nanoGPT's character-level config uses 0.99, GPT-2 runs 0.95).
@@ -5459,7 +5485,7 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
         fields.pop("d_ff", None)  # a preset's width belongs to its own d_model
     attention = fields.get("attention", "softmax")
     if attention != "softmax":
-        for flag in ("attention_sinks", "sliding_window", "qk_norm", "head_size", "value_embeddings"):
+        for flag in SOFTMAX_ATTENTION_OPTIONS:
             if flags.get(flag):
                 raise UserError(f"--{flag} is an option of softmax attention, not of "
                                 f"--attention {attention}")
@@ -6154,8 +6180,8 @@ def exit_process(status: int) -> None:
 # What it adds: the same arithmetic as Part I, faster on a CPU. It matters when
 # the output layer dominates (GPT-2's 50257-token vocabulary on a small model)
 # and on AMD processors, where PyTorch's default float32 kernel (MKL) runs its
-# AVX2 code at about half the machine's AVX-512 peak. Four pieces, all switched
-# on in one place, `speed_up`, which the training loop calls:
+# AVX2 code at about half the machine's AVX-512 peak. Four pieces, switched on
+# together by `speed_up`, which the training loop calls:
 #   - linear layers through oneDNN (which PyTorch ships) for float32 on the CPU,
 #     with the gradients written out (the weight's by PyTorch's own product);
 #     2x MKL's throughput on the benchmark machine;
@@ -6165,8 +6191,12 @@ def exit_process(status: int) -> None:
 #   - the chunked linear cross-entropy, which never builds the (positions x vocab)
 #     logits and computes the output layer's gradient during the forward pass
 #     (for a vocabulary under 1024, PyTorch's fused cross-entropy: `loss_kind`).
-# `--loss plain --cpu_matmul torch` gives Part I's plain path (RoPE's complex product aside);
-# the tests check that both give the same losses and gradients to float32 rounding.
+# Two more are chosen by flags whose defaults are the fast ones: the fused attention kernel
+# (A.2; `--attention_impl math` gives section 1.3's formula) and PyTorch's fused AdamW
+# (`--optimizer scratch` gives section 5's). `--loss plain --cpu_matmul torch
+# --attention_impl math --optimizer scratch` trains with every piece written out in Part I
+# (RoPE's complex product aside); the tests check that both paths give the same losses and
+# gradients to float32 rounding.
 # On a GPU, what matters is different: passes over memory, launches and host syncs,
 # not arithmetic. The loss is PyTorch's fused cross-entropy (a kernel forward and
 # one backward, where the written-out formula makes a pass per operation);

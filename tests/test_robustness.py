@@ -1566,6 +1566,25 @@ def test_a_transformer_config_with_a_kind_misspelled_is_refused_as_it_is_made(pi
         pico.TransformerConfig(**{field: typo})
 
 
+def test_a_kgram_config_of_an_unknown_variant_is_refused_as_it_is_made(pico):
+    """An unknown variant had built the convolutional model."""
+    with pytest.raises(ValueError, match="variant 'bogus' is not one of onehot, embedding, conv"):
+        pico.KGramConfig(variant="bogus")
+
+
+@pytest.mark.parametrize("option", ["attention_sinks", "sliding_window", "qk_norm", "head_size",
+                                    "value_embeddings"])
+@pytest.mark.parametrize("attention", ["linear", "gated_linear"])
+def test_a_softmax_option_given_to_linear_attention_is_refused_as_it_is_made(pico, attention, option):
+    """Built in Python, not through the flags: value embeddings had failed in the forward pass
+    with a TypeError; a window, sinks, a head size or QK-norm were ignored without a word."""
+    value = 4 if option in ("sliding_window", "head_size") else True
+    with pytest.raises(ValueError, match=f"{option}: options of softmax attention, not of "
+                                         f"{attention} attention"):
+        pico.TransformerConfig(attention=attention, **{option: value})
+    pico.TransformerConfig(attention="softmax", **{option: value})
+
+
 def test_flags_of_a_kind_no_flag_offers_describe_no_transformer_for_a_run_without_one(pico):
     """A checkpoint of an LSTM stores all the flags; a Transformer kind damaged there is not
     the LSTM's to meet (the kind is a ValueError of TransformerConfig now)."""
