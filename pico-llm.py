@@ -720,12 +720,10 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     never as exp(-b_s) alone, so nothing overflows however fast a head forgets. Chunks stay short
     because b_t - b_s is a difference of running sums that grow along the chunk, and float32's
     error with them (log decays down to -20 a token: 16-token chunks within 1e-4 of the
-    recurrence in float64, 37-token ones up to 3e-4).
-    Compiled code takes Appendix A's form without the loop (all_chunks_linear_attention): a loop
-    over the chunks compiles once for every length.
+    recurrence in float64, 37-token ones up to 3e-4). Appendix A.1 swaps in every chunk at once
+    for compiled code (all_chunks_linear_attention): a loop over the chunks compiles once for
+    every length.
     """
-    if torch.compiler.is_compiling():
-        return all_chunks_linear_attention(q, k, v, log_decay, state, chunk_size)
     outputs = []
     for start in range(0, q.shape[2], chunk_size):
         qc, kc, vc, gc = (t[:, :, start:start + chunk_size] for t in (q, k, v, log_decay))
@@ -790,6 +788,9 @@ class LinearAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        # The training form, chunk after chunk; compiled training (Appendix A.1) swaps in the
+        # same arithmetic without the loop.
+        self.chunked = chunked_linear_attention
         if gate is not None:
             self.output_gate = nn.Linear(d_model, d_model, bias=bias)
             self.head_norm = RMSNorm(self.head_dim)
@@ -830,7 +831,7 @@ class LinearAttention(nn.Module):
         if cache is not None and T == 1:
             y, state = recurrent_linear_attention(q, k, v, log_decay, state)
         else:
-            y, state = chunked_linear_attention(q, k, v, log_decay, state)
+            y, state = self.chunked(q, k, v, log_decay, state)
         if cache is not None:
             cache.matrix = state
         if self.gate is None:
@@ -1918,7 +1919,9 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
     the split. DDP averages gradients over ranks, so each rank scales by world_size.
     Only the last micro-batch synchronises gradients across ranks. Raises
     NonFiniteStep, before updating anything, when the loss or gradient norm is NaN or inf.
-    dtype: None, "float32" or "bfloat16" (see autocast_context).
+    micro_batches: (batch, active) pairs; active is False only for a stand-in batch that a
+    torchrun rank with nothing left runs so as to join the gradient sync (Appendix C), and
+    weighs nothing. dtype: None, "float32" or "bfloat16" (see autocast_context).
     """
     context = context or Distributed()
     scale = context.world_size / max(step_tokens, 1)
@@ -6827,6 +6830,13 @@ def all_chunks_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return y.flatten(2, 3).index_select(2, torch.arange(T, device=y.device)), states[:, :, -1]
 
 
+def loop_free_linear_attention(model: nn.Module) -> None:
+    """Every LinearAttention of `model` computes its chunks all at once (same parameters)."""
+    for module in model.modules():
+        if isinstance(module, LinearAttention):
+            module.chunked = all_chunks_linear_attention
+
+
 class StaticShapeMixtureOfExperts(MixtureOfExperts):
     """MixtureOfExperts with shapes that do not depend on the routing, for compiled code and
     CUDA graphs: every expert runs on every position, weighted by the router's softmax over
@@ -6946,6 +6956,7 @@ def compile_for_training(model: nn.Module, device: torch.device, loss: str = "fu
     torch.compiler.reset()
     dynamic = None if lengths_vary else False
     static_experts(model)
+    loop_free_linear_attention(model)
     if any(isinstance(module, MixtureOfExperts) for module in model.modules()):
         compile_blocks(model, dynamic)
         return None
