@@ -284,6 +284,26 @@ def test_help_documents_every_flag_the_readme_uses(pico):
         assert re.search(re.escape(flag) + r"\b", help_text), flag
 
 
+def test_a_transformer_flags_stated_default_is_every_presets_value(pico):
+    """A Transformer flag left out takes its preset's field: a default its help states must
+    hold for every preset, or the help must say it is the preset's (--qk_norm had said false,
+    and the speedrun preset turns it on)."""
+    import re
+    stated = {}
+    for action in pico.build_arg_parser()._actions:
+        found = re.search(r"\(default: ([^)]*)\)", action.help or "")
+        if action.dest in pico.TRANSFORMER_OVERRIDE_FLAGS and found:
+            stated[action.dest] = found.group(1)
+    assert {"qk_norm", "value_embeddings", "logit_softcap", "attention"} <= set(stated)
+    for flag, default in stated.items():
+        if default.startswith("the preset's"):
+            continue
+        value = default.split(",")[0].split(" = ")[0].strip()
+        for name, preset in pico.TRANSFORMER_PRESETS.items():
+            actual = getattr(pico.TransformerConfig(**preset), flag)
+            assert str(actual).lower() in (value, value + ".0"), (flag, name, actual, default)
+
+
 def test_cuda_request_without_cuda_falls_back_to_cpu(pico, capsys):
     import torch
     if torch.cuda.is_available():

@@ -203,6 +203,11 @@ def test_notebook_runs_on_a_tiny_presentation_sweep(run_main, tmp_path):
     status, _, _ = run_main("--sweep", "presentation", "--sweep_scale", "tiny",
                             "--input_files", str(corpus))
     assert status == 0
+    assert not (artefacts / "sweep_recipe.json").exists()     # it reads a text of its own
+    text = execute_notebook(artefacts)
+    assert "`python pico-llm.py --sweep recipe --input_dir" in text   # how to make the missing one
+    status, _, _ = run_main("--sweep", "recipe", "--sweep_scale", "tiny", "--input_files", str(corpus))
+    assert status == 0
     text = execute_notebook(artefacts)
     assert "Note:" not in text
     assert "`RUN_LOG` is None: set it" in text

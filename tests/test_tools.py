@@ -50,6 +50,8 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     description = " ".join(result.stdout.split("\n\n")[1].split())
     docstring = " ".join(ast.get_docstring(ast.parse((TOOLS / f"{name}.py").read_text())).split())
     assert docstring.startswith(description) and description[-1] in ".?", description
+    options = " ".join(result.stdout.split("options:")[1].split()).split(" -")
+    assert [o for o in options if o.count("(default:") > 1] == []   # one default, said once
 
 
 @pytest.mark.parametrize("name, argv, message", [
@@ -180,6 +182,20 @@ def test_a_corpus_tool_writes_python_docs_into_no_directory_of_other_files(name,
     assert_one_line_error(result, name, f"--corpus_dir {tmp_path} holds no .txt files, but other "
                                         "files; give a directory of .txt files, or a new or empty")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.md"]
+
+
+def test_corpus_only_writes_the_text_and_trains_nothing(tmp_path):
+    """The recipe sweep's text, written by the README's command: a directory of text is left as
+    it is, and a new one gets Python's documentation (the slow half, 14 s, is left to the
+    whole-or-nothing test below)."""
+    (tmp_path / "mine.txt").write_text("mine\n")
+    result = run_tool("stream_vs_lines", ["--corpus_dir", "{tmp}", "--corpus_only"], tmp_path)
+    assert result.returncode == 0 and "already holds .txt files" in result.stdout, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+    (tmp_path / "mine.txt").unlink()
+    (tmp_path / "notes.md").write_text("mine\n")
+    result = run_tool("stream_vs_lines", ["--corpus_dir", "{tmp}", "--corpus_only"], tmp_path)
+    assert_one_line_error(result, "stream_vs_lines", "holds no .txt files, but other files")
 
 
 def test_python_docs_appear_whole_or_not_at_all(monkeypatch, tmp_path):

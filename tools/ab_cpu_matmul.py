@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=None,
                         help="comma-separated config names (default: all; see the docstring)")
     parser.add_argument("--rounds", type=positive_int, default=7,
-                        help="timed rounds, each one step (or product) of each kernel")
+                        help="timed rounds, each one training step, or one matmul probe (four "
+                             "products on a CPU), of each kernel")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: the code, not the figures")
     args = parser.parse_args(argv)
     sizes = bench.BenchmarkSizes.quick() if args.quick else bench.BenchmarkSizes()

@@ -960,20 +960,21 @@ def gpt2_table(report: dict) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="tools/benchmark.py", description=tool_description(__doc__),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(prog="tools/benchmark.py", description=tool_description(__doc__))
     parser.add_argument("--quick", action="store_true",
                         help="the same code paths at tiny sizes (seconds; the tests use it)")
     parser.add_argument("--output", type=path_text, default=argparse.SUPPRESS,
                         help="where the JSON report goes (default: artefacts/runs/benchmark.json, "
                              "with --quick benchmark_quick.json)")
     parser.add_argument("--device_id", default="auto",
-                        help="auto (CUDA, else MPS, else cpu), cpu, mps or cuda:N, as pico-llm's flag")
+                        help="auto (CUDA, else MPS, else cpu), cpu, mps or cuda:N, as pico-llm's flag "
+                             "(default: auto)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="training precision (default: bfloat16 on a GPU with bf16 units, "
                              "float32 elsewhere)")
     parser.add_argument("--cpu_matmul", choices=pico.CPU_MATMUL_KERNELS, default="onednn",
-                        help="kernel for float32 linears on the CPU, as pico-llm's flag")
+                        help="kernel for float32 linears on the CPU, as pico-llm's flag (default: "
+                             "onednn)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--gpt2", action="store_true",
                         help="instead: GPT-2 small at context 1024 (training eager and compiled, "
@@ -984,7 +985,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", type=path_text, default=None, metavar="DIR",
                         help="with --gpt2: also write a torch.profiler table of each training step "
                              "there (profile_<who>_<mode>.txt)")
-    parser.add_argument("--seed", type=seed_int, default=1337)
+    parser.add_argument("--seed", type=seed_int, default=1337, help="(default: 1337)")
     parser.add_argument("--quiet", action="store_true", help="no progress notes")
     return parser
 

@@ -30,7 +30,7 @@ Every number and figure below is read from JSON files; nothing is typed in by ha
 committed results live in `artefacts/presentation/`, made by
 `python pico-llm.py --sweep presentation --artefacts_dir artefacts/presentation --overwrite`
 (character tokenizer, small widths; the first table says how long each sweep took, and on what
-machine). A missing file, a sweep with too few finite points to draw (one stopped part-way), or
+machine), all but the recipe sweep, which reads a larger text (its section says which). A missing file, a sweep with too few finite points to draw (one stopped part-way), or
 a file edited by hand into a shape pico-llm does not write shows a note, and the notebook goes
 on; figures are saved as PNG into
 `artefacts/presentation/figures/`.
@@ -62,6 +62,9 @@ FIGURES = ARTEFACTS_DIR / "figures"
 SWEEP_SCHEMA, RUNLOG_SCHEMA = 1, 1
 NATS = "nats per token"
 MAKE_PRESENTATION = f"python pico-llm.py --sweep presentation --artefacts_dir {ARTEFACTS_DIR} --overwrite"
+MAKE_RECIPE = ("python tools/stream_vs_lines.py --corpus_dir /tmp/pico-python-docs --corpus_only`, "
+               "then `python pico-llm.py --sweep recipe --input_dir /tmp/pico-python-docs "
+               f"--artefacts_dir {ARTEFACTS_DIR} --overwrite")
 pd.set_option("display.precision", 3)
 pd.set_option("display.max_colwidth", 120)
 
@@ -328,8 +331,8 @@ else:
     ("markdown", """\
 ## The models and their parameters
 
-Each Transformer preset at a reduced width (d_model 96; the presets' head counts, feed-forward
-types, norms and position encodings are kept), beside the LSTM and the k-gram MLP. All trained
+Each Transformer preset at a reduced size (d_model 96 and at most 6 blocks; the presets' head
+counts, feed-forward types, norms and position encodings are kept), beside the LSTM and the k-gram MLP. All trained
 for the same number of steps on the same data, in the same run. Losses in nats per token."""),
     ("code", """\
 def shape_text(config):
@@ -806,7 +809,9 @@ optimizer), the pico preset (RMSNorm, RoPE, SwiGLU), and the `speedrun` preset (
 with QK-norm, the block that helped on top of it with Muon) trained with Muon. Every recipe trains for about the same number of seconds on running text (its steps
 set from its speed measured beforehand, so a slower step buys fewer steps; on a shared machine
 the speed drifts, so the table also compares every recipe after the shortest run's time) and is
-evaluated on the held-out text after every pass. The figure plots held-out bits per byte against
+evaluated on the held-out text at least 8 times (after every pass, or more often where a pass
+does not fit the time). The text is Python's documentation (written offline from the installed
+Python), a few MB: the shipped corpus would be read tens of times over. The figure plots held-out bits per byte against
 training seconds (evaluations excluded); the table gives the time and steps each needed to
 reach the nanoGPT recipe's final loss. One seed each, on a shared CPU: differences of a few
 percent are within the noise."""),
@@ -827,7 +832,8 @@ def time_to_reach(curve, target):
     return None, None
 
 
-NOISE = 0.05   # bits per byte: the seed alone moved a held-out loss by up to 0.04 (docs/performance.md)
+NOISE = 0.05   # bits per byte: the seed alone moved a held-out loss by up to 0.03 nats per
+               # character, 0.043 bits per byte (docs/performance.md)
 
 
 def loss_at(curve, seconds):
@@ -842,7 +848,7 @@ def loss_at(curve, seconds):
     return curve[-1]["test_bits_per_byte"]
 
 
-recipe = load(ARTEFACTS_DIR / "sweep_recipe.json", "sweep")
+recipe = load(ARTEFACTS_DIR / "sweep_recipe.json", "sweep", remedy=f"run `{MAKE_RECIPE}` to make it")
 with drawn_from("sweep_recipe.json"):
     recipes = {p["settings"]["recipe"]: p
                for p in usable_points(recipe, "test_bits_per_byte", "train_time_s")}
@@ -910,7 +916,8 @@ with drawn_from("sweep_recipe.json"):
 
 Left: the Transformer's test loss against a constant learning rate, without gradient clipping.
 Runs whose loss exploded were stopped early and are marked with a cross at the top. Right: batch
-sizes from 1 upward, all seeing the same number of training examples."""),
+sizes from 1 upward, all seeing about the same number of training examples (rounded to whole
+steps)."""),
     ("code", """\
 rates = load(ARTEFACTS_DIR / "sweep_learning_rate.json", "sweep")
 ok = usable_points(rates, "train_loss", "test_loss")

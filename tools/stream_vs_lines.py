@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Lines or a token stream: the same Transformer, the same running text, the same CPU time.
+"""Lines or a token stream: the same Transformer, the same running text, the same training time.
 
     python tools/stream_vs_lines.py                       # about 10 minutes on a 2-core CPU
     python tools/stream_vs_lines.py --seconds 60 --corpus_dir DIR
+    python tools/stream_vs_lines.py --corpus_dir DIR --corpus_only   # only write the text
 
 The running text is, by default, the documentation that ships with this Python: every
 docstring of the standard library (one file per module) and pydoc's topic pages, a few MB of
@@ -136,9 +137,18 @@ def main() -> int:
     parser.add_argument("--seconds", type=positive_float, default=240.0, help="training time per format")
     parser.add_argument("--d_model", type=positive_int, default=128)
     parser.add_argument("--block_size", type=positive_int, default=128)
+    parser.add_argument("--corpus_only", action="store_true",
+                        help="write Python's documentation as --corpus_dir and stop (the text "
+                             "pico-llm's recipe sweep reads, with --input_dir)")
     args = parser.parse_args()
     pico = load_pico()
     try:
+        if args.corpus_only:
+            corpus = Path(args.corpus_dir)
+            if corpus.is_dir() and any(corpus.glob("*.txt")):
+                print(f"{corpus} already holds .txt files: left as they are")
+            python_docs_unless_text_in(pico, corpus)
+            return 0
         return compare(pico, args)
     except pico.UserError as error:
         print(f"stream_vs_lines: error: {error}", file=sys.stderr)
