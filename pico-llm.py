@@ -7388,7 +7388,9 @@ def silence_closed_terminal() -> None:
 
 class StopRequest:
     """Turns the first SIGINT, SIGTERM or SIGHUP into a request to stop after the current
-    step, so that a checkpoint can be written; a second signal acts at once, as usual.
+    step, so that a checkpoint can be written; a second signal acts at once, as usual: raised
+    where the program stands (KeyboardInterrupt, or Terminated), and main() says so in one
+    line; a third ends the process with the system's default action.
     SIGHUP is a closed terminal (a dropped ssh connection): the run's output to it goes
     nowhere from then on, as writing to a terminal that has gone fails; under nohup, which
     ignores it, it stays ignored.
@@ -7403,6 +7405,7 @@ class StopRequest:
         self.signal_number: int | None = None
         self.repeat_acts_at_once = repeat_acts_at_once
         self._previous: dict = {}
+        self._acted = False
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signals live there only
@@ -7426,14 +7429,17 @@ class StopRequest:
             for other in self._previous:
                 signal.signal(other, self._act_at_once)
 
-    @staticmethod
-    def _act_at_once(number: int, frame) -> None:
-        """A second signal: SIGINT as Python has it (KeyboardInterrupt), any other with the
-        system's default (the process ends, killed by it)."""
+    def _act_at_once(self, number: int, frame) -> None:
+        """A second signal: SIGINT as Python has it (KeyboardInterrupt), SIGTERM and SIGHUP
+        as Terminated; any later one with the system's default (the process ends, killed)."""
+        if self._acted:
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+            return
+        self._acted = True
         if number == signal.SIGINT:
             signal.default_int_handler(number, frame)
-        signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
+        raise Terminated(number)
 
 
 class TrainingDiverged(UserError):
@@ -8104,7 +8110,7 @@ def checkpoint_contents(path: Path, checkpoint: dict):
 def check_model_config(config) -> None:
     """UserError unless `config` (a model's, from a checkpoint) is one build_model can build:
     a Transformer's as the command line checks it; a k-gram's or LSTM's sizes positive (a
-    chunk size may be 0: all positions at once) and of a known variant."""
+    chunk size may be 0: all positions at once); a k-gram's variant was checked as it was made."""
     if isinstance(config, TransformerConfig):
         for field in dataclasses.fields(config):   # the command line gives numbers; a file may not
             value = getattr(config, field.name)
@@ -8127,8 +8133,6 @@ def check_model_config(config) -> None:
         value, smallest = getattr(config, field.name), 0 if field.name == "chunk_size" else 1
         if field.type == "int" and (type(value) is not int or value < smallest):
             raise UserError(f"{field.name} {value!r} is not an integer of at least {smallest}")
-    if isinstance(config, KGramConfig) and config.variant not in KGRAM_VARIANTS:
-        raise UserError(f"unknown k-gram variant {config.variant!r}")
 
 
 def check_finite_weights(path: Path, checkpoint: dict, remedy: str) -> None:
@@ -8336,8 +8340,11 @@ def check_checkpoints_are_ours(save_dir: Path | None, model_names: list[str],
 
 
 def flag_differences(stored: dict, current: dict, free: frozenset) -> list[str]:
-    """"--flag A there, B now" for each flag both sets hold, outside `free`, that differs."""
-    return [f"--{key} {stored[key]!r} there, {current[key]!r} now"
+    """"--flag A there, B now" for each flag both sets hold, outside `free`, that differs (a
+    flag left out, None, reads "not given")."""
+    def shown(value) -> str:
+        return "not given" if value is None else repr(value)
+    return [f"--{key} {shown(stored[key])} there, {shown(current[key])} now"
             for key in sorted(stored.keys() & current.keys())
             if key not in free and not same_setting(key, stored[key], current[key])]
 

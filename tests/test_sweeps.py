@@ -601,7 +601,7 @@ def test_a_flag_the_sweep_file_predates_is_held_to_its_default(run_main, tmp_pat
     before = path.read_bytes()
     status, _, err = run_main(*argv, "--beta2", "0.95", "--qk_norm", "true")
     assert status == 2 and err.count("\n") == 1, err
-    assert "--beta2 0.999 there, 0.95 now" in err and "--qk_norm None there, True now" in err
+    assert "--beta2 0.999 there, 0.95 now" in err and "--qk_norm not given there, True now" in err
     assert path.read_bytes() == before
     status, out, _ = run_main(*argv, "--beta2", "0.999")
     assert status == 0 and "all 3 points were already done" in out

@@ -62,6 +62,7 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("ab_training_speed", ["HEAD", "--model", "gru"], "argument --model: invalid choice: 'gru'"),
     ("ab_training_speed", ["no_such_rev"], "no pico-llm.py at the git revision 'no_such_rev' "
                                            "(invalid object name 'no_such_rev')"),
+    ("ab_training_speed", [""], "the git revision is empty; give a commit, branch or tag"),
     ("benchmark", ["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     ("compile_presets", ["--configs", "GPT-5", "--output", "{tmp}/out.json"],
      "--configs: unknown GPT-5"),

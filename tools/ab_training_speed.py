@@ -99,6 +99,8 @@ def main() -> int:
     parser.add_argument("--flags", default="", help="more pico-llm flags for both versions, "
                         "e.g. \"--attention linear --compile\"")
     args = parser.parse_args()
+    if not args.old_rev.strip():   # git show :pico-llm.py would read the staged file instead
+        parser.error("the git revision is empty; give a commit, branch or tag, e.g. HEAD")
     try:
         extra = shlex.split(args.flags)
     except ValueError as error:
