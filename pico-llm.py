@@ -815,10 +815,10 @@ class LinearAttention(nn.Module):
         if self.gate is None:
             q, k = F.elu(q) + 1, F.elu(k) + 1
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)                  # (B, H, T, D + 1)
-            log_decay = q.new_zeros(1, 1, T, 1)                                      # (1, 1, T, 1): none
+            log_decay = q.new_zeros(1, 1, T, 1)                            # (1, 1, T, 1): none
         elif self.gate == "fixed":
             q = q / math.sqrt(D)
-            log_decay = self.head_log_decay.view(1, H, 1, 1).expand(1, H, T, 1)     # (1, H, T, 1)
+            log_decay = self.head_log_decay.view(1, H, 1, 1).expand(1, H, T, 1)   # (1, H, T, 1)
         else:  # the 1/16 keeps a_t near 1 (slow forgetting) for any gate logit near 0
             q = q / math.sqrt(D)
             log_decay = F.logsigmoid(self.forget_gate(x).float()).view(B, T, H, D).transpose(1, 2) / 16
@@ -857,7 +857,6 @@ class LinearAttention(nn.Module):
 # Transformer's config asks for it (logit_softcap); Appendix A's chunked loss
 # uses the two halves.
 
-MODEL_NAMES = ("kgram_mlp_seq", "lstm_seq", "transformer", "transformer_gptoss")
 KGRAM_VARIANTS = ("onehot", "embedding", "conv")
 
 # --- 2.1 k-gram MLP ------------------------------------------------------------
@@ -1136,9 +1135,9 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
                         ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
                         rope_theta=500000.0, tie_weights=False),
     # The pico preset with the speedrun block that helped on it under --optimizer muon (the idea
-    # that helped most in section 7.2's recipe sweep, RECIPE_SWEEP_POINTS): QK-norm. The others stay switches
-    # (tools/recipe_ablation.py, docs/performance.md). A preset fixes the model, not the
-    # optimizer: the recipe also takes --optimizer muon.
+    # that helped most in section 7.2's recipe sweep, RECIPE_SWEEP_POINTS): QK-norm. The others
+    # stay switches (tools/recipe_ablation.py, docs/performance.md). A preset fixes the model,
+    # not the optimizer: the recipe also takes --optimizer muon.
     "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
                      pos_emb="rope", tie_weights=True, qk_norm=True),
 }
@@ -1382,7 +1381,7 @@ def make_batch(sequences: list[np.ndarray], block_size: int, pad_id: int) -> Bat
     for row, piece in enumerate(pieces):
         padded[row, : len(piece)] = piece
         valid[row, : len(piece)] = True
-    tokens = torch.from_numpy(padded).t()                    # (seq_len + 1, batch): the models' layout
+    tokens = torch.from_numpy(padded).t()                    # (seq_len + 1, batch), as models read
     mask = torch.from_numpy(valid[:, 1:]).t().contiguous()   # (seq_len, batch): target t is real
     return Batch(tokens[:-1].contiguous(), tokens[1:].contiguous(), mask)   # each (seq_len, batch)
 
@@ -1742,9 +1741,9 @@ def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5,
     Scaled to Frobenius norm 1 first, all singular values lie in [0, 1], where five
     applications of p take any value above 3e-3 into [0.68, 1.21]. A wide product X X^T is
     the cheaper one, so a tall matrix is transposed. Only matmuls, so it runs fast on a GPU.
-    dtype None: bfloat16 on a GPU with bf16 units (has_bf16_units, Appendix A), as the reference runs it
-    (the result need only be roughly orthogonal), else float32. matrix may also be a stack of
-    one shape, (N, r, c), each orthogonalized alone (Appendix A.3)."""
+    dtype None: bfloat16 on a GPU with bf16 units (has_bf16_units, Appendix A), as the reference
+    runs it (the result need only be roughly orthogonal), else float32. matrix may also be a
+    stack of one shape, (N, r, c), each orthogonalized alone (Appendix A.3)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     if dtype is None:
         dtype = torch.bfloat16 if has_bf16_units(matrix.device) else torch.float32
@@ -3721,7 +3720,8 @@ class SweepScale:
 
 
 SWEEP_SCALES = {
-    # full: the presentation, about half an hour on 2 CPU cores (the notebook's first table)
+    # full: the presentation, about 21 minutes on 2 CPU cores and the recipe sweep 10 more (the
+    # notebook's first table)
     "full": SweepScale("full", None, batch_size=16, block_size=64, width=64, steps=250,
                        budget_epochs=3, overfit_examples=40, overfit_epochs=100,
                        overfit_checkpoints=5, architecture_width=96,
@@ -4788,6 +4788,9 @@ MAX_NEW_TOKENS_LIMIT = 100_000  # beyond this a typo, not a wish: minutes of CPU
 
 MAX_BLOCK_SIZE = 1 << 24  # positions are float32 in RotaryEmbedding and the sinusoids: exact to 2**24
 
+# --models' names: section 2's three, and transformer_gptoss, the GPT-oss preset trained beside
+# --transformer_variant's Transformer (--enable_transformer_gptoss)
+MODEL_NAMES = ("kgram_mlp_seq", "lstm_seq", "transformer", "transformer_gptoss")
 DEFAULT_MODELS = "kgram_mlp_seq,lstm_seq,transformer"  # the course's three
 
 
