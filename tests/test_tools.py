@@ -199,6 +199,22 @@ def test_corpus_only_writes_the_text_and_trains_nothing(tmp_path):
     assert_one_line_error(result, "stream_vs_lines", "holds no .txt files, but other files")
 
 
+@pytest.mark.parametrize("text, block_size, message", [
+    ("one\ntwo\nthree\n", "8", "an epoch of lines mode is 1 step(s) of 16 lines, and timing needs "
+                                "11; add text\n"),
+    ("".join(f"line {i}\n" for i in range(200)), "64",
+     "an epoch of stream mode is 2 step(s) of 16 windows of --block_size 64, and timing needs 11; "
+     "add text or lower --block_size\n")])
+def test_stream_vs_lines_says_what_would_give_enough_steps_to_time(tmp_path, text, block_size,
+                                                                    message):
+    """Lines mode reads 16 lines a step, whatever the block: only a stream of windows gains
+    steps from a smaller --block_size."""
+    (tmp_path / "text.txt").write_text(text)
+    result = run_tool("stream_vs_lines", ["--corpus_dir", "{tmp}", "--block_size", block_size,
+                                          "--d_model", "8", "--seconds", "1"], tmp_path)
+    assert_one_line_error(result, "stream_vs_lines", message)
+
+
 def test_python_docs_appear_whole_or_not_at_all(monkeypatch, tmp_path):
     import stream_vs_lines
     failures = [KeyboardInterrupt()]

@@ -183,10 +183,14 @@ def compare(pico, args) -> int:
             _, _, data, _, calibration = train(pico, flags, 40, 1)
             elapsed = [h["elapsed_s"] for h in calibration["history"]]
             if len(elapsed) < 11:
+                # a step reads 16 lines, or 16 windows: only a stream's count moves with the block
+                step, shorter = (("16 lines", "") if data_format == "lines" else
+                                 (f"16 windows of --block_size {args.block_size}",
+                                  " or lower --block_size"))
                 raise pico.UserError(
                     f"--corpus_dir {corpus} is too little text to time: an epoch of {data_format} "
-                    f"mode is {len(elapsed)} step(s) of 16 windows of --block_size {args.block_size}, "
-                    "and timing needs 11; add text or lower --block_size")
+                    f"mode is {len(elapsed)} step(s) of {step}, and timing needs 11; add text"
+                    + shorter)
             seconds_per_step = (elapsed[-1] - elapsed[9]) / (len(elapsed) - 10)
             steps = max(20, round(args.seconds / seconds_per_step))
             # An epoch is one pass over the training text; the budget may take several.
