@@ -1575,8 +1575,10 @@ class Generation:
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, rule: SamplingRule,
                  *, eot_id: int | None = None, seed: int | None = None, use_cache: bool = True,
-                 device: torch.device | str = "cpu") -> list[int]:
-    """Extend `prompt_ids` by up to max_new_tokens ids, stopping after eot_id.
+                 device: torch.device | str = "cpu",
+                 on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Extend `prompt_ids` by up to max_new_tokens ids, stopping after eot_id; on_token, if
+    given, is called with each new id as it is drawn (a progress bar).
 
     use_cache=True feeds only each new token to forward_incremental (KV cache or
     carried LSTM state); use_cache=False re-reads the whole context every token.
@@ -1612,6 +1614,8 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
             tokens = next_token.view(1, 1).to(device)
             next_id = int(next_token[0])
             ids.append(next_id)
+            if on_token is not None:
+                on_token(next_id)
             if next_id == eot_id:
                 break
         return ids
@@ -1622,13 +1626,15 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   rule: SamplingRule = SamplingRule(), *, seed: int | None = None,
                   use_cache: bool = True, device: torch.device | str = "cpu",
-                  decoder: nn.Module | None = None) -> Generation:
+                  decoder: nn.Module | None = None,
+                  on_token: Callable[[int], None] | None = None) -> Generation:
     """Continue `prompt` with the model; one path for every model. decoder: what runs
     forward_incremental in the model's place, by default the model itself (on a GPU the
     run's callers pass Appendix A.2's prompt_decoder, the same outputs faster)."""
     prompt_ids = tokenizer.encode(prompt)
     ids = generate_ids(model if decoder is None else decoder, prompt_ids, max_new_tokens, rule,
-                       eot_id=tokenizer.eot_id, seed=seed, use_cache=use_cache, device=device)
+                       eot_id=tokenizer.eot_id, seed=seed, use_cache=use_cache, device=device,
+                       on_token=on_token)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
     new_text = tokenizer.decode(new_ids)
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
@@ -5968,8 +5974,15 @@ def run_generation(config: Config) -> int:
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
     decoder = prompt_decoder(model, tokenizer, sampling.prompt, sampling.max_new_tokens, device,
                              compile=config.speed.compile, dtype=config.training.dtype)
-    sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
-                           seed=sampling.seed, device=device, decoder=decoder)
+    # the text is printed whole at the end; on a terminal a bar counts the tokens meanwhile
+    bar = progress_bar(sampling.max_new_tokens, "generating", quiet=False)
+    try:
+        sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
+                               seed=sampling.seed, device=device, decoder=decoder,
+                               on_token=None if bar is None else lambda _: bar.update(1))
+    finally:
+        if bar is not None:
+            bar.close()
     print(as_shown_on(sys.stdout, sample.text))
     return 0
 

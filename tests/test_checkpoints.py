@@ -835,6 +835,35 @@ def trained_save_dir(pico, tmp_path_factory):
     return root / "save"
 
 
+def test_generate_counts_its_tokens_on_a_bar_and_prints_the_text_whole(pico, run_main,
+                                                                      trained_save_dir, monkeypatch):
+    """A long sample prints nothing until it is done: on a terminal a bar counts the tokens as
+    they are drawn (here a stand-in bar; the tests' standard error is no terminal), and the
+    text printed is the same."""
+    class Bar:
+        def __init__(self, total):
+            self.total, self.count, self.closed = total, 0, False
+
+        def update(self, n):
+            self.count += n
+
+        def close(self):
+            self.closed = True
+
+    checkpoint = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    argv = ["--generate", "--checkpoint", str(checkpoint), "--temperature", "0",
+            "--max_new_tokens", "12"]
+    status, plain, _ = run_main(*argv)                   # no terminal: no bar
+    bars = []
+    monkeypatch.setattr(pico, "progress_bar", lambda total, description, quiet:
+                        bars.append(Bar(total)) or bars[-1])
+    status_with_bar, out, _ = run_main(*argv)
+    assert status == status_with_bar == 0 and out == plain
+    drawn = len(out) - 1 - len("Once upon a time")       # characters; no end-of-text drawn here
+    assert [(bar.total, bar.count, bar.closed) for bar in bars] == [(12, drawn, True)]
+    assert drawn == 12
+
+
 def test_generate_notes_a_prompt_its_tokenizer_does_not_cover(pico, run_main, trained_save_dir,
                                                                monkeypatch):
     """A tokenizer that drops part of the prompt (here the letter u, as an imported
