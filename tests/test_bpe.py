@@ -373,6 +373,24 @@ def test_bpe_tokenizer_flag_trains_on_the_training_split_and_is_cached(tmp_path)
     assert sum(lengths[i] for i in ids) == len("brown fox")
 
 
+def test_a_bpe_trained_on_the_same_characters_cut_into_other_examples_is_trained_again(tmp_path):
+    """No merge crosses from one example into the next, so other example boundaries may give
+    other merges: the cache keeps the two apart."""
+    pico.train_bpe_tokenizer(["ab ab ab", " c"], 260, tmp_path)
+    pico.train_bpe_tokenizer(["ab ab a", "b c"], 260, tmp_path)
+    assert len(list(tmp_path.glob("bpe-*"))) == 2
+
+
+def test_end_of_text_stands_for_no_bytes_of_text():
+    """Bits per byte divides by the text's bytes: <|endoftext|>, a target at the end of every
+    example, adds none (its 13 characters are a name, not text)."""
+    tokenizer = pico.train_bpe_tokenizer([f"the fox number {i}" for i in range(20)], 270, None)
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths[tokenizer.eot_id] == 0
+    ids = tokenizer.encode("the fox number 7") + [tokenizer.eot_id]
+    assert sum(lengths[i] for i in ids) == len("the fox number 7")
+
+
 def test_a_special_token_whose_bytes_the_vocabulary_holds_twice_takes_the_smaller_id():
     vocab = {i: bytes([i]) for i in range(256)} | {256: b"<|eot|>", 300: b"<|eot|>"}
     assert pico.assign_special_ids(vocab, ["<|eot|>"]) == {"<|eot|>": 256}
@@ -393,7 +411,8 @@ def test_chunk_boundaries_find_a_special_token_across_two_read_windows(tmp_path)
 
 def test_bpe_tokenizer_spec_is_validated():
     assert pico.parse_tokenizer_spec("bpe:500") == ("bpe", 500)
-    for bad in ("bpe:10", "bpe:", "bpe:abc", "bpe:³⁰⁰", "wordpiece"):
+    assert pico.parse_tokenizer_spec("bpe:257") == ("bpe", 257)      # the bytes and <|endoftext|>
+    for bad in ("bpe:10", "bpe:256", "bpe:", "bpe:abc", "bpe:³⁰⁰", "wordpiece"):
         with pytest.raises(pico.UserError, match="--tokenizer"):
             pico.parse_tokenizer_spec(bad)
 

@@ -17,6 +17,7 @@ import sys
 import time
 import tracemalloc
 from importlib.util import find_spec as importlib_find
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,6 +385,17 @@ def test_a_run_resumes_only_on_the_text_it_was_trained_on(run_main, tmp_path):
     corpus.write_text(text)
     status, _, err = run_main(*resume)
     assert status == 0, err
+
+
+def test_a_checkpoint_older_than_the_data_digest_resumes_unchecked(pico):
+    """Checkpoints written before they held the digest of their text carry none: nothing to
+    compare, so they resume; one that holds another digest is refused."""
+    data = object.__new__(pico.TrainingData)
+    data.fingerprint = "abc"
+    pico.check_same_data(Path("old.pt"), {}, data)
+    pico.check_same_data(Path("same.pt"), {"data_sha256": "abc"}, data)
+    with pytest.raises(pico.UserError, match="other text than this run reads"):
+        pico.check_same_data(Path("other.pt"), {"data_sha256": "xyz"}, data)
 
 
 class RunsCode:

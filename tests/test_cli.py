@@ -609,3 +609,11 @@ def test_a_missing_package_is_one_line_naming_the_install(package):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"pico-llm: error: the package {package} is not installed; pip "
                              "install -r requirements.txt (GPU users: see README.md)\n")
+
+
+def test_the_sampling_configs_defaults_are_the_flags_defaults(pico):
+    """Python callers that build a SamplingConfig get what the command line gives."""
+    import dataclasses
+    flags = vars(pico.parse_args([]))
+    assert {field.name: field.default for field in dataclasses.fields(pico.SamplingConfig)} == {
+        field.name: flags[field.name] for field in dataclasses.fields(pico.SamplingConfig)}

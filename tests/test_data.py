@@ -481,3 +481,26 @@ def test_a_missing_shipped_corpus_is_named_as_such(pico, monkeypatch, tmp_path, 
     assert status == 2 and err.count("\n") == 1, err
     assert f"the shipped corpus {tmp_path / 'custom_corpus'} is missing" in err
     assert "--input_dir" in err and "give --input_files or --input_dir" in err
+
+
+@pytest.mark.parametrize("data_format", ["lines", "stream"])
+def test_the_training_datas_fingerprint_changes_with_one_character_of_its_text(pico, data_format):
+    """--resume compares it with the checkpoint's: in stream mode (the default for --input_dir,
+    the shipped corpus and TinyStories) as in lines mode."""
+    def fingerprint(text):
+        source = pico.SourceTexts("custom", [text], 1.0, np.array([0]), np.array([], dtype=np.int64))
+        data = pico.DataConfig(data_format=data_format, block_size=8)
+        return pico.load_training_data(data, pico.ByteTokenizer(), [source]).fingerprint
+    story = "one story, then another story " * 4
+    assert fingerprint(story) == fingerprint(story)
+    assert fingerprint(story) != fingerprint(story[:-2] + "z ")
+
+
+def test_a_line_break_moved_between_two_examples_is_another_token_cache(pico, tmp_path):
+    """The same characters cut into other examples: the cache key tells them apart, so the
+    second text is not read back with the first one's example boundaries."""
+    tokenizer = pico.ByteTokenizer()
+    first = pico.tokenize_examples(["ab", "c"], tokenizer, tmp_path)
+    second = pico.tokenize_examples(["a", "bc"], tokenizer, tmp_path)
+    assert first.key != second.key
+    assert first.offsets.tolist() == [0, 3, 5] and second.offsets.tolist() == [0, 2, 5]

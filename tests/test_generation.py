@@ -456,3 +456,59 @@ def test_a_compiled_decoder_takes_a_few_cache_sizes_for_every_text_length(pico):
     assert sizes == {64, 128, 256, 512, 1024}
     assert all(n <= pico.compiled_capacity(n, 1024) for n in range(1, 1025))
     assert pico.compiled_capacity(100, 96) == 96          # never past the block size
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in model: it always predicts token 3 (end-of-text, the last id, from its
+    `eot_after`-th call), and records the token ids it was fed."""
+
+    def __init__(self, vocab: int = 8, eot_after: int | None = None):
+        super().__init__()
+        self.vocab, self.eot_after, self.fed = vocab, eot_after, []
+
+    def forward_incremental(self, tokens, state):
+        self.fed.append(tokens[:, 0].tolist())
+        logits = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab)
+        ending = self.eot_after is not None and len(self.fed) >= self.eot_after
+        logits[..., self.vocab - 1 if ending else 3] = 10.0
+        return logits, (state or 0) + 1
+
+
+@pytest.mark.parametrize("eot_after", [None, 3])
+def test_on_token_sees_each_new_id_as_it_is_drawn(pico, eot_after):
+    seen = []
+    ids = pico.generate_ids(Recorder(eot_after=eot_after), [1, 2], 4,
+                            pico.SamplingRule(temperature=0), eot_id=7, on_token=seen.append)
+    assert seen == ids[2:] == ([3, 3, 3, 3] if eot_after is None else [3, 3, 7])
+
+
+def test_an_empty_prompt_starts_from_end_of_text(pico):
+    """The model is asked to begin a document: it reads <|endoftext|>, not id 0 (a NUL byte)."""
+    model = Recorder()
+    ids = pico.generate_ids(model, [], 2, pico.SamplingRule(temperature=0), eot_id=7)
+    assert model.fed[0] == [7] and ids[0] == 7
+
+
+def test_generated_text_leaves_out_the_end_of_text_it_stopped_at(pico):
+    """A trained BPE decodes <|endoftext|> as its 13 characters: the text must stop before it."""
+    tokenizer = pico.TrainedBPETokenizer({i: bytes([i]) for i in range(256)}, [], 257)   # eot 256
+    generation = pico.generate_text(Recorder(vocab=257, eot_after=2), tokenizer, "ab", 5,
+                                    pico.SamplingRule(temperature=0))
+    assert generation.token_ids[-1] == tokenizer.eot_id
+    assert generation.new_text == "\x03" and generation.text == "ab\x03"
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_generation_leaves_the_model_in_the_mode_it_found(pico, training):
+    """Sampling runs in eval mode (no dropout); a caller's training model stays in training."""
+    model = Recorder().train(training)
+    pico.generate_ids(model, [1], 2, pico.SamplingRule(temperature=0))
+    assert model.training is training
+
+
+def test_every_rule_of_the_sampling_sweep_has_a_label_of_its_own(pico):
+    """The labels name the rules in the run log, the console and the sampling sweep's rows: a
+    temperature below 1 must show."""
+    assert pico.SamplingRule(temperature=0.7, top_p=1.0).label == "top-p 1, T 0.7"
+    labels = [rule.label for rule in pico.SAMPLING_SWEEP_RULES]
+    assert len(set(labels)) == len(labels)

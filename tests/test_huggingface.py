@@ -544,6 +544,38 @@ def test_exported_tokenizer_gives_pico_ids_in_transformers(pico, tmp_path, token
     assert hf_tokenizer.eos_token_id == tokenizer.eot_id
 
 
+def test_an_exported_models_tokenizer_knows_its_end_of_text_and_context_in_transformers(pico,
+                                                                                       tmp_path):
+    """Read back through AutoTokenizer: without eos_token, transformers' generate and pipelines
+    never stop at end of text; without model_max_length it assumes a huge context, silently."""
+    config = pico.TransformerConfig(vocab_size=257, d_model=16, n_heads=2, n_blocks=1, block_size=32)
+    pico.export_hf(pico.TransformerModel(config), pico.ByteTokenizer(), tmp_path / "exported")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert hf_tokenizer.eos_token_id == 256 and hf_tokenizer.model_max_length == 32
+
+
+def test_a_config_listing_several_end_of_text_ids_gives_the_first(pico, tmp_path):
+    """Llama 3's instruct models list three; the first ends a document, as pico-llm's eot."""
+    pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [256, 10]}))
+    tokenizer = pico.tokenizer_from_hf(tmp_path, pico.TransformerConfig(vocab_size=257))
+    assert tokenizer.eot_id == 256
+
+
+def test_a_tied_model_whose_file_also_holds_the_output_layer_imports(pico):
+    """Some exporters write the tied lm_head.weight as well: the same tensor as the embedding,
+    not an unknown weight."""
+    config = pico.TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_blocks=1, block_size=16,
+                                    tie_weights=True)
+    model = pico.TransformerModel(config)
+    hf_state = pico.state_dict_to_hf(config, model.state_dict())
+    assert "lm_head.weight" not in hf_state
+    embedding = next(name for name in hf_state if "embed_tokens" in name or "wte" in name)
+    hf_state["lm_head.weight"] = hf_state[embedding].clone()
+    state = pico.state_dict_from_hf(config, hf_state)
+    assert torch.equal(state["unembedding.weight"], model.token_embedding.weight.detach())
+
+
 def test_gpt2_tokenizer_json_is_recognised_as_gpt2(pico, own_gpt2_dir, tokenizers_to_export):
     pico.tokenizer_to_hf(tokenizers_to_export["gpt2"]).save(str(own_gpt2_dir / "tokenizer.json"))
     config, _ = pico.load_hf_directory(own_gpt2_dir)

@@ -1673,3 +1673,46 @@ def test_heads_too_wide_to_fit_name_head_size(pico, configure):
                        "--n_blocks", "1", "--head_size", str(10 ** 9), "--tokenizer", "char")
     with pytest.raises(pico.UserError, match="lower --head_size"):
         pico.check_models_fit_in_memory(config.models, 256, 64, torch.device("cpu"))
+
+
+def test_a_run_log_keeps_the_first_error_that_stopped_the_run(pico, tmp_path):
+    """The first error is the cause; a later one is the clean-up's, and must not replace it."""
+    log = pico.RunLog(tmp_path / "run.json", {"models": []}, torch.device("cpu"), {})
+    log.record_failure(pico.UserError("the first cause"))
+    log.record_failure(RuntimeError("a later one, in the clean-up"))
+    assert (log.data["status"], log.data["error"]) == ("failed", "the first cause")
+    assert pico.load_runlog(tmp_path / "run.json")["error"] == "the first cause"
+
+
+def test_a_run_log_of_another_schema_version_is_refused_naming_it(pico, tmp_path):
+    path = tmp_path / "run.json"
+    pico.RunLog(path, {"models": []}, torch.device("cpu"), {}).write()
+    log = json.loads(path.read_text())
+    pico.load_runlog(path)
+    path.write_text(json.dumps(log | {"schema_version": pico.RUNLOG_SCHEMA_VERSION + 1}))
+    with pytest.raises(pico.UserError, match="schema"):
+        pico.load_runlog(path)
+
+
+def test_a_sweep_file_with_a_negative_wall_time_is_refused(pico, tmp_path):
+    path = tmp_path / "sweep_sampling.json"
+    sweep = {"kind": "sweep", "schema_version": pico.SWEEP_SCHEMA_VERSION, "sweep": "sampling",
+             "scale": "tiny", "created": "2026-01-01", "points": [], "config": {"scale": {}}}
+    path.write_text(json.dumps(sweep | {"wall_time_s": 5.0}))
+    pico.load_sweep(path)
+    path.write_text(json.dumps(sweep | {"wall_time_s": -5.0}))
+    with pytest.raises(pico.UserError, match="wall_time_s"):
+        pico.load_sweep(path)
+
+
+def test_a_model_record_needs_its_throughput_but_not_a_test_loss(pico):
+    """summary_table formats tokens/s as a number; a run without held-out text has no test loss."""
+    record = {"parameters": 10, "history": [], "test_history": [],
+              "final": {"tokens_per_s": 5.0, "test_loss": None}}
+    assert pico.model_record_problem(record) is None
+    assert pico.model_record_problem(record | {"final": {"tokens_per_s": None}}) is not None
+
+
+def test_an_empty_kgram_variant_is_refused_as_it_is_made(pico):
+    with pytest.raises(ValueError, match="variant '' is not one of"):
+        pico.KGramConfig(variant="")

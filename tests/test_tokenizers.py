@@ -28,6 +28,11 @@ def test_gpt2_token_byte_lengths_sum_to_the_text_bytes(gpt2):
     assert lengths[gpt2.eot_id] == 0
 
 
+def test_the_character_tokenizers_end_of_text_stands_for_no_bytes(pico):
+    lengths = pico.ByteTokenizer().token_byte_lengths()
+    assert lengths[256] == 0 and lengths.sum() == 256        # each byte 1, <|endoftext|> none
+
+
 @pytest.mark.parametrize("kind", ["char", "gpt2", "bpe"])
 def test_token_bytes_join_into_the_text(pico, gpt2, tmp_path, kind):
     text = "Once upon a time, a café served 日本 tea ☃."
