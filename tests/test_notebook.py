@@ -233,6 +233,7 @@ def test_notebook_runs_on_the_committed_artefacts_and_plots_their_run_log(tmp_pa
     shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("figures"))
     text = execute_notebook(copy, run_log=copy / "sweep_architectures_run.json")
     assert "Note:" not in text
+    assert "pico-python-docs/ (" in text and "shipped corpus (" in text   # each sweep's text
     figures = {p.stem for p in (copy / "figures").glob("*.png")}
     assert FIGURES | set(NEW_FIGURES) <= figures
     assert "**sweep_architectures_run** (finished)" in text

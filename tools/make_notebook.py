@@ -304,8 +304,9 @@ architectures_run = load(ARTEFACTS_DIR / "sweep_architectures_run.json", "run")"
     ("markdown", """\
 ## What was run
 
-Each sweep file records when it was made, on what machine, with how many threads, and how long
-its points took in all (`wall_time_s`, summed over every run that added points)."""),
+Each sweep file records the text it trained on (a digest of its examples), when it was made, on
+what machine, with how many threads, and how long its points took in all (`wall_time_s`, summed
+over every run that added points)."""),
     ("code", """\
 inventory = []
 for path in sorted(ARTEFACTS_DIR.glob("sweep_*.json")):
@@ -315,7 +316,12 @@ for path in sorted(ARTEFACTS_DIR.glob("sweep_*.json")):
     with drawn_from(path):
         if sweep and sweep.get("sweep"):
             environment = sweep.get("environment", {})
+            args = sweep.get("config", {}).get("args", {})
+            text = (Path(args["input_dir"]).name + "/" if args.get("input_dir") else
+                    ", ".join(Path(f).name for f in args.get("input_files") or []) or "shipped corpus")
+            digest = sweep.get("config", {}).get("data_sha256", "")
             inventory.append({"sweep": sweep["sweep"], "points": len(sweep["points"]),
+                              "text (sha256)": f"{text} ({digest[:8]})" if digest else text,
                               "minutes": round(sweep.get("wall_time_s", 0) / 60, 1),
                               "made": sweep.get("created", "")[:10],
                               "device": environment.get("device_name") or environment.get("device"),
