@@ -1777,8 +1777,8 @@ class Muon(AdamW):
     per token: a lookup, not a map), the output layer, nor 1-D gains and biases; those stay
     with AdamW. The scale 0.2 sqrt(max(r, c)) (Liu et al., 2025, "Muon is Scalable for LLM
     Training") gives an exactly orthogonal update an RMS of 0.2 per entry (0.17 to 0.19 after
-    the five quintic steps below), about AdamW's, so Muon shares AdamW's
-    learning rate, weight decay and schedule; Keller Jordan's max(1, r / c)^0.5 instead needs a
+    the five quintic steps below), about AdamW's, so Muon shares AdamW's learning rate, weight
+    decay and schedule; Keller Jordan's max(1, r / c)^0.5 instead needs a
     learning rate of its own (0.02 to 0.05). Under DDP every rank orthogonalizes the same
     all-reduced gradient, so the ranks stay identical.
     """
@@ -1847,8 +1847,7 @@ class TrainingConfig:
 def build_optimizer(model: nn.Module, training: TrainingConfig, device: torch.device):
     """AdamW with decay on matrices and embeddings only; norms' gains and biases are
     not pulled towards zero. PyTorch's fused kernel on CUDA, the CPU and Apple's GPU (one pass
-    over the parameters; on a CPU several times faster than the foreach kernel,
-    docs/performance.md;
+    over the parameters: on a CPU several times the foreach kernel's speed, docs/performance.md;
     MPS has no foreach kernels, so foreach there is a loop over the tensors).
     beta2 0.999 averages squared gradients over ~1000 steps; small, noisy batches do better
     with a shorter memory (nanoGPT's character-level config uses 0.99, GPT-2 runs 0.95).
@@ -5975,7 +5974,7 @@ def run_generation(config: Config) -> int:
     decoder = prompt_decoder(model, tokenizer, sampling.prompt, sampling.max_new_tokens, device,
                              compile=config.speed.compile, dtype=config.training.dtype)
     # the text is printed whole at the end; on a terminal a bar counts the tokens meanwhile
-    bar = progress_bar(sampling.max_new_tokens, "generating", quiet=False)
+    bar = progress_bar(sampling.max_new_tokens, "generating", config.training.quiet)
     try:
         sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
                                seed=sampling.seed, device=device, decoder=decoder,

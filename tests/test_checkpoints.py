@@ -866,14 +866,15 @@ def test_generate_counts_its_tokens_on_a_bar_and_prints_the_text_whole(pico, run
     argv = ["--generate", "--checkpoint", str(checkpoint), "--temperature", "0",
             "--max_new_tokens", "12"]
     status, plain, _ = run_main(*argv)                   # no terminal: no bar
-    bars = []
-    monkeypatch.setattr(pico, "progress_bar", lambda total, description, quiet:
-                        bars.append(Bar(total)) or bars[-1])
+    bars, asked_quiet = [], []
+    monkeypatch.setattr(pico, "progress_bar", lambda total, description, quiet: asked_quiet.append(
+        quiet) or bars.append(Bar(total)) or bars[-1])
     status_with_bar, out, _ = run_main(*argv)
     assert status == status_with_bar == 0 and out == plain
     drawn = len(out) - 1 - len("Once upon a time")       # characters; no end-of-text drawn here
     assert [(bar.total, bar.count, bar.closed) for bar in bars] == [(12, drawn, True)]
     assert drawn == 12
+    assert run_main(*argv, "--quiet")[1] == plain and asked_quiet == [False, True]   # --quiet: none
 
 
 def test_generate_notes_a_prompt_its_tokenizer_does_not_cover(pico, run_main, trained_save_dir,

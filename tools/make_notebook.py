@@ -30,10 +30,10 @@ Every number and figure below is read from JSON files; nothing is typed in by ha
 committed results live in `artefacts/presentation/`, made by
 `python pico-llm.py --sweep presentation --artefacts_dir artefacts/presentation --overwrite`
 (character tokenizer, small widths; the first table says how long each sweep took, and on what
-machine), all but the recipe sweep, which reads a larger text (its section says which). A missing file, a sweep with too few finite points to draw (one stopped part-way), or
-a file edited by hand into a shape pico-llm does not write shows a note, and the notebook goes
-on; figures are saved as PNG into
-`artefacts/presentation/figures/`.
+machine), all but the recipe sweep, which reads a larger text (its section says which). A
+missing file, a sweep with too few finite points to draw (one stopped part-way), or a file
+edited by hand into a shape pico-llm does not write shows a note, and the notebook goes on;
+figures are saved as PNG into `artefacts/presentation/figures/`.
 
 To plot a run of your own, set `RUN_LOG` below to its run log (for example
 `artefacts/runs/<run>.json`); the last section, *Your run*, then shows its loss curves, final
@@ -338,8 +338,8 @@ else:
 ## The models and their parameters
 
 Each Transformer preset at a reduced size (d_model 96 and at most 6 blocks; the presets' head
-counts, feed-forward types, norms and position encodings are kept), beside the LSTM and the k-gram MLP. All trained
-for the same number of steps on the same data, in the same run. Losses in nats per token."""),
+counts, feed-forward types, norms and position encodings are kept), beside the LSTM and the
+k-gram MLP. All trained for the same number of steps on the same data, in the same run. Losses in nats per token."""),
     ("code", """\
 def shape_text(config):
     if "d_model" not in config:
@@ -817,8 +817,8 @@ set from its speed measured beforehand, so a slower step buys fewer steps; on a 
 the speed drifts, so the table also compares every recipe after the shortest run's time) and is
 evaluated on the held-out text at least 8 times (after every pass, or more often where a pass
 does not fit the time). The text is Python's documentation (written offline from the installed
-Python), a few MB: the shipped corpus would be read tens of times over. The figure plots held-out bits per byte against
-training seconds (evaluations excluded); the table gives the time and steps each needed to
+Python), a few MB: the shipped corpus would be read tens of times over. The figure plots
+held-out bits per byte against training seconds (evaluations excluded); the table gives the time and steps each needed to
 reach the nanoGPT recipe's final loss. One seed each, on a shared CPU: differences of a few
 percent are within the noise."""),
     ("code", """\
