@@ -74,10 +74,14 @@ import sys
 
 
 def interrupted_while_starting(signal_number, frame) -> None:
-    """Ctrl-C or SIGTERM while numpy and torch are still importing (seconds): one line,
-    status 128 + the signal, and no traceback from the middle of a half-imported library."""
-    os.write(2, b"pico-llm: interrupted\n" if signal_number == signal.SIGINT
-             else b"pico-llm: terminated\n")
+    """Ctrl-C, SIGTERM or SIGHUP while numpy and torch are still importing (seconds): one
+    line, status 128 + the signal, and no traceback from the middle of a half-imported library."""
+    said = {signal.SIGINT: b"interrupted", signal.SIGTERM: b"terminated"}.get(
+        signal_number, b"hung up (the terminal closed)")
+    try:
+        os.write(2, b"pico-llm: " + said + b"\n")
+    except OSError:       # a closed terminal's hang-up: nobody is left to read it
+        pass
     os._exit(128 + signal_number)
 
 
@@ -97,8 +101,9 @@ def gomp_cpu_affinity_readable(value: str) -> bool:
 # main() takes the signals over once the imports are done.
 if __name__ == "__main__":
     for _number, _default in ((signal.SIGINT, signal.default_int_handler),
-                              (signal.SIGTERM, signal.SIG_DFL)):
-        if signal.getsignal(_number) is _default:
+                              (signal.SIGTERM, signal.SIG_DFL),
+                              (getattr(signal, "SIGHUP", None), signal.SIG_DFL)):  # not on Windows
+        if _number is not None and signal.getsignal(_number) is _default:
             signal.signal(_number, interrupted_while_starting)
     # libgomp, the OpenMP library that importing torch loads, loops forever on a
     # GOMP_CPU_AFFINITY it cannot read ("zz", "0:"), in native code, where no signal handler
@@ -8564,7 +8569,11 @@ def check_torchrun_environment() -> None:
     if not is_count(size.strip()) or int(size) < 1:
         raise UserError(f"WORLD_SIZE={size!r} is not a number of processes; {hint}")
     world_size = int(size)
-    if world_size == 1:
+    if world_size == 1:    # a plain run, or torchrun --nproc_per_node=1: rank 0 alone
+        rank = (os.environ.get("RANK") or "0").strip()
+        if not (is_count(rank) and int(rank) == 0):
+            raise UserError(f"RANK={rank!r} with WORLD_SIZE=1: one process is rank 0; unset "
+                            "RANK, or start pico-llm with torchrun --nproc_per_node=N")
         return
     missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
                if not os.environ.get(name)]
@@ -10608,8 +10617,8 @@ if __name__ == "__main__":
         # up after a failed rank, and a rank held in a collective would not see it for long.
         signal.signal(signal.SIGTERM, raise_terminated if launched_world_size() == 1
                       else signal.SIG_DFL)
-    if HANGUP and signal.getsignal(HANGUP) is signal.SIG_DFL and launched_world_size() == 1:
-        signal.signal(HANGUP, raise_terminated)        # under nohup it stays ignored
+    if HANGUP and signal.getsignal(HANGUP) is interrupted_while_starting:  # nohup: ignored
+        signal.signal(HANGUP, raise_terminated if launched_world_size() == 1 else signal.SIG_DFL)
     status = main()
     # Done, and said so: a Ctrl-C still arriving (a key held down) must not break into the
     # interpreter's shutdown with a traceback from an exit handler.

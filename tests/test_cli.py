@@ -423,6 +423,7 @@ TORCHRUN_ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "abc", **TORCHRUN_ADDRESS}, "LOCAL_RANK='abc' is not a rank"),
     ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}, "RANK=5 is not below WORLD_SIZE=2"),
     ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}, "RANK=2 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "1", "RANK": "1"}, "RANK='1' with WORLD_SIZE=1: one process is rank 0"),
     # an address of bytes that are not UTF-8 was a traceback as the waiting note was made
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS, "MASTER_ADDR": "\udcff"},
      "MASTER_ADDR='\\udcff' is not a host name"),
@@ -441,6 +442,14 @@ def test_torchrun_variables_torchrun_never_sets_are_one_line(run_main, monkeypat
     status, _, err = run_main("--models", "lstm_seq", "--epochs", "1", "--max_steps_per_epoch", "1")
     assert status == 2 and err.count("\n") == 1 and message in err, err
     assert "torchrun --nproc_per_node=N" in err
+
+
+def test_torchrun_with_one_process_is_a_plain_run(run_main, monkeypatch):
+    """torchrun --nproc_per_node=1 sets WORLD_SIZE=1 and RANK=0: trained as a plain run."""
+    for name, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}.items():
+        monkeypatch.setenv(name, value)
+    status, out, err = run_main("--models", "lstm_seq", "--epochs", "1", "--max_steps_per_epoch", "1")
+    assert status == 0 and "ranks" not in out, err
 
 
 def test_a_rank_that_cannot_reach_the_others_says_so_in_one_line(tmp_path):

@@ -842,7 +842,8 @@ def test_gomp_cpu_affinity_in_libgomps_own_forms_is_taken(ws):
 
 
 @pytest.mark.parametrize("signal_number, status, word", [(signal.SIGINT, 130, "interrupted"),
-                                                        (signal.SIGTERM, 143, "terminated")])
+                                                        (signal.SIGTERM, 143, "terminated"),
+                                                        (signal.SIGHUP, 129, "hung up")])
 def test_a_signal_during_start_up_prints_one_line(ws, signal_number, status, word):
     process = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, *ws.io()], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
