@@ -140,6 +140,7 @@ import shutil
 import socket
 import stat
 import statistics
+import subprocess
 import tempfile
 import textwrap
 import threading
@@ -5247,6 +5248,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not 0 <= args.seed < 2**64:  # what torch.manual_seed accepts
         raise UserError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
     check_torchrun_environment()
+    check_code_cache_folder()
     ranks = launched_world_size()
     if args.grad_accum_steps > args.batch_size // ranks:
         shared = f" / {ranks} ranks" if ranks > 1 else ""
@@ -6932,12 +6934,20 @@ def compile_unavailable(device: torch.device) -> str | None:
     """Why torch.compile cannot generate code for `device` here, or None: Inductor builds C++
     with the system's compiler on a CPU and Triton kernels on a GPU."""
     if device.type == "cpu":
-        chosen = os.environ.get("CXX", "").split()           # Inductor takes CXX first
-        if chosen and not shutil.which(chosen[0]):
-            return f"CXX={os.environ['CXX']!r} names no program that is here (unset CXX or fix it)"
-        if chosen or any(shutil.which(name) for name in ("g++", "clang++", "c++")):
-            return None
-        return "torch.compile needs a C++ compiler (g++ or clang++) on the PATH on a CPU"
+        # Inductor runs `$CXX --version` (CXX whole, as one program's name), or without CXX
+        # `g++ --version` (clang++ on macOS), and cannot compile if that fails
+        default = "clang++" if sys.platform == "darwin" else "g++"
+        compiler = os.environ.get("CXX", default)
+        if "CXX" in os.environ and not shutil.which(compiler):
+            return f"CXX={compiler!r} names no program that is here (unset CXX or fix it)"
+        if not shutil.which(compiler):
+            return f"torch.compile needs a C++ compiler ({default}) on the PATH on a CPU"
+        try:
+            subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return (f"`{compiler} --version` failed, so torch.compile cannot use {compiler} as "
+                    f"its C++ compiler ({'fix or unset CXX' if 'CXX' in os.environ else 'fix it'})")
+        return None
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "torch.compile needs the triton package on a GPU (pip install triton)"
     if device.type == "mps":
@@ -6945,16 +6955,21 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def check_code_cache_folder(variable: str = "TORCHINDUCTOR_CACHE_DIR") -> None:
+    """UserError if `variable` names a cache folder for compiled code that cannot be written.
+    Inductor's is checked on every run, compiled or not: PyTorch makes that folder when the
+    first optimizer is built (its modules load the compiler's)."""
+    if os.environ.get(variable):
+        check_writable_directory(Path(os.environ[variable]), variable,
+                                 remedy=f"set {variable} to another folder, or unset it")
+
+
 def check_compile_available(device: torch.device) -> None:
     """UserError naming what --compile lacks on `device` (compile_unavailable), if anything,
     or a cache folder named for its code (Inductor's and Triton's) that cannot be written."""
-    variables = ["TORCHINDUCTOR_CACHE_DIR"]
+    check_code_cache_folder()
     if device.type == "cuda":                           # Triton's kernels are a GPU's only
-        variables.append("TRITON_CACHE_DIR")
-    for variable in variables:
-        if os.environ.get(variable):
-            check_writable_directory(Path(os.environ[variable]), variable,
-                                     remedy=f"set {variable} to another folder, or unset it")
+        check_code_cache_folder("TRITON_CACHE_DIR")
     problem = compile_unavailable(device)
     if problem:
         raise UserError(f"--compile cannot run here: {problem}; drop --compile")

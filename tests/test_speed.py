@@ -355,6 +355,18 @@ def test_compile_with_a_cache_folder_that_cannot_be_written_is_one_line(
     pico.check_compile_available(torch.device("cpu"))
 
 
+def test_an_unwritable_inductor_cache_is_one_line_without_compile_too(run_main, monkeypatch,
+                                                                      tmp_path):
+    """PyTorch makes Inductor's cache folder as the first optimizer is built, compiled or not:
+    a folder that cannot be made was a traceback from inside torch.optim after the data loaded."""
+    from conftest import TINY_RUN
+    (tmp_path / "a_file").write_text("not a folder\n")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "a_file"))
+    status, _, err = run_main(*TINY_RUN, "--models", "lstm_seq")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"TORCHINDUCTOR_CACHE_DIR {tmp_path / 'a_file'}:" in err and "is not a directory" in err
+
+
 def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch, tmp_path):
     from conftest import TINY_RUN
     monkeypatch.setattr(pico.shutil, "which", lambda name: None)
@@ -368,6 +380,14 @@ def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch, tmp
     status, out, err = run_main(*TINY_RUN, "--models", "transformer", "--compile")
     assert status == 2 and "CXX='/nonexistent/g++' names no program" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # Inductor runs `$CXX --version` and needs it to work (a 104-line InductorError after the
+    # data loaded, where a program that exists but fails was let through)
+    monkeypatch.setattr(pico.shutil, "which", lambda name: f"/bin/{name}")
+    for failing in ("false", "g++ -O2"):
+        monkeypatch.setenv("CXX", failing)
+        status, out, err = run_main(*TINY_RUN, "--models", "transformer", "--compile")
+        assert status == 2 and f"`{failing} --version` failed" in err and "fix or unset CXX" in err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_rope_ab_tool_times_both_formulations(capsys):
