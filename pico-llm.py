@@ -5885,6 +5885,7 @@ def run_training(config: Config) -> int:
                                                               config.models.transformer)}
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
+        check_ranks_read_the_same_text(context, data)
         check_resume_points(config, resume_points, tokenizer, data)   # B: before any model trains
         resumed_run = next((checkpoint["run_id"] for _, checkpoint in resume_points.values()
                             if checkpoint.get("run_id")), None)
@@ -8699,6 +8700,21 @@ def check_ranks_run_one_command(context: Distributed, flags: dict) -> None:
             raise UserError(f"rank {rank} was started with other flags than rank "
                             f"{context.rank} ({textwrap.shorten('; '.join(differences), 160)}); "
                             "start every rank with the same command (torchrun does)")
+
+
+def check_ranks_read_the_same_text(context: Distributed, data: TrainingData) -> None:
+    """UserError on every rank if the ranks read other text under the same flags (a relative
+    path from other folders, a stale copy on one machine): each would train on examples of
+    its own, silently, or their evaluations of other lengths would issue collectives that do
+    not match, and gloo aborts. Compared by the data's digest, examples and tokenizer."""
+    if not context.enabled:
+        return
+    everyone = [None] * context.world_size
+    torch.distributed.all_gather_object(everyone, data.fingerprint, group=context.control_group)
+    for rank, theirs in enumerate(everyone):
+        if theirs != data.fingerprint:
+            raise UserError(f"rank {rank} read other text than rank {context.rank} with the same "
+                            "flags (its files' contents differ); give every rank the same files")
 
 
 # How long the ranks wait for rank 0 outside the steps (a large model's checkpoint on a slow

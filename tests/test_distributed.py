@@ -123,9 +123,9 @@ def test_a_rank_leaves_with_its_status_and_its_output_flushed():
         assert result.returncode == 3 and result.stdout == "buffered, no newline"
 
 
-def ranks_by_hand(flags_of_rank, env_extra=None):
+def ranks_by_hand(flags_of_rank, env_extra=None, folders=(None, None)):
     """Two processes started as torchrun starts its ranks (its variables set by hand), each
-    with its own flags; their (status, stdout, stderr)."""
+    with its own flags (and working folder); their (status, stdout, stderr)."""
     import os
     import socket
     with socket.socket() as probe:              # a free port for the ranks to meet at
@@ -137,7 +137,7 @@ def ranks_by_hand(flags_of_rank, env_extra=None):
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         ranks.append(subprocess.Popen([sys.executable, str(SCRIPT), *flags, "--dist_timeout", "60"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+                                      text=True, cwd=folders[rank]))
     outputs = [process.communicate(timeout=120) for process in ranks]
     return [(process.returncode, *output) for process, output in zip(ranks, outputs)]
 
@@ -152,6 +152,23 @@ def test_two_ranks_started_by_hand_with_other_flags_both_refuse(tmp_path):
         assert f"pico-llm: error (rank {rank}): rank {1 - rank} was started with other flags" in err
         assert "--batch_size" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_two_ranks_that_read_other_text_under_the_same_flags_both_refuse(tmp_path):
+    """The same relative --input_files in two folders: gloo aborted rank 0 (a C++ dump) as
+    their evaluations' collectives differed, or with fewer steps both trained, each on its own
+    text, and said nothing."""
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder, words in zip(folders, ("hello world", "other words entirely")):
+        folder.mkdir()
+        (folder / "d.txt").write_text("".join(f"{words} {i}\n" for i in range(60)))
+    flags = [*TINY[2:], "--input_files", "d.txt", "--artefacts_dir", str(tmp_path / "art")]
+    results = ranks_by_hand([flags, flags], folders=folders)
+    for rank, (status, _, err) in enumerate(results):
+        assert status == 2, err[-2000:]
+        assert f"rank {1 - rank} read other text than rank {rank} with the same flags" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "art").exists()
 
 
 def test_the_first_line_of_a_run_under_torchrun_names_its_ranks(tmp_path):
