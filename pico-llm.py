@@ -2809,7 +2809,9 @@ def write_temporary_file(path: Path, data: bytes | Callable[[BinaryIO], object])
 
 def atomic_write_bytes(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     """Write to a temporary file in the same directory, then rename over `path`. `data`: as
-    write_temporary_file's."""
+    write_temporary_file's. A symbolic link is written through, as by `>`: the file it names
+    is replaced, and the link stays (renamed over, the link would go and its file stay old)."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else path
     temp = write_temporary_file(path, data)
     try:
         os.replace(temp, path)

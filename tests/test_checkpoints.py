@@ -605,6 +605,23 @@ def test_a_file_is_replaced_whole_after_its_new_contents_reach_the_disk(pico, tm
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
+def test_a_file_named_through_a_symbolic_link_is_written_through_it(pico, tmp_path):
+    """A run log, sweep file or notebook given as a link: the file it names gets the new
+    contents and the link stays. Renamed over, the link had become a new file of its own and
+    the file it named stayed as it was (a sweep continued from its points, then wrote elsewhere)."""
+    from pico_module import write_text_atomically
+    (tmp_path / "real").mkdir()
+    for name, write in (("log.json", lambda path: pico.atomic_write_json(path, {"points": 4})),
+                        ("n.ipynb", lambda path: write_text_atomically(path, "new\n"))):
+        target, link = tmp_path / "real" / name, tmp_path / f"link_{name}"
+        target.write_text("old\n")
+        link.symlink_to(target)
+        write(link)
+        assert link.is_symlink() and link.resolve() == target
+        assert target.read_text() != "old\n" and link.read_text() == target.read_text()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["log.json", "n.ipynb"]
+
+
 def test_default_run_names_of_two_processes_differ_even_in_the_same_second(pico, monkeypatch):
     output = pico.OutputConfig(artefacts_dir="/nonexistent")
     monkeypatch.setattr(time, "strftime", lambda fmt: "20250101-000000")

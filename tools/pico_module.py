@@ -175,7 +175,8 @@ def current_umask() -> int:
 def write_text_atomically(path: Path, text: str) -> None:
     """`text` in a temporary file beside `path`, renamed over it: a failure leaves the old file,
     and readers never see half of the new one (pico-llm.py's atomic_write_bytes does the same;
-    the tools that write text run without importing torch)."""
+    the tools that write text run without importing torch); a symbolic link is written through."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else path
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
