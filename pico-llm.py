@@ -5983,12 +5983,27 @@ def run_generation(config: Config) -> int:
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
     decoder = prompt_decoder(model, tokenizer, sampling.prompt, sampling.max_new_tokens, device,
                              compile=config.speed.compile, dtype=config.training.dtype)
-    # the text is printed whole at the end; on a terminal a bar counts the tokens meanwhile
+    # The text is printed whole at the end (a character may span tokens); on a terminal a bar
+    # counts the tokens meanwhile. Ctrl-C or SIGTERM prints the text sampled so far.
     bar = progress_bar(sampling.max_new_tokens, "generating", config.training.quiet)
+    sampled = []
+
+    def on_token(token_id: int) -> None:
+        sampled.append(token_id)
+        if bar is not None:
+            bar.update(1)
     try:
         sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
                                seed=sampling.seed, device=device, decoder=decoder,
-                               on_token=None if bar is None else lambda _: bar.update(1))
+                               on_token=on_token)
+    except (KeyboardInterrupt, Terminated):
+        if bar is not None:
+            bar.close()
+            bar = None
+        so_far = tokenizer.decode([i for i in sampled if i != tokenizer.eot_id])
+        with contextlib.suppress(OSError):       # a closed pipe or terminal: nobody to read it
+            print(as_shown_on(sys.stdout, sampling.prompt + so_far), flush=True)
+        raise
     finally:
         if bar is not None:
             bar.close()

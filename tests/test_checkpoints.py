@@ -894,6 +894,29 @@ def test_generate_counts_its_tokens_on_a_bar_and_prints_the_text_whole(pico, run
     assert run_main(*argv, "--quiet")[1] == plain and asked_quiet == [False, True]   # --quiet: none
 
 
+@pytest.mark.parametrize("signal_raised", ["KeyboardInterrupt", "Terminated"])
+def test_an_interrupted_generate_prints_the_text_sampled_so_far(pico, run_main, trained_save_dir,
+                                                               monkeypatch, signal_raised):
+    """Ctrl-C (or SIGTERM) in a long --generate: the prompt and the tokens drawn before it are
+    printed, as a shorter run would have printed them, then the one line and 130 (143); all
+    the text sampled was lost before."""
+    checkpoint = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    argv = ["--generate", "--checkpoint", str(checkpoint), "--temperature", "0"]
+    status, five_tokens, _ = run_main(*argv, "--max_new_tokens", "5")
+    assert status == 0
+    real_sample, drawn = pico.sample_next_token, []
+
+    def interrupted_after_five(*args):
+        if len(drawn) == 5:
+            raise KeyboardInterrupt if signal_raised == "KeyboardInterrupt" else pico.Terminated()
+        drawn.append(1)
+        return real_sample(*args)
+    monkeypatch.setattr(pico, "sample_next_token", interrupted_after_five)
+    status, out, err = run_main(*argv, "--max_new_tokens", "1000")
+    assert status == (130 if signal_raised == "KeyboardInterrupt" else 143)
+    assert out == five_tokens and err.strip() in ("pico-llm: interrupted", "pico-llm: terminated")
+
+
 def test_generate_notes_a_prompt_its_tokenizer_does_not_cover(pico, run_main, trained_save_dir,
                                                                monkeypatch):
     """A tokenizer that drops part of the prompt (here the letter u, as an imported
