@@ -5399,7 +5399,9 @@ def checkpoint_flags_given(args: argparse.Namespace) -> str:
 def validate_one_command(args: argparse.Namespace) -> None:
     """One command a run: training (the default), --accounting, --generate, --export_hf from a
     --checkpoint, or sweeps (--sweep, --custom_sweep_log and --collect_transformer_metrics,
-    which run together); a flag that only another command reads is refused, not ignored."""
+    which run together); a flag that only another command reads is refused, not ignored. Not
+    the flags of training itself and its text: a training command with --generate added still
+    works (run_generation notes them, NOT_READ_BY_GENERATE)."""
     sweeps = " ".join(flag for flag, given in (
         ("--sweep", args.sweep), ("--custom_sweep_log", args.custom_sweep_log),
         ("--collect_transformer_metrics", args.collect_transformer_metrics)) if given)
@@ -5940,6 +5942,18 @@ def run_training(config: Config) -> int:
         teardown_distributed(context)
 
 
+# Flags of training and of the text it reads, which --generate has no use for. Typed with it
+# (the training command, --generate added, still works) they get a note, not a refusal.
+NOT_READ_BY_GENERATE = (
+    "epochs", "batch_size", "learning_rate", "weight_decay", "optimizer", "grad_clip",
+    "lr_schedule", "warmup_steps", "min_lr_ratio", "grad_accum_steps", "max_steps_per_epoch",
+    "log_interval", "sample_interval", "keep_checkpoints", "skip_nonfinite",
+    "early_stop_patience", "early_stop_min_delta", "plateau_patience", "plateau_factor",
+    "lr_min", "input_files", "input_dir", "limit_custom_examples", "tinystories_weight",
+    "tinystories_max_stories", "tinystories_path", "data_format", "random_offsets",
+    "test_fraction")
+
+
 def run_generation(config: Config) -> int:
     """--generate: continue --prompt with a checkpoint's model (or, with --init_from, a
     Hugging Face model's), using the sampling flags."""
@@ -5983,6 +5997,10 @@ def run_generation(config: Config) -> int:
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
     decoder = prompt_decoder(model, tokenizer, sampling.prompt, sampling.max_new_tokens, device,
                              compile=config.speed.compile, dtype=config.training.dtype)
+    unread = [f"--{name}" for name in NOT_READ_BY_GENERATE if name in config.typed]
+    if unread:   # said once nothing is refused: a refusal is one line
+        warn(f"pico-llm: note: --generate trains nothing and reads no text, so "
+             f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read")
     # The text is printed whole at the end (a character may span tokens); on a terminal a bar
     # counts the tokens meanwhile. Ctrl-C or SIGTERM prints the text sampled so far.
     bar = progress_bar(sampling.max_new_tokens, "generating", config.training.quiet)

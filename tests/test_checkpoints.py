@@ -894,6 +894,21 @@ def test_generate_counts_its_tokens_on_a_bar_and_prints_the_text_whole(pico, run
     assert run_main(*argv, "--quiet")[1] == plain and asked_quiet == [False, True]   # --quiet: none
 
 
+def test_generate_notes_the_training_and_data_flags_it_does_not_read(run_main, trained_save_dir):
+    """The training command with --generate added still works, and says which of its flags
+    sampling has no use for (a missing --input_files too: no text is read), where they were
+    silently ignored; the sampling flags and the model's own get no note."""
+    checkpoint = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    argv = ["--generate", "--checkpoint", str(checkpoint), "--max_new_tokens", "3"]
+    status, plain, err = run_main(*argv, "--temperature", "0", "--seed", "3")
+    assert status == 0 and err == ""
+    status, out, err = run_main(*argv, "--temperature", "0", "--seed", "3", "--epochs", "3",
+                                "--learning_rate", "0.1", "--input_files", "/nonexistent.txt")
+    assert status == 0 and out == plain
+    assert err == ("pico-llm: note: --generate trains nothing and reads no text, so --epochs, "
+                   "--learning_rate, --input_files are not read\n")
+
+
 @pytest.mark.parametrize("signal_raised", ["KeyboardInterrupt", "Terminated"])
 def test_an_interrupted_generate_prints_the_text_sampled_so_far(pico, run_main, trained_save_dir,
                                                                monkeypatch, signal_raised):
