@@ -5769,6 +5769,17 @@ def prepare_data(data_config: DataConfig, prompt: str, quiet: bool, tokenizer=No
     return tokenizer, data
 
 
+def check_patience_has_a_test_loss(training: TrainingConfig, data: TrainingData) -> None:
+    """UserError if --early_stop_patience or --plateau_patience, which watch the test loss,
+    would watch none: the text left no example for the test set (one line; a single long one
+    in stream mode), as --test_fraction 0 leaves none and is refused for them."""
+    if (training.early_stop_patience or training.plateau_patience) and not any(
+            len(source.test) for source in data.sources):
+        raise UserError("--early_stop_patience and --plateau_patience watch the test loss, and "
+                        "this text leaves no example for the test set; give more text (more "
+                        "lines, or a larger --test_fraction), or drop them")
+
+
 def data_summary(tokenizer, data: TrainingData) -> dict:
     return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "data_format": data.data_format,
@@ -5890,6 +5901,7 @@ def run_training(config: Config) -> int:
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
         check_ranks_read_the_same_text(context, data)
+        check_patience_has_a_test_loss(config.training, data)
         check_resume_points(config, resume_points, tokenizer, data)   # B: before any model trains
         resumed_run = next((checkpoint["run_id"] for _, checkpoint in resume_points.values()
                             if checkpoint.get("run_id")), None)

@@ -489,6 +489,18 @@ def test_early_stopping_ends_training_when_the_test_loss_stalls(pico, run_main, 
     assert record["stopped_early_after_epoch"] == 2 and len(record["history"]) == 6
 
 
+@pytest.mark.parametrize("patience", ["--early_stop_patience", "--plateau_patience"])
+def test_patience_on_a_text_that_leaves_no_test_set_is_refused(run_main, tmp_path, patience):
+    """One line of text holds out nothing, as --test_fraction 0 does (refused for these flags):
+    the run trained to its end and the flag never acted."""
+    (tmp_path / "one.txt").write_text("hi there\n")
+    status, _, err = run_main("--input_files", str(tmp_path / "one.txt"), "--models", "lstm_seq",
+                              "--epochs", "2", patience, "1")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "this text leaves no example for the test set" in err
+    assert not (tmp_path / "artefacts").exists()
+
+
 def test_a_plateau_lowers_the_learning_rate_down_to_lr_min(pico, run_main, tmp_path):
     status, _, err = run_main(*TINY, "--models", "kgram_mlp_seq", "--epochs", "4",
                               "--plateau_patience", "1", "--plateau_factor", "0.5",
