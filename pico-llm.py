@@ -5328,7 +5328,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.block_size > MAX_BLOCK_SIZE:
         raise UserError(f"--block_size {args.block_size:,} is beyond the {MAX_BLOCK_SIZE:,}-token "
                         "limit (positions are float32 in the position encodings, exact up to 2**24)")
-    if "kgram_mlp_seq" in args.models and args.block_size <= args.kgram_k:
+    if "kgram_mlp_seq" in args.models and args.block_size <= args.kgram_k and not args.accounting:
         raise UserError(f"--block_size ({args.block_size}) must be larger than --kgram_k "
                         f"({args.kgram_k})")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
@@ -6068,8 +6068,11 @@ def run_accounting(config: Config) -> int:
     what, block_size = config.accounting, config.data.block_size
     if what == "all":
         names = list(TRANSFORMER_PRESETS) + list(GPT2_SHAPES)
-    elif what == "configured" or what in GPT2_SHAPES:
+    elif what == "configured" or what in GPT2_SHAPES or what in TRANSFORMER_PRESETS:
         names = [what]
+    elif what.lower() in GPT2_SHAPES and what.lower() in map(str.lower, TRANSFORMER_PRESETS):
+        raise UserError(f"--accounting {what} names both the preset {find_preset(what)} and "
+                        f"GPT-2's size {what.lower()}; write the one you mean as shown")
     elif what.lower() in (preset.lower() for preset in TRANSFORMER_PRESETS):
         names = [find_preset(what)]
     else:

@@ -58,6 +58,27 @@ def test_accounting_command_prints_every_preset_and_gpt2_shape(run_main):
     assert run_main("--accounting", "gpt9")[0] == 2
 
 
+def test_accounting_names_are_read_as_written_and_a_case_that_fits_two_is_refused(run_main):
+    """GPT2-small is a preset and gpt2-small GPT-2's size (85 M against 124 M parameters):
+    another case of the letters fits both, and was read as the preset; a preset in another
+    case that fits nothing else is still found."""
+    sizes = {}
+    for name in ("GPT2-small", "gpt2-small", "gpt-OSS"):
+        status, out, err = run_main("--accounting", name)
+        assert status == 0, err
+        sizes[name] = out.split(":")[0]
+    assert sizes == {"GPT2-small": "GPT2-small", "gpt2-small": "gpt2-small", "gpt-OSS": "GPT-oss"}
+    status, _, err = run_main("--accounting", "GPT2-SMALL")
+    assert status == 2 and "names both the preset GPT2-small and GPT-2's size gpt2-small" in err
+
+
+def test_accounting_is_not_held_to_the_k_gram_models_rules(run_main):
+    """It counts Transformers only: --block_size 1 was refused as no larger than --kgram_k,
+    a rule of the k-gram model that the default --models names."""
+    status, out, err = run_main("--accounting", "gpt2-small", "--block_size", "1")
+    assert status == 0 and "per 1-token sequence" in out, err
+
+
 @pytest.mark.parametrize("flags", [["--models", "kgram_mlp_seq", "--kgram_variant", "onehot"],
                                    ["--models", "kgram_mlp_seq", "--kgram_variant", "embedding",
                                     "--num_inner_mlp_layers", "2"],
