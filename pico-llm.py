@@ -5276,6 +5276,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.accounting == "":
         raise UserError("--accounting is empty; give configured (what a bare --accounting "
                         "reports), all, a preset name or a GPT-2 size")
+    for name in ("run_name", "prompt"):
+        try:
+            (getattr(args, name) or "").encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
+            raise UserError(f"--{name} is not valid UTF-8; check the terminal's encoding "
+                            "(e.g. LANG=C.UTF-8)") from None
     control = any(unicodedata.category(ch).startswith("C") for ch in args.run_name or "")
     if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "
@@ -5304,11 +5310,6 @@ def validate_args(args: argparse.Namespace) -> None:
                         f"use at most {MAX_NEW_TOKENS_LIMIT}")
     if not args.prompt:
         raise UserError("--prompt is empty; give some text to continue, e.g. --prompt 'Once'")
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
-        raise UserError("--prompt is not valid UTF-8; check the terminal's encoding "
-                        "(e.g. LANG=C.UTF-8)") from None
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     top_p_given = args.top_p != DEFAULT_TOP_P

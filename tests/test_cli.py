@@ -76,6 +76,10 @@ BAD_INPUTS = [
     (["--models", "kgram_mlp_seq", "--kgram_k", "1025", "--block_size", "2048"],
      "--kgram_k is at most 1024, got 1025"),
     (["--run_name", "\u202e"], "must be a plain file name"),
+    # bytes a non-UTF-8 terminal could not decode (surrogate escapes, as Python reads them):
+    # the name had been called a control character
+    (["--run_name", "r\udcc3\udcbc"], "--run_name is not valid UTF-8; check the terminal's encoding"),
+    (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8; check the terminal's encoding"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "3,,5"], "expected positive integers"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "3_0"], "expected positive integers"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "\u0663"], "expected positive integers"),
