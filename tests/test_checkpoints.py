@@ -489,6 +489,40 @@ def test_early_stopping_ends_training_when_the_test_loss_stalls(pico, run_main, 
     assert record["stopped_early_after_epoch"] == 2 and len(record["history"]) == 6
 
 
+def test_a_resume_at_the_default_verbosity_says_where_each_model_stands(run_main, tmp_path):
+    """Without --quiet (every other resume test is quiet): a model with steps left says which
+    checkpoint and step it resumes from, one already finished that it is not retrained."""
+    loud = [flag for flag in TINY if flag != "--quiet"]
+    save = ["--save_dir", str(tmp_path / "save"), "--run_name", "r"]
+    assert run_main(*loud, *TWO_MODELS, *save)[0] == 0
+    status, out, err = run_main(*loud, *TWO_MODELS, *save, "--resume", "--epochs", "3")
+    assert status == 0, err
+    step_6 = tmp_path / "save" / "lstm_seq" / "step_000006.pt"
+    assert f"[lstm_seq] resuming from {step_6}: step 6, epoch 3" in out
+    assert "[kgram_mlp_seq] resuming from" in out and "epoch 3 step 9/9" in out
+    status, out, err = run_main(*loud, *TWO_MODELS, *save, "--resume", "--epochs", "3")
+    assert status == 0, err
+    assert (f"model lstm_seq: finished in {tmp_path / 'save' / 'lstm_seq' / 'step_000009.pt'}, "
+            "not retrained") in out
+
+
+def test_patience_counts_each_stalled_epoch_before_it_acts(pico):
+    """Early-stop patience 3 and plateau patience 2: the first stalled epoch changes nothing,
+    the second halves the learning rate, the third stops; an improvement resets the count."""
+    training = pico.TrainingConfig(early_stop_patience=3, plateau_patience=2, plateau_factor=0.5,
+                                   early_stop_min_delta=0.1)
+    progress = pico.TrainingProgress(best_test_loss=1.0)
+    assert pico.after_evaluation(progress, 0.95, training) is None      # a gain below min_delta
+    assert (progress.lr_scale, progress.finished, progress.epochs_without_improvement) == (1, False, 1)
+    assert "learning rate x0.5" in pico.after_evaluation(progress, 1.0, training)
+    assert progress.lr_scale == 0.5 and not progress.finished
+    assert "stopping early" in pico.after_evaluation(progress, 1.0, training)
+    assert progress.finished and progress.epochs_without_improvement == 3
+    progress = pico.TrainingProgress(best_test_loss=1.0, epochs_without_improvement=2)
+    assert pico.after_evaluation(progress, 0.5, training) is None
+    assert (progress.best_test_loss, progress.epochs_without_improvement) == (0.5, 0)
+
+
 @pytest.mark.parametrize("patience", ["--early_stop_patience", "--plateau_patience"])
 def test_patience_on_a_text_that_leaves_no_test_set_is_refused(run_main, tmp_path, patience):
     """One line of text holds out nothing, as --test_fraction 0 does (refused for these flags):

@@ -387,10 +387,12 @@ def test_recipe_at_gpt2_shape_tool_times_each_recipe_and_reads_the_crossing(tmp_
     assert (tmp_path / "a_file").read_text() == "kept"
 
 
+@pytest.mark.parametrize("flags", [["--sweep", "architectures"],
+                                   ["--collect_transformer_metrics"]],   # its other name
+                         ids=["sweep", "collect_transformer_metrics"])
 def test_architectures_sweep_logs_expert_usage_and_the_presets_attention(pico, run_main, tmp_path,
-                                                                         tiny_corpus):
-    status, _, err = run_main("--sweep", "architectures", "--sweep_scale", "tiny",
-                              "--input_files", str(tiny_corpus))
+                                                                         tiny_corpus, flags):
+    status, _, err = run_main(*flags, "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
     assert status == 0, err
     artefacts = tmp_path / "artefacts"
     sweep = pico.load_sweep(artefacts / "sweep_architectures.json")

@@ -628,3 +628,16 @@ def test_evaluation_gives_nats_per_token_and_bits_per_byte_of_the_real_targets(p
     assert result["test_tokens"] == tokens_counted == 3 * 15 - 4
     assert result["test_loss"] == pytest.approx(nats / tokens_counted, rel=1e-5)
     assert result["test_bits_per_byte"] == pytest.approx(nats / bytes_counted / math.log(2), rel=1e-5)
+
+
+def test_training_at_a_terminal_draws_a_bar_and_still_prints_its_step_lines(run_main,
+                                                                          monkeypatch):
+    """Standard error a terminal (the tests' is not): tqdm's bar counts the steps and the step
+    lines go through it (bar.write) to standard output, as every interactive run shows them."""
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    loud = [flag for flag in TINY_RUN if flag != "--quiet"]
+    status, out, err = run_main(*loud, "--models", "lstm_seq", "--log_interval", "1")
+    assert status == 0, err
+    assert "[lstm_seq] epoch 1 step 1/6 loss" in out and "[lstm_seq] epoch 2 step 6/6 loss" in out
+    assert "lstm_seq:" in err and "6/6" in err and "loss=" in err    # the bar, drawn on stderr
