@@ -544,6 +544,20 @@ def files_in(directory):
     return {path.name: path.read_bytes() for path in directory.iterdir() if path.is_file()}
 
 
+@pytest.mark.parametrize("sweep", ["custom_data", "budget", "overfit", "hyperparams", "attention"])
+def test_a_sweep_run_again_skips_every_point_it_has(run_main, tmp_path, tiny_corpus, sweep):
+    """The sweeps that no other test runs twice: the second run finds each point done, trains
+    nothing and leaves the file as it was (a broken skip would retrain every point, hours at
+    full scale)."""
+    argv = ("--sweep", sweep, "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    status, out, err = run_main(*argv)
+    assert status == 0 and "(0 already done)" in out, err
+    before = files_in(tmp_path / "artefacts")
+    status, out, err = run_main(*argv)
+    assert status == 0 and f"sweep {sweep}: all " in out and "points were already done" in out, err
+    assert "parameters" not in out and files_in(tmp_path / "artefacts") == before
+
+
 def test_a_sweep_that_adds_no_points_writes_nothing(pico, run_main, tmp_path, tiny_corpus):
     """A finished sweep's files keep the flags, machine and times of the runs that made its
     points: a run that finds every point done leaves them byte for byte, the architectures
