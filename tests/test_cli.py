@@ -76,6 +76,21 @@ BAD_INPUTS = [
     (["--models", "kgram_mlp_seq", "--kgram_k", "1025", "--block_size", "2048"],
      "--kgram_k is at most 1024, got 1025"),
     (["--run_name", "\u202e"], "must be a plain file name"),
+    *[([f"--{flag}", "-1"], f"--{flag} must not be negative") for flag in (
+        "weight_decay", "grad_clip", "temperature", "warmup_steps", "sample_interval",
+        "kgram_chunk_size", "num_inner_mlp_layers", "top_k")],
+    (["--monosemantic_clusters", "0"], "--monosemantic_clusters must be positive"),
+    (["--test_fraction", "1"], "--test_fraction must be in [0, 1)"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--models", ","], "--models is empty; choose from"),
+    (["--sweep", "custom_data", "--sweep_scale", "tiny", "--custom_sweep_sizes", "0"],
+     "--custom_sweep_sizes '0': expected positive integers"),
+    (["--tie_weights", "maybe"], "argument --tie_weights: expected true or false, got 'maybe'"),
+    (["--device_id", "meta"], "unsupported --device_id 'meta'"),
+    (["--tinystories_weight", "0.5", "--tinystories_path", "/no/such"], "does not exist"),
+    (["--tinystories_weight", "0.5", "--tinystories_path", "{csv}"],
+     "expected .json, .jsonl, .parquet or .txt"),
     # bytes a non-UTF-8 terminal could not decode (surrogate escapes, as Python reads them):
     # the name had been called a control character
     (["--run_name", "r\udcc3\udcbc"], "--run_name is not valid UTF-8; check the terminal's encoding"),
@@ -162,6 +177,7 @@ def bad_files(tmp_path):
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
     (tmp_path / "utf16.txt").write_text("hello world\n", encoding="utf-16")
     (tmp_path / "numbers.jsonl").write_text('{"text": 5}\n')
+    (tmp_path / "stories.csv").write_text("text\nOnce\n")
     (tmp_path / "folder").mkdir()
     (tmp_path / "no_txt_folder").mkdir()
     (tmp_path / "no_txt_folder" / "a.md").write_text("x")
@@ -169,7 +185,7 @@ def bad_files(tmp_path):
     return {name: str(tmp_path / file) for name, file in [
         ("empty", "empty.txt"), ("latin1", "latin1.txt"), ("binary", "binary.txt"),
         ("folder", "folder"), ("no_txt_folder", "no_txt_folder"), ("loop", "loop.txt"),
-        ("utf16", "utf16.txt"), ("numbers_json", "numbers.jsonl")]}
+        ("utf16", "utf16.txt"), ("numbers_json", "numbers.jsonl"), ("csv", "stories.csv")]}
 
 
 @pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a)[:40] for a, _ in BAD_INPUTS])
