@@ -506,6 +506,30 @@ def test_a_resume_at_the_default_verbosity_says_where_each_model_stands(run_main
             "not retrained") in out
 
 
+def test_a_damaged_checkpoint_names_the_newest_good_one_past_other_damaged_ones(run_main,
+                                                                              tmp_path):
+    """Steps 4, 5 and 6 kept, 5 and 6 cut short: --checkpoint step 6 looks past step 5 to
+    step 4; with step 4 cut short too, it says no other checkpoint there is good."""
+    save = tmp_path / "save"
+    assert run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save), "--checkpoint_every",
+                    "1", "--keep_checkpoints", "3")[0] == 0
+    series = save / "lstm_seq"
+    assert sorted(p.name for p in series.iterdir()) == [f"step_00000{i}.pt" for i in (4, 5, 6)]
+
+    def cut_short(step):
+        path = series / f"step_00000{step}.pt"
+        path.write_bytes(path.read_bytes()[:1000])
+    cut_short(5)
+    cut_short(6)
+    argv = ["--generate", "--checkpoint", str(series / "step_000006.pt")]
+    status, _, err = run_main(*argv)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"the newest good checkpoint before it is {series / 'step_000004.pt'}" in err
+    cut_short(4)
+    status, _, err = run_main(*argv)
+    assert status == 2 and f"no other checkpoint in {series} is good" in err
+
+
 def test_patience_counts_each_stalled_epoch_before_it_acts(pico):
     """Early-stop patience 3 and plateau patience 2: the first stalled epoch changes nothing,
     the second halves the learning rate, the third stops; an improvement resets the count."""

@@ -510,5 +510,7 @@ def test_every_rule_of_the_sampling_sweep_has_a_label_of_its_own(pico):
     """The labels name the rules in the run log, the console and the sampling sweep's rows: a
     temperature below 1 must show."""
     assert pico.SamplingRule(temperature=0.7, top_p=1.0).label == "top-p 1, T 0.7"
+    assert pico.SamplingRule(temperature=0.8, top_k=5).label == "top-p 1, top-k 5, T 0.8"
+    assert pico.SamplingRule(temperature=0, top_k=5).label == "greedy"
     labels = [rule.label for rule in pico.SAMPLING_SWEEP_RULES]
     assert len(set(labels)) == len(labels)
