@@ -1299,6 +1299,26 @@ def test_a_stopped_runs_log_is_not_replaced_by_another_command(pico, run_main, t
     assert status == 0 and "replacing run log" in err
 
 
+def test_a_stopped_runs_log_with_checkpoints_sends_its_command_to_resume(pico, run_main,
+                                                                         tmp_path):
+    """The log of a run stopped after writing checkpoints holds the history a --resume
+    continues: the same command without --resume is refused, the log kept. Once that
+    --save_dir is gone, nothing is left to continue and the command replaces the log."""
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    command = [*ONE_MODEL, "--save_dir", str(save), "--run_name", "r"]
+    assert run_main(*command)[0] == 0
+    log_path.write_text(log_path.read_text().replace('"status": "finished"',
+                                                     '"status": "interrupted"'))
+    stopped = log_path.read_bytes()
+    status, _, err = run_main(*command)
+    assert status == 2 and "continue the run with --resume" in one_error_line(err)
+    assert log_path.read_bytes() == stopped
+    shutil.rmtree(save)
+    status, _, err = run_main(*command)
+    assert status == 0 and "replacing run log" in err
+    assert pico.load_runlog(log_path)["status"] == "finished"
+
+
 def test_a_killed_runs_log_is_replaced_only_when_its_run_is_gone(pico, run_main, tmp_path):
     """kill -9 leaves a log saying "running": the same command replaces it once no process
     holds the run's --save_dir, and refuses while one does."""
