@@ -3560,8 +3560,9 @@ def run_is_alive(log: dict, earlier_save_dir: Path | None, save_dir: Path | None
         os.kill(process["pid"], 0)
     except ProcessLookupError:
         return False
-    except OSError:
-        return True
+    except OSError:          # a process of another user's: the pid lives, as when kill works
+        pass
+    # a log that says the run stopped was written by that run as it ended: a live pid is reused
     return log.get("status") == "running" and process["pid"] != os.getpid()
 
 

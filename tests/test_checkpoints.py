@@ -867,6 +867,8 @@ BAD_CHECKPOINT_INPUTS = [
     (["--resume", "{pickled}"], "a plain Python pickle (protocol 4), not a file written by torch.save"),
     (["--resume", "{evil}"], "refused to load"),
     (["--resume", "{not_pico}"], "not a pico-llm checkpoint"),
+    (["--resume", "{future}"], "is checkpoint version 99; this pico-llm reads versions 1 and"),
+    (["--generate", "--checkpoint", "{future}"], "is checkpoint version 99"),
     (["--resume", "{empty_save}"], "no checkpoints of kgram_mlp_seq"),
     (["--resume", "{save}/kgram_mlp_seq"], "is one model's folder of a --save_dir; give that "
                                             "--save_dir, {save}, or one checkpoint file in it"),
@@ -1122,6 +1124,9 @@ def bad_checkpoints(tmp_path, trained_save_dir):
                tmp_path / "evil.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "not_pico.pt")
     (tmp_path / "pickled.pt").write_bytes(pickle.dumps({"weights": [0.0]}, protocol=4))
+    future = torch.load(ckpt, weights_only=False)      # a later pico-llm's format
+    future["version"] = 99
+    torch.save(future, tmp_path / "future.pt")
     (tmp_path / "empty_save").mkdir()
     (tmp_path / "folder").mkdir()
     (tmp_path / "file_save").mkdir()
@@ -1133,7 +1138,7 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     shutil.copy(ckpt, tmp_path / "folder" / "downloaded.pt")
     (tmp_path / "artefacts").mkdir()
     (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
-    names = ["truncated", "random_bytes", "text", "evil", "not_pico", "pickled"]
+    names = ["truncated", "random_bytes", "text", "evil", "not_pico", "pickled", "future"]
     return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
             "other_save": str(tmp_path / "other_save"), "newer_save": str(tmp_path / "newer_save"),
             "folder": str(tmp_path / "folder"), "file_save": str(tmp_path / "file_save"),
@@ -1362,6 +1367,18 @@ def test_a_run_without_save_dir_is_alive_while_its_process_is(pico):
     assert not pico.run_is_alive({**log, "status": "failed"}, None, None)
     elsewhere = {"status": "running", "process": {"host": "another-machine", "pid": 1}}
     assert pico.run_is_alive(elsewhere, None, None)                   # cannot tell: assume so
+
+
+def test_a_pid_of_another_users_process_is_alive_only_for_a_running_log(pico, monkeypatch):
+    """kill(pid, 0) refused (PermissionError): the pid lives, but a log that says its run
+    stopped was written by that run as it ended, so the pid was reused; that stopped run's
+    log had been taken for a run still running."""
+    def refused(pid, signal_number):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(pico.os, "kill", refused)
+    log = {"status": "running", "process": {"host": socket.gethostname(), "pid": 1}}
+    assert pico.run_is_alive(log, None, None)
+    assert not pico.run_is_alive({**log, "status": "failed"}, None, None)
 
 
 def test_resuming_some_of_a_runs_models_keeps_the_others_records(pico, run_main, tmp_path):
