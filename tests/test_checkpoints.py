@@ -675,6 +675,18 @@ def test_a_file_is_replaced_whole_after_its_new_contents_reach_the_disk(pico, tm
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
+def test_a_rename_that_fails_leaves_no_temporary_file(pico, tmp_path):
+    """The new contents are written beside the target, then renamed over it: where the rename
+    fails (here the target is a folder with files), the error goes up and the finished
+    temporary file is removed, not left to fill the folder."""
+    (tmp_path / "run.json").mkdir()
+    (tmp_path / "run.json" / "inside").write_text("kept\n")
+    with pytest.raises(OSError):
+        pico.atomic_write_bytes(tmp_path / "run.json", b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+    assert (tmp_path / "run.json" / "inside").read_text() == "kept\n"
+
+
 def test_a_file_named_through_a_symbolic_link_is_written_through_it(pico, tmp_path):
     """A run log, sweep file or notebook given as a link: the file it names gets the new
     contents and the link stays. Renamed over, the link had become a new file of its own and

@@ -865,6 +865,21 @@ def test_a_signal_during_start_up_prints_one_line(ws, signal_number, status, wor
 
 # --- damaged caches and oversized input: rebuilt, or refused before reading ------------------
 
+def test_a_trained_tokenizer_that_cannot_be_cached_only_costs_a_note(pico, tmp_path,
+                                                                     monkeypatch, capsys):
+    """BPE training's result is kept in the cache to spare the next run minutes; a full disk
+    there leaves this run's tokenizer as trained, with a note."""
+    def full_disk(self, directory):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(pico.TrainedBPETokenizer, "save", full_disk)
+    texts = ["the cat sat on the mat", "the dog sat on the log"]
+    tokenizer = pico.train_bpe_tokenizer(texts, 270, tmp_path)
+    assert tokenizer.decode(tokenizer.encode(texts[0])) == texts[0]
+    assert tokenizer.vocab_size > 256
+    assert "pico-llm: note: trained tokenizer not cached (No space left on device)" in \
+        capsys.readouterr().err
+
+
 def test_a_cache_dir_the_file_system_refuses_or_that_fills_up_only_costs_a_note(
         pico, tmp_path, monkeypatch, capsys):
     """The cache is optional: a path longer than the file system takes was an error before
