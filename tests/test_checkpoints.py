@@ -1275,6 +1275,25 @@ def full_disk_for_checkpoints(pico, monkeypatch):
     monkeypatch.setattr(pico, "atomic_write_bytes", write)
 
 
+def test_a_run_log_that_cannot_be_written_mid_run_is_one_line(pico, run_main, tmp_path,
+                                                               monkeypatch):
+    """The disk fills after the run log's first write (it is written at the start and after
+    every epoch): one line naming the log and what to do, status 2; the failure's own attempt
+    to mark the log failed meets the same full disk and stays quiet."""
+    real_write, writes = pico.atomic_write_bytes, []
+
+    def fills_up(path, data):
+        if path.suffix == ".json" and writes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        writes.append(path)
+        real_write(path, data)
+    monkeypatch.setattr(pico, "atomic_write_bytes", fills_up)
+    status, _, err = run_main(*ONE_MODEL, "--run_name", "r")
+    line = one_error_line(err)
+    assert status == 2 and f"cannot write run log {tmp_path / 'artefacts' / 'r.json'}" in line
+    assert "No space left on device; free disk space or choose another --artefacts_dir" in line
+
+
 def test_the_same_command_after_a_death_before_the_first_checkpoint_just_works(
         pico, run_main, tmp_path, monkeypatch):
     save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
