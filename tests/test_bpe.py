@@ -13,7 +13,7 @@ pico = load_pico()
 PAT, Tokenizer, count_pretokens = pico.GPT2_PATTERN, pico.Tokenizer, pico.count_pretokens
 find_chunk_boundaries, gpt2_vocab_and_merges = pico.find_chunk_boundaries, pico.gpt2_vocab_and_merges
 learn_merges, pretokenize_file, train_bpe = pico.learn_merges, pico.pretokenize_file, pico.train_bpe
-tiktoken_encoding_from_bpe = pico.tiktoken_encoding_from_bpe
+tiktoken_encoding_from_bpe, PAT_RE = pico.tiktoken_encoding_from_bpe, pico.PAT_RE
 GPT2_RANKS = str(pico.GPT2_RANKS_PATH)
 EOT = "<|endoftext|>"
 
@@ -172,6 +172,24 @@ def test_parallel_pretokenization_matches_single_process(tmp_path):
         train_bpe(path, 400, [EOT], num_workers=1)
 
 
+def test_chunk_boundaries_past_the_last_split_token_fall_at_the_end_of_the_file(tmp_path):
+    """A guessed boundary with no <|endoftext|> after it (a last story longer than the read
+    window) becomes the file's end: never a cut inside that story, and no chunk counted twice."""
+    stories = "".join(english_like_text(200, seed=s) + EOT for s in range(20))
+    window, num_chunks = 1024, 8
+    text = stories + english_like_text(3 * window, seed=99)     # the long last story: no marker
+    path, raw = write(tmp_path, text), text.encode()
+    bounds = find_chunk_boundaries(path, num_chunks, EOT, window=window)
+    assert bounds == sorted(set(bounds)) and bounds[0] == 0 and bounds[-1] == len(raw)
+    assert all(raw[b:].startswith(EOT.encode()) for b in bounds[1:-1])
+    last_marker = raw.rfind(EOT.encode())
+    assert len(raw) * (num_chunks - 1) // num_chunks > last_marker  # some guesses land past it
+    assert [b for b in bounds if b > last_marker] == [len(raw)]
+    single = pretokenize_file(path, [EOT], num_workers=1)
+    assert pretokenize_file(path, [EOT], num_workers=2, min_chunk_bytes=len(raw) // num_chunks) \
+        == single == count_pretokens(text, [EOT])
+
+
 def test_pool_workers_end_quietly_under_the_scripts_sigterm_handler(tmp_path, capfd):
     """As a script, pico-llm turns SIGTERM into an exception; the pool ends its workers with
     SIGTERM, so workers that inherited that handler each printed a traceback."""
@@ -288,6 +306,24 @@ def test_encode_iterable_random_chunks(trained):
             cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 10))))
             chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
             assert list(tokenizer.encode_iterable(iter(chunks))) == tokenizer.encode(text), chunks
+
+
+def test_encode_cache_stays_within_its_limit_and_gives_the_same_ids(trained):
+    """The pre-token cache is cleared when full, so that encoding an endless stream holds
+    bounded memory; a cache cleared mid-text must not change a single id."""
+    class Watched(dict):                     # the largest the cache ever was
+        peak = 0
+
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            self.peak = max(self.peak, len(self))
+
+    text = english_like_text(3000, seed=3)
+    limited = Tokenizer(*trained, special_tokens=[EOT])
+    limited.CACHE_LIMIT, limited.cache = 2, Watched()  # far fewer than the distinct pre-tokens
+    assert len(set(PAT_RE.findall(text))) > 10 * limited.CACHE_LIMIT
+    assert limited.encode(text) == Tokenizer(*trained, special_tokens=[EOT]).encode(text)
+    assert 0 < limited.cache.peak <= limited.CACHE_LIMIT
 
 
 def test_encode_iterable_is_lazy(trained):

@@ -2,6 +2,7 @@
 and Llama models built from configs (offline: nothing is downloaded)."""
 
 import ast
+import dataclasses
 import json
 import os
 import shutil
@@ -295,6 +296,22 @@ def test_yarn_truncation_matches_transformers(pico, truncate):
     assert factor == pytest.approx(expected_factor)
     other, _ = pico.rope_frequencies(64, 10000.0, "yarn" if truncate else "yarn_truncated", 8.0, 512)
     assert not torch.allclose(other, expected)  # the flag matters at this shape
+
+
+@pytest.mark.parametrize("change", [
+    dict(sliding_window=None), dict(sliding_window=0),
+    dict(layer_types=["full_attention"] * SMALL["num_hidden_layers"])],
+                         ids=["null window", "zero window", "no sliding layer"])
+def test_gpt_oss_without_a_window_or_sliding_layers_imports_with_no_window(pico, change):
+    """A GPT-oss config.json whose window is null or 0, or none of whose layers slide, is the
+    same model with full attention in every block: the windowed config less its window."""
+    class_name, settings = FAMILIES["gpt-oss"]
+    hf_config = getattr(transformers, class_name)(**(SMALL | settings)).to_dict()
+    windowed = pico.config_from_hf(hf_config)
+    assert windowed.sliding_window                          # the family's shape slides ...
+    config = pico.config_from_hf(hf_config | change)
+    assert config == dataclasses.replace(windowed, sliding_window=0)    # ... this one does not
+    assert [config.window(block) for block in range(config.n_blocks)] == [None] * config.n_blocks
 
 
 @pytest.mark.parametrize("family, change, match", [
@@ -652,6 +669,34 @@ def test_model_tokenizer_gives_each_tokens_bytes(pico, tmp_path, kind):
         lone = tokenizer.tokenizer.token_to_id(pico.BYTE_CHARS[0xC3])
         assert pico.token_label(tokenizer, lone) == "<0xC3>"
     assert tokenizer.token_bytes(305) == b""                # an id past the tokenizer's
+
+
+def test_byte_fallback_tokens_count_as_the_byte_they_stand_for(pico):
+    """Llama 2, Mistral and SentencePiece-style tokenizer.json files spell a character they have
+    no piece for as byte tokens "<0x0A>", "<0xC3>", ...: each is one byte of text, not its six
+    characters, or bits per byte for such a model would count those bytes six times over."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    specials = ["<unk>", "<s>", "</s>"]
+    pieces = [*specials, *(f"<0x{b:02X}>" for b in range(256)), "▁", "a", "b", "▁a", "▁b"]
+    model = models.BPE(vocab={piece: i for i, piece in enumerate(pieces)},
+                       merges=[("▁", "a"), ("▁", "b")], unk_token="<unk>", byte_fallback=True)
+    fallback = Tokenizer(model)
+    fallback.pre_tokenizer = pre_tokenizers.Metaspace()
+    fallback.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                          decoders.Fuse()])
+    fallback.add_special_tokens(specials)
+    tokenizer = pico.HFTokenizer(fallback, vocab_size=len(pieces), eot_id=pieces.index("</s>"),
+                                 name="hf:byte-fallback")
+    newline = fallback.token_to_id("<0x0A>")
+    assert tokenizer.token_bytes(newline) == b"\n"
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths[newline] == 1
+    text = "a\nb é a"                                # "\n" and both bytes of "é" fall back
+    ids = tokenizer.encode(text)
+    assert newline in ids and fallback.token_to_id("<0xC3>") in ids
+    spaced = (" " + text).encode()                   # Metaspace marks the first word too
+    assert b"".join(map(tokenizer.token_bytes, ids)) == spaced
+    assert sum(lengths[i] for i in ids) == len(spaced)
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
