@@ -9699,9 +9699,10 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         setting("attention_bias", True, (True,))
         setting("swiglu_alpha", 1.702, (1.702,))  # fixed in clamped_swiglu
         setting("swiglu_limit", 7.0, (7.0,))
-        # null: no window; the bound is far past any context, and keeps the masks' integer
-        # arithmetic from overflowing
-        window = setting("sliding_window", 0, integer=True, at_least=0, at_most=2**31 - 1)
+        # left out: transformers' default window, 128; null: no window. The bound is far past
+        # any context, and keeps the masks' integer arithmetic from overflowing
+        window = 0 if hf.get("sliding_window", 128) is None else setting(
+            "sliding_window", 128, integer=True, at_least=0, at_most=2**31 - 1)
         alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
                        for i in range(n_blocks)]
         layer_types = setting("layer_types", alternating)

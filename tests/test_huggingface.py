@@ -314,6 +314,18 @@ def test_gpt_oss_without_a_window_or_sliding_layers_imports_with_no_window(pico,
     assert [config.window(block) for block in range(config.n_blocks)] == [None] * config.n_blocks
 
 
+
+def test_a_gpt_oss_config_without_its_window_key_takes_transformers_default(pico):
+    """A key config.json leaves out means what transformers' config class assumes: for
+    GPT-oss's sliding_window that is a 128-token window (it had been read as no window, and
+    the outputs parted from transformers' past 128 tokens)."""
+    class_name, settings = FAMILIES["gpt-oss"]
+    hf_config = getattr(transformers, class_name)(**(SMALL | settings)).to_dict()
+    left_out = {key: value for key, value in hf_config.items() if key != "sliding_window"}
+    assert getattr(transformers, class_name)(**left_out).sliding_window == 128
+    assert pico.config_from_hf(left_out).sliding_window == 128
+
+
 @pytest.mark.parametrize("family, change, match", [
     ("gpt-oss", dict(swiglu_limit=5.0), "swiglu_limit=5.0"),
     ("gpt-oss", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types="),
