@@ -143,6 +143,20 @@ def test_embedding_clusters_label_a_lone_byte_by_its_value(pico):
     assert result["annotated"].startswith("<0xC3>[c")
 
 
+def test_each_kind_of_model_gives_a_row_per_token_to_cluster(pico):
+    """The clusters read the input embedding table, a row per token; a one-hot k-gram has
+    none (its first layer reads k one-hot vectors at once), so the output layer's rows stand in."""
+    vocab = 257
+    for config in (pico.KGramConfig(variant="embedding", embed_size=8), pico.LSTMConfig(embed_size=8),
+                   pico.TransformerConfig(block_size=16, d_model=16, n_heads=2, n_blocks=1),
+                   pico.KGramConfig(variant="onehot", embed_size=8)):
+        model = pico.build_model(config, vocab, seed=0)
+        rows = pico.token_embeddings(model)
+        assert rows.shape[0] == vocab and rows.dtype == torch.float32
+        if isinstance(config, pico.KGramConfig) and config.variant == "onehot":
+            assert torch.equal(rows, model.unembedding.weight.detach())
+
+
 def test_attention_maps_are_causal_distributions(pico):
     config = pico.TransformerConfig(block_size=16, d_model=32, n_heads=2, n_blocks=2)
     model = pico.build_model(config, 257, seed=0)
