@@ -675,6 +675,21 @@ def test_a_file_is_replaced_whole_after_its_new_contents_reach_the_disk(pico, tm
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
+def test_a_checkpoint_from_before_run_ids_continues_the_log_of_its_run_name(pico, tmp_path):
+    """Checkpoints written before runs had ids are matched to a run log by the --run_name and
+    --artefacts_dir they were trained with: those continue it, another name is refused."""
+    run_path = tmp_path / "art" / "r.json"
+    log = {"run_id": "a-later-run", "created": "then", "args": {"save_dir": "s"}}
+    old = {"args": {"run_name": "r", "artefacts_dir": str(tmp_path / "art" / ".")}}
+    pico.check_run_log_is_the_checkpoints(run_path, log, {"m": (Path("c.pt"), old)})
+    other = {"args": {"run_name": "q", "artefacts_dir": str(tmp_path / "art")}}
+    with pytest.raises(pico.UserError, match="records another run .* \\(run q\\)"):
+        pico.check_run_log_is_the_checkpoints(run_path, log, {"m": (Path("c.pt"), other)})
+    with pytest.raises(pico.UserError, match="records another run"):   # an id decides alone
+        pico.check_run_log_is_the_checkpoints(run_path, log, {"m": (Path("c.pt"),
+                                                                    {**old, "run_id": "x"})})
+
+
 def test_a_rename_that_fails_leaves_no_temporary_file(pico, tmp_path):
     """The new contents are written beside the target, then renamed over it: where the rename
     fails (here the target is a folder with files), the error goes up and the finished
