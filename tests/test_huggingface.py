@@ -1248,6 +1248,18 @@ def test_init_from_a_directory_without_config_json_is_refused(refused, tmp_path,
     refused("has no config.json", "--init_from", str(tmp_path / "empty"), *fine_tune(corpus))
 
 
+def test_init_from_a_file_or_a_model_without_weights_is_refused(refused, tmp_path, corpus,
+                                                               llama_dir):
+    """A model is a directory (or a hub id), and a directory holds its weights."""
+    (tmp_path / "config.json").write_text("{}\n")
+    refused("is a file; pass a model directory or a hub id",
+            "--init_from", str(tmp_path / "config.json"), *fine_tune(corpus))
+    for weights in llama_dir.glob("*.safetensors"):
+        weights.unlink()
+    refused("has no model.safetensors or pytorch_model.bin",
+            "--init_from", str(llama_dir), *fine_tune(corpus))
+
+
 def test_init_from_with_a_config_json_that_is_a_folder_says_so(pico, tmp_path):
     (tmp_path / "model" / "config.json").mkdir(parents=True)
     one_line_error(pico, "config.json is not a regular file", pico.read_hf_config,
