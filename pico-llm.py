@@ -6999,7 +6999,8 @@ def compile_unavailable(device: torch.device) -> str | None:
             subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=60)
         except (OSError, subprocess.SubprocessError):
             return (f"`{compiler} --version` failed, so torch.compile cannot use {compiler} as "
-                    f"its C++ compiler ({'fix or unset CXX' if 'CXX' in os.environ else 'fix it'})")
+                    "its C++ compiler (" + ("fix or unset CXX" if "CXX" in os.environ else
+                                            "fix it, or set CXX to one that works") + ")")
         return None
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "torch.compile needs the triton package on a GPU (pip install triton)"
