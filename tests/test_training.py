@@ -500,7 +500,7 @@ def test_beta2_reaches_both_optimizers(pico, configure):
 
 @pytest.mark.slow
 def test_pico_transformer_beats_the_lstm_on_the_custom_corpus_at_equal_budget(run_main, tmp_path, pico):
-    """Same data, steps, batch and learning rate: the Transformer's test loss is lower (~60 s)."""
+    """Same data, steps, batch and learning rate: the Transformer's test loss is lower."""
     status, _, err = run_main("--models", "lstm_seq,transformer", "--epochs", "8", "--quiet",
                               "--run_name", "race")
     assert status == 0, err
