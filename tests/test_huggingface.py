@@ -398,6 +398,13 @@ def test_gpt2_epsilon_that_is_not_a_number_is_refused(pico, gpt2_dir):
     one_line_error(pico, "layer_norm_epsilon='x' is not a number", pico.config_from_hf, hf_config)
 
 
+def test_gpt2_width_that_its_heads_do_not_divide_is_refused(pico, gpt2_dir):
+    hf_config = json.loads((gpt2_dir / "config.json").read_text())
+    hf_config |= {"n_embd": hf_config["n_head"] * 8 + 1}
+    one_line_error(pico, f"a width of {hf_config['n_embd']} with {hf_config['n_head']} heads",
+                   pico.config_from_hf, hf_config)
+
+
 def test_gpt2_positions_beyond_what_float32_positions_count_are_refused(pico, gpt2_dir):
     """Learned positions of 10**12 would be a terabyte-sized table: out of memory, not a limit."""
     hf_config = json.loads((gpt2_dir / "config.json").read_text()) | {"n_positions": 2**24 + 1}
