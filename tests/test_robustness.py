@@ -22,6 +22,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -864,6 +865,25 @@ def test_a_signal_during_start_up_prints_one_line(ws, signal_number, status, wor
 
 
 # --- damaged caches and oversized input: rebuilt, or refused before reading ------------------
+
+@pytest.mark.parametrize("tamper, problem", [
+    (lambda tokens: tokens.astype(np.float32), "its ids are float32, not integers"),
+    (lambda tokens: np.where(tokens == tokens.max(), 300, tokens).astype(tokens.dtype),
+     "outside the tokenizer's 0..256")])
+def test_a_token_cache_with_ids_no_model_could_embed_is_rebuilt(pico, tmp_path, capsys, tamper,
+                                                                problem):
+    """Ids that are not integers, or past the vocabulary, would fail deep in training (an
+    IndexError in the embedding): the cache is rebuilt with a note and the same ids come back."""
+    texts, char = ["the cat sat", "on the mat"], pico.ByteTokenizer()
+    first = pico.tokenize_examples(texts, char, tmp_path)
+    expected = np.array(first.tokens)
+    (path,) = tmp_path.glob("*.tokens.npy")
+    np.save(path, tamper(np.load(path)))
+    again = pico.tokenize_examples(texts, char, tmp_path)
+    assert np.array_equal(np.array(again.tokens), expected)
+    err = capsys.readouterr().err
+    assert "token cache" in err and "is damaged" in err and problem in err and "rebuilding" in err
+
 
 def test_a_trained_tokenizer_that_cannot_be_cached_only_costs_a_note(pico, tmp_path,
                                                                      monkeypatch, capsys):
