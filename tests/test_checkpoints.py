@@ -680,7 +680,8 @@ def test_a_checkpoint_from_before_run_ids_continues_the_log_of_its_run_name(pico
     --artefacts_dir they were trained with: those continue it, another name is refused."""
     run_path = tmp_path / "art" / "r.json"
     log = {"run_id": "a-later-run", "created": "then", "args": {"save_dir": "s"}}
-    old = {"args": {"run_name": "r", "artefacts_dir": str(tmp_path / "art" / ".")}}
+    (tmp_path / "art" / "sub").mkdir(parents=True)     # the folder however it was written
+    old = {"args": {"run_name": "r", "artefacts_dir": str(tmp_path / "art" / "sub" / "..")}}
     pico.check_run_log_is_the_checkpoints(run_path, log, {"m": (Path("c.pt"), old)})
     other = {"args": {"run_name": "q", "artefacts_dir": str(tmp_path / "art")}}
     with pytest.raises(pico.UserError, match="records another run .* \\(run q\\)"):
