@@ -5572,7 +5572,11 @@ def unread_transformer_flags(flags: dict, config: TransformerConfig) -> dict[str
          no_rope or config.yarn_factor <= 1 and "YaRN is off; add --yarn_factor above 1"),
         ("unet_skips", False, config.n_blocks == 1 and "one block has no halves to join; raise --n_blocks"),
         ("attention_impl", "sdpa", config.attention != "softmax" and
-         f"--attention {config.attention} has no softmax kernel to choose; use --attention softmax")]
+         f"--attention {config.attention} has no softmax kernel to choose; use --attention softmax"),
+        # a query sees at most --block_size keys, in training and in generation alike
+        ("sliding_window", 0, config.sliding_window >= config.block_size and
+         f"a window of {config.sliding_window} tokens already sees all of --block_size "
+         f"{config.block_size}; give a window below {config.block_size}")]
     return {flag: why for flag, off, why in unread if why and flags.get(flag) not in (None, off)}
 
 

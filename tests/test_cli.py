@@ -149,6 +149,11 @@ BAD_INPUTS = [
      "--unet_skips would be ignored: one block has no halves to join"),
     (["--models", "transformer", "--attention", "linear", "--attention_impl", "math"],
      "--attention_impl would be ignored: --attention linear has no softmax kernel to choose"),
+    (["--models", "transformer", "--block_size", "32", "--sliding_window", "32"],
+     "--sliding_window would be ignored: a window of 32 tokens already sees all of --block_size "
+     "32; give a window below 32, or drop --sliding_window"),
+    (["--models", "transformer_gptoss", "--block_size", "16", "--sliding_window", "100"],
+     "--sliding_window would be ignored: a window of 100 tokens already sees all"),
     (["--lr_schedule", "constant", "--min_lr_ratio", "0.5"],
      "--min_lr_ratio would be ignored: --lr_schedule constant keeps the learning rate"),
     (["--lr_min", "0.001"], "--lr_min would be ignored: reduce-on-plateau is off"),
