@@ -5960,8 +5960,9 @@ def run_training(config: Config) -> int:
         teardown_distributed(context)
 
 
-# Flags of training and of the text it reads, which --generate has no use for. Typed with it
-# (the training command, --generate added, still works) they get a note, not a refusal.
+# Flags of training and of the text it reads, which --generate has no use for (nor has
+# --accounting, but for --batch_size). Typed with either (the training command, the mode
+# added, still works) they get a note, not a refusal.
 NOT_READ_BY_GENERATE = (
     "epochs", "batch_size", "learning_rate", "weight_decay", "optimizer", "grad_clip",
     "lr_schedule", "warmup_steps", "min_lr_ratio", "grad_accum_steps", "max_steps_per_epoch",
@@ -5970,6 +5971,16 @@ NOT_READ_BY_GENERATE = (
     "lr_min", "input_files", "input_dir", "limit_custom_examples", "tinystories_weight",
     "tinystories_max_stories", "tinystories_path", "data_format", "random_offsets",
     "test_fraction")
+
+
+def note_flags_not_read(config: Config, mode: str, names: Sequence[str]) -> None:
+    """A note naming the flags of `names` typed on the command line, which `mode` (a mode that
+    trains nothing and reads no text) does not read. Said once nothing is refused, since a
+    refusal is one line."""
+    unread = [f"--{name}" for name in names if name in config.typed]
+    if unread:
+        warn(f"pico-llm: note: {mode} trains nothing and reads no text, so "
+             f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read")
 
 
 def run_generation(config: Config) -> int:
@@ -6015,10 +6026,7 @@ def run_generation(config: Config) -> int:
     rule = SamplingRule(sampling.temperature, sampling.top_k, sampling.top_p)
     decoder = prompt_decoder(model, tokenizer, sampling.prompt, sampling.max_new_tokens, device,
                              compile=config.speed.compile, dtype=config.training.dtype)
-    unread = [f"--{name}" for name in NOT_READ_BY_GENERATE if name in config.typed]
-    if unread:   # said once nothing is refused: a refusal is one line
-        warn(f"pico-llm: note: --generate trains nothing and reads no text, so "
-             f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read")
+    note_flags_not_read(config, "--generate", NOT_READ_BY_GENERATE)   # once nothing is refused
     # The text is printed whole at the end (a character may span tokens); on a terminal a bar
     # counts the tokens meanwhile. Ctrl-C or SIGTERM prints the text sampled so far.
     bar = progress_bar(sampling.max_new_tokens, "generating", config.training.quiet)
@@ -6096,6 +6104,9 @@ def run_accounting(config: Config) -> int:
         print(format_accounting(label, transformer_accounting(transformer, block_size),
                                 config.training.batch_size))
         print()
+    # it reads --batch_size (the memory of a step), and no other flag of training or of text
+    note_flags_not_read(config, "--accounting",
+                        [name for name in NOT_READ_BY_GENERATE if name != "batch_size"])
     return 0
 
 

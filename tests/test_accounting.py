@@ -79,6 +79,20 @@ def test_accounting_is_not_held_to_the_k_gram_models_rules(run_main):
     assert status == 0 and "per 1-token sequence" in out, err
 
 
+def test_accounting_notes_the_flags_of_training_and_text_it_does_not_read(run_main):
+    """It reads --block_size and --batch_size (a step's memory) and the Transformer's flags;
+    the training command with --accounting added printed the table and said nothing of the
+    epochs or the text it had been given."""
+    status, out, err = run_main("--accounting", "pico", "--epochs", "3", "--input_files",
+                                "3seqs.txt", "--batch_size", "4", "--block_size", "32")
+    assert status == 0 and "per 32-token sequence" in out, err
+    assert err.strip().splitlines() == [
+        "pico-llm: note: --accounting trains nothing and reads no text, so --epochs, "
+        "--input_files are not read"]
+    status, _, err = run_main("--accounting", "pico", "--batch_size", "4")
+    assert status == 0 and err == "", err
+
+
 @pytest.mark.parametrize("flags", [["--models", "kgram_mlp_seq", "--kgram_variant", "onehot"],
                                    ["--models", "kgram_mlp_seq", "--kgram_variant", "embedding",
                                     "--num_inner_mlp_layers", "2"],
