@@ -598,6 +598,24 @@ def test_a_config_listing_several_end_of_text_ids_gives_the_first(pico, tmp_path
     assert tokenizer.eot_id == 256
 
 
+def test_without_an_eos_token_id_the_end_of_text_token_is_found_by_name_or_refused(pico, tmp_path):
+    """A config.json with no eos_token_id: the tokenizer's <|endoftext|>, or else its </s>
+    (SentencePiece's), ends a document; with neither, one line names both places."""
+    pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": None}))
+    config = pico.TransformerConfig(vocab_size=257)
+    assert pico.tokenizer_from_hf(tmp_path, config).eot_id == 256
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    for name, expected in (("</s>", 256), ("<pad>", None)):
+        renamed = json.loads(json.dumps(saved).replace("<|endoftext|>", name))
+        (tmp_path / "tokenizer.json").write_text(json.dumps(renamed))
+        if expected is not None:
+            assert pico.tokenizer_from_hf(tmp_path, config).eot_id == expected
+            continue
+        one_line_error(pico, r"config.json has no usable eos_token_id \(None\) and .*tokenizer.json"
+                             r"'? no <\|endoftext\|> or </s>", pico.tokenizer_from_hf, tmp_path, config)
+
+
 def test_a_tied_model_whose_file_also_holds_the_output_layer_imports(pico):
     """Some exporters write the tied lm_head.weight as well: the same tensor as the embedding,
     not an unknown weight."""
