@@ -122,6 +122,18 @@ def test_a_model_larger_than_memory_is_refused_naming_its_size_flag(pico, config
     long = configure("--models", "transformer", "--block_size", "4000000").models
     with pytest.raises(pico.UserError, match=r"KV cache.*lower --block_size \(4,000,000\)"):
         pico.check_models_fit_in_memory(long, 257, 4_000_000, device)
+    # 4 layers x 4 gates x 2 x 20,000**2 weights; 12 blocks of 12 x 8,192**2
+    deep = configure("--models", "lstm_seq", "--embed_size", "20000", "--lstm_layers", "4").models
+    with pytest.raises(pico.UserError, match=r"lstm_seq needs about .* lower --embed_size "
+                                             r"\(20,000\) or --lstm_layers \(4\)$"):
+        pico.check_models_fit_in_memory(deep, 257, 64, device)
+    wide = configure("--models", "transformer", "--d_model", "8192", "--n_heads", "8",
+                     "--n_blocks", "12").models
+    with pytest.raises(pico.UserError, match=r"transformer needs about .* GiB \([0-9,]+ parameters "
+                                             r"at 16 bytes for training and a .* KV cache\), more "
+                                             r"than the 8.0 GiB of memory here; lower --d_model, "
+                                             r"--n_blocks or --d_ff$"):
+        pico.check_models_fit_in_memory(wide, 257, 64, device)
     # a --tokenizer bpe:N asking for more ids than memory holds rows: the vocabulary is named
     for models in (fits, configure("--models", "lstm_seq").models):
         with pytest.raises(pico.UserError, match=r"its 99,999,999,999-token vocabulary is what "
