@@ -3288,10 +3288,23 @@ def environment_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+                        else processor_name()),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
+
+
+def processor_name() -> str:
+    """The CPU's model name ("AMD EPYC 7B13") where Linux gives it, in /proc/cpuinfo; else what
+    platform knows, often only the architecture ("x86_64", "arm")."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+            for line in file:
+                if line.startswith("model name"):   # x86's and some ARM kernels' key
+                    return line.partition(":")[2].strip() or platform.machine()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 LIVE_WRITE_S = 300.0   # a temporary file younger than this may be a live writer's

@@ -365,6 +365,25 @@ def test_a_run_on_the_default_device_names_it_once_without_a_note(pico, tmp_path
     assert captured.out.count("device: ") == 1
 
 
+def test_the_run_log_names_the_processor_by_its_model_name(pico, monkeypatch, tmp_path):
+    """Linux's /proc/cpuinfo gives it; platform.processor() there gives "x86_64" or nothing.
+    Without the key (some ARM kernels), the architecture is what is known."""
+    import platform
+    import torch
+    cpuinfo = tmp_path / "cpuinfo"
+    real_open = open
+    monkeypatch.setattr(pico, "open", lambda path, *args, **kwargs: real_open(
+        cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs), raising=False)
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
+    assert pico.environment_info(torch.device("cpu"))["device_name"] == "AMD EPYC 7B13"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n")
+    assert (pico.environment_info(torch.device("cpu"))["device_name"]
+            == (platform.processor() or platform.machine()))
+    cpuinfo.unlink()   # not Linux
+    assert pico.processor_name() == (platform.processor() or platform.machine())
+
+
 @pytest.mark.slow
 def test_the_course_sanity_command_runs(tmp_path):
     # About 3 minutes alone on a 2-core machine (the default Transformer over GPT-2's
