@@ -3646,16 +3646,20 @@ PATH_MAX_BYTES = 1024 if sys.platform == "darwin" else 4096
 
 
 def summary_table(records: dict) -> str:
-    """One line per model: parameters, final losses, throughput; "-" for a loss not measured
-    (no held-out text: --test_fraction 0, or too little text), with a note saying so."""
-    lines = [f"{'model':<20} {'params':>12} {'train loss':>11} {'test loss':>10} {'tok/s':>10}"]
-    loss = lambda value, width: f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"  # noqa: E731
+    """One line per model: parameters, final losses (in nats per token, and the test loss in
+    bits per byte, which compares models across tokenizers), throughput; "-" for a loss not
+    measured (no held-out text: --test_fraction 0, or too little text), with a note saying so."""
+    lines = [f"{'model':<20} {'params':>12} {'train loss':>11} {'test loss':>10} "
+             f"{'bits/byte':>10} {'tok/s':>10}"]
+    loss = lambda value, width, places=4: (  # noqa: E731
+        f"{'-':>{width}}" if value is None else f"{value:>{width}.{places}f}")
     untested = []
     for name, record in records.items():
         final = record.get("final", {})
-        train, test = (final.get(key) for key in ("train_loss", "test_loss"))
+        train, test, bits = (final.get(key) for key in ("train_loss", "test_loss",
+                                                        "test_bits_per_byte"))
         lines.append(f"{name:<20} {record['parameters']:>12,} {loss(train, 11)} {loss(test, 10)} "
-                     f"{final.get('tokens_per_s', 0):>10,.0f}")
+                     f"{loss(bits, 10, 3)} {final.get('tokens_per_s', 0):>10,.0f}")
         if final and test is None:
             untested.append(name)
     if untested:

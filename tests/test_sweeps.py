@@ -111,10 +111,13 @@ def test_the_summary_shows_a_dash_and_a_note_for_a_loss_not_measured(pico):
     records = {"lstm_seq": {"parameters": 1234, "final": {"train_loss": 1.5, "test_loss": None,
                                                           "tokens_per_s": 640.0}},
                "transformer": {"parameters": 99, "final": {"train_loss": 2.0, "test_loss": 2.25,
+                                                           "test_bits_per_byte": 3.24614,
                                                            "tokens_per_s": 10.0}}}
     lines = pico.summary_table(records).splitlines()
-    assert lines[1].split() == ["lstm_seq", "1,234", "1.5000", "-", "640"]
-    assert lines[2].split() == ["transformer", "99", "2.0000", "2.2500", "10"]
+    assert lines[0].split() == ["model", "params", "train", "loss", "test", "loss", "bits/byte",
+                                "tok/s"]
+    assert lines[1].split() == ["lstm_seq", "1,234", "1.5000", "-", "-", "640"]
+    assert lines[2].split() == ["transformer", "99", "2.0000", "2.2500", "3.246", "10"]
     assert lines[3] == "(test loss -: no held-out text to score lstm_seq)"
     records["lstm_seq"]["final"]["test_loss"] = float("nan")          # a diverged run says nan
     assert "nan" in pico.summary_table(records).splitlines()[1]
