@@ -7017,7 +7017,8 @@ def compile_model(model: nn.Module, dynamic: bool | None = False) -> None:
 
 def compile_unavailable(device: torch.device) -> str | None:
     """Why torch.compile cannot generate code for `device` here, or None: Inductor builds C++
-    with the system's compiler on a CPU and Triton kernels on a GPU."""
+    with the system's compiler on a CPU and Triton kernels on a GPU, whose launchers Triton
+    builds with the system's C compiler."""
     if device.type == "cpu":
         # Inductor runs `$CXX --version` (CXX whole, as one program's name), or without CXX
         # `g++ --version` (clang++ on macOS), and cannot compile if that fails
@@ -7034,8 +7035,14 @@ def compile_unavailable(device: torch.device) -> str | None:
                     "its C++ compiler (" + ("fix or unset CXX" if "CXX" in os.environ else
                                             "fix it, or set CXX to one that works") + ")")
         return None
-    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "torch.compile needs the triton package on a GPU (pip install triton)"
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile needs the triton package on a GPU (pip install triton)"
+        # Triton takes $CC (whole, as one program's name), or else gcc, or else clang
+        if os.environ.get("CC") and not shutil.which(os.environ["CC"]):
+            return f"CC={os.environ['CC']!r} names no program that is here (unset CC or fix it)"
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            return "torch.compile's GPU kernels need a C compiler (gcc or clang) on the PATH"
     if device.type == "mps":
         return "torch.compile's code for Apple's GPU (MPS) is a prototype in PyTorch"
     return None

@@ -390,6 +390,30 @@ def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch, tmp
         assert len(err.strip().splitlines()) == 1
 
 
+def test_compile_on_a_gpu_needs_triton_and_a_c_compiler(pico, monkeypatch):
+    """Triton builds each kernel's launcher with $CC, else gcc, else clang: without one the
+    first compiled step was a long traceback ("Failed to find C compiler")."""
+    gpu = torch.device("cuda", 0)
+    real_find_spec = pico.importlib.util.find_spec
+    monkeypatch.setattr(pico.importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "triton" else real_find_spec(name, *args))
+    monkeypatch.delenv("CC", raising=False)
+    found = {"gcc", "clang"}
+    monkeypatch.setattr(pico.shutil, "which", lambda name: f"/usr/bin/{name}" if name in found else None)
+    assert pico.compile_unavailable(gpu) is None
+    found = {"clang"}                                      # macOS's, or a system without gcc
+    assert pico.compile_unavailable(gpu) is None
+    found = set()
+    assert "GPU kernels need a C compiler (gcc or clang)" in pico.compile_unavailable(gpu)
+    monkeypatch.setenv("CC", "/opt/cc")                    # Triton takes CC as it is
+    assert "CC='/opt/cc' names no program" in pico.compile_unavailable(gpu)
+    found = {"/opt/cc"}
+    assert pico.compile_unavailable(gpu) is None
+    monkeypatch.setattr(pico.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "triton" else real_find_spec(name, *args))
+    assert "needs the triton package" in pico.compile_unavailable(gpu)
+
+
 def test_rope_ab_tool_times_both_formulations(capsys):
     from conftest import TOOLS
     from pico_module import load_script
