@@ -30,6 +30,37 @@ def probe_loading(variable: str, path: Path, name: str) -> str:
             f"{variable} = load_script({str(path)!r}, {name!r})\n")
 
 
+def world_of_one_probe(device_id: str) -> str:
+    """A torchrun probe that joins its job as one of a pretended world of 2 (torchrun's own
+    world is 1, so no rank is waited for), then does a step's collectives for real: the loss's
+    all-reduce, the evaluation's sums, and a DDP step of two micro-batches (the first under
+    no_sync). Prints the backends and device, then the wrapper's class and the step's loss."""
+    return probe_loading("pico", SCRIPT, "pico_llm") + f"""
+import math
+import torch
+import torch.distributed as dist
+pico.launched_world_size = lambda: 2
+context, device_id = pico.setup_distributed({device_id!r}, 60)
+device = torch.device(device_id)
+print(dist.get_backend(), dist.get_backend(context.control_group), device_id)
+summed = context.sum_in_place(torch.ones(2, device=device))      # a world of one: unchanged
+assert summed.device == device and summed.tolist() == [1.0, 1.0], summed
+assert context.sum([1.0, 2.5], device) == [1.0, 2.5]
+config = pico.TransformerConfig(d_model=32, n_heads=2, n_blocks=1, block_size=16)
+model = pico.build_model(config, vocab_size=50, seed=0).to(device)
+loss = pico.wrap_for_training(pico.FusedNextTokenLoss(model), context, device)
+batch = pico.make_batch([list(range(i, i + 17)) for i in range(4)], 16, 0).to(device)
+before = [parameter.detach().clone() for parameter in model.parameters()]
+step_loss = pico.training_step(loss, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                               [(batch, True), (batch, True)], 2 * batch.num_target_tokens, 1.0,
+                               context)
+assert abs(step_loss - math.log(50)) < 1.0, step_loss             # the token mean, near ln V
+assert all(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+print(type(loss).__name__, f"{{step_loss:.1f}}")
+dist.destroy_process_group()
+"""
+
+
 def plain_and_chunked_losses(pico, model, inputs, targets, weights) -> list:
     """[(loss, [each parameter's gradient])] from one backward pass through Part I's
     NextTokenLoss and one through Appendix A's ChunkedNextTokenLoss, in that order."""

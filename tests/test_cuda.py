@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import REPO, SCRIPT, TINY_RUN, probe_loading
+from conftest import REPO, SCRIPT, TINY_RUN, world_of_one_probe
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -231,16 +231,13 @@ def test_attention_runs_on_the_fused_kernels(pico, preset, dtype):
 def test_torchrun_on_a_gpu_joins_with_nccl_and_trains(pico, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     probe = tmp_path / "probe.py"
-    # One process is not distributed for pico-llm; a world of "2" makes it join the job
-    # (torchrun's own world is 1, so it does not wait for a second rank).
-    probe.write_text(probe_loading("pico", SCRIPT, "pico_llm")
-                     + "import torch.distributed as dist\npico.launched_world_size = lambda: 2\n"
-                       "context, device = pico.setup_distributed('cuda:0', 60)\n"
-                       "print(dist.get_backend(), dist.get_backend(context.control_group), device)\n"
-                       "dist.destroy_process_group()\n")
+    # One process is not distributed for pico-llm; a world of "2" makes it join the job, and
+    # NCCL's collectives and DDP's step then run for real in a world of one
+    probe.write_text(world_of_one_probe("cuda:0"))
     joined = subprocess.run([*torchrun, str(probe)], capture_output=True, text=True, timeout=300)
     assert joined.returncode == 0, joined.stderr
-    assert "nccl gloo cuda:0" in joined.stdout     # the stop decisions go through the CPU
+    assert joined.stdout.splitlines()[:1] == ["nccl gloo cuda:0"]   # stop decisions on the CPU
+    assert "DistributedDataParallel" in joined.stdout
     trained = subprocess.run([*torchrun, str(SCRIPT), *TINY_RUN, "--models", "transformer",
                               "--device_id", "cuda:0", "--artefacts_dir", str(tmp_path / "art"),
                               "--cache_dir", str(tmp_path / "cache"), "--run_name", "gpu"],

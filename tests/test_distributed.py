@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SCRIPT, probe_loading
+from conftest import REPO, SCRIPT, probe_loading, world_of_one_probe
 
 TINY = ["--input_files", str(REPO / "3seqs.txt"), "--limit_custom_examples", "120",
         "--tokenizer", "char", "--models", "lstm_seq,transformer", "--block_size", "24",
@@ -27,6 +27,20 @@ def test_rank_shares_are_disjoint_and_cover_the_step(pico):
     shares = [pico.Distributed(rank, 3).shard(slots) for rank in range(3)]
     assert sorted(sum(shares, [])) == slots
     assert not set(shares[0]) & set(shares[1])
+
+
+def test_a_world_of_one_runs_the_steps_collectives_and_a_ddp_step_on_gloo(tmp_path):
+    """The probe that tests/test_cuda.py runs with NCCL on a GPU (where one GPU gives no second
+    rank), here on the CPU with gloo: its collectives and its two micro-batch DDP step."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(world_of_one_probe("cpu"))
+    joined = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "1", str(probe)], capture_output=True, text=True,
+                            timeout=300)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    lines = joined.stdout.splitlines()
+    assert lines[0] == "gloo gloo cpu"
+    assert lines[1].startswith("DistributedDataParallel ") and 3.0 < float(lines[1].split()[1]) < 4.9
 
 
 def test_gradient_accumulation_gives_the_same_updates(run_main, tmp_path, pico):
