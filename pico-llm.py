@@ -1616,7 +1616,8 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
                                 "settings are broken, so it cannot be sampled")
             next_token = sample_next_token(logits[-1].to(draw_on), rule, generator)   # (1,)
             # It goes back in as it is, already on the device; the host reads it only to keep
-            # the list and to stop at eot_id (on a GPU, the one wait for it per token)
+            # the list and to stop at eot_id (on a GPU, greedy decoding's one wait per token;
+            # sampling adds torch.multinomial's two, which check its probabilities on the host)
             tokens = next_token.view(1, 1).to(device)
             next_id = int(next_token[0])
             ids.append(next_id)
