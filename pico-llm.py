@@ -4581,6 +4581,7 @@ def run_sweeps(config: Config) -> int:
     device = resolve_device(config.device_id)
     check_dtype_fits(config.training.dtype, device)
     note_apple_gpu_defects(device)
+    note_emulated_bf16(config.training.dtype, device)
     if experiments.custom_sweep_sizes is not None:
         parse_sizes(experiments.custom_sweep_sizes)
     directory = Path(config.output.artefacts_dir)
@@ -5874,6 +5875,7 @@ def run_training(config: Config) -> int:
             check_compile_available(device)
         if context.is_main:
             note_apple_gpu_defects(device)
+            note_emulated_bf16(config.training.dtype, device)
         if context.is_main and not config.training.quiet:
             ranks = (f" on rank 0, of {context.world_size} ranks ({torch.distributed.get_backend()})"
                      if context.enabled else "")
@@ -6407,6 +6409,16 @@ def sampling_device(device: torch.device | str) -> torch.device:
     multinomial in PyTorch 2.13 now and then draws a token of probability 0."""
     device = torch.device(device)
     return torch.device("cpu") if device.type == "mps" else device
+
+
+def note_emulated_bf16(dtype: str | None, device: torch.device) -> None:
+    """A note for --dtype bfloat16 asked of a GPU without bf16 units (has_bf16_units: a T4, a
+    V100), which the default would have trained in float32: PyTorch emulates bf16 there."""
+    if dtype == "bfloat16" and device.type == "cuda" and not has_bf16_units(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        warn(f"pico-llm: note: --dtype bfloat16 on {torch.cuda.get_device_name(device)} (compute "
+             f"capability {major}.{minor}), which has no bf16 units: PyTorch emulates bf16 there, "
+             "more slowly than it computes float32; drop --dtype to train in float32")
 
 
 def note_apple_gpu_defects(device: torch.device) -> None:

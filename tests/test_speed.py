@@ -462,6 +462,45 @@ def test_the_default_precision_is_bf16_only_on_gpus_with_bf16_units(pico, monkey
     assert built == [getattr(torch, expected)]
 
 
+@pytest.mark.parametrize("capability, name, noted", [((7, 5), "Tesla T4", True),
+                                                     ((7, 0), "Tesla V100-SXM2-16GB", True),
+                                                     ((8, 0), "NVIDIA A100-SXM4-40GB", False)])
+def test_bfloat16_asked_of_a_gpu_without_bf16_units_is_noted(pico, monkeypatch, capability, name,
+                                                            noted):
+    """The default trains such a GPU in float32; --dtype bfloat16 there gets one note, since
+    PyTorch emulates bf16 more slowly than float32. float32, and the CPU, get none."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    for dtype, device, expected in [("bfloat16", "cuda:0", noted), ("float32", "cuda:0", False),
+                                    (None, "cuda:0", False), ("bfloat16", "cpu", False)]:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            pico.note_emulated_bf16(dtype, torch.device(device))
+        assert err.getvalue().count("\n") == expected, (dtype, device)
+        if expected:
+            assert err.getvalue() == (
+                f"pico-llm: note: --dtype bfloat16 on {name} (compute capability "
+                f"{capability[0]}.{capability[1]}), which has no bf16 units: PyTorch emulates "
+                "bf16 there, more slowly than it computes float32; drop --dtype to train in "
+                "float32\n")
+
+
+def test_a_run_and_a_sweep_note_bfloat16_asked_of_a_gpu_without_bf16_units(pico, run_main,
+                                                                           monkeypatch, tmp_path):
+    """Said before anything is read: here a run stopped at once by an --artefacts_dir that is
+    a file."""
+    from conftest import TINY_RUN
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    (tmp_path / "a_file").write_text("")
+    for command in ([*TINY_RUN], ["--sweep", "budget", "--sweep_scale", "tiny"]):
+        status, _, err = run_main(*command, "--device_id", "cuda:0", "--dtype", "bfloat16",
+                                  artefacts=tmp_path / "a_file")
+        assert status == 2 and "--dtype bfloat16 on Tesla T4" in err.splitlines()[0], err
+
+
 def test_apple_gpu_refuses_what_pytorch_computes_wrongly_there(pico, run_main, monkeypatch):
     """On Apple's GPU (MPS), PyTorch 2.13's causal attention in bf16 lets positions see later
     tokens, and its compiler is a prototype: both refused in one line before any training.
