@@ -4585,9 +4585,10 @@ def run_sweeps(config: Config) -> int:
     if experiments.custom_sweep_sizes is not None:
         parse_sizes(experiments.custom_sweep_sizes)
     directory = Path(config.output.artefacts_dir)
-    check_writable_directory(directory, "--artefacts_dir")
     names = (list(PRESENTATION_SWEEPS) if experiments.sweep == "presentation" else
              [experiments.sweep] if experiments.sweep else [])
+    if names or experiments.collect_transformer_metrics:   # --custom_sweep_log alone: its file
+        check_writable_directory(directory, "--artefacts_dir")
     paths = {name: directory / f"sweep_{name}.json" for name in names}
     if experiments.custom_sweep_log:
         paths["custom_data"] = Path(experiments.custom_sweep_log)

@@ -75,10 +75,16 @@ def test_an_interrupted_sweep_skips_the_points_it_finished(pico, run_main, tmp_p
 
 
 def test_custom_sweep_log_and_sizes(pico, run_main, tmp_path, tiny_corpus):
+    """--custom_sweep_log alone writes its own file and nothing in --artefacts_dir, which is
+    not held to be a folder then (a file of that name had stopped the sweep)."""
     log = tmp_path / "elsewhere" / "sizes.json"
-    status, _, _ = run_main("--custom_sweep_log", str(log), "--custom_sweep_sizes", "2,5",
-                            "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
-    assert status == 0
+    (tmp_path / "a_file").write_text("kept\n")
+    status, _, err = run_main("--custom_sweep_log", str(log), "--custom_sweep_sizes", "2,5",
+                              "--sweep_scale", "tiny", "--input_files", str(tiny_corpus),
+                              artefacts=tmp_path / "a_file")
+    assert status == 0, err
+    assert (tmp_path / "a_file").read_text() == "kept\n"
+    assert sorted(p.name for p in log.parent.iterdir()) == ["sizes.json"]
     sweep = pico.load_sweep(log)
     assert sweep["sweep"] == "custom_data"
     assert sorted((p["model"], p["train_examples"]) for p in sweep["points"]) == [
