@@ -256,7 +256,8 @@ def sinusoidal_position_embedding(positions: torch.Tensor, dim: int) -> torch.Te
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     """theta^(-2i/D) for each pair i < D/2, (D/2,): the radians pair i turns per position,
-    from 1 (i = 0) down to about 1/theta, wavelengths from 2 pi to about 2 pi theta."""
+    from 1 (i = 0) down to theta^(-(D-2)/D), about 1/theta for a wide head: wavelengths from
+    2 pi to about 2 pi theta."""
     return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
 
@@ -369,7 +370,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: str, factor: float,
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
                       sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) over the keys, in float32.
+    """softmax(q k^T / sqrt(D) + mask) over the keys: q k^T in q's dtype, the rest in float32.
 
     q: (..., H, T, D), k: (..., H, S, D) -> weights (..., H, T, S). mask: bool, broadcastable
     to (..., H, T, S), True where a query may attend to a key. sinks: (H,), GPT-oss's attention
@@ -419,7 +420,7 @@ class KVCache:
     after them, as torch.cat along the tokens would (a sliding window's, its last window - 1
     and the new ones); the rest of the class is memory management.
 
-    Its room grows as a Python list's does, to twice what it held, so most new tokens are
+    Its room doubles when full (up to capacity), so most new tokens are
     written in place, and a model made for long texts (131,072 positions for Llama 3.2) holds
     memory only for the tokens it has seen, not gigabytes for all it could. A sliding-window
     layer keeps only its last window - 1 tokens between calls, all that a later query can see,
@@ -895,7 +896,7 @@ class KGramMLPSeqModel(nn.Module):
     Variants of the context encoder:
       onehot    - a Linear layer on the k concatenated one-hot vectors, computed as
                   a sum of k looked-up weight rows (embedding_bag), never building
-                  the (k * vocab)-wide one-hot input.
+                  the (k * (vocab + 1))-wide one-hot input (the padding id has a slot).
       embedding - concatenated k token embeddings.
       conv      - a causal 1-D convolution of width k over token embeddings.
     """
@@ -1036,7 +1037,8 @@ TRANSFORMER_CHOICES = {
     "pos_emb": ("learned", "rope", "sinusoidal", "none"), "attention": ATTENTION_KINDS,
     "linear_attention_gate": LINEAR_ATTENTION_GATES, "attention_impl": ("sdpa", "math"),
     "rope_scaling": ROPE_SCALINGS}
-# What only softmax attention has: linear attention keeps no sinks, window or per-head norms.
+# What only softmax attention has: linear attention keeps no sinks, window, per-head norms, head
+# size of its own or value embeddings.
 SOFTMAX_ATTENTION_OPTIONS = ("attention_sinks", "sliding_window", "qk_norm", "head_size",
                              "value_embeddings")
 
@@ -1061,10 +1063,10 @@ class TransformerConfig:
     router_aux_loss_coef: float = 0.01  # weight of the routers' load-balancing loss (section 3)
     norm: str = "rmsnorm"
     norm_position: str = "pre"
-    norm_eps: float = 1e-5            # the norms' epsilon: 1e-5 as GPT-2; Llama checkpoints use 1e-6
+    norm_eps: float = 1e-5            # the norms' epsilon: GPT-2's, Llama 3's; Qwen's is 1e-6
     pos_emb: str = "rope"
     rope_theta: float = 10000.0
-    yarn_factor: float = 1.0          # > 1: YaRN's RoPE frequencies (yarn_frequencies)
+    yarn_factor: float = 1.0          # > 1: RoPE stretched past yarn_original_context
     yarn_original_context: int = 4096
     rope_scaling: str = "yarn"        # how yarn_factor > 1 stretches RoPE (rope_frequencies)
     nope_interval: int = 0            # > 0: every nope_interval-th block has no RoPE (SmolLM3)
@@ -1077,7 +1079,7 @@ class TransformerConfig:
     # The nanoGPT speedrun's building blocks (section 1 and TransformerModel), all off by default:
     value_embeddings: bool = False    # softmax: a second token embedding added to every block's values
     unet_skips: bool = False          # the first half's block outputs feed the second half's inputs
-    zero_init_proj: bool = False      # out_proj and w2 start at zero: every block starts as identity
+    zero_init_proj: bool = False      # out_proj and w2 at zero: pre-norm blocks start as identity
     logit_softcap: float = 0.0        # > 0: logits = cap tanh(logits / cap) (soft_cap)
     attention_impl: str = "sdpa"
     dropout: float = 0.0
@@ -1140,9 +1142,9 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
                         ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
                         rope_theta=500000.0, tie_weights=False),
-    # The pico preset with the speedrun block that helped on it under --optimizer muon (the idea
-    # that helped most in section 7.2's recipe sweep, RECIPE_SWEEP_POINTS): QK-norm. The others
-    # stay switches (tools/recipe_ablation.py, docs/performance.md). A preset fixes the model,
+    # The pico preset with the one speedrun block that helped it under --optimizer muon, QK-norm
+    # (tools/recipe_ablation.py, docs/recipe.md; on section 7.2's nanoGPT recipe other ideas
+    # led). The others stay switches. A preset fixes the model,
     # not the optimizer: the recipe also takes --optimizer muon.
     "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
                      pos_emb="rope", tie_weights=True, qk_norm=True),
@@ -1216,8 +1218,8 @@ class TransformerModel(nn.Module):
       (the speedrun has three tables, for its first and last three layers; here one serves all);
     - U-net skips: the output of block i in the first half is added, with a learned weight
       starting at 1, to the input of block L-1-i;
-    - zero-initialised output projections (out_proj and w2): every block starts as the
-      identity, and the loss starts at the embeddings' own prediction;
+    - zero-initialised output projections (out_proj and w2): every pre-norm block starts as
+      the identity, and the loss starts at the embeddings' own prediction;
     - logit soft-capping (soft_cap, in `logits`).
     """
 
@@ -1459,9 +1461,10 @@ def router_balance_term(model: nn.Module, position_weights: torch.Tensor) -> tor
     (times the sum of their weights). 0 for a model without experts. position_weights: (T, B).
 
     Returned as loss - loss.detach(): its gradient counts, its value is 0, so the loss a step
-    reports stays the cross-entropy, comparable with the test loss. (A step's weights sum to 1
-    over its micro-batches and ranks, so a step adds coef x the token-weighted mean of their
-    balancing losses, each on its own positions, as Switch computes it on each device.)"""
+    reports stays the cross-entropy, comparable with the test loss. (A step's weights, over its
+    micro-batches and ranks, come to 1 once DDP averages the ranks' gradients, so a step adds
+    coef x the token-weighted mean of their balancing losses, each on its own positions, as
+    Switch computes it on each device.)"""
     if not isinstance(model, TransformerModel) or not model.config.n_experts:
         return 0.0          # asked first: walking an LSTM's modules breaks a compiled graph
     layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
@@ -1479,7 +1482,8 @@ def router_balance_term(model: nn.Module, position_weights: torch.Tensor) -> tor
 # top-k and top-p filtering), which is appended and fed back in.
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row, set the rest to -inf. logits (B, V)."""
+    """Keep the k largest logits per row (and any tied with the k-th), set the rest to -inf.
+    logits (B, V)."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth_largest = logits.topk(k, dim=-1).values[..., -1:]
@@ -1540,7 +1544,8 @@ def sample_next_token(logits: torch.Tensor, rule: SamplingRule,
         return logits.argmax(dim=-1)
     # Shifted so that the largest is 0 before dividing: the same probabilities, and a tiny
     # temperature gives 0 and -inf (greedy) instead of inf - inf = NaN in the softmax. Below
-    # float32's smallest normal number a temperature would round to 0 (0 / 0 = NaN).
+    # float32's smallest subnormal a temperature rounds to 0 (0 / 0 = NaN): clamped at the
+    # smallest normal number, well clear of that.
     logits = logits.float()
     temperature = max(rule.temperature, torch.finfo(torch.float32).tiny)
     logits = top_k_filter((logits - logits.max(dim=-1, keepdim=True).values) / temperature,
@@ -1859,7 +1864,7 @@ def build_optimizer(model: nn.Module, training: TrainingConfig, device: torch.de
     beta2 0.999 averages squared gradients over ~1000 steps; small, noisy batches do better
     with a shorter memory (nanoGPT's character-level config uses 0.99, GPT-2 runs 0.95).
     --optimizer muon: Muon for the hidden matrices (muon_matrices), AdamW for the rest, one
-    learning rate for all (Muon's update is scaled to AdamW's size); on a GPU Appendix A.3's
+    learning rate for all (Muon's update is scaled to AdamW's size); on a CUDA GPU Appendix A.3's
     ForeachMuon, the same steps in fewer launches."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=training.weight_decay),
