@@ -8197,8 +8197,17 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
     where it holds one (an imported model's is in no flag), else from its flags."""
     checkpoint = load_checkpoint(path, flag)
     trained, tokenizer, model_config = checkpoint_contents(path, checkpoint)
-    # The shapes first, on the meta device (no memory): a model whose stored sizes do not fit
-    # the weights it holds is refused before it is built, however large those sizes say it is.
+    # The size its config says, counted without building anything: one that memory cannot hold
+    # in float32 is damage (the weights it holds fit), or from a larger machine.
+    parameters = parameter_count(model_config, tokenizer.vocab_size)
+    available = memory_available(torch.device("cpu"))
+    if available is not None and 4 * parameters > available:
+        raise UserError(f"{path} describes a model of {parameters:,} parameters, about "
+                        f"{memory_size(4 * parameters)} in float32, more than the "
+                        f"{memory_size(available)} of memory here: the file is damaged, or needs "
+                        "a machine with more memory")
+    # Then the shapes, on the meta device (no memory): a model whose stored sizes do not fit
+    # the weights it holds is refused before it is built.
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")        # "copying into a meta parameter is a no-op"
         load_model_weights(build_model(model_config, tokenizer.vocab_size, trained.training.seed),
@@ -8275,11 +8284,16 @@ def check_model_config(config) -> None:
             raise UserError(f"rope_theta {config.rope_theta} and norm_eps {config.norm_eps} "
                             "must be positive")
         validate_transformer_config(config)    # its kinds were checked as it was made
-        return
-    for field in dataclasses.fields(config):    # the annotations are strings (__future__)
-        value, smallest = getattr(config, field.name), 0 if field.name == "chunk_size" else 1
-        if field.type == "int" and (type(value) is not int or value < smallest):
-            raise UserError(f"{field.name} {value!r} is not an integer of at least {smallest}")
+        limits = {"n_blocks": MAX_LAYERS, "n_experts": MAX_EXPERTS}
+    else:
+        for field in dataclasses.fields(config):    # the annotations are strings (__future__)
+            value, smallest = getattr(config, field.name), 0 if field.name == "chunk_size" else 1
+            if field.type == "int" and (type(value) is not int or value < smallest):
+                raise UserError(f"{field.name} {value!r} is not an integer of at least {smallest}")
+        limits = {"num_layers": MAX_LAYERS, "num_inner_layers": MAX_LAYERS, "k": MAX_KGRAM_K}
+    for name, limit in limits.items():          # as the command line bounds them
+        if getattr(config, name, 0) > limit:
+            raise UserError(f"{name} {getattr(config, name)} is more than {limit}")
 
 
 def check_finite_weights(path: Path, checkpoint: dict, remedy: str) -> None:

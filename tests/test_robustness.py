@@ -1704,6 +1704,34 @@ def test_a_checkpoint_with_a_seed_or_tokenizer_it_cannot_have_is_one_line(pico, 
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("damage, message", [
+    ({"transformer_config": {"d_model": 10 ** 12}}, r"describes a model of [0-9,]+ parameters, "
+     r"about [0-9,.]+ GiB in float32, more than the [0-9,.]+ [GM]iB of memory here: the file is "
+     r"damaged, or needs a machine with more memory"),
+    ({"transformer_config": {"n_blocks": 10 ** 9}}, r"cannot be rebuilt \(n_blocks 1000000000 is "
+                                                    r"more than 1000\)"),
+    ({"args": {"embed_size": 10 ** 8}}, r"describes a model of [0-9,]+ parameters"),
+    ({"args": {"lstm_layers": 10 ** 6}}, r"cannot be rebuilt \(num_layers 1000000 is more than "
+                                         r"1000\)")], ids=["wide", "deep", "lstm_wide", "lstm_deep"])
+def test_a_checkpoint_whose_sizes_memory_cannot_hold_is_one_line_before_building(
+        pico, trained_save_dir, tmp_path, damage, message):
+    """Sizes behind a valid checksum (edited, or another version's) that --generate and
+    --export_hf would build the model from: a width past torch's storage sizes was a traceback
+    from nn.Linear, a billion blocks a build that never ended."""
+    checkpoint = torch.load(trained_save_dir / "lstm_seq" / "step_000002.pt", weights_only=True)
+    for key, change in damage.items():
+        base = (checkpoint["args"] if key == "args" else
+                dataclasses.asdict(pico.TransformerConfig(vocab_size=257, block_size=16)))
+        checkpoint[key] = {**base, **change}
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)
+    path = tmp_path / "step_000002.pt"
+    torch.save(checkpoint, path)
+    started = time.perf_counter()
+    with pytest.raises(pico.UserError, match=message) as error:
+        pico.model_from_checkpoint(path, "--checkpoint")
+    assert "\n" not in str(error.value) and time.perf_counter() - started < 60
+
+
 def test_heads_too_wide_to_fit_name_head_size(pico, configure):
     config = configure("--models", "transformer", "--d_model", "16", "--n_heads", "2",
                        "--n_blocks", "1", "--head_size", str(10 ** 9), "--tokenizer", "char")
