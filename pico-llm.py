@@ -6085,8 +6085,12 @@ def prompt_coverage_note(tokenizer, prompt: str) -> str | None:
     """A note when the tokenizer drops or replaces part of the prompt (an imported model's
     tokenizer.json without byte fallback, or with an unknown token), so that the printed text,
     which begins with the whole prompt, does not pass for what the model read. Differences of
-    whitespace alone, which some tokenizers normalize, are not noted."""
-    read = tokenizer.decode(tokenizer.encode(prompt))
+    whitespace alone, which some tokenizers normalize, are not noted; nor is a special token
+    the prompt names (<|endoftext|>, <|im_end|>), which an imported tokenizer reads as one id
+    and its decode leaves out."""
+    ids = tokenizer.encode(prompt)
+    read = (tokenizer.decode(ids, skip_special_tokens=False) if isinstance(tokenizer, HFTokenizer)
+            else tokenizer.decode(ids))
     if "".join(read.split()) == "".join(prompt.split()):
         return None
     return (f"pico-llm: note: this model's tokenizer does not cover all of --prompt; the model "
@@ -10444,8 +10448,8 @@ class HFTokenizer:
                             "tokenizer covers it") from None
         return [encoding.ids for encoding in encodings]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of text one id stands for. Byte-level BPE: a character per byte

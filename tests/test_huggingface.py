@@ -590,6 +590,18 @@ def test_an_exported_models_tokenizer_knows_its_end_of_text_and_context_in_trans
     assert hf_tokenizer.eos_token_id == 256 and hf_tokenizer.model_max_length == 32
 
 
+def test_a_prompt_naming_a_special_token_is_covered_by_an_imported_tokenizer(pico, tmp_path):
+    """The imported tokenizer reads <|endoftext|> as its one id, and its decode leaves special
+    tokens out: the prompt had been noted as not covered ("the model reads ''")."""
+    pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 256}))
+    tokenizer = pico.tokenizer_from_hf(tmp_path, pico.TransformerConfig(vocab_size=257))
+    assert tokenizer.encode("<|endoftext|>Once") == [256, *b"Once"]
+    assert tokenizer.decode([256, *b"Once"]) == "Once"             # what generation prints
+    assert pico.prompt_coverage_note(tokenizer, "<|endoftext|>") is None
+    assert pico.prompt_coverage_note(tokenizer, "Once <|endoftext|> upon") is None
+
+
 def test_a_config_listing_several_end_of_text_ids_gives_the_first(pico, tmp_path):
     """Llama 3's instruct models list three; the first ends a document, as pico-llm's eot."""
     pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
