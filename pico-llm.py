@@ -5987,8 +5987,8 @@ def run_training(config: Config) -> int:
 
 
 # Flags of training and of the text it reads, which --generate has no use for (nor has
-# --accounting, but for --batch_size). Typed with either (the training command, the mode
-# added, still works) they get a note, not a refusal.
+# --checkpoint's export, nor --accounting, but for --batch_size). Typed with one of them (the
+# training command, the mode added, still works) they get a note, not a refusal.
 NOT_READ_BY_GENERATE = (
     "epochs", "batch_size", "learning_rate", "weight_decay", "optimizer", "grad_clip",
     "lr_schedule", "warmup_steps", "min_lr_ratio", "grad_accum_steps", "max_steps_per_epoch",
@@ -10766,7 +10766,9 @@ def run_export(config: Config) -> int:
     if not isinstance(model, TransformerModel):
         raise UserError(f"--checkpoint {quoted(path)} holds no Transformer "
                         f"({type(model).__name__}); --export_hf writes Transformers")
-    print(f"Hugging Face model written to {export_hf(model, tokenizer, directory)}")
+    written = export_hf(model, tokenizer, directory)
+    note_flags_not_read(config, "--checkpoint with --export_hf", NOT_READ_BY_GENERATE)
+    print(f"Hugging Face model written to {written}")
     return 0
 
 

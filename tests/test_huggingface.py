@@ -1200,8 +1200,15 @@ def test_init_from_run_resumes_generates_and_exports_without_the_hf_directory(
     assert out.rstrip("\n") == greedy.text
 
     status, out, err = run_main("--checkpoint", str(checkpoint), "--export_hf", str(tmp_path / "out"))
-    assert status == 0, err
+    assert status == 0 and err == "", err
     check_same_model(pico, model, tmp_path / "out", 300)
+    # the training command with --checkpoint added: its flags of training are said to go unread
+    status, out, err = run_main("--checkpoint", str(checkpoint), "--export_hf", str(tmp_path / "o2"),
+                                "--epochs", "3", "--learning_rate", "0.01")
+    assert status == 0 and err.count("pico-llm:") == 1 and err.endswith(   # after transformers'
+        "pico-llm: note: --checkpoint with --export_hf trains nothing and reads no text, so "  # bar
+        "--epochs, --learning_rate are not read\n"), err
+    assert out.startswith("Hugging Face model written to")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tokenizer.encode("the cat") == tokenizer.encode("the cat")
 
