@@ -5500,6 +5500,10 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
     if not math.isfinite(config.logit_softcap):
         raise UserError(f"--logit_softcap must be a finite number (0 = off){where}, "
                         f"got {config.logit_softcap}")
+    if config.logit_softcap > torch.finfo(torch.float32).max:   # inf in float32: inf x 0 = NaN
+        raise UserError(f"--logit_softcap {config.logit_softcap}{where} is past float32's largest "
+                        f"number, where the cap would be infinite; use 0 (off) or a cap such as "
+                        "15 (the speedrun's)")
     if 0 < config.logit_softcap < 1:   # (-cap, cap) leaves no room to prefer a token, and
         # logits / cap overflows for a tiny cap: training would fail on a NaN gradient
         raise UserError(f"--logit_softcap {config.logit_softcap}{where} squashes every logit "

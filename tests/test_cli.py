@@ -57,6 +57,9 @@ BAD_INPUTS = [
     (["--models", "transformer", "--n_kv_heads", "0"], "--n_kv_heads must be positive"),
     (["--models", "transformer", "--logit_softcap", "nan"], "--logit_softcap must be a number"),
     (["--models", "transformer", "--logit_softcap", "inf"], "--logit_softcap must be a finite number"),
+    (["--models", "transformer", "--logit_softcap", "1e300"],
+     "--logit_softcap 1e+300 (preset pico) is past float32's largest number, where the cap would "
+     "be infinite; use 0 (off)"),
     (["--models", "transformer", "--pos_emb", "learned", "--yarn_factor", "4"],
      "--yarn_factor stretches rotary embeddings"),
     (["--models", "transformer", "--experts_per_token", "-1"], "--experts_per_token must be at least 1"),
