@@ -8205,21 +8205,28 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
     where it holds one (an imported model's is in no flag), else from its flags."""
     checkpoint = load_checkpoint(path, flag)
     trained, tokenizer, model_config = checkpoint_contents(path, checkpoint)
-    # The size its config says, counted without building anything: one that memory cannot hold
-    # in float32 is damage (the weights it holds fit), or from a larger machine.
+    # The size its config says, counted without building anything: more than memory holds in
+    # float32 is damage, or a model from a larger machine.
     parameters = parameter_count(model_config, tokenizer.vocab_size)
     available = memory_available(torch.device("cpu"))
-    if available is not None and 4 * parameters > available:
-        raise UserError(f"{path} describes a model of {parameters:,} parameters, about "
-                        f"{memory_size(4 * parameters)} in float32, more than the "
-                        f"{memory_size(available)} of memory here: the file is damaged, or needs "
-                        "a machine with more memory")
-    # Then the shapes, on the meta device (no memory): a model whose stored sizes do not fit
-    # the weights it holds is refused before it is built.
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")        # "copying into a meta parameter is a no-op"
-        load_model_weights(build_model(model_config, tokenizer.vocab_size, trained.training.seed),
-                           checkpoint, path, tokenizer)
+    too_large = UserError(f"{path} describes a model of {parameters:,} parameters, about "
+                          f"{memory_size(4 * parameters)} in float32, more than the "
+                          f"{memory_size(available)} of memory here: the file is damaged, or "
+                          "needs a machine with more memory") if available else None
+    # The shapes first, on the meta device (no memory): a model whose stored sizes do not fit
+    # the weights it holds is refused before it is built, and named so.
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # "copying into a meta parameter is a no-op"
+            load_model_weights(build_model(model_config, tokenizer.vocab_size,
+                                           trained.training.seed), checkpoint, path, tokenizer)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as error:  # sizes past torch's
+        # own: "Storage size calculation overflowed", past int64 "Overflow when unpacking"
+        raise (too_large if too_large and 4 * parameters > available else UserError(
+            f"{path}: its {checkpoint['model_name']} cannot be rebuilt "
+            f"({textwrap.shorten(str(error), 120)}); use a checkpoint this version wrote")) from None
+    if too_large and 4 * parameters > available:
+        raise too_large
     check_finite_weights(path, checkpoint, "use an earlier checkpoint")
     model = build_model(model_config, tokenizer.vocab_size, trained.training.seed)
     load_model_weights(model, checkpoint, path, tokenizer)
