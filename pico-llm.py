@@ -6019,7 +6019,9 @@ def run_generation(config: Config) -> int:
     if config.huggingface.init_from:
         source = config.huggingface.init_from
         path = resolve_init_from(source)
-        check_fits_to_sample(config_from_hf(read_hf_config(path)), source)
+        transformer = config_from_hf(read_hf_config(path))
+        check_fits_to_sample(transformer, transformer.vocab_size, f"--init_from {quoted(source)}",
+                             "choose a smaller model")
         model, tokenizer = import_hf(path)
         check_tokenizer_fits(config.data.tokenizer, tokenizer, source)
         context = model.config.block_size
@@ -8205,16 +8207,12 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
     where it holds one (an imported model's is in no flag), else from its flags."""
     checkpoint = load_checkpoint(path, flag)
     trained, tokenizer, model_config = checkpoint_contents(path, checkpoint)
-    # The size its config says, counted without building anything: more than memory holds in
-    # float32 is damage, or a model from a larger machine.
-    parameters = parameter_count(model_config, tokenizer.vocab_size)
-    available = memory_available(torch.device("cpu"))
-    too_large = UserError(f"{path} describes a model of {parameters:,} parameters, about "
-                          f"{memory_size(4 * parameters)} in float32, more than the "
-                          f"{memory_size(available)} of memory here: the file is damaged, or "
-                          "needs a machine with more memory") if available else None
     # The shapes first, on the meta device (no memory): a model whose stored sizes do not fit
-    # the weights it holds is refused before it is built, and named so.
+    # the weights it holds is refused before it is built, and named so. Then its size, counted
+    # from its config: more than memory holds is damage, or a model from a larger machine.
+    fits = functools.partial(check_fits_to_sample, model_config, tokenizer.vocab_size,
+                             f"{path}'s {checkpoint['model_name']}",
+                             "the file is damaged, or needs a machine with more memory")
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")        # "copying into a meta parameter is a no-op"
@@ -8222,11 +8220,11 @@ def model_from_checkpoint(path: Path, flag: str) -> tuple[nn.Module, object, Con
                                            trained.training.seed), checkpoint, path, tokenizer)
     except (RuntimeError, TypeError, ValueError, OverflowError) as error:  # sizes past torch's
         # own: "Storage size calculation overflowed", past int64 "Overflow when unpacking"
-        raise (too_large if too_large and 4 * parameters > available else UserError(
-            f"{path}: its {checkpoint['model_name']} cannot be rebuilt "
-            f"({textwrap.shorten(str(error), 120)}); use a checkpoint this version wrote")) from None
-    if too_large and 4 * parameters > available:
-        raise too_large
+        fits()
+        raise UserError(f"{path}: its {checkpoint['model_name']} cannot be rebuilt "
+                        f"({textwrap.shorten(str(error), 120)}); use a checkpoint this version "
+                        "wrote") from None
+    fits()
     check_finite_weights(path, checkpoint, "use an earlier checkpoint")
     model = build_model(model_config, tokenizer.vocab_size, trained.training.seed)
     load_model_weights(model, checkpoint, path, tokenizer)
@@ -10755,15 +10753,16 @@ def check_checkpoint_named(config: Config, tokenizer, trained: Config, where: st
     check_models_named(config, trained.models.names[0], where)
 
 
-def check_fits_to_sample(transformer: TransformerConfig, source: str) -> None:
-    """--generate --init_from: refuse, before reading them, weights that do not fit in memory
-    in float32 (4 bytes a parameter: they are loaded on the CPU first)."""
+def check_fits_to_sample(config, vocab_size: int, what: str, remedy: str) -> None:
+    """Refuse, before they are read, a model's weights (`config`'s, counted without building
+    it) that do not fit in memory in float32: 4 bytes a parameter, as they are loaded on the
+    CPU first (--generate --init_from; --generate and --export_hf from a checkpoint)."""
     available = memory_available(torch.device("cpu"))
-    parameters = parameter_count(transformer, transformer.vocab_size)
+    parameters = parameter_count(config, vocab_size)
     if available is not None and 4 * parameters > available:
-        raise UserError(f"--init_from {quoted(source)} needs about {memory_size(4 * parameters)} "
-                        f"({parameters:,} parameters in float32), more than the "
-                        f"{memory_size(available)} of memory here; choose a smaller model")
+        raise UserError(f"{what} needs about {memory_size(4 * parameters)} ({parameters:,} "
+                        f"parameters in float32), more than the {memory_size(available)} of "
+                        f"memory here; {remedy}")
 
 
 def run_export(config: Config) -> int:

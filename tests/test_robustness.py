@@ -1704,10 +1704,10 @@ def test_a_checkpoint_with_a_seed_or_tokenizer_it_cannot_have_is_one_line(pico, 
 
 
 @pytest.mark.parametrize("damage, message", [
-    ({"transformer_config": {"d_model": 10 ** 12}}, r"describes a model of [0-9,]+ parameters, "
-     r"about [0-9,.]+ GiB in float32, more than the [0-9,.]+ [GM]iB of memory here: the file is "
-     r"damaged, or needs a machine with more memory"),
-    ({"transformer_config": {"d_ff": 10 ** 19}}, r"describes a model of [0-9,]+ parameters"),
+    ({"transformer_config": {"d_model": 10 ** 12}}, r"step_000002.pt's lstm_seq needs about "
+     r"[0-9,.]+ GiB \([0-9,]+ parameters in float32\), more than the [0-9,.]+ [GM]iB of memory "
+     r"here; the file is damaged, or needs a machine with more memory"),
+    ({"transformer_config": {"d_ff": 10 ** 19}}, r"needs about [0-9,.]+ GiB \([0-9,]+ parameters"),
     ({"transformer_config": {"n_blocks": 10 ** 9}}, r"cannot be rebuilt \(n_blocks 1000000000 is "
                                                     r"more than 1000\)"),
     ({"args": {"embed_size": 10 ** 8}}, r"size mismatch for"),    # torch can describe this one
@@ -1731,6 +1731,20 @@ def test_a_checkpoint_whose_sizes_memory_cannot_hold_is_one_line_before_building
     with pytest.raises(pico.UserError, match=message) as error:
         pico.model_from_checkpoint(path, "--checkpoint")
     assert "\n" not in str(error.value) and time.perf_counter() - started < 60
+
+
+def test_a_checkpoint_model_torch_cannot_build_otherwise_is_one_line(pico, trained_save_dir,
+                                                                     monkeypatch):
+    """A size that fits in memory but that torch refuses as the model is built (here any error
+    it raises) is the file's fault, said in one line."""
+    def build_model(*args):
+        raise RuntimeError("something torch could not describe")
+    monkeypatch.setattr(pico, "build_model", build_model)
+    path = trained_save_dir / "lstm_seq" / "step_000002.pt"
+    with pytest.raises(pico.UserError, match=r"step_000002.pt: its lstm_seq cannot be rebuilt "
+                                             r"\(something torch could not describe\); use a "
+                                             r"checkpoint this version wrote"):
+        pico.model_from_checkpoint(path, "--checkpoint")
 
 
 def test_heads_too_wide_to_fit_name_head_size(pico, configure):
