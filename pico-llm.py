@@ -6738,14 +6738,18 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, position_weights, chunk_size: int,
-                onednn: bool, softcap: float = 0.0):
+                onednn: bool, softcap: float = 0.0, grad_enabled: bool = True):
         """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), position_weights (N,);
         onednn: whether the products may use oneDNN (where uses_onednn allows); softcap: the
-        logits are soft_cap(logits, softcap), whose slope 1 - tanh^2 the gradient takes on.
+        logits are soft_cap(logits, softcap), whose slope 1 - tanh^2 the gradient takes on;
+        grad_enabled: torch.is_grad_enabled() where the loss is asked for (forward itself
+        always runs without gradients; False under evaluate's no_grad).
 
         Matmuls run in the autocast dtype when autocast is on (bf16 on a GPU), the softmax
         always in float32."""
-        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad says which inputs require gradients, also under torch.no_grad():
+        # without grad_enabled an evaluation would pay for two gradient products it discards.
+        wants_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         device_type = hidden.device.type
         compute_dtype = (torch.get_autocast_dtype(device_type)
                          if torch.is_autocast_enabled(device_type) else weight.dtype)
@@ -6789,7 +6793,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, *grad_bias = ctx.saved_tensors
         grad_bias = grad_bias[0].mul_(grad_total) if ctx.has_bias else None
         return (grad_hidden.mul_(grad_total), scaled_(grad_weight, grad_total), grad_bias,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class TorchHeadChunks:
@@ -6912,7 +6916,7 @@ def linear_cross_entropy(hidden: torch.Tensor, layer: nn.Linear, targets: torch.
     products use oneDNN when the layer does (a FastLinear), PyTorch's kernels otherwise."""
     return LinearCrossEntropy.apply(hidden.flatten(0, -2), layer.weight, layer.bias,
                                     targets.flatten(), position_weights.flatten(), chunk_size,
-                                    isinstance(layer, FastLinear), softcap)
+                                    isinstance(layer, FastLinear), softcap, torch.is_grad_enabled())
 
 
 # --- A.1 Compiled training: static shapes ---------------------------------------------

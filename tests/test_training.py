@@ -61,6 +61,23 @@ def test_chunked_linear_cross_entropy_matches_autograd(pico):
         assert torch.allclose(mine, theirs, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast_linear", [False, True])
+def test_chunked_linear_cross_entropy_computes_no_gradient_under_no_grad(pico, monkeypatch,
+                                                                         fast_linear):
+    """An evaluation (torch.no_grad, parameters still requiring gradients) pays for the logits
+    alone: the gradient products, two more of the output layer's size, are skipped, and the
+    loss is the one a training step computes."""
+    torch.manual_seed(0)
+    layer = pico.FastLinear(8, 30) if fast_linear else nn.Linear(8, 30)
+    hidden, targets, weights = torch.randn(5, 3, 8, requires_grad=True), torch.randint(0, 30, (5, 3)), torch.rand(5, 3)
+    trained = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
+    for chunks in (pico.TorchHeadChunks, pico.OneDNNHeadChunks):
+        monkeypatch.setattr(chunks, "add_gradients", lambda *args: pytest.fail("a gradient"))
+    with torch.no_grad():
+        evaluated = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
+    assert evaluated.item() == trained.item()
+
+
 def test_softmax_cross_entropy_matches_autograd_and_flags_an_underflowed_target(pico):
     """Also checks that torch.softmax may write over its own input."""
     torch.manual_seed(0)
