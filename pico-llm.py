@@ -8543,11 +8543,26 @@ MODEL_FLAGS = {"kgram_mlp_seq": ("kgram_k", "kgram_variant", "kgram_chunk_size",
                "transformer_gptoss": TRANSFORMER_OVERRIDE_FLAGS}
 
 
+def with_preset_values(flags: dict, model_name: str) -> dict:
+    """`flags` with each Transformer flag left to the preset set to the value `model_name` is
+    built with, so that --d_model 128 typed on resuming a pico preset run is the same setting
+    as the preset's 128 left untyped; `flags` unchanged where they build no Transformer."""
+    try:
+        config = transformer_config_from_flags(flags, model_name)
+    except (UserError, ValueError, KeyError):   # KeyError: an older checkpoint's flags
+        return flags
+    return flags | {flag: getattr(config, flag) for flag in TRANSFORMER_OVERRIDE_FLAGS
+                    if flags.get(flag) is None}
+
+
 def check_same_flags(checkpoint: dict, path: Path, flags: dict) -> None:
     """A resumed run must compute what the interrupted one would have: same flags (of the
-    model flags, those the checkpoint's kind of model reads)."""
-    others = set().union(*MODEL_FLAGS.values()) - set(MODEL_FLAGS.get(checkpoint["model_name"], ()))
+    model flags, those the checkpoint's kind of model reads; a Transformer's as built)."""
+    name = checkpoint["model_name"]
+    others = set().union(*MODEL_FLAGS.values()) - set(MODEL_FLAGS.get(name, ()))
     stored = dict(checkpoint["args"])
+    if name.startswith("transformer"):
+        stored, flags = with_preset_values(stored, name), with_preset_values(flags, name)
     if not stored.get("tinystories_weight"):    # a path without a weight was never read (and is
         stored["tinystories_path"] = None       # now refused, so the run could not repeat it)
     if not same_setting("init_from", stored.get("init_from"), flags.get("init_from")):

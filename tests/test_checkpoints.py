@@ -1737,3 +1737,23 @@ def test_resuming_a_fine_tune_without_its_init_from_names_init_from_alone(pico):
         pico.check_same_flags({"model_name": "transformer", "args": stored}, pico.Path("step.pt"), now)
     assert "--init_from '/models/llama' there, not given now" in str(refused.value)
     assert "--tokenizer" not in str(refused.value)
+
+
+def test_a_transformer_is_held_on_resume_to_the_model_it_builds_not_to_the_flags_typed(pico):
+    """A preset's value typed out on resuming (--d_model 128 for pico's 128) is the same
+    setting as the preset's left untyped; a different model is still refused, and the
+    message names the fields it changes (a wider model is a wider feed-forward too)."""
+    def check(stored: dict, now: dict, model_name: str = "transformer"):
+        pico.check_same_flags({"model_name": model_name, "args": {**pico.default_flags(), **stored}},
+                              pico.Path("step.pt"), {**pico.default_flags(), **now})
+    check({}, {"d_model": 128, "n_heads": 4, "zero_init_proj": False})
+    check({"transformer_variant": "GPT-oss", "sliding_window": 16}, {"transformer_variant": "GPT-oss"})
+    check({}, {"n_experts": 8, "sliding_window": 16}, "transformer_gptoss")
+    with pytest.raises(pico.UserError) as refused:
+        check({}, {"d_model": 64})
+    assert "(--d_ff 384 there, 192 now; --d_model 128 there, 64 now)" in str(refused.value)
+    with pytest.raises(pico.UserError, match=r"\(--zero_init_proj False there, True now\)"):
+        check({"zero_init_proj": False}, {"zero_init_proj": True})
+    with pytest.raises(pico.UserError, match=r"\(--qk_norm False there, True now; "
+                                             r"--transformer_variant 'pico' there, 'speedrun' now\)"):
+        check({}, {"transformer_variant": "speedrun"})
