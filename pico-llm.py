@@ -10193,9 +10193,18 @@ def read_json_object(file: Path) -> dict:
     return document
 
 
+def check_not_a_broken_link(file: Path) -> None:
+    """UserError for a file of a model directory that is a symbolic link to nothing, as the
+    Hugging Face cache's snapshots are links into its blobs, rather than "no such file"."""
+    if file.is_symlink() and not file.exists():         # exists() follows the link
+        raise UserError(f"{quoted(file)} is a symbolic link to nothing (broken, or a loop); "
+                        "download the model again, or put the file there")
+
+
 def read_hf_config(path: Path) -> dict:
     """config.json of a Hugging Face model directory, as a dict."""
     config = path / "config.json"
+    check_not_a_broken_link(config)
     if not config.exists():
         raise UserError(f"{quoted(path)} has no config.json; expected a Hugging Face model "
                         "directory")
@@ -10219,6 +10228,7 @@ def shard_files(path: Path) -> list[Path]:
         if shard in ("", "..") or Path(shard).name != shard:
             raise UserError(f"{quoted(index)} names the shard {shard!r}, which is not a file name; "
                             "shards lie beside the index")
+        check_not_a_broken_link(path / shard)
         if not (path / shard).is_file():
             raise UserError(f"{quoted(index)} names the shard {shard!r}, which is missing or not a "
                             "regular file")
@@ -10236,8 +10246,9 @@ def hf_weight_files(path: Path) -> list[Path]:
     elif (path / "pytorch_model.bin").is_file():
         files = [path / "pytorch_model.bin"]
     else:
-        for name in ("model.safetensors", "pytorch_model.bin"):   # a folder, a pipe, a loop
-            if (path / name).exists() or (path / name).is_symlink():
+        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+            check_not_a_broken_link(path / name)
+            if (path / name).exists():                   # a folder, a pipe
                 raise UserError(f"{quoted(path / name)} is not a regular file; give the model's "
                                 "weights as a file")
         raise UserError(f"{quoted(path)} has no model.safetensors or pytorch_model.bin")
@@ -10538,6 +10549,7 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     path = Path(path)
     file = path / "tokenizer.json"
     gpt2_sized = config.vocab_size == 50257
+    check_not_a_broken_link(file)
     if file.is_dir() or (file.exists() and not file.is_file()):
         raise UserError(f"{quoted(file)} is not a file (a directory, pipe or device); move it "
                         "away, or put the model's tokenizer.json there")

@@ -1304,6 +1304,16 @@ def test_init_from_a_file_or_a_model_without_weights_is_refused(refused, tmp_pat
             "--init_from", str(llama_dir), *fine_tune(corpus))
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_a_model_file_that_is_a_broken_link_is_named_as_one(pico, llama_dir, name):
+    """The Hugging Face cache's snapshots are links into its blobs: a blob gone is a broken
+    link, which is not "no config.json" (nor, for the tokenizer, "no tokenizer.json")."""
+    (llama_dir / name).unlink()
+    (llama_dir / name).symlink_to(llama_dir / "blob_that_is_gone")
+    one_line_error(pico, f"{name} is a symbolic link to nothing \\(broken, or a loop\\); "
+                   "download the model again", pico.import_hf, llama_dir)
+
+
 def test_init_from_with_a_config_json_that_is_a_folder_says_so(pico, tmp_path):
     (tmp_path / "model" / "config.json").mkdir(parents=True)
     one_line_error(pico, "config.json is not a regular file", pico.read_hf_config,
