@@ -5548,7 +5548,7 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
                 raise UserError(f"--{flag} is an option of softmax attention, not of "
                                 f"--attention {attention}")
         fields.update(attention_sinks=False, sliding_window=0, qk_norm=False, head_size=0,
-                      value_embeddings=False)  # a preset's, for softmax only
+                      value_embeddings=False)  # a preset's, for softmax only (noted, below)
     if flags.get("linear_attention_gate") is not None and attention != "gated_linear":
         raise UserError(f"--linear_attention_gate is an option of --attention gated_linear, "
                         f"not of {attention}")
@@ -5556,6 +5556,30 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
                                attention_impl=flags["attention_impl"], **fields)
     validate_transformer_config(config, preset)
     return config
+
+
+def preset_options_left_out(flags: dict, model_name: str) -> list[str]:
+    """The softmax-attention options that `model_name`'s preset sets (GPT-oss's sinks and
+    sliding window, the speedrun's QK-norm) and that another --attention leaves out."""
+    preset = ("GPT-oss" if model_name == "transformer_gptoss"
+              else find_preset(flags["transformer_variant"]))
+    fields = TRANSFORMER_PRESETS[preset]
+    if (flags.get("attention") or fields.get("attention", "softmax")) == "softmax":
+        return []
+    return [name for name in SOFTMAX_ATTENTION_OPTIONS if fields.get(name)]
+
+
+def note_preset_options_left_out(flags: dict, names: Sequence[str]) -> None:
+    """A note for each Transformer trained whose preset's softmax options --attention drops,
+    so that `--transformer_variant GPT-oss --attention linear` does not read as GPT-oss."""
+    for name in names:
+        left_out = preset_options_left_out(flags, name) if name.startswith("transformer") else []
+        if left_out:
+            preset = "GPT-oss" if name == "transformer_gptoss" else flags["transformer_variant"]
+            one = len(left_out) == 1
+            warn(f"pico-llm: note: the {preset} preset's {' and '.join(left_out)} "
+                 f"{'is an option' if one else 'are options'} of softmax attention, so {name} "
+                 f"is built without {'it' if one else 'them'} under --attention {flags['attention']}")
 
 
 def check_transformer_flags_are_read(flags: dict) -> None:
@@ -5886,6 +5910,7 @@ def run_training(config: Config) -> int:
         if context.is_main:
             note_apple_gpu_defects(device)
             note_emulated_bf16(config.training.dtype, device)
+            note_preset_options_left_out(config.flags, config.models.names)
         if context.is_main and not config.training.quiet:
             ranks = (f" on rank 0, of {context.world_size} ranks ({torch.distributed.get_backend()})"
                      if context.enabled else "")

@@ -332,6 +332,30 @@ def test_invalid_transformer_configs_are_user_errors(pico, flags, message):
         pico.parse_args(["--models", "transformer", *flags])
 
 
+def test_a_presets_softmax_options_under_linear_attention_are_dropped_and_noted(pico, capsys):
+    """The options a preset sets for softmax attention (GPT-oss's sinks and window, the
+    speedrun's QK-norm) are left out under another --attention, and a note names them."""
+    args = pico.parse_args(["--models", "transformer,lstm_seq", "--enable_transformer_gptoss",
+                            "--transformer_variant", "speedrun", "--attention", "linear"])
+    flags = vars(args)
+    gptoss = pico.transformer_config_from_flags(flags, "transformer_gptoss")
+    assert (gptoss.attention_sinks, gptoss.sliding_window, gptoss.n_experts) == (False, 0, 8)
+    assert pico.transformer_config_from_flags(flags, "transformer").qk_norm is False
+    pico.note_preset_options_left_out(flags, args.models)
+    assert capsys.readouterr().err.splitlines() == [
+        "pico-llm: note: the speedrun preset's qk_norm is an option of softmax attention, so "
+        "transformer is built without it under --attention linear",
+        "pico-llm: note: the GPT-oss preset's attention_sinks and sliding_window are options of "
+        "softmax attention, so transformer_gptoss is built without them under --attention linear"]
+    for softmax in (["--attention", "softmax"], []):   # nothing dropped, nothing said
+        flags = vars(pico.parse_args(["--models", "transformer", "--transformer_variant", "GPT-oss",
+                                      *softmax]))
+        pico.note_preset_options_left_out(flags, ["transformer"])
+    pico.note_preset_options_left_out(vars(pico.parse_args(["--attention", "linear"])),
+                                      ["transformer"])          # pico: no softmax options
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "none", "rope"])
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_transformer_options_build_and_run(pico, pos_emb, norm_position):
