@@ -5278,6 +5278,10 @@ def validate_args(args: argparse.Namespace) -> None:
     check_torchrun_environment()
     check_code_cache_folder()
     ranks = launched_world_size()
+    if args.batch_size < ranks:
+        raise UserError(f"--batch_size {args.batch_size} is shared among the {ranks} ranks torchrun "
+                        "started (WORLD_SIZE), fewer examples than ranks; raise --batch_size to "
+                        f"at least {ranks}, or start fewer ranks")
     if args.grad_accum_steps > args.batch_size // ranks:
         shared = f" / {ranks} ranks" if ranks > 1 else ""
         raise UserError(f"--grad_accum_steps ({args.grad_accum_steps}) must not exceed --batch_size "
