@@ -4859,7 +4859,11 @@ def str_to_bool(text: str) -> bool:
 def user_path(text: str) -> str:
     """The type of every path flag: ~ and ~user expanded, as the shell does only before a
     word's first = (--save_dir=~/runs reaches pico-llm unexpanded). ~name for a user this
-    system does not know is refused: written as it is, it would make a folder named ~name."""
+    system does not know is refused: written as it is, it would make a folder named ~name;
+    a path of only white space too (a folder named " " is a typo's)."""
+    if text and not text.strip():   # "" is refused with the flag's name (validate_args)
+        raise argparse.ArgumentTypeError(f"{text!r} is only white space, not a path; "
+                                         "give one")
     path = os.path.expanduser(text)
     if path.startswith("~"):
         raise argparse.ArgumentTypeError(f"{text}: no user {text[1:].split('/')[0]!r} here "

@@ -491,6 +491,20 @@ def test_torchrun_variables_torchrun_never_sets_are_one_line(run_main, monkeypat
     assert "torchrun --nproc_per_node=N" in err
 
 
+@pytest.mark.parametrize("batch_size, accumulated, message", [
+    ("16", "1", "--batch_size 16 is shared among the 32 ranks torchrun started (WORLD_SIZE), fewer "
+                "examples than ranks; raise --batch_size to at least 32, or start fewer ranks"),
+    ("64", "4", "--grad_accum_steps (4) must not exceed --batch_size (64 / 32 ranks): each "
+                "micro-batch needs an example")])
+def test_a_batch_is_refused_when_a_rank_or_micro_batch_would_get_no_example(
+        run_main, monkeypatch, batch_size, accumulated, message):
+    """Fewer examples than ranks is said as that, not as too many accumulation steps."""
+    for name, value in {"WORLD_SIZE": "32", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}.items():
+        monkeypatch.setenv(name, value)
+    status, _, err = run_main("--batch_size", batch_size, "--grad_accum_steps", accumulated)
+    assert status == 2 and err == f"pico-llm: error (rank 0): {message}\n"
+
+
 def test_torchrun_with_one_process_is_a_plain_run(run_main, monkeypatch):
     """torchrun --nproc_per_node=1 sets WORLD_SIZE=1 and RANK=0: trained as a plain run."""
     for name, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}.items():
@@ -553,6 +567,16 @@ def test_a_tilde_of_an_unknown_user_is_refused(run_main, tmp_path, monkeypatch, 
     status, _, err = run_main(flag, "~no_such_user_here/model", "--generate")
     assert status == 2 and err.count("\n") == 1
     assert "no user 'no_such_user_here' here" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", sorted(PATH_FLAGS))
+def test_a_path_of_only_white_space_is_refused(run_main, tmp_path, monkeypatch, flag):
+    """Not a folder named " " made where the command runs (--export_hf ' ' did)."""
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(f"--{flag}", " \t", "--max_steps_per_epoch", "1")
+    assert status == 2 and err.count("\n") == 1
+    assert f"argument --{flag}: ' \\t' is only white space, not a path" in err
     assert list(tmp_path.iterdir()) == []
 
 
