@@ -6046,6 +6046,68 @@ def note_flags_not_read(config: Config, mode: str, names: Sequence[str]) -> None
              f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read")
 
 
+class TextStream:
+    """Writes a generation to `stream` as its tokens come: the prompt, then each new piece of
+    the decoded continuation, so that what --generate prints ends as generate_text's text.
+
+    A token's text is not always final when it comes. A character may span tokens (a
+    byte-level BPE's multi-byte ones): the text decoded so far then ends in U+FFFD, held back
+    until the last byte comes. A decoder may rewrite a space at a join ("Hello ." read as
+    "Hello."), so trailing spaces wait for what follows. The continuation is decoded from the
+    start of its current line, with the token before as context (SentencePiece's decoder
+    drops a text's leading space, which mid-text is the token's own), which keeps each
+    decoding short."""
+
+    def __init__(self, tokenizer, prompt: str, stream) -> None:
+        self.tokenizer, self.stream = tokenizer, stream
+        self.ids: list[int] = []   # the continuation's tokens, end-of-text left out
+        self.line_start = 0        # self.ids[line_start:] are those of the unfinished line
+        self.line = ""             # what is written of that line
+        self.written = ""          # what is written of the continuation
+        self.write(prompt)
+
+    def write(self, text: str) -> None:
+        if text:
+            self.stream.write(as_shown_on(self.stream, text))
+            self.stream.flush()
+
+    def decoded_line(self) -> str | None:
+        """The text of self.ids[line_start:]; None where the context token's own text is not
+        where that decoding begins (the decoder joined them), to wait for the end."""
+        if self.line_start == 0:
+            return self.tokenizer.decode(self.ids)
+        context = self.tokenizer.decode(self.ids[self.line_start - 1: self.line_start])
+        text = self.tokenizer.decode(self.ids[self.line_start - 1:])
+        return text[len(context):] if text.startswith(context) else None
+
+    def add(self, token_id: int) -> None:
+        if token_id == self.tokenizer.eot_id:
+            return
+        self.ids.append(token_id)
+        text = self.decoded_line()
+        if text is None:
+            return
+        ready = text.rstrip("\ufffd \t")
+        if ready.startswith(self.line):          # else a decoder rewrote it: wait for the end
+            self.write(ready[len(self.line):])
+            self.written += ready[len(self.line):]
+            self.line = ready
+        if ready == text and text.endswith("\n"):  # a line is done: the next one starts here
+            self.line_start, self.line = len(self.ids), ""
+
+    def finish(self, continuation: str) -> None:
+        """Ends the text with what is still held back of `continuation` (the whole of it,
+        decoded at once) and a newline. Where the pieces written part from it (a decoder
+        that rewrites across tokens, which none here does), the whole text follows a note."""
+        if continuation.startswith(self.written):
+            self.write(continuation[len(self.written):] + "\n")
+            return
+        self.write("\n")
+        warn("pico-llm: note: the tokenizer decodes the whole continuation otherwise than its "
+             "pieces; as a whole it reads:")
+        self.write(continuation + "\n")
+
+
 def run_generation(config: Config) -> int:
     """--generate: continue --prompt with a checkpoint's model (or, with --init_from, a
     Hugging Face model's), using the sampling flags."""
@@ -6092,13 +6154,15 @@ def run_generation(config: Config) -> int:
     decoder = prompt_decoder(model, tokenizer, sampling.prompt, sampling.max_new_tokens, device,
                              compile=config.speed.compile, dtype=config.training.dtype)
     note_flags_not_read(config, "--generate", NOT_READ_BY_GENERATE)   # once nothing is refused
-    # The text is printed whole at the end (a character may span tokens); on a terminal a bar
-    # counts the tokens meanwhile. Ctrl-C or SIGTERM prints the text sampled so far.
-    bar = progress_bar(sampling.max_new_tokens, "generating", config.training.quiet)
-    sampled = []
+    # The text is written as it is sampled (TextStream). Where it goes to a file or a pipe, a
+    # bar on a terminal's standard error counts the tokens meanwhile. Ctrl-C or SIGTERM ends
+    # the text sampled so far, as a shorter run would have printed it.
+    bar = (None if sys.stdout.isatty() else
+           progress_bar(sampling.max_new_tokens, "generating", config.training.quiet))
+    text = TextStream(tokenizer, sampling.prompt, sys.stdout)
 
     def on_token(token_id: int) -> None:
-        sampled.append(token_id)
+        text.add(token_id)
         if bar is not None:
             bar.update(1)
     try:
@@ -6109,14 +6173,13 @@ def run_generation(config: Config) -> int:
         if bar is not None:
             bar.close()
             bar = None
-        so_far = tokenizer.decode([i for i in sampled if i != tokenizer.eot_id])
         with contextlib.suppress(OSError):       # a closed pipe or terminal: nobody to read it
-            print(as_shown_on(sys.stdout, sampling.prompt + so_far), flush=True)
+            text.finish(tokenizer.decode(text.ids))
         raise
     finally:
         if bar is not None:
             bar.close()
-    print(as_shown_on(sys.stdout, sample.text))
+    text.finish(sample.new_text)
     return 0
 
 

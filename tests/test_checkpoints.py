@@ -261,7 +261,9 @@ def test_generate_escapes_control_characters_on_a_terminal_only(pico, run_main, 
 
     def with_controls(*args, **kwargs):
         sample = real(*args, **kwargs)
-        return dataclasses.replace(sample, text=sample.text + "\x1b[2J\tdone\r\nnext\x07")
+        controls = "\x1b[2J\tdone\r\nnext\x07"
+        return dataclasses.replace(sample, text=sample.text + controls,
+                                   new_text=sample.new_text + controls)
 
     monkeypatch.setattr(pico, "generate_text", with_controls)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
@@ -1030,6 +1032,23 @@ def test_an_interrupted_generate_prints_the_text_sampled_so_far(pico, run_main, 
     status, out, err = run_main(*argv, "--max_new_tokens", "1000")
     assert status == (130 if signal_raised == "KeyboardInterrupt" else 143)
     assert out == five_tokens and err.strip() in ("pico-llm: interrupted", "pico-llm: terminated")
+
+
+def test_generate_writes_the_text_as_it_is_sampled(pico, run_main, trained_save_dir, monkeypatch):
+    """The prompt at once, then each token's text as it is drawn, not all at the end."""
+    checkpoint = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    real_sample, seen = pico.sample_next_token, []
+
+    def watched(*args):
+        seen.append(sys.stdout.getvalue())
+        return real_sample(*args)
+    monkeypatch.setattr(pico, "sample_next_token", watched)
+    status, out, _ = run_main("--generate", "--checkpoint", str(checkpoint), "--temperature", "0",
+                              "--prompt", "Once", "--max_new_tokens", "8")
+    assert status == 0 and out.startswith("Once") and out.endswith("\n")
+    assert seen[0] == "Once" and len(seen) == 8
+    assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:] + [out]))
+    assert len(set(seen)) > 2, (seen, out)                 # it grew while tokens were drawn
 
 
 def test_generate_notes_a_prompt_its_tokenizer_does_not_cover(pico, run_main, trained_save_dir,

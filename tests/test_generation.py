@@ -514,3 +514,92 @@ def test_every_rule_of_the_sampling_sweep_has_a_label_of_its_own(pico):
     assert pico.SamplingRule(temperature=0, top_k=5).label == "greedy"
     labels = [rule.label for rule in pico.SAMPLING_SWEEP_RULES]
     assert len(set(labels)) == len(labels)
+
+
+class WrittenPieces:
+    """A stream that keeps each write apart, as a terminal would show them one by one."""
+
+    def __init__(self):
+        self.pieces = []
+
+    def write(self, text):
+        self.pieces.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+class PieceTokenizer:
+    """Token i is pieces[i]; decode joins them as `join` says (a decoder's own rules)."""
+    eot_id = 99
+
+    def __init__(self, pieces, join=lambda pieces: "".join(pieces)):
+        self.pieces, self.join = pieces, join
+
+    def decode(self, ids):
+        return self.join([self.pieces[i] for i in ids])
+
+
+def streamed(pico, tokenizer, ids, prompt=""):
+    """What TextStream wrote after each id (the prompt first), and the whole."""
+    out = WrittenPieces()
+    stream = pico.TextStream(tokenizer, prompt, out)
+    after = [list(out.pieces)]
+    for token_id in ids:
+        stream.add(token_id)
+        after.append(list(out.pieces))
+    stream.finish(tokenizer.decode([i for i in ids if i != tokenizer.eot_id]))
+    return ["".join(pieces) for pieces in after], "".join(out.pieces)
+
+
+def test_generated_text_is_written_as_its_tokens_come(pico, gpt2):
+    """Each token's text as it is drawn; a character split over byte tokens once its last byte
+    came; the end-of-text written as nothing; the whole ends as generate_text's text."""
+    text = "Once upon a time, a café. 日本\nThe end"
+    ids = gpt2.encode(text)
+    assert len(ids) > len(text.split())       # é and 日本 take tokens of their bytes
+    after, whole = streamed(pico, gpt2, ids + [gpt2.eot_id], prompt="Story:")
+    assert whole == "Story:" + text + "\n"
+    assert after[0] == "Story:" and after[1] == "Story:Once" and after[-1] == "Story:" + text
+    for earlier, later in zip(after, after[1:]):
+        assert later.startswith(earlier) and "\ufffd" not in later
+    assert after.count("Story:" + text) == 2   # the last token's text, then nothing for <eot>
+
+
+def test_bytes_of_one_character_wait_for_its_last_byte(pico):
+    ids = list("é".encode("utf-8")) + [ord("!")]
+    after, whole = streamed(pico, pico.ByteTokenizer(), ids)
+    assert after == ["", "", "é", "é!"] and whole == "é!\n"
+
+
+def test_a_space_waits_for_what_follows_as_a_decoder_may_join_across_it(pico):
+    """A decoder that writes "Hello ." as "Hello." (clean-up of spaces before punctuation):
+    the space is held until the next token says whether it stays."""
+    tokenizer = PieceTokenizer(["Hello", " ", ".", " world"],
+                               lambda pieces: "".join(pieces).replace(" .", "."))
+    after, whole = streamed(pico, tokenizer, [0, 1, 2, 3])
+    assert after == ["", "Hello", "Hello", "Hello.", "Hello. world"]
+    assert whole == "Hello. world\n"
+
+
+def test_a_line_after_the_first_is_decoded_with_the_token_before_as_context(pico):
+    """SentencePiece's decoder drops the leading space of a text's first token: decoded from
+    the start of a line on its own, "▁there" would lose the space it has mid-text."""
+    def sentencepiece(pieces):
+        return "".join(pieces).replace("▁", " ").removeprefix(" ")
+    tokenizer = PieceTokenizer(["▁Hi", "\n", "▁there"], sentencepiece)
+    after, whole = streamed(pico, tokenizer, [0, 1, 2, 1, 2])
+    assert after[-1] == "Hi\n there\n there" and whole == "Hi\n there\n there\n"
+
+
+def test_a_decoder_that_rewrites_earlier_text_gets_the_whole_text_after_a_note(pico, capsys):
+    """Pieces that a later token changes (no tokenizer here does so) cannot be taken back:
+    the whole continuation follows them, after a note."""
+    tokenizer = PieceTokenizer(["ab", "c"], lambda pieces: "".join(pieces).replace("abc", "xyz"))
+    _, whole = streamed(pico, tokenizer, [0, 1])
+    assert whole == "ab\nxyz\n"
+    assert capsys.readouterr().err == ("pico-llm: note: the tokenizer decodes the whole "
+                                       "continuation otherwise than its pieces; as a whole it reads:\n")
