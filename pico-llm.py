@@ -8337,6 +8337,8 @@ def check_model_flags_fit(config: Config, trained: dict, model_name: str, where:
     with another value than the checkpoint's is refused, not ignored. The training command
     with --generate added (and --save_dir dropped) still works."""
     flags = config.flags
+    if model_name.startswith("transformer"):
+        trained, flags = as_built(trained, flags, model_name)
     for key in ("block_size", *MODEL_FLAGS.get(model_name, ())):
         if (key in trained and key in config.typed
                 and not same_setting(key, trained[key], flags[key])):
@@ -8639,16 +8641,20 @@ MODEL_FLAGS = {"kgram_mlp_seq": ("kgram_k", "kgram_variant", "kgram_chunk_size",
                "transformer_gptoss": TRANSFORMER_OVERRIDE_FLAGS}
 
 
-def with_preset_values(flags: dict, model_name: str) -> dict:
-    """`flags` with each Transformer flag left to the preset set to the value `model_name` is
-    built with, so that --d_model 128 typed on resuming a pico preset run is the same setting
-    as the preset's 128 left untyped; `flags` unchanged where they build no Transformer."""
-    try:
-        config = transformer_config_from_flags(flags, model_name)
-    except (UserError, ValueError, KeyError):   # KeyError: an older checkpoint's flags
-        return flags
-    return flags | {flag: getattr(config, flag) for flag in TRANSFORMER_OVERRIDE_FLAGS
-                    if flags.get(flag) is None}
+def as_built(stored: dict, flags: dict, model_name: str) -> tuple[dict, dict]:
+    """A checkpoint's flags and this command's, each Transformer flag left to the preset set
+    to the value `model_name` is built with, so that --d_model 128 typed for a pico preset
+    run is the same setting as the preset's 128 left untyped. Both unchanged unless both
+    build a Transformer (an older checkpoint's flags may lack one, or name a preset gone)."""
+    filled = []
+    for given in (stored, flags):
+        try:
+            config = transformer_config_from_flags(given, model_name)
+        except (UserError, ValueError, KeyError):
+            return stored, flags
+        filled.append(given | {flag: getattr(config, flag) for flag in TRANSFORMER_OVERRIDE_FLAGS
+                               if given.get(flag) is None})
+    return filled[0], filled[1]
 
 
 def check_same_flags(checkpoint: dict, path: Path, flags: dict) -> None:
@@ -8658,7 +8664,7 @@ def check_same_flags(checkpoint: dict, path: Path, flags: dict) -> None:
     others = set().union(*MODEL_FLAGS.values()) - set(MODEL_FLAGS.get(name, ()))
     stored = dict(checkpoint["args"])
     if name.startswith("transformer"):
-        stored, flags = with_preset_values(stored, name), with_preset_values(flags, name)
+        stored, flags = as_built(stored, flags, name)
     if not stored.get("tinystories_weight"):    # a path without a weight was never read (and is
         stored["tinystories_path"] = None       # now refused, so the run could not repeat it)
     if not same_setting("init_from", stored.get("init_from"), flags.get("init_from")):
