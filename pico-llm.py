@@ -5583,7 +5583,7 @@ def note_preset_options_left_out(flags: dict, names: Sequence[str]) -> None:
     for name in names:
         left_out = preset_options_left_out(flags, name) if name.startswith("transformer") else []
         if left_out:
-            preset = "GPT-oss" if name == "transformer_gptoss" else flags["transformer_variant"]
+            preset = "GPT-oss" if name == "transformer_gptoss" else find_preset(flags["transformer_variant"])
             one = len(left_out) == 1
             warn(f"pico-llm: note: the {preset} preset's {' and '.join(left_out)} "
                  f"{'is an option' if one else 'are options'} of softmax attention, so {name} "

@@ -336,7 +336,7 @@ def test_a_presets_softmax_options_under_linear_attention_are_dropped_and_noted(
     """The options a preset sets for softmax attention (GPT-oss's sinks and window, the
     speedrun's QK-norm) are left out under another --attention, and a note names them."""
     args = pico.parse_args(["--models", "transformer,lstm_seq", "--enable_transformer_gptoss",
-                            "--transformer_variant", "speedrun", "--attention", "linear"])
+                            "--transformer_variant", "SpeedRun", "--attention", "linear"])
     flags = vars(args)
     gptoss = pico.transformer_config_from_flags(flags, "transformer_gptoss")
     assert (gptoss.attention_sinks, gptoss.sliding_window, gptoss.n_experts) == (False, 0, 8)
