@@ -1648,8 +1648,20 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                        eot_id=tokenizer.eot_id, seed=seed, use_cache=use_cache, device=device,
                        on_token=on_token)
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
-    new_text = tokenizer.decode(new_ids)
+    new_text = decode_continuation(tokenizer, prompt_ids, new_ids)
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
+
+
+def decode_continuation(tokenizer, context_ids: list[int], new_ids: list[int]) -> str:
+    """The text of new_ids as it reads after context_ids: decoded with the last context id
+    before them, whose own text is then cut off. Some decoders (SentencePiece's: Llama 2,
+    Mistral) drop the leading space of a text's first token, which after a prompt is part of
+    the token ("the cat sat" + " on" must not read "the cat saton")."""
+    if not context_ids:
+        return tokenizer.decode(new_ids)
+    context = tokenizer.decode(context_ids[-1:])
+    text = tokenizer.decode(context_ids[-1:] + new_ids)
+    return text[len(context):] if text.startswith(context) else tokenizer.decode(new_ids)
 
 
 STARTER_SAMPLING_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.95),
@@ -6053,16 +6065,16 @@ class TextStream:
     A token's text is not always final when it comes. A character may span tokens (a
     byte-level BPE's multi-byte ones): the text decoded so far then ends in U+FFFD, held back
     until the last byte comes. A decoder may rewrite a space at a join ("Hello ." read as
-    "Hello."), so trailing spaces wait for what follows. The continuation is decoded from the
-    start of its current line, with the token before as context (SentencePiece's decoder
-    drops a text's leading space, which mid-text is the token's own), which keeps each
-    decoding short."""
+    "Hello."), so trailing spaces wait for what follows. Once nothing is held back, decoding
+    starts afresh after the last token, with that token as context (decode_continuation), so
+    that each token's decoding stays short however long the text grows."""
 
     def __init__(self, tokenizer, prompt: str, stream) -> None:
         self.tokenizer, self.stream = tokenizer, stream
+        self.prompt_ids = tokenizer.encode(prompt)
         self.ids: list[int] = []   # the continuation's tokens, end-of-text left out
-        self.line_start = 0        # self.ids[line_start:] are those of the unfinished line
-        self.line = ""             # what is written of that line
+        self.start = 0             # self.ids[start:] are those whose text is not all written
+        self.pending = ""          # what is written of their text
         self.written = ""          # what is written of the continuation
         self.write(prompt)
 
@@ -6071,34 +6083,28 @@ class TextStream:
             self.stream.write(as_shown_on(self.stream, text))
             self.stream.flush()
 
-    def decoded_line(self) -> str | None:
-        """The text of self.ids[line_start:]; None where the context token's own text is not
-        where that decoding begins (the decoder joined them), to wait for the end."""
-        if self.line_start == 0:
-            return self.tokenizer.decode(self.ids)
-        context = self.tokenizer.decode(self.ids[self.line_start - 1: self.line_start])
-        text = self.tokenizer.decode(self.ids[self.line_start - 1:])
-        return text[len(context):] if text.startswith(context) else None
-
     def add(self, token_id: int) -> None:
         if token_id == self.tokenizer.eot_id:
             return
         self.ids.append(token_id)
-        text = self.decoded_line()
-        if text is None:
-            return
+        context = self.ids[self.start - 1: self.start] if self.start else self.prompt_ids
+        text = decode_continuation(self.tokenizer, context, self.ids[self.start:])
         ready = text.rstrip("\ufffd \t")
-        if ready.startswith(self.line):          # else a decoder rewrote it: wait for the end
-            self.write(ready[len(self.line):])
-            self.written += ready[len(self.line):]
-            self.line = ready
-        if ready == text and text.endswith("\n"):  # a line is done: the next one starts here
-            self.line_start, self.line = len(self.ids), ""
+        if not ready.startswith(self.pending):   # a decoder rewrote it: the end will say
+            return
+        piece, self.pending = ready[len(self.pending):], ready
+        self.written += piece           # before writing: an interrupt then writes nothing twice
+        if ready == text:                # nothing held back: the next token starts afresh
+            self.start, self.pending = len(self.ids), ""
+        self.write(piece)
 
-    def finish(self, continuation: str) -> None:
+    def finish(self, continuation: str | None = None) -> None:
         """Ends the text with what is still held back of `continuation` (the whole of it,
-        decoded at once) and a newline. Where the pieces written part from it (a decoder
-        that rewrites across tokens, which none here does), the whole text follows a note."""
+        decoded at once; by default what the tokens so far decode to) and a newline. Where the
+        pieces written part from it (a decoder that rewrites across tokens, which none here
+        does), the whole text follows a note."""
+        if continuation is None:
+            continuation = decode_continuation(self.tokenizer, self.prompt_ids, self.ids)
         if continuation.startswith(self.written):
             self.write(continuation[len(self.written):] + "\n")
             return
@@ -6174,7 +6180,11 @@ def run_generation(config: Config) -> int:
             bar.close()
             bar = None
         with contextlib.suppress(OSError):       # a closed pipe or terminal: nobody to read it
-            text.finish(tokenizer.decode(text.ids))
+            text.finish()
+        raise
+    except Exception:                            # the error's line on a line of its own
+        with contextlib.suppress(OSError):
+            text.write("\n")
         raise
     finally:
         if bar is not None:

@@ -966,11 +966,11 @@ def trained_save_dir(pico, tmp_path_factory):
     return root / "save"
 
 
-def test_generate_counts_its_tokens_on_a_bar_and_prints_the_text_whole(pico, run_main,
-                                                                      trained_save_dir, monkeypatch):
-    """A long sample prints nothing until it is done: on a terminal a bar counts the tokens as
-    they are drawn (here a stand-in bar; the tests' standard error is no terminal), and the
-    text printed is the same."""
+def test_generate_counts_its_tokens_on_a_bar_where_its_text_goes_to_a_file(
+        pico, run_main, trained_save_dir, monkeypatch):
+    """Text written into a file or a pipe: a bar on a terminal's standard error counts the
+    tokens as they are drawn (here a stand-in bar; the tests' standard error is no terminal),
+    and the text is the same. Text written on a terminal shows its own progress: no bar."""
     class Bar:
         def __init__(self, total):
             self.total, self.count, self.closed = total, 0, False
@@ -994,6 +994,8 @@ def test_generate_counts_its_tokens_on_a_bar_and_prints_the_text_whole(pico, run
     assert [(bar.total, bar.count, bar.closed) for bar in bars] == [(12, drawn, True)]
     assert drawn == 12
     assert run_main(*argv, "--quiet")[1] == plain and asked_quiet == [False, True]   # --quiet: none
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert run_main(*argv)[0] == 0 and len(bars) == 2                             # no third bar
 
 
 def test_generate_notes_the_training_and_data_flags_it_does_not_read(run_main, trained_save_dir):
@@ -1049,6 +1051,25 @@ def test_generate_writes_the_text_as_it_is_sampled(pico, run_main, trained_save_
     assert seen[0] == "Once" and len(seen) == 8
     assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:] + [out]))
     assert len(set(seen)) > 2, (seen, out)                 # it grew while tokens were drawn
+
+
+def test_an_error_while_generating_comes_on_a_line_of_its_own(pico, run_main, trained_save_dir,
+                                                               monkeypatch):
+    """The prompt and the tokens drawn are written as they come: an error after them ends
+    that line first, so that standard output is whole lines and the error is not glued on."""
+    checkpoint = trained_save_dir / "kgram_mlp_seq" / "step_000002.pt"
+    real_sample, drawn = pico.sample_next_token, []
+
+    def failing_after_two(*args):
+        if len(drawn) == 2:
+            raise pico.UserError("the model produced non-finite logits")
+        drawn.append(1)
+        return real_sample(*args)
+    monkeypatch.setattr(pico, "sample_next_token", failing_after_two)
+    status, out, err = run_main("--generate", "--checkpoint", str(checkpoint), "--prompt", "Once",
+                                "--max_new_tokens", "8")
+    assert status == 2 and out.startswith("Once") and out.endswith("\n") and out.count("\n") == 1
+    assert err == "pico-llm: error: the model produced non-finite logits\n"
 
 
 def test_generate_notes_a_prompt_its_tokenizer_does_not_cover(pico, run_main, trained_save_dir,
@@ -1776,3 +1797,28 @@ def test_a_transformer_is_held_on_resume_to_the_model_it_builds_not_to_the_flags
     with pytest.raises(pico.UserError, match=r"\(--qk_norm False there, True now; "
                                              r"--transformer_variant 'pico' there, 'speedrun' now\)"):
         check({}, {"transformer_variant": "speedrun"})
+
+
+def test_older_checkpoint_flags_that_build_no_transformer_are_compared_as_typed(pico):
+    """A checkpoint whose flags lack one that building a Transformer reads (an older version's)
+    is compared flag by flag, as before: not as thirty fields filled in on one side only."""
+    stored = {**pico.default_flags(), "models": ["transformer"]}
+    del stored["attention_impl"]
+    now = {**pico.default_flags(), "models": ["transformer"]}
+    pico.check_same_flags({"model_name": "transformer", "args": stored}, pico.Path("step.pt"), now)
+    with pytest.raises(pico.UserError, match=r"\(--d_model not given there, 64 now\)$|"
+                                             r"\(--d_model not given there, 64 now\);"):
+        pico.check_same_flags({"model_name": "transformer", "args": stored}, pico.Path("step.pt"),
+                              {**now, "d_model": 64})
+
+
+def test_generate_takes_a_presets_value_typed_out_as_the_checkpoints(pico, configure):
+    """--generate --checkpoint with --d_model 128 typed for a pico preset model (what the
+    training command said, with --generate added) is that model; --d_model 64 is refused."""
+    trained = {**pico.default_flags(), "models": ["transformer"]}
+    pico.check_model_flags_fit(configure("--d_model", "128"), trained,
+                               "transformer", "step.pt", "--generate")
+    with pytest.raises(pico.UserError, match=r"holds a model trained with --d_model 128, and "
+                                             r"--generate takes it as trained; drop --d_model 64"):
+        pico.check_model_flags_fit(configure("--d_model", "64"), trained,
+                                   "transformer", "step.pt", "--generate")

@@ -533,25 +533,38 @@ class WrittenPieces:
 
 
 class PieceTokenizer:
-    """Token i is pieces[i]; decode joins them as `join` says (a decoder's own rules)."""
+    """Token i is pieces[i]; decode joins them as `join` says (a decoder's own rules), and
+    records how many ids each call decoded; encode matches pieces greedily, longest first."""
     eot_id = 99
 
     def __init__(self, pieces, join=lambda pieces: "".join(pieces)):
-        self.pieces, self.join = pieces, join
+        self.pieces, self.join, self.decoded = pieces, join, []
 
     def decode(self, ids):
+        self.decoded.append(len(ids))
         return self.join([self.pieces[i] for i in ids])
+
+    def encode(self, text):
+        ids = []
+        while text:
+            i = max((i for i, piece in enumerate(self.pieces) if text.startswith(piece)),
+                    key=lambda i: len(self.pieces[i]))
+            ids.append(i)
+            text = text[len(self.pieces[i]):]
+        return ids
 
 
 def streamed(pico, tokenizer, ids, prompt=""):
-    """What TextStream wrote after each id (the prompt first), and the whole."""
+    """What TextStream wrote after each id (the prompt first), and the whole, which must be
+    the prompt and generate_text's continuation."""
     out = WrittenPieces()
     stream = pico.TextStream(tokenizer, prompt, out)
     after = [list(out.pieces)]
     for token_id in ids:
         stream.add(token_id)
         after.append(list(out.pieces))
-    stream.finish(tokenizer.decode([i for i in ids if i != tokenizer.eot_id]))
+    new_ids = [i for i in ids if i != tokenizer.eot_id]
+    stream.finish(pico.decode_continuation(tokenizer, tokenizer.encode(prompt), new_ids))
     return ["".join(pieces) for pieces in after], "".join(out.pieces)
 
 
@@ -570,9 +583,9 @@ def test_generated_text_is_written_as_its_tokens_come(pico, gpt2):
 
 
 def test_bytes_of_one_character_wait_for_its_last_byte(pico):
-    ids = list("é".encode("utf-8")) + [ord("!")]
+    ids = list("é日".encode("utf-8")) + [ord("!")]
     after, whole = streamed(pico, pico.ByteTokenizer(), ids)
-    assert after == ["", "", "é", "é!"] and whole == "é!\n"
+    assert after == ["", "", "é", "é", "é", "é日", "é日!"] and whole == "é日!\n"
 
 
 def test_a_space_waits_for_what_follows_as_a_decoder_may_join_across_it(pico):
@@ -585,14 +598,40 @@ def test_a_space_waits_for_what_follows_as_a_decoder_may_join_across_it(pico):
     assert whole == "Hello. world\n"
 
 
-def test_a_line_after_the_first_is_decoded_with_the_token_before_as_context(pico):
-    """SentencePiece's decoder drops the leading space of a text's first token: decoded from
-    the start of a line on its own, "▁there" would lose the space it has mid-text."""
-    def sentencepiece(pieces):
-        return "".join(pieces).replace("▁", " ").removeprefix(" ")
-    tokenizer = PieceTokenizer(["▁Hi", "\n", "▁there"], sentencepiece)
-    after, whole = streamed(pico, tokenizer, [0, 1, 2, 1, 2])
-    assert after[-1] == "Hi\n there\n there" and whole == "Hi\n there\n there\n"
+def sentencepiece(pieces):
+    """SentencePiece's decoder: ▁ is a space, and a text's leading one is dropped."""
+    return "".join(pieces).replace("▁", " ").removeprefix(" ")
+
+
+def test_a_continuation_keeps_the_leading_space_a_decoder_drops_at_a_texts_start(pico):
+    """Decoded on its own, a continuation's first token "▁on" would lose its space ("the cat
+    saton"), and so would each token decoded afresh after the one before."""
+    tokenizer = PieceTokenizer(["▁the", "▁cat", "▁sat", "▁on", "\n", "▁mat"], sentencepiece)
+    tokenizer.encode = lambda text: [0, 1, 2]          # what "the cat sat" reads as
+    prompt = sentencepiece(["▁the", "▁cat", "▁sat"])
+    assert prompt == "the cat sat"
+    after, whole = streamed(pico, tokenizer, [3, 0, 4, 5], prompt=prompt)
+    assert after == ["the cat sat", "the cat sat on", "the cat sat on the",
+                     "the cat sat on the\n", "the cat sat on the\n mat"]
+    assert whole == "the cat sat on the\n mat\n"
+
+
+def test_each_tokens_decoding_stays_short_however_long_the_text(pico):
+    """A continuation decoded whole at every token would cost the square of its length."""
+    tokenizer = PieceTokenizer(["a", "b"])
+    _, whole = streamed(pico, tokenizer, [0, 1] * 500)
+    assert whole == "ab" * 500 + "\n"
+    assert max(tokenizer.decoded[:-1]) <= 2            # the last: the whole, at the end
+
+
+def test_an_interrupt_ends_the_text_with_what_was_held_back(pico):
+    """Ctrl-C after the first byte of "é": the text ends as a shorter run would print it."""
+    out = WrittenPieces()
+    stream = pico.TextStream(pico.ByteTokenizer(), "x", out)
+    for token_id in b"a\xc3":
+        stream.add(token_id)
+    stream.finish()
+    assert "".join(out.pieces) == "xa\ufffd\n" == "x" + pico.ByteTokenizer().decode(b"a\xc3") + "\n"
 
 
 def test_a_decoder_that_rewrites_earlier_text_gets_the_whole_text_after_a_note(pico, capsys):
@@ -600,6 +639,6 @@ def test_a_decoder_that_rewrites_earlier_text_gets_the_whole_text_after_a_note(p
     the whole continuation follows them, after a note."""
     tokenizer = PieceTokenizer(["ab", "c"], lambda pieces: "".join(pieces).replace("abc", "xyz"))
     _, whole = streamed(pico, tokenizer, [0, 1])
-    assert whole == "ab\nxyz\n"
+    assert whole == "abc\nxyz\n"
     assert capsys.readouterr().err == ("pico-llm: note: the tokenizer decodes the whole "
                                        "continuation otherwise than its pieces; as a whole it reads:\n")
