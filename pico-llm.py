@@ -1653,15 +1653,16 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
 
 
 def decode_continuation(tokenizer, context_ids: list[int], new_ids: list[int]) -> str:
-    """The text of new_ids as it reads after context_ids: decoded with the last context id
-    before them, whose own text is then cut off. Some decoders (SentencePiece's: Llama 2,
+    """The text of new_ids as it reads after context_ids: decoded with the last context ids
+    (those that read as some text) before them, whose own text is then cut off. Some decoders (SentencePiece's: Llama 2,
     Mistral) drop the leading space of a text's first token, which after a prompt is part of
     the token ("the cat sat" + " on" must not read "the cat saton")."""
-    if not context_ids:
-        return tokenizer.decode(new_ids)
-    context = tokenizer.decode(context_ids[-1:])
-    text = tokenizer.decode(context_ids[-1:] + new_ids)
-    return text[len(context):] if text.startswith(context) else tokenizer.decode(new_ids)
+    for n in range(1, min(len(context_ids), 8) + 1):   # back past ids that read as nothing
+        context = tokenizer.decode(context_ids[-n:])   # (special tokens; SentencePiece's "▁")
+        if context:
+            text = tokenizer.decode(context_ids[-n:] + new_ids)
+            return text[len(context):] if text.startswith(context) else tokenizer.decode(new_ids)
+    return tokenizer.decode(new_ids)
 
 
 STARTER_SAMPLING_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.95),
@@ -6060,22 +6061,26 @@ def note_flags_not_read(config: Config, mode: str, names: Sequence[str]) -> None
 
 class TextStream:
     """Writes a generation to `stream` as its tokens come: the prompt, then each new piece of
-    the decoded continuation, so that what --generate prints ends as generate_text's text.
+    the decoded continuation.
 
     A token's text is not always final when it comes. A character may span tokens (a
     byte-level BPE's multi-byte ones): the text decoded so far then ends in U+FFFD, held back
     until the last byte comes. A decoder may rewrite a space at a join ("Hello ." read as
     "Hello."), so trailing spaces wait for what follows. Once nothing is held back, decoding
-    starts afresh after the last token, with that token as context (decode_continuation), so
-    that each token's decoding stays short however long the text grows."""
+    starts afresh after the last token, with the tokens before as context
+    (decode_continuation), so that each token's decoding stays short however long the text.
+
+    What is written is then generate_text's text, decoded whole, but where a decoder changes
+    text already complete for a later token: a byte-fallback tokenizer (Llama 2's) reads a
+    whole run of byte tokens as U+FFFD once one character in it is cut off, as the last one
+    is when the tokens run out. There the pieces as written stand."""
 
     def __init__(self, tokenizer, prompt: str, stream) -> None:
         self.tokenizer, self.stream = tokenizer, stream
-        self.prompt_ids = tokenizer.encode(prompt)
+        self.context = tokenizer.encode(prompt)[-8:]   # the ids before self.ids[start:]
         self.ids: list[int] = []   # the continuation's tokens, end-of-text left out
         self.start = 0             # self.ids[start:] are those whose text is not all written
         self.pending = ""          # what is written of their text
-        self.written = ""          # what is written of the continuation
         self.write(prompt)
 
     def write(self, text: str) -> None:
@@ -6083,35 +6088,30 @@ class TextStream:
             self.stream.write(as_shown_on(self.stream, text))
             self.stream.flush()
 
+    def unwritten(self) -> str | None:
+        """The text of self.ids[start:] not yet written; None where a decoder rewrote what was
+        (the pieces written stand)."""
+        text = decode_continuation(self.tokenizer, self.context, self.ids[self.start:])
+        return text[len(self.pending):] if text.startswith(self.pending) else None
+
     def add(self, token_id: int) -> None:
         if token_id == self.tokenizer.eot_id:
             return
         self.ids.append(token_id)
-        context = self.ids[self.start - 1: self.start] if self.start else self.prompt_ids
-        text = decode_continuation(self.tokenizer, context, self.ids[self.start:])
-        ready = text.rstrip("\ufffd \t")
-        if not ready.startswith(self.pending):   # a decoder rewrote it: the end will say
+        rest = self.unwritten()
+        if rest is None:                 # wait: a later token may make the text agree again
             return
-        piece, self.pending = ready[len(self.pending):], ready
-        self.written += piece           # before writing: an interrupt then writes nothing twice
-        if ready == text:                # nothing held back: the next token starts afresh
+        piece = rest.rstrip("\ufffd \t")
+        self.pending += piece            # before writing: an interrupt then writes nothing twice
+        if piece and piece == rest:      # nothing held back: the next token starts afresh
+            self.context = (self.context + self.ids[self.start:])[-8:]
             self.start, self.pending = len(self.ids), ""
         self.write(piece)
 
-    def finish(self, continuation: str | None = None) -> None:
-        """Ends the text with what is still held back of `continuation` (the whole of it,
-        decoded at once; by default what the tokens so far decode to) and a newline. Where the
-        pieces written part from it (a decoder that rewrites across tokens, which none here
-        does), the whole text follows a note."""
-        if continuation is None:
-            continuation = decode_continuation(self.tokenizer, self.prompt_ids, self.ids)
-        if continuation.startswith(self.written):
-            self.write(continuation[len(self.written):] + "\n")
-            return
-        self.write("\n")
-        warn("pico-llm: note: the tokenizer decodes the whole continuation otherwise than its "
-             "pieces; as a whole it reads:")
-        self.write(continuation + "\n")
+    def finish(self) -> None:
+        """Ends the text: what is still held back (a trailing space, a character cut off, as a
+        shorter run or an interrupt leaves it), then a newline."""
+        self.write((self.unwritten() or "") + "\n")
 
 
 def run_generation(config: Config) -> int:
@@ -6189,7 +6189,7 @@ def run_generation(config: Config) -> int:
     finally:
         if bar is not None:
             bar.close()
-    text.finish(sample.new_text)
+    text.finish()
     return 0
 
 

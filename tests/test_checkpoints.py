@@ -257,18 +257,11 @@ def test_generate_escapes_control_characters_on_a_terminal_only(pico, run_main, 
     file or pipe the text goes as generated. Newlines and tabs stay as they are."""
     save = tmp_path / "ckpt"
     assert run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save), "--run_name", "r")[0] == 0
-    real = pico.generate_text
-
-    def with_controls(*args, **kwargs):
-        sample = real(*args, **kwargs)
-        controls = "\x1b[2J\tdone\r\nnext\x07"
-        return dataclasses.replace(sample, text=sample.text + controls,
-                                   new_text=sample.new_text + controls)
-
-    monkeypatch.setattr(pico, "generate_text", with_controls)
+    controls = iter(b"\x1b[2J\tdone\r\nnext\x07")        # the model "samples" these bytes
+    monkeypatch.setattr(pico, "sample_next_token", lambda *args: torch.tensor([next(controls)]))
     monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
     status, out, err = run_main("--generate", "--checkpoint", str(save / "lstm_seq" / "step_000006.pt"),
-                                "--max_new_tokens", "2")
+                                "--max_new_tokens", "16")
     assert status == 0, err
     tail = "\\x1b[2J\tdone\\r\nnext\\x07\n" if terminal else "\x1b[2J\tdone\r\nnext\x07\n"
     assert out.endswith(tail), repr(out)
@@ -1782,16 +1775,19 @@ def test_resuming_a_fine_tune_without_its_init_from_names_init_from_alone(pico):
 def test_a_transformer_is_held_on_resume_to_the_model_it_builds_not_to_the_flags_typed(pico):
     """A preset's value typed out on resuming (--d_model 128 for pico's 128) is the same
     setting as the preset's left untyped; a different model is still refused, and the
-    message names the fields it changes (a wider model is a wider feed-forward too)."""
+    message names the fields it changes (a wider model has wider feed-forward layers and
+    heads too). --head_size 0 is d_model / n_heads; preset names are read in any case."""
     def check(stored: dict, now: dict, model_name: str = "transformer"):
         pico.check_same_flags({"model_name": model_name, "args": {**pico.default_flags(), **stored}},
                               pico.Path("step.pt"), {**pico.default_flags(), **now})
-    check({}, {"d_model": 128, "n_heads": 4, "zero_init_proj": False})
+    check({}, {"d_model": 128, "n_heads": 4, "zero_init_proj": False, "head_size": 32,
+               "transformer_variant": "PICO"})
     check({"transformer_variant": "GPT-oss", "sliding_window": 16}, {"transformer_variant": "GPT-oss"})
     check({}, {"n_experts": 8, "sliding_window": 16}, "transformer_gptoss")
     with pytest.raises(pico.UserError) as refused:
         check({}, {"d_model": 64})
-    assert "(--d_ff 384 there, 192 now; --d_model 128 there, 64 now)" in str(refused.value)
+    assert ("(--d_ff 384 there, 192 now; --d_model 128 there, 64 now; --head_size 32 there, "
+            "16 now)") in str(refused.value)
     with pytest.raises(pico.UserError, match=r"\(--zero_init_proj False there, True now\)"):
         check({"zero_init_proj": False}, {"zero_init_proj": True})
     with pytest.raises(pico.UserError, match=r"\(--qk_norm False there, True now; "
