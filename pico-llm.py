@@ -8663,7 +8663,9 @@ def as_built(stored: dict, flags: dict, model_name: str) -> tuple[dict, dict]:
         except (UserError, ValueError, KeyError):
             return stored, flags
         filled.append(given | {flag: getattr(config, flag) for flag in TRANSFORMER_OVERRIDE_FLAGS
-                               if given.get(flag) is None})
+                               if given.get(flag) is None}
+                      | {"head_size": config.head_dim,    # 0 is "d_model / n_heads"
+                         "transformer_variant": find_preset(given["transformer_variant"])})
     return filled[0], filled[1]
 
 
