@@ -5312,6 +5312,8 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError("--input_files names no file; give one or more, or drop the flag")
         seen = {}
         for name in args.input_files:   # a file twice: its lines in the test and training sets
+            if name == "":              # "" would be the current folder
+                raise UserError("--input_files names an empty path; give a file")
             if os.path.realpath(name) in seen:
                 raise UserError(f"--input_files names {seen[os.path.realpath(name)]} twice; "
                                 "name each file once")
