@@ -5940,10 +5940,22 @@ def run_training(config: Config) -> int:
             print(f"device: {device}{ranks}" + (" (--device_id auto)" if device_id == "auto" else ""))
         run_path = choose_run_path(config.output, config.models.names)
         longest_name = max(config.models.names, key=len)
+        save_dir = checkpoint_directory(config.checkpoints)
+        # before the checks below make --artefacts_dir and --save_dir, which may lie inside it
+        export_dir, init_from = config.huggingface.export_hf, config.huggingface.init_from
+        if export_dir:
+            check_export_directory(Path(export_dir))
+            if init_from and Path(init_from).is_dir() and Path(init_from).resolve() in (
+                    Path(export_dir).resolve().parents):
+                raise UserError(f"--export_hf {quoted(export_dir)} is inside the --init_from model "
+                                f"{quoted(init_from)}; give the export a directory of its own")
+            check_export_apart_from(Path(export_dir), {
+                "--artefacts_dir": [run_path.parent],
+                "--save_dir": [save_dir / name for name in config.models.names] if save_dir else [],
+                "--cache_dir": [Path(config.data.cache_dir)] if config.data.cache_dir else []})
         check_writable_directory(run_path.parent, "--artefacts_dir", deepest=max(   # the longest:
             f".{run_path.stem}.monosemantic_{longest_name}.json.XXXXXXXX.tmp",    # a side file's
             f"{run_path.stem}.tokenizer/.merges.json.XXXXXXXX.tmp", key=len))      # or BPE's
-        save_dir = checkpoint_directory(config.checkpoints)
         if save_dir is not None:        # a checkpoint's temporary file, of a step up to 10**12
             check_writable_directory(save_dir, "--save_dir",
                                      deepest=f"{longest_name}/.step_{0:012d}.pt.XXXXXXXX.tmp")
@@ -5962,17 +5974,6 @@ def run_training(config: Config) -> int:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:
                 remove_stale_temporary_files(save_dir / name, CHECKPOINT_NAME.pattern)
-        export_dir, init_from = config.huggingface.export_hf, config.huggingface.init_from
-        if export_dir:
-            check_export_directory(Path(export_dir))
-            if init_from and Path(init_from).is_dir() and Path(init_from).resolve() in (
-                    Path(export_dir).resolve().parents):
-                raise UserError(f"--export_hf {quoted(export_dir)} is inside the --init_from model "
-                                f"{quoted(init_from)}; give the export a directory of its own")
-            check_export_apart_from(Path(export_dir), {
-                "--artefacts_dir": [run_path.parent],
-                "--save_dir": [save_dir / name for name in config.models.names] if save_dir else [],
-                "--cache_dir": [Path(config.data.cache_dir)] if config.data.cache_dir else []})
         tokenizer = initial_weights = hf_directory = None
         if config.huggingface.init_from:  # Appendix E: the model's shape and tokenizer
             config, tokenizer, hf_directory = init_from_hf(config, resume_points.get("transformer"))

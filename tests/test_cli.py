@@ -102,6 +102,7 @@ BAD_INPUTS = [
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "3_0"], "expected positive integers"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "\u0663"], "expected positive integers"),
     (["--input_files"], "--input_files names no file"),
+    (["--input_files", "3seqs.txt", ""], "--input_files names an empty path; give a file"),
     (["--input_files", "3seqs.txt", "./3seqs.txt"], "--input_files names 3seqs.txt twice"),
     (["--run_name", ""], "must be a plain file name"),
     # names of files that others write at their end: two runs at once would replace each other's
@@ -134,6 +135,9 @@ BAD_INPUTS = [
                                  ("sampling", "--temperature", "0.5"), ("sampling", "--top_k", "5"),
                                  ("overfit", "--lr_schedule", "cosine")]],
     (["--models", "transformer", *TINY_RUN, "--save_dir", "{folder}/ckpt", "--export_hf", "{folder}/ckpt"],
+     "would hold the files this run writes for --save_dir; give the export a directory of its own"),
+    # said before the run makes --save_dir or --artefacts_dir inside the export, not as "not empty"
+    (["--models", "transformer", *TINY_RUN, "--save_dir", "{folder}/hf/ckpt", "--export_hf", "{folder}/hf"],
      "would hold the files this run writes for --save_dir; give the export a directory of its own"),
     (["--accounting", "--generate", "--checkpoint", "x.pt"], "--accounting and --generate are two commands"),
     (["--custom_sweep_sizes", "3,5"], "--custom_sweep_sizes sets the corpus sizes"),
@@ -211,6 +215,17 @@ def test_bad_input_gives_one_line_status_2_and_touches_nothing(run_main, tmp_pat
     assert "Traceback" not in err
     assert sorted(p.name for p in artefacts.iterdir()) == ["earlier_run.json"]
     assert (artefacts / "earlier_run.json").read_text() == '{"keep": true}'
+
+
+def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_it(run_main,
+                                                                                tmp_path):
+    """--artefacts_dir inside --export_hf: said as that, not as an export folder "not empty"
+    because the run made the artefacts folder first, and nothing is left behind."""
+    status, _, err = run_main("--models", "transformer", *TINY_RUN, "--export_hf",
+                              str(tmp_path / "hf"), artefacts=tmp_path / "hf" / "a")
+    assert status == 2 and err.count("\n") == 1
+    assert "would hold the files this run writes for --artefacts_dir" in err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
