@@ -404,7 +404,7 @@ def test_the_run_log_names_the_processor_by_its_model_name(pico, monkeypatch, tm
 
 @pytest.mark.slow
 def test_the_course_sanity_command_runs(tmp_path):
-    # 84 s alone on 2 idle cores (the README's figure; the default Transformer over GPT-2's
+    # 52 s alone on 2 idle cores (the README's figure; the default Transformer over GPT-2's
     # vocabulary, and 12 epochs); several times that allowed for a machine shared with others.
     result = run_script("--tinystories_weight", "0.0", "--input_files", "3seqs.txt",
                         "--tokenizer", "gpt2",
