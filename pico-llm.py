@@ -1654,9 +1654,10 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
 
 def decode_continuation(tokenizer, context_ids: list[int], new_ids: list[int]) -> str:
     """The text of new_ids as it reads after context_ids: decoded with the last context ids
-    (those that read as some text) before them, whose own text is then cut off. Some decoders (SentencePiece's: Llama 2,
-    Mistral) drop the leading space of a text's first token, which after a prompt is part of
-    the token ("the cat sat" + " on" must not read "the cat saton")."""
+    (as many as read as some text) before them, whose own text is then cut off. Some
+    decoders (SentencePiece's: Llama 2, Mistral) drop the leading space of a text's first
+    token, which after a prompt is part of the token ("the cat sat" + " on" must not read
+    "the cat saton")."""
     for n in range(1, min(len(context_ids), 8) + 1):   # back past ids that read as nothing
         context = tokenizer.decode(context_ids[-n:])   # (special tokens; SentencePiece's "▁")
         if context:
