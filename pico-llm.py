@@ -1587,9 +1587,11 @@ class Generation:
 def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, rule: SamplingRule,
                  *, eot_id: int | None = None, seed: int | None = None, use_cache: bool = True,
                  device: torch.device | str = "cpu",
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
-    """Extend `prompt_ids` by up to max_new_tokens ids, stopping after eot_id; on_token, if
-    given, is called with each new id as it is drawn (a progress bar).
+                 on_token: Callable[[int], None] | None = None,
+                 stop_ids: frozenset[int] = frozenset()) -> list[int]:
+    """Extend `prompt_ids` by up to max_new_tokens ids, stopping after eot_id (or one of
+    stop_ids: an imported chat model's end-of-turn tokens); on_token, if given, is called
+    with each new id as it is drawn (a progress bar).
 
     use_cache=True feeds only each new token to forward_incremental (KV cache or
     carried LSTM state); use_cache=False re-reads the whole context every token.
@@ -1628,7 +1630,7 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
             ids.append(next_id)
             if on_token is not None:
                 on_token(next_id)
-            if next_id == eot_id:
+            if next_id == eot_id or next_id in stop_ids:
                 break
         return ids
     finally:
@@ -1646,7 +1648,7 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     prompt_ids = tokenizer.encode(prompt)
     ids = generate_ids(model if decoder is None else decoder, prompt_ids, max_new_tokens, rule,
                        eot_id=tokenizer.eot_id, seed=seed, use_cache=use_cache, device=device,
-                       on_token=on_token)
+                       on_token=on_token, stop_ids=getattr(tokenizer, "stop_ids", frozenset()))
     new_ids = [i for i in ids[len(prompt_ids):] if i != tokenizer.eot_id]
     new_text = decode_continuation(tokenizer, prompt_ids, new_ids)
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
@@ -8121,6 +8123,7 @@ def tokenizer_identity(spec: str, tokenizer) -> dict:
     if isinstance(tokenizer, HFTokenizer):
         identity["tokenizer_json"] = tokenizer.tokenizer.to_str()
         identity["eot_id"] = tokenizer.eot_id
+        identity["stop_ids"] = sorted(tokenizer.stop_ids)
     return identity
 
 
@@ -8128,7 +8131,8 @@ def tokenizer_from_identity(identity: dict):
     """The tokenizer a checkpoint was trained with."""
     if "tokenizer_json" in identity:
         return HFTokenizer.from_json(identity["tokenizer_json"], identity["vocab_size"],
-                                     identity["eot_id"], identity["name"])
+                                     identity["eot_id"], identity["name"],
+                                     identity.get("stop_ids", ()))   # none before they were kept
     if "bpe_merges" not in identity:
         if parse_tokenizer_spec(identity["spec"])[0] == "bpe":   # no texts here to train one
             raise ValueError("its trained tokenizer's merges are missing")
@@ -10052,12 +10056,15 @@ def hf_family(config: TransformerConfig) -> str:
     return family
 
 
-def config_to_hf(config: TransformerConfig, eot_id: int | None = None) -> dict:
+def config_to_hf(config: TransformerConfig, eot_id: int | None = None,
+                 stop_ids: Iterable[int] = ()) -> dict:
     """The config.json of a pico-llm Transformer; eot_id becomes bos, eos and padding (which
-    some classes, SmolLM3's, would otherwise take to be an id of their released vocabulary)."""
+    some classes, SmolLM3's, would otherwise take to be an id of their released vocabulary);
+    an imported chat model's further stop ids follow it in the eos_token_id list."""
     family = hf_family(config)
+    eos = [eot_id, *sorted(stop_ids)] if stop_ids else eot_id
     common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_weights,
-                  bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id, dtype="float32")
+                  bos_token_id=eot_id, eos_token_id=eos, pad_token_id=eot_id, dtype="float32")
     if family == "gpt2":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=config.d_model,
                     n_head=config.n_heads, n_layer=config.n_blocks, n_inner=config.d_ff,
@@ -10577,19 +10584,24 @@ class HFTokenizer:
     Like pico-llm's tokenizers, encode adds no BOS token. vocab_size is the model's
     (embedding tables are often padded beyond the tokenizer's ids)."""
 
-    def __init__(self, tokenizer, vocab_size: int, eot_id: int, name: str) -> None:
+    def __init__(self, tokenizer, vocab_size: int, eot_id: int, name: str,
+                 stop_ids: Iterable[int] = ()) -> None:
         decoders = hf_package("tokenizers", "a tokenizer.json").decoders
         self.tokenizer, self.vocab_size, self.eot_id, self.name = tokenizer, vocab_size, eot_id, name
+        # config.json's further eos_token_ids (a chat model's end of turn): generation stops
+        # at them too; eot_id alone separates documents
+        self.stop_ids = frozenset(stop_ids) - {eot_id}
         self.byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
 
     @classmethod
-    def from_json(cls, text: str, vocab_size: int, eot_id: int, name: str) -> "HFTokenizer":
+    def from_json(cls, text: str, vocab_size: int, eot_id: int, name: str,
+                  stop_ids: Iterable[int] = ()) -> "HFTokenizer":
         tokenizers = hf_package("tokenizers", "a tokenizer.json")
         try:
             tokenizer = tokenizers.Tokenizer.from_str(text)
         except Exception as error:    # the Rust library raises a plain Exception
             raise ValueError(f"not a tokenizer.json ({error})") from None
-        return cls(tokenizer, vocab_size, eot_id, name)
+        return cls(tokenizer, vocab_size, eot_id, name, stop_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -10694,6 +10706,7 @@ def tokenizer_from_hf(path, config: TransformerConfig):
         raise UserError(f"{quoted(file)} has ids up to {max(vocab.values())}, but the model "
                         f"embeds only {config.vocab_size} tokens")
     eos = read_hf_config(path).get("eos_token_id")
+    listed = eos if isinstance(eos, list) else []     # Llama 3's chat models: [128001, 128008, 128009]
     eos = eos[0] if isinstance(eos, list) and eos else eos
     eot_id = (eos if isinstance(eos, int) and not isinstance(eos, bool)
               else vocab.get(END_OF_TEXT, vocab.get("</s>")))
@@ -10706,8 +10719,9 @@ def tokenizer_from_hf(path, config: TransformerConfig):
         raise UserError(f"{quoted(path)}: the end-of-text id {eot_id} ({source}) is not among "
                         f"the model's {config.vocab_size} token ids; give config.json the "
                         "eos_token_id of the model's tokenizer")
+    stop_ids = [i for i in listed if type(i) is int and 0 <= i < config.vocab_size]  # others: never drawn
     return HFTokenizer(tokenizer, config.vocab_size, eot_id,
-                       "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12])
+                       "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12], stop_ids)
 
 
 # --- E.5 Export ------------------------------------------------------------------------------
@@ -10761,7 +10775,8 @@ def export_hf(model: TransformerModel, tokenizer, directory) -> Path:
     directory = Path(directory)
     check_export_directory(directory)
     config = model.config
-    hf_config = config_to_hf(config, tokenizer.eot_id if tokenizer is not None else None)
+    hf_config = config_to_hf(config, tokenizer.eot_id if tokenizer is not None else None,
+                             getattr(tokenizer, "stop_ids", ()))
     save_file = hf_package("safetensors.torch", "--export_hf").save_file
     hf_state = {name: tensor.to("cpu", torch.float32).contiguous()
                 for name, tensor in state_dict_to_hf(config, model.state_dict()).items()}

@@ -602,12 +602,26 @@ def test_a_prompt_naming_a_special_token_is_covered_by_an_imported_tokenizer(pic
     assert pico.prompt_coverage_note(tokenizer, "Once <|endoftext|> upon") is None
 
 
-def test_a_config_listing_several_end_of_text_ids_gives_the_first(pico, tmp_path):
-    """Llama 3's instruct models list three; the first ends a document, as pico-llm's eot."""
+def test_a_config_listing_several_end_of_text_ids_ends_documents_with_the_first_and_stops_at_all(
+        pico, tmp_path):
+    """Llama 3's instruct models list three: the first ends a document, as pico-llm's eot, and
+    generation stops at any (a chat model ends its turn with the third). The list travels in
+    a checkpoint's tokenizer and into an export's config.json; ids no token has are left out."""
     pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [256, 10]}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [256, 10, True, 9999]}))
     tokenizer = pico.tokenizer_from_hf(tmp_path, pico.TransformerConfig(vocab_size=257))
-    assert tokenizer.eot_id == 256
+    assert tokenizer.eot_id == 256 and tokenizer.stop_ids == {10}
+    kept = pico.tokenizer_from_identity(pico.tokenizer_identity("hf", tokenizer))
+    assert (kept.eot_id, kept.stop_ids) == (256, {10})
+    config = pico.TransformerConfig(vocab_size=257, d_model=16, n_heads=2, n_blocks=1, block_size=32)
+    assert pico.config_to_hf(config, 256, tokenizer.stop_ids)["eos_token_id"] == [256, 10]
+    assert pico.config_to_hf(config, 256)["eos_token_id"] == 256
+    model = pico.TransformerModel(config)
+    drawn = iter(b"ab\ncd")
+    with pytest.MonkeyPatch.context() as patch:    # the model "samples" a, b, newline (id 10), ...
+        patch.setattr(pico, "sample_next_token", lambda *args: torch.tensor([next(drawn)]))
+        sample = pico.generate_text(model, tokenizer, "x", 6)
+    assert sample.new_text == "ab\n" and sample.token_ids[-3:] == [97, 98, 10]
 
 
 def test_without_an_eos_token_id_the_end_of_text_token_is_found_by_name_or_refused(pico, tmp_path):
