@@ -1656,16 +1656,20 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
 
 def decode_continuation(tokenizer, context_ids: list[int], new_ids: list[int]) -> str:
     """The text of new_ids as it reads after context_ids: decoded with the last context ids
-    (as many as read as some text) before them, whose own text is then cut off. Some
-    decoders (SentencePiece's: Llama 2, Mistral) drop the leading space of a text's first
-    token, which after a prompt is part of the token ("the cat sat" + " on" must not read
-    "the cat saton")."""
-    for n in range(1, min(len(context_ids), 8) + 1):   # back past ids that read as nothing
-        context = tokenizer.decode(context_ids[-n:])   # (special tokens; SentencePiece's "▁")
-        if context:
-            text = tokenizer.decode(context_ids[-n:] + new_ids)
-            return text[len(context):] if text.startswith(context) else tokenizer.decode(new_ids)
-    return tokenizer.decode(new_ids)
+    before them, whose own text is then cut off. Some decoders (SentencePiece's: Llama 2,
+    Mistral) drop the leading space of a text's first token, which after a prompt is part of
+    the token ("the cat sat" + " on" must not read "the cat saton"). The context goes back
+    past ids that read as nothing (special tokens) or as part of a character (U+FFFD: a
+    byte-fallback decoder would read those bytes and the next ones as one broken run)."""
+    context = ""
+    for n in range(1, min(len(context_ids), 16) + 1):
+        context = tokenizer.decode(context_ids[-n:])
+        if context and "\ufffd" not in context:
+            break
+    if not context:
+        return tokenizer.decode(new_ids)
+    text = tokenizer.decode(context_ids[-n:] + new_ids)
+    return text[len(context):] if text.startswith(context) else tokenizer.decode(new_ids)
 
 
 STARTER_SAMPLING_RULES = (SamplingRule(temperature=0.0), SamplingRule(top_p=0.95),
@@ -6074,7 +6078,8 @@ class TextStream:
     until the last byte comes. A decoder may rewrite a space at a join ("Hello ." read as
     "Hello."), so trailing spaces wait for what follows. Once nothing is held back, decoding
     starts afresh after the last token, with the tokens before as context
-    (decode_continuation), so that each token's decoding stays short however long the text.
+    (decode_continuation), so that each token's decoding stays short however long the text;
+    so does a text held back for 32 tokens, written out as it reads.
 
     What is written is then generate_text's text, decoded whole, but where a decoder changes
     text already complete for a later token: a byte-fallback tokenizer (Llama 2's) reads a
@@ -6083,7 +6088,7 @@ class TextStream:
 
     def __init__(self, tokenizer, prompt: str, stream) -> None:
         self.tokenizer, self.stream = tokenizer, stream
-        self.context = tokenizer.encode(prompt)[-8:]   # the ids before self.ids[start:]
+        self.context = tokenizer.encode(prompt)[-16:]  # the ids before self.ids[start:]
         self.ids: list[int] = []   # the continuation's tokens, end-of-text left out
         self.start = 0             # self.ids[start:] are those whose text is not all written
         self.pending = ""          # what is written of their text
@@ -6108,9 +6113,14 @@ class TextStream:
         if rest is None:                 # wait: a later token may make the text agree again
             return
         piece = rest.rstrip("\ufffd \t")
+        # Past 32 tokens a text held back (a run of spaces, of bytes that make no character,
+        # of tokens that read as nothing) is written out as it reads: no decoding grows with it
+        long_held = len(self.ids) - self.start >= 32
+        if long_held:
+            piece = rest
         self.pending += piece            # before writing: an interrupt then writes nothing twice
-        if piece and piece == rest:      # nothing held back: the next token starts afresh
-            self.context = (self.context + self.ids[self.start:])[-8:]
+        if (piece and piece == rest) or long_held:   # nothing held back: start afresh
+            self.context = (self.context + self.ids[self.start:])[-16:]
             self.start, self.pending = len(self.ids), ""
         self.write(piece)
 

@@ -624,12 +624,16 @@ def test_tokens_that_read_as_nothing_keep_the_text_before_as_context(pico):
     assert whole == "the mat\n"
 
 
-def test_each_tokens_decoding_stays_short_however_long_the_text(pico):
-    """A continuation decoded whole at every token would cost the square of its length."""
-    tokenizer = PieceTokenizer(["a", "b"])
-    _, whole = streamed(pico, tokenizer, [0, 1] * 500)
-    assert whole == "ab" * 500 + "\n"
-    assert max(tokenizer.decoded[:-1]) <= 2            # the last: the whole, at the end
+@pytest.mark.parametrize("held", ["", " ", "\ufffd", "<s>"])
+def test_each_tokens_decoding_stays_short_however_long_the_text(pico, held):
+    """A continuation decoded whole at every token would cost the square of its length: also
+    through long runs of what is held back (spaces, bytes of no character, special tokens
+    read as nothing), written out after 32 tokens."""
+    tokenizer = PieceTokenizer(["a", "b", held], lambda pieces: "".join(pieces).replace("<s>", ""))
+    ids = ([0, 1] + [2] * 100) * 5 if held else [0, 1] * 500
+    _, whole = streamed(pico, tokenizer, ids)
+    assert max(tokenizer.decoded) <= 32 + 16           # the tokens held, their context
+    assert whole == tokenizer.decode(ids) + "\n"
 
 
 def test_an_interrupt_ends_the_text_with_what_was_held_back(pico):
@@ -651,15 +655,45 @@ def test_a_decoder_that_rewrites_earlier_text_leaves_the_pieces_written(pico, ca
     assert whole == "abc\n" and capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("name", ["gpt2", "byte", "metaspace", "bytelevel"])
+def byte_fallback_tokenizer(pico):
+    """Llama 2's kind of tokenizer.json: SentencePiece's "▁", and a character no token has
+    spelled in byte tokens <0xNN>, which the decoder reads back as UTF-8 (a run of bytes that
+    is no valid UTF-8 all as U+FFFD)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token in ["▁", "▁the", "▁cat", "x", "ok", ".", "\n"]:
+        vocab[token] = len(vocab)
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return pico.HFTokenizer(hf, hf.get_vocab_size(), 2, "byte_fallback")
+
+
+def test_a_character_in_byte_tokens_after_another_reads_as_itself(pico):
+    """Read after only the last byte of "中", "文"'s bytes would be one broken run with it
+    (U+FFFD for each): the context goes back to a whole character."""
+    tokenizer = byte_fallback_tokenizer(pico)
+    for prompt, continuation in [("the cat", "中文x"), ("中", "文x"), ("the", "éé.")]:
+        ids = tokenizer.encode(prompt + continuation)[len(tokenizer.encode(prompt)):]
+        assert pico.decode_continuation(tokenizer, tokenizer.encode(prompt), ids) == continuation
+        assert streamed(pico, tokenizer, ids, prompt)[1] == prompt + continuation + "\n"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "byte", "metaspace", "bytelevel", "byte_fallback"])
 def test_streamed_text_is_the_text_decoded_whole_for_random_tokens(pico, gpt2, name):
     """Random ids (bytes cut off, special tokens, spaces before punctuation) through GPT-2's
-    tokenizer, the byte tokenizer and tokenizer.json's SentencePiece-like (Metaspace) and
-    byte-level decoders: streamed, the prompt and generate_text's continuation exactly."""
+    tokenizer, the byte tokenizer and tokenizer.json's SentencePiece-like (Metaspace), byte-level
+    and byte-fallback decoders: streamed, the prompt and generate_text's continuation exactly;
+    and that continuation is what the prompt's ids and the new ones decode to together, where
+    those begin with the prompt (a byte-fallback run broken across the join reads otherwise)."""
     import random
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     texts = ["the cat sat on the mat\nand then café 日本 ok.", "Hello , world ! it 's fine\n\n end"]
-    if name in ("metaspace", "bytelevel"):
+    if name == "byte_fallback":
+        tokenizer = byte_fallback_tokenizer(pico)
+    elif name in ("metaspace", "bytelevel"):
         hf = Tokenizer(models.BPE(unk_token="<unk>" if name == "metaspace" else None))
         kind = pre_tokenizers.Metaspace() if name == "metaspace" else pre_tokenizers.ByteLevel(
             add_prefix_space=False)
@@ -678,5 +712,16 @@ def test_streamed_text_is_the_text_decoded_whole_for_random_tokens(pico, gpt2, n
         ids = [draw.randrange(vocab) for _ in range(draw.randrange(1, 30))]
         _, whole = streamed(pico, tokenizer, ids, prompt)
         new_ids = [i for i in ids if i != tokenizer.eot_id]
-        assert whole == prompt + pico.decode_continuation(tokenizer, tokenizer.encode(prompt),
-                                                          new_ids) + "\n", (prompt, ids)
+        prompt_ids = tokenizer.encode(prompt)
+        continuation = pico.decode_continuation(tokenizer, prompt_ids, new_ids)
+        expected = prompt + continuation + "\n"
+        if name == "byte_fallback" and "\ufffd" in expected:
+            # A run of bytes cut off reads as U+FFFD whole, a U+FFFD per byte, also for the
+            # characters of it written before: those pieces stand, and nothing comes twice
+            clean = expected.index("\ufffd")
+            assert whole[:clean] == expected[:clean] and len(whole) <= len(expected), (prompt, ids)
+        else:
+            assert whole == expected, (prompt, ids)
+        together, alone = tokenizer.decode(prompt_ids + new_ids), tokenizer.decode(prompt_ids)
+        if together.startswith(alone):
+            assert together[len(alone):] == continuation, (prompt, ids)
