@@ -8373,7 +8373,7 @@ def check_model_flags_fit(config: Config, trained: dict, model_name: str, where:
             was = (f"--{key} {trained[key]!r}" if trained[key] is not None
                    else f"--{key} at its preset's value")
             raise UserError(f"{where} holds a model trained with {was}, and {command} takes it "
-                            f"as trained; drop --{key} {flags[key]!r}")
+                            f"as trained; drop --{key} {config.flags[key]!r}")   # as typed
 
 
 def checkpoint_contents(path: Path, checkpoint: dict):
@@ -8678,12 +8678,13 @@ def as_built(stored: dict, flags: dict, model_name: str) -> tuple[dict, dict]:
     for given in (stored, flags):
         try:
             config = transformer_config_from_flags(given, model_name)
+            preset = ({} if model_name == "transformer_gptoss" else   # GPT-oss reads no variant
+                      {"transformer_variant": find_preset(given["transformer_variant"])})
         except (UserError, ValueError, KeyError):
             return stored, flags
         filled.append(given | {flag: getattr(config, flag) for flag in TRANSFORMER_OVERRIDE_FLAGS
                                if given.get(flag) is None}
-                      | {"head_size": config.head_dim,    # 0 is "d_model / n_heads"
-                         "transformer_variant": find_preset(given["transformer_variant"])})
+                      | {"head_size": config.head_dim} | preset)  # head_size 0: d_model / n_heads
     return filled[0], filled[1]
 
 

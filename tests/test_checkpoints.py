@@ -1818,3 +1818,9 @@ def test_generate_takes_a_presets_value_typed_out_as_the_checkpoints(pico, confi
                                              r"--generate takes it as trained; drop --d_model 64"):
         pico.check_model_flags_fit(configure("--d_model", "64"), trained,
                                    "transformer", "step.pt", "--generate")
+    with pytest.raises(pico.UserError, match=r"trained with --head_size 16, .* drop --head_size 0$"):
+        pico.check_model_flags_fit(configure("--head_size", "0"), {**trained, "head_size": 16},
+                                   "transformer", "step.pt", "--generate")   # the flag as typed
+    gptoss = {key: value for key, value in trained.items() if key != "transformer_variant"}
+    pico.check_model_flags_fit(configure("--models", "transformer_gptoss", "--d_model", "512"),
+                               gptoss, "transformer_gptoss", "step.pt", "--generate")
