@@ -9200,6 +9200,11 @@ def pop_best_pair(heap, pair_counts):
     return None
 
 
+# Stale heap entries learn_merges lets pile up (beyond 4 per live pair) before it rebuilds the
+# heap from the live counts alone: the rebuild costs a pass over them, the pile memory.
+STALE_HEAP_ENTRIES = 10_000
+
+
 def learn_merges(pretoken_counts, num_merges):
     """The BPE loop: repeatedly merge the most frequent adjacent pair within pre-tokens.
 
@@ -9243,7 +9248,7 @@ def learn_merges(pretoken_counts, num_merges):
                 heapq.heappush(heap, (-count, MaxPair(p)))
             else:
                 del pair_counts[p]
-        if len(heap) > 4 * len(pair_counts) + 10_000:  # drop stale entries once in a while
+        if len(heap) > 4 * len(pair_counts) + STALE_HEAP_ENTRIES:  # drop stale ones now and then
             heap = [(-c, MaxPair(p)) for p, c in pair_counts.items()]
             heapq.heapify(heap)
     return merges

@@ -1,4 +1,5 @@
 """Section 2.2: byte-level BPE (training, Tokenizer, GPT-2 equivalence, tiktoken fast path)."""
+import heapq
 import itertools
 import random
 from collections import Counter
@@ -156,6 +157,22 @@ def test_incremental_matches_naive(tmp_path):
     path = write(tmp_path, text)
     _, merges = train_bpe(path, 256 + 300, [])
     assert merges == naive_train(count_pretokens(text, []), 300)
+
+
+def test_rebuilding_the_heap_from_live_counts_changes_no_merge(monkeypatch):
+    """learn_merges drops stale heap entries by rebuilding the heap once they pile up (past
+    10,000 on a large corpus); rebuilt after every merge, it learns the same merges."""
+    rng = random.Random(0)
+    counts = Counter()
+    for _ in range(2000):
+        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randrange(4, 10)))
+        counts[word.encode()] += rng.randrange(1, 5)
+    rebuilt, heapify = [], heapq.heapify
+    monkeypatch.setattr(pico, "STALE_HEAP_ENTRIES", -10**9)         # rebuilt at every merge
+    monkeypatch.setattr(heapq, "heapify", lambda heap: rebuilt.append(len(heap)) or heapify(heap))
+    merges = learn_merges(counts, 150)
+    assert len(rebuilt) == 1 + 150                     # the first heap, then one per merge
+    assert merges == naive_train(counts, 150)
 
 
 # ----------------------------------------------------------------------------- parallel
