@@ -10607,6 +10607,7 @@ class HFTokenizer:
         # config.json's further eos_token_ids (a chat model's end of turn): generation stops
         # at them too; eot_id alone separates documents
         self.stop_ids = frozenset(stop_ids) - {eot_id}
+        self.fingerprint = f"{name}:{eot_id}"   # token caches' key: each example ends in eot_id
         self.byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
 
     @classmethod
@@ -10711,21 +10712,24 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     except Exception as error:  # tokenizers raises a bare Exception on bad files
         raise UserError(f"cannot read {quoted(file)}: {str(error).splitlines()[0][:160]}") from None
     vocab = tokenizer.get_vocab(with_added_tokens=True)
-    if gpt2_sized and len(vocab) == 50257 and vocab == {
+    eos = read_hf_config(path).get("eos_token_id")
+    listed = eos if isinstance(eos, list) else []     # Llama 3's chat models: [128001, 128008, 128009]
+    eos = eos[0] if isinstance(eos, list) and eos else None if eos == [] else eos
+    if eos is not None and type(eos) is not int:
+        raise UserError(f"{quoted(path)}: config.json's eos_token_id {eos!r} is not a token id; "
+                        "give it the end-of-text id of the model's tokenizer (an integer, or a "
+                        "list of them)")
+    if gpt2_sized and eos in (None, 50256) and len(set(listed)) <= 1 and len(vocab) == 50257 and vocab == {
             byte_text(token): rank for token, rank in load_tiktoken_ranks(GPT2_RANKS_PATH).items()
             } | {END_OF_TEXT: 50256}:
-        return GPT2Tokenizer()  # the same ids, through tiktoken (faster)
+        return GPT2Tokenizer()  # the same ids, through tiktoken (faster); ends and stops at 50256
     if not vocab:
         raise UserError(f"{quoted(file)} has an empty vocabulary; give the model's own "
                         "tokenizer.json")
     if max(vocab.values()) >= config.vocab_size:
         raise UserError(f"{quoted(file)} has ids up to {max(vocab.values())}, but the model "
                         f"embeds only {config.vocab_size} tokens")
-    eos = read_hf_config(path).get("eos_token_id")
-    listed = eos if isinstance(eos, list) else []     # Llama 3's chat models: [128001, 128008, 128009]
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    eot_id = (eos if isinstance(eos, int) and not isinstance(eos, bool)
-              else vocab.get(END_OF_TEXT, vocab.get("</s>")))
+    eot_id = eos if eos is not None else vocab.get(END_OF_TEXT, vocab.get("</s>"))
     if eot_id is None:
         raise UserError(f"{quoted(path)}: config.json has no usable eos_token_id ({eos!r}) and "
                         f"{quoted(file)} no {END_OF_TEXT} or </s>")

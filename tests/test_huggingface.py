@@ -662,6 +662,41 @@ def test_gpt2_tokenizer_json_is_recognised_as_gpt2(pico, own_gpt2_dir, tokenizer
     assert isinstance(pico.tokenizer_from_hf(own_gpt2_dir, config), pico.GPT2Tokenizer)
 
 
+def test_gpt2s_tokenizer_json_with_other_end_ids_keeps_them(pico, own_gpt2_dir, tokenizers_to_export):
+    """GPT-2's vocabulary with config.json listing more end ids than 50256 (or another one):
+    read through tokenizer.json, which keeps them, not as pico-llm's GPT-2 tokenizer."""
+    pico.tokenizer_to_hf(tokenizers_to_export["gpt2"]).save(str(own_gpt2_dir / "tokenizer.json"))
+    config, _ = pico.load_hf_directory(own_gpt2_dir)
+    settings = json.loads((own_gpt2_dir / "config.json").read_text())
+    for eos, expected in (([50256, 41663], (50256, {41663})), (13, (13, set()))):
+        (own_gpt2_dir / "config.json").write_text(json.dumps(settings | {"eos_token_id": eos}))
+        tokenizer = pico.tokenizer_from_hf(own_gpt2_dir, config)
+        assert isinstance(tokenizer, pico.HFTokenizer)
+        assert (tokenizer.eot_id, tokenizer.stop_ids) == expected
+
+
+@pytest.mark.parametrize("eos", [2.0, "2", True, [[2]], ["2", 3]])
+def test_an_eos_token_id_that_is_no_token_id_is_refused(pico, tmp_path, eos):
+    """Not read as absent, which would end documents with whatever id <|endoftext|> has."""
+    pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": eos}))
+    one_line_error(pico, r"config.json's eos_token_id .* is not a token id; give it the "
+                   "end-of-text id", pico.tokenizer_from_hf, tmp_path, pico.TransformerConfig(vocab_size=257))
+
+
+def test_two_end_ids_of_one_tokenizer_json_tokenize_to_caches_of_their_own(pico, tmp_path):
+    """A base model and its chat model share tokenizer.json but not the id that ends each
+    example: the token cache of one is not the other's."""
+    pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
+    keys = []
+    for eos in (256, 10):
+        (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": eos}))
+        tokenizer = pico.tokenizer_from_hf(tmp_path, pico.TransformerConfig(vocab_size=257))
+        examples = pico.tokenize_examples(["ab", "cd"], tokenizer, tmp_path / "cache")
+        keys.append(examples.key)
+    assert keys[0] != keys[1]
+
+
 def test_hf_tokenizer_byte_lengths_count_utf8_bytes(pico, llama_dir):
     _, tokenizer = pico.import_hf(llama_dir)
     lengths = tokenizer.token_byte_lengths()
