@@ -5560,11 +5560,16 @@ def validate_transformer_config(config: TransformerConfig, preset: str = "") -> 
         raise UserError(f"RoPE needs an even head size, got {config.head_dim}{where}")
 
 
+def preset_of(flags: dict, model_name: str) -> str:
+    """The preset `model_name` starts from: --transformer_variant's, GPT-oss for
+    transformer_gptoss."""
+    return "GPT-oss" if model_name == "transformer_gptoss" else find_preset(flags["transformer_variant"])
+
+
 def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerConfig:
-    """The preset for `model_name` (--transformer_variant, or GPT-oss for transformer_gptoss),
-    with every explicitly given Transformer flag applied on top; UserError if invalid."""
-    preset = ("GPT-oss" if model_name == "transformer_gptoss"
-              else find_preset(flags["transformer_variant"]))
+    """The preset for `model_name` (preset_of), with every explicitly given Transformer flag
+    applied on top; UserError if invalid."""
+    preset = preset_of(flags, model_name)
     fields = dict(TRANSFORMER_PRESETS[preset])
     for flag in TRANSFORMER_OVERRIDE_FLAGS:
         if flags.get(flag) is not None:
@@ -5591,9 +5596,7 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
 def preset_options_left_out(flags: dict, model_name: str) -> list[str]:
     """The softmax-attention options that `model_name`'s preset sets (GPT-oss's sinks and
     sliding window, the speedrun's QK-norm) and that another --attention leaves out."""
-    preset = ("GPT-oss" if model_name == "transformer_gptoss"
-              else find_preset(flags["transformer_variant"]))
-    fields = TRANSFORMER_PRESETS[preset]
+    fields = TRANSFORMER_PRESETS[preset_of(flags, model_name)]
     if (flags.get("attention") or fields.get("attention", "softmax")) == "softmax":
         return []
     return [name for name in SOFTMAX_ATTENTION_OPTIONS if fields.get(name)]
@@ -5605,9 +5608,8 @@ def note_preset_options_left_out(flags: dict, names: Sequence[str]) -> None:
     for name in names:
         left_out = preset_options_left_out(flags, name) if name.startswith("transformer") else []
         if left_out:
-            preset = "GPT-oss" if name == "transformer_gptoss" else find_preset(flags["transformer_variant"])
             one = len(left_out) == 1
-            warn(f"pico-llm: note: the {preset} preset's {' and '.join(left_out)} "
+            warn(f"pico-llm: note: the {preset_of(flags, name)} preset's {' and '.join(left_out)} "
                  f"{'is an option' if one else 'are options'} of softmax attention, so {name} "
                  f"is built without {'it' if one else 'them'} under --attention {flags['attention']}")
 
@@ -6188,9 +6190,8 @@ def run_generation(config: Config) -> int:
         if bar is not None:
             bar.update(1)
     try:
-        sample = generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
-                               seed=sampling.seed, device=device, decoder=decoder,
-                               on_token=on_token)
+        generate_text(model, tokenizer, sampling.prompt, sampling.max_new_tokens, rule,
+                      seed=sampling.seed, device=device, decoder=decoder, on_token=on_token)
     except (KeyboardInterrupt, Terminated):
         if bar is not None:
             bar.close()
@@ -8679,7 +8680,7 @@ def as_built(stored: dict, flags: dict, model_name: str) -> tuple[dict, dict]:
         try:
             config = transformer_config_from_flags(given, model_name)
             preset = ({} if model_name == "transformer_gptoss" else   # GPT-oss reads no variant
-                      {"transformer_variant": find_preset(given["transformer_variant"])})
+                      {"transformer_variant": preset_of(given, model_name)})
         except (UserError, ValueError, KeyError):
             return stored, flags
         filled.append(given | {flag: getattr(config, flag) for flag in TRANSFORMER_OVERRIDE_FLAGS

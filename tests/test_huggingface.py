@@ -1363,6 +1363,18 @@ def test_a_model_file_that_is_a_broken_link_is_named_as_one(pico, llama_dir, nam
                    "download the model again", pico.import_hf, llama_dir)
 
 
+@pytest.mark.parametrize("gone", ["model.safetensors.index.json", "model-00001-of-00001.safetensors"])
+def test_a_shard_index_or_shard_that_is_a_broken_link_is_named_as_one(pico, llama_dir, gone):
+    """Sharded weights, as large models ship them: the index or a shard it names gone from the
+    cache is a broken link, named as one."""
+    (llama_dir / "model.safetensors").rename(llama_dir / "model-00001-of-00001.safetensors")
+    (llama_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00001.safetensors"}}))
+    (llama_dir / gone).unlink()
+    (llama_dir / gone).symlink_to(llama_dir / "blob_that_is_gone")
+    one_line_error(pico, f"{gone} is a symbolic link to nothing", pico.hf_weight_files, llama_dir)
+
+
 def test_init_from_with_a_config_json_that_is_a_folder_says_so(pico, tmp_path):
     (tmp_path / "model" / "config.json").mkdir(parents=True)
     one_line_error(pico, "config.json is not a regular file", pico.read_hf_config,
