@@ -10690,19 +10690,53 @@ def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str], tokens: np.
          "them out")
 
 
+def generation_stop_ids(path: Path) -> list:
+    """The eos_token_id of generation_config.json, where the model directory has one, as a
+    list: the ids transformers' generate stops at (Qwen's chat models list the end of turn
+    there and the end of text too; their config.json names one)."""
+    file = path / "generation_config.json"
+    check_not_a_broken_link(file)
+    if not file.exists():
+        return []
+    if not file.is_file():     # a folder, or a pipe that would block the read
+        raise UserError(f"{quoted(file)} is not a regular file; move it away, or put the "
+                        "model's generation_config.json there")
+    eos = read_json_object(file).get("eos_token_id")
+    listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if any(type(i) is not int for i in listed):
+        raise UserError(f"{quoted(file)}: its eos_token_id {eos!r} is not a token id; give it "
+                        "the ids generation stops at (an integer, or a list of them)")
+    return listed
+
+
 def tokenizer_from_hf(path, config: TransformerConfig):
     """The tokenizer of a Hugging Face model directory: pico-llm's own GPT-2 tokenizer when
-    the vocabulary is GPT-2's, otherwise tokenizer.json through `tokenizers`; UserError if
-    none fits the model."""
+    the vocabulary and end-of-text id are GPT-2's, otherwise tokenizer.json through
+    `tokenizers`; UserError if none fits the model. config.json's eos_token_id (or its first,
+    where it lists several) ends each document; generation stops at it and at every further
+    id config.json or generation_config.json lists."""
     path = Path(path)
     file = path / "tokenizer.json"
-    gpt2_sized = config.vocab_size == 50257
+    eos = read_hf_config(path).get("eos_token_id")
+    listed = eos if isinstance(eos, list) else []     # Llama 3's chat models: [128001, 128008, 128009]
+    eos = eos[0] if isinstance(eos, list) and eos else None if eos == [] else eos
+    if eos is not None and type(eos) is not int:
+        raise UserError(f"{quoted(path)}: config.json's eos_token_id {eos!r} is not a token id; "
+                        "give it the end-of-text id of the model's tokenizer (an integer, or a "
+                        "list of them)")
+    stop_ids = {i for i in listed + generation_stop_ids(path)   # others are never drawn
+                if type(i) is int and 0 <= i < config.vocab_size}
+    gpt2_ends = config.vocab_size == 50257 and eos in (None, 50256) and stop_ids <= {50256}
     check_not_a_broken_link(file)
     if file.is_dir() or (file.exists() and not file.is_file()):
         raise UserError(f"{quoted(file)} is not a file (a directory, pipe or device); move it "
                         "away, or put the model's tokenizer.json there")
     if not file.is_file():
-        if gpt2_sized and hf_family(config) == "gpt2":
+        if config.vocab_size == 50257 and hf_family(config) == "gpt2":
+            if not gpt2_ends:
+                raise UserError(f"{quoted(path)} has no tokenizer.json, and its end-of-text ids "
+                                f"{sorted(stop_ids | {eos} - {None})} are not GPT-2's 50256 alone; put "
+                                "the model's tokenizer.json there")
             return GPT2Tokenizer()
         raise UserError(f"{quoted(path)} has no tokenizer.json, and its {config.vocab_size}-token "
                         "vocabulary is not GPT-2's 50257")
@@ -10713,14 +10747,7 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     except Exception as error:  # tokenizers raises a bare Exception on bad files
         raise UserError(f"cannot read {quoted(file)}: {str(error).splitlines()[0][:160]}") from None
     vocab = tokenizer.get_vocab(with_added_tokens=True)
-    eos = read_hf_config(path).get("eos_token_id")
-    listed = eos if isinstance(eos, list) else []     # Llama 3's chat models: [128001, 128008, 128009]
-    eos = eos[0] if isinstance(eos, list) and eos else None if eos == [] else eos
-    if eos is not None and type(eos) is not int:
-        raise UserError(f"{quoted(path)}: config.json's eos_token_id {eos!r} is not a token id; "
-                        "give it the end-of-text id of the model's tokenizer (an integer, or a "
-                        "list of them)")
-    if gpt2_sized and eos in (None, 50256) and len(set(listed)) <= 1 and len(vocab) == 50257 and vocab == {
+    if gpt2_ends and len(vocab) == 50257 and vocab == {
             byte_text(token): rank for token, rank in load_tiktoken_ranks(GPT2_RANKS_PATH).items()
             } | {END_OF_TEXT: 50256}:
         return GPT2Tokenizer()  # the same ids, through tiktoken (faster); ends and stops at 50256
@@ -10740,7 +10767,6 @@ def tokenizer_from_hf(path, config: TransformerConfig):
         raise UserError(f"{quoted(path)}: the end-of-text id {eot_id} ({source}) is not among "
                         f"the model's {config.vocab_size} token ids; give config.json the "
                         "eos_token_id of the model's tokenizer")
-    stop_ids = [i for i in listed if type(i) is int and 0 <= i < config.vocab_size]  # others: never drawn
     return HFTokenizer(tokenizer, config.vocab_size, eot_id,
                        "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12], stop_ids)
 

@@ -668,11 +668,52 @@ def test_gpt2s_tokenizer_json_with_other_end_ids_keeps_them(pico, own_gpt2_dir, 
     pico.tokenizer_to_hf(tokenizers_to_export["gpt2"]).save(str(own_gpt2_dir / "tokenizer.json"))
     config, _ = pico.load_hf_directory(own_gpt2_dir)
     settings = json.loads((own_gpt2_dir / "config.json").read_text())
-    for eos, expected in (([50256, 41663], (50256, {41663})), (13, (13, set()))):
+    # generation_config.json, as save_pretrained wrote it, still stops generation at 50256
+    assert json.loads((own_gpt2_dir / "generation_config.json").read_text())["eos_token_id"] == 50256
+    for eos, expected in (([50256, 41663], (50256, {41663})), (13, (13, {50256}))):
         (own_gpt2_dir / "config.json").write_text(json.dumps(settings | {"eos_token_id": eos}))
         tokenizer = pico.tokenizer_from_hf(own_gpt2_dir, config)
         assert isinstance(tokenizer, pico.HFTokenizer)
         assert (tokenizer.eot_id, tokenizer.stop_ids) == expected
+
+
+def test_generation_config_adds_the_ids_generation_stops_at(pico, tmp_path):
+    """Qwen's chat models name one end id in config.json (end of turn) and list it with the
+    end of text in generation_config.json, which transformers' generate stops at: pico-llm
+    stops at both, and the first still ends documents. A value that is no token id, or a
+    generation_config.json that is no file, is refused in one line."""
+    pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 256}))
+    config = pico.TransformerConfig(vocab_size=257)
+    generation = tmp_path / "generation_config.json"
+    for listed, stops in (([10, 256, 9999], {10}), (13, {13}), (None, set()), ([], set())):
+        generation.write_text(json.dumps({"eos_token_id": listed}))
+        tokenizer = pico.tokenizer_from_hf(tmp_path, config)
+        assert (tokenizer.eot_id, tokenizer.stop_ids) == (256, stops)
+    for listed in ("10", [10, 2.0], True):
+        generation.write_text(json.dumps({"eos_token_id": listed}))
+        one_line_error(pico, r"generation_config.json'?: its eos_token_id .* is not a token id",
+                       pico.tokenizer_from_hf, tmp_path, config)
+    generation.unlink()
+    generation.mkdir()
+    one_line_error(pico, r"generation_config.json'? is not a regular file",
+                   pico.tokenizer_from_hf, tmp_path, config)
+
+
+def test_gpt2_without_tokenizer_json_is_refused_where_it_ends_text_elsewhere(pico, own_gpt2_dir):
+    """Without tokenizer.json a GPT-2 directory reads as pico-llm's GPT-2 tokenizer, which ends
+    and stops at 50256 alone: a config.json or generation_config.json naming other end ids
+    is refused rather than left out."""
+    config, _ = pico.load_hf_directory(own_gpt2_dir)
+    assert isinstance(pico.tokenizer_from_hf(own_gpt2_dir, config), pico.GPT2Tokenizer)
+    settings = json.loads((own_gpt2_dir / "config.json").read_text())
+    for eos in (13, [50256, 13]):
+        (own_gpt2_dir / "config.json").write_text(json.dumps(settings | {"eos_token_id": eos}))
+        one_line_error(pico, r"has no tokenizer.json, and its end-of-text ids \[13, 50256\] are "
+                             "not GPT-2's 50256 alone", pico.tokenizer_from_hf, own_gpt2_dir, config)
+    (own_gpt2_dir / "config.json").write_text(json.dumps(settings | {"eos_token_id": 50256}))
+    (own_gpt2_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [50256, 13]}))
+    one_line_error(pico, r"are not GPT-2's 50256 alone", pico.tokenizer_from_hf, own_gpt2_dir, config)
 
 
 @pytest.mark.parametrize("eos", [2.0, "2", True, [[2]], ["2", 3]])
@@ -744,14 +785,17 @@ def tiny_tokenizer(kind):
 
 def save_tiny_tokenizer(directory, kind):
     """tokenizer.json and tokenizer_config.json as transformers writes them, eos <|im_end|>;
-    config.json's eos_token_id set to match. Returns transformers' AutoTokenizer for it."""
+    config.json's and generation_config.json's eos_token_id set to match. Returns
+    transformers' AutoTokenizer for it."""
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tiny_tokenizer(kind), eos_token="<|im_end|>", bos_token="<|endoftext|>",
         clean_up_tokenization_spaces=False).save_pretrained(directory)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    hf_config = json.loads((directory / "config.json").read_text())
-    hf_config["eos_token_id"] = hf_tokenizer.eos_token_id
-    (directory / "config.json").write_text(json.dumps(hf_config))
+    for name in ("config.json", "generation_config.json"):
+        if (directory / name).exists():
+            settings = json.loads((directory / name).read_text())
+            settings["eos_token_id"] = hf_tokenizer.eos_token_id
+            (directory / name).write_text(json.dumps(settings))
     return hf_tokenizer
 
 
