@@ -6086,7 +6086,8 @@ class TextStream:
     What is written is then generate_text's text, decoded whole, but where a decoder changes
     text already complete for a later token: a byte-fallback tokenizer (Llama 2's) reads a
     whole run of byte tokens as U+FFFD once one character in it is cut off, as the last one
-    is when the tokens run out. There the pieces as written stand."""
+    is when the tokens run out. There the pieces as written stand, and the text waits for a
+    later token to agree, for 32 tokens at most."""
 
     def __init__(self, tokenizer, prompt: str, stream) -> None:
         self.tokenizer, self.stream = tokenizer, stream
@@ -6111,15 +6112,17 @@ class TextStream:
         if token_id == self.tokenizer.eot_id:
             return
         self.ids.append(token_id)
-        rest = self.unwritten()
-        if rest is None:                 # wait: a later token may make the text agree again
-            return
-        piece = rest.rstrip("\ufffd \t")
         # Past 32 tokens a text held back (a run of spaces, of bytes that make no character,
-        # of tokens that read as nothing) is written out as it reads: no decoding grows with it
+        # of tokens that read as nothing, or rewritten) is written out as it reads: no
+        # decoding grows with it
         long_held = len(self.ids) - self.start >= 32
-        if long_held:
-            piece = rest
+        rest = self.unwritten()
+        if rest is None and not long_held:   # wait: a later token may make the text agree again
+            return
+        if rest is None:   # still rewritten: what follows the pieces written, by length
+            rest = decode_continuation(self.tokenizer, self.context,
+                                       self.ids[self.start:])[len(self.pending):]
+        piece = rest if long_held else rest.rstrip("\ufffd \t")
         self.pending += piece            # before writing: an interrupt then writes nothing twice
         if (piece and piece == rest) or long_held:   # nothing held back: start afresh
             self.context = (self.context + self.ids[self.start:])[-16:]

@@ -655,6 +655,17 @@ def test_a_decoder_that_rewrites_earlier_text_leaves_the_pieces_written(pico, ca
     assert whole == "abc\n" and capsys.readouterr().err == ""
 
 
+def test_a_text_rewritten_for_long_is_written_out_after_32_tokens(pico):
+    """Text rewritten for good ("b" read as "B" once a "c" follows the space held after it)
+    waits 32 tokens at most for a later token to agree, then what follows the pieces written
+    is written: no decoding grows with the text, and nothing is written twice."""
+    tokenizer = PieceTokenizer(["a", "b ", "c"], lambda pieces: "".join(pieces).replace("b c", "B c"))
+    after, whole = streamed(pico, tokenizer, [0, 1] + [2] * 100)
+    assert max(tokenizer.decoded) <= 32 + 16
+    assert after[2] == after[32] == "ab" and after[33] == "ab " + "c" * 31
+    assert whole == "ab " + "c" * 100 + "\n"
+
+
 def byte_fallback_tokenizer(pico):
     """Llama 2's kind of tokenizer.json: SentencePiece's "▁", and a character no token has
     spelled in byte tokens <0xNN>, which the decoder reads back as UTF-8 (a run of bytes that
