@@ -6102,26 +6102,24 @@ class TextStream:
             self.stream.write(as_shown_on(self.stream, text))
             self.stream.flush()
 
-    def unwritten(self) -> str | None:
-        """The text of self.ids[start:] not yet written; None where a decoder rewrote what was
-        (the pieces written stand)."""
-        text = decode_continuation(self.tokenizer, self.context, self.ids[self.start:])
-        return text[len(self.pending):] if text.startswith(self.pending) else None
+    def unwritten(self) -> str:
+        """The text of self.ids[start:] not yet written. Where a decoder rewrote what was
+        written, what follows it by length (the pieces written stand)."""
+        return decode_continuation(self.tokenizer, self.context,
+                                   self.ids[self.start:])[len(self.pending):]
 
     def add(self, token_id: int) -> None:
         if token_id == self.tokenizer.eot_id:
             return
         self.ids.append(token_id)
+        text = decode_continuation(self.tokenizer, self.context, self.ids[self.start:])
         # Past 32 tokens a text held back (a run of spaces, of bytes that make no character,
         # of tokens that read as nothing, or rewritten) is written out as it reads: no
         # decoding grows with it
         long_held = len(self.ids) - self.start >= 32
-        rest = self.unwritten()
-        if rest is None and not long_held:   # wait: a later token may make the text agree again
-            return
-        if rest is None:   # still rewritten: what follows the pieces written, by length
-            rest = decode_continuation(self.tokenizer, self.context,
-                                       self.ids[self.start:])[len(self.pending):]
+        if not text.startswith(self.pending) and not long_held:
+            return                       # rewritten: a later token may make the text agree again
+        rest = text[len(self.pending):]
         piece = rest if long_held else rest.rstrip("\ufffd \t")
         self.pending += piece            # before writing: an interrupt then writes nothing twice
         if (piece and piece == rest) or long_held:   # nothing held back: start afresh
@@ -6132,7 +6130,7 @@ class TextStream:
     def finish(self) -> None:
         """Ends the text: what is still held back (a trailing space, a character cut off, as a
         shorter run or an interrupt leaves it), then a newline."""
-        self.write((self.unwritten() or "") + "\n")
+        self.write(self.unwritten() + "\n")
 
 
 def run_generation(config: Config) -> int:
