@@ -8372,7 +8372,8 @@ def check_model_flags_fit(config: Config, trained: dict, model_name: str, where:
     for key in ("block_size", *MODEL_FLAGS.get(model_name, ())):
         if (key in trained and key in config.typed
                 and not same_setting(key, trained[key], flags[key])):
-            was = (f"--{key} {trained[key]!r}" if trained[key] is not None
+            was = (f"--{key} {trained[key]!r}" if trained[key] is not None else
+                   f"the shape of --init_from {trained['init_from']}" if trained.get("init_from")
                    else f"--{key} at its preset's value")
             raise UserError(f"{where} holds a model trained with {was}, and {command} takes it "
                             f"as trained; drop --{key} {config.flags[key]!r}")   # as typed
@@ -8675,7 +8676,10 @@ def as_built(stored: dict, flags: dict, model_name: str) -> tuple[dict, dict]:
     """A checkpoint's flags and this command's, each Transformer flag left to the preset set
     to the value `model_name` is built with, so that --d_model 128 typed for a pico preset
     run is the same setting as the preset's 128 left untyped. Both unchanged unless both
-    build a Transformer (an older checkpoint's flags may lack one, or name a preset gone)."""
+    build a Transformer from flags (an older checkpoint's flags may lack one, or name a preset
+    gone; --init_from's config.json, not a preset, shapes a fine-tuned one)."""
+    if stored.get("init_from") or flags.get("init_from"):
+        return stored, flags
     filled = []
     for given in (stored, flags):
         try:

@@ -1821,6 +1821,12 @@ def test_generate_takes_a_presets_value_typed_out_as_the_checkpoints(pico, confi
     with pytest.raises(pico.UserError, match=r"trained with --head_size 16, .* drop --head_size 0$"):
         pico.check_model_flags_fit(configure("--head_size", "0"), {**trained, "head_size": 16},
                                    "transformer", "step.pt", "--generate")   # the flag as typed
+    # fine-tuned from a Hugging Face model: config.json, not the preset, gave its shape
+    for width in ("32", "128"):
+        with pytest.raises(pico.UserError, match=r"holds a model trained with the shape of "
+                           r"--init_from hf_dir, .* drop --d_model " + width):
+            pico.check_model_flags_fit(configure("--d_model", width), {**trained, "init_from": "hf_dir"},
+                                       "transformer", "step.pt", "--generate")
     gptoss = {key: value for key, value in trained.items() if key != "transformer_variant"}
     pico.check_model_flags_fit(configure("--models", "transformer_gptoss", "--d_model", "512"),
                                gptoss, "transformer_gptoss", "step.pt", "--generate")
