@@ -1590,8 +1590,8 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
                  on_token: Callable[[int], None] | None = None,
                  stop_ids: frozenset[int] = frozenset()) -> list[int]:
     """Extend `prompt_ids` by up to max_new_tokens ids, stopping after eot_id (or one of
-    stop_ids: an imported chat model's end-of-turn tokens); on_token, if given, is called
-    with each new id as it is drawn (a progress bar).
+    stop_ids: an imported model's further end ids, a chat model's end of turn); on_token,
+    if given, is called with each new id as it is drawn (a progress bar).
 
     use_cache=True feeds only each new token to forward_incremental (KV cache or
     carried LSTM state); use_cache=False re-reads the whole context every token.
@@ -10610,8 +10610,8 @@ class HFTokenizer:
                  stop_ids: Iterable[int] = ()) -> None:
         decoders = hf_package("tokenizers", "a tokenizer.json").decoders
         self.tokenizer, self.vocab_size, self.eot_id, self.name = tokenizer, vocab_size, eot_id, name
-        # config.json's further eos_token_ids (a chat model's end of turn): generation stops
-        # at them too; eot_id alone separates documents
+        # the further end ids config.json and generation_config.json list (a chat model's
+        # end of turn): generation stops at them too; eot_id alone separates documents
         self.stop_ids = frozenset(stop_ids) - {eot_id}
         self.fingerprint = f"{name}:{eot_id}"   # token caches' key: each example ends in eot_id
         self.byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
@@ -10698,15 +10698,21 @@ def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str], tokens: np.
 def generation_stop_ids(path: Path) -> list:
     """The eos_token_id of generation_config.json, where the model directory has one, as a
     list: the ids transformers' generate stops at (Qwen's chat models list the end of turn
-    there and the end of text too; their config.json names one)."""
+    there and the end of text too; their config.json names one). A file that cannot be read
+    is left out with a note, as transformers leaves it out; an id that is no integer is
+    refused."""
     file = path / "generation_config.json"
-    check_not_a_broken_link(file)
-    if not file.exists():
+    if not (file.exists() or file.is_symlink()):
         return []
-    if not file.is_file():     # a folder, or a pipe that would block the read
-        raise UserError(f"{quoted(file)} is not a regular file; move it away, or put the "
-                        "model's generation_config.json there")
-    eos = read_json_object(file).get("eos_token_id")
+    try:
+        check_not_a_broken_link(file)
+        if not file.is_file():     # a folder, or a pipe that would block the read
+            raise UserError(f"{quoted(file)} is not a regular file")
+        eos = read_json_object(file).get("eos_token_id")
+    except UserError as error:
+        warn(f"pico-llm: note: {error}; generation stops at config.json's end-of-text ids "
+             "alone")
+        return []
     listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
     if any(type(i) is not int for i in listed):
         raise UserError(f"{quoted(file)}: its eos_token_id {eos!r} is not a token id; give it "
@@ -10722,15 +10728,15 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     id config.json or generation_config.json lists."""
     path = Path(path)
     file = path / "tokenizer.json"
-    eos = read_hf_config(path).get("eos_token_id")
-    listed = eos if isinstance(eos, list) else []     # Llama 3's chat models: [128001, 128008, 128009]
-    eos = eos[0] if isinstance(eos, list) and eos else None if eos == [] else eos
-    if eos is not None and type(eos) is not int:
+    eos = read_hf_config(path).get("eos_token_id")    # Llama 3's chat models list three ids
+    listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if any(type(i) is not int for i in listed):
         raise UserError(f"{quoted(path)}: config.json's eos_token_id {eos!r} is not a token id; "
                         "give it the end-of-text id of the model's tokenizer (an integer, or a "
                         "list of them)")
+    eos = listed[0] if listed else None
     stop_ids = {i for i in listed + generation_stop_ids(path)   # others are never drawn
-                if type(i) is int and 0 <= i < config.vocab_size}
+                if 0 <= i < config.vocab_size}
     gpt2_ends = config.vocab_size == 50257 and eos in (None, 50256) and stop_ids <= {50256}
     check_not_a_broken_link(file)
     if file.is_dir() or (file.exists() and not file.is_file()):
@@ -10740,7 +10746,7 @@ def tokenizer_from_hf(path, config: TransformerConfig):
         if config.vocab_size == 50257 and hf_family(config) == "gpt2":
             if not gpt2_ends:
                 raise UserError(f"{quoted(path)} has no tokenizer.json, and its end-of-text ids "
-                                f"{sorted(stop_ids | {eos} - {None})} are not GPT-2's 50256 alone; put "
+                                f"{sorted(stop_ids | ({eos} - {None}))} are not GPT-2's 50256 alone; put "
                                 "the model's tokenizer.json there")
             return GPT2Tokenizer()
         raise UserError(f"{quoted(path)} has no tokenizer.json, and its {config.vocab_size}-token "

@@ -608,7 +608,7 @@ def test_a_config_listing_several_end_of_text_ids_ends_documents_with_the_first_
     generation stops at any (a chat model ends its turn with the third). The list travels in
     a checkpoint's tokenizer and into an export's config.json; ids no token has are left out."""
     pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [256, 10, True, 9999]}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [256, 10, 9999]}))
     tokenizer = pico.tokenizer_from_hf(tmp_path, pico.TransformerConfig(vocab_size=257))
     assert tokenizer.eot_id == 256 and tokenizer.stop_ids == {10}
     kept = pico.tokenizer_from_identity(pico.tokenizer_identity("hf", tokenizer))
@@ -694,10 +694,25 @@ def test_generation_config_adds_the_ids_generation_stops_at(pico, tmp_path):
         generation.write_text(json.dumps({"eos_token_id": listed}))
         one_line_error(pico, r"generation_config.json'?: its eos_token_id .* is not a token id",
                        pico.tokenizer_from_hf, tmp_path, config)
-    generation.unlink()
-    generation.mkdir()
-    one_line_error(pico, r"generation_config.json'? is not a regular file",
-                   pico.tokenizer_from_hf, tmp_path, config)
+
+
+def test_a_generation_config_that_cannot_be_read_is_left_out_with_a_note(pico, tmp_path, capsys):
+    """transformers loads a model whose generation_config.json is no JSON, or missing behind a
+    link, and generates with config.json's end ids: so does pico-llm, saying so."""
+    pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [256, 10]}))
+    generation = tmp_path / "generation_config.json"
+    for make, said in ((lambda: generation.write_text("{not json"), "cannot read"),
+                       (lambda: generation.write_text("[13]"), "is not a JSON object"),
+                       (generation.mkdir, "is not a regular file"),
+                       (lambda: generation.symlink_to(tmp_path / "gone"), "symbolic link to nothing")):
+        make()
+        tokenizer = pico.tokenizer_from_hf(tmp_path, pico.TransformerConfig(vocab_size=257))
+        assert (tokenizer.eot_id, tokenizer.stop_ids) == (256, {10})
+        err = capsys.readouterr().err
+        assert err.startswith("pico-llm: note: ") and said in err and err.count("\n") == 1
+        assert err.endswith("generation stops at config.json's end-of-text ids alone\n")
+        generation.rmdir() if generation.is_dir() and not generation.is_symlink() else generation.unlink()
 
 
 def test_gpt2_without_tokenizer_json_is_refused_where_it_ends_text_elsewhere(pico, own_gpt2_dir):
@@ -716,7 +731,7 @@ def test_gpt2_without_tokenizer_json_is_refused_where_it_ends_text_elsewhere(pic
     one_line_error(pico, r"are not GPT-2's 50256 alone", pico.tokenizer_from_hf, own_gpt2_dir, config)
 
 
-@pytest.mark.parametrize("eos", [2.0, "2", True, [[2]], ["2", 3]])
+@pytest.mark.parametrize("eos", [2.0, "2", True, [[2]], ["2", 3], [256, True], [256, 2.0]])
 def test_an_eos_token_id_that_is_no_token_id_is_refused(pico, tmp_path, eos):
     """Not read as absent, which would end documents with whatever id <|endoftext|> has."""
     pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
