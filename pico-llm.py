@@ -1654,15 +1654,20 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     return Generation(prompt + new_text, new_text, ids, len(prompt_ids))
 
 
+# How far back decode_continuation looks for context ids that read as whole characters
+CONTEXT_IDS = 16
+
+
 def decode_continuation(tokenizer, context_ids: list[int], new_ids: list[int]) -> str:
     """The text of new_ids as it reads after context_ids: decoded with the last context ids
     before them, whose own text is then cut off. Some decoders (SentencePiece's: Llama 2,
     Mistral) drop the leading space of a text's first token, which after a prompt is part of
     the token ("the cat sat" + " on" must not read "the cat saton"). The context goes back
-    past ids that read as nothing (special tokens) or as part of a character (U+FFFD: a
-    byte-fallback decoder would read those bytes and the next ones as one broken run)."""
+    (CONTEXT_IDS at most) past ids that read as nothing (special tokens) or as part of a
+    character (U+FFFD: a byte-fallback decoder would read those bytes and the next ones as
+    one broken run)."""
     context = ""
-    for n in range(1, min(len(context_ids), 16) + 1):
+    for n in range(1, min(len(context_ids), CONTEXT_IDS) + 1):
         context = tokenizer.decode(context_ids[-n:])
         if context and "\ufffd" not in context:
             break
@@ -5582,8 +5587,9 @@ def transformer_config_from_flags(flags: dict, model_name: str) -> TransformerCo
             if flags.get(flag):
                 raise UserError(f"--{flag} is an option of softmax attention, not of "
                                 f"--attention {attention}")
+        # a preset's options of softmax attention are left out (note_preset_options_left_out)
         fields.update(attention_sinks=False, sliding_window=0, qk_norm=False, head_size=0,
-                      value_embeddings=False)  # a preset's, for softmax only (noted, below)
+                      value_embeddings=False)
     if flags.get("linear_attention_gate") is not None and attention != "gated_linear":
         raise UserError(f"--linear_attention_gate is an option of --attention gated_linear, "
                         f"not of {attention}")
@@ -6071,6 +6077,10 @@ def note_flags_not_read(config: Config, mode: str, names: Sequence[str]) -> None
              f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read")
 
 
+# The most tokens TextStream holds back before it writes their text as it reads
+HELD_TOKENS = 32
+
+
 class TextStream:
     """Writes a generation to `stream` as its tokens come: the prompt, then each new piece of
     the decoded continuation.
@@ -6081,17 +6091,17 @@ class TextStream:
     "Hello."), so trailing spaces wait for what follows. Once nothing is held back, decoding
     starts afresh after the last token, with the tokens before as context
     (decode_continuation), so that each token's decoding stays short however long the text;
-    so does a text held back for 32 tokens, written out as it reads.
+    so does a text held back for HELD_TOKENS tokens, written out as it reads.
 
     What is written is then generate_text's text, decoded whole, but where a decoder changes
     text already complete for a later token: a byte-fallback tokenizer (Llama 2's) reads a
     whole run of byte tokens as U+FFFD once one character in it is cut off, as the last one
     is when the tokens run out. There the pieces as written stand, and the text waits for a
-    later token to agree, for 32 tokens at most."""
+    later token to agree, for HELD_TOKENS tokens at most."""
 
     def __init__(self, tokenizer, prompt: str, stream) -> None:
         self.tokenizer, self.stream = tokenizer, stream
-        self.context = tokenizer.encode(prompt)[-16:]  # the ids before self.ids[start:]
+        self.context = tokenizer.encode(prompt)[-CONTEXT_IDS:]  # the ids before ids[start:]
         self.ids: list[int] = []   # the continuation's tokens, end-of-text left out
         self.start = 0             # self.ids[start:] are those whose text is not all written
         self.pending = ""          # what is written of their text
@@ -6113,17 +6123,17 @@ class TextStream:
             return
         self.ids.append(token_id)
         text = decode_continuation(self.tokenizer, self.context, self.ids[self.start:])
-        # Past 32 tokens a text held back (a run of spaces, of bytes that make no character,
+        # Past HELD_TOKENS a text held back (a run of spaces, of bytes that make no character,
         # of tokens that read as nothing, or rewritten) is written out as it reads: no
         # decoding grows with it
-        long_held = len(self.ids) - self.start >= 32
+        long_held = len(self.ids) - self.start >= HELD_TOKENS
         if not text.startswith(self.pending) and not long_held:
             return                       # rewritten: a later token may make the text agree again
         rest = text[len(self.pending):]
         piece = rest if long_held else rest.rstrip("\ufffd \t")
         self.pending += piece            # before writing: an interrupt then writes nothing twice
         if (piece and piece == rest) or long_held:   # nothing held back: start afresh
-            self.context = (self.context + self.ids[self.start:])[-16:]
+            self.context = (self.context + self.ids[self.start:])[-CONTEXT_IDS:]
             self.start, self.pending = len(self.ids), ""
         self.write(piece)
 

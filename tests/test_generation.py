@@ -632,7 +632,7 @@ def test_each_tokens_decoding_stays_short_however_long_the_text(pico, held):
     tokenizer = PieceTokenizer(["a", "b", held], lambda pieces: "".join(pieces).replace("<s>", ""))
     ids = ([0, 1] + [2] * 100) * 5 if held else [0, 1] * 500
     _, whole = streamed(pico, tokenizer, ids)
-    assert max(tokenizer.decoded) <= 32 + 16           # the tokens held, their context
+    assert max(tokenizer.decoded) <= pico.HELD_TOKENS + pico.CONTEXT_IDS   # held, context
     assert whole == tokenizer.decode(ids) + "\n"
 
 
@@ -661,7 +661,7 @@ def test_a_text_rewritten_for_long_is_written_out_after_32_tokens(pico):
     is written: no decoding grows with the text, and nothing is written twice."""
     tokenizer = PieceTokenizer(["a", "b ", "c"], lambda pieces: "".join(pieces).replace("b c", "B c"))
     after, whole = streamed(pico, tokenizer, [0, 1] + [2] * 100)
-    assert max(tokenizer.decoded) <= 32 + 16
+    assert max(tokenizer.decoded) <= pico.HELD_TOKENS + pico.CONTEXT_IDS
     assert after[2] == after[32] == "ab" and after[33] == "ab " + "c" * 31
     assert whole == "ab " + "c" * 100 + "\n"
 
