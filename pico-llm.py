@@ -10333,6 +10333,12 @@ def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, t
                   for pico_name, hf_name, layout in name_map(config)}
     if config.tie_weights:
         pico_state["unembedding.weight"] = pico_state["token_embedding.weight"]
+        # some exporters write the tied output layer too: it must be the embedding
+        written = hf_state.get("lm_head.weight")
+        if written is not None and not torch.equal(written.float(), pico_state["unembedding.weight"]):
+            raise UserError("config.json ties the output layer to the embedding "
+                            "(tie_word_embeddings), but the weights hold an lm_head.weight of its "
+                            "own; set tie_word_embeddings to false in config.json to use it")
     return pico_state
 
 
@@ -10428,20 +10434,28 @@ def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
                 if length > MAX_JSON_FILE_BYTES:
                     raise ValueError(f"its header is {memory_size(length)} of JSON")
                 header = json.loads(f.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("not a safetensors file (its header is no JSON object)")
             shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()
                            if name != "__metadata__"})
         except (OSError, ValueError, TypeError, KeyError, AttributeError,
                 RecursionError) as error:   # RecursionError: a header nested too deep
             reason = (str(error) or type(error).__name__).splitlines()[0]
-            raise UserError(f"cannot read {quoted(file)}: {reason[:160]}") from None
+            raise UserError(f"cannot read {quoted(file)}: {reason[:160]}; download or export "
+                            "the model again") from None
     return shapes
+
+
+# The weights' types pico-llm reads (cast to float32); float8, integer or boolean weights are
+# quantized ones, which a cast would read as nonsense
+READABLE_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_hf_tensors(file: Path, tensors) -> None:
     """What a weight file holds must be named tensors (not, say, a training checkpoint with
-    the state dict nested inside) of a floating-point type (an integer or boolean tensor
-    would be cast to float silently: quantized weights read as nonsense) with finite values
-    (a NaN would only show as NaN logits)."""
+    the state dict nested inside) of a type in READABLE_WEIGHT_DTYPES, dense and with values
+    (a pickle may hold sparse or meta tensors), and finite (a NaN would only show as NaN
+    logits)."""
     if not isinstance(tensors, dict):
         raise UserError(f"{quoted(file)} holds a Python {type(tensors).__name__}, not a dict of "
                         "tensor names to tensors")
@@ -10452,10 +10466,14 @@ def check_hf_tensors(file: Path, tensors) -> None:
                             "tensors (a state dict)")
         if name.endswith(IGNORED_SUFFIXES):  # buffers, not weights (GPT-2's mask may be bool)
             continue
-        if not tensor.is_floating_point():
+        if tensor.dtype not in READABLE_WEIGHT_DTYPES:
             dtype = str(tensor.dtype).removeprefix("torch.")
-            raise UserError(f"{quoted(file)}: tensor {name} is {dtype}; pico-llm reads "
-                            "floating-point weights (use a bf16 or fp32 copy)")
+            raise UserError(f"{quoted(file)}: tensor {name} is {dtype}; pico-llm reads float16, "
+                            "bfloat16 and float32 weights (use a bf16 or fp32 copy)")
+        if tensor.layout != torch.strided or tensor.is_meta:
+            kind = "a meta tensor (a shape, no values)" if tensor.is_meta else tensor.layout
+            raise UserError(f"{quoted(file)}: tensor {name} is {kind}, not a dense tensor of "
+                            "values; use the weights as save_pretrained writes them")
         if not torch.isfinite(tensor).all():
             raise UserError(f"{quoted(file)}: tensor {name} holds NaN or infinite values; the "
                             "model is broken (use another copy of its weights)")
@@ -10915,8 +10933,8 @@ def validate_huggingface_args(args: argparse.Namespace) -> None:
         if args.transformer_variant != build_arg_parser().get_default("transformer_variant"):
             shape_flags.insert(0, "transformer_variant")
         if shape_flags:
-            raise UserError(f"--{shape_flags[0]} contradicts --init_from, whose config.json sets "
-                            f"the Transformer's shape; drop --{shape_flags[0]}")
+            raise UserError(f"--{shape_flags[0]} is --init_from's to set (its config.json gives "
+                            f"the Transformer's shape); drop --{shape_flags[0]}")
     if args.export_hf:
         if args.generate:
             raise UserError("--generate writes no model; drop --export_hf (without --generate, "

@@ -654,6 +654,11 @@ def test_a_tied_model_whose_file_also_holds_the_output_layer_imports(pico):
     hf_state["lm_head.weight"] = hf_state[embedding].clone()
     state = pico.state_dict_from_hf(config, hf_state)
     assert torch.equal(state["unembedding.weight"], model.token_embedding.weight.detach())
+    # an output layer of its own under a config that ties it: which one is meant is unknown
+    hf_state["lm_head.weight"] = hf_state[embedding] + 0.5
+    one_line_error(pico, r"config.json ties the output layer to the embedding "
+                   r"\(tie_word_embeddings\), but the weights hold an lm_head.weight of its own",
+                   pico.state_dict_from_hf, config, hf_state)
 
 
 def test_gpt2_tokenizer_json_is_recognised_as_gpt2(pico, own_gpt2_dir, tokenizers_to_export):
@@ -1078,13 +1083,38 @@ def test_pytorch_model_bin_that_is_not_weights_only_is_refused_without_torch_adv
     assert not [w for w in recwarn.list if "pickle protocol" in str(w.message)]
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64])
-def test_weights_that_are_not_floating_point_are_refused(pico, llama_dir, dtype):
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn,
+                                   torch.float8_e5m2])
+def test_weights_that_are_quantized_or_not_real_numbers_are_refused(pico, llama_dir, dtype):
+    """float8 too: a cast would read quantized weights without their scales (and float8_e4m3fn
+    has no isfinite, so it had failed with a traceback)."""
     state = load_file(llama_dir / "model.safetensors")
     state["model.norm.weight"] = state["model.norm.weight"].to(dtype)
     save_file(state, llama_dir / "model.safetensors")
     one_line_error(pico, f"tensor model.norm.weight is {str(dtype).removeprefix('torch.')}; "
-                   "pico-llm reads floating-point weights", pico.load_hf_directory, llama_dir)
+                   "pico-llm reads float16, bfloat16 and float32 weights", pico.load_hf_directory,
+                   llama_dir)
+
+
+def test_a_pickle_of_meta_or_sparse_tensors_is_refused(pico, llama_dir):
+    """pytorch_model.bin may hold tensors without values (meta) or sparse ones: one line each,
+    not a traceback from the finiteness check."""
+    state = load_file(llama_dir / "model.safetensors")
+    bin_dir(llama_dir, state | {"model.norm.weight": torch.empty(64, device="meta")})
+    one_line_error(pico, r"tensor model.norm.weight is a meta tensor \(a shape, no values\), not "
+                   "a dense tensor", pico.load_hf_directory, llama_dir)
+    torch.save(state | {"model.norm.weight": state["model.norm.weight"].to_sparse()},
+               llama_dir / "pytorch_model.bin")
+    one_line_error(pico, "tensor model.norm.weight is torch.sparse_coo, not a dense tensor",
+                   pico.load_hf_directory, llama_dir)
+
+
+def test_a_safetensors_header_that_is_no_object_is_refused_as_damaged(pico, llama_dir):
+    raw = (llama_dir / "model.safetensors").read_bytes()
+    header = b"[1, 2]"
+    (llama_dir / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw[8:])
+    one_line_error(pico, r"model.safetensors'?: not a safetensors file \(its header is no JSON "
+                   r"object\); download or export the model again", pico.load_hf_directory, llama_dir)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -1473,10 +1503,10 @@ def test_init_from_with_a_tokenizer_that_does_not_fit_is_refused(refused, pico, 
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--d_model", "64"], "--d_model contradicts --init_from"),
-    (["--n_blocks", "12"], "--n_blocks contradicts --init_from"),
-    (["--tie_weights", "false"], "--tie_weights contradicts --init_from"),
-    (["--transformer_variant", "minGPT"], "--transformer_variant contradicts --init_from"),
+    (["--d_model", "64"], "--d_model is --init_from's to set"),
+    (["--n_blocks", "12"], "--n_blocks is --init_from's to set"),
+    (["--tie_weights", "false"], "--tie_weights is --init_from's to set"),
+    (["--transformer_variant", "minGPT"], "--transformer_variant is --init_from's to set"),
     (["--models", "lstm_seq,transformer"], "pass --models transformer"),
     (["--enable_transformer_gptoss"], "pass --models transformer"),
     (["--block_size", "100"], "--block_size 100 exceeds the 64 positions"),
