@@ -1419,6 +1419,7 @@ def test_json_files_larger_than_any_pico_llm_reads_are_refused_before_reading(
         with pytest.raises(pico.UserError, match="of any JSON file pico-llm reads"):
             read(big)
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"eos_token_id": 256}))
     big.rename(tmp_path / "model" / "tokenizer.json")
     with pytest.raises(pico.UserError, match="of any JSON file pico-llm reads"):
         pico.tokenizer_from_hf(tmp_path / "model", pico.TransformerConfig(vocab_size=300))
