@@ -7609,7 +7609,7 @@ CHECKPOINT_VERSION = 2    # 2 adds "sha256"; version 1 files still load, unverif
 CHECKPOINT_KEYS = ("model_name", "model", "optimizer", "progress", "rng", "args", "tokenizer",
                    "record")
 
-CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
+CHECKPOINT_NAME = re.compile(r"step_(\d{6,})\.pt")   # as CheckpointSeries.save names them
 
 # Flags that change what is printed, saved or sampled, never the training
 # arithmetic, so a resumed run may set them differently.
@@ -7931,8 +7931,9 @@ class FaultTolerance:
 
 
 def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint's name says, -1 for a name save would not write (step_1.pt)."""
     match = CHECKPOINT_NAME.fullmatch(path.name)
-    return int(match.group(1)) if match else -1
+    return int(match.group(1)) if match and path.name == f"step_{int(match.group(1)):06d}.pt" else -1
 
 
 class CheckpointSeries:
@@ -8488,6 +8489,7 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
     check_regular_file(source, "--resume")
     if source.is_file():
         checkpoint = load_checkpoint(source, "--resume")
+        check_named_for_its_step(source, checkpoint)
         name = checkpoint["model_name"]
         if model_names != [name]:
             raise UserError(f"--resume {source} holds model {name}, but --models is "
@@ -8514,6 +8516,7 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
             latest = CheckpointSeries(source, name, keep=1).latest()
             if latest is not None:
                 found[name] = (latest, load_checkpoint(latest, "--resume", newest_in=source))
+                check_named_for_its_step(*found[name])
         if not found and source.name in model_names and CheckpointSeries(
                 source.parent, source.name, keep=1).latest() is not None:
             raise UserError(f"--resume {source} is one model's folder of a --save_dir; give "
@@ -8526,6 +8529,17 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
     for path, checkpoint in found.values():
         check_same_flags(checkpoint, path, flags)
     return found
+
+
+def check_named_for_its_step(path: Path, checkpoint: dict) -> None:
+    """--resume finds the newest checkpoint by its name's step: a copy kept under another
+    step's name (a backup as step_000099.pt) would be resumed from, and training on would
+    write over the newer checkpoints."""
+    named, step = checkpoint_step(path), checkpoint["progress"].get("step")
+    if named >= 0 and isinstance(step, int) and named != step:
+        raise UserError(f"{path} holds step {step}, but its name says step {named} (a copy "
+                        f"renamed?); rename it step_{step:06d}.pt if it belongs to this run, or "
+                        "move it away")
 
 
 @contextlib.contextmanager

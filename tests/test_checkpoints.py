@@ -210,6 +210,37 @@ def test_pruning_deletes_only_files_torch_saved(pico, tmp_path):
     assert notes.read_text() == "my notes on this run\n"
 
 
+def test_pruning_and_resuming_read_only_the_names_save_writes(pico, tmp_path):
+    """step_1.pt (a copy kept by hand) is no name save writes: neither pruned nor resumed."""
+    series = pico.CheckpointSeries(tmp_path, "m", keep=1)
+    for step in (1, 2):
+        series.save({"progress": {"step": step}})
+    kept = series.directory / "step_1.pt"
+    kept.write_bytes((series.directory / "step_000002.pt").read_bytes())
+    series.save({"progress": {"step": 3}})
+    assert sorted(p.name for p in series.directory.iterdir()) == ["step_000003.pt", "step_1.pt"]
+    assert [pico.checkpoint_step(tmp_path / name) for name in
+            ("step_000003.pt", "step_1234567.pt", "step_1.pt", "step_0000003.pt")] == [3, 1234567, -1, -1]
+
+
+def test_a_checkpoint_copied_under_a_newer_steps_name_is_not_resumed(pico, run_main, tmp_path):
+    """--resume takes the newest name: a backup of step 3 kept as step_000099.pt would be
+    resumed from, and training on would write over step 6. It is refused, and nothing changes."""
+    save = tmp_path / "ckpt"
+    flags = [*TINY, "--models", "lstm_seq", "--save_dir", str(save), "--checkpoint_every", "3"]
+    assert run_main(*flags)[0] == 0
+    folder = save / "lstm_seq"
+    (folder / "step_000099.pt").write_bytes((folder / "step_000003.pt").read_bytes())
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    status, out, err = run_main(*flags, "--epochs", "3", "--resume")
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.endswith("step_000099.pt holds step 3, but its name says step 99 (a copy renamed?); "
+                        "rename it step_000003.pt if it belongs to this run, or move it away\n")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    status, _, err = run_main(*flags, "--epochs", "3", "--resume", str(folder / "step_000099.pt"))
+    assert status == 2 and "its name says step 99" in err
+
+
 def test_a_resumed_checkpoint_is_held_to_its_own_kind_of_models_flags(pico, run_main, tmp_path):
     """An LSTM's checkpoint resumes whatever the Transformer's flags say now (the LSTM reads
     none of them), and is refused, naming only that flag, when one it reads changed."""
