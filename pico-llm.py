@@ -4885,10 +4885,14 @@ def user_path(text: str) -> str:
     """The type of every path flag: ~ and ~user expanded, as the shell does only before a
     word's first = (--save_dir=~/runs reaches pico-llm unexpanded). ~name for a user this
     system does not know is refused: written as it is, it would make a folder named ~name;
-    a path of only white space too (a folder named " " is a typo's)."""
+    a path of only white space too (a folder named " " is a typo's), and one with a control
+    character (a newline pasted in), which no line that names it would print as typed."""
     if text and not text.strip():   # "" is refused with the flag's name (validate_args)
         raise argparse.ArgumentTypeError(f"{text!r} is only white space, not a path; "
                                          "give one")
+    if any(unicodedata.category(character) == "Cc" for character in text):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a control character (a newline or "
+                                         "tab pasted in?); give the path without it")
     path = os.path.expanduser(text)
     if path.startswith("~"):
         raise argparse.ArgumentTypeError(f"{text}: no user {text[1:].split('/')[0]!r} here "

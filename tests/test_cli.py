@@ -595,6 +595,17 @@ def test_a_path_of_only_white_space_is_refused(run_main, tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag", sorted(PATH_FLAGS))
+def test_a_path_with_a_control_character_is_refused(run_main, tmp_path, monkeypatch, flag):
+    """A newline pasted into a path would break every line that names it ("run log written
+    to ..."), and make a folder so named."""
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(f"--{flag}", "runs\nx", "--max_steps_per_epoch", "1")
+    assert status == 2 and err.count("\n") == 1
+    assert f"argument --{flag}: 'runs\\nx' holds a control character" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv", [
     ["--enable_transformer_gptoss", "--experts_per_token", "4"],       # GPT-oss reads them
     ["--transformer_variant", "minGPT", "--enable_transformer_gptoss", "--rope_theta", "1e6"],
