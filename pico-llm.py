@@ -2991,6 +2991,8 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
                 if not problem and (cached.offsets[0] != 0 or np.any(np.diff(cached.offsets) < 1)):
                     problem = "its example offsets do not increase"   # each example ends in eot
                 problem = problem or token_ids_problem(cached.tokens, tokenizer.vocab_size)
+                if not problem and np.any(cached.tokens[cached.offsets[1:] - 1] != tokenizer.eot_id):
+                    problem = "its examples do not each end in the end-of-text id"  # ids overwritten
             except ValueError as error:                     # truncated or not a .npy file
                 problem = textwrap.shorten(str(error), 100)
             if not problem:
