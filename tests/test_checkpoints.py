@@ -393,6 +393,17 @@ def test_a_bpe_run_resumes_only_on_the_text_its_tokenizer_was_trained_on(run_mai
     assert status == 0, err
 
 
+def test_an_imported_tokenizers_other_text_may_be_an_earlier_versions_key(pico):
+    """An imported tokenizer's token cache is keyed on its end-of-text id too since
+    2026-12-07: a fine-tune checkpoint written before reads as trained on other text, and the
+    refusal says that this may be why."""
+    import types
+    checkpoint = {"data_sha256": "before", "tokenizer": {"spec": "hf", "tokenizer_json": "{}"}}
+    with pytest.raises(pico.UserError, match=r"\(a data file changed since, or an earlier "
+                                             r"pico-llm version wrote the checkpoint\)"):
+        pico.check_same_data(Path("step.pt"), checkpoint, types.SimpleNamespace(fingerprint="now"))
+
+
 def test_a_run_resumes_only_on_the_text_it_was_trained_on(run_main, tmp_path):
     """With the same flags a data file may still have changed: characters keep their ids, but
     the resumed run would train on other examples than the run it continues."""
@@ -406,7 +417,8 @@ def test_a_run_resumes_only_on_the_text_it_was_trained_on(run_main, tmp_path):
     resume = [*common, "--resume", "--epochs", "3", "--run_name", "c2"]
     corpus.write_text(text.replace("1", "7", 1))              # one digit of the first example
     status, _, err = run_main(*resume)
-    assert status == 2 and "was trained on other text than this run reads" in err, err
+    assert status == 2 and "was trained on other text than this run reads (a data file " \
+        "changed since); resume" in err, err
     assert not (tmp_path / "artefacts" / "c2.json").exists()
     corpus.write_text(text)
     status, _, err = run_main(*resume)
