@@ -505,7 +505,6 @@ def test_no_model_keeps_a_buffer_that_training_changes(pico):
     """Under torchrun the wrapper sends no buffers from rank 0 before each forward: that holds
     only while every buffer is a constant, made from the model's settings alone (each rank
     builds the model from the same flags) and left as it was by training."""
-    import torch.distributed as dist
     from test_models import VOCAB, all_tiny_models
     tokens = torch.randint(0, VOCAB, (17, 2), generator=torch.Generator().manual_seed(0))
     weights = torch.full((16, 2), 1 / 32)
@@ -519,14 +518,25 @@ def test_no_model_keeps_a_buffer_that_training_changes(pico):
         optimizer.step()
         for key, buffer in model.named_buffers():
             assert torch.equal(buffer, before[key]), (name, key)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        wrapped = pico.wrap_for_training(pico.NextTokenLoss(models["pico"]),
-                                         pico.Distributed(rank=0, world_size=2), torch.device("cpu"))
-        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-        synced = []
-        wrapped._sync_buffers = lambda: synced.append(True)
-        wrapped(tokens[:-1], tokens[1:], weights).backward()
-        assert synced == []
-    finally:
-        dist.destroy_process_group()
+    # The wrapper, in a process of its own: freeing DDP right after its last all-reduce can
+    # deadlock in PyTorch's gloo teardown (the group's destructor waits, holding Python's
+    # lock, for a thread that needs it to free the finished work), so the probe exits at once.
+    probe = probe_loading("pico", SCRIPT, "pico_llm") + """
+import os
+import torch
+import torch.distributed as dist
+config = pico.TransformerConfig(d_model=32, n_heads=2, n_blocks=1, block_size=16)
+model = pico.build_model(config, vocab_size=50, seed=0)
+tokens = torch.randint(0, 50, (17, 2), generator=torch.Generator().manual_seed(0))
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+wrapped = pico.wrap_for_training(pico.NextTokenLoss(model), pico.Distributed(rank=0, world_size=2),
+                                 torch.device("cpu"))
+synced = []
+wrapped._sync_buffers = lambda: synced.append(True)
+wrapped(tokens[:-1], tokens[1:], torch.full((16, 2), 1 / 32)).backward()
+print(type(wrapped).__name__, synced, flush=True)
+os._exit(0)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["DistributedDataParallel", "[]"]
