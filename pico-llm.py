@@ -8770,9 +8770,10 @@ def check_same_data(path: Path, checkpoint: dict, data: TrainingData | None) -> 
     it continues. Checkpoints written before they held the digest pass unchecked."""
     stored = checkpoint.get("data_sha256")
     if stored and data is not None and data.fingerprint and stored != data.fingerprint:
-        # pico-llm versions before 2026-12-07 keyed an imported tokenizer's text by its file alone
-        why = ("a data file changed since" if "tokenizer_json" not in checkpoint["tokenizer"] else
-               "a data file changed since, or an earlier pico-llm version wrote the checkpoint")
+        why = "a data file changed since"
+        if "tokenizer_json" in checkpoint.get("tokenizer", {}):  # an imported tokenizer's text
+            # was keyed by its file alone before 2026-12-07, not by its end-of-text id too
+            why += ", or an earlier pico-llm version wrote the checkpoint"
         raise UserError(f"{path} was trained on other text than this run reads ({why}); resume "
                         "with the text it was trained on, or start a new run")
 
