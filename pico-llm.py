@@ -7615,7 +7615,8 @@ CHECKPOINT_VERSION = 2    # 2 adds "sha256"; version 1 files still load, unverif
 CHECKPOINT_KEYS = ("model_name", "model", "optimizer", "progress", "rng", "args", "tokenizer",
                    "record")
 
-CHECKPOINT_NAME = re.compile(r"step_(\d{6,})\.pt")   # as CheckpointSeries.save names them
+# As CheckpointSeries.save names them: six digits, or more without a leading zero
+CHECKPOINT_NAME = re.compile(r"step_(\d{6}|[1-9]\d{6,})\.pt")
 
 # Flags that change what is printed, saved or sampled, never the training
 # arithmetic, so a resumed run may set them differently.
@@ -7939,7 +7940,7 @@ class FaultTolerance:
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint's name says, -1 for a name save would not write (step_1.pt)."""
     match = CHECKPOINT_NAME.fullmatch(path.name)
-    return int(match.group(1)) if match and path.name == f"step_{int(match.group(1)):06d}.pt" else -1
+    return int(match.group(1)) if match else -1
 
 
 class CheckpointSeries:
@@ -10746,7 +10747,17 @@ def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str], tokens: np.
          "them out")
 
 
-def generation_stop_ids(path: Path) -> list:
+def eos_token_ids(eos, where: str) -> list[int]:
+    """An eos_token_id of a model directory's JSON (an id, a list of them, or null) as a list;
+    UserError where one is no integer (2.0, "2", true)."""
+    listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if any(type(i) is not int for i in listed):
+        raise UserError(f"{where}'s eos_token_id {eos!r} is not a token id; give it the model's "
+                        "end-of-text id (an integer, or a list of them)")
+    return listed
+
+
+def generation_stop_ids(path: Path) -> list[int]:
     """The eos_token_id of generation_config.json, where the model directory has one, as a
     list: the ids transformers' generate stops at (Qwen's chat models list the end of turn
     there and the end of text too; their config.json names one). A file that cannot be read
@@ -10764,11 +10775,7 @@ def generation_stop_ids(path: Path) -> list:
         warn(f"pico-llm: note: {error}; generation stops at config.json's end-of-text ids "
              "alone")
         return []
-    listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    if any(type(i) is not int for i in listed):
-        raise UserError(f"{quoted(file)}: its eos_token_id {eos!r} is not a token id; give it "
-                        "the ids generation stops at (an integer, or a list of them)")
-    return listed
+    return eos_token_ids(eos, quoted(file))
 
 
 def tokenizer_from_hf(path, config: TransformerConfig):
@@ -10779,12 +10786,8 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     id config.json or generation_config.json lists."""
     path = Path(path)
     file = path / "tokenizer.json"
-    eos = read_hf_config(path).get("eos_token_id")    # Llama 3's chat models list three ids
-    listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    if any(type(i) is not int for i in listed):
-        raise UserError(f"{quoted(path)}: config.json's eos_token_id {eos!r} is not a token id; "
-                        "give it the end-of-text id of the model's tokenizer (an integer, or a "
-                        "list of them)")
+    # Llama 3's chat models list three ids
+    listed = eos_token_ids(read_hf_config(path).get("eos_token_id"), quoted(path / "config.json"))
     eos = listed[0] if listed else None
     stop_ids = {i for i in listed + generation_stop_ids(path)   # others are never drawn
                 if 0 <= i < config.vocab_size}
@@ -10796,9 +10799,10 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     if not file.is_file():
         if config.vocab_size == 50257 and hf_family(config) == "gpt2":
             if not gpt2_ends:
+                ends = sorted(stop_ids | ({eos} - {None}))
                 raise UserError(f"{quoted(path)} has no tokenizer.json, and its end-of-text ids "
-                                f"{sorted(stop_ids | ({eos} - {None}))} are not GPT-2's 50256 alone; put "
-                                "the model's tokenizer.json there")
+                                f"{ends} are not GPT-2's 50256 alone; put the model's "
+                                "tokenizer.json there")
             return GPT2Tokenizer()
         raise UserError(f"{quoted(path)} has no tokenizer.json, and its {config.vocab_size}-token "
                         "vocabulary is not GPT-2's 50257")

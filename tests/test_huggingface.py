@@ -697,7 +697,7 @@ def test_generation_config_adds_the_ids_generation_stops_at(pico, tmp_path):
         assert (tokenizer.eot_id, tokenizer.stop_ids) == (256, stops)
     for listed in ("10", [10, 2.0], True):
         generation.write_text(json.dumps({"eos_token_id": listed}))
-        one_line_error(pico, r"generation_config.json'?: its eos_token_id .* is not a token id",
+        one_line_error(pico, r"generation_config.json's eos_token_id .* is not a token id",
                        pico.tokenizer_from_hf, tmp_path, config)
 
 
@@ -742,7 +742,7 @@ def test_an_eos_token_id_that_is_no_token_id_is_refused(pico, tmp_path, eos):
     pico.tokenizer_to_hf(pico.ByteTokenizer()).save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": eos}))
     one_line_error(pico, r"config.json's eos_token_id .* is not a token id; give it the "
-                   "end-of-text id", pico.tokenizer_from_hf, tmp_path, pico.TransformerConfig(vocab_size=257))
+                   "model's end-of-text id", pico.tokenizer_from_hf, tmp_path, pico.TransformerConfig(vocab_size=257))
 
 
 def test_two_end_ids_of_one_tokenizer_json_tokenize_to_caches_of_their_own(pico, tmp_path):
