@@ -3901,6 +3901,12 @@ class SweepLog:
         # A tiny sweep (seconds, for the tests) never replaces a larger one's file, --overwrite
         # or not: it may hold the committed results.
         earlier_scale = re.search(rb'"scale":\s*"([^"]*)"', file_start(path)) if overwrite else None
+        # --overwrite starts this sweep afresh; another sweep's results are never its to replace
+        earlier_sweep = re.search(rb'"sweep":\s*"([^"]*)"', file_start(path)) if overwrite else None
+        if earlier_sweep and earlier_sweep.group(1) != sweep.encode():
+            raise UserError(f"{path} holds the {earlier_sweep.group(1).decode()} sweep, which "
+                            f"--overwrite never replaces with the {sweep} sweep; move that file "
+                            f"away, or give the sweep another {flag}")
         if earlier_scale and scale.name == "tiny" and earlier_scale.group(1) != b"tiny":
             raise UserError(f"{path} holds a sweep at scale {earlier_scale.group(1).decode()}, "
                             "which a tiny one never replaces, even with --overwrite; move that "
@@ -3935,9 +3941,12 @@ class SweepLog:
             else:
                 other = None
             if other:
+                remedy = ("pass --overwrite to replace them, or move the file away"
+                          if earlier["sweep"] == sweep else
+                          f"move the file away, or give the sweep another {flag}")
                 raise UserError(f"{path} holds {len(earlier['points'])} points of {other}, not "
                                 f"of {sweep} at scale {scale.name} on this data with these flags; "
-                                "pass --overwrite to replace them, or move the file away")
+                                + remedy)
             points, created = earlier["points"], earlier["created"]
             self.earlier_wall_time_s = earlier.get("wall_time_s", 0.0)
             self.finished_before = earlier.get("status") == "finished"

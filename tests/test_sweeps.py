@@ -495,6 +495,25 @@ def test_a_tiny_sweep_never_replaces_a_full_scale_one_even_with_overwrite(pico, 
     assert f"pico-llm: note: --overwrite replaces {path}, {beside[0]}, {beside[1]}\n" in err, err
 
 
+def test_overwrite_never_replaces_another_sweeps_file(run_main, tmp_path, tiny_corpus):
+    """--overwrite starts this sweep afresh; --custom_sweep_log naming another sweep's file
+    (a slip of the path) is refused with --overwrite or without, and the file is kept."""
+    argv = ("--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    assert run_main("--sweep", "kgram_variants", *argv)[0] == 0
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    before = path.read_bytes()
+    status, _, err = run_main("--custom_sweep_log", str(path), *argv, "--overwrite")
+    assert status == 2 and err.count("\n") == 1, err
+    assert ("holds the kgram_variants sweep, which --overwrite never replaces with the "
+            "custom_data sweep; move that file away, or give the sweep another "
+            "--custom_sweep_log") in err
+    status, _, err = run_main("--custom_sweep_log", str(path), *argv)
+    assert status == 2 and err.count("\n") == 1, err
+    assert "points of the kgram_variants sweep" in err and "--overwrite" not in err
+    assert "give the sweep another --custom_sweep_log" in err
+    assert path.read_bytes() == before
+
+
 def test_a_sweep_with_every_point_done_says_where_they_are(pico, run_main, tmp_path, tiny_corpus):
     argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
     assert run_main(*argv)[0] == 0
