@@ -2686,8 +2686,11 @@ def read_stories(stream, max_stories: int, stories: list[str]) -> None:
     for number, record in enumerate(stream, start=1):
         text = record.get("text") if isinstance(record, dict) else None
         if text is not None and not isinstance(text, str):
-            raise UserError(f"TinyStories record {number} has a 'text' that is not a string "
-                            f"({type(text).__name__}); each record needs a 'text' string")
+            # datasets reads a JSON array of bare values ([1, 2]) as records whose 'text' they
+            # are, so the message names the value read, not a field the file may lack
+            raise UserError(f"TinyStories record {number} has no 'text' string (read as "
+                            f"{type(text).__name__}); each record needs one, as in "
+                            '{"text": "Once upon a time..."}')
         text = (text or "").strip()
         if text:
             stories.append(text)
@@ -5334,6 +5337,9 @@ def validate_args(args: argparse.Namespace) -> None:
                  "kgram_chunk_size", "num_inner_mlp_layers", "top_k"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if not math.isfinite(args.learning_rate * max(args.warmup_steps, 1)):  # the warm-up's product
+        raise UserError(f"--learning_rate {args.learning_rate} is too large: warming it up over "
+                        f"--warmup_steps {args.warmup_steps} overflows a float")
     if args.input_files is not None:
         if not args.input_files:
             raise UserError("--input_files names no file; give one or more, or drop the flag")

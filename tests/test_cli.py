@@ -19,7 +19,7 @@ BAD_INPUTS = [
     (["--input_files", "{binary}"], "binary"),
     (["--input_files", "{utf16}"], "is UTF-16 (it starts with a byte-order mark); save it as UTF-8"),
     (["--tinystories_weight", "1", "--tinystories_path", "{numbers_json}"],
-     "TinyStories record 1 has a 'text' that is not a string (int)"),
+     "TinyStories record 1 has no 'text' string (read as int)"),
     (["--input_files", "{folder}"], "is a directory"),
     (["--input_files", "{loop}"], "is a symbolic link to nothing readable"),
     (["--input_dir", "{no_txt_folder}"], "no .txt"),
@@ -35,6 +35,8 @@ BAD_INPUTS = [
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    (["--learning_rate", "1e308"], "--learning_rate 1e+308 is too large: warming it up over "
+                                   "--warmup_steps 10 overflows a float"),
     (["--device_id", "tpu"], "--device_id"),
     (["--cpu_matmul", "blas"], "invalid choice: 'blas'"),
     (["--tinystories_weight", "1.5"], "--tinystories_weight"),
