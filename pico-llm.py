@@ -10508,7 +10508,7 @@ def check_hf_tensors(file: Path, tensors) -> None:
         if tensor.dtype not in READABLE_WEIGHT_DTYPES:
             dtype = str(tensor.dtype).removeprefix("torch.")
             raise UserError(f"{quoted(file)}: tensor {name} is {dtype}; pico-llm reads float16, "
-                            "bfloat16 and float32 weights (use a bf16 or fp32 copy)")
+                            "bfloat16, float32 and float64 weights (use a bf16 or fp32 copy)")
         if tensor.layout != torch.strided or tensor.is_meta:
             kind = "a meta tensor (a shape, no values)" if tensor.is_meta else tensor.layout
             raise UserError(f"{quoted(file)}: tensor {name} is {kind}, not a dense tensor of "

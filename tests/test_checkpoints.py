@@ -239,6 +239,9 @@ def test_a_checkpoint_copied_under_a_newer_steps_name_is_not_resumed(pico, run_m
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     status, _, err = run_main(*flags, "--epochs", "3", "--resume", str(folder / "step_000099.pt"))
     assert status == 2 and "its name says step 99" in err
+    (folder / "step_000099.pt").rename(folder / "step_000000.pt")     # named as step 0 too
+    status, _, err = run_main(*flags, "--epochs", "3", "--resume", str(folder / "step_000000.pt"))
+    assert status == 2 and "holds step 3, but its name says step 0" in err, err
 
 
 def test_a_resumed_checkpoint_is_held_to_its_own_kind_of_models_flags(pico, run_main, tmp_path):

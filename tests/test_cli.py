@@ -608,6 +608,16 @@ def test_a_path_with_a_control_character_is_refused(run_main, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("text", ["runs\n", "\truns", "runs\rx", "runs\x1bx", "runs\x7fx",
+                                  "runs\x85x"])
+def test_every_control_character_anywhere_in_a_path_is_refused(pico, text):
+    """At either end (a paste's trailing newline), and every kind: tab, carriage return,
+    escape, delete and the C1 controls, not only the newline."""
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="holds a control character"):
+        pico.user_path(text)
+
+
 @pytest.mark.parametrize("argv", [
     ["--enable_transformer_gptoss", "--experts_per_token", "4"],       # GPT-oss reads them
     ["--transformer_variant", "minGPT", "--enable_transformer_gptoss", "--rope_theta", "1e6"],

@@ -614,13 +614,15 @@ def test_a_continuation_keeps_the_leading_space_a_decoder_drops_at_a_texts_start
     assert whole == "the cat sat on the\n mat\n"
 
 
-def test_tokens_that_read_as_nothing_keep_the_text_before_as_context(pico):
-    """Special tokens (decoded as nothing) between "the" and "▁mat": however many, "▁mat" is
-    read after "the", and keeps its space."""
+@pytest.mark.parametrize("in_prompt", [0, 10])
+def test_tokens_that_read_as_nothing_keep_the_text_before_as_context(pico, in_prompt):
+    """Special tokens (decoded as nothing) between "the" and "▁mat", generated or ending the
+    prompt (a chat template's): however many, "▁mat" is read after "the", and keeps its
+    space."""
     tokenizer = PieceTokenizer(["▁the", "<s>", "▁mat"],
                                lambda pieces: sentencepiece([p for p in pieces if p != "<s>"]))
-    tokenizer.encode = lambda text: [0]
-    _, whole = streamed(pico, tokenizer, [1] * 20 + [2], prompt="the")
+    tokenizer.encode = lambda text: [0] + [1] * in_prompt
+    _, whole = streamed(pico, tokenizer, [1] * (20 - in_prompt) + [2], prompt="the")
     assert whole == "the mat\n"
 
 

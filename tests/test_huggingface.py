@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -691,7 +692,8 @@ def test_generation_config_adds_the_ids_generation_stops_at(pico, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 256}))
     config = pico.TransformerConfig(vocab_size=257)
     generation = tmp_path / "generation_config.json"
-    for listed, stops in (([10, 256, 9999], {10}), (13, {13}), (None, set()), ([], set())):
+    # ids outside the vocabulary (9999, 257, -1) are never drawn, and never exported as end ids
+    for listed, stops in (([10, 256, 9999, 257, -1], {10}), (13, {13}), (None, set()), ([], set())):
         generation.write_text(json.dumps({"eos_token_id": listed}))
         tokenizer = pico.tokenizer_from_hf(tmp_path, config)
         assert (tokenizer.eot_id, tokenizer.stop_ids) == (256, stops)
@@ -710,6 +712,7 @@ def test_a_generation_config_that_cannot_be_read_is_left_out_with_a_note(pico, t
     for make, said in ((lambda: generation.write_text("{not json"), "cannot read"),
                        (lambda: generation.write_text("[13]"), "is not a JSON object"),
                        (generation.mkdir, "is not a regular file"),
+                       (lambda: os.mkfifo(generation), "is not a regular file"),   # never read
                        (lambda: generation.symlink_to(tmp_path / "gone"), "symbolic link to nothing")):
         make()
         tokenizer = pico.tokenizer_from_hf(tmp_path, pico.TransformerConfig(vocab_size=257))
@@ -727,10 +730,14 @@ def test_gpt2_without_tokenizer_json_is_refused_where_it_ends_text_elsewhere(pic
     config, _ = pico.load_hf_directory(own_gpt2_dir)
     assert isinstance(pico.tokenizer_from_hf(own_gpt2_dir, config), pico.GPT2Tokenizer)
     settings = json.loads((own_gpt2_dir / "config.json").read_text())
-    for eos in (13, [50256, 13]):
+    without = {key: value for key, value in settings.items() if key != "eos_token_id"}
+    (own_gpt2_dir / "config.json").write_text(json.dumps(without))     # GPT-2's by default
+    assert isinstance(pico.tokenizer_from_hf(own_gpt2_dir, config), pico.GPT2Tokenizer)
+    for eos, ends in ((13, "[13, 50256]"), ([50256, 13], "[13, 50256]"), (99999, "[50256, 99999]")):
         (own_gpt2_dir / "config.json").write_text(json.dumps(settings | {"eos_token_id": eos}))
-        one_line_error(pico, r"has no tokenizer.json, and its end-of-text ids \[13, 50256\] are "
-                             "not GPT-2's 50256 alone", pico.tokenizer_from_hf, own_gpt2_dir, config)
+        one_line_error(pico, rf"has no tokenizer.json, and its end-of-text ids {re.escape(ends)} "
+                             "are not GPT-2's 50256 alone", pico.tokenizer_from_hf, own_gpt2_dir,
+                       config)
     (own_gpt2_dir / "config.json").write_text(json.dumps(settings | {"eos_token_id": 50256}))
     (own_gpt2_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [50256, 13]}))
     one_line_error(pico, r"are not GPT-2's 50256 alone", pico.tokenizer_from_hf, own_gpt2_dir, config)
@@ -1092,8 +1099,21 @@ def test_weights_that_are_quantized_or_not_real_numbers_are_refused(pico, llama_
     state["model.norm.weight"] = state["model.norm.weight"].to(dtype)
     save_file(state, llama_dir / "model.safetensors")
     one_line_error(pico, f"tensor model.norm.weight is {str(dtype).removeprefix('torch.')}; "
-                   "pico-llm reads float16, bfloat16 and float32 weights", pico.load_hf_directory,
-                   llama_dir)
+                   "pico-llm reads float16, bfloat16, float32 and float64 weights",
+                   pico.load_hf_directory, llama_dir)
+
+
+def test_float64_weights_are_read_as_the_same_numbers(pico, llama_dir):
+    """Double-precision weights (a save from a float64 experiment) are real numbers too: read
+    and cast to float32, they give the model the float32 file gives."""
+    expected = pico.import_hf(llama_dir)[0].state_dict()
+    state = load_file(llama_dir / "model.safetensors")
+    save_file({name: tensor.double() for name, tensor in state.items()},
+              llama_dir / "model.safetensors")
+    got = pico.import_hf(llama_dir)[0].state_dict()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
 
 
 def test_a_pickle_of_meta_or_sparse_tensors_is_refused(pico, llama_dir):

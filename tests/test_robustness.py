@@ -446,17 +446,22 @@ def test_a_token_cache_whose_offsets_do_not_increase_is_rebuilt(pico, tmp_path, 
 
 
 def test_a_token_cache_of_other_ids_in_the_same_shape_is_rebuilt(pico, tmp_path, capsys):
-    """Ids overwritten in place (every one made "A") keep the sizes and the id range: each
-    example's last id, the end of text, says they are not what was written."""
+    """Ids overwritten in place (every one made "A", or one example's last) keep the sizes and
+    the id range: each example's last id, the end of text, says they are not what was
+    written."""
     texts = ["the cat sat on the mat", "a dog ran far away", "and back"]
     first = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
     tokens = next(tmp_path.glob("*.tokens.npy"))
     import numpy as np
-    np.save(tokens, np.full(len(first.tokens), 65, dtype=first.tokens.dtype))
-    again = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "do not each end in the end-of-text id" in lines[0]
-    assert list(again.tokens) == list(first.tokens)
+    for damaged in (np.full(len(first.tokens), 65, dtype=first.tokens.dtype),   # every id
+                    first.tokens.copy()):
+        if damaged[-1] != 65:          # the second: only the middle example's last id
+            damaged[first.offsets[2] - 1] = 65
+        np.save(tokens, damaged)
+        again = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "do not each end in the end-of-text id" in lines[0]
+        assert list(again.tokens) == list(first.tokens)
 
 
 @pytest.mark.parametrize("bad_id", ["99999999", "-1"])
