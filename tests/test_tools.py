@@ -26,6 +26,40 @@ def run_tool(name, argv, tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
+def run_tool_here(name, argv, tmp_path, monkeypatch, capsys):
+    """run_tool in this process: the script run as `python tools/NAME.py` runs it (its
+    __main__ block, run_tool and all, by runpy), its status and output returned as a
+    process's. A process of its own spends 2 s importing torch; every tool is run as a
+    process by the unknown-flag test above."""
+    import runpy
+    import signal
+    import torch
+    script = str(TOOLS / f"{name}.py")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [script, *(a.format(tmp=tmp_path) for a in argv)])
+    capsys.readouterr()
+    threads, status = torch.get_num_threads(), 0
+
+    def too_long(signum, frame):                    # run_tool's timeout: a value taken by
+        raise TimeoutError(f"tools/{name}.py still running after 120 s")   # mistake runs
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(120)
+    with torch.random.fork_rng(devices=[]):         # the process's state left as it was
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit:                  # as the interpreter turns it into a status
+            status = exit.code if isinstance(exit.code, int) or exit.code is None else 1
+            if status == 1:
+                print(exit.code, file=sys.stderr)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+            torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, status or 0, out, err)
+
+
 def assert_one_line_error(result, name, message):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
@@ -130,8 +164,8 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("vs_nanogpt", ["--pico_flags", "--random_offsets"], "argument --pico_flags: expected one "
      "argument (give it one; a value that begins with '-' is written --pico_flags=VALUE)"),
 ])
-def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
-    result = run_tool(name, argv, tmp_path)
+def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path, monkeypatch, capsys):
+    result = run_tool_here(name, argv, tmp_path, monkeypatch, capsys)
     assert_one_line_error(result, name, message.format(tmp=tmp_path))
     assert list(tmp_path.iterdir()) == []
 
@@ -142,8 +176,9 @@ def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path):
     ("recipe_gpt2", "--output"), ("recipe_gpt2", "--write_corpus"),
     ("stream_vs_lines", "--corpus_dir"), ("vs_nanogpt", "--corpus_dir"), ("vs_nanogpt", "--nanogpt"),
 ])
-def test_a_tool_refuses_an_empty_path_rather_than_the_current_directory(name, flag, tmp_path):
-    result = run_tool(name, [*TOOL_ARGUMENTS[name], flag, ""], tmp_path)
+def test_a_tool_refuses_an_empty_path_rather_than_the_current_directory(name, flag, tmp_path,
+                                                                       monkeypatch, capsys):
+    result = run_tool_here(name, [*TOOL_ARGUMENTS[name], flag, ""], tmp_path, monkeypatch, capsys)
     assert_one_line_error(result, name, f"argument {flag}: is empty; give a path")
 
 
