@@ -517,7 +517,9 @@ def test_beta2_reaches_both_optimizers(pico, configure):
 
 @pytest.mark.slow
 def test_pico_transformer_beats_the_lstm_on_the_custom_corpus_at_equal_budget(run_main, tmp_path, pico):
-    """Same data, steps, batch and learning rate: the Transformer's test loss is lower."""
+    """Same data, steps, batch and learning rate: the Transformer's test loss is lower, with
+    the default seed. A guard against the Transformer's training getting worse, not a law at
+    this budget: with --seed 2 the LSTM is ahead after the 8 epochs."""
     status, _, err = run_main("--models", "lstm_seq,transformer", "--epochs", "8", "--quiet",
                               "--run_name", "race")
     assert status == 0, err
