@@ -9200,12 +9200,24 @@ def pretokenize_file(path, special_tokens, num_workers=None, min_chunk_bytes=1 <
         for job in jobs:
             counts.update(count_pretokens_in_chunk(job))
         return counts
-    # Workers take SIGTERM's default (the pool ends them with it) and leave Ctrl-C to the
-    # parent, rather than inherit the parent's handlers and print a traceback each.
-    with multiprocessing.Pool(min(num_workers, len(jobs)), initializer=default_signals) as pool:
+    with start_pool(min(num_workers, len(jobs))) as pool:
         for chunk_counts in pool.imap_unordered(count_pretokens_in_chunk, jobs):
             counts.update(chunk_counts)  # merged as they come: only a few chunks in memory
     return counts
+
+
+def start_pool(workers: int):
+    """A process pool whose workers take SIGTERM's default (the pool ends them with it) and
+    leave Ctrl-C to the parent, rather than inherit the parent's handlers and print a
+    traceback each. They start with SIGTERM blocked until default_signals: a SIGTERM sent to
+    a worker still starting (the pool's exit, once the others had done every job) had reached
+    the handler inherited from the parent, whose call a fresh child drops; that worker never
+    ended, and the exit waited for it for ever (seen once on a loaded machine)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return multiprocessing.Pool(workers, initializer=default_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def default_signals() -> None:
@@ -9213,6 +9225,7 @@ def default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if HANGUP and signal.getsignal(HANGUP) is not signal.SIG_IGN:
         signal.signal(HANGUP, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})   # one sent meanwhile ends it now
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

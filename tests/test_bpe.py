@@ -1,6 +1,7 @@
 """Section 2.2: byte-level BPE (training, Tokenizer, GPT-2 equivalence, tiktoken fast path)."""
 import heapq
 import itertools
+import os
 import random
 from collections import Counter
 
@@ -173,6 +174,9 @@ def test_rebuilding_the_heap_from_live_counts_changes_no_merge(monkeypatch):
     merges = learn_merges(counts, 150)
     assert len(rebuilt) == 1 + 150                     # the first heap, then one per merge
     assert merges == naive_train(counts, 150)
+    few = Counter(dict(list(counts.items())[:300]))    # to the end: pairs seen once merge last
+    merges = learn_merges(few, 10**6)
+    assert merges == naive_train(few, 10**6) and len(merges) > 500
 
 
 # ----------------------------------------------------------------------------- parallel
@@ -219,6 +223,31 @@ def test_pool_workers_end_quietly_under_the_scripts_sigterm_handler(tmp_path, ca
         signal.signal(signal.SIGTERM, previous)
     assert counts == pretokenize_file(path, [EOT], num_workers=1)
     assert capfd.readouterr().err == ""
+
+
+def test_pool_workers_start_with_sigterm_held_until_it_ends_them(tmp_path, monkeypatch):
+    """A SIGTERM reaching a worker before it takes SIGTERM's default waits for that default
+    (it is blocked from the fork on), rather than reach the parent's handler, whose call a
+    fresh child can drop: such a worker never ended. The parent's own mask is left as it was."""
+    import signal
+    record, real = tmp_path / "mask", pico.default_signals
+
+    def recording():                  # what the worker's mask is before and after
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        real()
+        after = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        handler = signal.getsignal(signal.SIGTERM)
+        record.write_text(f"{signal.SIGTERM in before} {signal.SIGTERM in after} "
+                          f"{handler is signal.SIG_DFL}")
+    monkeypatch.setattr(pico, "default_signals", recording)
+    previous = signal.signal(signal.SIGTERM, pico.raise_terminated)
+    try:
+        with pico.start_pool(1) as pool:
+            assert pool.apply(os.getpid) != os.getpid()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert record.read_text() == "True False True"
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
 def test_parallel_without_special_tokens_cuts_at_safe_newlines(tmp_path):
