@@ -744,21 +744,27 @@ def test_a_rename_that_fails_leaves_no_temporary_file(pico, tmp_path):
     assert (tmp_path / "run.json" / "inside").read_text() == "kept\n"
 
 
-def test_a_file_named_through_a_symbolic_link_is_written_through_it(pico, tmp_path):
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_file_named_through_a_symbolic_link_is_written_through_it(pico, tmp_path, monkeypatch,
+                                                                   relative):
     """A run log, sweep file or notebook given as a link: the file it names gets the new
     contents and the link stays. Renamed over, the link had become a new file of its own and
-    the file it named stayed as it was (a sweep continued from its points, then wrote elsewhere)."""
+    the file it named stayed as it was (a sweep continued from its points, then wrote elsewhere).
+    A relative link is read from its own folder, wherever the run started."""
     from pico_module import write_text_atomically
     (tmp_path / "real").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     for name, write in (("log.json", lambda path: pico.atomic_write_json(path, {"points": 4})),
                         ("n.ipynb", lambda path: write_text_atomically(path, "new\n"))):
         target, link = tmp_path / "real" / name, tmp_path / f"link_{name}"
         target.write_text("old\n")
-        link.symlink_to(target)
+        link.symlink_to(Path("real") / name if relative else target)
         write(link)
         assert link.is_symlink() and link.resolve() == target
         assert target.read_text() != "old\n" and link.read_text() == target.read_text()
     assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["log.json", "n.ipynb"]
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 def test_default_run_names_of_two_processes_differ_even_in_the_same_second(pico, monkeypatch):
@@ -1046,10 +1052,11 @@ def test_generate_notes_the_training_and_data_flags_it_does_not_read(run_main, t
     status, plain, err = run_main(*argv, "--temperature", "0", "--seed", "3")
     assert status == 0 and err == ""
     status, out, err = run_main(*argv, "--temperature", "0", "--seed", "3", "--epochs", "3",
-                                "--learning_rate", "0.1", "--input_files", "/nonexistent.txt")
+                                "--learning_rate", "0.1", "--input_files", "/nonexistent.txt",
+                                "--test_fraction", "0.2")
     assert status == 0 and out == plain
     assert err == ("pico-llm: note: --generate trains nothing and reads no text, so --epochs, "
-                   "--learning_rate, --input_files are not read\n")
+                   "--learning_rate, --input_files, --test_fraction are not read\n")
 
 
 @pytest.mark.parametrize("signal_raised", ["KeyboardInterrupt", "Terminated"])
@@ -1493,6 +1500,10 @@ def test_a_run_without_save_dir_is_alive_while_its_process_is(pico):
     assert not pico.run_is_alive({**log, "status": "failed"}, None, None)
     elsewhere = {"status": "running", "process": {"host": "another-machine", "pid": 1}}
     assert pico.run_is_alive(elsewhere, None, None)                   # cannot tell: assume so
+    assert not pico.run_is_alive({**elsewhere, "status": "failed"}, None, None)  # said it ended
+    # this process's own pid: a run an earlier main() in it left (a notebook's), not alive
+    here = {"status": "running", "process": {"host": socket.gethostname(), "pid": os.getpid()}}
+    assert not pico.run_is_alive(here, None, None)
 
 
 def test_a_pid_of_another_users_process_is_alive_only_for_a_running_log(pico, monkeypatch):

@@ -62,6 +62,8 @@ BAD_INPUTS = [
     (["--models", "transformer", "--logit_softcap", "1e300"],
      "--logit_softcap 1e+300 (preset pico) is past float32's largest number, where the cap would "
      "be infinite; use 0 (off)"),
+    (["--models", "transformer", "--logit_softcap", "1e39"],     # past float32's, not float64's
+     "--logit_softcap 1e+39 (preset pico) is past float32's largest number"),
     (["--models", "transformer", "--pos_emb", "learned", "--yarn_factor", "4"],
      "--yarn_factor stretches rotary embeddings"),
     (["--models", "transformer", "--experts_per_token", "-1"], "--experts_per_token must be at least 1"),
@@ -219,8 +221,8 @@ def test_bad_input_gives_one_line_status_2_and_touches_nothing(run_main, tmp_pat
     assert (artefacts / "earlier_run.json").read_text() == '{"keep": true}'
 
 
-def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_it(run_main,
-                                                                                tmp_path):
+def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_it(
+        pico, run_main, tmp_path, capsys):
     """--artefacts_dir inside --export_hf: said as that, not as an export folder "not empty"
     because the run made the artefacts folder first, and nothing is left behind."""
     status, _, err = run_main("--models", "transformer", *TINY_RUN, "--export_hf",
@@ -228,6 +230,16 @@ def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_i
     assert status == 2 and err.count("\n") == 1
     assert "would hold the files this run writes for --artefacts_dir" in err
     assert not (tmp_path / "hf").exists()
+    folders = {"--artefacts_dir": tmp_path / "art", "--cache_dir": tmp_path / "cache"}
+    for flag in folders:                       # the export is that folder, or holds it
+        for given in (tmp_path / "hf", tmp_path / "hf" / "inner"):
+            argv = [*TINY_RUN, "--models", "transformer", "--device_id", "cpu", "--export_hf",
+                    str(tmp_path / "hf"), *(part for name, folder in folders.items() for part in
+                                            (name, str(given if name == flag else folder)))]
+            assert pico.main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"would hold the files this run writes for {flag}" in err, err
+            assert not (tmp_path / "hf").exists()
 
 
 def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
@@ -385,6 +397,12 @@ def test_a_run_on_the_default_device_names_it_once_without_a_note(pico, tmp_path
     assert captured.out.count("device: ") == 1
 
 
+def test_a_sliding_window_one_short_of_the_block_is_read(configure):
+    """A window of block_size - 1 tokens still keeps the last query from the first key."""
+    config = configure("--models", "transformer", "--block_size", "32", "--sliding_window", "31")
+    assert config.models.transformer.sliding_window == 31
+
+
 def test_the_run_log_names_the_processor_by_its_model_name(pico, monkeypatch, tmp_path):
     """Linux's /proc/cpuinfo gives it; platform.processor() there gives "x86_64" or nothing.
     Without the key (some ARM kernels), the architecture is what is known."""
@@ -394,8 +412,8 @@ def test_the_run_log_names_the_processor_by_its_model_name(pico, monkeypatch, tm
     real_open = open
     monkeypatch.setattr(pico, "open", lambda path, *args, **kwargs: real_open(
         cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs), raising=False)
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
-                       "processor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 1\n"   # x86's order
+                       "model name\t: AMD EPYC 7B13\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
     assert pico.environment_info(torch.device("cpu"))["device_name"] == "AMD EPYC 7B13"
     cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n")
     assert (pico.environment_info(torch.device("cpu"))["device_name"]
@@ -517,6 +535,8 @@ def test_torchrun_variables_torchrun_never_sets_are_one_line(run_main, monkeypat
 @pytest.mark.parametrize("batch_size, accumulated, message", [
     ("16", "1", "--batch_size 16 is shared among the 32 ranks torchrun started (WORLD_SIZE), fewer "
                 "examples than ranks; raise --batch_size to at least 32, or start fewer ranks"),
+    ("31", "1", "--batch_size 31 is shared among the 32 ranks torchrun started (WORLD_SIZE), fewer "
+                "examples than ranks; raise --batch_size to at least 32, or start fewer ranks"),
     ("64", "4", "--grad_accum_steps (4) must not exceed --batch_size (64 / 32 ranks): each "
                 "micro-batch needs an example")])
 def test_a_batch_is_refused_when_a_rank_or_micro_batch_would_get_no_example(
@@ -528,10 +548,12 @@ def test_a_batch_is_refused_when_a_rank_or_micro_batch_would_get_no_example(
     assert status == 2 and err == f"pico-llm: error (rank 0): {message}\n"
 
 
-def test_torchrun_with_one_process_is_a_plain_run(run_main, monkeypatch):
-    """torchrun --nproc_per_node=1 sets WORLD_SIZE=1 and RANK=0: trained as a plain run."""
-    for name, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}.items():
-        monkeypatch.setenv(name, value)
+@pytest.mark.parametrize("rank", ["0", None])
+def test_torchrun_with_one_process_is_a_plain_run(run_main, monkeypatch, rank):
+    """torchrun --nproc_per_node=1 sets WORLD_SIZE=1 and RANK=0: trained as a plain run; so is
+    WORLD_SIZE=1 set alone (a shell's leftover), whose rank can only be 0."""
+    for name, value in {"WORLD_SIZE": "1", "RANK": rank, "LOCAL_RANK": "0", **TORCHRUN_ADDRESS}.items():
+        monkeypatch.setenv(name, value) if value is not None else monkeypatch.delenv(name, raising=False)
     status, out, err = run_main("--models", "lstm_seq", "--epochs", "1", "--max_steps_per_epoch", "1")
     assert status == 0 and "ranks" not in out, err
 

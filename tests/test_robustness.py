@@ -1732,7 +1732,11 @@ def test_a_checkpoint_with_a_seed_or_tokenizer_it_cannot_have_is_one_line(pico, 
                                                     r"more than 1000\)"),
     ({"args": {"embed_size": 10 ** 8}}, r"size mismatch for"),    # torch can describe this one
     ({"args": {"lstm_layers": 10 ** 6}}, r"cannot be rebuilt \(num_layers 1000000 is more than "
-                                         r"1000\)")], ids=["wide", "past_int64", "deep", "lstm_wide", "lstm_deep"])
+                                         r"1000\)"),
+    ({"transformer_config": {"n_experts": 10 ** 6, "d_model": 8, "d_ff": 8,
+                             "experts_per_token": 1}},
+     r"cannot be rebuilt \(n_experts 1000000 is more than 1024\)")],
+    ids=["wide", "past_int64", "deep", "lstm_wide", "lstm_deep", "experts"])
 def test_a_checkpoint_whose_sizes_memory_cannot_hold_is_one_line_before_building(
         pico, trained_save_dir, tmp_path, damage, message):
     """Sizes behind a valid checksum (edited, or another version's) that --generate and
@@ -1751,6 +1755,19 @@ def test_a_checkpoint_whose_sizes_memory_cannot_hold_is_one_line_before_building
     with pytest.raises(pico.UserError, match=message) as error:
         pico.model_from_checkpoint(path, "--checkpoint")
     assert "\n" not in str(error.value) and time.perf_counter() - started < 60
+
+
+def test_a_sound_checkpoint_too_large_for_this_machine_is_one_line(pico, trained_save_dir,
+                                                                   monkeypatch):
+    """Sizes that match the weights, on a machine with less memory than the model needs in
+    float32 (trained on a larger one): refused in one line before the model is built."""
+    monkeypatch.setattr(pico, "memory_available", lambda device: 1000)
+    with pytest.raises(pico.UserError, match=r"step_000002.pt's lstm_seq needs about .* "
+                                             r"parameters in float32\), more than the "
+                                             r"0.0 MiB of memory here") as error:
+        pico.model_from_checkpoint(trained_save_dir / "lstm_seq" / "step_000002.pt",
+                                   "--checkpoint")
+    assert "\n" not in str(error.value)
 
 
 def test_a_checkpoint_model_torch_cannot_build_otherwise_is_one_line(pico, trained_save_dir,

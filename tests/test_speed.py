@@ -391,6 +391,13 @@ def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch, tmp
         status, out, err = run_main(*TINY_RUN, "--models", "transformer", "--compile")
         assert status == 2 and f"`{failing} --version` failed" in err and "fix or unset CXX" in err
         assert len(err.strip().splitlines()) == 1
+    monkeypatch.delenv("CXX")                        # the default compiler's --version fails
+
+    def failing_run(*args, **kwargs):
+        raise OSError(8, "Exec format error")
+    monkeypatch.setattr(pico.subprocess, "run", failing_run)
+    said = pico.compile_unavailable(torch.device("cpu"))
+    assert "--version` failed" in said and said.endswith("(fix it, or set CXX to one that works)")
 
 
 def test_compile_on_a_gpu_needs_triton_and_a_c_compiler(pico, monkeypatch):
@@ -412,6 +419,9 @@ def test_compile_on_a_gpu_needs_triton_and_a_c_compiler(pico, monkeypatch):
     assert "CC='/opt/cc' names no program" in pico.compile_unavailable(gpu)
     found = {"/opt/cc"}
     assert pico.compile_unavailable(gpu) is None
+    monkeypatch.setenv("CC", "gcc -O2")                    # one name to Triton, not gcc's flags
+    found = {"gcc"}
+    assert "CC='gcc -O2' names no program" in pico.compile_unavailable(gpu)
     monkeypatch.setattr(pico.importlib.util, "find_spec",
                         lambda name, *args: None if name == "triton" else real_find_spec(name, *args))
     assert "needs the triton package" in pico.compile_unavailable(gpu)

@@ -61,20 +61,23 @@ def test_chunked_linear_cross_entropy_matches_autograd(pico):
         assert torch.allclose(mine, theirs, atol=1e-6)
 
 
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
 @pytest.mark.parametrize("fast_linear", [False, True])
 def test_chunked_linear_cross_entropy_computes_no_gradient_under_no_grad(pico, monkeypatch,
-                                                                         fast_linear):
+                                                                         fast_linear, softcap):
     """An evaluation (torch.no_grad, parameters still requiring gradients) pays for the logits
     alone: the gradient products, two more of the output layer's size, are skipped, and the
-    loss is the one a training step computes."""
+    loss is the one a training step computes, soft-capped logits (the speedrun's) too."""
     torch.manual_seed(0)
     layer = pico.FastLinear(8, 30) if fast_linear else nn.Linear(8, 30)
     hidden, targets, weights = torch.randn(5, 3, 8, requires_grad=True), torch.randint(0, 30, (5, 3)), torch.rand(5, 3)
-    trained = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
+    trained = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4,
+                                        softcap=softcap)
     for chunks in (pico.TorchHeadChunks, pico.OneDNNHeadChunks):
         monkeypatch.setattr(chunks, "add_gradients", lambda *args: pytest.fail("a gradient"))
     with torch.no_grad():
-        evaluated = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)
+        evaluated = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4,
+                                              softcap=softcap)
     assert evaluated.item() == trained.item()
 
 
@@ -443,7 +446,8 @@ def test_a_run_writes_a_valid_run_log(pico, run_main, tmp_path):
         seen = [h["tokens_seen"] for h in record["history"]]
         assert all(a < b for a, b in zip(seen, seen[1:])) and record["final"]["tokens_per_s"] > 0
         assert {s["rule"] for s in record["samples"]} == {"greedy", "top-p 0.95", "top-p 1"}
-        assert record["final"]["test_loss"] == record["test_history"][-1]["test_loss"]
+        for figure in ("test_loss", "test_bits_per_byte"):     # the last evaluation's
+            assert record["final"][figure] == record["test_history"][-1][figure]
     assert "run log written to" in out and not list((tmp_path / "artefacts").glob("*.tmp"))
     mode = (tmp_path / "artefacts" / "tiny.json").stat().st_mode & 0o777
     assert mode == 0o666 & ~pico.current_umask()  # readable like any file the user writes
