@@ -94,6 +94,17 @@ def test_custom_sweep_log_and_sizes(pico, run_main, tmp_path, tiny_corpus):
     assert status == 2 and "--custom_sweep_sizes" in err
 
 
+def test_collect_transformer_metrics_alone_needs_a_folder_for_its_files(run_main, tmp_path,
+                                                                       tiny_corpus):
+    """It writes the architectures sweep's files in --artefacts_dir: a file of that name is
+    refused in one line naming the flag, before anything trains, and kept."""
+    (tmp_path / "a_file").write_text("kept\n")
+    status, out, err = run_main("--collect_transformer_metrics", "--sweep_scale", "tiny",
+                                "--input_files", str(tiny_corpus), artefacts=tmp_path / "a_file")
+    assert status == 2 and err.count("\n") == 1 and "--artefacts_dir" in err, err
+    assert (tmp_path / "a_file").read_text() == "kept\n" and "trained" not in out
+
+
 def test_load_sweep_rejects_a_run_log(pico, tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"kind": "run", "schema_version": 1}))
