@@ -3903,9 +3903,10 @@ class SweepLog:
                             "files; give the sweep another path")
         # A tiny sweep (seconds, for the tests) never replaces a larger one's file, --overwrite
         # or not: it may hold the committed results.
-        earlier_scale = re.search(rb'"scale":\s*"([^"]*)"', file_start(path)) if overwrite else None
+        start = file_start(path) if overwrite else b""
+        earlier_scale = re.search(rb'"scale":\s*"([^"]*)"', start)
         # --overwrite starts this sweep afresh; another sweep's results are never its to replace
-        earlier_sweep = re.search(rb'"sweep":\s*"([^"]*)"', file_start(path)) if overwrite else None
+        earlier_sweep = re.search(rb'"sweep":\s*"([^"]*)"', start)
         if earlier_sweep and earlier_sweep.group(1) != sweep.encode():
             raise UserError(f"{path} holds the {earlier_sweep.group(1).decode()} sweep, which "
                             f"--overwrite never replaces with the {sweep} sweep; move that file "
@@ -9213,6 +9214,8 @@ def start_pool(workers: int):
     a worker still starting (the pool's exit, once the others had done every job) had reached
     the handler inherited from the parent, whose call a fresh child drops; that worker never
     ended, and the exit waited for it for ever (seen once on a loaded machine)."""
+    if not CAN_HOLD_SIGNALS:
+        return multiprocessing.Pool(workers, initializer=default_signals)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         return multiprocessing.Pool(workers, initializer=default_signals)
@@ -9220,12 +9223,17 @@ def start_pool(workers: int):
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+# Windows has no signal masks (nor a SIGTERM that a pool sends)
+CAN_HOLD_SIGNALS = hasattr(signal, "pthread_sigmask")
+
+
 def default_signals() -> None:
     """A pool worker's signals: SIGTERM (and SIGHUP) end it, Ctrl-C is the parent's to handle."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if HANGUP and signal.getsignal(HANGUP) is not signal.SIG_IGN:
         signal.signal(HANGUP, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})   # one sent meanwhile ends it now
+    if CAN_HOLD_SIGNALS:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})   # one sent meanwhile ends it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -250,6 +250,16 @@ def test_pool_workers_start_with_sigterm_held_until_it_ends_them(tmp_path, monke
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
+def test_pool_workers_start_where_signals_cannot_be_held(tmp_path, monkeypatch):
+    """Without signal masks (Windows) the pool starts as before and counts the same."""
+    path = write(tmp_path, "".join(english_like_text(300, seed=s) + EOT for s in range(4)))
+    monkeypatch.setattr(pico, "CAN_HOLD_SIGNALS", False)
+    monkeypatch.delattr("signal.pthread_sigmask")
+    counts = pretokenize_file(path, [EOT], num_workers=2, min_chunk_bytes=1)
+    monkeypatch.undo()
+    assert counts == pretokenize_file(path, [EOT], num_workers=1)
+
+
 def test_parallel_without_special_tokens_cuts_at_safe_newlines(tmp_path):
     # "\n\n " runs and spaces before newlines: a cut at an arbitrary newline would differ
     text = "".join(english_like_text(2000, seed=s) + "\n\n  x  \n \n" for s in range(30))
