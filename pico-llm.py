@@ -46,8 +46,8 @@ Contents (the section banners below carry the same numbers):
        7.3 interpretability
     8. The command line and main()
   Part III. Appendices
-    A. Speed (oneDNN linears, RoPE as complex products, freed memory kept, the
-       chunked or fused loss):
+    A. Speed (oneDNN linears, RoPE as complex products, the float32 LSTM, freed
+       memory kept, the chunked or fused loss):
        A.1 compiled training (static shapes, experts block by block,
        linear attention's chunks at once),
        A.2 fused attention and decoding on a GPU (static shapes, CUDA graphs),
@@ -370,7 +370,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: str, factor: float,
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
                       sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) over the keys: q k^T in q's dtype, the rest in float32.
+    """softmax(q k^T / sqrt(D) + mask) over the keys: q k^T / sqrt(D) in q's dtype, the mask
+    and the softmax in float32.
 
     q: (..., H, T, D), k: (..., H, S, D) -> weights (..., H, T, S). mask: bool, broadcastable
     to (..., H, T, S), True where a query may attend to a key. sinks: (H,), GPT-oss's attention
@@ -1027,11 +1028,12 @@ class LSTMSeqModel(nn.Module):
         return x, (torch.stack(new_h), torch.stack(new_c))
 
 
-# --- 2.3 Transformer -------------------------------------------------------------
+# --- 2.3 Transformer and its preset table ----------------------------------------
 
 ATTENTION_KINDS = ("softmax", "linear", "gated_linear")
 LINEAR_ATTENTION_GATES = ("fixed", "data")
-# The Transformer fields that name one of a few kinds, and the kinds (the flags' choices too).
+# The Transformer fields that name one of a few kinds, and the kinds (the choices of the flags
+# that set them; rope_scaling has no flag: --yarn_factor means "yarn", an imported config the rest).
 TRANSFORMER_CHOICES = {
     "ffn": FFN_KINDS, "norm": NORM_KINDS, "norm_position": ("pre", "post"),
     "pos_emb": ("learned", "rope", "sinusoidal", "none"), "attention": ATTENTION_KINDS,
@@ -1045,7 +1047,8 @@ SOFTMAX_ATTENTION_OPTIONS = ("attention_sinks", "sliding_window", "qk_norm", "he
 
 @dataclasses.dataclass
 class TransformerConfig:
-    """Every field of a decoder-only Transformer; presets fill it, flags override it.
+    """Every field of a decoder-only Transformer; presets and imported configs fill it, a flag
+    (where the field has one) overrides it.
     ValueError for a kind not in TRANSFORMER_CHOICES: a typo would build another model."""
 
     vocab_size: int = 0               # set from the tokenizer when the model is built
@@ -1142,10 +1145,10 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     "Llama3-lite": dict(d_model=1024, n_heads=16, n_kv_heads=4, n_blocks=8, ffn="swiglu",
                         ffn_dim_multiplier=1.3, norm="rmsnorm", pos_emb="rope",
                         rope_theta=500000.0, tie_weights=False),
-    # The pico preset with the one speedrun block that helped it under --optimizer muon, QK-norm
-    # (tools/recipe_ablation.py, docs/recipe.md; on section 7.2's nanoGPT recipe other ideas
-    # led). The others stay switches. A preset fixes the model,
-    # not the optimizer: the recipe also takes --optimizer muon.
+    # The pico preset plus QK-norm: of the speedrun's blocks, the one that helped pico trained
+    # with Muon (tools/recipe_ablation.py, docs/recipe.md; on section 7.2's nanoGPT recipe other
+    # ideas led). The others stay switches. A preset fixes the model, not the optimizer: train
+    # it with --optimizer muon.
     "speedrun": dict(d_model=128, n_heads=4, n_blocks=3, ffn="swiglu", norm="rmsnorm",
                      pos_emb="rope", tie_weights=True, qk_norm=True),
 }
@@ -1218,7 +1221,7 @@ class TransformerModel(nn.Module):
       (the speedrun has three tables, for its first and last three layers; here one serves all);
     - U-net skips: the output of block i in the first half is added, with a learned weight
       starting at 1, to the input of block L-1-i;
-    - zero-initialised output projections (out_proj and w2): every pre-norm block starts as
+    - zero-initialized output projections (out_proj and w2): every pre-norm block starts as
       the identity, and the loss starts at the embeddings' own prediction;
     - logit soft-capping (soft_cap, in `logits`).
     """
@@ -1329,7 +1332,7 @@ class TransformerModel(nn.Module):
 
 def build_model(config: KGramConfig | LSTMConfig | TransformerConfig, vocab_size: int,
                 seed: int) -> nn.Module:
-    """The model a config describes, for a `vocab_size`-token vocabulary, initialised
+    """The model a config describes, for a `vocab_size`-token vocabulary, initialized
     from `seed` (the same seed gives the same weights)."""
     torch.manual_seed(seed)
     if isinstance(config, KGramConfig):
@@ -1457,8 +1460,8 @@ class NextTokenLoss(nn.Module):
 
 def router_balance_term(model: nn.Module, position_weights: torch.Tensor) -> torch.Tensor | float:
     """router_aux_loss_coef x the routers' load-balancing loss (Routing) for the forward just
-    run, over the positions with a weight, weighed as the cross-entropy of those positions is
-    (times the sum of their weights). 0 for a model without experts. position_weights: (T, B).
+    run, over the positions with a weight, and weighted as those positions' cross-entropy is:
+    times the sum of their weights. 0 for a model without experts. position_weights: (T, B).
 
     Returned as loss - loss.detach(): its gradient counts, its value is 0, so the loss a step
     reports stays the cross-entropy, comparable with the test loss. (A step's weights, over its
@@ -1958,7 +1961,7 @@ def training_step(loss_model: nn.Module, optimizer, micro_batches: list[tuple[Ba
     Each position's loss weighs 1 / step_tokens (the real targets of the whole step,
     over all ranks and micro-batches), so the update is the same token mean whatever
     the split. DDP averages gradients over ranks, so each rank scales by world_size.
-    Only the last micro-batch synchronises gradients across ranks. Raises
+    Only the last micro-batch synchronizes gradients across ranks. Raises
     NonFiniteStep, before updating anything, when the loss or gradient norm is NaN or inf.
     micro_batches: (batch, active) pairs; active is False only for a stand-in batch that a
     torchrun rank with nothing left runs so as to join the gradient sync (Appendix C), and
@@ -6470,12 +6473,14 @@ def exit_process(status: int) -> None:
 # What it adds: the same arithmetic as Part I, faster on a CPU. It matters when
 # the output layer dominates (GPT-2's 50257-token vocabulary on a small model)
 # and on AMD processors, where PyTorch's default float32 kernel (MKL) runs its
-# AVX2 code at about half the machine's AVX-512 peak. Four pieces, switched on
+# AVX2 code at about half the machine's AVX-512 peak. Five pieces, switched on
 # together by `speed_up`, which the training loop calls:
 #   - linear layers through oneDNN (which PyTorch ships) for float32 on the CPU,
 #     with the gradients written out (the weight's by PyTorch's own product);
 #     2x MKL's throughput on the benchmark machine;
 #   - RoPE's turn of each pair as one complex product (equal to float32 rounding);
+#   - an LSTM computing in float32 under bf16 autocast (Float32LSTM, on every device:
+#     autocast would run cuDNN's LSTM in float16, and oneDNN's bf16 one needs AVX-512);
 #   - the C allocator told to keep freed memory, so large per-step buffers do not
 #     fault their pages in again every step;
 #   - the chunked linear cross-entropy, which never builds the (positions x vocab)
@@ -6485,7 +6490,7 @@ def exit_process(status: int) -> None:
 # (A.2; `--attention_impl math` gives section 1.3's formula) and PyTorch's fused AdamW
 # (`--optimizer scratch` gives section 5's). `--loss plain --cpu_matmul torch
 # --attention_impl math --optimizer scratch` trains with every piece written out in Part I
-# (RoPE's complex product aside); the tests check that both paths give the same losses and
+# (RoPE's complex product and the float32 LSTM aside); the tests check that both paths give the same losses and
 # gradients to float32 rounding.
 # On a GPU, what matters is different: passes over memory, launches and host syncs,
 # not arithmetic. The loss is PyTorch's fused cross-entropy (a kernel forward and
