@@ -188,6 +188,20 @@ def test_an_expert_no_token_chose_still_gets_a_gradient_on_both_kernels(pico):
         assert all(p.grad is not None for p in moe.parameters())
 
 
+def test_expert_usage_counts_training_forwards_only(pico):
+    """The run log's expert usage is training's: the test set's evaluation and the samples,
+    which run in eval mode, leave the count as it was."""
+    moe = moe_layer(pico).train()
+    moe(torch.randn(2, 3, 16))
+    counted = moe.usage.clone()
+    moe.eval()
+    with torch.no_grad():
+        moe(torch.randn(4, 5, 16))
+    assert torch.equal(moe.take_usage(), counted) and counted.sum() == 2 * 3 * 2
+    moe(torch.randn(1, 2, 16))
+    assert moe.take_usage() is None
+
+
 def test_the_router_loss_trains_without_changing_the_reported_loss_on_both_paths(pico, configure):
     """The loss value stays the cross-entropy; the gradient is that of cross-entropy +
     coef x Switch loss x sum of the position weights, on the plain and the chunked path."""
@@ -310,6 +324,24 @@ def test_retnet_heads_decay_as_gamma_to_the_distance(pico):
     distance = (torch.arange(9)[:, None] - torch.arange(9)[None]).float()
     decay = (gamma[:, None, None] ** distance.clamp(min=0)) * (distance >= 0)  # RetNet's D (H, T, T)
     y = layer.head_norm(((q / 2) @ k.transpose(-2, -1) * decay) @ v)           # sqrt(D) = 2
+    expected = layer.out_proj(y.transpose(1, 2).reshape(2, 9, 12) * F.silu(layer.output_gate(x)))
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_data_gated_linear_attention_is_glas_recurrence_forgetting_slowly(pico):
+    """GLA (Yang et al., 2024) written out: S_t = diag(a_t) S_(t-1) + k_t^T v_t and
+    y_t = q_t S_t / sqrt(D), with a decay a_t = sigmoid(gate logit)^(1/16) per token and per
+    key dimension, so that a logit near 0 keeps 0.5^(1/16) = 96% of the state a token."""
+    torch.manual_seed(0)
+    layer = pico.LinearAttention(12, 3, 3, bias=False, gate="data")
+    x = torch.randn(2, 9, 12)
+    q, k, v = projections(layer, x, 3)                                           # (B, H, T, D)
+    decay = torch.sigmoid(layer.forget_gate(x)).view(2, 9, 3, 4).transpose(1, 2) ** (1 / 16)
+    state, outputs = torch.zeros(2, 3, 4, 4), []                                 # (B, H, D, D)
+    for t in range(9):
+        state = decay[:, :, t, :, None] * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outputs.append((q[:, :, t, None, :] / 2) @ state)                        # sqrt(D) = 2
+    y = layer.head_norm(torch.cat(outputs, dim=2))                               # (B, H, T, D)
     expected = layer.out_proj(y.transpose(1, 2).reshape(2, 9, 12) * F.silu(layer.output_gate(x)))
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 

@@ -75,6 +75,12 @@ def test_top_k_and_temperature_change_the_distribution(pico):
     assert int(pico.sample_next_token(logits, pico.SamplingRule(temperature=0))) == 0
 
 
+def test_top_k_keeps_the_tokens_tied_with_the_kth(pico):
+    """Which of two equal logits is "the k-th" is arbitrary, so both stay."""
+    kept = pico.top_k_filter(torch.tensor([[3.0, 2.0, 2.0, 1.0], [1.0, 1.0, 1.0, 0.0]]), 2)
+    assert kept.isfinite().tolist() == [[True, True, True, False], [True, True, True, False]]
+
+
 def test_top_k_1_always_draws_the_most_likely_token(pico):
     """Keeping one token leaves nothing to chance, whatever the temperature or top-p."""
     logits = torch.tensor([[1.0, 1.2, 0.9, 1.1], [0.5, 0.0, 0.4, 0.45]])

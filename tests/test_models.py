@@ -264,6 +264,79 @@ def test_speedrun_options_with_zero_weights_are_the_model_without_them(pico, wei
     assert not torch.allclose(extended(tokens), plain(tokens), atol=1e-4)
 
 
+def test_unet_skips_join_block_i_to_block_l_minus_1_minus_i(pico):
+    """In four blocks, block 0's output joins block 3's input and block 1's joins block 2's,
+    each times its own weight: the encoder's first half mirrored, as a U-net's."""
+    model = tiny_model(pico, "transformer", "--n_blocks", "4", "--unet_skips", "true").eval()
+    with torch.no_grad():
+        model.skip_weights.copy_(torch.tensor([0.3, 0.7]))
+    inputs, outputs = [], []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+        block.register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (10, 2)))
+    torch.testing.assert_close(inputs[1], outputs[0])
+    torch.testing.assert_close(inputs[2], outputs[1] + 0.3 * outputs[1])
+    torch.testing.assert_close(inputs[3], outputs[2] + 0.7 * outputs[0])
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_a_block_is_its_norm_position_written_out(pico, norm_position):
+    """Pre-norm (GPT-2 on): x + attention(norm(x)), then h + ffn(norm(h)). Post-norm (the 2017
+    Transformer): norm(x + attention(x)), then norm(h + ffn(h)): both sub-layers' outputs are
+    normalized, none of their inputs."""
+    model = tiny_model(pico, "transformer", "--norm_position", norm_position, "--pos_emb",
+                       "learned", "--ffn", "silu", "--n_blocks", "1").eval()
+    block = model.blocks[0]
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+        x = torch.randn(2, 7, 32, generator=generator)
+        if norm_position == "pre":
+            h = x + block.attention(block.attention_norm(x), None)
+            expected = h + block.ffn(block.ffn_norm(h))
+        else:
+            h = block.attention_norm(x + block.attention(x, None))
+            expected = block.ffn_norm(h + block.ffn(h))
+        torch.testing.assert_close(block(x, None), expected)
+
+
+def test_sinusoidal_positions_are_vaswanis_sines_and_cosines_at_the_embeddings_scale(pico):
+    """PE(p, 2i) = sin(p / 10000^(2i/d)) and PE(p, 2i+1) = cos(p / 10000^(2i/d)), added to the
+    token embeddings at their initial scale (0.02), not at unit amplitude."""
+    positions, d = torch.arange(5), 8
+    pe = pico.sinusoidal_position_embedding(positions, d)                       # (5, 8)
+    angle = positions[:, None].double() / 10000 ** (torch.arange(0, d, 2).double() / d)
+    torch.testing.assert_close(pe[:, 0::2], angle.sin().float())
+    torch.testing.assert_close(pe[:, 1::2], angle.cos().float())
+    assert pe[0].tolist() == [0.0, 1.0] * 4
+    model = tiny_model(pico, "transformer", "--pos_emb", "sinusoidal").eval()
+    with torch.no_grad():
+        model.token_embedding.weight.zero_()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (5, 2)))
+    expected = 0.02 * pico.sinusoidal_position_embedding(positions, 32)
+    torch.testing.assert_close(seen[0], expected.expand(2, 5, 32))
+
+
+def test_residual_projections_start_smaller_with_depth_as_gpt2s(pico):
+    """GPT-2's init: weights of std 0.02, but the projections that write into the residual
+    stream (attention's out_proj, the feed-forward's w2) 0.02 / sqrt(2 x blocks), so the
+    stream's variance stays about 1 whatever the depth."""
+    config = pico.config_from_command_line(["--d_model", "256", "--n_heads", "4", "--n_blocks",
+                                            "8", "--ffn", "gelu"])
+    model = pico.build_model(config.models.transformer, 512, config.training.seed)
+    for name, parameter in model.named_parameters():
+        if parameter.dim() < 2:
+            continue
+        std = 0.02 / 4 if name.endswith(("out_proj.weight", "w2.weight")) else 0.02
+        assert parameter.std().item() == pytest.approx(std, rel=0.05), name
+
+
 @pytest.mark.parametrize("preset", ["pico", "minGPT", "GPT2-small", "GPT-oss", "Llama3-lite"])
 def test_presets_fill_the_documented_fields(configure, preset):
     config = configure("--transformer_variant", preset).models.transformer

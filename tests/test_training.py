@@ -384,6 +384,21 @@ def test_build_optimizer_takes_foreach_muon_on_a_gpu_only(pico, configure):
     assert on == {"cpu": pico.Muon, "cuda": pico.ForeachMuon}
 
 
+@pytest.mark.parametrize("optimizer", ["torch", "scratch", "muon"])
+def test_weight_decay_pulls_matrices_and_embeddings_only(pico, configure, optimizer):
+    """Biases and norms' gains (every 1-D parameter) take no weight decay, whichever
+    optimizer; every matrix and embedding table takes --weight_decay."""
+    config = configure("--transformer_variant", "minGPT", "--d_model", "32", "--n_heads", "2",
+                       "--weight_decay", "0.1", "--optimizer", optimizer)
+    model = pico.build_model(config.models.transformer, 50, seed=0)
+    groups = pico.build_optimizer(model, config.training, torch.device("cpu")).param_groups
+    decay = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
+    names = dict(model.named_parameters())
+    assert len(decay) == len(names) and any(p.dim() < 2 for p in names.values())
+    for name, parameter in names.items():
+        assert decay[id(parameter)] == (0.1 if parameter.dim() >= 2 else 0.0), name
+
+
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(pico, configure):
     config = configure("--transformer_variant", "speedrun", "--d_model", "32", "--n_heads", "2",
                        "--value_embeddings", "true", "--unet_skips", "true", "--tie_weights", "false",
