@@ -2266,13 +2266,21 @@ def is_count(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+MAX_BPE_VOCAB = 2**32   # the token cache holds ids as uint32 past 65,536 (section 6.3)
+
+
 def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
     """'gpt2' | 'char' | 'bpe:N' -> (kind, N); UserError otherwise."""
     if spec in ("gpt2", "char"):
         return spec, 0
     kind, _, size = spec.partition(":")
-    if kind == "bpe" and is_count(size) and int(size) >= 257:
-        return "bpe", int(size)
+    digits = size.lstrip("0") or "0"
+    if kind == "bpe" and is_count(size) and (len(digits) > 10 or int(digits) > MAX_BPE_VOCAB):
+        shown = f"{int(digits):,}" if len(digits) <= 20 else f"a {len(digits)}-digit number"
+        raise UserError(f"--tokenizer bpe:N takes N up to {MAX_BPE_VOCAB:,} (the token cache "
+                        f"holds ids as 32-bit numbers), got {shown}")
+    if kind == "bpe" and is_count(size) and int(digits) >= 257:
+        return "bpe", int(digits)
     raise UserError(f"unknown --tokenizer {spec!r}; choose gpt2, char or bpe:N with N >= 257 "
                     "(256 bytes + <|endoftext|>)")
 
@@ -5276,6 +5284,9 @@ MAX_LAYERS = 1000
 # after every epoch: 10,000 epochs make a 1.4 MB log and some 7 GB of writes, a million 70 TB.
 # The course trains 12.
 MAX_EPOCHS = 10_000
+# Past 2**64 no count or size means anything (a seed is at most 2**64 - 1), and past about
+# 10**308 an integer no longer converts to a float: the size checks' arithmetic would fail.
+MAX_INTEGER = 2**64
 # Every position of a batch reads its k previous tokens (the embedding variant holds a
 # (T, B, k, embed_size) tensor of them), a cost the memory check (parameters only) does not
 # see: two steps on 3seqs.txt at --embed_size 16 took 22 s and 1.2 GB at k = 1024 against 7 s
@@ -5341,6 +5352,17 @@ def validate_args(args: argparse.Namespace) -> None:
                  "kgram_chunk_size", "num_inner_mlp_layers", "top_k"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    limits = {"num_inner_mlp_layers": MAX_LAYERS, "lstm_layers": MAX_LAYERS, "n_blocks": MAX_LAYERS,
+              "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K,
+              "n_experts": MAX_EXPERTS}  # why each: the MAX_ constants' comments
+    for name, limit in limits.items():
+        if (getattr(args, name) or 0) > limit:
+            raise UserError(f"--{name} is at most {limit}, got {getattr(args, name)}")
+    for name, value in vars(args).items():   # past a float, before any float arithmetic
+        if type(value) is int and abs(value) > MAX_INTEGER:
+            raise UserError(f"--{name} is a {len(str(abs(value)))}-digit number, beyond any "
+                            f"size or count pico-llm can hold (at most {MAX_INTEGER:,}); give "
+                            "a smaller one")
     if not math.isfinite(args.learning_rate * max(args.warmup_steps, 1)):  # the warm-up's product
         raise UserError(f"--learning_rate {args.learning_rate} is too large: warming it up over "
                         f"--warmup_steps {args.warmup_steps} overflows a float")
@@ -5376,12 +5398,6 @@ def validate_args(args: argparse.Namespace) -> None:
         stem = args.run_name[:-len(".json")]
         raise UserError(f"--run_name names the run, not its file: --run_name {stem} writes "
                         f"{stem}.json")
-    limits = {"num_inner_mlp_layers": MAX_LAYERS, "lstm_layers": MAX_LAYERS, "n_blocks": MAX_LAYERS,
-              "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K,
-              "n_experts": MAX_EXPERTS}  # why each: the MAX_ constants' comments
-    for name, limit in limits.items():
-        if (getattr(args, name) or 0) > limit:
-            raise UserError(f"--{name} is at most {limit}, got {getattr(args, name)}")
     if args.monosemantic_clusters <= 0:
         raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
     tinystories_flags = {"tinystories_path": args.tinystories_path,
@@ -8441,7 +8457,8 @@ def checkpoint_contents(path: Path, checkpoint: dict):
         check_model_config(model_config)
         if type(trained.data.block_size) is not int or trained.data.block_size < 1:  # generation's
             raise UserError(f"block_size {trained.data.block_size!r} is not a positive integer")
-    except (UserError, TypeError, ValueError, KeyError, AttributeError) as error:  # stored faults
+    except (UserError, TypeError, ValueError, KeyError, AttributeError,
+            OverflowError) as error:   # stored faults; sizes past a float's range
         raise UserError(f"{path} was made by another pico-llm version, or is damaged: its {name} "
                         f"cannot be rebuilt ({textwrap.shorten(str(error), 120)}); use a "
                         "checkpoint this version wrote") from None
@@ -8457,6 +8474,8 @@ def check_model_config(config) -> None:
             value = getattr(config, field.name)
             if field.type in ("int", "int | None") and type(value) is not int:
                 raise UserError(f"{field.name} {value!r} is not an integer")
+            if type(value) is int and abs(value) > MAX_INTEGER:   # as the command line's
+                raise UserError(f"{field.name} is a {len(str(abs(value)))}-digit number")
             optional = value is None and field.type == "float | None"
             if field.type in ("float", "float | None") and type(value) not in (int, float) \
                     and not optional:
@@ -9831,7 +9850,10 @@ def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_si
 
 
 def memory_size(size: int) -> str:
-    """Bytes as GiB, or MiB below one GiB."""
+    """Bytes as GiB, or MiB below one GiB; past 10**18 GiB (a damaged file's sizes), as a
+    power of ten, which takes integers of any length."""
+    if size >= 10**18 * 2**30:
+        return f"10^{math.log10(size) - math.log10(2**30):.0f} GiB"
     return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
 
 
@@ -9933,6 +9955,9 @@ def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = ""
         if not (within and (isinstance(value, int) or math.isfinite(value))):  # NaN is within none
             kind = "an integer" if integer else "a finite number"
             raise UserError(f"config.json: {key}={value!r} must be {kind} {' and '.join(limits)}")
+    if type(value) is int and abs(value) > MAX_INTEGER:   # before any float arithmetic on it
+        raise UserError(f"config.json: {key} is a {len(str(abs(value)))}-digit number, beyond "
+                        f"any size pico-llm can hold (at most {MAX_INTEGER:,})")
     return value
 
 

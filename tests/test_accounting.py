@@ -108,6 +108,14 @@ def test_parameters_counted_from_the_config_equal_the_built_model(pico, configur
     assert pico.parameter_count(config, 300) == pico.count_parameters(built)
 
 
+def test_memory_sizes_read_as_mib_gib_or_a_power_of_ten_whatever_their_length(pico):
+    """A damaged file's sizes can run past a float's range (10**308): they are written as a
+    power of ten, where dividing them as floats would fail (OverflowError)."""
+    assert pico.memory_size(3 << 20) == "3.0 MiB" and pico.memory_size(5 << 30) == "5.0 GiB"
+    assert pico.memory_size(2**200) == "10^51 GiB"
+    assert pico.memory_size(10**1000) == "10^991 GiB"
+
+
 def test_a_model_larger_than_memory_is_refused_naming_its_size_flag(pico, configure, monkeypatch):
     monkeypatch.setattr(pico, "memory_available", lambda device: 8 << 30)
     device = torch.device("cpu")

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO, SCRIPT, TINY_RUN, run_script
 
+HUGE = "9" * 400   # an integer past a float's range (about 1.8e308)
 BAD_INPUTS = [
     (["--input_files", "does_not_exist.txt"], "not found"),
     (["--prompt", "-x"], "argument --prompt: expected one argument (give it one; a value that "
@@ -183,6 +184,16 @@ BAD_INPUTS = [
     (["--temperature", "0", "--top_p", "0.5"], "--top_p cannot change; drop one"),
     *[([flag, "", *TINY_RUN], f"{flag} is empty; give a path") for flag in (
         "--input_dir", "--tinystories_path", "--save_dir", "--checkpoint", "--custom_sweep_log")],
+    # integers past a float's range had reached the size checks' float arithmetic (OverflowError)
+    *[([*TINY_RUN, *flags, HUGE], f"{flags[-1]} is a 400-digit number, beyond any size")
+      for flags in (["--models", "lstm_seq", "--embed_size"], ["--models", "transformer", "--d_ff"],
+                    ["--models", "transformer", "--n_heads", "1", "--d_model"], ["--warmup_steps"],
+                    ["--accounting", "--batch_size"],
+                    ["--models", "transformer", "--yarn_factor", "2", "--yarn_original_context"])],
+    (["--tokenizer", "bpe:" + HUGE], "--tokenizer bpe:N takes N up to 4,294,967,296 (the token "
+                                     "cache holds ids as 32-bit numbers), got a 400-digit number"),
+    (["--tokenizer", "bpe:" + "9" * 5000], "got a 5000-digit number"),    # past int()'s 4,300
+    (["--tokenizer", "bpe:4294967297"], "got 4,294,967,297"),
 ]
 
 

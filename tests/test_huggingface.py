@@ -374,6 +374,10 @@ NAN, INF = float("nan"), float("inf")
                                                      "integer above 0 and at most 16777216"),
     ("gpt-oss", dict(router_aux_loss_coef=-1), "router_aux_loss_coef=-1 must be a finite number "
                                                "at least 0"),
+    # past a float's range: the memory check's arithmetic had failed with OverflowError
+    *[("llama yarn", {key: 10**400}, f"{key} is a 401-digit number, beyond any size")
+      for key in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+                  "num_attention_heads")],
 ] + [("llama yarn", dict(rope_parameters=FAMILIES["llama yarn"][1]["rope_parameters"] | bad), match)
      for bad, match in [
          (dict(rope_theta="x"), "rope_parameters.rope_theta='x' is not a number"),
@@ -386,7 +390,8 @@ NAN, INF = float("nan"), float("inf")
           "rope_parameters.original_max_position_embeddings='abc' is not an integer"),
          (dict(original_max_position_embeddings=-64),
           "rope_parameters.original_max_position_embeddings=-64 must be an integer above 0"),
-         (dict(truncate="false"), "rope_parameters.truncate='false' is not a boolean")]])
+         (dict(truncate="false"), "rope_parameters.truncate='false' is not a boolean"),
+         (dict(factor=10**400), "rope_parameters.factor is a 401-digit number")]])
 def test_config_values_of_the_wrong_type_or_out_of_range_are_refused(pico, family, change, match):
     """Each as the command line refuses the same setting, in one line naming key and value."""
     class_name, settings = FAMILIES[family]
