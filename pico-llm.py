@@ -2436,7 +2436,7 @@ def text_files_in(directory: Path) -> list[Path]:
         raise UserError(f"--input_dir {directory} is not a directory")
 
     def unreadable(error: OSError):
-        raise UserError(f"--input_dir: cannot read {error.filename} ({error.strerror}); "
+        raise UserError(f"--input_dir: cannot read {quoted(error.filename)} ({error.strerror}); "
                         "check its permissions")
 
     return sorted(Path(folder) / name
@@ -2464,7 +2464,7 @@ def read_text_files_in(directory: Path, read) -> list:
                         + (f" with text (skipped {len(skipped)}: {reason})" if skipped else ""))
     if skipped:
         warn(f"pico-llm: note: --input_dir: skipped {len(skipped)} .txt file(s) ({reason}), "
-             f"e.g. {skipped[0]}")
+             f"e.g. {quoted(skipped[0])}")
     return texts
 
 
@@ -6026,6 +6026,9 @@ def run_training(config: Config) -> int:
             check_side_files_are_new(run_path, config)
         replace_run_log = context.is_main and check_run_log_is_new(run_path, resume_points,
                                                                    save_dir, config.flags)
+        if context.is_main and resume_points:
+            check_finished_models_kept_checkpoints(run_path, resume_points, config.models.names,
+                                                   save_dir)
         if context.is_main and save_dir is not None:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:
@@ -8576,6 +8579,24 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
     for path, checkpoint in found.values():
         check_same_flags(checkpoint, path, flags)
     return found
+
+
+def check_finished_models_kept_checkpoints(run_path: Path, resume_points: dict,
+                                           model_names: list[str], save_dir: Path | None) -> None:
+    """--resume trains a model without a checkpoint from the start: one that stopped before
+    its first. A model the continued run log records as finished wrote a last checkpoint,
+    though; with none there now (moved, deleted, a partial copy of --save_dir), training it
+    again would spend its time and replace its record, so it is refused in one line."""
+    if not run_path.exists():
+        return
+    records = load_runlog(run_path).get("models") or {}
+    for name in model_names:
+        record = records.get(name)
+        if name not in resume_points and isinstance(record, dict) and record.get("final"):
+            where = save_dir / name if save_dir is not None else f"the --save_dir's {name} folder"
+            raise UserError(f"--resume: run log {run_path} records {name} as finished, but "
+                            f"{where} holds no checkpoint of it; put its checkpoints back, or "
+                            f"drop {name} from --models")
 
 
 def check_named_for_its_step(path: Path, checkpoint: dict) -> None:

@@ -1533,6 +1533,28 @@ def test_resuming_some_of_a_runs_models_keeps_the_others_records(pico, run_main,
     assert log["models"]["lstm_seq"]["history"][:3] == before["lstm_seq"]["history"]
 
 
+def test_resuming_a_finished_model_whose_checkpoints_are_gone_is_refused(pico, run_main, tmp_path):
+    """A model the run log records as finished, with no checkpoint left in --save_dir (its
+    folder moved away), had been trained again from the start without a word, replacing its
+    record: refused, naming it, and nothing is written. One that stopped before its first
+    checkpoint (no final record) still starts afresh."""
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    flags = [*TINY, *TWO_MODELS, "--save_dir", str(save), "--run_name", "r", "--epochs", "1"]
+    assert run_main(*flags)[0] == 0
+    (save / "lstm_seq").rename(tmp_path / "elsewhere")
+    before = log_path.read_bytes()
+    status, _, err = run_main(*flags[:-1], "2", "--resume")
+    assert status == 2 and err.count("\n") == 1, err
+    assert (f"run log {log_path} records lstm_seq as finished, but {save / 'lstm_seq'} holds no "
+            "checkpoint of it; put its checkpoints back, or drop lstm_seq from --models") in err
+    assert log_path.read_bytes() == before
+    assert [p.name for p in (save / "kgram_mlp_seq").iterdir()] == ["step_000003.pt"]
+    log = pico.load_runlog(log_path)
+    del log["models"]["lstm_seq"]["final"]                  # as a run killed in its training
+    log_path.write_text(json.dumps(log))
+    assert run_main(*flags[:-1], "2", "--resume")[0] == 0
+
+
 def test_a_damaged_newest_checkpoint_in_a_save_dir_says_how_to_resume_it(pico, run_main, tmp_path):
     """The advice, followed to the letter, resumes every model of the save directory."""
     save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"

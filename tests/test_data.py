@@ -86,6 +86,17 @@ def test_a_blank_file_in_input_dir_is_skipped_but_a_named_one_is_refused(pico, t
         pico.load_custom_examples(args_for(pico, "--input_files", str(tmp_path / "b.txt")))
 
 
+def test_a_skipped_files_name_with_control_characters_is_written_escaped(pico, tmp_path, capsys):
+    """A name in a folder (a downloaded corpus's) holding a newline or a terminal's escape
+    codes is shown as Python writes it: the note stays one line and sends no escape codes."""
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "\x1b[31mred\nx.txt").write_text("")
+    assert pico.load_custom_examples(args_for(pico, "--input_dir", str(tmp_path))) == ["alpha"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err
+    assert repr(str(tmp_path / "\x1b[31mred\nx.txt")) in err
+
+
 @pytest.mark.parametrize("alias", ["hard link", "symbolic link", "named and in the folder"])
 def test_one_file_under_two_names_is_refused(pico, tmp_path, alias):
     """Its lines would be in both the test and the training set."""
