@@ -3567,6 +3567,9 @@ def check_run_log_is_new(run_path: Path, resume_points: dict | None, save_dir: P
     works. A finished run's log, a log whose run has checkpoints to --resume, a running run's
     log and a stopped run's log of other flags (a diverged run's curve is a result) are never
     replaced; a resumed run continues only its own run's log."""
+    if run_path.is_symlink() and not run_path.exists():   # neither a log nor room for one
+        raise UserError(f"run log {quoted(run_path)} is a symbolic link to nothing (broken, or a "
+                        "loop); fix the link, or choose another --run_name")
     if not run_path.exists():
         return False
     try:
@@ -5468,9 +5471,6 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if (args.early_stop_patience or args.plateau_patience) and args.test_fraction == 0:
         raise UserError("--early_stop_patience and --plateau_patience watch the test loss; "
                         "set --test_fraction above 0")
-    if args.generate and not (args.checkpoint or args.init_from):
-        raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir) "
-                        "or --init_from DIR")
     sweeping = args.sweep or args.custom_sweep_log or args.collect_transformer_metrics
     if args.overwrite and not sweeping:
         raise UserError("--overwrite replaces sweep files; use it with --sweep, --custom_sweep_log "
@@ -5484,6 +5484,9 @@ def validate_checkpoint_args(args: argparse.Namespace) -> None:
     if args.generate and checkpoint_flags_given(args):
         raise UserError(f"--generate does not train; drop {checkpoint_flags_given(args)}")
     validate_one_command(args)     # first: a sweep's --resume is refused, not sent to --save_dir
+    if args.generate and not (args.checkpoint or args.init_from):   # after: not with --accounting
+        raise UserError("--generate needs --checkpoint PATH (a .pt file written with --save_dir) "
+                        "or --init_from DIR")
     if args.checkpoint_every and not (args.save_dir or args.resume):
         raise UserError("--checkpoint_every needs --save_dir DIR (where checkpoints go)")
     if args.resume == "" and not args.save_dir:

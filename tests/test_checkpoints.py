@@ -1555,6 +1555,23 @@ def test_resuming_a_finished_model_whose_checkpoints_are_gone_is_refused(pico, r
     assert run_main(*flags[:-1], "2", "--resume")[0] == 0
 
 
+@pytest.mark.parametrize("target", ["loop", "missing"])
+def test_a_run_log_that_is_a_link_to_nothing_is_refused_and_kept(run_main, tmp_path, target):
+    """A link to nothing where the run log goes had been told "another run started first", and
+    under --resume was replaced by a log of its own: it says what it is, and stays."""
+    save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"
+    flags = [*TINY, "--models", "lstm_seq", "--save_dir", str(save), "--run_name", "r",
+             "--epochs", "1"]
+    assert run_main(*flags)[0] == 0
+    log_path.unlink()
+    log_path.symlink_to(log_path if target == "loop" else tmp_path / "nowhere" / "r.json")
+    for resume in ([], ["--resume"]):
+        status, _, err = run_main(*flags[:-1], "2", *resume)
+        assert status == 2 and err.count("\n") == 1, err
+        assert f"run log {log_path} is a symbolic link to nothing (broken, or a loop)" in err
+        assert log_path.is_symlink() and not log_path.exists()
+
+
 def test_a_damaged_newest_checkpoint_in_a_save_dir_says_how_to_resume_it(pico, run_main, tmp_path):
     """The advice, followed to the letter, resumes every model of the save directory."""
     save, log_path = tmp_path / "ckpt", tmp_path / "artefacts" / "r.json"

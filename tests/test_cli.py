@@ -194,6 +194,8 @@ BAD_INPUTS = [
                                      "cache holds ids as 32-bit numbers), got a 400-digit number"),
     (["--tokenizer", "bpe:" + "9" * 5000], "got a 5000-digit number"),    # past int()'s 4,300
     (["--tokenizer", "bpe:4294967297"], "got 4,294,967,297"),
+    # said first: adding the --checkpoint that --generate needs would not help
+    (["--accounting", "--generate"], "--accounting and --generate are two commands"),
 ]
 
 
