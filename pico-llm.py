@@ -70,7 +70,8 @@ import signal
 import sys
 
 # Start-up machinery, needed before `import torch`: Appendix B's signal handling begins here,
-# and a GOMP_CPU_AFFINITY that would hang the import is refused. Skip to Part I.
+# and a GOMP_CPU_AFFINITY that would hang the import, or an OMP_NUM_THREADS OpenMP cannot
+# read, is refused. Skip to Part I.
 
 
 def interrupted_while_starting(signal_number, frame) -> None:
@@ -97,6 +98,14 @@ def gomp_cpu_affinity_readable(value: str) -> bool:
                for item in text.split(" ") if item)
 
 
+def omp_num_threads_readable(value: str) -> bool:
+    """Whether OpenMP reads OMP_NUM_THREADS: positive whole numbers (spaces around each
+    allowed), one per nesting level, separated by commas. libgomp writes a line of its own
+    about anything else (0, "", "junk", "4.0") as torch loads it, and then ignores it."""
+    return all(re.fullmatch(r"\s*\+?0*[1-9][0-9]{0,17}\s*", item, re.ASCII)
+               for item in value.split(","))
+
+
 # As a script (not when imported), unless a signal is ignored (Ctrl-C in a background job):
 # main() takes the signals over once the imports are done.
 if __name__ == "__main__":
@@ -112,6 +121,12 @@ if __name__ == "__main__":
         sys.stderr.write(f"pico-llm: error: GOMP_CPU_AFFINITY="
                          f"{os.environ['GOMP_CPU_AFFINITY'][:40]!r} is not a list of CPUs such "
                          "as 0-3,6 or 0-7:2; fix it, or unset it\n")
+        sys.exit(2)
+    # One it cannot read, it notes in a line without pico-llm's prefix and ignores: one line here.
+    if not omp_num_threads_readable(os.environ.get("OMP_NUM_THREADS", "1")):
+        sys.stderr.write(f"pico-llm: error: OMP_NUM_THREADS="
+                         f"{os.environ['OMP_NUM_THREADS'][:40]!r} is not a number of threads "
+                         "(a positive whole number, such as 2); fix it, or unset it\n")
         sys.exit(2)
 
 import _compat_pickle

@@ -846,7 +846,10 @@ def test_unreadable_input_dir_is_not_reported_as_empty(ws):
     ("GOMP_CPU_AFFINITY", "zz", ("GOMP_CPU_AFFINITY", "not a list of CPUs")),
     ("GOMP_CPU_AFFINITY", "\u0663", ("GOMP_CPU_AFFINITY", "not a list of CPUs")),  # an Arabic 3
     # torch raised a ValueError as it loaded: a traceback
-    ("TORCH_LOGS", "bogus", ("importing numpy and torch failed", "Invalid log settings"))])
+    ("TORCH_LOGS", "bogus", ("importing numpy and torch failed", "Invalid log settings")),
+    # libgomp wrote a line of its own ("Invalid value for environment variable") and went on
+    *[("OMP_NUM_THREADS", value, ("OMP_NUM_THREADS", "is not a number of threads"))
+      for value in ("0", "junk", "-3", "", "2,", "3.5")]])
 def test_an_environment_variable_that_breaks_importing_torch_is_one_line(ws, variable, value,
                                                                           keywords):
     before = ws.snapshot()
@@ -858,6 +861,13 @@ def test_gomp_cpu_affinity_in_libgomps_own_forms_is_taken(ws):
     for value in ("0", "0-1", "0 - 1, 0", "0-1:1", "", "0x0", "+0"):   # C's numbers too
         result = run("--help", env={**os.environ, "GOMP_CPU_AFFINITY": value})
         assert result.returncode == 0, describe(result)
+
+
+def test_omp_num_threads_in_openmps_own_forms_is_taken_without_a_word(pico):
+    for value in ("1", "+3", " 2 ", "2,1", "007"):
+        assert pico.omp_num_threads_readable(value), value
+    result = run("--help", env={**os.environ, "OMP_NUM_THREADS": "1, 1"})
+    assert result.returncode == 0 and not result.stderr, describe(result)
 
 
 def wait_for_start_up_handlers(process, timeout: float = HANG_TIMEOUT) -> None:
