@@ -2374,6 +2374,21 @@ def check_json_size(path: Path) -> None:
                          f"{memory_size(MAX_JSON_FILE_BYTES)} of any JSON file pico-llm reads")
 
 
+def load_json(path: Path):
+    """A JSON file's value. ValueError, which every reader here turns into its one line, if it
+    is larger than any JSON file pico-llm reads, not UTF-8, not JSON, or holds a number of more
+    than 4,300 digits (past what Python converts: its own message advises a programmer's
+    setting, sys.set_int_max_str_digits)."""
+    check_json_size(path)
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except ValueError as error:
+            if "integer string conversion" in str(error):
+                raise ValueError("a number in it has more than 4,300 digits") from None
+            raise
+
+
 def read_without_waiting(path: Path) -> bytes:
     """A file's bytes. Opened non-blocking, which changes nothing for a file on disk, so that a
     kernel file that waits for data to come (/proc/kmsg) fails at once instead of hanging."""
@@ -3454,9 +3469,7 @@ def load_runlog(path: Path | str) -> dict:
     """Read a run log and check its schema version (the notebook uses this too)."""
     check_regular_file(Path(path), "run log")
     try:
-        check_json_size(Path(path))
-        with open(path, encoding="utf-8") as handle:
-            log = json.load(handle)
+        log = load_json(Path(path))
     # ValueError: truncated JSON, or not UTF-8; RecursionError: nested too deeply
     except (OSError, ValueError, RecursionError) as error:
         raise UserError(f"cannot read run log {path} "
@@ -4052,9 +4065,7 @@ def load_sweep(path: Path | str) -> dict:
                                     if looks_like_a_sweep_file(Path(path))
                                     else "give the sweep another path")
     try:
-        check_json_size(Path(path))
-        with open(path, encoding="utf-8") as handle:
-            sweep = json.load(handle)
+        sweep = load_json(Path(path))
     # ValueError: truncated JSON, or not UTF-8; RecursionError: nested too deeply
     except (OSError, ValueError, RecursionError) as error:
         raise UserError(f"cannot read sweep file {path} ({textwrap.shorten(str(error), 80)}); "
@@ -10476,8 +10487,7 @@ def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, t
 def read_json_object(file: Path) -> dict:
     """A JSON file of a model directory that must hold an object, as a dict."""
     try:
-        check_json_size(file)
-        document = json.loads(file.read_text(encoding="utf-8"))
+        document = load_json(file)
     except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
         raise UserError(f"cannot read {quoted(file)}: {error}".splitlines()[0]) from None
     if not isinstance(document, dict):

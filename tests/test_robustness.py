@@ -1861,3 +1861,17 @@ def test_a_model_record_needs_its_throughput_but_not_a_test_loss(pico):
 def test_an_empty_kgram_variant_is_refused_as_it_is_made(pico):
     with pytest.raises(ValueError, match="variant '' is not one of"):
         pico.KGramConfig(variant="")
+
+
+@pytest.mark.parametrize("reader", ["load_runlog", "load_sweep", "read_json_object"])
+def test_a_json_number_of_more_digits_than_python_converts_is_named_in_one_line(pico, tmp_path,
+                                                                              reader):
+    """Python refuses to convert an integer of more than 4,300 digits and advises calling
+    sys.set_int_max_str_digits(), a programmer's setting: the line says what is in the file."""
+    path = tmp_path / "file.json"
+    path.write_text('{"n": ' + "9" * 5000 + "}")
+    with pytest.raises(pico.UserError) as refused:
+        getattr(pico, reader)(path)
+    message = str(refused.value)
+    assert "a number in it has more than 4,300 digits" in message, message
+    assert "set_int_max_str_digits" not in message and "\n" not in message
