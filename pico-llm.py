@@ -4861,6 +4861,10 @@ def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: Train
                            decoder=decoder)
     result = embedding_clusters(model, tokenizer, data, sample.token_ids, sample.num_prompt_tokens,
                                 clusters, sampling.seed)
+    used = sum(len(members) for members in result["clusters"].values())
+    if clusters > used:   # k-means makes at most one cluster per token
+        warn(f"pico-llm: note: --monosemantic_clusters {clusters:,} is more than the {used:,} "
+             f"distinct tokens the text uses; {name}'s tokens make at most {used:,} clusters")
     path = directory / f"{file_prefix}_{name}.json"
     write_interpretability_file(path, {"kind": "monosemantic", "schema_version": SWEEP_SCHEMA_VERSION,
                                        "model": name, "text": sample.text, **result})
@@ -5947,6 +5951,15 @@ def check_patience_has_a_test_loss(training: TrainingConfig, data: TrainingData)
                         "lines, or a larger --test_fraction), or drop them")
 
 
+def note_batch_past_the_data(training: TrainingConfig, data: TrainingData) -> None:
+    """A note where --batch_size is more than the training examples: each step then takes them
+    all, fewer than the run log's batch_size says, so a step's gradient is not the one asked."""
+    examples = data.num_train_examples
+    if 0 < examples < training.batch_size:
+        warn(f"pico-llm: note: --batch_size {training.batch_size:,} is more than the "
+             f"{examples:,} training examples; each step takes all {examples:,}")
+
+
 def data_summary(tokenizer, data: TrainingData) -> dict:
     return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "data_format": data.data_format,
@@ -6075,6 +6088,8 @@ def run_training(config: Config) -> int:
                                        tokenizer)
         check_ranks_read_the_same_text(context, data)
         check_patience_has_a_test_loss(config.training, data)
+        if context.is_main:
+            note_batch_past_the_data(config.training, data)
         check_resume_points(config, resume_points, tokenizer, data)   # B: before any model trains
         resumed_run = next((checkpoint["run_id"] for _, checkpoint in resume_points.values()
                             if checkpoint.get("run_id")), None)

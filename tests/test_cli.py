@@ -234,6 +234,17 @@ def test_bad_input_gives_one_line_status_2_and_touches_nothing(run_main, tmp_pat
     assert (artefacts / "earlier_run.json").read_text() == '{"keep": true}'
 
 
+def test_a_batch_larger_than_the_training_set_is_noted(run_main):
+    """Each step then takes every training example, fewer than --batch_size: said once."""
+    status, _, err = run_main(*TINY_RUN, "--models", "lstm_seq", "--epochs", "1",
+                              "--batch_size", "100000")
+    assert status == 0, err
+    assert err.splitlines() == ["pico-llm: note: --batch_size 100,000 is more than the 54 "
+                                "training examples; each step takes all 54"]
+    status, _, err = run_main(*TINY_RUN, "--models", "lstm_seq", "--epochs", "1")
+    assert status == 0 and err == "", err
+
+
 def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_it(
         pico, run_main, tmp_path, capsys):
     """--artefacts_dir inside --export_hf: said as that, not as an export folder "not empty"
