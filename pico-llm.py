@@ -99,10 +99,11 @@ def gomp_cpu_affinity_readable(value: str) -> bool:
 
 
 def omp_num_threads_readable(value: str) -> bool:
-    """Whether OpenMP reads OMP_NUM_THREADS: positive whole numbers (spaces around each
-    allowed), one per nesting level, separated by commas. libgomp writes a line of its own
-    about anything else (0, "", "junk", "4.0") as torch loads it, and then ignores it."""
-    return all(re.fullmatch(r"\s*\+?0*[1-9][0-9]{0,17}\s*", item, re.ASCII)
+    """Whether libgomp, the OpenMP of PyTorch's Linux builds, reads OMP_NUM_THREADS: positive
+    whole numbers of a C long (spaces around each allowed), one per nesting level, separated
+    by commas. It writes a line of its own about anything else (0, "", "junk", "4.0") as torch
+    loads it, and then ignores it. (LLVM's OpenMP, macOS's, also takes "all".)"""
+    return all(re.fullmatch(r"\s*\+?[0-9]{1,19}\s*", item, re.ASCII) and 0 < int(item) < 2**63
                for item in value.split(","))
 
 
@@ -122,8 +123,9 @@ if __name__ == "__main__":
                          f"{os.environ['GOMP_CPU_AFFINITY'][:40]!r} is not a list of CPUs such "
                          "as 0-3,6 or 0-7:2; fix it, or unset it\n")
         sys.exit(2)
-    # One it cannot read, it notes in a line without pico-llm's prefix and ignores: one line here.
-    if not omp_num_threads_readable(os.environ.get("OMP_NUM_THREADS", "1")):
+    # An OMP_NUM_THREADS it cannot read, it notes in a line of its own and ignores: one line here.
+    if sys.platform.startswith("linux") and not omp_num_threads_readable(
+            os.environ.get("OMP_NUM_THREADS", "1")):
         sys.stderr.write(f"pico-llm: error: OMP_NUM_THREADS="
                          f"{os.environ['OMP_NUM_THREADS'][:40]!r} is not a number of threads "
                          "(a positive whole number, such as 2); fix it, or unset it\n")
@@ -2376,17 +2378,32 @@ def check_json_size(path: Path) -> None:
 
 def load_json(path: Path):
     """A JSON file's value. ValueError, which every reader here turns into its one line, if it
-    is larger than any JSON file pico-llm reads, not UTF-8, not JSON, or holds a number of more
-    than 4,300 digits (past what Python converts: its own message advises a programmer's
-    setting, sys.set_int_max_str_digits)."""
+    is larger than any JSON file pico-llm reads, not UTF-8 or not JSON (json_value)."""
     check_json_size(path)
     with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except ValueError as error:
-            if "integer string conversion" in str(error):
-                raise ValueError("a number in it has more than 4,300 digits") from None
-            raise
+        return json_value(handle.read())
+
+
+def json_value(text: str | bytes):
+    """json.loads, but a number of more digits than Python converts to an integer
+    (sys.get_int_max_str_digits: 4,300 unless set) is said as that, where Python's own
+    message advises a programmer's setting (sys.set_int_max_str_digits)."""
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        if "integer string conversion" in str(error):
+            raise ValueError(f"a number in it has more than {sys.get_int_max_str_digits():,} "
+                             "digits") from None
+        raise
+
+
+def digits_of(value: int) -> str:
+    """An integer too long to write out in a message, as "a 400-digit number" (str() itself
+    refuses past sys.get_int_max_str_digits())."""
+    magnitude, limit = abs(value), sys.get_int_max_str_digits()
+    if limit and magnitude.bit_length() * math.log10(2) >= limit - 1:
+        return f"a number of more than {limit - 1:,} digits"
+    return f"a {len(str(magnitude))}-digit number"
 
 
 def read_without_waiting(path: Path) -> bytes:
@@ -4861,10 +4878,6 @@ def write_embedding_clusters(model: nn.Module, name: str, tokenizer, data: Train
                            decoder=decoder)
     result = embedding_clusters(model, tokenizer, data, sample.token_ids, sample.num_prompt_tokens,
                                 clusters, sampling.seed)
-    used = sum(len(members) for members in result["clusters"].values())
-    if clusters > used:   # k-means makes at most one cluster per token
-        warn(f"pico-llm: note: --monosemantic_clusters {clusters:,} is more than the {used:,} "
-             f"distinct tokens the text uses; {name}'s tokens make at most {used:,} clusters")
     path = directory / f"{file_prefix}_{name}.json"
     write_interpretability_file(path, {"kind": "monosemantic", "schema_version": SWEEP_SCHEMA_VERSION,
                                        "model": name, "text": sample.text, **result})
@@ -4883,6 +4896,12 @@ def interpret_models(config: Config, device, tokenizer, data: TrainingData, mode
     "monosemantic"), so a second run in the same --artefacts_dir never replaces them."""
     directory, experiments = runlog.path.parent, config.experiments
     run_name = runlog.path.stem
+    used = (len(np.unique(np.concatenate([np.asarray(s.examples.tokens) for s in data.sources])))
+            if experiments.monosemantic_enabled else 0)
+    if experiments.monosemantic_enabled and experiments.monosemantic_clusters > used:
+        warn(f"pico-llm: note: --monosemantic_clusters {experiments.monosemantic_clusters:,} is "
+             f"more than the {used:,} distinct tokens the text uses: k-means makes at most "
+             f"{used:,} clusters")
     for name, model in models.items():
         record = runlog.data["models"][name]
         if experiments.attention_maps:
@@ -5389,13 +5408,14 @@ def validate_args(args: argparse.Namespace) -> None:
               "epochs": MAX_EPOCHS, "kgram_k": MAX_KGRAM_K,
               "n_experts": MAX_EXPERTS}  # why each: the MAX_ constants' comments
     for name, limit in limits.items():
-        if (getattr(args, name) or 0) > limit:
-            raise UserError(f"--{name} is at most {limit}, got {getattr(args, name)}")
+        value = getattr(args, name) or 0
+        if value > limit:
+            shown = value if value <= MAX_INTEGER else digits_of(value)
+            raise UserError(f"--{name} is at most {limit}, got {shown}")
     for name, value in vars(args).items():   # past a float, before any float arithmetic
         if type(value) is int and abs(value) > MAX_INTEGER:
-            raise UserError(f"--{name} is a {len(str(abs(value)))}-digit number, beyond any "
-                            f"size or count pico-llm can hold (at most {MAX_INTEGER:,}); give "
-                            "a smaller one")
+            raise UserError(f"--{name} is {digits_of(value)}, beyond any size or count "
+                            f"pico-llm can hold (at most {MAX_INTEGER:,}); give a smaller one")
     if not math.isfinite(args.learning_rate * max(args.warmup_steps, 1)):  # the warm-up's product
         raise UserError(f"--learning_rate {args.learning_rate} is too large: warming it up over "
                         f"--warmup_steps {args.warmup_steps} overflows a float")
@@ -5952,12 +5972,12 @@ def check_patience_has_a_test_loss(training: TrainingConfig, data: TrainingData)
 
 
 def note_batch_past_the_data(training: TrainingConfig, data: TrainingData) -> None:
-    """A note where --batch_size is more than the training examples: each step then takes them
-    all, fewer than the run log's batch_size says, so a step's gradient is not the one asked."""
+    """A note where --batch_size is more than the training examples: an epoch is then one step
+    of that many examples, fewer than the run log's batch_size says."""
     examples = data.num_train_examples
     if 0 < examples < training.batch_size:
         warn(f"pico-llm: note: --batch_size {training.batch_size:,} is more than the "
-             f"{examples:,} training examples; each step takes all {examples:,}")
+             f"{examples:,} training examples; each step takes {examples:,}")
 
 
 def data_summary(tokenizer, data: TrainingData) -> dict:
@@ -6070,7 +6090,7 @@ def run_training(config: Config) -> int:
                                                                    save_dir, config.flags)
         if context.is_main and resume_points:
             check_finished_models_kept_checkpoints(run_path, resume_points, config.models.names,
-                                                   save_dir)
+                                                   Path(config.checkpoints.resume or save_dir))
         if context.is_main and save_dir is not None:
             check_checkpoints_are_ours(save_dir, config.models.names, resume_points)
             for name in config.models.names:
@@ -8522,7 +8542,7 @@ def check_model_config(config) -> None:
             if field.type in ("int", "int | None") and type(value) is not int:
                 raise UserError(f"{field.name} {value!r} is not an integer")
             if type(value) is int and abs(value) > MAX_INTEGER:   # as the command line's
-                raise UserError(f"{field.name} is a {len(str(abs(value)))}-digit number")
+                raise UserError(f"{field.name} is {digits_of(value)}")
             optional = value is None and field.type == "float | None"
             if field.type in ("float", "float | None") and type(value) not in (int, float) \
                     and not optional:
@@ -8626,21 +8646,20 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
 
 
 def check_finished_models_kept_checkpoints(run_path: Path, resume_points: dict,
-                                           model_names: list[str], save_dir: Path | None) -> None:
+                                           model_names: list[str], source: Path) -> None:
     """--resume trains a model without a checkpoint from the start: one that stopped before
     its first. A model the continued run log records as finished wrote a last checkpoint,
-    though; with none there now (moved, deleted, a partial copy of --save_dir), training it
-    again would spend its time and replace its record, so it is refused in one line."""
+    though; with none in `source` now (the folder --resume reads: moved, deleted, a partial
+    copy), training it again would spend its time and replace its record, so it is refused."""
     if not run_path.exists():
         return
     records = load_runlog(run_path).get("models") or {}
     for name in model_names:
         record = records.get(name)
         if name not in resume_points and isinstance(record, dict) and record.get("final"):
-            where = save_dir / name if save_dir is not None else f"the --save_dir's {name} folder"
             raise UserError(f"--resume: run log {run_path} records {name} as finished, but "
-                            f"{where} holds no checkpoint of it; put its checkpoints back, or "
-                            f"drop {name} from --models")
+                            f"{source / name} holds no checkpoint of it; put its checkpoints "
+                            f"back, or drop {name} from --models")
 
 
 def check_named_for_its_step(path: Path, checkpoint: dict) -> None:
@@ -9915,8 +9934,8 @@ def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_si
 
 
 def memory_size(size: int) -> str:
-    """Bytes as GiB, or MiB below one GiB; past 10**18 GiB (a damaged file's sizes), as a
-    power of ten, which takes integers of any length."""
+    """Bytes as GiB, or MiB below one GiB; past 10**18 GiB (a damaged file's sizes), to the
+    nearest power of ten, which takes integers of any length."""
     if size >= 10**18 * 2**30:
         return f"10^{math.log10(size) - math.log10(2**30):.0f} GiB"
     return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
@@ -10021,8 +10040,8 @@ def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = ""
             kind = "an integer" if integer else "a finite number"
             raise UserError(f"config.json: {key}={value!r} must be {kind} {' and '.join(limits)}")
     if type(value) is int and abs(value) > MAX_INTEGER:   # before any float arithmetic on it
-        raise UserError(f"config.json: {key} is a {len(str(abs(value)))}-digit number, beyond "
-                        f"any size pico-llm can hold (at most {MAX_INTEGER:,})")
+        raise UserError(f"config.json: {key} is {digits_of(value)}, beyond any number "
+                        f"pico-llm can hold (at most {MAX_INTEGER:,})")
     return value
 
 
@@ -10587,7 +10606,7 @@ def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
                     raise ValueError("not a safetensors file (its header is longer than it)")
                 if length > MAX_JSON_FILE_BYTES:
                     raise ValueError(f"its header is {memory_size(length)} of JSON")
-                header = json.loads(f.read(length))
+                header = json_value(f.read(length))
             if not isinstance(header, dict):
                 raise ValueError("not a safetensors file (its header is no JSON object)")
             shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()

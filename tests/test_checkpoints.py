@@ -1549,6 +1549,10 @@ def test_resuming_a_finished_model_whose_checkpoints_are_gone_is_refused(pico, r
             "checkpoint of it; put its checkpoints back, or drop lstm_seq from --models") in err
     assert log_path.read_bytes() == before
     assert [p.name for p in (save / "kgram_mlp_seq").iterdir()] == ["step_000003.pt"]
+    elsewhere = [*flags[:flags.index("--save_dir")], *flags[flags.index("--save_dir") + 2:-1]]
+    status, _, err = run_main(*elsewhere, "2", "--resume", str(save), "--save_dir",
+                              str(tmp_path / "new"))        # the folder read is the one named
+    assert status == 2 and f"but {save / 'lstm_seq'} holds no checkpoint" in err, err
     log = pico.load_runlog(log_path)
     del log["models"]["lstm_seq"]["final"]                  # as a run killed in its training
     log_path.write_text(json.dumps(log))

@@ -1,5 +1,6 @@
 """Section 12 (main): the command line as a user meets it: the course's commands and bad input."""
 
+import json
 import os
 import shlex
 import subprocess
@@ -234,13 +235,15 @@ def test_bad_input_gives_one_line_status_2_and_touches_nothing(run_main, tmp_pat
     assert (artefacts / "earlier_run.json").read_text() == '{"keep": true}'
 
 
-def test_a_batch_larger_than_the_training_set_is_noted(run_main):
+def test_a_batch_larger_than_the_training_set_is_noted(run_main, tmp_path):
     """Each step then takes every training example, fewer than --batch_size: said once."""
     status, _, err = run_main(*TINY_RUN, "--models", "lstm_seq", "--epochs", "1",
-                              "--batch_size", "100000")
+                              "--batch_size", "100000", "--run_name", "big")
     assert status == 0, err
-    assert err.splitlines() == ["pico-llm: note: --batch_size 100,000 is more than the 54 "
-                                "training examples; each step takes all 54"]
+    sources = json.loads((tmp_path / "artefacts" / "big.json").read_text())["data"]["sources"]
+    examples = sum(source["train"] for source in sources.values())
+    assert err.splitlines() == [f"pico-llm: note: --batch_size 100,000 is more than the "
+                                f"{examples:,} training examples; each step takes {examples:,}"]
     status, _, err = run_main(*TINY_RUN, "--models", "lstm_seq", "--epochs", "1")
     assert status == 0 and err == "", err
 

@@ -188,18 +188,19 @@ def test_attention_maps_are_causal_distributions(pico):
 
 
 def test_more_clusters_than_the_text_has_tokens_are_noted(run_main, tmp_path):
-    """k-means makes at most a cluster per token: asked for more, the run says how many."""
+    """k-means makes at most a cluster per token: asked for more, the run says how many, once
+    for all its models."""
     corpus = tmp_path / "ab.txt"
     corpus.write_text("abab abba\n" * 40)
-    status, _, err = run_main("--input_files", str(corpus), "--models", "lstm_seq",
+    status, _, err = run_main("--input_files", str(corpus), "--models", "lstm_seq,kgram_mlp_seq",
                               "--embed_size", "16", "--block_size", "8", "--prompt", "ab",
                               "--epochs", "1",
                               "--max_steps_per_epoch", "1", "--max_new_tokens", "3", "--quiet",
                               "--monosemantic_enabled", "--monosemantic_clusters", "50")
     assert status == 0, err
     # a, b, the space and <|endoftext|> (each line is an example: no newline)
-    assert ("pico-llm: note: --monosemantic_clusters 50 is more than the 4 distinct tokens the "
-            "text uses; lstm_seq's tokens make at most 4 clusters") in err.splitlines()
+    assert err.splitlines() == ["pico-llm: note: --monosemantic_clusters 50 is more than the 4 "
+                                "distinct tokens the text uses: k-means makes at most 4 clusters"]
 
 
 def test_a_normal_run_prints_the_loss_plot_and_writes_interpretability_files(run_main, tmp_path,

@@ -492,7 +492,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         note(f"trained {config['name']}")
     # The same Transformer through PyTorch's default kernels (what --cpu_matmul buys), and on
     # Part I's plain path, cross-entropy on the full logits (what Appendix A's CPU pieces buy;
-    # attention stays on PyTorch's fused kernel).
+    # attention stays on PyTorch's fused kernel and the optimizer is PyTorch's AdamW).
     config = next(c for c in benchmark_configs(sizes) if c["name"] == "transformer")
     if onednn:
         training["transformer_torch_matmul"] = benchmark_training(
