@@ -143,6 +143,7 @@ def test_a_small_test_fraction_still_holds_out_one_example(pico):
     train, test = pico.split_indices(10, 0.01, seed=0)
     assert (len(train), len(test)) == (9, 1)
     assert pico.split_indices(10, 0.0, seed=0)[1].size == 0
+    assert [len(part) for part in pico.split_indices(3, 0.9, seed=0)] == [1, 2]  # and one trains
 
 
 def test_from_min_documents_for_holdout_whole_documents_are_held_out(pico):
@@ -410,6 +411,50 @@ def test_windows_make_every_token_of_a_stretch_a_target_once(pico):
         assert targets == list(range(begin + 1, end))                 # each once, in order
         assert all(len(windows.example(i)) <= 9 for i in indices)
     assert sum(windows.length(i) - 1 for i in range(len(windows))) == 98
+
+
+def test_a_stretch_ending_on_a_window_boundary_makes_no_window_without_a_target(pico):
+    """Nine tokens in windows of 4 positions: [0..4] and [4..8]; a third window of token 8
+    alone would predict nothing and count as an example (a step's row of padding)."""
+    windows, _ = pico.TokenWindows.over(np.arange(9), [(0, 9)], 4, 9)
+    assert windows.starts.tolist() == [0, 4] and windows.ends.tolist() == [5, 9]
+    assert all(windows.length(i) >= 2 for i in range(len(windows)))
+
+
+def test_a_window_has_no_room_to_shift_past_its_stretch(pico):
+    """--random_offsets moves a window by at most its slack: a training window moved past its
+    stretch's end would read the test text that follows."""
+    stretches = [(0, 13), (13, 23), (23, 40)]
+    windows, indices = pico.TokenWindows.over(np.arange(40), stretches, 4, 40)
+    for (begin, end), stretch in zip(stretches, indices):
+        for i in stretch:
+            assert windows.ends[i] + windows.slack[i] <= end and windows.slack[i] >= 0
+    assert windows.slack[indices[0][-1]] == 0          # the last window ends at the stretch's end
+    windows.shifts = windows.slack
+    assert all(max(windows.example(i)) < 13 for i in indices[0])
+
+
+def test_each_epoch_shuffles_the_training_examples_anew(pico):
+    """Every epoch visits each training example once, in an order of its own (drawn from the
+    seed and the epoch, so a resumed epoch repeats it)."""
+    texts = [f"line {i}" for i in range(40)]
+    examples = pico.tokenize_examples(texts, pico.ByteTokenizer(), None)
+    train, test = pico.split_indices(len(texts), 0.1, seed=0)
+    data = pico.TrainingData([pico.DataSource("custom", examples, train, test)], [1.0], 16, 0,
+                             seed=5)
+    first, second = data.epoch_order(1), data.epoch_order(2)
+    assert sorted(index for _, index in first) == sorted(train.tolist())
+    assert sorted(index for _, index in second) == sorted(train.tolist())
+    assert first != second and data.epoch_order(1) == first
+
+
+def test_a_gpt2_text_holding_the_end_of_text_marker_stays_one_example(pico):
+    """The fast path joins texts with <|endoftext|> and splits at it: a text that itself holds
+    the marker goes the slow way, one example per text, ending in one end-of-text id each."""
+    tokenizer = pico.GPT2Tokenizer()
+    examples = pico.tokenize_examples(["a<|endoftext|>b", "c"], tokenizer, None)
+    assert len(examples) == 2
+    assert examples.tokens[examples.offsets[1:] - 1].tolist() == [tokenizer.eot_id] * 2
 
 
 def test_random_offsets_move_each_epochs_training_windows_within_their_stretch(pico):

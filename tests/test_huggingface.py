@@ -375,7 +375,7 @@ NAN, INF = float("nan"), float("inf")
     ("gpt-oss", dict(router_aux_loss_coef=-1), "router_aux_loss_coef=-1 must be a finite number "
                                                "at least 0"),
     # past a float's range: the memory check's arithmetic had failed with OverflowError
-    *[("llama yarn", {key: 10**400}, f"{key} is a 401-digit number, beyond any size")
+    *[("llama yarn", {key: 10**400}, f"{key} is a 401-digit number, beyond any number")
       for key in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
                   "num_attention_heads")],
 ] + [("llama yarn", dict(rope_parameters=FAMILIES["llama yarn"][1]["rope_parameters"] | bad), match)

@@ -1836,6 +1836,15 @@ def test_a_run_log_keeps_the_first_error_that_stopped_the_run(pico, tmp_path):
     assert pico.load_runlog(tmp_path / "run.json")["error"] == "the first cause"
 
 
+@pytest.mark.parametrize("stop", ["KeyboardInterrupt", "Terminated"])
+def test_a_run_log_stopped_by_a_signal_says_interrupted_not_failed(pico, tmp_path, stop):
+    """Ctrl-C or SIGTERM is no error of the run's: the notebook shows it as interrupted."""
+    log = pico.RunLog(tmp_path / "run.json", {"models": []}, torch.device("cpu"), {})
+    log.record_failure(KeyboardInterrupt() if stop == "KeyboardInterrupt" else pico.Terminated())
+    written = pico.load_runlog(tmp_path / "run.json")
+    assert written["status"] == "interrupted" and "error" not in written
+
+
 def test_a_run_log_of_another_schema_version_is_refused_naming_it(pico, tmp_path):
     path = tmp_path / "run.json"
     pico.RunLog(path, {"models": []}, torch.device("cpu"), {}).write()

@@ -40,6 +40,40 @@ def test_diversity_metrics_on_hand_made_strings(pico):
     assert looping["repeated_3gram_fraction"] == pytest.approx(4 / 7)  # 7 trigrams, 3 distinct
     assert pico.diversity_metrics(["", "one"]) == {
         "distinct_1": 1.0, "distinct_2": 0.0, "repeated_3gram_fraction": 0.0}
+    # a repeat is one within a text: two samples that agree are distinct-n's to count
+    assert pico.diversity_metrics(["a b c", "a b c"])["repeated_3gram_fraction"] == 0.0
+
+
+def test_epoch_losses_pair_each_epochs_own_mean_train_loss_with_its_test_loss(pico):
+    record = {"history": [{"epoch": e, "train_loss": loss} for e, loss in
+                          [(1, 4.0), (1, 4.0), (2, 2.0), (2, 1.0)]],
+              "test_history": [{"epoch": 1, "step": 2, "test_loss": 3.5},
+                               {"epoch": 2, "step": 4, "test_loss": 2.5}]}
+    assert pico.epoch_losses(record) == [
+        {"epoch": 1, "step": 2, "train_loss": 4.0, "test_loss": 3.5},
+        {"epoch": 2, "step": 4, "train_loss": 1.5, "test_loss": 2.5}]
+
+
+def test_a_sweeps_data_fingerprint_sees_where_one_example_ends(pico):
+    """A sweep resumes only on its own examples: the same characters cut into other lines are
+    other data."""
+    assert pico.examples_fingerprint(["ab", "c"]) != pico.examples_fingerprint(["a", "bc"])
+
+
+def test_corpus_size_subsets_are_nested_and_the_same_each_run(pico, configure, tiny_corpus):
+    """The custom_data sweep's sizes score ever larger subsets of one training split: each
+    holds the smaller ones, and a resumed sweep draws the same."""
+    config = configure("--input_files", str(tiny_corpus))
+    char = pico.ByteTokenizer()
+    subset = lambda size: pico.sweep_data(config, char, size).sources[0].train.tolist()  # noqa
+    assert subset(5) == subset(5) and len(subset(5)) == 5
+    assert set(subset(5)) < set(subset(12)) < set(subset(30))
+
+
+def test_a_step_budget_below_one_epoch_stops_inside_the_epoch(pico, configure):
+    data = types.SimpleNamespace(steps_per_epoch=lambda batch_size, limit: 20)
+    training = pico.with_step_budget(configure(), data, 3).training
+    assert (training.epochs, training.max_steps_per_epoch) == (1, 3)
 
 
 def test_tiny_sweep_writes_a_valid_sweep_file(pico, run_main, tmp_path, tiny_corpus):
@@ -149,6 +183,13 @@ def test_kmeans_separates_two_obvious_clusters(pico):
     assert sorted(centroids.norm(dim=1).round().tolist())[0] == 0.0
 
 
+def test_kmeans_with_more_clusters_than_distinct_points_keeps_finite_centroids(pico):
+    """A cluster no point chose keeps its centroid (a mean of nothing would be NaN)."""
+    points = torch.tensor([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 5)
+    assignment, centroids = pico.kmeans(points, 4)
+    assert centroids.isfinite().all() and len(set(assignment.tolist())) == 2
+
+
 def test_embedding_clusters_label_a_lone_byte_by_its_value(pico):
     """Byte tokens of "é" and "ü" are clustered as two tokens each, four labels apart, not as
     one repeated U+FFFD."""
@@ -161,6 +202,21 @@ def test_embedding_clusters_label_a_lone_byte_by_its_value(pico):
     labels = sorted(label for members in result["clusters"].values() for label in members)
     assert labels == [" ", "<0xA9>", "<0xBC>", "<0xC3>", "<eot>"]
     assert result["annotated"].startswith("<0xC3>[c")
+
+
+def test_embedding_clusters_mark_generated_tokens_with_their_nearest_other_tokens(pico):
+    """Each token after the prompt is marked generated, and its neighbours are other tokens
+    (every token is its own nearest)."""
+    char = pico.ByteTokenizer()
+    examples = pico.tokenize_examples(["abc abd bcd"] * 4, char, None)
+    source = pico.DataSource("custom", examples, *pico.split_indices(len(examples), 0.0, 0))
+    data = pico.TrainingData([source], [1.0], 8, char.eot_id, 0)
+    model = pico.build_model(pico.LSTMConfig(embed_size=8), 257, seed=0)
+    result = pico.embedding_clusters(model, char, data, char.encode("ab cd"), 2, clusters=2,
+                                     seed=0)
+    assert [t["generated"] for t in result["tokens"]] == [False, False, True, True, True]
+    for token in result["tokens"]:
+        assert token["token"] not in token["neighbours"] and len(token["neighbours"]) == 3
 
 
 def test_each_kind_of_model_gives_a_row_per_token_to_cluster(pico):
@@ -360,7 +416,16 @@ def test_the_sampling_sweep_takes_the_largest_seed(pico, run_main, tmp_path, tin
     status, _, err = run_main("--sweep", "sampling", "--sweep_scale", "tiny", "--input_files",
                               str(tiny_corpus), "--seed", str(2**64 - 1))
     assert status == 0, err
-    assert pico.load_sweep(tmp_path / "artefacts" / "sweep_sampling.json")["points"]
+    sweep = pico.load_sweep(tmp_path / "artefacts" / "sweep_sampling.json")
+    assert sweep["points"]
+    # each sample draws with a seed of its own, and generation speed counts new tokens only
+    drawn = next(p for p in sweep["points"] if p["settings"]["top_p"] == 1.0
+                 and p["settings"]["temperature"] > 0)
+    assert len(set(drawn["samples"])) > 1
+    scale = sweep["config"]["scale"]
+    most = scale["samples_per_rule"] * scale["max_new_tokens"]
+    for point in sweep["points"]:
+        assert point["tokens_per_s"] * point["wall_time_s"] <= most * 1.01
 
 
 @pytest.mark.parametrize("per_epoch", [1, 2, 3, 4, 5, 7, 20])
@@ -621,6 +686,12 @@ def test_a_sweep_run_again_skips_every_point_it_has(run_main, tmp_path, tiny_cor
     argv = ("--sweep", sweep, "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
     status, out, err = run_main(*argv)
     assert status == 0 and "(0 already done)" in out, err
+    if sweep == "overfit":   # a sample at step s is of the epoch that step s belongs to
+        for point in json.loads((tmp_path / "artefacts" / "sweep_overfit.json").read_text())["points"]:
+            per_epoch = point["epochs"][0]["step"]                  # the first epoch's end
+            for checkpoint in point["checkpoints"]:
+                epoch = checkpoint["epoch"]
+                assert (epoch - 1) * per_epoch < checkpoint["step"] <= epoch * per_epoch
     before = files_in(tmp_path / "artefacts")
     status, out, err = run_main(*argv)
     assert status == 0 and f"sweep {sweep}: all " in out and "points were already done" in out, err

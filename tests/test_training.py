@@ -463,9 +463,28 @@ def test_a_run_writes_a_valid_run_log(pico, run_main, tmp_path):
         assert {s["rule"] for s in record["samples"]} == {"greedy", "top-p 0.95", "top-p 1"}
         for figure in ("test_loss", "test_bits_per_byte"):     # the last evaluation's
             assert record["final"][figure] == record["test_history"][-1][figure]
+        final, last = record["final"], record["history"][-1]   # the last step's, not the best
+        assert final["steps"] == len(record["history"]) and final["train_loss"] == last["train_loss"]
+        assert (final["tokens_seen"], final["tokens_per_s"]) == (last["tokens_seen"],
+                                                                last["tokens_per_s"])
+        assert 0 < final["train_time_s"] <= final["wall_time_s"]
+        # throughput over training's time alone: epoch 1's evaluation is in elapsed_s
+        assert last["tokens_per_s"] > last["tokens_seen"] / last["elapsed_s"]
     assert "run log written to" in out and not list((tmp_path / "artefacts").glob("*.tmp"))
     mode = (tmp_path / "artefacts" / "tiny.json").stat().st_mode & 0o777
     assert mode == 0o666 & ~pico.current_umask()  # readable like any file the user writes
+
+
+def test_the_final_summary_is_the_last_steps_not_the_best(pico):
+    """A run whose loss rose again at the end reports where it ended: the summary is no
+    flattering minimum."""
+    history = [{"train_loss": loss, "tokens_seen": 10 * (i + 1), "tokens_per_s": 100.0 + i}
+               for i, loss in enumerate([3.0, 1.0, 2.0])]
+    record = {"history": history, "test_history": [{"test_loss": 2.5, "test_bits_per_byte": 3.6}]}
+    final = pico.final_summary(record, 1.25, 2.5)
+    assert final == {"steps": 3, "train_loss": 2.0, "test_loss": 2.5, "test_bits_per_byte": 3.6,
+                     "tokens_seen": 30, "tokens_per_s": 102.0, "train_time_s": 1.25,
+                     "wall_time_s": 2.5}
 
 
 def test_two_runs_with_the_same_seed_give_identical_losses(run_main, tmp_path, pico):
