@@ -6573,8 +6573,8 @@ def exit_process(status: int) -> None:
 # (A.2; `--attention_impl math` gives section 1.3's formula) and PyTorch's fused AdamW
 # (`--optimizer scratch` gives section 5's). `--loss plain --cpu_matmul torch
 # --attention_impl math --optimizer scratch` trains with every piece written out in Part I
-# (RoPE's complex product and the float32 LSTM aside); the tests check that both paths give the same losses and
-# gradients to float32 rounding.
+# (RoPE's complex product and the float32 LSTM aside); the tests check that both paths give
+# the same losses and gradients to float32 rounding.
 # On a GPU, what matters is different: passes over memory, launches and host syncs,
 # not arithmetic. The loss is PyTorch's fused cross-entropy (a kernel forward and
 # one backward, where the written-out formula makes a pass per operation);
@@ -10039,9 +10039,11 @@ def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = ""
         if not (within and (isinstance(value, int) or math.isfinite(value))):  # NaN is within none
             kind = "an integer" if integer else "a finite number"
             raise UserError(f"config.json: {key}={value!r} must be {kind} {' and '.join(limits)}")
-    if type(value) is int and abs(value) > MAX_INTEGER:   # before any float arithmetic on it
+    # before any float arithmetic on it: a size or count past MAX_INTEGER, a number past a float
+    if type(value) is int and abs(value) > (MAX_INTEGER if integer else sys.float_info.max):
+        most = f"at most {MAX_INTEGER:,}" if integer else "a float's range"
         raise UserError(f"config.json: {key} is {digits_of(value)}, beyond any number "
-                        f"pico-llm can hold (at most {MAX_INTEGER:,})")
+                        f"pico-llm can hold ({most})")
     return value
 
 

@@ -391,7 +391,9 @@ NAN, INF = float("nan"), float("inf")
          (dict(original_max_position_embeddings=-64),
           "rope_parameters.original_max_position_embeddings=-64 must be an integer above 0"),
          (dict(truncate="false"), "rope_parameters.truncate='false' is not a boolean"),
-         (dict(factor=10**400), "rope_parameters.factor is a 401-digit number")]])
+         (dict(factor=10**400), r"rope_parameters.factor is a 401-digit number, beyond any "
+                                r"number pico-llm can hold \(a float's range\)"),
+         (dict(rope_theta=10**400), "rope_parameters.rope_theta is a 401-digit number")]])
 def test_config_values_of_the_wrong_type_or_out_of_range_are_refused(pico, family, change, match):
     """Each as the command line refuses the same setting, in one line naming key and value."""
     class_name, settings = FAMILIES[family]
