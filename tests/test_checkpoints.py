@@ -210,6 +210,84 @@ def test_pruning_deletes_only_files_torch_saved(pico, tmp_path):
     assert notes.read_text() == "my notes on this run\n"
 
 
+def test_checkpoints_are_ordered_by_step_past_six_digits(pico, tmp_path):
+    """step_1000000.pt sorts before step_999999.pt by name: pruning by name would delete the
+    newest, and --resume would take the older."""
+    series = pico.CheckpointSeries(tmp_path, "m", keep=1)
+    for step in (999_999, 1_000_000):
+        series.save({"progress": {"step": step}})
+    assert [p.name for p in series.directory.iterdir()] == ["step_1000000.pt"]
+    assert series.latest().name == "step_1000000.pt"
+
+
+def test_the_checksum_covers_every_part_of_a_checkpoint(pico):
+    """A changed loss in the stored record, a flag or the progress is damage the checksum
+    sees, as a flipped weight is."""
+    def checkpoint():
+        return {"model": {"w": torch.zeros(2)}, "record": {"history": [{"train_loss": 1.0}]},
+                "args": {"seed": 0}, "progress": {"step": 3}, "sha256": ""}
+    digest = pico.checkpoint_digest(checkpoint())
+    for part, change in [("model", lambda c: c["model"]["w"].add_(1e-7)),
+                         ("record", lambda c: c["record"]["history"][0].update(train_loss=1.5)),
+                         ("args", lambda c: c["args"].update(seed=1)),
+                         ("progress", lambda c: c["progress"].update(step=4))]:
+        changed = checkpoint()
+        change(changed)
+        assert pico.checkpoint_digest(changed) != digest, part
+    assert pico.checkpoint_digest(checkpoint() | {"sha256": "anything"}) == digest
+
+
+def test_a_flat_test_loss_is_no_improvement_and_a_gain_below_min_delta_neither(pico):
+    training = pico.TrainingConfig(early_stop_patience=2)
+    progress = pico.TrainingProgress(best_test_loss=1.0)
+    pico.after_evaluation(progress, 1.0, training)
+    assert progress.epochs_without_improvement == 1
+    training = pico.TrainingConfig(early_stop_patience=5, early_stop_min_delta=0.25)
+    progress = pico.TrainingProgress(best_test_loss=1.0)
+    pico.after_evaluation(progress, 0.75, training)
+    assert progress.epochs_without_improvement == 1 and progress.best_test_loss == 1.0
+
+
+def test_a_plateau_cuts_the_learning_rate_once_every_patience_epochs(pico):
+    """With --plateau_patience 2 a loss that stays flat halves the rate every second epoch,
+    not every epoch once the patience has run out."""
+    training = pico.TrainingConfig(plateau_patience=2, plateau_factor=0.5)
+    progress = pico.TrainingProgress(best_test_loss=1.0)
+    scales = []
+    for _ in range(4):
+        pico.after_evaluation(progress, 1.0, training)
+        scales.append(progress.lr_scale)
+    assert scales == [1.0, 0.5, 0.5, 0.25]
+
+
+def test_a_model_stopped_early_by_the_same_patience_is_not_trained_again(pico):
+    """Stopped after one epoch without improvement under --early_stop_patience 1, epochs left
+    or not: the same command with --resume finds it done."""
+    progress = pico.TrainingProgress(finished=True, epoch=3, epochs_without_improvement=1)
+    assert pico.nothing_left_to_train(progress, pico.TrainingConfig(epochs=5,
+                                                                    early_stop_patience=1))
+    assert not pico.nothing_left_to_train(progress, pico.TrainingConfig(epochs=5))
+
+
+def test_a_second_signal_under_torchrun_keeps_the_first_ones_number(pico):
+    """Each rank hears Ctrl-C twice (from the terminal, and from torchrun): the stop, and the
+    exit status, are the first signal's."""
+    stop = pico.StopRequest(repeat_acts_at_once=False)
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGTERM, None)
+    assert stop.signal_number == signal.SIGINT
+
+
+def test_only_rank_0_writes_checkpoints(pico, tmp_path):
+    """Under torchrun every rank holds the same weights; a rank other than 0 writing them too
+    would race rank 0 for the same file, with its own random-number states in it."""
+    series = pico.CheckpointSeries(tmp_path, "lstm_seq", 3)
+    guard = pico.FaultTolerance("lstm_seq", pico.TrainingConfig(), checkpoints=series,
+                                context=pico.Distributed(rank=1, world_size=2))
+    assert guard.checkpoints is None and guard.save_checkpoint() is None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pruning_and_resuming_read_only_the_names_save_writes(pico, tmp_path):
     """step_1.pt (a copy kept by hand) is no name save writes: neither pruned nor resumed."""
     series = pico.CheckpointSeries(tmp_path, "m", keep=1)
