@@ -116,6 +116,24 @@ def test_memory_sizes_read_as_mib_gib_or_a_power_of_ten_whatever_their_length(pi
     assert pico.memory_size(10**1000) == "10^991 GiB"
 
 
+def test_the_memory_check_counts_16_bytes_a_parameter_and_the_grouped_kv_cache(pico, configure,
+                                                                             monkeypatch):
+    """Exactly enough memory passes, one byte less is refused: 16 bytes a parameter (weights,
+    gradients, AdamW's two moments) and the KV cache of the key/value heads alone (grouped
+    queries share them), in float32 at --block_size positions."""
+    models = configure("--models", "transformer", "--d_model", "32", "--n_heads", "4",
+                       "--n_kv_heads", "2", "--n_blocks", "3").models
+    parameters = pico.parameter_count(models.transformer, 257)
+    needed = 16 * parameters + 2 * 3 * 2 * 8 * 64 * 4     # keys and values, 3 blocks, 2 heads of 8
+    for available, fits in ((needed, True), (needed - 1, False)):
+        monkeypatch.setattr(pico, "memory_available", lambda device: available)
+        if fits:
+            pico.check_models_fit_in_memory(models, 257, 64, torch.device("cpu"))
+        else:
+            with pytest.raises(pico.UserError, match="transformer needs about"):
+                pico.check_models_fit_in_memory(models, 257, 64, torch.device("cpu"))
+
+
 def test_a_model_larger_than_memory_is_refused_naming_its_size_flag(pico, configure, monkeypatch):
     monkeypatch.setattr(pico, "memory_available", lambda device: 8 << 30)
     device = torch.device("cpu")

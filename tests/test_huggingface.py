@@ -316,6 +316,25 @@ def test_gpt_oss_without_a_window_or_sliding_layers_imports_with_no_window(pico,
 
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt2"])
+def test_a_config_json_leaving_out_every_default_imports_the_same_model(pico, family):
+    """A hand-written or older config.json lists only what differs from its class's defaults,
+    where save_pretrained writes every key: a key left out means what transformers assumes (layer norm epsilons, Qwen3's head_dim, SmolLM3's tying
+    and theta, GPT-oss's router loss, YaRN's original context)."""
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=300,
+                                         n_positions=64)
+    else:
+        class_name, settings = FAMILIES[family]
+        config = getattr(transformers, class_name)(**(SMALL | settings))
+    everything, defaults = config.to_dict(), type(config)().to_dict()
+    left_out = {key: value for key, value in everything.items()
+                if key not in defaults or value != defaults[key]}
+    assert len(left_out) < len(everything)
+    assert pico.config_from_hf(left_out | {"model_type": everything["model_type"]}) == \
+        pico.config_from_hf(everything)
+
+
 def test_a_gpt_oss_config_without_its_window_key_takes_transformers_default(pico):
     """A key config.json leaves out means what transformers' config class assumes: for
     GPT-oss's sliding_window that is a 128-token window (it had been read as no window, and
@@ -596,6 +615,9 @@ def test_an_exported_models_tokenizer_knows_its_end_of_text_and_context_in_trans
     pico.export_hf(pico.TransformerModel(config), pico.ByteTokenizer(), tmp_path / "exported")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert hf_tokenizer.eos_token_id == 256 and hf_tokenizer.model_max_length == 32
+    # batched generate pads with the end of text, and a BOS-adding pipeline has one to add
+    assert hf_tokenizer.bos_token_id == 256
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "exported").pad_token_id == 256
 
 
 def test_a_prompt_naming_a_special_token_is_covered_by_an_imported_tokenizer(pico, tmp_path):
@@ -1164,6 +1186,13 @@ def test_tokenizers_that_do_not_fit_are_refused(pico, tmp_path, llama_dir, gpt2_
                    None, small)
     pico.tokenizer_to_hf(tokenizers_to_export["bpe"]).save(str(small / "tokenizer.json"))
     one_line_error(pico, "embeds only 257 tokens", pico.import_hf, small)
+    # the byte tokenizer's ids end at 256, one past a model of 256 tokens
+    edge = tmp_path / "edge"
+    pico.export_hf(pico.TransformerModel(pico.TransformerConfig(vocab_size=256, block_size=16)),
+                   None, edge)
+    pico.tokenizer_to_hf(tokenizers_to_export["char"]).save(str(edge / "tokenizer.json"))
+    one_line_error(pico, "has ids up to 256, but the model embeds only 256 tokens",
+                   pico.import_hf, edge)
     # a tokenizer that fits, and an end-of-text id from another vocabulary (GPT-2's)
     pico.tokenizer_to_hf(tokenizers_to_export["char"]).save(str(small / "tokenizer.json"))
     hf_config = json.loads((small / "config.json").read_text())

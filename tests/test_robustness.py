@@ -464,7 +464,7 @@ def test_a_token_cache_of_other_ids_in_the_same_shape_is_rebuilt(pico, tmp_path,
         assert list(again.tokens) == list(first.tokens)
 
 
-@pytest.mark.parametrize("bad_id", ["99999999", "-1"])
+@pytest.mark.parametrize("bad_id", ["99999999", "-1", "300"])    # 300: one past the last id
 def test_a_bpe_cache_with_ids_outside_its_vocabulary_is_trained_again(pico, tmp_path, capsys,
                                                                        bad_id):
     """An id beyond the vocabulary's size would make an embedding table of that size (100M
@@ -480,6 +480,19 @@ def test_a_bpe_cache_with_ids_outside_its_vocabulary_is_trained_again(pico, tmp_
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "BPE cache" in lines[0] and "ids outside 0..299" in lines[0]
     assert again.vocab_size == first.vocab_size == 300
+
+
+def test_a_bpe_cache_missing_a_merge_is_trained_again(pico, tmp_path, capsys):
+    """Each id past the bytes and <|endoftext|> is one merge's: a merge gone (a hand edit, a
+    damaged file) leaves an id that no merge makes, so the cache is trained again."""
+    texts = [f"the quick brown fox number {i} jumps" for i in range(50)]
+    first = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    merges = next(tmp_path.glob("bpe-*/merges.json"))
+    merges.write_text(json.dumps(json.loads(merges.read_text())[:-1]))
+    again = pico.train_bpe_tokenizer(texts, 300, tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "BPE cache" in lines[0] and "merges for" in lines[0], lines
+    assert again.encode("the quick brown fox") == first.encode("the quick brown fox")
 
 
 @pytest.mark.slow
