@@ -473,22 +473,6 @@ def test_a_bpe_trained_on_the_same_characters_cut_into_other_examples_is_trained
     assert len(list(tmp_path.glob("bpe-*"))) == 2
 
 
-def test_two_bpes_of_one_size_keep_token_caches_of_their_own(tmp_path):
-    """bpe:300 trained on other text (another split or corpus) has the same name and size but
-    other merges: a token cache keyed by the name would hand one the other's ids, in range and
-    ending in end-of-text, so that no check would see it."""
-    first = pico.train_bpe_tokenizer([f"the quick brown fox {i}" for i in range(30)], 300, None)
-    second = pico.train_bpe_tokenizer([f"lorem ipsum dolor sit {i}" for i in range(30)], 300, None)
-    assert first.name == second.name and first.encode("lorem ipsum") != second.encode("lorem ipsum")
-    texts = ["lorem ipsum dolor", "the quick fox"]
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    ours = pico.tokenize_examples(texts, first, cache)
-    theirs = pico.tokenize_examples(texts, second, cache)
-    assert ours.key != theirs.key and len(list(cache.glob("*.tokens.npy"))) == 2
-    assert [theirs.example(i)[:-1].tolist() for i in range(2)] == [second.encode(t) for t in texts]
-
-
 def test_end_of_text_stands_for_no_bytes_of_text():
     """Bits per byte divides by the text's bytes: <|endoftext|>, a target at the end of every
     example, adds none (its 13 characters are a name, not text)."""
