@@ -10301,7 +10301,9 @@ def config_to_hf(config: TransformerConfig, eot_id: int | None = None,
         hf.update(attention_bias=True, num_local_experts=config.n_experts,
                   num_experts_per_tok=config.experts_per_token, swiglu_limit=7.0,
                   router_aux_loss_coef=config.router_aux_loss_coef,
-                  sliding_window=config.sliding_window or None,
+                  # transformers' GPT-oss builds a sliding mask whatever its layers: without a
+                  # window, one as long as the context (it refuses none; no layer reads it)
+                  sliding_window=config.sliding_window or config.block_size,
                   layer_types=["sliding_attention" if config.window(i) else "full_attention"
                                for i in range(config.n_blocks)])
     return hf

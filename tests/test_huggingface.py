@@ -517,6 +517,22 @@ def test_every_preset_exports(pico, tmp_path, preset):
     assert set(modes.values()) == {0o666 & ~pico.current_umask()}, modes
 
 
+@pytest.mark.parametrize("preset, change", [("GPT-oss", dict(sliding_window=0)),
+                                            ("GPT2-small", dict(norm_eps=1e-2))],
+                         ids=["GPT-oss without a window", "GPT-2 with its own epsilon"])
+def test_an_export_keeps_what_differs_from_the_preset(pico, tmp_path, preset, change):
+    """No window: transformers' GPT-oss refuses a config without one (it builds a sliding mask
+    whatever its layers), so it is written as long as the context, and read back as none.
+    A layer norm epsilon as the model has it. transformers computes the same logits."""
+    torch.manual_seed(0)
+    config = pico.TransformerConfig(vocab_size=257, block_size=32, **(
+        pico.TRANSFORMER_PRESETS[preset] | SMALL_PRESETS[preset] | dict(dropout=0.0) | change))
+    model = perturbed(pico.TransformerModel(config))
+    pico.export_hf(model, pico.ByteTokenizer(), tmp_path / "out")
+    check_same_model(pico, model, tmp_path / "out", 257)
+    assert pico.config_from_hf(pico.read_hf_config(tmp_path / "out")) == config   # and back
+
+
 REFUSED = {
     "norm_position": dict(norm_position="post"),
     "pos_emb=none": dict(pos_emb="none"),
