@@ -81,6 +81,8 @@ def test_an_interrupted_and_resumed_run_gives_the_same_losses(pico, run_main, tm
     for name, record in uninterrupted["models"].items():
         assert resumed["models"][name]["test_history"] == record["test_history"]
         assert [h["step"] for h in resumed["models"][name]["history"]] == list(range(1, 7))
+        elapsed = [h["elapsed_s"] for h in resumed["models"][name]["history"]]
+        assert elapsed == sorted(elapsed)        # the clock goes on from the checkpoint's time
 
 
 def test_a_signal_during_evaluation_stops_it_and_the_resume_evaluates_again(
@@ -627,8 +629,9 @@ def test_a_resume_at_the_default_verbosity_says_where_each_model_stands(run_main
 
 def test_a_damaged_checkpoint_names_the_newest_good_one_past_other_damaged_ones(run_main,
                                                                               tmp_path):
-    """Steps 4, 5 and 6 kept, 5 and 6 cut short: --checkpoint step 6 looks past step 5 to
-    step 4; with step 4 cut short too, it says no other checkpoint there is good."""
+    """Steps 4, 5 and 6 kept: with 6 cut short, --checkpoint step 6 names step 5, the newest
+    good one before it, not the oldest; with 5 cut short too, it looks past step 5 to step 4;
+    with step 4 cut short too, it says no other checkpoint there is good."""
     save = tmp_path / "save"
     assert run_main(*TINY, "--models", "lstm_seq", "--save_dir", str(save), "--checkpoint_every",
                     "1", "--keep_checkpoints", "3")[0] == 0
@@ -638,9 +641,12 @@ def test_a_damaged_checkpoint_names_the_newest_good_one_past_other_damaged_ones(
     def cut_short(step):
         path = series / f"step_00000{step}.pt"
         path.write_bytes(path.read_bytes()[:1000])
-    cut_short(5)
     cut_short(6)
     argv = ["--generate", "--checkpoint", str(series / "step_000006.pt")]
+    status, _, err = run_main(*argv)
+    newest = f"the newest good checkpoint before it is {series / 'step_000005.pt'}"
+    assert status == 2 and newest in err, err
+    cut_short(5)
     status, _, err = run_main(*argv)
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert f"the newest good checkpoint before it is {series / 'step_000004.pt'}" in err
