@@ -4833,14 +4833,19 @@ def token_label(tokenizer, token_id: int) -> str:
     return "".join(pieces)
 
 
+def tokens_the_text_uses(data: TrainingData) -> torch.Tensor:
+    """The distinct ids of every source's examples, sorted: (n,) int64."""
+    used = np.unique(np.concatenate([np.asarray(s.examples.tokens) for s in data.sources]))
+    return torch.from_numpy(used.astype(np.int64))
+
+
 def embedding_clusters(model: nn.Module, tokenizer, data: TrainingData, text_ids: list[int],
                        num_prompt_tokens: int, clusters: int, seed: int, neighbours: int = 3) -> dict:
     """k-means over the embeddings of the tokens the training data uses, and for each
     token of `text_ids` its cluster and nearest neighbours (cosine similarity). The
     annotated text marks every token with its cluster, generated ones also with their
     neighbours: `e[c3 a|o|i]`."""
-    used = np.unique(np.concatenate([np.asarray(s.examples.tokens) for s in data.sources]))
-    used = torch.from_numpy(used.astype(np.int64))
+    used = tokens_the_text_uses(data)
     vectors = token_embeddings(model)[used]
     assignment, _ = kmeans(vectors, min(clusters, len(used)), seed=seed)
     cluster_of = {int(t): int(c) for t, c in zip(used, assignment)}
@@ -4896,8 +4901,7 @@ def interpret_models(config: Config, device, tokenizer, data: TrainingData, mode
     "monosemantic"), so a second run in the same --artefacts_dir never replaces them."""
     directory, experiments = runlog.path.parent, config.experiments
     run_name = runlog.path.stem
-    used = (len(np.unique(np.concatenate([np.asarray(s.examples.tokens) for s in data.sources])))
-            if experiments.monosemantic_enabled else 0)
+    used = len(tokens_the_text_uses(data)) if experiments.monosemantic_enabled else 0
     if experiments.monosemantic_enabled and experiments.monosemantic_clusters > used:
         warn(f"pico-llm: note: --monosemantic_clusters {experiments.monosemantic_clusters:,} is "
              f"more than the {used:,} distinct tokens the text uses: k-means makes at most "

@@ -1703,6 +1703,9 @@ CHECKPOINTS_OF_ANOTHER_VERSION = {
     "a norm of another name": changed_transformer_config(norm="layer_norm"),
     "negative width": changed_transformer_config(d_model=-32),
     "a width past a float's range": changed_transformer_config(d_model=10**400, d_ff=10**400),
+    # no d_ff: its default, worked out from d_model, overflows a float before any check
+    "a default width past a float's range": changed_transformer_config(d_model=10**400,
+                                                                       d_ff=None, ffn="swiglu"),
     "args a list": lambda checkpoint: checkpoint.update(args=[1]),
     "block size a string": lambda checkpoint: checkpoint["args"].update(block_size="abc"),
     "tokenizer a string": lambda checkpoint: checkpoint.update(tokenizer="char"),
