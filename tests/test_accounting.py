@@ -28,10 +28,12 @@ def test_gpt2_small_has_its_published_parameter_count(pico):
     assert account["total_parameters"] == 124_439_808
 
 
-@pytest.mark.parametrize("extra", [[], ["--head_size", "24", "--n_kv_heads", "2"]])
+@pytest.mark.parametrize("extra", [[], ["--head_size", "24", "--n_kv_heads", "2"],
+                                   ["--n_experts", "4", "--experts_per_token", "2"]])
 def test_forward_flops_match_a_counted_forward_pass(pico, configure, extra):
     """Count the multiply-adds of every matmul in a real forward pass with torch's FLOP counter
-    (it sees aten's matmuls: the plain model, not Appendix A's oneDNN linears)."""
+    (it sees aten's matmuls: the plain model, not Appendix A's oneDNN linears). A mixture of
+    experts spends its router's matmul and the 2 experts each token is sent to, of 4."""
     from torch.utils.flop_counter import FlopCounterMode
     config = configure("--d_model", "64", "--n_heads", "4", "--n_blocks", "2",
                        "--block_size", "32", "--attention_impl", "math", *extra).models.transformer
@@ -41,6 +43,29 @@ def test_forward_flops_match_a_counted_forward_pass(pico, configure, extra):
         model(torch.randint(0, 300, (32, 1)))
     accounted = pico.transformer_accounting(config, 32)["total_forward_flops"]
     assert counter.get_total_flops() == accounted
+
+
+def test_linear_attention_flops_per_token_do_not_grow_with_the_context(pico, configure):
+    """Softmax attention reads the whole context for each token, 12 FLOPs a layer, head and
+    head dimension per position of it (forward and backward); linear attention reads and
+    updates a head_dim-wide state instead, whatever the context."""
+    def flops(attention, context):
+        config = configure("--d_model", "64", "--n_heads", "4", "--n_blocks", "2",
+                           "--attention", attention).models.transformer
+        return pico.training_flops_per_token(pico.TransformerModel(config), context)
+    assert flops("linear", 64) == flops("linear", 4096)
+    assert flops("softmax", 4096) - flops("softmax", 64) == 12 * 2 * 4 * 16 * (4096 - 64)
+    assert flops("softmax", 16) == flops("linear", 64)      # the state: head_dim 16 wide
+
+
+def test_every_example_keeps_its_logits_and_their_softmax(pico):
+    """The logits and the softmax the loss takes of them: two floats per position and
+    vocabulary entry, so 8 bytes more per position for each entry the vocabulary grows by."""
+    config = pico.gpt2_shape_config("gpt2-small")
+    def activations(vocab_size):
+        account = pico.transformer_accounting(pico.dataclasses.replace(config, vocab_size=vocab_size), 256)
+        return account["training_memory_bytes"]["activations_per_example"]
+    assert activations(50_357) - activations(50_257) == 4 * 2 * 256 * 100
 
 
 def test_memory_grows_with_context_and_adamw_doubles_the_weights(pico):
@@ -112,6 +137,7 @@ def test_memory_sizes_read_as_mib_gib_or_a_power_of_ten_whatever_their_length(pi
     """A damaged file's sizes can run past a float's range (10**308): they are written as a
     power of ten, where dividing them as floats would fail (OverflowError)."""
     assert pico.memory_size(3 << 20) == "3.0 MiB" and pico.memory_size(5 << 30) == "5.0 GiB"
+    assert pico.memory_size(2**30) == "1.0 GiB" and pico.memory_size(2**30 - 1).endswith(" MiB")
     assert pico.memory_size(2**200) == "10^51 GiB"
     assert pico.memory_size(10**1000) == "10^991 GiB"
 

@@ -268,6 +268,20 @@ def test_parallel_without_special_tokens_cuts_at_safe_newlines(tmp_path):
     assert pretokenize_file(path, [], num_workers=2, min_chunk_bytes=2000) == count_pretokens(text, [])
 
 
+def test_without_special_tokens_every_cut_is_a_newline_after_a_printable_byte(tmp_path):
+    """Most newlines here are unsafe (after a space, or before another newline), and small
+    windows put a cut near each: every cut still lands on a newline whose byte before it is
+    printable and not a space, and the chunks count the whole text's pre-tokens."""
+    text = "".join(f"w{i} \n\n x \n \n" + ("end.\n" if i % 7 == 0 else "") for i in range(400))
+    path = write(tmp_path, text)
+    raw = text.encode()
+    boundaries = find_chunk_boundaries(path, 64, window=16)
+    assert len(boundaries) > 20
+    for cut in boundaries[1:-1]:
+        assert raw[cut:cut + 1] == b"\n" and 0x21 <= raw[cut - 1] <= 0x7e, raw[cut - 8:cut + 8]
+    assert pretokenize_file(path, [], num_workers=2, min_chunk_bytes=64) == count_pretokens(text, [])
+
+
 def test_a_vocabulary_of_500_on_100_kb_takes_every_merge_it_asks_for(tmp_path):
     """256 bytes, the special token, then 243 merges, each a new token made of two earlier
     ones, none of them repeated."""

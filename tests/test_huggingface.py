@@ -2,6 +2,7 @@
 and Llama models built from configs (offline: nothing is downloaded)."""
 
 import ast
+import copy
 import dataclasses
 import json
 import os
@@ -157,16 +158,28 @@ def test_rope_rows_permutation_round_trips(pico):
     assert pico.rope_rows_to_pico(torch.arange(8), 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 
-def test_pytorch_model_bin_and_old_gpt2_names_load(pico, tmp_path, gpt2_dir):
-    """The hub's gpt2 files name tensors without "transformer." and carry causal-mask buffers."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_pytorch_model_bin_and_old_gpt2_names_load(pico, tmp_path, gpt2_dir, tied):
+    """The hub's gpt2 files name tensors without "transformer." and carry causal-mask buffers
+    (a float or a bool mask, and masked_bias), which are no weights; an untied fine-tune's
+    output layer keeps its own name, lm_head.weight."""
+    if not tied:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                         tie_word_embeddings=False)
+        gpt2_dir = save_hf(pico, perturbed(transformers.GPT2LMHeadModel(config)), tmp_path / "new")
     state = load_file(gpt2_dir / "model.safetensors")
+    assert ("lm_head.weight" in state) is not tied
     old = {name.removeprefix("transformer."): tensor for name, tensor in state.items()}
     old["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
+    old["h.1.attn.bias"] = torch.ones(64, 64, dtype=torch.bool).tril().view(1, 1, 64, 64)
+    old["h.1.attn.masked_bias"] = torch.tensor(-1e4)
     directory = tmp_path / "old"
     directory.mkdir()
     (directory / "config.json").write_text((gpt2_dir / "config.json").read_text())
     torch.save(old, directory / "pytorch_model.bin")
     model, _ = pico.import_hf(directory)
+    assert model.config.tie_weights is tied
     check_same_model(pico, model, gpt2_dir, 50257)
 
 
@@ -333,6 +346,28 @@ def test_a_config_json_leaving_out_every_default_imports_the_same_model(pico, fa
     assert len(left_out) < len(everything)
     assert pico.config_from_hf(left_out | {"model_type": everything["model_type"]}) == \
         pico.config_from_hf(everything)
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("qwen3", {}),                                      # head_dim 128, not width / heads
+    ("llama yarn", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                         "rope_theta": 10000.0}))],   # no original context
+                         ids=["qwen3 head_dim", "yarn original context"])
+def test_a_config_json_leaving_out_a_size_the_family_defines_takes_transformers_value(
+        pico, family, settings):
+    """Qwen3's head_dim is 128 whatever the width, and YaRN's original context is the model's
+    own when rope_parameters leave it out: what transformers' config class fills in."""
+    class_name, _ = FAMILIES[family]
+    written = SMALL | settings | {"model_type": getattr(transformers, class_name).model_type}
+    # a copy: the config class fills the missing keys into the rope_parameters dict it is given
+    filled_in = getattr(transformers, class_name)(**copy.deepcopy(written)).to_dict()
+    assert "original_max_position_embeddings" not in str(written)
+    assert pico.config_from_hf(written) == pico.config_from_hf(filled_in)
+    config = pico.config_from_hf(written)
+    if family == "qwen3":
+        assert config.head_dim == 128 != SMALL["hidden_size"] // SMALL["num_attention_heads"]
+    else:
+        assert config.yarn_original_context == SMALL["max_position_embeddings"] != 4096
 
 
 def test_a_gpt_oss_config_without_its_window_key_takes_transformers_default(pico):
@@ -621,6 +656,18 @@ def test_exported_tokenizer_gives_pico_ids_in_transformers(pico, tmp_path, token
     assert hf_tokenizer.encode(ordinary) == tokenizer.encode(ordinary)
     assert hf_tokenizer.decode(tokenizer.encode(ordinary)) == tokenizer.decode(tokenizer.encode(ordinary))
     assert hf_tokenizer.eos_token_id == tokenizer.eot_id
+
+
+def test_an_exported_bpe_whose_merges_make_the_same_bytes_twice_keeps_the_first_id(pico):
+    """(ab, c) and (a, bc) both make b"abc": pico-llm's Tokenizer emits the first id made (258),
+    and tokenizer.json can hold b"abc" under one id only, so it must be that one."""
+    merges = [(b"a", b"b"), (b"b", b"c"), (b"ab", b"c"), (b"a", b"bc")]
+    vocab = {i: bytes([i]) for i in range(256)} | {256 + i: a + b for i, (a, b) in enumerate(merges)}
+    exported = pico.byte_level_bpe({**vocab, 260: b"<|endoftext|>"}, merges, {"<|endoftext|>": 260})
+    tokenizer = pico.Tokenizer(vocab, merges)
+    for text in ["abc", "abcabc bcabc", "aabcc cab", "xbc abcab"]:
+        assert exported.encode(text).ids == tokenizer.encode(text), text
+    assert 258 in tokenizer.encode("abc") and 259 not in tokenizer.encode("a abc abcabc")
 
 
 def test_an_exported_models_tokenizer_knows_its_end_of_text_and_context_in_transformers(pico,
