@@ -35,12 +35,14 @@ def world_of_one_probe(device_id: str) -> str:
     """A torchrun probe that joins its job as one of a pretended world of 2 (torchrun's own
     world is 1, so no rank is waited for), then does a step's collectives for real: the loss's
     all-reduce, the evaluation's sums, and a DDP step of two micro-batches (the first under
-    no_sync). Prints the backends and device, then the wrapper's class and the step's loss."""
+    no_sync, so that its gradients are all-reduced once, as in a step of one). Prints the
+    backends and device, then the wrapper's class and the step's loss."""
     return probe_loading("pico", SCRIPT, "pico_llm") + f"""
 import math
 import os
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 pico.launched_world_size = lambda: 2
 context, device_id = pico.setup_distributed({device_id!r}, 60)
 device = torch.device(device_id)
@@ -51,11 +53,19 @@ assert context.sum([1.0, 2.5], device) == [1.0, 2.5]
 config = pico.TransformerConfig(d_model=32, n_heads=2, n_blocks=1, block_size=16)
 model = pico.build_model(config, vocab_size=50, seed=0).to(device)
 loss = pico.wrap_for_training(pico.FusedNextTokenLoss(model), context, device)
+all_reduces = []                                        # one per gradient bucket synced
+def counted_all_reduce(state, bucket):
+    all_reduces.append(bucket.index())
+    return default_hooks.allreduce_hook(state, bucket)
+loss.register_comm_hook(None, counted_all_reduce)
 batch = pico.make_batch([list(range(i, i + 17)) for i in range(4)], 16, 0).to(device)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+pico.training_step(loss, optimizer, [(batch, True)], batch.num_target_tokens, 1.0, context)
+one_micro_batch, all_reduces[:] = len(all_reduces), []
 before = [parameter.detach().clone() for parameter in model.parameters()]
-step_loss = pico.training_step(loss, torch.optim.AdamW(model.parameters(), lr=1e-3),
-                               [(batch, True), (batch, True)], 2 * batch.num_target_tokens, 1.0,
-                               context)
+step_loss = pico.training_step(loss, optimizer, [(batch, True), (batch, True)],
+                               2 * batch.num_target_tokens, 1.0, context)
+assert len(all_reduces) == one_micro_batch > 0, (all_reduces, one_micro_batch)
 assert abs(step_loss - math.log(50)) < 1.0, step_loss             # the token mean, near ln V
 assert all(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
 print(type(loss).__name__, f"{{step_loss:.1f}}", flush=True)

@@ -43,6 +43,29 @@ def test_a_world_of_one_runs_the_steps_collectives_and_a_ddp_step_on_gloo(tmp_pa
     assert lines[1].startswith("DistributedDataParallel ") and 3.0 < float(lines[1].split()[1]) < 4.9
 
 
+def test_every_model_waits_for_rank_0s_final_checkpoint_before_the_next_begins(
+        run_main, tmp_path, pico, monkeypatch):
+    """With several models, a rank that went on into the next model while rank 0 still wrote
+    its final checkpoint would wait in the next model's first all-reduce, bounded by
+    --dist_timeout however long the writing takes. On one process the barrier returns at once,
+    but it is still called: each model's final checkpoint is followed by one."""
+    events = []
+    save, barrier = pico.FaultTolerance.save_checkpoint, pico.Distributed.barrier
+    def recorded_save(guard):
+        events.append(("save", guard.name, guard.progress.finished))
+        return save(guard)
+    def recorded_barrier(context):
+        events.append(("barrier",))
+        return barrier(context)
+    monkeypatch.setattr(pico.FaultTolerance, "save_checkpoint", recorded_save)
+    monkeypatch.setattr(pico.Distributed, "barrier", recorded_barrier)
+    status, _, err = run_main(*TINY, "--save_dir", str(tmp_path / "ckpt"))
+    assert status == 0, err
+    finals = [i for i, event in enumerate(events) if event[0] == "save" and event[2]]
+    assert [events[i][1] for i in finals] == ["lstm_seq", "transformer"]
+    assert all(events[i + 1] == ("barrier",) for i in finals), events
+
+
 def test_gradient_accumulation_gives_the_same_updates(run_main, tmp_path, pico):
     for steps in ("1", "3"):
         status, _, err = run_main(*TINY, "--grad_accum_steps", steps, "--run_name", f"accum{steps}")
