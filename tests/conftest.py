@@ -153,3 +153,10 @@ def pytest_configure(config):
                                        "skip locally with -m 'not slow'")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); "
                                        "run on a GPU machine with -m cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The end-to-end runs marked slow go first (in their own order, the rest after them in
+    # theirs): pytest-xdist hands tests out in collection order, and a run of a minute that
+    # began last would leave the other workers idle at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
