@@ -188,10 +188,16 @@ def test_an_expert_no_token_chose_still_gets_a_gradient_on_both_kernels(pico):
         assert all(p.grad is not None for p in moe.parameters())
 
 
-def test_expert_usage_counts_training_forwards_only(pico):
+@pytest.mark.parametrize("layer", ["sparse", "static"])
+def test_expert_usage_counts_training_forwards_only(pico, layer):
     """The run log's expert usage is training's: the test set's evaluation and the samples,
-    which run in eval mode, leave the count as it was."""
+    which run in eval mode, leave the count as it was. Taking it starts the count afresh, on
+    Part I's layer and on the static-shape one --compile trains (a zero tensor from the
+    start, where the sparse layer's is None)."""
     moe = moe_layer(pico).train()
+    if layer == "static":
+        pico.static_experts(torch.nn.Sequential(moe))
+        assert type(moe) is pico.StaticShapeMixtureOfExperts and moe.take_usage() is None
     moe(torch.randn(2, 3, 16))
     counted = moe.usage.clone()
     moe.eval()

@@ -326,6 +326,19 @@ def test_static_decoder_logits_match_the_full_forward_at_every_position(pico, mo
     assert checked >= len(pico.TRANSFORMER_PRESETS)
 
 
+def test_static_decoder_takes_prompts_of_every_length_and_holds_no_more_than_the_context(
+        pico, models):
+    """A prompt of one token is a single step; of two or more, one pass over all of them. The
+    cache asked for is never longer than the model's context, where generation slides on."""
+    model, greedy = models["minGPT"], pico.SamplingRule(temperature=0)
+    for prompt in ([3], [3, 1], [3, 1, 4]):
+        assert (pico.generate_ids(pico.StaticDecoder(model), prompt, 5, greedy)
+                == pico.generate_ids(model, prompt, 5, greedy, use_cache=False)), prompt
+    decoder = pico.StaticDecoder(model, capacity=10 * model.config.block_size)
+    assert decoder.capacity == model.config.block_size
+    assert all(cache.keys.shape[2] == model.config.block_size for cache in decoder.caches)
+
+
 def test_static_decoder_leaves_the_model_and_global_random_state_alone(pico, models):
     model = models["GPT-oss"]
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -197,6 +197,8 @@ def test_loss_auto_is_chunked_on_a_cpu_for_a_large_vocabulary_and_fused_otherwis
     assert pico.loss_kind("auto", cuda, 50257) == "fused"
     assert pico.loss_kind("plain", cuda, 50257) == "plain"
     assert pico.loss_kind("chunked", cpu, 10) == "chunked"
+    # a module that is no whole model (its vocabulary unknown) counts as a large vocabulary
+    assert pico.loss_kind("auto", cpu, None) == "chunked" and pico.loss_kind("auto", cuda, None) == "fused"
     assert set(pico.LOSS_MODULES) | {"auto"} == set(pico.LOSS_KINDS)
 
 
@@ -323,6 +325,18 @@ def test_the_chunked_loss_compiled_on_a_gpu_stays_chunked(pico, monkeypatch):
                                   pico.ChunkedNextTokenLoss(models[1]))]   # what speed_up returns
     assert counters["stats"]["unique_graphs"] == 1    # the features, compiled in place
     assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+
+
+def test_speed_up_hands_whether_lengths_vary_to_compilation(pico, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pico, "check_compile_available", lambda device: None)
+    monkeypatch.setattr(pico, "compile_for_training",
+                        lambda model, device, kind, lengths_vary=False: seen.append(lengths_vary))
+    for lengths_vary in (True, False):
+        model = tiny_model(pico, "transformer")
+        pico.speed_up(model, pico.SpeedConfig(compile=True), torch.device("cpu"),
+                      lengths_vary=lengths_vary)
+    assert seen == [True, False]
 
 
 def test_the_training_loop_tells_compilation_whether_lengths_vary(pico, run_main, monkeypatch):
@@ -466,6 +480,11 @@ def test_the_default_precision_is_bf16_only_on_gpus_with_bf16_units(pico, monkey
     assert pico.resolve_dtype("float32", gpu) == "float32"
     assert pico.resolve_dtype("bfloat16", gpu) == "bfloat16"
     assert pico.resolve_dtype(None, torch.device("cpu")) == "float32"
+    autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda **kwargs: kwargs)    # no CUDA build needed
+    trained_in = pico.autocast_context(gpu)                             # training's default
+    monkeypatch.setattr(torch, "autocast", autocast)
+    assert (trained_in == dict(device_type="cuda", dtype=torch.bfloat16)) is (expected == "bfloat16")
     built = []
     monkeypatch.setattr(pico.StaticDecoder, "__init__",
                         lambda self, model, **kwargs: built.append(kwargs["dtype"]))
@@ -639,6 +658,9 @@ def test_float32_lstm_is_the_lstm_with_the_same_parameters(pico):
     assert all(torch.equal(a, b) for a, b in zip(state, expected_state))
     out, (h, c) = model.lstm(torch.randn(5, 3, 16).bfloat16(), tuple(x.bfloat16() for x in state))
     assert out.dtype == h.dtype == c.dtype == torch.float32
+    inputs = torch.randn(5, 3, 16)                   # a given state is carried on, not dropped
+    assert torch.equal(model.lstm(inputs, state)[0], torch.nn.LSTM.forward(model.lstm, inputs, state)[0])
+    assert not torch.equal(model.lstm(inputs, state)[0], model.lstm(inputs)[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, (h, c) = model.lstm(torch.randn(5, 3, 16), state)
         assert out.dtype == h.dtype == c.dtype == torch.float32

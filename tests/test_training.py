@@ -64,6 +64,64 @@ def test_chunked_linear_cross_entropy_matches_autograd(pico):
         assert torch.allclose(mine, theirs, atol=1e-6)
 
 
+@pytest.mark.parametrize("kept", [False, True])
+@pytest.mark.parametrize("kernel", ["torch", "onednn"])
+@pytest.mark.parametrize("features_train", [True, False])
+def test_chunked_loss_gradients_are_autograds_times_the_gradient_it_is_given(
+        pico, monkeypatch, kernel, kept, features_train):
+    """A loss taken 3 times (as a sum of losses may) gives 3 times the gradients; features
+    that do not train (only the output layer does) still give the layer its gradients. With
+    freed memory kept (Appendix A's allocator setting) oneDNN writes the weight gradient
+    transposed, and it is scaled as it is copied back."""
+    monkeypatch.setitem(pico._freed_memory, "kept", kept)
+    torch.manual_seed(0)
+    layer = pico.FastLinear(8, 30) if kernel == "onednn" else nn.Linear(8, 30)
+    hidden = torch.randn(7, 8, requires_grad=features_train)
+    targets, weights = torch.randint(0, 30, (7,)), torch.rand(7)
+    (3.0 * pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=4)).backward()
+    ours = [layer.weight.grad.clone(), layer.bias.grad.clone()]
+    if features_train:
+        ours.append(hidden.grad.clone())
+        hidden.grad = None
+    layer.zero_grad()
+    per_position = F.cross_entropy(F.linear(hidden, layer.weight, layer.bias), targets,
+                                   reduction="none")
+    (3.0 * (per_position @ weights)).backward()
+    theirs = [layer.weight.grad, layer.bias.grad] + ([hidden.grad] if features_train else [])
+    for mine, expected in zip(ours, theirs):
+        assert torch.allclose(mine, expected, atol=1e-5)
+
+
+def test_chunked_loss_under_bf16_autocast_multiplies_in_bf16_with_pytorchs_kernels(pico,
+                                                                                   monkeypatch):
+    """The chunked loss under autocast (a GPU's bf16, or --dtype bfloat16 on a CPU): the
+    products in bf16 through PyTorch's kernels (oneDNN takes float32 only), the softmax in
+    float32, and the loss and gradients those of the logits autocast gives, to bf16's
+    rounding."""
+    built = []
+    for kind in (pico.TorchHeadChunks, pico.OneDNNHeadChunks):
+        monkeypatch.setattr(kind, "__init__", lambda self, h, w, *rest, _kind=kind, _init=kind.__init__:
+                            built.append((_kind, h.dtype, w.dtype)) or _init(self, h, w, *rest))
+    torch.manual_seed(0)
+    layer = pico.FastLinear(16, 300)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    targets, weights = torch.randint(0, 300, (40,)), torch.rand(40) / 40
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pico.linear_cross_entropy(hidden, layer, targets, weights, chunk_size=16)
+    loss.backward()
+    ours = (hidden.grad.clone(), layer.weight.grad.clone())
+    hidden.grad = None
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(hidden, layer.weight, layer.bias)                 # bf16
+    reference = F.cross_entropy(logits.float(), targets, reduction="none") @ weights
+    reference.backward()
+    assert built == [(pico.TorchHeadChunks, torch.bfloat16, torch.bfloat16)]
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=1e-2)
+    for mine, expected in zip(ours, (hidden.grad, layer.weight.grad)):
+        assert torch.allclose(mine, expected, rtol=0.05, atol=1e-3)
+
+
 @pytest.mark.parametrize("softcap", [0.0, 1.5])
 @pytest.mark.parametrize("fast_linear", [False, True])
 def test_chunked_linear_cross_entropy_computes_no_gradient_under_no_grad(pico, monkeypatch,
@@ -322,13 +380,15 @@ def test_muon_matches_the_published_update_and_adamw_for_the_rest(pico, monkeypa
 
 def muon_twins(pico, optimizer_class, seed: int = 0):
     """Matrices of two shapes (two of one), two vectors and a table, and a Muon-kind optimizer
-    over them: the matrices marked muon, the rest AdamW's in two groups."""
+    over them: the matrices marked muon, the rest AdamW's in two groups (one with an epsilon
+    large enough to show in float32: the default 1e-8 is lost in rounding)."""
     generator = torch.Generator().manual_seed(seed)
     shapes = [(8, 5), (4, 12), (8, 5), (7,), (6, 3), (3,)]
     params = [nn.Parameter(torch.randn(*shape, generator=generator)) for shape in shapes]
     optimizer = optimizer_class([dict(params=params[:3], muon=True, weight_decay=0.1),
                                  dict(params=[params[4]], weight_decay=0.1),
-                                 dict(params=[params[3], params[5]], weight_decay=0.0)], lr=0.01)
+                                 dict(params=[params[3], params[5]], weight_decay=0.0, eps=0.5)],
+                                lr=0.01)
     return params, optimizer
 
 
