@@ -75,6 +75,7 @@ def test_an_interrupted_and_resumed_run_gives_the_same_losses(pico, run_main, tm
     status, out, err = run_main(*TINY, *TWO_MODELS, "--save_dir", str(save), "--resume",
                                 "--run_name", "resumed")
     assert status == 0, err
+    assert f"checkpoints written to {save}/<model>/ (continue with --resume)" in out
     resumed = pico.load_runlog(tmp_path / "artefacts" / "resumed.json")
     assert resumed["status"] == "finished"
     assert losses(resumed) == losses(uninterrupted)
@@ -1208,6 +1209,11 @@ def test_generate_notes_a_prompt_its_tokenizer_does_not_cover(pico, run_main, tr
     tokenizer.json without byte fallback drops what it lacks): a note says what the model
     reads; a prompt it covers, whitespace aside, gets none."""
     assert pico.prompt_coverage_note(pico.ByteTokenizer(), "Once upon  a time") is None
+
+    class Collapsing:           # a tokenizer that reads runs of white space as one space
+        encode = staticmethod(lambda text: list(" ".join(text.split()).encode()))
+        decode = staticmethod(lambda ids: bytes(ids).decode())
+    assert pico.prompt_coverage_note(Collapsing(), "Once upon  a\ttime") is None
     decode = pico.ByteTokenizer.decode
     monkeypatch.setattr(pico.ByteTokenizer, "decode",
                         lambda self, ids: decode(self, ids).replace("u", ""))

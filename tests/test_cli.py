@@ -235,6 +235,32 @@ def test_bad_input_gives_one_line_status_2_and_touches_nothing(run_main, tmp_pat
     assert (artefacts / "earlier_run.json").read_text() == '{"keep": true}'
 
 
+EDGES = [  # the last value each check accepts, and the first it refuses
+    (["--min_lr_ratio", "1.0"], ["--min_lr_ratio", "1.01"], "a fraction of --learning_rate"),
+    (["--epochs", "10000"], ["--epochs", "10001"], "--epochs is at most 10000"),
+    (["--kgram_k", "1024", "--block_size", "2048"], ["--kgram_k", "1025", "--block_size", "2048"],
+     "--kgram_k is at most 1024"),
+    (["--max_new_tokens", "100000"], ["--max_new_tokens", "100001"], "use at most 100000"),
+    (["--top_p", "1.0"], ["--top_p", "1.01"], r"--top_p must be in \(0, 1\]"),
+    (["--seed", str(2**64 - 1)], ["--seed", str(2**64)], r"--seed must be between 0 and 2\*\*64 - 1"),
+    (["--dist_timeout", "604800"], ["--dist_timeout", "604801"], "--dist_timeout is at most"),
+    (["--log_interval", "1"], ["--log_interval", "0"], "--log_interval must be positive"),
+    (["--grad_accum_steps", "1"], ["--grad_accum_steps", "0"], "--grad_accum_steps must be positive"),
+    (["--test_fraction", "0"], ["--test_fraction", "-0.1"], r"--test_fraction must be in \[0, 1\)"),
+    (["--plateau_patience", "2", "--lr_min", "0.003"], ["--plateau_patience", "2", "--lr_min", "0.0031"],
+     "must not exceed --learning_rate"),
+    (["--run_name", "baseline.jsonl"], ["--run_name", "baseline.JSON"], "names the run, not its file"),
+]
+
+
+@pytest.mark.parametrize("accepted, refused, match", EDGES, ids=[" ".join(e[1]) for e in EDGES])
+def test_each_check_accepts_the_last_value_in_range_and_refuses_the_next(pico, configure,
+                                                                        accepted, refused, match):
+    configure("--models", "kgram_mlp_seq", *accepted)
+    with pytest.raises(pico.UserError, match=match):
+        configure("--models", "kgram_mlp_seq", *refused)
+
+
 def test_a_batch_larger_than_the_training_set_is_noted(run_main, tmp_path):
     """Each step then takes every training example, fewer than --batch_size: said once."""
     status, _, err = run_main(*TINY_RUN, "--models", "lstm_seq", "--epochs", "1",
@@ -244,8 +270,9 @@ def test_a_batch_larger_than_the_training_set_is_noted(run_main, tmp_path):
     examples = sum(source["train"] for source in sources.values())
     assert err.splitlines() == [f"pico-llm: note: --batch_size 100,000 is more than the "
                                 f"{examples:,} training examples; each step takes {examples:,}"]
-    status, _, err = run_main(*TINY_RUN, "--models", "lstm_seq", "--epochs", "1")
-    assert status == 0 and err == "", err
+    for extra in (["--batch_size", str(examples)], []):      # all of them, and fewer
+        status, _, err = run_main(*TINY_RUN, "--models", "lstm_seq", "--epochs", "1", *extra)
+        assert status == 0 and err == "", err
 
 
 def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_it(
@@ -366,6 +393,18 @@ def test_help_documents_every_flag_the_readme_uses(pico):
     for flag in flags:
         assert flag in options, flag
         assert re.search(re.escape(flag) + r"\b", help_text), flag
+
+
+def test_the_help_says_from_the_preset_for_the_transformer_flags_a_preset_fills_only(pico):
+    """A flag without a default: a Transformer flag takes its preset's value, and the help says
+    so; any other (--max_steps_per_epoch: no limit) says nothing of a preset."""
+    formatter = pico.HelpFormatter("pico-llm.py")
+    said = {action.dest: formatter._get_help_string(action).endswith("(default: from the preset)")
+            for action in pico.build_arg_parser()._actions
+            if action.option_strings and action.default is None and "default" not in (action.help or "")}
+    assert said["d_model"] and not said["max_steps_per_epoch"]
+    assert {dest for dest, from_preset in said.items() if from_preset} == (
+        set(said) & set(pico.TRANSFORMER_OVERRIDE_FLAGS))
 
 
 def test_a_transformer_flags_stated_default_is_every_presets_value(pico):
@@ -583,6 +622,8 @@ def test_torchrun_with_one_process_is_a_plain_run(run_main, monkeypatch, rank):
         monkeypatch.setenv(name, value) if value is not None else monkeypatch.delenv(name, raising=False)
     status, out, err = run_main("--models", "lstm_seq", "--epochs", "1", "--max_steps_per_epoch", "1")
     assert status == 0 and "ranks" not in out, err
+    status, _, err = run_main("--batch_size", "0")       # its error names no rank either
+    assert status == 2 and err == "pico-llm: error: --batch_size must be positive, got 0\n"
 
 
 def test_a_rank_that_cannot_reach_the_others_says_so_in_one_line(tmp_path):
@@ -691,6 +732,22 @@ def test_a_flag_some_transformer_of_the_run_reads_is_not_refused(pico, argv):
             pico.with_flags(config, **change)
 
 
+def test_a_sweep_point_is_held_to_the_command_lines_checks(pico, configure):
+    """Each point of a sweep changes some flags: the changed flags pass the same checks."""
+    with pytest.raises(pico.UserError, match="--batch_size must be positive"):
+        pico.with_flags(configure(), batch_size=0)
+
+
+def test_true_or_false_flags_take_every_spelling_of_both(pico):
+    import argparse
+    for text in ("1", "true", "yes", "on", "TRUE", "On"):
+        assert pico.str_to_bool(text) is True, text
+    for text in ("0", "false", "no", "off", "No"):
+        assert pico.str_to_bool(text) is False, text
+    with pytest.raises(argparse.ArgumentTypeError, match="expected true or false"):
+        pico.str_to_bool("maybe")
+
+
 @pytest.mark.parametrize("command", [["--accounting"], ["--epochs", "1"]])
 def test_a_closed_standard_output_is_refused_in_one_line(tmp_path, command):
     """Started with `>&-`, Python has no sys.stdout: printing drops the text silently (a
@@ -784,9 +841,27 @@ def test_a_missing_package_is_one_line_naming_the_install(package):
                              "install -r requirements.txt (GPU users: see README.md)\n")
 
 
-def test_the_sampling_configs_defaults_are_the_flags_defaults(pico):
-    """Python callers that build a SamplingConfig get what the command line gives."""
+def test_every_sections_configs_defaults_are_the_flags_defaults(pico):
+    """Python callers that build a section's config get what the command line gives (the
+    course's 12 epochs of 16 examples of 64 tokens, 3 checkpoints kept, ...), but for the
+    token cache: a Python caller caches nothing unless it names a folder."""
     import dataclasses
     flags = vars(pico.parse_args([]))
-    assert {field.name: field.default for field in dataclasses.fields(pico.SamplingConfig)} == {
-        field.name: flags[field.name] for field in dataclasses.fields(pico.SamplingConfig)}
+    named = {"k": "kgram_k", "variant": "kgram_variant", "num_inner_layers": "num_inner_mlp_layers",
+             "chunk_size": "kgram_chunk_size", "num_layers": "lstm_layers"}
+    sections = (pico.DataConfig, pico.TrainingConfig, pico.CheckpointConfig, pico.ExperimentConfig,
+                pico.OutputConfig, pico.SpeedConfig, pico.HuggingFaceConfig, pico.SamplingConfig,
+                pico.KGramConfig, pico.LSTMConfig)
+    compared = 0
+    for section in sections:
+        for field in dataclasses.fields(section):
+            flag = named.get(field.name, field.name) if section in (pico.KGramConfig,
+                                                                    pico.LSTMConfig) else field.name
+            if flag not in flags or (section, flag) == (pico.DataConfig, "cache_dir"):
+                continue
+            assert field.default == flags[flag], (section.__name__, field.name)
+            compared += 1
+    assert compared > 60
+    assert flags["cache_dir"] and pico.DataConfig.cache_dir is None
+    assert (flags["epochs"], flags["batch_size"], flags["block_size"], flags["keep_checkpoints"]) == (
+        12, 16, 64, 3)
