@@ -235,7 +235,7 @@ def test_bad_input_gives_one_line_status_2_and_touches_nothing(run_main, tmp_pat
     assert (artefacts / "earlier_run.json").read_text() == '{"keep": true}'
 
 
-EDGES = [  # the last value each check accepts, and the first it refuses
+EDGES = [  # a command each check accepts and the nearest it refuses: a range's last value and the next
     (["--min_lr_ratio", "1.0"], ["--min_lr_ratio", "1.01"], "a fraction of --learning_rate"),
     (["--epochs", "10000"], ["--epochs", "10001"], "--epochs is at most 10000"),
     (["--kgram_k", "1024", "--block_size", "2048"], ["--kgram_k", "1025", "--block_size", "2048"],
@@ -250,15 +250,34 @@ EDGES = [  # the last value each check accepts, and the first it refuses
     (["--plateau_patience", "2", "--lr_min", "0.003"], ["--plateau_patience", "2", "--lr_min", "0.0031"],
      "must not exceed --learning_rate"),
     (["--run_name", "baseline.jsonl"], ["--run_name", "baseline.JSON"], "names the run, not its file"),
+    (["--block_size", str(2**24)], ["--block_size", str(2**24 + 1)], "16,777,216-token limit"),
+    (["--kgram_k", "3", "--block_size", "4"], ["--kgram_k", "3", "--block_size", "3"],
+     r"--block_size \(3\) must be larger than --kgram_k \(3\)"),
+    (["--dropout", "0.99"], ["--dropout", "1.0"], r"--dropout must be in \[0, 1\)"),
+    (["--keep_checkpoints", "1"], ["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1"),
+    (["--plateau_patience", "2", "--plateau_factor", "0.99"],
+     ["--plateau_patience", "2", "--plateau_factor", "1.0"], r"--plateau_factor must be in \(0, 1\)"),
+    (["--plateau_patience", "2"], ["--plateau_patience", "2", "--test_fraction", "0"],
+     "set --test_fraction above 0"),
+    (["--logit_softcap", "1"], ["--logit_softcap", "0.99"], "less than one nat"),
+    (["--yarn_factor", "1"], ["--yarn_factor", "0.99"], "--yarn_factor must be at least 1"),
+    (["--n_experts", "4", "--experts_per_token", "4"], ["--n_experts", "4", "--experts_per_token", "5"],
+     r"--experts_per_token must be between 1 and --n_experts \(4\)"),
+    (["--resume", "runs/a", "--checkpoint_every", "2"], ["--checkpoint_every", "2"],
+     "--checkpoint_every needs --save_dir"),                # --resume's folder takes them too
+    (["--monosemantic_enabled"], ["--accounting", "pico", "--monosemantic_enabled"],
+     "and --accounting trains none"),
+    (["--sweep", "presentation", "--custom_sweep_sizes", "2,5"],  # it runs custom_data's points
+     ["--sweep", "budget", "--custom_sweep_sizes", "2,5"], "sets the corpus sizes of the custom_data"),
 ]
 
 
 @pytest.mark.parametrize("accepted, refused, match", EDGES, ids=[" ".join(e[1]) for e in EDGES])
-def test_each_check_accepts_the_last_value_in_range_and_refuses_the_next(pico, configure,
+def test_each_check_accepts_the_last_good_command_and_refuses_the_next(pico, configure,
                                                                         accepted, refused, match):
-    configure("--models", "kgram_mlp_seq", *accepted)
+    configure("--models", "kgram_mlp_seq,transformer", *accepted)
     with pytest.raises(pico.UserError, match=match):
-        configure("--models", "kgram_mlp_seq", *refused)
+        configure("--models", "kgram_mlp_seq,transformer", *refused)
 
 
 def test_a_batch_larger_than_the_training_set_is_noted(run_main, tmp_path):
