@@ -274,7 +274,7 @@ EDGES = [  # a command each check accepts and the nearest it refuses: a range's 
 
 @pytest.mark.parametrize("accepted, refused, match", EDGES, ids=[" ".join(e[1]) for e in EDGES])
 def test_each_check_accepts_the_last_good_command_and_refuses_the_next(pico, configure,
-                                                                        accepted, refused, match):
+                                                                       accepted, refused, match):
     configure("--models", "kgram_mlp_seq,transformer", *accepted)
     with pytest.raises(pico.UserError, match=match):
         configure("--models", "kgram_mlp_seq,transformer", *refused)
