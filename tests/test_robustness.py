@@ -445,6 +445,20 @@ def test_a_token_cache_whose_offsets_do_not_increase_is_rebuilt(pico, tmp_path, 
     assert list(again.offsets) == list(first.offsets)
 
 
+def test_a_token_cache_of_fewer_examples_than_the_texts_is_rebuilt(pico, tmp_path, capsys):
+    """Offsets that join two examples into one (increasing, ending where the ids end, every
+    example ending in the end of text) still hold one example fewer than there are texts."""
+    texts = ["the cat sat on the mat", "a dog ran far away", "and back"]
+    first = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    offsets = next(tmp_path.glob("*.offsets.npy"))
+    import numpy as np
+    np.save(offsets, np.delete(first.offsets, 1))
+    again = pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "sizes do not match" in lines[0] and "rebuilding" in lines[0]
+    assert list(again.offsets) == list(first.offsets) and len(again) == 3
+
+
 def test_a_token_cache_of_other_ids_in_the_same_shape_is_rebuilt(pico, tmp_path, capsys):
     """Ids overwritten in place (every one made "A", or one example's last) keep the sizes and
     the id range: each example's last id, the end of text, says they are not what was
