@@ -364,11 +364,12 @@ def test_tinystories_mixes_into_training_data(pico, gpt2, tmp_path):
     path.write_text("".join(json.dumps({"text": f"Story {i}."}) + "\n" for i in range(20)))
     custom = tmp_path / "custom.txt"
     custom.write_text("".join(f"custom {i}\n" for i in range(20)))
-    args = args_for(pico, "--input_files", str(custom), "--tinystories_weight", "0.5",
+    args = args_for(pico, "--input_files", str(custom), "--tinystories_weight", "0.25",
                     "--tinystories_path", str(path), "--cache_dir", str(tmp_path / "c"))
     data = pico.load_training_data(args, gpt2, pico.read_sources(args))
     assert [s.name for s in data.sources] == ["custom", "tinystories"]
     assert data.num_train_examples == 36
+    assert data.weights.tolist() == [0.75, 0.25]       # each slot's source: the rest is custom's
 
 
 def test_unreachable_hub_fails_fast_naming_the_local_option(pico, monkeypatch):

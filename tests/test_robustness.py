@@ -1062,10 +1062,11 @@ def test_a_bpe_cache_with_merges_cut_at_a_json_boundary_is_trained_again(pico, t
 def test_token_caches_of_two_bpes_of_one_size_are_kept_apart(pico, tmp_path):
     """A BPE is trained on the training split, which --seed and --test_fraction change; its
     name (bpe:300) is the same, its ids are not, and the cache must not mix them up."""
-    texts = ["the quick brown fox jumps over the lazy dog"] * 3
+    texts = ["the quick brown fox: ab abc, xy xyz"] * 3     # each BPE merges its own pairs
     one = pico.train_bpe_tokenizer([f"ab{i} ab ab abc" for i in range(40)], 300, None)
     other = pico.train_bpe_tokenizer([f"xy{i} xy xy xyz" for i in range(40)], 300, None)
     assert one.name == other.name and one.fingerprint != other.fingerprint
+    assert one.encode(texts[0]) != other.encode(texts[0])
     first = pico.tokenize_examples(texts, one, tmp_path)
     second = pico.tokenize_examples(texts, other, tmp_path)
     assert list(first.tokens) == [i for t in texts for i in one.encode(t) + [one.eot_id]]
