@@ -12,6 +12,7 @@ import matplotlib
 import pytest
 
 from conftest import REPO, load_script
+from test_notebook import cut_short_run_log
 
 matplotlib.use("Agg")
 MAKE_NOTEBOOK = REPO / "tools" / "make_notebook.py"
@@ -51,11 +52,6 @@ def committed(tmp_path_factory):
 
 def load(name):
     return json.loads((COMMITTED / name).read_text())
-
-
-def cut_short_run_log():
-    from test_notebook import cut_short_run_log as make
-    return make()
 
 
 # --- helpers cell -----------------------------------------------------------------------------
