@@ -323,7 +323,8 @@ def test_gpt2_vocab_and_merges(gpt2):
     assert tokenizer.encode("Hello world") == [15496, 995]
 
 
-@pytest.mark.parametrize("text", VARIED_TEXTS + [english_like_text(5000, seed=7)])
+@pytest.mark.parametrize("text", VARIED_TEXTS + [pytest.param(english_like_text(5000, seed=7),
+                                                              id="5,000 bytes of pseudo-English")])
 def test_gpt2_matches_tiktoken(gpt2, text):
     tokenizer, reference = gpt2
     ids = tokenizer.encode(text)

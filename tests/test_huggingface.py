@@ -624,7 +624,7 @@ def test_export_never_overwrites_a_non_empty_directory(pico, tmp_path):
     ("a" * 300, "longer than the 245 bytes"),
     ("a" * 250, "longer than the 245 bytes"),    # fits, but not with the staging directory's dots
     ("a" * 300 + "/out", "File name too long"),
-])
+], ids=["not UTF-8", "300 bytes", "250 bytes", "a folder of 300 bytes"])
 def test_export_names_that_cannot_be_written_are_refused_before_writing(pico, tmp_path, name,
                                                                          match):
     one_line_error(pico, match, pico.check_export_directory, tmp_path / name)

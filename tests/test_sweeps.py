@@ -831,7 +831,9 @@ def test_an_architectures_sweep_without_its_run_log_writes_none(run_main, tmp_pa
 
 
 @pytest.mark.parametrize("key, value", [("created", ...), ("sweep", ...), ("wall_time_s", None),
-                                        ("wall_time_s", "12 s"), ("wall_time_s", 10 ** 400)])
+                                        ("wall_time_s", "12 s"), ("wall_time_s", 10 ** 400)],
+                         ids=["no created", "no sweep", "wall_time_s null", "wall_time_s text",
+                              "wall_time_s 401 digits"])
 def test_a_sweep_file_without_its_keys_is_refused_before_training(pico, run_main, tmp_path,
                                                                   tiny_corpus, key, value):
     """A sweep file edited by hand (... = the key removed) is checked when it is read, not

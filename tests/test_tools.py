@@ -239,7 +239,7 @@ def test_corpus_only_writes_the_text_and_trains_nothing(tmp_path):
                                 "11; add text\n"),
     ("".join(f"line {i}\n" for i in range(200)), "64",
      "an epoch of stream mode is 2 step(s) of 16 windows of --block_size 64, and timing needs 11; "
-     "add text or lower --block_size\n")])
+     "add text or lower --block_size\n")], ids=["three lines", "200 lines"])
 def test_stream_vs_lines_says_what_would_give_enough_steps_to_time(tmp_path, text, block_size,
                                                                     message):
     """Lines mode reads 16 lines a step, whatever the block: only a stream of windows gains
