@@ -8126,7 +8126,7 @@ def restore_checkpoint(path: Path, checkpoint: dict, model: nn.Module, record: d
         record_length_changes(record, checkpoint, flags)
     if optimizer is not None and not progress.finished:
         with unrestorable(path, "optimizer state"):
-            settings = [set(group) for group in optimizer.param_groups]
+            settings = group_settings(optimizer)
             optimizer.load_state_dict(checkpoint["optimizer"])
             check_optimizer_state(optimizer, settings, checkpoint["optimizer"])
         with unrestorable(path, "random generators' states"):
@@ -8187,20 +8187,43 @@ def restore_record(record: dict, stored) -> None:
         raise ValueError(f"it {problem}")
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[set],
+# The settings of a parameter group that say how PyTorch computes a step, not what: they follow
+# the device a run resumes on (fused kernels on one, foreach on another), not its checkpoint's.
+OPTIMIZER_IMPLEMENTATION = frozenset({"fused", "foreach", "capturable", "differentiable"})
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's settings (all but its parameters), as check_optimizer_state
+    takes those of the groups as built."""
+    return [{key: value for key, value in group.items() if key != "params"}
+            for group in optimizer.param_groups]
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[dict],
                           stored: dict) -> None:
     """ValueError if a restored optimizer state lacks what a step reads (each group's
-    `settings`, the keys of the groups as built; AdamW's step count and moments, Muon's
-    momentum), or holds a moment of another shape than its parameter, or a step count that is
-    negative or NaN: load_state_dict checks only the sizes of the groups, and the first step
-    would fail. The counts are read in `stored`, the state dict loaded: a fused optimizer moves
-    them to its parameters' device, which holds no numbers in check_resume_points (meta)."""
+    `settings`, those of the groups as built; AdamW's step count and moments, Muon's
+    momentum), holds a moment of another shape than its parameter, or a step count
+    that is negative or NaN: load_state_dict checks only the sizes of the groups, and the first
+    step would fail. load_state_dict also replaces the groups' settings with the checkpoint's.
+    A resumed run has the flags that made them, so each setting the flags make (betas, eps,
+    weight decay, Muon's momentum and Newton-Schulz steps) must be as built, or a step would
+    fail, compute something else, or never end; the learning rate, set before every step, and
+    the implementation's settings are put back as built. The counts are read in `stored`, the
+    state dict loaded: a fused optimizer moves them to its parameters' device, which holds no
+    numbers in check_resume_points (meta)."""
     for state in stored["state"].values():
         if "step" in state and not float(state["step"]) >= 0:
             raise ValueError(f"a parameter's step count is {float(state['step'])}")
-    for group, keys in zip(optimizer.param_groups, settings):
-        if keys - set(group):
-            raise ValueError(f"a parameter group has no {', '.join(sorted(keys - set(group)))}")
+    for group, built in zip(optimizer.param_groups, settings):
+        if set(built) - set(group):
+            raise ValueError(f"a parameter group has no {', '.join(sorted(set(built) - set(group)))}")
+        for key, value in built.items():
+            if key in OPTIMIZER_IMPLEMENTATION or key == "lr":
+                group[key] = value
+            elif type(group[key]) is not type(value) or group[key] != value:
+                raise ValueError(f"a parameter group's {key} is {group[key]!r}, where the flags "
+                                 f"make it {value!r}")
         needed = ("momentum_buffer",) if group.get("muon") else ("step", "exp_avg", "exp_avg_sq")
         for p in group["params"]:
             state = optimizer.state.get(p)
@@ -10036,6 +10059,12 @@ def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = ""
     if allowed is not None and value not in allowed:
         raise UserError(f"config.json: {key}={value!r} is not supported (pico-llm computes "
                         f"{key}={allowed[0]!r})")
+    # before any float arithmetic on it, and as the command line says it (not in digits): a
+    # size or count past MAX_INTEGER, a number past a float
+    if type(value) is int and abs(value) > (MAX_INTEGER if integer else sys.float_info.max):
+        most = f"at most {MAX_INTEGER:,}" if integer else "a float's range"
+        raise UserError(f"config.json: {key} is {digits_of(value)}, beyond any number "
+                        f"pico-llm can hold ({most})")
     if bounded:
         limits = [f"{words} {bound}" for words, bound in bounds.items() if bound is not None]
         within = ((above is None or value > above) and (at_least is None or value >= at_least)
@@ -10043,11 +10072,6 @@ def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = ""
         if not (within and (isinstance(value, int) or math.isfinite(value))):  # NaN is within none
             kind = "an integer" if integer else "a finite number"
             raise UserError(f"config.json: {key}={value!r} must be {kind} {' and '.join(limits)}")
-    # before any float arithmetic on it: a size or count past MAX_INTEGER, a number past a float
-    if type(value) is int and abs(value) > (MAX_INTEGER if integer else sys.float_info.max):
-        most = f"at most {MAX_INTEGER:,}" if integer else "a float's range"
-        raise UserError(f"config.json: {key} is {digits_of(value)}, beyond any number "
-                        f"pico-llm can hold ({most})")
     return value
 
 
@@ -10077,7 +10101,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         heads_fit(d_model, n_heads, n_heads)
         return TransformerConfig(
             vocab_size=size("vocab_size"), block_size=size("n_positions", at_most=MAX_BLOCK_SIZE),
-            d_model=d_model, n_heads=n_heads, n_blocks=size("n_layer"),
+            d_model=d_model, n_heads=n_heads, n_blocks=size("n_layer", at_most=MAX_LAYERS),
             d_ff=size("n_inner", 4 * d_model),
             ffn=GPT2_ACTIVATIONS[activation], norm="layernorm", pos_emb="learned",
             tie_weights=setting("tie_word_embeddings", True), bias=True,
@@ -10092,8 +10116,9 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         raise UserError(f"config.json: quantization_config (quant_method={method!r}) is not "
                         "supported; pico-llm reads unquantized weights (use a bf16 or fp32 copy)")
     setting("hidden_act", "silu", ("silu",))
-    d_model, n_heads, n_blocks = size("hidden_size"), size("num_attention_heads"), size(
-        "num_hidden_layers")
+    # bounded as --n_blocks is, before a list of an entry a block is made (SmolLM3's, GPT-oss's)
+    d_model, n_heads = size("hidden_size"), size("num_attention_heads")
+    n_blocks = size("num_hidden_layers", at_most=MAX_LAYERS)
     n_kv_heads = size("num_key_value_heads", n_heads)
     head_dim = size("head_dim", defaults["head_dim"] or d_model // n_heads)
     if n_heads % n_kv_heads:

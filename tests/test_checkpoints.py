@@ -1783,6 +1783,16 @@ def changed_optimizer_moments(change):
     return apply
 
 
+def changed_optimizer_group(change):
+    """A change to the settings of the checkpoint's first parameter group (on a copy)."""
+    def apply(checkpoint):
+        groups = [dict(group) for group in checkpoint["optimizer"]["param_groups"]]
+        change(groups[0])
+        checkpoint.update(optimizer={"state": checkpoint["optimizer"]["state"],
+                                     "param_groups": groups})
+    return apply
+
+
 # What a checkpoint's resume state (past the parts that rebuild the model) may hold when another
 # pico-llm version, or damage before its checksum was computed, made it.
 RESUME_STATES_OF_ANOTHER_VERSION = {
@@ -1794,6 +1804,10 @@ RESUME_STATES_OF_ANOTHER_VERSION = {
         lambda state: state.update(exp_avg_sq=torch.zeros(3))),
     "optimizer state   ": changed_optimizer_moments(
         lambda state: state.update(step=torch.tensor(-1.0))),
+    # settings the flags make, made otherwise: the step fails, or computes something else
+    "optimizer state    ": changed_optimizer_group(lambda group: group.update(betas=("a", "b"))),
+    "optimizer state     ": changed_optimizer_group(lambda group: group.update(amsgrad=True)),
+    "optimizer state      ": changed_optimizer_group(lambda group: group.update(eps=-1.0)),
     "random generators' states": lambda checkpoint: checkpoint.update(rng={}),
     "random generators' states ": lambda checkpoint: checkpoint["rng"].update(
         torch=torch.zeros(3, dtype=torch.uint8)),

@@ -419,8 +419,11 @@ NAN, INF = float("nan"), float("inf")
     ("gpt-oss", dict(sliding_window=5.5), "sliding_window=5.5 is not an integer"),
     ("gpt-oss", dict(sliding_window=1e30), r"sliding_window=1e\+30 is not an integer"),
     ("gpt-oss", dict(sliding_window=-5), "sliding_window=-5 must be an integer at least 0"),
-    ("gpt-oss", dict(sliding_window=10**30), f"sliding_window={10**30} must be an integer at "
+    ("gpt-oss", dict(sliding_window=10**11), f"sliding_window={10**11} must be an integer at "
                                              "least 0 and at most 2147483647"),
+    # past MAX_INTEGER, as the command line says it: no digits written out, whatever the bounds
+    ("gpt-oss", dict(sliding_window=10**30), "sliding_window is a 31-digit number, beyond any "
+                                             "number pico-llm can hold"),
     ("gpt-oss", dict(num_experts_per_tok=8), "num_experts_per_tok=8 must be an integer above 0 "
                                              "and at most 4"),
     ("gpt-oss", dict(router_aux_loss_coef="x"), "router_aux_loss_coef='x' is not a number"),
@@ -431,7 +434,12 @@ NAN, INF = float("nan"), float("inf")
     # past a float's range: the memory check's arithmetic had failed with OverflowError
     *[("llama yarn", {key: 10**400}, f"{key} is a 401-digit number, beyond any number")
       for key in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
-                  "num_attention_heads")],
+                  "num_attention_heads", "max_position_embeddings")],
+    # as many blocks as --n_blocks takes at most: SmolLM3 and GPT-oss make a list of one entry
+    # a block before anything else looks at the count (10**13 had run out of memory)
+    *[(family, dict(num_hidden_layers=10**13), "num_hidden_layers=10000000000000 must be an "
+                                               "integer above 0 and at most 1000")
+      for family in ("smollm3", "gpt-oss", "qwen3")],
 ] + [("llama yarn", dict(rope_parameters=FAMILIES["llama yarn"][1]["rope_parameters"] | bad), match)
      for bad, match in [
          (dict(rope_theta="x"), "rope_parameters.rope_theta='x' is not a number"),
@@ -453,6 +461,13 @@ def test_config_values_of_the_wrong_type_or_out_of_range_are_refused(pico, famil
     class_name, settings = FAMILIES[family]
     hf_config = getattr(transformers, class_name)(**(SMALL | settings)).to_dict() | change
     one_line_error(pico, match, pico.config_from_hf, hf_config)
+
+
+def test_gpt2_with_more_blocks_than_n_blocks_takes_is_refused(pico, gpt2_dir):
+    hf_config = json.loads((gpt2_dir / "config.json").read_text()) | {"n_layer": 1001}
+    one_line_error(pico, "n_layer=1001 must be an integer above 0 and at most 1000",
+                   pico.config_from_hf, hf_config)
+    assert pico.config_from_hf(hf_config | {"n_layer": 1000}).n_blocks == 1000
 
 
 def test_gpt2_epsilon_that_is_not_a_number_is_refused(pico, gpt2_dir):

@@ -1613,7 +1613,7 @@ def test_an_optimizer_state_a_step_could_not_use_is_refused_when_restored(pico, 
     with torch.device(device):
         model = pico.build_model(config, 20, 0)
     restored = pico.build_optimizer(model, training, torch.device(device))
-    settings = [set(group) for group in restored.param_groups]
+    settings = pico.group_settings(restored)
     restored.load_state_dict(saved)
     pico.check_optimizer_state(restored, settings, saved)     # as a step leaves it
     index = {id(p): i for group, stored in zip(optimizer.param_groups, saved["param_groups"])
@@ -1640,7 +1640,7 @@ def test_a_restored_optimizer_group_without_a_setting_a_step_reads_is_refused(pi
     saved = optimizer.state_dict()
     del saved["param_groups"][group][setting]
     restored = pico.build_optimizer(model, training, torch.device("cpu"))
-    settings = [set(g) for g in restored.param_groups]
+    settings = pico.group_settings(restored)
     restored.load_state_dict(saved)
     with pytest.raises(ValueError, match=f"a parameter group has no {setting}"):
         pico.check_optimizer_state(restored, settings, saved)
@@ -1650,6 +1650,56 @@ def test_a_restored_optimizer_group_without_a_setting_a_step_reads_is_refused(pi
     intact.state[gain].pop("exp_avg_sq")
     with pytest.raises(ValueError, match="has no exp_avg_sq"):
         pico.check_optimizer_state(intact, settings, optimizer.state_dict())
+
+
+@pytest.mark.parametrize("group, setting, value, message", [
+    (0, "momentum", "x", "momentum is 'x', where the flags make it 0.95"),
+    (0, "ns_steps", 10**9, "ns_steps is 1000000000, where the flags make it 5"),  # a step for ever
+    (0, "nesterov", 1, "nesterov is 1, where the flags make it True"),
+    (0, "muon", False, "muon is False"),
+    (1, "betas", ("a", "b"), r"betas is \('a', 'b'\)"),
+    (2, "weight_decay", "x", "weight_decay is 'x'"),
+    (2, "eps", -1.0, "eps is -1.0, where the flags make it 1e-08")])
+def test_a_restored_optimizer_setting_other_than_the_flags_make_is_refused(pico, group, setting,
+                                                                           value, message):
+    """load_state_dict takes each group's settings from the checkpoint. A resumed run has the
+    flags that made them, so one that differs is damage: a step would fail on it, compute
+    something else, or (a billion Newton-Schulz iterations) never end."""
+    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
+                                                    block_size=8), 20, 0)
+    training = pico.TrainingConfig(optimizer="muon")
+    optimizer = pico.build_optimizer(model, training, torch.device("cpu"))
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["param_groups"][group][setting] = value
+    restored = pico.build_optimizer(model, training, torch.device("cpu"))
+    settings = pico.group_settings(restored)
+    restored.load_state_dict(saved)
+    with pytest.raises(ValueError, match=f"a parameter group's {message}"):
+        pico.check_optimizer_state(restored, settings, saved)
+
+
+def test_a_restored_optimizer_takes_its_implementation_as_built_and_the_rest_as_stored(pico):
+    """How PyTorch computes a step (fused, foreach, capturable) follows the device a run resumes
+    on, not its checkpoint's; the learning rate is set before each step. The moments and step
+    counts are the checkpoint's."""
+    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
+                                                    block_size=8), 20, 0)
+    training = pico.TrainingConfig()
+    optimizer = pico.build_optimizer(model, training, torch.device("cpu"))
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["param_groups"][0].update(fused=None, foreach=True, capturable=True, lr=0.5)
+    restored = pico.build_optimizer(model, training, torch.device("cpu"))
+    settings = pico.group_settings(restored)
+    restored.load_state_dict(saved)
+    pico.check_optimizer_state(restored, settings, saved)
+    assert pico.group_settings(restored) == pico.group_settings(optimizer)
+    assert restored.param_groups[0]["fused"] is True and not restored.param_groups[0]["capturable"]
+    for p in model.parameters():
+        assert torch.equal(restored.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
 
 
 @pytest.mark.parametrize("change", [{"d_model": 16.0}, {"block_size": 0}, {"block_size": 16.5},
