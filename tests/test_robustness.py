@@ -1625,18 +1625,25 @@ def test_an_optimizer_state_a_step_could_not_use_is_refused_when_restored(pico, 
         pico.check_optimizer_state(restored, settings, saved)
 
 
+def stepped_optimizer(pico, kind: str):
+    """A tiny Transformer, its TrainingConfig with --optimizer `kind`, and its optimizer after
+    one step (every parameter has its state)."""
+    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
+                                                    block_size=8), 20, 0)
+    training = pico.TrainingConfig(optimizer=kind)
+    optimizer = pico.build_optimizer(model, training, torch.device("cpu"))
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    return model, training, optimizer
+
+
 @pytest.mark.parametrize("group, setting", [(0, "momentum"), (0, "ns_steps"), (1, "betas"),
                                             (2, "weight_decay")])
 def test_a_restored_optimizer_group_without_a_setting_a_step_reads_is_refused(pico, group,
                                                                               setting):
     """Muon's groups: its own (momentum, ns_steps), then AdamW's for the rest, whose 1-D
     parameters' moments are checked as AdamW's are."""
-    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
-                                                    block_size=8), 20, 0)
-    training = pico.TrainingConfig(optimizer="muon")
-    optimizer = pico.build_optimizer(model, training, torch.device("cpu"))
-    sum(p.sum() for p in model.parameters()).backward()
-    optimizer.step()
+    model, training, optimizer = stepped_optimizer(pico, "muon")
     saved = optimizer.state_dict()
     del saved["param_groups"][group][setting]
     restored = pico.build_optimizer(model, training, torch.device("cpu"))
@@ -1665,12 +1672,7 @@ def test_a_restored_optimizer_setting_other_than_the_flags_make_is_refused(pico,
     """load_state_dict takes each group's settings from the checkpoint. A resumed run has the
     flags that made them, so one that differs is damage: a step would fail on it, compute
     something else, or (a billion Newton-Schulz iterations) never end."""
-    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
-                                                    block_size=8), 20, 0)
-    training = pico.TrainingConfig(optimizer="muon")
-    optimizer = pico.build_optimizer(model, training, torch.device("cpu"))
-    sum(p.sum() for p in model.parameters()).backward()
-    optimizer.step()
+    model, training, optimizer = stepped_optimizer(pico, "muon")
     saved = optimizer.state_dict()
     saved["param_groups"][group][setting] = value
     restored = pico.build_optimizer(model, training, torch.device("cpu"))
@@ -1684,12 +1686,7 @@ def test_a_restored_optimizer_takes_its_implementation_as_built_and_the_rest_as_
     """How PyTorch computes a step (fused, foreach, capturable) follows the device a run resumes
     on, not its checkpoint's; the learning rate is set before each step. The moments and step
     counts are the checkpoint's."""
-    model = pico.build_model(pico.TransformerConfig(d_model=16, n_heads=2, n_blocks=1,
-                                                    block_size=8), 20, 0)
-    training = pico.TrainingConfig()
-    optimizer = pico.build_optimizer(model, training, torch.device("cpu"))
-    sum(p.sum() for p in model.parameters()).backward()
-    optimizer.step()
+    model, training, optimizer = stepped_optimizer(pico, "torch")
     saved = copy.deepcopy(optimizer.state_dict())
     saved["param_groups"][0].update(fused=None, foreach=True, capturable=True, lr=0.5)
     restored = pico.build_optimizer(model, training, torch.device("cpu"))
