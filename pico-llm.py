@@ -10835,6 +10835,63 @@ def tokenizer_to_hf(tokenizer):
     return byte_level_bpe(vocab, merges, {END_OF_TEXT: tokenizer.eot_id})
 
 
+def rust_failure(error: BaseException) -> bool:
+    """Whether `error`, raised inside the `tokenizers` library, is the library's failure: a
+    plain Exception (a file or text it cannot take), or a Rust panic (damage it did not
+    foresee), which pyo3 raises as a PanicException derived from BaseException, so that
+    `except Exception` lets it through."""
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+
+
+@contextlib.contextmanager
+def tokenizer_failures(what: str, remedy: str):
+    """A failure of the `tokenizers` library in the block as UserError("`what` (its words);
+    `remedy`"). Rust's panic hook has written the panic to standard error already: the
+    probe in HFTokenizer.__init__ keeps those lines back where a tokenizer.json is read."""
+    try:
+        yield
+    except BaseException as error:
+        if not rust_failure(error):
+            raise
+        raise UserError(f"{what} ({textwrap.shorten(str(error), 100)}); {remedy}") from None
+
+
+# Text a tokenizer.json is tried on as it is read: each kind of character a corpus holds.
+PROBE_TEXT = "The cat sat. 42 + 7 = 49!\n\t\"Naïve café\" — 日本語 🙂"
+
+
+def check_tokenizer_runs(tokenizer) -> None:
+    """ValueError if a tokenizer.json panics on plain text (an edited normalizer, a damaged
+    precompiled character map): the library would do so on the first text it took. Its panic
+    hook's lines, written to the process's standard error, are kept back, so that the refusal
+    is one line. A plain error (a word-level vocabulary without an unknown token) is left to
+    the text it fails on, which encode_batch names."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as held:
+        try:
+            saved = os.dup(2)
+            os.dup2(held.fileno(), 2)
+        except OSError:               # no standard error to redirect (closed): try it as is
+            saved = None
+        try:
+            tokenizer.decode(tokenizer.encode(PROBE_TEXT, add_special_tokens=False).ids)
+            panic = None
+        except BaseException as error:
+            if not rust_failure(error):
+                raise
+            panic = error if not isinstance(error, Exception) else None
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+        if panic is not None:
+            raise ValueError(f"its tokenizer fails on plain text: "
+                             f"{textwrap.shorten(str(panic), 100)}")
+        held.seek(0)
+        if saved is not None and (written := held.read()):
+            os.write(2, written)           # what the library wrote without failing, as it came
+
+
 class HFTokenizer:
     """A tokenizer.json (Hugging Face `tokenizers`) behind pico-llm's tokenizer interface.
     Like pico-llm's tokenizers, encode adds no BOS token. vocab_size is the model's
@@ -10843,6 +10900,7 @@ class HFTokenizer:
     def __init__(self, tokenizer, vocab_size: int, eot_id: int, name: str,
                  stop_ids: Iterable[int] = ()) -> None:
         decoders = hf_package("tokenizers", "a tokenizer.json").decoders
+        check_tokenizer_runs(tokenizer)
         self.tokenizer, self.vocab_size, self.eot_id, self.name = tokenizer, vocab_size, eot_id, name
         # the further end ids config.json and generation_config.json list (a chat model's
         # end of turn): generation stops at them too; eot_id alone separates documents
@@ -10856,7 +10914,9 @@ class HFTokenizer:
         tokenizers = hf_package("tokenizers", "a tokenizer.json")
         try:
             tokenizer = tokenizers.Tokenizer.from_str(text)
-        except Exception as error:    # the Rust library raises a plain Exception
+        except BaseException as error:    # the Rust library raises a plain Exception, or panics
+            if not rust_failure(error):
+                raise
             raise ValueError(f"not a tokenizer.json ({error})") from None
         return cls(tokenizer, vocab_size, eot_id, name, stop_ids)
 
@@ -10864,18 +10924,16 @@ class HFTokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # The Rust library raises plain Exceptions: a WordLevel vocabulary without its
-        # unknown token cannot encode a word it lacks.
-        try:
+        # A WordLevel vocabulary without its unknown token cannot encode a word it lacks
+        with tokenizer_failures(f"the model's tokenizer.json ({self.name}) cannot encode this "
+                                "text", "use a model whose tokenizer covers it"):
             encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        except Exception as error:
-            raise UserError(f"the model's tokenizer.json ({self.name}) cannot encode this text "
-                            f"({textwrap.shorten(str(error), 100)}); use a model whose "
-                            "tokenizer covers it") from None
         return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        with tokenizer_failures(f"the model's tokenizer.json ({self.name}) cannot decode its "
+                                "ids", "use the model's own tokenizer.json"):
+            return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of text one id stands for. Byte-level BPE: a character per byte
@@ -10911,7 +10969,9 @@ def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str], tokens: np.
     for start in range(0, len(texts), 256):        # a few texts' ids at a time as lists
         ids = [tokens[offsets[i]: offsets[i + 1] - 1].tolist()
                for i in range(start, min(start + 256, len(texts)))]
-        decoded = tokenizer.tokenizer.decode_batch(ids, skip_special_tokens=False)
+        with tokenizer_failures(f"the model's tokenizer.json ({tokenizer.name}) cannot decode "
+                                "its ids", "use the model's own tokenizer.json"):
+            decoded = tokenizer.tokenizer.decode_batch(ids, skip_special_tokens=False)
         for text, back in zip(texts[start: start + 256], decoded):
             lost.update(Counter(unicodedata.normalize("NFKC", text))
                         - Counter(unicodedata.normalize("NFKC", back)))
@@ -10992,8 +11052,11 @@ def tokenizer_from_hf(path, config: TransformerConfig):
     try:
         check_json_size(file)
         tokenizer = tokenizers.Tokenizer.from_file(str(file))
-    except Exception as error:  # tokenizers raises a bare Exception on bad files
-        raise UserError(f"cannot read {quoted(file)}: {str(error).splitlines()[0][:160]}") from None
+    except BaseException as error:  # tokenizers raises a bare Exception on bad files, or panics
+        if not rust_failure(error):
+            raise
+        raise UserError(f"cannot read {quoted(file)}: "
+                        f"{(str(error).splitlines() or [type(error).__name__])[0][:160]}") from None
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     if gpt2_ends and len(vocab) == 50257 and vocab == {
             byte_text(token): rank for token, rank in load_tiktoken_ranks(GPT2_RANKS_PATH).items()
@@ -11015,8 +11078,12 @@ def tokenizer_from_hf(path, config: TransformerConfig):
         raise UserError(f"{quoted(path)}: the end-of-text id {eot_id} ({source}) is not among "
                         f"the model's {config.vocab_size} token ids; give config.json the "
                         "eos_token_id of the model's tokenizer")
-    return HFTokenizer(tokenizer, config.vocab_size, eot_id,
-                       "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12], stop_ids)
+    try:
+        return HFTokenizer(tokenizer, config.vocab_size, eot_id,
+                           "hf:" + hashlib.sha256(file.read_bytes()).hexdigest()[:12], stop_ids)
+    except ValueError as error:
+        raise UserError(f"cannot use {quoted(file)}: {error}; give the model's own "
+                        "tokenizer.json") from None
 
 
 # --- E.5 Export ------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import unicodedata
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -884,6 +886,67 @@ def test_hf_tokenizer_travels_in_a_checkpoint_identity(pico, llama_dir):
     again = pico.tokenizer_from_identity(identity)
     assert (again.name, again.vocab_size, again.eot_id) == (tokenizer.name, 300, 256)
     assert again.encode(TEXT) == tokenizer.encode(TEXT)
+
+
+def with_empty_character_map(directory):
+    """`directory`'s tokenizer.json given a precompiled normalizer whose character map holds
+    nothing: the tokenizers library panics (an index out of bounds) on any text it takes."""
+    saved = json.loads((directory / "tokenizer.json").read_text())
+    saved["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": "AAAAAAAA"}
+    (directory / "tokenizer.json").write_text(json.dumps(saved))
+    return saved
+
+
+def test_a_tokenizer_json_the_library_panics_on_is_refused_in_one_line(pico, llama_dir):
+    """A Rust panic reaches Python as pyo3's PanicException, derived from BaseException (so
+    `except Exception` let it through as a traceback), after the panic hook has written it to
+    standard error (with RUST_BACKTRACE, a backtrace too): the tokenizer is tried as it is read,
+    those lines kept back. A checkpoint's stored tokenizer.json is tried the same way."""
+    saved = with_empty_character_map(llama_dir)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--generate", "--init_from",
+                             str(llama_dir), "--prompt", "hi", "--max_new_tokens", "2",
+                             "--device_id", "cpu"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.fullmatch(r"pico-llm: error: cannot use '?.*tokenizer\.json'?: its tokenizer fails "
+                        r"on plain text: index out of bounds.*; give the model's own "
+                        r"tokenizer\.json\n", result.stderr), result.stderr
+    identity = {"spec": "hf", "name": "hf:x", "vocab_size": 300, "eot_id": 256,
+                "tokenizer_json": json.dumps(saved)}
+    with pytest.raises(ValueError, match="its tokenizer fails on plain text"):
+        pico.tokenizer_from_identity(identity)
+
+
+class PanicException(BaseException):
+    """A Rust panic as pyo3 raises it: of that name, derived from BaseException."""
+
+
+class PanickingLibrary:
+    """A `tokenizers.Tokenizer` stand-in whose every method panics."""
+
+    def __getattr__(self, name):
+        def panic(*args, **kwargs):
+            raise PanicException("index out of bounds: the len is 0 but the index is 0")
+        return panic
+
+
+@pytest.mark.parametrize("use, words", [
+    (lambda pico, tokenizer: tokenizer.encode(TEXT), "cannot encode this text"),
+    (lambda pico, tokenizer: tokenizer.decode([1, 2]), "cannot decode its ids"),
+    (lambda pico, tokenizer: pico.check_tokenizer_covers(   # one text, "ab", and its end
+        tokenizer, ["ab"], np.array([97, 98, 256]), np.array([0, 3])), "cannot decode its ids")],
+    ids=["encode", "decode", "the coverage check's decode"])
+def test_a_panic_in_the_tokenizer_library_while_it_runs_is_one_line(pico, llama_dir, use, words):
+    """A text that makes the library panic, where the text it was tried on did not."""
+    _, tokenizer = pico.import_hf(llama_dir)
+    tokenizer.tokenizer = PanickingLibrary()
+    with pytest.raises(pico.UserError, match=f"tokenizer.json \\(hf:[0-9a-f]+\\) {words} "
+                                             r"\(index out of bounds"):
+        use(pico, tokenizer)
+    assert pico.rust_failure(PanicException()) and pico.rust_failure(ValueError())
+    assert not pico.rust_failure(KeyboardInterrupt()) and not pico.rust_failure(SystemExit(2))
+
 
 
 # --- E.4 Tokenizers of the families: encode and decode as transformers' AutoTokenizer -----------
