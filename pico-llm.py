@@ -3494,7 +3494,10 @@ def load_runlog(path: Path | str) -> dict:
     # The parts of a log that pico-llm reads back must have the types it wrote.
     shaped = isinstance(log, dict) and all(isinstance(log.get(key, {}), dict)
                                            for key in ("args", "models", "process"))
-    if not shaped or not isinstance(log.get("args", {}).get("save_dir") or "", str):
+    args = log.get("args", {}) if shaped else {}
+    models = args.get("models") or []            # the models a stopped run was to train
+    if (not shaped or not isinstance(args.get("save_dir") or "", str)
+            or not (isinstance(models, list) and all(isinstance(name, str) for name in models))):
         raise UserError(f"{path} is not a pico-llm run log (a JSON object with its args, models "
                         "and process)")
     if log.get("schema_version") != RUNLOG_SCHEMA_VERSION:
@@ -3662,16 +3665,18 @@ def run_is_alive(log: dict, earlier_save_dir: Path | None, save_dir: Path | None
         except UserError:
             return True
     process = log.get("process") or {}
-    if process.get("host") != socket.gethostname() or not isinstance(process.get("pid"), int):
+    pid = process.get("pid")
+    if (process.get("host") != socket.gethostname() or type(pid) is not int
+            or not 0 < pid < 2**31):            # no process id (0 and below name groups)
         return log.get("status") == "running"
     try:
-        os.kill(process["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:          # a process of another user's: the pid lives, as when kill works
         pass
     # a log that says the run stopped was written by that run as it ended: a live pid is reused
-    return log.get("status") == "running" and process["pid"] != os.getpid()
+    return log.get("status") == "running" and pid != os.getpid()
 
 
 def check_run_log_is_the_checkpoints(run_path: Path, log: dict | None, resume_points: dict,

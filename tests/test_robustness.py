@@ -1239,7 +1239,10 @@ def test_a_full_disk_while_writing_a_sweep_file_is_one_line(run_main, ws, monkey
 
 @pytest.mark.parametrize("content", ['[1, 2]', '{"args": [1], "status": "running"}',
                                      '{"args": {"save_dir": 5}, "models": 7, "status": "running"}',
-                                     '{"process": [1], "status": "running"}'])
+                                     '{"process": [1], "status": "running"}',
+                                     '{"args": {"models": 5}, "status": "interrupted"}',
+                                     '{"args": {"models": "lstm_seq"}, "status": "interrupted"}',
+                                     '{"args": {"models": [null]}, "status": "interrupted"}'])
 def test_a_run_log_of_another_shape_is_kept_with_one_line(pico, ws, capsys, content):
     """A file in a run log's place whose parts have other types than pico-llm writes (edited,
     or not a run log): a new run with that --run_name is refused in one line and the file
