@@ -5400,6 +5400,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
     check_torchrun_environment()
     check_code_cache_folder()
+    check_compiler_settings()
     ranks = launched_world_size()
     if args.batch_size < ranks:
         raise UserError(f"--batch_size {args.batch_size} is shared among the {ranks} ranks torchrun "
@@ -7341,6 +7342,22 @@ def check_code_cache_folder(variable: str = "TORCHINDUCTOR_CACHE_DIR") -> None:
     if os.environ.get(variable):
         check_writable_directory(Path(os.environ[variable]), variable,
                                  remedy=f"set {variable} to another folder, or unset it")
+
+
+def check_compiler_settings() -> None:
+    """UserError if PyTorch's compiler cannot read its settings from the environment. Its
+    configuration modules (Dynamo's, Inductor's) read some as numbers with int() as they load
+    (TORCHINDUCTOR_COMPILE_THREADS, TORCHDYNAMO_REPRO_LEVEL, ...), and every run loads them,
+    compiled or not: building the first optimizer, or a model, does."""
+    try:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.config  # noqa: F401
+    except ValueError as error:
+        named = [f"{name}={value!r}" for name, value in sorted(os.environ.items())
+                 if name.startswith(("TORCH", "AOTINDUCTOR_")) and repr(value) in str(error)]
+        raise UserError(f"PyTorch's compiler cannot read its settings from the environment: "
+                        f"{', '.join(named) or textwrap.shorten(str(error), 80)} is not a number "
+                        "it reads; fix it, or unset it") from None
 
 
 def check_compile_available(device: torch.device) -> None:

@@ -871,6 +871,19 @@ def test_an_environment_variable_that_breaks_importing_torch_is_one_line(ws, var
     assert_refused(result, *keywords, unchanged=before)
 
 
+@pytest.mark.parametrize("variable, value, flags", [
+    ("TORCHINDUCTOR_COMPILE_THREADS", "abc", TINY),     # building the fused AdamW loads it
+    ("TORCHDYNAMO_REPRO_LEVEL", "2.5", ["--accounting", "--device_id", "cpu"])])
+def test_a_number_pytorchs_compiler_cannot_read_from_the_environment_is_one_line(ws, variable,
+                                                                                 value, flags):
+    """Dynamo's and Inductor's settings modules read these with int() as they load, and every
+    run loads them, compiled or not: a ValueError's traceback from inside PyTorch."""
+    before = ws.snapshot()
+    result = run(*flags, *ws.io(), env={**os.environ, variable: value})
+    assert_refused(result, "pytorch's compiler", f"{variable}='{value}' is not a number",
+                   unchanged=before)
+
+
 def test_gomp_cpu_affinity_in_libgomps_own_forms_is_taken(ws):
     for value in ("0", "0-1", "0 - 1, 0", "0-1:1", "", "0x0", "+0"):   # C's numbers too
         result = run("--help", env={**os.environ, "GOMP_CPU_AFFINITY": value})
