@@ -4107,6 +4107,11 @@ def load_sweep(path: Path | str) -> dict:
             and isinstance(config.get("args", {}), dict)):
         raise UserError(f"{path}: a sweep file whose points or config are not as pico-llm writes "
                         "them; move it away, or pass --overwrite to start that sweep afresh")
+    for point in points:
+        problem = sweep_point_problem(point)
+        if problem:
+            raise UserError(f"{path}: point {point['key']} {problem}, not as pico-llm writes it; "
+                            "move the file away, or pass --overwrite to start that sweep afresh")
     wall_time_s = sweep.get("wall_time_s", 0.0)     # absent until the sweep first finishes
     for key, as_written in (("sweep", isinstance(sweep.get("sweep"), str)),
                             ("scale", isinstance(sweep.get("scale"), str)),
@@ -4117,6 +4122,36 @@ def load_sweep(path: Path | str) -> dict:
             raise UserError(f"{path}: a sweep file whose {key!r} is not as pico-llm writes it; "
                             "move it away, or pass --overwrite to start that sweep afresh")
     return sweep
+
+
+# The measurements of a sweep point that are not numbers (or null, where none was measured).
+SWEEP_POINT_SHAPES = {"diverged": "a boolean", "label": "a string", "run_log": "a string",
+                      "samples": "a list of strings", "diversity": "an object of numbers",
+                      "config": "an object", "curve": "a list of objects",
+                      "epochs": "a list of objects", "checkpoints": "a list of objects",
+                      "generation": "a list of objects"}
+
+
+def sweep_point_problem(point: dict) -> str | None:
+    """What in a finished sweep point's measurements is not of the type SweepLog wrote, or
+    None: a resumed sweep keeps its points, and marks the file finished with them."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    kinds = {"a boolean": lambda v: isinstance(v, bool), "a string": lambda v: isinstance(v, str),
+             "a list of strings": lambda v: isinstance(v, list) and all(
+                 isinstance(item, str) for item in v),
+             "an object of numbers": lambda v: isinstance(v, dict) and all(
+                 number(item) for item in v.values()),
+             "an object": lambda v: isinstance(v, dict),
+             "a list of objects": lambda v: isinstance(v, list) and all(
+                 isinstance(item, dict) for item in v)}
+    for key, value in point.items():
+        if key in ("key", "model", "settings"):       # checked with the point's key
+            continue
+        shape = SWEEP_POINT_SHAPES.get(key, "a number or null")
+        if not (kinds[shape](value) if shape in kinds else value is None or number(value)):
+            return f"has a {key} of {textwrap.shorten(repr(value), 40)} where {shape} belongs"
+    return None
 
 
 def run_log_beside(path: Path) -> Path:
@@ -8596,6 +8631,8 @@ def check_model_config(config) -> None:
             if field.type in ("float", "float | None") and type(value) not in (int, float) \
                     and not optional:
                 raise UserError(f"{field.name} {value!r} is not a number")
+            if type(value) is float and not math.isfinite(value):   # as the command line's
+                raise UserError(f"{field.name} {value!r} is not a finite number")
         if config.block_size < 1:
             raise UserError(f"block_size {config.block_size} is not positive")
         if not 0 <= config.dropout < 1:      # as the command line checks --dropout
@@ -10922,6 +10959,11 @@ class HFTokenizer:
     def __init__(self, tokenizer, vocab_size: int, eot_id: int, name: str,
                  stop_ids: Iterable[int] = ()) -> None:
         decoders = hf_package("tokenizers", "a tokenizer.json").decoders
+        # A tokenizer.json may keep the truncation and padding of a pipeline that saved it,
+        # which would cut every text to its max_length and pad it with pad ids: pico-llm cuts
+        # its texts into examples itself.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         check_tokenizer_runs(tokenizer)
         self.tokenizer, self.vocab_size, self.eot_id, self.name = tokenizer, vocab_size, eot_id, name
         # the further end ids config.json and generation_config.json list (a chat model's

@@ -918,6 +918,19 @@ def test_a_tokenizer_json_the_library_panics_on_is_refused_in_one_line(pico, lla
         pico.tokenizer_from_identity(identity)
 
 
+def test_a_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_texts(pico, llama_dir):
+    """A pipeline's settings a tokenizer.json may keep had cut every text to 4 tokens and
+    padded it to 12 with id 0, silently, in training data and prompts alike."""
+    saved = json.loads((llama_dir / "tokenizer.json").read_text())
+    saved["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst",
+                           "stride": 0}
+    saved["padding"] = {"strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": None,
+                        "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+    (llama_dir / "tokenizer.json").write_text(json.dumps(saved))
+    _, tokenizer = pico.import_hf(llama_dir)
+    assert tokenizer.encode_batch(["hello world", "hi"]) == [list(b"hello world"), list(b"hi")]
+
+
 class PanicException(BaseException):
     """A Rust panic as pyo3 raises it: of that name, derived from BaseException."""
 

@@ -1716,7 +1716,9 @@ def test_a_restored_optimizer_takes_its_implementation_as_built_and_the_rest_as_
 
 
 @pytest.mark.parametrize("change", [{"d_model": 16.0}, {"block_size": 0}, {"block_size": 16.5},
-                                    {"pos_emb": "bogus"}, {"attention": "bogus"}])
+                                    {"pos_emb": "bogus"}, {"attention": "bogus"},
+                                    {"yarn_factor": float("nan")}, {"rope_theta": float("inf")},
+                                    {"logit_softcap": float("-inf")}])
 def test_a_checkpoints_transformer_config_of_the_wrong_type_or_kind_is_refused(pico, change):
     config = pico.TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_blocks=1,
                                     block_size=16)

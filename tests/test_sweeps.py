@@ -855,6 +855,38 @@ def test_a_sweep_file_without_its_keys_is_refused_before_training(pico, run_main
     assert path.read_text() == content
 
 
+@pytest.mark.parametrize("field, value, shape", [
+    ("test_loss", "x", "a number or null"), ("parameters", True, "a number or null"),
+    ("samples", 5, "a list of strings"), ("diversity", [1], "an object of numbers"),
+    ("diverged", 1, "a boolean"), ("curve", [3], "a list of objects")])
+def test_a_sweep_point_measured_as_pico_llm_never_writes_is_refused_before_training(
+        pico, run_main, tmp_path, tiny_corpus, field, value, shape):
+    """A point edited by hand: a resumed sweep keeps its finished points as they are, and
+    would have marked the file finished with a test loss of "x" in it."""
+    argv = ("--sweep", "kgram_variants", "--sweep_scale", "tiny", "--input_files", str(tiny_corpus))
+    path = tmp_path / "artefacts" / "sweep_kgram_variants.json"
+    path.parent.mkdir(parents=True)
+    point = {"model": "kgram_mlp_seq", "settings": {"kgram_variant": "onehot"}, "test_loss": 2.5,
+             "train_loss": 2.4, "tokens_per_s": None, "samples": ["a b"], field: value}
+    point["key"] = pico.point_key(point["model"], point["settings"])
+    sweep = {"schema_version": pico.SWEEP_SCHEMA_VERSION, "kind": "sweep", "sweep": "kgram_variants",
+             "scale": "tiny", "created": "2026-01-01T00:00:00+00:00", "status": "running",
+             "config": {"scale": {}, "args": {}}, "points": [point]}
+    path.write_text(json.dumps(sweep))
+    content = path.read_text()
+    status, _, err = run_main(*argv)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"point {point['key']} has a {field} of {value!r} where {shape} belongs" in err, err
+    assert path.read_text() == content
+
+
+def test_every_point_of_the_presentation_sweeps_is_as_pico_llm_writes_it(pico):
+    files = sorted((REPO / "artefacts" / "presentation").glob("sweep_*.json"))
+    points = [point for file in files for point in json.loads(file.read_text()).get("points", [])]
+    assert len(points) > 50
+    assert [pico.sweep_point_problem(point) for point in points] == [None] * len(points)
+
+
 @pytest.mark.parametrize("kind", ["empty", "directory"])
 def test_an_unreadable_non_sweep_file_is_not_offered_overwrite(run_main, tmp_path, tiny_corpus,
                                                                kind):
