@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,6 +240,11 @@ def test_gpu_checks_records_each_step_and_refuses_bad_usage(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["logs.tgz", "summary.txt"]
     assert run_gpu_checks(str(tmp_path / "a"), str(tmp_path / "b"), steps="tests").returncode == 2
     assert run_gpu_checks("--fast", str(tmp_path / "a"), steps="tests").returncode == 2
+    # for a GPU (the default, cuda:0) where there is none: it had trained on the CPU for minutes
+    result = run_gpu_checks(str(tmp_path / "a"), steps="tests gptoss")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "no CUDA device here for --device cuda:0" in result.stderr
+    assert not (tmp_path / "a").exists()
 
 
 def test_gpu_checks_skips_the_steps_its_total_time_leaves_no_room_for(tmp_path):
@@ -278,6 +284,51 @@ def test_gpu_checks_cut_short_leaves_the_running_steps_log_and_the_earlier_ones_
     assert (tmp_path / "summary.txt").read_text().split()[:2] == ["tests", "0"]
     assert "skipped" in packed_log(tmp_path, "cuda_tests.log")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmark.log", "logs.tgz", "summary.txt"]
+
+
+def processes_naming(text: str) -> list[str]:
+    """The command lines of this machine's processes that contain `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:                       # a process that ended meanwhile
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads Linux's /proc")
+def test_gpu_checks_stopped_by_a_signal_stops_the_step_in_flight(tmp_path):
+    """timeout runs a step in a process group of its own, which outlived the script: a GPT-oss
+    run went on training on its own after the script was stopped."""
+    out = tmp_path / "out"
+    process = subprocess.Popen(["bash", str(GPU_CHECKS), "--tiny", "--device", "cpu", str(out)],
+                               env={**os.environ, "STEPS": "tests benchmark",
+                                    "CUDA_VISIBLE_DEVICES": ""},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "benchmark.log").exists() and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        while not processes_naming(f"{out}/gpt2_benchmark.json"):   # the step has started
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert processes_naming(f"{out}/gpt2_benchmark.json") == []
+    assert (out / "benchmark.log").exists()                       # the log of the step in flight
+    # stopped, not waited for: the script used to stop only once the step was done (seconds
+    # at tiny size, minutes on a GPU)
+    assert not (out / "gpt2_benchmark.json").exists()
+    assert (out / "summary.txt").read_text().split()[:2] == ["tests", "0"]
+    assert len((out / "summary.txt").read_text().splitlines()) == 1
 
 
 @pytest.mark.slow

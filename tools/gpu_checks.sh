@@ -7,6 +7,9 @@
 #   NANOGPT_DIR=/path/to/nanoGPT tools/gpu_checks.sh OUT_DIR    # nanoGPT timed beside pico-llm
 #   tools/gpu_checks.sh --tiny --device cpu OUT_DIR   # every step at tiny size (how it is tested)
 #
+# For a CUDA device (the default) on a machine without one it refuses, in one line. Ctrl-C or
+# SIGTERM stops the step in flight, then the script.
+#
 # Steps, run in the order STEPS names them (STEPS="tests gptoss benchmark" by default: the
 # cheapest verdict first):
 #   benchmark  tools/benchmark.py --gpt2: GPT-2 small training eager/compiled (tokens/s, MFU,
@@ -72,6 +75,15 @@ for limit in TOTAL_S BENCHMARK_TIMEOUT GPTOSS_EAGER_TIMEOUT GPTOSS_COMPILED_TIME
 done
 OUT="$1"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
+# Without a GPU every pico-llm step would train on the CPU instead (with a note in its log),
+# for minutes, and leave CPU figures under the GPU results' names.
+case "$DEVICE" in
+    cuda*)
+        if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+            echo "gpu_checks.sh: no CUDA device here for --device $DEVICE; run it on a GPU machine, or try the steps at tiny size on the CPU with --tiny --device cpu" >&2
+            exit 2
+        fi ;;
+esac
 mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"
 cd "$REPO" || exit 2
@@ -88,6 +100,19 @@ pack_logs() {  # OUT/logs.tgz replaced whole, so a run stopped mid-step keeps th
     tar czf "$OUT/.logs.tgz.part" -C "$WORK" logs && mv -f "$OUT/.logs.tgz.part" "$OUT/logs.tgz"
 }
 
+# timeout runs each step in a process group of its own, which a signal to this script's group
+# (Ctrl-C) does not reach and which outlives this script: a signal stops the step in flight
+# too (timeout passes it on, then kills after 15 s), and then the script.
+STEP_PID=""
+stop() {  # exit status
+    trap - TERM INT HUP
+    if [ -n "$STEP_PID" ]; then kill -TERM "$STEP_PID" 2>/dev/null; wait "$STEP_PID"; fi
+    exit "$1"
+}
+trap 'stop 143' TERM
+trap 'stop 130' INT
+trap 'stop 129' HUP
+
 run_step() {  # name timeout log command...: run, time, record "name status seconds"
     local name="$1" limit="$2" log="$3"
     shift 3
@@ -99,8 +124,11 @@ run_step() {  # name timeout log command...: run, time, record "name status seco
         return
     fi
     if [ "$limit" -gt "$left" ]; then limit="$left"; fi
-    timeout -k 15 "$limit" "$@" > "$OUT/$log" 2>&1   # in OUT while it runs, for a run stopped
+    timeout -k 15 "$limit" "$@" > "$OUT/$log" 2>&1 &   # in OUT while it runs, for a run stopped
+    STEP_PID=$!
+    wait "$STEP_PID"
     status=$?
+    STEP_PID=""
     echo "$name $status $(( $(date +%s) - started ))" >> "$OUT/summary.txt"
     cp "$OUT/$log" "$LOGS/$log"                         # left in OUT until it is in logs.tgz
     pack_logs && rm -f "$OUT/$log"
