@@ -2,6 +2,7 @@
 tool, and exit status 2, as pico-llm.py's own; --help still prints the whole help."""
 
 import ast
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -400,3 +401,42 @@ def test_recipe_ablation_refuses_text_too_short_to_hold_some_out(tmp_path):
                                           "--steps", "2"], tmp_path)
     assert_one_line_error(result, "recipe_ablation", f"--input_dir {tmp_path} is too little text "
                                                      "to hold some out for testing")
+
+
+
+# A tool in miniature: a temporary folder, named on standard output once its child process
+# has started, and that child, waited for until a signal comes.
+TOOL_WITH_A_TEMPORARY_FOLDER = """
+import subprocess, sys, tempfile
+sys.path.insert(0, {tools!r})
+from pico_module import run_tool
+
+def main():
+    with tempfile.TemporaryDirectory(prefix="tool-") as folder:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            print(folder, flush=True)
+            child.wait()
+        finally:
+            child.kill()
+            child.wait()
+    return 0
+
+sys.exit(run_tool(main, "tool"))
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_a_tool_stopped_by_a_signal_cleans_up_as_on_ctrl_c(signal_number):
+    """vs_nanogpt stopped by SIGTERM had left its temporary folder behind (Python's default
+    ends a process where it stands); as an exit, `with` blocks and subprocess clean up."""
+    process = subprocess.Popen([sys.executable, "-c",
+                                TOOL_WITH_A_TEMPORARY_FOLDER.format(tools=str(TOOLS))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = Path(process.stdout.readline().strip())
+    assert folder.is_dir()
+    process.send_signal(signal_number)
+    _, err = process.communicate(timeout=60)
+    assert (process.returncode, err) == (128 + signal_number, "tool: stopped by a signal\n")
+    assert not folder.exists()

@@ -143,13 +143,29 @@ def positive_float(text: str) -> float:
 FULL_DEVICE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
+def stopped_by_signal(signal_number, frame):
+    """SIGTERM or SIGHUP as an exit, so that a tool's temporary folders and child processes
+    are cleaned up as they are on Ctrl-C (Python's default for them ends it where it stands)."""
+    raise SystemExit(128 + signal_number)
+
+
 def run_tool(main, prog: str) -> int:
     """A tool's main() as its command line runs it, with pico-llm's answers when the output
     fails: standard output closed early (piped into head) stops it with a line and status 141,
     a full disk under a file it writes or under standard output is one line and status 2. The
-    Python exit then finds standard output on /dev/null and does not try the write again."""
+    Python exit then finds standard output on /dev/null and does not try the write again.
+    SIGTERM and SIGHUP (where not ignored) stop it as an exit, which cleans up as it goes."""
+    caught = [number for number in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
+              if number is not None and signal.getsignal(number) is signal.SIG_DFL]
+    for number in caught:
+        signal.signal(number, stopped_by_signal)
     try:
         return main()
+    except SystemExit as stop:
+        if stop.code in [128 + number for number in caught]:
+            with contextlib.suppress(OSError):
+                print(f"{prog}: stopped by a signal", file=sys.stderr)
+        raise
     except BrokenPipeError:
         sys.stdout = open(os.devnull, "w")
         with contextlib.suppress(OSError):          # stderr may be the same closed pipe
@@ -164,6 +180,9 @@ def run_tool(main, prog: str) -> int:
         print(f"{prog}: error: cannot write {what} ({error.strerror}); free some space, or send "
               "the output elsewhere", file=sys.stderr)
         return 2
+    finally:
+        for number in caught:          # a tool run in this process by a test: as it was
+            signal.signal(number, signal.SIG_DFL)
 
 
 def current_umask() -> int:
