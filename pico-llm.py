@@ -10962,6 +10962,7 @@ class HFTokenizer:
         # A tokenizer.json may keep the truncation and padding of a pipeline that saved it,
         # which would cut every text to its max_length and pad it with pad ids: pico-llm cuts
         # its texts into examples itself.
+        cut = tokenizer.truncation is not None or tokenizer.padding is not None
         tokenizer.no_truncation()
         tokenizer.no_padding()
         check_tokenizer_runs(tokenizer)
@@ -10969,7 +10970,9 @@ class HFTokenizer:
         # the further end ids config.json and generation_config.json list (a chat model's
         # end of turn): generation stops at them too; eot_id alone separates documents
         self.stop_ids = frozenset(stop_ids) - {eot_id}
-        self.fingerprint = f"{name}:{eot_id}"   # token caches' key: each example ends in eot_id
+        # token caches' key: each example ends in eot_id; the ids of a file that cut texts
+        # are whole now, which caches from before that was undone are not
+        self.fingerprint = f"{name}:{eot_id}" + (":uncut" if cut else "")
         self.byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
 
     @classmethod

@@ -929,6 +929,12 @@ def test_a_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_texts(
     (llama_dir / "tokenizer.json").write_text(json.dumps(saved))
     _, tokenizer = pico.import_hf(llama_dir)
     assert tokenizer.encode_batch(["hello world", "hi"]) == [list(b"hello world"), list(b"hi")]
+    # token caches this file's cut ids went into are not read again
+    assert tokenizer.fingerprint == f"{tokenizer.name}:256:uncut"
+    saved["truncation"] = saved["padding"] = None
+    (llama_dir / "tokenizer.json").write_text(json.dumps(saved))
+    _, tokenizer = pico.import_hf(llama_dir)
+    assert tokenizer.fingerprint == f"{tokenizer.name}:256"
 
 
 class PanicException(BaseException):
