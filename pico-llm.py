@@ -8249,6 +8249,16 @@ def restore_record(record: dict, stored) -> None:
 OPTIMIZER_IMPLEMENTATION = frozenset({"fused", "foreach", "capturable", "differentiable"})
 
 
+def same_optimizer_setting(stored, built) -> bool:
+    """Whether a stored optimizer setting computes what the built one does: equal, a list
+    taken as the tuple it was (betas), 0 as 0.0, but a boolean as no number (nesterov 1 is
+    damage) and nothing else (a tensor, a string) as a number."""
+    if isinstance(stored, (list, tuple)) and isinstance(built, (list, tuple)):
+        return len(stored) == len(built) and all(map(same_optimizer_setting, stored, built))
+    return (isinstance(stored, bool) == isinstance(built, bool)
+            and type(stored) in (bool, int, float, str, type(None)) and stored == built)
+
+
 def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
     """Each parameter group's settings (all but its parameters), as check_optimizer_state
     takes those of the groups as built."""
@@ -8278,7 +8288,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: list[dict]
         for key, value in built.items():
             if key in OPTIMIZER_IMPLEMENTATION or key == "lr":
                 group[key] = value
-            elif type(group[key]) is not type(value) or group[key] != value:
+            elif not same_optimizer_setting(group[key], value):
                 raise ValueError(f"a parameter group's {key} is {group[key]!r}, where the flags "
                                  f"make it {value!r}")
         needed = ("momentum_buffer",) if group.get("muon") else ("step", "exp_avg", "exp_avg_sq")
@@ -8342,6 +8352,7 @@ def tokenizer_identity(spec: str, tokenizer) -> dict:
         identity["tokenizer_json"] = tokenizer.tokenizer.to_str()
         identity["eot_id"] = tokenizer.eot_id
         identity["stop_ids"] = sorted(tokenizer.stop_ids)
+        identity["cut"] = tokenizer.cut
     return identity
 
 
@@ -8350,7 +8361,8 @@ def tokenizer_from_identity(identity: dict):
     if "tokenizer_json" in identity:
         return HFTokenizer.from_json(identity["tokenizer_json"], identity["vocab_size"],
                                      identity["eot_id"], identity["name"],
-                                     identity.get("stop_ids", ()))   # none before they were kept
+                                     identity.get("stop_ids", ()),   # none before they were kept
+                                     identity.get("cut") is True)
     if "bpe_merges" not in identity:
         if parse_tokenizer_spec(identity["spec"])[0] == "bpe":   # no texts here to train one
             raise ValueError("its trained tokenizer's merges are missing")
@@ -10118,8 +10130,9 @@ def hf_setting(hf: dict, name: str, default=None, allowed=None, prefix: str = ""
     if allowed is not None and value not in allowed:
         raise UserError(f"config.json: {key}={value!r} is not supported (pico-llm computes "
                         f"{key}={allowed[0]!r})")
-    # before any float arithmetic on it, and as the command line says it (not in digits): a
-    # size or count past MAX_INTEGER, a number past a float
+    # First, before any arithmetic or a message writes it out in full: a size or count past
+    # MAX_INTEGER, or a number past a float's range, is named by its count of digits, as the
+    # command line names it
     if type(value) is int and abs(value) > (MAX_INTEGER if integer else sys.float_info.max):
         most = f"at most {MAX_INTEGER:,}" if integer else "a float's range"
         raise UserError(f"config.json: {key} is {digits_of(value)}, beyond any number "
@@ -10175,7 +10188,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         raise UserError(f"config.json: quantization_config (quant_method={method!r}) is not "
                         "supported; pico-llm reads unquantized weights (use a bf16 or fp32 copy)")
     setting("hidden_act", "silu", ("silu",))
-    # bounded as --n_blocks is, before a list of an entry a block is made (SmolLM3's, GPT-oss's)
+    # at most MAX_LAYERS, as --n_blocks: SmolLM3's and GPT-oss's settings below are lists with
+    # an entry a block, made before anything else reads the count
     d_model, n_heads = size("hidden_size"), size("num_attention_heads")
     n_blocks = size("num_hidden_layers", at_most=MAX_LAYERS)
     n_kv_heads = size("num_key_value_heads", n_heads)
@@ -10896,10 +10910,11 @@ def tokenizer_to_hf(tokenizer):
 
 def rust_failure(error: BaseException) -> bool:
     """Whether `error`, raised inside the `tokenizers` library, is the library's failure: a
-    plain Exception (a file or text it cannot take), or a Rust panic (damage it did not
-    foresee), which pyo3 raises as a PanicException derived from BaseException, so that
-    `except Exception` lets it through."""
-    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+    plain Exception, of no subclass (a file or text it cannot take), or a Rust panic (damage
+    it did not foresee), which pyo3 raises as a PanicException derived from BaseException, so
+    that `except Exception` lets it through. Others (an OverflowError for a negative id) are
+    pico-llm's mistakes, left to say so."""
+    return type(error) is Exception or type(error).__name__ == "PanicException"
 
 
 @contextlib.contextmanager
@@ -10923,8 +10938,9 @@ def check_tokenizer_runs(tokenizer) -> None:
     """ValueError if a tokenizer.json panics on plain text (an edited normalizer, a damaged
     precompiled character map): the library would do so on the first text it took. Its panic
     hook's lines, written to the process's standard error, are kept back, so that the refusal
-    is one line. A plain error (a word-level vocabulary without an unknown token) is left to
-    the text it fails on, which encode_batch names."""
+    is one line (and with them whatever else reached standard error meanwhile: nothing runs
+    beside it this early). A plain error (a word-level vocabulary without an unknown token) is
+    left to the text it fails on, which encode_batch names."""
     sys.stderr.flush()
     with tempfile.TemporaryFile() as held:
         try:
@@ -10932,13 +10948,15 @@ def check_tokenizer_runs(tokenizer) -> None:
             os.dup2(held.fileno(), 2)
         except OSError:               # no standard error to redirect (closed): try it as is
             saved = None
+        panic = None
         try:
             tokenizer.decode(tokenizer.encode(PROBE_TEXT, add_special_tokens=False).ids)
-            panic = None
+        except Exception:             # left to the text it fails on
+            pass
         except BaseException as error:
             if not rust_failure(error):
                 raise
-            panic = error if not isinstance(error, Exception) else None
+            panic = error
         finally:
             if saved is not None:
                 os.dup2(saved, 2)
@@ -10947,8 +10965,10 @@ def check_tokenizer_runs(tokenizer) -> None:
             raise ValueError(f"its tokenizer fails on plain text: "
                              f"{textwrap.shorten(str(panic), 100)}")
         held.seek(0)
-        if saved is not None and (written := held.read()):
-            os.write(2, written)           # what the library wrote without failing, as it came
+        written = memoryview(held.read() if saved is not None else b"")
+        with contextlib.suppress(OSError):     # what the library wrote without failing, as it came
+            while written:
+                written = written[os.write(2, written):]
 
 
 class HFTokenizer:
@@ -10957,12 +10977,14 @@ class HFTokenizer:
     (embedding tables are often padded beyond the tokenizer's ids)."""
 
     def __init__(self, tokenizer, vocab_size: int, eot_id: int, name: str,
-                 stop_ids: Iterable[int] = ()) -> None:
+                 stop_ids: Iterable[int] = (), cut: bool | None = None) -> None:
         decoders = hf_package("tokenizers", "a tokenizer.json").decoders
         # A tokenizer.json may keep the truncation and padding of a pipeline that saved it,
         # which would cut every text to its max_length and pad it with pad ids: pico-llm cuts
-        # its texts into examples itself.
-        cut = tokenizer.truncation is not None or tokenizer.padding is not None
+        # its texts into examples itself. `cut`: whether the file did (None: as it reads now;
+        # a checkpoint keeps the tokenizer with them off, and says so)
+        self.cut = cut if cut is not None else (tokenizer.truncation is not None
+                                                or tokenizer.padding is not None)
         tokenizer.no_truncation()
         tokenizer.no_padding()
         check_tokenizer_runs(tokenizer)
@@ -10970,14 +10992,14 @@ class HFTokenizer:
         # the further end ids config.json and generation_config.json list (a chat model's
         # end of turn): generation stops at them too; eot_id alone separates documents
         self.stop_ids = frozenset(stop_ids) - {eot_id}
-        # token caches' key: each example ends in eot_id; the ids of a file that cut texts
-        # are whole now, which caches from before that was undone are not
-        self.fingerprint = f"{name}:{eot_id}" + (":uncut" if cut else "")
+        # Token caches' key: each example ends in eot_id. The ids of a file that cut its texts
+        # are whole now; ":uncut" keeps them from the caches of cut ids made before.
+        self.fingerprint = f"{name}:{eot_id}" + (":uncut" if self.cut else "")
         self.byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
 
     @classmethod
     def from_json(cls, text: str, vocab_size: int, eot_id: int, name: str,
-                  stop_ids: Iterable[int] = ()) -> "HFTokenizer":
+                  stop_ids: Iterable[int] = (), cut: bool = False) -> "HFTokenizer":
         tokenizers = hf_package("tokenizers", "a tokenizer.json")
         try:
             tokenizer = tokenizers.Tokenizer.from_str(text)
@@ -10985,7 +11007,7 @@ class HFTokenizer:
             if not rust_failure(error):
                 raise
             raise ValueError(f"not a tokenizer.json ({error})") from None
-        return cls(tokenizer, vocab_size, eot_id, name, stop_ids)
+        return cls(tokenizer, vocab_size, eot_id, name, stop_ids, cut)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -11120,7 +11142,7 @@ def tokenizer_from_hf(path, config: TransformerConfig):
         check_json_size(file)
         tokenizer = tokenizers.Tokenizer.from_file(str(file))
     except BaseException as error:  # tokenizers raises a bare Exception on bad files, or panics
-        if not rust_failure(error):
+        if not (isinstance(error, (OSError, ValueError)) or rust_failure(error)):
             raise
         raise UserError(f"cannot read {quoted(file)}: "
                         f"{(str(error).splitlines() or [type(error).__name__])[0][:160]}") from None

@@ -1596,10 +1596,11 @@ def test_a_run_without_save_dir_is_alive_while_its_process_is(pico):
     assert not pico.run_is_alive(here, None, None)
 
 
-@pytest.mark.parametrize("pid", [10**30, 2**31, 0, -1, True, 1.0])
+@pytest.mark.parametrize("pid", [10**30, 2**31, -(2**31 - 1), 0, -1, True, 1.0])
 def test_a_pid_that_names_no_process_is_taken_as_the_logs_status_says(pico, pid):
     """A hand-edited pid: past a C int, os.kill had failed with OverflowError (a traceback); 0
-    and below name process groups, which kill(pid, 0) finds alive."""
+    and below name process groups (-(2**31 - 1) none: kill found no process, though the log
+    says its run is running)."""
     log = {"status": "interrupted", "process": {"host": socket.gethostname(), "pid": pid}}
     assert not pico.run_is_alive(log, None, None)
     assert pico.run_is_alive({**log, "status": "running"}, None, None)

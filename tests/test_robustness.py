@@ -1698,6 +1698,20 @@ def test_a_restored_optimizer_setting_other_than_the_flags_make_is_refused(pico,
         pico.check_optimizer_state(restored, settings, saved)
 
 
+@pytest.mark.parametrize("group, setting, value", [(1, "betas", [0.9, 0.999]),
+                                                   (2, "weight_decay", 0)])
+def test_a_restored_optimizer_setting_stored_otherwise_but_equal_is_taken(pico, group, setting,
+                                                                           value):
+    """A list for the tuple it was (a state that went through JSON), 0 for 0.0: the same step."""
+    model, training, optimizer = stepped_optimizer(pico, "muon")
+    saved = optimizer.state_dict()
+    saved["param_groups"][group][setting] = value
+    restored = pico.build_optimizer(model, training, torch.device("cpu"))
+    settings = pico.group_settings(restored)
+    restored.load_state_dict(saved)
+    pico.check_optimizer_state(restored, settings, saved)
+
+
 def test_a_restored_optimizer_takes_its_implementation_as_built_and_the_rest_as_stored(pico):
     """How PyTorch computes a step (fused, foreach, capturable) follows the device a run resumes
     on, not its checkpoint's; the learning rate is set before each step. The moments and step

@@ -440,3 +440,22 @@ def test_a_tool_stopped_by_a_signal_cleans_up_as_on_ctrl_c(signal_number):
     _, err = process.communicate(timeout=60)
     assert (process.returncode, err) == (128 + signal_number, "tool: stopped by a signal\n")
     assert not folder.exists()
+
+
+def test_run_tool_takes_sigterm_only_while_the_tool_runs(monkeypatch):
+    """A tool run in the test process (as some tests run them) leaves its signals as they were;
+    one that exits with 143 itself is not said to be stopped by a signal."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import pico_module
+    during = []
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)     # as a tool's process starts
+    try:
+        assert pico_module.run_tool(lambda: during.append(signal.getsignal(signal.SIGTERM)) or 0,
+                                    "tool") == 0
+        assert during == [pico_module.stopped_by_signal]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        with pytest.raises(SystemExit) as stop:
+            pico_module.run_tool(lambda: sys.exit(143), "tool")
+        assert stop.value.code == 143 and not isinstance(stop.value, pico_module.StoppedBySignal)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

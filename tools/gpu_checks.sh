@@ -79,10 +79,14 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 # for minutes, and leave CPU figures under the GPU results' names.
 case "$DEVICE" in
     cuda*)
-        if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-            echo "gpu_checks.sh: no CUDA device here for --device $DEVICE; run it on a GPU machine, or try the steps at tiny size on the CPU with --tiny --device cpu" >&2
-            exit 2
-        fi ;;
+        probe=$(python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" 2>&1)
+        case $? in
+            0) ;;
+            3) echo "gpu_checks.sh: no CUDA device here for --device $DEVICE; run it on a GPU machine, or try the steps at tiny size on the CPU with --tiny --device cpu" >&2
+               exit 2 ;;
+            *) echo "gpu_checks.sh: python cannot import torch ($(printf '%s\n' "$probe" | tail -n 1))" >&2
+               exit 2 ;;
+        esac ;;
 esac
 mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"

@@ -143,10 +143,14 @@ def positive_float(text: str) -> float:
 FULL_DEVICE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
+class StoppedBySignal(SystemExit):
+    """SIGTERM or SIGHUP as an exit (status 128 + the signal), so that a tool's temporary
+    folders and child processes are cleaned up as they are on Ctrl-C (Python's default for
+    them ends the process where it stands)."""
+
+
 def stopped_by_signal(signal_number, frame):
-    """SIGTERM or SIGHUP as an exit, so that a tool's temporary folders and child processes
-    are cleaned up as they are on Ctrl-C (Python's default for them ends it where it stands)."""
-    raise SystemExit(128 + signal_number)
+    raise StoppedBySignal(128 + signal_number)
 
 
 def run_tool(main, prog: str) -> int:
@@ -154,17 +158,17 @@ def run_tool(main, prog: str) -> int:
     fails: standard output closed early (piped into head) stops it with a line and status 141,
     a full disk under a file it writes or under standard output is one line and status 2. The
     Python exit then finds standard output on /dev/null and does not try the write again.
-    SIGTERM and SIGHUP (where not ignored) stop it as an exit, which cleans up as it goes."""
+    SIGTERM and SIGHUP, where their action is the default (not ignored under nohup), stop it as
+    an exit, which cleans up as it goes; the handlers are put back as it returns."""
     caught = [number for number in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
               if number is not None and signal.getsignal(number) is signal.SIG_DFL]
     for number in caught:
         signal.signal(number, stopped_by_signal)
     try:
         return main()
-    except SystemExit as stop:
-        if stop.code in [128 + number for number in caught]:
-            with contextlib.suppress(OSError):
-                print(f"{prog}: stopped by a signal", file=sys.stderr)
+    except StoppedBySignal:
+        with contextlib.suppress(OSError):
+            print(f"{prog}: stopped by a signal", file=sys.stderr)
         raise
     except BrokenPipeError:
         sys.stdout = open(os.devnull, "w")
