@@ -8226,7 +8226,8 @@ def unrestorable(path: Path, what: str):
     version, or damaged behind a valid checksum) into one line naming the part."""
     try:
         yield
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
+            OverflowError) as error:      # OverflowError: a number past a C integer
         detail = textwrap.shorten(" ".join(str(error).split()) or type(error).__name__, 80)
         raise UserError(f"{path} was made by another pico-llm version, or is damaged: its "
                         f"{what} cannot be restored ({detail}); resume from another checkpoint, "
@@ -8321,6 +8322,11 @@ def progress_from(fields: dict) -> TrainingProgress:
         smallest = 1 if field.name == "epoch" else 0
         if kind in (int, float) and field.name != "best_test_loss" and not value >= smallest:
             raise ValueError(f"{field.name} is {value!r}, below {smallest}")
+        # a time is finite; the best test loss too, or infinite before the first evaluation (NaN
+        # or -inf would have every evaluation count as no better: early stopping at once)
+        if kind is float and not (math.isfinite(value)
+                                  or (field.name == "best_test_loss" and value == math.inf)):
+            raise ValueError(f"{field.name} is {value!r}, not a finite number")
     if not 0 < progress.lr_scale <= 1:
         raise ValueError(f"lr_scale is {progress.lr_scale!r}, not in (0, 1]")
     return progress
@@ -8333,9 +8339,16 @@ def restore_rng_states(states: dict) -> None:
     if "mps" in states and torch.backends.mps.is_available():
         torch.mps.set_rng_state(states["mps"])
     numpy_state = states["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"],
-                         numpy_state["cached_gaussian"]))
+    keys, position = numpy_state["keys"], numpy_state["position"]
+    # numpy takes any position and key values, and a draw past its 624 keys then crashes
+    # the interpreter (a segmentation fault), whenever it came
+    if not (keys.shape == (624,) and bool(((keys >= 0) & (keys < 2**32)).all())
+            and type(position) is int and 0 <= position <= 624
+            and numpy_state["has_gauss"] in (0, 1)
+            and math.isfinite(numpy_state["cached_gaussian"])):
+        raise ValueError("numpy's generator state is not one numpy writes")
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position,
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     version, internal_state, gauss = states["python"]
     random.setstate((version, tuple(internal_state), gauss))
 
@@ -10697,11 +10710,22 @@ def hf_weight_files(path: Path) -> list[Path]:
     return files
 
 
+def check_tensors_new(seen: dict[str, Path], file: Path, names) -> None:
+    """UserError if a tensor of `file` was in an earlier file of the model's (`seen`: name ->
+    its file, to which `names` are added): the later copy would replace it, silently, and the
+    model be another than its index describes."""
+    for name in names:
+        if name in seen:
+            raise UserError(f"tensor {name} is in both {quoted(seen[name].name)} and "
+                            f"{quoted(file.name)}; download or export the model again")
+        seen[name] = file
+
+
 def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
     """name -> shape of every tensor of a model directory, from the safetensors headers alone
     (a little-endian 8-byte length, then that many bytes of JSON), so that a model is checked
     before gigabytes are read; None for pytorch_model.bin, which has no header."""
-    shapes = {}
+    shapes, seen = {}, {}
     for file in hf_weight_files(path):
         if file.suffix == ".bin":
             return None
@@ -10715,13 +10739,15 @@ def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
                 header = json_value(f.read(length))
             if not isinstance(header, dict):
                 raise ValueError("not a safetensors file (its header is no JSON object)")
-            shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()
-                           if name != "__metadata__"})
+            found = {name: tuple(entry["shape"]) for name, entry in header.items()
+                     if name != "__metadata__"}
         except (OSError, ValueError, TypeError, KeyError, AttributeError,
                 RecursionError) as error:   # RecursionError: a header nested too deep
             reason = (str(error) or type(error).__name__).splitlines()[0]
             raise UserError(f"cannot read {quoted(file)}: {reason[:160]}; download or export "
                             "the model again") from None
+        check_tensors_new(seen, file, found)
+        shapes.update(found)
     return shapes
 
 
@@ -10761,7 +10787,7 @@ def check_hf_tensors(file: Path, tensors) -> None:
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory (pytorch_model.bin is loaded with weights_only, which
     runs no code from the file), checked by check_hf_tensors."""
-    tensors = {}
+    tensors, seen = {}, {}
     for file in hf_weight_files(path):
         try:
             if file.suffix == ".bin":
@@ -10775,6 +10801,7 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"cannot read {quoted(file)}: {weights_file_failure(error, file)}"
                             ) from None
         check_hf_tensors(file, loaded)
+        check_tensors_new(seen, file, loaded)
         tensors.update(loaded)
     return tensors
 

@@ -1821,6 +1821,14 @@ RESUME_STATES_OF_ANOTHER_VERSION = {
     "random generators' states": lambda checkpoint: checkpoint.update(rng={}),
     "random generators' states ": lambda checkpoint: checkpoint["rng"].update(
         torch=torch.zeros(3, dtype=torch.uint8)),
+    # numbers past a C integer (OverflowError); a position past numpy's keys, which it takes
+    # and a draw then crashes the interpreter on
+    "random generators' states  ": lambda checkpoint: checkpoint["rng"].update(
+        numpy={**checkpoint["rng"]["numpy"], "position": 2**63}),
+    "random generators' states   ": lambda checkpoint: checkpoint["rng"].update(
+        numpy={**checkpoint["rng"]["numpy"], "position": -100_000_000}),
+    "random generators' states    ": lambda checkpoint: checkpoint["rng"].update(
+        python=(3, (2**70, *checkpoint["rng"]["python"][1][1:]), None)),
     "progress": lambda checkpoint: checkpoint["progress"].update(step="x"),
     "progress ": lambda checkpoint: checkpoint["progress"].update(unknown=1),
     "run-log record": lambda checkpoint: checkpoint["record"].update(length_changes=5),

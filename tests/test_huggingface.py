@@ -201,6 +201,25 @@ def test_sharded_safetensors_load(pico, tmp_path, llama_dir):
     model, _ = pico.import_hf(llama_dir)
     check_same_model(pico, model, llama_dir, 300)
 
+
+def test_shards_that_hold_a_tensor_twice_are_refused(pico, llama_dir):
+    """The later shard's copy had replaced the earlier's, silently: another model than the
+    index describes (random weights under a real model's names, say)."""
+    state = load_file(llama_dir / "model.safetensors")
+    save_file(state, llama_dir / "a.safetensors", metadata={"format": "pt"})
+    twice = sorted(state)[0]
+    save_file({twice: torch.randn_like(state[twice])}, llama_dir / "b.safetensors",
+              metadata={"format": "pt"})
+    (llama_dir / "model.safetensors").unlink()
+    (llama_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: "a.safetensors" for name in state}
+         | {twice: "b.safetensors"}}))
+    message = f"tensor {re.escape(twice)} is in both a.safetensors and b.safetensors"
+    one_line_error(pico, message, pico.import_hf, llama_dir)
+    one_line_error(pico, message, pico.read_hf_shapes, llama_dir)   # from the headers, first
+    one_line_error(pico, message, pico.read_hf_weights, llama_dir)  # and from the tensors
+
+
 # --- E.1-E.2 The families people fine-tune: Llama 3.x, Qwen2/2.5, Qwen3, SmolLM3, GPT-oss ---------
 # Each built offline by transformers' own class from a small config (shapes chosen so that the
 # family's parts are all exercised), weights perturbed, saved with save_pretrained.

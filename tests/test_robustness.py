@@ -1591,12 +1591,19 @@ def test_a_file_named_like_maps_no_model_of_the_run_writes_is_left_alone(run_mai
 @pytest.mark.parametrize("field, value", [("step", -5), ("epoch", 0), ("batches_done", -7),
                                           ("lr_scale", -1.0), ("lr_scale", float("nan")),
                                           ("lr_scale", 2.0),
-                                          ("tokens_seen", -1)])
+                                          ("tokens_seen", -1),
+                                          # early stopping at the first evaluation
+                                          ("best_test_loss", float("nan")),
+                                          ("best_test_loss", -float("inf")),
+                                          # "Infinity" in the run log, which is no JSON
+                                          ("train_time_s", float("inf")),
+                                          ("elapsed_s", float("inf"))])
 def test_a_checkpoints_progress_out_of_range_is_refused(pico, field, value):
     """A negative step would be written as step_-00003.pt, a negative scale climb the loss."""
     fields = {**pico.dataclasses.asdict(pico.TrainingProgress()), field: value}
     with pytest.raises(ValueError, match=field):
         pico.progress_from(fields)
+    assert pico.progress_from({**fields, field: 1}).best_test_loss in (math.inf, 1)  # as written
 
 
 def narrowed(key):
