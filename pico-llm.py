@@ -2437,8 +2437,9 @@ def read_text(path: Path) -> str:
         raw = read_without_waiting(path)
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror}") from None
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise UserError(f"{path} is UTF-16 (it starts with a byte-order mark); save it as UTF-8")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+        wide = "UTF-32" if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) else "UTF-16"
+        raise UserError(f"{path} is {wide} (it starts with a byte-order mark); save it as UTF-8")
     if b"\x00" in raw:
         raise UserError(f"{path} looks binary (it contains NUL bytes); give a UTF-8 text file")
     try:
@@ -8238,8 +8239,13 @@ def restore_record(record: dict, stored) -> None:
     """`record`, a model's fresh run-log record (model_record), takes a checkpoint's record of
     the training so far (a dict: checked with the checkpoint's parts). ValueError if what
     training appends to, or the summary reads back, is not as pico-llm writes it
-    (model_record_problem). A copy: training appends to its lists, which stay the checkpoint's."""
+    (model_record_problem). A copy: training appends to its lists, which stay the checkpoint's.
+    What the model is (its name, size, FLOPs and config) stays as measured here: the model
+    built for these flags, whatever the file says."""
+    described = {key: record[key] for key in ("name", "parameters", "training_flops_per_token",
+                                              "config") if key in record}
     record.update(copy.deepcopy(stored))
+    record.update(described)
     problem = model_record_problem(record)
     if problem:
         raise ValueError(f"it {problem}")
@@ -8496,7 +8502,7 @@ def read_checkpoint(path: Path, flag: str) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a pico-llm checkpoint; give a .pt file written with --save_dir")
     version = checkpoint.get("version")
-    if version not in (1, CHECKPOINT_VERSION):
+    if type(version) is not int or version not in (1, CHECKPOINT_VERSION):  # True == 1, 2.0 == 2
         raise UserError(f"{path} is checkpoint version {version!r}; "
                         f"this pico-llm reads versions 1 and {CHECKPOINT_VERSION}")
     missing = [key for key in CHECKPOINT_KEYS + (("sha256",) if version >= 2 else ())
@@ -9772,6 +9778,15 @@ class TrainedBPETokenizer:
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
                  requested_size: int) -> None:
+        # As train_bpe makes it: the bytes at ids 0-255, then each merge's result in order
+        # (the end-of-text token between). The fingerprint below reads only the merges, and a
+        # checkpoint's vocabulary with two bytes' ids swapped would read every text swapped.
+        merged = [token for i, token in sorted(vocab.items())
+                  if i >= 256 and token != END_OF_TEXT.encode()]
+        if (any(vocab.get(i) != BYTE_TOKENS[i] for i in range(256))
+                or merged != [first + second for first, second in merges]):
+            raise ValueError("its vocabulary is not the 256 bytes and then its merges' results "
+                             "in order, as BPE training makes it")
         self.name = f"bpe:{requested_size}"
         self.fingerprint = f"{self.name}:" + hashlib.sha256(
             " ".join(f"{a.hex()}.{b.hex()}" for a, b in merges).encode()).hexdigest()[:24]
@@ -11162,8 +11177,11 @@ def tokenizer_from_hf(path, config: TransformerConfig):
                                 f"{ends} are not GPT-2's 50256 alone; put the model's "
                                 "tokenizer.json there")
             return GPT2Tokenizer()
-        raise UserError(f"{quoted(path)} has no tokenizer.json, and its {config.vocab_size}-token "
-                        "vocabulary is not GPT-2's 50257")
+        what = (f"its {config.vocab_size}-token vocabulary is not GPT-2's 50257"
+                if config.vocab_size != 50257 else      # GPT-2's is the one tokenizer built in
+                f"it is a {hf_family(config)} model, not GPT-2")
+        raise UserError(f"{quoted(path)} has no tokenizer.json, and {what}; put the model's "
+                        "tokenizer.json there")
     tokenizers = hf_package("tokenizers", "a tokenizer.json")
     try:
         check_json_size(file)

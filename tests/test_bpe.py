@@ -498,6 +498,25 @@ def test_end_of_text_stands_for_no_bytes_of_text():
     assert sum(lengths[i] for i in ids) == len("the fox number 7")
 
 
+def test_a_trained_bpe_whose_ids_are_not_as_training_makes_them_is_refused():
+    """A checkpoint's (or cache's) vocabulary with two bytes' ids swapped had encoded and
+    decoded every "a" as "b": the merges, which the fingerprint reads, are unchanged."""
+    tokenizer = pico.train_bpe_tokenizer([f"the fox number {i}" for i in range(20)], 270, None)
+    vocab, merges = dict(tokenizer.bpe.vocab), tokenizer.bpe.merges
+    assert pico.TrainedBPETokenizer(vocab, merges, 270).encode("ab") == [97, 98]
+    identity = pico.tokenizer_identity("bpe:270", tokenizer)
+    assert pico.tokenizer_from_identity(identity).fingerprint == tokenizer.fingerprint
+    swapped_bytes = vocab | {97: vocab[98], 98: vocab[97]}
+    last = max(vocab)
+    swapped_merges = vocab | {last: vocab[last - 1], last - 1: vocab[last]}
+    for damaged in (swapped_bytes, swapped_merges):
+        with pytest.raises(ValueError, match="not the 256 bytes and then its merges' results"):
+            pico.TrainedBPETokenizer(damaged, merges, 270)
+    identity["bpe_vocab"] = {str(i): token.hex() for i, token in swapped_bytes.items()}
+    with pytest.raises(ValueError, match="not the 256 bytes"):
+        pico.tokenizer_from_identity(identity)
+
+
 def test_a_special_token_whose_bytes_the_vocabulary_holds_twice_takes_the_smaller_id():
     vocab = {i: bytes([i]) for i in range(256)} | {256: b"<|eot|>", 300: b"<|eot|>"}
     assert pico.assign_special_ids(vocab, ["<|eot|>"]) == {"<|eot|>": 256}

@@ -1029,6 +1029,7 @@ BAD_CHECKPOINT_INPUTS = [
     (["--resume", "{not_pico}"], "not a pico-llm checkpoint"),
     (["--resume", "{future}"], "is checkpoint version 99; this pico-llm reads versions 1 and"),
     (["--generate", "--checkpoint", "{future}"], "is checkpoint version 99"),
+    (["--generate", "--checkpoint", "{boolean_version}"], "is checkpoint version True"),
     (["--resume", "{empty_save}"], "no checkpoints of kgram_mlp_seq"),
     (["--resume", "{save}/kgram_mlp_seq"], "is one model's folder of a --save_dir; give that "
                                             "--save_dir, {save}, or one checkpoint file in it"),
@@ -1331,6 +1332,8 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     future = torch.load(ckpt, weights_only=False)      # a later pico-llm's format
     future["version"] = 99
     torch.save(future, tmp_path / "future.pt")
+    future["version"] = True                           # not version 1, which has no checksum
+    torch.save(future, tmp_path / "boolean_version.pt")
     (tmp_path / "empty_save").mkdir()
     (tmp_path / "folder").mkdir()
     (tmp_path / "file_save").mkdir()
@@ -1342,7 +1345,8 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     shutil.copy(ckpt, tmp_path / "folder" / "downloaded.pt")
     (tmp_path / "artefacts").mkdir()
     (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
-    names = ["truncated", "random_bytes", "text", "evil", "not_pico", "pickled", "future"]
+    names = ["truncated", "random_bytes", "text", "evil", "not_pico", "pickled", "future",
+             "boolean_version"]
     return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
             "other_save": str(tmp_path / "other_save"), "newer_save": str(tmp_path / "newer_save"),
             "folder": str(tmp_path / "folder"), "file_save": str(tmp_path / "file_save"),
@@ -1836,7 +1840,6 @@ RESUME_STATES_OF_ANOTHER_VERSION = {
     "run-log record ": lambda checkpoint: checkpoint["record"].update(history="x"),
     "run-log record  ": lambda checkpoint: checkpoint["record"].update(test_history=5),
     "run-log record   ": lambda checkpoint: checkpoint["record"].update(history=[{"x": 1}]),
-    "run-log record    ": lambda checkpoint: checkpoint["record"].update(parameters="many"),
     "run-log record     ": lambda checkpoint: checkpoint["record"].update(samples=3),
     # the summary prints these as numbers
     "run-log record      ": lambda checkpoint: checkpoint["record"].update(
@@ -1869,6 +1872,29 @@ def test_resuming_a_checkpoint_whose_state_cannot_be_restored_is_one_line(
     assert str(path) in line and "made by another pico-llm version, or is damaged" in line
     assert f"its {change.strip()} cannot be restored" in line
     assert sorted(p.name for p in path.parent.iterdir()) == ["step_000001.pt"]
+
+
+def test_a_resumed_run_logs_the_model_it_built_not_the_one_its_checkpoint_names(
+        pico, tmp_path, transformer_checkpoint):
+    """A record edited behind the checksum had the run log call a 32-wide Transformer an LSTM
+    of 123,456,789 parameters; its training history is the checkpoint's."""
+    checkpoint = dict(transformer_checkpoint, record=dict(
+        transformer_checkpoint["record"], name="lstm_seq", parameters=123_456_789,
+        training_flops_per_token=-1, config={"d_model": 999}))
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)
+    path = tmp_path / "save" / "transformer" / "step_000001.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(checkpoint, path)
+    assert pico.main([*TINY, "--models", "transformer", "--d_model", "32", "--n_heads", "2",
+                      "--n_blocks", "1", "--epochs", "2", "--max_steps_per_epoch", "1",
+                      "--resume", str(tmp_path / "save"), "--run_name", "r", "--artefacts_dir",
+                      str(tmp_path / "artefacts"), "--cache_dir", str(tmp_path / "cache")]) == 0
+    record = pico.load_runlog(tmp_path / "artefacts" / "r.json")["models"]["transformer"]
+    stored = transformer_checkpoint["record"]
+    assert (record["name"], record["config"]["d_model"]) == ("transformer", 32)
+    assert (record["parameters"], record["training_flops_per_token"]) == (
+        stored["parameters"], stored["training_flops_per_token"])
+    assert record["history"][0] == stored["history"][0] and len(record["history"]) == 2
 
 
 def nan_weights(checkpoint):

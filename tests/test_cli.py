@@ -20,6 +20,7 @@ BAD_INPUTS = [
     (["--input_files", "{latin1}"], "not valid UTF-8"),
     (["--input_files", "{binary}"], "binary"),
     (["--input_files", "{utf16}"], "is UTF-16 (it starts with a byte-order mark); save it as UTF-8"),
+    (["--input_files", "{utf32}"], "is UTF-32 (it starts with a byte-order mark); save it as UTF-8"),
     (["--tinystories_weight", "1", "--tinystories_path", "{numbers_json}"],
      "TinyStories record 1 has no 'text' string (read as int)"),
     (["--input_files", "{folder}"], "is a directory"),
@@ -206,6 +207,7 @@ def bad_files(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
     (tmp_path / "utf16.txt").write_text("hello world\n", encoding="utf-16")
+    (tmp_path / "utf32.txt").write_text("hello world\n", encoding="utf-32")   # also starts ff fe
     (tmp_path / "numbers.jsonl").write_text('{"text": 5}\n')
     (tmp_path / "stories.csv").write_text("text\nOnce\n")
     (tmp_path / "folder").mkdir()
@@ -215,7 +217,8 @@ def bad_files(tmp_path):
     return {name: str(tmp_path / file) for name, file in [
         ("empty", "empty.txt"), ("latin1", "latin1.txt"), ("binary", "binary.txt"),
         ("folder", "folder"), ("no_txt_folder", "no_txt_folder"), ("loop", "loop.txt"),
-        ("utf16", "utf16.txt"), ("numbers_json", "numbers.jsonl"), ("csv", "stories.csv")]}
+        ("utf16", "utf16.txt"), ("utf32", "utf32.txt"), ("numbers_json", "numbers.jsonl"),
+        ("csv", "stories.csv")]}
 
 
 @pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a)[:40] for a, _ in BAD_INPUTS])

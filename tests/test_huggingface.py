@@ -1393,6 +1393,12 @@ def test_tokenizers_that_do_not_fit_are_refused(pico, tmp_path, llama_dir, gpt2_
     hf_config = json.loads((gpt2_dir / "config.json").read_text())
     config = pico.config_from_hf(hf_config | {"vocab_size": 1000})
     one_line_error(pico, "not GPT-2's 50257", pico.tokenizer_from_hf, gpt2_dir, config)
+    # GPT-2's vocabulary in a Llama: the size was no reason ("its 50257-token vocabulary is not
+    # GPT-2's 50257")
+    llama = pico.config_from_hf(json.loads((llama_dir / "config.json").read_text())
+                                | {"vocab_size": 50257})
+    one_line_error(pico, "has no tokenizer.json, and it is a llama model, not GPT-2; put the "
+                   "model's tokenizer.json there", pico.tokenizer_from_hf, llama_dir, llama)
 
 
 # --- E.6 --init_from: directories and hub ids ---------------------------------------------------
