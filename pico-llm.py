@@ -5312,8 +5312,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              help="k of the k-means over token embeddings")
     dist = parser.add_argument_group("distributed training (Appendix C)")
     dist.add_argument("--dist_timeout", type=float, default=300.0,
-                      help="torchrun: seconds a rank waits in a training collective before the "
-                           "job fails (waits for rank 0's files: an hour, or this if longer)")
+                      help="torchrun: seconds (1 to a week) a rank waits in a training "
+                           "collective before the job fails (waits for rank 0's files: an hour, "
+                           "or this if longer)")
     hf = parser.add_argument_group(
         "Hugging Face (Appendix E; needs the safetensors and tokenizers packages)")
     hf.add_argument("--init_from", type=user_path, default=None, metavar="DIR|HUB_ID",
@@ -5425,6 +5426,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.dist_timeout > MAX_DIST_TIMEOUT_S:
         raise UserError(f"--dist_timeout is at most {MAX_DIST_TIMEOUT_S} seconds (a week), "
                         f"got {args.dist_timeout}")
+    if args.dist_timeout < 1:     # less, and the ranks time out joining: a failure of torchrun's
+        raise UserError(f"--dist_timeout is at least 1 second, got {args.dist_timeout}")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.rope_theta is not None and args.rope_theta <= 0:  # theta ** (-2i/D) needs theta > 0
