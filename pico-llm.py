@@ -7794,7 +7794,7 @@ FLAGS_FREE_ON_RESUME = frozenset({
     "log_interval", "sample_interval", "prompt", "max_new_tokens", "temperature", "top_k",
     "top_p", "run_name", "artefacts_dir", "cache_dir", "save_dir", "resume", "checkpoint_every",
     "keep_checkpoints", "skip_nonfinite", "generate", "checkpoint", "overwrite", "export_hf",
-    "attention_maps", "monosemantic_enabled", "monosemantic_clusters"})
+    "attention_maps", "monosemantic_enabled", "monosemantic_clusters", "dist_timeout"})
 
 # Flags that set how long training goes on, which --resume may change to extend (or shorten) a
 # run: the change is recorded in the model's run-log record ("length_changes"), and the cosine

@@ -1897,6 +1897,22 @@ def test_a_resumed_run_logs_the_model_it_built_not_the_one_its_checkpoint_names(
     assert record["history"][0] == stored["history"][0] and len(record["history"]) == 2
 
 
+def test_a_checkpoint_resumes_under_another_dist_timeout(pico, tmp_path, transformer_checkpoint):
+    """How long ranks wait computes nothing: a run resumes with a longer one, and a checkpoint of
+    a run given less than the 1 s now required resumes at all."""
+    checkpoint = dict(transformer_checkpoint,
+                      args=dict(transformer_checkpoint["args"], dist_timeout=0.5))
+    checkpoint["sha256"] = pico.checkpoint_digest(checkpoint)
+    path = tmp_path / "save" / "transformer" / "step_000001.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(checkpoint, path)
+    flags = [*TINY, "--models", "transformer", "--d_model", "32", "--n_heads", "2", "--n_blocks",
+             "1", "--max_steps_per_epoch", "1", "--resume", str(tmp_path / "save"),
+             "--artefacts_dir", str(tmp_path / "artefacts"), "--cache_dir", str(tmp_path / "cache")]
+    assert pico.main([*flags, "--epochs", "2", "--run_name", "a"]) == 0
+    assert pico.main([*flags, "--epochs", "3", "--run_name", "b", "--dist_timeout", "600"]) == 0
+
+
 def nan_weights(checkpoint):
     checkpoint["model"] = {key: torch.full_like(value, math.nan) if value.is_floating_point()
                            else value for key, value in checkpoint["model"].items()}
