@@ -3512,20 +3512,24 @@ def load_runlog(path: Path | str) -> dict:
     return log
 
 
+def is_number(value) -> bool:
+    """An int or float of JSON's, not a boolean (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def model_record_problem(record) -> str | None:
     """What in one model's run-log record the summary and the loss plot could not read, or
     None: they read its parameters, each history entry's step and train loss, each
     test_history entry's step and test loss, and the final summary (and training appends to
     the samples too)."""
-    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
     if not isinstance(record, dict):
         return f"is a {type(record).__name__}, not a record"
-    if not number(record.get("parameters")):
+    if not is_number(record.get("parameters")):
         return "has no parameter count"
     for series, loss in (("history", "train_loss"), ("test_history", "test_loss")):
         entries = record.get(series)
         if not isinstance(entries, list) or not all(
-                isinstance(entry, dict) and number(entry.get("step")) and number(entry.get(loss))
+                isinstance(entry, dict) and is_number(entry.get("step")) and is_number(entry.get(loss))
                 for entry in entries):
             return f"has a {series} whose entries lack a step or a {loss}"
     if not isinstance(record.get("samples", []), list):
@@ -3535,7 +3539,7 @@ def model_record_problem(record) -> str | None:
         return "has a final summary that is no JSON object"
     for key in ("train_loss", "test_loss", "tokens_per_s"):
         null_allowed = key != "tokens_per_s"          # a loss is null where none was measured
-        if key in final and not number(final[key]) and not (null_allowed and final[key] is None):
+        if key in final and not is_number(final[key]) and not (null_allowed and final[key] is None):
             return f"has a final {key} that is no number"
     return None
 
@@ -4125,32 +4129,32 @@ def load_sweep(path: Path | str) -> dict:
     return sweep
 
 
-# The measurements of a sweep point that are not numbers (or null, where none was measured).
-SWEEP_POINT_SHAPES = {"diverged": "a boolean", "label": "a string", "run_log": "a string",
-                      "samples": "a list of strings", "diversity": "an object of numbers",
-                      "config": "an object", "curve": "a list of objects",
-                      "epochs": "a list of objects", "checkpoints": "a list of objects",
-                      "generation": "a list of objects"}
+# The measurements of a sweep point that are not numbers (or null, where none was measured):
+# each key's kind as a message says it, and the check of it.
+LIST_OF_OBJECTS = ("a list of objects",
+                   lambda v: isinstance(v, list) and all(isinstance(item, dict) for item in v))
+SWEEP_POINT_SHAPES = {
+    "diverged": ("a boolean", lambda v: isinstance(v, bool)),
+    "label": ("a string", lambda v: isinstance(v, str)),
+    "run_log": ("a string", lambda v: isinstance(v, str)),
+    "samples": ("a list of strings",
+                lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v)),
+    "diversity": ("an object of numbers",
+                  lambda v: isinstance(v, dict) and all(map(is_number, v.values()))),
+    "config": ("an object", lambda v: isinstance(v, dict)),
+    "curve": LIST_OF_OBJECTS, "epochs": LIST_OF_OBJECTS, "checkpoints": LIST_OF_OBJECTS,
+    "generation": LIST_OF_OBJECTS}
+NUMBER_OR_NULL = ("a number or null", lambda v: v is None or is_number(v))
 
 
 def sweep_point_problem(point: dict) -> str | None:
     """What in a finished sweep point's measurements is not of the type SweepLog wrote, or
     None: a resumed sweep keeps its points, and marks the file finished with them."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    kinds = {"a boolean": lambda v: isinstance(v, bool), "a string": lambda v: isinstance(v, str),
-             "a list of strings": lambda v: isinstance(v, list) and all(
-                 isinstance(item, str) for item in v),
-             "an object of numbers": lambda v: isinstance(v, dict) and all(
-                 number(item) for item in v.values()),
-             "an object": lambda v: isinstance(v, dict),
-             "a list of objects": lambda v: isinstance(v, list) and all(
-                 isinstance(item, dict) for item in v)}
     for key, value in point.items():
         if key in ("key", "model", "settings"):       # checked with the point's key
             continue
-        shape = SWEEP_POINT_SHAPES.get(key, "a number or null")
-        if not (kinds[shape](value) if shape in kinds else value is None or number(value)):
+        shape, fits = SWEEP_POINT_SHAPES.get(key, NUMBER_OR_NULL)
+        if not fits(value):
             return f"has a {key} of {textwrap.shorten(repr(value), 40)} where {shape} belongs"
     return None
 
@@ -7387,13 +7391,18 @@ def check_compiler_settings() -> None:
     """UserError if PyTorch's compiler cannot read its settings from the environment. Its
     configuration modules (Dynamo's, Inductor's) read some as numbers with int() as they load
     (TORCHINDUCTOR_COMPILE_THREADS, TORCHDYNAMO_REPRO_LEVEL, ...), and every run loads them,
-    compiled or not: building the first optimizer, or a model, does."""
+    compiled or not: building the first optimizer, or a model, does. Loading them takes a
+    second, so only where one of their variables is set (a run without them, --accounting say,
+    need not load them)."""
+    prefixes = ("TORCHINDUCTOR_", "TORCHDYNAMO_", "AOTINDUCTOR_")
+    if not any(name.startswith(prefixes) for name in os.environ):
+        return
     try:
         import torch._dynamo  # noqa: F401
         import torch._inductor.config  # noqa: F401
     except ValueError as error:
         named = [f"{name}={value!r}" for name, value in sorted(os.environ.items())
-                 if name.startswith(("TORCH", "AOTINDUCTOR_")) and repr(value) in str(error)]
+                 if name.startswith(prefixes) and repr(value) in str(error)]
         raise UserError(f"PyTorch's compiler cannot read its settings from the environment: "
                         f"{', '.join(named) or textwrap.shorten(str(error), 80)} is not a number "
                         "it reads; fix it, or unset it") from None
@@ -11065,9 +11074,13 @@ class HFTokenizer:
         return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        with tokenizer_failures(f"the model's tokenizer.json ({self.name}) cannot decode its "
-                                "ids", "use the model's own tokenizer.json"):
+        with self.decoding():
             return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decoding(self):
+        """A failure of the library as it decodes, as one line (tokenizer_failures)."""
+        return tokenizer_failures(f"the model's tokenizer.json ({self.name}) cannot decode its "
+                                  "ids", "use the model's own tokenizer.json")
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of text one id stands for. Byte-level BPE: a character per byte
@@ -11103,8 +11116,7 @@ def check_tokenizer_covers(tokenizer: HFTokenizer, texts: list[str], tokens: np.
     for start in range(0, len(texts), 256):        # a few texts' ids at a time as lists
         ids = [tokens[offsets[i]: offsets[i + 1] - 1].tolist()
                for i in range(start, min(start + 256, len(texts)))]
-        with tokenizer_failures(f"the model's tokenizer.json ({tokenizer.name}) cannot decode "
-                                "its ids", "use the model's own tokenizer.json"):
+        with tokenizer.decoding():
             decoded = tokenizer.tokenizer.decode_batch(ids, skip_special_tokens=False)
         for text, back in zip(texts[start: start + 256], decoded):
             lost.update(Counter(unicodedata.normalize("NFKC", text))

@@ -884,6 +884,21 @@ def test_a_number_pytorchs_compiler_cannot_read_from_the_environment_is_one_line
                    unchanged=before)
 
 
+def test_the_compilers_settings_are_loaded_to_check_them_only_where_one_is_set():
+    """Loading Dynamo's and Inductor's settings takes a second, which a run that builds no
+    optimizer (--accounting) had paid for nothing."""
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import pico_module; "
+             "pico = pico_module.load_script(pico_module.PICO_PATH, 'pico'); "
+             "pico.check_compiler_settings(); print('torch._dynamo' in sys.modules)")
+    clean = {name: value for name, value in os.environ.items()
+             if not name.startswith(("TORCHINDUCTOR_", "TORCHDYNAMO_", "AOTINDUCTOR_"))}
+    for extra, loaded in (({}, "False"), ({"TORCHINDUCTOR_COMPILE_THREADS": "2"}, "True")):
+        result = subprocess.run([sys.executable, "-c", probe, str(REPO / "tools")],
+                                capture_output=True, text=True, timeout=HANG_TIMEOUT,
+                                env={**clean, **extra})
+        assert result.stdout.strip() == loaded, describe(result)
+
+
 def test_gomp_cpu_affinity_in_libgomps_own_forms_is_taken(ws):
     for value in ("0", "0-1", "0 - 1, 0", "0-1:1", "", "0x0", "+0"):   # C's numbers too
         result = run("--help", env={**os.environ, "GOMP_CPU_AFFINITY": value})
