@@ -517,7 +517,8 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
         # QK-norm (Dehghani et al., 2023; Qwen3, the nanoGPT speedrun): each head's query and
-        # key are RMS-normalized before RoPE, so their dot products cannot grow without bound.
+        # key are RMS-normalized before RoPE, so their dot products no longer grow with the
+        # activations' scale, only with the norms' learned gains (kept out of weight decay).
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         qkv_bias = bias or qkv_bias  # Qwen2 biases q, k and v but not the output projection
@@ -794,14 +795,15 @@ class LinearAttention(nn.Module):
     - None, linear attention: a_t = 1, and scores phi(q).phi(k) with phi = elu + 1, positive,
       normalized as softmax's are: y_t = sum_s phi(q_t).phi(k_s) v_s / sum_s phi(q_t).phi(k_s).
       The denominator is the same prefix sum with v = 1: a column of ones appended to v carries it.
-    - "fixed", RetNet (Sun et al., 2023): a_t = gamma_h for head h, gamma_h = 1 - 2^(-5-h): head 0
-      looks back about 32 tokens, later heads further.
+    - "fixed", RetNet's decay (Sun et al., 2023), without its rotation of q and k by position:
+      a_t = gamma_h for head h, gamma_h = 1 - 2^(-5-h): head 0 looks back about 32 tokens,
+      later heads further.
     - "data", gated linear attention, GLA (Yang et al., 2024): a_t = sigmoid(W x_t)^(1/16) per head
       and key dimension, W of rank 16: the token decides what to forget.
-    The gated kinds, as in both papers, normalize each head's output (RMSNorm) and gate it with
-    silu(W_g x) rather than divide by a key sum. Positions reach these layers only through the
-    forget gate (plain linear attention has none, like NoPE), so `rope` is accepted, as by any
-    attention, and not used.
+    The gated kinds, as in both papers, normalize each head's output (RMSNorm here, where RetNet
+    has GroupNorm) and gate it with silu(W_g x) rather than divide by a key sum. Positions reach
+    these layers only through the forget gate (plain linear attention has none, like NoPE), so
+    `rope` is accepted, as by any attention, and not used.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool,
@@ -1615,7 +1617,8 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, r
 
     use_cache=True feeds only each new token to forward_incremental (KV cache or
     carried LSTM state); use_cache=False re-reads the whole context every token.
-    Both read exactly the same context, so greedy outputs are identical.
+    Both read exactly the same context, so greedy outputs agree: the logits differ only by
+    float rounding, which could change a token only at an exact near-tie.
     """
     was_training = model.training
     model.eval()
@@ -9883,11 +9886,12 @@ def count_parameters(model: nn.Module) -> int:
 def training_flops_per_token(model: nn.Module, context_length: int) -> int:
     """Training FLOPs per token: 6 N (forward 2 N, backward 4 N) over the N weights that
     enter matrix multiplications, plus attention's 12 * layers * d_model * context
-    (Kaplan et al. 2020, PaLM appendix B). Embedding lookups are free; a tied
-    unembedding still costs its matmul, so it is counted once as a matmul. A token
-    passes through k of a mixture's E experts, so experts count k / E of their weights;
-    linear attention reads and updates a head_dim-wide state where softmax attention
-    reads the whole context, so its term has head_dim in place of the context."""
+    (PaLM appendix B, the scores and their product with V; Kaplan et al. 2020 count half).
+    Embedding lookups are free; a tied unembedding still costs its matmul, so it is counted
+    once as a matmul. A token passes through k of a mixture's E experts, so experts count
+    k / E of their weights; linear attention reads and updates a head_dim-wide state where
+    softmax attention reads the whole context, so its term has head_dim in place of the
+    context."""
     lookup_tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     lookup_tables.add(id(getattr(model, "onehot_weight", None)))  # one-hot rows are gathered
     matmul_weights = {id(p): p.numel() for p in model.parameters()
