@@ -4535,8 +4535,9 @@ def sweep_learning_rate(log: SweepLog, base, scale, device, tokenizer) -> None:
 
 
 def sweep_batch_size(log: SweepLog, base, scale, device, tokenizer) -> None:
-    """Batch sizes from 1 upward at an equal number of training examples (so smaller
-    batches take more, noisier steps), same learning rate."""
+    """Batch sizes from 1 upward at about an equal number of training examples (so smaller
+    batches take more, noisier steps; the steps are rounded to whole epochs), same learning
+    rate."""
     config = with_flags(base, test_fraction=scale.test_fraction)
     data = sweep_data(config, tokenizer)
     examples = scale.steps * scale.batch_size

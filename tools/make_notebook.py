@@ -29,7 +29,8 @@ CELLS = [
 Every number and figure below is read from JSON files; nothing is typed in by hand. The
 committed results live in `artefacts/presentation/`, made by
 `python pico-llm.py --sweep presentation --artefacts_dir artefacts/presentation --overwrite`
-(character tokenizer, small widths; the first table says how long each sweep took, and on what
+(with `--loss chunked`, the default then: each file records its flags; character tokenizer,
+small widths; the first table says how long each sweep took, and on what
 machine), all but the recipe sweep, which reads a larger text (its section says which). A
 missing file, a sweep with too few finite points to draw (one stopped part-way), or a file
 edited by hand into a shape pico-llm does not write shows a note, and the notebook goes on;
@@ -410,10 +411,11 @@ with drawn_from("sweep_architectures.json"):
     ("markdown", """\
 ## New architectures
 
-Three ideas the newer presets bring, each measured in the sweeps: GPT-oss's mixture of experts
-(which experts the router picks), its alternation of sliding-window and full attention with a
-learned *sink* per head (a logit that takes part of each softmax's weight and brings no value),
-and linear attention, which replaces the growing KV cache by a state of fixed size."""),
+Three ideas beyond GPT-2, each measured in the sweeps: GPT-oss's mixture of experts (which
+experts the router picks), its alternation of sliding-window and full attention with a learned
+*sink* per head (a logit that takes part of each softmax's weight and brings no value), and
+linear attention (no preset's: the attention sweep switches the pico Transformer to it), which
+replaces the growing KV cache by a state of fixed size."""),
     ("markdown", """\
 ### Expert usage per layer
 
@@ -817,7 +819,7 @@ set from its speed measured beforehand, so a slower step buys fewer steps; on a 
 the speed drifts, so the table also compares every recipe after the shortest run's time) and is
 evaluated on the held-out text at least 8 times (after every pass, or more often where a pass
 does not fit the time). The text is Python's documentation (written offline from the installed
-Python), a few MB: the shipped corpus would be read tens of times over. The figure plots
+Python), about 2 MB: the shipped corpus would be read tens of times over. The figure plots
 held-out bits per byte against training seconds (evaluations excluded); the table gives the time and steps each needed to
 reach the nanoGPT recipe's final loss. One seed each, on a shared CPU: differences of a few
 percent are within the noise."""),
@@ -922,8 +924,8 @@ with drawn_from("sweep_recipe.json"):
 
 Left: the Transformer's test loss against a constant learning rate, without gradient clipping.
 Runs whose loss exploded were stopped early and are marked with a cross at the top. Right: batch
-sizes from 1 upward, all seeing about the same number of training examples (rounded to whole
-steps)."""),
+sizes from 1 upward, all seeing about the same number of training examples (the steps rounded
+to whole passes over the training text)."""),
     ("code", """\
 rates = load(ARTEFACTS_DIR / "sweep_learning_rate.json", "sweep")
 ok = usable_points(rates, "train_loss", "test_loss")
@@ -957,7 +959,7 @@ with drawn_from("sweep_learning_rate.json", "sweep_batch_size.json"):
                       label="tokens/s (right axis)")
             twin.set_ylabel("training tokens per second", color="C3")
             ax.set(xscale="log", xlabel="batch size", ylabel=f"final loss ({NATS})",
-                   title=f"Batch size at {points[0]['settings']['examples']} training examples")
+                   title=f"Batch size at about {points[0]['settings']['examples']} training examples")
             ax.set_xticks(x, [str(b) for b in x])
             ax.minorticks_off()
             lines = ax.get_lines() + twin.get_lines()
