@@ -3409,9 +3409,9 @@ LIVE_WRITE_S = 300.0   # a temporary file younger than this may be a live writer
 
 
 class RunLog:
-    """Everything a run measured, written atomically to artefacts/<run_name>.json when
-    training starts and after every epoch, so a crash leaves the last complete version on
-    disk."""
+    """Everything a run measured, written atomically to <artefacts_dir>/<run_name>.json
+    (artefacts/runs/ by default) when training starts, after every epoch and when the run
+    ends (finished, failed or stopped), so a crash leaves the last complete version on disk."""
 
     def __init__(self, path: Path, flags: dict, device: torch.device, data_info: dict,
                  run_id: str | None = None) -> None:
@@ -4618,9 +4618,9 @@ def sweep_recipe(log: SweepLog, base, scale, device, tokenizer) -> None:
     """The modern training recipe against nanoGPT's, at equal training time on running text
     (stream mode). First every point's speed is measured: two short runs each, taken in turns
     so that other load on the machine weighs on all points alike, the mean of their step
-    times (each run's first 3 steps left out as warm-up; the mean, not the median, because a
-    loaded machine's rare slow steps count in a run's time too). Each point then trains for as many
-    steps as the budget allows at its speed, evaluating on the held-out text after every pass
+    times (each run's first 4 steps left out as warm-up; the mean, not the median, because a
+    loaded machine's rare slow steps count in a run's time too). Each point then trains for as
+    many steps as the budget allows at its speed, evaluating on the held-out text after every pass
     over the training text, or more often on a corpus too large for a pass to fit the budget
     (RECIPE_EVALUATIONS): its curve of held-out loss against training seconds and steps. The
     shipped 26 KB of text is read many times over in the budget on a fast machine, so the ideas'
@@ -4640,7 +4640,7 @@ def sweep_recipe(log: SweepLog, base, scale, device, tokenizer) -> None:
         for label, (_, point) in points.items():
             _, record = train_sweep_model(label, "transformer", with_step_budget(
                 point, data, calibration_steps + 4, at_least=True), device, tokenizer, data)
-            times = [train_time_s(h) for h in record["history"]]   # 3 warm-up steps, then timed
+            times = [train_time_s(h) for h in record["history"]]   # 4 warm-up steps, then timed
             step_times[label] += [after - before for before, after in zip(times[3:], times[4:])]
     for label, (settings, point) in points.items():
         seconds_per_step = statistics.fmean(step_times[label])
@@ -5071,7 +5071,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="probability that a training example comes from TinyStories "
                            "(0 skips it; the default keeps the run offline)")
     data.add_argument("--tinystories_max_stories", type=int, default=20000,
-                      help="stream only this many TinyStories stories from the hub")
+                      help="read only this many TinyStories stories (from the hub or "
+                           "--tinystories_path)")
     data.add_argument("--tinystories_path", type=user_path, default=None,
                       help="local TinyStories copy (json, jsonl, parquet or txt) instead of the hub")
     data.add_argument("--data_format", choices=DATA_FORMATS, default="auto",
@@ -5087,7 +5088,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     data.add_argument("--block_size", type=int, default=64,
                       help="context length in tokens; longer examples are truncated")
     data.add_argument("--test_fraction", type=float, default=0.1,
-                      help="fraction of examples held out as a fixed test set")
+                      help="fraction held out as a fixed test set: of the examples, or in "
+                           "stream mode of the documents (of each one's lines, with fewer "
+                           f"than {MIN_DOCUMENTS_FOR_HOLDOUT} documents)")
     data.add_argument("--tokenizer", default=None,
                       help="char (UTF-8 bytes: 257 ids, a small output layer that trains fast "
                            "on a CPU), gpt2 (GPT-2's 50257-id BPE through tiktoken, shipped "
@@ -5252,7 +5255,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("run logs")
     out.add_argument("--run_name", default=None,
                      help="name of the run log <artefacts_dir>/<run_name>.json "
-                          "(default: time + models)")
+                          "(default: time, process id, a random tag and the models)")
     out.add_argument("--artefacts_dir", type=user_path, default=str(DEFAULT_ARTEFACTS_DIR),
                      help="directory for JSON run logs, sweeps and interpretability files "
                           "(the committed presentation results stay in artefacts/presentation)")
@@ -6635,10 +6638,10 @@ def exit_process(status: int) -> None:
 # On a GPU, what matters is different: passes over memory, launches and host syncs,
 # not arithmetic. The loss is PyTorch's fused cross-entropy (a kernel forward and
 # one backward, where the written-out formula makes a pass per operation);
-# `--compile` compiles model, output layer and loss in one region (with
-# static-shape experts and section 1.2's real RoPE formula, which compilers need); and
-# generation goes through `decoding_model` (`prompt_decoder`): static-shape caches replayed as one
-# CUDA graph a token; and --optimizer muon updates each group's tensors together
+# `--compile` compiles model, output layer and loss in one region (a model with experts block
+# by block, with static-shape experts; all with section 1.2's real RoPE formula, which
+# compilers need); and generation goes through `decoding_model` (`prompt_decoder`):
+# static-shape caches replayed as one CUDA graph a token; and --optimizer muon updates each group's tensors together
 # (`ForeachMuon`, chosen in build_optimizer).
 # Each is tested equal to Part I. Measurements: docs/performance.md.
 
@@ -6668,7 +6671,8 @@ def speed_up(model: nn.Module, speed: SpeedConfig, device: torch.device,
     (complex_rope; compiled code and Apple's GPU keep the real formula), and an LSTM
     computes in float32 under bf16 autocast (Float32LSTM). The loss "auto" is
     the chunked one or PyTorch's fused cross-entropy (FusedNextTokenLoss), as loss_kind
-    says. With speed.compile the model and loss are compiled together (compile_for_training).
+    says. With speed.compile, compile_for_training compiles the model with its loss on a GPU,
+    the model alone on a CPU or with the chunked loss, and block by block with experts.
     lengths_vary: the training batches' length changes from step to step (lines mode pads a
     batch to its longest line), so compiled code must take any length."""
     onednn = speed.cpu_matmul == "onednn" and device.type == "cpu" and onednn_available()
@@ -9788,7 +9792,7 @@ def tiktoken_encoding_from_bpe(vocab, merges, special_tokens, name):
 class TrainedBPETokenizer:
     """--tokenizer bpe:N: a byte-level BPE with N ids trained on this run's own text.
 
-    Encoding runs through tiktoken (same ids as Tokenizer.encode, much faster).
+    Encoding runs through tiktoken (same ids as Tokenizer.encode_ordinary, much faster).
     A small vocabulary makes the output layer, and so CPU training, much cheaper.
     """
 

@@ -18,7 +18,7 @@ where all are installed; a run of a minute per recipe reads less than one pass),
     python tools/recipe_gpt2.py --tiny --device_id cpu --input_dir DIR --output OUT.json   # tests
 
 As `--sweep recipe` does, each recipe's seconds per step is measured first (a short run, its
-first 3 steps left out), then it trains for as many steps as --seconds allows, scoring the
+first 4 steps left out), then it trains for as many steps as --seconds allows, scoring the
 held-out text (2% of the files) RECIPE_EVALUATIONS times. Writes a JSON report (atomically):
 per recipe its curve of held-out bits per byte against training seconds, and the seconds it
 needed to reach the nanoGPT recipe's final loss (null if it did not); and first, what Muon's
