@@ -3051,13 +3051,7 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
             try:
                 cached = TokenizedExamples(load_cached_array(tokens_path, mmap_mode="r"),
                                            load_cached_array(offsets_path), num_bytes, key)
-                problem = ("" if len(cached) == len(texts) and cached.offsets[-1] == len(cached.tokens)
-                           else "its sizes do not match")
-                if not problem and (cached.offsets[0] != 0 or np.any(np.diff(cached.offsets) < 1)):
-                    problem = "its example offsets do not increase"   # each example ends in eot
-                problem = problem or token_ids_problem(cached.tokens, tokenizer.vocab_size)
-                if not problem and np.any(cached.tokens[cached.offsets[1:] - 1] != tokenizer.eot_id):
-                    problem = "its examples do not each end in the end-of-text id"  # ids overwritten
+                problem = token_cache_problem(cached, len(texts), tokenizer)
             except ValueError as error:                     # truncated or not a .npy file
                 problem = textwrap.shorten(str(error), 100)
             if not problem:
@@ -3090,6 +3084,24 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
                     reason = f"--cache_dir {quoted(cache_dir)} is not a folder"
             warn(f"pico-llm: note: token cache not written ({reason})")
     return TokenizedExamples(tokens, offsets, num_bytes, key)
+
+
+def token_cache_problem(cached: TokenizedExamples, num_texts: int, tokenizer) -> str:
+    """What is wrong with a token cache read back for `num_texts` texts ("" if nothing): a
+    damaged or edited file would otherwise fail deep in training, or train on other text."""
+    tokens, offsets = cached.tokens, cached.offsets
+    if tokens.ndim != 1 or offsets.ndim != 1:
+        return f"its arrays have {tokens.ndim} and {offsets.ndim} dimensions, not 1"
+    if offsets.dtype.kind not in "ui":
+        return f"its example offsets are {offsets.dtype}, not integers"
+    if len(cached) != num_texts or offsets[-1] != len(tokens):
+        return "its sizes do not match"
+    if offsets[0] != 0 or np.any(np.diff(offsets.astype(np.int64)) < 1):   # unsigned: no wrap
+        return "its example offsets do not increase"          # each example ends in eot
+    problem = token_ids_problem(tokens, tokenizer.vocab_size)
+    if not problem and np.any(tokens[offsets[1:] - 1] != tokenizer.eot_id):
+        problem = "its examples do not each end in the end-of-text id"   # ids overwritten
+    return problem
 
 
 def token_ids_problem(tokens: np.ndarray, vocab_size: int) -> str:

@@ -981,6 +981,30 @@ def test_a_token_cache_with_ids_no_model_could_embed_is_rebuilt(pico, tmp_path, 
     assert "token cache" in err and "is damaged" in err and problem in err and "rebuilding" in err
 
 
+@pytest.mark.parametrize("name, tamper, problem", [
+    ("offsets", lambda offsets: offsets.astype(np.float64), "offsets are float64, not integers"),
+    ("offsets", lambda offsets: offsets[:, None], "have 1 and 2 dimensions, not 1"),
+    ("tokens", lambda tokens: np.array(7, dtype=tokens.dtype), "have 0 and 1 dimensions, not 1"),
+    ("tokens", lambda tokens: np.stack([tokens, tokens], axis=1), "have 2 and 1 dimensions"),
+    ("offsets", lambda offsets: offsets[[0, 2, 1, 3]].astype(np.uint64),
+     "its example offsets do not increase")])
+def test_a_token_cache_of_other_shapes_or_types_is_rebuilt(pico, tmp_path, capsys, name, tamper,
+                                                           problem):
+    """Arrays numpy reads back well but that are no cache's (offsets of floats, a column, ids
+    as one number or a table, offsets going back, which unsigned differences would hide) are
+    rebuilt with a note, not an IndexError or TypeError in the middle of training."""
+    texts, char = ["the cat sat", "on a mat", "far away"], pico.ByteTokenizer()
+    first = pico.tokenize_examples(texts, char, tmp_path)
+    expected = np.array(first.tokens)
+    (path,) = tmp_path.glob(f"*.{name}.npy")
+    np.save(path, tamper(np.load(path)))
+    again = pico.tokenize_examples(texts, char, tmp_path)
+    assert np.array_equal(np.array(again.tokens), expected)
+    assert np.array_equal(np.array(again.offsets), np.array(first.offsets))
+    err = capsys.readouterr().err
+    assert "token cache" in err and "is damaged" in err and problem in err and "rebuilding" in err
+
+
 def test_a_trained_tokenizer_that_cannot_be_cached_only_costs_a_note(pico, tmp_path,
                                                                      monkeypatch, capsys):
     """BPE training's result is kept in the cache to spare the next run minutes; a full disk
