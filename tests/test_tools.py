@@ -427,10 +427,13 @@ sys.exit(run_tool(main, "tool"))
 """
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
-def test_a_tool_stopped_by_a_signal_cleans_up_as_on_ctrl_c(signal_number):
+@pytest.mark.parametrize("signal_number, said", [
+    (signal.SIGTERM, "stopped by a signal"), (signal.SIGHUP, "stopped by a signal"),
+    (signal.SIGINT, "stopped by Ctrl-C")], ids=["TERM", "HUP", "INT"])
+def test_a_tool_stopped_by_a_signal_cleans_up_as_on_ctrl_c(signal_number, said):
     """vs_nanogpt stopped by SIGTERM had left its temporary folder behind (Python's default
-    ends a process where it stands); as an exit, `with` blocks and subprocess clean up."""
+    ends a process where it stands); as an exit, `with` blocks and subprocess clean up. Ctrl-C
+    ends in one line too, not KeyboardInterrupt's traceback."""
     process = subprocess.Popen([sys.executable, "-c",
                                 TOOL_WITH_A_TEMPORARY_FOLDER.format(tools=str(TOOLS))],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -438,7 +441,7 @@ def test_a_tool_stopped_by_a_signal_cleans_up_as_on_ctrl_c(signal_number):
     assert folder.is_dir()
     process.send_signal(signal_number)
     _, err = process.communicate(timeout=60)
-    assert (process.returncode, err) == (128 + signal_number, "tool: stopped by a signal\n")
+    assert (process.returncode, err) == (128 + signal_number, f"tool: {said}\n")
     assert not folder.exists()
 
 

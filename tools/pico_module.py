@@ -159,7 +159,8 @@ def run_tool(main, prog: str) -> int:
     a full disk under a file it writes or under standard output is one line and status 2. The
     Python exit then finds standard output on /dev/null and does not try the write again.
     SIGTERM and SIGHUP, where their action is the default (not ignored under nohup), stop it as
-    an exit, which cleans up as it goes; the handlers are put back as it returns."""
+    an exit, which cleans up as it goes; the handlers are put back as it returns. Ctrl-C
+    cleans up the same way, and ends in a line, not a traceback, with status 130."""
     caught = [number for number in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
               if number is not None and signal.getsignal(number) is signal.SIG_DFL]
     for number in caught:
@@ -170,6 +171,10 @@ def run_tool(main, prog: str) -> int:
         with contextlib.suppress(OSError):
             print(f"{prog}: stopped by a signal", file=sys.stderr)
         raise
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            print(f"{prog}: stopped by Ctrl-C", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenPipeError:
         sys.stdout = open(os.devnull, "w")
         with contextlib.suppress(OSError):          # stderr may be the same closed pipe
