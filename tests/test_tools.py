@@ -112,6 +112,14 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
      "--gpt2 is sized for a GPU (GPT-2 small takes minutes a step on a CPU); add --quick"),
     ("stream_vs_lines", ["--seconds", "soon"], "argument --seconds: expected a number, got 'soon'"),
     ("stream_vs_lines", ["--seconds", "nan"], "expected a finite number above 0, got nan"),
+    ("stream_vs_lines", ["--seconds", "1e7"],          # a step count made of it would overflow
+     "argument --seconds: expected at most 1000000 seconds (11 days), got 1e7"),
+    ("recipe_gpt2", ["--seconds", "1e308"],
+     "argument --seconds: expected at most 1000000 seconds (11 days), got 1e308"),
+    ("recipe_gpt2", ["--tiny", "--device_id", "cpu", "--input_dir", str(REPO / "data" / "custom_corpus"),
+                     "--learning_rate", "1e30", "--output", "{tmp}/out.json"],
+     "nanoGPT recipe diverged at step 2 (its loss or gradient was not finite, or exploded); "
+     "lower --learning_rate (1e+30)"),
     ("vs_nanogpt", ["--rounds", "two"], "argument --rounds: expected an integer, got 'two'"),
     ("ab_rope", ["--samples", "0"], "argument --samples: expected at least 1, got 0"),
     ("ab_rope", ["--shape", "1", "1", "4", "3"], "argument --shape: D, a head's width, must be even"),
@@ -289,6 +297,18 @@ def test_stream_vs_lines_names_its_own_flag_for_a_corpus_of_blank_files(tmp_path
     result = run_tool("stream_vs_lines", ["--corpus_dir", "{tmp}"], tmp_path)
     assert_one_line_error(result, "stream_vs_lines",
                           f"--corpus_dir {tmp_path} contains no .txt files with text")
+
+
+def test_stream_vs_lines_refuses_a_model_past_the_memory_here_before_building_it(
+        tmp_path, monkeypatch, capsys):
+    """As pico-llm's main() does: --d_model 2**62 had failed in the embedding's allocation
+    with a traceback."""
+    for text in (REPO / "data" / "custom_corpus").glob("*.txt"):
+        (tmp_path / text.name).write_text(text.read_text())
+    result = run_tool_here("stream_vs_lines", ["--corpus_dir", "{tmp}", "--d_model", str(2**62),
+                                               "--block_size", "8"], tmp_path, monkeypatch, capsys)
+    assert_one_line_error(result, "stream_vs_lines", "transformer needs about 10^")
+    assert "lower --d_model" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["stream_vs_lines", "vs_nanogpt"])

@@ -139,6 +139,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+MAX_SECONDS = 10**6   # about 11 days: a longer budget is a typo (subprocess's wait overflows near 1e10)
+
+
+def seconds_type(text: str) -> float:
+    """argparse type for a time budget or limit: a number of seconds above 0, at most
+    MAX_SECONDS (a step count made from 1e308 seconds would overflow)."""
+    value = positive_float(text)
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SECONDS} seconds (11 days), "
+                                         f"got {text}")
+    return value
+
+
 # Writes the device refuses: no space, a quota, a file too large, a failing disk.
 FULL_DEVICE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 

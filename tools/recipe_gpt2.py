@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmark import synchronize
-from pico_module import (OneLineErrorParser, load_pico, path_text, positive_float,
+from pico_module import (OneLineErrorParser, load_pico, path_text, positive_float, seconds_type,
                          refuse_gpu_size_on_a_cpu, run_tool, tool_description)
 from stream_vs_lines import is_new_or_empty_directory, write_python_docs
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the docstring corpus as DIR (a new directory) and stop")
     parser.add_argument("--input_dir", help="running text (a directory of .txt files)")
     parser.add_argument("--device_id", default="auto")
-    parser.add_argument("--seconds", type=positive_float, default=60.0, help="training seconds per recipe")
+    parser.add_argument("--seconds", type=seconds_type, default=60.0, help="training seconds per recipe")
     parser.add_argument("--learning_rate", type=positive_float, default=6e-4,
                         help="peak rate for every recipe (GPT-2 small's, as nanoGPT trains it)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and context (the tests)")
@@ -150,19 +150,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{name} {seconds * 1e3:.1f} ms" for name, seconds in report["orthogonalization_s"].items()),
         flush=True)
     for label, point in points.items():
-        _, record = pico.train_sweep_model(label, "transformer", pico.with_step_budget(
-            point, data, CALIBRATION_STEPS + 3), device, tokenizer, data)
-        times = [pico.train_time_s(h) for h in record["history"]]
-        seconds_per_step = statistics.fmean(after - before for before, after in zip(times[3:], times[4:]))
-        steps = max(1, round(args.seconds / seconds_per_step))
         try:
-            budget = pico.with_step_budget(point, data, steps, pico.RECIPE_EVALUATIONS)
-        except pico.UserError as error:     # more passes over a short text than pico-llm runs
-            print(f"recipe_gpt2: error: --input_dir {args.input_dir} is too little text for "
-                  f"--seconds {args.seconds:g} of {label} ({steps} steps: {error}); add text or "
-                  "lower --seconds", file=sys.stderr)
+            _, record = pico.train_sweep_model(label, "transformer", pico.with_step_budget(
+                point, data, CALIBRATION_STEPS + 3), device, tokenizer, data)
+            times = [pico.train_time_s(h) for h in record["history"]]
+            seconds_per_step = statistics.fmean(after - before for before, after in zip(times[3:], times[4:]))
+            steps = max(1, round(args.seconds / seconds_per_step))
+            try:
+                budget = pico.with_step_budget(point, data, steps, pico.RECIPE_EVALUATIONS)
+            except pico.UserError as error:     # more passes over a short text than pico-llm runs
+                print(f"recipe_gpt2: error: --input_dir {args.input_dir} is too little text for "
+                      f"--seconds {args.seconds:g} of {label} ({steps} steps: {error}); add text or "
+                      "lower --seconds", file=sys.stderr)
+                return 2
+            _, record = pico.train_sweep_model(label, "transformer", budget, device, tokenizer, data)
+        except pico.TrainingDiverged as error:   # pico-llm's advice names flags this tool lacks
+            print(f"recipe_gpt2: error: {label} diverged at step {error.step} (its loss or gradient "
+                  f"was not finite, or exploded); lower --learning_rate ({args.learning_rate:g})",
+                  file=sys.stderr)
             return 2
-        _, record = pico.train_sweep_model(label, "transformer", budget, device, tokenizer, data)
         times = {h["step"]: pico.train_time_s(h) for h in record["history"]}
         curve = [{"step": test["step"], "train_time_s": round(times[test["step"]], 3),
                   "test_bits_per_byte": test["test_bits_per_byte"]} for test in record["test_history"]]

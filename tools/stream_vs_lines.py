@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from pico_module import (OneLineErrorParser, current_umask, load_pico, path_text,
-                         positive_float, positive_int, run_tool, tool_description)
+                         positive_int, run_tool, seconds_type, tool_description)
 
 
 def is_new_or_empty_directory(directory: Path) -> bool:
@@ -121,6 +121,8 @@ def train(pico, flags: list[str], steps_per_epoch: int | None, epochs: int):
     config = pico.config_from_command_line(flags + ["--epochs", str(epochs)] + (
         ["--max_steps_per_epoch", str(steps_per_epoch)] if steps_per_epoch else []))
     tokenizer = pico.build_tokenizer(config.data.tokenizer)
+    pico.check_models_fit_in_memory(config.models, tokenizer.vocab_size, config.data.block_size,
+                                    torch.device("cpu"))      # as pico-llm's main() does
     data = pico.load_training_data(config.data, tokenizer, pico.read_sources(config.data))
     model_config = config.models.config_of("transformer")
     model = pico.build_model(model_config, tokenizer.vocab_size, config.training.seed)
@@ -134,7 +136,7 @@ def train(pico, flags: list[str], steps_per_epoch: int | None, epochs: int):
 def main() -> int:
     parser = OneLineErrorParser(prog="tools/stream_vs_lines.py", description=tool_description(__doc__))
     parser.add_argument("--corpus_dir", type=path_text, default="/tmp/pico-python-docs")
-    parser.add_argument("--seconds", type=positive_float, default=240.0, help="training time per format")
+    parser.add_argument("--seconds", type=seconds_type, default=240.0, help="training time per format")
     parser.add_argument("--d_model", type=positive_int, default=128)
     parser.add_argument("--block_size", type=positive_int, default=128)
     parser.add_argument("--corpus_only", action="store_true",
