@@ -98,6 +98,8 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("ab_training_speed", ["no_such_rev"], "no pico-llm.py at the git revision 'no_such_rev' "
                                            "(invalid object name 'no_such_rev')"),
     ("ab_training_speed", [""], "the git revision is empty; give a commit, branch or tag"),
+    ("ab_training_speed", ["--", "--output={tmp}/diff"],    # git show would have written it
+     "the git revision '--output={tmp}/diff' begins with '-'; give a commit, branch or tag"),
     ("benchmark", ["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     ("compile_presets", ["--configs", "GPT-5", "--output", "{tmp}/out.json"],
      "--configs: unknown GPT-5"),
@@ -157,6 +159,8 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
      "--flags: argument --d_model: invalid int value: 'x'; see python pico-llm.py --help"),
     ("ab_training_speed", ["HEAD", "--model", "lstm_seq", "--vocab_size", "1000000000000"],
      "a training step of lstm_seq at --batch_size 16 and --vocab_size 1000000000000 does not fit"),
+    ("ab_training_speed", ["HEAD", "--model", "kgram_mlp_seq", "--vocab_size", str(2**62)],
+     f"a training step of kgram_mlp_seq at --batch_size 16 and --vocab_size {2**62} does not fit"),
     ("benchmark", ["--seed", "99999999999999999999999"],
      "argument --seed: expected at most 18446744073709551615, got 99999999999999999999999"),
     ("benchmark", ["--seed", "-1"], "argument --seed: expected at least 0, got -1"),

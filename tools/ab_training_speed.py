@@ -101,6 +101,9 @@ def main() -> int:
     args = parser.parse_args()
     if not args.old_rev.strip():   # git show :pico-llm.py would read the staged file instead
         parser.error("the git revision is empty; give a commit, branch or tag, e.g. HEAD")
+    if args.old_rev.startswith("-"):   # git show would take it as an option (--output=FILE writes)
+        parser.error(f"the git revision {args.old_rev!r} begins with '-'; give a commit, branch "
+                     "or tag, e.g. HEAD")
     try:
         extra = shlex.split(args.flags)
     except ValueError as error:
@@ -134,7 +137,8 @@ def main() -> int:
                 for _ in range(2):                           # warm-up: the heap grows over 3 steps
                     step()
         except (RuntimeError, MemoryError) as error:
-            if not pico.out_of_memory(error):
+            past_any_memory = "Storage size calculation overflowed" in str(error)   # 2**63 bytes
+            if not (pico.out_of_memory(error) or past_any_memory):
                 raise
             parser.error(f"a training step of {args.model} at --batch_size {args.batch_size} and "
                          f"--vocab_size {args.vocab_size} does not fit in memory here")
