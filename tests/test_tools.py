@@ -126,6 +126,8 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("ab_rope", ["--samples", "0"], "argument --samples: expected at least 1, got 0"),
     ("ab_rope", ["--shape", "1", "1", "4", "3"], "argument --shape: D, a head's width, must be even"),
     ("ab_rope", ["--shape", *["10000"] * 4], "queries of 10,000,000,000,000,000 numbers do not fit"),
+    ("ab_rope", ["--shape", "1", "1", "1", str(2**70)],        # past int64: not even tried
+     f"queries of {2**70:,} numbers do not fit"),
     ("ab_rope", ["--threads", "100000"], "argument --threads: 100000 is more than the"),
     ("ab_rope", ["--step", "--vocab", "10000000000"], "argument --vocab: at most 262,144"),
     ("ab_training_speed", ["HEAD", "--rounds", "0"], "argument --rounds: expected at least 1, got 0"),

@@ -98,9 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  real / complex: {medians['real'] / medians['complex']:.3f}")
         return 0
     generator = torch.Generator().manual_seed(0)
+    # float32 queries past the memory here (or past int64 sizes, which torch cannot even take)
+    fits = 4 * B * H * T * D <= (pico.memory_available(torch.device("cpu")) or 2**62)
     try:
+        if not fits:
+            raise MemoryError
         x = torch.randn(B, H, T, D, generator=generator).requires_grad_()
-    except RuntimeError:     # more memory than there is
+    except (RuntimeError, MemoryError):     # more memory than there is
         parser.error(f"argument --shape: queries of {B * H * T * D:,} numbers do not fit in memory "
                      "here; give a smaller shape")
     cos, sin = pico.RotaryEmbedding(D).angles(torch.arange(T))
