@@ -47,8 +47,9 @@ def execute_notebook(artefacts, run_log=None):
     parameters = next(index for index, cell in enumerate(notebook.cells)
                       if "parameters" in cell.metadata.get("tags", []))
     run_log_source = "None" if run_log is None else f"Path({str(run_log)!r})"
+    artefacts_source = repr(artefacts) if isinstance(artefacts, str) else f"Path({str(artefacts)!r})"
     notebook.cells.insert(parameters + 1, nbformat.v4.new_code_cell(
-        f"ARTEFACTS_DIR = Path({str(artefacts)!r})\nRUN_LOG = {run_log_source}"))
+        f"ARTEFACTS_DIR = {artefacts_source}\nRUN_LOG = {run_log_source}"))
     NotebookClient(notebook, timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO)}}).execute()
     return "\n".join(str(output.get("text", "")) + str(output.get("data", {}).get("text/markdown", ""))
@@ -170,6 +171,22 @@ def test_make_notebook_keeps_a_users_edit_unless_forced(tmp_path):
     older.metadata["pico_llm"]["generated_cells_sha256"] = generator.cells_digest(older)
     nbformat.write(older, notebook)
     assert make_notebook("--output", str(notebook)).returncode == 0
+    assert notebook.read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
+
+
+def test_make_notebook_reads_a_notebook_whose_metadata_it_did_not_write(tmp_path):
+    """Metadata under this tool's key that is no object (edited, or another tool's) had
+    given an AttributeError: the notebook is judged by its cells alone."""
+    import make_notebook as generator
+    notebook = tmp_path / "pico_llm.ipynb"
+    for cells, status in ((generator.build().cells, 0), ([], 2)):
+        nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata={"pico_llm": "x"}), notebook)
+        before = notebook.read_bytes()
+        result = make_notebook("--output", str(notebook))
+        assert result.returncode == status and result.stderr.count("\n") == status // 2, result.stderr
+        if status:
+            assert "has cells edited" in result.stderr and notebook.read_bytes() == before
+    assert make_notebook("--output", str(notebook), "--force").returncode == 0
     assert notebook.read_bytes() == (REPO / "pico_llm.ipynb").read_bytes()
 
 
@@ -296,7 +313,7 @@ def test_notebook_notes_sweeps_without_points(pico, tmp_path):
 
 
 def test_notebook_runs_without_artefacts_and_says_so(tmp_path):
-    text = execute_notebook(tmp_path / "nothing_here")
+    text = execute_notebook(str(tmp_path / "nothing_here"))    # a string, as papermill's -p gives
     assert "sweep_architectures.json` is missing" in text
     assert "no attention_*.json" in text
     assert "architectures_attention_GPT-oss.json` is missing" in text

@@ -59,6 +59,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter
 
+ARTEFACTS_DIR = Path(ARTEFACTS_DIR)  # a string too, as papermill's -p gives it
 FIGURES = ARTEFACTS_DIR / "figures"
 SWEEP_SCHEMA, RUNLOG_SCHEMA = 1, 1
 NATS = "nats per token"
@@ -1107,7 +1108,8 @@ def work_lost_by_writing(path: Path, new: nbformat.NotebookNode, force: bool) ->
                 "choose another --output, or move it away")
     if force:
         return None
-    recorded = existing.metadata.get("pico_llm", {}).get("generated_cells_sha256")
+    ours = existing.metadata.get("pico_llm")          # an object where this tool wrote the file
+    recorded = ours.get("generated_cells_sha256") if isinstance(ours, dict) else None
     if cells_digest(existing) not in (recorded, cells_digest(new)):
         return f"has cells edited since this tool wrote it; {MOVE_OR_FORCE}"
     if any(cell.cell_type == "code"
