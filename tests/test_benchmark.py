@@ -215,12 +215,12 @@ def test_datasheet_peaks_are_known_for_h100_sxm_h200_a100_only(bench, monkeypatc
 GPU_CHECKS = REPO / "tools" / "gpu_checks.sh"
 
 
-def run_gpu_checks(*argv, steps: str, timeout: int = 900):
+def run_gpu_checks(*argv, steps: str, timeout: int = 900, **env):
     """gpu_checks.sh as on a machine without a GPU (CUDA hidden where there is one: its cuda
-    tests skip, as these tests expect, rather than run for minutes)."""
+    tests skip, as these tests expect, rather than run for minutes); `env`: its settings."""
     return subprocess.run(["bash", str(GPU_CHECKS), *argv], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "STEPS": steps,
-                                                "CUDA_VISIBLE_DEVICES": ""})
+                                                "CUDA_VISIBLE_DEVICES": "", **env})
 
 
 def packed_log(out, name: str) -> str:
@@ -263,6 +263,54 @@ def test_gpu_checks_skips_the_steps_its_total_time_leaves_no_room_for(tmp_path):
                                 env={**os.environ, "STEPS": "tests", "TOTAL_S": bad})
         assert result.returncode == 2 and result.stderr == (
             f"gpu_checks.sh: TOTAL_S={bad} is not a number of seconds\n")
+
+
+@pytest.mark.parametrize("argv, settings, message", [
+    (["--tiny", "--device"], {}, "--device needs a value"),
+    (["{out}"], {"STEPS": "tests bogus"}, "unknown step bogus in STEPS"),
+    (["{out}"], {"TOTAL_S": "08"}, "TOTAL_S=08 must be a number of seconds from 1, without a leading zero"),
+    (["{out}"], {"TESTS_TIMEOUT": "0"}, "TESTS_TIMEOUT=0 must be a number of seconds from 1"),
+    (["{out}"], {"TEST_TIMEOUT": "0"}, "TEST_TIMEOUT=0 must be a number of seconds from 1"),
+])
+def test_gpu_checks_refuses_bad_input_in_one_line_before_touching_out(tmp_path, argv, settings,
+                                                                      message):
+    """Checked before anything in OUT_DIR is removed or written: an unknown step had been
+    found only once logs.tgz was deleted and summary.txt emptied, 08 (octal to bash) failed
+    there with an arithmetic error, and 0 (no limit at all to timeout) was taken."""
+    (tmp_path / "summary.txt").write_text("mine\n")
+    (tmp_path / "logs.tgz").write_text("mine\n")
+    argv = ["--tiny", "--device", "cpu", str(tmp_path)] if argv == ["{out}"] else argv
+    result = run_gpu_checks(*argv, **{"steps": "tests", **settings}, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("gpu_checks.sh: ") and message in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.tgz", "summary.txt"]
+    assert (tmp_path / "summary.txt").read_text() == (tmp_path / "logs.tgz").read_text() == "mine\n"
+
+
+def test_gpu_checks_replaces_an_earlier_runs_results_with_replace_only(tmp_path):
+    """A second run into an OUT_DIR had replaced the first one's results: it is refused unless
+    --replace is given, which replaces this script's own files only (an earlier step's report
+    too, so that none is left beside the new results)."""
+    out = tmp_path / "out"
+    command = ["--tiny", "--device", "cpu", str(out)]
+    assert run_gpu_checks(*command, steps="tests").returncode == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = run_gpu_checks(*command, steps="tests")
+    assert result.returncode == 2 and result.stderr == (
+        f"gpu_checks.sh: {out} already holds results (summary.txt logs.tgz); choose another "
+        "OUT_DIR, or give --replace to replace them\n")
+    (out / "gptoss_eager.json").write_text('{"kind": "notes"}\n')     # no run log: not its own
+    result = run_gpu_checks("--replace", *command, steps="tests")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{out}/gptoss_eager.json is not this script's output" in result.stderr
+    assert (out / "gptoss_eager.json").read_text() == '{"kind": "notes"}\n'
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".json"} == first
+    (out / "gptoss_eager.json").write_text('{\n "schema_version": 1,\n "kind": "run"\n}\n')
+    result = run_gpu_checks("--replace", *command, steps="tests")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "summary.txt"]
+    assert (out / "summary.txt").read_text().split()[:2] == ["tests", "0"]
+    assert packed_log(out, "cuda_tests.log").startswith("gpu_checks.sh step tests: ")
 
 
 def test_gpu_checks_cut_short_leaves_the_running_steps_log_and_the_earlier_ones_packed(tmp_path):

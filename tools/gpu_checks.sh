@@ -6,7 +6,11 @@
 #   tools/gpu_checks.sh OUT_DIR                       # on a CUDA machine (at most TOTAL_S)
 #   NANOGPT_DIR=/path/to/nanoGPT tools/gpu_checks.sh OUT_DIR    # nanoGPT timed beside pico-llm
 #   tools/gpu_checks.sh --tiny --device cpu OUT_DIR   # every step at tiny size (how it is tested)
+#   tools/gpu_checks.sh --replace OUT_DIR             # over an earlier run's results in OUT_DIR
 #
+# An OUT_DIR that already holds results (summary.txt, logs.tgz, a step's report or log) is
+# refused, in one line, unless --replace is given: then those files, each checked to be this
+# script's own, are removed before the first step (a file of that name that is not is refused).
 # For a CUDA device (the default) on a machine without one it refuses, in one line. Ctrl-C or
 # SIGTERM stops the step in flight, then the script.
 #
@@ -46,34 +50,81 @@
 # (90), GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run PRESET_RUN_TIMEOUT 150),
 # GENERATE_TIMEOUT (120 each of the three), RECIPE_TIMEOUT (420, the corpus written first 120),
 # TESTS_TIMEOUT (240), SUITE_TIMEOUT (900); TEST_TIMEOUT (120) for each test where
-# pytest-timeout is installed.
+# pytest-timeout is installed. Each is a whole number from 1, without a leading zero.
 set -u
 # bash before 4.4 (macOS's 3.2) takes an empty array, "${QUICK[@]}" without --tiny, for an
 # unset variable under set -u and stops: there only the expansions' checking is given up.
 if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404 )); then set +u; fi
 
 TINY=0
+REPLACE=0
 DEVICE=cuda:0
 while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
-        --device) DEVICE="$2"; shift 2 ;;
+        --replace) REPLACE=1; shift ;;
+        --device)
+            if [ $# -lt 2 ]; then echo "gpu_checks.sh: --device needs a value (cuda:0, cpu)" >&2; exit 2; fi
+            DEVICE="$2"; shift 2 ;;
         -h|--help) awk 'NR > 1 && /^set -u/ {exit} NR > 1' "$0"; exit 0 ;;
         -*) echo "gpu_checks.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac
 done
 if [ $# -ne 1 ]; then
-    echo "usage: tools/gpu_checks.sh [--tiny] [--device cuda:0] OUT_DIR" >&2
+    echo "usage: tools/gpu_checks.sh [--tiny] [--replace] [--device cuda:0] OUT_DIR" >&2
     exit 2
 fi
 for limit in TOTAL_S BENCHMARK_TIMEOUT GPTOSS_EAGER_TIMEOUT GPTOSS_COMPILED_TIMEOUT PRESETS_TIMEOUT \
-             GENERATE_TIMEOUT RECIPE_TIMEOUT RECIPE_CORPUS_TIMEOUT TESTS_TIMEOUT SUITE_TIMEOUT; do
-    case "${!limit:-0}" in
+             GENERATE_TIMEOUT RECIPE_TIMEOUT RECIPE_CORPUS_TIMEOUT TESTS_TIMEOUT SUITE_TIMEOUT \
+             TEST_TIMEOUT; do
+    case "${!limit:-1}" in   # 0 would be no limit at all (timeout 0), 08 octal to bash
         *[!0-9]*) echo "gpu_checks.sh: $limit=${!limit} is not a number of seconds" >&2; exit 2 ;;
+        0*) echo "gpu_checks.sh: $limit=${!limit} must be a number of seconds from 1, without a leading zero" >&2
+            exit 2 ;;
+    esac
+done
+STEPS="${STEPS:-tests gptoss benchmark}"
+for step in $STEPS; do       # all checked before anything is run or written
+    case "$step" in
+        benchmark|gptoss|presets|generate|recipe|tests|suite) ;;
+        *) echo "gpu_checks.sh: unknown step $step in STEPS; steps: benchmark gptoss presets generate recipe tests suite" >&2
+           exit 2 ;;
     esac
 done
 OUT="$1"
+# The files a run leaves in OUT (own_output tells them from others of the same names).
+RESULTS="summary.txt logs.tgz gpt2_benchmark.json gptoss_eager.json gptoss_compiled.json
+    compile_presets.json recipe_gpt2.json benchmark.log gptoss_eager.log gptoss_compiled.log
+    compile_presets.log generate_train.log generate_plain.log generate_compiled.log
+    recipe_corpus.log recipe_gpt2.log cuda_tests.log fast_suite.log"
+own_output() {  # file: whether OUT's file of that name is one this script wrote
+    local path="$OUT/$1"
+    [ -f "$path" ] || return 1
+    case "$1" in
+        summary.txt) ! grep -qvE '^[a-z_]+ ([0-9]+|skipped) [0-9]+$' "$path" ;;
+        logs.tgz) tar tzf "$path" 2>/dev/null | head -n 1 | grep -qx 'logs/' ;;
+        *.log) head -n 1 "$path" | grep -q '^gpu_checks.sh step ' ;;
+        *.json)
+            local kind="${1%.json}"
+            case "$1" in gptoss_*) kind=run ;; esac    # pico-llm's run logs
+            head -c 4096 "$path" | tr -d '\n' | grep -qE "^[[:space:]]*\\{.*\"kind\": *\"$kind\"" ;;
+    esac
+}
+found=""
+for name in $RESULTS; do
+    if [ -e "$OUT/$name" ] || [ -L "$OUT/$name" ]; then found="$found $name"; fi
+done
+if [ -n "$found" ] && [ "$REPLACE" = 0 ]; then
+    echo "gpu_checks.sh: $OUT already holds results (${found# }); choose another OUT_DIR, or give --replace to replace them" >&2
+    exit 2
+fi
+for name in $found; do
+    if ! own_output "$name"; then
+        echo "gpu_checks.sh: $OUT/$name is not this script's output, which is all --replace replaces; move it away or choose another OUT_DIR" >&2
+        exit 2
+    fi
+done
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 # Without a GPU every pico-llm step would train on the CPU instead (with a note in its log),
 # for minutes, and leave CPU figures under the GPU results' names.
@@ -91,12 +142,11 @@ esac
 mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"
 cd "$REPO" || exit 2
-STEPS="${STEPS:-tests gptoss benchmark}"
 DEADLINE=$(( $(date +%s) + ${TOTAL_S:-540} ))
 WORK="$(mktemp -d)"       # run logs and caches of the pico-llm runs: only their reports are kept
 trap 'rm -rf "$WORK"' EXIT
 LOGS="$WORK/logs"         # packed into OUT/logs.tgz after each step
-rm -f "$OUT/logs.tgz"
+for name in $found; do rm -f "$OUT/$name" || exit 2; done    # an earlier run's, with --replace
 mkdir -p "$LOGS" || exit 2
 : > "$OUT/summary.txt"
 
@@ -128,7 +178,8 @@ run_step() {  # name timeout log command...: run, time, record "name status seco
         return
     fi
     if [ "$limit" -gt "$left" ]; then limit="$left"; fi
-    timeout -k 15 "$limit" "$@" > "$OUT/$log" 2>&1 &   # in OUT while it runs, for a run stopped
+    echo "gpu_checks.sh step $name: $*" > "$OUT/$log"  # its first line: this script's log
+    timeout -k 15 "$limit" "$@" >> "$OUT/$log" 2>&1 &  # in OUT while it runs, for a run stopped
     STEP_PID=$!
     wait "$STEP_PID"
     status=$?
@@ -172,7 +223,8 @@ for step in $STEPS; do
                     --device_id "$DEVICE" --quiet --artefacts_dir "$WORK/gptoss" \
                     --cache_dir "$WORK/gptoss/cache" --run_name "gptoss_$mode" "${COMPILE[@]}"
                 if [ -f "$WORK/gptoss/gptoss_$mode.json" ]; then
-                    cp "$WORK/gptoss/gptoss_$mode.json" "$OUT/gptoss_$mode.json"
+                    cp "$WORK/gptoss/gptoss_$mode.json" "$OUT/.gptoss_$mode.json.part" &&
+                        mv -f "$OUT/.gptoss_$mode.json.part" "$OUT/gptoss_$mode.json"
                 fi
             done ;;
         presets)
@@ -216,7 +268,6 @@ for step in $STEPS; do
             run_step suite "${SUITE_TIMEOUT:-900}" fast_suite.log \
                 env OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" python -m pytest -v -m "not slow and not cuda" \
                 -p no:cacheprovider --durations 25 "${PARALLEL[@]}" ;;
-        *) echo "gpu_checks.sh: unknown step $step" >&2; exit 2 ;;
     esac
 done
 pack_logs
