@@ -167,12 +167,18 @@ class GPT(nn.Module):
 
 def test_quick_gpt2_benchmark_times_pico_nanogpt_and_transformers(bench, tmp_path, capsys):
     """--gpt2 at tiny size on the CPU: every training and decoding figure measured, nanoGPT's
-    model.py loaded from the directory given (a stand-in with its interface here)."""
+    model.py loaded from the directory given (a stand-in with its interface here); a profile
+    of each, one written over an earlier profile."""
     (tmp_path / "nanogpt").mkdir()
     (tmp_path / "nanogpt" / "model.py").write_text(FAKE_NANOGPT)
+    (tmp_path / "profile_pico_eager.txt").write_text(bench.PROFILE_HEADER + "an earlier one\n")
     status = bench.main(["--gpt2", "--quick", "--quiet", "--device_id", "cpu", "--output",
-                         str(tmp_path / "gpt2.json"), "--nanogpt_dir", str(tmp_path / "nanogpt")])
+                         str(tmp_path / "gpt2.json"), "--nanogpt_dir", str(tmp_path / "nanogpt"),
+                         "--profile", str(tmp_path)])
     assert status == 0
+    for who in ("pico", "nanogpt"):
+        profile = (tmp_path / f"profile_{who}_eager.txt").read_text()
+        assert profile.startswith(bench.PROFILE_HEADER + "3 steps") and "Self CPU" in profile
     report = json.loads((tmp_path / "gpt2.json").read_text())
     assert report["kind"] == "gpt2_benchmark" and report["datasheet_bf16_peak_tflops"] == "unknown peak"
     training = report["training"]
@@ -512,6 +518,22 @@ def test_the_gpt2_benchmark_refuses_a_profile_folder_that_is_a_file(bench, tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--profile {tmp_path}/notes.txt" in err and "not a directory" in err
     assert not (tmp_path / "b.json").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+
+@pytest.mark.parametrize("thing", ["file", "directory"])
+def test_the_gpt2_benchmark_writes_over_no_file_but_its_own_profiles(bench, tmp_path, capsys,
+                                                                     monkeypatch, thing):
+    """A profile's name taken by something else (notes, a folder) is refused before anything
+    is measured, and kept."""
+    mine = tmp_path / "profile_pico_eager.txt"
+    mine.write_text("mine") if thing == "file" else mine.mkdir()
+    monkeypatch.setattr(bench, "matmul_gflops", lambda *args: pytest.fail("measured"))
+    assert bench.main(["--quick", "--gpt2", "--device_id", "cpu", "--profile", str(tmp_path),
+                       "--output", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--profile {mine} already exists and is no profile" in err
+    assert not (tmp_path / "b.json").exists()
+    assert mine.read_text() == "mine" if thing == "file" else mine.is_dir()
+
 
 def test_a_report_never_replaces_a_fifo(pico, tmp_path):
     os.mkfifo(tmp_path / "fifo")          # reading its start to find its kind would block

@@ -655,9 +655,13 @@ def time_steps(step, sizes: GPT2Sizes, device: torch.device, profile: Path | Non
     return {"step_s": seconds, "first_step_s": first_step_s, "peak_memory_gb": peak}
 
 
+PROFILE_HEADER = "tools/benchmark.py --gpt2 profile: "   # a profile's first line begins so
+
+
 def profile_table(step, device: torch.device, path: Path, steps: int = 3) -> None:
     """torch.profiler over `steps` calls of an already warm `step`: the operators and kernels
-    by their own device time (CPU time on a CPU), and the kernel launches per step, as text."""
+    by their own device time (CPU time on a CPU), and the kernel launches per step, as text
+    (written atomically)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -669,10 +673,19 @@ def profile_table(step, device: torch.device, path: Path, steps: int = 3) -> Non
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     kernels = sum(event.count for event in events
                   if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA)
-    text = (f"{steps} steps; device kernels per step: {kernels / steps:.0f}\n"
+    text = (f"{PROFILE_HEADER}{steps} steps; device kernels per step: {kernels / steps:.0f}\n"
             + events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    pico.atomic_write_bytes(path, text.encode())
+
+
+def check_replaceable_profile(path: Path) -> None:
+    """A profile goes to a new file or over an earlier profile of this tool's (its first line
+    begins PROFILE_HEADER), never over anything else."""
+    if path.exists() and not (path.is_file()      # reading a FIFO's start would block
+                              and pico.file_start(path).startswith(PROFILE_HEADER.encode())):
+        raise pico.UserError(f"--profile {path} already exists and is no profile of this tool's, "
+                             "which is all it writes over; choose another --profile")
 
 
 def with_mfu(row: dict, tokens: int, flops_per_token: int, ceiling_gflops: float,
@@ -871,8 +884,15 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
     sizes = GPT2Sizes.quick() if args.quick else GPT2Sizes()
     out_path = Path(args.output)
     pico.check_writable_directory(out_path.parent, "--output")
+    # Compiling costs minutes on a CPU: there only with --compile.
+    modes = {"eager": False, **({"compiled": True} if device.type == "cuda" or args.compile else {})}
+    profile = (lambda who, mode: Path(args.profile) / f"profile_{who}_{mode}.txt") if args.profile \
+        else (lambda who, mode: None)
     if args.profile is not None:   # else every measurement records the failed write as its result
         pico.check_writable_directory(Path(args.profile), "--profile")
+        for who in ["pico"] + (["nanogpt"] if args.nanogpt_dir else []):
+            for mode in modes:
+                check_replaceable_profile(profile(who, mode))
     nanogpt = load_nanogpt(Path(args.nanogpt_dir)) if args.nanogpt_dir else None
     started = time.perf_counter()
     note = (lambda message: None) if args.quiet else (
@@ -881,8 +901,6 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
     ceiling = matmul_gflops(device, matmul_dtype, sizes.matmul_size, sizes.repeats)
     peak = datasheet_peak_tflops(device, dtype)
     note(f"{dtype} matmul ceiling {ceiling:.0f} GFLOP/s")
-    # Compiling costs minutes on a CPU: there only with --compile.
-    modes = {"eager": False, **({"compiled": True} if device.type == "cuda" or args.compile else {})}
     tokens = sizes.block_size * sizes.batch_size
     training, decoding = {}, {}
     report = {"kind": "gpt2_benchmark",
@@ -895,8 +913,6 @@ def run_gpt2_benchmark(args: argparse.Namespace) -> int:
 
     def save() -> None:      # after each measurement: a run cut short keeps what it measured
         pico.atomic_write_json(out_path, {**report, "elapsed_s": time.perf_counter() - started})
-    profile = (lambda who, mode: Path(args.profile) / f"profile_{who}_{mode}.txt") if args.profile \
-        else (lambda who, mode: None)
     for mode, compile in modes.items():
         try:
             pico_row = pico_gpt2_training(sizes, device, dtype, compile, profile("pico", mode))
