@@ -441,6 +441,30 @@ def test_compile_presets_times_compiled_against_eager_at_tiny_size(tmp_path):
     assert row["compiled"]["graph_breaks"] == 0 and isinstance(row["compiled"]["recompilations"], int)
 
 
+def test_compile_presets_records_the_batch_its_runs_train_at(pico, monkeypatch, tmp_path):
+    """--batch_size with --tiny: --tiny's batch 2 came after it on pico-llm's command line
+    and won, while the report recorded the one given. The runs are not started here: their
+    command lines are read as pico-llm reads them."""
+    from types import SimpleNamespace
+
+    from conftest import load_script
+    presets = load_script(COMPILE_PRESETS, "pico_compile_presets")
+    commands = []
+
+    def not_run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "not run\n")
+
+    monkeypatch.setattr(presets, "subprocess", SimpleNamespace(
+        run=not_run, TimeoutExpired=subprocess.TimeoutExpired))
+    for argv, batch in ((["--batch_size", "7"], 7), ([], 2)):
+        commands.clear()
+        assert presets.main(["--tiny", "--device_id", "cpu", "--configs", "pico", *argv,
+                             "--output", str(tmp_path / "out.json")]) == 1
+        assert json.loads((tmp_path / "out.json").read_text())["batch_size"] == batch
+        assert [pico.parse_args(command[2:]).batch_size for command in commands] == [batch, batch]
+
+
 def test_ab_training_speed_passes_its_flags_to_both_versions(tmp_path):
     """tools/ab_training_speed.py, tiny: both versions built with --flags (the block size
     shows in the tokens a step: 8 x 2) and timed."""

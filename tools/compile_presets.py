@@ -40,7 +40,8 @@ CONFIGS = {
     "GPT2-small": ["--transformer_variant", "GPT2-small"],
 }
 TINY = ["--d_model", "32", "--n_heads", "2", "--n_kv_heads", "1", "--n_blocks", "1", "--d_ff", "32",
-        "--block_size", "16", "--batch_size", "2"]
+        "--block_size", "16"]
+TINY_BATCH_SIZE = 2   # --tiny's batch, where --batch_size is not given
 
 
 def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
@@ -84,13 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="tools/compile_presets.py", description=tool_description(__doc__))
     parser.add_argument("--device_id", default="auto")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help=f"(default: 16, with --tiny {TINY_BATCH_SIZE})")
     parser.add_argument("--timeout", type=positive_float, default=150.0, help="seconds for each run")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated names among: " + ", ".join(CONFIGS))
     parser.add_argument("--tiny", action="store_true", help="tiny widths (seconds; the tests)")
     parser.add_argument("--output", type=path_text, required=True, help="where the JSON report goes")
     args = parser.parse_args(argv)
+    if args.batch_size is None:   # the one the runs train at, which the report records
+        args.batch_size = TINY_BATCH_SIZE if args.tiny else 16
     names = args.configs.split(",")
     if not all(name.strip() for name in names):
         parser.error(f"--configs {args.configs!r} has an empty name; give names among: "
