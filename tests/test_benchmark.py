@@ -465,6 +465,22 @@ def test_compile_presets_records_the_batch_its_runs_train_at(pico, monkeypatch, 
         assert [pico.parse_args(command[2:]).batch_size for command in commands] == [batch, batch]
 
 
+MAKE_3SEQS = REPO / "tools" / "make_3seqs.py"
+
+
+def test_make_3seqs_writes_over_its_corpus_or_the_start_of_it_only(tmp_path):
+    """A 3seqs.txt with lines added after the corpus had been replaced (its first line alone
+    was compared): refused, in one line, and kept. The corpus cut short is written whole."""
+    corpus = (REPO / "3seqs.txt").read_bytes()
+    out = tmp_path / "3seqs.txt"
+    for content, status in ((corpus + b"my own line\n", 2), (corpus[:1000], 0)):
+        out.write_bytes(content)
+        result = subprocess.run([sys.executable, str(MAKE_3SEQS), "--out", str(out)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == status and result.stderr.count("\n") == (status == 2), result.stderr
+        assert out.read_bytes() == (content if status else corpus)
+
+
 def test_ab_training_speed_passes_its_flags_to_both_versions(tmp_path):
     """tools/ab_training_speed.py, tiny: both versions built with --flags (the block size
     shows in the tokens a step: 8 x 2) and timed."""

@@ -26,15 +26,14 @@ def three_sequence_lines(num_lines: int = NUM_LINES) -> list[str]:
     return [" ".join(SEQUENCES[i % len(SEQUENCES)]) for i in range(num_lines)]
 
 
-def is_3seqs_corpus(path: Path) -> bool:
-    """Whether the regular file `path` is empty or begins as this tool's corpus, with its first
-    line (counting), read from its start alone: the files --out may write over."""
+def is_3seqs_corpus(path: Path, corpus: bytes) -> bool:
+    """Whether the regular file `path` is empty, the corpus or its start (a write cut short):
+    the files --out may write over. One that goes on past the corpus (lines added) is not."""
     if not path.is_file():   # a directory, or a FIFO whose read would block
         return False
-    first = (three_sequence_lines(1)[0] + "\n").encode()
     try:
         with open(path, "rb") as file:
-            return file.read(len(first)) in (b"", first)
+            return corpus.startswith(file.read(len(corpus) + 1))
     except OSError:
         return False
 
@@ -44,12 +43,13 @@ def main() -> int:
     parser.add_argument("--out", type=path_text,
                         default=str(Path(__file__).resolve().parent.parent / "3seqs.txt"))
     out = Path(parser.parse_args().out)
-    if out.exists() and not is_3seqs_corpus(out):
+    corpus = "".join(line + "\n" for line in three_sequence_lines())
+    if out.exists() and not is_3seqs_corpus(out, corpus.encode()):
         print(f"make_3seqs: error: --out {out} already exists and is not a 3seqs corpus; choose "
               "another --out (or delete it)", file=sys.stderr)
         return 2
     try:
-        write_text_atomically(out, "".join(line + "\n" for line in three_sequence_lines()))
+        write_text_atomically(out, corpus)
     except OSError as error:
         print(f"make_3seqs: error: cannot write {out} ({error.strerror}); choose another --out",
               file=sys.stderr)
