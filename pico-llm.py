@@ -10078,7 +10078,9 @@ def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_si
         elif isinstance(config, LSTMConfig):
             advice = (f"lower --embed_size ({config.embed_size:,}) or --lstm_layers "
                       f"({config.num_layers})")
-        elif cache > 16 * parameters or (config.pos_emb == "learned" and not init_from):
+        elif cache > 16 * parameters or (config.pos_emb == "learned" and not init_from
+                                         and 2 * 16 * block_size * config.d_model > needed):
+            # the KV cache, or learned positions (a block_size x d_model table), most of it
             advice = f"lower --block_size ({block_size:,})"
         elif init_from:
             advice = f"--init_from {init_from} is too large to train here; choose a smaller model"

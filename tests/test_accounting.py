@@ -174,6 +174,12 @@ def test_a_model_larger_than_memory_is_refused_naming_its_size_flag(pico, config
     long = configure("--models", "transformer", "--block_size", "4000000").models
     with pytest.raises(pico.UserError, match=r"KV cache.*lower --block_size \(4,000,000\)"):
         pico.check_models_fit_in_memory(long, 257, 4_000_000, device)
+    # Learned positions (minGPT's) blame --block_size only where their table is most of it.
+    for flags, advice in ((["--d_model", "120000"], r"lower --d_model, --n_blocks or --d_ff$"),
+                          (["--block_size", "10000000"], r"lower --block_size \(10,000,000\)$")):
+        config = configure("--models", "transformer", "--transformer_variant", "minGPT", *flags)
+        with pytest.raises(pico.UserError, match=advice):
+            pico.check_models_fit_in_memory(config.models, 257, config.data.block_size, device)
     # 4 layers x 4 gates x 2 x 20,000**2 weights; 12 blocks of 12 x 8,192**2
     deep = configure("--models", "lstm_seq", "--embed_size", "20000", "--lstm_layers", "4").models
     with pytest.raises(pico.UserError, match=r"lstm_seq needs about .* lower --embed_size "
