@@ -509,7 +509,9 @@ def test_a_trained_bpe_whose_ids_are_not_as_training_makes_them_is_refused():
     swapped_bytes = vocab | {97: vocab[98], 98: vocab[97]}
     last = max(vocab)
     swapped_merges = vocab | {last: vocab[last - 1], last - 1: vocab[last]}
-    for damaged in (swapped_bytes, swapped_merges):
+    # id 256 is end-of-text (or the first merge's): a merge there, end-of-text moved to the end
+    moved_end = vocab | {256: b"zz", last + 1: vocab[256]}
+    for damaged in (swapped_bytes, swapped_merges, moved_end):
         with pytest.raises(ValueError, match="not the 256 bytes and then its merges' results"):
             pico.TrainedBPETokenizer(damaged, merges, 270)
     identity["bpe_vocab"] = {str(i): token.hex() for i, token in swapped_bytes.items()}

@@ -398,6 +398,19 @@ def test_restoring_random_states_replays_every_generator(pico):
     assert (torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()) == first
 
 
+@pytest.mark.parametrize("change", [
+    {"position": 625}, {"position": 100_000_000},                     # past numpy's 624 keys
+    {"keys": torch.full((624,), -1, dtype=torch.int64)},              # read as 4294967295
+    {"keys": torch.full((624,), 2**32, dtype=torch.int64)}])
+def test_a_numpy_state_numpy_would_take_and_then_crash_on_is_refused(pico, change):
+    """numpy's set_state takes these, and a draw past its keys then ends the interpreter with
+    a segmentation fault, whenever it comes; a key out of range wraps round unseen."""
+    saved = pico.rng_states()
+    saved["numpy"] = {**saved["numpy"], **change}
+    with pytest.raises(ValueError, match="numpy's generator state is not one numpy writes"):
+        pico.restore_rng_states(saved)
+
+
 def test_checkpoints_come_every_checkpoint_every_steps(pico):
     """The fast tests checkpoint every step; every 3rd is steps 3 and 6 of 7, not 2 and 5."""
     tolerance = pico.FaultTolerance("m", pico.TrainingConfig(), checkpoint_every=3)

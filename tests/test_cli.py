@@ -21,6 +21,8 @@ BAD_INPUTS = [
     (["--input_files", "{binary}"], "binary"),
     (["--input_files", "{utf16}"], "is UTF-16 (it starts with a byte-order mark); save it as UTF-8"),
     (["--input_files", "{utf32}"], "is UTF-32 (it starts with a byte-order mark); save it as UTF-8"),
+    (["--input_files", "{utf16be}"], "is UTF-16 (it starts with a byte-order mark); save it as UTF-8"),
+    (["--input_files", "{utf32be}"], "is UTF-32 (it starts with a byte-order mark); save it as UTF-8"),
     (["--tinystories_weight", "1", "--tinystories_path", "{numbers_json}"],
      "TinyStories record 1 has no 'text' string (read as int)"),
     (["--input_files", "{folder}"], "is a directory"),
@@ -208,6 +210,8 @@ def bad_files(tmp_path):
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
     (tmp_path / "utf16.txt").write_text("hello world\n", encoding="utf-16")
     (tmp_path / "utf32.txt").write_text("hello world\n", encoding="utf-32")   # also starts ff fe
+    (tmp_path / "utf16be.txt").write_bytes(b"\xfe\xff" + "hello world\n".encode("utf-16-be"))
+    (tmp_path / "utf32be.txt").write_bytes(b"\x00\x00\xfe\xff" + "hello world\n".encode("utf-32-be"))
     (tmp_path / "numbers.jsonl").write_text('{"text": 5}\n')
     (tmp_path / "stories.csv").write_text("text\nOnce\n")
     (tmp_path / "folder").mkdir()
@@ -217,7 +221,8 @@ def bad_files(tmp_path):
     return {name: str(tmp_path / file) for name, file in [
         ("empty", "empty.txt"), ("latin1", "latin1.txt"), ("binary", "binary.txt"),
         ("folder", "folder"), ("no_txt_folder", "no_txt_folder"), ("loop", "loop.txt"),
-        ("utf16", "utf16.txt"), ("utf32", "utf32.txt"), ("numbers_json", "numbers.jsonl"),
+        ("utf16", "utf16.txt"), ("utf32", "utf32.txt"), ("utf16be", "utf16be.txt"),
+        ("utf32be", "utf32be.txt"), ("numbers_json", "numbers.jsonl"),
         ("csv", "stories.csv")]}
 
 

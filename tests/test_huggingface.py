@@ -4,6 +4,7 @@ and Llama models built from configs (offline: nothing is downloaded)."""
 import ast
 import copy
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import unicodedata
 
 import numpy as np
@@ -941,10 +943,10 @@ def test_a_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_texts(
     """A pipeline's settings a tokenizer.json may keep had cut every text to 4 tokens and
     padded it to 12 with id 0, silently, in training data and prompts alike."""
     saved = json.loads((llama_dir / "tokenizer.json").read_text())
-    saved["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst",
-                           "stride": 0}
-    saved["padding"] = {"strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": None,
-                        "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+    truncation = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    padding = {"strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": None,
+               "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+    saved.update(truncation=truncation, padding=padding)
     (llama_dir / "tokenizer.json").write_text(json.dumps(saved))
     _, tokenizer = pico.import_hf(llama_dir)
     assert tokenizer.encode_batch(["hello world", "hi"]) == [list(b"hello world"), list(b"hi")]
@@ -957,6 +959,52 @@ def test_a_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_texts(
     (llama_dir / "tokenizer.json").write_text(json.dumps(saved))
     _, tokenizer = pico.import_hf(llama_dir)
     assert tokenizer.fingerprint == f"{tokenizer.name}:256"
+    for kept, setting in (("truncation", truncation), ("padding", padding)):   # either alone
+        (llama_dir / "tokenizer.json").write_text(json.dumps({**saved, kept: setting}))
+        _, tokenizer = pico.import_hf(llama_dir)
+        assert tokenizer.fingerprint == f"{tokenizer.name}:256:uncut", kept
+
+
+class Chatty:
+    """A tokenizer library that writes a line of its own to the process's standard error as
+    it works, and does not fail."""
+
+    def encode(self, text, add_special_tokens=False):
+        os.write(2, b"a note of the library's\n")
+        return types.SimpleNamespace(ids=[1, 2])
+
+    def decode(self, ids):
+        return "ok"
+
+
+def test_the_tokenizer_probe_gives_back_what_the_library_wrote_without_failing(pico, capfd,
+                                                                               monkeypatch):
+    """Standard error is held only to keep a panic's lines back; a tokenizer that works
+    says what it says, and one with no standard error to hold (closed) is tried as it is."""
+    pico.check_tokenizer_runs(Chatty())
+    assert capfd.readouterr().err == "a note of the library's\n"
+
+    def closed(fd):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    with monkeypatch.context() as patched:       # os's own dup: put back before pytest's needs it
+        patched.setattr(pico.os, "dup", closed)
+        pico.check_tokenizer_runs(Chatty())
+
+
+def test_a_panic_while_the_library_reads_a_tokenizer_json_is_refused(pico, llama_dir, monkeypatch):
+    """The file read from a model's folder, or a checkpoint's stored copy: a panic there
+    (a BaseException) is the file's fault, as a plain Exception is."""
+    tokenizers = pytest.importorskip("tokenizers")
+
+    def panics(*args, **kwargs):
+        raise PanicException("index out of bounds")
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_str", panics)
+    with pytest.raises(ValueError, match=r"not a tokenizer.json \(index out of bounds\)"):
+        pico.HFTokenizer.from_json("{}", 10, 0, "hf:x")
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", panics)
+    config = pico.config_from_hf(json.loads((llama_dir / "config.json").read_text()))
+    with pytest.raises(pico.UserError, match=r"tokenizer\.json.*index out of bounds"):
+        pico.tokenizer_from_hf(llama_dir, config)
 
 
 class PanicException(BaseException):

@@ -1729,6 +1729,9 @@ def test_a_restored_optimizer_group_without_a_setting_a_step_reads_is_refused(pi
     (1, "betas", ("a", "b"), r"betas is \('a', 'b'\)"),
     (2, "weight_decay", "x", "weight_decay is 'x'"),
     (2, "eps", -1.0, "eps is -1.0, where the flags make it 1e-08"),
+    (1, "betas", [0.9], r"betas is \[0.9\]"), (1, "betas", (0.9, 0.999, 0.5), "betas is"),
+    # a tensor equal to the flag's number, but not it: bfloat16's 0.95 holds 0.9492
+    (0, "momentum", torch.tensor(0.95, dtype=torch.bfloat16), "momentum is tensor"),
     # the same step: a list for the tuple it was (a state that went through JSON), 0 for 0.0
     (1, "betas", [0.9, 0.999], None), (2, "weight_decay", 0, None)])
 def test_a_restored_optimizer_setting_other_than_the_flags_make_is_refused(pico, group, setting,

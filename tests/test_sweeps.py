@@ -257,6 +257,12 @@ def test_more_clusters_than_the_text_has_tokens_are_noted(run_main, tmp_path):
     # a, b, the space and <|endoftext|> (each line is an example: no newline)
     assert err.splitlines() == ["pico-llm: note: --monosemantic_clusters 50 is more than the 4 "
                                 "distinct tokens the text uses: k-means makes at most 4 clusters"]
+    status, _, err = run_main("--input_files", str(corpus), "--models", "kgram_mlp_seq",
+                              "--embed_size", "16", "--block_size", "8", "--prompt", "ab",
+                              "--epochs", "1", "--max_steps_per_epoch", "1", "--max_new_tokens",
+                              "3", "--quiet", "--monosemantic_enabled", "--monosemantic_clusters",
+                              "4", "--run_name", "as_many")
+    assert status == 0 and err == "", err        # as many clusters as tokens: nothing to say
 
 
 def test_a_normal_run_prints_the_loss_plot_and_writes_interpretability_files(run_main, tmp_path,
@@ -858,6 +864,7 @@ def test_a_sweep_file_without_its_keys_is_refused_before_training(pico, run_main
 @pytest.mark.parametrize("field, value, shape", [
     ("test_loss", "x", "a number or null"), ("parameters", True, "a number or null"),
     ("samples", 5, "a list of strings"), ("diversity", [1], "an object of numbers"),
+    ("samples", ["a", 5], "a list of strings"), ("diversity", {"distinct_1": "x"}, "an object of numbers"),
     ("diverged", 1, "a boolean"), ("curve", [3], "a list of objects")])
 def test_a_sweep_point_measured_as_pico_llm_never_writes_is_refused_before_training(
         pico, run_main, tmp_path, tiny_corpus, field, value, shape):
