@@ -144,6 +144,8 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
      "--steps 1000000000 would read the text in --input_dir"),
     ("vs_nanogpt", ["--pico_flags", '"--bias'], "--pico_flags '\"--bias': No closing quotation"),
     ("vs_nanogpt", ["--pico_flags", "--d_model 0"], "--d_model must be positive"),
+    ("vs_nanogpt", ["--pico_flags", "--d_model 1000000000"],    # not left to the child run
+     "transformer needs about 238,418,646,961.5 GiB"),
     ("vs_nanogpt", ["--pico_flags=--bogus 3"],
      "--pico_flags: unrecognized arguments: --bogus 3; see python pico-llm.py --help"),
     ("vs_nanogpt", ["--corpus_dir", str(REPO / "data" / "custom_corpus"), "--steps", "1000000000"],

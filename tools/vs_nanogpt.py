@@ -238,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pico_flags {args.pico_flags!r}: {error}")
     pico = load_pico()
     try:
-        pico_flags_checked(pico, lambda: pico.parse_args(    # before minutes of work
-            PICO_FLAGS + extra + ["--input_files", "train.txt"]), "--pico_flags")
+        config = pico_flags_checked(pico, lambda: pico.config_from_command_line(   # before
+            PICO_FLAGS + extra + ["--input_files", "train.txt"]), "--pico_flags")  # minutes of work
+        pico.check_models_fit_in_memory(config.models, pico.ByteTokenizer().vocab_size,
+                                        config.data.block_size, torch.device("cpu"))
         check_flags_left_alone(pico, extra, OWNED_FLAGS, "--pico_flags",
                                "it trains pico-llm's transformer on --corpus_dir, with "
                                "--steps, --seed and files of its own")
