@@ -137,6 +137,11 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
      "--timeout is at most 1000000 seconds (11 days), got 1e+308"),
     ("compile_presets", ["--device_id", "gpu", "--output", "{tmp}/out.json"],
      "unknown --device_id 'gpu'; use auto, cpu, mps or cuda:N"),
+    # checked as pico-llm checks them before the first run, not by each run in turn
+    ("compile_presets", ["--batch_size", str(2**70), "--output", "{tmp}/out.json"],
+     "--batch_size is a 22-digit number, beyond any size or count pico-llm can hold"),
+    ("compile_presets", ["--batch_size", str(10**14), "--steps", "2", "--output", "{tmp}/out.json"],
+     "3seqs.txt makes 1 steps of --batch_size 100000000000000, fewer than --steps 2; lower either"),
     ("recipe_gpt2", ["--tiny", "--input_dir", str(REPO / "data" / "custom_corpus"),
                      "--output", "{tmp}"], "--output {tmp} is a directory"),
     ("recipe_ablation", ["--input_dir", str(REPO / "data" / "custom_corpus"), "--sweep_scale",

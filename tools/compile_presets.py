@@ -15,6 +15,7 @@ median step. Writes a JSON report
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -24,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, path_text, positive_float,
-                         positive_int, run_tool, tool_description)
+from pico_module import (OneLineErrorParser, PICO_PATH, load_pico, path_text, pico_flags_checked,
+                         positive_float, positive_int, run_tool, tool_description)
 
 # Every preset, and the attention kinds on the default preset; the ones least like the
 # GPT-2 step that tools/benchmark.py measures first, so that a run cut short has them.
@@ -44,16 +45,25 @@ TINY = ["--d_model", "32", "--n_heads", "2", "--n_kv_heads", "1", "--n_blocks", 
 TINY_BATCH_SIZE = 2   # --tiny's batch, where --batch_size is not given
 
 
-def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
+def run_label(name: str, compile: bool) -> str:
+    return f"{name.replace(' ', '_')}_{'compiled' if compile else 'eager'}"
+
+
+def pico_flags(name: str, compile: bool, args, work: Path) -> list[str]:
+    """pico-llm's command line for one training run of config `name`."""
+    return ["--models", "transformer", *CONFIGS[name],
+            "--input_files", str(Path(PICO_PATH).parent / "3seqs.txt"), "--tokenizer", "char",
+            "--epochs", "1", "--max_steps_per_epoch", str(args.steps), "--max_new_tokens", "4",
+            "--device_id", args.device_id, "--quiet", "--run_name", run_label(name, compile),
+            "--artefacts_dir", str(work), "--cache_dir", str(work / "cache"),
+            "--batch_size", str(args.batch_size), *(TINY if args.tiny else []),
+            *(["--compile"] if compile else [])]
+
+
+def run(name: str, compile: bool, args, work: Path) -> dict:
     """One training run of `args.steps` steps; its timings, or why there are none."""
-    label = f"{name.replace(' ', '_')}_{'compiled' if compile else 'eager'}"
-    command = [sys.executable, str(PICO_PATH), "--models", "transformer", *flags,
-               "--input_files", str(Path(PICO_PATH).parent / "3seqs.txt"), "--tokenizer", "char",
-               "--epochs", "1", "--max_steps_per_epoch", str(args.steps), "--max_new_tokens", "4",
-               "--device_id", args.device_id, "--quiet", "--run_name", label,
-               "--artefacts_dir", str(work), "--cache_dir", str(work / "cache"),
-               "--batch_size", str(args.batch_size), *(TINY if args.tiny else []),
-               *(["--compile"] if compile else [])]
+    label = run_label(name, compile)
+    command = [sys.executable, str(PICO_PATH), *pico_flags(name, compile, args, work)]
     started = time.perf_counter()
     env = {**os.environ, "TORCH_LOGS": "recompiles,graph_breaks"}   # counted below
     try:
@@ -84,7 +94,7 @@ def run(name: str, flags: list[str], compile: bool, args, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="tools/compile_presets.py", description=tool_description(__doc__))
     parser.add_argument("--device_id", default="auto")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=positive_int, default=40)
     parser.add_argument("--batch_size", type=positive_int, default=None,
                         help=f"(default: 16, with --tiny {TINY_BATCH_SIZE})")
     parser.add_argument("--timeout", type=positive_float, default=150.0, help="seconds for each run")
@@ -111,7 +121,19 @@ def main(argv: list[str] | None = None) -> int:
             raise pico.UserError(f"--steps must be at least 2, got {args.steps}")
         if args.timeout > 1e6:   # subprocess's wait overflows near 1e10 seconds
             raise pico.UserError(f"--timeout is at most 1000000 seconds (11 days), got {args.timeout:g}")
-        pico.resolve_device(args.device_id)   # a bad one would fail every run, after minutes
+        device = pico.resolve_device(args.device_id)   # a bad one would fail every run, after minutes
+        for name in names:    # each config's runs as pico-llm checks them, before any is started
+            config = pico_flags_checked(pico, lambda: pico.config_from_command_line(
+                pico_flags(name, True, args, Path("unused"))), f"--configs {name}")
+            pico.check_models_fit_in_memory(config.models, pico.ByteTokenizer().vocab_size,
+                                            config.data.block_size, device)
+        data_config = dataclasses.replace(config.data, cache_dir=None)   # the same for every config
+        data = pico.load_training_data(data_config, pico.build_tokenizer(data_config.tokenizer),
+                                       pico.read_sources(data_config))
+        steps = data.steps_per_epoch(args.batch_size, None)
+        if steps < args.steps:     # a run stops at the end of the text: too few steps to time
+            raise pico.UserError(f"3seqs.txt makes {steps} steps of --batch_size "
+                                 f"{args.batch_size}, fewer than --steps {args.steps}; lower either")
         pico.check_writable_directory(Path(args.output).parent, "--output")
         pico.check_replaceable_report(Path(args.output), ("compile_presets",), "--output",
                                       ("tiny", args.tiny))
@@ -122,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
               "batch_size": args.batch_size, "tiny": args.tiny, "rows": {}}
     with tempfile.TemporaryDirectory() as work:
         for name in names:
-            row = {mode: run(name, CONFIGS[name], mode == "compiled", args, Path(work))
+            row = {mode: run(name, mode == "compiled", args, Path(work))
                    for mode in ("eager", "compiled")}
             eager, compiled = row["eager"], row["compiled"]
             if "error" not in eager and "error" not in compiled:
