@@ -6547,6 +6547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "finished; send it to a file, or through tail")
         return 128 + signal.SIGPIPE
     except (MemoryError, RuntimeError) as error:
+        if launched_world_size() > 1 and peer_failure(error):   # in a step, or any collective
+            return error_line(another_rank_stopped(error))
         if str(error).startswith("Symlink loop from "):   # pathlib's resolve() of a looping path
             path = str(error).removeprefix("Symlink loop from ").strip("'")
             return error_line(PATH_ERRORS[errno.ELOOP].format(path=path))
@@ -9155,9 +9157,7 @@ class Distributed:
         try:
             torch.distributed.barrier(group=self.control_group)
         except RuntimeError as error:   # a rank that failed meanwhile: its own error says why
-            detail = re.sub(r"^\[[^\]]*\]\s*", "", str(error))   # less gloo's source line
-            raise UserError(f"another rank stopped ({textwrap.shorten(detail, 100)}); its "
-                            "error says why") from None
+            raise UserError(another_rank_stopped(error)) from None
 
     def maximum(self, value: int) -> int:
         """The largest of the ranks' `value` (itself on one process), agreed on the CPU through
@@ -9168,6 +9168,20 @@ class Distributed:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX,
                                      group=self.control_group)
         return int(tensor.item())
+
+
+def another_rank_stopped(error: BaseException) -> str:
+    """The line for a collective whose peer failed (its connections closed) or stopped
+    answering (a timeout): the other rank's own error says why."""
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", str(error))   # less gloo's source line
+    return f"another rank stopped ({textwrap.shorten(detail, 100)}); its error says why"
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective's failure for want of a peer: PyTorch's distributed
+    errors, or gloo's and NCCL's, which reach Python as a plain RuntimeError."""
+    return isinstance(error, torch.distributed.DistError) or bool(re.search(
+        r"gloo/|NCCL|Connection (closed|reset) by peer|Timed out waiting", str(error)))
 
 
 def launched_world_size() -> int:

@@ -191,6 +191,22 @@ def test_two_ranks_started_by_hand_with_other_flags_both_refuse(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_rank_whose_peer_refused_says_so_in_one_line(tmp_path):
+    """The same command again, without --resume: rank 0 refuses the --save_dir holding the
+    first run's checkpoints, and rank 1, waiting for it in a collective, had shown gloo's
+    traceback ("Connection closed by peer")."""
+    save_dir = tmp_path / "checkpoints"
+    (save_dir / "lstm_seq").mkdir(parents=True)
+    (save_dir / "lstm_seq" / "step_000004.pt").write_bytes(b"")     # a first run's
+    flags = [*TINY, "--models", "lstm_seq", "--save_dir", str(save_dir),
+             "--artefacts_dir", str(tmp_path / "art"), "--cache_dir", str(tmp_path / "cache")]
+    (status, _, err), (other_status, _, other_err) = ranks_by_hand([flags, flags])
+    assert status == 2 and "already holds checkpoints of lstm_seq" in err, err[-2000:]
+    assert other_status == 2, other_err[-2000:]
+    assert other_err.startswith("pico-llm: error (rank 1): another rank stopped ("), other_err[-2000:]
+    assert other_err.endswith("; its error says why\n") and other_err.count("\n") == 1
+
+
 def test_two_ranks_that_read_other_text_under_the_same_flags_both_refuse(tmp_path):
     """The same relative --input_files in two folders: gloo aborted rank 0 (a C++ dump) as
     their evaluations' collectives differed, or with fewer steps both trained, each on its own
@@ -443,6 +459,11 @@ def test_a_rank_waiting_for_one_that_failed_says_so_in_one_line(pico, monkeypatc
                                              r"peer.*\); its error says why$"):
         pico.Distributed(rank=1, world_size=2, local_rank=1).barrier()
     pico.Distributed().barrier()               # one process: nothing to wait for
+    # main() says the same of any collective (a step's, an evaluation's): what tells them
+    for failure in (torch.distributed.DistBackendError("x"), RuntimeError("NCCL error in: x"),
+                    RuntimeError("Timed out waiting 10000ms for recv operation to complete")):
+        assert pico.peer_failure(failure)
+    assert not pico.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_ranks_that_cannot_open_their_cpu_group_say_so_in_one_line(pico, monkeypatch):
