@@ -9240,6 +9240,7 @@ def native_stderr_to(file):
 
 
 DIST_WAIT_NOTE_S = 10.0   # torchrun's ranks meet within seconds; a longer wait is said
+DIST_GIVE_UP_GRACE_S = 3.0   # past --dist_timeout, for torch's own reason to come first
 
 
 def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, str]:
@@ -9272,19 +9273,34 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
         + ("" if os.environ.get("TORCHELASTIC_RUN_ID") else   # set by torchrun
            ". Start every rank with torchrun, or unset WORLD_SIZE") + "\n").encode()))
     waiting.daemon = True
+    # torch gives up by itself only where nobody answers, and then after up to twice the
+    # timeout (a client's retries); a listener that never replies (another program on the
+    # port, a second process of one rank) holds it for ever. Nothing is written or held yet:
+    # past the timeout (and a little more, for torch's own reason to come first) it exits.
+    gave_up = (f"pico-llm: error (rank {os.environ.get('RANK')}): cannot join the torchrun job "
+               f"at {where} within --dist_timeout {timeout_s:g} s; start every rank with "
+               "torchrun (each RANK once), or unset WORLD_SIZE\n")
+    deadline = threading.Timer(timeout_s + DIST_GIVE_UP_GRACE_S, lambda: (
+        os.write(terminal, gave_up.encode()), os._exit(2)))
+    deadline.daemon = True
     with tempfile.TemporaryFile() as native_log:
         try:
             waiting.start()
+            deadline.start()
             with native_stderr_to(native_log):
                 dist.init_process_group("nccl" if use_cuda else "gloo",
                                         timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as error:   # torch.distributed's errors are RuntimeErrors
-            raise UserError(f"cannot join the torchrun job at {where} "
-                            f"({textwrap.shorten(str(error), 120)}); start every rank with "
-                            "torchrun, or unset WORLD_SIZE") from None
+            reason = textwrap.shorten(str(error), 120)
+            if re.search(r"code: -98\b|address already in use", str(error), re.IGNORECASE):
+                reason = f"port {os.environ['MASTER_PORT']} is in use by another program"
+            raise UserError(f"cannot join the torchrun job at {where} ({reason}); start every "
+                            "rank with torchrun (another --master_port), or unset WORLD_SIZE"
+                            ) from None
         finally:
-            waiting.cancel()
-            waiting.join()
+            for timer in (waiting, deadline):
+                timer.cancel()
+                timer.join()
             os.close(terminal)
         native_log.seek(0)
         sys.stderr.write(native_log.read().decode(errors="replace"))

@@ -673,6 +673,33 @@ def test_a_rank_that_cannot_reach_the_others_says_so_in_one_line(tmp_path):
     assert len(lines) == 1 and f"cannot join the torchrun job at 127.0.0.1:{port}" in lines[0]
 
 
+@pytest.mark.parametrize("rank, said", [
+    ("1", "within --dist_timeout 2 s; start every rank with torchrun (each RANK once)"),
+    ("0", "(port {port} is in use by another program); start every rank with torchrun")])
+def test_a_rank_whose_port_another_program_holds_gives_up_in_one_line(tmp_path, rank, said):
+    """A listener that never answers (another program on MASTER_PORT, or a second process
+    given one RANK) had held rank 1 in torch's connect for ever; rank 0, which would listen
+    there itself, had its reason cut off."""
+    import os
+    import socket
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        result = subprocess.run([sys.executable, str(SCRIPT), "--models", "lstm_seq",
+                                 "--device_id", "cpu", "--dist_timeout", "2",
+                                 "--artefacts_dir", str(tmp_path / "art")],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and said.format(port=port) in lines[0], lines
+    assert lines[0].startswith(f"pico-llm: error (rank {rank}): cannot join the torchrun job at "
+                               f"127.0.0.1:{port}")
+    assert not (tmp_path / "art").exists()
+
+
 @pytest.mark.parametrize("command", [["--sweep", "budget", "--sweep_scale", "tiny"],
                                      ["--generate", "--checkpoint", "x.pt"], ["--accounting"]])
 def test_commands_other_than_training_refuse_torchrun(run_main, monkeypatch, command):

@@ -336,6 +336,7 @@ def test_a_rank_left_waiting_for_the_others_says_so_before_it_gives_up(pico, mon
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(pico, "DIST_WAIT_NOTE_S", 0.5)
+    monkeypatch.setattr(pico, "DIST_GIVE_UP_GRACE_S", 600.0)   # its exit would end the tests'
     with pytest.raises(pico.UserError, match="cannot join the torchrun job"):
         pico.setup_distributed("cpu", timeout_s=3.0)
     err = capfd.readouterr().err
