@@ -123,6 +123,12 @@ if __name__ == "__main__":
                          f"{os.environ['GOMP_CPU_AFFINITY'][:40]!r} is not a list of CPUs such "
                          "as 0-3,6 or 0-7:2; fix it, or unset it\n")
         sys.exit(2)
+    try:   # in a folder deleted under the shell, importing torch fails with oneMKL's own line
+        os.getcwd()
+    except FileNotFoundError:
+        sys.stderr.write("pico-llm: error: the current folder was deleted; cd to a folder that "
+                         "exists and run again\n")
+        sys.exit(2)
     # An OMP_NUM_THREADS it cannot read, it notes in a line of its own and ignores: one line here.
     if sys.platform.startswith("linux") and not omp_num_threads_readable(
             os.environ.get("OMP_NUM_THREADS", "1")):

@@ -905,6 +905,18 @@ def test_gomp_cpu_affinity_in_libgomps_own_forms_is_taken(ws):
         assert result.returncode == 0, describe(result)
 
 
+def test_a_run_from_a_folder_deleted_under_the_shell_says_so_in_one_line(tmp_path):
+    """Importing torch there had failed with oneMKL's "Cannot load libtorch_cpu.so"."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    result = subprocess.run(["bash", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3" --help', "-",
+                             str(gone), sys.executable, str(SCRIPT)],
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (2, ""), describe(result)
+    assert result.stderr == ("pico-llm: error: the current folder was deleted; cd to a folder "
+                             "that exists and run again\n")
+
+
 def test_omp_num_threads_in_openmps_own_forms_is_taken_without_a_word(pico):
     for value in ("1", "+3", " 2 ", "2,1", "007"):
         assert pico.omp_num_threads_readable(value), value
