@@ -5384,6 +5384,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def utf8_argument(value: str) -> str:
+    """An argument whose bytes the terminal's encoding could not read (ASCII under LC_ALL=C;
+    Python keeps them as surrogates) read as the UTF-8 they are; else as it came."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in value):
+        return value
+    try:
+        return os.fsencode(value).decode("utf-8")
+    except UnicodeError:      # not UTF-8 either: validate_args says so
+        return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line; raises UserError on a bad combination."""
     args = build_arg_parser().parse_args(argv)
@@ -5392,6 +5403,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.models.append("transformer_gptoss")
     if args.tokenizer is None and not (args.init_from or args.generate or args.checkpoint):
         args.tokenizer = "char"  # --init_from brings its own, a --checkpoint too
+    if args.prompt is not None:  # text, never a path: its UTF-8 read back where the terminal's
+        args.prompt = utf8_argument(args.prompt)   # encoding (LC_ALL=C) could not read it
     validate_args(args)
     # Only a fresh training run is held to this: a sweep's points change the model under the
     # flags, and a resumed run or a checkpoint's model keeps the flags it was trained with.
@@ -5516,11 +5529,16 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--accounting is empty; give configured (what a bare --accounting "
                         "reports), all, a preset name or a GPT-2 size")
     for name in ("run_name", "prompt"):
+        value = getattr(args, name) or ""
         try:
-            (getattr(args, name) or "").encode("utf-8")
+            value.encode("utf-8")
         except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
-            raise UserError(f"--{name} is not valid UTF-8; check the terminal's encoding "
-                            "(e.g. LANG=C.UTF-8)") from None
+            if utf8_argument(value) == value:
+                raise UserError(f"--{name} is not valid UTF-8; check the terminal's encoding "
+                                "(e.g. LANG=C.UTF-8)") from None
+            raise UserError(f"--{name} is UTF-8 that the terminal's encoding "    # a file name
+                            f"({sys.getfilesystemencoding()}) does not read; set LC_ALL=C.UTF-8, "
+                            "or give a name in ASCII") from None
     control = any(unicodedata.category(ch).startswith("C") for ch in args.run_name or "")
     if args.run_name is not None and (not args.run_name.strip() or control):
         raise UserError(f"--run_name {args.run_name!r} must be a plain file name: not empty, "

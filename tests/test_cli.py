@@ -104,8 +104,10 @@ BAD_INPUTS = [
     (["--tinystories_weight", "0.5", "--tinystories_path", "{csv}"],
      "expected .json, .jsonl, .parquet or .txt"),
     # bytes a non-UTF-8 terminal could not decode (surrogate escapes, as Python reads them):
-    # the name had been called a control character
-    (["--run_name", "r\udcc3\udcbc"], "--run_name is not valid UTF-8; check the terminal's encoding"),
+    # the name had been called a control character; UTF-8 that an ASCII terminal could not
+    # read had been called invalid
+    (["--run_name", "r\udcc3\udcbc"], "--run_name is UTF-8 that the terminal's encoding ("),
+    (["--run_name", "caf\udce9"], "--run_name is not valid UTF-8; check the terminal's encoding"),
     (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8; check the terminal's encoding"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "3,,5"], "expected positive integers"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", "3_0"], "expected positive integers"),
@@ -322,6 +324,19 @@ def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_i
             err = capsys.readouterr().err
             assert f"would hold the files this run writes for {flag}" in err, err
             assert not (tmp_path / "hf").exists()
+
+
+def test_a_prompt_of_utf8_an_ascii_terminal_could_not_read_is_read_as_utf8(configure, tmp_path):
+    """Under LC_ALL=C (PYTHONUTF8=0), Python reads each byte past ASCII of an argument as a
+    surrogate; a prompt, text and never a path, is read back as the UTF-8 it is."""
+    assert configure("--prompt", "h\udcc3\udca9llo \udce2\udc98\udc83").sampling.prompt == "héllo ☃"
+    environment = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--accounting", "--prompt", "héllo",
+                             "--run_name", "rün"], env=environment, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == (
+        "pico-llm: error: --run_name is UTF-8 that the terminal's encoding (ascii) does not "
+        "read; set LC_ALL=C.UTF-8, or give a name in ASCII\n"), result.stderr
 
 
 def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
