@@ -8806,6 +8806,10 @@ def resume_checkpoints(checkpoints: CheckpointConfig, model_names: list[str],
             if latest is not None:
                 found[name] = (latest, load_checkpoint(latest, "--resume", newest_in=source))
                 check_named_for_its_step(*found[name])
+                held = found[name][1]["model_name"]
+                if held != name:     # copied into another model's folder
+                    raise UserError(f"{latest} holds model {held}, not the {name} of the "
+                                    f"folder it is in; move it to {source / str(held)}, or away")
         if not found and source.name in model_names and CheckpointSeries(
                 source.parent, source.name, keep=1).latest() is not None:
             raise UserError(f"--resume {source} is one model's folder of a --save_dir; give "

@@ -1047,6 +1047,9 @@ BAD_CHECKPOINT_INPUTS = [
     (["--resume", "{save}/kgram_mlp_seq"], "is one model's folder of a --save_dir; give that "
                                             "--save_dir, {save}, or one checkpoint file in it"),
     (["--resume", "{save}/missing"], "does not exist"),
+    (["--resume", "{misplaced_save}", "--models", "lstm_seq"],   # had been called an unfit lstm
+     "{misplaced_save}/lstm_seq/step_000002.pt holds model kgram_mlp_seq, not the lstm_seq of "
+     "the folder it is in; move it to {misplaced_save}/kgram_mlp_seq, or away"),
     (["--resume"], "--resume without a path resumes from --save_dir"),
     (["--resume", "{ckpt}", "--models", "lstm_seq"], "holds model kgram_mlp_seq"),
     (["--resume", "{ckpt}", "--block_size", "24"], "--block_size 16 there, 24 now"),
@@ -1356,6 +1359,8 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     shutil.copy(save / "kgram_mlp_seq" / "step_000002.pt",
                 tmp_path / "newer_save" / "kgram_mlp_seq" / "step_000003.pt")
     shutil.copy(ckpt, tmp_path / "folder" / "downloaded.pt")
+    (tmp_path / "misplaced_save" / "lstm_seq").mkdir(parents=True)    # another model's folder
+    shutil.copy(ckpt, tmp_path / "misplaced_save" / "lstm_seq" / "step_000002.pt")
     (tmp_path / "artefacts").mkdir()
     (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
     names = ["truncated", "random_bytes", "text", "evil", "not_pico", "pickled", "future",
@@ -1363,6 +1368,7 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     return {"save": str(save), "ckpt": str(ckpt), "empty_save": str(tmp_path / "empty_save"),
             "other_save": str(tmp_path / "other_save"), "newer_save": str(tmp_path / "newer_save"),
             "folder": str(tmp_path / "folder"), "file_save": str(tmp_path / "file_save"),
+            "misplaced_save": str(tmp_path / "misplaced_save"),
             "ckpt_elsewhere": str(tmp_path / "folder" / "downloaded.pt"),
             **{name: str(tmp_path / f"{name}.pt") for name in names}}
 
