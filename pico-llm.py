@@ -3085,8 +3085,8 @@ def tokenize_examples(texts: list[str], tokenizer, cache_dir: Path | None) -> To
         except OSError as error:  # a cache we cannot write only costs time
             # numpy reports a write cut short (a full disk) with no reason of the system's
             reason = error.strerror or f"{error}: is the disk full?"
-            with contextlib.suppress(OSError):
-                if not cache_dir.is_dir():
+            with contextlib.suppress(OSError):   # one that could not be made says why itself
+                if cache_dir.exists() and not cache_dir.is_dir():
                     reason = f"--cache_dir {quoted(cache_dir)} is not a folder"
             warn(f"pico-llm: note: token cache not written ({reason})")
     return TokenizedExamples(tokens, offsets, num_bytes, key)

@@ -1052,6 +1052,13 @@ def test_a_cache_dir_the_file_system_refuses_or_that_fills_up_only_costs_a_note(
     assert len(pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path)) == 2
     assert "written: is the disk full?)" in capsys.readouterr().err
 
+    def read_only(path, write):       # a new --cache_dir on a read-only file system
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(pico, "atomic_write_bytes", read_only)   # had said "is not a folder"
+    assert len(pico.tokenize_examples(texts, pico.ByteTokenizer(), tmp_path / "new")) == 2
+    assert "token cache not written (Read-only file system)" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("flag", ["--save_dir", "--artefacts_dir"])
 def test_a_folder_too_deep_for_the_files_a_run_writes_is_refused_before_training(ws, flag):
