@@ -5290,7 +5290,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="continue from the newest checkpoints in --save_dir, or from PATH "
                            "(a save directory or one checkpoint file); give the same flags, "
                            "except that the training length (--epochs, --max_steps_per_epoch, "
-                           "--early_stop_*) may change, e.g. to train a finished run longer")
+                           "--early_stop_*) may change, e.g. a larger --epochs to train a "
+                           "finished run longer")
     ckpt.add_argument("--generate", action="store_true",
                       help="no training: continue --prompt with the model in --checkpoint (or "
                            "--init_from)")
@@ -6111,6 +6112,9 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
             restore_checkpoint(*resume_from, model, record, tokenizer, training, config.flags)
             if not training.quiet:
                 print(f"model {name}: finished in {resume_from[0]}, not retrained")
+            note = length_change_unused(name, resume_from[1], progress, training, config.flags)
+            if note:      # asked to train longer, and nothing trains: said even with --quiet
+                warn(f"pico-llm: note: {note}")
         else:
             if not training.quiet:
                 print(f"model {name}: {record['parameters']:,} parameters, "
@@ -8239,7 +8243,8 @@ def restore_checkpoint(path: Path, checkpoint: dict, model: nn.Module, record: d
     load_model_weights(model, checkpoint, path, tokenizer)
     with unrestorable(path, "run-log record"):
         restore_record(record, checkpoint["record"])
-        record_length_changes(record, checkpoint, flags)
+        if not progress.finished:       # a change that trains nothing is no part of its length
+            record_length_changes(record, checkpoint, flags)
     if optimizer is not None and not progress.finished:
         with unrestorable(path, "optimizer state"):
             settings = group_settings(optimizer)
@@ -9054,6 +9059,23 @@ def nothing_left_to_train(progress: TrainingProgress, training: TrainingConfig) 
         return False
     patience = training.early_stop_patience
     return progress.epoch > training.epochs or progress.epochs_without_improvement >= patience > 0
+
+
+def length_change_unused(name: str, checkpoint: dict, progress: TrainingProgress,
+                         training: TrainingConfig, flags: dict) -> str:
+    """For a model with nothing left to train, what a changed TRAINING_LENGTH_FLAGS value
+    did not do ("" if none changed): --max_steps_per_epoch lengthens only epochs still to
+    come, and the run had none left."""
+    stored = checkpoint.get("args", {})
+    changed = [f"--{flag}" for flag in TRAINING_LENGTH_FLAGS
+               if flag in stored and flag in flags and stored[flag] != flags[flag]]
+    if not changed:
+        return ""
+    advice = (f"raise --epochs (now {training.epochs}) to train it longer"
+              if progress.epoch > training.epochs else
+              "it stopped early: raise --early_stop_patience, or set it to 0, to train it on")
+    return (f"{name} had finished, and {', '.join(changed)} changes only epochs still to come: "
+            f"nothing was trained; {advice}")
 
 
 def record_length_changes(record: dict, checkpoint: dict, flags: dict) -> None:

@@ -1440,6 +1440,15 @@ def test_resuming_a_finished_run_with_more_epochs_trains_one_more_epoch(pico, ru
     status, out, err = run_main(*ONE_MODEL, "--epochs", "2", "--save_dir", str(save),
                                 "--run_name", "r", "--resume")
     assert status == 0 and len(pico.load_runlog(log_path)["models"]["lstm_seq"]["history"]) == 6
+    # longer epochs, but none left: nothing trains, and it says so even with --quiet (a run
+    # asked to be longer had ended silently, its log recording a change that did nothing)
+    status, out, err = run_main(*ONE_MODEL, "--epochs", "2", "--max_steps_per_epoch", "9",
+                                "--save_dir", str(save), "--run_name", "r", "--resume")
+    assert status == 0 and err == (
+        "pico-llm: note: lstm_seq had finished, and --max_steps_per_epoch changes only epochs "
+        "still to come: nothing was trained; raise --epochs (now 2) to train it longer\n"), err
+    record = pico.load_runlog(log_path)["models"]["lstm_seq"]
+    assert len(record["history"]) == 6 and len(record["length_changes"]) == 1
     # a flag that changes the model is still refused
     status, _, err = run_main(*ONE_MODEL, "--epochs", "3", "--embed_size", "32", "--save_dir",
                               str(save), "--run_name", "r", "--resume")
@@ -1460,6 +1469,10 @@ def test_an_early_stopped_run_resumed_without_early_stopping_trains_on(pico, run
     assert run_main(*flags, "--early_stop_patience", "1", "--early_stop_min_delta", "100")[0] == 0
     stopped = pico.load_runlog(log_path)["models"]["lstm_seq"]
     assert stopped["stopped_early_after_epoch"] == 2 and len(stopped["history"]) == 6
+    status, _, err = run_main(*flags, "--early_stop_patience", "1", "--early_stop_min_delta",
+                              "100", "--max_steps_per_epoch", "9", "--resume")   # still stops
+    assert status == 0 and err.endswith("nothing was trained; it stopped early: raise "
+                                        "--early_stop_patience, or set it to 0, to train it on\n")
     status, _, err = run_main(*flags, "--resume")
     assert status == 0, err
     record = pico.load_runlog(log_path)["models"]["lstm_seq"]
