@@ -5343,8 +5343,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     dist = parser.add_argument_group("distributed training (Appendix C)")
     dist.add_argument("--dist_timeout", type=float, default=300.0,
                       help="torchrun: seconds (1 to a week) a rank waits in a training "
-                           "collective before the job fails (waits for rank 0's files: an hour, "
-                           "or this if longer)")
+                           "collective before the job fails (waits for rank 0's files, and the "
+                           "ranks' agreement after each step whether to stop, which can wait "
+                           "behind rank 0's checkpoint: an hour, or this if longer)")
     hf = parser.add_argument_group(
         "Hugging Face (Appendix E; needs the safetensors and tokenizers packages)")
     hf.add_argument("--init_from", type=user_path, default=None, metavar="DIR|HUB_ID",
@@ -6207,6 +6208,7 @@ def run_training(config: Config) -> int:
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
         check_ranks_read_the_same_text(context, data)
+        check_ranks_resume_the_same_steps(context, resume_points)
         check_patience_has_a_test_loss(config.training, data)
         if context.is_main:
             note_batch_past_the_data(config.training, data)
@@ -9398,6 +9400,26 @@ def check_ranks_read_the_same_text(context: Distributed, data: TrainingData) -> 
         if theirs != data.fingerprint:
             raise UserError(f"rank {rank} read other text than rank {context.rank} with the same "
                             "flags (its files' contents differ); give every rank the same files")
+
+
+def check_ranks_resume_the_same_steps(context: Distributed,
+                                      resume_points: dict[str, tuple[Path, dict]]) -> None:
+    """UserError on every rank if the ranks resume other checkpoints (each reads its own
+    --save_dir, which may differ between them): they would train on from other steps, and
+    their collectives would not match. Compared by each model's step and checksum."""
+    if not context.enabled:
+        return
+    mine = {name: (checkpoint["progress"].get("step"), checkpoint.get("sha256"))
+            for name, (_, checkpoint) in sorted(resume_points.items())}
+    everyone = [None] * context.world_size
+    torch.distributed.all_gather_object(everyone, mine, group=context.control_group)
+    for rank, theirs in enumerate(everyone):
+        if theirs != mine:
+            steps = lambda points: ", ".join(f"{name} at step {step}"
+                                             for name, (step, _) in points.items()) or "nothing"
+            raise UserError(f"rank {rank} resumes {steps(theirs)}, rank {context.rank} "
+                            f"{steps(mine)}: other checkpoints; give every rank the same "
+                            "--save_dir (on several machines, one they share)")
 
 
 # How long the ranks wait for rank 0 outside the steps (a large model's checkpoint on a slow

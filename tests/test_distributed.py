@@ -255,6 +255,48 @@ def test_ranks_started_with_other_flags_are_refused_before_they_train(pico, monk
         pico.check_ranks_run_one_command(context, flags)
 
 
+def test_ranks_that_resume_other_checkpoints_are_refused_before_they_train(pico, monkeypatch):
+    """--save_dir may differ between ranks (each reads its own; rank 0 alone writes): ranks
+    given folders of other steps had each trained on from its own, rank 0 then waiting out
+    --dist_timeout in a collective the other had no part in."""
+    resumed = {"lstm_seq": (Path("a/lstm_seq/step_000003.pt"),
+                            {"progress": {"step": 3}, "sha256": "abc"})}
+    theirs = [{"lstm_seq": (3, "abc")}]
+
+    def all_gather_object(everyone, mine, group=None):
+        assert group == "control"
+        everyone[:] = [mine, *theirs]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    context = pico.Distributed(rank=0, world_size=2, local_rank=0, control_group="control")
+    pico.check_ranks_resume_the_same_steps(context, resumed)
+    for other, said in (({"lstm_seq": (6, "def")}, "lstm_seq at step 6"), ({}, "nothing"),
+                        ({"lstm_seq": (3, "fed")}, "lstm_seq at step 3")):   # another run's
+        theirs[:] = [other]
+        with pytest.raises(pico.UserError, match=f"rank 1 resumes {said}, rank 0 lstm_seq at "
+                                                 "step 3: other checkpoints; give every rank "
+                                                 "the same --save_dir"):
+            pico.check_ranks_resume_the_same_steps(context, resumed)
+
+
+def test_two_ranks_resuming_folders_of_other_steps_both_refuse(tmp_path):
+    """The check above between two real processes, each given a --save_dir of its own."""
+    flags = [*TINY, "--models", "lstm_seq", "--max_steps_per_epoch", "2",
+             "--artefacts_dir", str(tmp_path / "art"), "--cache_dir", str(tmp_path / "cache")]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for save_dir, epochs, resume in ((first, "1", []), (second, "1", []), (second, "2", ["--resume"])):
+        result = subprocess.run([sys.executable, str(SCRIPT), *flags, "--epochs", epochs,
+                                 "--save_dir", str(save_dir), "--run_name", save_dir.name, *resume],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    results = ranks_by_hand([[*flags, "--epochs", "3", "--save_dir", str(save_dir),
+                              "--run_name", "both", "--resume"] for save_dir in (first, second)])
+    for rank, (status, _, err) in enumerate(results):
+        assert status == 2, err[-2000:]
+        assert f"rank {1 - rank} resumes lstm_seq at step {(4, 2)[rank]}, rank {rank} lstm_seq at " \
+               f"step {(2, 4)[rank]}: other checkpoints" in err and "Traceback" not in err, err
+
+
 def test_an_error_names_the_rank_only_where_there_is_one(pico, monkeypatch, capsys):
     """WORLD_SIZE set alone (no torchrun) has no rank: "(rank ?)" said nothing."""
     monkeypatch.setenv("WORLD_SIZE", "2")
