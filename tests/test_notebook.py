@@ -436,7 +436,9 @@ def test_notebook_notes_files_edited_by_hand_and_draws_the_rest(tmp_path):
     text = execute_notebook(relative / "presentation", run_log=relative / "my_run.json")
     for name in edits:
         assert f"`{relative / 'presentation' / name}` is not as pico-llm writes it (" in text, name
-    assert f"`{relative / 'my_run.json'}` is not as pico-llm writes it (KeyError: 'text';" in text
+    assert f"`{relative / 'my_run.json'}` is not as pico-llm writes it (KeyError: 'text', at `" in text
+    # the notebook's line that met the edit, which names the field it read
+    assert "string indices must be integers, not 'str', at `x = [e[\"epoch\"] for e in epochs]`" in text
     assert text.count("Note:") == len(edits) + 2     # the budget file's twice: the inventory too
     figures = {p.stem for p in (artefacts / "figures").glob("*.png")}
     assert figures == (FIGURES | set(NEW_FIGURES)) - {figure for _, figure in edits.values()}

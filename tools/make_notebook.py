@@ -48,6 +48,7 @@ RUN_LOG = None  # a run log for "Your run", e.g. Path("artefacts/runs/<run>.json
     ("code", """\
 import json
 import math
+import traceback
 from contextlib import contextmanager
 
 import matplotlib.pyplot as plt
@@ -106,13 +107,17 @@ def load(path, kind, remedy=f"run `{MAKE_PRESENTATION}` to make it"):
 def drawn_from(*names):
     \"\"\"Runs one section on the files it reads (a name in ARTEFACTS_DIR, or a Path).
     pico-llm writes every field a section reads, but a file edited by hand may lack one or hold
-    another type: the section then stops with a note naming its files and the error, and the
-    notebook goes on to the next.\"\"\"
+    another type: the section then stops with a note naming its files, the error and the
+    notebook's line that met it (which names the fields it read), and the notebook goes on.\"\"\"
     try:
         yield
     except (ArithmeticError, AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
         plt.close("all")  # a figure drawn half-way is not shown
         detail = next((line for line in str(error).splitlines() if line.strip()), "")[:160]
+        cells = [frame.line for frame in traceback.extract_tb(error.__traceback__)   # not a
+                 if "ipykernel" in frame.filename or frame.filename.startswith("<")]  # library's
+        if cells and cells[-1]:
+            detail += f", at `{cells[-1].strip()[:100]}`"
         note(" and ".join(f"`{ARTEFACTS_DIR / name if isinstance(name, str) else name}`"
                           for name in names)
              + f" {'is' if len(names) == 1 else 'are'} not as pico-llm writes "
