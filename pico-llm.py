@@ -5342,8 +5342,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              help="k of the k-means over token embeddings")
     dist = parser.add_argument_group("distributed training (Appendix C)")
     dist.add_argument("--dist_timeout", type=float, default=300.0,
-                      help="torchrun: seconds (1 to a week) a rank waits in a training "
-                           "collective before the job fails (waits for rank 0's files, and the "
+                      help="torchrun: seconds (1 to a week) a rank waits to join the job, "
+                           "and in a training collective, before the job fails (waits for rank "
+                           "0's files, and the "
                            "ranks' agreement after each step whether to stop, which can wait "
                            "behind rank 0's checkpoint: an hour, or this if longer)")
     hf = parser.add_argument_group(
@@ -6185,6 +6186,7 @@ def run_training(config: Config) -> int:
         if context.is_main and save_dir is not None:  # rank 0 alone writes; the others stop when it does
             claims.enter_context(claim_directory(save_dir, "--save_dir"))   # held until the run ends
         resume_points = resume_checkpoints(config.checkpoints, config.models.names, config.flags)
+        check_ranks_resume_the_same_steps(context, resume_points)
         if context.is_main and not resume_points:
             check_side_files_are_new(run_path, config)
         replace_run_log = context.is_main and check_run_log_is_new(run_path, resume_points,
@@ -6208,7 +6210,6 @@ def run_training(config: Config) -> int:
         tokenizer, data = prepare_data(config.data, config.sampling.prompt, config.training.quiet,
                                        tokenizer)
         check_ranks_read_the_same_text(context, data)
-        check_ranks_resume_the_same_steps(context, resume_points)
         check_patience_has_a_test_loss(config.training, data)
         if context.is_main:
             note_batch_past_the_data(config.training, data)
@@ -9073,11 +9074,13 @@ def length_change_unused(name: str, checkpoint: dict, progress: TrainingProgress
                if flag in stored and flag in flags and stored[flag] != flags[flag]]
     if not changed:
         return ""
-    advice = (f"raise --epochs (now {training.epochs}) to train it longer"
-              if progress.epoch > training.epochs else
-              "it stopped early: raise --early_stop_patience, or set it to 0, to train it on")
-    return (f"{name} had finished, and {', '.join(changed)} changes only epochs still to come: "
-            f"nothing was trained; {advice}")
+    patience = training.early_stop_patience     # a stop it still makes comes first
+    advice = ("it stopped early: raise --early_stop_patience, or set it to 0, to train it on"
+              if progress.epochs_without_improvement >= patience > 0 else
+              f"raise --epochs (now {training.epochs}) to train it longer")
+    return (f"{name} had finished, and {', '.join(changed)} "
+            f"change{'s' if len(changed) == 1 else ''} only epochs still to come: nothing was "
+            f"trained; {advice}")
 
 
 def record_length_changes(record: dict, checkpoint: dict, flags: dict) -> None:
@@ -9222,18 +9225,26 @@ class Distributed:
         return int(tensor.item())
 
 
+PEER_TIMEOUT = re.compile(r"[Tt]imed out|timing out|timeout")   # gloo's, NCCL's watchdog's
+
+
 def another_rank_stopped(error: BaseException) -> str:
-    """The line for a collective whose peer failed (its connections closed) or stopped
-    answering (a timeout): the other rank's own error says why."""
-    detail = re.sub(r"^\[[^\]]*\]\s*", "", str(error))   # less gloo's source line
-    return f"another rank stopped ({textwrap.shorten(detail, 100)}); its error says why"
+    """The line for a collective whose peer failed (its connections closed), whose own error
+    says why, or stopped answering (a timeout: paused, or far behind)."""
+    detail = textwrap.shorten(re.sub(r"^\[[^\]]*\]\s*", "", str(error)), 100)  # less gloo's
+    if PEER_TIMEOUT.search(str(error)):                                          # source line
+        return f"another rank stopped answering ({detail}) within --dist_timeout"
+    return f"another rank stopped ({detail}); its error says why"
 
 
 def peer_failure(error: BaseException) -> bool:
-    """Whether `error` is a collective's failure for want of a peer: PyTorch's distributed
-    errors, or gloo's and NCCL's, which reach Python as a plain RuntimeError."""
-    return isinstance(error, torch.distributed.DistError) or bool(re.search(
-        r"gloo/|NCCL|Connection (closed|reset) by peer|Timed out waiting", str(error)))
+    """Whether `error` is a collective's failure for want of a peer (its connections closed,
+    or a timeout), not one of this rank's own (NCCL out of GPU memory, say): gloo's and
+    NCCL's errors reach Python as RuntimeErrors that say which."""
+    return not out_of_memory(error) and (
+        isinstance(error, torch.distributed.DistNetworkError)
+        or bool(re.search(r"Connection (closed|reset) by peer", str(error)))
+        or bool(PEER_TIMEOUT.search(str(error))))
 
 
 def launched_world_size() -> int:
@@ -9332,8 +9343,11 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
     gave_up = (f"pico-llm: error (rank {os.environ.get('RANK')}): cannot join the torchrun job "
                f"at {where} within --dist_timeout {timeout_s:g} s; start every rank with "
                "torchrun (each RANK once), or unset WORLD_SIZE\n")
-    deadline = threading.Timer(timeout_s + DIST_GIVE_UP_GRACE_S, lambda: (
-        os.write(terminal, gave_up.encode()), os._exit(2)))
+    def give_up():
+        os.write(terminal, gave_up.encode())
+        os._exit(2)
+
+    deadline = threading.Timer(timeout_s + DIST_GIVE_UP_GRACE_S, give_up)
     deadline.daemon = True
     with tempfile.TemporaryFile() as native_log:
         try:
@@ -9343,12 +9357,12 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
                 dist.init_process_group("nccl" if use_cuda else "gloo",
                                         timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as error:   # torch.distributed's errors are RuntimeErrors
-            reason = textwrap.shorten(str(error), 120)
+            reason, advice = textwrap.shorten(str(error), 120), "start every rank with torchrun"
             if re.search(r"code: -98\b|address already in use", str(error), re.IGNORECASE):
                 reason = f"port {os.environ['MASTER_PORT']} is in use by another program"
-            raise UserError(f"cannot join the torchrun job at {where} ({reason}); start every "
-                            "rank with torchrun (another --master_port), or unset WORLD_SIZE"
-                            ) from None
+                advice += " and another --master_port"
+            raise UserError(f"cannot join the torchrun job at {where} ({reason}); {advice}, or "
+                            "unset WORLD_SIZE") from None
         finally:
             for timer in (waiting, deadline):
                 timer.cancel()
@@ -9409,17 +9423,16 @@ def check_ranks_resume_the_same_steps(context: Distributed,
     their collectives would not match. Compared by each model's step and checksum."""
     if not context.enabled:
         return
-    mine = {name: (checkpoint["progress"].get("step"), checkpoint.get("sha256"))
-            for name, (_, checkpoint) in sorted(resume_points.items())}
+    mine = ", ".join(f"{name} at step {checkpoint['progress'].get('step')} "
+                     f"({str(checkpoint.get('sha256'))[:8]})"        # its checksum's start
+                     for name, (_, checkpoint) in sorted(resume_points.items())) or "nothing"
     everyone = [None] * context.world_size
     torch.distributed.all_gather_object(everyone, mine, group=context.control_group)
     for rank, theirs in enumerate(everyone):
         if theirs != mine:
-            steps = lambda points: ", ".join(f"{name} at step {step}"
-                                             for name, (step, _) in points.items()) or "nothing"
-            raise UserError(f"rank {rank} resumes {steps(theirs)}, rank {context.rank} "
-                            f"{steps(mine)}: other checkpoints; give every rank the same "
-                            "--save_dir (on several machines, one they share)")
+            raise UserError(f"rank {rank} resumes {theirs}, rank {context.rank} {mine}: other "
+                            "checkpoints; give every rank the same --save_dir (on several "
+                            "machines, one they share)")
 
 
 # How long the ranks wait for rank 0 outside the steps (a large model's checkpoint on a slow

@@ -141,7 +141,7 @@ def test_a_tool_refuses_an_unknown_flag_in_one_line_and_still_prints_its_help(na
     ("compile_presets", ["--batch_size", str(2**70), "--output", "{tmp}/out.json"],
      "--batch_size is a 22-digit number, beyond any size or count pico-llm can hold"),
     ("compile_presets", ["--batch_size", str(10**14), "--steps", "2", "--output", "{tmp}/out.json"],
-     "3seqs.txt makes 1 steps of --batch_size 100000000000000, fewer than --steps 2; lower either"),
+     "3seqs.txt makes 1 step(s) of --batch_size 100000000000000, fewer than --steps 2; lower either"),
     ("recipe_gpt2", ["--tiny", "--input_dir", str(REPO / "data" / "custom_corpus"),
                      "--output", "{tmp}"], "--output {tmp} is a directory"),
     ("recipe_ablation", ["--input_dir", str(REPO / "data" / "custom_corpus"), "--sweep_scale",
@@ -469,7 +469,9 @@ def test_a_tool_stopped_by_a_signal_cleans_up_as_on_ctrl_c(signal_number, said):
     ends in one line too, not KeyboardInterrupt's traceback."""
     process = subprocess.Popen([sys.executable, "-c",
                                 TOOL_WITH_A_TEMPORARY_FOLDER.format(tools=str(TOOLS))],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # as from a terminal: a background job's shell ignores SIGINT
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     folder = Path(process.stdout.readline().strip())
     assert folder.is_dir()
     process.send_signal(signal_number)

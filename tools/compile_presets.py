@@ -122,17 +122,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeout > 1e6:   # subprocess's wait overflows near 1e10 seconds
             raise pico.UserError(f"--timeout is at most 1000000 seconds (11 days), got {args.timeout:g}")
         device = pico.resolve_device(args.device_id)   # a bad one would fail every run, after minutes
-        for name in names:    # each config's runs as pico-llm checks them, before any is started
-            config = pico_flags_checked(pico, lambda: pico.config_from_command_line(
-                pico_flags(name, True, args, Path("unused"))), f"--configs {name}")
+        # each config's runs checked as pico-llm checks them, before any run starts
+        configs = [pico_flags_checked(pico, lambda: pico.config_from_command_line(
+                       pico_flags(name, True, args, Path("unused"))), f"--configs {name}")
+                   for name in names]
+        for config in configs:
             pico.check_models_fit_in_memory(config.models, pico.ByteTokenizer().vocab_size,
                                             config.data.block_size, device)
-        data_config = dataclasses.replace(config.data, cache_dir=None)   # the same for every config
-        data = pico.load_training_data(data_config, pico.build_tokenizer(data_config.tokenizer),
-                                       pico.read_sources(data_config))
+        text = dataclasses.replace(configs[0].data, cache_dir=None)   # every config's, uncached
+        data = pico.load_training_data(text, pico.build_tokenizer(text.tokenizer),
+                                       pico.read_sources(text))
         steps = data.steps_per_epoch(args.batch_size, None)
         if steps < args.steps:     # a run stops at the end of the text: too few steps to time
-            raise pico.UserError(f"3seqs.txt makes {steps} steps of --batch_size "
+            raise pico.UserError(f"3seqs.txt makes {steps} step(s) of --batch_size "
                                  f"{args.batch_size}, fewer than --steps {args.steps}; lower either")
         pico.check_writable_directory(Path(args.output).parent, "--output")
         pico.check_replaceable_report(Path(args.output), ("compile_presets",), "--output",
