@@ -6172,7 +6172,8 @@ def run_training(config: Config) -> int:
             check_export_apart_from(Path(export_dir), {
                 "--artefacts_dir": [run_path.parent],
                 "--save_dir": [save_dir / name for name in config.models.names] if save_dir else [],
-                "--cache_dir": [Path(config.data.cache_dir)] if config.data.cache_dir else []})
+                "--cache_dir": [Path(config.data.cache_dir)] if config.data.cache_dir else []},
+                run_path)
         check_writable_directory(run_path.parent, "--artefacts_dir", deepest=max(   # the longest:
             f".{run_path.stem}.monosemantic_{longest_name}.json.XXXXXXXX.tmp",    # a side file's
             f"{run_path.stem}.tokenizer/.merges.json.XXXXXXXX.tmp", key=len))      # or BPE's
@@ -11397,6 +11398,9 @@ def check_export_directory(directory: Path) -> None:
     except OSError as error:  # a directory on the way with too long a name
         raise UserError(f"--export_hf {quoted(directory)}: {error.strerror}; choose another "
                         "directory") from None
+    if directory.is_symlink():   # the export's directory is renamed into place: over a link
+        raise UserError(f"--export_hf {quoted(directory)} is a symbolic link; give the "
+                        "directory itself, or a new one")        # it fails, after training
     if exists and not directory.is_dir():
         raise UserError(f"--export_hf {quoted(directory)} is a file, not a directory; choose a "
                         "new directory")
@@ -11406,14 +11410,25 @@ def check_export_directory(directory: Path) -> None:
     check_writable_directory(directory.parent, "--export_hf")
 
 
-def check_export_apart_from(directory: Path, written: dict[str, list[Path]]) -> None:
+def check_export_apart_from(directory: Path, written: dict[str, list[Path]],
+                            run_path: Path) -> None:
     """The export, written when training ends, needs its directory still new or empty then:
     not one that the run writes into (per flag, the folders it writes files in), nor one
-    holding them."""
+    holding them, nor one of the names it writes there (the run log and the files beside it,
+    named after it; a checkpoint; a cache file), which would be taken when the export comes."""
     target = directory.resolve()
     for flag, folders in written.items():
-        if any(target == folder.resolve() or target in folder.resolve().parents for folder in folders):
+        resolved = [folder.resolve() for folder in folders]
+        if any(target == folder or target in folder.parents for folder in resolved):
             raise UserError(f"--export_hf {quoted(directory)} would hold the files this run writes "
+                            f"for {flag}; give the export a directory of its own")
+        if flag == "--artefacts_dir":     # the run log, and the files named after it
+            taken = target.parent in resolved and (target.name == run_path.name or
+                                                   target.name.startswith(run_path.stem + "."))
+        else:                             # a model's checkpoints, the token cache: any name
+            taken = target.parent in resolved
+        if taken:
+            raise UserError(f"--export_hf {quoted(directory)} is among the names this run writes "
                             f"for {flag}; give the export a directory of its own")
 
 

@@ -324,6 +324,31 @@ def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_i
             err = capsys.readouterr().err
             assert f"would hold the files this run writes for {flag}" in err, err
             assert not (tmp_path / "hf").exists()
+    # a name the run writes (its log, a file named after it, a checkpoint, a cache file): the
+    # run had trained, then found the export's name taken
+    art, save = tmp_path / "art", tmp_path / "save"
+    for export, flag in ((art / "r1.json", "--artefacts_dir"), (art / "r1.tokenizer", "--artefacts_dir"),
+                         (save / "transformer" / "step_000009.pt", "--save_dir"),
+                         (tmp_path / "cache" / "x.tokens.npy", "--cache_dir")):
+        argv = [*TINY_RUN, "--models", "transformer", "--device_id", "cpu", "--run_name", "r1",
+                "--artefacts_dir", str(art), "--save_dir", str(save), "--cache_dir",
+                str(tmp_path / "cache"), "--export_hf", str(export)]
+        assert pico.main(argv) == 2
+        assert f"is among the names this run writes for {flag}" in capsys.readouterr().err, export
+        assert not art.exists() and not save.exists()
+    # a symbolic link, to an empty folder or to nothing: the export is renamed into place
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "nothing"):
+        link = tmp_path / "link"
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        assert pico.main([*TINY_RUN, "--models", "transformer", "--device_id", "cpu",
+                          "--artefacts_dir", str(art), "--export_hf", str(link)]) == 2
+        assert f"--export_hf {link} is a symbolic link" in capsys.readouterr().err
+        assert not art.exists() and link.is_symlink()
+    assert pico.main([*TINY_RUN, "--models", "transformer", "--device_id", "cpu", "--run_name",
+                      "r1", "--artefacts_dir", str(art), "--export_hf", str(art / "r1_export")]) == 0
+    assert (art / "r1_export" / "config.json").exists()      # beside the log, a name of its own
 
 
 def test_a_prompt_of_utf8_an_ascii_terminal_could_not_read_is_read_as_utf8(configure, tmp_path):
