@@ -3542,7 +3542,7 @@ def model_record_problem(record) -> str | None:
     """What in one model's run-log record the summary and the loss plot could not read, or
     None: they read its parameters, each history entry's step and train loss, each
     test_history entry's step and test loss, and the final summary (and training appends to
-    the samples too)."""
+    the samples too, a resumed run to the length changes)."""
     if not isinstance(record, dict):
         return f"is a {type(record).__name__}, not a record"
     if not is_number(record.get("parameters")):
@@ -3555,6 +3555,9 @@ def model_record_problem(record) -> str | None:
             return f"has a {series} whose entries lack a step or a {loss}"
     if not isinstance(record.get("samples", []), list):
         return "has samples that are no list"
+    changes = record.get("length_changes", [])      # a resumed run appends to them
+    if not (isinstance(changes, list) and all(isinstance(change, dict) for change in changes)):
+        return "has length changes that are no list of objects"
     final = record.get("final", {})
     if not isinstance(final, dict):
         return "has a final summary that is no JSON object"
