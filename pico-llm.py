@@ -6373,6 +6373,9 @@ def run_generation(config: Config) -> int:
         limit = f"the {context} positions of --init_from {source}"
         where = f"--init_from {source}"
         check_models_named(config, "transformer", where)
+        if "block_size" in config.typed:    # training's window, as a training command gives it
+            warn(f"pico-llm: note: --generate reads up to the {context} positions of --init_from "
+                 f"{quoted(source)}; --block_size {config.data.block_size} is not used")
     else:
         path = Path(config.checkpoints.checkpoint)
         model, tokenizer, trained = model_from_checkpoint(path, "--checkpoint")

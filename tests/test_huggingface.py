@@ -1590,6 +1590,12 @@ def test_generate_from_an_hf_directory_gives_the_greedy_tokens_of_transformers(
                                  pad_token_id=gpt2.eot_id)[0].tolist()
     new = [i for i in expected[len(prompt):] if i != gpt2.eot_id]
     assert out.rstrip("\n") == "Hello there" + gpt2.decode(new)
+    # a training command's --block_size, typed: not used, and said (it had been silently)
+    status, again, err = run_main("--generate", "--init_from", str(gpt2_dir), "--prompt",
+                                  "Hello there", "--temperature", "0", "--max_new_tokens", "6",
+                                  "--block_size", "8")
+    assert status == 0 and again == out, err
+    assert err.endswith(f"positions of --init_from {gpt2_dir}; --block_size 8 is not used\n"), err
 
 
 def losses(run):
