@@ -6693,8 +6693,8 @@ def exit_process(status: int) -> None:
 # `--compile` compiles model, output layer and loss in one region (a model with experts block
 # by block, with static-shape experts; all with section 1.2's real RoPE formula, which
 # compilers need); and generation goes through `decoding_model` (`prompt_decoder`):
-# static-shape caches replayed as one CUDA graph a token; and --optimizer muon updates each group's tensors together
-# (`ForeachMuon`, chosen in build_optimizer).
+# static-shape caches replayed as one CUDA graph a token; and --optimizer muon updates each
+# group's tensors together (`ForeachMuon`, chosen in build_optimizer).
 # Each is tested equal to Part I. Measurements: docs/performance.md.
 
 CPU_MATMUL_KERNELS = ("onednn", "torch")
@@ -9238,8 +9238,9 @@ PEER_TIMEOUT = re.compile(r"[Tt]imed out|timing out|timeout")   # gloo's, NCCL's
 def another_rank_stopped(error: BaseException) -> str:
     """The line for a collective whose peer failed (its connections closed), whose own error
     says why, or stopped answering (a timeout: paused, or far behind)."""
-    detail = textwrap.shorten(re.sub(r"^\[[^\]]*\]\s*", "", str(error)), 100)  # less gloo's
-    if PEER_TIMEOUT.search(str(error)):                                          # source line
+    # gloo's message begins with its source line, "[../gloo/pair.cc:534]": dropped
+    detail = textwrap.shorten(re.sub(r"^\[[^\]]*\]\s*", "", str(error)), 100)
+    if PEER_TIMEOUT.search(str(error)):
         return f"another rank stopped answering ({detail}) within --dist_timeout"
     return f"another rank stopped ({detail}); its error says why"
 
@@ -9350,6 +9351,7 @@ def setup_distributed(device_id: str, timeout_s: float) -> tuple[Distributed, st
     gave_up = (f"pico-llm: error (rank {os.environ.get('RANK')}): cannot join the torchrun job "
                f"at {where} within --dist_timeout {timeout_s:g} s; start every rank with "
                "torchrun (each RANK once), or unset WORLD_SIZE\n")
+
     def give_up():
         os.write(terminal, gave_up.encode())
         os._exit(2)
