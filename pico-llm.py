@@ -11507,6 +11507,9 @@ def validate_huggingface_args(args: argparse.Namespace) -> None:
                                       "collect_transformer_metrics") if getattr(args, flag)]
     if own and other:
         raise UserError(f"{other[0]} builds and reports on its own models; drop {own[0]}")
+    if args.accounting and args.models not in (DEFAULT_MODELS.split(","), ["transformer"]):
+        raise UserError(f"--accounting reports Transformers (--accounting {args.accounting}), not "
+                        f"--models {','.join(args.models)}; drop --models")   # it had been ignored
     if args.init_from:
         if args.checkpoint:
             raise UserError("--init_from and --checkpoint both name the model to start from; "

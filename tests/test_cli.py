@@ -151,6 +151,8 @@ BAD_INPUTS = [
     (["--models", "transformer", *TINY_RUN, "--save_dir", "{folder}/hf/ckpt", "--export_hf", "{folder}/hf"],
      "would hold the files this run writes for --save_dir; give the export a directory of its own"),
     (["--accounting", "--generate", "--checkpoint", "x.pt"], "--accounting and --generate are two commands"),
+    (["--accounting", "--models", "lstm_seq"],                       # had been ignored silently
+     "--accounting reports Transformers (--accounting configured), not --models lstm_seq; drop --models"),
     (["--custom_sweep_sizes", "3,5"], "--custom_sweep_sizes sets the corpus sizes"),
     (["--custom_sweep_log", "c.json", "--custom_sweep_sizes", ""], "expected positive integers"),
     (["--models", "transformer", "--n_experts", "100000"], "--n_experts is at most 1024"),
