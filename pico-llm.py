@@ -9076,9 +9076,7 @@ def length_change_unused(name: str, checkpoint: dict, progress: TrainingProgress
     """For a model with nothing left to train, what a changed TRAINING_LENGTH_FLAGS value
     did not do ("" if none changed): --max_steps_per_epoch lengthens only epochs still to
     come, and the run had none left."""
-    stored = checkpoint.get("args", {})
-    changed = [f"--{flag}" for flag in TRAINING_LENGTH_FLAGS
-               if flag in stored and flag in flags and stored[flag] != flags[flag]]
+    changed = [f"--{flag}" for flag in changed_length_flags(checkpoint.get("args", {}), flags)]
     if not changed:
         return ""
     patience = training.early_stop_patience     # a stop it still makes comes first
@@ -9090,14 +9088,19 @@ def length_change_unused(name: str, checkpoint: dict, progress: TrainingProgress
             f"trained; {advice}")
 
 
+def changed_length_flags(stored: dict, flags: dict) -> list[str]:
+    """The TRAINING_LENGTH_FLAGS whose value this resumed run changes from the checkpoint's."""
+    return [flag for flag in TRAINING_LENGTH_FLAGS
+            if flag in stored and flag in flags and stored[flag] != flags[flag]]
+
+
 def record_length_changes(record: dict, checkpoint: dict, flags: dict) -> None:
     """Appends to record["length_changes"] each TRAINING_LENGTH_FLAGS value this resumed run
     changes, {"step", "flag", "old", "new"}, so the log says how the run came to its length."""
     stored, step = checkpoint["args"], checkpoint["progress"]["step"]
     record.setdefault("length_changes", []).extend(
         {"step": step, "flag": flag, "old": stored[flag], "new": flags[flag]}
-        for flag in TRAINING_LENGTH_FLAGS
-        if flag in stored and flag in flags and stored[flag] != flags[flag])
+        for flag in changed_length_flags(stored, flags))
     if not record["length_changes"]:
         del record["length_changes"]
 
