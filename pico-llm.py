@@ -4484,7 +4484,7 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
         started = time.perf_counter()
         prompt, max_new_tokens = config.sampling.prompt, config.sampling.max_new_tokens
         samples = [generate_text(model, tokenizer, prompt, max_new_tokens, rule,
-                                 seed=(config.training.seed + index) % 2**64,  # a seed's range
+                                 seed=(config.training.seed + index) % 2**32,  # a seed's range
                                  device=device,
                                  decoder=prompt_decoder(model, tokenizer, prompt, max_new_tokens,
                                                         device, dtype=config.training.dtype))
@@ -5430,7 +5430,7 @@ MAX_LAYERS = 1000
 # after every epoch: 10,000 epochs make a 1.4 MB log and some 7 GB of writes, a million 70 TB.
 # The course trains 12.
 MAX_EPOCHS = 10_000
-# Past 2**64 no count or size means anything (a seed is at most 2**64 - 1), and past about
+# Past 2**64 no count or size means anything (no tensor holds 2**64 bytes), and past about
 # 10**308 an integer no longer converts to a float: the size checks' arithmetic would fail.
 MAX_INTEGER = 2**64
 # Every position of a batch reads its k previous tokens (the embedding variant holds a
@@ -5483,8 +5483,11 @@ def validate_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         raise UserError(f"--min_lr_ratio is a fraction of --learning_rate in [0, 1], "
                         f"got {args.min_lr_ratio}")
-    if not 0 <= args.seed < 2**64:  # what torch.manual_seed accepts
-        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+    # torch.manual_seed takes up to 2**64 - 1, but the CPU's generator keeps only a seed's low 32
+    # bits: on a CPU, --seed 1 and --seed 4294967297 gave the same weights, data order and samples
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be between 0 and 2**32 - 1 (a CPU's generator keeps only "
+                        f"a seed's low 32 bits), got {args.seed}")
     check_torchrun_environment()
     check_code_cache_folder()
     check_compiler_settings()
@@ -8701,7 +8704,8 @@ def checkpoint_contents(path: Path, checkpoint: dict):
                  **{key: value for key, value in checkpoint["args"].items()
                     if key not in FLAGS_FREE_ON_RESUME}, "models": [name]}
         trained = config_from_flags(flags)
-        if not 0 <= trained.training.seed < 2**64:   # as the command line checks --seed
+        # what torch.manual_seed takes: runs from before --seed stopped at 2**32 - 1 still load
+        if not 0 <= trained.training.seed < 2**64:
             raise ValueError(f"seed {trained.training.seed} is out of range")
         identity = checkpoint["tokenizer"]
         if not isinstance(identity, dict) or type(identity.get("vocab_size")) is not int:

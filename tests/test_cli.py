@@ -254,7 +254,7 @@ EDGES = [  # a command each check accepts and the nearest it refuses: a range's 
      "--kgram_k is at most 1024"),
     (["--max_new_tokens", "100000"], ["--max_new_tokens", "100001"], "use at most 100000"),
     (["--top_p", "1.0"], ["--top_p", "1.01"], r"--top_p must be in \(0, 1\]"),
-    (["--seed", str(2**64 - 1)], ["--seed", str(2**64)], r"--seed must be between 0 and 2\*\*64 - 1"),
+    (["--seed", str(2**32 - 1)], ["--seed", str(2**32)], r"--seed must be between 0 and 2\*\*32 - 1"),
     (["--dist_timeout", "604800"], ["--dist_timeout", "604801"], "--dist_timeout is at most"),
     (["--dist_timeout", "1"], ["--dist_timeout", "0.999"], "--dist_timeout is at least 1 second"),
     (["--log_interval", "1"], ["--log_interval", "0"], "--log_interval must be positive"),

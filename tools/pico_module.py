@@ -116,8 +116,9 @@ def non_negative_int(text: str) -> int:
 
 
 def seed_int(text: str) -> int:
-    """argparse type for --seed: pico-llm's range, what torch.manual_seed takes (0 to 2**64 - 1)."""
-    return integer_between(text, 0, 2**64 - 1)
+    """argparse type for --seed: pico-llm's range, 0 to 2**32 - 1 (a CPU's generator keeps only a
+    seed's low 32 bits)."""
+    return integer_between(text, 0, 2**32 - 1)
 
 
 def path_text(text: str) -> str:
