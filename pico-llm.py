@@ -6189,6 +6189,7 @@ def run_training(config: Config) -> int:
             for name in config.models.names:   # a resumed run writes into these
                 if (save_dir / name).is_dir():
                     check_writable_directory(save_dir / name, "--save_dir")
+                    check_no_folder_named_as_a_checkpoint(save_dir / name)
         resuming = config.checkpoints.resume is not None
         if context.is_main and save_dir is not None:  # rank 0 alone writes; the others stop when it does
             claims.enter_context(claim_directory(save_dir, "--save_dir"))   # held until the run ends
@@ -8217,6 +8218,20 @@ class CheckpointSeries:
             if is_torch_save_file(old):   # a file that only has a checkpoint's name stays
                 old.unlink(missing_ok=True)
         return path
+
+
+def check_no_folder_named_as_a_checkpoint(directory: Path) -> None:
+    """A folder with a checkpoint's name (an export written there) would stop the run when it
+    reached that step: a file cannot replace a folder, and the steps to it would be lost."""
+    try:
+        entries = list(directory.iterdir())
+    except OSError:       # an unreadable folder: checkpoints' paths() will say so
+        return
+    for path in entries:
+        if checkpoint_step(path) >= 0 and path.is_dir():
+            raise UserError(f"{path} is a folder with a checkpoint's name: training would fail "
+                            "to write that checkpoint after training to its step; move the "
+                            "folder out of --save_dir")
 
 
 def is_torch_save_file(path: Path) -> bool:

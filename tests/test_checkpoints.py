@@ -1102,6 +1102,8 @@ BAD_CHECKPOINT_INPUTS = [
      "kgram_mlp_seq/step_000003.pt is newer and training on would write over it"),
     (["--save_dir", "{file_save}"], "file_save/kgram_mlp_seq, where kgram_mlp_seq's checkpoints "
                                     "go, is not a directory"),
+    (["--save_dir", "{folder_save}", "--resume"],    # an export there had failed the run at step 4
+     "{folder_save}/kgram_mlp_seq/step_000004.pt is a folder with a checkpoint's name"),
 ]
 
 
@@ -1361,6 +1363,8 @@ def bad_checkpoints(tmp_path, trained_save_dir):
     shutil.copy(ckpt, tmp_path / "folder" / "downloaded.pt")
     (tmp_path / "misplaced_save" / "lstm_seq").mkdir(parents=True)    # another model's folder
     shutil.copy(ckpt, tmp_path / "misplaced_save" / "lstm_seq" / "step_000002.pt")
+    shutil.copytree(trained_save_dir, tmp_path / "folder_save")    # a folder where step 4 goes
+    (tmp_path / "folder_save" / "kgram_mlp_seq" / "step_000004.pt").mkdir()
     (tmp_path / "artefacts").mkdir()
     (tmp_path / "artefacts" / "earlier.json").write_text('{"an": "earlier run log"}\n')
     names = ["truncated", "random_bytes", "text", "evil", "not_pico", "pickled", "future",
@@ -1369,6 +1373,7 @@ def bad_checkpoints(tmp_path, trained_save_dir):
             "other_save": str(tmp_path / "other_save"), "newer_save": str(tmp_path / "newer_save"),
             "folder": str(tmp_path / "folder"), "file_save": str(tmp_path / "file_save"),
             "misplaced_save": str(tmp_path / "misplaced_save"),
+            "folder_save": str(tmp_path / "folder_save"),
             "ckpt_elsewhere": str(tmp_path / "folder" / "downloaded.pt"),
             **{name: str(tmp_path / f"{name}.pt") for name in names}}
 
