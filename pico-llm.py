@@ -727,8 +727,11 @@ class Routing:
         N, E = self.probabilities.shape
         weight = self.probabilities.new_ones(N) if real is None else real.float()   # (N,)
         positions = weight.sum().clamp(min=1)
-        fraction = weight @ F.one_hot(self.chosen, E).sum(dim=1).float() / positions  # (E,)
-        probability = weight @ self.probabilities / positions                         # (E,)
+        # Weighted sums over the positions, not `weight @ ...`: autocast would run a matmul in
+        # bfloat16, whose 8 significant bits round a count of choices past 256
+        chosen = F.one_hot(self.chosen, E).sum(dim=1).float()                         # (N, E)
+        fraction = (weight[:, None] * chosen).sum(dim=0) / positions                   # (E,)
+        probability = (weight[:, None] * self.probabilities).sum(dim=0) / positions    # (E,)
         return E * (fraction * probability).sum()
 
 
@@ -861,10 +864,11 @@ class LinearAttention(nn.Module):
             state = q.new_zeros(B, H, D, v.shape[-1],
                                 dtype=torch.promote_types(q.dtype, torch.float32))       # (B, H, D, Dv)
         q, k, v = (t.to(state.dtype) for t in (q, k, v))   # a bf16 model's too: one dtype throughout
-        if cache is not None and T == 1:
-            y, state = recurrent_linear_attention(q, k, v, log_decay, state)
-        else:
-            y, state = self.chunked(q, k, v, log_decay, state)
+        with torch.autocast(x.device.type, enabled=False):   # which would make the products bf16
+            if cache is not None and T == 1:
+                y, state = recurrent_linear_attention(q, k, v, log_decay, state)
+            else:
+                y, state = self.chunked(q, k, v, log_decay, state)
         if cache is not None:
             cache.matrix = state
         if self.gate is None:

@@ -4,6 +4,7 @@ presets against the models they copy (transformers' GPT-2, Llama and GPT-oss, sa
 
 import dataclasses
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -173,6 +174,22 @@ def test_switch_loss_matches_transformers_load_balancing_loss(pico):
     assert even.load_balancing_loss().item() == pytest.approx(2.0)     # k when balanced
     moe.routing.load_balancing_loss().backward()
     assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_the_switch_loss_keeps_float32_under_bfloat16_autocast(pico):
+    """Autocast runs matmuls in bfloat16 (8 significant bits): as `weight @ one_hot`, a count of
+    choices past 256 was rounded, 2.0 for 2.0009 here. The CPU's autocast rounds as a GPU's does."""
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.softmax(torch.randn(1024, 8, generator=generator), dim=-1)
+    chosen = torch.randint(0, 8, (1024, 2), generator=generator)
+    routing = pico.Routing(probabilities, chosen)
+    real = torch.arange(1024) % 5 != 0
+    for mask in (None, real):
+        exact = routing.load_balancing_loss(mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = routing.load_balancing_loss(mask)
+        assert under_autocast.dtype == torch.float32
+        torch.testing.assert_close(under_autocast, exact, rtol=1e-6, atol=0)
 
 
 def test_an_expert_no_token_chose_still_gets_a_gradient_on_both_kernels(pico):
@@ -610,7 +627,7 @@ def test_a_long_context_models_cache_holds_only_the_tokens_it_has_seen(pico):
 
 
 def test_linear_attention_sums_its_state_in_float32_under_bf16_autocast(pico):
-    """Under bf16 autocast (a GPU's default) the products run in bf16, but the state, a sum
+    """Under bf16 autocast (a GPU's default) the projections run in bf16, but the state, a sum
     of keys times values over the whole text, stays float32: in bf16, plain linear
     attention's outputs drifted about 3x further from exact over 2,048 tokens. (The gated
     kinds' float32 decays promote their state anyway.)"""
@@ -624,6 +641,38 @@ def test_linear_attention_sums_its_state_in_float32_under_bf16_autocast(pico):
     assert cache.matrix.dtype == torch.float32
     torch.testing.assert_close(y.float(), attention(x).float(), atol=0.05, rtol=0.05)
     assert torch.isfinite(step).all()
+
+
+@pytest.mark.parametrize("gate", [None, "fixed", "data"])
+def test_linear_attentions_products_are_float32_under_bf16_autocast(pico, gate):
+    """Autocast would run the recurrence's matmuls (each chunk's scores times values, the
+    queries times the state) in bf16 although their inputs are float32: each chunk's output
+    was bf16, 4e-3 from exact. Both forms agree here with float64 to float32's rounding."""
+    generator = torch.Generator().manual_seed(0)
+    attention = pico.LinearAttention(32, 4, 4, bias=False, gate=gate)
+    x = torch.randn(2, 40, 32, generator=generator)
+    seen = []
+
+    def exact(form):
+        def spy(q, k, v, log_decay, state):
+            y, state_after = form(q, k, v, log_decay, state)
+            with torch.autocast("cpu", enabled=False):
+                expected, _ = form(*(t.double() for t in (q, k, v, log_decay, state)))
+            seen.append((y, expected))
+            return y, state_after
+        return spy
+
+    attention.chunked = exact(pico.chunked_linear_attention)
+    cache = pico.LinearAttentionState()
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            mock.patch.object(pico, "recurrent_linear_attention",
+                              exact(pico.recurrent_linear_attention)):
+        attention(x, cache=cache)
+        attention(x[:, :1], cache=cache)
+    assert len(seen) == 2
+    for y, expected in seen:
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, expected.float(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("gate", [None, "fixed", "data"])
