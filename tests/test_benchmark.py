@@ -239,7 +239,7 @@ def test_gpu_checks_records_each_step_and_refuses_bad_usage(tmp_path):
     """The cuda-marked tests step at tiny size on the CPU: they skip, and the step is recorded;
     the logs come back packed, beside the summary."""
     result = run_gpu_checks("--tiny", "--device", "cpu", str(tmp_path / "out"), steps="tests")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
     name, status, seconds = (tmp_path / "out" / "summary.txt").read_text().split()
     assert (name, status) == ("tests", "0") and int(seconds) >= 0
     assert "skipped" in packed_log(tmp_path / "out", "cuda_tests.log")
@@ -263,6 +263,10 @@ def test_gpu_checks_skips_the_steps_its_total_time_leaves_no_room_for(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "summary.txt").read_text().splitlines() == ["tests skipped 0",
                                                                    "benchmark skipped 0"]
+    # said before the first step: the defaults' limits had added up to 890 s against 540
+    assert result.stderr == ("gpu_checks.sh: note: the limits of the steps in STEPS add up to "
+                             "600 s, more than TOTAL_S=30: the last ones may be cut short or "
+                             "skipped; raise TOTAL_S, or run fewer STEPS\n")
     for bad in ("9m", "abc", "1e3"):
         result = subprocess.run(["bash", str(GPU_CHECKS), "--tiny", str(tmp_path / "x")],
                                 capture_output=True, text=True, timeout=60,
@@ -277,6 +281,7 @@ def test_gpu_checks_skips_the_steps_its_total_time_leaves_no_room_for(tmp_path):
     (["{out}"], {"TOTAL_S": "08"}, "TOTAL_S=08 must be a number of seconds from 1, without a leading zero"),
     (["{out}"], {"TESTS_TIMEOUT": "0"}, "TESTS_TIMEOUT=0 must be a number of seconds from 1"),
     (["{out}"], {"TEST_TIMEOUT": "0"}, "TEST_TIMEOUT=0 must be a number of seconds from 1"),
+    (["{out on a GPU}"], {"PYTHON": "no_such_python"}, "no_such_python cannot import torch ("),
 ])
 def test_gpu_checks_refuses_bad_input_in_one_line_before_touching_out(tmp_path, argv, settings,
                                                                       message):
@@ -285,7 +290,8 @@ def test_gpu_checks_refuses_bad_input_in_one_line_before_touching_out(tmp_path, 
     there with an arithmetic error, and 0 (no limit at all to timeout) was taken."""
     (tmp_path / "summary.txt").write_text("mine\n")
     (tmp_path / "logs.tgz").write_text("mine\n")
-    argv = ["--tiny", "--device", "cpu", str(tmp_path)] if argv == ["{out}"] else argv
+    argv = {"{out}": ["--tiny", "--device", "cpu", str(tmp_path)],
+            "{out on a GPU}": [str(tmp_path / "new")]}.get(argv[0], argv)
     result = run_gpu_checks(*argv, **{"steps": "tests", **settings}, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("gpu_checks.sh: ") and message in result.stderr

@@ -50,7 +50,9 @@
 # (90), GPTOSS_COMPILED_TIMEOUT (200), PRESETS_TIMEOUT (540, each run PRESET_RUN_TIMEOUT 150),
 # GENERATE_TIMEOUT (120 each of the three), RECIPE_TIMEOUT (420, the corpus written first 120),
 # TESTS_TIMEOUT (240), SUITE_TIMEOUT (900); TEST_TIMEOUT (120) for each test where
-# pytest-timeout is installed. Each is a whole number from 1, without a leading zero.
+# pytest-timeout is installed. Each is a whole number from 1, without a leading zero. Where the
+# limits of the steps in STEPS add up to more than TOTAL_S (the defaults' 890 s do), a note says
+# so before the first step. PYTHON: the Python that has torch (python, else python3).
 set -u
 # bash before 4.4 (macOS's 3.2) takes an empty array, "${QUICK[@]}" without --tiny, for an
 # unset variable under set -u and stops: there only the expansions' checking is given up.
@@ -93,6 +95,11 @@ for step in $STEPS; do       # all checked before anything is run or written
     esac
 done
 OUT="$1"
+# The Python with torch: PYTHON if set, else python, else python3 (an image may have only one)
+if [ -z "${PYTHON:-}" ]; then
+    if command -v python > /dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
+fi
+export PYTHON                # for the generate step's bash -c
 # The files a run leaves in OUT (own_output tells them from others of the same names).
 RESULTS="summary.txt logs.tgz gpt2_benchmark.json gptoss_eager.json gptoss_compiled.json
     compile_presets.json recipe_gpt2.json benchmark.log gptoss_eager.log gptoss_compiled.log
@@ -130,12 +137,12 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 # for minutes, and leave CPU figures under the GPU results' names.
 case "$DEVICE" in
     cuda*)
-        probe=$(python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" 2>&1)
+        probe=$("$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" 2>&1)
         case $? in
             0) ;;
             3) echo "gpu_checks.sh: no CUDA device here for --device $DEVICE; run it on a GPU machine, or try the steps at tiny size on the CPU with --tiny --device cpu" >&2
                exit 2 ;;
-            *) echo "gpu_checks.sh: python cannot import torch ($(printf '%s\n' "$probe" | tail -n 1))" >&2
+            *) echo "gpu_checks.sh: $PYTHON cannot import torch ($(printf '%s\n' "$probe" | tail -n 1))" >&2
                exit 2 ;;
         esac ;;
 esac
@@ -143,6 +150,23 @@ mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"
 cd "$REPO" || exit 2
 DEADLINE=$(( $(date +%s) + ${TOTAL_S:-540} ))
+planned=0                 # the steps' own limits, against TOTAL_S: said before they run
+for step in $STEPS; do
+    case "$step" in
+        benchmark) planned=$(( planned + ${BENCHMARK_TIMEOUT:-360} )) ;;
+        gptoss) planned=$(( planned + ${GPTOSS_EAGER_TIMEOUT:-90} + ${GPTOSS_COMPILED_TIMEOUT:-200} )) ;;
+        presets) planned=$(( planned + ${PRESETS_TIMEOUT:-540} )) ;;
+        generate) planned=$(( planned + 3 * ${GENERATE_TIMEOUT:-120} )) ;;
+        recipe) planned=$(( planned + ${RECIPE_TIMEOUT:-420} ))
+                if [ -z "${RECIPE_INPUT_DIR:-}" ] && [ "$TINY" = 0 ]; then
+                    planned=$(( planned + ${RECIPE_CORPUS_TIMEOUT:-120} )); fi ;;
+        tests) planned=$(( planned + ${TESTS_TIMEOUT:-240} )) ;;
+        suite) planned=$(( planned + ${SUITE_TIMEOUT:-900} )) ;;
+    esac
+done
+if [ "$planned" -gt "${TOTAL_S:-540}" ]; then
+    echo "gpu_checks.sh: note: the limits of the steps in STEPS add up to $planned s, more than TOTAL_S=${TOTAL_S:-540}: the last ones may be cut short or skipped; raise TOTAL_S, or run fewer STEPS" >&2
+fi
 WORK="$(mktemp -d)"       # run logs and caches of the pico-llm runs: only their reports are kept
 trap 'rm -rf "$WORK"' EXIT
 LOGS="$WORK/logs"         # packed into OUT/logs.tgz after each step
@@ -202,7 +226,7 @@ if [ "$TINY" = 1 ]; then
 fi
 
 PER_TEST=()            # one hung test (a rendezvous, a compilation) is named, not the whole step
-if python -c "import pytest_timeout" 2>/dev/null; then PER_TEST=(--timeout "${TEST_TIMEOUT:-120}"); fi
+if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then PER_TEST=(--timeout "${TEST_TIMEOUT:-120}"); fi
 
 for step in $STEPS; do
     case "$step" in
@@ -210,7 +234,7 @@ for step in $STEPS; do
             NANOGPT=()
             if [ -n "${NANOGPT_DIR:-}" ]; then NANOGPT=(--nanogpt_dir "$NANOGPT_DIR"); fi
             run_step benchmark "${BENCHMARK_TIMEOUT:-360}" benchmark.log \
-                python tools/benchmark.py --gpt2 "${QUICK[@]}" --device_id "$DEVICE" \
+                "$PYTHON" tools/benchmark.py --gpt2 "${QUICK[@]}" --device_id "$DEVICE" \
                 --output "$OUT/gpt2_benchmark.json" --profile "$LOGS" "${NANOGPT[@]}" ;;
         gptoss)
             for mode in eager compiled; do
@@ -218,7 +242,7 @@ for step in $STEPS; do
                 limit="${GPTOSS_EAGER_TIMEOUT:-90}"
                 if [ "$mode" = compiled ]; then COMPILE=(--compile); limit="${GPTOSS_COMPILED_TIMEOUT:-200}"; fi
                 run_step "gptoss_$mode" "$limit" "gptoss_$mode.log" \
-                    env TORCH_LOGS="${TORCH_LOGS:-graph_breaks,recompiles}" python pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
+                    env TORCH_LOGS="${TORCH_LOGS:-graph_breaks,recompiles}" "$PYTHON" pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
                     --transformer_variant GPT-oss "${GPTOSS_SIZE[@]}" --epochs 1 --max_new_tokens 8 \
                     --device_id "$DEVICE" --quiet --artefacts_dir "$WORK/gptoss" \
                     --cache_dir "$WORK/gptoss/cache" --run_name "gptoss_$mode" "${COMPILE[@]}"
@@ -229,12 +253,12 @@ for step in $STEPS; do
             done ;;
         presets)
             run_step presets "${PRESETS_TIMEOUT:-540}" compile_presets.log \
-                python tools/compile_presets.py --device_id "$DEVICE" --output "$OUT/compile_presets.json" \
+                "$PYTHON" tools/compile_presets.py --device_id "$DEVICE" --output "$OUT/compile_presets.json" \
                 --timeout "${PRESET_RUN_TIMEOUT:-150}" --steps "${PRESET_STEPS:-40}" \
                 ${PRESET_CONFIGS:+--configs "$PRESET_CONFIGS"} "${QUICK[@]/--quick/--tiny}" ;;
         generate)
             run_step generate_train "${GENERATE_TIMEOUT:-120}" generate_train.log \
-                python pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
+                "$PYTHON" pico-llm.py --input_files 3seqs.txt --tokenizer char --models transformer \
                 "${GENERATE_SIZE[@]}" --epochs 1 --max_new_tokens 4 --device_id "$DEVICE" --quiet \
                 --artefacts_dir "$WORK/generate" --cache_dir "$WORK/generate/cache" \
                 --run_name generate --save_dir "$WORK/generate/checkpoints"
@@ -243,7 +267,7 @@ for step in $STEPS; do
                 COMPILE=()
                 if [ "$mode" = compiled ]; then COMPILE=(--compile); fi
                 run_step "generate_$mode" "${GENERATE_TIMEOUT:-120}" "generate_$mode.log" \
-                    bash -c 'python pico-llm.py "$@" > "$0"' "$LOGS/generate_$mode.txt" --generate \
+                    bash -c '"$PYTHON" pico-llm.py "$@" > "$0"' "$LOGS/generate_$mode.txt" --generate \
                     --checkpoint "${checkpoint:-missing}" --prompt "Once upon a time" --temperature 0 \
                     --max_new_tokens 40 --dtype float32 --device_id "$DEVICE" "${COMPILE[@]}"
             done ;;
@@ -253,20 +277,20 @@ for step in $STEPS; do
             if [ -z "$INPUT_DIR" ]; then
                 INPUT_DIR="$WORK/corpus"            # tens of MB: not among the results
                 run_step recipe_corpus "${RECIPE_CORPUS_TIMEOUT:-120}" recipe_corpus.log \
-                    python tools/recipe_gpt2.py --write_corpus "$INPUT_DIR"
+                    "$PYTHON" tools/recipe_gpt2.py --write_corpus "$INPUT_DIR"
             fi
             run_step recipe "${RECIPE_TIMEOUT:-420}" recipe_gpt2.log \
-                python tools/recipe_gpt2.py --input_dir "$INPUT_DIR" --device_id "$DEVICE" \
+                "$PYTHON" tools/recipe_gpt2.py --input_dir "$INPUT_DIR" --device_id "$DEVICE" \
                 --output "$OUT/recipe_gpt2.json" "${RECIPE_SIZE[@]}" ;;
         tests)
             run_step tests "${TESTS_TIMEOUT:-240}" cuda_tests.log \
-                python -m pytest -v --durations=10 -m cuda tests/test_cuda.py -p no:cacheprovider \
+                "$PYTHON" -m pytest -v --durations=10 -m cuda tests/test_cuda.py -p no:cacheprovider \
                 "${PER_TEST[@]}" ;;   # a line per test: a step cut short still says which passed
         suite)
             PARALLEL=("${PER_TEST[@]}")
-            if python -c "import xdist" 2>/dev/null; then PARALLEL+=(-n "${SUITE_WORKERS:-12}"); fi
+            if "$PYTHON" -c "import xdist" 2>/dev/null; then PARALLEL+=(-n "${SUITE_WORKERS:-12}"); fi
             run_step suite "${SUITE_TIMEOUT:-900}" fast_suite.log \
-                env OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" python -m pytest -v -m "not slow and not cuda" \
+                env OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" "$PYTHON" -m pytest -v -m "not slow and not cuda" \
                 -p no:cacheprovider --durations 25 "${PARALLEL[@]}" ;;
     esac
 done
