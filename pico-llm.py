@@ -164,6 +164,7 @@ import socket
 import stat
 import statistics
 import subprocess
+import sysconfig
 import tempfile
 import textwrap
 import threading
@@ -1399,8 +1400,10 @@ class Batch:
     mask: torch.Tensor
 
     def to(self, device: torch.device) -> "Batch":
-        """On CUDA, copy from pinned (page-locked) host memory without blocking, so the
-        copy overlaps the previous step's GPU work."""
+        """On CUDA, copy from pinned (page-locked) host memory without blocking the host,
+        which goes on to queue the step's kernels behind the copy. (It overlaps little GPU
+        work: training_step waits for its loss before the optimizer's update, the only work
+        still queued when the next step's batch is made.)"""
         if device.type != "cuda":
             return Batch(*(t.to(device) for t in (self.inputs, self.targets, self.mask)))
         return Batch(*((t.pin_memory() if t.device.type == "cpu" else t).to(device, non_blocking=True)
@@ -5381,7 +5384,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="training precision: bf16 autocast or fp32, and its samples' and "
                             "--generate's on an NVIDIA GPU "
                             "(default: bfloat16 on a GPU with bf16 units, NVIDIA's since Ampere; "
-                            "float32 elsewhere)")
+                            "float32 elsewhere). fp32 on an NVIDIA GPU: matrix products in full "
+                            "float32 (PyTorch's default, no TF32), but cuDNN's LSTM and "
+                            "convolutions in TF32 since Ampere (PyTorch's default too)")
     bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
                        help="kernel for float32 linear layers on the CPU: oneDNN (used only "
                             "where this PyTorch build has it; 2x PyTorch's default on an AMD "
@@ -6831,8 +6836,9 @@ def autocast_context(device: torch.device, dtype: str | None = None):
 
 
 class Float32LSTM(nn.LSTM):
-    """nn.LSTM with autocast off, computing in its weights' dtype (float32), its inputs cast
-    up; the layers around it still take bf16. Under autocast, PyTorch's cast for cuDNN's LSTM
+    """nn.LSTM with autocast off, computing in its weights' dtype (float32; TF32 in cuDNN on
+    NVIDIA GPUs since Ampere, PyTorch's default), its inputs cast up; the layers around it
+    still take bf16. Under autocast, PyTorch's cast for cuDNN's LSTM
     kernel takes float16 whatever dtype autocast names (bf16 here), and float16 without loss
     scaling lets small gradients vanish; on a CPU, oneDNN's bf16 LSTM exists only for AVX-512
     (on an AVX2 processor it fails: "could not create a primitive descriptor"). The same
@@ -7441,6 +7447,11 @@ def compile_unavailable(device: torch.device) -> str | None:
             return f"CC={os.environ['CC']!r} names no program that is here (unset CC or fix it)"
         if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
             return "torch.compile's GPU kernels need a C compiler (gcc or clang) on the PATH"
+        # and compiles them against Python's C headers, which some systems install apart
+        headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+        if not headers.is_file():
+            return (f"torch.compile's GPU kernels need Python's C headers, and {headers} is "
+                    "missing (install python3-dev, or your system's package of them)")
     if device.type == "mps":
         return "torch.compile's code for Apple's GPU (MPS) is a prototype in PyTorch"
     return None

@@ -414,9 +414,11 @@ def test_compile_without_a_compiler_is_one_line(pico, run_main, monkeypatch, tmp
     assert "--version` failed" in said and said.endswith("(fix it, or set CXX to one that works)")
 
 
-def test_compile_on_a_gpu_needs_triton_and_a_c_compiler(pico, monkeypatch):
-    """Triton builds each kernel's launcher with $CC, else gcc, else clang: without one the
-    first compiled step was a long traceback ("Failed to find C compiler")."""
+def test_compile_on_a_gpu_needs_triton_a_c_compiler_and_pythons_headers(pico, monkeypatch,
+                                                                         tmp_path):
+    """Triton builds each kernel's launcher with $CC, else gcc, else clang, against Python.h:
+    without one the first compiled step was a long traceback ("Failed to find C compiler",
+    "fatal error: Python.h: No such file or directory")."""
     gpu = torch.device("cuda", 0)
     real_find_spec = pico.importlib.util.find_spec
     monkeypatch.setattr(pico.importlib.util, "find_spec",
@@ -424,6 +426,12 @@ def test_compile_on_a_gpu_needs_triton_and_a_c_compiler(pico, monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     found = {"gcc", "clang"}
     monkeypatch.setattr(pico.shutil, "which", lambda name: f"/usr/bin/{name}" if name in found else None)
+    headers = tmp_path / "include"                         # Python's, the launchers include
+    monkeypatch.setattr(pico.sysconfig, "get_paths", lambda: {"include": str(headers)})
+    assert "need Python's C headers, and " + str(headers / "Python.h") + " is missing (install " \
+        "python3-dev" in pico.compile_unavailable(gpu)
+    headers.mkdir()
+    (headers / "Python.h").write_text("/* the headers */\n")
     assert pico.compile_unavailable(gpu) is None
     found = {"clang"}                                      # macOS's, or a system without gcc
     assert pico.compile_unavailable(gpu) is None
