@@ -461,6 +461,15 @@ def test_the_requirements_install_what_the_notebook_needs():
     assert {"notebook", "nbconvert", "pandas", "matplotlib", "ipykernel"} <= names
 
 
+def test_the_suite_bounds_each_tests_time(pytestconfig):
+    """pytest-timeout, installed with the requirements, stops a hung test after pytest.ini's
+    limit (the thread method: a test's own SIGALRM would cancel the signal method's timer)."""
+    assert {"pytest-timeout", "pytest-xdist"} <= requirement_names(REPO / "requirements.txt")
+    assert pytestconfig.pluginmanager.hasplugin("timeout")
+    assert 0 < float(pytestconfig.getini("timeout")) <= 900
+    assert pytestconfig.getini("timeout_method") == "thread"
+
+
 def test_make_notebook_refuses_an_output_that_is_no_regular_file(tmp_path):
     os.mkfifo(tmp_path / "fifo")          # reading it to look for edits would block
     result = make_notebook_process("--output", str(tmp_path / "fifo"))   # a hang is a timeout
