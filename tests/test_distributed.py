@@ -45,6 +45,46 @@ def test_a_world_of_one_runs_the_steps_collectives_and_a_ddp_step_on_gloo(tmp_pa
     assert lines[1].startswith("DistributedDataParallel ") and 3.0 < float(lines[1].split()[1]) < 4.9
 
 
+def test_the_compiled_loss_under_torchrun_is_split_at_ddps_gradient_buckets(tmp_path):
+    """On a GPU under torchrun, DDP wraps the compiled loss (CompiledTrainingLoss). Its region
+    compiles inside DDP's forward, where Dynamo's DDPOptimizer splits it at DDP's gradient
+    buckets, so each bucket's all-reduce can start as its part of the backward ends (docs had
+    said it could not overlap). A 49 MB model in DDP's 25 MB buckets: 3 graphs, 1 unwrapped. A
+    counting backend stands in for Inductor: the split is Dynamo's, made before any code is."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(probe_loading("pico", SCRIPT, "pico_llm") + """
+import os
+import torch
+pico.launched_world_size = lambda: 2          # as world_of_one_probe: DDP over a world of one
+context, device_id = pico.setup_distributed("cpu", 60)
+graphs = []
+def counting(graph, example_inputs):
+    graphs.append(graph)
+    return graph.forward
+compile = torch.compile
+torch.compile = lambda module, **options: compile(module, backend=counting, **options)
+config = pico.TransformerConfig(d_model=512, n_heads=8, n_blocks=4, block_size=16)
+model = pico.build_model(config, vocab_size=50, seed=0)
+batch = pico.make_batch([list(range(i, i + 17)) for i in range(4)], 16, 0)
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+for wrapped in (True, False):
+    graphs.clear()
+    torch.compiler.reset()
+    loss = pico.CompiledTrainingLoss(pico.FusedNextTokenLoss(model))
+    if wrapped:
+        loss = pico.wrap_for_training(loss, context, torch.device("cpu"))
+    pico.training_step(loss, optimizer, [(batch, True)], batch.num_target_tokens, 1.0,
+                       context if wrapped else None)
+    print(type(loss).__name__, len(graphs), flush=True)
+os._exit(0)   # no teardown right after DDP's last all-reduce: gloo's can deadlock there
+""")
+    joined = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "1", str(probe)], capture_output=True, text=True,
+                            timeout=300)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert joined.stdout.splitlines() == ["DistributedDataParallel 3", "CompiledTrainingLoss 1"]
+
+
 def test_every_model_waits_for_rank_0s_final_checkpoint_before_the_next_begins(
         run_main, tmp_path, pico, monkeypatch):
     """With several models, a rank that went on into the next model while rank 0 still wrote
