@@ -11452,6 +11452,9 @@ def check_export_directory(directory: Path) -> None:
     if exists and any(directory.iterdir()):
         raise UserError(f"--export_hf {quoted(directory)} already exists and is not empty; "
                         "choose a new directory")
+    if exists and directory.resolve() == Path.cwd().resolve():   # `.`: renamed into place
+        raise UserError(f"--export_hf {quoted(directory)} is the current directory, which the "  # it
+                        "export cannot be renamed over; choose a new directory")  # fails, after training
     check_writable_directory(directory.parent, "--export_hf")
 
 

@@ -308,7 +308,7 @@ def test_a_batch_larger_than_the_training_set_is_noted(run_main, tmp_path):
 
 
 def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_it(
-        pico, run_main, tmp_path, capsys):
+        pico, run_main, tmp_path, capsys, monkeypatch):
     """--artefacts_dir inside --export_hf: said as that, not as an export folder "not empty"
     because the run made the artefacts folder first, and nothing is left behind."""
     status, _, err = run_main("--models", "transformer", *TINY_RUN, "--export_hf",
@@ -348,6 +348,15 @@ def test_an_export_that_would_hold_the_run_log_is_refused_before_the_run_makes_i
                           "--artefacts_dir", str(art), "--export_hf", str(link)]) == 2
         assert f"--export_hf {link} is a symbolic link" in capsys.readouterr().err
         assert not art.exists() and link.is_symlink()
+    # the current directory, empty: the export's staging folder had been made inside it, and
+    # renaming that over `.` failed (device or resource busy) once training was done
+    with monkeypatch.context() as here:
+        here.chdir(tmp_path / "empty")
+        for name in (".", str(tmp_path / "empty")):
+            assert pico.main([*TINY_RUN, "--models", "transformer", "--device_id", "cpu",
+                              "--artefacts_dir", str(art), "--export_hf", name]) == 2
+            assert f"--export_hf {name} is the current directory" in capsys.readouterr().err
+            assert not art.exists() and not any((tmp_path / "empty").iterdir())
     assert pico.main([*TINY_RUN, "--models", "transformer", "--device_id", "cpu", "--run_name",
                       "r1", "--artefacts_dir", str(art), "--export_hf", str(art / "r1_export")]) == 0
     assert (art / "r1_export" / "config.json").exists()      # beside the log, a name of its own
