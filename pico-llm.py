@@ -10824,8 +10824,14 @@ def gpt2_names(config: TransformerConfig, names):
     """Files saved by older transformers omit GPT-2's "transformer." prefix: name -> full name."""
     if hf_family(config) != "gpt2":
         return {name: name for name in names}
-    return {name: name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-            for name in names}
+    full_names = {name: name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+                  for name in names}
+    if len(set(full_names.values())) < len(full_names):   # the later would replace the earlier
+        name = next(name for name in full_names if name != full_names[name]
+                    and full_names[name] in full_names)
+        raise UserError(f"the model's weights hold {full_names[name]} twice, also as {name}; "
+                        "download or export the model again")
+    return full_names
 
 
 def state_dict_from_hf(config: TransformerConfig, hf_state: dict) -> dict[str, torch.Tensor]:

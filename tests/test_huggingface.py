@@ -1770,6 +1770,17 @@ def test_init_from_with_a_config_json_that_is_a_folder_says_so(pico, tmp_path):
                    tmp_path / "model")
 
 
+def test_a_gpt2_tensor_stored_under_both_names_is_refused(refused, own_gpt2_dir, corpus):
+    """Old files name GPT-2's tensors without "transformer.": one stored under both names had
+    been taken twice, the later silently replacing the earlier (here a zero embedding)."""
+    state = load_file(own_gpt2_dir / "model.safetensors")
+    state["wte.weight"] = torch.zeros_like(state["transformer.wte.weight"])
+    save_file(state, own_gpt2_dir / "model.safetensors", metadata={"format": "pt"})
+    refused("the model's weights hold transformer.wte.weight twice, also as wte.weight; "
+            "download or export the model again", "--generate", "--init_from", str(own_gpt2_dir))
+    refused("transformer.wte.weight twice", "--init_from", str(own_gpt2_dir), *fine_tune(corpus))
+
+
 def test_init_from_an_unsupported_architecture_is_refused(refused, tmp_path, corpus):
     transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                             intermediate_size=64).save_pretrained(tmp_path / "bert")
