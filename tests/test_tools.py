@@ -194,6 +194,28 @@ def test_a_tool_refuses_a_bad_value_in_one_line(name, argv, message, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name, argv, message", [
+    ("recipe_ablation", ["--input_dir=-docs", "--sweep_scale", "tiny", "--steps", "2"],
+     "--input_dir -docs is too little text to hold some out"),
+    ("recipe_gpt2", ["--tiny", "--input_dir=-docs", "--output", "r.json", "--seconds", "1",
+                     "--device_id", "cpu"], "--input_dir -docs is too little text to hold any out"),
+    ("stream_vs_lines", ["--corpus_dir=-docs", "--seconds", "1", "--d_model", "16",
+                         "--block_size", "16"], "--corpus_dir -docs is too little text to time"),
+    ("compile_presets", ["--device_id=-x", "--output", "o.json", "--tiny"],
+     "unknown --device_id '-x'"),
+])
+def test_a_tool_passes_a_value_that_begins_with_a_dash_on_as_a_value(name, argv, message,
+                                                                      tmp_path):
+    """A folder named -docs, given as --input_dir=-docs: the tool had passed it on to pico-llm
+    as two words, whose parser took -docs for a flag and said, as "pico-llm", that
+    --input_dir (or --cache_dir, never given) expected an argument."""
+    (tmp_path / "-docs").mkdir()
+    (tmp_path / "-docs" / "a.txt").write_text("Just a short line of text.\n")
+    result = subprocess.run([sys.executable, str(TOOLS / f"{name}.py"), *argv],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert_one_line_error(result, name, message)
+
+
 @pytest.mark.parametrize("name, flag", [
     ("benchmark", "--output"), ("benchmark", "--profile"), ("benchmark", "--nanogpt_dir"),
     ("compile_presets", "--output"), ("make_3seqs", "--out"), ("make_notebook", "--output"),

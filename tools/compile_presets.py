@@ -54,7 +54,7 @@ def pico_flags(name: str, compile: bool, args, work: Path) -> list[str]:
     return ["--models", "transformer", *CONFIGS[name],
             "--input_files", str(Path(PICO_PATH).parent / "3seqs.txt"), "--tokenizer", "char",
             "--epochs", "1", "--max_steps_per_epoch", str(args.steps), "--max_new_tokens", "4",
-            "--device_id", args.device_id, "--quiet", "--run_name", run_label(name, compile),
+            f"--device_id={args.device_id}", "--quiet", "--run_name", run_label(name, compile),
             "--artefacts_dir", str(work), "--cache_dir", str(work / "cache"),
             "--batch_size", str(args.batch_size), *(TINY if args.tiny else []),
             *(["--compile"] if compile else [])]

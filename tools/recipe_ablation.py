@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     scale = pico.SWEEP_SCALES[args.sweep_scale]
     try:
-        config = pico.config_from_command_line(["--input_dir", args.input_dir, "--device_id", "cpu"])
+        # --input_dir=VALUE, one word: a folder named -docs is a value, not a flag
+        config = pico.config_from_command_line([f"--input_dir={args.input_dir}", "--device_id", "cpu"])
         base = pico.with_flags(pico.sweep_base_config(config, scale),
                                test_fraction=scale.test_fraction, data_format="stream")
         tokenizer = pico.build_tokenizer(scale.tokenizer)

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         pico.check_replaceable_report(Path(args.output), ("recipe_gpt2",), "--output",
                                       ("tiny", args.tiny))
         config = pico.config_from_command_line([
-            "--input_dir", args.input_dir, "--device_id", args.device_id, "--tokenizer", "char",
+            f"--input_dir={args.input_dir}", f"--device_id={args.device_id}", "--tokenizer", "char",
             "--data_format", "stream", "--test_fraction", "0.02", "--models", "transformer",
             "--learning_rate", str(args.learning_rate), "--warmup_steps", "50", "--beta2", "0.95",
             "--max_new_tokens", "16", "--quiet", *shape])

@@ -165,10 +165,10 @@ def compare(pico, args) -> int:
               "--d_model", str(args.d_model), "--block_size", str(args.block_size),
               "--batch_size", "16", "--lr_schedule", "constant", "--warmup_steps", "20",
               "--prompt", "The", "--max_new_tokens", "300", "--quiet", "--device_id", "cpu",
-              "--cache_dir", str(corpus / ".cache")]
+              f"--cache_dir={corpus / '.cache'}"]   # one word each: a folder -docs is a name
     # Lines mode splits lines at random, stream mode whole documents: so that the held-out
     # documents stay unseen by both, lines mode trains on the stream split's training text.
-    stream_flags = common + ["--input_dir", str(corpus), "--data_format", "stream"]
+    stream_flags = common + [f"--input_dir={corpus}", "--data_format", "stream"]
     try:
         source, = pico.read_sources(pico.config_from_command_line(stream_flags).data)
     except pico.UserError as error:   # pico-llm's --input_dir is this tool's --corpus_dir
