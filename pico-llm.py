@@ -4262,12 +4262,18 @@ def sweep_base_config(config: Config, scale: SweepScale) -> Config:
                       warmup_steps=min(config.training.warmup_steps, max(1, scale.steps // 4)))
 
 
-def sweep_data(config: Config, tokenizer, num_train: int | None = None) -> TrainingData:
+def sweep_data(config: Config, tokenizer, num_train: int | None = None,
+               held_out: bool = True) -> TrainingData:
     """The custom text (no TinyStories) split once into train and a fixed test set, in
     the config's data format; num_train keeps a random but nested subset of the training
-    examples (lines, or stream windows), so every corpus size is scored on the same test set."""
+    examples (lines, or stream windows), so every corpus size is scored on the same test set.
+    held_out: the sweep compares held-out loss, so a text too short to hold any out is refused
+    (its points' test losses would all be null)."""
     custom = dataclasses.replace(config.data, tinystories_weight=0.0)
     data = load_training_data(custom, tokenizer, read_sources(custom))
+    if held_out and not data.has_test_set:
+        raise UserError("the sweep compares held-out loss, and the text is too short to hold "
+                        "any out; give more text (--input_files or --input_dir)")
     if num_train is not None:
         source = data.sources[0]
         source.train = np.sort(np.random.default_rng(custom.seed).permutation(source.train)[:num_train])
@@ -4472,7 +4478,7 @@ def sweep_sampling(log: SweepLog, base, scale, device, tokenizer) -> None:
     times (seeds seed, seed+1, ...). It also gives the attention maps and the
     embedding clusters of the presentation."""
     config = with_flags(base, test_fraction=scale.test_fraction)
-    data = sweep_data(config, tokenizer)
+    data = sweep_data(config, tokenizer, held_out=False)     # its results are samples
     config = with_step_budget(config, data, scale.sampling_steps)
     directory = log.path.parent
     pending = [rule for rule in SAMPLING_SWEEP_RULES
@@ -4655,10 +4661,7 @@ def sweep_recipe(log: SweepLog, base, scale, device, tokenizer) -> None:
     effects mix with overfitting; docs/performance.md runs it on a larger running text."""
     seconds, calibration_steps = RECIPE_BUDGETS[scale.name]
     config = with_flags(base, test_fraction=scale.test_fraction, data_format="stream")
-    data = sweep_data(config, tokenizer)
-    if not data.has_test_set:        # each point's result is a curve of held-out loss
-        raise UserError("--sweep recipe compares curves of held-out loss, and the text is too "
-                        "short to hold any out; give more text (--input_files or --input_dir)")
+    data = sweep_data(config, tokenizer)      # each point's result is a curve of held-out loss
     points = {label: ({"recipe": label, **overrides, "train_seconds": seconds},
                       with_flags(config, **overrides))
               for label, overrides in RECIPE_SWEEP_POINTS.items()}

@@ -446,15 +446,30 @@ def test_a_step_budget_that_must_be_met_makes_no_fewer_steps(pico, configure, pe
         assert steps <= made < steps + per_epoch, (steps, made)
 
 
-def test_the_recipe_sweep_on_a_text_too_short_to_hold_out_is_one_line(run_main, tmp_path):
-    """Each recipe's result is a curve of held-out loss: with nothing held out there is none
-    (it was an IndexError after every point had trained)."""
+@pytest.mark.parametrize("sweep", ["recipe", "budget", "overfit", "hyperparams", "custom_data",
+                                   "learning_rate", "architectures"])
+def test_a_sweep_of_held_out_loss_on_a_text_too_short_to_hold_out_is_one_line(run_main, tmp_path,
+                                                                              sweep):
+    """Each point's result is a held-out loss (the recipe's, a curve of them): with nothing held
+    out there is none (the recipe sweep's was an IndexError after every point had trained; the
+    others wrote files whose test losses were all null, and exited 0)."""
     one_line = tmp_path / "one.txt"
     one_line.write_text("just one line\n")
-    status, _, err = run_main("--sweep", "recipe", "--sweep_scale", "tiny", "--input_files",
+    status, _, err = run_main("--sweep", sweep, "--sweep_scale", "tiny", "--input_files",
                               str(one_line))
-    assert status == 2 and err.count("\n") == 1 and "held-out loss" in err, err
-    assert not (tmp_path / "artefacts" / "sweep_recipe.json").exists()
+    assert status == 2 and err.count("\n") == 1, err
+    assert "the sweep compares held-out loss, and the text is too short to hold any out" in err
+    assert not (tmp_path / "artefacts" / f"sweep_{sweep}.json").exists()
+
+
+def test_the_sampling_sweep_needs_no_held_out_text(run_main, tmp_path, pico):
+    """Its results are samples: a text too short to hold any out still gives them."""
+    text = tmp_path / "one.txt"
+    text.write_text("just one line of text, the only one\n")
+    status, _, err = run_main("--sweep", "sampling", "--sweep_scale", "tiny", "--input_files",
+                              str(text))
+    assert status == 0, err
+    assert pico.load_sweep(tmp_path / "artefacts" / "sweep_sampling.json")["points"]
 
 
 def test_recipe_ablation_tool_trains_each_variant_on_the_given_text(tiny_corpus, capsys):

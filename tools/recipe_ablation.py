@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         base = pico.with_flags(pico.sweep_base_config(config, scale),
                                test_fraction=scale.test_fraction, data_format="stream")
         tokenizer = pico.build_tokenizer(scale.tokenizer)
-        data = pico.sweep_data(base, tokenizer)
+        data = pico.sweep_data(base, tokenizer, held_out=False)   # said below, as --input_dir
         if not data.has_test_set:   # the comparison is of held-out bits per byte
             raise pico.UserError(f"--input_dir {args.input_dir} is too little text to hold some "
                                  "out for testing; give more text")

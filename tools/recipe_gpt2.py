@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tiny:
             refuse_gpu_size_on_a_cpu(pico, device, "--tiny", "recipe_gpt2.py")
         tokenizer = pico.build_tokenizer(config.data.tokenizer)
-        data = pico.sweep_data(config, tokenizer)
+        data = pico.sweep_data(config, tokenizer, held_out=False)   # said below, as --input_dir
         if not data.has_test_set:      # each recipe is scored on held-out text
             raise pico.UserError(f"--input_dir {args.input_dir} is too little text to hold any "
                                  "out for testing; add text")
