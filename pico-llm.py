@@ -10963,6 +10963,9 @@ def read_hf_shapes(path: Path) -> dict[str, tuple] | None:
                      if name != "__metadata__"}
         except (OSError, ValueError, TypeError, KeyError, AttributeError,
                 RecursionError) as error:   # RecursionError: a header nested too deep
+            if isinstance(error, PermissionError):   # the file is whole: another download won't do
+                raise UserError(f"cannot read {quoted(file)}: {error.strerror}; check its "
+                                "permissions") from None
             reason = (str(error) or type(error).__name__).splitlines()[0]
             raise UserError(f"cannot read {quoted(file)}: {reason[:160]}; download or export "
                             "the model again") from None
@@ -11028,6 +11031,8 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def weights_file_failure(error: Exception, file: Path) -> str:
     """Why a model directory's weights file could not be read, in a few words."""
+    if isinstance(error, PermissionError):
+        return f"{error.strerror}; check its permissions"
     if file.suffix == ".bin":   # a pickle, read by load_weights_only
         culprit = blocked_callable(str(error))
         return (f"unpickling it would call {culprit}, which runs code, so it was not loaded"

@@ -1266,6 +1266,22 @@ def test_unreadable_weights_are_refused(pico, llama_dir):
     one_line_error(pico, "cannot read .*model.safetensors", pico.load_hf_directory, llama_dir)
 
 
+def test_weights_this_user_may_not_read_are_said_so(pico, llama_dir, monkeypatch):
+    """Not "download or export the model again": the file may be whole (as root, chmod cannot
+    show this, so open is made to refuse)."""
+    def refused(file, *args, **kwargs):
+        if str(file).endswith("model.safetensors"):
+            raise PermissionError(13, "Permission denied")
+        return open(file, *args, **kwargs)
+    with monkeypatch.context() as patched:
+        patched.setattr(pico, "open", refused, raising=False)     # the headers' reader
+        one_line_error(pico, r"cannot read .*model.safetensors: Permission denied; check its "
+                       r"permissions$", pico.load_hf_directory, llama_dir)
+    said = pico.weights_file_failure(PermissionError(13, "Permission denied"),
+                                     llama_dir / "model.safetensors")
+    assert said == "Permission denied; check its permissions"
+
+
 def shard_in_two(llama_dir):
     """llama_dir's weights as two shards and an index; returns the index's JSON."""
     state = load_file(llama_dir / "model.safetensors")
