@@ -5334,7 +5334,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     experiments.add_argument("--overwrite", action="store_true",
                              help="start the sweeps afresh, replacing their files (by default a "
                                   "sweep continues its file, and a file of another scale or other "
-                                  "data is refused)")
+                                  "data is refused). A file is replaced when the new sweep's first "
+                                  "point is saved: stopped early, only the new points are left")
     experiments.add_argument("--custom_sweep_log", type=user_path, default=None, metavar="PATH",
                              help="run the custom-data size sweep into this JSON file")
     experiments.add_argument("--custom_sweep_sizes", default=None, metavar="N,N,...",
