@@ -4808,7 +4808,7 @@ def run_sweep_logs(paths: dict[str, Path], flags: dict[str, str], scale: "SweepS
             log.data["wall_time_s"] = round(log.earlier_wall_time_s + this_run_s, 2)   # all runs
             log.finish()
         if log.added == 0 and log.skipped:
-            print(f"sweep {name}: all {len(log.data['points'])} points were already done; they "
+            print(f"sweep {name}: all {log.skipped} points were already done; they "   # asked for
                   f"are in {log.path} (pass --overwrite to run the sweep afresh)")
         else:
             print(f"sweep {name}: {len(log.data['points'])} points ({log.skipped} already done) "

@@ -124,6 +124,11 @@ def test_custom_sweep_log_and_sizes(pico, run_main, tmp_path, tiny_corpus):
     assert sorted((p["model"], p["train_examples"]) for p in sweep["points"]) == [
         ("lstm_seq", 2), ("lstm_seq", 5), ("transformer", 2), ("transformer", 5)]
     assert all(p["test_loss"] > 0 for p in sweep["points"])
+    # one size of the two again: its 2 points were done (the file's 4 had been counted)
+    status, out, err = run_main("--custom_sweep_log", str(log), "--custom_sweep_sizes", "5",
+                                "--sweep_scale", "tiny", "--input_files", str(tiny_corpus),
+                                artefacts=tmp_path / "a_file")
+    assert status == 0 and "sweep custom_data: all 2 points were already done" in out, err
     status, _, err = run_main("--custom_sweep_log", str(log), "--custom_sweep_sizes", "2,x")
     assert status == 2 and "--custom_sweep_sizes" in err
 
