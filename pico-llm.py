@@ -11090,6 +11090,9 @@ def resolve_init_from(spec: str) -> Path:
         return path
     if path.exists():
         raise UserError(f"--init_from {quoted(spec)} is a file; pass a model directory or a hub id")
+    if path.is_symlink():
+        raise UserError(f"--init_from {quoted(spec)} is a symbolic link to nothing (broken, or a "
+                        "loop); pass a model directory or a hub id")
     if not HUB_ID.fullmatch(spec) or Path(spec.split("/")[0]).exists():
         raise UserError(f"--init_from {quoted(spec)}: no such directory (a hub id has the form "
                         "org/name, such as Qwen/Qwen3-0.6B)")

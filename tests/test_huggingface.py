@@ -1511,6 +1511,16 @@ def test_init_from_a_path_that_does_not_exist_is_a_missing_path_not_a_hub_id(pic
     assert asked == []
 
 
+def test_init_from_a_link_to_nothing_is_named_as_one(pico, tmp_path, monkeypatch):
+    """A broken link or a loop where the model was: it had been "no such directory"."""
+    monkeypatch.setattr(pico, "huggingface_hub_reachable", lambda timeout_s=3.0: False)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "broken").symlink_to(tmp_path / "moved")
+    for link in (tmp_path / "loop", tmp_path / "broken"):
+        one_line_error(pico, "is a symbolic link to nothing \\(broken, or a loop\\)",
+                       pico.resolve_init_from, str(link))
+
+
 def test_paths_with_a_newline_are_quoted_so_that_an_error_stays_one_line(pico, tmp_path):
     one_line_error(pico, r"--init_from 'org/na\\nme': no such directory", pico.resolve_init_from,
                    "org/na\nme")
