@@ -4118,6 +4118,9 @@ def looks_like_a_sweep_file(path: Path) -> bool:
 def load_sweep(path: Path | str) -> dict:
     """Read a sweep file and check its kind and schema version (the notebook uses this)."""
     check_regular_file(Path(path), "sweep file")
+    if Path(path).is_dir():
+        raise UserError(f"sweep file {path} is a directory; give the sweep another path, a "
+                        "file's")
     # --overwrite replaces a file that begins as a sweep file, and nothing else (a directory).
     remedy = "move it away, or " + ("pass --overwrite to start that sweep afresh"
                                     if looks_like_a_sweep_file(Path(path))

@@ -108,6 +108,16 @@ def test_an_interrupted_sweep_skips_the_points_it_finished(pico, run_main, tmp_p
     assert resumed["created"] == "2026-01-01T00:00:00+00:00" and resumed["wall_time_s"] > 1000.0
 
 
+def test_a_custom_sweep_log_that_is_a_directory_is_said_so(run_main, tmp_path, tiny_corpus):
+    """Not Python's "[Errno 21] Is a directory: ..." inside the message."""
+    (tmp_path / "folder").mkdir()
+    status, _, err = run_main("--custom_sweep_log", str(tmp_path / "folder"), "--sweep_scale",
+                              "tiny", "--input_files", str(tiny_corpus))
+    assert status == 2 and err == (f"pico-llm: error: sweep file {tmp_path / 'folder'} is a "
+                                   "directory; give the sweep another path, a file's\n")
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
 def test_custom_sweep_log_and_sizes(pico, run_main, tmp_path, tiny_corpus):
     """--custom_sweep_log alone writes its own file and nothing in --artefacts_dir, which is
     not held to be a folder then (a file of that name had stopped the sweep)."""
