@@ -865,7 +865,7 @@ class LinearAttention(nn.Module):
             state = q.new_zeros(B, H, D, v.shape[-1],
                                 dtype=torch.promote_types(q.dtype, torch.float32))       # (B, H, D, Dv)
         q, k, v = (t.to(state.dtype) for t in (q, k, v))   # a bf16 model's too: one dtype throughout
-        with torch.autocast(x.device.type, enabled=False):   # which would make the products bf16
+        with torch.autocast(x.device.type, enabled=False):   # which would run the products in bf16
             if cache is not None and T == 1:
                 y, state = recurrent_linear_attention(q, k, v, log_decay, state)
             else:
