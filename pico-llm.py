@@ -2417,9 +2417,10 @@ def digits_of(value: int) -> str:
     """An integer too long to write out in a message, as "a 400-digit number" (str() itself
     refuses past sys.get_int_max_str_digits())."""
     magnitude, limit = abs(value), sys.get_int_max_str_digits()
+    sign = "negative " if value < 0 else ""
     if limit and magnitude.bit_length() * math.log10(2) >= limit - 1:
-        return f"a number of more than {limit - 1:,} digits"
-    return f"a {len(str(magnitude))}-digit number"
+        return f"a {sign}number of more than {limit - 1:,} digits"
+    return f"a {len(str(magnitude))}-digit {sign}number"
 
 
 def read_without_waiting(path: Path) -> bytes:
@@ -5395,7 +5396,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                             "float32 (PyTorch's default, no TF32), but cuDNN's LSTM and "
                             "convolutions in TF32 since Ampere (PyTorch's default too)")
     bench.add_argument("--cpu_matmul", choices=CPU_MATMUL_KERNELS, default="onednn",
-                       help="kernel for float32 linear layers on the CPU: oneDNN (used only "
+                       help="kernel for float32 linear layers on the CPU: onednn, the default "
+                            "(oneDNN's; used only "
                             "where this PyTorch build has it; 2x PyTorch's default on an AMD "
                             "EPYC with AVX-512, about even on one without: docs/performance.md) "
                             "or torch (PyTorch's default, MKL)")
@@ -5427,13 +5429,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.tokenizer = "char"  # --init_from brings its own, a --checkpoint too
     if args.prompt is not None:  # text, never a path: its UTF-8 read back where the terminal's
         args.prompt = utf8_argument(args.prompt)   # encoding (LC_ALL=C) could not read it
-    validate_args(args)
+    typed = typed_flags(argv)
+    validate_args(args, typed)
     # Only a fresh training run is held to this: a sweep's points change the model under the
     # flags, and a resumed run or a checkpoint's model keeps the flags it was trained with.
     if not (args.resume is not None or args.generate or args.checkpoint or args.sweep
             or args.custom_sweep_log or args.collect_transformer_metrics or args.accounting):
         check_transformer_flags_are_read(vars(args))
-        check_schedule_flags_are_read(args, typed_flags(argv))
+        check_schedule_flags_are_read(args, typed)
     return args
 
 
@@ -5460,7 +5463,9 @@ MAX_KGRAM_K = 1024
 MAX_EXPERTS = 1024
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def validate_args(args: argparse.Namespace, typed: frozenset = frozenset()) -> None:
+    """UserError for the first value or combination of flags that cannot run. `typed`: the
+    flags written on the command line (typed_flags), one typed at its default value included."""
     def positive(name: str) -> None:
         value = getattr(args, name)
         if value is not None and not value > 0:                  # NaN too
@@ -5531,7 +5536,8 @@ def validate_args(args: argparse.Namespace) -> None:
     for name, value in vars(args).items():   # past a float, before any float arithmetic
         if type(value) is int and abs(value) > MAX_INTEGER:
             raise UserError(f"--{name} is {digits_of(value)}, beyond any size or count "
-                            f"pico-llm can hold (at most {MAX_INTEGER:,}); give a smaller one")
+                            f"pico-llm can hold (at most {MAX_INTEGER:,}); give a "
+                            f"{'smaller' if value > 0 else 'larger'} one")
     if not math.isfinite(args.learning_rate * max(args.warmup_steps, 1)):  # the warm-up's product
         raise UserError(f"--learning_rate {args.learning_rate} is too large: warming it up over "
                         f"--warmup_steps {args.warmup_steps} overflows a float")
@@ -5574,9 +5580,9 @@ def validate_args(args: argparse.Namespace) -> None:
                         f"{stem}.json")
     if args.monosemantic_clusters <= 0:
         raise UserError(f"--monosemantic_clusters must be positive, got {args.monosemantic_clusters}")
-    tinystories_flags = {"tinystories_path": args.tinystories_path,
-                         "tinystories_max_stories": (args.tinystories_max_stories !=
-                                                     DataConfig.tinystories_max_stories)}
+    tinystories_flags = {"tinystories_path": args.tinystories_path,   # typed (`typed`) or not
+                         "tinystories_max_stories": "tinystories_max_stories" in typed or (
+                             args.tinystories_max_stories != DataConfig.tinystories_max_stories)}
     for flag, given in tinystories_flags.items():
         if given and not args.tinystories_weight:
             raise UserError(f"--{flag} is read only with --tinystories_weight above 0 (the share "
@@ -5588,7 +5594,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--prompt is empty; give some text to continue, e.g. --prompt 'Once'")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
-    top_p_given = args.top_p != DEFAULT_TOP_P
+    top_p_given = "top_p" in typed or args.top_p != DEFAULT_TOP_P
     if args.temperature == 0 and (args.top_k or top_p_given):
         raise UserError(f"--temperature 0 is greedy (always the most likely token), which "
                         f"--{'top_k' if args.top_k else 'top_p'} cannot change; drop one")

@@ -190,6 +190,10 @@ BAD_INPUTS = [
     (["--plateau_factor=0.5"], "--plateau_factor would be ignored: reduce-on-plateau is off"),
     (["--temperature", "0", "--top_k", "5"], "--top_k cannot change; drop one"),
     (["--temperature", "0", "--top_p", "0.5"], "--top_p cannot change; drop one"),
+    # typed at their defaults: they had been taken as not given
+    (["--temperature", "0", "--top_p", "0.95"], "--top_p cannot change; drop one"),
+    (["--tinystories_max_stories", "20000"], "--tinystories_max_stories is read only with "
+                                             "--tinystories_weight above 0"),
     *[([flag, "", *TINY_RUN], f"{flag} is empty; give a path") for flag in (
         "--input_dir", "--tinystories_path", "--save_dir", "--checkpoint", "--custom_sweep_log")],
     # integers past a float's range had reached the size checks' float arithmetic (OverflowError)
@@ -198,6 +202,8 @@ BAD_INPUTS = [
                     ["--models", "transformer", "--n_heads", "1", "--d_model"], ["--warmup_steps"],
                     ["--accounting", "--batch_size"],
                     ["--models", "transformer", "--yarn_factor", "2", "--yarn_original_context"])],
+    ([*TINY_RUN, "--n_blocks", "-" + HUGE], "--n_blocks is a 400-digit negative number, beyond any "
+     "size or count pico-llm can hold (at most 18,446,744,073,709,551,616); give a larger one"),
     (["--tokenizer", "bpe:" + HUGE], "--tokenizer bpe:N takes N up to 4,294,967,296 (the token "
                                      "cache holds ids as 32-bit numbers), got a 400-digit number"),
     (["--tokenizer", "bpe:" + "9" * 5000], "got a 5000-digit number"),    # past int()'s 4,300

@@ -2068,6 +2068,7 @@ def test_the_digit_limit_named_is_the_one_python_holds(pico, tmp_path):
         with pytest.raises(pico.UserError, match="a number in it has more than 640 digits"):
             pico.load_runlog(path)
         assert pico.digits_of(10**1000) == "a number of more than 639 digits"
-        assert pico.digits_of(-10**400) == "a 401-digit number"
+        assert pico.digits_of(-10**400) == "a 401-digit negative number"
+        assert pico.digits_of(-10**1000) == "a negative number of more than 639 digits"
     finally:
         sys.set_int_max_str_digits(before)
