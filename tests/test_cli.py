@@ -1,5 +1,6 @@
 """Section 12 (main): the command line as a user meets it: the course's commands and bad input."""
 
+import dataclasses
 import json
 import os
 import shlex
@@ -980,3 +981,167 @@ def test_every_sections_configs_defaults_are_the_flags_defaults(pico):
     assert flags["cache_dir"] and pico.DataConfig.cache_dir is None
     assert (flags["epochs"], flags["batch_size"], flags["block_size"], flags["keep_checkpoints"]) == (
         12, 16, 64, 3)
+
+
+# --- checks a mutation of section 8 could remove or shift unnoticed ---------------------------
+FINITE_FLAGS = ("learning_rate", "weight_decay", "grad_clip", "temperature", "rope_theta",
+                "test_fraction", "tinystories_weight", "min_lr_ratio", "router_aux_loss_coef",
+                "yarn_factor", "dist_timeout")
+
+
+@pytest.mark.parametrize("flag", FINITE_FLAGS)
+def test_each_float_flag_refuses_infinity_as_not_finite(pico, configure, flag):
+    """inf is refused as not finite for every float flag that must be finite, with a
+    Transformer that reads each of them (RoPE, experts): --rope_theta inf, --yarn_factor inf
+    and --router_aux_loss_coef inf passed every other check and had reached training."""
+    with pytest.raises(pico.UserError, match=f"^--{flag} must be a finite number, got inf$"):
+        configure("--models", "transformer", "--n_experts", "4", f"--{flag}", "inf")
+
+
+POSITIVE_COUNTS = ("epochs", "batch_size", "grad_accum_steps", "block_size", "kgram_k",
+                   "embed_size", "lstm_layers", "max_steps_per_epoch", "max_new_tokens",
+                   "limit_custom_examples", "tinystories_max_stories", "log_interval")
+
+
+@pytest.mark.parametrize("flag", POSITIVE_COUNTS)
+def test_each_count_flag_refuses_zero(pico, configure, flag):
+    """0 of a count is refused by name, not taken for "none" or "no limit": with the mutants,
+    --tinystories_max_stories 0 trained with no TinyStories at --tinystories_weight 0.5, and
+    --limit_custom_examples 0 was accepted."""
+    with pytest.raises(pico.UserError, match=f"^--{flag} must be positive, got 0$"):
+        configure("--tinystories_weight", "0.5", f"--{flag}", "0")
+
+
+@pytest.mark.parametrize("world_size, batch_size, accumulated", [
+    ("1", "1", "1"), ("1", "4", "4"), ("32", "32", "1"), ("32", "64", "2")])
+def test_a_batch_of_one_example_per_rank_and_micro_batch_is_accepted(
+        configure, monkeypatch, world_size, batch_size, accumulated):
+    """The last batch each check accepts: as many examples as ranks, and as many micro-batches
+    as each rank's examples (one example each). The refusals' side is pinned by
+    test_a_batch_is_refused_when_a_rank_or_micro_batch_would_get_no_example."""
+    for name, value in {"WORLD_SIZE": world_size, "RANK": "0", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    config = configure("--batch_size", batch_size, "--grad_accum_steps", accumulated)
+    assert config.training.batch_size == int(batch_size)
+    assert config.training.grad_accum_steps == int(accumulated)
+
+
+LOWER_ENDS = [  # a command each check accepts and the nearest it refuses, at a range's lower end
+    (["--beta2", "0"], ["--beta2", "-0.01"], r"--beta2 must be in \[0, 1\)"),
+    (["--dropout", "0"], ["--dropout", "-0.01"], r"--dropout must be in \[0, 1\)"),
+    (["--plateau_patience", "2", "--plateau_factor", "0.01"],
+     ["--plateau_patience", "2", "--plateau_factor", "0"], r"--plateau_factor must be in \(0, 1\)"),
+    (["--early_stop_patience", "2", "--early_stop_min_delta", "1e300"],
+     ["--early_stop_patience", "2", "--early_stop_min_delta", "inf"],
+     "--early_stop_min_delta must be a finite number >= 0, got inf"),
+    (["--data_format", "stream", "--random_offsets"], ["--data_format", "lines", "--random_offsets"],
+     r"lines mode has none \(add --data_format stream\)"),
+]
+
+
+@pytest.mark.parametrize("accepted, refused, match", LOWER_ENDS, ids=[" ".join(e[1]) for e in LOWER_ENDS])
+def test_each_range_refuses_the_value_just_past_its_lower_end(pico, configure, accepted, refused,
+                                                              match):
+    """As EDGES in test_cli.py, at the other end of each range (or the other spelling of lines
+    mode): a negative --beta2 or --dropout, a --plateau_factor of 0 (the learning rate set to
+    0 on the first plateau), an infinite --early_stop_min_delta (no epoch ever an improvement),
+    and --random_offsets with --data_format lines had all been accepted by the mutants."""
+    configure("--models", "kgram_mlp_seq,transformer", *accepted)
+    with pytest.raises(pico.UserError, match=match):
+        configure("--models", "kgram_mlp_seq,transformer", *refused)
+
+
+def test_each_renamed_model_flag_reaches_its_own_config_field(configure):
+    """The k-gram's and the LSTM's fields whose flags have other names (--kgram_k is k,
+    --num_inner_mlp_layers num_inner_layers, --kgram_chunk_size chunk_size, --lstm_layers
+    num_layers), each given a value no other flag has: a field read from the wrong flag (the
+    two layer counts share their default, 1) trained another model than the one asked for."""
+    config = configure("--models", "kgram_mlp_seq,lstm_seq", "--kgram_k", "5", "--block_size", "32",
+                       "--kgram_variant", "onehot", "--num_inner_mlp_layers", "3",
+                       "--kgram_chunk_size", "7", "--lstm_layers", "2", "--embed_size", "24")
+    kgram, lstm = config.models.kgram, config.models.lstm
+    assert (kgram.k, kgram.variant, kgram.num_inner_layers, kgram.chunk_size, kgram.embed_size) == (
+        5, "onehot", 3, 7, 24)
+    assert (lstm.num_layers, lstm.embed_size) == (2, 24)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--models", "transformer", "--attention", "softmax", "--attention_maps"],
+    ["--models", "transformer", "--d_model", "30", "--n_heads", "4", "--head_size", "8"],
+    ["--models", "transformer", "--attention", "gated_linear", "--linear_attention_gate", "fixed"],
+], ids=lambda argv: " ".join(argv[2:]))
+def test_a_transformer_command_each_check_must_let_through_is_accepted(configure, argv):
+    """The accepted side of three Transformer checks: --attention softmax written out with
+    --attention_maps, an explicit --head_size (d_model need not then divide by n_heads), and
+    the gate of gated_linear. Mutants that refused the first two left the suite passing."""
+    configure(*argv)
+
+
+@pytest.mark.parametrize("field", ["sliding_window", "nope_interval"])
+def test_a_mask_length_is_accepted_up_to_int32s_largest(pico, configure, field):
+    """Positions are int32 in the masks: 2**31 - 1 is the last length accepted, 2**31 the
+    first refused (as EDGES in test_cli.py, on the config itself, since no training command
+    with a window past --block_size is accepted)."""
+    config = configure("--models", "transformer").models.transformer
+    pico.validate_transformer_config(dataclasses.replace(config, **{field: 2**31 - 1}))
+    with pytest.raises(pico.UserError, match=f"--{field} must be at most 2147483647"):
+        pico.validate_transformer_config(dataclasses.replace(config, **{field: 2**31}))
+
+
+def test_accounting_configured_reports_the_transformer_variant_given(run_main):
+    """A bare --accounting reports --transformer_variant's preset, with the overrides: the
+    same numbers as --accounting naming that preset, under the label "<preset> (configured)".
+    Config.transformer_variant taken as pico whatever the flag had left test_accounting.py
+    passing."""
+    status, configured, err = run_main("--accounting", "--transformer_variant", "minGPT")
+    assert status == 0, err
+    status, named, err = run_main("--accounting", "minGPT")
+    assert status == 0, err
+    assert configured.splitlines()[0].startswith("minGPT (configured)"), configured
+    assert configured.splitlines()[1:] == named.splitlines()[1:]
+
+
+def test_a_closed_pipe_ends_a_checkpoints_export_with_0(pico, monkeypatch, capsys, tmp_path):
+    """--export_hf from a --checkpoint trains nothing and prints after writing, as --generate
+    and --accounting: `... | head` closing the pipe is status 0 and nothing said, not a run cut
+    off (141)."""
+    monkeypatch.setattr(sys, "stdout", sys.stdout)     # main() swaps in /dev/null; put back after
+    def reader_gone(config):
+        raise BrokenPipeError
+    monkeypatch.setattr(pico, "run_command", reader_gone)
+    status = pico.main(["--checkpoint", str(tmp_path / "step_000001.pt"),
+                        "--export_hf", str(tmp_path / "hf")])
+    sys.stdout.close()
+    assert status == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_generate_samples_with_the_seed_given(run_main, tmp_path):
+    """--generate draws its tokens from --seed: the same seed repeats the text, another seed
+    gives another (at temperature 1, from a barely trained model, 16 tokens never agree). A
+    sampler seeded with a constant whatever the flag left the suite passing."""
+    save = tmp_path / "ckpt"
+    assert run_main(*TINY_RUN, "--models", "lstm_seq", "--save_dir", str(save))[0] == 0
+    checkpoint = str(save / "lstm_seq" / "step_000006.pt")
+    texts = {}
+    for seed in ("1", "2", "1"):
+        status, out, err = run_main("--generate", "--checkpoint", checkpoint, "--seed", seed,
+                                    "--max_new_tokens", "16", "--quiet")
+        assert status == 0, err
+        texts.setdefault(seed, set()).add(out)
+    assert len(texts["1"]) == 1                 # the same seed: the same text
+    assert texts["1"] != texts["2"]
+
+
+def test_a_symlink_loop_found_by_pathlib_is_one_line_naming_the_path(pico, monkeypatch, capsys):
+    """Python before 3.13 reports a path whose links loop, in Path.resolve(), as a RuntimeError
+    ("Symlink loop from '...'"), not as OSError ELOOP: main() says it as the ELOOP line, status
+    2, not a traceback."""
+    def resolves_a_loop(config):
+        raise RuntimeError("Symlink loop from '/tmp/a/loop'")
+    monkeypatch.setattr(pico, "run_command", resolves_a_loop)
+    assert pico.main(["--epochs", "1", "--device_id", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        "pico-llm: error: /tmp/a/loop: a symbolic link on this path leads round in a loop; "
+        "choose another path\n")
