@@ -5437,6 +5437,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             or args.custom_sweep_log or args.collect_transformer_metrics or args.accounting):
         check_transformer_flags_are_read(vars(args))
         check_schedule_flags_are_read(args, typed)
+        check_weight_decay_leaves_the_weights(args)
     return args
 
 
@@ -5839,6 +5840,15 @@ def note_preset_options_left_out(flags: dict, names: Sequence[str]) -> None:
             warn(f"pico-llm: note: the {preset_of(flags, name)} preset's {' and '.join(left_out)} "
                  f"{'is an option' if one else 'are options'} of softmax attention, so {name} "
                  f"is built without {'it' if one else 'them'} under --attention {flags['attention']}")
+        # and a preset's window that sees the whole context: its windowed blocks attend as the
+        # others do (typed, such a window is refused: unread_transformer_flags)
+        window = TRANSFORMER_PRESETS[preset_of(flags, name)].get("sliding_window", 0) if (
+            name.startswith("transformer")) else 0
+        if window >= flags["block_size"] and not left_out and flags.get("sliding_window") is None:
+            warn(f"pico-llm: note: the {preset_of(flags, name)} preset's sliding window of {window} "
+                 f"tokens sees all of --block_size {flags['block_size']}, so {name}'s windowed "
+                 f"blocks attend as its others do; give --sliding_window below "
+                 f"{flags['block_size']} to keep them apart")
 
 
 def check_transformer_flags_are_read(flags: dict) -> None:
@@ -5850,6 +5860,17 @@ def check_transformer_flags_are_read(flags: dict) -> None:
     for flag, why in (unread[0] if unread else {}).items():
         if all(flag in others for others in unread):
             raise UserError(f"--{flag} would be ignored: {why}, or drop --{flag}")
+
+
+def check_weight_decay_leaves_the_weights(args: argparse.Namespace) -> None:
+    """Each step multiplies every weight matrix by 1 - lr x weight_decay (AdamW's decay and
+    Muon's): at 1 or more that zeroes or flips them all. (A sweep's points may diverge: the
+    learning-rate sweep's largest is there to show it.)"""
+    if args.learning_rate * args.weight_decay >= 1:
+        raise UserError(f"--weight_decay {args.weight_decay:g} times --learning_rate "
+                        f"{args.learning_rate:g} is at least 1: each step's decay would zero or "
+                        f"flip every weight matrix; give a weight decay below "
+                        f"{1 / args.learning_rate:.3g}")
 
 
 def check_schedule_flags_are_read(args: argparse.Namespace, typed: frozenset) -> None:
@@ -5876,6 +5897,9 @@ def unread_transformer_flags(flags: dict, config: TransformerConfig) -> dict[str
     # (flag, its "off" value, why it would not be read, or False); --yarn_factor without RoPE
     # positions is refused by validate_transformer_config, with linear attention here.
     unread = [
+        ("pos_emb", None, config.attention != "softmax" and config.pos_emb == "rope" and no_rope),
+        ("norm_position", None, config.norm == "none" and
+         "--norm none has no norm to place; use --norm rmsnorm or layernorm"),
         ("experts_per_token", None, no_experts),
         ("router_aux_loss_coef", 0, no_experts),
         ("rope_theta", None, no_rope),
@@ -10260,9 +10284,12 @@ def check_models_fit_in_memory(models: "ModelsConfig", vocab_size: int, block_si
             advice = f"--init_from {init_from} is too large to train here; choose a smaller model"
         elif config.head_size:       # heads of a width of their own, not d_model / n_heads
             advice = f"lower --head_size ({config.head_size:,}), --d_model or --n_blocks"
+        elif config.n_experts:       # each expert a feed-forward layer of its own
+            advice = (f"lower --n_experts ({config.n_experts:,}), --d_ff, --d_model or "
+                      "--n_blocks")
         else:
             advice = "lower --d_model, --n_blocks or --d_ff"
-        kv = f" and a {memory_size(cache)} KV cache" if cache else ""
+        kv = f" and a {memory_size(cache)} KV cache" if cache >= 2**20 // 10 else ""  # 0.1 MiB
         raise UserError(f"{name} needs about {memory_size(needed)} ({parameters:,} parameters "
                         f"at 16 bytes for training{kv}), more than the {memory_size(available)} "
                         f"of memory here; {advice}")

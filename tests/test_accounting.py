@@ -192,6 +192,15 @@ def test_a_model_larger_than_memory_is_refused_naming_its_size_flag(pico, config
                                              r"than the 8.0 GiB of memory here; lower --d_model, "
                                              r"--n_blocks or --d_ff$"):
         pico.check_models_fit_in_memory(wide, 257, 64, device)
+    # experts multiply the feed-forward layers: named first; a cache under 0.1 MiB goes unsaid
+    # (it had been "a 0.0 MiB KV cache")
+    experts = configure("--models", "transformer", "--block_size", "16", "--n_experts", "1024",
+                        "--d_ff", "1000000").models
+    with pytest.raises(pico.UserError, match=r"transformer needs about .* GiB \([0-9,]+ parameters "
+                                             r"at 16 bytes for training\), more than the 8.0 GiB "
+                                             r"of memory here; lower --n_experts \(1,024\), "
+                                             r"--d_ff, --d_model or --n_blocks$"):
+        pico.check_models_fit_in_memory(experts, 257, 16, device)
     # a --tokenizer bpe:N asking for more ids than memory holds rows: the vocabulary is named
     for models in (fits, configure("--models", "lstm_seq").models):
         with pytest.raises(pico.UserError, match=r"its 99,999,999,999-token vocabulary is what "

@@ -191,6 +191,12 @@ BAD_INPUTS = [
     (["--plateau_factor=0.5"], "--plateau_factor would be ignored: reduce-on-plateau is off"),
     (["--temperature", "0", "--top_k", "5"], "--top_k cannot change; drop one"),
     (["--temperature", "0", "--top_p", "0.5"], "--top_p cannot change; drop one"),
+    # options that the model built would not read: recorded in the run log, never used
+    (["--models", "transformer", "--attention", "linear", "--pos_emb", "rope"],
+     "--pos_emb would be ignored: --attention linear uses no RoPE"),
+    (["--models", "transformer", "--norm", "none", "--norm_position", "post"],
+     "--norm_position would be ignored: --norm none has no norm to place"),
+    (["--weight_decay", "1e10"], "--weight_decay 1e+10 times --learning_rate 0.003 is at least 1"),
     # typed at their defaults: they had been taken as not given
     (["--temperature", "0", "--top_p", "0.95"], "--top_p cannot change; drop one"),
     (["--tinystories_max_stories", "20000"], "--tinystories_max_stories is read only with "
@@ -261,6 +267,8 @@ EDGES = [  # a command each check accepts and the nearest it refuses: a range's 
      "--kgram_k is at most 1024"),
     (["--max_new_tokens", "100000"], ["--max_new_tokens", "100001"], "use at most 100000"),
     (["--top_p", "1.0"], ["--top_p", "1.01"], r"--top_p must be in \(0, 1\]"),
+    (["--weight_decay", "333"], ["--weight_decay", "334"],    # times --learning_rate 0.003
+     "each step's decay would zero or flip every weight matrix; give a weight decay below 333"),
     (["--seed", str(2**32 - 1)], ["--seed", str(2**32)], r"--seed must be between 0 and 2\*\*32 - 1"),
     (["--dist_timeout", "604800"], ["--dist_timeout", "604801"], "--dist_timeout is at most"),
     (["--dist_timeout", "1"], ["--dist_timeout", "0.999"], "--dist_timeout is at least 1 second"),

@@ -429,6 +429,23 @@ def test_a_presets_softmax_options_under_linear_attention_are_dropped_and_noted(
     assert capsys.readouterr().err == ""
 
 
+def test_a_presets_window_that_sees_the_whole_context_is_noted(pico, capsys):
+    """GPT-oss's 16-token window at --block_size 16 or less: its windowed blocks attend as the
+    others do, which had gone unsaid (the same window typed is refused)."""
+    for block_size, said in (("16", True), ("17", False)):
+        flags = vars(pico.parse_args(["--models", "transformer", "--transformer_variant",
+                                      "GPT-oss", "--block_size", block_size]))
+        pico.note_preset_options_left_out(flags, ["transformer"])
+        assert capsys.readouterr().err == (
+            "pico-llm: note: the GPT-oss preset's sliding window of 16 tokens sees all of "
+            "--block_size 16, so transformer's windowed blocks attend as its others do; give "
+            "--sliding_window below 16 to keep them apart\n" if said else "")
+    flags = vars(pico.parse_args(["--models", "transformer", "--transformer_variant", "GPT-oss",
+                                  "--block_size", "8", "--sliding_window", "4"]))
+    pico.note_preset_options_left_out(flags, ["transformer"])       # a window of its own: 4
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "none", "rope"])
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_transformer_options_build_and_run(pico, pos_emb, norm_position):
