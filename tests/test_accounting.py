@@ -185,22 +185,18 @@ def test_a_model_larger_than_memory_is_refused_naming_its_size_flag(pico, config
     with pytest.raises(pico.UserError, match=r"lstm_seq needs about .* lower --embed_size "
                                              r"\(20,000\) or --lstm_layers \(4\)$"):
         pico.check_models_fit_in_memory(deep, 257, 64, device)
-    wide = configure("--models", "transformer", "--d_model", "8192", "--n_heads", "8",
-                     "--n_blocks", "12").models
-    with pytest.raises(pico.UserError, match=r"transformer needs about .* GiB \([0-9,]+ parameters "
-                                             r"at 16 bytes for training and a .* KV cache\), more "
-                                             r"than the 8.0 GiB of memory here; lower --d_model, "
-                                             r"--n_blocks or --d_ff$"):
-        pico.check_models_fit_in_memory(wide, 257, 64, device)
-    # experts multiply the feed-forward layers: named first; a cache under 0.1 MiB goes unsaid
-    # (it had been "a 0.0 MiB KV cache")
-    experts = configure("--models", "transformer", "--block_size", "16", "--n_experts", "1024",
-                        "--d_ff", "1000000").models
-    with pytest.raises(pico.UserError, match=r"transformer needs about .* GiB \([0-9,]+ parameters "
-                                             r"at 16 bytes for training\), more than the 8.0 GiB "
-                                             r"of memory here; lower --n_experts \(1,024\), "
-                                             r"--d_ff, --d_model or --n_blocks$"):
-        pico.check_models_fit_in_memory(experts, 257, 16, device)
+    # Experts multiply the feed-forward layers: named first. A cache under 0.1 MiB goes unsaid
+    # (it had been "a 0.0 MiB KV cache").
+    for flags, cache, advice in (
+            (["--d_model", "8192", "--n_heads", "8", "--n_blocks", "12"], " and a .* KV cache",
+             "--d_model, --n_blocks or --d_ff"),
+            (["--block_size", "16", "--n_experts", "1024", "--d_ff", "1000000"], "",
+             r"--n_experts \(1,024\), --d_ff, --d_model or --n_blocks")):
+        config = configure("--models", "transformer", *flags)
+        with pytest.raises(pico.UserError, match=rf"transformer needs about .* GiB \([0-9,]+ "
+                           rf"parameters at 16 bytes for training{cache}\), more than the 8.0 "
+                           rf"GiB of memory here; lower {advice}$"):
+            pico.check_models_fit_in_memory(config.models, 257, config.data.block_size, device)
     # a --tokenizer bpe:N asking for more ids than memory holds rows: the vocabulary is named
     for models in (fits, configure("--models", "lstm_seq").models):
         with pytest.raises(pico.UserError, match=r"its 99,999,999,999-token vocabulary is what "
