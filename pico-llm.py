@@ -4120,8 +4120,8 @@ def load_sweep(path: Path | str) -> dict:
     """Read a sweep file and check its kind and schema version (the notebook uses this)."""
     check_regular_file(Path(path), "sweep file")
     if Path(path).is_dir():
-        raise UserError(f"sweep file {path} is a directory; give the sweep another path, a "
-                        "file's")
+        raise UserError(f"sweep file {path} is a directory; move it away, or give the sweep "
+                        "another path (--custom_sweep_log, or another --artefacts_dir)")
     # --overwrite replaces a file that begins as a sweep file, and nothing else (a directory).
     remedy = "move it away, or " + ("pass --overwrite to start that sweep afresh"
                                     if looks_like_a_sweep_file(Path(path))
@@ -5437,7 +5437,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             or args.custom_sweep_log or args.collect_transformer_metrics or args.accounting):
         check_transformer_flags_are_read(vars(args))
         check_schedule_flags_are_read(args, typed)
-        check_weight_decay_leaves_the_weights(args)
     return args
 
 
@@ -5506,8 +5505,11 @@ def validate_args(args: argparse.Namespace, typed: frozenset = frozenset()) -> N
         raise UserError(f"--min_lr_ratio is a fraction of --learning_rate in [0, 1], "
                         f"got {args.min_lr_ratio}")
     # torch.manual_seed takes up to 2**64 - 1, but the CPU's generator keeps only a seed's low 32
-    # bits: on a CPU, --seed 1 and --seed 4294967297 gave the same weights, data order and samples
-    if not 0 <= args.seed < 2**32:
+    # bits: on a CPU, --seed 1 and --seed 4294967297 gave the same weights and samples. A run
+    # resumed keeps the seed it was started with, from before the limit too.
+    if args.resume is not None and not 0 <= args.seed < 2**64:    # what torch.manual_seed takes
+        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+    if args.resume is None and not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be between 0 and 2**32 - 1 (a CPU's generator keeps only "
                         f"a seed's low 32 bits), got {args.seed}")
     check_torchrun_environment()
@@ -5862,15 +5864,16 @@ def check_transformer_flags_are_read(flags: dict) -> None:
             raise UserError(f"--{flag} would be ignored: {why}, or drop --{flag}")
 
 
-def check_weight_decay_leaves_the_weights(args: argparse.Namespace) -> None:
+def check_weight_decay_leaves_the_weights(training: TrainingConfig) -> None:
     """Each step multiplies every weight matrix by 1 - lr x weight_decay (AdamW's decay and
-    Muon's): at 1 or more that zeroes or flips them all. (A sweep's points may diverge: the
-    learning-rate sweep's largest is there to show it.)"""
-    if args.learning_rate * args.weight_decay >= 1:
-        raise UserError(f"--weight_decay {args.weight_decay:g} times --learning_rate "
-                        f"{args.learning_rate:g} is at least 1: each step's decay would zero or "
-                        f"flip every weight matrix; give a weight decay below "
-                        f"{1 / args.learning_rate:.3g}")
+    Muon's): at 1 or more that zeroes or flips them all. Checked for the main job only: a
+    sweep's points may diverge (the learning-rate sweep's largest is there to show it), and a
+    tool may train at a learning rate meant to diverge."""
+    if training.learning_rate * training.weight_decay >= 1:
+        raise UserError(f"--weight_decay {training.weight_decay:g} times --learning_rate "
+                        f"{training.learning_rate:g} is at least 1: each step's decay would zero "
+                        f"or flip every weight matrix; give a weight decay below "
+                        f"{1 / training.learning_rate:.3g}")
 
 
 def check_schedule_flags_are_read(args: argparse.Namespace, typed: frozenset) -> None:
@@ -6191,6 +6194,7 @@ def train_models(config: Config, device: torch.device, tokenizer, data: Training
 def run_training(config: Config) -> int:
     """The main job: train the models, print a summary, write the run log.
     Under torchrun, rank 0 alone prints and writes."""
+    check_weight_decay_leaves_the_weights(config.training)
     context, device_id = setup_distributed(config.device_id, config.dist_timeout)
     claims = contextlib.ExitStack()
     try:
@@ -7485,9 +7489,12 @@ def compile_unavailable(device: torch.device) -> str | None:
         if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
             return "torch.compile's GPU kernels need a C compiler (gcc or clang) on the PATH"
         # and compiles them against Python's C headers, which some systems install apart
-        headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-        if not headers.is_file():
-            return (f"torch.compile's GPU kernels need Python's C headers, and {headers} is "
+        # (Triton reads Debian's posix_local scheme as posix_prefix: either place will do)
+        schemes = [{}] + ([{"scheme": "posix_prefix"}]
+                          if "posix_prefix" in sysconfig.get_scheme_names() else [])
+        places = [Path(sysconfig.get_paths(**scheme)["include"]) / "Python.h" for scheme in schemes]
+        if not any(headers.is_file() for headers in places):
+            return (f"torch.compile's GPU kernels need Python's C headers, and {places[0]} is "
                     "missing (install python3-dev, or your system's package of them)")
     if device.type == "mps":
         return "torch.compile's code for Apple's GPU (MPS) is a prototype in PyTorch"
@@ -8281,9 +8288,9 @@ def check_no_folder_named_as_a_checkpoint(directory: Path) -> None:
         return
     for path in entries:
         if checkpoint_step(path) >= 0 and path.is_dir():
-            raise UserError(f"{path} is a folder with a checkpoint's name: training would fail "
-                            "to write that checkpoint after training to its step; move the "
-                            "folder out of --save_dir")
+            raise UserError(f"{path} is a folder with a checkpoint's name, where no checkpoint "
+                            "could be written (a run reaching that step would fail there); "
+                            "move the folder out of --save_dir")
 
 
 def is_torch_save_file(path: Path) -> bool:
@@ -11506,9 +11513,11 @@ def check_export_directory(directory: Path) -> None:
     if exists and any(directory.iterdir()):
         raise UserError(f"--export_hf {quoted(directory)} already exists and is not empty; "
                         "choose a new directory")
-    if exists and directory.resolve() == Path.cwd().resolve():   # `.`: renamed into place
-        raise UserError(f"--export_hf {quoted(directory)} is the current directory, which the "  # it
-                        "export cannot be renamed over; choose a new directory")  # fails, after training
+    # The export is renamed into place: over `.` that fails (after training), and over the
+    # current directory by its full name it leaves the shell in a deleted folder
+    if exists and directory.resolve() == Path.cwd().resolve():
+        raise UserError(f"--export_hf {quoted(directory)} is the current directory, which the "
+                        "export would be renamed into the place of; choose a new directory")
     check_writable_directory(directory.parent, "--export_hf")
 
 

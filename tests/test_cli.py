@@ -197,6 +197,8 @@ BAD_INPUTS = [
     (["--models", "transformer", "--norm", "none", "--norm_position", "post"],
      "--norm_position would be ignored: --norm none has no norm to place"),
     (["--weight_decay", "1e10"], "--weight_decay 1e+10 times --learning_rate 0.003 is at least 1"),
+    (["--weight_decay", "334"],         # times --learning_rate 0.003: 1.002 (333 gives 0.999)
+     "each step's decay would zero or flip every weight matrix; give a weight decay below 333"),
     # typed at their defaults: they had been taken as not given
     (["--temperature", "0", "--top_p", "0.95"], "--top_p cannot change; drop one"),
     (["--tinystories_max_stories", "20000"], "--tinystories_max_stories is read only with "
@@ -267,8 +269,6 @@ EDGES = [  # a command each check accepts and the nearest it refuses: a range's 
      "--kgram_k is at most 1024"),
     (["--max_new_tokens", "100000"], ["--max_new_tokens", "100001"], "use at most 100000"),
     (["--top_p", "1.0"], ["--top_p", "1.01"], r"--top_p must be in \(0, 1\]"),
-    (["--weight_decay", "333"], ["--weight_decay", "334"],    # times --learning_rate 0.003
-     "each step's decay would zero or flip every weight matrix; give a weight decay below 333"),
     (["--seed", str(2**32 - 1)], ["--seed", str(2**32)], r"--seed must be between 0 and 2\*\*32 - 1"),
     (["--dist_timeout", "604800"], ["--dist_timeout", "604801"], "--dist_timeout is at most"),
     (["--dist_timeout", "1"], ["--dist_timeout", "0.999"], "--dist_timeout is at least 1 second"),
@@ -306,6 +306,24 @@ def test_each_check_accepts_the_last_good_command_and_refuses_the_next(pico, con
     configure("--models", "kgram_mlp_seq,transformer", *accepted)
     with pytest.raises(pico.UserError, match=match):
         configure("--models", "kgram_mlp_seq,transformer", *refused)
+
+
+def test_a_resumed_run_keeps_a_seed_from_before_the_32_bit_limit(pico, configure):
+    """--seed is at most 2**32 - 1, but a run started before that limit with a larger seed is
+    resumed with its own: any other would be refused as a changed flag."""
+    with pytest.raises(pico.UserError, match=r"--seed must be between 0 and 2\*\*32 - 1"):
+        configure("--seed", str(2**32))
+    assert configure("--resume", "--save_dir", "ckpt", "--seed", str(2**32)).training.seed == 2**32
+    with pytest.raises(pico.UserError, match=r"--seed must be between 0 and 2\*\*64 - 1"):
+        configure("--resume", "--save_dir", "ckpt", "--seed", str(2**64))
+
+
+def test_a_tool_may_train_at_a_learning_rate_whose_decay_would_flip_the_weights(pico, configure):
+    """The check of --weight_decay x --learning_rate is the main job's (run_training), not the
+    parser's: tools build configs through it to train at learning rates meant to diverge."""
+    training = configure("--learning_rate", "1e30").training
+    with pytest.raises(pico.UserError, match="give a weight decay below 1e-30"):
+        pico.check_weight_decay_leaves_the_weights(training)
 
 
 def test_a_batch_larger_than_the_training_set_is_noted(run_main, tmp_path):

@@ -427,11 +427,16 @@ def test_compile_on_a_gpu_needs_triton_a_c_compiler_and_pythons_headers(pico, mo
     found = {"gcc", "clang"}
     monkeypatch.setattr(pico.shutil, "which", lambda name: f"/usr/bin/{name}" if name in found else None)
     headers = tmp_path / "include"                         # Python's, the launchers include
-    monkeypatch.setattr(pico.sysconfig, "get_paths", lambda: {"include": str(headers)})
+    prefix = tmp_path / "prefix"    # Debian's posix_local scheme, which Triton reads as this one
+    monkeypatch.setattr(pico.sysconfig, "get_paths", lambda scheme=None: {
+        "include": str(prefix if scheme == "posix_prefix" else headers)})
     assert "need Python's C headers, and " + str(headers / "Python.h") + " is missing (install " \
         "python3-dev" in pico.compile_unavailable(gpu)
-    headers.mkdir()
-    (headers / "Python.h").write_text("/* the headers */\n")
+    for place in (prefix, headers):                        # either will do; the second stays
+        place.mkdir()
+        (place / "Python.h").write_text("/* the headers */\n")
+        assert pico.compile_unavailable(gpu) is None
+    (prefix / "Python.h").unlink()
     assert pico.compile_unavailable(gpu) is None
     found = {"clang"}                                      # macOS's, or a system without gcc
     assert pico.compile_unavailable(gpu) is None

@@ -114,7 +114,8 @@ def test_a_custom_sweep_log_that_is_a_directory_is_said_so(run_main, tmp_path, t
     status, _, err = run_main("--custom_sweep_log", str(tmp_path / "folder"), "--sweep_scale",
                               "tiny", "--input_files", str(tiny_corpus))
     assert status == 2 and err == (f"pico-llm: error: sweep file {tmp_path / 'folder'} is a "
-                                   "directory; give the sweep another path, a file's\n")
+                                   "directory; move it away, or give the sweep another path "
+                                   "(--custom_sweep_log, or another --artefacts_dir)\n")
     assert list((tmp_path / "folder").iterdir()) == []
 
 
@@ -432,8 +433,8 @@ def test_recipe_sweep_trains_every_recipe_for_the_same_time_with_a_curve(pico, r
 
 
 def test_the_sampling_sweep_takes_the_largest_seed(pico, run_main, tmp_path, tiny_corpus):
-    """Its samples draw with seeds seed, seed + 1, ...: past 2**32 - 1, the largest seed
-    --seed takes, they wrap around (past 2**64 - 1 it was an overflow in torch.Generator)."""
+    """Its samples draw with seeds seed, seed + 1, ...: from the largest seed --seed takes,
+    2**32 - 1, too (from 2**64 - 1, the largest before, it was an overflow in torch.Generator)."""
     status, _, err = run_main("--sweep", "sampling", "--sweep_scale", "tiny", "--input_files",
                               str(tiny_corpus), "--seed", str(2**32 - 1))
     assert status == 0, err

@@ -226,7 +226,11 @@ if [ "$TINY" = 1 ]; then
 fi
 
 PER_TEST=()            # one hung test (a rendezvous, a compilation) is named, not the whole step
-if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then PER_TEST=(--timeout "${TEST_TIMEOUT:-120}"); fi
+# the signal method: a hung test fails alone (pytest.ini's thread method ends the process, all
+# of the cuda tests step's, one process)
+if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then
+    PER_TEST=(--timeout "${TEST_TIMEOUT:-120}" --timeout-method=signal)
+fi
 
 for step in $STEPS; do
     case "$step" in
