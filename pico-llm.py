@@ -5834,23 +5834,22 @@ def preset_options_left_out(flags: dict, model_name: str) -> list[str]:
 
 def note_preset_options_left_out(flags: dict, names: Sequence[str]) -> None:
     """A note for each Transformer trained whose preset's softmax options --attention drops,
-    so that `--transformer_variant GPT-oss --attention linear` does not read as GPT-oss."""
-    for name in names:
-        left_out = preset_options_left_out(flags, name) if name.startswith("transformer") else []
+    so that `--transformer_variant GPT-oss --attention linear` does not read as GPT-oss; and
+    for one whose preset's sliding window sees all of --block_size (typed, such a window is
+    refused: unread_transformer_flags), so that its windowed blocks attend as the others do."""
+    for name in (name for name in names if name.startswith("transformer")):
+        preset, left_out = preset_of(flags, name), preset_options_left_out(flags, name)
         if left_out:
             one = len(left_out) == 1
-            warn(f"pico-llm: note: the {preset_of(flags, name)} preset's {' and '.join(left_out)} "
+            warn(f"pico-llm: note: the {preset} preset's {' and '.join(left_out)} "
                  f"{'is an option' if one else 'are options'} of softmax attention, so {name} "
                  f"is built without {'it' if one else 'them'} under --attention {flags['attention']}")
-        # and a preset's window that sees the whole context: its windowed blocks attend as the
-        # others do (typed, such a window is refused: unread_transformer_flags)
-        window = TRANSFORMER_PRESETS[preset_of(flags, name)].get("sliding_window", 0) if (
-            name.startswith("transformer")) else 0
+        window = TRANSFORMER_PRESETS[preset].get("sliding_window", 0)
         if window >= flags["block_size"] and not left_out and flags.get("sliding_window") is None:
-            warn(f"pico-llm: note: the {preset_of(flags, name)} preset's sliding window of {window} "
-                 f"tokens sees all of --block_size {flags['block_size']}, so {name}'s windowed "
-                 f"blocks attend as its others do; give --sliding_window below "
-                 f"{flags['block_size']} to keep them apart")
+            warn(f"pico-llm: note: the {preset} preset's sliding window of {window} tokens sees "
+                 f"all of --block_size {flags['block_size']}, so {name}'s windowed blocks attend "
+                 f"as its others do; give --sliding_window below {flags['block_size']} to keep "
+                 "them apart")
 
 
 def check_transformer_flags_are_read(flags: dict) -> None:
